@@ -1,0 +1,684 @@
+"""FITS images in and out: HDU selection, DQ flag bits to masks, headers carried through.
+
+Reading accepts the primary HDU or a named extension (``SCI``), any BITPIX including
+big-endian and scaled integers, and headers with non-standard cards (they are kept, and
+repaired only where astropy must repair them to write). Data come back native-endian and
+floating point (integers become float32).
+
+Writing carries the input header, and so its WCS, onto every product, adds provenance
+cards (skymap version, configuration hash, HISTORY lines with the configuration) and is
+atomic: the file is written to a temporary name in the destination directory and then
+renamed, so that a reader never sees half a file. An existing output is never replaced
+unless ``overwrite=True`` is passed; :class:`OutputExistsError` says how to allow it.
+
+Masks follow the package convention: True = excluded. On disk a mask is ``uint8`` with
+1 = excluded.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import errno
+import hashlib
+import json
+import logging
+import os
+import re
+import tempfile
+import warnings
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import IO, Any
+
+import numpy as np
+from astropy.io import fits
+from astropy.io.fits.verify import VerifyWarning
+
+from skymap._validate import as_image, as_mask
+
+__all__ = [
+    "FitsImage",
+    "OutputExistsError",
+    "PRODUCTS",
+    "atomic_write",
+    "check_outputs",
+    "config_hash",
+    "config_to_dict",
+    "dq_to_mask",
+    "parse_dq_bits",
+    "product_header",
+    "product_paths",
+    "read_image",
+    "read_mask",
+    "write_image",
+    "write_json",
+    "write_products",
+]
+
+log = logging.getLogger(__name__)
+
+#: Names of the FITS products written by :func:`write_products`, in writing order.
+PRODUCTS = ("background", "rms", "mask", "subtracted")
+
+# Cards that describe the data layout of the HDU they sit in; a product written with
+# other data must let astropy regenerate them rather than inherit stale values.
+_STRUCTURAL = re.compile(
+    r"^(SIMPLE|XTENSION|BITPIX|NAXIS\d*|EXTEND|PCOUNT|GCOUNT|BZERO|BSCALE|BLANK|"
+    r"EXTNAME|EXTVER|EXTLEVEL|CHECKSUM|DATASUM|DATAMIN|DATAMAX)$"
+)
+_PROVENANCE_KEYS = ("SKYMAPV", "SKYPROD", "SKYCFGH", "SKYSRC")
+_HISTORY_WIDTH = 70
+
+
+class OutputExistsError(FileExistsError):
+    """An output file exists and ``overwrite`` was not requested.
+
+    The message lists every existing path and says how to allow replacing them
+    (``overwrite=True`` in Python, ``--overwrite`` on the command line).
+    """
+
+    def __init__(self, paths: Iterable[os.PathLike | str]):
+        self.paths = [Path(p) for p in paths]
+        listed = ", ".join(str(p) for p in self.paths)
+        plural = "s" if len(self.paths) > 1 else ""
+        super().__init__(
+            errno.EEXIST,
+            f"refusing to overwrite existing output{plural}: {listed}; pass "
+            "overwrite=True (on the command line: --overwrite) to replace "
+            f"{'them' if plural else 'it'}",
+        )
+
+    def __str__(self) -> str:
+        return self.strerror
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class FitsImage:
+    """An image read from FITS, with the header it came with.
+
+    Attributes
+    ----------
+    data : ndarray
+        The image, (y, x), native byte order, float32 or float64 (integer input becomes
+        float32 after BSCALE/BZERO are applied). Never a view of the file.
+    header : astropy.io.fits.Header
+        A copy of the image HDU's header (WCS included), as read.
+    mask : ndarray of bool or None
+        Pixels excluded by the DQ flags and/or the mask file (True = excluded). NaN and inf
+        pixels are not included: every fit excludes them by itself.
+    path : Path or None
+        The file the image came from.
+    hdu : int or str
+        The HDU the image came from (index or EXTNAME).
+    """
+
+    data: np.ndarray
+    header: fits.Header
+    mask: np.ndarray | None = None
+    path: Path | None = None
+    hdu: int | str = 0
+
+    @property
+    def wcs(self):
+        """The celestial WCS of :attr:`header` (astropy ``WCS``), built on demand."""
+        from astropy.wcs import WCS, FITSFixedWarning
+
+        with warnings.catch_warnings():
+            # Old plate solutions and odd keywords trigger fix-up chatter, not errors.
+            warnings.simplefilter("ignore", FITSFixedWarning)
+            return WCS(self.header)
+
+
+def _pick_hdu(hdul: fits.HDUList, hdu: int | str | None, path: Any) -> int | str:
+    """Resolve the HDU holding the image: the requested one, or the first 2D image."""
+    if hdu is not None:
+        if isinstance(hdu, str) and hdu.strip().lstrip("-").isdigit():
+            hdu = int(hdu)
+        try:
+            hdul.index_of(hdu)
+        except (KeyError, IndexError):
+            names = [h.name or str(i) for i, h in enumerate(hdul)]
+            raise ValueError(
+                f"hdu {hdu!r} not found in {path}; it has HDUs {names} (index or EXTNAME)"
+            ) from None
+        return hdu
+    candidates = [i for i, h in enumerate(hdul) if h.is_image and h.header.get("NAXIS", 0) >= 2]
+    for i in candidates:
+        if hdul[i].name == "SCI":
+            return i
+    if not candidates:
+        raise ValueError(f"{path} holds no 2D image HDU; pass hdu= to choose one")
+    return candidates[0]
+
+
+def _as_2d(data: np.ndarray, what: str) -> np.ndarray:
+    """Drop degenerate leading axes (NAXIS3 = 1 cubes); anything else must be 2D."""
+    if data is None:
+        raise ValueError(f"{what} has no data")
+    if data.ndim > 2 and all(n == 1 for n in data.shape[:-2]):
+        data = data.reshape(data.shape[-2:])
+    if data.ndim != 2:
+        raise ValueError(f"{what} must be a 2D image, got shape {data.shape}")
+    return data
+
+
+def parse_dq_bits(bits: Any) -> int | None:
+    """Turn a DQ flag specification into an integer bit mask (or None = any flag).
+
+    Parameters
+    ----------
+    bits : None, int, str or iterable of int
+        None: any nonzero DQ value excludes the pixel. An int is a bit mask. A string
+        lists flag values separated by ``,`` ``+`` ``|`` or spaces, each decimal, hex
+        (``0x10``) or a bit number written ``bit4`` (= 16). An iterable of ints is OR'ed.
+
+    Returns
+    -------
+    int or None
+
+    Examples
+    --------
+    >>> parse_dq_bits("1,4,0x10")
+    21
+    >>> parse_dq_bits("bit0+bit3")
+    9
+    >>> parse_dq_bits(None) is None
+    True
+    """
+    if bits is None:
+        return None
+    if isinstance(bits, str):
+        tokens = [t for t in re.split(r"[,+|\s]+", bits.strip()) if t]
+        if not tokens:
+            raise ValueError("dq_bits must list at least one flag value, got an empty string")
+        values = []
+        for tok in tokens:
+            low = tok.lower()
+            try:
+                if low.startswith("bit"):
+                    values.append(1 << int(low[3:]))
+                else:
+                    values.append(int(low, 0))
+            except ValueError:
+                raise ValueError(
+                    f"dq_bits entry {tok!r} is not an integer, a hex value (0x10) or a "
+                    "bit number (bit4)"
+                ) from None
+        bits = values
+    if isinstance(bits, (int, np.integer)):
+        values = [int(bits)]
+    else:
+        try:
+            values = [int(b) for b in bits]
+        except (TypeError, ValueError):
+            raise ValueError(
+                f"dq_bits must be None, an int bit mask, a string such as '1,4,16' or a "
+                f"list of ints; got {bits!r}"
+            ) from None
+    if any(v < 0 for v in values):
+        raise ValueError(f"dq_bits must be non-negative flag values, got {values}")
+    mask = 0
+    for v in values:
+        mask |= v
+    if mask == 0:
+        raise ValueError("dq_bits selects no flag bit (all values are 0)")
+    return mask
+
+
+def dq_to_mask(dq: np.ndarray, bits: Any = None) -> np.ndarray:
+    """Return the pixels whose DQ value has any of ``bits`` set (True = excluded).
+
+    Parameters
+    ----------
+    dq : array of int
+        Data-quality flags, any integer dtype or byte order.
+    bits : see :func:`parse_dq_bits`
+        Flags that exclude a pixel; None excludes every pixel with any flag set.
+
+    Returns
+    -------
+    ndarray of bool
+
+    Examples
+    --------
+    >>> dq_to_mask(np.array([[0, 1], [4, 5]]), bits="4").tolist()
+    [[False, False], [True, True]]
+    """
+    dq = np.asarray(dq)
+    if dq.dtype.kind == "f":
+        # Some pipelines store flags as floats; only exact integers are meaningful.
+        if not np.all(np.isfinite(dq) & (dq == np.round(dq))):
+            raise ValueError("dq must hold integer flag values")
+        dq = dq.astype(np.int64)
+    elif dq.dtype.kind not in "biu":
+        raise TypeError(f"dq must hold integer flags, got dtype {dq.dtype}")
+    bitmask = parse_dq_bits(bits)
+    if bitmask is None:
+        return dq != 0
+    return (dq.astype(np.int64, copy=False) & bitmask) != 0
+
+
+def read_image(
+    path: os.PathLike | str,
+    *,
+    hdu: int | str | None = None,
+    dq: int | str | bool | None = None,
+    dq_bits: Any = None,
+    mask: os.PathLike | str | np.ndarray | None = None,
+) -> FitsImage:
+    """Read a 2D image from a FITS file, with its header and any DQ or mask file.
+
+    Parameters
+    ----------
+    path : path-like
+        FITS file.
+    hdu : int or str, optional
+        HDU index or EXTNAME holding the image. Default: an extension named ``SCI`` if
+        there is one, else the first HDU with 2D data (the primary when it has data).
+    dq : int, str or bool, optional
+        HDU holding data-quality flags. Default (None): a ``DQ`` extension when present.
+        False ignores DQ flags even when a ``DQ`` extension exists.
+    dq_bits : optional
+        Flags that exclude a pixel (see :func:`parse_dq_bits`); None = any flag.
+        Giving ``dq_bits`` without a DQ extension is an error.
+    mask : path-like or array, optional
+        An extra mask (nonzero / True = excluded), a FITS file or an array.
+
+    Returns
+    -------
+    FitsImage
+
+    Examples
+    --------
+    >>> import tempfile, os
+    >>> from astropy.io import fits
+    >>> d = tempfile.mkdtemp()
+    >>> fn = os.path.join(d, "x.fits")
+    >>> fits.PrimaryHDU(np.arange(6, dtype=">i2").reshape(2, 3)).writeto(fn)
+    >>> img = read_image(fn)
+    >>> img.data.dtype, img.data.shape
+    (dtype('float32'), (2, 3))
+    """
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"input image {path} does not exist")
+    with warnings.catch_warnings(record=True) as caught, fits.open(path, memmap=False) as hdul:
+        warnings.simplefilter("always", VerifyWarning)
+        which = _pick_hdu(hdul, hdu, path)
+        image_hdu = hdul[which]
+        label = which if isinstance(which, str) else (image_hdu.name or which)
+        data = _as_2d(image_hdu.data, f"HDU {label!r} of {path}")
+        # np.array copies: the result never aliases astropy's buffer or the file.
+        data = np.array(as_image(data, f"HDU {label!r} of {path}"))
+        header = image_hdu.header.copy()
+        dq_mask = _read_dq(hdul, dq, dq_bits, data.shape, path)
+    for w in caught:
+        log.info("%s: %s", path, w.message)
+    extra = read_mask(mask, shape=data.shape) if isinstance(mask, (str, os.PathLike)) else None
+    if mask is not None and extra is None:
+        extra = as_mask(mask, data.shape, "mask")
+    masks = [m for m in (dq_mask, extra) if m is not None]
+    combined = np.logical_or.reduce(masks) if masks else None
+    return FitsImage(
+        data=data,
+        header=header,
+        mask=combined,
+        path=path,
+        hdu=label if isinstance(label, str) else int(label),
+    )
+
+
+def _read_dq(hdul, dq, dq_bits, shape, path) -> np.ndarray | None:
+    if dq is False:
+        return None
+    if dq is None or dq is True:
+        names = [h.name for h in hdul]
+        if "DQ" not in names:
+            if dq is True or dq_bits is not None:
+                raise ValueError(
+                    f"dq_bits given but {path} has no DQ extension; name the flag HDU with "
+                    "dq= (command line: --dq-hdu)"
+                )
+            return None
+        dq = "DQ"
+    try:
+        flags = hdul[dq].data
+    except (KeyError, IndexError):
+        raise ValueError(f"dq HDU {dq!r} not found in {path}") from None
+    flags = _as_2d(flags, f"DQ HDU {dq!r} of {path}")
+    if flags.shape != tuple(shape):
+        raise ValueError(
+            f"DQ HDU {dq!r} of {path} has shape {flags.shape}, the image has {tuple(shape)}"
+        )
+    return dq_to_mask(flags, dq_bits)
+
+
+def read_mask(
+    path: os.PathLike | str, *, hdu: int | str | None = None, shape: Sequence[int] | None = None
+) -> np.ndarray:
+    """Read a mask image from FITS: nonzero (or NaN) = excluded.
+
+    Parameters
+    ----------
+    path : path-like
+        FITS file, e.g. a ``*_mask.fits`` product.
+    hdu : int or str, optional
+        HDU to read; default the first 2D image.
+    shape : (ny, nx), optional
+        Required shape; a mismatch raises ValueError.
+
+    Returns
+    -------
+    ndarray of bool
+    """
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"mask file {path} does not exist")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", VerifyWarning)
+        with fits.open(path, memmap=False) as hdul:
+            which = _pick_hdu(hdul, hdu, path)
+            data = np.asarray(_as_2d(hdul[which].data, f"mask HDU of {path}"))
+    if shape is not None and data.shape != tuple(shape):
+        raise ValueError(f"mask {path} has shape {data.shape}, the image has {tuple(shape)}")
+    if data.dtype.kind == "f":
+        return ~np.isfinite(data) | (data != 0)
+    return data != 0
+
+
+def config_to_dict(config: Any) -> dict:
+    """A JSON-serialisable dict describing ``config`` (a dataclass, a mapping or None)."""
+    if config is None:
+        return {}
+    if isinstance(config, Mapping):
+        return json.loads(json.dumps(dict(config), default=_jsonable))
+    if dataclasses.is_dataclass(config) and not isinstance(config, type):
+        try:
+            from skymap import config as _config
+
+            return json.loads(json.dumps(_config.to_dict(config), default=_jsonable))
+        except (ImportError, AttributeError, TypeError, ValueError):
+            # Configurations holding user plug-ins may not serialise; their repr still
+            # documents the run.
+            return {"type": type(config).__name__, "repr": repr(config)}
+    return {"type": type(config).__name__, "repr": repr(config)}
+
+
+def _jsonable(obj: Any):
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, Path):
+        return str(obj)
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return {"type": type(obj).__name__, **dataclasses.asdict(obj)}
+    return repr(obj)
+
+
+def config_hash(config: Any) -> str:
+    """First 16 hex digits of the SHA-256 of the configuration's canonical JSON.
+
+    Two runs with equal configurations have equal hashes, whatever the field order.
+
+    Examples
+    --------
+    >>> config_hash({"a": 1, "b": 2}) == config_hash({"b": 2, "a": 1})
+    True
+    """
+    canonical = json.dumps(config_to_dict(config), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+
+def product_header(
+    header: fits.Header | None = None,
+    *,
+    product: str | None = None,
+    config: Any = None,
+    source: os.PathLike | str | None = None,
+    history: Iterable[str] = (),
+) -> fits.Header:
+    """A header for a product: the input's cards (WCS included) plus provenance.
+
+    Structural cards (BITPIX, NAXISn, BZERO, BSCALE, EXTNAME, checksums, DATAMIN/MAX...)
+    are dropped so that astropy writes ones that describe the new data. Provenance cards:
+    ``SKYMAPV`` (skymap version), ``SKYPROD`` (product name), ``SKYCFGH`` (configuration
+    hash, see :func:`config_hash`), ``SKYSRC`` (input file name), and HISTORY lines with
+    the configuration as JSON. No date is written, so that identical runs give
+    byte-identical files.
+
+    Examples
+    --------
+    >>> h = product_header(fits.Header({"CRPIX1": 5.0}), product="background")
+    >>> h["CRPIX1"], h["SKYPROD"]
+    (5.0, 'background')
+    """
+    from skymap import __version__
+
+    out = fits.Header() if header is None else header.copy()
+    for key in {k for k in out if _STRUCTURAL.match(k) or k in _PROVENANCE_KEYS}:
+        del out[key]
+    out["SKYMAPV"] = (__version__, "skymap version that wrote this file")
+    if product is not None:
+        out["SKYPROD"] = (product, "skymap product")
+    out["SKYCFGH"] = (config_hash(config), "SHA-256 (16 hex) of the skymap configuration")
+    if source is not None:
+        name = Path(source).name
+        # A long value would need CONTINUE cards; the full path is in HISTORY anyway.
+        out["SKYSRC"] = (name if len(name) <= 60 else name[:57] + "...", "skymap input file")
+        out.add_history(f"skymap: input {source}"[:_HISTORY_WIDTH])
+    for line in history:
+        out.add_history(str(line)[:_HISTORY_WIDTH])
+    cfg = config_to_dict(config)
+    if cfg:
+        text = json.dumps(cfg, sort_keys=True, separators=(",", ":"))
+        out.add_history("skymap configuration (JSON, wrapped):")
+        for i in range(0, len(text), _HISTORY_WIDTH):
+            out.add_history(text[i : i + _HISTORY_WIDTH])
+    return out
+
+
+def check_outputs(paths: Iterable[os.PathLike | str], *, overwrite: bool = False) -> None:
+    """Raise :class:`OutputExistsError` listing every existing path, unless ``overwrite``.
+
+    Call it before expensive work so that a run refuses up front, not after an hour.
+    """
+    if overwrite:
+        return
+    existing = [Path(p) for p in paths if Path(p).exists()]
+    if existing:
+        raise OutputExistsError(existing)
+
+
+def atomic_write(
+    path: os.PathLike | str, write: Callable[[IO[bytes]], None], *, overwrite: bool = False
+) -> Path:
+    """Write a file atomically: ``write(fileobj)`` into a temporary file, then rename.
+
+    The temporary file sits in the destination directory (same filesystem, so the
+    rename is atomic) and is removed if ``write`` fails. Without ``overwrite``, an
+    existing destination raises :class:`OutputExistsError`, also when it appears while
+    writing (the final step is a hard link, which refuses to replace a file).
+
+    Parameters
+    ----------
+    path : path-like
+        Destination; its directory must exist.
+    write : callable
+        Receives an open binary file object and writes the content.
+    overwrite : bool
+        Replace an existing destination.
+
+    Returns
+    -------
+    Path
+        The destination.
+    """
+    path = Path(path)
+    check_outputs([path], overwrite=overwrite)
+    if not path.parent.is_dir():
+        raise FileNotFoundError(f"output directory {path.parent} does not exist")
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            write(fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())
+        if overwrite:
+            os.replace(tmp, path)
+        else:
+            _link_no_replace(tmp, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+    return path
+
+
+def _link_no_replace(tmp: str, path: Path) -> None:
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        raise OutputExistsError([path]) from None
+    except OSError:
+        # Filesystems without hard links: the existence check above is the guard.
+        if path.exists():
+            raise OutputExistsError([path]) from None
+        os.replace(tmp, path)
+
+
+def _umask() -> int:
+    # os.umask can only be read by setting it; restore at once.
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def write_image(
+    path: os.PathLike | str,
+    data: np.ndarray,
+    *,
+    header: fits.Header | None = None,
+    product: str | None = None,
+    config: Any = None,
+    source: os.PathLike | str | None = None,
+    history: Iterable[str] = (),
+    overwrite: bool = False,
+) -> Path:
+    """Write ``data`` as the primary HDU of a new FITS file, atomically.
+
+    Parameters
+    ----------
+    path : path-like
+        Destination file.
+    data : ndarray
+        2D image. Boolean data (masks) are written as uint8, 1 = excluded.
+    header : Header, optional
+        The input image's header: its cards, WCS included, are carried over.
+    product, config, source, history
+        Provenance, see :func:`product_header`.
+    overwrite : bool
+        Replace an existing file; otherwise :class:`OutputExistsError`.
+
+    Returns
+    -------
+    Path
+
+    Examples
+    --------
+    >>> import tempfile, os
+    >>> fn = os.path.join(tempfile.mkdtemp(), "bkg.fits")
+    >>> _ = write_image(fn, np.zeros((4, 4), np.float32), product="background")
+    >>> fits.getheader(fn)["SKYPROD"]
+    'background'
+    """
+    data = np.asarray(data)
+    if data.dtype == bool:
+        data = data.astype(np.uint8)
+    hdr = product_header(header, product=product, config=config, source=source, history=history)
+    if data.dtype == np.uint8 and product == "mask":
+        hdr["BUNIT"] = ("", "mask: 1 = excluded, 0 = used")
+    hdu = fits.PrimaryHDU(data=data, header=hdr)
+
+    def _write(fh):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", VerifyWarning)
+            # Non-standard input cards are fixed where FITS requires it, kept otherwise;
+            # a product must never fail to write because of an odd header.
+            hdu.writeto(fh, output_verify="silentfix+ignore")
+        for w in caught:
+            log.info("%s: %s", path, w.message)
+
+    return atomic_write(path, _write, overwrite=overwrite)
+
+
+def write_json(path: os.PathLike | str, obj: Any, *, overwrite: bool = False) -> Path:
+    """Write ``obj`` as indented JSON, atomically (numpy scalars and arrays allowed)."""
+    payload = json.dumps(obj, indent=2, sort_keys=True, default=_jsonable, allow_nan=True)
+    return atomic_write(path, lambda fh: fh.write(payload.encode() + b"\n"), overwrite=overwrite)
+
+
+def product_paths(directory: os.PathLike | str, stem: str) -> dict[str, Path]:
+    """The FITS product paths ``<directory>/<stem>_<product>.fits``, keyed by product."""
+    directory = Path(directory)
+    return {p: directory / f"{stem}_{p}.fits" for p in PRODUCTS}
+
+
+def write_products(
+    directory: os.PathLike | str,
+    stem: str,
+    *,
+    image: np.ndarray,
+    background: np.ndarray,
+    rms: np.ndarray,
+    mask: np.ndarray,
+    header: fits.Header | None = None,
+    config: Any = None,
+    source: os.PathLike | str | None = None,
+    overwrite: bool = False,
+) -> dict[str, Path]:
+    """Write background, rms, mask and background-subtracted images for one input.
+
+    Every file carries the input header and the same provenance. Existing outputs are
+    checked all together before anything is written.
+
+    Parameters
+    ----------
+    directory : path-like
+        Output directory (created if missing).
+    stem : str
+        File name stem: ``<stem>_background.fits`` etc.
+    image, background, rms, mask : ndarray
+        Input image, fitted background and rms, final mask (True = excluded).
+    header, config, source
+        Input header and provenance, see :func:`product_header`.
+    overwrite : bool
+        Replace existing files.
+
+    Returns
+    -------
+    dict
+        Product name -> path, in :data:`PRODUCTS` order.
+    """
+    paths = product_paths(directory, stem)
+    check_outputs(paths.values(), overwrite=overwrite)
+    Path(directory).mkdir(parents=True, exist_ok=True)
+    background = np.asarray(background)
+    arrays = {
+        "background": background,
+        "rms": np.asarray(rms),
+        "mask": np.asarray(mask, dtype=bool),
+        "subtracted": np.asarray(image) - background,
+    }
+    for name, path in paths.items():
+        write_image(
+            path,
+            arrays[name],
+            header=header,
+            product=name,
+            config=config,
+            source=source,
+            overwrite=overwrite,
+        )
+    return paths
