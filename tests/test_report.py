@@ -1,0 +1,159 @@
+"""The HTML report: self-contained, escaped, complete, written safely, and rendered by a
+real headless browser."""
+
+import base64
+import re
+import shutil
+import subprocess
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+from matplotlib.image import imread
+
+from skymap import io, report
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def _result(rng, shape=(96, 96), box=32):
+    background = np.add.outer(np.linspace(0, 1, shape[0]), np.linspace(0, 0.5, shape[1]))
+    image = background + rng.normal(0, 0.1, shape)
+    history = [
+        {"change": 1.0, "mask_fraction": 0.05, "rms": 0.11},
+        {"change": 0.02, "mask_fraction": 0.06, "rms": 0.1},
+    ]
+    mesh = SimpleNamespace(
+        mesh_background=background[box // 2 :: box, box // 2 :: box], box_size=box
+    )
+    result = SimpleNamespace(
+        background=background,
+        rms=np.full(shape, 0.1),
+        mask=image - background > 0.25,
+        history=history,
+        mesh=mesh,
+    )
+    return image, result
+
+
+def test_flatten_metrics_nests_and_summarises_long_lists():
+    rows = report.flatten_metrics({"a": {"b": {"c": 1}}, "l": [1, 2], "long": np.arange(30)})
+    assert rows == [("a.b.c", 1), ("l", "1, 2"), ("long", "[30 values]")]
+
+
+def test_page_is_self_contained_and_escaped():
+    png = b"\x89PNG\r\n\x1a\nfake"
+    page = report.render_html(
+        title="<script>alert(1)</script>",
+        figures={"maps": png},
+        metrics={"rms<": 0.123456789, "flag": True, "nan": float("nan")},
+        meta={"input": "a&b.fits"},
+    )
+    assert "<script>" not in page
+    assert "&lt;script&gt;" in page and "a&amp;b.fits" in page
+    assert not re.search(r"(src|href)=\"(?!data:)", page)  # nothing loaded from outside
+    embedded = re.search(r'src="data:image/png;base64,([^"]+)"', page).group(1)
+    assert base64.b64decode(embedded) == png
+    assert '<td class="num">0.12346</td>' in page and "<td>True</td>" in page
+    assert '<td class="num">nan</td>' in page
+
+
+def test_report_figures_from_a_fit_with_truth(rng):
+    image, result = _result(rng)
+    from astropy.table import Table
+
+    catalog = Table({"x_mean": [10.0, 50.0], "y_mean": [20.0, 60.0], "flux": [1.0, 9.0]})
+    catalog["re"] = [1.0, 2.0]
+    figs = report.report_figures(image, result, truth=result.background, catalog=catalog)
+    assert list(figs) == ["maps", "mesh", "rms_vs_scale", "bias", "convergence"]
+    # the background equals the truth here, so every source shows zero bias
+    bias_points = figs["bias"].axes[0].collections[-1].get_offsets()
+    np.testing.assert_allclose(np.asarray(bias_points)[:, 1], 0.0, atol=1e-12)
+
+
+def test_report_figures_on_real_data_use_the_white_noise_reference(rng):
+    image, result = _result(rng)
+    del result.mesh
+    result.history = []
+    figs = report.report_figures(image, result)
+    assert list(figs) == ["maps", "rms_vs_scale"]
+    labels = [ln.get_label() for ln in figs["rms_vs_scale"].axes[0].get_lines()]
+    sigma = float(re.match(r"white noise ([0-9.]+)/w", labels[1]).group(1))
+    assert sigma == pytest.approx(0.1, rel=0.1)
+
+
+def test_source_bias_uses_a_true_3x3_box():
+    err = np.zeros((9, 9))
+    err[3:6, 3:6] = 1.0  # the 3x3 box around (4, 4)
+    err[6, 4] = 100.0  # just outside it
+    from astropy.table import Table
+
+    cat = Table({"x_mean": [4.2], "y_mean": [3.8]})
+    bias, masked, _ = report._source_bias(err, np.zeros_like(err), cat, np.eye(9, dtype=bool))
+    assert bias[0] == 1.0 and masked[0]
+
+
+def test_write_report_writes_pngs_and_page_and_refuses_to_overwrite(tmp_path, rng):
+    image, result = _result(rng)
+    figs = report.report_figures(image, result)
+    paths = report.write_report(tmp_path, title="t", figures=figs, metrics={"x": 1})
+    assert set(paths) == {"html", *figs}
+    for name in figs:
+        assert paths[name].read_bytes().startswith(PNG_MAGIC)
+    with pytest.raises(io.OutputExistsError, match="--overwrite"):
+        report.write_report(tmp_path, title="t", figures=figs)
+    report.write_report(tmp_path, title="again", figures=figs, overwrite=True)
+    assert "<title>again</title>" in paths["html"].read_text()
+
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+_FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
+# Appended to a copy of the page: after load, record how many images actually decoded.
+_PROBE = """<script>
+window.addEventListener("load", () => {
+  const imgs = Array.from(document.images);
+  const ok = imgs.filter(i => i.complete && i.naturalWidth > 0).length;
+  document.body.setAttribute("data-decoded", ok + "/" + imgs.length);
+});
+</script>"""
+
+
+@pytest.mark.skipif(
+    CHROMIUM is None, reason="chromium is not installed (apt-get install chromium)"
+)
+def test_report_renders_in_headless_chromium(tmp_path, rng):
+    image, result = _result(rng)
+    figs = report.report_figures(image, result)
+    paths = report.write_report(tmp_path / "r", title="browser check", figures=figs)
+    probe = tmp_path / "probe.html"
+    probe.write_text(paths["html"].read_text() + _PROBE)
+    profile = tmp_path / "profile"
+    base = [CHROMIUM, *_FLAGS, f"--user-data-dir={profile}"]
+    dom = subprocess.run(
+        [*base, "--virtual-time-budget=10000", "--dump-dom", probe.as_uri()],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    ).stdout
+    assert f'data-decoded="{len(figs)}/{len(figs)}"' in dom
+    shot = tmp_path / "shot.png"
+    subprocess.run(
+        [*base, "--window-size=1000,1400", f"--screenshot={shot}", paths["html"].as_uri()],
+        capture_output=True,
+        timeout=120,
+        check=True,
+    )
+    pixels = imread(shot)
+    assert pixels.shape[:2] == (1400, 1000)
+    # a rendered page: mostly white background, but with figures and text drawn on it
+    dark = (pixels[..., :3].mean(axis=-1) < 0.5).mean()
+    assert 0.01 < dark < 0.9
