@@ -1,0 +1,232 @@
+"""Compiled kernels for :mod:`skymap.filters`. Private: callers use ``skymap.filters``.
+
+The ring percentile is exact. Each output tile, with its reflected halo, is rank-transformed
+by an LSD radix sort of order-preserving integer keys. A window then slides along each row
+of the tile: a two-level histogram of ranks (a bitset of window members, with each 64-bit
+word's popcount as the coarse bin) is updated with the footprint's edge cells only (Huang
+1979; Perreault & Hebert 2007), and the wanted rank is found by moving a word pointer from
+where the previous pixel left it. Tiles run in parallel.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit, prange, types
+from numba.cpython.unsafe.numbers import trailing_zeros
+from numba.extending import intrinsic
+
+_RADIX_BITS = 11
+_RADIX_SIZE = 1 << _RADIX_BITS
+
+
+@njit(cache=True, nogil=True)
+def _reflect(i, n):
+    """scipy.ndimage 'reflect' extension (d c b a | a b c d | d c b a), any distance."""
+    period = 2 * n
+    m = i % period
+    if m >= n:
+        m = period - 1 - m
+    return m
+
+
+@njit(cache=True, nogil=True)
+def _radix_argsort(keys, nbits):
+    """Stable argsort of unsigned integer ``keys`` (uint64 holding ``nbits`` bits)."""
+    n = keys.size
+    idx = np.arange(n).astype(np.int32)
+    idx_tmp = np.empty(n, np.int32)
+    k = keys.copy()
+    k_tmp = np.empty(n, keys.dtype)
+    count = np.empty(_RADIX_SIZE, np.int64)
+    digit_mask = np.uint64(_RADIX_SIZE - 1)
+    for shift in range(0, nbits, _RADIX_BITS):
+        ushift = np.uint64(shift)
+        count[:] = 0
+        for i in range(n):
+            count[(k[i] >> ushift) & digit_mask] += 1
+        # A digit shared by every key (high exponent bits of similar values) sorts nothing.
+        if count.max() == n:
+            continue
+        total = 0
+        for d in range(_RADIX_SIZE):
+            c = count[d]
+            count[d] = total
+            total += c
+        for i in range(n):
+            d = (k[i] >> ushift) & digit_mask
+            pos = count[d]
+            count[d] = pos + 1
+            idx_tmp[pos] = idx[i]
+            k_tmp[pos] = k[i]
+        idx, idx_tmp = idx_tmp, idx
+        k, k_tmp = k_tmp, k
+    return idx
+
+
+@intrinsic
+def _popcount(typingctx, x):
+    """Number of set bits of a uint64 (LLVM ctpop: one instruction on x86-64)."""
+    sig = types.uint64(types.uint64)
+
+    def codegen(context, builder, signature, args):
+        return builder.ctpop(args[0])
+
+    return sig, codegen
+
+
+@njit(cache=True, nogil=True)
+def _ring_tile(
+    image, valid, bits, nbits, off_all, off_rem, off_add, half, percentile, y0, y1, x0, x1, out
+):
+    """Exact ring percentile for output rows [y0, y1) and columns [x0, x1).
+
+    Offsets are flat offsets in the padded tile (row stride ``x1 - x0 + 2 * half``):
+    ``off_all`` every footprint cell, ``off_rem`` / ``off_add`` the cells that leave /
+    enter the window when it moves one column right.
+    """
+    ny, nx = image.shape
+    ph = y1 - y0 + 2 * half
+    pw = x1 - x0 + 2 * half
+    ncell = ph * pw
+
+    # Gather the tile and its reflected halo; invalid cells get no rank.
+    # IEEE-754 bits -> order-preserving unsigned keys: flip negatives, set sign of positives.
+    sign = np.uint64(1) << np.uint64(nbits - 1)
+    full = (sign - np.uint64(1)) | sign
+    cell_key = np.empty(ncell, np.uint64)
+    cell_pos = np.empty(ncell, np.int32)
+    cell_val = np.empty(ncell, image.dtype)
+    col = np.empty(pw, np.int64)
+    for j in range(pw):
+        col[j] = _reflect(x0 - half + j, nx)
+    nvalid = 0
+    for i in range(ph):
+        oy = _reflect(y0 - half + i, ny)
+        for j in range(pw):
+            ox = col[j]
+            if valid[oy, ox]:
+                b = np.uint64(bits[oy, ox])
+                cell_key[nvalid] = (full ^ b) if (b & sign) else (b | sign)
+                cell_pos[nvalid] = i * pw + j
+                cell_val[nvalid] = image[oy, ox]
+                nvalid += 1
+
+    order = _radix_argsort(cell_key[:nvalid], nbits)
+    # The window is a bitset over ranks: one XOR per cell entering or leaving, and a
+    # word's popcount serves as the coarse histogram bin. Invalid cells share a dummy rank
+    # in a word of their own past the valid ones, so the update loop has no branch.
+    nword = (nvalid + 63) // 64
+    dummy = nword * 64
+    rank = np.full(ncell, dummy, np.int32)
+    sorted_val = np.empty(max(nvalid, 1), image.dtype)
+    for r in range(nvalid):
+        c = order[r]
+        rank[cell_pos[c]] = r
+        sorted_val[r] = cell_val[c]
+    window = np.zeros(nword + 1, np.uint64)
+
+    one = np.uint64(1)
+    low6 = np.int64(63)
+    nan = image.dtype.type(np.nan)
+    p = percentile / 100.0
+    wptr = 0  # current word
+    below = 0  # window members in words < wptr
+    for y in range(y0, y1):
+        window[:] = 0
+        below = 0
+        n = 0
+        base = (y - y0 + half) * pw + half
+        for k in range(off_all.size):
+            r = rank[base + off_all[k]]
+            window[r >> 6] |= one << np.uint64(r & low6)
+            n += r < nvalid
+            below += (r >> 6) < wptr
+        for x in range(x0, x1):
+            if x > x0:
+                c0 = base + x - x0
+                for k in range(off_rem.size):
+                    # Branch-free counting: whether a rank falls below the pointer is a
+                    # coin toss, and mispredicted branches would dominate the cost.
+                    r = rank[c0 + off_rem[k]]
+                    window[r >> 6] ^= one << np.uint64(r & low6)
+                    n -= r < nvalid
+                    below -= (r >> 6) < wptr
+                    r = rank[c0 + off_add[k]]
+                    window[r >> 6] ^= one << np.uint64(r & low6)
+                    n += r < nvalid
+                    below += (r >> 6) < wptr
+            if n == 0:
+                out[y, x] = nan
+                continue
+            # scipy.ndimage's rank convention: index int(n * q), capped at n - 1.
+            t = int(float(n) * p)
+            if t >= n:
+                t = n - 1
+            while below > t:
+                wptr -= 1
+                below -= np.int64(_popcount(window[wptr]))
+            while True:
+                cnt = np.int64(_popcount(window[wptr]))
+                if below + cnt > t:
+                    break
+                below += cnt
+                wptr += 1
+            w = window[wptr]
+            for _ in range(t - below):
+                w &= w - one
+            out[y, x] = sorted_val[wptr * 64 + np.int64(trailing_zeros(w))]
+
+
+@njit(cache=True, nogil=True, parallel=True)
+def ring_percentile_tiles(
+    image,
+    valid,
+    bits,
+    nbits,
+    foot_dy,
+    foot_dx,
+    run_dy,
+    run_lo,
+    run_hi,
+    half,
+    percentile,
+    tile,
+    out,
+):
+    """Fill ``out`` with the exact percentile over the footprint runs, tile by tile.
+
+    ``bits`` is the image viewed as unsigned integers of ``nbits`` (32 or 64) bits.
+    ``foot_dy``, ``foot_dx`` list the footprint's offsets from the centre; ``run_dy``,
+    ``run_lo``, ``run_hi`` the same footprint as horizontal runs (dy, dx in [lo, hi]);
+    ``half`` is the footprint's half-size.
+    """
+    ny, nx = image.shape
+    nty = (ny + tile - 1) // tile
+    ntx = (nx + tile - 1) // tile
+    for t in prange(nty * ntx):
+        ty = t // ntx
+        tx = t - ty * ntx
+        y0 = ty * tile
+        x0 = tx * tile
+        y1 = min(ny, y0 + tile)
+        x1 = min(nx, x0 + tile)
+        pw = x1 - x0 + 2 * half
+        off_all = foot_dy * pw + foot_dx
+        off_rem = run_dy * pw + run_lo - 1
+        off_add = run_dy * pw + run_hi
+        _ring_tile(
+            image,
+            valid,
+            bits,
+            nbits,
+            off_all,
+            off_rem,
+            off_add,
+            half,
+            percentile,
+            y0,
+            y1,
+            x0,
+            x1,
+            out,
+        )
