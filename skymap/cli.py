@@ -1,0 +1,982 @@
+"""The ``skymap`` command: fit, evaluate, simulate, match and batch-process FITS images.
+
+Every subcommand is a thin layer over the Python API: it reads inputs with
+:mod:`skymap.io`, calls :func:`skymap.fit` / :mod:`skymap.evaluate` /
+:mod:`skymap.simulate` / :mod:`skymap.skymatch`, and writes FITS products, a metrics JSON
+and an HTML report. Outputs are checked before any work starts, and an existing file is
+never replaced without ``--overwrite``.
+
+:func:`main` takes an argument list and returns the exit code (it never calls
+``sys.exit``), so it can be driven from Python and tests; the console script wraps it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import importlib
+import io as _stdio
+import logging
+import os
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from skymap import __version__
+from skymap import io as skyio
+
+__all__ = [
+    "EXIT_EXISTS",
+    "EXIT_FAILURE",
+    "EXIT_INTERRUPTED",
+    "EXIT_OK",
+    "EXIT_USAGE",
+    "build_parser",
+    "main",
+    "run_file",
+]
+
+log = logging.getLogger("skymap.cli")
+
+#: Success.
+EXIT_OK = 0
+#: The work failed while running (a fit or a write failed; see the message).
+EXIT_FAILURE = 1
+#: Bad command line or bad input: unknown option, missing or unreadable file, bad config.
+EXIT_USAGE = 2
+#: An output exists and ``--overwrite`` was not given; nothing was written.
+EXIT_EXISTS = 3
+#: Interrupted (Ctrl-C).
+EXIT_INTERRUPTED = 130
+
+_EPILOG = """\
+exit codes:
+  0    success
+  1    the work failed while running (the message says what failed)
+  2    bad command line or bad input (missing file, unreadable FITS, bad config)
+  3    an output file exists; nothing was written (add --overwrite to replace it)
+  130  interrupted
+
+examples:
+  skymap demo                          simulate a scene, fit it, score it -> skymap_out/
+  skymap run image.fits -o out/        fit a FITS image -> out/image_background.fits ...
+  skymap run image.fits --hdu SCI --dq-bits 1,4 --mask stars.fits
+  skymap batch *.fits -o out/ --workers 4
+  skymap <command> --help              options of one command
+"""
+
+_DEMO_SCENES = ("notebook",)
+_RUN_FIGURES = ("maps", "mesh", "rms_vs_scale", "convergence")
+_DEMO_FIGURES = ("maps", "mesh", "rms_vs_scale", "bias", "convergence")
+
+
+class UsageError(Exception):
+    """Bad command-line input (exit code 2)."""
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _module(name: str, command: str):
+    """Import ``skymap.<name>``, or fail with a message naming the command that needs it."""
+    try:
+        return importlib.import_module(f"skymap.{name}")
+    except ModuleNotFoundError as err:
+        if err.name != f"skymap.{name}":
+            raise
+        raise RuntimeError(
+            f"`skymap {command}` needs skymap.{name}, which this installation lacks"
+        ) from None
+
+
+def _progress(iterable=None, *, total=None, desc=None, quiet=False, unit="step"):
+    from tqdm.auto import tqdm
+
+    return tqdm(
+        iterable, total=total, desc=desc, disable=quiet, unit=unit, file=sys.stderr, leave=False
+    )
+
+
+def _load_config(path: str | os.PathLike | None):
+    """The pipeline configuration in a TOML file (None: the defaults of skymap.fit)."""
+    if path is None:
+        return None
+    path = Path(path)
+    if not path.is_file():
+        raise UsageError(f"config file {path} does not exist")
+    config = _module("config", "run --config")
+    try:
+        return config.load_toml(path)
+    except (ValueError, TypeError, KeyError) as err:
+        raise UsageError(f"config file {path}: {err}") from err
+
+
+def _fit(image: np.ndarray, mask: np.ndarray | None, config: Any):
+    """Fit with ``config``: a pipeline object with ``.fit``, a mapping of options, or None."""
+    if config is not None and hasattr(config, "fit"):
+        return config.fit(image, mask=mask)
+    pipeline = _module("pipeline", "run")
+    options = dict(config) if isinstance(config, Mapping) else {}
+    return pipeline.fit(image, mask=mask, **options)
+
+
+def _result_config(result: Any, config: Any) -> Any:
+    return getattr(result, "config", None) or config
+
+
+def _read_input(path, *, hdu=None, dq_hdu=None, dq_bits=None, mask=None) -> skyio.FitsImage:
+    try:
+        return skyio.read_image(path, hdu=hdu, dq=dq_hdu, dq_bits=dq_bits, mask=mask)
+    except (FileNotFoundError, ValueError, TypeError, OSError) as err:
+        raise UsageError(str(err)) from err
+
+
+def _stem(path: str | os.PathLike) -> str:
+    name = Path(path).name
+    for suffix in (".fits.gz", ".fits.fz", ".fits", ".fit", ".fts"):
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return Path(name).stem
+
+
+def _summary(image: np.ndarray, result: Any) -> dict:
+    """Headline numbers of a fit, JSON-ready."""
+    bkg = np.asarray(result.background)
+    rms = np.asarray(result.rms)
+    mask = np.asarray(result.mask, dtype=bool)
+    history = list(getattr(result, "history", []) or [])
+    return {
+        "shape": list(bkg.shape),
+        "background_median": float(np.nanmedian(bkg)),
+        "rms_median": float(np.nanmedian(rms)),
+        "mask_fraction": float(mask.mean()),
+        "iterations": len(history),
+        # the promise to users: a finite background wherever the input is finite
+        "finite_background_where_input_finite": bool(
+            np.all(np.isfinite(bkg)[np.isfinite(np.asarray(image))])
+        ),
+    }
+
+
+def _run_outputs(out_dir: Path, stem: str, *, figures: Sequence[str], report: bool):
+    paths = dict(skyio.product_paths(out_dir, stem))
+    paths["metrics"] = out_dir / "metrics.json"
+    if report:
+        report_mod = importlib.import_module("skymap.report")
+        for name, p in report_mod.report_paths(out_dir, figures).items():
+            paths[f"report_{name}"] = p
+    return paths
+
+
+def _figures(image, result, *, evaluation=None, truth=None, catalog=None):
+    report_mod = importlib.import_module("skymap.report")
+    return report_mod.report_figures(
+        image, result, evaluation=evaluation, truth=truth, catalog=catalog
+    )
+
+
+# --------------------------------------------------------------------------- run
+
+
+def run_file(
+    path: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    *,
+    config: Any = None,
+    hdu: int | str | None = None,
+    dq_hdu: int | str | bool | None = None,
+    dq_bits: Any = None,
+    mask: str | os.PathLike | None = None,
+    report: bool = True,
+    overwrite: bool = False,
+    quiet: bool = True,
+) -> dict:
+    """Fit one FITS image and write its products: what ``skymap run`` does for each file.
+
+    Writes ``<stem>_background.fits``, ``<stem>_rms.fits``, ``<stem>_mask.fits``,
+    ``<stem>_subtracted.fits``, ``metrics.json`` (fit summary and the masked-vs-unmasked
+    test) and, unless ``report=False``, ``report.html`` with its PNG figures, all into
+    ``out_dir``. Every output is checked before the fit starts. Deterministic: the same
+    input and configuration give byte-identical files, which is what lets ``skymap batch``
+    promise the same results as ``skymap run``.
+
+    Parameters
+    ----------
+    path : path-like
+        Input FITS image.
+    out_dir : path-like
+        Output directory (created if missing).
+    config : optional
+        Pipeline configuration (from :func:`skymap.config.load_toml`), or None for the
+        defaults of :func:`skymap.fit`.
+    hdu, dq_hdu, dq_bits, mask
+        Input selection, see :func:`skymap.io.read_image`.
+    report : bool
+        Also write the HTML report and its figures.
+    overwrite : bool
+        Replace existing outputs.
+    quiet : bool
+        No progress bars.
+
+    Returns
+    -------
+    dict
+        ``input``, ``outputs`` (name -> path) and ``summary`` (headline numbers).
+    """
+    out_dir = Path(out_dir)
+    stem = _stem(path)
+    outputs = _run_outputs(out_dir, stem, figures=_RUN_FIGURES, report=report)
+    skyio.check_outputs(outputs.values(), overwrite=overwrite)
+    with _progress(total=5, desc=stem, quiet=quiet) as bar:
+        bar.set_postfix_str("reading")
+        img = _read_input(path, hdu=hdu, dq_hdu=dq_hdu, dq_bits=dq_bits, mask=mask)
+        bar.update()
+        bar.set_postfix_str("fitting")
+        t0 = time.perf_counter()
+        result = _fit(img.data, img.mask, config)
+        log.info("%s: fit took %.2f s", path, time.perf_counter() - t0)
+        bar.update()
+        bar.set_postfix_str("evaluating")
+        evaluate = _module("evaluate", "run")
+        evaluation = evaluate.evaluate(img.data, result)
+        metrics = _run_metrics(img, result, evaluation, config)
+        bar.update()
+        bar.set_postfix_str("writing")
+        cfg = _result_config(result, config)
+        written = skyio.write_products(
+            out_dir,
+            stem,
+            image=img.data,
+            background=result.background,
+            rms=result.rms,
+            mask=result.mask,
+            header=img.header,
+            config=cfg,
+            source=path,
+            overwrite=overwrite,
+        )
+        written = {k: Path(v) for k, v in written.items()}
+        written["metrics"] = skyio.write_json(outputs["metrics"], metrics, overwrite=overwrite)
+        bar.update()
+        if report:
+            bar.set_postfix_str("report")
+            written.update(
+                _write_report(
+                    out_dir,
+                    title=f"skymap: {Path(path).name}",
+                    figures=_figures(img.data, result, evaluation=evaluation),
+                    metrics=metrics,
+                    meta=_meta(path, img, cfg),
+                    overwrite=overwrite,
+                )
+            )
+        bar.update()
+    return {"input": str(path), "outputs": {k: str(v) for k, v in written.items()}, **metrics}
+
+
+def _meta(path, img, cfg) -> dict:
+    return {
+        "input": str(path),
+        "hdu": img.hdu,
+        "shape": f"{img.data.shape[0]} x {img.data.shape[1]} (y, x)",
+        "skymap version": __version__,
+        "configuration hash": skyio.config_hash(cfg),
+    }
+
+
+def _write_report(out_dir, *, title, figures, metrics, meta, overwrite):
+    report_mod = importlib.import_module("skymap.report")
+    paths = report_mod.write_report(
+        out_dir, title=title, figures=figures, metrics=metrics, meta=meta, overwrite=overwrite
+    )
+    return {f"report_{k}": Path(v) for k, v in paths.items()}
+
+
+def _evaluation_dict(evaluation: Any) -> dict:
+    if evaluation is None:
+        return {}
+    if isinstance(evaluation, Mapping):
+        return dict(evaluation)
+    return evaluation.to_dict()
+
+
+def _run_metrics(img: skyio.FitsImage, result: Any, evaluation: Any, config: Any) -> dict:
+    finite_in = np.isfinite(img.data)
+    return {
+        "input": {
+            "file": str(img.path),
+            "hdu": img.hdu,
+            "shape": list(img.data.shape),
+            "dtype": str(img.data.dtype),
+            "nonfinite_pixels": int((~finite_in).sum()),
+            "flagged_pixels": 0 if img.mask is None else int(img.mask.sum()),
+        },
+        "skymap_version": __version__,
+        "config_hash": skyio.config_hash(_result_config(result, config)),
+        "fit": _summary(img.data, result),
+        "evaluation": _evaluation_dict(evaluation),
+    }
+
+
+def _cmd_run(args) -> int:
+    config = _load_config(args.config)
+    info = run_file(
+        args.input,
+        args.output,
+        config=config,
+        hdu=args.hdu,
+        dq_hdu=args.dq_hdu,
+        dq_bits=_dq_bits(args.dq_bits),
+        mask=args.mask,
+        report=not args.no_report,
+        overwrite=args.overwrite,
+        quiet=args.quiet,
+    )
+    _tell(args, f"wrote {len(info['outputs'])} files to {args.output}/")
+    for p in info["outputs"].values():
+        _tell(args, f"  {p}")
+    return EXIT_OK
+
+
+def _dq_bits(spec):
+    if spec is None:
+        return None
+    try:
+        return skyio.parse_dq_bits(spec)
+    except ValueError as err:
+        raise UsageError(str(err)) from err
+
+
+def _tell(args, message: str) -> None:
+    """Results the user asked for go to stdout; --quiet silences them."""
+    if not args.quiet:
+        sys.stdout.write(message + "\n")
+
+
+# --------------------------------------------------------------------------- demo
+
+
+def _scene(name: str, seed: int, shrink_factor: int):
+    simulate = _module("simulate", "demo")
+    if name == "notebook":
+        return simulate.notebook_scene(seed=seed, shrink_factor=shrink_factor)
+    return simulate.scene_by_name(name, seed=seed)
+
+
+def _scene_names() -> tuple[str, ...]:
+    try:
+        simulate = importlib.import_module("skymap.simulate")
+    except ModuleNotFoundError:
+        return _DEMO_SCENES
+    return _DEMO_SCENES + tuple(getattr(simulate, "SCENE_NAMES", ()))
+
+
+def _truth_metrics(scene, result) -> dict:
+    """Headline accuracy against the true sky, in units of the noise sigma."""
+    err = np.asarray(result.background, dtype=np.float64) - scene.sky
+    ok = np.isfinite(err)
+    sigma = float(scene.noise_sigma)
+    return {
+        "noise_sigma": sigma,
+        "background_error_rms_over_sigma": float(np.sqrt(np.mean(err[ok] ** 2)) / sigma),
+        "background_error_mean_over_sigma": float(np.mean(err[ok]) / sigma),
+        "background_error_max_abs_over_sigma": float(np.max(np.abs(err[ok])) / sigma),
+    }
+
+
+def _cmd_demo(args) -> int:
+    out_dir = Path(args.output)
+    config = _load_config(args.config)
+    stem = args.scene
+    outputs = _run_outputs(out_dir, stem, figures=_DEMO_FIGURES, report=True)
+    inputs = {"image": out_dir / f"{stem}_image.fits", "sky": out_dir / f"{stem}_sky.fits"}
+    skyio.check_outputs([*outputs.values(), *inputs.values()], overwrite=args.overwrite)
+    with _progress(total=5, desc="demo", quiet=args.quiet) as bar:
+        bar.set_postfix_str("simulating")
+        scene = _scene(args.scene, args.seed, args.shrink_factor)
+        bar.update()
+        bar.set_postfix_str("fitting")
+        t0 = time.perf_counter()
+        result = _fit(scene.image, scene.mask, config)
+        fit_seconds = time.perf_counter() - t0
+        bar.update()
+        bar.set_postfix_str("evaluating")
+        evaluate = _module("evaluate", "demo")
+        evaluation = evaluate.evaluate(scene.image, result, truth=scene.sky, catalog=scene.catalog)
+        cfg = _result_config(result, config)
+        metrics = {
+            "scene": {"name": scene.name, "shape": list(scene.shape), "seed": args.seed},
+            "skymap_version": __version__,
+            "config_hash": skyio.config_hash(cfg),
+            "fit": _summary(scene.image, result),
+            "truth": _truth_metrics(scene, result),
+            "evaluation": _evaluation_dict(evaluation),
+        }
+        bar.update()
+        bar.set_postfix_str("writing")
+        out_dir.mkdir(parents=True, exist_ok=True)
+        history = [f"skymap demo: simulated scene {scene.name}"]
+        written = {
+            k: skyio.write_image(
+                p, arr, product=k, config=cfg, history=history, overwrite=args.overwrite
+            )
+            for (k, p), arr in zip(inputs.items(), (scene.image, scene.sky), strict=True)
+        }
+        written.update(
+            skyio.write_products(
+                out_dir,
+                stem,
+                image=scene.image,
+                background=result.background,
+                rms=result.rms,
+                mask=result.mask,
+                config=cfg,
+                source=inputs["image"],
+                overwrite=args.overwrite,
+            )
+        )
+        written["metrics"] = skyio.write_json(
+            outputs["metrics"], metrics, overwrite=args.overwrite
+        )
+        bar.update()
+        bar.set_postfix_str("report")
+        figures = _figures(
+            scene.image, result, evaluation=evaluation, truth=scene.sky, catalog=scene.catalog
+        )
+        meta = {
+            "scene": scene.name,
+            "skymap version": __version__,
+            "configuration hash": skyio.config_hash(cfg),
+            "fit time (s)": round(fit_seconds, 2),
+        }
+        written.update(
+            _write_report(
+                out_dir,
+                title=f"skymap demo: {scene.name}",
+                figures=figures,
+                metrics=metrics,
+                meta=meta,
+                overwrite=args.overwrite,
+            )
+        )
+        bar.update()
+    t = metrics["truth"]
+    _tell(
+        args,
+        f"{scene.name}: background error RMS = "
+        f"{t['background_error_rms_over_sigma']:.4f} sigma, "
+        f"mask fraction {metrics['fit']['mask_fraction']:.1%}, fit {fit_seconds:.1f} s",
+    )
+    _tell(args, f"wrote {len(written)} files to {out_dir}/; open {written['report_html']}")
+    return EXIT_OK
+
+
+# --------------------------------------------------------------------------- simulate
+
+
+def _write_table(path: Path, table, *, overwrite: bool) -> Path:
+    buf = _stdio.StringIO()
+    table.write(buf, format="ascii.ecsv")
+    payload = buf.getvalue().encode("utf-8")
+    return skyio.atomic_write(path, lambda fh: fh.write(payload), overwrite=overwrite)
+
+
+def _cmd_simulate(args) -> int:
+    out_dir = Path(args.output)
+    stem = args.scene
+    names = ("image", "sky", "sources", "noise", "badpix")
+    paths = {k: out_dir / f"{stem}_{k}.fits" for k in names}
+    paths["catalog"] = out_dir / f"{stem}_catalog.ecsv"
+    skyio.check_outputs(paths.values(), overwrite=args.overwrite)
+    scene = _scene(args.scene, args.seed, args.shrink_factor)
+    arrays = {
+        "image": scene.image,
+        "sky": scene.sky,
+        "sources": scene.sources,
+        "noise": scene.noise,
+        "badpix": scene.mask,
+    }
+    out_dir.mkdir(parents=True, exist_ok=True)
+    history = [f"skymap simulate: scene {scene.name}"]
+    written = []
+    for key, arr in arrays.items():
+        if arr is not None:
+            written.append(
+                skyio.write_image(
+                    paths[key], arr, product=key, history=history, overwrite=args.overwrite
+                )
+            )
+    written.append(_write_table(paths["catalog"], scene.catalog, overwrite=args.overwrite))
+    _tell(args, f"{scene.name}: wrote {len(written)} files to {out_dir}/")
+    for p in written:
+        _tell(args, f"  {p}")
+    return EXIT_OK
+
+
+# --------------------------------------------------------------------------- evaluate
+
+
+class _MapResult:
+    """A fit result rebuilt from product files, for ``skymap evaluate``."""
+
+    def __init__(self, background, rms, mask):
+        self.background = background
+        self.rms = rms
+        self.mask = mask
+        self.history = []
+        self.config = None
+
+
+def _cmd_evaluate(args) -> int:
+    out = Path(args.output)
+    skyio.check_outputs([out], overwrite=args.overwrite)
+    img = _read_input(args.image, hdu=args.hdu)
+    bkg = _read_input(args.background)
+    if bkg.data.shape != img.data.shape:
+        raise UsageError(
+            f"background {args.background} has shape {bkg.data.shape}, "
+            f"image {args.image} has {img.data.shape}"
+        )
+    rms = _read_input(args.rms).data if args.rms else np.full_like(bkg.data, np.nan)
+    try:
+        mask = skyio.read_mask(args.mask, shape=img.data.shape) if args.mask else None
+    except (FileNotFoundError, ValueError, OSError) as err:
+        raise UsageError(str(err)) from err
+    mask = np.zeros(img.data.shape, bool) if mask is None else mask
+    truth = _read_input(args.truth).data if args.truth else None
+    catalog = None
+    if args.catalog:
+        from astropy.table import Table
+
+        try:
+            catalog = Table.read(args.catalog)
+        except (OSError, ValueError) as err:
+            raise UsageError(f"catalog {args.catalog}: {err}") from err
+    evaluate = _module("evaluate", "evaluate")
+    result = _MapResult(bkg.data, rms, mask)
+    evaluation = evaluate.evaluate(img.data, result, truth=truth, catalog=catalog)
+    metrics = {
+        "image": str(args.image),
+        "background": str(args.background),
+        "skymap_version": __version__,
+        "evaluation": _evaluation_dict(evaluation),
+    }
+    skyio.write_json(out, metrics, overwrite=args.overwrite)
+    _tell(args, f"wrote {out}")
+    return EXIT_OK
+
+
+# --------------------------------------------------------------------------- match
+
+
+def _cmd_match(args) -> int:
+    from astropy.nddata import NDData
+
+    if len(args.inputs) < 2:
+        raise UsageError("skymap match needs at least two images")
+    out_dir = Path(args.output)
+    stems = [_stem(p) for p in args.inputs]
+    _check_unique(stems, args.inputs)
+    paths = {"json": out_dir / "skymatch.json"}
+    if args.subtract:
+        paths.update({s: out_dir / f"{s}_skymatched.fits" for s in stems})
+    skyio.check_outputs(paths.values(), overwrite=args.overwrite)
+    images = [_read_input(p, hdu=args.hdu, dq_bits=_dq_bits(args.dq_bits)) for p in args.inputs]
+    skymatch = _module("skymatch", "match")
+    ndds = [NDData(im.data, mask=im.mask, wcs=im.wcs) for im in images]
+    try:
+        result = skymatch.match(
+            ndds, method=args.method, statistic=args.statistic, match_down=not args.match_up
+        )
+    except ValueError as err:
+        raise UsageError(str(err)) from err
+    sky = np.asarray(result.sky, dtype=float)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    files = [str(p) for p in args.inputs]
+    summary = {
+        "method": args.method,
+        "statistic": args.statistic,
+        "skymap_version": __version__,
+        "images": [{"file": f, "sky": float(level)} for f, level in zip(files, sky, strict=True)],
+        "groups": [[int(i) for i in g] for g in result.groups],
+        "overlaps": [
+            {
+                "a": files[int(a)],
+                "b": files[int(b)],
+                "delta": float(d),
+                "error": float(e),
+                "npix": int(n),
+                "residual": float(r),
+            }
+            for (a, b), d, e, n, r in zip(
+                np.asarray(result.pairs).reshape(-1, 2),
+                result.pair_delta,
+                result.pair_error,
+                result.pair_npix,
+                result.pair_residual,
+                strict=True,
+            )
+        ],
+        "reduced_chi2": float(result.reduced_chi2),
+    }
+    if args.subtract:
+        for s, im, level in zip(stems, images, sky, strict=True):
+            skyio.write_image(
+                paths[s],
+                im.data - level,
+                header=im.header,
+                product="skymatched",
+                config=result.config,
+                source=im.path,
+                history=[f"skymap match: subtracted sky level {level:.6g}"],
+                overwrite=args.overwrite,
+            )
+    skyio.write_json(paths["json"], summary, overwrite=args.overwrite)
+    for entry in summary["images"]:
+        _tell(args, f"{entry['sky']:14.6g}  {entry['file']}")
+    _tell(args, f"wrote {paths['json']}")
+    return EXIT_OK
+
+
+def _check_unique(stems, inputs):
+    seen: dict[str, str] = {}
+    for stem, p in zip(stems, inputs, strict=True):
+        if stem in seen:
+            raise UsageError(
+                f"inputs {seen[stem]} and {p} share the name {stem!r}; their outputs would "
+                "collide. Rename one or run them separately"
+            )
+        seen[stem] = str(p)
+
+
+# --------------------------------------------------------------------------- batch
+
+
+def _cmd_batch(args) -> int:
+    from distributed import Client, LocalCluster, as_completed
+
+    stems = [_stem(p) for p in args.inputs]
+    _check_unique(stems, args.inputs)
+    for p in args.inputs:
+        if not Path(p).is_file():
+            raise UsageError(f"input image {p} does not exist")
+    if args.workers < 1:
+        raise UsageError(f"--workers must be >= 1, got {args.workers}")
+    config = _load_config(args.config)
+    dq_bits = _dq_bits(args.dq_bits)
+    out_root = Path(args.output)
+    # Each file gets its own directory: exactly what `skymap run FILE -o DIR/<stem>` writes.
+    out_dirs = [out_root / s for s in stems]
+    report = not args.no_report
+    planned = []
+    for p, d in zip(args.inputs, out_dirs, strict=True):
+        planned.extend(_run_outputs(d, _stem(p), figures=_RUN_FIGURES, report=report).values())
+    skyio.check_outputs(planned, overwrite=args.overwrite)
+
+    kwargs = {
+        "config": config,
+        "hdu": args.hdu,
+        "dq_hdu": args.dq_hdu,
+        "dq_bits": dq_bits,
+        "mask": args.mask,
+        "report": report,
+        "overwrite": args.overwrite,
+        "quiet": True,
+    }
+    if args.scheduler:
+        client = Client(args.scheduler)
+        cluster = None
+    else:
+        cluster = LocalCluster(
+            n_workers=args.workers,
+            threads_per_worker=1,
+            processes=True,
+            dashboard_address=None,
+            silence_logs=logging.ERROR if not args.verbose else logging.INFO,
+        )
+        client = Client(cluster)
+    failures = []
+    try:
+        futures = [
+            client.submit(run_file, p, d, pure=False, key=f"skymap-run-{s}-{i}", **kwargs)
+            for i, (p, d, s) in enumerate(zip(args.inputs, out_dirs, stems, strict=True))
+        ]
+        origin = {f.key: p for f, p in zip(futures, args.inputs, strict=True)}
+        with _progress(total=len(futures), desc="batch", quiet=args.quiet, unit="file") as bar:
+            for future in as_completed(futures):
+                try:
+                    future.result()
+                except Exception as err:  # one bad file must not stop the others
+                    failures.append((origin[future.key], err))
+                    log.error("%s: %s", origin[future.key], err)
+                bar.update()
+    finally:
+        client.close()
+        if cluster is not None:
+            cluster.close()
+    done = len(args.inputs) - len(failures)
+    _tell(args, f"processed {done}/{len(args.inputs)} files into {out_root}/")
+    if failures:
+        for p, err in failures:
+            sys.stderr.write(f"skymap: error: {p}: {err}\n")
+        worst = max(_exit_code(err) for _, err in failures)
+        return worst
+    return EXIT_OK
+
+
+# --------------------------------------------------------------------------- parser
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("general options")
+    g.add_argument(
+        "--overwrite", action="store_true", help="replace existing output files (default: refuse)"
+    )
+    g.add_argument(
+        "-q", "--quiet", action="store_true", help="no progress bars and no summary on stdout"
+    )
+    g.add_argument("-v", "--verbose", action="store_true", help="log what is being done")
+
+
+def _input_options(parser: argparse.ArgumentParser, *, mask: bool = True) -> None:
+    g = parser.add_argument_group("input selection")
+    g.add_argument(
+        "--hdu",
+        metavar="HDU",
+        help="HDU with the image, index or EXTNAME (default: SCI if present, else the "
+        "first 2D image)",
+    )
+    g.add_argument(
+        "--dq-hdu",
+        metavar="HDU",
+        help="HDU with data-quality flags (default: a DQ extension when present)",
+    )
+    g.add_argument(
+        "--dq-bits",
+        metavar="BITS",
+        help="flags that exclude a pixel, e.g. '1,4,16', '0x14' or 'bit2+bit4' "
+        "(default: any nonzero DQ value)",
+    )
+    if mask:
+        g.add_argument(
+            "--mask",
+            metavar="MASK.fits",
+            help="extra mask image: nonzero pixels are excluded from the fit",
+        )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``skymap`` argument parser (exposed for documentation and tests)."""
+    fmt = argparse.RawDescriptionHelpFormatter
+    parser = argparse.ArgumentParser(
+        prog="skymap",
+        description="Model the 2D sky background of astronomical images, check how good the "
+        "model is, and write the background, its rms, the source mask and the "
+        "background-subtracted image as FITS, with a metrics JSON and an HTML report.\n\n"
+        "New here? Run `skymap demo` and open skymap_out/report.html.",
+        epilog=_EPILOG,
+        formatter_class=fmt,
+    )
+    parser.add_argument("--version", action="version", version=f"skymap {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="<command>")
+    # every command's --help ends with the exit codes and examples
+    add = functools.partial(sub.add_parser, epilog=_EPILOG, formatter_class=fmt)
+
+    p = add(
+        "demo",
+        help="simulate a scene, fit it, score it against the truth, write everything",
+        description="Simulate a scene with known sky (by default the STScI 'Complex 2D "
+        "Background' notebook's scene), fit its background with the default pipeline, "
+        "score the fit against the true sky, and write the image, the true sky, the FITS "
+        "products, metrics.json and report.html.",
+    )
+    p.add_argument("-o", "--output", default="skymap_out", help="output directory (skymap_out)")
+    _scene_options(p)
+    p.add_argument("--config", metavar="FILE.toml", help="pipeline configuration (TOML)")
+    _common(p)
+    p.set_defaults(func=_cmd_demo)
+
+    p = add(
+        "run",
+        help="fit the background of one FITS image",
+        description="Fit the background of one FITS image and write, into the output "
+        "directory: <name>_background.fits, <name>_rms.fits, <name>_mask.fits (1 = "
+        "excluded), <name>_subtracted.fits (all with the input header and WCS), "
+        "metrics.json (fit summary and the masked-vs-unmasked bias test) and report.html.",
+    )
+    p.add_argument("input", metavar="IN.fits", help="input FITS image")
+    p.add_argument("-o", "--output", default="skymap_out", help="output directory (skymap_out)")
+    p.add_argument("--config", metavar="FILE.toml", help="pipeline configuration (TOML)")
+    p.add_argument("--no-report", action="store_true", help="skip the HTML report and figures")
+    _input_options(p)
+    _common(p)
+    p.set_defaults(func=_cmd_run)
+
+    p = add(
+        "batch",
+        help="fit many FITS images in parallel (Dask)",
+        description="Fit many FITS images on a Dask cluster: a local cluster of --workers "
+        "processes, or the scheduler at --scheduler. Each input IN.fits gets the directory "
+        "OUT/IN/ holding exactly what `skymap run IN.fits -o OUT/IN` writes. A failing "
+        "file does not stop the others; the exit code is that of the worst failure.",
+    )
+    p.add_argument("inputs", nargs="+", metavar="IN.fits", help="input FITS images")
+    p.add_argument("-o", "--output", required=True, help="output directory")
+    p.add_argument(
+        "-j", "--workers", type=int, default=2, help="local worker processes (default 2)"
+    )
+    p.add_argument(
+        "--scheduler",
+        metavar="ADDRESS",
+        help="address of a running dask scheduler, e.g. tcp://10.0.0.1:8786 (workers must "
+        "see the same files)",
+    )
+    p.add_argument("--config", metavar="FILE.toml", help="pipeline configuration (TOML)")
+    p.add_argument("--no-report", action="store_true", help="skip the HTML reports")
+    _input_options(p)
+    _common(p)
+    p.set_defaults(func=_cmd_batch)
+
+    p = add(
+        "simulate",
+        help="write a simulated scene with its truth",
+        description="Write a simulated scene as FITS: <scene>_image.fits, _sky.fits (the "
+        "truth), _sources.fits, _noise.fits, _badpix.fits (when the scene has detector "
+        "defects) and the source catalogue <scene>_catalog.ecsv.",
+    )
+    p.add_argument("-o", "--output", default="skymap_sim", help="output directory (skymap_sim)")
+    _scene_options(p)
+    _common(p)
+    p.set_defaults(func=_cmd_simulate)
+
+    p = add(
+        "evaluate",
+        help="score a background map, against truth when you have it",
+        description="Score a background map. With --truth (and --catalog), against the "
+        "true sky: RMS vs scale against perfect, bias under sources. Without, against "
+        "statistics alone: RMS vs scale against white noise and the masked-vs-unmasked "
+        "bias test (give the source mask with --mask).",
+    )
+    p.add_argument("image", metavar="IMAGE.fits", help="the image the background belongs to")
+    p.add_argument("background", metavar="BACKGROUND.fits", help="the background map")
+    p.add_argument("--rms", metavar="RMS.fits", help="the background rms map")
+    p.add_argument("--mask", metavar="MASK.fits", help="source mask (nonzero = masked)")
+    p.add_argument("--truth", metavar="SKY.fits", help="the true sky (simulations)")
+    p.add_argument("--catalog", metavar="CAT.ecsv", help="true source catalogue (simulations)")
+    p.add_argument("--hdu", metavar="HDU", help="HDU of IMAGE.fits with the image")
+    p.add_argument(
+        "-o", "--output", default="metrics.json", help="metrics JSON file (metrics.json)"
+    )
+    _common(p)
+    p.set_defaults(func=_cmd_evaluate)
+
+    p = add(
+        "match",
+        help="match sky levels across overlapping images",
+        description="Measure the sky level of each image so that overlapping images agree "
+        "(WCS overlaps), and write skymatch.json; with --subtract, also "
+        "<name>_skymatched.fits.",
+    )
+    p.add_argument("inputs", nargs="+", metavar="IN.fits", help="overlapping FITS images")
+    p.add_argument("-o", "--output", default="skymap_match", help="output directory")
+    p.add_argument(
+        "--method",
+        default="global+match",
+        choices=("local", "global", "match", "global+match"),
+        help="how sky levels are found (default global+match)",
+    )
+    p.add_argument(
+        "--statistic",
+        default="mode",
+        choices=("mode", "median", "mean"),
+        help="sky statistic of the clipped pixels (default mode)",
+    )
+    p.add_argument(
+        "--match-up",
+        action="store_true",
+        help="bring fainter skies up to the brightest (default: brighter skies down)",
+    )
+    p.add_argument("--subtract", action="store_true", help="write the sky-subtracted images too")
+    _input_options(p, mask=False)
+    _common(p)
+    p.set_defaults(func=_cmd_match)
+    return parser
+
+
+def _scene_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--scene",
+        default="notebook",
+        choices=_scene_names(),
+        help="built-in scene (default notebook: the STScI notebook's scene)",
+    )
+    p.add_argument("--seed", type=int, default=4, help="random seed (default 4)")
+    p.add_argument(
+        "--shrink-factor",
+        type=int,
+        default=2,
+        help="notebook scene: image side is 2000 / SHRINK_FACTOR pixels (default 2)",
+    )
+
+
+# --------------------------------------------------------------------------- main
+
+
+def _exit_code(err: BaseException) -> int:
+    if isinstance(err, skyio.OutputExistsError):
+        return EXIT_EXISTS
+    if isinstance(err, UsageError):
+        return EXIT_USAGE
+    if isinstance(err, KeyboardInterrupt):
+        return EXIT_INTERRUPTED
+    return EXIT_FAILURE
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``skymap`` command with ``argv`` (default ``sys.argv[1:]``).
+
+    Returns
+    -------
+    int
+        The exit code: 0 success, 1 runtime failure, 2 bad usage or input, 3 refusing to
+        overwrite, 130 interrupted.
+
+    Examples
+    --------
+    >>> main(["--version"])  # doctest: +SKIP
+    skymap 0.1.0
+    0
+    """
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # argparse exits 0 for --help/--version, 2 for bad usage
+        return int(exc.code or 0)
+    if args.command is None:
+        parser.print_help(sys.stderr)
+        return EXIT_USAGE
+    if args.verbose:
+        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        sys.stderr.write("skymap: interrupted\n")
+        return EXIT_INTERRUPTED
+    except Exception as err:  # the command line reports every failure as a message
+        code = _exit_code(err)
+        sys.stderr.write(f"skymap: error: {err}\n")
+        if code == EXIT_FAILURE:
+            log.debug("traceback", exc_info=True)
+            if args.verbose:
+                import traceback
+
+                traceback.print_exc(file=sys.stderr)
+        return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

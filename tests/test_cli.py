@@ -1,0 +1,204 @@
+"""The ``skymap`` command, driven in-process through ``main([...])``: exit codes, help,
+refusal to overwrite, and the commands end to end on small inputs."""
+
+import hashlib
+import json
+from importlib.metadata import entry_points
+
+import numpy as np
+import pytest
+from astropy.io import fits
+from astropy.wcs import WCS
+
+from skymap import cli, io
+
+SUBCOMMANDS = ("demo", "run", "batch", "simulate", "evaluate", "match")
+
+
+def _sha(path):
+    return hashlib.sha256(open(path, "rb").read()).hexdigest()
+
+
+def test_help_lists_commands_and_exit_codes(capsys):
+    assert cli.main(["--help"]) == cli.EXIT_OK
+    out = capsys.readouterr().out
+    for name in SUBCOMMANDS:
+        assert name in out
+    assert "exit codes:" in out and "--overwrite" in out and "skymap demo" in out
+
+
+@pytest.mark.parametrize("name", SUBCOMMANDS)
+def test_every_command_has_help_with_exit_codes(name, capsys):
+    assert cli.main([name, "--help"]) == cli.EXIT_OK
+    out = capsys.readouterr().out
+    assert out.startswith(f"usage: skymap {name}") and "exit codes:" in out
+
+
+def test_version(capsys):
+    assert cli.main(["--version"]) == 0
+    assert capsys.readouterr().out.strip() == "skymap 0.1.0"
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [[], ["frobnicate"], ["run"], ["run", "a.fits", "--bogus"], ["batch", "a.fits"]],
+)
+def test_bad_usage_exits_2(argv, capsys):
+    assert cli.main(argv) == cli.EXIT_USAGE
+    assert "usage:" in capsys.readouterr().err
+
+
+def test_missing_input_exits_2_and_names_the_file(tmp_path, capsys):
+    code = cli.main(["run", str(tmp_path / "nope.fits"), "-o", str(tmp_path / "o"), "-q"])
+    assert code == cli.EXIT_USAGE
+    assert "nope.fits does not exist" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_bad_dq_bits_exit_2(data_dir, tmp_path, capsys):
+    argv = ["run", str(data_dir / "spitzer_cutout.fits"), "-o", str(tmp_path), "-q"]
+    assert cli.main([*argv, "--dq-bits", "1,x"]) == cli.EXIT_USAGE
+    assert "dq_bits" in capsys.readouterr().err
+
+
+def test_run_refuses_to_overwrite_before_any_work(data_dir, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "spitzer_cutout_rms.fits").write_bytes(b"precious")
+
+    def must_not_fit(*args, **kwargs):
+        raise AssertionError("fitted although the outputs exist")
+
+    monkeypatch.setattr(cli, "_fit", must_not_fit)
+    code = cli.main(["run", str(data_dir / "spitzer_cutout.fits"), "-o", str(out), "-q"])
+    assert code == cli.EXIT_EXISTS
+    err = capsys.readouterr().err
+    assert "spitzer_cutout_rms.fits" in err and "--overwrite" in err
+    assert sorted(p.name for p in out.iterdir()) == ["spitzer_cutout_rms.fits"]
+    assert (out / "spitzer_cutout_rms.fits").read_bytes() == b"precious"
+
+
+def test_runtime_failure_exits_1(data_dir, tmp_path, monkeypatch, capsys):
+    def broken(*args, **kwargs):
+        raise RuntimeError("the fit fell over")
+
+    monkeypatch.setattr(cli, "_fit", broken)
+    code = cli.main(["run", str(data_dir / "spitzer_cutout.fits"), "-o", str(tmp_path), "-q"])
+    assert code == cli.EXIT_FAILURE
+    assert "the fit fell over" in capsys.readouterr().err
+
+
+def test_simulate_writes_the_scene_and_its_truth(tmp_path):
+    simulate = pytest.importorskip("skymap.simulate")
+    out = tmp_path / "sim"
+    assert cli.main(["simulate", "-o", str(out), "--shrink-factor", "8", "-q"]) == 0
+    scene = simulate.notebook_scene(seed=4, shrink_factor=8)
+    np.testing.assert_array_equal(fits.getdata(out / "notebook_image.fits"), scene.image)
+    np.testing.assert_array_equal(fits.getdata(out / "notebook_sky.fits"), scene.sky)
+    from astropy.table import Table
+
+    cat = Table.read(out / "notebook_catalog.ecsv")
+    np.testing.assert_array_equal(cat["flux"], scene.catalog["flux"])
+    assert cli.main(["simulate", "-o", str(out), "--shrink-factor", "8", "-q"]) == 3
+
+
+# ----------------------------------------------------------------------- sky matching
+
+
+def _overlapping_pair(tmp_path, offsets=(1.0, 3.5)):
+    rng = np.random.default_rng(7)
+    paths = []
+    for i, level in enumerate(offsets):
+        w = WCS(naxis=2)
+        w.wcs.ctype = ["RA---TAN", "DEC--TAN"]
+        w.wcs.crval = [150.0, 2.0]
+        w.wcs.cdelt = [-1e-4, 1e-4]
+        w.wcs.crpix = [50.0 - 60 * i, 50.0]  # the second image starts 60 px further east
+        data = level + rng.normal(0, 0.1, (100, 100))
+        p = tmp_path / f"tile{i}.fits"
+        fits.PrimaryHDU(data.astype(np.float32), header=w.to_header()).writeto(p)
+        paths.append(p)
+    return paths
+
+
+def test_match_finds_the_relative_sky_levels(tmp_path):
+    pytest.importorskip("skymap.skymatch")
+    paths = _overlapping_pair(tmp_path)
+    out = tmp_path / "m"
+    argv = ["match", *map(str, paths), "-o", str(out), "--method", "match", "--subtract", "-q"]
+    assert cli.main(argv) == 0
+    summary = json.loads((out / "skymatch.json").read_text())
+    sky = [s["sky"] for s in summary["images"]]
+    assert sky[1] - sky[0] == pytest.approx(2.5, abs=0.02)
+    assert summary["groups"] == [[0, 1]]
+    matched = [fits.getdata(out / f"tile{i}_skymatched.fits") for i in range(2)]
+    assert np.median(matched[1]) - np.median(matched[0]) == pytest.approx(0.0, abs=0.03)
+    assert fits.getheader(out / "tile1_skymatched.fits")["CRPIX1"] == -10.0
+
+
+# ----------------------------------------------------------------------- end to end
+
+
+def _require_pipeline():
+    pytest.importorskip("skymap.pipeline", reason="skymap.pipeline (skymap.fit) is absent")
+    evaluate = pytest.importorskip("skymap.evaluate")
+    if not hasattr(evaluate, "evaluate"):
+        pytest.skip("skymap.evaluate.evaluate is absent")
+
+
+@pytest.mark.parametrize("name", ["m6707hh_cutout.fits", "spitzer_cutout.fits"])
+def test_run_on_real_data_gives_finite_products_and_leaves_input_alone(name, data_dir, tmp_path):
+    _require_pipeline()
+    src = data_dir / name
+    before = _sha(src)
+    out = tmp_path / "out"
+    assert cli.main(["run", str(src), "-o", str(out), "-q", "--no-report"]) == 0
+    assert _sha(src) == before
+    stem = name.removesuffix(".fits")
+    image = io.read_image(src).data
+    background = fits.getdata(out / f"{stem}_background.fits")
+    assert np.all(np.isfinite(background[np.isfinite(image)]))
+    header = fits.getheader(out / f"{stem}_subtracted.fits")
+    assert header["SKYPROD"] == "subtracted" and header["SKYSRC"] == name
+    np.testing.assert_allclose(
+        fits.getdata(out / f"{stem}_subtracted.fits"), image - background, rtol=1e-6
+    )
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["fit"]["finite_background_where_input_finite"] is True
+    assert "masked_vs_unmasked" in json.dumps(metrics["evaluation"])
+
+
+def test_batch_equals_run_file_by_file(data_dir, tmp_path):
+    _require_pipeline()
+    inputs = [data_dir / "m6707hh_cutout.fits", data_dir / "spitzer_cutout.fits"]
+    argv = ["batch", *map(str, inputs), "-o", str(tmp_path / "b"), "--workers", "2", "-q"]
+    assert cli.main(argv) == 0
+    for src in inputs:
+        stem = src.name.removesuffix(".fits")
+        assert cli.main(["run", str(src), "-o", str(tmp_path / "r" / stem), "-q"]) == 0
+        ran = sorted(p.name for p in (tmp_path / "r" / stem).iterdir())
+        batched = sorted(p.name for p in (tmp_path / "b" / stem).iterdir())
+        assert ran == batched
+        for name in ran:
+            if name.endswith(".fits") or name == "metrics.json":
+                assert _sha(tmp_path / "r" / stem / name) == _sha(tmp_path / "b" / stem / name)
+    assert cli.main(argv) == cli.EXIT_EXISTS
+
+
+def test_demo_end_to_end_on_a_small_scene(tmp_path):
+    _require_pipeline()
+    out = tmp_path / "demo"
+    assert cli.main(["demo", "-o", str(out), "--shrink-factor", "8", "-q"]) == 0
+    for product in ("image", "sky", *io.PRODUCTS):
+        assert (out / f"notebook_{product}.fits").exists()
+    metrics = json.loads((out / "metrics.json").read_text())
+    # a fitted background on this scene is far better than no model at all (error ~ sky)
+    assert metrics["truth"]["background_error_rms_over_sigma"] < 1.0
+    page = (out / "report.html").read_text()
+    assert page.count("data:image/png;base64,") >= 4
+    assert cli.main(["demo", "-o", str(out), "--shrink-factor", "8", "-q"]) == cli.EXIT_EXISTS
+
+
+def test_console_script_points_at_main():
+    scripts = entry_points(group="console_scripts")
+    assert [ep.value for ep in scripts if ep.name == "skymap"] == ["skymap.cli:main"]
