@@ -33,8 +33,8 @@ def render_stamps(
     Rows are split into bands rendered in parallel; within a band the sources are added in
     catalogue order, so every pixel receives the same sum in the same order whatever the
     number of threads (bitwise-reproducible). Pixels whose centre lies within
-    ``sqrt(sub_r2)`` of a source centre are averaged over ``sub_n`` x ``sub_n`` sub-pixels
-    (cuspy profiles); the rest are point-sampled at the pixel centre.
+    ``sqrt(sub_r2)`` of a source centre are averaged over ``sub_n[s]`` x ``sub_n[s]``
+    sub-pixels (cuspy profiles); the rest are point-sampled at the pixel centre.
     """
     ny = image.shape[0]
     nsrc = x.shape[0]
@@ -56,19 +56,20 @@ def render_stamps(
             ys = y[s]
             sp = shape_par[s]
             bns = bn[s]
+            ns = sub_n[s]
             for iy in range(ylo, yhi + 1):
                 dy = iy - ys
                 for ix in range(x_lo[s], x_hi[s] + 1):
                     dx = ix - xs
-                    if sub_n > 1 and dx * dx + dy * dy <= sub_r2:
+                    if ns > 1 and dx * dx + dy * dy <= sub_r2:
                         acc = 0.0
-                        for jy in range(sub_n):
-                            ddy = dy + (jy + 0.5) / sub_n - 0.5
-                            for jx in range(sub_n):
-                                ddx = dx + (jx + 0.5) / sub_n - 0.5
+                        for jy in range(ns):
+                            ddy = dy + (jy + 0.5) / ns - 0.5
+                            for jx in range(ns):
+                                ddx = dx + (jx + 0.5) / ns - 0.5
                                 q = (a * ddx**2) + (b * ddx * ddy) + (c * ddy**2)
                                 acc += _profile(k, q, sp, bns)
-                        image[iy, ix] += A * (acc / (sub_n * sub_n))
+                        image[iy, ix] += A * (acc / (ns * ns))
                     else:
                         q = (a * dx**2) + (b * dx * dy) + (c * dy**2)
                         image[iy, ix] += A * _profile(k, q, sp, bns)
