@@ -1,0 +1,355 @@
+"""Compiled kernels behind :mod:`skymap.local`.
+
+One pass per source, all sources in parallel: select the pixels whose centres fall in
+the source's region, sigma-clip them in place and reduce them to a location, without
+ever building a (source, pixel) stack. Sums are accumulated in float64 whatever the
+image dtype. Callers go through :mod:`skymap.local`; nothing here validates its input.
+
+Region of source ``i``: pixel centres (px, py) with ``|px - x| <= hx[i]``,
+``|py - y| <= hy[i]`` and ``rin2[i] <= d2 <= rout2[i]`` (``rin2[i] < d2`` when
+``strict_inner``), where ``d2 = (px - x)**2 + (py - y)**2``.
+
+Pixel classes (``cls``, uint8, image-shaped): 0 = good, 1 = usable only in the relaxed
+pass (e.g. source-flagged), 2 = never usable; source ``i`` uses the classes up to
+``allowed[i]``. Non-finite pixels are never usable.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from numba import njit, prange
+
+# 1 / Phi^-1(3/4): MAD -> standard deviation of a Gaussian (astropy's constant).
+MAD_TO_STD = 1.482602218505602
+
+STAT_MEAN = 0
+STAT_MEDIAN = 1
+STAT_MODE = 2
+
+
+@njit(cache=True, nogil=True)
+def _select(image, cls, use_cls, allowed, x, y, hx, hy, rin2, rout2, strict_inner, buf):
+    """Copy the usable pixel values of one region into ``buf``.
+
+    Returns ``(n_selected, n_outside)``: how many usable values were copied, and how
+    many region pixels fell outside the image.
+    """
+    ny, nx = image.shape
+    ix0 = math.ceil(x - hx)
+    ix1 = math.floor(x + hx)
+    n = 0
+    n_out = 0
+    for iy in range(math.ceil(y - hy), math.floor(y + hy) + 1):
+        dy2 = (iy - y) * (iy - y)
+        if dy2 > rout2:
+            continue
+        # Visit only the columns the circle can reach, skipping the hole's interior;
+        # both bounds keep a margin of at least one pixel, and the exact test below
+        # decides the pixels near them.
+        lo, hi = ix0, ix1
+        if rout2 < np.inf:
+            w = math.sqrt(rout2 - dy2)
+            lo = max(lo, math.floor(x - w))
+            hi = min(hi, math.ceil(x + w))
+        hole_lo, hole_hi = hi + 1, hi
+        if dy2 < rin2:
+            wi = math.sqrt(rin2 - dy2) - 1.0
+            if wi > 0.0:
+                hole_lo = math.ceil(x - wi)
+                hole_hi = math.floor(x + wi)
+        row_inside = 0 <= iy < ny
+        ix = lo
+        while ix <= hi:
+            if ix == hole_lo and hole_hi >= hole_lo:
+                ix = hole_hi + 1
+                continue
+            d2 = (ix - x) * (ix - x) + dy2
+            ix += 1
+            if d2 > rout2 or d2 < rin2 or (strict_inner and d2 == rin2):
+                continue
+            if not row_inside or ix - 1 < 0 or ix - 1 >= nx:
+                n_out += 1
+                continue
+            if use_cls and cls[iy, ix - 1] > allowed:
+                continue
+            v = image[iy, ix - 1]
+            if not np.isfinite(v):
+                continue
+            buf[n] = v
+            n += 1
+    return n, n_out
+
+
+@njit(cache=True, nogil=True)
+def _kth(a, n, k):
+    """The k-th smallest of ``a[:n]``, reordering it so that ``a[:k] <= a[k] <= a[k+1:n]``.
+
+    Hoare's selection (Wirth's variant): O(n) on average and no allocation, unlike
+    ``np.median``, which copies its input.
+    """
+    lo, hi = 0, n - 1
+    while lo < hi:
+        pivot = a[k]
+        i, j = lo, hi
+        while i <= j:
+            while a[i] < pivot:
+                i += 1
+            while pivot < a[j]:
+                j -= 1
+            if i <= j:
+                a[i], a[j] = a[j], a[i]
+                i += 1
+                j -= 1
+        if j < k:
+            lo = i
+        if k < i:
+            hi = j
+    return a[k]
+
+
+@njit(cache=True, nogil=True)
+def _median(a, n):
+    """Median of ``a[:n]`` (n > 0), reordering ``a[:n]``."""
+    k = n // 2
+    upper = _kth(a, n, k)
+    if n % 2 == 1:
+        return upper
+    lower = a[0]
+    for t in range(1, k):
+        lower = max(lower, a[t])
+    return 0.5 * (lower + upper)
+
+
+@njit(cache=True, nogil=True)
+def _mean_std(buf, n):
+    s = 0.0
+    for k in range(n):
+        s += buf[k]
+    mean = s / n
+    ss = 0.0
+    for k in range(n):
+        d = buf[k] - mean
+        ss += d * d
+    return mean, math.sqrt(ss / n)
+
+
+@njit(cache=True, nogil=True)
+def _clip(buf, n, work, cen_median, std_mad, sigma_lower, sigma_upper, maxiters):
+    """Sigma-clip ``buf[:n]`` in place (astropy semantics); return the kept count.
+
+    Each iteration computes the centre and the spread of the values still kept and
+    drops those outside ``[cen - sigma_lower * std, cen + sigma_upper * std]``; it stops
+    when an iteration drops nothing, when the spread is zero or after ``maxiters``
+    iterations (``maxiters < 0``: no limit).
+    """
+    it = 0
+    while n > 0 and (maxiters < 0 or it < maxiters):
+        it += 1
+        mean, std = _mean_std(buf, n)
+        cen = _median(buf, n) if cen_median else mean
+        if std_mad:
+            for k in range(n):
+                work[k] = abs(buf[k] - cen)
+            std = MAD_TO_STD * _median(work, n)
+        if std == 0.0:
+            break
+        lo = cen - sigma_lower * std
+        hi = cen + sigma_upper * std
+        m = 0
+        for k in range(n):
+            v = buf[k]
+            if lo <= v <= hi:
+                buf[m] = v
+                m += 1
+        if m == n:
+            break
+        n = m
+    return n
+
+
+@njit(cache=True, nogil=True)
+def _location(buf, n, stat):
+    """Return ``(location, std)`` of ``buf[:n]``; SExtractor's mode for STAT_MODE."""
+    mean, std = _mean_std(buf, n)
+    if stat == STAT_MEAN:
+        return mean, std
+    med = _median(buf, n)
+    if stat == STAT_MEDIAN:
+        return med, std
+    # SExtractor: 2.5 median - 1.5 mean, unless the sample is too skewed for the
+    # Pearson relation to hold (|mean - median| >= 0.3 std), then the median.
+    if std == 0.0:
+        return mean, std
+    if abs(mean - med) / std < 0.3:
+        return 2.5 * med - 1.5 * mean, std
+    return med, std
+
+
+@njit(cache=True, nogil=True, parallel=True)
+def region_stats(
+    image,
+    cls,
+    use_cls,
+    allowed,
+    xs,
+    ys,
+    hx,
+    hy,
+    rin2,
+    rout2,
+    strict_inner,
+    maxpix,
+    stat,
+    do_clip,
+    cen_median,
+    std_mad,
+    sigma_lower,
+    sigma_upper,
+    maxiters,
+    background,
+    std,
+    n_selected,
+    n_used,
+    n_outside,
+):
+    """Per-source location of the (clipped) usable region pixels, written to the outputs.
+
+    Sources with no usable pixel get NaN location and spread.
+    """
+    for i in prange(xs.size):
+        buf = np.empty(maxpix, dtype=np.float64)
+        work = np.empty(maxpix, dtype=np.float64)
+        n, n_out = _select(
+            image,
+            cls,
+            use_cls,
+            allowed[i],
+            xs[i],
+            ys[i],
+            hx[i],
+            hy[i],
+            rin2[i],
+            rout2[i],
+            strict_inner,
+            buf,
+        )
+        n_selected[i] = n
+        n_outside[i] = n_out
+        if do_clip:
+            n = _clip(buf, n, work, cen_median, std_mad, sigma_lower, sigma_upper, maxiters)
+        n_used[i] = n
+        if n == 0:
+            background[i] = np.nan
+            std[i] = np.nan
+        else:
+            background[i], std[i] = _location(buf, n, stat)
+
+
+@njit(cache=True, nogil=True, parallel=True)
+def region_counts(
+    image,
+    cls,
+    use_cls,
+    allowed,
+    xs,
+    ys,
+    hx,
+    hy,
+    rin2,
+    rout2,
+    strict_inner,
+    maxpix,
+    n_selected,
+    n_outside,
+):
+    """Usable and outside-image pixel counts of each region."""
+    for i in prange(xs.size):
+        buf = np.empty(maxpix, dtype=np.float64)
+        n_selected[i], n_outside[i] = _select(
+            image,
+            cls,
+            use_cls,
+            allowed[i],
+            xs[i],
+            ys[i],
+            hx[i],
+            hy[i],
+            rin2[i],
+            rout2[i],
+            strict_inner,
+            buf,
+        )
+
+
+@njit(cache=True, nogil=True, parallel=True)
+def region_stack(image, cls, use_cls, allowed, xs, ys, hx, hy, rin2, rout2, strict_inner, stack):
+    """Fill row ``i`` of ``stack`` (pre-filled with NaN) with source ``i``'s usable values."""
+    for i in prange(xs.size):
+        _select(
+            image,
+            cls,
+            use_cls,
+            allowed[i],
+            xs[i],
+            ys[i],
+            hx[i],
+            hy[i],
+            rin2[i],
+            rout2[i],
+            strict_inner,
+            stack[i],
+        )
+
+
+@njit(cache=True, nogil=True, parallel=True)
+def rows_location(stack, stat, background, std, n_used):
+    """Location, spread and count of the finite values of each row of ``stack``."""
+    for i in prange(stack.shape[0]):
+        buf = np.empty(stack.shape[1], dtype=np.float64)
+        n = 0
+        for v in stack[i]:
+            if np.isfinite(v):
+                buf[n] = v
+                n += 1
+        n_used[i] = n
+        if n == 0:
+            background[i] = np.nan
+            std[i] = np.nan
+        else:
+            background[i], std[i] = _location(buf, n, stat)
+
+
+@njit(cache=True, nogil=True, parallel=True)
+def weighted_sums(image, bad, use_bad, weights, offsets, widths, ixmin, iymin, sums, areas):
+    """Sum ``weight * value`` and ``weight`` over each source's usable pixels.
+
+    Source ``i`` has a ``(len / widths[i], widths[i])`` weight cutout stored flat in
+    ``weights[offsets[i]:offsets[i + 1]]`` whose lower-left pixel is
+    ``(iymin[i], ixmin[i])``. Pixels outside the image, masked or non-finite add
+    nothing to either sum.
+    """
+    ny, nx = image.shape
+    for i in prange(ixmin.size):
+        s = 0.0
+        a = 0.0
+        w = widths[i]
+        for k in range(offsets[i], offsets[i + 1]):
+            wt = weights[k]
+            if wt == 0.0:
+                continue
+            j = k - offsets[i]
+            iy = iymin[i] + j // w
+            ix = ixmin[i] + j % w
+            if iy < 0 or iy >= ny or ix < 0 or ix >= nx:
+                continue
+            if use_bad and bad[iy, ix]:
+                continue
+            v = image[iy, ix]
+            if not np.isfinite(v):
+                continue
+            s += wt * v
+            a += wt
+        sums[i] = s
+        areas[i] = a
