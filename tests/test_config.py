@@ -224,3 +224,43 @@ def test_round_trip_property(leaves, box, options):
     tree = Branch(leaves=leaves, box=box, options=options)
     assert C.loads_toml(C.dumps_toml(tree), modules=HERE + ("skymap",)) == tree
     assert C.from_dict(C.to_dict(tree), modules=HERE + ("skymap",)) == tree
+
+
+def _default_configs():
+    """Every frozen dataclass in skymap that builds from its defaults alone: the
+    configurations (results need data, so they are skipped)."""
+    import dataclasses
+    import importlib
+    import pkgutil
+
+    import skymap
+
+    found = []
+    for info in pkgutil.iter_modules(skymap.__path__):
+        try:
+            mod = importlib.import_module(f"skymap.{info.name}")
+        except ImportError:  # an optional peer missing: that module's own tests say so
+            continue
+        for name, obj in sorted(vars(mod).items()):
+            if not (
+                isinstance(obj, type)
+                and dataclasses.is_dataclass(obj)
+                and obj.__module__ == mod.__name__
+                and obj.__dataclass_params__.frozen
+                and not name.startswith("_")
+            ):
+                continue
+            try:
+                found.append(obj())
+            except TypeError:
+                continue
+    return found
+
+
+def test_every_default_skymap_config_round_trips():
+    configs = _default_configs()
+    assert S.SigmaClip() in configs and S.BiweightScale() in configs
+    for obj in configs:
+        text = C.dumps_toml(obj)
+        assert C.loads_toml(text) == obj, text
+        assert C.from_dict(json.loads(json.dumps(C.to_dict(obj)))) == obj
