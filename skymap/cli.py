@@ -69,9 +69,10 @@ examples:
   skymap <command> --help              options of one command
 """
 
-_DEMO_SCENES = ("notebook",)
-_RUN_FIGURES = ("maps", "mesh", "rms_vs_scale", "convergence")
-_DEMO_FIGURES = ("maps", "mesh", "rms_vs_scale", "bias", "convergence")
+
+# skymap.simulate.SCENE_NAMES, spelled out so that `skymap --help` need not import the
+# simulator (numba, astropy.table); a test keeps the two equal.
+_SCENES = ("notebook", "crowded_stellar", "galaxies_lsb", "nebula", "detector_artifacts")
 
 
 class UsageError(Exception):
@@ -146,15 +147,13 @@ def _stem(path: str | os.PathLike) -> str:
 def _summary(image: np.ndarray, result: Any) -> dict:
     """Headline numbers of a fit, JSON-ready."""
     bkg = np.asarray(result.background)
-    rms = np.asarray(result.rms)
     mask = np.asarray(result.mask, dtype=bool)
-    history = list(getattr(result, "history", []) or [])
     return {
         "shape": list(bkg.shape),
         "background_median": float(np.nanmedian(bkg)),
-        "rms_median": float(np.nanmedian(rms)),
+        "rms_median": float(np.nanmedian(np.asarray(result.rms))),
         "mask_fraction": float(mask.mean()),
-        "iterations": len(history),
+        "iterations": len(getattr(result, "history", None) or []),
         # the promise to users: a finite background wherever the input is finite
         "finite_background_where_input_finite": bool(
             np.all(np.isfinite(bkg)[np.isfinite(np.asarray(image))])
@@ -162,21 +161,57 @@ def _summary(image: np.ndarray, result: Any) -> dict:
     }
 
 
-def _run_outputs(out_dir: Path, stem: str, *, figures: Sequence[str], report: bool):
+def _planned_outputs(out_dir: Path, stem: str, *, report: bool) -> dict[str, Path]:
+    """Every file a run may write, for the up-front overwrite check."""
     paths = dict(skyio.product_paths(out_dir, stem))
     paths["metrics"] = out_dir / "metrics.json"
     if report:
-        report_mod = importlib.import_module("skymap.report")
-        for name, p in report_mod.report_paths(out_dir, figures).items():
+        from skymap import report as report_mod
+
+        for name, p in report_mod.report_paths(out_dir, tuple(report_mod.CAPTIONS)).items():
             paths[f"report_{name}"] = p
     return paths
 
 
-def _figures(image, result, *, evaluation=None, truth=None, catalog=None):
-    report_mod = importlib.import_module("skymap.report")
-    return report_mod.report_figures(
-        image, result, evaluation=evaluation, truth=truth, catalog=catalog
+def _write_outputs(
+    out_dir: Path,
+    stem: str,
+    *,
+    image: np.ndarray,
+    result: Any,
+    evaluation: Any,
+    metrics: dict,
+    header=None,
+    config: Any = None,
+    source=None,
+    report: bool = True,
+    title: str,
+    meta: dict,
+    overwrite: bool = False,
+) -> dict[str, Path]:
+    """The FITS products, metrics.json and the report: what run and demo both write."""
+    written = skyio.write_products(
+        out_dir,
+        stem,
+        image=image,
+        background=result.background,
+        rms=result.rms,
+        mask=result.mask,
+        header=header,
+        config=config,
+        source=source,
+        overwrite=overwrite,
     )
+    written["metrics"] = skyio.write_json(out_dir / "metrics.json", metrics, overwrite=overwrite)
+    if report:
+        from skymap import report as report_mod
+
+        figures = report_mod.report_figures(result, evaluation)
+        pages = report_mod.write_report(
+            out_dir, title=title, figures=figures, metrics=metrics, meta=meta, overwrite=overwrite
+        )
+        written.update({f"report_{k}": v for k, v in pages.items()})
+    return written
 
 
 # --------------------------------------------------------------------------- run
@@ -198,11 +233,11 @@ def run_file(
     """Fit one FITS image and write its products: what ``skymap run`` does for each file.
 
     Writes ``<stem>_background.fits``, ``<stem>_rms.fits``, ``<stem>_mask.fits``,
-    ``<stem>_subtracted.fits``, ``metrics.json`` (fit summary and the masked-vs-unmasked
-    test) and, unless ``report=False``, ``report.html`` with its PNG figures, all into
-    ``out_dir``. Every output is checked before the fit starts. Deterministic: the same
-    input and configuration give byte-identical files, which is what lets ``skymap batch``
-    promise the same results as ``skymap run``.
+    ``<stem>_subtracted.fits``, ``metrics.json`` (fit summary, RMS against scale and the
+    masked-vs-unmasked test) and, unless ``report=False``, ``report.html`` with its PNG
+    figures, all into ``out_dir``. Every output is checked before the fit starts. The
+    files hold no timestamps, so the same input and configuration give byte-identical
+    files: this is what lets ``skymap batch`` promise the results of ``skymap run``.
 
     Parameters
     ----------
@@ -220,18 +255,19 @@ def run_file(
     overwrite : bool
         Replace existing outputs.
     quiet : bool
-        No progress bars.
+        No progress bar.
 
     Returns
     -------
     dict
-        ``input``, ``outputs`` (name -> path) and ``summary`` (headline numbers).
+        ``input``, ``outputs`` (name -> path as str) and ``metrics`` (as written).
     """
     out_dir = Path(out_dir)
     stem = _stem(path)
-    outputs = _run_outputs(out_dir, stem, figures=_RUN_FIGURES, report=report)
-    skyio.check_outputs(outputs.values(), overwrite=overwrite)
-    with _progress(total=5, desc=stem, quiet=quiet) as bar:
+    skyio.check_outputs(
+        _planned_outputs(out_dir, stem, report=report).values(), overwrite=overwrite
+    )
+    with _progress(total=4, desc=stem, quiet=quiet) as bar:
         bar.set_postfix_str("reading")
         img = _read_input(path, hdu=hdu, dq_hdu=dq_hdu, dq_bits=dq_bits, mask=mask)
         bar.update()
@@ -241,84 +277,50 @@ def run_file(
         log.info("%s: fit took %.2f s", path, time.perf_counter() - t0)
         bar.update()
         bar.set_postfix_str("evaluating")
-        evaluate = _module("evaluate", "run")
-        evaluation = evaluate.evaluate(img.data, result)
-        metrics = _run_metrics(img, result, evaluation, config)
+        evaluation = _module("evaluate", "run").evaluate(img.data, result)
+        cfg = _result_config(result, config)
+        metrics = {
+            "input": {
+                "file": str(path),
+                "hdu": img.hdu,
+                "shape": list(img.data.shape),
+                "dtype": str(img.data.dtype),
+                "nonfinite_pixels": int((~np.isfinite(img.data)).sum()),
+                "flagged_pixels": 0 if img.mask is None else int(img.mask.sum()),
+            },
+            "skymap_version": __version__,
+            "config_hash": skyio.config_hash(cfg),
+            "fit": _summary(img.data, result),
+            "evaluation": evaluation.to_dict(),
+        }
         bar.update()
         bar.set_postfix_str("writing")
-        cfg = _result_config(result, config)
-        written = skyio.write_products(
+        written = _write_outputs(
             out_dir,
             stem,
             image=img.data,
-            background=result.background,
-            rms=result.rms,
-            mask=result.mask,
+            result=result,
+            evaluation=evaluation,
+            metrics=metrics,
             header=img.header,
             config=cfg,
             source=path,
+            report=report,
+            title=f"skymap: {Path(path).name}",
+            meta={
+                "input": str(path),
+                "hdu": img.hdu,
+                "shape": f"{img.data.shape[0]} x {img.data.shape[1]} (y, x)",
+                "skymap version": __version__,
+                "configuration hash": skyio.config_hash(cfg),
+            },
             overwrite=overwrite,
         )
-        written = {k: Path(v) for k, v in written.items()}
-        written["metrics"] = skyio.write_json(outputs["metrics"], metrics, overwrite=overwrite)
         bar.update()
-        if report:
-            bar.set_postfix_str("report")
-            written.update(
-                _write_report(
-                    out_dir,
-                    title=f"skymap: {Path(path).name}",
-                    figures=_figures(img.data, result, evaluation=evaluation),
-                    metrics=metrics,
-                    meta=_meta(path, img, cfg),
-                    overwrite=overwrite,
-                )
-            )
-        bar.update()
-    return {"input": str(path), "outputs": {k: str(v) for k, v in written.items()}, **metrics}
-
-
-def _meta(path, img, cfg) -> dict:
     return {
         "input": str(path),
-        "hdu": img.hdu,
-        "shape": f"{img.data.shape[0]} x {img.data.shape[1]} (y, x)",
-        "skymap version": __version__,
-        "configuration hash": skyio.config_hash(cfg),
-    }
-
-
-def _write_report(out_dir, *, title, figures, metrics, meta, overwrite):
-    report_mod = importlib.import_module("skymap.report")
-    paths = report_mod.write_report(
-        out_dir, title=title, figures=figures, metrics=metrics, meta=meta, overwrite=overwrite
-    )
-    return {f"report_{k}": Path(v) for k, v in paths.items()}
-
-
-def _evaluation_dict(evaluation: Any) -> dict:
-    if evaluation is None:
-        return {}
-    if isinstance(evaluation, Mapping):
-        return dict(evaluation)
-    return evaluation.to_dict()
-
-
-def _run_metrics(img: skyio.FitsImage, result: Any, evaluation: Any, config: Any) -> dict:
-    finite_in = np.isfinite(img.data)
-    return {
-        "input": {
-            "file": str(img.path),
-            "hdu": img.hdu,
-            "shape": list(img.data.shape),
-            "dtype": str(img.data.dtype),
-            "nonfinite_pixels": int((~finite_in).sum()),
-            "flagged_pixels": 0 if img.mask is None else int(img.mask.sum()),
-        },
-        "skymap_version": __version__,
-        "config_hash": skyio.config_hash(_result_config(result, config)),
-        "fit": _summary(img.data, result),
-        "evaluation": _evaluation_dict(evaluation),
+        "outputs": {k: str(v) for k, v in written.items()},
+        "metrics": metrics,
     }
 
 
@@ -360,44 +362,27 @@ def _tell(args, message: str) -> None:
 # --------------------------------------------------------------------------- demo
 
 
-def _scene(name: str, seed: int, shrink_factor: int):
-    simulate = _module("simulate", "demo")
-    if name == "notebook":
-        return simulate.notebook_scene(seed=seed, shrink_factor=shrink_factor)
-    return simulate.scene_by_name(name, seed=seed)
-
-
-def _scene_names() -> tuple[str, ...]:
+def _scene(args):
+    simulate = _module("simulate", args.command)
     try:
-        simulate = importlib.import_module("skymap.simulate")
-    except ModuleNotFoundError:
-        return _DEMO_SCENES
-    return _DEMO_SCENES + tuple(getattr(simulate, "SCENE_NAMES", ()))
-
-
-def _truth_metrics(scene, result) -> dict:
-    """Headline accuracy against the true sky, in units of the noise sigma."""
-    err = np.asarray(result.background, dtype=np.float64) - scene.sky
-    ok = np.isfinite(err)
-    sigma = float(scene.noise_sigma)
-    return {
-        "noise_sigma": sigma,
-        "background_error_rms_over_sigma": float(np.sqrt(np.mean(err[ok] ** 2)) / sigma),
-        "background_error_mean_over_sigma": float(np.mean(err[ok]) / sigma),
-        "background_error_max_abs_over_sigma": float(np.max(np.abs(err[ok])) / sigma),
-    }
+        if args.scene == "notebook":
+            return simulate.notebook_scene(seed=args.seed, shrink_factor=args.shrink_factor)
+        shape = None if args.size is None else (args.size, args.size)
+        return simulate.scene_by_name(args.scene, shape=shape, seed=args.seed)
+    except ValueError as err:
+        raise UsageError(str(err)) from err
 
 
 def _cmd_demo(args) -> int:
     out_dir = Path(args.output)
     config = _load_config(args.config)
     stem = args.scene
-    outputs = _run_outputs(out_dir, stem, figures=_DEMO_FIGURES, report=True)
     inputs = {"image": out_dir / f"{stem}_image.fits", "sky": out_dir / f"{stem}_sky.fits"}
-    skyio.check_outputs([*outputs.values(), *inputs.values()], overwrite=args.overwrite)
-    with _progress(total=5, desc="demo", quiet=args.quiet) as bar:
+    planned = _planned_outputs(out_dir, stem, report=True)
+    skyio.check_outputs([*planned.values(), *inputs.values()], overwrite=args.overwrite)
+    with _progress(total=4, desc="demo", quiet=args.quiet) as bar:
         bar.set_postfix_str("simulating")
-        scene = _scene(args.scene, args.seed, args.shrink_factor)
+        scene = _scene(args)
         bar.update()
         bar.set_postfix_str("fitting")
         t0 = time.perf_counter()
@@ -405,70 +390,48 @@ def _cmd_demo(args) -> int:
         fit_seconds = time.perf_counter() - t0
         bar.update()
         bar.set_postfix_str("evaluating")
-        evaluate = _module("evaluate", "demo")
-        evaluation = evaluate.evaluate(scene.image, result, truth=scene.sky, catalog=scene.catalog)
+        evaluation = _module("evaluate", "demo").evaluate(scene.image, result, scene=scene)
         cfg = _result_config(result, config)
         metrics = {
             "scene": {"name": scene.name, "shape": list(scene.shape), "seed": args.seed},
             "skymap_version": __version__,
             "config_hash": skyio.config_hash(cfg),
             "fit": _summary(scene.image, result),
-            "truth": _truth_metrics(scene, result),
-            "evaluation": _evaluation_dict(evaluation),
+            "evaluation": evaluation.to_dict(),
         }
         bar.update()
         bar.set_postfix_str("writing")
         out_dir.mkdir(parents=True, exist_ok=True)
         history = [f"skymap demo: simulated scene {scene.name}"]
         written = {
-            k: skyio.write_image(
-                p, arr, product=k, config=cfg, history=history, overwrite=args.overwrite
-            )
+            k: skyio.write_image(p, arr, product=k, history=history, overwrite=args.overwrite)
             for (k, p), arr in zip(inputs.items(), (scene.image, scene.sky), strict=True)
         }
         written.update(
-            skyio.write_products(
+            _write_outputs(
                 out_dir,
                 stem,
                 image=scene.image,
-                background=result.background,
-                rms=result.rms,
-                mask=result.mask,
+                result=result,
+                evaluation=evaluation,
+                metrics=metrics,
                 config=cfg,
                 source=inputs["image"],
-                overwrite=args.overwrite,
-            )
-        )
-        written["metrics"] = skyio.write_json(
-            outputs["metrics"], metrics, overwrite=args.overwrite
-        )
-        bar.update()
-        bar.set_postfix_str("report")
-        figures = _figures(
-            scene.image, result, evaluation=evaluation, truth=scene.sky, catalog=scene.catalog
-        )
-        meta = {
-            "scene": scene.name,
-            "skymap version": __version__,
-            "configuration hash": skyio.config_hash(cfg),
-            "fit time (s)": round(fit_seconds, 2),
-        }
-        written.update(
-            _write_report(
-                out_dir,
                 title=f"skymap demo: {scene.name}",
-                figures=figures,
-                metrics=metrics,
-                meta=meta,
+                meta={
+                    "scene": scene.name,
+                    "skymap version": __version__,
+                    "configuration hash": skyio.config_hash(cfg),
+                    "fit time (s)": round(fit_seconds, 2),
+                },
                 overwrite=args.overwrite,
             )
         )
         bar.update()
-    t = metrics["truth"]
+    truth = evaluation.truth_metrics
     _tell(
         args,
-        f"{scene.name}: background error RMS = "
-        f"{t['background_error_rms_over_sigma']:.4f} sigma, "
+        f"{scene.name}: background error RMS = {truth['rms_error_sigma']:.4f} sigma, "
         f"mask fraction {metrics['fit']['mask_fraction']:.1%}, fit {fit_seconds:.1f} s",
     )
     _tell(args, f"wrote {len(written)} files to {out_dir}/; open {written['report_html']}")
@@ -492,7 +455,7 @@ def _cmd_simulate(args) -> int:
     paths = {k: out_dir / f"{stem}_{k}.fits" for k in names}
     paths["catalog"] = out_dir / f"{stem}_catalog.ecsv"
     skyio.check_outputs(paths.values(), overwrite=args.overwrite)
-    scene = _scene(args.scene, args.seed, args.shrink_factor)
+    scene = _scene(args)
     arrays = {
         "image": scene.image,
         "sky": scene.sky,
@@ -520,34 +483,24 @@ def _cmd_simulate(args) -> int:
 # --------------------------------------------------------------------------- evaluate
 
 
-class _MapResult:
-    """A fit result rebuilt from product files, for ``skymap evaluate``."""
-
-    def __init__(self, background, rms, mask):
-        self.background = background
-        self.rms = rms
-        self.mask = mask
-        self.history = []
-        self.config = None
-
-
 def _cmd_evaluate(args) -> int:
     out = Path(args.output)
     skyio.check_outputs([out], overwrite=args.overwrite)
     img = _read_input(args.image, hdu=args.hdu)
-    bkg = _read_input(args.background)
-    if bkg.data.shape != img.data.shape:
-        raise UsageError(
-            f"background {args.background} has shape {bkg.data.shape}, "
-            f"image {args.image} has {img.data.shape}"
-        )
-    rms = _read_input(args.rms).data if args.rms else np.full_like(bkg.data, np.nan)
+    maps = {"background": args.background, "truth": args.truth, "noise": args.noise}
+    arrays = {}
+    for name, path in maps.items():
+        if path is not None:
+            arrays[name] = _read_input(path).data
+            if arrays[name].shape != img.data.shape:
+                raise UsageError(
+                    f"{name} map {path} has shape {arrays[name].shape}, "
+                    f"image {args.image} has {img.data.shape}"
+                )
     try:
         mask = skyio.read_mask(args.mask, shape=img.data.shape) if args.mask else None
     except (FileNotFoundError, ValueError, OSError) as err:
         raise UsageError(str(err)) from err
-    mask = np.zeros(img.data.shape, bool) if mask is None else mask
-    truth = _read_input(args.truth).data if args.truth else None
     catalog = None
     if args.catalog:
         from astropy.table import Table
@@ -557,15 +510,31 @@ def _cmd_evaluate(args) -> int:
         except (OSError, ValueError) as err:
             raise UsageError(f"catalog {args.catalog}: {err}") from err
     evaluate = _module("evaluate", "evaluate")
-    result = _MapResult(bkg.data, rms, mask)
-    evaluation = evaluate.evaluate(img.data, result, truth=truth, catalog=catalog)
+    try:
+        evaluation = evaluate.evaluate(
+            img.data,
+            arrays["background"],
+            mask=mask,
+            truth=arrays.get("truth"),
+            noise=arrays.get("noise"),
+            catalog=catalog,
+        )
+    except (ValueError, KeyError) as err:  # e.g. a catalogue without x_mean/y_mean
+        raise UsageError(str(err)) from err
     metrics = {
         "image": str(args.image),
         "background": str(args.background),
         "skymap_version": __version__,
-        "evaluation": _evaluation_dict(evaluation),
+        "evaluation": evaluation.to_dict(),
     }
     skyio.write_json(out, metrics, overwrite=args.overwrite)
+    ev = evaluation
+    _tell(args, f"large-scale RMS ratio to {ev.reference}: {ev.large_scale_ratio:.3f}")
+    if ev.truth_metrics is not None:
+        _tell(args, f"background error RMS = {ev.truth_metrics['rms_error_sigma']:.4f} sigma")
+    if ev.masked_vs_unmasked is not None:
+        t = ev.masked_vs_unmasked
+        _tell(args, f"masked - unmasked background = {t.difference:.4g} (z = {t.z:.2f})")
     _tell(args, f"wrote {out}")
     return EXIT_OK
 
@@ -674,7 +643,7 @@ def _cmd_batch(args) -> int:
     report = not args.no_report
     planned = []
     for p, d in zip(args.inputs, out_dirs, strict=True):
-        planned.extend(_run_outputs(d, _stem(p), figures=_RUN_FIGURES, report=report).values())
+        planned.extend(_planned_outputs(d, _stem(p), report=report).values())
     skyio.check_outputs(planned, overwrite=args.overwrite)
 
     kwargs = {
@@ -695,7 +664,9 @@ def _cmd_batch(args) -> int:
             n_workers=args.workers,
             threads_per_worker=1,
             processes=True,
+            # no dashboard: a command-line run must not grab (or fight over) port 8787
             dashboard_address=None,
+            scheduler_kwargs={"dashboard": False},
             silence_logs=logging.ERROR if not args.verbose else logging.INFO,
         )
         client = Client(cluster)
@@ -863,9 +834,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("image", metavar="IMAGE.fits", help="the image the background belongs to")
     p.add_argument("background", metavar="BACKGROUND.fits", help="the background map")
-    p.add_argument("--rms", metavar="RMS.fits", help="the background rms map")
     p.add_argument("--mask", metavar="MASK.fits", help="source mask (nonzero = masked)")
     p.add_argument("--truth", metavar="SKY.fits", help="the true sky (simulations)")
+    p.add_argument(
+        "--noise", metavar="NOISE.fits", help="the noise (simulations): 'perfect' curve"
+    )
     p.add_argument("--catalog", metavar="CAT.ecsv", help="true source catalogue (simulations)")
     p.add_argument("--hdu", metavar="HDU", help="HDU of IMAGE.fits with the image")
     p.add_argument(
@@ -911,7 +884,7 @@ def _scene_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--scene",
         default="notebook",
-        choices=_scene_names(),
+        choices=_SCENES,
         help="built-in scene (default notebook: the STScI notebook's scene)",
     )
     p.add_argument("--seed", type=int, default=4, help="random seed (default 4)")
@@ -920,6 +893,12 @@ def _scene_options(p: argparse.ArgumentParser) -> None:
         type=int,
         default=2,
         help="notebook scene: image side is 2000 / SHRINK_FACTOR pixels (default 2)",
+    )
+    p.add_argument(
+        "--size",
+        type=int,
+        metavar="N",
+        help="other scenes: image side in pixels (default: the scene's own, 1024)",
     )
 
 

@@ -19,6 +19,7 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
+from matplotlib.ticker import NullFormatter, ScalarFormatter
 
 __all__ = [
     "plot_bias",
@@ -291,6 +292,11 @@ def plot_rms_vs_scale(
         ax.plot(widths, np.asarray(values, dtype=float), "k--", lw=1, label=label)
     ax.set_xscale("log")
     ax.set_yscale("log")
+    # plain numbers for block widths: "3, 5, 10, 20" reads better than "3x10^0"
+    ticks = [t for t in (1, 2, 3, 5, 10, 20, 30, 50, 100, 200, 500) if t <= widths.max()]
+    ax.set_xticks([t for t in ticks if t >= widths.min()] or [widths.min()])
+    ax.xaxis.set_major_formatter(ScalarFormatter())
+    ax.xaxis.set_minor_formatter(NullFormatter())
     ax.set_xlabel("block width (pixels)")
     ax.set_ylabel("RMS of block-mean residual")
     ax.grid(True, which="both", alpha=0.3)

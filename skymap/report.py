@@ -1,7 +1,8 @@
 """A report of a background fit: PNG figures and one self-contained HTML page.
 
-:func:`report_figures` turns a fit result (and, when there is one, an evaluation and the
-simulated truth) into the standard figures of :mod:`skymap.plot`; :func:`render_html`
+:func:`report_figures` turns a fit result and its evaluation (:mod:`skymap.evaluate`,
+which carries the truth of a simulation when there is one) into the standard figures of
+:mod:`skymap.plot`; :func:`render_html`
 lays figures and a metrics table out on one page whose images are embedded as base64
 PNG, so the page can be mailed or archived alone; :func:`write_report` writes the PNGs
 and the page, atomically and without overwriting unless asked.
@@ -126,94 +127,73 @@ def _mesh_figure(result: Any):
     source = mesh if mesh is not None else result
     values = _attr(source, "mesh_background", "mesh_values", "background_mesh")
     box = _attr(source, "box_size")
-    if box is None:
-        box = _attr(_attr(source, "config"), "box_size")
+    for holder in ("geometry", "config"):
+        box = box if box is not None else _attr(_attr(source, holder), "box_size")
     if values is None or box is None:
         return None
     return plot.plot_mesh_grid(
         result.background,
         values,
         box,
-        mesh_mask=_attr(source, "mesh_mask", "rejected"),
+        mesh_mask=_attr(source, "mesh_excluded", "mesh_mask"),
     )
 
 
-def _source_bias(background, truth, catalog, mask, *, seed: int = 0):
-    """Mean of ``background - truth`` in the 3x3 box at each source and at random spots."""
-    err = np.asarray(background, dtype=np.float64) - np.asarray(truth, dtype=np.float64)
-    ny, nx = err.shape
-    # A true 3x3 box: rows y-1..y+1 and columns x-1..x+1, clipped at the edges.
-    dy, dx = np.mgrid[-1:2, -1:2]
-
-    def boxes(y, x):
-        yy = np.clip(np.rint(y).astype(int)[:, None] + dy.ravel(), 0, ny - 1)
-        xx = np.clip(np.rint(x).astype(int)[:, None] + dx.ravel(), 0, nx - 1)
-        return np.nanmean(err[yy, xx], axis=1), yy[:, 4], xx[:, 4]
-
-    x = np.asarray(catalog["x_mean"], dtype=float)
-    y = np.asarray(catalog["y_mean"], dtype=float)
-    bias, yc, xc = boxes(y, x)
-    masked = np.asarray(mask, dtype=bool)[yc, xc] if mask is not None else None
-    rng = np.random.default_rng(seed)
-    control, _, _ = boxes(rng.uniform(0, ny - 1, 2000), rng.uniform(0, nx - 1, 2000))
-    return bias, masked, control
-
-
-def report_figures(
-    image: np.ndarray,
-    result: Any,
-    *,
-    evaluation: Any = None,
-    truth: np.ndarray | None = None,
-    catalog: Any = None,
-    widths: Sequence[int] = range(3, 30),
-) -> dict[str, Figure]:
+def report_figures(result: Any, evaluation: Any) -> dict[str, Figure]:
     """The standard figures of a fit, by name: maps, mesh, rms_vs_scale, bias, convergence.
 
     Parameters
     ----------
-    image : ndarray
-        The fitted image.
     result : BackgroundResult-like
-        Has ``background``, ``rms``, ``mask`` and optionally ``history`` and mesh values.
-    evaluation : optional
-        Unused fields are ignored; reserved for scores computed elsewhere.
-    truth : ndarray, optional
-        True sky (simulations): adds the error map, the perfect RMS-vs-scale reference
-        and, with ``catalog``, the bias under sources.
-    catalog : Table, optional
-        True sources with ``x_mean``, ``y_mean``, ``flux`` and ``re`` columns.
-    widths : sequence of int
-        Block widths of the RMS-vs-scale curve.
+        Has ``background``, ``rms`` and optionally ``mask``, ``history`` and mesh values
+        (``mesh.mesh_background`` with a box size, as on a :class:`skymap.mesh.MeshResult`).
+    evaluation : skymap.evaluate.Evaluation
+        The scores of ``result`` (:func:`skymap.evaluate.evaluate`): it supplies the image,
+        the truth when known, the RMS-vs-scale curves and the bias under sources.
 
     Returns
     -------
     dict of str -> Figure
-        Figures that the inputs allow (no mesh figure without mesh values, no bias
-        figure without truth and catalogue).
-    """
-    from skymap import evaluate
+        The figures the inputs allow: no mesh figure without mesh values, no bias figure
+        without truth and catalogue, no convergence figure without a history.
 
-    image = np.asarray(image)
+    Examples
+    --------
+    >>> from skymap.evaluate import evaluate
+    >>> from skymap.simulate import notebook_scene
+    >>> scene = notebook_scene(shrink_factor=8)
+    >>> class Fit:  # any object with background, rms and mask
+    ...     background, rms, mask = scene.sky, scene.sky * 0 + 0.1, scene.sources > 0.05
+    >>> sorted(report_figures(Fit, evaluate(None, Fit, scene=scene)))
+    ['bias', 'maps', 'rms_vs_scale']
+    """
+    ev = evaluation
     background = np.asarray(result.background)
-    mask = None if result.mask is None else np.asarray(result.mask, dtype=bool)
-    figures = {"maps": plot.plot_maps(image, background, mask=mask, rms=result.rms, truth=truth)}
+    mask = ev.mask if ev.mask is not None else _attr(result, "mask")
+    figures = {
+        "maps": plot.plot_maps(
+            ev.image, background, mask=mask, rms=_attr(result, "rms"), truth=ev.truth
+        )
+    }
     mesh = _mesh_figure(result)
     if mesh is not None:
         figures["mesh"] = mesh
-    residual = image - background
-    widths = list(widths)
-    curves = {"image - background": evaluate.rms_vs_scale(residual, mask, widths)}
-    if truth is not None:
-        refs = {"perfect: image - true sky": evaluate.rms_vs_scale(image - truth, mask, widths)}
+    if ev.rms_perfect is not None:
+        refs = {"perfect (noise alone)": ev.rms_perfect}
     else:
-        sigma = evaluate.pixel_sigma(residual, mask)
-        refs = {f"white noise {sigma:.3g}/w": evaluate.white_noise_curve(sigma, widths)}
-    figures["rms_vs_scale"] = plot.plot_rms_vs_scale(widths, curves, references=refs)
-    if truth is not None and catalog is not None and len(catalog):
-        bias, masked, control = _source_bias(background, truth, catalog, mask)
+        refs = {f"white noise {ev.noise_sigma:.3g}/w": ev.rms_white}
+    verdict = " - OVERFIT" if ev.overfit else ""
+    figures["rms_vs_scale"] = plot.plot_rms_vs_scale(
+        ev.widths,
+        {"image - background": ev.rms},
+        references=refs,
+        title=f"RMS vs scale: large-scale ratio to {ev.reference} "
+        f"{ev.large_scale_ratio:.3f}{verdict}",
+    )
+    if ev.bias is not None:
+        b = ev.bias
         figures["bias"] = plot.plot_bias(
-            catalog["flux"], catalog["re"], bias, masked=masked, control=control
+            b.flux, b.radius, b.residual, masked=b.masked, control=b.random_residual
         )
     history = list(_attr(result, "history") or [])
     if history:
@@ -233,7 +213,7 @@ def render_html(
     captions: Mapping[str, str] | None = None,
     meta: Mapping[str, Any] | None = None,
 ) -> str:
-    """One self-contained HTML page: title, run details, figures and a metrics table.
+    """One self-contained HTML page: title, run details, figures, then a metrics table.
 
     Parameters
     ----------
@@ -272,13 +252,6 @@ def render_html(
             f"<li><b>{esc(str(k))}</b>: {esc(_format(v)[0])}</li>" for k, v in meta.items()
         )
         parts.append(f'<ul class="meta">{items}</ul>')
-    if metrics:
-        parts.append("<h2>Metrics</h2><table><tr><th>metric</th><th>value</th></tr>")
-        for key, value in flatten_metrics(metrics):
-            text, numeric = _format(value)
-            cls = ' class="num"' if numeric else ""
-            parts.append(f"<tr><td>{esc(key)}</td><td{cls}>{esc(text)}</td></tr>")
-        parts.append("</table>")
     if figures:
         parts.append("<h2>Figures</h2>")
     for name, figure in figures.items():
@@ -289,6 +262,13 @@ def render_html(
             f'src="data:image/png;base64,{data}">'
             f"<figcaption><b>{esc(name)}</b>. {esc(caption)}</figcaption></figure>"
         )
+    if metrics:
+        parts.append("<h2>Metrics</h2><table><tr><th>metric</th><th>value</th></tr>")
+        for key, value in flatten_metrics(metrics):
+            text, numeric = _format(value)
+            cls = ' class="num"' if numeric else ""
+            parts.append(f"<tr><td>{esc(key)}</td><td{cls}>{esc(text)}</td></tr>")
+        parts.append("</table>")
     parts.append("</body></html>")
     return "\n".join(parts)
 

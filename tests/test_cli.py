@@ -34,6 +34,11 @@ def test_every_command_has_help_with_exit_codes(name, capsys):
     assert out.startswith(f"usage: skymap {name}") and "exit codes:" in out
 
 
+def test_scene_choices_are_the_simulators_scenes():
+    simulate = pytest.importorskip("skymap.simulate")
+    assert cli._SCENES == simulate.SCENE_NAMES
+
+
 def test_version(capsys):
     assert cli.main(["--version"]) == 0
     assert capsys.readouterr().out.strip() == "skymap 0.1.0"

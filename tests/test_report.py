@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 from matplotlib.image import imread
 
-from skymap import io, report
+from skymap import io, plot, report
+from skymap.evaluate import evaluate
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -34,6 +35,14 @@ def _result(rng, shape=(96, 96), box=32):
         mesh=mesh,
     )
     return image, result
+
+
+@pytest.fixture(scope="module")
+def pngs():
+    """The standard figures of a small fit, rendered once for the tests that write pages."""
+    image, result = _result(np.random.default_rng(3))
+    figs = report.report_figures(result, evaluate(image, result))
+    return {name: plot.to_png(fig, dpi=40) for name, fig in figs.items()}
 
 
 def test_flatten_metrics_nests_and_summarises_long_lists():
@@ -59,47 +68,42 @@ def test_page_is_self_contained_and_escaped():
 
 
 def test_report_figures_from_a_fit_with_truth(rng):
-    image, result = _result(rng)
     from astropy.table import Table
 
+    image, result = _result(rng)
     catalog = Table({"x_mean": [10.0, 50.0], "y_mean": [20.0, 60.0], "flux": [1.0, 9.0]})
     catalog["re"] = [1.0, 2.0]
-    figs = report.report_figures(image, result, truth=result.background, catalog=catalog)
+    noise = image - result.background
+    ev = evaluate(image, result, truth=result.background, noise=noise, catalog=catalog)
+    figs = report.report_figures(result, ev)
     assert list(figs) == ["maps", "mesh", "rms_vs_scale", "bias", "convergence"]
-    # the background equals the truth here, so every source shows zero bias
-    bias_points = figs["bias"].axes[0].collections[-1].get_offsets()
-    np.testing.assert_allclose(np.asarray(bias_points)[:, 1], 0.0, atol=1e-12)
+    assert "background - truth" in [ax.get_title() for ax in figs["maps"].axes]
+    # background = truth, so the residual is the noise: the curve equals the perfect one
+    fit, perfect = figs["rms_vs_scale"].axes[0].get_lines()
+    assert perfect.get_label() == "perfect (noise alone)"
+    np.testing.assert_allclose(fit.get_ydata(), perfect.get_ydata())
+    # and every source shows zero bias
+    points = [c for c in figs["bias"].axes[0].collections if c.get_label() != "_nolegend_"]
+    assert all(np.allclose(np.asarray(c.get_offsets())[:, 1], 0.0) for c in points)
 
 
 def test_report_figures_on_real_data_use_the_white_noise_reference(rng):
     image, result = _result(rng)
     del result.mesh
     result.history = []
-    figs = report.report_figures(image, result)
+    figs = report.report_figures(result, evaluate(image, result))
     assert list(figs) == ["maps", "rms_vs_scale"]
     labels = [ln.get_label() for ln in figs["rms_vs_scale"].axes[0].get_lines()]
     sigma = float(re.match(r"white noise ([0-9.]+)/w", labels[1]).group(1))
     assert sigma == pytest.approx(0.1, rel=0.1)
 
 
-def test_source_bias_uses_a_true_3x3_box():
-    err = np.zeros((9, 9))
-    err[3:6, 3:6] = 1.0  # the 3x3 box around (4, 4)
-    err[6, 4] = 100.0  # just outside it
-    from astropy.table import Table
-
-    cat = Table({"x_mean": [4.2], "y_mean": [3.8]})
-    bias, masked, _ = report._source_bias(err, np.zeros_like(err), cat, np.eye(9, dtype=bool))
-    assert bias[0] == 1.0 and masked[0]
-
-
-def test_write_report_writes_pngs_and_page_and_refuses_to_overwrite(tmp_path, rng):
-    image, result = _result(rng)
-    figs = report.report_figures(image, result)
+def test_write_report_writes_pngs_and_page_and_refuses_to_overwrite(tmp_path, pngs):
+    figs = pngs
     paths = report.write_report(tmp_path, title="t", figures=figs, metrics={"x": 1})
     assert set(paths) == {"html", *figs}
-    for name in figs:
-        assert paths[name].read_bytes().startswith(PNG_MAGIC)
+    for name, png in figs.items():
+        assert paths[name].read_bytes() == png
     with pytest.raises(io.OutputExistsError, match="--overwrite"):
         report.write_report(tmp_path, title="t", figures=figs)
     report.write_report(tmp_path, title="again", figures=figs, overwrite=True)
@@ -129,9 +133,8 @@ window.addEventListener("load", () => {
 @pytest.mark.skipif(
     CHROMIUM is None, reason="chromium is not installed (apt-get install chromium)"
 )
-def test_report_renders_in_headless_chromium(tmp_path, rng):
-    image, result = _result(rng)
-    figs = report.report_figures(image, result)
+def test_report_renders_in_headless_chromium(tmp_path, pngs):
+    figs = pngs
     paths = report.write_report(tmp_path / "r", title="browser check", figures=figs)
     probe = tmp_path / "probe.html"
     probe.write_text(paths["html"].read_text() + _PROBE)
