@@ -24,9 +24,11 @@ from numba import njit, prange
 # 1 / Phi^-1(3/4): MAD -> standard deviation of a Gaussian (astropy's constant).
 MAD_TO_STD = 1.482602218505602
 
+# location statistics; the Pearson forms read (median_factor, mean_factor, skew_limit)
 STAT_MEAN = 0
 STAT_MEDIAN = 1
-STAT_MODE = 2
+STAT_PEARSON = 2  # median_factor * median - mean_factor * mean
+STAT_SEXTRACTOR = 3  # the same, with SExtractor's switches to the median and the mean
 
 
 @njit(cache=True, nogil=True)
@@ -170,21 +172,24 @@ def _clip(buf, n, work, cen_median, std_mad, sigma_lower, sigma_upper, maxiters)
 
 
 @njit(cache=True, nogil=True)
-def _location(buf, n, stat):
-    """Return ``(location, std)`` of ``buf[:n]``; SExtractor's mode for STAT_MODE."""
+def _location(buf, n, stat, factors):
+    """Return ``(location, std)`` of ``buf[:n]`` (reordering it)."""
     mean, std = _mean_std(buf, n)
     if stat == STAT_MEAN:
         return mean, std
     med = _median(buf, n)
     if stat == STAT_MEDIAN:
         return med, std
-    # SExtractor: 2.5 median - 1.5 mean, unless the sample is too skewed for the
-    # Pearson relation to hold (|mean - median| >= 0.3 std), then the median.
+    pearson = factors[0] * med - factors[1] * mean
+    if stat == STAT_PEARSON:
+        return pearson, std
+    # SExtractor: a constant sample gives its mean, and one too skewed for the Pearson
+    # relation to hold (|mean - median| >= skew_limit std) gives its median.
     if std == 0.0:
         return mean, std
-    if abs(mean - med) / std < 0.3:
-        return 2.5 * med - 1.5 * mean, std
-    return med, std
+    if abs(mean - med) / std >= factors[2]:
+        return med, std
+    return pearson, std
 
 
 @njit(cache=True, nogil=True, parallel=True)
@@ -202,6 +207,7 @@ def region_stats(
     strict_inner,
     maxpix,
     stat,
+    factors,
     do_clip,
     cen_median,
     std_mad,
@@ -244,7 +250,7 @@ def region_stats(
             background[i] = np.nan
             std[i] = np.nan
         else:
-            background[i], std[i] = _location(buf, n, stat)
+            background[i], std[i] = _location(buf, n, stat, factors)
 
 
 @njit(cache=True, nogil=True, parallel=True)
@@ -304,7 +310,7 @@ def region_stack(image, cls, use_cls, allowed, xs, ys, hx, hy, rin2, rout2, stri
 
 
 @njit(cache=True, nogil=True, parallel=True)
-def rows_location(stack, stat, background, std, n_used):
+def rows_location(stack, stat, factors, background, std, n_used):
     """Location, spread and count of the finite values of each row of ``stack``."""
     for i in prange(stack.shape[0]):
         buf = np.empty(stack.shape[1], dtype=np.float64)
@@ -318,7 +324,7 @@ def rows_location(stack, stat, background, std, n_used):
             background[i] = np.nan
             std[i] = np.nan
         else:
-            background[i], std[i] = _location(buf, n, stat)
+            background[i], std[i] = _location(buf, n, stat, factors)
 
 
 @njit(cache=True, nogil=True, parallel=True)

@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 
 from skymap import _local_kernels as _k
+from skymap import stats as _stats
 from skymap._validate import as_image, as_mask, as_pair, check_choice, check_positive
 
 __all__ = [
@@ -45,17 +46,9 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-# Standard error of a location estimate, in units of sigma / sqrt(n), for Gaussian noise:
-# the mean is efficient; the median's variance is pi/2 times larger; SExtractor's mode,
-# 2.5 median - 1.5 mean, has variance (6.25 pi/2 + 2.25 - 7.5) sigma^2 / n because
-# cov(mean, median) = sigma^2 / n.
-_EFFICIENCY = {
-    _k.STAT_MEAN: 1.0,
-    _k.STAT_MEDIAN: math.sqrt(math.pi / 2),
-    _k.STAT_MODE: math.sqrt(6.25 * math.pi / 2 + 2.25 - 7.5),
-}
-_STAT_CODES = {"mean": _k.STAT_MEAN, "median": _k.STAT_MEDIAN, "mode": _k.STAT_MODE}
+_SQRT_HALF_PI = math.sqrt(math.pi / 2)
 _HALF_DIAGONAL = math.sqrt(2.0) / 2.0
+_NO_FACTORS = np.zeros(3)
 
 
 class LocalFlag(enum.IntFlag):
@@ -90,10 +83,11 @@ class LocalBackground:
     background : ndarray of float64
         Background level per pixel; NaN where no usable pixel remained.
     error : ndarray of float64
-        Standard error of ``background``: ``std / sqrt(n_used)`` times the Gaussian
-        efficiency factor of the statistic (1 for the mean, sqrt(pi/2) for the median
-        and for robust estimators in general, 2.14 for SExtractor's mode). It assumes
-        independent pixels, so it is optimistic on resampled (correlated) images.
+        Standard error of ``background``: ``std / sqrt(n_used)`` times the statistic's
+        Gaussian-noise factor (1 for the mean, sqrt(pi/2) = 1.25 for the median, 2.14
+        for SExtractor's mode, 2.48 for ``3 median - 2 mean``, and the median's for
+        other estimators). It assumes independent pixels, so it is optimistic on
+        resampled (correlated) images, and it ignores clipping's truncation.
     std : ndarray of float64
         Standard deviation (ddof=0) of the pixels used, after clipping.
     n_pixels : ndarray of int64
@@ -195,57 +189,86 @@ class _Clip:
     maxiters: int  # < 0: until nothing changes
 
 
-def _resolve_clip(sigma_clip: Any) -> _Clip | Any | None:
-    """None, a :class:`_Clip` for the compiled kernel, or a clipper for the stack path.
+@dataclass(frozen=True)
+class _Method:
+    """How the selected pixels become a background: statistic and clipping."""
 
-    Ours (:class:`skymap.stats.SigmaClip`) and ``astropy.stats.SigmaClip`` carry the
-    same attributes; string centre/spread functions run compiled, anything else
-    (callables, ``grow``) goes through :func:`skymap.stats.as_sigma_clip`.
+    code: int | None  # compiled statistic, or None: ``estimator`` on a stack
+    factors: np.ndarray  # the Pearson forms' (median_factor, mean_factor, skew_limit)
+    estimator: Any
+    clipper: Any  # None or the skymap.stats clipper
+    clip: _Clip | None  # its compiled form, when it has one
+    efficiency: float
+
+    @property
+    def compiled(self) -> bool:
+        return self.code is not None and (self.clipper is None or self.clip is not None)
+
+
+def _compile_clip(clip: Any) -> _Clip | None:
+    """The compiled form of a skymap.stats clipper, or None if it has none.
+
+    Our ``SigmaClip`` (and astropy's with string ``cenfunc``/``stdfunc``, which
+    :func:`skymap.stats.as_sigma_clip` converts to it) runs compiled.
     """
-    if sigma_clip is None:
+    if not isinstance(clip, _stats.SigmaClip):
         return None
-    if not all(hasattr(sigma_clip, a) for a in ("sigma", "maxiters", "cenfunc", "stdfunc")):
-        raise TypeError(
-            "sigma_clip must be None, a skymap.stats.SigmaClip or an astropy.stats.SigmaClip, "
-            f"got {sigma_clip!r}"
-        )
-    cen, spread = sigma_clip.cenfunc, sigma_clip.stdfunc
-    if (
-        cen in ("median", "mean")
-        and spread in ("std", "mad_std")
-        and not getattr(sigma_clip, "grow", False)
-    ):
-        sigma = float(sigma_clip.sigma)
-        lower = getattr(sigma_clip, "sigma_lower", None)
-        upper = getattr(sigma_clip, "sigma_upper", None)
-        maxiters = sigma_clip.maxiters
-        return _Clip(
-            cen_median=cen == "median",
-            std_mad=spread == "mad_std",
-            sigma_lower=sigma if lower is None else float(lower),
-            sigma_upper=sigma if upper is None else float(upper),
-            maxiters=-1 if maxiters is None or not np.isfinite(maxiters) else int(maxiters),
-        )
-    from skymap.stats import as_sigma_clip
-
-    return as_sigma_clip(sigma_clip)
+    return _Clip(
+        cen_median=clip.cenfunc == "median",
+        std_mad=clip.stdfunc == "mad_std",
+        sigma_lower=clip.sigma if clip.sigma_lower is None else clip.sigma_lower,
+        sigma_upper=clip.sigma if clip.sigma_upper is None else clip.sigma_upper,
+        maxiters=-1 if clip.maxiters is None else clip.maxiters,
+    )
 
 
-def _resolve_statistic(statistic: Any) -> tuple[int | None, Any, float]:
-    """Return ``(code, estimator, efficiency)``: a compiled statistic or any estimator."""
-    if isinstance(statistic, str) and statistic in _STAT_CODES:
-        code = _STAT_CODES[statistic]
-        return code, None, _EFFICIENCY[code]
-    from skymap.stats import as_location
+def _pearson_efficiency(median_factor: float, mean_factor: float) -> float:
+    # For Gaussian noise cov(mean, median) = var(mean) = sigma^2 / n, so
+    # var(a median - b mean) = (a^2 pi / 2 + b^2 - 2 a b) sigma^2 / n.
+    a, b = median_factor, mean_factor
+    return math.sqrt(a * a * math.pi / 2 + b * b - 2 * a * b)
 
+
+def _resolve_method(statistic: Any, sigma_clip: Any) -> _Method:
+    """The compiled form of the statistic when there is one, else the estimator itself.
+
+    ``efficiency`` is the standard error of the statistic in units of
+    ``sigma / sqrt(n)`` for Gaussian noise (1 for the mean, sqrt(pi/2) for the median);
+    estimators without a closed form get the median's, a conservative choice for
+    robust estimators.
+    """
     try:
-        estimator = as_location(statistic)
+        est = _stats.as_location(statistic)
     except (TypeError, ValueError) as exc:
         raise ValueError(
-            "statistic must be 'mean', 'median', 'mode' or a skymap location estimator "
-            f"(see skymap.stats.as_location); got {statistic!r}"
+            "statistic must be a name or a location estimator that "
+            f"skymap.stats.as_location accepts; got {statistic!r} ({exc})"
         ) from exc
-    return None, estimator, _EFFICIENCY[_k.STAT_MEDIAN]
+    clipper = _stats.as_sigma_clip(sigma_clip)
+    code, factors, efficiency = None, _NO_FACTORS, _SQRT_HALF_PI
+    kind = type(est)
+    if kind is _stats.Mean:
+        code, efficiency = _k.STAT_MEAN, 1.0
+    elif kind is _stats.Median:
+        code = _k.STAT_MEDIAN
+    elif kind in (_stats.ModeEstimator, _stats.MMM, _stats.SExtractorMode):
+        if kind is _stats.MMM:
+            a, b, skew, code = 3.0, 2.0, np.inf, _k.STAT_PEARSON
+        elif kind is _stats.ModeEstimator:
+            a, b, skew, code = est.median_factor, est.mean_factor, np.inf, _k.STAT_PEARSON
+        else:
+            a, skew, code = est.median_factor, est.skew_limit, _k.STAT_SEXTRACTOR
+            b = a - 1.0 if est.mean_factor is None else est.mean_factor
+        factors = np.array([a, b, skew], dtype=np.float64)
+        efficiency = _pearson_efficiency(a, b)
+    return _Method(
+        code=code,
+        factors=factors,
+        estimator=None if code is not None else est,
+        clipper=clipper,
+        clip=_compile_clip(clipper),
+        efficiency=efficiency,
+    )
 
 
 @dataclass(frozen=True)
@@ -296,16 +319,6 @@ class _Pixels:
     use_cls: bool
 
 
-@dataclass(frozen=True)
-class _Method:
-    """How the selected pixels become a background: statistic and clipping."""
-
-    code: int | None  # compiled statistic, or None for ``estimator``
-    estimator: Any
-    clip: Any  # None, a _Clip, or a clipper for the stack path
-    efficiency: float
-
-
 def _measure(pix: _Pixels, allowed: np.ndarray, reg: _Regions, method: _Method) -> _Measure:
     """Location, spread and counts of each source's region pixels, in input order."""
     # Visiting sources in bands of rows keeps the image rows they read in cache (twice
@@ -322,14 +335,14 @@ def _measure_in_order(
 ) -> _Measure:
     n = reg.xs.size
     image, cls, use_cls = pix.image, pix.cls, pix.use_cls
-    code, estimator, clip = method.code, method.estimator, method.clip
+    code, clip = method.code, method.clip
     bkg = np.empty(n)
     std = np.empty(n)
     n_pix = np.empty(n, dtype=np.int64)
     n_used = np.empty(n, dtype=np.int64)
     n_out = np.empty(n, dtype=np.int64)
     geometry = (reg.xs, reg.ys, reg.hx, reg.hy, reg.rin2, reg.rout2, reg.strict_inner)
-    if code is not None and (clip is None or isinstance(clip, _Clip)):
+    if method.compiled:
         c = clip or _Clip(
             cen_median=False, std_mad=False, sigma_lower=0.0, sigma_upper=0.0, maxiters=0
         )
@@ -341,6 +354,7 @@ def _measure_in_order(
             *geometry,
             reg.maxpix(),
             code,
+            method.factors,
             clip is not None,
             c.cen_median,
             c.std_mad,
@@ -358,25 +372,14 @@ def _measure_in_order(
     _k.region_counts(image, cls, use_cls, allowed, *geometry, reg.maxpix(), n_pix, n_out)
     stack = np.full((n, max(int(n_pix.max(initial=0)), 1)), np.nan)
     _k.region_stack(image, cls, use_cls, allowed, *geometry, stack)
-    if clip is not None:
-        if isinstance(clip, _Clip):
-            from skymap.stats import SigmaClip
-
-            clip = SigmaClip(
-                sigma=clip.sigma_lower,
-                sigma_lower=clip.sigma_lower,
-                sigma_upper=clip.sigma_upper,
-                maxiters=None if clip.maxiters < 0 else clip.maxiters,
-                cenfunc="median" if clip.cen_median else "mean",
-                stdfunc="mad_std" if clip.std_mad else "std",
-            )
-        stack = np.ascontiguousarray(clip(stack, axis=-1), dtype=np.float64)
+    if method.clipper is not None:
+        stack = np.ascontiguousarray(method.clipper(stack, axis=-1), dtype=np.float64)
     if code is not None:
-        _k.rows_location(stack, code, bkg, std, n_used)
+        _k.rows_location(stack, code, method.factors, bkg, std, n_used)
     else:
         finite = np.isfinite(stack)
         n_used[:] = finite.sum(axis=1)
-        bkg[:] = np.asarray(estimator(stack, axis=-1), dtype=np.float64)
+        bkg[:] = np.asarray(method.estimator(stack, axis=-1), dtype=np.float64)
         with np.errstate(invalid="ignore", divide="ignore"):
             mean = np.where(finite, stack, 0.0).sum(axis=1) / n_used
             dev = np.where(finite, stack - mean[:, None], 0.0)
@@ -407,10 +410,7 @@ class _Run:
         kind: str,
     ) -> None:
         check_positive("min_pixels", min_pixels, allow_zero=True)
-        code, estimator, efficiency = _resolve_statistic(statistic)
-        self.method = _Method(
-            code=code, estimator=estimator, clip=_resolve_clip(sigma_clip), efficiency=efficiency
-        )
+        self.method = _resolve_method(statistic, sigma_clip)
         cls, use_cls, self.relaxable = _pixel_classes(
             image.shape, mask, flags, bad_bits, source_bits
         )
@@ -515,15 +515,18 @@ def annulus_background(
         them, when ``relax`` is True. spxquery's SOURCE bit is ``1 << 21``.
     relax : bool
         Allow that relaxed retry.
-    statistic : {'median', 'mean', 'mode'} or estimator
-        The location statistic: 'mode' is SExtractor's ``2.5 median - 1.5 mean``
-        (the median when ``|mean - median| >= 0.3 std``). Any skymap location estimator
-        (or what :func:`skymap.stats.as_location` accepts) works too, through a
-        NaN-padded (source, pixel) stack.
+    statistic : str or location estimator
+        The location statistic: a name or estimator that
+        :func:`skymap.stats.as_location` accepts. 'mean', 'median', 'sextractor'
+        (SExtractor's ``2.5 median - 1.5 mean``, the median when
+        ``|mean - median| >= 0.3 std``), 'mode' (``3 median - 2 mean``), 'mmm' and
+        those estimators' instances run compiled, in one pass; any other (e.g.
+        'biweight', photutils estimators) reads a NaN-padded (source, pixel) stack.
     sigma_clip : skymap.stats.SigmaClip or astropy.stats.SigmaClip, optional
-        Clip the pixels before the statistic; a mean or median centre and a std or
-        MAD-std spread run compiled. spxquery clips with
-        ``SigmaClip(sigma=3, maxiters=3, cenfunc="mean", stdfunc="std")``.
+        Clip the pixels before the statistic (see :func:`skymap.stats.as_sigma_clip`);
+        string centre and spread functions run compiled. spxquery clips with
+        ``SigmaClip(sigma=3, maxiters=3, cenfunc="mean", stdfunc="std")`` and takes
+        the median.
     min_pixels : int
         Fewer usable pixels (before clipping) than this raises ``TOO_FEW``.
     grow_step : float, optional

@@ -15,7 +15,7 @@ import warnings
 
 import numpy as np
 import pytest
-from astropy.stats import SigmaClip, sigma_clip
+from astropy.stats import SigmaClip, biweight_location, sigma_clip
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -71,6 +71,10 @@ def sextractor_mode(v):
     if std == 0:
         return mean
     return 2.5 * med - 1.5 * mean if abs(mean - med) / std < 0.3 else med
+
+
+def pearson_mode(v):
+    return 3.0 * np.median(v) - 2.0 * np.mean(v)
 
 
 def random_scene(rng, shape=(80, 90), dtype=np.float64, nan_frac=0.01, mask_frac=0.05):
@@ -193,14 +197,20 @@ def test_annulus_equals_spxquery_estimate_local_background(data_dir, which):
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-@pytest.mark.parametrize("statistic", ["mean", "median", "mode"])
+@pytest.mark.parametrize("statistic", ["mean", "median", "sextractor", "mode", "biweight"])
 def test_annulus_matches_brute_force(rng, dtype, statistic):
     image, mask = random_scene(rng, dtype=dtype)
     positions = rng.uniform(-3.0, 92.0, (40, 2))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         res = annulus_background(image, positions, 3.0, 7.5, mask=mask, statistic=statistic)
-    func = {"mean": np.mean, "median": np.median, "mode": sextractor_mode}[statistic]
+    func = {
+        "mean": np.mean,
+        "median": np.median,
+        "sextractor": sextractor_mode,
+        "mode": pearson_mode,
+        "biweight": biweight_location,  # through the (source, pixel) stack
+    }[statistic]
     for i, (x, y) in enumerate(positions):
         v = brute_values(image, mask, x, y, 3.0, 7.5)
         assert res.n_pixels[i] == v.size
@@ -217,7 +227,7 @@ def test_mode_matches_photutils_sextractor_background(rng):
     image = rng.gamma(3.0, 2.0, (60, 60))  # skewed, so both branches of the rule occur
     image[20:40, 20:40] += rng.exponential(5.0, (20, 20))
     positions = rng.uniform(7.0, 53.0, (60, 2))
-    res = annulus_background(image, positions, 2.0, 6.0, statistic="mode")
+    res = annulus_background(image, positions, 2.0, 6.0, statistic="sextractor")
     sex = SExtractorBackground(sigma_clip=None)
     expected = [
         sex.calc_background(brute_values(image, None, x, y, 2.0, 6.0)) for x, y in positions
@@ -258,23 +268,37 @@ def test_sigma_clipping_matches_astropy(rng, clip):
         assert res.background[i] == pytest.approx(np.median(kept), rel=1e-12)
 
 
-def test_any_skymap_estimator_through_the_stack(rng):
-    stats = pytest.importorskip("skymap.stats")
+def test_any_estimator_through_the_stack_equals_the_compiled_path(rng):
+    from photutils.background import MedianBackground
+
+    from skymap import stats
+
     image, mask = random_scene(rng)
     positions = rng.uniform(7.0, 72.0, (30, 2))
+
+    def nanmedian(samples, axis=-1):  # a plain callable: runs on the NaN-padded stack
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            return np.nanmedian(samples, axis=axis)
+
     ours = annulus_background(image, positions, 2.0, 6.0, mask=mask, statistic="median")
-    via = annulus_background(image, positions, 2.0, 6.0, mask=mask, statistic=stats.Median())
-    np.testing.assert_allclose(via.background, ours.background, rtol=1e-12)
-    np.testing.assert_array_equal(via.n_used, ours.n_used)
-    clip = stats.SigmaClip(sigma=2.5, maxiters=5, cenfunc="median")
-    a = annulus_background(
-        image, positions, 2.0, 6.0, mask=mask, statistic="mean", sigma_clip=clip
-    )
-    b = annulus_background(
-        image, positions, 2.0, 6.0, mask=mask, statistic=stats.Mean(), sigma_clip=clip
-    )
-    np.testing.assert_allclose(b.background, a.background, rtol=1e-12)
-    np.testing.assert_array_equal(b.n_used, a.n_used)
+    for statistic in (nanmedian, stats.Median(), MedianBackground(sigma_clip=None)):
+        via = annulus_background(image, positions, 2.0, 6.0, mask=mask, statistic=statistic)
+        np.testing.assert_allclose(via.background, ours.background, rtol=1e-12)
+        np.testing.assert_array_equal(via.n_used, ours.n_used)
+        np.testing.assert_allclose(via.std, ours.std, rtol=1e-9)
+    # a clipper without a compiled form (astropy with a callable centre) takes the stack
+    clip = SigmaClip(sigma=2.5, maxiters=5, cenfunc="median")
+    wrapped = SigmaClip(sigma=2.5, maxiters=5, cenfunc=np.nanmedian)
+    for statistic in ("mean", "sextractor"):
+        a = annulus_background(
+            image, positions, 2.0, 6.0, mask=mask, statistic=statistic, sigma_clip=clip
+        )
+        b = annulus_background(
+            image, positions, 2.0, 6.0, mask=mask, statistic=statistic, sigma_clip=wrapped
+        )
+        np.testing.assert_allclose(b.background, a.background, rtol=1e-12)
+        np.testing.assert_array_equal(b.n_used, a.n_used)
 
 
 def test_error_is_honest_for_gaussian_noise():
@@ -284,7 +308,7 @@ def test_error_is_honest_for_gaussian_noise():
         np.meshgrid(np.arange(15, 390, 25.0), np.arange(15, 390, 25.0))
     ).reshape(-1, 2)
     positions = positions + rng.uniform(-0.5, 0.5, positions.shape)
-    for statistic in ("mean", "median", "mode"):
+    for statistic in ("mean", "median", "sextractor", "mode"):
         res = annulus_background(image, positions, 5.0, 11.0, statistic=statistic)
         # disjoint annuli on pure noise: the scatter of the estimates is their error
         ratio = np.std(res.background) / np.median(res.error)
@@ -527,7 +551,7 @@ def test_inputs_are_not_mutated(rng):
     offset=st.floats(-1e3, 1e3),
     scale=st.floats(0.1, 10.0),
     seed=st.integers(0, 2**32 - 1),
-    statistic=st.sampled_from(["mean", "median", "mode"]),
+    statistic=st.sampled_from(["mean", "median", "sextractor", "mode"]),
 )
 def test_background_is_affine_equivariant(offset, scale, seed, statistic):
     rng = np.random.default_rng(seed)
