@@ -115,46 +115,63 @@ def _ring_tile(
     # The window is a bitset over ranks: one XOR per cell entering or leaving, and a
     # word's popcount serves as the coarse histogram bin. Invalid cells share a dummy rank
     # in a word of their own past the valid ones, so the update loop has no branch.
+    # Indices are unsigned from here on: numba then drops its negative-index wraparound,
+    # which doubled the cost of an update. Negative offsets wrap modulo 2**64 and still
+    # land on the right cell.
+    u1 = np.uint64(1)
+    u6 = np.uint64(6)
+    u63 = np.uint64(63)
     nword = (nvalid + 63) // 64
-    dummy = nword * 64
-    rank = np.full(ncell, dummy, np.int32)
+    dummy = np.uint64(nword * 64)
+    rank = np.full(ncell, dummy, np.uint64)
     sorted_val = np.empty(max(nvalid, 1), image.dtype)
     for r in range(nvalid):
         c = order[r]
-        rank[cell_pos[c]] = r
+        rank[cell_pos[c]] = np.uint64(r)
         sorted_val[r] = cell_val[c]
     window = np.zeros(nword + 1, np.uint64)
+    has_invalid = nvalid < ncell
+    uoff_all = off_all.astype(np.uint64)
+    uoff_rem = off_rem.astype(np.uint64)
+    uoff_add = off_add.astype(np.uint64)
+    nrun = uoff_rem.size
 
-    one = np.uint64(1)
-    low6 = np.int64(63)
     nan = image.dtype.type(np.nan)
     p = percentile / 100.0
-    wptr = 0  # current word
+    wptr = np.uint64(0)  # current word
     below = 0  # window members in words < wptr
     for y in range(y0, y1):
         window[:] = 0
         below = 0
         n = 0
-        base = (y - y0 + half) * pw + half
-        for k in range(off_all.size):
-            r = rank[base + off_all[k]]
-            window[r >> 6] |= one << np.uint64(r & low6)
-            n += r < nvalid
-            below += (r >> 6) < wptr
+        base = np.uint64((y - y0 + half) * pw + half)
+        for k in range(uoff_all.size):
+            r = rank[base + uoff_all[k]]
+            w = r >> u6
+            window[w] |= u1 << (r & u63)
+            n += r != dummy
+            below += w < wptr
         for x in range(x0, x1):
             if x > x0:
-                c0 = base + x - x0
-                for k in range(off_rem.size):
+                c0 = base + np.uint64(x - x0)
+                for k in range(nrun):
                     # Branch-free counting: whether a rank falls below the pointer is a
                     # coin toss, and mispredicted branches would dominate the cost.
-                    r = rank[c0 + off_rem[k]]
-                    window[r >> 6] ^= one << np.uint64(r & low6)
-                    n -= r < nvalid
-                    below -= (r >> 6) < wptr
-                    r = rank[c0 + off_add[k]]
-                    window[r >> 6] ^= one << np.uint64(r & low6)
-                    n += r < nvalid
-                    below += (r >> 6) < wptr
+                    r = rank[c0 + uoff_rem[k]]
+                    w = r >> u6
+                    window[w] ^= u1 << (r & u63)
+                    below -= w < wptr
+                    r = rank[c0 + uoff_add[k]]
+                    w = r >> u6
+                    window[w] ^= u1 << (r & u63)
+                    below += w < wptr
+                # The valid count changes only where invalid cells enter or leave; this
+                # second pass keeps the hot loop above lean for unmasked tiles.
+                if has_invalid:
+                    for k in range(nrun):
+                        n += np.int64(rank[c0 + uoff_rem[k]] == dummy) - np.int64(
+                            rank[c0 + uoff_add[k]] == dummy
+                        )
             if n == 0:
                 out[y, x] = nan
                 continue
@@ -163,18 +180,18 @@ def _ring_tile(
             if t >= n:
                 t = n - 1
             while below > t:
-                wptr -= 1
+                wptr -= u1
                 below -= np.int64(_popcount(window[wptr]))
             while True:
                 cnt = np.int64(_popcount(window[wptr]))
                 if below + cnt > t:
                     break
                 below += cnt
-                wptr += 1
+                wptr += u1
             w = window[wptr]
             for _ in range(t - below):
-                w &= w - one
-            out[y, x] = sorted_val[wptr * 64 + np.int64(trailing_zeros(w))]
+                w &= w - u1
+            out[y, x] = sorted_val[(wptr << u6) + np.uint64(trailing_zeros(w))]
 
 
 @njit(cache=True, nogil=True, parallel=True)

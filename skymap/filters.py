@@ -150,7 +150,7 @@ def ring_percentile(
     foot_dy, foot_dx = foot_dy - half, foot_dx - half
     # Tiles of ~4 ring radii keep each tile's rank histogram in L1/L2 while the halo
     # (re-sorted by each tile) stays a modest fraction of the work.
-    tile = max(64, 4 * half)
+    tile = max(128, 4 * half)
     out = np.empty(img.shape, dtype=img.dtype)
     _k.ring_percentile_tiles(
         img, valid, bits, nbits, foot_dy, foot_dx, dy, lo, hi, half, float(percentile), tile, out
