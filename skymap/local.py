@@ -168,8 +168,14 @@ def _pixel_classes(
         raise ValueError(f"flags must have the image's shape {tuple(shape)}, got {f.shape}")
     if f.dtype.kind not in "iu":
         raise TypeError(f"flags must be an integer bitmask array, got dtype {f.dtype}")
-    source = int(source_bits)
-    bad = ~source if bad_bits is None else int(bad_bits)
+    # Work on the unsigned bit pattern, with the bit masks cut to its width, so that any
+    # integer dtype meets any Python-int mask (NumPy 2 refuses out-of-range scalars).
+    f = f.astype(f.dtype.newbyteorder("="), copy=False).view(f"u{f.dtype.itemsize}")
+    width = (1 << (8 * f.dtype.itemsize)) - 1
+    source = np.asarray(int(source_bits) & width, dtype=f.dtype)
+    bad = np.asarray(
+        (~int(source_bits) if bad_bits is None else int(bad_bits)) & width, dtype=f.dtype
+    )
     cls = np.where(
         (f & bad) != 0, np.uint8(2), np.where((f & source) != 0, np.uint8(1), np.uint8(0))
     )

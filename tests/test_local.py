@@ -332,6 +332,22 @@ def test_flag_bits_say_which_bits_are_bad():
     assert res.background[0] == 10.0
 
 
+@pytest.mark.parametrize("dtype", ["u1", "i1", "<i2", ">i4", "u4", ">u8", "i8"])
+def test_flags_of_any_integer_dtype_and_byte_order(dtype):
+    image = np.ones((30, 30))
+    flags = np.zeros(image.shape, dtype=dtype)
+    flags[:, :15] = 4
+    flags[:15, 15:] = 1
+    res = annulus_background(image, (15.0, 15.0), 2.0, 6.0, flags=flags, bad_bits=(1 << 21) | 4)
+    expected = brute_values(image, flags == 4, 15.0, 15.0, 2.0, 6.0).size
+    assert res.n_pixels[0] == expected
+    # default: every bit but source_bits is bad; the relaxed pass admits the source bit
+    res = annulus_background(
+        image, (15.0, 15.0), 2.0, 6.0, flags=flags, source_bits=1, min_pixels=40
+    )
+    assert res.n_pixels[0] == expected and res.flags[0] == LocalFlag.RELAXED
+
+
 def test_relaxed_retry_keeps_source_flagged_pixels_only_when_needed():
     image = np.full((50, 50), 5.0)
     flags = np.zeros(image.shape, dtype=np.int32)
