@@ -1,0 +1,562 @@
+"""Compiled kernels behind :mod:`skymap.mesh` and :class:`skymap.interpolate.SExtractorSpline`.
+
+The mesh kernels read the image in place, one mesh at a time (no copy of the image into
+a (mesh, pixel) stack), in parallel over rows of meshes. Sums run in float64. Callers go
+through :mod:`skymap.mesh`; nothing here validates its arguments.
+"""
+
+from __future__ import annotations
+
+import math
+from contextlib import contextmanager
+
+import numba
+import numpy as np
+from numba import njit, prange
+
+# 1 / Phi^-1(3/4): MAD -> standard deviation of a Gaussian (astropy's constant).
+MAD_TO_STD = 1.482602218505602
+
+# location codes of mesh_clip_stats
+LOC_MEAN, LOC_MEDIAN, LOC_SEXTRACTOR, LOC_PEARSON = 0, 1, 2, 3
+# scale codes
+SCALE_STD, SCALE_MADSTD = 0, 1
+
+
+# Below this many pixels a parallel launch costs more than it saves (thread wake-up,
+# and far worse on a loaded machine), so the kernels run on the calling thread.
+SERIAL_BELOW = 1 << 16
+
+
+@contextmanager
+def threads_for(npix):
+    """Run the compiled kernels inside on one thread when the job is small."""
+    before = numba.get_num_threads()
+    if npix < SERIAL_BELOW:
+        numba.set_num_threads(1)
+    try:
+        yield
+    finally:
+        numba.set_num_threads(before)
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
+def _kth(a, n, k):
+    """k-th smallest of ``a[:n]`` (0-based), partially reordering ``a`` in place."""
+    lo, hi = 0, n - 1
+    while lo < hi:
+        pivot = a[k]
+        i, j = lo, hi
+        while True:
+            while a[i] < pivot:
+                i += 1
+            while pivot < a[j]:
+                j -= 1
+            if i <= j:
+                a[i], a[j] = a[j], a[i]
+                i += 1
+                j -= 1
+            if i > j:
+                break
+        if j < k:
+            lo = i
+        if k < i:
+            hi = j
+    return a[k]
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
+def _median(a, n):
+    """Median of ``a[:n]`` (n >= 1); reorders ``a[:n]``. Even n: mean of the middle two."""
+    k = n // 2
+    upper = _kth(a, n, k)
+    if n % 2 == 1:
+        return upper
+    # after the selection a[:k] holds the k smallest values
+    lower = a[0]
+    for i in range(1, k):
+        if a[i] > lower:
+            lower = a[i]
+    return 0.5 * (lower + upper)
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
+def _mean_std(a, n):
+    """Two-pass mean and population standard deviation of ``a[:n]``."""
+    s = 0.0
+    for i in range(n):
+        s += a[i]
+    mean = s / n
+    ss = 0.0
+    for i in range(n):
+        d = a[i] - mean
+        ss += d * d
+    return mean, math.sqrt(ss / n)
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
+def _mad_std(a, n, med, work):
+    for i in range(n):
+        work[i] = abs(a[i] - med)
+    return _median(work, n) * MAD_TO_STD
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
+def _clip_bounds(vals, n, work, work2, cen_median, std_mad, maxiters, sig_lo, sig_hi):
+    """Final bounds of astropy's iterated sigma clip of ``vals[:n]`` (left untouched).
+
+    Each iteration takes the centre and width of the surviving values and keeps those
+    inside ``[centre - sig_lo * width, centre + sig_hi * width]``; it stops when nothing
+    changes, nothing survives, or after ``maxiters`` iterations (-1: no limit).
+    """
+    for i in range(n):
+        work[i] = vals[i]
+    count = n
+    it = 0
+    lo = hi = 0.0
+    while True:
+        med = 0.0
+        mean = 0.0
+        if cen_median or std_mad:
+            for i in range(count):
+                work2[i] = work[i]
+            med = _median(work2, count)
+        if not cen_median or not std_mad:
+            s = 0.0
+            for i in range(count):
+                s += work[i]
+            mean = s / count
+        cen = med if cen_median else mean
+        if std_mad:
+            std = _mad_std(work, count, med, work2)
+        else:
+            ss = 0.0
+            for i in range(count):
+                d = work[i] - mean
+                ss += d * d
+            std = math.sqrt(ss / count)
+        lo = cen - sig_lo * std
+        hi = cen + sig_hi * std
+        new = 0
+        for i in range(count):
+            v = work[i]
+            if v >= lo and v <= hi:
+                work[new] = v
+                new += 1
+        if new == count or new == 0:
+            break
+        count = new
+        it += 1
+        if maxiters != -1 and it >= maxiters:
+            break
+    return lo, hi
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
+def _gather(image, mask, use_mask, y0, y1, x0, x1, buf):
+    """Copy the finite, unmasked pixels of a box into ``buf``; return how many."""
+    n = 0
+    for y in range(y0, y1):
+        for x in range(x0, x1):
+            v = image[y, x]
+            if math.isfinite(v) and not (use_mask and mask[y, x]):
+                buf[n] = v
+                n += 1
+    return n
+
+
+# ------------------------------------------------------------- clip + estimator kernel
+
+
+@njit(parallel=True, cache=True, nogil=True, error_model="numpy")
+def mesh_clip_stats(
+    image,
+    mask,
+    use_mask,
+    by,
+    bx,
+    clip,
+    cen_median,
+    std_mad,
+    maxiters,
+    sig_lo,
+    sig_hi,
+    loc_code,
+    median_factor,
+    mean_factor,
+    skew_limit,
+    scale_code,
+    loc_out,
+    scale_out,
+    nvalid_out,
+    ngood_out,
+):
+    """Per mesh: gather valid pixels, sigma clip (astropy semantics), then estimate.
+
+    Locations: mean, median, SExtractor mode (``median_factor * median - mean_factor *
+    mean``; the mean where std == 0, the median where ``|mean - median| / std >=
+    skew_limit``), Pearson mode (no switches). Scales: population std, MAD std.
+    ``nvalid_out`` counts valid pixels before clipping, ``ngood_out`` after; a mesh with
+    none left gets NaN.
+    """
+    ny, nx = image.shape
+    my, mx = loc_out.shape
+    nbox = by * bx
+    for j in prange(my):
+        vals = np.empty(nbox)
+        work = np.empty(nbox)
+        work2 = np.empty(nbox)
+        y0 = j * by
+        y1 = min(ny, y0 + by)
+        for i in range(mx):
+            x0 = i * bx
+            x1 = min(nx, x0 + bx)
+            n = _gather(image, mask, use_mask, y0, y1, x0, x1, vals)
+            nvalid_out[j, i] = n
+            if n > 0 and clip:
+                lo, hi = _clip_bounds(
+                    vals, n, work, work2, cen_median, std_mad, maxiters, sig_lo, sig_hi
+                )
+                m = 0
+                for t in range(n):
+                    v = vals[t]
+                    if v >= lo and v <= hi:
+                        vals[m] = v
+                        m += 1
+                n = m
+            ngood_out[j, i] = n
+            if n == 0:
+                loc_out[j, i] = np.nan
+                scale_out[j, i] = np.nan
+                continue
+            mean, std = _mean_std(vals, n)
+            med = 0.0
+            if loc_code != LOC_MEAN or scale_code == SCALE_MADSTD:
+                for t in range(n):
+                    work[t] = vals[t]
+                med = _median(work, n)
+            if loc_code == LOC_MEAN:
+                loc = mean
+            elif loc_code == LOC_MEDIAN:
+                loc = med
+            elif loc_code == LOC_PEARSON:
+                loc = median_factor * med - mean_factor * mean
+            elif std == 0.0:
+                loc = mean
+            elif abs(mean - med) / std >= skew_limit:
+                loc = med
+            else:
+                loc = median_factor * med - mean_factor * mean
+            loc_out[j, i] = loc
+            if scale_code == SCALE_STD:
+                scale_out[j, i] = std
+            else:
+                scale_out[j, i] = _mad_std(vals, n, med, work)
+
+
+# ----------------------------------------------------------- SExtractor histogram mode
+
+# Histogram of a mesh spans +-5 sigma of its 2-sigma-clipped values, with about one bin
+# per sqrt(2/pi) * 5 / 4 pixels (at most 4096 bins): SExtractor's quantisation.
+_HIST_NSIGMA = 5.0
+_HIST_MAXBINS = 4096
+_HIST_STEP = math.sqrt(2.0 / math.pi) * _HIST_NSIGMA / 4.0
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
+def _histogram_mode(histo, nbins, start_mean, median_factor, mean_factor, skew_limit):
+    """Iterated 3-sigma clipped mode and sigma of a histogram, in bin units.
+
+    The median is interpolated within the bin where counts summed from both ends meet.
+    Iterates (at most 100 times) until sigma changes by less than 1e-4 relative or
+    drops below 0.1 bin. Returns (mode, sigma, pixels in the final window).
+    """
+    last = nbins - 1
+    lcut, hcut = 0, last
+    sig = 10.0 * last
+    sig_prev = 1.0
+    mea = start_mean
+    med = start_mean
+    total = 0
+    it = 0
+    while it < 100 and sig >= 0.1 and abs(sig / sig_prev - 1.0) > 1e-4:
+        it += 1
+        sig_prev = sig
+        total = 0
+        s1 = 0.0
+        s2 = 0.0
+        low_sum = 0
+        high_sum = 0
+        lo = lcut
+        hi = hcut
+        for b in range(lcut, hcut + 1):
+            # consume the bins from whichever end has fewer counts so far
+            if low_sum < high_sum:
+                low_sum += histo[lo]
+                lo += 1
+            else:
+                high_sum += histo[hi]
+                hi -= 1
+            c = histo[b]
+            total += c
+            s1 += c * b
+            s2 += c * b * b
+        if hi >= 0:
+            peak = max(histo[lo], histo[hi])
+            med = hi + 0.5 + (high_sum - low_sum) / (2.0 * peak)
+        else:
+            med = 0.0
+        if total > 0:
+            mea = s1 / total
+            sig = s2 / total - mea * mea
+        else:
+            mea = 0.0
+            sig = 0.0
+        sig = math.sqrt(sig) if sig > 0.0 else 0.0
+        t = med - 3.0 * sig
+        lcut = int(t + 0.5) if t > 0.0 else 0
+        t = med + 3.0 * sig
+        hcut = int(t + 0.5 if t > 0.0 else t - 0.5) if t < last else last
+    if sig > 0.0:
+        if abs((mea - med) / sig) < skew_limit:
+            mode = median_factor * med - mean_factor * mea
+        else:
+            mode = med
+    else:
+        mode = mea
+    return mode, sig, total
+
+
+@njit(parallel=True, cache=True, nogil=True, error_model="numpy")
+def mesh_sextractor_stats(
+    image,
+    mask,
+    use_mask,
+    by,
+    bx,
+    median_factor,
+    mean_factor,
+    skew_limit,
+    loc_out,
+    scale_out,
+    nvalid_out,
+    ngood_out,
+):
+    """SExtractor's background estimate of each mesh (Bertin & Arnouts 1996, sec. 2).
+
+    Mean and sigma of the valid pixels; again within mean +- 2 sigma; a histogram over
+    +- 5 of those sigmas; then the iterated 3-sigma clipped histogram mode
+    (:func:`_histogram_mode`). Pixel values are binned in the image's own precision
+    (float32 for float32 images, as SExtractor does). ``nvalid_out`` counts the valid
+    pixels, ``ngood_out`` those in the final histogram window.
+    """
+    ny, nx = image.shape
+    my, mx = loc_out.shape
+    for j in prange(my):
+        histo = np.zeros(_HIST_MAXBINS, dtype=np.int64)
+        # SExtractor keeps the cuts and the histogram scale in single precision, its
+        # pixel type; we keep them in the image's own type (float32 -> SExtractor's
+        # exact binning, float64 -> no rounding): writing into this buffer rounds
+        cast = np.empty(4, dtype=image.dtype)
+        y0 = j * by
+        y1 = min(ny, y0 + by)
+        for i in range(mx):
+            x0 = i * bx
+            x1 = min(nx, x0 + bx)
+            n = 0
+            s1 = 0.0
+            s2 = 0.0
+            for y in range(y0, y1):
+                for x in range(x0, x1):
+                    v = np.float64(image[y, x])
+                    if math.isfinite(v) and not (use_mask and mask[y, x]):
+                        s1 += v
+                        s2 += v * v
+                        n += 1
+            nvalid_out[j, i] = n
+            if n == 0:
+                loc_out[j, i] = np.nan
+                scale_out[j, i] = np.nan
+                ngood_out[j, i] = 0
+                continue
+            mean = s1 / n
+            var = s2 / n - mean * mean
+            sigma = math.sqrt(var) if var > 0.0 else 0.0
+            cast[0] = mean - 2.0 * sigma
+            cast[1] = mean + 2.0 * sigma
+            lcut = np.float64(cast[0])
+            hcut = np.float64(cast[1])
+            n = 0
+            s1 = 0.0
+            s2 = 0.0
+            for y in range(y0, y1):
+                for x in range(x0, x1):
+                    v = np.float64(image[y, x])
+                    if v >= lcut and v <= hcut and not (use_mask and mask[y, x]):
+                        s1 += v
+                        s2 += v * v
+                        n += 1
+            if n > 0:
+                # (a float64 image can leave no pixel inside its float32-rounded cuts)
+                mean = s1 / n
+                var = s2 / n - mean * mean
+                sigma = math.sqrt(var) if var > 0.0 else 0.0
+            nbins = min(int(_HIST_STEP * n + 1), _HIST_MAXBINS)
+            cast[0] = 2.0 * _HIST_NSIGMA * sigma / nbins if sigma > 0.0 else 1.0
+            cast[1] = mean - _HIST_NSIGMA * sigma
+            cast[2] = cast[1] / cast[0]
+            cast[3] = 0.499999 - np.float64(cast[2])
+            qs = cast[0]
+            off = cast[3]
+            qscale = np.float64(cast[0])
+            qzero = np.float64(cast[1])
+            histo[:nbins] = 0
+            for y in range(y0, y1):
+                for x in range(x0, x1):
+                    v = image[y, x]
+                    if not math.isfinite(v) or (use_mask and mask[y, x]):
+                        continue
+                    t = v / qs + off
+                    # int() truncates towards zero like SExtractor's C cast, so
+                    # (-1, 0) lands in bin 0
+                    if t > -1.0 and t < nbins:
+                        histo[int(t)] += 1
+            mode, sig, total = _histogram_mode(
+                histo, nbins, (mean - qzero) / qscale, median_factor, mean_factor, skew_limit
+            )
+            loc_out[j, i] = qzero + mode * qscale
+            scale_out[j, i] = sig * qscale
+            ngood_out[j, i] = total
+
+
+# ------------------------------------------------------------------------ mesh filter
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
+def median_filter_shrink(back, rms, fy, fx, threshold, back_out, rms_out):
+    """SExtractor's mesh median filter: windows of ``(fy, fx)`` meshes shrink
+    symmetrically at the grid edges (a corner mesh is its own window); a mesh takes the
+    window medians of both maps where ``|median - value| >= threshold``."""
+    my, mx = back.shape
+    hy, hx = fy // 2, fx // 2
+    bwin = np.empty(fy * fx)
+    swin = np.empty(fy * fx)
+    for j in range(my):
+        ry = min(hy, j, my - 1 - j)
+        for i in range(mx):
+            rx = min(hx, i, mx - 1 - i)
+            n = 0
+            for y in range(j - ry, j + ry + 1):
+                for x in range(i - rx, i + rx + 1):
+                    bwin[n] = back[y, x]
+                    swin[n] = rms[y, x]
+                    n += 1
+            med = _median(bwin, n)
+            if abs(med - back[j, i]) >= threshold:
+                back_out[j, i] = med
+                rms_out[j, i] = _median(swin, n)
+            else:
+                back_out[j, i] = back[j, i]
+                rms_out[j, i] = rms[j, i]
+
+
+# --------------------------------------------------------------------- bicubic spline
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
+def _second_derivs_1d(f, exact, out, c, u):
+    """Natural cubic spline through ``f`` at unit spacing: ``out`` = y'' / 6.
+
+    ``exact`` reproduces SExtractor's back-substitution, which divides the whole update
+    by six at every step instead of only the right-hand side.
+    """
+    n = f.shape[0]
+    for i in range(n):
+        out[i] = 0.0
+    if n < 3:
+        return
+    c[0] = 0.0
+    u[0] = 0.0
+    for i in range(1, n - 1):
+        c[i] = -1.0 / (c[i - 1] + 4.0)
+        u[i] = c[i] * (u[i - 1] - 6.0 * (f[i + 1] + f[i - 1] - 2.0 * f[i]))
+    for i in range(n - 2, 0, -1):
+        if exact:
+            out[i] = (c[i] * out[i + 1] + u[i]) / 6.0
+        else:
+            out[i] = c[i] * out[i + 1] + u[i] / 6.0
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
+def spline_second_derivatives(rows, exact):
+    """:func:`_second_derivs_1d` of every row of a 2-D array."""
+    nr, n = rows.shape
+    out = np.zeros((nr, n))
+    c = np.empty(n)
+    u = np.empty(n)
+    for r in range(nr):
+        _second_derivs_1d(rows[r], exact, out[r], c, u)
+    return out
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
+def _interval(t, n):
+    """Spline interval of coordinate ``t`` (mesh units) among ``n`` nodes, and the
+    offset in it; the end intervals extend outwards (extrapolation)."""
+    k = int(math.floor(t))
+    if k < 0:
+        k = 0
+    elif k > n - 2:
+        k = n - 2
+    return k, t - k
+
+
+@njit(parallel=True, cache=True, nogil=True, error_model="numpy")
+def spline_eval(grid, d2y, ty, tx, exact, out):
+    """Bicubic spline map: for each image row, the node values along y, a natural
+    spline along x through them, evaluated at every column.
+
+    ``ty`` / ``tx`` are the rows' / columns' coordinates in mesh units (node k at k).
+    With a single row of nodes ``exact`` keeps SExtractor's linear interpolation in x.
+    """
+    my, mx = grid.shape
+    ny, nx = out.shape
+    kx = np.zeros(nx, dtype=np.int64)
+    dx = np.zeros(nx)
+    if mx > 1:
+        for x in range(nx):
+            kx[x], dx[x] = _interval(tx[x], mx)
+    for y in prange(ny):
+        node = np.empty(mx)
+        dnode = np.zeros(mx)
+        c = np.empty(mx)
+        u = np.empty(mx)
+        if my > 1:
+            k, d = _interval(ty[y], my)
+            cd = 1.0 - d
+            a3 = cd * cd * cd - cd
+            b3 = d * d * d - d
+            for i in range(mx):
+                node[i] = (
+                    cd * grid[k, i] + d * grid[k + 1, i] + a3 * d2y[k, i] + b3 * d2y[k + 1, i]
+                )
+            _second_derivs_1d(node, exact, dnode, c, u)
+        else:
+            for i in range(mx):
+                node[i] = grid[0, i]
+            if not exact:
+                _second_derivs_1d(node, exact, dnode, c, u)
+        if mx == 1:
+            for x in range(nx):
+                out[y, x] = node[0]
+            continue
+        for x in range(nx):
+            k = kx[x]
+            d = dx[x]
+            cd = 1.0 - d
+            out[y, x] = cd * (node[k] + (cd * cd - 1.0) * dnode[k]) + d * (
+                node[k + 1] + (d * d - 1.0) * dnode[k + 1]
+            )
