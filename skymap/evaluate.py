@@ -231,23 +231,78 @@ def fit_line(x, y) -> LineFit:
 
 @dataclass(frozen=True, kw_only=True)
 class GroupStats:
-    """Mean residual of a group of positions, with its standard error ``std/sqrt(n)``."""
+    """Mean residual of a group of positions and how far it stands from the map's mean.
+
+    Attributes
+    ----------
+    n : int
+        Positions with a finite residual.
+    mean : float
+        Their mean residual.
+    excess : float
+        ``mean`` minus the mean of the 3x3-box residual map over all pixels: the bias of
+        these positions beyond the map's overall offset.
+    stderr : float
+        Standard error of ``excess`` that respects the spatial correlation of the
+        residual map: the standard deviation of the group's mean over random cyclic
+        shifts of all its positions together (the same point pattern dropped elsewhere).
+    naive_stderr : float
+        ``std / sqrt(n)``, which treats the positions as independent; too small when the
+        positions are closer together than the residual's correlation length.
+    """
 
     n: int
     mean: float
+    excess: float
     stderr: float
+    naive_stderr: float
+
+    @property
+    def z(self) -> float:
+        """``excess / stderr``."""
+        return self.excess / self.stderr if self.stderr > 0 else float("nan")
 
     def to_dict(self) -> dict:
-        return {"n": int(self.n), "mean": _num(self.mean), "stderr": _num(self.stderr)}
+        return {
+            "n": int(self.n),
+            "mean": _num(self.mean),
+            "excess": _num(self.excess),
+            "stderr": _num(self.stderr),
+            "naive_stderr": _num(self.naive_stderr),
+            "z": _num(self.z),
+        }
 
 
-def _group(values) -> GroupStats:
+def _group(values, yc, xc, box_map, map_mean, shifts) -> GroupStats:
     v = np.asarray(values, dtype=np.float64)
-    v = v[np.isfinite(v)]
+    ok = np.isfinite(v)
+    v, yc, xc = v[ok], yc[ok], xc[ok]
+    nan = float("nan")
     if v.size == 0:
-        return GroupStats(n=0, mean=float("nan"), stderr=float("nan"))
-    err = float(v.std(ddof=1) / np.sqrt(v.size)) if v.size > 1 else float("nan")
-    return GroupStats(n=int(v.size), mean=float(v.mean()), stderr=err)
+        return GroupStats(n=0, mean=nan, excess=nan, stderr=nan, naive_stderr=nan)
+    naive = float(v.std(ddof=1) / np.sqrt(v.size)) if v.size > 1 else nan
+    ny, nx = box_map.shape
+    # Every shift moves the whole pattern: (n_shifts, n) gathers, one vectorised pass.
+    sy = (yc[None, :] + shifts[:, :1]) % ny
+    sx = (xc[None, :] + shifts[:, 1:]) % nx
+    means = np.nanmean(box_map[sy, sx], axis=1)
+    means = means[np.isfinite(means)]
+    stderr = float(means.std(ddof=1)) if means.size > 1 else nan
+    mean = float(v.mean())
+    return GroupStats(
+        n=int(v.size), mean=mean, excess=mean - map_mean, stderr=stderr, naive_stderr=naive
+    )
+
+
+def _box_mean_map(resid):
+    """3x3 box mean of the finite values at every pixel, boxes clipped at the edges."""
+    from scipy import ndimage
+
+    good = np.isfinite(resid)
+    sums = ndimage.uniform_filter(np.where(good, resid, 0.0), 3, mode="constant")
+    counts = ndimage.uniform_filter(good.astype(np.float64), 3, mode="constant")
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(counts > 0.5 / 9, sums / counts, np.nan)
 
 
 @dataclass(frozen=True, kw_only=True, eq=False)
@@ -270,7 +325,7 @@ class BiasResult:
         of the box is masked, as in the notebook), with fluxes and radii drawn from the
         catalogue so they can be plotted on the same axes.
     masked_stats, unmasked_stats, random_stats : GroupStats
-        Mean and standard error per group.
+        Mean, excess over the map's mean, and standard errors per group.
     flux_fits, radius_fits : dict of str to LineFit
         Lines of residual against flux and against radius for ``"masked"``,
         ``"unmasked"`` and ``"random"``.
@@ -328,6 +383,7 @@ def bias_under_sources(
     mask=None,
     *,
     n_random=None,
+    n_shifts=200,
     seed=0,
     x_col="x_mean",
     y_col="y_mean",
@@ -341,8 +397,13 @@ def bias_under_sources(
     (the notebook's slice ``[y-1:y+1]`` was 2x2). A source counts as masked when its
     central pixel is masked. The control repeats the measurement at ``n_random`` random
     integer positions (default five per source, as in the notebook), dropping those whose
-    whole box is masked. Lines of residual against flux and against radius are fitted per
-    group; an unbiased background gives zero means and zero slopes in every group.
+    whole box is masked. Each group's mean is compared with the map's mean, with a
+    standard error from shifting the group's whole point pattern around the (cyclic)
+    map, so that the residual's spatial correlation is accounted for. Lines of residual
+    against flux and against radius are fitted per group (ordinary least squares; flux
+    and radius are unrelated to position, so the correlated residual acts on the slope
+    as near-independent noise). An unbiased background gives zero excess and zero slopes
+    in every group.
 
     Parameters
     ----------
@@ -354,6 +415,9 @@ def bias_under_sources(
         The mask the fit used (True = excluded).
     n_random : int, optional
         Number of control positions (default ``5 * len(catalog)``).
+    n_shifts : int
+        Random cyclic shifts of each group's positions used for its standard error
+        (:class:`GroupStats`).
     seed : int or numpy.random.Generator
         Seed of the control positions.
     x_col, y_col, flux_col, radius_col : str
@@ -403,6 +467,9 @@ def bias_under_sources(
     n_rand = 5 * x.size if n_random is None else int(n_random)
     if n_rand < 0:
         raise ValueError(f"n_random must be None or an integer >= 0, got {n_random!r}")
+    if int(n_shifts) != n_shifts or n_shifts < 2:
+        raise ValueError(f"n_shifts must be an integer >= 2, got {n_shifts!r}")
+    n_shifts = int(n_shifts)
     if x.size:
         pick_f = rng.integers(0, x.size, n_rand)
         pick_r = rng.integers(0, x.size, n_rand)
@@ -419,6 +486,11 @@ def bias_under_sources(
 
     unm = on & ~masked
     msk = on & masked
+    box_map = _box_mean_map(resid_img)
+    map_mean = float(np.nanmean(box_map))
+    shifts = np.column_stack(
+        [rng.integers(0, ny, n_shifts), rng.integers(0, nx, n_shifts)]
+    ).astype(np.int64)
     return BiasResult(
         x=x,
         y=y,
@@ -429,9 +501,9 @@ def bias_under_sources(
         random_residual=r_res,
         random_flux=r_flux,
         random_radius=r_rad,
-        masked_stats=_group(residual[msk]),
-        unmasked_stats=_group(residual[unm]),
-        random_stats=_group(r_res),
+        masked_stats=_group(residual[msk], yc[msk], xc[msk], box_map, map_mean, shifts),
+        unmasked_stats=_group(residual[unm], yc[unm], xc[unm], box_map, map_mean, shifts),
+        random_stats=_group(r_res, ry[keep], rx[keep], box_map, map_mean, shifts),
         flux_fits={
             "masked": fit_line(flux[msk], residual[msk]),
             "unmasked": fit_line(flux[unm], residual[unm]),
@@ -747,9 +819,9 @@ class Evaluation:
           ``overfit_threshold``;
         * ``truth``: the ``truth_metrics`` dict, or None;
         * ``bias``: :meth:`BiasResult.to_dict` (``masked``/``unmasked``/``random`` each
-          with ``n``, ``mean``, ``stderr``; ``flux_fit`` and ``radius_fit`` each with those
-          three groups holding ``slope``, ``intercept``, ``slope_err``,
-          ``intercept_err``, ``n``), or None;
+          with ``n``, ``mean``, ``excess``, ``stderr``, ``naive_stderr``, ``z``;
+          ``flux_fit`` and ``radius_fit`` each with those three groups holding
+          ``slope``, ``intercept``, ``slope_err``, ``intercept_err``, ``n``), or None;
         * ``masked_vs_unmasked``: :meth:`MaskedVsUnmasked.to_dict` (``difference``,
           ``stderr``, ``z``, ``p_value``, ``method``, ``mean_masked``, ``mean_unmasked``,
           ``n_masked``, ``n_unmasked``, ``n_blocks``, ``naive_stderr``, ``n_eff``), or
@@ -877,7 +949,7 @@ class Evaluation:
                 ax.legend(fontsize=7)
             axes[1, 2].axis("off")
             lines = [
-                f"{g}: {s.mean:+.4g} +- {s.stderr:.2g} (n={s.n})"
+                f"{g}: mean {s.mean:+.3g}, excess {s.excess:+.3g} +- {s.stderr:.2g} (n={s.n})"
                 for g, s in (
                     ("masked", b.masked_stats),
                     ("unmasked", b.unmasked_stats),

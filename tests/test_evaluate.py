@@ -162,6 +162,27 @@ def test_fit_line_errors_are_calibrated():
     assert np.std(pulls) == pytest.approx(1.0, abs=0.1)
 
 
+def test_bias_group_errors_are_calibrated_for_clustered_sources():
+    # Sources in tight groups on a smooth residual unrelated to them: the excess over the
+    # map mean must be within 2 stderr in ~95% of maps. The per-source std/sqrt(n) treats
+    # the 10 members of a group as independent and fails badly.
+    rng = np.random.default_rng(5)
+    z, naive = [], []
+    for i in range(200):
+        f = ndimage.gaussian_filter(rng.normal(size=(96, 96)), 6.0, mode="wrap")
+        f = f + rng.normal() * f.std() * np.linspace(-1, 1, 96)[None, :]
+        centres = rng.uniform(0, 95, (30, 2))
+        pos = (centres[:, None, :] + rng.normal(0, 2, (30, 10, 2))).reshape(-1, 2) % 95
+        cat = Table(
+            {"x_mean": pos[:, 0], "y_mean": pos[:, 1], "flux": np.ones(300), "re": np.ones(300)}
+        )
+        g = bias_under_sources(f, np.zeros_like(f), cat, seed=i, n_random=10).unmasked_stats
+        z.append(g.z)
+        naive.append(g.excess / g.naive_stderr)
+    assert 0.02 <= np.mean(np.abs(z) > 2) <= 0.09
+    assert np.mean(np.abs(naive) > 2) > 0.3
+
+
 # ---------------------------------------------------------------------------------------
 # Masked versus unmasked
 # ---------------------------------------------------------------------------------------
