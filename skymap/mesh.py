@@ -359,6 +359,17 @@ class MeshBackground:
         geometry = MeshGeometry(box_size=self.box_size, image_shape=shape)
         with _k.threads_for(img.size):
             loc, scale, nvalid, ngood = self._mesh_stats(img, excl, geometry)
+        return self._finish(
+            loc, scale, nvalid, ngood, geometry, dtype=img.dtype, coverage_mask=cov
+        )
+
+    def _finish(self, loc, scale, nvalid, ngood, geometry, *, dtype, coverage_mask):
+        """From per-mesh statistics to a MeshResult: exclusion, holes, mesh filter.
+
+        Split from :meth:`fit` so that the tiled path (:mod:`skymap.distributed`) can
+        gather the statistics tile by tile and finish on the whole grid.
+        """
+        cov = coverage_mask
         if not nvalid.any():
             raise ValueError(
                 "image: every pixel is masked (mask/coverage_mask) or non-finite; "
@@ -372,7 +383,6 @@ class MeshBackground:
                 f"(box_size={self.box_size}, exclude_percentile={self.exclude_percentile}); "
                 "raise exclude_percentile or use a larger box"
             )
-        dtype = img.dtype
         raw_bkg = np.where(excluded, np.nan, loc).astype(dtype)
         raw_rms = np.where(excluded, np.nan, scale).astype(dtype)
         bkg = fill_holes(raw_bkg, excluded, method=self.hole_fill)
