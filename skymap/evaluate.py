@@ -102,21 +102,31 @@ def rms_vs_scale(residual, mask=None, widths=range(3, 30)) -> np.ndarray:
     m = combine_masks(res, as_mask(mask, res.shape))
     ws = _widths(widths)
     ny, nx = res.shape
-    row = np.arange(ny)[:, None]
-    col = np.arange(nx)[None, :]
     # Fill masked pixels so that NaN/inf never reach a block mean that is kept anyway.
     filled = np.where(m, 0.0, res)
+    # Masked-pixel counts of any block from one exact integer integral image.
+    integral = np.zeros((ny + 1, nx + 1), dtype=np.int64)
+    np.cumsum(np.cumsum(m, axis=0, dtype=np.int64), axis=1, out=integral[1:, 1:])
     out = np.full(ws.size, np.nan)
     for i, w in enumerate(ws):
+        w = int(w)
         if w > ny or w > nx:
             continue
+        by, bx = np.arange(0, (ny // w) * w + 1, w), np.arange(0, (nx // w) * w + 1, w)
+        corners = integral[np.ix_(by, bx)]
+        counts = corners[1:, 1:] - corners[:-1, 1:] - corners[1:, :-1] + corners[:-1, :-1]
+        # The notebook's border (row < w/2 or row > nrow - w/2, same for columns) only
+        # depends on the block's row or column range: flag whole block rows/columns.
         half = w / 2
-        border = (row < half) | (row > ny - half) | (col < half) | (col > nx - half)
-        counts = block_reduce(m | border, int(w))
-        means = block_reduce(filled, int(w), func=np.mean)
-        good = means[counts == 0]
-        if good.size:
-            out[i] = float(np.std(good, dtype=np.float64))
+        rows = np.arange(ny)
+        cols = np.arange(nx)
+        brow = block_reduce((rows < half) | (rows > ny - half), w) > 0
+        bcol = block_reduce((cols < half) | (cols > nx - half), w) > 0
+        clean = (counts == 0) & ~brow[:, None] & ~bcol[None, :]
+        if not clean.any():
+            continue
+        means = block_reduce(filled, w, func=np.mean)
+        out[i] = float(np.std(means[clean], dtype=np.float64))
     return out
 
 
