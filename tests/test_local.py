@@ -608,6 +608,37 @@ def test_each_source_is_independent_of_the_others(seed, n):
         np.testing.assert_array_equal(getattr(single, name), getattr(whole, name)[order[:1]])
 
 
+@given(
+    x=st.one_of(st.integers(-3, 33).map(float), st.floats(-3.0, 33.0)),
+    y=st.one_of(st.integers(-3, 28).map(float), st.floats(-3.0, 28.0)),
+    r_in=st.one_of(st.integers(0, 6).map(float), st.floats(0.0, 6.0)),
+    width=st.one_of(st.integers(1, 8).map(float), st.floats(0.1, 8.0)),
+    window=st.tuples(st.integers(1, 15), st.integers(1, 15)),
+)
+def test_selection_equals_the_definition_even_on_ties(x, y, r_in, width, window):
+    """Integer positions and radii put pixel centres exactly on the boundaries."""
+    image = np.arange(30 * 35, dtype=np.float64).reshape(30, 35)
+    yy, xx = np.mgrid[:30, :35]
+    d2 = (xx - x) ** 2 + (yy - y) ** 2
+    r_out = r_in + width
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ann = annulus_background(image, (x, y), r_in, r_out, statistic="mean", min_pixels=0)
+        win = window_background(
+            image, (x, y), window, aperture_radius=r_in, statistic="mean", min_pixels=0
+        )
+    sel = (d2 >= r_in**2) & (d2 <= r_out**2)
+    assert ann.n_pixels[0] == sel.sum()
+    if sel.any():
+        assert ann.background[0] == pytest.approx(image[sel].mean(), rel=1e-12)
+    wy, wx = window
+    inside = (np.abs(xx - x) <= wx / 2) & (np.abs(yy - y) <= wy / 2)
+    sel = inside & (d2 > (r_in + math.sqrt(2) / 2) ** 2)
+    assert win.n_pixels[0] == sel.sum()
+    if sel.any():
+        assert win.background[0] == pytest.approx(image[sel].mean(), rel=1e-12)
+
+
 def test_result_is_a_frozen_dataclass():
     res = annulus_background(np.ones((20, 20)), (10.0, 10.0), 2.0, 5.0)
     assert isinstance(res, LocalBackground)
