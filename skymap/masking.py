@@ -34,6 +34,7 @@ from skymap.filters import ring_median
 
 __all__ = [
     "JWST_DQ_BITS",
+    "BrightSourceMasker",
     "SPHEREX_FLAG_BITS",
     "FlagMasker",
     "Masker",
@@ -435,6 +436,92 @@ class RingMedianMasker:
         m = as_mask(mask, res.shape)
         diff = res - ring_median(res, self.radius, self.width, mask=m)
         return self._threshold()(diff, rms, m)
+
+
+# Growth radii are rounded UP to this ladder (a ~1.5x geometric series), so that a whole
+# image needs one distance transform per rung rather than one per source.
+_RADIUS_LADDER = np.array(
+    [0, 1, 1.5, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512]
+)
+
+
+@dataclass(frozen=True, kw_only=True)
+class BrightSourceMasker:
+    """Detect as :class:`ThresholdMasker`, then grow each source by a flux-scaled radius.
+
+    A bright star's wings and halo stay above the noise far beyond its detected
+    footprint; a fixed dilation radius either misses them or swallows the faint sources.
+    Here each detected region of flux ``F`` (sum of the residual over the region) is
+    grown by ``radius_ref * (F / flux_ref) ** power``, at least ``detect.dilate`` and
+    at most ``max_radius`` pixels, rounded up to the next rung of
+    ``0, 1, 1.5, 2, 3, 4, 6, 8, 12, 16, 24, ...`` (one distance transform per rung).
+
+    Parameters
+    ----------
+    detect : ThresholdMasker
+        Detection settings; its ``dilate`` is the minimum growth radius.
+    flux_ref : float
+        Flux (residual units x pixels) at which the growth radius is ``radius_ref``.
+    radius_ref : float
+        Growth radius in pixels of a source of flux ``flux_ref``.
+    power : float
+        Exponent of the flux scaling (0.5: radius grows as the square root of flux).
+    max_radius : float
+        Largest growth radius in pixels.
+
+    Examples
+    --------
+    >>> rng = np.random.default_rng(3)
+    >>> yy, xx = np.mgrid[:120, :120]
+    >>> img = rng.normal(size=(120, 120))
+    >>> for y0, x0, amp in [(30, 30, 10.0), (80, 80, 1000.0)]:
+    ...     img += amp * np.exp(-((yy - y0) ** 2 + (xx - x0) ** 2) / 4.0)
+    >>> bsm = BrightSourceMasker(detect=ThresholdMasker(nsigma=3, fwhm=2, npixels=3,
+    ...     dilate=1), flux_ref=100.0, radius_ref=2.0)
+    >>> m = bsm(img, 1.0)
+    >>> bool(m[30, 36]), bool(m[80, 95])  # faint source: small; bright: grown far
+    (False, True)
+    """
+
+    detect: ThresholdMasker = ThresholdMasker()
+    flux_ref: float
+    radius_ref: float = 3.0
+    power: float = 0.5
+    max_radius: float = 64.0
+
+    def __post_init__(self):
+        if not isinstance(self.detect, ThresholdMasker):
+            raise ValueError(f"detect must be a ThresholdMasker, got {self.detect!r}")
+        check_positive("flux_ref", self.flux_ref)
+        check_positive("radius_ref", self.radius_ref)
+        check_positive("power", self.power, allow_zero=True)
+        check_positive("max_radius", self.max_radius)
+
+    def radii(self, residual: Any, rms: Any = None, mask: Any = None):
+        """Labels (int32) and the growth radius of each label 1..n (index 0 unused)."""
+        res = as_image(residual, "residual")
+        invalid = combine_masks(res, as_mask(mask, res.shape))
+        labels = self.detect.segment(res, rms, invalid)
+        nlab = int(labels.max())
+        flux = ndi.sum_labels(np.where(invalid, 0.0, res), labels, np.arange(nlab + 1))
+        with np.errstate(invalid="ignore"):
+            radius = self.radius_ref * np.clip(flux / self.flux_ref, 0.0, None) ** self.power
+        radius = np.clip(radius, self.detect.dilate, self.max_radius)
+        rung = np.searchsorted(_RADIUS_LADDER, radius - 1e-9)  # first rung >= radius
+        on_ladder = rung < _RADIUS_LADDER.size
+        radius[on_ladder] = _RADIUS_LADDER[rung[on_ladder]]
+        radius = np.minimum(radius, self.max_radius)
+        radius[0] = 0.0
+        return labels, radius
+
+    def __call__(self, residual: Any, rms: Any = None, mask: Any = None) -> np.ndarray:
+        """Source mask (True = excluded); see the class docstring."""
+        labels, radius = self.radii(residual, rms, mask)
+        out = np.zeros(labels.shape, dtype=bool)
+        per_pixel = radius[labels]
+        for r in np.unique(radius[1:]):
+            out |= grow_mask((labels > 0) & (per_pixel == r), float(r))
+        return out
 
 
 #: JWST data-quality flag names -> bit numbers, for the bits whose meaning has been

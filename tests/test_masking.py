@@ -11,6 +11,7 @@ from photutils.segmentation import detect_sources
 
 from skymap.filters import ring_median
 from skymap.masking import (
+    BrightSourceMasker,
     FlagMasker,
     Masker,
     MultiScaleMasker,
@@ -292,3 +293,33 @@ def test_flag_masker_bits_names_and_bitmasks():
     assert not FlagMasker()(np.zeros((2, 3)), None, None).any()
     with pytest.raises(TypeError, match="flags"):
         FlagMasker().to_mask(np.zeros((2, 2)))
+
+
+def test_bright_source_masker_grows_with_flux(rng):
+    yy, xx = np.mgrid[:160, :160]
+    img = rng.normal(size=yy.shape)
+    amps = [(40, 40, 8.0), (40, 120, 80.0), (120, 80, 3000.0)]
+    for y0, x0, amp in amps:
+        img += amp * np.exp(-((yy - y0) ** 2 + (xx - x0) ** 2) / 4.0)
+    detect = ThresholdMasker(nsigma=3, fwhm=2, npixels=3, dilate=1)
+    bsm = BrightSourceMasker(detect=detect, flux_ref=50.0, radius_ref=2.0, max_radius=20)
+    labels, radius = bsm.radii(img, 1.0)
+    np.testing.assert_array_equal(labels, detect.segment(img, 1.0))
+    flux = ndi.sum_labels(img, labels, np.arange(labels.max() + 1))
+    raw = np.clip(2.0 * np.clip(flux / 50.0, 0, None) ** 0.5, 1, 20)
+    ladder = np.array([0, 1, 1.5, 2, 3, 4, 6, 8, 12, 16, 24])
+    for lab in range(1, labels.max() + 1):
+        expected = min(ladder[ladder >= raw[lab] - 1e-9][0], 20)
+        assert radius[lab] == expected
+    # Brighter sources get larger radii; the brightest is capped.
+    by_source = [radius[labels[y0, x0]] for y0, x0, _ in amps]
+    assert by_source[0] < by_source[1] < by_source[2] == 20
+    # Each region is dilated by its own disk.
+    expected_mask = np.zeros(img.shape, dtype=bool)
+    for lab in range(1, labels.max() + 1):
+        expected_mask |= ndi.binary_dilation(labels == lab, structure=disk_footprint(radius[lab]))
+    got = bsm(img, 1.0)
+    np.testing.assert_array_equal(got, expected_mask)
+    assert not (detect(img, 1.0) & ~got).any()
+    with pytest.raises(ValueError, match="flux_ref"):
+        BrightSourceMasker(flux_ref=0)
