@@ -484,6 +484,12 @@ class SincBlemishes:
     """Additive radial sinc ripples ``a sin(r/w)/(r/w)`` at random centres, as in the
     notebook: ``n`` blemishes with ``width`` and ``amplitude`` drawn uniformly from the
     given (low, high) intervals. Their table is returned as ``Scene.blemishes``.
+
+    Examples
+    --------
+    >>> sky, table = SincBlemishes(n=3).sample((64, 64), np.random.default_rng(0))
+    >>> sky.shape, len(table)
+    ((64, 64), 3)
     """
 
     n: int = 8
@@ -517,6 +523,12 @@ class PowerLawField:
     that the field carries no pixel-scale power, its mean is zero and its standard
     deviation is scaled to ``rms`` (image units). ``slope`` near 3 to 4 looks like
     Galactic cirrus and nebulosity.
+
+    Examples
+    --------
+    >>> field, _ = PowerLawField(rms=2.0).sample((64, 64), np.random.default_rng(0))
+    >>> round(float(field.std()), 6)
+    2.0
     """
 
     rms: float = 0.1
@@ -556,7 +568,14 @@ class PowerLawField:
 @dataclass(frozen=True, kw_only=True)
 class Vignetting:
     """Multiplicative illumination ``1 - depth (r / r_corner)**power`` about the image
-    centre, applied to the additive sky and to the sources (flat-field-like)."""
+    centre, applied to the additive sky and to the sources (flat-field-like).
+
+    Examples
+    --------
+    >>> v, _ = Vignetting(depth=0.3).sample((65, 65), None)
+    >>> float(v[32, 32]), round(float(v[0, 0]), 6)
+    (1.0, 0.7)
+    """
 
     depth: float = 0.2
     power: float = 2.0
@@ -579,7 +598,14 @@ class Vignetting:
 class AmplifierOffsets:
     """Additive constant offset per amplifier region: the image is split into a
     ``grid = (ny_amps, nx_amps)`` of equal sections, each offset by a draw from
-    N(0, ``sigma``). Applied after vignetting (it is electronic, not optical)."""
+    N(0, ``sigma``). Applied after vignetting (it is electronic, not optical).
+
+    Examples
+    --------
+    >>> off, _ = AmplifierOffsets(grid=(1, 2)).sample((4, 6), np.random.default_rng(0))
+    >>> len(np.unique(off))
+    2
+    """
 
     grid: tuple = (1, 2)
     sigma: float = 0.05
@@ -639,6 +665,12 @@ class GaussianSources:
     ``n`` sources (or ``density`` per pixel times the image area when ``n`` is None);
     ``flux`` (image units summed over pixels) and ``sigma`` (pixels, drawn independently
     for each axis) are uniform on their (low, high) intervals.
+
+    Examples
+    --------
+    >>> cat = GaussianSources(n=10).sample((64, 64), np.random.default_rng(0))
+    >>> len(cat), str(cat["profile"][0])
+    (10, 'gaussian')
     """
 
     n: int | None = None
@@ -676,6 +708,13 @@ class MoffatStars:
     A steep function (``lf_slope`` around 2) with ``flux_min`` below the detection limit
     puts most stars under the noise, where they bias a background estimate without ever
     being masked. Small ``beta`` (around 2) gives wide PSF wings.
+
+    Examples
+    --------
+    >>> stars = MoffatStars(n=1000, flux_min=1.0, flux_max=1e4, lf_slope=2.0)
+    >>> cat = stars.sample((256, 256), np.random.default_rng(0))
+    >>> bool(np.median(cat["flux"]) < 3.0)  # most stars are faint
+    True
     """
 
     n: int | None = None
@@ -735,6 +774,12 @@ class SersicGalaxies:
 
     Large ``re`` with ``sersic_n`` near 4 gives extended low-surface-brightness wings that
     escape any threshold mask and bias the background upwards around the galaxy.
+
+    Examples
+    --------
+    >>> cat = SersicGalaxies(n=5).sample((128, 128), np.random.default_rng(0))
+    >>> bool(np.all(cat["peak"] > cat["amplitude"]))  # centre brighter than at re
+    True
     """
 
     n: int | None = None
@@ -783,7 +828,13 @@ def _check_n_density(n, density):
 
 @dataclass(frozen=True, kw_only=True)
 class GaussianNoise:
-    """Additive white Gaussian noise of standard deviation ``sigma`` (image units)."""
+    """Additive white Gaussian noise of standard deviation ``sigma`` (image units).
+
+    Examples
+    --------
+    >>> GaussianNoise(sigma=0.5).sigma_at(100.0)
+    0.5
+    """
 
     sigma: float = 0.1
 
@@ -802,7 +853,13 @@ class GaussianNoise:
 class PoissonNoise:
     """Photon noise plus read noise: the expected image (ADU) times ``gain`` (e-/ADU) is
     drawn from a Poisson law, divided back by the gain, and Gaussian read noise of
-    ``read_noise`` ADU is added. Negative expectations count as zero photons."""
+    ``read_noise`` ADU is added. Negative expectations count as zero photons.
+
+    Examples
+    --------
+    >>> PoissonNoise(gain=2.0, read_noise=3.0).sigma_at(50.0)
+    5.830951894845301
+    """
 
     gain: float = 1.0
     read_noise: float = 5.0
@@ -827,7 +884,15 @@ class PoissonNoise:
 class BadColumns:
     """``n`` bad columns set to ``value`` (0 = dead, a large number = hot). Each spans the
     full height or, with probability ``partial_fraction``, runs from a random row to the
-    top or bottom edge (a charge trap). The pixels go into the truth mask."""
+    top or bottom edge (a charge trap). The pixels go into the truth mask.
+
+    Examples
+    --------
+    >>> img = np.ones((8, 10))
+    >>> mask = BadColumns(n=1, partial_fraction=0.0).apply(img, np.random.default_rng(0))
+    >>> int(mask.sum()), float(img[mask].max())
+    (8, 0.0)
+    """
 
     n: int = 3
     value: float = 0.0
@@ -862,7 +927,15 @@ class BadColumns:
 class CosmicRays:
     """Straight cosmic-ray tracks: ``n`` (or ``density`` per pixel) tracks of 1 to
     ``max_length`` pixels at random angles, each pixel receiving a charge uniform on
-    ``amplitude`` (image units). Hit pixels go into the truth mask."""
+    ``amplitude`` (image units). Hit pixels go into the truth mask.
+
+    Examples
+    --------
+    >>> img = np.zeros((32, 32))
+    >>> mask = CosmicRays(n=3).apply(img, np.random.default_rng(0))
+    >>> bool(np.all(img[mask] >= 50.0)), bool(np.all(img[~mask] == 0.0))
+    (True, True)
+    """
 
     n: int | None = None
     density: float = 2e-5
@@ -897,7 +970,14 @@ class CosmicRays:
 @dataclass(frozen=True, kw_only=True)
 class Saturation:
     """Pixels at or above ``level`` (image units) are clipped to it and masked, as a
-    saturated detector would deliver them."""
+    saturated detector would deliver them.
+
+    Examples
+    --------
+    >>> img = np.array([[1.0, 5.0, 20.0]])
+    >>> Saturation(level=10.0).apply(img, None).tolist(), img.tolist()
+    ([[False, False, True]], [[1.0, 5.0, 10.0]])
+    """
 
     level: float = 1e4
 
@@ -1108,7 +1188,7 @@ def _galaxies_lsb(shape, seed):
         shape,
         sky=[Polynomial(coefficients=((10.0, 0.5), (0.3, 0.0)))],
         sources=[
-            SersicGalaxies(density=3e-4, flux=(200.0, 2e5), re=(3.0, 40.0), sersic_n=(0.5, 4.0)),
+            SersicGalaxies(density=2e-4, flux=(100.0, 3e4), re=(3.0, 40.0), sersic_n=(0.5, 4.0)),
             MoffatStars(density=1e-3, fwhm=3.0, beta=3.0, flux_min=20.0, flux_max=1e5),
         ],
         noise=GaussianNoise(sigma=1.0),
@@ -1147,14 +1227,14 @@ def _detector_artifacts(shape, seed):
         ],
         sources=[
             MoffatStars(
-                density=2e-3, fwhm=3.0, beta=2.5, flux_min=50.0, flux_max=1e6, lf_slope=1.5
+                density=2e-3, fwhm=3.0, beta=2.5, flux_min=50.0, flux_max=1e6, lf_slope=1.8
             )
         ],
         noise=PoissonNoise(gain=1.0, read_noise=5.0),
         detector=[
             CosmicRays(density=5e-5, amplitude=(100.0, 2000.0)),
             BadColumns(n=4, value=0.0),
-            Saturation(level=2e4),
+            Saturation(level=1e4),
         ],
         seed=seed,
         name="detector_artifacts",
