@@ -7,6 +7,8 @@ import numpy as np
 import pytest
 from astropy.nddata import block_reduce
 from astropy.table import Table
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from scipy import ndimage
 
 from skymap.evaluate import (
@@ -82,6 +84,29 @@ def test_rms_vs_scale_too_wide_gives_nan():
 def test_rms_vs_scale_rejects_bad_widths(bad):
     with pytest.raises(ValueError, match="widths"):
         rms_vs_scale(np.zeros((8, 8)), None, bad)
+
+
+@settings(max_examples=30)
+@given(
+    seed=st.integers(0, 2**31),
+    shift=st.floats(-1e3, 1e3),
+    scale=st.floats(0.01, 100),
+    ny=st.integers(12, 60),
+    nx=st.integers(12, 60),
+)
+def test_rms_vs_scale_invariances(seed, shift, scale, ny, nx):
+    # Shift-invariant, scales with |scale|, and blind to the values of masked pixels.
+    rng = np.random.default_rng(seed)
+    img = rng.normal(size=(ny, nx))
+    mask = rng.random((ny, nx)) < 0.01
+    widths = [2, 3, 5]
+    base = rms_vs_scale(img, mask, widths)
+    np.testing.assert_allclose(rms_vs_scale(img + shift, mask, widths), base, atol=1e-9)
+    np.testing.assert_allclose(rms_vs_scale(img * -scale, mask, widths), scale * base, rtol=1e-9)
+    spoiled = np.where(mask, np.nan, img)
+    np.testing.assert_array_equal(rms_vs_scale(spoiled, mask, widths), base)
+    f32 = rms_vs_scale(img.astype(np.float32), mask, widths)
+    np.testing.assert_allclose(f32, base, rtol=1e-5)
 
 
 def test_pixel_sigma_ignores_smooth_structure(rng):
