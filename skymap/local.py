@@ -149,6 +149,18 @@ def _as_positions(positions: Any) -> tuple[np.ndarray, np.ndarray]:
     return np.ascontiguousarray(pos[:, 0]), np.ascontiguousarray(pos[:, 1])
 
 
+def _per_source(name: str, value: Any, n: int) -> np.ndarray:
+    """A finite, non-negative number or one per position, as a new float64 array."""
+    arr = np.asarray(value, dtype=np.float64)
+    if arr.ndim > 1 or (arr.ndim == 1 and arr.size != n):
+        raise ValueError(
+            f"{name} must be a number or one per position ({n}), got shape {arr.shape}"
+        )
+    if not np.all(np.isfinite(arr) & (arr >= 0)):
+        raise ValueError(f"{name} must be finite and >= 0, got {value!r}")
+    return np.broadcast_to(arr, (n,)).copy()
+
+
 def _pixel_classes(
     shape: tuple[int, int], mask: Any, flags: Any, bad_bits: int | None, source_bits: int
 ) -> tuple[np.ndarray, bool, bool]:
@@ -507,8 +519,9 @@ def annulus_background(
         The image, indexed ``[y, x]``.
     positions : array_like, shape (2,) or (N, 2)
         Source positions as ``(x, y)`` pairs, pixel centres on integers.
-    r_in, r_out : float
-        Inner and outer radii of the annulus in pixels, ``0 <= r_in < r_out``.
+    r_in, r_out : float or array_like, shape (N,)
+        Inner and outer radii of the annulus in pixels, ``0 <= r_in < r_out``, for all
+        positions or one per position.
     mask : array_like of bool, optional
         True where a pixel is excluded. Non-finite pixels are always excluded.
     flags : array_like of int, optional
@@ -542,7 +555,7 @@ def annulus_background(
         ``GROWN``). None: never grow.
     max_grow : int
         Most growth steps.
-    max_r_out : float, optional
+    max_r_out : float or array_like, shape (N,), optional
         Largest outer radius growth may reach; by default ``r_out + max_grow *
         grow_step``.
     edge : {'clip', 'shrink'}
@@ -580,17 +593,26 @@ def annulus_background(
     """
     img = as_image(image)
     xs, ys = _as_positions(positions)
-    check_positive("r_in", r_in, allow_zero=True)
-    check_positive("r_out", r_out)
-    if not r_in < r_out:
-        raise ValueError(f"r_in must be < r_out, got r_in={r_in!r}, r_out={r_out!r}")
+    n = xs.size
+    rin = _per_source("r_in", r_in, n)
+    rout = _per_source("r_out", r_out, n)
+    if not np.all(rin < rout):
+        raise ValueError(
+            f"r_in must be < r_out for every position, got r_in={r_in!r}, r_out={r_out!r}"
+        )
     check_choice("edge", edge, ("clip", "shrink"))
-    if grow_step is not None:
+    if max_r_out is not None:
+        cap = _per_source("max_r_out", max_r_out, n)
+        if not np.all(cap >= rout):
+            raise ValueError(
+                f"max_r_out must be >= r_out, got max_r_out={max_r_out!r}, r_out={r_out!r}"
+            )
+    if grow_step is None:
+        limit = rout.copy()
+    else:
         check_positive("grow_step", grow_step)
         check_positive("max_grow", max_grow, allow_zero=True)
-    if max_r_out is not None and max_r_out < r_out:
-        raise ValueError(f"max_r_out must be >= r_out ({r_out!r}), got {max_r_out!r}")
-    n = xs.size
+        limit = rout + int(max_grow) * float(grow_step) if max_r_out is None else cap
     run = _Run(
         img,
         n,
@@ -605,13 +627,6 @@ def annulus_background(
     )
 
     ny, nx = img.shape
-    rin = np.full(n, float(r_in))
-    rout = np.full(n, float(r_out))
-    if grow_step is None:
-        limit = rout.copy()
-    else:
-        top = float(r_out) + max_grow * float(grow_step) if max_r_out is None else max_r_out
-        limit = np.full(n, float(top))
     if edge == "shrink":
         # distance to the image border: every selected pixel centre then lies inside
         border = np.minimum.reduce([xs + 0.5, ys + 0.5, nx - 0.5 - xs, ny - 0.5 - ys])
@@ -688,8 +703,9 @@ def window_background(
         Source positions as ``(x, y)`` pairs.
     window : int or (int, int)
         Window size in pixels, ``n`` or ``(ny, nx)``.
-    aperture_radius : float
-        Radius of the photometric aperture, in pixels.
+    aperture_radius : float or array_like, shape (N,)
+        Radius of the photometric aperture in pixels, for all positions or one per
+        position.
     mask, flags, bad_bits, source_bits, relax, statistic, sigma_clip, min_pixels
         As in :func:`annulus_background`.
 
@@ -710,8 +726,8 @@ def window_background(
     img = as_image(image)
     xs, ys = _as_positions(positions)
     wy, wx = as_pair("window", window)
-    check_positive("aperture_radius", aperture_radius, allow_zero=True)
     n = xs.size
+    cut = _per_source("aperture_radius", aperture_radius, n) + _HALF_DIAGONAL
     run = _Run(
         img,
         n,
@@ -724,13 +740,12 @@ def window_background(
         min_pixels=min_pixels,
         kind="windows",
     )
-    cut2 = (float(aperture_radius) + _HALF_DIAGONAL) ** 2
     reg = _Regions(
         xs=xs,
         ys=ys,
         hx=np.full(n, wx / 2.0),
         hy=np.full(n, wy / 2.0),
-        rin2=np.full(n, cut2),
+        rin2=cut**2,
         rout2=np.full(n, np.inf),
         strict_inner=True,
     )

@@ -426,6 +426,40 @@ def test_edge_shrink_caps_r_out_at_the_border(rng):
     assert res.n_pixels[0] == brute_values(image, None, 3.0, 15.0, 3.0, 3.5).size
 
 
+def test_per_source_radii_equal_one_call_per_radius(rng):
+    image, mask = random_scene(rng)
+    positions = rng.uniform(10.0, 70.0, (12, 2))
+    r_in = rng.uniform(0.0, 4.0, 12)
+    r_out = r_in + rng.uniform(1.0, 5.0, 12)
+    ap = rng.uniform(0.5, 3.0, 12)
+    ann = annulus_background(
+        image,
+        positions,
+        r_in,
+        r_out,
+        mask=mask,
+        min_pixels=50,
+        grow_step=1.0,
+        max_r_out=r_out + 2.0,
+    )
+    win = window_background(image, positions, 13, aperture_radius=ap, mask=mask)
+    for i in range(12):
+        one = annulus_background(
+            image,
+            positions[i],
+            r_in[i],
+            r_out[i],
+            mask=mask,
+            min_pixels=50,
+            grow_step=1.0,
+            max_r_out=r_out[i] + 2.0,
+        )
+        for name in ("background", "n_pixels", "flags", "r_out"):
+            assert getattr(one, name)[0] == getattr(ann, name)[i]
+        one = window_background(image, positions[i], 13, aperture_radius=ap[i], mask=mask)
+        assert one.background[0] == win.background[i] and one.n_pixels[0] == win.n_pixels[i]
+
+
 # --- window --------------------------------------------------------------------------
 
 
@@ -525,6 +559,8 @@ def test_from_map_reads_the_global_background():
     [
         ({"r_in": 5.0, "r_out": 4.0}, "r_in must be < r_out"),
         ({"r_in": -1.0}, "r_in"),
+        ({"r_in": [1.0, 2.0]}, "one per position"),
+        ({"r_out": np.inf}, "r_out must be finite"),
         ({"edge": "wrap"}, "edge must be one of"),
         ({"statistic": "nonsense"}, "statistic"),
         ({"grow_step": -0.5}, "grow_step"),
