@@ -1,0 +1,468 @@
+"""Tests for skymap.skymatch: sky levels across overlapping images."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from astropy.nddata import NDData
+from astropy.wcs import WCS
+from hypothesis import given
+from hypothesis import strategies as st
+
+from skymap.skymatch import SkyMatch, clipped_statistic, match
+
+DATA = Path(__file__).parent / "data"
+
+
+def _load_maker():
+    spec = importlib.util.spec_from_file_location(
+        "stcal_skymatch_make", DATA / "stcal_skymatch_make.py"
+    )
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+maker = _load_maker()
+
+
+def _relative_error(sky, truth):
+    """Largest error of the recovered offsets once the free constant is removed."""
+    err = (np.asarray(sky) - np.mean(sky)) - (truth - np.mean(truth))
+    return float(np.max(np.abs(err)))
+
+
+def _strip_pair(rng, levels, *, shape=(40, 100), overlap=30, noise=1.0):
+    """Images on one grid: image k covers columns [k*(w-overlap), ...) of a long strip."""
+    n = len(levels)
+    ny, w = shape
+    step = w - overlap
+    full = (ny, step * (n - 1) + w)
+    out = []
+    for k, level in enumerate(levels):
+        img = np.full(full, np.nan)
+        img[:, k * step : k * step + w] = level + noise * rng.standard_normal(shape)
+        out.append(img)
+    return out
+
+
+# ------------------------------------------------------------------ statistics
+
+
+def _brute_clip(x, lower, upper, nclip, lsig, usig):
+    """Straightforward re-statement of the imagestats clipping rules."""
+    lo = -np.inf if lower is None else lower
+    hi = np.inf if upper is None else upper
+    base = (lo, hi)
+    for it in range(nclip + 1):
+        sel = x[(x >= lo) & (x <= hi)]
+        mean, std = sel.mean(), sel.std(ddof=1)
+        if it < nclip:
+            lo, hi = max(base[0], mean - lsig * std), min(base[1], mean + usig * std)
+    return sel
+
+
+@pytest.mark.parametrize("statistic", ["mean", "median", "mode"])
+@pytest.mark.parametrize("limits", [(None, None), (-2.0, None), (None, 3.0), (-1.5, 40.0)])
+def test_clipped_statistic_matches_brute_force(rng, statistic, limits):
+    x = np.concatenate([rng.normal(0, 1, 5000), rng.exponential(30, 300)])
+    lower, upper = limits
+    sel = _brute_clip(x, lower, upper, 5, 3.0, 2.5)
+    ref = {
+        "mean": sel.mean(),
+        "median": np.median(sel),
+        "mode": 2.5 * np.median(sel) - 1.5 * sel.mean(),
+    }[statistic]
+    value, error, n = clipped_statistic(
+        x, statistic=statistic, lower=lower, upper=upper, nclip=5, lsigma=3.0, usigma=2.5
+    )
+    assert n == sel.size
+    assert value == pytest.approx(ref, abs=1e-9)
+    assert error > 0
+
+
+def test_clipped_statistic_error_matches_scatter_of_estimates():
+    # The quoted standard error of each statistic agrees with its spread over draws.
+    rng = np.random.default_rng(7)
+    for statistic in ("mean", "median", "mode"):
+        draws = [
+            clipped_statistic(rng.normal(5, 2, 2000), statistic=statistic) for _ in range(300)
+        ]
+        values = np.array([d[0] for d in draws])
+        quoted = np.mean([d[1] for d in draws])
+        assert np.std(values) == pytest.approx(quoted, rel=0.15)
+
+
+def test_clipped_statistic_empty_selection_is_nan():
+    value, error, n = clipped_statistic(np.arange(10.0), lower=20.0)
+    assert np.isnan(value) and np.isnan(error) and n == 0
+
+
+# ------------------------------------------------------------------ the 3x3 mosaic
+
+
+@pytest.fixture(scope="module")
+def stcal_ref():
+    return json.loads((DATA / "stcal_skymatch_skies.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def mosaic(stcal_ref):
+    images, wcss, offsets = maker.build_mosaic()
+    assert maker.checksum(images) == stcal_ref["checksum"], "mosaic differs from stcal's run"
+    return [NDData(im, wcs=w) for im, w in zip(images, wcss, strict=True)], offsets
+
+
+def test_mosaic_offsets_within_two_hundredths_sigma(mosaic, stcal_ref):
+    images, offsets = mosaic
+    res = match(images)  # defaults: global+match, mode
+    assert res.groups == [list(range(9))]
+    ours = _relative_error(res.sky, offsets)
+    theirs = _relative_error(stcal_ref["skies"]["global+match|mode"], offsets)
+    assert ours < 0.02  # noise sigma is 1
+    assert ours <= theirs
+    # Adjacent pairs (12) and corner pairs (8) each gave one equation.
+    assert len(res.pairs) == 20
+
+
+def _rms_error(sky, truth):
+    err = (np.asarray(sky) - np.mean(sky)) - (truth - np.mean(truth))
+    return float(np.sqrt(np.mean(err**2)))
+
+
+def test_ensemble_at_least_as_accurate_as_stcal(stcal_ref):
+    # One noise draw cannot rank two estimators fed the same pixels, so compare the rms
+    # error over the 8 draws stcal was run on (512^2 images, same 3x3 layout).
+    ours = {s: [] for s in ("mode", "median", "mean")}
+    theirs = {s: [] for s in ours}
+    for run in stcal_ref["ensemble"]:
+        images, wcss, offsets = maker.build_mosaic(seed=run["seed"], size=run["size"])
+        assert maker.checksum(images) == run["checksum"]
+        nd = [NDData(im, wcs=w) for im, w in zip(images, wcss, strict=True)]
+        for statistic in ours:
+            sky = match(nd, method="match", statistic=statistic).sky
+            ours[statistic].append(_rms_error(sky, offsets))
+            theirs[statistic].append(_rms_error(run["skies"][f"match|{statistic}"], offsets))
+    rms = {
+        s: (np.sqrt(np.mean(np.square(ours[s]))), np.sqrt(np.mean(np.square(theirs[s]))))
+        for s in ours
+    }
+    # stcal's 'mode' is a histogram peak (0.1 sigma bins): ours is several times better.
+    assert rms["mode"][0] < 0.25 * rms["mode"][1]
+    assert rms["median"][0] <= rms["median"][1]
+    # The clipped mean uses the same pixels and the same rule in both: a statistical tie
+    # (8 draws resolve differences of about 20 per cent, no better).
+    assert rms["mean"][0] <= 1.2 * rms["mean"][1]
+
+
+@pytest.mark.parametrize("statistic", ["mode", "median", "mean"])
+def test_mosaic_each_statistic_within_target(mosaic, statistic):
+    images, offsets = mosaic
+    res = match(images, method="match", statistic=statistic)
+    assert _relative_error(res.sky, offsets) < 0.02
+    assert res.reduced_chi2 == pytest.approx(1.0, abs=0.8)
+
+
+def test_global_match_adds_min_local_sky(mosaic):
+    images, _ = mosaic
+    rel = match(images, method="match")
+    full = match(images, method="global+match")
+    assert np.isnan(rel.local_sky).all()  # not needed by 'match', so not computed
+    base = np.min(full.local_sky - rel.sky)
+    np.testing.assert_allclose(full.sky, rel.sky + base, rtol=0, atol=1e-9)
+
+
+# ------------------------------------------------------------------ methods
+
+
+@pytest.fixture
+def strip(rng):
+    levels = np.array([10.0, 13.0, 11.5, 12.0])
+    return _strip_pair(rng, levels, noise=0.3), levels
+
+
+def test_local_is_each_images_own_sky(strip):
+    images, levels = strip
+    res = match(images, method="local", statistic="mean")
+    for img, s in zip(images, res.sky, strict=True):
+        assert s == pytest.approx(clipped_statistic(img[np.isfinite(img)], statistic="mean")[0])
+    np.testing.assert_allclose(res.sky, levels, atol=0.05)
+
+
+def test_global_is_minimum_local_sky(strip):
+    images, levels = strip
+    local = match(images, method="local", statistic="median").sky
+    res = match(images, method="global", statistic="median")
+    np.testing.assert_array_equal(res.sky, np.full(4, local.min()))
+
+
+@pytest.mark.parametrize("match_down", [True, False])
+def test_match_down_and_up(strip, match_down):
+    images, levels = strip
+    res = match(images, method="match", statistic="mean", match_down=match_down)
+    ref = levels - (levels.min() if match_down else levels.max())
+    np.testing.assert_allclose(res.sky, ref, atol=0.05)
+    assert (res.sky >= 0).all() if match_down else (res.sky <= 0).all()
+    assert 0.0 in res.sky
+
+
+def test_global_plus_match_is_absolute(strip):
+    images, levels = strip
+    res = match(images, statistic="mean")
+    np.testing.assert_allclose(res.sky, levels, atol=0.05)
+
+
+def test_subtract_returns_copies_and_leaves_inputs_alone(strip):
+    images, levels = strip
+    before = [im.copy() for im in images]
+    f32 = [im.astype(np.float32) for im in images]
+    res = match(f32, statistic="mean", subtract=True)
+    for im, b in zip(images, before, strict=True):
+        np.testing.assert_array_equal(im, b)
+    for out, im, s in zip(res.images, f32, res.sky, strict=True):
+        assert out.dtype == np.float32
+        assert out is not im
+        np.testing.assert_allclose(out, im - s, rtol=0, atol=1e-5, equal_nan=True)
+    assert match(f32, statistic="mean").images is None
+
+
+def test_subtract_keeps_nddata_mask_and_wcs():
+    w = WCS(naxis=2)
+    w.wcs.ctype = ["RA---TAN", "DEC--TAN"]
+    w.wcs.crval = [10.0, 20.0]
+    w.wcs.cdelt = [-1e-4, 1e-4]
+    mask = np.zeros((20, 20), dtype=bool)
+    mask[3, 4] = True
+    nd = NDData(np.full((20, 20), 5.0), mask=mask, wcs=w, meta={"a": 1})
+    res = match([nd], method="local", subtract=True)
+    out = res.images[0]
+    assert isinstance(out, NDData)
+    np.testing.assert_array_equal(out.mask, mask)
+    assert out.wcs is w and out.meta == {"a": 1}
+    np.testing.assert_allclose(out.data, 0.0)
+    np.testing.assert_array_equal(nd.data, 5.0)
+
+
+# ------------------------------------------------------------------ residuals
+
+
+def test_residuals_share_a_loop_misclosure():
+    # Three noise-free images overlapping pairwise in three separate patches; the
+    # levels in the patches make the three differences inconsistent by m = 0.6, so
+    # that equal-weight least squares leaves m/3 on each equation.
+    a, b, c = (np.full((30, 90), np.nan) for _ in range(3))
+    a[:, 0:20], b[:, 0:20] = 0.0, 1.0  # a - b = -1
+    b[:, 30:50], c[:, 30:50] = 0.0, 2.0  # b - c = -2
+    c[:, 60:80], a[:, 60:80] = 0.0, -3.6  # c - a = +3.6 -> misclosure 0.6
+    res = match([a, b, c], method="match", statistic="mean", nclip=0, weighting="uniform")
+    assert len(res.pairs) == 3
+    # Residual of each equation, signed along the loop a->b->c->a.
+    loop = {(0, 1): 1, (1, 2): 1, (0, 2): -1}
+    signed = [
+        loop[tuple(p)] * r for p, r in zip(res.pairs.tolist(), res.pair_residual, strict=True)
+    ]
+    np.testing.assert_allclose(signed, 0.2, atol=1e-9)
+
+
+# ------------------------------------------------------------------ masks
+
+
+def test_masked_overlap_pixels_are_ignored(rng):
+    images = _strip_pair(rng, [10.0, 13.0], shape=(60, 120), overlap=50)
+    clean = match(images, method="match", statistic="mean", nclip=0)
+    polluted = [im.copy() for im in images]
+    polluted[1][:, 70:90] += 50.0  # a broad artefact in image 1's part of the overlap
+    mask = np.zeros(polluted[1].shape, dtype=bool)
+    mask[:, 70:90] = True
+    masked = match(
+        [polluted[0], NDData(polluted[1], mask=mask)], method="match", statistic="mean", nclip=0
+    )
+    unmasked = match(polluted, method="match", statistic="mean", nclip=0)
+    assert abs(unmasked.sky[1] - clean.sky[1]) > 10  # the artefact matters if not masked
+    # Masked: only the remaining overlap is used, in both images.
+    assert masked.pair_npix[0] == 60 * 30
+    assert masked.sky[1] == pytest.approx(3.0, abs=0.1)
+
+
+def test_fully_masked_overlap_splits_the_groups(rng):
+    images = _strip_pair(rng, [10.0, 13.0, 11.0], shape=(30, 80), overlap=20)
+    masked = [
+        NDData(images[0]),
+        NDData(images[1], mask=np.zeros(images[1].shape, bool)),
+        NDData(images[2]),
+    ]
+    masked[1].mask[:, 120:140] = True  # all of the overlap with image 2
+    res = match(masked, method="match", statistic="mean")
+    assert res.groups == [[0, 1], [2]]
+    with pytest.raises(ValueError, match="do not overlap"):
+        match(masked, method="match", disjoint="raise")
+
+
+# ------------------------------------------------------------------ disjoint groups
+
+
+def test_disjoint_groups_found_and_tied_by_global(rng):
+    # Two pairs far apart on one grid: 0-1 overlap, 2-3 overlap, nothing in between.
+    ny, nx = 30, 300
+    levels = [5.0, 7.0, 20.0, 21.0]
+    cols = [(0, 60), (40, 100), (180, 240), (220, 280)]
+    images = []
+    for lvl, (c0, c1) in zip(levels, cols, strict=True):
+        im = np.full((ny, nx), np.nan)
+        im[:, c0:c1] = lvl + 0.3 * rng.standard_normal((ny, c1 - c0))
+        images.append(im)
+    res = match(images, method="match", statistic="mean")
+    assert res.groups == [[0, 1], [2, 3]]
+    # Within each group the difference is matched; between groups the baselines (the
+    # minimum local sky) are aligned, i.e. each group's lowest image gets the same sky.
+    assert res.sky[1] - res.sky[0] == pytest.approx(2.0, abs=0.1)
+    assert res.sky[3] - res.sky[2] == pytest.approx(1.0, abs=0.1)
+    assert res.sky[0] == 0.0 and res.sky[2] == 0.0
+    absolute = match(images, method="global+match", statistic="mean")
+    np.testing.assert_allclose(absolute.sky, res.sky + 5.0, atol=0.1)
+    # disjoint='local': each group keeps its own measured baseline.
+    own = match(images, method="global+match", statistic="mean", disjoint="local")
+    np.testing.assert_allclose(own.sky, levels, atol=0.1)
+    rel_own = match(images, method="match", statistic="mean", disjoint="local")
+    np.testing.assert_allclose(rel_own.sky, np.subtract(levels, 5.0), atol=0.1)
+    with pytest.raises(ValueError, match=r"\[\[0, 1\], \[2, 3\]\]"):
+        match(images, disjoint="raise")
+    # 'local' and 'global' do not match, so disjoint groups are only reported.
+    assert match(images, method="local", disjoint="raise").groups == [[0, 1], [2, 3]]
+
+
+# ------------------------------------------------------------------ exposures
+
+
+def test_exposures_share_one_sky(rng):
+    images = _strip_pair(rng, [10.0, 10.0, 14.0, 14.0], shape=(30, 80), overlap=20)
+    images[1] = images[1] + 0.5  # a detector whose own sky is higher
+    nested = match([images[:2], images[2:]], method="local", statistic="mean")
+    flat = match(images, method="local", statistic="mean", exposures=[[0, 1], [2, 3]])
+    np.testing.assert_array_equal(nested.sky, flat.sky)
+    assert nested.exposures == [[0, 1], [2, 3]]
+    # An exposure's local sky is the smallest of its members' (the original's rule).
+    assert nested.sky[0] == nested.sky[1] == pytest.approx(10.0, abs=0.1)
+    matched = match(images, method="match", statistic="mean", exposures=[[0, 1], [2, 3]])
+    assert matched.sky[0] == matched.sky[1] == 0.0
+    assert matched.sky[2] == matched.sky[3]
+    # Pairs inside one exposure give no equation.
+    assert all((p[0] < 2) != (p[1] < 2) for p in matched.pairs.tolist())
+
+
+# ------------------------------------------------------------------ WCS geometry
+
+
+def _tan(crpix, rot_deg=0.0, scale=1e-4):
+    w = WCS(naxis=2)
+    w.wcs.ctype = ["RA---TAN", "DEC--TAN"]
+    w.wcs.crval = [30.0, -10.0]
+    t = np.radians(rot_deg)
+    w.wcs.cd = scale * np.array([[-np.cos(t), np.sin(t)], [np.sin(t), np.cos(t)]])
+    w.wcs.crpix = crpix
+    return w
+
+
+def test_rotated_subpixel_wcs_overlap_matches_geometry(rng):
+    # Image 1 is rotated by 7 degrees and shifted by a fraction of a pixel; the overlap
+    # area found by pixel mapping must match the analytic footprint intersection.
+    shape = (200, 200)
+    w0 = _tan([100.5, 100.5])
+    w1 = _tan([100.5 - 120.3, 100.5 + 10.7], rot_deg=7.0)
+    ims = [10.0 + rng.standard_normal(shape), 12.5 + rng.standard_normal(shape)]
+    res = match([NDData(ims[0], wcs=w0), NDData(ims[1], wcs=w1)], method="match", statistic="mean")
+    assert res.sky[1] - res.sky[0] == pytest.approx(2.5, abs=4 * res.pair_error[0])
+    # Brute-force overlap: image-0 pixels whose centre maps inside image 1 (bilinear
+    # sampling needs the centre within the outer pixel centres).
+    yy, xx = np.mgrid[0 : shape[0], 0 : shape[1]]
+    x1, y1 = w1.world_to_pixel_values(*w0.pixel_to_world_values(xx.ravel(), yy.ravel()))
+    inside = (x1 >= 0) & (x1 <= shape[1] - 1) & (y1 >= 0) & (y1 <= shape[0] - 1)
+    assert abs(res.pair_npix[0] - inside.sum()) <= 0.02 * inside.sum()
+
+
+def test_wcs_and_grid_inputs_agree(rng):
+    # Integer offsets: the same mosaic given with WCS or as images on one grid.
+    images, wcss, offsets = maker.build_mosaic(seed=3, size=160, overlap=40, grid=2)
+    res_wcs = match(
+        [NDData(im, wcs=w) for im, w in zip(images, wcss, strict=True)], statistic="median"
+    )
+    step = 120
+    grid = []
+    for k, im in enumerate(images):
+        r, c = divmod(k, 2)
+        g = np.full((280, 280), np.nan, dtype=np.float32)
+        g[r * step : r * step + 160, c * step : c * step + 160] = im
+        grid.append(g)
+    res_grid = match(grid, statistic="median")
+    np.testing.assert_allclose(res_wcs.sky, res_grid.sky, atol=1e-6)
+    np.testing.assert_array_equal(res_wcs.pair_npix, res_grid.pair_npix)
+
+
+# ------------------------------------------------------------------ properties
+
+
+@given(
+    shift=st.floats(-1e3, 1e3),
+    perm_seed=st.integers(0, 1000),
+    method=st.sampled_from(["local", "global", "match", "global+match"]),
+)
+def test_constant_shift_and_permutation(shift, perm_seed, method):
+    rng = np.random.default_rng(perm_seed)
+    images = _strip_pair(rng, list(rng.uniform(0, 10, 4)), shape=(20, 50), overlap=15)
+    base = match(images, method=method, statistic="mean", nclip=0)
+    shifted = match([im + shift for im in images], method=method, statistic="mean", nclip=0)
+    expected = base.sky if method == "match" else base.sky + shift
+    np.testing.assert_allclose(shifted.sky, expected, atol=1e-6 * (1 + abs(shift)))
+    order = rng.permutation(4)
+    permuted = match([images[k] for k in order], method=method, statistic="mean", nclip=0)
+    np.testing.assert_allclose(permuted.sky, base.sky[order], atol=1e-8)
+
+
+# ------------------------------------------------------------------ validation
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "needle"),
+    [
+        ({"method": "best"}, "method"),
+        ({"statistic": "midpt"}, "statistic"),
+        ({"approach": "both"}, "approach"),
+        ({"disjoint": "ignore"}, "disjoint"),
+        ({"min_pixels": 0}, "min_pixels"),
+        ({"weighting": "area"}, "weighting"),
+        ({"nclip": -1}, "nclip"),
+        ({"lsigma": 0}, "lsigma"),
+        ({"lower": 5, "upper": 1}, "lower"),
+        ({"match_down": "yes"}, "match_down"),
+    ],
+)
+def test_config_errors_name_the_field(kwargs, needle):
+    with pytest.raises(ValueError, match=needle):
+        SkyMatch(**kwargs)
+
+
+def test_input_errors(rng):
+    a = rng.normal(size=(10, 10))
+    with pytest.raises(ValueError, match="one pixel grid"):
+        match([a, rng.normal(size=(10, 12))])
+    with pytest.raises(ValueError, match="WCS"):
+        match([NDData(a, wcs=_tan([5, 5])), a])
+    with pytest.raises(ValueError, match="exposures"):
+        match([a, a], exposures=[[0]])
+    with pytest.raises(ValueError, match="exposures"):
+        match([[a], [a]], exposures=[[0], [1]])
+    with pytest.raises(TypeError, match="images"):
+        match(a)
+
+
+def test_image_without_valid_pixels_warns_and_gets_nan(rng):
+    images = _strip_pair(rng, [1.0, 2.0], shape=(20, 50), overlap=15)
+    images.append(np.full(images[0].shape, np.nan))
+    with pytest.warns(RuntimeWarning, match="no sky"):
+        res = match(images, method="local", subtract=True)
+    assert np.isnan(res.sky[2]) and np.isfinite(res.sky[:2]).all()
+    assert np.isnan(res.images[2]).all()
