@@ -87,7 +87,9 @@ class LocalBackground:
         Gaussian-noise factor (1 for the mean, sqrt(pi/2) = 1.25 for the median, 2.14
         for SExtractor's mode, 2.48 for ``3 median - 2 mean``, and the median's for
         other estimators). It assumes independent pixels, so it is optimistic on
-        resampled (correlated) images, and it ignores clipping's truncation.
+        resampled (correlated) images. After clipping it uses the clipped spread;
+        on Gaussian noise with 3-sigma clipping to convergence that makes it 3-4%
+        low (measured on 6,241 disjoint annuli; 0-1% without clipping).
     std : ndarray of float64
         Standard deviation (ddof=0) of the pixels used, after clipping.
     n_pixels : ndarray of int64
