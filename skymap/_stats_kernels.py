@@ -16,104 +16,92 @@ MAD_TO_STD = 1.482602218505602
 
 
 @njit(cache=True, nogil=True)
-def _gather_sorted(row, buf):
-    """Copy the finite values of ``row`` into ``buf``, sort them, return how many."""
+def _gather(row, buf):
+    """Copy the finite values of ``row`` into ``buf``; return how many."""
     n = 0
     for v in row:
         if np.isfinite(v):
             buf[n] = v
             n += 1
-    buf[:n].sort()
     return n
 
 
 @njit(cache=True, nogil=True)
-def _sorted_median(s, a, b):
-    """Median of the sorted slice ``s[a:b]`` (b > a)."""
-    m = b - a
-    h = a + m // 2
-    if m % 2 == 1:
-        return s[h]
-    return 0.5 * (s[h] + s[h - 1])
+def _select(a, n, k):
+    """Return the k-th smallest (0-based) of ``a[:n]``, reordering ``a[:n]`` so that
+    everything left of ``k`` is <= it and everything right of it is >= it.
 
-
-@njit(cache=True, nogil=True)
-def _search_left(s, a, b, x):
-    """First index i in [a, b] with s[i] >= x (s sorted)."""
-    lo, hi = a, b
-    while lo < hi:
-        mid = (lo + hi) // 2
-        if s[mid] < x:
-            lo = mid + 1
-        else:
-            hi = mid
-    return lo
-
-
-@njit(cache=True, nogil=True)
-def _sorted_mad(s, a, b, med):
-    """Median absolute deviation from ``med`` of the sorted slice ``s[a:b]``.
-
-    In a sorted slice the deviations fall on two sorted runs that meet at ``med``
-    (decreasing to its left, increasing to its right); merging them outwards yields the
-    deviations in increasing order, so the k-th one needs no second sort.
+    Hoare partitioning around the middle element, narrowed to the side holding ``k``:
+    O(n) on average, and equal values split evenly, so ties cost nothing extra.
     """
-    m = b - a
-    right = _search_left(s, a, b, med)
-    left = right - 1
-    k_hi = m // 2
-    k_lo = k_hi - 1 if m % 2 == 0 else k_hi
-    prev = 0.0
-    d = 0.0
-    for k in range(k_hi + 1):
-        if left >= a and (right >= b or med - s[left] <= s[right] - med):
-            d = med - s[left]
-            left -= 1
-        else:
-            d = s[right] - med
-            right += 1
-        if k == k_lo:
-            prev = d
-    return 0.5 * (prev + d)
-
-
-@njit(cache=True, nogil=True)
-def _mean_std(s, a, b):
-    """Two-pass mean and population standard deviation of ``s[a:b]``."""
-    m = b - a
-    tot = 0.0
-    for i in range(a, b):
-        tot += s[i]
-    mean = tot / m
-    ss = 0.0
-    for i in range(a, b):
-        d = s[i] - mean
-        ss += d * d
-    return mean, np.sqrt(ss / m)
-
-
-@njit(cache=True, nogil=True)
-def _search_right(s, a, b, x):
-    """First index i in [a, b] with s[i] > x (s sorted)."""
-    lo, hi = a, b
+    lo = 0
+    hi = n - 1
     while lo < hi:
-        mid = (lo + hi) // 2
-        if s[mid] <= x:
-            lo = mid + 1
-        else:
-            hi = mid
-    return lo
+        pivot = a[(lo + hi) // 2]
+        i = lo
+        j = hi
+        while i <= j:
+            while a[i] < pivot:
+                i += 1
+            while pivot < a[j]:
+                j -= 1
+            if i <= j:
+                t = a[i]
+                a[i] = a[j]
+                a[j] = t
+                i += 1
+                j -= 1
+        if j < k:
+            lo = i
+        if k < i:
+            hi = j
+    return a[k]
 
 
 @njit(cache=True, nogil=True)
-def _clip_row(row, buf, use_median, use_mad, maxiters, sigma_lower, sigma_upper, out):
+def _median_inplace(a, n):
+    """Median of ``a[:n]`` (n > 0; mean of the two middle values when n is even),
+    reordering ``a[:n]``."""
+    k = n // 2
+    upper = _select(a, n, k)
+    if n % 2 == 1:
+        return upper
+    lower = a[0]
+    for i in range(1, k):
+        if a[i] > lower:
+            lower = a[i]
+    return 0.5 * (upper + lower)
+
+
+@njit(cache=True, nogil=True)
+def _mad(a, n, med, work):
+    """Median absolute deviation of ``a[:n]`` about ``med``, using ``work`` as scratch."""
+    for i in range(n):
+        work[i] = abs(a[i] - med)
+    return _median_inplace(work, n)
+
+
+@njit(cache=True, nogil=True)
+def _mean_std(a, n):
+    """Two-pass mean and population standard deviation of ``a[:n]``."""
+    tot = 0.0
+    for i in range(n):
+        tot += a[i]
+    mean = tot / n
+    ss = 0.0
+    for i in range(n):
+        d = a[i] - mean
+        ss += d * d
+    return mean, np.sqrt(ss / n)
+
+
+@njit(cache=True, nogil=True)
+def _clip_row(row, buf, work, use_median, use_mad, maxiters, sigma_lower, sigma_upper, out):
     """Clip one row (see `sigma_clip_rows`); return its final (lower, upper) bounds."""
-    n = _gather_sorted(row, buf)
+    n = _gather(row, buf)
     if n == 0:
         out[:] = np.nan
         return np.nan, np.nan
-    a = 0
-    b = n
     it = 0
     blo = np.nan
     bhi = np.nan
@@ -122,20 +110,23 @@ def _clip_row(row, buf, use_median, use_mad, maxiters, sigma_lower, sigma_upper,
         mean = 0.0
         std = 0.0
         if use_median or use_mad:
-            med = _sorted_median(buf, a, b)
+            med = _median_inplace(buf, n)
         if not (use_median and use_mad):
-            mean, std = _mean_std(buf, a, b)
+            mean, std = _mean_std(buf, n)
         cen = med if use_median else mean
         if use_mad:
-            std = _sorted_mad(buf, a, b, med) * MAD_TO_STD
+            std = _mad(buf, n, med, work) * MAD_TO_STD
         blo = cen - sigma_lower * std
         bhi = cen + sigma_upper * std
-        na = _search_left(buf, a, b, blo)
-        nb = _search_right(buf, a, b, bhi)
-        if nb - na == b - a or nb <= na:
+        kept = 0
+        for i in range(n):
+            v = buf[i]
+            if v >= blo and v <= bhi:
+                buf[kept] = v
+                kept += 1
+        if kept == n or kept == 0:
             break
-        a = na
-        b = nb
+        n = kept
         it += 1
         if maxiters >= 0 and it >= maxiters:
             break
@@ -153,14 +144,16 @@ def _clip_row(row, buf, use_median, use_mad, maxiters, sigma_lower, sigma_upper,
 def _sigma_clip_rows_parallel(data, use_median, use_mad, maxiters, sl, su, out, lo, hi):
     for r in prange(data.shape[0]):
         buf = np.empty(data.shape[1], dtype=np.float64)
-        lo[r], hi[r] = _clip_row(data[r], buf, use_median, use_mad, maxiters, sl, su, out[r])
+        work = np.empty(data.shape[1] if use_mad else 0, dtype=np.float64)
+        lo[r], hi[r] = _clip_row(data[r], buf, work, use_median, use_mad, maxiters, sl, su, out[r])
 
 
 @njit(cache=True, nogil=True)
 def _sigma_clip_rows_serial(data, use_median, use_mad, maxiters, sl, su, out, lo, hi):
     buf = np.empty(data.shape[1], dtype=np.float64)
+    work = np.empty(data.shape[1] if use_mad else 0, dtype=np.float64)
     for r in range(data.shape[0]):
-        lo[r], hi[r] = _clip_row(data[r], buf, use_median, use_mad, maxiters, sl, su, out[r])
+        lo[r], hi[r] = _clip_row(data[r], buf, work, use_median, use_mad, maxiters, sl, su, out[r])
 
 
 def sigma_clip_rows(data, use_median, use_mad, maxiters, sigma_lower, sigma_upper, out, lo, hi):
@@ -170,9 +163,9 @@ def sigma_clip_rows(data, use_median, use_mad, maxiters, sigma_lower, sigma_uppe
     width of the surviving values, keeps those inside ``[cen - sl*std, cen + su*std]``,
     and stops when nothing changes, nothing survives, or after ``maxiters`` iterations
     (``maxiters < 0``: no limit). The final bounds are then applied to every finite value
-    of the row, which is what astropy returns. Each row is sorted once; the survivors
-    are always a contiguous run of the sorted row, so an iteration costs two binary
-    searches plus one pass for the mean/std.
+    of the row, which is what astropy returns. Medians come from quickselect, O(n) per
+    iteration; sorting each row once instead measured twice as slow on 4096-sample
+    meshes.
 
     ``out`` receives the row with clipped and missing values set to NaN; ``lo``/``hi``
     receive the final bounds (NaN for a row with no finite value).
@@ -191,53 +184,110 @@ PARALLEL_MIN_SIZE = 1 << 16
 
 
 @njit(cache=True, nogil=True)
-def _stats_row(row, buf, sort, want_mad):
+def _stats_row(row, buf, work, want_median, want_mad):
     """(count, mean, std, median, mad) of the finite values of one row."""
-    if sort:
-        n = _gather_sorted(row, buf)
-        if n == 0:
-            return 0, np.nan, np.nan, np.nan, np.nan
-        mu, sd = _mean_std(buf, 0, n)
-        med = _sorted_median(buf, 0, n)
-        mad = _sorted_mad(buf, 0, n, med) if want_mad else np.nan
-        return n, mu, sd, med, mad
-    n = 0
-    tot = 0.0
-    for v in row:
-        if np.isfinite(v):
-            n += 1
-            tot += v
+    n = _gather(row, buf)
     if n == 0:
         return 0, np.nan, np.nan, np.nan, np.nan
-    mu = tot / n
-    ss = 0.0
-    for v in row:
-        if np.isfinite(v):
-            d = v - mu
-            ss += d * d
-    return n, mu, np.sqrt(ss / n), np.nan, np.nan
+    mu, sd = _mean_std(buf, n)
+    med = np.nan
+    mad = np.nan
+    if want_median or want_mad:
+        med = _median_inplace(buf, n)
+    if want_mad:
+        mad = _mad(buf, n, med, work)
+    return n, mu, sd, med, mad
 
 
 @njit(cache=True, nogil=True, parallel=True)
-def _row_stats_parallel(data, sort, want_mad, count, mean, std, median, mad):
+def _row_stats_parallel(data, want_median, want_mad, count, mean, std, median, mad):
     for r in prange(data.shape[0]):
-        buf = np.empty(data.shape[1] if sort else 0, dtype=np.float64)
-        count[r], mean[r], std[r], median[r], mad[r] = _stats_row(data[r], buf, sort, want_mad)
+        buf = np.empty(data.shape[1], dtype=np.float64)
+        work = np.empty(data.shape[1] if want_mad else 0, dtype=np.float64)
+        count[r], mean[r], std[r], median[r], mad[r] = _stats_row(
+            data[r], buf, work, want_median, want_mad
+        )
 
 
 @njit(cache=True, nogil=True)
-def _row_stats_serial(data, sort, want_mad, count, mean, std, median, mad):
-    buf = np.empty(data.shape[1] if sort else 0, dtype=np.float64)
+def _row_stats_serial(data, want_median, want_mad, count, mean, std, median, mad):
+    buf = np.empty(data.shape[1], dtype=np.float64)
+    work = np.empty(data.shape[1] if want_mad else 0, dtype=np.float64)
     for r in range(data.shape[0]):
-        count[r], mean[r], std[r], median[r], mad[r] = _stats_row(data[r], buf, sort, want_mad)
+        count[r], mean[r], std[r], median[r], mad[r] = _stats_row(
+            data[r], buf, work, want_median, want_mad
+        )
 
 
 def row_stats(data, want_median, want_mad, count, mean, std, median, mad):
     """Count, mean, population std, and optionally median and MAD of each row.
 
     Missing values are skipped. A row with no finite value gets count 0 and NaN
-    elsewhere. The MAD is about the row's median; median and MAD are NaN unless asked
-    for (computing them sorts the row).
+    elsewhere. The MAD is about the row's median; median and MAD are left untouched
+    unless asked for.
     """
     kernel = _row_stats_parallel if _worth_threads(data) else _row_stats_serial
-    kernel(data, want_median or want_mad, want_mad, count, mean, std, median, mad)
+    kernel(data, want_median, want_mad, count, mean, std, median, mad)
+
+
+@njit(cache=True, nogil=True)
+def _biweight_row(row, buf, work, c, scale, modify_sample_size):
+    """Biweight location (``scale=False``) or scale of the finite values of one row,
+    about the row's median, as astropy defines them."""
+    n = _gather(row, buf)
+    if n == 0:
+        return np.nan
+    med = _median_inplace(buf, n)
+    mad = _mad(buf, n, med, work)
+    if mad == 0.0:
+        return 0.0 if scale else med
+    cm = c * mad
+    num = 0.0
+    den = 0.0
+    inside = 0
+    for i in range(n):
+        d = buf[i] - med
+        u = d / cm
+        u2 = u * u
+        if u2 < 1.0:
+            one = 1.0 - u2
+            inside += 1
+            if scale:
+                num += d * d * one**4
+                den += one * (1.0 - 5.0 * u2)
+            else:
+                w = one * one
+                num += d * w
+                den += w
+    if not scale:
+        return med + num / den
+    count = inside if modify_sample_size else n
+    return np.sqrt(count * num / (den * den))
+
+
+@njit(cache=True, nogil=True, parallel=True)
+def _biweight_rows_parallel(data, c, scale, modify_sample_size, out):
+    for r in prange(data.shape[0]):
+        buf = np.empty(data.shape[1], dtype=np.float64)
+        work = np.empty(data.shape[1], dtype=np.float64)
+        out[r] = _biweight_row(data[r], buf, work, c, scale, modify_sample_size)
+
+
+@njit(cache=True, nogil=True)
+def _biweight_rows_serial(data, c, scale, modify_sample_size, out):
+    buf = np.empty(data.shape[1], dtype=np.float64)
+    work = np.empty(data.shape[1], dtype=np.float64)
+    for r in range(data.shape[0]):
+        out[r] = _biweight_row(data[r], buf, work, c, scale, modify_sample_size)
+
+
+def biweight_rows(data, c, scale, modify_sample_size, out):
+    """Biweight location (``scale=False``) or biweight scale of each row.
+
+    ``M`` is the row's median and ``u = (x - M) / (c * MAD)``; samples with
+    ``|u| >= 1`` get zero weight. A row whose MAD is 0 gives its median (location) or 0
+    (scale); an empty row gives NaN. The scale's sample size is the number of valid
+    samples, or of those with ``|u| < 1`` when ``modify_sample_size``.
+    """
+    kernel = _biweight_rows_parallel if _worth_threads(data) else _biweight_rows_serial
+    kernel(data, float(c), scale, modify_sample_size, out)

@@ -573,23 +573,14 @@ class BiweightLocation:
         check_positive("c", self.c)
 
     def __call__(self, samples: np.ndarray, axis: int = -1) -> np.ndarray:
-        rows, shape = _as_rows(samples, axis)
-        med, mad = _median_mad(rows)
-        d = rows - med[:, None]
-        # huge or tiny spreads overflow u; those samples get zero weight anyway
-        with np.errstate(all="ignore"):
-            u = d / (self.c * mad[:, None])
-            w = np.where(np.abs(u) < 1, (1.0 - u * u) ** 2, 0.0)
-            loc = med + (w * np.where(w > 0, d, 0.0)).sum(-1) / w.sum(-1)
-        return np.where(mad == 0, med, loc).reshape(shape)
+        return _biweight(samples, axis, self.c, scale=False, modify_sample_size=False)
 
 
-def _median_mad(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    nrow = rows.shape[0]
-    count = np.empty(nrow, dtype=np.int64)
-    mean, std, med, mad = (np.empty(nrow) for _ in range(4))
-    _k.row_stats(rows, True, True, count, mean, std, med, mad)
-    return med, mad
+def _biweight(samples, axis, c, *, scale, modify_sample_size):
+    rows, shape = _as_rows(samples, axis)
+    out = np.empty(rows.shape[0])
+    _k.biweight_rows(rows, c, scale, modify_sample_size, out)
+    return out.reshape(shape)
 
 
 # ---------------------------------------------------------------------------- scales
@@ -683,19 +674,9 @@ class BiweightScale(_ScaleBase):
         _check_clip_correction(self)
 
     def _raw(self, samples, axis):
-        rows, shape = _as_rows(samples, axis)
-        med, mad = _median_mad(rows)
-        d = rows - med[:, None]
-        with np.errstate(all="ignore"):
-            u2 = (d / (self.c * mad[:, None])) ** 2
-            inside = u2 < 1  # False for NaN samples
-            one = 1.0 - u2
-            f1 = np.where(inside, d * d * one**4, 0.0).sum(-1)
-            f2 = np.where(inside, one * (1.0 - 5.0 * u2), 0.0).sum(-1)
-            n = inside.sum(-1) if self.modify_sample_size else np.isfinite(rows).sum(-1)
-            value = np.sqrt(n * f1 / (f2 * f2))
-        value = np.where(mad == 0, 0.0, value)
-        return value.reshape(shape)
+        return _biweight(
+            samples, axis, self.c, scale=True, modify_sample_size=self.modify_sample_size
+        )
 
 
 # ------------------------------------------------------ Gaussian truncation correction
