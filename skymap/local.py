@@ -798,6 +798,8 @@ def aperture_sum(
     xs, ys = _as_positions(positions)
     check_positive("radius", radius)
     bad = as_mask(mask, img.shape)
+    if xs.size == 0:
+        return np.empty(0), np.empty(0)
     # photutils builds one weight cutout per aperture; the sums then run compiled.
     cutouts = CircularAperture(np.column_stack([xs, ys]), r=float(radius)).to_mask(method="exact")
     sizes = np.array([c.data.size for c in cutouts], dtype=np.int64)

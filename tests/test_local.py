@@ -677,6 +677,18 @@ def test_selection_equals_the_definition_even_on_ties(x, y, r_in, width, window)
         assert win.background[0] == pytest.approx(image[sel].mean(), rel=1e-12)
 
 
+def test_no_positions_give_empty_results():
+    image, none = np.ones((20, 20)), np.empty((0, 2))
+    for res in (
+        annulus_background(image, none, 2.0, 5.0, grow_step=1.0),
+        window_background(image, none, 5, aperture_radius=1.0),
+        from_map(image, none),
+    ):
+        assert res.background.shape == res.error.shape == res.flags.shape == (0,)
+    sums, areas = aperture_sum(image, none, 3.0)
+    assert sums.shape == areas.shape == (0,)
+
+
 def test_result_is_a_frozen_dataclass():
     res = annulus_background(np.ones((20, 20)), (10.0, 10.0), 2.0, 5.0)
     assert isinstance(res, LocalBackground)
