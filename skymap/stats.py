@@ -523,9 +523,12 @@ class SExtractorMode:
 
     These are the exact switches of photutils' ``SExtractorBackground`` (``>=``, and
     the mean for a zero std), whose docstring says ``>``; ``std`` is the population
-    (ddof=0) standard deviation of the set. SExtractor applies the same test to the
-    clipped histogram of a mesh. ``mean_factor`` None means ``median_factor - 1``, so
-    ``SExtractorMode(median_factor=3.5)`` gives ``3.5 * median - 2.5 * mean``.
+    (ddof=0) standard deviation of the set. SExtractor applies the same ``< 0.3`` test
+    (formula) / otherwise (median) to the clipped histogram of a mesh. ``mean_factor``
+    None means ``median_factor - 1``, which is how SExtractor's ``BACK_PEARSON``
+    setting (default 2.5) works, so ``SExtractorMode(median_factor=3.5)`` gives
+    ``3.5 * median - 2.5 * mean``, and ``median_factor=3.0`` is Pearson's classic
+    ``3 * median - 2 * mean``.
 
     Examples
     --------
