@@ -137,7 +137,6 @@ def _ring_tile(
     nrun = uoff_rem.size
 
     nan = image.dtype.type(np.nan)
-    p = percentile / 100.0
     wptr = np.uint64(0)  # current word
     below = 0  # window members in words < wptr
     for y in range(y0, y1):
@@ -175,8 +174,9 @@ def _ring_tile(
             if n == 0:
                 out[y, x] = nan
                 continue
-            # scipy.ndimage's rank convention: index int(n * q), capped at n - 1.
-            t = int(float(n) * p)
+            # scipy.ndimage's rank: int(n * percentile / 100) capped at n - 1, evaluated
+            # in scipy's order so that the float rounding agrees too.
+            t = int(float(n) * percentile / 100.0)
             if t >= n:
                 t = n - 1
             while below > t:

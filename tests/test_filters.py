@@ -198,3 +198,10 @@ def test_flips_commute_with_ring_percentile(img, data):
     np.testing.assert_array_equal(flipped, np.flip(base, axis))
     transposed = ring_percentile(img.T, 1.5, 2, q, mask=mask.T)
     np.testing.assert_array_equal(transposed, base.T)
+
+
+@given(img=_small_images, q=st.floats(0, 100))
+def test_any_percentile_matches_scipy_rank_rule(img, q):
+    fp = ring_footprint(1, 1.5)
+    expected = ndi.percentile_filter(img, q, footprint=fp, mode="reflect")
+    np.testing.assert_array_equal(ring_percentile(img, 1, 1.5, q), expected)
