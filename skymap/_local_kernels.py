@@ -5,9 +5,10 @@ the source's region, sigma-clip them in place and reduce them to a location, wit
 ever building a (source, pixel) stack. Sums are accumulated in float64 whatever the
 image dtype. Callers go through :mod:`skymap.local`; nothing here validates its input.
 
-Region of source ``i``: pixel centres (px, py) with ``|px - x| <= hx[i]``,
-``|py - y| <= hy[i]`` and ``rin2[i] <= d2 <= rout2[i]`` (``rin2[i] < d2`` when
-``strict_inner``), where ``d2 = (px - x)**2 + (py - y)**2``.
+Region of source ``i``, from row ``i`` of ``geometry`` = ``(x, y, hx, hy, rin2, rout2)``:
+pixel centres (px, py) with ``|px - x| <= hx``, ``|py - y| <= hy`` and
+``rin2 <= d2 <= rout2`` (``rin2 < d2`` when ``strict_inner``), where
+``d2 = (px - x)**2 + (py - y)**2``.
 
 Pixel classes (``cls``, uint8, image-shaped): 0 = good, 1 = usable only in the relaxed
 pass (e.g. source-flagged), 2 = never usable; source ``i`` uses the classes up to
@@ -32,12 +33,22 @@ STAT_SEXTRACTOR = 3  # the same, with SExtractor's switches to the median and th
 
 
 @njit(cache=True, nogil=True)
-def _select(image, cls, use_cls, allowed, x, y, hx, hy, rin2, rout2, strict_inner, buf):
+def _select(image, cls, use_cls, allowed, geometry, strict_inner, buf):
     """Copy the usable pixel values of one region into ``buf``.
+
+    ``geometry`` is the region's row ``x, y, hx, hy, rin2, rout2``.
 
     Returns ``(n_selected, n_outside)``: how many usable values were copied, and how
     many region pixels fell outside the image.
     """
+    x, y, hx, hy, rin2, rout2 = (
+        geometry[0],
+        geometry[1],
+        geometry[2],
+        geometry[3],
+        geometry[4],
+        geometry[5],
+    )
     ny, nx = image.shape
     ix0 = math.ceil(x - hx)
     ix1 = math.floor(x + hx)
@@ -198,12 +209,7 @@ def region_stats(
     cls,
     use_cls,
     allowed,
-    xs,
-    ys,
-    hx,
-    hy,
-    rin2,
-    rout2,
+    geometry,
     strict_inner,
     maxpix,
     stat,
@@ -224,23 +230,10 @@ def region_stats(
 
     Sources with no usable pixel get NaN location and spread.
     """
-    for i in prange(xs.size):
+    for i in prange(geometry.shape[0]):
         buf = np.empty(maxpix, dtype=np.float64)
         work = np.empty(maxpix, dtype=np.float64)
-        n, n_out = _select(
-            image,
-            cls,
-            use_cls,
-            allowed[i],
-            xs[i],
-            ys[i],
-            hx[i],
-            hy[i],
-            rin2[i],
-            rout2[i],
-            strict_inner,
-            buf,
-        )
+        n, n_out = _select(image, cls, use_cls, allowed[i], geometry[i], strict_inner, buf)
         n_selected[i] = n
         n_outside[i] = n_out
         if do_clip:
@@ -259,54 +252,25 @@ def region_counts(
     cls,
     use_cls,
     allowed,
-    xs,
-    ys,
-    hx,
-    hy,
-    rin2,
-    rout2,
+    geometry,
     strict_inner,
     maxpix,
     n_selected,
     n_outside,
 ):
     """Usable and outside-image pixel counts of each region."""
-    for i in prange(xs.size):
+    for i in prange(geometry.shape[0]):
         buf = np.empty(maxpix, dtype=np.float64)
         n_selected[i], n_outside[i] = _select(
-            image,
-            cls,
-            use_cls,
-            allowed[i],
-            xs[i],
-            ys[i],
-            hx[i],
-            hy[i],
-            rin2[i],
-            rout2[i],
-            strict_inner,
-            buf,
+            image, cls, use_cls, allowed[i], geometry[i], strict_inner, buf
         )
 
 
 @njit(cache=True, nogil=True, parallel=True)
-def region_stack(image, cls, use_cls, allowed, xs, ys, hx, hy, rin2, rout2, strict_inner, stack):
+def region_stack(image, cls, use_cls, allowed, geometry, strict_inner, stack):
     """Fill row ``i`` of ``stack`` (pre-filled with NaN) with source ``i``'s usable values."""
-    for i in prange(xs.size):
-        _select(
-            image,
-            cls,
-            use_cls,
-            allowed[i],
-            xs[i],
-            ys[i],
-            hx[i],
-            hy[i],
-            rin2[i],
-            rout2[i],
-            strict_inner,
-            stack[i],
-        )
+    for i in prange(geometry.shape[0]):
+        _select(image, cls, use_cls, allowed[i], geometry[i], strict_inner, stack[i])
 
 
 @njit(cache=True, nogil=True, parallel=True)

@@ -293,32 +293,36 @@ def _resolve_method(statistic: Any, sigma_clip: Any) -> _Method:
 
 @dataclass(frozen=True)
 class _Regions:
-    """Per-source region geometry handed to the kernels (see :mod:`_local_kernels`)."""
+    """Per-source region geometry handed to the kernels (see :mod:`_local_kernels`).
 
-    xs: np.ndarray
-    ys: np.ndarray
-    hx: np.ndarray
-    hy: np.ndarray
-    rin2: np.ndarray
-    rout2: np.ndarray
+    ``table`` has one row per source: ``x, y, hx, hy, rin2, rout2``.
+    """
+
+    table: np.ndarray
     strict_inner: bool
 
+    @classmethod
+    def of(cls, x, y, hx, hy, rin2, rout2, *, strict_inner: bool) -> _Regions:
+        columns = np.broadcast_arrays(x, y, hx, hy, rin2, rout2)
+        return cls(table=np.column_stack(columns).astype(np.float64), strict_inner=strict_inner)
+
+    @property
+    def xs(self) -> np.ndarray:
+        return self.table[:, 0]
+
+    @property
+    def ys(self) -> np.ndarray:
+        return self.table[:, 1]
+
     def subset(self, idx: np.ndarray) -> _Regions:
-        return _Regions(
-            xs=self.xs[idx],
-            ys=self.ys[idx],
-            hx=self.hx[idx],
-            hy=self.hy[idx],
-            rin2=self.rin2[idx],
-            rout2=self.rout2[idx],
-            strict_inner=self.strict_inner,
-        )
+        return _Regions(table=self.table[idx], strict_inner=self.strict_inner)
 
     def maxpix(self) -> int:
         # the box holds at most floor(2 h) + 1 pixel centres along each axis
-        if self.xs.size == 0:
+        if self.table.shape[0] == 0:
             return 1
-        return int((np.floor(2 * self.hx.max()) + 1) * (np.floor(2 * self.hy.max()) + 1))
+        hx, hy = self.table[:, 2].max(), self.table[:, 3].max()
+        return int((np.floor(2 * hx) + 1) * (np.floor(2 * hy) + 1))
 
 
 @dataclass(frozen=True)
@@ -361,7 +365,7 @@ def _measure_in_order(
     n_pix = np.empty(n, dtype=np.int64)
     n_used = np.empty(n, dtype=np.int64)
     n_out = np.empty(n, dtype=np.int64)
-    geometry = (reg.xs, reg.ys, reg.hx, reg.hy, reg.rin2, reg.rout2, reg.strict_inner)
+    geometry = (reg.table, reg.strict_inner)
     if method.compiled:
         c = clip or _Clip(
             cen_median=False, std_mad=False, sigma_lower=0.0, sigma_upper=0.0, maxiters=0
@@ -648,15 +652,7 @@ def annulus_background(
 
     def regions(idx: np.ndarray | slice) -> _Regions:
         r = rout[idx]
-        return _Regions(
-            xs=xs[idx],
-            ys=ys[idx],
-            hx=r,
-            hy=r,
-            rin2=rin[idx] ** 2,
-            rout2=r**2,
-            strict_inner=False,
-        )
+        return _Regions.of(xs[idx], ys[idx], r, r, rin[idx] ** 2, r**2, strict_inner=False)
 
     m = run.measure(regions(slice(None)))
     for _ in range(int(max_grow) if grow_step is not None else 0):
@@ -742,15 +738,7 @@ def window_background(
         min_pixels=min_pixels,
         kind="windows",
     )
-    reg = _Regions(
-        xs=xs,
-        ys=ys,
-        hx=np.full(n, wx / 2.0),
-        hy=np.full(n, wy / 2.0),
-        rin2=cut**2,
-        rout2=np.full(n, np.inf),
-        strict_inner=True,
-    )
+    reg = _Regions.of(xs, ys, wx / 2.0, wy / 2.0, cut**2, np.inf, strict_inner=True)
     m = run.measure(reg)
     if relax:
         run.relax(m, reg.subset)
