@@ -33,7 +33,7 @@ import copy
 import math
 import warnings
 from dataclasses import dataclass, field, replace
-from functools import cached_property
+from functools import cached_property, lru_cache
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
@@ -75,9 +75,7 @@ MAD_TO_STD = _k.MAD_TO_STD
 def _as_rows(samples: Any, axis: int, name: str = "samples") -> tuple[np.ndarray, tuple]:
     """Return ``samples`` as a C-contiguous 2-D float array (sets, values) and the shape
     of one result per set. Masked arrays have their masked values turned into NaN."""
-    if isinstance(samples, np.ma.MaskedArray):
-        samples = samples.astype(np.float64).filled(np.nan)
-    arr = np.asarray(samples)
+    arr = _unmask(samples)
     if arr.dtype.kind not in "biuf":
         raise TypeError(f"{name} must hold real numbers (int or float), got dtype {arr.dtype}")
     if arr.ndim == 0:
@@ -90,6 +88,16 @@ def _as_rows(samples: Any, axis: int, name: str = "samples") -> tuple[np.ndarray
     out_shape = moved.shape[:-1]
     rows = np.ascontiguousarray(moved.reshape(-1, moved.shape[-1]))
     return rows, out_shape
+
+
+def _unmask(samples: Any) -> np.ndarray:
+    """A plain array with the masked values of a MaskedArray set to NaN (no copy for a
+    plain array)."""
+    if not isinstance(samples, np.ma.MaskedArray):
+        return np.asarray(samples)
+    kind = samples.dtype.kind
+    dtype = samples.dtype if kind == "f" else np.float64
+    return samples.astype(dtype).filled(np.nan)
 
 
 def _row_stats(samples: Any, axis: int, *, median: bool = False, mad: bool = False):
@@ -181,9 +189,10 @@ class SigmaClip:
         With ``return_bounds=True`` also return the final lower and upper bounds of
         every set (float64, NaN for a set with no valid value).
         """
-        arr = np.asarray(samples.filled(np.nan) if np.ma.isMaskedArray(samples) else samples)
+        kind = np.asarray(samples).dtype.kind
+        arr = _unmask(samples)
         rows, shape = _as_rows(arr, axis)
-        out_dtype = arr.dtype if arr.dtype.kind == "f" else np.dtype(np.float32)
+        out_dtype = arr.dtype if kind == "f" else np.dtype(np.float32)
         out = np.empty(rows.shape, dtype=out_dtype)
         lo = np.empty(rows.shape[0])
         hi = np.empty(rows.shape[0])
@@ -604,7 +613,9 @@ class _ScaleBase:
     def __call__(self, samples: np.ndarray, axis: int = -1) -> np.ndarray:
         value = self._raw(samples, axis)
         if self.clip_correction is not None:
-            value = value / clip_truncation_factor(self.clip_correction, scale=self)
+            value = value / _cached_factor(
+                self.clip_correction, replace(self, clip_correction=None)
+            )
         return value
 
 
@@ -762,6 +773,12 @@ def _clip_population(clip: SigmaClip) -> _Truncated:
             break
         dist = _Truncated(a, b)
     return dist
+
+
+@lru_cache(maxsize=256)
+def _cached_factor(clip: SigmaClip, scale: Any) -> float:
+    # estimators call this on every evaluation; the quadratures behind it take ~ms
+    return clip_truncation_factor(clip, scale=scale)
 
 
 def clip_truncation_factor(clip: SigmaClip, scale: Any = "std") -> float:

@@ -91,6 +91,11 @@ def test_sigma_clip_other_axis_dtype_and_no_mutation(rng):
     np.testing.assert_array_equal(x, before)
     ints = S.SigmaClip()(np.array([[1, 2, 3, 2, 100]]))
     assert ints.dtype == np.float32
+    masked = np.ma.array([[1, 2, 3, 2, 100, 7]], mask=[[0, 0, 0, 0, 0, 1]])
+    np.testing.assert_array_equal(
+        S.SigmaClip(sigma=1.5)(masked), [[1.0, 2.0, 3.0, 2.0, np.nan, np.nan]]
+    )
+    assert S.Median()(masked) == 2.0
     cube = rng.normal(size=(3, 4, 50))
     np.testing.assert_array_equal(S.SigmaClip()(cube), _astropy_clip(cube, S.SigmaClip(), axis=-1))
 
