@@ -249,9 +249,9 @@ class SkyMatch:
         if do_match:
             exp_sky = self._solve(pairs, delta, error, npix, exp_of, n_exp, groups, local)
             if self.method == "global+match":
-                exp_sky = exp_sky + np.nanmin(local - exp_sky)
+                exp_sky = exp_sky + _nanmin(local - exp_sky)
         elif self.method == "global":
-            exp_sky = np.full(n_exp, np.nanmin(local) if np.any(np.isfinite(local)) else np.nan)
+            exp_sky = np.full(n_exp, _nanmin(local))
         else:
             exp_sky = local
         if not np.all(np.isfinite(exp_sky)):
@@ -292,9 +292,7 @@ class SkyMatch:
         per_image = np.array([self._stat(f.data[f.valid])[0] for f in frames])
         out = np.full(len(exposures), np.nan)
         for e, members in enumerate(exposures):
-            vals = per_image[members]
-            if np.any(np.isfinite(vals)):
-                out[e] = np.nanmin(vals)
+            out[e] = _nanmin(per_image[members])
         return out
 
     def _stat(self, values, *, limits: bool = True):
@@ -336,12 +334,18 @@ class SkyMatch:
             rel[members] = part - (part.min() if self.match_down else part.max())
             if self.disjoint == "local" and len(groups) > 1:
                 # The group's own baseline: its global sky once matched.
-                diff = local[members] - rel[members]
-                rel[members] += np.nanmin(diff) if np.any(np.isfinite(diff)) else np.nan
+                rel[members] += _nanmin(local[members] - rel[members])
         if len(groups) > 1:
             log.info("tied %d disjoint groups with the %r rule", len(groups), self.disjoint)
         ref = np.nanmin(rel) if self.match_down else np.nanmax(rel)
         return rel - ref
+
+
+def _nanmin(x) -> float:
+    """Smallest finite value of ``x``, or NaN (without numpy's all-NaN warning)."""
+    x = np.asarray(x)
+    finite = x[np.isfinite(x)]
+    return float(finite.min()) if finite.size else np.nan
 
 
 def _as_float(name, v):
@@ -353,8 +357,12 @@ def _as_float(name, v):
 
 def _weights(weighting, error, npix):
     if weighting == "inverse_variance":
-        with np.errstate(divide="ignore"):
-            return np.where(error > 0, 1.0 / error**2, 0.0)
+        err = np.where(np.isfinite(error), error, np.inf)
+        # A noise-free overlap has zero error: give it the largest weight seen rather
+        # than an infinite one (or none at all when every overlap is noise-free).
+        positive = err[(err > 0) & np.isfinite(err)]
+        floor = positive.min() if positive.size else 1.0
+        return 1.0 / np.maximum(err, floor) ** 2
     if weighting == "npix":
         return npix.astype(float)
     return np.ones(len(npix))
@@ -621,7 +629,7 @@ def _tangent_boxes(frames):
         lon, lat = f.wcs.pixel_to_world_values(x, y)
         borders.append(np.array([lon, lat], dtype=float))
     vecs = [_unit(b[0], b[1]) for b in borders]
-    centre = np.sum([v.mean(axis=1) for v in vecs], axis=0)
+    centre = np.sum([np.nanmean(v, axis=1) for v in vecs], axis=0)
     centre /= np.linalg.norm(centre)
     # Gnomonic projection about the mosaic's centre: great circles become straight lines,
     # so a box around the projected outline contains the whole footprint.
@@ -636,7 +644,9 @@ def _tangent_boxes(frames):
         if np.any(z <= 0):
             raise ValueError("images span more than a hemisphere; cannot place them on one plane")
         u, w = (east @ v) / z, (north @ v) / z
-        out.append(replace(f, box=(w.min(), w.max(), u.min(), u.max()), border=b))
+        # A WCS may return NaN outside its valid region: such points bound nothing.
+        box = (_nanmin(w), -_nanmin(-w), _nanmin(u), -_nanmin(-u))
+        out.append(replace(f, box=box, border=b))
     return out
 
 

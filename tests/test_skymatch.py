@@ -260,6 +260,9 @@ def test_residuals_share_a_loop_misclosure():
     c[:, 60:80], a[:, 60:80] = 0.0, -3.6  # c - a = +3.6 -> misclosure 0.6
     res = match([a, b, c], method="match", statistic="mean", nclip=0, weighting="uniform")
     assert len(res.pairs) == 3
+    # Noise-free overlaps have zero error: inverse-variance weights must still be equal.
+    same = match([a, b, c], method="match", statistic="mean", nclip=0)
+    np.testing.assert_allclose(same.pair_residual, res.pair_residual, atol=1e-12)
     # Residual of each equation, signed along the loop a->b->c->a.
     loop = {(0, 1): 1, (1, 2): 1, (0, 2): -1}
     signed = [
@@ -352,6 +355,20 @@ def test_exposures_share_one_sky(rng):
     assert matched.sky[2] == matched.sky[3]
     # Pairs inside one exposure give no equation.
     assert all((p[0] < 2) != (p[1] < 2) for p in matched.pairs.tolist())
+
+
+def test_exposure_in_mosaic_recovers_shared_offset(mosaic):
+    # Images 0 and 1 become two detectors of one exposure (same sky): both get one sky,
+    # and the offsets are still recovered.
+    images, offsets = mosaic
+    offsets = offsets.copy()
+    data1 = images[1].data - np.float32(offsets[1] - offsets[0])
+    offsets[1] = offsets[0]
+    joined = [images[0], NDData(data1, wcs=images[1].wcs), *images[2:]]
+    res = match(joined, method="match", exposures=[[0, 1], *[[k] for k in range(2, 9)]])
+    assert res.sky[0] == res.sky[1]
+    assert _relative_error(res.sky, offsets) < 0.02
+    assert not any(set(p) == {0, 1} for p in res.pairs.tolist())
 
 
 # ------------------------------------------------------------------ WCS geometry
