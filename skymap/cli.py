@@ -13,6 +13,7 @@ never replaced without ``--overwrite``.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import importlib
 import io as _stdio
@@ -28,6 +29,7 @@ import numpy as np
 
 from skymap import __version__
 from skymap import io as skyio
+from skymap._validate import combine_masks
 
 __all__ = [
     "EXIT_EXISTS",
@@ -116,10 +118,33 @@ def _load_config(path: str | os.PathLike | None):
         raise UsageError(f"config file {path}: {err}") from err
 
 
+@dataclasses.dataclass(frozen=True, kw_only=True, eq=False)
+class _SingleFit:
+    """A one-pass estimator's result (e.g. a MeshResult) in the shape of a pipeline's:
+    its mask is the input's (flags and non-finite pixels), and there is no history."""
+
+    background: np.ndarray
+    rms: np.ndarray
+    mask: np.ndarray
+    mesh: Any
+    config: Any
+    history: tuple = ()
+
+
 def _fit(image: np.ndarray, mask: np.ndarray | None, config: Any):
-    """Fit with ``config``: a pipeline object with ``.fit``, a mapping of options, or None."""
+    """Fit with ``config``: an estimator object with ``.fit`` (the pipeline, or a single
+    :class:`skymap.mesh.MeshBackground` pass), a mapping of options, or None (defaults)."""
     if config is not None and hasattr(config, "fit"):
-        return config.fit(image, mask=mask)
+        result = config.fit(image, mask=mask)
+        if getattr(result, "mask", None) is None:
+            result = _SingleFit(
+                background=result.background,
+                rms=result.rms,
+                mask=combine_masks(np.asarray(image), mask),
+                mesh=result,
+                config=config,
+            )
+        return result
     pipeline = _module("pipeline", "run")
     options = dict(config) if isinstance(config, Mapping) else {}
     return pipeline.fit(image, mask=mask, **options)
@@ -663,7 +688,7 @@ def _cmd_batch(args) -> int:
         cluster = LocalCluster(
             n_workers=args.workers,
             threads_per_worker=1,
-            processes=True,
+            processes=not args.threads,
             # no dashboard: a command-line run must not grab (or fight over) port 8787
             dashboard_address=None,
             scheduler_kwargs={"dashboard": False},
@@ -799,6 +824,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", required=True, help="output directory")
     p.add_argument(
         "-j", "--workers", type=int, default=2, help="local worker processes (default 2)"
+    )
+    p.add_argument(
+        "--threads",
+        action="store_true",
+        help="local workers are threads of this process, not separate processes (starts "
+        "faster; the compiled kernels release the GIL, the rest of a fit does not)",
     )
     p.add_argument(
         "--scheduler",

@@ -34,6 +34,8 @@ __all__ = [
 # more pixels than this anyway, and rendering stays fast on large frames.
 _MAX_DISPLAY = 1024
 _PANEL_INCHES = 3.6
+# Mesh grids with more meshes than this per axis are drawn without grid lines.
+_MAX_GRID_LINES = 48
 
 
 def to_png(fig: Figure, *, dpi: int = 100) -> bytes:
@@ -224,9 +226,27 @@ def plot_mesh_grid(
         extent=(-0.5, nx * bx - 0.5, -0.5, ny * by - 0.5),
     )
     ax_mesh.set_title(f"mesh values ({ny} x {nx} meshes of {by} x {bx} px)", fontsize=10)
+    # Crosses and grid lines only while meshes are big enough on the page to see them;
+    # a fine grid gets a translucent overlay for rejected meshes and no lines.
+    coarse = max(ny, nx) <= _MAX_GRID_LINES
     if mesh_mask is not None:
-        yy, xx = np.nonzero(np.asarray(mesh_mask, dtype=bool))
-        ax_mesh.plot((xx + 0.5) * bx - 0.5, (yy + 0.5) * by - 0.5, "rx", ms=5, label="rejected")
+        rejected = np.asarray(mesh_mask, dtype=bool)
+        yy, xx = np.nonzero(rejected)
+        if coarse:
+            ax_mesh.plot(
+                (xx + 0.5) * bx - 0.5, (yy + 0.5) * by - 0.5, "rx", ms=5, label="rejected"
+            )
+        elif yy.size:
+            overlay = np.ma.masked_array(np.ones(rejected.shape), mask=~rejected)
+            ax_mesh.imshow(
+                overlay,
+                origin="lower",
+                cmap="autumn",
+                alpha=0.5,
+                interpolation="nearest",
+                extent=(-0.5, nx * bx - 0.5, -0.5, ny * by - 0.5),
+            )
+            ax_mesh.plot([], [], "s", color="red", alpha=0.5, label="rejected")
         if yy.size:
             ax_mesh.legend(fontsize=7, loc="upper right")
     im = ax_full.imshow(
@@ -239,9 +259,9 @@ def plot_mesh_grid(
     )
     ax_full.set_title("background with mesh grid", fontsize=10)
     for ax in (ax_mesh, ax_full):
-        for x in np.arange(0, nx + 1) * bx - 0.5:
+        for x in np.arange(0, nx + 1) * bx - 0.5 if coarse else ():
             ax.axvline(x, color="w", lw=0.4, alpha=0.6)
-        for y in np.arange(0, ny + 1) * by - 0.5:
+        for y in np.arange(0, ny + 1) * by - 0.5 if coarse else ():
             ax.axhline(y, color="w", lw=0.4, alpha=0.6)
         ax.set_xlim(-0.5, background.shape[1] - 0.5)
         ax.set_ylim(-0.5, background.shape[0] - 0.5)
@@ -381,13 +401,16 @@ def _field(record: Any, *names: str):
 
 
 def plot_convergence(history: Iterable[Any], *, title: str | None = None) -> Figure:
-    """Convergence of an iterative fit: change, mask fraction and rms per iteration.
+    """Convergence of an iterative fit: change, mask fraction and scale (or rms).
 
     Parameters
     ----------
     history : iterable of records
-        One record per iteration (mapping or object) with some of: ``change`` (how much
-        the background moved), ``mask_fraction``, ``rms`` (a map or a number), ``stage``.
+        One record per iteration (mapping or object, e.g.
+        :class:`skymap.pipeline.IterationRecord`) with some of: ``change`` (how much the
+        background moved, in units of its rms), ``mask_fraction``, ``scale`` (smoothing
+        length in pixels) or else ``rms`` (a map or a number), and ``stage`` (stage
+        boundaries are drawn as dotted lines).
     title : str, optional
 
     Returns
@@ -414,11 +437,19 @@ def plot_convergence(history: Iterable[Any], *, title: str | None = None) -> Fig
                 out.append(float(np.nanmedian(v)) if v.ndim else float(v))
         return np.asarray(out, dtype=float)
 
+    # The smoothing scale is a scalar on the record; the rms is a full map that would be
+    # rebuilt for every iteration, so it is only read when no scale is recorded.
+    third = series("scale")
+    third_label = "smoothing scale (pixels)"
+    if not np.any(np.isfinite(third)):
+        third, third_label = series("rms", "noise"), "median background rms"
     panels = [
         ("change", series("change", "delta", "max_change"), "background change"),
         ("mask_fraction", series("mask_fraction", "masked_fraction"), "mask fraction"),
-        ("rms", series("rms", "noise"), "median background rms"),
+        ("third", third, third_label),
     ]
+    stages = series("stage")
+    boundaries = it[1:][np.diff(stages) != 0] - 0.5 if len(it) > 1 else []
     fig = Figure(figsize=(10.0, 3.2), layout="constrained")
     axes = fig.subplots(1, 3)
     for ax, (key, values, label) in zip(axes, panels, strict=True):
@@ -429,10 +460,12 @@ def plot_convergence(history: Iterable[Any], *, title: str | None = None) -> Fig
                 ax.set_yscale("log")
         else:
             ax.text(0.5, 0.5, "not recorded", ha="center", va="center", transform=ax.transAxes)
-        ax.set_xlabel("iteration")
+        for b in boundaries:
+            ax.axvline(b, color="0.5", ls=":", lw=1)
+        ax.set_xlabel("iteration" + (" (dotted: new stage)" if len(boundaries) else ""))
         ax.set_title(label, fontsize=10)
         ax.grid(True, alpha=0.3)
-        if len(it):
+        if 0 < len(it) <= 12:
             ax.set_xticks(it)
     fig.suptitle(title or "convergence")
     return fig

@@ -122,21 +122,23 @@ def _attr(obj: Any, *names: str):
 
 
 def _mesh_figure(result: Any):
-    """The mesh-grid figure, when the result exposes its mesh values and box size."""
-    mesh = _attr(result, "mesh", "mesh_result")
-    source = mesh if mesh is not None else result
-    values = _attr(source, "mesh_background", "mesh_values", "background_mesh")
-    box = _attr(source, "box_size")
+    """The mesh-grid figure, when the result exposes its per-mesh values and box size:
+    a :class:`skymap.mesh.MeshResult` (``mesh_background``, ``geometry.box_size``) or a
+    :class:`skymap.smooth.SmoothResult` (``cell_values``, ``cell_size``), directly or as
+    the ``mesh`` / final ``model`` of a pipeline result."""
+    model = _attr(result, "mesh", "model")
+    source = model if model is not None else result
+    values = _attr(source, "mesh_background", "cell_values")
+    box = _attr(source, "box_size", "cell_size")
     for holder in ("geometry", "config"):
         box = box if box is not None else _attr(_attr(source, holder), "box_size")
     if values is None or box is None:
         return None
-    return plot.plot_mesh_grid(
-        result.background,
-        values,
-        box,
-        mesh_mask=_attr(source, "mesh_excluded", "mesh_mask"),
-    )
+    excluded = _attr(source, "mesh_excluded")
+    pixels = _attr(source, "cell_pixels")
+    if excluded is None and pixels is not None:
+        excluded = np.asarray(pixels) == 0
+    return plot.plot_mesh_grid(result.background, values, box, mesh_mask=excluded)
 
 
 def report_figures(result: Any, evaluation: Any) -> dict[str, Figure]:
@@ -146,7 +148,8 @@ def report_figures(result: Any, evaluation: Any) -> dict[str, Figure]:
     ----------
     result : BackgroundResult-like
         Has ``background``, ``rms`` and optionally ``mask``, ``history`` and mesh values
-        (``mesh.mesh_background`` with a box size, as on a :class:`skymap.mesh.MeshResult`).
+        (a :class:`skymap.pipeline.BackgroundResult` whose final model is a mesh or a
+        smoother grid, or anything with a ``mesh`` like :class:`skymap.mesh.MeshResult`).
     evaluation : skymap.evaluate.Evaluation
         The scores of ``result`` (:func:`skymap.evaluate.evaluate`): it supplies the image,
         the truth when known, the RMS-vs-scale curves and the bias under sources.

@@ -63,6 +63,15 @@ def test_mesh_grid_marks_rejected_meshes():
     np.testing.assert_allclose(crosses[0].get_xydata(), [[2.5 * 20 - 0.5, 1.5 * 20 - 0.5]])
 
 
+def test_fine_mesh_grid_gets_an_overlay_not_lines():
+    rejected = np.zeros((100, 100), bool)
+    rejected[:10] = True
+    fig = plot.plot_mesh_grid(np.zeros((200, 200)), np.zeros((100, 100)), 2, mesh_mask=rejected)
+    assert fig.axes[0].get_lines()[0].get_label() == "rejected"
+    assert len(fig.axes[0].get_lines()) == 1
+    assert len(_images(fig)) == 3  # mesh values, rejected overlay, full background
+
+
 def test_rms_vs_scale_plots_curves_and_dashed_references():
     w = np.arange(3, 30)
     fig = plot.plot_rms_vs_scale(w, {"fit": 0.2 / w}, references={"white": 0.1 / w})
@@ -90,11 +99,25 @@ def test_convergence_reads_mappings_and_attributes_and_says_what_is_missing():
             self.rms = rms
 
     fig = plot.plot_convergence([Record(1.0, np.full((3, 3), 2.0)), Record(0.01, 1.5)])
-    change_ax, mask_ax, rms_ax = fig.axes
+    change_ax, mask_ax, rms_ax = fig.axes[:3]
     np.testing.assert_allclose(change_ax.get_lines()[0].get_ydata(), [1.0, 0.01])
     np.testing.assert_allclose(rms_ax.get_lines()[0].get_ydata(), [2.0, 1.5])
     assert change_ax.get_yscale() == "log"
     assert [t.get_text() for t in mask_ax.texts] == ["not recorded"]
+    assert rms_ax.get_title() == "median background rms"
+
+
+def test_convergence_prefers_the_scale_and_marks_stages():
+    hist = [
+        {"stage": -1, "change": np.nan, "mask_fraction": 0.0, "scale": 100.0},
+        {"stage": 0, "change": 1.0, "mask_fraction": 0.1, "scale": 50.0},
+        {"stage": 0, "change": 0.1, "mask_fraction": 0.12, "scale": 50.0},
+        {"stage": 1, "change": 0.05, "mask_fraction": 0.13, "scale": 25.0},
+    ]
+    fig = plot.plot_convergence(hist)
+    assert fig.axes[2].get_title() == "smoothing scale (pixels)"
+    dotted = [ln for ln in fig.axes[0].get_lines() if ln.get_linestyle() == ":"]
+    assert [ln.get_xdata()[0] for ln in dotted] == [1.5, 3.5]
 
 
 @pytest.mark.parametrize(
