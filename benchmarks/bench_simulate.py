@@ -7,6 +7,8 @@
 2. Building a 4096x4096 crowded-field scene with 50 000 Moffat stars (polynomial sky,
    power-law field, Poisson + read noise) with ``skymap.simulate.make_scene``, and the
    notebook's scene.
+3. ``skymap.evaluate.evaluate`` on that 4096x4096 scene (truth, catalogue, noise and a
+   source mask: every metric is computed).
 
 Run: ``python benchmarks/bench_simulate.py [--reps 3] [--nsrc-peer 5000]``
 """
@@ -22,6 +24,7 @@ from astropy.modeling.models import Gaussian2D
 from astropy.table import Table
 from photutils.datasets import make_model_image
 
+from skymap.evaluate import evaluate
 from skymap.simulate import (
     MoffatStars,
     PoissonNoise,
@@ -123,11 +126,22 @@ def bench_scene(reps):
         )
 
     make_scene((64, 64), sources=[MoffatStars(n=5)], seed=0)  # compile
-    times = {"crowded 4096x4096, 50k Moffat stars": [], "notebook scene 1000x1000": []}
+    scene = crowded()
+    mask = scene.sources > scene.noise_sigma
+
+    def score():
+        return evaluate(None, scene.sky + 0.01 * scene.noise_sigma, scene=scene, mask=mask)
+
+    times = {
+        "crowded 4096x4096, 50k Moffat stars": [],
+        "notebook scene 1000x1000": [],
+        "evaluate() on the 4096x4096 scene": [],
+    }
     for _ in range(reps):
         times["crowded 4096x4096, 50k Moffat stars"].append(_timed_cpu(crowded))
         times["notebook scene 1000x1000"].append(_timed_cpu(notebook_scene))
-    print(f"scene builds (reps={reps}, median wall / median CPU)")
+        times["evaluate() on the 4096x4096 scene"].append(_timed_cpu(score))
+    print(f"scene builds and evaluation (reps={reps}, median wall / median CPU)")
     for k, v in times.items():
         wall = statistics.median(t[0] for t in v)
         cpu = statistics.median(t[1] for t in v)
