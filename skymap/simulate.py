@@ -1284,7 +1284,8 @@ def scene_by_name(name: str, *, shape=None, seed=None) -> Scene:
         Image shape (ny, nx); default (1024, 1024), or (1000, 1000) for the notebook.
         Source densities are per pixel, so counts scale with the area.
     seed : int, optional
-        Seed of the scene's generator.
+        Seed of the scene's generator; a named scene is reproducible by default (seed 0,
+        or the notebook's 4).
 
     Examples
     --------
@@ -1295,4 +1296,6 @@ def scene_by_name(name: str, *, shape=None, seed=None) -> Scene:
     check_choice("name", name, SCENE_NAMES)
     if shape is None:
         shape = (1000, 1000) if name == "notebook" else (1024, 1024)
+    if seed is None and name != "notebook":
+        seed = 0
     return _NAMED[name](as_pair("shape", shape), seed)

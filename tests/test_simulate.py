@@ -314,6 +314,12 @@ def test_named_scenes_build(name):
     assert s.noise_sigma > 0
 
 
+def test_named_scenes_are_reproducible_by_default():
+    a = scene_by_name("nebula", shape=(64, 64))
+    b = scene_by_name("nebula", shape=(64, 64))
+    np.testing.assert_array_equal(a.image, b.image)
+
+
 def test_named_notebook_scene_and_bad_names():
     assert scene_by_name("notebook", shape=(500, 500)).blemishes["x"][0] == pytest.approx(
         notebook_scene(shrink_factor=4).blemishes["x"][0]
