@@ -9,8 +9,9 @@ real data.
   catalogued source, split by mask, with a random-position control and linear fits
   against flux and radius.
 * :func:`masked_vs_unmasked` - is the background under masked pixels higher than
-  elsewhere? A block-jackknife standard error accounts for the spatial correlation of a
-  smooth map.
+  elsewhere? The standard error comes from shifting the mask cyclically over the map
+  (or from a block jackknife), so it accounts for the spatial correlation of a smooth
+  map; the seeds' ``mean / (sqrt(N) std)`` does not.
 * :func:`evaluate` - all of the above in one :class:`Evaluation`, with a JSON-ready
   :meth:`Evaluation.to_dict`.
 
