@@ -68,6 +68,7 @@ examples:
   skymap run image.fits -o out/        fit a FITS image -> out/image_background.fits ...
   skymap run image.fits --hdu SCI --dq-bits 1,4 --mask stars.fits
   skymap batch *.fits -o out/ --workers 4
+  skymap config --kind sextractor -o sex.toml && skymap run image.fits --config sex.toml
   skymap <command> --help              options of one command
 """
 
@@ -724,6 +725,45 @@ def _cmd_batch(args) -> int:
     return EXIT_OK
 
 
+# --------------------------------------------------------------------------- config
+
+
+def _cmd_config(args) -> int:
+    config_mod = _module("config", "config")
+    if args.kind == "pipeline":
+        if args.input is None:
+            raise UsageError(
+                "the default pipeline is chosen from the data: give the image, "
+                "`skymap config IN.fits`, or pick --kind mesh/sextractor/photutils"
+            )
+        img = _read_input(args.input, hdu=args.hdu)
+        try:
+            obj = _module("pipeline", "config").default_pipeline(img.data, img.mask)
+        except ValueError as err:
+            raise UsageError(str(err)) from err
+    else:
+        from skymap.mesh import MeshBackground
+
+        box = args.box_size
+        try:
+            if args.kind == "sextractor":
+                obj = MeshBackground.like_sextractor(box_size=box or 64)
+            elif args.kind == "photutils":
+                obj = MeshBackground.like_photutils(box or 64)
+            else:
+                obj = MeshBackground() if box is None else MeshBackground(box_size=box)
+        except ValueError as err:
+            raise UsageError(str(err)) from err
+    if args.output is None:
+        sys.stdout.write(config_mod.dumps_toml(obj))
+        return EXIT_OK
+    path = Path(args.output)
+    skyio.check_outputs([path], overwrite=args.overwrite)
+    config_mod.save_toml(obj, path, overwrite=args.overwrite)
+    _tell(args, f"wrote {path}; use it with `skymap run IN.fits --config {path}`")
+    return EXIT_OK
+
+
 # --------------------------------------------------------------------------- parser
 
 
@@ -908,6 +948,27 @@ def build_parser() -> argparse.ArgumentParser:
     _input_options(p, mask=False)
     _common(p)
     p.set_defaults(func=_cmd_match)
+
+    p = add(
+        "config",
+        help="write a configuration file to edit and pass to --config",
+        description="Write a configuration as TOML (to stdout, or to -o FILE): the default "
+        "pipeline skymap would choose for IN.fits, or a single mesh pass "
+        "(--kind mesh, or presets that reproduce SExtractor or photutils "
+        "Background2D). Edit it and pass it to `skymap run --config`.",
+    )
+    p.add_argument("input", nargs="?", metavar="IN.fits", help="image (for --kind pipeline)")
+    p.add_argument(
+        "--kind",
+        default="pipeline",
+        choices=("pipeline", "mesh", "sextractor", "photutils"),
+        help="what to configure (default pipeline)",
+    )
+    p.add_argument("--box-size", type=int, metavar="N", help="mesh kinds: box size (64)")
+    p.add_argument("--hdu", metavar="HDU", help="HDU of IN.fits with the image")
+    p.add_argument("-o", "--output", metavar="FILE.toml", help="output file (default stdout)")
+    _common(p)
+    p.set_defaults(func=_cmd_config)
     return parser
 
 

@@ -12,7 +12,7 @@ from astropy.wcs import WCS
 
 from skymap import cli, io
 
-SUBCOMMANDS = ("demo", "run", "batch", "simulate", "evaluate", "match")
+SUBCOMMANDS = ("demo", "run", "batch", "simulate", "evaluate", "match", "config")
 
 
 def _sha(path):
@@ -182,6 +182,28 @@ def test_run_with_a_config_file_on_real_data(name, data_dir, tmp_path, mesh_toml
     assert set(metrics["evaluation"]) >= {"rms_vs_scale", "masked_vs_unmasked"}
 
 
+def test_config_written_by_the_command_drives_run(data_dir, tmp_path, capsys):
+    config = pytest.importorskip("skymap.config")
+    from skymap.mesh import MeshBackground
+
+    assert cli.main(["config", "--kind", "sextractor", "--box-size", "16"]) == 0
+    expected = MeshBackground.like_sextractor(box_size=16)
+    assert config.loads_toml(capsys.readouterr().out) == expected
+    toml = tmp_path / "sex.toml"
+    assert cli.main(["config", "--kind", "sextractor", "--box-size", "16", "-o", str(toml)]) == 0
+    assert cli.main(["config", "--kind", "mesh", "-o", str(toml), "-q"]) == cli.EXIT_EXISTS
+    src = str(data_dir / "spitzer_cutout.fits")
+    out = tmp_path / "out"
+    assert cli.main(["run", src, "-o", str(out), "--config", str(toml), "-q", "--no-report"]) == 0
+    header = fits.getheader(out / "spitzer_cutout_background.fits")
+    assert header["SKYCFGH"] == io.config_hash(expected)
+
+
+def test_pipeline_config_needs_an_image(capsys):
+    assert cli.main(["config"]) == cli.EXIT_USAGE
+    assert "give the image" in capsys.readouterr().err
+
+
 def test_bad_config_file_exits_2(data_dir, tmp_path, capsys):
     pytest.importorskip("skymap.config")
     bad = tmp_path / "bad.toml"
@@ -250,3 +272,16 @@ def test_demo_end_to_end_on_a_small_scene(tmp_path):
 def test_console_script_points_at_main():
     scripts = entry_points(group="console_scripts")
     assert [ep.value for ep in scripts if ep.name == "skymap"] == ["skymap.cli:main"]
+
+
+def test_pipeline_config_file_reproduces_the_default_run(data_dir, tmp_path):
+    _require_pipeline()
+    src = str(data_dir / "spitzer_cutout.fits")
+    toml = tmp_path / "pipeline.toml"
+    assert cli.main(["config", src, "-o", str(toml), "-q"]) == 0
+    for name, extra in (("default", []), ("from_file", ["--config", str(toml)])):
+        argv = ["run", src, "-o", str(tmp_path / name), "-q", "--no-report", *extra]
+        assert cli.main(argv) == 0
+    products = [f"spitzer_cutout_{p}.fits" for p in io.PRODUCTS]
+    for name in [*products, "metrics.json"]:
+        assert _sha(tmp_path / "default" / name) == _sha(tmp_path / "from_file" / name)

@@ -148,6 +148,17 @@ def test_degenerate_cube_is_squeezed_and_real_cube_refused(tmp_path):
         io.read_image(tmp_path / "c2.fits", hdu=0)
 
 
+def test_tile_compressed_image_is_read_from_its_extension(tmp_path, rng):
+    data = rng.normal(size=(32, 40)).astype(np.float32)
+    hdr = fits.Header({"CTYPE1": "RA---TAN", "CTYPE2": "DEC--TAN", "CRPIX1": 3.0})
+    comp = fits.CompImageHDU(data, header=hdr, compression_type="GZIP_2", quantize_level=0.0)
+    fits.HDUList([fits.PrimaryHDU(), comp]).writeto(tmp_path / "c.fits.fz")
+    img = io.read_image(tmp_path / "c.fits.fz")
+    np.testing.assert_array_equal(img.data, data)
+    out = io.write_image(tmp_path / "p.fits", img.data, header=img.header)
+    assert fits.getheader(out)["CRPIX1"] == 3.0
+
+
 def test_missing_input_is_file_not_found(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         io.read_image(tmp_path / "nope.fits")
