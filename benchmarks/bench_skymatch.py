@@ -1,7 +1,7 @@
 """Sky matching: skymap.skymatch.match against stcal.skymatch, on the same images.
 
 The mosaic is ``grid x grid`` images of ``size`` pixels (float32, Gaussian noise of 1,
-a different sky offset per image and a few sources), neighbours overlapping by
+a different sky offset per image, stars from one catalogue), neighbours overlapping by
 ``overlap`` pixels. Every image gets a TAN WCS with a sub-pixel shift and a small
 rotation, so that no overlap is a plain integer translation (the general, slow path).
 
@@ -32,28 +32,45 @@ from skymap.skymatch import match
 PIXEL_DEG = 0.1 / 3600.0
 
 
+def _tan(crpix_x, crpix_y, theta=0.0):
+    w = WCS(naxis=2)
+    w.wcs.ctype = ["RA---TAN", "DEC--TAN"]
+    w.wcs.crval = [150.0, 2.0]
+    cos, sin = np.cos(theta), np.sin(theta)
+    w.wcs.cd = PIXEL_DEG * np.array([[-cos, sin], [sin, cos]])
+    w.wcs.crpix = [crpix_x, crpix_y]
+    return w
+
+
 def build(grid: int, size: int, overlap: int, seed: int = 1):
     rng = np.random.default_rng(seed)
     step = size - overlap
-    centre = (step * (grid - 1) + size - 1) / 2.0
+    full = step * (grid - 1) + size
+    centre = (full - 1) / 2.0
     offsets = rng.uniform(-3.0, 3.0, grid * grid)
-    images, wcss = [], []
+    # One star catalogue on the sky (50 stars per image area), seen by every image that
+    # covers it, so that overlaps hold the same stars as in a real mosaic.
+    n_stars = 50 * grid * grid
+    ref = _tan(centre + 1.0, centre + 1.0)
+    stars_world = ref.pixel_to_world_values(*rng.uniform(0, full, (2, n_stars)))
+    peaks = np.exp(rng.uniform(np.log(5.0), np.log(500.0), n_stars))
     sy, sx = np.mgrid[-8:9, -8:9]
-    star = (50.0 * np.exp(-0.5 * (sx**2 + sy**2) / 4.0)).astype(np.float32)
+    images, wcss = [], []
     for k in range(grid * grid):
         r, c = divmod(k, grid)
         dy, dx = rng.uniform(-0.5, 0.5, 2)
         theta = np.radians(rng.uniform(-0.05, 0.05))
-        w = WCS(naxis=2)
-        w.wcs.ctype = ["RA---TAN", "DEC--TAN"]
-        w.wcs.crval = [150.0, 2.0]
-        cos, sin = np.cos(theta), np.sin(theta)
-        w.wcs.cd = PIXEL_DEG * np.array([[-cos, sin], [sin, cos]])
-        w.wcs.crpix = [centre - c * step + dx + 1.0, centre - r * step + dy + 1.0]
+        w = _tan(centre - c * step + dx + 1.0, centre - r * step + dy + 1.0, theta)
         img = rng.standard_normal((size, size), dtype=np.float32)
         img += np.float32(100.0 + offsets[k])
-        for y, x in rng.integers(8, size - 8, (50, 2)):
-            img[y - 8 : y + 9, x - 8 : x + 9] += star
+        xs, ys = w.world_to_pixel_values(*stars_world)
+        inside = (xs > 8) & (xs < size - 9) & (ys > 8) & (ys < size - 9)
+        for x, y, p in zip(xs[inside], ys[inside], peaks[inside], strict=True):
+            iy, ix = int(round(y)), int(round(x))
+            g = (sx + ix - x) ** 2 + (sy + iy - y) ** 2
+            img[iy - 8 : iy + 9, ix - 8 : ix + 9] += (p * np.exp(-0.5 * g / 4.0)).astype(
+                np.float32
+            )
         images.append(img)
         wcss.append(w)
     return images, wcss, offsets

@@ -113,11 +113,25 @@ def clipped_statistic(
     (0.0, 99)
     """
     x = np.ascontiguousarray(np.asarray(values).ravel())
-    if x.size == 0:
+    n, mean, std, lo, hi = _clip(x, lower, upper, nclip, lsigma, usigma)
+    if n == 0:
         return np.nan, np.nan, 0
+    if statistic == "mean":
+        value = mean
+    else:
+        median = float(np.median(_k.select_within(x, lo, hi)))
+        value = median if statistic == "median" else 2.5 * median - 1.5 * mean
+    error = _EFFICIENCY[statistic] * std / np.sqrt(n) if n > 1 else np.inf
+    return float(value), float(error), int(n)
+
+
+def _clip(x, lower, upper, nclip, lsigma, usigma):
+    """Count, mean, std and final limits of the clipping in :func:`clipped_statistic`."""
     base_lo = -np.inf if lower is None else float(lower)
     base_hi = np.inf if upper is None else float(upper)
     lo, hi = base_lo, base_hi
+    if x.size == 0:
+        return 0, np.nan, np.nan, lo, hi
     shift = float(x[x.size // 2]) if np.isfinite(x[x.size // 2]) else 0.0
     n, mean, std, vmin, vmax = _k.moments_within(x, lo, hi, shift)
     for _ in range(nclip):
@@ -131,15 +145,7 @@ def clipped_statistic(
         # change anything, so stop early (a speed-up only).
         if (n, vmin, vmax) == prev:
             break
-    if n == 0:
-        return np.nan, np.nan, 0
-    if statistic == "mean":
-        value = mean
-    else:
-        median = float(np.median(_k.select_within(x, lo, hi)))
-        value = median if statistic == "median" else 2.5 * median - 1.5 * mean
-    error = _EFFICIENCY[statistic] * std / np.sqrt(n) if n > 1 else np.inf
-    return float(value), float(error), int(n)
+    return n, mean, std, lo, hi
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -686,28 +692,22 @@ def _measure_pairs(frames, exp_of, cfg: SkyMatch):
     )
 
 
-def _limits_ok(cfg, *arrays):
-    ok = True
-    for a in arrays:
-        if cfg.lower is not None:
-            ok = ok & (a >= cfg.lower)
-        if cfg.upper is not None:
-            ok = ok & (a <= cfg.upper)
-    return ok
-
-
 def _pair_difference(fi: _Frame, fj: _Frame, cfg: SkyMatch) -> tuple[float, float, int]:
     """Measured ``sky_i - sky_j`` in the overlap of two frames, its error and pixel count."""
     vi, vj = _overlap_samples(fi, fj, cfg.grid_step)
     if vi.size == 0:
         return np.nan, np.nan, 0
     if cfg.approach == "difference":
-        ok = _limits_ok(cfg, vi, vj)
-        if ok is not True:
-            vi, vj = vi[ok], vj[ok]
-        if vi.size < cfg.min_pixels:
-            return np.nan, np.nan, int(vi.size)
-        return cfg._stat(vi.astype(np.float64) - vj, limits=False)
+        # Clip each image's own values first (lower/upper, then nclip passes), and keep
+        # the pixels that survive in both: a source is then dropped from both images at
+        # once, even where resampling has left a residual of it in the difference.
+        keep = np.ones(vi.size, dtype=bool)
+        for v in (vi, vj):
+            _, _, _, lo, hi = _clip(v, cfg.lower, cfg.upper, cfg.nclip, cfg.lsigma, cfg.usigma)
+            keep &= (v >= lo) & (v <= hi)
+        if keep.sum() < cfg.min_pixels:
+            return np.nan, np.nan, int(keep.sum())
+        return cfg._stat(vi[keep].astype(np.float64) - vj[keep], limits=False)
     # The original's way: each image's own pixels in the common region.
     wj, wi = _overlap_samples(fj, fi, cfg.grid_step)
     si, ei, ni = cfg._stat(vi)

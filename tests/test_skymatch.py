@@ -167,6 +167,13 @@ def test_mosaic_each_statistic_within_target(mosaic, statistic):
     assert res.reduced_chi2 == pytest.approx(1.0, abs=0.8)
 
 
+def test_mosaic_separate_approach_within_target(mosaic):
+    # The original's way of measuring a pair (each image's own pixels) also works.
+    images, offsets = mosaic
+    res = match(images, method="match", approach="separate")
+    assert _relative_error(res.sky, offsets) < 0.02
+
+
 def test_global_match_adds_min_local_sky(mosaic):
     images, _ = mosaic
     rel = match(images, method="match")
@@ -289,6 +296,20 @@ def test_masked_overlap_pixels_are_ignored(rng):
     # Masked: only the remaining overlap is used, in both images.
     assert masked.pair_npix[0] == 60 * 30
     assert masked.sky[1] == pytest.approx(3.0, abs=0.1)
+
+
+@pytest.mark.parametrize("approach", ["difference", "separate"])
+def test_lower_upper_exclude_pixel_values(rng, approach):
+    images = _strip_pair(rng, [10.0, 13.0], shape=(60, 120), overlap=50)
+    hit = [im.copy() for im in images]
+    hit[1][rng.random(hit[1].shape) < 0.05] = 1e5  # cosmic rays, in both images' units
+    opts = {"method": "match", "statistic": "mean", "nclip": 0, "approach": approach}
+    clean = match(images, **opts)
+    assert abs(match(hit, **opts).sky[1] - clean.sky[1]) > 100
+    limited = match(hit, upper=1000.0, **opts)
+    assert limited.sky[1] == pytest.approx(clean.sky[1], abs=0.1)
+    # lower works on values too: everything below 20 (all of image 0) is excluded.
+    assert match(images, lower=20.0, **opts).pairs.shape == (0, 2)
 
 
 def test_fully_masked_overlap_splits_the_groups(rng):
