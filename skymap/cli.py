@@ -59,7 +59,8 @@ _EPILOG = """\
 exit codes:
   0    success
   1    the work failed while running (the message says what failed)
-  2    bad command line or bad input (missing file, unreadable FITS, bad config)
+  2    bad command line or bad input: a missing file, unreadable FITS, a bad config,
+       or data the fit cannot use (e.g. every pixel masked)
   3    an output file exists; nothing was written (add --overwrite to replace it)
   130  interrupted
 
@@ -134,21 +135,29 @@ class _SingleFit:
 
 def _fit(image: np.ndarray, mask: np.ndarray | None, config: Any):
     """Fit with ``config``: an estimator object with ``.fit`` (the pipeline, or a single
-    :class:`skymap.mesh.MeshBackground` pass), a mapping of options, or None (defaults)."""
-    if config is not None and hasattr(config, "fit"):
-        result = config.fit(image, mask=mask)
-        if getattr(result, "mask", None) is None:
-            result = _SingleFit(
-                background=result.background,
-                rms=result.rms,
-                mask=combine_masks(np.asarray(image), mask),
-                mesh=result,
-                config=config,
-            )
-        return result
-    pipeline = _module("pipeline", "run")
-    options = dict(config) if isinstance(config, Mapping) else {}
-    return pipeline.fit(image, mask=mask, **options)
+    :class:`skymap.mesh.MeshBackground` pass), a mapping of options, or None (defaults).
+
+    skymap raises ValueError for data or settings it cannot use (no valid pixel, a box
+    larger than the image, an unknown option): that is bad input, exit code 2.
+    """
+    try:
+        if config is not None and hasattr(config, "fit"):
+            result = config.fit(image, mask=mask)
+        else:
+            pipeline = _module("pipeline", "run")
+            options = dict(config) if isinstance(config, Mapping) else {}
+            result = pipeline.fit(image, mask=mask, **options)
+    except ValueError as err:
+        raise UsageError(f"cannot fit this image: {err}") from err
+    if getattr(result, "mask", None) is None:
+        result = _SingleFit(
+            background=result.background,
+            rms=result.rms,
+            mask=combine_masks(np.asarray(image), mask),
+            mesh=result,
+            config=config,
+        )
+    return result
 
 
 def _result_config(result: Any, config: Any) -> Any:
@@ -1041,11 +1050,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         code = _exit_code(err)
         sys.stderr.write(f"skymap: error: {err}\n")
         if code == EXIT_FAILURE:
-            log.debug("traceback", exc_info=True)
             if args.verbose:
                 import traceback
 
                 traceback.print_exc(file=sys.stderr)
+            else:
+                sys.stderr.write("skymap: run again with --verbose for the traceback\n")
         return code
 
 

@@ -40,15 +40,17 @@ CAPTIONS = {
     "maps": "The input image, the fitted background, the residual (image - background), "
     "the final mask (True = excluded), the background rms and, for simulations, the error "
     "of the background against the true sky.",
-    "mesh": "The mesh: background value of each box, and the box grid over the "
-    "full-resolution background.",
+    "mesh": "The mesh: the value measured in each box (rejected boxes marked), and the "
+    "full-resolution background interpolated from the boxes (grid lines drawn when the "
+    "boxes are large enough to see).",
     "rms_vs_scale": "RMS of the residual averaged in square blocks, against block width. "
     "A perfect background leaves only noise: the dashed reference. Excess at large widths "
     "is background structure the model missed.",
     "bias": "Background error under each catalogued source against its flux and radius; "
     "the grey band is the same measurement at random positions.",
-    "convergence": "How the iterative fit converged: change of the background, mask "
-    "fraction and median rms at each iteration.",
+    "convergence": "How the iterative fit converged: change of the background (in units "
+    "of its rms), mask fraction, and smoothing scale (or median rms) at each iteration; "
+    "dotted lines mark new stages.",
 }
 
 # Lists longer than this are summarised in the table (the JSON keeps them whole).

@@ -204,6 +204,17 @@ def test_pipeline_config_needs_an_image(capsys):
     assert "give the image" in capsys.readouterr().err
 
 
+def test_data_the_fit_cannot_use_exits_2(tmp_path, capsys):
+    fits.PrimaryHDU(np.full((32, 32), np.nan, np.float32)).writeto(tmp_path / "nan.fits")
+    argv = ["run", str(tmp_path / "nan.fits"), "-o", str(tmp_path / "o"), "-q"]
+    config = pytest.importorskip("skymap.config")
+    from skymap.mesh import MeshBackground
+
+    toml = config.save_toml(MeshBackground(box_size=8), tmp_path / "m.toml")
+    assert cli.main([*argv, "--config", str(toml)]) == cli.EXIT_USAGE
+    assert "cannot fit this image" in capsys.readouterr().err
+
+
 def test_bad_config_file_exits_2(data_dir, tmp_path, capsys):
     pytest.importorskip("skymap.config")
     bad = tmp_path / "bad.toml"
