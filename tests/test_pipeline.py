@@ -1,0 +1,268 @@
+"""Tests for skymap.pipeline (IterativeBackground, fit) and skymap.smooth (thin-plate)."""
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from scipy.sparse.linalg import spsolve
+
+from skymap import pipeline as P
+from skymap.smooth import ThinPlateSmoother, smooth_grid, upsample
+
+
+def _scene(rng, shape=(96, 96), nsrc=12, sigma=1.0):
+    """Gradient sky + Gaussian blobs + white noise; returns image, sky."""
+    yy, xx = np.mgrid[: shape[0], : shape[1]]
+    sky = 10.0 + 0.02 * yy - 0.01 * xx + 0.5 * np.sin(xx / 25.0)
+    img = sky + rng.normal(0, sigma, shape)
+    for _ in range(nsrc):
+        y0, x0 = rng.uniform(5, shape[0] - 5), rng.uniform(5, shape[1] - 5)
+        s = rng.uniform(1.0, 2.5)
+        img += rng.uniform(20, 80) * np.exp(-((yy - y0) ** 2 + (xx - x0) ** 2) / (2 * s * s))
+    return img, sky
+
+
+# --------------------------------------------------------------------------- smooth.py
+
+
+def _dense_thin_plate(shape, hy, hx):
+    """Independent construction of the thin-plate penalty matrix from Kronecker
+    products of explicit difference matrices."""
+    ny, nx = shape
+
+    def d(n, k):
+        return sp.csr_matrix(np.diff(np.eye(n), k, axis=0))
+
+    iy, ix = sp.identity(ny), sp.identity(nx)
+    area = hy * hx
+    dyy = sp.kron(d(ny, 2), ix) / hy**2
+    dxx = sp.kron(iy, d(nx, 2)) / hx**2
+    dxy = sp.kron(d(ny, 1), d(nx, 1)) / (hy * hx)
+    return area * (dyy.T @ dyy + dxx.T @ dxx + 2 * dxy.T @ dxy)
+
+
+def test_smooth_grid_matches_direct_sparse_solve(rng):
+    shape = (13, 17)
+    y = rng.normal(size=shape)
+    w = rng.uniform(0.0, 4.0, shape)
+    w[3:6, 4:9] = 0.0  # a hole bridged by the penalty
+    lam = 7.0
+    z, used, scores = smooth_grid(y, w, spacing=(2.0, 3.0), smoothing=lam)
+    a = sp.diags(w.ravel()) + lam * _dense_thin_plate(shape, 2.0, 3.0)
+    ref = spsolve(a.tocsc(), (w * y).ravel()).reshape(shape)
+    assert used == lam and scores == {}
+    np.testing.assert_allclose(z, ref, atol=1e-5 * np.abs(ref).max())
+
+
+def test_smooth_grid_passes_planes_exactly():
+    yy, xx = np.mgrid[:20, :30]
+    plane = 3.0 + 0.2 * yy - 0.7 * xx
+    w = np.ones_like(plane)
+    w[5:15, 5:15] = 0.0
+    for lam in (1e-2, 1e3, 1e8):
+        z, _, _ = smooth_grid(plane, w, smoothing=lam)
+        np.testing.assert_allclose(z, plane, atol=1e-3)  # the solver tolerance
+
+
+def test_gcv_choice_close_to_exact_gcv(rng):
+    # Exact GCV with the dense hat matrix on a small grid with uniform weights.
+    shape = (16, 16)
+    yy, xx = np.mgrid[: shape[0], : shape[1]]
+    truth = np.sin(yy / 4.0) + np.cos(xx / 5.0)
+    y = truth + rng.normal(0, 0.3, shape)
+    w = np.ones(shape)
+    pen = _dense_thin_plate(shape, 1.0, 1.0).toarray()
+    lams = 10.0 ** np.arange(-2, 4.01, 0.25)
+    exact = []
+    for lam in lams:
+        hat = np.linalg.inv(np.eye(y.size) + lam * pen)
+        resid = y.ravel() - hat @ y.ravel()
+        exact.append(y.size * resid @ resid / (y.size - np.trace(hat)) ** 2)
+    best = lams[int(np.argmin(exact))]
+    _, lam, _ = smooth_grid(y, w, smoothing_range=(1e-2, 1e4), smoothing_start=1.0)
+    assert abs(np.log10(lam) - np.log10(best)) <= 0.5
+
+
+def test_upsample_interpolates_nodes_and_keeps_gradients():
+    g = np.add.outer(2.0 * np.arange(6.0), np.arange(5.0))
+    out = upsample(g, 4, (24, 20))
+    # Node (i, j) sits on pixel (4 i + 1.5, 4 j + 1.5): between pixels, so compare the
+    # linear function itself everywhere, edges included (linear extension).
+    yy, xx = np.mgrid[:24, :20]
+    np.testing.assert_allclose(out, 2.0 * (yy - 1.5) / 4 + (xx - 1.5) / 4, atol=1e-6)
+    curved = np.random.default_rng(0).normal(size=(7, 9))
+    out = upsample(curved, 1, (7, 9))
+    np.testing.assert_allclose(out, curved, atol=1e-10)
+
+
+def test_smoother_recovers_smooth_sky_under_mask(rng):
+    img, sky = _scene(rng, shape=(128, 160), nsrc=0)
+    mask = np.zeros(img.shape, bool)
+    mask[40:70, 50:90] = True
+    img_masked = img.copy()
+    img_masked[mask] = 1e6
+    res = ThinPlateSmoother(cell_size=4).fit(img_masked, mask)
+    assert res.background.shape == img.shape
+    err = res.background - sky
+    assert np.sqrt(np.mean(err**2)) < 0.2
+    assert abs(np.median(res.rms) - 1.0) < 0.1
+    assert res.scale > 4
+
+
+def test_smoother_validation():
+    with pytest.raises(ValueError, match="smoothing_range"):
+        ThinPlateSmoother(smoothing_range=(10.0, 1.0))
+    with pytest.raises(ValueError, match="cell_size"):
+        ThinPlateSmoother(cell_size=0)
+    with pytest.raises(ValueError, match="gcv_inflation"):
+        ThinPlateSmoother(gcv_inflation=-1)
+    with pytest.raises(ValueError, match="no valid pixel"):
+        ThinPlateSmoother().fit(np.full((10, 10), np.nan))
+
+
+# --------------------------------------------------------------------------- masker
+
+
+def test_hysteresis_masker_finds_sources_and_not_noise(rng):
+    img, sky = _scene(rng, nsrc=10)
+    m = P.HysteresisMasker()(img - sky, 1.0)
+    noise_only = P.HysteresisMasker()(rng.normal(size=(96, 96)), 1.0)
+    assert noise_only.mean() < 0.01
+    yy, xx = np.mgrid[:96, :96]
+    assert m.mean() > 0.03
+    blob = np.zeros((96, 96))
+    blob += 30 * np.exp(-((yy - 48) ** 2 + (xx - 48) ** 2) / 4.0)
+    mb = P.HysteresisMasker()(blob + rng.normal(size=blob.shape), 1.0)
+    assert mb[48, 48] and mb[48, 52] and not mb[10, 10]
+
+
+def test_hysteresis_masker_ignores_masked_values(rng):
+    r = rng.normal(size=(64, 64))
+    mask = np.zeros(r.shape, bool)
+    mask[20:30, 20:30] = True
+    r2 = r.copy()
+    r2[mask] = 1e9
+    a = P.HysteresisMasker()(r, 1.0, mask)
+    b = P.HysteresisMasker()(r2, 1.0, mask)
+    np.testing.assert_array_equal(a, b)
+    assert not a[mask].any()
+
+
+def test_hysteresis_masker_validation():
+    with pytest.raises(ValueError, match="low"):
+        P.HysteresisMasker(high=2.0, low=3.0)
+    with pytest.raises(ValueError, match="scales"):
+        P.HysteresisMasker(scales=())
+    with pytest.raises(ValueError, match="surround"):
+        P.HysteresisMasker(surround=0.5)
+
+
+# --------------------------------------------------------------------------- pipeline
+
+
+def test_fit_recovers_background_and_masks_sources(rng):
+    img, sky = _scene(rng, shape=(128, 128), nsrc=20)
+    res = P.fit(img)
+    err = res.background - sky
+    assert np.sqrt(np.mean(err**2)) < 0.25
+    assert res.source_mask.mean() > 0.02
+    assert abs(res.noise - 1.0) < 0.1
+    assert res.history[0].stage == -1 and len(res.history) >= 3
+    assert res.config == P.default_pipeline(img)
+
+
+def test_history_is_complete_and_plottable(rng):
+    from skymap.plot import plot_convergence
+
+    img, _ = _scene(rng, shape=(96, 96))
+    res = P.fit(img)
+    for rec in res.history:
+        assert rec.background.shape == img.shape and rec.rms.shape == img.shape
+        assert rec.mask.dtype == bool and rec.mask.shape == img.shape
+        assert 0 <= rec.mask_fraction <= 1
+        assert abs(rec.mask.mean() - rec.mask_fraction) < 1e-12
+    np.testing.assert_array_equal(res.history[-1].mask, res.mask)
+    np.testing.assert_allclose(res.history[-1].background, res.background)
+    assert len(res.table) == len(res.history)
+    assert len(plot_convergence(res.history).axes) == 3
+
+
+def test_bad_input_raises_clear_errors():
+    with pytest.raises(ValueError, match="2-dimensional"):
+        P.fit(np.zeros((4, 4, 4)))
+    with pytest.raises(ValueError, match="shape"):
+        P.fit(np.zeros((32, 32)), mask=np.zeros((32, 31), bool))
+    with pytest.raises(ValueError, match="no valid pixel"):
+        P.fit(np.zeros((32, 32)), mask=np.ones((32, 32), bool))
+    with pytest.raises(ValueError, match="no valid pixel"):
+        P.fit(np.full((32, 32), np.nan))
+    with pytest.raises(ValueError, match="unknown option"):
+        P.fit(np.zeros((32, 32)), box=3)
+    with pytest.raises(ValueError, match="stages"):
+        P.IterativeBackground(first_guess=ThinPlateSmoother(), stages=())
+    stage = P.Stage(masker=P.HysteresisMasker(), estimator=ThinPlateSmoother())
+    with pytest.raises(ValueError, match="max_iter"):
+        P.IterativeBackground(first_guess=ThinPlateSmoother(), stages=(stage,), max_iter=0)
+    with pytest.raises(ValueError, match="first_guess"):
+        P.IterativeBackground(first_guess=3, stages=(stage,))
+
+
+def test_nan_masked_inputs_untouched_float32_kept(rng):
+    img, sky = _scene(rng, shape=(80, 80))
+    img = img.astype(np.float32)
+    img[10, 10] = np.nan
+    img[20, 30] = np.inf
+    mask = np.zeros(img.shape, bool)
+    mask[50:55, 50:55] = True
+    img_copy, mask_copy = img.copy(), mask.copy()
+    res = P.fit(img, mask)
+    np.testing.assert_array_equal(img, img_copy)
+    np.testing.assert_array_equal(mask, mask_copy)
+    assert res.background.dtype == np.float32 and res.rms.dtype == np.float32
+    assert np.all(np.isfinite(res.background))
+    assert res.bad_mask[10, 10] and res.bad_mask[20, 30] and res.bad_mask[52, 52]
+
+
+def test_masked_pixel_values_do_not_matter(rng):
+    img, _ = _scene(rng, shape=(96, 96))
+    mask = np.zeros(img.shape, bool)
+    mask[30:50, 40:60] = True
+    mask[:, 5] = True
+    other = img.copy()
+    other[mask] = rng.normal(1e4, 1e3, mask.sum())
+    a = P.fit(img, mask)
+    b = P.fit(other, mask)
+    np.testing.assert_array_equal(a.background, b.background)
+    np.testing.assert_array_equal(a.mask, b.mask)
+
+
+def test_ring_median_first_guess(rng):
+    img, sky = _scene(rng, shape=(96, 96))
+    pipe = P.IterativeBackground(
+        first_guess=P.RingMedianGuess(radius=6, width=3),
+        stages=(P.Stage(masker=P.HysteresisMasker(), estimator=ThinPlateSmoother()),),
+    )
+    res = pipe.fit(img)
+    assert np.sqrt(np.mean((res.background - sky) ** 2)) < 0.3
+
+
+@settings(max_examples=8)
+@given(
+    seed=st.integers(0, 2**16),
+    offset=st.floats(-1e3, 1e3),
+    scale=st.floats(0.01, 100.0),
+)
+def test_offset_scale_transpose_invariance(seed, offset, scale):
+    rng = np.random.default_rng(seed)
+    img, _ = _scene(rng, shape=(64, 80), nsrc=6)
+    base = P.fit(img)
+    tol = 1e-5 * base.noise
+    shifted = P.fit(img * scale + offset)
+    np.testing.assert_allclose(
+        shifted.background, base.background * scale + offset, atol=tol * scale + 1e-9 * abs(offset)
+    )
+    np.testing.assert_array_equal(shifted.source_mask, base.source_mask)
+    transposed = P.fit(img.T)
+    np.testing.assert_allclose(transposed.background, base.background.T, atol=tol)
+    np.testing.assert_array_equal(transposed.source_mask, base.source_mask.T)
