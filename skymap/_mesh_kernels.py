@@ -111,15 +111,22 @@ def _clip_bounds(vals, n, work, work2, cen_median, std_mad, maxiters, sig_lo, si
     Each iteration takes the centre and width of the surviving values and keeps those
     inside ``[centre - sig_lo * width, centre + sig_hi * width]``; it stops when nothing
     changes, nothing survives, or after ``maxiters`` iterations (-1: no limit).
+
+    Returns ``(lo, hi, count, median, mean, width, converged)``: the bounds, and the
+    size and statistics of the last set the bounds were computed from. When the clip
+    converged and the final selection has ``count`` values, that set *is* the final
+    selection (same values, same order in ``work``), so callers may reuse its median
+    (computed if ``cen_median or std_mad``), mean and population std (computed unless
+    both are) or MAD width.
     """
     for i in range(n):
         work[i] = vals[i]
     count = n
     it = 0
     lo = hi = 0.0
+    med = mean = std = 0.0
+    converged = False
     while True:
-        med = 0.0
-        mean = 0.0
         if cen_median or std_mad:
             for i in range(count):
                 work2[i] = work[i]
@@ -146,13 +153,16 @@ def _clip_bounds(vals, n, work, work2, cen_median, std_mad, maxiters, sig_lo, si
             if v >= lo and v <= hi:
                 work[new] = v
                 new += 1
-        if new == count or new == 0:
+        if new == count:
+            converged = True
+            break
+        if new == 0:
             break
         count = new
         it += 1
         if maxiters != -1 and it >= maxiters:
             break
-    return lo, hi
+    return lo, hi, count, med, mean, std, converged
 
 
 @njit(cache=True, nogil=True, error_model="numpy")
@@ -216,8 +226,11 @@ def mesh_clip_stats(
             x1 = min(nx, x0 + bx)
             n = _gather(image, mask, use_mask, y0, y1, x0, x1, vals)
             nvalid_out[j, i] = n
+            # reuse: the clip's last statistics when its last set is the final one
+            reuse = False
+            c_med = c_mean = c_width = 0.0
             if n > 0 and clip:
-                lo, hi = _clip_bounds(
+                lo, hi, count, c_med, c_mean, c_width, converged = _clip_bounds(
                     vals, n, work, work2, cen_median, std_mad, maxiters, sig_lo, sig_hi
                 )
                 m = 0
@@ -227,17 +240,25 @@ def mesh_clip_stats(
                         vals[m] = v
                         m += 1
                 n = m
+                reuse = converged and m == count
             ngood_out[j, i] = n
             if n == 0:
                 loc_out[j, i] = np.nan
                 scale_out[j, i] = np.nan
                 continue
-            mean, std = _mean_std(vals, n)
+            if reuse and not (cen_median and std_mad):
+                mean = c_mean
+                std = c_width if not std_mad else _mean_std(vals, n)[1]
+            else:
+                mean, std = _mean_std(vals, n)
             med = 0.0
             if loc_code != LOC_MEAN or scale_code == SCALE_MADSTD:
-                for t in range(n):
-                    work[t] = vals[t]
-                med = _median(work, n)
+                if reuse and (cen_median or std_mad):
+                    med = c_med
+                else:
+                    for t in range(n):
+                        work[t] = vals[t]
+                    med = _median(work, n)
             if loc_code == LOC_MEAN:
                 loc = mean
             elif loc_code == LOC_MEDIAN:
@@ -253,6 +274,8 @@ def mesh_clip_stats(
             loc_out[j, i] = loc
             if scale_code == SCALE_STD:
                 scale_out[j, i] = std
+            elif reuse and std_mad:
+                scale_out[j, i] = c_width
             else:
                 scale_out[j, i] = _mad_std(vals, n, med, work)
 
@@ -267,14 +290,49 @@ _HIST_STEP = math.sqrt(2.0 / math.pi) * _HIST_NSIGMA / 4.0
 
 
 @njit(cache=True, nogil=True, error_model="numpy")
+def _split_point(p, lcut, hcut):
+    """Where SExtractor's two-ended walk over bins ``lcut..hcut`` stops.
+
+    The walk adds one bin at a time to the low or the high partial sum, to the low one
+    only while it is strictly smaller, until the two ends meet. That is a merge of the
+    two increasing sequences of partial sums (ties: high first), so the meeting bin is
+    the number of low sums among the first ``hcut - lcut + 1`` merged, found by binary
+    search on the prefix counts ``p`` (``p[x]`` = counts below bin x). Returns the first
+    bin of the high side.
+    """
+    count = hcut - lcut + 1
+    base = p[lcut]
+    top = p[hcut + 1]
+    lo, hi = 0, count
+    while lo < hi:
+        i = (lo + hi) // 2  # low sums taken; count - i high sums
+        j = count - i
+        # the i-th low sum (0-based) must come before the last high sum taken
+        if j > 0 and i < count and top - p[hcut + 1 - (j - 1)] <= p[lcut + i] - base:
+            hi = i
+        else:
+            lo = i + 1
+    return lcut + lo
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
 def _histogram_mode(histo, nbins, start_mean, median_factor, mean_factor, skew_limit):
     """Iterated 3-sigma clipped mode and sigma of a histogram, in bin units.
 
-    The median is interpolated within the bin where counts summed from both ends meet.
-    Iterates (at most 100 times) until sigma changes by less than 1e-4 relative or
-    drops below 0.1 bin. Returns (mode, sigma, pixels in the final window).
+    The median is interpolated within the bin where counts summed from both ends meet
+    (:func:`_split_point`). Iterates (at most 100 times) until sigma changes by less
+    than 1e-4 relative or drops below 0.1 bin. Window sums come from prefix sums, so an
+    iteration costs O(log nbins). Returns (mode, sigma, pixels in the final window).
     """
     last = nbins - 1
+    p = np.zeros(nbins + 1, dtype=np.int64)
+    p1 = np.zeros(nbins + 1, dtype=np.int64)
+    p2 = np.zeros(nbins + 1, dtype=np.int64)
+    for b in range(nbins):
+        c = histo[b]
+        p[b + 1] = p[b] + c
+        p1[b + 1] = p1[b] + c * b
+        p2[b + 1] = p2[b] + c * b * b
     lcut, hcut = 0, last
     sig = 10.0 * last
     sig_prev = 1.0
@@ -285,25 +343,17 @@ def _histogram_mode(histo, nbins, start_mean, median_factor, mean_factor, skew_l
     while it < 100 and sig >= 0.1 and abs(sig / sig_prev - 1.0) > 1e-4:
         it += 1
         sig_prev = sig
-        total = 0
-        s1 = 0.0
-        s2 = 0.0
-        low_sum = 0
-        high_sum = 0
-        lo = lcut
-        hi = hcut
-        for b in range(lcut, hcut + 1):
-            # consume the bins from whichever end has fewer counts so far
-            if low_sum < high_sum:
-                low_sum += histo[lo]
-                lo += 1
-            else:
-                high_sum += histo[hi]
-                hi -= 1
-            c = histo[b]
-            total += c
-            s1 += c * b
-            s2 += c * b * b
+        if hcut >= lcut:
+            lo = _split_point(p, lcut, hcut)
+            hi = lo - 1
+            low_sum = p[lo] - p[lcut]
+            high_sum = p[hcut + 1] - p[lo]
+            total = p[hcut + 1] - p[lcut]
+            s1 = p1[hcut + 1] - p1[lcut]
+            s2 = p2[hcut + 1] - p2[lcut]
+        else:
+            lo, hi = lcut, hcut
+            low_sum = high_sum = total = s1 = s2 = 0
         if hi >= 0:
             peak = max(histo[lo], histo[hi])
             med = hi + 0.5 + (high_sum - low_sum) / (2.0 * peak)
@@ -361,21 +411,21 @@ def mesh_sextractor_stats(
         # pixel type; we keep them in the image's own type (float32 -> SExtractor's
         # exact binning, float64 -> no rounding): writing into this buffer rounds
         cast = np.empty(4, dtype=image.dtype)
+        vals = np.empty(by * bx, dtype=image.dtype)
         y0 = j * by
         y1 = min(ny, y0 + by)
         for i in range(mx):
             x0 = i * bx
             x1 = min(nx, x0 + bx)
-            n = 0
+            # the valid pixels, gathered once: the next two passes run over them alone
+            nv = _gather(image, mask, use_mask, y0, y1, x0, x1, vals)
             s1 = 0.0
             s2 = 0.0
-            for y in range(y0, y1):
-                for x in range(x0, x1):
-                    v = np.float64(image[y, x])
-                    if math.isfinite(v) and not (use_mask and mask[y, x]):
-                        s1 += v
-                        s2 += v * v
-                        n += 1
+            for t in range(nv):
+                v = np.float64(vals[t])
+                s1 += v
+                s2 += v * v
+            n = nv
             nvalid_out[j, i] = n
             if n == 0:
                 loc_out[j, i] = np.nan
@@ -392,13 +442,12 @@ def mesh_sextractor_stats(
             n = 0
             s1 = 0.0
             s2 = 0.0
-            for y in range(y0, y1):
-                for x in range(x0, x1):
-                    v = np.float64(image[y, x])
-                    if v >= lcut and v <= hcut and not (use_mask and mask[y, x]):
-                        s1 += v
-                        s2 += v * v
-                        n += 1
+            for t in range(nv):
+                v = np.float64(vals[t])
+                if v >= lcut and v <= hcut:
+                    s1 += v
+                    s2 += v * v
+                    n += 1
             if n > 0:
                 # (a float64 image can leave no pixel inside its float32-rounded cuts)
                 mean = s1 / n
@@ -414,16 +463,12 @@ def mesh_sextractor_stats(
             qscale = np.float64(cast[0])
             qzero = np.float64(cast[1])
             histo[:nbins] = 0
-            for y in range(y0, y1):
-                for x in range(x0, x1):
-                    v = image[y, x]
-                    if not math.isfinite(v) or (use_mask and mask[y, x]):
-                        continue
-                    t = v / qs + off
-                    # int() truncates towards zero like SExtractor's C cast, so
-                    # (-1, 0) lands in bin 0
-                    if t > -1.0 and t < nbins:
-                        histo[int(t)] += 1
+            for t in range(nv):
+                b = vals[t] / qs + off
+                # int() truncates towards zero like SExtractor's C cast, so (-1, 0)
+                # lands in bin 0
+                if b > -1.0 and b < nbins:
+                    histo[int(b)] += 1
             mode, sig, total = _histogram_mode(
                 histo, nbins, (mean - qzero) / qscale, median_factor, mean_factor, skew_limit
             )
@@ -519,16 +564,31 @@ def spline_eval(grid, d2y, ty, tx, exact, out):
     """Bicubic spline map: for each image row, the node values along y, a natural
     spline along x through them, evaluated at every column.
 
-    ``ty`` / ``tx`` are the rows' / columns' coordinates in mesh units (node k at k).
-    With a single row of nodes ``exact`` keeps SExtractor's linear interpolation in x.
+    ``ty`` / ``tx`` are the rows' / columns' coordinates in mesh units (node k at k),
+    ``tx`` increasing. With a single row of nodes ``exact`` keeps SExtractor's linear
+    interpolation in x.
     """
     my, mx = grid.shape
     ny, nx = out.shape
-    kx = np.zeros(nx, dtype=np.int64)
-    dx = np.zeros(nx)
+    # per column: the cubic's four weights, and where each interval's columns start,
+    # so that the inner loop runs over contiguous columns with the nodes fixed
+    wa = np.empty(nx)
+    wb = np.empty(nx)
+    wc = np.empty(nx)
+    wd = np.empty(nx)
+    # start[k]: the first column in interval k or beyond
+    start = np.full(max(mx, 2), nx, dtype=np.int64)
+    start[0] = 0
     if mx > 1:
-        for x in range(nx):
-            kx[x], dx[x] = _interval(tx[x], mx)
+        for x in range(nx - 1, -1, -1):
+            k, d = _interval(tx[x], mx)
+            cd = 1.0 - d
+            wa[x] = cd
+            wb[x] = d
+            wc[x] = cd * (cd * cd - 1.0)
+            wd[x] = d * (d * d - 1.0)
+            for kk in range(1, k + 1):
+                start[kk] = x
     for y in prange(ny):
         node = np.empty(mx)
         dnode = np.zeros(mx)
@@ -553,10 +613,8 @@ def spline_eval(grid, d2y, ty, tx, exact, out):
             for x in range(nx):
                 out[y, x] = node[0]
             continue
-        for x in range(nx):
-            k = kx[x]
-            d = dx[x]
-            cd = 1.0 - d
-            out[y, x] = cd * (node[k] + (cd * cd - 1.0) * dnode[k]) + d * (
-                node[k + 1] + (d * d - 1.0) * dnode[k + 1]
-            )
+        row = out[y]
+        for k in range(mx - 1):
+            n0, n1, d0, d1 = node[k], node[k + 1], dnode[k], dnode[k + 1]
+            for x in range(start[k], start[k + 1]):
+                row[x] = wa[x] * n0 + wb[x] * n1 + wc[x] * d0 + wd[x] * d1
