@@ -204,6 +204,22 @@ def test_pipeline_config_needs_an_image(capsys):
     assert "give the image" in capsys.readouterr().err
 
 
+def test_run_on_a_sci_dq_file_masks_the_chosen_flags(tmp_path, rng, mesh_toml):
+    sci = rng.normal(100.0, 1.0, (48, 48)).astype(">f4")
+    dq = np.zeros(sci.shape, ">i2")
+    dq[10, 10], dq[20, 20], dq[30, 30] = 4, 16, 4 | 16
+    hdul = fits.HDUList(
+        [fits.PrimaryHDU(), fits.ImageHDU(sci, name="SCI"), fits.ImageHDU(dq, name="DQ")]
+    )
+    hdul.writeto(tmp_path / "exp.fits")
+    argv = ["run", str(tmp_path / "exp.fits"), "--config", str(mesh_toml), "-q", "--no-report"]
+    assert cli.main([*argv, "-o", str(tmp_path / "o"), "--dq-bits", "bit4"]) == 0
+    mask = fits.getdata(tmp_path / "o" / "exp_mask.fits").astype(bool)
+    assert list(zip(*np.nonzero(mask), strict=True)) == [(20, 20), (30, 30)]
+    metrics = json.loads((tmp_path / "o" / "metrics.json").read_text())
+    assert metrics["input"]["hdu"] == "SCI" and metrics["input"]["flagged_pixels"] == 2
+
+
 def test_data_the_fit_cannot_use_exits_2(tmp_path, capsys):
     fits.PrimaryHDU(np.full((32, 32), np.nan, np.float32)).writeto(tmp_path / "nan.fits")
     argv = ["run", str(tmp_path / "nan.fits"), "-o", str(tmp_path / "o"), "-q"]
