@@ -15,14 +15,16 @@ differences measured where images overlap, so that the mosaic shows no steps.
 
 Beyond the JWST/stcal original this module finds the connected groups of overlapping
 images (the original silently leaves disjoint subsets unmatched), reports them in
-:attr:`SkyMatchResult.groups`, and ties them together with the 'global' rule or refuses,
-as ``disjoint`` says. The equations are weighted by their uncertainty (overlap size and
-scatter), and every equation's residual is reported.
+:attr:`SkyMatchResult.groups`, matches within each, then ties the groups together (one
+baseline for all, or each its own) or refuses, as ``disjoint`` says. The equations are
+weighted by their uncertainty (overlap size and scatter), and every equation's residual
+is reported. By default a pair's difference is the statistic of the pixel-by-pixel
+difference of the two images, so that sources common to both cancel.
 
 Overlaps come from each image's WCS (any APE-14 WCS, e.g. :class:`astropy.wcs.WCS`): the
-pixels of one image are mapped into the other through the sky, on a coarse grid that is
-interpolated bilinearly to every pixel (exact for translations and affine maps, sub-
-milli-pixel for smooth distortions over ``grid_step`` pixels). Images without a WCS must
+pixels of one image are mapped into the other through the sky on a coarse grid, which is
+interpolated bilinearly to every pixel (exact for translations and affine maps; for a
+smooth distortion the error is second order in ``grid_step``). Images without a WCS must
 already sit on one pixel grid (same shape, NaN or mask where an image has no data).
 """
 
@@ -171,11 +173,12 @@ class SkyMatch:
     lsigma, usigma : float
         Clipping limits in standard deviations.
     approach : {'difference', 'separate'}
-        How a pair's sky difference is measured in its overlap. 'difference': the
-        statistic of the pixel-by-pixel difference (the second image resampled
-        bilinearly onto the first), so that sources common to both cancel before the
-        statistic sees them. 'separate': the original's way, the statistic of each
-        image's own pixels in the overlap, then the difference.
+        How a pair's sky difference is measured in its overlap. 'difference': each
+        image's values there are clipped (``lower``/``upper``, then ``nclip`` passes),
+        the pixels that survive in both are kept, and the statistic is taken of their
+        pixel-by-pixel difference (the second image resampled bilinearly onto the
+        first), so that sources common to both cancel. 'separate': the original's way,
+        the statistic of each image's own pixels in the overlap, then the difference.
     disjoint : {'global', 'local', 'raise'}
         What to do when the images fall into several groups that do not overlap one
         another. Each group is matched on its own; then 'global' treats the groups as

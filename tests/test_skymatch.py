@@ -422,6 +422,40 @@ def test_rotated_subpixel_wcs_overlap_matches_geometry(rng):
     assert abs(res.pair_npix[0] - inside.sum()) <= 0.02 * inside.sum()
 
 
+def test_distorted_wcs_mapping_matches_full_wcs():
+    # Image 1 has a SIP distortion of a few pixels. Its data are a linear ramp in its own
+    # pixel coordinates (bilinear sampling is exact for it), and image 0 holds the same
+    # ramp at its pixels' true positions in image 1, minus 2. Any error of the coarse-grid
+    # mapping shows up as an error in the measured difference of -2.
+    from astropy.wcs import Sip
+
+    shape = (150, 180)
+    w0 = _tan([90.5, 75.5])
+    w1 = _tan([90.5 - 110.25, 75.5 + 20.6], rot_deg=3.0)
+    a = np.zeros((3, 3))
+    b = np.zeros((3, 3))
+    a[2, 0], a[1, 1], b[0, 2] = 2e-4, -1e-4, 1.5e-4
+    w1.wcs.ctype = ["RA---TAN-SIP", "DEC--TAN-SIP"]
+    w1.sip = Sip(a, b, None, None, w1.wcs.crpix)
+    yy, xx = np.mgrid[0 : shape[0], 0 : shape[1]].astype(float)
+    x1, y1 = w1.world_to_pixel_values(*w0.pixel_to_world_values(xx, yy))
+    ramp = [x1 + 0.5 * y1 - 2.0, xx + 0.5 * yy]
+    nd = [NDData(ramp[0], wcs=w0), NDData(ramp[1], wcs=w1)]
+    res = match(nd, method="match", statistic="mean", nclip=0)
+    # Bilinear interpolation of the mapping errs by at most step^2 / 8 * curvature: here
+    # 16^2 / 8 * 4e-4 = 0.013 px on a ramp of slope 1.1 (a distortion far stronger than
+    # real instruments'); a finer grid shrinks it as the step squared.
+    assert res.pair_delta[0] == pytest.approx(-2.0, abs=0.015)
+    fine = match(nd, method="match", statistic="mean", nclip=0, grid_step=4)
+    assert fine.pair_delta[0] == pytest.approx(-2.0, abs=0.0015)
+    inside = (x1 >= 0) & (x1 <= shape[1] - 1) & (y1 >= 0) & (y1 <= shape[0] - 1)
+    assert abs(int(fine.pair_npix[0]) - int(inside.sum())) <= 0.001 * inside.sum()
+    # The same check fails when the distortion is ignored: the test can tell.
+    plain = _tan([90.5 - 110.25, 75.5 + 20.6], rot_deg=3.0)
+    wrong = match([NDData(ramp[0], wcs=w0), NDData(ramp[1], wcs=plain)], method="match")
+    assert abs(wrong.pair_delta[0] + 2.0) > 0.05
+
+
 def test_wcs_and_grid_inputs_agree(rng):
     # Integer offsets: the same mosaic given with WCS or as images on one grid.
     images, wcss, offsets = maker.build_mosaic(seed=3, size=160, overlap=40, grid=2)
