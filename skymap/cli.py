@@ -20,6 +20,7 @@ import io as _stdio
 import logging
 import os
 import sys
+import textwrap
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -978,6 +979,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", metavar="FILE.toml", help="output file (default stdout)")
     _common(p)
     p.set_defaults(func=_cmd_config)
+    # The raw formatter keeps the epilog's table; descriptions are wrapped here instead.
+    for command in (parser, *sub.choices.values()):
+        command.description = "\n\n".join(
+            textwrap.fill(para, 88) for para in command.description.split("\n\n")
+        )
     return parser
 
 
