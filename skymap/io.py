@@ -525,7 +525,7 @@ def atomic_write(
             write(fh)
             fh.flush()
             os.fsync(fh.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())
+        os.chmod(tmp, 0o666 & ~_UMASK)
         if overwrite:
             os.replace(tmp, path)
         else:
@@ -548,11 +548,15 @@ def _link_no_replace(tmp: str, path: Path) -> None:
         os.replace(tmp, path)
 
 
-def _umask() -> int:
-    # os.umask can only be read by setting it; restore at once.
+def _read_umask() -> int:
+    # os.umask can only be read by setting it; do it once, at import, rather than while
+    # other threads (dask workers) may be creating files.
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+_UMASK = _read_umask()
 
 
 def write_image(

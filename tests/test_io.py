@@ -261,6 +261,13 @@ def test_failed_write_leaves_no_file_and_no_temporary(tmp_path):
     assert os.listdir(tmp_path) == ["y.txt"]
 
 
+def test_written_files_get_the_usual_permissions_not_the_temporary_ones(tmp_path):
+    p = io.atomic_write(tmp_path / "x.bin", lambda fh: fh.write(b"x"))
+    umask = os.umask(0)
+    os.umask(umask)
+    assert p.stat().st_mode & 0o777 == 0o666 & ~umask
+
+
 def test_write_products_checks_every_output_before_writing(tmp_path, rng):
     image = rng.normal(5, 1, (8, 8)).astype(np.float32)
     bkg = np.full_like(image, 5.0)
