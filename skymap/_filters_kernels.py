@@ -194,56 +194,61 @@ def _ring_tile(
             out[y, x] = sorted_val[(wptr << u6) + np.uint64(trailing_zeros(w))]
 
 
+@njit(cache=True, nogil=True)
+def _one_tile(t, image, valid, bits, nbits, footprint, half, percentile, tile, out):
+    """Tile number ``t`` (raster order) of ``ring_percentile_tiles``."""
+    foot_dy, foot_dx, run_dy, run_lo, run_hi = footprint
+    ny, nx = image.shape
+    ntx = (nx + tile - 1) // tile
+    ty = t // ntx
+    tx = t - ty * ntx
+    y0 = ty * tile
+    x0 = tx * tile
+    y1 = min(ny, y0 + tile)
+    x1 = min(nx, x0 + tile)
+    pw = x1 - x0 + 2 * half
+    off_all = foot_dy * pw + foot_dx
+    off_rem = run_dy * pw + run_lo - 1
+    off_add = run_dy * pw + run_hi
+    _ring_tile(
+        image,
+        valid,
+        bits,
+        nbits,
+        off_all,
+        off_rem,
+        off_add,
+        half,
+        percentile,
+        y0,
+        y1,
+        x0,
+        x1,
+        out,
+    )
+
+
 @njit(cache=True, nogil=True, parallel=True)
-def ring_percentile_tiles(
-    image,
-    valid,
-    bits,
-    nbits,
-    foot_dy,
-    foot_dx,
-    run_dy,
-    run_lo,
-    run_hi,
-    half,
-    percentile,
-    tile,
-    out,
-):
-    """Fill ``out`` with the exact percentile over the footprint runs, tile by tile.
+def ring_percentile_tiles(image, valid, bits, nbits, footprint, half, percentile, tile, out):
+    """Fill ``out`` with the exact percentile over the footprint, tiles in parallel.
 
     ``bits`` is the image viewed as unsigned integers of ``nbits`` (32 or 64) bits.
-    ``foot_dy``, ``foot_dx`` list the footprint's offsets from the centre; ``run_dy``,
-    ``run_lo``, ``run_hi`` the same footprint as horizontal runs (dy, dx in [lo, hi]);
-    ``half`` is the footprint's half-size.
+    ``footprint`` is ``(foot_dy, foot_dx, run_dy, run_lo, run_hi)``: the footprint's
+    offsets from the centre, and the same footprint as horizontal runs (dy, dx in
+    [lo, hi]); ``half`` is the footprint's half-size.
     """
     ny, nx = image.shape
-    nty = (ny + tile - 1) // tile
-    ntx = (nx + tile - 1) // tile
-    for t in prange(nty * ntx):
-        ty = t // ntx
-        tx = t - ty * ntx
-        y0 = ty * tile
-        x0 = tx * tile
-        y1 = min(ny, y0 + tile)
-        x1 = min(nx, x0 + tile)
-        pw = x1 - x0 + 2 * half
-        off_all = foot_dy * pw + foot_dx
-        off_rem = run_dy * pw + run_lo - 1
-        off_add = run_dy * pw + run_hi
-        _ring_tile(
-            image,
-            valid,
-            bits,
-            nbits,
-            off_all,
-            off_rem,
-            off_add,
-            half,
-            percentile,
-            y0,
-            y1,
-            x0,
-            x1,
-            out,
-        )
+    ntile = ((ny + tile - 1) // tile) * ((nx + tile - 1) // tile)
+    for t in prange(ntile):
+        _one_tile(t, image, valid, bits, nbits, footprint, half, percentile, tile, out)
+
+
+@njit(cache=True, nogil=True)
+def ring_percentile_tiles_serial(
+    image, valid, bits, nbits, footprint, half, percentile, tile, out
+):
+    """``ring_percentile_tiles`` on the calling thread (small images: no thread wake-up)."""
+    ny, nx = image.shape
+    ntile = ((ny + tile - 1) // tile) * ((nx + tile - 1) // tile)
+    for t in range(ntile):
+        _one_tile(t, image, valid, bits, nbits, footprint, half, percentile, tile, out)

@@ -663,7 +663,11 @@ class FlagMasker:
         return (f.astype(np.int64, copy=False) & value) != 0
 
     def __call__(self, residual: Any, rms: Any = None, mask: Any = None) -> np.ndarray:
-        """Mask from the flag array passed as ``mask`` (all False when None)."""
+        """Mask from the flag array passed as ``mask``.
+
+        None gives an all-False mask and a boolean array passes through (copied), so a
+        FlagMasker can head a chain whose later maskers receive boolean masks.
+        """
         if mask is None:
             return np.zeros(np.shape(residual), dtype=bool)
         return self.to_mask(mask)
