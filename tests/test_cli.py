@@ -107,6 +107,31 @@ def test_simulate_writes_the_scene_and_its_truth(tmp_path):
     assert cli.main(["simulate", "-o", str(out), "--shrink-factor", "8", "-q"]) == 3
 
 
+def test_evaluate_scores_a_map_against_the_simulated_truth(tmp_path, capsys):
+    pytest.importorskip("skymap.evaluate")
+    sim = tmp_path / "sim"
+    assert cli.main(["simulate", "-o", str(sim), "--shrink-factor", "8", "-q"]) == 0
+    f = {k: str(sim / f"notebook_{k}.fits") for k in ("image", "sky", "noise", "sources")}
+    # the true sky as the "background": a perfect model, zero error
+    out = tmp_path / "m.json"
+    argv = ["evaluate", f["image"], f["sky"], "--truth", f["sky"], "--noise", f["noise"]]
+    argv += ["--catalog", str(sim / "notebook_catalog.ecsv"), "-o", str(out)]
+    assert cli.main(argv) == 0
+    assert "background error RMS = 0.0000 sigma" in capsys.readouterr().out
+    ev = json.loads(out.read_text())["evaluation"]
+    assert ev["truth"]["rms_error"] == 0.0
+    assert ev["rms_vs_scale"]["reference"] == "perfect"
+    # no mask given: the residual still holds the sources, far above the noise alone
+    assert min(ev["rms_vs_scale"]["ratio"]) > 1.5
+    assert ev["bias"] is not None
+    # real-data mode: a source mask gives the masked-vs-unmasked test
+    io.write_image(tmp_path / "mask.fits", fits.getdata(f["sources"]) > 0.05, product="mask")
+    argv = ["evaluate", f["image"], f["sky"], "--mask", str(tmp_path / "mask.fits")]
+    assert cli.main([*argv, "-o", str(tmp_path / "r.json"), "-q"]) == 0
+    ev = json.loads((tmp_path / "r.json").read_text())["evaluation"]
+    assert ev["masked_vs_unmasked"]["n_masked"] > 0 and ev["truth"] is None
+
+
 # ----------------------------------------------------------------------- sky matching
 
 
