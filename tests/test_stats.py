@@ -311,6 +311,51 @@ def test_missing_values_are_ignored(x, where):
     np.testing.assert_array_equal(clip(padded)[:, valid], clip(x))
 
 
+def _wide_rows(rng):
+    """Rows long enough for the histogram-narrowed selection (> 64 values), with
+    extreme ranges, subnormals, heavy ties and outliers."""
+    n = 3001
+    return np.stack(
+        [
+            rng.normal(100.0, 5.0, n),
+            np.round(rng.normal(0.0, 2.0, n)),
+            np.r_[np.zeros(n // 2), np.ones(n - n // 2)],
+            np.r_[rng.normal(size=n - 2), 1e308, -1e308],
+            np.r_[rng.normal(size=n - 1), 1e300],
+            rng.normal(size=n) * 1e-310,
+            rng.exponential(size=n) ** 6,
+            np.r_[np.full(n - 5, 7.0), rng.normal(size=5)],
+            np.where(rng.random(n) < 0.5, np.nan, rng.normal(size=n)),
+        ]
+    )
+
+
+def test_wide_rows_match_numpy_and_astropy(rng):
+    x = _wide_rows(rng)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        np.testing.assert_array_equal(S.Median()(x), np.nanmedian(x, axis=1))
+        np.testing.assert_array_equal(S.Median()(x[:, :-1]), np.nanmedian(x[:, :-1], axis=1))
+        np.testing.assert_array_equal(S.MADStd()(x), astats.mad_std(x, axis=1, ignore_nan=True))
+        for cenfunc in ("median", "mean"):
+            for stdfunc in ("std", "mad_std"):
+                clip = S.SigmaClip(sigma=2.5, cenfunc=cenfunc, stdfunc=stdfunc, maxiters=None)
+                np.testing.assert_array_equal(clip(x), _astropy_clip(x, clip))
+
+
+@given(
+    arrays(
+        np.float64,
+        st.integers(65, 600),
+        elements=st.floats(-1e6, 1e6, allow_nan=False, width=32)
+        | st.sampled_from([0.0, 1.0, -1.0, 5e-324]),
+    )
+)
+def test_median_of_long_rows_is_exact(x):
+    assert S.Median()(x[None, :])[0] == np.median(x)
+    assert S.Median()(x[None, 1:])[0] == np.median(x[1:])
+
+
 small_ints = arrays(
     np.float64,
     st.tuples(st.integers(1, 3), st.integers(1, 15)),
