@@ -285,6 +285,19 @@ def test_batch_on_a_local_dask_cluster_equals_run_file_by_file(data_dir, tmp_pat
     assert cli.main(argv) == cli.EXIT_EXISTS
 
 
+def test_batch_goes_on_past_a_bad_file_and_reports_it(data_dir, tmp_path, mesh_toml, capsys):
+    bad = tmp_path / "broken.fits"
+    bad.write_bytes(b"SIMPLE  = this is not FITS")
+    good = data_dir / "spitzer_cutout.fits"
+    out = tmp_path / "b"
+    argv = ["batch", str(bad), str(good), "-o", str(out), "--threads", "--workers", "2"]
+    code = cli.main([*argv, "--config", str(mesh_toml), "-q", "--no-report"])
+    assert code == cli.EXIT_USAGE
+    assert "broken.fits" in capsys.readouterr().err
+    assert (out / "spitzer_cutout" / "spitzer_cutout_background.fits").exists()
+    assert not (out / "broken").exists()
+
+
 def _require_pipeline():
     pipeline = pytest.importorskip("skymap.pipeline", reason="skymap.pipeline is absent")
     if not hasattr(pipeline, "fit"):
