@@ -33,31 +33,36 @@ def _reflect(i, n):
 def _radix_argsort(keys, nbits):
     """Stable argsort of unsigned integer ``keys`` (uint64 holding ``nbits`` bits)."""
     n = keys.size
+    npass = (nbits + _RADIX_BITS - 1) // _RADIX_BITS
+    digit_mask = np.uint64(_RADIX_SIZE - 1)
+    # All digit histograms in one read of the keys; offsets are unsigned so that the
+    # scatters below skip numba's negative-index wraparound.
+    count = np.zeros((npass, _RADIX_SIZE), np.uint64)
+    for i in range(n):
+        k = keys[i]
+        for p in range(npass):
+            count[p, (k >> np.uint64(p * _RADIX_BITS)) & digit_mask] += np.uint64(1)
     idx = np.arange(n).astype(np.int32)
     idx_tmp = np.empty(n, np.int32)
     k = keys.copy()
     k_tmp = np.empty(n, keys.dtype)
-    count = np.empty(_RADIX_SIZE, np.int64)
-    digit_mask = np.uint64(_RADIX_SIZE - 1)
-    for shift in range(0, nbits, _RADIX_BITS):
-        ushift = np.uint64(shift)
-        count[:] = 0
-        for i in range(n):
-            count[(k[i] >> ushift) & digit_mask] += 1
+    for p in range(npass):
         # A digit shared by every key (high exponent bits of similar values) sorts nothing.
-        if count.max() == n:
+        if count[p].max() == np.uint64(n):
             continue
-        total = 0
+        ushift = np.uint64(p * _RADIX_BITS)
+        offset = np.empty(_RADIX_SIZE, np.uint64)
+        total = np.uint64(0)
         for d in range(_RADIX_SIZE):
-            c = count[d]
-            count[d] = total
-            total += c
+            offset[d] = total
+            total += count[p, d]
         for i in range(n):
-            d = (k[i] >> ushift) & digit_mask
-            pos = count[d]
-            count[d] = pos + 1
+            ki = k[i]
+            d = (ki >> ushift) & digit_mask
+            pos = offset[d]
+            offset[d] = pos + np.uint64(1)
             idx_tmp[pos] = idx[i]
-            k_tmp[pos] = k[i]
+            k_tmp[pos] = ki
         idx, idx_tmp = idx_tmp, idx
         k, k_tmp = k_tmp, k
     return idx
