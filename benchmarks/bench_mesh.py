@@ -103,15 +103,18 @@ def time_all(img, rounds):
     small = np.ascontiguousarray(img[:512, :512])
     for fn in METHODS.values():
         fn(small)
-    times = {name: [] for name in METHODS}
+    wall = {name: [] for name in METHODS}
+    cpu = {name: [] for name in METHODS}
     for _ in range(rounds):
         for name, fn in METHODS.items():
             gc.collect()
-            t0 = time.perf_counter()
+            c0, t0 = time.process_time(), time.perf_counter()
             out = fn(img)
-            times[name].append(time.perf_counter() - t0)
+            wall[name].append(time.perf_counter() - t0)
+            cpu[name].append(time.process_time() - c0)
             del out
-    return {name: statistics.median(t) for name, t in times.items()}, times
+    med = {name: statistics.median(t) for name, t in wall.items()}
+    return med, {name: statistics.median(t) for name, t in cpu.items()}
 
 
 def memory_one(name, size):
@@ -167,14 +170,17 @@ def main(argv=None):
     img = make_image(args.size)
     print(f"image {img.shape} {img.dtype}, box {BOX}, filter {FILTER}, "
           f"numba threads {numba.get_num_threads()}, rounds {args.rounds}")  # fmt: skip
-    med, _ = time_all(img, args.rounds)
-    print("\nmedian wall time (s), background + RMS maps:")
-    for name, t in med.items():
-        print(f"  {name:12s} {t:8.3f}")
-    print("\nratios:")
+    med, cpu = time_all(img, args.rounds)
+    print("\nmedians (s), mesh statistics + background and RMS maps:")
+    print(f"  {'':12s} {'wall':>8s} {'CPU':>8s}   (CPU: all threads of the process)")
+    for name in METHODS:
+        print(f"  {name:12s} {med[name]:8.3f} {cpu[name]:8.3f}")
+    print("\nratios (wall, CPU):")
     for ours in ("skymap-sex", "skymap-phot"):
         for peer in ("sep", "photutils"):
-            print(f"  {ours} / {peer:9s} {med[ours] / med[peer]:6.3f}")
+            print(
+                f"  {ours} / {peer:9s} {med[ours] / med[peer]:6.3f} {cpu[ours] / cpu[peer]:6.3f}"
+            )
     if args.memory:
         print("\npeak extra memory / image size (fresh process each):")
         for name in METHODS:

@@ -13,6 +13,11 @@ Each is a small frozen configuration that satisfies the :class:`Interpolator` pr
 - :class:`SExtractorSpline`: SExtractor's bicubic spline through the mesh nodes (natural
   cubic splines along y for each node column, then along x for each image row).
 
+Each also offers ``window(mesh_values, mesh_mask, geometry, rows, cols)``: the same map
+over the pixel rows ``rows[0]:rows[1]`` and columns ``cols[0]:cols[1]`` only, equal to
+that window of the full map, so that tiles of a large image can be evaluated apart
+(:mod:`skymap.distributed`).
+
 Excluded meshes (``mesh_mask`` True, or NaN values) are holes: :func:`fill_holes` fills
 them from their neighbours before any upsampling, as photutils (inverse-distance weights)
 and SExtractor (the mean of the nearest valid meshes) do.
@@ -210,6 +215,24 @@ def fill_holes(
     return out
 
 
+def _check_shape(geometry: MeshGeometry, shape) -> None:
+    if tuple(shape) != geometry.image_shape:
+        raise ValueError(
+            f"shape must equal the geometry's image_shape {geometry.image_shape}, got {shape}"
+        )
+
+
+def _check_window(geometry: MeshGeometry, rows, cols):
+    (ny, nx) = geometry.image_shape
+    (r0, r1), (c0, c1) = (int(rows[0]), int(rows[1])), (int(cols[0]), int(cols[1]))
+    if not (0 <= r0 < r1 <= ny and 0 <= c0 < c1 <= nx):
+        raise ValueError(
+            f"rows {rows} and cols {cols} must be non-empty ranges inside the image shape "
+            f"{geometry.image_shape}"
+        )
+    return (r0, r1), (c0, c1)
+
+
 def _check_grid(mesh_values, geometry: MeshGeometry, shape) -> np.ndarray:
     mesh_values = np.asarray(mesh_values)
     if mesh_values.shape != geometry.grid_shape:
@@ -217,10 +240,7 @@ def _check_grid(mesh_values, geometry: MeshGeometry, shape) -> np.ndarray:
             f"mesh_values must have the geometry's grid_shape {geometry.grid_shape}, "
             f"got {mesh_values.shape}"
         )
-    if tuple(shape) != geometry.image_shape:
-        raise ValueError(
-            f"shape must equal the geometry's image_shape {geometry.image_shape}, got {shape}"
-        )
+    _check_shape(geometry, shape)
     if mesh_values.dtype.kind != "f":
         mesh_values = mesh_values.astype(np.float64)
     return mesh_values
@@ -276,25 +296,35 @@ class ZoomSpline:
         )
 
     def __call__(self, mesh_values, mesh_mask, geometry, shape):
-        values = fill_holes(_check_grid(mesh_values, geometry, shape))
+        _check_shape(geometry, shape)
+        return self.window(mesh_values, mesh_mask, geometry, (0, shape[0]), (0, shape[1]))
+
+    def window(self, mesh_values, mesh_mask, geometry, rows, cols):
+        """The map over pixel rows ``rows[0]:rows[1]`` and columns ``cols[0]:cols[1]``.
+
+        Equal to that window of the full map (to rounding): the whole grid is used,
+        and the clip range is the whole grid's.
+        """
+        (r0, r1), (c0, c1) = _check_window(geometry, rows, cols)
+        values = fill_holes(_check_grid(mesh_values, geometry, geometry.image_shape))
         lo, hi = values.min(), values.max()
         if lo == hi:
-            return np.full(shape, lo, dtype=values.dtype)
+            return np.full((r1 - r0, c1 - c0), lo, dtype=values.dtype)
         # scipy's spline zoom is linear and separable: zoom(M) = Ly @ M @ Lx.T, where
         # column i of Ly is the 1-D zoom of the i-th unit vector. Building Ly and Lx on
         # the small grid and multiplying gives scipy's map (to rounding) in a fraction of
         # its time, without its float64 full-size intermediate.
-        (by, bx), (ny, nx) = geometry.box_size, shape
-        ly = _zoom_matrix(values.shape[0], by, self.order, self.mode)[:ny]
-        t = (
-            values.astype(np.float64)
-            @ _zoom_matrix(values.shape[1], bx, self.order, self.mode)[:nx].T
-        )
-        out = np.empty(shape, dtype=values.dtype)
-        rows = max(1, self._block_elements // nx)
-        buf = np.empty((min(rows, ny), nx))
-        for y0 in range(0, ny, rows):
-            y1 = min(ny, y0 + rows)
+        by, bx = geometry.box_size
+        my, mx = values.shape
+        ly = _zoom_matrix(my, by, self.order, self.mode)[r0:r1]
+        lx = _zoom_matrix(mx, bx, self.order, self.mode)[c0:c1]
+        t = values.astype(np.float64) @ lx.T
+        ny, nx = r1 - r0, c1 - c0
+        out = np.empty((ny, nx), dtype=values.dtype)
+        step = max(1, self._block_elements // nx)
+        buf = np.empty((min(step, ny), nx))
+        for y0 in range(0, ny, step):
+            y1 = min(ny, y0 + step)
             np.matmul(ly[y0:y1], t, out=buf[: y1 - y0])
             out[y0:y1] = buf[: y1 - y0]
         if self.clip:
@@ -371,6 +401,7 @@ class IDW:
     _block_pixels = 1 << 18
 
     def __call__(self, mesh_values, mesh_mask, geometry, shape):
+        _check_shape(geometry, shape)
         return self.window(mesh_values, mesh_mask, geometry, (0, shape[0]), (0, shape[1]))
 
     def window(self, mesh_values, mesh_mask, geometry, rows, cols):
@@ -380,12 +411,11 @@ class IDW:
         whole grid, so ties between equidistant meshes are broken the same way. This is
         what the tiled path (:mod:`skymap.distributed`) uses.
         """
-        shape = geometry.image_shape
-        values = _check_grid(mesh_values, geometry, shape)
+        (r0, r1), (c0, c1) = _check_window(geometry, rows, cols)
+        values = _check_grid(mesh_values, geometry, geometry.image_shape)
         good = ~_holes(values, mesh_mask)
         if not good.any():
             raise ValueError("mesh_mask: every mesh is excluded; nothing to interpolate")
-        (r0, r1), (c0, c1) = rows, cols
         v = values[good].astype(np.float64)
         if v.min() == v.max():
             return np.full((r1 - r0, c1 - c0), v[0], dtype=values.dtype)
@@ -449,19 +479,24 @@ class SExtractorSpline:
     exact: bool = True
 
     def __call__(self, mesh_values, mesh_mask, geometry, shape):
+        _check_shape(geometry, shape)
+        return self.window(mesh_values, mesh_mask, geometry, (0, shape[0]), (0, shape[1]))
+
+    def window(self, mesh_values, mesh_mask, geometry, rows, cols):
+        """The map over pixel rows ``rows[0]:rows[1]`` and columns ``cols[0]:cols[1]``,
+        equal to that window of the full map."""
         from skymap._mesh_kernels import spline_eval, spline_second_derivatives, threads_for
 
-        values = _check_grid(mesh_values, geometry, shape)
-        dtype = values.dtype
+        (r0, r1), (c0, c1) = _check_window(geometry, rows, cols)
+        values = _check_grid(mesh_values, geometry, geometry.image_shape)
         grid = fill_holes(values, method="nearest").astype(np.float64)
         # second derivatives (over 6) along y, one natural spline per node column
         d2y = spline_second_derivatives(np.ascontiguousarray(grid.T), self.exact).T
         by, bx = geometry.box_size
-        ny, nx = shape
         y_offset = 0.5 if self.exact else 0.0
-        ty = (np.arange(ny) + 0.5 - y_offset) / by - 0.5
-        tx = (np.arange(nx) + 0.5) / bx - 0.5
-        out = np.empty(shape, dtype=dtype)
-        with threads_for(ny * nx):
+        ty = (np.arange(r0, r1) + 0.5 - y_offset) / by - 0.5
+        tx = (np.arange(c0, c1) + 0.5) / bx - 0.5
+        out = np.empty((r1 - r0, c1 - c0), dtype=values.dtype)
+        with threads_for(out.size):
             spline_eval(grid, np.ascontiguousarray(d2y), ty, tx, self.exact, out)
         return out

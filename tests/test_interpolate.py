@@ -259,3 +259,18 @@ def test_zoom_reflect_mode_is_only_nearly_offset_equivariant():
     }
     assert err["mirror"] < 1e-9
     assert 1e-7 * c < err["reflect"] < 1e-4 * c
+
+
+@pytest.mark.parametrize("interp", [ZoomSpline(), IDW(), SExtractorSpline(), ZoomSpline(order=1)])
+def test_window_equals_the_same_window_of_the_full_map(rng, interp):
+    shape = (53, 47)
+    g = MeshGeometry(box_size=(8, 7), image_shape=shape)
+    mesh = _grid(rng, g.grid_shape)
+    holes = np.zeros(g.grid_shape, bool)
+    holes[2, 3] = True
+    full = interp(mesh, holes, g, shape)
+    for rows, cols in [((0, 53), (0, 47)), ((5, 21), (30, 47)), ((52, 53), (0, 1))]:
+        win = interp.window(mesh, holes, g, rows, cols)
+        np.testing.assert_allclose(win, full[slice(*rows), slice(*cols)], rtol=1e-13)
+    with pytest.raises(ValueError, match="rows"):
+        interp.window(mesh, holes, g, (10, 5), (0, 3))
