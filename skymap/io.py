@@ -110,7 +110,8 @@ class FitsImage:
     path : Path or None
         The file the image came from.
     hdu : int or str
-        The HDU the image came from (index or EXTNAME).
+        The HDU the image came from: EXTNAME (``"SCI,2"`` for a later EXTVER), or the
+        index of an unnamed HDU.
     """
 
     data: np.ndarray
@@ -130,19 +131,41 @@ class FitsImage:
             return WCS(self.header)
 
 
-def _pick_hdu(hdul: fits.HDUList, hdu: int | str | None, path: Any) -> int | str:
-    """Resolve the HDU holding the image: the requested one, or the first 2D image."""
+def _hdu_key(spec: int | str | tuple) -> int | str | tuple[str, int]:
+    """An HDU spec as astropy takes it: ``3`` / ``"3"`` (index), ``"SCI"`` (EXTNAME) or
+    ``"SCI,2"`` / ``("SCI", 2)`` (EXTNAME and EXTVER, e.g. the second chip of an HST
+    exposure)."""
+    if isinstance(spec, str):
+        text = spec.strip()
+        if text.lstrip("-").isdigit():
+            return int(text)
+        name, sep, ver = text.partition(",")
+        if sep and ver.strip().isdigit():
+            return (name.strip(), int(ver))
+        return text
+    return spec
+
+
+def _hdu_label(hdul: fits.HDUList, index: int) -> int | str:
+    """``"SCI"``, ``"SCI,2"`` for a second version, or the index of an unnamed HDU."""
+    h = hdul[index]
+    if not h.name:
+        return index
+    return h.name if h.ver == 1 else f"{h.name},{h.ver}"
+
+
+def _pick_hdu(hdul: fits.HDUList, hdu: int | str | tuple | None, path: Any) -> int:
+    """Index of the HDU holding the image: the requested one, or the first 2D image
+    (an extension named SCI first)."""
     if hdu is not None:
-        if isinstance(hdu, str) and hdu.strip().lstrip("-").isdigit():
-            hdu = int(hdu)
         try:
-            hdul.index_of(hdu)
+            return hdul.index_of(_hdu_key(hdu))
         except (KeyError, IndexError):
-            names = [h.name or str(i) for i, h in enumerate(hdul)]
+            names = [str(_hdu_label(hdul, i)) for i in range(len(hdul))]
             raise ValueError(
-                f"hdu {hdu!r} not found in {path}; it has HDUs {names} (index or EXTNAME)"
+                f"hdu {hdu!r} not found in {path}; it has HDUs {names} (index, EXTNAME or "
+                "EXTNAME,EXTVER)"
             ) from None
-        return hdu
     candidates = [i for i, h in enumerate(hdul) if h.is_image and h.header.get("NAXIS", 0) >= 2]
     for i in candidates:
         if hdul[i].name == "SCI":
@@ -274,11 +297,13 @@ def read_image(
     path : path-like
         FITS file.
     hdu : int or str, optional
-        HDU index or EXTNAME holding the image. Default: an extension named ``SCI`` if
-        there is one, else the first HDU with 2D data (the primary when it has data).
+        HDU holding the image: index, EXTNAME, or ``"EXTNAME,EXTVER"`` (``"SCI,2"``).
+        Default: an extension named ``SCI`` if there is one, else the first HDU with 2D
+        data (the primary when it has data).
     dq : int, str or bool, optional
-        HDU holding data-quality flags. Default (None): a ``DQ`` extension when present.
-        False ignores DQ flags even when a ``DQ`` extension exists.
+        HDU holding data-quality flags (same forms as ``hdu``). Default (None): the
+        ``DQ`` extension with the image's EXTVER, when present. False ignores DQ flags
+        even when a ``DQ`` extension exists.
     dq_bits : optional
         Flags that exclude a pixel (see :func:`parse_dq_bits`); None = any flag.
         Giving ``dq_bits`` without a DQ extension is an error.
@@ -307,12 +332,12 @@ def read_image(
         warnings.simplefilter("always", VerifyWarning)
         which = _pick_hdu(hdul, hdu, path)
         image_hdu = hdul[which]
-        label = which if isinstance(which, str) else (image_hdu.name or which)
+        label = _hdu_label(hdul, which)
         data = _as_2d(image_hdu.data, f"HDU {label!r} of {path}")
         # np.array copies: the result never aliases astropy's buffer or the file.
         data = np.array(as_image(data, f"HDU {label!r} of {path}"))
         header = image_hdu.header.copy()
-        dq_mask = _read_dq(hdul, dq, dq_bits, data.shape, path)
+        dq_mask = _read_dq(hdul, dq, dq_bits, image_hdu.ver, data.shape, path)
     for w in caught:
         log.info("%s: %s", path, w.message)
     extra = read_mask(mask, shape=data.shape) if isinstance(mask, (str, os.PathLike)) else None
@@ -325,25 +350,31 @@ def read_image(
         header=header,
         mask=combined,
         path=path,
-        hdu=label if isinstance(label, str) else int(label),
+        hdu=label,
     )
 
 
-def _read_dq(hdul, dq, dq_bits, shape, path) -> np.ndarray | None:
+def _read_dq(hdul, dq, dq_bits, ver, shape, path) -> np.ndarray | None:
     if dq is False:
         return None
     if dq is None or dq is True:
-        names = [h.name for h in hdul]
-        if "DQ" not in names:
+        versions = [h.ver for h in hdul if h.name == "DQ"]
+        if not versions:
             if dq is True or dq_bits is not None:
                 raise ValueError(
                     f"dq_bits given but {path} has no DQ extension; name the flag HDU with "
                     "dq= (command line: --dq-hdu)"
                 )
             return None
-        dq = "DQ"
+        # The flags of chip N sit in DQ version N (HST, JWST multi-chip layouts).
+        dq = ("DQ", ver) if ver in versions else "DQ"
+        if len(versions) > 1 and ver not in versions:
+            raise ValueError(
+                f"{path} has DQ versions {versions} but the image is version {ver}; name the "
+                "flag HDU with dq= (command line: --dq-hdu)"
+            )
     try:
-        flags = hdul[dq].data
+        flags = hdul[_hdu_key(dq)].data
     except (KeyError, IndexError):
         raise ValueError(f"dq HDU {dq!r} not found in {path}") from None
     flags = _as_2d(flags, f"DQ HDU {dq!r} of {path}")

@@ -118,6 +118,26 @@ def test_dq_can_be_ignored_and_named_hdus_chosen(mef):
     assert io.read_image(path, hdu="2", dq=False).hdu == "DQ"
 
 
+def test_second_chip_takes_its_own_dq_version(tmp_path):
+    chips = []
+    for ver in (1, 2):
+        dq = np.zeros((6, 7), np.int16)
+        dq[ver, ver] = 8
+        chips += [
+            fits.ImageHDU(np.full((6, 7), ver, np.float32), name="SCI", ver=ver),
+            fits.ImageHDU(dq, name="DQ", ver=ver),
+        ]
+    fits.HDUList([fits.PrimaryHDU(), *chips]).writeto(tmp_path / "flt.fits")
+    img = io.read_image(tmp_path / "flt.fits", hdu="SCI,2")
+    assert img.hdu == "SCI,2" and np.all(img.data == 2)
+    assert list(zip(*np.nonzero(img.mask), strict=True)) == [(2, 2)]
+    first = io.read_image(tmp_path / "flt.fits")
+    assert first.hdu == "SCI" and list(zip(*np.nonzero(first.mask), strict=True)) == [(1, 1)]
+    # a DQ named explicitly, by index given as text (as on the command line)
+    other = io.read_image(tmp_path / "flt.fits", hdu="SCI,2", dq="2")
+    assert list(zip(*np.nonzero(other.mask), strict=True)) == [(1, 1)]
+
+
 def test_missing_hdu_error_lists_the_hdus(mef):
     path, _, _ = mef
     with pytest.raises(ValueError, match=r"hdu 'NOPE'.*SCI"):
