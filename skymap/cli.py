@@ -172,12 +172,20 @@ def _read_input(path, *, hdu=None, dq_hdu=None, dq_bits=None, mask=None) -> skyi
         raise UsageError(str(err)) from err
 
 
-def _stem(path: str | os.PathLike) -> str:
+def _stem(path: str | os.PathLike, hdu: Any = None) -> str:
+    """Output name stem: the file name without its FITS suffix, plus ``_sci2`` when a
+    later chip (``--hdu SCI,2``) is chosen, so that chips of one file do not collide."""
     name = Path(path).name
     for suffix in (".fits.gz", ".fits.fz", ".fits", ".fit", ".fts"):
         if name.lower().endswith(suffix):
-            return name[: -len(suffix)]
-    return Path(name).stem
+            name = name[: -len(suffix)]
+            break
+    else:
+        name = Path(name).stem
+    key = skyio.parse_hdu(hdu) if hdu is not None else None
+    if isinstance(key, tuple) and key[1] != 1:
+        name = f"{name}_{key[0].lower()}{key[1]}"
+    return name
 
 
 def _summary(image: np.ndarray, result: Any) -> dict:
@@ -299,7 +307,7 @@ def run_file(
         ``input``, ``outputs`` (name -> path as str) and ``metrics`` (as written).
     """
     out_dir = Path(out_dir)
-    stem = _stem(path)
+    stem = _stem(path, hdu)
     skyio.check_outputs(
         _planned_outputs(out_dir, stem, report=report).values(), overwrite=overwrite
     )
@@ -584,7 +592,7 @@ def _cmd_match(args) -> int:
     if len(args.inputs) < 2:
         raise UsageError("skymap match needs at least two images")
     out_dir = Path(args.output)
-    stems = [_stem(p) for p in args.inputs]
+    stems = [_stem(p, args.hdu) for p in args.inputs]
     _check_unique(stems, args.inputs)
     paths = {"json": out_dir / "skymatch.json"}
     if args.subtract:
@@ -664,7 +672,7 @@ def _check_unique(stems, inputs):
 def _cmd_batch(args) -> int:
     from distributed import Client, LocalCluster, as_completed
 
-    stems = [_stem(p) for p in args.inputs]
+    stems = [_stem(p, args.hdu) for p in args.inputs]
     _check_unique(stems, args.inputs)
     for p in args.inputs:
         if not Path(p).is_file():
@@ -679,7 +687,7 @@ def _cmd_batch(args) -> int:
     report = not args.no_report
     planned = []
     for p, d in zip(args.inputs, out_dirs, strict=True):
-        planned.extend(_planned_outputs(d, _stem(p), report=report).values())
+        planned.extend(_planned_outputs(d, _stem(p, args.hdu), report=report).values())
     skyio.check_outputs(planned, overwrite=args.overwrite)
 
     kwargs = {

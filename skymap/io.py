@@ -47,6 +47,7 @@ __all__ = [
     "config_to_dict",
     "dq_to_mask",
     "parse_dq_bits",
+    "parse_hdu",
     "product_header",
     "product_paths",
     "read_image",
@@ -131,10 +132,16 @@ class FitsImage:
             return WCS(self.header)
 
 
-def _hdu_key(spec: int | str | tuple) -> int | str | tuple[str, int]:
+def parse_hdu(spec: int | str | tuple) -> int | str | tuple[str, int]:
     """An HDU spec as astropy takes it: ``3`` / ``"3"`` (index), ``"SCI"`` (EXTNAME) or
     ``"SCI,2"`` / ``("SCI", 2)`` (EXTNAME and EXTVER, e.g. the second chip of an HST
-    exposure)."""
+    exposure).
+
+    Examples
+    --------
+    >>> parse_hdu("SCI,2"), parse_hdu("1"), parse_hdu("DQ")
+    (('SCI', 2), 1, 'DQ')
+    """
     if isinstance(spec, str):
         text = spec.strip()
         if text.lstrip("-").isdigit():
@@ -159,7 +166,7 @@ def _pick_hdu(hdul: fits.HDUList, hdu: int | str | tuple | None, path: Any) -> i
     (an extension named SCI first)."""
     if hdu is not None:
         try:
-            return hdul.index_of(_hdu_key(hdu))
+            return hdul.index_of(parse_hdu(hdu))
         except (KeyError, IndexError):
             names = [str(_hdu_label(hdul, i)) for i in range(len(hdul))]
             raise ValueError(
@@ -374,7 +381,7 @@ def _read_dq(hdul, dq, dq_bits, ver, shape, path) -> np.ndarray | None:
                 "flag HDU with dq= (command line: --dq-hdu)"
             )
     try:
-        flags = hdul[_hdu_key(dq)].data
+        flags = hdul[parse_hdu(dq)].data
     except (KeyError, IndexError):
         raise ValueError(f"dq HDU {dq!r} not found in {path}") from None
     flags = _as_2d(flags, f"DQ HDU {dq!r} of {path}")

@@ -245,6 +245,13 @@ def test_run_on_a_sci_dq_file_masks_the_chosen_flags(tmp_path, rng, mesh_toml):
     assert metrics["input"]["hdu"] == "SCI" and metrics["input"]["flagged_pixels"] == 2
 
 
+def test_later_chips_get_their_own_output_names():
+    assert cli._stem("a/j8xi01flt.fits", "SCI,2") == "j8xi01flt_sci2"
+    assert (
+        cli._stem("a/j8xi01flt.fits", "SCI,1") == cli._stem("b/j8xi01flt.fits.fz") == "j8xi01flt"
+    )
+
+
 def test_data_the_fit_cannot_use_exits_2(tmp_path, capsys):
     fits.PrimaryHDU(np.full((32, 32), np.nan, np.float32)).writeto(tmp_path / "nan.fits")
     argv = ["run", str(tmp_path / "nan.fits"), "-o", str(tmp_path / "o"), "-q"]
