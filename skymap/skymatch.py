@@ -31,8 +31,10 @@ already sit on one pixel grid (same shape, NaN or mask where an image has no dat
 from __future__ import annotations
 
 import logging
+import os
 import warnings
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -194,6 +196,9 @@ class SkyMatch:
     grid_step : int
         Spacing (pixels) of the grid on which the WCS is evaluated exactly; positions in
         between are interpolated bilinearly.
+    n_threads : int or None
+        Threads over images and overlaps (None = one per CPU). Results do not depend on
+        it.
 
     Examples
     --------
@@ -215,6 +220,7 @@ class SkyMatch:
     weighting: str = "inverse_variance"
     min_pixels: int = 25
     grid_step: int = 16
+    n_threads: int | None = None
 
     def __post_init__(self):
         check_choice("method", self.method, METHODS)
@@ -231,8 +237,10 @@ class SkyMatch:
                 raise ValueError(f"{name} must be a finite number or None, got {v!r}")
         if self.lower is not None and self.upper is not None and self.lower >= self.upper:
             raise ValueError(f"lower must be < upper, got lower={self.lower}, upper={self.upper}")
-        for name, lo in (("nclip", 0), ("min_pixels", 1), ("grid_step", 1)):
+        for name, lo in (("nclip", 0), ("min_pixels", 1), ("grid_step", 1), ("n_threads", 1)):
             v = getattr(self, name)
+            if name == "n_threads" and v is None:
+                continue
             if isinstance(v, bool) or not isinstance(v, int | np.integer) or v < lo:
                 raise ValueError(f"{name} must be an integer >= {lo}, got {v!r}")
         check_positive("lsigma", self.lsigma)
@@ -298,7 +306,9 @@ class SkyMatch:
     def _local_skies(self, frames, exposures) -> np.ndarray:
         # An exposure's sky is the smallest of its members' skies, as in the original:
         # a detector full of nebula should not raise the sky of its clean neighbours.
-        per_image = np.array([self._stat(f.data[f.valid])[0] for f in frames])
+        per_image = np.array(
+            [r[0] for r in _map(lambda f: self._stat(f.data[f.valid]), frames, self)]
+        )
         out = np.full(len(exposures), np.nan)
         for e, members in enumerate(exposures):
             out[e] = _nanmin(per_image[members])
@@ -477,7 +487,7 @@ def match(
         allowed together with nested ``images``.
     **options
         Further :class:`SkyMatch` fields: ``approach``, ``disjoint``, ``weighting``,
-        ``min_pixels``, ``grid_step``.
+        ``min_pixels``, ``grid_step``, ``n_threads``.
 
     Returns
     -------
@@ -680,8 +690,9 @@ def _measure_pairs(frames, exp_of, cfg: SkyMatch):
     ii, jj = _candidate_pairs(frames)
     keep = exp_of[ii] != exp_of[jj]
     pairs, delta, error, npix = [], [], [], []
-    for i, j in zip(ii[keep], jj[keep], strict=True):
-        d, e, n = _pair_difference(frames[i], frames[j], cfg)
+    todo = list(zip(ii[keep].tolist(), jj[keep].tolist(), strict=True))
+    measured = _map(lambda ij: _pair_difference(frames[ij[0]], frames[ij[1]], cfg), todo, cfg)
+    for (i, j), (d, e, n) in zip(todo, measured, strict=True):
         if n >= cfg.min_pixels and np.isfinite(d):
             pairs.append((i, j))
             delta.append(d)
@@ -693,6 +704,16 @@ def _measure_pairs(frames, exp_of, cfg: SkyMatch):
         np.array(error, dtype=float),
         np.array(npix, dtype=np.int64),
     )
+
+
+def _map(fn, items, cfg: SkyMatch) -> list:
+    """``[fn(x) for x in items]``, spread over ``cfg.n_threads`` threads (the kernels and
+    numpy's selection release the GIL); the order of the results is kept."""
+    n = cfg.n_threads if cfg.n_threads is not None else (os.cpu_count() or 1)
+    if n <= 1 or len(items) < 2:
+        return [fn(x) for x in items]
+    with ThreadPoolExecutor(max_workers=min(n, len(items))) as pool:
+        return list(pool.map(fn, items))
 
 
 def _pair_difference(fi: _Frame, fj: _Frame, cfg: SkyMatch) -> tuple[float, float, int]:

@@ -167,6 +167,14 @@ def test_mosaic_each_statistic_within_target(mosaic, statistic):
     assert res.reduced_chi2 == pytest.approx(1.0, abs=0.8)
 
 
+def test_threads_do_not_change_the_result(mosaic):
+    images, _ = mosaic
+    one = match(images, n_threads=1)
+    two = match(images, n_threads=2)
+    np.testing.assert_array_equal(one.sky, two.sky)
+    np.testing.assert_array_equal(one.pair_residual, two.pair_residual)
+
+
 def test_mosaic_separate_approach_within_target(mosaic):
     # The original's way of measuring a pair (each image's own pixels) also works.
     images, offsets = mosaic
@@ -505,6 +513,7 @@ def test_constant_shift_and_permutation(shift, perm_seed, method):
         ({"approach": "both"}, "approach"),
         ({"disjoint": "ignore"}, "disjoint"),
         ({"min_pixels": 0}, "min_pixels"),
+        ({"n_threads": 0}, "n_threads"),
         ({"weighting": "area"}, "weighting"),
         ({"nclip": -1}, "nclip"),
         ({"lsigma": 0}, "lsigma"),
