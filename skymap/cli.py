@@ -75,6 +75,11 @@ examples:
 """
 
 
+_CONFIG_HELP = (
+    "configuration (TOML): a file written by `skymap config`, or options of the default "
+    "fit such as `high = 5.0` (default: the default fit)"
+)
+
 # skymap.simulate.SCENE_NAMES, spelled out so that `skymap --help` need not import the
 # simulator (numba, astropy.table); a test keeps the two equal.
 _SCENES = ("notebook", "crowded_stellar", "galaxies_lsb", "nebula", "detector_artifacts")
@@ -99,25 +104,31 @@ def _module(name: str, command: str):
         ) from None
 
 
-def _progress(iterable=None, *, total=None, desc=None, quiet=False, unit="step"):
+def _progress(*, total: int, desc: str, quiet: bool, unit: str = "step"):
     from tqdm.auto import tqdm
 
-    return tqdm(
-        iterable, total=total, desc=desc, disable=quiet, unit=unit, file=sys.stderr, leave=False
-    )
+    return tqdm(total=total, desc=desc, disable=quiet, unit=unit, file=sys.stderr, leave=False)
 
 
 def _load_config(path: str | os.PathLike | None):
-    """The pipeline configuration in a TOML file (None: the defaults of skymap.fit)."""
+    """What a ``--config`` TOML file holds: a configuration object (a table with a
+    ``type`` key, as ``skymap config`` writes), or else options of :func:`skymap.fit`
+    (e.g. ``high = 5.0``), returned as a dict. None: the defaults."""
     if path is None:
         return None
     path = Path(path)
     if not path.is_file():
         raise UsageError(f"config file {path} does not exist")
-    config = _module("config", "run --config")
+    if sys.version_info >= (3, 11):
+        import tomllib
+    else:  # pragma: no cover - Python 3.10
+        import tomli as tomllib
     try:
-        return config.load_toml(path)
-    except (ValueError, TypeError, KeyError) as err:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+        if "type" not in data:
+            return data
+        return _module("config", "run --config").from_dict(data)
+    except (ValueError, TypeError, KeyError, UnicodeDecodeError) as err:
         raise UsageError(f"config file {path}: {err}") from err
 
 
@@ -850,7 +861,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("-o", "--output", default="skymap_out", help="output directory (skymap_out)")
     _scene_options(p)
-    p.add_argument("--config", metavar="FILE.toml", help="pipeline configuration (TOML)")
+    p.add_argument("--config", metavar="FILE.toml", help=_CONFIG_HELP)
     _common(p)
     p.set_defaults(func=_cmd_demo)
 
@@ -864,7 +875,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("input", metavar="IN.fits", help="input FITS image")
     p.add_argument("-o", "--output", default="skymap_out", help="output directory (skymap_out)")
-    p.add_argument("--config", metavar="FILE.toml", help="pipeline configuration (TOML)")
+    p.add_argument("--config", metavar="FILE.toml", help=_CONFIG_HELP)
     p.add_argument("--no-report", action="store_true", help="skip the HTML report and figures")
     _input_options(p)
     _common(p)
@@ -895,7 +906,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="address of a running dask scheduler, e.g. tcp://10.0.0.1:8786 (workers must "
         "see the same files)",
     )
-    p.add_argument("--config", metavar="FILE.toml", help="pipeline configuration (TOML)")
+    p.add_argument("--config", metavar="FILE.toml", help=_CONFIG_HELP)
     p.add_argument("--no-report", action="store_true", help="skip the HTML reports")
     _input_options(p)
     _common(p)

@@ -346,6 +346,21 @@ def test_console_script_points_at_main():
     assert [ep.value for ep in scripts if ep.name == "skymap"] == ["skymap.cli:main"]
 
 
+def test_options_file_is_passed_to_the_default_fit(data_dir, tmp_path, monkeypatch):
+    seen = {}
+
+    def fake_fit(image, mask=None, **options):
+        seen.update(options)
+        raise ValueError("stop here")
+
+    monkeypatch.setattr("skymap.pipeline.fit", fake_fit)
+    toml = tmp_path / "opts.toml"
+    toml.write_text("high = 5.0\nmax_iter = 3\n")
+    argv = ["run", str(data_dir / "spitzer_cutout.fits"), "-o", str(tmp_path / "o"), "-q"]
+    assert cli.main([*argv, "--config", str(toml)]) == cli.EXIT_USAGE
+    assert seen == {"high": 5.0, "max_iter": 3}
+
+
 def test_pipeline_config_file_reproduces_the_default_run(data_dir, tmp_path):
     _require_pipeline()
     src = str(data_dir / "spitzer_cutout.fits")
