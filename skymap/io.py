@@ -341,8 +341,9 @@ def read_image(
         image_hdu = hdul[which]
         label = _hdu_label(hdul, which)
         data = _as_2d(image_hdu.data, f"HDU {label!r} of {path}")
-        # np.array copies: the result never aliases astropy's buffer or the file.
-        data = np.array(as_image(data, f"HDU {label!r} of {path}"))
+        # memmap=False: the array is ours, not a view of the file; FITS data are
+        # big-endian or scaled, so as_image converts into a new native array anyway.
+        data = as_image(data, f"HDU {label!r} of {path}")
         header = image_hdu.header.copy()
         dq_mask = _read_dq(hdul, dq, dq_bits, image_hdu.ver, data.shape, path)
     for w in caught:
