@@ -246,7 +246,9 @@ class SkyMatch:
         check_positive("lsigma", self.lsigma)
         check_positive("usigma", self.usigma)
 
-    def run(self, images: Sequence[Any], *, exposures: Sequence[Sequence[int]] | None = None):
+    def run(
+        self, images: Sequence[Any], *, exposures: Sequence[Sequence[int]] | None = None
+    ) -> SkyMatchResult:
         """Measure (and optionally subtract) the sky of ``images``; see :func:`match`."""
         frames, exposures = _prepare(images, exposures)
         n_img = len(frames)
