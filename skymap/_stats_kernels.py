@@ -79,10 +79,11 @@ def _finish_small(buf, m, r0, r1):
 
 
 @njit(cache=True, nogil=True)
-def _order_stats(a, n, r0, r1, scratch):
+def _order_stats(a, n, r0, r1, scratch, lo, hi):
     """Exact values of ranks ``r0`` and ``r1 = r0`` or ``r0 + 1`` (0-based) of ``a[:n]``.
 
-    ``a`` is only read; ``scratch`` is a (2, >= n) float64 work array. Quickselect on
+    ``a`` is only read; ``scratch`` is a (2, >= n) float64 work array. ``lo``/``hi``
+    bound all the values when known (NaN: find them), saving a pass. Quickselect on
     noise-like data mispredicts about half of its comparisons, so large sets are
     narrowed first by counting values into ``HIST_BINS`` equal bins between the min
     and the max (a pass with no data-dependent branch), keeping only the bins that hold
@@ -95,12 +96,16 @@ def _order_stats(a, n, r0, r1, scratch):
     level = 0
     while True:
         if m > SMALL_SET:
-            mn = src[0]
-            mx = src[0]
-            for i in range(1, m):
-                v = src[i]
-                mn = min(mn, v)
-                mx = max(mx, v)
+            if level == 0 and lo <= hi:  # False for NaN bounds
+                mn = lo
+                mx = hi
+            else:
+                mn = src[0]
+                mx = src[0]
+                for i in range(1, m):
+                    v = src[i]
+                    mn = min(mn, v)
+                    mx = max(mx, v)
             if mn == mx:
                 return mn, mn
             scale = HIST_BINS / (mx - mn)
@@ -148,22 +153,25 @@ def _order_stats(a, n, r0, r1, scratch):
 
 
 @njit(cache=True, nogil=True)
-def _median(a, n, scratch):
-    """Median of ``a[:n]`` (n > 0; mean of the two middle values when n is even)."""
+def _median(a, n, scratch, lo, hi):
+    """Median of ``a[:n]`` (n > 0; mean of the two middle values when n is even);
+    ``lo``/``hi`` bound the values, or are NaN."""
     k = n // 2
     if n % 2 == 1:
-        return _order_stats(a, n, k, k, scratch)[1]
-    lower, upper = _order_stats(a, n, k - 1, k, scratch)
+        return _order_stats(a, n, k, k, scratch, lo, hi)[1]
+    lower, upper = _order_stats(a, n, k - 1, k, scratch, lo, hi)
     return 0.5 * (upper + lower)
 
 
 @njit(cache=True, nogil=True)
-def _mad(a, n, med, work):
-    """Median absolute deviation of ``a[:n]`` about ``med``; ``work`` is (3, >= n)."""
+def _mad(a, n, med, work, lo, hi):
+    """Median absolute deviation of ``a[:n]`` about ``med``; ``work`` is (3, >= n);
+    ``lo``/``hi`` bound the values of ``a``, or are NaN."""
     dev = work[0]
     for i in range(n):
         dev[i] = abs(a[i] - med)
-    return _median(dev, n, work[1:])
+    # rounding is monotone, so the deviations cannot exceed those of the bounds
+    return _median(dev, n, work[1:], 0.0, max(med - lo, hi - med))
 
 
 @njit(cache=True, nogil=True)
@@ -173,11 +181,17 @@ def _mean_std(a, n):
     for i in range(n):
         tot += a[i]
     mean = tot / n
+    return mean, _std_about(a, n, mean)
+
+
+@njit(cache=True, nogil=True)
+def _std_about(a, n, mean):
+    """Population standard deviation of ``a[:n]`` about its (given) mean."""
     ss = 0.0
     for i in range(n):
         d = a[i] - mean
         ss += d * d
-    return mean, np.sqrt(ss / n)
+    return np.sqrt(ss / n)
 
 
 @njit(cache=True, nogil=True)
@@ -190,27 +204,41 @@ def _clip_row(row, buf, work, use_median, use_mad, maxiters, sigma_lower, sigma_
     it = 0
     blo = np.nan
     bhi = np.nan
+    # after the first iteration the survivors lie in the previous bounds, and their
+    # sum comes from the compaction pass (same values, same order: same rounding)
+    rlo = np.nan
+    rhi = np.nan
+    tot = np.nan
     while True:
         med = 0.0
         mean = 0.0
         std = 0.0
         if use_median or use_mad:
-            med = _median(buf, n, work[1:])
+            med = _median(buf, n, work[1:], rlo, rhi)
         if not (use_median and use_mad):
-            mean, std = _mean_std(buf, n)
+            if it == 0:
+                mean, std = _mean_std(buf, n)
+            else:
+                mean = tot / n
+                std = _std_about(buf, n, mean)
         cen = med if use_median else mean
         if use_mad:
-            std = _mad(buf, n, med, work) * MAD_TO_STD
+            std = _mad(buf, n, med, work, rlo, rhi) * MAD_TO_STD
         blo = cen - sigma_lower * std
         bhi = cen + sigma_upper * std
         kept = 0
+        tot = 0.0
         for i in range(n):
             v = buf[i]
+            keep = (v >= blo) & (v <= bhi)
             buf[kept] = v
-            kept += (v >= blo) & (v <= bhi)
+            tot += v if keep else 0.0
+            kept += keep
         if kept == n or kept == 0:
             break
         n = kept
+        rlo = blo
+        rhi = bhi
         it += 1
         if maxiters >= 0 and it >= maxiters:
             break
@@ -277,9 +305,9 @@ def _stats_row(row, buf, work, want_median, want_mad):
     med = np.nan
     mad = np.nan
     if want_median or want_mad:
-        med = _median(buf, n, work[1:])
+        med = _median(buf, n, work[1:], np.nan, np.nan)
     if want_mad:
-        mad = _mad(buf, n, med, work)
+        mad = _mad(buf, n, med, work, np.nan, np.nan)
     return n, mu, sd, med, mad
 
 
@@ -321,8 +349,8 @@ def _biweight_row(row, buf, work, c, scale, modify_sample_size):
     n = _gather(row, buf)
     if n == 0:
         return np.nan
-    med = _median(buf, n, work[1:])
-    mad = _mad(buf, n, med, work)
+    med = _median(buf, n, work[1:], np.nan, np.nan)
+    mad = _mad(buf, n, med, work, np.nan, np.nan)
     if mad == 0.0:
         return 0.0 if scale else med
     cm = c * mad
