@@ -269,6 +269,27 @@ def _write_outputs(
     return written
 
 
+def _headline(result: Any, evaluation: Any) -> dict:
+    """The few numbers a reader wants first, for the top of the report."""
+    ev = evaluation
+    lines = {
+        "mask fraction": f"{float(np.mean(result.mask)):.1%}",
+        "iterations": len(getattr(result, "history", None) or []),
+    }
+    if ev.truth_metrics is not None:
+        lines["background error RMS"] = f"{ev.truth_metrics['rms_error_sigma']:.4f} sigma"
+    verdict = " (OVERFIT: the background follows the noise)" if ev.overfit else ""
+    lines[f"RMS-vs-scale ratio to {ev.reference}, large scales"] = (
+        f"{ev.large_scale_ratio:.3f}{verdict}"
+    )
+    if ev.masked_vs_unmasked is not None:
+        t = ev.masked_vs_unmasked
+        lines["background under mask - elsewhere"] = (
+            f"{t.difference:.4g} +- {t.stderr:.2g} (z = {t.z:.2f})"
+        )
+    return lines
+
+
 # --------------------------------------------------------------------------- run
 
 
@@ -368,6 +389,7 @@ def run_file(
                 "shape": f"{img.data.shape[0]} x {img.data.shape[1]} (y, x)",
                 "skymap version": __version__,
                 "configuration hash": skyio.config_hash(cfg),
+                **_headline(result, evaluation),
             },
             overwrite=overwrite,
         )
@@ -478,6 +500,7 @@ def _cmd_demo(args) -> int:
                     "skymap version": __version__,
                     "configuration hash": skyio.config_hash(cfg),
                     "fit time (s)": round(fit_seconds, 2),
+                    **_headline(result, evaluation),
                 },
                 overwrite=args.overwrite,
             )

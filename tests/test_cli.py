@@ -338,6 +338,8 @@ def test_demo_end_to_end_on_a_small_scene(tmp_path):
     assert metrics["evaluation"]["truth"]["rms_error_sigma"] < 1.0
     page = (out / "report.html").read_text()
     assert page.count("data:image/png;base64,") >= 4
+    rms_sigma = metrics["evaluation"]["truth"]["rms_error_sigma"]
+    assert f"<b>background error RMS</b>: {rms_sigma:.4f} sigma" in page
     assert cli.main(["demo", "-o", str(out), "--shrink-factor", "8", "-q"]) == cli.EXIT_EXISTS
 
 
