@@ -83,86 +83,117 @@ def _median(a, n):
     return 0.5 * (lower + upper)
 
 
-@njit(cache=True, nogil=True, error_model="numpy")
-def _mean_std(a, n):
-    """Two-pass mean and population standard deviation of ``a[:n]``."""
-    s = 0.0
-    for i in range(n):
-        s += a[i]
-    mean = s / n
-    ss = 0.0
-    for i in range(n):
-        d = a[i] - mean
-        ss += d * d
-    return mean, math.sqrt(ss / n)
+_SIGN = np.uint64(1) << np.uint64(63)
 
 
 @njit(cache=True, nogil=True, error_model="numpy")
-def _mad_std(a, n, med, work):
-    for i in range(n):
-        work[i] = abs(a[i] - med)
-    return _median(work, n) * MAD_TO_STD
+def _radix_sort(vals, n, tmp, counts):
+    """Sort the finite float64 values ``vals[:n]`` in place (``tmp``: scratch of n).
 
-
-@njit(cache=True, nogil=True, error_model="numpy")
-def _clip_bounds(vals, n, work, work2, cen_median, std_mad, maxiters, sig_lo, sig_hi):
-    """Final bounds of astropy's iterated sigma clip of ``vals[:n]`` (left untouched).
-
-    Each iteration takes the centre and width of the surviving values and keeps those
-    inside ``[centre - sig_lo * width, centre + sig_hi * width]``; it stops when nothing
-    changes, nothing survives, or after ``maxiters`` iterations (-1: no limit).
-
-    Returns ``(lo, hi, count, median, mean, width, converged)``: the bounds, and the
-    size and statistics of the last set the bounds were computed from. When the clip
-    converged and the final selection has ``count`` values, that set *is* the final
-    selection (same values, same order in ``work``), so callers may reuse its median
-    (computed if ``cen_median or std_mad``), mean and population std (computed unless
-    both are) or MAD width.
+    LSD radix sort on the order-preserving unsigned image of the IEEE bits, one byte
+    per pass. Passes on a byte that is the same in every key are skipped: values read
+    from a float32 image have three zero low bytes, and values of similar magnitude
+    share the top one, so a float32 mesh usually needs four passes, O(n) each.
     """
-    for i in range(n):
-        work[i] = vals[i]
-    count = n
-    it = 0
-    lo = hi = 0.0
-    med = mean = std = 0.0
-    converged = False
-    while True:
-        if cen_median or std_mad:
-            for i in range(count):
-                work2[i] = work[i]
-            med = _median(work2, count)
-        if not cen_median or not std_mad:
-            s = 0.0
-            for i in range(count):
-                s += work[i]
-            mean = s / count
-        cen = med if cen_median else mean
-        if std_mad:
-            std = _mad_std(work, count, med, work2)
+    keys = vals[:n].view(np.uint64)
+    aux = tmp[:n].view(np.uint64)
+    for t in range(n):
+        k = keys[t]
+        keys[t] = ~k if k & _SIGN else k | _SIGN
+    counts[:, :] = 0
+    for t in range(n):
+        k = keys[t]
+        for b in range(8):
+            counts[b, (k >> np.uint64(8 * b)) & np.uint64(255)] += 1
+    src, dst = keys, aux
+    for b in range(8):
+        c = counts[b]
+        if c.max() == n:  # one digit value: nothing to reorder
+            continue
+        total = 0
+        for d in range(256):
+            m = c[d]
+            c[d] = total
+            total += m
+        shift = np.uint64(8 * b)
+        for t in range(n):
+            k = src[t]
+            d = (k >> shift) & np.uint64(255)
+            dst[c[d]] = k
+            c[d] += 1
+        src, dst = dst, src
+    for t in range(n):
+        k = src[t]
+        keys[t] = k & ~_SIGN if k & _SIGN else ~k
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
+def _sorted_median(s, a, b):
+    """Median of the sorted slice ``s[a:b]`` (b > a); mean of the middle two if even."""
+    h = a + (b - a) // 2
+    if (b - a) % 2 == 1:
+        return s[h]
+    return 0.5 * (s[h - 1] + s[h])
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
+def _sorted_mad(s, a, b, med):
+    """Median absolute deviation from ``med`` of the sorted slice ``s[a:b]``.
+
+    The deviations form two sorted runs meeting at ``med``; merging them outwards
+    yields them in increasing order, so the middle one(s) need no second sort.
+    """
+    m = b - a
+    left = _first_at_least(s, a, b, med) - 1
+    right = left + 1
+    k_hi = m // 2
+    k_lo = k_hi - 1 if m % 2 == 0 else k_hi
+    prev = 0.0
+    d = 0.0
+    for k in range(k_hi + 1):
+        if left >= a and (right >= b or med - s[left] <= s[right] - med):
+            d = med - s[left]
+            left -= 1
         else:
-            ss = 0.0
-            for i in range(count):
-                d = work[i] - mean
-                ss += d * d
-            std = math.sqrt(ss / count)
-        lo = cen - sig_lo * std
-        hi = cen + sig_hi * std
-        new = 0
-        for i in range(count):
-            v = work[i]
-            if v >= lo and v <= hi:
-                work[new] = v
-                new += 1
-        if new == count:
-            converged = True
-            break
-        if new == 0:
-            break
-        count = new
-        it += 1
-        if maxiters != -1 and it >= maxiters:
-            break
-    return lo, hi, count, med, mean, std, converged
+            d = s[right] - med
+            right += 1
+        if k == k_lo:
+            prev = d
+    return 0.5 * (prev + d)
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
+def _first_at_least(s, a, b, x):
+    """First index in sorted ``s[a:b]`` whose value is >= x (b if none)."""
+    while a < b:
+        mid = (a + b) // 2
+        if s[mid] < x:
+            a = mid + 1
+        else:
+            b = mid
+    return a
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
+def _first_above(s, a, b, x):
+    """First index in sorted ``s[a:b]`` whose value is > x (b if none)."""
+    while a < b:
+        mid = (a + b) // 2
+        if s[mid] <= x:
+            a = mid + 1
+        else:
+            b = mid
+    return a
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
+def _range_mean_std(p1, p2, ref, a, b):
+    """Mean and population std of sorted values ``a:b`` from prefix sums of their
+    offsets from ``ref`` (the offsets keep the one-pass variance well conditioned)."""
+    cnt = b - a
+    m = (p1[b] - p1[a]) / cnt
+    var = (p2[b] - p2[a]) / cnt - m * m
+    return ref + m, math.sqrt(var) if var > 0.0 else 0.0
 
 
 @njit(cache=True, nogil=True, error_model="numpy")
@@ -206,6 +237,16 @@ def mesh_clip_stats(
 ):
     """Per mesh: gather valid pixels, sigma clip (astropy semantics), then estimate.
 
+    The mesh is sorted once (:func:`_radix_sort`); every clipping iteration and the
+    final estimates then read a contiguous range of the sorted values: medians directly,
+    means and standard deviations from prefix sums, bounds by binary search.
+
+    Clipping follows ``astropy.stats.sigma_clip``: each iteration takes the centre
+    (median or mean) and width (population std or MAD std) of the surviving values and
+    keeps those within ``[centre - sig_lo * width, centre + sig_hi * width]``; it stops
+    when nothing changes, nothing survives, or after ``maxiters`` iterations (-1: no
+    limit), and the last bounds then select among *all* the valid values.
+
     Locations: mean, median, SExtractor mode (``median_factor * median - mean_factor *
     mean``; the mean where std == 0, the median where ``|mean - median| / std >=
     skew_limit``), Pearson mode (no switches). Scales: population std, MAD std.
@@ -217,8 +258,10 @@ def mesh_clip_stats(
     nbox = by * bx
     for j in prange(my):
         vals = np.empty(nbox)
-        work = np.empty(nbox)
-        work2 = np.empty(nbox)
+        tmp = np.empty(nbox)
+        p1 = np.empty(nbox + 1)
+        p2 = np.empty(nbox + 1)
+        counts = np.empty((8, 256), dtype=np.int64)
         y0 = j * by
         y1 = min(ny, y0 + by)
         for i in range(mx):
@@ -226,39 +269,47 @@ def mesh_clip_stats(
             x1 = min(nx, x0 + bx)
             n = _gather(image, mask, use_mask, y0, y1, x0, x1, vals)
             nvalid_out[j, i] = n
-            # reuse: the clip's last statistics when its last set is the final one
-            reuse = False
-            c_med = c_mean = c_width = 0.0
-            if n > 0 and clip:
-                lo, hi, count, c_med, c_mean, c_width, converged = _clip_bounds(
-                    vals, n, work, work2, cen_median, std_mad, maxiters, sig_lo, sig_hi
-                )
-                m = 0
-                for t in range(n):
-                    v = vals[t]
-                    if v >= lo and v <= hi:
-                        vals[m] = v
-                        m += 1
-                n = m
-                reuse = converged and m == count
+            if n == 0:
+                ngood_out[j, i] = 0
+                loc_out[j, i] = np.nan
+                scale_out[j, i] = np.nan
+                continue
+            _radix_sort(vals, n, tmp, counts)
+            ref = vals[n // 2]
+            p1[0] = 0.0
+            p2[0] = 0.0
+            for t in range(n):
+                d = vals[t] - ref
+                p1[t + 1] = p1[t] + d
+                p2[t + 1] = p2[t] + d * d
+            a, b = 0, n
+            if clip:
+                it = 0
+                while True:
+                    mean, std = _range_mean_std(p1, p2, ref, a, b)
+                    med = _sorted_median(vals, a, b)
+                    cen = med if cen_median else mean
+                    width = _sorted_mad(vals, a, b, med) * MAD_TO_STD if std_mad else std
+                    lo = cen - sig_lo * width
+                    hi = cen + sig_hi * width
+                    na = _first_at_least(vals, a, b, lo)
+                    nb = _first_above(vals, na, b, hi)
+                    if nb - na == b - a or nb == na:
+                        break
+                    a, b = na, nb
+                    it += 1
+                    if maxiters != -1 and it >= maxiters:
+                        break
+                a = _first_at_least(vals, 0, n, lo)
+                b = _first_above(vals, a, n, hi)
+            n = b - a
             ngood_out[j, i] = n
             if n == 0:
                 loc_out[j, i] = np.nan
                 scale_out[j, i] = np.nan
                 continue
-            if reuse and not (cen_median and std_mad):
-                mean = c_mean
-                std = c_width if not std_mad else _mean_std(vals, n)[1]
-            else:
-                mean, std = _mean_std(vals, n)
-            med = 0.0
-            if loc_code != LOC_MEAN or scale_code == SCALE_MADSTD:
-                if reuse and (cen_median or std_mad):
-                    med = c_med
-                else:
-                    for t in range(n):
-                        work[t] = vals[t]
-                    med = _median(work, n)
+            mean, std = _range_mean_std(p1, p2, ref, a, b)
+            med = _sorted_median(vals, a, b)
             if loc_code == LOC_MEAN:
                 loc = mean
             elif loc_code == LOC_MEDIAN:
@@ -274,10 +325,8 @@ def mesh_clip_stats(
             loc_out[j, i] = loc
             if scale_code == SCALE_STD:
                 scale_out[j, i] = std
-            elif reuse and std_mad:
-                scale_out[j, i] = c_width
             else:
-                scale_out[j, i] = _mad_std(vals, n, med, work)
+                scale_out[j, i] = _sorted_mad(vals, a, b, med) * MAD_TO_STD
 
 
 # ----------------------------------------------------------- SExtractor histogram mode
@@ -338,7 +387,7 @@ def _histogram_mode(histo, nbins, start_mean, median_factor, mean_factor, skew_l
     sig_prev = 1.0
     mea = start_mean
     med = start_mean
-    total = 0
+    total = p[nbins]
     it = 0
     while it < 100 and sig >= 0.1 and abs(sig / sig_prev - 1.0) > 1e-4:
         it += 1

@@ -65,6 +65,13 @@ class SExtractorHistogram:
     skew_limit : float
         Switch to the median when ``|mean - median| / sigma`` reaches this.
 
+    Notes
+    -----
+    One deliberate difference from SEP (and, we believe, SExtractor): a mesh with at
+    most one pixel inside its 2-sigma cut (say a 1x1 corner mesh left by a box that
+    almost divides the image) has a one-bin histogram, which SEP turns into twice the
+    pixel value; here its level is the pixel value.
+
     References
     ----------
     Bertin, E. & Arnouts, S. 1996, A&AS 117, 393 (section 2.1).

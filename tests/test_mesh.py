@@ -88,6 +88,15 @@ def test_like_sextractor_matches_sep_side_by_side(rng, shape, box, fsize, fthres
         assert res.global_rms == pytest.approx(ref.globalrms, rel=1e-6)
 
 
+def test_like_sextractor_one_pixel_mesh_keeps_its_value(rng):
+    # 33 = 32 + 1: the corner mesh is a single pixel (SEP doubles its value; we do not)
+    img = (5 + rng.normal(size=(33, 33))).astype(np.float32)
+    res = MeshBackground.like_sextractor(32, 1).fit(img)
+    assert res.n_valid[1, 1] == 1 and res.n_pixels[1, 1] == 1
+    assert res.mesh_background[1, 1] == img[32, 32]
+    assert res.mesh_rms[1, 1] == 0
+
+
 # ----------------------------------------------------------------------- photutils
 
 
