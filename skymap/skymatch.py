@@ -415,8 +415,9 @@ class SkyMatchResult:
     pair_delta : ndarray
         Measured ``sky_a - sky_b`` in the overlap.
     pair_error : ndarray
-        Standard error of ``pair_delta`` (from its scatter and pixel count; it ignores
-        the pixel-to-pixel correlation of resampled data).
+        Standard error of ``pair_delta``, from the scatter and the pixel count, for
+        Gaussian noise; with resampling it allows for the smoothing of the resampled
+        image's noise, assuming both images have the same noise.
     pair_npix : ndarray
         Pixels used by each measurement.
     pair_residual : ndarray
@@ -720,7 +721,7 @@ def _map(fn, items, cfg: SkyMatch) -> list:
 
 def _pair_difference(fi: _Frame, fj: _Frame, cfg: SkyMatch) -> tuple[float, float, int]:
     """Measured ``sky_i - sky_j`` in the overlap of two frames, its error and pixel count."""
-    vi, vj = _overlap_samples(fi, fj, cfg.grid_step)
+    vi, vj, kept_var = _overlap_samples(fi, fj, cfg.grid_step)
     if vi.size == 0:
         return np.nan, np.nan, 0
     if cfg.approach == "difference":
@@ -733,9 +734,14 @@ def _pair_difference(fi: _Frame, fj: _Frame, cfg: SkyMatch) -> tuple[float, floa
             keep &= (v >= lo) & (v <= hi)
         if keep.sum() < cfg.min_pixels:
             return np.nan, np.nan, int(keep.sum())
-        return cfg._stat(vi[keep].astype(np.float64) - vj[keep], limits=False)
+        value, error, n = cfg._stat(vi[keep].astype(np.float64) - vj[keep], limits=False)
+        # Resampling smooths j's noise: the scatter of the differences shows only
+        # sigma_i^2 + kept_var * sigma_j^2, while the mean still carries all of
+        # sigma_j^2 (each j pixel keeps a total weight of one). With equal noise in both
+        # images the variance of the statistic is 2 / (1 + kept_var) times the naive one.
+        return value, error * np.sqrt(2.0 / (1.0 + kept_var)), n
     # The original's way: each image's own pixels in the common region.
-    wj, wi = _overlap_samples(fj, fi, cfg.grid_step)
+    wj = _overlap_samples(fj, fi, cfg.grid_step)[0]
     si, ei, ni = cfg._stat(vi)
     sj, ej, nj = cfg._stat(wj)
     if min(ni, nj) < cfg.min_pixels:
@@ -743,8 +749,9 @@ def _pair_difference(fi: _Frame, fj: _Frame, cfg: SkyMatch) -> tuple[float, floa
     return si - sj, float(np.hypot(ei, ej)), min(ni, nj)
 
 
-def _overlap_samples(fi: _Frame, fj: _Frame, step: int) -> tuple[np.ndarray, np.ndarray]:
-    """Values of frame i at its valid pixels inside frame j, and j's values there.
+def _overlap_samples(fi: _Frame, fj: _Frame, step: int) -> tuple[np.ndarray, np.ndarray, float]:
+    """Values of frame i at its valid pixels inside frame j, j's values there, and the
+    fraction of j's noise variance that survives the resampling (1 without it).
 
     Without WCS the frames share one grid. With WCS, i's pixels are mapped into j and j
     is sampled bilinearly (exactly, when the mapping lands on j's pixel centres).
@@ -755,13 +762,13 @@ def _overlap_samples(fi: _Frame, fj: _Frame, step: int) -> tuple[np.ndarray, np.
         x0 = int(max(fi.box[2], fj.box[2]))
         x1 = int(min(fi.box[3], fj.box[3]))
         if y1 < y0 or x1 < x0:
-            return np.empty(0), np.empty(0)
+            return np.empty(0), np.empty(0), 1.0
         sl = (slice(y0, y1 + 1), slice(x0, x1 + 1))
         ok = fi.valid[sl] & fj.valid[sl]
-        return fi.data[sl][ok], fj.data[sl][ok]
+        return fi.data[sl][ok], fj.data[sl][ok], 1.0
     region = _region_in(fi, fj)
     if region is None:
-        return np.empty(0), np.empty(0)
+        return np.empty(0), np.empty(0), 1.0
     y0, y1, x0, x1 = region
     gy = np.linspace(y0, max(y1, y0 + 1), max(2, int(np.ceil((y1 - y0) / step)) + 1))
     gx = np.linspace(x0, max(x1, x0 + 1), max(2, int(np.ceil((x1 - x0) / step)) + 1))
@@ -770,7 +777,7 @@ def _overlap_samples(fi: _Frame, fj: _Frame, step: int) -> tuple[np.ndarray, np.
     cx, cy = fj.wcs.world_to_pixel_values(*world)
     cx = np.asarray(cx, dtype=float).reshape(xx.shape)
     cy = np.asarray(cy, dtype=float).reshape(xx.shape)
-    vi, vj, _ = _k.overlap_samples(
+    return _k.overlap_samples(
         fi.data,
         fi.valid,
         fj.data,
@@ -787,7 +794,6 @@ def _overlap_samples(fi: _Frame, fj: _Frame, step: int) -> tuple[np.ndarray, np.
         cx,
         _WEIGHT_EPS,
     )
-    return vi, vj
 
 
 def _region_in(fi: _Frame, fj: _Frame):

@@ -464,6 +464,24 @@ def test_distorted_wcs_mapping_matches_full_wcs():
     assert abs(wrong.pair_delta[0] + 2.0) > 0.05
 
 
+def test_pair_error_is_honest_after_resampling():
+    # Image 1 sits half a pixel off in x and y: its resampled noise is smoothed (a
+    # quarter of the variance per sample), yet the quoted error must match the scatter
+    # of the measured difference over noise draws.
+    rng = np.random.default_rng(5)
+    shape = (80, 80)
+    w0, w1 = _tan([40.5, 40.5]), _tan([40.5 - 50.5, 40.5 + 0.5])
+    deltas, errors = [], []
+    for _ in range(200):
+        a = NDData(rng.standard_normal(shape), wcs=w0)
+        b = NDData(rng.standard_normal(shape), wcs=w1)
+        res = match([a, b], method="match", statistic="mean", nclip=0)
+        deltas.append(res.pair_delta[0])
+        errors.append(res.pair_error[0])
+    # Ignoring the smoothing would quote errors 1.26 times too small.
+    assert np.std(deltas) == pytest.approx(np.mean(errors), rel=0.12)
+
+
 def test_wcs_and_grid_inputs_agree(rng):
     # Integer offsets: the same mosaic given with WCS or as images on one grid.
     images, wcss, offsets = maker.build_mosaic(seed=3, size=160, overlap=40, grid=2)
