@@ -43,46 +43,6 @@ def threads_for(npix):
 # ----------------------------------------------------------------------------- helpers
 
 
-@njit(cache=True, nogil=True, error_model="numpy")
-def _kth(a, n, k):
-    """k-th smallest of ``a[:n]`` (0-based), partially reordering ``a`` in place."""
-    lo, hi = 0, n - 1
-    while lo < hi:
-        pivot = a[k]
-        i, j = lo, hi
-        while True:
-            while a[i] < pivot:
-                i += 1
-            while pivot < a[j]:
-                j -= 1
-            if i <= j:
-                a[i], a[j] = a[j], a[i]
-                i += 1
-                j -= 1
-            if i > j:
-                break
-        if j < k:
-            lo = i
-        if k < i:
-            hi = j
-    return a[k]
-
-
-@njit(cache=True, nogil=True, error_model="numpy")
-def _median(a, n):
-    """Median of ``a[:n]`` (n >= 1); reorders ``a[:n]``. Even n: mean of the middle two."""
-    k = n // 2
-    upper = _kth(a, n, k)
-    if n % 2 == 1:
-        return upper
-    # after the selection a[:k] holds the k smallest values
-    lower = a[0]
-    for i in range(1, k):
-        if a[i] > lower:
-            lower = a[i]
-    return 0.5 * (lower + upper)
-
-
 _SIGN = np.uint64(1) << np.uint64(63)
 
 
@@ -548,10 +508,11 @@ def median_filter_shrink(back, rms, fy, fx, threshold, back_out, rms_out):
                     bwin[n] = back[y, x]
                     swin[n] = rms[y, x]
                     n += 1
-            med = _median(bwin, n)
+            # odd window sizes: the median is the middle value
+            med = np.sort(bwin[:n])[n // 2]
             if abs(med - back[j, i]) >= threshold:
                 back_out[j, i] = med
-                rms_out[j, i] = _median(swin, n)
+                rms_out[j, i] = np.sort(swin[:n])[n // 2]
             else:
                 back_out[j, i] = back[j, i]
                 rms_out[j, i] = rms[j, i]
