@@ -192,7 +192,10 @@ class SigmaClip:
         kind = np.asarray(samples).dtype.kind
         arr = _unmask(samples)
         rows, shape = _as_rows(arr, axis)
-        out_dtype = arr.dtype if kind == "f" else np.dtype(np.float32)
+        # float32/float64 keep their precision (in native byte order); integers and
+        # float16 become float32 (numba has no float16)
+        wide_float = kind == "f" and arr.dtype.itemsize >= 4
+        out_dtype = arr.dtype.newbyteorder("=") if wide_float else np.dtype(np.float32)
         out = np.empty(rows.shape, dtype=out_dtype)
         lo = np.empty(rows.shape[0])
         hi = np.empty(rows.shape[0])

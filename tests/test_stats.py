@@ -96,6 +96,11 @@ def test_sigma_clip_other_axis_dtype_and_no_mutation(rng):
         S.SigmaClip(sigma=1.5)(masked), [[1.0, 2.0, 3.0, 2.0, np.nan, np.nan]]
     )
     assert S.Median()(masked) == 2.0
+    big_endian = np.array([[1.0, 2.0, 3.0, 2.0, 100.0]], dtype=">f8")
+    np.testing.assert_array_equal(
+        S.SigmaClip(sigma=1.5)(big_endian), [[1.0, 2.0, 3.0, 2.0, np.nan]]
+    )
+    assert S.SigmaClip()(big_endian.astype(np.float16)).dtype == np.float32
     cube = rng.normal(size=(3, 4, 50))
     np.testing.assert_array_equal(S.SigmaClip()(cube), _astropy_clip(cube, S.SigmaClip(), axis=-1))
 
