@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from numba import njit
+import numpy as np
+from numba import njit, prange
 
 
 @njit(cache=True, nogil=True)
@@ -33,3 +34,29 @@ def thin_plate_apply(z, cyy, cxx, cxy, out):  # pragma: no cover - compiled
             out[i, j + 1] -= d
             out[i, j] += d
     return out
+
+
+@njit(cache=True, nogil=True, parallel=True)
+def bin_cells(image, bad, cy, cx, ref):  # pragma: no cover - compiled
+    """Per-cell count, sum, sum of squares (of ``image - ref``) and sums of the y and x
+    coordinates of the good pixels, in float64, in one pass."""
+    ny, nx = image.shape
+    gy = (ny + cy - 1) // cy
+    gx = (nx + cx - 1) // cx
+    n = np.zeros((gy, gx))
+    s1 = np.zeros((gy, gx))
+    s2 = np.zeros((gy, gx))
+    sy = np.zeros((gy, gx))
+    sx = np.zeros((gy, gx))
+    for i in prange(gy):
+        for y in range(i * cy, min(ny, (i + 1) * cy)):
+            for x in range(nx):
+                if not bad[y, x]:
+                    j = x // cx
+                    v = image[y, x] - ref
+                    n[i, j] += 1.0
+                    s1[i, j] += v
+                    s2[i, j] += v * v
+                    sy[i, j] += y
+                    sx[i, j] += x
+    return n, s1, s2, sy, sx

@@ -28,8 +28,9 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 import scipy.ndimage as ndi
 
+from . import _pipeline_kernels as _k
 from ._validate import as_image, as_mask, check_positive, combine_masks
-from .masking import grow_mask
+from .masking import disk_footprint, grow_mask
 from .smooth import ThinPlateSmoother
 
 __all__ = [
@@ -101,6 +102,18 @@ def _block_sum(a: np.ndarray, b: int) -> np.ndarray:
     return np.add.reduceat(t, ix, axis=1)
 
 
+def _pow2_at_most(value: float, *limits: int) -> int:
+    """Largest power of two <= value (at least 1, at most min(limits))."""
+    b = 1 << max(0, int(math.floor(math.log2(max(value, 1.0)))))
+    return max(1, min(b, *limits))
+
+
+def _repeat(a: np.ndarray, b: int, shape: tuple[int, int]) -> np.ndarray:
+    if b == 1:
+        return a
+    return np.repeat(np.repeat(a, b, axis=0), b, axis=1)[: shape[0], : shape[1]]
+
+
 def _gaussian_kernel(sigma: float) -> np.ndarray:
     radius = max(1, int(4.0 * sigma + 0.5))
     x = np.arange(-radius, radius + 1, dtype=np.float64)
@@ -113,9 +126,11 @@ def _separable(a: np.ndarray, kernel: np.ndarray) -> np.ndarray:
     return ndi.correlate1d(out, kernel, axis=1, mode="constant")
 
 
-def _hysteresis(snr: np.ndarray, low: float, high: float) -> np.ndarray:
-    """Connected regions (8-connected) above ``low`` that reach ``high`` somewhere."""
-    above = snr > low
+def _hysteresis(snr: np.ndarray, low: float, high: float, grow=None) -> np.ndarray:
+    """Connected regions (8-connected) of ``grow`` (default ``snr``) above ``low`` that
+    hold a pixel of ``snr`` above ``high``."""
+    grow = snr if grow is None else grow
+    above = (grow > low) | (snr > high)
     labels, n = ndi.label(above, structure=np.ones((3, 3), bool))
     if n == 0:
         return above
@@ -137,8 +152,9 @@ class HysteresisMasker:
     partly masked), and thresholded with hysteresis: regions above ``low`` that reach
     ``high`` somewhere. A source's faint outskirts are thus masked as far as they are
     significant at any scale, while isolated noise peaks need ``high``. Detections are
-    grown by ``dilate`` pixels plus ``dilate_per_scale * s``. Scales from 2 pixels up are
-    computed on images binned by up to ``s / 2``, which keeps large scales cheap.
+    grown by ``dilate`` pixels plus ``dilate_per_scale * s``. Each scale is computed on
+    the image binned by the largest power of two <= ``s``, which keeps large scales
+    cheap; the detections are repeated back to full resolution.
 
     Follows the :class:`skymap.masking.Masker` protocol: returns the detections only
     (True = source), not OR-ed with ``mask``.
@@ -159,6 +175,10 @@ class HysteresisMasker:
         structure broader than that, which the background has not followed yet, is not
         mistaken for sources: without it a misfit bump gets masked, the refit drops
         further under it, and the mask runs away. 0 switches it off.
+    grow_plain : bool
+        Seeds must pass ``high`` after the surround subtraction, but regions grow over
+        the plain smoothed residual above ``low``, so that a compact source's faint
+        extended wings are masked too.
 
     Examples
     --------
@@ -177,6 +197,7 @@ class HysteresisMasker:
     dilate: float = 1.0
     dilate_per_scale: float = 0.5
     surround: float = 4.0
+    grow_plain: bool = False
 
     def __post_init__(self):
         scales = tuple(float(s) for s in self.scales)
@@ -202,53 +223,61 @@ class HysteresisMasker:
         if rms is None:
             v = res[~bad]
             rms = _MAD_TO_STD * float(np.median(np.abs(v - np.median(v)))) if v.size else 1.0
-        noise = np.asarray(rms, dtype=res.dtype)
+        noise = np.asarray(rms, dtype=np.float32)
         if noise.ndim and noise.shape != res.shape:
             raise ValueError(
                 f"rms must be a scalar or a map of shape {res.shape}, got {noise.shape}"
             )
+        noise2 = noise * noise
         excluded = bad.copy()
         detected = np.zeros(res.shape, bool)
-        ny, nx = res.shape
         for s in self.scales:
-            # Bin by the largest power of two <= s/2: the kernel still spans >= 2 bins.
-            b = 1 << max(0, int(math.floor(math.log2(s / 2.0))))
-            b = max(1, min(b, ny, nx))
-            good = ~excluded
-            num = _block_sum(np.where(good, res, 0).astype(np.float32), b)
-            if noise.ndim:
-                var = _block_sum(np.where(good, noise * noise, 0).astype(np.float32), b)
-            else:
-                var = _block_sum(good.astype(np.float32), b) * np.float32(noise * noise)
-            g = _gaussian_kernel(s / b)
-            if self.surround:
-                # Subtract the masked local mean over a wider Gaussian: structure broader
-                # than surround * s (sky the background has not yet followed) cancels.
-                wide = _gaussian_kernel(self.surround * s / b)
-                den = _block_sum(good.astype(np.float32), b)
-                with np.errstate(invalid="ignore", divide="ignore"):
-                    local = _separable(num, wide) / _separable(den, wide)
-                local[~np.isfinite(local)] = 0
-                num = _separable(num, g) - _separable(den, g) * local
-                del den, local
-            else:
-                num = _separable(num, g)
-            var = _separable(var, g * g)
-            # snr of the normalised convolution: the weight sum cancels between the
-            # smoothed value and its noise.
-            with np.errstate(invalid="ignore", divide="ignore"):
-                snr = num / np.sqrt(var)
-            snr[~(var > 0)] = 0
-            det = _hysteresis(snr, self.low, self.high)
-            if b > 1:
-                det = np.repeat(np.repeat(det, b, axis=0), b, axis=1)[:ny, :nx]
-            det &= ~excluded
-            radius = self.dilate + self.dilate_per_scale * s
-            if radius > 0 and det.any():
-                det = grow_mask(det, radius)
+            det = self._detect(res, noise2, excluded, s)
             detected |= det
             excluded |= det
         return detected & ~bad
+
+    def _detect(self, res, noise2, excluded, s):
+        """Detections at one scale, dilated, at full resolution."""
+        ny, nx = res.shape
+        # Bin by the largest power of two <= s: the kernel keeps a sigma of 1-2 bins.
+        b = _pow2_at_most(s, ny, nx)
+        num, cnt, var = _k.masked_block_sums(
+            res, excluded, b, noise2.reshape(noise2.shape or (1, 1))
+        )
+        g = _gaussian_kernel(s / b)
+        smoothed = _separable(num, g)
+        plain = smoothed.copy() if self.surround and self.grow_plain else None
+        if self.surround:
+            # Subtract the masked local mean over a Gaussian `surround` times wider (a
+            # difference of Gaussians): structure broader than that, sky the background
+            # has not followed yet, must not be mistaken for sources. The wide mean is
+            # smooth, so it is computed on a coarser grid and repeated.
+            wide = self.surround * s
+            bw = _pow2_at_most(wide / (2.0 * b), *num.shape)
+            numw, cntw = _block_sum(num, bw), _block_sum(cnt, bw)
+            k = _gaussian_kernel(wide / (b * bw))
+            with np.errstate(invalid="ignore", divide="ignore"):
+                local = _separable(numw, k) / _separable(cntw, k)
+            local[~np.isfinite(local)] = 0
+            local = _repeat(local, bw, num.shape)
+            smoothed -= _separable(cnt, g) * local
+        nvar = _separable(var, g * g)
+        # snr of the normalised convolution: the weight sum cancels between the
+        # smoothed value and its noise.
+        with np.errstate(invalid="ignore", divide="ignore"):
+            snr = smoothed / np.sqrt(nvar)
+            grow = snr if plain is None else plain / np.sqrt(nvar)
+        snr[~(nvar > 0)] = 0
+        det = _hysteresis(snr, self.low, self.high, grow)
+        radius = (self.dilate + self.dilate_per_scale * s) / b
+        if radius > 0 and det.any():
+            det = (
+                grow_mask(det, radius)
+                if radius > 3
+                else ndi.binary_dilation(det, structure=disk_footprint(radius))
+            )
+        return _repeat(det, b, (ny, nx)) & ~excluded
 
 
 # --------------------------------------------------------------------------- first guess
@@ -327,7 +356,8 @@ class IterationRecord:
     Attributes
     ----------
     stage : int
-        -1 for the first guess, then the stage index.
+        -1 for the first guess, then the stage index; ``len(stages)`` for the final
+        refit.
     iteration : int
         Iteration within the stage (0-based).
     mask_fraction : float
@@ -464,6 +494,10 @@ class IterativeBackground:
         :class:`~skymap.mesh.MeshBackground`, or a :class:`RingMedianGuess`.
     stages : sequence of Stage
         Run in order; usually the smoothing shrinks and the masks deepen.
+    final : BackgroundEstimator or None
+        Refitted once with the last stage's converged mask, without masking again: the
+        place for a smoothing that must not feed back into the masks (a stiffer one
+        would let the masks creep into sky it does not follow).
     max_iter : int
         Iteration cap per stage.
     change_tol : float
@@ -488,6 +522,7 @@ class IterativeBackground:
 
     first_guess: Any
     stages: Sequence[Stage]
+    final: Any = None
     max_iter: int = 5
     change_tol: float = 0.01
     mask_tol: float = 0.002
@@ -504,6 +539,10 @@ class IterativeBackground:
             if not isinstance(st, Stage):
                 raise ValueError(f"stages[{i}] must be a Stage, got {st!r}")
         object.__setattr__(self, "stages", stages)
+        if self.final is not None and not callable(getattr(self.final, "fit", None)):
+            raise ValueError(
+                f"final must be None or have a fit(image, mask) method, got {self.final!r}"
+            )
         if int(self.max_iter) != self.max_iter or self.max_iter < 1:
             raise ValueError(f"max_iter must be an integer >= 1, got {self.max_iter!r}")
         check_positive("change_tol", self.change_tol, allow_zero=True)
@@ -551,6 +590,12 @@ class IterativeBackground:
                 if change <= self.change_tol and mask_change <= self.mask_tol:
                     converged = True
                     break
+        if self.final is not None:
+            model = _fit_estimator(self.final, img, current, _scale_of(history[-1]))
+            new_bkg, new_rms = _background_of(model), _rms_of(model)
+            change = _change(new_bkg, bkg, new_rms, bad)
+            history.append(_record(len(self.stages), 0, model, current, change, 0.0, img.shape))
+            bkg, rms = new_bkg, new_rms
         return BackgroundResult(
             background=bkg,
             rms=rms,
@@ -606,7 +651,11 @@ def default_pipeline(image, mask=None, **options) -> IterativeBackground:
     * First guess: a thin-plate smooth of the whole image with the smoothing chosen by
       GCV (:class:`~skymap.smooth.ThinPlateSmoother`).
     * Stage 1 masks the obvious sources: small scales (1-4 px), high thresholds.
-    * Stage 2 masks deep: scales 1-8 px, hysteresis 4 / 2 sigma of the smoothed noise.
+    * Stage 2 masks deep: scales 1-8 px, seeds at 4 sigma of the smoothed noise after
+      the surround subtraction, grown over the plain smoothed residual down to 2 sigma.
+    * Final refit with the converged mask: GCV's smoothing, stiffened if needed until
+      the residual is white in blocks twice the largest masking scale (16 px), so the
+      background does not follow the noise on the scales of the sources it masked.
 
     Every refit chooses its smoothing length by GCV on the masked image, so the
     smoothing follows the data's structure scale and shrinks as the masks remove the
@@ -628,31 +677,33 @@ def default_pipeline(image, mask=None, **options) -> IterativeBackground:
     >>> len(pipe.stages), pipe.stages[-1].masker.scales
     (2, (1.0, 2.0, 4.0, 8.0))
     """
-    img = as_image(image)
+    as_image(image)
     known = {"high", "low", "max_iter", "change_tol", "mask_tol", "cell_size", "gcv_inflation"}
     unknown = set(options) - known
     if unknown:
         raise ValueError(f"unknown option(s) {sorted(unknown)}; accepted: {sorted(known)}")
     high = float(options.get("high", 4.0))
+    scales = (1.0, 2.0, 4.0, 8.0)
     low = float(options.get("low", 2.0))
     smoother_options = {"cell_size": options.get("cell_size")}
     if "gcv_inflation" in options:
         smoother_options["gcv_inflation"] = options["gcv_inflation"]
     smoother = ThinPlateSmoother(**smoother_options)
-    del img
     stages = (
         Stage(
             masker=HysteresisMasker(scales=(1.0, 2.0, 4.0), high=high + 1.0, low=low + 0.5),
             estimator=smoother,
         ),
         Stage(
-            masker=HysteresisMasker(scales=(1.0, 2.0, 4.0, 8.0), high=high, low=low),
+            masker=HysteresisMasker(scales=scales, high=high, low=low, grow_plain=True),
             estimator=smoother,
         ),
     )
+    final = ThinPlateSmoother(**smoother_options, protect_scale=2.0 * max(scales))
     return IterativeBackground(
         first_guess=smoother,
         stages=stages,
+        final=final,
         max_iter=options.get("max_iter", 5),
         change_tol=options.get("change_tol", 0.01),
         mask_tol=options.get("mask_tol", 0.002),

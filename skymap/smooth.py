@@ -35,7 +35,7 @@ import numpy as np
 from scipy import fft, ndimage, sparse
 
 from . import _smooth_kernels as _k
-from ._validate import as_image, as_mask, as_pair, check_positive, combine_masks
+from ._validate import as_image, as_mask, as_pair, check_positive, check_range, combine_masks
 
 __all__ = ["SmoothResult", "ThinPlateSmoother", "smooth_grid"]
 
@@ -130,6 +130,7 @@ def smooth_grid(
     smoothing: float | None = None,
     smoothing_range: tuple[float, float] = (1e-1, 1e12),
     smoothing_start: float = 1e6,
+    smoothing_step: float = 1.0,
     gcv_inflation: float = 1.0,
     offsets=None,
 ):
@@ -144,7 +145,9 @@ def smooth_grid(
         Node spacing (y, x) in pixels, so that ``smoothing`` is in pixel^4.
     smoothing : float or None
         The penalty weight ``lam``; None chooses it by GCV within ``smoothing_range``,
-        starting the search at ``smoothing_start``. With weights that are pixel counts,
+        starting the search at ``smoothing_start`` and walking downhill by
+        ``smoothing_step`` decades (use a small step when the start is already close).
+        With weights that are pixel counts,
         ``lam`` is in pixel^4 and ``lam ** 0.25`` is about the smoothing length.
     gcv_inflation : float
         Factor on the hat-matrix trace in GCV (1 = classical GCV; values near 1.4 are
@@ -186,7 +189,9 @@ def smooth_grid(
     system = _System(w, hy, hx)
     scores: dict[float, float] = {}
     if smoothing is None:
-        z, lam = _gcv_search(system, y, smoothing_range, smoothing_start, gcv_inflation, scores)
+        z, lam = _gcv_search(
+            system, y, smoothing_range, smoothing_start, smoothing_step, gcv_inflation, scores
+        )
     else:
         lam = float(smoothing)
         z, _ = system.solve(y, lam)
@@ -197,9 +202,10 @@ def smooth_grid(
     return z + ref, lam, scores
 
 
-def _gcv_search(system: _System, y, smoothing_range, start, inflation, scores):
-    """Minimise GCV over log10(lam): walk downhill by whole decades from ``start``, then
-    refine by half, quarter and eighth decades; each solve warm-starts from its neighbour."""
+def _gcv_search(system: _System, y, smoothing_range, start, step, inflation, scores):
+    """Minimise GCV over log10(lam): walk downhill from ``start`` by ``step`` decades,
+    then refine by halving the step down to an eighth of a decade; each solve
+    warm-starts from its neighbour."""
     lo, hi = (np.log10(float(v)) for v in smoothing_range)
     solutions: dict[float, np.ndarray] = {}
 
@@ -215,17 +221,19 @@ def _gcv_search(system: _System, y, smoothing_range, start, inflation, scores):
 
     centre = float(np.clip(np.log10(start), lo, hi))
     best, centre = score(centre)
-    for step in (1.0, -1.0):
+    for direction in (step, -step):
         while True:
-            s, v = score(centre + step)
+            s, v = score(centre + direction)
             if s >= best or v == centre:
                 break
             best, centre = s, v
-    for step in (0.5, 0.25, 0.125):
-        for v in (centre - step, centre + step):
+    fine = step / 2.0
+    while fine >= 0.125 - 1e-12:
+        for v in (centre - fine, centre + fine):
             s, v = score(v)
             if s < best:
                 best, centre = s, v
+        fine /= 2.0
     lam = 10.0**centre
     return solutions[lam], lam
 
@@ -233,31 +241,11 @@ def _gcv_search(system: _System, y, smoothing_range, start, inflation, scores):
 # --------------------------------------------------------------------------- image level
 
 
-def _cell_edges(n: int, c: int) -> np.ndarray:
-    return np.arange(0, n, c)
-
-
 def _bin(image: np.ndarray, bad: np.ndarray, cy: int, cx: int, ref: float):
     """Per-cell count, mean, variance and centroid offset of the good pixels."""
-    iy, ix = _cell_edges(image.shape[0], cy), _cell_edges(image.shape[1], cx)
-    good = ~bad
-    v = np.where(good, image - image.dtype.type(ref), 0).astype(image.dtype, copy=False)
-
-    def cells(a):
-        t = np.add.reduceat(a, iy, axis=0, dtype=np.float64)
-        return np.add.reduceat(t, ix, axis=1)
-
-    rows = np.add.reduceat(good, ix, axis=1, dtype=np.float64)  # (ny, gx)
-    cols = np.add.reduceat(good, iy, axis=0, dtype=np.float64)  # (gy, nx)
-    n = np.add.reduceat(rows, iy, axis=0)
-    s1 = cells(v)
-    np.multiply(v, v, out=v)
-    s2 = cells(v)
-    del v
-    ycoord = np.arange(image.shape[0], dtype=np.float64)
-    xcoord = np.arange(image.shape[1], dtype=np.float64)
-    sy = np.add.reduceat(rows * ycoord[:, None], iy, axis=0)
-    sx = np.add.reduceat(cols * xcoord[None, :], ix, axis=1)
+    n, s1, s2, sy, sx = _k.bin_cells(image, bad, cy, cx, ref)
+    iy = np.arange(n.shape[0]) * cy
+    ix = np.arange(n.shape[1]) * cx
     with np.errstate(invalid="ignore", divide="ignore"):
         mean = s1 / n
         var = (s2 - n * mean**2) / (n - 1)
@@ -346,6 +334,15 @@ class ThinPlateSmoother:
         Factor on the effective number of parameters in GCV. Classical GCV (1.0)
         tends to under-smooth, all the more when faint undetected sources add correlated
         "noise"; 1.4 is the customary guard (Kim & Gu 2004).
+    protect_scale : float or None
+        Width in pixels of the blocks at which the background must not follow the
+        noise. After GCV, the smoothing is raised by eighth decades until the residual's
+        block means at this width (over blocks of unmasked cells) scatter at least
+        ``protect_level`` times as much as white noise of the measured pixel variance
+        does: the notebook's RMS-versus-scale test, used as a constraint. None: GCV
+        alone.
+    protect_level : float
+        See ``protect_scale``.
     rms_smoothing_factor : float
         The noise map is smoothed with ``smoothing * rms_smoothing_factor``: the noise
         varies more slowly than the sky and is measured less precisely.
@@ -366,6 +363,8 @@ class ThinPlateSmoother:
     smoothing: float | None = None
     smoothing_range: tuple[float, float] = (1.0, 1e16)
     gcv_inflation: float = 1.4
+    protect_scale: float | None = None
+    protect_level: float = 0.97
     rms_smoothing_factor: float = 16.0
     min_pixels: int = 1
 
@@ -380,6 +379,8 @@ class ThinPlateSmoother:
                 f"got {self.smoothing_range!r}"
             )
         check_positive("gcv_inflation", self.gcv_inflation)
+        check_positive("protect_scale", self.protect_scale, allow_none=True)
+        check_range("protect_level", self.protect_level, 0.0, 1.0)
         check_positive("rms_smoothing_factor", self.rms_smoothing_factor)
         if int(self.min_pixels) != self.min_pixels or self.min_pixels < 1:
             raise ValueError(f"min_pixels must be an integer >= 1, got {self.min_pixels!r}")
@@ -414,16 +415,24 @@ class ThinPlateSmoother:
         # Below about a cell the grid cannot represent the fit.
         lo = max(lo, float(max(cy, cx)) ** 4)
         start = min(max(start, lo), hi)
+        grid = {"spacing": (cy, cx), "offsets": (dy, dx)}
         z, lam, scores = smooth_grid(
             mean,
             weights,
-            spacing=(cy, cx),
             smoothing=self.smoothing,
             smoothing_range=(lo, max(hi, lo)),
             smoothing_start=start,
+            smoothing_step=1.0 if smoothing_start is None else 0.25,
             gcv_inflation=self.gcv_inflation,
-            offsets=(dy, dx),
+            **grid,
         )
+        if self.smoothing is None and self.protect_scale is not None:
+            # Stiffen until the residual is white at the protected scale.
+            while lam < hi and _whiteness(mean, z, n, var, (cy, cx), self.protect_scale) < (
+                self.protect_level
+            ):
+                lam *= 10.0**0.125
+                z, _, _ = smooth_grid(mean, weights, smoothing=lam, **grid)
         vw = np.where((n >= 2) & np.isfinite(var), n - 1.0, 0.0)
         if np.any(vw > 0):
             zvar, _, _ = smooth_grid(
@@ -444,6 +453,26 @@ class ThinPlateSmoother:
             gcv=scores,
             config=self,
         )
+
+
+def _whiteness(values, z, n, var, cells, width) -> float:
+    """Ratio of the scatter of the residual's block means at ``width`` pixels to that of
+    white noise with the pooled within-cell variance, over blocks of complete cells;
+    +inf when there are too few such blocks to tell."""
+    cy, cx = cells
+    ky, kx = max(1, round(width / cy)), max(1, round(width / cx))
+    full = n >= cy * cx
+    gy, gx = (n.shape[0] // ky) * ky, (n.shape[1] // kx) * kx
+    if gy == 0 or gx == 0 or not full.any():
+        return float("inf")
+    r = np.where(full, values - z, 0.0)[:gy, :gx].reshape(gy // ky, ky, gx // kx, kx)
+    ok = full[:gy, :gx].reshape(gy // ky, ky, gx // kx, kx).all(axis=(1, 3))
+    if ok.sum() < 50:
+        return float("inf")
+    means = r.mean(axis=(1, 3))[ok]
+    pixel_var = float(np.mean(var[full & np.isfinite(var)]))
+    white = np.sqrt(pixel_var / (ky * cy * kx * cx))
+    return float(means.std() / white) if white > 0 else float("inf")
 
 
 @dataclass(frozen=True, kw_only=True)
