@@ -13,6 +13,7 @@ never replaced without ``--overwrite``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import functools
 import importlib
@@ -703,9 +704,33 @@ def _check_unique(stems, inputs):
 # --------------------------------------------------------------------------- batch
 
 
-def _cmd_batch(args) -> int:
-    from distributed import Client, LocalCluster, as_completed
+def _run_item(item: tuple, **kwargs) -> dict:
+    """:func:`run_file` on one ``(input, output_dir)`` pair, as mapped by ``batch``."""
+    path, out_dir = item
+    return run_file(path, out_dir, **kwargs)
 
+
+@contextlib.contextmanager
+def _thread_client(workers: int):
+    """A LocalCluster whose workers are threads of this process (``batch --threads``)."""
+    from distributed import Client, LocalCluster
+
+    with (
+        LocalCluster(
+            n_workers=workers,
+            threads_per_worker=1,
+            processes=False,
+            dashboard_address=None,
+            scheduler_kwargs={"dashboard": False},
+            silence_logs=logging.ERROR,
+        ) as cluster,
+        Client(cluster) as client,
+    ):
+        yield client
+
+
+def _cmd_batch(args) -> int:
+    distributed = _module("distributed", "batch")
     stems = [_stem(p, args.hdu) for p in args.inputs]
     _check_unique(stems, args.inputs)
     for p in args.inputs:
@@ -716,12 +741,12 @@ def _cmd_batch(args) -> int:
     config = _load_config(args.config)
     dq_bits = _dq_bits(args.dq_bits)
     out_root = Path(args.output)
-    # Each file gets its own directory: exactly what `skymap run FILE -o DIR/<stem>` writes.
-    out_dirs = [out_root / s for s in stems]
     report = not args.no_report
+    # Each file gets its own directory: exactly what `skymap run FILE -o DIR/<stem>` writes.
+    items = [(p, out_root / s) for p, s in zip(args.inputs, stems, strict=True)]
     planned = []
-    for p, d in zip(args.inputs, out_dirs, strict=True):
-        planned.extend(_planned_outputs(d, _stem(p, args.hdu), report=report).values())
+    for (_, d), s in zip(items, stems, strict=True):
+        planned.extend(_planned_outputs(d, s, report=report).values())
     skyio.check_outputs(planned, overwrite=args.overwrite)
 
     kwargs = {
@@ -734,47 +759,24 @@ def _cmd_batch(args) -> int:
         "overwrite": args.overwrite,
         "quiet": True,
     }
-    if args.scheduler:
-        client = Client(args.scheduler)
-        cluster = None
-    else:
-        cluster = LocalCluster(
-            n_workers=args.workers,
-            threads_per_worker=1,
-            processes=not args.threads,
-            # no dashboard: a command-line run must not grab (or fight over) port 8787
-            dashboard_address=None,
-            scheduler_kwargs={"dashboard": False},
-            silence_logs=logging.ERROR if not args.verbose else logging.INFO,
+    with (
+        _progress(total=len(items), desc="batch", quiet=args.quiet, unit="file") as bar,
+        _thread_client(args.workers) if args.threads else contextlib.nullcontext() as client,
+    ):
+        rows = distributed.map_files(
+            _run_item,
+            items,
+            client=client,
+            workers=args.workers,
+            scheduler=args.scheduler,
+            progress=bar.update,
+            **kwargs,
         )
-        client = Client(cluster)
-    failures = []
-    try:
-        futures = [
-            client.submit(run_file, p, d, pure=False, key=f"skymap-run-{s}-{i}", **kwargs)
-            for i, (p, d, s) in enumerate(zip(args.inputs, out_dirs, stems, strict=True))
-        ]
-        origin = {f.key: p for f, p in zip(futures, args.inputs, strict=True)}
-        with _progress(total=len(futures), desc="batch", quiet=args.quiet, unit="file") as bar:
-            for future in as_completed(futures):
-                try:
-                    future.result()
-                except Exception as err:  # one bad file must not stop the others
-                    failures.append((origin[future.key], err))
-                    log.error("%s: %s", origin[future.key], err)
-                bar.update()
-    finally:
-        client.close()
-        if cluster is not None:
-            cluster.close()
-    done = len(args.inputs) - len(failures)
-    _tell(args, f"processed {done}/{len(args.inputs)} files into {out_root}/")
-    if failures:
-        for p, err in failures:
-            sys.stderr.write(f"skymap: error: {p}: {err}\n")
-        worst = max(_exit_code(err) for _, err in failures)
-        return worst
-    return EXIT_OK
+    failures = [(item[0], err) for item, _, err in rows if err is not None]
+    _tell(args, f"processed {len(rows) - len(failures)}/{len(rows)} files into {out_root}/")
+    for p, err in failures:
+        sys.stderr.write(f"skymap: error: {p}: {err}\n")
+    return max((_exit_code(err) for _, err in failures), default=EXIT_OK)
 
 
 # --------------------------------------------------------------------------- config
@@ -835,8 +837,8 @@ def _input_options(parser: argparse.ArgumentParser, *, mask: bool = True) -> Non
     g.add_argument(
         "--hdu",
         metavar="HDU",
-        help="HDU with the image, index or EXTNAME (default: SCI if present, else the "
-        "first 2D image)",
+        help="HDU with the image: index, EXTNAME or EXTNAME,EXTVER such as SCI,2 (default: "
+        "SCI if present, else the first 2D image)",
     )
     g.add_argument(
         "--dq-hdu",
@@ -917,13 +919,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "-j", "--workers", type=int, default=2, help="local worker processes (default 2)"
     )
-    p.add_argument(
+    where = p.add_mutually_exclusive_group()
+    where.add_argument(
         "--threads",
         action="store_true",
         help="local workers are threads of this process, not separate processes (starts "
         "faster; the compiled kernels release the GIL, the rest of a fit does not)",
     )
-    p.add_argument(
+    where.add_argument(
         "--scheduler",
         metavar="ADDRESS",
         help="address of a running dask scheduler, e.g. tcp://10.0.0.1:8786 (workers must "

@@ -4,6 +4,7 @@ refusal to overwrite, and the commands end to end on small inputs."""
 import hashlib
 import json
 from importlib.metadata import entry_points
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,7 +17,7 @@ SUBCOMMANDS = ("demo", "run", "batch", "simulate", "evaluate", "match", "config"
 
 
 def _sha(path):
-    return hashlib.sha256(open(path, "rb").read()).hexdigest()
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 def test_help_lists_commands_and_exit_codes(capsys):

@@ -4,6 +4,7 @@ writes and the refusal to overwrite."""
 import hashlib
 import json
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,7 +19,7 @@ from skymap import io
 
 
 def _sha(path):
-    return hashlib.sha256(open(path, "rb").read()).hexdigest()
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 def _history_config(header):
