@@ -111,6 +111,35 @@ def _progress(*, total: int, desc: str, quiet: bool, unit: str = "step"):
     return tqdm(total=total, desc=desc, disable=quiet, unit=unit, file=sys.stderr, leave=False)
 
 
+class _BarHandler(logging.Handler):
+    """Shows each log message of the pipeline (one per iteration) on a progress bar."""
+
+    def __init__(self, bar):
+        super().__init__(logging.DEBUG)
+        self.bar = bar
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.bar.set_postfix_str(f"fitting: {record.getMessage()}"[:90])
+
+
+@contextlib.contextmanager
+def _iterations_on(bar, *, quiet: bool):
+    """While fitting, put the pipeline's per-iteration messages on ``bar`` (the pipeline
+    reports its iterations through logging, at DEBUG)."""
+    if quiet:
+        yield
+        return
+    logger = logging.getLogger("skymap.pipeline")
+    handler, level = _BarHandler(bar), logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.DEBUG)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+
+
 def _load_config(path: str | os.PathLike | None):
     """What a ``--config`` TOML file holds: a configuration object (a table with a
     ``type`` key, as ``skymap config`` writes), or else options of :func:`skymap.fit`
@@ -350,7 +379,8 @@ def run_file(
         bar.update()
         bar.set_postfix_str("fitting")
         t0 = time.perf_counter()
-        result = _fit(img.data, img.mask, config)
+        with _iterations_on(bar, quiet=quiet):
+            result = _fit(img.data, img.mask, config)
         log.info("%s: fit took %.2f s", path, time.perf_counter() - t0)
         bar.update()
         bar.set_postfix_str("evaluating")
@@ -464,7 +494,8 @@ def _cmd_demo(args) -> int:
         bar.update()
         bar.set_postfix_str("fitting")
         t0 = time.perf_counter()
-        result = _fit(scene.image, scene.mask, config)
+        with _iterations_on(bar, quiet=args.quiet):
+            result = _fit(scene.image, scene.mask, config)
         fit_seconds = time.perf_counter() - t0
         bar.update()
         bar.set_postfix_str("evaluating")

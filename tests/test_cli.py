@@ -94,6 +94,27 @@ def test_runtime_failure_exits_1(data_dir, tmp_path, monkeypatch, capsys):
     assert "the fit fell over" in capsys.readouterr().err
 
 
+def test_pipeline_iterations_show_on_the_progress_bar_and_logging_is_restored():
+    import logging
+
+    class Bar:
+        shown = []
+
+        def set_postfix_str(self, text):
+            self.shown.append(text)
+
+    logger = logging.getLogger("skymap.pipeline")
+    before = (logger.level, list(logger.handlers))
+    with cli._iterations_on(Bar(), quiet=False):
+        logger.debug("stage %d iteration %d", 0, 3)
+    logger.debug("after the fit")
+    assert Bar.shown == ["fitting: stage 0 iteration 3"]
+    assert (logger.level, logger.handlers) == before
+    with cli._iterations_on(Bar(), quiet=True):
+        logger.debug("quiet")
+    assert Bar.shown == ["fitting: stage 0 iteration 3"]
+
+
 def test_simulate_writes_the_scene_and_its_truth(tmp_path):
     simulate = pytest.importorskip("skymap.simulate")
     out = tmp_path / "sim"
