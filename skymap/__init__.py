@@ -44,6 +44,11 @@ _NAMES = {
     "IterativeBackground": "pipeline",
     "BackgroundResult": "pipeline",
     "fit": "pipeline",
+    "LocalBackground": "local",
+    "annulus_background": "local",
+    "aperture_sum": "local",
+    "SkyMatch": "skymatch",
+    "SkyMatchResult": "skymatch",
 }
 
 __all__ = ["__version__", *_SUBMODULES, *_NAMES]
