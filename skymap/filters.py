@@ -120,9 +120,12 @@ def ring_percentile(
     mode="reflect")`` bit for bit. Edges are handled by the same reflection
     (``d c b a | a b c d``); reflected copies of masked pixels are excluded too.
 
-    Cost: an O(n) radix rank transform of each tile plus, per output pixel, two histogram
-    updates per horizontal run of the footprint (about ``4 * (radius + width)``) and a
-    short pointer walk; tiles run in parallel on numba's threads.
+    Cost: an O(n) radix rank transform of each tile (with its halo) plus, per output
+    pixel, two bitset updates per horizontal run of the footprint (a ring has about
+    ``3.5 * (radius + width)`` runs) and a short pointer walk. Tiles run in parallel on
+    numba's threads for images of 2**17 pixels or more (``numba.set_num_threads``
+    limits them). About 45x faster than scipy on one core for r=15, w=5 and 1024x1024;
+    see ``benchmarks/bench_ring_median.py``.
 
     References
     ----------
