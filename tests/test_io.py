@@ -45,6 +45,34 @@ def test_big_endian_int16_with_odd_cards_reads_as_native_float32(data_dir):
     assert _sha(path) == before
 
 
+def test_non_standard_cards_neither_crash_nor_vanish(tmp_path):
+    # Raw header bytes: astropy refuses to write most of these cards itself.
+    cards = [
+        "SIMPLE  =                    T",
+        "BITPIX  =                  -32",
+        "NAXIS   =                    2",
+        "NAXIS1  =                    4",
+        "NAXIS2  =                    3",
+        "HIERARCH ESO DET CHIP NAME = 'CCD-44'",
+        "BADVAL  = 'unterminated string",
+        "lowcase =                    3",
+        "ESO-LOG 12:00:01> EXPSTART  exposure started",
+        "LONGSTR = 'aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa&'",
+        "CONTINUE  'bbbbbbbbbb'",
+        "END",
+    ]
+    header = b"".join(c.ljust(80).encode() for c in cards).ljust(2880, b" ")
+    data = np.arange(12, dtype=">f4").tobytes().ljust(2880, b"\0")
+    (tmp_path / "odd.fits").write_bytes(header + data)
+    img = io.read_image(tmp_path / "odd.fits")
+    np.testing.assert_array_equal(img.data, np.arange(12).reshape(3, 4))
+    out = io.write_image(tmp_path / "out.fits", img.data, header=img.header)
+    text = (out).read_bytes()[: 2880 * 2].decode("ascii")
+    for needle in ("HIERARCH ESO DET CHIP NAME = 'CCD-44'", "ESO-LOG 12:00:01>", "LOWCASE"):
+        assert needle in text
+    assert fits.getheader(out)["LONGSTR"] == "a" * 65 + "bbbbbbbbbb"
+
+
 def test_nan_pixels_are_kept_and_not_put_in_the_mask(data_dir):
     img = io.read_image(data_dir / "spitzer_cutout.fits")
     assert img.data.dtype == np.float32
