@@ -250,10 +250,11 @@ def _check_grid(mesh_values, geometry: MeshGeometry, shape) -> np.ndarray:
 class ZoomSpline:
     """Spline zoom of the mesh grid, photutils ``Background2D`` style.
 
-    The grid is zoomed by the box size with ``scipy.ndimage.zoom(..., grid_mode=True)``
-    (each mesh value stands for the centre of its box), to the padded size covered by
-    the full boxes, then cropped to the image. The result is clipped to the range of the
-    mesh values, because splines of order > 1 overshoot.
+    The map is ``scipy.ndimage.zoom(grid, box_size, grid_mode=True)`` (each mesh value
+    stands for the centre of its box) over the padded size covered by the full boxes,
+    cropped to the image, then clipped to the range of the mesh values because splines
+    of order > 1 overshoot. It is computed as the equivalent separable matrix product,
+    equal to scipy's result to rounding (1e-15) but several times faster.
 
     Parameters
     ----------

@@ -242,6 +242,11 @@ def test_compiled_and_generic_paths_agree(rng):
 # ------------------------------------------------------------------- input rules
 
 
+def test_defaults_are_the_photutils_preset():
+    assert MeshBackground(box_size=50) == MeshBackground.like_photutils(50)
+    assert MeshBackground.like_sextractor() == MeshBackground.like_sextractor(64, 3)
+
+
 def test_result_is_lazy_and_cached(rng):
     res = MeshBackground(box_size=16).fit(_scene(rng, (64, 64)))
     assert isinstance(res, MeshResult)
