@@ -4,6 +4,7 @@ writes and the refusal to overwrite."""
 import hashlib
 import json
 import os
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -67,10 +68,13 @@ def test_non_standard_cards_neither_crash_nor_vanish(tmp_path):
     img = io.read_image(tmp_path / "odd.fits")
     np.testing.assert_array_equal(img.data, np.arange(12).reshape(3, 4))
     out = io.write_image(tmp_path / "out.fits", img.data, header=img.header)
-    text = (out).read_bytes()[: 2880 * 2].decode("ascii")
+    text = out.read_bytes()[: 2880 * 2].decode("latin-1")
     for needle in ("HIERARCH ESO DET CHIP NAME = 'CCD-44'", "ESO-LOG 12:00:01>", "LOWCASE"):
         assert needle in text
-    assert fits.getheader(out)["LONGSTR"] == "a" * 65 + "bbbbbbbbbb"
+    # read_image logs, rather than warns about, the cards astropy finds odd
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert io.read_image(out).header["LONGSTR"] == "a" * 65 + "bbbbbbbbbb"
 
 
 def test_nan_pixels_are_kept_and_not_put_in_the_mask(data_dir):
