@@ -33,7 +33,6 @@ from typing import IO, Any
 
 import numpy as np
 from astropy.io import fits
-from astropy.io.fits.verify import VerifyWarning
 
 from skymap._validate import as_image, as_mask
 
@@ -159,6 +158,17 @@ def _hdu_label(hdul: fits.HDUList, index: int) -> int | str:
     if not h.name:
         return index
     return h.name if h.ver == 1 else f"{h.name},{h.ver}"
+
+
+@contextlib.contextmanager
+def _warnings_to_log(path):
+    """Log, instead of raising or printing, what astropy says about odd headers: such
+    files are normal in astronomy, and reading them must work under ``-W error`` too."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        yield
+    for w in caught:
+        log.info("%s: %s: %s", path, w.category.__name__, w.message)
 
 
 def _pick_hdu(hdul: fits.HDUList, hdu: int | str | tuple | None, path: Any) -> int:
@@ -335,8 +345,7 @@ def read_image(
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"input image {path} does not exist")
-    with warnings.catch_warnings(record=True) as caught, fits.open(path, memmap=False) as hdul:
-        warnings.simplefilter("always", VerifyWarning)
+    with _warnings_to_log(path), fits.open(path, memmap=False) as hdul:
         which = _pick_hdu(hdul, hdu, path)
         image_hdu = hdul[which]
         label = _hdu_label(hdul, which)
@@ -346,8 +355,6 @@ def read_image(
         data = as_image(data, f"HDU {label!r} of {path}")
         header = image_hdu.header.copy()
         dq_mask = _read_dq(hdul, dq, dq_bits, image_hdu.ver, data.shape, path)
-    for w in caught:
-        log.info("%s: %s", path, w.message)
     extra = read_mask(mask, shape=data.shape) if isinstance(mask, (str, os.PathLike)) else None
     if mask is not None and extra is None:
         extra = as_mask(mask, data.shape, "mask")
@@ -414,11 +421,9 @@ def read_mask(
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"mask file {path} does not exist")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", VerifyWarning)
-        with fits.open(path, memmap=False) as hdul:
-            which = _pick_hdu(hdul, hdu, path)
-            data = np.asarray(_as_2d(hdul[which].data, f"mask HDU of {path}"))
+    with _warnings_to_log(path), fits.open(path, memmap=False) as hdul:
+        which = _pick_hdu(hdul, hdu, path)
+        data = np.asarray(_as_2d(hdul[which].data, f"mask HDU of {path}"))
     if shape is not None and data.shape != tuple(shape):
         raise ValueError(f"mask {path} has shape {data.shape}, the image has {tuple(shape)}")
     if data.dtype.kind == "f":
@@ -645,13 +650,10 @@ def write_image(
     hdu = fits.PrimaryHDU(data=data, header=hdr)
 
     def _write(fh):
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always", VerifyWarning)
+        with _warnings_to_log(path):
             # Non-standard input cards are fixed where FITS requires it, kept otherwise;
             # a product must never fail to write because of an odd header.
             hdu.writeto(fh, output_verify="silentfix+ignore")
-        for w in caught:
-            log.info("%s: %s", path, w.message)
 
     return atomic_write(path, _write, overwrite=overwrite)
 
