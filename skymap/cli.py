@@ -669,7 +669,11 @@ def _cmd_match(args) -> int:
     ndds = [NDData(im.data, mask=im.mask, wcs=im.wcs) for im in images]
     try:
         result = skymatch.match(
-            ndds, method=args.method, statistic=args.statistic, match_down=not args.match_up
+            ndds,
+            method=args.method,
+            statistic=args.statistic,
+            match_down=not args.match_up,
+            subtract=args.subtract,
         )
     except ValueError as err:
         raise UsageError(str(err)) from err
@@ -703,10 +707,12 @@ def _cmd_match(args) -> int:
         "reduced_chi2": float(result.reduced_chi2),
     }
     if args.subtract:
-        for s, im, level in zip(stems, images, sky, strict=True):
+        # skymatch's own copies: an image whose sky could not be measured (NaN) is left
+        # as it is rather than turned into NaN
+        for s, im, level, sub in zip(stems, images, sky, result.images, strict=True):
             skyio.write_image(
                 paths[s],
-                im.data - level,
+                sub.data,
                 header=im.header,
                 product="skymatched",
                 config=result.config,

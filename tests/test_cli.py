@@ -186,6 +186,8 @@ def test_match_finds_the_relative_sky_levels(tmp_path):
     matched = [fits.getdata(out / f"tile{i}_skymatched.fits") for i in range(2)]
     assert np.median(matched[1]) - np.median(matched[0]) == pytest.approx(0.0, abs=0.03)
     assert fits.getheader(out / "tile1_skymatched.fits")["CRPIX1"] == -10.0
+    original = fits.getdata(paths[1]).astype(np.float32)
+    np.testing.assert_allclose(matched[1], original - np.float32(sky[1]), rtol=1e-6, atol=1e-5)
 
 
 # ----------------------------------------------------------------------- end to end
