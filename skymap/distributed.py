@@ -28,6 +28,7 @@ True
 from __future__ import annotations
 
 import logging
+import uuid
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -155,8 +156,10 @@ def map_files(
     from distributed import as_completed
 
     items = list(items)
+    # readable keys on the dashboard, unique across batches sharing one scheduler
+    batch = uuid.uuid4().hex[:12]
     futures = [
-        client.submit(function, item, pure=False, key=f"skymap-{i}-{_name(function)}", **kwargs)
+        client.submit(function, item, key=f"skymap-{_name(function)}-{batch}-{i}", **kwargs)
         for i, item in enumerate(items)
     ]
     index = {f.key: i for i, f in enumerate(futures)}
