@@ -9,15 +9,17 @@ from numba import njit, prange
 @njit(cache=True, nogil=True, parallel=True)
 def masked_block_sums(values, excluded, b, noise2):  # pragma: no cover - compiled
     """Sums over b x b blocks of the valid ``values``, of the valid-pixel count, and of
-    the valid ``noise2`` (a map of the values' shape, or shape (1, 1) for a constant).
+    the valid ``noise2`` (a map of the values' shape; for a constant, shape (1, 1), the
+    variance sums are not formed and a (1, 1) zero array is returned in their place).
     Partial blocks at the far edges sum what they hold."""
     ny, nx = values.shape
     gy = (ny + b - 1) // b
     gx = (nx + b - 1) // b
+    scalar = noise2.shape[0] == 1 and noise2.shape[1] == 1
     num = np.zeros((gy, gx), np.float32)
     cnt = np.zeros((gy, gx), np.float32)
-    var = np.zeros((gy, gx), np.float32)
-    scalar = noise2.shape[0] == 1 and noise2.shape[1] == 1
+    # A constant noise needs no variance map: the caller scales the counts.
+    var = np.zeros((1, 1) if scalar else (gy, gx), np.float32)
     for by in prange(gy):
         for y in range(by * b, min(ny, (by + 1) * b)):
             for x in range(nx):
@@ -27,7 +29,102 @@ def masked_block_sums(values, excluded, b, noise2):  # pragma: no cover - compil
                     cnt[by, bx] += 1.0
                     if not scalar:
                         var[by, bx] += noise2[y, x]
-        if scalar:
-            for bx in range(gx):
-                var[by, bx] = cnt[by, bx] * noise2[0, 0]
     return num, cnt, var
+
+
+@njit(cache=True, nogil=True, parallel=True)
+def gaussian_separable(a, kernel):  # pragma: no cover - compiled
+    """Correlate ``a`` with ``kernel`` along x then y, zero outside the array
+    (scipy.ndimage.correlate1d with mode="constant", twice), in float32."""
+    ny, nx = a.shape
+    r = kernel.size // 2
+    tmp = np.empty((ny, nx), np.float32)
+    for y in prange(ny):
+        for x in range(nx):
+            s = 0.0
+            for j in range(max(0, x - r), min(nx - 1, x + r) + 1):
+                s += kernel[j - x + r] * a[y, j]
+            tmp[y, x] = s
+    out = np.zeros((ny, nx), np.float32)
+    for y in prange(ny):
+        for i in range(max(0, y - r), min(ny - 1, y + r) + 1):
+            w = kernel[i - y + r]
+            for x in range(nx):
+                out[y, x] += w * tmp[i, x]
+    return out
+
+
+@njit(cache=True, nogil=True, parallel=True)
+def block_sum(a, b):  # pragma: no cover - compiled
+    """Sums over b x b blocks (partial blocks at the far edges sum what they hold)."""
+    ny, nx = a.shape
+    gy = (ny + b - 1) // b
+    gx = (nx + b - 1) // b
+    out = np.zeros((gy, gx), np.float32)
+    for by in prange(gy):
+        for y in range(by * b, min(ny, (by + 1) * b)):
+            for x in range(nx):
+                out[by, x // b] += a[y, x]
+    return out
+
+
+@njit(cache=True, nogil=True, parallel=True)
+def dog_snr(num, cnt, var, g, g2, local, bw, noise2):  # pragma: no cover - compiled
+    """Signal-to-noise maps of a normalised Gaussian smoothing, in one fused pass.
+
+    With G the separable kernel ``g`` (and G2 that of ``g2 = g**2``):
+    ``grow = G*num / sqrt(nv)`` and ``snr = (G*num - G*cnt * local) / sqrt(nv)``, where
+    ``nv = G2*var``, or ``noise2 * G2*cnt`` when ``var`` has shape (1, 1) (a constant
+    noise). ``local`` is sampled at ``[y // bw, x // bw]``. Zero where nv is 0.
+    """
+    ny, nx = num.shape
+    r = g.size // 2
+    use_var = var.shape[0] == ny and var.shape[1] == nx
+    tn = np.empty((ny, nx), np.float32)
+    tc = np.empty((ny, nx), np.float32)
+    tv = np.empty((ny, nx), np.float32)
+    for y in prange(ny):
+        for x in range(nx):
+            sn = 0.0
+            sc = 0.0
+            sv = 0.0
+            for j in range(max(0, x - r), min(nx - 1, x + r) + 1):
+                w = g[j - x + r]
+                sn += w * num[y, j]
+                sc += w * cnt[y, j]
+                sv += g2[j - x + r] * (var[y, j] if use_var else cnt[y, j])
+            tn[y, x] = sn
+            tc[y, x] = sc
+            tv[y, x] = sv
+    snr = np.zeros((ny, nx), np.float32)
+    grow = np.zeros((ny, nx), np.float32)
+    for y in prange(ny):
+        an = np.zeros(nx)
+        ac = np.zeros(nx)
+        av = np.zeros(nx)
+        for i in range(max(0, y - r), min(ny - 1, y + r) + 1):
+            w = g[i - y + r]
+            w2 = g2[i - y + r]
+            for x in range(nx):
+                an[x] += w * tn[i, x]
+                ac[x] += w * tc[i, x]
+                av[x] += w2 * tv[i, x]
+        ly = y // bw
+        for x in range(nx):
+            v = av[x] if use_var else av[x] * noise2
+            if v > 0:
+                sd = np.sqrt(v)
+                grow[y, x] = an[x] / sd
+                snr[y, x] = (an[x] - ac[x] * local[ly, x // bw]) / sd
+    return snr, grow
+
+
+@njit(cache=True, nogil=True, parallel=True)
+def expand_mask(small, b, excluded):  # pragma: no cover - compiled
+    """Full-resolution ``small[y // b, x // b] & ~excluded``."""
+    ny, nx = excluded.shape
+    out = np.zeros((ny, nx), np.bool_)
+    for y in prange(ny):
+        for x in range(nx):
+            out[y, x] = small[y // b, x // b] and not excluded[y, x]
+    return out

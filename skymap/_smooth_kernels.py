@@ -60,3 +60,20 @@ def bin_cells(image, bad, cy, cx, ref):  # pragma: no cover - compiled
                     sy[i, j] += y
                     sx[i, j] += x
     return n, s1, s2, sy, sx
+
+
+@njit(cache=True, nogil=True, parallel=True)
+def bspline_rows(tmp, base, weights, out):  # pragma: no cover - compiled
+    """out[y, x] = sum_k weights[x, k] * tmp[y, base[x] - 1 + k], k = 0..3: the cubic
+    B-spline evaluation along x of rows already evaluated along y."""
+    ny, nx = out.shape
+    for y in prange(ny):
+        for x in range(nx):
+            b = base[x] - 1
+            out[y, x] = (
+                weights[x, 0] * tmp[y, b]
+                + weights[x, 1] * tmp[y, b + 1]
+                + weights[x, 2] * tmp[y, b + 2]
+                + weights[x, 3] * tmp[y, b + 3]
+            )
+    return out

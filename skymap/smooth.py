@@ -254,9 +254,9 @@ def _bin(image: np.ndarray, bad: np.ndarray, cy: int, cx: int, ref: float):
     return n, mean + ref, var, dy, dx
 
 
-def _bspline_matrix(pos: np.ndarray, ncoef: int) -> sparse.csr_matrix:
-    """Sparse matrix evaluating a cubic B-spline with unit knot spacing at ``pos``
-    (coefficient k sits at position k)."""
+def _bspline_weights(pos: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Base index and the four cubic B-spline weights (unit knot spacing, coefficient
+    k at position k) of each position; the weights apply to coefficients base-1..base+2."""
     base = np.floor(pos).astype(np.int64)
     t = pos - base
     weights = np.stack(
@@ -268,10 +268,7 @@ def _bspline_matrix(pos: np.ndarray, ncoef: int) -> sparse.csr_matrix:
         ],
         axis=1,
     )
-    cols = base[:, None] + np.arange(-1, 3)[None, :]
-    cols = np.clip(cols, 0, ncoef - 1)
-    rows = np.repeat(np.arange(pos.size), 4)
-    return sparse.csr_matrix((weights.ravel(), (rows, cols.ravel())), shape=(pos.size, ncoef))
+    return base, weights
 
 
 def upsample(grid: np.ndarray, cell_size, shape, dtype=np.float64) -> np.ndarray:
@@ -294,12 +291,15 @@ def upsample(grid: np.ndarray, cell_size, shape, dtype=np.float64) -> np.ndarray
     coef = ndimage.spline_filter(z, order=3, mode="mirror")
     uy = (np.arange(shape[0]) - (cy - 1) / 2.0) / cy + pad
     ux = (np.arange(shape[1]) - (cx - 1) / 2.0) / cx + pad
-    by = _bspline_matrix(uy, coef.shape[0])
-    bx = _bspline_matrix(ux, coef.shape[1])
-    tmp = np.asarray(by @ coef)  # (ny, gx + 2 pad)
-    out = np.empty(shape, dtype=dtype)
-    out[...] = (bx @ tmp.T).T
-    return out
+    # Along y on the small grid (sparse, cheap), then along x pixel by pixel.
+    by, wy = _bspline_weights(uy)
+    rows = np.repeat(np.arange(uy.size), 4)
+    cols = (by[:, None] + np.arange(-1, 3)[None, :]).ravel()
+    ymat = sparse.csr_matrix((wy.ravel(), (rows, cols)), shape=(uy.size, coef.shape[0]))
+    tmp = np.ascontiguousarray(ymat @ coef)
+    bx, wx = _bspline_weights(ux)
+    out = np.empty(tuple(shape), dtype=dtype)
+    return _k.bspline_rows(tmp, bx, wx, out)
 
 
 def _extend_linear(z: np.ndarray, pad: int, axis: int) -> np.ndarray:
