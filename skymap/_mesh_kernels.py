@@ -169,6 +169,153 @@ def _gather(image, mask, use_mask, y0, y1, x0, x1, buf):
     return n
 
 
+# ------------------------------------------- numpy's float32 arithmetic (photutils)
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
+def _block_sum32(a, lo, n):
+    """numpy's float32 sum of at most 128 values: 8 interleaved accumulators."""
+    if n < 8:
+        res = np.float32(0.0)
+        for i in range(n):
+            res += a[lo + i]
+        return res
+    r0, r1, r2, r3 = a[lo], a[lo + 1], a[lo + 2], a[lo + 3]
+    r4, r5, r6, r7 = a[lo + 4], a[lo + 5], a[lo + 6], a[lo + 7]
+    i = 8
+    while i < n - n % 8:
+        r0 += a[lo + i]
+        r1 += a[lo + i + 1]
+        r2 += a[lo + i + 2]
+        r3 += a[lo + i + 3]
+        r4 += a[lo + i + 4]
+        r5 += a[lo + i + 5]
+        r6 += a[lo + i + 6]
+        r7 += a[lo + i + 7]
+        i += 8
+    res = ((r0 + r1) + (r2 + r3)) + ((r4 + r5) + (r6 + r7))
+    while i < n:
+        res += a[lo + i]
+        i += 1
+    return res
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
+def _pairwise32(a, n):
+    """numpy's float32 sum of ``a[:n]``, what ``np.sum`` of a float32 row gives: blocks
+    of up to 128 values (:func:`_block_sum32`), above that the sum of two halves (the
+    first a multiple of 8 long). Walked with an explicit stack: numba cannot reload a
+    recursive function from its cache."""
+    los = np.empty(64, dtype=np.int64)
+    ns = np.empty(64, dtype=np.int64)
+    stage = np.zeros(64, dtype=np.int64)
+    sums = np.empty(64, dtype=a.dtype)
+    top = 0
+    los[0] = 0
+    ns[0] = n
+    nsum = 0
+    while top >= 0:
+        lo, m = los[top], ns[top]
+        if m <= 128:
+            sums[nsum] = _block_sum32(a, lo, m)
+            nsum += 1
+            top -= 1
+            continue
+        half = m // 2
+        half -= half % 8
+        if stage[top] == 0:  # first the left half
+            stage[top] = 1
+            top += 1
+            los[top], ns[top], stage[top] = lo, half, 0
+        elif stage[top] == 1:  # then the right half
+            stage[top] = 2
+            top += 1
+            los[top], ns[top], stage[top] = lo + half, m - half, 0
+        else:  # both done: left + right
+            nsum -= 1
+            sums[nsum - 1] = sums[nsum - 1] + sums[nsum]
+            top -= 1
+    return sums[0]
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
+def _box_positions(image, mask, use_mask, y0, y1, x0, x1, col_major, lo, hi, pos, keep):
+    """The box in photutils' memory order (row-major; column-major for the partial edge
+    meshes it reshapes), kept values in ``pos`` and 0 elsewhere, as numpy's nan-functions
+    see a clipped row. Returns the number of positions."""
+    h, w = y1 - y0, x1 - x0
+    for k in range(h * w):
+        if col_major:
+            y, x = y0 + k % h, x0 + k // h
+        else:
+            y, x = y0 + k // w, x0 + k % w
+        v = image[y, x]
+        ok = math.isfinite(v) and not (use_mask and mask[y, x]) and v >= lo and v <= hi
+        keep[k] = ok
+        pos[k] = v if ok else 0.0
+    return h * w
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
+def _numpy32_estimates(pos, keep, npos, vals, a, b, loc_code, mf, meanf, skew, scale_code):
+    """photutils' estimators on a float32 box, in numpy's float32 arithmetic.
+
+    ``pos``/``keep``: the box from :func:`_box_positions`; ``vals[a:b]``: the kept
+    values, sorted (float64 copies of float32 values). Mirrors ``np.nanmean`` (float32
+    pairwise sum, divided in float64), ``np.nanstd`` (float32 deviations and squares),
+    ``np.nanmedian`` (float32 mean of the middle two), ``astropy.stats.mad_std`` and the
+    float32 expressions of photutils' location estimators.
+    """
+    cnt = b - a
+    mean = np.float32(np.float64(_pairwise32(pos, npos)) / cnt)
+    for k in range(npos):
+        if keep[k]:
+            d = pos[k] - mean
+            pos[k] = d * d
+    var = np.float32(np.float64(_pairwise32(pos, npos)) / cnt)
+    std = np.float32(math.sqrt(np.float64(var)))
+    h = a + cnt // 2
+    if cnt % 2 == 1:
+        med = np.float32(vals[h])
+    else:
+        med = (np.float32(vals[h - 1]) + np.float32(vals[h])) / np.float32(2.0)
+    if loc_code == LOC_MEAN:
+        loc = mean
+    elif loc_code == LOC_MEDIAN:
+        loc = med
+    elif loc_code == LOC_PEARSON:
+        loc = np.float32(mf) * med - np.float32(meanf) * mean
+    elif std == 0:
+        loc = mean
+    elif abs(mean - med) / std >= np.float32(skew):
+        loc = med
+    else:
+        loc = np.float32(mf) * med - np.float32(meanf) * mean
+    if scale_code == SCALE_STD:
+        return loc, std
+    # median of |x - med| in float32: the deviations fall on two sorted runs that meet
+    # at med, merged outwards
+    left = _first_at_least(vals, a, b, np.float64(med)) - 1
+    right = left + 1
+    k_hi = cnt // 2
+    k_lo = k_hi - 1 if cnt % 2 == 0 else k_hi
+    prev = np.float32(0.0)
+    dev = np.float32(0.0)
+    for k in range(k_hi + 1):
+        dl = abs(np.float32(vals[left]) - med) if left >= a else np.float32(np.inf)
+        dr = abs(np.float32(vals[right]) - med) if right < b else np.float32(np.inf)
+        if dl <= dr:
+            dev = dl
+            left -= 1
+        else:
+            dev = dr
+            right += 1
+        if k == k_lo:
+            prev = dev
+    mad = dev if cnt % 2 == 1 else (prev + dev) / np.float32(2.0)
+    return loc, mad * np.float32(MAD_TO_STD)
+
+
 # ------------------------------------------------------------- clip + estimator kernel
 
 
@@ -190,6 +337,7 @@ def mesh_clip_stats(
     mean_factor,
     skew_limit,
     scale_code,
+    numpy32,
     loc_out,
     scale_out,
     nvalid_out,
@@ -211,12 +359,15 @@ def mesh_clip_stats(
     mean``; the mean where std == 0, the median where ``|mean - median| / std >=
     skew_limit``), Pearson mode (no switches). Scales: population std, MAD std.
     ``nvalid_out`` counts valid pixels before clipping, ``ngood_out`` after; a mesh with
-    none left gets NaN.
+    none left gets NaN. ``numpy32`` (float32 images only) computes the estimates in
+    numpy's float32 arithmetic, as photutils does (:func:`_numpy32_estimates`).
     """
     ny, nx = image.shape
     my, mx = loc_out.shape
     nbox = by * bx
     for j in prange(my):
+        pos = np.empty(nbox, dtype=image.dtype)
+        keep = np.empty(nbox, dtype=np.bool_)
         vals = np.empty(nbox)
         tmp = np.empty(nbox)
         p1 = np.empty(nbox + 1)
@@ -243,6 +394,7 @@ def mesh_clip_stats(
                 p1[t + 1] = p1[t] + d
                 p2[t + 1] = p2[t] + d * d
             a, b = 0, n
+            lo, hi = -np.inf, np.inf
             if clip:
                 it = 0
                 while True:
@@ -267,6 +419,20 @@ def mesh_clip_stats(
             if n == 0:
                 loc_out[j, i] = np.nan
                 scale_out[j, i] = np.nan
+                continue
+            if numpy32:
+                # photutils reshapes its partial edge meshes column-major, except the
+                # corner one
+                col_major = (y1 - y0 < by) != (x1 - x0 < bx)
+                npos = _box_positions(
+                    image, mask, use_mask, y0, y1, x0, x1, col_major, lo, hi, pos, keep
+                )
+                loc32, scale32 = _numpy32_estimates(
+                    pos, keep, npos, vals, a, b, loc_code, median_factor, mean_factor,
+                    skew_limit, scale_code,
+                )  # fmt: skip
+                loc_out[j, i] = loc32
+                scale_out[j, i] = scale32
                 continue
             mean, std = _range_mean_std(p1, p2, ref, a, b)
             med = _sorted_median(vals, a, b)
