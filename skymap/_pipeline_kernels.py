@@ -75,47 +75,55 @@ def dog_snr(num, cnt, var, g, g2, local, bw, noise2):  # pragma: no cover - comp
     With G the separable kernel ``g`` (and G2 that of ``g2 = g**2``):
     ``grow = G*num / sqrt(nv)`` and ``snr = (G*num - G*cnt * local) / sqrt(nv)``, where
     ``nv = G2*var``, or ``noise2 * G2*cnt`` when ``var`` has shape (1, 1) (a constant
-    noise). ``local`` is sampled at ``[y // bw, x // bw]``. Zero where nv is 0.
+    noise). ``local`` is sampled at ``[y // bw, x // bw]``. Zero where nv is 0. The
+    x pass is buffered in strips of rows, so the temporaries stay small.
     """
     ny, nx = num.shape
     r = g.size // 2
     use_var = var.shape[0] == ny and var.shape[1] == nx
-    tn = np.empty((ny, nx), np.float32)
-    tc = np.empty((ny, nx), np.float32)
-    tv = np.empty((ny, nx), np.float32)
-    for y in prange(ny):
-        for x in range(nx):
-            sn = 0.0
-            sc = 0.0
-            sv = 0.0
-            for j in range(max(0, x - r), min(nx - 1, x + r) + 1):
-                w = g[j - x + r]
-                sn += w * num[y, j]
-                sc += w * cnt[y, j]
-                sv += g2[j - x + r] * (var[y, j] if use_var else cnt[y, j])
-            tn[y, x] = sn
-            tc[y, x] = sc
-            tv[y, x] = sv
     snr = np.zeros((ny, nx), np.float32)
     grow = np.zeros((ny, nx), np.float32)
-    for y in prange(ny):
-        an = np.zeros(nx)
-        ac = np.zeros(nx)
-        av = np.zeros(nx)
-        for i in range(max(0, y - r), min(ny - 1, y + r) + 1):
-            w = g[i - y + r]
-            w2 = g2[i - y + r]
+    strip = 128
+    tn = np.empty((strip + 2 * r, nx), np.float32)
+    tc = np.empty((strip + 2 * r, nx), np.float32)
+    tv = np.empty((strip + 2 * r, nx), np.float32)
+    for y0 in range(0, ny, strip):
+        y1 = min(ny, y0 + strip)
+        a0 = max(0, y0 - r)
+        a1 = min(ny, y1 + r)
+        for k in prange(a1 - a0):
+            y = a0 + k
             for x in range(nx):
-                an[x] += w * tn[i, x]
-                ac[x] += w * tc[i, x]
-                av[x] += w2 * tv[i, x]
-        ly = y // bw
-        for x in range(nx):
-            v = av[x] if use_var else av[x] * noise2
-            if v > 0:
-                sd = np.sqrt(v)
-                grow[y, x] = an[x] / sd
-                snr[y, x] = (an[x] - ac[x] * local[ly, x // bw]) / sd
+                sn = 0.0
+                sc = 0.0
+                sv = 0.0
+                for j in range(max(0, x - r), min(nx - 1, x + r) + 1):
+                    w = g[j - x + r]
+                    sn += w * num[y, j]
+                    sc += w * cnt[y, j]
+                    sv += g2[j - x + r] * (var[y, j] if use_var else cnt[y, j])
+                tn[k, x] = sn
+                tc[k, x] = sc
+                tv[k, x] = sv
+        for k in prange(y1 - y0):
+            y = y0 + k
+            an = np.zeros(nx)
+            ac = np.zeros(nx)
+            av = np.zeros(nx)
+            for i in range(max(0, y - r), min(ny - 1, y + r) + 1):
+                w = g[i - y + r]
+                w2 = g2[i - y + r]
+                for x in range(nx):
+                    an[x] += w * tn[i - a0, x]
+                    ac[x] += w * tc[i - a0, x]
+                    av[x] += w2 * tv[i - a0, x]
+            ly = y // bw
+            for x in range(nx):
+                v = av[x] if use_var else av[x] * noise2
+                if v > 0:
+                    sd = np.sqrt(v)
+                    grow[y, x] = an[x] / sd
+                    snr[y, x] = (an[x] - ac[x] * local[ly, x // bw]) / sd
     return snr, grow
 
 

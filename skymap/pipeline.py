@@ -463,12 +463,18 @@ class BackgroundResult:
 @dataclass(frozen=True, kw_only=True)
 class Stage:
     """One scale of the pipeline: a masker (``(residual, rms, mask) -> detections``)
-    and a background estimator (``fit(image, mask) -> result``)."""
+    and a background estimator (``fit(image, mask) -> result``); ``max_iter`` overrides
+    the pipeline's iteration cap for this stage."""
 
     masker: Any
     estimator: Any
+    max_iter: int | None = None
 
     def __post_init__(self):
+        if self.max_iter is not None and (
+            int(self.max_iter) != self.max_iter or self.max_iter < 1
+        ):
+            raise ValueError(f"max_iter must be None or an integer >= 1, got {self.max_iter!r}")
         if not callable(self.masker):
             raise ValueError(f"masker must be a Masker (callable), got {self.masker!r}")
         if not callable(getattr(self.estimator, "fit", None)):
@@ -563,7 +569,8 @@ class IterativeBackground:
         converged = False
         for k, stage in enumerate(self.stages):
             converged = False
-            for it in range(int(self.max_iter)):
+            cap = self.max_iter if stage.max_iter is None else stage.max_iter
+            for it in range(int(cap)):
                 resid = np.subtract(img, bkg, dtype=img.dtype)
                 detections = np.asarray(stage.masker(resid, rms, bad), dtype=bool)
                 del resid
@@ -663,7 +670,8 @@ def default_pipeline(image, mask=None, **options) -> IterativeBackground:
 
     * First guess: a thin-plate smooth of the whole image with the smoothing chosen by
       GCV (:class:`~skymap.smooth.ThinPlateSmoother`).
-    * Stage 1 masks the obvious sources: small scales (1-4 px), high thresholds.
+    * Stage 1 masks the obvious sources: small scales (1-4 px), high thresholds; two
+      iterations are enough, as stage 2 remasks from scratch.
     * Stage 2 masks deep: scales 1-8 px, seeds at 4 sigma of the smoothed noise after
       the surround subtraction, grown over the plain smoothed residual down to 2 sigma.
     * Final refit with the converged mask: GCV's smoothing, stiffened if needed until
@@ -706,6 +714,7 @@ def default_pipeline(image, mask=None, **options) -> IterativeBackground:
         Stage(
             masker=HysteresisMasker(scales=(1.0, 2.0, 4.0), high=high + 1.0, low=low + 0.5),
             estimator=smoother,
+            max_iter=2,
         ),
         Stage(
             masker=HysteresisMasker(scales=scales, high=high, low=low, grow_plain=True),

@@ -402,37 +402,18 @@ class ThinPlateSmoother:
         bad = combine_masks(img, as_mask(mask, img.shape))
         if bad.all():
             raise ValueError("image has no valid pixel: everything is masked or non-finite")
-        cy, cx = self.cells_for(img.shape)
-        start = smoothing_start
-        lo, hi = self.smoothing_range
+        cells = self.cells_for(img.shape)
         ref = float(np.median(img[~bad][:: max(1, int((~bad).sum() // 100_000))]))
-        n, mean, var, dy, dx = _bin(img, bad, cy, cx, ref)
-        weights = np.where(n >= self.min_pixels, n, 0.0)
-        if not np.any(weights > 0):
-            raise ValueError("no cell has enough unmasked pixels; lower min_pixels")
-        if start is None:
-            start = (max(img.shape) / 16.0) ** 4
-        # Below about a cell the grid cannot represent the fit.
-        lo = max(lo, float(max(cy, cx)) ** 4)
-        start = min(max(start, lo), hi)
-        grid = {"spacing": (cy, cx), "offsets": (dy, dx)}
-        z, lam, scores = smooth_grid(
-            mean,
-            weights,
-            smoothing=self.smoothing,
-            smoothing_range=(lo, max(hi, lo)),
-            smoothing_start=start,
-            smoothing_step=1.0 if smoothing_start is None else 0.25,
-            gcv_inflation=self.gcv_inflation,
-            **grid,
-        )
-        if self.smoothing is None and self.protect_scale is not None:
-            # Stiffen until the residual is white at the protected scale.
-            while lam < hi and _whiteness(mean, z, n, var, (cy, cx), self.protect_scale) < (
-                self.protect_level
-            ):
-                lam *= 10.0**0.125
-                z, _, _ = smooth_grid(mean, weights, smoothing=lam, **grid)
+        while True:
+            fitted = self._fit_grid(img, bad, cells, ref, smoothing_start)
+            # Automatic cells: when GCV wants a smoothing below the cell size, the grid
+            # is too coarse for this sky; halve the cells (down to 2 px) and refit.
+            if self.cell_size is not None or not fitted[-1] or min(cells) <= 2:
+                break
+            cells = (max(2, cells[0] // 2), max(2, cells[1] // 2))
+            smoothing_start = fitted[1]
+        z, lam, scores, n, mean, var, _ = fitted
+        cy, cx = cells
         vw = np.where((n >= 2) & np.isfinite(var), n - 1.0, 0.0)
         if np.any(vw > 0):
             zvar, _, _ = smooth_grid(
@@ -453,6 +434,39 @@ class ThinPlateSmoother:
             gcv=scores,
             config=self,
         )
+
+    def _fit_grid(self, img, bad, cells, ref, smoothing_start):
+        """Bin into ``cells`` and smooth; also says whether GCV hit the cell-size floor."""
+        cy, cx = cells
+        lo, hi = self.smoothing_range
+        n, mean, var, dy, dx = _bin(img, bad, cy, cx, ref)
+        weights = np.where(n >= self.min_pixels, n, 0.0)
+        if not np.any(weights > 0):
+            raise ValueError("no cell has enough unmasked pixels; lower min_pixels")
+        start = (max(img.shape) / 16.0) ** 4 if smoothing_start is None else smoothing_start
+        # Below about a cell the grid cannot represent the fit.
+        lo = max(lo, float(max(cy, cx)) ** 4)
+        start = min(max(start, lo), hi)
+        grid = {"spacing": (cy, cx), "offsets": (dy, dx)}
+        z, lam, scores = smooth_grid(
+            mean,
+            weights,
+            smoothing=self.smoothing,
+            smoothing_range=(lo, max(hi, lo)),
+            smoothing_start=start,
+            smoothing_step=1.0 if smoothing_start is None else 0.25,
+            gcv_inflation=self.gcv_inflation,
+            **grid,
+        )
+        at_floor = self.smoothing is None and lam <= lo * 10.0**0.2
+        if self.smoothing is None and self.protect_scale is not None:
+            # Stiffen until the residual is white at the protected scale.
+            while lam < hi and _whiteness(mean, z, n, var, (cy, cx), self.protect_scale) < (
+                self.protect_level
+            ):
+                lam *= 10.0**0.125
+                z, _, _ = smooth_grid(mean, weights, smoothing=lam, **grid)
+        return z, lam, scores, n, mean, var, at_floor
 
 
 def _whiteness(values, z, n, var, cells, width) -> float:
