@@ -22,8 +22,7 @@ import math
 import numpy as np
 from numba import njit, prange
 
-# 1 / Phi^-1(3/4): MAD -> standard deviation of a Gaussian (astropy's constant).
-MAD_TO_STD = 1.482602218505602
+from skymap._stats_kernels import MAD_TO_STD, mean_std, median_inplace, sextractor_mode
 
 # location statistics; the Pearson forms read (median_factor, mean_factor, skew_limit)
 STAT_MEAN = 0
@@ -96,59 +95,6 @@ def _select(image, cls, use_cls, allowed, geometry, strict_inner, buf):
 
 
 @njit(cache=True, nogil=True)
-def _kth(a, n, k):
-    """The k-th smallest of ``a[:n]``, reordering it so that ``a[:k] <= a[k] <= a[k+1:n]``.
-
-    Hoare's selection (Wirth's variant): O(n) on average and no allocation, unlike
-    ``np.median``, which copies its input.
-    """
-    lo, hi = 0, n - 1
-    while lo < hi:
-        pivot = a[k]
-        i, j = lo, hi
-        while i <= j:
-            while a[i] < pivot:
-                i += 1
-            while pivot < a[j]:
-                j -= 1
-            if i <= j:
-                a[i], a[j] = a[j], a[i]
-                i += 1
-                j -= 1
-        if j < k:
-            lo = i
-        if k < i:
-            hi = j
-    return a[k]
-
-
-@njit(cache=True, nogil=True)
-def _median(a, n):
-    """Median of ``a[:n]`` (n > 0), reordering ``a[:n]``."""
-    k = n // 2
-    upper = _kth(a, n, k)
-    if n % 2 == 1:
-        return upper
-    lower = a[0]
-    for t in range(1, k):
-        lower = max(lower, a[t])
-    return 0.5 * (lower + upper)
-
-
-@njit(cache=True, nogil=True)
-def _mean_std(buf, n):
-    s = 0.0
-    for k in range(n):
-        s += buf[k]
-    mean = s / n
-    ss = 0.0
-    for k in range(n):
-        d = buf[k] - mean
-        ss += d * d
-    return mean, math.sqrt(ss / n)
-
-
-@njit(cache=True, nogil=True)
 def _clip(buf, n, work, cen_median, std_mad, sigma_lower, sigma_upper, maxiters):
     """Sigma-clip ``buf[:n]`` in place (astropy semantics); return the kept count.
 
@@ -160,12 +106,12 @@ def _clip(buf, n, work, cen_median, std_mad, sigma_lower, sigma_upper, maxiters)
     it = 0
     while n > 0 and (maxiters < 0 or it < maxiters):
         it += 1
-        mean, std = _mean_std(buf, n)
-        cen = _median(buf, n) if cen_median else mean
+        mean, std = mean_std(buf, n)
+        cen = median_inplace(buf, n) if cen_median else mean
         if std_mad:
             for k in range(n):
                 work[k] = abs(buf[k] - cen)
-            std = MAD_TO_STD * _median(work, n)
+            std = MAD_TO_STD * median_inplace(work, n)
         if std == 0.0:
             break
         lo = cen - sigma_lower * std
@@ -185,22 +131,15 @@ def _clip(buf, n, work, cen_median, std_mad, sigma_lower, sigma_upper, maxiters)
 @njit(cache=True, nogil=True)
 def _location(buf, n, stat, factors):
     """Return ``(location, std)`` of ``buf[:n]`` (reordering it)."""
-    mean, std = _mean_std(buf, n)
+    mean, std = mean_std(buf, n)
     if stat == STAT_MEAN:
         return mean, std
-    med = _median(buf, n)
+    med = median_inplace(buf, n)
     if stat == STAT_MEDIAN:
         return med, std
-    pearson = factors[0] * med - factors[1] * mean
     if stat == STAT_PEARSON:
-        return pearson, std
-    # SExtractor: a constant sample gives its mean, and one too skewed for the Pearson
-    # relation to hold (|mean - median| >= skew_limit std) gives its median.
-    if std == 0.0:
-        return mean, std
-    if abs(mean - med) / std >= factors[2]:
-        return med, std
-    return pearson, std
+        return factors[0] * med - factors[1] * mean, std
+    return sextractor_mode(mean, med, std, factors[0], factors[1], factors[2]), std
 
 
 @njit(cache=True, nogil=True, parallel=True)

@@ -14,8 +14,7 @@ import numba
 import numpy as np
 from numba import njit, prange
 
-# 1 / Phi^-1(3/4): MAD -> standard deviation of a Gaussian (astropy's constant).
-MAD_TO_STD = 1.482602218505602
+from skymap._stats_kernels import MAD_TO_STD, sextractor_mode
 
 # location codes of mesh_clip_stats
 LOC_MEAN, LOC_MEDIAN, LOC_SEXTRACTOR, LOC_PEARSON = 0, 1, 2, 3
@@ -442,12 +441,8 @@ def mesh_clip_stats(
                 loc = med
             elif loc_code == LOC_PEARSON:
                 loc = median_factor * med - mean_factor * mean
-            elif std == 0.0:
-                loc = mean
-            elif abs(mean - med) / std >= skew_limit:
-                loc = med
             else:
-                loc = median_factor * med - mean_factor * mean
+                loc = sextractor_mode(mean, med, std, median_factor, mean_factor, skew_limit)
             loc_out[j, i] = loc
             if scale_code == SCALE_STD:
                 scale_out[j, i] = std

@@ -4,6 +4,12 @@ Every kernel takes a C-contiguous 2-D array with one row per sample set (a mesh,
 aperture), treats non-finite values as missing, and works on the rows in parallel. Sums
 are accumulated in float64 whatever the input dtype, so float32 input loses nothing.
 Callers go through :mod:`skymap.stats`; nothing here validates its arguments.
+
+The scalar helpers `kth_smallest`, `median_inplace`, `mean_std` and `sextractor_mode` are
+shared with the kernels of :mod:`skymap.local` and :mod:`skymap.mesh`, which import them.
+numba's on-disk cache of those callers is keyed on their own source file only, so after
+editing a shared helper here, clear the ``__pycache__`` of ``skymap`` (or touch the
+callers) before measuring.
 """
 
 from __future__ import annotations
@@ -27,17 +33,20 @@ def _gather(row, buf):
 
 
 @njit(cache=True, nogil=True)
-def _select(a, n, k):
+def kth_smallest(a, n, k):
     """Return the k-th smallest (0-based) of ``a[:n]``, reordering ``a[:n]`` so that
     everything left of ``k`` is <= it and everything right of it is >= it.
 
-    Hoare partitioning around the middle element, narrowed to the side holding ``k``:
-    O(n) on average, and equal values split evenly, so ties cost nothing extra.
+    Hoare's selection in Wirth's form (pivot ``a[k]``), narrowed to the side holding
+    ``k``: O(n) on average, no allocation, and equal values split evenly, so ties cost
+    nothing extra. The returned value does not depend on the pivot; the order it
+    leaves ``a[:n]`` in does, and callers that sum the reordered values afterwards
+    (:mod:`skymap.local`) round the same way only with this pivot.
     """
     lo = 0
     hi = n - 1
     while lo < hi:
-        pivot = a[(lo + hi) // 2]
+        pivot = a[k]
         i = lo
         j = hi
         while i <= j:
@@ -67,7 +76,7 @@ SMALL_SET = 64
 @njit(cache=True, nogil=True)
 def _finish_small(buf, m, r0, r1):
     """Values of ranks r0 and r1 (r1 - r0 in {0, 1}) of ``buf[:m]``, reordering it."""
-    v1 = _select(buf, m, r1)
+    v1 = kth_smallest(buf, m, r1)
     if r0 == r1:
         return v1, v1
     # after the selection everything left of r1 is <= v1: rank r0 = r1 - 1 is their max
@@ -76,6 +85,17 @@ def _finish_small(buf, m, r0, r1):
         if buf[i] > v0:
             v0 = buf[i]
     return v0, v1
+
+
+@njit(cache=True, nogil=True)
+def median_inplace(a, n):
+    """Median of ``a[:n]`` (n > 0; mean of the two middle values when n is even),
+    reordering ``a[:n]`` (see `kth_smallest`); unlike `_median` it needs no scratch."""
+    k = n // 2
+    if n % 2 == 1:
+        return kth_smallest(a, n, k)
+    lower, upper = _finish_small(a, n, k - 1, k)
+    return 0.5 * (upper + lower)
 
 
 @njit(cache=True, nogil=True)
@@ -175,7 +195,7 @@ def _mad(a, n, med, work, lo, hi):
 
 
 @njit(cache=True, nogil=True)
-def _mean_std(a, n):
+def mean_std(a, n):
     """Two-pass mean and population standard deviation of ``a[:n]``."""
     tot = 0.0
     for i in range(n):
@@ -192,6 +212,19 @@ def _std_about(a, n, mean):
         d = a[i] - mean
         ss += d * d
     return np.sqrt(ss / n)
+
+
+@njit(cache=True, nogil=True)
+def sextractor_mode(mean, med, std, median_factor, mean_factor, skew_limit):
+    """SExtractor's mode of a set from its mean, median and std: ``median_factor * med -
+    mean_factor * mean``, except the mean for a constant set (``std == 0``) and the
+    median for one too skewed for that relation (``|mean - med| / std >= skew_limit``),
+    photutils' ``SExtractorBackground`` switches."""
+    if std == 0.0:
+        return mean
+    if abs(mean - med) / std >= skew_limit:
+        return med
+    return median_factor * med - mean_factor * mean
 
 
 @njit(cache=True, nogil=True)
@@ -217,7 +250,7 @@ def _clip_row(row, buf, work, use_median, use_mad, maxiters, sigma_lower, sigma_
             med = _median(buf, n, work[1:], rlo, rhi)
         if not (use_median and use_mad):
             if it == 0:
-                mean, std = _mean_std(buf, n)
+                mean, std = mean_std(buf, n)
             else:
                 mean = tot / n
                 std = _std_about(buf, n, mean)
@@ -301,7 +334,7 @@ def _stats_row(row, buf, work, want_median, want_mad):
     n = _gather(row, buf)
     if n == 0:
         return 0, np.nan, np.nan, np.nan, np.nan
-    mu, sd = _mean_std(buf, n)
+    mu, sd = mean_std(buf, n)
     med = np.nan
     mad = np.nan
     if want_median or want_mad:

@@ -10,6 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
+from skymap import _stats_kernels as K
 from skymap import stats as S
 
 LOCATIONS = [
@@ -419,3 +420,27 @@ def test_truncation_factor_matches_monte_carlo(clip, scale):
     assert measured == pytest.approx(factor, abs=3e-3)
     corrected = S.with_clip_correction(scale, clip)
     assert np.mean(corrected(clip(x))) == pytest.approx(1.0, abs=3e-3)
+
+
+@given(
+    arrays(
+        np.float64,
+        st.integers(1, 150),
+        elements=st.floats(-1e6, 1e6) | st.sampled_from([0.0, 1.0]),
+    ),
+    st.floats(0.0, 1.0, exclude_max=True),
+)
+def test_shared_selection_helpers_match_numpy(values, frac):
+    """The in-place order statistics that skymap.local's kernels import from here."""
+    n = values.size
+    k = int(frac * n)
+    a = values.copy()
+    kth = K.kth_smallest(a, n, k)
+    assert kth == np.partition(values, k)[k]
+    # a permutation of the input, partitioned around position k
+    assert np.array_equal(np.sort(a), np.sort(values))
+    assert np.all(a[:k] <= kth) and np.all(a[k:] >= kth)
+    b = values.copy()
+    assert K.median_inplace(b, n) == np.median(values)
+    mean, std = K.mean_std(values.copy(), n)
+    np.testing.assert_allclose([mean, std], [values.mean(), values.std()], rtol=1e-9, atol=1e-6)
