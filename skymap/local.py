@@ -278,7 +278,7 @@ def _resolve_method(statistic: Any, sigma_clip: Any) -> _Method:
             a, b, skew, code = est.median_factor, est.mean_factor, np.inf, _k.STAT_PEARSON
         else:
             a, skew, code = est.median_factor, est.skew_limit, _k.STAT_SEXTRACTOR
-            b = a - 1.0 if est.mean_factor is None else est.mean_factor
+            b = est.mean_weight
         factors = np.array([a, b, skew], dtype=np.float64)
         efficiency = _pearson_efficiency(a, b)
     return _Method(

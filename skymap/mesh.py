@@ -44,7 +44,7 @@ log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, kw_only=True)
-class SExtractorHistogram:
+class SExtractorHistogram(_stats._SExtractorParameters):
     """SExtractor's joint background and RMS estimate of a mesh.
 
     Unlike a clip-then-estimate pair, SExtractor clips on a histogram: the mean and
@@ -82,23 +82,6 @@ class SExtractorHistogram:
     ...                rms_estimator=None).estimator
     SExtractorHistogram(median_factor=2.5, mean_factor=None, skew_limit=0.3)
     """
-
-    median_factor: float = 2.5
-    mean_factor: float | None = None
-    skew_limit: float = 0.3
-
-    def __post_init__(self):
-        # same parameters, same rules as the sample estimator: let it validate them
-        _stats.SExtractorMode(
-            median_factor=self.median_factor,
-            mean_factor=self.mean_factor,
-            skew_limit=self.skew_limit,
-        )
-
-    @property
-    def mean_weight(self) -> float:
-        """The weight of the mean actually used."""
-        return self.median_factor - 1.0 if self.mean_factor is None else float(self.mean_factor)
 
 
 def _default_clip():
@@ -521,8 +504,7 @@ def _kernel_plan(clip, est, rms):
     elif t is _stats.Median:
         loc = (_k.LOC_MEDIAN, 0.0, 0.0, 0.0)
     elif t is _stats.SExtractorMode:
-        mf = est.median_factor - 1.0 if est.mean_factor is None else est.mean_factor
-        loc = (_k.LOC_SEXTRACTOR, float(est.median_factor), float(mf), float(est.skew_limit))
+        loc = (_k.LOC_SEXTRACTOR, float(est.median_factor), est.mean_weight, float(est.skew_limit))
     elif t is _stats.ModeEstimator:
         loc = (_k.LOC_PEARSON, float(est.median_factor), float(est.mean_factor), 0.0)
     elif t is _stats.MMM:

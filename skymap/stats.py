@@ -524,7 +524,32 @@ class MMM:
 
 
 @dataclass(frozen=True, kw_only=True)
-class SExtractorMode:
+class _SExtractorParameters:
+    """The parameters of SExtractor's mode and their rules, shared by
+    :class:`SExtractorMode` (on samples) and :class:`skymap.mesh.SExtractorHistogram`
+    (on a mesh's clipped histogram)."""
+
+    median_factor: float = 2.5
+    mean_factor: float | None = None
+    skew_limit: float = 0.3
+
+    def __post_init__(self):
+        if not np.isfinite(self.median_factor):
+            raise ValueError(f"median_factor must be a finite number, got {self.median_factor!r}")
+        if self.mean_factor is not None and not np.isfinite(self.mean_factor):
+            raise ValueError(
+                f"mean_factor must be None or a finite number, got {self.mean_factor!r}"
+            )
+        check_positive("skew_limit", self.skew_limit)
+
+    @property
+    def mean_weight(self) -> float:
+        """The weight of the mean actually used (``median_factor - 1`` for None)."""
+        return self.median_factor - 1.0 if self.mean_factor is None else float(self.mean_factor)
+
+
+@dataclass(frozen=True, kw_only=True)
+class SExtractorMode(_SExtractorParameters):
     """SExtractor's background mode estimate of each set.
 
     ``median_factor * median - mean_factor * mean`` (2.5 and 1.5 by default), except:
@@ -548,22 +573,9 @@ class SExtractorMode:
     array([2.45, 0.  ])
     """
 
-    median_factor: float = 2.5
-    mean_factor: float | None = None
-    skew_limit: float = 0.3
-
-    def __post_init__(self):
-        if not np.isfinite(self.median_factor):
-            raise ValueError(f"median_factor must be a finite number, got {self.median_factor!r}")
-        if self.mean_factor is not None and not np.isfinite(self.mean_factor):
-            raise ValueError(
-                f"mean_factor must be None or a finite number, got {self.mean_factor!r}"
-            )
-        check_positive("skew_limit", self.skew_limit)
-
     def __call__(self, samples: np.ndarray, axis: int = -1) -> np.ndarray:
         _, mean, std, med, _ = _row_stats(samples, axis, median=True)
-        mf = self.median_factor - 1.0 if self.mean_factor is None else self.mean_factor
+        mf = self.mean_weight
         with np.errstate(divide="ignore", invalid="ignore"):
             skewed = np.abs(mean - med) / std >= self.skew_limit
         mode = self.median_factor * med - mf * mean

@@ -336,6 +336,13 @@ def test_errors_name_the_parameter(rng):
         MeshBackground(hole_fill="spline")
     with pytest.raises(ValueError, match="estimator"):
         MeshBackground(estimator="mode-of-modes")
+    for cls in (SExtractorHistogram, stats.SExtractorMode):  # one validator for both
+        for field, bad in (("median_factor", np.inf), ("mean_factor", np.nan), ("skew_limit", 0)):
+            with pytest.raises(ValueError, match=field):
+                cls(**{field: bad})
+        assert cls(median_factor=3.5).mean_weight == 2.5
+        assert cls(mean_factor=1).mean_weight == 1.0
+    assert SExtractorHistogram() != stats.SExtractorMode()
     with pytest.raises(ValueError, match="sigma_clip"):
         MeshBackground(estimator=SExtractorHistogram())
     with pytest.raises(ValueError, match="rms_estimator"):
