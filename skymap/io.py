@@ -285,18 +285,23 @@ def dq_to_mask(dq: np.ndarray, bits: Any = None) -> np.ndarray:
     >>> dq_to_mask(np.array([[0, 1], [4, 5]]), bits="4").tolist()
     [[False, False], [True, True]]
     """
+    # imported here: masking pulls in scipy.ndimage and numba, which the command line
+    # loads only when it runs a pipeline
+    from skymap.masking import FlagMasker
+
     dq = np.asarray(dq)
     if dq.dtype.kind == "f":
         # Some pipelines store flags as floats; only exact integers are meaningful.
         if not np.all(np.isfinite(dq) & (dq == np.round(dq))):
             raise ValueError("dq must hold integer flag values")
         dq = dq.astype(np.int64)
-    elif dq.dtype.kind not in "biu":
+    elif dq.dtype.kind == "b":
+        # flag values 0 and 1 (FlagMasker would take booleans for a finished mask)
+        dq = dq.view(np.uint8)
+    elif dq.dtype.kind not in "iu":
         raise TypeError(f"dq must hold integer flags, got dtype {dq.dtype}")
-    bitmask = parse_dq_bits(bits)
-    if bitmask is None:
-        return dq != 0
-    return (dq.astype(np.int64, copy=False) & bitmask) != 0
+    # None (any flag) is FlagMasker's bitmask 0
+    return FlagMasker(bitmask=parse_dq_bits(bits) or 0).to_mask(dq)
 
 
 def read_image(

@@ -239,6 +239,20 @@ def test_dq_to_mask_matches_per_pixel_bit_test(dq, bits):
     expected = np.array([[(int(v) & bits) != 0 for v in row] for row in dq])
     np.testing.assert_array_equal(io.dq_to_mask(dq.astype(">i4"), bits), expected)
     np.testing.assert_array_equal(io.dq_to_mask(dq), dq != 0)
+    # exact-integer float flags, as some pipelines store them
+    np.testing.assert_array_equal(io.dq_to_mask(dq.astype(np.float64), bits), expected)
+
+
+def test_dq_to_mask_edge_dtypes():
+    flags = np.array([[True, False]])
+    np.testing.assert_array_equal(io.dq_to_mask(flags, 2), [[False, False]])
+    np.testing.assert_array_equal(io.dq_to_mask(flags), [[True, False]])
+    high = np.array([[1 << 63, 1]], dtype=np.uint64)  # the top bit of a 64-bit flag
+    np.testing.assert_array_equal(io.dq_to_mask(high, "bit63"), [[True, False]])
+    with pytest.raises(ValueError, match="integer flag values"):
+        io.dq_to_mask(np.array([[0.5]]))
+    with pytest.raises(TypeError, match="dq"):
+        io.dq_to_mask(np.array([["a"]]))
 
 
 # ---------------------------------------------------------------- writing
