@@ -69,20 +69,21 @@ def block_sum(a, b):  # pragma: no cover - compiled
 
 
 @njit(cache=True, nogil=True, parallel=True)
-def dog_snr(num, cnt, var, g, g2, local, bw, noise2):  # pragma: no cover - compiled
+def dog_snr(num, cnt, var, g, g2, local, bw, noise2, want_grow):  # pragma: no cover
     """Signal-to-noise maps of a normalised Gaussian smoothing, in one fused pass.
 
     With G the separable kernel ``g`` (and G2 that of ``g2 = g**2``):
     ``grow = G*num / sqrt(nv)`` and ``snr = (G*num - G*cnt * local) / sqrt(nv)``, where
     ``nv = G2*var``, or ``noise2 * G2*cnt`` when ``var`` has shape (1, 1) (a constant
     noise). ``local`` is sampled at ``[y // bw, x // bw]``. Zero where nv is 0. The
-    x pass is buffered in strips of rows, so the temporaries stay small.
+    x pass is buffered in strips of rows, so the temporaries stay small. Without
+    ``want_grow`` the second map is a (1, 1) placeholder.
     """
     ny, nx = num.shape
     r = g.size // 2
     use_var = var.shape[0] == ny and var.shape[1] == nx
     snr = np.zeros((ny, nx), np.float32)
-    grow = np.zeros((ny, nx), np.float32)
+    grow = np.zeros((ny, nx) if want_grow else (1, 1), np.float32)
     strip = 128
     tn = np.empty((strip + 2 * r, nx), np.float32)
     tc = np.empty((strip + 2 * r, nx), np.float32)
@@ -122,7 +123,8 @@ def dog_snr(num, cnt, var, g, g2, local, bw, noise2):  # pragma: no cover - comp
                 v = av[x] if use_var else av[x] * noise2
                 if v > 0:
                     sd = np.sqrt(v)
-                    grow[y, x] = an[x] / sd
+                    if want_grow:
+                        grow[y, x] = an[x] / sd
                     snr[y, x] = (an[x] - ac[x] * local[ly, x // bw]) / sd
     return snr, grow
 

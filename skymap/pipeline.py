@@ -266,7 +266,10 @@ class HysteresisMasker:
             local, bw = np.zeros((1, 1), np.float32), max(num.shape)
         # snr of the normalised convolution: the weight sum cancels between the
         # smoothed value and its noise.
-        snr, plain = _k.dog_snr(num, cnt, var, g, g * g, local, bw, float(noise2.ravel()[0]))
+        snr, plain = _k.dog_snr(
+            num, cnt, var, g, g * g, local, bw, float(noise2.ravel()[0]), self.grow_plain
+        )
+        del num, cnt, var
         grow = plain if self.grow_plain else snr
         det = _hysteresis(snr, self.low, self.high, grow)
         radius = (self.dilate + self.dilate_per_scale * s) / b

@@ -203,9 +203,10 @@ def smooth_grid(
 
 
 def _gcv_search(system: _System, y, smoothing_range, start, step, inflation, scores):
-    """Minimise GCV over log10(lam): walk downhill from ``start`` by ``step`` decades,
-    then refine by halving the step down to an eighth of a decade; each solve
-    warm-starts from its neighbour."""
+    """Minimise GCV over log10(lam): with ``step >= 1`` scan the range by decades from
+    the stiff end, otherwise walk downhill from ``start`` by ``step``; then refine by
+    halving the step down to an eighth of a decade. Each solve warm-starts from its
+    neighbour."""
     lo, hi = (np.log10(float(v)) for v in smoothing_range)
     solutions: dict[float, np.ndarray] = {}
 
@@ -219,14 +220,30 @@ def _gcv_search(system: _System, y, smoothing_range, start, step, inflation, sco
             scores[lam] = system.gcv(y, z, lam, inflation)
         return scores[lam], loglam
 
-    centre = float(np.clip(np.log10(start), lo, hi))
-    best, centre = score(centre)
-    for direction in (step, -step):
+    if step >= 1.0:
+        # Cold start: scan every decade from smooth to rough. GCV is flat over the
+        # over-smoothed plateau, so a downhill walk from a too-stiff start can stall
+        # there; the scan stops once GCV has clearly risen two decades past the best.
+        centre, best = None, np.inf
+        v = hi
         while True:
-            s, v = score(centre + direction)
-            if s >= best or v == centre:
+            s, v = score(v)
+            if s < best:
+                best, centre = s, v
+            elif v <= centre - 2.0 and s > 1.05 * best:
                 break
-            best, centre = s, v
+            if v <= lo:
+                break
+            v -= step
+    else:
+        centre = float(np.clip(np.log10(start), lo, hi))
+        best, centre = score(centre)
+        for direction in (step, -step):
+            while True:
+                s, v = score(centre + direction)
+                if s >= best or v == centre:
+                    break
+                best, centre = s, v
     fine = step / 2.0
     while fine >= 0.125 - 1e-12:
         for v in (centre - fine, centre + fine):
@@ -403,7 +420,11 @@ class ThinPlateSmoother:
         if bad.all():
             raise ValueError("image has no valid pixel: everything is masked or non-finite")
         cells = self.cells_for(img.shape)
-        ref = float(np.median(img[~bad][:: max(1, int((~bad).sum() // 100_000))]))
+        # A reference level for numerical accuracy only: a subsample's median will do,
+        # and never copies the whole image.
+        step = max(1, int(np.sqrt(img.size / 250_000)))
+        sub, subbad = img[::step, ::step], bad[::step, ::step]
+        ref = float(np.median(sub[~subbad])) if not subbad.all() else float(img[~bad][0])
         while True:
             fitted = self._fit_grid(img, bad, cells, ref, smoothing_start)
             # Automatic cells: when GCV wants a smoothing below the cell size, the grid
@@ -444,8 +465,10 @@ class ThinPlateSmoother:
         if not np.any(weights > 0):
             raise ValueError("no cell has enough unmasked pixels; lower min_pixels")
         start = (max(img.shape) / 16.0) ** 4 if smoothing_start is None else smoothing_start
-        # Below about a cell the grid cannot represent the fit.
+        # Below about a cell the grid cannot represent the fit; beyond a few image
+        # sizes every fit is the same plane.
         lo = max(lo, float(max(cy, cx)) ** 4)
+        hi = max(lo, min(hi, (4.0 * max(img.shape)) ** 4))
         start = min(max(start, lo), hi)
         grid = {"spacing": (cy, cx), "offsets": (dy, dx)}
         z, lam, scores = smooth_grid(

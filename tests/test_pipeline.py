@@ -110,6 +110,26 @@ def test_smoother_recovers_smooth_sky_under_mask(rng):
     assert res.scale > 4
 
 
+def test_smoother_refines_cells_for_fine_structure(rng):
+    # Structure on ~6 px scales: GCV wants less smoothing than the automatic 8-px cells
+    # allow, so the cells are halved until it does not.
+    yy, xx = np.mgrid[:512, :512]
+    sky = 5.0 * np.sin(xx / 4.0) * np.cos(yy / 5.0)
+    img = sky + rng.normal(0, 0.5, sky.shape)
+    res = ThinPlateSmoother().fit(img)
+    assert res.cell_size[0] < ThinPlateSmoother().cells_for(img.shape)[0]
+    assert np.sqrt(np.mean((res.background - sky) ** 2)) < 0.5
+    fixed = ThinPlateSmoother(cell_size=8).fit(img)
+    assert fixed.cell_size == (8, 8)
+
+
+def test_protect_scale_stiffens_until_white(rng):
+    img = rng.normal(0, 1.0, (256, 256))
+    free = ThinPlateSmoother(cell_size=4, gcv_inflation=0.2).fit(img)
+    protected = ThinPlateSmoother(cell_size=4, gcv_inflation=0.2, protect_scale=16).fit(img)
+    assert protected.smoothing >= free.smoothing
+
+
 def test_smoother_validation():
     with pytest.raises(ValueError, match="smoothing_range"):
         ThinPlateSmoother(smoothing_range=(10.0, 1.0))
@@ -206,6 +226,10 @@ def test_bad_input_raises_clear_errors():
         P.IterativeBackground(first_guess=ThinPlateSmoother(), stages=(stage,), max_iter=0)
     with pytest.raises(ValueError, match="first_guess"):
         P.IterativeBackground(first_guess=3, stages=(stage,))
+    with pytest.raises(ValueError, match="final"):
+        P.IterativeBackground(first_guess=ThinPlateSmoother(), stages=(stage,), final=3)
+    with pytest.raises(ValueError, match="max_iter"):
+        P.Stage(masker=P.HysteresisMasker(), estimator=ThinPlateSmoother(), max_iter=0)
 
 
 def test_nan_masked_inputs_untouched_float32_kept(rng):
