@@ -341,7 +341,9 @@ class ThinPlateSmoother:
     cell_size : int, pair of int, or None
         Side (y, x) in pixels of the cells the image is reduced to before smoothing.
         None picks about one cell per 128th of the longer image side, at least 2 and at
-        most 32 pixels. Cells should be several times smaller than the smoothing length.
+        most 32 pixels, and halves the cells while GCV asks for a smoothing below the
+        cell size (down to 2 pixels, or 512 cells along the longer side). Cells should
+        be several times smaller than the smoothing length.
     smoothing : float or None
         Penalty weight in pixel^4 (``smoothing ** 0.25`` is roughly the smoothing
         length in pixels). None chooses it by GCV.
@@ -425,13 +427,15 @@ class ThinPlateSmoother:
         step = max(1, int(np.sqrt(img.size / 250_000)))
         sub, subbad = img[::step, ::step], bad[::step, ::step]
         ref = float(np.median(sub[~subbad])) if not subbad.all() else float(img[~bad][0])
+        # Automatic cells: when GCV wants a smoothing below the cell size, the grid is
+        # too coarse for this sky; halve the cells and refit, down to 2 px or a grid of
+        # 512 cells a side (the solver's cost grows with the grid).
+        finest = max(2, int(np.ceil(max(img.shape) / 512)))
         while True:
             fitted = self._fit_grid(img, bad, cells, ref, smoothing_start)
-            # Automatic cells: when GCV wants a smoothing below the cell size, the grid
-            # is too coarse for this sky; halve the cells (down to 2 px) and refit.
-            if self.cell_size is not None or not fitted[-1] or min(cells) <= 2:
+            if self.cell_size is not None or not fitted[-1] or min(cells) // 2 < finest:
                 break
-            cells = (max(2, cells[0] // 2), max(2, cells[1] // 2))
+            cells = (max(finest, cells[0] // 2), max(finest, cells[1] // 2))
             smoothing_start = fitted[1]
         z, lam, scores, n, mean, var, _ = fitted
         cy, cx = cells
