@@ -69,7 +69,7 @@ def block_sum(a, b):  # pragma: no cover - compiled
 
 
 @njit(cache=True, nogil=True, parallel=True)
-def dog_snr(num, cnt, var, g, g2, local, bw, noise2, want_grow):  # pragma: no cover
+def dog_snr(num, cnt, var, g, g2, local, bw, noise2, want_grow, excluded):  # pragma: no cover
     """Signal-to-noise maps of a normalised Gaussian smoothing, in one fused pass.
 
     With G the separable kernel ``g`` (and G2 that of ``g2 = g**2``):
@@ -77,9 +77,12 @@ def dog_snr(num, cnt, var, g, g2, local, bw, noise2, want_grow):  # pragma: no c
     ``nv = G2*var``, or ``noise2 * G2*cnt`` when ``var`` has shape (1, 1) (a constant
     noise). ``local`` is sampled at ``[y // bw, x // bw]``. Zero where nv is 0. The
     x pass is buffered in strips of rows, so the temporaries stay small. Without
-    ``want_grow`` the second map is a (1, 1) placeholder.
+    ``want_grow`` the second map is a (1, 1) placeholder. When ``excluded`` has the
+    shape of ``num`` (unbinned data), ``num`` is the raw residual and ``cnt`` is unused:
+    excluded pixels count as value 0 and weight 0, which saves two full-size arrays.
     """
     ny, nx = num.shape
+    direct = excluded.shape[0] == ny and excluded.shape[1] == nx
     r = g.size // 2
     use_var = var.shape[0] == ny and var.shape[1] == nx
     snr = np.zeros((ny, nx), np.float32)
@@ -99,10 +102,18 @@ def dog_snr(num, cnt, var, g, g2, local, bw, noise2, want_grow):  # pragma: no c
                 sc = 0.0
                 sv = 0.0
                 for j in range(max(0, x - r), min(nx - 1, x + r) + 1):
+                    if direct:
+                        if excluded[y, j]:
+                            continue
+                        value = num[y, j]
+                        count = 1.0
+                    else:
+                        value = num[y, j]
+                        count = cnt[y, j]
                     w = g[j - x + r]
-                    sn += w * num[y, j]
-                    sc += w * cnt[y, j]
-                    sv += g2[j - x + r] * (var[y, j] if use_var else cnt[y, j])
+                    sn += w * value
+                    sc += w * count
+                    sv += g2[j - x + r] * (var[y, j] if use_var else count)
                 tn[k, x] = sn
                 tc[k, x] = sc
                 tv[k, x] = sv

@@ -132,14 +132,21 @@ def _separable(a: np.ndarray, kernel: np.ndarray) -> np.ndarray:
 
 def _hysteresis(snr: np.ndarray, low: float, high: float, grow=None) -> np.ndarray:
     """Connected regions (8-connected) of ``grow`` (default ``snr``) above ``low`` that
-    hold a pixel of ``snr`` above ``high``."""
+    hold a pixel of ``snr`` above ``high``. A float32 ``snr`` is overwritten (its memory
+    holds the labels)."""
     grow = snr if grow is None else grow
-    above = (grow > low) | (snr > high)
-    labels, n = ndi.label(above, structure=np.ones((3, 3), bool))
+    seeds = snr > high
+    above = (grow > low) | seeds
+    # The labels take the memory of the signal-to-noise map, no longer needed.
+    labels = snr.view(np.int32) if snr.dtype == np.float32 else None
+    if labels is None:
+        labels, n = ndi.label(above, structure=np.ones((3, 3), bool))
+    else:
+        n = ndi.label(above, structure=np.ones((3, 3), bool), output=labels)
     if n == 0:
         return above
     keep = np.zeros(n + 1, bool)
-    keep[np.unique(labels[snr > high])] = True
+    keep[np.unique(labels[seeds])] = True
     keep[0] = False
     return keep[labels]
 
@@ -246,9 +253,18 @@ class HysteresisMasker:
         ny, nx = res.shape
         # Bin by the largest power of two <= s: the kernel keeps a sigma of 1-2 bins.
         b = _pow2_at_most(s, ny, nx)
-        num, cnt, var = _k.masked_block_sums(
-            res, excluded, b, noise2.reshape(noise2.shape or (1, 1))
-        )
+        noise_map = noise2.reshape(noise2.shape or (1, 1))
+        if b == 1:
+            # Unbinned: the fused pass reads the residual and the mask directly, and
+            # only the wide surround needs the masked sums (computed binned below).
+            num, cnt = res, None
+            var = (
+                np.where(excluded, 0, noise_map).astype(np.float32)
+                if noise2.ndim
+                else (np.zeros((1, 1), np.float32))
+            )
+        else:
+            num, cnt, var = _k.masked_block_sums(res, excluded, b, noise_map)
         g = _gaussian_kernel(s / b)
         if self.surround:
             # Subtract the masked local mean over a Gaussian `surround` times wider (a
@@ -257,17 +273,33 @@ class HysteresisMasker:
             # smooth, so it is computed on a coarser grid.
             wide = self.surround * s
             bw = _pow2_at_most(wide / (2.0 * b), *num.shape)
-            numw, cntw = _block_sum(num, bw), _block_sum(cnt, bw)
+            if cnt is None:
+                numw, cntw, _ = _k.masked_block_sums(
+                    res, excluded, bw, np.zeros((1, 1), np.float32)
+                )
+            else:
+                numw, cntw = _block_sum(num, bw), _block_sum(cnt, bw)
             k = _gaussian_kernel(wide / (b * bw))
             with np.errstate(invalid="ignore", divide="ignore"):
                 local = _separable(numw, k) / _separable(cntw, k)
+            del numw, cntw
             local[~np.isfinite(local)] = 0
         else:
             local, bw = np.zeros((1, 1), np.float32), max(num.shape)
         # snr of the normalised convolution: the weight sum cancels between the
         # smoothed value and its noise.
+        direct = excluded if cnt is None else np.zeros((1, 1), bool)
         snr, plain = _k.dog_snr(
-            num, cnt, var, g, g * g, local, bw, float(noise2.ravel()[0]), self.grow_plain
+            num,
+            num if cnt is None else cnt,
+            var,
+            g,
+            g * g,
+            local,
+            bw,
+            float(noise2.ravel()[0]),
+            self.grow_plain,
+            direct,
         )
         del num, cnt, var
         grow = plain if self.grow_plain else snr
@@ -414,12 +446,14 @@ class BackgroundResult:
 
     Attributes
     ----------
-    background, rms : ndarray (ny, nx)
-        Final background and its RMS (pixel noise), in the input's float dtype.
+    background : ndarray (ny, nx)
+        Final background, in the input's float dtype.
+    rms : ndarray (ny, nx)
+        Its RMS (pixel noise), interpolated on first access (a property).
     mask : ndarray of bool
         Everything the final fit excluded: ``bad_mask | source_mask``.
     source_mask : ndarray of bool
-        The final detections.
+        The final detections (a property).
     bad_mask : ndarray of bool
         The given mask OR non-finite pixels.
     history : tuple of IterationRecord
@@ -427,20 +461,28 @@ class BackgroundResult:
     config : IterativeBackground
         The configuration that made this result.
     noise : float
-        Median of the final RMS map.
+        Median of the final RMS.
     converged : bool
         Whether the last stage met its tolerances before ``max_iter``.
     """
 
     background: np.ndarray
-    rms: np.ndarray
     mask: np.ndarray
-    source_mask: np.ndarray
     bad_mask: np.ndarray
     history: tuple
     config: IterativeBackground
     noise: float
     converged: bool
+
+    @cached_property
+    def rms(self) -> np.ndarray:
+        """Background RMS map (input dtype), interpolated on first access."""
+        return np.asarray(self.history[-1].model.rms, dtype=self.background.dtype)
+
+    @cached_property
+    def source_mask(self) -> np.ndarray:
+        """The final detections: ``mask & ~bad_mask``."""
+        return self.mask & ~self.bad_mask
 
     @property
     def model(self) -> Any:
@@ -574,13 +616,18 @@ class IterativeBackground:
             converged = False
             cap = self.max_iter if stage.max_iter is None else stage.max_iter
             for it in range(int(cap)):
+                # Only the residual is kept through the masking (memory); the previous
+                # background is rebuilt from its model for the change.
                 resid = np.subtract(img, bkg, dtype=img.dtype)
+                del bkg
                 detections = np.asarray(stage.masker(resid, rms, bad), dtype=bool)
                 del resid
                 new = bad | detections
+                previous = model
                 model = _fit_estimator(stage.estimator, img, new, _scale_of(history[-1]))
                 new_bkg, new_rms = _background_of(model), _working_rms(model)
-                change = _change(new_bkg, bkg, new_rms, bad)
+                change = _change(new_bkg, _background_of(previous), new_rms, bad)
+                del previous
                 mask_change = float(np.count_nonzero(new ^ current)) / new.size
                 history.append(_record(k, it, model, new, change, mask_change, img.shape))
                 log.debug(
@@ -601,16 +648,14 @@ class IterativeBackground:
             change = _change(new_bkg, bkg, new_rms, bad)
             history.append(_record(len(self.stages), 0, model, current, change, 0.0, img.shape))
             bkg = new_bkg
-        rms = np.asarray(model.rms, dtype=img.dtype)
+        noise = rms if np.ndim(rms) == 0 else float(np.median(np.asarray(rms)[~bad]))
         return BackgroundResult(
             background=bkg,
-            rms=rms,
             mask=current,
-            source_mask=current & ~bad,
             bad_mask=bad,
             history=tuple(history),
             config=self,
-            noise=float(np.median(rms[~bad])),
+            noise=float(noise),
             converged=converged,
         )
 
