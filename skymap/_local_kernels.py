@@ -22,7 +22,13 @@ import math
 import numpy as np
 from numba import njit, prange
 
-from skymap._stats_kernels import MAD_TO_STD, mean_std, median_inplace, sextractor_mode
+from skymap._stats_kernels import (
+    MAD_TO_STD,
+    gather_finite,
+    mean_std,
+    median_inplace,
+    sextractor_mode,
+)
 
 # location statistics; the Pearson forms read (median_factor, mean_factor, skew_limit)
 STAT_MEAN = 0
@@ -217,11 +223,7 @@ def rows_location(stack, stat, factors, background, std, n_used):
     """Location, spread and count of the finite values of each row of ``stack``."""
     for i in prange(stack.shape[0]):
         buf = np.empty(stack.shape[1], dtype=np.float64)
-        n = 0
-        for v in stack[i]:
-            if np.isfinite(v):
-                buf[n] = v
-                n += 1
+        n = gather_finite(stack[i], buf)
         n_used[i] = n
         if n == 0:
             background[i] = np.nan

@@ -5,11 +5,11 @@ aperture), treats non-finite values as missing, and works on the rows in paralle
 are accumulated in float64 whatever the input dtype, so float32 input loses nothing.
 Callers go through :mod:`skymap.stats`; nothing here validates its arguments.
 
-The scalar helpers `kth_smallest`, `median_inplace`, `mean_std` and `sextractor_mode` are
-shared with the kernels of :mod:`skymap.local` and :mod:`skymap.mesh`, which import them.
-numba's on-disk cache of those callers is keyed on their own source file only, so after
-editing a shared helper here, clear the ``__pycache__`` of ``skymap`` (or touch the
-callers) before measuring.
+The scalar helpers `gather_finite`, `kth_smallest`, `median_inplace`, `mean_std` and
+`sextractor_mode` are shared with the kernels of :mod:`skymap.local` and
+:mod:`skymap.mesh`, which import them. numba's on-disk cache of those callers is keyed
+on their own source file only, so after editing a shared helper here, clear the
+``__pycache__`` of ``skymap`` (or touch the callers) before testing or measuring.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ MAD_TO_STD = 1.482602218505602
 
 
 @njit(cache=True, nogil=True)
-def _gather(row, buf):
+def gather_finite(row, buf):
     """Copy the finite values of ``row`` into ``buf``; return how many."""
     n = 0
     for v in row:
@@ -230,7 +230,7 @@ def sextractor_mode(mean, med, std, median_factor, mean_factor, skew_limit):
 @njit(cache=True, nogil=True)
 def _clip_row(row, buf, work, use_median, use_mad, maxiters, sigma_lower, sigma_upper, out):
     """Clip one row (see `sigma_clip_rows`); return its final (lower, upper) bounds."""
-    n = _gather(row, buf)
+    n = gather_finite(row, buf)
     if n == 0:
         out[:] = np.nan
         return np.nan, np.nan
@@ -331,7 +331,7 @@ PARALLEL_MIN_SIZE = 1 << 16
 @njit(cache=True, nogil=True)
 def _stats_row(row, buf, work, want_median, want_mad):
     """(count, mean, std, median, mad) of the finite values of one row."""
-    n = _gather(row, buf)
+    n = gather_finite(row, buf)
     if n == 0:
         return 0, np.nan, np.nan, np.nan, np.nan
     mu, sd = mean_std(buf, n)
@@ -379,7 +379,7 @@ def row_stats(data, want_median, want_mad, count, mean, std, median, mad):
 def _biweight_row(row, buf, work, c, scale, modify_sample_size):
     """Biweight location (``scale=False``) or scale of the finite values of one row,
     about the row's median, as astropy defines them."""
-    n = _gather(row, buf)
+    n = gather_finite(row, buf)
     if n == 0:
         return np.nan
     med = _median(buf, n, work[1:], np.nan, np.nan)
