@@ -290,3 +290,10 @@ def test_offset_scale_transpose_invariance(seed, offset, scale):
     transposed = P.fit(img.T)
     np.testing.assert_allclose(transposed.background, base.background.T, atol=tol)
     np.testing.assert_array_equal(transposed.source_mask, base.source_mask.T)
+
+
+def test_default_pipeline_round_trips_through_toml():
+    from skymap import config
+
+    pipe = P.default_pipeline(np.zeros((64, 64)))
+    assert config.loads_toml(config.dumps_toml(pipe)) == pipe
