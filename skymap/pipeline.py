@@ -1,19 +1,21 @@
 """The iterative multi-scale background pipeline and :func:`fit`, its automatic default.
 
-An :class:`IterativeBackground` starts from a first guess (a heavily smoothed thin-plate
-fit, a coarse mesh or a ring median), then runs its :class:`Stage` s in order. Each
-stage masks sources in ``image - background`` with its masker and refits the background
-with its estimator on the unmasked pixels, and repeats until neither the mask nor the
-background moves (tolerances in units of the background RMS) or ``max_iter`` is hit.
-Across stages the smoothing length shrinks and the masks go deeper, so that bright
-extended sources are masked while the background is still too stiff to follow them.
+An :class:`IterativeBackground` starts from a first guess (a thin-plate smooth of the
+whole image, a coarse mesh or a ring median), then runs its :class:`Stage` s in order.
+Each stage masks sources in ``image - background`` with its masker and refits the
+background with its estimator on the unmasked pixels, and repeats until neither the
+mask nor the background moves (tolerances in units of the background RMS) or its
+iteration cap is hit; the masks go deeper from stage to stage. An optional final
+estimator refits once with the converged mask.
 
 Every iteration is kept in :attr:`BackgroundResult.history` as an
 :class:`IterationRecord` (background, rms, mask, mask fraction, change); the maps are
 rebuilt on access from compact forms, so a long history costs little memory.
 
-:func:`fit` builds the default pipeline from the data (noise level, image size) with
-:func:`default_pipeline` and runs it.
+:func:`fit` runs :func:`default_pipeline`: thin-plate smoothing of masked cell means
+(:mod:`skymap.smooth`) whose smoothing length GCV chooses at every refit, and
+:class:`HysteresisMasker` s whose thresholds are in units of the measured noise after
+smoothing, so nothing in it is a pixel number tuned to one scene.
 """
 
 from __future__ import annotations
@@ -43,7 +45,6 @@ __all__ = [
     "Stage",
     "default_pipeline",
     "fit",
-    "noise_sigma",
 ]
 
 log = logging.getLogger(__name__)
@@ -58,37 +59,6 @@ class BackgroundEstimator(Protocol):
     :class:`~skymap.mesh.MeshBackground`, :class:`RingMedianGuess`, ..."""
 
     def fit(self, image: Any, mask: Any = None) -> Any: ...
-
-
-# --------------------------------------------------------------------------- noise
-
-
-def noise_sigma(image, mask=None) -> float:
-    """Pixel-to-pixel noise sigma from the MAD of horizontal neighbour differences.
-
-    Differences cancel any background smoother than a pixel, and the MAD ignores the
-    sources that touch a small share of the pairs.
-
-    Examples
-    --------
-    >>> rng = np.random.default_rng(0)
-    >>> img = 100 + np.arange(300)[None, :] * 0.5 + rng.normal(0, 2.0, (300, 300))
-    >>> round(noise_sigma(img), 1)
-    2.0
-    """
-    img = as_image(image)
-    bad = combine_masks(img, as_mask(mask, img.shape))
-    sigmas = []
-    for axis in (1, 0):
-        d = np.diff(img, axis=axis)
-        ok = ~(bad[:, 1:] | bad[:, :-1]) if axis == 1 else ~(bad[1:] | bad[:-1])
-        d = d[ok]
-        if d.size:
-            d = d[:: max(1, d.size // 2_000_000)].astype(np.float64)
-            sigmas.append(_MAD_TO_STD * np.median(np.abs(d - np.median(d))) / math.sqrt(2.0))
-    if not sigmas:
-        raise ValueError("image has no two adjacent valid pixels to measure the noise")
-    return float(min(sigmas))
 
 
 # --------------------------------------------------------------------------- masker
