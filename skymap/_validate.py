@@ -62,7 +62,9 @@ def as_mask(mask: Any, shape: tuple[int, ...], name: str = "mask") -> np.ndarray
         raise ValueError(f"{name} must have the image's shape {tuple(shape)}, got {m.shape}")
     if m.dtype != bool:
         if m.dtype.kind not in "biu":
-            raise TypeError(f"{name} must be boolean or integer (nonzero = excluded), got {m.dtype}")
+            raise TypeError(
+                f"{name} must be boolean or integer (nonzero = excluded), got {m.dtype}"
+            )
         m = m != 0
     return m
 
