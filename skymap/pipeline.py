@@ -29,6 +29,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 import scipy.ndimage as ndi
+from scipy.special import ndtri
 
 from . import _pipeline_kernels as _k
 from ._validate import as_image, as_mask, check_positive, combine_masks
@@ -100,6 +101,34 @@ def _separable(a: np.ndarray, kernel: np.ndarray) -> np.ndarray:
     return _k.gaussian_separable(a, kernel)
 
 
+def _noise_excess(snr: np.ndarray, excluded: np.ndarray, lag: int, white: float) -> float:
+    """Scatter of a signal-to-noise map relative to ``white``, the scatter it has for
+    white noise of the stated rms, from differences of unexcluded pixels ``lag`` apart
+    along each axis (far enough apart to be independent): the differences cancel any
+    smooth offset or wing the background has not followed yet, and their MAD ignores
+    the sources that touch a minority of the pairs. 1.0 when too few pairs are left."""
+    ny, nx = snr.shape
+    step = max(1, (ny * nx) // 1_000_000)
+    parts = []
+    for axis, n in ((1, nx), (0, ny)):
+        if lag >= n:
+            continue
+        if axis == 1:
+            v, bad = snr[::step], excluded[::step]
+            d = v[:, lag:] - v[:, :-lag]
+            ok = ~(bad[:, lag:] | bad[:, :-lag])
+        else:
+            v, bad = snr[:, ::step], excluded[:, ::step]
+            d = v[lag:] - v[:-lag]
+            ok = ~(bad[lag:] | bad[:-lag])
+        parts.append(d[ok])
+    d = np.concatenate(parts) if parts else np.zeros(0, np.float32)
+    if d.size < 200:
+        return 1.0
+    mad = float(np.median(np.abs(d - np.median(d))))
+    return _MAD_TO_STD * mad / math.sqrt(2.0) / white
+
+
 def _hysteresis(snr: np.ndarray, low: float, high: float, grow=None) -> np.ndarray:
     """Connected regions (8-connected) of ``grow`` (default ``snr``) above ``low`` that
     hold a pixel of ``snr`` above ``high``. A float32 ``snr`` is overwritten (its memory
@@ -160,6 +189,16 @@ class HysteresisMasker:
         Seeds must pass ``high`` after the surround subtraction, but regions grow over
         the plain smoothed residual above ``low``, so that a compact source's faint
         extended wings are masked too.
+    false_rate : float
+        Share of pure-noise pixels allowed to pass ``high`` at each scale. The snr
+        assumes white noise of the given ``rms``; correlated noise (resampled mosaics)
+        or an rms measured on a masked, truncated sample make the smoothed noise
+        larger, and then noise peaks pass as sources, the refit sinks, the rms
+        shrinks, and the mask runs away. So the scatter of the snr is measured (from
+        differences of pixels too far apart to correlate) and, where it would let more
+        than this share of noise pixels pass ``high``, both maps are divided down until
+        ``high`` sits at that share (or at ``high`` in measured-noise units, if that is
+        stricter). The thresholds are never lowered. Default 1e-3 (3.09 sigma).
 
     Examples
     --------
@@ -179,6 +218,7 @@ class HysteresisMasker:
     dilate_per_scale: float = 0.5
     surround: float = 4.0
     grow_plain: bool = False
+    false_rate: float = 1e-3
 
     def __post_init__(self):
         scales = tuple(float(s) for s in self.scales)
@@ -196,6 +236,8 @@ class HysteresisMasker:
         check_positive("surround", self.surround, allow_zero=True)
         if 0 < self.surround <= 1:
             raise ValueError(f"surround must be 0 (off) or > 1, got {self.surround!r}")
+        if not 0 < self.false_rate < 0.5:
+            raise ValueError(f"false_rate must be in (0, 0.5), got {self.false_rate!r}")
 
     def __call__(self, residual: Any, rms: Any = None, mask: Any = None) -> np.ndarray:
         """Source mask (True = source) of ``residual``; see the class docstring."""
@@ -271,6 +313,18 @@ class HysteresisMasker:
             self.grow_plain,
             direct,
         )
+        # Noise peaks must stay rare (see false_rate): measure the snr's scatter and
+        # divide it down where it would let them through.
+        k = self.surround
+        white = math.sqrt(1.0 + 1.0 / k**2 - 4.0 / (1.0 + k**2)) if k else 1.0
+        lag = math.ceil(3.0 * max(k, 1.0) * s / b)
+        excess = _noise_excess(snr, excluded if cnt is None else cnt <= 0, lag, white)
+        factor = excess * min(self.high, -float(ndtri(self.false_rate))) / self.high
+        log.debug("scale %g: smoothed-noise excess %.3f, snr divided by %.3f", s, excess, factor)
+        if factor > 1.0:
+            snr /= np.float32(factor)
+            if self.grow_plain:
+                plain /= np.float32(factor)
         del num, cnt, var
         grow = plain if self.grow_plain else snr
         det = _hysteresis(snr, self.low, self.high, grow)
@@ -633,14 +687,22 @@ class IterativeBackground:
 def _working_rms(model: Any):
     """The noise handed to the maskers: a scalar when the model's RMS grid varies by
     less than 5% (it saves a full-resolution map and a variance pass per scale), else
-    the full map."""
+    the full map, floored at half its median: the smoothed variance can undershoot to
+    zero where few pixels are left (masked crowds, the rims of blank regions), and a
+    near-zero noise there would turn every fluctuation into a detection and every
+    background change into an enormous one."""
     grid = getattr(model, "rms_grid", None)
     if grid is not None:
         g = np.asarray(grid)
         g = g[np.isfinite(g)]
         if g.size and g.min() > 0 and g.max() <= 1.05 * g.min():
             return float(np.median(g))
-    return np.asarray(_rms_of(model))
+    rms = np.asarray(_rms_of(model))
+    ok = np.isfinite(rms) & (rms > 0)
+    if ok.any():
+        floor = 0.5 * float(np.median(rms[ok][:: max(1, int(ok.sum()) // 250_000)]))
+        rms = np.where(np.isfinite(rms), np.maximum(rms, floor), floor).astype(rms.dtype)
+    return rms
 
 
 def _scale_of(record: IterationRecord) -> float | None:
