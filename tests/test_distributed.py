@@ -6,7 +6,7 @@ import pytest
 
 da = pytest.importorskip("dask.array")
 
-from skymap.distributed import map_files, tiled_mesh_background  # noqa: E402
+from skymap.distributed import cluster_client, map_files, tiled_mesh_background  # noqa: E402
 from skymap.interpolate import IDW, SExtractorSpline, ZoomSpline  # noqa: E402
 from skymap.mesh import MeshBackground  # noqa: E402
 
@@ -94,9 +94,24 @@ def _square_or_fail(x):
     return x * x
 
 
-def test_map_files_on_a_local_cluster_keeps_order_and_reports_failures():
+@pytest.fixture(scope="module")
+def client():
+    with cluster_client(workers=1) as c:
+        yield c
+
+
+def test_tiled_on_a_local_cluster_equals_in_memory(structured, client):
+    img, mask = structured
+    mesh = MeshBackground(box_size=32)
+    ref = mesh.fit(img, mask=mask)
+    tiled = tiled_mesh_background(img, mesh, mask=mask, tile=128, scheduler=client)
+    bkg = client.compute(tiled.background).result()
+    assert np.abs(bkg - ref.background).max() <= 1e-6 * ref.global_rms
+
+
+def test_map_files_on_a_local_cluster_keeps_order_and_reports_failures(client):
     done = []
-    rows = map_files(_square_or_fail, [3, -1, 2], workers=1, progress=lambda: done.append(1))
+    rows = map_files(_square_or_fail, [3, -1, 2], client=client, progress=lambda: done.append(1))
     assert [r[0] for r in rows] == [3, -1, 2]
     assert rows[0][1] == 9 and rows[2][1] == 4
     assert isinstance(rows[1][2], ValueError) and rows[1][1] is None
