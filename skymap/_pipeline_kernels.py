@@ -149,3 +149,38 @@ def expand_mask(small, b, excluded):  # pragma: no cover - compiled
         for x in range(nx):
             out[y, x] = small[y // b, x // b] and not excluded[y, x]
     return out
+
+
+@njit(cache=True, nogil=True, parallel=True)
+def hysteresis_codes(snr, grow, low, high):  # pragma: no cover - compiled
+    """uint8 map: 2 where ``snr > high`` (seeds), 1 where ``grow > low``, else 0; one
+    byte a pixel instead of the seed, growth and union masks."""
+    ny, nx = snr.shape
+    out = np.empty((ny, nx), np.uint8)
+    for y in prange(ny):
+        for x in range(nx):
+            if snr[y, x] > high:
+                out[y, x] = 2
+            elif grow[y, x] > low:
+                out[y, x] = 1
+            else:
+                out[y, x] = 0
+    return out
+
+
+@njit(cache=True, nogil=True, parallel=True)
+def keep_seeded(labels, codes, n):  # pragma: no cover - compiled
+    """Overwrite ``codes`` (as 0/1) with the pixels whose label (1..n) holds a seed
+    (code 2); returns it."""
+    ny, nx = labels.shape
+    keep = np.zeros(n + 1, np.bool_)
+    # Serial: many pixels of one region would race on the same flag.
+    for y in range(ny):
+        for x in range(nx):
+            if codes[y, x] == 2:
+                keep[labels[y, x]] = True
+    keep[0] = False
+    for y in prange(ny):
+        for x in range(nx):
+            codes[y, x] = 1 if keep[labels[y, x]] else 0
+    return codes

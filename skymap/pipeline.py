@@ -134,20 +134,18 @@ def _hysteresis(snr: np.ndarray, low: float, high: float, grow=None) -> np.ndarr
     hold a pixel of ``snr`` above ``high``. A float32 ``snr`` is overwritten (its memory
     holds the labels)."""
     grow = snr if grow is None else grow
-    seeds = snr > high
-    above = (grow > low) | seeds
+    # One byte a pixel (seed / above low / neither) is all the labelling needs: at full
+    # resolution the separate seed and growth masks would sit on top of the float maps.
+    codes = _k.hysteresis_codes(snr, grow, np.float32(low), np.float32(high))
     # The labels take the memory of the signal-to-noise map, no longer needed.
     labels = snr.view(np.int32) if snr.dtype == np.float32 else None
     if labels is None:
-        labels, n = ndi.label(above, structure=np.ones((3, 3), bool))
+        labels, n = ndi.label(codes, structure=np.ones((3, 3), bool))
     else:
-        n = ndi.label(above, structure=np.ones((3, 3), bool), output=labels)
+        n = ndi.label(codes, structure=np.ones((3, 3), bool), output=labels)
     if n == 0:
-        return above
-    keep = np.zeros(n + 1, bool)
-    keep[np.unique(labels[seeds])] = True
-    keep[0] = False
-    return keep[labels]
+        return codes.view(bool)
+    return _k.keep_seeded(labels, codes, n).view(bool)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -242,9 +240,12 @@ class HysteresisMasker:
     def __call__(self, residual: Any, rms: Any = None, mask: Any = None) -> np.ndarray:
         """Source mask (True = source) of ``residual``; see the class docstring."""
         res = as_image(residual, "residual")
-        bad = combine_masks(res, as_mask(mask, res.shape))
+        given = as_mask(mask, res.shape)
+        # One full-resolution mask only (memory): the detections are what ends up
+        # excluded beyond the given mask and the non-finite pixels.
+        excluded = combine_masks(res, given)
         if rms is None:
-            v = res[~bad]
+            v = res[~excluded]
             rms = _MAD_TO_STD * float(np.median(np.abs(v - np.median(v)))) if v.size else 1.0
         noise = np.asarray(rms, dtype=np.float32)
         if noise.ndim and noise.shape != res.shape:
@@ -252,13 +253,13 @@ class HysteresisMasker:
                 f"rms must be a scalar or a map of shape {res.shape}, got {noise.shape}"
             )
         noise2 = noise * noise
-        excluded = bad.copy()
-        detected = np.zeros(res.shape, bool)
         for s in self.scales:
-            det = self._detect(res, noise2, excluded, s)
-            detected |= det
-            excluded |= det
-        return detected & ~bad
+            excluded |= self._detect(res, noise2, excluded, s)
+        excluded &= np.isfinite(res)
+        if given is not None:
+            # a > b is a & ~b for booleans, without a temporary.
+            np.greater(excluded, given, out=excluded)
+        return excluded
 
     def _detect(self, res, noise2, excluded, s):
         """Detections at one scale, dilated, at full resolution."""
@@ -326,8 +327,9 @@ class HysteresisMasker:
             if self.grow_plain:
                 plain /= np.float32(factor)
         del num, cnt, var
-        grow = plain if self.grow_plain else snr
-        det = _hysteresis(snr, self.low, self.high, grow)
+        det = _hysteresis(snr, self.low, self.high, plain if self.grow_plain else snr)
+        # The labels in snr's memory and the growth map are done with (memory).
+        del snr, plain
         radius = (self.dilate + self.dilate_per_scale * s) / b
         if radius > 0 and det.any():
             det = grow_mask(det, radius) if radius > 3 else _dilate_disk(det, radius)
@@ -640,20 +642,24 @@ class IterativeBackground:
             converged = False
             cap = self.max_iter if stage.max_iter is None else stage.max_iter
             for it in range(int(cap)):
-                # Only the residual is kept through the masking (memory); the previous
-                # background is rebuilt from its model for the change.
+                # Only the residual is kept through the masking (memory): the previous
+                # background is rebuilt from its model for the change, and the previous
+                # mask is in the history, bit-packed, for the mask change.
                 resid = np.subtract(img, bkg, dtype=img.dtype)
-                del bkg
+                del bkg, current
                 detections = np.asarray(stage.masker(resid, rms, bad), dtype=bool)
                 del resid
                 new = bad | detections
+                del detections
                 previous = model
                 model = _fit_estimator(stage.estimator, img, new, _scale_of(history[-1]))
                 new_bkg, new_rms = _background_of(model), _working_rms(model)
                 change = _change(new_bkg, _background_of(previous), new_rms, bad)
                 del previous
-                mask_change = float(np.count_nonzero(new ^ current)) / new.size
-                history.append(_record(k, it, model, new, change, mask_change, img.shape))
+                packed = np.packbits(new.ravel())
+                flips = np.bitwise_count(packed ^ history[-1].packed_mask).sum(dtype=np.int64)
+                mask_change = float(flips) / new.size
+                history.append(_record(k, it, model, new, change, mask_change, img.shape, packed))
                 log.debug(
                     "stage %d iteration %d: change %.4g, mask change %.4g, mask %.3f",
                     k,
@@ -662,7 +668,10 @@ class IterativeBackground:
                     mask_change,
                     history[-1].mask_fraction,
                 )
+                # Rebound, not copied: no second name may keep the old maps alive
+                # through the next masking.
                 bkg, rms, current = new_bkg, new_rms, new
+                del new_bkg, new
                 if change <= self.change_tol and mask_change <= self.mask_tol:
                     converged = True
                     break
@@ -727,7 +736,7 @@ def _change(new, old, rms, bad) -> float:
     return float(np.sqrt(np.mean(np.square(d, dtype=np.float64)))) if d.size else 0.0
 
 
-def _record(stage, it, model, mask, change, mask_change, shape) -> IterationRecord:
+def _record(stage, it, model, mask, change, mask_change, shape, packed=None) -> IterationRecord:
     scale = getattr(model, "scale", None)
     return IterationRecord(
         stage=stage,
@@ -737,7 +746,7 @@ def _record(stage, it, model, mask, change, mask_change, shape) -> IterationReco
         change=float("nan") if change is None else change,
         scale=None if scale is None else float(scale),
         model=model,
-        packed_mask=np.packbits(mask.ravel()),
+        packed_mask=np.packbits(mask.ravel()) if packed is None else packed,
         shape=tuple(shape),
     )
 

@@ -169,6 +169,50 @@ def test_hysteresis_masker_ignores_masked_values(rng):
     assert not a[mask].any()
 
 
+def _hysteresis_flood(snr, grow, low, high):
+    """Brute-force reference: breadth-first flood from every seed over 8-neighbours."""
+    ny, nx = snr.shape
+    out = np.zeros(snr.shape, bool)
+    queue = [tuple(p) for p in np.argwhere(snr > high)]
+    for y, x in queue:
+        out[y, x] = True
+    while queue:
+        y, x = queue.pop()
+        for dy in (-1, 0, 1):
+            for dx in (-1, 0, 1):
+                v, u = y + dy, x + dx
+                if 0 <= v < ny and 0 <= u < nx and not out[v, u] and grow[v, u] > low:
+                    out[v, u] = True
+                    queue.append((v, u))
+    return out
+
+
+@settings(max_examples=30, deadline=None)
+@given(seed=st.integers(0, 2**16), plain=st.booleans())
+def test_hysteresis_matches_flood_fill(seed, plain):
+    r = np.random.default_rng(seed)
+    snr = r.normal(size=(40, 50)).astype(np.float32) * 1.5
+    grow = (snr + r.normal(size=snr.shape).astype(np.float32)) if plain else snr
+    want = _hysteresis_flood(snr, grow, 1.0, 3.0)
+    got = P._hysteresis(snr.copy(), 1.0, 3.0, grow.copy() if plain else None)
+    assert got.dtype == bool
+    np.testing.assert_array_equal(got, want)
+
+
+def test_hysteresis_masker_detections_exclude_mask_and_nonfinite(rng):
+    r = rng.normal(size=(64, 64))
+    r[30:34, 30:34] += 40.0
+    r[10, 10] = np.nan
+    mask = np.zeros(r.shape, bool)
+    mask[31, :] = True
+    r0, m0 = r.copy(), mask.copy()
+    m = P.HysteresisMasker()(r, 1.0, mask)
+    np.testing.assert_array_equal(r, r0)
+    np.testing.assert_array_equal(mask, m0)
+    assert not m[mask].any() and not m[10, 10]
+    assert m[30, 30] and m[33, 33]
+
+
 def test_hysteresis_masker_validation():
     with pytest.raises(ValueError, match="low"):
         P.HysteresisMasker(high=2.0, low=3.0)
