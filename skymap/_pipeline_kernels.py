@@ -7,15 +7,15 @@ from numba import njit, prange
 
 
 @njit(cache=True, nogil=True, parallel=True)
-def masked_block_sums(values, excluded, b, noise2):  # pragma: no cover - compiled
+def masked_block_sums(values, excluded, b, noise):  # pragma: no cover - compiled
     """Sums over b x b blocks of the valid ``values``, of the valid-pixel count, and of
-    the valid ``noise2`` (a map of the values' shape; for a constant, shape (1, 1), the
-    variance sums are not formed and a (1, 1) zero array is returned in their place).
-    Partial blocks at the far edges sum what they hold."""
+    the valid ``noise**2`` (``noise`` an rms map of the values' shape; for a constant,
+    shape (1, 1), the variance sums are not formed and a (1, 1) zero array is returned
+    in their place). Partial blocks at the far edges sum what they hold."""
     ny, nx = values.shape
     gy = (ny + b - 1) // b
     gx = (nx + b - 1) // b
-    scalar = noise2.shape[0] == 1 and noise2.shape[1] == 1
+    scalar = noise.shape[0] == 1 and noise.shape[1] == 1
     num = np.zeros((gy, gx), np.float32)
     cnt = np.zeros((gy, gx), np.float32)
     # A constant noise needs no variance map: the caller scales the counts.
@@ -28,7 +28,9 @@ def masked_block_sums(values, excluded, b, noise2):  # pragma: no cover - compil
                     num[by, bx] += values[y, x]
                     cnt[by, bx] += 1.0
                     if not scalar:
-                        var[by, bx] += noise2[y, x]
+                        # Squared here: a full-resolution variance map would cost
+                        # an image of memory.
+                        var[by, bx] += noise[y, x] * noise[y, x]
     return num, cnt, var
 
 
@@ -78,8 +80,9 @@ def dog_snr(num, cnt, var, g, g2, local, bw, noise2, want_grow, excluded):  # pr
     noise). ``local`` is sampled at ``[y // bw, x // bw]``. Zero where nv is 0. The
     x pass is buffered in strips of rows, so the temporaries stay small. Without
     ``want_grow`` the second map is a (1, 1) placeholder. When ``excluded`` has the
-    shape of ``num`` (unbinned data), ``num`` is the raw residual and ``cnt`` is unused:
-    excluded pixels count as value 0 and weight 0, which saves two full-size arrays.
+    shape of ``num`` (unbinned data), ``num`` is the raw residual, ``cnt`` is unused and
+    a full-size ``var`` is the raw rms map (squared here): excluded pixels count as value
+    0 and weight 0, which saves three full-size arrays.
     """
     ny, nx = num.shape
     direct = excluded.shape[0] == ny and excluded.shape[1] == nx
@@ -113,7 +116,13 @@ def dog_snr(num, cnt, var, g, g2, local, bw, noise2, want_grow, excluded):  # pr
                     w = g[j - x + r]
                     sn += w * value
                     sc += w * count
-                    sv += g2[j - x + r] * (var[y, j] if use_var else count)
+                    if use_var:
+                        v2 = var[y, j]
+                        if direct:
+                            v2 = v2 * v2
+                        sv += g2[j - x + r] * float(v2)
+                    else:
+                        sv += g2[j - x + r] * count
                 tn[k, x] = sn
                 tc[k, x] = sc
                 tv[k, x] = sv
@@ -184,3 +193,35 @@ def keep_seeded(labels, codes, n):  # pragma: no cover - compiled
         for x in range(nx):
             codes[y, x] = 1 if keep[labels[y, x]] else 0
     return codes
+
+
+@njit(cache=True, nogil=True)
+def positive_sample(values, target):  # pragma: no cover - compiled
+    """``v[::step]`` of the finite positive values ``v`` of ``values`` in C order, with
+    ``step = max(1, v.size // target)``: a subsample for a median, without the copy of
+    every valid value and its mask."""
+    flat = values.ravel()
+    n = 0
+    for v in flat:
+        if np.isfinite(v) and v > 0:
+            n += 1
+    step = max(1, n // target)
+    out = np.empty((n + step - 1) // step, values.dtype)
+    k = 0
+    for v in flat:
+        if np.isfinite(v) and v > 0:
+            if k % step == 0:
+                out[k // step] = v
+            k += 1
+    return out
+
+
+@njit(cache=True, nogil=True, parallel=True)
+def floor_in_place(values, floor):  # pragma: no cover - compiled
+    """``values = where(isfinite(values), maximum(values, floor), floor)``, in place."""
+    flat = values.ravel()
+    for i in prange(flat.size):
+        v = flat[i]
+        if not np.isfinite(v) or v < floor:
+            flat[i] = floor
+    return values

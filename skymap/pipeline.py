@@ -252,30 +252,26 @@ class HysteresisMasker:
             raise ValueError(
                 f"rms must be a scalar or a map of shape {res.shape}, got {noise.shape}"
             )
-        noise2 = noise * noise
         for s in self.scales:
-            excluded |= self._detect(res, noise2, excluded, s)
+            excluded |= self._detect(res, noise, excluded, s)
         excluded &= np.isfinite(res)
         if given is not None:
             # a > b is a & ~b for booleans, without a temporary.
             np.greater(excluded, given, out=excluded)
         return excluded
 
-    def _detect(self, res, noise2, excluded, s):
+    def _detect(self, res, noise, excluded, s):
         """Detections at one scale, dilated, at full resolution."""
         ny, nx = res.shape
         # Bin by the largest power of two <= s: the kernel keeps a sigma of 1-2 bins.
         b = _pow2_at_most(s, ny, nx)
-        noise_map = noise2.reshape(noise2.shape or (1, 1))
+        # The kernels square an rms map as they read it (no full-size variance map).
+        noise_map = noise.reshape(noise.shape or (1, 1))
         if b == 1:
-            # Unbinned: the fused pass reads the residual and the mask directly, and
-            # only the wide surround needs the masked sums (computed binned below).
-            num, cnt = res, None
-            var = (
-                np.where(excluded, 0, noise_map).astype(np.float32)
-                if noise2.ndim
-                else (np.zeros((1, 1), np.float32))
-            )
+            # Unbinned: the fused pass reads the residual, the mask and the rms map
+            # directly, and only the wide surround needs the masked sums (computed
+            # binned below).
+            num, cnt, var = res, None, noise_map
         else:
             num, cnt, var = _k.masked_block_sums(res, excluded, b, noise_map)
         g = _gaussian_kernel(s / b)
@@ -310,7 +306,7 @@ class HysteresisMasker:
             g * g,
             local,
             bw,
-            float(noise2.ravel()[0]),
+            float(noise_map[0, 0] * noise_map[0, 0]),
             self.grow_plain,
             direct,
         )
@@ -681,7 +677,12 @@ class IterativeBackground:
             change = _change(new_bkg, bkg, new_rms, bad)
             history.append(_record(len(self.stages), 0, model, current, change, 0.0, img.shape))
             bkg = new_bkg
-        noise = rms if np.ndim(rms) == 0 else float(np.median(np.asarray(rms)[~bad]))
+        # The selection is a fresh copy: the median may partition it in place.
+        noise = (
+            rms
+            if np.ndim(rms) == 0
+            else float(np.median(np.asarray(rms)[~bad], overwrite_input=True))
+        )
         return BackgroundResult(
             background=bkg,
             mask=current,
@@ -706,11 +707,16 @@ def _working_rms(model: Any):
         g = g[np.isfinite(g)]
         if g.size and g.min() > 0 and g.max() <= 1.05 * g.min():
             return float(np.median(g))
-    rms = np.asarray(_rms_of(model))
-    ok = np.isfinite(rms) & (rms > 0)
-    if ok.any():
-        floor = 0.5 * float(np.median(rms[ok][:: max(1, int(ok.sum()) // 250_000)]))
-        rms = np.where(np.isfinite(rms), np.maximum(rms, floor), floor).astype(rms.dtype)
+    f = getattr(model, "rms_map", None)
+    # A fresh map of our own, floored in place: the masked copies and temporaries of
+    # a vectorised floor were the fit's memory peak.
+    rms = np.ascontiguousarray(f() if callable(f) else np.array(model.rms))
+    if rms.ndim == 0:
+        return rms  # a positive constant is its own floor
+    sample = _k.positive_sample(rms, 250_000)
+    if sample.size:
+        floor = 0.5 * float(np.median(sample))
+        _k.floor_in_place(rms, rms.dtype.type(floor))
     return rms
 
 

@@ -213,6 +213,27 @@ def test_hysteresis_masker_detections_exclude_mask_and_nonfinite(rng):
     assert m[30, 30] and m[33, 33]
 
 
+def test_working_rms_floors_at_half_the_median_without_touching_the_model(rng):
+    rms = rng.uniform(0.5, 2.0, size=(300, 400)).astype(np.float32)
+    rms[:5] = 0.0
+    rms[10, :7] = np.nan
+    rms[11, :3] = np.inf
+    rms[12, 40:60] = 0.01
+
+    class Model:
+        def __init__(self, rms):
+            self.rms = rms
+
+    model = Model(rms.copy())
+    got = P._working_rms(model)
+    ok = np.isfinite(rms) & (rms > 0)
+    floor = 0.5 * float(np.median(rms[ok]))
+    want = np.where(np.isfinite(rms), np.maximum(rms, floor), floor).astype(np.float32)
+    assert got.dtype == np.float32
+    np.testing.assert_array_equal(got, want)
+    np.testing.assert_array_equal(model.rms, rms)
+
+
 def test_hysteresis_masker_validation():
     with pytest.raises(ValueError, match="low"):
         P.HysteresisMasker(high=2.0, low=3.0)
