@@ -34,7 +34,7 @@ from scipy.special import ndtri
 from . import _pipeline_kernels as _k
 from ._validate import as_image, as_mask, check_positive, combine_masks
 from .masking import disk_footprint, grow_mask
-from .smooth import ThinPlateSmoother
+from .smooth import SmoothResult, ThinPlateSmoother
 
 __all__ = [
     "BackgroundEstimator",
@@ -386,10 +386,14 @@ class _MapResult:
 # --------------------------------------------------------------------------- records
 
 
-def _background_of(model: Any) -> np.ndarray:
-    # Uncached maps where the estimator offers them, so the history keeps only grids.
+def _background_of(model: Any, step: int = 1) -> np.ndarray:
+    # Uncached maps where the estimator offers them, so the history keeps only grids;
+    # a thin-plate map is interpolated only where a subsample (``step``) needs it.
+    if isinstance(model, SmoothResult):
+        return model.background_map(step)
     f = getattr(model, "background_map", None)
-    return f() if callable(f) else np.asarray(model.background)
+    bkg = f() if callable(f) else np.asarray(model.background)
+    return bkg[::step, ::step] if step > 1 else bkg
 
 
 def _rms_of(model: Any) -> np.ndarray:
@@ -644,13 +648,13 @@ class IterativeBackground:
                 resid = np.subtract(img, bkg, dtype=img.dtype)
                 del bkg, current
                 detections = np.asarray(stage.masker(resid, rms, bad), dtype=bool)
-                del resid
+                del resid, rms
                 new = bad | detections
                 del detections
                 previous = model
                 model = _fit_estimator(stage.estimator, img, new, _scale_of(history[-1]))
                 new_bkg, new_rms = _background_of(model), _working_rms(model)
-                change = _change(new_bkg, _background_of(previous), new_rms, bad)
+                change = _change(new_bkg, _background_of(previous, 2), new_rms, bad)
                 del previous
                 packed = np.packbits(new.ravel())
                 flips = np.bitwise_count(packed ^ history[-1].packed_mask).sum(dtype=np.int64)
@@ -671,18 +675,21 @@ class IterativeBackground:
                 if change <= self.change_tol and mask_change <= self.mask_tol:
                     converged = True
                     break
-        if self.final is not None:
-            model = _fit_estimator(self.final, img, current, _scale_of(history[-1]))
-            new_bkg, new_rms = _background_of(model), _working_rms(model)
-            change = _change(new_bkg, bkg, new_rms, bad)
-            history.append(_record(len(self.stages), 0, model, current, change, 0.0, img.shape))
-            bkg = new_bkg
         # The selection is a fresh copy: the median may partition it in place.
         noise = (
             rms
             if np.ndim(rms) == 0
             else float(np.median(np.asarray(rms)[~bad], overwrite_input=True))
         )
+        del rms
+        if self.final is not None:
+            # Only the subsample the change needs is kept through the refit (memory).
+            old = bkg[::2, ::2].copy()
+            del bkg
+            model = _fit_estimator(self.final, img, current, _scale_of(history[-1]))
+            bkg, new_rms = _background_of(model), _working_rms(model)
+            change = _change(bkg, old, new_rms, bad)
+            history.append(_record(len(self.stages), 0, model, current, change, 0.0, img.shape))
         return BackgroundResult(
             background=bkg,
             mask=current,
@@ -730,14 +737,14 @@ def _fit_estimator(estimator, img, mask, scale):
     return estimator.fit(img, mask)
 
 
-def _change(new, old, rms, bad) -> float:
+def _change(new, old_sub, rms, bad) -> float:
     # A smooth map's change is well measured on every other pixel of every other row,
-    # at a quarter of the memory and time.
+    # at a quarter of the memory and time; ``old_sub`` is the old map's subsample.
     sub = (slice(None, None, 2), slice(None, None, 2))
     ok = ~bad[sub]
     noise = rms[sub] if np.ndim(rms) else rms
     with np.errstate(invalid="ignore", divide="ignore"):
-        d = ((new[sub] - old[sub]) / noise)[ok]
+        d = ((new[sub] - old_sub) / noise)[ok]
     d = d[np.isfinite(d)]
     return float(np.sqrt(np.mean(np.square(d, dtype=np.float64)))) if d.size else 0.0
 

@@ -288,10 +288,11 @@ def _bspline_weights(pos: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return base, weights
 
 
-def upsample(grid: np.ndarray, cell_size, shape, dtype=np.float64) -> np.ndarray:
+def upsample(grid: np.ndarray, cell_size, shape, dtype=np.float64, step: int = 1) -> np.ndarray:
     """Cubic-spline interpolation of a cell grid (node i at pixel ``i*c + (c-1)/2``) to
     the full ``shape``; beyond the outer nodes the grid is extended linearly, so a
-    gradient carries on to the image edge.
+    gradient carries on to the image edge. With ``step`` > 1 only every ``step``-th
+    pixel along each axis is evaluated (exactly ``upsample(...)[::step, ::step]``).
 
     Examples
     --------
@@ -306,8 +307,8 @@ def upsample(grid: np.ndarray, cell_size, shape, dtype=np.float64) -> np.ndarray
     z = np.asarray(grid, dtype=np.float64)
     z = _extend_linear(_extend_linear(z, pad, 0), pad, 1)
     coef = ndimage.spline_filter(z, order=3, mode="mirror")
-    uy = (np.arange(shape[0]) - (cy - 1) / 2.0) / cy + pad
-    ux = (np.arange(shape[1]) - (cx - 1) / 2.0) / cx + pad
+    uy = (np.arange(0, shape[0], step) - (cy - 1) / 2.0) / cy + pad
+    ux = (np.arange(0, shape[1], step) - (cx - 1) / 2.0) / cx + pad
     # Along y on the small grid (sparse, cheap), then along x pixel by pixel.
     by, wy = _bspline_weights(uy)
     rows = np.repeat(np.arange(uy.size), 4)
@@ -315,7 +316,7 @@ def upsample(grid: np.ndarray, cell_size, shape, dtype=np.float64) -> np.ndarray
     ymat = sparse.csr_matrix((wy.ravel(), (rows, cols)), shape=(uy.size, coef.shape[0]))
     tmp = np.ascontiguousarray(ymat @ coef)
     bx, wx = _bspline_weights(ux)
-    out = np.empty(tuple(shape), dtype=dtype)
+    out = np.empty((uy.size, ux.size), dtype=dtype)
     return _k.bspline_rows(tmp, bx, wx, out)
 
 
@@ -540,9 +541,10 @@ class SmoothResult:
         """Smoothing length in pixels, ``smoothing ** 0.25``."""
         return float(self.smoothing) ** 0.25
 
-    def background_map(self) -> np.ndarray:
-        """Interpolate the background to full resolution (a new array, not cached)."""
-        return upsample(self.grid, self.cell_size, self.shape, self.dtype)
+    def background_map(self, step: int = 1) -> np.ndarray:
+        """Interpolate the background to full resolution (a new array, not cached), or
+        to every ``step``-th pixel along each axis."""
+        return upsample(self.grid, self.cell_size, self.shape, self.dtype, step)
 
     def rms_map(self) -> np.ndarray:
         """Interpolate the RMS to full resolution (a new array, not cached)."""

@@ -96,6 +96,14 @@ def test_upsample_interpolates_nodes_and_keeps_gradients():
     np.testing.assert_allclose(out, curved, atol=1e-10)
 
 
+@settings(max_examples=20, deadline=None)
+@given(step=st.integers(1, 5), ny=st.integers(1, 40), nx=st.integers(1, 40))
+def test_upsample_step_is_the_exact_subsample(step, ny, nx):
+    g = np.random.default_rng(ny * 41 + nx).normal(size=(6, 5))
+    full = upsample(g, (3, 4), (ny, nx), np.float32)
+    np.testing.assert_array_equal(upsample(g, (3, 4), (ny, nx), np.float32, step), full[::step, ::step])
+
+
 def test_smoother_recovers_smooth_sky_under_mask(rng):
     img, sky = _scene(rng, shape=(128, 160), nsrc=0)
     mask = np.zeros(img.shape, bool)
