@@ -101,7 +101,9 @@ def test_upsample_interpolates_nodes_and_keeps_gradients():
 def test_upsample_step_is_the_exact_subsample(step, ny, nx):
     g = np.random.default_rng(ny * 41 + nx).normal(size=(6, 5))
     full = upsample(g, (3, 4), (ny, nx), np.float32)
-    np.testing.assert_array_equal(upsample(g, (3, 4), (ny, nx), np.float32, step), full[::step, ::step])
+    np.testing.assert_array_equal(
+        upsample(g, (3, 4), (ny, nx), np.float32, step), full[::step, ::step]
+    )
 
 
 def test_smoother_recovers_smooth_sky_under_mask(rng):
