@@ -119,7 +119,11 @@ class _BarHandler(logging.Handler):
         self.bar = bar
 
     def emit(self, record: logging.LogRecord) -> None:
-        self.bar.set_postfix_str(f"fitting: {record.getMessage()}"[:90])
+        message = record.getMessage()
+        # only the per-iteration summaries; the maskers' per-scale diagnostics would
+        # flood the bar
+        if message.startswith("stage "):
+            self.bar.set_postfix_str(f"fitting: {message}"[:90])
 
 
 @contextlib.contextmanager
