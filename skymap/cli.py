@@ -751,25 +751,6 @@ def _run_item(item: tuple, **kwargs) -> dict:
     return run_file(path, out_dir, **kwargs)
 
 
-@contextlib.contextmanager
-def _thread_client(workers: int):
-    """A LocalCluster whose workers are threads of this process (``batch --threads``)."""
-    from distributed import Client, LocalCluster
-
-    with (
-        LocalCluster(
-            n_workers=workers,
-            threads_per_worker=1,
-            processes=False,
-            dashboard_address=None,
-            scheduler_kwargs={"dashboard": False},
-            silence_logs=logging.ERROR,
-        ) as cluster,
-        Client(cluster) as client,
-    ):
-        yield client
-
-
 def _cmd_batch(args) -> int:
     distributed = _module("distributed", "batch")
     stems = [_stem(p, args.hdu) for p in args.inputs]
@@ -802,7 +783,12 @@ def _cmd_batch(args) -> int:
     }
     with (
         _progress(total=len(items), desc="batch", quiet=args.quiet, unit="file") as bar,
-        _thread_client(args.workers) if args.threads else contextlib.nullcontext() as client,
+        (
+            # workers as threads of this process: a LocalCluster without processes
+            distributed.cluster_client(workers=args.workers, processes=False)
+            if args.threads
+            else contextlib.nullcontext()
+        ) as client,
     ):
         rows = distributed.map_files(
             _run_item,

@@ -60,7 +60,11 @@ DEFAULT_HALO = 24
 
 @contextmanager
 def cluster_client(
-    *, workers: int | None = None, scheduler: str | None = None, quiet: bool = True
+    *,
+    workers: int | None = None,
+    scheduler: str | None = None,
+    processes: bool = True,
+    quiet: bool = True,
 ) -> Iterator[Any]:
     """A ``dask.distributed`` client: on a running scheduler, or on a new LocalCluster.
 
@@ -71,6 +75,8 @@ def cluster_client(
         Ignored when ``scheduler`` is given.
     scheduler : str, optional
         Address of a running scheduler, e.g. ``"tcp://10.0.0.1:8786"``.
+    processes : bool
+        LocalCluster workers as processes (default) or as threads of this process.
     quiet : bool
         Silence the cluster's own logging below ERROR.
 
@@ -96,7 +102,7 @@ def cluster_client(
         cluster = LocalCluster(
             n_workers=workers,
             threads_per_worker=1,
-            processes=True,
+            processes=processes,
             # a command-line run must not grab (or fight over) the dashboard port
             dashboard_address=None,
             scheduler_kwargs={"dashboard": False},
