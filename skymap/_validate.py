@@ -19,6 +19,7 @@ __all__ = [
     "check_positive",
     "check_range",
     "combine_masks",
+    "work_dtype",
 ]
 
 
@@ -46,11 +47,25 @@ def as_image(image: Any, name: str = "image", *, ndim: int = 2) -> np.ndarray:
         raise ValueError(f"{name} must be {ndim}-dimensional, got shape {arr.shape}")
     if arr.size == 0:
         raise ValueError(f"{name} must not be empty, got shape {arr.shape}")
-    if arr.dtype.kind in "biu" or arr.dtype.itemsize < 4:
-        arr = arr.astype(np.float32)
-    if not arr.dtype.isnative:
-        arr = arr.astype(arr.dtype.newbyteorder("="))
-    return arr
+    dtype = work_dtype(arr.dtype)
+    return arr if arr.dtype == dtype else arr.astype(dtype)
+
+
+def work_dtype(dtype: Any) -> np.dtype:
+    """The dtype skymap computes in for input of ``dtype``, without touching any data.
+
+    Integer, boolean and half-precision input becomes float32; float32/float64 keep
+    their precision in native byte order.
+
+    Examples
+    --------
+    >>> work_dtype(">i2"), work_dtype(">f8")
+    (dtype('float32'), dtype('float64'))
+    """
+    dtype = np.dtype(dtype)
+    if dtype.kind in "biu" or dtype.itemsize < 4:
+        return np.dtype(np.float32)
+    return dtype.newbyteorder("=")
 
 
 def as_mask(mask: Any, shape: tuple[int, ...], name: str = "mask") -> np.ndarray | None:

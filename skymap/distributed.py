@@ -36,7 +36,7 @@ from typing import Any
 
 import numpy as np
 
-from ._validate import as_mask, as_pair, check_positive
+from ._validate import as_mask, as_pair, check_positive, work_dtype
 from .interpolate import MeshGeometry
 from .mesh import MeshBackground, MeshResult
 
@@ -276,7 +276,7 @@ def tiled_mesh_background(
     chunks = (_aligned_chunks(shape[0], ty), _aligned_chunks(shape[1], tx))
     arr = arr.rechunk(chunks)
     excl = _exclusion(mask, coverage_mask, shape, chunks)
-    dtype = _work_dtype(arr.dtype)
+    dtype = work_dtype(arr.dtype)
 
     mesh_chunks = [tuple(-(-c // b) for c in ch) for ch, b in zip(chunks, (by, bx), strict=True)]
     # Pass 1: per-mesh statistics of every aligned tile (exact: meshes never straddle).
@@ -325,13 +325,6 @@ def tiled_mesh_background(
 def _aligned_chunks(n: int, step: int) -> tuple[int, ...]:
     full, rest = divmod(n, step)
     return (step,) * full + ((rest,) if rest else ())
-
-
-def _work_dtype(dtype: np.dtype) -> np.dtype:
-    dtype = np.dtype(dtype)
-    if dtype.kind in "biu" or dtype.itemsize < 4:
-        return np.dtype(np.float32)
-    return np.dtype(dtype.newbyteorder("="))
 
 
 def _as_dask_mask(mask: Any, shape, chunks, name: str):
