@@ -261,10 +261,22 @@ class HysteresisMasker:
         return excluded
 
     def _detect(self, res, noise, excluded, s):
-        """Detections at one scale, dilated, at full resolution."""
-        ny, nx = res.shape
-        # Bin by the largest power of two <= s: the kernel keeps a sigma of 1-2 bins.
-        b = _pow2_at_most(s, ny, nx)
+        """Detections at one scale, dilated, at full resolution. Three steps, so that a
+        tiled run (:mod:`skymap.distributed`) can do the local ones tile by tile and
+        the global ones (the noise excess, the labelling) once."""
+        maps = self.scale_maps(res, noise, excluded, s)
+        factor = self.snr_factor(maps.snr, maps.invalid, s, maps.block)
+        return self.scale_mask(maps, factor, s, excluded)
+
+    def binning(self, s: float, shape: tuple[int, int]) -> int:
+        """Bin factor of scale ``s``: the largest power of two <= s (the kernel keeps a
+        sigma of 1-2 bins), at most the image size."""
+        return _pow2_at_most(s, *shape)
+
+    def scale_maps(self, res, noise, excluded, s) -> _ScaleMaps:
+        """Signal-to-noise maps of scale ``s`` on the binned grid (local: each binned
+        pixel depends on the residual within the kernels' reach only)."""
+        b = self.binning(s, res.shape)
         # The kernels square an rms map as they read it (no full-size variance map).
         noise_map = noise.reshape(noise.shape or (1, 1))
         if b == 1:
@@ -310,26 +322,54 @@ class HysteresisMasker:
             self.grow_plain,
             direct,
         )
-        # Noise peaks must stay rare (see false_rate): measure the snr's scatter and
-        # divide it down where it would let them through.
+        # No copy at full resolution: the excluded mask is the invalid map there.
+        invalid = excluded if cnt is None else cnt <= 0
+        return _ScaleMaps(
+            snr=snr, plain=plain if self.grow_plain else None, invalid=invalid, block=b
+        )
+
+    def snr_factor(self, snr, invalid, s, b) -> float:
+        """What the snr maps of scale ``s`` (binned by ``b``) are divided by so that
+        noise peaks stay rare (see ``false_rate``): 1 or more (global: a statistic of
+        the whole map)."""
         k = self.surround
         white = math.sqrt(1.0 + 1.0 / k**2 - 4.0 / (1.0 + k**2)) if k else 1.0
         lag = math.ceil(3.0 * max(k, 1.0) * s / b)
-        excess = _noise_excess(snr, excluded if cnt is None else cnt <= 0, lag, white)
+        excess = _noise_excess(snr, invalid, lag, white)
         factor = excess * min(self.high, -float(ndtri(self.false_rate))) / self.high
         log.debug("scale %g: smoothed-noise excess %.3f, snr divided by %.3f", s, excess, factor)
+        return max(1.0, factor)
+
+    def scale_mask(self, maps, factor, s, excluded) -> np.ndarray:
+        """Full-resolution detections of scale ``s`` from its snr maps: hysteresis
+        (global: connected regions), dilation, expansion. Consumes ``maps``."""
+        snr, plain, b = maps.snr, maps.plain, maps.block
+        maps.snr = maps.plain = maps.invalid = None  # the labels reuse snr's memory
         if factor > 1.0:
             snr /= np.float32(factor)
-            if self.grow_plain:
+            if plain is not None:
                 plain /= np.float32(factor)
-        del num, cnt, var
-        det = _hysteresis(snr, self.low, self.high, plain if self.grow_plain else snr)
+        det = _hysteresis(snr, self.low, self.high, plain)
         # The labels in snr's memory and the growth map are done with (memory).
         del snr, plain
-        radius = (self.dilate + self.dilate_per_scale * s) / b
+        radius = self.dilation(s) / b
         if radius > 0 and det.any():
             det = grow_mask(det, radius) if radius > 3 else _dilate_disk(det, radius)
         return _k.expand_mask(det, b, excluded)
+
+    def dilation(self, s: float) -> float:
+        """Radius in full-resolution pixels by which detections of scale ``s`` grow."""
+        return self.dilate + self.dilate_per_scale * s
+
+
+@dataclass(kw_only=True, eq=False)
+class _ScaleMaps:
+    """The binned maps of one masking scale (mutable: consumed by scale_mask)."""
+
+    snr: np.ndarray | None
+    plain: np.ndarray | None
+    invalid: np.ndarray | None
+    block: int
 
 
 # --------------------------------------------------------------------------- first guess
