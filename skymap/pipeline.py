@@ -3,10 +3,12 @@
 An :class:`IterativeBackground` starts from a first guess (a thin-plate smooth of the
 whole image, a coarse mesh or a ring median), then runs its :class:`Stage` s in order.
 Each stage masks sources in ``image - background`` with its masker and refits the
-background with its estimator on the unmasked pixels, and repeats until neither the
-mask nor the background moves (tolerances in units of the background RMS) or its
-iteration cap is hit; the masks go deeper from stage to stage. An optional final
-estimator refits once with the converged mask.
+background with its estimator on the unmasked pixels, and repeats until the mask has
+settled and the background moves by less than a tolerance in units of the background
+RMS, or by less than its own statistical error, or its iteration cap is hit; the masks
+go deeper from stage to stage. In the last stage, a fit found following source light
+(bumps without matching dips against a stiffer fit) is held stiffer from then on. An
+optional final estimator refits once with the converged mask.
 
 Every iteration is kept in :attr:`BackgroundResult.history` as an
 :class:`IterationRecord` (background, rms, mask, mask fraction, change); the maps are
@@ -962,6 +964,13 @@ def default_pipeline(image, mask=None, **options) -> IterativeBackground:
     * Final refit with the converged mask: GCV's smoothing, stiffened if needed until
       the residual is white in blocks twice the largest masking scale (16 px), so the
       background does not follow the noise on the scales of the sources it masked.
+    * Stage 2 checks after each refit whether the background follows source light
+      (``source_asymmetry=2.5``: bumps against a 4 times stiffer fit more than 2.5 times
+      deeper than its dips, as unmasked galaxy wings give and sky structure does not);
+      if so, the smoothing is held at least that stiff for the rest of the fit.
+    * A stage stops when its mask has settled and the background moved by less than
+      0.01 of its RMS or half its own statistical error (``error_tol=0.5``), or after
+      8 iterations.
 
     Every refit chooses its smoothing length by GCV on the masked image, so the
     smoothing follows the data's structure scale and shrinks as the masks remove the
@@ -1027,7 +1036,7 @@ def default_pipeline(image, mask=None, **options) -> IterativeBackground:
         change_tol=options.get("change_tol", 0.01),
         mask_tol=options.get("mask_tol", 0.002),
         error_tol=options.get("error_tol", 0.5),
-        source_asymmetry=options.get("source_asymmetry", 3.0),
+        source_asymmetry=options.get("source_asymmetry", 2.5),
     )
 
 
