@@ -255,3 +255,26 @@ def floor_in_place(values, floor):  # pragma: no cover - compiled
         if not np.isfinite(v) or v < floor:
             flat[i] = floor
     return values
+
+
+@njit(cache=True, nogil=True)
+def subsampled_change(new, old_sub, bad, noise, q):  # pragma: no cover - compiled
+    """RMS of ``(new[::2, ::2] - old_sub) / sigma`` over the pixels not ``bad`` and
+    finite, ``sigma`` read from the noise grid ``noise`` at ``[y // q, x // q]``
+    (edge-clamped, as in :func:`dog_snr`); 0 when no pixel is left."""
+    ny, nx = old_sub.shape
+    nqy, nqx = noise.shape
+    total = 0.0
+    count = 0
+    for i in range(ny):
+        y = 2 * i
+        qy = min(y // q, nqy - 1)
+        for j in range(nx):
+            x = 2 * j
+            if bad[y, x]:
+                continue
+            d = (new[y, x] - old_sub[i, j]) / noise[qy, min(x // q, nqx - 1)]
+            if np.isfinite(d):
+                total += d * d
+                count += 1
+    return np.sqrt(total / count) if count else 0.0

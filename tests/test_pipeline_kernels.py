@@ -126,3 +126,20 @@ def test_smoother_noise_grid_is_floored_at_half_its_median(rng):
     model = ThinPlateSmoother(cell_size=16).fit(image)
     grid = model.rms_grid
     assert grid.min() >= 0.5 * np.median(grid) - 1e-12
+
+
+@pytest.mark.parametrize("kind", ["scalar", "full", "coarse"])
+def test_change_is_the_rms_of_the_subsampled_difference_in_noise_units(rng, kind):
+    new = rng.normal(size=(61, 50)).astype(np.float32)
+    old = rng.normal(size=(61, 50)).astype(np.float32)
+    bad = rng.random(new.shape) < 0.2
+    new[bad] = np.nan
+    coarse = P.CoarseRMS(
+        values=(1 + rng.random((8, 7))).astype(np.float32), step=8, shape=(61, 50)
+    )
+    rms = {"scalar": 2.0, "full": np.asarray(coarse), "coarse": coarse}[kind]
+    full = np.broadcast_to(np.asarray(rms, dtype=np.float64), new.shape)
+    d = ((new - old) / full)[::2, ::2][~bad[::2, ::2]]
+    want = np.sqrt(np.mean(d.astype(np.float64) ** 2))
+    got = P._change(new, old[::2, ::2], rms, bad)
+    assert got == pytest.approx(want, rel=1e-6)
