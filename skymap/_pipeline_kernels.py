@@ -7,31 +7,43 @@ from numba import njit, prange
 
 
 @njit(cache=True, nogil=True, parallel=True)
-def masked_block_sums(values, excluded, b, noise):  # pragma: no cover - compiled
-    """Sums over b x b blocks of the valid ``values``, of the valid-pixel count, and of
-    the valid ``noise**2`` (``noise`` an rms map of the values' shape; for a constant,
-    shape (1, 1), the variance sums are not formed and a (1, 1) zero array is returned
-    in their place). Partial blocks at the far edges sum what they hold."""
+def masked_block_sums(values, excluded, b):  # pragma: no cover - compiled
+    """Sums over b x b blocks (``b`` a power of two) of the valid ``values`` and the
+    valid-pixel counts. Partial blocks at the far edges sum what they hold."""
     ny, nx = values.shape
     gy = (ny + b - 1) // b
     gx = (nx + b - 1) // b
-    scalar = noise.shape[0] == 1 and noise.shape[1] == 1
-    num = np.zeros((gy, gx), np.float32)
-    cnt = np.zeros((gy, gx), np.float32)
-    # A constant noise needs no variance map: the caller scales the counts.
-    var = np.zeros((1, 1) if scalar else (gy, gx), np.float32)
+    # A shift, not a division, per pixel.
+    shift = 0
+    while (1 << shift) < b:
+        shift += 1
+    num = np.empty((gy, gx), np.float32)
+    cnt = np.empty((gy, gx), np.float32)
     for by in prange(gy):
+        an = np.zeros(gx, np.float32)
+        ac = np.zeros(gx, np.float32)
         for y in range(by * b, min(ny, (by + 1) * b)):
+            vrow, erow = values[y], excluded[y]
             for x in range(nx):
-                if not excluded[y, x]:
-                    bx = x // b
-                    num[by, bx] += values[y, x]
-                    cnt[by, bx] += 1.0
-                    if not scalar:
-                        # Squared here: a full-resolution variance map would cost
-                        # an image of memory.
-                        var[by, bx] += noise[y, x] * noise[y, x]
-    return num, cnt, var
+                # Selects, not branches (excluded values may be NaN).
+                e = erow[x]
+                an[x >> shift] += np.float32(0.0) if e else vrow[x]
+                ac[x >> shift] += np.float32(0.0) if e else np.float32(1.0)
+        num[by] = an
+        cnt[by] = ac
+    return num, cnt
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _correlate_row(src, kernel, out):  # pragma: no cover - compiled
+    """``out[x] = sum_j kernel[j] * src[x + j]`` (``src`` padded by the kernel's
+    half-width on each side): taps outermost, so the inner loop vectorises."""
+    out[:] = 0.0
+    n = out.size
+    for j in range(kernel.size):
+        w = kernel[j]
+        for x in range(n):
+            out[x] += w * src[x + j]
 
 
 @njit(cache=True, nogil=True, parallel=True)
@@ -42,17 +54,17 @@ def gaussian_separable(a, kernel):  # pragma: no cover - compiled
     r = kernel.size // 2
     tmp = np.empty((ny, nx), np.float32)
     for y in prange(ny):
-        for x in range(nx):
-            s = 0.0
-            for j in range(max(0, x - r), min(nx - 1, x + r) + 1):
-                s += kernel[j - x + r] * a[y, j]
-            tmp[y, x] = s
+        row = np.zeros(nx + 2 * r, np.float32)
+        row[r : r + nx] = a[y]
+        _correlate_row(row, kernel, tmp[y])
     out = np.zeros((ny, nx), np.float32)
     for y in prange(ny):
+        acc = out[y]
         for i in range(max(0, y - r), min(ny - 1, y + r) + 1):
             w = kernel[i - y + r]
+            src = tmp[i]
             for x in range(nx):
-                out[y, x] += w * tmp[i, x]
+                acc[x] += w * src[x]
     return out
 
 
@@ -71,81 +83,84 @@ def block_sum(a, b):  # pragma: no cover - compiled
 
 
 @njit(cache=True, nogil=True, parallel=True)
-def dog_snr(num, cnt, var, g, g2, local, bw, noise2, want_grow, excluded):  # pragma: no cover
+def dog_snr(num, cnt, excluded, g, g2, local, bw, noise, b, q, want_grow):  # pragma: no cover
     """Signal-to-noise maps of a normalised Gaussian smoothing, in one fused pass.
 
-    With G the separable kernel ``g`` (and G2 that of ``g2 = g**2``):
-    ``grow = G*num / sqrt(nv)`` and ``snr = (G*num - G*cnt * local) / sqrt(nv)``, where
-    ``nv = G2*var``, or ``noise2 * G2*cnt`` when ``var`` has shape (1, 1) (a constant
-    noise). ``local`` is sampled at ``[y // bw, x // bw]``. Zero where nv is 0. The
-    x pass is buffered in strips of rows, so the temporaries stay small. Without
-    ``want_grow`` the second map is a (1, 1) placeholder. When ``excluded`` has the
-    shape of ``num`` (unbinned data), ``num`` is the raw residual, ``cnt`` is unused and
-    a full-size ``var`` is the raw rms map (squared here): excluded pixels count as value
-    0 and weight 0, which saves three full-size arrays.
+    With G the separable kernel ``g`` and G2 that of ``g2 = g**2``:
+    ``grow = G*num / sqrt(nv)`` and ``snr = (G*num - G*cnt * local) / sqrt(nv)`` with
+    ``nv = sigma**2 * G2*cnt``, ``sigma`` the noise of one full-resolution pixel read
+    from the coarse rms map ``noise`` at ``[(y*b + b//2) // q, (x*b + b//2) // q]``
+    (edge-clamped; this grid is binned by ``b``, the rms map samples every ``q``-th
+    full-resolution pixel): the noise varies slowly enough to be constant over a
+    kernel. ``local`` is sampled at ``[y // bw, x // bw]``. Zero where nv is 0. When
+    ``excluded`` has the shape of ``num`` (unbinned data), ``num`` is the raw residual
+    and ``cnt`` is unused: excluded pixels count as value 0 and weight 0, which saves
+    two full-size arrays. The x pass is buffered in strips of rows, so the temporaries
+    stay small. Without ``want_grow`` the second map is a (1, 1) placeholder.
     """
     ny, nx = num.shape
     direct = excluded.shape[0] == ny and excluded.shape[1] == nx
     r = g.size // 2
-    use_var = var.shape[0] == ny and var.shape[1] == nx
-    snr = np.zeros((ny, nx), np.float32)
-    grow = np.zeros((ny, nx) if want_grow else (1, 1), np.float32)
-    strip = 128
+    nqy, nqx = noise.shape
+    snr = np.empty((ny, nx), np.float32)
+    grow = np.empty((ny, nx) if want_grow else (1, 1), np.float32)
+    strip = 64
     tn = np.empty((strip + 2 * r, nx), np.float32)
     tc = np.empty((strip + 2 * r, nx), np.float32)
     tv = np.empty((strip + 2 * r, nx), np.float32)
+    qx = np.empty(nx, np.int64)
+    lx = np.empty(nx, np.int64)
+    for x in range(nx):
+        qx[x] = min((x * b + b // 2) // q, nqx - 1)
+        lx[x] = x // bw
     for y0 in range(0, ny, strip):
         y1 = min(ny, y0 + strip)
         a0 = max(0, y0 - r)
         a1 = min(ny, y1 + r)
         for k in prange(a1 - a0):
             y = a0 + k
-            for x in range(nx):
-                sn = 0.0
-                sc = 0.0
-                sv = 0.0
-                for j in range(max(0, x - r), min(nx - 1, x + r) + 1):
-                    if direct:
-                        if excluded[y, j]:
-                            continue
-                        value = num[y, j]
-                        count = 1.0
-                    else:
-                        value = num[y, j]
-                        count = cnt[y, j]
-                    w = g[j - x + r]
-                    sn += w * value
-                    sc += w * count
-                    if use_var:
-                        v2 = var[y, j]
-                        if direct:
-                            v2 = v2 * v2
-                        sv += g2[j - x + r] * float(v2)
-                    else:
-                        sv += g2[j - x + r] * count
-                tn[k, x] = sn
-                tc[k, x] = sc
-                tv[k, x] = sv
+            # Padded rows of the masked values and weights, then the taps.
+            pn = np.zeros(nx + 2 * r, np.float32)
+            pc = np.zeros(nx + 2 * r, np.float32)
+            if direct:
+                erow, vrow = excluded[y], num[y]
+                for x in range(nx):
+                    e = erow[x]
+                    pn[x + r] = np.float32(0.0) if e else vrow[x]
+                    pc[x + r] = np.float32(0.0) if e else np.float32(1.0)
+            else:
+                pn[r : r + nx] = num[y]
+                pc[r : r + nx] = cnt[y]
+            _correlate_row(pn, g, tn[k])
+            _correlate_row(pc, g, tc[k])
+            _correlate_row(pc, g2, tv[k])
         for k in prange(y1 - y0):
             y = y0 + k
-            an = np.zeros(nx)
-            ac = np.zeros(nx)
-            av = np.zeros(nx)
+            an = np.zeros(nx, np.float32)
+            ac = np.zeros(nx, np.float32)
+            av = np.zeros(nx, np.float32)
             for i in range(max(0, y - r), min(ny - 1, y + r) + 1):
                 w = g[i - y + r]
                 w2 = g2[i - y + r]
+                sn, sc, sv = tn[i - a0], tc[i - a0], tv[i - a0]
                 for x in range(nx):
-                    an[x] += w * tn[i - a0, x]
-                    ac[x] += w * tc[i - a0, x]
-                    av[x] += w2 * tv[i - a0, x]
-            ly = y // bw
+                    an[x] += w * sn[x]
+                    ac[x] += w * sc[x]
+                    av[x] += w2 * sv[x]
+            qy = min((y * b + b // 2) // q, nqy - 1)
+            # 1 / noise in av, then branch-free loops that vectorise.
             for x in range(nx):
-                v = av[x] if use_var else av[x] * noise2
-                if v > 0:
-                    sd = np.sqrt(v)
-                    if want_grow:
-                        grow[y, x] = an[x] / sd
-                    snr[y, x] = (an[x] - ac[x] * local[ly, x // bw]) / sd
+                sigma = noise[qy, qx[x]]
+                v = av[x] * sigma * sigma
+                av[x] = 1.0 / np.sqrt(v) if v > 0 else 0.0
+            if want_grow:
+                out = grow[y]
+                for x in range(nx):
+                    out[x] = an[x] * av[x]
+            lrow = local[y // bw]
+            out = snr[y]
+            for x in range(nx):
+                out[x] = (an[x] - ac[x] * lrow[lx[x]]) * av[x]
     return snr, grow
 
 
@@ -157,6 +172,21 @@ def expand_mask(small, b, excluded):  # pragma: no cover - compiled
     for y in prange(ny):
         for x in range(nx):
             out[y, x] = small[y // b, x // b] and not excluded[y, x]
+    return out
+
+
+@njit(cache=True, nogil=True, parallel=True)
+def expand_mask_into(small, b, out):  # pragma: no cover - compiled
+    """``out |= small[y // b, x // b]`` in place, at full resolution; returns ``out``.
+    Reads the small map only, and writes only where it is set."""
+    ny, nx = out.shape
+    gx = small.shape[1]
+    for y in prange(ny):
+        row, dst = small[y // b], out[y]
+        for bx in range(gx):
+            if row[bx]:
+                for x in range(bx * b, min(nx, (bx + 1) * b)):
+                    dst[x] = True
     return out
 
 
@@ -225,3 +255,26 @@ def floor_in_place(values, floor):  # pragma: no cover - compiled
         if not np.isfinite(v) or v < floor:
             flat[i] = floor
     return values
+
+
+@njit(cache=True, nogil=True)
+def subsampled_change(new, old_sub, bad, noise, q):  # pragma: no cover - compiled
+    """RMS of ``(new[::2, ::2] - old_sub) / sigma`` over the pixels not ``bad`` and
+    finite, ``sigma`` read from the noise grid ``noise`` at ``[y // q, x // q]``
+    (edge-clamped, as in :func:`dog_snr`); 0 when no pixel is left."""
+    ny, nx = old_sub.shape
+    nqy, nqx = noise.shape
+    total = 0.0
+    count = 0
+    for i in range(ny):
+        y = 2 * i
+        qy = min(y // q, nqy - 1)
+        for j in range(nx):
+            x = 2 * j
+            if bad[y, x]:
+                continue
+            d = (new[y, x] - old_sub[i, j]) / noise[qy, min(x // q, nqx - 1)]
+            if np.isfinite(d):
+                total += d * d
+                count += 1
+    return np.sqrt(total / count) if count else 0.0

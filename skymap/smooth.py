@@ -288,11 +288,14 @@ def _bspline_weights(pos: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return base, weights
 
 
-def upsample(grid: np.ndarray, cell_size, shape, dtype=np.float64, step: int = 1) -> np.ndarray:
+def upsample(
+    grid: np.ndarray, cell_size, shape, dtype=np.float64, step: int = 1, offset: float = 0.0
+) -> np.ndarray:
     """Cubic-spline interpolation of a cell grid (node i at pixel ``i*c + (c-1)/2``) to
     the full ``shape``; beyond the outer nodes the grid is extended linearly, so a
     gradient carries on to the image edge. With ``step`` > 1 only every ``step``-th
-    pixel along each axis is evaluated (exactly ``upsample(...)[::step, ::step]``).
+    pixel along each axis is evaluated (exactly ``upsample(...)[::step, ::step]``), at
+    positions shifted by ``offset`` pixels (``(step - 1) / 2``: the blocks' centres).
 
     Examples
     --------
@@ -307,8 +310,8 @@ def upsample(grid: np.ndarray, cell_size, shape, dtype=np.float64, step: int = 1
     z = np.asarray(grid, dtype=np.float64)
     z = _extend_linear(_extend_linear(z, pad, 0), pad, 1)
     coef = ndimage.spline_filter(z, order=3, mode="mirror")
-    uy = (np.arange(0, shape[0], step) - (cy - 1) / 2.0) / cy + pad
-    ux = (np.arange(0, shape[1], step) - (cx - 1) / 2.0) / cx + pad
+    uy = (np.arange(0, shape[0], step) + offset - (cy - 1) / 2.0) / cy + pad
+    ux = (np.arange(0, shape[1], step) + offset - (cx - 1) / 2.0) / cx + pad
     # Along y on the small grid (sparse, cheap), then along x pixel by pixel.
     by, wy = _bspline_weights(uy)
     rows = np.repeat(np.arange(uy.size), 4)
@@ -458,6 +461,12 @@ class ThinPlateSmoother:
         else:
             zvar = np.full_like(z, float(np.nanmean(var)) if np.isfinite(var).any() else 0.0)
         zrms = np.sqrt(np.maximum(zvar, 0.0))
+        # The smoothed variance can undershoot towards zero where few pixels are left
+        # (masked crowds, the rims of blank regions); a near-zero noise there would make
+        # every fluctuation significant. Floor it at half the typical noise.
+        measured = zrms[vw > 0]
+        if measured.size:
+            zrms = np.maximum(zrms, 0.5 * float(np.median(measured)))
         return SmoothResult(
             shape=img.shape,
             dtype=img.dtype,

@@ -491,14 +491,29 @@ def test_converged_means_the_last_stage_met_its_tolerances(rng):
     np.testing.assert_allclose(growth, np.diff(fractions), atol=1e-12)
 
 
-def test_without_error_tolerance_a_noise_jitter_does_not_converge(rng):
-    # The statistical error is what lets a fit whose background only jitters within its
-    # noise be called converged; with change_tol 0 and no error tolerance nothing is.
-    img, _ = _scene(rng, shape=(128, 128), nsrc=20)
-    strict = P.fit(img, change_tol=0.0, error_tol=0.0, max_iter=3)
-    assert not strict.converged
-    honest = P.fit(img, change_tol=0.0, max_iter=8)
-    assert honest.converged
+def _record(**kw):
+    fields = {"stage": 1, "iteration": 3, "mask_fraction": 0.2, "scale": 4.0, "model": None}
+    return P.IterationRecord(**fields, packed_mask=np.zeros(1, np.uint8), shape=(2, 4), **kw)
+
+
+@pytest.mark.parametrize(
+    ("change", "error", "flips", "growth", "settled"),
+    [
+        (0.005, np.nan, 0.001, 0.001, True),  # below change_tol, few flips
+        (0.02, np.nan, 0.001, 0.001, False),  # no error reported: change_tol alone
+        (0.02, 0.05, 0.001, 0.001, True),  # jitter within half the statistical error
+        (0.03, 0.05, 0.001, 0.001, False),  # more than half of it
+        (0.02, 0.05, 0.01, 0.001, True),  # edges flicker, the mask does not grow
+        (0.02, 0.05, 0.01, 0.005, False),  # the mask still grows
+        (0.02, 0.05, 0.01, -0.005, False),  # ... or shrinks
+    ],
+)
+def test_settled_judges_change_against_statistical_error(change, error, flips, growth, settled):
+    pipe = P.default_pipeline(np.zeros((64, 64)))
+    rec = _record(change=change, error=error, mask_change=flips, mask_growth=growth)
+    assert pipe.settled(rec) is settled
+    strict = P.IterativeBackground(first_guess=pipe.first_guess, stages=pipe.stages, error_tol=0.0)
+    assert strict.settled(rec) is (change <= 0.01 and settled)
 
 
 def test_new_pipeline_options_validated():
