@@ -7,18 +7,18 @@ from numba import njit, prange
 
 
 @njit(cache=True, nogil=True, parallel=True)
-def masked_block_sums(values, excluded, b):  # pragma: no cover - compiled
+def masked_block_sums(values, excluded, b, num, cnt):  # pragma: no cover - compiled
     """Sums over b x b blocks (``b`` a power of two) of the valid ``values`` and the
-    valid-pixel counts. Partial blocks at the far edges sum what they hold."""
+    valid-pixel counts, into ``num`` and ``cnt`` of shape ceil(shape / b). Partial
+    blocks at the far edges sum what they hold. (Outputs come from the caller:
+    numpy's allocations of large arrays use huge pages, numba's do not, and the page
+    faults of fresh memory cost as much as the arithmetic here.)"""
     ny, nx = values.shape
-    gy = (ny + b - 1) // b
-    gx = (nx + b - 1) // b
+    gy, gx = num.shape
     # A shift, not a division, per pixel.
     shift = 0
     while (1 << shift) < b:
         shift += 1
-    num = np.empty((gy, gx), np.float32)
-    cnt = np.empty((gy, gx), np.float32)
     for by in prange(gy):
         an = np.zeros(gx, np.float32)
         ac = np.zeros(gx, np.float32)
@@ -46,20 +46,35 @@ def _correlate_row(src, kernel, out):  # pragma: no cover - compiled
             out[x] += w * src[x + j]
 
 
+@njit(cache=True, nogil=True, inline="always")
+def _correlate_row2(src, k1, k2, out1, out2):  # pragma: no cover - compiled
+    """:func:`_correlate_row` with two kernels of one size at once (one read of src)."""
+    out1[:] = 0.0
+    out2[:] = 0.0
+    n = out1.size
+    for j in range(k1.size):
+        w1 = k1[j]
+        w2 = k2[j]
+        for x in range(n):
+            v = src[x + j]
+            out1[x] += w1 * v
+            out2[x] += w2 * v
+
+
 @njit(cache=True, nogil=True, parallel=True)
-def gaussian_separable(a, kernel):  # pragma: no cover - compiled
+def gaussian_separable(a, kernel, tmp, out):  # pragma: no cover - compiled
     """Correlate ``a`` with ``kernel`` along x then y, zero outside the array
-    (scipy.ndimage.correlate1d with mode="constant", twice), in float32."""
+    (scipy.ndimage.correlate1d with mode="constant", twice), in float32, into ``out``
+    (``tmp``: workspace of the same shape)."""
     ny, nx = a.shape
     r = kernel.size // 2
-    tmp = np.empty((ny, nx), np.float32)
     for y in prange(ny):
         row = np.zeros(nx + 2 * r, np.float32)
         row[r : r + nx] = a[y]
         _correlate_row(row, kernel, tmp[y])
-    out = np.zeros((ny, nx), np.float32)
     for y in prange(ny):
         acc = out[y]
+        acc[:] = 0.0
         for i in range(max(0, y - r), min(ny - 1, y + r) + 1):
             w = kernel[i - y + r]
             src = tmp[i]
@@ -82,8 +97,22 @@ def block_sum(a, b):  # pragma: no cover - compiled
     return out
 
 
+@njit(cache=True, nogil=True)
+def _runs(keys):  # pragma: no cover - compiled
+    """Start indices of the runs of equal values in ``keys``, then ``keys.size``."""
+    n = keys.size
+    starts = np.empty(n + 1, np.int64)
+    m = 0
+    for i in range(n):
+        if i == 0 or keys[i] != keys[i - 1]:
+            starts[m] = i
+            m += 1
+    starts[m] = n
+    return starts[: m + 1]
+
+
 @njit(cache=True, nogil=True, parallel=True)
-def dog_snr(num, cnt, excluded, g, g2, local, bw, noise, b, q, want_grow):  # pragma: no cover
+def dog_snr(num, cnt, excluded, g, g2, local, bw, noise, b, q, snr, grow):  # pragma: no cover
     """Signal-to-noise maps of a normalised Gaussian smoothing, in one fused pass.
 
     With G the separable kernel ``g`` and G2 that of ``g2 = g**2``:
@@ -96,23 +125,22 @@ def dog_snr(num, cnt, excluded, g, g2, local, bw, noise, b, q, want_grow):  # pr
     ``excluded`` has the shape of ``num`` (unbinned data), ``num`` is the raw residual
     and ``cnt`` is unused: excluded pixels count as value 0 and weight 0, which saves
     two full-size arrays. The x pass is buffered in strips of rows, so the temporaries
-    stay small. Without ``want_grow`` the second map is a (1, 1) placeholder.
+    stay small. The maps are written into ``snr`` and ``grow`` (of ``num``'s shape; a
+    (1, 1) ``grow`` skips that map).
     """
     ny, nx = num.shape
     direct = excluded.shape[0] == ny and excluded.shape[1] == nx
     r = g.size // 2
     nqy, nqx = noise.shape
-    snr = np.empty((ny, nx), np.float32)
-    grow = np.empty((ny, nx) if want_grow else (1, 1), np.float32)
+    want_grow = grow.shape[0] == ny and grow.shape[1] == nx
     strip = 64
     tn = np.empty((strip + 2 * r, nx), np.float32)
     tc = np.empty((strip + 2 * r, nx), np.float32)
     tv = np.empty((strip + 2 * r, nx), np.float32)
-    qx = np.empty(nx, np.int64)
-    lx = np.empty(nx, np.int64)
-    for x in range(nx):
-        qx[x] = min((x * b + b // 2) // q, nqx - 1)
-        lx[x] = x // bw
+    # Runs of columns that share a noise value / a local mean: per-run constants
+    # keep the final loops free of gathers, so they vectorise.
+    qruns = _runs(np.minimum((np.arange(nx) * b + b // 2) // q, nqx - 1))
+    lruns = _runs(np.arange(nx) // bw)
     for y0 in range(0, ny, strip):
         y1 = min(ny, y0 + strip)
         a0 = max(0, y0 - r)
@@ -132,8 +160,7 @@ def dog_snr(num, cnt, excluded, g, g2, local, bw, noise, b, q, want_grow):  # pr
                 pn[r : r + nx] = num[y]
                 pc[r : r + nx] = cnt[y]
             _correlate_row(pn, g, tn[k])
-            _correlate_row(pc, g, tc[k])
-            _correlate_row(pc, g2, tv[k])
+            _correlate_row2(pc, g, g2, tc[k], tv[k])
         for k in prange(y1 - y0):
             y = y0 + k
             an = np.zeros(nx, np.float32)
@@ -148,31 +175,26 @@ def dog_snr(num, cnt, excluded, g, g2, local, bw, noise, b, q, want_grow):  # pr
                     ac[x] += w * sc[x]
                     av[x] += w2 * sv[x]
             qy = min((y * b + b // 2) // q, nqy - 1)
-            # 1 / noise in av, then branch-free loops that vectorise.
-            for x in range(nx):
-                sigma = noise[qy, qx[x]]
-                v = av[x] * sigma * sigma
-                av[x] = 1.0 / np.sqrt(v) if v > 0 else 0.0
+            # 1 / noise in av.
+            for k0 in range(qruns.size - 1):
+                x0, x1 = qruns[k0], qruns[k0 + 1]
+                sigma = noise[qy, min((x0 * b + b // 2) // q, nqx - 1)]
+                s2 = sigma * sigma
+                for x in range(x0, x1):
+                    v = av[x] * s2
+                    av[x] = 1.0 / np.sqrt(v) if v > 0 else 0.0
             if want_grow:
                 out = grow[y]
                 for x in range(nx):
                     out[x] = an[x] * av[x]
             lrow = local[y // bw]
             out = snr[y]
-            for x in range(nx):
-                out[x] = (an[x] - ac[x] * lrow[lx[x]]) * av[x]
+            for k0 in range(lruns.size - 1):
+                x0, x1 = lruns[k0], lruns[k0 + 1]
+                m = lrow[x0 // bw]
+                for x in range(x0, x1):
+                    out[x] = (an[x] - ac[x] * m) * av[x]
     return snr, grow
-
-
-@njit(cache=True, nogil=True, parallel=True)
-def expand_mask(small, b, excluded):  # pragma: no cover - compiled
-    """Full-resolution ``small[y // b, x // b] & ~excluded``."""
-    ny, nx = excluded.shape
-    out = np.zeros((ny, nx), np.bool_)
-    for y in prange(ny):
-        for x in range(nx):
-            out[y, x] = small[y // b, x // b] and not excluded[y, x]
-    return out
 
 
 @njit(cache=True, nogil=True, parallel=True)
@@ -191,11 +213,10 @@ def expand_mask_into(small, b, out):  # pragma: no cover - compiled
 
 
 @njit(cache=True, nogil=True, parallel=True)
-def hysteresis_codes(snr, grow, low, high):  # pragma: no cover - compiled
-    """uint8 map: 2 where ``snr > high`` (seeds), 1 where ``grow > low``, else 0; one
-    byte a pixel instead of the seed, growth and union masks."""
+def hysteresis_codes(snr, grow, low, high, out):  # pragma: no cover - compiled
+    """uint8 map ``out``: 2 where ``snr > high`` (seeds), 1 where ``grow > low``, else 0;
+    one byte a pixel instead of the seed, growth and union masks."""
     ny, nx = snr.shape
-    out = np.empty((ny, nx), np.uint8)
     for y in prange(ny):
         for x in range(nx):
             if snr[y, x] > high:

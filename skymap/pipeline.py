@@ -72,6 +72,17 @@ def _block_sum(a: np.ndarray, b: int) -> np.ndarray:
     return a if b == 1 else _k.block_sum(a, b)
 
 
+# Large outputs of the kernels are allocated here, by numpy, and passed in: numpy
+# asks for huge pages for big arrays and numba does not, and on the machines we
+# measured the page faults of fresh memory cost as much as the arithmetic.
+
+
+def _masked_block_sums(values, excluded, b):
+    shape = (-(-values.shape[0] // b), -(-values.shape[1] // b))
+    num, cnt = np.empty(shape, np.float32), np.empty(shape, np.float32)
+    return _k.masked_block_sums(values, excluded, b, num, cnt)
+
+
 def _pow2_at_most(value: float, *limits: int) -> int:
     """Largest power of two <= value (at least 1, at most min(limits))."""
     b = 1 << max(0, int(math.floor(math.log2(max(value, 1.0)))))
@@ -101,7 +112,8 @@ def _gaussian_kernel(sigma: float) -> np.ndarray:
 
 
 def _separable(a: np.ndarray, kernel: np.ndarray) -> np.ndarray:
-    return _k.gaussian_separable(a, kernel)
+    tmp, out = np.empty(a.shape, np.float32), np.empty(a.shape, np.float32)
+    return _k.gaussian_separable(a, kernel, tmp, out)
 
 
 def _noise_excess(snr: np.ndarray, excluded: np.ndarray, lag: int, white: float) -> float:
@@ -140,7 +152,9 @@ def _hysteresis(snr: np.ndarray, low: float, high: float, grow=None) -> np.ndarr
     grow = snr if grow is None else grow
     # One byte a pixel (seed / above low / neither) is all the labelling needs: at full
     # resolution the separate seed and growth masks would sit on top of the float maps.
-    codes = _k.hysteresis_codes(snr, grow, np.float32(low), np.float32(high))
+    codes = _k.hysteresis_codes(
+        snr, grow, np.float32(low), np.float32(high), np.empty(snr.shape, np.uint8)
+    )
     # The labels take the memory of the signal-to-noise map, no longer needed.
     labels = snr.view(np.int32) if snr.dtype == np.float32 else None
     if labels is None:
@@ -348,7 +362,7 @@ class HysteresisMasker:
             # only the wide surround needs the masked sums (computed binned below).
             num, cnt = res, None
         else:
-            num, cnt = _k.masked_block_sums(res, excluded, b)
+            num, cnt = _masked_block_sums(res, excluded, b)
         g = _gaussian_kernel(s / b)
         if self.surround:
             # Subtract the masked local mean over a Gaussian `surround` times wider (a
@@ -358,22 +372,28 @@ class HysteresisMasker:
             wide = self.surround * s
             bw = _pow2_at_most(wide / (2.0 * b), *num.shape)
             if cnt is None:
-                numw, cntw = _k.masked_block_sums(res, excluded, bw)
+                numw, cntw = _masked_block_sums(res, excluded, bw)
             else:
                 numw, cntw = _block_sum(num, bw), _block_sum(cnt, bw)
             k = _gaussian_kernel(wide / (b * bw))
+            local = _separable(numw, k)
+            del numw
+            weight = _separable(cntw, k)
+            del cntw
             with np.errstate(invalid="ignore", divide="ignore"):
-                local = _separable(numw, k) / _separable(cntw, k)
-            del numw, cntw
+                np.divide(local, weight, out=local)
+            del weight
             local[~np.isfinite(local)] = 0
         else:
             local, bw = np.zeros((1, 1), np.float32), max(num.shape)
         # snr of the normalised convolution: the weight sum cancels between the
         # smoothed value and its noise.
         direct = excluded if cnt is None else np.zeros((1, 1), bool)
-        snr, plain = _k.dog_snr(
+        snr = np.empty(num.shape, np.float32)
+        plain = np.empty(num.shape if self.grow_plain else (1, 1), np.float32)
+        _k.dog_snr(
             num, num if cnt is None else cnt, direct, g, g * g, local, bw, sigma, b, q,
-            self.grow_plain,
+            snr, plain,
         )  # fmt: skip
         # No copy at full resolution: the excluded mask is the invalid map there.
         invalid = excluded if cnt is None else cnt <= 0
@@ -413,7 +433,9 @@ class HysteresisMasker:
             det = grow_mask(det, radius) if radius > 3 else _dilate_disk(det, radius)
         if into is not None:
             return _k.expand_mask_into(det, b, into)
-        return _k.expand_mask(det, b, excluded)
+        out = _k.expand_mask_into(det, b, np.zeros(excluded.shape, bool))
+        # a > b is a & ~b for booleans, without a temporary.
+        return np.greater(out, excluded, out=out)
 
     def dilation(self, s: float) -> float:
         """Radius in full-resolution pixels by which detections of scale ``s`` grow."""
@@ -962,7 +984,7 @@ def _typical_noise(rms, img, bad) -> float:
     if np.ndim(rms) == 0:
         return float(rms)
     if isinstance(rms, CoarseRMS):
-        _, cnt = _k.masked_block_sums(img, bad, rms.step)
+        _, cnt = _masked_block_sums(img, bad, rms.step)
         return float(np.median(rms.values[cnt > 0]))
     # The selection is a fresh copy: the median may partition it in place.
     return float(np.median(np.asarray(rms)[~bad], overwrite_input=True))

@@ -215,7 +215,9 @@ def _gcv_search(system: _System, y, smoothing_range, start, step, inflation, sco
         lam = 10.0**loglam
         if lam not in scores:
             near = min(solutions, key=lambda k: abs(np.log10(k) - loglam)) if solutions else None
-            z, _ = system.solve(y, lam, solutions.get(near))
+            # GCV compares fits that differ by far more than 1e-4: the search solves
+            # loosely, and only the chosen fit is polished below.
+            z, _ = system.solve(y, lam, solutions.get(near), rtol=1e-4)
             solutions[lam] = z
             scores[lam] = system.gcv(y, z, lam, inflation)
         return scores[lam], loglam
@@ -252,7 +254,8 @@ def _gcv_search(system: _System, y, smoothing_range, start, step, inflation, sco
                 best, centre = s, v
         fine /= 2.0
     lam = 10.0**centre
-    return solutions[lam], lam
+    z, _ = system.solve(y, lam, solutions[lam])
+    return z, lam
 
 
 # --------------------------------------------------------------------------- image level
