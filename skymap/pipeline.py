@@ -629,7 +629,11 @@ class BackgroundResult:
     noise : float
         Median of the final RMS.
     converged : bool
-        Whether the last stage met its tolerances before ``max_iter``.
+        Whether an iteration of the last stage met the tolerances
+        (:meth:`IterativeBackground.settled`: the background moved by less than
+        ``change_tol`` or ``error_tol`` times its statistical error, and the mask
+        settled) within ``max_iter``. False means the last background may still be
+        moving by more than the data can vouch for; the history shows how.
     """
 
     background: np.ndarray
