@@ -144,6 +144,28 @@ def dog_snr(num, cnt, excluded, g, g2, local, bw, noise, b, q, snr, grow):  # pr
     # keep the final loops free of gathers, so they vectorise.
     qruns = _runs(np.minimum((np.arange(nx) * b + b // 2) // q, nqx - 1))
     lruns = _runs(np.arange(nx) // bw)
+    # Unbinned rows without an excluded pixel have weights of one everywhere, so their
+    # weight convolutions are all the same row, and every row whose whole kernel
+    # window is such a row has the same G*cnt and G2*cnt: computed once here with the
+    # very operations of the general path, so the results are bit-identical to it
+    # (and independent of where the strips or a tile's edges fall).
+    clean = np.zeros(ny, np.bool_)
+    if direct:
+        for y in prange(ny):
+            clean[y] = not excluded[y].any()
+    ones = np.zeros(nx + 2 * r, np.float32)
+    ones[r : r + nx] = 1.0
+    crow = np.empty(nx, np.float32)
+    vrow1 = np.empty(nx, np.float32)
+    _correlate_row2(ones, g, g2, crow, vrow1)
+    cint = np.zeros(nx, np.float32)
+    vint = np.zeros(nx, np.float32)
+    for i in range(2 * r + 1):
+        w = g[i]
+        w2 = g2[i]
+        for x in range(nx):
+            cint[x] += w * crow[x]
+            vint[x] += w2 * vrow1[x]
     for y0 in range(0, ny, strip):
         y1 = min(ny, y0 + strip)
         a0 = max(0, y0 - r)
@@ -152,6 +174,12 @@ def dog_snr(num, cnt, excluded, g, g2, local, bw, noise, b, q, snr, grow):  # pr
             y = a0 + k
             # Padded rows of the masked values and weights, then the taps.
             pn = np.zeros(nx + 2 * r, np.float32)
+            if clean[y]:
+                pn[r : r + nx] = num[y]
+                _correlate_row(pn, g, tn[k])
+                tc[k] = crow
+                tv[k] = vrow1
+                continue
             pc = np.zeros(nx + 2 * r, np.float32)
             if direct:
                 erow, vrow = excluded[y], num[y]
@@ -167,16 +195,27 @@ def dog_snr(num, cnt, excluded, g, g2, local, bw, noise, b, q, snr, grow):  # pr
         for k in prange(y1 - y0):
             y = y0 + k
             an = np.zeros(nx, np.float32)
-            ac = np.zeros(nx, np.float32)
-            av = np.zeros(nx, np.float32)
-            for i in range(max(0, y - r), min(ny - 1, y + r) + 1):
-                w = g[i - y + r]
-                w2 = g2[i - y + r]
-                sn, sc, sv = tn[i - a0], tc[i - a0], tv[i - a0]
-                for x in range(nx):
-                    an[x] += w * sn[x]
-                    ac[x] += w * sc[x]
-                    av[x] += w2 * sv[x]
+            lo, hi = max(0, y - r), min(ny - 1, y + r)
+            steady = direct and lo == y - r and hi == y + r and clean[lo : hi + 1].all()
+            if steady:
+                ac = cint
+                av = vint.copy()
+                for i in range(lo, hi + 1):
+                    w = g[i - y + r]
+                    sn = tn[i - a0]
+                    for x in range(nx):
+                        an[x] += w * sn[x]
+            else:
+                ac = np.zeros(nx, np.float32)
+                av = np.zeros(nx, np.float32)
+                for i in range(lo, hi + 1):
+                    w = g[i - y + r]
+                    w2 = g2[i - y + r]
+                    sn, sc, sv = tn[i - a0], tc[i - a0], tv[i - a0]
+                    for x in range(nx):
+                        an[x] += w * sn[x]
+                        ac[x] += w * sc[x]
+                        av[x] += w2 * sv[x]
             qy = min((y * b + b // 2) // q, nqy - 1)
             # 1 / noise in av.
             for k0 in range(qruns.size - 1):

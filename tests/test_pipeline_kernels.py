@@ -143,3 +143,21 @@ def test_change_is_the_rms_of_the_subsampled_difference_in_noise_units(rng, kind
     want = np.sqrt(np.mean(d.astype(np.float64) ** 2))
     got = P._change(new, old[::2, ::2], rms, bad)
     assert got == pytest.approx(want, rel=1e-6)
+
+
+@pytest.mark.parametrize("s", [1.0, 1.5])
+def test_unmasked_rows_take_the_shortcut_bit_for_bit(rng, s):
+    # Rows without an excluded pixel share their weight sums (a shortcut); masking
+    # column 0 of every row forces the general path, which must agree bit for bit
+    # beyond the kernel's reach of that column.
+    res = rng.normal(size=(120, 140)).astype(np.float32)
+    masker = P.HysteresisMasker(grow_plain=True)
+    clean = np.zeros(res.shape, bool)
+    edge = clean.copy()
+    edge[:, 0] = True
+    a = masker.scale_maps(res, np.asarray(np.float32(1.1)), clean, s)
+    b = masker.scale_maps(res, np.asarray(np.float32(1.1)), edge, s)
+    reach = P._gaussian_kernel(s).size  # beyond the kernel and the surround's bins
+    far = (slice(None), slice(4 * reach, None))
+    np.testing.assert_array_equal(a.plain[far], b.plain[far])
+    assert np.abs(a.snr[far] - b.snr[far]).max() < 1e-5  # the surround mean differs
