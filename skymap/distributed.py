@@ -28,22 +28,43 @@ True
 from __future__ import annotations
 
 import logging
+import math
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-from ._validate import as_mask, as_pair, check_positive, work_dtype
+from ._validate import as_mask, as_pair, check_positive, combine_masks, work_dtype
 from .interpolate import MeshGeometry
 from .mesh import MeshBackground, MeshResult
+from .pipeline import (
+    HysteresisMasker,
+    IterativeBackground,
+    _noise_step,
+    _pair_differences,
+    _pow2_at_most,
+    _ScaleMaps,
+    default_pipeline,
+)
+from .smooth import (
+    SmoothResult,
+    ThinPlateSmoother,
+    cell_sums,
+    reference_level,
+    reference_step,
+    upsample,
+)
 
 __all__ = [
+    "TiledFitResult",
+    "TiledIteration",
     "TiledMeshResult",
     "cluster_client",
     "map_files",
+    "tiled_fit",
     "tiled_mesh_background",
 ]
 
@@ -376,3 +397,796 @@ def _tile_map(values, excluded, mesh, shape, halo, block_info=None):
     sub = mesh.interpolator(values[j0:j1, i0:i1], excluded[j0:j1, i0:i1], geometry, sub_shape)
     sub = np.asarray(sub, dtype=values.dtype)
     return np.ascontiguousarray(sub[y0 - j0 * by : y1 - j0 * by, x0 - i0 * bx : x1 - i0 * bx])
+
+
+# --------------------------------------------------------------------------- tiled fit
+
+
+@dataclass(frozen=True, kw_only=True, eq=False)
+class TiledIteration:
+    """One iteration of a :func:`tiled_fit`: the scalar fields of
+    :class:`~skymap.pipeline.IterationRecord` and the estimator's (small, grid-level)
+    result; the iteration's full-resolution maps are not kept."""
+
+    stage: int
+    iteration: int
+    mask_fraction: float
+    mask_change: float
+    change: float
+    scale: float | None
+    model: SmoothResult = field(repr=False)
+
+    def to_dict(self) -> dict:
+        """The scalar fields, as :meth:`IterationRecord.to_dict`."""
+        return {
+            "stage": self.stage,
+            "iteration": self.iteration,
+            "mask_fraction": self.mask_fraction,
+            "mask_change": self.mask_change,
+            "change": self.change,
+            "scale": self.scale,
+        }
+
+
+@dataclass(frozen=True, kw_only=True, eq=False)
+class TiledFitResult:
+    """What :func:`tiled_fit` found: the fields of a
+    :class:`~skymap.pipeline.BackgroundResult`, with dask arrays for the maps.
+
+    Attributes
+    ----------
+    background, rms : dask.array.Array
+        Final background and its RMS, evaluated lazily tile by tile from the final
+        thin-plate grid (each tile exactly as the in-memory map's).
+    mask, bad_mask : dask.array.Array of bool
+        Everything the final fit excluded, and the given mask OR non-finite pixels
+        (True = excluded); persisted on the cluster.
+    history : tuple of TiledIteration
+        Every iteration, first guess included.
+    config : IterativeBackground
+        The pipeline that ran.
+    noise : float
+        Median of the final working RMS over the valid pixels (exact).
+    converged : bool
+        Whether the last stage met its tolerances before ``max_iter``.
+    tile : (int, int)
+        Tile shape in pixels (the last tile of each axis may be shorter).
+    halo : int
+        Largest halo in pixels read around a tile (see :func:`tiled_fit`).
+    """
+
+    background: Any
+    rms: Any
+    mask: Any
+    bad_mask: Any
+    history: tuple
+    config: IterativeBackground
+    noise: float
+    converged: bool
+    tile: tuple[int, int]
+    halo: int
+
+    @property
+    def model(self) -> SmoothResult:
+        """The final estimator result (cell grid, smoothing, GCV scores)."""
+        return self.history[-1].model
+
+    @property
+    def source_mask(self):
+        """The final detections, ``mask & ~bad_mask`` (lazy)."""
+        return self.mask & ~self.bad_mask
+
+
+def tiled_fit(
+    image: Any,
+    mask: Any = None,
+    *,
+    pipeline: IterativeBackground | None = None,
+    tile: int | tuple[int, int] = 1024,
+    client: Any = None,
+    **options: Any,
+) -> TiledFitResult:
+    """Run :func:`skymap.fit` (or an :class:`IterativeBackground` of thin-plate
+    smoothers and hysteresis maskers) tile by tile on an image held as a dask array.
+
+    The driver holds only small things: cell grids, the strided subsamples the global
+    statistics read, per-tile counts and the smoother's solve on the cell grid. Every
+    full-resolution step runs tile by tile on the cluster; the masks between iterations
+    are persisted there as boolean dask arrays.
+
+    Parameters
+    ----------
+    image : ndarray, memmap or dask.array.Array (ny, nx)
+        The image; only tiles (with their halos) are loaded, never the whole.
+    mask : array-like or dask array of bool, optional
+        True = excluded. NaN and inf pixels are excluded automatically.
+    pipeline : IterativeBackground, optional
+        The pipeline to run; default :func:`skymap.pipeline.default_pipeline` with
+        ``options``. Its first guess, stage estimators and final refit must be
+        :class:`~skymap.smooth.ThinPlateSmoother` s, its maskers
+        :class:`~skymap.pipeline.HysteresisMasker` s.
+    tile : int or (int, int)
+        Approximate tile shape in pixels, rounded down (but not below) to a multiple of
+        the alignment unit (see Notes); an axis shorter than the unit is one tile.
+    client : optional
+        A ``distributed.Client`` (or any dask scheduler) to run on; default: dask's
+        current scheduler. Without a distributed client the persisted masks live in
+        this process.
+    **options
+        Passed to :func:`~skymap.pipeline.default_pipeline` (not allowed with
+        ``pipeline``).
+
+    Returns
+    -------
+    TiledFitResult
+
+    Raises
+    ------
+    ValueError
+        A non-2-D image, a mask of another shape, no valid pixel, ``options`` given
+        with ``pipeline``.
+    TypeError
+        A pipeline with pieces the tiled path cannot split (other estimators or
+        maskers).
+
+    Notes
+    -----
+    What is exact. The background, the masks and the history's mask statistics equal
+    the in-memory fit bit for bit: tiles are aligned so that every cell, binning block
+    and surround block of the masker lies inside one tile; every local step reads a
+    halo wide enough for its kernels; every global statistic reads the same pixels as
+    in memory (the reference level's strided subsample, the noise-excess pairs, the
+    working RMS's floor sample) and is finished in the driver; the connected regions
+    of the hysteresis are labelled across tiles by ``dask_image.ndmeasure.label``, so
+    a region larger than any halo is still one region. Only the background-change
+    statistic is summed tile by tile (a relative difference of ~1e-15, which could
+    matter only for a change within that of ``change_tol``).
+
+    Alignment unit, per axis: the least common multiple of 2 (the change statistic's
+    ``[::2, ::2]`` subsample), every cell size a smoother may try
+    (:meth:`ThinPlateSmoother.cell_sequence`) and ``b * bw`` for every masking scale
+    ``s`` (``b = binning(s)``, ``bw`` the surround's block on the binned grid).
+
+    Halo in pixels, the largest over the maskers' scales of
+
+    * maps: ``max(b * r(s / b), b * bw * r(surround * s / (b * bw)))``, the reach of
+      the matched filter and of the surround mean, ``r(sigma) = max(1, int(4 sigma +
+      0.5))`` being a Gaussian kernel's radius in its grid's units;
+    * dilation: ``b * (ceil(dilation(s) / b) + 1)``;
+
+    each rounded up to the alignment unit. The noise-excess pairs (``noise_lag``
+    binned pixels apart) and the labelling read the assembled binned maps, so they
+    need none. The smoother needs none: its cells are summed inside the tiles, and
+    each tile's map is evaluated from the whole (small) grid.
+
+    Examples
+    --------
+    >>> from skymap.simulate import notebook_scene
+    >>> import skymap
+    >>> image = notebook_scene(shrink_factor=8).image
+    >>> tiled = tiled_fit(image, tile=128)  # doctest: +SKIP
+    >>> ref = skymap.fit(image)  # doctest: +SKIP
+    >>> bool(abs(tiled.background.compute() - ref.background).max() <= 1e-6 * ref.noise)
+    True
+    """
+    import dask.array as da
+
+    arr = image if isinstance(image, da.Array) else da.from_array(image, chunks=-1)
+    if arr.ndim != 2:
+        raise ValueError(f"image must be 2-dimensional, got shape {arr.shape}")
+    shape = (int(arr.shape[0]), int(arr.shape[1]))
+    if shape[0] == 0 or shape[1] == 0:
+        raise ValueError(f"image must not be empty, got shape {shape}")
+    if arr.dtype.kind not in "biuf":
+        raise TypeError(f"image must hold real numbers (int or float), got dtype {arr.dtype}")
+    dtype = work_dtype(arr.dtype)
+    if pipeline is None:
+        # default_pipeline only validates its image: a zero-strided stand-in of the
+        # right shape and dtype, not the data.
+        pipeline = default_pipeline(np.broadcast_to(np.zeros((), dtype), shape), **options)
+    elif options:
+        raise ValueError(
+            f"options {sorted(options)} apply to the default pipeline only, not to an "
+            "explicit pipeline"
+        )
+    _check_tiled_pipeline(pipeline)
+    tiling = _Tiling.of(pipeline, shape, as_pair("tile", tile))
+    run = _TiledRun(arr, mask, pipeline, tiling, dtype, client)
+    return run.fit()
+
+
+def _check_tiled_pipeline(pipeline: Any) -> None:
+    if not isinstance(pipeline, IterativeBackground):
+        raise TypeError(
+            "pipeline must be a skymap.pipeline.IterativeBackground, got "
+            f"{type(pipeline).__name__}"
+        )
+    pieces = [("first_guess", pipeline.first_guess, ThinPlateSmoother)]
+    for i, st in enumerate(pipeline.stages):
+        pieces.append((f"stages[{i}].estimator", st.estimator, ThinPlateSmoother))
+        pieces.append((f"stages[{i}].masker", st.masker, HysteresisMasker))
+    if pipeline.final is not None:
+        pieces.append(("final", pipeline.final, ThinPlateSmoother))
+    for name, obj, kind in pieces:
+        if not isinstance(obj, kind):
+            raise TypeError(
+                f"tiled_fit runs {kind.__name__} as {name}, got {type(obj).__name__}; run "
+                "this pipeline in memory (IterativeBackground.fit)"
+            )
+
+
+def _surround_block(masker: HysteresisMasker, s: float, b: int, shape) -> int:
+    """The surround's block on the binned grid, as ``scale_maps`` picks it for the
+    whole image (a tile's window is never smaller than one such block)."""
+    if not masker.surround:
+        return 1
+    binned = (-(-shape[0] // b), -(-shape[1] // b))
+    return _pow2_at_most(masker.surround * s / (2.0 * b), *binned)
+
+
+def _kernel_radius(sigma: float) -> int:
+    # the radius of scale_maps' Gaussian kernels (_gaussian_kernel), in grid units
+    return max(1, int(4.0 * sigma + 0.5))
+
+
+def _round_up(value: int, unit: int) -> int:
+    return -(-value // unit) * unit
+
+
+@dataclass(frozen=True)
+class _Tiling:
+    """Tiles aligned to every cell and block grid of a pipeline, with their halos."""
+
+    shape: tuple[int, int]
+    chunks: tuple[tuple[int, ...], tuple[int, ...]]
+    tile: tuple[int, int]
+    halo_maps: dict  # (masker index, scale) -> (hy, hx) pixels
+    halo_dilate: dict
+
+    @classmethod
+    def of(cls, pipeline: IterativeBackground, shape, tile) -> _Tiling:
+        smoothers = [pipeline.first_guess, *(st.estimator for st in pipeline.stages)]
+        if pipeline.final is not None:
+            smoothers.append(pipeline.final)
+        units = [2, 2]
+        for sm in smoothers:
+            for cells in sm.cell_sequence(shape):
+                units = [math.lcm(u, c) for u, c in zip(units, cells, strict=True)]
+        reach: dict = {}
+        for k, st in enumerate(pipeline.stages):
+            m = st.masker
+            for s in m.scales:
+                b = m.binning(s, shape)
+                bw = _surround_block(m, s, b, shape)
+                units = [math.lcm(u, b * bw) for u in units]
+                maps = b * _kernel_radius(s / b)
+                if m.surround:
+                    maps = max(maps, b * bw * _kernel_radius(m.surround * s / (b * bw)))
+                dilate = b * (math.ceil(m.dilation(s) / b) + 1)
+                reach[k, s] = (maps, dilate)
+        tiles = tuple(
+            n if n <= u else max(u, t // u * u) for n, u, t in zip(shape, units, tile, strict=True)
+        )
+        chunks = tuple(_aligned_chunks(n, t) for n, t in zip(shape, tiles, strict=True))
+        halo_maps = {key: tuple(_round_up(r[0], u) for u in units) for key, r in reach.items()}
+        halo_dilate = {key: tuple(_round_up(r[1], u) for u in units) for key, r in reach.items()}
+        return cls(shape, chunks, tiles, halo_maps, halo_dilate)
+
+    @property
+    def halo(self) -> int:
+        return max([0, *(max(h) for h in (*self.halo_maps.values(), *self.halo_dilate.values()))])
+
+    def tiles(self) -> Iterator[tuple[int, int, tuple[int, int], tuple[int, int]]]:
+        """(i, j, (y0, y1), (x0, x1)) of every tile, row by row."""
+        ys = np.cumsum((0, *self.chunks[0]))
+        xs = np.cumsum((0, *self.chunks[1]))
+        for i in range(len(self.chunks[0])):
+            for j in range(len(self.chunks[1])):
+                yield i, j, (int(ys[i]), int(ys[i + 1])), (int(xs[j]), int(xs[j + 1]))
+
+    def window(self, rows, cols, halo) -> tuple[tuple[int, int], tuple[int, int]]:
+        """The tile ``rows`` x ``cols`` grown by ``halo`` = (hy, hx), cut at the edges."""
+        (y0, y1), (x0, x1) = rows, cols
+        ny, nx = self.shape
+        return (max(0, y0 - halo[0]), min(ny, y1 + halo[0])), (
+            max(0, x0 - halo[1]),
+            min(nx, x1 + halo[1]),
+        )
+
+    def binned_chunks(self, b: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        out = []
+        for ch in self.chunks:
+            edges = np.cumsum((0, *ch))
+            out.append(
+                tuple(
+                    int(-(-e1 // b) - e0 // b)
+                    for e0, e1 in zip(edges[:-1], edges[1:], strict=True)
+                )
+            )
+        return tuple(out)
+
+
+# The working noise. pipeline._working_rms hands the maskers either a scalar or a
+# full-resolution map; a tiled run never holds the map, only what rebuilds any window
+# of it. These two functions are the only places that know how, so that a change in
+# _working_rms is followed here (and nowhere else).
+
+
+@dataclass(frozen=True, kw_only=True, eq=False)
+class _NoiseMap:
+    """The working-noise map of ``model``: its RMS grid interpolated, floored."""
+
+    model: SmoothResult
+    floor: float | None
+
+
+def _working_noise(model: SmoothResult, strips, compute) -> float | _NoiseMap:
+    """``pipeline._working_rms(model)`` without the full map: the same scalar, or the
+    same map as a :class:`_NoiseMap`. Its floor, half the median of every step-th
+    finite positive value in C order (``_k.positive_sample(rms, 250_000)``), is taken
+    from the same values: counted, then sampled, over full-width strips of rows."""
+    g = np.asarray(model.rms_grid)
+    g = g[np.isfinite(g)]
+    if g.size and g.min() > 0 and g.max() <= 1.05 * g.min():
+        return float(np.median(g))
+    import dask
+
+    counts = compute(*[dask.delayed(_strip_positive)(model, rows) for rows in strips])
+    total = int(sum(counts))
+    if total == 0:
+        return _NoiseMap(model=model, floor=None)
+    step = max(1, total // 250_000)
+    first = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    samples = compute(
+        *[
+            dask.delayed(_strip_positive)(model, rows, int(-f % step), step)
+            for rows, f in zip(strips, first, strict=True)
+        ]
+    )
+    return _NoiseMap(model=model, floor=0.5 * float(np.median(np.concatenate(samples))))
+
+
+def _noise_window(noise: float | _NoiseMap, window, step: int = 1):
+    """The working noise over ``window`` = ((y0, y1), (x0, x1)), every ``step``-th
+    pixel: the scalar itself, or that window of the floored map (input dtype)."""
+    if not isinstance(noise, _NoiseMap):
+        return noise
+    m = noise.model
+    rms = upsample(m.rms_grid, m.cell_size, m.shape, m.dtype, step, window)
+    if noise.floor is not None:
+        floor = rms.dtype.type(noise.floor)
+        rms = np.where(np.isfinite(rms) & (rms >= floor), rms, floor)
+    return rms
+
+
+def _strip_positive(model: SmoothResult, rows, start: int | None = None, step: int = 1):
+    """The count (``start`` None) or the ``[start::step]`` sample of the finite
+    positive values of the unfloored RMS map's rows ``rows``, in C order."""
+    rms = upsample(
+        model.rms_grid, model.cell_size, model.shape, model.dtype, 1, (rows, (0, model.shape[1]))
+    )
+    v = rms[np.isfinite(rms) & (rms > 0)]
+    return v.size if start is None else v[start::step]
+
+
+class _TiledRun:
+    """One :func:`tiled_fit`: the driver's side of the pipeline, step for step as
+    :meth:`IterativeBackground.fit`."""
+
+    def __init__(self, image, mask, pipeline, tiling: _Tiling, dtype, client):
+        import dask.array as da
+
+        self.pipe, self.t, self.dtype, self.client = pipeline, tiling, np.dtype(dtype), client
+        shape = tiling.shape
+        if isinstance(image, da.Array):
+            arr = image.rechunk(tiling.chunks)
+        else:
+            arr = da.from_array(image, chunks=tiling.chunks)
+        self.img = arr.map_blocks(_work_block, dtype=self.dtype)
+        given = None if mask is None else _as_dask_mask(mask, shape, tiling.chunks, "mask")
+        bad = da.map_blocks(_bad_block, self.img, *([] if given is None else [given]), dtype=bool)
+        (self.bad,) = self.persist(bad)
+        self.size = shape[0] * shape[1]
+        self.nbad = int(self.compute(self.bad.sum()))
+        if self.nbad == self.size:
+            raise ValueError("image has no valid pixel: everything is masked or non-finite")
+        self.ref_step = reference_step(shape)
+        self.ref_sub = self.compute(self.img[:: self.ref_step, :: self.ref_step])
+        # Full-width strips of about a tile's area, for the C-order noise sample.
+        h = max(1, tiling.tile[0] * tiling.tile[1] // shape[1])
+        self.strips = [(y, min(shape[0], y + h)) for y in range(0, shape[0], h)]
+
+    # -- dask
+
+    def persist(self, *arrays):
+        import dask
+
+        return dask.persist(*arrays, scheduler=self.client)
+
+    def compute(self, *things):
+        import dask
+
+        out = dask.compute(*things, scheduler=self.client)
+        return out[0] if len(things) == 1 else list(out)
+
+    def tile_map(self, function, *arrays, dtype, chunks=None, **kwargs):
+        import dask.array as da
+
+        return da.map_blocks(function, *arrays, dtype=dtype, chunks=chunks, **kwargs)
+
+    def per_tile_sums(self, function, *arrays, width: int, **kwargs) -> np.ndarray:
+        """Sum over the tiles of ``function(blocks..., window=...)``, a vector of
+        ``width`` numbers per tile."""
+        ny, nx = (len(c) for c in self.t.chunks)
+        parts = self.tile_map(
+            _with_window,
+            *arrays,
+            task=function,
+            dtype=np.float64,
+            chunks=((1,) * ny, (1,) * nx, (width,)),
+            new_axis=2,
+            **kwargs,
+        )
+        return np.asarray(self.compute(parts.sum(axis=(0, 1))))
+
+    # -- the pipeline
+
+    def fit(self) -> TiledFitResult:
+        pipe = self.pipe
+        history: list[TiledIteration] = []
+        model = self.fit_smoother(pipe.first_guess, self.bad, None)
+        noise = self.working_noise(model)
+        current, count = self.bad, self.nbad
+        history.append(self.record(-1, 0, model, count, float("nan"), float("nan")))
+        converged = False
+        for k, stage in enumerate(pipe.stages):
+            converged = False
+            cap = pipe.max_iter if stage.max_iter is None else stage.max_iter
+            for it in range(int(cap)):
+                new = self.mask(k, stage.masker, model, noise)
+                previous = model
+                model = self.fit_smoother(stage.estimator, new, history[-1].scale)
+                noise = self.working_noise(model)
+                change = self.change(model, previous, noise)
+                flips, count = self.compute((new ^ current).sum(), new.sum())
+                mask_change = float(flips) / self.size
+                history.append(self.record(k, it, model, int(count), change, mask_change))
+                log.debug(
+                    "tiled stage %d iteration %d: change %.4g, mask change %.4g",
+                    k,
+                    it,
+                    change,
+                    mask_change,
+                )
+                current = new
+                if change <= pipe.change_tol and mask_change <= pipe.mask_tol:
+                    converged = True
+                    break
+        final_noise = noise if not isinstance(noise, _NoiseMap) else self.median_noise(noise)
+        if pipe.final is not None:
+            previous = model
+            model = self.fit_smoother(pipe.final, current, history[-1].scale)
+            change = self.change(model, previous, self.working_noise(model))
+            history.append(self.record(len(pipe.stages), 0, model, int(count), change, 0.0))
+        maps = {
+            which: self.tile_map(
+                _tile_map_of, dtype=self.dtype, chunks=self.t.chunks, model=model, which=which
+            )
+            for which in ("grid", "rms_grid")
+        }
+        return TiledFitResult(
+            background=maps["grid"],
+            rms=maps["rms_grid"],
+            mask=current,
+            bad_mask=self.bad,
+            history=tuple(history),
+            config=pipe,
+            noise=float(final_noise),
+            converged=converged,
+            tile=self.t.tile,
+            halo=self.t.halo,
+        )
+
+    def record(self, stage, it, model, count, change, mask_change) -> TiledIteration:
+        return TiledIteration(
+            stage=stage,
+            iteration=it,
+            mask_fraction=float(count) / self.size,
+            mask_change=mask_change,
+            change=change,
+            scale=float(model.scale),
+            model=model,
+        )
+
+    def working_noise(self, model):
+        return _working_noise(model, self.strips, self.compute)
+
+    def fit_smoother(self, smoother: ThinPlateSmoother, mask, scale) -> SmoothResult:
+        """``smoother.fit(image, mask)`` from tile-summed cells."""
+        step = self.ref_step
+        ref = reference_level(self.ref_sub, self.compute(mask[::step, ::step]))
+        if ref is None:
+            ref = self.first_valid(mask)
+        t = self.t
+
+        def sums(cells):
+            cy, cx = cells
+            chunks = (
+                (5,),
+                *(tuple(-(-c // s) for c in ch) for ch, s in zip(t.chunks, cells, strict=True)),
+            )
+            blocks = self.tile_map(
+                _tile_cell_sums,
+                self.img,
+                mask,
+                cells=cells,
+                ref=ref,
+                dtype=np.float64,
+                chunks=chunks,
+                new_axis=0,
+            )
+            return np.asarray(self.compute(blocks))
+
+        start = None if scale is None else scale**4
+        return smoother.fit_sums(sums, t.shape, self.dtype, ref, smoothing_start=start)
+
+    def first_valid(self, mask) -> float:
+        """The image's first good pixel in C order (when the reference subsample has none)."""
+        ny, nx = (len(c) for c in self.t.chunks)
+        flat = self.tile_map(
+            _tile_first_valid,
+            mask,
+            nx=self.t.shape[1],
+            dtype=np.int64,
+            chunks=((1,) * ny, (1,) * nx),
+        )
+        y, x = divmod(int(self.compute(flat.min())), self.t.shape[1])
+        return float(self.compute(self.img[y, x]))
+
+    def change(self, new: SmoothResult, old: SmoothResult, noise) -> float:
+        """``pipeline._change``: RMS of (new - old) / noise on the [::2, ::2] subsample of
+        the valid pixels, summed tile by tile."""
+        total, n = self.per_tile_sums(
+            _tile_change, self.bad, width=2, new=new, old=old, noise=noise
+        )
+        return float(np.sqrt(total / n)) if n else 0.0
+
+    def median_noise(self, noise: _NoiseMap) -> float:
+        """``median(rms[~bad])`` of the working-noise map, exactly: the middle order
+        statistic(s) selected 16 bits at a time from per-tile histograms."""
+        n = self.size - self.nbad
+        values = [self.select(noise, k) for k in sorted({(n - 1) // 2, n // 2})]
+        return float(np.median(np.array(values, dtype=self.dtype)))
+
+    def select(self, noise: _NoiseMap, k: int):
+        bits = self.dtype.itemsize * 8
+        prefix = 0
+        for shift in range(bits - 16, -1, -16):
+            hist = self.per_tile_sums(
+                _tile_digit_histogram,
+                self.bad,
+                width=1 << 16,
+                noise=noise,
+                shift=shift,
+                prefix=prefix,
+                bits=bits,
+            )
+            cum = np.cumsum(hist)
+            digit = int(np.searchsorted(cum, k, side="right"))
+            k -= int(cum[digit - 1]) if digit else 0
+            prefix = (prefix << 16) | digit
+        return _key_to_float(prefix, self.dtype)
+
+    def mask(self, k: int, masker: HysteresisMasker, model: SmoothResult, noise):
+        """``bad | masker(image - background, noise, bad)``, tile by tile."""
+        res = self.tile_map(_tile_residual, self.img, model=model, dtype=self.dtype)
+        excl = self.tile_map(_initial_exclusion, res, self.bad, dtype=bool)
+        res, excl = self.persist(res, excl)
+        for s in masker.scales:
+            excl = self.scale(k, masker, s, res, noise, excl)
+        (new,) = self.persist(self.tile_map(_final_mask, excl, res, self.bad, dtype=bool))
+        return new
+
+    def scale(self, k, masker: HysteresisMasker, s, res, noise, excl):
+        """One scale of ``HysteresisMasker``: maps per tile (local), the noise excess
+        (global, from the same pairs), hysteresis labelled across tiles (global),
+        dilation and expansion per tile (local). Returns the new exclusion mask."""
+        import dask
+        import dask.array as da
+        from dask_image.ndmeasure import label
+
+        t = self.t
+        b = masker.binning(s, t.shape)
+        bchunks = t.binned_chunks(b)
+        snr, plain, invalid = ([[None] * len(t.chunks[1]) for _ in t.chunks[0]] for _ in range(3))
+        for i, j, ys, xs in t.tiles():
+            win = t.window(ys, xs, t.halo_maps[k, s])
+            (wy0, wy1), (wx0, wx1) = win
+            out = dask.delayed(_tile_scale_maps, nout=3)(
+                res[wy0:wy1, wx0:wx1], excl[wy0:wy1, wx0:wx1], noise, win, (ys, xs), masker, s
+            )
+            bshape = (bchunks[0][i], bchunks[1][j])
+            snr[i][j] = da.from_delayed(out[0], bshape, np.float32)
+            invalid[i][j] = da.from_delayed(out[2], bshape, bool)
+            if masker.grow_plain:
+                plain[i][j] = da.from_delayed(out[1], bshape, np.float32)
+        snr, invalid = da.block(snr), da.block(invalid)
+        plain = da.block(plain) if masker.grow_plain else None
+        snr, invalid, plain = self.persist(snr, invalid, plain)
+        parts = _pair_differences(snr, invalid, masker.noise_lag(s, b), _noise_step(snr.shape))
+        factor = masker.factor_from_differences(
+            [np.asarray(p) for p in self.compute(*parts)] if parts else [], s
+        )
+        del invalid
+        # Hysteresis: regions above low that hold a seed above high, labelled across
+        # tiles.
+        maps = (snr,) if plain is None else (snr, plain)
+        kw = {"factor": factor, "low": masker.low, "high": masker.high}
+        seed = self.tile_map(_hysteresis_codes, *maps, which="seed", dtype=bool, **kw)
+        region = self.tile_map(_hysteresis_codes, *maps, which="region", dtype=bool, **kw)
+        labels, _ = label(region, structure=np.ones((3, 3), bool))
+        (labels,) = self.persist(labels)
+        del snr, plain, region
+        pieces = [
+            dask.delayed(_seed_labels)(lb, sd)
+            for lb, sd in zip(labels.to_delayed().ravel(), seed.to_delayed().ravel(), strict=True)
+        ]
+        seeded = np.unique(np.concatenate([np.zeros(0, labels.dtype), *self.compute(*pieces)]))
+        (det,) = self.persist(labels.map_blocks(_is_seeded, seeded=seeded, dtype=bool))
+        del labels
+        # Dilation and expansion to full resolution: masker.scale_mask on each tile's
+        # window of the (already global) detections.
+        out = [[None] * len(t.chunks[1]) for _ in t.chunks[0]]
+        for i, j, ys, xs in t.tiles():
+            win = t.window(ys, xs, t.halo_dilate[k, s])
+            (wy0, wy1), (wx0, wx1) = win
+            grown = dask.delayed(_tile_dilate)(
+                det[wy0 // b : -(-wy1 // b), wx0 // b : -(-wx1 // b)],
+                excl[wy0:wy1, wx0:wx1],
+                win,
+                (ys, xs),
+                masker,
+                s,
+                b,
+            )
+            out[i][j] = da.from_delayed(grown, (ys[1] - ys[0], xs[1] - xs[0]), bool)
+        (new,) = self.persist(da.block(out))
+        return new
+
+
+# --------------------------------------------------------------------------- tile tasks
+
+
+def _location(block_info) -> tuple[tuple[int, int], tuple[int, int]]:
+    (y0, y1), (x0, x1) = block_info[0]["array-location"][-2:]
+    return (y0, y1), (x0, x1)
+
+
+def _work_block(block):
+    from ._validate import as_image
+
+    return as_image(block)
+
+
+def _bad_block(img, given=None):
+    return combine_masks(img, given)
+
+
+def _with_window(*blocks, task, block_info=None, **kwargs):
+    window = _location(block_info)
+    return np.asarray(task(*blocks, window=window, **kwargs), dtype=np.float64)[None, None]
+
+
+def _tile_map_of(model: SmoothResult, which: str, block_info=None):
+    window = block_info[None]["array-location"]
+    grid = getattr(model, which)
+    return upsample(grid, model.cell_size, model.shape, model.dtype, 1, window)
+
+
+def _tile_cell_sums(img, mask, cells, ref, block_info=None):
+    (y0, _), (x0, _) = _location(block_info)
+    return cell_sums(img, mask, cells, ref, origin=(y0, x0))
+
+
+def _tile_first_valid(mask, nx, block_info=None):
+    (y0, _), (x0, _) = _location(block_info)
+    ys, xs = np.nonzero(~mask)
+    first = (ys[0] + y0) * nx + xs[0] + x0 if ys.size else np.iinfo(np.int64).max
+    return np.array([[first]], dtype=np.int64)
+
+
+def _tile_change(bad, window, new, old, noise):
+    """Sum of squares and count of the finite (new - old) / noise on the tile's
+    [::2, ::2] subsample of valid pixels (the tile starts on an even pixel)."""
+    a = upsample(new.grid, new.cell_size, new.shape, new.dtype, 2, window)
+    b = upsample(old.grid, old.cell_size, old.shape, old.dtype, 2, window)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        d = ((a - b) / _noise_window(noise, window, 2))[~bad[::2, ::2]]
+    d = d[np.isfinite(d)]
+    return [np.sum(np.square(d, dtype=np.float64)), d.size]
+
+
+def _float_keys(v: np.ndarray) -> np.ndarray:
+    """Unsigned integers in the order of the floats ``v``."""
+    u = v.view(np.dtype(f"u{v.dtype.itemsize}"))
+    top = u.dtype.type(1 << (8 * v.dtype.itemsize - 1))
+    return np.where(u & top, ~u, u | top)
+
+
+def _key_to_float(key: int, dtype) -> float:
+    bits = 8 * np.dtype(dtype).itemsize
+    top = 1 << (bits - 1)
+    u = key ^ top if key & top else ~key & ((1 << bits) - 1)
+    return np.array([u], dtype=f"u{bits // 8}").view(dtype)[0]
+
+
+def _tile_digit_histogram(bad, window, noise, shift, prefix, bits):
+    """Histogram of the 16-bit digit at ``shift`` of the order keys of the tile's valid
+    working-noise values whose higher bits are ``prefix``."""
+    keys = _float_keys(np.ascontiguousarray(_noise_window(noise, window)[~bad]))
+    if shift + 16 < bits:
+        keys = keys[(keys >> (shift + 16)) == prefix]
+    return np.bincount(((keys >> shift) & 0xFFFF).astype(np.int64), minlength=1 << 16)
+
+
+def _tile_residual(img, model: SmoothResult, block_info=None):
+    window = _location(block_info)
+    bkg = upsample(model.grid, model.cell_size, model.shape, model.dtype, 1, window)
+    return np.subtract(img, bkg, dtype=img.dtype)
+
+
+def _initial_exclusion(res, bad):
+    return combine_masks(res, bad)
+
+
+def _final_mask(excl, res, bad):
+    # HysteresisMasker returns (excluded & finite) & ~given; the pipeline ORs in `bad`.
+    return bad | (excl & np.isfinite(res))
+
+
+def _core(window, core, b: int = 1) -> tuple[slice, slice]:
+    """The slices of a window's (binned by ``b``) array that hold its core tile."""
+    return tuple(
+        slice((c0 - w0) // b, -(-(c1 - w0) // b))
+        for (w0, _), (c0, c1) in zip(window, core, strict=True)
+    )
+
+
+def _tile_scale_maps(res, excl, noise, window, core, masker: HysteresisMasker, s):
+    """``masker.scale_maps`` on a tile's window, cut to the tile (binned)."""
+    rms = np.asarray(_noise_window(noise, window), dtype=np.float32)
+    maps = masker.scale_maps(res, rms, excl, s)
+    sl = _core(window, core, maps.block)
+    plain = None if maps.plain is None else np.ascontiguousarray(maps.plain[sl])
+    return np.ascontiguousarray(maps.snr[sl]), plain, np.ascontiguousarray(maps.invalid[sl])
+
+
+def _hysteresis_codes(snr, plain=None, *, factor, low, high, which):
+    """Seeds (``snr > high``) or regions (seeds, or growth ``> low``) of
+    ``HysteresisMasker.scale_mask``, after its division by the noise factor."""
+    if factor > 1.0:
+        snr = snr / np.float32(factor)
+        plain = None if plain is None else plain / np.float32(factor)
+    seed = snr > np.float32(high)
+    if which == "seed":
+        return seed
+    return seed | ((snr if plain is None else plain) > np.float32(low))
+
+
+def _seed_labels(labels, seed):
+    return np.unique(labels[seed])
+
+
+def _is_seeded(labels, seeded):
+    return np.isin(labels, seeded) & (labels > 0)
+
+
+def _tile_dilate(det, excl, window, core, masker: HysteresisMasker, s, b):
+    """The tile's exclusion OR its (dilated, expanded) detections of scale ``s``:
+    ``masker.scale_mask`` on the window, fed maps whose hysteresis keeps exactly the
+    globally labelled detections ``det``."""
+    inf = np.float32(np.inf)
+    maps = _ScaleMaps(snr=np.where(det, inf, -inf), plain=None, invalid=None, block=b)
+    grown = masker.scale_mask(maps, 1.0, s, excl)
+    sl = _core(window, core)
+    return excl[sl] | grown[sl]
