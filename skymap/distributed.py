@@ -44,7 +44,6 @@ from .pipeline import (
     HysteresisMasker,
     IterativeBackground,
     _noise_step,
-    _pair_differences,
     _pow2_at_most,
     _ScaleMaps,
     default_pipeline,
@@ -693,6 +692,10 @@ class _Tiling:
             min(nx, x1 + halo[1]),
         )
 
+    def edges(self, b: int = 1) -> tuple[np.ndarray, np.ndarray]:
+        """Block edges along each axis of the arrays binned by ``b``."""
+        return tuple(np.cumsum((0, *ch)) for ch in self.binned_chunks(b))
+
     def binned_chunks(self, b: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
         out = []
         for ch in self.chunks:
@@ -993,17 +996,26 @@ class _TiledRun:
         dilation and expansion per tile (local). Returns the new exclusion mask."""
         import dask
         import dask.array as da
-        from dask_image.ndmeasure import label
 
         t = self.t
         b = masker.binning(s, t.shape)
         bchunks = t.binned_chunks(b)
+        # Windows are cut from the persisted blocks (to_delayed), not by slicing dask
+        # arrays per tile, which costs a graph optimisation each.
+        res_b, excl_b = res.to_delayed(), excl.to_delayed()
+        edges, bedges = t.edges(), t.edges(b)
+        noise_d, masker_d = dask.delayed(noise), dask.delayed(masker)
         snr, plain, invalid = ([[None] * len(t.chunks[1]) for _ in t.chunks[0]] for _ in range(3))
         for i, j, ys, xs in t.tiles():
             win = t.window(ys, xs, t.halo_maps[k, s])
-            (wy0, wy1), (wx0, wx1) = win
             out = dask.delayed(_tile_scale_maps, nout=3)(
-                res[wy0:wy1, wx0:wx1], excl[wy0:wy1, wx0:wx1], noise, win, (ys, xs), masker, s
+                *_cover(res_b, edges, win),
+                *_cover(excl_b, edges, win),
+                noise_d,
+                win,
+                (ys, xs),
+                masker_d,
+                s,
             )
             bshape = (bchunks[0][i], bchunks[1][j])
             snr[i][j] = da.from_delayed(out[0], bshape, np.float32)
@@ -1013,45 +1025,195 @@ class _TiledRun:
         snr, invalid = da.block(snr), da.block(invalid)
         plain = da.block(plain) if masker.grow_plain else None
         snr, invalid, plain = self.persist(snr, invalid, plain)
-        parts = _pair_differences(snr, invalid, masker.noise_lag(s, b), _noise_step(snr.shape))
-        factor = masker.factor_from_differences(
-            [np.asarray(p) for p in self.compute(*parts)] if parts else [], s
-        )
+        factor = masker.factor_from_differences(self.pairs(masker, s, b, snr, invalid), s)
         del invalid
-        # Hysteresis: regions above low that hold a seed above high, labelled across
-        # tiles.
-        maps = (snr,) if plain is None else (snr, plain)
-        kw = {"factor": factor, "low": masker.low, "high": masker.high}
-        seed = self.tile_map(_hysteresis_codes, *maps, which="seed", dtype=bool, **kw)
-        region = self.tile_map(_hysteresis_codes, *maps, which="region", dtype=bool, **kw)
-        labels, _ = label(region, structure=np.ones((3, 3), bool))
-        (labels,) = self.persist(labels)
-        del snr, plain, region
-        pieces = [
-            dask.delayed(_seed_labels)(lb, sd)
-            for lb, sd in zip(labels.to_delayed().ravel(), seed.to_delayed().ravel(), strict=True)
-        ]
-        seeded = np.unique(np.concatenate([np.zeros(0, labels.dtype), *self.compute(*pieces)]))
-        (det,) = self.persist(labels.map_blocks(_is_seeded, seeded=seeded, dtype=bool))
-        del labels
+        det = self.hysteresis(masker, factor, snr, plain, b)
+        del snr, plain
         # Dilation and expansion to full resolution: masker.scale_mask on each tile's
         # window of the (already global) detections.
+        det_b = det.to_delayed()
+        del det
         out = [[None] * len(t.chunks[1]) for _ in t.chunks[0]]
         for i, j, ys, xs in t.tiles():
             win = t.window(ys, xs, t.halo_dilate[k, s])
-            (wy0, wy1), (wx0, wx1) = win
+            bwin = tuple((w0 // b, -(-w1 // b)) for w0, w1 in win)
             grown = dask.delayed(_tile_dilate)(
-                det[wy0 // b : -(-wy1 // b), wx0 // b : -(-wx1 // b)],
-                excl[wy0:wy1, wx0:wx1],
+                *_cover(det_b, bedges, bwin),
+                *_cover(excl_b, edges, win),
                 win,
                 (ys, xs),
-                masker,
+                masker_d,
                 s,
                 b,
             )
             out[i][j] = da.from_delayed(grown, (ys[1] - ys[0], xs[1] - xs[0]), bool)
         (new,) = self.persist(da.block(out))
         return new
+
+    def pairs(self, masker: HysteresisMasker, s, b: int, snr, invalid) -> list[np.ndarray]:
+        """The pair differences of ``HysteresisMasker.snr_factor`` (pipeline's
+        ``_pair_differences``), gathered from the tiles: each tile gives the pairs that
+        start in it, reading ``noise_lag`` binned pixels of its neighbours."""
+        import dask
+
+        lag = masker.noise_lag(s, b)
+        step = _noise_step(snr.shape)
+        snr_b, inv_b = snr.to_delayed(), invalid.to_delayed()
+        bedges = self.t.edges(b)
+        gy, gx = snr.shape
+        tasks = []
+        for _, _, ys, xs in self.t.tiles():
+            core = ((ys[0] // b, -(-ys[1] // b)), (xs[0] // b, -(-xs[1] // b)))
+            win = (
+                (core[0][0], min(gy, core[0][1] + lag)),
+                (core[1][0], min(gx, core[1][1] + lag)),
+            )
+            tasks.append(
+                dask.delayed(_tile_pairs)(
+                    *_cover(snr_b, bedges, win), *_cover(inv_b, bedges, win), win, core, lag, step
+                )
+            )
+        return [p for parts in self.compute(*tasks) for p in parts]
+
+    def hysteresis(self, masker: HysteresisMasker, factor: float, snr, plain, b: int):
+        """Detections of ``HysteresisMasker.scale_mask``'s hysteresis on the binned
+        maps: regions above ``low`` holding a seed above ``high``, 8-connected across
+        tiles. Each tile is labelled on its own (scipy); the labels that touch across
+        a tile boundary are joined by labelling the two-pixel strips along every
+        boundary, and ``scipy.sparse.csgraph.connected_components`` merges them."""
+        import dask
+        import dask.array as da
+
+        kw = {"factor": factor, "low": masker.low, "high": masker.high}
+        maps = [snr.to_delayed()] + ([] if plain is None else [plain.to_delayed()])
+        nty, ntx = maps[0].shape
+        labels, info = np.empty((nty, ntx), object), np.empty((nty, ntx), object)
+        for i in range(nty):
+            for j in range(ntx):
+                labels[i, j], info[i, j] = dask.delayed(_tile_label, nout=2)(
+                    *(m[i, j] for m in maps), **kw
+                )
+        persisted = self.persist(*labels.ravel(), *info.ravel())
+        n = labels.size
+        gathered = self.compute(*persisted[n:])
+        for k in range(n):
+            labels.flat[k], info.flat[k] = persisted[k], gathered[k]
+        keep = _merge_labels(info)
+        bchunks = self.t.binned_chunks(b)
+        rows = [
+            [
+                da.from_delayed(
+                    dask.delayed(_keep_labels)(labels[i, j], keep[i][j]),
+                    (bchunks[0][i], bchunks[1][j]),
+                    bool,
+                )
+                for j in range(ntx)
+            ]
+            for i in range(nty)
+        ]
+        (det,) = self.persist(da.block(rows))
+        return det
+
+
+def _tile_label(snr, plain=None, *, factor, low, high):
+    """A tile's hysteresis regions labelled on their own (int32, 0 = none), and what
+    the driver needs to join them across tiles: the label count, the labels holding a
+    seed, and the tile's four edges (top, bottom rows; left, right columns)."""
+    from scipy import ndimage
+
+    seed = _hysteresis_codes(snr, plain, factor=factor, low=low, high=high, which="seed")
+    region = _hysteresis_codes(snr, plain, factor=factor, low=low, high=high, which="region")
+    labels = np.zeros(region.shape, np.int32)
+    n = ndimage.label(region, structure=np.ones((3, 3), bool), output=labels)
+    edges = (labels[0].copy(), labels[-1].copy(), labels[:, 0].copy(), labels[:, -1].copy())
+    return labels, (int(n), np.unique(labels[seed]), edges)
+
+
+def _merge_labels(info) -> list[list[np.ndarray]]:
+    """Per tile, which of its labels (index = label) belong to a region that holds a
+    seed anywhere: tile labels made global by offsets, joined where they touch across
+    a tile boundary (8-connected), grouped by connected components."""
+    from scipy import ndimage, sparse
+    from scipy.sparse.csgraph import connected_components
+
+    nty, ntx = info.shape
+    counts = np.array([[info[i, j][0] for j in range(ntx)] for i in range(nty)])
+    offset = np.concatenate([[0], np.cumsum(counts.ravel())])[:-1].reshape(nty, ntx)
+    total = int(counts.sum())
+
+    def glob(i, j, lab):
+        return np.where(lab > 0, lab + offset[i, j], 0)
+
+    pairs = []
+    # The two-pixel strip along each boundary, labelled 8-connected: labels in one
+    # piece of a strip touch across the boundary (diagonals included).
+    for j in range(ntx - 1):
+        strip = np.stack(
+            [
+                np.concatenate([glob(i, j, info[i, j][2][3]) for i in range(nty)]),
+                np.concatenate([glob(i, j + 1, info[i, j + 1][2][2]) for i in range(nty)]),
+            ],
+            axis=1,
+        )
+        pairs.append(_touching(strip, ndimage))
+    for i in range(nty - 1):
+        strip = np.stack(
+            [
+                np.concatenate([glob(i, j, info[i, j][2][1]) for j in range(ntx)]),
+                np.concatenate([glob(i + 1, j, info[i + 1, j][2][0]) for j in range(ntx)]),
+            ]
+        )
+        pairs.append(_touching(strip, ndimage))
+    edges = np.concatenate([np.zeros((2, 0), np.int64), *pairs], axis=1)
+    graph = sparse.coo_matrix(
+        (np.ones(edges.shape[1], np.int8), (edges[0], edges[1])), shape=(total + 1, total + 1)
+    )
+    _, component = connected_components(graph, directed=False)
+    seeded = np.zeros(component.max() + 1, bool)
+    for i in range(nty):
+        for j in range(ntx):
+            s = info[i, j][1]
+            seeded[component[s[s > 0] + offset[i, j]]] = True
+    return [
+        [
+            np.concatenate(
+                [[False], seeded[component[offset[i, j] + 1 : offset[i, j] + counts[i, j] + 1]]]
+            )
+            for j in range(ntx)
+        ]
+        for i in range(nty)
+    ]
+
+
+def _touching(strip: np.ndarray, ndimage) -> np.ndarray:
+    """(2, m) pairs of the labels of ``strip`` that lie in one 8-connected piece."""
+    pieces, _ = ndimage.label(strip > 0, structure=np.ones((3, 3), bool))
+    ok = pieces > 0
+    order = np.argsort(pieces[ok], kind="stable")
+    p, lab = pieces[ok][order], strip[ok][order]
+    same = p[1:] == p[:-1]
+    return np.stack([lab[:-1][same], lab[1:][same]]).astype(np.int64)
+
+
+def _keep_labels(labels, keep):
+    return keep[labels]
+
+
+def _cover(blocks, edges, window):
+    """The blocks (a 2-D object array, e.g. ``to_delayed()``) of an array with block
+    edges ``edges`` that cover ``window``, as a nested list, and the slice of their
+    concatenation that is the window."""
+    index, slices = [], []
+    for e, (w0, w1) in zip(edges, window, strict=True):
+        i0 = int(np.searchsorted(e, w0, side="right")) - 1
+        i1 = int(np.searchsorted(e, w1, side="left"))
+        index.append(range(i0, i1))
+        slices.append(slice(int(w0 - e[i0]), int(w1 - e[i0])))
+    return [[blocks[i, j] for j in index[1]] for i in index[0]], tuple(slices)
+
+
+def _assemble(blocks, sl) -> np.ndarray:
+    return np.block(blocks)[sl] if len(blocks) > 1 or len(blocks[0]) > 1 else blocks[0][0][sl]
 
 
 # --------------------------------------------------------------------------- tile tasks
@@ -1152,13 +1314,40 @@ def _core(window, core, b: int = 1) -> tuple[slice, slice]:
     )
 
 
-def _tile_scale_maps(res, excl, noise, window, core, masker: HysteresisMasker, s):
+def _tile_scale_maps(res, res_sl, excl, excl_sl, noise, window, core, masker, s):
     """``masker.scale_maps`` on a tile's window, cut to the tile (binned)."""
+    res, excl = _assemble(res, res_sl), _assemble(excl, excl_sl)
     rms = np.asarray(_noise_window(noise, window), dtype=np.float32)
     maps = masker.scale_maps(res, rms, excl, s)
     sl = _core(window, core, maps.block)
     plain = None if maps.plain is None else np.ascontiguousarray(maps.plain[sl])
     return np.ascontiguousarray(maps.snr[sl]), plain, np.ascontiguousarray(maps.invalid[sl])
+
+
+def _tile_pairs(snr, snr_sl, invalid, invalid_sl, window, core, lag, step):
+    """The pairs of ``pipeline._pair_differences`` that start in the tile ``core``
+    (binned coordinates): along x on the rows ``y % step == 0``, along y on the columns
+    ``x % step == 0``, ``lag`` apart, both ends valid; ``window`` reaches ``lag``
+    beyond the core (cut at the map's edge)."""
+    v, bad = _assemble(snr, snr_sl), _assemble(invalid, invalid_sl)
+    (w0, _), (u0, _) = window
+    (r0, r1), (c0, c1) = core
+    ny, nx = v.shape
+    parts = []
+    # along x: rows of the core on the global stride, pairs starting in the core
+    rows = slice((-r0) % step + r0 - w0, r1 - w0, step)
+    n = min(c1 - u0, nx - lag)
+    if n > c0 - u0:
+        a, b_ = v[rows, c0 - u0 : n], v[rows, c0 - u0 + lag : n + lag]
+        ok = ~(bad[rows, c0 - u0 : n] | bad[rows, c0 - u0 + lag : n + lag])
+        parts.append((b_ - a)[ok])
+    cols = slice((-c0) % step + c0 - u0, c1 - u0, step)
+    n = min(r1 - w0, ny - lag)
+    if n > r0 - w0:
+        a, b_ = v[r0 - w0 : n, cols], v[r0 - w0 + lag : n + lag, cols]
+        ok = ~(bad[r0 - w0 : n, cols] | bad[r0 - w0 + lag : n + lag, cols])
+        parts.append((b_ - a)[ok])
+    return parts
 
 
 def _hysteresis_codes(snr, plain=None, *, factor, low, high, which):
@@ -1173,18 +1362,11 @@ def _hysteresis_codes(snr, plain=None, *, factor, low, high, which):
     return seed | ((snr if plain is None else plain) > np.float32(low))
 
 
-def _seed_labels(labels, seed):
-    return np.unique(labels[seed])
-
-
-def _is_seeded(labels, seeded):
-    return np.isin(labels, seeded) & (labels > 0)
-
-
-def _tile_dilate(det, excl, window, core, masker: HysteresisMasker, s, b):
+def _tile_dilate(det, det_sl, excl, excl_sl, window, core, masker, s, b):
     """The tile's exclusion OR its (dilated, expanded) detections of scale ``s``:
     ``masker.scale_mask`` on the window, fed maps whose hysteresis keeps exactly the
     globally labelled detections ``det``."""
+    det, excl = _assemble(det, det_sl), _assemble(excl, excl_sl)
     inf = np.float32(np.inf)
     maps = _ScaleMaps(snr=np.where(det, inf, -inf), plain=None, invalid=None, block=b)
     grown = masker.scale_mask(maps, 1.0, s, excl)

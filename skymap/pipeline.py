@@ -112,8 +112,8 @@ def _pair_differences(snr, excluded, lag: int, step: int):
     row, then along y on every ``step``-th column: far enough apart to be independent,
     they cancel any smooth offset or wing the background has not followed yet, and
     their MAD (:func:`_excess_of`) ignores the sources that touch a minority of the
-    pairs. Slicing and boolean selection only, so it runs unchanged on dask arrays
-    (the tiled path)."""
+    pairs. The tiled path (:mod:`skymap.distributed`) gathers the same pairs tile by
+    tile."""
     ny, nx = snr.shape
     parts = []
     for axis, n in ((1, nx), (0, ny)):
