@@ -536,8 +536,9 @@ def tiled_fit(
     halo wide enough for its kernels; every global statistic reads the same pixels as
     in memory (the reference level's strided subsample, the noise-excess pairs, the
     working RMS's floor sample) and is finished in the driver; the connected regions
-    of the hysteresis are labelled across tiles by ``dask_image.ndmeasure.label``, so
-    a region larger than any halo is still one region. Only the background-change
+    of the hysteresis are labelled per tile and joined across tile boundaries in the
+    driver (``scipy.sparse.csgraph.connected_components``), so a region larger than
+    any halo is still one region, seeded anywhere. Only the background-change
     statistic is summed tile by tile (a relative difference of ~1e-15, which could
     matter only for a change within that of ``change_tol``).
 
@@ -734,14 +735,14 @@ def _working_noise(model: SmoothResult, strips, compute) -> float | _NoiseMap:
         return float(np.median(g))
     import dask
 
-    counts = compute(*[dask.delayed(_strip_positive)(model, rows) for rows in strips])
+    counts = compute([dask.delayed(_strip_positive)(model, rows) for rows in strips])
     total = int(sum(counts))
     if total == 0:
         return _NoiseMap(model=model, floor=None)
     step = max(1, total // 250_000)
     first = np.concatenate([[0], np.cumsum(counts)[:-1]])
     samples = compute(
-        *[
+        [
             dask.delayed(_strip_positive)(model, rows, int(-f % step), step)
             for rows, f in zip(strips, first, strict=True)
         ]
@@ -807,10 +808,14 @@ class _TiledRun:
         return dask.persist(*arrays, scheduler=self.client)
 
     def compute(self, *things):
+        """The computed ``things``: one value for one thing, else a list."""
+        out = self.compute_list(things)
+        return out[0] if len(things) == 1 else out
+
+    def compute_list(self, things) -> list:
         import dask
 
-        out = dask.compute(*things, scheduler=self.client)
-        return out[0] if len(things) == 1 else list(out)
+        return list(dask.compute(*things, scheduler=self.client))
 
     def tile_map(self, function, *arrays, dtype, chunks=None, **kwargs):
         import dask.array as da
@@ -902,7 +907,7 @@ class _TiledRun:
         )
 
     def working_noise(self, model):
-        return _working_noise(model, self.strips, self.compute)
+        return _working_noise(model, self.strips, self.compute_list)
 
     def fit_smoother(self, smoother: ThinPlateSmoother, mask, scale) -> SmoothResult:
         """``smoother.fit(image, mask)`` from tile-summed cells."""
@@ -990,143 +995,182 @@ class _TiledRun:
         (new,) = self.persist(self.tile_map(_final_mask, excl, res, self.bad, dtype=bool))
         return new
 
+    def tasks(self, func, args_of, dependencies, lead=(), **shared):
+        """A graph of one task per tile, ``func(*args_of(i, j, rows, cols, ref))``; the
+        arguments may hold block keys of ``dependencies`` (in nested lists), and ``ref``
+        maps each name of ``shared`` to the key of that object, which is put in the
+        graph once rather than in every task. Built by hand: a ``dask.delayed`` call
+        per tile costs more than the tile's work on small tiles.
+
+        ``lead`` are the key's leading block indices (``(0,)`` for a stacked array).
+        Returns the layer name, the graph and the tiles' keys ``{(i, j): key}``."""
+        from dask.highlevelgraph import HighLevelGraph
+
+        name = f"{func.__name__.strip('_')}-{uuid.uuid4().hex}"
+        ref = {k: f"{name}-{k}" for k in shared}
+        dsk: dict = {ref[k]: v for k, v in shared.items()}
+        keys = {}
+        for i, j, ys, xs in self.t.tiles():
+            keys[i, j] = (name, *lead, i, j)
+            dsk[keys[i, j]] = (func, *args_of(i, j, ys, xs, ref))
+        return name, HighLevelGraph.from_collections(name, dsk, dependencies=dependencies), keys
+
+    def tile_array(self, func, args_of, dependencies, chunks, dtype, **shared):
+        """:meth:`tasks` as a dask array of ``chunks`` (one block per tile)."""
+        import dask.array as da
+
+        lead = (0,) * (len(chunks) - 2)
+        name, graph, _ = self.tasks(func, args_of, dependencies, lead, **shared)
+        return da.Array(graph, name, chunks=chunks, dtype=dtype)
+
+    def gather(self, func, args_of, dependencies, **shared) -> list:
+        """:meth:`tasks` computed: the tiles' results, row by row."""
+        from dask.delayed import Delayed
+
+        name, graph, keys = self.tasks(func, args_of, dependencies, **shared)
+        return self.compute_list([Delayed(key, graph, layer=name) for key in keys.values()])
+
     def scale(self, k, masker: HysteresisMasker, s, res, noise, excl):
         """One scale of ``HysteresisMasker``: maps per tile (local), the noise excess
         (global, from the same pairs), hysteresis labelled across tiles (global),
         dilation and expansion per tile (local). Returns the new exclusion mask."""
-        import dask
-        import dask.array as da
-
         t = self.t
         b = masker.binning(s, t.shape)
         bchunks = t.binned_chunks(b)
-        # Windows are cut from the persisted blocks (to_delayed), not by slicing dask
-        # arrays per tile, which costs a graph optimisation each.
-        res_b, excl_b = res.to_delayed(), excl.to_delayed()
+        res_k, excl_k = _key_grid(res), _key_grid(excl)
         edges, bedges = t.edges(), t.edges(b)
-        noise_d, masker_d = dask.delayed(noise), dask.delayed(masker)
-        snr, plain, invalid = ([[None] * len(t.chunks[1]) for _ in t.chunks[0]] for _ in range(3))
-        for i, j, ys, xs in t.tiles():
+        layers = 3 if masker.grow_plain else 2
+
+        def maps_args(i, j, ys, xs, ref):
             win = t.window(ys, xs, t.halo_maps[k, s])
-            out = dask.delayed(_tile_scale_maps, nout=3)(
-                *_cover(res_b, edges, win),
-                *_cover(excl_b, edges, win),
-                noise_d,
+            return (
+                *_cover(res_k, edges, win),
+                *_cover(excl_k, edges, win),
+                ref["noise"],
                 win,
                 (ys, xs),
-                masker_d,
+                ref["masker"],
                 s,
             )
-            bshape = (bchunks[0][i], bchunks[1][j])
-            snr[i][j] = da.from_delayed(out[0], bshape, np.float32)
-            invalid[i][j] = da.from_delayed(out[2], bshape, bool)
-            if masker.grow_plain:
-                plain[i][j] = da.from_delayed(out[1], bshape, np.float32)
-        snr, invalid = da.block(snr), da.block(invalid)
-        plain = da.block(plain) if masker.grow_plain else None
-        snr, invalid, plain = self.persist(snr, invalid, plain)
-        factor = masker.factor_from_differences(self.pairs(masker, s, b, snr, invalid), s)
-        del invalid
-        det = self.hysteresis(masker, factor, snr, plain, b)
-        del snr, plain
+
+        # snr, (plain,) invalid stacked in one float32 block per tile
+        maps = self.tile_array(
+            _tile_scale_maps,
+            maps_args,
+            [res, excl],
+            ((layers,), *bchunks),
+            np.float32,
+            noise=noise,
+            masker=masker,
+        )
+        (maps,) = self.persist(maps)
+        factor = masker.factor_from_differences(self.pairs(masker, s, b, maps), s)
+        det = self.hysteresis(masker, factor, maps, b)
+        del maps
         # Dilation and expansion to full resolution: masker.scale_mask on each tile's
         # window of the (already global) detections.
-        det_b = det.to_delayed()
-        del det
-        out = [[None] * len(t.chunks[1]) for _ in t.chunks[0]]
-        for i, j, ys, xs in t.tiles():
+        det_k = _key_grid(det)
+
+        def dilate_args(i, j, ys, xs, ref):
             win = t.window(ys, xs, t.halo_dilate[k, s])
             bwin = tuple((w0 // b, -(-w1 // b)) for w0, w1 in win)
-            grown = dask.delayed(_tile_dilate)(
-                *_cover(det_b, bedges, bwin),
-                *_cover(excl_b, edges, win),
+            return (
+                *_cover(det_k, bedges, bwin),
+                *_cover(excl_k, edges, win),
                 win,
                 (ys, xs),
-                masker_d,
+                ref["masker"],
                 s,
                 b,
             )
-            out[i][j] = da.from_delayed(grown, (ys[1] - ys[0], xs[1] - xs[0]), bool)
-        (new,) = self.persist(da.block(out))
+
+        grown = self.tile_array(
+            _tile_dilate, dilate_args, [det, excl], t.chunks, bool, masker=masker
+        )
+        (new,) = self.persist(grown)
         return new
 
-    def pairs(self, masker: HysteresisMasker, s, b: int, snr, invalid) -> list[np.ndarray]:
+    def pairs(self, masker: HysteresisMasker, s, b: int, maps) -> list[np.ndarray]:
         """The pair differences of ``HysteresisMasker.snr_factor`` (pipeline's
         ``_pair_differences``), gathered from the tiles: each tile gives the pairs that
         start in it, reading ``noise_lag`` binned pixels of its neighbours."""
-        import dask
-
         lag = masker.noise_lag(s, b)
-        step = _noise_step(snr.shape)
-        snr_b, inv_b = snr.to_delayed(), invalid.to_delayed()
-        bedges = self.t.edges(b)
-        gy, gx = snr.shape
-        tasks = []
-        for _, _, ys, xs in self.t.tiles():
+        _, gy, gx = maps.shape
+        step = _noise_step((gy, gx))
+        maps_k, bedges = _key_grid(maps), self.t.edges(b)
+
+        def args(i, j, ys, xs, ref):
             core = ((ys[0] // b, -(-ys[1] // b)), (xs[0] // b, -(-xs[1] // b)))
             win = (
                 (core[0][0], min(gy, core[0][1] + lag)),
                 (core[1][0], min(gx, core[1][1] + lag)),
             )
-            tasks.append(
-                dask.delayed(_tile_pairs)(
-                    *_cover(snr_b, bedges, win), *_cover(inv_b, bedges, win), win, core, lag, step
-                )
-            )
-        return [p for parts in self.compute(*tasks) for p in parts]
+            return (*_cover(maps_k, bedges, win), win, core, lag, step)
 
-    def hysteresis(self, masker: HysteresisMasker, factor: float, snr, plain, b: int):
+        return [p for parts in self.gather(_tile_pairs, args, [maps]) for p in parts]
+
+    def hysteresis(self, masker: HysteresisMasker, factor: float, maps, b: int):
         """Detections of ``HysteresisMasker.scale_mask``'s hysteresis on the binned
         maps: regions above ``low`` holding a seed above ``high``, 8-connected across
         tiles. Each tile is labelled on its own (scipy); the labels that touch across
         a tile boundary are joined by labelling the two-pixel strips along every
         boundary, and ``scipy.sparse.csgraph.connected_components`` merges them."""
-        import dask
-        import dask.array as da
-
+        maps_k = _key_grid(maps)
         kw = {"factor": factor, "low": masker.low, "high": masker.high}
-        maps = [snr.to_delayed()] + ([] if plain is None else [plain.to_delayed()])
-        nty, ntx = maps[0].shape
-        labels, info = np.empty((nty, ntx), object), np.empty((nty, ntx), object)
-        for i in range(nty):
-            for j in range(ntx):
-                labels[i, j], info[i, j] = dask.delayed(_tile_label, nout=2)(
-                    *(m[i, j] for m in maps), **kw
-                )
-        persisted = self.persist(*labels.ravel(), *info.ravel())
-        n = labels.size
-        gathered = self.compute(*persisted[n:])
-        for k in range(n):
-            labels.flat[k], info.flat[k] = persisted[k], gathered[k]
-        keep = _merge_labels(info)
         bchunks = self.t.binned_chunks(b)
-        rows = [
-            [
-                da.from_delayed(
-                    dask.delayed(_keep_labels)(labels[i, j], keep[i][j]),
-                    (bchunks[0][i], bchunks[1][j]),
-                    bool,
-                )
-                for j in range(ntx)
-            ]
-            for i in range(nty)
-        ]
-        (det,) = self.persist(da.block(rows))
+        labels = self.tile_array(
+            _tile_label, lambda i, j, *_: (maps_k[i, j], kw), [maps], bchunks, np.int32
+        )
+        (labels,) = self.persist(labels)
+        labels_k = _key_grid(labels)
+        gathered = self.gather(
+            _label_info, lambda i, j, *_: (labels_k[i, j], maps_k[i, j], kw), [labels, maps]
+        )
+        info = np.empty(labels_k.shape, object)
+        for n, item in enumerate(gathered):
+            info.flat[n] = item
+        keep = _merge_labels(info)
+        det = self.tile_array(
+            _keep_labels, lambda i, j, *_: (labels_k[i, j], keep[i][j]), [labels], bchunks, bool
+        )
+        (det,) = self.persist(det)
         return det
 
 
-def _tile_label(snr, plain=None, *, factor, low, high):
-    """A tile's hysteresis regions labelled on their own (int32, 0 = none), and what
-    the driver needs to join them across tiles: the label count, the labels holding a
-    seed, and the tile's four edges (top, bottom rows; left, right columns)."""
+def _key_grid(arr) -> np.ndarray:
+    """The block keys of a 2-D (or stacked 3-D, one block deep) dask array as a 2-D
+    object array."""
+    keys = arr.__dask_keys__()
+    if arr.ndim == 3:
+        keys = keys[0]
+    out = np.empty((len(keys), len(keys[0])), object)
+    for i, row in enumerate(keys):
+        for j, key in enumerate(row):
+            out[i, j] = key
+    return out
+
+
+def _tile_label(maps, kw):
+    """A tile's hysteresis regions labelled on their own (int32, 0 = none)."""
     from scipy import ndimage
 
-    seed = _hysteresis_codes(snr, plain, factor=factor, low=low, high=high, which="seed")
-    region = _hysteresis_codes(snr, plain, factor=factor, low=low, high=high, which="region")
+    region = _hysteresis_codes(*_snr_plain(maps), which="region", **kw)
     labels = np.zeros(region.shape, np.int32)
-    n = ndimage.label(region, structure=np.ones((3, 3), bool), output=labels)
+    ndimage.label(region, structure=np.ones((3, 3), bool), output=labels)
+    return labels
+
+
+def _label_info(labels, maps, kw):
+    """What the driver needs to join a tile's labels across tiles: their count, those
+    holding a seed, and the tile's four edges (top, bottom rows; left, right columns)."""
+    seed = _hysteresis_codes(*_snr_plain(maps), which="seed", **kw)
     edges = (labels[0].copy(), labels[-1].copy(), labels[:, 0].copy(), labels[:, -1].copy())
-    return labels, (int(n), np.unique(labels[seed]), edges)
+    return int(labels.max(initial=0)), np.unique(labels[seed]), edges
+
+
+def _snr_plain(maps):
+    # the stacked maps of _tile_scale_maps: snr, (plain,) invalid
+    return (maps[0], maps[1] if len(maps) == 3 else None)
 
 
 def _merge_labels(info) -> list[list[np.ndarray]]:
@@ -1213,7 +1257,9 @@ def _cover(blocks, edges, window):
 
 
 def _assemble(blocks, sl) -> np.ndarray:
-    return np.block(blocks)[sl] if len(blocks) > 1 or len(blocks[0]) > 1 else blocks[0][0][sl]
+    """The window ``sl`` (over the last two axes) of the nested ``blocks``."""
+    whole = np.block(blocks) if len(blocks) > 1 or len(blocks[0]) > 1 else blocks[0][0]
+    return whole[..., sl[0], sl[1]]
 
 
 # --------------------------------------------------------------------------- tile tasks
@@ -1315,21 +1361,23 @@ def _core(window, core, b: int = 1) -> tuple[slice, slice]:
 
 
 def _tile_scale_maps(res, res_sl, excl, excl_sl, noise, window, core, masker, s):
-    """``masker.scale_maps`` on a tile's window, cut to the tile (binned)."""
+    """``masker.scale_maps`` on a tile's window, cut to the tile (binned): snr,
+    (plain,) and invalid (as 0/1) stacked in one float32 array."""
     res, excl = _assemble(res, res_sl), _assemble(excl, excl_sl)
     rms = np.asarray(_noise_window(noise, window), dtype=np.float32)
     maps = masker.scale_maps(res, rms, excl, s)
     sl = _core(window, core, maps.block)
-    plain = None if maps.plain is None else np.ascontiguousarray(maps.plain[sl])
-    return np.ascontiguousarray(maps.snr[sl]), plain, np.ascontiguousarray(maps.invalid[sl])
+    layers = [maps.snr] + ([] if maps.plain is None else [maps.plain]) + [maps.invalid]
+    return np.stack([m[sl] for m in layers]).astype(np.float32, copy=False)
 
 
-def _tile_pairs(snr, snr_sl, invalid, invalid_sl, window, core, lag, step):
+def _tile_pairs(maps, maps_sl, window, core, lag, step):
     """The pairs of ``pipeline._pair_differences`` that start in the tile ``core``
     (binned coordinates): along x on the rows ``y % step == 0``, along y on the columns
     ``x % step == 0``, ``lag`` apart, both ends valid; ``window`` reaches ``lag``
     beyond the core (cut at the map's edge)."""
-    v, bad = _assemble(snr, snr_sl), _assemble(invalid, invalid_sl)
+    maps = _assemble(maps, maps_sl)
+    v, bad = maps[0], maps[-1] > 0
     (w0, _), (u0, _) = window
     (r0, r1), (c0, c1) = core
     ny, nx = v.shape
