@@ -11,6 +11,11 @@ Two jobs live here, both on existing engines rather than a home-made pool:
   in memory; and the full-resolution maps are interpolated tile by tile from the mesh
   grid with a halo of meshes sized from the interpolator's reach. The result equals the
   in-memory :meth:`MeshBackground.fit` to far better than 1e-6 of the RMS.
+* :func:`tiled_fit` runs :func:`skymap.fit`'s pipeline (thin-plate smoothers and
+  hysteresis maskers) the same way: cells summed per tile, the masker's filters per tile
+  with halos sized from its kernels, the global statistics and the labelling of the
+  detections finished in the driver from small per-tile summaries. Background and masks
+  equal the in-memory fit bit for bit.
 
 Examples
 --------
@@ -38,11 +43,14 @@ from typing import Any
 import numpy as np
 
 from ._validate import as_mask, as_pair, check_positive, combine_masks, work_dtype
+from .filters import ring_footprint, ring_median
 from .interpolate import MeshGeometry
 from .mesh import MeshBackground, MeshResult
 from .pipeline import (
+    _MAD_TO_STD,
     HysteresisMasker,
     IterativeBackground,
+    RingMedianGuess,
     _noise_step,
     _pow2_at_most,
     _ScaleMaps,
@@ -486,7 +494,8 @@ def tiled_fit(
     **options: Any,
 ) -> TiledFitResult:
     """Run :func:`skymap.fit` (or an :class:`IterativeBackground` of thin-plate
-    smoothers and hysteresis maskers) tile by tile on an image held as a dask array.
+    smoothers and hysteresis maskers, with a thin-plate or ring-median first guess) tile
+    by tile on an image held as a dask array (or a memory map).
 
     The driver holds only small things: cell grids, the strided subsamples the global
     statistics read, per-tile counts and the smoother's solve on the cell grid. Every
@@ -501,8 +510,9 @@ def tiled_fit(
         True = excluded. NaN and inf pixels are excluded automatically.
     pipeline : IterativeBackground, optional
         The pipeline to run; default :func:`skymap.pipeline.default_pipeline` with
-        ``options``. Its first guess, stage estimators and final refit must be
-        :class:`~skymap.smooth.ThinPlateSmoother` s, its maskers
+        ``options``. Its stage estimators and final refit must be
+        :class:`~skymap.smooth.ThinPlateSmoother` s, its first guess one too or a
+        :class:`~skymap.pipeline.RingMedianGuess`, its maskers
         :class:`~skymap.pipeline.HysteresisMasker` s.
     tile : int or (int, int)
         Approximate tile shape in pixels, rounded down (but not below) to a multiple of
@@ -554,32 +564,36 @@ def tiled_fit(
       0.5))`` being a Gaussian kernel's radius in its grid's units;
     * dilation: ``b * (ceil(dilation(s) / b) + 1)``;
 
-    each rounded up to the alignment unit. The noise-excess pairs (``noise_lag``
+    each rounded up to the alignment unit; and for a ring-median first guess, the ring's
+    reach ``ring_footprint(radius, width).shape[0] // 2`` (its hole fill and MAD sigma
+    are exact medians over the tiles). The noise-excess pairs (``noise_lag``
     binned pixels apart) and the labelling read the assembled binned maps, so they
     need none. The smoother needs none: its cells are summed inside the tiles, and
     each tile's map is evaluated from the whole (small) grid.
 
     Examples
     --------
-    >>> from skymap.simulate import notebook_scene
     >>> import skymap
-    >>> image = notebook_scene(shrink_factor=8).image
-    >>> tiled = tiled_fit(image, tile=128)  # doctest: +SKIP
-    >>> ref = skymap.fit(image)  # doctest: +SKIP
-    >>> bool(abs(tiled.background.compute() - ref.background).max() <= 1e-6 * ref.noise)
+    >>> rng = np.random.default_rng(0)
+    >>> image = (10 + rng.normal(size=(192, 192))).astype(np.float32)
+    >>> image[90:94, 40:44] += 30
+    >>> tiled = tiled_fit(image, tile=96)
+    >>> ref = skymap.fit(image)
+    >>> bool(np.abs(tiled.background.compute() - ref.background).max() <= 1e-6 * ref.noise)
+    True
+    >>> bool(np.array_equal(tiled.mask.compute(), ref.mask))
     True
     """
-    import dask.array as da
-
-    arr = image if isinstance(image, da.Array) else da.from_array(image, chunks=-1)
-    if arr.ndim != 2:
-        raise ValueError(f"image must be 2-dimensional, got shape {arr.shape}")
-    shape = (int(arr.shape[0]), int(arr.shape[1]))
+    if not hasattr(image, "shape") or not hasattr(image, "dtype"):
+        image = np.asarray(image)
+    if len(image.shape) != 2:
+        raise ValueError(f"image must be 2-dimensional, got shape {image.shape}")
+    shape = (int(image.shape[0]), int(image.shape[1]))
     if shape[0] == 0 or shape[1] == 0:
         raise ValueError(f"image must not be empty, got shape {shape}")
-    if arr.dtype.kind not in "biuf":
-        raise TypeError(f"image must hold real numbers (int or float), got dtype {arr.dtype}")
-    dtype = work_dtype(arr.dtype)
+    if np.dtype(image.dtype).kind not in "biuf":
+        raise TypeError(f"image must hold real numbers (int or float), got dtype {image.dtype}")
+    dtype = work_dtype(image.dtype)
     if pipeline is None:
         # default_pipeline only validates its image: a zero-strided stand-in of the
         # right shape and dtype, not the data.
@@ -591,7 +605,7 @@ def tiled_fit(
         )
     _check_tiled_pipeline(pipeline)
     tiling = _Tiling.of(pipeline, shape, as_pair("tile", tile))
-    run = _TiledRun(arr, mask, pipeline, tiling, dtype, client)
+    run = _TiledRun(image, mask, pipeline, tiling, dtype, client)
     return run.fit()
 
 
@@ -601,7 +615,7 @@ def _check_tiled_pipeline(pipeline: Any) -> None:
             "pipeline must be a skymap.pipeline.IterativeBackground, got "
             f"{type(pipeline).__name__}"
         )
-    pieces = [("first_guess", pipeline.first_guess, ThinPlateSmoother)]
+    pieces = [("first_guess", pipeline.first_guess, (ThinPlateSmoother, RingMedianGuess))]
     for i, st in enumerate(pipeline.stages):
         pieces.append((f"stages[{i}].estimator", st.estimator, ThinPlateSmoother))
         pieces.append((f"stages[{i}].masker", st.masker, HysteresisMasker))
@@ -609,8 +623,9 @@ def _check_tiled_pipeline(pipeline: Any) -> None:
         pieces.append(("final", pipeline.final, ThinPlateSmoother))
     for name, obj, kind in pieces:
         if not isinstance(obj, kind):
+            kinds = " or ".join(k.__name__ for k in (kind if isinstance(kind, tuple) else (kind,)))
             raise TypeError(
-                f"tiled_fit runs {kind.__name__} as {name}, got {type(obj).__name__}; run "
+                f"tiled_fit runs {kinds} as {name}, got {type(obj).__name__}; run "
                 "this pipeline in memory (IterativeBackground.fit)"
             )
 
@@ -642,12 +657,14 @@ class _Tiling:
     tile: tuple[int, int]
     halo_maps: dict  # (masker index, scale) -> (hy, hx) pixels
     halo_dilate: dict
+    halo_ring: int = 0
 
     @classmethod
     def of(cls, pipeline: IterativeBackground, shape, tile) -> _Tiling:
         smoothers = [pipeline.first_guess, *(st.estimator for st in pipeline.stages)]
         if pipeline.final is not None:
             smoothers.append(pipeline.final)
+        smoothers = [sm for sm in smoothers if isinstance(sm, ThinPlateSmoother)]
         units = [2, 2]
         for sm in smoothers:
             for cells in sm.cell_sequence(shape):
@@ -670,11 +687,16 @@ class _Tiling:
         chunks = tuple(_aligned_chunks(n, t) for n, t in zip(shape, tiles, strict=True))
         halo_maps = {key: tuple(_round_up(r[0], u) for u in units) for key, r in reach.items()}
         halo_dilate = {key: tuple(_round_up(r[1], u) for u in units) for key, r in reach.items()}
-        return cls(shape, chunks, tiles, halo_maps, halo_dilate)
+        ring = 0
+        if isinstance(pipeline.first_guess, RingMedianGuess):
+            g = pipeline.first_guess
+            ring = ring_footprint(g.radius, g.width).shape[0] // 2
+        return cls(shape, chunks, tiles, halo_maps, halo_dilate, ring)
 
     @property
     def halo(self) -> int:
-        return max([0, *(max(h) for h in (*self.halo_maps.values(), *self.halo_dilate.values()))])
+        reach = (max(h) for h in (*self.halo_maps.values(), *self.halo_dilate.values()))
+        return max([self.halo_ring, *reach])
 
     def tiles(self) -> Iterator[tuple[int, int, tuple[int, int], tuple[int, int]]]:
         """(i, j, (y0, y1), (x0, x1)) of every tile, row by row."""
@@ -724,11 +746,24 @@ class _NoiseMap:
     floor: float | None
 
 
-def _working_noise(model: SmoothResult, strips, compute) -> float | _NoiseMap:
+@dataclass(frozen=True, kw_only=True, eq=False)
+class _RingModel:
+    """A tiled :class:`~skymap.pipeline.RingMedianGuess` result: its background (a
+    persisted dask array) and its RMS, one value (``sigma`` in the image's dtype)."""
+
+    background: Any
+    sigma: Any
+
+
+def _working_noise(model: SmoothResult | _RingModel, strips, compute) -> Any:
     """``pipeline._working_rms(model)`` without the full map: the same scalar, or the
     same map as a :class:`_NoiseMap`. Its floor, half the median of every step-th
     finite positive value in C order (``_k.positive_sample(rms, 250_000)``), is taken
-    from the same values: counted, then sampled, over full-width strips of rows."""
+    from the same values: counted, then sampled, over full-width strips of rows. A
+    ring-median guess's RMS is a constant map, its own floor: it stays that map (an
+    array of one value, broadcast per window)."""
+    if isinstance(model, _RingModel):
+        return np.asarray(model.sigma)
     g = np.asarray(model.rms_grid)
     g = g[np.isfinite(g)]
     if g.size and g.min() > 0 and g.max() <= 1.05 * g.min():
@@ -752,7 +787,11 @@ def _working_noise(model: SmoothResult, strips, compute) -> float | _NoiseMap:
 
 def _noise_window(noise: float | _NoiseMap, window, step: int = 1):
     """The working noise over ``window`` = ((y0, y1), (x0, x1)), every ``step``-th
-    pixel: the scalar itself, or that window of the floored map (input dtype)."""
+    pixel: the scalar itself, or that window of the floored map (input dtype), or of
+    the constant map (a 0-d array)."""
+    if isinstance(noise, np.ndarray):
+        (y0, y1), (x0, x1) = window
+        return np.full((len(range(y0, y1, step)), len(range(x0, x1, step))), noise)
     if not isinstance(noise, _NoiseMap):
         return noise
     m = noise.model
@@ -782,12 +821,14 @@ class _TiledRun:
 
         self.pipe, self.t, self.dtype, self.client = pipeline, tiling, np.dtype(dtype), client
         shape = tiling.shape
-        if isinstance(image, da.Array):
-            arr = image.rechunk(tiling.chunks)
-        else:
-            arr = da.from_array(image, chunks=tiling.chunks)
-        self.img = arr.map_blocks(_work_block, dtype=self.dtype)
-        given = None if mask is None else _as_dask_mask(mask, shape, tiling.chunks, "mask")
+        self.img = self.source(image).map_blocks(_work_block, dtype=self.dtype)
+        given = None
+        if mask is not None:
+            if not hasattr(mask, "shape") or not hasattr(mask, "dtype"):
+                mask = np.asarray(mask)
+            if tuple(mask.shape) != shape:
+                raise ValueError(f"mask must have the image's shape {shape}, got {mask.shape}")
+            given = self.source(mask).map_blocks(_mask_block, dtype=bool)
         bad = da.map_blocks(_bad_block, self.img, *([] if given is None else [given]), dtype=bool)
         (self.bad,) = self.persist(bad)
         self.size = shape[0] * shape[1]
@@ -801,6 +842,36 @@ class _TiledRun:
         self.strips = [(y, min(shape[0], y + h)) for y in range(0, shape[0], h)]
 
     # -- dask
+
+    def source(self, data):
+        """``data`` (image or mask) as a dask array of the tiles, never read here. A
+        memory map is read by each task from its file (pickling the memmap would ship
+        the whole array with every graph); an in-memory array is sent to the cluster
+        once (persisted); a dask array is rechunked to the tiles."""
+        import mmap
+
+        import dask.array as da
+
+        t = self.t
+        if isinstance(data, da.Array):
+            return data.rechunk(t.chunks)
+        if (
+            isinstance(data, np.memmap)
+            and isinstance(data.base, mmap.mmap)
+            and (data.flags.c_contiguous or data.flags.f_contiguous)
+        ):
+            layout = (
+                data.filename,
+                data.dtype,
+                data.offset,
+                data.shape,
+                "C" if data.flags.c_contiguous else "F",
+            )
+            return self.tile_array(
+                _read_memmap, lambda i, j, ys, xs, ref: (layout, ys, xs), [], t.chunks, data.dtype
+            )
+        (arr,) = self.persist(da.from_array(np.asarray(data), chunks=t.chunks, name=False))
+        return arr
 
     def persist(self, *arrays):
         import dask
@@ -842,7 +913,10 @@ class _TiledRun:
     def fit(self) -> TiledFitResult:
         pipe = self.pipe
         history: list[TiledIteration] = []
-        model = self.fit_smoother(pipe.first_guess, self.bad, None)
+        if isinstance(pipe.first_guess, RingMedianGuess):
+            model = self.fit_ring(pipe.first_guess)
+        else:
+            model = self.fit_smoother(pipe.first_guess, self.bad, None)
         noise = self.working_noise(model)
         current, count = self.bad, self.nbad
         history.append(self.record(-1, 0, model, count, float("nan"), float("nan")))
@@ -902,7 +976,7 @@ class _TiledRun:
             mask_fraction=float(count) / self.size,
             mask_change=mask_change,
             change=change,
-            scale=float(model.scale),
+            scale=None if getattr(model, "scale", None) is None else float(model.scale),
             model=model,
         )
 
@@ -951,33 +1025,43 @@ class _TiledRun:
         y, x = divmod(int(self.compute(flat.min())), self.t.shape[1])
         return float(self.compute(self.img[y, x]))
 
-    def change(self, new: SmoothResult, old: SmoothResult, noise) -> float:
+    def change(self, new: SmoothResult, old, noise) -> float:
         """``pipeline._change``: RMS of (new - old) / noise on the [::2, ::2] subsample of
         the valid pixels, summed tile by tile."""
+        if isinstance(old, _RingModel):
+            arrays, old = [self.bad, old.background], None
+        else:
+            arrays = [self.bad]
         total, n = self.per_tile_sums(
-            _tile_change, self.bad, width=2, new=new, old=old, noise=noise
+            _tile_change, *arrays, width=2, new=new, old=old, noise=noise
         )
         return float(np.sqrt(total / n)) if n else 0.0
 
     def median_noise(self, noise: _NoiseMap) -> float:
-        """``median(rms[~bad])`` of the working-noise map, exactly: the middle order
-        statistic(s) selected 16 bits at a time from per-tile histograms."""
-        n = self.size - self.nbad
-        values = [self.select(noise, k) for k in sorted({(n - 1) // 2, n // 2})]
-        return float(np.median(np.array(values, dtype=self.dtype)))
+        """``median(rms[~bad])`` of the working-noise map, exactly."""
+        return float(self.median(_noise_values, [self.bad], noise=noise))
 
-    def select(self, noise: _NoiseMap, k: int):
+    def median(self, values, arrays, **kw):
+        """``np.median`` of the values ``values(*blocks, window=, **kw)`` of the tiles
+        (one per valid pixel), exactly: the middle order statistic(s) selected 16 bits
+        at a time from per-tile histograms of their order keys."""
+        n = self.size - self.nbad
+        picked = [self.select(values, arrays, k, kw) for k in sorted({(n - 1) // 2, n // 2})]
+        return np.median(np.array(picked, dtype=self.dtype))
+
+    def select(self, values, arrays, k: int, kw):
         bits = self.dtype.itemsize * 8
         prefix = 0
         for shift in range(bits - 16, -1, -16):
             hist = self.per_tile_sums(
                 _tile_digit_histogram,
-                self.bad,
+                *arrays,
                 width=1 << 16,
-                noise=noise,
+                values=values,
                 shift=shift,
                 prefix=prefix,
                 bits=bits,
+                kw=kw,
             )
             cum = np.cumsum(hist)
             digit = int(np.searchsorted(cum, k, side="right"))
@@ -985,9 +1069,43 @@ class _TiledRun:
             prefix = (prefix << 16) | digit
         return _key_to_float(prefix, self.dtype)
 
-    def mask(self, k: int, masker: HysteresisMasker, model: SmoothResult, noise):
+    def fit_ring(self, guess: RingMedianGuess) -> _RingModel:
+        """``RingMedianGuess.fit(image, bad)``: the ring median per tile (a halo of the
+        ring's reach), its holes filled with the exact median of the valid pixels, and
+        the exact MAD sigma of the residual."""
+        t = self.t
+        img_k, bad_k, edges = _key_grid(self.img), _key_grid(self.bad), t.edges()
+        halo = (t.halo_ring, t.halo_ring)
+
+        def args(i, j, ys, xs, ref):
+            win = t.window(ys, xs, halo)
+            return (
+                *_cover(img_k, edges, win),
+                *_cover(bad_k, edges, win),
+                win,
+                (ys, xs),
+                guess.radius,
+                guess.width,
+            )
+
+        import dask.array as da
+
+        bkg = self.tile_array(_tile_ring, args, [self.img, self.bad], t.chunks, self.dtype)
+        (bkg,) = self.persist(bkg)
+        if self.compute((~da.isfinite(bkg)).any()):
+            fill = self.median(_valid_values, [self.img, self.bad])
+            (bkg,) = self.persist(self.tile_map(_fill_holes, bkg, fill=fill, dtype=self.dtype))
+        centre = self.median(_residual_values, [self.img, bkg, self.bad])
+        mad = self.median(_residual_values, [self.img, bkg, self.bad], centre=centre)
+        sigma = _MAD_TO_STD * float(mad)
+        return _RingModel(background=bkg, sigma=self.dtype.type(sigma))
+
+    def mask(self, k: int, masker: HysteresisMasker, model, noise):
         """``bad | masker(image - background, noise, bad)``, tile by tile."""
-        res = self.tile_map(_tile_residual, self.img, model=model, dtype=self.dtype)
+        if isinstance(model, _RingModel):
+            res = self.tile_map(_subtract, self.img, model.background, dtype=self.dtype)
+        else:
+            res = self.tile_map(_tile_residual, self.img, model=model, dtype=self.dtype)
         excl = self.tile_map(_initial_exclusion, res, self.bad, dtype=bool)
         res, excl = self.persist(res, excl)
         for s in masker.scales:
@@ -1137,6 +1255,10 @@ class _TiledRun:
         return det
 
 
+def _mask_block(block):
+    return as_mask(block, block.shape)
+
+
 def _key_grid(arr) -> np.ndarray:
     """The block keys of a 2-D (or stacked 3-D, one block deep) dask array as a 2-D
     object array."""
@@ -1270,6 +1392,12 @@ def _location(block_info) -> tuple[tuple[int, int], tuple[int, int]]:
     return (y0, y1), (x0, x1)
 
 
+def _read_memmap(layout, rows, cols):
+    filename, dtype, offset, shape, order = layout
+    m = np.memmap(filename, dtype=dtype, mode="r", offset=offset, shape=shape, order=order)
+    return np.array(m[rows[0] : rows[1], cols[0] : cols[1]])
+
+
 def _work_block(block):
     from ._validate import as_image
 
@@ -1303,11 +1431,15 @@ def _tile_first_valid(mask, nx, block_info=None):
     return np.array([[first]], dtype=np.int64)
 
 
-def _tile_change(bad, window, new, old, noise):
+def _tile_change(bad, old_map=None, *, window, new, old, noise):
     """Sum of squares and count of the finite (new - old) / noise on the tile's
-    [::2, ::2] subsample of valid pixels (the tile starts on an even pixel)."""
+    [::2, ::2] subsample of valid pixels (the tile starts on an even pixel); the old
+    background is a thin-plate result, or (``old`` None) the block ``old_map``."""
     a = upsample(new.grid, new.cell_size, new.shape, new.dtype, 2, window)
-    b = upsample(old.grid, old.cell_size, old.shape, old.dtype, 2, window)
+    if old is None:
+        b = old_map[::2, ::2]
+    else:
+        b = upsample(old.grid, old.cell_size, old.shape, old.dtype, 2, window)
     with np.errstate(invalid="ignore", divide="ignore"):
         d = ((a - b) / _noise_window(noise, window, 2))[~bad[::2, ::2]]
     d = d[np.isfinite(d)]
@@ -1328,13 +1460,42 @@ def _key_to_float(key: int, dtype) -> float:
     return np.array([u], dtype=f"u{bits // 8}").view(dtype)[0]
 
 
-def _tile_digit_histogram(bad, window, noise, shift, prefix, bits):
-    """Histogram of the 16-bit digit at ``shift`` of the order keys of the tile's valid
-    working-noise values whose higher bits are ``prefix``."""
-    keys = _float_keys(np.ascontiguousarray(_noise_window(noise, window)[~bad]))
+def _tile_digit_histogram(*blocks, window, values, shift, prefix, bits, kw):
+    """Histogram of the 16-bit digit at ``shift`` of the order keys of the tile's
+    ``values(*blocks, window=window, **kw)`` whose higher bits are ``prefix``."""
+    keys = _float_keys(np.ascontiguousarray(values(*blocks, window=window, **kw)))
     if shift + 16 < bits:
         keys = keys[(keys >> (shift + 16)) == prefix]
     return np.bincount(((keys >> shift) & 0xFFFF).astype(np.int64), minlength=1 << 16)
+
+
+def _noise_values(bad, window, noise):
+    return _noise_window(noise, window)[~bad]
+
+
+def _valid_values(img, bad, window):
+    return img[~bad]
+
+
+def _residual_values(img, bkg, bad, window, centre=None):
+    r = (img - bkg)[~bad]
+    return r if centre is None else np.abs(r - centre)
+
+
+def _tile_ring(img, img_sl, bad, bad_sl, window, core, radius, width):
+    """The ring median of a tile, from its window (a halo of the ring's reach)."""
+    img, bad = _assemble(img, img_sl), _assemble(bad, bad_sl)
+    bkg = np.asarray(ring_median(img, radius, width, mask=bad), dtype=img.dtype)
+    return np.ascontiguousarray(bkg[_core(window, core)])
+
+
+def _fill_holes(bkg, fill):
+    # RingMedianGuess: pixels whose ring holds no valid pixel take the global median
+    return np.where(np.isfinite(bkg), bkg, fill)
+
+
+def _subtract(img, bkg):
+    return np.subtract(img, bkg, dtype=img.dtype)
 
 
 def _tile_residual(img, model: SmoothResult, block_info=None):

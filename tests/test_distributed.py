@@ -22,11 +22,13 @@ from skymap.distributed import (  # noqa: E402
     tiled_fit,
     tiled_mesh_background,
 )
+from skymap.filters import ring_footprint, ring_median  # noqa: E402
 from skymap.interpolate import IDW, SExtractorSpline, ZoomSpline  # noqa: E402
 from skymap.mesh import MeshBackground  # noqa: E402
 from skymap.pipeline import (  # noqa: E402
     HysteresisMasker,
     IterativeBackground,
+    RingMedianGuess,
     Stage,
     _hysteresis,
     _noise_step,
@@ -224,6 +226,28 @@ def test_tiled_fit_runs_an_explicit_pipeline_on_a_memmap(tmp_path):
     assert np.abs(tiled.background.compute() - ref.background).max() <= 1e-6 * ref.noise
     np.testing.assert_array_equal(tiled.mask.compute(), ref.mask)
     assert tiled.noise == ref.noise
+
+
+def test_tiled_fit_with_a_ring_median_first_guess_equals_in_memory():
+    img = _crowded(np.float32)[:200, :260]
+    mask = np.zeros(img.shape, bool)
+    mask[60:120, 80:150] = True  # far wider than the ring: pixels with an empty ring
+    pipe = IterativeBackground(
+        first_guess=RingMedianGuess(radius=6, width=3),
+        stages=(Stage(masker=HysteresisMasker(scales=(1.0, 2.0)), estimator=ThinPlateSmoother()),),
+        final=ThinPlateSmoother(protect_scale=8.0),
+        max_iter=2,
+    )
+    ref = pipe.fit(img, mask)
+    assert np.isnan(ring_median(img, 6, 3, mask=mask)).any()
+    tiled = tiled_fit(img, mask, pipeline=pipe, tile=64)
+    assert tiled.halo >= ring_footprint(6, 3).shape[0] // 2
+    assert np.abs(tiled.background.compute() - ref.background).max() <= 1e-6 * ref.noise
+    np.testing.assert_array_equal(tiled.mask.compute(), ref.mask)
+    # the change is summed tile by tile: equal to rounding
+    np.testing.assert_allclose(
+        [h.change for h in tiled.history][1:], [h.change for h in ref.history][1:], rtol=1e-12
+    )
 
 
 def test_tiles_align_to_cells_and_blocks_and_halos_follow_the_kernels():
