@@ -32,6 +32,7 @@ True
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import uuid
@@ -407,6 +408,25 @@ def _tile_map(values, excluded, mesh, shape, halo, block_info=None):
 
 
 # --------------------------------------------------------------------------- tiled fit
+
+
+def _one_thread(func):
+    """Run a tile task's numba kernels on one thread: the parallelism of a tiled run is
+    the cluster's (workers x threads); kernels that also spread over every core
+    oversubscribe it (measured: 1.7x slower on 2 cores with 2 worker processes)."""
+
+    @functools.wraps(func)
+    def task(*args, **kwargs):
+        import numba
+
+        threads = numba.get_num_threads()
+        numba.set_num_threads(1)
+        try:
+            return func(*args, **kwargs)
+        finally:
+            numba.set_num_threads(threads)
+
+    return task
 
 
 @dataclass(frozen=True, kw_only=True, eq=False)
@@ -802,6 +822,7 @@ def _noise_window(noise: float | _NoiseMap, window, step: int = 1):
     return rms
 
 
+@_one_thread
 def _strip_positive(model: SmoothResult, rows, start: int | None = None, step: int = 1):
     """The count (``start`` None) or the ``[start::step]`` sample of the finite
     positive values of the unfloored RMS map's rows ``rows``, in C order."""
@@ -1272,6 +1293,7 @@ def _key_grid(arr) -> np.ndarray:
     return out
 
 
+@_one_thread
 def _tile_label(maps, kw):
     """A tile's hysteresis regions labelled on their own (int32, 0 = none)."""
     from scipy import ndimage
@@ -1413,12 +1435,14 @@ def _with_window(*blocks, task, block_info=None, **kwargs):
     return np.asarray(task(*blocks, window=window, **kwargs), dtype=np.float64)[None, None]
 
 
+@_one_thread
 def _tile_map_of(model: SmoothResult, which: str, block_info=None):
     window = block_info[None]["array-location"]
     grid = getattr(model, which)
     return upsample(grid, model.cell_size, model.shape, model.dtype, 1, window)
 
 
+@_one_thread
 def _tile_cell_sums(img, mask, cells, ref, block_info=None):
     (y0, _), (x0, _) = _location(block_info)
     return cell_sums(img, mask, cells, ref, origin=(y0, x0))
@@ -1431,6 +1455,7 @@ def _tile_first_valid(mask, nx, block_info=None):
     return np.array([[first]], dtype=np.int64)
 
 
+@_one_thread
 def _tile_change(bad, old_map=None, *, window, new, old, noise):
     """Sum of squares and count of the finite (new - old) / noise on the tile's
     [::2, ::2] subsample of valid pixels (the tile starts on an even pixel); the old
@@ -1460,6 +1485,7 @@ def _key_to_float(key: int, dtype) -> float:
     return np.array([u], dtype=f"u{bits // 8}").view(dtype)[0]
 
 
+@_one_thread
 def _tile_digit_histogram(*blocks, window, values, shift, prefix, bits, kw):
     """Histogram of the 16-bit digit at ``shift`` of the order keys of the tile's
     ``values(*blocks, window=window, **kw)`` whose higher bits are ``prefix``."""
@@ -1482,6 +1508,7 @@ def _residual_values(img, bkg, bad, window, centre=None):
     return r if centre is None else np.abs(r - centre)
 
 
+@_one_thread
 def _tile_ring(img, img_sl, bad, bad_sl, window, core, radius, width):
     """The ring median of a tile, from its window (a halo of the ring's reach)."""
     img, bad = _assemble(img, img_sl), _assemble(bad, bad_sl)
@@ -1498,6 +1525,7 @@ def _subtract(img, bkg):
     return np.subtract(img, bkg, dtype=img.dtype)
 
 
+@_one_thread
 def _tile_residual(img, model: SmoothResult, block_info=None):
     window = _location(block_info)
     bkg = upsample(model.grid, model.cell_size, model.shape, model.dtype, 1, window)
@@ -1521,6 +1549,7 @@ def _core(window, core, b: int = 1) -> tuple[slice, slice]:
     )
 
 
+@_one_thread
 def _tile_scale_maps(res, res_sl, excl, excl_sl, noise, window, core, masker, s):
     """``masker.scale_maps`` on a tile's window, cut to the tile (binned): snr,
     (plain,) and invalid (as 0/1) stacked in one float32 array."""
@@ -1571,6 +1600,7 @@ def _hysteresis_codes(snr, plain=None, *, factor, low, high, which):
     return seed | ((snr if plain is None else plain) > np.float32(low))
 
 
+@_one_thread
 def _tile_dilate(det, det_sl, excl, excl_sl, window, core, masker, s, b):
     """The tile's exclusion OR its (dilated, expanded) detections of scale ``s``:
     ``masker.scale_mask`` on the window, fed maps whose hysteresis keeps exactly the
