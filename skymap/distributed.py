@@ -586,10 +586,14 @@ def tiled_fit(
 
     each rounded up to the alignment unit; and for a ring-median first guess, the ring's
     reach ``ring_footprint(radius, width).shape[0] // 2`` (its hole fill and MAD sigma
-    are exact medians over the tiles). The noise-excess pairs (``noise_lag``
-    binned pixels apart) and the labelling read the assembled binned maps, so they
-    need none. The smoother needs none: its cells are summed inside the tiles, and
-    each tile's map is evaluated from the whole (small) grid.
+    are exact medians over the tiles). The noise-excess pairs (``noise_lag`` binned
+    pixels apart) read the neighbouring tiles' persisted maps, and the labelling joins
+    the tiles' labels, so neither needs a halo. The smoother needs none: its cells are
+    summed inside the tiles, and each tile's map is evaluated from the whole (small)
+    grid.
+
+    Parallelism is the cluster's: each tile task runs numba's kernels on one thread,
+    so give a LocalCluster one worker (process or thread) per core.
 
     Examples
     --------
