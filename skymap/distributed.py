@@ -524,8 +524,12 @@ def tiled_fit(
 
     Parameters
     ----------
-    image : ndarray, memmap or dask.array.Array (ny, nx)
-        The image; only tiles (with their halos) are loaded, never the whole.
+    image : dask.array.Array, memmap or ndarray (ny, nx)
+        The image. A dask array (e.g. ``da.from_zarr``) is rechunked to the tiles; a
+        memory map of a whole ``.npy`` or raw file (``np.load(path, mmap_mode="r")``,
+        ``np.memmap``) is read tile by tile from its file by the tasks; any other
+        array (an astropy memory-mapped ``HDU.data`` view included) is sent to the
+        cluster once, so this process reads it whole.
     mask : array-like or dask array of bool, optional
         True = excluded. NaN and inf pixels are excluded automatically.
     pipeline : IterativeBackground, optional
