@@ -7,52 +7,79 @@ from numba import njit, prange
 
 
 @njit(cache=True, nogil=True, parallel=True)
-def masked_block_sums(values, excluded, b, noise):  # pragma: no cover - compiled
-    """Sums over b x b blocks of the valid ``values``, of the valid-pixel count, and of
-    the valid ``noise**2`` (``noise`` an rms map of the values' shape; for a constant,
-    shape (1, 1), the variance sums are not formed and a (1, 1) zero array is returned
-    in their place). Partial blocks at the far edges sum what they hold."""
+def masked_block_sums(values, excluded, b, num, cnt):  # pragma: no cover - compiled
+    """Sums over b x b blocks (``b`` a power of two) of the valid ``values`` and the
+    valid-pixel counts, into ``num`` and ``cnt`` of shape ceil(shape / b). Partial
+    blocks at the far edges sum what they hold. (Outputs come from the caller:
+    numpy's allocations of large arrays use huge pages, numba's do not, and the page
+    faults of fresh memory cost as much as the arithmetic here.)"""
     ny, nx = values.shape
-    gy = (ny + b - 1) // b
-    gx = (nx + b - 1) // b
-    scalar = noise.shape[0] == 1 and noise.shape[1] == 1
-    num = np.zeros((gy, gx), np.float32)
-    cnt = np.zeros((gy, gx), np.float32)
-    # A constant noise needs no variance map: the caller scales the counts.
-    var = np.zeros((1, 1) if scalar else (gy, gx), np.float32)
+    gy, gx = num.shape
+    # A shift, not a division, per pixel.
+    shift = 0
+    while (1 << shift) < b:
+        shift += 1
     for by in prange(gy):
+        an = np.zeros(gx, np.float32)
+        ac = np.zeros(gx, np.float32)
         for y in range(by * b, min(ny, (by + 1) * b)):
+            vrow, erow = values[y], excluded[y]
             for x in range(nx):
-                if not excluded[y, x]:
-                    bx = x // b
-                    num[by, bx] += values[y, x]
-                    cnt[by, bx] += 1.0
-                    if not scalar:
-                        # Squared here: a full-resolution variance map would cost
-                        # an image of memory.
-                        var[by, bx] += noise[y, x] * noise[y, x]
-    return num, cnt, var
+                # Selects, not branches (excluded values may be NaN).
+                e = erow[x]
+                an[x >> shift] += np.float32(0.0) if e else vrow[x]
+                ac[x >> shift] += np.float32(0.0) if e else np.float32(1.0)
+        num[by] = an
+        cnt[by] = ac
+    return num, cnt
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _correlate_row(src, kernel, out):  # pragma: no cover - compiled
+    """``out[x] = sum_j kernel[j] * src[x + j]`` (``src`` padded by the kernel's
+    half-width on each side): taps outermost, so the inner loop vectorises."""
+    out[:] = 0.0
+    n = out.size
+    for j in range(kernel.size):
+        w = kernel[j]
+        for x in range(n):
+            out[x] += w * src[x + j]
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _correlate_row2(src, k1, k2, out1, out2):  # pragma: no cover - compiled
+    """:func:`_correlate_row` with two kernels of one size at once (one read of src)."""
+    out1[:] = 0.0
+    out2[:] = 0.0
+    n = out1.size
+    for j in range(k1.size):
+        w1 = k1[j]
+        w2 = k2[j]
+        for x in range(n):
+            v = src[x + j]
+            out1[x] += w1 * v
+            out2[x] += w2 * v
 
 
 @njit(cache=True, nogil=True, parallel=True)
-def gaussian_separable(a, kernel):  # pragma: no cover - compiled
+def gaussian_separable(a, kernel, tmp, out):  # pragma: no cover - compiled
     """Correlate ``a`` with ``kernel`` along x then y, zero outside the array
-    (scipy.ndimage.correlate1d with mode="constant", twice), in float32."""
+    (scipy.ndimage.correlate1d with mode="constant", twice), in float32, into ``out``
+    (``tmp``: workspace of the same shape)."""
     ny, nx = a.shape
     r = kernel.size // 2
-    tmp = np.empty((ny, nx), np.float32)
     for y in prange(ny):
-        for x in range(nx):
-            s = 0.0
-            for j in range(max(0, x - r), min(nx - 1, x + r) + 1):
-                s += kernel[j - x + r] * a[y, j]
-            tmp[y, x] = s
-    out = np.zeros((ny, nx), np.float32)
+        row = np.zeros(nx + 2 * r, np.float32)
+        row[r : r + nx] = a[y]
+        _correlate_row(row, kernel, tmp[y])
     for y in prange(ny):
+        acc = out[y]
+        acc[:] = 0.0
         for i in range(max(0, y - r), min(ny - 1, y + r) + 1):
             w = kernel[i - y + r]
+            src = tmp[i]
             for x in range(nx):
-                out[y, x] += w * tmp[i, x]
+                acc[x] += w * src[x]
     return out
 
 
@@ -70,102 +97,126 @@ def block_sum(a, b):  # pragma: no cover - compiled
     return out
 
 
+@njit(cache=True, nogil=True)
+def _runs(keys):  # pragma: no cover - compiled
+    """Start indices of the runs of equal values in ``keys``, then ``keys.size``."""
+    n = keys.size
+    starts = np.empty(n + 1, np.int64)
+    m = 0
+    for i in range(n):
+        if i == 0 or keys[i] != keys[i - 1]:
+            starts[m] = i
+            m += 1
+    starts[m] = n
+    return starts[: m + 1]
+
+
 @njit(cache=True, nogil=True, parallel=True)
-def dog_snr(num, cnt, var, g, g2, local, bw, noise2, want_grow, excluded):  # pragma: no cover
+def dog_snr(num, cnt, excluded, g, g2, local, bw, noise, b, q, snr, grow):  # pragma: no cover
     """Signal-to-noise maps of a normalised Gaussian smoothing, in one fused pass.
 
-    With G the separable kernel ``g`` (and G2 that of ``g2 = g**2``):
-    ``grow = G*num / sqrt(nv)`` and ``snr = (G*num - G*cnt * local) / sqrt(nv)``, where
-    ``nv = G2*var``, or ``noise2 * G2*cnt`` when ``var`` has shape (1, 1) (a constant
-    noise). ``local`` is sampled at ``[y // bw, x // bw]``. Zero where nv is 0. The
-    x pass is buffered in strips of rows, so the temporaries stay small. Without
-    ``want_grow`` the second map is a (1, 1) placeholder. When ``excluded`` has the
-    shape of ``num`` (unbinned data), ``num`` is the raw residual, ``cnt`` is unused and
-    a full-size ``var`` is the raw rms map (squared here): excluded pixels count as value
-    0 and weight 0, which saves three full-size arrays.
+    With G the separable kernel ``g`` and G2 that of ``g2 = g**2``:
+    ``grow = G*num / sqrt(nv)`` and ``snr = (G*num - G*cnt * local) / sqrt(nv)`` with
+    ``nv = sigma**2 * G2*cnt``, ``sigma`` the noise of one full-resolution pixel read
+    from the coarse rms map ``noise`` at ``[(y*b + b//2) // q, (x*b + b//2) // q]``
+    (edge-clamped; this grid is binned by ``b``, the rms map samples every ``q``-th
+    full-resolution pixel): the noise varies slowly enough to be constant over a
+    kernel. ``local`` is sampled at ``[y // bw, x // bw]``. Zero where nv is 0. When
+    ``excluded`` has the shape of ``num`` (unbinned data), ``num`` is the raw residual
+    and ``cnt`` is unused: excluded pixels count as value 0 and weight 0, which saves
+    two full-size arrays. The x pass is buffered in strips of rows, so the temporaries
+    stay small. The maps are written into ``snr`` and ``grow`` (of ``num``'s shape; a
+    (1, 1) ``grow`` skips that map).
     """
     ny, nx = num.shape
     direct = excluded.shape[0] == ny and excluded.shape[1] == nx
     r = g.size // 2
-    use_var = var.shape[0] == ny and var.shape[1] == nx
-    snr = np.zeros((ny, nx), np.float32)
-    grow = np.zeros((ny, nx) if want_grow else (1, 1), np.float32)
-    strip = 128
+    nqy, nqx = noise.shape
+    want_grow = grow.shape[0] == ny and grow.shape[1] == nx
+    strip = 64
     tn = np.empty((strip + 2 * r, nx), np.float32)
     tc = np.empty((strip + 2 * r, nx), np.float32)
     tv = np.empty((strip + 2 * r, nx), np.float32)
+    # Runs of columns that share a noise value / a local mean: per-run constants
+    # keep the final loops free of gathers, so they vectorise.
+    qruns = _runs(np.minimum((np.arange(nx) * b + b // 2) // q, nqx - 1))
+    lruns = _runs(np.arange(nx) // bw)
     for y0 in range(0, ny, strip):
         y1 = min(ny, y0 + strip)
         a0 = max(0, y0 - r)
         a1 = min(ny, y1 + r)
         for k in prange(a1 - a0):
             y = a0 + k
-            for x in range(nx):
-                sn = 0.0
-                sc = 0.0
-                sv = 0.0
-                for j in range(max(0, x - r), min(nx - 1, x + r) + 1):
-                    if direct:
-                        if excluded[y, j]:
-                            continue
-                        value = num[y, j]
-                        count = 1.0
-                    else:
-                        value = num[y, j]
-                        count = cnt[y, j]
-                    w = g[j - x + r]
-                    sn += w * value
-                    sc += w * count
-                    if use_var:
-                        v2 = var[y, j]
-                        if direct:
-                            v2 = v2 * v2
-                        sv += g2[j - x + r] * float(v2)
-                    else:
-                        sv += g2[j - x + r] * count
-                tn[k, x] = sn
-                tc[k, x] = sc
-                tv[k, x] = sv
+            # Padded rows of the masked values and weights, then the taps.
+            pn = np.zeros(nx + 2 * r, np.float32)
+            pc = np.zeros(nx + 2 * r, np.float32)
+            if direct:
+                erow, vrow = excluded[y], num[y]
+                for x in range(nx):
+                    e = erow[x]
+                    pn[x + r] = np.float32(0.0) if e else vrow[x]
+                    pc[x + r] = np.float32(0.0) if e else np.float32(1.0)
+            else:
+                pn[r : r + nx] = num[y]
+                pc[r : r + nx] = cnt[y]
+            _correlate_row(pn, g, tn[k])
+            _correlate_row2(pc, g, g2, tc[k], tv[k])
         for k in prange(y1 - y0):
             y = y0 + k
-            an = np.zeros(nx)
-            ac = np.zeros(nx)
-            av = np.zeros(nx)
+            an = np.zeros(nx, np.float32)
+            ac = np.zeros(nx, np.float32)
+            av = np.zeros(nx, np.float32)
             for i in range(max(0, y - r), min(ny - 1, y + r) + 1):
                 w = g[i - y + r]
                 w2 = g2[i - y + r]
+                sn, sc, sv = tn[i - a0], tc[i - a0], tv[i - a0]
                 for x in range(nx):
-                    an[x] += w * tn[i - a0, x]
-                    ac[x] += w * tc[i - a0, x]
-                    av[x] += w2 * tv[i - a0, x]
-            ly = y // bw
-            for x in range(nx):
-                v = av[x] if use_var else av[x] * noise2
-                if v > 0:
-                    sd = np.sqrt(v)
-                    if want_grow:
-                        grow[y, x] = an[x] / sd
-                    snr[y, x] = (an[x] - ac[x] * local[ly, x // bw]) / sd
+                    an[x] += w * sn[x]
+                    ac[x] += w * sc[x]
+                    av[x] += w2 * sv[x]
+            qy = min((y * b + b // 2) // q, nqy - 1)
+            # 1 / noise in av.
+            for k0 in range(qruns.size - 1):
+                x0, x1 = qruns[k0], qruns[k0 + 1]
+                sigma = noise[qy, min((x0 * b + b // 2) // q, nqx - 1)]
+                s2 = sigma * sigma
+                for x in range(x0, x1):
+                    v = av[x] * s2
+                    av[x] = 1.0 / np.sqrt(v) if v > 0 else 0.0
+            if want_grow:
+                out = grow[y]
+                for x in range(nx):
+                    out[x] = an[x] * av[x]
+            lrow = local[y // bw]
+            out = snr[y]
+            for k0 in range(lruns.size - 1):
+                x0, x1 = lruns[k0], lruns[k0 + 1]
+                m = lrow[x0 // bw]
+                for x in range(x0, x1):
+                    out[x] = (an[x] - ac[x] * m) * av[x]
     return snr, grow
 
 
 @njit(cache=True, nogil=True, parallel=True)
-def expand_mask(small, b, excluded):  # pragma: no cover - compiled
-    """Full-resolution ``small[y // b, x // b] & ~excluded``."""
-    ny, nx = excluded.shape
-    out = np.zeros((ny, nx), np.bool_)
+def expand_mask_into(small, b, out):  # pragma: no cover - compiled
+    """``out |= small[y // b, x // b]`` in place, at full resolution; returns ``out``.
+    Reads the small map only, and writes only where it is set."""
+    ny, nx = out.shape
+    gx = small.shape[1]
     for y in prange(ny):
-        for x in range(nx):
-            out[y, x] = small[y // b, x // b] and not excluded[y, x]
+        row, dst = small[y // b], out[y]
+        for bx in range(gx):
+            if row[bx]:
+                for x in range(bx * b, min(nx, (bx + 1) * b)):
+                    dst[x] = True
     return out
 
 
 @njit(cache=True, nogil=True, parallel=True)
-def hysteresis_codes(snr, grow, low, high):  # pragma: no cover - compiled
-    """uint8 map: 2 where ``snr > high`` (seeds), 1 where ``grow > low``, else 0; one
-    byte a pixel instead of the seed, growth and union masks."""
+def hysteresis_codes(snr, grow, low, high, out):  # pragma: no cover - compiled
+    """uint8 map ``out``: 2 where ``snr > high`` (seeds), 1 where ``grow > low``, else 0;
+    one byte a pixel instead of the seed, growth and union masks."""
     ny, nx = snr.shape
-    out = np.empty((ny, nx), np.uint8)
     for y in prange(ny):
         for x in range(nx):
             if snr[y, x] > high:
@@ -225,3 +276,26 @@ def floor_in_place(values, floor):  # pragma: no cover - compiled
         if not np.isfinite(v) or v < floor:
             flat[i] = floor
     return values
+
+
+@njit(cache=True, nogil=True)
+def subsampled_change(new, old_sub, bad, noise, q):  # pragma: no cover - compiled
+    """RMS of ``(new[::2, ::2] - old_sub) / sigma`` over the pixels not ``bad`` and
+    finite, ``sigma`` read from the noise grid ``noise`` at ``[y // q, x // q]``
+    (edge-clamped, as in :func:`dog_snr`); 0 when no pixel is left."""
+    ny, nx = old_sub.shape
+    nqy, nqx = noise.shape
+    total = 0.0
+    count = 0
+    for i in range(ny):
+        y = 2 * i
+        qy = min(y // q, nqy - 1)
+        for j in range(nx):
+            x = 2 * j
+            if bad[y, x]:
+                continue
+            d = (new[y, x] - old_sub[i, j]) / noise[qy, min(x // q, nqx - 1)]
+            if np.isfinite(d):
+                total += d * d
+                count += 1
+    return np.sqrt(total / count) if count else 0.0

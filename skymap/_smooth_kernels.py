@@ -50,15 +50,26 @@ def bin_cells(image, bad, cy, cx, ref):  # pragma: no cover - compiled
     sx = np.zeros((gy, gx))
     for i in prange(gy):
         for y in range(i * cy, min(ny, (i + 1) * cy)):
-            for x in range(nx):
-                if not bad[y, x]:
-                    j = x // cx
-                    v = image[y, x] - ref
-                    n[i, j] += 1.0
-                    s1[i, j] += v
-                    s2[i, j] += v * v
-                    sy[i, j] += y
-                    sx[i, j] += x
+            vrow, brow = image[y], bad[y]
+            for j in range(gx):
+                c = 0.0
+                a1 = 0.0
+                a2 = 0.0
+                ax = 0.0
+                # Selects, not branches (bad values may be NaN): they vectorise.
+                for x in range(j * cx, min(nx, (j + 1) * cx)):
+                    ok = not brow[x]
+                    v = (vrow[x] - ref) if ok else 0.0
+                    w = 1.0 if ok else 0.0
+                    c += w
+                    a1 += v
+                    a2 += v * v
+                    ax += w * x
+                n[i, j] += c
+                s1[i, j] += a1
+                s2[i, j] += a2
+                sy[i, j] += c * y
+                sx[i, j] += ax
     return n, s1, s2, sy, sx
 
 

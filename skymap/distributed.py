@@ -49,12 +49,14 @@ from .interpolate import MeshGeometry
 from .mesh import MeshBackground, MeshResult
 from .pipeline import (
     _MAD_TO_STD,
+    CoarseRMS,
     HysteresisMasker,
     IterativeBackground,
     RingMedianGuess,
     _noise_step,
     _pow2_at_most,
     _ScaleMaps,
+    _working_rms,
     default_pipeline,
 )
 from .smooth import (
@@ -696,7 +698,9 @@ class _Tiling:
         units = [2, 2]
         for sm in smoothers:
             for cells in sm.cell_sequence(shape):
-                units = [math.lcm(u, c) for u, c in zip(units, cells, strict=True)]
+                # the cells, and the blocks of the coarse noise map made from them
+                q = _pow2_at_most(min(cells) / 2.0, *shape)
+                units = [math.lcm(u, c, q) for u, c in zip(units, cells, strict=True)]
         reach: dict = {}
         for k, st in enumerate(pipeline.stages):
             m = st.masker
@@ -760,10 +764,12 @@ class _Tiling:
         return tuple(out)
 
 
-# The working noise. pipeline._working_rms hands the maskers either a scalar or a
-# full-resolution map; a tiled run never holds the map, only what rebuilds any window
-# of it. These two functions are the only places that know how, so that a change in
-# _working_rms is followed here (and nowhere else).
+# The working noise. pipeline._working_rms hands the maskers a scalar, a CoarseRMS (one
+# value per q x q block: small, made in the driver by _working_rms itself) or, for
+# models whose cells are too small for blocks (q = 1) and for a ring-median guess, a
+# full-resolution map, which a tiled run never holds: only what rebuilds any window of
+# it. _working_noise and _noise_window are the only places that know this, so that a
+# change in _working_rms is followed here (and nowhere else).
 
 
 @dataclass(frozen=True, kw_only=True, eq=False)
@@ -784,14 +790,17 @@ class _RingModel:
 
 
 def _working_noise(model: SmoothResult | _RingModel, strips, compute) -> Any:
-    """``pipeline._working_rms(model)`` without the full map: the same scalar, or the
-    same map as a :class:`_NoiseMap`. Its floor, half the median of every step-th
-    finite positive value in C order (``_k.positive_sample(rms, 250_000)``), is taken
-    from the same values: counted, then sampled, over full-width strips of rows. A
-    ring-median guess's RMS is a constant map, its own floor: it stays that map (an
-    array of one value, broadcast per window)."""
+    """``pipeline._working_rms(model, coarse=True)`` without a full-resolution map: the
+    same scalar or :class:`CoarseRMS`, or the same full map as a :class:`_NoiseMap`.
+    Its floor, half the median of every step-th finite positive value in C order
+    (``_k.positive_sample(rms, 250_000)``), is taken from the same values: counted,
+    then sampled, over full-width strips of rows. A ring-median guess's RMS is a
+    constant map, its own floor: it stays that map (an array of one value, broadcast
+    per window)."""
     if isinstance(model, _RingModel):
         return np.asarray(model.sigma)
+    if _coarse_step(model) > 1:
+        return _working_rms(model, coarse=True)
     g = np.asarray(model.rms_grid)
     g = g[np.isfinite(g)]
     if g.size and g.min() > 0 and g.max() <= 1.05 * g.min():
@@ -813,17 +822,32 @@ def _working_noise(model: SmoothResult | _RingModel, strips, compute) -> Any:
     return _NoiseMap(model=model, floor=0.5 * float(np.median(np.concatenate(samples))))
 
 
-def _noise_window(noise: float | _NoiseMap, window, step: int = 1):
-    """The working noise over ``window`` = ((y0, y1), (x0, x1)), every ``step``-th
-    pixel: the scalar itself, or that window of the floored map (input dtype), or of
-    the constant map (a 0-d array)."""
+def _coarse_step(model: SmoothResult) -> int:
+    # the block of _working_rms's CoarseRMS for a thin-plate model (1: no blocks)
+    return _pow2_at_most(min(model.cell_size) / 2.0, *model.shape)
+
+
+def _noise_window(noise, window, step: int = 1):
+    """The working noise over ``window`` = ((y0, y1), (x0, x1)) (which starts on a
+    block of a CoarseRMS): at ``step`` 1 what the masker takes for that window (the
+    scalar, a CoarseRMS of the window, the window of the floored or constant map);
+    with ``step`` > 1, the noise at every ``step``-th pixel as an array (a CoarseRMS
+    read at ``[y // q, x // q]``, edge-clamped), or the scalar."""
+    (y0, y1), (x0, x1) = window
+    if isinstance(noise, CoarseRMS):
+        q, (gy, gx) = noise.step, noise.values.shape
+        if step == 1:
+            values = noise.values[y0 // q : -(-y1 // q), x0 // q : -(-x1 // q)]
+            return CoarseRMS(values=values, step=q, shape=(y1 - y0, x1 - x0))
+        rows = np.minimum(np.arange(y0, y1, step) // q, gy - 1)
+        cols = np.minimum(np.arange(x0, x1, step) // q, gx - 1)
+        return noise.values[np.ix_(rows, cols)]
     if isinstance(noise, np.ndarray):
-        (y0, y1), (x0, x1) = window
         return np.full((len(range(y0, y1, step)), len(range(x0, x1, step))), noise)
     if not isinstance(noise, _NoiseMap):
         return noise
     m = noise.model
-    rms = upsample(m.rms_grid, m.cell_size, m.shape, m.dtype, step, window)
+    rms = upsample(m.rms_grid, m.cell_size, m.shape, m.dtype, step, window=window)
     if noise.floor is not None:
         floor = rms.dtype.type(noise.floor)
         rms = np.where(np.isfinite(rms) & (rms >= floor), rms, floor)
@@ -835,7 +859,11 @@ def _strip_positive(model: SmoothResult, rows, start: int | None = None, step: i
     """The count (``start`` None) or the ``[start::step]`` sample of the finite
     positive values of the unfloored RMS map's rows ``rows``, in C order."""
     rms = upsample(
-        model.rms_grid, model.cell_size, model.shape, model.dtype, 1, (rows, (0, model.shape[1]))
+        model.rms_grid,
+        model.cell_size,
+        model.shape,
+        model.dtype,
+        window=(rows, (0, model.shape[1])),
     )
     v = rms[np.isfinite(rms) & (rms > 0)]
     return v.size if start is None else v[start::step]
@@ -973,7 +1001,7 @@ class _TiledRun:
                 if change <= pipe.change_tol and mask_change <= pipe.mask_tol:
                     converged = True
                     break
-        final_noise = noise if not isinstance(noise, _NoiseMap) else self.median_noise(noise)
+        final_noise = self.typical_noise(noise)
         if pipe.final is not None:
             previous = model
             model = self.fit_smoother(pipe.final, current, history[-1].scale)
@@ -1066,8 +1094,19 @@ class _TiledRun:
         )
         return float(np.sqrt(total / n)) if n else 0.0
 
-    def median_noise(self, noise: _NoiseMap) -> float:
-        """``median(rms[~bad])`` of the working-noise map, exactly."""
+    def typical_noise(self, noise) -> float:
+        """``pipeline._typical_noise``: the scalar; for a CoarseRMS the median of its
+        values over the blocks holding a valid pixel (a per-tile map of those blocks,
+        gathered); for a full map ``median(rms[~bad])``, exactly."""
+        if isinstance(noise, float):
+            return noise
+        if isinstance(noise, CoarseRMS):
+            q = noise.step
+            chunks = tuple(tuple(-(-c // q) for c in ch) for ch in self.t.chunks)
+            valid = self.compute(
+                self.tile_map(_valid_blocks, self.bad, q=q, dtype=bool, chunks=chunks)
+            )
+            return float(np.median(noise.values[valid]))
         return float(self.median(_noise_values, [self.bad], noise=noise))
 
     def median(self, values, arrays, **kw):
@@ -1447,7 +1486,7 @@ def _with_window(*blocks, task, block_info=None, **kwargs):
 def _tile_map_of(model: SmoothResult, which: str, block_info=None):
     window = block_info[None]["array-location"]
     grid = getattr(model, which)
-    return upsample(grid, model.cell_size, model.shape, model.dtype, 1, window)
+    return upsample(grid, model.cell_size, model.shape, model.dtype, window=window)
 
 
 @_one_thread
@@ -1468,15 +1507,17 @@ def _tile_change(bad, old_map=None, *, window, new, old, noise):
     """Sum of squares and count of the finite (new - old) / noise on the tile's
     [::2, ::2] subsample of valid pixels (the tile starts on an even pixel); the old
     background is a thin-plate result, or (``old`` None) the block ``old_map``."""
-    a = upsample(new.grid, new.cell_size, new.shape, new.dtype, 2, window)
+    a = upsample(new.grid, new.cell_size, new.shape, new.dtype, 2, window=window)
     if old is None:
         b = old_map[::2, ::2]
     else:
-        b = upsample(old.grid, old.cell_size, old.shape, old.dtype, 2, window)
+        b = upsample(old.grid, old.cell_size, old.shape, old.dtype, 2, window=window)
+    # the noise as _change reads it (pipeline._noise_grid: float32)
+    sigma = np.asarray(_noise_window(noise, window, 2), dtype=np.float32)
     with np.errstate(invalid="ignore", divide="ignore"):
-        d = ((a - b) / _noise_window(noise, window, 2))[~bad[::2, ::2]]
+        d = ((a - b) / sigma)[~bad[::2, ::2]]
     d = d[np.isfinite(d)]
-    return [np.sum(np.square(d, dtype=np.float64)), d.size]
+    return [np.sum(d * d, dtype=np.float64), d.size]
 
 
 def _float_keys(v: np.ndarray) -> np.ndarray:
@@ -1501,6 +1542,15 @@ def _tile_digit_histogram(*blocks, window, values, shift, prefix, bits, kw):
     if shift + 16 < bits:
         keys = keys[(keys >> (shift + 16)) == prefix]
     return np.bincount(((keys >> shift) & 0xFFFF).astype(np.int64), minlength=1 << 16)
+
+
+def _valid_blocks(bad, q):
+    """Which q x q blocks of the tile hold a valid pixel (partial blocks at the far
+    edges count what they hold)."""
+    ny, nx = bad.shape
+    ok = np.zeros((-(-ny // q) * q, -(-nx // q) * q), bool)
+    ok[:ny, :nx] = ~bad
+    return ok.reshape(ok.shape[0] // q, q, ok.shape[1] // q, q).any(axis=(1, 3))
 
 
 def _noise_values(bad, window, noise):
@@ -1536,7 +1586,7 @@ def _subtract(img, bkg):
 @_one_thread
 def _tile_residual(img, model: SmoothResult, block_info=None):
     window = _location(block_info)
-    bkg = upsample(model.grid, model.cell_size, model.shape, model.dtype, 1, window)
+    bkg = upsample(model.grid, model.cell_size, model.shape, model.dtype, window=window)
     return np.subtract(img, bkg, dtype=img.dtype)
 
 
@@ -1562,7 +1612,9 @@ def _tile_scale_maps(res, res_sl, excl, excl_sl, noise, window, core, masker, s)
     """``masker.scale_maps`` on a tile's window, cut to the tile (binned): snr,
     (plain,) and invalid (as 0/1) stacked in one float32 array."""
     res, excl = _assemble(res, res_sl), _assemble(excl, excl_sl)
-    rms = np.asarray(_noise_window(noise, window), dtype=np.float32)
+    rms = _noise_window(noise, window)
+    if not isinstance(rms, CoarseRMS):
+        rms = np.asarray(rms, dtype=np.float32)  # as HysteresisMasker.__call__ does
     maps = masker.scale_maps(res, rms, excl, s)
     sl = _core(window, core, maps.block)
     layers = [maps.snr] + ([] if maps.plain is None else [maps.plain]) + [maps.invalid]

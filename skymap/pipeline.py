@@ -34,11 +34,12 @@ from scipy.special import ndtri
 from . import _pipeline_kernels as _k
 from ._validate import as_image, as_mask, check_positive, combine_masks
 from .masking import disk_footprint, grow_mask
-from .smooth import SmoothResult, ThinPlateSmoother
+from .smooth import SmoothResult, ThinPlateSmoother, upsample
 
 __all__ = [
     "BackgroundEstimator",
     "BackgroundResult",
+    "CoarseRMS",
     "HysteresisMasker",
     "IterationRecord",
     "IterativeBackground",
@@ -67,6 +68,17 @@ class BackgroundEstimator(Protocol):
 
 def _block_sum(a: np.ndarray, b: int) -> np.ndarray:
     return a if b == 1 else _k.block_sum(a, b)
+
+
+# Large outputs of the kernels are allocated here, by numpy, and passed in: numpy
+# asks for huge pages for big arrays and numba does not, and on the machines we
+# measured the page faults of fresh memory cost as much as the arithmetic.
+
+
+def _masked_block_sums(values, excluded, b):
+    shape = (-(-values.shape[0] // b), -(-values.shape[1] // b))
+    num, cnt = np.empty(shape, np.float32), np.empty(shape, np.float32)
+    return _k.masked_block_sums(values, excluded, b, num, cnt)
 
 
 def _pow2_at_most(value: float, *limits: int) -> int:
@@ -98,13 +110,14 @@ def _gaussian_kernel(sigma: float) -> np.ndarray:
 
 
 def _separable(a: np.ndarray, kernel: np.ndarray) -> np.ndarray:
-    return _k.gaussian_separable(a, kernel)
+    tmp, out = np.empty(a.shape, np.float32), np.empty(a.shape, np.float32)
+    return _k.gaussian_separable(a, kernel, tmp, out)
 
 
 def _noise_step(shape) -> int:
-    """Row/column stride of the pairs :func:`_pair_differences` samples (about a
-    million pixels a map)."""
-    return max(1, (shape[0] * shape[1]) // 1_000_000)
+    """Row/column stride of the pairs :func:`_pair_differences` samples: about 250 000
+    pairs, so that the MAD is good to ~0.3% and the medians stay cheap."""
+    return max(1, (shape[0] * shape[1]) // 125_000)
 
 
 def _pair_differences(snr, excluded, lag: int, step: int):
@@ -149,7 +162,9 @@ def _hysteresis(snr: np.ndarray, low: float, high: float, grow=None) -> np.ndarr
     grow = snr if grow is None else grow
     # One byte a pixel (seed / above low / neither) is all the labelling needs: at full
     # resolution the separate seed and growth masks would sit on top of the float maps.
-    codes = _k.hysteresis_codes(snr, grow, np.float32(low), np.float32(high))
+    codes = _k.hysteresis_codes(
+        snr, grow, np.float32(low), np.float32(high), np.empty(snr.shape, np.uint8)
+    )
     # The labels take the memory of the signal-to-noise map, no longer needed.
     labels = snr.view(np.int32) if snr.dtype == np.float32 else None
     if labels is None:
@@ -159,6 +174,57 @@ def _hysteresis(snr: np.ndarray, low: float, high: float, grow=None) -> np.ndarr
     if n == 0:
         return codes.view(bool)
     return _k.keep_seeded(labels, codes, n).view(bool)
+
+
+@dataclass(frozen=True, kw_only=True, eq=False)
+class CoarseRMS:
+    """A slowly varying rms map held at one value per ``step`` x ``step`` block of an
+    image of ``shape``: ``values[i, j]`` is the rms at the centre of block (i, j).
+
+    The pipeline hands the maskers its noise this way: a smoothed noise map varies over
+    many pixels, and the full-resolution map (an image of memory, and a pass to
+    interpolate it) is not needed to threshold a signal-to-noise map.
+    :class:`HysteresisMasker` reads it as it is; ``np.asarray`` expands it to the
+    full shape (nearest block) for any other masker.
+
+    Examples
+    --------
+    >>> c = CoarseRMS(values=np.array([[1.0, 2.0]]), step=2, shape=(2, 3))
+    >>> np.asarray(c)
+    array([[1., 1., 2.],
+           [1., 1., 2.]])
+    """
+
+    values: np.ndarray
+    step: int
+    shape: tuple[int, int]
+
+    def __post_init__(self):
+        if int(self.step) != self.step or self.step < 1:
+            raise ValueError(f"step must be an integer >= 1, got {self.step!r}")
+        shape = tuple(int(n) for n in self.shape)
+        want = tuple(-(-n // int(self.step)) for n in shape)
+        values = np.asarray(self.values)
+        if values.shape != want:
+            raise ValueError(
+                f"values must have shape {want} (shape {shape} in blocks of {self.step}), "
+                f"got {values.shape}"
+            )
+        object.__setattr__(self, "shape", shape)
+
+    def __array__(self, dtype=None, copy=None):
+        q = int(self.step)
+        ny, nx = self.shape
+        full = np.repeat(np.repeat(np.asarray(self.values), q, axis=0), q, axis=1)[:ny, :nx]
+        return full if dtype is None else full.astype(dtype, copy=False)
+
+
+def _noise_grid(noise) -> tuple[np.ndarray, int]:
+    """(values, step) for the kernels from a scalar, a full map or a CoarseRMS."""
+    if isinstance(noise, CoarseRMS):
+        return np.ascontiguousarray(noise.values, dtype=np.float32), int(noise.step)
+    values = np.asarray(noise, dtype=np.float32)
+    return values.reshape(values.shape or (1, 1)), 1
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -178,7 +244,10 @@ class HysteresisMasker:
     cheap; the detections are repeated back to full resolution.
 
     Follows the :class:`skymap.masking.Masker` protocol: returns the detections only
-    (True = source), not OR-ed with ``mask``.
+    (True = source), not OR-ed with ``mask``. ``rms`` is the noise of one pixel: a
+    scalar, a full map, or a :class:`CoarseRMS`; the noise is taken as constant over
+    each kernel's reach (it must vary slowly), so the noise the smoothing leaves is
+    ``rms * sqrt(G2 * weights)``.
 
     Parameters
     ----------
@@ -260,26 +329,33 @@ class HysteresisMasker:
         if rms is None:
             v = res[~excluded]
             rms = _MAD_TO_STD * float(np.median(np.abs(v - np.median(v)))) if v.size else 1.0
-        noise = np.asarray(rms, dtype=np.float32)
-        if noise.ndim and noise.shape != res.shape:
-            raise ValueError(
-                f"rms must be a scalar or a map of shape {res.shape}, got {noise.shape}"
-            )
+        if isinstance(rms, CoarseRMS):
+            if rms.shape != res.shape:
+                raise ValueError(
+                    f"rms must describe an image of shape {res.shape}, got {rms.shape}"
+                )
+            noise = rms
+        else:
+            noise = np.asarray(rms, dtype=np.float32)
+            if noise.ndim and noise.shape != res.shape:
+                raise ValueError(
+                    f"rms must be a scalar or a map of shape {res.shape}, got {noise.shape}"
+                )
         for s in self.scales:
-            excluded |= self._detect(res, noise, excluded, s)
+            self._detect(res, noise, excluded, s, into=excluded)
         excluded &= np.isfinite(res)
         if given is not None:
             # a > b is a & ~b for booleans, without a temporary.
             np.greater(excluded, given, out=excluded)
         return excluded
 
-    def _detect(self, res, noise, excluded, s):
+    def _detect(self, res, noise, excluded, s, into=None):
         """Detections at one scale, dilated, at full resolution. Three steps, so that a
         tiled run (:mod:`skymap.distributed`) can do the local ones tile by tile and
         the global ones (the noise excess, the labelling) once."""
         maps = self.scale_maps(res, noise, excluded, s)
         factor = self.snr_factor(maps.snr, maps.invalid, s, maps.block)
-        return self.scale_mask(maps, factor, s, excluded)
+        return self.scale_mask(maps, factor, s, excluded, into=into)
 
     def binning(self, s: float, shape: tuple[int, int]) -> int:
         """Bin factor of scale ``s``: the largest power of two <= s (the kernel keeps a
@@ -290,15 +366,13 @@ class HysteresisMasker:
         """Signal-to-noise maps of scale ``s`` on the binned grid (local: each binned
         pixel depends on the residual within the kernels' reach only)."""
         b = self.binning(s, res.shape)
-        # The kernels square an rms map as they read it (no full-size variance map).
-        noise_map = noise.reshape(noise.shape or (1, 1))
+        sigma, q = _noise_grid(noise)
         if b == 1:
-            # Unbinned: the fused pass reads the residual, the mask and the rms map
-            # directly, and only the wide surround needs the masked sums (computed
-            # binned below).
-            num, cnt, var = res, None, noise_map
+            # Unbinned: the fused pass reads the residual and the mask directly, and
+            # only the wide surround needs the masked sums (computed binned below).
+            num, cnt = res, None
         else:
-            num, cnt, var = _k.masked_block_sums(res, excluded, b, noise_map)
+            num, cnt = _masked_block_sums(res, excluded, b)
         g = _gaussian_kernel(s / b)
         if self.surround:
             # Subtract the masked local mean over a Gaussian `surround` times wider (a
@@ -308,33 +382,29 @@ class HysteresisMasker:
             wide = self.surround * s
             bw = _pow2_at_most(wide / (2.0 * b), *num.shape)
             if cnt is None:
-                numw, cntw, _ = _k.masked_block_sums(
-                    res, excluded, bw, np.zeros((1, 1), np.float32)
-                )
+                numw, cntw = _masked_block_sums(res, excluded, bw)
             else:
                 numw, cntw = _block_sum(num, bw), _block_sum(cnt, bw)
             k = _gaussian_kernel(wide / (b * bw))
+            local = _separable(numw, k)
+            del numw
+            weight = _separable(cntw, k)
+            del cntw
             with np.errstate(invalid="ignore", divide="ignore"):
-                local = _separable(numw, k) / _separable(cntw, k)
-            del numw, cntw
+                np.divide(local, weight, out=local)
+            del weight
             local[~np.isfinite(local)] = 0
         else:
             local, bw = np.zeros((1, 1), np.float32), max(num.shape)
         # snr of the normalised convolution: the weight sum cancels between the
         # smoothed value and its noise.
         direct = excluded if cnt is None else np.zeros((1, 1), bool)
-        snr, plain = _k.dog_snr(
-            num,
-            num if cnt is None else cnt,
-            var,
-            g,
-            g * g,
-            local,
-            bw,
-            float(noise_map[0, 0] * noise_map[0, 0]),
-            self.grow_plain,
-            direct,
-        )
+        snr = np.empty(num.shape, np.float32)
+        plain = np.empty(num.shape if self.grow_plain else (1, 1), np.float32)
+        _k.dog_snr(
+            num, num if cnt is None else cnt, direct, g, g * g, local, bw, sigma, b, q,
+            snr, plain,
+        )  # fmt: skip
         # No copy at full resolution: the excluded mask is the invalid map there.
         invalid = excluded if cnt is None else cnt <= 0
         return _ScaleMaps(
@@ -363,9 +433,12 @@ class HysteresisMasker:
         log.debug("scale %g: smoothed-noise excess %.3f, snr divided by %.3f", s, excess, factor)
         return max(1.0, factor)
 
-    def scale_mask(self, maps, factor, s, excluded) -> np.ndarray:
+    def scale_mask(self, maps, factor, s, excluded, into=None) -> np.ndarray:
         """Full-resolution detections of scale ``s`` from its snr maps: hysteresis
-        (global: connected regions), dilation, expansion. Consumes ``maps``."""
+        (global: connected regions), dilation, expansion; not OR-ed with ``excluded``.
+        Consumes ``maps``. With ``into`` (a bool map of the full shape, which may be
+        ``excluded`` itself), the detections are OR-ed into it in place and it is
+        returned, without a full-size temporary."""
         snr, plain, b = maps.snr, maps.plain, maps.block
         maps.snr = maps.plain = maps.invalid = None  # the labels reuse snr's memory
         if factor > 1.0:
@@ -378,7 +451,11 @@ class HysteresisMasker:
         radius = self.dilation(s) / b
         if radius > 0 and det.any():
             det = grow_mask(det, radius) if radius > 3 else _dilate_disk(det, radius)
-        return _k.expand_mask(det, b, excluded)
+        if into is not None:
+            return _k.expand_mask_into(det, b, into)
+        out = _k.expand_mask_into(det, b, np.zeros(excluded.shape, bool))
+        # a > b is a & ~b for booleans, without a temporary.
+        return np.greater(out, excluded, out=out)
 
     def dilation(self, s: float) -> float:
         """Radius in full-resolution pixels by which detections of scale ``s`` grow."""
@@ -696,8 +773,10 @@ class IterativeBackground:
         if bad.all():
             raise ValueError("image has no valid pixel: everything is masked or non-finite")
         history: list[IterationRecord] = []
+        # Our maskers read a coarse noise map; any other gets the full map.
+        coarse = all(isinstance(st.masker, HysteresisMasker) for st in self.stages)
         model = _fit_estimator(self.first_guess, img, bad, None)
-        bkg, rms = _background_of(model), _working_rms(model)
+        bkg, rms = _background_of(model), _working_rms(model, coarse)
         current = bad
         history.append(_record(-1, 0, model, current, None, None, img.shape))
         converged = False
@@ -716,7 +795,7 @@ class IterativeBackground:
                 del detections
                 previous = model
                 model = _fit_estimator(stage.estimator, img, new, _scale_of(history[-1]))
-                new_bkg, new_rms = _background_of(model), _working_rms(model)
+                new_bkg, new_rms = _background_of(model), _working_rms(model, coarse)
                 change = _change(new_bkg, _background_of(previous, 2), new_rms, bad)
                 del previous
                 packed = np.packbits(new.ravel())
@@ -738,19 +817,14 @@ class IterativeBackground:
                 if change <= self.change_tol and mask_change <= self.mask_tol:
                     converged = True
                     break
-        # The selection is a fresh copy: the median may partition it in place.
-        noise = (
-            rms
-            if np.ndim(rms) == 0
-            else float(np.median(np.asarray(rms)[~bad], overwrite_input=True))
-        )
+        noise = _typical_noise(rms, img, bad)
         del rms
         if self.final is not None:
             # Only the subsample the change needs is kept through the refit (memory).
             old = bkg[::2, ::2].copy()
             del bkg
             model = _fit_estimator(self.final, img, current, _scale_of(history[-1]))
-            bkg, new_rms = _background_of(model), _working_rms(model)
+            bkg, new_rms = _background_of(model), _working_rms(model, coarse)
             change = _change(bkg, old, new_rms, bad)
             history.append(_record(len(self.stages), 0, model, current, change, 0.0, img.shape))
         return BackgroundResult(
@@ -764,30 +838,55 @@ class IterativeBackground:
         )
 
 
-def _working_rms(model: Any):
+def _working_rms(model: Any, coarse: bool = False):
     """The noise handed to the maskers: a scalar when the model's RMS grid varies by
-    less than 5% (it saves a full-resolution map and a variance pass per scale), else
-    the full map, floored at half its median: the smoothed variance can undershoot to
-    zero where few pixels are left (masked crowds, the rims of blank regions), and a
-    near-zero noise there would turn every fluctuation into a detection and every
-    background change into an enormous one."""
+    less than 5%; with ``coarse``, a :class:`CoarseRMS` for a thin-plate model (its
+    noise map is smooth over many cells, so one value per block of half a cell loses
+    nothing, and no full-resolution map is made); else the full map. Maps are floored
+    at half their median: the smoothed variance can undershoot to zero where few
+    pixels are left (masked crowds, the rims of blank regions), and a near-zero noise
+    there would turn every fluctuation into a detection and every background change
+    into an enormous one."""
     grid = getattr(model, "rms_grid", None)
     if grid is not None:
         g = np.asarray(grid)
         g = g[np.isfinite(g)]
         if g.size and g.min() > 0 and g.max() <= 1.05 * g.min():
             return float(np.median(g))
+    if coarse and isinstance(model, SmoothResult):
+        q = _pow2_at_most(min(model.cell_size) / 2.0, *model.shape)
+        if q > 1:
+            values = upsample(
+                model.rms_grid, model.cell_size, model.shape, np.float32, q, (q - 1) / 2.0
+            )
+            _floor_at_half_median(values)
+            return CoarseRMS(values=values, step=q, shape=model.shape)
     f = getattr(model, "rms_map", None)
     # A fresh map of our own, floored in place: the masked copies and temporaries of
     # a vectorised floor were the fit's memory peak.
     rms = np.ascontiguousarray(f() if callable(f) else np.array(model.rms))
     if rms.ndim == 0:
         return rms  # a positive constant is its own floor
+    _floor_at_half_median(rms)
+    return rms
+
+
+def _floor_at_half_median(rms: np.ndarray) -> None:
     sample = _k.positive_sample(rms, 250_000)
     if sample.size:
-        floor = 0.5 * float(np.median(sample))
-        _k.floor_in_place(rms, rms.dtype.type(floor))
-    return rms
+        _k.floor_in_place(rms, rms.dtype.type(0.5 * float(np.median(sample))))
+
+
+def _typical_noise(rms, img, bad) -> float:
+    """Median of the noise over the valid pixels (over the valid blocks for a
+    CoarseRMS, so that no full-resolution map is made)."""
+    if np.ndim(rms) == 0:
+        return float(rms)
+    if isinstance(rms, CoarseRMS):
+        _, cnt = _masked_block_sums(img, bad, rms.step)
+        return float(np.median(rms.values[cnt > 0]))
+    # The selection is a fresh copy: the median may partition it in place.
+    return float(np.median(np.asarray(rms)[~bad], overwrite_input=True))
 
 
 def _scale_of(record: IterationRecord) -> float | None:
@@ -801,15 +900,11 @@ def _fit_estimator(estimator, img, mask, scale):
 
 
 def _change(new, old_sub, rms, bad) -> float:
-    # A smooth map's change is well measured on every other pixel of every other row,
-    # at a quarter of the memory and time; ``old_sub`` is the old map's subsample.
-    sub = (slice(None, None, 2), slice(None, None, 2))
-    ok = ~bad[sub]
-    noise = rms[sub] if np.ndim(rms) else rms
-    with np.errstate(invalid="ignore", divide="ignore"):
-        d = ((new[sub] - old_sub) / noise)[ok]
-    d = d[np.isfinite(d)]
-    return float(np.sqrt(np.mean(np.square(d, dtype=np.float64)))) if d.size else 0.0
+    """RMS over valid pixels of (new - old) / rms. A smooth map's change is well
+    measured on every other pixel of every other row, at a quarter of the memory and
+    time; ``old_sub`` is the old map's subsample."""
+    sigma, q = _noise_grid(rms)
+    return _k.subsampled_change(new, old_sub, bad, sigma, q)
 
 
 def _record(stage, it, model, mask, change, mask_change, shape, packed=None) -> IterationRecord:
@@ -835,8 +930,9 @@ def default_pipeline(image, mask=None, **options) -> IterativeBackground:
 
     * First guess: a thin-plate smooth of the whole image with the smoothing chosen by
       GCV (:class:`~skymap.smooth.ThinPlateSmoother`).
-    * Stage 1 masks the obvious sources: small scales (1-4 px), high thresholds; two
-      iterations are enough, as stage 2 remasks from scratch.
+    * Stage 1 masks the obvious sources: scales of 2 and 4 px (computed on binned
+      images, so cheap), high thresholds; two iterations are enough, as stage 2
+      remasks from scratch with the 1-px scale too.
     * Stage 2 masks deep: scales 1-8 px, seeds at 4 sigma of the smoothed noise after
       the surround subtraction, grown over the plain smoothed residual down to 2 sigma.
     * Final refit with the converged mask: GCV's smoothing, stiffened if needed until
@@ -877,7 +973,7 @@ def default_pipeline(image, mask=None, **options) -> IterativeBackground:
     smoother = ThinPlateSmoother(**smoother_options)
     stages = (
         Stage(
-            masker=HysteresisMasker(scales=(1.0, 2.0, 4.0), high=high + 1.0, low=low + 0.5),
+            masker=HysteresisMasker(scales=(2.0, 4.0), high=high + 1.0, low=low + 0.5),
             estimator=smoother,
             max_iter=2,
         ),

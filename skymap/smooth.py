@@ -215,7 +215,9 @@ def _gcv_search(system: _System, y, smoothing_range, start, step, inflation, sco
         lam = 10.0**loglam
         if lam not in scores:
             near = min(solutions, key=lambda k: abs(np.log10(k) - loglam)) if solutions else None
-            z, _ = system.solve(y, lam, solutions.get(near))
+            # GCV compares fits that differ by far more than 1e-4: the search solves
+            # loosely, and only the chosen fit is polished below.
+            z, _ = system.solve(y, lam, solutions.get(near), rtol=1e-4)
             solutions[lam] = z
             scores[lam] = system.gcv(y, z, lam, inflation)
         return scores[lam], loglam
@@ -252,7 +254,8 @@ def _gcv_search(system: _System, y, smoothing_range, start, step, inflation, sco
                 best, centre = s, v
         fine /= 2.0
     lam = 10.0**centre
-    return solutions[lam], lam
+    z, _ = system.solve(y, lam, solutions[lam])
+    return z, lam
 
 
 # --------------------------------------------------------------------------- image level
@@ -331,12 +334,19 @@ def _bspline_weights(pos: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def upsample(
-    grid: np.ndarray, cell_size, shape, dtype=np.float64, step: int = 1, window=None
+    grid: np.ndarray,
+    cell_size,
+    shape,
+    dtype=np.float64,
+    step: int = 1,
+    offset: float = 0.0,
+    window=None,
 ) -> np.ndarray:
     """Cubic-spline interpolation of a cell grid (node i at pixel ``i*c + (c-1)/2``) to
     the full ``shape``; beyond the outer nodes the grid is extended linearly, so a
     gradient carries on to the image edge. With ``step`` > 1 only every ``step``-th
-    pixel along each axis is evaluated (exactly ``upsample(...)[::step, ::step]``).
+    pixel along each axis is evaluated (exactly ``upsample(...)[::step, ::step]``), at
+    positions shifted by ``offset`` pixels (``(step - 1) / 2``: the blocks' centres).
     ``window`` = ((y0, y1), (x0, x1)) evaluates only those rows and columns, exactly
     ``upsample(...)[y0:y1:step, x0:x1:step]`` (each pixel is computed on its own from
     the whole grid), which is how a tiled caller evaluates one tile.
@@ -355,8 +365,8 @@ def upsample(
     z = _extend_linear(_extend_linear(z, pad, 0), pad, 1)
     coef = ndimage.spline_filter(z, order=3, mode="mirror")
     (y0, y1), (x0, x1) = ((0, shape[0]), (0, shape[1])) if window is None else window
-    uy = (np.arange(y0, y1, step) - (cy - 1) / 2.0) / cy + pad
-    ux = (np.arange(x0, x1, step) - (cx - 1) / 2.0) / cx + pad
+    uy = (np.arange(y0, y1, step) + offset - (cy - 1) / 2.0) / cy + pad
+    ux = (np.arange(x0, x1, step) + offset - (cx - 1) / 2.0) / cx + pad
     # Along y on the small grid (sparse, cheap), then along x pixel by pixel.
     by, wy = _bspline_weights(uy)
     rows = np.repeat(np.arange(uy.size), 4)
@@ -551,6 +561,12 @@ class ThinPlateSmoother:
         else:
             zvar = np.full_like(z, float(np.nanmean(var)) if np.isfinite(var).any() else 0.0)
         zrms = np.sqrt(np.maximum(zvar, 0.0))
+        # The smoothed variance can undershoot towards zero where few pixels are left
+        # (masked crowds, the rims of blank regions); a near-zero noise there would make
+        # every fluctuation significant. Floor it at half the typical noise.
+        measured = zrms[vw > 0]
+        if measured.size:
+            zrms = np.maximum(zrms, 0.5 * float(np.median(measured)))
         return SmoothResult(
             shape=shape,
             dtype=np.dtype(dtype),

@@ -31,7 +31,6 @@ from skymap.pipeline import (  # noqa: E402
     RingMedianGuess,
     Stage,
     _hysteresis,
-    _noise_step,
     _pair_differences,
     default_pipeline,
 )
@@ -278,7 +277,6 @@ def test_noise_pairs_gathered_per_tile_are_the_in_memory_pairs():
             maps = np.stack([snr[sl], bad[sl]])
             parts += _tile_pairs([[maps]], full, win, ((r0, r1), (c0, c1)), lag, step)
     np.testing.assert_array_equal(np.sort(np.concatenate(parts)), ref)
-    assert _noise_step((2000, 1000)) == 2
 
 
 def test_hysteresis_joined_across_tiles_equals_whole_image_labelling():

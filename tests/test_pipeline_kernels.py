@@ -1,0 +1,145 @@
+"""The masker's compiled steps against scipy references, and the coarse noise map."""
+
+import numpy as np
+import pytest
+import scipy.ndimage as ndi
+
+import skymap.pipeline as P
+from skymap.smooth import ThinPlateSmoother
+
+
+def _reference_snr(res, excluded, s, b, sigma_full, surround_local=None):
+    """snr of the masked normalised Gaussian smoothing on the b-binned grid, in float64
+    with scipy: (G*v) / sqrt(sigma**2 * G2*c), sigma read at each binned pixel's
+    representative full-resolution pixel (y*b + b//2, x*b + b//2)."""
+    v = np.where(excluded, 0.0, res).astype(np.float64)
+    c = (~excluded).astype(np.float64)
+    ny, nx = res.shape
+    gy, gx = -(-ny // b), -(-nx // b)
+    if b > 1:
+        vp = np.zeros((gy * b, gx * b))
+        cp = np.zeros_like(vp)
+        vp[:ny, :nx], cp[:ny, :nx] = v, c
+        v = vp.reshape(gy, b, gx, b).sum(axis=(1, 3))
+        c = cp.reshape(gy, b, gx, b).sum(axis=(1, 3))
+    g = P._gaussian_kernel(s / b).astype(np.float64)
+
+    def conv(a, k):
+        a = ndi.correlate1d(a, k, axis=1, mode="constant")
+        return ndi.correlate1d(a, k, axis=0, mode="constant")
+
+    yy = np.minimum(np.arange(gy) * b + b // 2, ny - 1)
+    xx = np.minimum(np.arange(gx) * b + b // 2, nx - 1)
+    sig = np.asarray(sigma_full, dtype=np.float64)
+    sig = sig[np.ix_(yy, xx)] if sig.ndim else sig
+    nv = sig**2 * conv(c, g * g)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(nv > 0, conv(v, g) / np.sqrt(nv), 0.0)
+
+
+@pytest.mark.parametrize("s", [1.0, 2.0, 3.0, 8.0])
+@pytest.mark.parametrize("noise_kind", ["scalar", "full", "coarse"])
+def test_scale_maps_match_scipy_normalised_convolution(rng, s, noise_kind):
+    res = rng.normal(size=(203, 170)).astype(np.float32)
+    excluded = rng.random(res.shape) < 0.15
+    res[excluded] = np.nan  # excluded values must never matter
+    values = (1.0 + rng.random((26, 22))).astype(np.float32)
+    coarse = P.CoarseRMS(values=values, step=8, shape=res.shape)
+    noise = {
+        "scalar": np.asarray(np.float32(1.7)),
+        "full": np.asarray(coarse),
+        "coarse": coarse,
+    }[noise_kind]
+    masker = P.HysteresisMasker(surround=0, grow_plain=True)
+    maps = masker.scale_maps(res, noise, excluded, s)
+    ref = _reference_snr(res, excluded, s, maps.block, np.asarray(noise))
+    assert maps.block == masker.binning(s, res.shape)
+    np.testing.assert_allclose(maps.snr, ref, atol=2e-5, rtol=2e-5)
+    np.testing.assert_allclose(maps.plain, ref, atol=2e-5, rtol=2e-5)
+
+
+def test_surround_mean_is_subtracted_in_units_of_the_noise(rng):
+    # A constant residual is all "surround": the difference of Gaussians removes it
+    # wherever the wide kernel sees the same level, far from the edges.
+    res = np.full((256, 256), 3.0, np.float32)
+    excluded = np.zeros(res.shape, bool)
+    maps = P.HysteresisMasker(grow_plain=True).scale_maps(res, np.asarray(1.0), excluded, 2.0)
+    inner = (slice(16, -16), slice(16, -16))  # binned by 2
+    assert np.abs(maps.snr[inner]).max() < 1e-4
+    assert maps.plain[inner].min() > 1.0  # the plain map keeps the level
+
+
+def test_detections_into_equals_detections_ored(rng):
+    res = rng.normal(size=(160, 150)).astype(np.float32)
+    yy, xx = np.mgrid[:160, :150]
+    res += 6 * np.exp(-((yy - 80) ** 2 + (xx - 70) ** 2) / 18.0)
+    excluded = rng.random(res.shape) < 0.02
+    masker = P.HysteresisMasker(grow_plain=True)
+    for s in masker.scales:
+        plain = masker._detect(res, np.asarray(1.0), excluded, s)
+        into = excluded.copy()
+        got = masker._detect(res, np.asarray(1.0), excluded, s, into=into)
+        assert got is into
+        np.testing.assert_array_equal(into, excluded | plain)
+        assert not (plain & excluded).any()
+
+
+def test_coarse_rms_validates_and_expands():
+    c = P.CoarseRMS(values=np.arange(6.0).reshape(2, 3), step=4, shape=(7, 9))
+    full = np.asarray(c)
+    assert full.shape == (7, 9)
+    assert full[3, 3] == 0 and full[4, 4] == 4 and full[6, 8] == 5
+    with pytest.raises(ValueError, match="values must have shape"):
+        P.CoarseRMS(values=np.ones((2, 2)), step=4, shape=(7, 9))
+    with pytest.raises(ValueError, match="step must be an integer >= 1"):
+        P.CoarseRMS(values=np.ones((2, 2)), step=0, shape=(7, 9))
+    with pytest.raises(ValueError, match="rms must describe an image of shape"):
+        P.HysteresisMasker()(np.zeros((8, 9)), c)
+
+
+def test_masker_reads_a_coarse_map_like_its_expansion(rng):
+    res = rng.normal(size=(128, 128)).astype(np.float32)
+    res[60:66, 60:66] += 8.0
+    c = P.CoarseRMS(values=(1 + rng.random((16, 16))).astype(np.float32), step=8, shape=(128, 128))
+    m = P.HysteresisMasker()
+    np.testing.assert_array_equal(m(res, c), m(res, np.asarray(c)))
+
+
+def test_working_rms_coarse_samples_the_smooth_noise_map_at_block_centres(rng):
+    yy, xx = np.mgrid[:256, :256]
+    image = rng.normal(size=(256, 256)) * (1.0 + xx / 256.0)
+    model = ThinPlateSmoother(cell_size=16).fit(image)
+    got = P._working_rms(model, coarse=True)
+    assert isinstance(got, P.CoarseRMS) and got.step == 8
+    full = model.rms_map()
+    # Block (i, j) holds the map at pixel (8 i + 3.5, 8 j + 3.5): between its neighbours.
+    lo = np.minimum(full[3::8, 3::8], full[4::8, 4::8])
+    hi = np.maximum(full[3::8, 3::8], full[4::8, 4::8])
+    assert np.all((got.values >= lo - 1e-6) & (got.values <= hi + 1e-6))
+    full_floor = P._working_rms(model, coarse=False)
+    assert full_floor.shape == (256, 256)
+
+
+def test_smoother_noise_grid_is_floored_at_half_its_median(rng):
+    image = rng.normal(size=(256, 256))
+    image[:, :128] *= 0.01  # a near-silent half
+    model = ThinPlateSmoother(cell_size=16).fit(image)
+    grid = model.rms_grid
+    assert grid.min() >= 0.5 * np.median(grid) - 1e-12
+
+
+@pytest.mark.parametrize("kind", ["scalar", "full", "coarse"])
+def test_change_is_the_rms_of_the_subsampled_difference_in_noise_units(rng, kind):
+    new = rng.normal(size=(61, 50)).astype(np.float32)
+    old = rng.normal(size=(61, 50)).astype(np.float32)
+    bad = rng.random(new.shape) < 0.2
+    new[bad] = np.nan
+    coarse = P.CoarseRMS(
+        values=(1 + rng.random((8, 7))).astype(np.float32), step=8, shape=(61, 50)
+    )
+    rms = {"scalar": 2.0, "full": np.asarray(coarse), "coarse": coarse}[kind]
+    full = np.broadcast_to(np.asarray(rms, dtype=np.float64), new.shape)
+    d = ((new - old) / full)[::2, ::2][~bad[::2, ::2]]
+    want = np.sqrt(np.mean(d.astype(np.float64) ** 2))
+    got = P._change(new, old[::2, ::2], rms, bad)
+    assert got == pytest.approx(want, rel=1e-6)
