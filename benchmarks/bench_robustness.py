@@ -163,8 +163,11 @@ def timed(fn, image, mask):
 
 
 def history(result):
-    """Mask fraction after each iteration of a skymap fit, as 'stage.iteration: %'."""
-    return ", ".join(f"{r.stage}.{r.iteration}: {r.mask_fraction:.1%}" for r in result.history)
+    """Mask fraction after each iteration of a skymap fit, as 'stage.iteration: %', and
+    the smoothing floor the fit ended with (``source_asymmetry``), if any."""
+    text = ", ".join(f"{r.stage}.{r.iteration}: {r.mask_fraction:.1%}" for r in result.history)
+    floor = result.history[-1].min_scale
+    return text + ("" if floor is None else f"; smoothing floor {floor:.1f} px")
 
 
 # --------------------------------------------------------------------------- scenes

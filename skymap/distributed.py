@@ -443,7 +443,11 @@ class TiledIteration:
     mask_change: float
     change: float
     scale: float | None
-    model: SmoothResult = field(repr=False)
+    mask_growth: float = float("nan")
+    error: float = float("nan")
+    asymmetry: float = float("nan")
+    min_scale: float | None = None
+    model: Any = field(repr=False)
 
     def to_dict(self) -> dict:
         """The scalar fields, as :meth:`IterationRecord.to_dict`."""
@@ -454,6 +458,10 @@ class TiledIteration:
             "mask_change": self.mask_change,
             "change": self.change,
             "scale": self.scale,
+            "mask_growth": self.mask_growth,
+            "error": self.error,
+            "asymmetry": self.asymmetry,
+            "min_scale": self.min_scale,
         }
 
 
@@ -978,18 +986,29 @@ class _TiledRun:
         current, count = self.bad, self.nbad
         history.append(self.record(-1, 0, model, count, float("nan"), float("nan")))
         converged = False
+        # As IterativeBackground.fit: the smoothing floor (pixels) raised when the last
+        # stage's fit follows source light, the stage's count restarted then.
+        floor = None
+        last = len(pipe.stages) - 1
         for k, stage in enumerate(pipe.stages):
             converged = False
             cap = pipe.max_iter if stage.max_iter is None else stage.max_iter
-            for it in range(int(cap)):
+            it = done = 0
+            while done < cap:
                 new = self.mask(k, stage.masker, model, noise)
                 previous = model
-                model = self.fit_smoother(stage.estimator, new, history[-1].scale)
+                model = self.fit_smoother(stage.estimator, new, history[-1].scale, floor)
                 noise = self.working_noise(model)
                 change = self.change(model, previous, noise)
                 flips, count = self.compute((new ^ current).sum(), new.sum())
                 mask_change = float(flips) / self.size
-                history.append(self.record(k, it, model, int(count), change, mask_change))
+                asymmetry, raised = float("nan"), False
+                if k == last and pipe.source_asymmetry is not None:
+                    asymmetry, floor, raised = pipe._check_asymmetry(model, floor)
+                rec = self.record(
+                    k, it, model, int(count), change, mask_change, history[-1], asymmetry, floor
+                )
+                history.append(rec)
                 log.debug(
                     "tiled stage %d iteration %d: change %.4g, mask change %.4g",
                     k,
@@ -998,15 +1017,21 @@ class _TiledRun:
                     mask_change,
                 )
                 current = new
-                if change <= pipe.change_tol and mask_change <= pipe.mask_tol:
+                it += 1
+                done = 0 if raised else done + 1
+                if not raised and pipe.settled(rec):
                     converged = True
                     break
         final_noise = self.typical_noise(noise)
         if pipe.final is not None:
             previous = model
-            model = self.fit_smoother(pipe.final, current, history[-1].scale)
+            model = self.fit_smoother(pipe.final, current, history[-1].scale, floor)
             change = self.change(model, previous, self.working_noise(model))
-            history.append(self.record(len(pipe.stages), 0, model, int(count), change, 0.0))
+            history.append(
+                self.record(
+                    len(pipe.stages), 0, model, int(count), change, 0.0, history[-1], floor=floor
+                )
+            )
         maps = {
             which: self.tile_map(
                 _tile_map_of, dtype=self.dtype, chunks=self.t.chunks, model=model, which=which
@@ -1026,22 +1051,41 @@ class _TiledRun:
             halo=self.t.halo,
         )
 
-    def record(self, stage, it, model, count, change, mask_change) -> TiledIteration:
+    def record(
+        self,
+        stage,
+        it,
+        model,
+        count,
+        change,
+        mask_change,
+        previous=None,
+        asymmetry=float("nan"),
+        floor=None,
+    ) -> TiledIteration:
+        """As ``pipeline._record``."""
+        scale, error = getattr(model, "scale", None), getattr(model, "error", None)
+        fraction = float(count) / self.size
         return TiledIteration(
             stage=stage,
             iteration=it,
-            mask_fraction=float(count) / self.size,
+            mask_fraction=fraction,
             mask_change=mask_change,
             change=change,
-            scale=None if getattr(model, "scale", None) is None else float(model.scale),
+            scale=None if scale is None else float(scale),
+            mask_growth=float("nan") if previous is None else fraction - previous.mask_fraction,
+            error=float("nan") if error is None else float(error),
+            asymmetry=float(asymmetry),
+            min_scale=None if floor is None else float(floor),
             model=model,
         )
 
     def working_noise(self, model):
         return _working_noise(model, self.strips, self.compute_list)
 
-    def fit_smoother(self, smoother: ThinPlateSmoother, mask, scale) -> SmoothResult:
-        """``smoother.fit(image, mask)`` from tile-summed cells."""
+    def fit_smoother(self, smoother: ThinPlateSmoother, mask, scale, floor=None) -> SmoothResult:
+        """``pipeline._fit_estimator``: ``smoother.fit(image, mask)`` from tile-summed
+        cells, started at the previous ``scale`` and held above ``floor`` (pixels)."""
         step = self.ref_step
         ref = reference_level(self.ref_sub, self.compute(mask[::step, ::step]))
         if ref is None:
@@ -1066,8 +1110,14 @@ class _TiledRun:
             )
             return np.asarray(self.compute(blocks))
 
-        start = None if scale is None else scale**4
-        return smoother.fit_sums(sums, t.shape, self.dtype, ref, smoothing_start=start)
+        return smoother.fit_sums(
+            sums,
+            t.shape,
+            self.dtype,
+            ref,
+            smoothing_start=None if scale is None else scale**4,
+            min_smoothing=None if floor is None else floor**4,
+        )
 
     def first_valid(self, mask) -> float:
         """The image's first good pixel in C order (when the reference subsample has none)."""

@@ -3,10 +3,12 @@
 An :class:`IterativeBackground` starts from a first guess (a thin-plate smooth of the
 whole image, a coarse mesh or a ring median), then runs its :class:`Stage` s in order.
 Each stage masks sources in ``image - background`` with its masker and refits the
-background with its estimator on the unmasked pixels, and repeats until neither the
-mask nor the background moves (tolerances in units of the background RMS) or its
-iteration cap is hit; the masks go deeper from stage to stage. An optional final
-estimator refits once with the converged mask.
+background with its estimator on the unmasked pixels, and repeats until the mask has
+settled and the background moves by less than a tolerance in units of the background
+RMS, or by less than its own statistical error, or its iteration cap is hit; the masks
+go deeper from stage to stage. In the last stage, a fit found following source light
+(bumps without matching dips against a stiffer fit) is held stiffer from then on. An
+optional final estimator refits once with the converged mask.
 
 Every iteration is kept in :attr:`BackgroundResult.history` as an
 :class:`IterationRecord` (background, rms, mask, mask fraction, change); the maps are
@@ -560,10 +562,22 @@ class IterationRecord:
         Share of the image excluded (given mask, non-finite pixels and detections).
     mask_change : float
         Share of pixels whose mask state changed since the previous iteration.
+    mask_growth : float
+        Change of ``mask_fraction`` since the previous iteration (NaN for the first
+        guess): near 0 while ``mask_change`` is not, the mask only flickers at its
+        edges.
     change : float
         RMS over valid pixels of (new - previous background) / rms.
+    error : float
+        RMS statistical error of this background in units of its RMS, when the
+        estimator reports one (``SmoothResult.error``), else NaN.
     scale : float or None
         Smoothing length in pixels, when the estimator reports one.
+    asymmetry : float
+        Upper-to-lower tail ratio of (background - a stiffer fit), when measured
+        (see ``IterativeBackground.source_asymmetry``), else NaN.
+    min_scale : float or None
+        Smoothing floor in pixels this fit was held to (None: GCV's choice alone).
     model : object
         The estimator's result for this iteration.
     """
@@ -574,6 +588,10 @@ class IterationRecord:
     mask_change: float
     change: float
     scale: float | None
+    mask_growth: float = float("nan")
+    error: float = float("nan")
+    asymmetry: float = float("nan")
+    min_scale: float | None = None
     model: Any = field(repr=False)
     packed_mask: np.ndarray = field(repr=False)
     shape: tuple[int, int]
@@ -603,6 +621,10 @@ class IterationRecord:
             "mask_change": self.mask_change,
             "change": self.change,
             "scale": self.scale,
+            "mask_growth": self.mask_growth,
+            "error": self.error,
+            "asymmetry": self.asymmetry,
+            "min_scale": self.min_scale,
         }
 
 
@@ -629,7 +651,11 @@ class BackgroundResult:
     noise : float
         Median of the final RMS.
     converged : bool
-        Whether the last stage met its tolerances before ``max_iter``.
+        Whether an iteration of the last stage met the tolerances
+        (:meth:`IterativeBackground.settled`: the background moved by less than
+        ``change_tol`` or ``error_tol`` times its statistical error, and the mask
+        settled) within ``max_iter``. False means the last background may still be
+        moving by more than the data can vouch for; the history shows how.
     """
 
     background: np.ndarray
@@ -711,12 +737,34 @@ class IterativeBackground:
         place for a smoothing that must not feed back into the masks (a stiffer one
         would let the masks creep into sky it does not follow).
     max_iter : int
-        Iteration cap per stage.
+        Iteration cap per stage (counted afresh when the smoothing floor is raised,
+        see ``source_asymmetry``).
     change_tol : float
         A stage has converged when the background moved by less than this RMS (in
-        units of the background RMS) ...
+        units of the background RMS), or by less than ``error_tol`` times its own
+        statistical error if that is larger ...
     mask_tol : float
-        ... and fewer than this share of the pixels changed mask state.
+        ... and the mask has settled: fewer than this share of the pixels changed mask
+        state, or the masked share grew or shrank by less than this (a plateau, where
+        pixels at the thresholds only flip back and forth).
+    error_tol : float
+        See ``change_tol``. The statistical error is the RMS error the pixel noise
+        leaves in the fitted background (``SmoothResult.error``, in units of the
+        background RMS; estimators that do not report one use ``change_tol`` alone): a
+        change well inside it is one the data cannot tell from none, however many
+        iterations are run. 0 switches it off.
+    source_asymmetry : float or None
+        In the last stage, after each refit by a
+        :class:`~skymap.smooth.ThinPlateSmoother`, the upper-to-lower tail ratio of
+        (background - a fit ``stiffen`` times longer) is measured
+        (:meth:`~skymap.smooth.SmoothResult.asymmetry`). Sky structure gives as many
+        dips as bumps; a ratio above this means the background is following source
+        light left unmasked (faint extended wings), which only ever raises it. The
+        smoothing is then held at least ``stiffen`` times longer for the rest of the
+        stage and the final refit, so that the wings stay in the residual and get
+        masked. None switches it off.
+    stiffen : float
+        See ``source_asymmetry``.
 
     Examples
     --------
@@ -738,6 +786,9 @@ class IterativeBackground:
     max_iter: int = 5
     change_tol: float = 0.01
     mask_tol: float = 0.002
+    error_tol: float = 0.5
+    source_asymmetry: float | None = None
+    stiffen: float = 4.0
 
     def __post_init__(self):
         if not callable(getattr(self.first_guess, "fit", None)):
@@ -759,6 +810,14 @@ class IterativeBackground:
             raise ValueError(f"max_iter must be an integer >= 1, got {self.max_iter!r}")
         check_positive("change_tol", self.change_tol, allow_zero=True)
         check_positive("mask_tol", self.mask_tol, allow_zero=True)
+        check_positive("error_tol", self.error_tol, allow_zero=True)
+        check_positive("source_asymmetry", self.source_asymmetry, allow_none=True)
+        if self.source_asymmetry is not None and self.source_asymmetry <= 1:
+            raise ValueError(
+                f"source_asymmetry must be None or > 1, got {self.source_asymmetry!r}"
+            )
+        if not self.stiffen > 1:
+            raise ValueError(f"stiffen must be > 1, got {self.stiffen!r}")
 
     def fit(self, image, mask=None) -> BackgroundResult:
         """Fit the background of ``image`` (y, x), ignoring ``mask`` (True = excluded).
@@ -780,10 +839,15 @@ class IterativeBackground:
         current = bad
         history.append(_record(-1, 0, model, current, None, None, img.shape))
         converged = False
+        # Smoothing floor in pixels, raised (never lowered) when the last stage's fit is
+        # found following source light.
+        floor = None
+        last = len(self.stages) - 1
         for k, stage in enumerate(self.stages):
             converged = False
             cap = self.max_iter if stage.max_iter is None else stage.max_iter
-            for it in range(int(cap)):
+            it = count = 0
+            while count < cap:
                 # Only the residual is kept through the masking (memory): the previous
                 # background is rebuilt from its model for the change, and the previous
                 # mask is in the history, bit-packed, for the mask change.
@@ -794,27 +858,54 @@ class IterativeBackground:
                 new = bad | detections
                 del detections
                 previous = model
-                model = _fit_estimator(stage.estimator, img, new, _scale_of(history[-1]))
+                model = _fit_estimator(stage.estimator, img, new, _scale_of(history[-1]), floor)
                 new_bkg, new_rms = _background_of(model), _working_rms(model, coarse)
                 change = _change(new_bkg, _background_of(previous, 2), new_rms, bad)
                 del previous
                 packed = np.packbits(new.ravel())
                 flips = np.bitwise_count(packed ^ history[-1].packed_mask).sum(dtype=np.int64)
                 mask_change = float(flips) / new.size
-                history.append(_record(k, it, model, new, change, mask_change, img.shape, packed))
+                asymmetry, raised = float("nan"), False
+                if k == last and self.source_asymmetry is not None:
+                    asymmetry, floor, raised = self._check_asymmetry(model, floor)
+                history.append(
+                    _record(
+                        k,
+                        it,
+                        model,
+                        new,
+                        change,
+                        mask_change,
+                        img.shape,
+                        packed,
+                        previous=history[-1],
+                        asymmetry=asymmetry,
+                        floor=floor,
+                    )
+                )
+                rec = history[-1]
                 log.debug(
-                    "stage %d iteration %d: change %.4g, mask change %.4g, mask %.3f",
+                    "stage %d iteration %d: change %.4g (error %.4g), mask change %.4g "
+                    "(growth %+.4g), mask %.3f, asymmetry %.3g, floor %s",
                     k,
                     it,
                     change,
+                    rec.error,
                     mask_change,
-                    history[-1].mask_fraction,
+                    rec.mask_growth,
+                    rec.mask_fraction,
+                    asymmetry,
+                    floor,
                 )
                 # Rebound, not copied: no second name may keep the old maps alive
                 # through the next masking.
                 bkg, rms, current = new_bkg, new_rms, new
                 del new_bkg, new
-                if change <= self.change_tol and mask_change <= self.mask_tol:
+                it += 1
+                # A raised floor changes the fit the masks are made against: the stage
+                # starts its count again (the floor can rise only a few times).
+                count = 0 if raised else count + 1
+                if not raised and self.settled(rec):
                     converged = True
                     break
         noise = _typical_noise(rms, img, bad)
@@ -823,10 +914,22 @@ class IterativeBackground:
             # Only the subsample the change needs is kept through the refit (memory).
             old = bkg[::2, ::2].copy()
             del bkg
-            model = _fit_estimator(self.final, img, current, _scale_of(history[-1]))
+            model = _fit_estimator(self.final, img, current, _scale_of(history[-1]), floor)
             bkg, new_rms = _background_of(model), _working_rms(model, coarse)
             change = _change(bkg, old, new_rms, bad)
-            history.append(_record(len(self.stages), 0, model, current, change, 0.0, img.shape))
+            history.append(
+                _record(
+                    len(self.stages),
+                    0,
+                    model,
+                    current,
+                    change,
+                    0.0,
+                    img.shape,
+                    previous=history[-1],
+                    floor=floor,
+                )
+            )
         return BackgroundResult(
             background=bkg,
             mask=current,
@@ -836,6 +939,30 @@ class IterativeBackground:
             noise=float(noise),
             converged=converged,
         )
+
+    def settled(self, rec: IterationRecord) -> bool:
+        """Whether the iteration ``rec`` meets the tolerances (see ``change_tol``): a
+        stage stops at the first that does, and the fit has converged if its last
+        stage did."""
+        tol = self.change_tol
+        if self.error_tol and math.isfinite(rec.error):
+            tol = max(tol, self.error_tol * rec.error)
+        mask_ok = rec.mask_change <= self.mask_tol or abs(rec.mask_growth) <= self.mask_tol
+        return rec.change <= tol and mask_ok
+
+    def _check_asymmetry(self, model, floor):
+        """(asymmetry, new floor, whether it was raised) after a last-stage refit."""
+        if not isinstance(model, SmoothResult):
+            return float("nan"), floor, False
+        asymmetry = model.asymmetry(self.stiffen)
+        if asymmetry <= self.source_asymmetry:
+            return asymmetry, floor, False
+        stiff = self.stiffen * model.scale
+        # A fit already at the image's stiffest plane cannot be stiffened further.
+        limit = 4.0 * max(model.shape)
+        if stiff >= limit or (floor is not None and stiff <= floor):
+            return asymmetry, floor, False
+        return asymmetry, stiff, True
 
 
 def _working_rms(model: Any, coarse: bool = False):
@@ -893,9 +1020,14 @@ def _scale_of(record: IterationRecord) -> float | None:
     return record.scale
 
 
-def _fit_estimator(estimator, img, mask, scale):
-    if isinstance(estimator, ThinPlateSmoother) and scale is not None:
-        return estimator.fit(img, mask, smoothing_start=scale**4)
+def _fit_estimator(estimator, img, mask, scale, floor=None):
+    if isinstance(estimator, ThinPlateSmoother) and (scale is not None or floor is not None):
+        return estimator.fit(
+            img,
+            mask,
+            smoothing_start=None if scale is None else scale**4,
+            min_smoothing=None if floor is None else floor**4,
+        )
     return estimator.fit(img, mask)
 
 
@@ -907,15 +1039,34 @@ def _change(new, old_sub, rms, bad) -> float:
     return _k.subsampled_change(new, old_sub, bad, sigma, q)
 
 
-def _record(stage, it, model, mask, change, mask_change, shape, packed=None) -> IterationRecord:
+def _record(
+    stage,
+    it,
+    model,
+    mask,
+    change,
+    mask_change,
+    shape,
+    packed=None,
+    *,
+    previous=None,
+    asymmetry=float("nan"),
+    floor=None,
+) -> IterationRecord:
     scale = getattr(model, "scale", None)
+    error = getattr(model, "error", None)
+    fraction = float(np.count_nonzero(mask)) / mask.size
     return IterationRecord(
         stage=stage,
         iteration=it,
-        mask_fraction=float(np.count_nonzero(mask)) / mask.size,
+        mask_fraction=fraction,
         mask_change=float("nan") if mask_change is None else mask_change,
+        mask_growth=float("nan") if previous is None else fraction - previous.mask_fraction,
         change=float("nan") if change is None else change,
+        error=float("nan") if error is None else float(error),
         scale=None if scale is None else float(scale),
+        asymmetry=float(asymmetry),
+        min_scale=None if floor is None else float(floor),
         model=model,
         packed_mask=np.packbits(mask.ravel()) if packed is None else packed,
         shape=tuple(shape),
@@ -938,6 +1089,13 @@ def default_pipeline(image, mask=None, **options) -> IterativeBackground:
     * Final refit with the converged mask: GCV's smoothing, stiffened if needed until
       the residual is white in blocks twice the largest masking scale (16 px), so the
       background does not follow the noise on the scales of the sources it masked.
+    * Stage 2 checks after each refit whether the background follows source light
+      (``source_asymmetry=2.5``: bumps against a 4 times stiffer fit more than 2.5 times
+      deeper than its dips, as unmasked galaxy wings give and sky structure does not);
+      if so, the smoothing is held at least that stiff for the rest of the fit.
+    * A stage stops when its mask has settled and the background moved by less than
+      0.01 of its RMS or half its own statistical error (``error_tol=0.5``), or after
+      8 iterations.
 
     Every refit chooses its smoothing length by GCV on the masked image, so the
     smoothing follows the data's structure scale and shrinks as the masks remove the
@@ -951,7 +1109,9 @@ def default_pipeline(image, mask=None, **options) -> IterativeBackground:
         As for :func:`fit`.
     **options
         ``high``, ``low`` (final hysteresis thresholds in smoothed-noise sigma),
-        ``max_iter``, ``change_tol``, ``mask_tol``, ``cell_size``, ``gcv_inflation``.
+        ``max_iter``, ``change_tol``, ``mask_tol``, ``error_tol``,
+        ``source_asymmetry`` (None switches the stiffening off), ``cell_size``,
+        ``gcv_inflation``.
 
     Examples
     --------
@@ -960,7 +1120,17 @@ def default_pipeline(image, mask=None, **options) -> IterativeBackground:
     (2, (1.0, 2.0, 4.0, 8.0))
     """
     as_image(image)
-    known = {"high", "low", "max_iter", "change_tol", "mask_tol", "cell_size", "gcv_inflation"}
+    known = {
+        "high",
+        "low",
+        "max_iter",
+        "change_tol",
+        "mask_tol",
+        "error_tol",
+        "source_asymmetry",
+        "cell_size",
+        "gcv_inflation",
+    }
     unknown = set(options) - known
     if unknown:
         raise ValueError(f"unknown option(s) {sorted(unknown)}; accepted: {sorted(known)}")
@@ -987,9 +1157,11 @@ def default_pipeline(image, mask=None, **options) -> IterativeBackground:
         first_guess=smoother,
         stages=stages,
         final=final,
-        max_iter=options.get("max_iter", 5),
+        max_iter=options.get("max_iter", 8),
         change_tol=options.get("change_tol", 0.01),
         mask_tol=options.get("mask_tol", 0.002),
+        error_tol=options.get("error_tol", 0.5),
+        source_asymmetry=options.get("source_asymmetry", 2.5),
     )
 
 

@@ -133,6 +133,7 @@ def smooth_grid(
     smoothing_step: float = 1.0,
     gcv_inflation: float = 1.0,
     offsets=None,
+    rtol: float = 1e-6,
 ):
     """Smooth a weighted grid with the thin-plate penalty; choose ``smoothing`` by GCV.
 
@@ -156,6 +157,9 @@ def smooth_grid(
         (dy, dx) in pixels from each node to where its value was measured (the centroid
         of the pixels that made it); the values are moved to the nodes with the fitted
         gradient and the grid is solved again.
+    rtol : float
+        Relative residual at which the conjugate-gradient solves of a given
+        ``smoothing`` and of the offset correction stop.
 
     Returns
     -------
@@ -194,11 +198,11 @@ def smooth_grid(
         )
     else:
         lam = float(smoothing)
-        z, _ = system.solve(y, lam)
+        z, _ = system.solve(y, lam, rtol=rtol)
     if offsets is not None:
         gy_, gx_ = np.gradient(z, hy, hx) if min(z.shape) > 1 else (np.zeros_like(z),) * 2
         dy, dx = (np.where(bad, 0.0, np.asarray(o, dtype=np.float64)) for o in offsets)
-        z, _ = system.solve(y - gy_ * dy - gx_ * dx, lam, z)
+        z, _ = system.solve(y - gy_ * dy - gx_ * dx, lam, z, rtol=rtol)
     return z + ref, lam, scores
 
 
@@ -484,11 +488,21 @@ class ThinPlateSmoother:
                 out.append(cells)
         return out
 
-    def fit(self, image, mask=None, *, smoothing_start: float | None = None) -> SmoothResult:
+    def fit(
+        self,
+        image,
+        mask=None,
+        *,
+        smoothing_start: float | None = None,
+        min_smoothing: float | None = None,
+    ) -> SmoothResult:
         """Fit the smooth background of ``image`` ignoring ``mask`` (True = excluded).
 
         ``smoothing_start`` seeds the GCV search (an iterative caller passes the
         previous smoothing, which saves solves); None starts from the image size.
+        ``min_smoothing`` (pixel^4) raises the lower end of the GCV search: an
+        iterative caller that has found the fit following source light passes a
+        stiffer floor. Neither applies when ``smoothing`` is fixed.
         """
         img = as_image(image)
         bad = combine_masks(img, as_mask(mask, img.shape))
@@ -506,10 +520,18 @@ class ThinPlateSmoother:
             img.dtype,
             ref,
             smoothing_start=smoothing_start,
+            min_smoothing=min_smoothing,
         )
 
     def fit_sums(
-        self, sums, shape, dtype, ref: float, *, smoothing_start: float | None = None
+        self,
+        sums,
+        shape,
+        dtype,
+        ref: float,
+        *,
+        smoothing_start: float | None = None,
+        min_smoothing: float | None = None,
     ) -> SmoothResult:
         """Fit from per-cell sums instead of the image: what :meth:`fit` does after
         reading the pixels, for a caller that bins the image elsewhere (tile by tile:
@@ -524,7 +546,7 @@ class ThinPlateSmoother:
             The image's shape and (working) dtype.
         ref : float
             The level the sums were taken about.
-        smoothing_start : float or None
+        smoothing_start, min_smoothing : float or None
             As for :meth:`fit`.
 
         Returns
@@ -545,13 +567,13 @@ class ThinPlateSmoother:
         """
         shape = (int(shape[0]), int(shape[1]))
         for cells in self.cell_sequence(shape):
-            fitted = self._fit_grid(sums(cells), shape, cells, ref, smoothing_start)
+            fitted = self._fit_grid(sums(cells), shape, cells, ref, smoothing_start, min_smoothing)
             # Automatic cells: when GCV wants a smoothing below the cell size, the grid
             # is too coarse for this sky; refit on the next, finer cells.
             if not fitted[-1]:
                 break
             smoothing_start = fitted[1]
-        z, lam, scores, n, mean, var, _ = fitted
+        z, lam, scores, n, mean, var, offsets, _ = fitted
         cy, cx = cells
         vw = np.where((n >= 2) & np.isfinite(var), n - 1.0, 0.0)
         if np.any(vw > 0):
@@ -578,21 +600,30 @@ class ThinPlateSmoother:
             smoothing=lam,
             gcv=scores,
             config=self,
+            error=_statistical_error(self._weights(n), lam, (cy, cx)),
+            cell_offsets=offsets,
         )
 
-    def _fit_grid(self, sums, shape, cells, ref, smoothing_start):
+    def _weights(self, n: np.ndarray) -> np.ndarray:
+        return np.where(n >= self.min_pixels, n, 0.0)
+
+    def _fit_grid(self, sums, shape, cells, ref, smoothing_start, min_smoothing=None):
         """Smooth the cell grid of ``sums``; also says whether GCV hit the cell-size
         floor."""
         cy, cx = cells
         lo, hi = self.smoothing_range
         n, mean, var, dy, dx = _bin(sums, cy, cx, ref)
-        weights = np.where(n >= self.min_pixels, n, 0.0)
+        weights = self._weights(n)
         if not np.any(weights > 0):
             raise ValueError("no cell has enough unmasked pixels; lower min_pixels")
         start = (max(shape) / 16.0) ** 4 if smoothing_start is None else smoothing_start
         # Below about a cell the grid cannot represent the fit; beyond a few image
         # sizes every fit is the same plane.
         lo = max(lo, float(max(cy, cx)) ** 4)
+        # The refinement test looks at the grid's own floor, not at a caller's.
+        floor = lo
+        if min_smoothing is not None:
+            lo = max(lo, float(min_smoothing))
         hi = max(lo, min(hi, (4.0 * max(shape)) ** 4))
         start = min(max(start, lo), hi)
         grid = {"spacing": (cy, cx), "offsets": (dy, dx)}
@@ -606,7 +637,7 @@ class ThinPlateSmoother:
             gcv_inflation=self.gcv_inflation,
             **grid,
         )
-        at_floor = self.smoothing is None and lam <= lo * 10.0**0.2
+        at_floor = self.smoothing is None and lam <= floor * 10.0**0.2
         if self.smoothing is None and self.protect_scale is not None:
             # Stiffen until the residual is white at the protected scale.
             while lam < hi and _whiteness(mean, z, n, var, (cy, cx), self.protect_scale) < (
@@ -614,7 +645,22 @@ class ThinPlateSmoother:
             ):
                 lam *= 10.0**0.125
                 z, _, _ = smooth_grid(mean, weights, smoothing=lam, **grid)
-        return z, lam, scores, n, mean, var, at_floor
+        return z, lam, scores, n, mean, var, (dy, dx), at_floor
+
+
+def _statistical_error(weights, lam, cells) -> float:
+    """RMS over the grid of the fit's error due to the pixel noise, in units of the
+    pixel RMS. The fit is ``z = (W + lam K)^-1 W y`` with ``cov(y) = sigma^2 W^-1``, so
+    ``cov(z) = sigma^2 A^-1 W A^-1``; with the weights replaced by their mean ``w``
+    (as for the GCV trace) its eigenvalues in the cosine basis are
+    ``sigma^2 h_k^2 / w`` with ``h_k = w / (w + lam s_k)``, and the mean variance is
+    their average. Exact for an unmasked image; with a mask it is the error of the
+    same number of pixels spread evenly (larger in the holes, smaller elsewhere)."""
+    wbar = float(np.mean(weights))
+    if wbar <= 0:
+        return float("inf")
+    h = wbar / (wbar + lam * _spectrum(weights.shape, *cells))
+    return float(np.sqrt(np.sum(h * h) / (weights.size * wbar)))
 
 
 def _whiteness(values, z, n, var, cells, width) -> float:
@@ -643,6 +689,10 @@ class SmoothResult:
 
     ``grid`` and ``rms_grid`` are the smoothed cell grids (cheap); ``background`` and
     ``rms`` are the full-resolution maps, interpolated on first access and cached.
+    ``cell_values``, ``cell_pixels`` and ``cell_offsets`` are the binned data (cell
+    means, unmasked pixel counts, and (dy, dx) from each cell centre to the centroid of
+    its pixels). ``error`` is the RMS over the grid of the background's statistical
+    error (from the pixel noise alone), in units of the pixel RMS.
     """
 
     shape: tuple[int, int]
@@ -655,11 +705,53 @@ class SmoothResult:
     smoothing: float
     gcv: dict = field(repr=False)
     config: ThinPlateSmoother
+    error: float
+    cell_offsets: tuple = field(repr=False)
 
     @property
     def scale(self) -> float:
         """Smoothing length in pixels, ``smoothing ** 0.25``."""
         return float(self.smoothing) ** 0.25
+
+    def asymmetry(self, stiffer: float = 4.0, tail: float = 0.01) -> float:
+        """Ratio of the upper to the lower tail of (this fit - a fit ``stiffer`` times
+        longer, same cells and weights), about the median, at the ``tail`` quantiles.
+
+        Sky structure that this fit follows and the stiffer one does not is as often a
+        dip as a bump, so the ratio is near 1; source light left in the unmasked pixels
+        (the faint wings of extended sources) only ever raises the fit, so it gives
+        bumps and no dips, and a ratio well above 1.
+
+        Examples
+        --------
+        >>> rng = np.random.default_rng(2)
+        >>> yy, xx = np.mgrid[:256, :256]
+        >>> wings = sum(np.exp(-np.hypot(yy - y, xx - x) / 12.0)
+        ...             for y, x in ((60, 70), (180, 90), (120, 200)))
+        >>> res = ThinPlateSmoother().fit(rng.normal(size=(256, 256)) + 3 * wings)
+        >>> bool(res.asymmetry() > 3)
+        True
+        """
+        check_positive("stiffer", stiffer)
+        check_range("tail", tail, 0.0, 0.5)
+        weights = self.config._weights(self.cell_pixels)
+        values = np.where(weights > 0, self.cell_values, 0.0)
+        stiff, _, _ = smooth_grid(
+            values,
+            weights,
+            spacing=self.cell_size,
+            smoothing=float(self.smoothing) * stiffer**4,
+            offsets=self.cell_offsets,
+            # Tail quantiles of a difference of two fits need no more than this.
+            rtol=1e-3,
+        )
+        rms = np.asarray(self.rms_grid)
+        ok = rms > 0
+        if not ok.any():
+            return 1.0
+        d = (self.grid - stiff)[ok] / rms[ok]
+        lo, mid, hi = np.quantile(d, [tail, 0.5, 1.0 - tail])
+        return float((hi - mid) / (mid - lo)) if mid > lo else 1.0
 
     def background_map(self, step: int = 1) -> np.ndarray:
         """Interpolate the background to full resolution (a new array, not cached), or

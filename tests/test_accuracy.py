@@ -66,7 +66,11 @@ def test_notebook_history_converged(notebook):
     assert res.converged
     last_stage = len(res.config.stages) - 1
     last = [r for r in res.history if r.stage == last_stage][-1]
-    assert last.change <= res.config.change_tol and last.mask_change <= res.config.mask_tol
+    cfg = res.config
+    # Converged: the background moved by less than change_tol or half its own
+    # statistical error, and the mask settled (few flips, or no net growth).
+    assert last.change <= max(cfg.change_tol, cfg.error_tol * last.error)
+    assert min(last.mask_change, abs(last.mask_growth)) <= cfg.mask_tol
     # The final refit reuses the converged mask.
     assert res.history[-1].stage == len(res.config.stages)
     np.testing.assert_array_equal(res.history[-1].mask, last.mask)
@@ -74,7 +78,13 @@ def test_notebook_history_converged(notebook):
 
 @pytest.mark.parametrize(
     ("name", "factor"),
-    [("crowded_stellar", 1.0), ("detector_artifacts", 0.8), ("nebula", 0.5)],
+    [
+        ("crowded_stellar", 1.0),
+        ("detector_artifacts", 0.8),
+        ("nebula", 0.5),
+        # Extended low-surface-brightness wings: 0.19 sigma against SEP's 0.45 here.
+        ("galaxies_lsb", 0.6),
+    ],
 )
 def test_other_scenes_beat_sep(name, factor):
     scene = scene_by_name(name, shape=(384, 384), seed=3)

@@ -172,6 +172,7 @@ def _bad_pixels():
         ("notebook", {}),
         ("crowded_float32", {"max_iter": 2}),
         ("bad_pixels", {"cell_size": 6, "max_iter": 2}),
+        ("galaxies_lsb", {"max_iter": 3}),  # the smoothing floor is raised (asymmetry)
     ],
 )
 def test_tiled_fit_equals_in_memory_on_a_local_cluster(scene, options, threads_client):
@@ -179,6 +180,9 @@ def test_tiled_fit_equals_in_memory_on_a_local_cluster(scene, options, threads_c
         img, mask = notebook_scene(shrink_factor=8).image, None
     elif scene == "crowded_float32":
         img, mask = _crowded(np.float32), None
+    elif scene == "galaxies_lsb":
+        img = scene_by_name("galaxies_lsb", shape=(256, 256), seed=1).image
+        mask = None
     else:
         img, mask = _bad_pixels()
     ref = skymap.fit(img, mask, **options)
@@ -193,6 +197,7 @@ def test_tiled_fit_equals_in_memory_on_a_local_cluster(scene, options, threads_c
     np.testing.assert_array_equal(final, ref.mask)
     np.testing.assert_array_equal(tiled.bad_mask.compute(), ref.bad_mask)
     assert [h.mask_fraction for h in tiled.history] == [h.mask_fraction for h in ref.history]
+    assert [h.min_scale for h in tiled.history] == [h.min_scale for h in ref.history]
     np.testing.assert_allclose(
         [h.change for h in tiled.history], [h.change for h in ref.history], rtol=1e-9
     )

@@ -372,3 +372,156 @@ def test_default_pipeline_round_trips_through_toml():
 
     pipe = P.default_pipeline(np.zeros((64, 64)))
     assert config.loads_toml(config.dumps_toml(pipe)) == pipe
+
+
+# --------------------------------------------------------------------------- statistical
+# error, asymmetry, smoothing floor
+
+
+def test_statistical_error_matches_monte_carlo():
+    # Pure noise, fixed smoothing: the RMS of (fit - truth) over realisations is the
+    # fit's statistical error, which the smoother predicts from its spectrum.
+    smoother = ThinPlateSmoother(cell_size=2, smoothing=6.0**4)
+    rng = np.random.default_rng(5)
+    errs, predicted = [], []
+    for _ in range(12):
+        res = smoother.fit(rng.normal(0, 2.0, (96, 96)))
+        errs.append(np.mean(res.grid**2) / 4.0)
+        predicted.append(res.error)
+    assert np.ptp(predicted) < 1e-12
+    assert abs(np.sqrt(np.mean(errs)) / predicted[0] - 1) < 0.15
+
+
+def test_statistical_error_shrinks_with_smoothing_and_limits():
+    img = np.random.default_rng(6).normal(size=(64, 64))
+    rough = ThinPlateSmoother(cell_size=2, smoothing=2.0**4).fit(img).error
+    stiff = ThinPlateSmoother(cell_size=2, smoothing=1e12).fit(img).error
+    # Between a mean of all 4096 pixels and a mean of one 4-pixel cell.
+    assert 1 / 64 <= stiff < rough < 0.5
+    assert abs(stiff - 1 / 64) < 0.01
+
+
+def _wing_field(sign, n=256, seed=2):
+    """Noise plus exponential-profile blobs of one ``sign``: bumps (source wings) or
+    dips."""
+    yy, xx = np.mgrid[:n, :n]
+    rng = np.random.default_rng(seed)
+    blobs = sum(
+        np.exp(-np.hypot(yy - y, xx - x) / 12.0) for y, x in rng.uniform(20, n - 20, (4, 2))
+    )
+    return rng.normal(size=(n, n)) + sign * 3.0 * blobs
+
+
+def test_asymmetry_separates_bumps_from_dips_and_sky():
+    smoother = ThinPlateSmoother()
+    bumps = smoother.fit(_wing_field(+1)).asymmetry()
+    dips = smoother.fit(_wing_field(-1)).asymmetry()
+    assert bumps > 3 and dips < 1 / 2
+    # Structure of both signs (a smooth random field) is symmetric.
+    from scipy.ndimage import gaussian_filter
+
+    rng = np.random.default_rng(3)
+    field = gaussian_filter(rng.normal(size=(256, 256)), 10.0)
+    sky = smoother.fit(field / field.std() + rng.normal(size=(256, 256))).asymmetry()
+    assert 1 / 2 < sky < 2
+    with pytest.raises(ValueError, match="tail"):
+        smoother.fit(field).asymmetry(tail=0.7)
+
+
+def test_min_smoothing_is_a_floor_for_gcv(rng):
+    img = _wing_field(+1)
+    free = ThinPlateSmoother().fit(img)
+    floored = ThinPlateSmoother().fit(img, min_smoothing=(4 * free.scale) ** 4)
+    assert floored.scale >= 4 * free.scale * (1 - 1e-9)
+    # The caller's floor does not make the automatic cells refine.
+    assert floored.cell_size == ThinPlateSmoother().cells_for(img.shape)
+
+
+def test_source_asymmetry_stiffens_under_extended_wings():
+    # Faint extended wings around compact cores on a flat sky: without the check the
+    # fit follows the unmasked wings and sits high under the sources.
+    from skymap.simulate import scene_by_name
+
+    scene = scene_by_name("galaxies_lsb", shape=(192, 192), seed=0)
+    under = scene.sources > scene.noise_sigma
+
+    def bias(res):
+        d = (res.background - scene.sky) / scene.noise_sigma
+        return float(np.mean(d[under]) - np.mean(d))
+
+    plain = P.fit(scene.image, source_asymmetry=None)
+    checked = P.fit(scene.image)
+    floors = [r.min_scale for r in checked.history if r.min_scale is not None]
+    assert floors and checked.history[-1].min_scale == max(floors)
+    assert all(r.min_scale is None for r in plain.history)
+    assert bias(checked) < 0.5 * bias(plain)
+    assert np.isfinite(checked.history[-2].asymmetry)
+
+
+def test_source_asymmetry_leaves_symmetric_sky_alone():
+    from scipy.ndimage import gaussian_filter
+
+    rng = np.random.default_rng(4)
+    field = gaussian_filter(rng.normal(size=(192, 192)), 6.0)
+    img, _ = _scene(rng, shape=(192, 192), nsrc=15)
+    res = P.fit(img + 3.0 * field / field.std())
+    assert all(r.min_scale is None for r in res.history)
+    last = [r for r in res.history if r.stage == len(res.config.stages) - 1]
+    assert all(r.asymmetry < res.config.source_asymmetry for r in last)
+
+
+def _meets_tolerances(cfg, rec):
+    tol = max(cfg.change_tol, cfg.error_tol * rec.error)
+    mask_ok = rec.mask_change <= cfg.mask_tol or abs(rec.mask_growth) <= cfg.mask_tol
+    return rec.change <= tol and mask_ok
+
+
+def test_converged_means_the_last_stage_met_its_tolerances(rng):
+    img, _ = _scene(rng, shape=(128, 128), nsrc=20)
+    res = P.fit(img)
+    last = [r for r in res.history if r.stage == len(res.config.stages) - 1]
+    assert res.converged == _meets_tolerances(res.config, last[-1])
+    # No earlier iteration of the stage met them (it would have stopped there).
+    assert not any(_meets_tolerances(res.config, r) for r in last[:-1])
+    for r in res.history:
+        assert np.isfinite(r.error) and 0 < r.error < 1
+    # The mask growth is the step in the masked share.
+    fractions = np.array([r.mask_fraction for r in res.history])
+    growth = np.array([r.mask_growth for r in res.history[1:]])
+    np.testing.assert_allclose(growth, np.diff(fractions), atol=1e-12)
+
+
+def _record(**kw):
+    fields = {"stage": 1, "iteration": 3, "mask_fraction": 0.2, "scale": 4.0, "model": None}
+    return P.IterationRecord(**fields, packed_mask=np.zeros(1, np.uint8), shape=(2, 4), **kw)
+
+
+@pytest.mark.parametrize(
+    ("change", "error", "flips", "growth", "settled"),
+    [
+        (0.005, np.nan, 0.001, 0.001, True),  # below change_tol, few flips
+        (0.02, np.nan, 0.001, 0.001, False),  # no error reported: change_tol alone
+        (0.02, 0.05, 0.001, 0.001, True),  # jitter within half the statistical error
+        (0.03, 0.05, 0.001, 0.001, False),  # more than half of it
+        (0.02, 0.05, 0.01, 0.001, True),  # edges flicker, the mask does not grow
+        (0.02, 0.05, 0.01, 0.005, False),  # the mask still grows
+        (0.02, 0.05, 0.01, -0.005, False),  # ... or shrinks
+    ],
+)
+def test_settled_judges_change_against_statistical_error(change, error, flips, growth, settled):
+    pipe = P.default_pipeline(np.zeros((64, 64)))
+    rec = _record(change=change, error=error, mask_change=flips, mask_growth=growth)
+    assert pipe.settled(rec) is settled
+    strict = P.IterativeBackground(first_guess=pipe.first_guess, stages=pipe.stages, error_tol=0.0)
+    assert strict.settled(rec) is (change <= 0.01 and settled)
+
+
+def test_new_pipeline_options_validated():
+    st_ = P.Stage(masker=P.HysteresisMasker(), estimator=ThinPlateSmoother())
+    for kw, match in (
+        ({"error_tol": -1}, "error_tol"),
+        ({"source_asymmetry": 1.0}, "source_asymmetry"),
+        ({"stiffen": 1.0}, "stiffen"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            P.IterativeBackground(first_guess=ThinPlateSmoother(), stages=(st_,), **kw)
