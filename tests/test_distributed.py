@@ -35,7 +35,7 @@ from skymap.pipeline import (  # noqa: E402
     default_pipeline,
 )
 from skymap.simulate import notebook_scene, scene_by_name  # noqa: E402
-from skymap.smooth import ThinPlateSmoother  # noqa: E402
+from skymap.smooth import ThinPlateSmoother, reference_level  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -252,6 +252,31 @@ def test_tiled_fit_with_a_ring_median_first_guess_equals_in_memory():
     np.testing.assert_allclose(
         [h.change for h in tiled.history][1:], [h.change for h in ref.history][1:], rtol=1e-12
     )
+
+
+def test_reference_level_falls_back_to_the_first_valid_pixel():
+    # Every pixel of the reference subsample (step 2 at 1024^2) is masked: the level
+    # is then the first valid pixel in C order, which the tiles must find too.
+    rng = np.random.default_rng(3)
+    img = (5 + rng.normal(size=(1024, 1024))).astype(np.float32)
+    yy, xx = np.mgrid[:1024, :1024]
+    mask = (yy % 2 == 0) & (xx % 2 == 0)
+    mask[:600, :] = True  # the first valid pixel is in the second row of tiles
+    assert reference_level(img[::2, ::2], mask[::2, ::2]) is None
+    pipe = IterativeBackground(
+        first_guess=ThinPlateSmoother(cell_size=64, smoothing=1e9),
+        stages=(
+            Stage(
+                masker=HysteresisMasker(scales=(2.0,)),
+                estimator=ThinPlateSmoother(cell_size=64, smoothing=1e9),
+            ),
+        ),
+        max_iter=1,
+    )
+    ref = pipe.fit(img, mask)
+    tiled = tiled_fit(img, mask, pipeline=pipe, tile=512)
+    assert tiled.history[0].model.grid.tolist() == ref.history[0].model.grid.tolist()
+    np.testing.assert_array_equal(tiled.mask.compute(), ref.mask)
 
 
 def test_tiles_align_to_cells_and_blocks_and_halos_follow_the_kernels():
