@@ -8,29 +8,32 @@ from numba import njit, prange
 
 @njit(cache=True, nogil=True, parallel=True)
 def masked_block_sums(values, excluded, b, num, cnt):  # pragma: no cover - compiled
-    """Sums over b x b blocks (``b`` a power of two) of the valid ``values`` and the
-    valid-pixel counts, into ``num`` and ``cnt`` of shape ceil(shape / b). Partial
-    blocks at the far edges sum what they hold. (Outputs come from the caller:
+    """Sums over b x b blocks of the valid ``values`` and the valid-pixel counts, into
+    ``num`` and ``cnt`` of shape ceil(shape / b). Partial blocks at the far edges sum
+    what they hold. (Outputs come from the caller:
     numpy's allocations of large arrays use huge pages, numba's do not, and the page
     faults of fresh memory cost as much as the arithmetic here.)"""
     ny, nx = values.shape
     gy, gx = num.shape
-    # A shift, not a division, per pixel.
-    shift = 0
-    while (1 << shift) < b:
-        shift += 1
     for by in prange(gy):
-        an = np.zeros(gx, np.float32)
-        ac = np.zeros(gx, np.float32)
+        # Column sums over the block's rows first (selects, not branches: excluded
+        # values may be NaN; the loops vectorise), then the sums along x.
+        bv = np.zeros(nx, np.float32)
+        bc = np.zeros(nx, np.float32)
         for y in range(by * b, min(ny, (by + 1) * b)):
             vrow, erow = values[y], excluded[y]
             for x in range(nx):
-                # Selects, not branches (excluded values may be NaN).
                 e = erow[x]
-                an[x >> shift] += np.float32(0.0) if e else vrow[x]
-                ac[x >> shift] += np.float32(0.0) if e else np.float32(1.0)
-        num[by] = an
-        cnt[by] = ac
+                bv[x] += np.float32(0.0) if e else vrow[x]
+                bc[x] += np.float32(0.0) if e else np.float32(1.0)
+        for bx in range(gx):
+            sn = np.float32(0.0)
+            sc = np.float32(0.0)
+            for x in range(bx * b, min(nx, (bx + 1) * b)):
+                sn += bv[x]
+                sc += bc[x]
+            num[by, bx] = sn
+            cnt[by, bx] = sc
     return num, cnt
 
 

@@ -105,7 +105,7 @@ def _dilate_disk(mask: np.ndarray, radius: float) -> np.ndarray:
 
 
 def _gaussian_kernel(sigma: float) -> np.ndarray:
-    radius = max(1, int(4.0 * sigma + 0.5))
+    radius = max(1, int(3.0 * sigma + 0.5))
     x = np.arange(-radius, radius + 1, dtype=np.float64)
     g = np.exp(-0.5 * (x / sigma) ** 2)
     return (g / g.sum()).astype(np.float32)
