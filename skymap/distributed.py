@@ -53,6 +53,7 @@ from .pipeline import (
     HysteresisMasker,
     IterativeBackground,
     RingMedianGuess,
+    _gaussian_kernel,
     _noise_step,
     _pow2_at_most,
     _ScaleMaps,
@@ -594,8 +595,9 @@ def tiled_fit(
     Halo in pixels, the largest over the maskers' scales of
 
     * maps: ``max(b * r(s / b), b * bw * r(surround * s / (b * bw)))``, the reach of
-      the matched filter and of the surround mean, ``r(sigma) = max(1, int(4 sigma +
-      0.5))`` being a Gaussian kernel's radius in its grid's units;
+      the matched filter and of the surround mean, ``r(sigma)`` being the radius of
+      the masker's Gaussian kernel of that sigma in its grid's units (``int(3 sigma +
+      0.5)``, at least 1);
     * dilation: ``b * (ceil(dilation(s) / b) + 1)``;
 
     each rounded up to the alignment unit; and for a ring-median first guess, the ring's
@@ -678,8 +680,8 @@ def _surround_block(masker: HysteresisMasker, s: float, b: int, shape) -> int:
 
 
 def _kernel_radius(sigma: float) -> int:
-    # the radius of scale_maps' Gaussian kernels (_gaussian_kernel), in grid units
-    return max(1, int(4.0 * sigma + 0.5))
+    # the radius of scale_maps' Gaussian kernels, in grid units
+    return _gaussian_kernel(sigma).size // 2
 
 
 def _round_up(value: int, unit: int) -> int:

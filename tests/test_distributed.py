@@ -285,9 +285,10 @@ def test_tiles_align_to_cells_and_blocks_and_halos_follow_the_kernels():
     # cells 8 (halved to 4, 2), blocks b * bw = 2, 4, 8, 16: unit 16
     assert t.tile == (288, 288)
     assert all(c % 16 == 0 for c in t.chunks[0][:-1])
-    # scale 8: b = 8, bw = 2, surround kernel radius int(4 * 32 / 16 + 0.5) = 8 blocks of 16
-    assert t.halo_maps[1, 8.0] == (128, 128)
-    # scale 1: the surround's 8 blocks of 2 px
+    # scale 8: b = 8, bw = 2, surround kernel radius int(3 * 32 / 16 + 0.5) = 6 blocks
+    # of 16 px
+    assert t.halo_maps[1, 8.0] == (96, 96)
+    # scale 1: the surround's 6 blocks of 2 px, rounded up to the unit
     assert t.halo_maps[1, 1.0] == (16, 16)
     assert t.halo_dilate[1, 8.0] == (16, 16)
 
