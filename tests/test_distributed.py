@@ -155,7 +155,7 @@ def threads_client():
 
 
 def _crowded(dtype):
-    return scene_by_name("crowded_stellar", shape=(256, 320), seed=3).image.astype(dtype)
+    return scene_by_name("crowded_stellar", shape=(192, 288), seed=3).image.astype(dtype)
 
 
 def _bad_pixels():
