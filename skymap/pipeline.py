@@ -116,15 +116,20 @@ def _separable(a: np.ndarray, kernel: np.ndarray) -> np.ndarray:
     return _k.gaussian_separable(a, kernel, tmp, out)
 
 
-def _noise_excess(snr: np.ndarray, excluded: np.ndarray, lag: int, white: float) -> float:
-    """Scatter of a signal-to-noise map relative to ``white``, the scatter it has for
-    white noise of the stated rms, from differences of unexcluded pixels ``lag`` apart
-    along each axis (far enough apart to be independent): the differences cancel any
-    smooth offset or wing the background has not followed yet, and their MAD ignores
-    the sources that touch a minority of the pairs. 1.0 when too few pairs are left."""
+def _noise_step(shape) -> int:
+    """Row/column stride of the pairs :func:`_pair_differences` samples: about 250 000
+    pairs, so that the MAD is good to ~0.3% and the medians stay cheap."""
+    return max(1, (shape[0] * shape[1]) // 125_000)
+
+
+def _pair_differences(snr, excluded, lag: int, step: int):
+    """Differences of unexcluded pixels ``lag`` apart, along x on every ``step``-th
+    row, then along y on every ``step``-th column: far enough apart to be independent,
+    they cancel any smooth offset or wing the background has not followed yet, and
+    their MAD (:func:`_excess_of`) ignores the sources that touch a minority of the
+    pairs. The tiled path (:mod:`skymap.distributed`) gathers the same pairs tile by
+    tile."""
     ny, nx = snr.shape
-    # About 250 000 pairs: the MAD is then good to ~0.3%, and the medians stay cheap.
-    step = max(1, (ny * nx) // 125_000)
     parts = []
     for axis, n in ((1, nx), (0, ny)):
         if lag >= n:
@@ -138,6 +143,13 @@ def _noise_excess(snr: np.ndarray, excluded: np.ndarray, lag: int, white: float)
             d = v[lag:] - v[:-lag]
             ok = ~(bad[lag:] | bad[:-lag])
         parts.append(d[ok])
+    return parts
+
+
+def _excess_of(parts, white: float) -> float:
+    """Scatter of a signal-to-noise map relative to ``white`` (the scatter it has for
+    white noise of the stated rms), from the MAD of its pair differences ``parts``; 1.0
+    when fewer than 200 pairs are left."""
     d = np.concatenate(parts) if parts else np.zeros(0, np.float32)
     if d.size < 200:
         return 1.0
@@ -405,10 +417,20 @@ class HysteresisMasker:
         """What the snr maps of scale ``s`` (binned by ``b``) are divided by so that
         noise peaks stay rare (see ``false_rate``): 1 or more (global: a statistic of
         the whole map)."""
+        parts = _pair_differences(snr, invalid, self.noise_lag(s, b), _noise_step(snr.shape))
+        return self.factor_from_differences(parts, s)
+
+    def noise_lag(self, s: float, b: int) -> int:
+        """Distance in binned pixels between the pixels :meth:`snr_factor` differences
+        at scale ``s`` (binned by ``b``): far enough apart to be independent."""
+        return math.ceil(3.0 * max(self.surround, 1.0) * s / b)
+
+    def factor_from_differences(self, parts, s: float) -> float:
+        """:meth:`snr_factor` from its sample of pair differences (a list of arrays, in
+        any order): the part a tiled run computes in the driver."""
         k = self.surround
         white = math.sqrt(1.0 + 1.0 / k**2 - 4.0 / (1.0 + k**2)) if k else 1.0
-        lag = math.ceil(3.0 * max(k, 1.0) * s / b)
-        excess = _noise_excess(snr, invalid, lag, white)
+        excess = _excess_of(parts, white)
         factor = excess * min(self.high, -float(ndtri(self.false_rate))) / self.high
         log.debug("scale %g: smoothed-noise excess %.3f, snr divided by %.3f", s, excess, factor)
         return max(1.0, factor)

@@ -37,7 +37,7 @@ from scipy import fft, ndimage, sparse
 from . import _smooth_kernels as _k
 from ._validate import as_image, as_mask, as_pair, check_positive, check_range, combine_masks
 
-__all__ = ["SmoothResult", "ThinPlateSmoother", "smooth_grid"]
+__all__ = ["SmoothResult", "ThinPlateSmoother", "cell_sums", "smooth_grid"]
 
 log = logging.getLogger(__name__)
 
@@ -265,9 +265,51 @@ def _gcv_search(system: _System, y, smoothing_range, start, step, inflation, sco
 # --------------------------------------------------------------------------- image level
 
 
-def _bin(image: np.ndarray, bad: np.ndarray, cy: int, cx: int, ref: float):
-    """Per-cell count, mean, variance and centroid offset of the good pixels."""
+def cell_sums(image: np.ndarray, bad: np.ndarray, cells, ref: float, origin=(0, 0)):
+    """Per-cell sums of the good (not ``bad``) pixels of ``image``: count, sum and sum
+    of squares of ``image - ref``, and sums of the y and x pixel coordinates, stacked
+    as one (5, gy, gx) float64 array.
+
+    The sums of an image cut into pieces along cell boundaries are the pieces' sums,
+    bit for bit (each cell is summed in the same pixel order), so a tiled caller bins
+    its tiles with this and puts the grids side by side. ``origin`` is the (y, x) pixel
+    of ``image[0, 0]`` in the whole image, for the coordinate sums; it must sit on a
+    cell boundary.
+
+    Examples
+    --------
+    >>> img = np.arange(16.0).reshape(4, 4)
+    >>> whole = cell_sums(img, np.zeros((4, 4), bool), (2, 2), 0.0)
+    >>> right = cell_sums(img[:, 2:], np.zeros((4, 2), bool), (2, 2), 0.0, origin=(0, 2))
+    >>> bool(np.array_equal(whole[:, :, 1:], right))
+    True
+    """
+    cy, cx = cells
     n, s1, s2, sy, sx = _k.bin_cells(image, bad, cy, cx, ref)
+    # Integer coordinate sums are exact in float64 (< 2**53), so shifting is exact.
+    if origin[0]:
+        sy += n * origin[0]
+    if origin[1]:
+        sx += n * origin[1]
+    return np.stack([n, s1, s2, sy, sx])
+
+
+def reference_level(sub: np.ndarray, subbad: np.ndarray) -> float | None:
+    """The level subtracted before binning, for numerical accuracy only: the median of
+    the good pixels of a subsample (``image[::s, ::s]`` with ``s`` from
+    :func:`reference_step`); None when the subsample has no good pixel (the caller then
+    takes the first good pixel of the image)."""
+    return float(np.median(sub[~subbad])) if not subbad.all() else None
+
+
+def reference_step(shape) -> int:
+    """Stride of the subsample :func:`reference_level` reads (about 250 000 pixels)."""
+    return max(1, int(np.sqrt(shape[0] * shape[1] / 250_000)))
+
+
+def _bin(sums: np.ndarray, cy: int, cx: int, ref: float):
+    """Per-cell count, mean, variance and centroid offset of the good pixels."""
+    n, s1, s2, sy, sx = sums
     iy = np.arange(n.shape[0]) * cy
     ix = np.arange(n.shape[1]) * cx
     with np.errstate(invalid="ignore", divide="ignore"):
@@ -296,13 +338,22 @@ def _bspline_weights(pos: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def upsample(
-    grid: np.ndarray, cell_size, shape, dtype=np.float64, step: int = 1, offset: float = 0.0
+    grid: np.ndarray,
+    cell_size,
+    shape,
+    dtype=np.float64,
+    step: int = 1,
+    offset: float = 0.0,
+    window=None,
 ) -> np.ndarray:
     """Cubic-spline interpolation of a cell grid (node i at pixel ``i*c + (c-1)/2``) to
     the full ``shape``; beyond the outer nodes the grid is extended linearly, so a
     gradient carries on to the image edge. With ``step`` > 1 only every ``step``-th
     pixel along each axis is evaluated (exactly ``upsample(...)[::step, ::step]``), at
     positions shifted by ``offset`` pixels (``(step - 1) / 2``: the blocks' centres).
+    ``window`` = ((y0, y1), (x0, x1)) evaluates only those rows and columns, exactly
+    ``upsample(...)[y0:y1:step, x0:x1:step]`` (each pixel is computed on its own from
+    the whole grid), which is how a tiled caller evaluates one tile.
 
     Examples
     --------
@@ -317,8 +368,9 @@ def upsample(
     z = np.asarray(grid, dtype=np.float64)
     z = _extend_linear(_extend_linear(z, pad, 0), pad, 1)
     coef = ndimage.spline_filter(z, order=3, mode="mirror")
-    uy = (np.arange(0, shape[0], step) + offset - (cy - 1) / 2.0) / cy + pad
-    ux = (np.arange(0, shape[1], step) + offset - (cx - 1) / 2.0) / cx + pad
+    (y0, y1), (x0, x1) = ((0, shape[0]), (0, shape[1])) if window is None else window
+    uy = (np.arange(y0, y1, step) + offset - (cy - 1) / 2.0) / cy + pad
+    ux = (np.arange(x0, x1, step) + offset - (cx - 1) / 2.0) / cx + pad
     # Along y on the small grid (sparse, cheap), then along x pixel by pixel.
     by, wy = _bspline_weights(uy)
     rows = np.repeat(np.arange(uy.size), 4)
@@ -422,6 +474,20 @@ class ThinPlateSmoother:
         c = int(np.clip(np.ceil(max(shape) / 128), 2, 32))
         return c, c
 
+    def cell_sequence(self, shape) -> list[tuple[int, int]]:
+        """Every cell size a fit of an image of ``shape`` may bin into, in the order
+        tried: the :meth:`cells_for` cells, then (automatic cells only) halved while GCV
+        asks for a smoothing below the cell size, down to 2 pixels or a grid of 512
+        cells along the longer side (the solver's cost grows with the grid)."""
+        cells = self.cells_for(shape)
+        out = [cells]
+        if self.cell_size is None:
+            finest = max(2, int(np.ceil(max(shape) / 512)))
+            while min(cells) // 2 >= finest:
+                cells = (max(finest, cells[0] // 2), max(finest, cells[1] // 2))
+                out.append(cells)
+        return out
+
     def fit(
         self,
         image,
@@ -442,21 +508,70 @@ class ThinPlateSmoother:
         bad = combine_masks(img, as_mask(mask, img.shape))
         if bad.all():
             raise ValueError("image has no valid pixel: everything is masked or non-finite")
-        cells = self.cells_for(img.shape)
         # A reference level for numerical accuracy only: a subsample's median will do,
         # and never copies the whole image.
-        step = max(1, int(np.sqrt(img.size / 250_000)))
-        sub, subbad = img[::step, ::step], bad[::step, ::step]
-        ref = float(np.median(sub[~subbad])) if not subbad.all() else float(img[~bad][0])
-        # Automatic cells: when GCV wants a smoothing below the cell size, the grid is
-        # too coarse for this sky; halve the cells and refit, down to 2 px or a grid of
-        # 512 cells a side (the solver's cost grows with the grid).
-        finest = max(2, int(np.ceil(max(img.shape) / 512)))
-        while True:
-            fitted = self._fit_grid(img, bad, cells, ref, smoothing_start, min_smoothing)
-            if self.cell_size is not None or not fitted[-1] or min(cells) // 2 < finest:
+        step = reference_step(img.shape)
+        ref = reference_level(img[::step, ::step], bad[::step, ::step])
+        if ref is None:
+            ref = float(img[~bad][0])
+        return self.fit_sums(
+            lambda cells: cell_sums(img, bad, cells, ref),
+            img.shape,
+            img.dtype,
+            ref,
+            smoothing_start=smoothing_start,
+            min_smoothing=min_smoothing,
+        )
+
+    def fit_sums(
+        self,
+        sums,
+        shape,
+        dtype,
+        ref: float,
+        *,
+        smoothing_start: float | None = None,
+        min_smoothing: float | None = None,
+    ) -> SmoothResult:
+        """Fit from per-cell sums instead of the image: what :meth:`fit` does after
+        reading the pixels, for a caller that bins the image elsewhere (tile by tile:
+        :func:`skymap.distributed.tiled_fit`).
+
+        Parameters
+        ----------
+        sums : callable
+            ``sums(cells)`` returns the :func:`cell_sums` of the whole image (its good
+            pixels, about ``ref``) for a cell size of :meth:`cell_sequence`.
+        shape, dtype
+            The image's shape and (working) dtype.
+        ref : float
+            The level the sums were taken about.
+        smoothing_start, min_smoothing : float or None
+            As for :meth:`fit`.
+
+        Returns
+        -------
+        SmoothResult
+            Identical to :meth:`fit` on the image the sums came from.
+
+        Examples
+        --------
+        >>> rng = np.random.default_rng(0)
+        >>> img = 5 + rng.normal(0, 1, (64, 96))
+        >>> tps = ThinPlateSmoother(cell_size=8, smoothing=1e6)
+        >>> ok = np.zeros(img.shape, bool)
+        >>> ref = float(np.median(img))
+        >>> res = tps.fit_sums(lambda c: cell_sums(img, ok, c, ref), img.shape, img.dtype, ref)
+        >>> bool(np.array_equal(res.grid, tps.fit(img).grid))
+        True
+        """
+        shape = (int(shape[0]), int(shape[1]))
+        for cells in self.cell_sequence(shape):
+            fitted = self._fit_grid(sums(cells), shape, cells, ref, smoothing_start, min_smoothing)
+            # Automatic cells: when GCV wants a smoothing below the cell size, the grid
+            # is too coarse for this sky; refit on the next, finer cells.
+            if not fitted[-1]:
                 break
-            cells = (max(finest, cells[0] // 2), max(finest, cells[1] // 2))
             smoothing_start = fitted[1]
         z, lam, scores, n, mean, var, offsets, _ = fitted
         cy, cx = cells
@@ -475,8 +590,8 @@ class ThinPlateSmoother:
         if measured.size:
             zrms = np.maximum(zrms, 0.5 * float(np.median(measured)))
         return SmoothResult(
-            shape=img.shape,
-            dtype=img.dtype,
+            shape=shape,
+            dtype=np.dtype(dtype),
             cell_size=(cy, cx),
             grid=z,
             rms_grid=zrms,
@@ -492,15 +607,16 @@ class ThinPlateSmoother:
     def _weights(self, n: np.ndarray) -> np.ndarray:
         return np.where(n >= self.min_pixels, n, 0.0)
 
-    def _fit_grid(self, img, bad, cells, ref, smoothing_start, min_smoothing=None):
-        """Bin into ``cells`` and smooth; also says whether GCV hit the cell-size floor."""
+    def _fit_grid(self, sums, shape, cells, ref, smoothing_start, min_smoothing=None):
+        """Smooth the cell grid of ``sums``; also says whether GCV hit the cell-size
+        floor."""
         cy, cx = cells
         lo, hi = self.smoothing_range
-        n, mean, var, dy, dx = _bin(img, bad, cy, cx, ref)
+        n, mean, var, dy, dx = _bin(sums, cy, cx, ref)
         weights = self._weights(n)
         if not np.any(weights > 0):
             raise ValueError("no cell has enough unmasked pixels; lower min_pixels")
-        start = (max(img.shape) / 16.0) ** 4 if smoothing_start is None else smoothing_start
+        start = (max(shape) / 16.0) ** 4 if smoothing_start is None else smoothing_start
         # Below about a cell the grid cannot represent the fit; beyond a few image
         # sizes every fit is the same plane.
         lo = max(lo, float(max(cy, cx)) ** 4)
@@ -508,7 +624,7 @@ class ThinPlateSmoother:
         floor = lo
         if min_smoothing is not None:
             lo = max(lo, float(min_smoothing))
-        hi = max(lo, min(hi, (4.0 * max(img.shape)) ** 4))
+        hi = max(lo, min(hi, (4.0 * max(shape)) ** 4))
         start = min(max(start, lo), hi)
         grid = {"spacing": (cy, cx), "offsets": (dy, dx)}
         z, lam, scores = smooth_grid(

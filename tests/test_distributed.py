@@ -1,14 +1,41 @@
-"""The tiled (dask) mesh background equals the in-memory fit, and files map over a
-LocalCluster."""
+"""The tiled (dask) mesh background and the tiled default pipeline equal the in-memory
+fits, and files map over a LocalCluster."""
 
 import numpy as np
 import pytest
+from scipy import ndimage
 
 da = pytest.importorskip("dask.array")
 
-from skymap.distributed import cluster_client, map_files, tiled_mesh_background  # noqa: E402
+import skymap  # noqa: E402
+from skymap.distributed import (  # noqa: E402
+    _float_keys,
+    _keep_labels,
+    _key_to_float,
+    _label_info,
+    _merge_labels,
+    _tile_label,
+    _tile_pairs,
+    _Tiling,
+    cluster_client,
+    map_files,
+    tiled_fit,
+    tiled_mesh_background,
+)
+from skymap.filters import ring_footprint, ring_median  # noqa: E402
 from skymap.interpolate import IDW, SExtractorSpline, ZoomSpline  # noqa: E402
 from skymap.mesh import MeshBackground  # noqa: E402
+from skymap.pipeline import (  # noqa: E402
+    HysteresisMasker,
+    IterativeBackground,
+    RingMedianGuess,
+    Stage,
+    _hysteresis,
+    _pair_differences,
+    default_pipeline,
+)
+from skymap.simulate import notebook_scene, scene_by_name  # noqa: E402
+from skymap.smooth import ThinPlateSmoother, reference_level  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -116,3 +143,221 @@ def test_map_files_on_a_local_cluster_keeps_order_and_reports_failures(client):
     assert rows[0][1] == 9 and rows[2][1] == 4
     assert isinstance(rows[1][2], ValueError) and rows[1][1] is None
     assert len(done) == 3
+
+
+# --------------------------------------------------------------------------- tiled fit
+
+
+@pytest.fixture(scope="module")
+def threads_client():
+    with cluster_client(workers=2, processes=False) as c:
+        yield c
+
+
+def _crowded(dtype):
+    return scene_by_name("crowded_stellar", shape=(192, 288), seed=3).image.astype(dtype)
+
+
+def _bad_pixels():
+    img = _crowded(np.float64)
+    img[40:46, 60:250] = np.nan  # a NaN stripe across several tiles
+    mask = np.zeros(img.shape, bool)
+    mask[150:230, 10:120] = True
+    return img, mask
+
+
+@pytest.mark.parametrize(
+    ("scene", "options"),
+    [
+        ("notebook", {}),
+        ("crowded_float32", {"max_iter": 2}),
+        ("bad_pixels", {"cell_size": 6, "max_iter": 2}),
+        ("galaxies_lsb", {"max_iter": 3}),  # the smoothing floor is raised (asymmetry)
+    ],
+)
+def test_tiled_fit_equals_in_memory_on_a_local_cluster(scene, options, threads_client):
+    if scene == "notebook":
+        img, mask = notebook_scene(shrink_factor=8).image, None
+    elif scene == "crowded_float32":
+        img, mask = _crowded(np.float32), None
+    elif scene == "galaxies_lsb":
+        img = scene_by_name("galaxies_lsb", shape=(256, 256), seed=1).image
+        mask = None
+    else:
+        img, mask = _bad_pixels()
+    ref = skymap.fit(img, mask, **options)
+    tiled = tiled_fit(
+        da.from_array(img, chunks=100), mask, tile=128, client=threads_client, **options
+    )
+    assert len(tiled.background.chunks[0]) > 1 and len(tiled.background.chunks[1]) > 1
+    bkg, rms, final = threads_client.compute([tiled.background, tiled.rms, tiled.mask], sync=True)
+    assert bkg.dtype == ref.background.dtype
+    assert np.abs(bkg - ref.background).max() <= 1e-6 * ref.noise
+    assert np.abs(rms - ref.rms).max() <= 1e-6 * ref.noise
+    np.testing.assert_array_equal(final, ref.mask)
+    np.testing.assert_array_equal(tiled.bad_mask.compute(), ref.bad_mask)
+    assert [h.mask_fraction for h in tiled.history] == [h.mask_fraction for h in ref.history]
+    assert [h.min_scale for h in tiled.history] == [h.min_scale for h in ref.history]
+    np.testing.assert_allclose(
+        [h.change for h in tiled.history], [h.change for h in ref.history], rtol=1e-9
+    )
+    assert tiled.noise == ref.noise
+    assert tiled.converged == ref.converged
+
+
+def test_tiled_fit_runs_an_explicit_pipeline_on_a_memmap(tmp_path):
+    rng = np.random.default_rng(5)
+    y, x = np.mgrid[:200, :260]
+    img = 20 + 0.02 * x + rng.normal(size=x.shape) * (1 + x / 130.0)  # varying noise
+    img[rng.random(img.shape) < 0.003] += 80
+    img = img.astype(np.float32)
+    np.save(tmp_path / "img.npy", img)
+    pipe = IterativeBackground(
+        first_guess=ThinPlateSmoother(cell_size=10, smoothing=1e7),
+        stages=(
+            Stage(
+                # dilation 5 px: the EDT path of the dilation; no surround
+                masker=HysteresisMasker(scales=(1.0, 3.0), dilate=5.0, surround=0.0),
+                estimator=ThinPlateSmoother(cell_size=(10, 8)),
+            ),
+        ),
+        max_iter=2,
+    )
+    ref = pipe.fit(img)
+    tiled = tiled_fit(np.load(tmp_path / "img.npy", mmap_mode="r"), pipeline=pipe, tile=64)
+    # units lcm(2, cells 10, blocks 1 and 2) = 10 along y, lcm(2, 10, 8, 1, 2) = 40 along x
+    assert tiled.tile == (60, 40)
+    assert np.abs(tiled.background.compute() - ref.background).max() <= 1e-6 * ref.noise
+    np.testing.assert_array_equal(tiled.mask.compute(), ref.mask)
+    assert tiled.noise == ref.noise
+
+
+def test_tiled_fit_with_a_ring_median_first_guess_equals_in_memory():
+    img = _crowded(np.float32)[:200, :260]
+    mask = np.zeros(img.shape, bool)
+    mask[60:120, 80:150] = True  # far wider than the ring: pixels with an empty ring
+    pipe = IterativeBackground(
+        first_guess=RingMedianGuess(radius=6, width=3),
+        stages=(Stage(masker=HysteresisMasker(scales=(1.0, 2.0)), estimator=ThinPlateSmoother()),),
+        final=ThinPlateSmoother(protect_scale=8.0),
+        max_iter=2,
+    )
+    ref = pipe.fit(img, mask)
+    assert np.isnan(ring_median(img, 6, 3, mask=mask)).any()
+    tiled = tiled_fit(img, mask, pipeline=pipe, tile=64)
+    assert tiled.halo >= ring_footprint(6, 3).shape[0] // 2
+    assert np.abs(tiled.background.compute() - ref.background).max() <= 1e-6 * ref.noise
+    np.testing.assert_array_equal(tiled.mask.compute(), ref.mask)
+    # the change is summed tile by tile: equal to rounding
+    np.testing.assert_allclose(
+        [h.change for h in tiled.history][1:], [h.change for h in ref.history][1:], rtol=1e-12
+    )
+
+
+def test_reference_level_falls_back_to_the_first_valid_pixel():
+    # Every pixel of the reference subsample (step 2 at 1024^2) is masked: the level
+    # is then the first valid pixel in C order, which the tiles must find too.
+    rng = np.random.default_rng(3)
+    img = (5 + rng.normal(size=(1024, 1024))).astype(np.float32)
+    yy, xx = np.mgrid[:1024, :1024]
+    mask = (yy % 2 == 0) & (xx % 2 == 0)
+    mask[:600, :] = True  # the first valid pixel is in the second row of tiles
+    assert reference_level(img[::2, ::2], mask[::2, ::2]) is None
+    pipe = IterativeBackground(
+        first_guess=ThinPlateSmoother(cell_size=64, smoothing=1e9),
+        stages=(
+            Stage(
+                masker=HysteresisMasker(scales=(2.0,)),
+                estimator=ThinPlateSmoother(cell_size=64, smoothing=1e9),
+            ),
+        ),
+        max_iter=1,
+    )
+    ref = pipe.fit(img, mask)
+    tiled = tiled_fit(img, mask, pipeline=pipe, tile=512)
+    assert tiled.history[0].model.grid.tolist() == ref.history[0].model.grid.tolist()
+    np.testing.assert_array_equal(tiled.mask.compute(), ref.mask)
+
+
+def test_tiles_align_to_cells_and_blocks_and_halos_follow_the_kernels():
+    pipe = default_pipeline(np.zeros((1000, 1000)))
+    t = _Tiling.of(pipe, (1000, 1000), (300, 300))
+    # cells 8 (halved to 4, 2), blocks b * bw = 2, 4, 8, 16: unit 16
+    assert t.tile == (288, 288)
+    assert all(c % 16 == 0 for c in t.chunks[0][:-1])
+    # scale 8: b = 8, bw = 2, surround kernel radius int(3 * 32 / 16 + 0.5) = 6 blocks
+    # of 16 px
+    assert t.halo_maps[1, 8.0] == (96, 96)
+    # scale 1: the surround's 6 blocks of 2 px, rounded up to the unit
+    assert t.halo_maps[1, 1.0] == (16, 16)
+    assert t.halo_dilate[1, 8.0] == (16, 16)
+
+
+def test_noise_pairs_gathered_per_tile_are_the_in_memory_pairs():
+    rng = np.random.default_rng(2)
+    snr = rng.normal(size=(90, 70)).astype(np.float32)
+    bad = rng.random(snr.shape) < 0.1
+    lag, step = 7, 3
+    ref = np.sort(np.concatenate(_pair_differences(snr, bad, lag, step)))
+    parts = []
+    for r0, r1 in ((0, 32), (32, 64), (64, 90)):
+        for c0, c1 in ((0, 16), (16, 48), (48, 70)):
+            win = ((r0, min(90, r1 + lag)), (c0, min(70, c1 + lag)))
+            sl = (slice(*win[0]), slice(*win[1]))
+            full = (slice(None), slice(None))
+            maps = np.stack([snr[sl], bad[sl]])
+            parts += _tile_pairs([[maps]], full, win, ((r0, r1), (c0, c1)), lag, step)
+    np.testing.assert_array_equal(np.sort(np.concatenate(parts)), ref)
+
+
+def test_hysteresis_joined_across_tiles_equals_whole_image_labelling():
+    rng = np.random.default_rng(4)
+    # smooth noise: regions that snake across several tiles
+    snr = ndimage.gaussian_filter(rng.normal(size=(120, 150)), 3).astype(np.float32) * 12
+    ref = _hysteresis(snr.copy(), 1.0, 2.5)
+    ys, xs = (0, 40, 80, 120), (0, 50, 100, 150)
+    info = np.empty((3, 3), object)
+    labels = np.empty((3, 3), object)
+    for i in range(3):
+        for j in range(3):
+            block = snr[ys[i] : ys[i + 1], xs[j] : xs[j + 1]]
+            maps = np.stack([block, np.zeros_like(block)])  # snr, invalid
+            kw = {"factor": 1.0, "low": 1.0, "high": 2.5}
+            labels[i, j] = _tile_label(maps, kw)
+            info[i, j] = _label_info(labels[i, j], maps, kw)
+    keep = _merge_labels(info)
+    tiled = np.block(
+        [[_keep_labels(labels[i, j], keep[i][j]) for j in range(3)] for i in range(3)]
+    )
+    assert ndimage.label(ref)[1] < 0.5 * ndimage.label(snr > 1.0)[1]  # some regions dropped
+    np.testing.assert_array_equal(tiled, ref)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_float_order_keys_round_trip_and_sort(dtype):
+    v = np.array([-3.5, -0.0, 0.0, 1e-30, 2.0, 7.25, -1e30], dtype=dtype)
+    keys = _float_keys(v)
+    assert [float(_key_to_float(int(k), dtype)) for k in keys] == v.tolist()
+    np.testing.assert_array_equal(np.argsort(keys, kind="stable")[[0, -1]], [6, 5])
+
+
+def test_tiled_fit_rejects_bad_input():
+    with pytest.raises(ValueError, match="2-dimensional"):
+        tiled_fit(np.zeros(10))
+    with pytest.raises(ValueError, match="mask"):
+        tiled_fit(np.zeros((64, 64)), np.zeros((3, 3), bool))
+    with pytest.raises(ValueError, match="no valid pixel"):
+        tiled_fit(np.full((64, 64), np.nan))
+    with pytest.raises(ValueError, match="unknown option"):
+        tiled_fit(np.zeros((64, 64)), hig=3.0)
+    pipe = default_pipeline(np.zeros((64, 64)))
+    with pytest.raises(ValueError, match="explicit pipeline"):
+        tiled_fit(np.zeros((64, 64)), pipeline=pipe, high=3.0)
+    mesh_stage = Stage(masker=HysteresisMasker(), estimator=MeshBackground(box_size=16))
+    with pytest.raises(TypeError, match=r"stages\[0\].estimator"):
+        tiled_fit(
+            np.zeros((64, 64)),
+            pipeline=IterativeBackground(first_guess=ThinPlateSmoother(), stages=(mesh_stage,)),
+        )
+    with pytest.raises(ValueError, match="tile"):
+        tiled_fit(np.zeros((64, 64)), tile=0)
