@@ -115,7 +115,9 @@ def _runs(keys):  # pragma: no cover - compiled
 
 
 @njit(cache=True, nogil=True, parallel=True)
-def dog_snr(num, cnt, excluded, g, g2, local, bw, noise, b, q, snr, grow):  # pragma: no cover
+def dog_snr(
+    num, cnt, excluded, g, g2, local, bw, noise, b, q, snr, grow, work
+):  # pragma: no cover - compiled
     """Signal-to-noise maps of a normalised Gaussian smoothing, in one fused pass.
 
     With G the separable kernel ``g`` and G2 that of ``g2 = g**2``:
@@ -127,19 +129,21 @@ def dog_snr(num, cnt, excluded, g, g2, local, bw, noise, b, q, snr, grow):  # pr
     kernel. ``local`` is sampled at ``[y // bw, x // bw]``. Zero where nv is 0. When
     ``excluded`` has the shape of ``num`` (unbinned data), ``num`` is the raw residual
     and ``cnt`` is unused: excluded pixels count as value 0 and weight 0, which saves
-    two full-size arrays. The x pass is buffered in strips of rows, so the temporaries
-    stay small. The maps are written into ``snr`` and ``grow`` (of ``num``'s shape; a
-    (1, 1) ``grow`` skips that map).
+    two full-size arrays. The maps are written into ``snr`` and ``grow`` (of ``num``'s
+    shape; a (1, 1) ``grow`` skips that map).
+
+    ``work`` (bands, 3, strip + 2 r, nx) is the x pass's buffer: the rows are cut into
+    ``bands`` bands, one parallel task each (a single parallel region: with passive
+    OpenMP threads every region pays their wake-up), and each band is swept in strips
+    of ``strip`` rows, so the buffer stays small.
     """
     ny, nx = num.shape
     direct = excluded.shape[0] == ny and excluded.shape[1] == nx
     r = g.size // 2
     nqy, nqx = noise.shape
     want_grow = grow.shape[0] == ny and grow.shape[1] == nx
-    strip = 64
-    tn = np.empty((strip + 2 * r, nx), np.float32)
-    tc = np.empty((strip + 2 * r, nx), np.float32)
-    tv = np.empty((strip + 2 * r, nx), np.float32)
+    bands = work.shape[0]
+    strip = work.shape[2] - 2 * r
     # Runs of columns that share a noise value / a local mean: per-run constants
     # keep the final loops free of gathers, so they vectorise.
     qruns = _runs(np.minimum((np.arange(nx) * b + b // 2) // q, nqx - 1))
@@ -166,77 +170,96 @@ def dog_snr(num, cnt, excluded, g, g2, local, bw, noise, b, q, snr, grow):  # pr
         for x in range(nx):
             cint[x] += w * crow[x]
             vint[x] += w2 * vrow1[x]
-    for y0 in range(0, ny, strip):
-        y1 = min(ny, y0 + strip)
-        a0 = max(0, y0 - r)
-        a1 = min(ny, y1 + r)
-        for k in prange(a1 - a0):
-            y = a0 + k
-            # Padded rows of the masked values and weights, then the taps.
-            pn = np.zeros(nx + 2 * r, np.float32)
-            if clean[y]:
-                pn[r : r + nx] = num[y]
-                _correlate_row(pn, g, tn[k])
-                tc[k] = crow
-                tv[k] = vrow1
-                continue
-            pc = np.zeros(nx + 2 * r, np.float32)
-            if direct:
-                erow, vrow = excluded[y], num[y]
-                for x in range(nx):
-                    e = erow[x]
-                    pn[x + r] = np.float32(0.0) if e else vrow[x]
-                    pc[x + r] = np.float32(0.0) if e else np.float32(1.0)
-            else:
-                pn[r : r + nx] = num[y]
-                pc[r : r + nx] = cnt[y]
-            _correlate_row(pn, g, tn[k])
-            _correlate_row2(pc, g, g2, tc[k], tv[k])
-        for k in prange(y1 - y0):
-            y = y0 + k
-            an = np.zeros(nx, np.float32)
-            lo, hi = max(0, y - r), min(ny - 1, y + r)
-            steady = direct and lo == y - r and hi == y + r and clean[lo : hi + 1].all()
-            if steady:
-                ac = cint
-                av = vint.copy()
-                for i in range(lo, hi + 1):
-                    w = g[i - y + r]
-                    sn = tn[i - a0]
-                    for x in range(nx):
-                        an[x] += w * sn[x]
-            else:
-                ac = np.zeros(nx, np.float32)
-                av = np.zeros(nx, np.float32)
-                for i in range(lo, hi + 1):
-                    w = g[i - y + r]
-                    w2 = g2[i - y + r]
-                    sn, sc, sv = tn[i - a0], tc[i - a0], tv[i - a0]
-                    for x in range(nx):
-                        an[x] += w * sn[x]
-                        ac[x] += w * sc[x]
-                        av[x] += w2 * sv[x]
-            qy = min((y * b + b // 2) // q, nqy - 1)
-            # 1 / noise in av.
-            for k0 in range(qruns.size - 1):
-                x0, x1 = qruns[k0], qruns[k0 + 1]
-                sigma = noise[qy, min((x0 * b + b // 2) // q, nqx - 1)]
-                s2 = sigma * sigma
-                for x in range(x0, x1):
-                    v = av[x] * s2
-                    av[x] = 1.0 / np.sqrt(v) if v > 0 else 0.0
-            if want_grow:
-                out = grow[y]
-                for x in range(nx):
-                    out[x] = an[x] * av[x]
-            lrow = local[y // bw]
-            out = snr[y]
-            for k0 in range(lruns.size - 1):
-                x0, x1 = lruns[k0], lruns[k0 + 1]
-                m = lrow[x0 // bw]
-                for x in range(x0, x1):
-                    out[x] = (an[x] - ac[x] * m) * av[x]
+    per_band = -(-ny // bands)
+    for band in prange(bands):
+        tn, tc, tv = work[band, 0], work[band, 1], work[band, 2]
+        for y0 in range(band * per_band, min(ny, (band + 1) * per_band), strip):
+            y1 = min(ny, y0 + strip, (band + 1) * per_band)
+            a0 = max(0, y0 - r)
+            a1 = min(ny, y1 + r)
+            _dog_strip(
+                num, cnt, excluded, direct, g, g2, local, bw, noise, b, q, snr, grow,
+                want_grow, tn, tc, tv, y0, y1, a0, a1, clean, crow, vrow1, cint, vint,
+                qruns, lruns,
+            )  # fmt: skip
     return snr, grow
+
+
+@njit(cache=True, nogil=True)
+def _dog_strip(
+    num, cnt, excluded, direct, g, g2, local, bw, noise, b, q, snr, grow, want_grow,
+    tn, tc, tv, y0, y1, a0, a1, clean, crow, vrow1, cint, vint, qruns, lruns,
+):  # fmt: skip  # pragma: no cover - compiled
+    """Rows y0..y1 of :func:`dog_snr` (x pass over a0..a1, then the y pass)."""
+    ny, nx = num.shape
+    r = g.size // 2
+    nqy, nqx = noise.shape
+    for k in range(a1 - a0):
+        y = a0 + k
+        # Padded rows of the masked values and weights, then the taps.
+        pn = np.zeros(nx + 2 * r, np.float32)
+        if clean[y]:
+            pn[r : r + nx] = num[y]
+            _correlate_row(pn, g, tn[k])
+            tc[k] = crow
+            tv[k] = vrow1
+            continue
+        pc = np.zeros(nx + 2 * r, np.float32)
+        if direct:
+            erow, vrow = excluded[y], num[y]
+            for x in range(nx):
+                e = erow[x]
+                pn[x + r] = np.float32(0.0) if e else vrow[x]
+                pc[x + r] = np.float32(0.0) if e else np.float32(1.0)
+        else:
+            pn[r : r + nx] = num[y]
+            pc[r : r + nx] = cnt[y]
+        _correlate_row(pn, g, tn[k])
+        _correlate_row2(pc, g, g2, tc[k], tv[k])
+    for k in range(y1 - y0):
+        y = y0 + k
+        an = np.zeros(nx, np.float32)
+        lo, hi = max(0, y - r), min(ny - 1, y + r)
+        steady = direct and lo == y - r and hi == y + r and clean[lo : hi + 1].all()
+        if steady:
+            ac = cint
+            av = vint.copy()
+            for i in range(lo, hi + 1):
+                w = g[i - y + r]
+                sn = tn[i - a0]
+                for x in range(nx):
+                    an[x] += w * sn[x]
+        else:
+            ac = np.zeros(nx, np.float32)
+            av = np.zeros(nx, np.float32)
+            for i in range(lo, hi + 1):
+                w = g[i - y + r]
+                w2 = g2[i - y + r]
+                sn, sc, sv = tn[i - a0], tc[i - a0], tv[i - a0]
+                for x in range(nx):
+                    an[x] += w * sn[x]
+                    ac[x] += w * sc[x]
+                    av[x] += w2 * sv[x]
+        qy = min((y * b + b // 2) // q, nqy - 1)
+        # 1 / noise in av.
+        for k0 in range(qruns.size - 1):
+            x0, x1 = qruns[k0], qruns[k0 + 1]
+            sigma = noise[qy, min((x0 * b + b // 2) // q, nqx - 1)]
+            s2 = sigma * sigma
+            for x in range(x0, x1):
+                v = av[x] * s2
+                av[x] = 1.0 / np.sqrt(v) if v > 0 else 0.0
+        if want_grow:
+            out = grow[y]
+            for x in range(nx):
+                out[x] = an[x] * av[x]
+        lrow = local[y // bw]
+        out = snr[y]
+        for k0 in range(lruns.size - 1):
+            x0, x1 = lruns[k0], lruns[k0 + 1]
+            m = lrow[x0 // bw]
+            for x in range(x0, x1):
+                out[x] = (an[x] - ac[x] * m) * av[x]
 
 
 @njit(cache=True, nogil=True, parallel=True)

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any, Protocol, runtime_checkable
 
+import numba
 import numpy as np
 import scipy.ndimage as ndi
 from scipy.special import ndtri
@@ -75,6 +76,13 @@ def _block_sum(a: np.ndarray, b: int) -> np.ndarray:
 # Large outputs of the kernels are allocated here, by numpy, and passed in: numpy
 # asks for huge pages for big arrays and numba does not, and on the machines we
 # measured the page faults of fresh memory cost as much as the arithmetic.
+
+
+def _dog_work(shape, r, strip=64):
+    """The x-pass buffer of dog_snr: a few bands per thread (balance), each swept in
+    strips of ``strip`` rows (small buffers)."""
+    bands = max(1, min(-(-shape[0] // strip), 4 * numba.get_num_threads()))
+    return np.empty((bands, 3, strip + 2 * r, shape[1]), np.float32)
 
 
 def _masked_block_sums(values, excluded, b):
@@ -405,7 +413,7 @@ class HysteresisMasker:
         plain = np.empty(num.shape if self.grow_plain else (1, 1), np.float32)
         _k.dog_snr(
             num, num if cnt is None else cnt, direct, g, g * g, local, bw, sigma, b, q,
-            snr, plain,
+            snr, plain, _dog_work(num.shape, g.size // 2),
         )  # fmt: skip
         # No copy at full resolution: the excluded mask is the invalid map there.
         invalid = excluded if cnt is None else cnt <= 0
