@@ -1,4 +1,4 @@
-"""The tiled default pipeline (``distributed.tiled_fit``) against ``skymap.fit`` in memory.
+"""The tiled default pipeline (``tiled.tiled_fit``) against ``skymap.fit`` in memory.
 
 On a ``crowded_stellar`` scene (float32, ``--size`` px a side, saved as ``.npy`` and
 read back as a memory map, so the tiled driver never loads it), each run in a fresh
@@ -67,7 +67,8 @@ def run(which, path, tile, workers):
         peak = _status_kb("VmHWM")
         background, mask, noise, workers_kb = res.background, res.mask, res.noise, []
     else:
-        from skymap.distributed import cluster_client, tiled_fit
+        from skymap.distributed import cluster_client
+        from skymap.tiled import tiled_fit
 
         image = np.load(path, mmap_mode="r")
         with cluster_client(workers=workers) as client:

@@ -33,6 +33,7 @@ _SUBMODULES = (
     "plot",
     "report",
     "distributed",
+    "tiled",
     "cli",
     "config",
 )

@@ -25,7 +25,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from functools import cached_property
 from typing import Any, Protocol, runtime_checkable
 
@@ -552,7 +552,31 @@ def _rms_of(model: Any) -> np.ndarray:
 
 
 @dataclass(frozen=True, kw_only=True, eq=False)
-class IterationRecord:
+class _IterationFields:
+    """The scalar fields of one iteration and the estimator's result (shared by
+    :class:`IterationRecord` and the tiled fit's records)."""
+
+    stage: int
+    iteration: int
+    mask_fraction: float
+    mask_change: float
+    change: float
+    scale: float | None
+    mask_growth: float = float("nan")
+    error: float = float("nan")
+    asymmetry: float = float("nan")
+    min_scale: float | None = None
+    model: Any = field(repr=False)
+
+    def to_dict(self) -> dict:
+        """The scalar fields, for tables and JSON."""
+        return {
+            f.name: getattr(self, f.name) for f in fields(_IterationFields) if f.name != "model"
+        }
+
+
+@dataclass(frozen=True, kw_only=True, eq=False)
+class IterationRecord(_IterationFields):
     """One iteration of an :class:`IterativeBackground` fit.
 
     ``background``, ``rms`` and ``mask`` are rebuilt from compact forms on each access
@@ -590,17 +614,6 @@ class IterationRecord:
         The estimator's result for this iteration.
     """
 
-    stage: int
-    iteration: int
-    mask_fraction: float
-    mask_change: float
-    change: float
-    scale: float | None
-    mask_growth: float = float("nan")
-    error: float = float("nan")
-    asymmetry: float = float("nan")
-    min_scale: float | None = None
-    model: Any = field(repr=False)
     packed_mask: np.ndarray = field(repr=False)
     shape: tuple[int, int]
 
@@ -619,21 +632,6 @@ class IterationRecord:
         """Mask (True = excluded) this iteration's background was fitted with."""
         n = self.shape[0] * self.shape[1]
         return np.unpackbits(self.packed_mask, count=n).astype(bool).reshape(self.shape)
-
-    def to_dict(self) -> dict:
-        """The scalar fields, for tables and JSON."""
-        return {
-            "stage": self.stage,
-            "iteration": self.iteration,
-            "mask_fraction": self.mask_fraction,
-            "mask_change": self.mask_change,
-            "change": self.change,
-            "scale": self.scale,
-            "mask_growth": self.mask_growth,
-            "error": self.error,
-            "asymmetry": self.asymmetry,
-            "min_scale": self.min_scale,
-        }
 
 
 @dataclass(frozen=True, kw_only=True, eq=False)

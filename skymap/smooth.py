@@ -535,7 +535,7 @@ class ThinPlateSmoother:
     ) -> SmoothResult:
         """Fit from per-cell sums instead of the image: what :meth:`fit` does after
         reading the pixels, for a caller that bins the image elsewhere (tile by tile:
-        :func:`skymap.distributed.tiled_fit`).
+        :func:`skymap.tiled.tiled_fit`).
 
         Parameters
         ----------

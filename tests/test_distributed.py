@@ -9,17 +9,8 @@ da = pytest.importorskip("dask.array")
 
 import skymap  # noqa: E402
 from skymap.distributed import (  # noqa: E402
-    _float_keys,
-    _keep_labels,
-    _key_to_float,
-    _label_info,
-    _merge_labels,
-    _tile_label,
-    _tile_pairs,
-    _Tiling,
     cluster_client,
     map_files,
-    tiled_fit,
     tiled_mesh_background,
 )
 from skymap.filters import ring_footprint, ring_median  # noqa: E402
@@ -36,6 +27,17 @@ from skymap.pipeline import (  # noqa: E402
 )
 from skymap.simulate import notebook_scene, scene_by_name  # noqa: E402
 from skymap.smooth import ThinPlateSmoother, reference_level  # noqa: E402
+from skymap.tiled import (  # noqa: E402
+    _float_keys,
+    _keep_labels,
+    _key_to_float,
+    _label_info,
+    _merge_labels,
+    _tile_label,
+    _tile_pairs,
+    _Tiling,
+    tiled_fit,
+)
 
 
 @pytest.fixture(scope="module")
