@@ -55,13 +55,15 @@ def _select(image, cls, use_cls, allowed, geometry, strict_inner, buf):
         geometry[5],
     )
     ny, nx = image.shape
-    ix0 = math.ceil(x - hx)
-    ix1 = math.floor(x + hx)
+    # The box's bounds keep a pixel of margin: y + hy can round up onto the next
+    # integer; the exact tests |iy - y| <= hy and |ix - x| <= hx decide.
+    ix0 = math.floor(x - hx)
+    ix1 = math.ceil(x + hx)
     n = 0
     n_out = 0
-    for iy in range(math.ceil(y - hy), math.floor(y + hy) + 1):
+    for iy in range(math.floor(y - hy), math.ceil(y + hy) + 1):
         dy2 = (iy - y) * (iy - y)
-        if dy2 > rout2:
+        if dy2 > rout2 or abs(iy - y) > hy:
             continue
         # Visit only the columns the circle can reach, skipping the hole's interior;
         # both bounds keep a margin of at least one pixel, and the exact test below
@@ -86,6 +88,8 @@ def _select(image, cls, use_cls, allowed, geometry, strict_inner, buf):
             d2 = (ix - x) * (ix - x) + dy2
             ix += 1
             if d2 > rout2 or d2 < rin2 or (strict_inner and d2 == rin2):
+                continue
+            if abs(ix - 1 - x) > hx:
                 continue
             if not row_inside or ix - 1 < 0 or ix - 1 >= nx:
                 n_out += 1
