@@ -3,7 +3,7 @@
 :func:`tiled_fit` runs the default pipeline (thin-plate smoothers and hysteresis
 maskers, a thin-plate or ring-median first guess) on an image held as a ``dask.array``
 or a memory map. Cells are summed per tile and solved on the small cell grid in the
-driver; the masker's local steps (:meth:`~skymap.pipeline.HysteresisMasker.scale_maps`,
+driver; the masker's local steps (:meth:`~skymap.hysteresis.HysteresisMasker.scale_maps`,
 the dilation) run per tile with halos sized from its kernels; its global steps (the
 noise excess from the very same pixel pairs, the reference level, exact medians) are
 finished in the driver from small per-tile summaries, and the detections are labelled
@@ -27,17 +27,19 @@ import numpy as np
 from ._validate import as_mask, as_pair, combine_masks, work_dtype
 from .distributed import _aligned_chunks
 from .filters import ring_footprint, ring_median
-from .pipeline import (
+from .hysteresis import (
     _MAD_TO_STD,
     CoarseRMS,
     HysteresisMasker,
-    IterativeBackground,
-    RingMedianGuess,
     _gaussian_kernel,
-    _IterationFields,
     _noise_step,
     _pow2_at_most,
     _ScaleMaps,
+)
+from .pipeline import (
+    IterativeBackground,
+    RingMedianGuess,
+    _IterationFields,
     _working_rms,
     default_pipeline,
 )
@@ -166,7 +168,7 @@ def tiled_fit(
         ``options``. Its stage estimators and final refit must be
         :class:`~skymap.smooth.ThinPlateSmoother` s, its first guess one too or a
         :class:`~skymap.pipeline.RingMedianGuess`, its maskers
-        :class:`~skymap.pipeline.HysteresisMasker` s.
+        :class:`~skymap.hysteresis.HysteresisMasker` s.
     tile : int or (int, int)
         Approximate tile shape in pixels, rounded down (but not below) to a multiple of
         the alignment unit (see Notes); an axis shorter than the unit is one tile.

@@ -14,15 +14,13 @@ from skymap.distributed import (  # noqa: E402
     tiled_mesh_background,
 )
 from skymap.filters import ring_footprint, ring_median  # noqa: E402
+from skymap.hysteresis import HysteresisMasker, _hysteresis, _pair_differences  # noqa: E402
 from skymap.interpolate import IDW, SExtractorSpline, ZoomSpline  # noqa: E402
 from skymap.mesh import MeshBackground  # noqa: E402
 from skymap.pipeline import (  # noqa: E402
-    HysteresisMasker,
     IterativeBackground,
     RingMedianGuess,
     Stage,
-    _hysteresis,
-    _pair_differences,
     default_pipeline,
 )
 from skymap.simulate import notebook_scene, scene_by_name  # noqa: E402

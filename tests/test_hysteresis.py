@@ -1,9 +1,11 @@
-"""The masker's compiled steps against scipy references, and the coarse noise map."""
+"""HysteresisMasker's compiled steps against scipy references, the coarse noise map,
+and the pipeline's use of it (working noise, background change)."""
 
 import numpy as np
 import pytest
 import scipy.ndimage as ndi
 
+import skymap.hysteresis as H
 import skymap.pipeline as P
 from skymap.smooth import ThinPlateSmoother
 
@@ -22,7 +24,7 @@ def _reference_snr(res, excluded, s, b, sigma_full, surround_local=None):
         vp[:ny, :nx], cp[:ny, :nx] = v, c
         v = vp.reshape(gy, b, gx, b).sum(axis=(1, 3))
         c = cp.reshape(gy, b, gx, b).sum(axis=(1, 3))
-    g = P._gaussian_kernel(s / b).astype(np.float64)
+    g = H._gaussian_kernel(s / b).astype(np.float64)
 
     def conv(a, k):
         a = ndi.correlate1d(a, k, axis=1, mode="constant")
@@ -44,13 +46,13 @@ def test_scale_maps_match_scipy_normalised_convolution(rng, s, noise_kind):
     excluded = rng.random(res.shape) < 0.15
     res[excluded] = np.nan  # excluded values must never matter
     values = (1.0 + rng.random((26, 22))).astype(np.float32)
-    coarse = P.CoarseRMS(values=values, step=8, shape=res.shape)
+    coarse = H.CoarseRMS(values=values, step=8, shape=res.shape)
     noise = {
         "scalar": np.asarray(np.float32(1.7)),
         "full": np.asarray(coarse),
         "coarse": coarse,
     }[noise_kind]
-    masker = P.HysteresisMasker(surround=0, grow_plain=True)
+    masker = H.HysteresisMasker(surround=0, grow_plain=True)
     maps = masker.scale_maps(res, noise, excluded, s)
     ref = _reference_snr(res, excluded, s, maps.block, np.asarray(noise))
     assert maps.block == masker.binning(s, res.shape)
@@ -63,7 +65,7 @@ def test_surround_mean_is_subtracted_in_units_of_the_noise(rng):
     # wherever the wide kernel sees the same level, far from the edges.
     res = np.full((256, 256), 3.0, np.float32)
     excluded = np.zeros(res.shape, bool)
-    maps = P.HysteresisMasker(grow_plain=True).scale_maps(res, np.asarray(1.0), excluded, 2.0)
+    maps = H.HysteresisMasker(grow_plain=True).scale_maps(res, np.asarray(1.0), excluded, 2.0)
     inner = (slice(16, -16), slice(16, -16))  # binned by 2
     assert np.abs(maps.snr[inner]).max() < 1e-4
     assert maps.plain[inner].min() > 1.0  # the plain map keeps the level
@@ -74,7 +76,7 @@ def test_detections_into_equals_detections_ored(rng):
     yy, xx = np.mgrid[:160, :150]
     res += 6 * np.exp(-((yy - 80) ** 2 + (xx - 70) ** 2) / 18.0)
     excluded = rng.random(res.shape) < 0.02
-    masker = P.HysteresisMasker(grow_plain=True)
+    masker = H.HysteresisMasker(grow_plain=True)
     for s in masker.scales:
         plain = masker._detect(res, np.asarray(1.0), excluded, s)
         into = excluded.copy()
@@ -85,23 +87,23 @@ def test_detections_into_equals_detections_ored(rng):
 
 
 def test_coarse_rms_validates_and_expands():
-    c = P.CoarseRMS(values=np.arange(6.0).reshape(2, 3), step=4, shape=(7, 9))
+    c = H.CoarseRMS(values=np.arange(6.0).reshape(2, 3), step=4, shape=(7, 9))
     full = np.asarray(c)
     assert full.shape == (7, 9)
     assert full[3, 3] == 0 and full[4, 4] == 4 and full[6, 8] == 5
     with pytest.raises(ValueError, match="values must have shape"):
-        P.CoarseRMS(values=np.ones((2, 2)), step=4, shape=(7, 9))
+        H.CoarseRMS(values=np.ones((2, 2)), step=4, shape=(7, 9))
     with pytest.raises(ValueError, match="step must be an integer >= 1"):
-        P.CoarseRMS(values=np.ones((2, 2)), step=0, shape=(7, 9))
+        H.CoarseRMS(values=np.ones((2, 2)), step=0, shape=(7, 9))
     with pytest.raises(ValueError, match="rms must describe an image of shape"):
-        P.HysteresisMasker()(np.zeros((8, 9)), c)
+        H.HysteresisMasker()(np.zeros((8, 9)), c)
 
 
 def test_masker_reads_a_coarse_map_like_its_expansion(rng):
     res = rng.normal(size=(128, 128)).astype(np.float32)
     res[60:66, 60:66] += 8.0
-    c = P.CoarseRMS(values=(1 + rng.random((16, 16))).astype(np.float32), step=8, shape=(128, 128))
-    m = P.HysteresisMasker()
+    c = H.CoarseRMS(values=(1 + rng.random((16, 16))).astype(np.float32), step=8, shape=(128, 128))
+    m = H.HysteresisMasker()
     np.testing.assert_array_equal(m(res, c), m(res, np.asarray(c)))
 
 
@@ -110,7 +112,7 @@ def test_working_rms_coarse_samples_the_smooth_noise_map_at_block_centres(rng):
     image = rng.normal(size=(256, 256)) * (1.0 + xx / 256.0)
     model = ThinPlateSmoother(cell_size=16).fit(image)
     got = P._working_rms(model, coarse=True)
-    assert isinstance(got, P.CoarseRMS) and got.step == 8
+    assert isinstance(got, H.CoarseRMS) and got.step == 8
     full = model.rms_map()
     # Block (i, j) holds the map at pixel (8 i + 3.5, 8 j + 3.5): between its neighbours.
     lo = np.minimum(full[3::8, 3::8], full[4::8, 4::8])
@@ -134,7 +136,7 @@ def test_change_is_the_rms_of_the_subsampled_difference_in_noise_units(rng, kind
     old = rng.normal(size=(61, 50)).astype(np.float32)
     bad = rng.random(new.shape) < 0.2
     new[bad] = np.nan
-    coarse = P.CoarseRMS(
+    coarse = H.CoarseRMS(
         values=(1 + rng.random((8, 7))).astype(np.float32), step=8, shape=(61, 50)
     )
     rms = {"scalar": 2.0, "full": np.asarray(coarse), "coarse": coarse}[kind]
@@ -151,13 +153,13 @@ def test_unmasked_rows_take_the_shortcut_bit_for_bit(rng, s):
     # column 0 of every row forces the general path, which must agree bit for bit
     # beyond the kernel's reach of that column.
     res = rng.normal(size=(120, 140)).astype(np.float32)
-    masker = P.HysteresisMasker(grow_plain=True)
+    masker = H.HysteresisMasker(grow_plain=True)
     clean = np.zeros(res.shape, bool)
     edge = clean.copy()
     edge[:, 0] = True
     a = masker.scale_maps(res, np.asarray(np.float32(1.1)), clean, s)
     b = masker.scale_maps(res, np.asarray(np.float32(1.1)), edge, s)
-    reach = P._gaussian_kernel(s).size  # beyond the kernel and the surround's bins
+    reach = H._gaussian_kernel(s).size  # beyond the kernel and the surround's bins
     far = (slice(None), slice(4 * reach, None))
     np.testing.assert_array_equal(a.plain[far], b.plain[far])
     assert np.abs(a.snr[far] - b.snr[far]).max() < 1e-5  # the surround mean differs

@@ -1,0 +1,311 @@
+"""Compiled kernels for :mod:`skymap.hysteresis`. Not public: call through hysteresis.py."""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit, prange
+
+
+@njit(cache=True, nogil=True, parallel=True)
+def masked_block_sums(values, excluded, b, num, cnt):  # pragma: no cover - compiled
+    """Sums over b x b blocks of the valid ``values`` and the valid-pixel counts, into
+    ``num`` and ``cnt`` of shape ceil(shape / b). Partial blocks at the far edges sum
+    what they hold. (Outputs come from the caller:
+    numpy's allocations of large arrays use huge pages, numba's do not, and the page
+    faults of fresh memory cost as much as the arithmetic here.)"""
+    ny, nx = values.shape
+    gy, gx = num.shape
+    for by in prange(gy):
+        # Column sums over the block's rows first (selects, not branches: excluded
+        # values may be NaN; the loops vectorise), then the sums along x.
+        bv = np.zeros(nx, np.float32)
+        bc = np.zeros(nx, np.float32)
+        for y in range(by * b, min(ny, (by + 1) * b)):
+            vrow, erow = values[y], excluded[y]
+            for x in range(nx):
+                e = erow[x]
+                bv[x] += np.float32(0.0) if e else vrow[x]
+                bc[x] += np.float32(0.0) if e else np.float32(1.0)
+        for bx in range(gx):
+            sn = np.float32(0.0)
+            sc = np.float32(0.0)
+            for x in range(bx * b, min(nx, (bx + 1) * b)):
+                sn += bv[x]
+                sc += bc[x]
+            num[by, bx] = sn
+            cnt[by, bx] = sc
+    return num, cnt
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _correlate_row(src, kernel, out):  # pragma: no cover - compiled
+    """``out[x] = sum_j kernel[j] * src[x + j]`` (``src`` padded by the kernel's
+    half-width on each side): taps outermost, so the inner loop vectorises."""
+    out[:] = 0.0
+    n = out.size
+    for j in range(kernel.size):
+        w = kernel[j]
+        for x in range(n):
+            out[x] += w * src[x + j]
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _correlate_row2(src, k1, k2, out1, out2):  # pragma: no cover - compiled
+    """:func:`_correlate_row` with two kernels of one size at once (one read of src)."""
+    out1[:] = 0.0
+    out2[:] = 0.0
+    n = out1.size
+    for j in range(k1.size):
+        w1 = k1[j]
+        w2 = k2[j]
+        for x in range(n):
+            v = src[x + j]
+            out1[x] += w1 * v
+            out2[x] += w2 * v
+
+
+@njit(cache=True, nogil=True, parallel=True)
+def gaussian_separable(a, kernel, tmp, out):  # pragma: no cover - compiled
+    """Correlate ``a`` with ``kernel`` along x then y, zero outside the array
+    (scipy.ndimage.correlate1d with mode="constant", twice), in float32, into ``out``
+    (``tmp``: workspace of the same shape)."""
+    ny, nx = a.shape
+    r = kernel.size // 2
+    for y in prange(ny):
+        row = np.zeros(nx + 2 * r, np.float32)
+        row[r : r + nx] = a[y]
+        _correlate_row(row, kernel, tmp[y])
+    for y in prange(ny):
+        acc = out[y]
+        acc[:] = 0.0
+        for i in range(max(0, y - r), min(ny - 1, y + r) + 1):
+            w = kernel[i - y + r]
+            src = tmp[i]
+            for x in range(nx):
+                acc[x] += w * src[x]
+    return out
+
+
+@njit(cache=True, nogil=True, parallel=True)
+def block_sum(a, b):  # pragma: no cover - compiled
+    """Sums over b x b blocks (partial blocks at the far edges sum what they hold)."""
+    ny, nx = a.shape
+    gy = (ny + b - 1) // b
+    gx = (nx + b - 1) // b
+    out = np.zeros((gy, gx), np.float32)
+    for by in prange(gy):
+        for y in range(by * b, min(ny, (by + 1) * b)):
+            for x in range(nx):
+                out[by, x // b] += a[y, x]
+    return out
+
+
+@njit(cache=True, nogil=True)
+def _runs(keys):  # pragma: no cover - compiled
+    """Start indices of the runs of equal values in ``keys``, then ``keys.size``."""
+    n = keys.size
+    starts = np.empty(n + 1, np.int64)
+    m = 0
+    for i in range(n):
+        if i == 0 or keys[i] != keys[i - 1]:
+            starts[m] = i
+            m += 1
+    starts[m] = n
+    return starts[: m + 1]
+
+
+@njit(cache=True, nogil=True, parallel=True)
+def dog_snr(
+    num, cnt, excluded, g, g2, local, bw, noise, b, q, snr, grow, work
+):  # pragma: no cover - compiled
+    """Signal-to-noise maps of a normalised Gaussian smoothing, in one fused pass.
+
+    With G the separable kernel ``g`` and G2 that of ``g2 = g**2``:
+    ``grow = G*num / sqrt(nv)`` and ``snr = (G*num - G*cnt * local) / sqrt(nv)`` with
+    ``nv = sigma**2 * G2*cnt``, ``sigma`` the noise of one full-resolution pixel read
+    from the coarse rms map ``noise`` at ``[(y*b + b//2) // q, (x*b + b//2) // q]``
+    (edge-clamped; this grid is binned by ``b``, the rms map samples every ``q``-th
+    full-resolution pixel): the noise varies slowly enough to be constant over a
+    kernel. ``local`` is sampled at ``[y // bw, x // bw]``. Zero where nv is 0. When
+    ``excluded`` has the shape of ``num`` (unbinned data), ``num`` is the raw residual
+    and ``cnt`` is unused: excluded pixels count as value 0 and weight 0, which saves
+    two full-size arrays. The maps are written into ``snr`` and ``grow`` (of ``num``'s
+    shape; a (1, 1) ``grow`` skips that map).
+
+    ``work`` (bands, 3, strip + 2 r, nx) is the x pass's buffer: the rows are cut into
+    ``bands`` bands, one parallel task each (a single parallel region: with passive
+    OpenMP threads every region pays their wake-up), and each band is swept in strips
+    of ``strip`` rows, so the buffer stays small.
+    """
+    ny, nx = num.shape
+    direct = excluded.shape[0] == ny and excluded.shape[1] == nx
+    r = g.size // 2
+    nqy, nqx = noise.shape
+    want_grow = grow.shape[0] == ny and grow.shape[1] == nx
+    bands = work.shape[0]
+    strip = work.shape[2] - 2 * r
+    # Runs of columns that share a noise value / a local mean: per-run constants
+    # keep the final loops free of gathers, so they vectorise.
+    qruns = _runs(np.minimum((np.arange(nx) * b + b // 2) // q, nqx - 1))
+    lruns = _runs(np.arange(nx) // bw)
+    # Unbinned rows without an excluded pixel have weights of one everywhere, so their
+    # weight convolutions are all the same row, and every row whose whole kernel
+    # window is such a row has the same G*cnt and G2*cnt: computed once here with the
+    # very operations of the general path, so the results are bit-identical to it
+    # (and independent of where the strips or a tile's edges fall).
+    clean = np.zeros(ny, np.bool_)
+    if direct:
+        for y in prange(ny):
+            clean[y] = not excluded[y].any()
+    ones = np.zeros(nx + 2 * r, np.float32)
+    ones[r : r + nx] = 1.0
+    crow = np.empty(nx, np.float32)
+    vrow1 = np.empty(nx, np.float32)
+    _correlate_row2(ones, g, g2, crow, vrow1)
+    cint = np.zeros(nx, np.float32)
+    vint = np.zeros(nx, np.float32)
+    for i in range(2 * r + 1):
+        w = g[i]
+        w2 = g2[i]
+        for x in range(nx):
+            cint[x] += w * crow[x]
+            vint[x] += w2 * vrow1[x]
+    per_band = -(-ny // bands)
+    for band in prange(bands):
+        tn, tc, tv = work[band, 0], work[band, 1], work[band, 2]
+        for y0 in range(band * per_band, min(ny, (band + 1) * per_band), strip):
+            y1 = min(ny, y0 + strip, (band + 1) * per_band)
+            a0 = max(0, y0 - r)
+            a1 = min(ny, y1 + r)
+            _dog_strip(
+                num, cnt, excluded, direct, g, g2, local, bw, noise, b, q, snr, grow,
+                want_grow, tn, tc, tv, y0, y1, a0, a1, clean, crow, vrow1, cint, vint,
+                qruns, lruns,
+            )  # fmt: skip
+    return snr, grow
+
+
+@njit(cache=True, nogil=True)
+def _dog_strip(
+    num, cnt, excluded, direct, g, g2, local, bw, noise, b, q, snr, grow, want_grow,
+    tn, tc, tv, y0, y1, a0, a1, clean, crow, vrow1, cint, vint, qruns, lruns,
+):  # fmt: skip  # pragma: no cover - compiled
+    """Rows y0..y1 of :func:`dog_snr` (x pass over a0..a1, then the y pass)."""
+    ny, nx = num.shape
+    r = g.size // 2
+    nqy, nqx = noise.shape
+    for k in range(a1 - a0):
+        y = a0 + k
+        # Padded rows of the masked values and weights, then the taps.
+        pn = np.zeros(nx + 2 * r, np.float32)
+        if clean[y]:
+            pn[r : r + nx] = num[y]
+            _correlate_row(pn, g, tn[k])
+            tc[k] = crow
+            tv[k] = vrow1
+            continue
+        pc = np.zeros(nx + 2 * r, np.float32)
+        if direct:
+            erow, vrow = excluded[y], num[y]
+            for x in range(nx):
+                e = erow[x]
+                pn[x + r] = np.float32(0.0) if e else vrow[x]
+                pc[x + r] = np.float32(0.0) if e else np.float32(1.0)
+        else:
+            pn[r : r + nx] = num[y]
+            pc[r : r + nx] = cnt[y]
+        _correlate_row(pn, g, tn[k])
+        _correlate_row2(pc, g, g2, tc[k], tv[k])
+    for k in range(y1 - y0):
+        y = y0 + k
+        an = np.zeros(nx, np.float32)
+        lo, hi = max(0, y - r), min(ny - 1, y + r)
+        steady = direct and lo == y - r and hi == y + r and clean[lo : hi + 1].all()
+        if steady:
+            ac = cint
+            av = vint.copy()
+            for i in range(lo, hi + 1):
+                w = g[i - y + r]
+                sn = tn[i - a0]
+                for x in range(nx):
+                    an[x] += w * sn[x]
+        else:
+            ac = np.zeros(nx, np.float32)
+            av = np.zeros(nx, np.float32)
+            for i in range(lo, hi + 1):
+                w = g[i - y + r]
+                w2 = g2[i - y + r]
+                sn, sc, sv = tn[i - a0], tc[i - a0], tv[i - a0]
+                for x in range(nx):
+                    an[x] += w * sn[x]
+                    ac[x] += w * sc[x]
+                    av[x] += w2 * sv[x]
+        qy = min((y * b + b // 2) // q, nqy - 1)
+        # 1 / noise in av.
+        for k0 in range(qruns.size - 1):
+            x0, x1 = qruns[k0], qruns[k0 + 1]
+            sigma = noise[qy, min((x0 * b + b // 2) // q, nqx - 1)]
+            s2 = sigma * sigma
+            for x in range(x0, x1):
+                v = av[x] * s2
+                av[x] = 1.0 / np.sqrt(v) if v > 0 else 0.0
+        if want_grow:
+            out = grow[y]
+            for x in range(nx):
+                out[x] = an[x] * av[x]
+        lrow = local[y // bw]
+        out = snr[y]
+        for k0 in range(lruns.size - 1):
+            x0, x1 = lruns[k0], lruns[k0 + 1]
+            m = lrow[x0 // bw]
+            for x in range(x0, x1):
+                out[x] = (an[x] - ac[x] * m) * av[x]
+
+
+@njit(cache=True, nogil=True, parallel=True)
+def expand_mask_into(small, b, out):  # pragma: no cover - compiled
+    """``out |= small[y // b, x // b]`` in place, at full resolution; returns ``out``.
+    Reads the small map only, and writes only where it is set."""
+    ny, nx = out.shape
+    gx = small.shape[1]
+    for y in prange(ny):
+        row, dst = small[y // b], out[y]
+        for bx in range(gx):
+            if row[bx]:
+                for x in range(bx * b, min(nx, (bx + 1) * b)):
+                    dst[x] = True
+    return out
+
+
+@njit(cache=True, nogil=True, parallel=True)
+def hysteresis_codes(snr, grow, low, high, out):  # pragma: no cover - compiled
+    """uint8 map ``out``: 2 where ``snr > high`` (seeds), 1 where ``grow > low``, else 0;
+    one byte a pixel instead of the seed, growth and union masks."""
+    ny, nx = snr.shape
+    for y in prange(ny):
+        for x in range(nx):
+            if snr[y, x] > high:
+                out[y, x] = 2
+            elif grow[y, x] > low:
+                out[y, x] = 1
+            else:
+                out[y, x] = 0
+    return out
+
+
+@njit(cache=True, nogil=True, parallel=True)
+def keep_seeded(labels, codes, n):  # pragma: no cover - compiled
+    """Overwrite ``codes`` (as 0/1) with the pixels whose label (1..n) holds a seed
+    (code 2); returns it."""
+    ny, nx = labels.shape
+    keep = np.zeros(n + 1, np.bool_)
+    # Serial: many pixels of one region would race on the same flag.
+    for y in range(ny):
+        for x in range(nx):
+            if codes[y, x] == 2:
+                keep[labels[y, x]] = True
+    keep[0] = False
+    for y in prange(ny):
+        for x in range(nx):
+            codes[y, x] = 1 if keep[labels[y, x]] else 0
+    return codes

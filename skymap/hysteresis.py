@@ -1,0 +1,446 @@
+"""The pipeline's masker: multi-scale matched filtering with hysteresis thresholds in
+units of the smoothed noise (:class:`HysteresisMasker`), and :class:`CoarseRMS`, the
+slowly varying noise map it reads.
+
+Each scale's work is split into a local step (:meth:`HysteresisMasker.scale_maps`: the
+binned signal-to-noise maps), a global statistic (:meth:`HysteresisMasker.snr_factor`:
+the noise excess) and a global labelling followed by a local dilation
+(:meth:`HysteresisMasker.scale_mask`), so that :mod:`skymap.tiled` can do the local
+steps tile by tile. It follows the :class:`skymap.masking.Masker` protocol.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numba
+import numpy as np
+import scipy.ndimage as ndi
+from scipy.special import ndtri
+
+from . import _hysteresis_kernels as _k
+from ._validate import as_image, as_mask, check_positive, combine_masks
+from .masking import disk_footprint, grow_mask
+
+__all__ = ["CoarseRMS", "HysteresisMasker"]
+
+log = logging.getLogger(__name__)
+
+_MAD_TO_STD = 1.482602218505602
+
+
+def _block_sum(a: np.ndarray, b: int) -> np.ndarray:
+    return a if b == 1 else _k.block_sum(a, b)
+
+
+# Large outputs of the kernels are allocated here, by numpy, and passed in: numpy
+# asks for huge pages for big arrays and numba does not, and on the machines we
+# measured the page faults of fresh memory cost as much as the arithmetic.
+
+
+def _dog_work(shape, r, strip=64):
+    """The x-pass buffer of dog_snr: a few bands per thread (balance), each swept in
+    strips of ``strip`` rows (small buffers)."""
+    bands = max(1, min(-(-shape[0] // strip), 4 * numba.get_num_threads()))
+    return np.empty((bands, 3, strip + 2 * r, shape[1]), np.float32)
+
+
+def _masked_block_sums(values, excluded, b):
+    shape = (-(-values.shape[0] // b), -(-values.shape[1] // b))
+    num, cnt = np.empty(shape, np.float32), np.empty(shape, np.float32)
+    return _k.masked_block_sums(values, excluded, b, num, cnt)
+
+
+def _pow2_at_most(value: float, *limits: int) -> int:
+    """Largest power of two <= value (at least 1, at most min(limits))."""
+    b = 1 << max(0, int(math.floor(math.log2(max(value, 1.0)))))
+    return max(1, min(b, *limits))
+
+
+def _dilate_disk(mask: np.ndarray, radius: float) -> np.ndarray:
+    """Binary dilation by a small disk, as shifted ORs (cheaper than a generic
+    structuring-element pass for the few offsets of a small disk)."""
+    out = mask.copy()
+    ny, nx = mask.shape
+    half = disk_footprint(radius).shape[0] // 2
+    for dy, dx in np.argwhere(disk_footprint(radius)) - half:
+        if dy == 0 and dx == 0:
+            continue
+        out[max(0, dy) : ny + min(0, dy), max(0, dx) : nx + min(0, dx)] |= mask[
+            max(0, -dy) : ny + min(0, -dy), max(0, -dx) : nx + min(0, -dx)
+        ]
+    return out
+
+
+def _gaussian_kernel(sigma: float) -> np.ndarray:
+    radius = max(1, int(3.0 * sigma + 0.5))
+    x = np.arange(-radius, radius + 1, dtype=np.float64)
+    g = np.exp(-0.5 * (x / sigma) ** 2)
+    return (g / g.sum()).astype(np.float32)
+
+
+def _separable(a: np.ndarray, kernel: np.ndarray) -> np.ndarray:
+    tmp, out = np.empty(a.shape, np.float32), np.empty(a.shape, np.float32)
+    return _k.gaussian_separable(a, kernel, tmp, out)
+
+
+def _noise_step(shape) -> int:
+    """Row/column stride of the pairs :func:`_pair_differences` samples: about 250 000
+    pairs, so that the MAD is good to ~0.3% and the medians stay cheap."""
+    return max(1, (shape[0] * shape[1]) // 125_000)
+
+
+def _pair_differences(snr, excluded, lag: int, step: int):
+    """Differences of unexcluded pixels ``lag`` apart, along x on every ``step``-th
+    row, then along y on every ``step``-th column: far enough apart to be independent,
+    they cancel any smooth offset or wing the background has not followed yet, and
+    their MAD (:func:`_excess_of`) ignores the sources that touch a minority of the
+    pairs. The tiled path (:mod:`skymap.distributed`) gathers the same pairs tile by
+    tile."""
+    ny, nx = snr.shape
+    parts = []
+    for axis, n in ((1, nx), (0, ny)):
+        if lag >= n:
+            continue
+        if axis == 1:
+            v, bad = snr[::step], excluded[::step]
+            d = v[:, lag:] - v[:, :-lag]
+            ok = ~(bad[:, lag:] | bad[:, :-lag])
+        else:
+            v, bad = snr[:, ::step], excluded[:, ::step]
+            d = v[lag:] - v[:-lag]
+            ok = ~(bad[lag:] | bad[:-lag])
+        parts.append(d[ok])
+    return parts
+
+
+def _excess_of(parts, white: float) -> float:
+    """Scatter of a signal-to-noise map relative to ``white`` (the scatter it has for
+    white noise of the stated rms), from the MAD of its pair differences ``parts``; 1.0
+    when fewer than 200 pairs are left."""
+    d = np.concatenate(parts) if parts else np.zeros(0, np.float32)
+    if d.size < 200:
+        return 1.0
+    mad = float(np.median(np.abs(d - np.median(d))))
+    return _MAD_TO_STD * mad / math.sqrt(2.0) / white
+
+
+def _hysteresis(snr: np.ndarray, low: float, high: float, grow=None) -> np.ndarray:
+    """Connected regions (8-connected) of ``grow`` (default ``snr``) above ``low`` that
+    hold a pixel of ``snr`` above ``high``. A float32 ``snr`` is overwritten (its memory
+    holds the labels)."""
+    grow = snr if grow is None else grow
+    # One byte a pixel (seed / above low / neither) is all the labelling needs: at full
+    # resolution the separate seed and growth masks would sit on top of the float maps.
+    codes = _k.hysteresis_codes(
+        snr, grow, np.float32(low), np.float32(high), np.empty(snr.shape, np.uint8)
+    )
+    # The labels take the memory of the signal-to-noise map, no longer needed.
+    labels = snr.view(np.int32) if snr.dtype == np.float32 else None
+    if labels is None:
+        labels, n = ndi.label(codes, structure=np.ones((3, 3), bool))
+    else:
+        n = ndi.label(codes, structure=np.ones((3, 3), bool), output=labels)
+    if n == 0:
+        return codes.view(bool)
+    return _k.keep_seeded(labels, codes, n).view(bool)
+
+
+@dataclass(frozen=True, kw_only=True, eq=False)
+class CoarseRMS:
+    """A slowly varying rms map held at one value per ``step`` x ``step`` block of an
+    image of ``shape``: ``values[i, j]`` is the rms at the centre of block (i, j).
+
+    The pipeline hands the maskers its noise this way: a smoothed noise map varies over
+    many pixels, and the full-resolution map (an image of memory, and a pass to
+    interpolate it) is not needed to threshold a signal-to-noise map.
+    :class:`HysteresisMasker` reads it as it is; ``np.asarray`` expands it to the
+    full shape (nearest block) for any other masker.
+
+    Examples
+    --------
+    >>> c = CoarseRMS(values=np.array([[1.0, 2.0]]), step=2, shape=(2, 3))
+    >>> np.asarray(c)
+    array([[1., 1., 2.],
+           [1., 1., 2.]])
+    """
+
+    values: np.ndarray
+    step: int
+    shape: tuple[int, int]
+
+    def __post_init__(self):
+        if int(self.step) != self.step or self.step < 1:
+            raise ValueError(f"step must be an integer >= 1, got {self.step!r}")
+        shape = tuple(int(n) for n in self.shape)
+        want = tuple(-(-n // int(self.step)) for n in shape)
+        values = np.asarray(self.values)
+        if values.shape != want:
+            raise ValueError(
+                f"values must have shape {want} (shape {shape} in blocks of {self.step}), "
+                f"got {values.shape}"
+            )
+        object.__setattr__(self, "shape", shape)
+
+    def __array__(self, dtype=None, copy=None):
+        q = int(self.step)
+        ny, nx = self.shape
+        full = np.repeat(np.repeat(np.asarray(self.values), q, axis=0), q, axis=1)[:ny, :nx]
+        return full if dtype is None else full.astype(dtype, copy=False)
+
+
+def _noise_grid(noise) -> tuple[np.ndarray, int]:
+    """(values, step) for the kernels from a scalar, a full map or a CoarseRMS."""
+    if isinstance(noise, CoarseRMS):
+        return np.ascontiguousarray(noise.values, dtype=np.float32), int(noise.step)
+    values = np.asarray(noise, dtype=np.float32)
+    return values.reshape(values.shape or (1, 1)), 1
+
+
+@dataclass(frozen=True, kw_only=True)
+class HysteresisMasker:
+    """Multi-scale matched-filter detection with hysteresis, thresholds in units of the
+    smoothed noise.
+
+    At each Gaussian scale ``s`` (pixels, small to large) the residual is smoothed by
+    normalised convolution over the pixels not yet excluded (the input mask and the
+    earlier scales' detections), divided by the noise that smoothing leaves
+    (``rms / (2 sqrt(pi) s)`` for full kernel support, more where the kernel is
+    partly masked), and thresholded with hysteresis: regions above ``low`` that reach
+    ``high`` somewhere. A source's faint outskirts are thus masked as far as they are
+    significant at any scale, while isolated noise peaks need ``high``. Detections are
+    grown by ``dilate`` pixels plus ``dilate_per_scale * s``. Each scale is computed on
+    the image binned by the largest power of two <= ``s``, which keeps large scales
+    cheap; the detections are repeated back to full resolution.
+
+    Follows the :class:`skymap.masking.Masker` protocol: returns the detections only
+    (True = source), not OR-ed with ``mask``. ``rms`` is the noise of one pixel: a
+    scalar, a full map, or a :class:`CoarseRMS`; the noise is taken as constant over
+    each kernel's reach (it must vary slowly), so the noise the smoothing leaves is
+    ``rms * sqrt(G2 * weights)``.
+
+    Parameters
+    ----------
+    scales : sequence of float
+        Gaussian sigmas in pixels.
+    high, low : float
+        Seed and growth thresholds in units of the smoothed noise, ``high >= low``.
+    dilate : float
+        Radius in pixels added around every detection.
+    dilate_per_scale : float
+        Extra radius per pixel of the detecting scale.
+    surround : float
+        At each scale, the masked local mean over a Gaussian ``surround`` times wider is
+        subtracted before thresholding (a difference of Gaussians), so that sky
+        structure broader than that, which the background has not followed yet, is not
+        mistaken for sources: without it a misfit bump gets masked, the refit drops
+        further under it, and the mask runs away. 0 switches it off.
+    grow_plain : bool
+        Seeds must pass ``high`` after the surround subtraction, but regions grow over
+        the plain smoothed residual above ``low``, so that a compact source's faint
+        extended wings are masked too.
+    false_rate : float
+        Share of pure-noise pixels allowed to pass ``high`` at each scale. The snr
+        assumes white noise of the given ``rms``; correlated noise (resampled mosaics)
+        or an rms measured on a masked, truncated sample make the smoothed noise
+        larger, and then noise peaks pass as sources, the refit sinks, the rms
+        shrinks, and the mask runs away. So the scatter of the snr is measured (from
+        differences of pixels too far apart to correlate) and, where it would let more
+        than this share of noise pixels pass ``high``, both maps are divided down until
+        ``high`` sits at that share (or at ``high`` in measured-noise units, if that is
+        stricter). The thresholds are never lowered. Default 1e-3 (3.09 sigma).
+
+    Examples
+    --------
+    >>> rng = np.random.default_rng(1)
+    >>> img = rng.normal(size=(128, 128))
+    >>> yy, xx = np.mgrid[:128, :128]
+    >>> img += 2.0 * np.exp(-((yy - 64) ** 2 + (xx - 64) ** 2) / 50.0)
+    >>> m = HysteresisMasker()(img, 1.0)
+    >>> bool(m[64, 64]), bool(m[64, 72]), float(m[:32, :32].mean()) < 0.02
+    (True, True, True)
+    """
+
+    scales: Sequence[float] = (1.0, 2.0, 4.0, 8.0)
+    high: float = 4.0
+    low: float = 2.0
+    dilate: float = 1.0
+    dilate_per_scale: float = 0.5
+    surround: float = 4.0
+    grow_plain: bool = False
+    false_rate: float = 1e-3
+
+    def __post_init__(self):
+        scales = tuple(float(s) for s in self.scales)
+        if not scales:
+            raise ValueError("scales must hold at least one Gaussian sigma (pixels)")
+        for s in scales:
+            check_positive("scales", s)
+        object.__setattr__(self, "scales", scales)
+        check_positive("high", self.high)
+        check_positive("low", self.low)
+        if self.low > self.high:
+            raise ValueError(f"low must be <= high, got low={self.low!r}, high={self.high!r}")
+        check_positive("dilate", self.dilate, allow_zero=True)
+        check_positive("dilate_per_scale", self.dilate_per_scale, allow_zero=True)
+        check_positive("surround", self.surround, allow_zero=True)
+        if 0 < self.surround <= 1:
+            raise ValueError(f"surround must be 0 (off) or > 1, got {self.surround!r}")
+        if not 0 < self.false_rate < 0.5:
+            raise ValueError(f"false_rate must be in (0, 0.5), got {self.false_rate!r}")
+
+    def __call__(self, residual: Any, rms: Any = None, mask: Any = None) -> np.ndarray:
+        """Source mask (True = source) of ``residual``; see the class docstring."""
+        res = as_image(residual, "residual")
+        given = as_mask(mask, res.shape)
+        # One full-resolution mask only (memory): the detections are what ends up
+        # excluded beyond the given mask and the non-finite pixels.
+        excluded = combine_masks(res, given)
+        if rms is None:
+            v = res[~excluded]
+            rms = _MAD_TO_STD * float(np.median(np.abs(v - np.median(v)))) if v.size else 1.0
+        if isinstance(rms, CoarseRMS):
+            if rms.shape != res.shape:
+                raise ValueError(
+                    f"rms must describe an image of shape {res.shape}, got {rms.shape}"
+                )
+            noise = rms
+        else:
+            noise = np.asarray(rms, dtype=np.float32)
+            if noise.ndim and noise.shape != res.shape:
+                raise ValueError(
+                    f"rms must be a scalar or a map of shape {res.shape}, got {noise.shape}"
+                )
+        for s in self.scales:
+            self._detect(res, noise, excluded, s, into=excluded)
+        excluded &= np.isfinite(res)
+        if given is not None:
+            # a > b is a & ~b for booleans, without a temporary.
+            np.greater(excluded, given, out=excluded)
+        return excluded
+
+    def _detect(self, res, noise, excluded, s, into=None):
+        """Detections at one scale, dilated, at full resolution. Three steps, so that a
+        tiled run (:mod:`skymap.distributed`) can do the local ones tile by tile and
+        the global ones (the noise excess, the labelling) once."""
+        maps = self.scale_maps(res, noise, excluded, s)
+        factor = self.snr_factor(maps.snr, maps.invalid, s, maps.block)
+        return self.scale_mask(maps, factor, s, excluded, into=into)
+
+    def binning(self, s: float, shape: tuple[int, int]) -> int:
+        """Bin factor of scale ``s``: the largest power of two <= s (the kernel keeps a
+        sigma of 1-2 bins), at most the image size."""
+        return _pow2_at_most(s, *shape)
+
+    def scale_maps(self, res, noise, excluded, s) -> _ScaleMaps:
+        """Signal-to-noise maps of scale ``s`` on the binned grid (local: each binned
+        pixel depends on the residual within the kernels' reach only)."""
+        b = self.binning(s, res.shape)
+        sigma, q = _noise_grid(noise)
+        if b == 1:
+            # Unbinned: the fused pass reads the residual and the mask directly, and
+            # only the wide surround needs the masked sums (computed binned below).
+            num, cnt = res, None
+        else:
+            num, cnt = _masked_block_sums(res, excluded, b)
+        g = _gaussian_kernel(s / b)
+        if self.surround:
+            # Subtract the masked local mean over a Gaussian `surround` times wider (a
+            # difference of Gaussians): structure broader than that, sky the background
+            # has not followed yet, must not be mistaken for sources. The wide mean is
+            # smooth, so it is computed on a coarser grid.
+            wide = self.surround * s
+            bw = _pow2_at_most(wide / (2.0 * b), *num.shape)
+            if cnt is None:
+                numw, cntw = _masked_block_sums(res, excluded, bw)
+            else:
+                numw, cntw = _block_sum(num, bw), _block_sum(cnt, bw)
+            k = _gaussian_kernel(wide / (b * bw))
+            local = _separable(numw, k)
+            del numw
+            weight = _separable(cntw, k)
+            del cntw
+            with np.errstate(invalid="ignore", divide="ignore"):
+                np.divide(local, weight, out=local)
+            del weight
+            local[~np.isfinite(local)] = 0
+        else:
+            local, bw = np.zeros((1, 1), np.float32), max(num.shape)
+        # snr of the normalised convolution: the weight sum cancels between the
+        # smoothed value and its noise.
+        direct = excluded if cnt is None else np.zeros((1, 1), bool)
+        snr = np.empty(num.shape, np.float32)
+        plain = np.empty(num.shape if self.grow_plain else (1, 1), np.float32)
+        _k.dog_snr(
+            num, num if cnt is None else cnt, direct, g, g * g, local, bw, sigma, b, q,
+            snr, plain, _dog_work(num.shape, g.size // 2),
+        )  # fmt: skip
+        # No copy at full resolution: the excluded mask is the invalid map there.
+        invalid = excluded if cnt is None else cnt <= 0
+        return _ScaleMaps(
+            snr=snr, plain=plain if self.grow_plain else None, invalid=invalid, block=b
+        )
+
+    def snr_factor(self, snr, invalid, s, b) -> float:
+        """What the snr maps of scale ``s`` (binned by ``b``) are divided by so that
+        noise peaks stay rare (see ``false_rate``): 1 or more (global: a statistic of
+        the whole map)."""
+        parts = _pair_differences(snr, invalid, self.noise_lag(s, b), _noise_step(snr.shape))
+        return self.factor_from_differences(parts, s)
+
+    def noise_lag(self, s: float, b: int) -> int:
+        """Distance in binned pixels between the pixels :meth:`snr_factor` differences
+        at scale ``s`` (binned by ``b``): far enough apart to be independent."""
+        return math.ceil(3.0 * max(self.surround, 1.0) * s / b)
+
+    def factor_from_differences(self, parts, s: float) -> float:
+        """:meth:`snr_factor` from its sample of pair differences (a list of arrays, in
+        any order): the part a tiled run computes in the driver."""
+        k = self.surround
+        white = math.sqrt(1.0 + 1.0 / k**2 - 4.0 / (1.0 + k**2)) if k else 1.0
+        excess = _excess_of(parts, white)
+        factor = excess * min(self.high, -float(ndtri(self.false_rate))) / self.high
+        log.debug("scale %g: smoothed-noise excess %.3f, snr divided by %.3f", s, excess, factor)
+        return max(1.0, factor)
+
+    def scale_mask(self, maps, factor, s, excluded, into=None) -> np.ndarray:
+        """Full-resolution detections of scale ``s`` from its snr maps: hysteresis
+        (global: connected regions), dilation, expansion; not OR-ed with ``excluded``.
+        Consumes ``maps``. With ``into`` (a bool map of the full shape, which may be
+        ``excluded`` itself), the detections are OR-ed into it in place and it is
+        returned, without a full-size temporary."""
+        snr, plain, b = maps.snr, maps.plain, maps.block
+        maps.snr = maps.plain = maps.invalid = None  # the labels reuse snr's memory
+        if factor > 1.0:
+            snr /= np.float32(factor)
+            if plain is not None:
+                plain /= np.float32(factor)
+        det = _hysteresis(snr, self.low, self.high, plain)
+        # The labels in snr's memory and the growth map are done with (memory).
+        del snr, plain
+        radius = self.dilation(s) / b
+        if radius > 0 and det.any():
+            det = grow_mask(det, radius) if radius > 3 else _dilate_disk(det, radius)
+        if into is not None:
+            return _k.expand_mask_into(det, b, into)
+        out = _k.expand_mask_into(det, b, np.zeros(excluded.shape, bool))
+        # a > b is a & ~b for booleans, without a temporary.
+        return np.greater(out, excluded, out=out)
+
+    def dilation(self, s: float) -> float:
+        """Radius in full-resolution pixels by which detections of scale ``s`` grow."""
+        return self.dilate + self.dilate_per_scale * s
+
+
+@dataclass(kw_only=True, eq=False)
+class _ScaleMaps:
+    """The binned maps of one masking scale (mutable: consumed by scale_mask)."""
+
+    snr: np.ndarray | None
+    plain: np.ndarray | None
+    invalid: np.ndarray | None
+    block: int
