@@ -24,6 +24,7 @@ _SUBMODULES = (
     "mesh",
     "filters",
     "masking",
+    "hysteresis",
     "simulate",
     "evaluate",
     "local",
