@@ -31,20 +31,7 @@ import tempfile
 import time
 
 import numpy as np
-
-
-def _status_kb(field):
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
-def _reset_peak():
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-    return _status_kb("VmRSS")
+from _memory import reset_peak, status_kb
 
 
 def _worker_peak_kb():
@@ -60,11 +47,11 @@ def run(which, path, tile, workers):
     if which == "memory":
         image = np.load(path)
         skymap.fit(image[:256, :256].copy())  # compile / load the kernels
-        base = _reset_peak()
+        base = reset_peak()
         t0 = time.perf_counter()
         res = skymap.fit(image)
         seconds = time.perf_counter() - t0
-        peak = _status_kb("VmHWM")
+        peak = status_kb("VmHWM")
         background, mask, noise, workers_kb = res.background, res.mask, res.noise, []
     else:
         from skymap.distributed import cluster_client
@@ -74,11 +61,11 @@ def run(which, path, tile, workers):
         with cluster_client(workers=workers) as client:
             warm = np.asarray(image[:256, :256])
             tiled_fit(warm, tile=128, client=client)  # workers load the kernels
-            base = _reset_peak()
+            base = reset_peak()
             t0 = time.perf_counter()
             res = tiled_fit(image, tile=tile, client=client)
             seconds = time.perf_counter() - t0
-            peak = _status_kb("VmHWM")
+            peak = status_kb("VmHWM")
             workers_kb = list(client.run(_worker_peak_kb).values())
             # Only now, for the comparison: the products in this process.
             background, mask = client.compute([res.background, res.mask], sync=True)

@@ -39,6 +39,7 @@ import sys
 import time
 
 import numpy as np
+from _memory import reset_peak, status_kb
 
 WIDTHS = (4, 8, 16)
 
@@ -256,14 +257,6 @@ def speed_large(repeat):
         print(out.stdout.strip())
 
 
-def _status_kb(field):
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
 def memory(which):
     """Peak RSS above the RSS with the image loaded, in units of the image size (Linux:
     the peak is reset through /proc/self/clear_refs once the image is in memory)."""
@@ -277,11 +270,9 @@ def memory(which):
         image[y - 2 : y + 3, x - 2 : x + 3] += rng.uniform(10, 500)
     run = (lambda a: skymap.fit(a)) if which == "skymap" else sep_background
     run(image[:256, :256].copy())
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-    base = _status_kb("VmRSS")
+    base = reset_peak()
     run(image)
-    peak = _status_kb("VmHWM")
+    peak = status_kb("VmHWM")
     print(
         f"4096x4096 float32 {which}: peak extra memory {(peak - base) * 1024 / image.nbytes:.2f}"
         " x image"
