@@ -99,7 +99,7 @@ def _pair_differences(snr, excluded, lag: int, step: int):
     row, then along y on every ``step``-th column: far enough apart to be independent,
     they cancel any smooth offset or wing the background has not followed yet, and
     their MAD (:func:`_excess_of`) ignores the sources that touch a minority of the
-    pairs. The tiled path (:mod:`skymap.distributed`) gathers the same pairs tile by
+    pairs. The tiled path (:mod:`skymap.tiled`) gathers the same pairs tile by
     tile."""
     ny, nx = snr.shape
     parts = []
@@ -325,7 +325,7 @@ class HysteresisMasker:
 
     def _detect(self, res, noise, excluded, s, into=None):
         """Detections at one scale, dilated, at full resolution. Three steps, so that a
-        tiled run (:mod:`skymap.distributed`) can do the local ones tile by tile and
+        tiled run (:mod:`skymap.tiled`) can do the local ones tile by tile and
         the global ones (the noise excess, the labelling) once."""
         maps = self.scale_maps(res, noise, excluded, s)
         factor = self.snr_factor(maps.snr, maps.invalid, s, maps.block)
