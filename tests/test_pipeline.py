@@ -505,8 +505,8 @@ def _record(**kw):
         (0.02, 0.05, 0.001, 0.001, True),  # jitter within half the statistical error
         (0.03, 0.05, 0.001, 0.001, False),  # more than half of it
         (0.02, 0.05, 0.01, 0.001, True),  # edges flicker, the mask does not grow
-        (0.02, 0.05, 0.01, 0.005, False),  # the mask still grows
-        (0.02, 0.05, 0.01, -0.005, False),  # ... or shrinks
+        (0.02, 0.05, 0.01, 0.02, False),  # the mask still grows
+        (0.02, 0.05, 0.01, -0.02, False),  # ... or shrinks
     ],
 )
 def test_settled_judges_change_against_statistical_error(change, error, flips, growth, settled):
