@@ -38,18 +38,21 @@ def floor_in_place(values, floor):  # pragma: no cover - compiled
     return values
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, parallel=True)
 def subsampled_change(new, old_sub, bad, noise, q):  # pragma: no cover - compiled
     """RMS of ``(new[::2, ::2] - old_sub) / sigma`` over the pixels not ``bad`` and
     finite, ``sigma`` read from the noise grid ``noise`` at ``[y // q, x // q]``
-    (edge-clamped, as in :func:`dog_snr`); 0 when no pixel is left."""
+    (edge-clamped, as in :func:`dog_snr`); 0 when no pixel is left. Rows are summed in
+    parallel, then in order, so the result does not depend on the thread count."""
     ny, nx = old_sub.shape
     nqy, nqx = noise.shape
-    total = 0.0
-    count = 0
-    for i in range(ny):
+    sums = np.zeros(ny)
+    counts = np.zeros(ny, np.int64)
+    for i in prange(ny):
         y = 2 * i
         qy = min(y // q, nqy - 1)
+        total = 0.0
+        count = 0
         for j in range(nx):
             x = 2 * j
             if bad[y, x]:
@@ -58,4 +61,11 @@ def subsampled_change(new, old_sub, bad, noise, q):  # pragma: no cover - compil
             if np.isfinite(d):
                 total += d * d
                 count += 1
+        sums[i] = total
+        counts[i] = count
+    total = 0.0
+    count = 0
+    for i in range(ny):
+        total += sums[i]
+        count += counts[i]
     return np.sqrt(total / count) if count else 0.0
