@@ -86,7 +86,8 @@ def as_mask(mask: Any, shape: tuple[int, ...], name: str = "mask") -> np.ndarray
 
 def combine_masks(image: np.ndarray, *masks: np.ndarray | None) -> np.ndarray:
     """OR the given masks with the non-finite pixels of ``image`` (a new array)."""
-    out = ~np.isfinite(image)
+    out = np.isfinite(image)
+    np.logical_not(out, out=out)  # in place: no second full-size temporary
     for m in masks:
         if m is not None:
             out |= m
