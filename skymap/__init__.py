@@ -51,6 +51,8 @@ _NAMES = {
     "aperture_sum": "local",
     "SkyMatch": "skymatch",
     "SkyMatchResult": "skymatch",
+    "injection_recovery": "quality.injection",
+    "compare": "quality.injection",
 }
 
 __all__ = ["__version__", *_SUBMODULES, *_NAMES]
