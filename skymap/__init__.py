@@ -53,6 +53,7 @@ _NAMES = {
     "SkyMatchResult": "skymatch",
     "injection_recovery": "quality.injection",
     "compare": "quality.injection",
+    "tune": "quality.tune",
 }
 
 __all__ = ["__version__", *_SUBMODULES, *_NAMES]

@@ -51,12 +51,17 @@ from ..evaluate import pixel_sigma
 __all__ = [
     "KINDS",
     "MIN_SIZE",
+    "Injection",
     "InjectionResult",
+    "Prepared",
     "as_method",
     "compare",
+    "evaluate_method",
     "injection_recovery",
     "make_injections",
     "plot_comparison",
+    "prepare",
+    "results_table",
 ]
 
 log = logging.getLogger(__name__)
@@ -441,7 +446,21 @@ class InjectionResult:
 # --------------------------------------------------------------------------- scoring
 
 
-def _prepare(image, mask, error, kinds):
+@dataclass(frozen=True, kw_only=True, eq=False)
+class Prepared:
+    """An image checked and measured once for many injection runs (see :func:`prepare`):
+    ``image`` (float), ``bad`` (True = excluded: the mask and non-finite pixels),
+    ``sigma`` (the unit of amplitudes and scores) and ``kinds``."""
+
+    image: np.ndarray = field(repr=False)
+    bad: np.ndarray = field(repr=False)
+    sigma: float
+    kinds: tuple[str, ...]
+
+
+def prepare(image, *, mask=None, error=None, kinds=("sky", "galaxies")) -> Prepared:
+    """Check ``image`` for injection runs and measure its noise (see
+    :func:`injection_recovery` for the arguments)."""
     img = as_image(image)
     if min(img.shape) < MIN_SIZE:
         raise ValueError(
@@ -468,7 +487,13 @@ def _prepare(image, mask, error, kinds):
         sigma = pixel_sigma(img, bad)
     if not (np.isfinite(sigma) and sigma > 0):
         raise ValueError(f"cannot measure the image's noise (pixel sigma {sigma!r})")
-    return img, bad, sigma, kinds
+    return Prepared(image=img, bad=bad, sigma=sigma, kinds=kinds)
+
+
+def _check_trials(n_trials) -> int:
+    if isinstance(n_trials, bool) or int(n_trials) != n_trials or n_trials < 1:
+        raise ValueError(f"n_trials must be an integer >= 1, got {n_trials!r}")
+    return int(n_trials)
 
 
 def _timed(fn, name, image, mask, clock):
@@ -491,8 +516,29 @@ def _leak(delta, footprint, good, sigma):
     return float(np.mean(v)), float(np.percentile(v, 95))
 
 
-def _score_trials(fn, name, img, bad, sigma, kinds, n_trials, seed, base=None, keep_maps=True):
-    """Run one method on ``n_trials`` trials; returns (trials, seconds, cpu, maps, base)."""
+def evaluate_method(
+    prep: Prepared,
+    method: Any = None,
+    *,
+    n_trials: int = 3,
+    seed: int = 0,
+    base: np.ndarray | None = None,
+    keep_maps: bool = True,
+    name: str | None = None,
+    together: bool = False,
+) -> tuple[InjectionResult, np.ndarray]:
+    """:func:`injection_recovery` on a :class:`Prepared` image; also returns the fit of
+    the image without injections, which a later call on other seeds can reuse as
+    ``base`` (it is not timed again).
+
+    ``together=True`` injects all kinds into one image per trial (one fit instead of
+    one per kind, as :func:`~skymap.quality.tune.tune` does while choosing): ``track``
+    is then scored away from the injected sources, and ``leak`` / ``halo`` after
+    subtracting the injected sky. No maps are kept."""
+    n_trials = _check_trials(n_trials)
+    fn, default_name = as_method(method)
+    name = name or default_name
+    img, bad, sigma = prep.image, prep.bad, prep.sigma
     clock: list[tuple[float, float]] = []
     if base is None:
         base = _timed(fn, name, img, bad, clock)
@@ -500,25 +546,44 @@ def _score_trials(fn, name, img, bad, sigma, kinds, n_trials, seed, base=None, k
     trials = {k: np.full(n_trials, np.nan) for k in _SCORES}
     maps = {}
     for t in range(n_trials):
-        injections = make_injections(img.shape, sigma, kinds=kinds, seed=seed, trial=t)
-        for kind, inj in injections.items():
-            injected = (img + inj.signal.astype(img.dtype)).astype(img.dtype, copy=False)
+        injections = make_injections(img.shape, sigma, kinds=prep.kinds, seed=seed, trial=t)
+        for group in (
+            [list(injections.values())] if together else [[v] for v in injections.values()]
+        ):
+            signal = sum(inj.signal for inj in group)
+            injected = (img + signal.astype(img.dtype)).astype(img.dtype, copy=False)
             delta = _timed(fn, name, injected, bad, clock) - base
-            if kind == "sky":
-                err = (delta - inj.signal)[good] / sigma
-                trials["track"][t] = float(np.sqrt(np.mean(err**2)))
-            else:
-                key = "leak" if kind == "galaxies" else "halo"
-                trials[key][t], trials[f"{key}_p95"][t] = _leak(delta, inj.footprint, good, sigma)
-            if t == 0 and keep_maps:
-                inj_map = np.where(good, inj.signal / sigma, np.nan).astype(np.float32)
-                rec_map = np.where(good, delta / sigma, np.nan).astype(np.float32)
-                maps[kind] = (inj_map, rec_map)
+            # what the background should have gained: the sky, not the sources
+            sky = next((inj.signal for inj in group if inj.kind == "sky"), 0.0)
+            sources = [inj.footprint for inj in group if inj.footprint is not None]
+            for inj in group:
+                if inj.kind == "sky":
+                    # in a joint fit the sky is scored away from the injected sources
+                    sel = good & ~np.logical_or.reduce(sources) if sources else good
+                    err = (delta - inj.signal)[sel] / sigma
+                    trials["track"][t] = float(np.sqrt(np.mean(err**2)))
+                else:
+                    key = "leak" if inj.kind == "galaxies" else "halo"
+                    trials[key][t], trials[f"{key}_p95"][t] = _leak(
+                        delta - sky, inj.footprint, good, sigma
+                    )
+                if t == 0 and keep_maps and not together:
+                    inj_map = np.where(good, inj.signal / sigma, np.nan).astype(np.float32)
+                    rec_map = np.where(good, delta / sigma, np.nan).astype(np.float32)
+                    maps[inj.kind] = (inj_map, rec_map)
         parts = [trials["track"][t], abs(trials["leak"][t]), abs(trials["halo"][t])]
         trials["score"][t] = float(np.nansum(parts))
-    wall = float(np.mean([c[0] for c in clock])) if clock else float("nan")
-    cpu = float(np.mean([c[1] for c in clock])) if clock else float("nan")
-    return trials, wall, cpu, maps, base
+    result = InjectionResult(
+        method=name,
+        noise_sigma=sigma,
+        kinds=prep.kinds,
+        seed=int(seed),
+        trials=trials,
+        seconds=float(np.mean([c[0] for c in clock])),
+        cpu_seconds=float(np.mean([c[1] for c in clock])),
+        maps=maps,
+    )
+    return result, base
 
 
 def injection_recovery(
@@ -590,23 +655,9 @@ def injection_recovery(
     >>> bool(res.trials["track"][0] > 0.5), round(res.noise_sigma, 1)
     (True, 1.0)
     """
-    if int(n_trials) != n_trials or n_trials < 1:
-        raise ValueError(f"n_trials must be an integer >= 1, got {n_trials!r}")
-    img, bad, sigma, kinds = _prepare(image, mask, error, kinds)
-    fn, name = as_method(method)
-    trials, wall, cpu, maps, _ = _score_trials(
-        fn, name, img, bad, sigma, kinds, int(n_trials), int(seed)
-    )
-    return InjectionResult(
-        method=name,
-        noise_sigma=sigma,
-        kinds=kinds,
-        seed=int(seed),
-        trials=trials,
-        seconds=wall,
-        cpu_seconds=cpu,
-        maps=maps,
-    )
+    n_trials = _check_trials(n_trials)
+    prep = prepare(image, mask=mask, error=error, kinds=kinds)
+    return evaluate_method(prep, method, n_trials=n_trials, seed=int(seed))[0]
 
 
 # --------------------------------------------------------------------------- compare
@@ -623,6 +674,44 @@ def _named(methods) -> dict[str, Any]:
             key, i = f"{name}_{i}", i + 1
         out[key] = m
     return out
+
+
+def results_table(results: Mapping[str, InjectionResult | str], prep: Prepared, seed: int):
+    """One row per method from ``{name: InjectionResult, or the reason it failed}``:
+    the :func:`compare` table."""
+    from astropy.table import Table
+
+    scores = [s for s in _SCORES if s != "score"]
+    rows = []
+    for name, res in results.items():
+        row: dict[str, Any] = {"method": name}
+        if isinstance(res, InjectionResult):
+            row["status"] = "ok"
+            for k in (*scores, "score"):
+                row[k], row[f"{k}_std"] = res.mean(k), res.spread(k)
+            row["seconds"], row["cpu_seconds"] = res.seconds, res.cpu_seconds
+        else:
+            row["status"] = str(res).splitlines()[0][:200] if str(res) else "failed"
+            for k in (*scores, "score"):
+                row[k] = row[f"{k}_std"] = float("nan")
+            row["seconds"] = row["cpu_seconds"] = float("nan")
+        rows.append(row)
+    keep = ["method", "status"]
+    for k in (*scores, "score"):
+        if k == "score" or any(np.isfinite(r[k]) for r in rows):
+            keep += [k, f"{k}_std"]
+    keep += ["seconds", "cpu_seconds"]
+    table = Table(rows=[[r[k] for k in keep] for r in rows], names=keep)
+    n = [r.n_trials for r in results.values() if isinstance(r, InjectionResult)]
+    table.meta.update(
+        {
+            "noise_sigma": prep.sigma,
+            "seed": int(seed),
+            "n_trials": max(n, default=0),
+            "kinds": list(prep.kinds),
+        }
+    )
+    return table
 
 
 def compare(
@@ -646,7 +735,8 @@ def compare(
         Anything :func:`injection_recovery` accepts (None = skymap's default). Peers:
         :func:`skymap.quality.peers.peers`.
     results : dict, optional
-        If given, filled with ``{name: InjectionResult}`` for the methods that ran.
+        If given, filled with ``{name: InjectionResult}`` for the methods that ran (for
+        their maps and :meth:`InjectionResult.plot`).
 
     Returns
     -------
@@ -663,58 +753,24 @@ def compare(
     >>> img = 100 + rng.normal(size=(96, 96))
     >>> flat = lambda image, mask: np.full(image.shape, np.median(image[~mask]))
     >>> t = compare(img, {"flat": flat, "zero": lambda i, m: np.zeros((3, 3))}, n_trials=1)
-    >>> list(t["status"])[0], bool(np.isnan(t["score"][1]))
+    >>> str(t["status"][0]), bool(np.isnan(t["score"][1]))
     ('ok', True)
     """
-    from astropy.table import Table
-
-    if int(n_trials) != n_trials or n_trials < 1:
-        raise ValueError(f"n_trials must be an integer >= 1, got {n_trials!r}")
-    img, bad, sigma, kinds = _prepare(image, mask, error, kinds)
+    n_trials = _check_trials(n_trials)
+    prep = prepare(image, mask=mask, error=error, kinds=kinds)
     named = _named(methods)
     if not named:
         raise ValueError("methods must hold at least one method")
-    rows = []
-    scores = [s for s in _SCORES if s != "score"]
+    out: dict[str, InjectionResult | str] = {}
     for name, method in named.items():
-        row = {"method": name, "status": "ok"}
         try:
-            fn, _ = as_method(method)
-            trials, wall, cpu, maps, _ = _score_trials(
-                fn, name, img, bad, sigma, kinds, int(n_trials), int(seed)
-            )
+            out[name] = evaluate_method(prep, method, n_trials=n_trials, seed=seed, name=name)[0]
         except ValueError as err:
             log.warning("compare: %s", err)
-            row["status"] = str(err).splitlines()[0][:200]
-            trials = {k: np.full(int(n_trials), np.nan) for k in _SCORES}
-            wall = cpu = float("nan")
-        else:
-            if results is not None:
-                results[name] = InjectionResult(
-                    method=name,
-                    noise_sigma=sigma,
-                    kinds=kinds,
-                    seed=int(seed),
-                    trials=trials,
-                    seconds=wall,
-                    cpu_seconds=cpu,
-                    maps=maps,
-                )
-        for k in (*scores, "score"):
-            row[k] = float(np.mean(trials[k]))
-            row[f"{k}_std"] = float(np.std(trials[k], ddof=1)) if n_trials > 1 else 0.0
-        row["seconds"], row["cpu_seconds"] = wall, cpu
-        rows.append(row)
-    keep = ["method", "status"]
-    for k in (*scores, "score"):
-        if any(np.isfinite(r[k]) for r in rows) or k == "score":
-            keep += [k, f"{k}_std"]
-    keep += ["seconds", "cpu_seconds"]
-    table = Table(rows=[[r[k] for k in keep] for r in rows], names=keep)
-    table.meta.update(
-        {"noise_sigma": sigma, "seed": int(seed), "n_trials": int(n_trials), "kinds": list(kinds)}
-    )
-    return table
+            out[name] = str(err)
+    if results is not None:
+        results.update({k: v for k, v in out.items() if isinstance(v, InjectionResult)})
+    return results_table(out, prep, seed)
 
 
 def plot_comparison(table, *, figsize=(7, 3.5)):
