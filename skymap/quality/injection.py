@@ -37,16 +37,17 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import PurePath
+from pathlib import Path, PurePath
 from typing import Any
 
 import numpy as np
 
-from .._validate import as_image, as_mask, check_choice, combine_masks
-from ..evaluate import pixel_sigma
+from skymap._validate import as_image, as_mask, check_choice, combine_masks
+from skymap.quality.evaluate import pixel_sigma
 
 __all__ = [
     "KINDS",
@@ -101,11 +102,21 @@ def _name_of(method: Any) -> str:
 
 
 def _load_method(path) -> Any:
-    # A saved configuration is read by the application layer's loader (the same one
-    # `skymap run --config` uses), imported only when a path is given.
-    from skymap import cli
+    """A saved configuration, as ``skymap run --config`` reads it: a table with a
+    ``type`` key is a configuration object, anything else options of :func:`skymap.fit`."""
+    if sys.version_info >= (3, 11):
+        import tomllib
+    else:  # pragma: no cover - Python 3.10
+        import tomli as tomllib
 
-    return cli._load_config(path)
+    data = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+    if "type" not in data:
+        return data
+    # decoding configuration objects is the application layer's job; imported only
+    # when a saved configuration object is given
+    from skymap.app.config import from_dict
+
+    return from_dict(data)
 
 
 def as_method(method: Any = None) -> tuple[Callable[[np.ndarray, Any], Any], str]:
@@ -134,7 +145,7 @@ def as_method(method: Any = None) -> tuple[Callable[[np.ndarray, Any], Any], str
         except Exception as err:
             raise ValueError(f"method {name!r}: cannot load this configuration: {err}") from err
     if method is None or isinstance(method, Mapping):
-        from ..pipeline import fit
+        from skymap.background.pipeline import fit
 
         options = dict(method or {})
         return (lambda image, mask: fit(image, mask, **options)), name

@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from .injection import InjectionResult, evaluate_method, prepare, results_table
+from skymap.quality.injection import InjectionResult, evaluate_method, prepare, results_table
 
 __all__ = ["DEFAULT_BUDGET", "TuneResult", "default_space", "tune"]
 
@@ -163,7 +163,7 @@ class TuneResult:
 
     def to_toml(self) -> str:
         """The tuned pipeline as TOML (``skymap run --config`` reads it)."""
-        from skymap import config as config_mod
+        from skymap.app import config as config_mod
 
         head = (
             f"# skymap tune: {_label(self.config)}\n"
@@ -175,7 +175,7 @@ class TuneResult:
     def plot(self, *, figsize=(7, 3.5)):
         """Held-back scores of tuned, default and peers as bars (see
         :func:`~skymap.quality.injection.plot_comparison`)."""
-        from .injection import plot_comparison
+        from skymap.quality.injection import plot_comparison
 
         return plot_comparison(self.report, figsize=figsize)
 
@@ -254,7 +254,7 @@ def tune(
     --------
     >>> rng = np.random.default_rng(1)
     >>> img = 10 + rng.normal(size=(96, 96))
-    >>> res = tune(img, space={"high": [5.0]}, n_trials=1, report_trials=1, peers={})
+    >>> res = tune(img, space={"high": [5.0]}, n_trials=1, report_trials=1, peers={}, budget=600)
     >>> [str(o) for o in res.table["options"]]
     ['(defaults)', 'high=5.0']
     >>> res.pipeline.fit(img).background.shape
@@ -262,7 +262,7 @@ def tune(
     """
     from astropy.table import Table
 
-    from ..pipeline import default_pipeline
+    from skymap.background.pipeline import default_pipeline
 
     t_start = time.perf_counter()
     budget = _check_budget(budget)
@@ -276,7 +276,7 @@ def tune(
                 raise ValueError(f"space: {_label(options)}: {err}") from err
     seed, report_seed = int(seed), int(seed) + 1
     if peers is None:
-        from .peers import peers as available
+        from skymap.quality.peers import peers as available
 
         peers = available(noisechisel_runs=False)
 

@@ -43,8 +43,8 @@ from astropy.nddata import NDData
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
-from . import _skymatch_kernels as _k
-from ._validate import as_image, as_mask, check_choice, check_positive
+from skymap._validate import as_image, as_mask, check_choice, check_positive
+from skymap.mosaic import _skymatch_kernels as _k
 
 __all__ = ["SkyMatch", "SkyMatchResult", "match", "clipped_statistic"]
 
