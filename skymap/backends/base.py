@@ -188,6 +188,12 @@ def valid_blocks(bad: np.ndarray, q: int) -> np.ndarray:
            [0, 0, 1]])
     """
     ny, nx = bad.shape
-    ok = np.zeros((-(-ny // q) * q, -(-nx // q) * q), bool)
-    ok[:ny, :nx] = ~bad
-    return ok.reshape(ok.shape[0] // q, q, ok.shape[1] // q, q).any(axis=(1, 3))
+    # "all bad" over q rows (contiguous: fast), then over q columns of the small result
+    fy, fx = ny // q * q, nx // q * q
+    rows = np.logical_and.reduce(bad[:fy].reshape(ny // q, q, nx), axis=1)
+    if fy < ny:
+        rows = np.vstack([rows, bad[fy:].all(axis=0, keepdims=True)])
+    out = np.logical_and.reduce(rows[:, :fx].reshape(rows.shape[0], nx // q, q), axis=2)
+    if fx < nx:
+        out = np.hstack([out, rows[:, fx:].all(axis=1, keepdims=True)])
+    return ~out
