@@ -294,6 +294,21 @@ def test_reference_level_falls_back_to_the_first_valid_pixel():
     assert np.array_equal(tiled.mask.compute(), ref.mask)
 
 
+def test_a_mesh_pipeline_runs_on_dask_from_per_tile_statistics():
+    img = _crowded(np.float32)[:192, :256]
+    # IDW evaluates any window of its map bit for bit: the whole fit is then exact
+    mesh = MeshBackground(box_size=16, interpolator=IDW(n_neighbors=8))
+    pipe = IterativeBackground(
+        first_guess=mesh,
+        stages=(Stage(masker=HysteresisMasker(scales=(1.0, 2.0)), estimator=mesh),),
+        max_iter=2,
+    )
+    ref = pipe.fit(img)
+    tiled = pipe.fit(da.from_array(img, chunks=64), tile=64)
+    assert tiled.tiles.tile == (64, 64)
+    _assert_same_fit(tiled, ref)
+
+
 # A user's own pieces, following the protocols only: they run in every back end.
 
 
