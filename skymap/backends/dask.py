@@ -31,7 +31,13 @@ from typing import Any
 import numpy as np
 
 from skymap._validate import as_image, as_mask, as_pair, combine_masks, work_dtype
-from skymap.backends.base import SplitMasker, TileMasker, valid_blocks
+from skymap.backends.base import (
+    BinnedStepMasker,
+    SplitMasker,
+    TileMasker,
+    block_sums,
+    valid_blocks,
+)
 
 __all__ = [
     "DaskBackend",
@@ -409,6 +415,15 @@ class DaskBackend:
         residual, excl = self.persist(residual, excl)
         if isinstance(masker, SplitMasker):
             excl = masker.mask_on(self, residual, noise, excl, window_of)
+        elif isinstance(masker, BinnedStepMasker):
+            b = int(masker.block(self.shape))
+            sums = self.cell_grid(block_sums, [residual, excl], (b, b), 2, b=b)
+            state = masker.global_step(sums[0], sums[1])
+            det = self.map_tiles(
+                _tile_binned_step, [residual, self.bad], halo=int(masker.halo(self.shape)),
+                dtype=bool, masker=masker, noise=noise, window_of=window_of, state=state,
+            )  # fmt: skip
+            excl = excl | det
         elif isinstance(masker, TileMasker):
             det = self.map_tiles(
                 _tile_masker, [residual, self.bad], halo=int(masker.halo(self.shape)),
@@ -700,6 +715,11 @@ def core_of(window, core, b: int = 1) -> tuple[slice, slice]:
         slice((c0 - w0) // b, -(-(c1 - w0) // b))
         for (w0, _), (c0, c1) in zip(window, core, strict=True)
     )
+
+
+def _tile_binned_step(res, bad, *, window, core, masker, noise, window_of, state):
+    det = np.asarray(masker.local_step(res, window_of(noise, window), bad, state), dtype=bool)
+    return np.ascontiguousarray(det[core_of(window, core)])
 
 
 def _tile_masker(res, bad, *, window, core, masker, noise, window_of):

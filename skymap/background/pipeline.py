@@ -34,7 +34,7 @@ import numpy as np
 
 from skymap._util import check_int
 from skymap._validate import as_image, as_mask, check_positive
-from skymap.backends.base import ArrayBackend, Tileable
+from skymap.backends.base import ArrayBackend, BinnedStepMasker, Tileable
 from skymap.backends.dask import DaskBackend, is_tiled_input
 from skymap.backends.memory import MemoryBackend
 from skymap.background.model import BackgroundEstimator, BackgroundModel, as_driven
@@ -535,6 +535,8 @@ class IterativeBackground:
         for piece in pieces:
             if isinstance(piece, Tileable):
                 units = tuple(map(math.lcm, units, piece.tile_unit(shape)))
+            elif isinstance(piece, BinnedStepMasker):
+                units = tuple(math.lcm(u, int(piece.block(shape))) for u in units)
         return units
 
     def settled(self, rec: IterationRecord) -> bool:
