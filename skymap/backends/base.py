@@ -34,6 +34,7 @@ import numpy as np
 __all__ = [
     "ArrayBackend",
     "BinnedStepMasker",
+    "NativeMaps",
     "SplitMasker",
     "TileMasker",
     "Tileable",
@@ -149,6 +150,15 @@ class ArrayBackend(Protocol):
     def median(self, values: Callable, arrays: Sequence, **kw) -> float:
         """Exact ``np.median`` of the values ``values(*blocks, window=, **kw)`` of all
         tiles."""
+
+
+@runtime_checkable
+class NativeMaps(Protocol):
+    """A model whose background map is already a back end's array (made per tile, e.g.
+    a ring median): ``native_background()`` returns it, and a tiled back end uses it
+    as it is instead of evaluating the model per tile."""
+
+    def native_background(self) -> Any: ...
 
 
 @runtime_checkable

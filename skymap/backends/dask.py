@@ -33,6 +33,7 @@ import numpy as np
 from skymap._validate import as_image, as_mask, as_pair, combine_masks, work_dtype
 from skymap.backends.base import (
     BinnedStepMasker,
+    NativeMaps,
     SplitMasker,
     TileMasker,
     block_sums,
@@ -197,6 +198,7 @@ class DaskBackend:
         if self.nbad == self.size:
             raise ValueError("image has no valid pixel: everything is masked or non-finite")
         self._last = None
+        self._image_subsamples: dict = {}
         self.halo = 0  # the largest halo read so far (pixels)
         # Full-width strips of about a tile's area, for the C-order noise sample.
         h = max(1, self.tile[0] * self.tile[1] // shape[1])
@@ -393,8 +395,8 @@ class DaskBackend:
     def background(self, model):
         import dask.array as da
 
-        native = getattr(model, "background", None)
-        if isinstance(native, da.Array):
+        native = _native_background(model)
+        if native is not None:
             return native
         return da.map_blocks(
             _tile_model_map, dtype=self.dtype, chunks=self.chunks, model=model, which="background"
@@ -460,11 +462,10 @@ class DaskBackend:
 
     def change(self, background, model, previous, noise, noise_model) -> float:
         # per tile from the models (a quarter of the pixels), not from `background`
-        import dask.array as da
 
         arrays = [self.bad]
-        old = getattr(previous, "background", None)
-        if isinstance(old, da.Array):
+        old = _native_background(previous)
+        if old is not None:
             arrays.append(old)
             previous = None
         total, n = self.per_tile_sums(
@@ -510,7 +511,13 @@ class DaskBackend:
         return np.asarray(self.compute(array))
 
     def subsample(self, array, step: int) -> np.ndarray:
-        return np.asarray(self.compute(array[::step, ::step]))
+        # the image's subsamples are read once (every refit asks for its reference level)
+        if array is self.image and step in self._image_subsamples:
+            return self._image_subsamples[step]
+        sub = np.asarray(self.compute(array[::step, ::step]))
+        if array is self.image:
+            self._image_subsamples[step] = sub
+        return sub
 
     def first_valid(self, mask) -> float:
         import dask.array as da
@@ -584,6 +591,20 @@ class DaskBackend:
         )
         (det,) = self.persist(det)
         return det
+
+
+def _native_background(model):
+    """The model's background when it is already a dask array (a map made tile by
+    tile, e.g. a ring median), else None (a model on a grid: evaluated per tile). Read
+    through :class:`~skymap.backends.base.NativeMaps` only, so that a model's
+    full-resolution property is never computed in the driver."""
+    import dask.array as da
+
+    if isinstance(model, NativeMaps):
+        native = model.native_background()
+        if isinstance(native, da.Array):
+            return native
+    return None
 
 
 # --------------------------------------------------------------------------- labels

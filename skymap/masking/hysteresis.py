@@ -429,6 +429,12 @@ class HysteresisMasker:
         det = _hysteresis(snr, self.low, self.high, plain)
         # The labels in snr's memory and the growth map are done with (memory).
         del snr, plain
+        return self.grow(det, s, b, excluded, into=into)
+
+    def grow(self, det, s, b, excluded, into=None) -> np.ndarray:
+        """The last local step of :meth:`scale_mask`: the binned detections ``det`` of
+        scale ``s`` dilated, expanded to full resolution and (without ``into``) cut to
+        pixels not ``excluded``."""
         radius = self.dilation(s) / b
         if radius > 0 and det.any():
             det = grow_mask(det, radius) if radius > 3 else _dilate_disk(det, radius)
@@ -586,10 +592,8 @@ def hysteresis_codes(maps, *, factor, low, high, which):
 
 def _tile_dilate(det, excl, *, window, core, masker, s, b):
     """The tile's exclusion OR its (dilated, expanded) detections of scale ``s``:
-    ``masker.scale_mask`` on the window, fed maps whose hysteresis keeps exactly the
-    globally labelled detections ``det``."""
-    inf = np.float32(np.inf)
-    maps = _ScaleMaps(snr=np.where(det, inf, -inf), plain=None, invalid=None, block=b)
-    grown = masker.scale_mask(maps, 1.0, s, excl)
+    :meth:`HysteresisMasker.grow` on the window of the globally labelled detections
+    ``det`` (the dilation reaches ``halo`` pixels, so the core is exact)."""
+    grown = masker.grow(np.ascontiguousarray(det), s, b, excl)
     sl = core_of(window, core)
     return excl[sl] | grown[sl]
