@@ -54,8 +54,8 @@ def run(which, path, tile, workers):
         peak = status_kb("VmHWM")
         background, mask, noise, workers_kb = res.background, res.mask, res.noise, []
     else:
-        from skymap.distributed import cluster_client
-        from skymap.tiled import tiled_fit
+        from skymap.backends.distributed import cluster_client
+        from skymap.background.tiled import tiled_fit
 
         image = np.load(path, mmap_mode="r")
         with cluster_client(workers=workers) as client:
@@ -99,7 +99,7 @@ def main():
     if args.run:
         run(args.run, args.path, args.tile, args.workers)
         return
-    from skymap.simulate import scene_by_name
+    from skymap.quality.simulate import scene_by_name
 
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "image.npy")

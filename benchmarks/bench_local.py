@@ -39,7 +39,7 @@ def main() -> None:
     from photutils.aperture import CircularAperture
     from photutils.background import LocalBackground, MedianBackground
 
-    from skymap.local import annulus_background, aperture_sum
+    from skymap.photometry.local import annulus_background, aperture_sum
 
     rng = np.random.default_rng(2048)
     image = rng.normal(100.0, 5.0, (args.size, args.size))

@@ -61,14 +61,14 @@ def make_image(size: int, seed: int = 0) -> np.ndarray:
 
 
 def run_skymap_sex(img):
-    from skymap.mesh import MeshBackground
+    from skymap.background.mesh import MeshBackground
 
     res = MeshBackground.like_sextractor(BOX, FILTER).fit(img)
     return res.background, res.rms
 
 
 def run_skymap_phot(img):
-    from skymap.mesh import MeshBackground
+    from skymap.background.mesh import MeshBackground
 
     res = MeshBackground.like_photutils(BOX).fit(img)
     return res.background, res.rms

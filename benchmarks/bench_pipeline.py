@@ -155,7 +155,7 @@ def true_mask_mesh(image, true_mask, sky, sigma):
 
 
 def metrics(bkg, scene, mask):
-    from skymap.evaluate import bias_under_sources, perfect_curve, rms_vs_scale
+    from skymap.quality.evaluate import bias_under_sources, perfect_curve, rms_vs_scale
 
     sigma = scene.noise_sigma
     valid = np.ones(bkg.shape, bool) if scene.mask is None else ~scene.mask
@@ -174,7 +174,7 @@ def metrics(bkg, scene, mask):
 
 def accuracy(names):
     import skymap
-    from skymap.simulate import notebook_scene, scene_by_name
+    from skymap.quality.simulate import notebook_scene, scene_by_name
 
     rows = []
     for name in names:
@@ -222,7 +222,7 @@ def _report(label, name_a, runs_a, name_b, runs_b):
 
 def speed(repeat):
     import skymap
-    from skymap.simulate import notebook_scene
+    from skymap.quality.simulate import notebook_scene
 
     image = notebook_scene().image
     skymap.fit(image[:256, :256])  # compile the kernels outside the timing
@@ -235,7 +235,7 @@ def speed(repeat):
 
 def speed_large(repeat):
     import skymap
-    from skymap.simulate import scene_by_name
+    from skymap.quality.simulate import scene_by_name
 
     skymap.fit(
         np.zeros((256, 256), np.float32)

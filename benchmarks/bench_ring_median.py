@@ -35,7 +35,7 @@ import numpy as np
 import scipy.ndimage as ndi
 from skimage.filters.rank import median as sk_median
 
-from skymap.filters import approximate_ring_median, ring_footprint, ring_median
+from skymap.stats.filters import approximate_ring_median, ring_footprint, ring_median
 
 SIGMA = 1.0
 

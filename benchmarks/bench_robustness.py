@@ -136,7 +136,7 @@ def run_sep_masked(image, mask):
 
 
 def run_mesh_sex(image, mask):
-    from skymap.mesh import MeshBackground
+    from skymap.background.mesh import MeshBackground
 
     result = MeshBackground.like_sextractor(64).fit(image, mask=mask)
     used = np.zeros(image.shape, bool) if mask is None else mask.copy()
@@ -283,8 +283,8 @@ def print_summary(results, methods):
 
 def real_rows(path):
     import skymap
-    from skymap.evaluate import masked_vs_unmasked
-    from skymap.io import read_image
+    from skymap.app.io import read_image
+    from skymap.quality.evaluate import masked_vs_unmasked
 
     img = read_image(path)
     image, mask = img.data, img.mask
@@ -350,7 +350,7 @@ def print_real(rows):
 
 
 def main(argv=None):
-    from skymap.simulate import SCENE_NAMES
+    from skymap.quality.simulate import SCENE_NAMES
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--scenes", nargs="*", default=list(SCENE_NAMES), choices=SCENE_NAMES)
@@ -379,7 +379,7 @@ def main(argv=None):
     print(f"commit {commit}; uncommitted under skymap/: {[d for d in dirty if d] or 'none'}")
 
     # Warm numba's caches so the first scene's timing is not compilation.
-    from skymap.simulate import scene_by_name
+    from skymap.quality.simulate import scene_by_name
 
     warm = scene_by_name("galaxies_lsb", shape=(128, 128), seed=1)
     for label in args.methods:

@@ -24,8 +24,8 @@ from astropy.modeling.models import Gaussian2D
 from astropy.table import Table
 from photutils.datasets import make_model_image
 
-from skymap.evaluate import evaluate
-from skymap.simulate import (
+from skymap.quality.evaluate import evaluate
+from skymap.quality.simulate import (
     MoffatStars,
     PoissonNoise,
     Polynomial,

@@ -27,7 +27,7 @@ import numpy as np
 from astropy.nddata import NDData
 from astropy.wcs import WCS
 
-from skymap.skymatch import match
+from skymap.mosaic.skymatch import match
 
 PIXEL_DEG = 0.1 / 3600.0
 

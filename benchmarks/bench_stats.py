@@ -20,7 +20,7 @@ from astropy.stats import SigmaClip as AstropySigmaClip
 from astropy.stats import biweight_location, mad_std
 from photutils.background import SExtractorBackground, StdBackgroundRMS
 
-from skymap import stats as S
+from skymap.stats import estimators as S
 
 
 def make_stack(rows: int, cols: int, seed: int = 1) -> np.ndarray:

@@ -24,7 +24,7 @@ from matplotlib.figure import Figure
 from PIL import Image
 
 import skymap
-from skymap.simulate import notebook_scene
+from skymap.quality.simulate import notebook_scene
 
 log = logging.getLogger("make_figures")
 

@@ -1,7 +1,10 @@
 """skymap: model, validate and match the 2D sky background of astronomical images.
 
-The package is flat, one module per job (see ``docs/architecture.md``). Submodules and
-the most used names are imported lazily so that ``import skymap`` stays cheap and the
+Subpackages hold one job each (see ``docs/architecture.md``): ``stats``, ``masking``,
+``background``, ``backends``, ``photometry``, ``mosaic``, ``quality`` and ``app``. The
+default path is exported here: :func:`fit` (a ``ThinPlateSmoother`` with a
+``HysteresisMasker``, iterated by ``IterativeBackground``). Submodules and names are
+imported lazily so that ``import skymap`` stays cheap and the
 compiled kernels are only built when first needed.
 
 Examples
@@ -18,39 +21,37 @@ import importlib
 
 __version__ = "0.1.0"
 
+from skymap import _compat
+
+_compat.install()
+
 _SUBMODULES = (
     "stats",
-    "interpolate",
-    "mesh",
-    "filters",
     "masking",
-    "hysteresis",
-    "simulate",
-    "evaluate",
-    "local",
-    "skymatch",
-    "pipeline",
-    "io",
-    "plot",
-    "report",
-    "distributed",
-    "tiled",
-    "cli",
-    "config",
+    "background",
+    "backends",
+    "photometry",
+    "mosaic",
+    "quality",
+    "app",
 )
 
 # public name -> submodule that defines it
 _NAMES = {
-    "MeshBackground": "mesh",
-    "MeshResult": "mesh",
-    "IterativeBackground": "pipeline",
-    "BackgroundResult": "pipeline",
-    "fit": "pipeline",
-    "LocalBackground": "local",
-    "annulus_background": "local",
-    "aperture_sum": "local",
-    "SkyMatch": "skymatch",
-    "SkyMatchResult": "skymatch",
+    "fit": "background.pipeline",
+    "default_pipeline": "background.pipeline",
+    "IterativeBackground": "background.pipeline",
+    "BackgroundResult": "background.pipeline",
+    "Stage": "background.pipeline",
+    "ThinPlateSmoother": "background.smooth",
+    "HysteresisMasker": "masking.hysteresis",
+    "MeshBackground": "background.mesh",
+    "MeshResult": "background.mesh",
+    "LocalBackground": "photometry.local",
+    "annulus_background": "photometry.local",
+    "aperture_sum": "photometry.local",
+    "SkyMatch": "mosaic.skymatch",
+    "SkyMatchResult": "mosaic.skymatch",
 }
 
 __all__ = ["__version__", *_SUBMODULES, *_NAMES]
@@ -62,6 +63,10 @@ def __getattr__(name: str):
     if name in _NAMES:
         module = importlib.import_module(f"skymap.{_NAMES[name]}")
         return getattr(module, name)
+    old = f"skymap.{name}"
+    if old in _compat.MOVED:
+        _compat.warn_moved(old)
+        return importlib.import_module(_compat.MOVED[old])
     raise AttributeError(f"module 'skymap' has no attribute {name!r}")
 
 

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 import skymap
-from skymap.evaluate import bias_under_sources, perfect_curve, rms_vs_scale
-from skymap.simulate import notebook_scene, scene_by_name
+from skymap.quality.evaluate import bias_under_sources, perfect_curve, rms_vs_scale
+from skymap.quality.simulate import notebook_scene, scene_by_name
 
 # The notebook's hand-tuned five-step recipe rebuilt on photutils 3
 # (benchmarks/bench_pipeline.py): RMS error and mean residual under the sources.

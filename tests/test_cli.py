@@ -11,7 +11,7 @@ import pytest
 from astropy.io import fits
 from astropy.wcs import WCS
 
-from skymap import cli, io
+from skymap.app import cli, io
 
 SUBCOMMANDS = ("demo", "run", "batch", "simulate", "evaluate", "match", "config")
 
@@ -197,7 +197,7 @@ def test_match_finds_the_relative_sky_levels(tmp_path):
 def mesh_toml(tmp_path):
     """A single-pass mesh configuration: run and batch work without the pipeline."""
     config = pytest.importorskip("skymap.config")
-    from skymap.mesh import MeshBackground
+    from skymap.background.mesh import MeshBackground
 
     return config.save_toml(MeshBackground(box_size=16), tmp_path / "mesh.toml")
 
@@ -215,7 +215,7 @@ def test_run_with_a_config_file_on_real_data(name, data_dir, tmp_path, mesh_toml
     background = fits.getdata(out / f"{stem}_background.fits")
     assert np.all(np.isfinite(background[np.isfinite(image.data)]))
     header = fits.getheader(out / f"{stem}_subtracted.fits")
-    from skymap.config import load_toml
+    from skymap.app.config import load_toml
 
     assert header["SKYPROD"] == "subtracted" and header["SKYSRC"] == name
     assert header["SKYCFGH"] == io.config_hash(load_toml(mesh_toml))
@@ -233,7 +233,7 @@ def test_run_with_a_config_file_on_real_data(name, data_dir, tmp_path, mesh_toml
 
 def test_config_written_by_the_command_drives_run(data_dir, tmp_path, capsys):
     config = pytest.importorskip("skymap.config")
-    from skymap.mesh import MeshBackground
+    from skymap.background.mesh import MeshBackground
 
     assert cli.main(["config", "--kind", "sextractor", "--box-size", "16"]) == 0
     expected = MeshBackground.like_sextractor(box_size=16)
@@ -280,7 +280,7 @@ def test_data_the_fit_cannot_use_exits_2(tmp_path, capsys):
     fits.PrimaryHDU(np.full((32, 32), np.nan, np.float32)).writeto(tmp_path / "nan.fits")
     argv = ["run", str(tmp_path / "nan.fits"), "-o", str(tmp_path / "o"), "-q"]
     config = pytest.importorskip("skymap.config")
-    from skymap.mesh import MeshBackground
+    from skymap.background.mesh import MeshBackground
 
     toml = config.save_toml(MeshBackground(box_size=8), tmp_path / "m.toml")
     assert cli.main([*argv, "--config", str(toml)]) == cli.EXIT_USAGE

@@ -8,24 +8,21 @@ from scipy import ndimage
 da = pytest.importorskip("dask.array")
 
 import skymap  # noqa: E402
-from skymap.distributed import (  # noqa: E402
+from skymap.backends.distributed import (  # noqa: E402
     cluster_client,
     map_files,
     tiled_mesh_background,
 )
-from skymap.filters import ring_footprint, ring_median  # noqa: E402
-from skymap.hysteresis import HysteresisMasker, _hysteresis, _pair_differences  # noqa: E402
-from skymap.interpolate import IDW, SExtractorSpline, ZoomSpline  # noqa: E402
-from skymap.mesh import MeshBackground  # noqa: E402
-from skymap.pipeline import (  # noqa: E402
+from skymap.background.interpolate import IDW, SExtractorSpline, ZoomSpline  # noqa: E402
+from skymap.background.mesh import MeshBackground  # noqa: E402
+from skymap.background.pipeline import (  # noqa: E402
     IterativeBackground,
     RingMedianGuess,
     Stage,
     default_pipeline,
 )
-from skymap.simulate import notebook_scene, scene_by_name  # noqa: E402
-from skymap.smooth import ThinPlateSmoother, reference_level  # noqa: E402
-from skymap.tiled import (  # noqa: E402
+from skymap.background.smooth import ThinPlateSmoother, reference_level  # noqa: E402
+from skymap.background.tiled import (  # noqa: E402
     _float_keys,
     _keep_labels,
     _key_to_float,
@@ -36,6 +33,9 @@ from skymap.tiled import (  # noqa: E402
     _Tiling,
     tiled_fit,
 )
+from skymap.masking.hysteresis import HysteresisMasker, _hysteresis, _pair_differences  # noqa: E402
+from skymap.quality.simulate import notebook_scene, scene_by_name  # noqa: E402
+from skymap.stats.filters import ring_footprint, ring_median  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy import ndimage
 
-from skymap.evaluate import (
+from skymap.quality.evaluate import (
     bias_under_sources,
     evaluate,
     fit_line,
@@ -20,7 +20,7 @@ from skymap.evaluate import (
     rms_vs_scale,
     white_noise_curve,
 )
-from skymap.simulate import notebook_scene
+from skymap.quality.simulate import notebook_scene
 
 
 def _notebook_rms(img, mask, widths):

@@ -8,7 +8,12 @@ from hypothesis import given
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from skymap.filters import approximate_ring_median, ring_footprint, ring_median, ring_percentile
+from skymap.stats.filters import (
+    approximate_ring_median,
+    ring_footprint,
+    ring_median,
+    ring_percentile,
+)
 
 
 def _image_with_sources(rng, shape, dtype=np.float32, nsrc=6):

@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 import scipy.ndimage as ndi
 
-import skymap.hysteresis as H
-import skymap.pipeline as P
-from skymap.smooth import ThinPlateSmoother
+import skymap.background.pipeline as P
+import skymap.masking.hysteresis as H
+from skymap.background.smooth import ThinPlateSmoother
 
 
 def _reference_snr(res, excluded, s, b, sigma_full, surround_local=None):

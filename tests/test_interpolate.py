@@ -8,7 +8,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from scipy.interpolate import CubicSpline
 
-from skymap.interpolate import (
+from skymap.background.interpolate import (
     IDW,
     Interpolator,
     MeshGeometry,

@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 import skymap
-from skymap import io
+from skymap.app import io
 
 
 def _sha(path):

@@ -19,7 +19,7 @@ from astropy.stats import SigmaClip, biweight_location, sigma_clip
 from hypothesis import example, given
 from hypothesis import strategies as st
 
-from skymap.local import (
+from skymap.photometry.local import (
     LocalBackground,
     LocalFlag,
     annulus_background,
@@ -271,7 +271,7 @@ def test_sigma_clipping_matches_astropy(rng, clip):
 def test_any_estimator_through_the_stack_equals_the_compiled_path(rng):
     from photutils.background import MedianBackground
 
-    from skymap import stats
+    from skymap.stats import estimators as stats
 
     image, mask = random_scene(rng)
     positions = rng.uniform(7.0, 72.0, (30, 2))

@@ -9,8 +9,7 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 from photutils.segmentation import detect_sources
 
-from skymap.filters import ring_median
-from skymap.masking import (
+from skymap.masking.maskers import (
     BrightSourceMasker,
     FlagMasker,
     Masker,
@@ -22,6 +21,7 @@ from skymap.masking import (
     segment,
     smooth_masked,
 )
+from skymap.stats.filters import ring_median
 
 
 def _scene(rng, shape=(120, 100), nsrc=12):

@@ -9,9 +9,9 @@ from astropy.io import fits
 from hypothesis import given
 from hypothesis import strategies as st
 
-from skymap import stats
-from skymap.interpolate import IDW, SExtractorSpline, ZoomSpline
-from skymap.mesh import MeshBackground, MeshResult, SExtractorHistogram
+from skymap.background.interpolate import IDW, SExtractorSpline, ZoomSpline
+from skymap.background.mesh import MeshBackground, MeshResult, SExtractorHistogram
+from skymap.stats import estimators as stats
 
 
 def _scene(rng, shape, dtype=np.float64):

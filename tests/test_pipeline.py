@@ -7,9 +7,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy.sparse.linalg import spsolve
 
-from skymap import hysteresis as H
-from skymap import pipeline as P
-from skymap.smooth import ThinPlateSmoother, smooth_grid, upsample
+from skymap.background import pipeline as P
+from skymap.background.smooth import ThinPlateSmoother, smooth_grid, upsample
+from skymap.masking import hysteresis as H
 
 
 def _scene(rng, shape=(96, 96), nsrc=12, sigma=1.0):
@@ -269,7 +269,7 @@ def test_fit_recovers_background_and_masks_sources(rng):
 
 
 def test_history_is_complete_and_plottable(rng):
-    from skymap.plot import plot_convergence
+    from skymap.app.plot import plot_convergence
 
     img, _ = _scene(rng, shape=(96, 96))
     res = P.fit(img)
@@ -369,7 +369,7 @@ def test_offset_scale_transpose_invariance(seed, offset, scale):
 
 
 def test_default_pipeline_round_trips_through_toml():
-    from skymap import config
+    from skymap.app import config
 
     pipe = P.default_pipeline(np.zeros((64, 64)))
     assert config.loads_toml(config.dumps_toml(pipe)) == pipe
@@ -441,7 +441,7 @@ def test_min_smoothing_is_a_floor_for_gcv(rng):
 def test_source_asymmetry_stiffens_under_extended_wings():
     # Faint extended wings around compact cores on a flat sky: without the check the
     # fit follows the unmasked wings and sits high under the sources.
-    from skymap.simulate import scene_by_name
+    from skymap.quality.simulate import scene_by_name
 
     scene = scene_by_name("galaxies_lsb", shape=(192, 192), seed=0)
     under = scene.sources > scene.noise_sigma

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 from scipy.ndimage import gaussian_filter
 
-from skymap.hysteresis import HysteresisMasker
-from skymap.pipeline import fit
+from skymap.background.pipeline import fit
+from skymap.masking.hysteresis import HysteresisMasker
 
 
 def _crowded_correlated(rng, n=256, stars=400, corr=1.0):

@@ -5,7 +5,7 @@ import pytest
 from matplotlib.figure import Figure
 from matplotlib.image import AxesImage
 
-from skymap import plot
+from skymap.app import plot
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

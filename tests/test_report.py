@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from matplotlib.image import imread
 
-from skymap import io, plot, report
-from skymap.evaluate import evaluate
+from skymap.app import io, plot, report
+from skymap.quality.evaluate import evaluate
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

@@ -6,7 +6,7 @@ from astropy.modeling.models import Gaussian2D
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from skymap.simulate import (
+from skymap.quality.simulate import (
     SCENE_NAMES,
     AmplifierOffsets,
     BadColumns,

@@ -13,7 +13,7 @@ from astropy.wcs import WCS
 from hypothesis import given
 from hypothesis import strategies as st
 
-from skymap.skymatch import SkyMatch, clipped_statistic, match
+from skymap.mosaic.skymatch import SkyMatch, clipped_statistic, match
 
 DATA = Path(__file__).parent / "data"
 

@@ -10,8 +10,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from skymap import _stats_kernels as K
-from skymap import stats as S
+from skymap.stats import _kernels as K
+from skymap.stats import estimators as S
 
 LOCATIONS = [
     S.Mean(),

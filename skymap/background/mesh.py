@@ -27,16 +27,16 @@ from typing import Any, Literal
 
 import numpy as np
 
-from skymap import _mesh_kernels as _k
-from skymap import stats as _stats
 from skymap._validate import as_image, as_mask, as_pair, check_choice, check_range
-from skymap.interpolate import (
+from skymap.background import _mesh_kernels as _k
+from skymap.background.interpolate import (
     Interpolator,
     MeshGeometry,
     SExtractorSpline,
     ZoomSpline,
     fill_holes,
 )
+from skymap.stats import estimators as _stats
 
 __all__ = ["MeshBackground", "MeshResult", "SExtractorHistogram"]
 

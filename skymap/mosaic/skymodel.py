@@ -1,6 +1,6 @@
 """Polynomial sky models for sky matching: an offset, a plane or a quadratic per image.
 
-:func:`skymap.skymatch.match` with ``model='plane'`` or ``'poly2'`` gives each image (or
+:func:`skymap.mosaic.skymatch.match` with ``model='plane'`` or ``'poly2'`` gives each image (or
 exposure) a low-order polynomial sky in its own pixel frame instead of one constant, so
 that gradients from scattered light, airmass or moonlight are matched too. This module
 holds the arithmetic: the polynomial terms, the clipped sky differences in cells of an
@@ -23,7 +23,7 @@ import numpy as np
 from scipy.linalg import LinAlgWarning, cho_factor, cho_solve, eigh
 from scipy.sparse import csr_matrix
 
-from . import _skymatch_kernels as _k
+from skymap.mosaic import _skymatch_kernels as _k
 
 __all__ = [
     "MODELS",
@@ -181,7 +181,7 @@ def overlap_cells(
     cell_size : int
         Side of a cell in pixels.
     statistic, lower, upper, nclip, lsigma, usigma, min_pixels
-        As in :class:`skymap.skymatch.SkyMatch`: in each cell both images are clipped
+        As in :class:`skymap.mosaic.skymatch.SkyMatch`: in each cell both images are clipped
         on their own, the pixels kept by both are differenced, and the clipped
         statistic of the differences is the cell's value. Sources are thus clipped cell
         by cell, against the local sky, so a gradient does not widen the clipping.

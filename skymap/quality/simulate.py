@@ -23,8 +23,8 @@ import numpy as np
 import scipy.fft
 from astropy.table import Table
 
-from . import _simulate_kernels as _k
-from ._validate import as_pair, check_choice, check_positive, check_range
+from skymap._validate import as_pair, check_choice, check_positive, check_range
+from skymap.quality import _simulate_kernels as _k
 
 __all__ = [
     "SCENE_NAMES",

@@ -22,9 +22,9 @@ import numpy as np
 import scipy.ndimage as ndi
 from scipy.special import ndtri
 
-from . import _hysteresis_kernels as _k
-from ._validate import as_image, as_mask, check_positive, combine_masks
-from .masking import disk_footprint, grow_mask
+from skymap._validate import as_image, as_mask, check_positive, combine_masks
+from skymap.masking import _hysteresis_kernels as _k
+from skymap.masking.maskers import disk_footprint, grow_mask
 
 __all__ = ["CoarseRMS", "HysteresisMasker"]
 

@@ -287,7 +287,7 @@ def dq_to_mask(dq: np.ndarray, bits: Any = None) -> np.ndarray:
     """
     # imported here: masking pulls in scipy.ndimage and numba, which the command line
     # loads only when it runs a pipeline
-    from skymap.masking import FlagMasker
+    from skymap.masking.maskers import FlagMasker
 
     dq = np.asarray(dq)
     if dq.dtype.kind == "f":
@@ -444,7 +444,7 @@ def config_to_dict(config: Any) -> dict:
         return json.loads(json.dumps(dict(config), default=_jsonable))
     if dataclasses.is_dataclass(config) and not isinstance(config, type):
         try:
-            from skymap import config as _config
+            from skymap.app import config as _config
 
             return json.loads(json.dumps(_config.to_dict(config), default=_jsonable))
         except (ImportError, AttributeError, TypeError, ValueError):

@@ -30,7 +30,7 @@ import numpy as np
 import scipy.ndimage as ndi
 
 from skymap._validate import as_image, as_mask, check_choice, check_positive, combine_masks
-from skymap.filters import ring_median
+from skymap.stats.filters import ring_median
 
 __all__ = [
     "JWST_DQ_BITS",

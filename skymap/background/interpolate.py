@@ -486,7 +486,11 @@ class SExtractorSpline:
     def window(self, mesh_values, mesh_mask, geometry, rows, cols):
         """The map over pixel rows ``rows[0]:rows[1]`` and columns ``cols[0]:cols[1]``,
         equal to that window of the full map."""
-        from skymap._mesh_kernels import spline_eval, spline_second_derivatives, threads_for
+        from skymap.background._mesh_kernels import (
+            spline_eval,
+            spline_second_derivatives,
+            threads_for,
+        )
 
         (r0, r1), (c0, c1) = _check_window(geometry, rows, cols)
         values = _check_grid(mesh_values, geometry, geometry.image_shape)

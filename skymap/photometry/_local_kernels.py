@@ -22,7 +22,7 @@ import math
 import numpy as np
 from numba import njit, prange
 
-from skymap._stats_kernels import (
+from skymap.stats._kernels import (
     MAD_TO_STD,
     gather_finite,
     mean_std,

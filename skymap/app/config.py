@@ -77,7 +77,7 @@ def to_dict(obj: Any) -> dict:
 
     Examples
     --------
-    >>> from skymap.stats import SigmaClip
+    >>> from skymap.stats.estimators import SigmaClip
     >>> to_dict(SigmaClip(sigma=2.5))
     {'type': 'skymap.stats:SigmaClip', 'sigma': 2.5, 'sigma_lower': None, \
 'sigma_upper': None, 'maxiters': 10, 'cenfunc': 'median', 'stdfunc': 'std'}
@@ -100,7 +100,16 @@ def _class_name(cls: type) -> str:
             f"{cls.__qualname__} is defined inside a function and cannot be found again "
             "by from_dict; define it at module level"
         )
-    return f"{cls.__module__}:{cls.__qualname__}"
+    # The shortest public path (``skymap.stats:SigmaClip``, not the defining module's):
+    # saved files then survive a class moving between modules of its subpackage.
+    module = cls.__module__
+    parts = module.split(".")
+    for n in range(1, len(parts)):
+        parent = sys.modules.get(".".join(parts[:n]))
+        if parent is not None and getattr(parent, cls.__qualname__, None) is cls:
+            module = ".".join(parts[:n])
+            break
+    return f"{module}:{cls.__qualname__}"
 
 
 def _join(path: str, key: Any) -> str:
@@ -178,7 +187,7 @@ def from_dict(d: Mapping, *, modules: Iterable[str] = DEFAULT_MODULES) -> Any:
 
     Examples
     --------
-    >>> from skymap.stats import SigmaClip
+    >>> from skymap.stats.estimators import SigmaClip
     >>> from_dict({"type": "skymap.stats:SigmaClip", "sigma": 2.5}) == SigmaClip(sigma=2.5)
     True
     """
@@ -321,7 +330,7 @@ def dumps_toml(obj: Any) -> str:
 
     Examples
     --------
-    >>> from skymap.stats import SigmaClip
+    >>> from skymap.stats.estimators import SigmaClip
     >>> print(dumps_toml(SigmaClip(sigma=2.5, maxiters=None)))
     type = "skymap.stats:SigmaClip"
     sigma = 2.5

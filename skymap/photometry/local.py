@@ -31,9 +31,9 @@ from typing import Any
 
 import numpy as np
 
-from skymap import _local_kernels as _k
-from skymap import stats as _stats
 from skymap._validate import as_image, as_mask, as_pair, check_choice, check_positive
+from skymap.photometry import _local_kernels as _k
+from skymap.stats import estimators as _stats
 
 __all__ = [
     "LocalBackground",
@@ -590,7 +590,7 @@ def annulus_background(
     Examples
     --------
     >>> import numpy as np
-    >>> from skymap.local import annulus_background
+    >>> from skymap.photometry.local import annulus_background
     >>> image = np.full((64, 64), 5.0)
     >>> image[30:35, 30:35] = 100.0  # a source: inside r_in, so it is ignored
     >>> res = annulus_background(image, [(32.0, 32.0)], 6.0, 10.0)
@@ -715,7 +715,7 @@ def window_background(
     Examples
     --------
     >>> import numpy as np
-    >>> from skymap.local import window_background
+    >>> from skymap.photometry.local import window_background
     >>> image = np.arange(400.0).reshape(20, 20)
     >>> res = window_background(image, (10.0, 10.0), 5, aperture_radius=1.0)
     >>> int(res.n_pixels[0]), float(res.background[0])  # 25 pixels minus the 3x3 core
@@ -775,7 +775,7 @@ def aperture_sum(
     Examples
     --------
     >>> import numpy as np
-    >>> from skymap.local import aperture_sum
+    >>> from skymap.photometry.local import aperture_sum
     >>> sums, areas = aperture_sum(np.ones((30, 30)), (14.3, 15.1), 5.0)
     >>> round(float(areas[0]), 6) == round(np.pi * 25, 6), bool(np.isclose(sums[0], areas[0]))
     (True, True)
@@ -836,7 +836,7 @@ def from_map(
     Examples
     --------
     >>> import numpy as np
-    >>> from skymap.local import from_map
+    >>> from skymap.photometry.local import from_map
     >>> y, x = np.mgrid[:10, :10]
     >>> float(from_map(1.0 + 2.0 * x + 3.0 * y, (2.5, 4.0)).background[0])
     18.0

@@ -1,4 +1,4 @@
-"""Compiled kernels for :mod:`skymap.skymatch` (private: import the module, not this).
+"""Compiled kernels for :mod:`skymap.mosaic.skymatch` (private: import the module, not this).
 
 One pass over the data each: moments within limits without copying, the selection
 itself, and the resampling of one image's overlap onto another's pixels.

@@ -17,8 +17,8 @@ import math
 import numpy as np
 import scipy.ndimage as ndi
 
-from skymap import _filters_kernels as _k
 from skymap._validate import as_image, as_mask, check_positive, check_range, combine_masks
+from skymap.stats import _filters_kernels as _k
 
 __all__ = ["approximate_ring_median", "ring_footprint", "ring_median", "ring_percentile"]
 

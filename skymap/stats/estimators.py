@@ -38,8 +38,8 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
-from . import _stats_kernels as _k
-from ._validate import check_choice, check_positive
+from skymap._validate import check_choice, check_positive
+from skymap.stats import _kernels as _k
 
 __all__ = [
     "MMM",

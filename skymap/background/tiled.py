@@ -24,10 +24,24 @@ from typing import Any
 
 import numpy as np
 
-from ._validate import as_mask, as_pair, combine_masks, work_dtype
-from .distributed import _aligned_chunks
-from .filters import ring_footprint, ring_median
-from .hysteresis import (
+from skymap._validate import as_mask, as_pair, combine_masks, work_dtype
+from skymap.backends.distributed import _aligned_chunks
+from skymap.background.pipeline import (
+    IterativeBackground,
+    RingMedianGuess,
+    _IterationFields,
+    _working_rms,
+    default_pipeline,
+)
+from skymap.background.smooth import (
+    SmoothResult,
+    ThinPlateSmoother,
+    cell_sums,
+    reference_level,
+    reference_step,
+    upsample,
+)
+from skymap.masking.hysteresis import (
     _MAD_TO_STD,
     CoarseRMS,
     HysteresisMasker,
@@ -36,21 +50,7 @@ from .hysteresis import (
     _pow2_at_most,
     _ScaleMaps,
 )
-from .pipeline import (
-    IterativeBackground,
-    RingMedianGuess,
-    _IterationFields,
-    _working_rms,
-    default_pipeline,
-)
-from .smooth import (
-    SmoothResult,
-    ThinPlateSmoother,
-    cell_sums,
-    reference_level,
-    reference_step,
-    upsample,
-)
+from skymap.stats.filters import ring_footprint, ring_median
 
 __all__ = ["TiledFitResult", "TiledIteration", "tiled_fit"]
 
@@ -1140,7 +1140,7 @@ def _read_memmap(layout, rows, cols):
 
 
 def _work_block(block):
-    from ._validate import as_image
+    from skymap._validate import as_image
 
     return as_image(block)
 

@@ -31,9 +31,10 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
-from . import _pipeline_kernels as _k
-from ._validate import as_image, as_mask, check_positive, combine_masks
-from .hysteresis import (
+from skymap._validate import as_image, as_mask, check_positive, combine_masks
+from skymap.background import _pipeline_kernels as _k
+from skymap.background.smooth import SmoothResult, ThinPlateSmoother, upsample
+from skymap.masking.hysteresis import (
     _MAD_TO_STD,
     CoarseRMS,
     HysteresisMasker,
@@ -41,7 +42,6 @@ from .hysteresis import (
     _noise_grid,
     _pow2_at_most,
 )
-from .smooth import SmoothResult, ThinPlateSmoother, upsample
 
 __all__ = [
     "BackgroundEstimator",
@@ -97,7 +97,7 @@ class RingMedianGuess:
 
     def fit(self, image, mask=None) -> _MapResult:
         """Ring-median background of ``image`` ignoring ``mask`` (True = excluded)."""
-        from .filters import ring_median
+        from skymap.stats.filters import ring_median
 
         img = as_image(image)
         bad = combine_masks(img, as_mask(mask, img.shape))
@@ -363,7 +363,7 @@ class IterativeBackground:
 
     Examples
     --------
-    >>> from skymap.smooth import ThinPlateSmoother
+    >>> from skymap.background.smooth import ThinPlateSmoother
     >>> rng = np.random.default_rng(3)
     >>> img = 10 + rng.normal(size=(128, 128))
     >>> img[60:64, 60:64] += 50
@@ -778,7 +778,7 @@ def fit(image, mask=None, **options) -> BackgroundResult:
 
     Examples
     --------
-    >>> from skymap.simulate import notebook_scene
+    >>> from skymap.quality.simulate import notebook_scene
     >>> scene = notebook_scene(shrink_factor=8)
     >>> res = fit(scene.image)
     >>> err = np.sqrt(np.mean((res.background - scene.sky) ** 2)) / scene.noise_sigma

@@ -34,8 +34,8 @@ from typing import Any
 import numpy as np
 from scipy import fft, ndimage, sparse
 
-from . import _smooth_kernels as _k
-from ._validate import as_image, as_mask, as_pair, check_positive, check_range, combine_masks
+from skymap._validate import as_image, as_mask, as_pair, check_positive, check_range, combine_masks
+from skymap.background import _smooth_kernels as _k
 
 __all__ = ["SmoothResult", "ThinPlateSmoother", "cell_sums", "smooth_grid"]
 

@@ -14,7 +14,7 @@ import numba
 import numpy as np
 from numba import njit, prange
 
-from skymap._stats_kernels import MAD_TO_STD, sextractor_mode
+from skymap.stats._kernels import MAD_TO_STD, sextractor_mode
 
 # location codes of mesh_clip_stats
 LOC_MEAN, LOC_MEDIAN, LOC_SEXTRACTOR, LOC_PEARSON = 0, 1, 2, 3

@@ -17,7 +17,7 @@ Two jobs live here, both on existing engines rather than a home-made pool:
 Examples
 --------
 >>> import numpy as np
->>> from skymap.mesh import MeshBackground
+>>> from skymap.background.mesh import MeshBackground
 >>> rng = np.random.default_rng(0)
 >>> image = rng.normal(10.0, 1.0, (512, 512)).astype(np.float32)
 >>> mesh = MeshBackground(box_size=32)
@@ -38,9 +38,9 @@ from typing import Any
 
 import numpy as np
 
-from ._validate import as_mask, as_pair, check_positive, work_dtype
-from .interpolate import MeshGeometry
-from .mesh import MeshBackground, MeshResult
+from skymap._validate import as_mask, as_pair, check_positive, work_dtype
+from skymap.background.interpolate import MeshGeometry
+from skymap.background.mesh import MeshBackground, MeshResult
 
 __all__ = [
     "TiledMeshResult",
@@ -351,7 +351,7 @@ def _exclusion(mask, coverage_mask, shape, chunks):
 
 
 def _tile_stats(block, *maybe_mask, mesh: MeshBackground, has_mask: bool):
-    from ._validate import as_image
+    from skymap._validate import as_image
 
     img = as_image(block)
     excl = maybe_mask[0] if has_mask else None

@@ -27,7 +27,14 @@ import numpy as np
 import scipy.fft
 from astropy.nddata import block_reduce
 
-from ._validate import as_image, as_mask, as_pair, check_choice, check_positive, combine_masks
+from skymap._validate import (
+    as_image,
+    as_mask,
+    as_pair,
+    check_choice,
+    check_positive,
+    combine_masks,
+)
 
 __all__ = [
     "BiasResult",
@@ -1045,7 +1052,7 @@ def evaluate(
 
     Examples
     --------
-    >>> from skymap.simulate import notebook_scene
+    >>> from skymap.quality.simulate import notebook_scene
     >>> scene = notebook_scene(shrink_factor=8)
     >>> ev = evaluate(None, scene.sky, scene=scene)
     >>> ev.truth_metrics["rms_error"], ev.reference

@@ -23,8 +23,8 @@ from typing import Any
 import numpy as np
 from matplotlib.figure import Figure
 
-from skymap import plot
-from skymap.io import atomic_write, check_outputs
+from skymap.app import plot
+from skymap.app.io import atomic_write, check_outputs
 
 __all__ = [
     "CAPTIONS",
@@ -164,8 +164,8 @@ def report_figures(result: Any, evaluation: Any) -> dict[str, Figure]:
 
     Examples
     --------
-    >>> from skymap.evaluate import evaluate
-    >>> from skymap.simulate import notebook_scene
+    >>> from skymap.quality.evaluate import evaluate
+    >>> from skymap.quality.simulate import notebook_scene
     >>> scene = notebook_scene(shrink_factor=8)
     >>> class Fit:  # any object with background, rms and mask
     ...     background, rms, mask = scene.sky, scene.sky * 0 + 0.1, scene.sources > 0.05

@@ -43,9 +43,9 @@ from astropy.nddata import NDData
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
-from . import _skymatch_kernels as _k
-from . import skymodel
-from ._validate import as_image, as_mask, check_choice, check_positive
+from skymap._validate import as_image, as_mask, check_choice, check_positive
+from skymap.mosaic import _skymatch_kernels as _k
+from skymap.mosaic import skymodel
 
 __all__ = ["SkyMatch", "SkyMatchResult", "match", "clipped_statistic"]
 
@@ -186,7 +186,7 @@ class SkyMatch:
         it.
     model : {'offset', 'plane', 'poly2'}
         The sky of each image (or exposure), in its own pixel frame: a constant, a plane
-        ``a + b*u + c*v`` or a quadratic (see :mod:`skymap.skymodel` for the normalised
+        ``a + b*u + c*v`` or a quadratic (see :mod:`skymap.mosaic.skymodel` for the normalised
         coordinates ``u, v``). Planes and quadratics need a 'match'-type method and the
         'difference' approach; see the module docstring.
     cell_size : int
@@ -589,7 +589,7 @@ class SkyMatchResult:
         The configuration that made this result.
     coefficients : ndarray, shape (n_images, n_terms)
         Each image's sky model in its own normalised pixel frame (see
-        :mod:`skymap.skymodel`): ``[sky]`` for 'offset', ``[a, b, c]`` for 'plane'
+        :mod:`skymap.mosaic.skymodel`): ``[sky]`` for 'offset', ``[a, b, c]`` for 'plane'
         (``a + b*u + c*v``), ``[a, b, c, d, e, f]`` for 'poly2' (``... + d*u**2 + e*u*v
         + f*v**2``). ``a`` is the sky at the image centre and equals :attr:`sky`.
     shapes : list of tuple

@@ -30,8 +30,8 @@ from typing import Any
 import numpy as np
 
 from skymap import __version__
-from skymap import io as skyio
 from skymap._validate import combine_masks
+from skymap.app import io as skyio
 
 __all__ = [
     "EXIT_EXISTS",
@@ -255,7 +255,7 @@ def _planned_outputs(out_dir: Path, stem: str, *, report: bool) -> dict[str, Pat
     paths = dict(skyio.product_paths(out_dir, stem))
     paths["metrics"] = out_dir / "metrics.json"
     if report:
-        from skymap import report as report_mod
+        from skymap.app import report as report_mod
 
         for name, p in report_mod.report_paths(out_dir, tuple(report_mod.CAPTIONS)).items():
             paths[f"report_{name}"] = p
@@ -293,7 +293,7 @@ def _write_outputs(
     )
     written["metrics"] = skyio.write_json(out_dir / "metrics.json", metrics, overwrite=overwrite)
     if report:
-        from skymap import report as report_mod
+        from skymap.app import report as report_mod
 
         figures = report_mod.report_figures(result, evaluation)
         pages = report_mod.write_report(
@@ -823,7 +823,7 @@ def _cmd_config(args) -> int:
         except ValueError as err:
             raise UsageError(str(err)) from err
     else:
-        from skymap.mesh import MeshBackground
+        from skymap.background.mesh import MeshBackground
 
         box = args.box_size
         try:

@@ -1,0 +1,3 @@
+"""How good is a background: scores against truth and statistics
+(:mod:`~skymap.quality.evaluate`), and scenes with their truth
+(:mod:`~skymap.quality.simulate`)."""
