@@ -433,18 +433,21 @@ class SkyMatch:
                 named = [f"({q.i}, {q.j})" for q in small if {q.i, q.j} & set(members)]
                 raise ValueError(
                     f"the overlaps do not constrain the {model} sky of images {members}"
-                    + (f"; the overlaps {', '.join(named)} were too small" if named else "")
+                    + (f"; too small for it: the overlaps {', '.join(named)}" if named else "")
                     + ". Use model='offset' (or 'plane' instead of 'poly2')"
                 )
             return coef, cov
 
-        coef, cov = solve([g[0] for g in exp_groups])
         # The free common model: as for offsets, the exposure with the lowest (highest)
-        # sky at its centre becomes the reference, with a sky of zero everywhere.
+        # sky at its centre becomes the reference, with a sky of zero everywhere. Which
+        # one that is depends on the reference (the others' gradients change with it),
+        # so re-solve until the reference is the lowest, or a choice comes back.
         pick = np.argmin if self.match_down else np.argmax
-        refs = [int(g[pick(coef[g, 0])]) for g in exp_groups]
-        if refs != [g[0] for g in exp_groups]:
+        refs, seen = [int(g[0]) for g in exp_groups], []
+        while refs not in seen:
+            seen.append(refs)
             coef, cov = solve(refs)
+            refs = [int(g[pick(coef[g, 0])]) for g in exp_groups]
         sky_error = self._sky_errors(cov, frames, exp_of, cells_std=error * np.sqrt(npix))
         local = (
             self._local_skies(frames, exposures)
@@ -458,6 +461,15 @@ class SkyMatch:
             coef[:, 0] -= _nanmin(base) if self.match_down else -_nanmin(-np.array(base))
         if self.method == "global+match":
             coef[:, 0] += _nanmin(local - coef[:, 0])
+        empty = [e for e, m in enumerate(exposures) if not any(frames[i].valid.any() for i in m)]
+        if empty:
+            coef[empty] = np.nan
+            warnings.warn(
+                f"no sky could be computed for images {[exposures[e] for e in empty]} (no "
+                "valid pixels); their sky is NaN and they are left unchanged",
+                RuntimeWarning,
+                stacklevel=3,
+            )
         fitted = np.einsum("rk,rk->r", ti, coef[ea]) - np.einsum("rk,rk->r", tj, coef[eb])
         residual = delta - fitted
         dof = max(delta.size - (n_exp - len(groups)) * coef.shape[1], 1)
@@ -495,8 +507,8 @@ class SkyMatch:
 
     def _sky_errors(self, cov, frames, exp_of, cells_std) -> np.ndarray | None:
         """Predicted RMS error of each image's sky map relative to its group's reference
-        (None unless the weights are inverse variances); warns when it exceeds a quarter
-        of the pixel noise, as 'poly2' does on overlaps that are narrow for the tiles."""
+        (None unless the weights are inverse variances); warns when it exceeds the pixel
+        noise, as 'poly2' does on overlaps that are narrow for the tiles."""
         if self.weighting != "inverse_variance":
             return None
         err = np.array(
@@ -507,7 +519,7 @@ class SkyMatch:
         )
         # The pixel noise: the scatter of a cell's differences is sqrt(2) sigma.
         sigma = np.median(cells_std) / _EFFICIENCY[self.statistic] / np.sqrt(2.0)
-        poor = np.flatnonzero(err > 0.25 * sigma)
+        poor = np.flatnonzero(err > sigma)
         if poor.size and np.isfinite(sigma):
             warnings.warn(
                 f"the overlaps constrain the {self.model} skies of images {poor.tolist()} "
@@ -811,6 +823,11 @@ def _prepare(images, exposures):
 def _low_level(wcs):
     if wcs is None:
         return None
+    if getattr(wcs, "has_celestial", True) is False:
+        # An astropy WCS built from a header without sky axes maps pixels to "degrees"
+        # one for one: it says nothing about where the image is on the sky.
+        log.info("a WCS without celestial axes is ignored: the image is on the common grid")
+        return None
     return getattr(wcs, "low_level_wcs", wcs)
 
 
@@ -1094,6 +1111,7 @@ def _pair_equations(frames, maps, i, j, cfg: SkyMatch) -> _PairEquations | None:
         usigma=cfg.usigma,
         min_pixels=cfg.min_pixels,
         kept_var=kept_var,
+        across=2 if cfg.model == "plane" else 3,
     )
     ui, vi_ = maps[i](pos[0], pos[1])
     uj, vj_ = maps[j](pos[2], pos[3])

@@ -168,6 +168,7 @@ def overlap_cells(
     usigma: float,
     min_pixels: int,
     kept_var: float = 1.0,
+    across: int = 1,
 ) -> OverlapCells:
     """Cut an overlap into ``cell_size`` squares and measure the sky difference in each.
 
@@ -176,10 +177,14 @@ def overlap_cells(
     vi, vj : ndarray
         Values of images i and j at the same points of the overlap (j resampled onto i).
     yi, xi : ndarray
-        Pixel position of each sample in image i; cells are squares of i's pixels,
+        Pixel position of each sample in image i; cells are rectangles of i's pixels,
         counted from the overlap's lowest row and column.
     cell_size : int
-        Side of a cell in pixels.
+        Largest side of a cell in pixels.
+    across : int
+        Cells are narrowed, where the overlap is narrower than ``across * cell_size``
+        along a pixel axis, so that there are ``across`` of them along it: a plane
+        needs two positions across a strip, a quadratic three.
     statistic, lower, upper, nclip, lsigma, usigma, min_pixels
         As in :class:`skymap.mosaic.skymatch.SkyMatch`: in each cell both images are clipped
         on their own, the pixels kept by both are differenced, and the clipped
@@ -220,8 +225,11 @@ def overlap_cells(
             used=np.empty(0, dtype=bool),
             width=0.0,
         )
-    cy = ((yi - yi.min()) // cell_size).astype(np.intp)
-    cx = ((xi - xi.min()) // cell_size).astype(np.intp)
+    size = [
+        min(cell_size, max(1, int(np.ceil((a.max() - a.min() + 1) / across)))) for a in (yi, xi)
+    ]
+    cy = ((yi - yi.min()) // size[0]).astype(np.intp)
+    cx = ((xi - xi.min()) // size[1]).astype(np.intp)
     key = cy * (int(cx.max()) + 1) + cx
     uniq, cell = np.unique(key, return_inverse=True)
     order = np.argsort(cell, kind="stable")
