@@ -4,6 +4,7 @@ and the pipeline's use of it (working noise, background change)."""
 import numpy as np
 import pytest
 import scipy.ndimage as ndi
+from scipy import signal
 
 import skymap.background.pipeline as P
 import skymap.masking.hysteresis as H
@@ -24,7 +25,12 @@ def _reference_snr(res, excluded, s, b, sigma_full, surround_local=None):
         vp[:ny, :nx], cp[:ny, :nx] = v, c
         v = vp.reshape(gy, b, gx, b).sum(axis=(1, 3))
         c = cp.reshape(gy, b, gx, b).sum(axis=(1, 3))
-    g = H._gaussian_kernel(s / b).astype(np.float64)
+    # The documented kernel: a Gaussian truncated at 3 sigma (radius >= 1), normalised;
+    # built with scipy, not with the module's helper.
+    sig = s / b
+    radius = max(1, int(3.0 * sig + 0.5))
+    g = signal.windows.gaussian(2 * radius + 1, sig)
+    g /= g.sum()
 
     def conv(a, k):
         a = ndi.correlate1d(a, k, axis=1, mode="constant")
@@ -55,7 +61,8 @@ def test_scale_maps_match_scipy_normalised_convolution(rng, s, noise_kind):
     masker = H.HysteresisMasker(surround=0, grow_plain=True)
     maps = masker.scale_maps(res, noise, excluded, s)
     ref = _reference_snr(res, excluded, s, maps.block, np.asarray(noise))
-    assert maps.block == masker.binning(s, res.shape)
+    # documented binning: the largest power of two <= s
+    assert maps.block == {1.0: 1, 2.0: 2, 3.0: 2, 8.0: 8}[s]
     np.testing.assert_allclose(maps.snr, ref, atol=2e-5, rtol=2e-5)
     np.testing.assert_allclose(maps.plain, ref, atol=2e-5, rtol=2e-5)
 
@@ -159,7 +166,7 @@ def test_unmasked_rows_take_the_shortcut_bit_for_bit(rng, s):
     edge[:, 0] = True
     a = masker.scale_maps(res, np.asarray(np.float32(1.1)), clean, s)
     b = masker.scale_maps(res, np.asarray(np.float32(1.1)), edge, s)
-    reach = H._gaussian_kernel(s).size  # beyond the kernel and the surround's bins
+    reach = 2 * max(1, int(3.0 * s + 0.5)) + 1  # beyond the 3-sigma kernel and the surround's bins
     far = (slice(None), slice(4 * reach, None))
     np.testing.assert_array_equal(a.plain[far], b.plain[far])
     assert np.abs(a.snr[far] - b.snr[far]).max() < 1e-5  # the surround mean differs

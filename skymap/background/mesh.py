@@ -74,7 +74,8 @@ class SExtractorHistogram(_stats._SExtractorParameters):
 
     References
     ----------
-    Bertin, E. & Arnouts, S. 1996, A&AS 117, 393 (section 2.1).
+    Bertin, E. & Arnouts, S. 1996, A&AS 117, 393 (section 2.1),
+    https://doi.org/10.1051/aas:1996164.
 
     Examples
     --------
@@ -157,6 +158,11 @@ class MeshBackground:
     pass over the image, parallel over meshes, holding no copy of the image. Other
     estimators go through the generic path, which stacks the meshes into a (mesh,
     pixel) array (about two extra copies of the image).
+
+    References
+    ----------
+    Bertin, E. & Arnouts, S. 1996, A&AS 117, 393 (SExtractor's background),
+    https://doi.org/10.1051/aas:1996164.
 
     Examples
     --------

@@ -431,6 +431,15 @@ class ThinPlateSmoother:
     min_pixels : int
         Cells with fewer unmasked pixels are treated as missing.
 
+    References
+    ----------
+    Duchon, J. 1977, in Constructive Theory of Functions of Several Variables, Lecture
+    Notes in Mathematics 571, 85 (thin-plate splines), https://doi.org/10.1007/BFb0086566.
+    Craven, P. & Wahba, G. 1979, Numer. Math. 31, 377 (generalised cross-validation),
+    https://doi.org/10.1007/BF01404567.
+    Wahba, G. 1990, Spline Models for Observational Data (SIAM),
+    https://doi.org/10.1137/1.9781611970128.
+
     Examples
     --------
     >>> rng = np.random.default_rng(0)

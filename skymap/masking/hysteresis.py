@@ -254,6 +254,13 @@ class HysteresisMasker:
         ``high`` sits at that share (or at ``high`` in measured-noise units, if that is
         stricter). The thresholds are never lowered. Default 1e-3 (3.09 sigma).
 
+    References
+    ----------
+    Canny, J. 1986, IEEE Trans. PAMI 8, 679 (hysteresis thresholding),
+    https://doi.org/10.1109/TPAMI.1986.4767851.
+    Bertin, E. & Arnouts, S. 1996, A&AS 117, 393 (detection on a filtered image),
+    https://doi.org/10.1051/aas:1996164.
+
     Examples
     --------
     >>> rng = np.random.default_rng(1)
