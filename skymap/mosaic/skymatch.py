@@ -506,9 +506,11 @@ class SkyMatch:
             )
         fitted = np.einsum("rk,rk->r", ti, coef[ea]) - np.einsum("rk,rk->r", tj, coef[eb])
         residual = delta - fitted
-        dof = max(delta.size - (n_exp - len(groups)) * coef.shape[1], 1)
-        chi2 = float(np.sum((residual / error) ** 2) / dof) if delta.size else np.nan
-        w = 1.0 / error**2
+        ok = np.isfinite(residual) & (error > 0)
+        dof = max(int(ok.sum()) - (n_exp - len(groups)) * coef.shape[1], 1)
+        chi2 = float(np.sum((residual[ok] / error[ok]) ** 2) / dof) if ok.any() else np.nan
+        # Per-pair summaries: inverse-variance means (zero errors floored, as in the fit).
+        w = _weights("inverse_variance", error, npix)
         sums = [
             np.bincount(row_pair, weights=x, minlength=len(eqs))
             for x in (w, w * delta, w * residual, npix)
