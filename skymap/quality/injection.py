@@ -63,6 +63,7 @@ __all__ = [
     "plot_comparison",
     "prepare",
     "results_table",
+    "table_rows",
 ]
 
 log = logging.getLogger(__name__)
@@ -782,6 +783,17 @@ def compare(
     if results is not None:
         results.update({k: v for k, v in out.items() if isinstance(v, InjectionResult)})
     return results_table(out, prep, seed)
+
+
+def table_rows(table) -> list[dict]:
+    """The rows of an astropy Table as JSON-ready dicts (numpy scalars as Python ones)."""
+    return [
+        {
+            k: (v.item() if hasattr(v, "item") else v)
+            for k, v in zip(table.colnames, r, strict=True)
+        }
+        for r in table
+    ]
 
 
 def plot_comparison(table, *, figsize=(7, 3.5)):

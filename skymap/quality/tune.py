@@ -23,7 +23,13 @@ from typing import Any
 
 import numpy as np
 
-from skymap.quality.injection import InjectionResult, evaluate_method, prepare, results_table
+from skymap.quality.injection import (
+    InjectionResult,
+    evaluate_method,
+    prepare,
+    results_table,
+    table_rows,
+)
 
 __all__ = ["DEFAULT_BUDGET", "TuneResult", "default_space", "tune"]
 
@@ -140,15 +146,6 @@ class TuneResult:
         """JSON-ready summary: the winning options, every candidate, the held-back
         scores."""
 
-        def rows(t):
-            return [
-                {
-                    k: (v.item() if hasattr(v, "item") else v)
-                    for k, v in zip(t.colnames, r, strict=True)
-                }
-                for r in t
-            ]
-
         return {
             "config": dict(self.config),
             "seed": self.seed,
@@ -157,8 +154,8 @@ class TuneResult:
             "budget": self.budget,
             "exhausted": self.exhausted,
             "noise_sigma": self.report.meta.get("noise_sigma"),
-            "candidates": rows(self.table),
-            "held_back": rows(self.report),
+            "candidates": table_rows(self.table),
+            "held_back": table_rows(self.report),
         }
 
     def to_toml(self) -> str:
@@ -207,9 +204,9 @@ def tune(
     """Tune :func:`skymap.fit`'s options to ``image`` by injection-recovery.
 
     Coarse to fine: the defaults, then each alternative of each axis of ``space`` on its
-    own; then the winners of the axes together; then, for the numeric built-in knobs
-    that moved, a geometric step between the winner and the default and one beyond the
-    winner. A candidate is ranked by its mean score on ``n_trials`` trials of the
+    own; then the winners of the axes together; then (built-in space only), for the
+    numeric knobs that moved, a geometric step between the winner and the default and
+    one beyond the winner. A candidate is ranked by its mean score on ``n_trials`` trials of the
     injections of ``seed``, all kinds injected into one image per trial (one fit per
     trial; ``evaluate_method(..., together=True)``), and must beat the best so far by
     2% (at least 0.005 sigma). The winner, the defaults and the peers are then scored
@@ -373,7 +370,7 @@ def tune(
         for w in winners:
             merged.update(w)
         run(merged, "combine")
-    for opt, d in _DEFAULTS.items():
+    for opt, d in _DEFAULTS.items() if space is None else ():
         v = best["options"].get(opt)
         if not isinstance(v, float | int) or v == d or v <= 0:
             continue
@@ -384,7 +381,7 @@ def tune(
             for o in _DEFAULTS:
                 # high and low move together, as they did on the coarse axis
                 if o == opt or (o in ("high", "low") and opt in ("high", "low") and o in cand):
-                    cand[o] = round(cand[o] * factor, 3)
+                    cand[o] = round(cand[o] * factor, 2)
             run(cand, "refine")
 
     tuned = dict(best["options"])
