@@ -269,7 +269,7 @@ def tune(
         for options in axis:
             try:
                 default_pipeline(prep.image, prep.bad, **options)
-            except ValueError as err:
+            except (TypeError, ValueError) as err:  # unknown option, or a bad value
                 raise ValueError(f"space: {_label(options)}: {err}") from err
     seed, report_seed = int(seed), int(seed) + 1
     if peers is None:
