@@ -7,14 +7,8 @@ from astropy.io import fits
 from matplotlib.figure import Figure
 
 from skymap.quality import peers
-from skymap.quality.injection import (
-    MIN_SIZE,
-    as_method,
-    compare,
-    injection_recovery,
-    make_injections,
-    prepare,
-)
+from skymap.quality.injection import as_method, compare, injection_recovery, prepare
+from skymap.quality.signals import MIN_SIZE, make_injections
 
 
 @pytest.fixture(scope="module")
