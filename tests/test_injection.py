@@ -4,6 +4,8 @@ on the committed real cutouts (tests/data, 64 x 64)."""
 import numpy as np
 import pytest
 from astropy.io import fits
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from matplotlib.figure import Figure
 
 from skymap.quality import peers
@@ -200,3 +202,25 @@ def test_result_table_dict_and_plot(spitzer):
     assert d["n_trials"] == 2 and d["kinds"] == ["sky", "galaxies", "stars"]
     fig = res.plot()
     assert isinstance(fig, Figure) and len(fig.axes) >= 9  # 3 kinds x 3 maps (+ colorbars)
+
+
+@settings(max_examples=15)
+@given(
+    ny=st.integers(MIN_SIZE, 160),
+    nx=st.integers(MIN_SIZE, 160),
+    sigma=st.floats(1e-3, 1e3),
+    seed=st.integers(0, 2**31),
+)
+def test_injections_scale_with_sigma_and_stay_in_range(ny, nx, sigma, seed):
+    kinds = ("sky", "galaxies", "stars")
+    unit = make_injections((ny, nx), 1.0, kinds=kinds, seed=seed)
+    scaled = make_injections((ny, nx), sigma, kinds=kinds, seed=seed)
+    for kind in kinds:
+        assert scaled[kind].signal.shape == (ny, nx)
+        expect = sigma * unit[kind].signal
+        np.testing.assert_allclose(scaled[kind].signal, expect, rtol=1e-9, atol=1e-9 * sigma)
+    gal = unit["galaxies"]
+    assert gal.footprint.any() and gal.signal.min() >= 0
+    assert gal.signal.max() <= np.exp(1.6783) * 1.0001  # 1 sigma at r_e, e^b1 at centre
+    sky = unit["sky"].signal
+    assert np.isfinite(sky).all() and sky.max() - sky.min() > 0.5
