@@ -79,9 +79,13 @@ def test_unknown_option_in_space_is_refused_by_name(cutout):
         tune(cutout, space="fast", peers={})
 
 
-def test_budget_stops_the_search(cutout):
-    res = tune(cutout, n_trials=1, report_trials=1, peers={}, budget=1e-3)
+def test_budget_stops_the_search_and_cuts_the_trials(cutout):
+    res = tune(cutout, n_trials=2, report_trials=3, peers={}, budget=1e-3)
     assert res.exhausted and len(res.table) == 1  # only the defaults ran
+    # one fit alone overruns the budget: one trial each for choosing and reporting
+    assert res.table.meta["n_trials"] == 1 and res.table.meta["report_trials"] == 1
+    with pytest.raises(ValueError, match="report_trials must be an integer >= 1"):
+        tune(cutout, report_trials=0, peers={})
 
 
 def test_default_space_names_options_default_pipeline_accepts(cutout):

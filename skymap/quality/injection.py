@@ -47,6 +47,7 @@ from typing import Any
 
 import numpy as np
 
+from skymap._util import check_int
 from skymap._validate import as_image, as_mask, check_choice, combine_masks
 from skymap.quality.evaluate import pixel_sigma
 from skymap.quality.signals import KINDS, MIN_SIZE, Injection, make_injections
@@ -60,6 +61,7 @@ __all__ = [
     "as_method",
     "compare",
     "evaluate_method",
+    "fit_background",
     "injection_recovery",
     "make_injections",
     "plot_comparison",
@@ -345,9 +347,7 @@ def prepare(image, *, mask=None, error=None, kinds=("sky", "galaxies")) -> Prepa
 
 
 def _check_trials(n_trials) -> int:
-    if isinstance(n_trials, bool) or int(n_trials) != n_trials or n_trials < 1:
-        raise ValueError(f"n_trials must be an integer >= 1, got {n_trials!r}")
-    return int(n_trials)
+    return int(check_int("n_trials", n_trials))
 
 
 def _timed(fn, name, image, mask, clock):
@@ -368,6 +368,16 @@ def _leak(delta, footprint, good, sigma):
         return float("nan"), float("nan")
     v = delta[sel] / sigma
     return float(np.mean(v)), float(np.percentile(v, 95))
+
+
+def fit_background(prep: Prepared, method: Any = None, *, name: str | None = None):
+    """Fit ``prep.image`` once with ``method`` (anything :func:`as_method` accepts):
+    returns ``(background, seconds)``, the background checked as in
+    :func:`injection_recovery` (a ValueError names a failing method)."""
+    fn, default_name = as_method(method)
+    clock: list[tuple[float, float]] = []
+    bkg = _timed(fn, name or default_name, prep.image, prep.bad, clock)
+    return bkg, clock[0][0]
 
 
 def evaluate_method(

@@ -23,9 +23,11 @@ from typing import Any
 
 import numpy as np
 
+from skymap._util import check_int
 from skymap.quality.injection import (
     InjectionResult,
     evaluate_method,
+    fit_background,
     prepare,
     results_table,
     table_rows,
@@ -187,6 +189,30 @@ def _check_budget(budget) -> float:
     return b
 
 
+def _trials_for_budget(t_fit, remaining, n_trials, report_trials, n_kinds):
+    """Fewer trials when the budget cannot pay for the defaults' scoring (``n_trials``
+    fits), their held-back report and a winner's (``report_trials * n_kinds`` fits
+    each): the report's first, down to one each."""
+
+    def cost(n, r):
+        return t_fit * (n + 2 * r * n_kinds)
+
+    n, r = int(n_trials), int(report_trials)
+    while cost(n, r) > remaining and (n > 1 or r > 1):
+        if r > 1:
+            r -= 1
+        else:
+            n -= 1
+    if (n, r) != (n_trials, report_trials):
+        log.warning(
+            "tune: one fit takes %.1f s; %d choosing and %d held-back trial(s) fit the budget",
+            t_fit,
+            n,
+            r,
+        )
+    return n, r
+
+
 def tune(
     image,
     *,
@@ -224,7 +250,9 @@ def tune(
     budget : float
         Seconds. The search starts no candidate it cannot finish, together with the
         final held-back scoring, within the budget (estimated from the candidates so
-        far). The defaults' own evaluation always runs.
+        far). The defaults' own evaluation always runs; when one fit is so slow that it
+        alone would overrun the budget, ``report_trials`` and then ``n_trials`` are
+        lowered (to one each at least; the table's ``meta`` says what was used).
     n_trials, report_trials : int
         Trials per candidate while choosing, and for the held-back report.
     seed : int
@@ -263,6 +291,8 @@ def tune(
 
     t_start = time.perf_counter()
     budget = _check_budget(budget)
+    n_trials = int(check_int("n_trials", n_trials))
+    report_trials = int(check_int("report_trials", report_trials))
     prep = prepare(image, mask=mask, error=error, kinds=kinds)
     axes = _axes(space)
     for axis in axes:
@@ -281,7 +311,7 @@ def tune(
     seen: dict[tuple, float] = {}
     best = {"options": {}, "score": math.inf, "base": None, "fit_seconds": math.nan}
 
-    def run(options: dict, round_name: str) -> float:
+    def run(options: dict, round_name: str, base=None) -> float:
         key = _key(options)
         if key in seen:
             return seen[key]
@@ -296,6 +326,7 @@ def tune(
                 keep_maps=False,
                 name=_label(options),
                 together=True,
+                base=base,
             )
         except ValueError as err:
             row.update(status=str(err).splitlines()[0][:200], score=math.nan)
@@ -321,11 +352,18 @@ def tune(
             callback(dict(row))
         return row["score"]
 
-    # the defaults first: the reference, and the cost of one candidate
-    run({}, "default")
+    # the defaults first: the reference, and the cost of one fit, to which the numbers of
+    # trials are fitted when the budget cannot pay for them
+    try:
+        default_base, t_fit = fit_background(prep, {}, name="(defaults)")
+    except ValueError as err:
+        raise ValueError(f"the default fit cannot be scored on this image: {err}") from err
+    n_trials, report_trials = _trials_for_budget(
+        t_fit, budget - (time.perf_counter() - t_start), n_trials, report_trials, len(prep.kinds)
+    )
+    run({}, "default", base=default_base)
     if not math.isfinite(best["score"]):
         raise ValueError(f"the default fit cannot be scored on this image: {rows[0]['status']}")
-    default_base = best["base"]
     held: dict[str, InjectionResult | str] = {}
     held["default"], _ = evaluate_method(
         prep, {}, n_trials=report_trials, seed=report_seed, base=default_base, name="default"
@@ -409,7 +447,13 @@ def tune(
         dtype=[str, str, float, float, float, float, float, str],
     )
     table.meta.update(
-        {"noise_sigma": prep.sigma, "seed": seed, "n_trials": n_trials, "kinds": list(prep.kinds)}
+        {
+            "noise_sigma": prep.sigma,
+            "seed": seed,
+            "n_trials": n_trials,
+            "report_trials": report_trials,
+            "kinds": list(prep.kinds),
+        }
     )
     return TuneResult(
         pipeline=default_pipeline(prep.image, prep.bad, **tuned),
