@@ -224,3 +224,16 @@ def test_injections_scale_with_sigma_and_stay_in_range(ny, nx, sigma, seed):
     assert gal.signal.max() <= np.exp(1.6783) * 1.0001  # 1 sigma at r_e, e^b1 at centre
     sky = unit["sky"].signal
     assert np.isfinite(sky).all() and sky.max() - sky.min() > 0.5
+
+
+def test_a_method_that_writes_into_its_input_changes_nothing(m6707):
+    def vandal(image, mask):
+        bkg = np.full(image.shape, np.median(image))
+        image[:] = 0.0
+        mask[:] = True
+        return bkg
+
+    before = m6707.copy()
+    res = injection_recovery(m6707, vandal, n_trials=2)
+    np.testing.assert_array_equal(m6707, before)
+    assert res.trials["track"][0] == injection_recovery(m6707, flat_median, n_trials=1).track

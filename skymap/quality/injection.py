@@ -142,9 +142,11 @@ def as_method(method: Any = None) -> tuple[Callable[[np.ndarray, Any], Any], str
 
 
 def _background(fn, name: str, image: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    """Run a method and check what it returns: a ValueError names the method."""
+    """Run a method and check what it returns: a ValueError names the method. It gets
+    copies: a method that writes into its input must not change the image (the
+    caller's array) or the mask the next trial uses."""
     try:
-        out = fn(image, mask)
+        out = fn(image.copy(), mask.copy())
     except Exception as err:
         raise ValueError(f"method {name!r} failed: {type(err).__name__}: {err}") from err
     bkg = getattr(out, "background", out)
@@ -352,7 +354,7 @@ def _check_trials(n_trials) -> int:
 
 def _timed(fn, name, image, mask, clock):
     t0, c0 = time.perf_counter(), _cpu()
-    bkg = _background(fn, name, image, mask.copy())  # a method may write into it
+    bkg = _background(fn, name, image, mask)
     clock.append((time.perf_counter() - t0, _cpu() - c0))
     return bkg
 
