@@ -14,6 +14,7 @@ that was optimised.
 
 from __future__ import annotations
 
+import inspect
 import logging
 import math
 import time
@@ -48,32 +49,75 @@ _REL_MARGIN = 0.02
 _DEFAULTS = {"gcv_inflation": 1.4, "high": 4.0, "low": 2.0}
 
 
-def default_space() -> list[list[dict]]:
+def _accepts(option: str, value: Any) -> bool:
+    from skymap.background.pipeline import default_pipeline
+
+    try:
+        default_pipeline(np.zeros((64, 64)), **{option: value})
+    except (TypeError, ValueError):
+        return False
+    return True
+
+
+def _option_default(option: str, fallback: Any) -> Any:
+    from skymap.background.pipeline import default_pipeline
+
+    try:
+        param = inspect.signature(default_pipeline).parameters.get(option)
+    except (TypeError, ValueError):
+        param = None
+    return fallback if param is None or param.default is param.empty else param.default
+
+
+def _source_size(image, mask) -> float | None:
+    """The default pipeline's own ``max_source_size`` for this image, where it has that
+    option (None where it does not)."""
+    if image is None or not _accepts("max_source_size", 16.0):
+        return None
+    try:
+        from skymap.background.scale import source_scale
+
+        return float(source_scale(image, mask).max_source_size)
+    except (ImportError, AttributeError, TypeError, ValueError) as err:
+        log.info("tune: no measured max_source_size (%s); using an eighth of the frame", err)
+        return float(max(16.0, max(np.shape(image)) / 8))
+
+
+def default_space(image=None, mask=None) -> list[list[dict]]:
     """The built-in search space: a list of axes, each a list of alternatives to the
     defaults (option dicts for :func:`skymap.fit`) tried one axis at a time.
 
+    * ``max_source_size`` half and twice the one the default pipeline measures on
+      ``image`` (when the pipeline has that option and an image is given): the scale
+      that separates sources (kept out) from sky (followed);
     * ``gcv_inflation`` 4 and 12 (default 1.4): a stiffer background, for images whose
       GCV smoothing follows stars and galaxy wings;
     * thresholds ``high``/``low`` 3/1.5 and 6/3 (default 4/2): deeper masks, or masks
       that do not run away on structured skies;
-    * ``source_asymmetry`` off (default 2.5): the stiffening can hold a background too
-      stiff to follow a single broad bump.
+    * ``source_asymmetry`` switched (off if on by default, 2.5 if off): the stiffening
+      against one-sided bumps can hold a background too stiff to follow a single broad
+      bump, or keep unmasked galaxy wings out.
 
     Examples
     --------
     >>> [len(axis) for axis in default_space()]
     [2, 2, 1]
     """
-    return [
+    asymmetry = _option_default("source_asymmetry", 2.5)
+    axes = [
         [{"gcv_inflation": 4.0}, {"gcv_inflation": 12.0}],
         [{"high": 3.0, "low": 1.5}, {"high": 6.0, "low": 3.0}],
-        [{"source_asymmetry": None}],
+        [{"source_asymmetry": None if asymmetry is not None else 2.5}],
     ]
+    size = _source_size(image, mask)
+    if size is not None:
+        axes.insert(0, [{"max_source_size": round(size * f, 1)} for f in (0.5, 2.0)])
+    return axes
 
 
-def _axes(space) -> list[list[dict]]:
+def _axes(space, image=None, mask=None) -> list[list[dict]]:
     if space is None:
-        return default_space()
+        return default_space(image, mask)
     if isinstance(space, Mapping):
         axes = []
         for key, values in space.items():
@@ -294,7 +338,7 @@ def tune(
     n_trials = int(check_int("n_trials", n_trials))
     report_trials = int(check_int("report_trials", report_trials))
     prep = prepare(image, mask=mask, error=error, kinds=kinds)
-    axes = _axes(space)
+    axes = _axes(space, prep.image, prep.bad)
     for axis in axes:
         for options in axis:
             try:
@@ -408,7 +452,11 @@ def tune(
         for w in winners:
             merged.update(w)
         run(merged, "combine")
-    for opt, d in _DEFAULTS.items() if space is None else ():
+    defaults = dict(_DEFAULTS)
+    size = next((o["max_source_size"] for a in axes for o in a if "max_source_size" in o), None)
+    if size is not None:
+        defaults["max_source_size"] = 2 * size  # the axis is (measured / 2, measured x 2)
+    for opt, d in defaults.items() if space is None else ():
         v = best["options"].get(opt)
         if not isinstance(v, float | int) or v == d or v <= 0:
             continue
@@ -416,7 +464,7 @@ def tune(
             if not affordable():
                 break
             cand = dict(best["options"])
-            for o in _DEFAULTS:
+            for o in defaults:
                 # high and low move together, as they did on the coarse axis
                 if o == opt or (o in ("high", "low") and opt in ("high", "low") and o in cand):
                     cand[o] = round(cand[o] * factor, 2)
