@@ -155,7 +155,15 @@ def handle_tune(args) -> int:
         out,
         title=f"skymap tune: {Path(args.input).name}",
         figures=figures,
-        metrics={"held_back": {r["method"]: float(r["score"]) for r in result.report}},
+        metrics={
+            "held_back": {
+                r["method"]: {k: float(r[k]) for k in ("score", "track", "leak")}
+                for r in result.report
+            },
+            "candidates (choosing score)": {
+                str(r["options"]): float(r["score"]) for r in result.table
+            },
+        },
         captions=captions,
         meta=meta,
         stem=f"{stem}_tune",
