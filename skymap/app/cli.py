@@ -324,6 +324,7 @@ def run_file(
     report: bool = True,
     overwrite: bool = False,
     quiet: bool = True,
+    inject: bool = False,
 ) -> dict:
     """Fit one FITS image and write its products: what ``skymap run`` does for each file.
 
@@ -351,6 +352,9 @@ def run_file(
         Replace existing outputs.
     quiet : bool
         No progress bar.
+    inject : bool
+        Add injection-recovery scores of the same configuration
+        (:func:`skymap.quality.injection.injection_recovery`) to the metrics.
 
     Returns
     -------
@@ -388,6 +392,14 @@ def run_file(
             "fit": _summary(img.data, result),
             "evaluation": evaluation.to_dict(),
         }
+        if inject:
+            bar.set_postfix_str("injecting")
+            injection = _module("quality.injection", "run --inject")
+            try:
+                scores = injection.injection_recovery(img.data, config, mask=img.mask)
+            except ValueError as err:
+                raise UsageError(f"--inject: {err}") from err
+            metrics["injection"] = scores.to_dict()
         bar.update()
         bar.set_postfix_str("writing")
         written = _write_outputs(
@@ -433,6 +445,7 @@ def _cmd_run(args) -> int:
         report=not args.no_report,
         overwrite=args.overwrite,
         quiet=args.quiet,
+        inject=args.inject,
     )
     _tell(args, f"wrote {len(info['outputs'])} files to {args.output}/")
     for p in info["outputs"].values():
@@ -930,6 +943,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", default="skymap_out", help="output directory (skymap_out)")
     p.add_argument("--config", metavar="FILE.toml", help=_CONFIG_HELP)
     p.add_argument("--no-report", action="store_true", help="skip the HTML report and figures")
+    p.add_argument(
+        "--inject",
+        action="store_true",
+        help="also score the fit by injection-recovery (sky and faint discs added to the "
+        "image; 7 more fits) into metrics.json and the report",
+    )
     _input_options(p)
     _common(p)
     p.set_defaults(func=_cmd_run)
@@ -1062,6 +1081,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", metavar="FILE.toml", help="output file (default stdout)")
     _common(p)
     p.set_defaults(func=_cmd_config)
+    from skymap.app import cli_quality  # tune, compare
+
+    cli_quality.register(sub, epilog=_EPILOG, formatter_class=fmt)
     # The raw formatter keeps the epilog's table; descriptions are wrapped here instead.
     for command in (parser, *sub.choices.values()):
         command.description = "\n\n".join(
