@@ -5,7 +5,7 @@ slowly varying noise map it reads.
 Each scale's work is split into a local step (:meth:`HysteresisMasker.scale_maps`: the
 binned signal-to-noise maps), a global statistic (:meth:`HysteresisMasker.snr_factor`:
 the noise excess) and a global labelling followed by a local dilation
-(:meth:`HysteresisMasker.scale_mask`), so that :mod:`skymap.tiled` can do the local
+(:meth:`HysteresisMasker.scale_mask`), so that the dask back end can do the local
 steps tile by tile. It follows the :class:`skymap.masking.Masker` protocol.
 """
 
@@ -95,7 +95,7 @@ def _pair_differences(snr, excluded, lag: int, step: int):
     row, then along y on every ``step``-th column: far enough apart to be independent,
     they cancel any smooth offset or wing the background has not followed yet, and
     their MAD (:func:`_excess_of`) ignores the sources that touch a minority of the
-    pairs. The tiled path (:mod:`skymap.tiled`) gathers the same pairs tile by
+    pairs. The tiled path (:meth:`HysteresisMasker.mask_on`) gathers the same pairs tile by
     tile."""
     ny, nx = snr.shape
     parts = []
@@ -332,7 +332,7 @@ class HysteresisMasker:
 
     def _detect(self, res, noise, excluded, s, into=None):
         """Detections at one scale, dilated, at full resolution. Three steps, so that a
-        tiled run (:mod:`skymap.tiled`) can do the local ones tile by tile and
+        tiled run (:meth:`mask_on`) can do the local ones tile by tile and
         the global ones (the noise excess, the labelling) once."""
         maps = self.scale_maps(res, noise, excluded, s)
         factor = self.snr_factor(maps.snr, maps.invalid, s, maps.block)
