@@ -1,6 +1,8 @@
 """The tiled (dask) mesh background and the tiled default pipeline equal the in-memory
 fits, and files map over a LocalCluster."""
 
+import functools
+
 import numpy as np
 import pytest
 from scipy import ndimage
@@ -35,6 +37,7 @@ from skymap.background.smooth import ThinPlateSmoother, reference_level  # noqa:
 from skymap.background.tiled import tiled_fit  # noqa: E402
 from skymap.masking.hysteresis import (  # noqa: E402
     HysteresisMasker,
+    _factor_of,
     _hysteresis,
     _pair_differences,
     hysteresis_codes,
@@ -495,3 +498,21 @@ def test_tiled_fit_is_deprecated_and_keeps_its_errors():
             tiled_fit(np.zeros((64, 64)), pipeline=pipe, high=3.0)
         with pytest.raises(ValueError, match="tile"):
             tiled_fit(np.zeros((64, 64)), tile=0)
+
+
+def test_noise_factor_reduced_in_the_graph_equals_the_in_memory_factor():
+    # reduce_tiles: the pairs of every tile combined by a task, no driver round trip
+    rng = np.random.default_rng(3)
+    snr = rng.normal(scale=1.7, size=(96, 80)).astype(np.float32)
+    bad = rng.random(snr.shape) < 0.1
+    masker, s, lag = HysteresisMasker(), 2.0, 5
+    step = max(1, snr.size // 125_000)
+    maps = da.from_array(np.stack([snr, bad.astype(np.float32)]), chunks=(2, 32, 32))
+    be = DaskBackend(da.from_array(snr, chunks=32), tile=32, unit=(2, 2))
+    lazy = be.reduce_tiles(
+        tile_pairs, [maps], functools.partial(_factor_of, masker, s), reach=lag, lag=lag,
+        step=step,
+    )  # fmt: skip
+    ref = masker.factor_from_differences(_pair_differences(snr, bad, lag, step), s)
+    assert ref > 1.0
+    assert lazy.compute(scheduler="threads") == ref

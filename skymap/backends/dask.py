@@ -361,6 +361,36 @@ class DaskBackend:
         """``func(*windows, window=, core=, **kw)`` per tile, computed, row by row: the
         arrays (binned by ``block``) read over the tile's binned core grown by
         ``reach`` binned pixels forward along each axis (cut at the edge)."""
+        from dask.delayed import Delayed
+
+        name, graph, keys = self._forward_tasks(func, arrays, reach, block, kw)
+        return self._compute_list([Delayed(key, graph, layer=name) for key in keys.values()])
+
+    def reduce_tiles(
+        self,
+        func: Callable,
+        arrays: Sequence,
+        combine: Callable,
+        *,
+        reach: int = 0,
+        block: int = 1,
+        **kw,
+    ):
+        """:meth:`gather_tiles`, then ``combine(per_tile_results)`` (row by row), as
+        one more task of the graph: a lazy value (``dask.delayed``) that later tasks
+        can take (e.g. a keyword of :meth:`label_seeded`) without a round trip through
+        the driver."""
+        from dask.delayed import Delayed
+        from dask.highlevelgraph import HighLevelGraph
+
+        name, graph, keys = self._forward_tasks(func, arrays, reach, block, kw)
+        # one layer with the tile tasks, so that the combine task's keys are resolved
+        layer = dict(graph.layers[name])
+        layer[name] = (combine, list(keys.values()))
+        graph = HighLevelGraph.from_collections(name, layer, dependencies=list(arrays))
+        return Delayed(name, graph, layer=name)
+
+    def _forward_tasks(self, func, arrays, reach, block, kw):
         b = block
         keys = [(key_grid(a), self.edges(b)) for a in arrays]
         gy, gx = (-(-n // b) for n in self.shape)
@@ -376,7 +406,7 @@ class DaskBackend:
                 out.extend(_cover(k, e, win))
             return (func, len(keys), *out, win, core, ref["kw"])
 
-        return self._gather(_windowed, args, list(arrays), kw=kw)
+        return self._tasks(_windowed, args, list(arrays), kw=kw)
 
     def per_tile_sums(self, func, arrays, *, width: int, **kwargs) -> np.ndarray:
         """Sum over the tiles of ``func(blocks..., window=...)``, a vector of ``width``
@@ -573,14 +603,20 @@ class DaskBackend:
         ``scipy.sparse.csgraph.connected_components`` merges them."""
         maps_k = key_grid(maps)
         bchunks = self.binned_chunks(block)
+        # lazy keywords (e.g. a factor computed by reduce_tiles) are passed by key
+        lazy = {k: v for k, v in kw.items() if _is_delayed(v)}
+        kw = {k: v for k, v in kw.items() if k not in lazy}
+        names, values = tuple(lazy), [v.key for v in lazy.values()]
         labels = self._tile_array(
-            _tile_label, lambda i, j, *_: (maps_k[i, j], codes, kw), [maps], bchunks, np.int32
-        )
+            _tile_label, lambda i, j, *_: (maps_k[i, j], codes, kw, names, *values),
+            [maps, *lazy.values()], bchunks, np.int32,
+        )  # fmt: skip
         (labels,) = self.persist(labels)
         labels_k = key_grid(labels)
         gathered = self._gather(
-            _label_info, lambda i, j, *_: (labels_k[i, j], maps_k[i, j], codes, kw),
-            [labels, maps],
+            _label_info,
+            lambda i, j, *_: (labels_k[i, j], maps_k[i, j], codes, kw, names, *values),
+            [labels, maps, *lazy.values()],
         )  # fmt: skip
         info = np.empty(labels_k.shape, object)
         for n, item in enumerate(gathered):
@@ -610,21 +646,27 @@ def _native_background(model):
 # --------------------------------------------------------------------------- labels
 
 
+def _is_delayed(value) -> bool:
+    from dask.delayed import Delayed
+
+    return isinstance(value, Delayed)
+
+
 @one_thread
-def _tile_label(maps, codes, kw):
+def _tile_label(maps, codes, kw, names=(), *values):
     """A tile's regions labelled on their own (int32, 0 = none)."""
     from scipy import ndimage
 
-    region = codes(maps, which="region", **kw)
+    region = codes(maps, which="region", **kw, **dict(zip(names, values, strict=True)))
     labels = np.zeros(region.shape, np.int32)
     ndimage.label(region, structure=np.ones((3, 3), bool), output=labels)
     return labels
 
 
-def _label_info(labels, maps, codes, kw):
+def _label_info(labels, maps, codes, kw, names=(), *values):
     """What the driver needs to join a tile's labels across tiles: their count, those
     holding a seed, and the tile's four edges (top, bottom rows; left, right columns)."""
-    seed = codes(maps, which="seed", **kw)
+    seed = codes(maps, which="seed", **kw, **dict(zip(names, values, strict=True)))
     edges = (labels[0].copy(), labels[-1].copy(), labels[:, 0].copy(), labels[:, -1].copy())
     return int(labels.max(initial=0)), np.unique(labels[seed]), edges
 

@@ -115,9 +115,11 @@ class NoiseModel:
     def typical(noise: Any, backend: Any) -> float:
         """Median of the noise over the valid pixels (over the valid blocks for a
         CoarseRMS, so that no full-resolution map is made)."""
-        if np.ndim(noise) == 0 and not hasattr(noise, "window"):
-            return float(noise)
+        # CoarseRMS first: np.ndim would expand it to a full-resolution map (an image
+        # of memory in the driver of a tiled fit).
         if isinstance(noise, CoarseRMS):
             valid = backend.valid_blocks(noise.step)
             return float(np.median(noise.values[valid]))
+        if np.ndim(noise) == 0 and not hasattr(noise, "window"):
+            return float(noise)
         return backend.median_where(noise, backend.bad)

@@ -11,6 +11,7 @@ steps tile by tile. It follows the :class:`skymap.masking.Masker` protocol.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from collections.abc import Sequence
@@ -506,8 +507,11 @@ class HysteresisMasker:
         (maps,) = backend.persist(maps)
         lag = self.noise_lag(s, b)
         step = _noise_step(maps.shape[1:])
-        parts = backend.gather_tiles(tile_pairs, [maps], reach=lag, block=b, lag=lag, step=step)
-        factor = self.factor_from_differences([p for ps in parts for p in ps], s)
+        # the noise excess is a task of the graph: one driver round trip per scale
+        factor = backend.reduce_tiles(
+            tile_pairs, [maps], functools.partial(_factor_of, self, s), reach=lag, block=b,
+            lag=lag, step=step,
+        )  # fmt: skip
         det = backend.label_seeded(
             maps, hysteresis_codes, block=b, factor=factor, low=self.low, high=self.high
         )
@@ -530,6 +534,12 @@ class _ScaleMaps:
     plain: np.ndarray | None
     invalid: np.ndarray | None
     block: int
+
+
+def _factor_of(masker, s, parts) -> float:
+    """:meth:`HysteresisMasker.factor_from_differences` of the pairs gathered per tile
+    (a list per tile of lists of arrays)."""
+    return masker.factor_from_differences([p for ps in parts for p in ps], s)
 
 
 def _kernel_radius(sigma: float) -> int:
