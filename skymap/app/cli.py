@@ -177,7 +177,8 @@ def _fit(image: np.ndarray, mask: np.ndarray | None, config: Any, callback=None)
         else:
             pipeline = _module("background.pipeline", "run")
             options = dict(config) if isinstance(config, Mapping) else {}
-            result = pipeline.fit(image, mask=mask, callback=callback, **options)
+            extra = {} if callback is None else {"callback": callback}
+            result = pipeline.fit(image, mask=mask, **extra, **options)
     except ValueError as err:
         raise UsageError(f"cannot fit this image: {err}") from err
     if getattr(result, "mask", None) is None:
@@ -665,8 +666,11 @@ def _cmd_match(args) -> int:
         paths.update({s: out_dir / f"{s}_skymatched.fits" for s in stems})
     skyio.check_outputs(paths.values(), overwrite=args.overwrite)
     images = [_read_input(p, hdu=args.hdu, dq_bits=_dq_bits(args.dq_bits)) for p in args.inputs]
-    skymatch = _module("skymatch", "match")
-    ndds = [NDData(im.data, mask=im.mask, wcs=im.wcs) for im in images]
+    skymatch = _module("mosaic.skymatch", "match")
+    ndds = [
+        NDData(im.data, mask=im.mask, wcs=w)
+        for im, w in zip(images, _match_wcs(args, images), strict=True)
+    ]
     try:
         result = skymatch.match(
             ndds,
@@ -674,6 +678,7 @@ def _cmd_match(args) -> int:
             statistic=args.statistic,
             match_down=not args.match_up,
             subtract=args.subtract,
+            model=args.model,
         )
     except ValueError as err:
         raise UsageError(str(err)) from err
@@ -683,8 +688,12 @@ def _cmd_match(args) -> int:
     summary = {
         "method": args.method,
         "statistic": args.statistic,
+        "model": args.model,
         "skymap_version": __version__,
-        "images": [{"file": f, "sky": float(level)} for f, level in zip(files, sky, strict=True)],
+        "images": [
+            {"file": f, "sky": float(level), "coefficients": [float(c) for c in coef]}
+            for f, level, coef in zip(files, sky, result.coefficients, strict=True)
+        ],
         "groups": [[int(i) for i in g] for g in result.groups],
         "overlaps": [
             {
@@ -717,7 +726,7 @@ def _cmd_match(args) -> int:
                 product="skymatched",
                 config=result.config,
                 source=im.path,
-                history=[f"skymap match: subtracted sky level {level:.6g}"],
+                history=[f"skymap match: subtracted {args.model} sky, {level:.6g} at centre"],
                 overwrite=args.overwrite,
             )
     skyio.write_json(paths["json"], summary, overwrite=args.overwrite)
@@ -725,6 +734,24 @@ def _cmd_match(args) -> int:
         _tell(args, f"{entry['sky']:14.6g}  {entry['file']}")
     _tell(args, f"wrote {paths['json']}")
     return EXIT_OK
+
+
+def _match_wcs(args, images) -> list:
+    """Each input's celestial WCS; None for all when no input has one (they must then
+    share one pixel grid). A mix is refused: overlaps cannot be placed."""
+    wcs = [im.wcs for im in images]
+    celestial = [w.has_celestial for w in wcs]
+    if all(celestial):
+        return wcs
+    if any(celestial):
+        missing = [str(p) for p, c in zip(args.inputs, celestial, strict=True) if not c]
+        raise UsageError(
+            f"inputs without a celestial WCS: {', '.join(missing)}; the others have one. "
+            "Either every input needs a celestial WCS, or none (then all share one pixel "
+            "grid)"
+        )
+    _tell(args, "no input has a celestial WCS: treating them as one pixel grid")
+    return [None] * len(images)
 
 
 def _check_unique(stems, inputs):
@@ -998,7 +1025,8 @@ def build_parser() -> argparse.ArgumentParser:
         "match",
         help="match sky levels across overlapping images",
         description="Measure the sky level of each image so that overlapping images agree "
-        "(WCS overlaps), and write skymatch.json; with --subtract, also "
+        "(WCS overlaps; files without a celestial WCS must share one pixel grid), and "
+        "write skymatch.json; with --subtract, also "
         "<name>_skymatched.fits.",
     )
     p.add_argument("inputs", nargs="+", metavar="IN.fits", help="overlapping FITS images")
@@ -1019,6 +1047,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--match-up",
         action="store_true",
         help="bring fainter skies up to the brightest (default: brighter skies down)",
+    )
+    p.add_argument(
+        "--model",
+        default="offset",
+        choices=("offset", "plane", "poly2"),
+        help="sky of each image: a constant (default), a plane or a quadratic in its "
+        "pixels (plane/poly2 need --method match or global+match)",
     )
     p.add_argument("--subtract", action="store_true", help="write the sky-subtracted images too")
     _input_options(p, mask=False)
