@@ -45,7 +45,7 @@ DEFAULT_BUDGET = 150.0
 _MARGIN = 0.005
 _REL_MARGIN = 0.02
 # default values of the built-in knobs, for the refining step (geometric steps around
-# the coarse winner)
+# the coarse winner), where default_pipeline's signature does not give them
 _DEFAULTS = {"gcv_inflation": 1.4, "high": 4.0, "low": 2.0}
 
 
@@ -450,7 +450,7 @@ def tune(
         for w in winners:
             merged.update(w)
         run(merged, "combine")
-    defaults = dict(_DEFAULTS)
+    defaults = {k: _option_default(k, v) for k, v in _DEFAULTS.items()}
     size = next((o["max_source_size"] for a in axes for o in a if "max_source_size" in o), None)
     if size is not None:
         defaults["max_source_size"] = 2 * size  # the axis is (measured / 2, measured x 2)
