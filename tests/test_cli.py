@@ -3,7 +3,7 @@ refusal to overwrite, and the commands end to end on small inputs."""
 
 import hashlib
 import json
-from importlib.metadata import entry_points
+from importlib.metadata import EntryPoint
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +12,7 @@ from astropy.io import fits
 from astropy.wcs import WCS
 
 from skymap.app import cli, io
+from skymap.app.cli import common
 
 SUBCOMMANDS = ("demo", "run", "batch", "simulate", "evaluate", "match", "config")
 
@@ -36,8 +37,9 @@ def test_every_command_has_help_with_exit_codes(name, capsys):
 
 
 def test_scene_choices_are_the_simulators_scenes():
-    simulate = pytest.importorskip("skymap.simulate")
-    assert cli._SCENES == simulate.SCENE_NAMES
+    from skymap.quality import simulate
+
+    assert common.SCENES == simulate.SCENE_NAMES
 
 
 def test_version(capsys):
@@ -75,7 +77,7 @@ def test_run_refuses_to_overwrite_before_any_work(data_dir, tmp_path, monkeypatc
     def must_not_fit(*args, **kwargs):
         raise AssertionError("fitted although the outputs exist")
 
-    monkeypatch.setattr(cli, "_fit", must_not_fit)
+    monkeypatch.setattr(common, "fit_image", must_not_fit)
     code = cli.main(["run", str(data_dir / "spitzer_cutout.fits"), "-o", str(out), "-q"])
     assert code == cli.EXIT_EXISTS
     err = capsys.readouterr().err
@@ -88,7 +90,7 @@ def test_runtime_failure_exits_1(data_dir, tmp_path, monkeypatch, capsys):
     def broken(*args, **kwargs):
         raise RuntimeError("the fit fell over")
 
-    monkeypatch.setattr(cli, "_fit", broken)
+    monkeypatch.setattr(common, "fit_image", broken)
     code = cli.main(["run", str(data_dir / "spitzer_cutout.fits"), "-o", str(tmp_path), "-q"])
     assert code == cli.EXIT_FAILURE
     assert "the fit fell over" in capsys.readouterr().err
@@ -105,18 +107,19 @@ def test_pipeline_iterations_show_on_the_progress_bar_and_logging_is_restored():
 
     logger = logging.getLogger("skymap.pipeline")
     before = (logger.level, list(logger.handlers))
-    with cli._iterations_on(Bar(), quiet=False):
+    with common.iterations_on(Bar(), quiet=False):
         logger.debug("stage %d iteration %d", 0, 3)
     logger.debug("after the fit")
     assert Bar.shown == ["fitting: stage 0 iteration 3"]
     assert (logger.level, logger.handlers) == before
-    with cli._iterations_on(Bar(), quiet=True):
+    with common.iterations_on(Bar(), quiet=True):
         logger.debug("quiet")
     assert Bar.shown == ["fitting: stage 0 iteration 3"]
 
 
 def test_simulate_writes_the_scene_and_its_truth(tmp_path):
-    simulate = pytest.importorskip("skymap.simulate")
+    from skymap.quality import simulate
+
     out = tmp_path / "sim"
     assert cli.main(["simulate", "-o", str(out), "--shrink-factor", "8", "-q"]) == 0
     scene = simulate.notebook_scene(seed=4, shrink_factor=8)
@@ -130,7 +133,6 @@ def test_simulate_writes_the_scene_and_its_truth(tmp_path):
 
 
 def test_evaluate_scores_a_map_against_the_simulated_truth(tmp_path, capsys):
-    pytest.importorskip("skymap.evaluate")
     sim = tmp_path / "sim"
     assert cli.main(["simulate", "-o", str(sim), "--shrink-factor", "8", "-q"]) == 0
     f = {k: str(sim / f"notebook_{k}.fits") for k in ("image", "sky", "noise", "sources")}
@@ -174,7 +176,6 @@ def _overlapping_pair(tmp_path, offsets=(1.0, 3.5)):
 
 
 def test_match_finds_the_relative_sky_levels(tmp_path):
-    pytest.importorskip("skymap.skymatch")
     paths = _overlapping_pair(tmp_path)
     out = tmp_path / "m"
     argv = ["match", *map(str, paths), "-o", str(out), "--method", "match", "--subtract", "-q"]
@@ -196,7 +197,7 @@ def test_match_finds_the_relative_sky_levels(tmp_path):
 @pytest.fixture
 def mesh_toml(tmp_path):
     """A single-pass mesh configuration: run and batch work without the pipeline."""
-    config = pytest.importorskip("skymap.config")
+    from skymap.app import config
     from skymap.background.mesh import MeshBackground
 
     return config.save_toml(MeshBackground(box_size=16), tmp_path / "mesh.toml")
@@ -232,7 +233,7 @@ def test_run_with_a_config_file_on_real_data(name, data_dir, tmp_path, mesh_toml
 
 
 def test_config_written_by_the_command_drives_run(data_dir, tmp_path, capsys):
-    config = pytest.importorskip("skymap.config")
+    from skymap.app import config
     from skymap.background.mesh import MeshBackground
 
     assert cli.main(["config", "--kind", "sextractor", "--box-size", "16"]) == 0
@@ -270,16 +271,18 @@ def test_run_on_a_sci_dq_file_masks_the_chosen_flags(tmp_path, rng, mesh_toml):
 
 
 def test_later_chips_get_their_own_output_names():
-    assert cli._stem("a/j8xi01flt.fits", "SCI,2") == "j8xi01flt_sci2"
+    assert common.output_stem("a/j8xi01flt.fits", "SCI,2") == "j8xi01flt_sci2"
     assert (
-        cli._stem("a/j8xi01flt.fits", "SCI,1") == cli._stem("b/j8xi01flt.fits.fz") == "j8xi01flt"
+        common.output_stem("a/j8xi01flt.fits", "SCI,1")
+        == common.output_stem("b/j8xi01flt.fits.fz")
+        == "j8xi01flt"
     )
 
 
 def test_data_the_fit_cannot_use_exits_2(tmp_path, capsys):
     fits.PrimaryHDU(np.full((32, 32), np.nan, np.float32)).writeto(tmp_path / "nan.fits")
     argv = ["run", str(tmp_path / "nan.fits"), "-o", str(tmp_path / "o"), "-q"]
-    config = pytest.importorskip("skymap.config")
+    from skymap.app import config
     from skymap.background.mesh import MeshBackground
 
     toml = config.save_toml(MeshBackground(box_size=8), tmp_path / "m.toml")
@@ -288,7 +291,6 @@ def test_data_the_fit_cannot_use_exits_2(tmp_path, capsys):
 
 
 def test_bad_config_file_exits_2(data_dir, tmp_path, capsys):
-    pytest.importorskip("skymap.config")
     bad = tmp_path / "bad.toml"
     bad.write_text('type = "skymap.mesh:MeshBackground"\nbox_size = -3\n')
     argv = ["run", str(data_dir / "spitzer_cutout.fits"), "-o", str(tmp_path), "-q"]
@@ -329,15 +331,8 @@ def test_batch_goes_on_past_a_bad_file_and_reports_it(data_dir, tmp_path, mesh_t
     assert not (out / "broken").exists()
 
 
-def _require_pipeline():
-    pipeline = pytest.importorskip("skymap.pipeline", reason="skymap.pipeline is absent")
-    if not hasattr(pipeline, "fit"):
-        pytest.skip("skymap.pipeline.fit is absent")
-
-
 @pytest.mark.parametrize("name", ["m6707hh_cutout.fits", "spitzer_cutout.fits"])
 def test_run_with_the_default_pipeline_on_real_data(name, data_dir, tmp_path):
-    _require_pipeline()
     src = data_dir / name
     before = _sha(src)
     out = tmp_path / "out"
@@ -352,7 +347,6 @@ def test_run_with_the_default_pipeline_on_real_data(name, data_dir, tmp_path):
 
 
 def test_demo_end_to_end_on_a_small_scene(tmp_path):
-    _require_pipeline()
     out = tmp_path / "demo"
     assert cli.main(["demo", "-o", str(out), "--shrink-factor", "8", "-q"]) == 0
     for product in ("image", "sky", *io.PRODUCTS):
@@ -368,8 +362,12 @@ def test_demo_end_to_end_on_a_small_scene(tmp_path):
 
 
 def test_console_script_points_at_main():
-    scripts = entry_points(group="console_scripts")
-    assert [ep.value for ep in scripts if ep.name == "skymap"] == ["skymap.cli:main"]
+    import tomllib
+
+    project = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())
+    assert project["project"]["scripts"] == {"skymap": "skymap.app.cli:main"}
+    target = EntryPoint("skymap", "skymap.app.cli:main", "console_scripts").load()
+    assert target is cli.main
 
 
 def test_options_file_is_passed_to_the_default_fit(data_dir, tmp_path, monkeypatch):
@@ -379,7 +377,7 @@ def test_options_file_is_passed_to_the_default_fit(data_dir, tmp_path, monkeypat
         seen.update(options)
         raise ValueError("stop here")
 
-    monkeypatch.setattr("skymap.pipeline.fit", fake_fit)
+    monkeypatch.setattr("skymap.background.pipeline.fit", fake_fit)
     toml = tmp_path / "opts.toml"
     toml.write_text("high = 5.0\nmax_iter = 3\n")
     argv = ["run", str(data_dir / "spitzer_cutout.fits"), "-o", str(tmp_path / "o"), "-q"]
@@ -388,7 +386,6 @@ def test_options_file_is_passed_to_the_default_fit(data_dir, tmp_path, monkeypat
 
 
 def test_pipeline_config_file_reproduces_the_default_run(data_dir, tmp_path):
-    _require_pipeline()
     src = str(data_dir / "spitzer_cutout.fits")
     toml = tmp_path / "pipeline.toml"
     assert cli.main(["config", src, "-o", str(toml), "-q"]) == 0

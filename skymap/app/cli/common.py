@@ -1,0 +1,433 @@
+"""What the ``skymap`` subcommands share: exit codes, option groups, reading inputs,
+fitting, and writing the products of a fit.
+
+Every subcommand module of :mod:`skymap.app.cli` imports from here, never from another
+subcommand (``batch`` maps :func:`skymap.app.cli.run.run_file`, the one exception).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import importlib
+import logging
+import os
+import sys
+import textwrap
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from skymap._validate import combine_masks
+from skymap.app import io as skyio
+
+log = logging.getLogger("skymap.cli")
+
+#: Success.
+EXIT_OK = 0
+#: The work failed while running (a fit or a write failed; see the message).
+EXIT_FAILURE = 1
+#: Bad command line or bad input: unknown option, missing or unreadable file, bad config.
+EXIT_USAGE = 2
+#: An output exists and ``--overwrite`` was not given; nothing was written.
+EXIT_EXISTS = 3
+#: Interrupted (Ctrl-C).
+EXIT_INTERRUPTED = 130
+
+EXIT_CODES = """\
+exit codes:
+  0    success
+  1    the work failed while running (the message says what failed)
+  2    bad command line or bad input: a missing file, unreadable FITS, a bad config,
+       or data the fit cannot use (e.g. every pixel masked)
+  3    an output file exists; nothing was written (add --overwrite to replace it)
+  130  interrupted
+"""
+
+CONFIG_HELP = (
+    "configuration (TOML): a file written by `skymap config`, or options of the default "
+    "fit such as `high = 5.0` (default: the default fit)"
+)
+
+# skymap.quality.simulate.SCENE_NAMES, spelled out so that `skymap --help` need not import
+# the simulator (numba, astropy.table); a test keeps the two equal.
+SCENES = ("notebook", "crowded_stellar", "galaxies_lsb", "nebula", "detector_artifacts")
+
+
+class UsageError(Exception):
+    """Bad command-line input (exit code 2)."""
+
+
+def module(name: str, command: str):
+    """Import ``skymap.<name>`` (e.g. ``quality.evaluate``), or fail with a message
+    naming the command that needs it."""
+    try:
+        return importlib.import_module(f"skymap.{name}")
+    except ModuleNotFoundError as err:
+        if err.name != f"skymap.{name}":
+            raise
+        raise RuntimeError(
+            f"`skymap {command}` needs skymap.{name}, which this installation lacks"
+        ) from None
+
+
+# --------------------------------------------------------------------------- parser
+
+
+def add_command(
+    subparsers, name: str, *, help: str, description: str, examples: str
+) -> argparse.ArgumentParser:
+    """A subcommand's parser whose ``--help`` ends with its examples and the exit codes.
+
+    ``examples`` is one example per line, ``command    what it does``.
+    """
+    epilog = "examples:\n" + textwrap.indent(textwrap.dedent(examples).strip("\n"), "  ")
+    description = "\n\n".join(textwrap.fill(para, 88) for para in description.split("\n\n"))
+    return subparsers.add_parser(
+        name,
+        help=help,
+        description=description,
+        epilog=f"{epilog}\n\n{EXIT_CODES}",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+
+
+def common_options(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("general options")
+    g.add_argument(
+        "--overwrite", action="store_true", help="replace existing output files (default: refuse)"
+    )
+    g.add_argument(
+        "-q", "--quiet", action="store_true", help="no progress bars and no summary on stdout"
+    )
+    g.add_argument("-v", "--verbose", action="store_true", help="log what is being done")
+
+
+def input_options(parser: argparse.ArgumentParser, *, mask: bool = True) -> None:
+    g = parser.add_argument_group("input selection")
+    g.add_argument(
+        "--hdu",
+        metavar="HDU",
+        help="HDU with the image: index, EXTNAME or EXTNAME,EXTVER such as SCI,2 (default: "
+        "SCI if present, else the first 2D image)",
+    )
+    g.add_argument(
+        "--dq-hdu",
+        metavar="HDU",
+        help="HDU with data-quality flags (default: a DQ extension when present)",
+    )
+    g.add_argument(
+        "--dq-bits",
+        metavar="BITS",
+        help="flags that exclude a pixel, e.g. '1,4,16', '0x14' or 'bit2+bit4' "
+        "(default: any nonzero DQ value)",
+    )
+    if mask:
+        g.add_argument(
+            "--mask",
+            metavar="MASK.fits",
+            help="extra mask image: nonzero pixels are excluded from the fit",
+        )
+
+
+def scene_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--scene",
+        default="notebook",
+        choices=SCENES,
+        help="built-in scene (default notebook: the STScI notebook's scene)",
+    )
+    p.add_argument("--seed", type=int, default=4, help="random seed (default 4)")
+    p.add_argument(
+        "--shrink-factor",
+        type=int,
+        default=2,
+        help="notebook scene: image side is 2000 / SHRINK_FACTOR pixels (default 2)",
+    )
+    p.add_argument(
+        "--size",
+        type=int,
+        metavar="N",
+        help="other scenes: image side in pixels (default: the scene's own, 1024)",
+    )
+
+
+def tell(args, message: str) -> None:
+    """Results the user asked for go to stdout; --quiet silences them."""
+    if not args.quiet:
+        sys.stdout.write(message + "\n")
+
+
+# --------------------------------------------------------------------------- progress
+
+
+def progress(*, total: int, desc: str, quiet: bool, unit: str = "step"):
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, disable=quiet, unit=unit, file=sys.stderr, leave=False)
+
+
+class _BarHandler(logging.Handler):
+    """Shows each log message of the pipeline (one per iteration) on a progress bar."""
+
+    def __init__(self, bar):
+        super().__init__(logging.DEBUG)
+        self.bar = bar
+
+    def emit(self, record: logging.LogRecord) -> None:
+        message = record.getMessage()
+        # only the per-iteration summaries; the maskers' per-scale diagnostics would
+        # flood the bar
+        if message.startswith("stage "):
+            self.bar.set_postfix_str(f"fitting: {message}"[:90])
+
+
+@contextlib.contextmanager
+def iterations_on(bar, *, quiet: bool):
+    """While fitting, put the pipeline's per-iteration messages on ``bar`` (the pipeline
+    reports its iterations through logging, at DEBUG)."""
+    if quiet:
+        yield
+        return
+    logger = logging.getLogger("skymap.pipeline")
+    handler, level = _BarHandler(bar), logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.DEBUG)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+
+
+# --------------------------------------------------------------------------- inputs
+
+
+def load_config(path: str | os.PathLike | None):
+    """What a ``--config`` TOML file holds: a configuration object (a table with a
+    ``type`` key, as ``skymap config`` writes), or else options of :func:`skymap.fit`
+    (e.g. ``high = 5.0``), returned as a dict. None: the defaults."""
+    if path is None:
+        return None
+    path = Path(path)
+    if not path.is_file():
+        raise UsageError(f"config file {path} does not exist")
+    if sys.version_info >= (3, 11):
+        import tomllib
+    else:  # pragma: no cover - Python 3.10
+        import tomli as tomllib
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+        if "type" not in data:
+            return data
+        return module("app.config", "run --config").from_dict(data)
+    except (ValueError, TypeError, KeyError, UnicodeDecodeError) as err:
+        raise UsageError(f"config file {path}: {err}") from err
+
+
+def read_input(path, *, hdu=None, dq_hdu=None, dq_bits=None, mask=None) -> skyio.FitsImage:
+    try:
+        return skyio.read_image(path, hdu=hdu, dq=dq_hdu, dq_bits=dq_bits, mask=mask)
+    except (FileNotFoundError, ValueError, TypeError, OSError) as err:
+        raise UsageError(str(err)) from err
+
+
+def dq_bits(spec):
+    if spec is None:
+        return None
+    try:
+        return skyio.parse_dq_bits(spec)
+    except ValueError as err:
+        raise UsageError(str(err)) from err
+
+
+def output_stem(path: str | os.PathLike, hdu: Any = None) -> str:
+    """Output name stem: the file name without its FITS suffix, plus ``_sci2`` when a
+    later chip (``--hdu SCI,2``) is chosen, so that chips of one file do not collide."""
+    name = Path(path).name
+    for suffix in (".fits.gz", ".fits.fz", ".fits", ".fit", ".fts"):
+        if name.lower().endswith(suffix):
+            name = name[: -len(suffix)]
+            break
+    else:
+        name = Path(name).stem
+    key = skyio.parse_hdu(hdu) if hdu is not None else None
+    if isinstance(key, tuple) and key[1] != 1:
+        name = f"{name}_{key[0].lower()}{key[1]}"
+    return name
+
+
+def check_unique(stems, inputs) -> None:
+    seen: dict[str, str] = {}
+    for stem, p in zip(stems, inputs, strict=True):
+        if stem in seen:
+            raise UsageError(
+                f"inputs {seen[stem]} and {p} share the name {stem!r}; their outputs would "
+                "collide. Rename one or run them separately"
+            )
+        seen[stem] = str(p)
+
+
+def scene_from_args(args):
+    simulate = module("quality.simulate", args.command)
+    try:
+        if args.scene == "notebook":
+            return simulate.notebook_scene(seed=args.seed, shrink_factor=args.shrink_factor)
+        shape = None if args.size is None else (args.size, args.size)
+        return simulate.scene_by_name(args.scene, shape=shape, seed=args.seed)
+    except ValueError as err:
+        raise UsageError(str(err)) from err
+
+
+# --------------------------------------------------------------------------- fitting
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True, eq=False)
+class SingleFit:
+    """A one-pass estimator's result (e.g. a MeshResult) in the shape of a pipeline's:
+    its mask is the input's (flags and non-finite pixels), and there is no history."""
+
+    background: np.ndarray
+    rms: np.ndarray
+    mask: np.ndarray
+    mesh: Any
+    config: Any
+    history: tuple = ()
+
+
+def fit_image(image: np.ndarray, mask: np.ndarray | None, config: Any):
+    """Fit with ``config``: an estimator object with ``.fit`` (the pipeline, or a single
+    :class:`skymap.background.mesh.MeshBackground` pass), a mapping of options, or None.
+
+    skymap raises ValueError for data or settings it cannot use (no valid pixel, a box
+    larger than the image, an unknown option): that is bad input, exit code 2.
+    """
+    try:
+        if config is not None and hasattr(config, "fit"):
+            result = config.fit(image, mask=mask)
+        else:
+            pipeline = module("background.pipeline", "run")
+            options = dict(config) if isinstance(config, Mapping) else {}
+            result = pipeline.fit(image, mask=mask, **options)
+    except ValueError as err:
+        raise UsageError(f"cannot fit this image: {err}") from err
+    if getattr(result, "mask", None) is None:
+        result = SingleFit(
+            background=result.background,
+            rms=result.rms,
+            mask=combine_masks(np.asarray(image), mask),
+            mesh=result,
+            config=config,
+        )
+    return result
+
+
+def result_config(result: Any, config: Any) -> Any:
+    return getattr(result, "config", None) or config
+
+
+def fit_summary(image: np.ndarray, result: Any) -> dict:
+    """Headline numbers of a fit, JSON-ready."""
+    bkg = np.asarray(result.background)
+    mask = np.asarray(result.mask, dtype=bool)
+    return {
+        "shape": list(bkg.shape),
+        "background_median": float(np.nanmedian(bkg)),
+        "rms_median": float(np.nanmedian(np.asarray(result.rms))),
+        "mask_fraction": float(mask.mean()),
+        "iterations": len(getattr(result, "history", None) or []),
+        # the promise to users: a finite background wherever the input is finite
+        "finite_background_where_input_finite": bool(
+            np.all(np.isfinite(bkg)[np.isfinite(np.asarray(image))])
+        ),
+    }
+
+
+def headline(result: Any, evaluation: Any) -> dict:
+    """The few numbers a reader wants first, for the top of the report."""
+    ev = evaluation
+    lines = {
+        "mask fraction": f"{float(np.mean(result.mask)):.1%}",
+        "iterations": len(getattr(result, "history", None) or []),
+    }
+    if ev.truth_metrics is not None:
+        lines["background error RMS"] = f"{ev.truth_metrics['rms_error_sigma']:.4f} sigma"
+    verdict = " (OVERFIT: the background follows the noise)" if ev.overfit else ""
+    lines[f"RMS-vs-scale ratio to {ev.reference}, large scales"] = (
+        f"{ev.large_scale_ratio:.3f}{verdict}"
+    )
+    if ev.masked_vs_unmasked is not None:
+        t = ev.masked_vs_unmasked
+        lines["background under mask - elsewhere"] = (
+            f"{t.difference:.4g} +- {t.stderr:.2g} (z = {t.z:.2f})"
+        )
+    return lines
+
+
+# --------------------------------------------------------------------------- outputs
+
+
+def planned_outputs(out_dir: Path, stem: str, *, report: bool) -> dict[str, Path]:
+    """Every file a run may write, for the up-front overwrite check."""
+    paths = dict(skyio.product_paths(out_dir, stem))
+    paths["metrics"] = out_dir / "metrics.json"
+    if report:
+        from skymap.app import report as report_mod
+
+        for name, p in report_mod.report_paths(out_dir, tuple(report_mod.CAPTIONS)).items():
+            paths[f"report_{name}"] = p
+    return paths
+
+
+def write_outputs(
+    out_dir: Path,
+    stem: str,
+    *,
+    image: np.ndarray,
+    result: Any,
+    evaluation: Any,
+    metrics: dict,
+    header=None,
+    config: Any = None,
+    source=None,
+    report: bool = True,
+    title: str,
+    meta: dict,
+    overwrite: bool = False,
+) -> dict[str, Path]:
+    """The FITS products, metrics.json and the report: what run and demo both write."""
+    written = skyio.write_products(
+        out_dir,
+        stem,
+        image=image,
+        background=result.background,
+        rms=result.rms,
+        mask=result.mask,
+        header=header,
+        config=config,
+        source=source,
+        overwrite=overwrite,
+    )
+    written["metrics"] = skyio.write_json(out_dir / "metrics.json", metrics, overwrite=overwrite)
+    if report:
+        from skymap.app import report as report_mod
+
+        figures = report_mod.report_figures(result, evaluation)
+        pages = report_mod.write_report(
+            out_dir, title=title, figures=figures, metrics=metrics, meta=meta, overwrite=overwrite
+        )
+        written.update({f"report_{k}": v for k, v in pages.items()})
+    return written
+
+
+def exit_code(err: BaseException) -> int:
+    if isinstance(err, skyio.OutputExistsError):
+        return EXIT_EXISTS
+    if isinstance(err, UsageError):
+        return EXIT_USAGE
+    if isinstance(err, KeyboardInterrupt):
+        return EXIT_INTERRUPTED
+    return EXIT_FAILURE
