@@ -289,9 +289,17 @@ class BackgroundResult:
 
 @dataclass(frozen=True, kw_only=True)
 class Stage:
-    """One scale of the pipeline: a masker (``(residual, rms, mask) -> detections``)
-    and a background estimator (``fit(image, mask) -> result``); ``max_iter`` overrides
-    the pipeline's iteration cap for this stage."""
+    """One scale of the pipeline: a masker and a background estimator.
+
+    Parameters
+    ----------
+    masker : Masker
+        Finds the sources in the residual: ``(residual, rms, mask) -> detections``.
+    estimator : BackgroundEstimator
+        Refits the background with the mask: ``fit(image, mask) -> result``.
+    max_iter : int or None
+        Iteration cap of this stage; None: the pipeline's ``max_iter``.
+    """
 
     masker: Any
     estimator: Any

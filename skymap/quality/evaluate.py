@@ -43,6 +43,7 @@ from skymap.quality.source_bias import (
 )
 
 __all__ = [
+    "MIN_CLEAN_BLOCKS",
     "BiasResult",
     "Evaluation",
     "GroupStats",
@@ -51,12 +52,18 @@ __all__ = [
     "bias_under_sources",
     "evaluate",
     "fit_line",
+    "masked_verdict",
     "masked_vs_unmasked",
     "perfect_curve",
+    "ratio_verdict",
     "pixel_sigma",
     "rms_vs_scale",
     "white_noise_curve",
 ]
+
+
+#: Fewest clean blocks at a width for it to count in the large-scale ratio.
+MIN_CLEAN_BLOCKS = 25
 
 
 @dataclass(frozen=True, kw_only=True, eq=False)
@@ -79,11 +86,17 @@ class Evaluation:
         ``"perfect"`` when the noise is known, else ``"white"``: the curve the ratio and
         the over-fitting flag use.
     large_scale_ratio : float
-        Median of ``rms / reference`` over the largest third of the widths: ~1 is ideal,
-        above 1 means structure left in the residual.
+        Median of ``rms / reference`` over the largest third of the widths, counting only
+        widths with at least ``min_clean_blocks`` clean blocks: ~1 is ideal, above 1
+        means structure left in the residual. NaN when no large width has enough clean
+        blocks (a small or heavily masked image cannot tell).
     overfit : bool
         ``large_scale_ratio < overfit_threshold``: the background follows the noise (it
         removed power the noise should have). Reported as a failure, never as a gain.
+    clean_blocks : ndarray of int
+        Number of clean blocks behind each point of ``rms``.
+    min_clean_blocks : int
+        Fewest clean blocks for a width to count in ``large_scale_ratio``.
     truth_metrics : dict or None
         With truth: ``rms_error`` (RMS of ``background - truth`` over valid pixels),
         ``rms_error_sigma`` (the same in units of the true noise sigma when known, else of
@@ -113,6 +126,19 @@ class Evaluation:
     background: np.ndarray
     mask: np.ndarray | None
     truth: np.ndarray | None
+    clean_blocks: np.ndarray | None = None
+    min_clean_blocks: int = MIN_CLEAN_BLOCKS
+
+    @property
+    def ratio_verdict(self) -> str:
+        """The large-scale ratio in plain words."""
+        return ratio_verdict(self.large_scale_ratio, self.reference, self.overfit_threshold)
+
+    @property
+    def mask_verdict(self) -> str | None:
+        """The masked-vs-unmasked test in plain words (None without the test)."""
+        t = self.masked_vs_unmasked
+        return None if t is None else masked_verdict(t.difference, t.stderr, t.z)
 
     @property
     def ratio(self) -> np.ndarray:
@@ -155,6 +181,11 @@ class Evaluation:
                 "large_scale_ratio": json_float(self.large_scale_ratio),
                 "overfit": bool(self.overfit),
                 "overfit_threshold": float(self.overfit_threshold),
+                "clean_blocks": None
+                if self.clean_blocks is None
+                else [int(n) for n in self.clean_blocks],
+                "min_clean_blocks": int(self.min_clean_blocks),
+                "verdict": self.ratio_verdict,
             },
             "truth": None
             if self.truth_metrics is None
@@ -162,18 +193,29 @@ class Evaluation:
             "bias": None if self.bias is None else self.bias.to_dict(),
             "masked_vs_unmasked": None
             if self.masked_vs_unmasked is None
-            else self.masked_vs_unmasked.to_dict(),
+            else {**self.masked_vs_unmasked.to_dict(), "verdict": self.mask_verdict},
         }
 
-    def to_table(self):
-        """One-row :class:`astropy.table.Table` of the scalar metrics (nested keys of
-        :meth:`to_dict` joined by ``.``; missing values masked), ready to ``vstack`` over
-        many runs. The curves are in :meth:`rms_table`."""
+    def to_table(self, *, wide: bool = False):
+        """The scalar metrics as an :class:`astropy.table.Table`.
+
+        By default one row per metric (columns ``metric`` and ``value``, nested keys of
+        :meth:`to_dict` joined by ``.``), which prints readably. With ``wide=True``, one
+        row holding every metric as a column (missing values masked), ready to
+        ``vstack`` over many runs. The curves are in :meth:`rms_table`.
+        """
         from astropy.table import Table
 
         flat = {}
         _flatten(self.to_dict(), "", flat)
         cols = {k: [v] for k, v in flat.items() if not isinstance(v, list)}
+        if not wide:
+            rows = [
+                (k, "-" if v[0] is None else str(_short(v[0])))
+                for k, v in cols.items()
+                if not k.endswith("verdict")  # sentences: in to_dict and the report
+            ]
+            return Table(rows=rows, names=("metric", "value"))
         table = Table(
             {k: [np.nan if v[0] is None else v[0]] for k, v in cols.items()}, masked=True
         )
@@ -275,6 +317,69 @@ class Evaluation:
         return fig
 
 
+def _short(value):
+    return f"{value:.4g}" if isinstance(value, float) else value
+
+
+def ratio_verdict(ratio: float, reference: str = "white", overfit_threshold: float = 0.9) -> str:
+    """A large-scale RMS ratio (:attr:`Evaluation.large_scale_ratio`) in plain words.
+
+    Examples
+    --------
+    >>> ratio_verdict(float("nan"))
+    'n/a (too few clean blocks)'
+    >>> ratio_verdict(1.05, "perfect")
+    'good: the residual at large scales is as flat as perfect noise (ratio 1.05)'
+    """
+    if not np.isfinite(ratio):
+        return "n/a (too few clean blocks)"
+    noise = "perfect noise" if reference == "perfect" else "white noise"
+    if ratio < overfit_threshold:
+        return (
+            f"OVERFIT: the residual at large scales is {ratio:.2f}x {noise}; the "
+            "background follows the noise"
+        )
+    if ratio <= 1.25:
+        return f"good: the residual at large scales is as flat as {noise} (ratio {ratio:.2f})"
+    if ratio <= 2.0:
+        return (
+            f"some structure left: the residual at large scales is {ratio:.2f}x {noise}; "
+            "the background misses some large-scale structure"
+        )
+    return (
+        f"structure left: the residual at large scales is {ratio:.1f}x {noise}; the "
+        "background misses large-scale structure (or sources the mask missed remain)"
+    )
+
+
+def masked_verdict(difference: float, stderr: float, z: float) -> str:
+    """The masked-vs-unmasked test (background under the mask minus elsewhere) in plain
+    words; ``z`` is the difference in standard errors.
+
+    Examples
+    --------
+    >>> masked_verdict(0.5, 0.1, 5.0)[:42]
+    'biased: the background is 0.5 higher under'
+    """
+    if not np.isfinite(z):
+        return "n/a (no standard error)"
+    if abs(z) < 3:
+        return (
+            f"no significant difference: the background under the mask differs from "
+            f"elsewhere by {difference:.3g}, {abs(z):.1f} standard errors"
+        )
+    side = "higher" if z > 0 else "lower"
+    why = (
+        "source light leaks into the background (masks too small)"
+        if z > 0
+        else "the mask sits on low sky, or the fit dips under sources"
+    )
+    return (
+        f"biased: the background is {abs(difference):.3g} {side} under the mask than "
+        f"elsewhere ({abs(z):.1f} standard errors): {why}"
+    )
+
+
 def _flatten(d, prefix, out):
     for k, v in d.items():
         key = f"{prefix}{k}"
@@ -295,6 +400,7 @@ def evaluate(
     scene=None,
     widths=range(3, 30),
     overfit_threshold=0.9,
+    min_clean_blocks=MIN_CLEAN_BLOCKS,
     seed=0,
 ) -> Evaluation:
     """Score a background: against truth when there is one, against statistics always.
@@ -322,6 +428,9 @@ def evaluate(
         Block widths for :func:`rms_vs_scale`.
     overfit_threshold : float
         Large-scale ratio below which the fit is flagged as over-fitting.
+    min_clean_blocks : int
+        Fewest clean blocks for a width to count in the large-scale ratio (the relative
+        error of an RMS of n block means is about ``1 / sqrt(2 n)``: 14% at 25).
     seed : int
         Seed of the random control positions.
 
@@ -355,18 +464,21 @@ def evaluate(
     if scene is not None and scene.mask is not None:
         m = scene.mask.copy() if m is None else (m | scene.mask)
     check_positive("overfit_threshold", overfit_threshold)
+    check_positive("min_clean_blocks", min_clean_blocks)
     ws = as_widths(widths)
 
     resid = img - bkg
     sigma = pixel_sigma(resid, m)
-    rms = rms_vs_scale(resid, m, ws)
+    rms, blocks = rms_vs_scale(resid, m, ws, return_counts=True)
     white = white_noise_curve(sigma, ws)
     perfect = None
     if noise is not None:
         perfect = perfect_curve(as_image(noise, "noise"), m, ws)
     reference = "perfect" if perfect is not None else "white"
     ref = perfect if perfect is not None else white
-    large = ws >= np.quantile(ws, 2.0 / 3.0)
+    # a width counts only with enough clean blocks: the scatter of a few block means is
+    # noise (one block gives 0, a false OVERFIT)
+    large = (ws >= np.quantile(ws, 2.0 / 3.0)) & (blocks >= min_clean_blocks)
     with np.errstate(invalid="ignore", divide="ignore"):
         r = (rms / ref)[large]
     r = r[np.isfinite(r)]
@@ -404,6 +516,8 @@ def evaluate(
         background=bkg,
         mask=m,
         truth=tru,
+        clean_blocks=blocks,
+        min_clean_blocks=int(min_clean_blocks),
     )
 
 

@@ -32,7 +32,7 @@ def as_widths(widths) -> np.ndarray:
     return w.astype(np.int64)
 
 
-def rms_vs_scale(residual, mask=None, widths=range(3, 30)) -> np.ndarray:
+def rms_vs_scale(residual, mask=None, widths=range(3, 30), *, return_counts: bool = False):
     """RMS of the block means of ``residual`` for each block width, over clean blocks.
 
     This is the notebook's definition, step by step, for each width ``w``:
@@ -55,11 +55,16 @@ def rms_vs_scale(residual, mask=None, widths=range(3, 30)) -> np.ndarray:
         True = excluded. Non-finite residual pixels are excluded too.
     widths : sequence of int
         Block widths in pixels (the notebook uses 3..29).
+    return_counts : bool
+        Also return the number of clean blocks behind each RMS: a standard deviation of
+        a handful of block means says little (with one block it is 0).
 
     Returns
     -------
     ndarray of float64
         One RMS per width; NaN where no clean block remains.
+    ndarray of int64
+        With ``return_counts``: the number of clean blocks at each width.
 
     Examples
     --------
@@ -73,12 +78,14 @@ def rms_vs_scale(residual, mask=None, widths=range(3, 30)) -> np.ndarray:
     m = combine_masks(res, as_mask(mask, res.shape))
     ws = as_widths(widths)
     ny, nx = res.shape
-    # Fill masked pixels so that NaN/inf never reach a block mean that is kept anyway.
-    filled = np.where(m, 0.0, res)
+    # Fill masked pixels so that NaN/inf never reach a block mean that is kept anyway
+    # (in the residual's own dtype: no float64 copy of a float32 image).
+    filled = np.where(m, res.dtype.type(0), res)
     # Masked-pixel counts of any block from one exact integer integral image.
     integral = np.zeros((ny + 1, nx + 1), dtype=np.int64)
     np.cumsum(np.cumsum(m, axis=0, dtype=np.int64), axis=1, out=integral[1:, 1:])
     out = np.full(ws.size, np.nan)
+    counts_out = np.zeros(ws.size, dtype=np.int64)
     for i, w in enumerate(ws):
         w = int(w)
         if w > ny or w > nx:
@@ -94,11 +101,18 @@ def rms_vs_scale(residual, mask=None, widths=range(3, 30)) -> np.ndarray:
         brow = block_reduce((rows < half) | (rows > ny - half), w) > 0
         bcol = block_reduce((cols < half) | (cols > nx - half), w) > 0
         clean = (counts == 0) & ~brow[:, None] & ~bcol[None, :]
+        counts_out[i] = int(clean.sum())
         if not clean.any():
             continue
-        means = block_reduce(filled, w, func=np.mean)
+        # block sums in float64 without a float64 copy of the image: one block row at
+        # a time (the residual may be float32 and as large as memory allows)
+        means = np.empty(clean.shape)
+        for j in range(clean.shape[0]):
+            rows_j = filled[j * w : (j + 1) * w, : clean.shape[1] * w]
+            means[j] = rows_j.reshape(w, clean.shape[1], w).sum(axis=(0, 2), dtype=np.float64)
+        means /= w * w
         out[i] = float(np.std(means[clean], dtype=np.float64))
-    return out
+    return (out, counts_out) if return_counts else out
 
 
 def pixel_sigma(residual, mask=None) -> float:

@@ -29,6 +29,7 @@ from skymap.app.cli.common import (
     EXIT_OK,
     EXIT_USAGE,
     UsageError,
+    command_line_words,
     exit_code,
 )
 
@@ -122,7 +123,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_INTERRUPTED
     except Exception as err:  # the command line reports every failure as a message
         code = exit_code(err)
-        sys.stderr.write(f"skymap: error: {err}\n")
+        sys.stderr.write(f"skymap: error: {command_line_words(str(err))}\n")
         if code == EXIT_FAILURE:
             if args.verbose:
                 import traceback

@@ -110,5 +110,5 @@ def handle(args) -> int:
     failures = [(item[0], err) for item, _, err in rows if err is not None]
     common.tell(args, f"processed {len(rows) - len(failures)}/{len(rows)} files into {out_root}/")
     for p, err in failures:
-        sys.stderr.write(f"skymap: error: {p}: {err}\n")
+        sys.stderr.write(f"skymap: error: {p}: {common.command_line_words(str(err))}\n")
     return max((common.exit_code(err) for _, err in failures), default=common.EXIT_OK)

@@ -13,6 +13,7 @@ import dataclasses
 import importlib
 import logging
 import os
+import re
 import sys
 import textwrap
 from collections.abc import Mapping
@@ -219,13 +220,46 @@ def load_config(path: str | os.PathLike | None):
         import tomllib
     else:  # pragma: no cover - Python 3.10
         import tomli as tomllib
+    config_mod = module("app.config", "run --config")
     try:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
         if "type" not in data:
-            return data
-        return module("app.config", "run --config").from_dict(data)
+            return fit_options(data, config_mod)
+        return config_mod.from_dict(data)
     except (ValueError, TypeError, KeyError, UnicodeDecodeError) as err:
         raise UsageError(f"config file {path}: {err}") from err
+
+
+#: Options of :func:`skymap.fit` a ``--config`` file may set, with their types
+#: (``float | None``: the string "none" gives None).
+FIT_OPTIONS = {
+    "high": float,
+    "low": float,
+    "max_iter": int,
+    "change_tol": float,
+    "mask_tol": float,
+    "error_tol": float,
+    "source_asymmetry": float | None,
+    "cell_size": int | None,
+    "gcv_inflation": float,
+}
+
+
+def fit_options(data: Mapping, config_mod) -> dict:
+    """Options of the default fit from a TOML table, each checked against its type;
+    unknown keys are left for the fit to refuse with the list of accepted ones."""
+    options = {}
+    for key, value in data.items():
+        hint = FIT_OPTIONS.get(key)
+        if (
+            hint is not None
+            and value == config_mod.NONE_TEXT
+            and type(None) in getattr(hint, "__args__", ())
+        ):
+            value = None
+        config_mod.check_type(value, hint, key)
+        options[key] = value
+    return options
 
 
 def read_input(path, *, hdu=None, dq_hdu=None, dq_bits=None, mask=None) -> skyio.FitsImage:
@@ -329,6 +363,35 @@ def result_config(result: Any, config: Any) -> Any:
     return getattr(result, "config", None) or config
 
 
+def convergence(result: Any) -> dict:
+    """Whether the fit converged, after how many iterations, and why it stopped.
+
+    A single mesh pass has nothing to converge: ``converged`` is None. The reason is the
+    result's ``convergence_note`` when it gives one.
+    """
+    history = getattr(result, "history", None) or ()
+    converged = getattr(result, "converged", None)
+    note = getattr(result, "convergence_note", None)
+    if note is None and converged is False:
+        note = "the iteration cap was reached before the background and mask settled"
+    return {
+        "converged": None if converged is None else bool(converged),
+        "iterations": len(history),
+        "reason": note,
+    }
+
+
+def warn_unconverged(result: Any, what: str, *, quiet: bool) -> None:
+    """Say on stderr (a warning, also under --quiet) when the fit did not converge."""
+    info = convergence(result)
+    if info["converged"] is False:
+        sys.stderr.write(
+            f"skymap: warning: {what}: the fit did not converge after "
+            f"{info['iterations']} iterations ({info['reason']}); the background may "
+            "still be moving by more than its errors. See the report's convergence plot\n"
+        )
+
+
 def fit_summary(image: np.ndarray, result: Any) -> dict:
     """Headline numbers of a fit, JSON-ready."""
     bkg = np.asarray(result.background)
@@ -338,7 +401,7 @@ def fit_summary(image: np.ndarray, result: Any) -> dict:
         "background_median": float(np.nanmedian(bkg)),
         "rms_median": float(np.nanmedian(np.asarray(result.rms))),
         "mask_fraction": float(mask.mean()),
-        "iterations": len(getattr(result, "history", None) or []),
+        **convergence(result),
         # the promise to users: a finite background wherever the input is finite
         "finite_background_where_input_finite": bool(
             np.all(np.isfinite(bkg)[np.isfinite(np.asarray(image))])
@@ -346,23 +409,56 @@ def fit_summary(image: np.ndarray, result: Any) -> dict:
     }
 
 
+_BITPIX = {8: "uint8", 16: "int16", 32: "int32", 64: "int64", -32: "float32", -64: "float64"}
+_UNSIGNED = {16: ("uint16", 2**15), 32: ("uint32", 2**31), 64: ("uint64", 2**63)}
+
+
+def file_dtype(img: skyio.FitsImage) -> str:
+    """The pixel type stored in the file (BITPIX, scaling noted), not the type skymap
+    works in (integers are read as float32)."""
+    hdr = img.header
+    bitpix = int(hdr.get("BITPIX", 0))
+    bzero, bscale = hdr.get("BZERO", 0), hdr.get("BSCALE", 1)
+    if bitpix in _UNSIGNED and bscale == 1 and bzero == _UNSIGNED[bitpix][1]:
+        return _UNSIGNED[bitpix][0]
+    name = _BITPIX.get(bitpix, str(img.data.dtype))
+    if bitpix > 0 and (bscale != 1 or bzero != 0):
+        name += f" (scaled: BSCALE={bscale}, BZERO={bzero})"
+    return name
+
+
+def image_unit(header) -> str:
+    """The image's unit (BUNIT), or a note that the header gives none."""
+    unit = str(header.get("BUNIT", "") if header is not None else "").strip()
+    return unit or "not given (no BUNIT in the header)"
+
+
 def headline(result: Any, evaluation: Any) -> dict:
-    """The few numbers a reader wants first, for the top of the report."""
+    """The few numbers a reader wants first, for the top of the report, each with a
+    plain-language verdict."""
     ev = evaluation
-    lines = {
-        "mask fraction": f"{float(np.mean(result.mask)):.1%}",
-        "iterations": len(getattr(result, "history", None) or []),
-    }
+    info = convergence(result)
+    lines = {"mask fraction": f"{float(np.mean(result.mask)):.1%} of the pixels excluded"}
+    if info["converged"] is None:
+        lines["convergence"] = "one pass (nothing to iterate)"
+    elif info["converged"]:
+        lines["convergence"] = f"converged after {info['iterations']} iterations"
+    else:
+        lines["convergence"] = (
+            f"NOT CONVERGED after {info['iterations']} iterations: {info['reason']}"
+        )
     if ev.truth_metrics is not None:
-        lines["background error RMS"] = f"{ev.truth_metrics['rms_error_sigma']:.4f} sigma"
-    verdict = " (OVERFIT: the background follows the noise)" if ev.overfit else ""
-    lines[f"RMS-vs-scale ratio to {ev.reference}, large scales"] = (
-        f"{ev.large_scale_ratio:.3f}{verdict}"
-    )
+        err = ev.truth_metrics["rms_error_sigma"]
+        lines["background error RMS"] = (
+            f"{err:.4f} sigma (the fitted background against the true sky, in units of "
+            "the pixel noise; 0 is perfect)"
+        )
+    lines[f"RMS-vs-scale ratio to {ev.reference} noise, large scales"] = ev.ratio_verdict
     if ev.masked_vs_unmasked is not None:
         t = ev.masked_vs_unmasked
         lines["background under mask - elsewhere"] = (
-            f"{t.difference:.4g} +- {t.stderr:.2g} (z = {t.z:.2f})"
+            f"{t.difference:.4g} +- {t.stderr:.2g} (z = {t.z:.2f} standard errors): "
+            f"{ev.mask_verdict}"
         )
     return lines
 
@@ -370,16 +466,107 @@ def headline(result: Any, evaluation: Any) -> dict:
 # --------------------------------------------------------------------------- outputs
 
 
-def planned_outputs(out_dir: Path, stem: str, *, report: bool) -> dict[str, Path]:
-    """Every file a run may write, for the up-front overwrite check."""
-    paths = dict(skyio.product_paths(out_dir, stem))
-    paths["metrics"] = out_dir / "metrics.json"
-    if report:
-        from skymap.app import report as report_mod
+class OutputsBusyError(Exception):
+    """Another run is writing the same outputs (exit code 3, like an existing output)."""
 
-        for name, p in report_mod.report_paths(out_dir, tuple(report_mod.CAPTIONS)).items():
-            paths[f"report_{name}"] = p
+
+def planned_outputs(out_dir: Path, stem: str, *, report: bool) -> dict[str, Path]:
+    """Every file a run on the input ``stem`` may write, all named after ``stem`` so that
+    runs on different inputs never share a file."""
+    paths = dict(skyio.product_paths(out_dir, stem))
+    paths["metrics"] = out_dir / f"{stem}_metrics.json"
+    if report:
+        paths.update({f"report_{k}": p for k, p in report_paths(out_dir, stem).items()})
     return paths
+
+
+def report_paths(out_dir: Path, stem: str) -> dict[str, Path]:
+    """Every file the report of ``stem`` may have (``<stem>_report.html`` and PNGs)."""
+    from skymap.app import report as report_mod
+
+    return report_mod.report_paths(out_dir, tuple(report_mod.CAPTIONS), stem=f"{stem}_report")
+
+
+def _check_names(out_dir: Path, paths: list[Path]) -> None:
+    """Refuse names the filesystem cannot hold, before any work rather than after it."""
+    try:
+        name_max = os.pathconf(out_dir, "PC_NAME_MAX")
+    except (OSError, ValueError, AttributeError):  # pragma: no cover - non-POSIX
+        name_max = 255
+    for p in paths:
+        if len(os.fsencode(p.name)) > name_max:
+            raise UsageError(
+                f"output name {p.name} is longer than the {name_max} bytes this filesystem "
+                "allows; rename the input or choose another -o"
+            )
+
+
+def _stats(paths):
+    out = {}
+    for p in paths:
+        with contextlib.suppress(OSError):
+            st = p.stat()
+            out[p] = (st.st_ino, st.st_mtime_ns, st.st_size)
+    return out
+
+
+@contextlib.contextmanager
+def reserve_outputs(out_dir: Path, paths, *, overwrite: bool, owner: str):
+    """Claim an output directory for one run, before any expensive work.
+
+    Checks that ``out_dir`` is (or can be made) a writable directory whose filesystem
+    takes every name in ``paths``, takes a lock file named after ``owner`` (a second run
+    writing the same outputs concurrently gets exit code 3 before it writes anything),
+    then checks that no output exists unless ``overwrite``. If the body fails or is
+    interrupted, every file of ``paths`` this run created or replaced is removed, so no
+    partial set of products is left under the final names.
+    """
+    out_dir = Path(out_dir)
+    paths = [Path(p) for p in paths]
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UsageError(
+            f"output directory {out_dir} is an existing file, not a directory; choose another -o"
+        )
+    created = not out_dir.exists()
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise UsageError(f"cannot create output directory {out_dir}: {err.strerror}") from err
+    lock = out_dir / f".{owner}.skymap-lock"
+    fd = None
+    try:
+        _check_names(out_dir, [*paths, lock])
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            raise OutputsBusyError(
+                f"another skymap run is writing the outputs of {owner} into {out_dir}/ "
+                f"(lock file {lock}); nothing was written. Wait for it, or delete the lock "
+                "file if no run is active"
+            ) from None
+        except OSError as err:
+            raise UsageError(
+                f"cannot write into output directory {out_dir}: {err.strerror}"
+            ) from err
+        os.write(fd, f"{os.getpid()}\n".encode())
+        skyio.check_outputs(paths, overwrite=overwrite)
+        before = _stats(paths)
+        try:
+            yield
+        except BaseException:
+            for p, st in _stats(paths).items():
+                if before.get(p) != st:
+                    with contextlib.suppress(OSError):
+                        p.unlink()
+            raise
+    finally:
+        if fd is not None:
+            os.close(fd)
+            with contextlib.suppress(OSError):
+                lock.unlink()
+        if created:
+            with contextlib.suppress(OSError):
+                out_dir.rmdir()  # only if this run left it empty
 
 
 def write_outputs(
@@ -398,7 +585,9 @@ def write_outputs(
     meta: dict,
     overwrite: bool = False,
 ) -> dict[str, Path]:
-    """The FITS products, metrics.json and the report: what run and demo both write."""
+    """The FITS products, ``<stem>_metrics.json`` and the report: what run and demo
+    both write. With ``overwrite`` and no report, a report left by an earlier run on the
+    same input is removed: it would describe other products."""
     written = skyio.write_products(
         out_dir,
         stem,
@@ -411,20 +600,61 @@ def write_outputs(
         source=source,
         overwrite=overwrite,
     )
-    written["metrics"] = skyio.write_json(out_dir / "metrics.json", metrics, overwrite=overwrite)
+    written["metrics"] = skyio.write_json(
+        out_dir / f"{stem}_metrics.json", metrics, overwrite=overwrite
+    )
     if report:
         from skymap.app import report as report_mod
 
         figures = report_mod.report_figures(result, evaluation)
         pages = report_mod.write_report(
-            out_dir, title=title, figures=figures, metrics=metrics, meta=meta, overwrite=overwrite
+            out_dir,
+            title=title,
+            figures=figures,
+            metrics=metrics,
+            meta=meta,
+            stem=f"{stem}_report",
+            overwrite=overwrite,
         )
         written.update({f"report_{k}": v for k, v in pages.items()})
+    elif overwrite:
+        for p in report_paths(out_dir, stem).values():
+            with contextlib.suppress(FileNotFoundError):
+                p.unlink()
     return written
 
 
+# The library's messages name keyword arguments; the command line names its options.
+_CLI_WORDS = (
+    (
+        re.compile(r"pass overwrite=True \(on the command line: --overwrite\) to"),
+        "add --overwrite to",
+    ),
+    (re.compile(r"pass overwrite=True to"), "add --overwrite to"),
+    (re.compile(r"\b\w+= \((?:on the )?command line: (--[\w-]+)\)"), r"\1"),
+    (re.compile(r"\bhdu="), "--hdu"),
+    (re.compile(r"\bdq="), "--dq-hdu"),
+    (re.compile(r"\bdq_bits\b"), "--dq-bits"),
+)
+
+
+def command_line_words(message: str) -> str:
+    """``message`` with the API's keyword arguments replaced by the command's options.
+
+    Examples
+    --------
+    >>> command_line_words("pass overwrite=True (on the command line: --overwrite) to replace it")
+    'add --overwrite to replace it'
+    >>> command_line_words("name the flag HDU with dq= (command line: --dq-hdu)")
+    'name the flag HDU with --dq-hdu'
+    """
+    for pattern, replacement in _CLI_WORDS:
+        message = pattern.sub(replacement, message)
+    return message
+
+
 def exit_code(err: BaseException) -> int:
-    if isinstance(err, skyio.OutputExistsError):
+    if isinstance(err, (skyio.OutputExistsError, OutputsBusyError)):
         return EXIT_EXISTS
     if isinstance(err, UsageError):
         return EXIT_USAGE

@@ -20,13 +20,16 @@ def register(subparsers) -> None:
         subparsers,
         "config",
         help="write a configuration file to edit and pass to --config",
-        description="Write a configuration as TOML (to stdout, or to -o FILE): the default "
-        "pipeline skymap would choose for IN.fits, or a single mesh pass "
+        description="Write a configuration as TOML (to stdout, or to -o FILE), with a "
+        "comment on every key: the default pipeline (the one skymap would choose for "
+        "IN.fits when given), or a single mesh pass "
         "(--kind mesh, or presets that reproduce SExtractor or photutils "
         "Background2D). Edit it and pass it to `skymap run --config`.",
         examples=EXAMPLES,
     )
-    p.add_argument("input", nargs="?", metavar="IN.fits", help="image (for --kind pipeline)")
+    p.add_argument(
+        "input", nargs="?", metavar="IN.fits", help="image (optional, for --kind pipeline)"
+    )
     p.add_argument(
         "--kind",
         default="pipeline",
@@ -40,19 +43,27 @@ def register(subparsers) -> None:
     p.set_defaults(func=handle)
 
 
+def _default_pipeline(pipeline):
+    """The default pipeline without an image: its settings do not depend on the image
+    (the cell size is chosen when it fits), so any image gives the same configuration."""
+    try:
+        return pipeline.default_pipeline()
+    except TypeError:  # a default_pipeline that still asks for an image
+        import numpy as np
+
+        return pipeline.default_pipeline(np.zeros((64, 64), np.float32))
+
+
 def handle(args) -> int:
     config_mod = common.module("app.config", "config")
     if args.kind == "pipeline":
-        if args.input is None:
-            raise common.UsageError(
-                "the default pipeline is chosen from the data: give the image, "
-                "`skymap config IN.fits`, or pick --kind mesh/sextractor/photutils"
-            )
-        img = common.read_input(args.input, hdu=args.hdu)
+        pipeline = common.module("background.pipeline", "config")
         try:
-            obj = common.module("background.pipeline", "config").default_pipeline(
-                img.data, img.mask
-            )
+            if args.input is not None:
+                img = common.read_input(args.input, hdu=args.hdu)
+                obj = pipeline.default_pipeline(img.data, img.mask)
+            else:
+                obj = _default_pipeline(pipeline)
         except ValueError as err:
             raise common.UsageError(str(err)) from err
     else:

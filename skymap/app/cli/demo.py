@@ -39,9 +39,11 @@ def handle(args) -> int:
     config = common.load_config(args.config)
     stem = args.scene
     inputs = {"image": out_dir / f"{stem}_image.fits", "sky": out_dir / f"{stem}_sky.fits"}
-    planned = common.planned_outputs(out_dir, stem, report=True)
-    skyio.check_outputs([*planned.values(), *inputs.values()], overwrite=args.overwrite)
-    with common.progress(total=4, desc="demo", quiet=args.quiet) as bar:
+    planned = [*common.planned_outputs(out_dir, stem, report=True).values(), *inputs.values()]
+    with (
+        common.reserve_outputs(out_dir, planned, overwrite=args.overwrite, owner=stem),
+        common.progress(total=4, desc="demo", quiet=args.quiet) as bar,
+    ):
         bar.set_postfix_str("simulating")
         scene = common.scene_from_args(args)
         bar.update()
@@ -50,6 +52,7 @@ def handle(args) -> int:
         with common.iterations_on(bar, quiet=args.quiet):
             result = common.fit_image(scene.image, scene.mask, config)
         fit_seconds = time.perf_counter() - t0
+        common.warn_unconverged(result, f"scene {scene.name}", quiet=args.quiet)
         bar.update()
         bar.set_postfix_str("evaluating")
         evaluation = common.module("quality.evaluate", "demo").evaluate(
@@ -65,7 +68,6 @@ def handle(args) -> int:
         }
         bar.update()
         bar.set_postfix_str("writing")
-        out_dir.mkdir(parents=True, exist_ok=True)
         history = [f"skymap demo: simulated scene {scene.name}"]
         written = {
             k: skyio.write_image(p, arr, product=k, history=history, overwrite=args.overwrite)

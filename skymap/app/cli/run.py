@@ -93,10 +93,11 @@ def run_file(
     """
     out_dir = Path(out_dir)
     stem = common.output_stem(path, hdu)
-    skyio.check_outputs(
-        common.planned_outputs(out_dir, stem, report=report).values(), overwrite=overwrite
-    )
-    with common.progress(total=4, desc=stem, quiet=quiet) as bar:
+    planned = common.planned_outputs(out_dir, stem, report=report)
+    with (
+        common.reserve_outputs(out_dir, planned.values(), overwrite=overwrite, owner=stem),
+        common.progress(total=4, desc=stem, quiet=quiet) as bar,
+    ):
         bar.set_postfix_str("reading")
         img = common.read_input(path, hdu=hdu, dq_hdu=dq_hdu, dq_bits=dq_bits, mask=mask)
         bar.update()
@@ -105,6 +106,7 @@ def run_file(
         with common.iterations_on(bar, quiet=quiet):
             result = common.fit_image(img.data, img.mask, config)
         log.info("%s: fit took %.2f s", path, time.perf_counter() - t0)
+        common.warn_unconverged(result, str(path), quiet=quiet)
         bar.update()
         bar.set_postfix_str("evaluating")
         evaluation = common.module("quality.evaluate", "run").evaluate(img.data, result)
@@ -114,7 +116,7 @@ def run_file(
                 "file": str(path),
                 "hdu": img.hdu,
                 "shape": list(img.data.shape),
-                "dtype": str(img.data.dtype),
+                "dtype": common.file_dtype(img),
                 "nonfinite_pixels": int((~np.isfinite(img.data)).sum()),
                 "flagged_pixels": 0 if img.mask is None else int(img.mask.sum()),
             },
@@ -141,6 +143,7 @@ def run_file(
                 "input": str(path),
                 "hdu": img.hdu,
                 "shape": f"{img.data.shape[0]} x {img.data.shape[1]} (y, x)",
+                "unit": common.image_unit(img.header),
                 "skymap version": __version__,
                 "configuration hash": skyio.config_hash(cfg),
                 **common.headline(result, evaluation),
