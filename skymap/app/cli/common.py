@@ -58,6 +58,10 @@ CONFIG_HELP = (
 SCENES = ("notebook", "crowded_stellar", "galaxies_lsb", "nebula", "detector_artifacts")
 
 
+#: Smallest scene side (--size) worth fitting and reporting on.
+MIN_SIZE = 32
+
+
 class UsageError(Exception):
     """Bad command-line input (exit code 2)."""
 
@@ -307,6 +311,8 @@ def check_unique(stems, inputs) -> None:
 
 def scene_from_args(args):
     simulate = module("quality.simulate", args.command)
+    if args.size is not None and args.size < MIN_SIZE:
+        raise UsageError(f"--size must be at least {MIN_SIZE} pixels, got {args.size}")
     try:
         if args.scene == "notebook":
             return simulate.notebook_scene(seed=args.seed, shrink_factor=args.shrink_factor)
@@ -606,7 +612,8 @@ def write_outputs(
     if report:
         from skymap.app import report as report_mod
 
-        figures = report_mod.report_figures(result, evaluation)
+        unit = str(header.get("BUNIT", "")).strip() if header is not None else ""
+        figures = report_mod.report_figures(result, evaluation, unit=unit or None)
         pages = report_mod.write_report(
             out_dir,
             title=title,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 from skymap import __version__
@@ -68,6 +69,12 @@ def handle(args) -> int:
             catalog = Table.read(args.catalog)
         except (OSError, ValueError) as err:
             raise common.UsageError(f"catalog {args.catalog}: {err}") from err
+    if mask is None:
+        sys.stderr.write(
+            "skymap: warning: evaluating without --mask: the RMS-vs-scale ratio then "
+            "includes the sources, and the masked-vs-unmasked test is skipped; give the "
+            "source mask (e.g. IN_mask.fits from `skymap run`) with --mask\n"
+        )
     evaluate = common.module("quality.evaluate", "evaluate")
     try:
         evaluation = evaluate.evaluate(
@@ -88,13 +95,17 @@ def handle(args) -> int:
     }
     skyio.write_json(out, metrics, overwrite=args.overwrite)
     ev = evaluation
-    common.tell(args, f"large-scale RMS ratio to {ev.reference}: {ev.large_scale_ratio:.3f}")
+    common.tell(args, f"RMS vs scale, large scales: {ev.ratio_verdict}")
     if ev.truth_metrics is not None:
         common.tell(
             args, f"background error RMS = {ev.truth_metrics['rms_error_sigma']:.4f} sigma"
         )
     if ev.masked_vs_unmasked is not None:
         t = ev.masked_vs_unmasked
-        common.tell(args, f"masked - unmasked background = {t.difference:.4g} (z = {t.z:.2f})")
+        common.tell(
+            args,
+            f"masked - unmasked background = {t.difference:.4g} (z = {t.z:.2f}): "
+            f"{ev.mask_verdict}",
+        )
     common.tell(args, f"wrote {out}")
     return common.EXIT_OK
