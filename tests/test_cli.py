@@ -66,7 +66,7 @@ def test_missing_input_exits_2_and_names_the_file(tmp_path, capsys):
 def test_bad_dq_bits_exit_2(data_dir, tmp_path, capsys):
     argv = ["run", str(data_dir / "spitzer_cutout.fits"), "-o", str(tmp_path), "-q"]
     assert cli.main([*argv, "--dq-bits", "1,x"]) == cli.EXIT_USAGE
-    assert "dq_bits" in capsys.readouterr().err
+    assert "--dq-bits" in capsys.readouterr().err
 
 
 def test_run_refuses_to_overwrite_before_any_work(data_dir, tmp_path, monkeypatch, capsys):
@@ -226,7 +226,7 @@ def test_run_with_a_config_file_on_real_data(name, data_dir, tmp_path, mesh_toml
     )
     mask = fits.getdata(out / f"{stem}_mask.fits")
     np.testing.assert_array_equal(mask.astype(bool), ~np.isfinite(image.data))
-    metrics = json.loads((out / "metrics.json").read_text())
+    metrics = json.loads((out / f"{stem}_metrics.json").read_text())
     assert metrics["fit"]["finite_background_where_input_finite"] is True
     assert metrics["input"]["nonfinite_pixels"] == int((~np.isfinite(image.data)).sum())
     assert set(metrics["evaluation"]) >= {"rms_vs_scale", "masked_vs_unmasked"}
@@ -249,9 +249,13 @@ def test_config_written_by_the_command_drives_run(data_dir, tmp_path, capsys):
     assert header["SKYCFGH"] == io.config_hash(expected)
 
 
-def test_pipeline_config_needs_an_image(capsys):
-    assert cli.main(["config"]) == cli.EXIT_USAGE
-    assert "give the image" in capsys.readouterr().err
+def test_pipeline_config_needs_no_image(capsys):
+    from skymap.app import config
+    from skymap.background.pipeline import default_pipeline
+
+    assert cli.main(["config"]) == cli.EXIT_OK
+    text = capsys.readouterr().out
+    assert config.loads_toml(text) == default_pipeline(np.zeros((64, 64), np.float32))
 
 
 def test_run_on_a_sci_dq_file_masks_the_chosen_flags(tmp_path, rng, mesh_toml):
@@ -266,7 +270,7 @@ def test_run_on_a_sci_dq_file_masks_the_chosen_flags(tmp_path, rng, mesh_toml):
     assert cli.main([*argv, "-o", str(tmp_path / "o"), "--dq-bits", "bit4"]) == 0
     mask = fits.getdata(tmp_path / "o" / "exp_mask.fits").astype(bool)
     assert list(zip(*np.nonzero(mask), strict=True)) == [(20, 20), (30, 30)]
-    metrics = json.loads((tmp_path / "o" / "metrics.json").read_text())
+    metrics = json.loads((tmp_path / "o" / "exp_metrics.json").read_text())
     assert metrics["input"]["hdu"] == "SCI" and metrics["input"]["flagged_pixels"] == 2
 
 
@@ -311,7 +315,7 @@ def test_batch_on_a_local_dask_cluster_equals_run_file_by_file(data_dir, tmp_pat
         assert cli.main(["run", str(src), "-o", str(tmp_path / "r" / stem), *common]) == 0
         ran = sorted(p.name for p in (tmp_path / "r" / stem).iterdir())
         batched = sorted(p.name for p in (tmp_path / "b" / stem).iterdir())
-        assert ran == batched and "metrics.json" in ran
+        assert ran == batched and f"{stem}_metrics.json" in ran
         for name in ran:
             assert _sha(tmp_path / "r" / stem / name) == _sha(tmp_path / "b" / stem / name)
     # a second batch refuses up front, before starting any cluster
@@ -342,7 +346,7 @@ def test_run_with_the_default_pipeline_on_real_data(name, data_dir, tmp_path):
     image = io.read_image(src).data
     background = fits.getdata(out / f"{stem}_background.fits")
     assert np.all(np.isfinite(background[np.isfinite(image)]))
-    metrics = json.loads((out / "metrics.json").read_text())
+    metrics = json.loads((out / f"{stem}_metrics.json").read_text())
     assert metrics["evaluation"]["masked_vs_unmasked"] is not None
 
 
@@ -351,11 +355,11 @@ def test_demo_end_to_end_on_a_small_scene(tmp_path):
     assert cli.main(["demo", "-o", str(out), "--shrink-factor", "8", "-q"]) == 0
     for product in ("image", "sky", *io.PRODUCTS):
         assert (out / f"notebook_{product}.fits").exists()
-    metrics = json.loads((out / "metrics.json").read_text())
+    metrics = json.loads((out / "notebook_metrics.json").read_text())
     # a fitted background on this scene is far better than no model at all (error ~ sky)
     assert metrics["evaluation"]["truth"]["rms_error_sigma"] < 1.0
-    page = (out / "report.html").read_text()
-    assert page.count("data:image/png;base64,") >= 4
+    page = (out / "notebook_report.html").read_text()
+    assert page.count("data:image/png;base64,") >= 5
     rms_sigma = metrics["evaluation"]["truth"]["rms_error_sigma"]
     assert f"<b>background error RMS</b>: {rms_sigma:.4f} sigma" in page
     assert cli.main(["demo", "-o", str(out), "--shrink-factor", "8", "-q"]) == cli.EXIT_EXISTS
@@ -393,5 +397,5 @@ def test_pipeline_config_file_reproduces_the_default_run(data_dir, tmp_path):
         argv = ["run", src, "-o", str(tmp_path / name), "-q", "--no-report", *extra]
         assert cli.main(argv) == 0
     products = [f"spitzer_cutout_{p}.fits" for p in io.PRODUCTS]
-    for name in [*products, "metrics.json"]:
+    for name in [*products, "spitzer_cutout_metrics.json"]:
         assert _sha(tmp_path / "default" / name) == _sha(tmp_path / "from_file" / name)

@@ -341,11 +341,16 @@ def plot_residual_histogram(
     >>> len(plot_residual_histogram(r, 1.0).axes[0].get_lines())
     1
     """
-    residual = np.asarray(residual, dtype=np.float64)
-    rms = np.broadcast_to(np.asarray(rms, dtype=np.float64), residual.shape)
+    residual = np.asarray(residual)
+    rms = np.broadcast_to(np.asarray(rms), residual.shape)
+    # a regular subsample of at most ~4 million pixels: enough for any histogram, and
+    # no float64 copies of a large image
+    step = max(1, int(np.ceil(np.sqrt(residual.size / (1 << 22)))))
+    residual = residual[::step, ::step].astype(np.float64)
+    rms = rms[::step, ::step].astype(np.float64)
     ok = np.isfinite(residual) & np.isfinite(rms) & (rms > 0)
     if mask is not None:
-        ok &= ~np.asarray(mask, dtype=bool)
+        ok &= ~np.asarray(mask, dtype=bool)[::step, ::step]
     z = residual[ok] / rms[ok]
     fig = Figure(figsize=(5.5, 3.8), layout="constrained")
     ax = fig.subplots()

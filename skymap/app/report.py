@@ -212,7 +212,13 @@ def report_figures(result: Any, evaluation: Any, *, unit: str | None = None) -> 
     if mesh is not None:
         figures[mesh[0]] = mesh[1]
     if rms is not None:
-        figures["residuals"] = plot.plot_residual_histogram(ev.image - background, rms, mask=mask)
+        # a regular subsample (<= ~4 Mpixel): no full-size residual for a histogram
+        k = max(1, int(np.ceil(np.sqrt(background.size / (1 << 22)))))
+        figures["residuals"] = plot.plot_residual_histogram(
+            ev.image[::k, ::k] - background[::k, ::k],
+            np.broadcast_to(np.asarray(rms), background.shape)[::k, ::k],
+            mask=None if mask is None else np.asarray(mask)[::k, ::k],
+        )
     if ev.rms_perfect is not None:
         refs = {"perfect (noise alone)": ev.rms_perfect}
     else:

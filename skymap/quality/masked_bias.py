@@ -136,28 +136,32 @@ def masked_vs_unmasked(
     if m is None:
         raise ValueError("mask is required: it defines the two groups being compared")
     valid = np.isfinite(bkg)
-    vals = np.where(valid, bkg, 0.0).astype(np.float64)
     sel_m = valid & m
     sel_u = valid & ~m
     tm, tu = int(sel_m.sum()), int(sel_u.sum())
     nan = float("nan")
-    mean_m = float(vals[sel_m].sum() / tm) if tm else nan
-    mean_u = float(vals[sel_u].sum() / tu) if tu else nan
+    # sums and variances in float64 over the selections, without copying the map
+    mean_m = float(np.sum(bkg, where=sel_m, dtype=np.float64) / tm) if tm else nan
+    mean_u = float(np.sum(bkg, where=sel_u, dtype=np.float64) / tu) if tu else nan
     diff = mean_m - mean_u
     naive = nan
     if tm and tu:
-        naive = float(np.sqrt(np.var(vals[sel_m]) / tm + np.var(vals[sel_u]) / tu))
+        var_m = float(np.var(bkg, where=sel_m, dtype=np.float64))
+        var_u = float(np.var(bkg, where=sel_u, dtype=np.float64))
+        naive = float(np.sqrt(var_m / tm + var_u / tu))
+    del sel_m, sel_u
     nb = None
     stderr = p = nan
     if tm and tu:
         if method == "shift":
-            null = _shifted_differences(vals, valid, m)
+            null = _shifted_differences(bkg, valid, m)
             null = null[np.isfinite(null)]
             if null.size > 1:
                 stderr = float(null.std())
                 p = float(np.mean(np.abs(null) >= abs(diff) * (1 - 1e-12)))
         else:
-            stderr, nb = _jackknife(vals, sel_m, sel_u, block_size, n_blocks)
+            vals = np.where(valid, bkg, 0.0).astype(np.float64)
+            stderr, nb = _jackknife(vals, valid & m, valid & ~m, block_size, n_blocks)
     z = diff / stderr if stderr > 0 else nan
     if method == "jackknife" and np.isfinite(z):
         from scipy import stats
@@ -180,21 +184,45 @@ def masked_vs_unmasked(
     )
 
 
-def _shifted_differences(vals, valid, mask):
+#: Above this many pixels the shift test runs on a binned map (see _shifted_differences).
+SHIFT_PIXELS = 1 << 22
+
+
+def _shifted_differences(bkg, valid, mask):
     """Masked-minus-unmasked mean for the mask shifted cyclically by every (dy, dx).
 
     ``C(s) = sum_p vals(p) mask(p - s)`` for all s at once is a cross-correlation, done by
-    FFT; the same with the validity map counts the masked valid pixels.
+    FFT; the same with the validity map counts the masked valid pixels. Above
+    :data:`SHIFT_PIXELS` pixels the maps are first summed in ``f x f`` blocks (the
+    mask becoming the masked share of each block) and only shifts by
+    multiples of ``f`` are taken: a background is smooth on the scale of a few pixels,
+    and the null distribution's spread is what is wanted, so this changes the standard
+    error very little while keeping the memory to a fraction of the image's.
     """
-    shape = vals.shape
-    fm = np.conj(scipy.fft.rfft2(mask.astype(np.float64), workers=-1))
-    c_m = scipy.fft.irfft2(scipy.fft.rfft2(vals, workers=-1) * fm, s=shape, workers=-1)
-    n_m = np.rint(
-        scipy.fft.irfft2(
-            scipy.fft.rfft2(valid.astype(np.float64), workers=-1) * fm, s=shape, workers=-1
-        )
-    )
-    total, count = vals.sum(), float(valid.sum())
+    ny, nx = bkg.shape
+    f = max(1, int(np.ceil(np.sqrt(ny * nx / SHIFT_PIXELS))))
+    ny, nx = (ny // f) * f, (nx // f) * f
+    ok = valid[:ny, :nx]
+    # centred on the mean, so that the sums stay accurate whatever the sky level
+    level = float(np.mean(bkg, where=valid, dtype=np.float64))
+    vals = np.where(ok, bkg[:ny, :nx] - level, 0.0)
+
+    def binned(a):
+        if f == 1:
+            return a.astype(np.float64)
+        return a.reshape(ny // f, f, nx // f, f).sum(axis=(1, 3), dtype=np.float64)
+
+    v = binned(vals)  # sum of the valid pixels per block
+    del vals
+    w = binned(ok)  # valid pixels per block
+    frac = binned(mask[:ny, :nx]) / (f * f)  # masked share of each block
+    shape = v.shape
+    fm = np.conj(scipy.fft.rfft2(frac, workers=-1))
+    c_m = scipy.fft.irfft2(scipy.fft.rfft2(v, workers=-1) * fm, s=shape, workers=-1)
+    n_m = scipy.fft.irfft2(scipy.fft.rfft2(w, workers=-1) * fm, s=shape, workers=-1)
+    if f == 1:
+        n_m = np.rint(n_m)
+    total, count = v.sum(), float(w.sum())
     with np.errstate(invalid="ignore", divide="ignore"):
         return c_m / n_m - (total - c_m) / (count - n_m)
 

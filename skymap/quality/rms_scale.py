@@ -16,6 +16,8 @@ __all__ = ["as_widths", "perfect_curve", "pixel_sigma", "rms_vs_scale", "white_n
 
 # 1 / Phi^-1(3/4): MAD to Gaussian sigma.
 _MAD_TO_SIGMA = 1.482602218505602
+# Pixel pairs used by pixel_sigma at most (rows are subsampled above this).
+_SIGMA_PAIRS = 1 << 22
 
 
 def as_widths(widths) -> np.ndarray:
@@ -78,38 +80,34 @@ def rms_vs_scale(residual, mask=None, widths=range(3, 30), *, return_counts: boo
     m = combine_masks(res, as_mask(mask, res.shape))
     ws = as_widths(widths)
     ny, nx = res.shape
-    # Fill masked pixels so that NaN/inf never reach a block mean that is kept anyway
-    # (in the residual's own dtype: no float64 copy of a float32 image).
-    filled = np.where(m, res.dtype.type(0), res)
-    # Masked-pixel counts of any block from one exact integer integral image.
-    integral = np.zeros((ny + 1, nx + 1), dtype=np.int64)
-    np.cumsum(np.cumsum(m, axis=0, dtype=np.int64), axis=1, out=integral[1:, 1:])
+    zero = res.dtype.type(0)
     out = np.full(ws.size, np.nan)
     counts_out = np.zeros(ws.size, dtype=np.int64)
     for i, w in enumerate(ws):
         w = int(w)
         if w > ny or w > nx:
             continue
-        by, bx = np.arange(0, (ny // w) * w + 1, w), np.arange(0, (nx // w) * w + 1, w)
-        corners = integral[np.ix_(by, bx)]
-        counts = corners[1:, 1:] - corners[:-1, 1:] - corners[1:, :-1] + corners[:-1, :-1]
+        nby, nbx = ny // w, nx // w
         # The notebook's border (row < w/2 or row > nrow - w/2, same for columns) only
         # depends on the block's row or column range: flag whole block rows/columns.
         half = w / 2
-        rows = np.arange(ny)
-        cols = np.arange(nx)
-        brow = block_reduce((rows < half) | (rows > ny - half), w) > 0
-        bcol = block_reduce((cols < half) | (cols > nx - half), w) > 0
-        clean = (counts == 0) & ~brow[:, None] & ~bcol[None, :]
+        brow = block_reduce((np.arange(ny) < half) | (np.arange(ny) > ny - half), w) > 0
+        bcol = block_reduce((np.arange(nx) < half) | (np.arange(nx) > nx - half), w) > 0
+        # One block row at a time: masked-pixel counts and float64 block sums without a
+        # full-size temporary (the residual may be as large as memory allows).
+        clean = np.zeros((nby, nbx), dtype=bool)
+        means = np.zeros((nby, nbx))
+        for j in range(nby):
+            if brow[j]:
+                continue
+            rows = slice(j * w, (j + 1) * w)
+            m_rows = m[rows, : nbx * w]
+            clean[j] = ~m_rows.reshape(w, nbx, w).any(axis=(0, 2)) & ~bcol
+            vals = np.where(m_rows, zero, res[rows, : nbx * w])
+            means[j] = vals.reshape(w, nbx, w).sum(axis=(0, 2), dtype=np.float64)
         counts_out[i] = int(clean.sum())
         if not clean.any():
             continue
-        # block sums in float64 without a float64 copy of the image: one block row at
-        # a time (the residual may be float32 and as large as memory allows)
-        means = np.empty(clean.shape)
-        for j in range(clean.shape[0]):
-            rows_j = filled[j * w : (j + 1) * w, : clean.shape[1] * w]
-            means[j] = rows_j.reshape(w, clean.shape[1], w).sum(axis=(0, 2), dtype=np.float64)
         means /= w * w
         out[i] = float(np.std(means[clean], dtype=np.float64))
     return (out, counts_out) if return_counts else out
@@ -131,6 +129,10 @@ def pixel_sigma(residual, mask=None) -> float:
     """
     res = as_image(residual, "residual")
     m = combine_masks(res, as_mask(mask, res.shape))
+    # Every k-th row on large images: 4 million pairs give sigma to 0.05%, and the
+    # differences need not cost several copies of the image.
+    step = max(1, -(-res.size // _SIGMA_PAIRS))
+    res, m = res[::step], m[::step]
     ok = ~(m[:, 1:] | m[:, :-1])
     d = (res[:, 1:] - res[:, :-1])[ok].astype(np.float64)
     if d.size < 2:

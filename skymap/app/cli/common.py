@@ -16,6 +16,7 @@ import os
 import re
 import sys
 import textwrap
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -170,7 +171,14 @@ def tell(args, message: str) -> None:
 
 
 def progress(*, total: int, desc: str, quiet: bool, unit: str = "step"):
-    from tqdm import tqdm
+    """A progress bar on stderr: tqdm's notebook widget only where ipywidgets is
+    installed (tqdm.auto would otherwise warn "IProgress not found" in notebooks)."""
+    import importlib.util
+
+    if importlib.util.find_spec("ipywidgets") is not None:
+        from tqdm.auto import tqdm
+    else:
+        from tqdm import tqdm
 
     return tqdm(total=total, desc=desc, disable=quiet, unit=unit, file=sys.stderr, leave=False)
 
@@ -338,6 +346,42 @@ class SingleFit:
     history: tuple = ()
 
 
+#: CPU seconds a first fit spends compiling the numba kernels of the default pipeline
+#: (``python benchmarks/bench_cli.py --first-run``); later runs load them from the cache.
+COMPILE_SECONDS = 40
+
+
+def kernels_compiled() -> bool:
+    """Whether the compiled kernels of the modules imported so far are in numba's
+    cache (any of them: a cache holding some was filled by an earlier run)."""
+    import pathlib
+
+    dirs = {}
+    for name, mod in list(sys.modules.items()):
+        if not (name.startswith("skymap.") and name.endswith("kernels")):
+            continue
+        for obj in vars(mod).values():
+            path = getattr(getattr(obj, "_cache", None), "_cache_path", None)
+            if path:
+                dirs[name.rpartition(".")[2]] = pathlib.Path(path)
+                break
+    if not dirs:
+        return True  # nothing to tell
+    return any(any(d.glob(f"{stem}.*.nbi")) for stem, d in dirs.items())
+
+
+def announce_compiling(quiet: bool) -> None:
+    """Say once, before the first fit of an installation, that it compiles kernels."""
+    if quiet:
+        return
+    module("background.pipeline", "run")  # imports the kernel modules of the fit
+    if not kernels_compiled():
+        sys.stderr.write(
+            f"skymap: compiling kernels, once: ~{COMPILE_SECONDS} s (later runs load them "
+            "from numba's cache)\n"
+        )
+
+
 def fit_image(image: np.ndarray, mask: np.ndarray | None, config: Any):
     """Fit with ``config``: an estimator object with ``.fit`` (the pipeline, or a single
     :class:`skymap.background.mesh.MeshBackground` pass), a mapping of options, or None.
@@ -346,14 +390,25 @@ def fit_image(image: np.ndarray, mask: np.ndarray | None, config: Any):
     larger than the image, an unknown option): that is bad input, exit code 2.
     """
     try:
-        if config is not None and hasattr(config, "fit"):
-            result = config.fit(image, mask=mask)
-        else:
-            pipeline = module("background.pipeline", "run")
-            options = dict(config) if isinstance(config, Mapping) else {}
-            result = pipeline.fit(image, mask=mask, **options)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            if config is not None and hasattr(config, "fit"):
+                result = config.fit(image, mask=mask)
+            else:
+                pipeline = module("background.pipeline", "run")
+                options = dict(config) if isinstance(config, Mapping) else {}
+                result = pipeline.fit(image, mask=mask, **options)
     except ValueError as err:
         raise UsageError(f"cannot fit this image: {err}") from err
+    # The library warns in Python's way (file, line, category); the command line says
+    # it in one line. Non-convergence is told by warn_unconverged, with the reason.
+    for w in caught:
+        if "convergence" in w.category.__name__.lower():
+            continue
+        if issubclass(w.category, UserWarning):
+            sys.stderr.write(f"skymap: warning: {w.message}\n")
+        else:  # numerical and deprecation noise from the libraries
+            log.debug("%s: %s", w.category.__name__, w.message)
     if getattr(result, "mask", None) is None:
         result = SingleFit(
             background=result.background,

@@ -47,6 +47,7 @@ def handle(args) -> int:
         bar.set_postfix_str("simulating")
         scene = common.scene_from_args(args)
         bar.update()
+        common.announce_compiling(quiet=args.quiet)
         bar.set_postfix_str("fitting")
         t0 = time.perf_counter()
         with common.iterations_on(bar, quiet=args.quiet):

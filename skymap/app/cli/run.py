@@ -101,6 +101,7 @@ def run_file(
         bar.set_postfix_str("reading")
         img = common.read_input(path, hdu=hdu, dq_hdu=dq_hdu, dq_bits=dq_bits, mask=mask)
         bar.update()
+        common.announce_compiling(quiet=quiet)
         bar.set_postfix_str("fitting")
         t0 = time.perf_counter()
         with common.iterations_on(bar, quiet=quiet):
