@@ -11,6 +11,7 @@ import argparse
 import contextlib
 import dataclasses
 import importlib
+import inspect
 import logging
 import os
 import re
@@ -183,37 +184,19 @@ def progress(*, total: int, desc: str, quiet: bool, unit: str = "step"):
     return tqdm(total=total, desc=desc, disable=quiet, unit=unit, file=sys.stderr, leave=False)
 
 
-class _BarHandler(logging.Handler):
-    """Shows each log message of the pipeline (one per iteration) on a progress bar."""
-
-    def __init__(self, bar):
-        super().__init__(logging.DEBUG)
-        self.bar = bar
-
-    def emit(self, record: logging.LogRecord) -> None:
-        message = record.getMessage()
-        # only the per-iteration summaries; the maskers' per-scale diagnostics would
-        # flood the bar
-        if message.startswith("stage "):
-            self.bar.set_postfix_str(f"fitting: {message}"[:90])
-
-
-@contextlib.contextmanager
-def iterations_on(bar, *, quiet: bool):
-    """While fitting, put the pipeline's per-iteration messages on ``bar`` (the pipeline
-    reports its iterations through logging, at DEBUG)."""
+def iteration_report(bar, *, quiet: bool):
+    """A ``callback`` for the pipeline's fit that shows each iteration on ``bar``, with
+    the stage numbered as in the fit's history table and the report."""
     if quiet:
-        yield
-        return
-    logger = logging.getLogger("skymap.pipeline")
-    handler, level = _BarHandler(bar), logger.level
-    logger.addHandler(handler)
-    logger.setLevel(logging.DEBUG)
-    try:
-        yield
-    finally:
-        logger.removeHandler(handler)
-        logger.setLevel(level)
+        return None
+
+    def report(rec) -> None:
+        bar.set_postfix_str(
+            f"fitting: stage {rec.stage} iteration {rec.iteration}: change "
+            f"{rec.change:.3g}, mask {rec.mask_fraction:.3f}"[:90]
+        )
+
+    return report
 
 
 # --------------------------------------------------------------------------- inputs
@@ -242,32 +225,19 @@ def load_config(path: str | os.PathLike | None):
         raise UsageError(f"config file {path}: {err}") from err
 
 
-#: Options of :func:`skymap.fit` a ``--config`` file may set, with their types
-#: (``float | None``: the string "none" gives None).
-FIT_OPTIONS = {
-    "high": float,
-    "low": float,
-    "max_iter": int,
-    "change_tol": float,
-    "mask_tol": float,
-    "error_tol": float,
-    "source_asymmetry": float | None,
-    "cell_size": int | None,
-    "gcv_inflation": float,
-}
-
-
 def fit_options(data: Mapping, config_mod) -> dict:
-    """Options of the default fit from a TOML table, each checked against its type;
-    unknown keys are left for the fit to refuse with the list of accepted ones."""
+    """Options of the default fit from a TOML table, each checked against the type
+    :func:`skymap.background.pipeline.default_pipeline` declares for it (the string
+    "none" gives None where None is allowed); unknown keys are left for the fit to
+    refuse with the list of accepted ones."""
+    import typing
+
+    pipeline = module("background.pipeline", "run --config")
+    hints = typing.get_type_hints(pipeline.default_pipeline)
     options = {}
     for key, value in data.items():
-        hint = FIT_OPTIONS.get(key)
-        if (
-            hint is not None
-            and value == config_mod.NONE_TEXT
-            and type(None) in getattr(hint, "__args__", ())
-        ):
+        hint = hints.get(key)
+        if value == config_mod.NONE_TEXT and type(None) in typing.get_args(hint):
             value = None
         config_mod.check_type(value, hint, key)
         options[key] = value
@@ -382,7 +352,7 @@ def announce_compiling(quiet: bool) -> None:
         )
 
 
-def fit_image(image: np.ndarray, mask: np.ndarray | None, config: Any):
+def fit_image(image: np.ndarray, mask: np.ndarray | None, config: Any, callback=None):
     """Fit with ``config``: an estimator object with ``.fit`` (the pipeline, or a single
     :class:`skymap.background.mesh.MeshBackground` pass), a mapping of options, or None.
 
@@ -393,11 +363,14 @@ def fit_image(image: np.ndarray, mask: np.ndarray | None, config: Any):
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             if config is not None and hasattr(config, "fit"):
-                result = config.fit(image, mask=mask)
+                # a pipeline reports its iterations; a one-pass estimator has none
+                params = inspect.signature(config.fit).parameters
+                extra = {"callback": callback} if callback and "callback" in params else {}
+                result = config.fit(image, mask=mask, **extra)
             else:
                 pipeline = module("background.pipeline", "run")
                 options = dict(config) if isinstance(config, Mapping) else {}
-                result = pipeline.fit(image, mask=mask, **options)
+                result = pipeline.fit(image, mask=mask, callback=callback, **options)
     except ValueError as err:
         raise UsageError(f"cannot fit this image: {err}") from err
     # The library warns in Python's way (file, line, category); the command line says

@@ -10,7 +10,6 @@ from skymap.app.cli import common
 
 EXAMPLES = """
 skymap config -o fit.toml              the default fit's options, each with a comment
-skymap config image.fits -o fit.toml   the default pipeline chosen for this image
 skymap config --kind sextractor -o sex.toml && skymap run image.fits --config sex.toml
 """
 
@@ -21,14 +20,17 @@ def register(subparsers) -> None:
         "config",
         help="write a configuration file to edit and pass to --config",
         description="Write a configuration as TOML (to stdout, or to -o FILE), with a "
-        "comment on every key: the default pipeline (the one skymap would choose for "
-        "IN.fits when given), or a single mesh pass "
+        "comment on every key: the default pipeline, or a single mesh pass "
         "(--kind mesh, or presets that reproduce SExtractor or photutils "
         "Background2D). Edit it and pass it to `skymap run --config`.",
         examples=EXAMPLES,
     )
     p.add_argument(
-        "input", nargs="?", metavar="IN.fits", help="image (optional, for --kind pipeline)"
+        "input",
+        nargs="?",
+        metavar="IN.fits",
+        help="optional: the default pipeline is the same for every image (0.1 scripts "
+        "passed one; it is only checked that it can be read)",
     )
     p.add_argument(
         "--kind",
@@ -43,29 +45,13 @@ def register(subparsers) -> None:
     p.set_defaults(func=handle)
 
 
-def _default_pipeline(pipeline):
-    """The default pipeline without an image: its settings do not depend on the image
-    (the cell size is chosen when it fits), so any image gives the same configuration."""
-    try:
-        return pipeline.default_pipeline()
-    except TypeError:  # a default_pipeline that still asks for an image
-        import numpy as np
-
-        return pipeline.default_pipeline(np.zeros((64, 64), np.float32))
-
-
 def handle(args) -> int:
     config_mod = common.module("app.config", "config")
     if args.kind == "pipeline":
-        pipeline = common.module("background.pipeline", "config")
-        try:
-            if args.input is not None:
-                img = common.read_input(args.input, hdu=args.hdu)
-                obj = pipeline.default_pipeline(img.data, img.mask)
-            else:
-                obj = _default_pipeline(pipeline)
-        except ValueError as err:
-            raise common.UsageError(str(err)) from err
+        if args.input is not None:
+            common.read_input(args.input, hdu=args.hdu)  # a bad file is still an error
+        # the default pipeline needs no image (its cells follow the image at fit time)
+        obj = common.module("background.pipeline", "config").default_pipeline()
     else:
         from skymap.background.mesh import MeshBackground
 

@@ -50,8 +50,8 @@ def handle(args) -> int:
         common.announce_compiling(quiet=args.quiet)
         bar.set_postfix_str("fitting")
         t0 = time.perf_counter()
-        with common.iterations_on(bar, quiet=args.quiet):
-            result = common.fit_image(scene.image, scene.mask, config)
+        report_to = common.iteration_report(bar, quiet=args.quiet)
+        result = common.fit_image(scene.image, scene.mask, config, report_to)
         fit_seconds = time.perf_counter() - t0
         common.warn_unconverged(result, f"scene {scene.name}", quiet=args.quiet)
         bar.update()

@@ -104,8 +104,8 @@ def run_file(
         common.announce_compiling(quiet=quiet)
         bar.set_postfix_str("fitting")
         t0 = time.perf_counter()
-        with common.iterations_on(bar, quiet=quiet):
-            result = common.fit_image(img.data, img.mask, config)
+        report_to = common.iteration_report(bar, quiet=quiet)
+        result = common.fit_image(img.data, img.mask, config, report_to)
         log.info("%s: fit took %.2f s", path, time.perf_counter() - t0)
         common.warn_unconverged(result, str(path), quiet=quiet)
         bar.update()
