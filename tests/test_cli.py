@@ -370,7 +370,7 @@ def test_console_script_points_at_main():
 def test_options_file_is_passed_to_the_default_fit(data_dir, tmp_path, monkeypatch):
     seen = {}
 
-    def fake_fit(image, mask=None, **options):
+    def fake_fit(image, mask=None, callback=None, **options):
         seen.update(options)
         raise ValueError("stop here")
 

@@ -77,6 +77,7 @@ def work(tmp_path_factory):
     _image(d / "withdq.fits", extra=(dq,))
     (d / "mesh.toml").write_text('type = "skymap.background.mesh:MeshBackground"\nbox_size = 16\n')
     shutil.copy(SPITZER, d / "spitzer.fits")
+    shutil.copy(d / "a.fits", d / f"{'x' * 240}.fits")  # its outputs' names are too long
     return d
 
 
@@ -93,10 +94,11 @@ def work(tmp_path_factory):
         (["run", "text.fits"], ["text.fits is not a FITS file"]),
         (["run", "truncated.fits"], ["truncated.fits is truncated"]),
         (["run", "table.fits"], ["table.fits holds no 2D image", "table, 1 rows"]),
-        (["run", "withdq.fits", "--dq-bits", "bit70"], ["--dq-bits 'bit70'", "bit62"]),
+        (["run", "withdq.fits", "--dq-bits", "bit70"], ["--dq-bits 'bit70'", "bit63"]),
         (["run", "nope.fits"], ["nope.fits does not exist"]),
         (["run", "a.fits", "-o", "a.fits"], ["a.fits is an existing file, not a directory"]),
         (["run", "a.fits", "--bogus"], ["unrecognized arguments: --bogus"]),
+        (["run", f"{'x' * 240}.fits"], ["is longer than the 255 bytes"]),
         (["batch", "a.fits", "-o", "x", "--workers", "0"], ["--workers must be >= 1"]),
         (["batch", "a.fits", "sub/a.fits", "-o", "x"], ["share the name 'a'"]),
         (["evaluate", "a.fits", "nope.fits"], ["nope.fits does not exist"]),
@@ -245,6 +247,17 @@ def test_non_ascii_paths(work):
     assert any("d\\xe9mo" in str(h) for h in header["HISTORY"])
     metrics = json.loads((out / "ímage☃_metrics.json").read_text(encoding="utf-8"))
     assert metrics["input"]["file"] == str(folder / "ímage☃.fits")
+
+
+def test_run_with_input_selection_options(work):
+    mask = np.zeros((48, 64), np.uint8)
+    mask[:4] = 1
+    fits.PrimaryHDU(mask).writeto(work / "stars.fits")
+    args = ["run", "withdq.fits", "--hdu", "0", "--dq-hdu", "DQ", "--dq-bits", "4"]
+    args += ["--mask", "stars.fits", "--config", "mesh.toml", "--no-report", "-o", "sel"]
+    skymap(*args, "-q", cwd=work, check=0)
+    metrics = json.loads((work / "sel" / "withdq_metrics.json").read_text())
+    assert metrics["input"]["hdu"] == "PRIMARY" and metrics["input"]["flagged_pixels"] == 4 * 64
 
 
 def test_interrupted_run_exits_130_and_leaves_no_products(work):

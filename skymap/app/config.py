@@ -292,7 +292,8 @@ def _decode_dataclass(d: Mapping, path: str, modules: tuple[str, ...]) -> Any:
                 f"{_join(path, key)}: unknown field {key!r} for {cls.__qualname__}; "
                 f"its fields are {allowed}"
             )
-        if raw == NONE_TEXT and _accepts(None, hints.get(key)) and not _wants(hints.get(key), str):
+        hint = hints.get(key)
+        if raw == NONE_TEXT and _accepts(None, hint) is not False and not _wants(hint, str):
             kwargs[key] = None
             continue
         kwargs[key] = _decode(raw, _join(path, key), modules, hints.get(key))
@@ -438,6 +439,10 @@ def dumps_toml(obj: Any, *, comments: bool = True) -> str:
     return "\n".join(lines).rstrip() + "\n"
 
 
+def _table_path(path: str) -> str:
+    return ".".join(_key_text(part) for part in path.split("."))
+
+
 def _is_table(v: Any) -> bool:
     return isinstance(v, Mapping) and TYPE_KEY in v
 
@@ -458,19 +463,19 @@ def _emit(obj: Any, data: Mapping, path: str, lines: list[str]) -> None:
             lines.append(f"# the class this table configures: {type(obj).__qualname__}")
         else:
             lines.extend(_comment(docs.get(key), defaults.get(key, dataclasses.MISSING)))
-        lines.append(f"{tomli_w.dumps({key: 0}).split(' = ')[0]} = {_value_text(value)}")
+        lines.append(f"{_key_text(key)} = {_value_text(value)}")
     for key, value in data.items():
         sub_path = _join(path, key)
         if _is_table(value):
             lines.append("")
             lines.extend(_comment(docs.get(key), dataclasses.MISSING))
-            lines.append(f"[{sub_path}]")
+            lines.append(f"[{_table_path(sub_path)}]")
             _emit(getattr(obj, key), value, sub_path, lines)
         elif _is_table_list(value):
             for i, (item, sub) in enumerate(zip(getattr(obj, key), value, strict=True)):
                 lines.append("")
                 lines.extend(_comment(docs.get(key), dataclasses.MISSING, f" ({i + 1})"))
-                lines.append(f"[[{sub_path}]]")
+                lines.append(f"[[{_table_path(sub_path)}]]")
                 _emit(item, sub, sub_path, lines)
 
 
@@ -479,10 +484,17 @@ _UNIT = re.compile(
 )
 
 
+def _key_text(key: str) -> str:
+    return tomli_w.dumps({key: 0}).rpartition(" = ")[0]
+
+
 def _value_text(value: Any) -> str:
-    """A TOML value on one line (lists inline)."""
+    """A TOML value on one line (lists and tables inline)."""
     if isinstance(value, list):
         return "[" + ", ".join(_value_text(v) for v in value) + "]"
+    if isinstance(value, Mapping):
+        items = ", ".join(f"{_key_text(k)} = {_value_text(v)}" for k, v in value.items())
+        return "{ " + items + " }" if items else "{}"
     return tomli_w.dumps({"x": value}).removeprefix("x = ").strip()
 
 

@@ -325,10 +325,10 @@ def parse_dq_bits(bits: Any) -> int | None:
             ) from None
     if any(v < 0 for v in values):
         raise ValueError(f"dq_bits must be non-negative flag values, got {values}")
-    if any(v >= 1 << 63 for v in values):
+    if any(v >= 1 << 64 for v in values):
         raise ValueError(
-            f"dq_bits {spec!r} names a flag above bit62; DQ flags are integers of at most "
-            "64 bits (bit0 to bit62, or values below 2**63)"
+            f"dq_bits {spec!r} names a flag above bit63; DQ flags are integers of at most "
+            "64 bits (bit0 to bit63)"
         )
     mask = 0
     for v in values:

@@ -55,9 +55,11 @@ def to_png(fig: Figure, *, dpi: int = 100) -> bytes:
 
 
 def _display(arr: np.ndarray) -> np.ndarray:
+    """Every k-th pixel, at most _MAX_DISPLAY per axis: a copy when decimated, so that
+    a figure never keeps a full-size array alive."""
     arr = np.asarray(arr)
     step = max(1, -(-max(arr.shape) // _MAX_DISPLAY))
-    return arr[::step, ::step]
+    return arr if step == 1 else arr[::step, ::step].copy()
 
 
 def _robust_limits(values: np.ndarray, lo: float = 1.0, hi: float = 99.0):
@@ -82,10 +84,10 @@ def _symmetric_limit(values: np.ndarray) -> float:
     return float(lim)
 
 
-def _show(fig, ax, arr, *, title, cmap="viridis", norm=None, colorbar=True, unit=None):
-    """One map in pixel coordinates (decimated for display, axes still in the original
-    pixels), with a colour bar labelled with the unit."""
-    ny, nx = np.shape(arr)
+def _show(fig, ax, arr, *, title, cmap="viridis", norm=None, colorbar=True, unit=None, shape=None):
+    """One map in pixel coordinates (decimated for display, axes in the pixels of the
+    full ``shape``), with a colour bar labelled with the unit."""
+    ny, nx = np.shape(arr) if shape is None else shape
     im = ax.imshow(
         _display(arr),
         origin="lower",
@@ -177,16 +179,20 @@ def plot_maps(
     >>> [ax.get_title() for ax in fig.axes if ax.get_title()]
     ['image', 'background', 'image - background']
     """
-    image = np.asarray(image)
-    background = np.asarray(background)
+    # Decimated first: a large image costs the figure no full-size temporary.
+    shape = np.shape(image)
+    image = _display(image)
+    background = _display(background)
     residual = image - background
     panels = [("image", image), ("background", background), ("image - background", residual)]
     if mask is not None:
-        panels.append(("mask (excluded)", np.asarray(mask, dtype=bool)))
+        mask_fraction = float(np.mean(mask))
+        mask = _display(np.asarray(mask, dtype=bool))
+        panels.append(("mask (excluded)", mask))
     if rms is not None:
-        panels.append(("background rms", np.asarray(rms)))
+        panels.append(("background rms", _display(rms)))
     if truth is not None:
-        panels.append(("background - truth", background - np.asarray(truth)))
+        panels.append(("background - truth", background - _display(truth)))
     ncols = min(3, len(panels))
     nrows = -(-len(panels) // ncols)
     fig = Figure(
@@ -195,11 +201,20 @@ def plot_maps(
     axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
     for ax, (name, arr) in zip(axes, panels, strict=False):
         if name == "image":
-            _show(fig, ax, arr, title=name, cmap="gray", norm=_sky_norm(_display(arr)), unit=unit)
+            _show(
+                fig,
+                ax,
+                arr,
+                title=name,
+                cmap="gray",
+                norm=_sky_norm(_display(arr)),
+                unit=unit,
+                shape=shape,
+            )
             if mask is not None:
-                _outline(ax, mask, arr.shape)
+                _outline(ax, mask, shape)
         elif name.startswith("mask"):
-            frac = float(np.mean(arr))
+            frac = mask_fraction
             _show(
                 fig,
                 ax,
@@ -208,19 +223,38 @@ def plot_maps(
                 cmap="gray_r",
                 norm=Normalize(0, 1),
                 colorbar=False,
+                shape=shape,
             )
         elif name == "image - background":
             lim = _symmetric_limit(_display(arr))
-            _show(fig, ax, arr, title=name, cmap="RdBu_r", norm=Normalize(-lim, lim), unit=unit)
+            _show(
+                fig,
+                ax,
+                arr,
+                title=name,
+                cmap="RdBu_r",
+                norm=Normalize(-lim, lim),
+                unit=unit,
+                shape=shape,
+            )
         elif name == "background - truth":
             # An error map is smooth, not noisy: scale to its own extremes.
             finite = np.abs(arr[np.isfinite(arr)])
             lim = float(np.percentile(finite, 99.5)) if finite.size else 1.0
             lim = lim if lim > 0 else 1.0
-            _show(fig, ax, arr, title=name, cmap="RdBu_r", norm=Normalize(-lim, lim), unit=unit)
+            _show(
+                fig,
+                ax,
+                arr,
+                title=name,
+                cmap="RdBu_r",
+                norm=Normalize(-lim, lim),
+                unit=unit,
+                shape=shape,
+            )
         else:
             norm = Normalize(*_robust_limits(_display(arr), 0.5, 99.5))
-            _show(fig, ax, arr, title=name, norm=norm, unit=unit)
+            _show(fig, ax, arr, title=name, norm=norm, unit=unit, shape=shape)
     for ax in axes[len(panels) :]:
         ax.set_visible(False)
     if title:
@@ -343,9 +377,9 @@ def plot_residual_histogram(
     """
     residual = np.asarray(residual)
     rms = np.broadcast_to(np.asarray(rms), residual.shape)
-    # a regular subsample of at most ~4 million pixels: enough for any histogram, and
+    # a regular subsample of at most ~1 million pixels: enough for any histogram, and
     # no float64 copies of a large image
-    step = max(1, int(np.ceil(np.sqrt(residual.size / (1 << 22)))))
+    step = max(1, int(np.ceil(np.sqrt(residual.size / (1 << 20)))))
     residual = residual[::step, ::step].astype(np.float64)
     rms = rms[::step, ::step].astype(np.float64)
     ok = np.isfinite(residual) & np.isfinite(rms) & (rms > 0)
@@ -567,7 +601,7 @@ def plot_convergence(history: Iterable[Any], *, title: str | None = None) -> Fig
         for b in boundaries:
             ax.axvline(b, color="0.5", ls=":", lw=1)
         # the stage of each run of iterations, numbered as in the history table
-        starts = [0, *[int(b - 0.5) for b in boundaries]]  # 0-based first iterations
+        starts = [0, *[int(b - 0.5) for b in boundaries]] if len(it) else []
         for k, start in enumerate(starts):
             if np.isfinite(stages[start]):
                 end = starts[k + 1] if k + 1 < len(starts) else len(it)

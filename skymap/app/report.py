@@ -212,8 +212,8 @@ def report_figures(result: Any, evaluation: Any, *, unit: str | None = None) -> 
     if mesh is not None:
         figures[mesh[0]] = mesh[1]
     if rms is not None:
-        # a regular subsample (<= ~4 Mpixel): no full-size residual for a histogram
-        k = max(1, int(np.ceil(np.sqrt(background.size / (1 << 22)))))
+        # a regular subsample (<= ~1 Mpixel): no full-size residual for a histogram
+        k = max(1, int(np.ceil(np.sqrt(background.size / (1 << 20)))))
         figures["residuals"] = plot.plot_residual_histogram(
             ev.image[::k, ::k] - background[::k, ::k],
             np.broadcast_to(np.asarray(rms), background.shape)[::k, ::k],

@@ -146,8 +146,8 @@ def masked_vs_unmasked(
     diff = mean_m - mean_u
     naive = nan
     if tm and tu:
-        var_m = float(np.var(bkg, where=sel_m, dtype=np.float64))
-        var_u = float(np.var(bkg, where=sel_u, dtype=np.float64))
+        var_m = _masked_var(bkg, sel_m, mean_m, tm)
+        var_u = _masked_var(bkg, sel_u, mean_u, tu)
         naive = float(np.sqrt(var_m / tm + var_u / tu))
     del sel_m, sel_u
     nb = None
@@ -184,47 +184,72 @@ def masked_vs_unmasked(
     )
 
 
-#: Above this many pixels the shift test runs on a binned map (see _shifted_differences).
-SHIFT_PIXELS = 1 << 22
+#: Above this many pixels the shift test runs on a map binned by at least
+#: SHIFT_MIN_BIN, with at most SHIFT_PIXELS blocks (see _shifted_differences).
+SHIFT_PIXELS = 1 << 20
+SHIFT_MIN_BIN = 4
 
 
 def _shifted_differences(bkg, valid, mask):
     """Masked-minus-unmasked mean for the mask shifted cyclically by every (dy, dx).
 
     ``C(s) = sum_p vals(p) mask(p - s)`` for all s at once is a cross-correlation, done by
-    FFT; the same with the validity map counts the masked valid pixels. Above
-    :data:`SHIFT_PIXELS` pixels the maps are first summed in ``f x f`` blocks (the
+    FFT; the same with the validity map counts the masked valid pixels. Above a quarter
+    of :data:`SHIFT_PIXELS` pixels (512 x 512) the maps are first summed in ``f x f``
+    blocks (``f >= 4``, at most :data:`SHIFT_PIXELS` blocks) (the
     mask becoming the masked share of each block) and only shifts by
     multiples of ``f`` are taken: a background is smooth on the scale of a few pixels,
     and the null distribution's spread is what is wanted, so this changes the standard
     error very little while keeping the memory to a fraction of the image's.
     """
     ny, nx = bkg.shape
-    f = max(1, int(np.ceil(np.sqrt(ny * nx / SHIFT_PIXELS))))
+    f = 1
+    if ny * nx > SHIFT_PIXELS // 4:
+        f = max(SHIFT_MIN_BIN, int(np.ceil(np.sqrt(ny * nx / SHIFT_PIXELS))))
     ny, nx = (ny // f) * f, (nx // f) * f
     ok = valid[:ny, :nx]
     # centred on the mean, so that the sums stay accurate whatever the sky level
     level = float(np.mean(bkg, where=valid, dtype=np.float64))
-    vals = np.where(ok, bkg[:ny, :nx] - level, 0.0)
-
-    def binned(a):
-        if f == 1:
-            return a.astype(np.float64)
-        return a.reshape(ny // f, f, nx // f, f).sum(axis=(1, 3), dtype=np.float64)
-
-    v = binned(vals)  # sum of the valid pixels per block
-    del vals
-    w = binned(ok)  # valid pixels per block
-    frac = binned(mask[:ny, :nx]) / (f * f)  # masked share of each block
+    v = np.empty((ny // f, nx // f))  # sum of the valid pixels per block
+    w = np.empty_like(v)  # valid pixels per block
+    frac = np.empty_like(v)  # masked share of each block
+    for j in range(ny // f):  # one row of blocks at a time: no full-size temporaries
+        rows = slice(j * f, (j + 1) * f)
+        okj = ok[rows]
+        vals = np.where(okj, bkg[rows, :nx] - level, 0.0)
+        v[j] = vals.reshape(f, nx // f, f).sum(axis=(0, 2), dtype=np.float64)
+        w[j] = okj.reshape(f, nx // f, f).sum(axis=(0, 2))
+        frac[j] = mask[rows, :nx].reshape(f, nx // f, f).sum(axis=(0, 2)) / (f * f)
     shape = v.shape
-    fm = np.conj(scipy.fft.rfft2(frac, workers=-1))
-    c_m = scipy.fft.irfft2(scipy.fft.rfft2(v, workers=-1) * fm, s=shape, workers=-1)
-    n_m = scipy.fft.irfft2(scipy.fft.rfft2(w, workers=-1) * fm, s=shape, workers=-1)
-    if f == 1:
-        n_m = np.rint(n_m)
     total, count = v.sum(), float(w.sum())
+    fm = np.conj(scipy.fft.rfft2(frac, workers=-1))
+    del frac
+    spec = scipy.fft.rfft2(v, workers=-1)
+    spec *= fm
+    del v
+    c_m = scipy.fft.irfft2(spec, s=shape, workers=-1)
+    spec = scipy.fft.rfft2(w, workers=-1)
+    spec *= fm
+    del w, fm
+    n_m = scipy.fft.irfft2(spec, s=shape, workers=-1)
+    del spec
+    if f == 1:
+        np.rint(n_m, out=n_m)
     with np.errstate(invalid="ignore", divide="ignore"):
-        return c_m / n_m - (total - c_m) / (count - n_m)
+        rest = (total - c_m) / (count - n_m)
+        c_m /= n_m
+        c_m -= rest
+    return c_m
+
+
+def _masked_var(a, sel, mean, n, rows=256) -> float:
+    """Variance (ddof 0) of ``a[sel]`` about ``mean``, in float64, a band of rows at a
+    time (no full-size float64 temporaries)."""
+    total = 0.0
+    for y in range(0, a.shape[0], rows):
+        d = a[y : y + rows].astype(np.float64) - mean
+        total += float(np.sum(d * d, where=sel[y : y + rows]))
+    return total / n
 
 
 def _jackknife(vals, sel_m, sel_u, block_size, n_blocks):

@@ -16,7 +16,7 @@ from skymap._validate import as_image, as_mask, combine_masks
 __all__ = ["as_widths", "perfect_curve", "pixel_sigma", "rms_vs_scale", "white_noise_curve"]
 
 # Pixel pairs used by pixel_sigma at most (rows are subsampled above this).
-_SIGMA_PAIRS = 1 << 22
+_SIGMA_PAIRS = 1 << 20
 
 
 def as_widths(widths) -> np.ndarray:
@@ -128,7 +128,7 @@ def pixel_sigma(residual, mask=None) -> float:
     """
     res = as_image(residual, "residual")
     m = combine_masks(res, as_mask(mask, res.shape))
-    # Every k-th row on large images: 4 million pairs give sigma to 0.05%, and the
+    # Every k-th row on large images: a million pairs give sigma to 0.1%, and the
     # differences need not cost several copies of the image.
     step = max(1, -(-res.size // _SIGMA_PAIRS))
     res, m = res[::step], m[::step]
