@@ -222,7 +222,7 @@ def test_concurrent_runs_on_one_folder_one_wins_the_other_writes_nothing(work):
     # the winner's complete set (a mesh fit: no convergence figure), no lock, no temp
     names = sorted(p.name for p in (work / "race").iterdir())
     products = [f"a_{p}.fits" for p in ("background", "rms", "mask", "subtracted")]
-    figures = [f"a_report_{f}.png" for f in ("maps", "mesh", "rms_vs_scale")]
+    figures = [f"a_report_{f}.png" for f in ("maps", "mesh", "residuals", "rms_vs_scale")]
     assert names == sorted([*products, "a_metrics.json", "a_report.html", *figures])
 
 
@@ -288,11 +288,10 @@ def test_interrupted_run_exits_130_and_leaves_no_products(work):
 # for the other subcommands
 
 
-def test_simulate_and_demo_refuse_then_overwrite(work):
+def test_simulate_and_demo_refuse_and_demo_overwrites(work):
     args = ["simulate", "--scene", "nebula", "--size", "64", "-o", "sim", "-q"]
     skymap(*args, cwd=work, check=0)
     assert skymap(*args, cwd=work).returncode == cli.EXIT_EXISTS
-    skymap(*args, "--overwrite", cwd=work, check=0)
     demo = ["demo", "--scene", "nebula", "--size", "64", "-o", "demo", "-q"]
     demo += ["--config", "mesh.toml"]
     skymap(*demo, cwd=work, check=0)
@@ -327,7 +326,10 @@ def test_config_without_an_image_is_commented_and_world_readable(work):
         if not line.startswith("#"):
             assert lines[i - 1].startswith("#"), f"no comment above {line!r}"
     assert skymap("config", "-o", "fit.toml", cwd=work).returncode == cli.EXIT_EXISTS
-    skymap("run", "a.fits", "--config", "fit.toml", "-o", "fromcfg", "-q", cwd=work, check=0)
+    from skymap.app.config import load_toml
+    from skymap.background.pipeline import default_pipeline
+
+    assert load_toml(path) == default_pipeline()
 
 
 def test_match_refuses_to_overwrite(work):
