@@ -105,7 +105,7 @@ def _demo(out: str, env: dict) -> tuple[float, float, str]:
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
     proc = subprocess.run(
-        [sys.executable, "-m", "skymap", "demo", "-o", out, "-q"],
+        [sys.executable, "-m", "skymap", "demo", "-o", out],
         env={**os.environ, "PYTHONPATH": str(ROOT), **env},
         capture_output=True,
         text=True,
