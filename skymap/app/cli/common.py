@@ -46,8 +46,9 @@ exit codes:
   1    the work failed while running (the message says what failed)
   2    bad command line or bad input: a missing file, unreadable FITS, a bad config,
        or data the fit cannot use (e.g. every pixel masked)
-  3    an output file exists; nothing was written (add --overwrite to replace it)
-  130  interrupted
+  3    an output file exists, or another run is writing the same outputs; nothing was
+       written (add --overwrite to replace existing files)
+  130  interrupted; no partial output is left
 """
 
 CONFIG_HELP = (

@@ -9,7 +9,7 @@ from skymap.app import io as skyio
 from skymap.app.cli import common
 
 EXAMPLES = """
-skymap config -o fit.toml              the default fit's options, each with a comment
+skymap config -o fit.toml              the default pipeline, every key commented
 skymap config --kind sextractor -o sex.toml && skymap run image.fits --config sex.toml
 """
 
