@@ -47,8 +47,17 @@ __all__ = [
 ]
 
 #: The subcommands, in the order ``skymap --help`` lists them: each names a module of
-#: this package with ``register(subparsers)``.
-COMMANDS = ("demo", "run", "batch", "simulate", "evaluate", "match", "config")
+#: this package (or, dotted, any module) with ``register(subparsers, **parser_options)``.
+COMMANDS = (
+    "demo",
+    "run",
+    "batch",
+    "simulate",
+    "evaluate",
+    "match",
+    "config",
+    "skymap.app.cli_quality",  # tune, compare
+)
 
 _EXAMPLES = """\
 examples:
@@ -87,7 +96,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"skymap {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="<command>")
     for name in COMMANDS:
-        importlib.import_module(f"{__name__}.{name}").register(sub)
+        if "." in name:  # a module outside the package: it takes the parser options
+            importlib.import_module(name).register(
+                sub, epilog=EXIT_CODES, formatter_class=argparse.RawDescriptionHelpFormatter
+            )
+        else:
+            importlib.import_module(f"{__name__}.{name}").register(sub)
     return parser
 
 

@@ -22,8 +22,8 @@ def register(subparsers) -> None:
         "match",
         help="match sky levels across overlapping images",
         description="Measure the sky level of each image so that overlapping images agree "
-        "(WCS overlaps), and write skymatch.json; with --subtract, also "
-        "<name>_skymatched.fits.",
+        "(WCS overlaps; files without a celestial WCS must share one pixel grid), and "
+        "write skymatch.json; with --subtract, also <name>_skymatched.fits.",
         examples=EXAMPLES,
     )
     p.add_argument("inputs", nargs="+", metavar="IN.fits", help="overlapping FITS images")
@@ -44,6 +44,13 @@ def register(subparsers) -> None:
         "--match-up",
         action="store_true",
         help="bring fainter skies up to the brightest (default: brighter skies down)",
+    )
+    p.add_argument(
+        "--model",
+        default="offset",
+        choices=("offset", "plane", "poly2"),
+        help="sky of each image: a constant (default), a plane or a quadratic in its "
+        "pixels (plane/poly2 need --method match or global+match)",
     )
     p.add_argument("--subtract", action="store_true", help="write the sky-subtracted images too")
     common.input_options(p, mask=False)
@@ -66,7 +73,10 @@ def handle(args) -> int:
     bits = common.dq_bits(args.dq_bits)
     images = [common.read_input(p, hdu=args.hdu, dq_bits=bits) for p in args.inputs]
     skymatch = common.module("mosaic.skymatch", "match")
-    ndds = [NDData(im.data, mask=im.mask, wcs=im.wcs) for im in images]
+    ndds = [
+        NDData(im.data, mask=im.mask, wcs=w)
+        for im, w in zip(images, _match_wcs(args, images), strict=True)
+    ]
     try:
         result = skymatch.match(
             ndds,
@@ -74,6 +84,7 @@ def handle(args) -> int:
             statistic=args.statistic,
             match_down=not args.match_up,
             subtract=args.subtract,
+            model=args.model,
         )
     except ValueError as err:
         raise common.UsageError(str(err)) from err
@@ -83,8 +94,12 @@ def handle(args) -> int:
     summary = {
         "method": args.method,
         "statistic": args.statistic,
+        "model": args.model,
         "skymap_version": __version__,
-        "images": [{"file": f, "sky": float(level)} for f, level in zip(files, sky, strict=True)],
+        "images": [
+            {"file": f, "sky": float(level), "coefficients": [float(c) for c in coef]}
+            for f, level, coef in zip(files, sky, result.coefficients, strict=True)
+        ],
         "groups": [[int(i) for i in g] for g in result.groups],
         "overlaps": [
             {
@@ -117,7 +132,7 @@ def handle(args) -> int:
                 product="skymatched",
                 config=result.config,
                 source=im.path,
-                history=[f"skymap match: subtracted sky level {level:.6g}"],
+                history=[f"skymap match: subtracted {args.model} sky, {level:.6g} at centre"],
                 overwrite=args.overwrite,
             )
     skyio.write_json(paths["json"], summary, overwrite=args.overwrite)
@@ -125,3 +140,21 @@ def handle(args) -> int:
         common.tell(args, f"{entry['sky']:14.6g}  {entry['file']}")
     common.tell(args, f"wrote {paths['json']}")
     return common.EXIT_OK
+
+
+def _match_wcs(args, images) -> list:
+    """Each input's celestial WCS; None for all when no input has one (they must then
+    share one pixel grid). A mix is refused: overlaps cannot be placed."""
+    wcs = [im.wcs for im in images]
+    celestial = [w.has_celestial for w in wcs]
+    if all(celestial):
+        return wcs
+    if any(celestial):
+        missing = [str(p) for p, c in zip(args.inputs, celestial, strict=True) if not c]
+        raise common.UsageError(
+            f"inputs without a celestial WCS: {', '.join(missing)}; the others have one. "
+            "Either every input needs a celestial WCS, or none (then all share one pixel "
+            "grid)"
+        )
+    common.tell(args, "no input has a celestial WCS: treating them as one pixel grid")
+    return [None] * len(images)

@@ -40,6 +40,12 @@ def register(subparsers) -> None:
     p.add_argument("-o", "--output", default="skymap_out", help="output directory (skymap_out)")
     p.add_argument("--config", metavar="FILE.toml", help=common.CONFIG_HELP)
     p.add_argument("--no-report", action="store_true", help="skip the HTML report and figures")
+    p.add_argument(
+        "--inject",
+        action="store_true",
+        help="also score the fit by injection-recovery (sky and faint discs added to the "
+        "image; 7 more fits) into <name>_metrics.json and the report",
+    )
     common.input_options(p)
     common.common_options(p)
     p.set_defaults(func=handle)
@@ -57,6 +63,7 @@ def run_file(
     report: bool = True,
     overwrite: bool = False,
     quiet: bool = True,
+    inject: bool = False,
 ) -> dict:
     """Fit one FITS image and write its products: what ``skymap run`` does for each file.
 
@@ -85,6 +92,9 @@ def run_file(
         Replace existing outputs.
     quiet : bool
         No progress bar.
+    inject : bool
+        Add injection-recovery scores of the same configuration
+        (:func:`skymap.quality.injection.injection_recovery`) to the metrics.
 
     Returns
     -------
@@ -126,6 +136,14 @@ def run_file(
             "fit": common.fit_summary(img.data, result),
             "evaluation": evaluation.to_dict(),
         }
+        if inject:
+            bar.set_postfix_str("injecting")
+            injection = common.module("quality.injection", "run --inject")
+            try:
+                scores = injection.injection_recovery(img.data, config, mask=img.mask)
+            except ValueError as err:
+                raise common.UsageError(f"--inject: {err}") from err
+            metrics["injection"] = scores.to_dict()
         bar.update()
         bar.set_postfix_str("writing")
         written = common.write_outputs(
@@ -172,6 +190,7 @@ def handle(args) -> int:
         report=not args.no_report,
         overwrite=args.overwrite,
         quiet=args.quiet,
+        inject=args.inject,
     )
     common.tell(args, f"wrote {len(info['outputs'])} files to {args.output}/")
     for p in info["outputs"].values():
