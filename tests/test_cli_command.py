@@ -266,21 +266,24 @@ def test_interrupted_run_exits_130_and_leaves_no_products(work):
     fits.PrimaryHDU(rng.normal(0, 1, (1500, 1500)).astype(np.float32)).writeto(big)
     out = work / "interrupted"
     proc = subprocess.Popen(
-        [*CMD, "run", "big.fits", "-o", "interrupted", "-q"],
+        [*CMD, "run", "big.fits", "-o", "interrupted"],
         cwd=work,
         env=ENV,
         stderr=subprocess.PIPE,
         text=True,
     )
-    lock = out / ".big.skymap-lock"
-    deadline = time.monotonic() + 120
-    while not lock.exists() and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert lock.exists(), "the run never reserved its outputs"
+    # the progress bar (stderr) says "fitting" once the fit runs: interrupt it then
+    seen = ""
+    deadline = time.monotonic() + 300
+    while "fitting" not in seen and proc.poll() is None and time.monotonic() < deadline:
+        seen += proc.stderr.read(1)
+    assert (out / ".big.skymap-lock").exists(), "the run never reserved its outputs"
     time.sleep(0.5)
     proc.send_signal(signal.SIGINT)
-    assert proc.wait(timeout=120) == cli.EXIT_INTERRUPTED
-    assert "interrupted" in proc.stderr.read()
+    code = proc.wait(timeout=120)
+    err = seen + proc.stderr.read()
+    assert code == cli.EXIT_INTERRUPTED, err
+    assert "interrupted" in err
     assert not out.exists() or not list(out.iterdir())
 
 

@@ -79,6 +79,18 @@ def __getattr__(name: str):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
+def _interrupted(err: BaseException | None) -> bool:
+    """Whether ``err`` was raised from a KeyboardInterrupt (Python wraps one raised in
+    some places, e.g. ``__set_name__`` during an import, in a RuntimeError)."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if isinstance(err, KeyboardInterrupt):
+            return True
+        err = err.__cause__ or err.__context__
+    return False
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``skymap`` argument parser (exposed for documentation and tests)."""
     parser = argparse.ArgumentParser(
@@ -136,6 +148,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         sys.stderr.write("skymap: interrupted\n")
         return EXIT_INTERRUPTED
     except Exception as err:  # the command line reports every failure as a message
+        if _interrupted(err):  # Ctrl-C inside an import or a callback, wrapped
+            sys.stderr.write("skymap: interrupted\n")
+            return EXIT_INTERRUPTED
         code = exit_code(err)
         sys.stderr.write(f"skymap: error: {command_line_words(str(err))}\n")
         if code == EXIT_FAILURE:

@@ -112,6 +112,9 @@ def run_file(
         img = common.read_input(path, hdu=hdu, dq_hdu=dq_hdu, dq_bits=dq_bits, mask=mask)
         bar.update()
         common.announce_compiling(quiet=quiet)
+        # what the fit and the evaluation import, before "fitting" shows
+        common.module("background.pipeline", "run")
+        common.module("quality.evaluate", "run")
         bar.set_postfix_str("fitting")
         t0 = time.perf_counter()
         report_to = common.iteration_report(bar, quiet=quiet)
