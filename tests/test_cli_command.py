@@ -390,3 +390,12 @@ def test_batch_exits_1_when_a_worker_fails(work, tmp_path, monkeypatch, capsys):
     argv = ["batch", str(work / "a.fits"), "-o", str(tmp_path / "b"), "--threads", "-q"]
     assert cli.main(argv) == cli.EXIT_FAILURE
     assert "the fit fell over" in capsys.readouterr().err
+
+
+def test_a_cold_kernel_cache_is_announced_once(tmp_path):
+    code = "from skymap.app.cli import common; common.announce_compiling(quiet=False)"
+    env = {**ENV, "NUMBA_CACHE_DIR": str(tmp_path / "numba")}
+    proc = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
+    )
+    assert "compiling kernels, once: ~" in proc.stderr

@@ -345,7 +345,14 @@ def announce_compiling(quiet: bool) -> None:
     """Say once, before the first fit of an installation, that it compiles kernels."""
     if quiet:
         return
-    module("background.pipeline", "run")  # imports the kernel modules of the fit
+    import pkgutil
+
+    # the kernel modules of the default fit (importing one compiles nothing)
+    for package in ("masking", "background", "backends"):
+        pkg = module(package, "run")
+        for info in pkgutil.iter_modules(pkg.__path__):
+            if info.name.endswith("kernels"):
+                module(f"{package}.{info.name}", "run")
     if not kernels_compiled():
         sys.stderr.write(
             f"skymap: compiling kernels, once: ~{COMPILE_SECONDS} s (later runs load them "
