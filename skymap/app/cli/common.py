@@ -378,7 +378,8 @@ def fit_image(image: np.ndarray, mask: np.ndarray | None, config: Any, callback=
             else:
                 pipeline = module("background.pipeline", "run")
                 options = dict(config) if isinstance(config, Mapping) else {}
-                result = pipeline.fit(image, mask=mask, callback=callback, **options)
+                extra = {} if callback is None else {"callback": callback}
+                result = pipeline.fit(image, mask=mask, **extra, **options)
     except ValueError as err:
         raise UsageError(f"cannot fit this image: {err}") from err
     # The library warns in Python's way (file, line, category); the command line says
