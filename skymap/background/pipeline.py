@@ -23,7 +23,7 @@ smoothing, so nothing in it is a pixel number tuned to one scene.
 from __future__ import annotations
 
 import logging
-import math
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
 from functools import cached_property
@@ -33,6 +33,10 @@ import numpy as np
 
 from skymap._validate import as_image, as_mask, check_positive, combine_masks
 from skymap.background import _pipeline_kernels as _k
+from skymap.background import convergence as _conv
+from skymap.background.convergence import ConvergenceWarning
+from skymap.background.scale import max_source_size as _resolve_size
+from skymap.background.scale import smoothing_floor
 from skymap.background.smooth import SmoothResult, ThinPlateSmoother, upsample
 from skymap.masking.hysteresis import (
     _MAD_TO_STD,
@@ -45,6 +49,7 @@ from skymap.masking.hysteresis import (
 
 __all__ = [
     "BackgroundEstimator",
+    "ConvergenceWarning",
     "BackgroundResult",
     "IterationRecord",
     "IterativeBackground",
@@ -244,8 +249,17 @@ class BackgroundResult:
         Whether an iteration of the last stage met the tolerances
         (:meth:`IterativeBackground.settled`: the background moved by less than
         ``change_tol`` or ``error_tol`` times its statistical error, and the mask
-        settled) within ``max_iter``. False means the last background may still be
-        moving by more than the data can vouch for; the history shows how.
+        settled) within ``max_iter``, or the stage stopped a runaway mask by going
+        back to the state in which mask and background agreed best. False means the
+        last background may still be moving by more than the data can vouch for (a
+        :class:`~skymap.background.convergence.ConvergenceWarning` was emitted).
+    convergence_note : str
+        Why the fit stopped, in words: settled (after how many iterations, by how
+        much the background still moved), backed off a runaway mask (which state it
+        kept), or stopped at the iteration cap (what still moved).
+    max_source_size : float or None
+        The size in pixels separating sources from sky that the fit used
+        (``IterativeBackground.max_source_size`` resolved; None: no such floor).
     """
 
     background: np.ndarray
@@ -255,6 +269,8 @@ class BackgroundResult:
     config: IterativeBackground
     noise: float
     converged: bool
+    convergence_note: str = ""
+    max_source_size: float | None = None
 
     @cached_property
     def rms(self) -> np.ndarray:
@@ -360,6 +376,16 @@ class IterativeBackground:
         masked. None switches it off.
     stiffen : float
         See ``source_asymmetry``.
+    max_source_size : float, "auto" or None
+        How large (in pixels) an object may be and still count as a source rather than
+        sky. The thin-plate smoothers' smoothing length is held at or above half of it
+        (GCV chooses only above that floor; the first guess and the final refit too):
+        a Gaussian bump of this FWHM is followed by at most about a third of its
+        height, one four times broader by more than 90%, and masked holes up to this
+        size are bridged, never bent round. ``"auto"`` measures it from the image
+        (:func:`skymap.background.scale.source_scale`: 8 PSF FWHM, twice the
+        90th-percentile size of the sources above 5 sigma, at least 16 px and at most
+        an eighth of the longer side); None sets no floor.
 
     Examples
     --------
@@ -384,6 +410,7 @@ class IterativeBackground:
     error_tol: float = 0.5
     source_asymmetry: float | None = None
     stiffen: float = 4.0
+    max_source_size: Any = None
 
     def __post_init__(self):
         if not callable(getattr(self.first_guess, "fit", None)):
@@ -413,6 +440,8 @@ class IterativeBackground:
             )
         if not self.stiffen > 1:
             raise ValueError(f"stiffen must be > 1, got {self.stiffen!r}")
+        if self.max_source_size != "auto":
+            _resolve_size(self.max_source_size)  # raises, naming max_source_size
 
     def fit(self, image, mask=None) -> BackgroundResult:
         """Fit the background of ``image`` (y, x), ignoring ``mask`` (True = excluded).
@@ -429,19 +458,22 @@ class IterativeBackground:
         history: list[IterationRecord] = []
         # Our maskers read a coarse noise map; any other gets the full map.
         coarse = all(isinstance(st.masker, HysteresisMasker) for st in self.stages)
-        model = _fit_estimator(self.first_guess, img, bad, None)
+        size = _resolve_size(self.max_source_size, img, bad)
+        # Smoothing floor in pixels: half the largest source size, raised (never
+        # lowered) when the last stage's fit is found following source light.
+        floor = None if size is None else smoothing_floor(size)
+        note = ""
+        model = _fit_estimator(self.first_guess, img, bad, None, floor)
         bkg, rms = _background_of(model), _working_rms(model, coarse)
         current = bad
-        history.append(_record(-1, 0, model, current, None, None, img.shape))
+        history.append(_record(-1, 0, model, current, None, None, img.shape, floor=floor))
         converged = False
-        # Smoothing floor in pixels, raised (never lowered) when the last stage's fit is
-        # found following source light.
-        floor = None
         last = len(self.stages) - 1
         for k, stage in enumerate(self.stages):
             converged = False
             cap = self.max_iter if stage.max_iter is None else stage.max_iter
             it = count = 0
+            start = len(history)
             while count < cap:
                 # Only the residual is kept through the masking (memory): the previous
                 # background is rebuilt from its model for the change, and the previous
@@ -502,7 +534,38 @@ class IterativeBackground:
                 count = 0 if raised else count + 1
                 if not raised and self.settled(rec):
                     converged = True
+                    note = _conv.note_converged(k, it, rec, self)
                     break
+                if _conv.runaway(self, history[start:]):
+                    # Back off to the state before the run, the last in which mask and
+                    # background agreed, and stop the stage there.
+                    kept = history[-_conv.RUNAWAY_RUN - 1]
+                    note = _conv.note_backed_off(k, history[-_conv.RUNAWAY_RUN :], kept)
+                    previous, model = model, kept.model
+                    bkg, rms = _background_of(model), _working_rms(model, coarse)
+                    current = kept.mask
+                    change = _change(bkg, _background_of(previous, 2), rms, bad)
+                    del previous
+                    floor = kept.min_scale
+                    history.append(
+                        _record(
+                            k,
+                            it,
+                            model,
+                            current,
+                            change,
+                            float(np.bitwise_count(kept.packed_mask ^ rec.packed_mask).sum())
+                            / current.size,
+                            img.shape,
+                            kept.packed_mask,
+                            previous=rec,
+                            floor=floor,
+                        )
+                    )
+                    converged = True
+                    break
+            else:
+                note = _conv.note_stopped(k, cap, history[-1], self)
         noise = _typical_noise(rms, img, bad)
         del rms
         if self.final is not None:
@@ -525,6 +588,8 @@ class IterativeBackground:
                     floor=floor,
                 )
             )
+        if not converged:
+            warnings.warn(note, ConvergenceWarning, stacklevel=2)
         return BackgroundResult(
             background=bkg,
             mask=current,
@@ -533,17 +598,15 @@ class IterativeBackground:
             config=self,
             noise=float(noise),
             converged=converged,
+            convergence_note=note,
+            max_source_size=size,
         )
 
     def settled(self, rec: IterationRecord) -> bool:
         """Whether the iteration ``rec`` meets the tolerances (see ``change_tol``): a
         stage stops at the first that does, and the fit has converged if its last
-        stage did."""
-        tol = self.change_tol
-        if self.error_tol and math.isfinite(rec.error):
-            tol = max(tol, self.error_tol * rec.error)
-        mask_ok = rec.mask_change <= self.mask_tol or abs(rec.mask_growth) <= self.mask_tol
-        return rec.change <= tol and mask_ok
+        stage did (:func:`skymap.background.convergence.settled`)."""
+        return _conv.settled(self, rec)
 
     def _check_asymmetry(self, model, floor):
         """(asymmetry, new floor, whether it was raised) after a last-stage refit."""
@@ -684,17 +747,31 @@ def default_pipeline(image, mask=None, **options) -> IterativeBackground:
     * Final refit with the converged mask: GCV's smoothing, stiffened if needed until
       the residual is white in blocks twice the largest masking scale (16 px), so the
       background does not follow the noise on the scales of the sources it masked.
-    * Stage 2 checks after each refit whether the background follows source light
-      (``source_asymmetry=2.5``: bumps against a 4 times stiffer fit more than 2.5 times
-      deeper than its dips, as unmasked galaxy wings give and sky structure does not);
-      if so, the smoothing is held at least that stiff for the rest of the fit.
+    * ``max_source_size`` (pixels; default ``"auto"``) says how large an object may be
+      and still count as a source rather than sky. Every smoothing length (first guess,
+      refits, final) is held at or above half of it, so the background follows what is
+      broader and never bends round what is smaller (a masked hole of that size is
+      bridged). The default is measured from the image
+      (:func:`skymap.background.scale.source_scale`): the larger of 8 PSF FWHM (from
+      the half-maximum areas of isolated bright peaks), twice the 90th-percentile
+      diameter of the sources above 5 sigma, and 16 px, at most an eighth of the
+      longer side. The value used is ``BackgroundResult.max_source_size``; pass a
+      smaller one to follow finer sky structure (a nebula), a larger one to keep
+      larger galaxies out, None for GCV's choice alone.
     * A stage stops when its mask has settled and the background moved by less than
       0.01 of its RMS or half its own statistical error (``error_tol=0.5``), or after
-      8 iterations.
+      8 iterations; or when its mask runs away (grows for 3 iterations while the
+      background keeps moving, not slowing by 0.7 per iteration): it then goes back
+      to the state before the run (:mod:`skymap.background.convergence`).
+      ``BackgroundResult.convergence_note`` says which, in words; a fit that stops
+      at its cap emits a :class:`ConvergenceWarning`.
+    * ``source_asymmetry`` (stiffen when the fit makes bumps without dips) is off by
+      default: on the shared real images, injection-recovery scored it worse than the
+      floor alone (``benchmarks/README.md``).
 
-    Every refit chooses its smoothing length by GCV on the masked image, so the
-    smoothing follows the data's structure scale and shrinks as the masks remove the
-    sources that GCV would otherwise try to follow. Thresholds are in units of the noise
+    Every refit chooses its smoothing length by GCV on the masked image, above the
+    floor, so the smoothing follows the data's structure scale and shrinks as the masks
+    remove the sources that GCV would otherwise try to follow. Thresholds are in units of the noise
     after smoothing, so they carry over between images of any noise level; the cell
     size follows the image size.
 
@@ -705,8 +782,9 @@ def default_pipeline(image, mask=None, **options) -> IterativeBackground:
     **options
         ``high``, ``low`` (final hysteresis thresholds in smoothed-noise sigma),
         ``max_iter``, ``change_tol``, ``mask_tol``, ``error_tol``,
-        ``source_asymmetry`` (None switches the stiffening off), ``cell_size``,
-        ``gcv_inflation``.
+        ``source_asymmetry`` (a ratio turns the stiffening on; default None),
+        ``cell_size``, ``gcv_inflation``, ``max_source_size`` (pixels, ``"auto"``
+        or None; see above).
 
     Examples
     --------
@@ -725,6 +803,7 @@ def default_pipeline(image, mask=None, **options) -> IterativeBackground:
         "source_asymmetry",
         "cell_size",
         "gcv_inflation",
+        "max_source_size",
     }
     unknown = set(options) - known
     if unknown:
@@ -756,7 +835,8 @@ def default_pipeline(image, mask=None, **options) -> IterativeBackground:
         change_tol=options.get("change_tol", 0.01),
         mask_tol=options.get("mask_tol", 0.005),
         error_tol=options.get("error_tol", 0.5),
-        source_asymmetry=options.get("source_asymmetry", 2.5),
+        source_asymmetry=options.get("source_asymmetry"),
+        max_source_size=options.get("max_source_size", "auto"),
     )
 
 

@@ -14,10 +14,12 @@ and the tiled mesh background this builds on.
 
 from __future__ import annotations
 
+import collections
 import functools
 import logging
 import math
 import uuid
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -26,6 +28,7 @@ import numpy as np
 
 from skymap._validate import as_mask, as_pair, combine_masks, work_dtype
 from skymap.backends.distributed import _aligned_chunks
+from skymap.background import convergence as _conv
 from skymap.background.pipeline import (
     IterativeBackground,
     RingMedianGuess,
@@ -33,6 +36,8 @@ from skymap.background.pipeline import (
     _working_rms,
     default_pipeline,
 )
+from skymap.background.scale import central_window, smoothing_floor, source_scale
+from skymap.background.scale import max_source_size as _resolve_size
 from skymap.background.smooth import (
     SmoothResult,
     ThinPlateSmoother,
@@ -106,7 +111,12 @@ class TiledFitResult:
     noise : float
         Median of the final working RMS over the valid pixels (exact).
     converged : bool
-        Whether the last stage met its tolerances before ``max_iter``.
+        Whether the last stage met its tolerances before ``max_iter`` (or backed off a
+        runaway mask), as ``BackgroundResult.converged``.
+    convergence_note : str
+        Why the fit stopped, in words (``BackgroundResult.convergence_note``).
+    max_source_size : float or None
+        The size separating sources from sky that the fit used (pixels).
     tile : (int, int)
         Tile shape in pixels (the last tile of each axis may be shorter).
     halo : int
@@ -123,6 +133,8 @@ class TiledFitResult:
     converged: bool
     tile: tuple[int, int]
     halo: int
+    convergence_note: str = ""
+    max_source_size: float | None = None
 
     @property
     def model(self) -> SmoothResult:
@@ -600,22 +612,30 @@ class _TiledRun:
     def fit(self) -> TiledFitResult:
         pipe = self.pipe
         history: list[TiledIteration] = []
+        size = self.max_source_size()
+        # As IterativeBackground.fit: the smoothing floor (pixels) from max_source_size,
+        # raised when the last stage's fit follows source light, the stage's count
+        # restarted then.
+        floor = None if size is None else smoothing_floor(size)
+        note = ""
         if isinstance(pipe.first_guess, RingMedianGuess):
             model = self.fit_ring(pipe.first_guess)
         else:
-            model = self.fit_smoother(pipe.first_guess, self.bad, None)
+            model = self.fit_smoother(pipe.first_guess, self.bad, None, floor)
         noise = self.working_noise(model)
         current, count = self.bad, self.nbad
-        history.append(self.record(-1, 0, model, count, float("nan"), float("nan")))
+        history.append(
+            self.record(-1, 0, model, count, float("nan"), float("nan"), floor=floor)
+        )
+        # The masks of the last few records (for a back-off from a runaway).
+        masks = collections.deque([current], maxlen=_conv.RUNAWAY_RUN + 1)
         converged = False
-        # As IterativeBackground.fit: the smoothing floor (pixels) raised when the last
-        # stage's fit follows source light, the stage's count restarted then.
-        floor = None
         last = len(pipe.stages) - 1
         for k, stage in enumerate(pipe.stages):
             converged = False
             cap = pipe.max_iter if stage.max_iter is None else stage.max_iter
             it = done = 0
+            start = len(history)
             while done < cap:
                 new = self.mask(k, stage.masker, model, noise)
                 previous = model
@@ -639,11 +659,32 @@ class _TiledRun:
                     mask_change,
                 )
                 current = new
+                masks.append(current)
                 it += 1
                 done = 0 if raised else done + 1
                 if not raised and pipe.settled(rec):
                     converged = True
+                    note = _conv.note_converged(k, it, rec, pipe)
                     break
+                if _conv.runaway(pipe, history[start:]):
+                    kept = history[-_conv.RUNAWAY_RUN - 1]
+                    note = _conv.note_backed_off(k, history[-_conv.RUNAWAY_RUN :], kept)
+                    previous, model, floor = model, kept.model, kept.min_scale
+                    noise = self.working_noise(model)
+                    change = self.change(model, previous, noise)
+                    new = masks[0]
+                    flips, count = self.compute((new ^ current).sum(), new.sum())
+                    history.append(
+                        self.record(
+                            k, it, model, int(count), change, float(flips) / self.size,
+                            history[-1], floor=floor,
+                        )
+                    )
+                    current = new
+                    converged = True
+                    break
+            else:
+                note = _conv.note_stopped(k, cap, history[-1], pipe)
         final_noise = self.typical_noise(noise)
         if pipe.final is not None:
             previous = model
@@ -660,6 +701,8 @@ class _TiledRun:
             )
             for which in ("grid", "rms_grid")
         }
+        if not converged:
+            warnings.warn(note, _conv.ConvergenceWarning, stacklevel=3)
         return TiledFitResult(
             background=maps["grid"],
             rms=maps["rms_grid"],
@@ -671,7 +714,19 @@ class _TiledRun:
             converged=converged,
             tile=self.t.tile,
             halo=self.t.halo,
+            convergence_note=note,
+            max_source_size=size,
         )
+
+    def max_source_size(self) -> float | None:
+        """``pipeline.max_source_size`` in pixels; "auto" is measured on the same
+        central window as in memory (:func:`skymap.background.scale.source_scale`)."""
+        value = self.pipe.max_source_size
+        if value != "auto":
+            return _resolve_size(value)
+        win = central_window(self.t.shape)
+        image, bad = self.compute(self.img[win], self.bad[win])
+        return source_scale(image, bad, self.t.shape).max_source_size
 
     def record(
         self,
