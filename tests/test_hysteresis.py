@@ -6,8 +6,10 @@ import pytest
 import scipy.ndimage as ndi
 from scipy import signal
 
-import skymap.background.pipeline as P
 import skymap.masking.hysteresis as H
+from skymap.backends.memory import MemoryBackend
+from skymap.background.model import MapModel
+from skymap.background.noise import NoiseModel
 from skymap.background.smooth import ThinPlateSmoother
 
 
@@ -118,14 +120,15 @@ def test_working_rms_coarse_samples_the_smooth_noise_map_at_block_centres(rng):
     yy, xx = np.mgrid[:256, :256]
     image = rng.normal(size=(256, 256)) * (1.0 + xx / 256.0)
     model = ThinPlateSmoother(cell_size=16).fit(image)
-    got = P._working_rms(model, coarse=True)
+    backend = MemoryBackend(image)
+    got = NoiseModel(coarse=True).working(model, backend)
     assert isinstance(got, H.CoarseRMS) and got.step == 8
     full = model.rms_map()
     # Block (i, j) holds the map at pixel (8 i + 3.5, 8 j + 3.5): between its neighbours.
     lo = np.minimum(full[3::8, 3::8], full[4::8, 4::8])
     hi = np.maximum(full[3::8, 3::8], full[4::8, 4::8])
     assert np.all((got.values >= lo - 1e-6) & (got.values <= hi + 1e-6))
-    full_floor = P._working_rms(model, coarse=False)
+    full_floor = NoiseModel(coarse=False).working(model, backend)
     assert full_floor.shape == (256, 256)
 
 
@@ -150,7 +153,8 @@ def test_change_is_the_rms_of_the_subsampled_difference_in_noise_units(rng, kind
     full = np.broadcast_to(np.asarray(rms, dtype=np.float64), new.shape)
     d = ((new - old) / full)[::2, ::2][~bad[::2, ::2]]
     want = np.sqrt(np.mean(d.astype(np.float64) ** 2))
-    got = P._change(new, old[::2, ::2], rms, bad)
+    backend = MemoryBackend(new, bad)
+    got = backend.change(new, None, MapModel(background=old, rms=old), rms, NoiseModel)
     assert got == pytest.approx(want, rel=1e-6)
 
 

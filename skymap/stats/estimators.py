@@ -38,6 +38,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
+from skymap._util import MAD_TO_STD
 from skymap._validate import check_choice, check_positive
 from skymap.stats import _kernels as _k
 
@@ -65,8 +66,6 @@ __all__ = [
     "sigma_clipped_stats",
     "with_clip_correction",
 ]
-
-MAD_TO_STD = _k.MAD_TO_STD
 
 
 # --------------------------------------------------------------------------- helpers
