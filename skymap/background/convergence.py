@@ -18,6 +18,8 @@ from collections.abc import Sequence
 from typing import Any
 
 __all__ = [
+    "RUNAWAY_EXCESS",
+    "RUNAWAY_RATIO",
     "RUNAWAY_RUN",
     "ConvergenceWarning",
     "note_backed_off",
@@ -34,6 +36,10 @@ RUNAWAY_RUN = 3
 #: a fit converging geometrically by 0.5 per iteration gains a decade in ~3 more,
 #: one at 0.8 needs ~10.
 RUNAWAY_RATIO = 0.7
+#: ... and when the background still moves by more than this many times its tolerance:
+#: a mask deepening over faint extended sources moves it by little more than the
+#: tolerance, and backing off would unmask them.
+RUNAWAY_EXCESS = 3.0
 
 
 class ConvergenceWarning(UserWarning):
@@ -69,9 +75,10 @@ def settled(pipe: Any, rec: Any) -> bool:
 def runaway(pipe: Any, records: Sequence[Any]) -> bool:
     """Whether the last :data:`RUNAWAY_RUN` of a stage's ``records`` each grew the
     masked share by more than ``mask_tol`` while the background moved by more than its
-    tolerance, and the background's change is not shrinking by at least
+    tolerance, the background's change is not shrinking by at least
     :data:`RUNAWAY_RATIO` per iteration (a mask that grows while the fit converges
-    geometrically is only getting deeper).
+    geometrically is only getting deeper), and the last change is still more than
+    :data:`RUNAWAY_EXCESS` times its tolerance.
 
     Examples
     --------
@@ -88,7 +95,9 @@ def runaway(pipe: Any, records: Sequence[Any]) -> bool:
     if not all(r.mask_growth > pipe.mask_tol and r.change > tolerance(pipe, r) for r in run):
         return False
     first, last = run[0].change, run[-1].change
-    return last >= first * RUNAWAY_RATIO ** (len(run) - 1)
+    return last >= first * RUNAWAY_RATIO ** (len(run) - 1) and last > RUNAWAY_EXCESS * tolerance(
+        pipe, run[-1]
+    )
 
 
 def note_converged(stage: int, iterations: int, rec: Any, pipe: Any) -> str:
