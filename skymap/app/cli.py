@@ -83,7 +83,15 @@ _CONFIG_HELP = (
 
 # skymap.simulate.SCENE_NAMES, spelled out so that `skymap --help` need not import the
 # simulator (numba, astropy.table); a test keeps the two equal.
-_SCENES = ("notebook", "crowded_stellar", "galaxies_lsb", "nebula", "detector_artifacts")
+_SCENES = (
+    "notebook",
+    "crowded_stellar",
+    "galaxies_lsb",
+    "nebula",
+    "detector_artifacts",
+    "saturated_halos",
+    "cluster_icl",
+)
 
 
 class UsageError(Exception):

@@ -34,6 +34,7 @@ import numpy as np
 from skymap._validate import as_image, as_mask, check_positive, combine_masks
 from skymap.background import _pipeline_kernels as _k
 from skymap.background.smooth import SmoothResult, ThinPlateSmoother, upsample
+from skymap.masking.bright import HaloMasker
 from skymap.masking.hysteresis import (
     _MAD_TO_STD,
     CoarseRMS,
@@ -428,7 +429,7 @@ class IterativeBackground:
             raise ValueError("image has no valid pixel: everything is masked or non-finite")
         history: list[IterationRecord] = []
         # Our maskers read a coarse noise map; any other gets the full map.
-        coarse = all(isinstance(st.masker, HysteresisMasker) for st in self.stages)
+        coarse = all(getattr(st.masker, "reads_coarse_rms", False) for st in self.stages)
         model = _fit_estimator(self.first_guess, img, bad, None)
         bkg, rms = _background_of(model), _working_rms(model, coarse)
         current = bad
@@ -681,6 +682,10 @@ def default_pipeline(image, mask=None, **options) -> IterativeBackground:
       remasks from scratch with the 1-px scale too.
     * Stage 2 masks deep: scales 1-8 px, seeds at 4 sigma of the smoothed noise after
       the surround subtraction, grown over the plain smoothed residual down to 2 sigma.
+    * Both stages first mask bright sources and their halos (``halos=True``,
+      :class:`~skymap.masking.HaloMasker`): sources peaking above 50 sigma, saturated
+      or with a flagged core, out to where the halo profile measured on the image's
+      brightest sources falls below 0.25 sigma.
     * Final refit with the converged mask: GCV's smoothing, stiffened if needed until
       the residual is white in blocks twice the largest masking scale (16 px), so the
       background does not follow the noise on the scales of the sources it masked.
@@ -706,7 +711,7 @@ def default_pipeline(image, mask=None, **options) -> IterativeBackground:
         ``high``, ``low`` (final hysteresis thresholds in smoothed-noise sigma),
         ``max_iter``, ``change_tol``, ``mask_tol``, ``error_tol``,
         ``source_asymmetry`` (None switches the stiffening off), ``cell_size``,
-        ``gcv_inflation``.
+        ``gcv_inflation``, ``halos`` (False: no bright-source halo masking).
 
     Examples
     --------
@@ -725,6 +730,7 @@ def default_pipeline(image, mask=None, **options) -> IterativeBackground:
         "source_asymmetry",
         "cell_size",
         "gcv_inflation",
+        "halos",
     }
     unknown = set(options) - known
     if unknown:
@@ -736,14 +742,19 @@ def default_pipeline(image, mask=None, **options) -> IterativeBackground:
     if "gcv_inflation" in options:
         smoother_options["gcv_inflation"] = options["gcv_inflation"]
     smoother = ThinPlateSmoother(**smoother_options)
+    halos = HaloMasker() if options.get("halos", True) else None
     stages = (
         Stage(
-            masker=HysteresisMasker(scales=(2.0, 4.0), high=high + 1.0, low=low + 0.5),
+            masker=HysteresisMasker(
+                scales=(2.0, 4.0), high=high + 1.0, low=low + 0.5, halos=halos
+            ),
             estimator=smoother,
             max_iter=2,
         ),
         Stage(
-            masker=HysteresisMasker(scales=scales, high=high, low=low, grow_plain=True),
+            masker=HysteresisMasker(
+                scales=scales, high=high, low=low, grow_plain=True, halos=halos
+            ),
             estimator=smoother,
         ),
     )

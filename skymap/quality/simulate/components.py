@@ -18,8 +18,10 @@ __all__ = [
     "AmplifierOffsets",
     "BadColumns",
     "CosmicRays",
+    "GaussianBumps",
     "GaussianNoise",
     "GaussianSources",
+    "HaloStars",
     "MoffatStars",
     "PoissonNoise",
     "PowerLawField",
@@ -127,6 +129,53 @@ class SincBlemishes:
         a = _uniform(rng, _check_interval("amplitude", self.amplitude), n)
         table = Table([x, y, w, a], names=["x", "y", "width", "amplitude"])
         return sinc_blemishes(shape, x, y, w, a), table
+
+
+@dataclass(frozen=True, kw_only=True)
+class GaussianBumps:
+    """Additive round Gaussian bumps (or dips, for negative amplitudes), such as
+    scattered light or a reflection: ``n`` of them, with standard deviation ``width``
+    (a fraction of the image's smaller side) and ``amplitude`` (sky units, the peak)
+    drawn uniformly from the given (low, high) intervals, centred uniformly in the
+    middle ``spread`` of the frame. Their table (``x``, ``y``, ``width`` in pixels,
+    ``amplitude``) is returned as ``Scene.blemishes``.
+
+    Examples
+    --------
+    >>> sky, table = GaussianBumps(n=1, amplitude=2.0).sample((64, 64),
+    ...                                                      np.random.default_rng(0))
+    >>> round(float(sky.max()), 2), len(table)
+    (2.0, 1)
+    """
+
+    n: int = 1
+    width: tuple = (0.15, 0.3)
+    amplitude: tuple = (1.0, 3.0)
+    spread: float = 0.6
+
+    kind = "additive"
+
+    def __post_init__(self):
+        if int(self.n) != self.n or self.n < 0:
+            raise ValueError(f"n must be an integer >= 0, got {self.n!r}")
+        _check_interval("width", self.width, lower=0.0, strict=True)
+        _check_interval("amplitude", self.amplitude)
+        check_range("spread", self.spread, 0.0, 1.0)
+
+    def sample(self, shape, rng):
+        ny, nx = shape
+        n = int(self.n)
+        lo, hi = 0.5 - self.spread / 2.0, 0.5 + self.spread / 2.0
+        x = nx * rng.uniform(lo, hi, n)
+        y = ny * rng.uniform(lo, hi, n)
+        w = min(ny, nx) * _uniform(rng, _check_interval("width", self.width), n)
+        a = _uniform(rng, _check_interval("amplitude", self.amplitude), n)
+        yy, xx = np.mgrid[0:ny, 0:nx]
+        out = np.zeros(shape)
+        for xc, yc, wk, ak in zip(x, y, w, a, strict=True):
+            out += ak * np.exp(-0.5 * ((xx - xc) ** 2 + (yy - yc) ** 2) / wk**2)
+        table = Table([x, y, w, a], names=["x", "y", "width", "amplitude"])
+        return out, table
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -382,9 +431,80 @@ class MoffatStars:
 
 
 @dataclass(frozen=True, kw_only=True)
+class HaloStars:
+    """Bright stars with an extended PSF halo: a Moffat core (``fwhm``, ``beta``) plus a
+    power-law aureole, a Moffat of small ``halo_beta`` (surface brightness falling as
+    ``r**(-2 halo_beta)`` beyond ``halo_alpha``) carrying ``halo_fraction`` of the flux,
+    with a power-law luminosity function ``dN/dF ~ F**-lf_slope`` between ``flux_min``
+    and ``flux_max``. Clip them with :class:`Saturation` for saturated cores.
+
+    Each star gives two catalogue rows at the same position: its core (population
+    ``name``) and its aureole (population ``name + "_halo"``); ``flux`` is each part's
+    share.
+
+    Examples
+    --------
+    >>> cat = HaloStars(n=2).sample((256, 256), np.random.default_rng(0))
+    >>> list(cat["population"]), bool(cat["x_mean"][0] == cat["x_mean"][2])
+    (['halo_stars', 'halo_stars', 'halo_stars_halo', 'halo_stars_halo'], True)
+    """
+
+    n: int | None = None
+    density: float = 5e-6
+    fwhm: float = 3.0
+    beta: float = 3.0
+    flux_min: float = 1e6
+    flux_max: float = 3e7
+    lf_slope: float = 1.0
+    halo_fraction: float = 0.03
+    halo_alpha: float = 4.0
+    halo_beta: float = 1.5
+    name: str = "halo_stars"
+
+    def __post_init__(self):
+        _check_n_density(self.n, self.density)
+        for name in ("fwhm", "flux_min", "flux_max", "halo_alpha"):
+            check_positive(name, getattr(self, name))
+        for name in ("beta", "halo_beta"):
+            v = getattr(self, name)
+            if not (np.isfinite(v) and v > 1.0):
+                raise ValueError(f"{name} must be a finite number > 1, got {v!r}")
+        if self.flux_max < self.flux_min:
+            raise ValueError(
+                f"flux_max must be >= flux_min, got {self.flux_max!r} < {self.flux_min!r}"
+            )
+        check_positive("lf_slope", self.lf_slope, allow_zero=True)
+        check_range("halo_fraction", self.halo_fraction, 0.0, 1.0)
+
+    def sample(self, shape, rng):
+        ny, nx = shape
+        n = _count(self.density, self.n, shape)
+        x = rng.uniform(-0.5, nx - 0.5, n)
+        y = rng.uniform(-0.5, ny - 0.5, n)
+        flux = _power_law_fluxes(rng, n, self.flux_min, self.flux_max, self.lf_slope)
+        alpha = self.fwhm / (2.0 * np.sqrt(2.0 ** (1.0 / self.beta) - 1.0))
+        rows = []
+        for part, share, a, b in (
+            (self.name, 1.0 - self.halo_fraction, alpha, self.beta),
+            (self.name + "_halo", self.halo_fraction, self.halo_alpha, self.halo_beta),
+        ):
+            f = share * flux
+            peak = f * (b - 1.0) / (np.pi * a**2)
+            ones = np.ones(n)
+            rows.append(
+                _catalog(part, "moffat", x, y, f, peak, a * ones, a * ones, 0 * ones, a * ones,
+                         b * ones)
+            )  # fmt: skip
+        return _vstack(rows)
+
+
+@dataclass(frozen=True, kw_only=True)
 class SersicGalaxies:
     """Elliptical Sersic galaxies: uniform effective radius ``re`` (pixels, major axis),
-    index ``sersic_n``, axis ratio and angle, and log-uniform flux.
+    index ``sersic_n``, axis ratio and angle, and log-uniform flux. Positions are
+    uniform over the frame, or, with ``center`` ((x, y) as fractions of the frame),
+    scattered around it by a Gaussian of ``spread`` pixels (0: all at the centre), as
+    the members of a cluster, a brightest cluster galaxy or intracluster light.
 
     Large ``re`` with ``sersic_n`` near 4 gives extended low-surface-brightness wings that
     escape any threshold mask and bias the background upwards around the galaxy.
@@ -402,6 +522,8 @@ class SersicGalaxies:
     re: tuple = (2.0, 20.0)
     sersic_n: tuple = (0.5, 4.0)
     axis_ratio: tuple = (0.3, 1.0)
+    center: tuple | None = None
+    spread: float = 0.0
     name: str = "galaxies"
 
     def __post_init__(self):
@@ -412,14 +534,27 @@ class SersicGalaxies:
         lo, hi = _check_interval("axis_ratio", self.axis_ratio, lower=0.0, strict=True)
         if hi > 1.0:
             raise ValueError(f"axis_ratio must lie in (0, 1], got {self.axis_ratio!r}")
+        if self.center is not None:
+            c = np.asarray(self.center, dtype=float)
+            if c.shape != (2,) or not np.all((c >= 0) & (c <= 1)):
+                raise ValueError(
+                    f"center must be None or (x, y) fractions of the frame in [0, 1], "
+                    f"got {self.center!r}"
+                )
+        check_positive("spread", self.spread, allow_zero=True)
 
     def sample(self, shape, rng):
         from scipy.special import gamma
 
         ny, nx = shape
         n = _count(self.density, self.n, shape)
-        x = rng.uniform(-0.5, nx - 0.5, n)
-        y = rng.uniform(-0.5, ny - 0.5, n)
+        if self.center is None:
+            x = rng.uniform(-0.5, nx - 0.5, n)
+            y = rng.uniform(-0.5, ny - 0.5, n)
+        else:
+            # A cluster: Gaussian scatter of `spread` pixels around the centre.
+            x = self.center[0] * (nx - 1) + self.spread * rng.standard_normal(n)
+            y = self.center[1] * (ny - 1) + self.spread * rng.standard_normal(n)
         lf = np.log(_check_interval("flux", self.flux))
         flux = np.exp(_uniform(rng, (lf[0], lf[1]), n))
         re = _uniform(rng, _check_interval("re", self.re), n)
@@ -605,8 +740,15 @@ class Saturation:
         return mask
 
 
-_SKY_TYPES = (Polynomial, SincBlemishes, PowerLawField, Vignetting, AmplifierOffsets)
-_SOURCE_TYPES = (GaussianSources, MoffatStars, SersicGalaxies)
+_SKY_TYPES = (
+    Polynomial,
+    SincBlemishes,
+    GaussianBumps,
+    PowerLawField,
+    Vignetting,
+    AmplifierOffsets,
+)
+_SOURCE_TYPES = (GaussianSources, MoffatStars, HaloStars, SersicGalaxies)
 _NOISE_TYPES = (GaussianNoise, PoissonNoise)
 _DETECTOR_TYPES = (BadColumns, CosmicRays, Saturation)
 
@@ -639,12 +781,13 @@ def make_scene(
     sources, noise, detector, each in the order given, so a seed fixes the scene.
 
     1. ``sky``: additive components (:class:`Polynomial`, :class:`SincBlemishes`,
-       :class:`PowerLawField`) are summed, multiplied by every :class:`Vignetting`, and
-       :class:`AmplifierOffsets` are added. That is ``Scene.sky``, the truth.
+       :class:`GaussianBumps`, :class:`PowerLawField`) are summed, multiplied by every
+       :class:`Vignetting`, and :class:`AmplifierOffsets` are added. That is
+       ``Scene.sky``, the truth.
     2. ``sources``: the populations (:class:`GaussianSources`, :class:`MoffatStars`,
-       :class:`SersicGalaxies`) are catalogued and rendered together in stamps (Sersic
-       cores oversampled 8x8 within 4 pixels; other profiles point-sampled), then
-       vignetted like the sky.
+       :class:`HaloStars`, :class:`SersicGalaxies`) are catalogued and rendered
+       together in stamps (Sersic cores oversampled 8x8 within 4 pixels; other
+       profiles point-sampled), then vignetted like the sky.
     3. ``noise`` (:class:`GaussianNoise` by default, sigma 0.1, or :class:`PoissonNoise`)
        is drawn around ``sky + sources``.
     4. ``detector`` effects (:class:`CosmicRays`, :class:`BadColumns`,

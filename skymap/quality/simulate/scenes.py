@@ -12,7 +12,9 @@ from skymap.quality.simulate.components import (
     AmplifierOffsets,
     BadColumns,
     CosmicRays,
+    GaussianBumps,
     GaussianNoise,
+    HaloStars,
     MoffatStars,
     PoissonNoise,
     Polynomial,
@@ -210,6 +212,58 @@ def _detector_artifacts(shape, seed):
     )
 
 
+def _saturated_halos(shape, seed):
+    # Bright stars whose aureoles (3% of the flux, r**-3 beyond 4 px) stay above 0.1
+    # sigma out to 100-200 px, their cores clipped at 2e4 (Scene.mask holds the
+    # clipped pixels), on a sky with one broad scattered-light bump of ~2 sigma.
+    return make_scene(
+        shape,
+        sky=[
+            Polynomial(coefficients=((100.0, 1.0), (0.5, 0.0))),
+            GaussianBumps(n=1, width=(0.15, 0.25), amplitude=(2.0, 2.0)),
+        ],
+        sources=[
+            HaloStars(density=5e-6, flux_min=1e6, flux_max=3e7),
+            MoffatStars(density=2e-3, fwhm=3.0, beta=3.0, flux_min=20.0, flux_max=1e5),
+        ],
+        noise=GaussianNoise(sigma=1.0),
+        detector=[Saturation(level=2e4)],
+        seed=seed,
+        name="saturated_halos",
+    )
+
+
+def _cluster_icl(shape, seed):
+    # A galaxy cluster: a brightest cluster galaxy (n = 4, re = 30 px), 80 members
+    # scattered by 150 px around it, and intracluster light (n = 1, re = 100 px, 2
+    # sigma at the centre). Truth convention: the ICL is a SOURCE (in Scene.sources,
+    # population "icl"), not sky: it is smaller than the frame's sky structure.
+    centre = (0.5, 0.5)
+    return make_scene(
+        shape,
+        sky=[Polynomial(coefficients=((10.0, 0.5), (0.3, 0.0)))],
+        sources=[
+            SersicGalaxies(
+                n=1, flux=3.3e4, re=100.0, sersic_n=1.0, axis_ratio=0.75, center=centre,
+                name="icl",
+            ),
+            SersicGalaxies(
+                n=1, flux=3e5, re=30.0, sersic_n=4.0, axis_ratio=0.8, center=centre,
+                name="bcg",
+            ),
+            SersicGalaxies(
+                n=80, flux=(500.0, 5e4), re=(3.0, 15.0), sersic_n=(0.7, 4.0), center=centre,
+                spread=150.0, name="members",
+            ),
+            SersicGalaxies(density=5e-5, flux=(100.0, 1e4), re=(2.0, 10.0)),
+            MoffatStars(density=5e-4, fwhm=3.0, beta=3.0, flux_min=20.0, flux_max=1e5),
+        ],
+        noise=GaussianNoise(sigma=1.0),
+        seed=seed,
+        name="cluster_icl",
+    )  # fmt: skip
+
+
 def _notebook(shape, seed):
     n = shape[0]
     if shape[0] != shape[1] or 2000 % n or n > 2000:
@@ -225,6 +279,8 @@ _NAMED = {
     "galaxies_lsb": _galaxies_lsb,
     "nebula": _nebula,
     "detector_artifacts": _detector_artifacts,
+    "saturated_halos": _saturated_halos,
+    "cluster_icl": _cluster_icl,
 }
 
 #: Names accepted by :func:`scene_by_name`.
@@ -244,6 +300,12 @@ def scene_by_name(name: str, *, shape=None, seed=None) -> Scene:
       stars.
     * ``"detector_artifacts"``: vignetting, 2x2 amplifier offsets, bad columns, cosmic
       rays and saturated stars, with the bad-pixel mask as truth.
+    * ``"saturated_halos"``: stars of 1e6-3e7 whose power-law aureoles (3% of the
+      flux) reach 100-200 px, cores clipped at 2e4 (the clipped pixels are the mask),
+      among fainter stars, on a sky with one broad bump of 2 sigma; Gaussian noise of 1.
+    * ``"cluster_icl"``: a galaxy cluster (a brightest cluster galaxy, 80 members and
+      intracluster light of re = 100 px, 2 sigma at its centre) on a gently sloped sky.
+      The intracluster light is a source: it is in ``sources``, not in ``sky``.
 
     Parameters
     ----------
