@@ -361,6 +361,12 @@ class IterativeBackground:
         masked. None switches it off.
     stiffen : float
         See ``source_asymmetry``.
+    halos : Masker or None
+        Applied once, to the image itself (``halos(image, None, mask)``) before the
+        first guess, such as :class:`~skymap.masking.HaloMasker`: its detections
+        (bright sources and their halos) stay masked for the whole fit. A bright
+        star's halo is measured best on the image, before any background has had a
+        chance to follow part of it.
 
     Examples
     --------
@@ -385,6 +391,7 @@ class IterativeBackground:
     error_tol: float = 0.5
     source_asymmetry: float | None = None
     stiffen: float = 4.0
+    halos: Any = None
 
     def __post_init__(self):
         if not callable(getattr(self.first_guess, "fit", None)):
@@ -414,6 +421,8 @@ class IterativeBackground:
             )
         if not self.stiffen > 1:
             raise ValueError(f"stiffen must be > 1, got {self.stiffen!r}")
+        if self.halos is not None and not callable(self.halos):
+            raise ValueError(f"halos must be None or a Masker (callable), got {self.halos!r}")
 
     def fit(self, image, mask=None) -> BackgroundResult:
         """Fit the background of ``image`` (y, x), ignoring ``mask`` (True = excluded).
@@ -430,6 +439,11 @@ class IterativeBackground:
         history: list[IterationRecord] = []
         # Our maskers read a coarse noise map; any other gets the full map.
         coarse = all(getattr(st.masker, "reads_coarse_rms", False) for st in self.stages)
+        given = bad
+        if self.halos is not None:
+            # Excluded from here on like the given bad pixels (but reported with the
+            # detections).
+            bad = bad | np.asarray(self.halos(img, None, bad), dtype=bool)
         model = _fit_estimator(self.first_guess, img, bad, None)
         bkg, rms = _background_of(model), _working_rms(model, coarse)
         current = bad
@@ -529,7 +543,7 @@ class IterativeBackground:
         return BackgroundResult(
             background=bkg,
             mask=current,
-            bad_mask=bad,
+            bad_mask=given,
             history=tuple(history),
             config=self,
             noise=float(noise),
@@ -682,10 +696,10 @@ def default_pipeline(image, mask=None, **options) -> IterativeBackground:
       remasks from scratch with the 1-px scale too.
     * Stage 2 masks deep: scales 1-8 px, seeds at 4 sigma of the smoothed noise after
       the surround subtraction, grown over the plain smoothed residual down to 2 sigma.
-    * Both stages first mask bright sources and their halos (``halos=True``,
-      :class:`~skymap.masking.HaloMasker`): sources peaking above 50 sigma, saturated
-      or with a flagged core, out to where the halo profile measured on the image's
-      brightest sources falls below 0.25 sigma.
+    * Before the first guess, bright sources and their halos are masked for the whole
+      fit (``halos=True``, :class:`~skymap.masking.HaloMasker`): sources far above the
+      noise, saturated or with a flagged core, out to where the halo profile measured
+      on the image's brightest sources falls below 0.25 sigma.
     * Final refit with the converged mask: GCV's smoothing, stiffened if needed until
       the residual is white in blocks twice the largest masking scale (16 px), so the
       background does not follow the noise on the scales of the sources it masked.
@@ -742,19 +756,14 @@ def default_pipeline(image, mask=None, **options) -> IterativeBackground:
     if "gcv_inflation" in options:
         smoother_options["gcv_inflation"] = options["gcv_inflation"]
     smoother = ThinPlateSmoother(**smoother_options)
-    halos = HaloMasker() if options.get("halos", True) else None
     stages = (
         Stage(
-            masker=HysteresisMasker(
-                scales=(2.0, 4.0), high=high + 1.0, low=low + 0.5, halos=halos
-            ),
+            masker=HysteresisMasker(scales=(2.0, 4.0), high=high + 1.0, low=low + 0.5),
             estimator=smoother,
             max_iter=2,
         ),
         Stage(
-            masker=HysteresisMasker(
-                scales=scales, high=high, low=low, grow_plain=True, halos=halos
-            ),
+            masker=HysteresisMasker(scales=scales, high=high, low=low, grow_plain=True),
             estimator=smoother,
         ),
     )
@@ -768,6 +777,7 @@ def default_pipeline(image, mask=None, **options) -> IterativeBackground:
         mask_tol=options.get("mask_tol", 0.005),
         error_tol=options.get("error_tol", 0.5),
         source_asymmetry=options.get("source_asymmetry", 2.5),
+        halos=HaloMasker() if options.get("halos", True) else None,
     )
 
 

@@ -18,8 +18,10 @@ paint each tile with a halo of :meth:`HaloMasker.reach` pixels.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,7 +30,7 @@ import scipy.ndimage as ndi
 
 from skymap._validate import as_image, as_mask, check_positive, combine_masks
 
-__all__ = ["BrightSources", "HaloMasker", "radial_profile"]
+__all__ = ["BrightSources", "HaloMasker", "radial_profiles"]
 
 log = logging.getLogger(__name__)
 
@@ -43,19 +45,32 @@ _EDGES = np.array(
 )
 
 
-def radial_profile(image: Any, y: float, x: float, rmax: float, mask: Any = None):
-    """Azimuthal medians of ``image`` in rings around (``y``, ``x``).
+@functools.lru_cache(maxsize=8)
+def _sample_offsets(rmax: float) -> tuple[np.ndarray, np.ndarray]:
+    """(dy, dx) of the pixels a profile out to ``rmax`` samples (see
+    :func:`radial_profiles`)."""
+    half = int(math.ceil(rmax))
+    dy, dx = np.mgrid[-half : half + 1, -half : half + 1]
+    r = np.hypot(dy, dx)
+    stride = np.where(r < 14, 1, np.where(r < 56, 2, 4))
+    keep = (dy % stride == 0) & (dx % stride == 0) & (r < rmax + 1)
+    return dy[keep], dx[keep]
+
+
+def radial_profiles(image: Any, y: Any, x: Any, rmax: float, mask: Any = None):
+    """Azimuthal medians of ``image`` in rings around each of the centres (``y``, ``x``).
 
     Rings are 1 px wide out to 3.5 px, then grow by a factor sqrt(2) (edges 0, 1.5,
-    2.5, 3.5, 5, 7, 10, 14, 20, ...); masked and non-finite pixels are left out, and
-    so is everything beyond ``rmax``. A median ignores the other sources that cross a
-    ring, as long as they cover less than half of it.
+    2.5, 3.5, 5, 7, 10, 14, 20, ...); masked and non-finite pixels and pixels off the
+    image are left out, and so is everything beyond ``rmax``. A median ignores the
+    other sources that cross a ring, as long as they cover less than half of it. All
+    centres are done in one pass (one labelled median over their stacked cutouts).
 
     Parameters
     ----------
     image : array_like, shape (ny, nx)
-    y, x : float
-        Centre in pixels.
+    y, x : array_like
+        Centres in pixels, shape (k,).
     rmax : float
         Outer radius in pixels.
     mask : array_like of bool, optional
@@ -63,45 +78,59 @@ def radial_profile(image: Any, y: float, x: float, rmax: float, mask: Any = None
 
     Returns
     -------
-    radius : ndarray
-        Mean radius of the ring's pixels (NaN for an empty ring).
-    median : ndarray
-        Median of the ring (NaN for an empty ring).
-    count : ndarray of int
-        Pixels in the ring.
+    radius : ndarray, shape (k, nrings)
+        Mean radius of each ring's pixels (NaN for an empty ring).
+    median : ndarray, shape (k, nrings)
+        Median of each ring (NaN for an empty ring).
+    count : ndarray of int, shape (k, nrings)
+        Pixels sampled in each ring: all of them within 14 px, every other row and
+        column out to 56 px, every fourth beyond (a ring of thousands of pixels gives
+        a median as good from a quarter of them).
 
     Examples
     --------
     >>> yy, xx = np.mgrid[:41, :41]
     >>> img = 100.0 / (1.0 + (yy - 20) ** 2 + (xx - 20) ** 2)
-    >>> r, med, n = radial_profile(img, 20, 20, 20)
-    >>> int(n[0]), float(med[0])
+    >>> r, med, n = radial_profiles(img, [20], [20], 20)
+    >>> int(n[0, 0]), float(med[0, 0])
     (9, 50.0)
     """
     img = as_image(image)
     check_positive("rmax", rmax)
-    edges = _EDGES[rmax > _EDGES]
-    edges = np.append(edges, rmax)
+    y = np.atleast_1d(np.asarray(y, dtype=np.float64))
+    x = np.atleast_1d(np.asarray(x, dtype=np.float64))
+    edges = np.append(_EDGES[rmax > _EDGES], rmax)
+    nb, k = edges.size - 1, y.size
     ny, nx = img.shape
-    half = int(math.ceil(rmax))
-    y0, y1 = max(0, int(round(y)) - half), min(ny, int(round(y)) + half + 1)
-    x0, x1 = max(0, int(round(x)) - half), min(nx, int(round(x)) + half + 1)
-    cut = img[y0:y1, x0:x1]
-    bad = combine_masks(cut, None if mask is None else as_mask(mask, img.shape)[y0:y1, x0:x1])
-    yy, xx = np.ogrid[y0:y1, x0:x1]
-    r = np.hypot(yy - y, xx - x)
-    ring = np.searchsorted(edges, r, side="right")  # 1 .. len(edges) - 1 inside
-    ring[bad | (r >= rmax)] = 0
-    nb = edges.size - 1
-    index = np.arange(1, nb + 1)
-    count = np.bincount(ring.ravel(), minlength=nb + 1)[1:]
+    dy, dx = _sample_offsets(float(rmax))
+    yy = np.rint(y).astype(np.int64)[:, None] + dy
+    xx = np.rint(x).astype(np.int64)[:, None] + dx
+    cy, cx = np.clip(yy, 0, ny - 1), np.clip(xx, 0, nx - 1)
+    values = img[cy, cx]
+    bad = (yy < 0) | (yy >= ny) | (xx < 0) | (xx >= nx) | ~np.isfinite(values)
+    if mask is not None:
+        bad |= as_mask(mask, img.shape)[cy, cx]
+    r = np.hypot(yy - y[:, None], xx - x[:, None])
+    ring = np.searchsorted(edges, r, side="right")  # 1 .. nb inside rmax
+    inside = ~bad & (r < rmax)
+    labels = (ring + nb * np.arange(k)[:, None])[inside] - 1
+    v = values[inside].astype(np.float64)
+    count = np.bincount(labels, minlength=k * nb)
     with np.errstate(invalid="ignore", divide="ignore"):
-        radius = np.bincount(ring.ravel(), r.ravel(), minlength=nb + 1)[1:] / count
-    median = np.full(nb, np.nan)
+        radius = np.bincount(labels, r[inside], minlength=k * nb) / count
+    # Medians of all rings at once: sort by ring, then by value (the value scaled into
+    # [0, 0.5) is added to the ring number), and read the middle of each ring.
+    if v.size:
+        lo_v, span = v.min(), np.ptp(v)
+        key = labels + (0.5 * (v - lo_v) / span if span > 0 else 0.0)
+        v = v[np.argsort(key, kind="stable")]
+    start = np.concatenate([[0], np.cumsum(count)[:-1]])
     have = count > 0
-    if have.any():
-        median[have] = ndi.median(cut, labels=ring, index=index[have])
-    return radius, median, count
+    lo = start + (count - 1) // 2
+    hi = start + count // 2
+    median = np.full(k * nb, np.nan)
+    median[have] = 0.5 * (v[lo[have]] + v[hi[have]])
+    return radius.reshape(k, nb), median.reshape(k, nb), count.reshape(k, nb)
 
 
 @dataclass(frozen=True, kw_only=True, eq=False)
@@ -139,16 +168,36 @@ class BrightSources:
         return int(self.x.size)
 
 
-def _scalar_noise(rms: Any, res: np.ndarray, invalid: np.ndarray) -> float:
-    """One noise value for the whole image: the median of ``rms`` (a scalar, a map, or
-    anything with a ``values`` grid such as a CoarseRMS), else the MAD of ``res``."""
-    if rms is None:
-        v = res[~invalid]
-        return _MAD_TO_STD * float(np.median(np.abs(v - np.median(v)))) if v.size else 1.0
-    values = getattr(rms, "values", rms)
-    v = np.asarray(values, dtype=np.float64)
-    v = v[np.isfinite(v) & (v > 0)]
-    return float(np.median(v)) if v.size else 1.0
+def _coarse_sky(img: np.ndarray, invalid: np.ndarray, block: int) -> np.ndarray:
+    """A sky to find bright sources against: medians of ``block`` x ``block`` blocks
+    (every other pixel), median-filtered over 3 x 3 blocks (a block that a bright star
+    fills is outvoted by its neighbours), repeated back to full resolution."""
+    ny, nx = img.shape
+    gy, gx = -(-ny // block), -(-nx // block)
+    pad = np.full((gy * block, gx * block), np.nan, np.float32)
+    pad[:ny, :nx] = np.where(invalid, np.nan, img)
+    sub = pad[::2, ::2].reshape(gy, block // 2, gx, block // 2).transpose(0, 2, 1, 3)
+    with np.errstate(all="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        grid = np.nanmedian(sub.reshape(gy, gx, -1), axis=-1)
+    hole = ~np.isfinite(grid)
+    if hole.all():
+        return np.zeros(img.shape, np.float32)
+    if hole.any():
+        idx = ndi.distance_transform_edt(hole, return_distances=False, return_indices=True)
+        grid = grid[tuple(idx)]
+    grid = ndi.median_filter(grid, size=3, mode="nearest")
+    return np.repeat(np.repeat(grid, block, axis=0), block, axis=1)[:ny, :nx]
+
+
+def _mad_sigma(a: np.ndarray, invalid: np.ndarray) -> float:
+    """MAD-based sigma of the valid pixels of ``a`` (a subsample of ~250 000)."""
+    step = max(1, int(math.sqrt(a.size / 250_000)))
+    v = a[::step, ::step][~invalid[::step, ::step]]
+    if v.size == 0:
+        return 1.0
+    mad = _MAD_TO_STD * float(np.median(np.abs(v - np.median(v))))
+    return mad if mad > 0 else 1.0
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -157,20 +206,25 @@ class HaloMasker:
 
     1. Sources: connected regions of the residual above ``seed`` times the noise,
        joined with the masked or non-finite pixels they touch (flagged and NaN cores).
-       A region is bright when it peaks above ``nsigma`` times the noise, or saturated:
-       a core of masked pixels, or a flat top (at least 5 pixels within half a noise
-       sigma, or 0.2%, of the peak).
-    2. Halo profile: azimuthal medians (:func:`radial_profile`) around the ``stack``
+       A region is bright when its largest 3x3 mean is above ``nsigma`` times that
+       mean's noise (``sigma / 3``, so that poor seeing does not hide a bright star), or
+       saturated:
+       a core of masked pixels, or a flat top: its maximum repeated in 3 pixels or
+       more, or an area above 90% of its peak of at least 5 pixels and 3 times the
+       median over the bright regions (a density-saturated photographic plate is
+       flat but not constant).
+    2. Halo profile: azimuthal medians (:func:`radial_profiles`) around the ``stack``
        brightest sources, out to ``max_radius``. The brightest one's profile defines the
        scale; each other one is scaled onto it by the median ratio over the rings where
        both are measured (above 3 times the ring's noise, outside saturated cores), and
        the profile is the median of the scaled ones ring by ring.
-    3. Amplitudes: every bright source's own profile (within 32 px, or 4 times its
+    3. Amplitudes: every bright source's own profile (within 16 px, or 3 times its
        saturated core) is scaled onto the stacked one in the same way.
     4. Radius: where amplitude times profile falls below ``wing`` times the noise
        (interpolated in log-log between rings; beyond the last measured ring the
-       profile is extended as the power law of its last two rings), at most
-       ``max_radius``.
+       profile is extended as the power law of its last two rings, no shallower than
+       ``r**-2``, at most twice as far), at most ``max_radius`` or a quarter of the
+       image's larger side.
 
     Follows the :class:`skymap.masking.Masker` protocol: returns the disks only, without
     the pixels of ``mask``. ``rms`` is the pixel noise: a scalar, a map, or a
@@ -179,7 +233,7 @@ class HaloMasker:
     Parameters
     ----------
     nsigma : float
-        Peak above which a source is bright, in noise sigmas.
+        Signal-to-noise of the largest 3x3 mean above which a source is bright.
     seed : float
         Threshold in noise sigmas of a source's region (its flat top and masked core
         are found within it), at most ``nsigma``.
@@ -204,11 +258,11 @@ class HaloMasker:
     """
 
     nsigma: float = 50.0
-    seed: float = 10.0
+    seed: float = 5.0
     wing: float = 0.25
     stack: int = 8
     max_radius: float = 256.0
-    max_sources: int = 500
+    max_sources: int = 200
 
     def __post_init__(self):
         check_positive("nsigma", self.nsigma)
@@ -232,7 +286,8 @@ class HaloMasker:
         return int(math.ceil(self.max_radius))
 
     def __call__(self, residual: Any, rms: Any = None, mask: Any = None) -> np.ndarray:
-        """Disks around the bright sources (True = masked), without ``mask``'s pixels."""
+        """Disks around the bright sources (True = masked), without ``mask``'s pixels;
+        ``residual`` may be the image itself (see :meth:`find`)."""
         res = as_image(residual, "residual")
         given = as_mask(mask, res.shape)
         out = self.paint(self.find(res, rms, given), res.shape)
@@ -244,40 +299,46 @@ class HaloMasker:
 
     def find(self, residual: Any, rms: Any = None, mask: Any = None) -> BrightSources:
         """The bright sources, their halo profile and mask radii (see the class
-        docstring). Global, but it reads only the pixels near bright sources."""
-        res = as_image(residual, "residual")
-        invalid = combine_masks(res, as_mask(mask, res.shape))
-        sigma = _scalar_noise(rms, res, invalid)
-        rows = self._candidates(res, invalid, sigma)
+        docstring). Global, but it reads only the pixels near bright sources.
+
+        ``residual`` may be the image itself: sources are found against a coarse sky
+        of its own (medians of 64-px blocks, median-filtered), and each profile is
+        measured against its local sky (the median of its rings' outer half), so a
+        background that has already followed part of a halo is not needed. ``rms``
+        is not read: the noise is the MAD of ``residual`` minus that coarse sky, the
+        pixel noise the halos are cut at."""
+        img = as_image(residual, "residual")
+        invalid = combine_masks(img, as_mask(mask, img.shape))
+        det = img - _coarse_sky(img, invalid, 64)
+        sigma = _mad_sigma(det, invalid)
+        limit = min(self.max_radius, max(img.shape) / 4.0)
+        rows = self._candidates(det, invalid, sigma, limit)
         if rows is None:
             return self._empty(sigma)
-        y, x, peak, core, sat = rows
-        order = np.lexsort((-peak, -core))[: self.max_sources]  # saturated, then peak
-        y, x, peak, core, sat = y[order], x[order], peak[order], core[order], sat[order]
-        radii, profile = self._stacked_profile(res, invalid, sigma, y, x, core)
+        y, x, snr, core, sat = rows
+        # Saturated ones by the size of their core, then by signal-to-noise.
+        order = np.lexsort((-snr, -core))[: self.max_sources]
+        y, x, core, sat = y[order], x[order], core[order], sat[order]
+        radii, profile = self._stacked_profile(img, invalid, sigma, y, x, core, limit)
         if profile is None:
             return self._empty(sigma)
-        amp = np.array(
-            [
-                self._amplitude(res, invalid, sigma, yi, xi, ci, radii, profile)
-                for yi, xi, ci in zip(y, x, core, strict=True)
-            ]
-        )
+        amp = self._amplitudes(img, invalid, sigma, y, x, core, limit, profile)
         ok = np.isfinite(amp) & (amp > 0)
         radius = np.array([self._radius(a, radii, profile, sigma) for a in amp[ok]])
-        radius = np.maximum(radius, core[ok] + 1.0) if radius.size else radius
+        radius = np.minimum(np.maximum(radius, core[ok] + 1.0), limit) if ok.any() else radius
         log.debug(
-            "%d bright sources (%d saturated), mask radii %s px",
+            "%d bright sources (%d saturated), noise %.4g, largest mask radii %s px",
             int(ok.sum()),
             int(sat[ok].sum()),
-            np.round(radius[:10], 1).tolist(),
+            sigma,
+            np.round(np.sort(radius)[::-1][:5], 1).tolist(),
         )
         return BrightSources(
             x=x[ok],
             y=y[ok],
             amplitude=amp[ok],
             saturated=sat[ok],
-            radius=np.minimum(radius, self.max_radius),
+            radius=radius.reshape(-1),
             profile_radius=radii,
             profile=profile,
             noise=sigma,
@@ -296,10 +357,10 @@ class HaloMasker:
             noise=sigma,
         )
 
-    def _candidates(self, res, invalid, sigma):
-        """(y, x, peak, core radius, saturated) of the bright regions, or None."""
+    def _candidates(self, det, invalid, sigma, limit):
+        """(y, x, snr, core radius, saturated) of the bright regions, or None."""
         with np.errstate(invalid="ignore"):
-            above = res > self.seed * sigma
+            above = det > self.seed * sigma
         above &= ~invalid
         if not above.any():
             return None
@@ -315,91 +376,122 @@ class HaloMasker:
             sizes = np.bincount(core_lab.ravel(), minlength=ncore + 1)
             # A masked region larger than the largest halo is not a star's core
             # (a border, a chip gap): it does not join.
-            small = sizes <= math.pi * self.max_radius**2 / 4.0
-            touched[~small] = 0
+            touched[sizes > math.pi * limit**2 / 4.0] = 0
             touched[0] = 0
             add = touched[core_lab]
             labels = np.where((labels == 0) & (add > 0), add, labels)
-        index = np.arange(1, n + 1)
-        values = np.where(invalid, -np.inf, res)
-        peak = ndi.maximum(values, labels, index)
-        masked = ndi.sum_labels(invalid & (labels > 0), labels, index)
-        tol = np.maximum(0.5 * sigma, 2e-3 * np.abs(peak))
-        near = values >= (np.concatenate([[np.inf], peak - tol]))[labels]
-        flat = ndi.sum_labels(near, labels, index)
-        sat = (masked > 0) | (flat >= 5)
-        bright = (peak > self.nsigma * sigma) | (sat & (peak > self.seed * sigma))
+        # Per-region statistics over the region pixels only (few, for bright
+        # sources): flat indices grouped by label, brightest pixel last.
+        where = np.flatnonzero(labels)
+        lab = labels.ravel()[where] - 1
+        bad = invalid.ravel()[where]
+        vals = np.where(bad, -np.inf, det.ravel()[where])
+        order = np.lexsort((vals, lab))
+        where, lab, bad, vals = where[order], lab[order], bad[order], vals[order]
+        size = np.bincount(lab, minlength=n)
+        last = np.cumsum(size) - 1
+        peak = vals[last]
+        masked = np.bincount(lab, bad, minlength=n)
+        # Brightness: the largest 3x3 mean, in units of its noise (sigma / 3 for white
+        # noise), so that a star spread by poor seeing counts as much as a sharp one.
+        box = ndi.uniform_filter(np.where(invalid, 0.0, det).astype(np.float32), 3)
+        boxmax = np.full(n, -np.inf)
+        np.maximum.at(boxmax, lab, box.ravel()[where])
+        snr = boxmax / (sigma / 3.0)
+        # A flat top: the area above 90% of the peak is several times the typical
+        # bright source's (which the PSF sets, whatever the seeing), as a clipped core
+        # makes it. Quantised data repeat values near any peak, so counting repeats of
+        # the maximum would not do.
+        near = vals >= 0.9 * peak[lab]
+        top = np.bincount(lab, near, minlength=n)
+        bright = snr > self.nsigma
+        typical = float(np.median(top[bright] if bright.any() else top))
+        # Or the maximum repeated: a core clipped at one level.
+        repeats = np.bincount(lab, vals >= peak[lab] - 1e-6 * np.abs(peak[lab]), minlength=n)
+        sat = (masked > 0) | (top >= max(5.0, 3.0 * typical)) | (repeats >= 3)
+        bright |= sat
         if not bright.any():
             return None
-        keep = index[bright]
         # Saturated centre: the middle of the flat top and masked core; otherwise the
         # peak pixel.
-        coremask = (near | invalid) & (labels > 0)
-        cy, cx = np.array(ndi.center_of_mass(coremask, labels, keep)).T.reshape(2, -1)
-        py, px = np.array(ndi.maximum_position(values, labels, keep), float).T.reshape(2, -1)
-        s = sat[bright]
-        y, x = np.where(s, cy, py), np.where(s, cx, px)
-        area = ndi.sum_labels(coremask, labels, keep)
-        core = np.where(s, np.sqrt(area / math.pi), 0.0)
-        return y, x, peak[bright], core, s
-
-    def _ring_stats(self, res, invalid, sigma, y, x, rmax, core):
-        """(ring radii, ring medians): the medians only over the rings outside the
-        saturated core that fall outwards, each above 3 times its noise, up to the
-        first that does not (further out, a neighbour's light or the noise)."""
-        r, med, n = radial_profile(res, y, x, rmax, invalid)
+        py, px = np.divmod(where[last], det.shape[1])
+        core = near | bad
+        area = np.bincount(lab, core, minlength=n)
+        ry, rx = np.divmod(where, det.shape[1])
         with np.errstate(invalid="ignore", divide="ignore"):
-            good = (med > 3.0 * _MEDIAN_ERROR * sigma / np.sqrt(n)) & (r > core + 1.0)
-        out = np.full(med.shape, np.nan)
-        started = False
-        for j in range(med.size):
-            if not good[j] or (started and med[j] >= out[j - 1]):
-                if started:
-                    break
-                continue
-            out[j] = med[j]
-            started = True
-        return r, out
+            cy = np.bincount(lab, core * ry, minlength=n) / area
+            cx = np.bincount(lab, core * rx, minlength=n) / area
+        y = np.where(sat, cy, py)[bright]
+        x = np.where(sat, cx, px)[bright]
+        radius = np.where(sat, np.sqrt(area / math.pi), 0.0)[bright]
+        return y, x, snr[bright], radius, sat[bright]
 
-    def _stacked_profile(self, res, invalid, sigma, y, x, core):
+    def _profiles(self, img, invalid, sigma, y, x, rmax, core):
+        """(ring radii, ring medians) of each source against its local sky (the median
+        of the rings in the outer half), kept only over the rings outside its
+        saturated core that fall outwards, each above 3 times its noise, up to the
+        first that does not (further out: a neighbour's light, or the noise)."""
+        r, med, n = radial_profiles(img, y, x, rmax, invalid)
+        outer = np.isfinite(med) & (r >= rmax / 2.0)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            sky = np.nanmedian(np.where(outer, med, np.nan), axis=1)
+        med = med - sky[:, None]
+        with np.errstate(invalid="ignore", divide="ignore"):
+            good = (med > 3.0 * _MEDIAN_ERROR * sigma / np.sqrt(n)) & (r > core[:, None] + 1.0)
+        good &= ~outer
+        keep = np.zeros(good.shape, bool)
+        alive, started = np.ones(len(med), bool), np.zeros(len(med), bool)
+        last = np.full(len(med), np.inf)
+        for j in range(med.shape[1]):
+            ok = good[:, j] & (med[:, j] < last)
+            alive &= ~(started & ~ok)
+            keep[:, j] = alive & ok
+            last = np.where(keep[:, j], med[:, j], last)
+            started |= keep[:, j]
+        return r, np.where(keep, med, np.nan)
+
+    def _stacked_profile(self, img, invalid, sigma, y, x, core, limit):
         """(ring radii, profile per unit amplitude) from the ``stack`` brightest."""
         k = min(self.stack, y.size)
-        nb = int(np.searchsorted(_EDGES, self.max_radius)) + 1
-        radii = np.full(nb, np.nan)
-        ref = None
-        for i in range(k):
-            r, p = self._ring_stats(res, invalid, sigma, y[i], x[i], self.max_radius, core[i])
-            m = min(nb, p.size)
-            p = np.pad(p[:m], (0, nb - m), constant_values=np.nan)
-            r = np.pad(r[:m], (0, nb - m), constant_values=np.nan)
-            if ref is None:
-                if not np.isfinite(p).any():
-                    continue
-                amp = 1.0
-            else:
-                amp = _match(p, ref)
-                if not np.isfinite(amp):
-                    continue
-            radii = np.where(np.isfinite(radii), radii, r)
-            # The reference grows where the scaled profile adds rings (a saturated
-            # brightest star leaves the core to the fainter ones).
-            ref = p / amp if ref is None else np.where(np.isfinite(ref), ref, p / amp)
-        if ref is None:
+        r, p = self._profiles(img, invalid, sigma, y[:k], x[:k], limit, core[:k])
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            radii = np.nanmedian(r, axis=0)
+        lead = next((i for i in range(k) if np.isfinite(p[i]).any()), None)
+        if lead is None:
             return radii, None
-        # Each ring from the brightest source that measured it (the best measured;
-        # a fainter one's outer rings hold its brighter neighbours' halos).
-        profile = ref
-        # Only a profile that falls outwards can be extended: keep it to the first
-        # ring that does not.
-        falling = np.concatenate([[True], ~(profile[1:] >= profile[:-1])])
-        profile[np.cumsum(~falling) > 0] = np.nan
-        return radii, profile
+        ref = p[lead].copy()
+        own = np.flatnonzero(np.isfinite(ref))
+        for i in range(lead + 1, k):
+            amp = _match(p[i], ref)
+            if np.isfinite(amp) and amp > 0:
+                # Each ring from the brightest source that measured it (the best
+                # measured; a fainter one's outer rings hold its brighter neighbours'
+                # halos); a saturated brightest one leaves its core to the others.
+                ref = np.where(np.isfinite(ref), ref, p[i] / amp)
+        # The leading source's rings fall outwards; a ring filled in from the others
+        # is kept only where it continues that fall, inwards and outwards.
+        for j in range(own[0] - 1, -1, -1):
+            if not (np.isfinite(ref[j]) and ref[j] > ref[j + 1]):
+                ref[: j + 1] = np.nan
+                break
+        for j in range(own[-1] + 1, ref.size):
+            if not (np.isfinite(ref[j]) and ref[j] < ref[j - 1]):
+                ref[j:] = np.nan
+                break
+        return radii, ref
 
-    def _amplitude(self, res, invalid, sigma, y, x, core, radii, profile) -> float:
-        rmax = min(self.max_radius, max(32.0, 4.0 * core))
-        _, p = self._ring_stats(res, invalid, sigma, y, x, rmax, core)
-        m = min(p.size, profile.size)
-        return _match(p[:m], profile[:m])
+    def _amplitudes(self, img, invalid, sigma, y, x, core, limit, profile):
+        """Each source's scale on the profile, from its own rings within
+        2 max(16, 3 core) px (batched by that radius, rounded up to a power of 2)."""
+        reach = np.minimum(limit, 2.0 ** np.ceil(np.log2(2.0 * np.maximum(16, 3 * core))))
+        amp = np.full(y.size, np.nan)
+        for rmax in np.unique(reach):
+            sel = np.nonzero(reach == rmax)[0]
+            _, p = self._profiles(img, invalid, sigma, y[sel], x[sel], float(rmax), core[sel])
+            amp[sel] = [_match(row, profile) for row in p]
+        return amp
 
     def _radius(self, amp, radii, profile, sigma) -> float:
         level = self.wing * sigma / amp
@@ -416,9 +508,11 @@ class HaloMasker:
             t = math.log(p[j] / level) / math.log(p[j] / p[j + 1])
             return float(math.exp(math.log(r[j]) + t * math.log(r[j + 1] / r[j])))
         if r.size >= 2 and p[-2] > p[-1]:
-            slope = math.log(p[-1] / p[-2]) / math.log(r[-1] / r[-2])
-            return float(r[-1] * (level / p[-1]) ** (1.0 / slope))
-        return float(self.max_radius)
+            # Beyond the last measured ring: its power law, no shallower than r**-2
+            # (a PSF aureole's) and at most twice as far out.
+            slope = min(-2.0, math.log(p[-1] / p[-2]) / math.log(r[-1] / r[-2]))
+            return float(min(2.0 * r[-1], r[-1] * (level / p[-1]) ** (1.0 / slope)))
+        return float(r[-1])
 
     # ------------------------------------------------------------------ local step
 
