@@ -278,9 +278,6 @@ class HaloMasker:
                 raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
         check_positive("max_radius", self.max_radius)
 
-    #: The pipeline may hand this masker a CoarseRMS (it reads the median only).
-    reads_coarse_rms = True
-
     def reach(self) -> int:
         """Halo in pixels a tile needs around it for :meth:`paint` (the largest radius)."""
         return int(math.ceil(self.max_radius))

@@ -281,9 +281,6 @@ class HysteresisMasker:
     grow_plain: bool = False
     false_rate: float = 1e-4
 
-    #: The pipeline may hand this masker a :class:`CoarseRMS`.
-    reads_coarse_rms = True
-
     def __post_init__(self):
         scales = tuple(float(s) for s in self.scales)
         if not scales:
