@@ -586,6 +586,7 @@ def _exclude_halos(backend, halos) -> None:
         sources = find(backend.gather(backend.image), None, backend.gather(backend.bad))
         new = backend.map_tiles(_paint_tile, [backend.bad], halo=0, dtype=bool, halos=halos,
                                 sources=sources, shape=backend.shape)  # fmt: skip
+        (new,) = backend.persist(new)
     backend.bad = new
     backend.nbad = int(np.count_nonzero(backend.gather(new)))
 
