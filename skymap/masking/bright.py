@@ -204,20 +204,23 @@ def _mad_sigma(a: np.ndarray, invalid: np.ndarray) -> float:
 class HaloMasker:
     """Mask bright sources out to where their measured halos fall below the noise.
 
-    1. Sources: connected regions of the residual above ``seed`` times the noise,
-       joined with the masked or non-finite pixels they touch (flagged and NaN cores).
-       A region is bright when its largest 3x3 mean is above ``nsigma`` times that
-       mean's noise (``sigma / 3``, so that poor seeing does not hide a bright star), or
-       saturated:
+    1. Sources: connected regions of the residual, minus a coarse sky of its own,
+       above ``seed`` times the noise (the MAD of that difference), joined with the
+       masked or non-finite pixels they touch (flagged and NaN cores). A region is
+       bright when its largest 3x3 mean is above ``nsigma`` times that mean's noise
+       (``sigma / 3``, so that poor seeing does not hide a bright star), or saturated:
        a core of masked pixels, or a flat top: its maximum repeated in 3 pixels or
        more, or an area above 90% of its peak of at least 5 pixels and 3 times the
        median over the bright regions (a density-saturated photographic plate is
        flat but not constant).
     2. Halo profile: azimuthal medians (:func:`radial_profiles`) around the ``stack``
-       brightest sources, out to ``max_radius``. The brightest one's profile defines the
-       scale; each other one is scaled onto it by the median ratio over the rings where
-       both are measured (above 3 times the ring's noise, outside saturated cores), and
-       the profile is the median of the scaled ones ring by ring.
+       brightest sources, out to ``max_radius``, each against its local sky (the median
+       of its outer rings). The brightest one's profile defines the
+       scale and gives the profile where it is measured (its rings above 3 times
+       their noise, outside a saturated core, falling outwards); each other one is
+       scaled onto it by the median ratio over the rings both measured, and fills in
+       the rings the brightest lacks (a saturated core inwards, fainter wings
+       outwards) where they continue its fall.
     3. Amplitudes: every bright source's own profile (within 16 px, or 3 times its
        saturated core) is scaled onto the stacked one in the same way.
     4. Radius: where amplitude times profile falls below ``wing`` times the noise
@@ -227,8 +230,10 @@ class HaloMasker:
        image's larger side.
 
     Follows the :class:`skymap.masking.Masker` protocol: returns the disks only, without
-    the pixels of ``mask``. ``rms`` is the pixel noise: a scalar, a map, or a
-    :class:`~skymap.masking.CoarseRMS` (its median is used).
+    the pixels of ``mask``. ``residual`` may be the image itself (the default pipeline
+    passes the image, once, before its first guess); ``rms`` is not read (see
+    :meth:`find`). A halo that still holds light at the outer half of the measured
+    rings (the local sky) comes out somewhat short, as in the example below.
 
     Parameters
     ----------
@@ -246,15 +251,20 @@ class HaloMasker:
     max_sources : int
         At most this many bright sources (the brightest) are measured and masked.
 
+    References
+    ----------
+    .. [1] King, I. R. 1971, "The Profile of a Star Image", PASP 83, 199,
+       doi:10.1086/129100 (the power-law aureole of a star image, out to degrees).
+
     Examples
     --------
     >>> rng = np.random.default_rng(0)
-    >>> yy, xx = np.mgrid[:200, :200]
+    >>> yy, xx = np.mgrid[:400, :400]
     >>> star = lambda y, x, a: a * (1 + ((yy - y) ** 2 + (xx - x) ** 2) / 4.0) ** -1.5
-    >>> img = rng.normal(size=(200, 200)) + star(60, 60, 5e4) + star(140, 140, 500)
-    >>> found = HaloMasker().find(img, 1.0)
-    >>> [round(float(r)) for r in found.radius]  # brighter star, wider halo
-    [93, 20]
+    >>> img = rng.normal(size=(400, 400)) + star(120, 120, 5e4) + star(300, 280, 500)
+    >>> found = HaloMasker().find(img)
+    >>> [round(float(r)) for r in found.radius]  # the profiles reach 0.25 at 117 and 25
+    [91, 24]
     """
 
     nsigma: float = 50.0

@@ -445,7 +445,7 @@ class HaloStars:
     Examples
     --------
     >>> cat = HaloStars(n=2).sample((256, 256), np.random.default_rng(0))
-    >>> list(cat["population"]), bool(cat["x_mean"][0] == cat["x_mean"][2])
+    >>> cat["population"].tolist(), bool(cat["x_mean"][0] == cat["x_mean"][2])
     (['halo_stars', 'halo_stars', 'halo_stars_halo', 'halo_stars_halo'], True)
     """
 
