@@ -70,7 +70,7 @@ def test_halo_radius_grows_with_flux_as_the_profile_says():
     radii = found.radius[order]
     assert radii[0] < radii[1] < radii[2]
     for r, prof in zip(radii, profiles, strict=True):
-        true = _true_radius(prof, 0.25 * found.noise)
+        true = _true_radius(prof, HaloMasker().wing * found.noise)
         assert 0.7 * true <= r <= 1.5 * true, (r, true)
 
 

@@ -670,7 +670,7 @@ def default_pipeline(
     * Before the first guess, bright sources and their halos are masked for the whole
       fit (``halos=True``, :class:`~skymap.masking.HaloMasker`): sources far above the
       noise, saturated or with a flagged core, out to where the halo profile measured
-      on the image's brightest sources falls below 0.25 sigma.
+      on the image's brightest sources falls below 0.5 sigma.
     * Final refit with the converged mask: GCV's smoothing, stiffened if needed until
       the residual is white in blocks twice the largest masking scale (16 px), so the
       background does not follow the noise on the scales of the sources it masked.

@@ -223,7 +223,10 @@ class HaloMasker:
        outwards) where they continue its fall.
     3. Amplitudes: every bright source's own profile (within 16 px, or 3 times its
        saturated core) is scaled onto the stacked one in the same way.
-    4. Radius: where amplitude times profile falls below ``wing`` times the noise
+    4. Radius: where the source's own rings are seen to fall below ``wing`` times the
+       noise (a galaxy, or a star without a halo, is not given the brightest star's
+       wings); where they are still above it at their last ring, where amplitude times
+       profile falls below ``wing`` times the noise
        (interpolated in log-log between rings; beyond the last measured ring the
        profile is extended as the power law of its last two rings, no shallower than
        ``r**-2``, at most twice as far), at most ``max_radius`` or a quarter of the
@@ -263,13 +266,13 @@ class HaloMasker:
     >>> star = lambda y, x, a: a * (1 + ((yy - y) ** 2 + (xx - x) ** 2) / 4.0) ** -1.5
     >>> img = rng.normal(size=(400, 400)) + star(120, 120, 5e4) + star(300, 280, 500)
     >>> found = HaloMasker().find(img)
-    >>> [round(float(r)) for r in found.radius]  # the profiles reach 0.25 at 117 and 25
-    [91, 24]
+    >>> [round(float(r)) for r in found.radius]  # the profiles reach 0.5 at 93 and 20
+    [75, 19]
     """
 
     nsigma: float = 50.0
     seed: float = 5.0
-    wing: float = 0.25
+    wing: float = 0.5
     stack: int = 8
     max_radius: float = 256.0
     max_sources: int = 200
@@ -329,9 +332,10 @@ class HaloMasker:
         radii, profile = self._stacked_profile(img, invalid, sigma, y, x, core, limit)
         if profile is None:
             return self._empty(sigma)
-        amp = self._amplitudes(img, invalid, sigma, y, x, core, limit, profile)
+        amp, own = self._amplitudes(img, invalid, sigma, y, x, core, limit, profile)
         ok = np.isfinite(amp) & (amp > 0)
         radius = np.array([self._radius(a, radii, profile, sigma) for a in amp[ok]])
+        radius = np.where(np.isfinite(own[ok]), own[ok], radius)
         radius = np.minimum(np.maximum(radius, core[ok] + 1.0), limit) if ok.any() else radius
         log.debug(
             "%d bright sources (%d saturated), noise %.4g, largest mask radii %s px",
@@ -456,12 +460,12 @@ class HaloMasker:
             keep[:, j] = alive & ok
             last = np.where(keep[:, j], med[:, j], last)
             started |= keep[:, j]
-        return r, np.where(keep, med, np.nan)
+        return r, np.where(keep, med, np.nan), med
 
     def _stacked_profile(self, img, invalid, sigma, y, x, core, limit):
         """(ring radii, profile per unit amplitude) from the ``stack`` brightest."""
         k = min(self.stack, y.size)
-        r, p = self._profiles(img, invalid, sigma, y[:k], x[:k], limit, core[:k])
+        r, p, _ = self._profiles(img, invalid, sigma, y[:k], x[:k], limit, core[:k])
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)
             radii = np.nanmedian(r, axis=0)
@@ -491,14 +495,23 @@ class HaloMasker:
 
     def _amplitudes(self, img, invalid, sigma, y, x, core, limit, profile):
         """Each source's scale on the profile, from its own rings within
-        2 max(16, 3 core) px (batched by that radius, rounded up to a power of 2)."""
+        2 max(16, 3 core) px (batched by that radius, rounded up to a power of 2), and
+        the radius where its own profile was seen to fall below ``wing`` sigma (NaN
+        where its last measured ring is still above: the profile extrapolates)."""
         reach = np.minimum(limit, 2.0 ** np.ceil(np.log2(2.0 * np.maximum(16, 3 * core))))
-        amp = np.full(y.size, np.nan)
+        amp, own = np.full(y.size, np.nan), np.full(y.size, np.nan)
+        level = self.wing * sigma
         for rmax in np.unique(reach):
             sel = np.nonzero(reach == rmax)[0]
-            _, p = self._profiles(img, invalid, sigma, y[sel], x[sel], float(rmax), core[sel])
+            r, p, raw = self._profiles(img, invalid, sigma, y[sel], x[sel], float(rmax), core[sel])
             amp[sel] = [_match(row, profile) for row in p]
-        return amp
+            for i, row in enumerate(p):
+                kept = np.flatnonzero(np.isfinite(row))
+                if kept.size and kept[-1] + 1 < row.size and raw[i, kept[-1] + 1] < level:
+                    # The next ring is measured below the level: the source's own
+                    # wings end here, whatever the profile of the brightest says.
+                    own[sel[i]] = r[i, kept[-1] + 1]
+        return amp, own
 
     def _radius(self, amp, radii, profile, sigma) -> float:
         level = self.wing * sigma / amp

@@ -236,24 +236,27 @@ def _saturated_halos(shape, seed):
 def _cluster_icl(shape, seed):
     # A galaxy cluster: a brightest cluster galaxy (n = 4, re = 30 px), 80 members
     # scattered by 150 px around it, and intracluster light (n = 1, re = 100 px, 2
-    # sigma at the centre). Truth convention: the ICL is a SOURCE (in Scene.sources,
-    # population "icl"), not sky: it is smaller than the frame's sky structure.
+    # sigma at the centre), sizes for a 1024-px frame and scaled with the frame's
+    # shorter side (fluxes with the area, so surface brightnesses stay). Truth
+    # convention: the ICL is a SOURCE (in Scene.sources, population "icl"), not sky: it
+    # is smaller than the frame's sky structure.
+    f = min(shape) / 1024.0
     centre = (0.5, 0.5)
     return make_scene(
         shape,
         sky=[Polynomial(coefficients=((10.0, 0.5), (0.3, 0.0)))],
         sources=[
             SersicGalaxies(
-                n=1, flux=3.3e4, re=100.0, sersic_n=1.0, axis_ratio=0.75, center=centre,
-                name="icl",
+                n=1, flux=3.3e4 * f**2, re=100.0 * f, sersic_n=1.0, axis_ratio=0.75,
+                center=centre, name="icl",
             ),
             SersicGalaxies(
-                n=1, flux=3e5, re=30.0, sersic_n=4.0, axis_ratio=0.8, center=centre,
-                name="bcg",
+                n=1, flux=3e5 * f**2, re=30.0 * f, sersic_n=4.0, axis_ratio=0.8,
+                center=centre, name="bcg",
             ),
             SersicGalaxies(
                 n=80, flux=(500.0, 5e4), re=(3.0, 15.0), sersic_n=(0.7, 4.0), center=centre,
-                spread=150.0, name="members",
+                spread=150.0 * f, name="members",
             ),
             SersicGalaxies(density=5e-5, flux=(100.0, 1e4), re=(2.0, 10.0)),
             MoffatStars(density=5e-4, fwhm=3.0, beta=3.0, flux_min=20.0, flux_max=1e5),
@@ -304,7 +307,8 @@ def scene_by_name(name: str, *, shape=None, seed=None) -> Scene:
       flux) reach 100-200 px, cores clipped at 2e4 (the clipped pixels are the mask),
       among fainter stars, on a sky with one broad bump of 2 sigma; Gaussian noise of 1.
     * ``"cluster_icl"``: a galaxy cluster (a brightest cluster galaxy, 80 members and
-      intracluster light of re = 100 px, 2 sigma at its centre) on a gently sloped sky.
+      intracluster light of re = 100 px, 2 sigma at its centre, at 1024 px; sizes scale
+      with the frame) on a gently sloped sky.
       The intracluster light is a source: it is in ``sources``, not in ``sky``.
 
     Parameters
