@@ -507,10 +507,19 @@ class HaloMasker:
             amp[sel] = [_match(row, profile) for row in p]
             for i, row in enumerate(p):
                 kept = np.flatnonzero(np.isfinite(row))
-                if kept.size and kept[-1] + 1 < row.size and raw[i, kept[-1] + 1] < level:
+                if not kept.size or kept[-1] + 1 >= row.size:
+                    continue
+                j = kept[-1]
+                hi, lo, r0, r1 = row[j], raw[i, j + 1], r[i, j], r[i, j + 1]
+                if lo < level < hi and np.isfinite(r1):
                     # The next ring is measured below the level: the source's own
-                    # wings end here, whatever the profile of the brightest says.
-                    own[sel[i]] = r[i, kept[-1] + 1]
+                    # wings end between the two (log-log, or linear to a ring at or
+                    # below the sky), whatever the profile of the brightest says.
+                    if lo > 0:
+                        t = math.log(hi / level) / math.log(hi / lo)
+                        own[sel[i]] = math.exp(math.log(r0) + t * math.log(r1 / r0))
+                    else:
+                        own[sel[i]] = r0 + (r1 - r0) * (hi - level) / (hi - lo)
         return amp, own
 
     def _radius(self, amp, radii, profile, sigma) -> float:
