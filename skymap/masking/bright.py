@@ -223,9 +223,10 @@ class HaloMasker:
        outwards) where they continue its fall.
     3. Amplitudes: every bright source's own profile (within 16 px, or 3 times its
        saturated core) is scaled onto the stacked one in the same way.
-    4. Radius: where the source's own rings are seen to fall below ``wing`` times the
-       noise (a galaxy, or a star without a halo, is not given the brightest star's
-       wings); where they are still above it at their last ring, where amplitude times
+    4. Radius: for an unsaturated source, where its own rings are seen to fall below
+       ``wing`` times the noise (a galaxy, or a star without a halo, is not given the
+       brightest star's wings); for a saturated one, or where the rings are still
+       above it at their last ring, where amplitude times
        profile falls below ``wing`` times the noise
        (interpolated in log-log between rings; beyond the last measured ring the
        profile is extended as the power law of its last two rings, no shallower than
@@ -335,7 +336,9 @@ class HaloMasker:
         amp, own = self._amplitudes(img, invalid, sigma, y, x, core, limit, profile)
         ok = np.isfinite(amp) & (amp > 0)
         radius = np.array([self._radius(a, radii, profile, sigma) for a in amp[ok]])
-        radius = np.where(np.isfinite(own[ok]), own[ok], radius)
+        # A saturated source's own rings (a small cutout whose outer half, its local
+        # sky, still holds its halo) end too soon: its radius comes from the profile.
+        radius = np.where(np.isfinite(own[ok]) & ~sat[ok], own[ok], radius)
         radius = np.minimum(np.maximum(radius, core[ok] + 1.0), limit) if ok.any() else radius
         log.debug(
             "%d bright sources (%d saturated), noise %.4g, largest mask radii %s px",
