@@ -231,11 +231,20 @@ class BackgroundResult:
 
 @dataclass(frozen=True, kw_only=True)
 class Stage:
-    """One scale of the pipeline: a masker (:class:`~skymap.masking.Masker`:
-    ``(residual, rms, mask) -> detections``) and a background estimator
-    (:class:`~skymap.background.model.BackgroundEstimator`: ``fit(image, mask) ->``
-    :class:`~skymap.background.model.BackgroundModel`); ``max_iter`` overrides the
-    pipeline's iteration cap for this stage."""
+    """One scale of the pipeline: a masker and a background estimator.
+
+    Parameters
+    ----------
+    masker : Masker
+        Finds the sources in the residual (:class:`~skymap.masking.Masker`:
+        ``(residual, rms, mask) -> detections``).
+    estimator : BackgroundEstimator
+        Refits the background with the mask
+        (:class:`~skymap.background.model.BackgroundEstimator`: ``fit(image, mask) ->``
+        :class:`~skymap.background.model.BackgroundModel`).
+    max_iter : int or None
+        Iteration cap of this stage; None: the pipeline's ``max_iter``.
+    """
 
     masker: Masker
     estimator: BackgroundEstimator
@@ -662,12 +671,15 @@ def default_pipeline(
     """The default :class:`IterativeBackground`: nothing in it is a pixel number tuned
     to one scene, so it needs no image.
 
+    Stages are numbered as in :attr:`BackgroundResult.history`, the progress bar and
+    the report: -1 is the first guess, 0 and 1 the masking stages, 2 the final refit.
+
     * First guess: a thin-plate smooth of the whole image with the smoothing chosen by
       GCV (:class:`~skymap.smooth.ThinPlateSmoother`).
-    * Stage 1 masks the obvious sources: scales of 2 and 4 px (computed on binned
-      images, so cheap), high thresholds; two iterations are enough, as stage 2
+    * Stage 0 masks the obvious sources: scales of 2 and 4 px (computed on binned
+      images, so cheap), high thresholds; two iterations are enough, as stage 1
       remasks from scratch with the 1-px scale too.
-    * Stage 2 masks deep: scales 1-8 px, seeds at 4 sigma of the smoothed noise after
+    * Stage 1 masks deep: scales 1-8 px, seeds at 4 sigma of the smoothed noise after
       the surround subtraction, grown over the plain smoothed residual down to 2 sigma.
     * Before the first guess, bright sources and their halos are masked for the whole
       fit (``halos=True``, :class:`~skymap.masking.HaloMasker`): sources far above the
@@ -676,7 +688,7 @@ def default_pipeline(
     * Final refit with the converged mask: GCV's smoothing, stiffened if needed until
       the residual is white in blocks twice the largest masking scale (16 px), so the
       background does not follow the noise on the scales of the sources it masked.
-    * Stage 2 checks after each refit whether the background follows source light
+    * Stage 1 checks after each refit whether the background follows source light
       (``source_asymmetry=2.5``: bumps against a 4 times stiffer fit more than 2.5 times
       deeper than its dips, as unmasked galaxy wings give and sky structure does not);
       if so, the smoothing is held at least that stiff for the rest of the fit.
