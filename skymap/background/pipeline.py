@@ -47,6 +47,7 @@ from skymap.background.ring import RingMedianGuess
 from skymap.background.scale import central_window, smoothing_floor, source_scale
 from skymap.background.scale import max_source_size as _resolve_size
 from skymap.background.smooth import ThinPlateSmoother
+from skymap.masking.bright import HaloMasker
 from skymap.masking.hysteresis import HysteresisMasker
 from skymap.masking.maskers import Masker
 
@@ -337,6 +338,12 @@ class IterativeBackground:
         (:func:`skymap.background.scale.source_scale`: 8 PSF FWHM, twice the
         90th-percentile size of the sources above 5 sigma, at least 16 px and at most
         an eighth of the longer side); None sets no floor.
+    halos : Masker or None
+        Applied once, to the image itself (``halos(image, None, mask)``) before the
+        first guess, such as :class:`~skymap.masking.HaloMasker`: its detections
+        (bright sources and their halos) stay masked for the whole fit. A bright
+        star's halo is measured best on the image, before any background has had a
+        chance to follow part of it.
 
     Examples
     --------
@@ -362,6 +369,7 @@ class IterativeBackground:
     source_asymmetry: float | None = None
     stiffen: float = 4.0
     max_source_size: Any = None
+    halos: Any = None
 
     def __post_init__(self):
         if not callable(getattr(self.first_guess, "fit", None)):
@@ -392,6 +400,8 @@ class IterativeBackground:
             raise ValueError(f"stiffen must be > 1, got {self.stiffen!r}")
         if not (isinstance(self.max_source_size, str) and self.max_source_size == "auto"):
             _resolve_size(self.max_source_size)  # raises, naming max_source_size
+        if self.halos is not None and not callable(self.halos):
+            raise ValueError(f"halos must be None or a Masker (callable), got {self.halos!r}")
 
     def fit(
         self,
@@ -437,6 +447,9 @@ class IterativeBackground:
                 callback(record)
             return record
 
+        given = be.bad
+        if self.halos is not None:
+            _exclude_halos(be, self.halos)
         size = self.source_size(be)
         # Smoothing floor in pixels: half the largest source size, raised (never
         # lowered) when the last stage's fit is found following source light.
@@ -572,7 +585,7 @@ class IterativeBackground:
         return BackgroundResult(
             background=be.result(bkg),
             mask=be.result(current),
-            bad_mask=be.result(be.bad),
+            bad_mask=be.result(given),
             history=tuple(history),
             config=self,
             noise=float(typical),
@@ -652,6 +665,33 @@ class IterativeBackground:
         return asymmetry, stiff, True
 
 
+def _exclude_halos(backend, halos) -> None:
+    """OR ``halos``' detections on the whole image into the back end's bad-pixel mask,
+    so that every later fit and mask excludes them. Its global step (finding the
+    sources and their profiles) reads the gathered image; painting the disks is
+    local, tile by tile."""
+    find = getattr(halos, "find", None)
+    if find is None or not backend.tiled:
+        image, bad = backend.gather(backend.image), backend.gather(backend.bad)
+        new = bad | np.asarray(halos(image, None, bad), dtype=bool)
+    else:
+        sources = find(backend.gather(backend.image), None, backend.gather(backend.bad))
+        new = backend.map_tiles(_paint_tile, [backend.bad], halo=0, dtype=bool, halos=halos,
+                                sources=sources, shape=backend.shape)  # fmt: skip
+        (new,) = backend.persist(new)
+    backend.bad = new
+    backend.nbad = int(np.count_nonzero(backend.gather(new)))
+
+
+def _paint_tile(bad, *, window, core, halos, sources, shape):
+    """One tile of :func:`_exclude_halos`: the tile's bad pixels OR its halo disks."""
+    (y0, y1), (x0, x1) = core
+    (wy0, _), (wx0, _) = window
+    return bad[y0 - wy0 : y1 - wy0, x0 - wx0 : x1 - wx0] | halos.paint(
+        sources, shape, (y0, y1), (x0, x1)
+    )
+
+
 def _fit(backend, estimator, mask, scale=None, floor=None) -> BackgroundModel:
     """``estimator`` fitted through ``backend`` with ``mask``, its search started at the
     previous smoothing length ``scale`` and held at or above ``floor`` (pixels)."""
@@ -708,6 +748,7 @@ def default_pipeline(
     cell_size: Any = None,
     gcv_inflation: float = ThinPlateSmoother.gcv_inflation,
     max_source_size: Any = "auto",
+    halos: bool = True,
 ) -> IterativeBackground:
     """The default :class:`IterativeBackground`: nothing in it is a pixel number tuned
     to one scene, so it needs no image.
@@ -722,6 +763,10 @@ def default_pipeline(
       remasks from scratch with the 1-px scale too.
     * Stage 1 masks deep: scales 1-8 px, seeds at 4 sigma of the smoothed noise after
       the surround subtraction, grown over the plain smoothed residual down to 2 sigma.
+    * Before the first guess, bright sources and their halos are masked for the whole
+      fit (``halos=True``, :class:`~skymap.masking.HaloMasker`): sources far above the
+      noise, saturated or with a flagged core, out to where the halo profile measured
+      on the image's brightest sources falls below 0.5 sigma.
     * Final refit with the converged mask: GCV's smoothing, stiffened if needed until
       the residual is white in blocks twice the largest masking scale (16 px), so the
       background does not follow the noise on the scales of the sources it masked.
@@ -770,6 +815,9 @@ def default_pipeline(
     cell_size, gcv_inflation
         As for :class:`~skymap.smooth.ThinPlateSmoother` (``cell_size=None``: from the
         image size at fit time).
+    halos : bool
+        Mask bright sources and their halos (:class:`~skymap.masking.HaloMasker`)
+        before the first guess; False: no halo masking.
 
     Examples
     --------
@@ -806,6 +854,7 @@ def default_pipeline(
         error_tol=error_tol,
         source_asymmetry=source_asymmetry,
         max_source_size=max_source_size,
+        halos=HaloMasker() if halos else None,
     )
 
 
