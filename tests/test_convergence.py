@@ -175,5 +175,6 @@ def test_real_cutouts_converge_with_a_sane_mask(data_dir, name):
         warnings.simplefilter("error", C.ConvergenceWarning)
         res = skymap.fit(img)
     assert res.converged, res.convergence_note
-    assert 0.01 < res.source_mask.mean() < 0.5
+    # a 64-px cutout next to bright stars: their halo masks (HaloMasker) cover about half
+    assert 0.01 < res.source_mask.mean() < 0.75
     assert res.max_source_size == 16.0  # a 64-px cutout: the lower bound
