@@ -58,7 +58,15 @@ CONFIG_HELP = (
 
 # skymap.quality.simulate.SCENE_NAMES, spelled out so that `skymap --help` need not import
 # the simulator (numba, astropy.table); a test keeps the two equal.
-SCENES = ("notebook", "crowded_stellar", "galaxies_lsb", "nebula", "detector_artifacts")
+SCENES = (
+    "notebook",
+    "crowded_stellar",
+    "galaxies_lsb",
+    "nebula",
+    "detector_artifacts",
+    "saturated_halos",
+    "cluster_icl",
+)
 
 
 #: Smallest scene side (--size) worth fitting and reporting on.
