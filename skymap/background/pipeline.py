@@ -22,17 +22,20 @@ smoothing, so nothing in it is a pixel number tuned to one scene.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from functools import cached_property
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
-from skymap._validate import as_image, as_mask, check_positive, combine_masks
+from skymap._inputs import ImageInput, read_image
+from skymap._validate import as_image, as_mask, check_choice, check_positive, combine_masks
 from skymap.background import _pipeline_kernels as _k
+from skymap.background.normalise import Normalisation
 from skymap.background.smooth import SmoothResult, ThinPlateSmoother, upsample
 from skymap.masking.hysteresis import (
     _MAD_TO_STD,
@@ -200,16 +203,20 @@ class IterationRecord(_IterationFields):
 
     packed_mask: np.ndarray = field(repr=False)
     shape: tuple[int, int]
+    normalisation: Normalisation | None = field(default=None, repr=False)
 
     @property
     def background(self) -> np.ndarray:
-        """Background map of this iteration."""
-        return _background_of(self.model)
+        """Background map of this iteration (in the image's units; the model's are the
+        normalised ones)."""
+        bkg = _background_of(self.model)
+        return bkg if self.normalisation is None else self.normalisation.undo(bkg)
 
     @property
     def rms(self) -> np.ndarray:
-        """RMS map of this iteration."""
-        return _rms_of(self.model)
+        """RMS map of this iteration (in the image's units)."""
+        rms = _rms_of(self.model)
+        return rms if self.normalisation is None else self.normalisation.undo(rms, offset=False)
 
     @property
     def mask(self) -> np.ndarray:
@@ -255,11 +262,38 @@ class BackgroundResult:
     config: IterativeBackground
     noise: float
     converged: bool
+    normalisation: Normalisation | None = field(default=None, repr=False)
+    inputs: ImageInput | None = field(default=None, repr=False)
+
+    def __post_init__(self):
+        # Units in, units out: a Quantity when the image had a unit.
+        if self.inputs is not None and self.inputs.unit is not None:
+            object.__setattr__(self, "background", self.inputs.wrap(self.background))
 
     @cached_property
     def rms(self) -> np.ndarray:
-        """Background RMS map (input dtype), interpolated on first access."""
-        return np.asarray(self.history[-1].model.rms, dtype=self.background.dtype)
+        """Background RMS map (input dtype and unit), interpolated on first access."""
+        rms = np.asarray(self.history[-1].model.rms, dtype=self.background.dtype)
+        if self.normalisation is not None:
+            rms = self.normalisation.undo(rms, offset=False)
+        return rms if self.inputs is None else self.inputs.wrap(rms)
+
+    @property
+    def unit(self):
+        """The image's unit (None for a unitless image)."""
+        return None if self.inputs is None else self.inputs.unit
+
+    @property
+    def wcs(self):
+        """The image's WCS (NDData/CCDData input), else None."""
+        return None if self.inputs is None else self.inputs.wcs
+
+    def as_nddata(self, which: str = "background"):
+        """``background`` or ``rms`` as a CCDData (for CCDData input) or NDData, with
+        the image's unit, WCS and meta."""
+        check_choice("which", which, ("background", "rms"))
+        values = np.asarray(getattr(self, which))
+        return (self.inputs or ImageInput(data=values)).as_nddata(values)
 
     @cached_property
     def source_mask(self) -> np.ndarray:
@@ -414,25 +448,47 @@ class IterativeBackground:
         if not self.stiffen > 1:
             raise ValueError(f"stiffen must be > 1, got {self.stiffen!r}")
 
-    def fit(self, image, mask=None) -> BackgroundResult:
+    def fit(self, image, mask=None, *, error=None, weight=None) -> BackgroundResult:
         """Fit the background of ``image`` (y, x), ignoring ``mask`` (True = excluded).
+
+        ``image`` may be an array, a MaskedArray, a Quantity, an NDData or a CCDData
+        (:func:`skymap._inputs.read_image`: its mask is ORed with ``mask``, its unit
+        carried to the outputs, its uncertainty read as ``error``). ``error`` (1 sigma
+        per pixel) or ``weight`` (inverse variance), mutually exclusive, make the
+        maskers threshold in units of that map (times the noise excess they measure);
+        pixels with zero weight or a non-finite error are excluded.
+
+        The loop runs on a normalised copy, ``(image - level) / scale``
+        (:class:`~skymap.background.normalise.Normalisation`), so that the result
+        scales exactly with the input; the result's maps are in the input's units, its
+        ``history`` models in the normalised ones.
 
         Raises
         ------
         ValueError
-            For a non-2-D image, a mask of another shape, or no valid pixel.
+            For a non-2-D image, a mask, error or weight of another shape, negative
+            errors or weights, units that do not convert, or no valid pixel.
         """
-        img = as_image(image)
-        bad = combine_masks(img, as_mask(mask, img.shape))
+        inp = read_image(image, mask, error=error, weight=weight)
+        raw = inp.data
+        bad = combine_masks(raw, inp.mask)
         if bad.all():
             raise ValueError("image has no valid pixel: everything is masked or non-finite")
+        norm = Normalisation.of(raw, bad)
+        img = norm.apply(raw)
+        del raw
+        # Extreme negative pixels are excluded from the start and reported with the
+        # detections (the maskers look above the background only).
+        given, bad = bad, bad | norm.outliers(img)
+        noise_map = None if inp.error is None else _error_noise(inp.error, bad, norm)
         history: list[IterationRecord] = []
+        record = functools.partial(_record, norm=norm)
         # Our maskers read a coarse noise map; any other gets the full map.
         coarse = all(isinstance(st.masker, HysteresisMasker) for st in self.stages)
         model = _fit_estimator(self.first_guess, img, bad, None)
         bkg, rms = _background_of(model), _working_rms(model, coarse)
         current = bad
-        history.append(_record(-1, 0, model, current, None, None, img.shape))
+        history.append(record(-1, 0, model, current, None, None, img.shape))
         converged = False
         # Smoothing floor in pixels, raised (never lowered) when the last stage's fit is
         # found following source light.
@@ -448,7 +504,9 @@ class IterativeBackground:
                 # mask is in the history, bit-packed, for the mask change.
                 resid = np.subtract(img, bkg, dtype=img.dtype)
                 del bkg, current
-                detections = np.asarray(stage.masker(resid, rms, bad), dtype=bool)
+                masker_noise = rms if noise_map is None else noise_map
+                detections = np.asarray(stage.masker(resid, masker_noise, bad), dtype=bool)
+                del masker_noise
                 del resid, rms
                 new = bad | detections
                 del detections
@@ -464,7 +522,7 @@ class IterativeBackground:
                 if k == last and self.source_asymmetry is not None:
                     asymmetry, floor, raised = self._check_asymmetry(model, floor)
                 history.append(
-                    _record(
+                    record(
                         k,
                         it,
                         model,
@@ -513,7 +571,7 @@ class IterativeBackground:
             bkg, new_rms = _background_of(model), _working_rms(model, coarse)
             change = _change(bkg, old, new_rms, bad)
             history.append(
-                _record(
+                record(
                     len(self.stages),
                     0,
                     model,
@@ -525,14 +583,17 @@ class IterativeBackground:
                     floor=floor,
                 )
             )
+        bkg = norm.undo(bkg)
         return BackgroundResult(
             background=bkg,
             mask=current,
-            bad_mask=bad,
+            bad_mask=given,
             history=tuple(history),
             config=self,
-            noise=float(noise),
+            noise=float(noise) * norm.scale,
             converged=converged,
+            normalisation=norm,
+            inputs=replace(inp, data=None, mask=None, error=None),
         )
 
     def settled(self, rec: IterationRecord) -> bool:
@@ -593,6 +654,21 @@ def _working_rms(model: Any, coarse: bool = False):
     return rms
 
 
+def _error_noise(error: np.ndarray, bad: np.ndarray, norm: Normalisation) -> CoarseRMS:
+    """The maskers' noise from a 1-sigma map: its RMS over the valid pixels of blocks
+    of 4 x 4 pixels, in normalised units (a :class:`CoarseRMS`; blocks with no valid
+    pixel take the median)."""
+    q = _pow2_at_most(4.0, *error.shape)
+    var = np.square(error / norm.scale, dtype=np.float64)
+    var[bad] = 0.0
+    total, count = _masked_block_sums(var, bad, q)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        values = np.sqrt(total / count)
+    ok = np.isfinite(values) & (values > 0)
+    values[~ok] = np.median(values[ok]) if ok.any() else 1.0
+    return CoarseRMS(values=values.astype(np.float32), step=q, shape=error.shape)
+
+
 def _floor_at_half_median(rms: np.ndarray) -> None:
     sample = _k.positive_sample(rms, 250_000)
     if sample.size:
@@ -647,6 +723,7 @@ def _record(
     previous=None,
     asymmetry=float("nan"),
     floor=None,
+    norm=None,
 ) -> IterationRecord:
     scale = getattr(model, "scale", None)
     error = getattr(model, "error", None)
@@ -665,6 +742,7 @@ def _record(
         model=model,
         packed_mask=np.packbits(mask.ravel()) if packed is None else packed,
         shape=tuple(shape),
+        normalisation=norm,
     )
 
 

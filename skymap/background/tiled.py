@@ -26,6 +26,7 @@ import numpy as np
 
 from skymap._validate import as_mask, as_pair, combine_masks, work_dtype
 from skymap.backends.distributed import _aligned_chunks
+from skymap.background.normalise import Normalisation
 from skymap.background.pipeline import (
     IterativeBackground,
     RingMedianGuess,
@@ -508,7 +509,7 @@ class _TiledRun:
 
         self.pipe, self.t, self.dtype, self.client = pipeline, tiling, np.dtype(dtype), client
         shape = tiling.shape
-        self.img = self.source(image).map_blocks(_work_block, dtype=self.dtype)
+        raw = self.source(image).map_blocks(_work_block, dtype=self.dtype)
         given = None
         if mask is not None:
             if not hasattr(mask, "shape") or not hasattr(mask, "dtype"):
@@ -516,12 +517,21 @@ class _TiledRun:
             if tuple(mask.shape) != shape:
                 raise ValueError(f"mask must have the image's shape {shape}, got {mask.shape}")
             given = self.source(mask).map_blocks(_mask_block, dtype=bool)
-        bad = da.map_blocks(_bad_block, self.img, *([] if given is None else [given]), dtype=bool)
-        (self.bad,) = self.persist(bad)
+        bad = da.map_blocks(_bad_block, raw, *([] if given is None else [given]), dtype=bool)
+        (self.given_bad,) = self.persist(bad)
         self.size = shape[0] * shape[1]
-        self.nbad = int(self.compute(self.bad.sum()))
-        if self.nbad == self.size:
+        if int(self.compute(self.given_bad.sum())) == self.size:
             raise ValueError("image has no valid pixel: everything is masked or non-finite")
+        # As IterativeBackground.fit: the normalised image, from the same subsample, and
+        # the extreme negative pixels excluded from the start.
+        step = Normalisation.sample_step(shape)
+        self.norm = Normalisation.from_sample(
+            *self.compute(raw[::step, ::step], self.given_bad[::step, ::step]), self.dtype
+        )
+        self.img = raw.map_blocks(self.norm.apply, dtype=self.dtype)
+        outliers = self.img.map_blocks(self.norm.outliers, dtype=bool)
+        (self.bad,) = self.persist(self.given_bad | outliers)
+        self.nbad = int(self.compute(self.bad.sum()))
         self.ref_step = reference_step(shape)
         self.ref_sub = self.compute(self.img[:: self.ref_step, :: self.ref_step])
         # Full-width strips of about a tile's area, for the C-order noise sample.
@@ -660,14 +670,15 @@ class _TiledRun:
             )
             for which in ("grid", "rms_grid")
         }
+        norm = self.norm
         return TiledFitResult(
-            background=maps["grid"],
-            rms=maps["rms_grid"],
+            background=maps["grid"].map_blocks(norm.undo, dtype=self.dtype),
+            rms=maps["rms_grid"].map_blocks(norm.undo, offset=False, dtype=self.dtype),
             mask=current,
-            bad_mask=self.bad,
+            bad_mask=self.given_bad,
             history=tuple(history),
             config=pipe,
-            noise=float(final_noise),
+            noise=float(final_noise) * norm.scale,
             converged=converged,
             tile=self.t.tile,
             halo=self.t.halo,

@@ -1,0 +1,304 @@
+"""One place that turns whatever image a caller hands skymap into plain arrays.
+
+Every public entry point that takes an image (``fit``, ``IterativeBackground.fit``,
+``MeshBackground.fit``, ``photometry.local``, ``mosaic.skymatch.match``,
+``quality.evaluate``, the CLI readers) calls :func:`read_image`, which accepts
+
+* a plain array (anything :func:`numpy.asarray` reads as real numbers),
+* a :class:`numpy.ma.MaskedArray` (its mask is ORed with ``mask=``),
+* an :class:`astropy.units.Quantity` (its unit is carried to the outputs),
+* an :class:`astropy.nddata.NDData` or :class:`~astropy.nddata.CCDData` (mask ORed in,
+  unit and WCS carried, ``uncertainty`` read as the error map),
+
+and returns an :class:`ImageInput`: ``(data, mask, error, unit, wcs, meta)``. Nothing is
+silently dropped: an attribute skymap cannot use (``NDData.flags``, ``psf``, an
+uncertainty class it does not know) gets a warning that names it. Inputs are never
+mutated; ``data`` may share memory with the input, so callers must not write into it.
+
+Outputs go back through :meth:`ImageInput.wrap`: a :class:`~astropy.units.Quantity`
+when the input had a unit, else a plain array, so that ``image - result.background``
+works for arrays, masked arrays, Quantities and CCDData (astropy's NDData defines no
+operators; :meth:`ImageInput.as_nddata` gives an NDData/CCDData with the WCS and meta).
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from skymap._validate import as_image, as_mask
+
+__all__ = ["ImageInput", "read_image", "read_noise", "strip_unit"]
+
+
+@dataclass(frozen=True, kw_only=True, eq=False)
+class ImageInput:
+    """An image as skymap computes on it, plus what must be carried to the outputs.
+
+    Attributes
+    ----------
+    data : ndarray (ny, nx)
+        Float32 or float64 (see :func:`skymap._validate.as_image`), unitless.
+    mask : ndarray of bool or None
+        The input's own mask ORed with ``mask=`` (True = excluded).
+    error : ndarray or None
+        1-sigma per pixel in the units of ``data``; ``inf`` where a weight was 0 or an
+        error non-finite (those pixels are also in ``mask``).
+    unit : astropy.units.UnitBase or None
+        The input's unit.
+    wcs : object or None
+        The input's WCS (NDData/CCDData only).
+    meta : dict
+        The input's meta (NDData/CCDData only).
+    kind : str
+        ``"array"``, ``"quantity"``, ``"nddata"`` or ``"ccddata"``.
+    """
+
+    data: np.ndarray
+    mask: np.ndarray | None = None
+    error: np.ndarray | None = None
+    unit: Any = None
+    wcs: Any = None
+    meta: dict = field(default_factory=dict)
+    kind: str = "array"
+
+    def wrap(self, values: np.ndarray):
+        """``values`` (in the input's units) as the caller should see them: a Quantity
+        with the input's unit, or the array itself when the input had none."""
+        if self.unit is None:
+            return values
+        from astropy import units as u
+
+        return u.Quantity(values, self.unit, copy=False)
+
+    def as_nddata(self, values: np.ndarray):
+        """``values`` as a CCDData (input was CCDData) or NDData (any other input),
+        with the input's unit, WCS and a copy of its meta."""
+        from astropy.nddata import CCDData, NDData
+
+        cls = CCDData if self.kind == "ccddata" else NDData
+        unit = self.unit
+        if cls is CCDData and unit is None:
+            unit = "adu"  # CCDData requires one; only reached for a unitless CCDData
+        return cls(np.asarray(values), unit=unit, wcs=self.wcs, meta=dict(self.meta))
+
+
+def strip_unit(value: Any, unit: Any, name: str) -> Any:
+    """``value`` as a plain number/array in ``unit`` (None: the image had no unit).
+
+    A Quantity in convertible units is converted; incompatible units raise a ValueError
+    naming both; a Quantity against a unitless image must be dimensionless.
+
+    Examples
+    --------
+    >>> from astropy import units as u
+    >>> float(strip_unit(2 * u.km, u.m, "error"))
+    2000.0
+    """
+    from astropy import units as u
+
+    if not isinstance(value, u.Quantity):
+        return value
+    target = u.dimensionless_unscaled if unit is None else unit
+    try:
+        return value.to_value(target)
+    except u.UnitConversionError:
+        raise ValueError(
+            f"{name} has unit {value.unit!s}, which does not convert to the image's unit "
+            f"{target!s}"
+        ) from None
+
+
+def read_image(
+    image: Any,
+    mask: Any = None,
+    *,
+    error: Any = None,
+    weight: Any = None,
+    name: str = "image",
+) -> ImageInput:
+    """Normalise ``image`` (array, MaskedArray, Quantity, NDData, CCDData), ``mask``
+    and an optional ``error`` (1 sigma per pixel) or ``weight`` (inverse variance).
+
+    Parameters
+    ----------
+    image : array_like, MaskedArray, Quantity, NDData or CCDData
+        2-D image (y, x).
+    mask : array_like of bool or int, optional
+        True (nonzero) = excluded; ORed with the image's own mask.
+    error, weight : array_like or Quantity, optional
+        Mutually exclusive; either overrides an NDData uncertainty (with a warning).
+        Zero weight or non-finite error excludes the pixel; negative values raise.
+
+    Returns
+    -------
+    ImageInput
+
+    Raises
+    ------
+    ValueError
+        NDData without data, an uncertainty/error/weight of the wrong shape, negative
+        errors or weights, units that do not convert, both error and weight.
+
+    Examples
+    --------
+    >>> from astropy.nddata import CCDData, StdDevUncertainty
+    >>> ccd = CCDData(np.ones((2, 2)), unit="electron/s", mask=[[0, 1], [0, 0]],
+    ...               uncertainty=StdDevUncertainty(np.full((2, 2), 0.5)))
+    >>> inp = read_image(ccd)
+    >>> inp.mask.tolist(), str(inp.unit), float(inp.error[0, 0])
+    ([[False, True], [False, False]], 'electron / s', 0.5)
+    """
+    from astropy import units as u
+    from astropy.nddata import CCDData, NDData
+
+    unit = wcs = None
+    meta: dict = {}
+    own_mask = None
+    uncertainty = None
+    kind = "array"
+    if isinstance(image, NDData):
+        kind = "ccddata" if isinstance(image, CCDData) else "nddata"
+        if image.data is None:
+            raise ValueError(f"{name} is an {type(image).__name__} with data=None")
+        data = image.data
+        unit, wcs, meta = image.unit, image.wcs, dict(image.meta or {})
+        own_mask = image.mask
+        uncertainty = image.uncertainty
+        ignored = [a for a in ("flags", "psf") if getattr(image, a, None) is not None]
+        if ignored:
+            warnings.warn(
+                f"{name}: skymap does not use the {type(image).__name__} attribute(s) "
+                f"{', '.join(ignored)}; pass what they mean through mask=",
+                UserWarning,
+                stacklevel=3,
+            )
+        if isinstance(data, u.Quantity):
+            data = data.to_value(unit) if unit is not None else data.value
+    elif isinstance(image, u.Quantity):
+        kind = "quantity"
+        unit = image.unit
+        data = image.value
+    elif isinstance(image, np.ma.MaskedArray):
+        data = image.data
+        own_mask = np.ma.getmask(image)
+        if own_mask is np.ma.nomask:
+            own_mask = None
+    else:
+        data = image
+    arr = _as_real(data, name)
+    shape = arr.shape
+    combined = as_mask(mask, shape)
+    if own_mask is not None and np.ndim(own_mask) == 0:
+        own_mask = None if not bool(own_mask) else np.ones(shape, bool)
+    if own_mask is not None:
+        own = as_mask(own_mask, shape, f"{name}.mask")
+        combined = own if combined is None else own | combined
+    if error is not None and weight is not None:
+        raise ValueError("pass error= or weight=, not both")
+    if uncertainty is not None and (error is not None or weight is not None):
+        warnings.warn(
+            f"{name}.uncertainty is ignored: the {'error' if error is not None else 'weight'}"
+            " passed explicitly is used",
+            UserWarning,
+            stacklevel=3,
+        )
+        uncertainty = None
+    if uncertainty is not None:
+        error = _uncertainty_error(uncertainty, unit, shape, name)
+    err = read_noise(error, weight, shape, unit)
+    if err is not None:
+        bad = ~np.isfinite(err)
+        if bad.any():
+            combined = bad if combined is None else combined | bad
+    return ImageInput(data=arr, mask=combined, error=err, unit=unit, wcs=wcs, meta=meta, kind=kind)
+
+
+def _as_real(data: Any, name: str) -> np.ndarray:
+    arr = np.asarray(data)
+    if arr.dtype.kind == "f" and arr.dtype.itemsize > 8:
+        # longdouble: the compiled kernels work in float64 at most.
+        arr = arr.astype(np.float64)
+    elif arr.dtype.kind == "c":
+        raise ValueError(f"{name} must hold real numbers, got dtype {arr.dtype}")
+    return as_image(arr, name)
+
+
+def _uncertainty_error(unc: Any, unit: Any, shape, name: str) -> np.ndarray:
+    """1-sigma array from an NDData uncertainty, in the image's unit."""
+    from astropy import units as u
+    from astropy.nddata import InverseVariance, StdDevUncertainty, VarianceUncertainty
+
+    arr = np.asarray(unc.array, dtype=float)
+    if arr.shape != tuple(shape):
+        raise ValueError(
+            f"{name}.uncertainty must have the image's shape {tuple(shape)}, got {arr.shape}"
+        )
+    _check_nonnegative(arr, f"{name}.uncertainty")
+    uunit = getattr(unc, "unit", None)
+    with np.errstate(divide="ignore"):
+        if isinstance(unc, StdDevUncertainty):
+            sigma, power = arr, 1
+        elif isinstance(unc, VarianceUncertainty):
+            sigma, power = np.sqrt(arr), 2
+        elif isinstance(unc, InverseVariance):
+            sigma, power = 1.0 / np.sqrt(arr), -2
+        else:
+            warnings.warn(
+                f"{name}.uncertainty of type {type(unc).__name__} is ignored: skymap reads "
+                "StdDevUncertainty, VarianceUncertainty and InverseVariance",
+                UserWarning,
+                stacklevel=4,
+            )
+            return None
+    if uunit is not None:
+        sigma = strip_unit(
+            u.Quantity(sigma, uunit ** (1.0 / power), copy=False), unit, f"{name}.uncertainty"
+        )
+    return sigma
+
+
+def _check_nonnegative(arr: np.ndarray, name: str) -> None:
+    with np.errstate(invalid="ignore"):
+        if np.any(arr < 0):
+            raise ValueError(
+                f"{name} must be >= 0 everywhere, got a minimum of {np.nanmin(arr)!r}"
+            )
+
+
+def read_noise(error: Any, weight: Any, shape, unit: Any = None) -> np.ndarray | None:
+    """The 1-sigma map (float64 copy) from ``error`` or ``weight`` (inverse variance),
+    in the image's ``unit``; ``inf`` where the weight is 0 or the error is non-finite
+    or 0 (no information: the pixel is excluded).
+
+    Examples
+    --------
+    >>> read_noise(None, np.array([[4.0, 0.0]]), (1, 2)).tolist()
+    [[0.5, inf]]
+    """
+    from astropy import units as u
+
+    if error is None and weight is None:
+        return None
+    if error is not None and weight is not None:
+        raise ValueError("pass error= or weight=, not both")
+    pname = "error" if error is not None else "weight"
+    value = error if error is not None else weight
+    if isinstance(value, u.Quantity) and weight is not None:
+        # A weight's unit is 1 / (image unit)^2; convert as the error it implies.
+        value = strip_unit(value**-0.5, unit, pname) ** -2.0
+    else:
+        value = strip_unit(value, unit, pname)
+    arr = np.array(value, dtype=np.float64)
+    if arr.ndim == 0:
+        arr = np.full(tuple(shape), float(arr))
+    if arr.shape != tuple(shape):
+        raise ValueError(f"{pname} must have the image's shape {tuple(shape)}, got {arr.shape}")
+    _check_nonnegative(arr, pname)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        sigma = arr if error is not None else 1.0 / np.sqrt(arr)
+    sigma[~np.isfinite(sigma) | (sigma <= 0)] = np.inf
+    return sigma
