@@ -189,7 +189,7 @@ def read_image(
             own_mask = None
     else:
         data = image
-    arr = _as_real(data, name)
+    arr = as_image(data, name)
     shape = arr.shape
     combined = as_mask(mask, shape)
     if own_mask is not None and np.ndim(own_mask) == 0:
@@ -215,16 +215,6 @@ def read_image(
         if bad.any():
             combined = bad if combined is None else combined | bad
     return ImageInput(data=arr, mask=combined, error=err, unit=unit, wcs=wcs, meta=meta, kind=kind)
-
-
-def _as_real(data: Any, name: str) -> np.ndarray:
-    arr = np.asarray(data)
-    if arr.dtype.kind == "f" and arr.dtype.itemsize > 8:
-        # longdouble: the compiled kernels work in float64 at most.
-        arr = arr.astype(np.float64)
-    elif arr.dtype.kind == "c":
-        raise ValueError(f"{name} must hold real numbers, got dtype {arr.dtype}")
-    return as_image(arr, name)
 
 
 def _uncertainty_error(unc: Any, unit: Any, shape, name: str) -> np.ndarray:

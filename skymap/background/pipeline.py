@@ -480,12 +480,15 @@ class IterativeBackground:
         # Extreme negative pixels are excluded from the start and reported with the
         # detections (the maskers look above the background only).
         given, bad = bad, bad | norm.outliers(img)
-        noise_map = None if inp.error is None else _error_noise(inp.error, bad, norm)
+        noise_map = pixel_weight = None
+        if inp.error is not None:
+            noise_map = _error_noise(inp.error, bad, norm)
+            pixel_weight = _relative_weight(inp.error, bad)
         history: list[IterationRecord] = []
         record = functools.partial(_record, norm=norm)
         # Our maskers read a coarse noise map; any other gets the full map.
         coarse = all(isinstance(st.masker, HysteresisMasker) for st in self.stages)
-        model = _fit_estimator(self.first_guess, img, bad, None)
+        model = _fit_estimator(self.first_guess, img, bad, None, weight=pixel_weight)
         bkg, rms = _background_of(model), _working_rms(model, coarse)
         current = bad
         history.append(record(-1, 0, model, current, None, None, img.shape))
@@ -511,7 +514,9 @@ class IterativeBackground:
                 new = bad | detections
                 del detections
                 previous = model
-                model = _fit_estimator(stage.estimator, img, new, _scale_of(history[-1]), floor)
+                model = _fit_estimator(
+                    stage.estimator, img, new, _scale_of(history[-1]), floor, pixel_weight
+                )
                 new_bkg, new_rms = _background_of(model), _working_rms(model, coarse)
                 change = _change(new_bkg, _background_of(previous, 2), new_rms, bad)
                 del previous
@@ -567,7 +572,9 @@ class IterativeBackground:
             # Only the subsample the change needs is kept through the refit (memory).
             old = bkg[::2, ::2].copy()
             del bkg
-            model = _fit_estimator(self.final, img, current, _scale_of(history[-1]), floor)
+            model = _fit_estimator(
+                self.final, img, current, _scale_of(history[-1]), floor, pixel_weight
+            )
             bkg, new_rms = _background_of(model), _working_rms(model, coarse)
             change = _change(bkg, old, new_rms, bad)
             history.append(
@@ -669,6 +676,16 @@ def _error_noise(error: np.ndarray, bad: np.ndarray, norm: Normalisation) -> Coa
     return CoarseRMS(values=values.astype(np.float32), step=q, shape=error.shape)
 
 
+def _relative_weight(error: np.ndarray, bad: np.ndarray) -> np.ndarray:
+    """Inverse variance relative to its mean over the valid pixels (float32; 0 where
+    excluded): scale-free cell weights for the smoother."""
+    with np.errstate(divide="ignore"):
+        w = 1.0 / np.square(error)
+    w[bad | ~np.isfinite(w)] = 0.0
+    mean = float(w[~bad].mean())
+    return (w / mean if mean > 0 else w).astype(np.float32)
+
+
 def _floor_at_half_median(rms: np.ndarray) -> None:
     sample = _k.positive_sample(rms, 250_000)
     if sample.size:
@@ -691,13 +708,17 @@ def _scale_of(record: IterationRecord) -> float | None:
     return record.scale
 
 
-def _fit_estimator(estimator, img, mask, scale, floor=None):
-    if isinstance(estimator, ThinPlateSmoother) and (scale is not None or floor is not None):
+def _fit_estimator(estimator, img, mask, scale, floor=None, weight=None):
+    # A thin-plate smoother weights its cells by an error map's inverse variance.
+    if isinstance(estimator, ThinPlateSmoother) and (
+        scale is not None or floor is not None or weight is not None
+    ):
         return estimator.fit(
             img,
             mask,
             smoothing_start=None if scale is None else scale**4,
             min_smoothing=None if floor is None else floor**4,
+            weight=weight,
         )
     return estimator.fit(img, mask)
 
@@ -792,7 +813,7 @@ def default_pipeline(image, mask=None, **options) -> IterativeBackground:
     >>> len(pipe.stages), pipe.stages[-1].masker.scales
     (2, (1.0, 2.0, 4.0, 8.0))
     """
-    as_image(image)
+    read_image(image)
     known = {
         "high",
         "low",
@@ -838,15 +859,24 @@ def default_pipeline(image, mask=None, **options) -> IterativeBackground:
     )
 
 
-def fit(image, mask=None, **options) -> BackgroundResult:
+def fit(image, mask=None, *, error=None, weight=None, **options) -> BackgroundResult:
     """Fit the background of ``image`` with the default pipeline, tuned from the data.
 
     Parameters
     ----------
-    image : array_like (ny, nx)
-        Integer input becomes float32; float32 stays float32.
+    image : array_like, MaskedArray, Quantity, NDData or CCDData (ny, nx)
+        Integer input becomes float32; float32 stays float32. The image's own mask is
+        ORed with ``mask``; its unit is carried to ``background`` and ``rms`` (as
+        Quantities: ``image - result.background`` works for arrays, Quantities and
+        CCDData; :meth:`BackgroundResult.as_nddata` gives a CCDData/NDData with the
+        WCS); an NDData uncertainty is read as ``error``.
     mask : array_like of bool, optional
         True = excluded. NaN and inf pixels are excluded automatically.
+    error, weight : array_like or Quantity, optional
+        1-sigma per pixel, or inverse variance (drizzle WHT, inverted JWST VAR_*); at
+        most one. The maskers then threshold in units of this map, times the noise
+        excess they measure (correlated noise). Zero weight or a non-finite error
+        excludes the pixel; negative values raise ValueError.
     **options
         Passed to :func:`default_pipeline`.
 
@@ -863,4 +893,4 @@ def fit(image, mask=None, **options) -> BackgroundResult:
     >>> bool(err < 0.2)
     True
     """
-    return default_pipeline(image, mask, **options).fit(image, mask)
+    return default_pipeline(image, mask, **options).fit(image, mask, error=error, weight=weight)

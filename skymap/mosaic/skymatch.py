@@ -43,7 +43,8 @@ from astropy.nddata import NDData
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
-from skymap._validate import as_image, as_mask, check_choice, check_positive
+from skymap._inputs import read_image
+from skymap._validate import as_image, check_choice, check_positive
 from skymap.mosaic import _skymatch_kernels as _k
 
 __all__ = ["SkyMatch", "SkyMatchResult", "match", "clipped_statistic"]
@@ -585,13 +586,9 @@ def _prepare(images, exposures):
             )
     frames = []
     for i, item in enumerate(flat):
-        if isinstance(item, NDData):
-            data = as_image(item.data, f"images[{i}].data")
-            mask = as_mask(item.mask, data.shape, f"images[{i}].mask")
-            wcs = item.wcs
-        else:
-            data = as_image(item, f"images[{i}]")
-            mask, wcs = None, None
+        # arrays, MaskedArrays, Quantities, NDData/CCDData alike (masks ORed in)
+        inp = read_image(item, name=f"images[{i}]")
+        data, mask, wcs = inp.data, inp.mask, inp.wcs
         valid = np.isfinite(data)
         if mask is not None:
             valid &= ~mask
@@ -853,5 +850,6 @@ def _subtract(item, sky):
             unit=item.unit,
             psf=item.psf,
         )
-    data = as_image(item)
-    return (data - data.dtype.type(sky)).astype(data.dtype, copy=False)
+    inp = read_image(item)
+    data = inp.data
+    return inp.wrap((data - data.dtype.type(sky)).astype(data.dtype, copy=False))
