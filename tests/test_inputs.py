@@ -120,8 +120,9 @@ def test_mesh_background_reads_every_input_type(scene):
         (img * UNIT, {"mask": mask.astype(int)}),  # a plain-number mask with a Quantity
     ]:
         res = mb.fit(image, **kw)
-        np.testing.assert_array_equal(np.asarray(getattr(res.background, "value", res.background)),
-                                      ref.background)
+        np.testing.assert_array_equal(
+            np.asarray(getattr(res.background, "value", res.background)), ref.background
+        )
     assert res.background.unit == UNIT and res.rms.unit == UNIT
 
 
@@ -132,7 +133,9 @@ def test_local_skymatch_and_evaluate_read_astropy_inputs(scene, reference):
     a = annulus_background(ccd, pos, 4, 9)
     b = annulus_background(img, pos, 4, 9, mask=mask)
     np.testing.assert_array_equal(a.background, b.background)
-    np.testing.assert_array_equal(aperture_sum(ccd, pos, 3)[0], aperture_sum(img, pos, 3, mask=mask)[0])
+    np.testing.assert_array_equal(
+        aperture_sum(ccd, pos, 3)[0], aperture_sum(img, pos, 3, mask=mask)[0]
+    )
     levels = match([np.ma.MaskedArray(img, mask=mask), (img + 5) * u.adu]).sky
     assert levels[1] - levels[0] == pytest.approx(5, abs=0.05)
     ev = evaluate(ccd, skymap.fit(ccd))

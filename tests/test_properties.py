@@ -62,7 +62,7 @@ def _annulus(img, mask=None):
 
 
 def _match(img, mask=None):
-    other = img[:, ::-1] + 3.0  # a second exposure of the same field, 3 higher
+    other = img[:, ::-1]  # a second exposure, of the field flipped
     m2 = None if mask is None else mask[:, ::-1]
     items = [img if mask is None else np.ma.MaskedArray(img, mask), other]
     if m2 is not None:
@@ -109,7 +109,12 @@ def test_maps_commute_with_transposes_and_flips(seed, name, how):
     op = {"T": np.transpose, "x": lambda a: a[:, ::-1], "y": lambda a: a[::-1]}[how]
     ref = est(img)
     out = op(est(np.ascontiguousarray(op(img))))
-    _close(out, ref, 1e-9)
+    # Not bit for bit: a flip reverses the order of the mesh sums (a pixel at a clip
+    # bound may go either way), and the maskers estimate their noise excess from pixel
+    # pairs on every step-th row and column counted from 0, a sample a flip changes
+    # (hysteresis._pair_differences), so masks at the thresholds may differ by a few
+    # pixels.
+    _close(out, ref, (1e-3 if name == "mesh" else 0.02) * NOISE)
 
 
 @prop

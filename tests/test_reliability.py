@@ -91,11 +91,11 @@ def test_a_huge_annulus_is_measured_not_crashed():
     img = np.random.default_rng(0).normal(size=(128, 128))
     with pytest.warns(UserWarning, match="edge"):
         res = annulus_background(img, [(64, 64)], 5, 3e4)
-    assert res.n_pixels[0] == np.count_nonzero(
-        np.hypot(*np.mgrid[:128, :128] - 64.0) >= 5
-    )
+    assert res.n_pixels[0] == np.count_nonzero(np.hypot(*np.mgrid[:128, :128] - 64.0) >= 5)
     assert res.flags[0] & LocalFlag.EDGE
-    assert res.background[0] == pytest.approx(np.median(img[np.hypot(*np.mgrid[:128, :128] - 64.0) >= 5]))
+    assert res.background[0] == pytest.approx(
+        np.median(img[np.hypot(*np.mgrid[:128, :128] - 64.0) >= 5])
+    )
 
 
 def test_errors_that_are_not_errors():
