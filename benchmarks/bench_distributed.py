@@ -1,11 +1,11 @@
-"""The tiled default pipeline (``tiled.tiled_fit``) against ``skymap.fit`` in memory.
+"""The tiled default pipeline (``skymap.fit`` of a memory map) against ``skymap.fit`` in memory.
 
 On a ``crowded_stellar`` scene (float32, ``--size`` px a side, saved as ``.npy`` and
 read back as a memory map, so the tiled driver never loads it), each run in a fresh
 subprocess:
 
 * ``memory``: ``skymap.fit(image)`` on the loaded image;
-* ``tiled``: ``tiled_fit(memmap, tile=--tile)`` on a LocalCluster of ``--workers``
+* ``tiled``: ``skymap.fit(memmap, tile=--tile, client=...)`` on a LocalCluster of ``--workers``
   single-threaded worker processes.
 
 Reported: wall time, the driver's peak extra memory (peak RSS above the RSS with the
@@ -55,15 +55,14 @@ def run(which, path, tile, workers):
         background, mask, noise, workers_kb = res.background, res.mask, res.noise, []
     else:
         from skymap.backends.distributed import cluster_client
-        from skymap.background.tiled import tiled_fit
 
         image = np.load(path, mmap_mode="r")
         with cluster_client(workers=workers) as client:
             warm = np.asarray(image[:256, :256])
-            tiled_fit(warm, tile=128, client=client)  # workers load the kernels
+            skymap.fit(warm, tile=128, client=client)  # workers load the kernels
             base = reset_peak()
             t0 = time.perf_counter()
-            res = tiled_fit(image, tile=tile, client=client)
+            res = skymap.fit(image, tile=tile, client=client)
             seconds = time.perf_counter() - t0
             peak = status_kb("VmHWM")
             workers_kb = list(client.run(_worker_peak_kb).values())
@@ -129,7 +128,8 @@ def main():
         f"{m['driver_extra_x_image'] * mb:.0f} MB ({m['driver_extra_x_image']:.2f} x image)"
     )
     print(
-        f"  tiled_fit, {args.workers} worker processes: {t['seconds']:.1f} s, driver peak extra "
+        f"  tiled skymap.fit, {args.workers} worker processes: {t['seconds']:.1f} s, "
+        "driver peak extra "
         f"{t['driver_extra_x_image'] * mb:.0f} MB ({t['driver_extra_x_image']:.3f} x image), "
         "worker peak RSS " + ", ".join(f"{w:.0f}" for w in t["worker_peak_mb"]) + " MB"
     )

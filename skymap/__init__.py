@@ -52,6 +52,9 @@ _NAMES = {
     "aperture_sum": "photometry.local",
     "SkyMatch": "mosaic.skymatch",
     "SkyMatchResult": "mosaic.skymatch",
+    "injection_recovery": "quality.injection",
+    "compare": "quality.injection",
+    "tune": "quality.tune",
 }
 
 __all__ = ["__version__", *_SUBMODULES, *_NAMES]

@@ -8,6 +8,15 @@ from scipy import ndimage
 da = pytest.importorskip("dask.array")
 
 import skymap  # noqa: E402
+from skymap.backends.dask import (  # noqa: E402
+    DaskBackend,
+    _keep_labels,
+    _label_info,
+    _tile_label,
+    float_keys,
+    key_to_float,
+    merge_labels,
+)
 from skymap.backends.distributed import (  # noqa: E402
     cluster_client,
     map_files,
@@ -22,18 +31,14 @@ from skymap.background.pipeline import (  # noqa: E402
     default_pipeline,
 )
 from skymap.background.smooth import ThinPlateSmoother, reference_level  # noqa: E402
-from skymap.background.tiled import (  # noqa: E402
-    _float_keys,
-    _keep_labels,
-    _key_to_float,
-    _label_info,
-    _merge_labels,
-    _tile_label,
-    _tile_pairs,
-    _Tiling,
-    tiled_fit,
+from skymap.background.tiled import tiled_fit  # noqa: E402
+from skymap.masking.hysteresis import (  # noqa: E402
+    HysteresisMasker,
+    _hysteresis,
+    _pair_differences,
+    hysteresis_codes,
+    tile_pairs,
 )
-from skymap.masking.hysteresis import HysteresisMasker, _hysteresis, _pair_differences  # noqa: E402
 from skymap.quality.simulate import notebook_scene, scene_by_name  # noqa: E402
 from skymap.stats.filters import ring_footprint, ring_median  # noqa: E402
 
@@ -166,6 +171,31 @@ def _bad_pixels():
     return img, mask
 
 
+def _assert_same_fit(tiled, ref, client=None, change_rtol=1e-9):
+    """A tiled fit equals the in-memory one: maps and masks bit for bit, the history's
+    mask statistics exactly, the change (summed tile by tile) to rounding."""
+    compute = (
+        (lambda xs: client.compute(xs, sync=True))
+        if client
+        else (lambda xs: [x.compute() for x in xs])
+    )
+    bkg, rms, final, bad = compute([tiled.background, tiled.rms, tiled.mask, tiled.bad_mask])
+    assert bkg.dtype == ref.background.dtype
+    assert np.array_equal(bkg, ref.background)
+    assert np.array_equal(rms, ref.rms)
+    assert np.array_equal(final, ref.mask)
+    assert np.array_equal(bad, ref.bad_mask)
+    assert [h.mask_fraction for h in tiled.history] == [h.mask_fraction for h in ref.history]
+    assert [h.mask_change for h in tiled.history][1:] == [h.mask_change for h in ref.history][1:]
+    assert [h.min_scale for h in tiled.history] == [h.min_scale for h in ref.history]
+    assert [h.scale for h in tiled.history] == [h.scale for h in ref.history]
+    np.testing.assert_allclose(
+        [h.change for h in tiled.history], [h.change for h in ref.history], rtol=change_rtol
+    )
+    assert tiled.noise == ref.noise
+    assert tiled.converged == ref.converged
+
+
 @pytest.mark.parametrize(
     ("scene", "options"),
     [
@@ -175,7 +205,7 @@ def _bad_pixels():
         ("galaxies_lsb", {"max_iter": 3}),  # the smoothing floor is raised (asymmetry)
     ],
 )
-def test_tiled_fit_equals_in_memory_on_a_local_cluster(scene, options, threads_client):
+def test_fit_of_a_dask_array_equals_in_memory_on_a_local_cluster(scene, options, threads_client):
     if scene == "notebook":
         img, mask = notebook_scene(shrink_factor=8).image, None
     elif scene == "crowded_float32":
@@ -186,26 +216,15 @@ def test_tiled_fit_equals_in_memory_on_a_local_cluster(scene, options, threads_c
     else:
         img, mask = _bad_pixels()
     ref = skymap.fit(img, mask, **options)
-    tiled = tiled_fit(
+    tiled = skymap.fit(
         da.from_array(img, chunks=100), mask, tile=128, client=threads_client, **options
     )
+    assert isinstance(tiled.background, da.Array) and isinstance(tiled.mask, da.Array)
     assert len(tiled.background.chunks[0]) > 1 and len(tiled.background.chunks[1]) > 1
-    bkg, rms, final = threads_client.compute([tiled.background, tiled.rms, tiled.mask], sync=True)
-    assert bkg.dtype == ref.background.dtype
-    assert np.abs(bkg - ref.background).max() <= 1e-6 * ref.noise
-    assert np.abs(rms - ref.rms).max() <= 1e-6 * ref.noise
-    np.testing.assert_array_equal(final, ref.mask)
-    np.testing.assert_array_equal(tiled.bad_mask.compute(), ref.bad_mask)
-    assert [h.mask_fraction for h in tiled.history] == [h.mask_fraction for h in ref.history]
-    assert [h.min_scale for h in tiled.history] == [h.min_scale for h in ref.history]
-    np.testing.assert_allclose(
-        [h.change for h in tiled.history], [h.change for h in ref.history], rtol=1e-9
-    )
-    assert tiled.noise == ref.noise
-    assert tiled.converged == ref.converged
+    _assert_same_fit(tiled, ref, threads_client)
 
 
-def test_tiled_fit_runs_an_explicit_pipeline_on_a_memmap(tmp_path):
+def test_fit_runs_an_explicit_pipeline_on_a_memmap(tmp_path):
     rng = np.random.default_rng(5)
     y, x = np.mgrid[:200, :260]
     img = 20 + 0.02 * x + rng.normal(size=x.shape) * (1 + x / 130.0)  # varying noise
@@ -224,15 +243,13 @@ def test_tiled_fit_runs_an_explicit_pipeline_on_a_memmap(tmp_path):
         max_iter=2,
     )
     ref = pipe.fit(img)
-    tiled = tiled_fit(np.load(tmp_path / "img.npy", mmap_mode="r"), pipeline=pipe, tile=64)
+    tiled = pipe.fit(np.load(tmp_path / "img.npy", mmap_mode="r"), tile=64)
     # units lcm(2, cells 10, blocks 1 and 2) = 10 along y, lcm(2, 10, 8, 1, 2) = 40 along x
-    assert tiled.tile == (60, 40)
-    assert np.abs(tiled.background.compute() - ref.background).max() <= 1e-6 * ref.noise
-    np.testing.assert_array_equal(tiled.mask.compute(), ref.mask)
-    assert tiled.noise == ref.noise
+    assert tiled.tiles.tile == (60, 40)
+    _assert_same_fit(tiled, ref)
 
 
-def test_tiled_fit_with_a_ring_median_first_guess_equals_in_memory():
+def test_fit_with_a_ring_median_first_guess_equals_in_memory():
     img = _crowded(np.float32)[:200, :260]
     mask = np.zeros(img.shape, bool)
     mask[60:120, 80:150] = True  # far wider than the ring: pixels with an empty ring
@@ -244,14 +261,12 @@ def test_tiled_fit_with_a_ring_median_first_guess_equals_in_memory():
     )
     ref = pipe.fit(img, mask)
     assert np.isnan(ring_median(img, 6, 3, mask=mask)).any()
-    tiled = tiled_fit(img, mask, pipeline=pipe, tile=64)
-    assert tiled.halo >= ring_footprint(6, 3).shape[0] // 2
-    assert np.abs(tiled.background.compute() - ref.background).max() <= 1e-6 * ref.noise
-    np.testing.assert_array_equal(tiled.mask.compute(), ref.mask)
-    # the change is summed tile by tile: equal to rounding
-    np.testing.assert_allclose(
-        [h.change for h in tiled.history][1:], [h.change for h in ref.history][1:], rtol=1e-12
+    tiled = pipe.fit(da.from_array(img), mask, tile=64)
+    assert tiled.tiles.halo >= ring_footprint(6, 3).shape[0] // 2
+    np.testing.assert_array_equal(
+        tiled.history[0].model.background.compute(), ref.history[0].background
     )
+    _assert_same_fit(tiled, ref, change_rtol=1e-12)
 
 
 def test_reference_level_falls_back_to_the_first_valid_pixel():
@@ -274,23 +289,84 @@ def test_reference_level_falls_back_to_the_first_valid_pixel():
         max_iter=1,
     )
     ref = pipe.fit(img, mask)
-    tiled = tiled_fit(img, mask, pipeline=pipe, tile=512)
+    tiled = pipe.fit(img, mask, tile=512)
     assert tiled.history[0].model.grid.tolist() == ref.history[0].model.grid.tolist()
-    np.testing.assert_array_equal(tiled.mask.compute(), ref.mask)
+    assert np.array_equal(tiled.mask.compute(), ref.mask)
+
+
+# A user's own pieces, following the protocols only: they run in every back end.
+
+
+class _PeakMasker:
+    """Masks pixels above 5 noise sigma and their 8 neighbours: local, 1-px halo."""
+
+    def __call__(self, residual, rms, mask=None):
+        from scipy import ndimage
+
+        hot = np.asarray(residual) > 5 * np.asarray(rms)
+        grown = ndimage.binary_dilation(hot, np.ones((3, 3), bool))
+        return grown if mask is None else grown & ~mask
+
+    def halo(self, shape):
+        return 1
+
+
+class _PlaneEstimator:
+    """A least-squares plane through the unmasked pixels, with a constant rms."""
+
+    def fit(self, image, mask=None):
+        ok = ~mask & np.isfinite(image)
+        yy, xx = np.nonzero(ok)
+        a = np.column_stack([np.ones(yy.size), yy, xx])
+        coef, *_ = np.linalg.lstsq(a, image[ok], rcond=None)
+        gy, gx = np.mgrid[: image.shape[0], : image.shape[1]]
+        bkg = (coef[0] + coef[1] * gy + coef[2] * gx).astype(image.dtype)
+        r = (image - bkg)[ok]
+        rms = np.full(image.shape, 1.4826 * np.median(np.abs(r - np.median(r))), image.dtype)
+
+        class Result:  # background and rms only: adapted by the pipeline
+            pass
+
+        res = Result()
+        res.background, res.rms = bkg, rms
+        return res
+
+
+@pytest.mark.parametrize("tiled", [False, True])
+def test_a_users_own_masker_and_estimator_run_in_every_back_end(tiled):
+    rng = np.random.default_rng(11)
+    yy, xx = np.mgrid[:96, :128]
+    img = (3.0 + 0.01 * yy - 0.02 * xx + rng.normal(size=yy.shape)).astype(np.float32)
+    img[40:44, 60:64] += 40.0
+    pipe = IterativeBackground(
+        first_guess=_PlaneEstimator(),
+        stages=(Stage(masker=_PeakMasker(), estimator=_PlaneEstimator()),),
+        max_iter=3,
+    )
+    ref = pipe.fit(img)
+    assert ref.source_mask[41, 61] and ref.source_mask[39, 59]  # the dilation
+    assert abs(float(ref.background[42, 62]) - (3.0 + 0.42 - 1.24)) < 0.2
+    if tiled:
+        res = pipe.fit(da.from_array(img, chunks=50), tile=32)
+        assert len(res.tiles.chunks[1]) == 4
+        _assert_same_fit(res, ref)
 
 
 def test_tiles_align_to_cells_and_blocks_and_halos_follow_the_kernels():
-    pipe = default_pipeline(np.zeros((1000, 1000)))
-    t = _Tiling.of(pipe, (1000, 1000), (300, 300))
+    pipe = default_pipeline()
+    shape = (1000, 1000)
     # cells 8 (halved to 4, 2), blocks b * bw = 2, 4, 8, 16: unit 16
-    assert t.tile == (288, 288)
-    assert all(c % 16 == 0 for c in t.chunks[0][:-1])
+    assert pipe.tile_unit(shape) == (16, 16)
+    be = DaskBackend(np.zeros(shape, np.float32), tile=300, unit=pipe.tile_unit(shape))
+    assert be.tile == (288, 288)
+    assert all(c % 16 == 0 for c in be.chunks[0][:-1])
+    masker = pipe.stages[1].masker
     # scale 8: b = 8, bw = 2, surround kernel radius int(3 * 32 / 16 + 0.5) = 6 blocks
-    # of 16 px
-    assert t.halo_maps[1, 8.0] == (96, 96)
-    # scale 1: the surround's 6 blocks of 2 px, rounded up to the unit
-    assert t.halo_maps[1, 1.0] == (16, 16)
-    assert t.halo_dilate[1, 8.0] == (16, 16)
+    # of 16 px; dilation 8 * (ceil(5 / 8) + 1)
+    assert masker.halos(8.0, shape) == (96, 16)
+    # scale 1: the surround's 6 blocks of 2 px, rounded up to the unit in the windows
+    assert masker.halos(1.0, shape)[0] == 12
+    assert be.grown((288, 576), (0, 288), 12) == ((272, 592), (0, 304))
 
 
 def test_noise_pairs_gathered_per_tile_are_the_in_memory_pairs():
@@ -304,10 +380,9 @@ def test_noise_pairs_gathered_per_tile_are_the_in_memory_pairs():
         for c0, c1 in ((0, 16), (16, 48), (48, 70)):
             win = ((r0, min(90, r1 + lag)), (c0, min(70, c1 + lag)))
             sl = (slice(*win[0]), slice(*win[1]))
-            full = (slice(None), slice(None))
             maps = np.stack([snr[sl], bad[sl]])
-            parts += _tile_pairs([[maps]], full, win, ((r0, r1), (c0, c1)), lag, step)
-    np.testing.assert_array_equal(np.sort(np.concatenate(parts)), ref)
+            parts += tile_pairs(maps, window=win, core=((r0, r1), (c0, c1)), lag=lag, step=step)
+    assert np.array_equal(np.sort(np.concatenate(parts)), ref)
 
 
 def test_hysteresis_joined_across_tiles_equals_whole_image_labelling():
@@ -318,46 +393,45 @@ def test_hysteresis_joined_across_tiles_equals_whole_image_labelling():
     ys, xs = (0, 40, 80, 120), (0, 50, 100, 150)
     info = np.empty((3, 3), object)
     labels = np.empty((3, 3), object)
+    kw = {"factor": 1.0, "low": 1.0, "high": 2.5}
     for i in range(3):
         for j in range(3):
             block = snr[ys[i] : ys[i + 1], xs[j] : xs[j + 1]]
             maps = np.stack([block, np.zeros_like(block)])  # snr, invalid
-            kw = {"factor": 1.0, "low": 1.0, "high": 2.5}
-            labels[i, j] = _tile_label(maps, kw)
-            info[i, j] = _label_info(labels[i, j], maps, kw)
-    keep = _merge_labels(info)
+            labels[i, j] = _tile_label(maps, hysteresis_codes, kw)
+            info[i, j] = _label_info(labels[i, j], maps, hysteresis_codes, kw)
+    keep = merge_labels(info)
     tiled = np.block(
         [[_keep_labels(labels[i, j], keep[i][j]) for j in range(3)] for i in range(3)]
     )
     assert ndimage.label(ref)[1] < 0.5 * ndimage.label(snr > 1.0)[1]  # some regions dropped
-    np.testing.assert_array_equal(tiled, ref)
+    assert np.array_equal(tiled, ref)
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_float_order_keys_round_trip_and_sort(dtype):
     v = np.array([-3.5, -0.0, 0.0, 1e-30, 2.0, 7.25, -1e30], dtype=dtype)
-    keys = _float_keys(v)
-    assert [float(_key_to_float(int(k), dtype)) for k in keys] == v.tolist()
+    keys = float_keys(v)
+    assert [float(key_to_float(int(k), dtype)) for k in keys] == v.tolist()
     np.testing.assert_array_equal(np.argsort(keys, kind="stable")[[0, -1]], [6, 5])
 
 
-def test_tiled_fit_rejects_bad_input():
-    with pytest.raises(ValueError, match="2-dimensional"):
-        tiled_fit(np.zeros(10))
-    with pytest.raises(ValueError, match="mask"):
-        tiled_fit(np.zeros((64, 64)), np.zeros((3, 3), bool))
-    with pytest.raises(ValueError, match="no valid pixel"):
-        tiled_fit(np.full((64, 64), np.nan))
-    with pytest.raises(ValueError, match="unknown option"):
-        tiled_fit(np.zeros((64, 64)), hig=3.0)
-    pipe = default_pipeline(np.zeros((64, 64)))
-    with pytest.raises(ValueError, match="explicit pipeline"):
-        tiled_fit(np.zeros((64, 64)), pipeline=pipe, high=3.0)
-    mesh_stage = Stage(masker=HysteresisMasker(), estimator=MeshBackground(box_size=16))
-    with pytest.raises(TypeError, match=r"stages\[0\].estimator"):
-        tiled_fit(
-            np.zeros((64, 64)),
-            pipeline=IterativeBackground(first_guess=ThinPlateSmoother(), stages=(mesh_stage,)),
-        )
-    with pytest.raises(ValueError, match="tile"):
-        tiled_fit(np.zeros((64, 64)), tile=0)
+def test_tiled_fit_is_deprecated_and_keeps_its_errors():
+    img = np.random.default_rng(0).normal(size=(64, 64))
+    with pytest.warns(DeprecationWarning, match="tiled_fit"):
+        res = tiled_fit(img, tile=32)
+    assert np.array_equal(res.background.compute(), skymap.fit(img).background)
+    with pytest.warns(DeprecationWarning):
+        with pytest.raises(ValueError, match="2-dimensional"):
+            tiled_fit(np.zeros(10))
+        with pytest.raises(ValueError, match="mask"):
+            tiled_fit(np.zeros((64, 64)), np.zeros((3, 3), bool))
+        with pytest.raises(ValueError, match="no valid pixel"):
+            tiled_fit(np.full((64, 64), np.nan))
+        with pytest.raises(ValueError, match="unknown option"):
+            tiled_fit(np.zeros((64, 64)), hig=3.0)
+        pipe = default_pipeline()
+        with pytest.raises(ValueError, match="explicit pipeline"):
+            tiled_fit(np.zeros((64, 64)), pipeline=pipe, high=3.0)
+        with pytest.raises(ValueError, match="tile"):
+            tiled_fit(np.zeros((64, 64)), tile=0)

@@ -4,9 +4,12 @@ and the pipeline's use of it (working noise, background change)."""
 import numpy as np
 import pytest
 import scipy.ndimage as ndi
+from scipy import signal
 
-import skymap.background.pipeline as P
 import skymap.masking.hysteresis as H
+from skymap.backends.memory import MemoryBackend
+from skymap.background.model import MapModel
+from skymap.background.noise import NoiseModel
 from skymap.background.smooth import ThinPlateSmoother
 
 
@@ -24,7 +27,12 @@ def _reference_snr(res, excluded, s, b, sigma_full, surround_local=None):
         vp[:ny, :nx], cp[:ny, :nx] = v, c
         v = vp.reshape(gy, b, gx, b).sum(axis=(1, 3))
         c = cp.reshape(gy, b, gx, b).sum(axis=(1, 3))
-    g = H._gaussian_kernel(s / b).astype(np.float64)
+    # The documented kernel: a Gaussian truncated at 3 sigma (radius >= 1), normalised;
+    # built with scipy, not with the module's helper.
+    sig = s / b
+    radius = max(1, int(3.0 * sig + 0.5))
+    g = signal.windows.gaussian(2 * radius + 1, sig)
+    g /= g.sum()
 
     def conv(a, k):
         a = ndi.correlate1d(a, k, axis=1, mode="constant")
@@ -55,7 +63,8 @@ def test_scale_maps_match_scipy_normalised_convolution(rng, s, noise_kind):
     masker = H.HysteresisMasker(surround=0, grow_plain=True)
     maps = masker.scale_maps(res, noise, excluded, s)
     ref = _reference_snr(res, excluded, s, maps.block, np.asarray(noise))
-    assert maps.block == masker.binning(s, res.shape)
+    # documented binning: the largest power of two <= s
+    assert maps.block == {1.0: 1, 2.0: 2, 3.0: 2, 8.0: 8}[s]
     np.testing.assert_allclose(maps.snr, ref, atol=2e-5, rtol=2e-5)
     np.testing.assert_allclose(maps.plain, ref, atol=2e-5, rtol=2e-5)
 
@@ -111,14 +120,15 @@ def test_working_rms_coarse_samples_the_smooth_noise_map_at_block_centres(rng):
     yy, xx = np.mgrid[:256, :256]
     image = rng.normal(size=(256, 256)) * (1.0 + xx / 256.0)
     model = ThinPlateSmoother(cell_size=16).fit(image)
-    got = P._working_rms(model, coarse=True)
+    backend = MemoryBackend(image)
+    got = NoiseModel(coarse=True).working(model, backend)
     assert isinstance(got, H.CoarseRMS) and got.step == 8
     full = model.rms_map()
     # Block (i, j) holds the map at pixel (8 i + 3.5, 8 j + 3.5): between its neighbours.
     lo = np.minimum(full[3::8, 3::8], full[4::8, 4::8])
     hi = np.maximum(full[3::8, 3::8], full[4::8, 4::8])
     assert np.all((got.values >= lo - 1e-6) & (got.values <= hi + 1e-6))
-    full_floor = P._working_rms(model, coarse=False)
+    full_floor = NoiseModel(coarse=False).working(model, backend)
     assert full_floor.shape == (256, 256)
 
 
@@ -143,7 +153,8 @@ def test_change_is_the_rms_of_the_subsampled_difference_in_noise_units(rng, kind
     full = np.broadcast_to(np.asarray(rms, dtype=np.float64), new.shape)
     d = ((new - old) / full)[::2, ::2][~bad[::2, ::2]]
     want = np.sqrt(np.mean(d.astype(np.float64) ** 2))
-    got = P._change(new, old[::2, ::2], rms, bad)
+    backend = MemoryBackend(new, bad)
+    got = backend.change(new, None, MapModel(background=old, rms=old), rms, NoiseModel)
     assert got == pytest.approx(want, rel=1e-6)
 
 
@@ -159,7 +170,7 @@ def test_unmasked_rows_take_the_shortcut_bit_for_bit(rng, s):
     edge[:, 0] = True
     a = masker.scale_maps(res, np.asarray(np.float32(1.1)), clean, s)
     b = masker.scale_maps(res, np.asarray(np.float32(1.1)), edge, s)
-    reach = H._gaussian_kernel(s).size  # beyond the kernel and the surround's bins
+    reach = 2 * max(1, int(3.0 * s + 0.5)) + 1  # beyond the 3-sigma kernel and the surround's bins
     far = (slice(None), slice(4 * reach, None))
     np.testing.assert_array_equal(a.plain[far], b.plain[far])
     assert np.abs(a.snr[far] - b.snr[far]).max() < 1e-5  # the surround mean differs

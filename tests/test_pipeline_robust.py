@@ -31,7 +31,7 @@ def test_crowded_correlated_field_mask_stays_bounded(rng):
     img = _crowded_correlated(rng)
     res = fit(img)
     fractions = [r.mask_fraction for r in res.history]
-    assert max(fractions) < 0.5
+    assert max(fractions) < 0.15  # 0.11 when written
     assert np.isfinite(res.history[-2].change) and res.history[-2].change < 0.5
     err = float(np.median(res.background) - 100.0)
     assert abs(err) < 0.3
@@ -42,7 +42,7 @@ def test_tiny_crowded_image_does_not_diverge():
     img = _crowded_correlated(np.random.default_rng(0), n=64, stars=60)
     res = fit(img)
     changes = np.array([r.change for r in res.history[1:]])
-    assert np.all(np.isfinite(changes)) and changes.max() < 10
+    assert np.all(np.isfinite(changes)) and changes.max() < 1.5  # 1.07 when written
     assert res.history[-1].mask_fraction < 0.5
     assert abs(float(np.median(res.background)) - 100.0) < 0.5
 

@@ -20,4 +20,4 @@ def test_readme_quick_start_has_exactly_the_two_commands():
     text = README.read_text()
     quick = text.split("## Quick start", 1)[1].split("\n## ", 1)[0]
     commands = re.findall(r"```bash\n(.*?)\n```", quick, flags=re.S)
-    assert commands == ["pip install . && skymap demo", 'pip install ".[test]" && pytest']
+    assert commands == ["pip install . && skymap demo", 'pip install ".[test]" && pytest -n 2']

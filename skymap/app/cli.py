@@ -17,6 +17,7 @@ import contextlib
 import dataclasses
 import functools
 import importlib
+import inspect
 import io as _stdio
 import logging
 import os
@@ -111,37 +112,18 @@ def _progress(*, total: int, desc: str, quiet: bool, unit: str = "step"):
     return tqdm(total=total, desc=desc, disable=quiet, unit=unit, file=sys.stderr, leave=False)
 
 
-class _BarHandler(logging.Handler):
-    """Shows each log message of the pipeline (one per iteration) on a progress bar."""
-
-    def __init__(self, bar):
-        super().__init__(logging.DEBUG)
-        self.bar = bar
-
-    def emit(self, record: logging.LogRecord) -> None:
-        message = record.getMessage()
-        # only the per-iteration summaries; the maskers' per-scale diagnostics would
-        # flood the bar
-        if message.startswith("stage "):
-            self.bar.set_postfix_str(f"fitting: {message}"[:90])
-
-
-@contextlib.contextmanager
-def _iterations_on(bar, *, quiet: bool):
-    """While fitting, put the pipeline's per-iteration messages on ``bar`` (the pipeline
-    reports its iterations through logging, at DEBUG)."""
+def _iteration_report(bar, *, quiet: bool):
+    """A ``callback`` for the pipeline's fit that shows each iteration on ``bar``."""
     if quiet:
-        yield
-        return
-    logger = logging.getLogger("skymap.pipeline")
-    handler, level = _BarHandler(bar), logger.level
-    logger.addHandler(handler)
-    logger.setLevel(logging.DEBUG)
-    try:
-        yield
-    finally:
-        logger.removeHandler(handler)
-        logger.setLevel(level)
+        return None
+
+    def report(rec) -> None:
+        bar.set_postfix_str(
+            f"fitting: stage {rec.stage} iteration {rec.iteration}: change "
+            f"{rec.change:.3g}, mask {rec.mask_fraction:.3f}"[:90]
+        )
+
+    return report
 
 
 def _load_config(path: str | os.PathLike | None):
@@ -179,7 +161,7 @@ class _SingleFit:
     history: tuple = ()
 
 
-def _fit(image: np.ndarray, mask: np.ndarray | None, config: Any):
+def _fit(image: np.ndarray, mask: np.ndarray | None, config: Any, callback=None):
     """Fit with ``config``: an estimator object with ``.fit`` (the pipeline, or a single
     :class:`skymap.mesh.MeshBackground` pass), a mapping of options, or None (defaults).
 
@@ -188,11 +170,14 @@ def _fit(image: np.ndarray, mask: np.ndarray | None, config: Any):
     """
     try:
         if config is not None and hasattr(config, "fit"):
-            result = config.fit(image, mask=mask)
+            # a pipeline reports its iterations; a one-pass estimator has none
+            takes = callback is not None and "callback" in inspect.signature(config.fit).parameters
+            extra = {"callback": callback} if takes else {}
+            result = config.fit(image, mask=mask, **extra)
         else:
-            pipeline = _module("pipeline", "run")
+            pipeline = _module("background.pipeline", "run")
             options = dict(config) if isinstance(config, Mapping) else {}
-            result = pipeline.fit(image, mask=mask, **options)
+            result = pipeline.fit(image, mask=mask, callback=callback, **options)
     except ValueError as err:
         raise UsageError(f"cannot fit this image: {err}") from err
     if getattr(result, "mask", None) is None:
@@ -383,8 +368,7 @@ def run_file(
         bar.update()
         bar.set_postfix_str("fitting")
         t0 = time.perf_counter()
-        with _iterations_on(bar, quiet=quiet):
-            result = _fit(img.data, img.mask, config)
+        result = _fit(img.data, img.mask, config, _iteration_report(bar, quiet=quiet))
         log.info("%s: fit took %.2f s", path, time.perf_counter() - t0)
         bar.update()
         bar.set_postfix_str("evaluating")
@@ -498,8 +482,7 @@ def _cmd_demo(args) -> int:
         bar.update()
         bar.set_postfix_str("fitting")
         t0 = time.perf_counter()
-        with _iterations_on(bar, quiet=args.quiet):
-            result = _fit(scene.image, scene.mask, config)
+        result = _fit(scene.image, scene.mask, config, _iteration_report(bar, quiet=args.quiet))
         fit_seconds = time.perf_counter() - t0
         bar.update()
         bar.set_postfix_str("evaluating")
@@ -812,16 +795,8 @@ def _cmd_batch(args) -> int:
 def _cmd_config(args) -> int:
     config_mod = _module("config", "config")
     if args.kind == "pipeline":
-        if args.input is None:
-            raise UsageError(
-                "the default pipeline is chosen from the data: give the image, "
-                "`skymap config IN.fits`, or pick --kind mesh/sextractor/photutils"
-            )
-        img = _read_input(args.input, hdu=args.hdu)
-        try:
-            obj = _module("pipeline", "config").default_pipeline(img.data, img.mask)
-        except ValueError as err:
-            raise UsageError(str(err)) from err
+        # the default pipeline needs no image (its cells follow the image at fit time)
+        obj = _module("background.pipeline", "config").default_pipeline()
     else:
         from skymap.background.mesh import MeshBackground
 
@@ -1039,7 +1014,9 @@ def build_parser() -> argparse.ArgumentParser:
         "(--kind mesh, or presets that reproduce SExtractor or photutils "
         "Background2D). Edit it and pass it to `skymap run --config`.",
     )
-    p.add_argument("input", nargs="?", metavar="IN.fits", help="image (for --kind pipeline)")
+    p.add_argument(
+        "input", nargs="?", metavar="IN.fits", help="ignored (0.1 scripts passed an image)"
+    )
     p.add_argument(
         "--kind",
         default="pipeline",

@@ -11,8 +11,8 @@ Two jobs live here, both on existing engines rather than a home-made pool:
   in memory; and the full-resolution maps are interpolated tile by tile from the mesh
   grid with a halo of meshes sized from the interpolator's reach. The result equals the
   in-memory :meth:`MeshBackground.fit` to far better than 1e-6 of the RMS.
-* :func:`skymap.tiled.tiled_fit` (its own module) runs :func:`skymap.fit`'s pipeline
-  the same way.
+* :func:`skymap.fit` itself runs its pipeline the same way on a dask array or a
+  memory map, through :class:`~skymap.backends.dask.DaskBackend`.
 
 Examples
 --------
@@ -39,6 +39,7 @@ from typing import Any
 import numpy as np
 
 from skymap._validate import as_mask, as_pair, check_positive, work_dtype
+from skymap.backends.dask import aligned_chunks
 from skymap.background.interpolate import MeshGeometry
 from skymap.background.mesh import MeshBackground, MeshResult
 
@@ -275,7 +276,7 @@ def tiled_mesh_background(
     ty, tx = max(by, ty // by * by), max(bx, tx // bx * bx)
     if halo is not None:
         check_positive("halo", halo, allow_zero=True)
-    chunks = (_aligned_chunks(shape[0], ty), _aligned_chunks(shape[1], tx))
+    chunks = (aligned_chunks(shape[0], ty), aligned_chunks(shape[1], tx))
     arr = arr.rechunk(chunks)
     excl = _exclusion(mask, coverage_mask, shape, chunks)
     dtype = work_dtype(arr.dtype)
@@ -322,11 +323,6 @@ def tiled_mesh_background(
     return TiledMeshResult(
         mesh=result, background=maps("background"), rms=maps("rms"), tile=(ty, tx), halo=K
     )
-
-
-def _aligned_chunks(n: int, step: int) -> tuple[int, ...]:
-    full, rest = divmod(n, step)
-    return (step,) * full + ((rest,) if rest else ())
 
 
 def _as_dask_mask(mask: Any, shape, chunks, name: str):

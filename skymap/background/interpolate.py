@@ -378,6 +378,11 @@ class IDW:
     done in row blocks to bound memory; much slower than :class:`ZoomSpline` on large
     images. It reproduces photutils' deprecated ``BkgIDWInterpolator``.
 
+    References
+    ----------
+    Shepard, D. 1968, Proc. 23rd ACM National Conference, 517,
+    https://doi.org/10.1145/800186.810616.
+
     Examples
     --------
     >>> g = MeshGeometry(box_size=3, image_shape=(3, 6))

@@ -37,6 +37,7 @@ from skymap.background.interpolate import (
     ZoomSpline,
     fill_holes,
 )
+from skymap.background.model import MapMethods
 from skymap.stats import estimators as _stats
 
 __all__ = ["MeshBackground", "MeshResult", "SExtractorHistogram"]
@@ -75,7 +76,8 @@ class SExtractorHistogram(_stats._SExtractorParameters):
 
     References
     ----------
-    Bertin, E. & Arnouts, S. 1996, A&AS 117, 393 (section 2.1).
+    Bertin, E. & Arnouts, S. 1996, A&AS 117, 393 (section 2.1),
+    https://doi.org/10.1051/aas:1996164.
 
     Examples
     --------
@@ -158,6 +160,11 @@ class MeshBackground:
     pass over the image, parallel over meshes, holding no copy of the image. Other
     estimators go through the generic path, which stacks the meshes into a (mesh,
     pixel) array (about two extra copies of the image).
+
+    References
+    ----------
+    Bertin, E. & Arnouts, S. 1996, A&AS 117, 393 (SExtractor's background),
+    https://doi.org/10.1051/aas:1996164.
 
     Examples
     --------
@@ -554,7 +561,7 @@ def _generic_stats(img, excl, geometry, clip, est, rms):
 
 
 @dataclass(frozen=True, kw_only=True, eq=False)
-class MeshResult:
+class MeshResult(MapMethods):
     """What :meth:`MeshBackground.fit` measured.
 
     The mesh-level arrays are computed by ``fit``. The full-resolution ``background``
@@ -619,3 +626,13 @@ class MeshResult:
     def rms(self) -> np.ndarray:
         """Full-resolution RMS map (interpolated on first access, then cached)."""
         return self._map(self.mesh_rms)
+
+    # the BackgroundModel protocol (skymap.background.model), for the pipeline
+
+    scale = None
+    error = float("nan")
+
+    @property
+    def grid(self) -> np.ndarray:
+        """The mesh grid of the background (``mesh_background``)."""
+        return self.mesh_background

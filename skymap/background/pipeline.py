@@ -23,31 +23,32 @@ smoothing, so nothing in it is a pixel number tuned to one scene.
 from __future__ import annotations
 
 import functools
+import inspect
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, fields, replace
 from functools import cached_property
-from typing import Any, Protocol, runtime_checkable
+from typing import Any
 
 import numpy as np
 
-from skymap._inputs import ImageInput, read_image
-from skymap._validate import as_image, as_mask, check_choice, check_positive, combine_masks
-from skymap.background import _pipeline_kernels as _k
-from skymap.background.normalise import Normalisation
-from skymap.background.smooth import SmoothResult, ThinPlateSmoother, upsample
-from skymap.masking.hysteresis import (
-    _MAD_TO_STD,
-    CoarseRMS,
-    HysteresisMasker,
-    _masked_block_sums,
-    _noise_grid,
-    _pow2_at_most,
-)
+from skymap._inputs import ImageInput, Normalisation, read_image
+from skymap._util import check_int, pow2_at_most
+from skymap._validate import as_image, as_mask, check_choice, check_positive
+from skymap.backends.base import ArrayBackend, Tileable
+from skymap.backends.dask import DaskBackend, is_tiled_input
+from skymap.backends.memory import MemoryBackend
+from skymap.background.model import BackgroundEstimator, BackgroundModel, as_driven
+from skymap.background.noise import NoiseModel
+from skymap.background.ring import RingMedianGuess
+from skymap.background.smooth import ThinPlateSmoother
+from skymap.masking.hysteresis import CoarseRMS, HysteresisMasker
+from skymap.masking.maskers import Masker
 
 __all__ = [
     "BackgroundEstimator",
+    "BackgroundModel",
     "BackgroundResult",
     "IterationRecord",
     "IterativeBackground",
@@ -60,110 +61,11 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 
-@runtime_checkable
-class BackgroundEstimator(Protocol):
-    """Anything with ``fit(image, mask) -> result`` whose result has ``background`` and
-    ``rms`` maps: :class:`~skymap.smooth.ThinPlateSmoother`,
-    :class:`~skymap.mesh.MeshBackground`, :class:`RingMedianGuess`, ..."""
-
-    def fit(self, image: Any, mask: Any = None) -> Any: ...
-
-
-# --------------------------------------------------------------------------- first guess
-
-
-@dataclass(frozen=True, kw_only=True)
-class RingMedianGuess:
-    """A ring-median first guess: each pixel's background is the median of the valid
-    pixels in a ring around it (:func:`skymap.filters.ring_median`), so sources smaller
-    than ``radius`` do not pull it up. The RMS is the MAD-based sigma of the residual.
-
-    Parameters
-    ----------
-    radius, width : float
-        Inner radius and width of the ring in pixels.
-
-    Examples
-    --------
-    >>> img = np.ones((40, 40)); img[20, 20] = 100.0
-    >>> res = RingMedianGuess(radius=4, width=2).fit(img)
-    >>> float(res.background[20, 20])
-    1.0
-    """
-
-    radius: float = 15.0
-    width: float = 5.0
-
-    def __post_init__(self):
-        check_positive("radius", self.radius, allow_zero=True)
-        check_positive("width", self.width)
-
-    def fit(self, image, mask=None) -> _MapResult:
-        """Ring-median background of ``image`` ignoring ``mask`` (True = excluded)."""
-        from skymap.stats.filters import ring_median
-
-        img = as_image(image)
-        bad = combine_masks(img, as_mask(mask, img.shape))
-        bkg = np.asarray(ring_median(img, self.radius, self.width, mask=bad), dtype=img.dtype)
-        # Pixels whose ring holds no valid pixel take the global median.
-        hole = ~np.isfinite(bkg)
-        if hole.any():
-            bkg[hole] = np.median(img[~bad])
-        r = (img - bkg)[~bad]
-        sigma = _MAD_TO_STD * float(np.median(np.abs(r - np.median(r))))
-        return _MapResult(background=bkg, rms=np.full(img.shape, sigma, dtype=img.dtype))
-
-
-@dataclass(frozen=True, kw_only=True, eq=False)
-class _MapResult:
-    background: np.ndarray
-    rms: np.ndarray
-
-
 # --------------------------------------------------------------------------- records
 
 
-def _background_of(model: Any, step: int = 1) -> np.ndarray:
-    # Uncached maps where the estimator offers them, so the history keeps only grids;
-    # a thin-plate map is interpolated only where a subsample (``step``) needs it.
-    if isinstance(model, SmoothResult):
-        return model.background_map(step)
-    f = getattr(model, "background_map", None)
-    bkg = f() if callable(f) else np.asarray(model.background)
-    return bkg[::step, ::step] if step > 1 else bkg
-
-
-def _rms_of(model: Any) -> np.ndarray:
-    f = getattr(model, "rms_map", None)
-    return f() if callable(f) else np.asarray(model.rms)
-
-
 @dataclass(frozen=True, kw_only=True, eq=False)
-class _IterationFields:
-    """The scalar fields of one iteration and the estimator's result (shared by
-    :class:`IterationRecord` and the tiled fit's records)."""
-
-    stage: int
-    iteration: int
-    mask_fraction: float
-    mask_change: float
-    change: float
-    scale: float | None
-    mask_growth: float = float("nan")
-    error: float = float("nan")
-    asymmetry: float = float("nan")
-    min_scale: float | None = None
-    model: Any = field(repr=False)
-
-    def to_dict(self) -> dict:
-        """The scalar fields, for tables and JSON."""
-        return {
-            f.name: getattr(self, f.name) for f in fields(_IterationFields) if f.name != "model"
-        }
-
-
-@dataclass(frozen=True, kw_only=True, eq=False)
-class IterationRecord(_IterationFields):
+class IterationRecord:
     """One iteration of an :class:`IterativeBackground` fit.
 
     ``background``, ``rms`` and ``mask`` are rebuilt from compact forms on each access
@@ -197,30 +99,61 @@ class IterationRecord(_IterationFields):
         (see ``IterativeBackground.source_asymmetry``), else NaN.
     min_scale : float or None
         Smoothing floor in pixels this fit was held to (None: GCV's choice alone).
-    model : object
+    model : BackgroundModel
         The estimator's result for this iteration.
+    packed_mask : ndarray of uint8 or None
+        The mask, bit-packed (None for a tiled fit, which keeps only the last mask).
+    shape : (int, int)
+        The image's shape.
     """
 
-    packed_mask: np.ndarray = field(repr=False)
+    stage: int
+    iteration: int
+    mask_fraction: float
+    mask_change: float
+    change: float
+    scale: float | None
+    mask_growth: float = float("nan")
+    error: float = float("nan")
+    asymmetry: float = float("nan")
+    min_scale: float | None = None
+    model: Any = field(repr=False)
+    packed_mask: np.ndarray | None = field(repr=False)
     shape: tuple[int, int]
     normalisation: Normalisation | None = field(default=None, repr=False)
 
+    def to_dict(self) -> dict:
+        """The scalar fields, for tables and JSON."""
+        return {
+            f.name: getattr(self, f.name)
+            for f in fields(self)
+            if f.name not in ("model", "packed_mask", "shape", "normalisation")
+        }
+
     @property
     def background(self) -> np.ndarray:
-        """Background map of this iteration (in the image's units; the model's are the
-        normalised ones)."""
-        bkg = _background_of(self.model)
+        """Background map of this iteration, in the image's units (the model's are
+        the normalised ones)."""
+        bkg = self.model.background_map()
         return bkg if self.normalisation is None else self.normalisation.undo(bkg)
 
     @property
     def rms(self) -> np.ndarray:
-        """RMS map of this iteration (in the image's units)."""
-        rms = _rms_of(self.model)
+        """RMS map of this iteration, in the image's units."""
+        rms = self.model.rms_map()
         return rms if self.normalisation is None else self.normalisation.undo(rms, offset=False)
 
     @property
     def mask(self) -> np.ndarray:
-        """Mask (True = excluded) this iteration's background was fitted with."""
+        """Mask (True = excluded) this iteration's background was fitted with.
+
+        Raises
+        ------
+        ValueError
+            For an iteration of a tiled fit, which keeps no masks but the last.
+        """
+        if self.packed_mask is None:
+            raise ValueError("a tiled fit keeps no iteration's mask; see BackgroundResult.mask")
         n = self.shape[0] * self.shape[1]
         return np.unpackbits(self.packed_mask, count=n).astype(bool).reshape(self.shape)
 
@@ -247,6 +180,8 @@ class BackgroundResult:
         The configuration that made this result.
     noise : float
         Median of the final RMS.
+    tiles : TileLayout or None
+        For a tiled fit: the tile shape, the chunks and the largest halo read.
     converged : bool
         Whether an iteration of the last stage met the tolerances
         (:meth:`IterativeBackground.settled`: the background moved by less than
@@ -262,6 +197,8 @@ class BackgroundResult:
     config: IterativeBackground
     noise: float
     converged: bool
+    lazy_rms: Any = field(default=None, repr=False)
+    tiles: Any = None
     normalisation: Normalisation | None = field(default=None, repr=False)
     inputs: ImageInput | None = field(default=None, repr=False)
 
@@ -272,8 +209,11 @@ class BackgroundResult:
 
     @cached_property
     def rms(self) -> np.ndarray:
-        """Background RMS map (input dtype and unit), interpolated on first access."""
-        rms = np.asarray(self.history[-1].model.rms, dtype=self.background.dtype)
+        """Background RMS map (input dtype and unit), interpolated on first access (a
+        lazy dask array for a tiled fit)."""
+        if self.lazy_rms is not None:
+            return self.lazy_rms
+        rms = np.asarray(self.history[-1].model.rms_map(), dtype=self.background.dtype)
         if self.normalisation is not None:
             rms = self.normalisation.undo(rms, offset=False)
         return rms if self.inputs is None else self.inputs.wrap(rms)
@@ -323,19 +263,18 @@ class BackgroundResult:
 
 @dataclass(frozen=True, kw_only=True)
 class Stage:
-    """One scale of the pipeline: a masker (``(residual, rms, mask) -> detections``)
-    and a background estimator (``fit(image, mask) -> result``); ``max_iter`` overrides
-    the pipeline's iteration cap for this stage."""
+    """One scale of the pipeline: a masker (:class:`~skymap.masking.Masker`:
+    ``(residual, rms, mask) -> detections``) and a background estimator
+    (:class:`~skymap.background.model.BackgroundEstimator`: ``fit(image, mask) ->``
+    :class:`~skymap.background.model.BackgroundModel`); ``max_iter`` overrides the
+    pipeline's iteration cap for this stage."""
 
-    masker: Any
-    estimator: Any
+    masker: Masker
+    estimator: BackgroundEstimator
     max_iter: int | None = None
 
     def __post_init__(self):
-        if self.max_iter is not None and (
-            int(self.max_iter) != self.max_iter or self.max_iter < 1
-        ):
-            raise ValueError(f"max_iter must be None or an integer >= 1, got {self.max_iter!r}")
+        check_int("max_iter", self.max_iter, allow_none=True)
         if not callable(self.masker):
             raise ValueError(f"masker must be a Masker (callable), got {self.masker!r}")
         if not callable(getattr(self.estimator, "fit", None)):
@@ -409,9 +348,9 @@ class IterativeBackground:
     (True, True)
     """
 
-    first_guess: Any
+    first_guess: BackgroundEstimator
     stages: Sequence[Stage]
-    final: Any = None
+    final: BackgroundEstimator | None = None
     max_iter: int = 5
     change_tol: float = 0.01
     mask_tol: float = 0.005
@@ -435,8 +374,7 @@ class IterativeBackground:
             raise ValueError(
                 f"final must be None or have a fit(image, mask) method, got {self.final!r}"
             )
-        if int(self.max_iter) != self.max_iter or self.max_iter < 1:
-            raise ValueError(f"max_iter must be an integer >= 1, got {self.max_iter!r}")
+        check_int("max_iter", self.max_iter)
         check_positive("change_tol", self.change_tol, allow_zero=True)
         check_positive("mask_tol", self.mask_tol, allow_zero=True)
         check_positive("error_tol", self.error_tol, allow_zero=True)
@@ -448,20 +386,46 @@ class IterativeBackground:
         if not self.stiffen > 1:
             raise ValueError(f"stiffen must be > 1, got {self.stiffen!r}")
 
-    def fit(self, image, mask=None, *, error=None, weight=None) -> BackgroundResult:
+    def fit(
+        self,
+        image,
+        mask=None,
+        *,
+        callback: Callable[[IterationRecord], Any] | None = None,
+        tile: int | tuple[int, int] | None = None,
+        client: Any = None,
+        backend: ArrayBackend | None = None,
+        error: Any = None,
+        weight: Any = None,
+    ) -> BackgroundResult:
         """Fit the background of ``image`` (y, x), ignoring ``mask`` (True = excluded).
 
-        ``image`` may be an array, a MaskedArray, a Quantity, an NDData or a CCDData
-        (:func:`skymap._inputs.read_image`: its mask is ORed with ``mask``, its unit
-        carried to the outputs, its uncertainty read as ``error``). ``error`` (1 sigma
-        per pixel) or ``weight`` (inverse variance), mutually exclusive, make the
-        maskers threshold in units of that map (times the noise excess they measure);
-        pixels with zero weight or a non-finite error are excluded.
-
         The loop runs on a normalised copy, ``(image - level) / scale``
-        (:class:`~skymap.background.normalise.Normalisation`), so that the result
-        scales exactly with the input; the result's maps are in the input's units, its
-        ``history`` models in the normalised ones.
+        (:class:`~skymap._inputs.Normalisation`), so that the result scales exactly
+        with the input; the result's maps are in the input's units, the history's
+        models in the normalised ones.
+
+        Parameters
+        ----------
+        image : array_like, MaskedArray, Quantity, NDData or CCDData (ny, nx)
+            The image (ignored when ``backend`` is given, which holds it). Its own
+            mask is ORed with ``mask``, its unit carried to the outputs, an NDData
+            uncertainty read as ``error`` (:func:`skymap._inputs.read_image`).
+        mask : array_like of bool, optional
+            True = excluded; NaN and inf pixels are excluded automatically.
+        error, weight : array_like or Quantity, optional
+            1 sigma per pixel, or inverse variance; at most one (in-memory fits only).
+            The maskers threshold in units of this map (times the noise excess they
+            measure) and thin-plate smoothers weight their cells by it. Zero weight or
+            a non-finite error excludes the pixel.
+        callback : callable, optional
+            Called with each :class:`IterationRecord` as it is made (the first guess,
+            every iteration, the final refit): progress reports.
+        tile, client : optional
+            For the tiled back end (see :meth:`backend_for`).
+        backend : ArrayBackend, optional
+            Where the pixels live (:mod:`skymap.backends`); default
+            :meth:`backend_for` on ``image`` and ``mask``.
 
         Raises
         ------
@@ -469,29 +433,37 @@ class IterativeBackground:
             For a non-2-D image, a mask, error or weight of another shape, negative
             errors or weights, units that do not convert, or no valid pixel.
         """
-        inp = read_image(image, mask, error=error, weight=weight)
-        raw = inp.data
-        bad = combine_masks(raw, inp.mask)
-        if bad.all():
-            raise ValueError("image has no valid pixel: everything is masked or non-finite")
-        norm = Normalisation.of(raw, bad)
-        img = norm.apply(raw)
-        del raw
-        # Extreme negative pixels are excluded from the start and reported with the
-        # detections (the maskers look above the background only).
-        given, bad = bad, bad | norm.outliers(img)
-        noise_map = pixel_weight = None
-        if inp.error is not None:
-            noise_map = _error_noise(inp.error, bad, norm)
-            pixel_weight = _relative_weight(inp.error, bad)
-        history: list[IterationRecord] = []
+        inputs = None
+        if backend is not None:
+            be = backend
+        elif tile is None and client is None and not is_tiled_input(image):
+            inputs = read_image(image, mask, error=error, weight=weight)
+            be = MemoryBackend(inputs.data, inputs.mask)
+        else:
+            be = self.backend_for(image, mask, tile=tile, client=client)
+        if (error is not None or weight is not None) and inputs is None:
+            raise ValueError("error and weight maps are for in-memory fits only")
+        norm = be.normalise()
+        masker_noise = None
+        if inputs is not None and inputs.error is not None:
+            masker_noise = _error_noise(inputs.error, be.bad, norm)
+            be.weight = _relative_weight(inputs.error, be.bad)
+            inputs = replace(inputs, error=None)
         record = functools.partial(_record, norm=norm)
-        # Our maskers read a coarse noise map; any other gets the full map.
-        coarse = all(isinstance(st.masker, HysteresisMasker) for st in self.stages)
-        model = _fit_estimator(self.first_guess, img, bad, None, weight=pixel_weight)
-        bkg, rms = _background_of(model), _working_rms(model, coarse)
-        current = bad
-        history.append(record(-1, 0, model, current, None, None, img.shape))
+        noise_model = NoiseModel.for_maskers(st.masker for st in self.stages)
+        history: list[IterationRecord] = []
+
+        def keep(record: IterationRecord) -> IterationRecord:
+            history.append(record)
+            if callback is not None:
+                callback(record)
+            return record
+
+        model = _fit(be, self.first_guess, be.bad)
+        bkg, noise = be.background(model), noise_model.working(model, be)
+        current = be.bad
+        _, count, kept = be.mask_stats(current)
+        keep(record(be, -1, 0, model, count, kept, None, None))
         converged = False
         # Smoothing floor in pixels, raised (never lowered) when the last stage's fit is
         # found following source light.
@@ -500,48 +472,44 @@ class IterativeBackground:
         for k, stage in enumerate(self.stages):
             converged = False
             cap = self.max_iter if stage.max_iter is None else stage.max_iter
-            it = count = 0
-            while count < cap:
+            it = done = 0
+            while done < cap:
                 # Only the residual is kept through the masking (memory): the previous
                 # background is rebuilt from its model for the change, and the previous
                 # mask is in the history, bit-packed, for the mask change.
-                resid = np.subtract(img, bkg, dtype=img.dtype)
+                resid = be.residual(bkg)
                 del bkg, current
-                masker_noise = rms if noise_map is None else noise_map
-                detections = np.asarray(stage.masker(resid, masker_noise, bad), dtype=bool)
-                del masker_noise
-                del resid, rms
-                new = bad | detections
-                del detections
-                previous = model
-                model = _fit_estimator(
-                    stage.estimator, img, new, _scale_of(history[-1]), floor, pixel_weight
+                new = be.mask(
+                    stage.masker,
+                    resid,
+                    noise if masker_noise is None else masker_noise,
+                    NoiseModel.window,
                 )
-                new_bkg, new_rms = _background_of(model), _working_rms(model, coarse)
-                change = _change(new_bkg, _background_of(previous, 2), new_rms, bad)
+                del resid, noise
+                previous = model
+                model = _fit(be, stage.estimator, new, history[-1].scale, floor)
+                bkg, noise = be.background(model), noise_model.working(model, be)
+                change = be.change(bkg, model, previous, noise, NoiseModel)
                 del previous
-                packed = np.packbits(new.ravel())
-                flips = np.bitwise_count(packed ^ history[-1].packed_mask).sum(dtype=np.int64)
-                mask_change = float(flips) / new.size
+                flips, count, kept = be.mask_stats(new)
                 asymmetry, raised = float("nan"), False
                 if k == last and self.source_asymmetry is not None:
                     asymmetry, floor, raised = self._check_asymmetry(model, floor)
-                history.append(
+                rec = keep(
                     record(
+                        be,
                         k,
                         it,
                         model,
-                        new,
+                        count,
+                        kept,
                         change,
-                        mask_change,
-                        img.shape,
-                        packed,
-                        previous=history[-1],
+                        flips / be.size,
+                        history[-1],
                         asymmetry=asymmetry,
                         floor=floor,
-                    )
+                    )  # fmt: skip
                 )
-                rec = history[-1]
                 log.debug(
                     "stage %d iteration %d: change %.4g (error %.4g), mask change %.4g "
                     "(growth %+.4g), mask %.3f, asymmetry %.3g, floor %s",
@@ -549,59 +517,95 @@ class IterativeBackground:
                     it,
                     change,
                     rec.error,
-                    mask_change,
+                    rec.mask_change,
                     rec.mask_growth,
                     rec.mask_fraction,
                     asymmetry,
                     floor,
                 )
-                # Rebound, not copied: no second name may keep the old maps alive
-                # through the next masking.
-                bkg, rms, current = new_bkg, new_rms, new
-                del new_bkg, new
+                current = new
+                del new
                 it += 1
                 # A raised floor changes the fit the masks are made against: the stage
                 # starts its count again (the floor can rise only a few times).
-                count = 0 if raised else count + 1
+                done = 0 if raised else done + 1
                 if not raised and self.settled(rec):
                     converged = True
                     break
-        noise = _typical_noise(rms, img, bad)
-        del rms
+        typical = NoiseModel.typical(noise, be)
+        del noise
         if self.final is not None:
-            # Only the subsample the change needs is kept through the refit (memory).
-            old = bkg[::2, ::2].copy()
+            # The previous background is rebuilt from its model for the change (memory).
             del bkg
-            model = _fit_estimator(
-                self.final, img, current, _scale_of(history[-1]), floor, pixel_weight
-            )
-            bkg, new_rms = _background_of(model), _working_rms(model, coarse)
-            change = _change(bkg, old, new_rms, bad)
-            history.append(
+            previous = model
+            model = _fit(be, self.final, current, history[-1].scale, floor)
+            bkg = be.background(model)
+            change = be.change(bkg, model, previous, noise_model.working(model, be), NoiseModel)
+            rec = history[-1]
+            keep(
                 record(
+                    be,
                     len(self.stages),
                     0,
                     model,
-                    current,
+                    None,
+                    rec.packed_mask,
                     change,
                     0.0,
-                    img.shape,
-                    previous=history[-1],
+                    rec,
                     floor=floor,
-                )
+                )  # fmt: skip
             )
-        bkg = norm.undo(bkg)
+        lazy_rms = be.result_rms(model)
         return BackgroundResult(
-            background=bkg,
-            mask=current,
-            bad_mask=given,
+            background=be.result(norm.undo(bkg)),
+            mask=be.result(current),
+            bad_mask=be.result(be.given_bad),
             history=tuple(history),
             config=self,
-            noise=float(noise) * norm.scale,
+            noise=float(typical) * norm.scale,
             converged=converged,
+            lazy_rms=None if lazy_rms is None else norm.undo(lazy_rms, offset=False),
+            tiles=be.layout() if be.tiled else None,
             normalisation=norm,
-            inputs=replace(inp, data=None, mask=None, error=None),
+            inputs=None if inputs is None else replace(inputs, data=None, mask=None),
         )
+
+    def backend_for(self, image, mask=None, *, tile=None, client=None) -> ArrayBackend:
+        """The back end for ``image``: tiles (:class:`~skymap.backends.dask.DaskBackend`)
+        for a dask array or a memory-mapped file, or when ``tile`` or ``client`` is
+        given; else in memory (:class:`~skymap.backends.memory.MemoryBackend`).
+
+        Parameters
+        ----------
+        image, mask
+            As for :meth:`fit`.
+        tile : int or (int, int), optional
+            Approximate tile shape in pixels (default 1024), rounded down (not below)
+            to a multiple of :meth:`tile_unit`.
+        client : optional
+            A ``distributed.Client`` (or any dask scheduler) to run the tiles on;
+            default dask's current scheduler.
+        """
+        if tile is None and client is None and not is_tiled_input(image):
+            return MemoryBackend(image, mask)
+        shape = tuple(getattr(image, "shape", np.shape(image)))
+        unit = self.tile_unit(shape) if len(shape) == 2 else (2, 2)
+        tile = 1024 if tile is None else tile
+        return DaskBackend(image, mask, tile=tile, unit=unit, client=client)
+
+    def tile_unit(self, shape) -> tuple[int, int]:
+        """Alignment unit per axis of the tiles for an image of ``shape``: the least
+        common multiple of 2 (the change's ``[::2, ::2]`` subsample) and every piece's
+        :meth:`~skymap.backends.base.Tileable.tile_unit` (cells, binning blocks)."""
+        units = (2, 2)
+        pieces = [self.first_guess, self.final]
+        for st in self.stages:
+            pieces += [st.masker, st.estimator]
+        for piece in pieces:
+            if isinstance(piece, Tileable):
+                units = tuple(map(math.lcm, units, piece.tile_unit(shape)))
+        return units
 
     def settled(self, rec: IterationRecord) -> bool:
         """Whether the iteration ``rec`` meets the tolerances (see ``change_tol``): a
@@ -615,10 +619,8 @@ class IterativeBackground:
 
     def _check_asymmetry(self, model, floor):
         """(asymmetry, new floor, whether it was raised) after a last-stage refit."""
-        if not isinstance(model, SmoothResult):
-            return float("nan"), floor, False
         asymmetry = model.asymmetry(self.stiffen)
-        if asymmetry <= self.source_asymmetry:
+        if not asymmetry > self.source_asymmetry:
             return asymmetry, floor, False
         stiff = self.stiffen * model.scale
         # A fit already at the image's stiffest plane cannot be stiffened further.
@@ -628,51 +630,23 @@ class IterativeBackground:
         return asymmetry, stiff, True
 
 
-def _working_rms(model: Any, coarse: bool = False):
-    """The noise handed to the maskers: a scalar when the model's RMS grid varies by
-    less than 5%; with ``coarse``, a :class:`CoarseRMS` for a thin-plate model (its
-    noise map is smooth over many cells, so one value per block of half a cell loses
-    nothing, and no full-resolution map is made); else the full map. Maps are floored
-    at half their median: the smoothed variance can undershoot to zero where few
-    pixels are left (masked crowds, the rims of blank regions), and a near-zero noise
-    there would turn every fluctuation into a detection and every background change
-    into an enormous one."""
-    grid = getattr(model, "rms_grid", None)
-    if grid is not None:
-        g = np.asarray(grid)
-        g = g[np.isfinite(g)]
-        if g.size and g.min() > 0 and g.max() <= 1.05 * g.min():
-            return float(np.median(g))
-    if coarse and isinstance(model, SmoothResult):
-        q = _pow2_at_most(min(model.cell_size) / 2.0, *model.shape)
-        if q > 1:
-            values = upsample(
-                model.rms_grid, model.cell_size, model.shape, np.float32, q, (q - 1) / 2.0
-            )
-            _floor_at_half_median(values)
-            return CoarseRMS(values=values, step=q, shape=model.shape)
-    f = getattr(model, "rms_map", None)
-    # A fresh map of our own, floored in place: the masked copies and temporaries of
-    # a vectorised floor were the fit's memory peak.
-    rms = np.ascontiguousarray(f() if callable(f) else np.array(model.rms))
-    if rms.ndim == 0:
-        return rms  # a positive constant is its own floor
-    _floor_at_half_median(rms)
-    return rms
-
-
 def _error_noise(error: np.ndarray, bad: np.ndarray, norm: Normalisation) -> CoarseRMS:
     """The maskers' noise from a 1-sigma map: its RMS over the valid pixels of blocks
     of 4 x 4 pixels, in normalised units (a :class:`CoarseRMS`; blocks with no valid
-    pixel take the median)."""
-    q = _pow2_at_most(4.0, *error.shape)
-    var = np.square(error / norm.scale, dtype=np.float64)
-    var[bad] = 0.0
-    total, count = _masked_block_sums(var, bad, q)
+    pixel take the median of the others)."""
+    q = pow2_at_most(4.0, *error.shape)
+    ny, nx = error.shape
+    gy, gx = -(-ny // q), -(-nx // q)
+    var = np.zeros((gy * q, gx * q))
+    ok = np.zeros(var.shape, bool)
+    ok[:ny, :nx] = ~bad
+    var[:ny, :nx] = np.where(~bad, error / norm.scale, 0.0) ** 2
+    total = var.reshape(gy, q, gx, q).sum(axis=(1, 3))
+    count = ok.reshape(gy, q, gx, q).sum(axis=(1, 3))
     with np.errstate(invalid="ignore", divide="ignore"):
         values = np.sqrt(total / count)
-    ok = np.isfinite(values) & (values > 0)
-    values[~ok] = np.median(values[ok]) if ok.any() else 1.0
+    good = np.isfinite(values) & (values > 0)
+    values[~good] = np.median(values[good]) if good.any() else 1.0
     return CoarseRMS(values=values.astype(np.float32), step=q, shape=error.shape)
 
 
@@ -686,69 +660,29 @@ def _relative_weight(error: np.ndarray, bad: np.ndarray) -> np.ndarray:
     return (w / mean if mean > 0 else w).astype(np.float32)
 
 
-def _floor_at_half_median(rms: np.ndarray) -> None:
-    sample = _k.positive_sample(rms, 250_000)
-    if sample.size:
-        _k.floor_in_place(rms, rms.dtype.type(0.5 * float(np.median(sample))))
-
-
-def _typical_noise(rms, img, bad) -> float:
-    """Median of the noise over the valid pixels (over the valid blocks for a
-    CoarseRMS, so that no full-resolution map is made)."""
-    if np.ndim(rms) == 0:
-        return float(rms)
-    if isinstance(rms, CoarseRMS):
-        _, cnt = _masked_block_sums(img, bad, rms.step)
-        return float(np.median(rms.values[cnt > 0]))
-    # The selection is a fresh copy: the median may partition it in place.
-    return float(np.median(np.asarray(rms)[~bad], overwrite_input=True))
-
-
-def _scale_of(record: IterationRecord) -> float | None:
-    return record.scale
-
-
-def _fit_estimator(estimator, img, mask, scale, floor=None, weight=None):
-    # A thin-plate smoother weights its cells by an error map's inverse variance.
-    if isinstance(estimator, ThinPlateSmoother) and (
-        scale is not None or floor is not None or weight is not None
-    ):
-        return estimator.fit(
-            img,
-            mask,
-            smoothing_start=None if scale is None else scale**4,
-            min_smoothing=None if floor is None else floor**4,
-            weight=weight,
-        )
-    return estimator.fit(img, mask)
-
-
-def _change(new, old_sub, rms, bad) -> float:
-    """RMS over valid pixels of (new - old) / rms. A smooth map's change is well
-    measured on every other pixel of every other row, at a quarter of the memory and
-    time; ``old_sub`` is the old map's subsample."""
-    sigma, q = _noise_grid(rms)
-    return _k.subsampled_change(new, old_sub, bad, sigma, q)
+def _fit(backend, estimator, mask, scale=None, floor=None) -> BackgroundModel:
+    """``estimator`` fitted through ``backend`` with ``mask``, its search started at the
+    previous smoothing length ``scale`` and held at or above ``floor`` (pixels)."""
+    return backend.fit(as_driven(estimator), mask, start_scale=scale, min_scale=floor)
 
 
 def _record(
+    backend,
     stage,
     it,
     model,
-    mask,
+    count,
+    packed,
     change,
     mask_change,
-    shape,
-    packed=None,
-    *,
     previous=None,
+    *,
     asymmetry=float("nan"),
     floor=None,
     norm=None,
 ) -> IterationRecord:
-    scale = getattr(model, "scale", None)
-    error = getattr(model, "error", None)
-    fraction = float(np.count_nonzero(mask)) / mask.size
+    scale, error = model.scale, model.error
+    fraction = previous.mask_fraction if count is None else float(count) / backend.size
     return IterationRecord(
         stage=stage,
         iteration=it,
@@ -761,8 +695,8 @@ def _record(
         asymmetry=float(asymmetry),
         min_scale=None if floor is None else float(floor),
         model=model,
-        packed_mask=np.packbits(mask.ravel()) if packed is None else packed,
-        shape=tuple(shape),
+        packed_mask=packed,
+        shape=tuple(backend.shape),
         normalisation=norm,
     )
 
@@ -770,8 +704,22 @@ def _record(
 # --------------------------------------------------------------------------- defaults
 
 
-def default_pipeline(image, mask=None, **options) -> IterativeBackground:
-    """The default :class:`IterativeBackground` for ``image``, chosen from the data.
+def default_pipeline(
+    image=None,
+    mask=None,
+    *,
+    high: float = 4.0,
+    low: float = 2.0,
+    max_iter: int = 8,
+    change_tol: float = 0.01,
+    mask_tol: float = 0.005,
+    error_tol: float = 0.5,
+    source_asymmetry: float | None = 2.5,
+    cell_size: Any = None,
+    gcv_inflation: float | None = None,
+) -> IterativeBackground:
+    """The default :class:`IterativeBackground`: nothing in it is a pixel number tuned
+    to one scene, so it needs no image.
 
     * First guess: a thin-plate smooth of the whole image with the smoothing chosen by
       GCV (:class:`~skymap.smooth.ThinPlateSmoother`).
@@ -795,45 +743,35 @@ def default_pipeline(image, mask=None, **options) -> IterativeBackground:
     smoothing follows the data's structure scale and shrinks as the masks remove the
     sources that GCV would otherwise try to follow. Thresholds are in units of the noise
     after smoothing, so they carry over between images of any noise level; the cell
-    size follows the image size.
+    size follows the image size at fit time.
 
     Parameters
     ----------
-    image, mask
-        As for :func:`fit`.
-    **options
-        ``high``, ``low`` (final hysteresis thresholds in smoothed-noise sigma),
-        ``max_iter``, ``change_tol``, ``mask_tol``, ``error_tol``,
-        ``source_asymmetry`` (None switches the stiffening off), ``cell_size``,
-        ``gcv_inflation``.
+    image, mask : optional
+        Accepted for the callers of 0.1, which passed the image: it is only validated.
+    high, low : float
+        Final hysteresis thresholds in smoothed-noise sigma (stage 1 uses ``high + 1``
+        and ``low + 0.5``).
+    max_iter, change_tol, mask_tol, error_tol, source_asymmetry
+        As for :class:`IterativeBackground` (``source_asymmetry=None`` switches the
+        stiffening off).
+    cell_size, gcv_inflation
+        As for :class:`~skymap.smooth.ThinPlateSmoother` (None: its default).
 
     Examples
     --------
-    >>> pipe = default_pipeline(np.zeros((256, 256)))
-    >>> len(pipe.stages), pipe.stages[-1].masker.scales
-    (2, (1.0, 2.0, 4.0, 8.0))
+    >>> pipe = default_pipeline(high=5.0)
+    >>> len(pipe.stages), pipe.stages[-1].masker.scales, pipe.stages[-1].masker.high
+    (2, (1.0, 2.0, 4.0, 8.0), 5.0)
     """
-    read_image(image)
-    known = {
-        "high",
-        "low",
-        "max_iter",
-        "change_tol",
-        "mask_tol",
-        "error_tol",
-        "source_asymmetry",
-        "cell_size",
-        "gcv_inflation",
-    }
-    unknown = set(options) - known
-    if unknown:
-        raise ValueError(f"unknown option(s) {sorted(unknown)}; accepted: {sorted(known)}")
-    high = float(options.get("high", 4.0))
+    if image is not None:
+        img = as_image(image)
+        as_mask(mask, img.shape)
+    high, low = float(high), float(low)
     scales = (1.0, 2.0, 4.0, 8.0)
-    low = float(options.get("low", 2.0))
-    smoother_options = {"cell_size": options.get("cell_size")}
-    if "gcv_inflation" in options:
-        smoother_options["gcv_inflation"] = options["gcv_inflation"]
+    smoother_options = {"cell_size": cell_size}
+    if gcv_inflation is not None:
+        smoother_options["gcv_inflation"] = gcv_inflation
     smoother = ThinPlateSmoother(**smoother_options)
     stages = (
         Stage(
@@ -851,32 +789,64 @@ def default_pipeline(image, mask=None, **options) -> IterativeBackground:
         first_guess=smoother,
         stages=stages,
         final=final,
-        max_iter=options.get("max_iter", 8),
-        change_tol=options.get("change_tol", 0.01),
-        mask_tol=options.get("mask_tol", 0.005),
-        error_tol=options.get("error_tol", 0.5),
-        source_asymmetry=options.get("source_asymmetry", 2.5),
+        max_iter=max_iter,
+        change_tol=change_tol,
+        mask_tol=mask_tol,
+        error_tol=error_tol,
+        source_asymmetry=source_asymmetry,
     )
 
 
-def fit(image, mask=None, *, error=None, weight=None, **options) -> BackgroundResult:
-    """Fit the background of ``image`` with the default pipeline, tuned from the data.
+def pipeline_options() -> tuple[str, ...]:
+    """The names of the options :func:`default_pipeline` (and :func:`fit`) accept."""
+    params = inspect.signature(default_pipeline).parameters.values()
+    return tuple(p.name for p in params if p.kind is inspect.Parameter.KEYWORD_ONLY)
+
+
+def check_options(options) -> None:
+    """ValueError naming any of ``options`` that :func:`default_pipeline` does not take."""
+    known = set(pipeline_options())
+    unknown = set(options) - known
+    if unknown:
+        raise ValueError(f"unknown option(s) {sorted(unknown)}; accepted: {sorted(known)}")
+
+
+def fit(
+    image,
+    mask=None,
+    *,
+    error=None,
+    weight=None,
+    callback=None,
+    tile=None,
+    client=None,
+    **options,
+) -> BackgroundResult:
+    """Fit the background of ``image`` with the default pipeline.
 
     Parameters
     ----------
-    image : array_like, MaskedArray, Quantity, NDData or CCDData (ny, nx)
-        Integer input becomes float32; float32 stays float32. The image's own mask is
-        ORed with ``mask``; its unit is carried to ``background`` and ``rms`` (as
-        Quantities: ``image - result.background`` works for arrays, Quantities and
+    image : array_like, MaskedArray, Quantity, NDData, CCDData, dask array or memory map
+        (ny, nx). Integer input becomes float32; float32 stays float32. The image's own
+        mask is ORed with ``mask``; its unit is carried to ``background`` and ``rms``
+        (as Quantities: ``image - result.background`` works for arrays, Quantities and
         CCDData; :meth:`BackgroundResult.as_nddata` gives a CCDData/NDData with the
-        WCS); an NDData uncertainty is read as ``error``.
+        WCS); an NDData uncertainty is read as ``error``. A dask array or a memory map
+        of a file is fitted tile by tile (:class:`~skymap.backends.dask.DaskBackend`),
+        with the same result, its maps as lazy dask arrays.
     mask : array_like of bool, optional
         True = excluded. NaN and inf pixels are excluded automatically.
     error, weight : array_like or Quantity, optional
-        1-sigma per pixel, or inverse variance (drizzle WHT, inverted JWST VAR_*); at
+        1 sigma per pixel, or inverse variance (drizzle WHT, inverted JWST VAR_*); at
         most one. The maskers then threshold in units of this map, times the noise
-        excess they measure (correlated noise). Zero weight or a non-finite error
-        excludes the pixel; negative values raise ValueError.
+        excess they measure (correlated noise), and the smoother weights its cells by
+        it. Zero weight or a non-finite error excludes the pixel; negative values
+        raise ValueError.
+    callback : callable, optional
+        Called with each :class:`IterationRecord` as the fit makes it (progress).
+    tile, client : optional
+        Tile shape and dask scheduler of a tiled fit (either one makes the fit tiled);
+        see :meth:`IterativeBackground.backend_for`.
     **options
         Passed to :func:`default_pipeline`.
 
@@ -893,4 +863,8 @@ def fit(image, mask=None, *, error=None, weight=None, **options) -> BackgroundRe
     >>> bool(err < 0.2)
     True
     """
-    return default_pipeline(image, mask, **options).fit(image, mask, error=error, weight=weight)
+    check_options(options)
+    pipe = default_pipeline(**options)
+    return pipe.fit(
+        image, mask, error=error, weight=weight, callback=callback, tile=tile, client=client
+    )

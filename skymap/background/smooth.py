@@ -27,6 +27,7 @@ the fitted gradient, and the system is solved again.
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any
@@ -34,8 +35,10 @@ from typing import Any
 import numpy as np
 from scipy import fft, ndimage, sparse
 
+from skymap._util import pow2_at_most
 from skymap._validate import as_image, as_mask, as_pair, check_positive, check_range, combine_masks
 from skymap.background import _smooth_kernels as _k
+from skymap.masking.hysteresis import CoarseRMS
 
 __all__ = ["SmoothResult", "ThinPlateSmoother", "cell_sums", "smooth_grid", "weighted_sums"]
 
@@ -448,6 +451,15 @@ class ThinPlateSmoother:
     min_pixels : int
         Cells with fewer unmasked pixels are treated as missing.
 
+    References
+    ----------
+    Duchon, J. 1977, in Constructive Theory of Functions of Several Variables, Lecture
+    Notes in Mathematics 571, 85 (thin-plate splines), https://doi.org/10.1007/BFb0086566.
+    Craven, P. & Wahba, G. 1979, Numer. Math. 31, 377 (generalised cross-validation),
+    https://doi.org/10.1007/BF01404567.
+    Wahba, G. 1990, Spline Models for Observational Data (SIAM),
+    https://doi.org/10.1137/1.9781611970128.
+
     Examples
     --------
     >>> rng = np.random.default_rng(0)
@@ -490,6 +502,15 @@ class ThinPlateSmoother:
             return as_pair("cell_size", self.cell_size)
         c = int(np.clip(np.ceil(max(shape) / 128), 2, 32))
         return c, c
+
+    def tile_unit(self, shape) -> tuple[int, int]:
+        """Tiles align to every cell size a fit may try and to the blocks of its coarse
+        noise map, so that each cell and block lies inside one tile."""
+        units = [1, 1]
+        for cells in self.cell_sequence(shape):
+            q = pow2_at_most(min(cells) / 2.0, *shape)
+            units = [math.lcm(u, c, q) for u, c in zip(units, cells, strict=True)]
+        return units[0], units[1]
 
     def cell_sequence(self, shape) -> list[tuple[int, int]]:
         """Every cell size a fit of an image of ``shape`` may bin into, in the order
@@ -557,6 +578,49 @@ class ThinPlateSmoother:
             min_smoothing=min_smoothing,
         )
 
+    def fit_on(
+        self,
+        backend,
+        mask,
+        *,
+        start_scale: float | None = None,
+        min_scale: float | None = None,
+    ) -> SmoothResult:
+        """:meth:`fit` through an array back end
+        (:class:`~skymap.backends.base.ArrayBackend`: in memory, or tile by tile), as
+        the pipeline calls it: the cells are summed by the back end, the GCV search
+        starts at the smoothing length ``start_scale`` and stays at or above
+        ``min_scale`` (pixels). Identical to :meth:`fit` on the back end's image with
+        ``mask`` (which must hold its bad pixels)."""
+        shape = backend.shape
+        step = reference_step(shape)
+        ref = reference_level(
+            backend.subsample(backend.image, step), backend.subsample(mask, step)
+        )
+        if ref is None:
+            ref = backend.first_valid(mask)
+        if backend.weight is None:
+
+            def sums(cells):
+                return backend.cell_grid(
+                    cell_sums, [backend.image, mask], cells, 5, cells=cells, ref=ref
+                )
+        else:
+            # an error map given to the fit: weighted cell means and weights
+
+            def sums(cells):
+                arrays = [backend.image, mask, backend.weight]
+                return backend.cell_grid(weighted_sums, arrays, cells, 7, cells=cells, ref=ref)
+
+        return self.fit_sums(
+            sums,
+            shape,
+            backend.dtype,
+            ref,
+            smoothing_start=None if start_scale is None else start_scale**4,
+            min_smoothing=None if min_scale is None else min_scale**4,
+        )
+
     def fit_sums(
         self,
         sums,
@@ -569,7 +633,7 @@ class ThinPlateSmoother:
     ) -> SmoothResult:
         """Fit from per-cell sums instead of the image: what :meth:`fit` does after
         reading the pixels, for a caller that bins the image elsewhere (tile by tile:
-        :func:`skymap.tiled.tiled_fit`).
+        :meth:`fit_on` with a tiled back end).
 
         Parameters
         ----------
@@ -791,14 +855,39 @@ class SmoothResult:
         lo, mid, hi = np.quantile(d, [tail, 0.5, 1.0 - tail])
         return float((hi - mid) / (mid - lo)) if mid > lo else 1.0
 
-    def background_map(self, step: int = 1) -> np.ndarray:
+    def background_map(self, step: int = 1, window=None) -> np.ndarray:
         """Interpolate the background to full resolution (a new array, not cached), or
-        to every ``step``-th pixel along each axis."""
-        return upsample(self.grid, self.cell_size, self.shape, self.dtype, step)
+        to every ``step``-th pixel along each axis, over ``window`` = ((y0, y1), (x0,
+        x1)) if given (see :func:`upsample`)."""
+        return upsample(self.grid, self.cell_size, self.shape, self.dtype, step, window=window)
 
-    def rms_map(self) -> np.ndarray:
-        """Interpolate the RMS to full resolution (a new array, not cached)."""
-        return upsample(self.rms_grid, self.cell_size, self.shape, self.dtype)
+    def rms_map(self, window=None) -> np.ndarray:
+        """Interpolate the RMS to full resolution (a new array, not cached), over
+        ``window`` if given."""
+        return upsample(self.rms_grid, self.cell_size, self.shape, self.dtype, window=window)
+
+    def constant_rms(self) -> float | None:
+        """The median of the RMS grid when it varies by less than 5%, else None."""
+        g = np.asarray(self.rms_grid)
+        g = g[np.isfinite(g)]
+        if g.size and g.min() > 0 and g.max() <= 1.05 * g.min():
+            return float(np.median(g))
+        return None
+
+    def noise_block(self) -> int:
+        """Side of the blocks of :meth:`coarse_rms`: the largest power of two <= half
+        a cell (1: the cells are too small for blocks)."""
+        return pow2_at_most(min(self.cell_size) / 2.0, *self.shape)
+
+    def coarse_rms(self) -> CoarseRMS | None:
+        """The RMS at the centres of :meth:`noise_block` blocks (float32, unfloored):
+        the noise map is smooth over many cells, so one value per block of half a cell
+        loses nothing. None when the cells are too small for blocks."""
+        q = self.noise_block()
+        if q == 1:
+            return None
+        values = upsample(self.rms_grid, self.cell_size, self.shape, np.float32, q, (q - 1) / 2.0)
+        return CoarseRMS(values=values, step=q, shape=self.shape)
 
     @cached_property
     def background(self) -> np.ndarray:

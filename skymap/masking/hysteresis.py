@@ -22,15 +22,15 @@ import numpy as np
 import scipy.ndimage as ndi
 from scipy.special import ndtri
 
+from skymap._util import MAD_TO_STD, pow2_at_most
 from skymap._validate import as_image, as_mask, check_positive, combine_masks
+from skymap.backends.dask import core_of
 from skymap.masking import _hysteresis_kernels as _k
 from skymap.masking.maskers import disk_footprint, grow_mask
 
 __all__ = ["CoarseRMS", "HysteresisMasker"]
 
 log = logging.getLogger(__name__)
-
-_MAD_TO_STD = 1.482602218505602
 
 
 def _block_sum(a: np.ndarray, b: int) -> np.ndarray:
@@ -49,16 +49,12 @@ def _dog_work(shape, r, strip=64):
     return np.empty((bands, 3, strip + 2 * r, shape[1]), np.float32)
 
 
-def _masked_block_sums(values, excluded, b):
+def masked_block_sums(values, excluded, b):
+    """Sums and counts of the values not ``excluded`` in ``b`` x ``b`` blocks (float32
+    maps of the binned shape; partial blocks at the far edges sum what they hold)."""
     shape = (-(-values.shape[0] // b), -(-values.shape[1] // b))
     num, cnt = np.empty(shape, np.float32), np.empty(shape, np.float32)
     return _k.masked_block_sums(values, excluded, b, num, cnt)
-
-
-def _pow2_at_most(value: float, *limits: int) -> int:
-    """Largest power of two <= value (at least 1, at most min(limits))."""
-    b = 1 << max(0, int(math.floor(math.log2(max(value, 1.0)))))
-    return max(1, min(b, *limits))
 
 
 def _dilate_disk(mask: np.ndarray, radius: float) -> np.ndarray:
@@ -126,7 +122,7 @@ def _excess_of(parts, white: float) -> float:
     if d.size < 200:
         return 1.0
     mad = float(np.median(np.abs(d - np.median(d))))
-    return _MAD_TO_STD * mad / math.sqrt(2.0) / white
+    return MAD_TO_STD * mad / math.sqrt(2.0) / white
 
 
 def _hysteresis(snr: np.ndarray, low: float, high: float, grow=None) -> np.ndarray:
@@ -193,7 +189,7 @@ class CoarseRMS:
         return full if dtype is None else full.astype(dtype, copy=False)
 
 
-def _noise_grid(noise) -> tuple[np.ndarray, int]:
+def noise_grid(noise) -> tuple[np.ndarray, int]:
     """(values, step) for the kernels from a scalar, a full map or a CoarseRMS."""
     if isinstance(noise, CoarseRMS):
         return np.ascontiguousarray(noise.values, dtype=np.float32), int(noise.step)
@@ -254,6 +250,13 @@ class HysteresisMasker:
         ``high`` sits at that share (or at ``high`` in measured-noise units, if that is
         stricter). The thresholds are never lowered. Default 1e-3 (3.09 sigma).
 
+    References
+    ----------
+    Canny, J. 1986, IEEE Trans. PAMI 8, 679 (hysteresis thresholding),
+    https://doi.org/10.1109/TPAMI.1986.4767851.
+    Bertin, E. & Arnouts, S. 1996, A&AS 117, 393 (detection on a filtered image),
+    https://doi.org/10.1051/aas:1996164.
+
     Examples
     --------
     >>> rng = np.random.default_rng(1)
@@ -293,6 +296,10 @@ class HysteresisMasker:
         if not 0 < self.false_rate < 0.5:
             raise ValueError(f"false_rate must be in (0, 0.5), got {self.false_rate!r}")
 
+    def reads_coarse_noise(self) -> bool:
+        """True: a :class:`CoarseRMS` is read as it is (no full-resolution noise map)."""
+        return True
+
     def __call__(self, residual: Any, rms: Any = None, mask: Any = None) -> np.ndarray:
         """Source mask (True = source) of ``residual``; see the class docstring."""
         res = as_image(residual, "residual")
@@ -302,7 +309,7 @@ class HysteresisMasker:
         excluded = combine_masks(res, given)
         if rms is None:
             v = res[~excluded]
-            rms = _MAD_TO_STD * float(np.median(np.abs(v - np.median(v)))) if v.size else 1.0
+            rms = MAD_TO_STD * float(np.median(np.abs(v - np.median(v)))) if v.size else 1.0
         if isinstance(rms, CoarseRMS):
             if rms.shape != res.shape:
                 raise ValueError(
@@ -334,19 +341,19 @@ class HysteresisMasker:
     def binning(self, s: float, shape: tuple[int, int]) -> int:
         """Bin factor of scale ``s``: the largest power of two <= s (the kernel keeps a
         sigma of 1-2 bins), at most the image size."""
-        return _pow2_at_most(s, *shape)
+        return pow2_at_most(s, *shape)
 
     def scale_maps(self, res, noise, excluded, s) -> _ScaleMaps:
         """Signal-to-noise maps of scale ``s`` on the binned grid (local: each binned
         pixel depends on the residual within the kernels' reach only)."""
         b = self.binning(s, res.shape)
-        sigma, q = _noise_grid(noise)
+        sigma, q = noise_grid(noise)
         if b == 1:
             # Unbinned: the fused pass reads the residual and the mask directly, and
             # only the wide surround needs the masked sums (computed binned below).
             num, cnt = res, None
         else:
-            num, cnt = _masked_block_sums(res, excluded, b)
+            num, cnt = masked_block_sums(res, excluded, b)
         g = _gaussian_kernel(s / b)
         if self.surround:
             # Subtract the masked local mean over a Gaussian `surround` times wider (a
@@ -354,9 +361,9 @@ class HysteresisMasker:
             # has not followed yet, must not be mistaken for sources. The wide mean is
             # smooth, so it is computed on a coarser grid.
             wide = self.surround * s
-            bw = _pow2_at_most(wide / (2.0 * b), *num.shape)
+            bw = pow2_at_most(wide / (2.0 * b), *num.shape)
             if cnt is None:
-                numw, cntw = _masked_block_sums(res, excluded, bw)
+                numw, cntw = masked_block_sums(res, excluded, bw)
             else:
                 numw, cntw = _block_sum(num, bw), _block_sum(cnt, bw)
             k = _gaussian_kernel(wide / (b * bw))
@@ -435,6 +442,79 @@ class HysteresisMasker:
         """Radius in full-resolution pixels by which detections of scale ``s`` grow."""
         return self.dilate + self.dilate_per_scale * s
 
+    # -- tile by tile (skymap.backends.dask): the local steps per tile with halos, the
+    # noise excess and the labelling finished in the driver
+
+    def surround_block(self, s: float, shape) -> int:
+        """The surround's block on the binned grid of scale ``s``, as
+        :meth:`scale_maps` picks it for the whole image (a tile's window is never
+        smaller than one such block); 1 without a surround."""
+        if not self.surround:
+            return 1
+        b = self.binning(s, shape)
+        binned = (-(-shape[0] // b), -(-shape[1] // b))
+        return pow2_at_most(self.surround * s / (2.0 * b), *binned)
+
+    def tile_unit(self, shape) -> tuple[int, int]:
+        """Tiles align to every scale's binning block times its surround block, so
+        that each block lies inside one tile."""
+        unit = math.lcm(
+            *(self.binning(s, shape) * self.surround_block(s, shape) for s in self.scales)
+        )
+        return unit, unit
+
+    def halos(self, s: float, shape) -> tuple[int, int]:
+        """(maps, dilation) halos in pixels of scale ``s``: the reach of the matched
+        filter and of the surround mean, ``r(sigma)`` being the radius of the Gaussian
+        kernel of that sigma in its grid's units (``int(3 sigma + 0.5)``, at least 1):
+        ``max(b * r(s / b), b * bw * r(surround * s / (b * bw)))``; and the dilation's
+        reach, ``b * (ceil(dilation(s) / b) + 1)``."""
+        b = self.binning(s, shape)
+        maps = b * _kernel_radius(s / b)
+        if self.surround:
+            bw = self.surround_block(s, shape)
+            maps = max(maps, b * bw * _kernel_radius(self.surround * s / (b * bw)))
+        return maps, b * (math.ceil(self.dilation(s) / b) + 1)
+
+    def mask_on(self, backend, residual, noise, excluded, window_of):
+        """:meth:`__call__` through a tiled back end
+        (:class:`~skymap.backends.base.SplitMasker`): per scale, the maps per tile
+        (a halo of the kernels' reach), the noise excess from the very same pixel
+        pairs gathered from the tiles, the hysteresis labelled per tile and joined
+        across tiles, and the dilation per tile. Returns ``excluded`` OR the
+        detections, equal to the in-memory masking bit for bit."""
+        for s in self.scales:
+            excluded = self._scale_on(backend, s, residual, noise, excluded, window_of)
+        return excluded
+
+    def _scale_on(self, backend, s, residual, noise, excluded, window_of):
+        shape = backend.shape
+        b = self.binning(s, shape)
+        maps_halo, dilate_halo = self.halos(s, shape)
+        # snr, (plain,) invalid stacked in one float32 block per tile
+        maps = backend.map_tiles(
+            _tile_scale_maps, [residual, excluded], halo=maps_halo, dtype=np.float32,
+            block=b, layers=3 if self.grow_plain else 2, masker=self, s=s, noise=noise,
+            window_of=window_of,
+        )  # fmt: skip
+        (maps,) = backend.persist(maps)
+        lag = self.noise_lag(s, b)
+        step = _noise_step(maps.shape[1:])
+        parts = backend.gather_tiles(tile_pairs, [maps], reach=lag, block=b, lag=lag, step=step)
+        factor = self.factor_from_differences([p for ps in parts for p in ps], s)
+        det = backend.label_seeded(
+            maps, hysteresis_codes, block=b, factor=factor, low=self.low, high=self.high
+        )
+        del maps
+        # Dilation and expansion to full resolution: scale_mask on each tile's window
+        # of the (already global) detections.
+        grown = backend.map_tiles(
+            _tile_dilate, [det, excluded], binning=(b, 1), halo=dilate_halo, dtype=bool,
+            masker=self, s=s, b=b,
+        )  # fmt: skip
+        (grown,) = backend.persist(grown)
+        return grown
+
 
 @dataclass(kw_only=True, eq=False)
 class _ScaleMaps:
@@ -444,3 +524,72 @@ class _ScaleMaps:
     plain: np.ndarray | None
     invalid: np.ndarray | None
     block: int
+
+
+def _kernel_radius(sigma: float) -> int:
+    # the radius of scale_maps' Gaussian kernels, in grid units
+    return _gaussian_kernel(sigma).size // 2
+
+
+def _tile_scale_maps(res, excl, *, window, core, masker, s, noise, window_of):
+    """``masker.scale_maps`` on a tile's window, cut to the tile (binned): snr,
+    (plain,) and invalid (as 0/1) stacked in one float32 array."""
+    rms = window_of(noise, window)
+    if not isinstance(rms, CoarseRMS):
+        rms = np.asarray(rms, dtype=np.float32)  # as HysteresisMasker.__call__ does
+    maps = masker.scale_maps(res, rms, excl, s)
+    sl = core_of(window, core, maps.block)
+    layers = [maps.snr] + ([] if maps.plain is None else [maps.plain]) + [maps.invalid]
+    return np.stack([m[sl] for m in layers]).astype(np.float32, copy=False)
+
+
+def tile_pairs(maps, *, window, core, lag, step):
+    """The pairs of :func:`_pair_differences` that start in the tile ``core`` (binned
+    coordinates) of the stacked maps (snr first, invalid last) read over ``window``:
+    along x on the rows ``y % step == 0``, along y on the columns ``x % step == 0``,
+    ``lag`` apart, both ends valid; ``window`` reaches ``lag`` beyond the core (cut at
+    the map's edge)."""
+    v, bad = maps[0], maps[-1] > 0
+    (w0, _), (u0, _) = window
+    (r0, r1), (c0, c1) = core
+    ny, nx = v.shape
+    parts = []
+    # along x: rows of the core on the global stride, pairs starting in the core
+    rows = slice((-r0) % step + r0 - w0, r1 - w0, step)
+    n = min(c1 - u0, nx - lag)
+    if n > c0 - u0:
+        a, b_ = v[rows, c0 - u0 : n], v[rows, c0 - u0 + lag : n + lag]
+        ok = ~(bad[rows, c0 - u0 : n] | bad[rows, c0 - u0 + lag : n + lag])
+        parts.append((b_ - a)[ok])
+    cols = slice((-c0) % step + c0 - u0, c1 - u0, step)
+    n = min(r1 - w0, ny - lag)
+    if n > r0 - w0:
+        a, b_ = v[r0 - w0 : n, cols], v[r0 - w0 + lag : n + lag, cols]
+        ok = ~(bad[r0 - w0 : n, cols] | bad[r0 - w0 + lag : n + lag, cols])
+        parts.append((b_ - a)[ok])
+    return parts
+
+
+def hysteresis_codes(maps, *, factor, low, high, which):
+    """Seeds (``snr > high``) or regions (seeds, or growth ``> low``) of
+    :meth:`HysteresisMasker.scale_mask`'s hysteresis, after its division by the noise
+    factor, from the stacked maps (snr, (plain,) invalid)."""
+    snr, plain = maps[0], (maps[1] if len(maps) == 3 else None)
+    if factor > 1.0:
+        snr = snr / np.float32(factor)
+        plain = None if plain is None else plain / np.float32(factor)
+    seed = snr > np.float32(high)
+    if which == "seed":
+        return seed
+    return seed | ((snr if plain is None else plain) > np.float32(low))
+
+
+def _tile_dilate(det, excl, *, window, core, masker, s, b):
+    """The tile's exclusion OR its (dilated, expanded) detections of scale ``s``:
+    ``masker.scale_mask`` on the window, fed maps whose hysteresis keeps exactly the
+    globally labelled detections ``det``."""
+    inf = np.float32(np.inf)
+    maps = _ScaleMaps(snr=np.where(det, inf, -inf), plain=None, invalid=None, block=b)
+    grown = masker.scale_mask(maps, 1.0, s, excl)
+    sl = core_of(window, core)
+    return excl[sl] | grown[sl]

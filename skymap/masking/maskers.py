@@ -29,6 +29,7 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 import scipy.ndimage as ndi
 
+from skymap._util import MAD_TO_STD
 from skymap._validate import as_image, as_mask, check_choice, check_positive, combine_masks
 from skymap.stats.filters import ring_median
 
@@ -52,7 +53,6 @@ _FWHM_PER_SIGMA = 2.0 * math.sqrt(2.0 * math.log(2.0))
 # Gaussian smoothing kernels are cut at 4 sigma, where they fall below 3.4e-4 of the peak.
 _TRUNCATE = 4.0
 # MAD of a Gaussian sample -> its standard deviation.
-_MAD_TO_STD = 1.482602218505602
 
 
 @runtime_checkable
@@ -209,7 +209,7 @@ def _robust_rms(residual: np.ndarray, invalid: np.ndarray) -> float:
     v = residual[~invalid]
     if v.size == 0:
         return float("nan")
-    return float(_MAD_TO_STD * np.median(np.abs(v - np.median(v))))
+    return float(MAD_TO_STD * np.median(np.abs(v - np.median(v))))
 
 
 def _as_rms(rms: Any, residual: np.ndarray, invalid: np.ndarray) -> np.ndarray | float:

@@ -608,9 +608,8 @@ def annulus_background(
     -----
     Cost is O(N r_out^2) for N sources, in parallel over sources, with no
     (source, pixel) stack for the compiled statistics; the median is a quickselect.
-    10,000 annulus medians (radii 9-15) on a 2048x2048 image take about an eighth of
-    astroapers' time and a ninth of photutils ``LocalBackground``'s
-    (``benchmarks/bench_local.py``).
+    Its speed against astroapers and photutils ``LocalBackground`` is measured by
+    ``benchmarks/bench_local.py`` (figures in ``benchmarks/README.md``).
 
     Examples
     --------

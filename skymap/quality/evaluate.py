@@ -28,6 +28,7 @@ import scipy.fft
 from astropy.nddata import block_reduce
 
 from skymap._inputs import read_image, strip_unit
+from skymap._util import MAD_TO_STD
 from skymap._validate import (
     as_image,
     as_mask,
@@ -54,7 +55,6 @@ __all__ = [
 ]
 
 # 1 / Phi^-1(3/4): MAD to Gaussian sigma.
-_MAD_TO_SIGMA = 1.482602218505602
 
 
 def _widths(widths) -> np.ndarray:
@@ -159,7 +159,7 @@ def pixel_sigma(residual, mask=None) -> float:
     d = (res[:, 1:] - res[:, :-1])[ok].astype(np.float64)
     if d.size < 2:
         return float("nan")
-    return float(_MAD_TO_SIGMA * np.median(np.abs(d - np.median(d))) / np.sqrt(2.0))
+    return float(MAD_TO_STD * np.median(np.abs(d - np.median(d))) / np.sqrt(2.0))
 
 
 def white_noise_curve(sigma: float, widths=range(3, 30)) -> np.ndarray:

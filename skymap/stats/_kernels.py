@@ -17,8 +17,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-# 1 / Phi^-1(3/4): MAD -> standard deviation of a Gaussian (the constant astropy uses).
-MAD_TO_STD = 1.482602218505602
+from skymap._util import MAD_TO_STD
 
 
 @njit(cache=True, nogil=True)

@@ -38,6 +38,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
+from skymap._util import MAD_TO_STD
 from skymap._validate import check_choice, check_positive
 from skymap.stats import _kernels as _k
 
@@ -65,8 +66,6 @@ __all__ = [
     "sigma_clipped_stats",
     "with_clip_correction",
 ]
-
-MAD_TO_STD = _k.MAD_TO_STD
 
 
 # --------------------------------------------------------------------------- helpers
@@ -488,6 +487,10 @@ class ModeEstimator:
     distribution; the factors should differ by one so that a symmetric distribution
     gives its centre.
 
+    References
+    ----------
+    Bertin, E. & Arnouts, S. 1996, A&AS 117, 393, https://doi.org/10.1051/aas:1996164.
+
     Examples
     --------
     >>> ModeEstimator(median_factor=3.0, mean_factor=2.0)(np.array([[0.0, 1, 2, 3, 9]]))
@@ -512,6 +515,10 @@ class MMM:
     """DAOPHOT's MMM mode as photutils' ``MMMBackground`` defines it:
     ``3 * median - 2 * mean`` (photutils does not implement DAOPHOT's full iterative
     MMM, and neither do we).
+
+    References
+    ----------
+    Stetson, P. B. 1987, PASP 99, 191 (DAOPHOT's sky estimator), https://doi.org/10.1086/131977.
 
     Examples
     --------
@@ -567,6 +574,10 @@ class SExtractorMode(_SExtractorParameters):
     ``3.5 * median - 2.5 * mean``, and ``median_factor=3.0`` is Pearson's classic
     ``3 * median - 2 * mean``.
 
+    References
+    ----------
+    Bertin, E. & Arnouts, S. 1996, A&AS 117, 393 (section 2.1), https://doi.org/10.1051/aas:1996164.
+
     Examples
     --------
     >>> SExtractorMode()(np.array([[0.0, 1, 2, 2, 3.5], [0.0, 0, 0, 0, 9]]))
@@ -587,6 +598,10 @@ class SExtractorMode(_SExtractorParameters):
 class BiweightLocation:
     """Tukey biweight location of each set, as ``astropy.stats.biweight_location``
     (``M`` = the median, tuning constant ``c``); a set whose MAD is 0 gives its median.
+
+    References
+    ----------
+    Beers, T. C., Flynn, K. & Gebhardt, K. 1990, AJ 100, 32, https://doi.org/10.1086/115487.
 
     Examples
     --------
@@ -687,6 +702,10 @@ class BiweightScale(_ScaleBase):
 
     ``modify_sample_size``: count only the samples with ``|u| < 1`` as the sample size
     (astropy's option of the same name), instead of all valid samples.
+
+    References
+    ----------
+    Beers, T. C., Flynn, K. & Gebhardt, K. 1990, AJ 100, 32, https://doi.org/10.1086/115487.
 
     Examples
     --------

@@ -124,13 +124,15 @@ def ring_percentile(
     pixel, two bitset updates per horizontal run of the footprint (a ring has about
     ``3.5 * (radius + width)`` runs) and a short pointer walk. Tiles run in parallel on
     numba's threads for images of 2**17 pixels or more (``numba.set_num_threads``
-    limits them). About 45x faster than scipy on one core for r=15, w=5 and 1024x1024;
-    see ``benchmarks/bench_ring_median.py``.
+    limits them). Its speed against scipy is measured by
+    ``benchmarks/bench_ring_median.py`` (figures in ``benchmarks/README.md``).
 
     References
     ----------
-    Huang, Yang & Tang (1979), IEEE Trans. ASSP 27, 13. Perreault & Hebert (2007), IEEE
-    Trans. Image Processing 16, 2389.
+    Huang, T., Yang, G. & Tang, G. 1979, IEEE Trans. ASSP 27, 13,
+    https://doi.org/10.1109/TASSP.1979.1163188.
+    Perreault, S. & Hebert, P. 2007, IEEE Trans. Image Processing 16, 2389,
+    https://doi.org/10.1109/TIP.2007.902329.
 
     Examples
     --------
@@ -218,9 +220,9 @@ def approximate_ring_median(
     The image is block-averaged by ``factor`` (ignoring masked pixels), filtered exactly
     with a ring of ``radius / factor`` and ``width / factor``, and interpolated back
     linearly. The filtering work drops by about ``factor**3``, leaving the binning and
-    interpolation (linear in the number of pixels) to dominate: ~4x faster than
-    :func:`ring_median` at factor 4 for r=15, w=5 (``benchmarks/bench_ring_median.py``),
-    more for larger rings. The result is smooth on scales below ``factor`` pixels and
+    interpolation (linear in the number of pixels) to dominate, so the gain over
+    :func:`ring_median` grows with the ring (``benchmarks/bench_ring_median.py``).
+    The result is smooth on scales below ``factor`` pixels and
     is NOT equal to the exact filter: block means are not medians, so unmasked sources
     leak into the bins. Use it for a first guess on very large images, not where the
     exact ring median matters.

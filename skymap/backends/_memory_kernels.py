@@ -1,4 +1,4 @@
-"""Compiled kernels for :mod:`skymap.pipeline`. Not public: call through pipeline.py."""
+"""Compiled kernels of the in-memory back end (:mod:`skymap.backends.memory`)."""
 
 from __future__ import annotations
 

@@ -1,0 +1,189 @@
+"""Injection-recovery on the shared real images: skymap's default fit against its peers.
+
+For each real image (the whole file, its first 2D image HDU, non-finite pixels masked),
+:func:`skymap.quality.injection.compare` adds, separately, a smooth sky (a gradient plus
+broad bumps and dips, 1-3 sigma, widths 5-25% of the frame) and faint exponential discs
+(surface brightness 0.3-1 sigma at r_e, r_e 3-10% of the frame) to the real image, with
+the same injections for every method, and scores
+
+* ``track``: RMS of fit(image + sky) - fit(image) - sky, in pixel-noise sigma;
+* ``leak``: mean of fit(image + discs) - fit(image) within 2 r_e of the discs (p95 too);
+* ``score`` = track + |leak|, the mean over ``--trials`` trials (seeds 0..trials-1 of
+  ``--seed``), with its spread.
+
+Methods: ``skymap`` (``skymap.fit`` with no options), ``photutils_1pass`` /
+``photutils_2pass`` (``Background2D`` box 64, 3x3 filter; detect at 2 sigma, dilate,
+refit), ``sep_1pass`` / ``sep_2pass`` (same with SEP), ``noisechisel`` (Gnuastro
+NoiseChisel's SKY with its defaults and with the structured configuration; the better of
+the two counts, failures are shown). The last column of the summary is skymap's score
+over the best peer's (below 1: skymap wins).
+
+Times are wall-clock and CPU seconds per fit (CPU includes NoiseChisel's process); the
+machine is shared, so read the CPU column.
+
+Run:  python benchmarks/bench_real.py [--images M6707HH sdss_r_reprojected] [--trials 3]
+      [--methods skymap,photutils_1pass,...] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import os
+
+# photutils' OpenMP threads spin-wait after each call and starve numba's (README,
+# "Running next to photutils"). Must precede the numpy import.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+from astropy.io import fits
+
+DATA = Path(os.environ.get("SKYMAP_REAL_DATA", "/work/shared/data/real"))
+METHODS = (
+    "skymap",
+    "photutils_1pass",
+    "photutils_2pass",
+    "sep_1pass",
+    "sep_2pass",
+    "noisechisel",
+)
+
+
+def read_real(path: Path) -> tuple[np.ndarray, np.ndarray, int]:
+    """The first 2D image HDU as float (int -> float32) and its non-finite mask."""
+    with fits.open(path) as hdul:
+        for index, hdu in enumerate(hdul):
+            if hdu.data is not None and hdu.data.ndim == 2:
+                data, found = np.asarray(hdu.data), index
+                break
+        else:
+            raise ValueError(f"{path}: no 2D image HDU")
+    data = data.astype(np.float32 if data.dtype.kind in "iub" else data.dtype.newbyteorder("="))
+    return data, ~np.isfinite(data), found
+
+
+def method_table(names):
+    from skymap.quality import peers
+
+    out = {}
+    for name in names:
+        if name == "skymap":
+            out[name] = None
+        elif name == "noisechisel":
+            out["noisechisel_default"] = peers.noisechisel
+            out["noisechisel_structured"] = peers.noisechisel_structured
+        else:
+            fn = peers.peers(noisechisel_runs=False).get(name)
+            if fn is None:
+                raise SystemExit(f"unknown or unavailable method {name!r}; known: {METHODS}")
+            out[name] = fn
+    return out
+
+
+def _commit() -> str:
+    try:
+        return subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            cwd=Path(__file__).parent,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def _status(status: str) -> str:
+    # "method 'x' failed: PeerFailed: NoiseChisel failed: why" -> "failed: why"
+    if status == "ok":
+        return status
+    return "failed: " + status.split("failed: ")[-1][:90]
+
+
+def _fmt(v, spec=".3f"):
+    return "-" if not np.isfinite(v) else format(v, spec)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--images", nargs="*", help="image names (file stems) in the data folder")
+    ap.add_argument("--trials", type=int, default=3, help="trials per injection kind (3)")
+    ap.add_argument("--seed", type=int, default=0, help="injection seed (0)")
+    ap.add_argument("--methods", default=",".join(METHODS), help="comma-separated methods")
+    ap.add_argument("--data", type=Path, default=DATA, help=f"folder of FITS images ({DATA})")
+    ap.add_argument("--json", type=Path, help="also write every row to this JSON file")
+    args = ap.parse_args(argv)
+
+    from skymap.quality.injection import compare
+
+    files = sorted(args.data.glob("*.fits"))
+    if args.images:
+        want = {Path(n).stem for n in args.images}
+        files = [f for f in files if f.stem in want]
+        missing = want - {f.stem for f in files}
+        if missing:
+            raise SystemExit(f"no such image(s) in {args.data}: {sorted(missing)}")
+    methods = method_table([m.strip() for m in args.methods.split(",") if m.strip()])
+    print(
+        f"# bench_real at commit {_commit()}: {len(files)} images, {args.trials} trials, "
+        f"seed {args.seed}, kinds sky + galaxies; scores in pixel-noise sigma"
+    )
+    rows, summary = [], []
+    t_all = time.perf_counter()
+    for path in files:
+        image, mask, hdu = read_real(path)
+        t0 = time.perf_counter()
+        table = compare(image, methods, mask=mask, n_trials=args.trials, seed=args.seed)
+        print(
+            f"\n## {path.name} (HDU {hdu}, {image.shape[0]}x{image.shape[1]}, "
+            f"sigma {table.meta['noise_sigma']:.4g}, {time.perf_counter() - t0:.0f} s)"
+        )
+        print(
+            "| method | track | leak | leak p95 | score (+- spread) | s/fit wall | s/fit CPU "
+            "| status |"
+        )
+        print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+        for r in table:
+            print(
+                f"| {r['method']} | {_fmt(r['track'])} | {_fmt(r['leak'], '+.3f')} | "
+                f"{_fmt(r['leak_p95'], '+.3f')} | {_fmt(r['score'])} +- {_fmt(r['score_std'])} | "
+                f"{_fmt(r['seconds'], '.2f')} | {_fmt(r['cpu_seconds'], '.2f')} | "
+                f"{_status(r['status'])} |"
+            )
+            rows.append({"image": path.stem, **{k: r[k] for k in table.colnames}})
+        scores = {r["method"]: float(r["score"]) for r in table}
+        nc = [
+            scores.pop(k) for k in ("noisechisel_default", "noisechisel_structured") if k in scores
+        ]
+        if nc:
+            finite = [v for v in nc if np.isfinite(v)]
+            scores["noisechisel"] = min(finite) if finite else float("nan")
+        sk = scores.pop("skymap", float("nan"))
+        peer_ok = {k: v for k, v in scores.items() if np.isfinite(v)}
+        best = min(peer_ok, key=peer_ok.get) if peer_ok else None
+        ratio = sk / peer_ok[best] if best else float("nan")
+        summary.append((path.stem, sk, best, peer_ok.get(best, float("nan")), ratio))
+        sys.stdout.flush()
+
+    print("\n## summary: score = track + |leak| (lower is better)")
+    print("| image | skymap | best peer | its score | skymap / best peer |")
+    print("| --- | --- | --- | --- | --- |")
+    for name, sk, best, bs, ratio in summary:
+        print(f"| {name} | {_fmt(sk)} | {best or '-'} | {_fmt(bs)} | {_fmt(ratio, '.2f')} |")
+    wins = sum(1 for *_, r in summary if np.isfinite(r) and r < 1)
+    print(
+        f"\nskymap lowest on {wins}/{len(summary)} images; "
+        f"total {time.perf_counter() - t_all:.0f} s"
+    )
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=1, default=float))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

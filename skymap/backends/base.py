@@ -1,0 +1,205 @@
+"""The back-end interface: the pixel operations :meth:`IterativeBackground.fit
+<skymap.background.pipeline.IterativeBackground.fit>` needs, whatever holds the pixels.
+
+The loop is written once, against :class:`ArrayBackend`; a back end decides where the
+pixels live and how a full-resolution step runs: :class:`~skymap.backends.memory.MemoryBackend`
+on numpy arrays in one piece, :class:`~skymap.backends.dask.DaskBackend` tile by tile
+with halos, finishing its global reductions (exact medians, noise excess, labels joined
+across tiles) in the driver. The arrays the loop passes around (image, masks,
+residuals) are the back end's own ("native": ndarray or dask array); what comes back to
+the loop is small (models on cell grids, scalars, subsamples).
+
+Components take part through small protocols, so that a user's masker or estimator
+runs in every back end without back-end code of its own:
+
+* an estimator with ``fit_on(backend, mask, *, start_scale, min_scale)`` builds its fit
+  from the back end's primitives (:meth:`ArrayBackend.subsample`,
+  :meth:`ArrayBackend.cell_grid`, :meth:`ArrayBackend.map_tiles`,
+  :meth:`ArrayBackend.median`); any other estimator is fitted on the gathered image;
+* a masker is called per tile on a window grown by its declared :meth:`TileMasker.halo`
+  (:class:`TileMasker`), or drives the back end itself for the steps that are global
+  (:class:`SplitMasker`: e.g. the hysteresis masker's noise excess and labelling);
+  any other masker is called on the gathered residual.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+
+__all__ = ["ArrayBackend", "SplitMasker", "TileMasker", "Tileable", "Window", "valid_blocks"]
+
+#: ((y0, y1), (x0, x1)): the pixel rows and columns of a tile or of its grown window.
+Window = tuple[tuple[int, int], tuple[int, int]]
+
+
+@runtime_checkable
+class ArrayBackend(Protocol):
+    """Where the pixels of one fit live, and the operations on them.
+
+    Attributes
+    ----------
+    shape : (int, int)
+        The image's shape.
+    dtype : numpy.dtype
+        Its working float dtype.
+    image, bad
+        The working image and its bad-pixel mask (given mask OR non-finite, and after
+        :meth:`normalise` the image's extreme negative pixels), native.
+    given_bad
+        The given mask OR the non-finite pixels, native.
+    weight
+        Relative inverse variance per pixel (native), or None.
+    size : int
+        Number of pixels.
+    nbad : int
+        Number of bad pixels.
+    tiled : bool
+        Whether full-resolution steps run tile by tile (False: one piece).
+    """
+
+    shape: tuple[int, int]
+    dtype: np.dtype
+    image: Any
+    bad: Any
+    given_bad: Any
+    weight: Any
+    size: int
+    nbad: int
+    tiled: bool
+
+    def normalise(self) -> Any:
+        """Make ``image`` the normalised copy ``(image - level) / scale`` and exclude
+        its extreme negative pixels from ``bad``; returns the
+        :class:`~skymap._inputs.Normalisation` (called once, before the fit)."""
+
+    # -- the loop's operations
+
+    def background(self, model: Any) -> Any:
+        """``model``'s full background map, native (lazy for a tiled back end)."""
+
+    def residual(self, background: Any) -> Any:
+        """``image - background`` in the image's dtype, native."""
+
+    def fit(self, estimator: Any, mask: Any, **hints: Any) -> Any:
+        """``estimator`` fitted to the image with ``mask`` (True = excluded)."""
+
+    def mask(self, masker: Any, residual: Any, noise: Any, window_of: Callable) -> Any:
+        """``bad | masker(residual, noise, bad)``, native. ``window_of(noise, window)``
+        cuts the working noise to a window, for maskers run per tile."""
+
+    def noise_map(self, model: Any) -> Any:
+        """``model``'s RMS map, floored at half the median of its finite positive
+        values (an object that rebuilds any window of it, for a tiled back end)."""
+
+    def change(
+        self, background: Any, model: Any, previous: Any, noise: Any, noise_model: Any
+    ) -> float:
+        """RMS over the valid pixels of ``[::2, ::2]`` of ``(model's background -
+        previous's background) / noise`` (``background`` is the model's native map).
+        ``noise_model`` reads the working ``noise``: ``grid(noise)`` -> (float32
+        values, block) for the compiled kernel, ``window(noise, window, step)``."""
+
+    def mask_stats(self, new: Any) -> tuple[int, int, Any]:
+        """(pixels that changed state since the last mask given here, pixels
+        excluded, what the history keeps of ``new``); ``new`` becomes the last mask."""
+
+    def median_where(self, values: Any, excluded: Any) -> float:
+        """Exact ``np.median`` of ``values`` (a native map, or what :meth:`noise_map`
+        returned) over the pixels not ``excluded``."""
+
+    def any_nonfinite(self, array: Any) -> bool:
+        """Whether the native ``array`` holds a NaN or an infinity."""
+
+    def valid_blocks(self, q: int) -> np.ndarray:
+        """Which ``q`` x ``q`` blocks hold a pixel that is not bad (see
+        :func:`valid_blocks`)."""
+
+    def result(self, array: Any) -> Any:
+        """A final map as the caller gets it (ndarray, or a lazy dask array)."""
+
+    def result_rms(self, model: Any) -> Any:
+        """The final RMS map as the caller gets it, or None to let the result
+        interpolate it from ``model`` on first access."""
+
+    # -- primitives the components build on
+
+    def gather(self, array: Any) -> np.ndarray:
+        """A native array as one ndarray (for pieces that only work on a whole image)."""
+
+    def subsample(self, array: Any, step: int) -> np.ndarray:
+        """``array[::step, ::step]`` as an ndarray."""
+
+    def first_valid(self, mask: Any) -> float:
+        """The image's first pixel not ``mask`` in C order."""
+
+    def cell_grid(
+        self, func: Callable, arrays: Sequence, block: tuple[int, int], layers: int, **kw
+    ) -> Any:
+        """``func(*arrays, origin=(y0, x0), **kw)`` per tile, grids side by side: the
+        tiles are aligned to ``block`` and ``func`` returns a float64 (layers, gy, gx)
+        array per tile."""
+
+    def map_tiles(self, func: Callable, arrays: Sequence, *, halo: int, dtype, **kw) -> Any:
+        """``func(*windows, window=, core=, **kw)`` per tile, native: each array read
+        over the tile grown by ``halo`` pixels (cut at the image's edges); ``func``
+        returns the values of its ``core``."""
+
+    def median(self, values: Callable, arrays: Sequence, **kw) -> float:
+        """Exact ``np.median`` of the values ``values(*blocks, window=, **kw)`` of all
+        tiles."""
+
+
+@runtime_checkable
+class Tileable(Protocol):
+    """A piece that sums pixels in blocks: tiles must be aligned to ``tile_unit``."""
+
+    def tile_unit(self, shape: tuple[int, int]) -> tuple[int, int]: ...
+
+
+@runtime_checkable
+class TileMasker(Protocol):
+    """A masker whose detections at a pixel depend only on the residual, noise and mask
+    within ``halo(shape)`` pixels of it: a tiled back end calls it per tile on the tile
+    grown by that halo, and keeps the tile's core."""
+
+    def __call__(self, residual: Any, rms: Any, mask: Any = None) -> np.ndarray: ...
+
+    def halo(self, shape: tuple[int, int]) -> int: ...
+
+
+@runtime_checkable
+class SplitMasker(Protocol):
+    """A masker with global steps (a statistic of the whole image, labels of regions of
+    any size): ``mask_on`` drives the back end's primitives itself and returns
+    ``excluded`` OR its detections, native (``excluded``: the bad pixels and the
+    residual's non-finite ones; ``window_of(noise, window)`` cuts the noise to a
+    tile's window). A back end in one piece calls the masker itself instead.
+    ``tile_unit`` aligns the tiles to its binning blocks."""
+
+    def __call__(self, residual: Any, rms: Any, mask: Any = None) -> np.ndarray: ...
+
+    def mask_on(
+        self, backend: Any, residual: Any, noise: Any, excluded: Any, window_of: Callable
+    ) -> Any: ...
+
+    def tile_unit(self, shape: tuple[int, int]) -> tuple[int, int]: ...
+
+
+def valid_blocks(bad: np.ndarray, q: int) -> np.ndarray:
+    """Which ``q`` x ``q`` blocks of ``bad`` hold a pixel that is not bad (partial
+    blocks at the far edges count what they hold).
+
+    Examples
+    --------
+    >>> bad = np.ones((3, 5), bool); bad[2, 4] = False
+    >>> valid_blocks(bad, 2).astype(int)
+    array([[0, 0, 0],
+           [0, 0, 1]])
+    """
+    ny, nx = bad.shape
+    ok = np.zeros((-(-ny // q) * q, -(-nx // q) * q), bool)
+    ok[:ny, :nx] = ~bad
+    return ok.reshape(ok.shape[0] // q, q, ok.shape[1] // q, q).any(axis=(1, 3))

@@ -1,0 +1,840 @@
+"""The dask back end: one image larger than memory, tile by tile.
+
+:class:`DaskBackend` holds the image as a ``dask.array`` of tiles (a dask array is
+rechunked to them; a memory-mapped file is read by each task from its file) and runs
+:class:`~skymap.backends.base.ArrayBackend`'s operations on them: every full-resolution
+step runs per tile, reading a halo around it where it needs one; the global steps are
+finished in the driver from small per-tile summaries: exact medians (order statistics
+selected 16 bits at a time from per-tile histograms), the working noise's floor (the
+same C-order sample as in memory, over strips of rows), connected regions labelled per
+tile and joined across tiles (``scipy.sparse.csgraph.connected_components``). The
+driver holds only small things (cell grids, subsamples, per-tile counts); the masks
+between iterations are persisted on the cluster.
+
+Tiles are aligned to a unit per axis that the pipeline's pieces ask for (the cells of
+a smoother, the binning blocks of a masker), so that every cell and block lies inside
+one tile and each tile's sums equal that part of the whole image's, bit for bit.
+
+Parallelism is the cluster's: each tile task runs numba's kernels on one thread, so
+give a LocalCluster one worker (process or thread) per core.
+"""
+
+from __future__ import annotations
+
+import functools
+import mmap
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from skymap._inputs import Normalisation
+from skymap._validate import as_image, as_mask, as_pair, combine_masks, work_dtype
+from skymap.backends.base import SplitMasker, TileMasker, valid_blocks
+
+__all__ = [
+    "DaskBackend",
+    "TileLayout",
+    "aligned_chunks",
+    "is_tiled_input",
+    "key_grid",
+    "one_thread",
+]
+
+
+def is_tiled_input(data: Any) -> bool:
+    """Whether ``data`` takes the tiled path: a dask array, or a memory map of a file."""
+    if type(data).__module__.startswith("dask."):
+        return True
+    return isinstance(data, np.memmap)
+
+
+def one_thread(func):
+    """Run a tile task's numba kernels on one thread: the parallelism of a tiled run is
+    the cluster's (workers x threads); kernels that also spread over every core
+    oversubscribe it (measured: 1.7x slower on 2 cores with 2 worker processes)."""
+
+    @functools.wraps(func)
+    def task(*args, **kwargs):
+        import numba
+
+        threads = numba.get_num_threads()
+        numba.set_num_threads(1)
+        try:
+            return func(*args, **kwargs)
+        finally:
+            numba.set_num_threads(threads)
+
+    return task
+
+
+def aligned_chunks(n: int, step: int) -> tuple[int, ...]:
+    """Chunks of ``step`` along an axis of ``n``, the last one shorter if need be."""
+    full, rest = divmod(n, step)
+    return (step,) * full + ((rest,) if rest else ())
+
+
+def key_grid(arr) -> np.ndarray:
+    """The block keys of a 2-D (or stacked 3-D, one block deep) dask array as a 2-D
+    object array."""
+    keys = arr.__dask_keys__()
+    if arr.ndim == 3:
+        keys = keys[0]
+    out = np.empty((len(keys), len(keys[0])), object)
+    for i, row in enumerate(keys):
+        for j, key in enumerate(row):
+            out[i, j] = key
+    return out
+
+
+def _round_up(value: int, unit: int) -> int:
+    return -(-value // unit) * unit
+
+
+@dataclass(frozen=True, kw_only=True)
+class TileLayout:
+    """How a tiled fit cut its image: the tile shape (the last tile of each axis may
+    be shorter), the chunks along each axis, and the largest halo in pixels that a
+    step read around a tile."""
+
+    tile: tuple[int, int]
+    chunks: tuple[tuple[int, ...], tuple[int, ...]]
+    halo: int
+
+
+@dataclass(frozen=True, eq=False)
+class _NoiseMap:
+    """The working-noise map of ``model`` on a tiled back end: its RMS map floored at
+    ``floor`` (None: no floor), rebuilt per window."""
+
+    model: Any
+    floor: float | None
+
+    def window(self, window, step: int = 1) -> np.ndarray:
+        rms = self.model.rms_map(window=window)
+        if step > 1:
+            rms = rms[::step, ::step]
+        if self.floor is not None:
+            floor = rms.dtype.type(self.floor)
+            rms = np.where(np.isfinite(rms) & (rms >= floor), rms, floor)
+        return rms
+
+
+class DaskBackend:
+    """:class:`~skymap.backends.base.ArrayBackend` on dask arrays of tiles.
+
+    Parameters
+    ----------
+    image : dask.array.Array, memmap or ndarray (ny, nx)
+        A dask array (e.g. ``da.from_zarr``) is rechunked to the tiles; a memory map of
+        a whole ``.npy`` or raw file (``np.load(path, mmap_mode="r")``, ``np.memmap``)
+        is read tile by tile from its file by the tasks; any other array (an astropy
+        memory-mapped ``HDU.data`` view included) is sent to the cluster once.
+    mask : array-like or dask array of bool, optional
+        True = excluded. NaN and inf pixels are excluded automatically.
+    tile : int or (int, int)
+        Approximate tile shape in pixels, rounded down (but not below) to a multiple of
+        ``unit``; an axis shorter than the unit is one tile.
+    unit : (int, int)
+        Alignment unit per axis: every tile but the last starts and ends on a multiple.
+    client : optional
+        A ``distributed.Client`` (or any dask scheduler); default dask's current one.
+
+    Examples
+    --------
+    >>> import dask.array as da
+    >>> img = da.from_array(np.arange(36.0).reshape(6, 6), chunks=3)
+    >>> be = DaskBackend(img, tile=4, unit=(2, 2))
+    >>> be.chunks, be.median(lambda a, window: a.ravel(), [be.image])
+    (((4, 2), (4, 2)), 17.5)
+    """
+
+    tiled = True
+    weight = None  # error maps are for the in-memory back end
+
+    def __init__(self, image, mask=None, *, tile=1024, unit=(2, 2), client=None):
+        if not hasattr(image, "shape") or not hasattr(image, "dtype"):
+            image = np.asarray(image)
+        if len(image.shape) != 2:
+            raise ValueError(f"image must be 2-dimensional, got shape {image.shape}")
+        shape = (int(image.shape[0]), int(image.shape[1]))
+        if shape[0] == 0 or shape[1] == 0:
+            raise ValueError(f"image must not be empty, got shape {shape}")
+        if np.dtype(image.dtype).kind not in "biuf":
+            raise TypeError(
+                f"image must hold real numbers (int or float), got dtype {image.dtype}"
+            )
+        tile = as_pair("tile", tile)
+        self.shape, self.dtype, self.client = shape, np.dtype(work_dtype(image.dtype)), client
+        self.size = shape[0] * shape[1]
+        self.unit = tuple(int(u) for u in unit)
+        self.tile = tuple(
+            n if n <= u else max(u, t // u * u)
+            for n, u, t in zip(shape, self.unit, tile, strict=True)
+        )
+        self.chunks = tuple(aligned_chunks(n, t) for n, t in zip(shape, self.tile, strict=True))
+        self.image = self._source(image).map_blocks(_work_block, dtype=self.dtype)
+        given = None
+        if mask is not None:
+            if not hasattr(mask, "shape") or not hasattr(mask, "dtype"):
+                mask = np.asarray(mask)
+            if tuple(mask.shape) != shape:
+                raise ValueError(f"mask must have the image's shape {shape}, got {mask.shape}")
+            given = self._source(mask).map_blocks(_mask_block, dtype=bool)
+        import dask.array as da
+
+        bad = da.map_blocks(
+            _bad_block, self.image, *([] if given is None else [given]), dtype=bool
+        )
+        (self.bad,) = self.persist(bad)
+        self.given_bad = self.bad
+        self.nbad = int(self.compute(self.bad.sum()))
+        if self.nbad == self.size:
+            raise ValueError("image has no valid pixel: everything is masked or non-finite")
+        self._last = None
+        self.halo = 0  # the largest halo read so far (pixels)
+        # Full-width strips of about a tile's area, for the C-order noise sample.
+        h = max(1, self.tile[0] * self.tile[1] // shape[1])
+        self.strips = [(y, min(shape[0], y + h)) for y in range(0, shape[0], h)]
+
+    def normalise(self) -> Normalisation:
+        """As :meth:`MemoryBackend.normalise <skymap.backends.memory.MemoryBackend.normalise>`,
+        tile by tile: the constants come from the same strided subsample."""
+        step = Normalisation.sample_step(self.shape)
+        sub, subbad = self.compute(self.image[::step, ::step], self.bad[::step, ::step])
+        norm = Normalisation.from_sample(sub, subbad, self.dtype)
+        self.image = self.image.map_blocks(norm.apply, dtype=self.dtype)
+        outliers = self.image.map_blocks(norm.outliers, dtype=bool)
+        (self.bad,) = self.persist(self.given_bad | outliers)
+        self.nbad = int(self.compute(self.bad.sum()))
+        return norm
+
+    def layout(self) -> TileLayout:
+        """The tiles: their shape, the chunks and the largest halo read so far."""
+        return TileLayout(tile=self.tile, chunks=self.chunks, halo=self.halo)
+
+    # -- dask plumbing
+
+    def _source(self, data):
+        """``data`` (image or mask) as a dask array of the tiles, never read here. A
+        memory map is read by each task from its file (pickling the memmap would ship
+        the whole array with every graph); an in-memory array is sent to the cluster
+        once (persisted); a dask array is rechunked to the tiles."""
+        import dask.array as da
+
+        if isinstance(data, da.Array):
+            return data.rechunk(self.chunks)
+        if (
+            isinstance(data, np.memmap)
+            and isinstance(data.base, mmap.mmap)
+            and (data.flags.c_contiguous or data.flags.f_contiguous)
+        ):
+            layout = (
+                data.filename,
+                data.dtype,
+                data.offset,
+                data.shape,
+                "C" if data.flags.c_contiguous else "F",
+            )
+            return self._tile_array(
+                _read_memmap, lambda i, j, ys, xs, ref: (layout, ys, xs), [], self.chunks,
+                data.dtype,
+            )  # fmt: skip
+        (arr,) = self.persist(da.from_array(np.asarray(data), chunks=self.chunks, name=False))
+        return arr
+
+    def persist(self, *arrays):
+        import dask
+
+        return dask.persist(*arrays, scheduler=self.client)
+
+    def compute(self, *things):
+        """The computed ``things``: one value for one thing, else a list."""
+        out = self._compute_list(things)
+        return out[0] if len(things) == 1 else out
+
+    def _compute_list(self, things) -> list:
+        import dask
+
+        return list(dask.compute(*things, scheduler=self.client))
+
+    def tiles(self):
+        """(i, j, (y0, y1), (x0, x1)) of every tile, row by row."""
+        ys = np.cumsum((0, *self.chunks[0]))
+        xs = np.cumsum((0, *self.chunks[1]))
+        for i in range(len(self.chunks[0])):
+            for j in range(len(self.chunks[1])):
+                yield i, j, (int(ys[i]), int(ys[i + 1])), (int(xs[j]), int(xs[j + 1]))
+
+    def grown(self, rows, cols, halo: int):
+        """The tile ``rows`` x ``cols`` grown by ``halo`` pixels (rounded up to the
+        alignment unit), cut at the image's edges."""
+        hy, hx = (_round_up(halo, u) for u in self.unit)
+        (y0, y1), (x0, x1) = rows, cols
+        ny, nx = self.shape
+        return (max(0, y0 - hy), min(ny, y1 + hy)), (max(0, x0 - hx), min(nx, x1 + hx))
+
+    def edges(self, b: int = 1) -> tuple[np.ndarray, np.ndarray]:
+        """Block edges along each axis of the arrays binned by ``b``."""
+        return tuple(np.cumsum((0, *ch)) for ch in self.binned_chunks(b))
+
+    def binned_chunks(self, b: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        out = []
+        for ch in self.chunks:
+            e = np.cumsum((0, *ch))
+            out.append(
+                tuple(int(-(-e1 // b) - e0 // b) for e0, e1 in zip(e[:-1], e[1:], strict=True))
+            )
+        return tuple(out)
+
+    def _tasks(self, func, args_of, dependencies, lead=(), **shared):
+        """A graph of one task per tile, ``func(*args_of(i, j, rows, cols, ref))``; the
+        arguments may hold block keys of ``dependencies`` (in nested lists), and ``ref``
+        maps each name of ``shared`` to the key of that object, which is put in the
+        graph once rather than in every task. Built by hand: a ``dask.delayed`` call
+        per tile costs more than the tile's work on small tiles."""
+        from dask.highlevelgraph import HighLevelGraph
+
+        name = f"{getattr(func, '__name__', 'task').strip('_')}-{uuid.uuid4().hex}"
+        ref = {k: f"{name}-{k}" for k in shared}
+        dsk: dict = {ref[k]: v for k, v in shared.items()}
+        keys = {}
+        for i, j, ys, xs in self.tiles():
+            keys[i, j] = (name, *lead, i, j)
+            dsk[keys[i, j]] = (func, *args_of(i, j, ys, xs, ref))
+        return name, HighLevelGraph.from_collections(name, dsk, dependencies=dependencies), keys
+
+    def _tile_array(self, func, args_of, dependencies, chunks, dtype, **shared):
+        import dask.array as da
+
+        lead = (0,) * (len(chunks) - 2)
+        name, graph, _ = self._tasks(func, args_of, dependencies, lead, **shared)
+        return da.Array(graph, name, chunks=chunks, dtype=dtype)
+
+    def _gather(self, func, args_of, dependencies, **shared) -> list:
+        from dask.delayed import Delayed
+
+        name, graph, keys = self._tasks(func, args_of, dependencies, **shared)
+        return self._compute_list([Delayed(key, graph, layer=name) for key in keys.values()])
+
+    def _windows(self, inputs, halo):
+        """``args_of`` for :meth:`_tasks`: per tile the covering blocks and slices of
+        each ``(array, binning)`` of ``inputs`` over the tile grown by ``halo``, then
+        the window and the core."""
+        grids = [(key_grid(a), self.edges(b), b) for a, b in inputs]
+        self.halo = max(self.halo, max((_round_up(halo, u) for u in self.unit), default=0))
+
+        def args(i, j, ys, xs, ref):
+            win = self.grown(ys, xs, halo)
+            out = []
+            for keys, edges, b in grids:
+                bwin = tuple((w0 // b, -(-w1 // b)) for w0, w1 in win)
+                out.extend(_cover(keys, edges, bwin))
+            return (*out, win, (ys, xs))
+
+        return args
+
+    def map_tiles(
+        self,
+        func: Callable,
+        arrays: Sequence,
+        *,
+        halo: int = 0,
+        dtype=None,
+        block: int = 1,
+        layers: int | None = None,
+        binning: Sequence = (),
+        **kw,
+    ):
+        """See :meth:`ArrayBackend.map_tiles`; ``binning`` gives each array's bin factor
+        (default 1), ``block`` the output's, ``layers`` a leading axis of the output.
+        The keywords ``kw`` are put in the graph once."""
+        bins = list(binning) + [1] * (len(arrays) - len(binning))
+        windows = self._windows(list(zip(arrays, bins, strict=True)), halo)
+        chunks = self.binned_chunks(block)
+        if layers is not None:
+            chunks = ((layers,), *chunks)
+
+        def args(i, j, ys, xs, ref):
+            return (func, len(arrays), *windows(i, j, ys, xs, ref), ref["kw"])
+
+        return self._tile_array(_windowed, args, list(arrays), chunks, dtype or self.dtype, kw=kw)
+
+    def gather_tiles(
+        self, func: Callable, arrays: Sequence, *, reach: int = 0, block: int = 1, **kw
+    ) -> list:
+        """``func(*windows, window=, core=, **kw)`` per tile, computed, row by row: the
+        arrays (binned by ``block``) read over the tile's binned core grown by
+        ``reach`` binned pixels forward along each axis (cut at the edge)."""
+        b = block
+        keys = [(key_grid(a), self.edges(b)) for a in arrays]
+        gy, gx = (-(-n // b) for n in self.shape)
+
+        def args(i, j, ys, xs, ref):
+            core = ((ys[0] // b, -(-ys[1] // b)), (xs[0] // b, -(-xs[1] // b)))
+            win = (
+                (core[0][0], min(gy, core[0][1] + reach)),
+                (core[1][0], min(gx, core[1][1] + reach)),
+            )
+            out = []
+            for k, e in keys:
+                out.extend(_cover(k, e, win))
+            return (func, len(keys), *out, win, core, ref["kw"])
+
+        return self._gather(_windowed, args, list(arrays), kw=kw)
+
+    def per_tile_sums(self, func, arrays, *, width: int, **kwargs) -> np.ndarray:
+        """Sum over the tiles of ``func(blocks..., window=...)``, a vector of ``width``
+        numbers per tile."""
+        import dask.array as da
+
+        ny, nx = (len(c) for c in self.chunks)
+        parts = da.map_blocks(
+            _with_window, *arrays, task=func, dtype=np.float64,
+            chunks=((1,) * ny, (1,) * nx, (width,)), new_axis=2, **kwargs,
+        )  # fmt: skip
+        return np.asarray(self.compute(parts.sum(axis=(0, 1))))
+
+    # -- the loop's operations
+
+    def background(self, model):
+        import dask.array as da
+
+        native = getattr(model, "background", None)
+        if isinstance(native, da.Array):
+            return native
+        return da.map_blocks(
+            _tile_model_map, dtype=self.dtype, chunks=self.chunks, model=model, which="background"
+        )
+
+    def residual(self, background):
+        import dask.array as da
+
+        return da.map_blocks(_subtract, self.image, background, dtype=self.dtype)
+
+    def fit(self, estimator, mask, **hints):
+        return estimator.fit_on(self, mask, **hints)
+
+    def mask(self, masker, residual, noise, window_of):
+        import dask.array as da
+
+        excl = da.map_blocks(_initial_exclusion, residual, self.bad, dtype=bool)
+        residual, excl = self.persist(residual, excl)
+        if isinstance(masker, SplitMasker):
+            excl = masker.mask_on(self, residual, noise, excl, window_of)
+        elif isinstance(masker, TileMasker):
+            det = self.map_tiles(
+                _tile_masker, [residual, self.bad], halo=int(masker.halo(self.shape)),
+                dtype=bool, masker=masker, noise=noise, window_of=window_of,
+            )  # fmt: skip
+            excl = excl | det
+        else:
+            # a masker with no tiled form: called once on the gathered residual
+            det = np.asarray(
+                masker(self.gather(residual), noise, self.gather(self.bad)), dtype=bool
+            )
+            excl = excl | da.from_array(det, chunks=self.chunks)
+        (new,) = self.persist(da.map_blocks(_final_mask, excl, residual, self.bad, dtype=bool))
+        return new
+
+    def noise_map(self, model):
+        import dask
+
+        counts = self._compute_list(
+            [dask.delayed(_strip_positive)(model, rows) for rows in self.strips]
+        )
+        total = int(sum(counts))
+        if total == 0:
+            return _NoiseMap(model=model, floor=None)
+        step = max(1, total // 250_000)
+        first = np.concatenate([[0], np.cumsum(counts)[:-1]])
+        samples = self._compute_list(
+            [
+                dask.delayed(_strip_positive)(model, rows, int(-f % step), step)
+                for rows, f in zip(self.strips, first, strict=True)
+            ]
+        )
+        return _NoiseMap(model=model, floor=0.5 * float(np.median(np.concatenate(samples))))
+
+    def change(self, background, model, previous, noise, noise_model) -> float:
+        # per tile from the models (a quarter of the pixels), not from `background`
+        import dask.array as da
+
+        arrays = [self.bad]
+        old = getattr(previous, "background", None)
+        if isinstance(old, da.Array):
+            arrays.append(old)
+            previous = None
+        total, n = self.per_tile_sums(
+            _tile_change, arrays, width=2, new=model, old=previous, noise=noise,
+            window_of=noise_model.window,
+        )  # fmt: skip
+        return float(np.sqrt(total / n)) if n else 0.0
+
+    def mask_stats(self, new):
+        if self._last is None:
+            count = self.compute(new.sum())
+            flips = 0
+        else:
+            flips, count = self.compute((new ^ self._last).sum(), new.sum())
+        self._last = new
+        return int(flips), int(count), None
+
+    def median_where(self, values, excluded) -> float:
+        return self.median(_noise_values, [excluded], noise=values)
+
+    def any_nonfinite(self, array) -> bool:
+        import dask.array as da
+
+        return bool(self.compute((~da.isfinite(array)).any()))
+
+    def valid_blocks(self, q: int) -> np.ndarray:
+        chunks = tuple(tuple(-(-c // q) for c in ch) for ch in self.chunks)
+        return self.compute(self.bad.map_blocks(valid_blocks, q=q, dtype=bool, chunks=chunks))
+
+    def result(self, array):
+        return array
+
+    def result_rms(self, model):
+        import dask.array as da
+
+        return da.map_blocks(
+            _tile_model_map, dtype=self.dtype, chunks=self.chunks, model=model, which="rms"
+        )
+
+    # -- primitives
+
+    def gather(self, array) -> np.ndarray:
+        return np.asarray(self.compute(array))
+
+    def subsample(self, array, step: int) -> np.ndarray:
+        return np.asarray(self.compute(array[::step, ::step]))
+
+    def first_valid(self, mask) -> float:
+        import dask.array as da
+
+        ny, nx = (len(c) for c in self.chunks)
+        flat = da.map_blocks(
+            _tile_first_valid, mask, nx=self.shape[1], dtype=np.int64,
+            chunks=((1,) * ny, (1,) * nx),
+        )  # fmt: skip
+        y, x = divmod(int(self.compute(flat.min())), self.shape[1])
+        return float(self.compute(self.image[y, x]))
+
+    def cell_grid(self, func, arrays, block, layers, **kw):
+        import dask.array as da
+
+        chunks = (
+            (layers,),
+            *(tuple(-(-c // s) for c in ch) for ch, s in zip(self.chunks, block, strict=True)),
+        )
+        blocks = da.map_blocks(
+            _tile_grid, *arrays, task=func, kw=kw, dtype=np.float64, chunks=chunks, new_axis=0
+        )
+        return np.asarray(self.compute(blocks))
+
+    def median(self, values, arrays, **kw) -> float:
+        """Exact ``np.median`` of ``values(*blocks, window=, **kw)`` over the tiles (one
+        value per valid pixel): the middle order statistic(s) selected 16 bits at a
+        time from per-tile histograms of their order keys."""
+        n = self.size - self.nbad
+        picked = [self._select(values, arrays, k, kw) for k in sorted({(n - 1) // 2, n // 2})]
+        return float(np.median(np.array(picked, dtype=self.dtype)))
+
+    def _select(self, values, arrays, k: int, kw):
+        bits = self.dtype.itemsize * 8
+        prefix = 0
+        for shift in range(bits - 16, -1, -16):
+            hist = self.per_tile_sums(
+                _tile_digit_histogram, arrays, width=1 << 16, values=values, shift=shift,
+                prefix=prefix, bits=bits, kw=kw,
+            )  # fmt: skip
+            cum = np.cumsum(hist)
+            digit = int(np.searchsorted(cum, k, side="right"))
+            k -= int(cum[digit - 1]) if digit else 0
+            prefix = (prefix << 16) | digit
+        return key_to_float(prefix, self.dtype)
+
+    def label_seeded(self, maps, codes: Callable, *, block: int, **kw):
+        """Regions of ``codes(maps_block, which="region", **kw)`` (bool per binned
+        pixel) that hold a pixel of ``codes(..., which="seed", **kw)``, 8-connected
+        across tiles, as a persisted bool array binned by ``block``. Each tile is
+        labelled on its own (scipy); the labels that touch across a tile boundary are
+        joined by labelling the two-pixel strips along every boundary, and
+        ``scipy.sparse.csgraph.connected_components`` merges them."""
+        maps_k = key_grid(maps)
+        bchunks = self.binned_chunks(block)
+        labels = self._tile_array(
+            _tile_label, lambda i, j, *_: (maps_k[i, j], codes, kw), [maps], bchunks, np.int32
+        )
+        (labels,) = self.persist(labels)
+        labels_k = key_grid(labels)
+        gathered = self._gather(
+            _label_info, lambda i, j, *_: (labels_k[i, j], maps_k[i, j], codes, kw),
+            [labels, maps],
+        )  # fmt: skip
+        info = np.empty(labels_k.shape, object)
+        for n, item in enumerate(gathered):
+            info.flat[n] = item
+        keep = merge_labels(info)
+        det = self._tile_array(
+            _keep_labels, lambda i, j, *_: (labels_k[i, j], keep[i][j]), [labels], bchunks, bool
+        )
+        (det,) = self.persist(det)
+        return det
+
+
+# --------------------------------------------------------------------------- labels
+
+
+@one_thread
+def _tile_label(maps, codes, kw):
+    """A tile's regions labelled on their own (int32, 0 = none)."""
+    from scipy import ndimage
+
+    region = codes(maps, which="region", **kw)
+    labels = np.zeros(region.shape, np.int32)
+    ndimage.label(region, structure=np.ones((3, 3), bool), output=labels)
+    return labels
+
+
+def _label_info(labels, maps, codes, kw):
+    """What the driver needs to join a tile's labels across tiles: their count, those
+    holding a seed, and the tile's four edges (top, bottom rows; left, right columns)."""
+    seed = codes(maps, which="seed", **kw)
+    edges = (labels[0].copy(), labels[-1].copy(), labels[:, 0].copy(), labels[:, -1].copy())
+    return int(labels.max(initial=0)), np.unique(labels[seed]), edges
+
+
+def merge_labels(info) -> list[list[np.ndarray]]:
+    """Per tile, which of its labels (index = label) belong to a region that holds a
+    seed anywhere: tile labels made global by offsets, joined where they touch across
+    a tile boundary (8-connected), grouped by connected components. ``info[i, j]`` is
+    (label count, seeded labels, (top, bottom, left, right) edges of the labels)."""
+    from scipy import ndimage, sparse
+    from scipy.sparse.csgraph import connected_components
+
+    nty, ntx = info.shape
+    counts = np.array([[info[i, j][0] for j in range(ntx)] for i in range(nty)])
+    offset = np.concatenate([[0], np.cumsum(counts.ravel())])[:-1].reshape(nty, ntx)
+    total = int(counts.sum())
+
+    def glob(i, j, lab):
+        return np.where(lab > 0, lab + offset[i, j], 0)
+
+    pairs = []
+    # The two-pixel strip along each boundary, labelled 8-connected: labels in one
+    # piece of a strip touch across the boundary (diagonals included).
+    for j in range(ntx - 1):
+        strip = np.stack(
+            [
+                np.concatenate([glob(i, j, info[i, j][2][3]) for i in range(nty)]),
+                np.concatenate([glob(i, j + 1, info[i, j + 1][2][2]) for i in range(nty)]),
+            ],
+            axis=1,
+        )
+        pairs.append(_touching(strip, ndimage))
+    for i in range(nty - 1):
+        strip = np.stack(
+            [
+                np.concatenate([glob(i, j, info[i, j][2][1]) for j in range(ntx)]),
+                np.concatenate([glob(i + 1, j, info[i + 1, j][2][0]) for j in range(ntx)]),
+            ]
+        )
+        pairs.append(_touching(strip, ndimage))
+    edges = np.concatenate([np.zeros((2, 0), np.int64), *pairs], axis=1)
+    graph = sparse.coo_matrix(
+        (np.ones(edges.shape[1], np.int8), (edges[0], edges[1])), shape=(total + 1, total + 1)
+    )
+    _, component = connected_components(graph, directed=False)
+    seeded = np.zeros(component.max() + 1, bool)
+    for i in range(nty):
+        for j in range(ntx):
+            s = info[i, j][1]
+            seeded[component[s[s > 0] + offset[i, j]]] = True
+    return [
+        [
+            np.concatenate(
+                [[False], seeded[component[offset[i, j] + 1 : offset[i, j] + counts[i, j] + 1]]]
+            )
+            for j in range(ntx)
+        ]
+        for i in range(nty)
+    ]
+
+
+def _touching(strip: np.ndarray, ndimage) -> np.ndarray:
+    """(2, m) pairs of the labels of ``strip`` that lie in one 8-connected piece."""
+    pieces, _ = ndimage.label(strip > 0, structure=np.ones((3, 3), bool))
+    ok = pieces > 0
+    order = np.argsort(pieces[ok], kind="stable")
+    p, lab = pieces[ok][order], strip[ok][order]
+    same = p[1:] == p[:-1]
+    return np.stack([lab[:-1][same], lab[1:][same]]).astype(np.int64)
+
+
+def _keep_labels(labels, keep):
+    return keep[labels]
+
+
+# --------------------------------------------------------------------------- windows
+
+
+def _cover(blocks, edges, window):
+    """The blocks (a 2-D object array of keys) of an array with block edges ``edges``
+    that cover ``window``, as a nested list, and the slice of their concatenation that
+    is the window."""
+    index, slices = [], []
+    for e, (w0, w1) in zip(edges, window, strict=True):
+        i0 = int(np.searchsorted(e, w0, side="right")) - 1
+        i1 = int(np.searchsorted(e, w1, side="left"))
+        index.append(range(i0, i1))
+        slices.append(slice(int(w0 - e[i0]), int(w1 - e[i0])))
+    return [[blocks[i, j] for j in index[1]] for i in index[0]], tuple(slices)
+
+
+def assemble(blocks, sl) -> np.ndarray:
+    """The window ``sl`` (over the last two axes) of the nested ``blocks``."""
+    whole = np.block(blocks) if len(blocks) > 1 or len(blocks[0]) > 1 else blocks[0][0]
+    return whole[..., sl[0], sl[1]]
+
+
+@one_thread
+def _windowed(func, n, *args):
+    """``func(*windows, window=, core=, **kw)`` from ``n`` (blocks, slice) pairs."""
+    arrays = [assemble(args[2 * k], args[2 * k + 1]) for k in range(n)]
+    window, core, kw = args[2 * n :]
+    return func(*arrays, window=window, core=core, **kw)
+
+
+def core_of(window, core, b: int = 1) -> tuple[slice, slice]:
+    """The slices of a window's (binned by ``b``) array that hold its core tile."""
+    return tuple(
+        slice((c0 - w0) // b, -(-(c1 - w0) // b))
+        for (w0, _), (c0, c1) in zip(window, core, strict=True)
+    )
+
+
+def _tile_masker(res, bad, *, window, core, masker, noise, window_of):
+    det = np.asarray(masker(res, window_of(noise, window), bad), dtype=bool)
+    return np.ascontiguousarray(det[core_of(window, core)])
+
+
+# --------------------------------------------------------------------------- tile tasks
+
+
+def _location(block_info) -> tuple[tuple[int, int], tuple[int, int]]:
+    (y0, y1), (x0, x1) = block_info[0]["array-location"][-2:]
+    return (y0, y1), (x0, x1)
+
+
+def _read_memmap(layout, rows, cols):
+    filename, dtype, offset, shape, order = layout
+    m = np.memmap(filename, dtype=dtype, mode="r", offset=offset, shape=shape, order=order)
+    return np.array(m[rows[0] : rows[1], cols[0] : cols[1]])
+
+
+def _work_block(block):
+    return as_image(block)
+
+
+def _mask_block(block):
+    return as_mask(block, block.shape)
+
+
+def _bad_block(img, given=None):
+    return combine_masks(img, given)
+
+
+def _with_window(*blocks, task, block_info=None, **kwargs):
+    window = _location(block_info)
+    return np.asarray(task(*blocks, window=window, **kwargs), dtype=np.float64)[None, None]
+
+
+@one_thread
+def _tile_model_map(model, which: str, block_info=None):
+    window = tuple(tuple(w) for w in block_info[None]["array-location"])
+    if which == "background":
+        return model.background_map(window=window)
+    return model.rms_map(window=window)
+
+
+@one_thread
+def _tile_grid(*blocks, task, kw, block_info=None):
+    (y0, _), (x0, _) = _location(block_info)
+    return task(*blocks, origin=(y0, x0), **kw)
+
+
+def _tile_first_valid(mask, nx, block_info=None):
+    (y0, _), (x0, _) = _location(block_info)
+    ys, xs = np.nonzero(~mask)
+    first = (ys[0] + y0) * nx + xs[0] + x0 if ys.size else np.iinfo(np.int64).max
+    return np.array([[first]], dtype=np.int64)
+
+
+@one_thread
+def _tile_change(bad, old_map=None, *, window, new, old, noise, window_of):
+    """Sum of squares and count of the finite (new - old) / noise on the tile's
+    [::2, ::2] subsample of valid pixels (the tile starts on an even pixel); the old
+    background is a model, or (``old`` None) the block ``old_map``."""
+    a = new.background_map(2, window=window)
+    b = old_map[::2, ::2] if old is None else old.background_map(2, window=window)
+    # the noise as the in-memory change reads it (float32)
+    sigma = np.asarray(window_of(noise, window, 2), dtype=np.float32)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        d = ((a - b) / sigma)[~bad[::2, ::2]]
+    d = d[np.isfinite(d)]
+    return [np.sum(d * d, dtype=np.float64), d.size]
+
+
+def float_keys(v: np.ndarray) -> np.ndarray:
+    """Unsigned integers in the order of the floats ``v``."""
+    u = v.view(np.dtype(f"u{v.dtype.itemsize}"))
+    top = u.dtype.type(1 << (8 * v.dtype.itemsize - 1))
+    return np.where(u & top, ~u, u | top)
+
+
+def key_to_float(key: int, dtype) -> float:
+    """The float of ``dtype`` whose :func:`float_keys` key is ``key``."""
+    bits = 8 * np.dtype(dtype).itemsize
+    top = 1 << (bits - 1)
+    u = key ^ top if key & top else ~key & ((1 << bits) - 1)
+    return np.array([u], dtype=f"u{bits // 8}").view(dtype)[0]
+
+
+@one_thread
+def _tile_digit_histogram(*blocks, window, values, shift, prefix, bits, kw):
+    """Histogram of the 16-bit digit at ``shift`` of the order keys of the tile's
+    ``values(*blocks, window=window, **kw)`` whose higher bits are ``prefix``."""
+    keys = float_keys(np.ascontiguousarray(values(*blocks, window=window, **kw)))
+    if shift + 16 < bits:
+        keys = keys[(keys >> (shift + 16)) == prefix]
+    return np.bincount(((keys >> shift) & 0xFFFF).astype(np.int64), minlength=1 << 16)
+
+
+def _noise_values(bad, window, noise):
+    return np.asarray(noise.window(window))[~bad]
+
+
+@one_thread
+def _strip_positive(model, rows, start: int | None = None, step: int = 1):
+    """The count (``start`` None) or the ``[start::step]`` sample of the finite
+    positive values of the unfloored RMS map's rows ``rows``, in C order."""
+    rms = model.rms_map(window=(rows, (0, model.shape[1])))
+    v = rms[np.isfinite(rms) & (rms > 0)]
+    return v.size if start is None else v[start::step]
+
+
+def _subtract(img, bkg):
+    return np.subtract(img, bkg, dtype=img.dtype)
+
+
+def _initial_exclusion(res, bad):
+    return combine_masks(res, bad)
+
+
+def _final_mask(excl, res, bad):
+    # A masker returns (excluded & finite) & ~given; the pipeline ORs in `bad`.
+    return bad | (excl & np.isfinite(res))

@@ -1,0 +1,160 @@
+"""The in-memory back end: the whole image as one numpy array.
+
+Every operation of :class:`~skymap.backends.base.ArrayBackend` on one piece, with the
+memory care of a large image: the masks the history keeps are bit-packed, the change
+is measured on a quarter subsample by a compiled kernel, and the noise map is floored
+in place.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+
+from skymap._inputs import Normalisation
+from skymap._validate import as_image, as_mask, combine_masks
+from skymap.backends import _memory_kernels as _k
+from skymap.backends.base import valid_blocks
+
+__all__ = ["MemoryBackend", "floor_at_half_median"]
+
+
+def floor_at_half_median(values: np.ndarray) -> None:
+    """Floor ``values`` in place at half the median of its finite positive values (of
+    every ``step``-th of them in C order, ``step = max(1, n // 250_000)``); non-finite
+    values become the floor. Nothing changes when no value is finite and positive.
+
+    Examples
+    --------
+    >>> v = np.array([np.nan, 0.0, 2.0, 4.0, 6.0])
+    >>> floor_at_half_median(v); v
+    array([2., 2., 2., 4., 6.])
+    """
+    sample = _k.positive_sample(values, 250_000)
+    if sample.size:
+        _k.floor_in_place(values, values.dtype.type(0.5 * float(np.median(sample))))
+
+
+class MemoryBackend:
+    """:class:`~skymap.backends.base.ArrayBackend` on ndarrays.
+
+    Parameters
+    ----------
+    image : array_like (ny, nx)
+        Integer input becomes float32; float32 stays float32.
+    mask : array_like of bool, optional
+        True = excluded; NaN and inf pixels are excluded automatically.
+
+    Raises
+    ------
+    ValueError
+        For a non-2-D image, a mask of another shape, or no valid pixel.
+
+    Examples
+    --------
+    >>> be = MemoryBackend(np.array([[1.0, np.nan], [3.0, 4.0]]))
+    >>> be.nbad, be.first_valid(be.bad), be.median_where(be.image, be.bad)
+    (1, 1.0, 3.0)
+    """
+
+    tiled = False
+    #: Relative inverse variance per pixel (an error map given to the fit), or None.
+    weight = None
+
+    def __init__(self, image: Any, mask: Any = None):
+        self.image = as_image(image)
+        self.bad = combine_masks(self.image, as_mask(mask, self.image.shape))
+        self.given_bad = self.bad
+        self.shape = self.image.shape
+        self.dtype = self.image.dtype
+        self.size = self.image.size
+        self.nbad = int(np.count_nonzero(self.bad))
+        if self.nbad == self.bad.size:
+            raise ValueError("image has no valid pixel: everything is masked or non-finite")
+        self._last = None
+
+    def normalise(self) -> Normalisation:
+        """Replace the image by ``(image - level) / scale`` (a new array; see
+        :class:`~skymap._inputs.Normalisation`) and exclude its extreme negative
+        pixels; ``given_bad`` keeps the given mask OR non-finite pixels. Returns the
+        normalisation, which maps the fit's results back."""
+        norm = Normalisation.of(self.image, self.bad)
+        self.image = norm.apply(self.image)
+        self.bad = self.given_bad | norm.outliers(self.image)
+        self.nbad = int(np.count_nonzero(self.bad))
+        return norm
+
+    # -- the loop's operations
+
+    def background(self, model):
+        return model.background_map()
+
+    def residual(self, background):
+        return np.subtract(self.image, background, dtype=self.dtype)
+
+    def fit(self, estimator, mask, **hints):
+        return estimator.fit_on(self, mask, **hints)
+
+    def mask(self, masker, residual, noise, window_of=None):
+        return self.bad | np.asarray(masker(residual, noise, self.bad), dtype=bool)
+
+    def noise_map(self, model):
+        # A fresh map of our own, floored in place: the masked copies and temporaries of
+        # a vectorised floor were the fit's memory peak.
+        rms = np.ascontiguousarray(model.rms_map())
+        if rms.ndim == 0:
+            return rms  # a positive constant is its own floor
+        floor_at_half_median(rms)
+        return rms
+
+    def change(self, background, model, previous, noise, noise_model):
+        sigma, q = noise_model.grid(noise)
+        return _k.subsampled_change(background, previous.background_map(2), self.bad, sigma, q)
+
+    def mask_stats(self, new):
+        packed = np.packbits(new.ravel())
+        flips = (
+            0 if self._last is None else np.bitwise_count(packed ^ self._last).sum(dtype=np.int64)
+        )
+        self._last = packed
+        return int(flips), int(np.count_nonzero(new)), packed
+
+    def median_where(self, values, excluded):
+        # The selection is a fresh copy: the median may partition it in place.
+        return float(np.median(np.asarray(values)[~excluded], overwrite_input=True))
+
+    def any_nonfinite(self, array) -> bool:
+        return not np.isfinite(array).all()
+
+    def valid_blocks(self, q: int) -> np.ndarray:
+        return valid_blocks(self.bad, q)
+
+    def result(self, array):
+        return array
+
+    def result_rms(self, model) -> None:
+        return None  # the result interpolates the model's RMS on first access
+
+    # -- primitives
+
+    def gather(self, array) -> np.ndarray:
+        return array
+
+    def subsample(self, array, step: int) -> np.ndarray:
+        return array[::step, ::step]
+
+    def first_valid(self, mask) -> float:
+        return float(self.image[~mask][0])
+
+    def cell_grid(self, func: Callable, arrays: Sequence, block, layers, **kw):
+        return func(*arrays, origin=(0, 0), **kw)
+
+    def map_tiles(self, func: Callable, arrays: Sequence, *, halo: int = 0, dtype=None, **kw):
+        whole = ((0, self.shape[0]), (0, self.shape[1]))
+        return func(*arrays, window=whole, core=whole, **kw)
+
+    def median(self, values: Callable, arrays: Sequence, **kw) -> float:
+        whole = ((0, self.shape[0]), (0, self.shape[1]))
+        return float(np.median(values(*arrays, window=whole, **kw)))
