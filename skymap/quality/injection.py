@@ -46,7 +46,8 @@ from typing import Any
 
 import numpy as np
 
-from skymap._validate import as_image, as_mask, check_choice, combine_masks
+from skymap._inputs import read_image
+from skymap._validate import as_mask, check_choice, combine_masks
 from skymap.quality.evaluate import pixel_sigma
 
 __all__ = [
@@ -472,7 +473,9 @@ class Prepared:
 def prepare(image, *, mask=None, error=None, kinds=("sky", "galaxies")) -> Prepared:
     """Check ``image`` for injection runs and measure its noise (see
     :func:`injection_recovery` for the arguments)."""
-    img = as_image(image)
+    # arrays, MaskedArrays, Quantities, NDData/CCDData (mask ORed, uncertainty read)
+    inp = read_image(image, mask, error=error)
+    img, mask, error = inp.data, inp.mask, inp.error
     if min(img.shape) < MIN_SIZE:
         raise ValueError(
             f"image is too small for the injections: shape {img.shape}; both sides must be "
