@@ -324,6 +324,7 @@ def run_file(
     report: bool = True,
     overwrite: bool = False,
     quiet: bool = True,
+    inject: bool = False,
 ) -> dict:
     """Fit one FITS image and write its products: what ``skymap run`` does for each file.
 
@@ -351,6 +352,9 @@ def run_file(
         Replace existing outputs.
     quiet : bool
         No progress bar.
+    inject : bool
+        Add injection-recovery scores of the same configuration
+        (:func:`skymap.quality.injection.injection_recovery`) to the metrics.
 
     Returns
     -------
@@ -388,6 +392,14 @@ def run_file(
             "fit": _summary(img.data, result),
             "evaluation": evaluation.to_dict(),
         }
+        if inject:
+            bar.set_postfix_str("injecting")
+            injection = _module("quality.injection", "run --inject")
+            try:
+                scores = injection.injection_recovery(img.data, config, mask=img.mask)
+            except ValueError as err:
+                raise UsageError(f"--inject: {err}") from err
+            metrics["injection"] = scores.to_dict()
         bar.update()
         bar.set_postfix_str("writing")
         written = _write_outputs(
@@ -433,6 +445,7 @@ def _cmd_run(args) -> int:
         report=not args.no_report,
         overwrite=args.overwrite,
         quiet=args.quiet,
+        inject=args.inject,
     )
     _tell(args, f"wrote {len(info['outputs'])} files to {args.output}/")
     for p in info["outputs"].values():
@@ -652,8 +665,11 @@ def _cmd_match(args) -> int:
         paths.update({s: out_dir / f"{s}_skymatched.fits" for s in stems})
     skyio.check_outputs(paths.values(), overwrite=args.overwrite)
     images = [_read_input(p, hdu=args.hdu, dq_bits=_dq_bits(args.dq_bits)) for p in args.inputs]
-    skymatch = _module("skymatch", "match")
-    ndds = [NDData(im.data, mask=im.mask, wcs=im.wcs) for im in images]
+    skymatch = _module("mosaic.skymatch", "match")
+    ndds = [
+        NDData(im.data, mask=im.mask, wcs=w)
+        for im, w in zip(images, _match_wcs(args, images), strict=True)
+    ]
     try:
         result = skymatch.match(
             ndds,
@@ -661,6 +677,7 @@ def _cmd_match(args) -> int:
             statistic=args.statistic,
             match_down=not args.match_up,
             subtract=args.subtract,
+            model=args.model,
         )
     except ValueError as err:
         raise UsageError(str(err)) from err
@@ -670,8 +687,12 @@ def _cmd_match(args) -> int:
     summary = {
         "method": args.method,
         "statistic": args.statistic,
+        "model": args.model,
         "skymap_version": __version__,
-        "images": [{"file": f, "sky": float(level)} for f, level in zip(files, sky, strict=True)],
+        "images": [
+            {"file": f, "sky": float(level), "coefficients": [float(c) for c in coef]}
+            for f, level, coef in zip(files, sky, result.coefficients, strict=True)
+        ],
         "groups": [[int(i) for i in g] for g in result.groups],
         "overlaps": [
             {
@@ -704,7 +725,7 @@ def _cmd_match(args) -> int:
                 product="skymatched",
                 config=result.config,
                 source=im.path,
-                history=[f"skymap match: subtracted sky level {level:.6g}"],
+                history=[f"skymap match: subtracted {args.model} sky, {level:.6g} at centre"],
                 overwrite=args.overwrite,
             )
     skyio.write_json(paths["json"], summary, overwrite=args.overwrite)
@@ -712,6 +733,24 @@ def _cmd_match(args) -> int:
         _tell(args, f"{entry['sky']:14.6g}  {entry['file']}")
     _tell(args, f"wrote {paths['json']}")
     return EXIT_OK
+
+
+def _match_wcs(args, images) -> list:
+    """Each input's celestial WCS; None for all when no input has one (they must then
+    share one pixel grid). A mix is refused: overlaps cannot be placed."""
+    wcs = [im.wcs for im in images]
+    celestial = [w.has_celestial for w in wcs]
+    if all(celestial):
+        return wcs
+    if any(celestial):
+        missing = [str(p) for p, c in zip(args.inputs, celestial, strict=True) if not c]
+        raise UsageError(
+            f"inputs without a celestial WCS: {', '.join(missing)}; the others have one. "
+            "Either every input needs a celestial WCS, or none (then all share one pixel "
+            "grid)"
+        )
+    _tell(args, "no input has a celestial WCS: treating them as one pixel grid")
+    return [None] * len(images)
 
 
 def _check_unique(stems, inputs):
@@ -904,6 +943,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", default="skymap_out", help="output directory (skymap_out)")
     p.add_argument("--config", metavar="FILE.toml", help=_CONFIG_HELP)
     p.add_argument("--no-report", action="store_true", help="skip the HTML report and figures")
+    p.add_argument(
+        "--inject",
+        action="store_true",
+        help="also score the fit by injection-recovery (sky and faint discs added to the "
+        "image; 7 more fits) into metrics.json and the report",
+    )
     _input_options(p)
     _common(p)
     p.set_defaults(func=_cmd_run)
@@ -979,7 +1024,8 @@ def build_parser() -> argparse.ArgumentParser:
         "match",
         help="match sky levels across overlapping images",
         description="Measure the sky level of each image so that overlapping images agree "
-        "(WCS overlaps), and write skymatch.json; with --subtract, also "
+        "(WCS overlaps; files without a celestial WCS must share one pixel grid), and "
+        "write skymatch.json; with --subtract, also "
         "<name>_skymatched.fits.",
     )
     p.add_argument("inputs", nargs="+", metavar="IN.fits", help="overlapping FITS images")
@@ -1000,6 +1046,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--match-up",
         action="store_true",
         help="bring fainter skies up to the brightest (default: brighter skies down)",
+    )
+    p.add_argument(
+        "--model",
+        default="offset",
+        choices=("offset", "plane", "poly2"),
+        help="sky of each image: a constant (default), a plane or a quadratic in its "
+        "pixels (plane/poly2 need --method match or global+match)",
     )
     p.add_argument("--subtract", action="store_true", help="write the sky-subtracted images too")
     _input_options(p, mask=False)
@@ -1028,6 +1081,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", metavar="FILE.toml", help="output file (default stdout)")
     _common(p)
     p.set_defaults(func=_cmd_config)
+    from skymap.app import cli_quality  # tune, compare
+
+    cli_quality.register(sub, epilog=_EPILOG, formatter_class=fmt)
     # The raw formatter keeps the epilog's table; descriptions are wrapped here instead.
     for command in (parser, *sub.choices.values()):
         command.description = "\n\n".join(

@@ -21,7 +21,8 @@ the sources and the sky structure cancel in the differences), so scores compare 
 images. ``score`` is ``track + |leak| (+ |halo|)``.
 
 :func:`injection_recovery` scores one method; :func:`compare` scores several on the same
-injections and times them. Ready-made peers (photutils, SEP, NoiseChisel) are in
+injections and times them. The signals are made by :mod:`skymap.quality.signals`;
+ready-made peers (photutils, SEP, NoiseChisel) are in
 :mod:`skymap.quality.peers`.
 
 References
@@ -47,8 +48,10 @@ from typing import Any
 import numpy as np
 
 from skymap._inputs import read_image
+from skymap._util import check_int
 from skymap._validate import as_mask, check_choice, combine_masks
 from skymap.quality.evaluate import pixel_sigma
+from skymap.quality.signals import KINDS, MIN_SIZE, Injection, make_injections
 
 __all__ = [
     "KINDS",
@@ -59,37 +62,16 @@ __all__ = [
     "as_method",
     "compare",
     "evaluate_method",
+    "fit_background",
     "injection_recovery",
     "make_injections",
     "plot_comparison",
     "prepare",
     "results_table",
+    "table_rows",
 ]
 
 log = logging.getLogger(__name__)
-
-KINDS = ("sky", "galaxies", "stars")
-#: Smallest image side (pixels): below it the smallest disc (3% of the frame) would be
-#: under 2 px and the narrowest bump (5%) about 3 px, no longer "extended" or "broad".
-MIN_SIZE = 64
-
-# Injection ranges, as fractions of the frame's shorter side and in pixel-noise sigma.
-_BUMP_AMPLITUDE = (1.0, 3.0)
-_BUMP_WIDTH = (0.05, 0.25)
-_GRADIENT_SPAN = (1.0, 3.0)
-_BUMPS_PER_SQUARE = 4
-_DISC_SB = (0.3, 1.0)
-_DISC_RADIUS = (0.03, 0.10)
-_DISC_AXIS_RATIO = (0.4, 1.0)
-_DISCS_PER_SQUARE = 3
-_DISC_FOOTPRINT = 2.0  # "under the disc": within this many effective radii
-_EXP_B1 = 1.6783469900166606  # Sersic b_n for n = 1: half the light inside r_e
-_STAR_PEAK = (300.0, 1000.0)
-_STAR_FWHM = 3.0
-_STAR_BETA = 2.5
-_HALO_FRACTION = 0.03  # share of the star's flux in its power-law aureole
-_HALO_RADIUS = 0.12
-
 
 # --------------------------------------------------------------------------- methods
 
@@ -161,9 +143,11 @@ def as_method(method: Any = None) -> tuple[Callable[[np.ndarray, Any], Any], str
 
 
 def _background(fn, name: str, image: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    """Run a method and check what it returns: a ValueError names the method."""
+    """Run a method and check what it returns: a ValueError names the method. It gets
+    copies: a method that writes into its input must not change the image (the
+    caller's array) or the mask the next trial uses."""
     try:
-        out = fn(image, mask)
+        out = fn(image.copy(), mask.copy())
     except Exception as err:
         raise ValueError(f"method {name!r} failed: {type(err).__name__}: {err}") from err
     bkg = getattr(out, "background", out)
@@ -179,143 +163,6 @@ def _background(fn, name: str, image: np.ndarray, mask: np.ndarray) -> np.ndarra
     if not np.isfinite(bkg[~mask]).all():
         raise ValueError(f"method {name!r} returned non-finite background on valid pixels")
     return bkg
-
-
-# --------------------------------------------------------------------------- injections
-
-
-@dataclass(frozen=True, kw_only=True, eq=False)
-class Injection:
-    """One injected signal: the map (in image units) and the pixels its score reads.
-
-    ``footprint`` is None for ``sky`` (scored over all valid pixels) and the disc or
-    halo area for ``galaxies`` and ``stars``."""
-
-    kind: str
-    signal: np.ndarray = field(repr=False)
-    footprint: np.ndarray | None = field(repr=False, default=None)
-
-
-def _frame(shape) -> tuple[float, int]:
-    ny, nx = shape
-    short, long = min(ny, nx), max(ny, nx)
-    # an elongated frame gets as many features per short-side square as a square one
-    return float(short), max(1, round(long / short))
-
-
-def _sky(rng, shape, sigma) -> np.ndarray:
-    ny, nx = shape
-    short, squares = _frame(shape)
-    y = np.arange(ny, dtype=np.float64)
-    x = np.arange(nx, dtype=np.float64)
-    theta = rng.uniform(0, 2 * np.pi)
-    span = rng.uniform(*_GRADIENT_SPAN) * sigma
-    # span = end-to-end change along the direction; coordinates normalised per axis
-    sky = span * (
-        np.cos(theta) * (x / max(nx - 1, 1) - 0.5)[None, :]
-        + np.sin(theta) * (y / max(ny - 1, 1) - 0.5)[:, None]
-    )
-    n = _BUMPS_PER_SQUARE * squares
-    signs = rng.permutation(np.resize([1.0, -1.0], n))
-    for s in signs:
-        amp = s * rng.uniform(*_BUMP_AMPLITUDE) * sigma
-        w = rng.uniform(*_BUMP_WIDTH) * short
-        yc, xc = rng.uniform(0, ny), rng.uniform(0, nx)
-        # a circular Gaussian is separable: two 1-D profiles, one outer product
-        sky += amp * np.outer(
-            np.exp(-0.5 * ((y - yc) / w) ** 2), np.exp(-0.5 * ((x - xc) / w) ** 2)
-        )
-    return sky
-
-
-def _box(yc, xc, half, shape):
-    y0, y1 = max(0, int(yc - half)), min(shape[0], int(yc + half) + 2)
-    x0, x1 = max(0, int(xc - half)), min(shape[1], int(xc + half) + 2)
-    return slice(y0, y1), slice(x0, x1)
-
-
-def _galaxies(rng, shape, sigma) -> tuple[np.ndarray, np.ndarray]:
-    ny, nx = shape
-    short, squares = _frame(shape)
-    signal = np.zeros(shape)
-    footprint = np.zeros(shape, dtype=bool)
-    placed: list[tuple[float, float, float]] = []
-    for _ in range(_DISCS_PER_SQUARE * squares):
-        re = rng.uniform(*_DISC_RADIUS) * short
-        sb = rng.uniform(*_DISC_SB) * sigma
-        q = rng.uniform(*_DISC_AXIS_RATIO)
-        pa = rng.uniform(0, np.pi)
-        # centres at least r_e inside the frame, discs not overlapping within 2 r_e
-        for _try in range(50):
-            yc, xc = rng.uniform(re, ny - re), rng.uniform(re, nx - re)
-            if all(np.hypot(yc - y, xc - x) > _DISC_FOOTPRINT * (re + r) for y, x, r in placed):
-                break
-        placed.append((yc, xc, re))
-        sy, sx = _box(yc, xc, 6 * re, shape)
-        yy, xx = np.mgrid[sy, sx]
-        dy, dx = yy - yc, xx - xc
-        u = dx * np.cos(pa) + dy * np.sin(pa)
-        v = -dx * np.sin(pa) + dy * np.cos(pa)
-        r = np.hypot(u, v / q) / re
-        signal[sy, sx] += sb * np.exp(-_EXP_B1 * (r - 1.0))
-        footprint[sy, sx] |= r <= _DISC_FOOTPRINT
-    return signal, footprint
-
-
-def _star(rng, shape, sigma) -> tuple[np.ndarray, np.ndarray]:
-    ny, nx = shape
-    short, _ = _frame(shape)
-    R = _HALO_RADIUS * short
-    yc, xc = rng.uniform(R, ny - R), rng.uniform(R, nx - R)
-    peak = rng.uniform(*_STAR_PEAK) * sigma
-    alpha = _STAR_FWHM / (2 * np.sqrt(2 ** (1 / _STAR_BETA) - 1))
-    sy, sx = _box(yc, xc, 1.5 * R, shape)
-    yy, xx = np.mgrid[sy, sx]
-    r = np.hypot(yy - yc, xx - xc)
-    core = peak * (1 + (r / alpha) ** 2) ** -_STAR_BETA
-    # Moffat total flux = peak * pi alpha^2 / (beta - 1); the aureole ~ r^-2.5 from one
-    # FWHM out to R carries _HALO_FRACTION of it
-    flux = peak * np.pi * alpha**2 / (_STAR_BETA - 1)
-    r0 = _STAR_FWHM
-    norm = 2 * np.pi * (r0**-0.5 - R**-0.5) / 0.5  # integral of r^-2.5 2 pi r dr
-    aureole = np.where(r <= R, _HALO_FRACTION * flux / norm * np.maximum(r, r0) ** -2.5, 0.0)
-    signal = np.zeros(shape)
-    signal[sy, sx] = core + aureole
-    footprint = np.zeros(shape, dtype=bool)
-    footprint[sy, sx] = r <= R
-    return signal, footprint
-
-
-def make_injections(
-    shape, sigma: float, *, kinds=("sky", "galaxies"), seed: int = 0, trial: int = 0
-):
-    """The injections of one trial: ``{kind: Injection}``, deterministic for
-    ``(seed, trial)``.
-
-    Examples
-    --------
-    >>> inj = make_injections((100, 100), 2.0, kinds=("sky",), seed=1)
-    >>> sky = inj["sky"].signal
-    >>> bool(1.0 < (sky.max() - sky.min()) / 2.0 < 12.0)
-    True
-    """
-    rng = np.random.default_rng([int(seed), int(trial)])
-    out = {}
-    for kind in KINDS:
-        # one draw per kind, in a fixed order, so a kind's map does not depend on which
-        # other kinds were asked for
-        sub = np.random.default_rng(rng.integers(2**63))
-        if kind not in kinds:
-            continue
-        if kind == "sky":
-            out[kind] = Injection(kind=kind, signal=_sky(sub, shape, sigma))
-        elif kind == "galaxies":
-            s, fp = _galaxies(sub, shape, sigma)
-            out[kind] = Injection(kind=kind, signal=s, footprint=fp)
-        else:
-            s, fp = _star(sub, shape, sigma)
-            out[kind] = Injection(kind=kind, signal=s, footprint=fp)
-    return out
 
 
 # --------------------------------------------------------------------------- result
@@ -505,14 +352,12 @@ def prepare(image, *, mask=None, error=None, kinds=("sky", "galaxies")) -> Prepa
 
 
 def _check_trials(n_trials) -> int:
-    if isinstance(n_trials, bool) or int(n_trials) != n_trials or n_trials < 1:
-        raise ValueError(f"n_trials must be an integer >= 1, got {n_trials!r}")
-    return int(n_trials)
+    return int(check_int("n_trials", n_trials))
 
 
 def _timed(fn, name, image, mask, clock):
     t0, c0 = time.perf_counter(), _cpu()
-    bkg = _background(fn, name, image, mask.copy())  # a method may write into it
+    bkg = _background(fn, name, image, mask)
     clock.append((time.perf_counter() - t0, _cpu() - c0))
     return bkg
 
@@ -528,6 +373,16 @@ def _leak(delta, footprint, good, sigma):
         return float("nan"), float("nan")
     v = delta[sel] / sigma
     return float(np.mean(v)), float(np.percentile(v, 95))
+
+
+def fit_background(prep: Prepared, method: Any = None, *, name: str | None = None):
+    """Fit ``prep.image`` once with ``method`` (anything :func:`as_method` accepts):
+    returns ``(background, seconds)``, the background checked as in
+    :func:`injection_recovery` (a ValueError names a failing method)."""
+    fn, default_name = as_method(method)
+    clock: list[tuple[float, float]] = []
+    bkg = _timed(fn, name or default_name, prep.image, prep.bad, clock)
+    return bkg, clock[0][0]
 
 
 def evaluate_method(
@@ -785,6 +640,17 @@ def compare(
     if results is not None:
         results.update({k: v for k, v in out.items() if isinstance(v, InjectionResult)})
     return results_table(out, prep, seed)
+
+
+def table_rows(table) -> list[dict]:
+    """The rows of an astropy Table as JSON-ready dicts (numpy scalars as Python ones)."""
+    return [
+        {
+            k: (v.item() if hasattr(v, "item") else v)
+            for k, v in zip(table.colnames, r, strict=True)
+        }
+        for r in table
+    ]
 
 
 def plot_comparison(table, *, figsize=(7, 3.5)):

@@ -29,6 +29,7 @@ segmentation of nebulous objects", doi:10.1088/0067-0049/220/1/1
 from __future__ import annotations
 
 import importlib.util
+import logging
 import shutil
 import subprocess
 import tempfile
@@ -63,6 +64,8 @@ NOISECHISEL_STRUCTURED = (
 )
 NOISECHISEL_TIMEOUT = 600.0
 
+log = logging.getLogger(__name__)
+
 
 class PeerFailed(RuntimeError):
     """A peer could not produce a background for this image (e.g. NoiseChisel's
@@ -96,15 +99,27 @@ def _background2d(img, bad, exclude_percentile=10.0):
     from photutils.background import Background2D
 
     box = _box(img.shape)
-    return Background2D(
-        img, box, mask=bad, filter_size=FILTER, exclude_percentile=exclude_percentile
-    )
+    try:
+        return Background2D(
+            img, box, mask=bad, filter_size=FILTER, exclude_percentile=exclude_percentile
+        )
+    except ValueError as err:
+        # "All boxes contain <= N unmasked or finite pixels": what a user does next is
+        # accept boxes up to half excluded
+        if "exclude_percentile" not in str(err) or exclude_percentile >= REFIT_EXCLUDE:
+            raise
+        log.info("Background2D refused every box; retrying with exclude_percentile=50")
+        return Background2D(
+            img, box, mask=bad, filter_size=FILTER, exclude_percentile=REFIT_EXCLUDE
+        )
 
 
 def photutils_one_pass(image, mask=None) -> np.ndarray:
     """photutils ``Background2D`` with a 64-px box and a 3x3 median filter (the
     defaults otherwise: 3-sigma clipping, SExtractor's mode estimator). An image under
-    128 px on a side gets half its side as the box (SEP's peers likewise)."""
+    128 px on a side gets half its side as the box (SEP's peers likewise). When
+    ``Background2D`` refuses every box (more than 10% of each excluded), it is run
+    again accepting boxes up to half excluded, as a user would."""
     img, bad = _inputs(image, mask)
     return _background2d(img, bad).background
 

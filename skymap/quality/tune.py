@@ -14,6 +14,7 @@ that was optimised.
 
 from __future__ import annotations
 
+import inspect
 import logging
 import math
 import time
@@ -23,7 +24,15 @@ from typing import Any
 
 import numpy as np
 
-from skymap.quality.injection import InjectionResult, evaluate_method, prepare, results_table
+from skymap._util import check_int
+from skymap.quality.injection import (
+    InjectionResult,
+    evaluate_method,
+    fit_background,
+    prepare,
+    results_table,
+    table_rows,
+)
 
 __all__ = ["DEFAULT_BUDGET", "TuneResult", "default_space", "tune"]
 
@@ -40,32 +49,75 @@ _REL_MARGIN = 0.02
 _DEFAULTS = {"gcv_inflation": 1.4, "high": 4.0, "low": 2.0}
 
 
-def default_space() -> list[list[dict]]:
+def _accepts(option: str, value: Any) -> bool:
+    from skymap.background.pipeline import default_pipeline
+
+    try:
+        default_pipeline(np.zeros((64, 64)), **{option: value})
+    except (TypeError, ValueError):
+        return False
+    return True
+
+
+def _option_default(option: str, fallback: Any) -> Any:
+    from skymap.background.pipeline import default_pipeline
+
+    try:
+        param = inspect.signature(default_pipeline).parameters.get(option)
+    except (TypeError, ValueError):
+        param = None
+    return fallback if param is None or param.default is param.empty else param.default
+
+
+def _source_size(image, mask) -> float | None:
+    """The default pipeline's own ``max_source_size`` for this image, where it has that
+    option (None where it does not)."""
+    if image is None or not _accepts("max_source_size", 16.0):
+        return None
+    try:
+        from skymap.background.scale import source_scale
+
+        return float(source_scale(image, mask).max_source_size)
+    except (ImportError, AttributeError, TypeError, ValueError) as err:
+        log.info("tune: no measured max_source_size (%s); using an eighth of the frame", err)
+        return float(max(16.0, max(np.shape(image)) / 8))
+
+
+def default_space(image=None, mask=None) -> list[list[dict]]:
     """The built-in search space: a list of axes, each a list of alternatives to the
     defaults (option dicts for :func:`skymap.fit`) tried one axis at a time.
 
+    * ``max_source_size`` half and twice the one the default pipeline measures on
+      ``image`` (when the pipeline has that option and an image is given): the scale
+      that separates sources (kept out) from sky (followed);
     * ``gcv_inflation`` 4 and 12 (default 1.4): a stiffer background, for images whose
       GCV smoothing follows stars and galaxy wings;
     * thresholds ``high``/``low`` 3/1.5 and 6/3 (default 4/2): deeper masks, or masks
       that do not run away on structured skies;
-    * ``source_asymmetry`` off (default 2.5): the stiffening can hold a background too
-      stiff to follow a single broad bump.
+    * ``source_asymmetry`` switched (off if on by default, 2.5 if off): the stiffening
+      against one-sided bumps can hold a background too stiff to follow a single broad
+      bump, or keep unmasked galaxy wings out.
 
     Examples
     --------
     >>> [len(axis) for axis in default_space()]
     [2, 2, 1]
     """
-    return [
+    asymmetry = _option_default("source_asymmetry", 2.5)
+    axes = [
         [{"gcv_inflation": 4.0}, {"gcv_inflation": 12.0}],
         [{"high": 3.0, "low": 1.5}, {"high": 6.0, "low": 3.0}],
-        [{"source_asymmetry": None}],
+        [{"source_asymmetry": None if asymmetry is not None else 2.5}],
     ]
+    size = _source_size(image, mask)
+    if size is not None:
+        axes.insert(0, [{"max_source_size": round(size * f, 1)} for f in (0.5, 2.0)])
+    return axes
 
 
-def _axes(space) -> list[list[dict]]:
+def _axes(space, image=None, mask=None) -> list[list[dict]]:
     if space is None:
-        return default_space()
+        return default_space(image, mask)
     if isinstance(space, Mapping):
         axes = []
         for key, values in space.items():
@@ -140,15 +192,6 @@ class TuneResult:
         """JSON-ready summary: the winning options, every candidate, the held-back
         scores."""
 
-        def rows(t):
-            return [
-                {
-                    k: (v.item() if hasattr(v, "item") else v)
-                    for k, v in zip(t.colnames, r, strict=True)
-                }
-                for r in t
-            ]
-
         return {
             "config": dict(self.config),
             "seed": self.seed,
@@ -157,8 +200,8 @@ class TuneResult:
             "budget": self.budget,
             "exhausted": self.exhausted,
             "noise_sigma": self.report.meta.get("noise_sigma"),
-            "candidates": rows(self.table),
-            "held_back": rows(self.report),
+            "candidates": table_rows(self.table),
+            "held_back": table_rows(self.report),
         }
 
     def to_toml(self) -> str:
@@ -190,6 +233,30 @@ def _check_budget(budget) -> float:
     return b
 
 
+def _trials_for_budget(t_fit, remaining, n_trials, report_trials, n_kinds):
+    """Fewer trials when the budget cannot pay for the defaults' scoring (``n_trials``
+    fits), their held-back report and a winner's (``report_trials * n_kinds`` fits
+    each): the report's first, down to one each."""
+
+    def cost(n, r):
+        return t_fit * (n + 2 * r * n_kinds)
+
+    n, r = int(n_trials), int(report_trials)
+    while cost(n, r) > remaining and (n > 1 or r > 1):
+        if r > 1:
+            r -= 1
+        else:
+            n -= 1
+    if (n, r) != (n_trials, report_trials):
+        log.warning(
+            "tune: one fit takes %.1f s; %d choosing and %d held-back trial(s) fit the budget",
+            t_fit,
+            n,
+            r,
+        )
+    return n, r
+
+
 def tune(
     image,
     *,
@@ -207,9 +274,9 @@ def tune(
     """Tune :func:`skymap.fit`'s options to ``image`` by injection-recovery.
 
     Coarse to fine: the defaults, then each alternative of each axis of ``space`` on its
-    own; then the winners of the axes together; then, for the numeric built-in knobs
-    that moved, a geometric step between the winner and the default and one beyond the
-    winner. A candidate is ranked by its mean score on ``n_trials`` trials of the
+    own; then the winners of the axes together; then (built-in space only), for the
+    numeric knobs that moved, a geometric step between the winner and the default and
+    one beyond the winner. A candidate is ranked by its mean score on ``n_trials`` trials of the
     injections of ``seed``, all kinds injected into one image per trial (one fit per
     trial; ``evaluate_method(..., together=True)``), and must beat the best so far by
     2% (at least 0.005 sigma). The winner, the defaults and the peers are then scored
@@ -227,7 +294,9 @@ def tune(
     budget : float
         Seconds. The search starts no candidate it cannot finish, together with the
         final held-back scoring, within the budget (estimated from the candidates so
-        far). The defaults' own evaluation always runs.
+        far). The defaults' own evaluation always runs; when one fit is so slow that it
+        alone would overrun the budget, ``report_trials`` and then ``n_trials`` are
+        lowered (to one each at least; the table's ``meta`` says what was used).
     n_trials, report_trials : int
         Trials per candidate while choosing, and for the held-back report.
     seed : int
@@ -266,13 +335,15 @@ def tune(
 
     t_start = time.perf_counter()
     budget = _check_budget(budget)
+    n_trials = int(check_int("n_trials", n_trials))
+    report_trials = int(check_int("report_trials", report_trials))
     prep = prepare(image, mask=mask, error=error, kinds=kinds)
-    axes = _axes(space)
+    axes = _axes(space, prep.image, prep.bad)
     for axis in axes:
         for options in axis:
             try:
                 default_pipeline(prep.image, prep.bad, **options)
-            except ValueError as err:
+            except (TypeError, ValueError) as err:  # unknown option, or a bad value
                 raise ValueError(f"space: {_label(options)}: {err}") from err
     seed, report_seed = int(seed), int(seed) + 1
     if peers is None:
@@ -284,7 +355,7 @@ def tune(
     seen: dict[tuple, float] = {}
     best = {"options": {}, "score": math.inf, "base": None, "fit_seconds": math.nan}
 
-    def run(options: dict, round_name: str) -> float:
+    def run(options: dict, round_name: str, base=None) -> float:
         key = _key(options)
         if key in seen:
             return seen[key]
@@ -299,6 +370,7 @@ def tune(
                 keep_maps=False,
                 name=_label(options),
                 together=True,
+                base=base,
             )
         except ValueError as err:
             row.update(status=str(err).splitlines()[0][:200], score=math.nan)
@@ -324,11 +396,18 @@ def tune(
             callback(dict(row))
         return row["score"]
 
-    # the defaults first: the reference, and the cost of one candidate
-    run({}, "default")
+    # the defaults first: the reference, and the cost of one fit, to which the numbers of
+    # trials are fitted when the budget cannot pay for them
+    try:
+        default_base, t_fit = fit_background(prep, {}, name="(defaults)")
+    except ValueError as err:
+        raise ValueError(f"the default fit cannot be scored on this image: {err}") from err
+    n_trials, report_trials = _trials_for_budget(
+        t_fit, budget - (time.perf_counter() - t_start), n_trials, report_trials, len(prep.kinds)
+    )
+    run({}, "default", base=default_base)
     if not math.isfinite(best["score"]):
         raise ValueError(f"the default fit cannot be scored on this image: {rows[0]['status']}")
-    default_base = best["base"]
     held: dict[str, InjectionResult | str] = {}
     held["default"], _ = evaluate_method(
         prep, {}, n_trials=report_trials, seed=report_seed, base=default_base, name="default"
@@ -373,7 +452,11 @@ def tune(
         for w in winners:
             merged.update(w)
         run(merged, "combine")
-    for opt, d in _DEFAULTS.items():
+    defaults = dict(_DEFAULTS)
+    size = next((o["max_source_size"] for a in axes for o in a if "max_source_size" in o), None)
+    if size is not None:
+        defaults["max_source_size"] = 2 * size  # the axis is (measured / 2, measured x 2)
+    for opt, d in defaults.items() if space is None else ():
         v = best["options"].get(opt)
         if not isinstance(v, float | int) or v == d or v <= 0:
             continue
@@ -381,10 +464,10 @@ def tune(
             if not affordable():
                 break
             cand = dict(best["options"])
-            for o in _DEFAULTS:
+            for o in defaults:
                 # high and low move together, as they did on the coarse axis
                 if o == opt or (o in ("high", "low") and opt in ("high", "low") and o in cand):
-                    cand[o] = round(cand[o] * factor, 3)
+                    cand[o] = round(cand[o] * factor, 2)
             run(cand, "refine")
 
     tuned = dict(best["options"])
@@ -412,7 +495,13 @@ def tune(
         dtype=[str, str, float, float, float, float, float, str],
     )
     table.meta.update(
-        {"noise_sigma": prep.sigma, "seed": seed, "n_trials": n_trials, "kinds": list(prep.kinds)}
+        {
+            "noise_sigma": prep.sigma,
+            "seed": seed,
+            "n_trials": n_trials,
+            "report_trials": report_trials,
+            "kinds": list(prep.kinds),
+        }
     )
     return TuneResult(
         pipeline=default_pipeline(prep.image, prep.bad, **tuned),

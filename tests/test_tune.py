@@ -1,0 +1,149 @@
+"""skymap.quality.tune and the `skymap tune` / `skymap compare` / `skymap run --inject`
+commands, on a committed real cutout (tests/data/m6707hh_cutout.fits, 64 x 64)."""
+
+import json
+
+import numpy as np
+import pytest
+from astropy.io import fits
+
+from skymap.app.cli import EXIT_EXISTS, EXIT_OK, EXIT_USAGE, main
+from skymap.background.pipeline import IterativeBackground, default_pipeline
+from skymap.quality.tune import TuneResult, default_space, tune
+
+
+@pytest.fixture(scope="module")
+def cutout_path(request):
+    return request.path.parent / "data" / "m6707hh_cutout.fits"
+
+
+@pytest.fixture(scope="module")
+def cutout(cutout_path):
+    return fits.getdata(cutout_path).astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def tuned(cutout):
+    # a small space, one trial each: the mechanics, not the tuning quality, are tested
+    return tune(
+        cutout,
+        space={"high": [5.0, 6.0]},
+        n_trials=1,
+        report_trials=1,
+        peers={"flat": lambda image, mask: np.full(image.shape, np.median(image[~mask]))},
+        budget=600,
+    )
+
+
+def test_tune_returns_a_pipeline_that_refits(tuned, cutout):
+    assert isinstance(tuned, TuneResult)
+    assert isinstance(tuned.pipeline, IterativeBackground)
+    assert tuned.pipeline == default_pipeline(cutout, **tuned.config)
+    res = tuned.pipeline.fit(cutout, mask=np.zeros(cutout.shape, bool))
+    assert res.background.shape == cutout.shape and np.isfinite(res.background).all()
+
+
+def test_tune_table_lists_every_candidate_and_the_winner_is_the_best_one(tuned):
+    t = tuned.table
+    assert [str(o) for o in t["options"]] == ["(defaults)", "high=5.0", "high=6.0"]
+    assert set(t["round"]) == {"default", "coarse"}
+    ok = t["status"] == "ok"
+    best = t[ok][np.argmin(t["score"][ok])]
+    label = ", ".join(f"{k}={v}" for k, v in sorted(tuned.config.items())) or "(defaults)"
+    # the winner is the lowest score unless within the 2% margin of the defaults
+    assert label == best["options"] or best["score"] >= 0.98 * t["score"][0] - 1e-12
+
+
+def test_tune_reports_on_held_back_seeds_with_default_and_peers(tuned):
+    assert tuned.report_seed != tuned.seed
+    names = list(tuned.report["method"])
+    assert names[:2] == ["tuned", "default"] and "flat" in names
+    assert np.isfinite(tuned.held_back("default"))
+    if not tuned.config:  # defaults won: the same numbers
+        assert tuned.held_back("tuned") == tuned.held_back("default")
+    d = tuned.to_dict()
+    assert d["report_seed"] == tuned.report_seed and len(d["candidates"]) == len(tuned.table)
+    json.dumps(d)  # JSON-ready
+
+
+@pytest.mark.parametrize("budget", [0, -5, float("nan"), "soon"])
+def test_budget_must_be_positive_seconds(cutout, budget):
+    with pytest.raises(ValueError, match="budget must be a positive number of seconds"):
+        tune(cutout, budget=budget)
+
+
+def test_unknown_option_in_space_is_refused_by_name(cutout):
+    with pytest.raises(ValueError, match="space: smoothness=3"):
+        tune(cutout, space={"smoothness": [3]}, peers={})
+    with pytest.raises(ValueError, match="space"):
+        tune(cutout, space="fast", peers={})
+
+
+def test_budget_stops_the_search_and_cuts_the_trials(cutout):
+    res = tune(cutout, n_trials=2, report_trials=3, peers={}, budget=1e-3)
+    assert res.exhausted and len(res.table) == 1  # only the defaults ran
+    # one fit alone overruns the budget: one trial each for choosing and reporting
+    assert res.table.meta["n_trials"] == 1 and res.table.meta["report_trials"] == 1
+    with pytest.raises(ValueError, match="report_trials must be an integer >= 1"):
+        tune(cutout, report_trials=0, peers={})
+
+
+def test_default_space_names_options_default_pipeline_accepts(cutout):
+    for axis in default_space():
+        for options in axis:
+            default_pipeline(cutout, **options)
+
+
+def test_cli_tune_writes_a_config_that_run_accepts(cutout_path, tmp_path):
+    out = tmp_path / "tune"
+    argv = ["tune", str(cutout_path), "-o", str(out), "--trials", "1", "--no-peers", "-q"]
+    # a short budget: the search stops early, the outputs are written all the same
+    assert main([*argv, "--budget", "8"]) == EXIT_OK
+    toml = out / "m6707hh_cutout_tuned.toml"
+    for name in ("_tune.ecsv", "_tune_heldback.ecsv", "_tune.json", "_tune.html"):
+        assert (out / f"m6707hh_cutout{name}").is_file()
+    assert main([*argv, "--budget", "8"]) == EXIT_EXISTS
+    assert main([*argv, "--budget", "0", "--overwrite"]) == EXIT_USAGE
+    # the tuned configuration round-trips through `skymap run --config`, with --inject
+    run_dir = tmp_path / "run"
+    code = main(
+        [
+            "run",
+            str(cutout_path),
+            "-o",
+            str(run_dir),
+            "--config",
+            str(toml),
+            "--inject",
+            "--no-report",
+            "-q",
+        ]
+    )
+    assert code == EXIT_OK
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["injection"]["n_trials"] == 3
+    assert metrics["injection"]["scores"]["score"]["mean"] >= 0
+
+
+def test_cli_compare_writes_table_and_figure(cutout_path, tmp_path):
+    code = main(
+        [
+            "compare",
+            str(cutout_path),
+            "-o",
+            str(tmp_path),
+            "--methods",
+            "skymap,photutils_2pass",
+            "--kinds",
+            "sky",
+            "--trials",
+            "1",
+            "-q",
+        ]
+    )
+    assert code == EXIT_OK
+    rows = json.loads((tmp_path / "m6707hh_cutout_compare.json").read_text())["rows"]
+    assert [r["method"] for r in rows] == ["skymap", "photutils_2pass"]
+    assert (tmp_path / "m6707hh_cutout_compare.png").stat().st_size > 1000
+    bad = ["compare", str(cutout_path), "-o", str(tmp_path / "x"), "--methods", "magic"]
+    assert main(bad) == EXIT_USAGE
