@@ -99,8 +99,10 @@ def test_results_follow_an_offset_in_float64(seed, name, offset):
     img = _scene(seed)
     ref = est(img)
     out = est(img + offset) - offset
-    # the input itself is rounded at 1e9: 1.2e-7 per pixel
-    _close(out, ref, 1e-5 * NOISE)
+    # The input itself is rounded at 1e9: 1.2e-7 per pixel. The mesh works on the raw
+    # values (its arithmetic is photutils'), so that rounding can move a pixel across
+    # a clip bound or switch SExtractor's mode estimator in a mesh.
+    _close(out, ref, (1e-2 if name == "mesh" else 1e-5) * NOISE)
 
 
 @pytest.mark.parametrize("name", ["fit", "mesh"])
@@ -112,12 +114,14 @@ def test_maps_commute_with_transposes_and_flips(seed, name, how):
     op = {"T": np.transpose, "x": lambda a: a[:, ::-1], "y": lambda a: a[::-1]}[how]
     ref = est(img)
     out = op(est(np.ascontiguousarray(op(img))))
-    # Not bit for bit: a flip reverses the order of the mesh sums (a pixel at a clip
-    # bound may go either way), and the maskers estimate their noise excess from pixel
-    # pairs on every step-th row and column counted from 0, a sample a flip changes
+    # Not bit for bit. The mesh fills an excluded mesh from its k nearest valid meshes
+    # by inverse distance, as photutils does, and equidistant neighbours are taken in
+    # the k-d tree's order, which a flip changes (hole_fill="nearest" commutes
+    # exactly). The maskers estimate their noise excess from pixel pairs on every
+    # step-th row and column counted from 0, a sample a flip changes
     # (hysteresis._pair_differences), so masks at the thresholds may differ by a few
     # pixels.
-    _close(out, ref, (1e-3 if name == "mesh" else 0.02) * NOISE)
+    _close(out, ref, (0.05 if name == "mesh" else 0.02) * NOISE)
 
 
 @prop
