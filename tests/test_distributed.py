@@ -8,6 +8,7 @@ from scipy import ndimage
 da = pytest.importorskip("dask.array")
 
 import skymap  # noqa: E402
+from skymap.backends.base import block_sums  # noqa: E402
 from skymap.backends.dask import (  # noqa: E402
     DaskBackend,
     _keep_labels,
@@ -295,6 +296,21 @@ def test_reference_level_falls_back_to_the_first_valid_pixel():
     assert np.array_equal(tiled.mask.compute(), ref.mask)
 
 
+def test_a_mesh_pipeline_runs_on_dask_from_per_tile_statistics():
+    img = _crowded(np.float32)[:192, :256]
+    # IDW evaluates any window of its map bit for bit: the whole fit is then exact
+    mesh = MeshBackground(box_size=16, interpolator=IDW(n_neighbors=8))
+    pipe = IterativeBackground(
+        first_guess=mesh,
+        stages=(Stage(masker=HysteresisMasker(scales=(1.0, 2.0)), estimator=mesh),),
+        max_iter=2,
+    )
+    ref = pipe.fit(img)
+    tiled = pipe.fit(da.from_array(img, chunks=64), tile=64)
+    assert tiled.tiles.tile == (64, 64)
+    _assert_same_fit(tiled, ref)
+
+
 # A user's own pieces, following the protocols only: they run in every back end.
 
 
@@ -333,6 +349,47 @@ class _PlaneEstimator:
         return res
 
 
+class _BrightBlockMasker:
+    """Masks the 8-px blocks whose mean residual is far above the typical block's (a
+    global step on binned data), grown by 2 px with a 5x5 box (a local step)."""
+
+    def block(self, shape):
+        return 8
+
+    def halo(self, shape):
+        return 4 + 2  # the 8-px box filter's reach, then the growth
+
+    def global_step(self, sums, counts):
+        means = sums[counts > 0] / counts[counts > 0]
+        mad = np.median(np.abs(means - np.median(means)))
+        return float(np.median(means) + 8 * 1.4826 * mad)
+
+    def local_step(self, residual, rms, mask, state):
+        from scipy import ndimage
+
+        hot = ndimage.uniform_filter(np.nan_to_num(residual), 8) > state
+        return ndimage.binary_dilation(hot, np.ones((5, 5), bool)) & ~mask
+
+    def __call__(self, residual, rms, mask=None):
+        mask = np.zeros(residual.shape, bool) if mask is None else mask
+        sums = block_sums(residual, mask | ~np.isfinite(residual), 8)
+        return self.local_step(residual, rms, mask, self.global_step(sums[0], sums[1]))
+
+
+def test_block_sums_of_aligned_tiles_are_the_whole_images():
+    rng = np.random.default_rng(9)
+    v = rng.normal(size=(70, 90)).astype(np.float32) * 1e3
+    ex = rng.random(v.shape) < 0.3
+    whole = block_sums(v, ex, 8)
+    tiles = np.block(
+        [
+            [block_sums(v[y : y + 32, x : x + 48], ex[y : y + 32, x : x + 48], 8) for x in (0, 48)]
+            for y in (0, 32, 64)
+        ]
+    )
+    assert np.array_equal(tiles, whole)
+
+
 @pytest.mark.parametrize("tiled", [False, True])
 def test_a_users_own_masker_and_estimator_run_in_every_back_end(tiled):
     rng = np.random.default_rng(11)
@@ -341,7 +398,10 @@ def test_a_users_own_masker_and_estimator_run_in_every_back_end(tiled):
     img[40:44, 60:64] += 40.0
     pipe = IterativeBackground(
         first_guess=_PlaneEstimator(),
-        stages=(Stage(masker=_PeakMasker(), estimator=_PlaneEstimator()),),
+        stages=(
+            Stage(masker=_BrightBlockMasker(), estimator=_PlaneEstimator(), max_iter=1),
+            Stage(masker=_PeakMasker(), estimator=_PlaneEstimator()),
+        ),
         max_iter=3,
     )
     ref = pipe.fit(img)

@@ -177,7 +177,8 @@ def _fit(image: np.ndarray, mask: np.ndarray | None, config: Any, callback=None)
         else:
             pipeline = _module("background.pipeline", "run")
             options = dict(config) if isinstance(config, Mapping) else {}
-            result = pipeline.fit(image, mask=mask, callback=callback, **options)
+            extra = {} if callback is None else {"callback": callback}
+            result = pipeline.fit(image, mask=mask, **extra, **options)
     except ValueError as err:
         raise UsageError(f"cannot fit this image: {err}") from err
     if getattr(result, "mask", None) is None:

@@ -18,8 +18,10 @@ runs in every back end without back-end code of its own:
   :meth:`ArrayBackend.median`); any other estimator is fitted on the gathered image;
 * a masker is called per tile on a window grown by its declared :meth:`TileMasker.halo`
   (:class:`TileMasker`), or drives the back end itself for the steps that are global
-  (:class:`SplitMasker`: e.g. the hysteresis masker's noise excess and labelling);
-  any other masker is called on the gathered residual.
+  (:class:`SplitMasker`: e.g. the hysteresis masker's noise excess and labelling), or
+  has one global step on binned data between local ones (:class:`BinnedStepMasker`:
+  the back end bins, the masker only computes); any other masker is called on the
+  gathered residual.
 """
 
 from __future__ import annotations
@@ -29,7 +31,17 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
-__all__ = ["ArrayBackend", "SplitMasker", "TileMasker", "Tileable", "Window", "valid_blocks"]
+__all__ = [
+    "ArrayBackend",
+    "BinnedStepMasker",
+    "NativeMaps",
+    "SplitMasker",
+    "TileMasker",
+    "Tileable",
+    "Window",
+    "block_sums",
+    "valid_blocks",
+]
 
 #: ((y0, y1), (x0, x1)): the pixel rows and columns of a tile or of its grown window.
 Window = tuple[tuple[int, int], tuple[int, int]]
@@ -153,6 +165,15 @@ class ArrayBackend(Protocol):
 
 
 @runtime_checkable
+class NativeMaps(Protocol):
+    """A model whose background map is already a back end's array (made per tile, e.g.
+    a ring median): ``native_background()`` returns it, and a tiled back end uses it
+    as it is instead of evaluating the model per tile."""
+
+    def native_background(self) -> Any: ...
+
+
+@runtime_checkable
 class Tileable(Protocol):
     """A piece that sums pixels in blocks: tiles must be aligned to ``tile_unit``."""
 
@@ -168,6 +189,27 @@ class TileMasker(Protocol):
     def __call__(self, residual: Any, rms: Any, mask: Any = None) -> np.ndarray: ...
 
     def halo(self, shape: tuple[int, int]) -> int: ...
+
+
+@runtime_checkable
+class BinnedStepMasker(Protocol):
+    """A masker with one global step on binned data, then a local one: a tiled back
+    end gathers the masked block sums of the residual (:func:`block_sums` over blocks
+    of ``block(shape)`` pixels, tiles aligned to them) into the driver, calls
+    ``global_step(sums, counts)`` there once, and runs ``local_step(residual, rms,
+    mask, state)`` per tile on a window grown by ``halo(shape)``. Its ``__call__`` must
+    do the same on the whole image, with the residual's non-finite pixels and ``mask``
+    excluded from the sums, for the back ends to agree bit for bit."""
+
+    def __call__(self, residual: Any, rms: Any, mask: Any = None) -> np.ndarray: ...
+
+    def halo(self, shape: tuple[int, int]) -> int: ...
+
+    def block(self, shape: tuple[int, int]) -> int: ...
+
+    def global_step(self, sums: np.ndarray, counts: np.ndarray) -> Any: ...
+
+    def local_step(self, residual: Any, rms: Any, mask: Any, state: Any) -> np.ndarray: ...
 
 
 @runtime_checkable
@@ -188,6 +230,35 @@ class SplitMasker(Protocol):
     def tile_unit(self, shape: tuple[int, int]) -> tuple[int, int]: ...
 
 
+def block_sums(values: np.ndarray, excluded: np.ndarray, b: int, origin=(0, 0)):
+    """Sums (float64) and counts of the ``values`` not ``excluded`` in ``b`` x ``b``
+    blocks, stacked as a (2, gy, gx) array; partial blocks at the far edges sum what
+    they hold. Each block is summed in the same order wherever it lies, so the block
+    sums of tiles aligned to ``b`` are those of the whole image, bit for bit
+    (``origin``, the tile's place, is not needed: the signature of
+    :meth:`ArrayBackend.cell_grid`'s functions).
+
+    Examples
+    --------
+    >>> v = np.arange(12.0).reshape(3, 4); ex = np.zeros(v.shape, bool); ex[0, 0] = True
+    >>> block_sums(v, ex, 2)
+    array([[[10., 18.],
+            [17., 21.]],
+    <BLANKLINE>
+           [[ 3.,  4.],
+            [ 2.,  2.]]])
+    """
+    ny, nx = values.shape
+    gy, gx = -(-ny // b), -(-nx // b)
+    out = np.zeros((2, gy * b, gx * b))
+    ok = ~np.asarray(excluded, bool)
+    out[0, :ny, :nx] = np.where(ok, values, 0.0)
+    out[1, :ny, :nx] = ok
+    # along x within each row (contiguous), then along y: one order for every block
+    rows = out.reshape(2, gy * b, gx, b).sum(axis=3)
+    return rows.reshape(2, gy, b, gx).sum(axis=2)
+
+
 def valid_blocks(bad: np.ndarray, q: int) -> np.ndarray:
     """Which ``q`` x ``q`` blocks of ``bad`` hold a pixel that is not bad (partial
     blocks at the far edges count what they hold).
@@ -200,6 +271,12 @@ def valid_blocks(bad: np.ndarray, q: int) -> np.ndarray:
            [0, 0, 1]])
     """
     ny, nx = bad.shape
-    ok = np.zeros((-(-ny // q) * q, -(-nx // q) * q), bool)
-    ok[:ny, :nx] = ~bad
-    return ok.reshape(ok.shape[0] // q, q, ok.shape[1] // q, q).any(axis=(1, 3))
+    # "all bad" over q rows (contiguous: fast), then over q columns of the small result
+    fy, fx = ny // q * q, nx // q * q
+    rows = np.logical_and.reduce(bad[:fy].reshape(ny // q, q, nx), axis=1)
+    if fy < ny:
+        rows = np.vstack([rows, bad[fy:].all(axis=0, keepdims=True)])
+    out = np.logical_and.reduce(rows[:, :fx].reshape(rows.shape[0], nx // q, q), axis=2)
+    if fx < nx:
+        out = np.hstack([out, rows[:, fx:].all(axis=1, keepdims=True)])
+    return ~out

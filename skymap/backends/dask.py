@@ -32,7 +32,14 @@ import numpy as np
 
 from skymap._inputs import Normalisation
 from skymap._validate import as_image, as_mask, as_pair, combine_masks, work_dtype
-from skymap.backends.base import SplitMasker, TileMasker, valid_blocks
+from skymap.backends.base import (
+    BinnedStepMasker,
+    NativeMaps,
+    SplitMasker,
+    TileMasker,
+    block_sums,
+    valid_blocks,
+)
 
 __all__ = [
     "DaskBackend",
@@ -194,6 +201,7 @@ class DaskBackend:
         if self.nbad == self.size:
             raise ValueError("image has no valid pixel: everything is masked or non-finite")
         self._last = None
+        self._image_subsamples: dict = {}
         self.halo = 0  # the largest halo read so far (pixels)
         # Full-width strips of about a tile's area, for the C-order noise sample.
         h = max(1, self.tile[0] * self.tile[1] // shape[1])
@@ -402,8 +410,8 @@ class DaskBackend:
     def background(self, model):
         import dask.array as da
 
-        native = getattr(model, "background", None)
-        if isinstance(native, da.Array):
+        native = _native_background(model)
+        if native is not None:
             return native
         return da.map_blocks(
             _tile_model_map, dtype=self.dtype, chunks=self.chunks, model=model, which="background"
@@ -424,6 +432,15 @@ class DaskBackend:
         residual, excl = self.persist(residual, excl)
         if isinstance(masker, SplitMasker):
             excl = masker.mask_on(self, residual, noise, excl, window_of)
+        elif isinstance(masker, BinnedStepMasker):
+            b = int(masker.block(self.shape))
+            sums = self.cell_grid(block_sums, [residual, excl], (b, b), 2, b=b)
+            state = masker.global_step(sums[0], sums[1])
+            det = self.map_tiles(
+                _tile_binned_step, [residual, self.bad], halo=int(masker.halo(self.shape)),
+                dtype=bool, masker=masker, noise=noise, window_of=window_of, state=state,
+            )  # fmt: skip
+            excl = excl | det
         elif isinstance(masker, TileMasker):
             det = self.map_tiles(
                 _tile_masker, [residual, self.bad], halo=int(masker.halo(self.shape)),
@@ -460,11 +477,10 @@ class DaskBackend:
 
     def change(self, background, model, previous, noise, noise_model) -> float:
         # per tile from the models (a quarter of the pixels), not from `background`
-        import dask.array as da
 
         arrays = [self.bad]
-        old = getattr(previous, "background", None)
-        if isinstance(old, da.Array):
+        old = _native_background(previous)
+        if old is not None:
             arrays.append(old)
             previous = None
         total, n = self.per_tile_sums(
@@ -510,7 +526,13 @@ class DaskBackend:
         return np.asarray(self.compute(array))
 
     def subsample(self, array, step: int) -> np.ndarray:
-        return np.asarray(self.compute(array[::step, ::step]))
+        # the image's subsamples are read once (every refit asks for its reference level)
+        if array is self.image and step in self._image_subsamples:
+            return self._image_subsamples[step]
+        sub = np.asarray(self.compute(array[::step, ::step]))
+        if array is self.image:
+            self._image_subsamples[step] = sub
+        return sub
 
     def first_valid(self, mask) -> float:
         import dask.array as da
@@ -584,6 +606,20 @@ class DaskBackend:
         )
         (det,) = self.persist(det)
         return det
+
+
+def _native_background(model):
+    """The model's background when it is already a dask array (a map made tile by
+    tile, e.g. a ring median), else None (a model on a grid: evaluated per tile). Read
+    through :class:`~skymap.backends.base.NativeMaps` only, so that a model's
+    full-resolution property is never computed in the driver."""
+    import dask.array as da
+
+    if isinstance(model, NativeMaps):
+        native = model.native_background()
+        if isinstance(native, da.Array):
+            return native
+    return None
 
 
 # --------------------------------------------------------------------------- labels
@@ -715,6 +751,11 @@ def core_of(window, core, b: int = 1) -> tuple[slice, slice]:
         slice((c0 - w0) // b, -(-(c1 - w0) // b))
         for (w0, _), (c0, c1) in zip(window, core, strict=True)
     )
+
+
+def _tile_binned_step(res, bad, *, window, core, masker, noise, window_of, state):
+    det = np.asarray(masker.local_step(res, window_of(noise, window), bad, state), dtype=bool)
+    return np.ascontiguousarray(det[core_of(window, core)])
 
 
 def _tile_masker(res, bad, *, window, core, masker, noise, window_of):

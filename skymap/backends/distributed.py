@@ -34,14 +34,14 @@ import uuid
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from skymap._validate import as_mask, as_pair, check_positive, work_dtype
-from skymap.backends.dask import aligned_chunks
-from skymap.background.interpolate import MeshGeometry
-from skymap.background.mesh import MeshBackground, MeshResult
+from skymap._validate import as_mask, check_positive
+
+if TYPE_CHECKING:  # the mesh lives a layer up: imported where it is used
+    from skymap.background.mesh import MeshBackground, MeshResult
 
 __all__ = [
     "TiledMeshResult",
@@ -51,11 +51,6 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-
-# Meshes of halo around a tile for a user's interpolator that lacks ``window``: spline
-# interpolants are global but a node's influence decays geometrically (by ~0.27 per mesh
-# for cubic B-splines), so 24 meshes leave ~1e-14 of the grid's range.
-DEFAULT_HALO = 24
 
 
 # --------------------------------------------------------------------------- clusters
@@ -243,7 +238,7 @@ def tiled_mesh_background(
     halo : int, optional
         Meshes of halo around each tile, used only for an interpolator without a
         ``window`` method (all of skymap's have one and are evaluated exactly from the
-        whole grid); default ``DEFAULT_HALO``.
+        whole grid); default ``skymap.background.mesh.DEFAULT_HALO`` (24).
     scheduler : optional
         Passed to ``dask.compute`` for the statistics pass (e.g. ``"threads"`` or a
         distributed client); default: dask's current scheduler.
@@ -259,69 +254,39 @@ def tiled_mesh_background(
     The per-mesh statistics of a tile aligned to the grid are those of the whole image,
     bit for bit; the mesh filter and hole filling run on the whole grid in memory.
     """
-    import dask
     import dask.array as da
+
+    from skymap.background.mesh import DEFAULT_HALO, MeshBackground
 
     mesh = MeshBackground() if mesh is None else mesh
     if not isinstance(mesh, MeshBackground):
         raise TypeError(f"mesh must be a skymap.mesh.MeshBackground, got {type(mesh).__name__}")
-    arr = image if isinstance(image, da.Array) else da.from_array(np.asarray(image), chunks=-1)
-    if arr.ndim != 2:
-        raise ValueError(f"image must be 2-dimensional, got shape {arr.shape}")
-    shape = tuple(int(s) for s in arr.shape)
-    by, bx = mesh.box_size
-    if by > shape[0] or bx > shape[1]:
+    shape = tuple(int(n) for n in getattr(image, "shape", np.shape(image)))
+    if len(shape) == 2 and (mesh.box_size[0] > shape[0] or mesh.box_size[1] > shape[1]):
         raise ValueError(f"box_size {mesh.box_size} must not exceed the image shape {shape}")
-    ty, tx = as_pair("tile", tile)
-    ty, tx = max(by, ty // by * by), max(bx, tx // bx * bx)
     if halo is not None:
         check_positive("halo", halo, allow_zero=True)
-    chunks = (aligned_chunks(shape[0], ty), aligned_chunks(shape[1], tx))
-    arr = arr.rechunk(chunks)
-    excl = _exclusion(mask, coverage_mask, shape, chunks)
-    dtype = work_dtype(arr.dtype)
+    from skymap.backends.dask import DaskBackend
 
-    mesh_chunks = [tuple(-(-c // b) for c in ch) for ch, b in zip(chunks, (by, bx), strict=True)]
-    # Pass 1: per-mesh statistics of every aligned tile (exact: meshes never straddle).
-    stats = da.map_blocks(
-        _tile_stats,
-        arr,
-        *([] if excl is None else [excl]),
-        mesh=mesh,
-        has_mask=excl is not None,
-        dtype=np.float64,
-        chunks=((4,), *mesh_chunks),
-        new_axis=0,
-    )
-    (stacked,) = dask.compute(stats, scheduler=scheduler)
-    loc, scale = stacked[0], stacked[1]
-    nvalid, ngood = stacked[2].astype(np.int64), stacked[3].astype(np.int64)
-    geometry = MeshGeometry(box_size=mesh.box_size, image_shape=shape)
-
-    # Pass 2: exclusion, hole filling and the mesh filter on the whole (small) grid.
-    result = mesh._finish(loc, scale, nvalid, ngood, geometry, dtype=dtype, coverage_mask=None)
+    excluded = _exclusion(mask, coverage_mask, shape)
+    backend = DaskBackend(image, excluded, tile=tile, unit=mesh.box_size, client=scheduler)
+    # the per-mesh statistics per aligned tile, the grid finished in the driver
+    result = mesh.fit_on(backend, backend.bad)
     K = 0 if hasattr(mesh.interpolator, "window") else DEFAULT_HALO if halo is None else halo
 
-    # Pass 3: the maps, tile by tile, each from its window of the grid plus a halo.
     def maps(which):
         values = result.mesh_background if which == "background" else result.mesh_rms
         out = da.map_blocks(
-            _tile_map,
-            dtype=dtype,
-            chunks=chunks,
-            values=values,
-            excluded=result.mesh_excluded,
-            mesh=mesh,
-            shape=shape,
-            halo=K,
-        )
+            _tile_map, dtype=backend.dtype, chunks=backend.chunks, result=result,
+            values=values, halo=K,
+        )  # fmt: skip
         if coverage_mask is not None:
-            cov = _as_dask_mask(coverage_mask, shape, chunks, "coverage_mask")
-            out = da.where(cov, np.asarray(mesh.fill_value, dtype=dtype), out)
+            cov = _as_dask_mask(coverage_mask, shape, backend.chunks, "coverage_mask")
+            out = da.where(cov, np.asarray(mesh.fill_value, dtype=backend.dtype), out)
         return out
 
     return TiledMeshResult(
-        mesh=result, background=maps("background"), rms=maps("rms"), tile=(ty, tx), halo=K
+        mesh=result, background=maps("background"), rms=maps("rms"), tile=backend.tile, halo=K
     )
 
 
@@ -335,9 +300,9 @@ def _as_dask_mask(mask: Any, shape, chunks, name: str):
     return da.from_array(as_mask(mask, shape, name), chunks=chunks)
 
 
-def _exclusion(mask, coverage_mask, shape, chunks):
+def _exclusion(mask, coverage_mask, shape):
     parts = [
-        _as_dask_mask(m, shape, chunks, name)
+        _as_dask_mask(m, shape, "auto", name)
         for m, name in ((mask, "mask"), (coverage_mask, "coverage_mask"))
         if m is not None
     ]
@@ -346,31 +311,6 @@ def _exclusion(mask, coverage_mask, shape, chunks):
     return parts[0] if len(parts) == 1 else parts[0] | parts[1]
 
 
-def _tile_stats(block, *maybe_mask, mesh: MeshBackground, has_mask: bool):
-    from skymap._validate import as_image
-
-    img = as_image(block)
-    excl = maybe_mask[0] if has_mask else None
-    geometry = MeshGeometry(box_size=mesh.box_size, image_shape=img.shape)
-    loc, scale, nvalid, ngood = mesh._mesh_stats(img, excl, geometry)
-    return np.stack([loc, scale, nvalid.astype(float), ngood.astype(float)])
-
-
-def _tile_map(values, excluded, mesh, shape, halo, block_info=None):
+def _tile_map(result, values, halo, block_info=None):
     (y0, y1), (x0, x1) = block_info[None]["array-location"]
-    window = getattr(mesh.interpolator, "window", None)
-    if window is not None:
-        # interpolators that can evaluate a window of the full map read the whole
-        # (small) grid: exact, and no halo to recompute
-        geometry = MeshGeometry(box_size=mesh.box_size, image_shape=shape)
-        return np.ascontiguousarray(window(values, excluded, geometry, (y0, y1), (x0, x1)))
-    by, bx = mesh.box_size
-    my, mx = values.shape
-    # window of meshes: the tile's own plus `halo` on each side, cut at the grid edge
-    j0, j1 = max(0, y0 // by - halo), min(my, -(-y1 // by) + halo)
-    i0, i1 = max(0, x0 // bx - halo), min(mx, -(-x1 // bx) + halo)
-    sub_shape = (min(j1 * by, shape[0]) - j0 * by, min(i1 * bx, shape[1]) - i0 * bx)
-    geometry = MeshGeometry(box_size=mesh.box_size, image_shape=sub_shape)
-    sub = mesh.interpolator(values[j0:j1, i0:i1], excluded[j0:j1, i0:i1], geometry, sub_shape)
-    sub = np.asarray(sub, dtype=values.dtype)
-    return np.ascontiguousarray(sub[y0 - j0 * by : y1 - j0 * by, x0 - i0 * bx : x1 - i0 * bx])
+    return result.map_window(values, ((y0, y1), (x0, x1)), halo=halo)

@@ -28,6 +28,7 @@ from typing import Any, Literal
 import numpy as np
 
 from skymap._inputs import ImageInput, read_image
+from skymap._util import cut_window
 from skymap._validate import as_mask, as_pair, check_choice, check_range
 from skymap.background import _mesh_kernels as _k
 from skymap.background.interpolate import (
@@ -89,6 +90,12 @@ class SExtractorHistogram(_stats._SExtractorParameters):
 
 def _default_clip():
     return _stats.SigmaClip(sigma=3.0, maxiters=10)
+
+
+# Meshes of halo for an interpolator without a ``window`` method, evaluated per tile:
+# interpolants are global but a node's influence decays geometrically (by ~0.27 per mesh
+# for cubic B-splines), so 24 meshes leave ~1e-14 of the grid's range.
+DEFAULT_HALO = 24
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -325,6 +332,32 @@ class MeshBackground:
 
     # ---------------------------------------------------------------------- fit
 
+    def tile_unit(self, shape) -> tuple[int, int]:
+        """Tiles align to the mesh grid, so no mesh straddles two tiles."""
+        return self.box_size
+
+    def fit_on(self, backend, mask, *, start_scale=None, min_scale=None) -> MeshResult:
+        """:meth:`fit` through an array back end (:mod:`skymap.backends`), as the
+        pipeline calls it: in memory :meth:`fit` itself; tiled, the per-mesh
+        statistics of every tile (aligned to the mesh grid by :meth:`tile_unit`, so
+        exact) finished on the whole grid in the driver, and the maps evaluated per
+        window (equal to the in-memory maps to rounding, or bit for bit with
+        :class:`~skymap.background.interpolate.IDW`). ``start_scale`` and
+        ``min_scale`` do not apply.
+        """
+        if not backend.tiled:
+            return self.fit(backend.image, mask)
+        shape = backend.shape
+        by, bx = self.box_size
+        if by > shape[0] or bx > shape[1]:
+            raise ValueError(f"box_size {self.box_size} must not exceed the image shape {shape}")
+        stats = backend.cell_grid(_tile_stats, [backend.image, mask], self.box_size, 4, mesh=self)
+        geometry = MeshGeometry(box_size=self.box_size, image_shape=shape)
+        nvalid, ngood = stats[2].astype(np.int64), stats[3].astype(np.int64)
+        return self.finish(
+            stats[0], stats[1], nvalid, ngood, geometry, dtype=backend.dtype, coverage_mask=None
+        )
+
     def fit(self, image, mask=None, coverage_mask=None) -> MeshResult:
         """Estimate the mesh background of ``image``.
 
@@ -368,19 +401,20 @@ class MeshBackground:
         excl = m if cov is None else (cov if m is None else m | cov)
         geometry = MeshGeometry(box_size=self.box_size, image_shape=shape)
         with _k.threads_for(img.size):
-            loc, scale, nvalid, ngood = self._mesh_stats(img, excl, geometry)
-        result = self._finish(
+            loc, scale, nvalid, ngood = self.mesh_stats(img, excl, geometry)
+        result = self.finish(
             loc, scale, nvalid, ngood, geometry, dtype=img.dtype, coverage_mask=cov
         )
         if inp.unit is None:
             return result
         return replace(result, inputs=replace(inp, data=None, mask=None, error=None))
 
-    def _finish(self, loc, scale, nvalid, ngood, geometry, *, dtype, coverage_mask):
-        """From per-mesh statistics to a MeshResult: exclusion, holes, mesh filter.
+    def finish(self, loc, scale, nvalid, ngood, geometry, *, dtype, coverage_mask):
+        """From per-mesh statistics (:meth:`mesh_stats`) to a MeshResult: exclusion,
+        holes, mesh filter.
 
-        Split from :meth:`fit` so that the tiled path (:mod:`skymap.distributed`) can
-        gather the statistics tile by tile and finish on the whole grid.
+        Split from :meth:`fit` so that a tiled back end (:meth:`fit_on`) can gather the
+        statistics tile by tile and finish on the whole grid.
         """
         cov = coverage_mask
         if not nvalid.any():
@@ -425,7 +459,7 @@ class MeshBackground:
 
     # ------------------------------------------------------------ fit internals
 
-    def _mesh_stats(self, img, excl, geometry):
+    def mesh_stats(self, img, excl, geometry):
         """Level, RMS, valid and used pixel counts of every mesh (float64 / int64)."""
         grid = geometry.grid_shape
         by, bx = self.box_size
@@ -560,6 +594,13 @@ def _generic_stats(img, excl, geometry, clip, est, rms):
     return loc.reshape(g), scale.reshape(g), nvalid.reshape(g), ngood.reshape(g)
 
 
+def _tile_stats(img, excl, *, origin, mesh: MeshBackground):
+    """Per-mesh level, RMS, valid and used counts of a tile aligned to the mesh grid."""
+    geometry = MeshGeometry(box_size=mesh.box_size, image_shape=img.shape)
+    loc, scale, nvalid, ngood = mesh.mesh_stats(img, excl, geometry)
+    return np.stack([loc, scale, nvalid.astype(float), ngood.astype(float)])
+
+
 @dataclass(frozen=True, kw_only=True, eq=False)
 class MeshResult(MapMethods):
     """What :meth:`MeshBackground.fit` measured.
@@ -628,6 +669,46 @@ class MeshResult(MapMethods):
         return self._map(self.mesh_rms)
 
     # the BackgroundModel protocol (skymap.background.model), for the pipeline
+
+    def background_map(self, step: int = 1, window=None) -> np.ndarray:
+        """The background at every ``step``-th pixel: the cached map, or over
+        ``window`` = ((y0, y1), (x0, x1)) only (:meth:`map_window`)."""
+        if window is None:
+            return cut_window(self.background, step)
+        return cut_window(self.map_window(self.mesh_background, window), step)
+
+    def rms_map(self, window=None) -> np.ndarray:
+        """A new RMS map, whole or over ``window`` (:meth:`map_window`)."""
+        if window is None:
+            return self.rms.copy()
+        return self.map_window(self.mesh_rms, window)
+
+    def map_window(self, mesh_values, window, halo: int = DEFAULT_HALO) -> np.ndarray:
+        """The full-resolution map of ``mesh_values`` over ``window`` only. An
+        interpolator with a ``window`` method reads the whole (small) grid: exact, no
+        halo; any other is run on the window's meshes plus ``halo`` meshes around
+        (cut at the grid's edge)."""
+        (y0, y1), (x0, x1) = window
+        shape = self.geometry.image_shape
+        interp = self.config.interpolator
+        if hasattr(interp, "window"):
+            out = interp.window(mesh_values, self.mesh_excluded, self.geometry, (y0, y1), (x0, x1))
+        else:
+            by, bx = self.config.box_size
+            my, mx = mesh_values.shape
+            j0, j1 = max(0, y0 // by - halo), min(my, -(-y1 // by) + halo)
+            i0, i1 = max(0, x0 // bx - halo), min(mx, -(-x1 // bx) + halo)
+            sub = (min(j1 * by, shape[0]) - j0 * by, min(i1 * bx, shape[1]) - i0 * bx)
+            geometry = MeshGeometry(box_size=self.config.box_size, image_shape=sub)
+            full = interp(
+                mesh_values[j0:j1, i0:i1], self.mesh_excluded[j0:j1, i0:i1], geometry, sub
+            )
+            oy, ox = y0 - j0 * by, x0 - i0 * bx
+            out = np.asarray(full)[oy : oy + y1 - y0, ox : ox + x1 - x0]
+        out = np.array(out, dtype=mesh_values.dtype, order="C")
+        if self.coverage_mask is not None:
+            out[self.coverage_mask[y0:y1, x0:x1]] = self.config.fill_value
+        return out
 
     scale = None
     error = float("nan")

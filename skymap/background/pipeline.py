@@ -36,7 +36,7 @@ import numpy as np
 from skymap._inputs import ImageInput, Normalisation, read_image
 from skymap._util import check_int, pow2_at_most
 from skymap._validate import as_image, as_mask, check_choice, check_positive
-from skymap.backends.base import ArrayBackend, Tileable
+from skymap.backends.base import ArrayBackend, BinnedStepMasker, Tileable
 from skymap.backends.dask import DaskBackend, is_tiled_input
 from skymap.backends.memory import MemoryBackend
 from skymap.background.model import BackgroundEstimator, BackgroundModel, as_driven
@@ -605,6 +605,8 @@ class IterativeBackground:
         for piece in pieces:
             if isinstance(piece, Tileable):
                 units = tuple(map(math.lcm, units, piece.tile_unit(shape)))
+            elif isinstance(piece, BinnedStepMasker):
+                units = tuple(math.lcm(u, int(piece.block(shape))) for u in units)
         return units
 
     def settled(self, rec: IterationRecord) -> bool:
@@ -716,7 +718,7 @@ def default_pipeline(
     error_tol: float = 0.5,
     source_asymmetry: float | None = 2.5,
     cell_size: Any = None,
-    gcv_inflation: float | None = None,
+    gcv_inflation: float = ThinPlateSmoother.gcv_inflation,
 ) -> IterativeBackground:
     """The default :class:`IterativeBackground`: nothing in it is a pixel number tuned
     to one scene, so it needs no image.
@@ -756,7 +758,8 @@ def default_pipeline(
         As for :class:`IterativeBackground` (``source_asymmetry=None`` switches the
         stiffening off).
     cell_size, gcv_inflation
-        As for :class:`~skymap.smooth.ThinPlateSmoother` (None: its default).
+        As for :class:`~skymap.smooth.ThinPlateSmoother` (``cell_size=None``: from the
+        image size at fit time).
 
     Examples
     --------
@@ -769,9 +772,7 @@ def default_pipeline(
         as_mask(mask, img.shape)
     high, low = float(high), float(low)
     scales = (1.0, 2.0, 4.0, 8.0)
-    smoother_options = {"cell_size": cell_size}
-    if gcv_inflation is not None:
-        smoother_options["gcv_inflation"] = gcv_inflation
+    smoother_options = {"cell_size": cell_size, "gcv_inflation": gcv_inflation}
     smoother = ThinPlateSmoother(**smoother_options)
     stages = (
         Stage(

@@ -91,6 +91,11 @@ class RingResult:
         """The RMS as a full map (sigma everywhere)."""
         return self.rms_map()
 
+    def native_background(self) -> Any:
+        """The background map as fitted: an ndarray, or the tiled back end's array
+        (:class:`~skymap.backends.base.NativeMaps`)."""
+        return self.background
+
     def background_map(self, step: int = 1, window=None) -> np.ndarray:
         return np.asarray(cut_window(self.background, step, window))
 

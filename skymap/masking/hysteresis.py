@@ -5,7 +5,7 @@ slowly varying noise map it reads.
 Each scale's work is split into a local step (:meth:`HysteresisMasker.scale_maps`: the
 binned signal-to-noise maps), a global statistic (:meth:`HysteresisMasker.snr_factor`:
 the noise excess) and a global labelling followed by a local dilation
-(:meth:`HysteresisMasker.scale_mask`), so that :mod:`skymap.tiled` can do the local
+(:meth:`HysteresisMasker.scale_mask`), so that the dask back end can do the local
 steps tile by tile. It follows the :class:`skymap.masking.Masker` protocol.
 """
 
@@ -95,7 +95,7 @@ def _pair_differences(snr, excluded, lag: int, step: int):
     row, then along y on every ``step``-th column: far enough apart to be independent,
     they cancel any smooth offset or wing the background has not followed yet, and
     their MAD (:func:`_excess_of`) ignores the sources that touch a minority of the
-    pairs. The tiled path (:mod:`skymap.tiled`) gathers the same pairs tile by
+    pairs. The tiled path (:meth:`HysteresisMasker.mask_on`) gathers the same pairs tile by
     tile."""
     ny, nx = snr.shape
     parts = []
@@ -332,7 +332,7 @@ class HysteresisMasker:
 
     def _detect(self, res, noise, excluded, s, into=None):
         """Detections at one scale, dilated, at full resolution. Three steps, so that a
-        tiled run (:mod:`skymap.tiled`) can do the local ones tile by tile and
+        tiled run (:meth:`mask_on`) can do the local ones tile by tile and
         the global ones (the noise excess, the labelling) once."""
         maps = self.scale_maps(res, noise, excluded, s)
         factor = self.snr_factor(maps.snr, maps.invalid, s, maps.block)
@@ -429,6 +429,12 @@ class HysteresisMasker:
         det = _hysteresis(snr, self.low, self.high, plain)
         # The labels in snr's memory and the growth map are done with (memory).
         del snr, plain
+        return self.grow(det, s, b, excluded, into=into)
+
+    def grow(self, det, s, b, excluded, into=None) -> np.ndarray:
+        """The last local step of :meth:`scale_mask`: the binned detections ``det`` of
+        scale ``s`` dilated, expanded to full resolution and (without ``into``) cut to
+        pixels not ``excluded``."""
         radius = self.dilation(s) / b
         if radius > 0 and det.any():
             det = grow_mask(det, radius) if radius > 3 else _dilate_disk(det, radius)
@@ -586,10 +592,8 @@ def hysteresis_codes(maps, *, factor, low, high, which):
 
 def _tile_dilate(det, excl, *, window, core, masker, s, b):
     """The tile's exclusion OR its (dilated, expanded) detections of scale ``s``:
-    ``masker.scale_mask`` on the window, fed maps whose hysteresis keeps exactly the
-    globally labelled detections ``det``."""
-    inf = np.float32(np.inf)
-    maps = _ScaleMaps(snr=np.where(det, inf, -inf), plain=None, invalid=None, block=b)
-    grown = masker.scale_mask(maps, 1.0, s, excl)
+    :meth:`HysteresisMasker.grow` on the window of the globally labelled detections
+    ``det`` (the dilation reaches ``halo`` pixels, so the core is exact)."""
+    grown = masker.grow(np.ascontiguousarray(det), s, b, excl)
     sl = core_of(window, core)
     return excl[sl] | grown[sl]
