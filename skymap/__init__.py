@@ -18,12 +18,18 @@ Examples
 from __future__ import annotations
 
 import importlib
+import warnings
 
 __version__ = "0.1.0"
 
 from skymap import _compat
 
 _compat.install()
+
+# photutils imports tqdm.auto when first imported, which in a notebook without
+# ipywidgets warns "IProgress not found" although nothing shows a bar; skymap's own
+# bars use tqdm.auto only where ipywidgets is installed.
+warnings.filterwarnings("ignore", message="IProgress not found")
 
 _SUBMODULES = (
     "stats",

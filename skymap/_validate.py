@@ -19,6 +19,7 @@ __all__ = [
     "check_positive",
     "check_range",
     "combine_masks",
+    "json_float",
     "work_dtype",
 ]
 
@@ -155,3 +156,9 @@ def check_range(name: str, value: Any, lo: float, hi: float):
     if not (lo <= v <= hi):
         raise ValueError(f"{name} must be in [{lo}, {hi}], got {value!r}")
     return value
+
+
+def json_float(value: Any) -> float | None:
+    """A float for JSON: NaN and inf become None."""
+    value = float(value)
+    return value if np.isfinite(value) else None

@@ -5,6 +5,11 @@ first call, and the suite must stay within CI's budget on 2 cores.
 """
 
 import os
+
+# photutils leaves OpenMP threads spin-waiting after each call; on 2 cores they starve
+# numba's threads (README, "Running next to photutils"). Set before any runtime loads.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 from pathlib import Path
 
 import numpy as np

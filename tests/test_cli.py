@@ -3,7 +3,7 @@ refusal to overwrite, and the commands end to end on small inputs."""
 
 import hashlib
 import json
-from importlib.metadata import entry_points
+from importlib.metadata import EntryPoint
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +12,7 @@ from astropy.io import fits
 from astropy.wcs import WCS
 
 from skymap.app import cli, io
+from skymap.app.cli import common
 
 SUBCOMMANDS = ("demo", "run", "batch", "simulate", "evaluate", "match", "config")
 
@@ -36,8 +37,9 @@ def test_every_command_has_help_with_exit_codes(name, capsys):
 
 
 def test_scene_choices_are_the_simulators_scenes():
-    simulate = pytest.importorskip("skymap.simulate")
-    assert cli._SCENES == simulate.SCENE_NAMES
+    from skymap.quality import simulate
+
+    assert common.SCENES == simulate.SCENE_NAMES
 
 
 def test_version(capsys):
@@ -64,7 +66,7 @@ def test_missing_input_exits_2_and_names_the_file(tmp_path, capsys):
 def test_bad_dq_bits_exit_2(data_dir, tmp_path, capsys):
     argv = ["run", str(data_dir / "spitzer_cutout.fits"), "-o", str(tmp_path), "-q"]
     assert cli.main([*argv, "--dq-bits", "1,x"]) == cli.EXIT_USAGE
-    assert "dq_bits" in capsys.readouterr().err
+    assert "--dq-bits" in capsys.readouterr().err
 
 
 def test_run_refuses_to_overwrite_before_any_work(data_dir, tmp_path, monkeypatch, capsys):
@@ -75,7 +77,7 @@ def test_run_refuses_to_overwrite_before_any_work(data_dir, tmp_path, monkeypatc
     def must_not_fit(*args, **kwargs):
         raise AssertionError("fitted although the outputs exist")
 
-    monkeypatch.setattr(cli, "_fit", must_not_fit)
+    monkeypatch.setattr(common, "fit_image", must_not_fit)
     code = cli.main(["run", str(data_dir / "spitzer_cutout.fits"), "-o", str(out), "-q"])
     assert code == cli.EXIT_EXISTS
     err = capsys.readouterr().err
@@ -88,7 +90,7 @@ def test_runtime_failure_exits_1(data_dir, tmp_path, monkeypatch, capsys):
     def broken(*args, **kwargs):
         raise RuntimeError("the fit fell over")
 
-    monkeypatch.setattr(cli, "_fit", broken)
+    monkeypatch.setattr(common, "fit_image", broken)
     code = cli.main(["run", str(data_dir / "spitzer_cutout.fits"), "-o", str(tmp_path), "-q"])
     assert code == cli.EXIT_FAILURE
     assert "the fit fell over" in capsys.readouterr().err
@@ -103,14 +105,15 @@ def test_pipeline_iterations_show_on_the_progress_bar(rng):
         def set_postfix_str(self, text):
             self.shown.append(text)
 
-    res = fit(rng.normal(size=(64, 64)), callback=cli._iteration_report(Bar(), quiet=False))
+    res = fit(rng.normal(size=(64, 64)), callback=common.iteration_report(Bar(), quiet=False))
     assert len(Bar.shown) == len(res.history)
     assert Bar.shown[1].startswith("fitting: stage 0 iteration 0: change ")
-    assert cli._iteration_report(Bar(), quiet=True) is None
+    assert common.iteration_report(Bar(), quiet=True) is None
 
 
 def test_simulate_writes_the_scene_and_its_truth(tmp_path):
-    simulate = pytest.importorskip("skymap.simulate")
+    from skymap.quality import simulate
+
     out = tmp_path / "sim"
     assert cli.main(["simulate", "-o", str(out), "--shrink-factor", "8", "-q"]) == 0
     scene = simulate.notebook_scene(seed=4, shrink_factor=8)
@@ -124,7 +127,6 @@ def test_simulate_writes_the_scene_and_its_truth(tmp_path):
 
 
 def test_evaluate_scores_a_map_against_the_simulated_truth(tmp_path, capsys):
-    pytest.importorskip("skymap.evaluate")
     sim = tmp_path / "sim"
     assert cli.main(["simulate", "-o", str(sim), "--shrink-factor", "8", "-q"]) == 0
     f = {k: str(sim / f"notebook_{k}.fits") for k in ("image", "sky", "noise", "sources")}
@@ -168,7 +170,6 @@ def _overlapping_pair(tmp_path, offsets=(1.0, 3.5)):
 
 
 def test_match_finds_the_relative_sky_levels(tmp_path):
-    pytest.importorskip("skymap.skymatch")
     paths = _overlapping_pair(tmp_path)
     out = tmp_path / "m"
     argv = ["match", *map(str, paths), "-o", str(out), "--method", "match", "--subtract", "-q"]
@@ -190,7 +191,7 @@ def test_match_finds_the_relative_sky_levels(tmp_path):
 @pytest.fixture
 def mesh_toml(tmp_path):
     """A single-pass mesh configuration: run and batch work without the pipeline."""
-    config = pytest.importorskip("skymap.config")
+    from skymap.app import config
     from skymap.background.mesh import MeshBackground
 
     return config.save_toml(MeshBackground(box_size=16), tmp_path / "mesh.toml")
@@ -219,14 +220,14 @@ def test_run_with_a_config_file_on_real_data(name, data_dir, tmp_path, mesh_toml
     )
     mask = fits.getdata(out / f"{stem}_mask.fits")
     np.testing.assert_array_equal(mask.astype(bool), ~np.isfinite(image.data))
-    metrics = json.loads((out / "metrics.json").read_text())
+    metrics = json.loads((out / f"{stem}_metrics.json").read_text())
     assert metrics["fit"]["finite_background_where_input_finite"] is True
     assert metrics["input"]["nonfinite_pixels"] == int((~np.isfinite(image.data)).sum())
     assert set(metrics["evaluation"]) >= {"rms_vs_scale", "masked_vs_unmasked"}
 
 
 def test_config_written_by_the_command_drives_run(data_dir, tmp_path, capsys):
-    config = pytest.importorskip("skymap.config")
+    from skymap.app import config
     from skymap.background.mesh import MeshBackground
 
     assert cli.main(["config", "--kind", "sextractor", "--box-size", "16"]) == 0
@@ -262,21 +263,23 @@ def test_run_on_a_sci_dq_file_masks_the_chosen_flags(tmp_path, rng, mesh_toml):
     assert cli.main([*argv, "-o", str(tmp_path / "o"), "--dq-bits", "bit4"]) == 0
     mask = fits.getdata(tmp_path / "o" / "exp_mask.fits").astype(bool)
     assert list(zip(*np.nonzero(mask), strict=True)) == [(20, 20), (30, 30)]
-    metrics = json.loads((tmp_path / "o" / "metrics.json").read_text())
+    metrics = json.loads((tmp_path / "o" / "exp_metrics.json").read_text())
     assert metrics["input"]["hdu"] == "SCI" and metrics["input"]["flagged_pixels"] == 2
 
 
 def test_later_chips_get_their_own_output_names():
-    assert cli._stem("a/j8xi01flt.fits", "SCI,2") == "j8xi01flt_sci2"
+    assert common.output_stem("a/j8xi01flt.fits", "SCI,2") == "j8xi01flt_sci2"
     assert (
-        cli._stem("a/j8xi01flt.fits", "SCI,1") == cli._stem("b/j8xi01flt.fits.fz") == "j8xi01flt"
+        common.output_stem("a/j8xi01flt.fits", "SCI,1")
+        == common.output_stem("b/j8xi01flt.fits.fz")
+        == "j8xi01flt"
     )
 
 
 def test_data_the_fit_cannot_use_exits_2(tmp_path, capsys):
     fits.PrimaryHDU(np.full((32, 32), np.nan, np.float32)).writeto(tmp_path / "nan.fits")
     argv = ["run", str(tmp_path / "nan.fits"), "-o", str(tmp_path / "o"), "-q"]
-    config = pytest.importorskip("skymap.config")
+    from skymap.app import config
     from skymap.background.mesh import MeshBackground
 
     toml = config.save_toml(MeshBackground(box_size=8), tmp_path / "m.toml")
@@ -285,7 +288,6 @@ def test_data_the_fit_cannot_use_exits_2(tmp_path, capsys):
 
 
 def test_bad_config_file_exits_2(data_dir, tmp_path, capsys):
-    pytest.importorskip("skymap.config")
     bad = tmp_path / "bad.toml"
     bad.write_text('type = "skymap.mesh:MeshBackground"\nbox_size = -3\n')
     argv = ["run", str(data_dir / "spitzer_cutout.fits"), "-o", str(tmp_path), "-q"]
@@ -306,7 +308,7 @@ def test_batch_on_a_local_dask_cluster_equals_run_file_by_file(data_dir, tmp_pat
         assert cli.main(["run", str(src), "-o", str(tmp_path / "r" / stem), *common]) == 0
         ran = sorted(p.name for p in (tmp_path / "r" / stem).iterdir())
         batched = sorted(p.name for p in (tmp_path / "b" / stem).iterdir())
-        assert ran == batched and "metrics.json" in ran
+        assert ran == batched and f"{stem}_metrics.json" in ran
         for name in ran:
             assert _sha(tmp_path / "r" / stem / name) == _sha(tmp_path / "b" / stem / name)
     # a second batch refuses up front, before starting any cluster
@@ -326,15 +328,8 @@ def test_batch_goes_on_past_a_bad_file_and_reports_it(data_dir, tmp_path, mesh_t
     assert not (out / "broken").exists()
 
 
-def _require_pipeline():
-    pipeline = pytest.importorskip("skymap.pipeline", reason="skymap.pipeline is absent")
-    if not hasattr(pipeline, "fit"):
-        pytest.skip("skymap.pipeline.fit is absent")
-
-
 @pytest.mark.parametrize("name", ["m6707hh_cutout.fits", "spitzer_cutout.fits"])
 def test_run_with_the_default_pipeline_on_real_data(name, data_dir, tmp_path):
-    _require_pipeline()
     src = data_dir / name
     before = _sha(src)
     out = tmp_path / "out"
@@ -344,39 +339,42 @@ def test_run_with_the_default_pipeline_on_real_data(name, data_dir, tmp_path):
     image = io.read_image(src).data
     background = fits.getdata(out / f"{stem}_background.fits")
     assert np.all(np.isfinite(background[np.isfinite(image)]))
-    metrics = json.loads((out / "metrics.json").read_text())
+    metrics = json.loads((out / f"{stem}_metrics.json").read_text())
     assert metrics["evaluation"]["masked_vs_unmasked"] is not None
 
 
 def test_demo_end_to_end_on_a_small_scene(tmp_path):
-    _require_pipeline()
     out = tmp_path / "demo"
     assert cli.main(["demo", "-o", str(out), "--shrink-factor", "8", "-q"]) == 0
     for product in ("image", "sky", *io.PRODUCTS):
         assert (out / f"notebook_{product}.fits").exists()
-    metrics = json.loads((out / "metrics.json").read_text())
+    metrics = json.loads((out / "notebook_metrics.json").read_text())
     # a fitted background on this scene is far better than no model at all (error ~ sky)
     assert metrics["evaluation"]["truth"]["rms_error_sigma"] < 1.0
-    page = (out / "report.html").read_text()
-    assert page.count("data:image/png;base64,") >= 4
+    page = (out / "notebook_report.html").read_text()
+    assert page.count("data:image/png;base64,") >= 5
     rms_sigma = metrics["evaluation"]["truth"]["rms_error_sigma"]
     assert f"<b>background error RMS</b>: {rms_sigma:.4f} sigma" in page
     assert cli.main(["demo", "-o", str(out), "--shrink-factor", "8", "-q"]) == cli.EXIT_EXISTS
 
 
 def test_console_script_points_at_main():
-    scripts = entry_points(group="console_scripts")
-    assert [ep.value for ep in scripts if ep.name == "skymap"] == ["skymap.cli:main"]
+    import tomllib
+
+    project = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())
+    assert project["project"]["scripts"] == {"skymap": "skymap.app.cli:main"}
+    target = EntryPoint("skymap", "skymap.app.cli:main", "console_scripts").load()
+    assert target is cli.main
 
 
 def test_options_file_is_passed_to_the_default_fit(data_dir, tmp_path, monkeypatch):
     seen = {}
 
-    def fake_fit(image, mask=None, **options):
+    def fake_fit(image, mask=None, callback=None, **options):
         seen.update(options)
         raise ValueError("stop here")
 
-    monkeypatch.setattr("skymap.pipeline.fit", fake_fit)
+    monkeypatch.setattr("skymap.background.pipeline.fit", fake_fit)
     toml = tmp_path / "opts.toml"
     toml.write_text("high = 5.0\nmax_iter = 3\n")
     argv = ["run", str(data_dir / "spitzer_cutout.fits"), "-o", str(tmp_path / "o"), "-q"]
@@ -386,7 +384,6 @@ def test_options_file_is_passed_to_the_default_fit(data_dir, tmp_path, monkeypat
 
 
 def test_pipeline_config_file_reproduces_the_default_run(data_dir, tmp_path):
-    _require_pipeline()
     src = str(data_dir / "spitzer_cutout.fits")
     toml = tmp_path / "pipeline.toml"
     assert cli.main(["config", src, "-o", str(toml), "-q"]) == 0
@@ -394,5 +391,5 @@ def test_pipeline_config_file_reproduces_the_default_run(data_dir, tmp_path):
         argv = ["run", src, "-o", str(tmp_path / name), "-q", "--no-report", *extra]
         assert cli.main(argv) == 0
     products = [f"spitzer_cutout_{p}.fits" for p in io.PRODUCTS]
-    for name in [*products, "metrics.json"]:
+    for name in [*products, "spitzer_cutout_metrics.json"]:
         assert _sha(tmp_path / "default" / name) == _sha(tmp_path / "from_file" / name)

@@ -304,7 +304,7 @@ def test_evaluate_perfect_background_on_notebook_scene(small_scene):
     assert d["masked_vs_unmasked"]["difference"] == pytest.approx(
         s.sky[mask].mean() - s.sky[~mask].mean()
     )
-    assert ev.to_table()["truth.rms_error"][0] == 0.0
+    assert ev.to_table(wide=True)["truth.rms_error"][0] == 0.0
     assert len(ev.rms_table()) == 27
 
 

@@ -38,6 +38,62 @@ def _result(rng, shape=(96, 96), box=32):
 
 
 @pytest.fixture(scope="module")
+def real_report(tmp_path_factory, data_dir_module):
+    """The report of the default fit of a real image (the Spitzer cutout, MJy/sr)."""
+    from skymap.app.cli.run import run_file
+
+    out = tmp_path_factory.mktemp("real")
+    info = run_file(data_dir_module / "spitzer_cutout.fits", out)
+    return info, out / "spitzer_cutout_report.html"
+
+
+@pytest.fixture(scope="module")
+def data_dir_module():
+    from pathlib import Path
+
+    return Path(__file__).parent / "data"
+
+
+def test_real_image_report_states_unit_convergence_and_no_false_verdict(real_report):
+    info, html_path = real_report
+    page = html_path.read_text()
+    fit = info["metrics"]["fit"]
+    assert "<b>unit</b>: MJy/sr" in page
+    assert ("converged after" in page) if fit["converged"] else ("NOT CONVERGED" in page)
+    # 64 x 64 with most pixels masked: too few clean blocks for any ratio
+    assert "n/a (too few clean blocks)" in page and "OVERFIT" not in page
+    # the default fit shows its cell grid, not a mesh figure; every figure has a caption
+    assert 'id="cells"' in page and 'id="mesh"' not in page
+    assert page.count("<figcaption>") == page.count("<figure")
+    assert "stage -1 is the first guess" in page
+    # grouped metrics: lists as small tables, not "[27 values]"
+    assert "<h3>evaluation.rms_vs_scale</h3>" in page and "values]" not in page
+
+
+def test_maps_have_pixel_axes_unit_colour_bars_and_the_mask_outline(rng):
+    image, result = _result(rng)
+    fig = plot.plot_maps(image, result.background, mask=result.mask, unit="MJy/sr")
+    titled = [ax for ax in fig.axes if ax.get_title()]
+    assert all(ax.get_xlabel() == "x (pixel)" for ax in titled)
+    bars = [ax for ax in fig.axes if not ax.get_title() and ax.get_visible()]
+    assert {ax.get_ylabel() for ax in bars} == {"MJy/sr"}
+    from astropy.visualization import AsinhStretch
+
+    assert isinstance(titled[0].images[0].norm.stretch, AsinhStretch)
+    assert titled[0].collections  # the mask's contour
+
+
+def test_residual_histogram_matches_the_noise_model(rng):
+    residual = rng.normal(0, 2.0, (128, 128))
+    fig = plot.plot_residual_histogram(residual, 2.0)
+    heights = np.array([p.get_height() for p in fig.axes[0].patches])
+    centres = np.array([p.get_x() + p.get_width() / 2 for p in fig.axes[0].patches])
+    core = np.abs(centres) < 1
+    gauss = np.exp(-0.5 * centres[core] ** 2) / np.sqrt(2 * np.pi)
+    np.testing.assert_allclose(heights[core], gauss, rtol=0.15)
+
+
+@pytest.fixture(scope="module")
 def pngs():
     """The standard figures of a small fit, rendered once for the tests that write pages."""
     image, result = _result(np.random.default_rng(3))
@@ -76,7 +132,7 @@ def test_report_figures_from_a_fit_with_truth(rng):
     noise = image - result.background
     ev = evaluate(image, result, truth=result.background, noise=noise, catalog=catalog)
     figs = report.report_figures(result, ev)
-    assert list(figs) == ["maps", "mesh", "rms_vs_scale", "bias", "convergence"]
+    assert list(figs) == ["maps", "mesh", "residuals", "rms_vs_scale", "bias", "convergence"]
     assert "background - truth" in [ax.get_title() for ax in figs["maps"].axes]
     # background = truth, so the residual is the noise: the curve equals the perfect one
     fit, perfect = figs["rms_vs_scale"].axes[0].get_lines()
@@ -92,7 +148,7 @@ def test_report_figures_on_real_data_use_the_white_noise_reference(rng):
     del result.mesh
     result.history = []
     figs = report.report_figures(result, evaluate(image, result))
-    assert list(figs) == ["maps", "rms_vs_scale"]
+    assert list(figs) == ["maps", "residuals", "rms_vs_scale"]
     labels = [ln.get_label() for ln in figs["rms_vs_scale"].axes[0].get_lines()]
     sigma = float(re.match(r"white noise ([0-9.]+)/w", labels[1]).group(1))
     assert sigma == pytest.approx(0.1, rel=0.1)
@@ -133,9 +189,15 @@ window.addEventListener("load", () => {
 @pytest.mark.skipif(
     CHROMIUM is None, reason="chromium is not installed (apt-get install chromium)"
 )
-def test_report_renders_in_headless_chromium(tmp_path, pngs):
-    figs = pngs
-    paths = report.write_report(tmp_path / "r", title="browser check", figures=figs)
+@pytest.mark.parametrize("which", ["synthetic", "real image"])
+def test_report_renders_in_headless_chromium(tmp_path, pngs, real_report, which):
+    if which == "synthetic":
+        figs = pngs
+        paths = report.write_report(tmp_path / "r", title="browser check", figures=figs)
+    else:
+        html_path = real_report[1]
+        figs = list(html_path.parent.glob("*_report_*.png"))
+        paths = {"html": html_path}
     probe = tmp_path / "probe.html"
     probe.write_text(paths["html"].read_text() + _PROBE)
     profile = tmp_path / "profile"

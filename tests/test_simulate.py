@@ -368,3 +368,48 @@ def test_render_single_gaussian_property(x, y, sx, sy, theta):
     iy, ix = int(np.rint(y)), int(np.rint(x))
     if 0 <= iy < 18 and 0 <= ix < 18:
         assert r[iy, ix] == pytest.approx(r.max())
+
+
+def test_saturated_halos_scene_truth():
+    from skymap.quality.simulate import scene_by_name
+
+    sc = scene_by_name("saturated_halos", shape=(512, 512), seed=2)
+    cat = sc.catalog
+    cores = cat[cat["population"] == "halo_stars"]
+    halos = cat[cat["population"] == "halo_stars_halo"]
+    assert len(cores) == len(halos) >= 1
+    # The aureole carries 3% of each star's flux.
+    np.testing.assert_allclose(halos["flux"] / (cores["flux"] + halos["flux"]), 0.03)
+    # Saturated cores: clipped at 2e4, and exactly the clipped pixels are the mask.
+    assert sc.image.max() == 2e4
+    np.testing.assert_array_equal(sc.mask, sc.image >= 2e4)
+    assert sc.mask.any()
+    # The brightest star's halo is still above 0.1 sigma 100 px out.
+    b = int(np.argmax(cores["flux"]))
+    y, x = int(round(cores["y_mean"][b])), int(round(cores["x_mean"][b]))
+    yy, xx = np.mgrid[:512, :512]
+    ring = np.abs(np.hypot(yy - y, xx - x) - 100) < 1
+    assert np.median(sc.sources[ring]) > 0.1 * sc.noise_sigma
+    # One broad scattered-light bump of 2 sigma on the sky, in the blemish table.
+    assert len(sc.blemishes) == 1 and sc.blemishes["amplitude"][0] == 2.0
+    bump = [v for k, v in sc.components.items() if "GaussianBumps" in k][0]
+    assert bump.max() == pytest.approx(2.0 * sc.noise_sigma, rel=0.01)
+
+
+def test_cluster_icl_scene_truth_puts_the_icl_in_the_sources():
+    from skymap.quality.simulate import scene_by_name
+
+    sc = scene_by_name("cluster_icl", shape=(512, 512), seed=2)
+    pops = list(sc.catalog["population"])
+    assert pops.count("icl") == 1 and pops.count("bcg") == 1 and pops.count("members") == 80
+    icl = sc.catalog[sc.catalog["population"] == "icl"][0]
+    assert (icl["x_mean"], icl["y_mean"]) == (255.5, 255.5)
+    # Truth convention: the ICL is a source. The sky is the polynomial alone (no
+    # component holds it), and the sources hold >= 2 sigma of it at the centre.
+    assert list(sc.components) == ["0:Polynomial"]
+    np.testing.assert_array_equal(sc.sky, sc.components["0:Polynomial"])
+    assert icl["peak"] == pytest.approx(2.0 * sc.noise_sigma, rel=0.02)
+    assert sc.sources[256, 256] > icl["peak"]
+    # Members crowd the centre.
+    m = sc.catalog[sc.catalog["population"] == "members"]
+    assert np.median(np.hypot(m["x_mean"] - 255.5, m["y_mean"] - 255.5)) < 200

@@ -120,7 +120,7 @@ def test_cli_tune_writes_a_config_that_run_accepts(cutout_path, tmp_path):
         ]
     )
     assert code == EXIT_OK
-    metrics = json.loads((run_dir / "metrics.json").read_text())
+    metrics = json.loads((run_dir / "m6707hh_cutout_metrics.json").read_text())
     assert metrics["injection"]["n_trials"] == 3
     assert metrics["injection"]["scores"]["score"]["mean"] >= 0
 

@@ -36,9 +36,12 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import inspect
 import os
+import re
 import sys
 import tempfile
+import textwrap
 import types
 import typing
 from collections.abc import Iterable, Mapping
@@ -54,7 +57,9 @@ else:  # pragma: no cover - exercised on Python 3.10 only
     import tomli as tomllib
 
 __all__ = [
+    "check_type",
     "dumps_toml",
+    "field_docs",
     "from_dict",
     "load_toml",
     "loads_toml",
@@ -64,6 +69,8 @@ __all__ = [
 
 TYPE_KEY = "type"
 _NONE_KEY = "__none__"
+#: How a field's None is written in TOML.
+NONE_TEXT = "none"
 _DICT_KEY = "__dict__"
 _RESERVED = (TYPE_KEY, _NONE_KEY, _DICT_KEY)
 DEFAULT_MODULES = ("skymap",)
@@ -122,6 +129,8 @@ def _encode(value: Any, path: str, *, toml: bool) -> Any:
     """Encode ``value``; with ``toml=True`` None becomes ``{"__none__": True}`` and a
     dataclass field that is None by default is left out when it is None."""
     if value is None:
+        # TOML has no null: a field's None is the string "none" (decoded by the field's
+        # annotation); inside plain dicts and lists, where no annotation says so, a table
         return {_NONE_KEY: True} if toml else None
     if isinstance(value, (bool, str)):
         return value
@@ -143,6 +152,9 @@ def _encode(value: Any, path: str, *, toml: bool) -> Any:
                 continue
             v = getattr(value, f.name)
             if toml and v is None and f.default is None:
+                continue
+            if toml and v is None:
+                out[f.name] = NONE_TEXT
                 continue
             out[f.name] = _encode(v, _join(path, f.name), toml=toml)
         return out
@@ -280,7 +292,12 @@ def _decode_dataclass(d: Mapping, path: str, modules: tuple[str, ...]) -> Any:
                 f"{_join(path, key)}: unknown field {key!r} for {cls.__qualname__}; "
                 f"its fields are {allowed}"
             )
+        hint = hints.get(key)
+        if raw == NONE_TEXT and _accepts(None, hint) is not False and not _wants(hint, str):
+            kwargs[key] = None
+            continue
         kwargs[key] = _decode(raw, _join(path, key), modules, hints.get(key))
+        check_type(kwargs[key], hints.get(key), _join(path, key))
     missing = [
         name
         for name, f in init_fields.items()
@@ -298,6 +315,69 @@ def _decode_dataclass(d: Mapping, path: str, modules: tuple[str, ...]) -> Any:
     except (ValueError, TypeError) as exc:
         where = path or cls.__qualname__
         raise type(exc)(f"{where}: {exc}") from exc
+
+
+_SCALARS = {bool: "a boolean (true/false)", int: "an integer", float: "a number", str: "a string"}
+
+
+def _accepts(value: Any, hint: Any) -> bool | None:
+    """Whether ``value`` fits the annotation ``hint``: True, False, or None when the
+    annotation says nothing checkable (a protocol, a class, Any)."""
+    if hint is None or hint is Any:
+        return None
+    if hint is type(None):
+        return value is None
+    origin = typing.get_origin(hint)
+    if origin is typing.Union or origin is types.UnionType:
+        verdicts = [_accepts(value, h) for h in typing.get_args(hint)]
+        if any(v is True for v in verdicts):
+            return True
+        return None if any(v is None for v in verdicts) else False
+    if origin is typing.Literal:
+        return value in typing.get_args(hint)
+    if origin in (tuple, list) or hint in (tuple, list):
+        return isinstance(value, (tuple, list))
+    if hint is bool:
+        return isinstance(value, (bool, np.bool_))
+    if hint is int:
+        return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+    if hint is float:
+        return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(
+            value, (bool, np.bool_)
+        )
+    if hint is str:
+        return isinstance(value, str)
+    return None
+
+
+def _describe(hint: Any) -> str:
+    origin = typing.get_origin(hint)
+    if origin is typing.Union or origin is types.UnionType:
+        return " or ".join(_describe(h) for h in typing.get_args(hint))
+    if hint is type(None):
+        return "None (leave the key out)"
+    if origin is typing.Literal:
+        return "one of " + ", ".join(repr(v) for v in typing.get_args(hint))
+    if origin in (tuple, list) or hint in (tuple, list):
+        return "a list"
+    return _SCALARS.get(hint, getattr(hint, "__name__", str(hint)))
+
+
+def check_type(value: Any, hint: Any, key: str) -> None:
+    """Raise ValueError naming ``key`` and the expected type when ``value`` does not fit
+    the annotation ``hint`` (``max_iter = true`` or ``sigma = "3"`` are refused, not
+    coerced). Annotations that say nothing checkable pass.
+
+    Examples
+    --------
+    >>> check_type("3", float, "sigma")
+    Traceback (most recent call last):
+    ...
+    ValueError: sigma: expected a number, got the string '3'
+    """
+    if _accepts(value, hint) is False:
+        got = "the string" if isinstance(value, str) else f"the {type(value).__name__}"
+        raise ValueError(f"{key}: expected {_describe(hint)}, got {got} {_short(value)}")
 
 
 def _type_hints(cls: type) -> dict:
@@ -324,29 +404,154 @@ def _wants(hint: Any, kind: type) -> bool:
 # ----------------------------------------------------------------------------- TOML
 
 
-def dumps_toml(obj: Any) -> str:
-    """Return the TOML text of the configuration ``obj`` (see the module's encoding
-    rules for None).
+def dumps_toml(obj: Any, *, comments: bool = True) -> str:
+    """Return the TOML text of the configuration ``obj``.
+
+    With ``comments`` (the default) every key has a comment above it: what it does (from
+    the class's documentation), its unit where the documentation gives one, and its
+    default. A field that is None is left out when None is its default, and written as
+    ``"none"`` otherwise (read back as None).
 
     Examples
     --------
     >>> from skymap.stats.estimators import SigmaClip
-    >>> print(dumps_toml(SigmaClip(sigma=2.5, maxiters=None)))
-    type = "skymap.stats:SigmaClip"
-    sigma = 2.5
-    cenfunc = "median"
-    stdfunc = "std"
-    <BLANKLINE>
-    [maxiters]
-    __none__ = true
-    <BLANKLINE>
+    >>> text = dumps_toml(SigmaClip(sigma=2.5, maxiters=None))
+    >>> 'maxiters = "none"' in text, "# Default: 3.0" in text
+    (True, True)
+    >>> loads_toml(text) == SigmaClip(sigma=2.5, maxiters=None)
+    True
     """
     if not _is_instance(obj):
         raise TypeError(
             f"dumps_toml needs a dataclass instance (a skymap configuration), got "
             f"{type(obj).__name__}"
         )
-    return tomli_w.dumps(_encode(obj, "", toml=True))
+    data = _encode(obj, "", toml=True)
+    if not comments:
+        return tomli_w.dumps(data)
+    lines: list[str] = [
+        "# skymap configuration: edit the values and pass the file to",
+        "# `skymap run IN.fits --config FILE`. Every table names the class it configures",
+        '# in its "type" key; a key left out takes its default.',
+        "",
+    ]
+    _emit(obj, data, "", lines)
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def _table_path(path: str) -> str:
+    return ".".join(_key_text(part) for part in path.split("."))
+
+
+def _is_table(v: Any) -> bool:
+    return isinstance(v, Mapping) and TYPE_KEY in v
+
+
+def _is_table_list(v: Any) -> bool:
+    return isinstance(v, list) and bool(v) and all(_is_table(x) for x in v)
+
+
+def _emit(obj: Any, data: Mapping, path: str, lines: list[str]) -> None:
+    docs = field_docs(type(obj))
+    defaults = {
+        f.name: f.default for f in dataclasses.fields(obj) if f.default is not dataclasses.MISSING
+    }
+    for key, value in data.items():
+        if _is_table(value) or _is_table_list(value):
+            continue
+        if key == TYPE_KEY:
+            lines.append(f"# the class this table configures: {type(obj).__qualname__}")
+        else:
+            lines.extend(_comment(docs.get(key), defaults.get(key, dataclasses.MISSING)))
+        lines.append(f"{_key_text(key)} = {_value_text(value)}")
+    for key, value in data.items():
+        sub_path = _join(path, key)
+        if _is_table(value):
+            lines.append("")
+            lines.extend(_comment(docs.get(key), dataclasses.MISSING))
+            lines.append(f"[{_table_path(sub_path)}]")
+            _emit(getattr(obj, key), value, sub_path, lines)
+        elif _is_table_list(value):
+            for i, (item, sub) in enumerate(zip(getattr(obj, key), value, strict=True)):
+                lines.append("")
+                lines.extend(_comment(docs.get(key), dataclasses.MISSING, f" ({i + 1})"))
+                lines.append(f"[[{_table_path(sub_path)}]]")
+                _emit(item, sub, sub_path, lines)
+
+
+_UNIT = re.compile(
+    r"\bin (pixels|px|arcsec|degrees|seconds|bytes)\b|\bin (units of [\w -]+?)(?=[,.;)]|$)"
+)
+
+
+def _key_text(key: str) -> str:
+    return tomli_w.dumps({key: 0}).rpartition(" = ")[0]
+
+
+def _value_text(value: Any) -> str:
+    """A TOML value on one line (lists and tables inline)."""
+    if isinstance(value, list):
+        return "[" + ", ".join(_value_text(v) for v in value) + "]"
+    if isinstance(value, Mapping):
+        items = ", ".join(f"{_key_text(k)} = {_value_text(v)}" for k, v in value.items())
+        return "{ " + items + " }" if items else "{}"
+    return tomli_w.dumps({"x": value}).removeprefix("x = ").strip()
+
+
+def _comment(doc: str | None, default: Any, suffix: str = "") -> list[str]:
+    """Comment lines for one key: its documentation, unit and default."""
+    text = (doc or "(undocumented)") + suffix
+    unit = _UNIT.search(doc or "")
+    if unit and unit.group(0) not in text:
+        text += f" Unit: {unit.group(1) or unit.group(2)}."
+    if default is not dataclasses.MISSING:
+        shown = "none" if default is None else _value_text(_encode(default, "", toml=True))
+        text += f" Default: {shown}."
+    return ["# " + line for line in textwrap.wrap(text, 86)]
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """The first sentences of each field's entry in the class's numpydoc ``Parameters``
+    (or ``Attributes``) section, by field name."""
+    doc = inspect.getdoc(cls) or ""
+    out: dict[str, str] = {}
+    lines = doc.splitlines()
+    section = None
+    current: list[str] = []
+    names: list[str] = []
+
+    def flush():
+        if names and current:
+            text = " ".join(" ".join(current).split())
+            sentences = re.split(r"(?<=\.)\s", text)
+            short = sentences[0]
+            for extra in sentences[1:]:
+                if len(short) + len(extra) > 220:
+                    break
+                short += " " + extra
+            for n in names:
+                out.setdefault(n, short)
+
+    for i, line in enumerate(lines):
+        nxt = lines[i + 1] if i + 1 < len(lines) else ""
+        if nxt.strip() and set(nxt.strip()) == {"-"} and line.strip():
+            flush()
+            names, current = [], []
+            section = line.strip()
+            continue
+        if section not in ("Parameters", "Attributes") or set(line.strip()) == {"-"}:
+            continue
+        if line and not line[0].isspace():
+            flush()
+            current = []
+            head, _, kind = line.partition(" : ")
+            names = [n.strip() for n in head.split(",") if n.strip().isidentifier()]
+            if kind.strip():
+                current = []
+        elif line.strip():
+            current.append(line.strip())
+    flush()
+    return out
 
 
 def loads_toml(text: str, *, modules: Iterable[str] = DEFAULT_MODULES) -> Any:
@@ -375,6 +580,8 @@ def save_toml(obj: Any, path: str | os.PathLike, *, overwrite: bool = False) -> 
             fh.write(text)
             fh.flush()
             os.fsync(fh.fileno())
+        # mkstemp makes 0600; a configuration is written like every other output
+        os.chmod(tmp, 0o666 & ~_UMASK)
         if overwrite:
             os.replace(tmp, path)
         else:
@@ -383,6 +590,16 @@ def save_toml(obj: Any, path: str | os.PathLike, *, overwrite: bool = False) -> 
         if os.path.exists(tmp):
             os.unlink(tmp)
     return path
+
+
+def _read_umask() -> int:
+    # read once at import (os.umask can only be read by setting it)
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _read_umask()
 
 
 def _link_new(tmp: str, path: Path) -> None:

@@ -38,6 +38,7 @@ from skymap._validate import as_image, as_mask
 
 __all__ = [
     "FitsImage",
+    "NoSpaceError",
     "OutputExistsError",
     "PRODUCTS",
     "atomic_write",
@@ -45,6 +46,8 @@ __all__ = [
     "config_hash",
     "config_to_dict",
     "dq_to_mask",
+    "header_text",
+    "hdu_summary",
     "parse_dq_bits",
     "parse_hdu",
     "product_header",
@@ -171,24 +174,87 @@ def _warnings_to_log(path):
         log.info("%s: %s: %s", path, w.category.__name__, w.message)
 
 
+@contextlib.contextmanager
+def _open_fits(path: Path):
+    """``fits.open`` whose errors name the file and say what is wrong with it."""
+    try:
+        hdul = fits.open(path, memmap=False)
+    except (OSError, ValueError) as err:
+        if path.is_dir():
+            raise ValueError(f"{path} is a directory, not a FITS file") from None
+        if path.stat().st_size == 0:
+            raise ValueError(f"{path} is empty, not a FITS file") from None
+        raise ValueError(
+            f"{path} is not a FITS file: it does not start with a FITS header (SIMPLE card)"
+            if "SIMPLE" in str(err)
+            else f"{path} is not a readable FITS file: {err}"
+        ) from None
+    with hdul:
+        yield hdul
+
+
+def _hdu_shape(h) -> str:
+    """What an HDU holds, from its header alone (no data is read)."""
+    hdr = h.header
+    naxis = [int(hdr.get(f"NAXIS{i}", 0)) for i in range(1, int(hdr.get("NAXIS", 0)) + 1)]
+    if not h.is_image:
+        return f"table, {naxis[1] if len(naxis) > 1 else 0} rows"
+    if not naxis or 0 in naxis:
+        return "no data"
+    return f"image {' x '.join(map(str, naxis[::-1]))}"
+
+
+def hdu_summary(hdul: fits.HDUList) -> str:
+    """One line listing every HDU: index, name and what it holds, for error messages."""
+    items = []
+    for i, h in enumerate(hdul):
+        label = _hdu_label(hdul, i)
+        name = f" {label}" if isinstance(label, str) else ""
+        items.append(f"{i}{name} ({_hdu_shape(h)})")
+    return "; ".join(items)
+
+
+def _check_complete(hdul: fits.HDUList, index: int, path: Path) -> None:
+    """Raise if the file ends before the data of HDU ``index`` does."""
+    if path.suffix.lower() in (".gz", ".bz2", ".zip"):
+        return  # sizes refer to the decompressed stream
+    try:
+        info = hdul[index].fileinfo()
+        needed = int(info["datLoc"]) + int(info["datSpan"])
+        size = path.stat().st_size
+    except (AttributeError, KeyError, TypeError, OSError):  # pragma: no cover - odd files
+        return
+    if size < needed:
+        raise ValueError(
+            f"{path} is truncated: HDU {_hdu_label(hdul, index)!r} needs {needed} bytes, "
+            f"the file has {size}"
+        )
+
+
 def _pick_hdu(hdul: fits.HDUList, hdu: int | str | tuple | None, path: Any) -> int:
     """Index of the HDU holding the image: the requested one, or the first 2D image
     (an extension named SCI first)."""
     if hdu is not None:
         try:
-            return hdul.index_of(parse_hdu(hdu))
+            index = hdul.index_of(parse_hdu(hdu))
+            hdul[index]
+            if index < 0:
+                raise IndexError(index)
+            return index
         except (KeyError, IndexError):
-            names = [str(_hdu_label(hdul, i)) for i in range(len(hdul))]
             raise ValueError(
-                f"hdu {hdu!r} not found in {path}; it has HDUs {names} (index, EXTNAME or "
-                "EXTNAME,EXTVER)"
+                f"hdu {hdu!r} not found in {path}; its HDUs are: {hdu_summary(hdul)}. "
+                "Choose one with hdu= (an index, EXTNAME or EXTNAME,EXTVER)"
             ) from None
     candidates = [i for i, h in enumerate(hdul) if h.is_image and h.header.get("NAXIS", 0) >= 2]
     for i in candidates:
         if hdul[i].name == "SCI":
             return i
     if not candidates:
-        raise ValueError(f"{path} holds no 2D image HDU; pass hdu= to choose one")
+        raise ValueError(
+            f"{path} holds no 2D image, so there is nothing to fit; its HDUs are: "
+            f"{hdu_summary(hdul)}"
+        )
     return candidates[0]
 
 
@@ -228,6 +294,7 @@ def parse_dq_bits(bits: Any) -> int | None:
     """
     if bits is None:
         return None
+    spec = bits
     if isinstance(bits, str):
         tokens = [t for t in re.split(r"[,+|\s]+", bits.strip()) if t]
         if not tokens:
@@ -258,6 +325,11 @@ def parse_dq_bits(bits: Any) -> int | None:
             ) from None
     if any(v < 0 for v in values):
         raise ValueError(f"dq_bits must be non-negative flag values, got {values}")
+    if any(v >= 1 << 64 for v in values):
+        raise ValueError(
+            f"dq_bits {spec!r} names a flag above bit63; DQ flags are integers of at most "
+            "64 bits (bit0 to bit63)"
+        )
     mask = 0
     for v in values:
         mask |= v
@@ -350,10 +422,11 @@ def read_image(
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"input image {path} does not exist")
-    with _warnings_to_log(path), fits.open(path, memmap=False) as hdul:
+    with _warnings_to_log(path), _open_fits(path) as hdul:
         which = _pick_hdu(hdul, hdu, path)
         image_hdu = hdul[which]
         label = _hdu_label(hdul, which)
+        _check_complete(hdul, which, path)
         data = _as_2d(image_hdu.data, f"HDU {label!r} of {path}")
         # memmap=False: the array is ours, not a view of the file; FITS data are
         # big-endian or scaled, so as_image converts into a new native array anyway.
@@ -426,8 +499,9 @@ def read_mask(
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"mask file {path} does not exist")
-    with _warnings_to_log(path), fits.open(path, memmap=False) as hdul:
+    with _warnings_to_log(path), _open_fits(path) as hdul:
         which = _pick_hdu(hdul, hdu, path)
+        _check_complete(hdul, which, path)
         data = np.asarray(_as_2d(hdul[which].data, f"mask HDU of {path}"))
     if shape is not None and data.shape != tuple(shape):
         raise ValueError(f"mask {path} has shape {data.shape}, the image has {tuple(shape)}")
@@ -480,6 +554,20 @@ def config_hash(config: Any) -> str:
     return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 
 
+def header_text(text: str) -> str:
+    """``text`` in the printable ASCII that FITS header values allow: other characters
+    are written as Python escapes (``\\u00e9``), so that a path with accents or symbols
+    stays recognisable (the metrics JSON keeps it exactly).
+
+    Examples
+    --------
+    >>> header_text("démo/ímage☃.fits")
+    'd\\xe9mo/\\xedmage\\u2603.fits'
+    """
+    escaped = text.encode("ascii", "backslashreplace").decode("ascii")
+    return "".join(c if " " <= c <= "~" else repr(c)[1:-1] for c in escaped)
+
+
 def product_header(
     header: fits.Header | None = None,
     *,
@@ -513,12 +601,12 @@ def product_header(
         out["SKYPROD"] = (product, "skymap product")
     out["SKYCFGH"] = (config_hash(config), "SHA-256 (16 hex) of the skymap configuration")
     if source is not None:
-        name = Path(source).name
+        name = header_text(Path(source).name)
         # A long value would need CONTINUE cards; the full path is in HISTORY anyway.
         out["SKYSRC"] = (name if len(name) <= 60 else name[:57] + "...", "skymap input file")
-        out.add_history(f"skymap: input {source}"[:_HISTORY_WIDTH])
+        out.add_history(header_text(f"skymap: input {source}")[:_HISTORY_WIDTH])
     for line in history:
-        out.add_history(str(line)[:_HISTORY_WIDTH])
+        out.add_history(header_text(str(line))[:_HISTORY_WIDTH])
     cfg = config_to_dict(config)
     if cfg:
         text = json.dumps(cfg, sort_keys=True, separators=(",", ":"))
@@ -570,10 +658,17 @@ def atomic_write(
         raise FileNotFoundError(f"output directory {path.parent} does not exist")
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, "wb") as fh:
-            write(fh)
-            fh.flush()
-            os.fsync(fh.fileno())
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                write(fh)
+                fh.flush()
+                os.fsync(fh.fileno())
+        except Exception as err:
+            # astropy can turn a failed write into an unrelated error (an AttributeError
+            # while it cleans up); say what happened when the disk is full
+            if _caused_by(err, errno.ENOSPC):
+                raise NoSpaceError(path) from err
+            raise
         os.chmod(tmp, 0o666 & ~_UMASK)
         if overwrite:
             os.replace(tmp, path)
@@ -583,6 +678,27 @@ def atomic_write(
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
     return path
+
+
+class NoSpaceError(OSError):
+    """The disk filled up while writing ``path``."""
+
+    def __init__(self, path: os.PathLike | str):
+        super().__init__(errno.ENOSPC, f"No space left on device: {path}", str(path))
+
+    def __str__(self) -> str:
+        return self.strerror
+
+
+def _caused_by(err: BaseException | None, code: int) -> bool:
+    """Whether ``err`` or an exception it was raised from carries errno ``code``."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if isinstance(err, OSError) and err.errno == code:
+            return True
+        err = err.__cause__ or err.__context__
+    return False
 
 
 def _link_no_replace(tmp: str, path: Path) -> None:

@@ -26,6 +26,7 @@ __all__ = [
     "plot_convergence",
     "plot_maps",
     "plot_mesh_grid",
+    "plot_residual_histogram",
     "plot_rms_vs_scale",
     "to_png",
 ]
@@ -54,9 +55,11 @@ def to_png(fig: Figure, *, dpi: int = 100) -> bytes:
 
 
 def _display(arr: np.ndarray) -> np.ndarray:
+    """Every k-th pixel, at most _MAX_DISPLAY per axis: a copy when decimated, so that
+    a figure never keeps a full-size array alive."""
     arr = np.asarray(arr)
     step = max(1, -(-max(arr.shape) // _MAX_DISPLAY))
-    return arr[::step, ::step]
+    return arr if step == 1 else arr[::step, ::step].copy()
 
 
 def _robust_limits(values: np.ndarray, lo: float = 1.0, hi: float = 99.0):
@@ -81,14 +84,58 @@ def _symmetric_limit(values: np.ndarray) -> float:
     return float(lim)
 
 
-def _show(fig, ax, arr, *, title, cmap="viridis", norm=None, colorbar=True):
-    im = ax.imshow(_display(arr), origin="lower", cmap=cmap, norm=norm, interpolation="nearest")
+def _show(fig, ax, arr, *, title, cmap="viridis", norm=None, colorbar=True, unit=None, shape=None):
+    """One map in pixel coordinates (decimated for display, axes in the pixels of the
+    full ``shape``), with a colour bar labelled with the unit."""
+    ny, nx = np.shape(arr) if shape is None else shape
+    im = ax.imshow(
+        _display(arr),
+        origin="lower",
+        cmap=cmap,
+        norm=norm,
+        interpolation="nearest",
+        extent=(-0.5, nx - 0.5, -0.5, ny - 0.5),
+    )
     ax.set_title(title, fontsize=10)
-    ax.set_xticks([])
-    ax.set_yticks([])
+    ax.set_xlabel("x (pixel)", fontsize=8)
+    ax.set_ylabel("y (pixel)", fontsize=8)
+    ax.tick_params(labelsize=7)
     if colorbar:
-        fig.colorbar(im, ax=ax, fraction=0.046, pad=0.03).ax.tick_params(labelsize=7)
+        bar = fig.colorbar(im, ax=ax, fraction=0.046, pad=0.03)
+        bar.ax.tick_params(labelsize=7)
+        if unit:
+            bar.set_label(unit, fontsize=8)
     return im
+
+
+def _sky_norm(image: np.ndarray):
+    """An asinh stretch between the 1st and 99.8th percentiles: the sky's noise and
+    gradients show, and bright stars do not saturate everything else."""
+    from astropy.visualization import AsinhStretch, AsymmetricPercentileInterval, ImageNormalize
+
+    finite = image[np.isfinite(image)]
+    if finite.size == 0:
+        return Normalize(0.0, 1.0)
+    vmin, vmax = AsymmetricPercentileInterval(1.0, 99.8).get_limits(finite)
+    if not vmax > vmin:
+        vmax = vmin + 1.0
+    return ImageNormalize(vmin=vmin, vmax=vmax, stretch=AsinhStretch(0.1), clip=False)
+
+
+def _outline(ax, mask: np.ndarray, shape) -> None:
+    """The mask's outline over an image panel."""
+    m = _display(np.asarray(mask, dtype=np.uint8))
+    if not m.any() or m.all():
+        return
+    ny, nx = shape
+    ax.contour(
+        m,
+        levels=[0.5],
+        colors="orange",
+        linewidths=0.5,
+        origin="lower",
+        extent=(-0.5, nx - 0.5, -0.5, ny - 0.5),
+    )
 
 
 def plot_maps(
@@ -99,8 +146,13 @@ def plot_maps(
     rms: np.ndarray | None = None,
     truth: np.ndarray | None = None,
     title: str | None = None,
+    unit: str | None = None,
 ) -> Figure:
     """Image, background, residual, mask (and rms, and background minus truth).
+
+    The image is shown with an asinh stretch (so that the sky shows, not only the
+    stars) and the mask's outline; every panel has axes in pixels and a colour bar
+    labelled with ``unit``.
 
     Parameters
     ----------
@@ -114,6 +166,8 @@ def plot_maps(
         The true sky of a simulation: adds a ``background - truth`` panel.
     title : str, optional
         Figure title.
+    unit : str, optional
+        The image's unit (FITS ``BUNIT``), for the colour bars.
 
     Returns
     -------
@@ -125,28 +179,42 @@ def plot_maps(
     >>> [ax.get_title() for ax in fig.axes if ax.get_title()]
     ['image', 'background', 'image - background']
     """
-    image = np.asarray(image)
-    background = np.asarray(background)
+    # Decimated first: a large image costs the figure no full-size temporary.
+    shape = np.shape(image)
+    image = _display(image)
+    background = _display(background)
     residual = image - background
     panels = [("image", image), ("background", background), ("image - background", residual)]
     if mask is not None:
-        panels.append(("mask (excluded)", np.asarray(mask, dtype=bool)))
+        mask_fraction = float(np.mean(mask))
+        mask = _display(np.asarray(mask, dtype=bool))
+        panels.append(("mask (excluded)", mask))
     if rms is not None:
-        panels.append(("background rms", np.asarray(rms)))
+        panels.append(("background rms", _display(rms)))
     if truth is not None:
-        panels.append(("background - truth", background - np.asarray(truth)))
+        panels.append(("background - truth", background - _display(truth)))
     ncols = min(3, len(panels))
     nrows = -(-len(panels) // ncols)
     fig = Figure(
         figsize=(_PANEL_INCHES * ncols, _PANEL_INCHES * nrows * 0.95), layout="constrained"
     )
     axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
-    img_lims = _robust_limits(_display(image))
     for ax, (name, arr) in zip(axes, panels, strict=False):
         if name == "image":
-            _show(fig, ax, arr, title=name, cmap="gray", norm=Normalize(*img_lims))
+            _show(
+                fig,
+                ax,
+                arr,
+                title=name,
+                cmap="gray",
+                norm=_sky_norm(_display(arr)),
+                unit=unit,
+                shape=shape,
+            )
+            if mask is not None:
+                _outline(ax, mask, shape)
         elif name.startswith("mask"):
-            frac = float(np.mean(arr))
+            frac = mask_fraction
             _show(
                 fig,
                 ax,
@@ -155,20 +223,38 @@ def plot_maps(
                 cmap="gray_r",
                 norm=Normalize(0, 1),
                 colorbar=False,
+                shape=shape,
             )
         elif name == "image - background":
             lim = _symmetric_limit(_display(arr))
-            _show(fig, ax, arr, title=name, cmap="RdBu_r", norm=Normalize(-lim, lim))
+            _show(
+                fig,
+                ax,
+                arr,
+                title=name,
+                cmap="RdBu_r",
+                norm=Normalize(-lim, lim),
+                unit=unit,
+                shape=shape,
+            )
         elif name == "background - truth":
             # An error map is smooth, not noisy: scale to its own extremes.
             finite = np.abs(arr[np.isfinite(arr)])
             lim = float(np.percentile(finite, 99.5)) if finite.size else 1.0
             lim = lim if lim > 0 else 1.0
-            _show(fig, ax, arr, title=name, cmap="RdBu_r", norm=Normalize(-lim, lim))
-        else:
             _show(
-                fig, ax, arr, title=name, norm=Normalize(*_robust_limits(_display(arr), 0.5, 99.5))
+                fig,
+                ax,
+                arr,
+                title=name,
+                cmap="RdBu_r",
+                norm=Normalize(-lim, lim),
+                unit=unit,
+                shape=shape,
             )
+        else:
+            norm = Normalize(*_robust_limits(_display(arr), 0.5, 99.5))
+            _show(fig, ax, arr, title=name, norm=norm, unit=unit, shape=shape)
     for ax in axes[len(panels) :]:
         ax.set_visible(False)
     if title:
@@ -269,6 +355,58 @@ def plot_mesh_grid(
     fig.colorbar(im, ax=ax_full, fraction=0.046, pad=0.03).ax.tick_params(labelsize=7)
     if title:
         fig.suptitle(title)
+    return fig
+
+
+def plot_residual_histogram(
+    residual: np.ndarray,
+    rms: np.ndarray | float,
+    *,
+    mask: np.ndarray | None = None,
+    title: str | None = None,
+) -> Figure:
+    """Histogram of the unmasked residual in units of the fitted rms, against the noise
+    model (a unit Gaussian): a wider core means the rms is underestimated, a shifted
+    one a biased background, a heavy right tail sources the mask missed.
+
+    Examples
+    --------
+    >>> r = np.random.default_rng(0).normal(size=(64, 64))
+    >>> len(plot_residual_histogram(r, 1.0).axes[0].get_lines())
+    1
+    """
+    residual = np.asarray(residual)
+    rms = np.broadcast_to(np.asarray(rms), residual.shape)
+    # a regular subsample of at most ~1 million pixels: enough for any histogram, and
+    # no float64 copies of a large image
+    step = max(1, int(np.ceil(np.sqrt(residual.size / (1 << 20)))))
+    residual = residual[::step, ::step].astype(np.float64)
+    rms = rms[::step, ::step].astype(np.float64)
+    ok = np.isfinite(residual) & np.isfinite(rms) & (rms > 0)
+    if mask is not None:
+        ok &= ~np.asarray(mask, dtype=bool)[::step, ::step]
+    z = residual[ok] / rms[ok]
+    fig = Figure(figsize=(5.5, 3.8), layout="constrained")
+    ax = fig.subplots()
+    edges = np.linspace(-6.0, 6.0, 121)
+    if z.size:
+        ax.hist(
+            np.clip(z, -6, 6),
+            bins=edges,
+            density=True,
+            color="C0",
+            alpha=0.6,
+            label=f"unmasked pixels ({z.size})",
+        )
+    x = 0.5 * (edges[1:] + edges[:-1])
+    ax.plot(x, np.exp(-0.5 * x**2) / np.sqrt(2 * np.pi), "k--", lw=1, label="noise model N(0, 1)")
+    ax.set_yscale("log")
+    ax.set_ylim(1e-5, 1.0)
+    ax.set_xlabel("(image - background) / rms")
+    ax.set_ylabel("probability density")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title(title or "residuals against the noise model", fontsize=10)
     return fig
 
 
@@ -462,8 +600,23 @@ def plot_convergence(history: Iterable[Any], *, title: str | None = None) -> Fig
             ax.text(0.5, 0.5, "not recorded", ha="center", va="center", transform=ax.transAxes)
         for b in boundaries:
             ax.axvline(b, color="0.5", ls=":", lw=1)
+        # the stage of each run of iterations, numbered as in the history table
+        starts = [0, *[int(b - 0.5) for b in boundaries]] if len(it) else []
+        for k, start in enumerate(starts):
+            if np.isfinite(stages[start]):
+                end = starts[k + 1] if k + 1 < len(starts) else len(it)
+                ax.text(
+                    0.5 * (start + 1 + end),
+                    1.0,
+                    f"stage {int(stages[start])}",
+                    transform=ax.get_xaxis_transform(),
+                    ha="center",
+                    va="bottom",
+                    fontsize=6,
+                    color="0.4",
+                )
         ax.set_xlabel("iteration" + (" (dotted: new stage)" if len(boundaries) else ""))
-        ax.set_title(label, fontsize=10)
+        ax.set_title(label, fontsize=10, pad=12)
         ax.grid(True, alpha=0.3)
         if 0 < len(it) <= 12:
             ax.set_xticks(it)

@@ -18,13 +18,14 @@ import math
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from matplotlib.figure import Figure
 
-from skymap.app import plot
 from skymap.app.io import atomic_write, check_outputs
+
+if TYPE_CHECKING:  # matplotlib is imported when a figure is made, not to name files
+    from matplotlib.figure import Figure
 
 __all__ = [
     "CAPTIONS",
@@ -37,20 +38,34 @@ __all__ = [
 
 #: Caption shown under each standard figure.
 CAPTIONS = {
-    "maps": "The input image, the fitted background, the residual (image - background), "
-    "the final mask (True = excluded), the background rms and, for simulations, the error "
-    "of the background against the true sky.",
+    "maps": "The input image (asinh stretch, so that the sky shows; orange: the outline of "
+    "the final mask), the fitted background, the residual (image - background), the final "
+    "mask (black = excluded from the fit), the background rms and, for simulations, the "
+    "error of the background against the true sky. Axes in pixels; colour bars in the "
+    "image's unit.",
+    "cells": "The default fit's grid: the masked mean of each cell (left) and the "
+    "smooth background through them (right), with the smoothing length chosen by "
+    "generalised cross-validation in the title. Cells with no unmasked pixel are marked.",
     "mesh": "The mesh: the value measured in each box (rejected boxes marked), and the "
     "full-resolution background interpolated from the boxes (grid lines drawn when the "
     "boxes are large enough to see).",
+    "residuals": "Histogram of the unmasked residual divided by the fitted rms, against "
+    "the noise model (dashed, a unit Gaussian). A wider core means the rms is too small; "
+    "a shifted one a biased background; a heavy right tail, sources the mask missed.",
     "rms_vs_scale": "RMS of the residual averaged in square blocks, against block width. "
     "A perfect background leaves only noise: the dashed reference. Excess at large widths "
-    "is background structure the model missed.",
+    "is background structure the model missed; a curve below the reference means the "
+    "background follows the noise. Widths with fewer clean (unmasked) blocks than the "
+    "stated minimum give no verdict.",
     "bias": "Background error under each catalogued source against its flux and radius; "
     "the grey band is the same measurement at random positions.",
-    "convergence": "How the iterative fit converged: change of the background (in units "
-    "of its rms), mask fraction, and smoothing scale (or median rms) at each iteration; "
-    "dotted lines mark new stages.",
+    "convergence": "How the iterative fit converged, one point per iteration: change of "
+    "the background (in units of its rms), mask fraction, and smoothing length. Stages "
+    "are numbered as in the fit's history table and the progress bar: stage -1 is the "
+    "first guess, stages 0, 1, ... mask and refit, and the last stage is the final refit "
+    "with the converged mask (no new masking); its jump in the change panel is that "
+    "refit's different smoothing, not a failure to converge. Dotted lines mark new "
+    "stages.",
 }
 
 # Lists longer than this are summarised in the table (the JSON keeps them whole).
@@ -65,6 +80,8 @@ figure { margin: 1.5em 0; }
 figure img { max-width: 100%; height: auto; border: 1px solid #ddd; }
 figcaption { font-size: 0.9em; color: #444; margin-top: 0.3em; }
 table { border-collapse: collapse; font-size: 0.88em; margin: 1em 0; }
+table.list { font-size: 0.8em; display: inline-table; margin-right: 1em; }
+h3 { font-size: 1.05em; margin: 1.2em 0 0.2em; }
 th, td { border: 1px solid #ccc; padding: 0.25em 0.6em; text-align: left; }
 td.num { text-align: right; font-family: ui-monospace, monospace; }
 th { background: #f0f0f0; }
@@ -140,11 +157,19 @@ def _mesh_figure(result: Any):
     pixels = _attr(source, "cell_pixels")
     if excluded is None and pixels is not None:
         excluded = np.asarray(pixels) == 0
-    return plot.plot_mesh_grid(result.background, values, box, mesh_mask=excluded)
+    from skymap.app import plot
+
+    if _attr(source, "cell_values") is not None:
+        scale = _attr(result, "scale") or _attr(source, "smoothing")
+        title = f"cell grid; smoothing length {float(scale):.3g} px" if scale else "cell grid"
+        fig = plot.plot_mesh_grid(result.background, values, box, mesh_mask=excluded, title=title)
+        return "cells", fig
+    return "mesh", plot.plot_mesh_grid(result.background, values, box, mesh_mask=excluded)
 
 
-def report_figures(result: Any, evaluation: Any) -> dict[str, Figure]:
-    """The standard figures of a fit, by name: maps, mesh, rms_vs_scale, bias, convergence.
+def report_figures(result: Any, evaluation: Any, *, unit: str | None = None) -> dict[str, Figure]:
+    """The standard figures of a fit, by name: maps, mesh (a mesh fit) or cells (the
+    default fit's grid), residuals, rms_vs_scale, bias, convergence.
 
     Parameters
     ----------
@@ -155,6 +180,8 @@ def report_figures(result: Any, evaluation: Any) -> dict[str, Figure]:
     evaluation : skymap.evaluate.Evaluation
         The scores of ``result`` (:func:`skymap.evaluate.evaluate`): it supplies the image,
         the truth when known, the RMS-vs-scale curves and the bias under sources.
+    unit : str, optional
+        The image's unit (FITS ``BUNIT``), for the colour bars.
 
     Returns
     -------
@@ -170,30 +197,38 @@ def report_figures(result: Any, evaluation: Any) -> dict[str, Figure]:
     >>> class Fit:  # any object with background, rms and mask
     ...     background, rms, mask = scene.sky, scene.sky * 0 + 0.1, scene.sources > 0.05
     >>> sorted(report_figures(Fit, evaluate(None, Fit, scene=scene)))
-    ['bias', 'maps', 'rms_vs_scale']
+    ['bias', 'maps', 'residuals', 'rms_vs_scale']
     """
+    from skymap.app import plot
+
     ev = evaluation
     background = np.asarray(result.background)
     mask = ev.mask if ev.mask is not None else _attr(result, "mask")
+    rms = _attr(result, "rms")
     figures = {
-        "maps": plot.plot_maps(
-            ev.image, background, mask=mask, rms=_attr(result, "rms"), truth=ev.truth
-        )
+        "maps": plot.plot_maps(ev.image, background, mask=mask, rms=rms, truth=ev.truth, unit=unit)
     }
     mesh = _mesh_figure(result)
     if mesh is not None:
-        figures["mesh"] = mesh
+        figures[mesh[0]] = mesh[1]
+    if rms is not None:
+        # a regular subsample (<= ~1 Mpixel): no full-size residual for a histogram
+        k = max(1, int(np.ceil(np.sqrt(background.size / (1 << 20)))))
+        figures["residuals"] = plot.plot_residual_histogram(
+            ev.image[::k, ::k] - background[::k, ::k],
+            np.broadcast_to(np.asarray(rms), background.shape)[::k, ::k],
+            mask=None if mask is None else np.asarray(mask)[::k, ::k],
+        )
     if ev.rms_perfect is not None:
         refs = {"perfect (noise alone)": ev.rms_perfect}
     else:
         refs = {f"white noise {ev.noise_sigma:.3g}/w": ev.rms_white}
-    verdict = " - OVERFIT" if ev.overfit else ""
+    verdict = ev.ratio_verdict.split(":")[0]
     figures["rms_vs_scale"] = plot.plot_rms_vs_scale(
         ev.widths,
         {"image - background": ev.rms},
         references=refs,
-        title=f"RMS vs scale: large-scale ratio to {ev.reference} "
-        f"{ev.large_scale_ratio:.3f}{verdict}",
+        title=f"RMS vs scale, large scales: {verdict}",
     )
     if ev.bias is not None:
         b = ev.bias
@@ -207,6 +242,8 @@ def report_figures(result: Any, evaluation: Any) -> dict[str, Figure]:
 
 
 def _png_bytes(figure: Figure | bytes) -> bytes:
+    from skymap.app import plot
+
     return figure if isinstance(figure, bytes) else plot.to_png(figure)
 
 
@@ -268,14 +305,55 @@ def render_html(
             f"<figcaption><b>{esc(name)}</b>. {esc(caption)}</figcaption></figure>"
         )
     if metrics:
-        parts.append("<h2>Metrics</h2><table><tr><th>metric</th><th>value</th></tr>")
-        for key, value in flatten_metrics(metrics):
-            text, numeric = _format(value)
-            cls = ' class="num"' if numeric else ""
-            parts.append(f"<tr><td>{esc(key)}</td><td{cls}>{esc(text)}</td></tr>")
-        parts.append("</table>")
+        parts.append("<h2>Metrics</h2>")
+        parts.extend(_metrics_tables(metrics))
     parts.append("</body></html>")
     return "\n".join(parts)
+
+
+def _metrics_tables(metrics: Mapping[str, Any]) -> list[str]:
+    """The metrics as one table per group (``fit``, ``evaluation.rms_vs_scale``, ...):
+    scalars as rows, and lists of equal length side by side as one small table."""
+    esc = html.escape
+    groups: dict[str, dict[str, Any]] = {}
+
+    def walk(d: Mapping[str, Any], prefix: str) -> None:
+        for key, value in d.items():
+            name = f"{prefix}{key}"
+            if isinstance(value, Mapping) and value:
+                walk(value, f"{name}.")
+            else:
+                group, _, leaf = name.rpartition(".")
+                groups.setdefault(group or "run", {})[leaf] = value
+
+    walk(metrics, "")
+    out = []
+    for group, items in groups.items():
+        out.append(f"<h3>{esc(group)}</h3>")
+        scalars = {k: v for k, v in items.items() if not isinstance(v, (list, tuple, np.ndarray))}
+        lists = {k: list(v) for k, v in items.items() if k not in scalars}
+        if scalars:
+            out.append("<table><tr><th>metric</th><th>value</th></tr>")
+            for key, value in scalars.items():
+                text, numeric = _format(value)
+                cls = ' class="num"' if numeric else ""
+                out.append(f"<tr><td>{esc(key)}</td><td{cls}>{esc(text)}</td></tr>")
+            out.append("</table>")
+        by_length: dict[int, dict[str, list]] = {}
+        for key, values in lists.items():
+            by_length.setdefault(len(values), {})[key] = values
+        for columns in by_length.values():
+            head = "".join(f"<th>{esc(k)}</th>" for k in columns)
+            rows = []
+            for row in zip(*columns.values(), strict=True):
+                cells = []
+                for v in row:
+                    text, numeric = _format(v)
+                    cls = ' class="num"' if numeric else ""
+                    cells.append(f"<td{cls}>{esc(text)}</td>")
+                rows.append(f"<tr>{''.join(cells)}</tr>")
+            out.append(f'<table class="list"><tr>{head}</tr>{"".join(rows)}</table>')
+    return out
 
 
 def report_paths(

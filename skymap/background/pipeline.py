@@ -43,6 +43,7 @@ from skymap.background.model import BackgroundEstimator, BackgroundModel, as_dri
 from skymap.background.noise import NoiseModel
 from skymap.background.ring import RingMedianGuess
 from skymap.background.smooth import ThinPlateSmoother
+from skymap.masking.bright import HaloMasker
 from skymap.masking.hysteresis import CoarseRMS, HysteresisMasker
 from skymap.masking.maskers import Masker
 
@@ -263,11 +264,20 @@ class BackgroundResult:
 
 @dataclass(frozen=True, kw_only=True)
 class Stage:
-    """One scale of the pipeline: a masker (:class:`~skymap.masking.Masker`:
-    ``(residual, rms, mask) -> detections``) and a background estimator
-    (:class:`~skymap.background.model.BackgroundEstimator`: ``fit(image, mask) ->``
-    :class:`~skymap.background.model.BackgroundModel`); ``max_iter`` overrides the
-    pipeline's iteration cap for this stage."""
+    """One scale of the pipeline: a masker and a background estimator.
+
+    Parameters
+    ----------
+    masker : Masker
+        Finds the sources in the residual (:class:`~skymap.masking.Masker`:
+        ``(residual, rms, mask) -> detections``).
+    estimator : BackgroundEstimator
+        Refits the background with the mask
+        (:class:`~skymap.background.model.BackgroundEstimator`: ``fit(image, mask) ->``
+        :class:`~skymap.background.model.BackgroundModel`).
+    max_iter : int or None
+        Iteration cap of this stage; None: the pipeline's ``max_iter``.
+    """
 
     masker: Masker
     estimator: BackgroundEstimator
@@ -333,6 +343,12 @@ class IterativeBackground:
         masked. None switches it off.
     stiffen : float
         See ``source_asymmetry``.
+    halos : Masker or None
+        Applied once, to the image itself (``halos(image, None, mask)``) before the
+        first guess, such as :class:`~skymap.masking.HaloMasker`: its detections
+        (bright sources and their halos) stay masked for the whole fit. A bright
+        star's halo is measured best on the image, before any background has had a
+        chance to follow part of it.
 
     Examples
     --------
@@ -357,6 +373,7 @@ class IterativeBackground:
     error_tol: float = 0.5
     source_asymmetry: float | None = None
     stiffen: float = 4.0
+    halos: Any = None
 
     def __post_init__(self):
         if not callable(getattr(self.first_guess, "fit", None)):
@@ -385,6 +402,8 @@ class IterativeBackground:
             )
         if not self.stiffen > 1:
             raise ValueError(f"stiffen must be > 1, got {self.stiffen!r}")
+        if self.halos is not None and not callable(self.halos):
+            raise ValueError(f"halos must be None or a Masker (callable), got {self.halos!r}")
 
     def fit(
         self,
@@ -459,6 +478,8 @@ class IterativeBackground:
                 callback(record)
             return record
 
+        if self.halos is not None:
+            _exclude_halos(be, self.halos)
         model = _fit(be, self.first_guess, be.bad)
         bkg, noise = be.background(model), noise_model.working(model, be)
         current = be.bad
@@ -662,6 +683,33 @@ def _relative_weight(error: np.ndarray, bad: np.ndarray) -> np.ndarray:
     return (w / mean if mean > 0 else w).astype(np.float32)
 
 
+def _exclude_halos(backend, halos) -> None:
+    """OR ``halos``' detections on the whole image into the back end's bad-pixel mask,
+    so that every later fit and mask excludes them. Its global step (finding the
+    sources and their profiles) reads the gathered image; painting the disks is
+    local, tile by tile."""
+    find = getattr(halos, "find", None)
+    if find is None or not backend.tiled:
+        image, bad = backend.gather(backend.image), backend.gather(backend.bad)
+        new = bad | np.asarray(halos(image, None, bad), dtype=bool)
+    else:
+        sources = find(backend.gather(backend.image), None, backend.gather(backend.bad))
+        new = backend.map_tiles(_paint_tile, [backend.bad], halo=0, dtype=bool, halos=halos,
+                                sources=sources, shape=backend.shape)  # fmt: skip
+        (new,) = backend.persist(new)
+    backend.bad = new
+    backend.nbad = int(np.count_nonzero(backend.gather(new)))
+
+
+def _paint_tile(bad, *, window, core, halos, sources, shape):
+    """One tile of :func:`_exclude_halos`: the tile's bad pixels OR its halo disks."""
+    (y0, y1), (x0, x1) = core
+    (wy0, _), (wx0, _) = window
+    return bad[y0 - wy0 : y1 - wy0, x0 - wx0 : x1 - wx0] | halos.paint(
+        sources, shape, (y0, y1), (x0, x1)
+    )
+
+
 def _fit(backend, estimator, mask, scale=None, floor=None) -> BackgroundModel:
     """``estimator`` fitted through ``backend`` with ``mask``, its search started at the
     previous smoothing length ``scale`` and held at or above ``floor`` (pixels)."""
@@ -719,21 +767,29 @@ def default_pipeline(
     source_asymmetry: float | None = 2.5,
     cell_size: Any = None,
     gcv_inflation: float = ThinPlateSmoother.gcv_inflation,
+    halos: bool = True,
 ) -> IterativeBackground:
     """The default :class:`IterativeBackground`: nothing in it is a pixel number tuned
     to one scene, so it needs no image.
 
+    Stages are numbered as in :attr:`BackgroundResult.history`, the progress bar and
+    the report: -1 is the first guess, 0 and 1 the masking stages, 2 the final refit.
+
     * First guess: a thin-plate smooth of the whole image with the smoothing chosen by
       GCV (:class:`~skymap.smooth.ThinPlateSmoother`).
-    * Stage 1 masks the obvious sources: scales of 2 and 4 px (computed on binned
-      images, so cheap), high thresholds; two iterations are enough, as stage 2
+    * Stage 0 masks the obvious sources: scales of 2 and 4 px (computed on binned
+      images, so cheap), high thresholds; two iterations are enough, as stage 1
       remasks from scratch with the 1-px scale too.
-    * Stage 2 masks deep: scales 1-8 px, seeds at 4 sigma of the smoothed noise after
+    * Stage 1 masks deep: scales 1-8 px, seeds at 4 sigma of the smoothed noise after
       the surround subtraction, grown over the plain smoothed residual down to 2 sigma.
+    * Before the first guess, bright sources and their halos are masked for the whole
+      fit (``halos=True``, :class:`~skymap.masking.HaloMasker`): sources far above the
+      noise, saturated or with a flagged core, out to where the halo profile measured
+      on the image's brightest sources falls below 0.5 sigma.
     * Final refit with the converged mask: GCV's smoothing, stiffened if needed until
       the residual is white in blocks twice the largest masking scale (16 px), so the
       background does not follow the noise on the scales of the sources it masked.
-    * Stage 2 checks after each refit whether the background follows source light
+    * Stage 1 checks after each refit whether the background follows source light
       (``source_asymmetry=2.5``: bumps against a 4 times stiffer fit more than 2.5 times
       deeper than its dips, as unmasked galaxy wings give and sky structure does not);
       if so, the smoothing is held at least that stiff for the rest of the fit.
@@ -760,6 +816,9 @@ def default_pipeline(
     cell_size, gcv_inflation
         As for :class:`~skymap.smooth.ThinPlateSmoother` (``cell_size=None``: from the
         image size at fit time).
+    halos : bool
+        Mask bright sources and their halos (:class:`~skymap.masking.HaloMasker`)
+        before the first guess; False: no halo masking.
 
     Examples
     --------
@@ -795,6 +854,7 @@ def default_pipeline(
         mask_tol=mask_tol,
         error_tol=error_tol,
         source_asymmetry=source_asymmetry,
+        halos=HaloMasker() if halos else None,
     )
 
 

@@ -247,8 +247,12 @@ class HysteresisMasker:
         shrinks, and the mask runs away. So the scatter of the snr is measured (from
         differences of pixels too far apart to correlate) and, where it would let more
         than this share of noise pixels pass ``high``, both maps are divided down until
-        ``high`` sits at that share (or at ``high`` in measured-noise units, if that is
-        stricter). The thresholds are never lowered. Default 1e-3 (3.09 sigma).
+        ``high`` sits at that share of the measured noise (at ``high`` in
+        measured-noise units if ``high`` is below that share's quantile). The
+        thresholds are never lowered. Default 1e-4 (3.72 sigma): on pure noise
+        correlated over 0.7-3 px (drizzled, resampled), 1e-3 let the default pipeline
+        mask 1.6-2.1% of the image, 1e-4 masks under 1% (``benchmarks/README.md``,
+        masking).
 
     References
     ----------
@@ -275,7 +279,7 @@ class HysteresisMasker:
     dilate_per_scale: float = 0.5
     surround: float = 4.0
     grow_plain: bool = False
-    false_rate: float = 1e-3
+    false_rate: float = 1e-4
 
     def __post_init__(self):
         scales = tuple(float(s) for s in self.scales)
@@ -351,7 +355,10 @@ class HysteresisMasker:
         if b == 1:
             # Unbinned: the fused pass reads the residual and the mask directly, and
             # only the wide surround needs the masked sums (computed binned below).
-            num, cnt = res, None
+            # In float32 (the kernel's row buffers round to float32 anyway, so the
+            # result is the same bit for bit): one compiled signature of dog_snr for
+            # every input dtype, which saves ~12 s of first-run compilation.
+            num, cnt = res.astype(np.float32, copy=False), None
         else:
             num, cnt = masked_block_sums(res, excluded, b)
         g = _gaussian_kernel(s / b)
@@ -410,6 +417,8 @@ class HysteresisMasker:
         k = self.surround
         white = math.sqrt(1.0 + 1.0 / k**2 - 4.0 / (1.0 + k**2)) if k else 1.0
         excess = _excess_of(parts, white)
+        # In units of the noise measured at this scale, seeds need at least
+        # z(false_rate) sigma, whatever the noise's correlation.
         factor = excess * min(self.high, -float(ndtri(self.false_rate))) / self.high
         log.debug("scale %g: smoothed-noise excess %.3f, snr divided by %.3f", s, excess, factor)
         return max(1.0, factor)

@@ -45,7 +45,7 @@ DEFAULT_BUDGET = 150.0
 _MARGIN = 0.005
 _REL_MARGIN = 0.02
 # default values of the built-in knobs, for the refining step (geometric steps around
-# the coarse winner)
+# the coarse winner), where default_pipeline's signature does not give them
 _DEFAULTS = {"gcv_inflation": 1.4, "high": 4.0, "low": 2.0}
 
 
@@ -233,28 +233,15 @@ def _check_budget(budget) -> float:
     return b
 
 
-def _trials_for_budget(t_fit, remaining, n_trials, report_trials, n_kinds):
-    """Fewer trials when the budget cannot pay for the defaults' scoring (``n_trials``
-    fits), their held-back report and a winner's (``report_trials * n_kinds`` fits
-    each): the report's first, down to one each."""
-
-    def cost(n, r):
-        return t_fit * (n + 2 * r * n_kinds)
-
-    n, r = int(n_trials), int(report_trials)
-    while cost(n, r) > remaining and (n > 1 or r > 1):
-        if r > 1:
-            r -= 1
-        else:
-            n -= 1
-    if (n, r) != (n_trials, report_trials):
-        log.warning(
-            "tune: one fit takes %.1f s; %d choosing and %d held-back trial(s) fit the budget",
-            t_fit,
-            n,
-            r,
-        )
-    return n, r
+def _fewer_trials(wanted: int, cost_of, remaining: float, what: str) -> int:
+    """The most trials (at most ``wanted``, at least 1) whose ``cost_of(n)`` seconds
+    fit in ``remaining``."""
+    n = int(wanted)
+    while n > 1 and cost_of(n) > remaining:
+        n -= 1
+    if n < wanted:
+        log.warning("tune: the budget pays for %d %s trial(s), not %d", n, what, wanted)
+    return n
 
 
 def tune(
@@ -402,12 +389,23 @@ def tune(
         default_base, t_fit = fit_background(prep, {}, name="(defaults)")
     except ValueError as err:
         raise ValueError(f"the default fit cannot be scored on this image: {err}") from err
-    n_trials, report_trials = _trials_for_budget(
-        t_fit, budget - (time.perf_counter() - t_start), n_trials, report_trials, len(prep.kinds)
+    n_kinds = len(prep.kinds)
+
+    def remaining() -> float:
+        return budget - (time.perf_counter() - t_start)
+
+    # that first fit also pays for loading the compiled kernels: an upper bound, used
+    # for the choosing trials (plus one held-back trial each for defaults and winner)
+    n_trials = _fewer_trials(
+        n_trials, lambda n: t_fit * (n + 2 * n_kinds), remaining(), "choosing"
     )
     run({}, "default", base=default_base)
     if not math.isfinite(best["score"]):
         raise ValueError(f"the default fit cannot be scored on this image: {rows[0]['status']}")
+    # the held-back report of the defaults and of a winner, at the measured cost per fit
+    report_trials = _fewer_trials(
+        report_trials, lambda r: best["fit_seconds"] * 2 * r * n_kinds, remaining(), "held-back"
+    )
     held: dict[str, InjectionResult | str] = {}
     held["default"], _ = evaluate_method(
         prep, {}, n_trials=report_trials, seed=report_seed, base=default_base, name="default"
@@ -452,7 +450,7 @@ def tune(
         for w in winners:
             merged.update(w)
         run(merged, "combine")
-    defaults = dict(_DEFAULTS)
+    defaults = {k: _option_default(k, v) for k, v in _DEFAULTS.items()}
     size = next((o["max_source_size"] for a in axes for o in a if "max_source_size" in o), None)
     if size is not None:
         defaults["max_source_size"] = 2 * size  # the axis is (measured / 2, measured x 2)

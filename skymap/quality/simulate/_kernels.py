@@ -1,6 +1,7 @@
-"""Compiled kernels for :mod:`skymap.simulate`: stamp rendering of many sources at once.
+"""Compiled kernels for :mod:`skymap.quality.simulate.render`: stamp rendering of many
+sources at once.
 
-Private: callers use :func:`skymap.simulate.render_sources`.
+Private: callers use :func:`skymap.quality.simulate.render_sources`.
 """
 
 from __future__ import annotations

@@ -1,421 +1,37 @@
-"""Simulated scenes with known truth: the sky, the sources, the noise and the catalogue.
-
-Two entry points:
-
-* :func:`notebook_scene` reproduces, draw for draw, the scene of the STScI "Complex 2D
-  Background" notebook (a gradient plus sinc blemishes, Gaussian noise of 0.1 and
-  elliptical Gaussian sources), so that results can be compared with that notebook.
-* :func:`make_scene` composes sky components, source populations, detector effects and a
-  noise model, all seeded through one :class:`numpy.random.Generator`;
-  :func:`scene_by_name` builds the ready-made robustness scenes listed in
-  :data:`SCENE_NAMES`.
-
-Every scene is a :class:`Scene`: ``image = sky + sources + noise`` (before detector
-effects, which are recorded in ``mask``). ``sky`` is the truth a background model should
-recover. Arrays are (y, x); pixel centres sit on integer coordinates.
+"""Parts a simulated scene is composed of (sky components, source populations, noise
+models, detector effects) and :func:`make_scene`, which composes them with one seeded
+generator and returns the image with its truth.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import scipy.fft
 from astropy.table import Table
 
-from skymap._validate import as_pair, check_choice, check_positive, check_range
-from skymap.quality import _simulate_kernels as _k
+from skymap._validate import as_pair, check_positive, check_range
+from skymap.quality.simulate.render import Scene, render_sources, sersic_bn, sinc_blemishes
 
 __all__ = [
-    "SCENE_NAMES",
     "AmplifierOffsets",
     "BadColumns",
     "CosmicRays",
+    "GaussianBumps",
     "GaussianNoise",
     "GaussianSources",
+    "HaloStars",
     "MoffatStars",
     "PoissonNoise",
     "PowerLawField",
     "Polynomial",
     "Saturation",
-    "Scene",
     "SersicGalaxies",
     "SincBlemishes",
     "Vignetting",
     "make_scene",
-    "notebook_scene",
-    "render_sources",
-    "scene_by_name",
 ]
-
-
-@dataclass(frozen=True, kw_only=True, eq=False)
-class Scene:
-    """A simulated image with its truth.
-
-    Attributes
-    ----------
-    image : ndarray
-        What a detector would deliver: ``sky + sources + noise``, then detector effects
-        (bad columns, cosmic rays, saturation) where the scene has them.
-    sky : ndarray
-        The noiseless background: the truth a background model should recover.
-    noise : ndarray
-        The noise realisation that was added (``image - sky - sources`` away from
-        detector effects).
-    sources : ndarray
-        The noiseless image of the sources alone.
-    catalog : astropy.table.Table
-        One row per source; always has ``x_mean``, ``y_mean`` (pixels), ``flux`` and
-        ``re`` (a characteristic radius in pixels), plus profile-specific columns.
-    blemishes : astropy.table.Table or None
-        Sinc blemishes (``x``, ``y``, ``width``, ``amplitude``) when the sky has them.
-    noise_sigma : float
-        Standard deviation of the noise at the background level (same units as image).
-    mask : ndarray of bool or None
-        Pixels spoiled by detector effects (True = bad): truth for a bad-pixel mask.
-    components : dict of str to ndarray
-        The additive sky components by name (their sum, times vignetting, plus amplifier
-        offsets, is ``sky``), for diagnostics.
-    name : str
-        What made the scene.
-    """
-
-    image: np.ndarray
-    sky: np.ndarray
-    noise: np.ndarray
-    sources: np.ndarray
-    catalog: Table
-    blemishes: Table | None = None
-    noise_sigma: float
-    mask: np.ndarray | None = None
-    components: dict = field(default_factory=dict)
-    name: str = ""
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        """The image shape (ny, nx)."""
-        return self.image.shape
-
-
-# --------------------------------------------------------------------------------------
-# Rendering
-# --------------------------------------------------------------------------------------
-
-_KINDS = {"gaussian": _k.GAUSSIAN, "moffat": _k.MOFFAT, "sersic": _k.SERSIC}
-
-
-def _quadratic_form(sx, sy, theta, *, half: bool):
-    """Coefficients of q = a dx^2 + b dx dy + c dy^2 for an ellipse of scales (sx, sy)
-    rotated by ``theta`` (radians, counter-clockwise from +x).
-
-    With ``half`` the coefficients carry the Gaussian's 1/2 and are evaluated in the same
-    order as astropy's ``Gaussian2D`` so that the notebook's scene is reproduced to the
-    last bits.
-    """
-    cost2 = np.cos(theta) ** 2
-    sint2 = np.sin(theta) ** 2
-    sin2t = np.sin(2.0 * theta)
-    xs2 = sx**2
-    ys2 = sy**2
-    f = 0.5 if half else 1.0
-    a = f * ((cost2 / xs2) + (sint2 / ys2))
-    b = f * ((sin2t / xs2) - (sin2t / ys2))
-    c = f * ((sint2 / xs2) + (cost2 / ys2))
-    return a, b, c
-
-
-def _sersic_bn(n):
-    """b_n such that the effective radius encloses half the light (Ciotti & Bertin 1999)."""
-    n = np.asarray(n, dtype=float)
-    return 2.0 * n - 1.0 / 3.0 + 4.0 / (405.0 * n) + 46.0 / (25515.0 * n**2)
-
-
-def render_sources(
-    shape,
-    *,
-    x,
-    y,
-    amplitude,
-    sx,
-    sy,
-    theta,
-    profile="gaussian",
-    shape_par=None,
-    floor=1e-15,
-    max_radius=512,
-    oversample=1,
-    oversample_radius=1.5,
-    dtype=np.float64,
-):
-    """Render many elliptical sources into a new image, each in its own cutout stamp.
-
-    Each source is evaluated only inside the bounding box of the ellipse where its
-    profile exceeds ``floor`` (capped at ``max_radius`` pixels), so the cost grows with
-    the sources' footprints, not with the image area times the number of sources.
-    Sources are added in catalogue order, in parallel over bands of rows.
-
-    Parameters
-    ----------
-    shape : tuple of int
-        Output shape (ny, nx).
-    x, y : array_like
-        Source centres in pixels (pixel centres on integers).
-    amplitude : array_like
-        Peak value of each profile (image units).
-    sx, sy : array_like
-        Scale lengths along the source's own axes, in pixels: the standard deviations
-        for ``"gaussian"``, the core width alpha for ``"moffat"``, the effective
-        (half-light) radius along each axis for ``"sersic"``.
-    theta : array_like
-        Rotation of the ``sx`` axis from +x, counter-clockwise, in radians.
-    profile : {"gaussian", "moffat", "sersic"} or array_like of those
-        Profile of each source.
-    shape_par : array_like, optional
-        Moffat beta or Sersic index n (ignored for Gaussians).
-    floor : float
-        Surface brightness (image units) below which a profile is not rendered.
-    max_radius : int
-        Largest stamp half-size in pixels.
-    oversample : int or array_like of int
-        Sub-pixels per axis (per source, or one for all) for pixels whose centre lies
-        within ``oversample_radius`` of the source centre (1 = point sampling at pixel
-        centres everywhere). Only cuspy profiles (Sersic with n >~ 1.5) need it: for a
-        smooth, resolved profile the sum of point samples is already its integral, and
-        oversampling only the core would break that.
-    oversample_radius : float
-        Radius in pixels of the oversampled core.
-    dtype : dtype
-        Output dtype; accumulation happens in it.
-
-    Returns
-    -------
-    ndarray
-        The image of the sources.
-
-    Notes
-    -----
-    Profiles: Gaussian ``A exp(-q/2)``, Moffat ``A (1 + q)^-beta`` and Sersic
-    ``A exp(-b_n (q^(1/2n) - 1))``, where ``q`` is the squared elliptical radius in units of
-    the scale lengths. For Sersic, ``A`` is the surface brightness at the effective radius.
-
-    Examples
-    --------
-    >>> img = render_sources((32, 32), x=[10.0], y=[12.0], amplitude=[1.0],
-    ...                      sx=[2.0], sy=[2.0], theta=[0.0])
-    >>> float(img[12, 10])
-    1.0
-    """
-    ny, nx = (int(v) for v in shape)
-    x = np.atleast_1d(np.asarray(x, dtype=np.float64))
-    n = x.size
-    y = np.broadcast_to(np.asarray(y, dtype=np.float64), (n,)).copy()
-    amp = np.broadcast_to(np.asarray(amplitude, dtype=np.float64), (n,)).copy()
-    sx = np.broadcast_to(np.asarray(sx, dtype=np.float64), (n,))
-    sy = np.broadcast_to(np.asarray(sy, dtype=np.float64), (n,))
-    theta = np.broadcast_to(np.asarray(theta, dtype=np.float64), (n,))
-    check_positive("floor", floor)
-    check_positive("max_radius", max_radius)
-    if isinstance(profile, str):
-        if profile not in _KINDS:
-            raise ValueError(f"profile must be one of {sorted(_KINDS)}, got {profile!r}")
-        kind = np.full(n, _KINDS[profile], dtype=np.int64)
-    else:
-        names = np.broadcast_to(np.asarray(profile), (n,))
-        bad = set(names.tolist()) - set(_KINDS)
-        if bad:
-            raise ValueError(f"profile must be one of {sorted(_KINDS)}, got {sorted(bad)}")
-        kind = np.array([_KINDS[p] for p in names.tolist()], dtype=np.int64)
-    if shape_par is None:
-        shape_par = np.ones(n)
-    shape_par = np.broadcast_to(np.asarray(shape_par, dtype=np.float64), (n,)).copy()
-    if n and (np.any(sx <= 0) or np.any(sy <= 0)):
-        raise ValueError("sx and sy must be > 0 for every source")
-
-    is_gauss = kind == _k.GAUSSIAN
-    is_moffat = kind == _k.MOFFAT
-    is_sersic = kind == _k.SERSIC
-    if np.any(is_moffat & (shape_par <= 1)):
-        raise ValueError("shape_par (Moffat beta) must be > 1")
-    if np.any(is_sersic & (shape_par <= 0)):
-        raise ValueError("shape_par (Sersic n) must be > 0")
-    a, b, c = _quadratic_form(sx, sy, theta, half=False)
-    ga, gb, gc = _quadratic_form(sx, sy, theta, half=True)
-    a = np.where(is_gauss, ga, a)
-    b = np.where(is_gauss, gb, b)
-    c = np.where(is_gauss, gc, c)
-    bn = np.where(is_sersic, _sersic_bn(np.where(is_sersic, shape_par, 1.0)), 0.0)
-
-    # Largest q at which |amp| * profile(q) still reaches the floor.
-    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
-        ratio = np.abs(amp) / floor
-        lr = np.log(np.maximum(ratio, 1.0))
-        qmax = np.where(
-            is_gauss,
-            lr,
-            np.where(
-                is_moffat,
-                np.expm1(lr / shape_par),
-                (1.0 + lr / np.where(is_sersic, bn, 1.0)) ** (2.0 * shape_par),
-            ),
-        )
-        det = a * c - 0.25 * b**2
-        hx = np.sqrt(qmax * c / det)
-        hy = np.sqrt(qmax * a / det)
-    hx = np.minimum(np.nan_to_num(hx, nan=max_radius, posinf=max_radius), max_radius)
-    hy = np.minimum(np.nan_to_num(hy, nan=max_radius, posinf=max_radius), max_radius)
-    visible = ratio > 1.0
-    x_lo = np.maximum(np.ceil(x - hx), 0).astype(np.int64)
-    x_hi = np.minimum(np.floor(x + hx), nx - 1).astype(np.int64)
-    y_lo = np.maximum(np.ceil(y - hy), 0).astype(np.int64)
-    y_hi = np.minimum(np.floor(y + hy), ny - 1).astype(np.int64)
-    x_hi[~visible] = -1
-    sub_n = np.broadcast_to(np.asarray(oversample, dtype=np.int64), (n,)).copy()
-    if np.any(sub_n < 1):
-        raise ValueError(f"oversample must be integers >= 1, got {oversample!r}")
-    image = np.zeros((ny, nx), dtype=dtype)
-    if n:
-        _k.render_stamps(
-            image,
-            x,
-            y,
-            amp,
-            np.ascontiguousarray(a),
-            np.ascontiguousarray(b),
-            np.ascontiguousarray(c),
-            kind,
-            shape_par,
-            bn,
-            x_lo,
-            x_hi,
-            y_lo,
-            y_hi,
-            sub_n,
-            float(oversample_radius) ** 2,
-        )
-    return image
-
-
-# --------------------------------------------------------------------------------------
-# The notebook's scene
-# --------------------------------------------------------------------------------------
-
-
-def _sinc_blemishes(shape, x, y, width, amplitude, dtype=np.float64):
-    """Sum of radial sinc ripples ``a * sin(r/w) / (r/w)`` (r in pixels)."""
-    ny, nx = shape
-    row, col = np.mgrid[0:ny, 0:nx]
-    out = np.zeros(shape, dtype=dtype)
-    # A handful of blemishes: one vectorised full-image pass each.
-    for xc, yc, w, a in zip(x, y, width, amplitude, strict=True):
-        r = np.sqrt((row - yc) ** 2 + (col - xc) ** 2)
-        out = out + a * np.sinc(r / (w * np.pi))
-    return out
-
-
-def notebook_scene(seed: int = 4, shrink_factor: int = 2) -> Scene:
-    """The STScI "Complex 2D Background" notebook's scene, reproduced draw for draw.
-
-    The notebook seeds numpy's legacy global generator and draws, in this order: the
-    blemish row centres, column centres, widths and amplitudes; the Gaussian noise
-    (sigma 0.1); one discarded batch of ``nsources`` uniforms; then the sources' x, y,
-    flux, x_stddev, y_stddev and theta. The sky is the sum of sinc blemishes plus the
-    gradient ``row/nrow + 0.25 col/ncol``; each source is an elliptical Gaussian of
-    amplitude ``flux / (2 pi x_stddev y_stddev)`` point-sampled at pixel centres (as the
-    old ``photutils.datasets.make_gaussian_sources_image`` did). A private
-    :class:`numpy.random.RandomState` is used, so the global generator is untouched.
-
-    Parameters
-    ----------
-    seed : int
-        The notebook's seed (4).
-    shrink_factor : int
-        The notebook's shrink factor: the image is ``2000 // shrink_factor`` pixels
-        square, with ``16 // shrink_factor`` blemishes and ``5000 // shrink_factor**2``
-        sources.
-
-    Returns
-    -------
-    Scene
-        ``image`` (the notebook's ``scene``), ``sky`` (``noiseless_sky``), ``noise``,
-        ``sources`` (``source_img``), ``catalog``, ``blemishes`` and ``noise_sigma=0.1``.
-
-    Notes
-    -----
-    Sources are rendered in stamps where their profile exceeds 1e-15, so the source image
-    equals the notebook's full-image evaluation to ~1e-13 absolute.
-
-    Examples
-    --------
-    >>> scene = notebook_scene()
-    >>> scene.image.shape, len(scene.catalog), len(scene.blemishes)
-    ((1000, 1000), 1250, 8)
-    >>> float(scene.blemishes["x"][0])
-    252.98236238344396
-    """
-    check_positive("shrink_factor", shrink_factor)
-    shrink_factor = int(shrink_factor)
-    rs = np.random.RandomState(seed)
-    nrow = ncol = 2000 // shrink_factor
-    nblemish = 16 // shrink_factor
-    row_centers = ncol * rs.random_sample(size=nblemish)
-    col_centers = nrow * rs.random_sample(size=nblemish)
-    width = 30 + 100.0 * rs.random_sample(size=nblemish)
-    amplitude = 1.0 * rs.random_sample(size=nblemish)
-    blemish_sky = _sinc_blemishes((nrow, ncol), col_centers, row_centers, width, amplitude)
-    row, col = np.mgrid[0:nrow, 0:ncol]
-    gradient = (1.0 * row) / nrow + (0.25 * col) / ncol
-    sky = blemish_sky + gradient
-    noise = rs.normal(scale=0.1, size=(nrow, ncol))
-
-    nsources = 5000 // shrink_factor**2
-    rs.random_sample(nsources)  # drawn and unused by the notebook; keeps the stream aligned
-    x_mean = 2.0 + (ncol - 4.0) * rs.random_sample(nsources)
-    y_mean = 2.0 + (nrow - 4.0) * rs.random_sample(nsources)
-    flux = 50 * rs.random_sample(nsources)
-    x_stddev = 5.0 * rs.random_sample(nsources)
-    y_stddev = 5.0 * rs.random_sample(nsources)
-    theta = 180.0 * rs.random_sample(nsources) * np.pi / 180.0
-    catalog = Table(
-        {
-            "x_mean": x_mean,
-            "y_mean": y_mean,
-            "flux": flux,
-            "x_stddev": x_stddev,
-            "y_stddev": y_stddev,
-            "theta": theta,
-            "re": np.sqrt(x_stddev * y_stddev),
-        }
-    )
-    sources = render_sources(
-        (nrow, ncol),
-        x=x_mean,
-        y=y_mean,
-        amplitude=flux / (2.0 * np.pi * x_stddev * y_stddev),
-        sx=x_stddev,
-        sy=y_stddev,
-        theta=theta,
-        profile="gaussian",
-    )
-    blemishes = Table(
-        [col_centers, row_centers, width, amplitude], names=["x", "y", "width", "amplitude"]
-    )
-    return Scene(
-        image=sources + (sky + noise),
-        sky=sky,
-        noise=noise,
-        sources=sources,
-        catalog=catalog,
-        blemishes=blemishes,
-        noise_sigma=0.1,
-        components={"gradient": gradient, "blemishes": blemish_sky},
-        name=f"notebook(seed={seed}, shrink_factor={shrink_factor})",
-    )
-
-
-# --------------------------------------------------------------------------------------
-# Composable scene builder
-# --------------------------------------------------------------------------------------
 
 
 def _check_interval(name, value, *, lower=None, strict=False):
@@ -512,7 +128,54 @@ class SincBlemishes:
         w = _uniform(rng, _check_interval("width", self.width), n)
         a = _uniform(rng, _check_interval("amplitude", self.amplitude), n)
         table = Table([x, y, w, a], names=["x", "y", "width", "amplitude"])
-        return _sinc_blemishes(shape, x, y, w, a), table
+        return sinc_blemishes(shape, x, y, w, a), table
+
+
+@dataclass(frozen=True, kw_only=True)
+class GaussianBumps:
+    """Additive round Gaussian bumps (or dips, for negative amplitudes), such as
+    scattered light or a reflection: ``n`` of them, with standard deviation ``width``
+    (a fraction of the image's smaller side) and ``amplitude`` (sky units, the peak)
+    drawn uniformly from the given (low, high) intervals, centred uniformly in the
+    middle ``spread`` of the frame. Their table (``x``, ``y``, ``width`` in pixels,
+    ``amplitude``) is returned as ``Scene.blemishes``.
+
+    Examples
+    --------
+    >>> sky, table = GaussianBumps(n=1, amplitude=2.0).sample((64, 64),
+    ...                                                      np.random.default_rng(0))
+    >>> round(float(sky.max()), 2), len(table)
+    (2.0, 1)
+    """
+
+    n: int = 1
+    width: tuple = (0.15, 0.3)
+    amplitude: tuple = (1.0, 3.0)
+    spread: float = 0.6
+
+    kind = "additive"
+
+    def __post_init__(self):
+        if int(self.n) != self.n or self.n < 0:
+            raise ValueError(f"n must be an integer >= 0, got {self.n!r}")
+        _check_interval("width", self.width, lower=0.0, strict=True)
+        _check_interval("amplitude", self.amplitude)
+        check_range("spread", self.spread, 0.0, 1.0)
+
+    def sample(self, shape, rng):
+        ny, nx = shape
+        n = int(self.n)
+        lo, hi = 0.5 - self.spread / 2.0, 0.5 + self.spread / 2.0
+        x = nx * rng.uniform(lo, hi, n)
+        y = ny * rng.uniform(lo, hi, n)
+        w = min(ny, nx) * _uniform(rng, _check_interval("width", self.width), n)
+        a = _uniform(rng, _check_interval("amplitude", self.amplitude), n)
+        yy, xx = np.mgrid[0:ny, 0:nx]
+        out = np.zeros(shape)
+        for xc, yc, wk, ak in zip(x, y, w, a, strict=True):
+            out += ak * np.exp(-0.5 * ((xx - xc) ** 2 + (yy - yc) ** 2) / wk**2)
+        table = Table([x, y, w, a], names=["x", "y", "width", "amplitude"])
+        return out, table
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -639,7 +302,7 @@ def _power_law_fluxes(rng, n, fmin, fmax, slope):
 def _catalog(population, profile, x, y, flux, amplitude, sx, sy, theta, re, shape_par):
     n = len(x)
     # A Sersic amplitude is the surface brightness at re; its centre is e**b_n brighter.
-    peak = amplitude * np.exp(_sersic_bn(shape_par)) if profile == "sersic" else amplitude
+    peak = amplitude * np.exp(sersic_bn(shape_par)) if profile == "sersic" else amplitude
     return Table(
         {
             "population": np.full(n, population, dtype="U16"),
@@ -768,9 +431,80 @@ class MoffatStars:
 
 
 @dataclass(frozen=True, kw_only=True)
+class HaloStars:
+    """Bright stars with an extended PSF halo: a Moffat core (``fwhm``, ``beta``) plus a
+    power-law aureole, a Moffat of small ``halo_beta`` (surface brightness falling as
+    ``r**(-2 halo_beta)`` beyond ``halo_alpha``) carrying ``halo_fraction`` of the flux,
+    with a power-law luminosity function ``dN/dF ~ F**-lf_slope`` between ``flux_min``
+    and ``flux_max``. Clip them with :class:`Saturation` for saturated cores.
+
+    Each star gives two catalogue rows at the same position: its core (population
+    ``name``) and its aureole (population ``name + "_halo"``); ``flux`` is each part's
+    share.
+
+    Examples
+    --------
+    >>> cat = HaloStars(n=2).sample((256, 256), np.random.default_rng(0))
+    >>> cat["population"].tolist(), bool(cat["x_mean"][0] == cat["x_mean"][2])
+    (['halo_stars', 'halo_stars', 'halo_stars_halo', 'halo_stars_halo'], True)
+    """
+
+    n: int | None = None
+    density: float = 5e-6
+    fwhm: float = 3.0
+    beta: float = 3.0
+    flux_min: float = 1e6
+    flux_max: float = 3e7
+    lf_slope: float = 1.0
+    halo_fraction: float = 0.03
+    halo_alpha: float = 4.0
+    halo_beta: float = 1.5
+    name: str = "halo_stars"
+
+    def __post_init__(self):
+        _check_n_density(self.n, self.density)
+        for name in ("fwhm", "flux_min", "flux_max", "halo_alpha"):
+            check_positive(name, getattr(self, name))
+        for name in ("beta", "halo_beta"):
+            v = getattr(self, name)
+            if not (np.isfinite(v) and v > 1.0):
+                raise ValueError(f"{name} must be a finite number > 1, got {v!r}")
+        if self.flux_max < self.flux_min:
+            raise ValueError(
+                f"flux_max must be >= flux_min, got {self.flux_max!r} < {self.flux_min!r}"
+            )
+        check_positive("lf_slope", self.lf_slope, allow_zero=True)
+        check_range("halo_fraction", self.halo_fraction, 0.0, 1.0)
+
+    def sample(self, shape, rng):
+        ny, nx = shape
+        n = _count(self.density, self.n, shape)
+        x = rng.uniform(-0.5, nx - 0.5, n)
+        y = rng.uniform(-0.5, ny - 0.5, n)
+        flux = _power_law_fluxes(rng, n, self.flux_min, self.flux_max, self.lf_slope)
+        alpha = self.fwhm / (2.0 * np.sqrt(2.0 ** (1.0 / self.beta) - 1.0))
+        rows = []
+        for part, share, a, b in (
+            (self.name, 1.0 - self.halo_fraction, alpha, self.beta),
+            (self.name + "_halo", self.halo_fraction, self.halo_alpha, self.halo_beta),
+        ):
+            f = share * flux
+            peak = f * (b - 1.0) / (np.pi * a**2)
+            ones = np.ones(n)
+            rows.append(
+                _catalog(part, "moffat", x, y, f, peak, a * ones, a * ones, 0 * ones, a * ones,
+                         b * ones)
+            )  # fmt: skip
+        return _vstack(rows)
+
+
+@dataclass(frozen=True, kw_only=True)
 class SersicGalaxies:
     """Elliptical Sersic galaxies: uniform effective radius ``re`` (pixels, major axis),
-    index ``sersic_n``, axis ratio and angle, and log-uniform flux.
+    index ``sersic_n``, axis ratio and angle, and log-uniform flux. Positions are
+    uniform over the frame, or, with ``center`` ((x, y) as fractions of the frame),
+    scattered around it by a Gaussian of ``spread`` pixels (0: all at the centre), as
+    the members of a cluster, a brightest cluster galaxy or intracluster light.
 
     Large ``re`` with ``sersic_n`` near 4 gives extended low-surface-brightness wings that
     escape any threshold mask and bias the background upwards around the galaxy.
@@ -788,6 +522,8 @@ class SersicGalaxies:
     re: tuple = (2.0, 20.0)
     sersic_n: tuple = (0.5, 4.0)
     axis_ratio: tuple = (0.3, 1.0)
+    center: tuple | None = None
+    spread: float = 0.0
     name: str = "galaxies"
 
     def __post_init__(self):
@@ -798,21 +534,34 @@ class SersicGalaxies:
         lo, hi = _check_interval("axis_ratio", self.axis_ratio, lower=0.0, strict=True)
         if hi > 1.0:
             raise ValueError(f"axis_ratio must lie in (0, 1], got {self.axis_ratio!r}")
+        if self.center is not None:
+            c = np.asarray(self.center, dtype=float)
+            if c.shape != (2,) or not np.all((c >= 0) & (c <= 1)):
+                raise ValueError(
+                    f"center must be None or (x, y) fractions of the frame in [0, 1], "
+                    f"got {self.center!r}"
+                )
+        check_positive("spread", self.spread, allow_zero=True)
 
     def sample(self, shape, rng):
         from scipy.special import gamma
 
         ny, nx = shape
         n = _count(self.density, self.n, shape)
-        x = rng.uniform(-0.5, nx - 0.5, n)
-        y = rng.uniform(-0.5, ny - 0.5, n)
+        if self.center is None:
+            x = rng.uniform(-0.5, nx - 0.5, n)
+            y = rng.uniform(-0.5, ny - 0.5, n)
+        else:
+            # A cluster: Gaussian scatter of `spread` pixels around the centre.
+            x = self.center[0] * (nx - 1) + self.spread * rng.standard_normal(n)
+            y = self.center[1] * (ny - 1) + self.spread * rng.standard_normal(n)
         lf = np.log(_check_interval("flux", self.flux))
         flux = np.exp(_uniform(rng, (lf[0], lf[1]), n))
         re = _uniform(rng, _check_interval("re", self.re), n)
         ns = _uniform(rng, _check_interval("sersic_n", self.sersic_n), n)
         q = _uniform(rng, _check_interval("axis_ratio", self.axis_ratio), n)
         theta = rng.uniform(0.0, np.pi, n)
-        bn = _sersic_bn(ns)
+        bn = sersic_bn(ns)
         # Total flux of a Sersic profile with surface brightness Ie at re (Graham & Driver
         # 2005, eq. 4), times the axis ratio for an ellipse.
         per_ie = 2.0 * np.pi * q * re**2 * ns * np.exp(bn) * bn ** (-2.0 * ns) * gamma(2.0 * ns)
@@ -991,8 +740,15 @@ class Saturation:
         return mask
 
 
-_SKY_TYPES = (Polynomial, SincBlemishes, PowerLawField, Vignetting, AmplifierOffsets)
-_SOURCE_TYPES = (GaussianSources, MoffatStars, SersicGalaxies)
+_SKY_TYPES = (
+    Polynomial,
+    SincBlemishes,
+    GaussianBumps,
+    PowerLawField,
+    Vignetting,
+    AmplifierOffsets,
+)
+_SOURCE_TYPES = (GaussianSources, MoffatStars, HaloStars, SersicGalaxies)
 _NOISE_TYPES = (GaussianNoise, PoissonNoise)
 _DETECTOR_TYPES = (BadColumns, CosmicRays, Saturation)
 
@@ -1025,12 +781,13 @@ def make_scene(
     sources, noise, detector, each in the order given, so a seed fixes the scene.
 
     1. ``sky``: additive components (:class:`Polynomial`, :class:`SincBlemishes`,
-       :class:`PowerLawField`) are summed, multiplied by every :class:`Vignetting`, and
-       :class:`AmplifierOffsets` are added. That is ``Scene.sky``, the truth.
+       :class:`GaussianBumps`, :class:`PowerLawField`) are summed, multiplied by every
+       :class:`Vignetting`, and :class:`AmplifierOffsets` are added. That is
+       ``Scene.sky``, the truth.
     2. ``sources``: the populations (:class:`GaussianSources`, :class:`MoffatStars`,
-       :class:`SersicGalaxies`) are catalogued and rendered together in stamps (Sersic
-       cores oversampled 8x8 within 4 pixels; other profiles point-sampled), then
-       vignetted like the sky.
+       :class:`HaloStars`, :class:`SersicGalaxies`) are catalogued and rendered
+       together in stamps (Sersic cores oversampled 8x8 within 4 pixels; other
+       profiles point-sampled), then vignetted like the sky.
     3. ``noise`` (:class:`GaussianNoise` by default, sigma 0.1, or :class:`PoissonNoise`)
        is drawn around ``sky + sources``.
     4. ``detector`` effects (:class:`CosmicRays`, :class:`BadColumns`,
@@ -1155,147 +912,3 @@ def _vstack(tables):
 def _empty_catalog():
     z = np.zeros(0)
     return _catalog("", "gaussian", z, z, z, z, z, z, z, z, z)
-
-
-# --------------------------------------------------------------------------------------
-# Ready-made scenes for robustness checks
-# --------------------------------------------------------------------------------------
-
-
-def _crowded_stellar(shape, seed):
-    # Sky ~100 ADU, sigma ~11 ADU: a star is detectable (peak > 5 sigma) above ~1300 ADU,
-    # so about 99% of the 0.02 stars per pixel hide in the noise and add ~3 ADU of
-    # unmaskable light; beta = 2 gives wide wings around the bright ones.
-    return make_scene(
-        shape,
-        sky=[
-            Polynomial(coefficients=((100.0, 3.0), (2.0, 0.0))),
-            PowerLawField(rms=1.0, slope=3.0, min_scale=20.0),
-        ],
-        sources=[
-            MoffatStars(density=0.02, fwhm=3.5, beta=2.0, flux_min=5.0, flux_max=2e5, lf_slope=1.8)
-        ],
-        noise=PoissonNoise(gain=1.0, read_noise=5.0),
-        seed=seed,
-        name="crowded_stellar",
-    )
-
-
-def _galaxies_lsb(shape, seed):
-    # Sersic galaxies up to re = 40 px with n up to 4: their wings stay above 0.1 sigma
-    # out to several re, beyond any threshold mask.
-    return make_scene(
-        shape,
-        sky=[Polynomial(coefficients=((10.0, 0.5), (0.3, 0.0)))],
-        sources=[
-            SersicGalaxies(density=2e-4, flux=(100.0, 3e4), re=(3.0, 40.0), sersic_n=(0.5, 4.0)),
-            MoffatStars(density=1e-3, fwhm=3.0, beta=3.0, flux_min=20.0, flux_max=1e5),
-        ],
-        noise=GaussianNoise(sigma=1.0),
-        seed=seed,
-        name="galaxies_lsb",
-    )
-
-
-def _nebula(shape, seed):
-    # Power-law structure of 5 sigma rms on all scales above 3 px: the background is
-    # itself "source-like", so a model must follow real sky without eating the stars.
-    return make_scene(
-        shape,
-        sky=[
-            Polynomial(coefficients=((10.0, 1.0), (1.0, 0.0))),
-            PowerLawField(rms=5.0, slope=3.5, min_scale=3.0),
-            SincBlemishes(n=4, width=(30.0, 130.0), amplitude=(0.0, 3.0)),
-        ],
-        sources=[MoffatStars(density=3e-3, fwhm=3.0, beta=3.0, flux_min=20.0, flux_max=1e5)],
-        noise=GaussianNoise(sigma=1.0),
-        seed=seed,
-        name="nebula",
-    )
-
-
-def _detector_artifacts(shape, seed):
-    # Vignetting, a 2x2 amplifier layout with offsets of ~0.3 sigma, bad columns, cosmic
-    # rays and saturated stars; the spoiled pixels are in Scene.mask.
-    return make_scene(
-        shape,
-        sky=[
-            Polynomial(coefficients=((100.0, 3.0), (2.0, 0.0))),
-            PowerLawField(rms=1.0, slope=3.0, min_scale=20.0),
-            Vignetting(depth=0.3, power=2.0),
-            AmplifierOffsets(grid=(2, 2), sigma=3.0),
-        ],
-        sources=[
-            MoffatStars(
-                density=2e-3, fwhm=3.0, beta=2.5, flux_min=50.0, flux_max=1e6, lf_slope=1.8
-            )
-        ],
-        noise=PoissonNoise(gain=1.0, read_noise=5.0),
-        detector=[
-            CosmicRays(density=5e-5, amplitude=(100.0, 2000.0)),
-            BadColumns(n=4, value=0.0),
-            Saturation(level=1e4),
-        ],
-        seed=seed,
-        name="detector_artifacts",
-    )
-
-
-def _notebook(shape, seed):
-    n = shape[0]
-    if shape[0] != shape[1] or 2000 % n or n > 2000:
-        raise ValueError(
-            f"shape must be square with 2000 divisible by its side for 'notebook', got {shape}"
-        )
-    return notebook_scene(seed=4 if seed is None else seed, shrink_factor=2000 // n)
-
-
-_NAMED = {
-    "notebook": _notebook,
-    "crowded_stellar": _crowded_stellar,
-    "galaxies_lsb": _galaxies_lsb,
-    "nebula": _nebula,
-    "detector_artifacts": _detector_artifacts,
-}
-
-#: Names accepted by :func:`scene_by_name`.
-SCENE_NAMES = tuple(_NAMED)
-
-
-def scene_by_name(name: str, *, shape=None, seed=None) -> Scene:
-    """Build one of the ready-made robustness scenes.
-
-    * ``"notebook"``: :func:`notebook_scene` (shape must be 2000/k square, default
-      1000x1000; ``seed`` defaults to the notebook's 4).
-    * ``"crowded_stellar"``: 0.02 Moffat stars per pixel with wide wings (beta 2), ~99%
-      of them below 5 sigma, on a ~100 ADU sky with Poisson + read noise.
-    * ``"galaxies_lsb"``: Sersic galaxies (re 3-40 px, n 0.5-4) with low-surface-brightness
-      wings, plus stars, Gaussian noise of 1.
-    * ``"nebula"``: power-law (slope 3.5) structure of 5 sigma rms plus sinc blemishes and
-      stars.
-    * ``"detector_artifacts"``: vignetting, 2x2 amplifier offsets, bad columns, cosmic
-      rays and saturated stars, with the bad-pixel mask as truth.
-
-    Parameters
-    ----------
-    name : str
-        One of :data:`SCENE_NAMES`.
-    shape : tuple of int, optional
-        Image shape (ny, nx); default (1024, 1024), or (1000, 1000) for the notebook.
-        Source densities are per pixel, so counts scale with the area.
-    seed : int, optional
-        Seed of the scene's generator; a named scene is reproducible by default (seed 0,
-        or the notebook's 4).
-
-    Examples
-    --------
-    >>> scene = scene_by_name("detector_artifacts", shape=(256, 256), seed=0)
-    >>> scene.name, scene.mask.shape
-    ('detector_artifacts', (256, 256))
-    """
-    check_choice("name", name, SCENE_NAMES)
-    if shape is None:
-        shape = (1000, 1000) if name == "notebook" else (1024, 1024)
-    if seed is None and name != "notebook":
-        seed = 0
-    return _NAMED[name](as_pair("shape", shape), seed)

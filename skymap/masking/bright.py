@@ -1,0 +1,592 @@
+"""Bright stars and their halos: :class:`HaloMasker` masks each source far above the
+noise (or saturated, or with a flagged core) out to the radius where its wings, as
+measured on the image's own brightest stars, fall below a small fraction of the noise.
+
+A thresholding masker sees a bright star's halo only where it is significant pixel by
+pixel, and a background smoother then follows the rest of the halo as if it were sky:
+the background rises towards the star. The halo masker instead measures the point
+spread function's wings from the image (azimuthal medians around the brightest sources,
+scaled onto each other where both are measured), and masks every bright source out to
+where that profile, scaled to the source, drops below ``wing`` times the noise.
+
+The work splits into a global step on small data (:meth:`HaloMasker.find`: label the
+pixels far above the noise, measure profiles in cutouts around a few dozen sources,
+return a :class:`BrightSources` catalogue) and a local step (:meth:`HaloMasker.paint`:
+disks around the catalogued positions, for any window of the image), so a tiled run can
+paint each tile with a halo of :meth:`HaloMasker.reach` pixels.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import math
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import scipy.ndimage as ndi
+
+from skymap._validate import as_image, as_mask, check_positive, combine_masks
+
+__all__ = ["BrightSources", "HaloMasker", "radial_profiles"]
+
+log = logging.getLogger(__name__)
+
+_MAD_TO_STD = 1.482602218505602
+# The standard error of a median of n Gaussian samples is sqrt(pi / 2) sigma / sqrt(n).
+_MEDIAN_ERROR = math.sqrt(math.pi / 2.0)
+# Annulus edges in pixels: 1-px rings in the core, then a factor sqrt(2) per ring, so
+# that a ring's median is well measured far out where the halo is faint.
+_EDGES = np.array(
+    [0.0, 1.5, 2.5, 3.5, 5.0, 7.0, 10.0, 14.0, 20.0, 28.0, 40.0, 56.0, 80.0, 113.0]
+    + [160.0, 226.0, 320.0, 452.0, 640.0, 905.0, 1280.0]
+)
+
+
+@functools.lru_cache(maxsize=8)
+def _sample_offsets(rmax: float) -> tuple[np.ndarray, np.ndarray]:
+    """(dy, dx) of the pixels a profile out to ``rmax`` samples (see
+    :func:`radial_profiles`)."""
+    half = int(math.ceil(rmax))
+    dy, dx = np.mgrid[-half : half + 1, -half : half + 1]
+    r = np.hypot(dy, dx)
+    stride = np.where(r < 14, 1, np.where(r < 56, 2, 4))
+    keep = (dy % stride == 0) & (dx % stride == 0) & (r < rmax + 1)
+    return dy[keep], dx[keep]
+
+
+def radial_profiles(image: Any, y: Any, x: Any, rmax: float, mask: Any = None):
+    """Azimuthal medians of ``image`` in rings around each of the centres (``y``, ``x``).
+
+    Rings are 1 px wide out to 3.5 px, then grow by a factor sqrt(2) (edges 0, 1.5,
+    2.5, 3.5, 5, 7, 10, 14, 20, ...); masked and non-finite pixels and pixels off the
+    image are left out, and so is everything beyond ``rmax``. A median ignores the
+    other sources that cross a ring, as long as they cover less than half of it. All
+    centres are done in one pass (one labelled median over their stacked cutouts).
+
+    Parameters
+    ----------
+    image : array_like, shape (ny, nx)
+    y, x : array_like
+        Centres in pixels, shape (k,).
+    rmax : float
+        Outer radius in pixels.
+    mask : array_like of bool, optional
+        True = excluded.
+
+    Returns
+    -------
+    radius : ndarray, shape (k, nrings)
+        Mean radius of each ring's pixels (NaN for an empty ring).
+    median : ndarray, shape (k, nrings)
+        Median of each ring (NaN for an empty ring).
+    count : ndarray of int, shape (k, nrings)
+        Pixels sampled in each ring: all of them within 14 px, every other row and
+        column out to 56 px, every fourth beyond (a ring of thousands of pixels gives
+        a median as good from a quarter of them).
+
+    Examples
+    --------
+    >>> yy, xx = np.mgrid[:41, :41]
+    >>> img = 100.0 / (1.0 + (yy - 20) ** 2 + (xx - 20) ** 2)
+    >>> r, med, n = radial_profiles(img, [20], [20], 20)
+    >>> int(n[0, 0]), float(med[0, 0])
+    (9, 50.0)
+    """
+    img = as_image(image)
+    check_positive("rmax", rmax)
+    y = np.atleast_1d(np.asarray(y, dtype=np.float64))
+    x = np.atleast_1d(np.asarray(x, dtype=np.float64))
+    edges = np.append(_EDGES[rmax > _EDGES], rmax)
+    nb, k = edges.size - 1, y.size
+    ny, nx = img.shape
+    dy, dx = _sample_offsets(float(rmax))
+    yy = np.rint(y).astype(np.int64)[:, None] + dy
+    xx = np.rint(x).astype(np.int64)[:, None] + dx
+    cy, cx = np.clip(yy, 0, ny - 1), np.clip(xx, 0, nx - 1)
+    values = img[cy, cx]
+    bad = (yy < 0) | (yy >= ny) | (xx < 0) | (xx >= nx) | ~np.isfinite(values)
+    if mask is not None:
+        bad |= as_mask(mask, img.shape)[cy, cx]
+    r = np.hypot(yy - y[:, None], xx - x[:, None])
+    ring = np.searchsorted(edges, r, side="right")  # 1 .. nb inside rmax
+    inside = ~bad & (r < rmax)
+    labels = (ring + nb * np.arange(k)[:, None])[inside] - 1
+    v = values[inside].astype(np.float64)
+    count = np.bincount(labels, minlength=k * nb)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        radius = np.bincount(labels, r[inside], minlength=k * nb) / count
+    # Medians of all rings at once: sort by ring, then by value (the value scaled into
+    # [0, 0.5) is added to the ring number), and read the middle of each ring.
+    if v.size:
+        lo_v, span = v.min(), np.ptp(v)
+        key = labels + (0.5 * (v - lo_v) / span if span > 0 else 0.0)
+        v = v[np.argsort(key, kind="stable")]
+    start = np.concatenate([[0], np.cumsum(count)[:-1]])
+    have = count > 0
+    lo = start + (count - 1) // 2
+    hi = start + count // 2
+    median = np.full(k * nb, np.nan)
+    median[have] = 0.5 * (v[lo[have]] + v[hi[have]])
+    return radius.reshape(k, nb), median.reshape(k, nb), count.reshape(k, nb)
+
+
+@dataclass(frozen=True, kw_only=True, eq=False)
+class BrightSources:
+    """What :meth:`HaloMasker.find` found: one row per bright source.
+
+    Attributes
+    ----------
+    x, y : ndarray
+        Centres in pixels.
+    amplitude : ndarray
+        Each source's scale relative to the halo profile (the profile times the
+        amplitude is the source's surface brightness, residual units).
+    saturated : ndarray of bool
+        A flat top, or a core of masked or non-finite pixels.
+    radius : ndarray
+        Mask radius in pixels.
+    profile_radius, profile : ndarray
+        The stacked halo profile (per unit amplitude) at the ring radii where it was
+        measured (NaN where it was not).
+    noise : float
+        The noise (residual units) the radii were set against.
+    """
+
+    x: np.ndarray
+    y: np.ndarray
+    amplitude: np.ndarray
+    saturated: np.ndarray
+    radius: np.ndarray
+    profile_radius: np.ndarray
+    profile: np.ndarray
+    noise: float
+
+    def __len__(self) -> int:
+        return int(self.x.size)
+
+
+def _coarse_sky(img: np.ndarray, invalid: np.ndarray, block: int) -> np.ndarray:
+    """A sky to find bright sources against: medians of ``block`` x ``block`` blocks
+    (every other pixel), median-filtered over 3 x 3 blocks (a block that a bright star
+    fills is outvoted by its neighbours), repeated back to full resolution."""
+    ny, nx = img.shape
+    gy, gx = -(-ny // block), -(-nx // block)
+    pad = np.full((gy * block, gx * block), np.nan, np.float32)
+    pad[:ny, :nx] = np.where(invalid, np.nan, img)
+    sub = pad[::2, ::2].reshape(gy, block // 2, gx, block // 2).transpose(0, 2, 1, 3)
+    with np.errstate(all="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        grid = np.nanmedian(sub.reshape(gy, gx, -1), axis=-1)
+    hole = ~np.isfinite(grid)
+    if hole.all():
+        return np.zeros(img.shape, np.float32)
+    if hole.any():
+        idx = ndi.distance_transform_edt(hole, return_distances=False, return_indices=True)
+        grid = grid[tuple(idx)]
+    grid = ndi.median_filter(grid, size=3, mode="nearest")
+    return np.repeat(np.repeat(grid, block, axis=0), block, axis=1)[:ny, :nx]
+
+
+def _mad_sigma(a: np.ndarray, invalid: np.ndarray) -> float:
+    """MAD-based sigma of the valid pixels of ``a`` (a subsample of ~250 000)."""
+    step = max(1, int(math.sqrt(a.size / 250_000)))
+    v = a[::step, ::step][~invalid[::step, ::step]]
+    if v.size == 0:
+        return 1.0
+    mad = _MAD_TO_STD * float(np.median(np.abs(v - np.median(v))))
+    return mad if mad > 0 else 1.0
+
+
+@dataclass(frozen=True, kw_only=True)
+class HaloMasker:
+    """Mask bright sources out to where their measured halos fall below the noise.
+
+    1. Sources: connected regions of the residual, minus a coarse sky of its own,
+       above ``seed`` times the noise (the MAD of that difference), joined with the
+       masked or non-finite pixels they touch (flagged and NaN cores). A region is
+       bright when its largest 3x3 mean is above ``nsigma`` times that mean's noise
+       (``sigma / 3``, so that poor seeing does not hide a bright star), or saturated:
+       a core of masked pixels, or a flat top: its maximum repeated in 3 pixels or
+       more, or an area above 90% of its peak of at least 5 pixels and 3 times the
+       median over the bright regions (a density-saturated photographic plate is
+       flat but not constant).
+    2. Halo profile: azimuthal medians (:func:`radial_profiles`) around the ``stack``
+       brightest sources, out to ``max_radius``, each against its local sky (the median
+       of its outer rings). The brightest one's profile defines the
+       scale and gives the profile where it is measured (its rings above 3 times
+       their noise, outside a saturated core, falling outwards); each other one is
+       scaled onto it by the median ratio over the rings both measured, and fills in
+       the rings the brightest lacks (a saturated core inwards, fainter wings
+       outwards) where they continue its fall.
+    3. Amplitudes: every bright source's own profile (within 16 px, or 3 times its
+       saturated core) is scaled onto the stacked one in the same way.
+    4. Radius: for an unsaturated source, where its own rings are seen to fall below
+       ``wing`` times the noise (a galaxy, or a star without a halo, is not given the
+       brightest star's wings); for a saturated one, or where the rings are still
+       above it at their last ring, where amplitude times
+       profile falls below ``wing`` times the noise
+       (interpolated in log-log between rings; beyond the last measured ring the
+       profile is extended as the power law of its last two rings, no shallower than
+       ``r**-2``, at most twice as far), at most ``max_radius`` or a quarter of the
+       image's larger side.
+
+    Follows the :class:`skymap.masking.Masker` protocol: returns the disks only, without
+    the pixels of ``mask``. ``residual`` may be the image itself (the default pipeline
+    passes the image, once, before its first guess); ``rms`` is not read (see
+    :meth:`find`). A halo that still holds light at the outer half of the measured
+    rings (the local sky) comes out somewhat short, as in the example below.
+
+    Parameters
+    ----------
+    nsigma : float
+        Signal-to-noise of the largest 3x3 mean above which a source is bright.
+    seed : float
+        Threshold in noise sigmas of a source's region (its flat top and masked core
+        are found within it), at most ``nsigma``.
+    wing : float
+        The halo is masked down to this fraction of the noise.
+    stack : int
+        Number of bright sources whose profiles make the halo profile.
+    max_radius : float
+        Largest mask radius in pixels (and the extent of the measured profile).
+    max_sources : int
+        At most this many bright sources (the brightest) are measured and masked.
+
+    References
+    ----------
+    .. [1] King, I. R. 1971, "The Profile of a Star Image", PASP 83, 199,
+       doi:10.1086/129100 (the power-law aureole of a star image, out to degrees).
+
+    Examples
+    --------
+    >>> rng = np.random.default_rng(0)
+    >>> yy, xx = np.mgrid[:400, :400]
+    >>> star = lambda y, x, a: a * (1 + ((yy - y) ** 2 + (xx - x) ** 2) / 4.0) ** -1.5
+    >>> img = rng.normal(size=(400, 400)) + star(120, 120, 5e4) + star(300, 280, 500)
+    >>> found = HaloMasker().find(img)
+    >>> [round(float(r)) for r in found.radius]  # the profiles reach 0.5 at 93 and 20
+    [75, 19]
+    """
+
+    nsigma: float = 50.0
+    seed: float = 5.0
+    wing: float = 0.5
+    stack: int = 8
+    max_radius: float = 256.0
+    max_sources: int = 200
+
+    def __post_init__(self):
+        check_positive("nsigma", self.nsigma)
+        check_positive("seed", self.seed)
+        if self.seed > self.nsigma:
+            raise ValueError(
+                f"seed must be <= nsigma, got seed={self.seed!r}, nsigma={self.nsigma!r}"
+            )
+        check_positive("wing", self.wing)
+        for name in ("stack", "max_sources"):
+            v = getattr(self, name)
+            if int(v) != v or v < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
+        check_positive("max_radius", self.max_radius)
+
+    def reach(self) -> int:
+        """Halo in pixels a tile needs around it for :meth:`paint` (the largest radius)."""
+        return int(math.ceil(self.max_radius))
+
+    def __call__(self, residual: Any, rms: Any = None, mask: Any = None) -> np.ndarray:
+        """Disks around the bright sources (True = masked), without ``mask``'s pixels;
+        ``residual`` may be the image itself (see :meth:`find`)."""
+        res = as_image(residual, "residual")
+        given = as_mask(mask, res.shape)
+        out = self.paint(self.find(res, rms, given), res.shape)
+        if given is not None:
+            np.greater(out, given, out=out)
+        return out
+
+    # ------------------------------------------------------------------ global step
+
+    def find(self, residual: Any, rms: Any = None, mask: Any = None) -> BrightSources:
+        """The bright sources, their halo profile and mask radii (see the class
+        docstring). Global, but it reads only the pixels near bright sources.
+
+        ``residual`` may be the image itself: sources are found against a coarse sky
+        of its own (medians of 64-px blocks, median-filtered), and each profile is
+        measured against its local sky (the median of its rings' outer half), so a
+        background that has already followed part of a halo is not needed. ``rms``
+        is not read: the noise is the MAD of ``residual`` minus that coarse sky, the
+        pixel noise the halos are cut at."""
+        img = as_image(residual, "residual")
+        invalid = combine_masks(img, as_mask(mask, img.shape))
+        det = img - _coarse_sky(img, invalid, 64)
+        sigma = _mad_sigma(det, invalid)
+        limit = min(self.max_radius, max(img.shape) / 4.0)
+        rows = self._candidates(det, invalid, sigma, limit)
+        if rows is None:
+            return self._empty(sigma)
+        y, x, snr, core, sat = rows
+        # Saturated ones by the size of their core, then by signal-to-noise.
+        order = np.lexsort((-snr, -core))[: self.max_sources]
+        y, x, core, sat = y[order], x[order], core[order], sat[order]
+        radii, profile = self._stacked_profile(img, invalid, sigma, y, x, core, limit)
+        if profile is None:
+            return self._empty(sigma)
+        amp, own = self._amplitudes(img, invalid, sigma, y, x, core, limit, profile)
+        ok = np.isfinite(amp) & (amp > 0)
+        radius = np.array([self._radius(a, radii, profile, sigma) for a in amp[ok]])
+        # A saturated source's own rings (a small cutout whose outer half, its local
+        # sky, still holds its halo) end too soon: its radius comes from the profile.
+        radius = np.where(np.isfinite(own[ok]) & ~sat[ok], own[ok], radius)
+        radius = np.minimum(np.maximum(radius, core[ok] + 1.0), limit) if ok.any() else radius
+        log.debug(
+            "%d bright sources (%d saturated), noise %.4g, largest mask radii %s px",
+            int(ok.sum()),
+            int(sat[ok].sum()),
+            sigma,
+            np.round(np.sort(radius)[::-1][:5], 1).tolist(),
+        )
+        return BrightSources(
+            x=x[ok],
+            y=y[ok],
+            amplitude=amp[ok],
+            saturated=sat[ok],
+            radius=radius.reshape(-1),
+            profile_radius=radii,
+            profile=profile,
+            noise=sigma,
+        )
+
+    def _empty(self, sigma: float) -> BrightSources:
+        z = np.zeros(0)
+        return BrightSources(
+            x=z,
+            y=z,
+            amplitude=z,
+            saturated=np.zeros(0, bool),
+            radius=z,
+            profile_radius=z,
+            profile=z,
+            noise=sigma,
+        )
+
+    def _candidates(self, det, invalid, sigma, limit):
+        """(y, x, snr, core radius, saturated) of the bright regions, or None."""
+        with np.errstate(invalid="ignore"):
+            above = det > self.seed * sigma
+        above &= ~invalid
+        if not above.any():
+            return None
+        # Masked pixels that touch a region join it: a NaN or flagged saturated core.
+        region = above | (invalid & ndi.binary_dilation(above))
+        labels, n = ndi.label(region, structure=np.ones((3, 3), bool))
+        # Pull in the whole masked core (it may be wider than one pixel).
+        core_lab, ncore = ndi.label(invalid, structure=np.ones((3, 3), bool))
+        if ncore:
+            touched = np.zeros(ncore + 1, np.int64)
+            hit = (labels > 0) & (core_lab > 0)
+            touched[core_lab[hit]] = labels[hit]
+            sizes = np.bincount(core_lab.ravel(), minlength=ncore + 1)
+            # A masked region larger than the largest halo is not a star's core
+            # (a border, a chip gap): it does not join.
+            touched[sizes > math.pi * limit**2 / 4.0] = 0
+            touched[0] = 0
+            add = touched[core_lab]
+            labels = np.where((labels == 0) & (add > 0), add, labels)
+        # Per-region statistics over the region pixels only (few, for bright
+        # sources): flat indices grouped by label, brightest pixel last.
+        where = np.flatnonzero(labels)
+        lab = labels.ravel()[where] - 1
+        bad = invalid.ravel()[where]
+        vals = np.where(bad, -np.inf, det.ravel()[where])
+        order = np.lexsort((vals, lab))
+        where, lab, bad, vals = where[order], lab[order], bad[order], vals[order]
+        size = np.bincount(lab, minlength=n)
+        last = np.cumsum(size) - 1
+        peak = vals[last]
+        masked = np.bincount(lab, bad, minlength=n)
+        # Brightness: the largest 3x3 mean, in units of its noise (sigma / 3 for white
+        # noise), so that a star spread by poor seeing counts as much as a sharp one.
+        box = ndi.uniform_filter(np.where(invalid, 0.0, det).astype(np.float32), 3)
+        boxmax = np.full(n, -np.inf)
+        np.maximum.at(boxmax, lab, box.ravel()[where])
+        snr = boxmax / (sigma / 3.0)
+        # A flat top: the area above 90% of the peak is several times the typical
+        # bright source's (which the PSF sets, whatever the seeing), as a clipped core
+        # makes it. Quantised data repeat values near any peak, so counting repeats of
+        # the maximum would not do.
+        near = vals >= 0.9 * peak[lab]
+        top = np.bincount(lab, near, minlength=n)
+        bright = snr > self.nsigma
+        typical = float(np.median(top[bright] if bright.any() else top))
+        # Or the maximum repeated: a core clipped at one level.
+        repeats = np.bincount(lab, vals >= peak[lab] - 1e-6 * np.abs(peak[lab]), minlength=n)
+        sat = (masked > 0) | (top >= max(5.0, 3.0 * typical)) | (repeats >= 3)
+        bright |= sat
+        if not bright.any():
+            return None
+        # Saturated centre: the middle of the flat top and masked core; otherwise the
+        # peak pixel.
+        py, px = np.divmod(where[last], det.shape[1])
+        core = near | bad
+        area = np.bincount(lab, core, minlength=n)
+        ry, rx = np.divmod(where, det.shape[1])
+        with np.errstate(invalid="ignore", divide="ignore"):
+            cy = np.bincount(lab, core * ry, minlength=n) / area
+            cx = np.bincount(lab, core * rx, minlength=n) / area
+        y = np.where(sat, cy, py)[bright]
+        x = np.where(sat, cx, px)[bright]
+        radius = np.where(sat, np.sqrt(area / math.pi), 0.0)[bright]
+        return y, x, snr[bright], radius, sat[bright]
+
+    def _profiles(self, img, invalid, sigma, y, x, rmax, core):
+        """(ring radii, ring medians) of each source against its local sky (the median
+        of the rings in the outer half), kept only over the rings outside its
+        saturated core that fall outwards, each above 3 times its noise, up to the
+        first that does not (further out: a neighbour's light, or the noise)."""
+        r, med, n = radial_profiles(img, y, x, rmax, invalid)
+        outer = np.isfinite(med) & (r >= rmax / 2.0)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            sky = np.nanmedian(np.where(outer, med, np.nan), axis=1)
+        med = med - sky[:, None]
+        with np.errstate(invalid="ignore", divide="ignore"):
+            good = (med > 3.0 * _MEDIAN_ERROR * sigma / np.sqrt(n)) & (r > core[:, None] + 1.0)
+        good &= ~outer
+        keep = np.zeros(good.shape, bool)
+        alive, started = np.ones(len(med), bool), np.zeros(len(med), bool)
+        last = np.full(len(med), np.inf)
+        for j in range(med.shape[1]):
+            ok = good[:, j] & (med[:, j] < last)
+            alive &= ~(started & ~ok)
+            keep[:, j] = alive & ok
+            last = np.where(keep[:, j], med[:, j], last)
+            started |= keep[:, j]
+        return r, np.where(keep, med, np.nan), med
+
+    def _stacked_profile(self, img, invalid, sigma, y, x, core, limit):
+        """(ring radii, profile per unit amplitude) from the ``stack`` brightest."""
+        k = min(self.stack, y.size)
+        r, p, _ = self._profiles(img, invalid, sigma, y[:k], x[:k], limit, core[:k])
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            radii = np.nanmedian(r, axis=0)
+        lead = next((i for i in range(k) if np.isfinite(p[i]).any()), None)
+        if lead is None:
+            return radii, None
+        ref = p[lead].copy()
+        own = np.flatnonzero(np.isfinite(ref))
+        for i in range(lead + 1, k):
+            amp = _match(p[i], ref)
+            if np.isfinite(amp) and amp > 0:
+                # Each ring from the brightest source that measured it (the best
+                # measured; a fainter one's outer rings hold its brighter neighbours'
+                # halos); a saturated brightest one leaves its core to the others.
+                ref = np.where(np.isfinite(ref), ref, p[i] / amp)
+        # The leading source's rings fall outwards; a ring filled in from the others
+        # is kept only where it continues that fall, inwards and outwards.
+        for j in range(own[0] - 1, -1, -1):
+            if not (np.isfinite(ref[j]) and ref[j] > ref[j + 1]):
+                ref[: j + 1] = np.nan
+                break
+        for j in range(own[-1] + 1, ref.size):
+            if not (np.isfinite(ref[j]) and ref[j] < ref[j - 1]):
+                ref[j:] = np.nan
+                break
+        return radii, ref
+
+    def _amplitudes(self, img, invalid, sigma, y, x, core, limit, profile):
+        """Each source's scale on the profile, from its own rings within
+        2 max(16, 3 core) px (batched by that radius, rounded up to a power of 2), and
+        the radius where its own profile was seen to fall below ``wing`` sigma (NaN
+        where its last measured ring is still above: the profile extrapolates)."""
+        reach = np.minimum(limit, 2.0 ** np.ceil(np.log2(2.0 * np.maximum(16, 3 * core))))
+        amp, own = np.full(y.size, np.nan), np.full(y.size, np.nan)
+        level = self.wing * sigma
+        for rmax in np.unique(reach):
+            sel = np.nonzero(reach == rmax)[0]
+            r, p, raw = self._profiles(img, invalid, sigma, y[sel], x[sel], float(rmax), core[sel])
+            amp[sel] = [_match(row, profile) for row in p]
+            for i, row in enumerate(p):
+                kept = np.flatnonzero(np.isfinite(row))
+                if not kept.size or kept[-1] + 1 >= row.size:
+                    continue
+                j = kept[-1]
+                hi, lo, r0, r1 = row[j], raw[i, j + 1], r[i, j], r[i, j + 1]
+                if lo < level < hi and np.isfinite(r1):
+                    # The next ring is measured below the level: the source's own
+                    # wings end between the two (log-log, or linear to a ring at or
+                    # below the sky), whatever the profile of the brightest says.
+                    if lo > 0:
+                        t = math.log(hi / level) / math.log(hi / lo)
+                        own[sel[i]] = math.exp(math.log(r0) + t * math.log(r1 / r0))
+                    else:
+                        own[sel[i]] = r0 + (r1 - r0) * (hi - level) / (hi - lo)
+        return amp, own
+
+    def _radius(self, amp, radii, profile, sigma) -> float:
+        level = self.wing * sigma / amp
+        ok = np.isfinite(profile) & np.isfinite(radii) & (profile > 0)
+        r, p = radii[ok], profile[ok]
+        if r.size == 0:
+            return 0.0
+        above = np.nonzero(p > level)[0]
+        if above.size == 0:
+            return float(r[0])
+        j = int(above[-1])
+        if j + 1 < r.size:
+            # Log-log interpolation to the crossing between ring j and j + 1.
+            t = math.log(p[j] / level) / math.log(p[j] / p[j + 1])
+            return float(math.exp(math.log(r[j]) + t * math.log(r[j + 1] / r[j])))
+        if r.size >= 2 and p[-2] > p[-1]:
+            # Beyond the last measured ring: its power law, no shallower than r**-2
+            # (a PSF aureole's) and at most twice as far out.
+            slope = min(-2.0, math.log(p[-1] / p[-2]) / math.log(r[-1] / r[-2]))
+            return float(min(2.0 * r[-1], r[-1] * (level / p[-1]) ** (1.0 / slope)))
+        return float(r[-1])
+
+    # ------------------------------------------------------------------ local step
+
+    def paint(
+        self,
+        sources: BrightSources,
+        shape: tuple[int, int],
+        rows: tuple[int, int] | None = None,
+        cols: tuple[int, int] | None = None,
+    ) -> np.ndarray:
+        """Disks of the sources' radii (True = masked) over the window ``rows`` x
+        ``cols`` (half-open pixel ranges, default the whole ``shape``): local, each
+        window needs only the sources within :meth:`reach` of it.
+
+        Examples
+        --------
+        >>> src = BrightSources(x=np.array([2.0]), y=np.array([2.0]),
+        ...     amplitude=np.ones(1), saturated=np.zeros(1, bool), radius=np.ones(1),
+        ...     profile_radius=np.zeros(0), profile=np.zeros(0), noise=1.0)
+        >>> HaloMasker().paint(src, (5, 5), rows=(1, 4), cols=(1, 4)).astype(int)
+        array([[0, 1, 0],
+               [1, 1, 1],
+               [0, 1, 0]])
+        """
+        y0, y1 = rows if rows is not None else (0, shape[0])
+        x0, x1 = cols if cols is not None else (0, shape[1])
+        out = np.zeros((y1 - y0, x1 - x0), bool)
+        for y, x, r in zip(sources.y, sources.x, sources.radius, strict=True):
+            ya, yb = max(y0, int(math.ceil(y - r))), min(y1, int(math.floor(y + r)) + 1)
+            xa, xb = max(x0, int(math.ceil(x - r))), min(x1, int(math.floor(x + r)) + 1)
+            if ya >= yb or xa >= xb:
+                continue
+            yy, xx = np.ogrid[ya:yb, xa:xb]
+            out[ya - y0 : yb - y0, xa - x0 : xb - x0] |= (yy - y) ** 2 + (xx - x) ** 2 <= r * r
+        return out
+
+
+def _match(p: np.ndarray, ref: np.ndarray) -> float:
+    """Median ratio ``p / ref`` over the rings where both are measured (NaN if none)."""
+    m = min(p.size, ref.size)
+    a, b = p[:m], ref[:m]
+    ok = np.isfinite(a) & np.isfinite(b) & (b > 0)
+    if not ok.any():
+        return float("nan")
+    return float(np.median(a[ok] / b[ok]))

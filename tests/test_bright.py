@@ -1,0 +1,177 @@
+"""Bright sources and their halos (skymap.masking.bright), and the default pipeline's
+masks on pure noise, white and correlated."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import scipy.ndimage as ndi
+from astropy.io import fits
+from astropy.stats import sigma_clipped_stats
+
+import skymap
+from skymap.masking import BrightSources, HaloMasker, radial_profiles
+
+DATA = Path(__file__).parent / "data"
+
+
+def _star(shape, y0, x0, flux, *, fwhm=3.0, beta=3.0, halo=0.03, halo_alpha=4.0):
+    """Moffat core plus a power-law aureole (a Moffat of beta 1.5) carrying ``halo``
+    of the flux; returns the image and its surface-brightness function of radius."""
+    alpha = fwhm / (2.0 * np.sqrt(2.0 ** (1.0 / beta) - 1.0))
+    a_core = (1 - halo) * flux * (beta - 1) / (np.pi * alpha**2)
+    a_halo = halo * flux * 0.5 / (np.pi * halo_alpha**2)
+
+    def profile(r):
+        return (
+            a_core * (1 + (r / alpha) ** 2) ** -beta + a_halo * (1 + (r / halo_alpha) ** 2) ** -1.5
+        )
+
+    yy, xx = np.mgrid[: shape[0], : shape[1]]
+    return profile(np.hypot(yy - y0, xx - x0)), profile
+
+
+def _true_radius(profile, level):
+    r = np.linspace(0.5, 600, 20000)
+    return float(r[np.nonzero(profile(r) > level)[0][-1]])
+
+
+def test_radial_profiles_equal_brute_force_ring_medians():
+    rng = np.random.default_rng(0)
+    img = rng.normal(size=(60, 70))
+    img[5:9, 40:44] = np.nan
+    y, x = [30.3, 8.0], [35.6, 41.2]
+    r, med, n = radial_profiles(img, y, x, 12.0)
+    edges = [0.0, 1.5, 2.5, 3.5, 5.0, 7.0, 10.0, 12.0]
+    yy, xx = np.mgrid[:60, :70]
+    for k in range(2):
+        d = np.hypot(yy - y[k], xx - x[k])
+        for j in range(len(edges) - 1):
+            sel = (d >= edges[j]) & (d < edges[j + 1]) & np.isfinite(img)
+            assert n[k, j] == sel.sum()
+            assert med[k, j] == pytest.approx(np.median(img[sel]), abs=1e-12)
+            assert r[k, j] == pytest.approx(d[sel].mean())
+
+
+def test_halo_radius_grows_with_flux_as_the_profile_says():
+    # Three isolated stars of 1e4, 1e5 and 1e6 on white noise of 1: the mask radius
+    # must follow where each star's own profile falls to wing * sigma.
+    shape = (600, 600)
+    rng = np.random.default_rng(1)
+    img = rng.normal(size=shape)
+    profiles = []
+    for (y0, x0), flux in zip([(150, 150), (150, 450), (420, 300)], [1e4, 1e5, 1e6], strict=True):
+        star, prof = _star(shape, y0, x0, flux)
+        img += star
+        profiles.append(prof)
+    found = HaloMasker().find(img)
+    order = np.argsort(found.x + 1000 * (found.y > 300))  # left, right, bottom
+    assert len(found) == 3
+    radii = found.radius[order]
+    assert radii[0] < radii[1] < radii[2]
+    for r, prof in zip(radii, profiles, strict=True):
+        true = _true_radius(prof, HaloMasker().wing * found.noise)
+        assert 0.7 * true <= r <= 1.5 * true, (r, true)
+
+
+def test_flat_topped_and_nan_cores_are_saturated_and_centred():
+    shape = (300, 300)
+    rng = np.random.default_rng(2)
+    star, _ = _star(shape, 140.3, 160.6, 3e6)
+    img = rng.normal(size=shape) + star
+    clipped = np.minimum(img, 3000.0)
+    holed = np.where(img > 3000.0, np.nan, img)
+    unclipped = HaloMasker().find(img)
+    for im in (clipped, holed):
+        found = HaloMasker().find(im)
+        assert len(found) == 1 and bool(found.saturated[0])
+        assert found.y[0] == pytest.approx(140.3, abs=0.5)
+        assert found.x[0] == pytest.approx(160.6, abs=0.5)
+        # The amplitude comes from the wings: clipping does not shrink the halo.
+        assert found.radius[0] == pytest.approx(unclipped.radius[0], rel=0.15)
+    assert not unclipped.saturated[0]
+
+
+def test_flagged_core_in_the_mask_is_a_saturated_core():
+    shape = (200, 200)
+    rng = np.random.default_rng(3)
+    star, _ = _star(shape, 100, 100, 1e6)
+    img = rng.normal(size=shape) + star
+    flags = img > 2000.0
+    img[flags] = 2000.0 + rng.normal(size=flags.sum())  # not flat: only the flag says so
+    masker = HaloMasker()
+    found = masker.find(img, None, flags)
+    assert len(found) == 1 and bool(found.saturated[0])
+    m = masker(img, None, flags)
+    assert not (m & flags).any()  # detections only, the given mask left out
+    assert m[100, 100 + int(found.radius[0]) - 1] and not m[100, 100 + int(found.radius[0]) + 2]
+
+
+def test_paint_windows_tile_the_full_mask():
+    src = BrightSources(
+        x=np.array([10.2, 40.0]),
+        y=np.array([12.5, 30.0]),
+        amplitude=np.ones(2),
+        saturated=np.zeros(2, bool),
+        radius=np.array([7.5, 15.0]),
+        profile_radius=np.zeros(0),
+        profile=np.zeros(0),
+        noise=1.0,
+    )
+    masker = HaloMasker()
+    full = masker.paint(src, (50, 60))
+    yy, xx = np.mgrid[:50, :60]
+    want = (np.hypot(yy - 12.5, xx - 10.2) <= 7.5) | (np.hypot(yy - 30, xx - 40) <= 15)
+    np.testing.assert_array_equal(full, want)
+    tiles = np.block(
+        [[masker.paint(src, (50, 60), (a, b), (c, d)) for c, d in ((0, 25), (25, 60))]
+         for a, b in ((0, 20), (20, 50))]
+    )  # fmt: skip
+    np.testing.assert_array_equal(tiles, full)
+
+
+def test_halo_masker_rejects_bad_settings():
+    with pytest.raises(ValueError, match="wing"):
+        HaloMasker(wing=0)
+    with pytest.raises(ValueError, match="seed must be <= nsigma"):
+        HaloMasker(seed=60, nsigma=50)
+    with pytest.raises(ValueError, match="stack"):
+        HaloMasker(stack=0)
+
+
+def test_saturated_star_on_a_real_plate_is_masked_with_its_halo():
+    # A 256x256 cutout of a 1949 photographic plate (tests/data/README.md): the star
+    # centred near (x, y) = (78, 128) is saturated at the plate's density limit (its
+    # plateau spans x = 50-105), with a halo.
+    img = fits.getdata(DATA / "plate_ngc6819_saturated.fits").astype(np.float32)
+    found = HaloMasker().find(img)
+    i = int(np.argmin(np.hypot(found.x - 78, found.y - 128)))
+    assert np.hypot(found.x[i] - 78, found.y[i] - 128) < 4
+    assert bool(found.saturated[i])
+    assert found.radius[i] >= 40
+    m = HaloMasker()(img)
+    assert m[128, 78] and m[128, 78 + 40] and m.mean() < 0.5
+    # The halo really is there: the image 40 px out is still well above the sky
+    # 90-120 px out, by more than the noise (so a background fitted through it
+    # would rise).
+    yy, xx = np.mgrid[: img.shape[0], : img.shape[1]]
+    d = np.hypot(yy - 128, xx - 78)
+    _, sky, _ = sigma_clipped_stats(img[(d >= 90) & (d < 120)], sigma=3.0)
+    _, ring40, _ = sigma_clipped_stats(img[(d >= 36) & (d < 44)], sigma=3.0)
+    assert ring40 - sky > found.noise
+
+
+@pytest.mark.parametrize("kernel", ["white", "gauss0.7", "gauss3", "box3"])
+def test_pure_noise_white_or_correlated_is_not_masked(kernel):
+    # Drizzled, resampled or mosaicked images have noise correlated over a few
+    # pixels: the thresholds are in units of the noise measured at each scale, so
+    # pure noise of any of these kinds gives a mask under 1%.
+    rng = np.random.default_rng(4)
+    w = rng.normal(size=(256, 256))
+    if kernel.startswith("gauss"):
+        w = ndi.gaussian_filter(w, float(kernel[5:]))
+    elif kernel == "box3":
+        w = ndi.uniform_filter(w, 3)
+    img = (100 + w / w.std()).astype(np.float32)
+    res = skymap.fit(img)
+    assert res.source_mask.mean() < 0.01
