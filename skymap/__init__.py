@@ -48,6 +48,7 @@ _NAMES = {
     "default_pipeline": "background.pipeline",
     "IterativeBackground": "background.pipeline",
     "BackgroundResult": "background.pipeline",
+    "ConvergenceWarning": "background.convergence",
     "Stage": "background.pipeline",
     "ThinPlateSmoother": "background.smooth",
     "HysteresisMasker": "masking.hysteresis",

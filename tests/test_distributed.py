@@ -203,7 +203,7 @@ def _assert_same_fit(tiled, ref, client=None, change_rtol=1e-9):
         ("notebook", {}),
         ("crowded_float32", {"max_iter": 2}),
         ("bad_pixels", {"cell_size": 6, "max_iter": 2}),
-        ("galaxies_lsb", {"max_iter": 3}),  # the smoothing floor is raised (asymmetry)
+        ("galaxies_lsb", {"max_iter": 3}),  # the smoothing floor (max_source_size)
     ],
 )
 def test_fit_of_a_dask_array_equals_in_memory_on_a_local_cluster(scene, options, threads_client):

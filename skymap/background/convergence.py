@@ -1,0 +1,142 @@
+"""Convergence of the iterative pipeline: when a stage has settled, when its mask is
+running away, and what the result says about it in words.
+
+A stage has settled when the background moved by less than its tolerance and the mask
+changed little (:func:`settled`). A *runaway* is a mask that keeps growing while the
+background keeps moving: sky structure the fit cannot follow is masked, the fit then
+follows it even less, and more of it is masked. :func:`runaway` detects it after
+:data:`RUNAWAY_RUN` such iterations in a row; the pipeline then backs off to the state
+of the stage in which mask and background agreed best (:func:`agreed_state`) and stops
+there. A fit that stops at its iteration cap without settling emits a
+:class:`ConvergenceWarning` whose message is ``BackgroundResult.convergence_note``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+__all__ = [
+    "RUNAWAY_EXCESS",
+    "RUNAWAY_RATIO",
+    "RUNAWAY_RUN",
+    "ConvergenceWarning",
+    "note_backed_off",
+    "note_converged",
+    "note_stopped",
+    "runaway",
+    "settled",
+    "tolerance",
+]
+
+#: Iterations in a row of mask growth with a moving background that make a runaway.
+RUNAWAY_RUN = 3
+#: ... when the background's change shrinks by less than this factor per iteration:
+#: a fit converging geometrically by 0.5 per iteration gains a decade in ~3 more,
+#: one at 0.8 needs ~10.
+RUNAWAY_RATIO = 0.7
+#: ... and when the background still moves by more than this many times its tolerance:
+#: a mask deepening over faint extended sources moves it by little more than the
+#: tolerance, and backing off would unmask them.
+RUNAWAY_EXCESS = 3.0
+
+
+class ConvergenceWarning(UserWarning):
+    """A background fit stopped at its iteration cap before settling; the result's
+    ``convergence_note`` says why (how much the background and the mask still moved).
+
+    Examples
+    --------
+    >>> import warnings
+    >>> issubclass(ConvergenceWarning, UserWarning)
+    True
+    """
+
+
+def tolerance(pipe: Any, rec: Any) -> float:
+    """The change (in units of the background RMS) below which ``rec``'s background
+    counts as settled: ``change_tol``, or ``error_tol`` times its statistical error if
+    that is larger."""
+    tol = pipe.change_tol
+    if pipe.error_tol and math.isfinite(rec.error):
+        tol = max(tol, pipe.error_tol * rec.error)
+    return tol
+
+
+def settled(pipe: Any, rec: Any) -> bool:
+    """Whether the iteration ``rec`` meets the tolerances of ``pipe``: the background
+    moved by less than :func:`tolerance` and fewer than ``mask_tol`` of the pixels
+    changed mask state, or the masked share grew or shrank by less than that."""
+    mask_ok = rec.mask_change <= pipe.mask_tol or abs(rec.mask_growth) <= pipe.mask_tol
+    return rec.change <= tolerance(pipe, rec) and mask_ok
+
+
+def runaway(pipe: Any, records: Sequence[Any]) -> bool:
+    """Whether the last :data:`RUNAWAY_RUN` of a stage's ``records`` each grew the
+    masked share by more than ``mask_tol`` while the background moved by more than its
+    tolerance, the background's change is not shrinking by at least
+    :data:`RUNAWAY_RATIO` per iteration (a mask that grows while the fit converges
+    geometrically is only getting deeper), and the last change is still more than
+    :data:`RUNAWAY_EXCESS` times its tolerance.
+
+    Examples
+    --------
+    >>> from types import SimpleNamespace as R
+    >>> pipe = R(change_tol=0.01, error_tol=0.0, mask_tol=0.005)
+    >>> grow = [R(mask_growth=0.03, change=c, error=0.0) for c in (0.3, 0.26, 0.23)]
+    >>> settling = [R(mask_growth=0.03, change=c, error=0.0) for c in (0.3, 0.1, 0.03)]
+    >>> runaway(pipe, grow), runaway(pipe, grow[:2]), runaway(pipe, settling)
+    (True, False, False)
+    """
+    if len(records) < RUNAWAY_RUN:
+        return False
+    run = records[-RUNAWAY_RUN:]
+    if not all(r.mask_growth > pipe.mask_tol and r.change > tolerance(pipe, r) for r in run):
+        return False
+    first, last = run[0].change, run[-1].change
+    return last >= first * RUNAWAY_RATIO ** (len(run) - 1) and last > RUNAWAY_EXCESS * tolerance(
+        pipe, run[-1]
+    )
+
+
+def note_converged(stage: int, iterations: int, rec: Any, pipe: Any) -> str:
+    """The note of a fit whose last stage settled."""
+    return (
+        f"converged: stage {stage} settled after {iterations} iteration(s); the "
+        f"background moved by {rec.change:.3g} of its RMS (tolerance "
+        f"{tolerance(pipe, rec):.3g}) and {rec.mask_change:.2%} of the pixels changed mask"
+    )
+
+
+def note_backed_off(stage: int, run: Sequence[Any], kept: Any) -> str:
+    """The note of a fit that stopped a runaway (the records ``run``) and went back to
+    the record ``kept``, the state before it."""
+    grew = sum(r.mask_growth for r in run)
+    return (
+        f"converged by backing off a runaway mask: in stage {stage} the masked share "
+        f"grew by {grew:.1%} of the image over {len(run)} iterations while the background "
+        f"kept moving (by {run[0].change:.3g}, then {run[-1].change:.3g} of its RMS), so "
+        f"the fit went back to the state before (stage {kept.stage}, iteration "
+        f"{kept.iteration}, mask {kept.mask_fraction:.1%})"
+    )
+
+
+def note_stopped(stage: int, cap: int, rec: Any, pipe: Any) -> str:
+    """The note of a fit that hit its iteration cap without settling."""
+    why = []
+    tol = tolerance(pipe, rec)
+    if not rec.change <= tol:
+        why.append(
+            f"the background still moved by {rec.change:.3g} of its RMS (tolerance {tol:.3g})"
+        )
+    if not (rec.mask_change <= pipe.mask_tol or abs(rec.mask_growth) <= pipe.mask_tol):
+        why.append(
+            f"{rec.mask_change:.2%} of the pixels still changed mask and the masked share "
+            f"moved by {rec.mask_growth:+.2%} (tolerance {pipe.mask_tol:.2%})"
+        )
+    return (
+        f"not converged: stage {stage} stopped at its cap of {cap} iteration(s); "
+        + " and ".join(why or ["the last iteration did not meet the tolerances"])
+        + "; raise max_iter, or loosen change_tol / mask_tol"
+    )

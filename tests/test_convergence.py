@@ -1,0 +1,180 @@
+"""The scale that separates sky from sources (``max_source_size``), convergence notes,
+the ConvergenceWarning and the runaway back-off of the iterative pipeline."""
+
+import warnings
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+from astropy.io import fits
+
+import skymap
+from skymap.background import convergence as C
+from skymap.background import pipeline as P
+from skymap.background.scale import max_source_size, release_broad, source_scale
+from skymap.background.smooth import ThinPlateSmoother
+from skymap.quality.simulate import scene_by_name
+
+YY, XX = np.mgrid[:192, :192].astype(float)
+
+
+def _gauss(y, x, sigma, amplitude):
+    return amplitude * np.exp(-((YY - y) ** 2 + (XX - x) ** 2) / (2.0 * sigma**2))
+
+
+def test_broad_bump_is_followed_and_a_smaller_source_is_not():
+    rng = np.random.default_rng(1)
+    noise = rng.normal(size=YY.shape)
+    bump = _gauss(100, 60, 40.0, 3.0)  # sky: ~94 px FWHM, 3 sigma high
+    blob = _gauss(96, 150, 3.0, 2.5)  # a source: ~7 px FWHM
+    # The knob alone (the asymmetry check, on by default, could only raise the floor).
+    res = skymap.fit(noise + bump + blob, max_source_size=32, source_asymmetry=None)
+    assert res.max_source_size == 32.0
+    assert all(r.min_scale is not None and r.min_scale >= 16.0 for r in res.history)
+    # The bump is followed (within 0.4 sigma at its peak) ...
+    assert abs(res.background[100, 60] - 3.0) < 0.4
+    # ... the source is not: under it the background stays within 0.3 sigma of the sky.
+    assert abs(res.background[96, 150] - bump[96, 150]) < 0.3
+    # Without the floor, GCV is free to chase the noise more closely: the floored fit
+    # is the smoother one.
+    free = skymap.fit(noise + bump + blob, max_source_size=None, source_asymmetry=None)
+    assert all(r.min_scale is None for r in free.history)
+    assert np.std(np.diff(res.background, axis=1)) <= np.std(np.diff(free.background, axis=1))
+
+
+@pytest.mark.parametrize("bad", [0, -5, float("nan"), float("inf"), "big", True, [3]])
+def test_bad_max_source_size_names_the_option(bad):
+    with pytest.raises(ValueError, match="max_source_size"):
+        skymap.fit(np.zeros((64, 64)), max_source_size=bad)
+    with pytest.raises(ValueError, match="max_source_size"):
+        max_source_size(bad)
+
+
+def test_every_previous_option_still_accepted():
+    rng = np.random.default_rng(2)
+    img = 5 + rng.normal(size=(96, 96))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", C.ConvergenceWarning)
+        res = skymap.fit(
+            img,
+            high=4.0,
+            low=2.0,
+            max_iter=3,
+            change_tol=0.01,
+            mask_tol=0.005,
+            error_tol=0.5,
+            source_asymmetry=2.5,
+            cell_size=8,
+            gcv_inflation=1.4,
+        )
+    assert res.background.shape == img.shape
+    assert isinstance(res.convergence_note, str) and res.convergence_note
+
+
+def test_source_scale_is_measured_from_the_stars():
+    rng = np.random.default_rng(0)
+    img = rng.normal(size=(256, 256))
+    yy, xx = np.mgrid[:256, :256]
+    for y, x in rng.uniform(20, 236, (40, 2)):
+        img += 300 * np.exp(-((yy - y) ** 2 + (xx - x) ** 2) / (2 * 2.0**2))
+    s = source_scale(img)
+    assert 4.0 < s.fwhm < 5.6  # a 2-px sigma Gaussian: FWHM 4.7
+    assert s.n_peaks >= 20
+    # 8 FWHM, bounded by an eighth of the longer side (32 px) from above.
+    assert s.max_source_size == 32.0
+    assert source_scale(np.zeros((64, 64))).max_source_size == 16.0
+
+
+def test_release_broad_keeps_sources_and_frees_sky():
+    det = np.zeros((128, 128), bool)
+    det[10:20, 10:20] = True
+    det[40:120, 30:120] = True
+    out = release_broad(det, 24)
+    assert out[15, 15] and not out[80, 80]
+    assert not (out & ~det).any()
+
+
+def test_converged_scene_says_so_without_warning():
+    scene = scene_by_name("crowded_stellar", shape=(192, 192), seed=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", C.ConvergenceWarning)
+        res = skymap.fit(scene.image)
+    assert res.converged
+    assert res.convergence_note.startswith("converged")
+    assert res.max_source_size is not None and 16 <= res.max_source_size <= 32
+
+
+def test_forced_low_cap_warns_and_says_why():
+    scene = scene_by_name("galaxies_lsb", shape=(128, 128), seed=1)
+    with pytest.warns(skymap.ConvergenceWarning, match="not converged") as caught:
+        res = skymap.fit(scene.image, max_iter=1)
+    assert not res.converged
+    assert res.convergence_note.startswith("not converged")
+    assert "max_iter" in res.convergence_note
+    assert str(caught[0].message) == res.convergence_note
+    assert issubclass(skymap.ConvergenceWarning, UserWarning)
+
+
+def _rec(growth, change, error=0.0):
+    return SimpleNamespace(mask_growth=growth, change=change, error=error)
+
+
+def test_runaway_needs_growth_and_a_background_that_does_not_settle():
+    pipe = SimpleNamespace(change_tol=0.01, error_tol=0.5, mask_tol=0.005)
+    assert C.runaway(pipe, [_rec(0.1, 0.5), _rec(0.1, 0.45), _rec(0.08, 0.4)])
+    # the background converges geometrically: the mask is only getting deeper
+    assert not C.runaway(pipe, [_rec(0.1, 0.5), _rec(0.05, 0.2), _rec(0.02, 0.08)])
+    # the mask no longer grows
+    assert not C.runaway(pipe, [_rec(0.1, 0.5), _rec(0.1, 0.45), _rec(0.001, 0.4)])
+    # too few iterations to tell
+    assert not C.runaway(pipe, [_rec(0.1, 0.5), _rec(0.1, 0.45)])
+    # a mask deepening over faint extended sources: the background moves by little
+    # more than its tolerance
+    assert not C.runaway(pipe, [_rec(0.009, 0.031), _rec(0.006, 0.028), _rec(0.006, 0.019)])
+
+
+class _CreepingMasker:
+    """A masker whose mask grows by a band of rows at every call, over a sky with a
+    slope, so the background keeps moving: a runaway by construction."""
+
+    def __init__(self):
+        self.calls = 0
+
+    def __call__(self, residual, rms, mask):
+        self.calls += 1
+        out = np.zeros(residual.shape, bool)
+        out[: 12 * self.calls, :] = True
+        return out
+
+
+def test_runaway_is_backed_off_to_the_state_before_it():
+    rng = np.random.default_rng(3)
+    img = np.add.outer(0.05 * (np.arange(160.0) - 80) ** 2 / 80.0, np.zeros(160))
+    img = img + rng.normal(size=img.shape)
+    smoother = ThinPlateSmoother(smoothing=1e6, cell_size=8)
+    pipe = P.IterativeBackground(
+        first_guess=smoother,
+        stages=(P.Stage(masker=_CreepingMasker(), estimator=smoother),),
+        max_iter=8,
+    )
+    res = pipe.fit(img)
+    assert res.converged
+    assert res.convergence_note.startswith("converged by backing off a runaway")
+    stage = [r for r in res.history if r.stage == 0]
+    # three growing iterations, then the back-off record
+    assert len(stage) == C.RUNAWAY_RUN + 1
+    kept = res.history[-C.RUNAWAY_RUN - 2]
+    np.testing.assert_array_equal(res.mask, kept.mask)
+    np.testing.assert_array_equal(res.background, kept.background)
+
+
+@pytest.mark.parametrize("name", ["spitzer_cutout.fits", "m6707hh_cutout.fits"])
+def test_real_cutouts_converge_with_a_sane_mask(data_dir, name):
+    img = fits.getdata(data_dir / name).astype(np.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", C.ConvergenceWarning)
+        res = skymap.fit(img)
+    assert res.converged, res.convergence_note
+    # a 64-px cutout next to bright stars: their halo masks (HaloMasker) cover about half
+    assert 0.01 < res.source_mask.mean() < 0.75
+    assert res.max_source_size == 16.0  # a 64-px cutout: the lower bound
