@@ -56,7 +56,7 @@ def work_dtype(dtype: Any) -> np.dtype:
     """The dtype skymap computes in for input of ``dtype``, without touching any data.
 
     Integer, boolean and half-precision input becomes float32; float32/float64 keep
-    their precision in native byte order.
+    their precision in native byte order; long double becomes float64.
 
     Examples
     --------
@@ -66,6 +66,9 @@ def work_dtype(dtype: Any) -> np.dtype:
     dtype = np.dtype(dtype)
     if dtype.kind in "biu" or dtype.itemsize < 4:
         return np.dtype(np.float32)
+    if dtype.itemsize > 8:
+        # long double: the compiled kernels work in float64 at most
+        return np.dtype(np.float64)
     return dtype.newbyteorder("=")
 
 

@@ -58,7 +58,12 @@ class ArrayBackend(Protocol):
     dtype : numpy.dtype
         Its working float dtype.
     image, bad
-        The working image and its bad-pixel mask (given mask OR non-finite), native.
+        The working image and its bad-pixel mask (given mask OR non-finite, and after
+        :meth:`normalise` the image's extreme negative pixels), native.
+    given_bad
+        The given mask OR the non-finite pixels, native.
+    weight
+        Relative inverse variance per pixel (native), or None.
     size : int
         Number of pixels.
     nbad : int
@@ -71,9 +76,16 @@ class ArrayBackend(Protocol):
     dtype: np.dtype
     image: Any
     bad: Any
+    given_bad: Any
+    weight: Any
     size: int
     nbad: int
     tiled: bool
+
+    def normalise(self) -> Any:
+        """Make ``image`` the normalised copy ``(image - level) / scale`` and exclude
+        its extreme negative pixels from ``bad``; returns the
+        :class:`~skymap._inputs.Normalisation` (called once, before the fit)."""
 
     # -- the loop's operations
 

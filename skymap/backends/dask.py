@@ -30,6 +30,7 @@ from typing import Any
 
 import numpy as np
 
+from skymap._inputs import Normalisation
 from skymap._validate import as_image, as_mask, as_pair, combine_masks, work_dtype
 from skymap.backends.base import (
     BinnedStepMasker,
@@ -158,6 +159,7 @@ class DaskBackend:
     """
 
     tiled = True
+    weight = None  # error maps are for the in-memory back end
 
     def __init__(self, image, mask=None, *, tile=1024, unit=(2, 2), client=None):
         if not hasattr(image, "shape") or not hasattr(image, "dtype"):
@@ -194,6 +196,7 @@ class DaskBackend:
             _bad_block, self.image, *([] if given is None else [given]), dtype=bool
         )
         (self.bad,) = self.persist(bad)
+        self.given_bad = self.bad
         self.nbad = int(self.compute(self.bad.sum()))
         if self.nbad == self.size:
             raise ValueError("image has no valid pixel: everything is masked or non-finite")
@@ -203,6 +206,18 @@ class DaskBackend:
         # Full-width strips of about a tile's area, for the C-order noise sample.
         h = max(1, self.tile[0] * self.tile[1] // shape[1])
         self.strips = [(y, min(shape[0], y + h)) for y in range(0, shape[0], h)]
+
+    def normalise(self) -> Normalisation:
+        """As :meth:`MemoryBackend.normalise <skymap.backends.memory.MemoryBackend.normalise>`,
+        tile by tile: the constants come from the same strided subsample."""
+        step = Normalisation.sample_step(self.shape)
+        sub, subbad = self.compute(self.image[::step, ::step], self.bad[::step, ::step])
+        norm = Normalisation.from_sample(sub, subbad, self.dtype)
+        self.image = self.image.map_blocks(norm.apply, dtype=self.dtype)
+        outliers = self.image.map_blocks(norm.outliers, dtype=bool)
+        (self.bad,) = self.persist(self.given_bad | outliers)
+        self.nbad = int(self.compute(self.bad.sum()))
+        return norm
 
     def layout(self) -> TileLayout:
         """The tiles: their shape, the chunks and the largest halo read so far."""

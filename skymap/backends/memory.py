@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from skymap._inputs import Normalisation
 from skymap._validate import as_image, as_mask, combine_masks
 from skymap.backends import _memory_kernels as _k
 from skymap.backends.base import valid_blocks
@@ -59,10 +60,13 @@ class MemoryBackend:
     """
 
     tiled = False
+    #: Relative inverse variance per pixel (an error map given to the fit), or None.
+    weight = None
 
     def __init__(self, image: Any, mask: Any = None):
         self.image = as_image(image)
         self.bad = combine_masks(self.image, as_mask(mask, self.image.shape))
+        self.given_bad = self.bad
         self.shape = self.image.shape
         self.dtype = self.image.dtype
         self.size = self.image.size
@@ -70,6 +74,17 @@ class MemoryBackend:
         if self.nbad == self.bad.size:
             raise ValueError("image has no valid pixel: everything is masked or non-finite")
         self._last = None
+
+    def normalise(self) -> Normalisation:
+        """Replace the image by ``(image - level) / scale`` (a new array; see
+        :class:`~skymap._inputs.Normalisation`) and exclude its extreme negative
+        pixels; ``given_bad`` keeps the given mask OR non-finite pixels. Returns the
+        normalisation, which maps the fit's results back."""
+        norm = Normalisation.of(self.image, self.bad)
+        self.image = norm.apply(self.image)
+        self.bad = self.given_bad | norm.outliers(self.image)
+        self.nbad = int(np.count_nonzero(self.bad))
+        return norm
 
     # -- the loop's operations
 

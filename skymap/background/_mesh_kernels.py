@@ -146,6 +146,20 @@ def _first_above(s, a, b, x):
 
 
 @njit(cache=True, nogil=True, error_model="numpy")
+def _prefix_sums(vals, p1, p2, a, b):
+    """Prefix sums of the offsets of ``vals[a:b]`` from their middle value, based at
+    ``a`` (``p1[a] = p2[a] = 0``); returns that reference value."""
+    ref = vals[(a + b) // 2]
+    p1[a] = 0.0
+    p2[a] = 0.0
+    for t in range(a, b):
+        d = vals[t] - ref
+        p1[t + 1] = p1[t] + d
+        p2[t + 1] = p2[t] + d * d
+    return ref
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
 def _range_mean_std(p1, p2, ref, a, b):
     """Mean and population std of sorted values ``a:b`` from prefix sums of their
     offsets from ``ref`` (the offsets keep the one-pass variance well conditioned)."""
@@ -385,14 +399,10 @@ def mesh_clip_stats(
                 scale_out[j, i] = np.nan
                 continue
             _radix_sort(vals, n, tmp, counts)
-            ref = vals[n // 2]
-            p1[0] = 0.0
-            p2[0] = 0.0
-            for t in range(n):
-                d = vals[t] - ref
-                p1[t + 1] = p1[t] + d
-                p2[t + 1] = p2[t] + d * d
+            ref = _prefix_sums(vals, p1, p2, 0, n)
             a, b = 0, n
+            # [wa, wb): where the prefix sums are based (differences inside it are valid)
+            wa, wb = 0, n
             lo, hi = -np.inf, np.inf
             if clip:
                 it = 0
@@ -408,11 +418,19 @@ def mesh_clip_stats(
                     if nb - na == b - a or nb == na:
                         break
                     a, b = na, nb
+                    # A clipped extreme value (1e38 in a mesh of unit noise) leaves the
+                    # kept range's sums as the difference of two huge prefix sums, all
+                    # rounding: rebase them on the kept range.
+                    if p2[a] - p2[wa] > 1e6 * (p2[b] - p2[a]):
+                        ref = _prefix_sums(vals, p1, p2, a, b)
+                        wa, wb = a, b
                     it += 1
                     if maxiters != -1 and it >= maxiters:
                         break
                 a = _first_at_least(vals, 0, n, lo)
                 b = _first_above(vals, a, n, hi)
+                if a < wa or b > wb:
+                    ref = _prefix_sums(vals, p1, p2, a, b)
             n = b - a
             ngood_out[j, i] = n
             if n == 0:

@@ -27,8 +27,9 @@ from typing import Any, Literal
 
 import numpy as np
 
+from skymap._inputs import ImageInput, read_image
 from skymap._util import cut_window
-from skymap._validate import as_image, as_mask, as_pair, check_choice, check_range
+from skymap._validate import as_mask, as_pair, check_choice, check_range
 from skymap.background import _mesh_kernels as _k
 from skymap.background.interpolate import (
     Interpolator,
@@ -384,9 +385,10 @@ class MeshBackground:
             every mesh excluded.
         """
         try:
-            img = as_image(image)
+            inp = read_image(image, mask)
+            img = inp.data
             shape = img.shape
-            m = as_mask(mask, shape, "mask")
+            m = inp.mask
             cov = as_mask(coverage_mask, shape, "coverage_mask")
         except TypeError as err:
             # a bad dtype is a bad value of the argument: one exception type for callers
@@ -400,7 +402,12 @@ class MeshBackground:
         geometry = MeshGeometry(box_size=self.box_size, image_shape=shape)
         with _k.threads_for(img.size):
             loc, scale, nvalid, ngood = self.mesh_stats(img, excl, geometry)
-        return self.finish(loc, scale, nvalid, ngood, geometry, dtype=img.dtype, coverage_mask=cov)
+        result = self.finish(
+            loc, scale, nvalid, ngood, geometry, dtype=img.dtype, coverage_mask=cov
+        )
+        if inp.unit is None:
+            return result
+        return replace(result, inputs=replace(inp, data=None, mask=None, error=None))
 
     def finish(self, loc, scale, nvalid, ngood, geometry, *, dtype, coverage_mask):
         """From per-mesh statistics (:meth:`mesh_stats`) to a MeshResult: exclusion,
@@ -634,6 +641,7 @@ class MeshResult(MapMethods):
     global_background: float
     global_rms: float
     coverage_mask: np.ndarray | None = None
+    inputs: ImageInput | None = field(default=None, repr=False)
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -647,7 +655,8 @@ class MeshResult(MapMethods):
         out = np.asarray(out, dtype=mesh_values.dtype)
         if self.coverage_mask is not None:
             out[self.coverage_mask] = self.config.fill_value
-        return out
+        # Units in, units out (a Quantity when the image had a unit).
+        return out if self.inputs is None else self.inputs.wrap(out)
 
     @cached_property
     def background(self) -> np.ndarray:

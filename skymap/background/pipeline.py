@@ -23,19 +23,21 @@ smoothing, so nothing in it is a pixel number tuned to one scene.
 from __future__ import annotations
 
 import collections
+import functools
 import inspect
 import logging
 import math
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from functools import cached_property
 from typing import Any
 
 import numpy as np
 
-from skymap._util import check_int
-from skymap._validate import as_image, as_mask, check_positive
+from skymap._inputs import ImageInput, Normalisation, read_image
+from skymap._util import check_int, pow2_at_most
+from skymap._validate import as_image, as_mask, check_choice, check_positive
 from skymap.backends.base import ArrayBackend, BinnedStepMasker, Tileable
 from skymap.backends.dask import DaskBackend, is_tiled_input
 from skymap.backends.memory import MemoryBackend
@@ -48,7 +50,7 @@ from skymap.background.scale import central_window, smoothing_floor, source_scal
 from skymap.background.scale import max_source_size as _resolve_size
 from skymap.background.smooth import ThinPlateSmoother
 from skymap.masking.bright import HaloMasker
-from skymap.masking.hysteresis import HysteresisMasker
+from skymap.masking.hysteresis import CoarseRMS, HysteresisMasker
 from skymap.masking.maskers import Masker
 
 __all__ = [
@@ -126,24 +128,28 @@ class IterationRecord:
     model: Any = field(repr=False)
     packed_mask: np.ndarray | None = field(repr=False)
     shape: tuple[int, int]
+    normalisation: Normalisation | None = field(default=None, repr=False)
 
     def to_dict(self) -> dict:
         """The scalar fields, for tables and JSON."""
         return {
             f.name: getattr(self, f.name)
             for f in fields(self)
-            if f.name not in ("model", "packed_mask", "shape")
+            if f.name not in ("model", "packed_mask", "shape", "normalisation")
         }
 
     @property
     def background(self) -> np.ndarray:
-        """Background map of this iteration."""
-        return self.model.background_map()
+        """Background map of this iteration, in the image's units (the model's are
+        the normalised ones)."""
+        bkg = self.model.background_map()
+        return bkg if self.normalisation is None else self.normalisation.undo(bkg)
 
     @property
     def rms(self) -> np.ndarray:
-        """RMS map of this iteration."""
-        return self.model.rms_map()
+        """RMS map of this iteration, in the image's units."""
+        rms = self.model.rms_map()
+        return rms if self.normalisation is None else self.normalisation.undo(rms, offset=False)
 
     @property
     def mask(self) -> np.ndarray:
@@ -210,16 +216,44 @@ class BackgroundResult:
     converged: bool
     lazy_rms: Any = field(default=None, repr=False)
     tiles: Any = None
+    normalisation: Normalisation | None = field(default=None, repr=False)
+    inputs: ImageInput | None = field(default=None, repr=False)
+
+    def __post_init__(self):
+        # Units in, units out: a Quantity when the image had a unit.
+        if self.inputs is not None and self.inputs.unit is not None:
+            object.__setattr__(self, "background", self.inputs.wrap(self.background))
+
     convergence_note: str = ""
     max_source_size: float | None = None
 
     @cached_property
     def rms(self) -> np.ndarray:
-        """Background RMS map (input dtype), interpolated on first access (a lazy dask
-        array for a tiled fit)."""
+        """Background RMS map (input dtype and unit), interpolated on first access (a
+        lazy dask array for a tiled fit)."""
         if self.lazy_rms is not None:
             return self.lazy_rms
-        return np.asarray(self.history[-1].model.rms_map(), dtype=self.background.dtype)
+        rms = np.asarray(self.history[-1].model.rms_map(), dtype=self.background.dtype)
+        if self.normalisation is not None:
+            rms = self.normalisation.undo(rms, offset=False)
+        return rms if self.inputs is None else self.inputs.wrap(rms)
+
+    @property
+    def unit(self):
+        """The image's unit (None for a unitless image)."""
+        return None if self.inputs is None else self.inputs.unit
+
+    @property
+    def wcs(self):
+        """The image's WCS (NDData/CCDData input), else None."""
+        return None if self.inputs is None else self.inputs.wcs
+
+    def as_nddata(self, which: str = "background"):
+        """``background`` or ``rms`` as a CCDData (for CCDData input) or NDData, with
+        the image's unit, WCS and meta."""
+        check_choice("which", which, ("background", "rms"))
+        values = np.asarray(getattr(self, which))
+        return (self.inputs or ImageInput(data=values)).as_nddata(values)
 
     @cached_property
     def source_mask(self) -> np.ndarray:
@@ -412,15 +446,29 @@ class IterativeBackground:
         tile: int | tuple[int, int] | None = None,
         client: Any = None,
         backend: ArrayBackend | None = None,
+        error: Any = None,
+        weight: Any = None,
     ) -> BackgroundResult:
         """Fit the background of ``image`` (y, x), ignoring ``mask`` (True = excluded).
 
+        The loop runs on a normalised copy, ``(image - level) / scale``
+        (:class:`~skymap._inputs.Normalisation`), so that the result scales exactly
+        with the input; the result's maps are in the input's units, the history's
+        models in the normalised ones.
+
         Parameters
         ----------
-        image : array_like (ny, nx)
-            The image (ignored when ``backend`` is given, which holds it).
+        image : array_like, MaskedArray, Quantity, NDData or CCDData (ny, nx)
+            The image (ignored when ``backend`` is given, which holds it). Its own
+            mask is ORed with ``mask``, its unit carried to the outputs, an NDData
+            uncertainty read as ``error`` (:func:`skymap._inputs.read_image`).
         mask : array_like of bool, optional
             True = excluded; NaN and inf pixels are excluded automatically.
+        error, weight : array_like or Quantity, optional
+            1 sigma per pixel, or inverse variance; at most one (in-memory fits only).
+            The maskers threshold in units of this map (times the noise excess they
+            measure) and thin-plate smoothers weight their cells by it. Zero weight or
+            a non-finite error excludes the pixel.
         callback : callable, optional
             Called with each :class:`IterationRecord` as it is made (the first guess,
             every iteration, the final refit): progress reports.
@@ -433,11 +481,26 @@ class IterativeBackground:
         Raises
         ------
         ValueError
-            For a non-2-D image, a mask of another shape, or no valid pixel.
+            For a non-2-D image, a mask, error or weight of another shape, negative
+            errors or weights, units that do not convert, or no valid pixel.
         """
-        be = (
-            self.backend_for(image, mask, tile=tile, client=client) if backend is None else backend
-        )
+        inputs = None
+        if backend is not None:
+            be = backend
+        elif tile is None and client is None and not is_tiled_input(image):
+            inputs = read_image(image, mask, error=error, weight=weight)
+            be = MemoryBackend(inputs.data, inputs.mask)
+        else:
+            be = self.backend_for(image, mask, tile=tile, client=client)
+        if (error is not None or weight is not None) and inputs is None:
+            raise ValueError("error and weight maps are for in-memory fits only")
+        norm = be.normalise()
+        masker_noise = None
+        if inputs is not None and inputs.error is not None:
+            masker_noise = _error_noise(inputs.error, be.bad, norm)
+            be.weight = _relative_weight(inputs.error, be.bad)
+            inputs = replace(inputs, error=None)
+        record = functools.partial(_record, norm=norm)
         noise_model = NoiseModel.for_maskers(st.masker for st in self.stages)
         history: list[IterationRecord] = []
 
@@ -447,7 +510,6 @@ class IterativeBackground:
                 callback(record)
             return record
 
-        given = be.bad
         if self.halos is not None:
             _exclude_halos(be, self.halos)
         size = self.source_size(be)
@@ -458,7 +520,7 @@ class IterativeBackground:
         bkg, noise = be.background(model), noise_model.working(model, be)
         current = be.bad
         _, count, kept = be.mask_stats(current)
-        keep(_record(be, -1, 0, model, count, kept, None, None, floor=floor))
+        keep(record(be, -1, 0, model, count, kept, None, None, floor=floor))
         # The last few masks, for a back-off from a runaway (a tiled fit's history
         # keeps none).
         masks = collections.deque([current] if be.tiled else [], maxlen=_conv.RUNAWAY_RUN + 1)
@@ -475,7 +537,12 @@ class IterativeBackground:
                 # mask is in the history, bit-packed, for the mask change.
                 resid = be.residual(bkg)
                 del bkg, current
-                new = be.mask(stage.masker, resid, noise, NoiseModel.window)
+                new = be.mask(
+                    stage.masker,
+                    resid,
+                    noise if masker_noise is None else masker_noise,
+                    NoiseModel.window,
+                )
                 del resid, noise
                 previous = model
                 model = _fit(be, stage.estimator, new, history[-1].scale, floor)
@@ -487,7 +554,7 @@ class IterativeBackground:
                 if k == last and self.source_asymmetry is not None:
                     asymmetry, floor, raised = self._check_asymmetry(model, floor)
                 rec = keep(
-                    _record(
+                    record(
                         be,
                         k,
                         it,
@@ -539,7 +606,7 @@ class IterativeBackground:
                     del previous
                     flips, count, kept = be.mask_stats(current)
                     keep(
-                        _record(
+                        record(
                             be,
                             k,
                             it,
@@ -567,7 +634,7 @@ class IterativeBackground:
             change = be.change(bkg, model, previous, noise_model.working(model, be), NoiseModel)
             rec = history[-1]
             keep(
-                _record(
+                record(
                     be,
                     len(self.stages),
                     0,
@@ -580,18 +647,21 @@ class IterativeBackground:
                     floor=floor,
                 )  # fmt: skip
             )
+        lazy_rms = be.result_rms(model)
         if not converged:
             warnings.warn(note, ConvergenceWarning, stacklevel=2)
         return BackgroundResult(
-            background=be.result(bkg),
+            background=be.result(norm.undo(bkg)),
             mask=be.result(current),
-            bad_mask=be.result(given),
+            bad_mask=be.result(be.given_bad),
             history=tuple(history),
             config=self,
-            noise=float(typical),
+            noise=float(typical) * norm.scale,
             converged=converged,
-            lazy_rms=be.result_rms(model),
+            lazy_rms=None if lazy_rms is None else norm.undo(lazy_rms, offset=False),
             tiles=be.layout() if be.tiled else None,
+            normalisation=norm,
+            inputs=None if inputs is None else replace(inputs, data=None, mask=None),
             convergence_note=note,
             max_source_size=size,
         )
@@ -665,6 +735,36 @@ class IterativeBackground:
         return asymmetry, stiff, True
 
 
+def _error_noise(error: np.ndarray, bad: np.ndarray, norm: Normalisation) -> CoarseRMS:
+    """The maskers' noise from a 1-sigma map: its RMS over the valid pixels of blocks
+    of 4 x 4 pixels, in normalised units (a :class:`CoarseRMS`; blocks with no valid
+    pixel take the median of the others)."""
+    q = pow2_at_most(4.0, *error.shape)
+    ny, nx = error.shape
+    gy, gx = -(-ny // q), -(-nx // q)
+    var = np.zeros((gy * q, gx * q))
+    ok = np.zeros(var.shape, bool)
+    ok[:ny, :nx] = ~bad
+    var[:ny, :nx] = np.where(~bad, error / norm.scale, 0.0) ** 2
+    total = var.reshape(gy, q, gx, q).sum(axis=(1, 3))
+    count = ok.reshape(gy, q, gx, q).sum(axis=(1, 3))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        values = np.sqrt(total / count)
+    good = np.isfinite(values) & (values > 0)
+    values[~good] = np.median(values[good]) if good.any() else 1.0
+    return CoarseRMS(values=values.astype(np.float32), step=q, shape=error.shape)
+
+
+def _relative_weight(error: np.ndarray, bad: np.ndarray) -> np.ndarray:
+    """Inverse variance relative to its mean over the valid pixels (float32; 0 where
+    excluded): scale-free cell weights for the smoother."""
+    with np.errstate(divide="ignore"):
+        w = 1.0 / np.square(error)
+    w[bad | ~np.isfinite(w)] = 0.0
+    mean = float(w[~bad].mean())
+    return (w / mean if mean > 0 else w).astype(np.float32)
+
+
 def _exclude_halos(backend, halos) -> None:
     """OR ``halos``' detections on the whole image into the back end's bad-pixel mask,
     so that every later fit and mask excludes them. Its global step (finding the
@@ -711,6 +811,7 @@ def _record(
     *,
     asymmetry=float("nan"),
     floor=None,
+    norm=None,
 ) -> IterationRecord:
     scale, error = model.scale, model.error
     fraction = previous.mask_fraction if count is None else float(count) / backend.size
@@ -728,6 +829,7 @@ def _record(
         model=model,
         packed_mask=packed,
         shape=tuple(backend.shape),
+        normalisation=norm,
     )
 
 
@@ -872,18 +974,37 @@ def check_options(options) -> None:
         raise ValueError(f"unknown option(s) {sorted(unknown)}; accepted: {sorted(known)}")
 
 
-def fit(image, mask=None, *, callback=None, tile=None, client=None, **options) -> BackgroundResult:
+def fit(
+    image,
+    mask=None,
+    *,
+    error=None,
+    weight=None,
+    callback=None,
+    tile=None,
+    client=None,
+    **options,
+) -> BackgroundResult:
     """Fit the background of ``image`` with the default pipeline.
 
     Parameters
     ----------
-    image : array_like, dask array or memory map (ny, nx)
-        Integer input becomes float32; float32 stays float32. A dask array or a memory
-        map of a file is fitted tile by tile
-        (:class:`~skymap.backends.dask.DaskBackend`), with the same result, its maps
-        as lazy dask arrays.
+    image : array_like, MaskedArray, Quantity, NDData, CCDData, dask array or memory map
+        (ny, nx). Integer input becomes float32; float32 stays float32. The image's own
+        mask is ORed with ``mask``; its unit is carried to ``background`` and ``rms``
+        (as Quantities: ``image - result.background`` works for arrays, Quantities and
+        CCDData; :meth:`BackgroundResult.as_nddata` gives a CCDData/NDData with the
+        WCS); an NDData uncertainty is read as ``error``. A dask array or a memory map
+        of a file is fitted tile by tile (:class:`~skymap.backends.dask.DaskBackend`),
+        with the same result, its maps as lazy dask arrays.
     mask : array_like of bool, optional
         True = excluded. NaN and inf pixels are excluded automatically.
+    error, weight : array_like or Quantity, optional
+        1 sigma per pixel, or inverse variance (drizzle WHT, inverted JWST VAR_*); at
+        most one. The maskers then threshold in units of this map, times the noise
+        excess they measure (correlated noise), and the smoother weights its cells by
+        it. Zero weight or a non-finite error excludes the pixel; negative values
+        raise ValueError.
     callback : callable, optional
         Called with each :class:`IterationRecord` as the fit makes it (progress).
     tile, client : optional
@@ -907,4 +1028,6 @@ def fit(image, mask=None, *, callback=None, tile=None, client=None, **options) -
     """
     check_options(options)
     pipe = default_pipeline(**options)
-    return pipe.fit(image, mask, callback=callback, tile=tile, client=client)
+    return pipe.fit(
+        image, mask, error=error, weight=weight, callback=callback, tile=tile, client=client
+    )

@@ -40,7 +40,7 @@ from skymap._validate import as_image, as_mask, as_pair, check_positive, check_r
 from skymap.background import _smooth_kernels as _k
 from skymap.masking.hysteresis import CoarseRMS
 
-__all__ = ["SmoothResult", "ThinPlateSmoother", "cell_sums", "smooth_grid"]
+__all__ = ["SmoothResult", "ThinPlateSmoother", "cell_sums", "smooth_grid", "weighted_sums"]
 
 log = logging.getLogger(__name__)
 
@@ -310,9 +310,23 @@ def reference_step(shape) -> int:
     return max(1, int(np.sqrt(shape[0] * shape[1] / 250_000)))
 
 
+def weighted_sums(image, bad, weight, cells, ref: float, origin=(0, 0)) -> np.ndarray:
+    """:func:`cell_sums` plus two rows: per-cell sums of ``weight`` and of
+    ``weight * (image - ref)`` over the good pixels, a (7, gy, gx) float64 array. The
+    smoother then weights each cell by its summed weight and takes the weighted mean;
+    the variance (the RMS map) stays that of the pixels."""
+    plain = cell_sums(image, bad, cells, ref, origin)
+    w = np.asarray(weight, dtype=np.float64)
+    wsum = _k.bin_cells(w, bad, cells[0], cells[1], 0.0)[1]
+    wx = _k.bin_cells(w * (image - ref), bad, cells[0], cells[1], 0.0)[1]
+    return np.concatenate([plain, wsum[None], wx[None]])
+
+
 def _bin(sums: np.ndarray, cy: int, cx: int, ref: float):
-    """Per-cell count, mean, variance and centroid offset of the good pixels."""
-    n, s1, s2, sy, sx = sums
+    """Per-cell count, mean, variance, centroid offset and weight of the good pixels
+    (the weight is the count, or the summed pixel weights of :func:`weighted_sums`,
+    and the mean then the weighted mean)."""
+    n, s1, s2, sy, sx = sums[:5]
     iy = np.arange(n.shape[0]) * cy
     ix = np.arange(n.shape[1]) * cx
     with np.errstate(invalid="ignore", divide="ignore"):
@@ -320,7 +334,10 @@ def _bin(sums: np.ndarray, cy: int, cx: int, ref: float):
         var = (s2 - n * mean**2) / (n - 1)
         dy = sy / n - (iy[:, None] + (cy - 1) / 2.0)
         dx = sx / n - (ix[None, :] + (cx - 1) / 2.0)
-    return n, mean + ref, var, dy, dx
+        if len(sums) == 7:
+            w = np.where(n > 0, sums[5], 0.0)
+            return n, sums[6] / sums[5] + ref, var, dy, dx, w
+    return n, mean + ref, var, dy, dx, n
 
 
 def _bspline_weights(pos: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -516,8 +533,13 @@ class ThinPlateSmoother:
         *,
         smoothing_start: float | None = None,
         min_smoothing: float | None = None,
+        weight=None,
     ) -> SmoothResult:
         """Fit the smooth background of ``image`` ignoring ``mask`` (True = excluded).
+
+        ``weight`` (optional, the image's shape) is each pixel's relative inverse
+        variance: cells are then weighted by their summed weight and take the weighted
+        mean of their pixels (:func:`weighted_sums`); the RMS map stays the pixels'.
 
         ``smoothing_start`` seeds the GCV search (an iterative caller passes the
         previous smoothing, which saves solves); None starts from the image size.
@@ -535,8 +557,20 @@ class ThinPlateSmoother:
         ref = reference_level(img[::step, ::step], bad[::step, ::step])
         if ref is None:
             ref = float(img[~bad][0])
+        if weight is not None:
+            w = as_image(weight, "weight")
+            if w.shape != img.shape:
+                raise ValueError(f"weight must have the image's shape {img.shape}, got {w.shape}")
+
+            def sums(cells):
+                return weighted_sums(img, bad, w, cells, ref)
+        else:
+
+            def sums(cells):
+                return cell_sums(img, bad, cells, ref)
+
         return self.fit_sums(
-            lambda cells: cell_sums(img, bad, cells, ref),
+            sums,
             img.shape,
             img.dtype,
             ref,
@@ -565,10 +599,21 @@ class ThinPlateSmoother:
         )
         if ref is None:
             ref = backend.first_valid(mask)
+        if backend.weight is None:
+
+            def sums(cells):
+                return backend.cell_grid(
+                    cell_sums, [backend.image, mask], cells, 5, cells=cells, ref=ref
+                )
+        else:
+            # an error map given to the fit: weighted cell means and weights
+
+            def sums(cells):
+                arrays = [backend.image, mask, backend.weight]
+                return backend.cell_grid(weighted_sums, arrays, cells, 7, cells=cells, ref=ref)
+
         return self.fit_sums(
-            lambda cells: backend.cell_grid(
-                cell_sums, [backend.image, mask], cells, 5, cells=cells, ref=ref
-            ),
+            sums,
             shape,
             backend.dtype,
             ref,
@@ -626,7 +671,7 @@ class ThinPlateSmoother:
             if not fitted[-1]:
                 break
             smoothing_start = fitted[1]
-        z, lam, scores, n, mean, var, offsets, _ = fitted
+        z, lam, scores, n, mean, var, offsets, w, _ = fitted
         cy, cx = cells
         vw = np.where((n >= 2) & np.isfinite(var), n - 1.0, 0.0)
         if np.any(vw > 0):
@@ -653,8 +698,9 @@ class ThinPlateSmoother:
             smoothing=lam,
             gcv=scores,
             config=self,
-            error=_statistical_error(self._weights(n), lam, (cy, cx)),
+            error=_statistical_error(np.where(n >= self.min_pixels, w, 0.0), lam, (cy, cx)),
             cell_offsets=offsets,
+            cell_weights=None if w is n else w,
         )
 
     def _weights(self, n: np.ndarray) -> np.ndarray:
@@ -665,8 +711,8 @@ class ThinPlateSmoother:
         floor."""
         cy, cx = cells
         lo, hi = self.smoothing_range
-        n, mean, var, dy, dx = _bin(sums, cy, cx, ref)
-        weights = self._weights(n)
+        n, mean, var, dy, dx, w = _bin(sums, cy, cx, ref)
+        weights = np.where(n >= self.min_pixels, w, 0.0)
         if not np.any(weights > 0):
             raise ValueError("no cell has enough unmasked pixels; lower min_pixels")
         start = (max(shape) / 16.0) ** 4 if smoothing_start is None else smoothing_start
@@ -698,7 +744,7 @@ class ThinPlateSmoother:
             ):
                 lam *= 10.0**0.125
                 z, _, _ = smooth_grid(mean, weights, smoothing=lam, **grid)
-        return z, lam, scores, n, mean, var, (dy, dx), at_floor
+        return z, lam, scores, n, mean, var, (dy, dx), w, at_floor
 
 
 def _statistical_error(weights, lam, cells) -> float:
@@ -760,6 +806,7 @@ class SmoothResult:
     config: ThinPlateSmoother
     error: float
     cell_offsets: tuple = field(repr=False)
+    cell_weights: np.ndarray | None = field(default=None, repr=False)
 
     @property
     def scale(self) -> float:
@@ -788,6 +835,8 @@ class SmoothResult:
         check_positive("stiffer", stiffer)
         check_range("tail", tail, 0.0, 0.5)
         weights = self.config._weights(self.cell_pixels)
+        if self.cell_weights is not None:
+            weights = np.where(weights > 0, self.cell_weights, 0.0)
         values = np.where(weights > 0, self.cell_values, 0.0)
         stiff, _, _ = smooth_grid(
             values,

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 from astropy.nddata import NDData
 
-from skymap._validate import as_image, as_mask
+from skymap._inputs import read_image
 from skymap.mosaic import _skymatch_kernels as _k
 
 __all__ = [
@@ -90,13 +90,9 @@ def prepare(images, exposures):
             )
     frames = []
     for i, item in enumerate(flat):
-        if isinstance(item, NDData):
-            data = as_image(item.data, f"images[{i}].data")
-            mask = as_mask(item.mask, data.shape, f"images[{i}].mask")
-            wcs = item.wcs
-        else:
-            data = as_image(item, f"images[{i}]")
-            mask, wcs = None, None
+        # arrays, MaskedArrays, Quantities, NDData/CCDData alike (masks ORed in)
+        inp = read_image(item, name=f"images[{i}]")
+        data, mask, wcs = inp.data, inp.mask, inp.wcs
         valid = np.isfinite(data)
         if mask is not None:
             valid &= ~mask

@@ -72,6 +72,7 @@ from astropy.nddata import NDData
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
+from skymap._inputs import read_image
 from skymap._validate import as_image, check_choice, check_positive
 from skymap.mosaic import _skymatch_kernels as _k
 from skymap.mosaic import skymodel
@@ -997,7 +998,8 @@ def _subtract(item, sky):
             unit=item.unit,
             psf=item.psf,
         )
-    return _minus(as_image(item), sky)
+    inp = read_image(item)
+    return inp.wrap(_minus(inp.data, sky))
 
 
 def _minus(data, sky):

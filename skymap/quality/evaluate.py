@@ -25,7 +25,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from skymap._validate import as_image, as_mask, check_positive, json_float
+from skymap._inputs import read_image, strip_unit
+from skymap._validate import as_image, check_positive, json_float
 from skymap.quality.masked_bias import MaskedVsUnmasked, masked_vs_unmasked
 from skymap.quality.rms_scale import (
     as_widths,
@@ -454,13 +455,14 @@ def evaluate(
         image = scene.image if image is None else image
     if image is None:
         raise ValueError("image is required unless a scene is given")
-    img = as_image(image, "image")
-    bkg = as_image(getattr(result, "background", result), "background")
-    if bkg.shape != img.shape:
-        raise ValueError(f"background must have the image's shape {img.shape}, got {bkg.shape}")
     if mask is None:
         mask = getattr(result, "mask", None)
-    m = as_mask(mask, img.shape)
+    inp = read_image(image, mask)
+    img, m = inp.data, inp.mask
+    bkg = getattr(result, "background", result)
+    bkg = as_image(strip_unit(bkg, inp.unit, "background"), "background")
+    if bkg.shape != img.shape:
+        raise ValueError(f"background must have the image's shape {img.shape}, got {bkg.shape}")
     if scene is not None and scene.mask is not None:
         m = scene.mask.copy() if m is None else (m | scene.mask)
     check_positive("overfit_threshold", overfit_threshold)
@@ -512,13 +514,27 @@ def evaluate(
         truth_metrics=truth_metrics,
         bias=bias,
         masked_vs_unmasked=mvu,
-        image=img,
-        background=bkg,
-        mask=m,
-        truth=tru,
+        # Copies, read-only: editing the caller's arrays afterwards must not change
+        # the evaluation (to_dict reads the mask).
+        image=_frozen(img, image),
+        background=_frozen(bkg, result),
+        mask=_frozen(m, mask),
+        truth=_frozen(tru, truth),
         clean_blocks=blocks,
         min_clean_blocks=int(min_clean_blocks),
     )
+
+
+def _frozen(arr, source):
+    """``arr`` read-only, copied first when it may share memory with the caller's
+    ``source`` (an array, or an object whose ``background`` it came from)."""
+    if arr is None:
+        return None
+    given = getattr(source, "background", source)
+    if isinstance(given, np.ndarray) and np.may_share_memory(arr, given):
+        arr = arr.copy()
+    arr.setflags(write=False)
+    return arr
 
 
 def _truth_metrics(bkg, truth, mask, sigma):

@@ -47,8 +47,9 @@ from typing import Any
 
 import numpy as np
 
+from skymap._inputs import read_image
 from skymap._util import check_int
-from skymap._validate import as_image, as_mask, check_choice, combine_masks
+from skymap._validate import as_mask, check_choice, combine_masks
 from skymap.quality.evaluate import pixel_sigma
 from skymap.quality.signals import KINDS, MIN_SIZE, Injection, make_injections
 
@@ -319,7 +320,9 @@ class Prepared:
 def prepare(image, *, mask=None, error=None, kinds=("sky", "galaxies")) -> Prepared:
     """Check ``image`` for injection runs and measure its noise (see
     :func:`injection_recovery` for the arguments)."""
-    img = as_image(image)
+    # arrays, MaskedArrays, Quantities, NDData/CCDData (mask ORed, uncertainty read)
+    inp = read_image(image, mask, error=error)
+    img, mask, error = inp.data, inp.mask, inp.error
     if min(img.shape) < MIN_SIZE:
         raise ValueError(
             f"image is too small for the injections: shape {img.shape}; both sides must be "

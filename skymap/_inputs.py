@@ -1,0 +1,418 @@
+"""One place that turns whatever image a caller hands skymap into plain arrays.
+
+Every public entry point that takes an image (``fit``, ``IterativeBackground.fit``,
+``MeshBackground.fit``, ``photometry.local``, ``mosaic.skymatch.match``,
+``quality.evaluate``, the CLI readers) calls :func:`read_image`, which accepts
+
+* a plain array (anything :func:`numpy.asarray` reads as real numbers),
+* a :class:`numpy.ma.MaskedArray` (its mask is ORed with ``mask=``),
+* an :class:`astropy.units.Quantity` (its unit is carried to the outputs),
+* an :class:`astropy.nddata.NDData` or :class:`~astropy.nddata.CCDData` (mask ORed in,
+  unit and WCS carried, ``uncertainty`` read as the error map),
+
+and returns an :class:`ImageInput`: ``(data, mask, error, unit, wcs, meta)``. Nothing is
+silently dropped: an attribute skymap cannot use (``NDData.flags``, ``psf``, an
+uncertainty class it does not know) gets a warning that names it. Inputs are never
+mutated; ``data`` may share memory with the input, so callers must not write into it.
+
+Outputs go back through :meth:`ImageInput.wrap`: a :class:`~astropy.units.Quantity`
+when the input had a unit, else a plain array, so that ``image - result.background``
+works for arrays, masked arrays, Quantities and CCDData (astropy's NDData defines no
+operators; :meth:`ImageInput.as_nddata` gives an NDData/CCDData with the WCS and meta).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from skymap._util import MAD_TO_STD
+from skymap._validate import as_image, as_mask
+
+__all__ = [
+    "CLIP",
+    "NEGATIVE",
+    "ImageInput",
+    "Normalisation",
+    "read_image",
+    "read_noise",
+    "strip_unit",
+]
+
+
+@dataclass(frozen=True, kw_only=True, eq=False)
+class ImageInput:
+    """An image as skymap computes on it, plus what must be carried to the outputs.
+
+    Attributes
+    ----------
+    data : ndarray (ny, nx)
+        Float32 or float64 (see :func:`skymap._validate.as_image`), unitless.
+    mask : ndarray of bool or None
+        The input's own mask ORed with ``mask=`` (True = excluded).
+    error : ndarray or None
+        1-sigma per pixel in the units of ``data``; ``inf`` where a weight was 0 or an
+        error non-finite (those pixels are also in ``mask``).
+    unit : astropy.units.UnitBase or None
+        The input's unit.
+    wcs : object or None
+        The input's WCS (NDData/CCDData only).
+    meta : dict
+        The input's meta (NDData/CCDData only).
+    kind : str
+        ``"array"``, ``"quantity"``, ``"nddata"`` or ``"ccddata"``.
+    """
+
+    data: np.ndarray
+    mask: np.ndarray | None = None
+    error: np.ndarray | None = None
+    unit: Any = None
+    wcs: Any = None
+    meta: dict = field(default_factory=dict)
+    kind: str = "array"
+
+    def wrap(self, values: np.ndarray):
+        """``values`` (in the input's units) as the caller should see them: a Quantity
+        with the input's unit, or the array itself when the input had none."""
+        if self.unit is None:
+            return values
+        from astropy import units as u
+
+        return u.Quantity(values, self.unit, copy=False)
+
+    def as_nddata(self, values: np.ndarray):
+        """``values`` as a CCDData (input was CCDData) or NDData (any other input),
+        with the input's unit, WCS and a copy of its meta."""
+        from astropy.nddata import CCDData, NDData
+
+        cls = CCDData if self.kind == "ccddata" else NDData
+        unit = self.unit
+        if cls is CCDData and unit is None:
+            unit = "adu"  # CCDData requires one; only reached for a unitless CCDData
+        return cls(np.asarray(values), unit=unit, wcs=self.wcs, meta=dict(self.meta))
+
+
+def strip_unit(value: Any, unit: Any, name: str) -> Any:
+    """``value`` as a plain number/array in ``unit`` (None: the image had no unit).
+
+    A Quantity in convertible units is converted; incompatible units raise a ValueError
+    naming both; a Quantity against a unitless image must be dimensionless.
+
+    Examples
+    --------
+    >>> from astropy import units as u
+    >>> float(strip_unit(2 * u.km, u.m, "error"))
+    2000.0
+    """
+    from astropy import units as u
+
+    if not isinstance(value, u.Quantity):
+        return value
+    target = u.dimensionless_unscaled if unit is None else unit
+    try:
+        return value.to_value(target)
+    except u.UnitConversionError:
+        raise ValueError(
+            f"{name} has unit {value.unit!s}, which does not convert to the image's unit "
+            f"{target!s}"
+        ) from None
+
+
+def read_image(
+    image: Any,
+    mask: Any = None,
+    *,
+    error: Any = None,
+    weight: Any = None,
+    name: str = "image",
+) -> ImageInput:
+    """Normalise ``image`` (array, MaskedArray, Quantity, NDData, CCDData), ``mask``
+    and an optional ``error`` (1 sigma per pixel) or ``weight`` (inverse variance).
+
+    Parameters
+    ----------
+    image : array_like, MaskedArray, Quantity, NDData or CCDData
+        2-D image (y, x).
+    mask : array_like of bool or int, optional
+        True (nonzero) = excluded; ORed with the image's own mask.
+    error, weight : array_like or Quantity, optional
+        Mutually exclusive; either overrides an NDData uncertainty (with a warning).
+        Zero weight or non-finite error excludes the pixel; negative values raise.
+
+    Returns
+    -------
+    ImageInput
+
+    Raises
+    ------
+    ValueError
+        NDData without data, an uncertainty/error/weight of the wrong shape, negative
+        errors or weights, units that do not convert, both error and weight.
+
+    Examples
+    --------
+    >>> from astropy.nddata import CCDData, StdDevUncertainty
+    >>> ccd = CCDData(np.ones((2, 2)), unit="electron/s", mask=[[0, 1], [0, 0]],
+    ...               uncertainty=StdDevUncertainty(np.full((2, 2), 0.5)))
+    >>> inp = read_image(ccd)
+    >>> inp.mask.tolist(), str(inp.unit), float(inp.error[0, 0])
+    ([[False, True], [False, False]], 'electron / s', 0.5)
+    """
+    from astropy import units as u
+    from astropy.nddata import CCDData, NDData
+
+    unit = wcs = None
+    meta: dict = {}
+    own_mask = None
+    uncertainty = None
+    kind = "array"
+    if isinstance(image, NDData):
+        kind = "ccddata" if isinstance(image, CCDData) else "nddata"
+        if image.data is None:
+            raise ValueError(f"{name} is an {type(image).__name__} with data=None")
+        data = image.data
+        unit, wcs, meta = image.unit, image.wcs, dict(image.meta or {})
+        own_mask = image.mask
+        uncertainty = image.uncertainty
+        ignored = [a for a in ("flags", "psf") if getattr(image, a, None) is not None]
+        if ignored:
+            warnings.warn(
+                f"{name}: skymap does not use the {type(image).__name__} attribute(s) "
+                f"{', '.join(ignored)}; pass what they mean through mask=",
+                UserWarning,
+                stacklevel=3,
+            )
+        if isinstance(data, u.Quantity):
+            data = data.to_value(unit) if unit is not None else data.value
+    elif isinstance(image, u.Quantity):
+        kind = "quantity"
+        unit = image.unit
+        data = image.value
+    elif isinstance(image, np.ma.MaskedArray):
+        data = image.data
+        own_mask = np.ma.getmask(image)
+        if own_mask is np.ma.nomask:
+            own_mask = None
+    else:
+        data = image
+    arr = as_image(data, name)
+    shape = arr.shape
+    combined = as_mask(mask, shape)
+    if own_mask is not None and np.ndim(own_mask) == 0:
+        own_mask = None if not bool(own_mask) else np.ones(shape, bool)
+    if own_mask is not None:
+        own = as_mask(own_mask, shape, f"{name}.mask")
+        combined = own if combined is None else own | combined
+    if error is not None and weight is not None:
+        raise ValueError("pass error= or weight=, not both")
+    if uncertainty is not None and (error is not None or weight is not None):
+        warnings.warn(
+            f"{name}.uncertainty is ignored: the {'error' if error is not None else 'weight'}"
+            " passed explicitly is used",
+            UserWarning,
+            stacklevel=3,
+        )
+        uncertainty = None
+    if uncertainty is not None:
+        error = _uncertainty_error(uncertainty, unit, shape, name)
+    err = read_noise(error, weight, shape, unit)
+    if err is not None:
+        bad = ~np.isfinite(err)
+        if bad.any():
+            combined = bad if combined is None else combined | bad
+    return ImageInput(data=arr, mask=combined, error=err, unit=unit, wcs=wcs, meta=meta, kind=kind)
+
+
+def _uncertainty_error(unc: Any, unit: Any, shape, name: str) -> np.ndarray:
+    """1-sigma array from an NDData uncertainty, in the image's unit."""
+    from astropy import units as u
+    from astropy.nddata import InverseVariance, StdDevUncertainty, VarianceUncertainty
+
+    arr = np.asarray(unc.array, dtype=float)
+    if arr.shape != tuple(shape):
+        raise ValueError(
+            f"{name}.uncertainty must have the image's shape {tuple(shape)}, got {arr.shape}"
+        )
+    _check_nonnegative(arr, f"{name}.uncertainty")
+    uunit = getattr(unc, "unit", None)
+    with np.errstate(divide="ignore"):
+        if isinstance(unc, StdDevUncertainty):
+            sigma, power = arr, 1
+        elif isinstance(unc, VarianceUncertainty):
+            sigma, power = np.sqrt(arr), 2
+        elif isinstance(unc, InverseVariance):
+            sigma, power = 1.0 / np.sqrt(arr), -2
+        else:
+            warnings.warn(
+                f"{name}.uncertainty of type {type(unc).__name__} is ignored: skymap reads "
+                "StdDevUncertainty, VarianceUncertainty and InverseVariance",
+                UserWarning,
+                stacklevel=4,
+            )
+            return None
+    if uunit is not None:
+        sigma = strip_unit(
+            u.Quantity(sigma, uunit ** (1.0 / power), copy=False), unit, f"{name}.uncertainty"
+        )
+    return sigma
+
+
+def _check_nonnegative(arr: np.ndarray, name: str) -> None:
+    with np.errstate(invalid="ignore"):
+        if np.any(arr < 0):
+            raise ValueError(
+                f"{name} must be >= 0 everywhere, got a minimum of {np.nanmin(arr)!r}"
+            )
+
+
+def read_noise(error: Any, weight: Any, shape, unit: Any = None) -> np.ndarray | None:
+    """The 1-sigma map (float64 copy) from ``error`` or ``weight`` (inverse variance),
+    in the image's ``unit``; ``inf`` where the weight is 0 or the error is non-finite
+    or 0 (no information: the pixel is excluded).
+
+    Examples
+    --------
+    >>> read_noise(None, np.array([[4.0, 0.0]]), (1, 2)).tolist()
+    [[0.5, inf]]
+    """
+    from astropy import units as u
+
+    if error is None and weight is None:
+        return None
+    if error is not None and weight is not None:
+        raise ValueError("pass error= or weight=, not both")
+    pname = "error" if error is not None else "weight"
+    value = error if error is not None else weight
+    if isinstance(value, u.Quantity) and weight is not None:
+        # A weight's unit is 1 / (image unit)^2; convert as the error it implies.
+        value = strip_unit(value**-0.5, unit, pname) ** -2.0
+    else:
+        value = strip_unit(value, unit, pname)
+    arr = np.array(value, dtype=np.float64)
+    if arr.ndim == 0:
+        arr = np.full(tuple(shape), float(arr))
+    if arr.shape != tuple(shape):
+        raise ValueError(f"{pname} must have the image's shape {tuple(shape)}, got {arr.shape}")
+    _check_nonnegative(arr, pname)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        sigma = arr if error is not None else 1.0 / np.sqrt(arr)
+    sigma[~np.isfinite(sigma) | (sigma <= 0)] = np.inf
+    return sigma
+
+
+# --------------------------------------------------------------------------- scale
+# The affine map the pipeline works in: ``(image - level) / scale``.
+#
+# Results must scale exactly with the input, from 1e-30 to 1e30 and in float32 as in
+# float64. The pipeline therefore works on a normalised copy: a robust level (a median)
+# is subtracted, which keeps float32 arithmetic on images with a large offset as precise
+# as the data, and the result is divided by a robust scale (a MAD) rounded to a power of
+# two, so that the division and its undoing are exact and no square of a pixel value
+# under- or overflows. The statistics read a strided subsample of the image (so a tiled
+# caller computes the same constants from the same pixels) and ignore any single value,
+# however extreme.
+#
+# Normalised values beyond ``CLIP`` (1e8 robust sigmas) are clipped there: such a pixel is
+# a source or a defect whatever its exact value, and the clip keeps its square and its
+# sums finite and its share of a cell mean from swamping the fit before the masker has
+# seen it. Pixels more than ``NEGATIVE`` (50) robust sigmas below the level are
+# :meth:`Normalisation.outliers`: dead pixels, bad columns, negative saturation codes
+# (-32768). No sky dips that deep below an image's median, and the maskers look for
+# sources above the background only, so the pipeline excludes them from the start, as it
+# does non-finite pixels, and reports them with the detections.
+
+CLIP = 1e8
+NEGATIVE = 50.0
+
+
+def _step(shape) -> int:
+    # about 250 000 pixels, as the smoother's reference level
+    return max(1, int(np.sqrt(shape[0] * shape[1] / 250_000)))
+
+
+@dataclass(frozen=True)
+class Normalisation:
+    """``work = (image - level) / scale``; ``scale`` is a power of two.
+
+    Examples
+    --------
+    >>> rng = np.random.default_rng(0)
+    >>> img = 1e9 + 10 * rng.normal(size=(64, 64))
+    >>> norm = Normalisation.of(img, np.zeros(img.shape, bool))
+    >>> work = norm.apply(img)
+    >>> bool(0.5 < work.std() < 2), bool(np.allclose(norm.undo(work), img))
+    (True, True)
+    """
+
+    level: float
+    scale: float
+    spread: float = 1.0
+
+    @classmethod
+    def of(cls, image: np.ndarray, bad: np.ndarray) -> Normalisation:
+        """The normalisation of ``image`` ignoring ``bad`` (True = excluded), from a
+        strided subsample (:meth:`from_sample`)."""
+        s = _step(image.shape)
+        return cls.from_sample(image[::s, ::s], bad[::s, ::s], image.dtype)
+
+    @staticmethod
+    def sample_step(shape) -> int:
+        """Stride of the subsample :meth:`of` reads."""
+        return _step(shape)
+
+    @classmethod
+    def from_sample(cls, sub: np.ndarray, subbad: np.ndarray, dtype) -> Normalisation:
+        """The normalisation from the subsample ``sub`` of an image of ``dtype``.
+
+        The level is the median of the good samples, rounded to ``dtype`` (so that it is
+        subtracted exactly); the scale is the MAD about it (or, when more than half the
+        samples share one value, the mean absolute deviation, or 1) rounded to a power
+        of two."""
+        v = np.asarray(sub, dtype=np.float64)[~np.asarray(subbad)]
+        v = v[np.isfinite(v)]
+        if v.size == 0:
+            return cls(level=0.0, scale=1.0, spread=1.0)
+        # The lower middle value: a sample value, so exact in the image's dtype.
+        level = float(np.partition(v, (v.size - 1) // 2)[(v.size - 1) // 2])
+        dev = np.abs(v - level)
+        spread = MAD_TO_STD * float(np.median(dev))
+        if not spread > 0:
+            spread = float(np.mean(dev))
+        if not (spread > 0 and math.isfinite(spread)):
+            spread = 1.0 if level == 0 else abs(level)
+        scale = 2.0 ** round(math.log2(spread))
+        return cls(level=float(np.dtype(dtype).type(level)), scale=float(scale), spread=spread)
+
+    def apply(self, image: np.ndarray, dtype=None) -> np.ndarray:
+        """A new normalised array (``dtype``, default the image's), clipped at
+        +/- ``CLIP``; non-finite values stay non-finite."""
+        dtype = np.dtype(dtype or image.dtype)
+        out = np.empty(image.shape, dtype)
+        with np.errstate(over="ignore", invalid="ignore"):
+            np.subtract(image, dtype.type(self.level), out=out, casting="unsafe")
+            # The scale is a power of two: multiplying by its inverse is exact.
+            np.multiply(out, dtype.type(1.0 / self.scale), out=out)
+        finite = np.isfinite(image)
+        np.clip(out, -CLIP, CLIP, out=out, where=finite)
+        return out
+
+    def outliers(self, work: np.ndarray) -> np.ndarray:
+        """Pixels of the normalised ``work`` more than ``NEGATIVE`` robust sigmas below
+        the level (a new boolean array)."""
+        return work < work.dtype.type(-NEGATIVE * self.spread / self.scale)
+
+    def undo(self, work, *, offset: bool = True):
+        """``work * scale + level`` in ``work``'s dtype (a new array; a lazy one for a
+        dask array); ``offset=False`` for spreads (rms, errors), which only scale."""
+        if hasattr(work, "map_blocks"):
+            return work.map_blocks(self.undo, offset=offset, dtype=work.dtype)
+        work = np.asarray(work)
+        dtype = work.dtype if work.dtype.kind == "f" else np.dtype(np.float64)
+        out = np.multiply(work, dtype.type(self.scale), dtype=dtype)
+        if offset:
+            np.add(out, dtype.type(self.level), out=out)
+        return out
