@@ -416,7 +416,7 @@ def dumps_toml(obj: Any, *, comments: bool = True) -> str:
     --------
     >>> from skymap.stats.estimators import SigmaClip
     >>> text = dumps_toml(SigmaClip(sigma=2.5, maxiters=None))
-    >>> 'maxiters = "none"' in text, "# Default: 3.0" in text
+    >>> 'maxiters = "none"' in text, "Default: 3.0." in text
     (True, True)
     >>> loads_toml(text) == SigmaClip(sigma=2.5, maxiters=None)
     True

@@ -561,8 +561,8 @@ def header_text(text: str) -> str:
 
     Examples
     --------
-    >>> header_text("démo/ímage☃.fits")
-    'd\\xe9mo/\\xedmage\\u2603.fits'
+    >>> print(header_text("démo/ímage☃.fits"))
+    d\\xe9mo/\\xedmage\\u2603.fits
     """
     escaped = text.encode("ascii", "backslashreplace").decode("ascii")
     return "".join(c if " " <= c <= "~" else repr(c)[1:-1] for c in escaped)
