@@ -74,11 +74,13 @@ from scipy.sparse.csgraph import connected_components
 
 from skymap._inputs import read_image
 from skymap._validate import as_image, check_choice, check_positive
-from skymap.mosaic import _skymatch_kernels as _k
 from skymap.mosaic import skymodel
 from skymap.mosaic.overlaps import (
+    EFFICIENCY,
     Frame,
     candidate_pairs,
+    clip_sample,
+    clipped_statistic,
     flatten,
     nanmin,
     overlap_samples,
@@ -95,82 +97,6 @@ STATISTICS = ("mode", "median", "mean")
 APPROACHES = ("difference", "separate")
 DISJOINT = ("global", "local", "raise")
 WEIGHTINGS = ("inverse_variance", "npix", "uniform")
-
-# Standard error of each statistic for Gaussian data, in units of sigma / sqrt(n):
-# mean 1; median sqrt(pi/2); mode = 2.5 median - 1.5 mean, whose variance is
-# 6.25 (pi/2) + 2.25 - 7.5 (the covariance of mean and median is sigma^2 / n).
-_EFFICIENCY = {
-    "mean": 1.0,
-    "median": float(np.sqrt(np.pi / 2)),
-    "mode": float(np.sqrt(6.25 * np.pi / 2 + 2.25 - 7.5)),
-}
-
-
-def clipped_statistic(
-    values: np.ndarray,
-    *,
-    statistic: str = "mode",
-    lower: float | None = None,
-    upper: float | None = None,
-    nclip: int = 5,
-    lsigma: float = 4.0,
-    usigma: float = 4.0,
-) -> tuple[float, float, int]:
-    """Sky statistic of a 1-D sample with the original skymatch's clipping rules.
-
-    Values outside ``[lower, upper]`` are dropped first. Then, ``nclip`` times, the mean
-    and standard deviation (ddof=1) of the values inside the current limits are computed
-    and the limits become ``[mean - lsigma*std, mean + usigma*std]`` (never wider than
-    ``[lower, upper]``); each pass selects from the whole sample, as stsci.imagestats
-    does. The statistic is taken from the final selection.
-
-    Parameters
-    ----------
-    values : ndarray
-        The sample (any shape; NaN must already be removed).
-    statistic : {'mode', 'median', 'mean'}
-        'mode' is Pearson's estimate ``2.5 median - 1.5 mean`` (SExtractor's factors),
-        far less noisy than the histogram peak of stsci.imagestats.
-    lower, upper : float or None
-        Hard limits on usable values, in the units of the data.
-    nclip : int
-        Number of clipping passes (0 = none).
-    lsigma, usigma : float
-        Lower and upper clipping limits in standard deviations.
-
-    Returns
-    -------
-    value : float
-        The statistic (NaN when no value survives).
-    error : float
-        Its standard error for Gaussian data, ``efficiency * std / sqrt(n)``.
-    n : int
-        Number of values used.
-
-    Examples
-    --------
-    >>> x = np.r_[np.zeros(99), 1000.0]
-    >>> clipped_statistic(x, statistic="mean", nclip=1)[::2]
-    (0.0, 99)
-    """
-    x = np.ascontiguousarray(np.asarray(values).ravel())
-    n, mean, std, lo, hi = _clip(x, lower, upper, nclip, lsigma, usigma)
-    if n == 0:
-        return np.nan, np.nan, 0
-    if statistic == "mean":
-        value = mean
-    else:
-        median = float(np.median(_k.select_within(x, lo, hi)))
-        value = median if statistic == "median" else 2.5 * median - 1.5 * mean
-    error = _EFFICIENCY[statistic] * std / np.sqrt(n) if n > 1 else np.inf
-    return float(value), float(error), int(n)
-
-
-def _clip(x, lower, upper, nclip, lsigma, usigma):
-    """Count, mean, std and final limits of the clipping in :func:`clipped_statistic`."""
-    lo = -np.inf if lower is None else float(lower)
-    hi = np.inf if upper is None else float(upper)
-    return _k.clip_limits(x, lo, hi, int(nclip), float(lsigma), float(usigma))
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -558,7 +484,7 @@ class SkyMatch:
             ]
         )
         # The pixel noise: the scatter of a cell's differences is sqrt(2) sigma.
-        sigma = np.median(cells_std) / _EFFICIENCY[self.statistic] / np.sqrt(2.0)
+        sigma = np.median(cells_std) / EFFICIENCY[self.statistic] / np.sqrt(2.0)
         poor = np.flatnonzero(err > sigma)
         if poor.size and np.isfinite(sigma) and self.model == "poly2":
             warnings.warn(
@@ -815,7 +741,7 @@ def _difference_statistic(vi, vj, kept_var, cfg: SkyMatch) -> tuple[float, float
     # once, even where resampling has left a residual of it in the difference.
     keep = np.ones(vi.size, dtype=bool)
     for v in (vi, vj):
-        _, _, _, lo, hi = _clip(v, cfg.lower, cfg.upper, cfg.nclip, cfg.lsigma, cfg.usigma)
+        _, _, _, lo, hi = clip_sample(v, cfg.lower, cfg.upper, cfg.nclip, cfg.lsigma, cfg.usigma)
         keep &= (v >= lo) & (v <= hi)
     if keep.sum() < cfg.min_pixels:
         return np.nan, np.nan, int(keep.sum())
@@ -893,7 +819,7 @@ def _pair_equations(frames, maps, i, j, cfg: SkyMatch) -> _PairEquations | None:
         pos[1],
         cell_size=cfg.cell_size,
         statistic=cfg.statistic,
-        efficiency=_EFFICIENCY[cfg.statistic],
+        efficiency=EFFICIENCY[cfg.statistic],
         lower=cfg.lower,
         upper=cfg.upper,
         nclip=cfg.nclip,
