@@ -21,6 +21,8 @@ from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
 from matplotlib.ticker import NullFormatter, ScalarFormatter
 
+from skymap._util import MAD_TO_STD
+
 __all__ = [
     "plot_bias",
     "plot_convergence",
@@ -78,7 +80,7 @@ def _symmetric_limit(values: np.ndarray) -> float:
         return 1.0
     # 3 robust sigma: noise-dominated residuals show structure without saturating.
     mad = np.median(np.abs(finite - np.median(finite)))
-    lim = 3.0 * 1.4826 * mad
+    lim = 3.0 * MAD_TO_STD * mad
     if not lim > 0:
         lim = float(np.max(np.abs(finite))) or 1.0
     return float(lim)

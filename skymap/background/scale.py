@@ -21,6 +21,8 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 
+from skymap._util import MAD_TO_STD
+
 __all__ = [
     "SourceScale",
     "central_window",
@@ -32,7 +34,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-_MAD_TO_STD = 1.482602218505602
 #: Side of the central window the scale is measured on (pixels): enough stars on any
 #: real frame, and a fixed cost.
 WINDOW = 1024
@@ -128,7 +129,7 @@ def source_scale(image, bad=None, shape=None) -> SourceScale:
     resid = np.where(ok, data - _coarse_median(data, ok), 0.0)
     # Pixel noise from neighbour differences: blind to sky structure and sources.
     d = np.diff(resid, axis=1)[ok[:, 1:] & ok[:, :-1]]
-    sigma = _MAD_TO_STD * float(np.median(np.abs(d - np.median(d)))) / math.sqrt(2.0)
+    sigma = MAD_TO_STD * float(np.median(np.abs(d - np.median(d)))) / math.sqrt(2.0)
     fwhm, n_peaks = _peak_fwhm(resid, ok, sigma)
     size, n_sources = _source_size(resid, ok, sigma)
     wanted = max(

@@ -28,13 +28,13 @@ from typing import Any
 import numpy as np
 import scipy.ndimage as ndi
 
+from skymap._util import MAD_TO_STD
 from skymap._validate import as_image, as_mask, check_positive, combine_masks
 
 __all__ = ["BrightSources", "HaloMasker", "radial_profiles"]
 
 log = logging.getLogger(__name__)
 
-_MAD_TO_STD = 1.482602218505602
 # The standard error of a median of n Gaussian samples is sqrt(pi / 2) sigma / sqrt(n).
 _MEDIAN_ERROR = math.sqrt(math.pi / 2.0)
 # Annulus edges in pixels: 1-px rings in the core, then a factor sqrt(2) per ring, so
@@ -196,7 +196,7 @@ def _mad_sigma(a: np.ndarray, invalid: np.ndarray) -> float:
     v = a[::step, ::step][~invalid[::step, ::step]]
     if v.size == 0:
         return 1.0
-    mad = _MAD_TO_STD * float(np.median(np.abs(v - np.median(v))))
+    mad = MAD_TO_STD * float(np.median(np.abs(v - np.median(v))))
     return mad if mad > 0 else 1.0
 
 
