@@ -115,6 +115,11 @@ class FitsImage:
     hdu : int or str
         The HDU the image came from: EXTNAME (``"SCI,2"`` for a later EXTVER), or the
         index of an unnamed HDU.
+    error, weight : ndarray or None
+        A 1-sigma error map (``ERR``) or an inverse-variance weight map (``WHT``), as
+        read with ``error_hdu`` / ``weight_hdu``; at most one of them.
+    noise_hdu : str or None
+        Where ``error`` or ``weight`` came from, for the log.
     """
 
     data: np.ndarray
@@ -122,6 +127,9 @@ class FitsImage:
     mask: np.ndarray | None = None
     path: Path | None = None
     hdu: int | str = 0
+    error: np.ndarray | None = None
+    weight: np.ndarray | None = None
+    noise_hdu: str | None = None
 
     @property
     def wcs(self):
@@ -383,6 +391,8 @@ def read_image(
     dq: int | str | bool | None = None,
     dq_bits: Any = None,
     mask: os.PathLike | str | np.ndarray | None = None,
+    error_hdu: int | str | bool | None = False,
+    weight_hdu: int | str | bool | None = False,
 ) -> FitsImage:
     """Read a 2D image from a FITS file, with its header and any DQ or mask file.
 
@@ -403,6 +413,12 @@ def read_image(
         Giving ``dq_bits`` without a DQ extension is an error.
     mask : path-like or array, optional
         An extra mask (nonzero / True = excluded), a FITS file or an array.
+    error_hdu, weight_hdu : int, str, bool or None
+        HDU of a 1-sigma error map or of an inverse-variance weight map (drizzle
+        ``WHT``), same forms as ``hdu``; at most one of them. None picks up an ``ERR``
+        extension (else a ``WHT`` one) with the image's EXTVER when the file has one, as
+        HST and JWST files do (only when both are None); False (the default) reads
+        neither.
 
     Returns
     -------
@@ -433,6 +449,9 @@ def read_image(
         data = as_image(data, f"HDU {label!r} of {path}")
         header = image_hdu.header.copy()
         dq_mask = _read_dq(hdul, dq, dq_bits, image_hdu.ver, data.shape, path)
+        noise, kind, noise_label = _read_noise(
+            hdul, error_hdu, weight_hdu, image_hdu.ver, data.shape, path
+        )
     extra = read_mask(mask, shape=data.shape) if isinstance(mask, (str, os.PathLike)) else None
     if mask is not None and extra is None:
         extra = as_mask(mask, data.shape, "mask")
@@ -444,7 +463,42 @@ def read_image(
         mask=combined,
         path=path,
         hdu=label,
+        error=noise if kind == "error" else None,
+        weight=noise if kind == "weight" else None,
+        noise_hdu=noise_label,
     )
+
+
+def _read_noise(hdul, error_hdu, weight_hdu, ver, shape, path):
+    """(map, "error" | "weight" | None, HDU label) for :func:`read_image`."""
+    explicit = [(k, s) for k, s in (("error", error_hdu), ("weight", weight_hdu)) if s]
+    if len(explicit) == 2:
+        raise ValueError(
+            f"error_hdu and weight_hdu are mutually exclusive for {path}: give one of them"
+        )
+    if explicit:
+        kind, spec = explicit[0]
+        which = _pick_hdu(hdul, spec, path)
+    else:
+        # only when neither is set: False for either means "no noise map"
+        both_auto = error_hdu is None and weight_hdu is None
+        auto = ["error", "weight"] if both_auto else []
+        names = {"error": "ERR", "weight": "WHT"}
+        found = [
+            (k, i)
+            for k in auto
+            for i, h in enumerate(hdul)
+            if h.name == names[k] and h.ver == ver and h.data is not None
+        ]
+        if not found:
+            return None, None, None
+        kind, which = found[0]
+    label = _hdu_label(hdul, which)
+    what = f"{kind} map (HDU {label!r}) of {path}"
+    noise = as_image(_as_2d(hdul[which].data, what), what)
+    if noise.shape != shape:
+        raise ValueError(f"{what} has shape {noise.shape}, but the image has shape {shape}")
+    return noise, kind, str(label)
 
 
 def _read_dq(hdul, dq, dq_bits, ver, shape, path) -> np.ndarray | None:

@@ -122,7 +122,14 @@ def common_options(parser: argparse.ArgumentParser) -> None:
     g.add_argument("-v", "--verbose", action="store_true", help="log what is being done")
 
 
-def input_options(parser: argparse.ArgumentParser, *, mask: bool = True) -> None:
+def _noise_spec(text: str):
+    """``--error-hdu`` / ``--weight-hdu``: an HDU, or 'false' for none."""
+    return False if text.strip().lower() in ("false", "none", "no") else text
+
+
+def input_options(
+    parser: argparse.ArgumentParser, *, mask: bool = True, noise: bool = False
+) -> None:
     g = parser.add_argument_group("input selection")
     g.add_argument(
         "--hdu",
@@ -141,6 +148,22 @@ def input_options(parser: argparse.ArgumentParser, *, mask: bool = True) -> None
         help="flags that exclude a pixel, e.g. '1,4,16', '0x14' or 'bit2+bit4' "
         "(default: any nonzero DQ value)",
     )
+    if noise:
+        g.add_argument(
+            "--error-hdu",
+            metavar="HDU",
+            type=_noise_spec,
+            help="HDU with a 1-sigma error map; the maskers threshold in its units and the "
+            "smoother weights by it (default: an ERR extension when present, else a WHT "
+            "one; 'false' ignores both)",
+        )
+        g.add_argument(
+            "--weight-hdu",
+            metavar="HDU",
+            type=_noise_spec,
+            help="HDU with an inverse-variance weight map, e.g. drizzle's WHT (exclusive "
+            "with --error-hdu)",
+        )
     if mask:
         g.add_argument(
             "--mask",
@@ -253,9 +276,19 @@ def fit_options(data: Mapping, config_mod) -> dict:
     return options
 
 
-def read_input(path, *, hdu=None, dq_hdu=None, dq_bits=None, mask=None) -> skyio.FitsImage:
+def read_input(
+    path, *, hdu=None, dq_hdu=None, dq_bits=None, mask=None, error_hdu=False, weight_hdu=False
+) -> skyio.FitsImage:
     try:
-        return skyio.read_image(path, hdu=hdu, dq=dq_hdu, dq_bits=dq_bits, mask=mask)
+        return skyio.read_image(
+            path,
+            hdu=hdu,
+            dq=dq_hdu,
+            dq_bits=dq_bits,
+            mask=mask,
+            error_hdu=error_hdu,
+            weight_hdu=weight_hdu,
+        )
     except (FileNotFoundError, ValueError, TypeError, OSError) as err:
         raise UsageError(str(err)) from err
 
@@ -368,13 +401,18 @@ def announce_compiling(quiet: bool) -> None:
         )
 
 
-def fit_image(image: np.ndarray, mask: np.ndarray | None, config: Any, callback=None):
+def fit_image(
+    image: np.ndarray, mask: np.ndarray | None, config: Any, callback=None, *, noise=None
+):
     """Fit with ``config``: an estimator object with ``.fit`` (the pipeline, or a single
     :class:`skymap.background.mesh.MeshBackground` pass), a mapping of options, or None.
 
     skymap raises ValueError for data or settings it cannot use (no valid pixel, a box
     larger than the image, an unknown option): that is bad input, exit code 2.
+    ``noise`` is ``{"error": map}`` or ``{"weight": map}`` (``--error-hdu`` /
+    ``--weight-hdu``), or None.
     """
+    noise = dict(noise or {})
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
@@ -382,12 +420,18 @@ def fit_image(image: np.ndarray, mask: np.ndarray | None, config: Any, callback=
                 # a pipeline reports its iterations; a one-pass estimator has none
                 params = inspect.signature(config.fit).parameters
                 extra = {"callback": callback} if callback and "callback" in params else {}
-                result = config.fit(image, mask=mask, **extra)
+                if noise and not set(noise) <= set(params):
+                    raise UsageError(
+                        f"this configuration's estimator ({type(config).__name__}) takes no "
+                        "error or weight map: drop --error-hdu/--weight-hdu or pass "
+                        "--error-hdu false"
+                    )
+                result = config.fit(image, mask=mask, **extra, **noise)
             else:
                 pipeline = module("background.pipeline", "run")
                 options = dict(config) if isinstance(config, Mapping) else {}
                 extra = {} if callback is None else {"callback": callback}
-                result = pipeline.fit(image, mask=mask, **extra, **options)
+                result = pipeline.fit(image, mask=mask, **extra, **noise, **options)
     except ValueError as err:
         raise UsageError(f"cannot fit this image: {err}") from err
     # The library warns in Python's way (file, line, category); the command line says
@@ -687,6 +731,8 @@ _CLI_WORDS = (
     (re.compile(r"\bhdu="), "--hdu"),
     (re.compile(r"\bdq="), "--dq-hdu"),
     (re.compile(r"\bdq_bits\b"), "--dq-bits"),
+    (re.compile(r"\berror_hdu\b"), "--error-hdu"),
+    (re.compile(r"\bweight_hdu\b"), "--weight-hdu"),
 )
 
 

@@ -46,7 +46,7 @@ def register(subparsers) -> None:
         help="also score the fit by injection-recovery (sky and faint discs added to the "
         "image; 7 more fits) into <name>_metrics.json and the report",
     )
-    common.input_options(p)
+    common.input_options(p, noise=True)
     common.common_options(p)
     p.set_defaults(func=handle)
 
@@ -64,6 +64,8 @@ def run_file(
     overwrite: bool = False,
     quiet: bool = True,
     inject: bool = False,
+    error_hdu: int | str | bool | None = None,
+    weight_hdu: int | str | bool | None = None,
 ) -> dict:
     """Fit one FITS image and write its products: what ``skymap run`` does for each file.
 
@@ -92,6 +94,9 @@ def run_file(
         Replace existing outputs.
     quiet : bool
         No progress bar.
+    error_hdu, weight_hdu : optional
+        HDU of an error or weight map (:func:`skymap.app.io.read_image`); None picks
+        up an ``ERR`` (else ``WHT``) extension when the file has one, False reads none.
     inject : bool
         Add injection-recovery scores of the same configuration
         (:func:`skymap.quality.injection.injection_recovery`) to the metrics.
@@ -109,7 +114,20 @@ def run_file(
         common.progress(total=4, desc=stem, quiet=quiet) as bar,
     ):
         bar.set_postfix_str("reading")
-        img = common.read_input(path, hdu=hdu, dq_hdu=dq_hdu, dq_bits=dq_bits, mask=mask)
+        img = common.read_input(
+            path,
+            hdu=hdu,
+            dq_hdu=dq_hdu,
+            dq_bits=dq_bits,
+            mask=mask,
+            error_hdu=error_hdu,
+            weight_hdu=weight_hdu,
+        )
+        noise = None
+        if img.noise_hdu is not None:
+            kind = "error" if img.error is not None else "weight"
+            noise = {kind: img.error if img.error is not None else img.weight}
+            log.warning("%s: using the %s map in HDU %s", path, kind, img.noise_hdu)
         bar.update()
         common.announce_compiling(quiet=quiet)
         # what the fit and the evaluation import, before "fitting" shows
@@ -118,7 +136,7 @@ def run_file(
         bar.set_postfix_str("fitting")
         t0 = time.perf_counter()
         report_to = common.iteration_report(bar, quiet=quiet)
-        result = common.fit_image(img.data, img.mask, config, report_to)
+        result = common.fit_image(img.data, img.mask, config, report_to, noise=noise)
         log.info("%s: fit took %.2f s", path, time.perf_counter() - t0)
         common.warn_unconverged(result, str(path), quiet=quiet)
         bar.update()
@@ -194,6 +212,8 @@ def handle(args) -> int:
         overwrite=args.overwrite,
         quiet=args.quiet,
         inject=args.inject,
+        error_hdu=args.error_hdu,
+        weight_hdu=args.weight_hdu,
     )
     common.tell(args, f"wrote {len(info['outputs'])} files to {args.output}/")
     for p in info["outputs"].values():
