@@ -36,7 +36,7 @@ import numpy as np
 
 from skymap._inputs import Normalisation, read_image
 from skymap._util import check_int, pow2_at_most
-from skymap._validate import as_image, as_mask, check_positive
+from skymap._validate import as_image, as_mask, check_positive, check_range
 from skymap.backends.base import ArrayBackend, BinnedStepMasker, Tileable
 from skymap.backends.dask import DaskBackend, is_tiled_input
 from skymap.backends.memory import MemoryBackend
@@ -48,7 +48,8 @@ from skymap.background.result import BackgroundResult, IterationRecord
 from skymap.background.ring import RingMedianGuess
 from skymap.background.scale import central_window, smoothing_floor, source_scale
 from skymap.background.scale import max_source_size as _resolve_size
-from skymap.background.smooth import ThinPlateSmoother
+from skymap.background.smooth import ThinPlateSmoother, cell_sums
+from skymap.background.tracking import source_tracking
 from skymap.masking.bright import HaloMasker
 from skymap.masking.hysteresis import CoarseRMS, HysteresisMasker
 from skymap.masking.maskers import Masker
@@ -107,81 +108,95 @@ class Stage:
 class IterativeBackground:
     """First guess, then stages of (mask, refit), each iterated to convergence.
 
-    Parameters
-    ----------
-    first_guess : BackgroundEstimator
-        Fitted to the image with only the given mask: a stiff
-        :class:`~skymap.smooth.ThinPlateSmoother`, a coarse
-        :class:`~skymap.mesh.MeshBackground`, or a :class:`RingMedianGuess`.
-    stages : sequence of Stage
-        Run in order; usually the smoothing shrinks and the masks deepen.
-    final : BackgroundEstimator or None
-        Refitted once with the last stage's converged mask, without masking again: the
-        place for a smoothing that must not feed back into the masks (a stiffer one
-        would let the masks creep into sky it does not follow).
-    max_iter : int
-        Iteration cap per stage (a raised smoothing floor, see ``source_asymmetry``,
-        does not restart the count).
-    change_tol : float
-        A stage has converged when the background moved by less than this RMS (in
-        units of the background RMS), or by less than ``error_tol`` times its own
-        statistical error if that is larger ...
-    mask_tol : float
-        ... and the mask has settled: fewer than this share of the pixels changed mask
-        state, or the masked share grew or shrank by less than this (a plateau, where
-        pixels at the thresholds only flip back and forth). The default, 0.5%, is
-        where a further iteration no longer moves the background measurably: on the
-        crowded 4096x4096 field, the iteration after a 0.4% mask change moved it by
-        0.0008 of its RMS; on the benchmark scenes 0.5% instead of 0.2% changed the
-        RMS error by at most 0.0006 sigma (detector_artifacts improved, 0.053 to 0.047)
-        and saved one full masking pass on most of them.
-    error_tol : float
-        See ``change_tol``. The statistical error is the RMS error the pixel noise
-        leaves in the fitted background (``SmoothResult.error``, in units of the
-        background RMS; estimators that do not report one use ``change_tol`` alone): a
-        change well inside it is one the data cannot tell from none, however many
-        iterations are run. 0 switches it off.
-    source_asymmetry : float or None
-        In the last stage, after each refit by a
-        :class:`~skymap.smooth.ThinPlateSmoother`, the upper-to-lower tail ratio of
-        (background - a fit ``stiffen`` times longer) is measured
-        (:meth:`~skymap.smooth.SmoothResult.asymmetry`). Sky structure gives as many
-        dips as bumps; a ratio above this means the background is following source
-        light left unmasked (faint extended wings), which only ever raises it. The
-        smoothing is then held at least ``stiffen`` times longer for the rest of the
-        stage and the final refit, so that the wings stay in the residual and get
-        masked. None switches it off.
-    stiffen : float
-        See ``source_asymmetry``.
-    max_source_size : float, "auto" or None
-        How large (in pixels) an object may be and still count as a source rather than
-        sky. The thin-plate smoothers' smoothing length is held at or above half of it
-        (GCV chooses only above that floor; the first guess and the final refit too):
-        a Gaussian bump of this FWHM is followed by at most about a third of its
-        height, one four times broader by more than 90%, and masked holes up to this
-        size are bridged, never bent round. ``"auto"`` measures it from the image
-        (:func:`skymap.background.scale.source_scale`: 8 PSF FWHM, twice the
-        90th-percentile size of the sources above 5 sigma, at least 16 px and at most
-        an eighth of the longer side); None sets no floor.
-    halos : Masker or None
-        Applied once, to the image itself (``halos(image, None, mask)``) before the
-        first guess, such as :class:`~skymap.masking.HaloMasker`: its detections
-        (bright sources and their halos) stay masked for the whole fit. A bright
-        star's halo is measured best on the image, before any background has had a
-        chance to follow part of it.
+        Parameters
+        ----------
+        first_guess : BackgroundEstimator
+            Fitted to the image with only the given mask: a stiff
+            :class:`~skymap.smooth.ThinPlateSmoother`, a coarse
+            :class:`~skymap.mesh.MeshBackground`, or a :class:`RingMedianGuess`.
+        stages : sequence of Stage
+            Run in order; usually the smoothing shrinks and the masks deepen.
+        final : BackgroundEstimator or None
+            Refitted once with the last stage's converged mask, without masking again: the
+            place for a smoothing that must not feed back into the masks (a stiffer one
+            would let the masks creep into sky it does not follow).
+        max_iter : int
+            Iteration cap per stage (a raised smoothing floor, see ``source_asymmetry``,
+            does not restart the count).
+        change_tol : float
+            A stage has converged when the background moved by less than this RMS (in
+            units of the background RMS), or by less than ``error_tol`` times its own
+            statistical error if that is larger ...
+        mask_tol : float
+            ... and the mask has settled: fewer than this share of the pixels changed mask
+            state, or the masked share grew or shrank by less than this (a plateau, where
+            pixels at the thresholds only flip back and forth). The default, 0.5%, is
+            where a further iteration no longer moves the background measurably: on the
+            crowded 4096x4096 field, the iteration after a 0.4% mask change moved it by
+            0.0008 of its RMS; on the benchmark scenes 0.5% instead of 0.2% changed the
+            RMS error by at most 0.0006 sigma (detector_artifacts improved, 0.053 to 0.047)
+            and saved one full masking pass on most of them.
+        error_tol : float
+            See ``change_tol``. The statistical error is the RMS error the pixel noise
+            leaves in the fitted background (``SmoothResult.error``, in units of the
+            background RMS; estimators that do not report one use ``change_tol`` alone): a
+            change well inside it is one the data cannot tell from none, however many
+            iterations are run. 0 switches it off.
+        source_asymmetry : float or None
+            In the last stage, after each refit by a
+            :class:`~skymap.smooth.ThinPlateSmoother`, the upper-to-lower tail ratio of
+            (background - a fit ``stiffen`` times longer) is measured
+            (:meth:`~skymap.smooth.SmoothResult.asymmetry`). Sky structure gives as many
+            dips as bumps; a ratio above this means the background is following source
+            light left unmasked (faint extended wings), which only ever raises it. The
+            smoothing is then held at least ``stiffen`` times longer for the rest of the
+            stage and the final refit, so that the wings stay in the residual and get
+            masked. None switches it off.
+        stiffen : float
+            See ``source_asymmetry``.
+        source_tracking : float or None
+            In the last stage, after each refit by a
+            :class:`~skymap.smooth.ThinPlateSmoother`, the correlation between where the
+            background rises above a fit 8 times longer and where the masks are is measured
+            (:func:`skymap.background.tracking.source_tracking`). Sky structure does not
+            know where the sources are; unmasked source light (faint outskirts, wings,
+            intracluster light) does. A correlation above this value (and above 3 over the
+            square root of the number of independent patches) means the background follows
+            source light: from then on, every refit's GCV counts the fit's degrees of
+            freedom ``tracking_inflation`` times (the faint sources are correlated "noise"
+            that classical GCV chases). Once switched, it stays. None: never.
+        tracking_inflation : float
+            See ``source_tracking``.
+        max_source_size : float, "auto" or None
+            How large (in pixels) an object may be and still count as a source rather than
+            sky. The thin-plate smoothers' smoothing length is held at or above half of it
+            (GCV chooses only above that floor; the first guess and the final refit too):
+            a Gaussian bump of this FWHM is followed by at most about a third of its
+            height, one four times broader by more than 90%, and masked holes up to this
+            size are bridged, never bent round. ``"auto"`` measures it from the image
+            (:func:`skymap.background.scale.source_scale`: 8 PSF FWHM, twice the
+            90th-percentile size of the sources above 5 sigma, at least 16 px and at most
+            an eighth of the longer side); None sets no floor.
+        halos : Masker or None
+            Applied once, to the image itself (``halos(image, None, mask)``) before the
+            first guess, such as :class:`~skymap.masking.HaloMasker`: its detections
+            (bright sources and their halos) stay masked for the whole fit. A bright
+            star's halo is measured best on the image, before any background has had a
+            chance to follow part of it.
 
-    Examples
-    --------
-    >>> from skymap.background.smooth import ThinPlateSmoother
-    >>> rng = np.random.default_rng(3)
-    >>> img = 10 + rng.normal(size=(128, 128))
-    >>> img[60:64, 60:64] += 50
-    >>> pipe = IterativeBackground(
-    ...     first_guess=ThinPlateSmoother(smoothing_range=(1e6, 1e16)),
-    ...     stages=(Stage(masker=HysteresisMasker(), estimator=ThinPlateSmoother()),))
-    >>> res = pipe.fit(img)
-    >>> bool(res.source_mask[61, 61]), bool(abs(res.background[61, 61] - 10) < 0.2)
-    (True, True)
+        Examples
+        --------
+        >>> from skymap.background.smooth import ThinPlateSmoother, cell_sums
+    from skymap.background.tracking import source_tracking
+        >>> rng = np.random.default_rng(3)
+        >>> img = 10 + rng.normal(size=(128, 128))
+        >>> img[60:64, 60:64] += 50
+        >>> pipe = IterativeBackground(
+        ...     first_guess=ThinPlateSmoother(smoothing_range=(1e6, 1e16)),
+        ...     stages=(Stage(masker=HysteresisMasker(), estimator=ThinPlateSmoother()),))
+        >>> res = pipe.fit(img)
+        >>> bool(res.source_mask[61, 61]), bool(abs(res.background[61, 61] - 10) < 0.2)
+        (True, True)
     """
 
     first_guess: BackgroundEstimator
@@ -193,6 +208,8 @@ class IterativeBackground:
     error_tol: float = 0.5
     source_asymmetry: float | None = None
     stiffen: float = 4.0
+    source_tracking: float | None = None
+    tracking_inflation: float = 12.0
     max_source_size: Any = None
     halos: Any = None
 
@@ -223,6 +240,9 @@ class IterativeBackground:
             )
         if not self.stiffen > 1:
             raise ValueError(f"stiffen must be > 1, got {self.stiffen!r}")
+        if self.source_tracking is not None:
+            check_range("source_tracking", self.source_tracking, 0.0, 1.0)
+        check_positive("tracking_inflation", self.tracking_inflation)
         if not (isinstance(self.max_source_size, str) and self.max_source_size == "auto"):
             _resolve_size(self.max_source_size)  # raises, naming max_source_size
         if self.halos is not None and not callable(self.halos):
@@ -319,6 +339,8 @@ class IterativeBackground:
         masks = collections.deque([current] if be.tiled else [], maxlen=_conv.RUNAWAY_RUN + 1)
         converged, note = False, ""
         last = len(self.stages) - 1
+        # Whether the fit was found following source light (``source_tracking``).
+        stiff = False
         for k, stage in enumerate(self.stages):
             converged = False
             cap = self.max_iter if stage.max_iter is None else stage.max_iter
@@ -338,14 +360,22 @@ class IterativeBackground:
                 )
                 del resid, noise
                 previous = model
-                model = _fit(be, stage.estimator, new, history[-1].scale, floor)
+                model = _fit(
+                    be, self._estimator(stage.estimator, stiff), new, history[-1].scale, floor
+                )
                 bkg, noise = be.background(model), noise_model.working(model, be)
                 change = be.change(bkg, model, previous, noise, NoiseModel)
                 del previous
                 flips, count, kept = be.mask_stats(new)
-                asymmetry, raised = float("nan"), False
+                asymmetry, raised, tracking = float("nan"), False, float("nan")
                 if k == last and self.source_asymmetry is not None:
                     asymmetry, floor, raised = self._check_asymmetry(model, floor)
+                if self.source_tracking is not None and not stiff:
+                    test = self._check_tracking(be, model)
+                    if test is not None:
+                        tracking = test.correlation
+                        # From now on GCV is told the residual holds source light.
+                        stiff = raised = test.tracking
                 rec = keep(
                     record(
                         be,
@@ -358,12 +388,13 @@ class IterativeBackground:
                         flips / be.size,
                         history[-1],
                         asymmetry=asymmetry,
+                        tracking=tracking,
                         floor=floor,
                     )  # fmt: skip
                 )
                 log.debug(
                     "stage %d iteration %d: change %.4g (error %.4g), mask change %.4g "
-                    "(growth %+.4g), mask %.3f, asymmetry %.3g, floor %s",
+                    "(growth %+.4g), mask %.3f, asymmetry %.3g, tracking %.3g, floor %s",
                     k,
                     it,
                     change,
@@ -372,6 +403,7 @@ class IterativeBackground:
                     rec.mask_growth,
                     rec.mask_fraction,
                     asymmetry,
+                    tracking,
                     floor,
                 )
                 current = new
@@ -422,7 +454,7 @@ class IterativeBackground:
             # The previous background is rebuilt from its model for the change (memory).
             del bkg
             previous = model
-            model = _fit(be, self.final, current, history[-1].scale, floor)
+            model = _fit(be, self._estimator(self.final, stiff), current, history[-1].scale, floor)
             bkg = be.background(model)
             change = be.change(bkg, model, previous, noise_model.working(model, be), NoiseModel)
             rec = history[-1]
@@ -515,6 +547,25 @@ class IterativeBackground:
         stage did (:func:`skymap.background.convergence.settled`)."""
         return _conv.settled(self, rec)
 
+    def _estimator(self, estimator, stiff: bool):
+        """``estimator``, its GCV inflation raised to ``tracking_inflation`` when the
+        fit was found following source light (estimators without one: as they are)."""
+        inflation = getattr(estimator, "gcv_inflation", None)
+        if not stiff or inflation is None or inflation >= self.tracking_inflation:
+            return estimator
+        return replace(estimator, gcv_inflation=self.tracking_inflation)
+
+    def _check_tracking(self, backend, model):
+        """:func:`~skymap.background.tracking.source_tracking` of a last-stage refit
+        (None for an estimator without thin-plate cells)."""
+        if not hasattr(model, "cell_pixels") or getattr(model, "smoothing", None) is None:
+            return None
+        cells = model.cell_size
+        valid = backend.cell_grid(
+            cell_sums, [backend.image, backend.given_bad], cells, 5, cells=cells, ref=0.0
+        )[0]
+        return source_tracking(model, valid, floor=self.source_tracking)
+
     def _check_asymmetry(self, model, floor):
         """(asymmetry, new floor, whether it was raised) after a last-stage refit."""
         asymmetry = model.asymmetry(self.stiffen)
@@ -603,6 +654,7 @@ def _record(
     previous=None,
     *,
     asymmetry=float("nan"),
+    tracking=float("nan"),
     floor=None,
     norm=None,
 ) -> IterationRecord:
@@ -618,6 +670,7 @@ def _record(
         error=float("nan") if error is None else float(error),
         scale=None if scale is None else float(scale),
         asymmetry=float(asymmetry),
+        tracking=float(tracking),
         min_scale=None if floor is None else float(floor),
         model=model,
         packed_mask=packed,
@@ -640,6 +693,8 @@ def default_pipeline(
     mask_tol: float = 0.005,
     error_tol: float = 0.5,
     source_asymmetry: float | None = None,
+    source_tracking: float | None = 0.25,
+    tracking_inflation: float = 12.0,
     cell_size: Any = None,
     gcv_inflation: float = ThinPlateSmoother.gcv_inflation,
     max_source_size: Any = "auto",
@@ -708,6 +763,9 @@ def default_pipeline(
     max_iter, change_tol, mask_tol, error_tol, source_asymmetry, max_source_size
         As for :class:`IterativeBackground` (``source_asymmetry=None`` switches the
         stiffening off; ``max_source_size``: pixels, ``"auto"`` or None).
+    source_tracking, tracking_inflation
+        As for :class:`IterativeBackground` (``source_tracking=None`` switches the
+        test off).
     cell_size, gcv_inflation
         As for :class:`~skymap.smooth.ThinPlateSmoother` (``cell_size=None``: from the
         image size at fit time).
@@ -749,6 +807,8 @@ def default_pipeline(
         mask_tol=mask_tol,
         error_tol=error_tol,
         source_asymmetry=source_asymmetry,
+        source_tracking=source_tracking,
+        tracking_inflation=tracking_inflation,
         max_source_size=max_source_size,
         halos=HaloMasker() if halos else None,
     )
