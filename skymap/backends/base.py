@@ -61,9 +61,13 @@ class ArrayBackend(Protocol):
         The working image and its bad-pixel mask (given mask OR non-finite, and after
         :meth:`normalise` the image's extreme negative pixels), native.
     given_bad
-        The given mask OR the non-finite pixels, native.
+        The given mask OR the non-finite pixels (of the image and of ``error``), native.
+    error
+        1 sigma per pixel in the image's units (float64, ``inf`` where a pixel has
+        none), native, or None: the error map given to the fit.
     weight
-        Relative inverse variance per pixel (native), or None.
+        Relative inverse variance per pixel (native, float32), or None: set by the fit
+        from ``error`` (the smoothers weight their cells by it).
     size : int
         Number of pixels.
     nbad : int
@@ -77,6 +81,7 @@ class ArrayBackend(Protocol):
     image: Any
     bad: Any
     given_bad: Any
+    error: Any
     weight: Any
     size: int
     nbad: int
