@@ -272,7 +272,7 @@ def _check_nonnegative(arr: np.ndarray, name: str) -> None:
     with np.errstate(invalid="ignore"):
         if np.any(arr < 0):
             raise ValueError(
-                f"{name} must be >= 0 everywhere, got a minimum of {np.nanmin(arr)!r}"
+                f"{name} must be >= 0 everywhere, got a minimum of {float(np.nanmin(arr))!r}"
             )
 
 

@@ -267,20 +267,22 @@ def _varying_depth(shape=(160, 224), seed=4):
     return img.astype(np.float32), mask, noise
 
 
-def test_an_error_map_as_a_dask_array_gives_the_in_memory_fit():
+def test_an_error_map_as_a_dask_array_gives_the_in_memory_fit(threads_client):
     img, mask, noise = _varying_depth()
     err = noise.copy()
     err[5, 7], err[100, 200] = np.inf, np.nan  # no information: excluded
-    ref = skymap.fit(img, mask, error=err)
+    ref = skymap.fit(img, mask, error=err, max_iter=3)
     # the error map chunked unlike the image, both unlike the tiles
     tiled = skymap.fit(
-        da.from_array(img, chunks=50), mask, tile=64, error=da.from_array(err, chunks=70)
-    )
+        da.from_array(img, chunks=50), mask, tile=64, client=threads_client, max_iter=3,
+        error=da.from_array(err, chunks=70),
+    )  # fmt: skip
     assert isinstance(tiled.background, da.Array) and len(tiled.tiles.chunks[1]) > 2
-    assert tiled.bad_mask[5, 7].compute() and tiled.bad_mask[100, 200].compute()
-    _assert_same_fit(tiled, ref)
+    bad = threads_client.compute(tiled.bad_mask, sync=True)
+    assert bad[5, 7] and bad[100, 200]
+    _assert_same_fit(tiled, ref, threads_client)
     # the error map is used: without it the fit differs
-    plain = skymap.fit(da.from_array(img, chunks=50), mask, tile=64)
+    plain = skymap.fit(da.from_array(img, chunks=50), mask, tile=64, max_iter=3)
     assert not np.array_equal(plain.background.compute(), ref.background)
 
 

@@ -22,6 +22,7 @@ from skymap.background.mesh import MeshBackground
 from skymap.mosaic.skymatch import match
 from skymap.photometry.local import annulus_background, aperture_sum
 from skymap.quality.evaluate import evaluate
+from skymap.quality.injection import injection_recovery
 
 UNIT = u.electron / u.s
 
@@ -141,6 +142,24 @@ def test_local_skymatch_and_evaluate_read_astropy_inputs(scene, reference):
     ev = evaluate(ccd, skymap.fit(ccd))
     ref = evaluate(img, reference, mask=reference.mask)
     assert ev.noise_sigma == pytest.approx(ref.noise_sigma, rel=1e-9)
+
+
+def test_injection_recovery_reads_the_mask_hidden_in_ccddata():
+    rng = np.random.default_rng(2)
+    img = 10 + rng.normal(size=(64, 64))
+    mask = np.zeros(img.shape, bool)
+    mask[:, :20] = True
+    img[mask] += 50.0  # what the mask hides would move a masked median a lot
+
+    def masked_median(image, m):
+        return np.full(image.shape, np.median(image[~m]))
+
+    kw = {"kinds": ("sky",), "n_trials": 1}
+    a = injection_recovery(CCDData(img, unit=UNIT, mask=mask), masked_median, **kw)
+    b = injection_recovery(img, masked_median, mask=mask, **kw)
+    c = injection_recovery(img, masked_median, **kw)
+    np.testing.assert_array_equal(a.trials["track"], b.trials["track"])
+    assert not np.array_equal(a.trials["track"], c.trials["track"])
 
 
 # --------------------------------------------------------------------------- error maps

@@ -223,7 +223,9 @@ class DaskBackend:
         else:
             nbad, low = self.compute(self.bad.sum(), lowest)
             if low < 0:
-                raise ValueError(f"{pname} must be >= 0 everywhere, got a minimum of {low!r}")
+                raise ValueError(
+                    f"{pname} must be >= 0 everywhere, got a minimum of {float(low)!r}"
+                )
             self.nbad = int(nbad)
         if self.nbad == self.size:
             raise ValueError("image has no valid pixel: everything is masked or non-finite")
