@@ -330,6 +330,10 @@ def test_tiles_align_to_the_error_blocks_of_any_pipeline():
     tiled = pipe.fit(img, error=noise, tile=40)
     assert tiled.tiles.tile == (36, 40)  # lcm(6, 4) = 12, lcm(10, 4) = 20
     _assert_same_fit(tiled, ref)
+    # a back end built by hand aligns its tiles to the error blocks by itself
+    be = DaskBackend(img, tile=40, unit=pipe.tile_unit(img.shape), error=noise)
+    assert be.unit == (12, 20)
+    _assert_same_fit(pipe.fit(None, backend=be), ref)
 
 
 def test_a_tiled_error_map_is_checked_like_an_in_memory_one():

@@ -32,6 +32,7 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 
 __all__ = [
+    "ERROR_BLOCK",
     "ArrayBackend",
     "BinnedStepMasker",
     "NativeMaps",
@@ -45,6 +46,11 @@ __all__ = [
 
 #: ((y0, y1), (x0, x1)): the pixel rows and columns of a tile or of its grown window.
 Window = tuple[tuple[int, int], tuple[int, int]]
+
+#: Block (pixels) in which the pipeline sums an error map for the maskers' noise (at
+#: most this, a power of two, on small images): a tiled back end given an error map
+#: aligns its tiles to it.
+ERROR_BLOCK = 4
 
 
 @runtime_checkable

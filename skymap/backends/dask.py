@@ -22,6 +22,7 @@ give a LocalCluster one worker (process or thread) per core.
 from __future__ import annotations
 
 import functools
+import math
 import mmap
 import uuid
 from collections.abc import Callable, Sequence
@@ -33,6 +34,7 @@ import numpy as np
 from skymap._inputs import Normalisation, noise_sigma, noise_value
 from skymap._validate import as_image, as_mask, as_pair, combine_masks, work_dtype
 from skymap.backends.base import (
+    ERROR_BLOCK,
     BinnedStepMasker,
     NativeMaps,
     SplitMasker,
@@ -145,7 +147,8 @@ class DaskBackend:
         Approximate tile shape in pixels, rounded down (but not below) to a multiple of
         ``unit``; an axis shorter than the unit is one tile.
     unit : (int, int)
-        Alignment unit per axis: every tile but the last starts and ends on a multiple.
+        Alignment unit per axis: every tile but the last starts and ends on a multiple
+        (with an error map, also of :data:`~skymap.backends.base.ERROR_BLOCK`).
     client : optional
         A ``distributed.Client`` (or any dask scheduler); default dask's current one.
     error, weight : optional
@@ -193,6 +196,9 @@ class DaskBackend:
         self.shape, self.dtype, self.client = shape, np.dtype(work_dtype(image.dtype)), client
         self.size = shape[0] * shape[1]
         self.unit = tuple(int(u) for u in unit)
+        if error is not None or weight is not None:
+            # the maskers' noise from an error map is summed in blocks of ERROR_BLOCK
+            self.unit = tuple(math.lcm(u, ERROR_BLOCK) for u in self.unit)
         self.tile = tuple(
             n if n <= u else max(u, t // u * u)
             for n, u, t in zip(shape, self.unit, tile, strict=True)

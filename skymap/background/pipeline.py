@@ -37,7 +37,13 @@ import numpy as np
 from skymap._inputs import Normalisation, read_image
 from skymap._util import check_int, pow2_at_most
 from skymap._validate import as_image, as_mask, check_positive
-from skymap.backends.base import ArrayBackend, BinnedStepMasker, Tileable, block_sums
+from skymap.backends.base import (
+    ERROR_BLOCK,
+    ArrayBackend,
+    BinnedStepMasker,
+    Tileable,
+    block_sums,
+)
 from skymap.backends.dask import DaskBackend, is_tiled_input
 from skymap.backends.memory import MemoryBackend
 from skymap.background import convergence as _conv
@@ -503,15 +509,13 @@ class IterativeBackground:
             default dask's current scheduler.
         error, weight : optional
             As for :meth:`fit` (a dask array or memory map stays lazy in the tiled
-            back end; the tiles then also align to the error's noise blocks).
+            back end, whose tiles then also align to the error's noise blocks).
         """
         if tile is None and client is None and not is_tiled_input(image):
             inputs = read_image(image, mask, error=error, weight=weight)
             return MemoryBackend(inputs.data, inputs.mask, error=inputs.error)
         shape = tuple(getattr(image, "shape", np.shape(image)))
         unit = self.tile_unit(shape) if len(shape) == 2 else (2, 2)
-        if (error is not None or weight is not None) and len(shape) == 2:
-            unit = tuple(math.lcm(u, _error_block(shape)) for u in unit)
         tile = 1024 if tile is None else tile
         return DaskBackend(
             image, mask, tile=tile, unit=unit, client=client, error=error, weight=weight
@@ -575,8 +579,9 @@ def _use_error(be, norm: Normalisation) -> CoarseRMS:
 
 
 def _error_block(shape) -> int:
-    """The block (pixels) of the maskers' noise from an error map."""
-    return pow2_at_most(4.0, *shape)
+    """The block (pixels) of the maskers' noise from an error map (divides
+    :data:`~skymap.backends.base.ERROR_BLOCK`, which tiled back ends align to)."""
+    return pow2_at_most(ERROR_BLOCK, *shape)
 
 
 def _inverse_variance(error: np.ndarray, bad: np.ndarray) -> np.ndarray:
