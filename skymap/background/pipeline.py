@@ -37,7 +37,13 @@ import numpy as np
 from skymap._inputs import Normalisation, read_image
 from skymap._util import check_int, pow2_at_most
 from skymap._validate import as_image, as_mask, check_positive, check_range
-from skymap.backends.base import ArrayBackend, BinnedStepMasker, Tileable
+from skymap.backends.base import (
+    ERROR_BLOCK,
+    ArrayBackend,
+    BinnedStepMasker,
+    Tileable,
+    block_sums,
+)
 from skymap.backends.dask import DaskBackend, is_tiled_input
 from skymap.backends.memory import MemoryBackend
 from skymap.background import convergence as _conv
@@ -288,7 +294,8 @@ class IterativeBackground:
         mask : array_like of bool, optional
             True = excluded; NaN and inf pixels are excluded automatically.
         error, weight : array_like or Quantity, optional
-            1 sigma per pixel, or inverse variance; at most one (in-memory fits only).
+            1 sigma per pixel, or inverse variance; at most one. For a tiled fit either may
+            be a dask array or a memory map, read tile by tile.
             The maskers threshold in units of this map (times the noise excess they
             measure) and thin-plate smoothers weight their cells by it. Zero weight or
             a non-finite error excludes the pixel.
@@ -308,21 +315,33 @@ class IterativeBackground:
             errors or weights, units that do not convert, or no valid pixel.
         """
         inputs = None
+        noisy = error is not None or weight is not None
         if backend is not None:
+            if noisy:
+                raise ValueError(
+                    "error and weight go to the back end when backend= is given "
+                    "(MemoryBackend(..., error=), DaskBackend(..., error=/weight=))"
+                )
             be = backend
-        elif tile is None and client is None and not is_tiled_input(image):
-            inputs = read_image(image, mask, error=error, weight=weight)
-            be = MemoryBackend(inputs.data, inputs.mask)
+        elif is_tiled_input(image):
+            be = self.backend_for(
+                image, mask, tile=tile, client=client, error=error, weight=weight
+            )
         else:
-            be = self.backend_for(image, mask, tile=tile, client=client)
-        if (error is not None or weight is not None) and inputs is None:
-            raise ValueError("error and weight maps are for in-memory fits only")
+            # astropy inputs are read here for either back end, so that their masks,
+            # units and uncertainties count with tile= or client= too
+            inputs = read_image(image, mask, error=error, weight=weight)
+            if tile is None and client is None:
+                be = MemoryBackend(inputs.data, inputs.mask, error=inputs.error)
+            else:
+                be = self.backend_for(
+                    inputs.data, inputs.mask, tile=tile, client=client, error=inputs.error
+                )
+            inputs = replace(inputs, error=None)
         norm = be.normalise()
         masker_noise = None
-        if inputs is not None and inputs.error is not None:
-            masker_noise = _error_noise(inputs.error, be.bad, norm)
-            be.weight = _relative_weight(inputs.error, be.bad)
-            inputs = replace(inputs, error=None)
+        if be.error is not None:
+            masker_noise = _use_error(be, norm)
         record = functools.partial(_record, norm=norm)
         noise_model = NoiseModel.for_maskers(st.masker for st in self.stages)
         history: list[IterationRecord] = []
@@ -546,7 +565,9 @@ class IterativeBackground:
         bad = np.asarray(backend.bad[win])
         return source_scale(image, bad, backend.shape).max_source_size
 
-    def backend_for(self, image, mask=None, *, tile=None, client=None) -> ArrayBackend:
+    def backend_for(
+        self, image, mask=None, *, tile=None, client=None, error=None, weight=None
+    ) -> ArrayBackend:
         """The back end for ``image``: tiles (:class:`~skymap.backends.dask.DaskBackend`)
         for a dask array or a memory-mapped file, or when ``tile`` or ``client`` is
         given; else in memory (:class:`~skymap.backends.memory.MemoryBackend`).
@@ -561,13 +582,19 @@ class IterativeBackground:
         client : optional
             A ``distributed.Client`` (or any dask scheduler) to run the tiles on;
             default dask's current scheduler.
+        error, weight : optional
+            As for :meth:`fit` (a dask array or memory map stays lazy in the tiled
+            back end, whose tiles then also align to the error's noise blocks).
         """
         if tile is None and client is None and not is_tiled_input(image):
-            return MemoryBackend(image, mask)
+            inputs = read_image(image, mask, error=error, weight=weight)
+            return MemoryBackend(inputs.data, inputs.mask, error=inputs.error)
         shape = tuple(getattr(image, "shape", np.shape(image)))
         unit = self.tile_unit(shape) if len(shape) == 2 else (2, 2)
         tile = 1024 if tile is None else tile
-        return DaskBackend(image, mask, tile=tile, unit=unit, client=client)
+        return DaskBackend(
+            image, mask, tile=tile, unit=unit, client=client, error=error, weight=weight
+        )
 
     def tile_unit(self, shape) -> tuple[int, int]:
         """Alignment unit per axis of the tiles for an image of ``shape``: the least
@@ -638,33 +665,52 @@ class IterativeBackground:
         return asymmetry, stiff, True
 
 
-def _error_noise(error: np.ndarray, bad: np.ndarray, norm: Normalisation) -> CoarseRMS:
-    """The maskers' noise from a 1-sigma map: its RMS over the valid pixels of blocks
-    of 4 x 4 pixels, in normalised units (a :class:`CoarseRMS`; blocks with no valid
-    pixel take the median of the others)."""
-    q = pow2_at_most(4.0, *error.shape)
-    ny, nx = error.shape
-    gy, gx = -(-ny // q), -(-nx // q)
-    var = np.zeros((gy * q, gx * q))
-    ok = np.zeros(var.shape, bool)
-    ok[:ny, :nx] = ~bad
-    var[:ny, :nx] = np.where(~bad, error / norm.scale, 0.0) ** 2
-    total = var.reshape(gy, q, gx, q).sum(axis=(1, 3))
-    count = ok.reshape(gy, q, gx, q).sum(axis=(1, 3))
+def _use_error(be, norm: Normalisation) -> CoarseRMS:
+    """Set ``be.weight`` from the back end's error map and return the maskers' noise.
+
+    The maskers' noise is the error map's RMS over the valid pixels of blocks of 4 x 4
+    pixels, in normalised units (a :class:`CoarseRMS`; blocks with no valid pixel take
+    the median of the others). The smoother's weight is the inverse variance relative
+    to its mean over the valid pixels (float32, 0 where excluded). Both come from
+    per-block sums (:func:`~skymap.backends.base.block_sums`, the tiles aligned to the
+    blocks), so every back end finds the same numbers bit for bit."""
+    q = _error_block(be.shape)
+    var, count, wsum = be.cell_grid(_error_sums, [be.error, be.bad], (q, q), 3, q=q,
+                                    scale=norm.scale)  # fmt: skip
     with np.errstate(invalid="ignore", divide="ignore"):
-        values = np.sqrt(total / count)
+        values = np.sqrt(var / count)
     good = np.isfinite(values) & (values > 0)
     values[~good] = np.median(values[good]) if good.any() else 1.0
-    return CoarseRMS(values=values.astype(np.float32), step=q, shape=error.shape)
+    total = float(count.sum())
+    mean = float(wsum.sum()) / total if total else 0.0
+    be.weight = be.map_tiles(_relative_weight, [be.error, be.bad], halo=0, dtype=np.float32,
+                             mean=mean)  # fmt: skip
+    return CoarseRMS(values=values.astype(np.float32), step=q, shape=be.shape)
 
 
-def _relative_weight(error: np.ndarray, bad: np.ndarray) -> np.ndarray:
-    """Inverse variance relative to its mean over the valid pixels (float32; 0 where
-    excluded): scale-free cell weights for the smoother."""
+def _error_block(shape) -> int:
+    """The block (pixels) of the maskers' noise from an error map (divides
+    :data:`~skymap.backends.base.ERROR_BLOCK`, which tiled back ends align to)."""
+    return pow2_at_most(ERROR_BLOCK, *shape)
+
+
+def _inverse_variance(error: np.ndarray, bad: np.ndarray) -> np.ndarray:
     with np.errstate(divide="ignore"):
         w = 1.0 / np.square(error)
     w[bad | ~np.isfinite(w)] = 0.0
-    mean = float(w[~bad].mean())
+    return w
+
+
+def _error_sums(error, bad, *, origin, q, scale):
+    """Per ``q`` x ``q`` block of a tile: the sum of the squared normalised errors, the
+    count and the sum of the inverse variances of the valid pixels (3, gy, gx)."""
+    var = block_sums(np.where(bad, 0.0, error / scale) ** 2, bad, q, origin)
+    return np.concatenate([var, block_sums(_inverse_variance(error, bad), bad, q)[:1]])
+
+
+def _relative_weight(error, bad, *, window, core, mean):
+    """A tile of the inverse variance relative to ``mean`` (float32; 0 where excluded)."""
+    w = _inverse_variance(error, bad)
     return (w / mean if mean > 0 else w).astype(np.float32)
 
 
@@ -926,7 +972,12 @@ def fit(
         most one. The maskers then threshold in units of this map, times the noise
         excess they measure (correlated noise), and the smoother weights its cells by
         it. Zero weight or a non-finite error excludes the pixel; negative values
-        raise ValueError.
+        raise ValueError. A dask array or memory map is read tile by tile (with a
+        tiled image; the result equals the in-memory fit). The weighting trades the
+        noisy regions for the deep ones: on a half 4x noisier than the other the
+        deep half's error fell from 0.077 to 0.030 sigma and the noisy half's rose
+        from 0.024 to 0.027 (:meth:`ThinPlateSmoother.fit
+        <skymap.background.smooth.ThinPlateSmoother.fit>`, ``benchmarks/README.md``).
     callback : callable, optional
         Called with each :class:`IterationRecord` as the fit makes it (progress).
     tile, client : optional

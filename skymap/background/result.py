@@ -186,7 +186,7 @@ class BackgroundResult:
         """Background RMS map (input dtype and unit), interpolated on first access (a
         lazy dask array for a tiled fit)."""
         if self.lazy_rms is not None:
-            return self.lazy_rms
+            return self.lazy_rms if self.inputs is None else self.inputs.wrap(self.lazy_rms)
         rms = np.asarray(self.history[-1].model.rms_map(), dtype=self.background.dtype)
         if self.normalisation is not None:
             rms = self.normalisation.undo(rms, offset=False)
