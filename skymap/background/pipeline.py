@@ -34,22 +34,20 @@ from typing import Any
 
 import numpy as np
 
-from skymap._inputs import Normalisation, read_image
-from skymap._util import check_int, pow2_at_most
+from skymap._inputs import read_image
+from skymap._util import check_int
 from skymap._validate import as_image, as_mask, check_positive, check_range
 from skymap.backends.base import (
-    ERROR_BLOCK,
     ArrayBackend,
     BinnedStepMasker,
     Tileable,
-    block_sums,
 )
 from skymap.backends.dask import DaskBackend, is_tiled_input
 from skymap.backends.memory import MemoryBackend
 from skymap.background import convergence as _conv
 from skymap.background.convergence import ConvergenceWarning
 from skymap.background.model import BackgroundEstimator, BackgroundModel, as_driven
-from skymap.background.noise import NoiseModel
+from skymap.background.noise import NoiseModel, use_error
 from skymap.background.result import BackgroundResult, IterationRecord
 from skymap.background.ring import RingMedianGuess
 from skymap.background.scale import central_window, smoothing_floor, source_scale
@@ -57,7 +55,7 @@ from skymap.background.scale import max_source_size as _resolve_size
 from skymap.background.smooth import ThinPlateSmoother, cell_sums
 from skymap.background.tracking import source_tracking
 from skymap.masking.bright import HaloMasker
-from skymap.masking.hysteresis import CoarseRMS, HysteresisMasker
+from skymap.masking.hysteresis import HysteresisMasker
 from skymap.masking.maskers import Masker
 
 __all__ = [
@@ -341,7 +339,7 @@ class IterativeBackground:
         norm = be.normalise()
         masker_noise = None
         if be.error is not None:
-            masker_noise = _use_error(be, norm)
+            masker_noise = use_error(be, norm)
         record = functools.partial(_record, norm=norm)
         noise_model = NoiseModel.for_maskers(st.masker for st in self.stages)
         history: list[IterationRecord] = []
@@ -663,55 +661,6 @@ class IterativeBackground:
         if stiff >= limit or (floor is not None and stiff <= floor):
             return asymmetry, floor, False
         return asymmetry, stiff, True
-
-
-def _use_error(be, norm: Normalisation) -> CoarseRMS:
-    """Set ``be.weight`` from the back end's error map and return the maskers' noise.
-
-    The maskers' noise is the error map's RMS over the valid pixels of blocks of 4 x 4
-    pixels, in normalised units (a :class:`CoarseRMS`; blocks with no valid pixel take
-    the median of the others). The smoother's weight is the inverse variance relative
-    to its mean over the valid pixels (float32, 0 where excluded). Both come from
-    per-block sums (:func:`~skymap.backends.base.block_sums`, the tiles aligned to the
-    blocks), so every back end finds the same numbers bit for bit."""
-    q = _error_block(be.shape)
-    var, count, wsum = be.cell_grid(_error_sums, [be.error, be.bad], (q, q), 3, q=q,
-                                    scale=norm.scale)  # fmt: skip
-    with np.errstate(invalid="ignore", divide="ignore"):
-        values = np.sqrt(var / count)
-    good = np.isfinite(values) & (values > 0)
-    values[~good] = np.median(values[good]) if good.any() else 1.0
-    total = float(count.sum())
-    mean = float(wsum.sum()) / total if total else 0.0
-    be.weight = be.map_tiles(_relative_weight, [be.error, be.bad], halo=0, dtype=np.float32,
-                             mean=mean)  # fmt: skip
-    return CoarseRMS(values=values.astype(np.float32), step=q, shape=be.shape)
-
-
-def _error_block(shape) -> int:
-    """The block (pixels) of the maskers' noise from an error map (divides
-    :data:`~skymap.backends.base.ERROR_BLOCK`, which tiled back ends align to)."""
-    return pow2_at_most(ERROR_BLOCK, *shape)
-
-
-def _inverse_variance(error: np.ndarray, bad: np.ndarray) -> np.ndarray:
-    with np.errstate(divide="ignore"):
-        w = 1.0 / np.square(error)
-    w[bad | ~np.isfinite(w)] = 0.0
-    return w
-
-
-def _error_sums(error, bad, *, origin, q, scale):
-    """Per ``q`` x ``q`` block of a tile: the sum of the squared normalised errors, the
-    count and the sum of the inverse variances of the valid pixels (3, gy, gx)."""
-    var = block_sums(np.where(bad, 0.0, error / scale) ** 2, bad, q, origin)
-    return np.concatenate([var, block_sums(_inverse_variance(error, bad), bad, q)[:1]])
-
-
-def _relative_weight(error, bad, *, window, core, mean):
-    """A tile of the inverse variance relative to ``mean`` (float32; 0 where excluded)."""
-    w = _inverse_variance(error, bad)
-    return (w / mean if mean > 0 else w).astype(np.float32)
 
 
 def _exclude_halos(backend, halos) -> None:
