@@ -197,8 +197,7 @@ class IterativeBackground:
 
         Examples
         --------
-        >>> from skymap.background.smooth import ThinPlateSmoother, cell_sums
-    from skymap.background.tracking import source_tracking
+        >>> from skymap.background.smooth import ThinPlateSmoother
         >>> rng = np.random.default_rng(3)
         >>> img = 10 + rng.normal(size=(128, 128))
         >>> img[60:64, 60:64] += 50
