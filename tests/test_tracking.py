@@ -39,6 +39,16 @@ def test_discs_with_masked_cores_are_found_tracking():
     assert test.tracking and test.correlation > 0.3
 
 
+def test_a_fit_lower_where_the_masks_are_is_tracking_too():
+    # The same discs as dips: the fit sinks around the masked cores (as it sinks into
+    # holes too large for it), a negative correlation of the same size.
+    rng = np.random.default_rng(0)
+    disc = _discs(rng)
+    model = ThinPlateSmoother().fit(rng.normal(size=(N, N)) - disc, disc > 1.0)
+    test = source_tracking(model, _valid(model))
+    assert test.tracking and test.correlation < -0.3
+
+
 @pytest.mark.parametrize("seed", [1, 2, 3])
 def test_sky_independent_of_the_masks_is_not_tracking(seed):
     # Structure of any shape (here a single broad positive bump plus a smooth random

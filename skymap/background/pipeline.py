@@ -112,101 +112,102 @@ class Stage:
 class IterativeBackground:
     """First guess, then stages of (mask, refit), each iterated to convergence.
 
-        Parameters
-        ----------
-        first_guess : BackgroundEstimator
-            Fitted to the image with only the given mask: a stiff
-            :class:`~skymap.smooth.ThinPlateSmoother`, a coarse
-            :class:`~skymap.mesh.MeshBackground`, or a :class:`RingMedianGuess`.
-        stages : sequence of Stage
-            Run in order; usually the smoothing shrinks and the masks deepen.
-        final : BackgroundEstimator or None
-            Refitted once with the last stage's converged mask, without masking again: the
-            place for a smoothing that must not feed back into the masks (a stiffer one
-            would let the masks creep into sky it does not follow).
-        max_iter : int
-            Iteration cap per stage (a raised smoothing floor, see ``source_asymmetry``,
-            does not restart the count).
-        change_tol : float
-            A stage has converged when the background moved by less than this RMS (in
-            units of the background RMS), or by less than ``error_tol`` times its own
-            statistical error if that is larger ...
-        mask_tol : float
-            ... and the mask has settled: fewer than this share of the pixels changed mask
-            state, or the masked share grew or shrank by less than this (a plateau, where
-            pixels at the thresholds only flip back and forth). The default, 0.5%, is
-            where a further iteration no longer moves the background measurably: on the
-            crowded 4096x4096 field, the iteration after a 0.4% mask change moved it by
-            0.0008 of its RMS; on the benchmark scenes 0.5% instead of 0.2% changed the
-            RMS error by at most 0.0006 sigma (detector_artifacts improved, 0.053 to 0.047)
-            and saved one full masking pass on most of them.
-        error_tol : float
-            See ``change_tol``. The statistical error is the RMS error the pixel noise
-            leaves in the fitted background (``SmoothResult.error``, in units of the
-            background RMS; estimators that do not report one use ``change_tol`` alone): a
-            change well inside it is one the data cannot tell from none, however many
-            iterations are run. 0 switches it off.
-        source_asymmetry : float or None
-            In the last stage, after each refit by a
-            :class:`~skymap.smooth.ThinPlateSmoother`, the upper-to-lower tail ratio of
-            (background - a fit ``stiffen`` times longer) is measured
-            (:meth:`~skymap.smooth.SmoothResult.asymmetry`). Sky structure gives as many
-            dips as bumps; a ratio above this means the background is following source
-            light left unmasked (faint extended wings), which only ever raises it. The
-            smoothing is then held at least ``stiffen`` times longer for the rest of the
-            stage and the final refit, so that the wings stay in the residual and get
-            masked. None switches it off.
-        stiffen : float
-            See ``source_asymmetry``.
-        source_tracking : float or None
-            After each stage refit by a :class:`~skymap.smooth.ThinPlateSmoother`, the
-            correlation between where the background rises above a fit 8 times longer
-            and where the masks are is measured
-            (:func:`skymap.background.tracking.source_tracking`). Sky structure does not
-            know where the sources are; source light left unmasked (faint outskirts,
-            wings, halos, intracluster light) does. A correlation above this value (and
-            above 3 over the square root of the number of independent patches) means the
-            background follows source light: the sources' light reaches further than
-            ``max_source_size`` said. The smoothing floor is then raised to
-            ``tracking_stiffen`` times the fit's length (at most an eighth of the
-            shorter side), after every refit found tracking, and that iteration does
-            not count as settled; with ``tracking_inflation``, GCV also counts the fit's
-            degrees of freedom that many times from then on. Each record carries the
-            correlation (``IterationRecord.tracking``). None: never measured. A mask
-            eating a broad sky bump can read as tracking too (the fit under it stays
-            above the stiffer one); the runaway back-off still applies then.
-        tracking_stiffen, tracking_inflation : float or None
-            See ``source_tracking``; None leaves the floor, or GCV's inflation, as it
-            is.
-        max_source_size : float, "auto" or None
-            How large (in pixels) an object may be and still count as a source rather than
-            sky. The thin-plate smoothers' smoothing length is held at or above half of it
-            (GCV chooses only above that floor; the first guess and the final refit too):
-            a Gaussian bump of this FWHM is followed by at most about a third of its
-            height, one four times broader by more than 90%, and masked holes up to this
-            size are bridged, never bent round. ``"auto"`` measures it from the image
-            (:func:`skymap.background.scale.source_scale`: 8 PSF FWHM, twice the
-            90th-percentile size of the sources above 5 sigma, at least 16 px and at most
-            an eighth of the longer side); None sets no floor.
-        halos : Masker or None
-            Applied once, to the image itself (``halos(image, None, mask)``) before the
-            first guess, such as :class:`~skymap.masking.HaloMasker`: its detections
-            (bright sources and their halos) stay masked for the whole fit. A bright
-            star's halo is measured best on the image, before any background has had a
-            chance to follow part of it.
+    Parameters
+    ----------
+    first_guess : BackgroundEstimator
+        Fitted to the image with only the given mask: a stiff
+        :class:`~skymap.smooth.ThinPlateSmoother`, a coarse
+        :class:`~skymap.mesh.MeshBackground`, or a :class:`RingMedianGuess`.
+    stages : sequence of Stage
+        Run in order; usually the smoothing shrinks and the masks deepen.
+    final : BackgroundEstimator or None
+        Refitted once with the last stage's converged mask, without masking again: the
+        place for a smoothing that must not feed back into the masks (a stiffer one
+        would let the masks creep into sky it does not follow).
+    max_iter : int
+        Iteration cap per stage (a raised smoothing floor, see ``source_asymmetry``,
+        does not restart the count).
+    change_tol : float
+        A stage has converged when the background moved by less than this RMS (in
+        units of the background RMS), or by less than ``error_tol`` times its own
+        statistical error if that is larger ...
+    mask_tol : float
+        ... and the mask has settled: fewer than this share of the pixels changed mask
+        state, or the masked share grew or shrank by less than this (a plateau, where
+        pixels at the thresholds only flip back and forth). The default, 0.5%, is
+        where a further iteration no longer moves the background measurably: on the
+        crowded 4096x4096 field, the iteration after a 0.4% mask change moved it by
+        0.0008 of its RMS; on the benchmark scenes 0.5% instead of 0.2% changed the
+        RMS error by at most 0.0006 sigma (detector_artifacts improved, 0.053 to 0.047)
+        and saved one full masking pass on most of them.
+    error_tol : float
+        See ``change_tol``. The statistical error is the RMS error the pixel noise
+        leaves in the fitted background (``SmoothResult.error``, in units of the
+        background RMS; estimators that do not report one use ``change_tol`` alone): a
+        change well inside it is one the data cannot tell from none, however many
+        iterations are run. 0 switches it off.
+    source_asymmetry : float or None
+        In the last stage, after each refit by a
+        :class:`~skymap.smooth.ThinPlateSmoother`, the upper-to-lower tail ratio of
+        (background - a fit ``stiffen`` times longer) is measured
+        (:meth:`~skymap.smooth.SmoothResult.asymmetry`). Sky structure gives as many
+        dips as bumps; a ratio above this means the background is following source
+        light left unmasked (faint extended wings), which only ever raises it. The
+        smoothing is then held at least ``stiffen`` times longer for the rest of the
+        stage and the final refit, so that the wings stay in the residual and get
+        masked. None switches it off.
+    stiffen : float
+        See ``source_asymmetry``.
+    source_tracking : float or None
+        After each stage refit by a :class:`~skymap.smooth.ThinPlateSmoother`, the
+        correlation between where the background departs from a fit 8 times longer
+        and where the masks are is measured
+        (:func:`skymap.background.tracking.source_tracking`). Sky structure does not
+        know where the sources are. A background higher where the masks are follows
+        source light left unmasked (faint outskirts, wings, halos, intracluster
+        light): the sources reach further than ``max_source_size`` said; one lower
+        there bends into masked holes it should bridge. When the correlation's size
+        is above this value (and above 3 over the square root of the number of
+        independent patches), the smoothing floor is raised to
+        ``tracking_stiffen`` times the fit's length (at most an eighth of the
+        shorter side), after every refit that finds it, and that iteration does not
+        count as settled; with ``tracking_inflation``, GCV also counts the fit's
+        degrees of freedom that many times from then on. Each record carries the
+        correlation (``IterationRecord.tracking``). None: never measured. A mask
+        eating a broad sky bump can read as tracking too (the fit under it stays
+        above the stiffer one); the runaway back-off still applies then.
+    tracking_stiffen, tracking_inflation : float or None
+        See ``source_tracking``; None leaves the floor, or GCV's inflation, as it
+        is.
+    max_source_size : float, "auto" or None
+        How large (in pixels) an object may be and still count as a source rather than
+        sky. The thin-plate smoothers' smoothing length is held at or above half of it
+        (GCV chooses only above that floor; the first guess and the final refit too):
+        a Gaussian bump of this FWHM is followed by at most about a third of its
+        height, one four times broader by more than 90%, and masked holes up to this
+        size are bridged, never bent round. ``"auto"`` measures it from the image
+        (:func:`skymap.background.scale.source_scale`: 8 PSF FWHM, twice the
+        90th-percentile size of the sources above 5 sigma, at least 16 px and at most
+        an eighth of the longer side); None sets no floor.
+    halos : Masker or None
+        Applied once, to the image itself (``halos(image, None, mask)``) before the
+        first guess, such as :class:`~skymap.masking.HaloMasker`: its detections
+        (bright sources and their halos) stay masked for the whole fit. A bright
+        star's halo is measured best on the image, before any background has had a
+        chance to follow part of it.
 
-        Examples
-        --------
-        >>> from skymap.background.smooth import ThinPlateSmoother
-        >>> rng = np.random.default_rng(3)
-        >>> img = 10 + rng.normal(size=(128, 128))
-        >>> img[60:64, 60:64] += 50
-        >>> pipe = IterativeBackground(
-        ...     first_guess=ThinPlateSmoother(smoothing_range=(1e6, 1e16)),
-        ...     stages=(Stage(masker=HysteresisMasker(), estimator=ThinPlateSmoother()),))
-        >>> res = pipe.fit(img)
-        >>> bool(res.source_mask[61, 61]), bool(abs(res.background[61, 61] - 10) < 0.2)
-        (True, True)
+    Examples
+    --------
+    >>> from skymap.background.smooth import ThinPlateSmoother
+    >>> rng = np.random.default_rng(3)
+    >>> img = 10 + rng.normal(size=(128, 128))
+    >>> img[60:64, 60:64] += 50
+    >>> pipe = IterativeBackground(
+    ...     first_guess=ThinPlateSmoother(smoothing_range=(1e6, 1e16)),
+    ...     stages=(Stage(masker=HysteresisMasker(), estimator=ThinPlateSmoother()),))
+    >>> res = pipe.fit(img)
+    >>> bool(res.source_mask[61, 61]), bool(abs(res.background[61, 61] - 10) < 0.2)
+    (True, True)
     """
 
     first_guess: BackgroundEstimator
@@ -793,18 +794,19 @@ def default_pipeline(
       ``BackgroundResult.convergence_note`` says which, in words; a fit that stops
       at its cap emits a :class:`ConvergenceWarning`.
     * ``source_tracking=0.25`` replaces the ``source_asymmetry`` stiffening (off by
-      default now): after every stage refit, it asks whether the background is higher
-      where the masks are than a fit 8 times stiffer says
+      default now): after every stage refit, it asks whether the background departs
+      from a fit 8 times stiffer in step with where the masks are
       (:func:`skymap.background.tracking.source_tracking`, a correlation). Sky does
-      not know where the sources are, so a correlation above 0.25 (and above its
-      noise) means the fit follows source light, whose reach ``max_source_size``
-      underestimated: the smoothing floor is doubled, refit after refit while that
-      lasts, up to an eighth of the shorter side. The notebook's, a nebula's, a
-      crowded field's and a detector's skies stay below it (-0.02 to 0.17 on the
-      scenes); galaxy outskirts, intracluster light and halo wings pass it
-      (0.3-0.5), as do seven of the eight shared real images (0.29-0.66). Unlike the
-      asymmetry test it does not assume that the sky's bumps and dips balance
-      (``benchmarks/README.md`` has the injection and scene figures).
+      not know where the sources are: higher there, the fit follows source light whose
+      reach ``max_source_size`` underestimated; lower, it bends into holes it should
+      bridge. Either way, above 0.25 in size (and above its noise), the smoothing floor
+      is doubled, refit after refit while that lasts, up to an eighth of the shorter
+      side. The notebook's, a nebula's, a crowded field's and a detector's skies stay
+      below it (-0.02 to 0.17 on the scenes); galaxy outskirts, intracluster light and
+      halo wings pass it (0.3-0.5), as do all eight shared real images (0.29-0.66, the
+      Galactic-centre MIPS frame at -0.41). Unlike the asymmetry test it does not
+      assume that the sky's bumps and dips balance (``benchmarks/README.md`` has the
+      injection and scene figures).
     * A stage whose masked share grows and shrinks by turns (a limit cycle, three
       iterations in a row) keeps what the last two masks both hold and stops there.
 

@@ -1,20 +1,24 @@
-"""Does the background follow source light? The source-tracking statistic the pipeline
-uses to decide how stiff its smoothing must be.
+"""Does the background know where the masks are? The source-tracking statistic the
+pipeline uses to decide how stiff its smoothing must be.
 
 Sky structure, however complex, does not know where the sources are: scattered light,
 cirrus, a nebula or a detector's vignetting lie wherever they lie, and the sources of
-the field are scattered over them independently. Source light left in the unmasked
-pixels (the faint outskirts of galaxies, the wings of stars, a faint disc whose core
-was all that was detected, intracluster light) does know: it is where the masks are.
-So when the background rises above a stiffer fit of the same cells *where the masked
-share is high*, the background is following source light, not sky.
+the field are scattered over them independently. So a background that departs from a
+stiffer fit of the same cells in step with the masked share is wrong in one of two
+ways:
 
-:func:`source_tracking` measures that as a correlation coefficient, between the fit
-minus a fit ``stiffer`` times longer and the masked share of the cells, smoothed over
-the fit's own length. It is near 0 (within ``3 / sqrt(n_eff)``) for sky that is
-independent of the sources, whatever its shape, and bumps and dips need not balance
-(which the earlier bump-versus-dip asymmetry test assumed, wrongly for a scattered
-light bump or a halo).
+* higher where the masks are: it follows source light left in the unmasked pixels (the
+  faint outskirts of galaxies, the wings of stars, a faint disc whose core was all that
+  was detected, intracluster light);
+* lower where the masks are: it bends into the masked holes, which are too large for
+  its smoothing to bridge.
+
+Both call for a longer smoothing. :func:`source_tracking` measures the correlation
+between the fit minus a fit ``stiffer`` times longer and the masked share of the cells,
+smoothed over the fit's own length. It is near 0 (within about ``1 / sqrt(n_eff)``)
+for sky that is independent of the sources, whatever its shape; bumps and dips need
+not balance (which the earlier bump-versus-dip asymmetry test assumed, wrongly for a
+scattered-light bump or a halo).
 """
 
 from __future__ import annotations
@@ -33,20 +37,21 @@ __all__ = ["TrackingTest", "source_tracking"]
 @dataclass(frozen=True, kw_only=True)
 class TrackingTest:
     """What :func:`source_tracking` measured: the correlation and the limit it is
-    compared with; ``tracking`` is True when the correlation is above the limit."""
+    compared with; ``tracking`` is True when the correlation's size is above the
+    limit (either sign: source light followed, or masked holes bent into)."""
 
     correlation: float
     limit: float
 
     @property
     def tracking(self) -> bool:
-        return bool(self.correlation > self.limit)
+        return bool(abs(self.correlation) > self.limit)
 
 
 def source_tracking(
     model, valid, *, stiffer: float = 8.0, floor: float = 0.1, significance: float = 3.0
 ) -> TrackingTest:
-    """Correlation between where a thin-plate background rises above a stiffer fit and
+    """Correlation between where a thin-plate background departs from a stiffer fit and
     where its masks are.
 
     Parameters
@@ -69,9 +74,10 @@ def source_tracking(
     Returns
     -------
     TrackingTest
-        ``.correlation`` and ``.limit``; ``.tracking`` says whether the background follows
-        source light. The correlation is NaN (and ``.tracking`` False) when fewer
-        than 16 cells hold valid pixels or nothing varies.
+        ``.correlation`` and ``.limit``; ``.tracking`` says whether the background knows
+        where the masks are (``abs(correlation) > limit``). The correlation is NaN (and
+        ``.tracking`` False) when fewer than 16 cells hold valid pixels or nothing
+        varies.
 
     Examples
     --------

@@ -2,7 +2,7 @@
 
 :func:`tune` searches the few knobs of :func:`skymap.pipeline.default_pipeline` that
 change what the fit follows (the GCV smoothing guard, the masking thresholds, the
-source-asymmetry stiffening, or anything passed in ``space=``) for the lowest
+source-tracking test, or anything passed in ``space=``) for the lowest
 injection score (:func:`skymap.quality.injection.injection_recovery`: ``track +
 |leak|``) on the user's own image, within a time budget.
 
@@ -94,20 +94,20 @@ def default_space(image=None, mask=None) -> list[list[dict]]:
       GCV smoothing follows stars and galaxy wings;
     * thresholds ``high``/``low`` 3/1.5 and 6/3 (default 4/2): deeper masks, or masks
       that do not run away on structured skies;
-    * ``source_asymmetry`` switched (off if on by default, 2.5 if off): the stiffening
-      against one-sided bumps can hold a background too stiff to follow a single broad
-      bump, or keep unmasked galaxy wings out.
+    * the source-tracking test off (``source_tracking=None``), for a sky whose structure
+      sits where the sources are (a nebula and its young stars), or with GCV also
+      inflated 12 times once it finds the background following source light
+      (``tracking_inflation=12``), for an image whose faint sources GCV still chases.
 
     Examples
     --------
     >>> [len(axis) for axis in default_space()]
-    [2, 2, 1]
+    [2, 2, 2]
     """
-    asymmetry = _option_default("source_asymmetry", 2.5)
     axes = [
         [{"gcv_inflation": 4.0}, {"gcv_inflation": 12.0}],
         [{"high": 3.0, "low": 1.5}, {"high": 6.0, "low": 3.0}],
-        [{"source_asymmetry": None if asymmetry is not None else 2.5}],
+        [{"source_tracking": None}, {"tracking_inflation": 12.0}],
     ]
     size = _source_size(image, mask)
     if size is not None:
