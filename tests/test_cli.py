@@ -1,8 +1,11 @@
 """The ``skymap`` command, driven in-process through ``main([...])``: exit codes, help,
 refusal to overwrite, and the commands end to end on small inputs."""
 
+import argparse
 import hashlib
 import json
+import re
+import shlex
 from importlib.metadata import EntryPoint
 from pathlib import Path
 
@@ -34,6 +37,40 @@ def test_every_command_has_help_with_exit_codes(name, capsys):
     assert cli.main([name, "--help"]) == cli.EXIT_OK
     out = capsys.readouterr().out
     assert out.startswith(f"usage: skymap {name}") and "exit codes:" in out
+
+
+def _subcommands():
+    parser = cli.build_parser()
+    (sub,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    return sub.choices
+
+
+def _help_examples(help_text):
+    """The invocations under ``examples:`` (a trailing comment follows two spaces, a
+    backslash continues a line, ``&&`` chains two commands)."""
+    block = help_text.split("\nexamples:\n", 1)[1].split("\n\n", 1)[0]
+    block = re.sub(r"\\\n\s*", " ", block)
+    commands = []
+    for line in block.splitlines():
+        for command in line.strip().split("&&"):
+            commands.append(re.split(r"\s{2,}", command.strip())[0])
+    return commands
+
+
+def test_every_command_help_shows_its_own_examples_and_they_parse(capsys):
+    # the subcommands as registered, so a new one without examples fails here
+    commands = _subcommands()
+    assert {"tune", "compare"} <= set(commands) and set(SUBCOMMANDS) <= set(commands)
+    parser = cli.build_parser()
+    for name in commands:
+        assert cli.main([name, "--help"]) == cli.EXIT_OK
+        examples = _help_examples(capsys.readouterr().out)
+        own = [e for e in examples if e.split()[:2] == ["skymap", name]]
+        assert len(own) >= 2, (name, examples)
+        for example in examples:  # each is a valid command line, not prose
+            argv = shlex.split(example)
+            assert argv[0] == "skymap", example
+            parser.parse_args(argv[1:])
 
 
 def test_scene_choices_are_the_simulators_scenes():

@@ -256,11 +256,26 @@ def _general(p) -> None:
     g.add_argument("-v", "--verbose", action="store_true", help="log what is being done")
 
 
-def register(subparsers, **parser_options) -> None:
+TUNE_EXAMPLES = """
+skymap tune image.fits -o tuned/       -> tuned/image_tuned.toml, image_tune.html ...
+skymap tune image.fits -o tuned/ --budget 60 --no-peers    a quicker search
+skymap run image.fits --config tuned/image_tuned.toml      fit with the tuned options
+"""
+
+COMPARE_EXAMPLES = """
+skymap compare image.fits -o cmp/      skymap and its peers -> cmp/image_compare.ecsv, .png
+skymap compare image.fits --methods skymap,photutils_2pass --kinds sky --trials 2
+skymap compare image.fits --config tuned/image_tuned.toml --mask stars.fits
+"""
+
+
+def register(subparsers) -> None:
     """Add ``tune`` and ``compare`` to the ``skymap`` command's subparsers."""
+    from skymap.app.cli.common import add_command
     from skymap.quality.tune import DEFAULT_BUDGET
 
-    p = subparsers.add_parser(
+    p = add_command(
+        subparsers,
         "tune",
         help="tune the default pipeline to one image by injection-recovery",
         description="Add known smooth sky and faint discs to IMAGE, search the default "
@@ -268,7 +283,7 @@ def register(subparsers, **parser_options) -> None:
         "and write DIR/<name>_tuned.toml (use it with `skymap run IMAGE --config "
         "DIR/<name>_tuned.toml`), the candidate table and an HTML report with the "
         "held-back scores of the tuned pipeline, the defaults and the peers.",
-        **parser_options,
+        examples=TUNE_EXAMPLES,
     )
     p.add_argument("input", metavar="IMAGE.fits", help="input FITS image")
     p.add_argument("-o", "--output", default="skymap_tune", help="output directory")
@@ -286,13 +301,14 @@ def register(subparsers, **parser_options) -> None:
     _general(p)
     p.set_defaults(func=handle_tune)
 
-    p = subparsers.add_parser(
+    p = add_command(
+        subparsers,
         "compare",
         help="score skymap and its peers by injection-recovery on one image",
         description="Add known smooth sky and faint discs to IMAGE and score how well "
         "each method follows the sky (track) and ignores the discs (leak); writes "
         "DIR/<name>_compare.ecsv, .json and .png.",
-        **parser_options,
+        examples=COMPARE_EXAMPLES,
     )
     p.add_argument("input", metavar="IMAGE.fits", help="input FITS image")
     p.add_argument("-o", "--output", default="skymap_compare", help="output directory")
