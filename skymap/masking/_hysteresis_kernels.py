@@ -226,12 +226,15 @@ def _dog_constants(nx, g, g2, b, q, nqx, bw):  # pragma: no cover - compiled
     return _runs(qcol), _runs(lcol), crow, vrow1, cint, vint
 
 
-@njit(cache=True, nogil=True)
 def _dog_bands(
     num, cnt, excluded, direct, g, g2, local, bw, noise, b, q, snr, grow, work, clean,
     crow, vrow1, cint, vint, qruns, lruns, lo, hi,
-):  # fmt: skip  # pragma: no cover - compiled
-    """Bands ``lo``..``hi`` of :func:`dog_snr`'s ``work.shape[0]`` bands of rows."""
+):  # fmt: skip
+    """Bands ``lo``..``hi`` of :func:`dog_snr`'s ``work.shape[0]`` bands of rows.
+
+    A Python loop over compiled strips of many rows each: calling them costs little,
+    and compiling this loop too (which takes in the strip's code) would add ~1 s to a
+    first run."""
     ny, nx = num.shape
     r = g.size // 2
     want_grow = grow.shape[0] == ny and grow.shape[1] == nx

@@ -360,7 +360,7 @@ class SingleFit:
 
 #: CPU seconds a first fit spends compiling the numba kernels of the default pipeline
 #: (``python benchmarks/bench_cli.py --first-run``); later runs load them from the cache.
-COMPILE_SECONDS = 30
+COMPILE_SECONDS = 8
 
 
 def kernels_compiled() -> bool:
