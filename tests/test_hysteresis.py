@@ -174,3 +174,24 @@ def test_unmasked_rows_take_the_shortcut_bit_for_bit(rng, s):
     far = (slice(None), slice(4 * reach, None))
     np.testing.assert_array_equal(a.plain[far], b.plain[far])
     assert np.abs(a.snr[far] - b.snr[far]).max() < 1e-5  # the surround mean differs
+
+
+def test_scale_maps_do_not_depend_on_the_thread_count(rng):
+    # The kernels run over bands of rows, one per numba thread: the maps must be the
+    # same bit for bit on one thread, on the unbinned (s=1) and binned (s=4) paths.
+    import numba
+
+    res = rng.normal(size=(300, 170)).astype(np.float32)
+    excluded = rng.random(res.shape) < 0.05
+    masker = H.HysteresisMasker(grow_plain=True)
+    noise = np.asarray(np.float32(1.0))
+    before = numba.get_num_threads()
+    for s in (1.0, 4.0):
+        many = masker.scale_maps(res, noise, excluded, s)
+        numba.set_num_threads(1)
+        try:
+            one = masker.scale_maps(res, noise, excluded, s)
+        finally:
+            numba.set_num_threads(before)
+        np.testing.assert_array_equal(many.snr, one.snr)
+        np.testing.assert_array_equal(many.plain, one.plain)
