@@ -430,3 +430,34 @@ def test_pipeline_config_file_reproduces_the_default_run(data_dir, tmp_path):
     products = [f"spitzer_cutout_{p}.fits" for p in io.PRODUCTS]
     for name in [*products, "spitzer_cutout_metrics.json"]:
         assert _sha(tmp_path / "default" / name) == _sha(tmp_path / "from_file" / name)
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["run", "a.fits"],
+        ["batch", "a.fits", "b.fits"],
+        ["match", "a.fits", "b.fits"],
+        ["compare", "a.fits"],
+        ["tune", "a.fits"],
+        ["simulate"],
+        ["demo"],
+        ["config"],
+    ],
+    ids=lambda argv: argv[0],
+)
+def test_an_output_name_too_long_exits_2_naming_it_before_any_work(
+    argv, tmp_path, monkeypatch, capsys
+):
+    # ENAMETOOLONG from a stat is not "does not exist": every command must turn it
+    # into a usage error (exit 2) naming the path, not a traceback (exit 1).
+    monkeypatch.chdir(tmp_path)
+    rng = np.random.default_rng(0)
+    for name in ("a", "b"):
+        fits.PrimaryHDU(rng.normal(size=(32, 32)).astype(np.float32)).writeto(f"{name}.fits")
+    monkeypatch.setattr(common, "fit_image", lambda *a, **k: pytest.fail("fit before checks"))
+    long = "x" * 300
+    assert cli.main([*argv, "-o", long, "-q"]) == cli.EXIT_USAGE
+    err = capsys.readouterr().err
+    assert long in err and "name too long" in err.lower() and "Traceback" not in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.fits", "b.fits"]
