@@ -72,7 +72,7 @@ def cut_window(a, step: int = 1, window=None):
 def in_bands(kernel, n: int, *args, grain: int = 32) -> None:
     """Run ``kernel(*args, lo, hi)`` over bands ``[lo, hi)`` that tile ``range(n)``,
     one band per numba thread (``numba.get_num_threads()``, so ``set_num_threads`` and
-    ``NUMBA_NUM_THREADS`` apply), the bands on threads of a pool and the last on the
+    ``NUMBA_NUM_THREADS`` apply), the bands on threads of their own and the last on the
     calling thread; fewer bands when a band would have under ``grain`` items.
 
     For kernels compiled with ``nogil=True`` whose bands are independent, so the result
@@ -86,11 +86,35 @@ def in_bands(kernel, n: int, *args, grain: int = 32) -> None:
     if bands == 1:
         kernel(*args, 0, n)
         return
+    # An empty band first: numba compiles (or loads) the kernel here, in the calling
+    # thread, and no helper thread ever waits on numba's compiler locks (which a
+    # Ctrl-C in the middle of a compilation can leave held).
+    kernel(*args, 0, 0)
     edges = [n * i // bands for i in range(bands + 1)]
-    from concurrent.futures import ThreadPoolExecutor
+    errors = []
 
-    with ThreadPoolExecutor(bands - 1) as pool:
-        futures = [pool.submit(kernel, *args, edges[i], edges[i + 1]) for i in range(bands - 1)]
+    def band(lo, hi):
+        try:
+            kernel(*args, lo, hi)
+        except BaseException as err:  # handed to the calling thread
+            errors.append(err)
+
+    # Daemon threads: a Ctrl-C (KeyboardInterrupt) leaves at once, without them.
+    import threading
+
+    helpers = [
+        threading.Thread(target=band, args=(edges[i], edges[i + 1]), daemon=True)
+        for i in range(bands - 1)
+    ]
+    for thread in helpers:
+        thread.start()
+    try:
         kernel(*args, edges[-2], edges[-1])
-        for future in futures:
-            future.result()
+    except Exception:
+        for thread in helpers:
+            thread.join()
+        raise
+    for thread in helpers:
+        thread.join()
+    if errors:
+        raise errors[0]
