@@ -461,3 +461,15 @@ def test_an_output_name_too_long_exits_2_naming_it_before_any_work(
     err = capsys.readouterr().err
     assert long in err and "name too long" in err.lower() and "Traceback" not in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.fits", "b.fits"]
+
+
+def test_only_common_progress_imports_tqdm_auto():
+    # tqdm.auto in a notebook without ipywidgets warns "IProgress not found" (issue
+    # 16): every command's bar goes through common.progress, which checks first.
+    package = Path(cli.__file__).parents[2]
+    users = sorted(
+        str(path.relative_to(package))
+        for path in package.rglob("*.py")
+        if re.search(r"^\s*(from tqdm\.auto import|import tqdm\.auto)", path.read_text(), re.M)
+    )
+    assert users == [str(Path("app", "cli", "common.py"))]

@@ -79,9 +79,8 @@ def _say(args, message: str) -> None:
 
 def handle_tune(args) -> int:
     """``skymap tune``: tune the default pipeline to one image."""
-    from tqdm.auto import tqdm
-
     from skymap.app import report
+    from skymap.app.cli.common import progress
     from skymap.quality import tune as tune_mod
 
     if not (math.isfinite(args.budget) and args.budget > 0):
@@ -102,7 +101,9 @@ def handle_tune(args) -> int:
     img = _read(args)
     n_planned = 1 + sum(len(axis) for axis in tune_mod.default_space()) + 3
     t0 = time.perf_counter()
-    with tqdm(total=n_planned, desc=f"tune {stem}", unit="candidate", disable=args.quiet) as bar:
+    # common.progress: tqdm's notebook widget only where ipywidgets is installed
+    bar = progress(total=n_planned, desc=f"tune {stem}", quiet=args.quiet, unit="candidate")
+    with bar:
 
         def step(row):
             bar.set_postfix_str(f"{row['options'][:40]}: {row['score']:.3f}")
