@@ -473,3 +473,27 @@ def test_only_common_progress_imports_tqdm_auto():
         if re.search(r"^\s*(from tqdm\.auto import|import tqdm\.auto)", path.read_text(), re.M)
     )
     assert users == [str(Path("app", "cli", "common.py"))]
+
+
+@pytest.mark.parametrize(
+    ("argv", "words"),
+    [
+        (["compare", "a.fits", "--kinds", "nope"], ["--kinds", "sky, galaxies, stars", "nope"]),
+        (["compare", "a.fits", "--trials", "0"], ["--trials must be at least 1"]),
+        (["tune", "a.fits", "--trials", "0"], ["--trials must be at least 1"]),
+        (["compare", "a.fits", "--config", "bad.toml"], ["bad.toml", "high", "expected a number"]),
+    ],
+    ids=["compare-kinds", "compare-trials", "tune-trials", "compare-config"],
+)
+def test_tune_and_compare_refuse_bad_options_up_front_in_command_line_words(
+    argv, words, tmp_path, monkeypatch, capsys
+):
+    # a bad config once made `compare` exit 0 with skymap's row marked failed, and
+    # --trials 0 said "n_trials" (the API's name)
+    monkeypatch.chdir(tmp_path)
+    fits.PrimaryHDU(np.zeros((32, 32), np.float32)).writeto("a.fits")
+    Path("bad.toml").write_text('high = "five"\n')
+    assert cli.main([*argv, "-o", "out", "-q"]) == cli.EXIT_USAGE
+    err = capsys.readouterr().err
+    assert all(word in err for word in words), err
+    assert "n_trials" not in err and not Path("out").exists()

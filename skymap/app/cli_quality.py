@@ -69,6 +69,11 @@ def _json(obj) -> bytes:
     return (json.dumps(obj, indent=2, default=float, allow_nan=True) + "\n").encode("utf-8")
 
 
+def _check_trials(args) -> None:
+    if args.trials < 1:
+        raise _usage_error(f"--trials must be at least 1, got {args.trials}")
+
+
 def _say(args, message: str) -> None:
     if not args.quiet:
         sys.stdout.write(message + "\n")
@@ -85,6 +90,7 @@ def handle_tune(args) -> int:
 
     if not (math.isfinite(args.budget) and args.budget > 0):
         raise _usage_error(f"--budget must be a positive number of seconds, got {args.budget}")
+    _check_trials(args)
     out = Path(args.output)
     stem = _stem(args.input)
     files = {
@@ -186,9 +192,10 @@ COMPARE_METHODS = ("skymap", "photutils_1pass", "photutils_2pass", "sep_1pass", 
 
 def handle_compare(args) -> int:
     """``skymap compare``: skymap and its peers on the same injections."""
+    from skymap.app.cli.common import load_config
     from skymap.app.plot import to_png
     from skymap.quality import peers as peers_mod
-    from skymap.quality.injection import compare, plot_comparison
+    from skymap.quality.injection import KINDS, compare, plot_comparison
 
     out = Path(args.output)
     stem = _stem(args.input)
@@ -197,6 +204,13 @@ def handle_compare(args) -> int:
         "json": out / f"{stem}_compare.json",
         "figure": out / f"{stem}_compare.png",
     }
+    _check_trials(args)
+    kinds = tuple(k.strip() for k in args.kinds.split(",") if k.strip())
+    unknown = [k for k in kinds if k not in KINDS]
+    if unknown or not kinds:
+        raise _usage_error(f"--kinds: choose from {', '.join(KINDS)}; got {args.kinds!r}")
+    # a bad config is a usage error here, as in `skymap run`, not a failed method
+    load_config(args.config)
     skyio.check_outputs(files.values(), overwrite=args.overwrite)
     available = peers_mod.peers()
     methods = {}
@@ -211,7 +225,6 @@ def handle_compare(args) -> int:
                 f"available: {['skymap', *available]}"
             )
     img = _read(args)
-    kinds = tuple(k.strip() for k in args.kinds.split(",") if k.strip())
     try:
         table = compare(
             img.data, methods, mask=img.mask, kinds=kinds, n_trials=args.trials, seed=args.seed
