@@ -186,7 +186,7 @@ def dog_snr(num, cnt, excluded, g, g2, local, bw, noise, b, q, snr, grow, work):
     qruns, lruns, crow, vrow1, cint, vint = _dog_constants(nx, g, g2, b, q, noise.shape[1], bw)
     in_bands(
         _dog_bands, work.shape[0], num, cnt, excluded, direct, g, g2, local, bw, noise, b,
-        q, snr, grow, work, clean, crow, vrow1, cint, vint, qruns, lruns,
+        q, snr, grow, work, clean, crow, vrow1, cint, vint, qruns, lruns, grain=1,
     )  # fmt: skip
     return snr, grow
 
