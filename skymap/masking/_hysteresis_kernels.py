@@ -241,6 +241,13 @@ def _dog_bands(
     bands = work.shape[0]
     strip = work.shape[2] - 2 * r
     per_band = -(-ny // bands)
+    if lo == hi:  # in_bands' empty first band: compile the strip in the calling thread
+        _dog_strip(
+            num, cnt, excluded, direct, g, g2, local, bw, noise, b, q, snr, grow, want_grow,
+            work[0, 0], work[0, 1], work[0, 2], 0, 0, 0, 0, clean, crow, vrow1, cint, vint,
+            qruns, lruns,
+        )  # fmt: skip
+        return
     for band in range(lo, hi):
         tn, tc, tv = work[band, 0], work[band, 1], work[band, 2]
         for y0 in range(band * per_band, min(ny, (band + 1) * per_band), strip):
