@@ -38,6 +38,8 @@ __all__ = [
     "NEGATIVE",
     "ImageInput",
     "Normalisation",
+    "noise_sigma",
+    "noise_value",
     "read_image",
     "read_noise",
     "strip_unit",
@@ -77,10 +79,15 @@ class ImageInput:
 
     def wrap(self, values: np.ndarray):
         """``values`` (in the input's units) as the caller should see them: a Quantity
-        with the input's unit, or the array itself when the input had none."""
+        with the input's unit, or the array itself when the input had none. A lazy
+        (dask) map is computed first: a Quantity holds an ndarray, and an image that
+        had a unit was in memory (a tiled fit of it, ``tile=``), so its maps fit too."""
         if self.unit is None:
             return values
         from astropy import units as u
+
+        if hasattr(values, "compute"):
+            values = np.asarray(values.compute())
 
         return u.Quantity(values, self.unit, copy=False)
 
@@ -265,7 +272,7 @@ def _check_nonnegative(arr: np.ndarray, name: str) -> None:
     with np.errstate(invalid="ignore"):
         if np.any(arr < 0):
             raise ValueError(
-                f"{name} must be >= 0 everywhere, got a minimum of {np.nanmin(arr)!r}"
+                f"{name} must be >= 0 everywhere, got a minimum of {float(np.nanmin(arr))!r}"
             )
 
 
@@ -279,27 +286,50 @@ def read_noise(error: Any, weight: Any, shape, unit: Any = None) -> np.ndarray |
     >>> read_noise(None, np.array([[4.0, 0.0]]), (1, 2)).tolist()
     [[0.5, inf]]
     """
-    from astropy import units as u
-
     if error is None and weight is None:
         return None
-    if error is not None and weight is not None:
-        raise ValueError("pass error= or weight=, not both")
-    pname = "error" if error is not None else "weight"
-    value = error if error is not None else weight
-    if isinstance(value, u.Quantity) and weight is not None:
-        # A weight's unit is 1 / (image unit)^2; convert as the error it implies.
-        value = strip_unit(value**-0.5, unit, pname) ** -2.0
-    else:
-        value = strip_unit(value, unit, pname)
+    value, pname = noise_value(error, weight, unit)
     arr = np.array(value, dtype=np.float64)
     if arr.ndim == 0:
         arr = np.full(tuple(shape), float(arr))
     if arr.shape != tuple(shape):
         raise ValueError(f"{pname} must have the image's shape {tuple(shape)}, got {arr.shape}")
     _check_nonnegative(arr, pname)
+    return noise_sigma(arr, from_weight=weight is not None)
+
+
+def noise_value(error: Any, weight: Any, unit: Any = None) -> tuple[Any, str]:
+    """(``error`` or ``weight`` without its unit, its parameter name): the one given,
+    a Quantity converted to the image's ``unit`` (a weight's unit is 1 / unit**2);
+    ValueError when both are given or the units do not convert. An array is returned
+    as it is (a dask array stays lazy)."""
+    from astropy import units as u
+
+    if error is not None and weight is not None:
+        raise ValueError("pass error= or weight=, not both")
+    pname = "error" if error is not None else "weight"
+    value = error if error is not None else weight
+    if isinstance(value, u.Quantity) and weight is not None:
+        # A weight's unit is 1 / (image unit)^2; convert as the error it implies.
+        return strip_unit(value**-0.5, unit, pname) ** -2.0, pname
+    return strip_unit(value, unit, pname), pname
+
+
+def noise_sigma(values: np.ndarray, *, from_weight: bool) -> np.ndarray:
+    """1 sigma per pixel (float64, a new array) from errors or (``from_weight``)
+    inverse variances, elementwise: ``inf`` where the weight is 0 or the error is 0 or
+    non-finite. Every back end converts its pixels with it, so they agree bit for bit.
+
+    Examples
+    --------
+    >>> noise_sigma(np.array([4.0, 0.0, np.nan]), from_weight=True).tolist()
+    [0.5, inf, inf]
+    """
+    arr = np.array(values, dtype=np.float64)
     with np.errstate(divide="ignore", invalid="ignore"):
-        sigma = arr if error is not None else 1.0 / np.sqrt(arr)
+        sigma = np.sqrt(arr, out=arr) if from_weight else arr
+        if from_weight:
+            np.divide(1.0, sigma, out=sigma)
     sigma[~np.isfinite(sigma) | (sigma <= 0)] = np.inf
     return sigma
 

@@ -253,6 +253,113 @@ def test_fit_runs_an_explicit_pipeline_on_a_memmap(tmp_path):
     _assert_same_fit(tiled, ref)
 
 
+@pytest.fixture
+def synchronous():
+    """dask's synchronous scheduler, even while the module's LocalCluster client is the
+    default one (its overhead dominates fits this small)."""
+    import dask
+
+    with dask.config.set(scheduler="sync"):
+        yield
+
+
+def _varying_depth(shape=(128, 192), seed=4):
+    """Sky, sources and noise 4x deeper on the left than on the right, with a mask."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[: shape[0], : shape[1]]
+    noise = np.where(xx < shape[1] // 2, 1.0, 4.0)
+    img = 100 + 0.02 * xx + 3 * np.sin(yy / 60.0) + rng.normal(size=shape) * noise
+    for _ in range(30):
+        y, x = rng.uniform(0, shape[0]), rng.uniform(0, shape[1])
+        img += rng.uniform(5, 80) * np.exp(-((yy - y) ** 2 + (xx - x) ** 2) / 4.5)
+    mask = np.zeros(shape, bool)
+    mask[20:30, 40:90] = True
+    return img.astype(np.float32), mask, noise
+
+
+def test_an_error_map_as_a_dask_array_gives_the_in_memory_fit(threads_client):
+    img, mask, noise = _varying_depth(shape=(96, 128))
+    err = noise.copy()
+    err[5, 7], err[90, 100] = np.inf, np.nan  # no information: excluded
+    ref = skymap.fit(img, mask, error=err, max_iter=2)
+    # the error map is used: without it the fit differs
+    assert not np.array_equal(skymap.fit(img, mask, max_iter=2).background, ref.background)
+    # the error map chunked unlike the image, both unlike the tiles
+    tiled = skymap.fit(
+        da.from_array(img, chunks=50), mask, tile=48, client=threads_client, max_iter=2,
+        error=da.from_array(err, chunks=70),
+    )  # fmt: skip
+    assert isinstance(tiled.background, da.Array) and len(tiled.tiles.chunks[1]) > 2
+    bad = threads_client.compute(tiled.bad_mask, sync=True)
+    assert bad[5, 7] and bad[90, 100]
+    _assert_same_fit(tiled, ref, threads_client)
+
+
+def test_a_weight_memmap_and_a_ccddata_uncertainty_fit_tiled_as_in_memory(tmp_path, synchronous):
+    from astropy.nddata import CCDData, StdDevUncertainty
+
+    img, mask, noise = _varying_depth(seed=5)
+    weight = 1.0 / noise**2
+    weight[3, 3] = 0.0
+    np.save(tmp_path / "wht.npy", weight)
+    ref = skymap.fit(img, mask, weight=weight, max_iter=2)
+    tiled = skymap.fit(
+        da.from_array(img, chunks=64), mask, tile=64, max_iter=2,
+        weight=np.load(tmp_path / "wht.npy", mmap_mode="r"),
+    )  # fmt: skip
+    assert tiled.bad_mask[3, 3].compute()
+    _assert_same_fit(tiled, ref)
+    # an in-memory CCDData with tile=: its mask and uncertainty count as in memory
+    with np.errstate(divide="ignore"):
+        ccd = CCDData(
+            img, unit="electron/s", mask=mask, uncertainty=StdDevUncertainty(weight**-0.5)
+        )
+    res = skymap.fit(ccd, tile=64, max_iter=2)
+    assert res.unit == "electron/s" and res.rms.unit == "electron/s"
+    assert np.array_equal(res.background.value, ref.background)
+    assert np.array_equal(res.rms.value, ref.rms)
+    assert np.array_equal(np.asarray(res.bad_mask), ref.bad_mask)
+
+
+@pytest.mark.filterwarnings("ignore::skymap.background.convergence.ConvergenceWarning")
+def test_tiles_align_to_the_error_blocks_of_any_pipeline(synchronous):
+    img, _, noise = _varying_depth(shape=(120, 150))
+    pipe = IterativeBackground(
+        first_guess=ThinPlateSmoother(cell_size=(6, 10), smoothing=1e7),
+        stages=(
+            Stage(
+                masker=HysteresisMasker(scales=(1.0,), surround=0.0),
+                estimator=ThinPlateSmoother(cell_size=(6, 10)),
+            ),
+        ),
+        max_iter=2,
+    )
+    assert pipe.tile_unit(img.shape) == (6, 10)  # not a multiple of the 4-px blocks
+    ref = pipe.fit(img, error=noise)
+    tiled = pipe.fit(img, error=noise, tile=40)
+    assert tiled.tiles.tile == (36, 40)  # lcm(6, 4) = 12, lcm(10, 4) = 20
+    _assert_same_fit(tiled, ref)
+    # a back end built by hand aligns its tiles to the error blocks by itself
+    be = DaskBackend(img, tile=40, unit=pipe.tile_unit(img.shape), error=noise)
+    assert be.unit == (12, 20)
+    _assert_same_fit(pipe.fit(None, backend=be), ref)
+
+
+def test_a_tiled_error_map_is_checked_like_an_in_memory_one(synchronous):
+    img, _, noise = _varying_depth(shape=(64, 64))
+    bad = noise.copy()
+    bad[10, 10] = -1.0
+    with pytest.raises(ValueError, match="error must be >= 0 everywhere"):
+        skymap.fit(da.from_array(img, chunks=32), error=da.from_array(bad, chunks=32))
+    with pytest.raises(ValueError, match="weight must have the image's shape"):
+        skymap.fit(da.from_array(img, chunks=32), weight=da.ones((64, 63)))
+    with pytest.raises(ValueError, match="not both"):
+        skymap.fit(img, tile=32, error=noise, weight=noise)
+    be = default_pipeline().backend_for(img, tile=32)
+    with pytest.raises(ValueError, match="go to the back end"):
+        default_pipeline().fit(None, backend=be, error=noise)
+
+
 def test_fit_with_a_ring_median_first_guess_equals_in_memory():
     img = _crowded(np.float32)[:200, :260]
     mask = np.zeros(img.shape, bool)

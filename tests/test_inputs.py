@@ -22,6 +22,7 @@ from skymap.background.mesh import MeshBackground
 from skymap.mosaic.skymatch import match
 from skymap.photometry.local import annulus_background, aperture_sum
 from skymap.quality.evaluate import evaluate
+from skymap.quality.injection import injection_recovery
 
 UNIT = u.electron / u.s
 
@@ -143,6 +144,24 @@ def test_local_skymatch_and_evaluate_read_astropy_inputs(scene, reference):
     assert ev.noise_sigma == pytest.approx(ref.noise_sigma, rel=1e-9)
 
 
+def test_injection_recovery_reads_the_mask_hidden_in_ccddata():
+    rng = np.random.default_rng(2)
+    img = 10 + rng.normal(size=(64, 64))
+    mask = np.zeros(img.shape, bool)
+    mask[:, :20] = True
+    img[mask] += 50.0  # what the mask hides would move a masked median a lot
+
+    def masked_median(image, m):
+        return np.full(image.shape, np.median(image[~m]))
+
+    kw = {"kinds": ("sky",), "n_trials": 1}
+    a = injection_recovery(CCDData(img, unit=UNIT, mask=mask), masked_median, **kw)
+    b = injection_recovery(img, masked_median, mask=mask, **kw)
+    c = injection_recovery(img, masked_median, **kw)
+    np.testing.assert_array_equal(a.trials["track"], b.trials["track"])
+    assert not np.array_equal(a.trials["track"], c.trials["track"])
+
+
 # --------------------------------------------------------------------------- error maps
 
 
@@ -197,8 +216,10 @@ def test_with_an_error_map_the_noisy_half_is_masked_honestly():
     assert with_err.mask[pure & right].mean() <= 0.02
     (r0, l0), (r1, l1) = score(without), score(with_err)
     # One smoothing for the whole image: weighting shortens it in the deep half and
-    # lengthens it in the noisy one; there it stays within 0.01 sigma of the unweighted
-    # fit, and the deep half improves.
+    # lengthens it in the noisy one, past that half's optimum on this smooth sky (mean
+    # of 14 such scenes: noisy +0.003 sigma, deep -0.047; benchmarks/README.md,
+    # "varying depth"). The noisy half stays within 0.01 sigma of the unweighted fit,
+    # and the deep half improves.
     assert r1 <= r0 + 0.01
     assert l1 < l0
 

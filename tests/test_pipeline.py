@@ -467,8 +467,9 @@ def test_source_asymmetry_stiffens_under_extended_wings():
 
     # The check is an option (off by default); without max_source_size's floor, so
     # that the floors seen are the check's.
-    plain = P.fit(scene.image, source_asymmetry=None, max_source_size=None)
-    checked = P.fit(scene.image, source_asymmetry=2.5, max_source_size=None)
+    off = {"max_source_size": None, "source_tracking": None}
+    plain = P.fit(scene.image, source_asymmetry=None, **off)
+    checked = P.fit(scene.image, source_asymmetry=2.5, **off)
     floors = [r.min_scale for r in checked.history if r.min_scale is not None]
     assert floors and checked.history[-1].min_scale == max(floors)
     assert all(r.min_scale is None for r in plain.history)
@@ -482,7 +483,12 @@ def test_source_asymmetry_leaves_symmetric_sky_alone():
     rng = np.random.default_rng(4)
     field = gaussian_filter(rng.normal(size=(192, 192)), 6.0)
     img, _ = _scene(rng, shape=(192, 192), nsrc=15)
-    res = P.fit(img + 3.0 * field / field.std(), source_asymmetry=2.5, max_source_size=None)
+    res = P.fit(
+        img + 3.0 * field / field.std(),
+        source_asymmetry=2.5,
+        max_source_size=None,
+        source_tracking=None,
+    )
     assert all(r.min_scale is None for r in res.history)
     last = [r for r in res.history if r.stage == len(res.config.stages) - 1]
     measured = [r.asymmetry for r in last if np.isfinite(r.asymmetry)]

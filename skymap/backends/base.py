@@ -32,6 +32,7 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 
 __all__ = [
+    "ERROR_BLOCK",
     "ArrayBackend",
     "BinnedStepMasker",
     "NativeMaps",
@@ -45,6 +46,11 @@ __all__ = [
 
 #: ((y0, y1), (x0, x1)): the pixel rows and columns of a tile or of its grown window.
 Window = tuple[tuple[int, int], tuple[int, int]]
+
+#: Block (pixels) in which the pipeline sums an error map for the maskers' noise (at
+#: most this, a power of two, on small images): a tiled back end given an error map
+#: aligns its tiles to it.
+ERROR_BLOCK = 4
 
 
 @runtime_checkable
@@ -61,9 +67,13 @@ class ArrayBackend(Protocol):
         The working image and its bad-pixel mask (given mask OR non-finite, and after
         :meth:`normalise` the image's extreme negative pixels), native.
     given_bad
-        The given mask OR the non-finite pixels, native.
+        The given mask OR the non-finite pixels (of the image and of ``error``), native.
+    error
+        1 sigma per pixel in the image's units (float64, ``inf`` where a pixel has
+        none), native, or None: the error map given to the fit.
     weight
-        Relative inverse variance per pixel (native), or None.
+        Relative inverse variance per pixel (native, float32), or None: set by the fit
+        from ``error`` (the smoothers weight their cells by it).
     size : int
         Number of pixels.
     nbad : int
@@ -77,6 +87,7 @@ class ArrayBackend(Protocol):
     image: Any
     bad: Any
     given_bad: Any
+    error: Any
     weight: Any
     size: int
     nbad: int

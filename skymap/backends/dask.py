@@ -22,6 +22,7 @@ give a LocalCluster one worker (process or thread) per core.
 from __future__ import annotations
 
 import functools
+import math
 import mmap
 import uuid
 from collections.abc import Callable, Sequence
@@ -30,9 +31,10 @@ from typing import Any
 
 import numpy as np
 
-from skymap._inputs import Normalisation
+from skymap._inputs import Normalisation, noise_sigma, noise_value
 from skymap._validate import as_image, as_mask, as_pair, combine_masks, work_dtype
 from skymap.backends.base import (
+    ERROR_BLOCK,
     BinnedStepMasker,
     NativeMaps,
     SplitMasker,
@@ -145,9 +147,23 @@ class DaskBackend:
         Approximate tile shape in pixels, rounded down (but not below) to a multiple of
         ``unit``; an axis shorter than the unit is one tile.
     unit : (int, int)
-        Alignment unit per axis: every tile but the last starts and ends on a multiple.
+        Alignment unit per axis: every tile but the last starts and ends on a multiple
+        (with an error map, also of :data:`~skymap.backends.base.ERROR_BLOCK`).
     client : optional
         A ``distributed.Client`` (or any dask scheduler); default dask's current one.
+    error, weight : optional
+        1 sigma per pixel, or inverse variance (at most one): a dask array, a memory
+        map, an array or Quantity (converted to the image's plain numbers: it must be
+        dimensionless) or a scalar. Read per tile like the image and held as ``error``
+        (float64 sigma, converted elementwise by :func:`skymap._inputs.noise_sigma`,
+        so the pixels equal the in-memory ones); pixels with zero weight or a
+        non-finite error are excluded.
+
+    Raises
+    ------
+    ValueError
+        For a non-2-D or empty image, a mask, error or weight of another shape,
+        negative errors or weights, both error and weight, or no valid pixel.
 
     Examples
     --------
@@ -159,9 +175,12 @@ class DaskBackend:
     """
 
     tiled = True
-    weight = None  # error maps are for the in-memory back end
+    #: Relative inverse variance per pixel (from ``error``, set by the fit), or None.
+    weight = None
 
-    def __init__(self, image, mask=None, *, tile=1024, unit=(2, 2), client=None):
+    def __init__(
+        self, image, mask=None, *, tile=1024, unit=(2, 2), client=None, error=None, weight=None
+    ):
         if not hasattr(image, "shape") or not hasattr(image, "dtype"):
             image = np.asarray(image)
         if len(image.shape) != 2:
@@ -177,6 +196,9 @@ class DaskBackend:
         self.shape, self.dtype, self.client = shape, np.dtype(work_dtype(image.dtype)), client
         self.size = shape[0] * shape[1]
         self.unit = tuple(int(u) for u in unit)
+        if error is not None or weight is not None:
+            # the maskers' noise from an error map is summed in blocks of ERROR_BLOCK
+            self.unit = tuple(math.lcm(u, ERROR_BLOCK) for u in self.unit)
         self.tile = tuple(
             n if n <= u else max(u, t // u * u)
             for n, u, t in zip(shape, self.unit, tile, strict=True)
@@ -192,12 +214,25 @@ class DaskBackend:
             given = self._source(mask).map_blocks(_mask_block, dtype=bool)
         import dask.array as da
 
+        self.error, lowest, pname = None, None, None
+        if error is not None or weight is not None:
+            self.error, lowest, pname = self._noise(error, weight)
+            none = self.error.map_blocks(_no_noise_block, dtype=bool)
+            given = none if given is None else given | none
         bad = da.map_blocks(
             _bad_block, self.image, *([] if given is None else [given]), dtype=bool
         )
         (self.bad,) = self.persist(bad)
         self.given_bad = self.bad
-        self.nbad = int(self.compute(self.bad.sum()))
+        if lowest is None:
+            self.nbad = int(self.compute(self.bad.sum()))
+        else:
+            nbad, low = self.compute(self.bad.sum(), lowest)
+            if low < 0:
+                raise ValueError(
+                    f"{pname} must be >= 0 everywhere, got a minimum of {float(low)!r}"
+                )
+            self.nbad = int(nbad)
         if self.nbad == self.size:
             raise ValueError("image has no valid pixel: everything is masked or non-finite")
         self._last = None
@@ -218,6 +253,25 @@ class DaskBackend:
         (self.bad,) = self.persist(self.given_bad | outliers)
         self.nbad = int(self.compute(self.bad.sum()))
         return norm
+
+    def _noise(self, error, weight):
+        """(sigma per tile as a lazy float64 dask array, the lazy minimum of the given
+        values (or 0), the parameter's name) for ``error`` or ``weight``."""
+        import dask.array as da
+
+        value, pname = noise_value(error, weight)
+        if not is_tiled_input(value) and not hasattr(value, "__array_function__"):
+            value = np.asarray(value)  # lists, scalars
+        if np.ndim(value) == 0:
+            value = da.full(self.shape, float(value), chunks=self.chunks)
+        if tuple(value.shape) != self.shape:
+            raise ValueError(
+                f"{pname} must have the image's shape {self.shape}, got {value.shape}"
+            )
+        raw = self._source(value)
+        lowest = da.where(raw < 0, raw, 0).min()  # NaN is not negative
+        sigma = raw.map_blocks(noise_sigma, from_weight=weight is not None, dtype=np.float64)
+        return sigma, lowest, pname
 
     def layout(self) -> TileLayout:
         """The tiles: their shape, the chunks and the largest halo read so far."""
@@ -825,6 +879,10 @@ def _work_block(block):
 
 def _mask_block(block):
     return as_mask(block, block.shape)
+
+
+def _no_noise_block(sigma):
+    return ~np.isfinite(sigma)
 
 
 def _bad_block(img, given=None):

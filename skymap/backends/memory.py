@@ -46,11 +46,14 @@ class MemoryBackend:
         Integer input becomes float32; float32 stays float32.
     mask : array_like of bool, optional
         True = excluded; NaN and inf pixels are excluded automatically.
+    error : ndarray (ny, nx), optional
+        1 sigma per pixel, as :func:`skymap._inputs.read_noise` returns it (float64,
+        ``inf`` where a pixel has none: those pixels are excluded). Held as it is.
 
     Raises
     ------
     ValueError
-        For a non-2-D image, a mask of another shape, or no valid pixel.
+        For a non-2-D image, a mask or error of another shape, or no valid pixel.
 
     Examples
     --------
@@ -60,12 +63,19 @@ class MemoryBackend:
     """
 
     tiled = False
-    #: Relative inverse variance per pixel (an error map given to the fit), or None.
+    #: Relative inverse variance per pixel (from ``error``, set by the fit), or None.
     weight = None
 
-    def __init__(self, image: Any, mask: Any = None):
+    def __init__(self, image: Any, mask: Any = None, *, error: np.ndarray | None = None):
         self.image = as_image(image)
         self.bad = combine_masks(self.image, as_mask(mask, self.image.shape))
+        self.error = error
+        if error is not None:
+            if np.shape(error) != self.image.shape:
+                raise ValueError(
+                    f"error must have the image's shape {self.image.shape}, got {np.shape(error)}"
+                )
+            self.bad |= ~np.isfinite(error)
         self.given_bad = self.bad
         self.shape = self.image.shape
         self.dtype = self.image.dtype

@@ -21,8 +21,11 @@ __all__ = [
     "RUNAWAY_EXCESS",
     "RUNAWAY_RATIO",
     "RUNAWAY_RUN",
+    "CYCLE_RUN",
     "ConvergenceWarning",
+    "cycling",
     "note_backed_off",
+    "note_cycle",
     "note_converged",
     "note_stopped",
     "runaway",
@@ -40,6 +43,10 @@ RUNAWAY_RATIO = 0.7
 #: a mask deepening over faint extended sources moves it by little more than the
 #: tolerance, and backing off would unmask them.
 RUNAWAY_EXCESS = 3.0
+
+
+#: Iterations in a row whose masked share grows and shrinks by turns that make a cycle.
+CYCLE_RUN = 3
 
 
 class ConvergenceWarning(UserWarning):
@@ -97,6 +104,40 @@ def runaway(pipe: Any, records: Sequence[Any]) -> bool:
     first, last = run[0].change, run[-1].change
     return last >= first * RUNAWAY_RATIO ** (len(run) - 1) and last > RUNAWAY_EXCESS * tolerance(
         pipe, run[-1]
+    )
+
+
+def cycling(pipe: Any, records: Sequence[Any]) -> bool:
+    """Whether the last :data:`CYCLE_RUN` of a stage's ``records`` grew and shrank the
+    masked share by turns, each by more than ``mask_tol``, while the background moved
+    by more than its tolerance: a limit cycle between two masks, which more iterations
+    do not resolve.
+
+    Examples
+    --------
+    >>> from types import SimpleNamespace as R
+    >>> pipe = R(change_tol=0.01, error_tol=0.0, mask_tol=0.005)
+    >>> flip = [R(mask_growth=g, change=0.03, error=0.0) for g in (0.02, -0.01, 0.01)]
+    >>> creep = [R(mask_growth=g, change=0.03, error=0.0) for g in (0.02, 0.01, 0.01)]
+    >>> cycling(pipe, flip), cycling(pipe, creep), cycling(pipe, flip[:2])
+    (True, False, False)
+    """
+    if len(records) < CYCLE_RUN:
+        return False
+    run = records[-CYCLE_RUN:]
+    if not all(abs(r.mask_growth) > pipe.mask_tol and r.change > tolerance(pipe, r) for r in run):
+        return False
+    return all(a.mask_growth * b.mask_growth < 0 for a, b in zip(run, run[1:], strict=False))
+
+
+def note_cycle(stage: int, run: Sequence[Any]) -> str:
+    """The note of a fit that stopped a limit cycle (the records ``run``) by keeping the
+    intersection of the masks it alternated between."""
+    shares = ", ".join(f"{r.mask_fraction:.1%}" for r in run)
+    return (
+        f"converged by resolving a cycle: in stage {stage} the masked share went "
+        f"{shares} by turns while the background kept moving (by {run[-1].change:.3g} of "
+        "its RMS), so the fit kept what the last two masks both held and refitted once"
     )
 
 

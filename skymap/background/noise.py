@@ -10,6 +10,9 @@ measures the change of the background and the fit's typical noise with it.
 * else the model's full RMS map, floored at half its median (the back end makes it:
   an ndarray in memory, a recipe for any window when tiled).
 
+A user's error map (``fit(error=...)``) replaces it: :func:`use_error` turns the map into
+the maskers' noise and the smoother's relative weights, through the back end.
+
 Maps are floored at half their median: the smoothed variance can undershoot to zero
 where few pixels are left (masked crowds, the rims of blank regions), and a near-zero
 noise there would turn every fluctuation into a detection and every background change
@@ -23,10 +26,12 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
+from skymap._util import pow2_at_most
+from skymap.backends.base import ERROR_BLOCK, block_sums
 from skymap.backends.memory import floor_at_half_median
 from skymap.masking.hysteresis import CoarseRMS, noise_grid
 
-__all__ = ["CoarseNoiseReader", "NoiseModel"]
+__all__ = ["CoarseNoiseReader", "NoiseModel", "use_error"]
 
 
 @runtime_checkable
@@ -123,3 +128,52 @@ class NoiseModel:
         if np.ndim(noise) == 0 and not hasattr(noise, "window"):
             return float(noise)
         return backend.median_where(noise, backend.bad)
+
+
+def use_error(be, norm) -> CoarseRMS:
+    """Set ``be.weight`` from the back end's error map and return the maskers' noise.
+
+    The maskers' noise is the error map's RMS over the valid pixels of blocks of 4 x 4
+    pixels, in normalised units (a :class:`CoarseRMS`; blocks with no valid pixel take
+    the median of the others). The smoother's weight is the inverse variance relative
+    to its mean over the valid pixels (float32, 0 where excluded). Both come from
+    per-block sums (:func:`~skymap.backends.base.block_sums`, the tiles aligned to the
+    blocks), so every back end finds the same numbers bit for bit."""
+    q = _error_block(be.shape)
+    var, count, wsum = be.cell_grid(_error_sums, [be.error, be.bad], (q, q), 3, q=q,
+                                    scale=norm.scale)  # fmt: skip
+    with np.errstate(invalid="ignore", divide="ignore"):
+        values = np.sqrt(var / count)
+    good = np.isfinite(values) & (values > 0)
+    values[~good] = np.median(values[good]) if good.any() else 1.0
+    total = float(count.sum())
+    mean = float(wsum.sum()) / total if total else 0.0
+    be.weight = be.map_tiles(_relative_weight, [be.error, be.bad], halo=0, dtype=np.float32,
+                             mean=mean)  # fmt: skip
+    return CoarseRMS(values=values.astype(np.float32), step=q, shape=be.shape)
+
+
+def _error_block(shape) -> int:
+    """The block (pixels) of the maskers' noise from an error map (divides
+    :data:`~skymap.backends.base.ERROR_BLOCK`, which tiled back ends align to)."""
+    return pow2_at_most(ERROR_BLOCK, *shape)
+
+
+def _inverse_variance(error: np.ndarray, bad: np.ndarray) -> np.ndarray:
+    with np.errstate(divide="ignore"):
+        w = 1.0 / np.square(error)
+    w[bad | ~np.isfinite(w)] = 0.0
+    return w
+
+
+def _error_sums(error, bad, *, origin, q, scale):
+    """Per ``q`` x ``q`` block of a tile: the sum of the squared normalised errors, the
+    count and the sum of the inverse variances of the valid pixels (3, gy, gx)."""
+    var = block_sums(np.where(bad, 0.0, error / scale) ** 2, bad, q, origin)
+    return np.concatenate([var, block_sums(_inverse_variance(error, bad), bad, q)[:1]])
+
+
+def _relative_weight(error, bad, *, window, core, mean):
+    """A tile of the inverse variance relative to ``mean`` (float32; 0 where excluded)."""
+    w = _inverse_variance(error, bad)
+    return (w / mean if mean > 0 else w).astype(np.float32)

@@ -55,6 +55,9 @@ class IterationRecord:
     asymmetry : float
         Upper-to-lower tail ratio of (background - a stiffer fit), when measured
         (see ``IterativeBackground.source_asymmetry``), else NaN.
+    tracking : float
+        Correlation of (background - a stiffer fit) with the masked share, when
+        measured (see ``IterativeBackground.source_tracking``), else NaN.
     min_scale : float or None
         Smoothing floor in pixels this fit was held to (None: GCV's choice alone).
     model : BackgroundModel
@@ -74,6 +77,7 @@ class IterationRecord:
     mask_growth: float = float("nan")
     error: float = float("nan")
     asymmetry: float = float("nan")
+    tracking: float = float("nan")
     min_scale: float | None = None
     model: Any = field(repr=False)
     packed_mask: np.ndarray | None = field(repr=False)
@@ -182,7 +186,7 @@ class BackgroundResult:
         """Background RMS map (input dtype and unit), interpolated on first access (a
         lazy dask array for a tiled fit)."""
         if self.lazy_rms is not None:
-            return self.lazy_rms
+            return self.lazy_rms if self.inputs is None else self.inputs.wrap(self.lazy_rms)
         rms = np.asarray(self.history[-1].model.rms_map(), dtype=self.background.dtype)
         if self.normalisation is not None:
             rms = self.normalisation.undo(rms, offset=False)

@@ -540,6 +540,13 @@ class ThinPlateSmoother:
         ``weight`` (optional, the image's shape) is each pixel's relative inverse
         variance: cells are then weighted by their summed weight and take the weighted
         mean of their pixels (:func:`weighted_sums`); the RMS map stays the pixels'.
+        With one smoothing for the image, the effective length where the noise is
+        sigma goes as ``(smoothing / weight) ** 0.25``, i.e. as ``sigma ** 0.5``: the
+        generalised-least-squares fit, right for sky with structure on every scale,
+        but on sky smoother than that a noisy region is smoothed longer than its own
+        optimum (``benchmarks/README.md``, "varying depth": with a right half 4x
+        noisier, the deep half's error falls from 0.077 to 0.030 sigma and the noisy
+        half's rises from 0.024 to 0.027, mean of 14 scenes).
 
         ``smoothing_start`` seeds the GCV search (an iterative caller passes the
         previous smoothing, which saves solves); None starts from the image size.

@@ -1,0 +1,125 @@
+"""Does the background follow source light? The source-tracking statistic the pipeline
+uses to decide how stiff its smoothing must be.
+
+Sky structure, however complex, does not know where the sources are: scattered light,
+cirrus, a nebula or a detector's vignetting lie wherever they lie, and the sources of
+the field are scattered over them independently. Source light left in the unmasked
+pixels (the faint outskirts of galaxies, the wings of stars, a faint disc whose core
+was all that was detected, intracluster light) does know: it is where the masks are.
+So when the background rises above a stiffer fit of the same cells *where the masked
+share is high*, the background is following source light, not sky.
+
+:func:`source_tracking` measures that as a correlation coefficient, between the fit
+minus a fit ``stiffer`` times longer and the masked share of the cells, smoothed over
+the fit's own length. It is near 0 (within ``3 / sqrt(n_eff)``) for sky that is
+independent of the sources, whatever its shape, and bumps and dips need not balance
+(which the earlier bump-versus-dip asymmetry test assumed, wrongly for a scattered
+light bump or a halo).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import scipy.ndimage as ndi
+
+from skymap.background.smooth import smooth_grid
+
+__all__ = ["TrackingTest", "source_tracking"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrackingTest:
+    """What :func:`source_tracking` measured: the correlation and the limit it is
+    compared with; ``tracking`` is True when the correlation is above the limit."""
+
+    correlation: float
+    limit: float
+
+    @property
+    def tracking(self) -> bool:
+        return bool(self.correlation > self.limit)
+
+
+def source_tracking(
+    model, valid, *, stiffer: float = 8.0, floor: float = 0.1, significance: float = 3.0
+) -> TrackingTest:
+    """Correlation between where a thin-plate background rises above a stiffer fit and
+    where its masks are.
+
+    Parameters
+    ----------
+    model : SmoothResult
+        A :class:`~skymap.background.smooth.ThinPlateSmoother` fit: its cells, their
+        unmasked pixel counts (``cell_pixels``) and its smoothing.
+    valid : ndarray
+        Per cell of ``model``'s grid, the number of pixels that are neither given as
+        bad nor non-finite: the masked share of a cell is ``1 - cell_pixels / valid``,
+        so that a border of blank pixels is not mistaken for sources.
+    stiffer : float
+        The reference fit's smoothing length, in units of the model's.
+    floor, significance : float
+        The limit the correlation is compared with: the larger of ``floor`` and
+        ``significance / sqrt(n_eff)``, ``n_eff`` being the number of independent
+        patches of the fit's length (the correlation's scatter for sky unrelated to
+        the sources is about ``1 / sqrt(n_eff)``).
+
+    Returns
+    -------
+    TrackingTest
+        ``.correlation`` and ``.limit``; ``.tracking`` says whether the background follows
+        source light. The correlation is NaN (and ``.tracking`` False) when fewer
+        than 16 cells hold valid pixels or nothing varies.
+
+    Examples
+    --------
+    >>> from skymap.background.smooth import ThinPlateSmoother
+    >>> rng = np.random.default_rng(0)
+    >>> yy, xx = np.mgrid[:256, :256]
+    >>> centres = rng.uniform(20, 236, (12, 2))
+    >>> disc = sum(2 * np.exp(-np.hypot(yy - y, xx - x) / 10) for y, x in centres)
+    >>> img = rng.normal(size=(256, 256)) + disc
+    >>> valid = np.full(ThinPlateSmoother().fit(img).grid.shape, 4.0)
+    >>> mask = disc > 1.0  # the discs' cores are masked, their outskirts are not
+    >>> source_tracking(ThinPlateSmoother().fit(img, mask), valid).tracking
+    True
+    >>> sky = 3 * np.sin(xx / 20.0) + rng.normal(size=(256, 256))
+    >>> source_tracking(ThinPlateSmoother().fit(sky, mask), valid).tracking
+    False
+    """
+    n = np.asarray(model.cell_pixels, dtype=float)
+    valid = np.asarray(valid, dtype=float)
+    if valid.shape != n.shape:
+        raise ValueError(f"valid must have the model's grid shape {n.shape}, got {valid.shape}")
+    ok = valid > 0
+    if np.count_nonzero(ok) < 16:
+        return TrackingTest(correlation=float("nan"), limit=floor)
+    cy, cx = model.cell_size
+    weights = model.config._weights(model.cell_pixels)
+    if model.cell_weights is not None:
+        weights = np.where(weights > 0, model.cell_weights, 0.0)
+    values = np.where(weights > 0, model.cell_values, 0.0)
+    stiff, _, _ = smooth_grid(
+        values,
+        weights,
+        spacing=(cy, cx),
+        smoothing=float(model.smoothing) * stiffer**4,
+        offsets=model.cell_offsets,
+        # a correlation of two smooth maps needs no more than this
+        rtol=1e-4,
+    )
+    d = (np.asarray(model.grid) - stiff)[ok]
+    # The masked share, smoothed over the fit's length by normalised convolution over
+    # the valid cells: what the fit at a cell "sees" of the masks around it.
+    share = np.where(ok, 1.0 - np.minimum(n, valid) / np.where(ok, valid, 1.0), 0.0)
+    sigma = (model.scale / (2.0 * cy), model.scale / (2.0 * cx))
+    num = ndi.gaussian_filter(share, sigma, mode="nearest")
+    den = ndi.gaussian_filter(ok.astype(float), sigma, mode="nearest")
+    fs = (num / np.maximum(den, 1e-12))[ok]
+    n_eff = max(1.0, np.count_nonzero(ok) * cy * cx / (math.pi * model.scale**2))
+    limit = max(floor, significance / math.sqrt(n_eff))
+    if d.std() <= 0 or fs.std() <= 0:
+        return TrackingTest(correlation=float("nan"), limit=limit)
+    return TrackingTest(correlation=float(np.corrcoef(d, fs)[0, 1]), limit=limit)

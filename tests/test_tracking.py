@@ -1,0 +1,149 @@
+"""The source-tracking test (skymap.background.tracking) and what the pipeline does with
+it: a longer smoothing once the background is found following source light, and
+limit cycles resolved."""
+
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from scipy.ndimage import gaussian_filter
+
+import skymap
+from skymap.background import convergence as C
+from skymap.background.smooth import ThinPlateSmoother
+from skymap.background.tracking import source_tracking
+from skymap.quality.simulate import scene_by_name
+
+N = 256
+YY, XX = np.mgrid[:N, :N].astype(float)
+
+
+def _discs(rng, n=12, scale=10.0, amplitude=2.0):
+    centres = rng.uniform(20, N - 20, (n, 2))
+    return sum(amplitude * np.exp(-np.hypot(YY - y, XX - x) / scale) for y, x in centres)
+
+
+def _valid(model):
+    cy, cx = model.cell_size
+    return np.full(model.grid.shape, float(cy * cx))
+
+
+def test_discs_with_masked_cores_are_found_tracking():
+    rng = np.random.default_rng(0)
+    disc = _discs(rng)
+    img = rng.normal(size=(N, N)) + disc
+    model = ThinPlateSmoother().fit(img, disc > 1.0)
+    test = source_tracking(model, _valid(model))
+    assert test.tracking and test.correlation > 0.3
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_sky_independent_of_the_masks_is_not_tracking(seed):
+    # Structure of any shape (here a single broad positive bump plus a smooth random
+    # field) laid down independently of where the masks are.
+    rng = np.random.default_rng(seed)
+    field = gaussian_filter(rng.normal(size=(N, N)), 12.0)
+    bump = 3.0 * np.exp(-((YY - 90) ** 2 + (XX - 170) ** 2) / (2 * 50.0**2))
+    img = 3.0 * field / field.std() + bump + rng.normal(size=(N, N))
+    mask = gaussian_filter(rng.normal(size=(N, N)), 3.0) > 0.12  # ~10% in blobs
+    model = ThinPlateSmoother().fit(img, mask)
+    test = source_tracking(model, _valid(model))
+    assert not test.tracking, test
+
+
+def test_blank_border_is_not_taken_for_sources():
+    # A border of blank (given-bad) pixels: the masked share is counted against the
+    # valid pixels, so the border adds nothing.
+    rng = np.random.default_rng(4)
+    img = rng.normal(size=(N, N)) + 0.01 * XX
+    bad = np.zeros((N, N), bool)
+    bad[:, :40] = True
+    model = ThinPlateSmoother().fit(img, bad)
+    cy, cx = model.cell_size
+    valid = (~bad).reshape(N // cy, cy, N // cx, cx).sum(axis=(1, 3)).astype(float)
+    assert not source_tracking(model, valid).tracking
+
+
+def test_bad_valid_grid_names_the_parameter():
+    model = ThinPlateSmoother().fit(np.random.default_rng(0).normal(size=(64, 64)))
+    with pytest.raises(ValueError, match="valid"):
+        source_tracking(model, np.ones((3, 3)))
+
+
+@settings(max_examples=12, deadline=None)
+@given(st.floats(-6, 6), st.floats(-3, 3))
+def test_correlation_is_unchanged_by_scale_and_offset(log_scale, offset):
+    # Pixels in other units, or on another zero point: the same verdict and value.
+    rng = np.random.default_rng(5)
+    disc = _discs(rng, n=8)
+    img = rng.normal(size=(N, N)) + disc
+    mask = disc > 1.0
+    a = 10.0**log_scale
+    base = ThinPlateSmoother(smoothing=30.0**4).fit(img, mask)
+    moved = ThinPlateSmoother(smoothing=30.0**4).fit(a * img + offset * a, mask)
+    t0, t1 = source_tracking(base, _valid(base)), source_tracking(moved, _valid(moved))
+    assert t1.correlation == pytest.approx(t0.correlation, abs=1e-6)
+
+
+def test_pipeline_stiffens_when_the_background_follows_galaxy_outskirts():
+    scene = scene_by_name("cluster_icl", shape=(256, 256), seed=1)
+    on = skymap.fit(scene.image, scene.mask)
+    off = skymap.fit(scene.image, scene.mask, source_tracking=None)
+    measured = [r.tracking for r in on.history if np.isfinite(r.tracking)]
+    assert measured and max(measured) > on.config.source_tracking
+    assert all(not np.isfinite(r.tracking) for r in off.history)
+    # The intracluster light (a source by the scene's convention) stays out.
+    err_on = np.sqrt(np.mean((on.background - scene.sky) ** 2))
+    err_off = np.sqrt(np.mean((off.background - scene.sky) ** 2))
+    assert err_on < 0.7 * err_off
+
+
+def test_tracking_raises_the_floor_up_to_an_eighth_of_the_image():
+    scene = scene_by_name("galaxies_lsb", shape=(256, 256), seed=1)
+    res = skymap.fit(scene.image, scene.mask)
+    floors = [r.min_scale for r in res.history]
+    # It only ever rises, and never beyond an eighth of the shorter side.
+    assert all(b >= a for a, b in zip(floors, floors[1:], strict=False))
+    assert floors[-1] > floors[0] and floors[-1] <= 256 / 8.0
+    # The other form: GCV told to count degrees of freedom 12 times, floor untouched.
+    pipe = skymap.default_pipeline(tracking_stiffen=None, tracking_inflation=12.0)
+    smoother = pipe.stages[-1].estimator
+    assert pipe._estimator(smoother, True).gcv_inflation == 12.0
+    assert pipe._estimator(smoother, False) is smoother
+
+
+def test_pipeline_leaves_the_notebook_sky_alone():
+    from skymap.quality.simulate import notebook_scene
+
+    scene = notebook_scene(shrink_factor=8)
+    res = skymap.fit(scene.image, scene.mask)
+    measured = [r.tracking for r in res.history if np.isfinite(r.tracking)]
+    assert measured and all(t < res.config.source_tracking for t in measured)
+
+
+def test_bad_source_tracking_names_the_option():
+    for bad in (-0.1, 1.5, "x"):
+        with pytest.raises(ValueError, match="source_tracking"):
+            skymap.fit(np.zeros((64, 64)), source_tracking=bad)
+    with pytest.raises(ValueError, match="tracking_inflation"):
+        skymap.fit(np.zeros((64, 64)), tracking_inflation=0)
+    with pytest.raises(ValueError, match="tracking_stiffen"):
+        skymap.fit(np.zeros((64, 64)), tracking_stiffen=-2)
+
+
+def _rec(growth, change=0.05, tracking=float("nan")):
+    return SimpleNamespace(mask_growth=growth, change=change, error=0.0, tracking=tracking)
+
+
+def test_cycle_is_detected_and_explained():
+    pipe = SimpleNamespace(change_tol=0.01, error_tol=0.0, mask_tol=0.005)
+    run = [_rec(g) for g in (0.02, -0.01, 0.012)]
+    assert C.cycling(pipe, run)
+    assert not C.cycling(pipe, [_rec(g) for g in (0.02, 0.01, 0.012)])
+    # Settled changes are not a cycle, however the mask flickers.
+    assert not C.cycling(pipe, [_rec(g, change=0.001) for g in (0.02, -0.01, 0.012)])
+    recs = [SimpleNamespace(mask_fraction=f, change=0.03) for f in (0.2, 0.22, 0.21)]
+    note = C.note_cycle(1, recs)
+    assert "cycle" in note and "20.0%" in note and "both" in note
