@@ -133,8 +133,20 @@ def test_bad_source_tracking_names_the_option():
         skymap.fit(np.zeros((64, 64)), tracking_stiffen=-2)
 
 
-def _rec(growth, change=0.05, tracking=float("nan")):
-    return SimpleNamespace(mask_growth=growth, change=change, error=0.0, tracking=tracking)
+def _rec(growth, change=0.05, floor=None):
+    return SimpleNamespace(mask_growth=growth, change=change, error=0.0, min_scale=floor)
+
+
+def test_a_raised_floor_is_not_a_runaway():
+    # The background moved because the smoothing floor went up (source tracking), not
+    # because the mask ran away; at one floor the same run is a runaway.
+    pipe = SimpleNamespace(change_tol=0.01, error_tol=0.0, mask_tol=0.005)
+    steady = [_rec(0.03, c, floor=16.0) for c in (0.3, 0.3, 0.26, 0.23)]
+    assert C.runaway(pipe, steady)
+    raised = [
+        _rec(0.03, c, floor=f) for c, f in ((0.3, 16.0), (0.3, 32.0), (0.26, 64.0), (0.23, 64.0))
+    ]
+    assert not C.runaway(pipe, raised)
 
 
 def test_cycle_is_detected_and_explained():

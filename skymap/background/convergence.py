@@ -84,8 +84,9 @@ def runaway(pipe: Any, records: Sequence[Any]) -> bool:
     masked share by more than ``mask_tol`` while the background moved by more than its
     tolerance, the background's change is not shrinking by at least
     :data:`RUNAWAY_RATIO` per iteration (a mask that grows while the fit converges
-    geometrically is only getting deeper), and the last change is still more than
-    :data:`RUNAWAY_EXCESS` times its tolerance.
+    geometrically is only getting deeper), the last change is still more than
+    :data:`RUNAWAY_EXCESS` times its tolerance, and the run (and the record before it)
+    was fitted at one smoothing floor (``min_scale``).
 
     Examples
     --------
@@ -100,6 +101,12 @@ def runaway(pipe: Any, records: Sequence[Any]) -> bool:
         return False
     run = records[-RUNAWAY_RUN:]
     if not all(r.mask_growth > pipe.mask_tol and r.change > tolerance(pipe, r) for r in run):
+        return False
+    # A background that moved because its smoothing floor was raised (source tracking)
+    # is the estimator changing, not the mask running away: the run must have been
+    # fitted at one floor.
+    floors = {getattr(r, "min_scale", None) for r in records[-RUNAWAY_RUN - 1 :]}
+    if len(floors) > 1:
         return False
     first, last = run[0].change, run[-1].change
     return last >= first * RUNAWAY_RATIO ** (len(run) - 1) and last > RUNAWAY_EXCESS * tolerance(
