@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-__all__ = ["MAD_TO_STD", "check_int", "cut_window", "pow2_at_most"]
+__all__ = ["MAD_TO_STD", "check_int", "cut_window", "in_bands", "pow2_at_most"]
 
 #: 1 / Phi^-1(3/4): median absolute deviation -> standard deviation of a Gaussian (the
 #: constant astropy uses). The one definition in the package.
@@ -67,3 +67,54 @@ def cut_window(a, step: int = 1, window=None):
         (y0, y1), (x0, x1) = window
         a = a[y0:y1, x0:x1]
     return a[::step, ::step] if step > 1 else a
+
+
+def in_bands(kernel, n: int, *args, grain: int = 32) -> None:
+    """Run ``kernel(*args, lo, hi)`` over bands ``[lo, hi)`` that tile ``range(n)``,
+    one band per numba thread (``numba.get_num_threads()``, so ``set_num_threads`` and
+    ``NUMBA_NUM_THREADS`` apply), the bands on threads of their own and the last on the
+    calling thread; fewer bands when a band would have under ``grain`` items.
+
+    For kernels compiled with ``nogil=True`` whose bands are independent, so the result
+    does not depend on the number of bands. Why not numba's ``parallel=True``: each
+    such kernel costs ~1 s more CPU to compile than the plain one (its parallel loops
+    become separately compiled functions), which a user pays on the first run.
+    """
+    import numba
+
+    bands = max(1, min(numba.get_num_threads(), n // max(1, grain)))
+    if bands == 1:
+        kernel(*args, 0, n)
+        return
+    # An empty band first: numba compiles (or loads) the kernel here, in the calling
+    # thread, and no helper thread ever waits on numba's compiler locks (which a
+    # Ctrl-C in the middle of a compilation can leave held).
+    kernel(*args, 0, 0)
+    edges = [n * i // bands for i in range(bands + 1)]
+    errors = []
+
+    def band(lo, hi):
+        try:
+            kernel(*args, lo, hi)
+        except BaseException as err:  # handed to the calling thread
+            errors.append(err)
+
+    # Daemon threads: a Ctrl-C (KeyboardInterrupt) leaves at once, without them.
+    import threading
+
+    helpers = [
+        threading.Thread(target=band, args=(edges[i], edges[i + 1]), daemon=True)
+        for i in range(bands - 1)
+    ]
+    for thread in helpers:
+        thread.start()
+    try:
+        kernel(*args, edges[-2], edges[-1])
+    except Exception:
+        for thread in helpers:
+            thread.join()
+        raise
+    for thread in helpers:
+        thread.join()
+    if errors:
+        raise errors[0]

@@ -1,8 +1,11 @@
 """The ``skymap`` command, driven in-process through ``main([...])``: exit codes, help,
 refusal to overwrite, and the commands end to end on small inputs."""
 
+import argparse
 import hashlib
 import json
+import re
+import shlex
 from importlib.metadata import EntryPoint
 from pathlib import Path
 
@@ -34,6 +37,40 @@ def test_every_command_has_help_with_exit_codes(name, capsys):
     assert cli.main([name, "--help"]) == cli.EXIT_OK
     out = capsys.readouterr().out
     assert out.startswith(f"usage: skymap {name}") and "exit codes:" in out
+
+
+def _subcommands():
+    parser = cli.build_parser()
+    (sub,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    return sub.choices
+
+
+def _help_examples(help_text):
+    """The invocations under ``examples:`` (a trailing comment follows two spaces, a
+    backslash continues a line, ``&&`` chains two commands)."""
+    block = help_text.split("\nexamples:\n", 1)[1].split("\n\n", 1)[0]
+    block = re.sub(r"\\\n\s*", " ", block)
+    commands = []
+    for line in block.splitlines():
+        for command in line.strip().split("&&"):
+            commands.append(re.split(r"\s{2,}", command.strip())[0])
+    return commands
+
+
+def test_every_command_help_shows_its_own_examples_and_they_parse(capsys):
+    # the subcommands as registered, so a new one without examples fails here
+    commands = _subcommands()
+    assert {"tune", "compare"} <= set(commands) and set(SUBCOMMANDS) <= set(commands)
+    parser = cli.build_parser()
+    for name in commands:
+        assert cli.main([name, "--help"]) == cli.EXIT_OK
+        examples = _help_examples(capsys.readouterr().out)
+        own = [e for e in examples if e.split()[:2] == ["skymap", name]]
+        assert len(own) >= 2, (name, examples)
+        for example in examples:  # each is a valid command line, not prose
+            argv = shlex.split(example)
+            assert argv[0] == "skymap", example
+            parser.parse_args(argv[1:])
 
 
 def test_scene_choices_are_the_simulators_scenes():
@@ -393,3 +430,70 @@ def test_pipeline_config_file_reproduces_the_default_run(data_dir, tmp_path):
     products = [f"spitzer_cutout_{p}.fits" for p in io.PRODUCTS]
     for name in [*products, "spitzer_cutout_metrics.json"]:
         assert _sha(tmp_path / "default" / name) == _sha(tmp_path / "from_file" / name)
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["run", "a.fits"],
+        ["batch", "a.fits", "b.fits"],
+        ["match", "a.fits", "b.fits"],
+        ["compare", "a.fits"],
+        ["tune", "a.fits"],
+        ["simulate"],
+        ["demo"],
+        ["config"],
+    ],
+    ids=lambda argv: argv[0],
+)
+def test_an_output_name_too_long_exits_2_naming_it_before_any_work(
+    argv, tmp_path, monkeypatch, capsys
+):
+    # ENAMETOOLONG from a stat is not "does not exist": every command must turn it
+    # into a usage error (exit 2) naming the path, not a traceback (exit 1).
+    monkeypatch.chdir(tmp_path)
+    rng = np.random.default_rng(0)
+    for name in ("a", "b"):
+        fits.PrimaryHDU(rng.normal(size=(32, 32)).astype(np.float32)).writeto(f"{name}.fits")
+    monkeypatch.setattr(common, "fit_image", lambda *a, **k: pytest.fail("fit before checks"))
+    long = "x" * 300
+    assert cli.main([*argv, "-o", long, "-q"]) == cli.EXIT_USAGE
+    err = capsys.readouterr().err
+    assert long in err and "name too long" in err.lower() and "Traceback" not in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.fits", "b.fits"]
+
+
+def test_only_common_progress_imports_tqdm_auto():
+    # tqdm.auto in a notebook without ipywidgets warns "IProgress not found" (issue
+    # 16): every command's bar goes through common.progress, which checks first.
+    package = Path(cli.__file__).parents[2]
+    users = sorted(
+        str(path.relative_to(package))
+        for path in package.rglob("*.py")
+        if re.search(r"^\s*(from tqdm\.auto import|import tqdm\.auto)", path.read_text(), re.M)
+    )
+    assert users == [str(Path("app", "cli", "common.py"))]
+
+
+@pytest.mark.parametrize(
+    ("argv", "words"),
+    [
+        (["compare", "a.fits", "--kinds", "nope"], ["--kinds", "sky, galaxies, stars", "nope"]),
+        (["compare", "a.fits", "--trials", "0"], ["--trials must be at least 1"]),
+        (["tune", "a.fits", "--trials", "0"], ["--trials must be at least 1"]),
+        (["compare", "a.fits", "--config", "bad.toml"], ["bad.toml", "high", "expected a number"]),
+    ],
+    ids=["compare-kinds", "compare-trials", "tune-trials", "compare-config"],
+)
+def test_tune_and_compare_refuse_bad_options_up_front_in_command_line_words(
+    argv, words, tmp_path, monkeypatch, capsys
+):
+    # a bad config once made `compare` exit 0 with skymap's row marked failed, and
+    # --trials 0 said "n_trials" (the API's name)
+    monkeypatch.chdir(tmp_path)
+    fits.PrimaryHDU(np.zeros((32, 32), np.float32)).writeto("a.fits")
+    Path("bad.toml").write_text('high = "five"\n')
+    assert cli.main([*argv, "-o", "out", "-q"]) == cli.EXIT_USAGE
+    err = capsys.readouterr().err
+    assert all(word in err for word in words), err
+    assert "n_trials" not in err and not Path("out").exists()

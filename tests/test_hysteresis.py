@@ -174,3 +174,46 @@ def test_unmasked_rows_take_the_shortcut_bit_for_bit(rng, s):
     far = (slice(None), slice(4 * reach, None))
     np.testing.assert_array_equal(a.plain[far], b.plain[far])
     assert np.abs(a.snr[far] - b.snr[far]).max() < 1e-5  # the surround mean differs
+
+
+def test_scale_maps_do_not_depend_on_the_thread_count(rng):
+    # The kernels run over bands of rows, one per numba thread: the maps must be the
+    # same bit for bit on one thread, on the unbinned (s=1) and binned (s=4) paths.
+    import numba
+
+    res = rng.normal(size=(300, 170)).astype(np.float32)
+    excluded = rng.random(res.shape) < 0.05
+    masker = H.HysteresisMasker(grow_plain=True)
+    noise = np.asarray(np.float32(1.0))
+    before = numba.get_num_threads()
+    for s in (1.0, 4.0):
+        many = masker.scale_maps(res, noise, excluded, s)
+        numba.set_num_threads(1)
+        try:
+            one = masker.scale_maps(res, noise, excluded, s)
+        finally:
+            numba.set_num_threads(before)
+        np.testing.assert_array_equal(many.snr, one.snr)
+        np.testing.assert_array_equal(many.plain, one.plain)
+
+
+def test_the_fused_snr_pass_spreads_over_the_threads(rng, monkeypatch):
+    # dog_snr hands in_bands its bands of strips (not rows): with a grain in rows it
+    # once ran on one thread only
+    import numba
+
+    from skymap.masking import _hysteresis_kernels as K
+
+    if numba.get_num_threads() < 2:
+        pytest.skip("one numba thread")
+    calls = {}
+    real = K.in_bands
+
+    def spy(kernel, n, *args, grain=32):
+        calls[kernel.__name__] = min(numba.get_num_threads(), n // grain)
+        return real(kernel, n, *args, grain=grain)
+
+    monkeypatch.setattr(K, "in_bands", spy)
+    res = rng.normal(size=(400, 150)).astype(np.float32)
+    H.HysteresisMasker().scale_maps(res, np.asarray(np.float32(1.0)), res > 3, 1.0)
+    assert calls["_dog_bands"] >= 2 and calls["_clean_rows"] >= 2

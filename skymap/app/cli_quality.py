@@ -69,6 +69,11 @@ def _json(obj) -> bytes:
     return (json.dumps(obj, indent=2, default=float, allow_nan=True) + "\n").encode("utf-8")
 
 
+def _check_trials(args) -> None:
+    if args.trials < 1:
+        raise _usage_error(f"--trials must be at least 1, got {args.trials}")
+
+
 def _say(args, message: str) -> None:
     if not args.quiet:
         sys.stdout.write(message + "\n")
@@ -79,13 +84,13 @@ def _say(args, message: str) -> None:
 
 def handle_tune(args) -> int:
     """``skymap tune``: tune the default pipeline to one image."""
-    from tqdm.auto import tqdm
-
     from skymap.app import report
+    from skymap.app.cli.common import progress
     from skymap.quality import tune as tune_mod
 
     if not (math.isfinite(args.budget) and args.budget > 0):
         raise _usage_error(f"--budget must be a positive number of seconds, got {args.budget}")
+    _check_trials(args)
     out = Path(args.output)
     stem = _stem(args.input)
     files = {
@@ -102,7 +107,9 @@ def handle_tune(args) -> int:
     img = _read(args)
     n_planned = 1 + sum(len(axis) for axis in tune_mod.default_space()) + 3
     t0 = time.perf_counter()
-    with tqdm(total=n_planned, desc=f"tune {stem}", unit="candidate", disable=args.quiet) as bar:
+    # common.progress: tqdm's notebook widget only where ipywidgets is installed
+    bar = progress(total=n_planned, desc=f"tune {stem}", quiet=args.quiet, unit="candidate")
+    with bar:
 
         def step(row):
             bar.set_postfix_str(f"{row['options'][:40]}: {row['score']:.3f}")
@@ -185,9 +192,10 @@ COMPARE_METHODS = ("skymap", "photutils_1pass", "photutils_2pass", "sep_1pass", 
 
 def handle_compare(args) -> int:
     """``skymap compare``: skymap and its peers on the same injections."""
+    from skymap.app.cli.common import load_config
     from skymap.app.plot import to_png
     from skymap.quality import peers as peers_mod
-    from skymap.quality.injection import compare, plot_comparison
+    from skymap.quality.injection import KINDS, compare, plot_comparison
 
     out = Path(args.output)
     stem = _stem(args.input)
@@ -196,6 +204,13 @@ def handle_compare(args) -> int:
         "json": out / f"{stem}_compare.json",
         "figure": out / f"{stem}_compare.png",
     }
+    _check_trials(args)
+    kinds = tuple(k.strip() for k in args.kinds.split(",") if k.strip())
+    unknown = [k for k in kinds if k not in KINDS]
+    if unknown or not kinds:
+        raise _usage_error(f"--kinds: choose from {', '.join(KINDS)}; got {args.kinds!r}")
+    # a bad config is a usage error here, as in `skymap run`, not a failed method
+    load_config(args.config)
     skyio.check_outputs(files.values(), overwrite=args.overwrite)
     available = peers_mod.peers()
     methods = {}
@@ -210,7 +225,6 @@ def handle_compare(args) -> int:
                 f"available: {['skymap', *available]}"
             )
     img = _read(args)
-    kinds = tuple(k.strip() for k in args.kinds.split(",") if k.strip())
     try:
         table = compare(
             img.data, methods, mask=img.mask, kinds=kinds, n_trials=args.trials, seed=args.seed
@@ -256,11 +270,26 @@ def _general(p) -> None:
     g.add_argument("-v", "--verbose", action="store_true", help="log what is being done")
 
 
-def register(subparsers, **parser_options) -> None:
+TUNE_EXAMPLES = """
+skymap tune image.fits -o tuned/       -> tuned/image_tuned.toml, image_tune.html ...
+skymap tune image.fits -o tuned/ --budget 60 --no-peers    a quicker search
+skymap run image.fits --config tuned/image_tuned.toml      fit with the tuned options
+"""
+
+COMPARE_EXAMPLES = """
+skymap compare image.fits -o cmp/      skymap and its peers -> cmp/image_compare.ecsv, .png
+skymap compare image.fits --methods skymap,photutils_2pass --kinds sky --trials 2
+skymap compare image.fits --config tuned/image_tuned.toml --mask stars.fits
+"""
+
+
+def register(subparsers) -> None:
     """Add ``tune`` and ``compare`` to the ``skymap`` command's subparsers."""
+    from skymap.app.cli.common import add_command
     from skymap.quality.tune import DEFAULT_BUDGET
 
-    p = subparsers.add_parser(
+    p = add_command(
+        subparsers,
         "tune",
         help="tune the default pipeline to one image by injection-recovery",
         description="Add known smooth sky and faint discs to IMAGE, search the default "
@@ -268,7 +297,7 @@ def register(subparsers, **parser_options) -> None:
         "and write DIR/<name>_tuned.toml (use it with `skymap run IMAGE --config "
         "DIR/<name>_tuned.toml`), the candidate table and an HTML report with the "
         "held-back scores of the tuned pipeline, the defaults and the peers.",
-        **parser_options,
+        examples=TUNE_EXAMPLES,
     )
     p.add_argument("input", metavar="IMAGE.fits", help="input FITS image")
     p.add_argument("-o", "--output", default="skymap_tune", help="output directory")
@@ -286,13 +315,14 @@ def register(subparsers, **parser_options) -> None:
     _general(p)
     p.set_defaults(func=handle_tune)
 
-    p = subparsers.add_parser(
+    p = add_command(
+        subparsers,
         "compare",
         help="score skymap and its peers by injection-recovery on one image",
         description="Add known smooth sky and faint discs to IMAGE and score how well "
         "each method follows the sky (track) and ignores the discs (leak); writes "
         "DIR/<name>_compare.ecsv, .json and .png.",
-        **parser_options,
+        examples=COMPARE_EXAMPLES,
     )
     p.add_argument("input", metavar="IMAGE.fits", help="input FITS image")
     p.add_argument("-o", "--output", default="skymap_compare", help="output directory")

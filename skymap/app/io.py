@@ -40,6 +40,7 @@ __all__ = [
     "FitsImage",
     "NoSpaceError",
     "OutputExistsError",
+    "OutputPathError",
     "PRODUCTS",
     "atomic_write",
     "check_outputs",
@@ -72,6 +73,11 @@ _STRUCTURAL = re.compile(
 )
 _PROVENANCE_KEYS = ("SKYMAPV", "SKYPROD", "SKYCFGH", "SKYSRC")
 _HISTORY_WIDTH = 70
+
+
+class OutputPathError(ValueError):
+    """An output path the filesystem cannot take (e.g. a name too long); the message
+    names the path and the reason."""
 
 
 class OutputExistsError(FileExistsError):
@@ -671,14 +677,20 @@ def product_header(
 
 
 def check_outputs(paths: Iterable[os.PathLike | str], *, overwrite: bool = False) -> None:
-    """Raise :class:`OutputExistsError` listing every existing path, unless ``overwrite``.
+    """Raise :class:`OutputExistsError` listing every existing path, unless ``overwrite``,
+    and :class:`OutputPathError` for a path the filesystem cannot take.
 
     Call it before expensive work so that a run refuses up front, not after an hour.
     """
-    if overwrite:
-        return
-    existing = [Path(p) for p in paths if Path(p).exists()]
-    if existing:
+    paths = [Path(p) for p in paths]
+    existing = []
+    for p in paths:
+        try:  # a name too long raises here, not a "does not exist"
+            if p.exists():
+                existing.append(p)
+        except OSError as err:
+            raise OutputPathError(f"cannot use output path {p}: {err.strerror}") from err
+    if existing and not overwrite:
         raise OutputExistsError(existing)
 
 

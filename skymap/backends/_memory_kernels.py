@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import numpy as np
-from numba import njit, prange
+from numba import njit
+
+from skymap._util import in_bands
 
 
 @njit(cache=True, nogil=True)
@@ -27,28 +29,40 @@ def positive_sample(values, target):  # pragma: no cover - compiled
     return out
 
 
-@njit(cache=True, nogil=True, parallel=True)
-def floor_in_place(values, floor):  # pragma: no cover - compiled
+def floor_in_place(values, floor):
     """``values = where(isfinite(values), maximum(values, floor), floor)``, in place."""
-    flat = values.ravel()
-    for i in prange(flat.size):
-        v = flat[i]
-        if not np.isfinite(v) or v < floor:
-            flat[i] = floor
+    flat = values.reshape(-1)  # a view when values is contiguous, else a copy
+    in_bands(_floor_in_place, flat.size, flat, floor, grain=1 << 15)
+    if not values.flags.c_contiguous:
+        values[...] = flat.reshape(values.shape)
     return values
 
 
-@njit(cache=True, nogil=True, parallel=True)
-def subsampled_change(new, old_sub, bad, noise, q):  # pragma: no cover - compiled
+@njit(cache=True, nogil=True)
+def _floor_in_place(flat, floor, lo, hi):  # pragma: no cover - compiled
+    for i in range(lo, hi):
+        v = flat[i]
+        if not np.isfinite(v) or v < floor:
+            flat[i] = floor
+
+
+def subsampled_change(new, old_sub, bad, noise, q):
     """RMS of ``(new[::2, ::2] - old_sub) / sigma`` over the pixels not ``bad`` and
     finite, ``sigma`` read from the noise grid ``noise`` at ``[y // q, x // q]``
     (edge-clamped, as in :func:`dog_snr`); 0 when no pixel is left. Rows are summed in
     parallel, then in order, so the result does not depend on the thread count."""
-    ny, nx = old_sub.shape
-    nqy, nqx = noise.shape
+    ny = old_sub.shape[0]
     sums = np.zeros(ny)
     counts = np.zeros(ny, np.int64)
-    for i in prange(ny):
+    in_bands(_row_changes, ny, new, old_sub, bad, noise, q, sums, counts, grain=16)
+    return _rms_of_rows(sums, counts)
+
+
+@njit(cache=True, nogil=True)
+def _row_changes(new, old_sub, bad, noise, q, sums, counts, lo, hi):  # pragma: no cover
+    nx = old_sub.shape[1]
+    nqy, nqx = noise.shape
+    for i in range(lo, hi):
         y = 2 * i
         qy = min(y // q, nqy - 1)
         total = 0.0
@@ -63,9 +77,13 @@ def subsampled_change(new, old_sub, bad, noise, q):  # pragma: no cover - compil
                 count += 1
         sums[i] = total
         counts[i] = count
+
+
+@njit(cache=True, nogil=True)
+def _rms_of_rows(sums, counts):  # pragma: no cover - compiled
     total = 0.0
     count = 0
-    for i in range(ny):
+    for i in range(sums.size):
         total += sums[i]
         count += counts[i]
     return np.sqrt(total / count) if count else 0.0

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import numpy as np
-from numba import njit, prange
+from numba import njit
+
+from skymap._util import in_bands
 
 
 @njit(cache=True, nogil=True)
@@ -36,19 +38,22 @@ def thin_plate_apply(z, cyy, cxx, cxy, out):  # pragma: no cover - compiled
     return out
 
 
-@njit(cache=True, nogil=True, parallel=True)
-def bin_cells(image, bad, cy, cx, ref):  # pragma: no cover - compiled
+def bin_cells(image, bad, cy, cx, ref):
     """Per-cell count, sum, sum of squares (of ``image - ref``) and sums of the y and x
     coordinates of the good pixels, in float64, in one pass."""
     ny, nx = image.shape
-    gy = (ny + cy - 1) // cy
-    gx = (nx + cx - 1) // cx
-    n = np.zeros((gy, gx))
-    s1 = np.zeros((gy, gx))
-    s2 = np.zeros((gy, gx))
-    sy = np.zeros((gy, gx))
-    sx = np.zeros((gy, gx))
-    for i in prange(gy):
+    n, s1, s2, sy, sx = np.zeros((5, -(-ny // cy), -(-nx // cx)))
+    in_bands(
+        _bin_cells, n.shape[0], image, bad, cy, cx, ref, n, s1, s2, sy, sx, grain=-(-32 // cy)
+    )
+    return n, s1, s2, sy, sx
+
+
+@njit(cache=True, nogil=True)
+def _bin_cells(image, bad, cy, cx, ref, n, s1, s2, sy, sx, lo, hi):  # pragma: no cover - compiled
+    ny, nx = image.shape
+    gx = n.shape[1]
+    for i in range(lo, hi):
         for y in range(i * cy, min(ny, (i + 1) * cy)):
             vrow, brow = image[y], bad[y]
             for j in range(gx):
@@ -70,15 +75,19 @@ def bin_cells(image, bad, cy, cx, ref):  # pragma: no cover - compiled
                 s2[i, j] += a2
                 sy[i, j] += c * y
                 sx[i, j] += ax
-    return n, s1, s2, sy, sx
 
 
-@njit(cache=True, nogil=True, parallel=True)
-def bspline_rows(tmp, base, weights, out):  # pragma: no cover - compiled
+def bspline_rows(tmp, base, weights, out):
     """out[y, x] = sum_k weights[x, k] * tmp[y, base[x] - 1 + k], k = 0..3: the cubic
     B-spline evaluation along x of rows already evaluated along y."""
-    ny, nx = out.shape
-    for y in prange(ny):
+    in_bands(_bspline_rows, out.shape[0], tmp, base, weights, out, grain=32)
+    return out
+
+
+@njit(cache=True, nogil=True)
+def _bspline_rows(tmp, base, weights, out, lo, hi):  # pragma: no cover - compiled
+    nx = out.shape[1]
+    for y in range(lo, hi):
         for x in range(nx):
             b = base[x] - 1
             out[y, x] = (
@@ -87,4 +96,3 @@ def bspline_rows(tmp, base, weights, out):  # pragma: no cover - compiled
                 + weights[x, 2] * tmp[y, b + 2]
                 + weights[x, 3] * tmp[y, b + 3]
             )
-    return out

@@ -1,25 +1,51 @@
-"""Compiled kernels for :mod:`skymap.hysteresis`. Not public: call through hysteresis.py."""
+"""Compiled kernels for :mod:`skymap.hysteresis`. Not public: call through hysteresis.py.
+
+The public names are Python functions that run a serial ``nogil`` kernel over bands of
+rows on numba's thread count (:func:`skymap._util.in_bands`): the same threads as
+``parallel=True``, at a fraction of its compile time on a first run. Rows are copied
+by loops, not by slice assignment, which would compile numba's error-message
+formatting (~2 s on a first run).
+"""
 
 from __future__ import annotations
 
 import numpy as np
-from numba import njit, prange
+from numba import njit
+
+from skymap._util import in_bands
+
+# Image rows per band below which a band is not worth a thread.
+_ROWS = 32
 
 
-@njit(cache=True, nogil=True, parallel=True)
-def masked_block_sums(values, excluded, b, num, cnt):  # pragma: no cover - compiled
+@njit(cache=True, nogil=True, inline="always")
+def _copy_into(dst, offset, src):  # pragma: no cover - compiled
+    """``dst[offset : offset + src.size] = src``."""
+    for x in range(src.size):
+        dst[offset + x] = src[x]
+
+
+def masked_block_sums(values, excluded, b, num, cnt):
     """Sums over b x b blocks of the valid ``values`` and the valid-pixel counts, into
     ``num`` and ``cnt`` of shape ceil(shape / b). Partial blocks at the far edges sum
     what they hold. (Outputs come from the caller:
     numpy's allocations of large arrays use huge pages, numba's do not, and the page
     faults of fresh memory cost as much as the arithmetic here.)"""
+    in_bands(_masked_block_sums, num.shape[0], values, excluded, b, num, cnt, grain=-(-_ROWS // b))
+    return num, cnt
+
+
+@njit(cache=True, nogil=True)
+def _masked_block_sums(values, excluded, b, num, cnt, lo, hi):  # pragma: no cover - compiled
     ny, nx = values.shape
-    gy, gx = num.shape
-    for by in prange(gy):
+    gx = num.shape[1]
+    bv = np.empty(nx, np.float32)
+    bc = np.empty(nx, np.float32)
+    for by in range(lo, hi):
         # Column sums over the block's rows first (selects, not branches: excluded
         # values may be NaN; the loops vectorise), then the sums along x.
-        bv = np.zeros(nx, np.float32)
-        bc = np.zeros(nx, np.float32)
+        bv[:] = 0.0
+        bc[:] = 0.0
         for y in range(by * b, min(ny, (by + 1) * b)):
             vrow, erow = values[y], excluded[y]
             for x in range(nx):
@@ -34,7 +60,6 @@ def masked_block_sums(values, excluded, b, num, cnt):  # pragma: no cover - comp
                 sc += bc[x]
             num[by, bx] = sn
             cnt[by, bx] = sc
-    return num, cnt
 
 
 @njit(cache=True, nogil=True, inline="always")
@@ -64,18 +89,30 @@ def _correlate_row2(src, k1, k2, out1, out2):  # pragma: no cover - compiled
             out2[x] += w2 * v
 
 
-@njit(cache=True, nogil=True, parallel=True)
-def gaussian_separable(a, kernel, tmp, out):  # pragma: no cover - compiled
+def gaussian_separable(a, kernel, tmp, out):
     """Correlate ``a`` with ``kernel`` along x then y, zero outside the array
     (scipy.ndimage.correlate1d with mode="constant", twice), in float32, into ``out``
     (``tmp``: workspace of the same shape)."""
-    ny, nx = a.shape
+    in_bands(_correlate_x, a.shape[0], a, kernel, tmp, grain=_ROWS)
+    in_bands(_correlate_y, a.shape[0], tmp, kernel, out, grain=_ROWS)
+    return out
+
+
+@njit(cache=True, nogil=True)
+def _correlate_x(a, kernel, tmp, lo, hi):  # pragma: no cover - compiled
+    nx = a.shape[1]
     r = kernel.size // 2
-    for y in prange(ny):
-        row = np.zeros(nx + 2 * r, np.float32)
-        row[r : r + nx] = a[y]
+    row = np.zeros(nx + 2 * r, np.float32)
+    for y in range(lo, hi):
+        _copy_into(row, r, a[y])
         _correlate_row(row, kernel, tmp[y])
-    for y in prange(ny):
+
+
+@njit(cache=True, nogil=True)
+def _correlate_y(tmp, kernel, out, lo, hi):  # pragma: no cover - compiled
+    ny, nx = tmp.shape
+    r = kernel.size // 2
+    for y in range(lo, hi):
         acc = out[y]
         acc[:] = 0.0
         for i in range(max(0, y - r), min(ny - 1, y + r) + 1):
@@ -83,21 +120,23 @@ def gaussian_separable(a, kernel, tmp, out):  # pragma: no cover - compiled
             src = tmp[i]
             for x in range(nx):
                 acc[x] += w * src[x]
+
+
+def block_sum(a, b):
+    """Sums over b x b blocks (partial blocks at the far edges sum what they hold)."""
+    ny, nx = a.shape
+    out = np.zeros((-(-ny // b), -(-nx // b)), np.float32)
+    in_bands(_block_sum, out.shape[0], a, b, out, grain=-(-_ROWS // b))
     return out
 
 
-@njit(cache=True, nogil=True, parallel=True)
-def block_sum(a, b):  # pragma: no cover - compiled
-    """Sums over b x b blocks (partial blocks at the far edges sum what they hold)."""
+@njit(cache=True, nogil=True)
+def _block_sum(a, b, out, lo, hi):  # pragma: no cover - compiled
     ny, nx = a.shape
-    gy = (ny + b - 1) // b
-    gx = (nx + b - 1) // b
-    out = np.zeros((gy, gx), np.float32)
-    for by in prange(gy):
+    for by in range(lo, hi):
         for y in range(by * b, min(ny, (by + 1) * b)):
             for x in range(nx):
                 out[by, x // b] += a[y, x]
-    return out
 
 
 @njit(cache=True, nogil=True)
@@ -114,10 +153,7 @@ def _runs(keys):  # pragma: no cover - compiled
     return starts[: m + 1]
 
 
-@njit(cache=True, nogil=True, parallel=True)
-def dog_snr(
-    num, cnt, excluded, g, g2, local, bw, noise, b, q, snr, grow, work
-):  # pragma: no cover - compiled
+def dog_snr(num, cnt, excluded, g, g2, local, bw, noise, b, q, snr, grow, work):
     """Signal-to-noise maps of a normalised Gaussian smoothing, in one fused pass.
 
     With G the separable kernel ``g`` and G2 that of ``g2 = g**2``:
@@ -133,30 +169,47 @@ def dog_snr(
     shape; a (1, 1) ``grow`` skips that map).
 
     ``work`` (bands, 3, strip + 2 r, nx) is the x pass's buffer: the rows are cut into
-    ``bands`` bands, one parallel task each (a single parallel region: with passive
-    OpenMP threads every region pays their wake-up), and each band is swept in strips
-    of ``strip`` rows, so the buffer stays small.
+    ``bands`` bands, shared out among the threads, and each band is swept in strips of
+    ``strip`` rows, so the buffer stays small.
     """
     ny, nx = num.shape
     direct = excluded.shape[0] == ny and excluded.shape[1] == nx
-    r = g.size // 2
-    nqy, nqx = noise.shape
-    want_grow = grow.shape[0] == ny and grow.shape[1] == nx
-    bands = work.shape[0]
-    strip = work.shape[2] - 2 * r
-    # Runs of columns that share a noise value / a local mean: per-run constants
-    # keep the final loops free of gathers, so they vectorise.
-    qruns = _runs(np.minimum((np.arange(nx) * b + b // 2) // q, nqx - 1))
-    lruns = _runs(np.arange(nx) // bw)
     # Unbinned rows without an excluded pixel have weights of one everywhere, so their
     # weight convolutions are all the same row, and every row whose whole kernel
-    # window is such a row has the same G*cnt and G2*cnt: computed once here with the
-    # very operations of the general path, so the results are bit-identical to it
-    # (and independent of where the strips or a tile's edges fall).
+    # window is such a row has the same G*cnt and G2*cnt: computed once (in
+    # _dog_constants) with the very operations of the general path, so the results
+    # are bit-identical to it (and independent of where the strips or a tile's edges
+    # fall).
     clean = np.zeros(ny, np.bool_)
     if direct:
-        for y in prange(ny):
-            clean[y] = not excluded[y].any()
+        in_bands(_clean_rows, ny, excluded, clean, grain=_ROWS)
+    qruns, lruns, crow, vrow1, cint, vint = _dog_constants(nx, g, g2, b, q, noise.shape[1], bw)
+    in_bands(
+        _dog_bands, work.shape[0], num, cnt, excluded, direct, g, g2, local, bw, noise, b,
+        q, snr, grow, work, clean, crow, vrow1, cint, vint, qruns, lruns, grain=1,
+    )  # fmt: skip
+    return snr, grow
+
+
+@njit(cache=True, nogil=True)
+def _clean_rows(excluded, clean, lo, hi):  # pragma: no cover - compiled
+    """``clean[y]``: row y of ``excluded`` holds no excluded pixel."""
+    for y in range(lo, hi):
+        clean[y] = not excluded[y].any()
+
+
+@njit(cache=True, nogil=True)
+def _dog_constants(nx, g, g2, b, q, nqx, bw):  # pragma: no cover - compiled
+    """What every strip of :func:`dog_snr` shares: the runs of columns with one noise
+    value and one local mean (per-run constants keep the final loops free of gathers,
+    so they vectorise), and the weight rows of a clean row (``crow``, ``vrow1``) and
+    of a clean kernel window (``cint``, ``vint``)."""
+    r = g.size // 2
+    qcol = np.empty(nx, np.int64)
+    lcol = np.empty(nx, np.int64)
+    for x in range(nx):
+        qcol[x] = min((x * b + b // 2) // q, nqx - 1)
+        lcol[x] = x // bw
     ones = np.zeros(nx + 2 * r, np.float32)
     ones[r : r + nx] = 1.0
     crow = np.empty(nx, np.float32)
@@ -170,8 +223,32 @@ def dog_snr(
         for x in range(nx):
             cint[x] += w * crow[x]
             vint[x] += w2 * vrow1[x]
+    return _runs(qcol), _runs(lcol), crow, vrow1, cint, vint
+
+
+def _dog_bands(
+    num, cnt, excluded, direct, g, g2, local, bw, noise, b, q, snr, grow, work, clean,
+    crow, vrow1, cint, vint, qruns, lruns, lo, hi,
+):  # fmt: skip
+    """Bands ``lo``..``hi`` of :func:`dog_snr`'s ``work.shape[0]`` bands of rows.
+
+    A Python loop over compiled strips of many rows each: calling them costs little,
+    and compiling this loop too (which takes in the strip's code) would add ~1 s to a
+    first run."""
+    ny, nx = num.shape
+    r = g.size // 2
+    want_grow = grow.shape[0] == ny and grow.shape[1] == nx
+    bands = work.shape[0]
+    strip = work.shape[2] - 2 * r
     per_band = -(-ny // bands)
-    for band in prange(bands):
+    if lo == hi:  # in_bands' empty first band: compile the strip in the calling thread
+        _dog_strip(
+            num, cnt, excluded, direct, g, g2, local, bw, noise, b, q, snr, grow, want_grow,
+            work[0, 0], work[0, 1], work[0, 2], 0, 0, 0, 0, clean, crow, vrow1, cint, vint,
+            qruns, lruns,
+        )  # fmt: skip
+        return
+    for band in range(lo, hi):
         tn, tc, tv = work[band, 0], work[band, 1], work[band, 2]
         for y0 in range(band * per_band, min(ny, (band + 1) * per_band), strip):
             y1 = min(ny, y0 + strip, (band + 1) * per_band)
@@ -182,7 +259,6 @@ def dog_snr(
                 want_grow, tn, tc, tv, y0, y1, a0, a1, clean, crow, vrow1, cint, vint,
                 qruns, lruns,
             )  # fmt: skip
-    return snr, grow
 
 
 @njit(cache=True, nogil=True)
@@ -199,10 +275,10 @@ def _dog_strip(
         # Padded rows of the masked values and weights, then the taps.
         pn = np.zeros(nx + 2 * r, np.float32)
         if clean[y]:
-            pn[r : r + nx] = num[y]
+            _copy_into(pn, r, num[y])
             _correlate_row(pn, g, tn[k])
-            tc[k] = crow
-            tv[k] = vrow1
+            _copy_into(tc[k], 0, crow)
+            _copy_into(tv[k], 0, vrow1)
             continue
         pc = np.zeros(nx + 2 * r, np.float32)
         if direct:
@@ -212,8 +288,8 @@ def _dog_strip(
                 pn[x + r] = np.float32(0.0) if e else vrow[x]
                 pc[x + r] = np.float32(0.0) if e else np.float32(1.0)
         else:
-            pn[r : r + nx] = num[y]
-            pc[r : r + nx] = cnt[y]
+            _copy_into(pn, r, num[y])
+            _copy_into(pc, r, cnt[y])
         _correlate_row(pn, g, tn[k])
         _correlate_row2(pc, g, g2, tc[k], tv[k])
     for k in range(y1 - y0):
@@ -262,27 +338,36 @@ def _dog_strip(
                 out[x] = (an[x] - ac[x] * m) * av[x]
 
 
-@njit(cache=True, nogil=True, parallel=True)
-def expand_mask_into(small, b, out):  # pragma: no cover - compiled
+def expand_mask_into(small, b, out):
     """``out |= small[y // b, x // b]`` in place, at full resolution; returns ``out``.
     Reads the small map only, and writes only where it is set."""
-    ny, nx = out.shape
+    in_bands(_expand_mask_into, out.shape[0], small, b, out, grain=_ROWS)
+    return out
+
+
+@njit(cache=True, nogil=True)
+def _expand_mask_into(small, b, out, lo, hi):  # pragma: no cover - compiled
+    nx = out.shape[1]
     gx = small.shape[1]
-    for y in prange(ny):
+    for y in range(lo, hi):
         row, dst = small[y // b], out[y]
         for bx in range(gx):
             if row[bx]:
                 for x in range(bx * b, min(nx, (bx + 1) * b)):
                     dst[x] = True
+
+
+def hysteresis_codes(snr, grow, low, high, out):
+    """uint8 map ``out``: 2 where ``snr > high`` (seeds), 1 where ``grow > low``, else 0;
+    one byte a pixel instead of the seed, growth and union masks."""
+    in_bands(_hysteresis_codes, snr.shape[0], snr, grow, low, high, out, grain=_ROWS)
     return out
 
 
-@njit(cache=True, nogil=True, parallel=True)
-def hysteresis_codes(snr, grow, low, high, out):  # pragma: no cover - compiled
-    """uint8 map ``out``: 2 where ``snr > high`` (seeds), 1 where ``grow > low``, else 0;
-    one byte a pixel instead of the seed, growth and union masks."""
-    ny, nx = snr.shape
-    for y in prange(ny):
+@njit(cache=True, nogil=True)
+def _hysteresis_codes(snr, grow, low, high, out, lo, hi):  # pragma: no cover - compiled
+    nx = snr.shape[1]
+    for y in range(lo, hi):
         for x in range(nx):
             if snr[y, x] > high:
                 out[y, x] = 2
@@ -290,22 +375,33 @@ def hysteresis_codes(snr, grow, low, high, out):  # pragma: no cover - compiled
                 out[y, x] = 1
             else:
                 out[y, x] = 0
-    return out
 
 
-@njit(cache=True, nogil=True, parallel=True)
-def keep_seeded(labels, codes, n):  # pragma: no cover - compiled
+def keep_seeded(labels, codes, n):
     """Overwrite ``codes`` (as 0/1) with the pixels whose label (1..n) holds a seed
     (code 2); returns it."""
+    # One pass on one thread: many pixels of one region would race on the same flag.
+    keep = _seeded_labels(labels, codes, n)
+    in_bands(_keep_labels, labels.shape[0], labels, codes, keep, grain=_ROWS)
+    return codes
+
+
+@njit(cache=True, nogil=True)
+def _seeded_labels(labels, codes, n):  # pragma: no cover - compiled
+    """Flags of the labels 1..n that hold a seed (index 0, the background: False)."""
     ny, nx = labels.shape
     keep = np.zeros(n + 1, np.bool_)
-    # Serial: many pixels of one region would race on the same flag.
     for y in range(ny):
         for x in range(nx):
             if codes[y, x] == 2:
                 keep[labels[y, x]] = True
     keep[0] = False
-    for y in prange(ny):
+    return keep
+
+
+@njit(cache=True, nogil=True)
+def _keep_labels(labels, codes, keep, lo, hi):  # pragma: no cover - compiled
+    nx = labels.shape[1]
+    for y in range(lo, hi):
         for x in range(nx):
             codes[y, x] = 1 if keep[labels[y, x]] else 0
-    return codes

@@ -47,7 +47,7 @@ __all__ = [
 ]
 
 #: The subcommands, in the order ``skymap --help`` lists them: each names a module of
-#: this package (or, dotted, any module) with ``register(subparsers, **parser_options)``.
+#: this package (or, dotted, any module) with ``register(subparsers)``.
 COMMANDS = (
     "demo",
     "run",
@@ -108,12 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"skymap {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="<command>")
     for name in COMMANDS:
-        if "." in name:  # a module outside the package: it takes the parser options
-            importlib.import_module(name).register(
-                sub, epilog=EXIT_CODES, formatter_class=argparse.RawDescriptionHelpFormatter
-            )
-        else:
-            importlib.import_module(f"{__name__}.{name}").register(sub)
+        module = name if "." in name else f"{__name__}.{name}"
+        importlib.import_module(module).register(sub)
     return parser
 
 

@@ -360,7 +360,7 @@ class SingleFit:
 
 #: CPU seconds a first fit spends compiling the numba kernels of the default pipeline
 #: (``python benchmarks/bench_cli.py --first-run``); later runs load them from the cache.
-COMPILE_SECONDS = 30
+COMPILE_SECONDS = 8
 
 
 def kernels_compiled() -> bool:
@@ -618,11 +618,15 @@ def reserve_outputs(out_dir: Path, paths, *, overwrite: bool, owner: str):
     """
     out_dir = Path(out_dir)
     paths = [Path(p) for p in paths]
-    if out_dir.exists() and not out_dir.is_dir():
+    try:  # a name too long raises here, not a "does not exist"
+        exists = out_dir.exists()
+    except OSError as err:
+        raise UsageError(f"cannot use output directory {out_dir}: {err.strerror}") from err
+    if exists and not out_dir.is_dir():
         raise UsageError(
             f"output directory {out_dir} is an existing file, not a directory; choose another -o"
         )
-    created = not out_dir.exists()
+    created = not exists
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as err:
@@ -754,7 +758,7 @@ def command_line_words(message: str) -> str:
 def exit_code(err: BaseException) -> int:
     if isinstance(err, (skyio.OutputExistsError, OutputsBusyError)):
         return EXIT_EXISTS
-    if isinstance(err, UsageError):
+    if isinstance(err, (UsageError, skyio.OutputPathError)):
         return EXIT_USAGE
     if isinstance(err, KeyboardInterrupt):
         return EXIT_INTERRUPTED

@@ -7,7 +7,9 @@ Private: callers use :func:`skymap.quality.simulate.render_sources`.
 from __future__ import annotations
 
 import numpy as np
-from numba import njit, prange
+from numba import njit
+
+from skymap._util import in_bands
 
 # Profile codes shared with simulate.py.
 GAUSSIAN = 0
@@ -25,7 +27,6 @@ def _profile(kind, q, shape_par, bn):
     return np.exp(-bn * (q ** (0.5 / shape_par) - 1.0))
 
 
-@njit(cache=True, nogil=True, parallel=True)
 def render_stamps(
     image, x, y, amp, qa, qb, qc, kind, shape_par, bn, x_lo, x_hi, y_lo, y_hi, sub_n, sub_r2
 ):
@@ -37,10 +38,21 @@ def render_stamps(
     ``sqrt(sub_r2)`` of a source centre are averaged over ``sub_n[s]`` x ``sub_n[s]``
     sub-pixels (cuspy profiles); the rest are point-sampled at the pixel centre.
     """
+    args = (image, x, y, amp, qa, qb, qc, kind, shape_par, bn, x_lo, x_hi, y_lo, y_hi)
+    in_bands(_render_bands, min(image.shape[0], 64), *args, sub_n, sub_r2, grain=1)
+    return image
+
+
+@njit(cache=True, nogil=True)
+def _render_bands(
+    image, x, y, amp, qa, qb, qc, kind, shape_par, bn, x_lo, x_hi, y_lo, y_hi, sub_n, sub_r2,
+    lo, hi,
+):  # fmt: skip
+    """Bands ``lo``..``hi`` of :func:`render_stamps`' ``min(ny, 64)`` row bands."""
     ny = image.shape[0]
     nsrc = x.shape[0]
     nbands = min(ny, 64)
-    for band in prange(nbands):
+    for band in range(lo, hi):
         r0 = band * ny // nbands
         r1 = (band + 1) * ny // nbands - 1
         for s in range(nsrc):
@@ -74,4 +86,3 @@ def render_stamps(
                     else:
                         q = (a * dx**2) + (b * dx * dy) + (c * dy**2)
                         image[iy, ix] += A * _profile(k, q, sp, bns)
-    return image
