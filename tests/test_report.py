@@ -66,6 +66,11 @@ def test_real_image_report_states_unit_convergence_and_no_false_verdict(real_rep
     assert 'id="cells"' in page and 'id="mesh"' not in page
     assert page.count("<figcaption>") == page.count("<figure")
     assert "stage -1 is the first guess" in page
+    # the sky/source scale is stated, with the source-tracking check's doing if any
+    assert fit["max_source_size"] > 0 and fit["smoothing_floor"] >= fit["max_source_size"] / 2
+    assert "sky/source scale" in page and "max_source_size" in page
+    if fit["floor_raised_by_tracking"]:
+        assert "source-tracking correlation" in page
     # grouped metrics: lists as small tables, not "[27 values]"
     assert "<h3>evaluation.rms_vs_scale</h3>" in page and "values]" not in page
 

@@ -108,6 +108,13 @@ def test_pipeline_stiffens_when_the_background_follows_galaxy_outskirts():
     err_on = np.sqrt(np.mean((on.background - scene.sky) ** 2))
     err_off = np.sqrt(np.mean((off.background - scene.sky) ** 2))
     assert err_on < 0.7 * err_off
+    # What the metrics and the report say about it.
+    from skymap.app.cli.common import sky_scale
+
+    said = sky_scale(on)
+    assert said["floor_raised_by_tracking"] and said["source_tracking"] > 0.25
+    assert said["smoothing_floor"] > said["max_source_size"] / 2
+    assert not sky_scale(off)["floor_raised_by_tracking"]
 
 
 def test_tracking_raises_the_floor_up_to_an_eighth_of_the_image():

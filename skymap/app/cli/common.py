@@ -476,6 +476,25 @@ def convergence(result: Any) -> dict:
     }
 
 
+def sky_scale(result: Any) -> dict:
+    """The sky/source scale of a fit: ``max_source_size`` (px), the smoothing floor
+    it ended with (px) and the largest source-tracking correlation seen, with whether
+    that check raised the floor. None values for fits without them (a mesh pass)."""
+    history = getattr(result, "history", None) or ()
+    size = getattr(result, "max_source_size", None)
+    floors = [r.min_scale for r in history if getattr(r, "min_scale", None) is not None]
+    seen = [r.tracking for r in history if np.isfinite(getattr(r, "tracking", np.nan))]
+    strongest = max(seen, key=abs) if seen else None
+    floor = floors[-1] if floors else None
+    raised = bool(floors) and floor > floors[0] * 1.01
+    return {
+        "max_source_size": None if size is None else float(size),
+        "smoothing_floor": None if floor is None else float(floor),
+        "source_tracking": None if strongest is None else float(strongest),
+        "floor_raised_by_tracking": raised,
+    }
+
+
 def warn_unconverged(result: Any, what: str, *, quiet: bool) -> None:
     """Say on stderr (a warning, also under --quiet) when the fit did not converge."""
     info = convergence(result)
@@ -497,6 +516,7 @@ def fit_summary(image: np.ndarray, result: Any) -> dict:
         "rms_median": float(np.nanmedian(np.asarray(result.rms))),
         "mask_fraction": float(mask.mean()),
         **convergence(result),
+        **sky_scale(result),
         # the promise to users: a finite background wherever the input is finite
         "finite_background_where_input_finite": bool(
             np.all(np.isfinite(bkg)[np.isfinite(np.asarray(image))])
@@ -542,6 +562,20 @@ def headline(result: Any, evaluation: Any) -> dict:
         lines["convergence"] = (
             f"NOT CONVERGED after {info['iterations']} iterations: {info['reason']}"
         )
+    scale = sky_scale(result)
+    if scale["max_source_size"] is not None:
+        text = (
+            f"objects up to {scale['max_source_size']:.0f} px are sources, broader "
+            "structure is sky (max_source_size)"
+        )
+        if scale["floor_raised_by_tracking"]:
+            text += (
+                f"; the smoothing was then held at >= {scale['smoothing_floor']:.0f} px "
+                "because the background moved with the masks (source-tracking "
+                f"correlation {scale['source_tracking']:+.2f}: sky does not know where "
+                "the sources are, so it was following source light or bending into holes)"
+            )
+        lines["sky/source scale"] = text
     if ev.truth_metrics is not None:
         err = ev.truth_metrics["rms_error_sigma"]
         lines["background error RMS"] = (
