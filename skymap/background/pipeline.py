@@ -350,6 +350,15 @@ class IterativeBackground:
                 callback(record)
             return record
 
+        def restate(model, previous, mask, k, it, rec, floor):
+            """Record a state the stage stops in (a back-off, a resolved cycle): its
+            background and working noise, its change from ``previous``."""
+            bkg, noise = be.background(model), noise_model.working(model, be)
+            change = be.change(bkg, model, previous, noise, NoiseModel)
+            flips, count, kept = be.mask_stats(mask)
+            keep(record(be, k, it, model, count, kept, change, flips / be.size, rec, floor=floor))
+            return bkg, noise
+
         # The sources' sizes are measured before the halo disks hide the largest of
         # them: a bright galaxy is a source however the halo masker treats it.
         size = self.source_size(be)
@@ -453,28 +462,10 @@ class IterativeBackground:
                     other = masks[-2] if be.tiled else be.result(history[-2].mask)
                     current = current & other
                     del bkg
-                    previous = model
-                    model = _fit(
-                        be, self._estimator(stage.estimator, stiff), current, rec.scale, floor
-                    )
-                    bkg, noise = be.background(model), noise_model.working(model, be)
-                    change = be.change(bkg, model, previous, noise, NoiseModel)
+                    est = self._estimator(stage.estimator, stiff)
+                    model, previous = _fit(be, est, current, rec.scale, floor), model
+                    bkg, noise = restate(model, previous, current, k, it, rec, floor)
                     del previous
-                    flips, count, kept = be.mask_stats(current)
-                    keep(
-                        record(
-                            be,
-                            k,
-                            it,
-                            model,
-                            count,
-                            kept,
-                            change,
-                            flips / be.size,
-                            rec,
-                            floor=floor,
-                        )  # fmt: skip
-                    )
                     note = _conv.note_cycle(k, history[-_conv.CYCLE_RUN - 2 : -1])
                     converged = True
                     break
@@ -486,24 +477,8 @@ class IterativeBackground:
                     current = masks[0] if be.tiled else be.result(back.mask)
                     del bkg
                     previous, model, floor = model, back.model, back.min_scale
-                    bkg, noise = be.background(model), noise_model.working(model, be)
-                    change = be.change(bkg, model, previous, noise, NoiseModel)
+                    bkg, noise = restate(model, previous, current, k, it, rec, floor)
                     del previous
-                    flips, count, kept = be.mask_stats(current)
-                    keep(
-                        record(
-                            be,
-                            k,
-                            it,
-                            model,
-                            count,
-                            kept,
-                            change,
-                            flips / be.size,
-                            rec,
-                            floor=floor,
-                        )  # fmt: skip
-                    )
                     converged = True
                     break
             else:

@@ -29,8 +29,6 @@ from dataclasses import dataclass
 import numpy as np
 import scipy.ndimage as ndi
 
-from skymap.background.smooth import smooth_grid
-
 __all__ = ["TrackingTest", "source_tracking"]
 
 
@@ -103,19 +101,8 @@ def source_tracking(
     if np.count_nonzero(ok) < 16:
         return TrackingTest(correlation=float("nan"), limit=floor)
     cy, cx = model.cell_size
-    weights = model.config._weights(model.cell_pixels)
-    if model.cell_weights is not None:
-        weights = np.where(weights > 0, model.cell_weights, 0.0)
-    values = np.where(weights > 0, model.cell_values, 0.0)
-    stiff, _, _ = smooth_grid(
-        values,
-        weights,
-        spacing=(cy, cx),
-        smoothing=float(model.smoothing) * stiffer**4,
-        offsets=model.cell_offsets,
-        # a correlation of two smooth maps needs no more than this
-        rtol=1e-4,
-    )
+    # a correlation of two smooth maps needs no tighter solve than this
+    stiff = model.stiffer_grid(stiffer, rtol=1e-4)
     d = (np.asarray(model.grid) - stiff)[ok]
     # The masked share, smoothed over the fit's length by normalised convolution over
     # the valid cells: what the fit at a cell "sees" of the masks around it.
