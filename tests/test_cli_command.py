@@ -263,7 +263,9 @@ def test_run_with_input_selection_options(work):
 def test_interrupted_run_exits_130_and_leaves_no_products(work):
     rng = np.random.default_rng(3)
     big = work / "big.fits"
-    fits.PrimaryHDU(rng.normal(0, 1, (1500, 1500)).astype(np.float32)).writeto(big)
+    # Large enough that the fit lasts seconds on a fast machine: the interrupt must land
+    # while it runs, however loaded the machine is when "fitting" is read.
+    fits.PrimaryHDU(rng.normal(0, 1, (3000, 3000)).astype(np.float32)).writeto(big)
     out = work / "interrupted"
     proc = subprocess.Popen(
         [*CMD, "run", "big.fits", "-o", "interrupted"],
@@ -278,7 +280,7 @@ def test_interrupted_run_exits_130_and_leaves_no_products(work):
     while "fitting" not in seen and proc.poll() is None and time.monotonic() < deadline:
         seen += proc.stderr.read(1)
     assert (out / ".big.skymap-lock").exists(), "the run never reserved its outputs"
-    time.sleep(0.5)
+    time.sleep(0.1)
     proc.send_signal(signal.SIGINT)
     code = proc.wait(timeout=120)
     err = seen + proc.stderr.read()
