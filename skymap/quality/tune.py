@@ -266,7 +266,10 @@ def tune(
     one beyond the winner. A candidate is ranked by its mean score on ``n_trials`` trials of the
     injections of ``seed``, all kinds injected into one image per trial (one fit per
     trial; ``evaluate_method(..., together=True)``), and must beat the best so far by
-    2% (at least 0.005 sigma). The winner, the defaults and the peers are then scored
+    2% (at least 0.005 sigma). The winner must then beat the defaults by the same
+    margin on the held-back injections too, or the defaults are returned
+    (``table.meta["winner_confirmed"]``): a winner by the choosing trials' scatter alone
+    does not generalise. The winner, the defaults and the peers are scored
     on ``report_trials`` trials of ``seed + 1``, each kind in its own fit, as
     :func:`~skymap.quality.injection.injection_recovery` does.
 
@@ -469,6 +472,7 @@ def tune(
             run(cand, "refine")
 
     tuned = dict(best["options"])
+    confirmed = True
     if tuned:
         held["tuned"] = evaluate_method(
             prep,
@@ -478,6 +482,19 @@ def tune(
             base=best["base"],
             name="tuned",
         )[0]
+        # A winner must hold up on injections it was not chosen on: with a trial or two
+        # per candidate, the choosing scores carry the injections' own scatter, and a
+        # candidate can win by it. One that does not beat the defaults on the held-back
+        # injections too is not returned.
+        margin = max(_MARGIN, _REL_MARGIN * held["default"].score)
+        if not held["tuned"].score < held["default"].score - margin:
+            log.warning(
+                "tune: %s won on the choosing injections (%.3f) but not on the held-back "
+                "ones (%.3f against the defaults' %.3f): keeping the defaults",
+                _label(tuned), best["score"], held["tuned"].score, held["default"].score,
+            )  # fmt: skip
+            confirmed, tuned = False, {}
+            held["tuned"] = held["default"]
     else:
         held["tuned"] = held["default"]
     order = ["tuned", "default", *[k for k in held if k not in ("tuned", "default")]]
@@ -499,6 +516,8 @@ def tune(
             "n_trials": n_trials,
             "report_trials": report_trials,
             "kinds": list(prep.kinds),
+            "winner_confirmed": confirmed,
+            "choosing_winner": _label(best["options"]),
         }
     )
     return TuneResult(
