@@ -260,6 +260,10 @@ def test_run_with_input_selection_options(work):
     assert metrics["input"]["hdu"] == "PRIMARY" and metrics["input"]["flagged_pixels"] == 4 * 64
 
 
+def _default_sigint():
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_interrupted_run_exits_130_and_leaves_no_products(work):
     rng = np.random.default_rng(3)
     big = work / "big.fits"
@@ -273,6 +277,9 @@ def test_interrupted_run_exits_130_and_leaves_no_products(work):
         env=ENV,
         stderr=subprocess.PIPE,
         text=True,
+        # As from a terminal: a test runner's worker may ignore SIGINT, and an ignored
+        # signal stays ignored in its children (Python then installs no handler).
+        preexec_fn=_default_sigint,
     )
     # the progress bar (stderr) says "fitting" once the fit runs: interrupt it then
     seen = ""
