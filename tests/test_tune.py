@@ -9,7 +9,7 @@ from astropy.io import fits
 
 from skymap.app.cli import EXIT_EXISTS, EXIT_OK, EXIT_USAGE, main
 from skymap.background.pipeline import IterativeBackground, default_pipeline
-from skymap.quality.tune import TuneResult, default_space, tune
+from skymap.quality.tune import TuneResult, default_space, holds_up, tune
 
 
 @pytest.fixture(scope="module")
@@ -71,6 +71,19 @@ def test_tune_reports_on_held_back_seeds_with_default_and_peers(tuned):
     d = tuned.to_dict()
     assert d["report_seed"] == tuned.report_seed and len(d["candidates"]) == len(tuned.table)
     json.dumps(d)  # JSON-ready
+
+
+def test_a_winner_must_hold_up_on_the_held_back_injections():
+    from types import SimpleNamespace as R
+
+    # beats the defaults by more than 2% (and 0.005 sigma): kept
+    assert holds_up(R(score=0.20), R(score=0.25))
+    # within the margin, equal or worse: the defaults are returned
+    assert not holds_up(R(score=0.246), R(score=0.25))
+    assert not holds_up(R(score=0.25), R(score=0.25))
+    assert not holds_up(R(score=0.40), R(score=0.25))
+    # on a small score the absolute margin (0.005 sigma) decides
+    assert not holds_up(R(score=0.097), R(score=0.10)) and holds_up(R(score=0.09), R(score=0.10))
 
 
 @pytest.mark.parametrize("budget", [0, -5, float("nan"), "soon"])

@@ -34,7 +34,7 @@ from skymap.quality.injection import (
     table_rows,
 )
 
-__all__ = ["DEFAULT_BUDGET", "TuneResult", "default_space", "tune"]
+__all__ = ["DEFAULT_BUDGET", "TuneResult", "default_space", "holds_up", "tune"]
 
 log = logging.getLogger(__name__)
 
@@ -133,6 +133,21 @@ def _axes(space, image=None, mask=None) -> list[list[dict]]:
         "space must be None, a mapping {option: [values]} or a list of option dicts, "
         f"got {space!r}"
     )
+
+
+def holds_up(tuned, default) -> bool:
+    """Whether a tuned pipeline's held-back result beats the defaults' by the margin a
+    candidate needs while choosing (2%, at least 0.005 sigma): :func:`tune` returns the
+    defaults otherwise.
+
+    Examples
+    --------
+    >>> from types import SimpleNamespace as R
+    >>> holds_up(R(score=0.25), R(score=0.30)), holds_up(R(score=0.298), R(score=0.30))
+    (True, False)
+    """
+    margin = max(_MARGIN, _REL_MARGIN * default.score)
+    return bool(tuned.score < default.score - margin)
 
 
 def _key(options: Mapping) -> tuple:
@@ -486,8 +501,7 @@ def tune(
         # per candidate, the choosing scores carry the injections' own scatter, and a
         # candidate can win by it. One that does not beat the defaults on the held-back
         # injections too is not returned.
-        margin = max(_MARGIN, _REL_MARGIN * held["default"].score)
-        if not held["tuned"].score < held["default"].score - margin:
+        if not holds_up(held["tuned"], held["default"]):
             log.warning(
                 "tune: %s won on the choosing injections (%.3f) but not on the held-back "
                 "ones (%.3f against the defaults' %.3f): keeping the defaults",
