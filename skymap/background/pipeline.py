@@ -377,8 +377,9 @@ class IterativeBackground:
         masks = collections.deque([current] if be.tiled else [], maxlen=_conv.RUNAWAY_RUN + 1)
         converged, note = False, ""
         last = len(self.stages) - 1
-        # Whether the fit was found following source light (``source_tracking``).
-        stiff = False
+        # Whether the fit was found following source light (``source_tracking``), and
+        # the valid pixels per cell that the check reads, per cell size.
+        stiff, valid_counts = False, {}
         for k, stage in enumerate(self.stages):
             converged = False
             cap = self.max_iter if stage.max_iter is None else stage.max_iter
@@ -409,7 +410,7 @@ class IterativeBackground:
                 if k == last and self.source_asymmetry is not None:
                     asymmetry, floor, raised = self._check_asymmetry(model, floor)
                 if self.source_tracking is not None:
-                    test = self._check_tracking(be, model)
+                    test = self._check_tracking(be, model, valid_counts)
                     if test is not None:
                         tracking = test.correlation
                         if test.tracking:
@@ -614,15 +615,19 @@ class IterativeBackground:
                 floor, raised = longer, True
         return floor, raised, stiff
 
-    def _check_tracking(self, backend, model):
-        """:func:`~skymap.background.tracking.source_tracking` of a last-stage refit
-        (None for an estimator without thin-plate cells)."""
+    def _check_tracking(self, backend, model, valid_counts: dict):
+        """:func:`~skymap.background.tracking.source_tracking` of a stage refit (None for
+        an estimator without thin-plate cells). ``valid_counts`` keeps each cell size's
+        count of valid pixels per cell: they depend on the given mask only, so the image
+        is binned for them once per cell size, not at every refit."""
         if not hasattr(model, "cell_pixels") or getattr(model, "smoothing", None) is None:
             return None
-        cells = model.cell_size
-        valid = backend.cell_grid(
-            cell_sums, [backend.image, backend.given_bad], cells, 5, cells=cells, ref=0.0
-        )[0]
+        cells = tuple(model.cell_size)
+        if cells not in valid_counts:
+            valid_counts[cells] = backend.cell_grid(
+                cell_sums, [backend.image, backend.given_bad], cells, 5, cells=cells, ref=0.0
+            )[0]
+        valid = valid_counts[cells]
         return source_tracking(model, valid, floor=self.source_tracking)
 
     def _check_asymmetry(self, model, floor):
