@@ -227,23 +227,14 @@ def plot_maps(
                 colorbar=False,
                 shape=shape,
             )
-        elif name == "image - background":
-            lim = _symmetric_limit(_display(arr))
-            _show(
-                fig,
-                ax,
-                arr,
-                title=name,
-                cmap="RdBu_r",
-                norm=Normalize(-lim, lim),
-                unit=unit,
-                shape=shape,
-            )
-        elif name == "background - truth":
-            # An error map is smooth, not noisy: scale to its own extremes.
-            finite = np.abs(arr[np.isfinite(arr)])
-            lim = float(np.percentile(finite, 99.5)) if finite.size else 1.0
-            lim = lim if lim > 0 else 1.0
+        elif name in ("image - background", "background - truth"):
+            if name == "image - background":
+                lim = _symmetric_limit(_display(arr))
+            else:
+                # An error map is smooth, not noisy: scale to its own extremes.
+                finite = np.abs(arr[np.isfinite(arr)])
+                lim = float(np.percentile(finite, 99.5)) if finite.size else 1.0
+                lim = lim if lim > 0 else 1.0
             _show(
                 fig,
                 ax,
