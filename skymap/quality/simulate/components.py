@@ -363,6 +363,41 @@ class GaussianSources:
         )
 
 
+def _moffat_alpha(fwhm: float, beta: float) -> float:
+    """Moffat core width in pixels for a FWHM and beta."""
+    return fwhm / (2.0 * np.sqrt(2.0 ** (1.0 / beta) - 1.0))
+
+
+def _check_moffat_beta(name: str, value: float) -> None:
+    if not (np.isfinite(value) and value > 1.0):
+        raise ValueError(f"{name} must be a finite number > 1, got {value!r}")
+
+
+def _check_stars(stars) -> None:
+    """The checks every star population shares: count or density, a Moffat core
+    (``fwhm``, ``beta``) and a power-law luminosity function."""
+    _check_n_density(stars.n, stars.density)
+    check_positive("fwhm", stars.fwhm)
+    _check_moffat_beta("beta", stars.beta)
+    check_positive("flux_min", stars.flux_min)
+    check_positive("flux_max", stars.flux_max)
+    if stars.flux_max < stars.flux_min:
+        raise ValueError(
+            f"flux_max must be >= flux_min, got {stars.flux_max!r} < {stars.flux_min!r}"
+        )
+    check_positive("lf_slope", stars.lf_slope, allow_zero=True)
+
+
+def _place_stars(stars, shape, rng):
+    """(x, y, flux) of a star population: uniform positions over the frame, fluxes
+    from its power law (drawn in that order, so a seed gives the same stars)."""
+    ny, nx = shape
+    n = _count(stars.density, stars.n, shape)
+    x = rng.uniform(-0.5, nx - 0.5, n)
+    y = rng.uniform(-0.5, ny - 0.5, n)
+    return x, y, _power_law_fluxes(rng, n, stars.flux_min, stars.flux_max, stars.lf_slope)
+
+
 @dataclass(frozen=True, kw_only=True)
 class MoffatStars:
     """Round Moffat stars ``(1 + r**2/alpha**2)**-beta`` with a power-law luminosity
@@ -390,29 +425,16 @@ class MoffatStars:
     name: str = "stars"
 
     def __post_init__(self):
-        _check_n_density(self.n, self.density)
-        check_positive("fwhm", self.fwhm)
-        if not (np.isfinite(self.beta) and self.beta > 1.0):
-            raise ValueError(f"beta must be a finite number > 1, got {self.beta!r}")
-        check_positive("flux_min", self.flux_min)
-        check_positive("flux_max", self.flux_max)
-        if self.flux_max < self.flux_min:
-            raise ValueError(
-                f"flux_max must be >= flux_min, got {self.flux_max!r} < {self.flux_min!r}"
-            )
-        check_positive("lf_slope", self.lf_slope, allow_zero=True)
+        _check_stars(self)
 
     @property
     def alpha(self) -> float:
         """Core width in pixels, from the FWHM."""
-        return self.fwhm / (2.0 * np.sqrt(2.0 ** (1.0 / self.beta) - 1.0))
+        return _moffat_alpha(self.fwhm, self.beta)
 
     def sample(self, shape, rng):
-        ny, nx = shape
-        n = _count(self.density, self.n, shape)
-        x = rng.uniform(-0.5, nx - 0.5, n)
-        y = rng.uniform(-0.5, ny - 0.5, n)
-        flux = _power_law_fluxes(rng, n, self.flux_min, self.flux_max, self.lf_slope)
+        x, y, flux = _place_stars(self, shape, rng)
+        n = x.size
         alpha = np.full(n, self.alpha)
         peak = flux * (self.beta - 1.0) / (np.pi * alpha**2)
         return _catalog(
@@ -462,27 +484,15 @@ class HaloStars:
     name: str = "halo_stars"
 
     def __post_init__(self):
-        _check_n_density(self.n, self.density)
-        for name in ("fwhm", "flux_min", "flux_max", "halo_alpha"):
-            check_positive(name, getattr(self, name))
-        for name in ("beta", "halo_beta"):
-            v = getattr(self, name)
-            if not (np.isfinite(v) and v > 1.0):
-                raise ValueError(f"{name} must be a finite number > 1, got {v!r}")
-        if self.flux_max < self.flux_min:
-            raise ValueError(
-                f"flux_max must be >= flux_min, got {self.flux_max!r} < {self.flux_min!r}"
-            )
-        check_positive("lf_slope", self.lf_slope, allow_zero=True)
+        _check_stars(self)
+        check_positive("halo_alpha", self.halo_alpha)
+        _check_moffat_beta("halo_beta", self.halo_beta)
         check_range("halo_fraction", self.halo_fraction, 0.0, 1.0)
 
     def sample(self, shape, rng):
-        ny, nx = shape
-        n = _count(self.density, self.n, shape)
-        x = rng.uniform(-0.5, nx - 0.5, n)
-        y = rng.uniform(-0.5, ny - 0.5, n)
-        flux = _power_law_fluxes(rng, n, self.flux_min, self.flux_max, self.lf_slope)
-        alpha = self.fwhm / (2.0 * np.sqrt(2.0 ** (1.0 / self.beta) - 1.0))
+        x, y, flux = _place_stars(self, shape, rng)
+        n = x.size
+        alpha = _moffat_alpha(self.fwhm, self.beta)
         rows = []
         for part, share, a, b in (
             (self.name, 1.0 - self.halo_fraction, alpha, self.beta),
