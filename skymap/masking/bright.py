@@ -97,19 +97,34 @@ def radial_profiles(image: Any, y: Any, x: Any, rmax: float, mask: Any = None):
     """
     img = as_image(image)
     check_positive("rmax", rmax)
+    given = None if mask is None else as_mask(mask, img.shape)
+
+    def sample(cy, cx):
+        values = img[cy, cx]
+        bad = ~np.isfinite(values)
+        if given is not None:
+            bad |= given[cy, cx]
+        return values, bad
+
+    return ring_profiles(sample, img.shape, y, x, rmax)
+
+
+def ring_profiles(sample, shape, y, x, rmax: float):
+    """:func:`radial_profiles` of an image read through ``sample(cy, cx) -> (values,
+    bad)`` (its pixels at the integer index arrays ``cy``, ``cx``, and whether each
+    is excluded), ``shape`` its shape: the same numbers, from wherever the pixels
+    live (a tiled image reads only the sampled ones)."""
     y = np.atleast_1d(np.asarray(y, dtype=np.float64))
     x = np.atleast_1d(np.asarray(x, dtype=np.float64))
     edges = np.append(_EDGES[rmax > _EDGES], rmax)
     nb, k = edges.size - 1, y.size
-    ny, nx = img.shape
+    ny, nx = shape
     dy, dx = _sample_offsets(float(rmax))
     yy = np.rint(y).astype(np.int64)[:, None] + dy
     xx = np.rint(x).astype(np.int64)[:, None] + dx
     cy, cx = np.clip(yy, 0, ny - 1), np.clip(xx, 0, nx - 1)
-    values = img[cy, cx]
-    bad = (yy < 0) | (yy >= ny) | (xx < 0) | (xx >= nx) | ~np.isfinite(values)
-    if mask is not None:
-        bad |= as_mask(mask, img.shape)[cy, cx]
+    values, bad = sample(cy, cx)
+    bad = bad | (yy < 0) | (yy >= ny) | (xx < 0) | (xx >= nx)
     r = np.hypot(yy - y[:, None], xx - x[:, None])
     ring = np.searchsorted(edges, r, side="right")  # 1 .. nb inside rmax
     inside = ~bad & (r < rmax)
@@ -172,6 +187,14 @@ def _coarse_sky(img: np.ndarray, invalid: np.ndarray, block: int) -> np.ndarray:
     """A sky to find bright sources against: medians of ``block`` x ``block`` blocks
     (every other pixel), median-filtered over 3 x 3 blocks (a block that a bright star
     fills is outvoted by its neighbours), repeated back to full resolution."""
+    grid = filled_sky(sky_blocks(img, invalid, block))
+    return np.repeat(np.repeat(grid, block, axis=0), block, axis=1)[: img.shape[0], : img.shape[1]]
+
+
+def sky_blocks(img: np.ndarray, invalid: np.ndarray, block: int) -> np.ndarray:
+    """The medians of the valid pixels (every other one) of each ``block`` x ``block``
+    block of ``img`` (NaN: none), the last ones padded; per block, so a window that
+    starts on a block edge gives its part of the grid."""
     ny, nx = img.shape
     gy, gx = -(-ny // block), -(-nx // block)
     pad = np.full((gy * block, gx * block), np.nan, np.float32)
@@ -179,25 +202,90 @@ def _coarse_sky(img: np.ndarray, invalid: np.ndarray, block: int) -> np.ndarray:
     sub = pad[::2, ::2].reshape(gy, block // 2, gx, block // 2).transpose(0, 2, 1, 3)
     with np.errstate(all="ignore"), warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
-        grid = np.nanmedian(sub.reshape(gy, gx, -1), axis=-1)
+        return np.nanmedian(sub.reshape(gy, gx, -1), axis=-1)
+
+
+def filled_sky(grid: np.ndarray) -> np.ndarray:
+    """:func:`sky_blocks`' grid with its empty blocks filled from the nearest ones and
+    median-filtered over 3 x 3 blocks (all empty: zeros)."""
     hole = ~np.isfinite(grid)
     if hole.all():
-        return np.zeros(img.shape, np.float32)
+        return np.zeros(grid.shape, np.float32)
     if hole.any():
         idx = ndi.distance_transform_edt(hole, return_distances=False, return_indices=True)
         grid = grid[tuple(idx)]
-    grid = ndi.median_filter(grid, size=3, mode="nearest")
-    return np.repeat(np.repeat(grid, block, axis=0), block, axis=1)[:ny, :nx]
+    return ndi.median_filter(grid, size=3, mode="nearest")
+
+
+def mad_step(size: int) -> int:
+    """The stride per axis of :func:`_mad_sigma`'s subsample (~250 000 pixels)."""
+    return max(1, int(math.sqrt(size / 250_000)))
 
 
 def _mad_sigma(a: np.ndarray, invalid: np.ndarray) -> float:
     """MAD-based sigma of the valid pixels of ``a`` (a subsample of ~250 000)."""
-    step = max(1, int(math.sqrt(a.size / 250_000)))
-    v = a[::step, ::step][~invalid[::step, ::step]]
+    step = mad_step(a.size)
+    return mad_sigma(a[::step, ::step][~invalid[::step, ::step]])
+
+
+def mad_sigma(v: np.ndarray) -> float:
+    """MAD-based sigma of the values ``v`` (1 if there are none or the MAD is 0); the
+    order of ``v`` does not matter."""
     if v.size == 0:
         return 1.0
     mad = MAD_TO_STD * float(np.median(np.abs(v - np.median(v))))
     return mad if mad > 0 else 1.0
+
+
+def box_means(values: np.ndarray, ys: np.ndarray, xs: np.ndarray) -> np.ndarray:
+    """The 3 x 3 means of ``values`` (float32) at the pixels (``ys``, ``xs``), edges
+    repeated (scipy's ``reflect`` for a 3-px box): each from its own nine pixels, so
+    a window of ``values`` one pixel larger than the pixels gives the same numbers."""
+    ny, nx = values.shape
+    total = np.zeros(ys.shape, np.float64)
+    for dy in (-1, 0, 1):
+        yy = np.clip(ys + dy, 0, ny - 1)
+        for dx in (-1, 0, 1):
+            total += values[yy, np.clip(xs + dx, 0, nx - 1)]
+    return (total / 9.0).astype(np.float32)
+
+
+def region_stats(where, lab, bad, vals, box, n: int, width: int) -> dict:
+    """Per-region statistics of :meth:`HaloMasker.find`'s candidate regions from their
+    pixels: flat indices ``where`` (ascending) into an image ``width`` wide, region
+    index ``lab`` (0 .. ``n`` - 1), excluded flag ``bad``, value ``vals`` and 3 x 3
+    mean ``box``. Each region's numbers depend on its own pixels only (exact sums
+    and extremes), so regions may be measured apart (tile by tile)."""
+    vals = np.where(bad, -np.inf, vals)
+    # grouped by label, brightest pixel last (ties: the last in C order)
+    order = np.lexsort((vals, lab))
+    where, lab, bad, vals, box = where[order], lab[order], bad[order], vals[order], box[order]
+    size = np.bincount(lab, minlength=n)
+    last = np.cumsum(size) - 1
+    peak = vals[last]
+    boxmax = np.full(n, -np.inf)
+    np.maximum.at(boxmax, lab, box)
+    # A flat top: the area above 90% of the peak is several times the typical
+    # bright source's (which the PSF sets, whatever the seeing), as a clipped core
+    # makes it. Quantised data repeat values near any peak, so counting repeats of
+    # the maximum would not do.
+    near = vals >= 0.9 * peak[lab]
+    # The middle of the flat top and masked core (a saturated source's centre).
+    core = near | bad
+    ry, rx = np.divmod(where, width)
+    py, px = np.divmod(where[last], width)
+    return {
+        "peak_y": py,
+        "peak_x": px,
+        "masked": np.bincount(lab, bad, minlength=n),
+        "boxmax": boxmax,
+        "top": np.bincount(lab, near, minlength=n),
+        # Or the maximum repeated: a core clipped at one level.
+        "repeats": np.bincount(lab, vals >= peak[lab] - 1e-6 * np.abs(peak[lab]), minlength=n),
+        "area": np.bincount(lab, core, minlength=n),
+        "sum_y": np.bincount(lab, core * ry, minlength=n),
+        "sum_x": np.bincount(lab, core * rx, minlength=n),
+    }
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -322,18 +410,36 @@ class HaloMasker:
         invalid = combine_masks(img, as_mask(mask, img.shape))
         det = img - _coarse_sky(img, invalid, 64)
         sigma = _mad_sigma(det, invalid)
-        limit = min(self.max_radius, max(img.shape) / 4.0)
-        rows = self._candidates(det, invalid, sigma, limit)
+        stats = self._candidates(det, invalid, sigma, self.limit(img.shape))
+
+        def sample(cy, cx):
+            return img[cy, cx], invalid[cy, cx]
+
+        return self.measure(stats, sigma, sample, img.shape)
+
+    def limit(self, shape) -> float:
+        """The largest mask radius for an image of ``shape``: ``max_radius``, at most
+        a quarter of the larger side."""
+        return min(self.max_radius, max(shape) / 4.0)
+
+    def measure(self, stats, sigma: float, sample, shape) -> BrightSources:
+        """The halo profile and mask radii of the candidate regions ``stats``
+        (:func:`region_stats` of every region, in the order of their first pixel, or
+        None: no region), the image read through ``sample(cy, cx) -> (values,
+        excluded)`` (:func:`ring_profiles`): the part of :meth:`find` after the
+        pixel-level step, for any back end."""
+        rows = None if stats is None else self._bright(stats, sigma)
         if rows is None:
             return self._empty(sigma)
+        limit = self.limit(shape)
         y, x, snr, core, sat = rows
         # Saturated ones by the size of their core, then by signal-to-noise.
         order = np.lexsort((-snr, -core))[: self.max_sources]
         y, x, core, sat = y[order], x[order], core[order], sat[order]
-        radii, profile = self._stacked_profile(img, invalid, sigma, y, x, core, limit)
+        radii, profile = self._stacked_profile(sample, shape, sigma, y, x, core, limit)
         if profile is None:
             return self._empty(sigma)
-        amp, own = self._amplitudes(img, invalid, sigma, y, x, core, limit, profile)
+        amp, own = self._amplitudes(sample, shape, sigma, y, x, core, limit, profile)
         ok = np.isfinite(amp) & (amp > 0)
         radius = np.array([self._radius(a, radii, profile, sigma) for a in amp[ok]])
         # A saturated source's own rings (a small cutout whose outer half, its local
@@ -372,7 +478,7 @@ class HaloMasker:
         )
 
     def _candidates(self, det, invalid, sigma, limit):
-        """(y, x, snr, core radius, saturated) of the bright regions, or None."""
+        """:func:`region_stats` of the candidate regions (in label order), or None."""
         with np.errstate(invalid="ignore"):
             above = det > self.seed * sigma
         above &= ~invalid
@@ -390,62 +496,69 @@ class HaloMasker:
             sizes = np.bincount(core_lab.ravel(), minlength=ncore + 1)
             # A masked region larger than the largest halo is not a star's core
             # (a border, a chip gap): it does not join.
-            touched[sizes > math.pi * limit**2 / 4.0] = 0
+            touched[sizes > self.core_limit(limit)] = 0
             touched[0] = 0
             add = touched[core_lab]
             labels = np.where((labels == 0) & (add > 0), add, labels)
-        # Per-region statistics over the region pixels only (few, for bright
-        # sources): flat indices grouped by label, brightest pixel last.
+        # Per-region statistics over the region pixels only (few, for bright sources).
         where = np.flatnonzero(labels)
+        ys, xs = np.divmod(where, det.shape[1])
+        box = box_means(np.where(invalid, 0.0, det).astype(np.float32), ys, xs)
         lab = labels.ravel()[where] - 1
-        bad = invalid.ravel()[where]
-        vals = np.where(bad, -np.inf, det.ravel()[where])
-        order = np.lexsort((vals, lab))
-        where, lab, bad, vals = where[order], lab[order], bad[order], vals[order]
-        size = np.bincount(lab, minlength=n)
-        last = np.cumsum(size) - 1
-        peak = vals[last]
-        masked = np.bincount(lab, bad, minlength=n)
+        return region_stats(
+            where, lab, invalid.ravel()[where], det.ravel()[where], box, n, det.shape[1]
+        )
+
+    @staticmethod
+    def core_limit(limit: float) -> float:
+        """The largest masked area (pixels) that joins a region as its core."""
+        return math.pi * limit**2 / 4.0
+
+    def keep_region(self, stats, sigma: float) -> np.ndarray:
+        """Which regions of ``stats`` may come out bright, whatever the others are:
+        bright by signal-to-noise, masked pixels, a repeated maximum, or 5 pixels or
+        more near the peak (the least a flat top needs)."""
+        snr = stats["boxmax"] / (sigma / 3.0)
+        return (
+            (snr > self.nsigma)
+            | (stats["masked"] > 0)
+            | (stats["repeats"] >= 3)
+            | (stats["top"] >= 5)
+        )
+
+    def _bright(self, stats, sigma, tops=None):
+        """(y, x, snr, core radius, saturated) of the bright regions of ``stats``, or
+        None. ``tops``: the top counts of regions left out of ``stats`` (none of
+        which is bright, see :meth:`keep_region`), for the typical top."""
+        masked, top, area = stats["masked"], stats["top"], stats["area"]
         # Brightness: the largest 3x3 mean, in units of its noise (sigma / 3 for white
         # noise), so that a star spread by poor seeing counts as much as a sharp one.
-        box = ndi.uniform_filter(np.where(invalid, 0.0, det).astype(np.float32), 3)
-        boxmax = np.full(n, -np.inf)
-        np.maximum.at(boxmax, lab, box.ravel()[where])
-        snr = boxmax / (sigma / 3.0)
-        # A flat top: the area above 90% of the peak is several times the typical
-        # bright source's (which the PSF sets, whatever the seeing), as a clipped core
-        # makes it. Quantised data repeat values near any peak, so counting repeats of
-        # the maximum would not do.
-        near = vals >= 0.9 * peak[lab]
-        top = np.bincount(lab, near, minlength=n)
+        snr = stats["boxmax"] / (sigma / 3.0)
         bright = snr > self.nsigma
-        typical = float(np.median(top[bright] if bright.any() else top))
-        # Or the maximum repeated: a core clipped at one level.
-        repeats = np.bincount(lab, vals >= peak[lab] - 1e-6 * np.abs(peak[lab]), minlength=n)
-        sat = (masked > 0) | (top >= max(5.0, 3.0 * typical)) | (repeats >= 3)
+        if bright.any():
+            typical = float(np.median(top[bright]))
+        else:
+            typical = float(np.median(top if tops is None else np.concatenate([top, tops])))
+        sat = (masked > 0) | (top >= max(5.0, 3.0 * typical)) | (stats["repeats"] >= 3)
         bright |= sat
         if not bright.any():
             return None
         # Saturated centre: the middle of the flat top and masked core; otherwise the
         # peak pixel.
-        py, px = np.divmod(where[last], det.shape[1])
-        core = near | bad
-        area = np.bincount(lab, core, minlength=n)
-        ry, rx = np.divmod(where, det.shape[1])
         with np.errstate(invalid="ignore", divide="ignore"):
-            cy = np.bincount(lab, core * ry, minlength=n) / area
-            cx = np.bincount(lab, core * rx, minlength=n) / area
-        y = np.where(sat, cy, py)[bright]
-        x = np.where(sat, cx, px)[bright]
+            cy = stats["sum_y"] / area
+            cx = stats["sum_x"] / area
+        y = np.where(sat, cy, stats["peak_y"])[bright]
+        x = np.where(sat, cx, stats["peak_x"])[bright]
         radius = np.where(sat, np.sqrt(area / math.pi), 0.0)[bright]
         return y, x, snr[bright], radius, sat[bright]
 
-    def _profiles(self, img, invalid, sigma, y, x, rmax, core):
+    def _profiles(self, sample, shape, sigma, y, x, rmax, core):
         """(ring radii, ring medians) of each source against its local sky (the median
         of the rings in the outer half), kept only over the rings outside its
         saturated core that fall outwards, each above 3 times its noise, up to the
         first that does not (further out: a neighbour's light, or the noise)."""
-        r, med, n = radial_profiles(img, y, x, rmax, invalid)
+        r, med, n = ring_profiles(sample, shape, y, x, rmax)
         outer = np.isfinite(med) & (r >= rmax / 2.0)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)
@@ -465,10 +578,10 @@ class HaloMasker:
             started |= keep[:, j]
         return r, np.where(keep, med, np.nan), med
 
-    def _stacked_profile(self, img, invalid, sigma, y, x, core, limit):
+    def _stacked_profile(self, sample, shape, sigma, y, x, core, limit):
         """(ring radii, profile per unit amplitude) from the ``stack`` brightest."""
         k = min(self.stack, y.size)
-        r, p, _ = self._profiles(img, invalid, sigma, y[:k], x[:k], limit, core[:k])
+        r, p, _ = self._profiles(sample, shape, sigma, y[:k], x[:k], limit, core[:k])
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)
             radii = np.nanmedian(r, axis=0)
@@ -496,7 +609,7 @@ class HaloMasker:
                 break
         return radii, ref
 
-    def _amplitudes(self, img, invalid, sigma, y, x, core, limit, profile):
+    def _amplitudes(self, sample, shape, sigma, y, x, core, limit, profile):
         """Each source's scale on the profile, from its own rings within
         2 max(16, 3 core) px (batched by that radius, rounded up to a power of 2), and
         the radius where its own profile was seen to fall below ``wing`` sigma (NaN
@@ -506,7 +619,9 @@ class HaloMasker:
         level = self.wing * sigma
         for rmax in np.unique(reach):
             sel = np.nonzero(reach == rmax)[0]
-            r, p, raw = self._profiles(img, invalid, sigma, y[sel], x[sel], float(rmax), core[sel])
+            r, p, raw = self._profiles(
+                sample, shape, sigma, y[sel], x[sel], float(rmax), core[sel]
+            )
             amp[sel] = [_match(row, profile) for row in p]
             for i, row in enumerate(p):
                 kept = np.flatnonzero(np.isfinite(row))
