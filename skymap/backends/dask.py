@@ -435,6 +435,44 @@ class DaskBackend:
         name, graph, keys = self._forward_tasks(func, arrays, reach, block, kw)
         return self._compute_list([Delayed(key, graph, layer=name) for key in keys.values()])
 
+    def gather_windows(self, func: Callable, arrays: Sequence, *, halo: int = 0, **kw) -> list:
+        """``func(*windows, window=, core=, **kw)`` per tile, computed, row by row: the
+        arrays read over the tile grown by ``halo`` pixels (rounded up to the unit,
+        cut at the image's edges)."""
+        windows = self._windows([(a, 1) for a in arrays], halo)
+
+        def args(i, j, ys, xs, ref):
+            return (func, len(arrays), *windows(i, j, ys, xs, ref), ref["kw"])
+
+        return self._gather(_windowed, args, list(arrays), kw=kw)
+
+    def values_at(self, arrays: Sequence, ys, xs) -> list[np.ndarray]:
+        """The pixels of each of ``arrays`` at the integer indices (``ys``, ``xs``)
+        (arrays of one shape, inside the image), read by the tiles that hold them:
+        one task per tile with points, each given only its own points."""
+        ys, xs = np.asarray(ys), np.asarray(xs)
+        fy, fx = ys.ravel(), xs.ravel()
+        ey, ex = self.edges()
+        ti = np.searchsorted(ey, fy, side="right") - 1
+        tj = np.searchsorted(ex, fx, side="right") - 1
+        ntx = ex.size - 1
+        tile = ti * ntx + tj
+        order = np.argsort(tile, kind="stable")
+        bounds = np.searchsorted(tile[order], np.arange((ey.size - 1) * ntx + 1))
+        grids = [key_grid(a) for a in arrays]
+
+        def args(i, j, rows, cols, ref):
+            sel = order[bounds[i * ntx + j] : bounds[i * ntx + j + 1]]
+            return (fy[sel] - rows[0], fx[sel] - cols[0], *(g[i, j] for g in grids))
+
+        blocks = self._gather(_pick, args, list(arrays))
+        out = [np.empty(fy.size, a.dtype) for a in arrays]
+        for (i, j, _, _), got in zip(self.tiles(), blocks, strict=True):
+            sel = order[bounds[i * ntx + j] : bounds[i * ntx + j + 1]]
+            for o, g in zip(out, got, strict=True):
+                o[sel] = g
+        return [o.reshape(ys.shape) for o in out]
+
     def reduce_tiles(
         self,
         func: Callable,
@@ -805,6 +843,10 @@ def _touching(strip: np.ndarray, ndimage) -> np.ndarray:
     p, lab = pieces[ok][order], strip[ok][order]
     same = p[1:] == p[:-1]
     return np.stack([lab[:-1][same], lab[1:][same]]).astype(np.int64)
+
+
+def _pick(ys, xs, *blocks):
+    return [b[ys, xs] for b in blocks]
 
 
 def _keep_labels(labels, keep):

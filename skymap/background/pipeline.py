@@ -55,6 +55,7 @@ from skymap.background.scale import max_source_size as _resolve_size
 from skymap.background.smooth import ThinPlateSmoother, cell_sums
 from skymap.background.tracking import source_tracking
 from skymap.masking.bright import HaloMasker
+from skymap.masking.halo_tiles import find_tiled
 from skymap.masking.hysteresis import HysteresisMasker
 from skymap.masking.maskers import Masker
 
@@ -645,20 +646,31 @@ class IterativeBackground:
 
 def _exclude_halos(backend, halos) -> None:
     """OR ``halos``' detections on the whole image into the back end's bad-pixel mask,
-    so that every later fit and mask excludes them. Its global step (finding the
-    sources and their profiles) reads the gathered image; painting the disks is
-    local, tile by tile."""
-    find = getattr(halos, "find", None)
-    if find is None or not backend.tiled:
+    so that every later fit and mask excludes them. On tiles, a
+    :class:`~skymap.masking.HaloMasker` finds the sources and their profiles tile by
+    tile (:func:`~skymap.masking.halo_tiles.find_tiled`: small tables in the driver)
+    and paints the disks per tile; any other halo masker reads the gathered image."""
+    if not backend.tiled:
         image, bad = backend.gather(backend.image), backend.gather(backend.bad)
         new = bad | np.asarray(halos(image, None, bad), dtype=bool)
+        backend.bad = new
+        backend.nbad = int(np.count_nonzero(new))
+        return
+    if isinstance(halos, HaloMasker):
+        sources = find_tiled(halos, backend)
+    elif hasattr(halos, "find") and hasattr(halos, "paint"):
+        sources = halos.find(backend.gather(backend.image), None, backend.gather(backend.bad))
     else:
-        sources = find(backend.gather(backend.image), None, backend.gather(backend.bad))
+        import dask.array as da
+
+        det = halos(backend.gather(backend.image), None, backend.gather(backend.bad))
+        new = backend.bad | da.from_array(np.asarray(det, dtype=bool), chunks=backend.chunks)
+        sources = None
+    if sources is not None:
         new = backend.map_tiles(_paint_tile, [backend.bad], halo=0, dtype=bool, halos=halos,
                                 sources=sources, shape=backend.shape)  # fmt: skip
-        (new,) = backend.persist(new)
-    backend.bad = new
-    backend.nbad = int(np.count_nonzero(backend.gather(new)))
+    (backend.bad,) = backend.persist(new)
+    backend.nbad = int(backend.compute(backend.bad.sum()))
 
 
 def _paint_tile(bad, *, window, core, halos, sources, shape):

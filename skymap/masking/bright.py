@@ -44,6 +44,9 @@ _EDGES = np.array(
     + [160.0, 226.0, 320.0, 452.0, 640.0, 905.0, 1280.0]
 )
 
+#: Side in pixels of the blocks of the coarse sky that bright sources are found against.
+SKY_BLOCK = 64
+
 
 @functools.lru_cache(maxsize=8)
 def _sample_offsets(rmax: float) -> tuple[np.ndarray, np.ndarray]:
@@ -408,7 +411,7 @@ class HaloMasker:
         pixel noise the halos are cut at."""
         img = as_image(residual, "residual")
         invalid = combine_masks(img, as_mask(mask, img.shape))
-        det = img - _coarse_sky(img, invalid, 64)
+        det = img - _coarse_sky(img, invalid, SKY_BLOCK)
         sigma = _mad_sigma(det, invalid)
         stats = self._candidates(det, invalid, sigma, self.limit(img.shape))
 
@@ -422,13 +425,14 @@ class HaloMasker:
         a quarter of the larger side."""
         return min(self.max_radius, max(shape) / 4.0)
 
-    def measure(self, stats, sigma: float, sample, shape) -> BrightSources:
+    def measure(self, stats, sigma: float, sample, shape, tops=None) -> BrightSources:
         """The halo profile and mask radii of the candidate regions ``stats``
         (:func:`region_stats` of every region, in the order of their first pixel, or
         None: no region), the image read through ``sample(cy, cx) -> (values,
         excluded)`` (:func:`ring_profiles`): the part of :meth:`find` after the
-        pixel-level step, for any back end."""
-        rows = None if stats is None else self._bright(stats, sigma)
+        pixel-level step, for any back end. ``tops``: the top counts of regions left
+        out of ``stats`` as never bright (:meth:`keep_region`)."""
+        rows = None if stats is None else self._bright(stats, sigma, tops)
         if rows is None:
             return self._empty(sigma)
         limit = self.limit(shape)
