@@ -53,6 +53,13 @@ __all__ = [
 ]
 
 
+#: The key of :meth:`DaskBackend._tasks`' extra tasks in its ``ref`` mapping.
+CUTS = "\0cuts"
+#: Blocks at least this large (bytes) are cut to the part a window needs before they
+#: travel (see :func:`_cover`); smaller ones travel whole (a task costs more).
+CUT_BYTES = 4 << 20
+
+
 def is_tiled_input(data: Any) -> bool:
     """Whether ``data`` takes the tiled path: a dask array, or a memory map of a file."""
     if type(data).__module__.startswith("dask."):
@@ -248,11 +255,31 @@ class DaskBackend:
         step = Normalisation.sample_step(self.shape)
         sub, subbad = self.compute(self.image[::step, ::step], self.bad[::step, ::step])
         norm = Normalisation.from_sample(sub, subbad, self.dtype)
-        self.image = self.image.map_blocks(norm.apply, dtype=self.dtype)
-        outliers = self.image.map_blocks(norm.outliers, dtype=bool)
-        (self.bad,) = self.persist(self.given_bad | outliers)
+        image = self.image.map_blocks(norm.apply, dtype=self.dtype)
+        outliers = image.map_blocks(norm.outliers, dtype=bool)
+        if self._room_for_image():
+            # kept on the workers: every step reads it, and each tile's tasks then
+            # run where its pixels are, without reading the file again
+            self.image, self.bad = self.persist(image, self.given_bad | outliers)
+        else:
+            self.image = image
+            (self.bad,) = self.persist(self.given_bad | outliers)
         self.nbad = int(self.compute(self.bad.sum()))
         return norm
+
+    def _room_for_image(self) -> bool:
+        """Whether the working image fits the cluster: a ``distributed`` client whose
+        workers' memory limits add up to 4 times its size or more (a local scheduler
+        would hold it in this process)."""
+        info = getattr(self.client, "scheduler_info", None)
+        if info is None:
+            return False
+        try:
+            workers = info().get("workers", {}).values()
+        except Exception:  # a client without a live scheduler
+            return False
+        limit = sum(int(w.get("memory_limit") or 0) for w in workers)
+        return 4 * self.size * self.dtype.itemsize <= limit
 
     def _noise(self, error, weight):
         """(sigma per tile as a lazy float64 dask array, the lazy minimum of the given
@@ -351,49 +378,55 @@ class DaskBackend:
             )
         return tuple(out)
 
-    def _tasks(self, func, args_of, dependencies, lead=(), **shared):
+    def _tasks(self, func, args_of, dependencies, lead=(), label=None, **shared):
         """A graph of one task per tile, ``func(*args_of(i, j, rows, cols, ref))``; the
         arguments may hold block keys of ``dependencies`` (in nested lists), and ``ref``
         maps each name of ``shared`` to the key of that object, which is put in the
-        graph once rather than in every task. Built by hand: a ``dask.delayed`` call
-        per tile costs more than the tile's work on small tiles."""
+        graph once rather than in every task (and ``ref[CUTS]`` to a dict of extra
+        tasks, :func:`_cover`'s cuts). Built by hand: a ``dask.delayed`` call per tile
+        costs more than the tile's work on small tiles. ``label`` names the tasks
+        (default ``func``'s name)."""
         from dask.highlevelgraph import HighLevelGraph
 
-        name = f"{getattr(func, '__name__', 'task').strip('_')}-{uuid.uuid4().hex}"
+        label = label or getattr(func, "__name__", "task")
+        name = f"{label.strip('_')}-{uuid.uuid4().hex}"
         ref = {k: f"{name}-{k}" for k in shared}
         dsk: dict = {ref[k]: v for k, v in shared.items()}
+        cuts: dict = {}
+        ref[CUTS] = cuts
         keys = {}
         for i, j, ys, xs in self.tiles():
             keys[i, j] = (name, *lead, i, j)
             dsk[keys[i, j]] = (func, *args_of(i, j, ys, xs, ref))
+        dsk.update(cuts)
         return name, HighLevelGraph.from_collections(name, dsk, dependencies=dependencies), keys
 
-    def _tile_array(self, func, args_of, dependencies, chunks, dtype, **shared):
+    def _tile_array(self, func, args_of, dependencies, chunks, dtype, label=None, **shared):
         import dask.array as da
 
         lead = (0,) * (len(chunks) - 2)
-        name, graph, _ = self._tasks(func, args_of, dependencies, lead, **shared)
+        name, graph, _ = self._tasks(func, args_of, dependencies, lead, label, **shared)
         return da.Array(graph, name, chunks=chunks, dtype=dtype)
 
-    def _gather(self, func, args_of, dependencies, **shared) -> list:
+    def _gather(self, func, args_of, dependencies, label=None, **shared) -> list:
         from dask.delayed import Delayed
 
-        name, graph, keys = self._tasks(func, args_of, dependencies, **shared)
+        name, graph, keys = self._tasks(func, args_of, dependencies, label=label, **shared)
         return self._compute_list([Delayed(key, graph, layer=name) for key in keys.values()])
 
     def _windows(self, inputs, halo):
         """``args_of`` for :meth:`_tasks`: per tile the covering blocks and slices of
         each ``(array, binning)`` of ``inputs`` over the tile grown by ``halo``, then
         the window and the core."""
-        grids = [(key_grid(a), self.edges(b), b) for a, b in inputs]
+        grids = [(key_grid(a), self.edges(b), b, _pixel_bytes(a)) for a, b in inputs]
         self.halo = max(self.halo, max((_round_up(halo, u) for u in self.unit), default=0))
 
         def args(i, j, ys, xs, ref):
             win = self.grown(ys, xs, halo)
             out = []
-            for keys, edges, b in grids:
+            for keys, edges, b, size in grids:
                 bwin = tuple((w0 // b, -(-w1 // b)) for w0, w1 in win)
-                out.extend(_cover(keys, edges, bwin))
+                out.extend(_cover(keys, edges, bwin, ref[CUTS], size))
             return (*out, win, (ys, xs))
 
         return args
@@ -422,7 +455,9 @@ class DaskBackend:
         def args(i, j, ys, xs, ref):
             return (func, len(arrays), *windows(i, j, ys, xs, ref), ref["kw"])
 
-        return self._tile_array(_windowed, args, list(arrays), chunks, dtype or self.dtype, kw=kw)
+        return self._tile_array(
+            _windowed, args, list(arrays), chunks, dtype or self.dtype, _name(func), kw=kw
+        )
 
     def gather_tiles(
         self, func: Callable, arrays: Sequence, *, reach: int = 0, block: int = 1, **kw
@@ -444,7 +479,7 @@ class DaskBackend:
         def args(i, j, ys, xs, ref):
             return (func, len(arrays), *windows(i, j, ys, xs, ref), ref["kw"])
 
-        return self._gather(_windowed, args, list(arrays), kw=kw)
+        return self._gather(_windowed, args, list(arrays), _name(func), kw=kw)
 
     def values_at(self, arrays: Sequence, ys, xs) -> list[np.ndarray]:
         """The pixels of each of ``arrays`` at the integer indices (``ys``, ``xs``)
@@ -499,7 +534,7 @@ class DaskBackend:
 
     def _forward_tasks(self, func, arrays, reach, block, kw):
         b = block
-        keys = [(key_grid(a), self.edges(b)) for a in arrays]
+        keys = [(key_grid(a), self.edges(b), _pixel_bytes(a)) for a in arrays]
         gy, gx = (-(-n // b) for n in self.shape)
 
         def args(i, j, ys, xs, ref):
@@ -509,11 +544,11 @@ class DaskBackend:
                 (core[1][0], min(gx, core[1][1] + reach)),
             )
             out = []
-            for k, e in keys:
-                out.extend(_cover(k, e, win))
+            for k, e, size in keys:
+                out.extend(_cover(k, e, win, ref[CUTS], size))
             return (func, len(keys), *out, win, core, ref["kw"])
 
-        return self._tasks(_windowed, args, list(arrays), kw=kw)
+        return self._tasks(_windowed, args, list(arrays), label=_name(func), kw=kw)
 
     def per_tile_sums(self, func, arrays, *, width: int, **kwargs) -> np.ndarray:
         """Sum over the tiles of ``func(blocks..., window=...)``, a vector of ``width``
@@ -612,11 +647,13 @@ class DaskBackend:
         return float(np.sqrt(total / n)) if n else 0.0
 
     def mask_stats(self, new):
-        if self._last is None:
-            count = self.compute(new.sum())
-            flips = 0
-        else:
-            flips, count = self.compute((new ^ self._last).sum(), new.sum())
+        # one task per tile counts both, its results summed here (no reduction tree)
+        arrays = [new] if self._last is None else [new, self._last]
+        grids = [key_grid(a) for a in arrays]
+        counts = self._gather(
+            _tile_counts, lambda i, j, *_: tuple(g[i, j] for g in grids), arrays
+        )  # fmt: skip
+        count, flips = np.sum(counts, axis=0)
         self._last = new
         return int(flips), int(count), None
 
@@ -856,23 +893,76 @@ def _keep_labels(labels, keep):
 # --------------------------------------------------------------------------- windows
 
 
-def _cover(blocks, edges, window):
+def _cover(blocks, edges, window, cuts=None, pixel_bytes=1):
     """The blocks (a 2-D object array of keys) of an array with block edges ``edges``
     that cover ``window``, as a nested list, and the slice of their concatenation that
-    is the window."""
+    is the window. With ``cuts`` (a dict of tasks), when the array's blocks hold
+    :data:`CUT_BYTES` or more (``pixel_bytes`` per pixel), each block only partly in
+    the window is replaced by a task added there that cuts that part out, where the
+    block lives: only the halo strips travel between workers, not whole blocks."""
     index, slices = [], []
     for e, (w0, w1) in zip(edges, window, strict=True):
         i0 = int(np.searchsorted(e, w0, side="right")) - 1
         i1 = int(np.searchsorted(e, w1, side="left"))
         index.append(range(i0, i1))
         slices.append(slice(int(w0 - e[i0]), int(w1 - e[i0])))
-    return [[blocks[i, j] for j in index[1]] for i in index[0]], tuple(slices)
+    ey, ex = edges
+    largest = int(np.diff(ey).max()) * int(np.diff(ex).max()) * pixel_bytes
+    if cuts is None or largest < CUT_BYTES:
+        return [[blocks[i, j] for j in index[1]] for i in index[0]], tuple(slices)
+    parts = []
+    (w0, w1), (u0, u1) = window
+    for i in index[0]:
+        y0, y1 = max(w0, ey[i]), min(w1, ey[i + 1])
+        row = []
+        for j in index[1]:
+            x0, x1 = max(u0, ex[j]), min(u1, ex[j + 1])
+            if (y0, y1, x0, x1) == (ey[i], ey[i + 1], ex[j], ex[j + 1]):
+                row.append(blocks[i, j])  # wholly inside the window
+                continue
+            key = (f"cut-{uuid.uuid4().hex}",)
+            sl = (slice(int(y0 - ey[i]), int(y1 - ey[i])), slice(int(x0 - ex[j]), int(x1 - ex[j])))
+            cuts[key] = (_cut, blocks[i, j], sl)
+            row.append(key)
+        parts.append(row)
+    return parts, (slice(0, int(w1 - w0)), slice(0, int(u1 - u0)))
+
+
+def _pixel_bytes(arr) -> int:
+    """Bytes per pixel of the last two axes of a dask array (its layers included)."""
+    return int(np.prod(arr.shape[:-2], dtype=np.int64)) * arr.dtype.itemsize
+
+
+def _cut(block, sl):
+    return np.ascontiguousarray(block[..., sl[0], sl[1]])
+
+
+def _name(func) -> str:
+    return getattr(func, "__name__", "task")
 
 
 def assemble(blocks, sl) -> np.ndarray:
-    """The window ``sl`` (over the last two axes) of the nested ``blocks``."""
-    whole = np.block(blocks) if len(blocks) > 1 or len(blocks[0]) > 1 else blocks[0][0]
-    return whole[..., sl[0], sl[1]]
+    """The window ``sl`` (over the last two axes) of the nested ``blocks``: only the
+    window's part of each block is copied (one block: a view)."""
+    if len(blocks) == 1 and len(blocks[0]) == 1:
+        return blocks[0][0][..., sl[0], sl[1]]
+    first = blocks[0][0]
+    ys = np.cumsum([0] + [row[0].shape[-2] for row in blocks])
+    xs = np.cumsum([0] + [b.shape[-1] for b in blocks[0]])
+    (y0, y1), (x0, x1) = ((s.start, s.stop) for s in sl)
+    dtype = np.result_type(*(b.dtype for row in blocks for b in row))
+    out = np.empty((*first.shape[:-2], y1 - y0, x1 - x0), dtype)
+    for i, row in enumerate(blocks):
+        a, b = max(y0, ys[i]), min(y1, ys[i + 1])
+        if a >= b:
+            continue
+        for j, block in enumerate(row):
+            c, d = max(x0, xs[j]), min(x1, xs[j + 1])
+            if c < d:
+                out[..., a - y0 : b - y0, c - x0 : d - x0] = block[
+                    ..., a - ys[i] : b - ys[i], c - xs[j] : d - xs[j]
+                ]
+    return out
 
 
 @one_thread
@@ -948,6 +1038,12 @@ def _tile_model_map(model, which: str, block_info=None):
 def _tile_grid(*blocks, task, kw, block_info=None):
     (y0, _), (x0, _) = _location(block_info)
     return task(*blocks, origin=(y0, x0), **kw)
+
+
+def _tile_counts(new, last=None):
+    """(masked pixels, pixels that changed from ``last``) of a tile."""
+    flips = 0 if last is None else np.count_nonzero(new ^ last)
+    return np.count_nonzero(new), flips
 
 
 def _tile_first_valid(mask, nx, block_info=None):
