@@ -467,6 +467,10 @@ class IterativeBackground:
                     converged = True
                     note = _conv.note_converged(k, it, rec, self)
                     break
+                if not raised and _conv.stalled(self, history[start:]):
+                    converged = True
+                    note = _conv.note_stalled(k, it, history[start:])
+                    break
                 if _conv.cycling(self, history[start:]):
                     # A limit cycle: the mask flips between two states. Keep what
                     # both masked (what they agree is source) and refit once.
@@ -800,6 +804,9 @@ def default_pipeline(
       (``benchmarks/README.md`` has the injection and scene figures).
     * A stage whose masked share grows and shrinks by turns (a limit cycle, three
       iterations in a row) keeps what the last two masks both hold and stops there.
+      One whose mask has settled but whose background change stopped shrinking
+      inside its statistical error (pixels at the thresholds flicker) stops as
+      converged too (:func:`skymap.background.convergence.stalled`).
 
     Every refit chooses its smoothing length by GCV on the masked image, above the
     floor, so the smoothing follows the data's structure scale and shrinks as the masks
