@@ -68,9 +68,10 @@ def test_a_tiled_fit_never_gathers_the_image(monkeypatch):
 
 
 @pytest.mark.filterwarnings("ignore::skymap.background.pipeline.ConvergenceWarning")
-def test_windows_from_cut_halo_strips_give_the_in_memory_fit(monkeypatch):
-    # Every block partly in a window travels as a cut strip (CUT_BYTES = 0).
+def test_windows_from_border_strips_give_the_in_memory_fit(monkeypatch):
+    # Every block partly in a window sends its border strips (however deep).
     monkeypatch.setattr(dask_backend, "CUT_BYTES", 0)
+    monkeypatch.setattr(dask_backend, "RING_SHARE", 100.0)
     img = scene_by_name("crowded_stellar", shape=(128, 192), seed=4).image.astype(np.float32)
     ref = skymap.fit(img, max_iter=1)
     with cluster_client(workers=2, processes=False) as client:

@@ -55,9 +55,12 @@ __all__ = [
 
 #: The key of :meth:`DaskBackend._tasks`' extra tasks in its ``ref`` mapping.
 CUTS = "\0cuts"
-#: Blocks at least this large (bytes) are cut to the part a window needs before they
-#: travel (see :func:`_cover`); smaller ones travel whole (a task costs more).
+#: Blocks at least this large (bytes) send the windows of neighbouring tiles only
+#: their border strips (see :class:`_Halos`); smaller ones travel whole (a task
+#: costs more).
 CUT_BYTES = 4 << 20
+#: ... and whose border strips hold at most this share of their pixels.
+RING_SHARE = 0.5
 
 
 def is_tiled_input(data: Any) -> bool:
@@ -243,6 +246,7 @@ class DaskBackend:
         if self.nbad == self.size:
             raise ValueError("image has no valid pixel: everything is masked or non-finite")
         self._last = None
+        self._background_model = (None, None)  # the last background map made from a model
         self._image_subsamples: dict = {}
         self.halo = 0  # the largest halo read so far (pixels)
         # Full-width strips of about a tile's area, for the C-order noise sample.
@@ -258,9 +262,24 @@ class DaskBackend:
         image = self.image.map_blocks(norm.apply, dtype=self.dtype)
         outliers = image.map_blocks(norm.outliers, dtype=bool)
         if self._room_for_image():
-            # kept on the workers: every step reads it, and each tile's tasks then
-            # run where its pixels are, without reading the file again
-            self.image, self.bad = self.persist(image, self.given_bad | outliers)
+            # Kept on the workers: every step reads it, and each tile's tasks then run
+            # where its pixels are, without reading the file again. One task per tile
+            # makes both its image and its mask, so the two live on one worker.
+            raw, given = key_grid(self.image), key_grid(self.given_bad)
+            name, graph, keys = self._tasks(
+                _tile_normalise, lambda i, j, _, __, ref: (raw[i, j], given[i, j], ref["norm"]),
+                [self.image, self.given_bad], norm=norm,
+            )  # fmt: skip
+            from dask.delayed import Delayed
+
+            pairs = Delayed(keys[0, 0], graph, layer=name)
+            image, bad = (
+                self._tile_array(
+                    _item, lambda i, j, *_, k=k: (keys[i, j], k), [pairs], self.chunks, dtype
+                )
+                for k, dtype in ((0, self.dtype), (1, bool))
+            )
+            self.image, self.bad = self.persist(image, bad)
         else:
             self.image = image
             (self.bad,) = self.persist(self.given_bad | outliers)
@@ -418,15 +437,19 @@ class DaskBackend:
         """``args_of`` for :meth:`_tasks`: per tile the covering blocks and slices of
         each ``(array, binning)`` of ``inputs`` over the tile grown by ``halo``, then
         the window and the core."""
-        grids = [(key_grid(a), self.edges(b), b, _pixel_bytes(a)) for a, b in inputs]
-        self.halo = max(self.halo, max((_round_up(halo, u) for u in self.unit), default=0))
+        grown = [_round_up(halo, u) for u in self.unit]
+        grids = [
+            (_Halos(key_grid(a), self.edges(b), [-(-g // b) + 1 for g in grown], a), b)
+            for a, b in inputs
+        ]
+        self.halo = max(self.halo, max(grown, default=0))
 
         def args(i, j, ys, xs, ref):
             win = self.grown(ys, xs, halo)
             out = []
-            for keys, edges, b, size in grids:
+            for halos, b in grids:
                 bwin = tuple((w0 // b, -(-w1 // b)) for w0, w1 in win)
-                out.extend(_cover(keys, edges, bwin, ref[CUTS], size))
+                out.extend(halos.cover(bwin, ref[CUTS]))
             return (*out, win, (ys, xs))
 
         return args
@@ -534,7 +557,7 @@ class DaskBackend:
 
     def _forward_tasks(self, func, arrays, reach, block, kw):
         b = block
-        keys = [(key_grid(a), self.edges(b), _pixel_bytes(a)) for a in arrays]
+        halos = [_Halos(key_grid(a), self.edges(b), (reach, reach), a) for a in arrays]
         gy, gx = (-(-n // b) for n in self.shape)
 
         def args(i, j, ys, xs, ref):
@@ -544,9 +567,9 @@ class DaskBackend:
                 (core[1][0], min(gx, core[1][1] + reach)),
             )
             out = []
-            for k, e, size in keys:
-                out.extend(_cover(k, e, win, ref[CUTS], size))
-            return (func, len(keys), *out, win, core, ref["kw"])
+            for h in halos:
+                out.extend(h.cover(win, ref[CUTS]))
+            return (func, len(halos), *out, win, core, ref["kw"])
 
         return self._tasks(_windowed, args, list(arrays), label=_name(func), kw=kw)
 
@@ -570,13 +593,19 @@ class DaskBackend:
         native = _native_background(model)
         if native is not None:
             return native
-        return da.map_blocks(
+        bkg = da.map_blocks(
             _tile_model_map, dtype=self.dtype, chunks=self.chunks, model=model, which="background"
         )
+        self._background_model = (bkg.name, model)
+        return bkg
 
     def residual(self, background):
         import dask.array as da
 
+        name, model = self._background_model
+        if getattr(background, "name", None) == name:
+            # the model's map made by the task that subtracts it, where the image is
+            return da.map_blocks(_tile_residual, self.image, model=model, dtype=self.dtype)
         return da.map_blocks(_subtract, self.image, background, dtype=self.dtype)
 
     def fit(self, estimator, mask, **hints):
@@ -893,39 +922,73 @@ def _keep_labels(labels, keep):
 # --------------------------------------------------------------------------- windows
 
 
-def _cover(blocks, edges, window, cuts=None, pixel_bytes=1):
+def _cover(blocks, edges, window):
     """The blocks (a 2-D object array of keys) of an array with block edges ``edges``
     that cover ``window``, as a nested list, and the slice of their concatenation that
-    is the window. With ``cuts`` (a dict of tasks), when the array's blocks hold
-    :data:`CUT_BYTES` or more (``pixel_bytes`` per pixel), each block only partly in
-    the window is replaced by a task added there that cuts that part out, where the
-    block lives: only the halo strips travel between workers, not whole blocks."""
+    is the window."""
     index, slices = [], []
     for e, (w0, w1) in zip(edges, window, strict=True):
         i0 = int(np.searchsorted(e, w0, side="right")) - 1
         i1 = int(np.searchsorted(e, w1, side="left"))
         index.append(range(i0, i1))
         slices.append(slice(int(w0 - e[i0]), int(w1 - e[i0])))
-    ey, ex = edges
-    largest = int(np.diff(ey).max()) * int(np.diff(ex).max()) * pixel_bytes
-    if cuts is None or largest < CUT_BYTES:
-        return [[blocks[i, j] for j in index[1]] for i in index[0]], tuple(slices)
-    parts = []
-    (w0, w1), (u0, u1) = window
-    for i in index[0]:
-        y0, y1 = max(w0, ey[i]), min(w1, ey[i + 1])
-        row = []
-        for j in index[1]:
-            x0, x1 = max(u0, ex[j]), min(u1, ex[j + 1])
-            if (y0, y1, x0, x1) == (ey[i], ey[i + 1], ex[j], ex[j + 1]):
-                row.append(blocks[i, j])  # wholly inside the window
-                continue
-            key = (f"cut-{uuid.uuid4().hex}",)
-            sl = (slice(int(y0 - ey[i]), int(y1 - ey[i])), slice(int(x0 - ex[j]), int(x1 - ex[j])))
-            cuts[key] = (_cut, blocks[i, j], sl)
-            row.append(key)
-        parts.append(row)
-    return parts, (slice(0, int(w1 - w0)), slice(0, int(u1 - u0)))
+    return [[blocks[i, j] for j in index[1]] for i in index[0]], tuple(slices)
+
+
+class _Halos:
+    """How the windows of one call read an array's blocks: whole, or (blocks of
+    :data:`CUT_BYTES` or more whose border ring is at most :data:`RING_SHARE` of them) through
+    one task per block, run where the block lives, that copies its border strips
+    ``reach`` = (rows, columns) deep (top, bottom, left, right): only those strips
+    travel to the windows of the neighbouring tiles, not the whole block."""
+
+    def __init__(self, keys, edges, reach, array):
+        self.keys, self.edges, self.reach = keys, edges, reach
+        h, w = (int(np.diff(e).max()) for e in edges)
+        ring = 2 * (reach[0] * w + reach[1] * h)
+        self.use = h * w * _pixel_bytes(array) >= CUT_BYTES and ring <= RING_SHARE * h * w
+        self.name = f"ring-{uuid.uuid4().hex}"
+
+    def cover(self, window, extra):
+        """As :func:`_cover`; with strips, each block partly in the window is a piece of
+        the block's strip (or, where the strips do not reach, of the block) taken by
+        an inline task, and the pieces make up exactly the window. ``extra`` gathers
+        the strip tasks (once per block)."""
+        if not self.use:
+            return _cover(self.keys, self.edges, window)
+        (ey, ex), (hy, hx) = self.edges, self.reach
+        (w0, w1), (u0, u1) = window
+        rows = range(int(np.searchsorted(ey, w0, "right")) - 1, int(np.searchsorted(ey, w1)))
+        cols = range(int(np.searchsorted(ex, u0, "right")) - 1, int(np.searchsorted(ex, u1)))
+        parts = []
+        for i in rows:
+            bh, r0, r1 = ey[i + 1] - ey[i], max(w0, ey[i]) - ey[i], min(w1, ey[i + 1]) - ey[i]
+            row = []
+            for j in cols:
+                bw, c0, c1 = ex[j + 1] - ex[j], max(u0, ex[j]) - ex[j], min(u1, ex[j + 1]) - ex[j]
+                if (r0, r1, c0, c1) == (0, bh, 0, bw):
+                    row.append(self.keys[i, j])  # wholly inside the window
+                    continue
+                side, dy, dx = None, 0, 0
+                if (r0, r1) != (0, bh):
+                    if r0 == 0 and r1 <= hy:
+                        side = 0
+                    elif r1 == bh and bh - r0 <= hy:
+                        side, dy = 1, bh - min(hy, bh)
+                elif c0 == 0 and c1 <= hx:
+                    side = 2
+                elif c1 == bw and bw - c0 <= hx:
+                    side, dx = 3, bw - min(hx, bw)
+                sl = (slice(int(r0 - dy), int(r1 - dy)), slice(int(c0 - dx), int(c1 - dx)))
+                if side is None:
+                    row.append((_piece, self.keys[i, j], None, sl))
+                    continue
+                key = (self.name, i, j)
+                if key not in extra:
+                    extra[key] = (_ring, self.keys[i, j], hy, hx)
+                row.append((_piece, key, side, sl))
+            parts.append(row)
+        return parts, (slice(0, int(w1 - w0)), slice(0, int(u1 - u0)))
 
 
 def _pixel_bytes(arr) -> int:
@@ -933,8 +996,25 @@ def _pixel_bytes(arr) -> int:
     return int(np.prod(arr.shape[:-2], dtype=np.int64)) * arr.dtype.itemsize
 
 
-def _cut(block, sl):
-    return np.ascontiguousarray(block[..., sl[0], sl[1]])
+def _ring(block, hy: int, hx: int):
+    """Copies of a block's border strips ``hy`` rows and ``hx`` columns deep: top,
+    bottom (full width), left, right (full height)."""
+    h, w = block.shape[-2:]
+    return tuple(
+        np.ascontiguousarray(block[..., sy, sx])
+        for sy, sx in (
+            (slice(0, hy), slice(None)),
+            (slice(max(0, h - hy), h), slice(None)),
+            (slice(None), slice(0, hx)),
+            (slice(None), slice(max(0, w - hx), w)),
+        )
+    )
+
+
+def _piece(source, side, sl):
+    """``sl`` of a block (``side`` None) or of its border strip ``side``."""
+    part = source if side is None else source[side]
+    return part[..., sl[0], sl[1]]
 
 
 def _name(func) -> str:
@@ -1104,6 +1184,22 @@ def _strip_positive(model, rows, start: int | None = None, step: int = 1):
     rms = model.rms_map(window=(rows, (0, model.shape[1])))
     v = rms[np.isfinite(rms) & (rms > 0)]
     return v.size if start is None else v[start::step]
+
+
+@one_thread
+def _tile_residual(img, model, block_info=None):
+    window = tuple(tuple(w) for w in block_info[None]["array-location"])
+    return _subtract(img, model.background_map(window=window))
+
+
+def _tile_normalise(raw, given, norm):
+    """A tile's normalised image and its bad pixels (given or outliers)."""
+    image = norm.apply(raw)
+    return image, given | norm.outliers(image)
+
+
+def _item(pair, k):
+    return pair[k]
 
 
 def _subtract(img, bkg):
