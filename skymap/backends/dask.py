@@ -288,8 +288,11 @@ class DaskBackend:
 
     def _room_for_image(self) -> bool:
         """Whether the working image fits the cluster: a ``distributed`` client whose
-        workers' memory limits add up to 4 times its size or more (a local scheduler
-        would hold it in this process)."""
+        workers' memory limits add up to 12 times its size or more (a local scheduler
+        would hold it in this process). A fit keeps about 6 times the image on the
+        workers at its peak (a scale's stacked maps, labels, residual and masks:
+        3 GB a worker at 16384x16384 on two workers); the image and its bad pixels
+        add 1.25 times, and a worker pauses at 80% of its limit."""
         info = getattr(self.client, "scheduler_info", None)
         if info is None:
             return False
@@ -298,7 +301,7 @@ class DaskBackend:
         except Exception:  # a client without a live scheduler
             return False
         limit = sum(int(w.get("memory_limit") or 0) for w in workers)
-        return 4 * self.size * self.dtype.itemsize <= limit
+        return 12 * self.size * self.dtype.itemsize <= limit
 
     def _noise(self, error, weight):
         """(sigma per tile as a lazy float64 dask array, the lazy minimum of the given
