@@ -73,18 +73,57 @@ def _dot(a: np.ndarray, b: np.ndarray) -> float:
 
 
 class _System:
-    """The weighted thin-plate system on one grid, for any smoothing ``lam``."""
+    """The weighted thin-plate system on one grid, for any smoothing ``lam``.
 
-    def __init__(self, weights: np.ndarray, hy: float, hx: float):
+    With ``penalty`` (a positive per-node field) the penalty is ``lam * penalty`` where
+    each second difference is taken, and ``local`` holds each node's local weight: the
+    weight a node would have if its neighbourhood were as deep as it is and masked as
+    the whole grid, for the trace (see :meth:`trace`)."""
+
+    def __init__(self, weights: np.ndarray, hy: float, hx: float, penalty=None, local=None):
         self.w = weights
         self.hy, self.hx = hy, hx
         self.spec = _spectrum(weights.shape, hy, hx)
         self.wbar = float(weights.mean())
         self.nobs = int(np.count_nonzero(weights))
+        self.penalty = penalty
+        self.fbar = 1.0
+        if penalty is not None:
+            f = np.asarray(penalty, dtype=np.float64)
+            self._fields = (
+                np.ascontiguousarray(f[1:-1, :]),
+                np.ascontiguousarray(f[:, 1:-1]),
+                0.25 * (f[1:, 1:] + f[1:, :-1] + f[:-1, 1:] + f[:-1, :-1]),
+            )
+            # The preconditioner's penalty: the field's mean where the data are.
+            obs = weights > 0
+            self.fbar = float(np.exp(np.mean(np.log(f[obs])))) if obs.any() else 1.0
+            self.ratio = f / local
+            self._spectrum_counts()
+
+    def _spectrum_counts(self):
+        # The cosine spectrum, binned in log for the local traces (< 1e-3 relative).
+        s = self.spec.ravel()
+        pos = s[s > 0]
+        self.n_zero = s.size - pos.size
+        edges = np.geomspace(pos.min(), pos.max() * (1 + 1e-12), 513)
+        counts, _ = np.histogram(pos, edges)
+        keep = counts > 0
+        self.s_bins = np.sqrt(edges[:-1] * edges[1:])[keep]
+        self.s_counts = counts[keep].astype(np.float64)
+
+    def operator(self, z, lam, buf):
+        """``lam`` times the penalty applied to ``z`` (into ``buf``)."""
+        if self.penalty is None:
+            return lam * _thin_plate(z, self.hy, self.hx, buf)
+        area = self.hy * self.hx
+        cyy, cxx = lam * area / self.hy**4, lam * area / self.hx**4
+        cxy = 2.0 * lam * area / (self.hy * self.hx) ** 2
+        return _k.thin_plate_apply_field(z, cyy, cxx, cxy, *self._fields, buf)
 
     def solve(self, y, lam, z0=None, *, rtol=1e-6, maxiter=1000):
-        w, hy, hx = self.w, self.hy, self.hx
-        inv = 1.0 / (self.wbar + lam * self.spec)
+        w = self.w
+        inv = 1.0 / (self.wbar + lam * self.fbar * self.spec)
 
         def precondition(r):
             return fft.idctn(inv * fft.dctn(r, norm="ortho"), norm="ortho")
@@ -92,7 +131,7 @@ class _System:
         buf = np.empty_like(y)
         b = w * y
         z = precondition(b) if z0 is None else z0.copy()
-        r = b - (w * z + lam * _thin_plate(z, hy, hx, buf))
+        r = b - (w * z + self.operator(z, lam, buf))
         p = precondition(r)
         rz = float(_dot(r, p))
         bnorm = float(np.sqrt(_dot(b, b))) or 1.0
@@ -101,7 +140,7 @@ class _System:
             if np.sqrt(_dot(r, r)) <= rtol * bnorm:
                 break
             iterations += 1
-            ap = w * p + lam * _thin_plate(p, hy, hx, buf)
+            ap = w * p + self.operator(p, lam, buf)
             alpha = rz / float(_dot(p, ap))
             z += alpha * p
             r -= alpha * ap
@@ -113,10 +152,31 @@ class _System:
             log.warning("thin-plate solve did not converge in %d iterations", maxiter)
         return z, iterations
 
+    def local_mean(self, t: np.ndarray, power: int = 1) -> np.ndarray:
+        """``mean_k (1 / (1 + t s_k)) ** power`` over the cosine spectrum ``s_k``, for
+        each of ``t``: the diagonal of the hat matrix (``power`` 1) of a uniform grid
+        whose ``lam / weight`` is ``t``, and the variance factor (``power`` 2)."""
+        t = np.asarray(t, dtype=np.float64)
+        lo, hi = float(t.min()), float(t.max())
+        grid = np.geomspace(lo, hi, 65) if hi > lo * (1 + 1e-9) else np.array([lo])
+        h = 1.0 / (1.0 + grid[:, None] * self.s_bins[None, :])
+        k = (self.n_zero + (h**power) @ self.s_counts) / self.spec.size
+        if grid.size == 1:
+            return np.full(t.shape, k[0])
+        return np.interp(np.log(t), np.log(grid), k)
+
     def trace(self, lam: float) -> float:
-        """Approximate trace of the hat matrix over the observed cells."""
-        full = float(np.sum(self.wbar / (self.wbar + lam * self.spec)))
-        return full * self.nobs / self.w.size
+        """Approximate trace of the hat matrix over the observed cells.
+
+        With one penalty, from the cosine spectrum with the mean weight. With a penalty
+        field, each observed node's diagonal is taken as that of a uniform grid with
+        its own ``lam * penalty / local weight`` (the equivalent-kernel approximation:
+        a node's fit depends on its neighbourhood's noise and penalty)."""
+        if self.penalty is None:
+            full = float(np.sum(self.wbar / (self.wbar + lam * self.spec)))
+            return full * self.nobs / self.w.size
+        obs = self.w > 0
+        return float(np.sum(self.local_mean(lam * self.ratio[obs])))
 
     def gcv(self, y, z, lam, inflation: float = 1.0) -> float:
         resid = float(np.sum(self.w * (y - z) ** 2))
@@ -137,6 +197,8 @@ def smooth_grid(
     gcv_inflation: float = 1.0,
     offsets=None,
     rtol: float = 1e-6,
+    penalty=None,
+    local_weights=None,
 ):
     """Smooth a weighted grid with the thin-plate penalty; choose ``smoothing`` by GCV.
 
@@ -163,6 +225,12 @@ def smooth_grid(
     rtol : float
         Relative residual at which the conjugate-gradient solves of a given
         ``smoothing`` and of the offset correction stop.
+    penalty : ndarray (gy, gx) or None
+        A positive field multiplying ``smoothing`` node by node (a penalty that varies
+        across the grid, :func:`depth_penalty`); None: one penalty everywhere.
+    local_weights : ndarray (gy, gx) or None
+        With ``penalty``: each node's local weight for the GCV trace
+        (:func:`depth_penalty`).
 
     Returns
     -------
@@ -193,7 +261,9 @@ def smooth_grid(
     ref = float(np.sum(w[good] * y[good]) / np.sum(w[good]))
     y = np.where(bad, 0.0, y - ref)
     hy, hx = (float(s) for s in spacing)
-    system = _System(w, hy, hx)
+    if penalty is not None and local_weights is None:
+        raise ValueError("smooth_grid needs local_weights with a penalty field")
+    system = _System(w, hy, hx, penalty, local_weights)
     scores: dict[float, float] = {}
     if smoothing is None:
         z, lam = _gcv_search(
@@ -678,7 +748,7 @@ class ThinPlateSmoother:
             if not fitted[-1]:
                 break
             smoothing_start = fitted[1]
-        z, lam, scores, n, mean, var, offsets, w, _ = fitted
+        z, lam, scores, n, mean, var, offsets, w, penalty, _ = fitted
         cy, cx = cells
         vw = np.where((n >= 2) & np.isfinite(var), n - 1.0, 0.0)
         if np.any(vw > 0):
@@ -705,13 +775,41 @@ class ThinPlateSmoother:
             smoothing=lam,
             gcv=scores,
             config=self,
-            error=_statistical_error(np.where(n >= self.min_pixels, w, 0.0), lam, (cy, cx)),
+            error=_statistical_error(
+                np.where(n >= self.min_pixels, w, 0.0), lam, (cy, cx), penalty
+            ),
             cell_offsets=offsets,
             cell_weights=None if w is n else w,
+            penalty=penalty,
         )
 
     def _weights(self, n: np.ndarray) -> np.ndarray:
         return np.where(n >= self.min_pixels, n, 0.0)
+
+    def _protect(self, mean, weights, z, lam, hi, n, var, penalty, depth, grid):
+        """Stiffen by eighth decades until the residual is white at ``protect_scale``.
+
+        With a penalty that follows the depth (``penalty`` = (field, local weights,
+        power)), the test allows for the scatter of its own statistic: the smoothing
+        is raised only while the whiteness is below ``protect_level`` by more than two
+        of its standard errors, ``1 / sqrt(2 N)``, ``N`` the effective number of blocks
+        (the blocks weighted by their noise variance, as the statistic weights them).
+        At one level the guard is stricter on the weighted fit than on an unweighted
+        one of the same image: the unweighted fit's deep parts, smoothed too long,
+        leave sky in their residual and pass the test for the noisy parts
+        (``benchmarks/README.md``, "varying depth")."""
+        cells = grid["spacing"]
+        level = self.protect_level
+        field = {}
+        if penalty is not None:
+            field = _field_args(penalty)
+            level -= 2.0 / np.sqrt(
+                2.0 * _effective_blocks(n, 1.0 / depth, cells, self.protect_scale)
+            )
+        while lam < hi and _whiteness(mean, z, n, var, cells, self.protect_scale) < level:
+            lam *= 10.0**0.125
+            z, _, _ = smooth_grid(mean, weights, smoothing=lam, **grid, **field)
+        return z, lam
 
     def _fit_grid(self, sums, shape, cells, ref, smoothing_start, min_smoothing=None):
         """Smooth the cell grid of ``sums``; also says whether GCV hit the cell-size
@@ -733,28 +831,84 @@ class ThinPlateSmoother:
         hi = max(lo, min(hi, (4.0 * max(shape)) ** 4))
         start = min(max(start, lo), hi)
         grid = {"spacing": (cy, cx), "offsets": (dy, dx)}
-        z, lam, scores = smooth_grid(
-            mean,
-            weights,
-            smoothing=self.smoothing,
-            smoothing_range=(lo, max(hi, lo)),
-            smoothing_start=start,
-            smoothing_step=1.0 if smoothing_start is None else 0.25,
-            gcv_inflation=self.gcv_inflation,
-            **grid,
-        )
+        search = {
+            "smoothing_range": (lo, max(hi, lo)),
+            "smoothing_start": start,
+            "smoothing_step": 1.0 if smoothing_start is None else 0.25,
+            "gcv_inflation": self.gcv_inflation,
+        }
+        depth = None if self.smoothing is not None or w is n else depth_grid(n, w, weights)
+        if depth is None:
+            z, lam, scores = smooth_grid(mean, weights, smoothing=self.smoothing, **search, **grid)
+            penalty = None
+        else:
+            z, lam, scores, penalty, power = _depth_search(mean, weights, depth, search, grid)
+            penalty = (*penalty, power)
         at_floor = self.smoothing is None and lam <= floor * 10.0**0.2
         if self.smoothing is None and self.protect_scale is not None:
             # Stiffen until the residual is white at the protected scale.
-            while lam < hi and _whiteness(mean, z, n, var, (cy, cx), self.protect_scale) < (
-                self.protect_level
-            ):
-                lam *= 10.0**0.125
-                z, _, _ = smooth_grid(mean, weights, smoothing=lam, **grid)
-        return z, lam, scores, n, mean, var, (dy, dx), w, at_floor
+            z, lam, penalty = self._protect(
+                mean, weights, z, lam, hi, n, var, penalty, depth, grid
+            )
+        return z, lam, scores, n, mean, var, (dy, dx), w, penalty, at_floor
 
 
-def _statistical_error(weights, lam, cells) -> float:
+#: Depth spread (ratio of the 95th to the 5th percentile of the cells' mean inverse
+#: variance) below which a weighted fit keeps one penalty for the grid.
+DEPTH_SPREAD = 1.2
+#: Powers of the depth that the penalty field may follow (0: one penalty).
+DEPTH_POWERS = (0.0, 0.25, 0.5, 0.75, 1.0)
+
+
+def depth_grid(n, w, weights) -> np.ndarray | None:
+    """Each cell's depth, the mean relative inverse variance of its pixels ``w / n``
+    (cells without pixels take their nearest cell's), over its mean over the pixels of
+    the weighted cells; None when it varies by less than :data:`DEPTH_SPREAD`."""
+    has = n > 0
+    obs = weights > 0
+    with np.errstate(invalid="ignore", divide="ignore"):
+        d = np.where(has, w / n, np.nan)
+    ok = has & np.isfinite(d) & (d > 0)
+    if not ok.any():
+        return None
+    lo, hi = np.quantile(d[ok & obs] if (ok & obs).any() else d[ok], [0.05, 0.95])
+    if not hi > DEPTH_SPREAD * lo:
+        return None
+    if not ok.all():
+        idx = ndimage.distance_transform_edt(~ok, return_distances=False, return_indices=True)
+        d = d[tuple(idx)]
+    return d / (float(np.sum(w[obs])) / float(np.sum(n[obs])))
+
+
+def _depth_search(mean, weights, depth, search, grid):
+    """GCV over the smoothing and the power of the depth that the penalty follows.
+
+    The penalty at a cell of depth ``d`` (relative inverse variance) is
+    ``lam * d ** p``, so the smoothing length there goes as ``d ** ((p - 1) / 4)``:
+    ``p = 0`` is the generalised-least-squares fit (length as ``sigma ** 0.5``),
+    ``p = 1`` one length everywhere. Each power of :data:`DEPTH_POWERS` gets its own
+    GCV search of ``lam``; the lowest GCV wins."""
+    wbar = float(np.mean(weights))
+    local = wbar * depth
+    best = None
+    search = dict(search)
+    for power in DEPTH_POWERS:
+        field = depth**power
+        z, lam, scores = smooth_grid(
+            mean, weights, penalty=field, local_weights=local, **search, **grid
+        )
+        score = scores.get(lam, np.inf)
+        log.debug("depth power %.2f: smoothing %.4g, GCV %.6g", power, lam, score)
+        if best is None or score < best[0]:
+            best = (score, z, lam, scores, (field, local), power)
+        # The next power starts from this one's smoothing.
+        search["smoothing_start"], search["smoothing_step"] = lam, 0.25
+    score, z, lam, scores, penalty, power = best
+    log.debug("depth power %.2f chosen", power)
+    return z, lam, scores, penalty, power
+
+
+def _statistical_error(weights, lam, cells, penalty=None) -> float:
     """RMS over the grid of the fit's error due to the pixel noise, in units of the
     pixel RMS. The fit is ``z = (W + lam K)^-1 W y`` with ``cov(y) = sigma^2 W^-1``, so
     ``cov(z) = sigma^2 A^-1 W A^-1``; with the weights replaced by their mean ``w``
@@ -765,8 +919,33 @@ def _statistical_error(weights, lam, cells) -> float:
     wbar = float(np.mean(weights))
     if wbar <= 0:
         return float("inf")
+    if penalty is not None:
+        # With a penalty field, each node as a uniform grid of its own local weight.
+        field, local = penalty[0], penalty[1]
+        system = _System(weights, *cells, field, local)
+        factor = system.local_mean(lam * system.ratio, power=2)
+        return float(np.sqrt(np.mean(factor / local)))
     h = wbar / (wbar + lam * _spectrum(weights.shape, *cells))
     return float(np.sqrt(np.sum(h * h) / (weights.size * wbar)))
+
+
+def _field_args(penalty) -> dict:
+    """:func:`smooth_grid`'s keywords for a fit's ``penalty`` (field, local weights,
+    power)."""
+    return {"penalty": penalty[0], "local_weights": penalty[1]}
+
+
+def _effective_blocks(n, noise_var, cells, width) -> float:
+    """The effective number of the complete blocks :func:`_whiteness` reads, each
+    weighted by its mean ``noise_var`` (per cell): ``(sum v) ** 2 / sum v ** 2``."""
+    cy, cx = cells
+    ky, kx = max(1, round(width / cy)), max(1, round(width / cx))
+    gy, gx = (n.shape[0] // ky) * ky, (n.shape[1] // kx) * kx
+    if gy == 0 or gx == 0:
+        return 1.0
+    full = (n >= cy * cx)[:gy, :gx].reshape(gy // ky, ky, gx // kx, kx).all(axis=(1, 3))
+    v = noise_var[:gy, :gx].reshape(gy // ky, ky, gx // kx, kx).mean(axis=(1, 3))[full]
+    return float(v.sum() ** 2 / np.sum(v**2)) if v.size else 1.0
 
 
 def _whiteness(values, z, n, var, cells, width) -> float:
@@ -814,6 +993,7 @@ class SmoothResult:
     error: float
     cell_offsets: tuple = field(repr=False)
     cell_weights: np.ndarray | None = field(default=None, repr=False)
+    penalty: tuple | None = field(default=None, repr=False)
 
     @property
     def scale(self) -> float:
@@ -873,6 +1053,7 @@ class SmoothResult:
             smoothing=float(self.smoothing) * stiffer**4,
             offsets=self.cell_offsets,
             rtol=rtol,
+            **({} if self.penalty is None else _field_args(self.penalty)),
         )
         return stiff
 
