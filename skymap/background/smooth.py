@@ -847,9 +847,7 @@ class ThinPlateSmoother:
         at_floor = self.smoothing is None and lam <= floor * 10.0**0.2
         if self.smoothing is None and self.protect_scale is not None:
             # Stiffen until the residual is white at the protected scale.
-            z, lam, penalty = self._protect(
-                mean, weights, z, lam, hi, n, var, penalty, depth, grid
-            )
+            z, lam = self._protect(mean, weights, z, lam, hi, n, var, penalty, depth, grid)
         return z, lam, scores, n, mean, var, (dy, dx), w, penalty, at_floor
 
 
