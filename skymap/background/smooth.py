@@ -786,7 +786,7 @@ class ThinPlateSmoother:
     def _weights(self, n: np.ndarray) -> np.ndarray:
         return np.where(n >= self.min_pixels, n, 0.0)
 
-    def _protect(self, mean, weights, z, lam, hi, n, var, penalty, depth, grid):
+    def _protect(self, mean, weights, fit, hi, n, var, depth, grid):
         """Stiffen by eighth decades until the residual is white at ``protect_scale``.
 
         With a penalty that follows the depth (``penalty`` = (field, local weights,
@@ -798,18 +798,33 @@ class ThinPlateSmoother:
         one of the same image: the unweighted fit's deep parts, smoothed too long,
         leave sky in their residual and pass the test for the noisy parts
         (``benchmarks/README.md``, "varying depth")."""
+        z, lam, penalty = fit
         cells = grid["spacing"]
         level = self.protect_level
-        field = {}
-        if penalty is not None:
-            field = _field_args(penalty)
-            level -= 2.0 / np.sqrt(
-                2.0 * _effective_blocks(n, 1.0 / depth, cells, self.protect_scale)
-            )
+        if penalty is None:
+            while lam < hi and _whiteness(mean, z, n, var, cells, self.protect_scale) < level:
+                lam *= 10.0**0.125
+                z, _, _ = smooth_grid(mean, weights, smoothing=lam, **grid)
+            return z, lam, None
+        field, local, power = penalty
+        blocks = _effective_blocks(n, 1.0 / depth, cells, self.protect_scale)
+        level -= 2.0 / np.sqrt(2.0 * blocks)
+        obs = weights > 0
+        shallow, deep = np.quantile(depth[obs], [0.05, 0.95])
+        # The power step that stiffens the shallow end by an eighth decade.
+        step = 0.125 * np.log(10.0) / np.log(deep / shallow)
         while lam < hi and _whiteness(mean, z, n, var, cells, self.protect_scale) < level:
-            lam *= 10.0**0.125
-            z, _, _ = smooth_grid(mean, weights, smoothing=lam, **grid, **field)
-        return z, lam
+            if power > 0:
+                new = max(0.0, power - step)
+                lam *= deep ** (power - new)
+                power = new
+                field = depth**power
+            else:
+                lam *= 10.0**0.125
+            z, _, _ = smooth_grid(
+                mean, weights, smoothing=lam, penalty=field, local_weights=local, **grid
+            )
+        return z, lam, (field, local, power)
 
     def _fit_grid(self, sums, shape, cells, ref, smoothing_start, min_smoothing=None):
         """Smooth the cell grid of ``sums``; also says whether GCV hit the cell-size
@@ -847,7 +862,8 @@ class ThinPlateSmoother:
         at_floor = self.smoothing is None and lam <= floor * 10.0**0.2
         if self.smoothing is None and self.protect_scale is not None:
             # Stiffen until the residual is white at the protected scale.
-            z, lam = self._protect(mean, weights, z, lam, hi, n, var, penalty, depth, grid)
+            fit = (z, lam, penalty)
+            z, lam, penalty = self._protect(mean, weights, fit, hi, n, var, depth, grid)
         return z, lam, scores, n, mean, var, (dy, dx), w, penalty, at_floor
 
 
