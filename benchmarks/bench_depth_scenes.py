@@ -46,9 +46,7 @@ def main() -> None:
         for kw in ({}, {"error": sigma}):
             res = skymap.fit(img, scene.mask, **kw)
             e = (np.asarray(res.background, np.float64) - scene.sky) / sigma
-            out.append(
-                [float(np.sqrt(np.mean(e[part & valid] ** 2))) for part in (right, ~right)]
-            )
+            out.append([float(np.sqrt(np.mean(e[part & valid] ** 2))) for part in (right, ~right)])
         (r0, l0), (r1, l1) = out
         print(
             f"{name:20s} {r0:.4f} {r1:.4f} ({r1 - r0:+.4f}) | {l0:.4f} {l1:.4f} ({l1 - l0:+.4f})",
