@@ -53,7 +53,14 @@ from skymap._validate import as_image, as_mask, as_pair, check_positive, check_r
 from skymap.background import _smooth_kernels as _k
 from skymap.masking.hysteresis import CoarseRMS
 
-__all__ = ["SmoothResult", "ThinPlateSmoother", "cell_sums", "smooth_grid", "weighted_sums"]
+__all__ = [
+    "SmoothResult",
+    "ThinPlateSmoother",
+    "cell_sums",
+    "depth_grid",
+    "smooth_grid",
+    "weighted_sums",
+]
 
 log = logging.getLogger(__name__)
 
@@ -240,10 +247,11 @@ def smooth_grid(
         ``smoothing`` and of the offset correction stop.
     penalty : ndarray (gy, gx) or None
         A positive field multiplying ``smoothing`` node by node (a penalty that varies
-        across the grid, :func:`depth_penalty`); None: one penalty everywhere.
+        across the grid: ``depth ** p`` of :func:`depth_grid`); None: one penalty
+        everywhere.
     local_weights : ndarray (gy, gx) or None
-        With ``penalty``: each node's local weight for the GCV trace
-        (:func:`depth_penalty`).
+        With ``penalty``: each node's local weight for the GCV trace (the mean weight
+        times the node's depth).
 
     Returns
     -------
@@ -901,7 +909,21 @@ DEPTH_POWERS = (0.0, 0.25, 0.5, 0.75, 1.0)
 def depth_grid(n, w, weights) -> np.ndarray | None:
     """Each cell's depth, the mean relative inverse variance of its pixels ``w / n``
     (cells without pixels take their nearest cell's), over its mean over the pixels of
-    the weighted cells; None when it varies by less than :data:`DEPTH_SPREAD`."""
+    the weighted cells; None when it varies by less than :data:`DEPTH_SPREAD`.
+
+    ``n`` are the cells' pixel counts, ``w`` their summed pixel weights and ``weights``
+    the smoother's cell weights (0: not used).
+
+    Examples
+    --------
+    >>> n = np.full((2, 4), 16.0)
+    >>> w = n * np.array([1.0, 1.0, 1 / 16, 1 / 16])  # right half 4x noisier
+    >>> depth_grid(n, w, w).round(3)
+    array([[1.882, 1.882, 0.118, 0.118],
+           [1.882, 1.882, 0.118, 0.118]])
+    >>> depth_grid(n, n, n) is None
+    True
+    """
     has = n > 0
     obs = weights > 0
     with np.errstate(invalid="ignore", divide="ignore"):
@@ -1015,7 +1037,10 @@ class SmoothResult:
     ``cell_values``, ``cell_pixels`` and ``cell_offsets`` are the binned data (cell
     means, unmasked pixel counts, and (dy, dx) from each cell centre to the centroid of
     its pixels). ``error`` is the RMS over the grid of the background's statistical
-    error (from the pixel noise alone), in units of the pixel RMS.
+    error (from the pixel noise alone), in units of the pixel RMS. ``penalty`` is None
+    (one penalty, ``smoothing``) or, for a weighted fit of varying depth, the field the
+    penalty followed: (``depth ** power`` per cell, the cells' local weights, power);
+    ``smoothing`` is then the penalty at the mean depth.
     """
 
     shape: tuple[int, int]
