@@ -99,10 +99,13 @@ def main():
     skymap.fit(image)
     cpu, wall = time.process_time() - c, time.perf_counter() - t
     # The steps reset the peak: the fit's is the largest of theirs and the rest's.
-    peak = max([(status_kb("VmHWM") - base) * 1024 / image.nbytes]
-               + [row[2] for row in table.values()])
-    print(f"{args.size}^2 {args.image}: {cpu:.2f} s CPU, {wall:.2f} s wall, peak extra "
-          f"memory {peak:.2f} x image")
+    peak = max(
+        [(status_kb("VmHWM") - base) * 1024 / image.nbytes] + [row[2] for row in table.values()]
+    )
+    print(
+        f"{args.size}^2 {args.image}: {cpu:.2f} s CPU, {wall:.2f} s wall, peak extra "
+        f"memory {peak:.2f} x image"
+    )
     print(f"{'step':<18}{'calls':>6}{'CPU s':>8}{'peak x':>8}")
     for label, (n, s, m) in sorted(table.items(), key=lambda kv: -kv[1][1]):
         print(f"{label:<18}{n:>6}{s:>8.3f}{m:>8.2f}")
