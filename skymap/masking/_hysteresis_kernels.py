@@ -168,10 +168,33 @@ def dog_snr(num, cnt, excluded, g, g2, local, bw, noise, b, q, snr, grow, work):
     two full-size arrays. The maps are written into ``snr`` and ``grow`` (of ``num``'s
     shape; a (1, 1) ``grow`` skips that map).
 
-    ``work`` (bands, 3, strip + 2 r, nx) is the x pass's buffer: the rows are cut into
-    ``bands`` bands, shared out among the threads, and each band is swept in strips of
-    ``strip`` rows, so the buffer stays small.
+    ``work`` is ``(bands, strip)``: the rows are cut into ``bands`` bands, shared out
+    among the threads, and each band is swept in strips of ``strip`` rows through an
+    x-pass buffer of ``3 (strip + 2 r)`` rows per thread, so the buffers stay small.
     """
+    spec = (np.zeros((1, 1), np.uint8), np.float32(1.0), False, np.float32(0.0),
+            np.float32(0.0), False)  # fmt: skip
+    _dog_run(num, cnt, excluded, g, g2, local, bw, noise, b, q, snr, grow, work, spec)
+    return snr, grow
+
+
+def dog_codes(num, cnt, excluded, g, g2, local, bw, noise, b, q, factor, low, high, plain,
+              codes, work):  # fmt: skip
+    """The hysteresis codes of :func:`dog_snr`'s maps, in the same fused pass, without
+    the maps: ``codes`` (uint8, ``num``'s shape) is 2 where ``snr / factor > high``,
+    else 1 where ``grow / factor > low`` (``grow`` the plain map with ``plain``, else
+    ``snr``), else 0, with the maps' values and the division in float32 (no division
+    when ``factor <= 1``), exactly as thresholding the maps would give. Saves the two
+    float32 maps (two images of memory at full resolution)."""
+    none = np.zeros((1, 1), np.float32)
+    spec = (codes, np.float32(factor), bool(factor > 1.0), np.float32(low), np.float32(high),
+            bool(plain))  # fmt: skip
+    _dog_run(num, cnt, excluded, g, g2, local, bw, noise, b, q, none, none, work, spec)
+    return codes
+
+
+def _dog_run(num, cnt, excluded, g, g2, local, bw, noise, b, q, snr, grow, work, spec):
+    """:func:`dog_snr` or :func:`dog_codes` (``spec``: the codes and their thresholds)."""
     ny, nx = num.shape
     direct = excluded.shape[0] == ny and excluded.shape[1] == nx
     # Unbinned rows without an excluded pixel have weights of one everywhere, so their
@@ -185,10 +208,9 @@ def dog_snr(num, cnt, excluded, g, g2, local, bw, noise, b, q, snr, grow, work):
         in_bands(_clean_rows, ny, excluded, clean, grain=_ROWS)
     qruns, lruns, crow, vrow1, cint, vint = _dog_constants(nx, g, g2, b, q, noise.shape[1], bw)
     in_bands(
-        _dog_bands, work.shape[0], num, cnt, excluded, direct, g, g2, local, bw, noise, b,
-        q, snr, grow, work, clean, crow, vrow1, cint, vint, qruns, lruns, grain=1,
+        _dog_bands, work[0], num, cnt, excluded, direct, g, g2, local, bw, noise, b,
+        q, snr, grow, work, clean, crow, vrow1, cint, vint, qruns, lruns, spec, grain=1,
     )  # fmt: skip
-    return snr, grow
 
 
 @njit(cache=True, nogil=True)
@@ -228,9 +250,10 @@ def _dog_constants(nx, g, g2, b, q, nqx, bw):  # pragma: no cover - compiled
 
 def _dog_bands(
     num, cnt, excluded, direct, g, g2, local, bw, noise, b, q, snr, grow, work, clean,
-    crow, vrow1, cint, vint, qruns, lruns, lo, hi,
+    crow, vrow1, cint, vint, qruns, lruns, spec, lo, hi,
 ):  # fmt: skip
-    """Bands ``lo``..``hi`` of :func:`dog_snr`'s ``work.shape[0]`` bands of rows.
+    """Bands ``lo``..``hi`` of :func:`dog_snr`'s ``work[0]`` bands of rows, through
+    one x-pass buffer (this thread's).
 
     A Python loop over compiled strips of many rows each: calling them costs little,
     and compiling this loop too (which takes in the strip's code) would add ~1 s to a
@@ -238,18 +261,20 @@ def _dog_bands(
     ny, nx = num.shape
     r = g.size // 2
     want_grow = grow.shape[0] == ny and grow.shape[1] == nx
-    bands = work.shape[0]
-    strip = work.shape[2] - 2 * r
+    codes, factor, divide, low, high, plain = spec
+    bands, strip = work
     per_band = -(-ny // bands)
     if lo == hi:  # in_bands' empty first band: compile the strip in the calling thread
+        buf = np.empty((3, 1, 1), np.float32)
         _dog_strip(
             num, cnt, excluded, direct, g, g2, local, bw, noise, b, q, snr, grow, want_grow,
-            work[0, 0], work[0, 1], work[0, 2], 0, 0, 0, 0, clean, crow, vrow1, cint, vint,
-            qruns, lruns,
+            buf[0], buf[1], buf[2], 0, 0, 0, 0, clean, crow, vrow1, cint, vint,
+            qruns, lruns, codes, factor, divide, low, high, plain,
         )  # fmt: skip
         return
+    buf = np.empty((3, strip + 2 * r, nx), np.float32)
+    tn, tc, tv = buf[0], buf[1], buf[2]
     for band in range(lo, hi):
-        tn, tc, tv = work[band, 0], work[band, 1], work[band, 2]
         for y0 in range(band * per_band, min(ny, (band + 1) * per_band), strip):
             y1 = min(ny, y0 + strip, (band + 1) * per_band)
             a0 = max(0, y0 - r)
@@ -257,17 +282,20 @@ def _dog_bands(
             _dog_strip(
                 num, cnt, excluded, direct, g, g2, local, bw, noise, b, q, snr, grow,
                 want_grow, tn, tc, tv, y0, y1, a0, a1, clean, crow, vrow1, cint, vint,
-                qruns, lruns,
+                qruns, lruns, codes, factor, divide, low, high, plain,
             )  # fmt: skip
 
 
 @njit(cache=True, nogil=True)
 def _dog_strip(
     num, cnt, excluded, direct, g, g2, local, bw, noise, b, q, snr, grow, want_grow,
-    tn, tc, tv, y0, y1, a0, a1, clean, crow, vrow1, cint, vint, qruns, lruns,
+    tn, tc, tv, y0, y1, a0, a1, clean, crow, vrow1, cint, vint, qruns, lruns, codes,
+    factor, divide, low, high, plain,
 ):  # fmt: skip  # pragma: no cover - compiled
-    """Rows y0..y1 of :func:`dog_snr` (x pass over a0..a1, then the y pass)."""
+    """Rows y0..y1 of :func:`dog_snr` (x pass over a0..a1, then the y pass), or of
+    :func:`dog_codes` when ``codes`` has ``num``'s shape."""
     ny, nx = num.shape
+    want_codes = codes.shape[0] == ny and codes.shape[1] == nx
     r = g.size // 2
     nqy, nqx = noise.shape
     for k in range(a1 - a0):
@@ -325,11 +353,26 @@ def _dog_strip(
             for x in range(x0, x1):
                 v = av[x] * s2
                 av[x] = 1.0 / np.sqrt(v) if v > 0 else 0.0
+        lrow = local[y // bw]
+        if want_codes:
+            # The values dog_snr would store, divided and thresholded as
+            # HysteresisMasker.scale_mask and hysteresis_codes do (float32 throughout).
+            crow_out = codes[y]
+            for k0 in range(lruns.size - 1):
+                x0, x1 = lruns[k0], lruns[k0 + 1]
+                m = lrow[x0 // bw]
+                for x in range(x0, x1):
+                    sv = (an[x] - ac[x] * m) * av[x]
+                    gv = an[x] * av[x] if plain else sv
+                    if divide:
+                        sv = sv / factor
+                        gv = gv / factor
+                    crow_out[x] = 2 if sv > high else (1 if gv > low else 0)
+            continue
         if want_grow:
             out = grow[y]
             for x in range(nx):
                 out[x] = an[x] * av[x]
-        lrow = local[y // bw]
         out = snr[y]
         for k0 in range(lruns.size - 1):
             x0, x1 = lruns[k0], lruns[k0 + 1]
@@ -405,3 +448,61 @@ def _keep_labels(labels, codes, keep, lo, hi):  # pragma: no cover - compiled
     for y in range(lo, hi):
         for x in range(nx):
             codes[y, x] = 1 if keep[labels[y, x]] else 0
+
+
+def flood_seeded(codes):
+    """Overwrite ``codes`` (2 seed, 1 growth, 0 neither) with 1 on the pixels
+    8-connected through codes >= 1 to a seed, 0 elsewhere; returns it. The same
+    pixels as labelling the regions and keeping those that hold a seed
+    (:func:`keep_seeded`), without a label map (an image of int32)."""
+    flat = codes.reshape(-1)
+    # The seeds are looked for eight codes at a time (words without one are skipped).
+    whole = flat.size // 8 * 8
+    _flood_seeded(codes, flat, flat[:whole].view(np.uint64))
+    return codes
+
+
+@njit(cache=True, nogil=True)
+def _flood_seeded(codes, flat, words):  # pragma: no cover - compiled
+    nx = codes.shape[1]
+    ny = codes.shape[0]
+    stack = np.empty(1 << 16, np.int64)
+    n = 0
+    # Code 3 marks a pixel reached (and pushed once). Codes are 0-2 here: a seed is a
+    # byte with bit 1 set.
+    seed_bits = np.uint64(0x0202020202020202)
+    for start in range(0, flat.size, 8):
+        if start // 8 < words.size and not words[start // 8] & seed_bits:
+            continue
+        for i in range(start, min(start + 8, flat.size)):
+            if flat[i] == 2:
+                flat[i] = 3
+                if n == stack.size:
+                    stack = _grown(stack)
+                stack[n] = i
+                n += 1
+    while n:
+        n -= 1
+        i = stack[n]
+        y = i // nx
+        x = i - y * nx
+        for yy in range(max(0, y - 1), min(ny, y + 2)):
+            for xx in range(max(0, x - 1), min(nx, x + 2)):
+                j = yy * nx + xx
+                if flat[j] == 1 or flat[j] == 2:
+                    flat[j] = 3
+                    if n == stack.size:
+                        stack = _grown(stack)
+                    stack[n] = j
+                    n += 1
+    for i in range(flat.size):
+        flat[i] = 1 if flat[i] == 3 else 0
+
+
+@njit(cache=True, nogil=True)
+def _grown(stack):  # pragma: no cover - compiled
+    """``stack`` copied into one twice as long."""
+    out = np.empty(2 * stack.size, stack.dtype)
+    for i in range(stack.size):
+        out[i] = stack[i]
+    return out
