@@ -133,6 +133,33 @@ def test_runaway_needs_growth_and_a_background_that_does_not_settle():
     assert not C.runaway(pipe, [_rec(0.009, 0.031), _rec(0.006, 0.028), _rec(0.006, 0.019)])
 
 
+def _flicker(change, error=0.02, mask_change=0.004, growth=0.001, floor=16.0):
+    return SimpleNamespace(
+        change=change, error=error, mask_change=mask_change, mask_growth=growth, min_scale=floor
+    )
+
+
+def test_a_stall_is_a_settled_mask_whose_change_no_longer_shrinks_inside_its_error():
+    pipe = SimpleNamespace(change_tol=0.01, error_tol=0.5, mask_tol=0.005)
+    assert C.stalled(pipe, [_flicker(0.0150), _flicker(0.0145)])
+    assert C.stalled(pipe, [_flicker(0.0120), _flicker(0.0190)])
+    # still shrinking: the next iteration may meet the tolerance
+    assert not C.stalled(pipe, [_flicker(0.018), _flicker(0.012)])
+    # outside the statistical error: the data can tell the change from none
+    assert not C.stalled(pipe, [_flicker(0.030), _flicker(0.029)])
+    assert not C.stalled(pipe, [_flicker(0.015), _flicker(0.015, error=float("nan"))])
+    # the mask has not settled (both more pixels flipped and the share moved)
+    assert not C.stalled(pipe, [_flicker(0.015), _flicker(0.015, 0.02, 0.01, 0.01)])
+    # a raised floor changed the estimator between the two
+    assert not C.stalled(pipe, [_flicker(0.015), _flicker(0.015, floor=32.0)])
+    # one record is not a trend; no statistical error asked for: no stall
+    assert not C.stalled(pipe, [_flicker(0.015)])
+    off = SimpleNamespace(change_tol=0.01, error_tol=0.0, mask_tol=0.005)
+    assert not C.stalled(off, [_flicker(0.015), _flicker(0.015)])
+    note = C.note_stalled(1, 6, [_flicker(0.0150), _flicker(0.0145)])
+    assert note.startswith("converged: stage 1 stalled after 6") and "0.0145" in note
+
+
 class _CreepingMasker:
     """A masker whose mask grows by a band of rows at every call, over a sky with a
     slope, so the background keeps moving: a runaway by construction."""

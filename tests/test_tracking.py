@@ -124,6 +124,12 @@ def test_tracking_raises_the_floor_up_to_an_eighth_of_the_image():
     # It only ever rises, and never beyond an eighth of the shorter side.
     assert all(b >= a for a, b in zip(floors, floors[1:], strict=False))
     assert floors[-1] > floors[0] and floors[-1] <= 256 / 8.0
+    # tracking_cap moves that ceiling, and nothing else.
+    low = skymap.fit(scene.image, scene.mask, tracking_cap=1 / 16)
+    assert max(r.min_scale for r in low.history) <= 256 / 16.0 < floors[-1]
+    for bad in (0.0, -0.1, 1.5, "x"):
+        with pytest.raises(ValueError, match="tracking_cap"):
+            skymap.default_pipeline(tracking_cap=bad)
     # The other form: GCV told to count degrees of freedom 12 times, floor untouched.
     pipe = skymap.default_pipeline(tracking_stiffen=None, tracking_inflation=12.0)
     smoother = pipe.stages[-1].estimator

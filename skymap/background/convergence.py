@@ -7,7 +7,9 @@ background keeps moving: sky structure the fit cannot follow is masked, the fit 
 follows it even less, and more of it is masked. :func:`runaway` detects it after
 :data:`RUNAWAY_RUN` such iterations in a row; the pipeline then backs off to the state
 of the stage in which mask and background agreed best (:func:`agreed_state`) and stops
-there. A fit that stops at its iteration cap without settling emits a
+there. A stage whose settled mask leaves a background change that no longer shrinks,
+inside the fit's statistical error, has *stalled* (:func:`stalled`) and stops too. A
+fit that stops at its iteration cap without settling emits a
 :class:`ConvergenceWarning` whose message is ``BackgroundResult.convergence_note``.
 """
 
@@ -22,14 +24,18 @@ __all__ = [
     "RUNAWAY_RATIO",
     "RUNAWAY_RUN",
     "CYCLE_RUN",
+    "STALL_ERRORS",
+    "STALL_RATIO",
     "ConvergenceWarning",
     "cycling",
     "note_backed_off",
     "note_cycle",
     "note_converged",
     "note_stopped",
+    "note_stalled",
     "runaway",
     "settled",
+    "stalled",
     "tolerance",
 ]
 
@@ -47,6 +53,13 @@ RUNAWAY_EXCESS = 3.0
 
 #: Iterations in a row whose masked share grows and shrinks by turns that make a cycle.
 CYCLE_RUN = 3
+
+#: A settled mask's background whose change shrank by less than this factor in the last
+#: iteration has stalled: the change is the flicker of pixels at the thresholds.
+STALL_RATIO = 0.85
+#: ... and it is a stall only if both changes are inside this many statistical errors
+#: of the fit (a change the data cannot tell from none).
+STALL_ERRORS = 1.0
 
 
 class ConvergenceWarning(UserWarning):
@@ -135,6 +148,50 @@ def cycling(pipe: Any, records: Sequence[Any]) -> bool:
     if not all(abs(r.mask_growth) > pipe.mask_tol and r.change > tolerance(pipe, r) for r in run):
         return False
     return all(a.mask_growth * b.mask_growth < 0 for a, b in zip(run, run[1:], strict=False))
+
+
+def stalled(pipe: Any, records: Sequence[Any]) -> bool:
+    """Whether the last two of a stage's ``records`` had a settled mask and a background
+    that moved by less than :data:`STALL_ERRORS` times its statistical error, the last
+    change no smaller than :data:`STALL_RATIO` times the one before, at one smoothing
+    floor. The change no longer shrinks, so more iterations cannot make it smaller,
+    and it is already inside what the noise lets the fit determine: what moves is
+    the flicker of pixels at the thresholds (with a flexible fit, a few thousand
+    flipping pixels move it by about its statistical error). ``error_tol=0`` (no
+    statistical error) switches it off.
+
+    Examples
+    --------
+    >>> from types import SimpleNamespace as R
+    >>> pipe = R(change_tol=0.01, error_tol=0.5, mask_tol=0.005)
+    >>> rec = lambda c: R(change=c, error=0.02, mask_change=0.004, mask_growth=0.001)
+    >>> stalled(pipe, [rec(0.013), rec(0.012)]), stalled(pipe, [rec(0.018), rec(0.012)])
+    (True, False)
+    """
+    if len(records) < 2 or not pipe.error_tol:
+        return False
+    a, b = records[-2:]
+    if getattr(a, "min_scale", None) != getattr(b, "min_scale", None):
+        return False
+    for r in (a, b):
+        inside = math.isfinite(r.error) and r.change <= STALL_ERRORS * r.error
+        mask_ok = r.mask_change <= pipe.mask_tol or abs(r.mask_growth) <= pipe.mask_tol
+        if not (inside and mask_ok):
+            return False
+    return b.change >= STALL_RATIO * a.change
+
+
+def note_stalled(stage: int, iterations: int, run: Sequence[Any]) -> str:
+    """The note of a fit whose last stage stalled (the records ``run``) inside its
+    statistical error."""
+    a, b = run[-2:]
+    return (
+        f"converged: stage {stage} stalled after {iterations} iteration(s) inside its "
+        f"statistical error; the background moved by {a.change:.3g}, then "
+        f"{b.change:.3g} of its RMS (statistical error {b.error:.3g}) with "
+        f"{b.mask_change:.2%} of the pixels changing mask: pixels at the thresholds "
+        "flicker, and more iterations would not move it less"
+    )
 
 
 def note_cycle(stage: int, run: Sequence[Any]) -> str:

@@ -169,8 +169,8 @@ class IterativeBackground:
         there bends into masked holes it should bridge. When the correlation's size
         is above this value (and above 3 over the square root of the number of
         independent patches), the smoothing floor is raised to
-        ``tracking_stiffen`` times the fit's length (at most an eighth of the
-        shorter side), after every refit that finds it, and that iteration does not
+        ``tracking_stiffen`` times the fit's length (at most ``tracking_cap`` of
+        the shorter side), after every refit that finds it, and that iteration does not
         count as settled; with ``tracking_inflation``, GCV also counts the fit's
         degrees of freedom that many times from then on. Each record carries the
         correlation (``IterationRecord.tracking``). None: never measured. A mask
@@ -179,6 +179,12 @@ class IterativeBackground:
     tracking_stiffen, tracking_inflation : float or None
         See ``source_tracking``; None leaves the floor, or GCV's inflation, as it
         is.
+    tracking_cap : float
+        The longest floor the tracking test may raise, as a share of the image's
+        shorter side (default an eighth). A smaller cap keeps the background free to
+        follow sky structure narrower than that, where the masks sit in structured
+        sky; a larger one keeps more of the faint outskirts out. Which is right
+        depends on the image: :func:`skymap.tune` tries a sixteenth.
     max_source_size : float, "auto" or None
         How large (in pixels) an object may be and still count as a source rather than
         sky. The thin-plate smoothers' smoothing length is held at or above half of it
@@ -222,6 +228,7 @@ class IterativeBackground:
     source_tracking: float | None = None
     tracking_inflation: float | None = None
     tracking_stiffen: float | None = 2.0
+    tracking_cap: float = 0.125
     max_source_size: Any = None
     halos: Any = None
 
@@ -259,6 +266,9 @@ class IterativeBackground:
             raise ValueError(
                 f"tracking_stiffen must be None or > 1, got {self.tracking_stiffen!r}"
             )
+        check_range("tracking_cap", self.tracking_cap, 0.0, 1.0)
+        if not float(self.tracking_cap) > 0:
+            raise ValueError(f"tracking_cap must be in (0, 1], got {self.tracking_cap!r}")
         if not (isinstance(self.max_source_size, str) and self.max_source_size == "auto"):
             _resolve_size(self.max_source_size)  # raises, naming max_source_size
         if self.halos is not None and not callable(self.halos):
@@ -459,6 +469,10 @@ class IterativeBackground:
                     converged = True
                     note = _conv.note_converged(k, it, rec, self)
                     break
+                if not raised and _conv.stalled(self, history[start:]):
+                    converged = True
+                    note = _conv.note_stalled(k, it, history[start:])
+                    break
                 if _conv.cycling(self, history[start:]):
                     # A limit cycle: the mask flips between two states. Keep what
                     # both masked (what they agree is source) and refit once.
@@ -606,14 +620,14 @@ class IterativeBackground:
     def _stiffen(self, model, floor, shape, stiff):
         """(floor, raised, stiff) after a refit found following source light: the
         smoothing floor raised to ``tracking_stiffen`` times the fit's length (at most
-        an eighth of the shorter side), and GCV's inflation switched to
+        ``tracking_cap`` of the shorter side), and GCV's inflation switched to
         ``tracking_inflation`` for the rest of the fit."""
         raised = False
         if self.tracking_inflation is not None and not stiff:
             stiff = raised = True
         if self.tracking_stiffen is not None:
             # The sources' light reaches further than their measured size.
-            longer = min(self.tracking_stiffen * model.scale, min(shape) / 8.0)
+            longer = min(self.tracking_stiffen * model.scale, min(shape) * self.tracking_cap)
             if floor is None or longer > floor * 1.01:
                 floor, raised = longer, True
         return floor, raised, stiff
@@ -733,6 +747,7 @@ def default_pipeline(
     source_tracking: float | None = 0.25,
     tracking_inflation: float | None = None,
     tracking_stiffen: float | None = 2.0,
+    tracking_cap: float = 0.125,
     cell_size: Any = None,
     gcv_inflation: float = ThinPlateSmoother.gcv_inflation,
     max_source_size: Any = "auto",
@@ -784,14 +799,17 @@ def default_pipeline(
       reach ``max_source_size`` underestimated; lower, it bends into holes it should
       bridge. Either way, above 0.25 in size (and above its noise), the smoothing floor
       is doubled, refit after refit while that lasts, up to an eighth of the shorter
-      side. The notebook's, a nebula's, a crowded field's and a detector's skies stay
-      below it (-0.02 to 0.17 on the scenes); galaxy outskirts, intracluster light and
-      halo wings pass it (0.3-0.5), as do all eight shared real images (0.29-0.66, the
-      Galactic-centre MIPS frame at -0.41). Unlike the asymmetry test it does not
-      assume that the sky's bumps and dips balance (``benchmarks/README.md`` has the
-      injection and scene figures).
+      side (``tracking_cap``). The notebook's, a nebula's, a crowded field's and a
+      detector's skies stay below it (-0.02 to 0.17 on the scenes); galaxy outskirts,
+      intracluster light and halo wings pass it (0.3-0.5), as do all eight shared real
+      images (0.29-0.66, the Galactic-centre MIPS frame at -0.41). Unlike the
+      asymmetry test it does not assume that the sky's bumps and dips balance
+      (``benchmarks/README.md`` has the injection and scene figures).
     * A stage whose masked share grows and shrinks by turns (a limit cycle, three
       iterations in a row) keeps what the last two masks both hold and stops there.
+      One whose mask has settled but whose background change stopped shrinking
+      inside its statistical error (pixels at the thresholds flicker) stops as
+      converged too (:func:`skymap.background.convergence.stalled`).
 
     Every refit chooses its smoothing length by GCV on the masked image, above the
     floor, so the smoothing follows the data's structure scale and shrinks as the masks
@@ -809,7 +827,7 @@ def default_pipeline(
     max_iter, change_tol, mask_tol, error_tol, source_asymmetry, max_source_size
         As for :class:`IterativeBackground` (``source_asymmetry=None`` switches the
         stiffening off; ``max_source_size``: pixels, ``"auto"`` or None).
-    source_tracking, tracking_inflation, tracking_stiffen
+    source_tracking, tracking_inflation, tracking_stiffen, tracking_cap
         As for :class:`IterativeBackground` (``source_tracking=None`` switches the
         test off).
     cell_size, gcv_inflation
@@ -856,6 +874,7 @@ def default_pipeline(
         source_tracking=source_tracking,
         tracking_inflation=tracking_inflation,
         tracking_stiffen=tracking_stiffen,
+        tracking_cap=tracking_cap,
         max_source_size=max_source_size,
         halos=HaloMasker() if halos else None,
     )

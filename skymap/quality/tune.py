@@ -95,19 +95,22 @@ def default_space(image=None, mask=None) -> list[list[dict]]:
     * thresholds ``high``/``low`` 3/1.5 and 6/3 (default 4/2): deeper masks, or masks
       that do not run away on structured skies;
     * the source-tracking test off (``source_tracking=None``), for a sky whose structure
-      sits where the sources are (a nebula and its young stars), or with GCV also
+      sits where the sources are (a nebula and its young stars); with GCV also
       inflated 12 times once it finds the background following source light
-      (``tracking_inflation=12``), for an image whose faint sources GCV still chases.
+      (``tracking_inflation=12``), for an image whose faint sources GCV still chases;
+      or with the floor it raises capped at a sixteenth of the shorter side, not an
+      eighth (``tracking_cap=0.0625``), for sky structure narrower than that among
+      the masks.
 
     Examples
     --------
     >>> [len(axis) for axis in default_space()]
-    [2, 2, 2]
+    [2, 2, 3]
     """
     axes = [
         [{"gcv_inflation": 4.0}, {"gcv_inflation": 12.0}],
         [{"high": 3.0, "low": 1.5}, {"high": 6.0, "low": 3.0}],
-        [{"source_tracking": None}, {"tracking_inflation": 12.0}],
+        [{"source_tracking": None}, {"tracking_inflation": 12.0}, {"tracking_cap": 0.0625}],
     ]
     size = _source_size(image, mask)
     if size is not None:
