@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 import scipy.ndimage as ndi
 
-from skymap._util import MAD_TO_STD
+from skymap._util import MAD_TO_STD, nanmedian_rows
 from skymap._validate import as_image, as_mask, check_positive, combine_masks
 
 __all__ = ["BrightSources", "HaloMasker", "radial_profiles"]
@@ -183,16 +183,7 @@ class _CoarseSky:
         part = img[::2, ::2]
         sub[: part.shape[0], : part.shape[1]] = np.where(invalid[::2, ::2], np.nan, part)
         blocks = sub.reshape(gy, h, gx, h).transpose(0, 2, 1, 3).reshape(gy * gx, h * h)
-        # np.median over the complete blocks at once (numpy's nanmedian takes them one
-        # by one in Python); the same partition and mean, so the same values.
-        full = ~np.isnan(blocks).any(axis=1)
-        grid = np.empty(gy * gx, np.float32)
-        grid[full] = np.median(blocks[full], axis=1)
-        if not full.all():
-            with np.errstate(all="ignore"), warnings.catch_warnings():
-                warnings.simplefilter("ignore", RuntimeWarning)
-                grid[~full] = np.nanmedian(blocks[~full], axis=1)
-        grid = grid.reshape(gy, gx)
+        grid = nanmedian_rows(blocks).reshape(gy, gx)
         hole = ~np.isfinite(grid)
         if hole.all():
             grid = np.zeros((gy, gx), np.float32)

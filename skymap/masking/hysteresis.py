@@ -140,29 +140,37 @@ def _sampled_snr(num, cnt, direct, g, local, bw, sigma, q, b, step):
         idx = (np.arange(0, n, step)[:, None] + np.arange(-r, r + 1)).ravel()
         return np.clip(idx, 0, n - 1), (idx < 0) | (idx >= n)
 
-    def centres(ys, xs, outside):
-        at = (ys[:, None], xs[None, :])
-        values = num[at]
+    def centres(ys, xs, outside, axis):
+        """snr of the stacks of rows ``ys`` (axis 0) or columns ``xs`` (axis 1)."""
+        every = slice(None)
+
+        def take(a, iy, ix):
+            # The sampled axis first (whole rows or columns), then the other.
+            if axis == 0:
+                return np.ascontiguousarray(a.take(iy, axis=0)[:, ix])
+            return np.ascontiguousarray(a.take(ix, axis=1)[iy])
+
+        iy, ix = (ys, every) if axis == 0 else (every, xs)
+        values = take(num, iy, ix)
         if cnt is None:
-            exc, weights = direct[at] | outside, values
+            exc, weights = take(direct, iy, ix) | outside, values
         else:
-            exc, weights = np.zeros((1, 1), bool), cnt[at]
+            exc, weights = np.zeros((1, 1), bool), take(cnt, iy, ix)
             values[np.broadcast_to(outside, values.shape)] = 0
             weights[np.broadcast_to(outside, weights.shape)] = 0
-        mean = local[(ys // bw)[:, None], (xs // bw)[None, :]]
-        qy, qx = ((a * b + b // 2) // q for a in (ys, xs))
-        noise = sigma[np.minimum(qy, nqy - 1)[:, None], np.minimum(qx, nqx - 1)[None, :]]
+        mean = take(local, ys // bw, xs // bw)
+        qy, qx = (np.minimum((a * b + b // 2) // q, n - 1) for a, n in ((ys, nqy), (xs, nqx)))
         snr = np.empty(values.shape, np.float32)
         _k.dog_snr(
-            values, weights, exc, g, g * g, mean, 1, noise, 1, 1, snr,
+            values, weights, exc, g, g * g, mean, 1, take(sigma, qy, qx), 1, 1, snr,
             np.empty((1, 1), np.float32), _dog_work(values.shape, r),
         )  # fmt: skip
         return snr
 
     ys, out_y = stack(ny)
-    rows = centres(ys, np.arange(nx), out_y[:, None])[r :: 2 * r + 1]
+    rows = centres(ys, np.arange(nx), out_y[:, None], 0)[r :: 2 * r + 1]
     xs, out_x = stack(nx)
-    cols = centres(np.arange(ny), xs, out_x[None, :])[:, r :: 2 * r + 1]
+    cols = centres(np.arange(ny), xs, out_x[None, :], 1)[:, r :: 2 * r + 1]
     return rows, cols
 
 
