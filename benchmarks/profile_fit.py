@@ -32,7 +32,7 @@ def blobs(n):
     image = rng.standard_normal((n, n), dtype=np.float32)
     image *= 10
     image += 100 + 0.01 * np.arange(n, dtype=np.float32)[:, None]
-    for y, x in rng.integers(10, n - 10, (3000 * (n // 4096) ** 2 or 3000, 2)):
+    for y, x in rng.integers(10, n - 10, (max(1, round(3000 * (n / 4096) ** 2)), 2)):
         image[y - 2 : y + 3, x - 2 : x + 3] += rng.uniform(10, 500)
     return image
 

@@ -478,7 +478,7 @@ def _flood_seeded(codes, flat, words):  # pragma: no cover - compiled
             if flat[i] == 2:
                 flat[i] = 3
                 if n == stack.size:
-                    stack = _grown(stack)
+                    stack = grown(stack)
                 stack[n] = i
                 n += 1
     while n:
@@ -492,7 +492,7 @@ def _flood_seeded(codes, flat, words):  # pragma: no cover - compiled
                 if flat[j] == 1 or flat[j] == 2:
                     flat[j] = 3
                     if n == stack.size:
-                        stack = _grown(stack)
+                        stack = grown(stack)
                     stack[n] = j
                     n += 1
     for i in range(flat.size):
@@ -500,7 +500,7 @@ def _flood_seeded(codes, flat, words):  # pragma: no cover - compiled
 
 
 @njit(cache=True, nogil=True)
-def _grown(stack):  # pragma: no cover - compiled
+def grown(stack):  # pragma: no cover - compiled
     """``stack`` copied into one twice as long."""
     out = np.empty(2 * stack.size, stack.dtype)
     for i in range(stack.size):

@@ -30,6 +30,7 @@ import scipy.ndimage as ndi
 
 from skymap._util import MAD_TO_STD, nanmedian_rows
 from skymap._validate import as_image, as_mask, check_positive, combine_masks
+from skymap.masking import _bright_kernels as _kb
 
 __all__ = ["BrightSources", "HaloMasker", "radial_profiles"]
 
@@ -451,7 +452,9 @@ class HaloMasker:
         # Masked pixels that touch a region join it: a NaN or flagged saturated core.
         region = _touching(above, invalid)
         del above
-        labels, n = ndi.label(region, structure=np.ones((3, 3), bool))
+        # 8-connected, numbered as scipy's label does; visits the (few) region pixels
+        # only.
+        labels, n = _kb.label8(region)
         del region
         if invalid.any():
             # Pull in the whole masked core (it may be wider than one pixel), reading
