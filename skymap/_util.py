@@ -60,10 +60,11 @@ def pow2_at_most(value: float, *limits: int) -> int:
     return max(1, min((b, *limits)))
 
 
-def nanmedian_rows(a):
+def nanmedian_rows(a, overwrite: bool = False):
     """``np.nanmedian(a, axis=1)`` of a 2-D array, NaN for an all-NaN row, without its
     warning: the rows without a NaN at once by ``np.median`` (numpy's nanmedian takes
     long rows one by one in Python), the same partition and mean, so the same values.
+    ``overwrite``: ``a`` may be reordered (no copy when no row holds a NaN).
 
     Examples
     --------
@@ -77,7 +78,9 @@ def nanmedian_rows(a):
 
     out = np.empty(a.shape[0], a.dtype)
     full = ~np.isnan(a).any(axis=1)
-    out[full] = np.median(a[full], axis=1)
+    if full.all():
+        return np.median(a, axis=1, overwrite_input=overwrite).astype(a.dtype, copy=False)
+    out[full] = np.median(a[full], axis=1, overwrite_input=True)
     if not full.all():
         with np.errstate(all="ignore"), warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)

@@ -154,7 +154,7 @@ def _coarse_median(data, ok):
     padded = np.full((gy * b, gx * b), np.nan)
     padded[:ny, :nx] = np.where(ok, data, np.nan)
     blocks = padded.reshape(gy, b, gx, b).transpose(0, 2, 1, 3).reshape(gy * gx, b * b)
-    grid = nanmedian_rows(blocks).reshape(gy, gx)
+    grid = nanmedian_rows(blocks, overwrite=True).reshape(gy, gx)
     fill = np.nanmedian(grid) if np.isfinite(grid).any() else 0.0
     grid = np.where(np.isfinite(grid), grid, fill)
     y = (np.arange(ny) + 0.5) / b - 0.5

@@ -184,7 +184,7 @@ class _CoarseSky:
         part = img[::2, ::2]
         sub[: part.shape[0], : part.shape[1]] = np.where(invalid[::2, ::2], np.nan, part)
         blocks = sub.reshape(gy, h, gx, h).transpose(0, 2, 1, 3).reshape(gy * gx, h * h)
-        grid = nanmedian_rows(blocks).reshape(gy, gx)
+        grid = nanmedian_rows(blocks, overwrite=True).reshape(gy, gx)
         hole = ~np.isfinite(grid)
         if hole.all():
             grid = np.zeros((gy, gx), np.float32)
