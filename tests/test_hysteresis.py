@@ -264,3 +264,37 @@ def test_sampled_rows_and_columns_and_fused_codes_equal_the_full_maps(rng, b, pl
     seed, grown = snr > np.float32(masker.high), grow > np.float32(masker.low)
     want = np.where(seed, 2, np.where(grown, 1, 0))
     np.testing.assert_array_equal(codes, want)
+
+
+@pytest.mark.parametrize("sigma", [1.0, 1.5])
+def test_the_fused_pass_sums_the_taps_in_order_in_float32(rng, sigma):
+    # bit for bit against the float32 sums in tap order (x pass, then y pass) that the
+    # tiled path's bit-identity rests on, for the unrolled 7-tap kernel (sigma 1) and
+    # the general loop (sigma 1.5)
+    from skymap.masking import _hysteresis_kernels as K
+
+    res = rng.normal(size=(90, 70)).astype(np.float32)
+    exc = rng.random(res.shape) < 0.05
+    exc[40:45] = False  # some clean rows
+    g = H._gaussian_kernel(sigma)
+    r = g.size // 2
+    snr, grow = np.empty(res.shape, np.float32), np.empty(res.shape, np.float32)
+    K.dog_snr(
+        res, res, exc, g, g * g, np.zeros((1, 1), np.float32), 70, np.ones((1, 1), np.float32),
+        1, 1, snr, grow, H._dog_work(res.shape, r),
+    )  # fmt: skip
+
+    def taps(a, k, axis):
+        pad = [(0, 0), (0, 0)]
+        pad[axis] = (r, r)
+        a = np.pad(a, pad)
+        out = np.zeros(res.shape, np.float32)
+        for j in range(k.size):
+            out += k[j] * (a[:, j : j + res.shape[1]] if axis else a[j : j + res.shape[0]])
+        return out
+
+    an = taps(taps(np.where(exc, 0, res).astype(np.float32), g, 1), g, 0)
+    av = taps(taps(np.where(exc, 0, 1).astype(np.float32), g * g, 1), g * g, 0)
+    inv = np.where(av > 0, 1.0 / np.sqrt(av).astype(np.float64), 0.0).astype(np.float32)
+    np.testing.assert_array_equal(grow, an * inv)
+    np.testing.assert_array_equal(snr, an * inv)
