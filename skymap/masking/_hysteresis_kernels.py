@@ -421,6 +421,8 @@ def _dog_strip(
 def expand_mask_into(small, b, out):
     """``out |= small[y // b, x // b]`` in place, at full resolution; returns ``out``.
     Reads the small map only, and writes only where it is set."""
+    if b == 1:
+        return np.logical_or(out, small, out=out)
     in_bands(_expand_mask_into, out.shape[0], small, b, out, grain=_ROWS)
     return out
 
