@@ -38,7 +38,6 @@ def masked_block_sums(values, excluded, b, num, cnt):
 @njit(cache=True, nogil=True)
 def _masked_block_sums(values, excluded, b, num, cnt, lo, hi):  # pragma: no cover - compiled
     ny, nx = values.shape
-    gx = num.shape[1]
     bv = np.empty(nx, np.float32)
     bc = np.empty(nx, np.float32)
     for by in range(lo, hi):
@@ -52,14 +51,36 @@ def _masked_block_sums(values, excluded, b, num, cnt, lo, hi):  # pragma: no cov
                 e = erow[x]
                 bv[x] += np.float32(0.0) if e else vrow[x]
                 bc[x] += np.float32(0.0) if e else np.float32(1.0)
-        for bx in range(gx):
-            sn = np.float32(0.0)
-            sc = np.float32(0.0)
-            for x in range(bx * b, min(nx, (bx + 1) * b)):
-                sn += bv[x]
-                sc += bc[x]
-            num[by, bx] = sn
-            cnt[by, bx] = sc
+        _sum_pairs(bv, bc, b, num[by], cnt[by])
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _sum_pairs(bv, bc, b, nrow, crow):  # pragma: no cover - compiled
+    """``nrow[bx]``, ``crow[bx]``: the sums of ``bv``, ``bc`` over each run of ``b``
+    (the last may be short), from 0 in order; whole runs of 2 or 4 written out, so
+    that the loop over the blocks vectorises (the same sums)."""
+    nx = bv.size
+    z = np.float32(0.0)
+    start = 0
+    if b == 2:
+        start = nx // 2
+        for bx in range(start):
+            nrow[bx] = (z + bv[2 * bx]) + bv[2 * bx + 1]
+            crow[bx] = (z + bc[2 * bx]) + bc[2 * bx + 1]
+    elif b == 4:
+        start = nx // 4
+        for bx in range(start):
+            x = 4 * bx
+            nrow[bx] = (((z + bv[x]) + bv[x + 1]) + bv[x + 2]) + bv[x + 3]
+            crow[bx] = (((z + bc[x]) + bc[x + 1]) + bc[x + 2]) + bc[x + 3]
+    for bx in range(start, nrow.size):
+        sn = z
+        sc = z
+        for x in range(bx * b, min(nx, (bx + 1) * b)):
+            sn += bv[x]
+            sc += bc[x]
+        nrow[bx] = sn
+        crow[bx] = sc
 
 
 @njit(cache=True, nogil=True, inline="always")
@@ -162,9 +183,18 @@ def block_sum(a, b):
 def _block_sum(a, b, out, lo, hi):  # pragma: no cover - compiled
     ny, nx = a.shape
     for by in range(lo, hi):
+        orow = out[by]
         for y in range(by * b, min(ny, (by + 1) * b)):
-            for x in range(nx):
-                out[by, x // b] += a[y, x]
+            row = a[y]
+            start = 0
+            if b == 2:
+                # Whole pairs written out (the same sums in the same order): the loop
+                # over the blocks vectorises.
+                start = nx // 2 * 2
+                for bx in range(nx // 2):
+                    orow[bx] = (orow[bx] + row[2 * bx]) + row[2 * bx + 1]
+            for x in range(start, nx):
+                orow[x // b] += row[x]
 
 
 @njit(cache=True, nogil=True)
