@@ -398,9 +398,11 @@ class IterativeBackground:
             while done < cap:
                 # Only the residual is kept through the masking (memory): the previous
                 # background is rebuilt from its model for the change, and the previous
-                # mask is in the history, bit-packed, for the mask change.
+                # mask is in the history, bit-packed, for the mask change (it goes
+                # before the residual is made).
+                del current
                 resid = be.residual(bkg)
-                del bkg, current
+                del bkg
                 new = be.mask(
                     stage.masker,
                     resid,
@@ -526,7 +528,8 @@ class IterativeBackground:
         if not converged:
             warnings.warn(note, ConvergenceWarning, stacklevel=2)
         return BackgroundResult(
-            background=be.result(norm.undo(bkg)),
+            # A map made for this call alone becomes the result (memory).
+            background=be.result(norm.undo(bkg, reuse=getattr(model, "new_maps", False))),
             mask=be.result(current),
             bad_mask=be.result(be.given_bad),
             history=tuple(history),

@@ -43,7 +43,7 @@ import logging
 import math
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 from scipy import fft, ndimage
@@ -915,6 +915,8 @@ class SmoothResult:
     cell_offsets: tuple = field(repr=False)
     cell_weights: np.ndarray | None = field(default=None, repr=False)
     penalty: tuple | None = field(default=None, repr=False)
+    #: :meth:`background_map` makes a new array at every call (see BackgroundModel).
+    new_maps: ClassVar[bool] = True
 
     @property
     def scale(self) -> float:

@@ -28,8 +28,9 @@ from typing import Any
 import numpy as np
 import scipy.ndimage as ndi
 
-from skymap._util import MAD_TO_STD
+from skymap._util import MAD_TO_STD, nanmedian_rows
 from skymap._validate import as_image, as_mask, check_positive, combine_masks
+from skymap.masking import _bright_kernels as _kb
 
 __all__ = ["BrightSources", "HaloMasker", "radial_profiles"]
 
@@ -168,36 +169,103 @@ class BrightSources:
         return int(self.x.size)
 
 
-def _coarse_sky(img: np.ndarray, invalid: np.ndarray, block: int) -> np.ndarray:
-    """A sky to find bright sources against: medians of ``block`` x ``block`` blocks
-    (every other pixel), median-filtered over 3 x 3 blocks (a block that a bright star
-    fills is outvoted by its neighbours), repeated back to full resolution."""
-    ny, nx = img.shape
-    gy, gx = -(-ny // block), -(-nx // block)
-    pad = np.full((gy * block, gx * block), np.nan, np.float32)
-    pad[:ny, :nx] = np.where(invalid, np.nan, img)
-    sub = pad[::2, ::2].reshape(gy, block // 2, gx, block // 2).transpose(0, 2, 1, 3)
-    with np.errstate(all="ignore"), warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)
-        grid = np.nanmedian(sub.reshape(gy, gx, -1), axis=-1)
-    hole = ~np.isfinite(grid)
-    if hole.all():
-        return np.zeros(img.shape, np.float32)
-    if hole.any():
-        idx = ndi.distance_transform_edt(hole, return_distances=False, return_indices=True)
-        grid = grid[tuple(idx)]
-    grid = ndi.median_filter(grid, size=3, mode="nearest")
-    return np.repeat(np.repeat(grid, block, axis=0), block, axis=1)[:ny, :nx]
+class _CoarseSky:
+    """A sky to find bright sources against, held at one value per ``block`` x
+    ``block`` block: medians of the block's every other pixel, median-filtered over
+    3 x 3 blocks (a block that a bright star fills is outvoted by its neighbours). It
+    is read as ``image - sky`` at full resolution band by band, at a subsample or at
+    given pixels, so that neither map is ever held at full resolution (memory)."""
+
+    def __init__(self, img: np.ndarray, invalid: np.ndarray, block: int):
+        ny, nx = img.shape
+        gy, gx, h = -(-ny // block), -(-nx // block), block // 2
+        # Every other pixel, padded with NaN to whole blocks.
+        sub = np.full((gy * h, gx * h), np.nan, np.float32)
+        part = img[::2, ::2]
+        sub[: part.shape[0], : part.shape[1]] = np.where(invalid[::2, ::2], np.nan, part)
+        blocks = sub.reshape(gy, h, gx, h).transpose(0, 2, 1, 3).reshape(gy * gx, h * h)
+        grid = nanmedian_rows(blocks, overwrite=True).reshape(gy, gx)
+        hole = ~np.isfinite(grid)
+        if hole.all():
+            grid = np.zeros((gy, gx), np.float32)
+        elif hole.any():
+            idx = ndi.distance_transform_edt(hole, return_distances=False, return_indices=True)
+            grid = grid[tuple(idx)]
+        self.grid = ndi.median_filter(grid, size=3, mode="nearest")
+        self.block = block
+        self.img = img
+
+    def at(self, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+        """``image - sky`` at the pixels (``rows``, ``cols``) (arrays that broadcast)."""
+        b = self.block
+        return self.img[rows, cols] - self.grid[rows // b, cols // b]
+
+    def subsample(self, step: int) -> np.ndarray:
+        """``(image - sky)[::step, ::step]``."""
+        ny, nx = self.img.shape
+        return self.at(np.arange(0, ny, step)[:, None], np.arange(0, nx, step)[None, :])
+
+    def above(self, threshold: float, invalid: np.ndarray) -> np.ndarray:
+        """Full-resolution ``image - sky > threshold`` and not ``invalid``, a band of
+        ``block`` rows at a time."""
+        ny, nx = self.img.shape
+        b = self.block
+        out = np.empty((ny, nx), bool)
+        for i in range(self.grid.shape[0]):
+            rows = slice(i * b, min(ny, (i + 1) * b))
+            sky = np.repeat(self.grid[i], b)[:nx]
+            with np.errstate(invalid="ignore"):
+                np.greater(self.img[rows] - sky, threshold, out=out[rows])
+        out &= ~invalid
+        return out
 
 
-def _mad_sigma(a: np.ndarray, invalid: np.ndarray) -> float:
-    """MAD-based sigma of the valid pixels of ``a`` (a subsample of ~250 000)."""
-    step = max(1, int(math.sqrt(a.size / 250_000)))
-    v = a[::step, ::step][~invalid[::step, ::step]]
+def _mad_sigma(a: np.ndarray) -> float:
+    """MAD-based sigma of the finite values of ``a`` (a subsample of ~250 000: see
+    :func:`_mad_step`)."""
+    v = a[np.isfinite(a)]
     if v.size == 0:
         return 1.0
     mad = MAD_TO_STD * float(np.median(np.abs(v - np.median(v))))
     return mad if mad > 0 else 1.0
+
+
+def _mad_step(shape) -> int:
+    """Row and column step of the ~250 000 pixels :func:`_mad_sigma` reads."""
+    return max(1, int(math.sqrt(shape[0] * shape[1] / 250_000)))
+
+
+def _box_means(sky: _CoarseSky, invalid: np.ndarray, flat: np.ndarray) -> np.ndarray:
+    """The 3 x 3 mean of ``image - sky`` (invalid pixels as 0, reflected at the
+    edges, as ``scipy.ndimage.uniform_filter``'s default) at the flat indices
+    ``flat``: computed at those pixels only, not over the whole image."""
+    ny, nx = invalid.shape
+    y, x = np.divmod(flat, nx)
+    total = np.zeros(flat.size)
+    for dy in (-1, 0, 1):
+        yy = np.clip(y + dy, 0, ny - 1)
+        for dx in (-1, 0, 1):
+            xx = np.clip(x + dx, 0, nx - 1)
+            total += np.where(invalid[yy, xx], np.float32(0), sky.at(yy, xx))
+    return total / 9.0
+
+
+def _touching(above: np.ndarray, invalid: np.ndarray) -> np.ndarray:
+    """``above`` OR the ``invalid`` pixels that share an edge with it (a binary
+    dilation of ``above`` by the cross, cut to ``invalid``), reading the neighbours
+    of the invalid pixels only."""
+    region = above.copy()
+    iv = np.flatnonzero(invalid)
+    if iv.size:
+        ny, nx = above.shape
+        y, x = np.divmod(iv, nx)
+        near = np.zeros(iv.size, bool)
+        for dy, dx in ((-1, 0), (1, 0), (0, -1), (0, 1)):
+            yy, xx = y + dy, x + dx
+            inside = (yy >= 0) & (yy < ny) & (xx >= 0) & (xx < nx)
+            near[inside] |= above[yy[inside], xx[inside]]
+        region.ravel()[iv[near]] = True
+    return region
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -320,10 +388,14 @@ class HaloMasker:
         pixel noise the halos are cut at."""
         img = as_image(residual, "residual")
         invalid = combine_masks(img, as_mask(mask, img.shape))
-        det = img - _coarse_sky(img, invalid, 64)
-        sigma = _mad_sigma(det, invalid)
+        sky = _CoarseSky(img, invalid, 64)
+        step = _mad_step(img.shape)
+        det = sky.subsample(step)
+        det[invalid[::step, ::step]] = np.nan
+        sigma = _mad_sigma(det)
+        del det
         limit = min(self.max_radius, max(img.shape) / 4.0)
-        rows = self._candidates(det, invalid, sigma, limit)
+        rows = self._candidates(sky, invalid, sigma, limit)
         if rows is None:
             return self._empty(sigma)
         y, x, snr, core, sat = rows
@@ -371,46 +443,57 @@ class HaloMasker:
             noise=sigma,
         )
 
-    def _candidates(self, det, invalid, sigma, limit):
-        """(y, x, snr, core radius, saturated) of the bright regions, or None."""
-        with np.errstate(invalid="ignore"):
-            above = det > self.seed * sigma
-        above &= ~invalid
+    def _candidates(self, sky, invalid, sigma, limit):
+        """(y, x, snr, core radius, saturated) of the bright regions of
+        ``image - sky`` (a :class:`_CoarseSky`), or None."""
+        above = sky.above(self.seed * sigma, invalid)
         if not above.any():
             return None
         # Masked pixels that touch a region join it: a NaN or flagged saturated core.
-        region = above | (invalid & ndi.binary_dilation(above))
-        labels, n = ndi.label(region, structure=np.ones((3, 3), bool))
-        # Pull in the whole masked core (it may be wider than one pixel).
-        core_lab, ncore = ndi.label(invalid, structure=np.ones((3, 3), bool))
-        if ncore:
+        region = _touching(above, invalid)
+        del above
+        # 8-connected, numbered as scipy's label does; visits the (few) region pixels
+        # only.
+        labels, n = _kb.label8(region)
+        del region
+        if invalid.any():
+            # Pull in the whole masked core (it may be wider than one pixel), reading
+            # the masked pixels only.
+            core_lab, ncore = ndi.label(invalid, structure=np.ones((3, 3), bool))
+            iv = np.flatnonzero(invalid)
+            cl, lb = core_lab.ravel()[iv], labels.ravel()[iv]
+            del core_lab
             touched = np.zeros(ncore + 1, np.int64)
-            hit = (labels > 0) & (core_lab > 0)
-            touched[core_lab[hit]] = labels[hit]
-            sizes = np.bincount(core_lab.ravel(), minlength=ncore + 1)
+            hit = lb > 0
+            touched[cl[hit]] = lb[hit]
+            sizes = np.bincount(cl, minlength=ncore + 1)
             # A masked region larger than the largest halo is not a star's core
             # (a border, a chip gap): it does not join.
             touched[sizes > math.pi * limit**2 / 4.0] = 0
             touched[0] = 0
-            add = touched[core_lab]
-            labels = np.where((labels == 0) & (add > 0), add, labels)
+            add = touched[cl]
+            join = (lb == 0) & (add > 0)
+            labels.ravel()[iv[join]] = add[join]
+            del iv, cl, lb, add, join
         # Per-region statistics over the region pixels only (few, for bright
         # sources): flat indices grouped by label, brightest pixel last.
         where = np.flatnonzero(labels)
         lab = labels.ravel()[where] - 1
+        del labels
         bad = invalid.ravel()[where]
-        vals = np.where(bad, -np.inf, det.ravel()[where])
+        ry, rx = np.divmod(where, invalid.shape[1])
+        vals = np.where(bad, -np.inf, sky.at(ry, rx))
         order = np.lexsort((vals, lab))
         where, lab, bad, vals = where[order], lab[order], bad[order], vals[order]
+        ry, rx = ry[order], rx[order]
         size = np.bincount(lab, minlength=n)
         last = np.cumsum(size) - 1
         peak = vals[last]
         masked = np.bincount(lab, bad, minlength=n)
         # Brightness: the largest 3x3 mean, in units of its noise (sigma / 3 for white
         # noise), so that a star spread by poor seeing counts as much as a sharp one.
-        box = ndi.uniform_filter(np.where(invalid, 0.0, det).astype(np.float32), 3)
         boxmax = np.full(n, -np.inf)
-        np.maximum.at(boxmax, lab, box.ravel()[where])
+        np.maximum.at(boxmax, lab, _box_means(sky, invalid, where))
         snr = boxmax / (sigma / 3.0)
         # A flat top: the area above 90% of the peak is several times the typical
         # bright source's (which the PSF sets, whatever the seeing), as a clipped core
@@ -428,10 +511,9 @@ class HaloMasker:
             return None
         # Saturated centre: the middle of the flat top and masked core; otherwise the
         # peak pixel.
-        py, px = np.divmod(where[last], det.shape[1])
+        py, px = ry[last], rx[last]
         core = near | bad
         area = np.bincount(lab, core, minlength=n)
-        ry, rx = np.divmod(where, det.shape[1])
         with np.errstate(invalid="ignore", divide="ignore"):
             cy = np.bincount(lab, core * ry, minlength=n) / area
             cx = np.bincount(lab, core * rx, minlength=n) / area
