@@ -233,7 +233,7 @@ def speed(repeat):
     _report("1000x1000 notebook scene", "skymap.fit", ts, "recipe", tr)
 
 
-def speed_large(repeat):
+def speed_large(repeat, n=4096):
     import skymap
     from skymap.quality.simulate import scene_by_name
 
@@ -241,15 +241,16 @@ def speed_large(repeat):
         np.zeros((256, 256), np.float32)
         + np.random.default_rng(0).normal(size=(256, 256)).astype(np.float32)
     )
-    big = scene_by_name("crowded_stellar", shape=(4096, 4096), seed=0).image.astype(np.float32)
+    big = scene_by_name("crowded_stellar", shape=(n, n), seed=0).image.astype(np.float32)
     ts, tp = [], []
     for _ in range(repeat):
         ts.append(_timed(skymap.fit, big))
         tp.append(_timed(sep_background, big))
-    _report("4096x4096 float32", "skymap.fit", ts, "SEP", tp)
+    _report(f"{n}x{n} float32", "skymap.fit", ts, "SEP", tp)
+    del big
     for which in ("skymap", "sep"):
         out = subprocess.run(
-            [sys.executable, __file__, "--memory", which],
+            [sys.executable, __file__, "--memory", which, "--size", str(n)],
             capture_output=True,
             text=True,
             check=True,
@@ -257,16 +258,17 @@ def speed_large(repeat):
         print(out.stdout.strip())
 
 
-def memory(which):
+def memory(which, n=4096):
     """Peak RSS above the RSS with the image loaded, in units of the image size (Linux:
-    the peak is reset through /proc/self/clear_refs once the image is in memory)."""
+    the peak is reset through /proc/self/clear_refs once the image is in memory). The
+    image: noise, a gradient and 3000 5x5 sources per 4096^2."""
     import skymap
 
     rng = np.random.default_rng(0)
-    image = rng.standard_normal((4096, 4096), dtype=np.float32)
+    image = rng.standard_normal((n, n), dtype=np.float32)
     image *= 10
-    image += 100 + 0.01 * np.arange(4096, dtype=np.float32)[:, None]
-    for y, x in rng.integers(10, 4086, (3000, 2)):
+    image += 100 + 0.01 * np.arange(n, dtype=np.float32)[:, None]
+    for y, x in rng.integers(10, n - 10, (max(1, round(3000 * (n / 4096) ** 2)), 2)):
         image[y - 2 : y + 3, x - 2 : x + 3] += rng.uniform(10, 500)
     run = (lambda a: skymap.fit(a)) if which == "skymap" else sep_background
     run(image[:256, :256].copy())
@@ -274,7 +276,7 @@ def memory(which):
     run(image)
     peak = status_kb("VmHWM")
     print(
-        f"4096x4096 float32 {which}: peak extra memory {(peak - base) * 1024 / image.nbytes:.2f}"
+        f"{n}x{n} float32 {which}: peak extra memory {(peak - base) * 1024 / image.nbytes:.2f}"
         " x image"
     )
 
@@ -287,6 +289,7 @@ def main():
     p.add_argument("--speed", action="store_true", help="1000x1000 against the recipe")
     p.add_argument("--speed-large", action="store_true", help="4096x4096 against SEP, memory")
     p.add_argument("--repeat", type=int, default=3)
+    p.add_argument("--size", type=int, default=4096, help="side of --speed-large's image")
     p.add_argument(
         "--scenes",
         default="notebook,crowded_stellar,galaxies_lsb,nebula,detector_artifacts",
@@ -294,14 +297,14 @@ def main():
     p.add_argument("--memory", choices=("skymap", "sep"), help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.memory:
-        memory(args.memory)
+        memory(args.memory, args.size)
         return
     if args.accuracy:
         accuracy(args.scenes.split(","))
     if args.speed:
         speed(args.repeat)
     if args.speed_large:
-        speed_large(args.repeat)
+        speed_large(args.repeat, args.size)
 
 
 if __name__ == "__main__":

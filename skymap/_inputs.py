@@ -435,14 +435,17 @@ class Normalisation:
         the level (a new boolean array)."""
         return work < work.dtype.type(-NEGATIVE * self.spread / self.scale)
 
-    def undo(self, work, *, offset: bool = True):
+    def undo(self, work, *, offset: bool = True, reuse: bool = False):
         """``work * scale + level`` in ``work``'s dtype (a new array; a lazy one for a
-        dask array); ``offset=False`` for spreads (rms, errors), which only scale."""
+        dask array); ``offset=False`` for spreads (rms, errors), which only scale.
+        ``reuse``: a float ``work`` ndarray that the caller no longer needs is
+        overwritten with the result (the same values; no second image of memory)."""
         if hasattr(work, "map_blocks"):
             return work.map_blocks(self.undo, offset=offset, dtype=work.dtype)
         work = np.asarray(work)
         dtype = work.dtype if work.dtype.kind == "f" else np.dtype(np.float64)
-        out = np.multiply(work, dtype.type(self.scale), dtype=dtype)
+        into = work if reuse and work.dtype == dtype and work.flags.writeable else None
+        out = np.multiply(work, dtype.type(self.scale), dtype=dtype, out=into)
         if offset:
             np.add(out, dtype.type(self.level), out=out)
         return out

@@ -9,7 +9,14 @@ from __future__ import annotations
 import math
 from typing import Any
 
-__all__ = ["MAD_TO_STD", "check_int", "cut_window", "in_bands", "pow2_at_most"]
+__all__ = [
+    "MAD_TO_STD",
+    "check_int",
+    "cut_window",
+    "in_bands",
+    "nanmedian_rows",
+    "pow2_at_most",
+]
 
 #: 1 / Phi^-1(3/4): median absolute deviation -> standard deviation of a Gaussian (the
 #: constant astropy uses). The one definition in the package.
@@ -51,6 +58,34 @@ def pow2_at_most(value: float, *limits: int) -> int:
     """
     b = 1 << max(0, int(math.floor(math.log2(max(value, 1.0)))))
     return max(1, min((b, *limits)))
+
+
+def nanmedian_rows(a, overwrite: bool = False):
+    """``np.nanmedian(a, axis=1)`` of a 2-D array, NaN for an all-NaN row, without its
+    warning: the rows without a NaN at once by ``np.median`` (numpy's nanmedian takes
+    long rows one by one in Python), the same partition and mean, so the same values.
+    ``overwrite``: ``a`` may be reordered (no copy when no row holds a NaN).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> nanmedian_rows(np.array([[1.0, 3.0, 2.0], [np.nan, 4.0, 5.0], [np.nan] * 3]))
+    array([2. , 4.5, nan])
+    """
+    import warnings
+
+    import numpy as np
+
+    out = np.empty(a.shape[0], a.dtype)
+    full = ~np.isnan(a).any(axis=1)
+    if full.all():
+        return np.median(a, axis=1, overwrite_input=overwrite).astype(a.dtype, copy=False)
+    out[full] = np.median(a[full], axis=1, overwrite_input=True)
+    if not full.all():
+        with np.errstate(all="ignore"), warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            out[~full] = np.nanmedian(a[~full], axis=1)
+    return out
 
 
 def cut_window(a, step: int = 1, window=None):

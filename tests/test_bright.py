@@ -175,3 +175,17 @@ def test_pure_noise_white_or_correlated_is_not_masked(kernel):
     img = (100 + w / w.std()).astype(np.float32)
     res = skymap.fit(img)
     assert res.source_mask.mean() < 0.01
+
+
+def test_the_halo_finder_labels_regions_as_scipy_numbers_them():
+    # the bright regions' labels (sources are ordered by them on ties) come from a
+    # labelling that visits the region pixels only: equal to scipy's, number for number
+    from skymap.masking._bright_kernels import label8
+
+    rng = np.random.default_rng(4)
+    for shape, p in [((61, 83), 0.45), ((40, 9), 0.6), ((128, 128), 0.05)]:
+        region = rng.random(shape) < p
+        labels, n = label8(region)
+        want, m = ndi.label(region, structure=np.ones((3, 3), bool))
+        assert n == m
+        np.testing.assert_array_equal(labels, want)

@@ -217,3 +217,84 @@ def test_the_fused_snr_pass_spreads_over_the_threads(rng, monkeypatch):
     res = rng.normal(size=(400, 150)).astype(np.float32)
     H.HysteresisMasker().scale_maps(res, np.asarray(np.float32(1.0)), res > 3, 1.0)
     assert calls["_dog_bands"] >= 2 and calls["_clean_rows"] >= 2
+
+
+def test_flood_fill_keeps_the_regions_that_hold_a_seed_as_labelling_does(rng):
+    # the in-memory hysteresis floods from the seeds instead of labelling: the same
+    # pixels as scipy's 8-connected labels that hold a code-2 pixel
+    from skymap.masking import _hysteresis_kernels as K
+
+    codes = rng.choice(np.array([0, 1, 2], np.uint8), p=[0.55, 0.43, 0.02], size=(97, 131))
+    labels, _ = ndi.label(codes > 0, structure=np.ones((3, 3), bool))
+    seeded = np.unique(labels[codes == 2])
+    want = np.isin(labels, seeded[seeded > 0])
+    got = K.flood_seeded(codes.copy()).view(bool)
+    np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("b, plain", [(1, True), (1, False), (2, True)])
+def test_sampled_rows_and_columns_and_fused_codes_equal_the_full_maps(rng, b, plain):
+    # _detect_sampled's pieces against scale_maps, bit for bit: the snr of the
+    # sampled rows and columns (windows stacked, image edges included), and the codes
+    # of the fused pass against thresholding the maps after the noise division
+    masker = H.HysteresisMasker(grow_plain=plain)
+    res = rng.normal(size=(203, 190)).astype(np.float32)
+    res[50:60, 70:90] += 6.0
+    excluded = np.zeros(res.shape, bool)
+    excluded[120:140, :30] = True
+    noise = H.CoarseRMS(
+        values=rng.uniform(0.8, 1.2, size=(13, 12)).astype(np.float32), step=16, shape=res.shape
+    )
+    s = 1.5 * b
+    maps = masker.scale_maps(res, noise, excluded, s)
+    num, cnt, direct, g, local, bw, sigma, q, bb = masker._dog_inputs(res, noise, excluded, s)
+    assert bb == b
+    step = 23
+    rows, cols = H._sampled_snr(num, cnt, direct, g, local, bw, sigma, q, b, step)
+    np.testing.assert_array_equal(rows, maps.snr[::step])
+    np.testing.assert_array_equal(cols, maps.snr[:, ::step])
+    factor = 1.37
+    codes = H._k.dog_codes(
+        num, num if cnt is None else cnt, direct, g, g * g, local, bw, sigma, b, q, factor,
+        masker.low, masker.high, plain, np.empty(num.shape, np.uint8),
+        H._dog_work(num.shape, g.size // 2),
+    )  # fmt: skip
+    snr = maps.snr / np.float32(factor)
+    grow = (maps.plain if plain else maps.snr) / np.float32(factor)
+    seed, grown = snr > np.float32(masker.high), grow > np.float32(masker.low)
+    want = np.where(seed, 2, np.where(grown, 1, 0))
+    np.testing.assert_array_equal(codes, want)
+
+
+@pytest.mark.parametrize("sigma", [1.0, 1.5])
+def test_the_fused_pass_sums_the_taps_in_order_in_float32(rng, sigma):
+    # bit for bit against the float32 sums in tap order (x pass, then y pass) that the
+    # tiled path's bit-identity rests on, for the unrolled 7-tap kernel (sigma 1) and
+    # the general loop (sigma 1.5)
+    from skymap.masking import _hysteresis_kernels as K
+
+    res = rng.normal(size=(90, 70)).astype(np.float32)
+    exc = rng.random(res.shape) < 0.05
+    exc[40:45] = False  # some clean rows
+    g = H._gaussian_kernel(sigma)
+    r = g.size // 2
+    snr, grow = np.empty(res.shape, np.float32), np.empty(res.shape, np.float32)
+    K.dog_snr(
+        res, res, exc, g, g * g, np.zeros((1, 1), np.float32), 70, np.ones((1, 1), np.float32),
+        1, 1, snr, grow, H._dog_work(res.shape, r),
+    )  # fmt: skip
+
+    def taps(a, k, axis):
+        pad = [(0, 0), (0, 0)]
+        pad[axis] = (r, r)
+        a = np.pad(a, pad)
+        out = np.zeros(res.shape, np.float32)
+        for j in range(k.size):
+            out += k[j] * (a[:, j : j + res.shape[1]] if axis else a[j : j + res.shape[0]])
+        return out
+
+    an = taps(taps(np.where(exc, 0, res).astype(np.float32), g, 1), g, 0)
+    av = taps(taps(np.where(exc, 0, 1).astype(np.float32), g * g, 1), g * g, 0)
+    inv = np.where(av > 0, 1.0 / np.sqrt(av).astype(np.float64), 0.0).astype(np.float32)
+    np.testing.assert_array_equal(grow, an * inv)
+    np.testing.assert_array_equal(snr, an * inv)

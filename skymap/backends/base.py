@@ -104,7 +104,9 @@ class ArrayBackend(Protocol):
         """``model``'s full background map, native (lazy for a tiled back end)."""
 
     def residual(self, background: Any) -> Any:
-        """``image - background`` in the image's dtype, native."""
+        """``image - background`` in the image's dtype, native. The loop reads
+        ``background`` no more: a back end may write the residual into it (the
+        in-memory one does, for a map it made from a model with ``new_maps``)."""
 
     def fit(self, estimator: Any, mask: Any, **hints: Any) -> Any:
         """``estimator`` fitted to the image with ``mask`` (True = excluded)."""

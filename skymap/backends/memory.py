@@ -8,6 +8,7 @@ in place.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -84,6 +85,7 @@ class MemoryBackend:
         if self.nbad == self.bad.size:
             raise ValueError("image has no valid pixel: everything is masked or non-finite")
         self._last = None
+        self._spare = None
 
     def normalise(self) -> Normalisation:
         """Replace the image by ``(image - level) / scale`` (a new array; see
@@ -99,9 +101,22 @@ class MemoryBackend:
     # -- the loop's operations
 
     def background(self, model):
-        return model.background_map()
+        bkg = model.background_map()
+        # A map made for this call alone (the model says new_maps) may take the
+        # residual in its place (residual): an image of memory less at the peak.
+        self._spare = weakref.ref(bkg) if getattr(model, "new_maps", False) else None
+        return bkg
 
     def residual(self, background):
+        spare = None if self._spare is None else self._spare()
+        self._spare = None
+        if (
+            spare is background
+            and background.dtype == self.dtype
+            and background.shape == self.shape
+            and background.flags.writeable
+        ):
+            return np.subtract(self.image, background, out=background)
         return np.subtract(self.image, background, dtype=self.dtype)
 
     def fit(self, estimator, mask, **hints):

@@ -43,6 +43,13 @@ class BackgroundModel(Protocol):
         Smoothing length in pixels, when the model has one.
     error : float
         RMS statistical error of the background in units of its RMS (NaN: unknown).
+
+    Notes
+    -----
+    A model may also say ``new_maps = True`` (not required): its
+    :meth:`background_map` makes a new array at every call, which the caller may then
+    overwrite (the in-memory back end writes the residual into it, one image of memory
+    less).
     """
 
     shape: tuple[int, int]

@@ -38,7 +38,6 @@ def masked_block_sums(values, excluded, b, num, cnt):
 @njit(cache=True, nogil=True)
 def _masked_block_sums(values, excluded, b, num, cnt, lo, hi):  # pragma: no cover - compiled
     ny, nx = values.shape
-    gx = num.shape[1]
     bv = np.empty(nx, np.float32)
     bc = np.empty(nx, np.float32)
     for by in range(lo, hi):
@@ -52,22 +51,55 @@ def _masked_block_sums(values, excluded, b, num, cnt, lo, hi):  # pragma: no cov
                 e = erow[x]
                 bv[x] += np.float32(0.0) if e else vrow[x]
                 bc[x] += np.float32(0.0) if e else np.float32(1.0)
-        for bx in range(gx):
-            sn = np.float32(0.0)
-            sc = np.float32(0.0)
-            for x in range(bx * b, min(nx, (bx + 1) * b)):
-                sn += bv[x]
-                sc += bc[x]
-            num[by, bx] = sn
-            cnt[by, bx] = sc
+        _sum_pairs(bv, bc, b, num[by], cnt[by])
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _sum_pairs(bv, bc, b, nrow, crow):  # pragma: no cover - compiled
+    """``nrow[bx]``, ``crow[bx]``: the sums of ``bv``, ``bc`` over each run of ``b``
+    (the last may be short), from 0 in order; whole runs of 2 or 4 written out, so
+    that the loop over the blocks vectorises (the same sums)."""
+    nx = bv.size
+    z = np.float32(0.0)
+    start = 0
+    if b == 2:
+        start = nx // 2
+        for bx in range(start):
+            nrow[bx] = (z + bv[2 * bx]) + bv[2 * bx + 1]
+            crow[bx] = (z + bc[2 * bx]) + bc[2 * bx + 1]
+    elif b == 4:
+        start = nx // 4
+        for bx in range(start):
+            x = 4 * bx
+            nrow[bx] = (((z + bv[x]) + bv[x + 1]) + bv[x + 2]) + bv[x + 3]
+            crow[bx] = (((z + bc[x]) + bc[x + 1]) + bc[x + 2]) + bc[x + 3]
+    for bx in range(start, nrow.size):
+        sn = z
+        sc = z
+        for x in range(bx * b, min(nx, (bx + 1) * b)):
+            sn += bv[x]
+            sc += bc[x]
+        nrow[bx] = sn
+        crow[bx] = sc
 
 
 @njit(cache=True, nogil=True, inline="always")
 def _correlate_row(src, kernel, out):  # pragma: no cover - compiled
     """``out[x] = sum_j kernel[j] * src[x + j]`` (``src`` padded by the kernel's
-    half-width on each side): taps outermost, so the inner loop vectorises."""
-    out[:] = 0.0
+    half-width on each side), summed from 0 in the order of the taps: taps outermost,
+    so the inner loop vectorises; 7 taps (the kernel of every scale whose sigma is a
+    whole number of bins) unrolled in registers, the same sums in the same order."""
     n = out.size
+    if kernel.size == 7:
+        z = np.float32(0.0)
+        k0, k1, k2, k3, k4, k5, k6 = (kernel[0], kernel[1], kernel[2], kernel[3],
+                                      kernel[4], kernel[5], kernel[6])  # fmt: skip
+        for x in range(n):
+            out[x] = (((((((z + k0 * src[x]) + k1 * src[x + 1]) + k2 * src[x + 2])
+                         + k3 * src[x + 3]) + k4 * src[x + 4]) + k5 * src[x + 5])
+                      + k6 * src[x + 6])  # fmt: skip
+        return
+    out[:] = 0.0
     for j in range(kernel.size):
         w = kernel[j]
         for x in range(n):
@@ -77,6 +109,10 @@ def _correlate_row(src, kernel, out):  # pragma: no cover - compiled
 @njit(cache=True, nogil=True, inline="always")
 def _correlate_row2(src, k1, k2, out1, out2):  # pragma: no cover - compiled
     """:func:`_correlate_row` with two kernels of one size at once (one read of src)."""
+    if k1.size == 7:
+        _correlate_row(src, k1, out1)
+        _correlate_row(src, k2, out2)
+        return
     out1[:] = 0.0
     out2[:] = 0.0
     n = out1.size
@@ -87,6 +123,19 @@ def _correlate_row2(src, k1, k2, out1, out2):  # pragma: no cover - compiled
             v = src[x + j]
             out1[x] += w1 * v
             out2[x] += w2 * v
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _sum_rows7(rows, i0, w, out):  # pragma: no cover - compiled
+    """``out[x] = sum_t w[t] * rows[i0 + t][x]`` over 7 rows, summed from 0 in order:
+    the y pass of one output row, in registers."""
+    z = np.float32(0.0)
+    w0, w1, w2, w3, w4, w5, w6 = w[0], w[1], w[2], w[3], w[4], w[5], w[6]
+    r0, r1, r2, r3 = rows[i0], rows[i0 + 1], rows[i0 + 2], rows[i0 + 3]
+    r4, r5, r6 = rows[i0 + 4], rows[i0 + 5], rows[i0 + 6]
+    for x in range(out.size):
+        out[x] = (((((((z + w0 * r0[x]) + w1 * r1[x]) + w2 * r2[x]) + w3 * r3[x])
+                    + w4 * r4[x]) + w5 * r5[x]) + w6 * r6[x])  # fmt: skip
 
 
 def gaussian_separable(a, kernel, tmp, out):
@@ -134,9 +183,18 @@ def block_sum(a, b):
 def _block_sum(a, b, out, lo, hi):  # pragma: no cover - compiled
     ny, nx = a.shape
     for by in range(lo, hi):
+        orow = out[by]
         for y in range(by * b, min(ny, (by + 1) * b)):
-            for x in range(nx):
-                out[by, x // b] += a[y, x]
+            row = a[y]
+            start = 0
+            if b == 2:
+                # Whole pairs written out (the same sums in the same order): the loop
+                # over the blocks vectorises.
+                start = nx // 2 * 2
+                for bx in range(nx // 2):
+                    orow[bx] = (orow[bx] + row[2 * bx]) + row[2 * bx + 1]
+            for x in range(start, nx):
+                orow[x // b] += row[x]
 
 
 @njit(cache=True, nogil=True)
@@ -168,10 +226,33 @@ def dog_snr(num, cnt, excluded, g, g2, local, bw, noise, b, q, snr, grow, work):
     two full-size arrays. The maps are written into ``snr`` and ``grow`` (of ``num``'s
     shape; a (1, 1) ``grow`` skips that map).
 
-    ``work`` (bands, 3, strip + 2 r, nx) is the x pass's buffer: the rows are cut into
-    ``bands`` bands, shared out among the threads, and each band is swept in strips of
-    ``strip`` rows, so the buffer stays small.
+    ``work`` is ``(bands, strip)``: the rows are cut into ``bands`` bands, shared out
+    among the threads, and each band is swept in strips of ``strip`` rows through an
+    x-pass buffer of ``3 (strip + 2 r)`` rows per thread, so the buffers stay small.
     """
+    spec = (np.zeros((1, 1), np.uint8), np.float32(1.0), False, np.float32(0.0),
+            np.float32(0.0), False)  # fmt: skip
+    _dog_run(num, cnt, excluded, g, g2, local, bw, noise, b, q, snr, grow, work, spec)
+    return snr, grow
+
+
+def dog_codes(num, cnt, excluded, g, g2, local, bw, noise, b, q, factor, low, high, plain,
+              codes, work):  # fmt: skip
+    """The hysteresis codes of :func:`dog_snr`'s maps, in the same fused pass, without
+    the maps: ``codes`` (uint8, ``num``'s shape) is 2 where ``snr / factor > high``,
+    else 1 where ``grow / factor > low`` (``grow`` the plain map with ``plain``, else
+    ``snr``), else 0, with the maps' values and the division in float32 (no division
+    when ``factor <= 1``), exactly as thresholding the maps would give. Saves the two
+    float32 maps (two images of memory at full resolution)."""
+    none = np.zeros((1, 1), np.float32)
+    spec = (codes, np.float32(factor), bool(factor > 1.0), np.float32(low), np.float32(high),
+            bool(plain))  # fmt: skip
+    _dog_run(num, cnt, excluded, g, g2, local, bw, noise, b, q, none, none, work, spec)
+    return codes
+
+
+def _dog_run(num, cnt, excluded, g, g2, local, bw, noise, b, q, snr, grow, work, spec):
+    """:func:`dog_snr` or :func:`dog_codes` (``spec``: the codes and their thresholds)."""
     ny, nx = num.shape
     direct = excluded.shape[0] == ny and excluded.shape[1] == nx
     # Unbinned rows without an excluded pixel have weights of one everywhere, so their
@@ -185,10 +266,9 @@ def dog_snr(num, cnt, excluded, g, g2, local, bw, noise, b, q, snr, grow, work):
         in_bands(_clean_rows, ny, excluded, clean, grain=_ROWS)
     qruns, lruns, crow, vrow1, cint, vint = _dog_constants(nx, g, g2, b, q, noise.shape[1], bw)
     in_bands(
-        _dog_bands, work.shape[0], num, cnt, excluded, direct, g, g2, local, bw, noise, b,
-        q, snr, grow, work, clean, crow, vrow1, cint, vint, qruns, lruns, grain=1,
+        _dog_bands, work[0], num, cnt, excluded, direct, g, g2, local, bw, noise, b,
+        q, snr, grow, work, clean, crow, vrow1, cint, vint, qruns, lruns, spec, grain=1,
     )  # fmt: skip
-    return snr, grow
 
 
 @njit(cache=True, nogil=True)
@@ -228,9 +308,10 @@ def _dog_constants(nx, g, g2, b, q, nqx, bw):  # pragma: no cover - compiled
 
 def _dog_bands(
     num, cnt, excluded, direct, g, g2, local, bw, noise, b, q, snr, grow, work, clean,
-    crow, vrow1, cint, vint, qruns, lruns, lo, hi,
+    crow, vrow1, cint, vint, qruns, lruns, spec, lo, hi,
 ):  # fmt: skip
-    """Bands ``lo``..``hi`` of :func:`dog_snr`'s ``work.shape[0]`` bands of rows.
+    """Bands ``lo``..``hi`` of :func:`dog_snr`'s ``work[0]`` bands of rows, through
+    one x-pass buffer (this thread's).
 
     A Python loop over compiled strips of many rows each: calling them costs little,
     and compiling this loop too (which takes in the strip's code) would add ~1 s to a
@@ -238,18 +319,20 @@ def _dog_bands(
     ny, nx = num.shape
     r = g.size // 2
     want_grow = grow.shape[0] == ny and grow.shape[1] == nx
-    bands = work.shape[0]
-    strip = work.shape[2] - 2 * r
+    codes, factor, divide, low, high, plain = spec
+    bands, strip = work
     per_band = -(-ny // bands)
     if lo == hi:  # in_bands' empty first band: compile the strip in the calling thread
+        buf = np.empty((3, 1, 1), np.float32)
         _dog_strip(
             num, cnt, excluded, direct, g, g2, local, bw, noise, b, q, snr, grow, want_grow,
-            work[0, 0], work[0, 1], work[0, 2], 0, 0, 0, 0, clean, crow, vrow1, cint, vint,
-            qruns, lruns,
+            buf[0], buf[1], buf[2], 0, 0, 0, 0, clean, crow, vrow1, cint, vint,
+            qruns, lruns, codes, factor, divide, low, high, plain,
         )  # fmt: skip
         return
+    buf = np.empty((3, strip + 2 * r, nx), np.float32)
+    tn, tc, tv = buf[0], buf[1], buf[2]
     for band in range(lo, hi):
-        tn, tc, tv = work[band, 0], work[band, 1], work[band, 2]
         for y0 in range(band * per_band, min(ny, (band + 1) * per_band), strip):
             y1 = min(ny, y0 + strip, (band + 1) * per_band)
             a0 = max(0, y0 - r)
@@ -257,17 +340,20 @@ def _dog_bands(
             _dog_strip(
                 num, cnt, excluded, direct, g, g2, local, bw, noise, b, q, snr, grow,
                 want_grow, tn, tc, tv, y0, y1, a0, a1, clean, crow, vrow1, cint, vint,
-                qruns, lruns,
+                qruns, lruns, codes, factor, divide, low, high, plain,
             )  # fmt: skip
 
 
 @njit(cache=True, nogil=True)
 def _dog_strip(
     num, cnt, excluded, direct, g, g2, local, bw, noise, b, q, snr, grow, want_grow,
-    tn, tc, tv, y0, y1, a0, a1, clean, crow, vrow1, cint, vint, qruns, lruns,
+    tn, tc, tv, y0, y1, a0, a1, clean, crow, vrow1, cint, vint, qruns, lruns, codes,
+    factor, divide, low, high, plain,
 ):  # fmt: skip  # pragma: no cover - compiled
-    """Rows y0..y1 of :func:`dog_snr` (x pass over a0..a1, then the y pass)."""
+    """Rows y0..y1 of :func:`dog_snr` (x pass over a0..a1, then the y pass), or of
+    :func:`dog_codes` when ``codes`` has ``num``'s shape."""
     ny, nx = num.shape
+    want_codes = codes.shape[0] == ny and codes.shape[1] == nx
     r = g.size // 2
     nqy, nqx = noise.shape
     for k in range(a1 - a0):
@@ -300,11 +386,20 @@ def _dog_strip(
         if steady:
             ac = cint
             av = vint.copy()
-            for i in range(lo, hi + 1):
-                w = g[i - y + r]
-                sn = tn[i - a0]
-                for x in range(nx):
-                    an[x] += w * sn[x]
+            if g.size == 7:
+                _sum_rows7(tn, lo - a0, g, an)
+            else:
+                for i in range(lo, hi + 1):
+                    w = g[i - y + r]
+                    sn = tn[i - a0]
+                    for x in range(nx):
+                        an[x] += w * sn[x]
+        elif g.size == 7 and lo == y - r and hi == y + r:
+            ac = np.empty(nx, np.float32)
+            av = np.empty(nx, np.float32)
+            _sum_rows7(tn, lo - a0, g, an)
+            _sum_rows7(tc, lo - a0, g, ac)
+            _sum_rows7(tv, lo - a0, g2, av)
         else:
             ac = np.zeros(nx, np.float32)
             av = np.zeros(nx, np.float32)
@@ -325,11 +420,26 @@ def _dog_strip(
             for x in range(x0, x1):
                 v = av[x] * s2
                 av[x] = 1.0 / np.sqrt(v) if v > 0 else 0.0
+        lrow = local[y // bw]
+        if want_codes:
+            # The values dog_snr would store, divided and thresholded as
+            # HysteresisMasker.scale_mask and hysteresis_codes do (float32 throughout).
+            crow_out = codes[y]
+            for k0 in range(lruns.size - 1):
+                x0, x1 = lruns[k0], lruns[k0 + 1]
+                m = lrow[x0 // bw]
+                for x in range(x0, x1):
+                    sv = (an[x] - ac[x] * m) * av[x]
+                    gv = an[x] * av[x] if plain else sv
+                    if divide:
+                        sv = sv / factor
+                        gv = gv / factor
+                    crow_out[x] = 2 if sv > high else (1 if gv > low else 0)
+            continue
         if want_grow:
             out = grow[y]
             for x in range(nx):
                 out[x] = an[x] * av[x]
-        lrow = local[y // bw]
         out = snr[y]
         for k0 in range(lruns.size - 1):
             x0, x1 = lruns[k0], lruns[k0 + 1]
@@ -341,6 +451,8 @@ def _dog_strip(
 def expand_mask_into(small, b, out):
     """``out |= small[y // b, x // b]`` in place, at full resolution; returns ``out``.
     Reads the small map only, and writes only where it is set."""
+    if b == 1:
+        return np.logical_or(out, small, out=out)
     in_bands(_expand_mask_into, out.shape[0], small, b, out, grain=_ROWS)
     return out
 
@@ -405,3 +517,61 @@ def _keep_labels(labels, codes, keep, lo, hi):  # pragma: no cover - compiled
     for y in range(lo, hi):
         for x in range(nx):
             codes[y, x] = 1 if keep[labels[y, x]] else 0
+
+
+def flood_seeded(codes):
+    """Overwrite ``codes`` (2 seed, 1 growth, 0 neither) with 1 on the pixels
+    8-connected through codes >= 1 to a seed, 0 elsewhere; returns it. The same
+    pixels as labelling the regions and keeping those that hold a seed
+    (:func:`keep_seeded`), without a label map (an image of int32)."""
+    flat = codes.reshape(-1)
+    # The seeds are looked for eight codes at a time (words without one are skipped).
+    whole = flat.size // 8 * 8
+    _flood_seeded(codes, flat, flat[:whole].view(np.uint64))
+    return codes
+
+
+@njit(cache=True, nogil=True)
+def _flood_seeded(codes, flat, words):  # pragma: no cover - compiled
+    nx = codes.shape[1]
+    ny = codes.shape[0]
+    stack = np.empty(1 << 16, np.int64)
+    n = 0
+    # Code 3 marks a pixel reached (and pushed once). Codes are 0-2 here: a seed is a
+    # byte with bit 1 set.
+    seed_bits = np.uint64(0x0202020202020202)
+    for start in range(0, flat.size, 8):
+        if start // 8 < words.size and not words[start // 8] & seed_bits:
+            continue
+        for i in range(start, min(start + 8, flat.size)):
+            if flat[i] == 2:
+                flat[i] = 3
+                if n == stack.size:
+                    stack = grown(stack)
+                stack[n] = i
+                n += 1
+    while n:
+        n -= 1
+        i = stack[n]
+        y = i // nx
+        x = i - y * nx
+        for yy in range(max(0, y - 1), min(ny, y + 2)):
+            for xx in range(max(0, x - 1), min(nx, x + 2)):
+                j = yy * nx + xx
+                if flat[j] == 1 or flat[j] == 2:
+                    flat[j] = 3
+                    if n == stack.size:
+                        stack = grown(stack)
+                    stack[n] = j
+                    n += 1
+    for i in range(flat.size):
+        flat[i] = 1 if flat[i] == 3 else 0
+
+
+@njit(cache=True, nogil=True)
+def grown(stack):  # pragma: no cover - compiled
+    """``stack`` copied into one twice as long."""
+    out = np.empty(2 * stack.size, stack.dtype)
+    for i in range(stack.size):
+        out[i] = stack[i]
+    return out

@@ -28,8 +28,9 @@ from typing import Any
 import numpy as np
 import scipy.ndimage as ndi
 
-from skymap._util import MAD_TO_STD
+from skymap._util import MAD_TO_STD, nanmedian_rows
 from skymap._validate import as_image, as_mask, check_positive, combine_masks
+from skymap.masking import _bright_kernels as _kb
 
 __all__ = ["BrightSources", "HaloMasker", "radial_profiles"]
 
@@ -186,26 +187,18 @@ class BrightSources:
         return int(self.x.size)
 
 
-def _coarse_sky(img: np.ndarray, invalid: np.ndarray, block: int) -> np.ndarray:
-    """A sky to find bright sources against: medians of ``block`` x ``block`` blocks
-    (every other pixel), median-filtered over 3 x 3 blocks (a block that a bright star
-    fills is outvoted by its neighbours), repeated back to full resolution."""
-    grid = filled_sky(sky_blocks(img, invalid, block))
-    return np.repeat(np.repeat(grid, block, axis=0), block, axis=1)[: img.shape[0], : img.shape[1]]
-
-
 def sky_blocks(img: np.ndarray, invalid: np.ndarray, block: int) -> np.ndarray:
     """The medians of the valid pixels (every other one) of each ``block`` x ``block``
-    block of ``img`` (NaN: none), the last ones padded; per block, so a window that
-    starts on a block edge gives its part of the grid."""
+    block of ``img`` (NaN: none), the last ones padded with NaN; per block, so a window
+    that starts on a block edge gives its part of the grid."""
     ny, nx = img.shape
-    gy, gx = -(-ny // block), -(-nx // block)
-    pad = np.full((gy * block, gx * block), np.nan, np.float32)
-    pad[:ny, :nx] = np.where(invalid, np.nan, img)
-    sub = pad[::2, ::2].reshape(gy, block // 2, gx, block // 2).transpose(0, 2, 1, 3)
-    with np.errstate(all="ignore"), warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)
-        return np.nanmedian(sub.reshape(gy, gx, -1), axis=-1)
+    gy, gx, h = -(-ny // block), -(-nx // block), block // 2
+    # Every other pixel, padded with NaN to whole blocks.
+    sub = np.full((gy * h, gx * h), np.nan, np.float32)
+    part = img[::2, ::2]
+    sub[: part.shape[0], : part.shape[1]] = np.where(invalid[::2, ::2], np.nan, part)
+    blocks = sub.reshape(gy, h, gx, h).transpose(0, 2, 1, 3).reshape(gy * gx, h * h)
+    return nanmedian_rows(blocks, overwrite=True).reshape(gy, gx)
 
 
 def filled_sky(grid: np.ndarray) -> np.ndarray:
@@ -213,44 +206,105 @@ def filled_sky(grid: np.ndarray) -> np.ndarray:
     median-filtered over 3 x 3 blocks (all empty: zeros)."""
     hole = ~np.isfinite(grid)
     if hole.all():
-        return np.zeros(grid.shape, np.float32)
-    if hole.any():
+        grid = np.zeros(grid.shape, np.float32)
+    elif hole.any():
         idx = ndi.distance_transform_edt(hole, return_distances=False, return_indices=True)
         grid = grid[tuple(idx)]
     return ndi.median_filter(grid, size=3, mode="nearest")
 
 
-def mad_step(size: int) -> int:
-    """The stride per axis of :func:`_mad_sigma`'s subsample (~250 000 pixels)."""
-    return max(1, int(math.sqrt(size / 250_000)))
+class _CoarseSky:
+    """A sky to find bright sources against, held at one value per ``block`` x
+    ``block`` block: medians of the block's every other pixel, median-filtered over
+    3 x 3 blocks (a block that a bright star fills is outvoted by its neighbours). It
+    is read as ``image - sky`` at full resolution band by band, at a subsample or at
+    given pixels, so that neither map is ever held at full resolution (memory)."""
+
+    def __init__(self, img: np.ndarray, invalid: np.ndarray, block: int):
+        self.grid = filled_sky(sky_blocks(img, invalid, block))
+        self.block = block
+        self.img = img
+
+    def at(self, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+        """``image - sky`` at the pixels (``rows``, ``cols``) (arrays that broadcast)."""
+        b = self.block
+        return self.img[rows, cols] - self.grid[rows // b, cols // b]
+
+    def subsample(self, step: int) -> np.ndarray:
+        """``(image - sky)[::step, ::step]``."""
+        ny, nx = self.img.shape
+        return self.at(np.arange(0, ny, step)[:, None], np.arange(0, nx, step)[None, :])
+
+    def above(self, threshold: float, invalid: np.ndarray) -> np.ndarray:
+        """Full-resolution ``image - sky > threshold`` and not ``invalid``, a band of
+        ``block`` rows at a time."""
+        ny, nx = self.img.shape
+        b = self.block
+        out = np.empty((ny, nx), bool)
+        for i in range(self.grid.shape[0]):
+            rows = slice(i * b, min(ny, (i + 1) * b))
+            sky = np.repeat(self.grid[i], b)[:nx]
+            with np.errstate(invalid="ignore"):
+                np.greater(self.img[rows] - sky, threshold, out=out[rows])
+        out &= ~invalid
+        return out
 
 
-def _mad_sigma(a: np.ndarray, invalid: np.ndarray) -> float:
-    """MAD-based sigma of the valid pixels of ``a`` (a subsample of ~250 000)."""
-    step = mad_step(a.size)
-    return mad_sigma(a[::step, ::step][~invalid[::step, ::step]])
-
-
-def mad_sigma(v: np.ndarray) -> float:
-    """MAD-based sigma of the values ``v`` (1 if there are none or the MAD is 0); the
-    order of ``v`` does not matter."""
+def mad_sigma(a: np.ndarray) -> float:
+    """MAD-based sigma of the finite values of ``a`` (a subsample of ~250 000: see
+    :func:`mad_step`); their order does not matter."""
+    v = a[np.isfinite(a)]
     if v.size == 0:
         return 1.0
     mad = MAD_TO_STD * float(np.median(np.abs(v - np.median(v))))
     return mad if mad > 0 else 1.0
 
 
-def box_means(values: np.ndarray, ys: np.ndarray, xs: np.ndarray) -> np.ndarray:
-    """The 3 x 3 means of ``values`` (float32) at the pixels (``ys``, ``xs``), edges
-    repeated (scipy's ``reflect`` for a 3-px box): each from its own nine pixels, so
-    a window of ``values`` one pixel larger than the pixels gives the same numbers."""
-    ny, nx = values.shape
-    total = np.zeros(ys.shape, np.float64)
+def mad_step(shape) -> int:
+    """Row and column step of the ~250 000 pixels :func:`mad_sigma` reads."""
+    return max(1, int(math.sqrt(shape[0] * shape[1] / 250_000)))
+
+
+def box_means(value_at, ys: np.ndarray, xs: np.ndarray, shape) -> np.ndarray:
+    """The 3 x 3 means (float64) at the pixels (``ys``, ``xs``) of an image of
+    ``shape`` read through ``value_at(rows, cols)`` (float32, invalid pixels as 0),
+    edges reflected as ``scipy.ndimage.uniform_filter``'s default: each from its own
+    nine pixels, so a window one pixel larger than the pixels gives the same numbers."""
+    ny, nx = shape
+    total = np.zeros(ys.size)
     for dy in (-1, 0, 1):
         yy = np.clip(ys + dy, 0, ny - 1)
         for dx in (-1, 0, 1):
-            total += values[yy, np.clip(xs + dx, 0, nx - 1)]
-    return (total / 9.0).astype(np.float32)
+            total += value_at(yy, np.clip(xs + dx, 0, nx - 1))
+    return total / 9.0
+
+
+def _box_means(sky: _CoarseSky, invalid: np.ndarray, flat: np.ndarray) -> np.ndarray:
+    """:func:`box_means` of ``image - sky`` at the flat indices ``flat``: computed at
+    those pixels only, not over the whole image."""
+    y, x = np.divmod(flat, invalid.shape[1])
+    return box_means(
+        lambda yy, xx: np.where(invalid[yy, xx], np.float32(0), sky.at(yy, xx)),
+        y, x, invalid.shape,
+    )  # fmt: skip
+
+
+def _touching(above: np.ndarray, invalid: np.ndarray) -> np.ndarray:
+    """``above`` OR the ``invalid`` pixels that share an edge with it (a binary
+    dilation of ``above`` by the cross, cut to ``invalid``), reading the neighbours
+    of the invalid pixels only."""
+    region = above.copy()
+    iv = np.flatnonzero(invalid)
+    if iv.size:
+        ny, nx = above.shape
+        y, x = np.divmod(iv, nx)
+        near = np.zeros(iv.size, bool)
+        for dy, dx in ((-1, 0), (1, 0), (0, -1), (0, 1)):
+            yy, xx = y + dy, x + dx
+            inside = (yy >= 0) & (yy < ny) & (xx >= 0) & (xx < nx)
+            near[inside] |= above[yy[inside], xx[inside]]
+        region.ravel()[iv[near]] = True
+    return region
 
 
 def region_stats(where, lab, bad, vals, box, n: int, width: int) -> dict:
@@ -411,9 +465,13 @@ class HaloMasker:
         pixel noise the halos are cut at."""
         img = as_image(residual, "residual")
         invalid = combine_masks(img, as_mask(mask, img.shape))
-        det = img - _coarse_sky(img, invalid, SKY_BLOCK)
-        sigma = _mad_sigma(det, invalid)
-        stats = self._candidates(det, invalid, sigma, self.limit(img.shape))
+        sky = _CoarseSky(img, invalid, SKY_BLOCK)
+        step = mad_step(img.shape)
+        det = sky.subsample(step)
+        det[invalid[::step, ::step]] = np.nan
+        sigma = mad_sigma(det)
+        del det
+        stats = self._candidates(sky, invalid, sigma, self.limit(img.shape))
 
         def sample(cy, cx):
             return img[cy, cx], invalid[cy, cx]
@@ -481,36 +539,46 @@ class HaloMasker:
             noise=sigma,
         )
 
-    def _candidates(self, det, invalid, sigma, limit):
-        """:func:`region_stats` of the candidate regions (in label order), or None."""
-        with np.errstate(invalid="ignore"):
-            above = det > self.seed * sigma
-        above &= ~invalid
+    def _candidates(self, sky, invalid, sigma, limit):
+        """:func:`region_stats` of the candidate regions of ``image - sky`` (a
+        :class:`_CoarseSky`), in label order, or None."""
+        above = sky.above(self.seed * sigma, invalid)
         if not above.any():
             return None
         # Masked pixels that touch a region join it: a NaN or flagged saturated core.
-        region = above | (invalid & ndi.binary_dilation(above))
-        labels, n = ndi.label(region, structure=np.ones((3, 3), bool))
-        # Pull in the whole masked core (it may be wider than one pixel).
-        core_lab, ncore = ndi.label(invalid, structure=np.ones((3, 3), bool))
-        if ncore:
+        region = _touching(above, invalid)
+        del above
+        # 8-connected, numbered as scipy's label does; visits the (few) region pixels
+        # only.
+        labels, n = _kb.label8(region)
+        del region
+        if invalid.any():
+            # Pull in the whole masked core (it may be wider than one pixel), reading
+            # the masked pixels only.
+            core_lab, ncore = ndi.label(invalid, structure=np.ones((3, 3), bool))
+            iv = np.flatnonzero(invalid)
+            cl, lb = core_lab.ravel()[iv], labels.ravel()[iv]
+            del core_lab
             touched = np.zeros(ncore + 1, np.int64)
-            hit = (labels > 0) & (core_lab > 0)
-            touched[core_lab[hit]] = labels[hit]
-            sizes = np.bincount(core_lab.ravel(), minlength=ncore + 1)
+            hit = lb > 0
+            touched[cl[hit]] = lb[hit]
+            sizes = np.bincount(cl, minlength=ncore + 1)
             # A masked region larger than the largest halo is not a star's core
             # (a border, a chip gap): it does not join.
             touched[sizes > self.core_limit(limit)] = 0
             touched[0] = 0
-            add = touched[core_lab]
-            labels = np.where((labels == 0) & (add > 0), add, labels)
+            add = touched[cl]
+            join = (lb == 0) & (add > 0)
+            labels.ravel()[iv[join]] = add[join]
+            del iv, cl, lb, add, join
         # Per-region statistics over the region pixels only (few, for bright sources).
         where = np.flatnonzero(labels)
-        ys, xs = np.divmod(where, det.shape[1])
-        box = box_means(np.where(invalid, 0.0, det).astype(np.float32), ys, xs)
         lab = labels.ravel()[where] - 1
+        del labels
+        ry, rx = np.divmod(where, invalid.shape[1])
+        box = _box_means(sky, invalid, where)
         return region_stats(
-            where, lab, invalid.ravel()[where], det.ravel()[where], box, n, det.shape[1]
+            where, lab, invalid.ravel()[where], sky.at(ry, rx), box, n, invalid.shape[1]
         )
 
     @staticmethod

@@ -71,7 +71,7 @@ def find_tiled(masker: HaloMasker, backend) -> BrightSources:
     for (by, bx), part in parts:
         grid[by : by + part.shape[0], bx : bx + part.shape[1]] = part
     sky = filled_sky(grid)
-    step = mad_step(shape[0] * shape[1])
+    step = mad_step(shape)
     values = backend.gather_tiles(_noise_part, arrays, sky=sky, step=step)
     sigma = mad_sigma(np.concatenate(values))
     limit = masker.limit(shape)
@@ -166,8 +166,12 @@ def _region_part(img, bad, *, window, core, sky, sigma, masker, shape, core_limi
     where = np.flatnonzero(ext)
     ly, lx = np.divmod(where, region.shape[1])
     flat = (ly + y0) * nx + (lx + x0)
-    masked_w = np.where(inv_w, 0.0, det_w).astype(np.float32)
-    box = box_means(masked_w, ly + (y0 - wy0), lx + (x0 - wx0))
+    masked_w = np.where(inv_w, det_w.dtype.type(0), det_w)
+
+    def value_at(rows, cols):
+        return masked_w[rows, cols]
+
+    box = box_means(value_at, ly + (y0 - wy0), lx + (x0 - wx0), masked_w.shape)
     lab = ext.ravel()[where] - 1
     pbad, pval = inv.ravel()[where], det.ravel()[where]
     orig = labels.ravel()[where] > 0
@@ -186,7 +190,7 @@ def _region_part(img, bad, *, window, core, sky, sigma, masker, shape, core_limi
     take = open_piece[pieces] & (~big[pieces] | edge)
     py, px = np.nonzero(take)
     pflat = (py + y0) * nx + (px + x0)
-    pbox = box_means(masked_w, py + (y0 - wy0), px + (x0 - wx0))
+    pbox = box_means(value_at, py + (y0 - wy0), px + (x0 - wx0), masked_w.shape)
     out["open"] = (pflat, pieces[take] - 1, labels[take] > 0, pbox)
     out["piece_size"] = psize[1:]
     return out

@@ -20,7 +20,6 @@ from typing import Any
 
 import numba
 import numpy as np
-import scipy.ndimage as ndi
 from scipy.special import ndtri
 
 from skymap._util import MAD_TO_STD, pow2_at_most
@@ -44,10 +43,10 @@ def _block_sum(a: np.ndarray, b: int) -> np.ndarray:
 
 
 def _dog_work(shape, r, strip=64):
-    """The x-pass buffer of dog_snr: a few bands per thread (balance), each swept in
-    strips of ``strip`` rows (small buffers)."""
-    bands = max(1, min(-(-shape[0] // strip), 4 * numba.get_num_threads()))
-    return np.empty((bands, 3, strip + 2 * r, shape[1]), np.float32)
+    """How dog_snr sweeps the rows: ``(bands, strip)``, a few bands per thread
+    (balance), each swept in strips of ``strip`` rows through one small x-pass buffer
+    per thread."""
+    return max(1, min(-(-shape[0] // strip), 4 * numba.get_num_threads())), strip
 
 
 def masked_block_sums(values, excluded, b):
@@ -80,8 +79,12 @@ def _gaussian_kernel(sigma: float) -> np.ndarray:
     return (g / g.sum()).astype(np.float32)
 
 
-def _separable(a: np.ndarray, kernel: np.ndarray) -> np.ndarray:
-    tmp, out = np.empty(a.shape, np.float32), np.empty(a.shape, np.float32)
+def _separable(a: np.ndarray, kernel: np.ndarray, tmp=None, out=None) -> np.ndarray:
+    """``a`` correlated with ``kernel`` along x then y into ``out`` (which may be ``a``
+    itself: the y pass starts after the x pass has read all of it), through ``tmp``
+    (workspace of ``a``'s shape)."""
+    tmp = np.empty(a.shape, np.float32) if tmp is None else tmp
+    out = np.empty(a.shape, np.float32) if out is None else out
     return _k.gaussian_separable(a, kernel, tmp, out)
 
 
@@ -98,21 +101,77 @@ def _pair_differences(snr, excluded, lag: int, step: int):
     their MAD (:func:`_excess_of`) ignores the sources that touch a minority of the
     pairs. The tiled path (:meth:`HysteresisMasker.mask_on`) gathers the same pairs tile by
     tile."""
-    ny, nx = snr.shape
+    return _pairs_of(snr[::step], excluded[::step], snr[:, ::step], excluded[:, ::step], lag)
+
+
+def _pairs_of(rows, rows_bad, cols, cols_bad, lag: int):
+    """:func:`_pair_differences` from the sampled rows and columns of the maps only."""
     parts = []
-    for axis, n in ((1, nx), (0, ny)):
-        if lag >= n:
-            continue
-        if axis == 1:
-            v, bad = snr[::step], excluded[::step]
-            d = v[:, lag:] - v[:, :-lag]
-            ok = ~(bad[:, lag:] | bad[:, :-lag])
-        else:
-            v, bad = snr[:, ::step], excluded[:, ::step]
-            d = v[lag:] - v[:-lag]
-            ok = ~(bad[lag:] | bad[:-lag])
-        parts.append(d[ok])
+    if lag < rows.shape[1]:
+        d = rows[:, lag:] - rows[:, :-lag]
+        parts.append(d[~(rows_bad[:, lag:] | rows_bad[:, :-lag])])
+    if lag < cols.shape[0]:
+        d = cols[lag:] - cols[:-lag]
+        parts.append(d[~(cols_bad[lag:] | cols_bad[:-lag])])
     return parts
+
+
+def _samples_pay(shape, b: int) -> bool:
+    """Whether :meth:`HysteresisMasker._detect_sampled` is used at binning ``b``: when
+    the binned maps hold 2^22 pixels or more (16 MB each), where the sampled rows and
+    columns (:func:`_sampled_snr`: stacks of ``2 r + 1`` every :func:`_noise_step`,
+    at least 33) cost a fraction of a pass."""
+    return -(-shape[0] // b) * -(-shape[1] // b) >= 1 << 22
+
+
+def _sampled_snr(num, cnt, direct, g, local, bw, sigma, q, b, step):
+    """``(snr[::step], snr[:, ::step])`` of :func:`_k.dog_snr`'s maps (``num``, ``cnt``
+    and ``direct`` as it takes them: ``cnt`` None and ``direct`` the mask unbinned),
+    from stacks of the ``2 r + 1`` rows (columns) around each sampled row (column)
+    only: a window's centre reads its own window alone, pixels beyond the map count
+    as the kernel's own padding does (value and weight 0), and the noise and the
+    surround mean are looked up per stacked pixel at its place in the map. The same
+    float32 values as the full maps there."""
+    ny, nx = num.shape
+    r = g.size // 2
+    nqy, nqx = sigma.shape
+
+    def stack(n):
+        idx = (np.arange(0, n, step)[:, None] + np.arange(-r, r + 1)).ravel()
+        return np.clip(idx, 0, n - 1), (idx < 0) | (idx >= n)
+
+    def centres(ys, xs, outside, axis):
+        """snr of the stacks of rows ``ys`` (axis 0) or columns ``xs`` (axis 1)."""
+        every = slice(None)
+
+        def take(a, iy, ix):
+            # The sampled axis first (whole rows or columns), then the other.
+            if axis == 0:
+                return np.ascontiguousarray(a.take(iy, axis=0)[:, ix])
+            return np.ascontiguousarray(a.take(ix, axis=1)[iy])
+
+        iy, ix = (ys, every) if axis == 0 else (every, xs)
+        values = take(num, iy, ix)
+        if cnt is None:
+            exc, weights = take(direct, iy, ix) | outside, values
+        else:
+            exc, weights = np.zeros((1, 1), bool), take(cnt, iy, ix)
+            values[np.broadcast_to(outside, values.shape)] = 0
+            weights[np.broadcast_to(outside, weights.shape)] = 0
+        mean = take(local, ys // bw, xs // bw)
+        qy, qx = (np.minimum((a * b + b // 2) // q, n - 1) for a, n in ((ys, nqy), (xs, nqx)))
+        snr = np.empty(values.shape, np.float32)
+        _k.dog_snr(
+            values, weights, exc, g, g * g, mean, 1, take(sigma, qy, qx), 1, 1, snr,
+            np.empty((1, 1), np.float32), _dog_work(values.shape, r),
+        )  # fmt: skip
+        return snr
+
+    ys, out_y = stack(ny)
+    rows = centres(ys, np.arange(nx), out_y[:, None], 0)[r :: 2 * r + 1]
+    xs, out_x = stack(nx)
+    cols = centres(np.arange(ny), xs, out_x[None, :], 1)[:, r :: 2 * r + 1]
+    return rows, cols
 
 
 def _excess_of(parts, white: float) -> float:
@@ -128,23 +187,14 @@ def _excess_of(parts, white: float) -> float:
 
 def _hysteresis(snr: np.ndarray, low: float, high: float, grow=None) -> np.ndarray:
     """Connected regions (8-connected) of ``grow`` (default ``snr``) above ``low`` that
-    hold a pixel of ``snr`` above ``high``. A float32 ``snr`` is overwritten (its memory
-    holds the labels)."""
+    hold a pixel of ``snr`` above ``high``."""
     grow = snr if grow is None else grow
-    # One byte a pixel (seed / above low / neither) is all the labelling needs: at full
-    # resolution the separate seed and growth masks would sit on top of the float maps.
+    # One byte a pixel (seed / above low / neither) is all the flood fill needs: at
+    # full resolution the separate seed and growth masks would sit on top of the maps.
     codes = _k.hysteresis_codes(
         snr, grow, np.float32(low), np.float32(high), np.empty(snr.shape, np.uint8)
     )
-    # The labels take the memory of the signal-to-noise map, no longer needed.
-    labels = snr.view(np.int32) if snr.dtype == np.float32 else None
-    if labels is None:
-        labels, n = ndi.label(codes, structure=np.ones((3, 3), bool))
-    else:
-        n = ndi.label(codes, structure=np.ones((3, 3), bool), output=labels)
-    if n == 0:
-        return codes.view(bool)
-    return _k.keep_seeded(labels, codes, n).view(bool)
+    return _k.flood_seeded(codes).view(bool)
 
 
 @dataclass(frozen=True, kw_only=True, eq=False)
@@ -339,6 +389,10 @@ class HysteresisMasker:
         """Detections at one scale, dilated, at full resolution. Three steps, so that a
         tiled run (:meth:`mask_on`) can do the local ones tile by tile and
         the global ones (the noise excess, the labelling) once."""
+        # Where the scale's maps are large, the sampled rows and columns of the noise
+        # excess are few: the maps themselves are not needed (memory).
+        if _samples_pay(res.shape, self.binning(s, res.shape)):
+            return self._detect_sampled(res, noise, excluded, s, into=into)
         maps = self.scale_maps(res, noise, excluded, s)
         factor = self.snr_factor(maps.snr, maps.invalid, s, maps.block)
         return self.scale_mask(maps, factor, s, excluded, into=into)
@@ -351,6 +405,23 @@ class HysteresisMasker:
     def scale_maps(self, res, noise, excluded, s) -> _ScaleMaps:
         """Signal-to-noise maps of scale ``s`` on the binned grid (local: each binned
         pixel depends on the residual within the kernels' reach only)."""
+        num, cnt, direct, g, local, bw, sigma, q, b = self._dog_inputs(res, noise, excluded, s)
+        snr = np.empty(num.shape, np.float32)
+        plain = np.empty(num.shape if self.grow_plain else (1, 1), np.float32)
+        _k.dog_snr(
+            num, num if cnt is None else cnt, direct, g, g * g, local, bw, sigma, b, q,
+            snr, plain, _dog_work(num.shape, g.size // 2),
+        )  # fmt: skip
+        # No copy at full resolution: the excluded mask is the invalid map there.
+        invalid = excluded if cnt is None else cnt <= 0
+        return _ScaleMaps(
+            snr=snr, plain=plain if self.grow_plain else None, invalid=invalid, block=b
+        )
+
+    def _dog_inputs(self, res, noise, excluded, s):
+        """What :func:`_k.dog_snr` reads at scale ``s``: (values, counts or None when
+        unbinned, the mask it reads directly, kernel, surround mean, its block, noise
+        grid, its step, binning)."""
         b = self.binning(s, res.shape)
         sigma, q = noise_grid(noise)
         if b == 1:
@@ -375,10 +446,14 @@ class HysteresisMasker:
             else:
                 numw, cntw = _block_sum(num, bw), _block_sum(cnt, bw)
             k = _gaussian_kernel(wide / (b * bw))
-            local = _separable(numw, k)
+            # In place where the sums are our own (not num and cnt themselves, bw 1),
+            # through one workspace (memory).
+            own = cnt is None or bw > 1
+            tmp = np.empty(numw.shape, np.float32)
+            local = _separable(numw, k, tmp, numw if own else None)
             del numw
-            weight = _separable(cntw, k)
-            del cntw
+            weight = _separable(cntw, k, tmp, cntw if own else None)
+            del cntw, tmp
             with np.errstate(invalid="ignore", divide="ignore"):
                 np.divide(local, weight, out=local)
             del weight
@@ -388,17 +463,28 @@ class HysteresisMasker:
         # snr of the normalised convolution: the weight sum cancels between the
         # smoothed value and its noise.
         direct = excluded if cnt is None else np.zeros((1, 1), bool)
-        snr = np.empty(num.shape, np.float32)
-        plain = np.empty(num.shape if self.grow_plain else (1, 1), np.float32)
-        _k.dog_snr(
-            num, num if cnt is None else cnt, direct, g, g * g, local, bw, sigma, b, q,
-            snr, plain, _dog_work(num.shape, g.size // 2),
-        )  # fmt: skip
-        # No copy at full resolution: the excluded mask is the invalid map there.
+        return num, cnt, direct, g, local, bw, sigma, q, b
+
+    def _detect_sampled(self, res, noise, excluded, s, into=None):
+        """:meth:`_detect` without the scale's float maps (two images of memory
+        unbinned): the noise excess from the snr of the sampled rows and columns only
+        (:func:`_sampled_snr`), then the hysteresis codes straight from the fused pass
+        (:func:`_k.dog_codes`) and a flood fill from the seeds. The same detections
+        bit for bit (the same float32 values, divided and thresholded alike)."""
+        num, cnt, direct, g, local, bw, sigma, q, b = self._dog_inputs(res, noise, excluded, s)
+        step = _noise_step(num.shape)
+        rows, cols = _sampled_snr(num, cnt, direct, g, local, bw, sigma, q, b, step)
         invalid = excluded if cnt is None else cnt <= 0
-        return _ScaleMaps(
-            snr=snr, plain=plain if self.grow_plain else None, invalid=invalid, block=b
-        )
+        parts = _pairs_of(rows, invalid[::step], cols, invalid[:, ::step], self.noise_lag(s, b))
+        del rows, cols, invalid
+        factor = self.factor_from_differences(parts, s)
+        codes = _k.dog_codes(
+            num, num if cnt is None else cnt, direct, g, g * g, local, bw, sigma, b, q,
+            factor, self.low, self.high, self.grow_plain, np.empty(num.shape, np.uint8),
+            _dog_work(num.shape, g.size // 2),
+        )  # fmt: skip
+        del num, cnt
+        return self.grow(_k.flood_seeded(codes).view(bool), s, b, excluded, into=into)
 
     def snr_factor(self, snr, invalid, s, b) -> float:
         """What the snr maps of scale ``s`` (binned by ``b``) are divided by so that

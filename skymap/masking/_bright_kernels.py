@@ -1,0 +1,53 @@
+"""Compiled kernels for :mod:`skymap.masking.bright`. Not public: call through bright.py."""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit
+
+from skymap.masking._hysteresis_kernels import grown
+
+
+def label8(region):
+    """``(labels, n)`` of the 8-connected regions of the boolean map ``region``, as
+    ``scipy.ndimage.label(region, structure=np.ones((3, 3)))`` numbers them (1..n in
+    the raster order of each region's first pixel), in int32. Reads the map eight
+    pixels at a time and visits only the region pixels: for sparse regions several
+    times faster than a labelling that scans every pixel."""
+    flat = np.ascontiguousarray(region, dtype=bool).reshape(-1)
+    labels = np.zeros(region.shape, np.int32)
+    whole = flat.size // 8 * 8
+    n = _label8(flat, flat[:whole].view(np.uint64), labels.reshape(-1), region.shape[1])
+    return labels, n
+
+
+@njit(cache=True, nogil=True)
+def _label8(flat, words, labels, nx):  # pragma: no cover - compiled
+    ny = flat.size // nx
+    stack = np.empty(1 << 16, np.int64)
+    n = 0
+    for start in range(0, flat.size, 8):
+        if start // 8 < words.size and words[start // 8] == 0:
+            continue
+        for i in range(start, min(start + 8, flat.size)):
+            if not flat[i] or labels[i] != 0:
+                continue
+            n += 1
+            labels[i] = n
+            stack[0] = i
+            top = 1
+            while top:
+                top -= 1
+                j = stack[top]
+                y = j // nx
+                x = j - y * nx
+                for yy in range(max(0, y - 1), min(ny, y + 2)):
+                    for xx in range(max(0, x - 1), min(nx, x + 2)):
+                        k = yy * nx + xx
+                        if flat[k] and labels[k] == 0:
+                            labels[k] = n
+                            if top == stack.size:
+                                stack = grown(stack)
+                            stack[top] = k
+                            top += 1
+    return n
