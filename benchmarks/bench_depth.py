@@ -2,7 +2,7 @@
 
 Each scene is 192 x 192 (``--size``): a sky of 100 + 0.02 x + 3 sin(y / 60), 40
 Gaussian sources (sigma 1.5 px, peaks 5-80) and white noise of 1 on the left half and
-``ratio`` on the right (the test in ``tests/test_inputs.py``, seed 7, is one of these).
+``ratio`` on the right (the test in ``tests/test_inputs.py``, seed 3, is one of these).
 For each seed the default fit runs without ``error=``, with ``error=`` (the true
 noise map), and (``--oracle``) the final mask of each is refitted by a
 :class:`~skymap.background.smooth.ThinPlateSmoother` at fixed smoothing lengths, to

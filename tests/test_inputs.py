@@ -191,13 +191,17 @@ def test_zero_weight_and_non_finite_error_exclude_the_pixel(scene):
     assert skymap.fit(img, error=err).bad_mask[7, 9]
 
 
-def test_with_an_error_map_the_noisy_half_is_masked_honestly():
-    """Right half 4x noisier: with error= at most 2% of its pure-noise pixels are masked,
-    and the deep half gains accuracy from the weighting."""
+def test_with_an_error_map_both_halves_of_an_image_of_varying_depth_gain():
+    """Right half 4x noisier (issue 15): with error= at most 2% of its pure-noise pixels
+    are masked, the noisy half is at least as accurate as without the error map and the
+    deep half gains from the weighting. One smoothing for the image would smooth the
+    noisy half twice as long as the deep one, past its optimum: on this scene (seed 3 of
+    ``benchmarks/bench_depth.py``) the noisy half's error then rose from 0.031 to 0.043
+    sigma; the penalty that follows the depth brings it to 0.018."""
     n = 192
     noise = np.ones((n, n))
     noise[:, n // 2 :] = 4.0
-    rng = np.random.default_rng(7)
+    rng = np.random.default_rng(3)
     yy, xx = np.mgrid[:n, :n]
     sky = 100 + 0.02 * xx + 3 * np.sin(yy / 60.0)
     src = np.zeros((n, n))
@@ -215,12 +219,9 @@ def test_with_an_error_map_the_noisy_half_is_masked_honestly():
     with_err = skymap.fit(img, error=noise)
     assert with_err.mask[pure & right].mean() <= 0.02
     (r0, l0), (r1, l1) = score(without), score(with_err)
-    # One smoothing for the whole image: weighting shortens it in the deep half and
-    # lengthens it in the noisy one, past that half's optimum on this smooth sky (mean
-    # of 14 such scenes: noisy +0.003 sigma, deep -0.047; benchmarks/README.md,
-    # "varying depth"). The noisy half stays within 0.01 sigma of the unweighted fit,
-    # and the deep half improves.
-    assert r1 <= r0 + 0.01
+    # Over 14 such scenes: noisy 0.0242 -> 0.0198 sigma, deep 0.0773 -> 0.0294
+    # (benchmarks/README.md, "varying depth").
+    assert r1 <= r0
     assert l1 < l0
 
 

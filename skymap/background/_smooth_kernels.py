@@ -38,6 +38,37 @@ def thin_plate_apply(z, cyy, cxx, cxy, out):  # pragma: no cover - compiled
     return out
 
 
+@njit(cache=True, nogil=True)
+def thin_plate_apply_field(z, cyy, cxx, cxy, fyy, fxx, fxy, out):  # pragma: no cover - compiled
+    """:func:`thin_plate_apply` with each second difference's term weighted by a field:
+    ``fyy`` (ny - 2, nx), ``fxx`` (ny, nx - 2), ``fxy`` (ny - 1, nx - 1), the penalty's
+    local multiplier where each difference is taken."""
+    ny, nx = z.shape
+    for i in range(ny):
+        for j in range(nx):
+            out[i, j] = 0.0
+    for i in range(ny - 2):
+        for j in range(nx):
+            d = (z[i, j] - 2.0 * z[i + 1, j] + z[i + 2, j]) * cyy * fyy[i, j]
+            out[i, j] += d
+            out[i + 1, j] -= 2.0 * d
+            out[i + 2, j] += d
+    for i in range(ny):
+        for j in range(nx - 2):
+            d = (z[i, j] - 2.0 * z[i, j + 1] + z[i, j + 2]) * cxx * fxx[i, j]
+            out[i, j] += d
+            out[i, j + 1] -= 2.0 * d
+            out[i, j + 2] += d
+    for i in range(ny - 1):
+        for j in range(nx - 1):
+            d = (z[i + 1, j + 1] - z[i + 1, j] - z[i, j + 1] + z[i, j]) * cxy * fxy[i, j]
+            out[i + 1, j + 1] += d
+            out[i + 1, j] -= d
+            out[i, j + 1] -= d
+            out[i, j] += d
+    return out
+
+
 def bin_cells(image, bad, cy, cx, ref):
     """Per-cell count, sum, sum of squares (of ``image - ref``) and sums of the y and x
     coordinates of the good pixels, in float64, in one pass."""

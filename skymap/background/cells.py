@@ -1,0 +1,168 @@
+"""The image side of the thin-plate smoother (:mod:`skymap.background.smooth`): the
+image binned to cells (per-cell sums that tiles of an image add up to bit for bit, and
+the statistics the smoother reads from them), the reference level subtracted before
+binning, and the cubic-spline upsampling of a cell grid back to pixels."""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy import ndimage, sparse
+
+from skymap._validate import as_pair
+from skymap.background import _smooth_kernels as _k
+
+__all__ = [
+    "cell_stats",
+    "cell_sums",
+    "reference_level",
+    "reference_step",
+    "upsample",
+    "weighted_sums",
+]
+
+
+def cell_sums(image: np.ndarray, bad: np.ndarray, cells, ref: float, origin=(0, 0)):
+    """Per-cell sums of the good (not ``bad``) pixels of ``image``: count, sum and sum
+    of squares of ``image - ref``, and sums of the y and x pixel coordinates, stacked
+    as one (5, gy, gx) float64 array.
+
+    The sums of an image cut into pieces along cell boundaries are the pieces' sums,
+    bit for bit (each cell is summed in the same pixel order), so a tiled caller bins
+    its tiles with this and puts the grids side by side. ``origin`` is the (y, x) pixel
+    of ``image[0, 0]`` in the whole image, for the coordinate sums; it must sit on a
+    cell boundary.
+
+    Examples
+    --------
+    >>> img = np.arange(16.0).reshape(4, 4)
+    >>> whole = cell_sums(img, np.zeros((4, 4), bool), (2, 2), 0.0)
+    >>> right = cell_sums(img[:, 2:], np.zeros((4, 2), bool), (2, 2), 0.0, origin=(0, 2))
+    >>> bool(np.array_equal(whole[:, :, 1:], right))
+    True
+    """
+    cy, cx = cells
+    n, s1, s2, sy, sx = _k.bin_cells(image, bad, cy, cx, ref)
+    # Integer coordinate sums are exact in float64 (< 2**53), so shifting is exact.
+    if origin[0]:
+        sy += n * origin[0]
+    if origin[1]:
+        sx += n * origin[1]
+    return np.stack([n, s1, s2, sy, sx])
+
+
+def reference_level(sub: np.ndarray, subbad: np.ndarray) -> float | None:
+    """The level subtracted before binning, for numerical accuracy only: the median of
+    the good pixels of a subsample (``image[::s, ::s]`` with ``s`` from
+    :func:`reference_step`); None when the subsample has no good pixel (the caller then
+    takes the first good pixel of the image)."""
+    return float(np.median(sub[~subbad])) if not subbad.all() else None
+
+
+def reference_step(shape) -> int:
+    """Stride of the subsample :func:`reference_level` reads (about 250 000 pixels)."""
+    return max(1, int(np.sqrt(shape[0] * shape[1] / 250_000)))
+
+
+def weighted_sums(image, bad, weight, cells, ref: float, origin=(0, 0)) -> np.ndarray:
+    """:func:`cell_sums` plus two rows: per-cell sums of ``weight`` and of
+    ``weight * (image - ref)`` over the good pixels, a (7, gy, gx) float64 array. The
+    smoother then weights each cell by its summed weight and takes the weighted mean;
+    the variance (the RMS map) stays that of the pixels."""
+    plain = cell_sums(image, bad, cells, ref, origin)
+    w = np.asarray(weight, dtype=np.float64)
+    wsum = _k.bin_cells(w, bad, cells[0], cells[1], 0.0)[1]
+    wx = _k.bin_cells(w * (image - ref), bad, cells[0], cells[1], 0.0)[1]
+    return np.concatenate([plain, wsum[None], wx[None]])
+
+
+def cell_stats(sums: np.ndarray, cy: int, cx: int, ref: float):
+    """Per-cell count, mean, variance, centroid offset and weight of the good pixels
+    (the weight is the count, or the summed pixel weights of :func:`weighted_sums`,
+    and the mean then the weighted mean)."""
+    n, s1, s2, sy, sx = sums[:5]
+    iy = np.arange(n.shape[0]) * cy
+    ix = np.arange(n.shape[1]) * cx
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean = s1 / n
+        var = (s2 - n * mean**2) / (n - 1)
+        dy = sy / n - (iy[:, None] + (cy - 1) / 2.0)
+        dx = sx / n - (ix[None, :] + (cx - 1) / 2.0)
+        if len(sums) == 7:
+            w = np.where(n > 0, sums[5], 0.0)
+            return n, sums[6] / sums[5] + ref, var, dy, dx, w
+    return n, mean + ref, var, dy, dx, n
+
+
+def _bspline_weights(pos: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Base index and the four cubic B-spline weights (unit knot spacing, coefficient
+    k at position k) of each position; the weights apply to coefficients base-1..base+2."""
+    base = np.floor(pos).astype(np.int64)
+    t = pos - base
+    weights = np.stack(
+        [
+            (1 - t) ** 3 / 6,
+            (3 * t**3 - 6 * t**2 + 4) / 6,
+            (-3 * t**3 + 3 * t**2 + 3 * t + 1) / 6,
+            t**3 / 6,
+        ],
+        axis=1,
+    )
+    return base, weights
+
+
+def upsample(
+    grid: np.ndarray,
+    cell_size,
+    shape,
+    dtype=np.float64,
+    step: int = 1,
+    offset: float = 0.0,
+    window=None,
+) -> np.ndarray:
+    """Cubic-spline interpolation of a cell grid (node i at pixel ``i*c + (c-1)/2``) to
+    the full ``shape``; beyond the outer nodes the grid is extended linearly, so a
+    gradient carries on to the image edge. With ``step`` > 1 only every ``step``-th
+    pixel along each axis is evaluated (exactly ``upsample(...)[::step, ::step]``), at
+    positions shifted by ``offset`` pixels (``(step - 1) / 2``: the blocks' centres).
+    ``window`` = ((y0, y1), (x0, x1)) evaluates only those rows and columns, exactly
+    ``upsample(...)[y0:y1:step, x0:x1:step]`` (each pixel is computed on its own from
+    the whole grid), which is how a tiled caller evaluates one tile.
+
+    Examples
+    --------
+    >>> g = np.add.outer(np.arange(5.0), np.zeros(4))
+    >>> upsample(g, 4, (20, 16))[:, 0][[0, 1, 18, 19]].round(6)
+    array([-0.375, -0.125,  4.125,  4.375])
+    """
+    cy, cx = as_pair("cell_size", cell_size)
+    # The IIR spline prefilter decays by 0.27 per node: 12 nodes of linear extension
+    # make the mirror boundary invisible (< 1e-6) at the outer pixels.
+    pad = 12
+    z = np.asarray(grid, dtype=np.float64)
+    z = _extend_linear(_extend_linear(z, pad, 0), pad, 1)
+    coef = ndimage.spline_filter(z, order=3, mode="mirror")
+    (y0, y1), (x0, x1) = ((0, shape[0]), (0, shape[1])) if window is None else window
+    uy = (np.arange(y0, y1, step) + offset - (cy - 1) / 2.0) / cy + pad
+    ux = (np.arange(x0, x1, step) + offset - (cx - 1) / 2.0) / cx + pad
+    # Along y on the small grid (sparse, cheap), then along x pixel by pixel.
+    by, wy = _bspline_weights(uy)
+    rows = np.repeat(np.arange(uy.size), 4)
+    cols = (by[:, None] + np.arange(-1, 3)[None, :]).ravel()
+    ymat = sparse.csr_matrix((wy.ravel(), (rows, cols)), shape=(uy.size, coef.shape[0]))
+    tmp = np.ascontiguousarray(ymat @ coef)
+    bx, wx = _bspline_weights(ux)
+    out = np.empty((uy.size, ux.size), dtype=dtype)
+    return _k.bspline_rows(tmp, bx, wx, out)
+
+
+def _extend_linear(z: np.ndarray, pad: int, axis: int) -> np.ndarray:
+    z = np.moveaxis(z, axis, 0)
+    n = z.shape[0]
+    if n == 1:
+        ext = np.concatenate([np.repeat(z, pad, 0), z, np.repeat(z, pad, 0)])
+    else:
+        k = np.arange(1, pad + 1)[:, None, ...]
+        lo = z[0] - k[::-1] * (z[1] - z[0])
+        hi = z[-1] + k * (z[-1] - z[-2])
+        ext = np.concatenate([lo, z, hi])
+    return np.moveaxis(ext, 0, axis)
