@@ -39,7 +39,7 @@ import sys
 import time
 
 import numpy as np
-from _memory import reset_peak, status_kb
+from _memory import blobs, reset_peak, status_kb
 
 WIDTHS = (4, 8, 16)
 
@@ -264,12 +264,7 @@ def memory(which, n=4096):
     image: noise, a gradient and 3000 5x5 sources per 4096^2."""
     import skymap
 
-    rng = np.random.default_rng(0)
-    image = rng.standard_normal((n, n), dtype=np.float32)
-    image *= 10
-    image += 100 + 0.01 * np.arange(n, dtype=np.float32)[:, None]
-    for y, x in rng.integers(10, n - 10, (max(1, round(3000 * (n / 4096) ** 2)), 2)):
-        image[y - 2 : y + 3, x - 2 : x + 3] += rng.uniform(10, 500)
+    image = blobs(n)
     run = (lambda a: skymap.fit(a)) if which == "skymap" else sep_background
     run(image[:256, :256].copy())
     base = reset_peak()

@@ -23,18 +23,7 @@ import functools
 import time
 
 import numpy as np
-from _memory import reset_peak, status_kb
-
-
-def blobs(n):
-    """bench_pipeline.py's --memory image, at n x n."""
-    rng = np.random.default_rng(0)
-    image = rng.standard_normal((n, n), dtype=np.float32)
-    image *= 10
-    image += 100 + 0.01 * np.arange(n, dtype=np.float32)[:, None]
-    for y, x in rng.integers(10, n - 10, (max(1, round(3000 * (n / 4096) ** 2)), 2)):
-        image[y - 2 : y + 3, x - 2 : x + 3] += rng.uniform(10, 500)
-    return image
+from _memory import blobs, reset_peak, status_kb
 
 
 def crowded(n):
