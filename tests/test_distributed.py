@@ -18,13 +18,13 @@ from skymap.backends.dask import (  # noqa: E402
     _tile_label,
     float_keys,
     key_to_float,
-    merge_labels,
 )
 from skymap.backends.distributed import (  # noqa: E402
     cluster_client,
     map_files,
     tiled_mesh_background,
 )
+from skymap.backends.labels import merge_labels  # noqa: E402
 from skymap.background.interpolate import IDW, SExtractorSpline, ZoomSpline  # noqa: E402
 from skymap.background.mesh import MeshBackground  # noqa: E402
 from skymap.background.pipeline import (  # noqa: E402

@@ -8,9 +8,10 @@ import pytest
 da = pytest.importorskip("dask.array")
 
 import skymap  # noqa: E402
-import skymap.backends.dask as dask_backend  # noqa: E402
-from skymap.backends.dask import DaskBackend, assemble  # noqa: E402
+import skymap.backends.windows as windows  # noqa: E402
+from skymap.backends.dask import DaskBackend  # noqa: E402
 from skymap.backends.distributed import cluster_client  # noqa: E402
+from skymap.backends.windows import assemble  # noqa: E402
 from skymap.masking.bright import HaloMasker  # noqa: E402
 from skymap.masking.halo_tiles import find_tiled  # noqa: E402
 from skymap.quality.simulate import scene_by_name  # noqa: E402
@@ -70,8 +71,8 @@ def test_a_tiled_fit_never_gathers_the_image(monkeypatch):
 @pytest.mark.filterwarnings("ignore::skymap.background.pipeline.ConvergenceWarning")
 def test_windows_from_border_strips_give_the_in_memory_fit(monkeypatch):
     # Every block partly in a window sends its border strips (however deep).
-    monkeypatch.setattr(dask_backend, "CUT_BYTES", 0)
-    monkeypatch.setattr(dask_backend, "RING_SHARE", 100.0)
+    monkeypatch.setattr(windows, "CUT_BYTES", 0)
+    monkeypatch.setattr(windows, "RING_SHARE", 100.0)
     img = scene_by_name("crowded_stellar", shape=(128, 192), seed=4).image.astype(np.float32)
     ref = skymap.fit(img, max_iter=1)
     with cluster_client(workers=2, processes=False) as client:

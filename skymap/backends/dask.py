@@ -42,6 +42,8 @@ from skymap.backends.base import (
     block_sums,
     valid_blocks,
 )
+from skymap.backends.labels import merge_labels
+from skymap.backends.windows import BorderStrips, assemble
 
 __all__ = [
     "DaskBackend",
@@ -55,12 +57,6 @@ __all__ = [
 
 #: The key of :meth:`DaskBackend._tasks`' extra tasks in its ``ref`` mapping.
 CUTS = "\0cuts"
-#: Blocks at least this large (bytes) send the windows of neighbouring tiles only
-#: their border strips (see :class:`_Halos`); smaller ones travel whole (a task
-#: costs more).
-CUT_BYTES = 4 << 20
-#: ... and whose border strips hold at most this share of their pixels.
-RING_SHARE = 0.5
 
 
 def is_tiled_input(data: Any) -> bool:
@@ -405,7 +401,7 @@ class DaskBackend:
         arguments may hold block keys of ``dependencies`` (in nested lists), and ``ref``
         maps each name of ``shared`` to the key of that object, which is put in the
         graph once rather than in every task (and ``ref[CUTS]`` to a dict of extra
-        tasks, :func:`_cover`'s cuts). Built by hand: a ``dask.delayed`` call per tile
+        tasks, :meth:`BorderStrips.cover`'s cuts). Built by hand: a ``dask.delayed`` call per tile
         costs more than the tile's work on small tiles. ``label`` names the tasks
         (default ``func``'s name)."""
         from dask.highlevelgraph import HighLevelGraph
@@ -442,7 +438,7 @@ class DaskBackend:
         the window and the core."""
         grown = [_round_up(halo, u) for u in self.unit]
         grids = [
-            (_Halos(key_grid(a), self.edges(b), [-(-g // b) + 1 for g in grown], a), b)
+            (BorderStrips(key_grid(a), self.edges(b), [-(-g // b) + 1 for g in grown], a), b)
             for a, b in inputs
         ]
         self.halo = max(self.halo, max(grown, default=0))
@@ -560,7 +556,7 @@ class DaskBackend:
 
     def _forward_tasks(self, func, arrays, reach, block, kw):
         b = block
-        halos = [_Halos(key_grid(a), self.edges(b), (reach, reach), a) for a in arrays]
+        halos = [BorderStrips(key_grid(a), self.edges(b), (reach, reach), a) for a in arrays]
         gy, gx = (-(-n // b) for n in self.shape)
 
         def args(i, j, ys, xs, ref):
@@ -847,73 +843,6 @@ def _label_info(labels, maps, codes, kw, names=(), *values):
     return int(labels.max(initial=0)), np.unique(labels[seed]), edges
 
 
-def merge_labels(info) -> list[list[np.ndarray]]:
-    """Per tile, which of its labels (index = label) belong to a region that holds a
-    seed anywhere: tile labels made global by offsets, joined where they touch across
-    a tile boundary (8-connected), grouped by connected components. ``info[i, j]`` is
-    (label count, seeded labels, (top, bottom, left, right) edges of the labels)."""
-    from scipy import ndimage, sparse
-    from scipy.sparse.csgraph import connected_components
-
-    nty, ntx = info.shape
-    counts = np.array([[info[i, j][0] for j in range(ntx)] for i in range(nty)])
-    offset = np.concatenate([[0], np.cumsum(counts.ravel())])[:-1].reshape(nty, ntx)
-    total = int(counts.sum())
-
-    def glob(i, j, lab):
-        return np.where(lab > 0, lab + offset[i, j], 0)
-
-    pairs = []
-    # The two-pixel strip along each boundary, labelled 8-connected: labels in one
-    # piece of a strip touch across the boundary (diagonals included).
-    for j in range(ntx - 1):
-        strip = np.stack(
-            [
-                np.concatenate([glob(i, j, info[i, j][2][3]) for i in range(nty)]),
-                np.concatenate([glob(i, j + 1, info[i, j + 1][2][2]) for i in range(nty)]),
-            ],
-            axis=1,
-        )
-        pairs.append(_touching(strip, ndimage))
-    for i in range(nty - 1):
-        strip = np.stack(
-            [
-                np.concatenate([glob(i, j, info[i, j][2][1]) for j in range(ntx)]),
-                np.concatenate([glob(i + 1, j, info[i + 1, j][2][0]) for j in range(ntx)]),
-            ]
-        )
-        pairs.append(_touching(strip, ndimage))
-    edges = np.concatenate([np.zeros((2, 0), np.int64), *pairs], axis=1)
-    graph = sparse.coo_matrix(
-        (np.ones(edges.shape[1], np.int8), (edges[0], edges[1])), shape=(total + 1, total + 1)
-    )
-    _, component = connected_components(graph, directed=False)
-    seeded = np.zeros(component.max() + 1, bool)
-    for i in range(nty):
-        for j in range(ntx):
-            s = info[i, j][1]
-            seeded[component[s[s > 0] + offset[i, j]]] = True
-    return [
-        [
-            np.concatenate(
-                [[False], seeded[component[offset[i, j] + 1 : offset[i, j] + counts[i, j] + 1]]]
-            )
-            for j in range(ntx)
-        ]
-        for i in range(nty)
-    ]
-
-
-def _touching(strip: np.ndarray, ndimage) -> np.ndarray:
-    """(2, m) pairs of the labels of ``strip`` that lie in one 8-connected piece."""
-    pieces, _ = ndimage.label(strip > 0, structure=np.ones((3, 3), bool))
-    ok = pieces > 0
-    order = np.argsort(pieces[ok], kind="stable")
-    p, lab = pieces[ok][order], strip[ok][order]
-    same = p[1:] == p[:-1]
-    return np.stack([lab[:-1][same], lab[1:][same]]).astype(np.int64)
-
-
 def _pick(ys, xs, *blocks):
     return [b[ys, xs] for b in blocks]
 
@@ -922,130 +851,8 @@ def _keep_labels(labels, keep):
     return keep[labels]
 
 
-# --------------------------------------------------------------------------- windows
-
-
-def _cover(blocks, edges, window):
-    """The blocks (a 2-D object array of keys) of an array with block edges ``edges``
-    that cover ``window``, as a nested list, and the slice of their concatenation that
-    is the window."""
-    index, slices = [], []
-    for e, (w0, w1) in zip(edges, window, strict=True):
-        i0 = int(np.searchsorted(e, w0, side="right")) - 1
-        i1 = int(np.searchsorted(e, w1, side="left"))
-        index.append(range(i0, i1))
-        slices.append(slice(int(w0 - e[i0]), int(w1 - e[i0])))
-    return [[blocks[i, j] for j in index[1]] for i in index[0]], tuple(slices)
-
-
-class _Halos:
-    """How the windows of one call read an array's blocks: whole, or (blocks of
-    :data:`CUT_BYTES` or more whose border ring is at most :data:`RING_SHARE` of them) through
-    one task per block, run where the block lives, that copies its border strips
-    ``reach`` = (rows, columns) deep (top, bottom, left, right): only those strips
-    travel to the windows of the neighbouring tiles, not the whole block."""
-
-    def __init__(self, keys, edges, reach, array):
-        self.keys, self.edges, self.reach = keys, edges, reach
-        h, w = (int(np.diff(e).max()) for e in edges)
-        ring = 2 * (reach[0] * w + reach[1] * h)
-        self.use = h * w * _pixel_bytes(array) >= CUT_BYTES and ring <= RING_SHARE * h * w
-        self.name = f"ring-{uuid.uuid4().hex}"
-
-    def cover(self, window, extra):
-        """As :func:`_cover`; with strips, each block partly in the window is a piece of
-        the block's strip (or, where the strips do not reach, of the block) taken by
-        an inline task, and the pieces make up exactly the window. ``extra`` gathers
-        the strip tasks (once per block)."""
-        if not self.use:
-            return _cover(self.keys, self.edges, window)
-        (ey, ex), (hy, hx) = self.edges, self.reach
-        (w0, w1), (u0, u1) = window
-        rows = range(int(np.searchsorted(ey, w0, "right")) - 1, int(np.searchsorted(ey, w1)))
-        cols = range(int(np.searchsorted(ex, u0, "right")) - 1, int(np.searchsorted(ex, u1)))
-        parts = []
-        for i in rows:
-            bh, r0, r1 = ey[i + 1] - ey[i], max(w0, ey[i]) - ey[i], min(w1, ey[i + 1]) - ey[i]
-            row = []
-            for j in cols:
-                bw, c0, c1 = ex[j + 1] - ex[j], max(u0, ex[j]) - ex[j], min(u1, ex[j + 1]) - ex[j]
-                if (r0, r1, c0, c1) == (0, bh, 0, bw):
-                    row.append(self.keys[i, j])  # wholly inside the window
-                    continue
-                side, dy, dx = None, 0, 0
-                if (r0, r1) != (0, bh):
-                    if r0 == 0 and r1 <= hy:
-                        side = 0
-                    elif r1 == bh and bh - r0 <= hy:
-                        side, dy = 1, bh - min(hy, bh)
-                elif c0 == 0 and c1 <= hx:
-                    side = 2
-                elif c1 == bw and bw - c0 <= hx:
-                    side, dx = 3, bw - min(hx, bw)
-                sl = (slice(int(r0 - dy), int(r1 - dy)), slice(int(c0 - dx), int(c1 - dx)))
-                if side is None:
-                    row.append((_piece, self.keys[i, j], None, sl))
-                    continue
-                key = (self.name, i, j)
-                if key not in extra:
-                    extra[key] = (_ring, self.keys[i, j], hy, hx)
-                row.append((_piece, key, side, sl))
-            parts.append(row)
-        return parts, (slice(0, int(w1 - w0)), slice(0, int(u1 - u0)))
-
-
-def _pixel_bytes(arr) -> int:
-    """Bytes per pixel of the last two axes of a dask array (its layers included)."""
-    return int(np.prod(arr.shape[:-2], dtype=np.int64)) * arr.dtype.itemsize
-
-
-def _ring(block, hy: int, hx: int):
-    """Copies of a block's border strips ``hy`` rows and ``hx`` columns deep: top,
-    bottom (full width), left, right (full height)."""
-    h, w = block.shape[-2:]
-    return tuple(
-        np.ascontiguousarray(block[..., sy, sx])
-        for sy, sx in (
-            (slice(0, hy), slice(None)),
-            (slice(max(0, h - hy), h), slice(None)),
-            (slice(None), slice(0, hx)),
-            (slice(None), slice(max(0, w - hx), w)),
-        )
-    )
-
-
-def _piece(source, side, sl):
-    """``sl`` of a block (``side`` None) or of its border strip ``side``."""
-    part = source if side is None else source[side]
-    return part[..., sl[0], sl[1]]
-
-
 def _name(func) -> str:
     return getattr(func, "__name__", "task")
-
-
-def assemble(blocks, sl) -> np.ndarray:
-    """The window ``sl`` (over the last two axes) of the nested ``blocks``: only the
-    window's part of each block is copied (one block: a view)."""
-    if len(blocks) == 1 and len(blocks[0]) == 1:
-        return blocks[0][0][..., sl[0], sl[1]]
-    first = blocks[0][0]
-    ys = np.cumsum([0] + [row[0].shape[-2] for row in blocks])
-    xs = np.cumsum([0] + [b.shape[-1] for b in blocks[0]])
-    (y0, y1), (x0, x1) = ((s.start, s.stop) for s in sl)
-    dtype = np.result_type(*(b.dtype for row in blocks for b in row))
-    out = np.empty((*first.shape[:-2], y1 - y0, x1 - x0), dtype)
-    for i, row in enumerate(blocks):
-        a, b = max(y0, ys[i]), min(y1, ys[i + 1])
-        if a >= b:
-            continue
-        for j, block in enumerate(row):
-            c, d = max(x0, xs[j]), min(x1, xs[j + 1])
-            if c < d:
-                out[..., a - y0 : b - y0, c - x0 : d - x0] = block[
-                    ..., a - ys[i] : b - ys[i], c - xs[j] : d - xs[j]
-                ]
-    return out
 
 
 @one_thread

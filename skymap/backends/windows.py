@@ -1,0 +1,148 @@
+"""Windows of a tiled array: which blocks cover a tile's window grown by its halo,
+and the window copied out of them (:func:`assemble`). Large blocks send their
+neighbours only their border strips (:class:`BorderStrips`), through one task per
+block run where the block lives, so that a window does not pull whole neighbouring
+blocks between workers."""
+
+from __future__ import annotations
+
+import uuid
+
+import numpy as np
+
+__all__ = [
+    "CUT_BYTES",
+    "RING_SHARE",
+    "BorderStrips",
+    "assemble",
+    "border_strips",
+    "cover",
+    "piece",
+    "pixel_bytes",
+]
+
+#: Blocks at least this large (bytes) send the windows of neighbouring tiles only
+#: their border strips (see :class:`BorderStrips`); smaller ones travel whole (a task
+#: costs more).
+CUT_BYTES = 4 << 20
+#: ... and whose border strips hold at most this share of their pixels.
+RING_SHARE = 0.5
+
+
+def cover(blocks, edges, window):
+    """The blocks (a 2-D object array of keys) of an array with block edges ``edges``
+    that cover ``window``, as a nested list, and the slice of their concatenation that
+    is the window."""
+    index, slices = [], []
+    for e, (w0, w1) in zip(edges, window, strict=True):
+        i0 = int(np.searchsorted(e, w0, side="right")) - 1
+        i1 = int(np.searchsorted(e, w1, side="left"))
+        index.append(range(i0, i1))
+        slices.append(slice(int(w0 - e[i0]), int(w1 - e[i0])))
+    return [[blocks[i, j] for j in index[1]] for i in index[0]], tuple(slices)
+
+
+class BorderStrips:
+    """How the windows of one call read an array's blocks: whole, or (blocks of
+    :data:`CUT_BYTES` or more whose border ring is at most :data:`RING_SHARE` of them) through
+    one task per block, run where the block lives, that copies its border strips
+    ``reach`` = (rows, columns) deep (top, bottom, left, right): only those strips
+    travel to the windows of the neighbouring tiles, not the whole block."""
+
+    def __init__(self, keys, edges, reach, array):
+        self.keys, self.edges, self.reach = keys, edges, reach
+        h, w = (int(np.diff(e).max()) for e in edges)
+        ring = 2 * (reach[0] * w + reach[1] * h)
+        self.use = h * w * pixel_bytes(array) >= CUT_BYTES and ring <= RING_SHARE * h * w
+        self.name = f"ring-{uuid.uuid4().hex}"
+
+    def cover(self, window, extra):
+        """As :func:`cover`; with strips, each block partly in the window is a piece of
+        the block's strip (or, where the strips do not reach, of the block) taken by
+        an inline task, and the pieces make up exactly the window. ``extra`` gathers
+        the strip tasks (once per block)."""
+        if not self.use:
+            return cover(self.keys, self.edges, window)
+        (ey, ex), (hy, hx) = self.edges, self.reach
+        (w0, w1), (u0, u1) = window
+        rows = range(int(np.searchsorted(ey, w0, "right")) - 1, int(np.searchsorted(ey, w1)))
+        cols = range(int(np.searchsorted(ex, u0, "right")) - 1, int(np.searchsorted(ex, u1)))
+        parts = []
+        for i in rows:
+            bh, r0, r1 = ey[i + 1] - ey[i], max(w0, ey[i]) - ey[i], min(w1, ey[i + 1]) - ey[i]
+            row = []
+            for j in cols:
+                bw, c0, c1 = ex[j + 1] - ex[j], max(u0, ex[j]) - ex[j], min(u1, ex[j + 1]) - ex[j]
+                if (r0, r1, c0, c1) == (0, bh, 0, bw):
+                    row.append(self.keys[i, j])  # wholly inside the window
+                    continue
+                side, dy, dx = None, 0, 0
+                if (r0, r1) != (0, bh):
+                    if r0 == 0 and r1 <= hy:
+                        side = 0
+                    elif r1 == bh and bh - r0 <= hy:
+                        side, dy = 1, bh - min(hy, bh)
+                elif c0 == 0 and c1 <= hx:
+                    side = 2
+                elif c1 == bw and bw - c0 <= hx:
+                    side, dx = 3, bw - min(hx, bw)
+                sl = (slice(int(r0 - dy), int(r1 - dy)), slice(int(c0 - dx), int(c1 - dx)))
+                if side is None:
+                    row.append((piece, self.keys[i, j], None, sl))
+                    continue
+                key = (self.name, i, j)
+                if key not in extra:
+                    extra[key] = (border_strips, self.keys[i, j], hy, hx)
+                row.append((piece, key, side, sl))
+            parts.append(row)
+        return parts, (slice(0, int(w1 - w0)), slice(0, int(u1 - u0)))
+
+
+def pixel_bytes(arr) -> int:
+    """Bytes per pixel of the last two axes of a dask array (its layers included)."""
+    return int(np.prod(arr.shape[:-2], dtype=np.int64)) * arr.dtype.itemsize
+
+
+def border_strips(block, hy: int, hx: int):
+    """Copies of a block's border strips ``hy`` rows and ``hx`` columns deep: top,
+    bottom (full width), left, right (full height)."""
+    h, w = block.shape[-2:]
+    return tuple(
+        np.ascontiguousarray(block[..., sy, sx])
+        for sy, sx in (
+            (slice(0, hy), slice(None)),
+            (slice(max(0, h - hy), h), slice(None)),
+            (slice(None), slice(0, hx)),
+            (slice(None), slice(max(0, w - hx), w)),
+        )
+    )
+
+
+def piece(source, side, sl):
+    """``sl`` of a block (``side`` None) or of its border strip ``side``."""
+    part = source if side is None else source[side]
+    return part[..., sl[0], sl[1]]
+
+
+def assemble(blocks, sl) -> np.ndarray:
+    """The window ``sl`` (over the last two axes) of the nested ``blocks``: only the
+    window's part of each block is copied (one block: a view)."""
+    if len(blocks) == 1 and len(blocks[0]) == 1:
+        return blocks[0][0][..., sl[0], sl[1]]
+    first = blocks[0][0]
+    ys = np.cumsum([0] + [row[0].shape[-2] for row in blocks])
+    xs = np.cumsum([0] + [b.shape[-1] for b in blocks[0]])
+    (y0, y1), (x0, x1) = ((s.start, s.stop) for s in sl)
+    dtype = np.result_type(*(b.dtype for row in blocks for b in row))
+    out = np.empty((*first.shape[:-2], y1 - y0, x1 - x0), dtype)
+    for i, row in enumerate(blocks):
+        a, b = max(y0, ys[i]), min(y1, ys[i + 1])
+        if a >= b:
+            continue
+        for j, block in enumerate(row):
+            c, d = max(x0, xs[j]), min(x1, xs[j + 1])
+            if c < d:
+                out[..., a - y0 : b - y0, c - x0 : d - x0] = block[
+                    ..., a - ys[i] : b - ys[i], c - xs[j] : d - xs[j]
+                ]
+    return out
