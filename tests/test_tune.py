@@ -30,6 +30,7 @@ def tuned(cutout):
         space={"high": [5.0, 6.0]},
         n_trials=1,
         report_trials=1,
+        race_trials=0,
         peers={"flat": lambda image, mask: np.full(image.shape, np.median(image[~mask]))},
         budget=600,
     )
@@ -71,6 +72,24 @@ def test_tune_reports_on_held_back_seeds_with_default_and_peers(tuned):
     d = tuned.to_dict()
     assert d["report_seed"] == tuned.report_seed and len(d["candidates"]) == len(tuned.table)
     json.dumps(d)  # JSON-ready
+
+
+def test_the_race_reranks_the_leaders_and_the_defaults_on_more_trials(cutout):
+    res = tune(cutout, space={"high": [5.0, 6.0]}, n_trials=1, report_trials=1, peers={})
+    t = res.table
+    rows = list(zip(t["round"], t["options"], t["score"], strict=True))
+    first = {o: s for r, o, s in rows if r != "race"}
+    raced = {o: s for r, o, s in rows if r == "race"}
+    # on this cutout high=6 leads the defaults on its first trial, high=5 trails them
+    assert first["high=6.0"] < first["(defaults)"] < first["high=5.0"]
+    # the defaults race, and only candidates that were ahead of them
+    assert set(raced) == {"(defaults)", "high=6.0"}
+    # the winner is the race's, or the defaults when no racer beats them by the margin
+    margin = max(0.005, 0.02 * raced["(defaults)"])
+    expect = "high=6.0" if raced["high=6.0"] < raced["(defaults)"] - margin else "(defaults)"
+    assert t.meta["choosing_winner"] == expect and t.meta["race_trials"] == 2
+    with pytest.raises(ValueError, match="race_trials"):
+        tune(cutout, space={"high": [5.0]}, race_trials=-1, peers={})
 
 
 def test_a_winner_must_hold_up_on_the_held_back_injections():

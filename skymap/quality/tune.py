@@ -7,9 +7,9 @@ injection score (:func:`skymap.quality.injection.injection_recovery`: ``track +
 |leak|``) on the user's own image, within a time budget.
 
 Choosing and reporting use different injections: candidates are ranked on the
-injections of ``seed``, and the winner, the defaults and the peers are then scored on
-those of ``seed + 1``, which the search never saw, so the reported gain is not the one
-that was optimised.
+injections of ``seed`` (the leaders also on those of ``seed + 2``), and the winner, the
+defaults and the peers are then scored on those of ``seed + 1``, which the search never
+saw, so the reported gain is not the one that was optimised.
 """
 
 from __future__ import annotations
@@ -47,6 +47,8 @@ _REL_MARGIN = 0.02
 # default values of the built-in knobs, for the refining step (geometric steps around
 # the coarse winner), where default_pipeline's signature does not give them
 _DEFAULTS = {"gcv_inflation": 1.4, "high": 4.0, "low": 2.0}
+# How many of the best candidates race the defaults on fresh choosing injections.
+_RACE_LEADERS = 3
 
 
 def _accepts(option: str, value: Any) -> bool:
@@ -272,6 +274,7 @@ def tune(
     kinds: Sequence[str] = ("sky", "galaxies"),
     n_trials: int = 2,
     report_trials: int = 2,
+    race_trials: int = 2,
     seed: int = 0,
     peers: Mapping[str, Any] | None = None,
     callback: Callable[[dict], None] | None = None,
@@ -281,8 +284,9 @@ def tune(
     Coarse to fine: the defaults, then each alternative of each axis of ``space`` on its
     own; then the winners of the axes together; then (built-in space only), for the
     numeric knobs that moved, a geometric step between the winner and the default and
-    one beyond the winner. A candidate is ranked by its mean score on ``n_trials`` trials of the
-    injections of ``seed``, all kinds injected into one image per trial (one fit per
+    one beyond the winner; last, a race of the three best against the defaults on
+    ``race_trials`` more trials. A candidate is ranked by its mean score on ``n_trials``
+    trials of the injections of ``seed``, all kinds injected into one image per trial (one fit per
     trial; ``evaluate_method(..., together=True)``), and must beat the best so far by
     2% (at least 0.005 sigma). The winner must then beat the defaults by the same
     margin on the held-back injections too, or the defaults are returned
@@ -307,8 +311,16 @@ def tune(
         lowered (to one each at least; the table's ``meta`` says what was used).
     n_trials, report_trials : int
         Trials per candidate while choosing, and for the held-back report.
+    race_trials : int
+        Trials of the race (0: none): once the search is over, the three best
+        candidates ahead of the defaults, and the defaults, are scored on this many
+        more trials, on the injections of ``seed + 2``, and ranked on all their
+        choosing trials together. A candidate that led by the scatter of its first
+        trials falls back there: a small race (in the manner of successive halving)
+        that spends trials on the leaders only.
     seed : int
-        Injections for choosing; ``seed + 1`` for reporting.
+        Injections for choosing (and ``seed + 2`` for the race); ``seed + 1`` for
+        reporting.
     peers : mapping, optional
         ``{name: method}`` scored on the held-back injections; default: photutils and
         SEP, one and two passes (:func:`skymap.quality.peers.peers` without
@@ -332,8 +344,8 @@ def tune(
     >>> rng = np.random.default_rng(1)
     >>> img = 10 + rng.normal(size=(96, 96))
     >>> res = tune(img, space={"high": [5.0]}, n_trials=1, report_trials=1, peers={}, budget=600)
-    >>> [str(o) for o in res.table["options"]]
-    ['(defaults)', 'high=5.0']
+    >>> [f"{r}: {o}" for r, o in zip(res.table["round"], res.table["options"], strict=True)]
+    ['default: (defaults)', 'coarse: high=5.0', 'race: (defaults)', 'race: high=5.0']
     >>> res.pipeline.fit(img).background.shape
     (96, 96)
     """
@@ -345,6 +357,7 @@ def tune(
     budget = _check_budget(budget)
     n_trials = int(check_int("n_trials", n_trials))
     report_trials = int(check_int("report_trials", report_trials))
+    race_trials = int(check_int("race_trials", race_trials, minimum=0))
     prep = prepare(image, mask=mask, error=error, kinds=kinds)
     axes = _axes(space, prep.image, prep.bad)
     for axis in axes:
@@ -361,6 +374,8 @@ def tune(
 
     rows: list[dict] = []
     seen: dict[tuple, float] = {}
+    # key -> (options, mean choosing score, fit without injections, fit seconds)
+    found: dict[tuple, tuple] = {}
     best = {"options": {}, "score": math.inf, "base": None, "fit_seconds": math.nan}
 
     def run(options: dict, round_name: str, base=None) -> float:
@@ -384,6 +399,7 @@ def tune(
             row.update(status=str(err).splitlines()[0][:200], score=math.nan)
             res = None
         else:
+            found[key] = (dict(options), res.score, base, res.seconds)
             row.update(
                 track=res.mean("track"),
                 leak=res.mean("leak"),
@@ -453,6 +469,45 @@ def tune(
             exhausted = True
         return not exhausted
 
+    def race(trials: int) -> None:
+        """The leaders and the defaults on ``trials`` more trials (``seed + 2``), ranked
+        on all their choosing trials; ``best`` becomes the race's winner, or the
+        defaults if none beats them by the margin."""
+        default_key = _key({})
+        ahead = [k for k in found if k != default_key and found[k][1] < found[default_key][1]]
+        ranked = sorted(ahead, key=lambda k: found[k][1])
+        pooled = {}
+        for key in [default_key, *ranked[:_RACE_LEADERS]]:
+            if key != default_key and not affordable():
+                break
+            options, score, base, seconds = found[key]
+            t0 = time.perf_counter()
+            res, _ = evaluate_method(
+                prep,
+                options,
+                n_trials=trials,
+                seed=seed + 2,
+                keep_maps=False,
+                name=_label(options),
+                together=True,
+                base=base,
+            )
+            pooled[key] = (score * n_trials + res.score * trials) / (n_trials + trials)
+            row = {"round": "race", "options": _label(options), "score": pooled[key]}
+            row.update(track=res.mean("track"), leak=res.mean("leak"), status="ok")
+            row.update(score_std=res.spread("score"), seconds=time.perf_counter() - t0)
+            rows.append(row)
+            if callback is not None:
+                callback(dict(row))
+        pick = min((k for k in pooled if k != default_key), key=pooled.get, default=None)
+        if pick is None:
+            return
+        margin = max(_MARGIN, _REL_MARGIN * pooled[default_key])
+        winner = pick if pooled[pick] < pooled[default_key] - margin else default_key
+        options, _, base, seconds = found[winner]
+        log.info("tune: the race keeps %s (%.3f)", _label(options), pooled[winner])
+        best.update(options=dict(options), score=pooled[winner], base=base, fit_seconds=seconds)
+
     # coarse: one axis at a time
     winners = []
     for axis in axes:
@@ -489,6 +544,8 @@ def tune(
                     cand[o] = round(cand[o] * factor, 2)
             run(cand, "refine")
 
+    if race_trials and best["options"] and affordable():
+        race(race_trials)
     tuned = dict(best["options"])
     confirmed = True
     if tuned:
@@ -532,6 +589,7 @@ def tune(
             "seed": seed,
             "n_trials": n_trials,
             "report_trials": report_trials,
+            "race_trials": race_trials,
             "kinds": list(prep.kinds),
             "winner_confirmed": confirmed,
             "choosing_winner": _label(best["options"]),
