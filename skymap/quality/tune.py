@@ -374,7 +374,7 @@ def tune(
 
     rows: list[dict] = []
     seen: dict[tuple, float] = {}
-    # key -> (options, mean choosing score, fit without injections, fit seconds)
+    # key -> (options, choosing result) of every candidate scored
     found: dict[tuple, tuple] = {}
     best = {"options": {}, "score": math.inf, "base": None, "fit_seconds": math.nan}
 
@@ -399,7 +399,7 @@ def tune(
             row.update(status=str(err).splitlines()[0][:200], score=math.nan)
             res = None
         else:
-            found[key] = (dict(options), res.score, base, res.seconds)
+            found[key] = (dict(options), res)
             row.update(
                 track=res.mean("track"),
                 leak=res.mean("leak"),
@@ -472,17 +472,21 @@ def tune(
     def race(trials: int) -> None:
         """The leaders and the defaults on ``trials`` more trials (``seed + 2``), ranked
         on all their choosing trials; ``best`` becomes the race's winner, or the
-        defaults if none beats them by the margin."""
+        defaults if none beats them by the margin. Its rows give track, leak and score
+        over all those trials."""
         default_key = _key({})
-        ahead = [k for k in found if k != default_key and found[k][1] < found[default_key][1]]
-        ranked = sorted(ahead, key=lambda k: found[k][1])
+        first = {k: res.score for k, (_, res) in found.items()}
+        ahead = sorted((k for k in first if first[k] < first[default_key]), key=first.get)
+        # The fits without injections of the defaults and of the best so far are kept;
+        # the others' are made again (an image each would be kept otherwise).
+        bases = {default_key: default_base, _key(best["options"]): best["base"]}
         pooled = {}
-        for key in [default_key, *ranked[:_RACE_LEADERS]]:
+        for key in [default_key, *ahead[:_RACE_LEADERS]]:
             if key != default_key and not affordable():
                 break
-            options, score, base, seconds = found[key]
+            options, res0 = found[key]
             t0 = time.perf_counter()
-            res, _ = evaluate_method(
+            res, base = evaluate_method(
                 prep,
                 options,
                 n_trials=trials,
@@ -490,11 +494,16 @@ def tune(
                 keep_maps=False,
                 name=_label(options),
                 together=True,
-                base=base,
+                base=bases.get(key),
             )
-            pooled[key] = (score * n_trials + res.score * trials) / (n_trials + trials)
+            bases[key] = base
+
+            def pool(name, res0=res0, res=res):
+                return (res0.mean(name) * n_trials + res.mean(name) * trials) / (n_trials + trials)
+
+            pooled[key] = (res0.score * n_trials + res.score * trials) / (n_trials + trials)
             row = {"round": "race", "options": _label(options), "score": pooled[key]}
-            row.update(track=res.mean("track"), leak=res.mean("leak"), status="ok")
+            row.update(track=pool("track"), leak=pool("leak"), status="ok")
             row.update(score_std=res.spread("score"), seconds=time.perf_counter() - t0)
             rows.append(row)
             if callback is not None:
@@ -504,9 +513,12 @@ def tune(
             return
         margin = max(_MARGIN, _REL_MARGIN * pooled[default_key])
         winner = pick if pooled[pick] < pooled[default_key] - margin else default_key
-        options, _, base, seconds = found[winner]
+        options, res0 = found[winner]
         log.info("tune: the race keeps %s (%.3f)", _label(options), pooled[winner])
-        best.update(options=dict(options), score=pooled[winner], base=base, fit_seconds=seconds)
+        best.update(
+            options=dict(options), score=pooled[winner], base=bases[winner],
+            fit_seconds=res0.seconds,
+        )  # fmt: skip
 
     # coarse: one axis at a time
     winners = []
