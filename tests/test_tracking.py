@@ -182,3 +182,16 @@ def test_cycle_is_detected_and_explained():
     recs = [SimpleNamespace(mask_fraction=f, change=0.03) for f in (0.2, 0.22, 0.21)]
     note = C.note_cycle(1, recs)
     assert "cycle" in note and "20.0%" in note and "both" in note
+
+
+def test_a_cycle_between_skies_far_apart_is_not_called_converged():
+    # The Galactic-centre MIPS frame with an injected sky cycled between 94% and 97%
+    # masked while the background jumped by 4.5 of its RMS: the intersection stops the
+    # loop but is no state of agreement, and the note must say so.
+    pipe = SimpleNamespace(change_tol=0.01, error_tol=0.5, mask_tol=0.005)
+    mild = [SimpleNamespace(mask_fraction=f, change=0.025, error=0.01) for f in (0.2, 0.22, 0.21)]
+    wild = [SimpleNamespace(mask_fraction=f, change=4.5, error=0.01) for f in (0.94, 0.97, 0.94)]
+    assert not C.wild_cycle(pipe, mild[-1]) and C.wild_cycle(pipe, wild[-1])
+    assert C.note_cycle(1, mild, pipe).startswith("converged by resolving a cycle")
+    note = C.note_cycle(1, wild, pipe)
+    assert note.startswith("not converged") and "94.0%" in note and "do not trust" in note

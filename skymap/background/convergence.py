@@ -37,6 +37,7 @@ __all__ = [
     "settled",
     "stalled",
     "tolerance",
+    "wild_cycle",
 ]
 
 #: Iterations in a row of mask growth with a moving background that make a runaway.
@@ -194,15 +195,32 @@ def note_stalled(stage: int, iterations: int, run: Sequence[Any]) -> str:
     )
 
 
-def note_cycle(stage: int, run: Sequence[Any]) -> str:
+def wild_cycle(pipe: Any, rec: Any) -> bool:
+    """Whether a cycle ending at ``rec`` jumped between backgrounds more than
+    :data:`RUNAWAY_EXCESS` times the tolerance apart: the two masks then disagree
+    about the sky itself, and their intersection is a way to stop, not a state in which
+    mask and background agree (the result says it did not converge)."""
+    return rec.change > RUNAWAY_EXCESS * tolerance(pipe, rec)
+
+
+def note_cycle(stage: int, run: Sequence[Any], pipe: Any = None) -> str:
     """The note of a fit that stopped a limit cycle (the records ``run``) by keeping the
-    intersection of the masks it alternated between."""
+    intersection of the masks it alternated between; with ``pipe``, a cycle that
+    :func:`wild_cycle` finds is said not to have converged."""
     shares = ", ".join(f"{r.mask_fraction:.1%}" for r in run)
-    return (
-        f"converged by resolving a cycle: in stage {stage} the masked share went "
-        f"{shares} by turns while the background kept moving (by {run[-1].change:.3g} of "
-        "its RMS), so the fit kept what the last two masks both held and refitted once"
+    how = (
+        f"in stage {stage} the masked share went {shares} by turns while the background "
+        f"kept moving (by {run[-1].change:.3g} of its RMS), so the fit kept what the last "
+        "two masks both held and refitted once"
     )
+    if pipe is not None and wild_cycle(pipe, run[-1]):
+        return (
+            f"not converged: {how}; the background jumped by more than "
+            f"{RUNAWAY_EXCESS:g} times its tolerance ({tolerance(pipe, run[-1]):.3g}) between "
+            "the two masks, which disagree about the sky itself: do not trust this "
+            "background (a larger max_source_size, or a mask of the structured sky, may help)"
+        )
+    return f"converged by resolving a cycle: {how}"
 
 
 def note_converged(stage: int, iterations: int, rec: Any, pipe: Any) -> str:

@@ -484,8 +484,8 @@ class IterativeBackground:
                     model, previous = _fit(be, est, current, rec.scale, floor), model
                     bkg, noise = restate(model, previous, current, k, it, rec, floor)
                     del previous
-                    note = _conv.note_cycle(k, history[-_conv.CYCLE_RUN - 2 : -1])
-                    converged = True
+                    note = _conv.note_cycle(k, history[-_conv.CYCLE_RUN - 2 : -1], self)
+                    converged = not _conv.wild_cycle(self, history[-2])
                     break
                 if _conv.runaway(self, history[start:]):
                     # Back off to the state before the run, the last in which mask and
