@@ -189,3 +189,22 @@ def test_the_halo_finder_labels_regions_as_scipy_numbers_them():
         want, m = ndi.label(region, structure=np.ones((3, 3), bool))
         assert n == m
         np.testing.assert_array_equal(labels, want)
+
+
+def test_extended_emission_around_the_brightest_peak_is_not_a_halo():
+    # A nebula's knot: far above the noise, but its light falls slower than 1/r, which
+    # no point source's wings do (finite flux). The halo finder must not spread it
+    # over the frame as the "halo" of every bright source (the Galactic-centre MIPS
+    # frame with an injected sky had 80% of its pixels masked that way).
+    rng = np.random.default_rng(2)
+    n = 256
+    yy, xx = np.mgrid[:n, :n]
+    r = np.hypot(yy - 128.0, xx - 128.0)
+    knot = 400.0 / np.sqrt(1.0 + r / 3.0)
+    img = (100 + knot + rng.normal(size=(n, n))).astype(np.float32)
+    found = HaloMasker().find(img)
+    assert len(found) == 0
+    # The same peak with a point source's wings (r**-3) keeps its halo.
+    star = 400.0 / (1.0 + r / 3.0) ** 3
+    found = HaloMasker().find((100 + star + rng.normal(size=(n, n))).astype(np.float32))
+    assert len(found) >= 1 and found.radius.max() > 5

@@ -34,6 +34,9 @@ from skymap.masking import _bright_kernels as _kb
 
 __all__ = ["BrightSources", "HaloMasker", "radial_profiles"]
 
+#: Radius ratio over which a measured halo profile must fall faster than 1/r.
+HALO_SPAN = 4.0
+
 log = logging.getLogger(__name__)
 
 # The standard error of a median of n Gaussian samples is sqrt(pi / 2) sigma / sqrt(n).
@@ -365,7 +368,11 @@ class HaloMasker:
        their noise, outside a saturated core, falling outwards); each other one is
        scaled onto it by the median ratio over the rings both measured, and fills in
        the rings the brightest lacks (a saturated core inwards, fainter wings
-       outwards) where they continue its fall.
+       outwards) where they continue its fall. A profile that falls slower than 1/r
+       over a factor of :data:`HALO_SPAN` in radius is extended emission around the
+       brightest peaks (a nebula's knot), not a point source's wings (a finite flux
+       falls faster than 1/r^2): then no source is given a halo, unless the brightest
+       is saturated (a star by its core).
     3. Amplitudes: every bright source's own profile (within 16 px, or 3 times its
        saturated core) is scaled onto the stacked one in the same way.
     4. Radius: for an unsaturated source, where its own rings are seen to fall below
@@ -679,6 +686,18 @@ class HaloMasker:
             if not (np.isfinite(ref[j]) and ref[j] < ref[j - 1]):
                 ref[j:] = np.nan
                 break
+        # A point source's wings fall faster than 1/r (a finite flux needs more than
+        # 1/r^2): a "profile" that falls slower over a factor of 4 in radius is
+        # extended emission around the brightest peak (a nebula's knot), not a halo.
+        # A saturated lead is a star by its core, however its wings fall (a
+        # photographic plate's densities are far from linear in flux).
+        kept = np.flatnonzero(np.isfinite(ref) & (ref > 0))
+        span = kept.size >= 2 and radii[kept[-1]] >= HALO_SPAN * radii[kept[0]]
+        if span and not core[lead] > 0:
+            fall = math.log(ref[kept[-1]] / ref[kept[0]])
+            if not fall < -math.log(radii[kept[-1]] / radii[kept[0]]):
+                log.debug("the brightest peaks' profile falls slower than 1/r: no halos")
+                return radii, None
         return radii, ref
 
     def _amplitudes(self, sample, shape, sigma, y, x, core, limit, profile):
