@@ -85,12 +85,17 @@ def tolerance(pipe: Any, rec: Any) -> float:
     return tol
 
 
+def _mask_settled(pipe: Any, rec: Any) -> bool:
+    """Fewer than ``mask_tol`` of the pixels changed mask state in ``rec``, or the
+    masked share grew or shrank by less than that (a plateau)."""
+    return rec.mask_change <= pipe.mask_tol or abs(rec.mask_growth) <= pipe.mask_tol
+
+
 def settled(pipe: Any, rec: Any) -> bool:
     """Whether the iteration ``rec`` meets the tolerances of ``pipe``: the background
     moved by less than :func:`tolerance` and fewer than ``mask_tol`` of the pixels
     changed mask state, or the masked share grew or shrank by less than that."""
-    mask_ok = rec.mask_change <= pipe.mask_tol or abs(rec.mask_growth) <= pipe.mask_tol
-    return rec.change <= tolerance(pipe, rec) and mask_ok
+    return rec.change <= tolerance(pipe, rec) and _mask_settled(pipe, rec)
 
 
 def runaway(pipe: Any, records: Sequence[Any]) -> bool:
@@ -176,8 +181,7 @@ def stalled(pipe: Any, records: Sequence[Any]) -> bool:
         return False
     for r in (a, b):
         inside = math.isfinite(r.error) and r.change <= STALL_ERRORS * r.error
-        mask_ok = r.mask_change <= pipe.mask_tol or abs(r.mask_growth) <= pipe.mask_tol
-        if not (inside and mask_ok):
+        if not (inside and _mask_settled(pipe, r)):
             return False
     return b.change >= STALL_RATIO * a.change
 
@@ -253,7 +257,7 @@ def note_stopped(stage: int, cap: int, rec: Any, pipe: Any) -> str:
         why.append(
             f"the background still moved by {rec.change:.3g} of its RMS (tolerance {tol:.3g})"
         )
-    if not (rec.mask_change <= pipe.mask_tol or abs(rec.mask_growth) <= pipe.mask_tol):
+    if not _mask_settled(pipe, rec):
         why.append(
             f"{rec.mask_change:.2%} of the pixels still changed mask and the masked share "
             f"moved by {rec.mask_growth:+.2%} (tolerance {pipe.mask_tol:.2%})"
