@@ -232,8 +232,10 @@ def test_flood_fill_keeps_the_regions_that_hold_a_seed_as_labelling_does(rng):
     np.testing.assert_array_equal(got, want)
 
 
-@pytest.mark.parametrize("b, plain", [(1, True), (1, False), (2, True)])
-def test_sampled_rows_and_columns_and_fused_codes_equal_the_full_maps(rng, b, plain):
+@pytest.mark.parametrize(
+    "b, plain, width", [(1, True, 1.5), (1, False, 1.0), (2, True, 1.5), (2, False, 1.0)]
+)
+def test_sampled_rows_and_columns_and_fused_codes_equal_the_full_maps(rng, b, plain, width):
     # _detect_sampled's pieces against scale_maps, bit for bit: the snr of the
     # sampled rows and columns (windows stacked, image edges included), and the codes
     # of the fused pass against thresholding the maps after the noise division
@@ -242,10 +244,12 @@ def test_sampled_rows_and_columns_and_fused_codes_equal_the_full_maps(rng, b, pl
     res[50:60, 70:90] += 6.0
     excluded = np.zeros(res.shape, bool)
     excluded[120:140, :30] = True
+    excluded[46, 92:] = True  # on a sampled row and column
+    res[excluded] = np.nan  # never read
     noise = H.CoarseRMS(
         values=rng.uniform(0.8, 1.2, size=(13, 12)).astype(np.float32), step=16, shape=res.shape
     )
-    s = 1.5 * b
+    s = width * b  # 11 taps (the general loops) or 7 (the unrolled ones)
     maps = masker.scale_maps(res, noise, excluded, s)
     num, cnt, direct, g, local, bw, sigma, q, bb = masker._dog_inputs(res, noise, excluded, s)
     assert bb == b

@@ -575,3 +575,107 @@ def grown(stack):  # pragma: no cover - compiled
     for i in range(stack.size):
         out[i] = stack[i]
     return out
+
+
+def dog_sampled(num, cnt, excluded, g, g2, local, bw, noise, b, q, ys, xs):
+    """``(snr[ys], snr[:, xs])`` of :func:`dog_snr`'s snr map, without the map: the x
+    pass of the rows each sampled row's y pass reads (whole rows), and of every row at
+    the sampled columns only, then the y pass at the sampled pixels. The same float32
+    operations in the same order as :func:`dog_snr` (every row as a row with excluded
+    pixels is computed: a clean row's constant weights are those same sums), so the
+    same values bit for bit; a few per cent of the full pass's work."""
+    ny, nx = num.shape
+    rows = np.empty((ys.size, nx), np.float32)
+    cols = np.empty((ny, xs.size), np.float32)
+    _dog_sampled(num, cnt, excluded, g, g2, local, bw, noise, b, q, ys, xs, rows, cols)
+    return rows, cols
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _snr_of(an, ac, av, s2, m):  # pragma: no cover - compiled
+    """One snr value from the y pass's sums, as :func:`_dog_strip` finishes it."""
+    v = av * s2
+    a = np.float32(1.0 / np.sqrt(v) if v > 0 else 0.0)
+    return (an - ac * m) * a
+
+
+@njit(cache=True, nogil=True)
+def _dog_sampled(
+    num, cnt, excluded, g, g2, local, bw, noise, b, q, ys, xs, rows, cols
+):  # pragma: no cover - compiled
+    ny, nx = num.shape
+    direct = excluded.shape[0] == ny and excluded.shape[1] == nx
+    r = g.size // 2
+    w = 2 * r + 1
+    nqy, nqx = noise.shape
+    z = np.float32(0.0)
+    one = np.float32(1.0)
+    # Sampled rows: the x pass of the rows of each one's window, whole rows.
+    tn = np.empty((w, nx), np.float32)
+    tc = np.empty((w, nx), np.float32)
+    tv = np.empty((w, nx), np.float32)
+    pn = np.zeros(nx + 2 * r, np.float32)
+    pc = np.zeros(nx + 2 * r, np.float32)
+    for k in range(ys.size):
+        y = ys[k]
+        lo, hi = max(0, y - r), min(ny - 1, y + r)
+        for i in range(lo, hi + 1):
+            for x in range(nx):
+                if direct:
+                    e = excluded[i, x]
+                    pn[x + r] = z if e else num[i, x]
+                    pc[x + r] = z if e else one
+                else:
+                    pn[x + r] = num[i, x]
+                    pc[x + r] = cnt[i, x]
+            _correlate_row(pn, g, tn[i - lo])
+            _correlate_row(pc, g, tc[i - lo])
+            _correlate_row(pc, g2, tv[i - lo])
+        qy = min((y * b + b // 2) // q, nqy - 1)
+        lrow = local[y // bw]
+        out = rows[k]
+        for x in range(nx):
+            an, ac, av = z, z, z
+            for i in range(lo, hi + 1):
+                t = i - y + r
+                an += g[t] * tn[i - lo, x]
+                ac += g[t] * tc[i - lo, x]
+                av += g2[t] * tv[i - lo, x]
+            sigma = noise[qy, min((x * b + b // 2) // q, nqx - 1)]
+            out[x] = _snr_of(an, ac, av, sigma * sigma, lrow[x // bw])
+    # Sampled columns: the x pass of every row at those columns, then the y pass.
+    m = xs.size
+    xn = np.empty((ny, m), np.float32)
+    xc = np.empty((ny, m), np.float32)
+    xv = np.empty((ny, m), np.float32)
+    for i in range(ny):
+        for k in range(m):
+            x = xs[k]
+            sn, sc, sv = z, z, z
+            for j in range(w):
+                xx = x + j - r
+                vn, vc = z, z
+                if 0 <= xx < nx:
+                    if direct:
+                        if not excluded[i, xx]:
+                            vn, vc = num[i, xx], one
+                    else:
+                        vn, vc = num[i, xx], cnt[i, xx]
+                sn = sn + g[j] * vn
+                sc = sc + g[j] * vc
+                sv = sv + g2[j] * vc
+            xn[i, k], xc[i, k], xv[i, k] = sn, sc, sv
+    for y in range(ny):
+        lo, hi = max(0, y - r), min(ny - 1, y + r)
+        qy = min((y * b + b // 2) // q, nqy - 1)
+        lrow = local[y // bw]
+        for k in range(m):
+            x = xs[k]
+            an, ac, av = z, z, z
+            for i in range(lo, hi + 1):
+                t = i - y + r
+                an += g[t] * xn[i, k]
+                ac += g[t] * xc[i, k]
+                av += g2[t] * xv[i, k]
+            sigma = noise[qy, min((x * b + b // 2) // q, nqx - 1)]
+            cols[y, k] = _snr_of(an, ac, av, sigma * sigma, lrow[x // bw])

@@ -127,51 +127,13 @@ def _samples_pay(shape, b: int) -> bool:
 def _sampled_snr(num, cnt, direct, g, local, bw, sigma, q, b, step):
     """``(snr[::step], snr[:, ::step])`` of :func:`_k.dog_snr`'s maps (``num``, ``cnt``
     and ``direct`` as it takes them: ``cnt`` None and ``direct`` the mask unbinned),
-    from stacks of the ``2 r + 1`` rows (columns) around each sampled row (column)
-    only: a window's centre reads its own window alone, pixels beyond the map count
-    as the kernel's own padding does (value and weight 0), and the noise and the
-    surround mean are looked up per stacked pixel at its place in the map. The same
-    float32 values as the full maps there."""
+    computed at those pixels only (:func:`_k.dog_sampled`): the same float32 values
+    as the full maps there."""
     ny, nx = num.shape
-    r = g.size // 2
-    nqy, nqx = sigma.shape
-
-    def stack(n):
-        idx = (np.arange(0, n, step)[:, None] + np.arange(-r, r + 1)).ravel()
-        return np.clip(idx, 0, n - 1), (idx < 0) | (idx >= n)
-
-    def centres(ys, xs, outside, axis):
-        """snr of the stacks of rows ``ys`` (axis 0) or columns ``xs`` (axis 1)."""
-        every = slice(None)
-
-        def take(a, iy, ix):
-            # The sampled axis first (whole rows or columns), then the other.
-            if axis == 0:
-                return np.ascontiguousarray(a.take(iy, axis=0)[:, ix])
-            return np.ascontiguousarray(a.take(ix, axis=1)[iy])
-
-        iy, ix = (ys, every) if axis == 0 else (every, xs)
-        values = take(num, iy, ix)
-        if cnt is None:
-            exc, weights = take(direct, iy, ix) | outside, values
-        else:
-            exc, weights = np.zeros((1, 1), bool), take(cnt, iy, ix)
-            values[np.broadcast_to(outside, values.shape)] = 0
-            weights[np.broadcast_to(outside, weights.shape)] = 0
-        mean = take(local, ys // bw, xs // bw)
-        qy, qx = (np.minimum((a * b + b // 2) // q, n - 1) for a, n in ((ys, nqy), (xs, nqx)))
-        snr = np.empty(values.shape, np.float32)
-        _k.dog_snr(
-            values, weights, exc, g, g * g, mean, 1, take(sigma, qy, qx), 1, 1, snr,
-            np.empty((1, 1), np.float32), _dog_work(values.shape, r),
-        )  # fmt: skip
-        return snr
-
-    ys, out_y = stack(ny)
-    rows = centres(ys, np.arange(nx), out_y[:, None], 0)[r :: 2 * r + 1]
-    xs, out_x = stack(nx)
-    cols = centres(np.arange(ny), xs, out_x[None, :], 1)[:, r :: 2 * r + 1]
-    return rows, cols
+    return _k.dog_sampled(
+        num, num if cnt is None else cnt, direct, g, g * g, local, bw, sigma, b, q,
+        np.arange(0, ny, step), np.arange(0, nx, step),
+    )  # fmt: skip
 
 
 def _excess_of(parts, white: float) -> float:
