@@ -355,71 +355,91 @@ def _dog_strip(
     ny, nx = num.shape
     want_codes = codes.shape[0] == ny and codes.shape[1] == nx
     r = g.size // 2
-    nqy, nqx = noise.shape
+    nqy = noise.shape[0]
+    # Row buffers once per strip (their padding stays zero), not per row.
+    pn = np.zeros(nx + 2 * r, np.float32)
+    pc = np.zeros(nx + 2 * r, np.float32)
+    # dirty[k, x]: the weights of x-pass row k at x are not a clean row's.
+    dirty = np.zeros((max(0, a1 - a0), nx if direct else 0), np.uint8)
     for k in range(a1 - a0):
         y = a0 + k
         # Padded rows of the masked values and weights, then the taps.
-        pn = np.zeros(nx + 2 * r, np.float32)
         if clean[y]:
             _copy_into(pn, r, num[y])
             _correlate_row(pn, g, tn[k])
             _copy_into(tc[k], 0, crow)
             _copy_into(tv[k], 0, vrow1)
             continue
-        pc = np.zeros(nx + 2 * r, np.float32)
         if direct:
             erow, vrow = excluded[y], num[y]
             for x in range(nx):
                 e = erow[x]
                 pn[x + r] = np.float32(0.0) if e else vrow[x]
                 pc[x + r] = np.float32(0.0) if e else np.float32(1.0)
-        else:
-            _copy_into(pn, r, num[y])
-            _copy_into(pc, r, cnt[y])
+            _correlate_row(pn, g, tn[k])
+            # The weights differ from a clean row's only within r of an excluded
+            # pixel: those columns are summed (the same taps in the same order) and
+            # marked, the rest copied.
+            _copy_into(tc[k], 0, crow)
+            _copy_into(tv[k], 0, vrow1)
+            _weights_near_excluded(erow, pc, g, g2, tc[k], tv[k], dirty[k])
+            continue
+        _copy_into(pn, r, num[y])
+        _copy_into(pc, r, cnt[y])
         _correlate_row(pn, g, tn[k])
         _correlate_row2(pc, g, g2, tc[k], tv[k])
+    an = np.empty(nx, np.float32)
+    ac = np.empty(nx, np.float32)
+    av = np.empty(nx, np.float32)
+    # 1 / noise of a steady row (weights of a clean window) depends on its noise row
+    # only: kept for the next steady rows of that noise row.
+    steady_av = np.empty(nx, np.float32)
+    steady_qy = -1
     for k in range(y1 - y0):
         y = y0 + k
-        an = np.zeros(nx, np.float32)
         lo, hi = max(0, y - r), min(ny - 1, y + r)
-        steady = direct and lo == y - r and hi == y + r and clean[lo : hi + 1].all()
-        if steady:
-            ac = cint
-            av = vint.copy()
+        qy = min((y * b + b // 2) // q, nqy - 1)
+        if direct and lo == y - r and hi == y + r:
+            # A full window: a clean one's weights (and, per noise row, 1 / noise),
+            # except in the columns where a row of the window is dirty.
             if g.size == 7:
                 _sum_rows7(tn, lo - a0, g, an)
             else:
+                an[:] = 0.0
                 for i in range(lo, hi + 1):
                     w = g[i - y + r]
                     sn = tn[i - a0]
                     for x in range(nx):
                         an[x] += w * sn[x]
-        elif g.size == 7 and lo == y - r and hi == y + r:
-            ac = np.empty(nx, np.float32)
-            av = np.empty(nx, np.float32)
-            _sum_rows7(tn, lo - a0, g, an)
-            _sum_rows7(tc, lo - a0, g, ac)
-            _sum_rows7(tv, lo - a0, g2, av)
+            if qy != steady_qy:
+                _inverse_noise(vint, noise, qy, qruns, b, q, steady_av)
+                steady_qy = qy
+            if clean[lo : hi + 1].all():
+                wc, wv = cint, steady_av
+            else:
+                _copy_into(ac, 0, cint)
+                _copy_into(av, 0, steady_av)
+                _dirty_columns(dirty, lo - a0, 2 * r + 1, tc, tv, g, g2, noise, qy, b, q, ac, av)
+                wc, wv = ac, av
         else:
-            ac = np.zeros(nx, np.float32)
-            av = np.zeros(nx, np.float32)
-            for i in range(lo, hi + 1):
-                w = g[i - y + r]
-                w2 = g2[i - y + r]
-                sn, sc, sv = tn[i - a0], tc[i - a0], tv[i - a0]
-                for x in range(nx):
-                    an[x] += w * sn[x]
-                    ac[x] += w * sc[x]
-                    av[x] += w2 * sv[x]
-        qy = min((y * b + b // 2) // q, nqy - 1)
-        # 1 / noise in av.
-        for k0 in range(qruns.size - 1):
-            x0, x1 = qruns[k0], qruns[k0 + 1]
-            sigma = noise[qy, min((x0 * b + b // 2) // q, nqx - 1)]
-            s2 = sigma * sigma
-            for x in range(x0, x1):
-                v = av[x] * s2
-                av[x] = 1.0 / np.sqrt(v) if v > 0 else 0.0
+            wc, wv = ac, av
+            if g.size == 7 and lo == y - r and hi == y + r:
+                _sum_rows7(tn, lo - a0, g, an)
+                _sum_rows7(tc, lo - a0, g, ac)
+                _sum_rows7(tv, lo - a0, g2, av)
+            else:
+                an[:] = 0.0
+                ac[:] = 0.0
+                av[:] = 0.0
+                for i in range(lo, hi + 1):
+                    w = g[i - y + r]
+                    w2 = g2[i - y + r]
+                    sn, sc, sv = tn[i - a0], tc[i - a0], tv[i - a0]
+                    for x in range(nx):
+                        an[x] += w * sn[x]
+                        ac[x] += w * sc[x]
+                        av[x] += w2 * sv[x]
+            _inverse_noise(av, noise, qy, qruns, b, q, av)
         lrow = local[y // bw]
         if want_codes:
             # The values dog_snr would store, divided and thresholded as
@@ -429,8 +449,8 @@ def _dog_strip(
                 x0, x1 = lruns[k0], lruns[k0 + 1]
                 m = lrow[x0 // bw]
                 for x in range(x0, x1):
-                    sv = (an[x] - ac[x] * m) * av[x]
-                    gv = an[x] * av[x] if plain else sv
+                    sv = (an[x] - wc[x] * m) * wv[x]
+                    gv = an[x] * wv[x] if plain else sv
                     if divide:
                         sv = sv / factor
                         gv = gv / factor
@@ -439,13 +459,85 @@ def _dog_strip(
         if want_grow:
             out = grow[y]
             for x in range(nx):
-                out[x] = an[x] * av[x]
+                out[x] = an[x] * wv[x]
         out = snr[y]
         for k0 in range(lruns.size - 1):
             x0, x1 = lruns[k0], lruns[k0 + 1]
             m = lrow[x0 // bw]
             for x in range(x0, x1):
-                out[x] = (an[x] - ac[x] * m) * av[x]
+                out[x] = (an[x] - wc[x] * m) * wv[x]
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _weights_near_excluded(erow, pc, g, g2, tc, tv, dirty):  # pragma: no cover - compiled
+    """The x pass of the padded weight row ``pc`` into ``tc``, ``tv`` at the columns
+    within r of an excluded pixel of ``erow`` (marked in ``dirty``, which is zeroed
+    first); the other columns are left as they are."""
+    nx = erow.size
+    r = g.size // 2
+    w = 2 * r + 1
+    z = np.float32(0.0)
+    for x in range(nx):
+        dirty[x] = 0
+    x = 0
+    while x < nx:
+        if not erow[x]:
+            x += 1
+            continue
+        e0 = x
+        while x < nx and erow[x]:
+            x += 1
+        for c in range(max(0, e0 - r), min(nx, x + r)):
+            if dirty[c]:
+                continue
+            sc, sv = z, z
+            for j in range(w):
+                v = pc[c + j]
+                sc = sc + g[j] * v
+                sv = sv + g2[j] * v
+            tc[c], tv[c] = sc, sv
+            dirty[c] = 1
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _dirty_columns(dirty, i0, n, tc, tv, g, g2, noise, qy, b, q, ac, av):
+    # pragma: no cover - compiled
+    """``ac``, ``av`` (the 1 / noise) at the columns where one of the ``n`` x-pass rows
+    from ``i0`` is dirty: the y pass's sums in order, as in :func:`_dog_strip`."""
+    nx = ac.size
+    nqx = noise.shape[1]
+    z = np.float32(0.0)
+    any_dirty = dirty[i0].copy()
+    for t in range(1, n):
+        row = dirty[i0 + t]
+        for x in range(nx):
+            any_dirty[x] |= row[x]
+    for x in range(nx):
+        if not any_dirty[x]:
+            continue
+        sc, sv = z, z
+        for t in range(n):
+            sc = sc + g[t] * tc[i0 + t, x]
+            sv = sv + g2[t] * tv[i0 + t, x]
+        ac[x] = sc
+        sigma = noise[qy, min((x * b + b // 2) // q, nqx - 1)]
+        v = sv * (sigma * sigma)
+        av[x] = 1.0 / np.sqrt(v) if v > 0 else 0.0
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _inverse_noise(var, noise, qy, qruns, b, q, out):  # pragma: no cover - compiled
+    """``out = 1 / sqrt(var * sigma**2)`` (0 where that is not positive), ``sigma``
+    the noise of row ``qy`` of the grid, constant over each run of ``qruns``;
+    ``out`` may be ``var``."""
+    nqx = noise.shape[1]
+    for k0 in range(qruns.size - 1):
+        x0, x1 = qruns[k0], qruns[k0 + 1]
+        sigma = noise[qy, min((x0 * b + b // 2) // q, nqx - 1)]
+        s2 = sigma * sigma
+        for x in range(x0, x1):
+            v = var[x] * s2
+            out[x] = 1.0 / np.sqrt(v) if v > 0 else 0.0
 
 
 def expand_mask_into(small, b, out):
