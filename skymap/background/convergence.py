@@ -31,6 +31,7 @@ __all__ = [
     "note_backed_off",
     "note_cycle",
     "note_converged",
+    "note_mask_settled",
     "note_stopped",
     "note_stalled",
     "runaway",
@@ -233,6 +234,16 @@ def note_converged(stage: int, iterations: int, rec: Any, pipe: Any) -> str:
         f"converged: stage {stage} settled after {iterations} iteration(s); the "
         f"background moved by {rec.change:.3g} of its RMS (tolerance "
         f"{tolerance(pipe, rec):.3g}) and {rec.mask_change:.2%} of the pixels changed mask"
+    )
+
+
+def note_mask_settled(stage: int, iterations: int, rec: Any, pipe: Any) -> str:
+    """The note of a fit whose last stage stopped on a settled mask without a refit
+    (``IterativeBackground.refit_settled`` False): the final refit used it."""
+    return (
+        f"converged: stage {stage} settled after {iterations} iteration(s); "
+        f"{rec.mask_change:.2%} of the pixels changed mask (tolerance {pipe.mask_tol:.2%}), "
+        "so the stage was not refitted and the final refit used that mask"
     )
 
 
