@@ -230,6 +230,31 @@ def test_flood_fill_keeps_the_regions_that_hold_a_seed_as_labelling_does(rng):
     want = np.isin(labels, seeded[seeded > 0])
     got = K.flood_seeded(codes.copy()).view(bool)
     np.testing.assert_array_equal(got, want)
+    # painted as the flood reaches them: the same pixels dilated by a disk, OR-ed in
+    for radius in (0.0, 1.5, 2.0):
+        into = rng.random(codes.shape) < 0.01
+        dilated = ndi.binary_dilation(want, H.disk_footprint(radius)) | into
+        K.flood_seeded_into(codes.copy(), H._disk_offsets(radius), into)
+        np.testing.assert_array_equal(into, dilated)
+
+
+def test_sampled_detection_equals_the_maps_path(rng):
+    # _detect_sampled (sampled noise excess, fused codes, the flood painting the
+    # dilation in place) against scale_maps + snr_factor + scale_mask, unbinned and
+    # binned, with the noise factor above 1 (correlated noise) and not
+    masker = H.HysteresisMasker(grow_plain=True)
+    white = rng.normal(size=(160, 150)).astype(np.float32)
+    for res in (white, ndi.uniform_filter(white, 3) * 3):
+        res = res.copy()
+        res[40:52, 30:45] += 8.0
+        excluded = np.zeros(res.shape, bool)
+        excluded[100:110, 20:60] = True
+        for s in (1.0, 2.0):
+            maps = masker.scale_maps(res, np.float32(1.0), excluded, s)
+            factor = masker.snr_factor(maps.snr, maps.invalid, s, maps.block)
+            want = masker.scale_mask(maps, factor, s, excluded, into=excluded.copy())
+            got = masker._detect_sampled(res, np.float32(1.0), excluded, s, into=excluded.copy())
+            np.testing.assert_array_equal(got, want)
 
 
 @pytest.mark.parametrize(

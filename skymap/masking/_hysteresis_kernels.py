@@ -616,17 +616,33 @@ def flood_seeded(codes):
     8-connected through codes >= 1 to a seed, 0 elsewhere; returns it. The same
     pixels as labelling the regions and keeping those that hold a seed
     (:func:`keep_seeded`), without a label map (an image of int32)."""
-    flat = codes.reshape(-1)
-    # The seeds are looked for eight codes at a time (words without one are skipped).
-    whole = flat.size // 8 * 8
-    _flood_seeded(codes, flat, flat[:whole].view(np.uint64))
+    none = np.zeros((0, 0), np.bool_)
+    offsets = np.zeros((0, 2), np.int64)
+    _flood(codes, *_flat_words(codes), offsets, none)
     return codes
 
 
+def flood_seeded_into(codes, offsets, into):
+    """``into |=`` the pixels :func:`flood_seeded` finds, dilated by the ``offsets``
+    (``(k, 2)`` int (dy, dx), a symmetric footprint), in place; returns ``into``.
+    Each pixel reached paints its footprint as the flood reaches it, so neither the
+    detections' map nor a dilated copy is made. ``codes`` is left overwritten."""
+    _flood(codes, *_flat_words(codes), np.ascontiguousarray(offsets, np.int64), into)
+    return into
+
+
+def _flat_words(codes):
+    flat = codes.reshape(-1)
+    # The seeds are looked for eight codes at a time (words without one are skipped).
+    whole = flat.size // 8 * 8
+    return flat, flat[:whole].view(np.uint64)
+
+
 @njit(cache=True, nogil=True)
-def _flood_seeded(codes, flat, words):  # pragma: no cover - compiled
+def _flood(codes, flat, words, offsets, into):  # pragma: no cover - compiled
     nx = codes.shape[1]
     ny = codes.shape[0]
+    paint = into.shape[0] == ny and into.shape[1] == nx
     stack = np.empty(1 << 16, np.int64)
     n = 0
     # Code 3 marks a pixel reached (and pushed once). Codes are 0-2 here: a seed is a
@@ -647,6 +663,11 @@ def _flood_seeded(codes, flat, words):  # pragma: no cover - compiled
         i = stack[n]
         y = i // nx
         x = i - y * nx
+        if paint:
+            for k in range(offsets.shape[0]):
+                yy, xx = y + offsets[k, 0], x + offsets[k, 1]
+                if 0 <= yy < ny and 0 <= xx < nx:
+                    into[yy, xx] = True
         for yy in range(max(0, y - 1), min(ny, y + 2)):
             for xx in range(max(0, x - 1), min(nx, x + 2)):
                 j = yy * nx + xx
@@ -656,8 +677,9 @@ def _flood_seeded(codes, flat, words):  # pragma: no cover - compiled
                         stack = grown(stack)
                     stack[n] = j
                     n += 1
-    for i in range(flat.size):
-        flat[i] = 1 if flat[i] == 3 else 0
+    if not paint:
+        for i in range(flat.size):
+            flat[i] = 1 if flat[i] == 3 else 0
 
 
 @njit(cache=True, nogil=True)

@@ -57,13 +57,18 @@ def masked_block_sums(values, excluded, b):
     return _k.masked_block_sums(values, excluded, b, num, cnt)
 
 
+def _disk_offsets(radius: float) -> np.ndarray:
+    """The (dy, dx) offsets of :func:`disk_footprint` ``(radius)``, shape (k, 2)."""
+    foot = disk_footprint(radius)
+    return np.argwhere(foot) - foot.shape[0] // 2
+
+
 def _dilate_disk(mask: np.ndarray, radius: float) -> np.ndarray:
     """Binary dilation by a small disk, as shifted ORs (cheaper than a generic
     structuring-element pass for the few offsets of a small disk)."""
     out = mask.copy()
     ny, nx = mask.shape
-    half = disk_footprint(radius).shape[0] // 2
-    for dy, dx in np.argwhere(disk_footprint(radius)) - half:
+    for dy, dx in _disk_offsets(radius):
         if dy == 0 and dx == 0:
             continue
         out[max(0, dy) : ny + min(0, dy), max(0, dx) : nx + min(0, dx)] |= mask[
@@ -446,6 +451,12 @@ class HysteresisMasker:
             _dog_work(num.shape, g.size // 2),
         )  # fmt: skip
         del num, cnt
+        radius = self.dilation(s) / b
+        if b == 1 and into is not None and radius <= 3:
+            # Unbinned, a small disk: each pixel the flood reaches paints its disk into
+            # the mask (the same pixels as grow's dilation and OR, without the
+            # detections' map, its dilated copy and their passes).
+            return _k.flood_seeded_into(codes, _disk_offsets(radius), into)
         return self.grow(_k.flood_seeded(codes).view(bool), s, b, excluded, into=into)
 
     def snr_factor(self, snr, invalid, s, b) -> float:
