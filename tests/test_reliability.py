@@ -78,7 +78,9 @@ def test_float32_with_a_large_offset_is_as_good_as_float64(crowded):
     data = sc.image * 10 + 1e9
     f64 = skymap.fit(data)
     f32 = skymap.fit(data.astype(np.float32))
-    assert abs(f32.mask.mean() - f64.mask.mean()) < 0.005
+    # (0.0049 before stages stopped on a settled mask without a refit, 0.0051 since:
+    # the two fits settle at different iterations)
+    assert abs(f32.mask.mean() - f64.mask.mean()) < 0.0075
     # float32 cannot hold a background at 1e9 closer than half its spacing (32):
     # the rounding adds 64 / sqrt(12) in quadrature, and nothing more.
     rounding = 64 / np.sqrt(12) / (10 * sc.noise_sigma)
