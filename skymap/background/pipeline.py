@@ -187,12 +187,14 @@ class IterativeBackground:
         sky; a larger one keeps more of the faint outskirts out. Which is right
         depends on the image: :func:`skymap.tune` tries a sixteenth.
     tracking_scale : float or None
-        Once the tracking test has fired, the last stage's masker (one with
-        ``scales``, such as :class:`~skymap.masking.HysteresisMasker`) also matches a
-        scale this many times its largest. The light the fit was following lies in
-        wings too faint per pixel for the finer scales; a coarser matched filter
-        reaches it, as the noise it leaves falls with the area it averages. A fit the
-        test never flags is masked exactly as before. None: the scales stay as given.
+        Once the tracking test has found the fit higher where the masks are (a
+        positive correlation: source light left unmasked), the last stage's masker
+        (one with ``scales``, such as :class:`~skymap.masking.HysteresisMasker`) also
+        matches a scale this many times its largest. The light the fit was following
+        lies in wings too faint per pixel for the finer scales; a coarser matched
+        filter reaches it, as the noise it leaves falls with the area it averages. A
+        fit the test never flags, or finds only lower where the masks are (bending
+        into holes), is masked exactly as before. None: the scales stay as given.
     max_source_size : float, "auto" or None
         How large (in pixels) an object may be and still count as a source rather than
         sky. The thin-plate smoothers' smoothing length is held at or above half of it
@@ -401,8 +403,8 @@ class IterativeBackground:
         # Whether the fit was found following source light (``source_tracking``), and
         # the valid pixels per cell that the check reads, per cell size.
         stiff, valid_counts = False, {}
-        # Whether the test has fired at all (the last stage's masker then reaches
-        # further: ``tracking_scale``).
+        # Whether the test has found the fit higher where the masks are (the last
+        # stage's masker then reaches further: ``tracking_scale``).
         tracked = False
         for k, stage in enumerate(self.stages):
             converged = False
@@ -440,7 +442,9 @@ class IterativeBackground:
                     if test is not None:
                         tracking = test.correlation
                         if test.tracking:
-                            tracked = True
+                            # Higher where the masks are: unmasked source light, which
+                            # a coarser scale can mask (lower: it bends into holes).
+                            tracked = tracked or test.correlation > 0
                             floor, raised, stiff = self._stiffen(model, floor, be.shape, stiff)
                 rec = keep(
                     record(
