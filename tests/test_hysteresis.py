@@ -336,3 +336,22 @@ def test_the_fused_pass_sums_the_taps_in_order_in_float32(rng, sigma, sparse):
         inv = np.where(av > 0, 1.0 / np.sqrt(av).astype(np.float64), 0.0).astype(np.float32)
     np.testing.assert_array_equal(grow, an * inv)
     np.testing.assert_array_equal(snr, (an - ac * m) * inv)
+
+
+@pytest.mark.parametrize("nan_outside", [False, True])
+def test_mask_with_is_the_given_mask_or_the_detections(rng, nan_outside):
+    # the in-memory back end's union, with the residual's non-finite pixels all in the
+    # given mask (the pipeline's case: no pass takes them out) or some outside it
+    masker = H.HysteresisMasker()
+    res = rng.normal(size=(120, 110)).astype(np.float32)
+    res[40:48, 50:60] += 9.0
+    given = np.zeros(res.shape, bool)
+    given[:10] = given[60:70, 20:30] = True
+    res[5, 5] = res[65, 25] = np.nan
+    if nan_outside:
+        res[44, 55] = res[100, 100] = np.inf
+    got = masker.mask_with(res, np.float32(1.0), given)
+    want = given | masker(res, np.float32(1.0), given)
+    np.testing.assert_array_equal(got, want)
+    assert got[42, 52] and not (nan_outside and got[100, 100])
+    assert np.array_equal(masker.mask_with(res, 1.0, None), masker(res, 1.0, None))

@@ -123,6 +123,11 @@ class MemoryBackend:
         return estimator.fit_on(self, mask, **hints)
 
     def mask(self, masker, residual, noise, window_of=None):
+        # A masker that gives the union itself (HysteresisMasker.mask_with) saves the
+        # passes that take the bad pixels out of its map and the OR that puts them in.
+        union = getattr(masker, "mask_with", None)
+        if callable(union):
+            return np.asarray(union(residual, noise, self.bad), dtype=bool)
         return self.bad | np.asarray(masker(residual, noise, self.bad), dtype=bool)
 
     def noise_map(self, model):

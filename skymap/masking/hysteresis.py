@@ -324,11 +324,49 @@ class HysteresisMasker:
 
     def __call__(self, residual: Any, rms: Any = None, mask: Any = None) -> np.ndarray:
         """Source mask (True = source) of ``residual``; see the class docstring."""
+        res, given, excluded, _ = self._excluded(residual, rms, mask)
+        excluded &= np.isfinite(res)
+        if given is not None:
+            # a > b is a & ~b for booleans, without a temporary.
+            np.greater(excluded, given, out=excluded)
+        return excluded
+
+    def mask_with(self, residual: Any, rms: Any = None, mask: Any = None) -> np.ndarray:
+        """``mask | self(residual, rms, mask)``, a new array: what an in-memory back end
+        excludes after masking. Where every non-finite pixel of ``residual`` is in
+        ``mask`` (the pipeline's case), the masker's own map is that union already, and
+        the passes that take the given and non-finite pixels back out, and the OR that
+        puts them in again, are skipped.
+
+        Examples
+        --------
+        >>> rng = np.random.default_rng(1)
+        >>> img = rng.normal(size=(64, 64))
+        >>> img[30:34, 30:34] += 20
+        >>> given = np.zeros(img.shape, bool)
+        >>> given[:4] = True
+        >>> m = HysteresisMasker()
+        >>> bool(np.array_equal(m.mask_with(img, 1.0, given), given | m(img, 1.0, given)))
+        True
+        """
+        res, given, excluded, outside = self._excluded(residual, rms, mask)
+        if outside:  # non-finite pixels that are not given: not excluded by the masker
+            excluded &= np.isfinite(res)
+            if given is not None:
+                excluded |= given
+        return excluded
+
+    def _excluded(self, residual, rms, mask):
+        """(residual, given mask, the given mask OR the non-finite pixels OR the
+        detections, whether a non-finite pixel lies outside the given mask) of
+        :meth:`__call__`."""
         res = as_image(residual, "residual")
         given = as_mask(mask, res.shape)
         # One full-resolution mask only (memory): the detections are what ends up
         # excluded beyond the given mask and the non-finite pixels.
         excluded = combine_masks(res, given)
+        given_count = 0 if given is None else np.count_nonzero(given)
+        outside = np.count_nonzero(excluded) > given_count
         if rms is None:
             v = res[~excluded]
             rms = MAD_TO_STD * float(np.median(np.abs(v - np.median(v)))) if v.size else 1.0
@@ -346,11 +384,7 @@ class HysteresisMasker:
                 )
         for s in self.scales:
             self._detect(res, noise, excluded, s, into=excluded)
-        excluded &= np.isfinite(res)
-        if given is not None:
-            # a > b is a & ~b for booleans, without a temporary.
-            np.greater(excluded, given, out=excluded)
-        return excluded
+        return res, given, excluded, outside
 
     def _detect(self, res, noise, excluded, s, into=None):
         """Detections at one scale, dilated, at full resolution. Three steps, so that a
