@@ -34,7 +34,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from bench_real import DATA, read_real  # noqa: E402
+from bench_real import DATA, read_real
 
 SCENES = (
     "notebook",
