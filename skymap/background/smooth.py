@@ -140,6 +140,18 @@ class _System:
         self.s_bins = np.sqrt(edges[:-1] * edges[1:])[keep]
         self.s_counts = counts[keep].astype(np.float64)
 
+    def _scratch(self):
+        # Zero-bordered second differences for the gathered operator (see
+        # _smooth_kernels.thin_plate_matvec), allocated once per system.
+        if not hasattr(self, "_buffers"):
+            ny, nx = self.w.shape
+            self._buffers = (
+                np.zeros((ny + 2, nx)),
+                np.zeros((ny, nx + 2)),
+                np.zeros((ny + 1, nx + 1)),
+            )
+        return self._buffers
+
     def operator(self, z, lam, buf):
         """``lam`` times the penalty applied to ``z`` (into ``buf``)."""
         if self.penalty is None:
@@ -149,6 +161,18 @@ class _System:
         cxy = 2.0 * lam * area / (self.hy * self.hx) ** 2
         return _k.thin_plate_apply_field(z, cyy, cxx, cxy, *self._fields, buf)
 
+    def matvec(self, z, lam, out) -> float:
+        """``out = (W + lam K) z``, the system's matrix applied to ``z``; returns
+        ``z . out``."""
+        if self.penalty is not None:
+            out = self.operator(z, lam, out)
+            out += self.w * z
+            return _dot(z, out)
+        area = self.hy * self.hx
+        cyy, cxx = lam * area / self.hy**4, lam * area / self.hx**4
+        cxy = 2.0 * lam * area / (self.hy * self.hx) ** 2
+        return _k.thin_plate_matvec(z, self.w, cyy, cxx, cxy, *self._scratch(), out)
+
     def solve(self, y, lam, z0=None, *, rtol=1e-6, maxiter=1000):
         w = self.w
         inv = 1.0 / (self.wbar + lam * self.fbar * self.spec)
@@ -156,26 +180,23 @@ class _System:
         def precondition(r):
             return fft.idctn(inv * fft.dctn(r, norm="ortho"), norm="ortho")
 
-        buf = np.empty_like(y)
+        ap = np.empty_like(y)
         b = w * y
         z = precondition(b) if z0 is None else z0.copy()
-        r = b - (w * z + self.operator(z, lam, buf))
+        self.matvec(z, lam, ap)
+        r = b - ap
         p = precondition(r)
-        rz = float(_dot(r, p))
+        rz = _dot(r, p)
+        rr = _dot(r, r)
         bnorm = float(np.sqrt(_dot(b, b))) or 1.0
         iterations = 0
         while iterations < maxiter:
-            if np.sqrt(_dot(r, r)) <= rtol * bnorm:
+            if np.sqrt(rr) <= rtol * bnorm:
                 break
             iterations += 1
-            ap = w * p + self.operator(p, lam, buf)
-            alpha = rz / float(_dot(p, ap))
-            z += alpha * p
-            r -= alpha * ap
-            q = precondition(r)
-            rz_new = float(_dot(r, q))
-            p = q + (rz_new / rz) * p
-            rz = rz_new
+            alpha = rz / self.matvec(p, lam, ap)
+            rr = _k.cg_step(z, r, p, ap, alpha)
+            rz = _k.cg_direction(p, precondition(r), r, rz)
         else:
             log.warning("thin-plate solve did not converge in %d iterations", maxiter)
         return z, iterations
