@@ -12,6 +12,7 @@ from skymap._validate import as_pair
 from skymap.background import _smooth_kernels as _k
 
 __all__ = [
+    "block_sums",
     "cell_stats",
     "cell_sums",
     "reference_level",
@@ -48,6 +49,29 @@ def cell_sums(image: np.ndarray, bad: np.ndarray, cells, ref: float, origin=(0, 
     if origin[1]:
         sx += n * origin[1]
     return np.stack([n, s1, s2, sy, sx])
+
+
+def block_sums(grid: np.ndarray, factor) -> np.ndarray:
+    """Sums of ``factor`` = (fy, fx) blocks of cells over the last two axes of ``grid``
+    (a ragged last block sums what is there): the :func:`cell_sums` of cells ``fy`` and
+    ``fx`` times larger, from those of the small cells, without reading the image again
+    (the sums are additive; equal to binning afresh up to the order of the additions).
+
+    Examples
+    --------
+    >>> img = np.arange(35.0).reshape(5, 7)
+    >>> ok = np.zeros(img.shape, bool)
+    >>> small, large = cell_sums(img, ok, (1, 2), 0.0), cell_sums(img, ok, (2, 4), 0.0)
+    >>> bool(np.allclose(block_sums(small, (2, 2)), large))
+    True
+    """
+    fy, fx = as_pair("factor", factor)
+    g = np.asarray(grid)
+    *lead, gy, gx = g.shape
+    ny, nx = -(-gy // fy), -(-gx // fx)
+    padded = np.zeros((*lead, ny * fy, nx * fx), dtype=g.dtype)
+    padded[..., :gy, :gx] = g
+    return padded.reshape(*lead, ny, fy, nx, fx).sum(axis=(-3, -1))
 
 
 def reference_level(sub: np.ndarray, subbad: np.ndarray) -> float | None:

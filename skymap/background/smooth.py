@@ -52,6 +52,7 @@ from skymap._util import pow2_at_most
 from skymap._validate import as_image, as_mask, as_pair, check_positive, check_range, combine_masks
 from skymap.background import _smooth_kernels as _k
 from skymap.background.cells import (
+    block_sums,
     cell_stats,
     cell_sums,
     reference_level,
@@ -356,20 +357,24 @@ def _gcv_search(system: _System, y, smoothing_range, start, step, inflation, sco
         return scores[lam], loglam
 
     if step >= 1.0:
-        # Cold start: scan every decade from smooth to rough. GCV is flat over the
-        # over-smoothed plateau, so a downhill walk from a too-stiff start can stall
-        # there; the scan stops once GCV has clearly risen two decades past the best.
-        centre, best = None, np.inf
-        v = hi
-        while True:
-            s, v = score(v)
-            if s < best:
-                best, centre = s, v
-            elif v <= centre - 2.0 and s > 1.05 * best:
-                break
-            if v <= lo:
-                break
+        # Cold start: scan the decades below the stiff end (``hi - k step``, and the
+        # rough end ``lo``) from rough to smooth. GCV is flat over the over-smoothed
+        # plateau, so a downhill walk from a too-stiff start can stall there; the scan
+        # stops once GCV has clearly risen two decades past the best. From the rough end
+        # it meets the minimum before the plateau, and skips the stiff solves, the
+        # slowest to converge (the same decades as a scan from the stiff end: the same
+        # choice unless GCV has two minima over 5% apart).
+        grid, v = [hi], hi
+        while v > lo:
             v -= step
+            grid.append(max(v, lo))
+        centre, best = None, np.inf
+        for v in dict.fromkeys(reversed(grid)):
+            s, v = score(v)
+            if s <= best:
+                best, centre = s, v
+            elif v >= centre + 2.0 and s > 1.05 * best:
+                break
     else:
         centre = float(np.clip(np.log10(start), lo, hi))
         best, centre = score(centre)
@@ -652,8 +657,13 @@ class ThinPlateSmoother:
         True
         """
         shape = (int(shape[0]), int(shape[1]))
-        for cells in self.cell_sequence(shape):
-            fitted = self._fit_grid(sums(cells), shape, cells, ref, smoothing_start, min_smoothing)
+        for binned in self.cell_sequence(shape):
+            grid_sums, cells = sums(binned), binned
+            factor = self.coarsening(binned, shape, min_smoothing)
+            if factor > 1:
+                cells = (binned[0] * factor, binned[1] * factor)
+                grid_sums = block_sums(grid_sums, (factor, factor))
+            fitted = self._fit_grid(grid_sums, shape, cells, ref, smoothing_start, min_smoothing)
             # Automatic cells: when GCV wants a smoothing below the cell size, the grid
             # is too coarse for this sky; refit on the next, finer cells.
             if not fitted[-1]:
@@ -692,7 +702,34 @@ class ThinPlateSmoother:
             cell_offsets=offsets,
             cell_weights=None if w is n else w,
             penalty=penalty,
+            binned_cells=binned,
         )
+
+    def coarsening(self, cells, shape, min_smoothing: float | None) -> int:
+        """Factor by which the fit merges ``cells`` (blocks of cells summed,
+        :func:`block_sums`) when the smoothing may not go below ``min_smoothing``.
+
+        A fit held at or above a length ``L`` needs no cells finer than ``L /``
+        :data:`CELLS_PER_LENGTH`: the grid's cost (every GCV solve) falls as the square
+        of the factor, and a fixed ~1e4-cell grid is most of the CPU time on small
+        images (``benchmarks/README.md``, "small-frame speed"). Automatic cells only,
+        GCV only (1 otherwise), and never coarser than the 32 px of :meth:`cells_for`
+        nor fewer than 16 cells across the shorter side.
+
+        Examples
+        --------
+        >>> tps = ThinPlateSmoother()
+        >>> tps.cells_for((300, 300)), tps.coarsening((3, 3), (300, 300), 28.0**4)
+        ((3, 3), 2)
+        >>> tps.coarsening((3, 3), (300, 300), None)
+        1
+        """
+        if self.cell_size is not None or self.smoothing is not None or not min_smoothing:
+            return 1
+        c = max(cells)
+        factor = int(float(min_smoothing) ** 0.25 // (CELLS_PER_LENGTH * c))
+        factor = min(factor, 32 // c, int(min(shape) // (16 * c)))
+        return max(1, factor)
 
     def _weights(self, n: np.ndarray) -> np.ndarray:
         return np.where(n >= self.min_pixels, n, 0.0)
@@ -777,6 +814,11 @@ class ThinPlateSmoother:
             z, lam, penalty = self._protect(mean, weights, fit, hi, n, var, depth, grid)
         return z, lam, scores, n, mean, var, (dy, dx), w, penalty, at_floor
 
+
+#: Cells per smoothing length below which :meth:`ThinPlateSmoother.coarsening` does
+#: not merge cells: a thin-plate fit of length ``L`` passes wavelengths above
+#: ``2 pi L``, so that is over 25 cells per passed wavelength.
+CELLS_PER_LENGTH = 4
 
 #: Depth spread (ratio of the 95th to the 5th percentile of the cells' mean inverse
 #: variance) below which a weighted fit keeps one penalty for the grid.
@@ -919,7 +961,9 @@ class SmoothResult:
     error (from the pixel noise alone), in units of the pixel RMS. ``penalty`` is None
     (one penalty, ``smoothing``) or, for a weighted fit of varying depth, the field the
     penalty followed: (``depth ** power`` per cell, the cells' local weights, power);
-    ``smoothing`` is then the penalty at the mean depth.
+    ``smoothing`` is then the penalty at the mean depth. ``binned_cells`` is the cell
+    size the image was binned to when the fit merged blocks of those cells into its
+    ``cell_size`` (:meth:`ThinPlateSmoother.coarsening`), else None.
     """
 
     shape: tuple[int, int]
@@ -936,6 +980,7 @@ class SmoothResult:
     cell_offsets: tuple = field(repr=False)
     cell_weights: np.ndarray | None = field(default=None, repr=False)
     penalty: tuple | None = field(default=None, repr=False)
+    binned_cells: tuple[int, int] | None = field(default=None, repr=False)
     #: :meth:`background_map` makes a new array at every call (see BackgroundModel).
     new_maps: ClassVar[bool] = True
 
@@ -1022,8 +1067,11 @@ class SmoothResult:
 
     def noise_block(self) -> int:
         """Side of the blocks of :meth:`coarse_rms`: the largest power of two <= half
-        a cell (1: the cells are too small for blocks)."""
-        return pow2_at_most(min(self.cell_size) / 2.0, *self.shape)
+        a cell as binned (``binned_cells``, before any :meth:`~ThinPlateSmoother.coarsening`,
+        so that tiles stay aligned to the blocks), 1 when the cells are too small for
+        blocks."""
+        cells = self.cell_size if self.binned_cells is None else self.binned_cells
+        return pow2_at_most(min(cells) / 2.0, *self.shape)
 
     def coarse_rms(self) -> CoarseRMS | None:
         """The RMS at the centres of :meth:`noise_block` blocks (float32, unfloored):
