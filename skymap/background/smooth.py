@@ -67,6 +67,7 @@ __all__ = [
     "ThinPlateSmoother",
     "cell_sums",
     "depth_grid",
+    "merge_cells",
     "smooth_grid",
     "weighted_sums",
 ]
@@ -710,25 +711,30 @@ class ThinPlateSmoother:
         :func:`block_sums`) when the smoothing may not go below ``min_smoothing``.
 
         A fit held at or above a length ``L`` needs no cells finer than ``L /``
-        :data:`CELLS_PER_LENGTH`: the grid's cost (every GCV solve) falls as the square
-        of the factor, and a fixed ~1e4-cell grid is most of the CPU time on small
-        images (``benchmarks/README.md``, "small-frame speed"). Automatic cells only,
-        GCV only (1 otherwise), and never coarser than the 32 px of :meth:`cells_for`
-        nor fewer than 16 cells across the shorter side.
+        :data:`CELLS_PER_LENGTH` (4): merging up to that changes nothing that matters.
+        The automatic cells of a small image are small (a fixed ~1e4-cell grid, most of
+        its CPU time: ``benchmarks/README.md``, "small-frame speed"), so cells below
+        :data:`COST_CELL` (8 px, what a 1024^2 frame gets) are also merged towards it
+        while ``L`` stays at least two cells, the ratio at which the default already
+        fits 1024^2 frames (0.002 sigma from a fine grid). Automatic cells only, GCV
+        only (1 otherwise), never coarser than the 32 px of :meth:`cells_for` nor
+        fewer than 16 cells across the shorter side.
 
         Examples
         --------
         >>> tps = ThinPlateSmoother()
         >>> tps.cells_for((300, 300)), tps.coarsening((3, 3), (300, 300), 28.0**4)
-        ((3, 3), 2)
-        >>> tps.coarsening((3, 3), (300, 300), None)
-        1
+        ((3, 3), 3)
+        >>> tps.coarsening((8, 8), (1000, 1000), 28.0**4), tps.coarsening((3, 3), (300, 300), None)
+        (1, 1)
         """
         if self.cell_size is not None or self.smoothing is not None or not min_smoothing:
             return 1
         c = max(cells)
-        factor = int(float(min_smoothing) ** 0.25 // (CELLS_PER_LENGTH * c))
-        factor = min(factor, 32 // c, int(min(shape) // (16 * c)))
+        length = float(min_smoothing) ** 0.25
+        fine = int(length // (CELLS_PER_LENGTH * c))
+        cost = min(-(-COST_CELL // c), int(length // (2 * c)))
+        factor = min(max(fine, cost), 32 // c, int(min(shape) // (16 * c)))
         return max(1, factor)
 
     def _weights(self, n: np.ndarray) -> np.ndarray:
@@ -819,6 +825,9 @@ class ThinPlateSmoother:
 #: not merge cells: a thin-plate fit of length ``L`` passes wavelengths above
 #: ``2 pi L``, so that is over 25 cells per passed wavelength.
 CELLS_PER_LENGTH = 4
+#: Cell side (px) towards which :meth:`ThinPlateSmoother.coarsening` merges smaller
+#: cells while the smoothing length stays two cells or more.
+COST_CELL = 8
 
 #: Depth spread (ratio of the 95th to the 5th percentile of the cells' mean inverse
 #: variance) below which a weighted fit keeps one penalty for the grid.
@@ -914,6 +923,45 @@ def _field_args(penalty) -> dict:
     """:func:`smooth_grid`'s keywords for a fit's ``penalty`` (field, local weights,
     power)."""
     return {"penalty": penalty[0], "local_weights": penalty[1]}
+
+
+def merge_cells(values, weights, offsets, cells, factor: int):
+    """Blocks of ``factor`` x ``factor`` cells merged into one: the weighted mean of
+    their values, their summed weight, and the offsets of their weighted centroid from
+    the merged cell's centre (what binning at the merged size gives when the weights
+    are pixel counts, up to rounding). Missing cells (weight 0) take no part.
+
+    Examples
+    --------
+    >>> v, w = np.arange(16.0).reshape(4, 4), np.ones((4, 4))
+    >>> zero = (np.zeros((4, 4)), np.zeros((4, 4)))
+    >>> mv, mw, (dy, dx) = merge_cells(v, w, zero, (2, 2), 2)
+    >>> mv, mw, dy
+    (array([[ 2.5,  4.5],
+           [10.5, 12.5]]), array([[4., 4.],
+           [4., 4.]]), array([[0., 0.],
+           [0., 0.]]))
+    """
+    w = np.where(weights > 0, weights, 0.0)
+    cy, cx = cells
+    gy, gx = w.shape
+    iy = np.arange(gy)[:, None] * cy + (cy - 1) / 2.0
+    ix = np.arange(gx)[None, :] * cx + (cx - 1) / 2.0
+    dy, dx = (
+        np.where(w > 0, np.nan_to_num(np.asarray(o, dtype=np.float64)), 0.0) for o in offsets
+    )
+    block = (factor, factor)
+    sw = block_sums(w, block)
+    sv = block_sums(w * np.where(w > 0, values, 0.0), block)
+    sy = block_sums(w * (iy + dy), block)
+    sx = block_sums(w * (ix + dx), block)
+    my, mx = sw.shape
+    cy2, cx2 = cy * factor, cx * factor
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean = np.where(sw > 0, sv / sw, 0.0)
+        ody = np.where(sw > 0, sy / sw - (np.arange(my)[:, None] * cy2 + (cy2 - 1) / 2.0), 0.0)
+        odx = np.where(sw > 0, sx / sw - (np.arange(mx)[None, :] * cx2 + (cx2 - 1) / 2.0), 0.0)
+    return mean, sw, (ody, odx)
 
 
 def _effective_blocks(n, noise_var, cells, width) -> float:
@@ -1020,9 +1068,16 @@ class SmoothResult:
         lo, mid, hi = np.quantile(d, [tail, 0.5, 1.0 - tail])
         return float((hi - mid) / (mid - lo)) if mid > lo else 1.0
 
-    def stiffer_grid(self, stiffer: float, rtol: float = 1e-6) -> np.ndarray:
+    def stiffer_grid(self, stiffer: float, rtol: float = 1e-6, merge: bool = True) -> np.ndarray:
         """The grid of a fit ``stiffer`` times longer to the same cells and weights
         (conjugate gradients stopped at ``rtol``).
+
+        With ``merge`` (and one penalty) the longer fit is solved on blocks of cells
+        (:func:`merge_cells`; at least :data:`CELLS_PER_LENGTH` of them per its length
+        and 16 across the shorter side) and interpolated back to this grid: its cost is
+        that of a grid up to ``stiffer ** 2`` times smaller, and on 1e4-cell grids it
+        was a fifth of a small frame's fit (``benchmarks/README.md``, "small-frame
+        speed").
 
         Examples
         --------
@@ -1035,15 +1090,28 @@ class SmoothResult:
         if self.cell_weights is not None:
             weights = np.where(weights > 0, self.cell_weights, 0.0)
         values = np.where(weights > 0, self.cell_values, 0.0)
+        lam = float(self.smoothing) * stiffer**4
+        cells, offsets = self.cell_size, self.cell_offsets
+        factor = 1
+        if merge and self.penalty is None:
+            c = max(cells)
+            factor = int(lam**0.25 // (CELLS_PER_LENGTH * c))
+            factor = max(1, min(factor, min(values.shape) // 16))
+        if factor > 1:
+            values, weights, offsets = merge_cells(values, weights, offsets, cells, factor)
+            cells = (cells[0] * factor, cells[1] * factor)
         stiff, _, _ = smooth_grid(
             values,
             weights,
-            spacing=self.cell_size,
-            smoothing=float(self.smoothing) * stiffer**4,
-            offsets=self.cell_offsets,
+            spacing=cells,
+            smoothing=lam,
+            offsets=offsets,
             rtol=rtol,
             **({} if self.penalty is None else _field_args(self.penalty)),
         )
+        if factor > 1:
+            # node k of the merged grid sits at node k f + (f - 1) / 2 of this one
+            stiff = upsample(stiff, factor, self.grid.shape)
         return stiff
 
     def background_map(self, step: int = 1, window=None) -> np.ndarray:
