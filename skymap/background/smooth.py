@@ -114,6 +114,12 @@ class _System:
         self.w = weights
         self.hy, self.hx = hy, hx
         self.spec = _spectrum(weights.shape, hy, hx)
+        # The preconditioner's cosine transforms run on the grid padded with zeros to
+        # lengths of small primes: a DCT of a prime length (83 cells) is 3-4x slower.
+        # E' M E with E the zero padding is as symmetric and positive definite as M, so
+        # conjugate gradients converge to the same solution.
+        self.padded = tuple(fft.next_fast_len(int(n), real=True) for n in weights.shape)
+        self.pspec = self.spec if self.padded == weights.shape else _spectrum(self.padded, hy, hx)
         self.wbar = float(weights.mean())
         self.nobs = int(np.count_nonzero(weights))
         self.penalty = penalty
@@ -177,10 +183,19 @@ class _System:
 
     def solve(self, y, lam, z0=None, *, rtol=1e-6, maxiter=1000):
         w = self.w
-        inv = 1.0 / (self.wbar + lam * self.fbar * self.spec)
+        inv = 1.0 / (self.wbar + lam * self.fbar * self.pspec)
+        gy, gx = w.shape
+        if self.padded == w.shape:
 
-        def precondition(r):
-            return fft.idctn(inv * fft.dctn(r, norm="ortho"), norm="ortho")
+            def precondition(r):
+                return fft.idctn(inv * fft.dctn(r, norm="ortho"), norm="ortho")
+        else:
+            pad = np.zeros(self.padded)
+
+            def precondition(r):
+                pad[:gy, :gx] = r
+                out = fft.idctn(inv * fft.dctn(pad, norm="ortho"), norm="ortho")
+                return np.ascontiguousarray(out[:gy, :gx])
 
         ap = np.empty_like(y)
         b = w * y
