@@ -731,9 +731,10 @@ class ThinPlateSmoother:
         its CPU time: ``benchmarks/README.md``, "small-frame speed"), so cells below
         :data:`COST_CELL` (8 px, what a 1024^2 frame gets) are also merged towards it
         while ``L`` stays at least two cells, the ratio at which the default already
-        fits 1024^2 frames (0.002 sigma from a fine grid). Automatic cells only, GCV
-        only (1 otherwise), never coarser than the 32 px of :meth:`cells_for` nor
-        fewer than 16 cells across the shorter side.
+        fits 1024^2 frames (0.002 sigma from a fine grid), and while 32 cells remain
+        across the shorter side. Automatic cells only, GCV only (1 otherwise), never
+        coarser than the 32 px of :meth:`cells_for` nor fewer than 16 cells across the
+        shorter side.
 
         Examples
         --------
@@ -748,7 +749,8 @@ class ThinPlateSmoother:
         c = max(cells)
         length = float(min_smoothing) ** 0.25
         fine = int(length // (CELLS_PER_LENGTH * c))
-        cost = min(-(-COST_CELL // c), int(length // (2 * c)))
+        # ... and on a grid still 32 cells across (smaller ones cost nothing anyway)
+        cost = min(-(-COST_CELL // c), int(length // (2 * c)), int(min(shape) // (32 * c)))
         factor = min(max(fine, cost), 32 // c, int(min(shape) // (16 * c)))
         return max(1, factor)
 
