@@ -159,6 +159,29 @@ def test_a_fit_found_tracking_masks_at_a_coarser_scale_too():
             skymap.default_pipeline(tracking_scale=bad)
 
 
+def test_a_fit_lower_where_the_masks_are_keeps_its_scales(monkeypatch):
+    # Bending into holes (a negative correlation) calls for a longer smoothing, not
+    # for masking more: only a positive correlation adds the coarser scale.
+    import skymap.background.pipeline as P
+    from skymap.background.tracking import TrackingTest
+
+    rng = np.random.default_rng(0)
+    img = rng.normal(size=(128, 128)).astype(np.float32)
+    for sign, expect in ((-1.0, False), (1.0, True)):
+        asked = []
+        monkeypatch.setattr(
+            P, "source_tracking", lambda *a, _s=sign, **k: TrackingTest(correlation=_s, limit=0.1)
+        )
+        pipe = skymap.default_pipeline()
+        monkeypatch.setattr(
+            P.IterativeBackground,
+            "_masker",
+            lambda self, m, coarser, _a=asked: _a.append(coarser) or m,
+        )
+        pipe.fit(img)
+        assert any(asked) is expect
+
+
 def test_pipeline_leaves_the_notebook_sky_alone():
     from skymap.quality.simulate import notebook_scene
 

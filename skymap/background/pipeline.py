@@ -188,12 +188,14 @@ class IterativeBackground:
         sky; a larger one keeps more of the faint outskirts out. Which is right
         depends on the image: :func:`skymap.tune` tries a sixteenth.
     tracking_scale : float or None
-        Once the tracking test has fired, the last stage's masker (one with
-        ``scales``, such as :class:`~skymap.masking.HysteresisMasker`) also matches a
-        scale this many times its largest. The light the fit was following lies in
-        wings too faint per pixel for the finer scales; a coarser matched filter
-        reaches it, as the noise it leaves falls with the area it averages. A fit the
-        test never flags is masked exactly as before. None: the scales stay as given.
+        Once the tracking test has found the fit higher where the masks are (a
+        positive correlation: source light left unmasked), the last stage's masker
+        (one with ``scales``, such as :class:`~skymap.masking.HysteresisMasker`) also
+        matches a scale this many times its largest. The light the fit was following
+        lies in wings too faint per pixel for the finer scales; a coarser matched
+        filter reaches it, as the noise it leaves falls with the area it averages. A
+        fit the test never flags, or finds only lower where the masks are (bending
+        into holes), is masked exactly as before. None: the scales stay as given.
     max_source_size : float, "auto" or None
         How large (in pixels) an object may be and still count as a source rather than
         sky. The thin-plate smoothers' smoothing length is held at or above half of it
@@ -402,8 +404,8 @@ class IterativeBackground:
         # Whether the fit was found following source light (``source_tracking``), and
         # the valid pixels per cell that the check reads, per cell size.
         stiff, valid_counts = False, {}
-        # Whether the test has fired at all (the last stage's masker then reaches
-        # further: ``tracking_scale``).
+        # Whether the test has found the fit higher where the masks are (the last
+        # stage's masker then reaches further: ``tracking_scale``).
         tracked = False
         for k, stage in enumerate(self.stages):
             converged = False
@@ -441,7 +443,9 @@ class IterativeBackground:
                     if test is not None:
                         tracking = test.correlation
                         if test.tracking:
-                            tracked = True
+                            # Higher where the masks are: unmasked source light, which
+                            # a coarser scale can mask (lower: it bends into holes).
+                            tracked = tracked or test.correlation > 0
                             floor, raised, stiff = self._stiffen(model, floor, be.shape, stiff)
                 rec = keep(
                     record(
@@ -488,6 +492,10 @@ class IterativeBackground:
                 if not raised and _conv.stalled(self, history[start:]):
                     converged = True
                     note = _conv.note_stalled(k, it, history[start:])
+                    break
+                if not raised and _conv.creeping(self, history[start:]):
+                    converged = True
+                    note = _conv.note_creeping(k, it, history[start:], self)
                     break
                 if _conv.cycling(self, history[start:]):
                     # A limit cycle: the mask flips between two states. Keep what
@@ -849,14 +857,16 @@ def default_pipeline(
       images (0.29-0.66, the Galactic-centre MIPS frame at -0.41). Unlike the
       asymmetry test it does not assume that the sky's bumps and dips balance
       (``benchmarks/README.md`` has the injection and scene figures). Once it has
-      fired, the last stage's masker also matches a scale twice its largest
-      (``tracking_scale=2``: sigma 16 px), which reaches the faint wings the fit was
-      following.
+      found the fit higher where the masks are, the last stage's masker also matches
+      a scale twice its largest (``tracking_scale=2``: sigma 16 px), which reaches
+      the faint wings the fit was following.
     * A stage whose masked share grows and shrinks by turns (a limit cycle, three
       iterations in a row) keeps what the last two masks both hold and stops there.
       One whose mask has settled but whose background change stopped shrinking
       inside its statistical error (pixels at the thresholds flicker) stops as
-      converged too (:func:`skymap.background.convergence.stalled`).
+      converged too (:func:`skymap.background.convergence.stalled`), as does one
+      whose background moved by less than its tolerance twice in a row while its
+      mask still crept into faint outskirts (:func:`~skymap.background.convergence.creeping`).
 
     Every refit chooses its smoothing length by GCV on the masked image, above the
     floor, so the smoothing follows the data's structure scale and shrinks as the masks
