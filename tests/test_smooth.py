@@ -7,7 +7,7 @@ import pytest
 from scipy import linalg, sparse
 from scipy.sparse.linalg import spsolve
 
-from skymap.background.cells import block_sums
+from skymap.background.cells import merged_sums
 from skymap.background.smooth import ThinPlateSmoother, _System, cell_sums, depth_grid, smooth_grid
 
 
@@ -159,14 +159,14 @@ def test_a_padded_preconditioner_leaves_the_solution_that_of_the_definition():
         np.testing.assert_allclose(z, _direct(y, w, lam, 3.0, 3.0), rtol=0, atol=1e-9)
 
 
-def test_block_sums_equal_binning_afresh_at_the_larger_cells():
+def test_merged_sums_equal_binning_afresh_at_the_larger_cells():
     rng = np.random.default_rng(12)
     img = rng.normal(10.0, 2.0, size=(47, 61))
     bad = rng.random(img.shape) < 0.3
     small = cell_sums(img, bad, (3, 3), 10.0)
     for factor in (2, 3, 5):
         large = cell_sums(img, bad, (3 * factor, 3 * factor), 10.0)
-        np.testing.assert_allclose(block_sums(small, (factor, factor)), large, rtol=1e-12)
+        np.testing.assert_allclose(merged_sums(small, factor), large, rtol=1e-12)
 
 
 def test_a_merged_grid_is_the_fit_binned_at_the_merged_cells():

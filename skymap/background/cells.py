@@ -9,12 +9,13 @@ import numpy as np
 from scipy import ndimage, sparse
 
 from skymap._validate import as_pair
+from skymap.backends.base import block_sums
 from skymap.background import _smooth_kernels as _k
 
 __all__ = [
-    "block_sums",
     "cell_stats",
     "cell_sums",
+    "merged_sums",
     "reference_level",
     "reference_step",
     "upsample",
@@ -51,27 +52,25 @@ def cell_sums(image: np.ndarray, bad: np.ndarray, cells, ref: float, origin=(0, 
     return np.stack([n, s1, s2, sy, sx])
 
 
-def block_sums(grid: np.ndarray, factor) -> np.ndarray:
-    """Sums of ``factor`` = (fy, fx) blocks of cells over the last two axes of ``grid``
-    (a ragged last block sums what is there): the :func:`cell_sums` of cells ``fy`` and
-    ``fx`` times larger, from those of the small cells, without reading the image again
-    (the sums are additive; equal to binning afresh up to the order of the additions).
+def merged_sums(grid: np.ndarray, factor: int) -> np.ndarray:
+    """The per-cell sums ``grid`` (over its last two axes) of cells ``factor`` times
+    larger: ``factor`` x ``factor`` blocks of cells added up (a ragged last block sums
+    what is there), by :func:`~skymap.backends.base.block_sums`. Equal to
+    :func:`cell_sums` at the larger cells up to the order of the additions, without
+    reading the image again.
 
     Examples
     --------
     >>> img = np.arange(35.0).reshape(5, 7)
     >>> ok = np.zeros(img.shape, bool)
     >>> small, large = cell_sums(img, ok, (1, 2), 0.0), cell_sums(img, ok, (2, 4), 0.0)
-    >>> bool(np.allclose(block_sums(small, (2, 2)), large))
+    >>> bool(np.allclose(merged_sums(small, 2), large))
     True
     """
-    fy, fx = as_pair("factor", factor)
-    g = np.asarray(grid)
-    *lead, gy, gx = g.shape
-    ny, nx = -(-gy // fy), -(-gx // fx)
-    padded = np.zeros((*lead, ny * fy, nx * fx), dtype=g.dtype)
-    padded[..., :gy, :gx] = g
-    return padded.reshape(*lead, ny, fy, nx, fx).sum(axis=(-3, -1))
+    g = np.asarray(grid, dtype=np.float64)
+    keep = np.zeros(g.shape[-2:], bool)
+    layers = [block_sums(layer, keep, int(factor))[0] for layer in g.reshape(-1, *g.shape[-2:])]
+    return np.stack(layers).reshape(*g.shape[:-2], *layers[0].shape)
 
 
 def reference_level(sub: np.ndarray, subbad: np.ndarray) -> float | None:

@@ -45,7 +45,7 @@ from skymap.backends.base import (
 from skymap.backends.dask import DaskBackend, is_tiled_input
 from skymap.backends.memory import MemoryBackend
 from skymap.background import convergence as _conv
-from skymap.background.cells import block_sums
+from skymap.background.cells import merged_sums
 from skymap.background.convergence import ConvergenceWarning
 from skymap.background.model import BackgroundEstimator, BackgroundModel, as_driven
 from skymap.background.noise import NoiseModel, use_error
@@ -681,9 +681,7 @@ class IterativeBackground:
             counts = backend.cell_grid(
                 cell_sums, [backend.image, backend.given_bad], binned, 5, cells=binned, ref=0.0
             )[0]
-            valid_counts[cells] = block_sums(
-                counts, (cells[0] // binned[0], cells[1] // binned[1])
-            )
+            valid_counts[cells] = merged_sums(counts, cells[0] // binned[0])
         valid = valid_counts[cells]
         return source_tracking(model, valid, floor=self.source_tracking)
 

@@ -52,9 +52,9 @@ from skymap._util import pow2_at_most
 from skymap._validate import as_image, as_mask, as_pair, check_positive, check_range, combine_masks
 from skymap.background import _smooth_kernels as _k
 from skymap.background.cells import (
-    block_sums,
     cell_stats,
     cell_sums,
+    merged_sums,
     reference_level,
     reference_step,
     upsample,
@@ -678,7 +678,7 @@ class ThinPlateSmoother:
             factor = self.coarsening(binned, shape, min_smoothing)
             if factor > 1:
                 cells = (binned[0] * factor, binned[1] * factor)
-                grid_sums = block_sums(grid_sums, (factor, factor))
+                grid_sums = merged_sums(grid_sums, factor)
             fitted = self._fit_grid(grid_sums, shape, cells, ref, smoothing_start, min_smoothing)
             # Automatic cells: when GCV wants a smoothing below the cell size, the grid
             # is too coarse for this sky; refit on the next, finer cells.
@@ -723,7 +723,8 @@ class ThinPlateSmoother:
 
     def coarsening(self, cells, shape, min_smoothing: float | None) -> int:
         """Factor by which the fit merges ``cells`` (blocks of cells summed,
-        :func:`block_sums`) when the smoothing may not go below ``min_smoothing``.
+        :func:`~skymap.background.cells.merged_sums`) when the smoothing may not go
+        below ``min_smoothing``.
 
         A fit held at or above a length ``L`` needs no cells finer than ``L /``
         :data:`CELLS_PER_LENGTH` (4): merging up to that changes nothing that matters.
@@ -967,11 +968,9 @@ def merge_cells(values, weights, offsets, cells, factor: int):
     dy, dx = (
         np.where(w > 0, np.nan_to_num(np.asarray(o, dtype=np.float64)), 0.0) for o in offsets
     )
-    block = (factor, factor)
-    sw = block_sums(w, block)
-    sv = block_sums(w * np.where(w > 0, values, 0.0), block)
-    sy = block_sums(w * (iy + dy), block)
-    sx = block_sums(w * (ix + dx), block)
+    sw, sv, sy, sx = merged_sums(
+        np.stack([w, w * np.where(w > 0, values, 0.0), w * (iy + dy), w * (ix + dx)]), factor
+    )
     my, mx = sw.shape
     cy2, cx2 = cy * factor, cx * factor
     with np.errstate(invalid="ignore", divide="ignore"):
