@@ -499,9 +499,19 @@ def tune(
     cands: dict[tuple, _Candidate] = {}
     default_key = _key({})
     best_key = default_key
-    # the fits without injections of the defaults and of the best so far are kept for
-    # the race and the held-back scoring; the others' are made again if needed
+    # The fits without injections of the defaults and of the candidates that would race
+    # now are kept, for the race and the held-back scoring (an image each: the others'
+    # are made again if needed).
     bases: dict[tuple, np.ndarray] = {}
+
+    def leaders() -> list[tuple]:
+        """The candidates ahead of the defaults and not fragile, best edge first."""
+        ahead = [
+            k
+            for k, c in cands.items()
+            if k != default_key and not c.failed and not fragile(k) and edge(k) < 0
+        ]
+        return sorted(ahead, key=edge)[:_RACE_LEADERS]
 
     def margin() -> float:
         return _margin(cands[default_key].scores)
@@ -572,12 +582,12 @@ def tune(
             record(key, round_name, time.perf_counter() - t0, str(err).splitlines()[0][:200])
             return
         record(key, round_name, time.perf_counter() - t0)
-        if key == default_key:
-            bases[key] = base
-        elif not fragile(key) and edge(key) < edge(best_key) - margin():
-            if best_key != default_key:
-                del bases[best_key]
-            best_key, bases[key] = key, base
+        if key != default_key and not fragile(key) and edge(key) < edge(best_key) - margin():
+            best_key = key
+        bases[key] = base
+        keep = {default_key, best_key, *leaders()}
+        for k in [k for k in bases if k not in keep]:
+            del bases[k]
 
     # the defaults first: the reference, and the cost of one fit, to which the numbers of
     # trials are fitted when the budget cannot pay for them
@@ -635,13 +645,8 @@ def tune(
         leader with the lowest median paired difference over all its trials becomes
         ``best_key`` if it beats the defaults by the margin, else the defaults do."""
         nonlocal best_key
-        ahead = [
-            k
-            for k, c in cands.items()
-            if k != default_key and not c.failed and not fragile(k) and edge(k) < 0
-        ]
         raced = []
-        for key in [default_key, *sorted(ahead, key=edge)[:_RACE_LEADERS]]:
+        for key in [default_key, *leaders()]:
             if key != default_key and not affordable():
                 break
             t0 = time.perf_counter()
