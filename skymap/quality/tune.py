@@ -426,10 +426,11 @@ def tune(
         (one axis).
     budget : float
         Seconds. The search starts no candidate it cannot finish, together with the
-        final held-back scoring, within the budget (estimated from the candidates so
-        far). The defaults' own evaluation always runs; when one fit is so slow that it
-        alone would overrun the budget, ``report_trials`` and then ``n_trials`` are
-        lowered (to one each at least; the table's ``meta`` says what was used).
+        race of the leaders so far and the final held-back scoring, within the budget
+        (estimated from the candidates so far); the race comes before more search.
+        The defaults' own evaluation always runs; when one fit is so slow that it alone
+        would overrun the budget, ``report_trials`` and then ``n_trials`` are lowered
+        (to one each at least; the table's ``meta`` says what was used).
     n_trials, report_trials : int
         Trials per candidate while choosing, and for the held-back report.
     race_trials : int
@@ -504,14 +505,17 @@ def tune(
     # are made again if needed).
     bases: dict[tuple, np.ndarray] = {}
 
+    def ahead(key) -> bool:
+        """Ahead of the defaults: a negative edge on a majority of its paired trials,
+        and not fragile (with two trials, a lead by one large win is not ahead)."""
+        if key == default_key or cands[key].failed or fragile(key):
+            return False
+        diff = paired(cands[key].scores, cands[default_key].scores)
+        return bool(edge(key) < 0 and 2 * np.count_nonzero(diff < 0) > diff.size)
+
     def leaders() -> list[tuple]:
-        """The candidates ahead of the defaults and not fragile, best edge first."""
-        ahead = [
-            k
-            for k, c in cands.items()
-            if k != default_key and not c.failed and not fragile(k) and edge(k) < 0
-        ]
-        return sorted(ahead, key=edge)[:_RACE_LEADERS]
+        """The candidates ahead of the defaults, best edge first, as many as race."""
+        return sorted(filter(ahead, cands), key=edge)[:_RACE_LEADERS]
 
     def margin() -> float:
         return _margin(cands[default_key].scores)
@@ -582,7 +586,7 @@ def tune(
             record(key, round_name, time.perf_counter() - t0, str(err).splitlines()[0][:200])
             return
         record(key, round_name, time.perf_counter() - t0)
-        if key != default_key and not fragile(key) and edge(key) < edge(best_key) - margin():
+        if ahead(key) and edge(key) < edge(best_key) - margin():
             best_key = key
         bases[key] = base
         keep = {default_key, best_key, *leaders()}
@@ -629,16 +633,30 @@ def tune(
 
     exhausted = False
 
-    def affordable() -> bool:
+    def race_cost(keys) -> float:
+        """Seconds of the race of ``keys`` (an untouched fit for each not kept)."""
+        fits = sum(race_trials + (k not in bases) for k in keys)
+        return fits * max(cands[k].fit_seconds for k in [default_key, *keys])
+
+    def affordable(cost: float | None = None, reserve_race: bool = True) -> bool:
+        """Whether ``cost`` seconds (default: the next candidate's, as long as the mean
+        one or the last if that was longer, as under a rising load) fit in the budget
+        with what must follow: the held-back run of a winner and, while searching,
+        the race of the leaders so far (which decides more than another candidate)."""
         nonlocal exhausted
         elapsed = time.perf_counter() - t_start
-        per_candidate = float(np.mean([r["seconds"] for r in rows]))
+        if cost is None:
+            times = [r["seconds"] for r in rows]
+            cost = max(float(np.mean(times)), times[-1])
         n_fits = report_trials * len(prep.kinds)
         # the final held-back run of a new winner costs about as much as the defaults'
         final = n_fits * max(cands[best_key].fit_seconds, float(held["default"].seconds))
-        if elapsed + per_candidate + final > budget:
-            exhausted = True
-        return not exhausted
+        racers = leaders() if reserve_race and race_trials else []
+        if racers:
+            final += race_cost([default_key, *racers])
+        fits = elapsed + cost + final <= budget
+        exhausted = exhausted or not fits
+        return fits
 
     def race(trials: int) -> None:
         """The leaders and the defaults on ``trials`` more trials (``seed + 2``); the
@@ -647,7 +665,7 @@ def tune(
         nonlocal best_key
         raced = []
         for key in [default_key, *leaders()]:
-            if key != default_key and not affordable():
+            if key != default_key and not affordable(race_cost([key]), reserve_race=False):
                 break
             t0 = time.perf_counter()
             try:
@@ -658,8 +676,12 @@ def tune(
                 continue
             record(key, "race", time.perf_counter() - t0)
             raced.append(key)
-        contenders = [k for k in raced if k != default_key and not fragile(k)]
+        contenders = [k for k in raced if ahead(k)]
+        if len(raced) < 2:
+            return  # no leader raced: the search's best stands
         if not contenders:
+            best_key = default_key
+            log.info("tune: no leader stays ahead of the defaults in the race")
             return
         pick = min(contenders, key=edge)
         best_key = pick if edge(pick) < -margin() else default_key
@@ -674,7 +696,7 @@ def tune(
                 break
             run(dict(options), "coarse")
             key = _key(options)
-            if not cands[key].failed and not fragile(key) and edge(key) < axis_edge:
+            if ahead(key) and edge(key) < axis_edge:
                 axis_best, axis_edge = options, edge(key)
         if axis_best is not None:
             winners.append(axis_best)
@@ -702,7 +724,7 @@ def tune(
                     cand[o] = round(cand[o] * factor, 2)
             run(cand, "refine")
 
-    if race_trials and affordable():
+    if race_trials and leaders() and affordable(race_cost([default_key]), reserve_race=False):
         race(race_trials)
     choice = cands[best_key]
     tuned = dict(choice.options)
