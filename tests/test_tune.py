@@ -167,11 +167,11 @@ def test_tune_chooses_on_paired_majorities_not_lucky_trials_or_fragile_fits(cuto
     monkeypatch.setattr(tune_mod, "evaluate_method", evaluate)
     res = tune(cutout, space={"high": [5.0, 6.0, 7.0]}, peers={}, budget=600)
     t = res.table
-    coarse = t[t["round"] == "coarse"]
-    status = dict(zip(coarse["options"], coarse["status"], strict=True))
+    race = t[t["round"] == "race"]
+    # all three ahead race, by edge: high=6 (-0.25), high=7 (-0.11), high=5 (-0.05)
+    assert list(race["options"]) == ["(defaults)", "high=6.0", "high=7.0", "high=5.0"]
+    status = dict(zip(race["options"], race["status"], strict=True))
     assert status["high=6.0"].startswith("fragile") and status["high=5.0"] == "ok"
-    raced = list(t["options"][t["round"] == "race"])
-    assert raced == ["(defaults)", "high=7.0", "high=5.0"]  # by edge: -0.11, -0.05
     assert t.meta["choosing_winner"] == "high=5.0" and t.meta["winner_confirmed"]
     assert res.config == {"high": 5.0} and "won 5 of 6" in t.meta["verdict"]
     assert res.held_back("tuned") == pytest.approx(0.35)

@@ -403,9 +403,11 @@ def tune(
     removes what the trials share (how hard this trial's bumps and discs were), and
     the median keeps one runaway injection from deciding. A candidate must improve
     the edge of the best so far by 2% of the defaults' median score (at least 0.005
-    sigma), and is *fragile*, never chosen, if more of its injected fits than the
-    defaults' did not settle (stopped at the iteration cap or backed off a runaway
-    mask: its scores then depend on which injections it met).
+    sigma), and be *ahead*, with a negative edge on a majority of its trials. A
+    candidate is *fragile*, and not chosen, if over its choosing and race trials more
+    of its injected fits than the defaults' did not settle (stopped at the iteration
+    cap or backed off a runaway mask: its scores then depend on which injections it
+    met).
 
     The winner is then scored on ``report_trials`` trials of ``seed + 1``, each kind in
     its own fit, as :func:`~skymap.quality.injection.injection_recovery` does, with
@@ -435,12 +437,11 @@ def tune(
         Trials per candidate while choosing, and for the held-back report.
     race_trials : int
         Trials of the race (0: none): once the search is over, the three best
-        candidates ahead of the defaults (a negative edge, not fragile), and the
-        defaults, are scored on this many more trials, on the injections of
-        ``seed + 2``, and ranked by their edge over all their choosing trials. A
-        candidate that led by the scatter of its first trials falls back there: a
-        small race (in the manner of successive halving) that spends trials on the
-        leaders only.
+        candidates ahead of the defaults, and the defaults, are scored on this many
+        more trials, on the injections of ``seed + 2``, and ranked by their edge over
+        all their choosing trials. A candidate that led by the scatter of its first
+        trials falls back there: a small race (in the manner of successive halving)
+        that spends trials on the leaders only.
     seed : int
         Injections for choosing (and ``seed + 2`` for the race); ``seed + 1`` for
         reporting.
@@ -506,9 +507,9 @@ def tune(
     bases: dict[tuple, np.ndarray] = {}
 
     def ahead(key) -> bool:
-        """Ahead of the defaults: a negative edge on a majority of its paired trials,
-        and not fragile (with two trials, a lead by one large win is not ahead)."""
-        if key == default_key or cands[key].failed or fragile(key):
+        """Ahead of the defaults: a negative edge on a majority of its paired trials
+        (with two trials, a lead by one large win is not ahead)."""
+        if key == default_key or cands[key].failed:
             return False
         diff = paired(cands[key].scores, cands[default_key].scores)
         return bool(edge(key) < 0 and 2 * np.count_nonzero(diff < 0) > diff.size)
@@ -536,7 +537,7 @@ def tune(
         if c.scores.size:
             diff = paired(c.scores, cands[default_key].scores)
             n_unsettled = int(c.unsettled.sum())
-            if status == "ok" and key != default_key and fragile(key):
+            if status == "ok" and round_name == "race" and key != default_key and fragile(key):
                 status = (
                     f"fragile: {n_unsettled} of its injected fits did not settle (the "
                     f"defaults': {int(cands[default_key].unsettled[: c.scores.size].sum())})"
@@ -676,7 +677,9 @@ def tune(
                 continue
             record(key, "race", time.perf_counter() - t0)
             raced.append(key)
-        contenders = [k for k in raced if ahead(k)]
+        # fragility is judged here, over the choosing and the race trials: on the
+        # first two alone one unsettled fit is as weak a sign as one lost trial
+        contenders = [k for k in raced if ahead(k) and not fragile(k)]
         if len(raced) < 2:
             return  # no leader raced: the search's best stands
         if not contenders:
