@@ -404,10 +404,11 @@ def tune(
     the median keeps one runaway injection from deciding. A candidate must improve
     the edge of the best so far by 2% of the defaults' median score (at least 0.005
     sigma), and be *ahead*, with a negative edge on a majority of its trials. A
-    candidate is *fragile*, and not chosen, if over its choosing and race trials more
-    of its injected fits than the defaults' did not settle (stopped at the iteration
-    cap or backed off a runaway mask: its scores then depend on which injections it
-    met).
+    candidate is *fragile*, and neither races nor wins, if more of its injected fits
+    than the defaults' on the same injections did not settle (stopped at the
+    iteration cap or backed off a runaway mask: its scores then depend on which
+    injections it met). That is weak evidence on two trials, but leaving the defaults
+    needs clean evidence, and race places are few.
 
     The winner is then scored on ``report_trials`` trials of ``seed + 1``, each kind in
     its own fit, as :func:`~skymap.quality.injection.injection_recovery` does, with
@@ -508,15 +509,21 @@ def tune(
 
     def ahead(key) -> bool:
         """Ahead of the defaults: a negative edge on a majority of its paired trials
-        (with two trials, a lead by one large win is not ahead)."""
-        if key == default_key or cands[key].failed:
+        (with two trials, a lead by one large win is not ahead), and not fragile."""
+        if key == default_key or cands[key].failed or fragile(key):
             return False
         diff = paired(cands[key].scores, cands[default_key].scores)
         return bool(edge(key) < 0 and 2 * np.count_nonzero(diff < 0) > diff.size)
 
     def leaders() -> list[tuple]:
-        """The candidates ahead of the defaults, best edge first, as many as race."""
-        return sorted(filter(ahead, cands), key=edge)[:_RACE_LEADERS]
+        """The candidates ahead of the defaults, best edge first, as many as race; of
+        candidates with the very same scores (options that made the same fits: a
+        size beyond what the fit reaches, say) only the first."""
+        out: list[tuple] = []
+        for k in sorted(filter(ahead, cands), key=edge):
+            if not any(np.array_equal(cands[k].scores, cands[o].scores) for o in out):
+                out.append(k)
+        return out[:_RACE_LEADERS]
 
     def margin() -> float:
         return _margin(cands[default_key].scores)
@@ -537,7 +544,7 @@ def tune(
         if c.scores.size:
             diff = paired(c.scores, cands[default_key].scores)
             n_unsettled = int(c.unsettled.sum())
-            if status == "ok" and round_name == "race" and key != default_key and fragile(key):
+            if status == "ok" and key != default_key and fragile(key):
                 status = (
                     f"fragile: {n_unsettled} of its injected fits did not settle (the "
                     f"defaults': {int(cands[default_key].unsettled[: c.scores.size].sum())})"
@@ -677,9 +684,7 @@ def tune(
                 continue
             record(key, "race", time.perf_counter() - t0)
             raced.append(key)
-        # fragility is judged here, over the choosing and the race trials: on the
-        # first two alone one unsettled fit is as weak a sign as one lost trial
-        contenders = [k for k in raced if ahead(k) and not fragile(k)]
+        contenders = [k for k in raced if ahead(k)]  # not fragile after the race either
         if len(raced) < 2:
             return  # no leader raced: the search's best stands
         if not contenders:
