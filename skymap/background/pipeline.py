@@ -186,6 +186,15 @@ class IterativeBackground:
         follow sky structure narrower than that, where the masks sit in structured
         sky; a larger one keeps more of the faint outskirts out. Which is right
         depends on the image: :func:`skymap.tune` tries a sixteenth.
+    tracking_scale : float or None
+        Once the tracking test has found the fit higher where the masks are (a
+        positive correlation: source light left unmasked), the last stage's masker
+        (one with ``scales``, such as :class:`~skymap.masking.HysteresisMasker`) also
+        matches a scale this many times its largest. The light the fit was following
+        lies in wings too faint per pixel for the finer scales; a coarser matched
+        filter reaches it, as the noise it leaves falls with the area it averages. A
+        fit the test never flags, or finds only lower where the masks are (bending
+        into holes), is masked exactly as before. None: the scales stay as given.
     max_source_size : float, "auto" or None
         How large (in pixels) an object may be and still count as a source rather than
         sky. The thin-plate smoothers' smoothing length is held at or above half of it
@@ -230,6 +239,7 @@ class IterativeBackground:
     tracking_inflation: float | None = None
     tracking_stiffen: float | None = 2.0
     tracking_cap: float = 0.125
+    tracking_scale: float | None = None
     max_source_size: Any = None
     halos: Any = None
 
@@ -270,6 +280,8 @@ class IterativeBackground:
         check_range("tracking_cap", self.tracking_cap, 0.0, 1.0)
         if not float(self.tracking_cap) > 0:
             raise ValueError(f"tracking_cap must be in (0, 1], got {self.tracking_cap!r}")
+        if self.tracking_scale is not None and not self.tracking_scale > 1:
+            raise ValueError(f"tracking_scale must be None or > 1, got {self.tracking_scale!r}")
         if not (isinstance(self.max_source_size, str) and self.max_source_size == "auto"):
             _resolve_size(self.max_source_size)  # raises, naming max_source_size
         if self.halos is not None and not callable(self.halos):
@@ -391,6 +403,9 @@ class IterativeBackground:
         # Whether the fit was found following source light (``source_tracking``), and
         # the valid pixels per cell that the check reads, per cell size.
         stiff, valid_counts = False, {}
+        # Whether the test has found the fit higher where the masks are (the last
+        # stage's masker then reaches further: ``tracking_scale``).
+        tracked = False
         for k, stage in enumerate(self.stages):
             converged = False
             cap = self.max_iter if stage.max_iter is None else stage.max_iter
@@ -405,7 +420,7 @@ class IterativeBackground:
                 resid = be.residual(bkg)
                 del bkg
                 new = be.mask(
-                    stage.masker,
+                    self._masker(stage.masker, tracked and k == last),
                     resid,
                     noise if masker_noise is None else masker_noise,
                     NoiseModel.window,
@@ -427,6 +442,9 @@ class IterativeBackground:
                     if test is not None:
                         tracking = test.correlation
                         if test.tracking:
+                            # Higher where the masks are: unmasked source light, which
+                            # a coarser scale can mask (lower: it bends into holes).
+                            tracked = tracked or test.correlation > 0
                             floor, raised, stiff = self._stiffen(model, floor, be.shape, stiff)
                 rec = keep(
                     record(
@@ -596,6 +614,8 @@ class IterativeBackground:
         pieces = [self.first_guess, self.final]
         for st in self.stages:
             pieces += [st.masker, st.estimator]
+        # the last stage's masker as the tracking test may extend it
+        pieces.append(self._masker(self.stages[-1].masker, True))
         for piece in pieces:
             if isinstance(piece, Tileable):
                 units = tuple(map(math.lcm, units, piece.tile_unit(shape)))
@@ -617,6 +637,15 @@ class IterativeBackground:
         if not stiff or inflation is None or target is None or inflation >= target:
             return estimator
         return replace(estimator, gcv_inflation=target)
+
+    def _masker(self, masker, coarser: bool):
+        """``masker``, with a scale ``tracking_scale`` times its largest added when
+        ``coarser`` (the fit was found following source light); maskers without
+        ``scales``: as they are."""
+        scales = getattr(masker, "scales", None)
+        if not coarser or self.tracking_scale is None or not scales:
+            return masker
+        return replace(masker, scales=(*scales, self.tracking_scale * max(scales)))
 
     def _stiffen(self, model, floor, shape, stiff):
         """(floor, raised, stiff) after a refit found following source light: the
@@ -760,6 +789,7 @@ def default_pipeline(
     tracking_inflation: float | None = None,
     tracking_stiffen: float | None = 2.0,
     tracking_cap: float = 0.125,
+    tracking_scale: float | None = 2.0,
     cell_size: Any = None,
     gcv_inflation: float = ThinPlateSmoother.gcv_inflation,
     max_source_size: Any = "auto",
@@ -816,7 +846,10 @@ def default_pipeline(
       intracluster light and halo wings pass it (0.3-0.5), as do all eight shared real
       images (0.29-0.66, the Galactic-centre MIPS frame at -0.41). Unlike the
       asymmetry test it does not assume that the sky's bumps and dips balance
-      (``benchmarks/README.md`` has the injection and scene figures).
+      (``benchmarks/README.md`` has the injection and scene figures). Once it has
+      fired, the last stage's masker also matches a scale twice its largest
+      (``tracking_scale=2``: sigma 16 px), which reaches the faint wings the fit was
+      following.
     * A stage whose masked share grows and shrinks by turns (a limit cycle, three
       iterations in a row) keeps what the last two masks both hold and stops there.
       One whose mask has settled but whose background change stopped shrinking
@@ -839,7 +872,7 @@ def default_pipeline(
     max_iter, change_tol, mask_tol, error_tol, source_asymmetry, max_source_size
         As for :class:`IterativeBackground` (``source_asymmetry=None`` switches the
         stiffening off; ``max_source_size``: pixels, ``"auto"`` or None).
-    source_tracking, tracking_inflation, tracking_stiffen, tracking_cap
+    source_tracking, tracking_inflation, tracking_stiffen, tracking_cap, tracking_scale
         As for :class:`IterativeBackground` (``source_tracking=None`` switches the
         test off).
     cell_size, gcv_inflation
@@ -887,6 +920,7 @@ def default_pipeline(
         tracking_inflation=tracking_inflation,
         tracking_stiffen=tracking_stiffen,
         tracking_cap=tracking_cap,
+        tracking_scale=tracking_scale,
         max_source_size=max_source_size,
         halos=HaloMasker() if halos else None,
     )
