@@ -160,6 +160,22 @@ def test_a_stall_is_a_settled_mask_whose_change_no_longer_shrinks_inside_its_err
     assert note.startswith("converged: stage 1 stalled after 6") and "0.0145" in note
 
 
+def test_a_creep_is_a_settled_background_whose_mask_still_moves():
+    pipe = SimpleNamespace(change_tol=0.01, error_tol=0.5, mask_tol=0.005)
+    creep = [_flicker(0.0048, 0.0028, 0.039, 0.006), _flicker(0.0075, 0.0028, 0.031, 0.015)]
+    assert C.creeping(pipe, creep)
+    # the background still moved by more than its tolerance in one of the two
+    assert not C.creeping(pipe, [_flicker(0.02, 0.0028, 0.039, 0.006), creep[1]])
+    # the mask settled as well: that is plain settling, not a creep
+    assert not C.creeping(pipe, [creep[0], _flicker(0.0075, 0.0028, 0.004, 0.001)])
+    # a raised floor changed the estimator between the two; one record is not a run
+    assert not C.creeping(pipe, [creep[0], _flicker(0.0075, 0.0028, 0.031, 0.015, 32.0)])
+    assert not C.creeping(pipe, creep[1:])
+    note = C.note_creeping(1, 7, creep, pipe)
+    assert note.startswith("converged: stage 1's background settled after 7")
+    assert "+1.50%" in note and "0.0075" in note
+
+
 class _CreepingMasker:
     """A masker whose mask grows by a band of rows at every call, over a sky with a
     slope, so the background keeps moving: a runaway by construction."""

@@ -8,7 +8,9 @@ follows it even less, and more of it is masked. :func:`runaway` detects it after
 :data:`RUNAWAY_RUN` such iterations in a row; the pipeline then backs off to the state
 of the stage in which mask and background agreed best (:func:`agreed_state`) and stops
 there. A stage whose settled mask leaves a background change that no longer shrinks,
-inside the fit's statistical error, has *stalled* (:func:`stalled`) and stops too. A
+inside the fit's statistical error, has *stalled* (:func:`stalled`) and stops too, as
+does one whose background has settled while its mask still creeps
+(:func:`creeping`). A
 fit that stops at its iteration cap without settling emits a
 :class:`ConvergenceWarning` whose message is ``BackgroundResult.convergence_note``.
 """
@@ -23,14 +25,17 @@ __all__ = [
     "RUNAWAY_EXCESS",
     "RUNAWAY_RATIO",
     "RUNAWAY_RUN",
+    "CREEP_RUN",
     "CYCLE_RUN",
     "STALL_ERRORS",
     "STALL_RATIO",
     "ConvergenceWarning",
+    "creeping",
     "cycling",
     "note_backed_off",
     "note_cycle",
     "note_converged",
+    "note_creeping",
     "note_stopped",
     "note_stalled",
     "runaway",
@@ -54,6 +59,10 @@ RUNAWAY_EXCESS = 3.0
 
 #: Iterations in a row whose masked share grows and shrinks by turns that make a cycle.
 CYCLE_RUN = 3
+
+#: Iterations in a row whose background moved by less than its tolerance, at one floor,
+#: while the mask still changed, that make a creep (:func:`creeping`).
+CREEP_RUN = 2
 
 #: A settled mask's background whose change shrank by less than this factor in the last
 #: iteration has stalled: the change is the flicker of pixels at the thresholds.
@@ -196,6 +205,43 @@ def note_stalled(stage: int, iterations: int, run: Sequence[Any]) -> str:
         f"{b.change:.3g} of its RMS (statistical error {b.error:.3g}) with "
         f"{b.mask_change:.2%} of the pixels changing mask: pixels at the thresholds "
         "flicker, and more iterations would not move it less"
+    )
+
+
+def creeping(pipe: Any, records: Sequence[Any]) -> bool:
+    """Whether the last :data:`CREEP_RUN` of a stage's ``records`` each moved the
+    background by less than its :func:`tolerance`, at one smoothing floor, while the
+    mask still changed by more than ``mask_tol``. The masks creep into faint
+    outskirts (a coarse scale's surround mean falls as more of its window is masked,
+    and the masker finds a little more) without the background following: mask and
+    background agree on the sky, and more iterations would move only the mask.
+
+    Examples
+    --------
+    >>> from types import SimpleNamespace as R
+    >>> pipe = R(change_tol=0.01, error_tol=0.5, mask_tol=0.005)
+    >>> rec = lambda c: R(change=c, error=0.003, mask_change=0.012, mask_growth=0.01)
+    >>> creeping(pipe, [rec(0.007), rec(0.003)]), creeping(pipe, [rec(0.018), rec(0.003)])
+    (True, False)
+    """
+    if len(records) < CREEP_RUN:
+        return False
+    run = records[-CREEP_RUN:]
+    if len({getattr(r, "min_scale", None) for r in run}) > 1:
+        return False
+    return all(r.change <= tolerance(pipe, r) and not _mask_settled(pipe, r) for r in run)
+
+
+def note_creeping(stage: int, iterations: int, run: Sequence[Any], pipe: Any) -> str:
+    """The note of a fit whose last stage stopped on a creeping mask (``run``)."""
+    changes = ", then ".join(f"{r.change:.3g}" for r in run[-CREEP_RUN:])
+    growth = ", then ".join(f"{r.mask_growth:+.2%}" for r in run[-CREEP_RUN:])
+    return (
+        f"converged: stage {stage}'s background settled after {iterations} "
+        f"iteration(s); it moved by {changes} of its RMS (tolerance "
+        f"{tolerance(pipe, run[-1]):.3g}) while the masked share still moved by "
+        f"{growth} of the image: the mask creeps into faint outskirts without "
+        "moving the background"
     )
 
 

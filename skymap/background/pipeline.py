@@ -492,6 +492,10 @@ class IterativeBackground:
                     converged = True
                     note = _conv.note_stalled(k, it, history[start:])
                     break
+                if not raised and _conv.creeping(self, history[start:]):
+                    converged = True
+                    note = _conv.note_creeping(k, it, history[start:], self)
+                    break
                 if _conv.cycling(self, history[start:]):
                     # A limit cycle: the mask flips between two states. Keep what
                     # both masked (what they agree is source) and refit once.
@@ -847,14 +851,16 @@ def default_pipeline(
       images (0.29-0.66, the Galactic-centre MIPS frame at -0.41). Unlike the
       asymmetry test it does not assume that the sky's bumps and dips balance
       (``benchmarks/README.md`` has the injection and scene figures). Once it has
-      fired, the last stage's masker also matches a scale twice its largest
-      (``tracking_scale=2``: sigma 16 px), which reaches the faint wings the fit was
-      following.
+      found the fit higher where the masks are, the last stage's masker also matches
+      a scale twice its largest (``tracking_scale=2``: sigma 16 px), which reaches
+      the faint wings the fit was following.
     * A stage whose masked share grows and shrinks by turns (a limit cycle, three
       iterations in a row) keeps what the last two masks both hold and stops there.
       One whose mask has settled but whose background change stopped shrinking
       inside its statistical error (pixels at the thresholds flicker) stops as
-      converged too (:func:`skymap.background.convergence.stalled`).
+      converged too (:func:`skymap.background.convergence.stalled`), as does one
+      whose background moved by less than its tolerance twice in a row while its
+      mask still crept into faint outskirts (:func:`~skymap.background.convergence.creeping`).
 
     Every refit chooses its smoothing length by GCV on the masked image, above the
     floor, so the smoothing follows the data's structure scale and shrinks as the masks
