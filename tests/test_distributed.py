@@ -360,6 +360,20 @@ def test_a_tiled_error_map_is_checked_like_an_in_memory_one(synchronous):
         default_pipeline().fit(None, backend=be, error=noise)
 
 
+def test_merged_cells_fit_tiled_as_in_memory():
+    # A small frame whose fits merge their 2-3 px cells (ThinPlateSmoother.coarsening):
+    # the tiles still bin at the automatic cells, so the tiled fit is the in-memory one.
+    from skymap.quality.simulate import scene_by_name
+
+    img = scene_by_name("galaxies_lsb", shape=(192, 256), seed=2).image.astype(np.float32)
+    pipe = default_pipeline()
+    mem = pipe.fit(img)
+    assert any(h.model.cell_size != h.model.binned_cells for h in mem.history)
+    til = pipe.fit(img, tile=128)
+    np.testing.assert_array_equal(np.asarray(til.background), mem.background)
+    np.testing.assert_array_equal(np.asarray(til.mask), mem.mask)
+
+
 def test_fit_with_a_ring_median_first_guess_equals_in_memory():
     img = _crowded(np.float32)[:200, :260]
     mask = np.zeros(img.shape, bool)

@@ -158,6 +158,25 @@ def test_change_is_the_rms_of_the_subsampled_difference_in_noise_units(rng, kind
     assert got == pytest.approx(want, rel=1e-6)
 
 
+def test_change_leaves_out_pixels_of_zero_noise(rng):
+    # A noise map that is zero somewhere (a fit whose cells lost every pixel) must not
+    # crash the change (numba raises on x / 0): those pixels drop out, as numpy's
+    # inf and nan do in the tiled path; all zero gives 0.
+    new = rng.normal(size=(40, 40)).astype(np.float32)
+    old = rng.normal(size=(40, 40)).astype(np.float32)
+    bad = np.zeros(new.shape, bool)
+    rms = np.ones(new.shape, np.float32)
+    rms[:20] = 0.0
+    with np.errstate(divide="ignore", invalid="ignore"):
+        d = ((new - old) / rms)[::2, ::2]
+    want = np.sqrt(np.mean(d[np.isfinite(d)].astype(np.float64) ** 2))
+    backend = MemoryBackend(new, bad)
+    model = MapModel(background=old, rms=old)
+    assert backend.change(new, None, model, rms, NoiseModel) == pytest.approx(want, rel=1e-6)
+    zero = np.zeros(new.shape, np.float32)
+    assert backend.change(new, None, model, zero, NoiseModel) == 0.0
+
+
 @pytest.mark.parametrize("s", [1.0, 1.5])
 def test_unmasked_rows_take_the_shortcut_bit_for_bit(rng, s):
     # Rows without an excluded pixel share their weight sums (a shortcut); masking

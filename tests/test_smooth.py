@@ -7,6 +7,7 @@ import pytest
 from scipy import linalg, sparse
 from scipy.sparse.linalg import spsolve
 
+from skymap.background.cells import merged_sums
 from skymap.background.smooth import ThinPlateSmoother, _System, cell_sums, depth_grid, smooth_grid
 
 
@@ -122,6 +123,80 @@ def test_cell_sums_equal_numpy_block_sums_with_a_mask_and_ragged_edges():
             d = img[sl][g] - ref
             expect = [g.sum(), d.sum(), (d**2).sum(), yy[sl][g].sum(), xx[sl][g].sum()]
             np.testing.assert_allclose(sums[:, i, j], expect, rtol=1e-12, atol=1e-9)
+
+
+@pytest.mark.parametrize("shape", [(1, 9), (2, 7), (3, 3), (5, 4), (9, 13)])
+def test_the_gathered_operator_equals_the_sparse_definition(shape):
+    # The CG's matrix (W + lam K) z, its curvature z . (W + lam K) z, on grids down to
+    # one row (no second difference fits: the penalty is zero there).
+    rng = np.random.default_rng(11)
+    z, w = rng.normal(size=shape), rng.uniform(0.0, 3.0, shape)
+    system = _System(w, 2.0, 3.0)
+    out = np.empty(shape)
+    curv = system.matvec(z, 7.0, out)
+    # The penalty from dense difference matrices (np.diff has no row for a short axis).
+    ny, nx = shape
+    iy, ix = np.eye(ny), np.eye(nx)
+    dyy = np.kron(np.diff(iy, 2, axis=0), ix) / 4.0
+    dxx = np.kron(iy, np.diff(ix, 2, axis=0)) / 9.0
+    dxy = np.kron(np.diff(iy, 1, axis=0), np.diff(ix, 1, axis=0)) / 6.0
+    pen = 6.0 * (dyy.T @ dyy + dxx.T @ dxx + 2.0 * dxy.T @ dxy)
+    expect = w.ravel() * z.ravel() + 7.0 * (pen @ z.ravel())
+    np.testing.assert_allclose(out.ravel(), expect, rtol=1e-12, atol=1e-12)
+    assert curv == pytest.approx(float(z.ravel() @ expect), rel=1e-12)
+
+
+def test_a_padded_preconditioner_leaves_the_solution_that_of_the_definition():
+    # Grids of prime lengths precondition on zero-padded transforms (fast lengths);
+    # the solution is still the direct solve's.
+    rng = np.random.default_rng(15)
+    y = rng.normal(size=(23, 31))
+    w = rng.uniform(0.5, 2.0, size=y.shape)
+    w[rng.random(y.shape) < 0.3] = 0.0
+    assert _System(w, 3.0, 3.0).padded == (24, 32)
+    for lam in (10.0, 1e5):
+        z, _, _ = smooth_grid(y, w, spacing=(3.0, 3.0), smoothing=lam, rtol=1e-13)
+        np.testing.assert_allclose(z, _direct(y, w, lam, 3.0, 3.0), rtol=0, atol=1e-9)
+
+
+def test_merged_sums_equal_binning_afresh_at_the_larger_cells():
+    rng = np.random.default_rng(12)
+    img = rng.normal(10.0, 2.0, size=(47, 61))
+    bad = rng.random(img.shape) < 0.3
+    small = cell_sums(img, bad, (3, 3), 10.0)
+    for factor in (2, 3, 5):
+        large = cell_sums(img, bad, (3 * factor, 3 * factor), 10.0)
+        np.testing.assert_allclose(merged_sums(small, factor), large, rtol=1e-12)
+
+
+def test_a_merged_grid_is_the_fit_binned_at_the_merged_cells():
+    # A floor of many cells merges the automatic cells; the fit is then the one binned
+    # at the merged size directly (same grid, GCV choice and noise map to rounding).
+    rng = np.random.default_rng(13)
+    yy, xx = np.mgrid[:300, :300]
+    img = 0.3 * np.sin(xx / 40.0) * np.cos(yy / 55.0) + rng.normal(size=(300, 300))
+    mask = rng.random(img.shape) < 0.2
+    floor = 30.0**4
+    merged = ThinPlateSmoother().fit(img, mask, min_smoothing=floor)
+    assert merged.binned_cells == (3, 3) and merged.cell_size == (9, 9)
+    direct = ThinPlateSmoother(cell_size=9).fit(img, mask, min_smoothing=floor)
+    assert merged.smoothing == direct.smoothing
+    np.testing.assert_allclose(merged.grid, direct.grid, rtol=0, atol=1e-9)
+    np.testing.assert_allclose(merged.rms_grid, direct.rms_grid, rtol=1e-9)
+    # the noise blocks stay those of the binned cells (tiles align to them)
+    assert merged.noise_block() == 1 and direct.noise_block() == 4
+
+
+def test_the_cold_gcv_scan_stops_two_decades_above_a_rough_minimum():
+    # Rough structure and a low floor: the scan from the rough end finds the minimum
+    # and never solves the stiff decades, and the choice is the best GCV it saw.
+    rng = np.random.default_rng(14)
+    yy, xx = np.mgrid[:60, :60]
+    y = np.sin(xx / 3.0) + np.cos(yy / 4.0) + rng.normal(0, 0.3, (60, 60))
+    _, lam, scores = smooth_grid(y, np.ones_like(y), smoothing_range=(1.0, 1e12))
+    assert max(scores) <= 1e6
+    assert scores[lam] == min(scores.values())
+    assert lam < 1e3
 
 
 def test_the_stated_statistical_error_matches_the_scatter_over_noise_draws():

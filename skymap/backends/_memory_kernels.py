@@ -49,7 +49,8 @@ def _floor_in_place(flat, floor, lo, hi):  # pragma: no cover - compiled
 def subsampled_change(new, old_sub, bad, noise, q):
     """RMS of ``(new[::2, ::2] - old_sub) / sigma`` over the pixels not ``bad`` and
     finite, ``sigma`` read from the noise grid ``noise`` at ``[y // q, x // q]``
-    (edge-clamped, as in :func:`dog_snr`); 0 when no pixel is left. Rows are summed in
+    (edge-clamped, as in :func:`dog_snr`); pixels of zero noise are left out (their
+    ratio is not finite), and the result is 0 when no pixel is left. Rows are summed in
     parallel, then in order, so the result does not depend on the thread count."""
     ny = old_sub.shape[0]
     sums = np.zeros(ny)
@@ -71,7 +72,11 @@ def _row_changes(new, old_sub, bad, noise, q, sums, counts, lo, hi):  # pragma: 
             x = 2 * j
             if bad[y, x]:
                 continue
-            d = (new[y, x] - old_sub[i, j]) / noise[qy, min(x // q, nqx - 1)]
+            s = noise[qy, min(x // q, nqx - 1)]
+            if s == 0:
+                # numpy's x / 0 is inf or nan, which the tiled path drops as non-finite
+                continue
+            d = (new[y, x] - old_sub[i, j]) / s
             if np.isfinite(d):
                 total += d * d
                 count += 1

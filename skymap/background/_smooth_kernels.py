@@ -39,6 +39,66 @@ def thin_plate_apply(z, cyy, cxx, cxy, out):  # pragma: no cover - compiled
 
 
 @njit(cache=True, nogil=True)
+def thin_plate_matvec(z, w, cyy, cxx, cxy, dy, dx, e, out):  # pragma: no cover - compiled
+    """out = w z + (:func:`thin_plate_apply` of z); returns ``z . out``, the conjugate
+    gradients' curvature. The same operator gathered instead of scattered: the second
+    differences go to zero-bordered scratch arrays ``dy`` (ny + 2, nx), ``dx`` (ny,
+    nx + 2) and ``e`` (ny + 1, nx + 1) (borders must be zero), so that every output is
+    a branch-free sum that vectorises (three times faster on grids of 100^2)."""
+    ny, nx = z.shape
+    for i in range(ny - 2):
+        for j in range(nx):
+            dy[i + 2, j] = (z[i, j] - 2.0 * z[i + 1, j] + z[i + 2, j]) * cyy
+    for i in range(ny):
+        for j in range(nx - 2):
+            dx[i, j + 2] = (z[i, j] - 2.0 * z[i, j + 1] + z[i, j + 2]) * cxx
+    for i in range(ny - 1):
+        for j in range(nx - 1):
+            e[i + 1, j + 1] = (z[i + 1, j + 1] - z[i + 1, j] - z[i, j + 1] + z[i, j]) * cxy
+    curv = 0.0
+    for i in range(ny):
+        for j in range(nx):
+            v = (
+                w[i, j] * z[i, j]
+                + (dy[i + 2, j] - 2.0 * dy[i + 1, j] + dy[i, j])
+                + (dx[i, j + 2] - 2.0 * dx[i, j + 1] + dx[i, j])
+                + (e[i + 1, j + 1] - e[i + 1, j] - e[i, j + 1] + e[i, j])
+            )
+            out[i, j] = v
+            curv += z[i, j] * v
+    return curv
+
+
+@njit(cache=True, nogil=True)
+def cg_step(z, r, p, ap, alpha):  # pragma: no cover - compiled
+    """z += alpha p, r -= alpha ap in one pass; returns ``r . r``."""
+    ny, nx = z.shape
+    rr = 0.0
+    for i in range(ny):
+        for j in range(nx):
+            z[i, j] += alpha * p[i, j]
+            v = r[i, j] - alpha * ap[i, j]
+            r[i, j] = v
+            rr += v * v
+    return rr
+
+
+@njit(cache=True, nogil=True)
+def cg_direction(p, q, r, rz):  # pragma: no cover - compiled
+    """p = q + (r.q / rz) p in place (the next conjugate direction); returns ``r . q``."""
+    ny, nx = p.shape
+    rz_new = 0.0
+    for i in range(ny):
+        for j in range(nx):
+            rz_new += r[i, j] * q[i, j]
+    beta = rz_new / rz
+    for i in range(ny):
+        for j in range(nx):
+            p[i, j] = q[i, j] + beta * p[i, j]
+    return rz_new
+
+
+@njit(cache=True, nogil=True)
 def thin_plate_apply_field(z, cyy, cxx, cxy, fyy, fxx, fxy, out):  # pragma: no cover - compiled
     """:func:`thin_plate_apply` with each second difference's term weighted by a field:
     ``fyy`` (ny - 2, nx), ``fxx`` (ny, nx - 2), ``fxy`` (ny - 1, nx - 1), the penalty's

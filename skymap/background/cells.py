@@ -9,11 +9,13 @@ import numpy as np
 from scipy import ndimage, sparse
 
 from skymap._validate import as_pair
+from skymap.backends.base import block_sums
 from skymap.background import _smooth_kernels as _k
 
 __all__ = [
     "cell_stats",
     "cell_sums",
+    "merged_sums",
     "reference_level",
     "reference_step",
     "upsample",
@@ -48,6 +50,27 @@ def cell_sums(image: np.ndarray, bad: np.ndarray, cells, ref: float, origin=(0, 
     if origin[1]:
         sx += n * origin[1]
     return np.stack([n, s1, s2, sy, sx])
+
+
+def merged_sums(grid: np.ndarray, factor: int) -> np.ndarray:
+    """The per-cell sums ``grid`` (over its last two axes) of cells ``factor`` times
+    larger: ``factor`` x ``factor`` blocks of cells added up (a ragged last block sums
+    what is there), by :func:`~skymap.backends.base.block_sums`. Equal to
+    :func:`cell_sums` at the larger cells up to the order of the additions, without
+    reading the image again.
+
+    Examples
+    --------
+    >>> img = np.arange(35.0).reshape(5, 7)
+    >>> ok = np.zeros(img.shape, bool)
+    >>> small, large = cell_sums(img, ok, (1, 2), 0.0), cell_sums(img, ok, (2, 4), 0.0)
+    >>> bool(np.allclose(merged_sums(small, 2), large))
+    True
+    """
+    g = np.asarray(grid, dtype=np.float64)
+    keep = np.zeros(g.shape[-2:], bool)
+    layers = [block_sums(layer, keep, int(factor))[0] for layer in g.reshape(-1, *g.shape[-2:])]
+    return np.stack(layers).reshape(*g.shape[:-2], *layers[0].shape)
 
 
 def reference_level(sub: np.ndarray, subbad: np.ndarray) -> float | None:

@@ -45,6 +45,7 @@ from skymap.backends.base import (
 from skymap.backends.dask import DaskBackend, is_tiled_input
 from skymap.backends.memory import MemoryBackend
 from skymap.background import convergence as _conv
+from skymap.background.cells import merged_sums
 from skymap.background.convergence import ConvergenceWarning
 from skymap.background.model import BackgroundEstimator, BackgroundModel, as_driven
 from skymap.background.noise import NoiseModel, use_error
@@ -675,9 +676,12 @@ class IterativeBackground:
             return None
         cells = tuple(model.cell_size)
         if cells not in valid_counts:
-            valid_counts[cells] = backend.cell_grid(
-                cell_sums, [backend.image, backend.given_bad], cells, 5, cells=cells, ref=0.0
+            # Binned as the fit was (coarser cells are sums of those: tiles align to them)
+            binned = tuple(getattr(model, "binned_cells", None) or cells)
+            counts = backend.cell_grid(
+                cell_sums, [backend.image, backend.given_bad], binned, 5, cells=binned, ref=0.0
             )[0]
+            valid_counts[cells] = merged_sums(counts, cells[0] // binned[0])
         valid = valid_counts[cells]
         return source_tracking(model, valid, floor=self.source_tracking)
 

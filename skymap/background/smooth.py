@@ -54,6 +54,7 @@ from skymap.background import _smooth_kernels as _k
 from skymap.background.cells import (
     cell_stats,
     cell_sums,
+    merged_sums,
     reference_level,
     reference_step,
     upsample,
@@ -66,6 +67,7 @@ __all__ = [
     "ThinPlateSmoother",
     "cell_sums",
     "depth_grid",
+    "merge_cells",
     "smooth_grid",
     "weighted_sums",
 ]
@@ -112,6 +114,12 @@ class _System:
         self.w = weights
         self.hy, self.hx = hy, hx
         self.spec = _spectrum(weights.shape, hy, hx)
+        # The preconditioner's cosine transforms run on the grid padded with zeros to
+        # lengths of small primes: a DCT of a prime length (83 cells) is 3-4x slower.
+        # E' M E with E the zero padding is as symmetric and positive definite as M, so
+        # conjugate gradients converge to the same solution.
+        self.padded = tuple(fft.next_fast_len(int(n), real=True) for n in weights.shape)
+        self.pspec = self.spec if self.padded == weights.shape else _spectrum(self.padded, hy, hx)
         self.wbar = float(weights.mean())
         self.nobs = int(np.count_nonzero(weights))
         self.penalty = penalty
@@ -140,6 +148,18 @@ class _System:
         self.s_bins = np.sqrt(edges[:-1] * edges[1:])[keep]
         self.s_counts = counts[keep].astype(np.float64)
 
+    def _scratch(self):
+        # Zero-bordered second differences for the gathered operator (see
+        # _smooth_kernels.thin_plate_matvec), allocated once per system.
+        if not hasattr(self, "_buffers"):
+            ny, nx = self.w.shape
+            self._buffers = (
+                np.zeros((ny + 2, nx)),
+                np.zeros((ny, nx + 2)),
+                np.zeros((ny + 1, nx + 1)),
+            )
+        return self._buffers
+
     def operator(self, z, lam, buf):
         """``lam`` times the penalty applied to ``z`` (into ``buf``)."""
         if self.penalty is None:
@@ -149,33 +169,51 @@ class _System:
         cxy = 2.0 * lam * area / (self.hy * self.hx) ** 2
         return _k.thin_plate_apply_field(z, cyy, cxx, cxy, *self._fields, buf)
 
+    def matvec(self, z, lam, out) -> float:
+        """``out = (W + lam K) z``, the system's matrix applied to ``z``; returns
+        ``z . out``."""
+        if self.penalty is not None:
+            out = self.operator(z, lam, out)
+            out += self.w * z
+            return _dot(z, out)
+        area = self.hy * self.hx
+        cyy, cxx = lam * area / self.hy**4, lam * area / self.hx**4
+        cxy = 2.0 * lam * area / (self.hy * self.hx) ** 2
+        return _k.thin_plate_matvec(z, self.w, cyy, cxx, cxy, *self._scratch(), out)
+
     def solve(self, y, lam, z0=None, *, rtol=1e-6, maxiter=1000):
         w = self.w
-        inv = 1.0 / (self.wbar + lam * self.fbar * self.spec)
+        inv = 1.0 / (self.wbar + lam * self.fbar * self.pspec)
+        gy, gx = w.shape
+        if self.padded == w.shape:
 
-        def precondition(r):
-            return fft.idctn(inv * fft.dctn(r, norm="ortho"), norm="ortho")
+            def precondition(r):
+                return fft.idctn(inv * fft.dctn(r, norm="ortho"), norm="ortho")
+        else:
+            pad = np.zeros(self.padded)
 
-        buf = np.empty_like(y)
+            def precondition(r):
+                pad[:gy, :gx] = r
+                out = fft.idctn(inv * fft.dctn(pad, norm="ortho"), norm="ortho")
+                return np.ascontiguousarray(out[:gy, :gx])
+
+        ap = np.empty_like(y)
         b = w * y
         z = precondition(b) if z0 is None else z0.copy()
-        r = b - (w * z + self.operator(z, lam, buf))
+        self.matvec(z, lam, ap)
+        r = b - ap
         p = precondition(r)
-        rz = float(_dot(r, p))
+        rz = _dot(r, p)
+        rr = _dot(r, r)
         bnorm = float(np.sqrt(_dot(b, b))) or 1.0
         iterations = 0
         while iterations < maxiter:
-            if np.sqrt(_dot(r, r)) <= rtol * bnorm:
+            if np.sqrt(rr) <= rtol * bnorm:
                 break
             iterations += 1
-            ap = w * p + self.operator(p, lam, buf)
-            alpha = rz / float(_dot(p, ap))
-            z += alpha * p
-            r -= alpha * ap
-            q = precondition(r)
-            rz_new = float(_dot(r, q))
-            p = q + (rz_new / rz) * p
-            rz = rz_new
+            alpha = rz / self.matvec(p, lam, ap)
+            rr = _k.cg_step(z, r, p, ap, alpha)
+            rz = _k.cg_direction(p, precondition(r), r, rz)
         else:
             log.warning("thin-plate solve did not converge in %d iterations", maxiter)
         return z, iterations
@@ -335,20 +373,24 @@ def _gcv_search(system: _System, y, smoothing_range, start, step, inflation, sco
         return scores[lam], loglam
 
     if step >= 1.0:
-        # Cold start: scan every decade from smooth to rough. GCV is flat over the
-        # over-smoothed plateau, so a downhill walk from a too-stiff start can stall
-        # there; the scan stops once GCV has clearly risen two decades past the best.
-        centre, best = None, np.inf
-        v = hi
-        while True:
-            s, v = score(v)
-            if s < best:
-                best, centre = s, v
-            elif v <= centre - 2.0 and s > 1.05 * best:
-                break
-            if v <= lo:
-                break
+        # Cold start: scan the decades below the stiff end (``hi - k step``, and the
+        # rough end ``lo``) from rough to smooth. GCV is flat over the over-smoothed
+        # plateau, so a downhill walk from a too-stiff start can stall there; the scan
+        # stops once GCV has clearly risen two decades past the best. From the rough end
+        # it meets the minimum before the plateau, and skips the stiff solves, the
+        # slowest to converge (the same decades as a scan from the stiff end: the same
+        # choice unless GCV has two minima over 5% apart).
+        grid, v = [hi], hi
+        while v > lo:
             v -= step
+            grid.append(max(v, lo))
+        centre, best = None, np.inf
+        for v in dict.fromkeys(reversed(grid)):
+            s, v = score(v)
+            if s <= best:
+                best, centre = s, v
+            elif v >= centre + 2.0 and s > 1.05 * best:
+                break
     else:
         centre = float(np.clip(np.log10(start), lo, hi))
         best, centre = score(centre)
@@ -631,8 +673,13 @@ class ThinPlateSmoother:
         True
         """
         shape = (int(shape[0]), int(shape[1]))
-        for cells in self.cell_sequence(shape):
-            fitted = self._fit_grid(sums(cells), shape, cells, ref, smoothing_start, min_smoothing)
+        for binned in self.cell_sequence(shape):
+            grid_sums, cells = sums(binned), binned
+            factor = self.coarsening(binned, shape, min_smoothing)
+            if factor > 1:
+                cells = (binned[0] * factor, binned[1] * factor)
+                grid_sums = merged_sums(grid_sums, factor)
+            fitted = self._fit_grid(grid_sums, shape, cells, ref, smoothing_start, min_smoothing)
             # Automatic cells: when GCV wants a smoothing below the cell size, the grid
             # is too coarse for this sky; refit on the next, finer cells.
             if not fitted[-1]:
@@ -671,7 +718,42 @@ class ThinPlateSmoother:
             cell_offsets=offsets,
             cell_weights=None if w is n else w,
             penalty=penalty,
+            binned_cells=binned,
         )
+
+    def coarsening(self, cells, shape, min_smoothing: float | None) -> int:
+        """Factor by which the fit merges ``cells`` (blocks of cells summed,
+        :func:`~skymap.background.cells.merged_sums`) when the smoothing may not go
+        below ``min_smoothing``.
+
+        A fit held at or above a length ``L`` needs no cells finer than ``L /``
+        :data:`CELLS_PER_LENGTH` (4): merging up to that changes nothing that matters.
+        The automatic cells of a small image are small (a fixed ~1e4-cell grid, most of
+        its CPU time: ``benchmarks/README.md``, "small-frame speed"), so cells below
+        :data:`COST_CELL` (8 px, what a 1024^2 frame gets) are also merged towards it
+        while ``L`` stays at least two cells, the ratio at which the default already
+        fits 1024^2 frames (0.002 sigma from a fine grid), and while 32 cells remain
+        across the shorter side. Automatic cells only, GCV only (1 otherwise), never
+        coarser than the 32 px of :meth:`cells_for` nor fewer than 16 cells across the
+        shorter side.
+
+        Examples
+        --------
+        >>> tps = ThinPlateSmoother()
+        >>> tps.cells_for((300, 300)), tps.coarsening((3, 3), (300, 300), 28.0**4)
+        ((3, 3), 3)
+        >>> tps.coarsening((8, 8), (1000, 1000), 28.0**4), tps.coarsening((3, 3), (300, 300), None)
+        (1, 1)
+        """
+        if self.cell_size is not None or self.smoothing is not None or not min_smoothing:
+            return 1
+        c = max(cells)
+        length = float(min_smoothing) ** 0.25
+        fine = int(length // (CELLS_PER_LENGTH * c))
+        # ... and on a grid still 32 cells across (smaller ones cost nothing anyway)
+        cost = min(-(-COST_CELL // c), int(length // (2 * c)), int(min(shape) // (32 * c)))
+        factor = min(max(fine, cost), 32 // c, int(min(shape) // (16 * c)))
+        return max(1, factor)
 
     def _weights(self, n: np.ndarray) -> np.ndarray:
         return np.where(n >= self.min_pixels, n, 0.0)
@@ -756,6 +838,14 @@ class ThinPlateSmoother:
             z, lam, penalty = self._protect(mean, weights, fit, hi, n, var, depth, grid)
         return z, lam, scores, n, mean, var, (dy, dx), w, penalty, at_floor
 
+
+#: Cells per smoothing length below which :meth:`ThinPlateSmoother.coarsening` does
+#: not merge cells: a thin-plate fit of length ``L`` passes wavelengths above
+#: ``2 pi L``, so that is over 25 cells per passed wavelength.
+CELLS_PER_LENGTH = 4
+#: Cell side (px) towards which :meth:`ThinPlateSmoother.coarsening` merges smaller
+#: cells while the smoothing length stays two cells or more.
+COST_CELL = 8
 
 #: Depth spread (ratio of the 95th to the 5th percentile of the cells' mean inverse
 #: variance) below which a weighted fit keeps one penalty for the grid.
@@ -853,6 +943,43 @@ def _field_args(penalty) -> dict:
     return {"penalty": penalty[0], "local_weights": penalty[1]}
 
 
+def merge_cells(values, weights, offsets, cells, factor: int):
+    """Blocks of ``factor`` x ``factor`` cells merged into one: the weighted mean of
+    their values, their summed weight, and the offsets of their weighted centroid from
+    the merged cell's centre (what binning at the merged size gives when the weights
+    are pixel counts, up to rounding). Missing cells (weight 0) take no part.
+
+    Examples
+    --------
+    >>> v, w = np.arange(16.0).reshape(4, 4), np.ones((4, 4))
+    >>> zero = (np.zeros((4, 4)), np.zeros((4, 4)))
+    >>> mv, mw, (dy, dx) = merge_cells(v, w, zero, (2, 2), 2)
+    >>> mv, mw, dy
+    (array([[ 2.5,  4.5],
+           [10.5, 12.5]]), array([[4., 4.],
+           [4., 4.]]), array([[0., 0.],
+           [0., 0.]]))
+    """
+    w = np.where(weights > 0, weights, 0.0)
+    cy, cx = cells
+    gy, gx = w.shape
+    iy = np.arange(gy)[:, None] * cy + (cy - 1) / 2.0
+    ix = np.arange(gx)[None, :] * cx + (cx - 1) / 2.0
+    dy, dx = (
+        np.where(w > 0, np.nan_to_num(np.asarray(o, dtype=np.float64)), 0.0) for o in offsets
+    )
+    sw, sv, sy, sx = merged_sums(
+        np.stack([w, w * np.where(w > 0, values, 0.0), w * (iy + dy), w * (ix + dx)]), factor
+    )
+    my, mx = sw.shape
+    cy2, cx2 = cy * factor, cx * factor
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean = np.where(sw > 0, sv / sw, 0.0)
+        ody = np.where(sw > 0, sy / sw - (np.arange(my)[:, None] * cy2 + (cy2 - 1) / 2.0), 0.0)
+        odx = np.where(sw > 0, sx / sw - (np.arange(mx)[None, :] * cx2 + (cx2 - 1) / 2.0), 0.0)
+    return mean, sw, (ody, odx)
+
+
 def _effective_blocks(n, noise_var, cells, width) -> float:
     """The effective number of the complete blocks :func:`_whiteness` reads, each
     weighted by its mean ``noise_var`` (per cell): ``(sum v) ** 2 / sum v ** 2``."""
@@ -898,7 +1025,9 @@ class SmoothResult:
     error (from the pixel noise alone), in units of the pixel RMS. ``penalty`` is None
     (one penalty, ``smoothing``) or, for a weighted fit of varying depth, the field the
     penalty followed: (``depth ** power`` per cell, the cells' local weights, power);
-    ``smoothing`` is then the penalty at the mean depth.
+    ``smoothing`` is then the penalty at the mean depth. ``binned_cells`` is the cell
+    size the image was binned to when the fit merged blocks of those cells into its
+    ``cell_size`` (:meth:`ThinPlateSmoother.coarsening`), else None.
     """
 
     shape: tuple[int, int]
@@ -915,6 +1044,7 @@ class SmoothResult:
     cell_offsets: tuple = field(repr=False)
     cell_weights: np.ndarray | None = field(default=None, repr=False)
     penalty: tuple | None = field(default=None, repr=False)
+    binned_cells: tuple[int, int] | None = field(default=None, repr=False)
     #: :meth:`background_map` makes a new array at every call (see BackgroundModel).
     new_maps: ClassVar[bool] = True
 
@@ -954,9 +1084,16 @@ class SmoothResult:
         lo, mid, hi = np.quantile(d, [tail, 0.5, 1.0 - tail])
         return float((hi - mid) / (mid - lo)) if mid > lo else 1.0
 
-    def stiffer_grid(self, stiffer: float, rtol: float = 1e-6) -> np.ndarray:
+    def stiffer_grid(self, stiffer: float, rtol: float = 1e-6, merge: bool = True) -> np.ndarray:
         """The grid of a fit ``stiffer`` times longer to the same cells and weights
         (conjugate gradients stopped at ``rtol``).
+
+        With ``merge`` (and one penalty) the longer fit is solved on blocks of cells
+        (:func:`merge_cells`; at least :data:`CELLS_PER_LENGTH` of them per its length
+        and 16 across the shorter side) and interpolated back to this grid: its cost is
+        that of a grid up to ``stiffer ** 2`` times smaller, and on 1e4-cell grids it
+        was a fifth of a small frame's fit (``benchmarks/README.md``, "small-frame
+        speed").
 
         Examples
         --------
@@ -969,15 +1106,28 @@ class SmoothResult:
         if self.cell_weights is not None:
             weights = np.where(weights > 0, self.cell_weights, 0.0)
         values = np.where(weights > 0, self.cell_values, 0.0)
+        lam = float(self.smoothing) * stiffer**4
+        cells, offsets = self.cell_size, self.cell_offsets
+        factor = 1
+        if merge and self.penalty is None:
+            c = max(cells)
+            factor = int(lam**0.25 // (CELLS_PER_LENGTH * c))
+            factor = max(1, min(factor, min(values.shape) // 16))
+        if factor > 1:
+            values, weights, offsets = merge_cells(values, weights, offsets, cells, factor)
+            cells = (cells[0] * factor, cells[1] * factor)
         stiff, _, _ = smooth_grid(
             values,
             weights,
-            spacing=self.cell_size,
-            smoothing=float(self.smoothing) * stiffer**4,
-            offsets=self.cell_offsets,
+            spacing=cells,
+            smoothing=lam,
+            offsets=offsets,
             rtol=rtol,
             **({} if self.penalty is None else _field_args(self.penalty)),
         )
+        if factor > 1:
+            # node k of the merged grid sits at node k f + (f - 1) / 2 of this one
+            stiff = upsample(stiff, factor, self.grid.shape)
         return stiff
 
     def background_map(self, step: int = 1, window=None) -> np.ndarray:
@@ -1001,8 +1151,11 @@ class SmoothResult:
 
     def noise_block(self) -> int:
         """Side of the blocks of :meth:`coarse_rms`: the largest power of two <= half
-        a cell (1: the cells are too small for blocks)."""
-        return pow2_at_most(min(self.cell_size) / 2.0, *self.shape)
+        a cell as binned (``binned_cells``, before any :meth:`~ThinPlateSmoother.coarsening`,
+        so that tiles stay aligned to the blocks), 1 when the cells are too small for
+        blocks."""
+        cells = self.cell_size if self.binned_cells is None else self.binned_cells
+        return pow2_at_most(min(cells) / 2.0, *self.shape)
 
     def coarse_rms(self) -> CoarseRMS | None:
         """The RMS at the centres of :meth:`noise_block` blocks (float32, unfloored):
