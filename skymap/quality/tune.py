@@ -111,17 +111,23 @@ def default_space(image=None, mask=None) -> list[list[dict]]:
       (``tracking_inflation=12``), for an image whose faint sources GCV still chases;
       or with the floor it raises capped at a sixteenth of the shorter side, not an
       eighth (``tracking_cap=0.0625``), for sky structure narrower than that among
-      the masks.
+      the masks; or without the coarser masking scale it adds
+      (``tracking_scale=None``), for sky bumps a 16-px matched filter would mask.
 
     Examples
     --------
     >>> [len(axis) for axis in default_space()]
-    [2, 2, 3]
+    [2, 2, 4]
     """
     axes = [
         [{"gcv_inflation": 4.0}, {"gcv_inflation": 12.0}],
         [{"high": 3.0, "low": 1.5}, {"high": 6.0, "low": 3.0}],
-        [{"source_tracking": None}, {"tracking_inflation": 12.0}, {"tracking_cap": 0.0625}],
+        [
+            {"source_tracking": None},
+            {"tracking_inflation": 12.0},
+            {"tracking_cap": 0.0625},
+            {"tracking_scale": None},
+        ],
     ]
     size = _source_size(image, mask)
     if size is not None:
