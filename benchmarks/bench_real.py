@@ -157,6 +157,13 @@ def main(argv=None) -> int:
             tuned = tune(image, mask=mask, budget=args.tune, seed=_TUNE_SEED, peers={})
             run["skymap_tuned"] = tuned.pipeline
             print(f"\n{path.stem}: tuned {tuned.config or '(defaults)'} in {tuned.seconds:.0f} s")
+            print(f"verdict: {tuned.table.meta['verdict']}")
+            for r in tuned.table:
+                print(
+                    f"  {r['round']:>8} {r['options'][:44]:<44} score {_fmt(r['score'])} "
+                    f"edge {_fmt(r['edge'], '+.3f')} wins {r['wins']}/{r['pairs']} "
+                    f"unsettled {r['unsettled']} {r['seconds']:.0f} s {r['status'][:60]}"
+                )
         table = compare(image, run, mask=mask, n_trials=args.trials, seed=args.seed)
         print(
             f"\n## {path.name} (HDU {hdu}, {image.shape[0]}x{image.shape[1]}, "

@@ -237,3 +237,32 @@ def test_a_method_that_writes_into_its_input_changes_nothing(m6707):
     res = injection_recovery(m6707, vandal, n_trials=2)
     np.testing.assert_array_equal(m6707, before)
     assert res.trials["track"][0] == injection_recovery(m6707, flat_median, n_trials=1).track
+
+
+def test_injected_fits_that_did_not_settle_are_counted_per_trial(m6707):
+    from types import SimpleNamespace
+
+    notes = iter(["converged: settled", "converged by backing off a runaway mask: ..."] * 9)
+
+    def reports_how_it_stopped(image, mask):
+        # the untouched fit (first call) settles; then runaway, settled, runaway, ...
+        note = next(notes)
+        return SimpleNamespace(
+            background=np.full(image.shape, np.median(image[~mask])),
+            converged=True,
+            convergence_note=note,
+        )
+
+    res = injection_recovery(m6707, reports_how_it_stopped, n_trials=2)
+    # two kinds per trial: each trial has one settled fit and one that backed off
+    assert res.unsettled.tolist() == [1, 1]
+    capped = injection_recovery(
+        m6707,
+        lambda i, m: SimpleNamespace(background=np.zeros(i.shape), converged=False),
+        kinds=("sky",),
+        n_trials=2,
+    )
+    assert capped.unsettled.tolist() == [1, 1]
+    # a plain array says nothing about how it stopped: settled
+    assert injection_recovery(m6707, flat_median, n_trials=1).unsettled.tolist() == [0]
+    assert res.to_dict()["unsettled"] == [1, 1]

@@ -142,10 +142,20 @@ def as_method(method: Any = None) -> tuple[Callable[[np.ndarray, Any], Any], str
     )
 
 
-def _background(fn, name: str, image: np.ndarray, mask: np.ndarray) -> np.ndarray:
+def _settled(out: Any) -> bool:
+    """Whether a fit stopped in a regular state, where its result says how it stopped
+    (:class:`~skymap.background.result.BackgroundResult`): converged, and not by backing
+    off a runaway mask. A result that does not say counts as settled."""
+    if not getattr(out, "converged", True):
+        return False
+    return "backing off a runaway" not in str(getattr(out, "convergence_note", ""))
+
+
+def _background(fn, name: str, image: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, bool]:
     """Run a method and check what it returns: a ValueError names the method. It gets
     copies: a method that writes into its input must not change the image (the
-    caller's array) or the mask the next trial uses."""
+    caller's array) or the mask the next trial uses. Returns the background and whether
+    the fit settled (:func:`_settled`)."""
     try:
         out = fn(image.copy(), mask.copy())
     except Exception as err:
@@ -162,7 +172,7 @@ def _background(fn, name: str, image: np.ndarray, mask: np.ndarray) -> np.ndarra
         )
     if not np.isfinite(bkg[~mask]).all():
         raise ValueError(f"method {name!r} returned non-finite background on valid pixels")
-    return bkg
+    return bkg, _settled(out)
 
 
 # --------------------------------------------------------------------------- result
@@ -190,6 +200,12 @@ class InjectionResult:
         ``halo``, ``halo_p95`` and ``score`` (NaN where the kind was not injected).
     seconds, cpu_seconds : float
         Mean wall-clock and CPU time (this process and its children) of one fit.
+    unsettled : ndarray of int
+        Per trial, how many fits of the injected images did not settle: stopped at
+        their iteration cap, or backed off a runaway mask (for methods whose result
+        says how it stopped, as :func:`skymap.fit`'s does; 0 for the others). Such a
+        fit changed regime under the injection, and its score says more about that
+        injection than about the method.
     maps : dict
         First trial's maps for :meth:`plot`, ``{kind: (injected, recovered)}`` with
         ``recovered = fit(image + injected) - fit(image)``, in sigma.
@@ -202,6 +218,7 @@ class InjectionResult:
     trials: dict = field(repr=False)
     seconds: float
     cpu_seconds: float
+    unsettled: np.ndarray = field(repr=False, default_factory=lambda: np.zeros(0, int))
     maps: dict = field(repr=False, default_factory=dict)
 
     @property
@@ -248,6 +265,7 @@ class InjectionResult:
             "n_trials": self.n_trials,
             "seconds_per_fit": self.seconds,
             "cpu_seconds_per_fit": self.cpu_seconds,
+            "unsettled": [int(v) for v in self.unsettled],
             "scores": scores,
         }
 
@@ -356,9 +374,10 @@ def _check_trials(n_trials) -> int:
 
 
 def _timed(fn, name, image, mask, clock):
+    """:func:`_background`, timed: appends ``(wall, cpu, settled)`` to ``clock``."""
     t0, c0 = time.perf_counter(), _cpu()
-    bkg = _background(fn, name, image, mask)
-    clock.append((time.perf_counter() - t0, _cpu() - c0))
+    bkg, settled = _background(fn, name, image, mask)
+    clock.append((time.perf_counter() - t0, _cpu() - c0, settled))
     return bkg
 
 
@@ -380,7 +399,7 @@ def fit_background(prep: Prepared, method: Any = None, *, name: str | None = Non
     returns ``(background, seconds)``, the background checked as in
     :func:`injection_recovery` (a ValueError names a failing method)."""
     fn, default_name = as_method(method)
-    clock: list[tuple[float, float]] = []
+    clock: list[tuple[float, float, bool]] = []
     bkg = _timed(fn, name or default_name, prep.image, prep.bad, clock)
     return bkg, clock[0][0]
 
@@ -408,11 +427,12 @@ def evaluate_method(
     fn, default_name = as_method(method)
     name = name or default_name
     img, bad, sigma = prep.image, prep.bad, prep.sigma
-    clock: list[tuple[float, float]] = []
+    clock: list[tuple[float, float, bool]] = []
     if base is None:
         base = _timed(fn, name, img, bad, clock)
     good = ~bad
     trials = {k: np.full(n_trials, np.nan) for k in _SCORES}
+    unsettled = np.zeros(n_trials, dtype=int)
     maps = {}
     for t in range(n_trials):
         injections = make_injections(img.shape, sigma, kinds=prep.kinds, seed=seed, trial=t)
@@ -422,6 +442,7 @@ def evaluate_method(
             signal = sum(inj.signal for inj in group)
             injected = (img + signal.astype(img.dtype)).astype(img.dtype, copy=False)
             delta = _timed(fn, name, injected, bad, clock) - base
+            unsettled[t] += not clock[-1][2]
             # what the background should have gained: the sky, not the sources
             sky = next((inj.signal for inj in group if inj.kind == "sky"), 0.0)
             sources = [inj.footprint for inj in group if inj.footprint is not None]
@@ -450,6 +471,7 @@ def evaluate_method(
         trials=trials,
         seconds=float(np.mean([c[0] for c in clock])),
         cpu_seconds=float(np.mean([c[1] for c in clock])),
+        unsettled=unsettled,
         maps=maps,
     )
     return result, base

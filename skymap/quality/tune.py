@@ -6,10 +6,16 @@ source-tracking test, or anything passed in ``space=``) for the lowest
 injection score (:func:`skymap.quality.injection.injection_recovery`: ``track +
 |leak|``) on the user's own image, within a time budget.
 
-Choosing and reporting use different injections: candidates are ranked on the
-injections of ``seed`` (the leaders also on those of ``seed + 2``), and the winner, the
-defaults and the peers are then scored on those of ``seed + 1``, which the search never
-saw, so the reported gain is not the one that was optimised.
+Every candidate is compared with the defaults *trial by trial*, on identical
+injections: a single trial's score moves with where the bumps and discs fell by more
+than the options differ, but the difference between two fits of the same injected
+image does not. Candidates are ranked by the median of these paired differences (one
+runaway injection does not decide), on the injections of ``seed`` (the leaders also on
+those of ``seed + 2``); the winner, the defaults and the peers are then scored on those
+of ``seed + 1``, which the search never saw. The defaults are left only on clear
+evidence: the winner must beat them on a significant majority of all its paired trials
+(a one-sided sign test), by a median margin, and without more of its injected fits
+failing to settle than theirs (:func:`holds_up`).
 """
 
 from __future__ import annotations
@@ -34,7 +40,7 @@ from skymap.quality.injection import (
     table_rows,
 )
 
-__all__ = ["DEFAULT_BUDGET", "TuneResult", "default_space", "holds_up", "tune"]
+__all__ = ["DEFAULT_BUDGET", "TuneResult", "default_space", "holds_up", "paired", "tune"]
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +55,9 @@ _REL_MARGIN = 0.02
 _DEFAULTS = {"gcv_inflation": 1.4, "high": 4.0, "low": 2.0}
 # How many of the best candidates race the defaults on fresh choosing injections.
 _RACE_LEADERS = 3
+# One-sided sign-test level at which a candidate's paired wins over the defaults count as
+# a clear majority: 5 of 6 paired trials (p = 0.11), 4 of 4 (0.06), never 1 of 1 or 2 of 2.
+_SIGN_LEVEL = 0.125
 
 
 def _accepts(option: str, value: Any) -> bool:
@@ -102,17 +111,23 @@ def default_space(image=None, mask=None) -> list[list[dict]]:
       (``tracking_inflation=12``), for an image whose faint sources GCV still chases;
       or with the floor it raises capped at a sixteenth of the shorter side, not an
       eighth (``tracking_cap=0.0625``), for sky structure narrower than that among
-      the masks.
+      the masks; or without the coarser masking scale it adds
+      (``tracking_scale=None``), for sky bumps a 16-px matched filter would mask.
 
     Examples
     --------
     >>> [len(axis) for axis in default_space()]
-    [2, 2, 3]
+    [2, 2, 4]
     """
     axes = [
         [{"gcv_inflation": 4.0}, {"gcv_inflation": 12.0}],
         [{"high": 3.0, "low": 1.5}, {"high": 6.0, "low": 3.0}],
-        [{"source_tracking": None}, {"tracking_inflation": 12.0}, {"tracking_cap": 0.0625}],
+        [
+            {"source_tracking": None},
+            {"tracking_inflation": 12.0},
+            {"tracking_cap": 0.0625},
+            {"tracking_scale": None},
+        ],
     ]
     size = _source_size(image, mask)
     if size is not None:
@@ -140,19 +155,75 @@ def _axes(space, image=None, mask=None) -> list[list[dict]]:
     )
 
 
-def holds_up(tuned, default) -> bool:
-    """Whether a tuned pipeline's held-back result beats the defaults' by the margin a
-    candidate needs while choosing (2%, at least 0.005 sigma): :func:`tune` returns the
-    defaults otherwise.
+def _margin(default_scores) -> float:
+    """The gain (sigma) a candidate needs over the defaults: 2% of their median score,
+    at least 0.005 sigma; smaller gains are within the trial-to-trial scatter."""
+    d = np.asarray(default_scores, dtype=float)
+    d = d[np.isfinite(d)]
+    return max(_MARGIN, _REL_MARGIN * float(np.median(d))) if d.size else _MARGIN
+
+
+def paired(candidate, defaults) -> np.ndarray:
+    """Per-trial differences ``candidate - defaults`` of scores on identical injections
+    (the first ``len(candidate)`` trials of ``defaults``), finite ones only.
 
     Examples
     --------
-    >>> from types import SimpleNamespace as R
-    >>> holds_up(R(score=0.25), R(score=0.30)), holds_up(R(score=0.298), R(score=0.30))
-    (True, False)
+    >>> paired([0.2, 0.5, np.nan], [0.3, 0.4, 0.3, 0.9]).round(2)
+    array([-0.1,  0.1])
     """
-    margin = max(_MARGIN, _REL_MARGIN * default.score)
-    return bool(tuned.score < default.score - margin)
+    c = np.asarray(candidate, dtype=float)
+    d = np.asarray(defaults, dtype=float)[: c.size]
+    diff = c - d
+    return diff[np.isfinite(diff)]
+
+
+def holds_up(candidate, defaults, *, unsettled=(0, 0)) -> bool:
+    """Whether a candidate's per-trial scores beat the defaults' on the same
+    injections clearly enough to leave the defaults.
+
+    All three must hold:
+
+    * it wins on a clear majority of the paired trials: a one-sided sign test
+      (ties dropped) at the 12.5% level, so 5 of 6 trials, 4 of 4, 3 of 3 (never 2 of
+      2: two trials cannot tell);
+    * the median paired difference beats the defaults by the margin (2% of their
+      median score, at least 0.005 sigma), so one runaway injection neither makes nor
+      breaks a winner;
+    * no more of its injected fits failed to settle (``unsettled``: candidate's,
+      defaults' counts, see :attr:`InjectionResult.unsettled`) than the defaults' did
+      on the same injections: a fit that changes regime under an injection is fragile,
+      and its scores on unseen injections cannot be read from a few seen ones.
+
+    Parameters
+    ----------
+    candidate, defaults : sequence of float
+        Scores on the same trials, in the same order (see :func:`paired`).
+    unsettled : (int, int)
+        Injected fits that did not settle over those trials, candidate's and defaults'.
+
+    Examples
+    --------
+    >>> d = [0.30, 0.50, 0.40, 0.35, 0.60, 0.45]
+    >>> holds_up([0.25, 0.45, 0.30, 0.30, 0.50, 0.40], d)  # 6 of 6, by 0.05
+    True
+    >>> holds_up([0.25, 0.45, 0.30, 0.30, 0.50, 9.0], d)  # 5 of 6: one runaway
+    True
+    >>> holds_up([0.25, 0.45, 0.30, 0.40, 0.70, 0.40], d)  # 4 of 6
+    False
+    >>> holds_up([0.25, 0.45], d[:2]), holds_up([0.2, 0.4, 0.3], d[:3], unsettled=(1, 0))
+    (False, False)
+    """
+    from scipy.stats import binomtest
+
+    diff = paired(candidate, defaults)
+    decided = diff[diff != 0]  # the sign test drops ties
+    if unsettled[0] > unsettled[1] or decided.size == 0:
+        return False
+    wins = int(np.count_nonzero(decided < 0))
+    p = binomtest(wins, decided.size, 0.5, alternative="greater").pvalue
+    margin = _margin(np.asarray(defaults, dtype=float)[: len(candidate)])
+    return bool(p <= _SIGN_LEVEL and np.median(diff) < -margin)
 
 
 def _key(options: Mapping) -> tuple:
@@ -175,9 +246,13 @@ class TuneResult:
     config : dict
         The winning options of :func:`skymap.fit` (empty when the defaults won).
     table : astropy.table.Table
-        Every candidate in the order tried: ``round``, ``options``, the mean
-        ``track``, ``leak``, ``score`` (and its spread) on the choosing injections,
-        ``seconds`` it took, ``status``.
+        Every candidate in the order tried (a raced one again, over all its trials):
+        ``round``, ``options``, the mean ``track``, ``leak``, ``score`` (and its
+        spread) on the choosing injections, its ``edge`` (median paired difference
+        from the defaults' scores, sigma), the ``wins`` among its ``pairs`` of trials,
+        how many of its injected fits were ``unsettled``, ``seconds`` it took,
+        ``status`` ("ok", "fragile: ..." or why it failed). ``meta["verdict"]`` says
+        how the winner fared against the defaults over all its paired trials.
     report : astropy.table.Table
         The held-back scores (:func:`~skymap.quality.injection.compare`'s table) of
         ``tuned``, ``default`` and the peers, on injections the search never saw.
@@ -243,6 +318,46 @@ class TuneResult:
         return plot_comparison(self.report, figsize=figsize)
 
 
+# the candidate table's columns and their types (NaN or -1 where a row has no value)
+_COLUMNS = [
+    ("round", str),
+    ("options", str),
+    ("track", float),
+    ("leak", float),
+    ("score", float),
+    ("score_std", float),
+    ("edge", float),
+    ("wins", int),
+    ("pairs", int),
+    ("unsettled", int),
+    ("seconds", float),
+    ("status", str),
+]
+_MISSING = {str: "", float: math.nan, int: -1}
+
+
+@dataclass(eq=False)
+class _Candidate:
+    """One candidate's per-trial results so far, in trial order (the choosing trials,
+    then the race's), the same order as the defaults' for pairing."""
+
+    options: dict
+    scores: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    tracks: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    leaks: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    unsettled: np.ndarray = field(default_factory=lambda: np.zeros(0, int))
+    fit_seconds: float = math.nan
+    failed: bool = False
+
+    def add(self, res: InjectionResult) -> None:
+        self.scores = np.concatenate([self.scores, res.trials["score"]])
+        self.tracks = np.concatenate([self.tracks, res.trials["track"]])
+        self.leaks = np.concatenate([self.leaks, res.trials["leak"]])
+        self.unsettled = np.concatenate([self.unsettled, res.unsettled])
+        if math.isnan(self.fit_seconds):
+            self.fit_seconds = res.seconds
+
+
 def _check_budget(budget) -> float:
     try:
         b = float(budget)
@@ -285,15 +400,30 @@ def tune(
     own; then the winners of the axes together; then (built-in space only), for the
     numeric knobs that moved, a geometric step between the winner and the default and
     one beyond the winner; last, a race of the three best against the defaults on
-    ``race_trials`` more trials. A candidate is ranked by its mean score on ``n_trials``
-    trials of the injections of ``seed``, all kinds injected into one image per trial (one fit per
-    trial; ``evaluate_method(..., together=True)``), and must beat the best so far by
-    2% (at least 0.005 sigma). The winner must then beat the defaults by the same
-    margin on the held-back injections too, or the defaults are returned
-    (``table.meta["winner_confirmed"]``): a winner by the choosing trials' scatter alone
-    does not generalise. The winner, the defaults and the peers are scored
-    on ``report_trials`` trials of ``seed + 1``, each kind in its own fit, as
-    :func:`~skymap.quality.injection.injection_recovery` does.
+    ``race_trials`` more trials.
+
+    Every candidate is scored on the same injections as the defaults (``n_trials``
+    trials of ``seed``, all kinds injected into one image per trial: one fit per trial,
+    ``evaluate_method(..., together=True)``) and ranked by its *edge*, the median over
+    trials of its score minus the defaults' on the same injected image. Pairing
+    removes what the trials share (how hard this trial's bumps and discs were), and
+    the median keeps one runaway injection from deciding. A candidate must improve
+    the edge of the best so far by 2% of the defaults' median score (at least 0.005
+    sigma), and be *ahead*, with a negative edge on a majority of its trials. A
+    candidate is *fragile*, and neither races nor wins, if more of its injected fits
+    than the defaults' on the same injections did not settle (stopped at the
+    iteration cap or backed off a runaway mask: its scores then depend on which
+    injections it met). That is weak evidence on two trials, but leaving the defaults
+    needs clean evidence, and race places are few.
+
+    The winner is then scored on ``report_trials`` trials of ``seed + 1``, each kind in
+    its own fit, as :func:`~skymap.quality.injection.injection_recovery` does, with
+    the defaults and the peers. It is returned only if it holds up over all its paired
+    trials, choosing, race and held-back (:func:`holds_up`: a clear majority by a
+    sign test, a median gain over the margin, not fragile); else the defaults are
+    (``table.meta["winner_confirmed"]`` and ``["verdict"]`` say why). The defaults
+    are the null hypothesis: departing from them on the scatter of a few trials does
+    not generalise to injections, or images, the search never saw.
 
     Parameters
     ----------
@@ -305,17 +435,18 @@ def tune(
         (one axis).
     budget : float
         Seconds. The search starts no candidate it cannot finish, together with the
-        final held-back scoring, within the budget (estimated from the candidates so
-        far). The defaults' own evaluation always runs; when one fit is so slow that it
-        alone would overrun the budget, ``report_trials`` and then ``n_trials`` are
-        lowered (to one each at least; the table's ``meta`` says what was used).
+        race of the leaders so far and the final held-back scoring, within the budget
+        (estimated from the candidates so far); the race comes before more search.
+        The defaults' own evaluation always runs; when one fit is so slow that it alone
+        would overrun the budget, ``report_trials`` and then ``n_trials`` are lowered
+        (to one each at least; the table's ``meta`` says what was used).
     n_trials, report_trials : int
         Trials per candidate while choosing, and for the held-back report.
     race_trials : int
         Trials of the race (0: none): once the search is over, the three best
         candidates ahead of the defaults, and the defaults, are scored on this many
-        more trials, on the injections of ``seed + 2``, and ranked on all their
-        choosing trials together. A candidate that led by the scatter of its first
+        more trials, on the injections of ``seed + 2``, and ranked by their edge over
+        all their choosing trials. A candidate that led by the scatter of its first
         trials falls back there: a small race (in the manner of successive halving)
         that spends trials on the leaders only.
     seed : int
@@ -373,52 +504,108 @@ def tune(
         peers = available(noisechisel_runs=False)
 
     rows: list[dict] = []
-    seen: dict[tuple, float] = {}
-    # key -> (options, choosing result) of every candidate scored
-    found: dict[tuple, tuple] = {}
-    best = {"options": {}, "score": math.inf, "base": None, "fit_seconds": math.nan}
+    # every candidate scored (or failed), by its options: none runs twice
+    cands: dict[tuple, _Candidate] = {}
+    default_key = _key({})
+    best_key = default_key
+    # The fits without injections of the defaults and of the candidates that would race
+    # now are kept, for the race and the held-back scoring (an image each: the others'
+    # are made again if needed).
+    bases: dict[tuple, np.ndarray] = {}
 
-    def run(options: dict, round_name: str, base=None) -> float:
-        key = _key(options)
-        if key in seen:
-            return seen[key]
-        t0 = time.perf_counter()
-        row = {"round": round_name, "options": _label(options)}
-        try:
-            res, base = evaluate_method(
-                prep,
-                options,
-                n_trials=n_trials,
-                seed=seed,
-                keep_maps=False,
-                name=_label(options),
-                together=True,
-                base=base,
-            )
-        except ValueError as err:
-            row.update(status=str(err).splitlines()[0][:200], score=math.nan)
-            res = None
-        else:
-            found[key] = (dict(options), res)
-            row.update(
-                track=res.mean("track"),
-                leak=res.mean("leak"),
-                score=res.score,
-                score_std=res.spread("score"),
-                status="ok",
-            )
-            margin = max(_MARGIN, _REL_MARGIN * best["score"]) if rows else 0.0
-            if res.score < best["score"] - margin:
-                best.update(
-                    options=dict(options), score=res.score, base=base, fit_seconds=res.seconds
+    def ahead(key) -> bool:
+        """Ahead of the defaults: a negative edge on a majority of its paired trials
+        (with two trials, a lead by one large win is not ahead), and not fragile."""
+        if key == default_key or cands[key].failed or fragile(key):
+            return False
+        diff = paired(cands[key].scores, cands[default_key].scores)
+        return bool(edge(key) < 0 and 2 * np.count_nonzero(diff < 0) > diff.size)
+
+    def leaders() -> list[tuple]:
+        """The candidates ahead of the defaults, best edge first, as many as race; of
+        candidates with the very same scores (options that made the same fits: a
+        size beyond what the fit reaches, say) only the first."""
+        out: list[tuple] = []
+        for k in sorted(filter(ahead, cands), key=edge):
+            if not any(np.array_equal(cands[k].scores, cands[o].scores) for o in out):
+                out.append(k)
+        return out[:_RACE_LEADERS]
+
+    def margin() -> float:
+        return _margin(cands[default_key].scores)
+
+    def edge(key) -> float:
+        """Median paired difference against the defaults (0 for the defaults)."""
+        diff = paired(cands[key].scores, cands[default_key].scores)
+        return float(np.median(diff)) if diff.size else math.nan
+
+    def fragile(key) -> bool:
+        c, d = cands[key], cands[default_key]
+        return int(c.unsettled.sum()) > int(d.unsettled[: c.unsettled.size].sum())
+
+    def record(key, round_name: str, seconds: float, status: str = "ok") -> None:
+        c = cands[key]
+        row = {"round": round_name, "options": _label(c.options), "seconds": seconds}
+        row["score"] = math.nan  # until scored
+        if c.scores.size:
+            diff = paired(c.scores, cands[default_key].scores)
+            n_unsettled = int(c.unsettled.sum())
+            if status == "ok" and key != default_key and fragile(key):
+                status = (
+                    f"fragile: {n_unsettled} of its injected fits did not settle (the "
+                    f"defaults': {int(cands[default_key].unsettled[: c.scores.size].sum())})"
                 )
-        row["seconds"] = time.perf_counter() - t0
+            row.update(
+                track=float(np.mean(c.tracks)),
+                leak=float(np.mean(c.leaks)),
+                score=float(np.mean(c.scores)),
+                score_std=float(np.std(c.scores, ddof=1)) if c.scores.size > 1 else 0.0,
+                edge=edge(key),
+                wins=int(np.count_nonzero(diff < 0)),
+                pairs=int(diff.size),
+                unsettled=n_unsettled,
+            )
+        row["status"] = status
         rows.append(row)
-        seen[key] = row["score"]
-        log.info("tune: %s -> %s (%.1f s)", row["options"], row.get("score"), row["seconds"])
+        log.info("tune: %s -> %s (%.1f s)", row["options"], row.get("score"), seconds)
         if callback is not None:
             callback(dict(row))
-        return row["score"]
+
+    def score(key, options: dict, trial_seed: int, trials: int, base=None):
+        """Score a candidate on ``trials`` more trials of ``trial_seed``, appended to
+        its record; returns the fit without injections (a ValueError if it failed)."""
+        res, base = evaluate_method(
+            prep,
+            options,
+            n_trials=trials,
+            seed=trial_seed,
+            keep_maps=False,
+            name=_label(options),
+            together=True,
+            base=base,
+        )
+        cands.setdefault(key, _Candidate(options=dict(options))).add(res)
+        return base
+
+    def run(options: dict, round_name: str, base=None) -> None:
+        nonlocal best_key
+        key = _key(options)
+        if key in cands:
+            return
+        t0 = time.perf_counter()
+        try:
+            base = score(key, options, seed, n_trials, base)
+        except ValueError as err:
+            cands[key] = _Candidate(options=dict(options), failed=True)
+            record(key, round_name, time.perf_counter() - t0, str(err).splitlines()[0][:200])
+            return
+        record(key, round_name, time.perf_counter() - t0)
+        if ahead(key) and edge(key) < edge(best_key) - margin():
+            best_key = key
+        bases[key] = base
+        keep = {default_key, best_key, *leaders()}
+        for k in [k for k in bases if k not in keep]:
+            del bases[k]
 
     # the defaults first: the reference, and the cost of one fit, to which the numbers of
     # trials are fitted when the budget cannot pay for them
@@ -437,11 +624,14 @@ def tune(
         n_trials, lambda n: t_fit * (n + 2 * n_kinds), remaining(), "choosing"
     )
     run({}, "default", base=default_base)
-    if not math.isfinite(best["score"]):
+    if cands[default_key].failed:
         raise ValueError(f"the default fit cannot be scored on this image: {rows[0]['status']}")
     # the held-back report of the defaults and of a winner, at the measured cost per fit
     report_trials = _fewer_trials(
-        report_trials, lambda r: best["fit_seconds"] * 2 * r * n_kinds, remaining(), "held-back"
+        report_trials,
+        lambda r: cands[default_key].fit_seconds * 2 * r * n_kinds,
+        remaining(),
+        "held-back",
     )
     held: dict[str, InjectionResult | str] = {}
     held["default"], _ = evaluate_method(
@@ -457,79 +647,71 @@ def tune(
 
     exhausted = False
 
-    def affordable() -> bool:
+    def race_cost(keys) -> float:
+        """Seconds of the race of ``keys`` (an untouched fit for each not kept)."""
+        fits = sum(race_trials + (k not in bases) for k in keys)
+        return fits * max(cands[k].fit_seconds for k in [default_key, *keys])
+
+    def affordable(cost: float | None = None, reserve_race: bool = True) -> bool:
+        """Whether ``cost`` seconds (default: the next candidate's, as long as the mean
+        one or the last if that was longer, as under a rising load) fit in the budget
+        with what must follow: the held-back run of a winner and, while searching,
+        the race of the leaders so far (which decides more than another candidate)."""
         nonlocal exhausted
         elapsed = time.perf_counter() - t_start
-        per_candidate = float(np.mean([r["seconds"] for r in rows]))
+        if cost is None:
+            times = [r["seconds"] for r in rows]
+            cost = max(float(np.mean(times)), times[-1])
         n_fits = report_trials * len(prep.kinds)
-        final = n_fits * best["fit_seconds"] if best["options"] else 0.0
-        # the final held-back run of a new winner costs about as much as a candidate
-        final = max(final, n_fits * float(held["default"].seconds))
-        if elapsed + per_candidate + final > budget:
-            exhausted = True
-        return not exhausted
+        # the final held-back run of a new winner costs about as much as the defaults'
+        final = n_fits * max(cands[best_key].fit_seconds, float(held["default"].seconds))
+        racers = leaders() if reserve_race and race_trials else []
+        if racers:
+            final += race_cost([default_key, *racers])
+        fits = elapsed + cost + final <= budget
+        exhausted = exhausted or not fits
+        return fits
 
     def race(trials: int) -> None:
-        """The leaders and the defaults on ``trials`` more trials (``seed + 2``), ranked
-        on all their choosing trials; ``best`` becomes the race's winner, or the
-        defaults if none beats them by the margin. Its rows give track, leak and score
-        over all those trials."""
-        default_key = _key({})
-        first = {k: res.score for k, (_, res) in found.items()}
-        ahead = sorted((k for k in first if first[k] < first[default_key]), key=first.get)
-        # The fits without injections of the defaults and of the best so far are kept;
-        # the others' are made again (an image each would be kept otherwise).
-        bases = {default_key: default_base, _key(best["options"]): best["base"]}
-        pooled = {}
-        for key in [default_key, *ahead[:_RACE_LEADERS]]:
-            if key != default_key and not affordable():
+        """The leaders and the defaults on ``trials`` more trials (``seed + 2``); the
+        leader with the lowest median paired difference over all its trials becomes
+        ``best_key`` if it beats the defaults by the margin, else the defaults do."""
+        nonlocal best_key
+        raced = []
+        for key in [default_key, *leaders()]:
+            if key != default_key and not affordable(race_cost([key]), reserve_race=False):
                 break
-            options, res0 = found[key]
             t0 = time.perf_counter()
-            res, base = evaluate_method(
-                prep,
-                options,
-                n_trials=trials,
-                seed=seed + 2,
-                keep_maps=False,
-                name=_label(options),
-                together=True,
-                base=bases.get(key),
-            )
-            bases[key] = base
-
-            def pool(name, res0=res0, res=res):
-                return (res0.mean(name) * n_trials + res.mean(name) * trials) / (n_trials + trials)
-
-            pooled[key] = (res0.score * n_trials + res.score * trials) / (n_trials + trials)
-            row = {"round": "race", "options": _label(options), "score": pooled[key]}
-            row.update(track=pool("track"), leak=pool("leak"), status="ok")
-            row.update(score_std=res.spread("score"), seconds=time.perf_counter() - t0)
-            rows.append(row)
-            if callback is not None:
-                callback(dict(row))
-        pick = min((k for k in pooled if k != default_key), key=pooled.get, default=None)
-        if pick is None:
+            try:
+                bases[key] = score(key, cands[key].options, seed + 2, trials, bases.get(key))
+            except ValueError as err:  # a leader that fails on new injections is out
+                cands[key].failed = True
+                record(key, "race", time.perf_counter() - t0, str(err).splitlines()[0][:200])
+                continue
+            record(key, "race", time.perf_counter() - t0)
+            raced.append(key)
+        contenders = [k for k in raced if ahead(k)]  # not fragile after the race either
+        if len(raced) < 2:
+            return  # no leader raced: the search's best stands
+        if not contenders:
+            best_key = default_key
+            log.info("tune: no leader stays ahead of the defaults in the race")
             return
-        margin = max(_MARGIN, _REL_MARGIN * pooled[default_key])
-        winner = pick if pooled[pick] < pooled[default_key] - margin else default_key
-        options, res0 = found[winner]
-        log.info("tune: the race keeps %s (%.3f)", _label(options), pooled[winner])
-        best.update(
-            options=dict(options), score=pooled[winner], base=bases[winner],
-            fit_seconds=res0.seconds,
-        )  # fmt: skip
+        pick = min(contenders, key=edge)
+        best_key = pick if edge(pick) < -margin() else default_key
+        log.info("tune: the race keeps %s (%+.3f)", _label(cands[best_key].options), edge(pick))
 
     # coarse: one axis at a time
     winners = []
     for axis in axes:
-        axis_best, axis_score = None, seen[_key({})]
+        axis_best, axis_edge = None, 0.0
         for options in axis:
             if not affordable():
                 break
-            s = run(dict(options), "coarse")
-            if s < axis_score:
-                axis_best, axis_score = options, s
+            run(dict(options), "coarse")
+            key = _key(options)
+            if ahead(key) and edge(key) < axis_edge:
+                axis_best, axis_edge = options, edge(key)
         if axis_best is not None:
             winners.append(axis_best)
     # fine: the axes' winners together, then geometric steps of the numeric knobs
@@ -543,43 +725,54 @@ def tune(
     if size is not None:
         defaults["max_source_size"] = 2 * size  # the axis is (measured / 2, measured x 2)
     for opt, d in defaults.items() if space is None else ():
-        v = best["options"].get(opt)
+        v = cands[best_key].options.get(opt)
         if not isinstance(v, float | int) or v == d or v <= 0:
             continue
         for factor in (math.sqrt(d / v), math.sqrt(v / d)):
             if not affordable():
                 break
-            cand = dict(best["options"])
+            cand = dict(cands[best_key].options)
             for o in defaults:
                 # high and low move together, as they did on the coarse axis
                 if o == opt or (o in ("high", "low") and opt in ("high", "low") and o in cand):
                     cand[o] = round(cand[o] * factor, 2)
             run(cand, "refine")
 
-    if race_trials and best["options"] and affordable():
+    if race_trials and leaders() and affordable(race_cost([default_key]), reserve_race=False):
         race(race_trials)
-    tuned = dict(best["options"])
-    confirmed = True
+    choice = cands[best_key]
+    tuned = dict(choice.options)
+    confirmed, verdict = True, "the defaults: no candidate beat them by the margin"
     if tuned:
         held["tuned"] = evaluate_method(
             prep,
             tuned,
             n_trials=report_trials,
             seed=report_seed,
-            base=best["base"],
+            base=bases.get(best_key),
             name="tuned",
         )[0]
-        # A winner must hold up on injections it was not chosen on: with a trial or two
-        # per candidate, the choosing scores carry the injections' own scatter, and a
-        # candidate can win by it. One that does not beat the defaults on the held-back
-        # injections too is not returned.
-        if not holds_up(held["tuned"], held["default"]):
-            log.warning(
-                "tune: %s won on the choosing injections (%.3f) but not on the held-back "
-                "ones (%.3f against the defaults' %.3f): keeping the defaults",
-                _label(tuned), best["score"], held["tuned"].score, held["default"].score,
-            )  # fmt: skip
-            confirmed, tuned = False, {}
+        # Every trial of the winner, choosing, race and held-back, against the defaults'
+        # on the same injections: it must win on a clear majority of them.
+        n = choice.scores.size
+        d = cands[default_key]
+        mine = np.concatenate([choice.scores, held["tuned"].trials["score"]])
+        theirs = np.concatenate([d.scores[:n], held["default"].trials["score"]])
+        unsettled = (
+            int(choice.unsettled.sum() + held["tuned"].unsettled.sum()),
+            int(d.unsettled[:n].sum() + held["default"].unsettled.sum()),
+        )
+        diff = paired(mine, theirs)
+        verdict = (
+            f"{_label(tuned)} won {int(np.count_nonzero(diff < 0))} of {diff.size} paired "
+            f"trials against the defaults, by a median {-np.median(diff):.3f} sigma "
+            f"(margin {_margin(theirs):.3f}); injected fits that did not settle: "
+            f"{unsettled[0]} (defaults {unsettled[1]})"
+        )
+        confirmed = holds_up(mine, theirs, unsettled=unsettled)
+        if not confirmed:
+            log.warning("tune: %s; not clear enough: keeping the defaults", verdict)
+            tuned = {}
             held["tuned"] = held["default"]
     else:
         held["tuned"] = held["default"]
@@ -589,11 +782,10 @@ def tune(
         log.warning(
             "tune: the budget of %.0f s stopped the search after %d candidates", budget, len(rows)
         )
-    names = ["round", "options", "track", "leak", "score", "score_std", "seconds", "status"]
     table = Table(
-        rows=[[r.get(k, math.nan) for k in names] for r in rows],
-        names=names,
-        dtype=[str, str, float, float, float, float, float, str],
+        rows=[[r.get(k, _MISSING[t]) for k, t in _COLUMNS] for r in rows],
+        names=[k for k, _ in _COLUMNS],
+        dtype=[t for _, t in _COLUMNS],
     )
     table.meta.update(
         {
@@ -604,7 +796,8 @@ def tune(
             "race_trials": race_trials,
             "kinds": list(prep.kinds),
             "winner_confirmed": confirmed,
-            "choosing_winner": _label(best["options"]),
+            "choosing_winner": _label(choice.options),
+            "verdict": verdict,
         }
     )
     return TuneResult(
