@@ -36,15 +36,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from bench_real import DATA, read_real
 
-SCENES = (
-    "notebook",
-    "crowded_stellar",
-    "galaxies_lsb",
-    "nebula",
-    "detector_artifacts",
-    "saturated_halos",
-    "cluster_icl",
-)
+from skymap.quality.simulate import SCENE_NAMES as SCENES
 
 
 def _seeds(text: str) -> list[int]:
