@@ -640,3 +640,58 @@ def test_noise_factor_reduced_in_the_graph_equals_the_in_memory_factor():
     ref = masker.factor_from_differences(_pair_differences(snr, bad, lag, step), s)
     assert ref > 1.0
     assert lazy.compute(scheduler="threads") == ref
+
+
+class _FixedThenFifty:
+    """Rows 0-5, plus 50 pixels from the second call on: a mask that settles (the
+    refit is skipped) in stage 0."""
+
+    def __init__(self):
+        self.calls = 0
+
+    def __call__(self, residual, rms, mask):
+        self.calls += 1
+        out = np.zeros(residual.shape, bool)
+        out[:6] = True
+        if self.calls > 1:
+            out[100, :50] = True
+        return out
+
+
+class _Creep:
+    """A band of rows that grows by 12 at every call: a runaway."""
+
+    def __init__(self):
+        self.calls = 0
+
+    def __call__(self, residual, rms, mask):
+        self.calls += 1
+        out = np.zeros(residual.shape, bool)
+        out[: 12 * self.calls] = True
+        return out
+
+
+@pytest.mark.parametrize("refit_settled", [False, True])
+def test_a_back_off_after_a_skipped_refit_keeps_the_same_mask_on_tiles(refit_settled):
+    # The tiled history keeps the masks themselves; a skipped refit or a restated
+    # state must keep them in step with the records, or a back-off lands one
+    # iteration off.
+    rng = np.random.default_rng(3)
+    sky = np.add.outer(0.05 * (np.arange(160.0) - 80) ** 2 / 80.0, np.zeros(160))
+    img = (sky + rng.normal(size=sky.shape)).astype(np.float32)
+    sm = ThinPlateSmoother(smoothing=1e6, cell_size=8)
+
+    def pipe():
+        stages = (
+            Stage(masker=_FixedThenFifty(), estimator=sm),
+            Stage(masker=_Creep(), estimator=sm),
+        )
+        return IterativeBackground(
+            first_guess=sm, stages=stages, max_iter=8, refit_settled=refit_settled
+        )
+
+    mem = pipe().fit(img)
+    tiled = pipe().fit(da.from_array(img), tile=64)
+    assert "backing off a runaway" in mem.convergence_note
+    np.testing.assert_array_equal(np.asarray(tiled.mask), mem.mask)
+    np.testing.assert_array_equal(np.asarray(tiled.background), mem.background)

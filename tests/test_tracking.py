@@ -154,9 +154,12 @@ def test_a_fit_found_tracking_masks_at_a_coarser_scale_too():
     assert pipe._masker(masker, True).scales == (*masker.scales, 16.0)
     assert pipe._masker(masker, False) is masker
     assert skymap.default_pipeline(tracking_scale=None)._masker(masker, True) is masker
-    for bad in (1.0, 0.5, -2):
+    for bad in (1.0, 0.5, -2, "2", [2], float("inf"), True):
         with pytest.raises(ValueError, match="tracking_scale"):
             skymap.default_pipeline(tracking_scale=bad)
+    # a masker with scales that is not a dataclass cannot be rebuilt: it is kept
+    plain = SimpleNamespace(scales=(1.0, 2.0))
+    assert pipe._masker(plain, True) is plain
 
 
 def test_a_fit_lower_where_the_masks_are_keeps_its_scales(monkeypatch):

@@ -27,9 +27,10 @@ import functools
 import inspect
 import logging
 import math
+import numbers
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, is_dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -189,9 +190,9 @@ class IterativeBackground:
         depends on the image: :func:`skymap.tune` tries a sixteenth.
     tracking_scale : float or None
         Once the tracking test has found the fit higher where the masks are (a
-        positive correlation: source light left unmasked), the last stage's masker
-        (one with ``scales``, such as :class:`~skymap.masking.HysteresisMasker`) also
-        matches a scale this many times its largest. The light the fit was following
+        positive correlation: source light left unmasked), the last stage's masker (a
+        dataclass with ``scales``, such as :class:`~skymap.masking.HysteresisMasker`)
+        also matches a scale this many times its largest. The light the fit was following
         lies in wings too faint per pixel for the finer scales; a coarser matched
         filter reaches it, as the noise it leaves falls with the area it averages. A
         fit the test never flags, or finds only lower where the masks are (bending
@@ -284,15 +285,11 @@ class IterativeBackground:
         if self.source_tracking is not None:
             check_range("source_tracking", self.source_tracking, 0.0, 1.0)
         check_positive("tracking_inflation", self.tracking_inflation, allow_none=True)
-        if self.tracking_stiffen is not None and not self.tracking_stiffen > 1:
-            raise ValueError(
-                f"tracking_stiffen must be None or > 1, got {self.tracking_stiffen!r}"
-            )
+        _check_factor("tracking_stiffen", self.tracking_stiffen)
         check_range("tracking_cap", self.tracking_cap, 0.0, 1.0)
         if not float(self.tracking_cap) > 0:
             raise ValueError(f"tracking_cap must be in (0, 1], got {self.tracking_cap!r}")
-        if self.tracking_scale is not None and not self.tracking_scale > 1:
-            raise ValueError(f"tracking_scale must be None or > 1, got {self.tracking_scale!r}")
+        _check_factor("tracking_scale", self.tracking_scale)
         if not (isinstance(self.max_source_size, str) and self.max_source_size == "auto"):
             _resolve_size(self.max_source_size)  # raises, naming max_source_size
         if not isinstance(self.refit_settled, bool):
@@ -393,6 +390,8 @@ class IterativeBackground:
             change = be.change(bkg, model, previous, noise, NoiseModel)
             flips, count, kept = be.mask_stats(mask)
             keep(record(be, k, it, model, count, kept, change, flips / be.size, rec, floor=floor))
+            if be.tiled:
+                masks.append(mask)  # the tiled history's masks stay in step with its records
             return bkg, noise
 
         # The sources' sizes are measured before the halo disks hide the largest of
@@ -448,6 +447,8 @@ class IterativeBackground:
                     bkg = be.background(model) if k < last else None
                     current = new
                     del new
+                    if be.tiled:
+                        masks.append(current)
                     converged, note = True, _conv.note_mask_settled(k, it + 1, rec, self)
                     break
                 previous = model
@@ -681,10 +682,10 @@ class IterativeBackground:
 
     def _masker(self, masker, coarser: bool):
         """``masker``, with a scale ``tracking_scale`` times its largest added when
-        ``coarser`` (the fit was found following source light); maskers without
-        ``scales``: as they are."""
+        ``coarser`` (the fit was found following source light); maskers that are not
+        dataclasses with ``scales``: as they are."""
         scales = getattr(masker, "scales", None)
-        if not coarser or self.tracking_scale is None or not scales:
+        if not coarser or self.tracking_scale is None or not scales or not is_dataclass(masker):
             return masker
         return replace(masker, scales=(*scales, self.tracking_scale * max(scales)))
 
@@ -732,6 +733,15 @@ class IterativeBackground:
         if stiff >= limit or (floor is not None and stiff <= floor):
             return asymmetry, floor, False
         return asymmetry, stiff, True
+
+
+def _check_factor(name: str, value) -> None:
+    """ValueError naming ``name`` unless ``value`` is None or a finite number > 1."""
+    if value is None:
+        return
+    number = isinstance(value, numbers.Real) and not isinstance(value, bool)
+    if not (number and math.isfinite(value) and value > 1):
+        raise ValueError(f"{name} must be None or a finite number > 1, got {value!r}")
 
 
 def _exclude_halos(backend, halos) -> None:
