@@ -178,6 +178,37 @@ def test_tune_chooses_on_paired_majorities_not_lucky_trials_or_fragile_fits(cuto
     assert res.held_back("tuned") == pytest.approx(0.35)
 
 
+def test_defaults_failing_in_the_race_leave_the_search_s_best(cutout, monkeypatch):
+    # The defaults fail on the race's injections: nothing pairs with the leaders'
+    # race trials, so the race stops (it raised a broadcast error before) and the
+    # search's best goes on to the held-back trials.
+    from skymap.quality import tune as tune_mod
+    from skymap.quality.injection import InjectionResult
+
+    made_up = {"": {0: [0.5, 0.3], 1: [0.45, 0.35]},
+               "high=5.0": {0: [0.4, 0.2], 2: [0.3, 0.2], 1: [0.4, 0.3]}}  # fmt: skip
+
+    def evaluate(prep, method, *, n_trials, seed, base=None, name=None, **_):
+        runs = made_up[tune_mod._label(method).replace("(defaults)", "")]
+        if seed not in runs:
+            raise ValueError("method returned a non-finite background on valid pixels")
+        trials = {k: np.full(n_trials, np.nan) for k in ("leak_p95", "halo", "halo_p95")}
+        scores = np.array(runs[seed][:n_trials])
+        trials.update(score=scores, track=scores, leak=np.zeros(n_trials))
+        res = InjectionResult(
+            method=name or "x", noise_sigma=prep.sigma, kinds=prep.kinds, seed=seed,
+            trials=trials, seconds=0.01, cpu_seconds=0.01, unsettled=np.zeros(n_trials, int),
+        )  # fmt: skip
+        return res, np.zeros(prep.image.shape) if base is None else base
+
+    monkeypatch.setattr(tune_mod, "evaluate_method", evaluate)
+    res = tune(cutout, space={"high": [5.0]}, peers={}, budget=600)
+    race = res.table[res.table["round"] == "race"]
+    assert list(race["options"]) == ["(defaults)"] and "non-finite" in race["status"][0]
+    assert res.config == {"high": 5.0}
+    assert list(tune_mod.paired([0.2, 0.4, 0.1], [0.3, 0.3])) == pytest.approx([-0.1, 0.1])
+
+
 @pytest.mark.parametrize("budget", [0, -5, float("nan"), "soon"])
 def test_budget_must_be_positive_seconds(cutout, budget):
     with pytest.raises(ValueError, match="budget must be a positive number of seconds"):

@@ -165,7 +165,7 @@ def _margin(default_scores) -> float:
 
 def paired(candidate, defaults) -> np.ndarray:
     """Per-trial differences ``candidate - defaults`` of scores on identical injections
-    (the first ``len(candidate)`` trials of ``defaults``), finite ones only.
+    (the trials both have, in order), finite ones only.
 
     Examples
     --------
@@ -173,8 +173,9 @@ def paired(candidate, defaults) -> np.ndarray:
     array([-0.1,  0.1])
     """
     c = np.asarray(candidate, dtype=float)
-    d = np.asarray(defaults, dtype=float)[: c.size]
-    diff = c - d
+    d = np.asarray(defaults, dtype=float)
+    n = min(c.size, d.size)  # trials the defaults lack (a failed run) pair with nothing
+    diff = c[:n] - d[:n]
     return diff[np.isfinite(diff)]
 
 
@@ -685,8 +686,12 @@ def tune(
             try:
                 bases[key] = score(key, cands[key].options, seed + 2, trials, bases.get(key))
             except ValueError as err:  # a leader that fails on new injections is out
-                cands[key].failed = True
                 record(key, "race", time.perf_counter() - t0, str(err).splitlines()[0][:200])
+                if key == default_key:
+                    # nothing to pair the leaders' race trials with: the search's
+                    # best stands
+                    return
+                cands[key].failed = True
                 continue
             record(key, "race", time.perf_counter() - t0)
             raced.append(key)
