@@ -22,6 +22,7 @@ from collections.abc import Sequence
 from typing import Any
 
 __all__ = [
+    "BACKED_OFF",
     "RUNAWAY_EXCESS",
     "RUNAWAY_RATIO",
     "RUNAWAY_RUN",
@@ -45,6 +46,10 @@ __all__ = [
     "tolerance",
     "wild_cycle",
 ]
+
+#: The words of a note whose fit backed off a runaway (:func:`note_backed_off`), which
+#: :mod:`skymap.quality.injection` reads to count unsettled fits.
+BACKED_OFF = "backing off a runaway"
 
 #: Iterations in a row of mask growth with a moving background that make a runaway.
 RUNAWAY_RUN = 3
@@ -298,7 +303,7 @@ def note_backed_off(stage: int, run: Sequence[Any], kept: Any) -> str:
     the record ``kept``, the state before it."""
     grew = sum(r.mask_growth for r in run)
     return (
-        f"converged by backing off a runaway mask: in stage {stage} the masked share "
+        f"converged by {BACKED_OFF} mask: in stage {stage} the masked share "
         f"grew by {grew:.1%} of the image over {len(run)} iterations while the background "
         f"kept moving (by {run[0].change:.3g}, then {run[-1].change:.3g} of its RMS), so "
         f"the fit went back to the state before (stage {kept.stage}, iteration "

@@ -216,10 +216,11 @@ class IterativeBackground:
     refit_settled : bool
         A stage whose mask changed in fewer than ``mask_tol`` of the pixels since its
         previous iteration (from its second on, and unless that one raised the
-        smoothing floor) stops there, settled, without the refit, when a later fit
-        uses that mask (the next stage's, or ``final``): a refit would move the
-        background by less than the tolerance (see ``mask_tol``), and the record
-        keeps the previous background (change 0). On
+        smoothing floor) stops there, settled, without the refit, when a later step
+        takes over (the next stage, which masks afresh from this background, or
+        ``final``, which refits with that mask): a refit would move the background by
+        less than the tolerance (see ``mask_tol``), and the record keeps the previous
+        background (change 0). On
         the 4096x4096 crowded field this saves one refit, its background map and
         its checks (~0.1 s of ~2.2 s). True refits anyway.
 

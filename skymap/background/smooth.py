@@ -1026,8 +1026,9 @@ class SmoothResult:
     (one penalty, ``smoothing``) or, for a weighted fit of varying depth, the field the
     penalty followed: (``depth ** power`` per cell, the cells' local weights, power);
     ``smoothing`` is then the penalty at the mean depth. ``binned_cells`` is the cell
-    size the image was binned to when the fit merged blocks of those cells into its
-    ``cell_size`` (:meth:`ThinPlateSmoother.coarsening`), else None.
+    size the image was binned to: ``cell_size`` itself, or smaller when the fit merged
+    blocks of those cells into its ``cell_size`` (:meth:`ThinPlateSmoother.coarsening`);
+    None for a result made without it (read as ``cell_size``).
     """
 
     shape: tuple[int, int]

@@ -50,6 +50,7 @@ import numpy as np
 from skymap._inputs import read_image
 from skymap._util import check_int
 from skymap._validate import as_mask, check_choice, combine_masks
+from skymap.background.convergence import BACKED_OFF
 from skymap.quality.evaluate import pixel_sigma
 from skymap.quality.signals import KINDS, MIN_SIZE, Injection, make_injections
 
@@ -148,7 +149,7 @@ def _settled(out: Any) -> bool:
     off a runaway mask. A result that does not say counts as settled."""
     if not getattr(out, "converged", True):
         return False
-    return "backing off a runaway" not in str(getattr(out, "convergence_note", ""))
+    return BACKED_OFF not in str(getattr(out, "convergence_note", ""))
 
 
 def _background(fn, name: str, image: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, bool]:
