@@ -314,3 +314,17 @@ def test_a_bad_penalty_field_is_refused_naming_it():
         smooth_grid(y, w, smoothing=1.0, penalty=np.ones((6, 6)), local_weights=w)
     with pytest.raises(ValueError, match="local_weights"):
         smooth_grid(y, w, smoothing=1.0, penalty=w, local_weights=None)
+
+
+def test_the_merged_stiffer_fit_stays_close_to_the_fine_one():
+    # The tracking check's 8x stiffer fit is solved on merged cells and interpolated
+    # back: it must stay a small fraction of what it is compared with (the fit's own
+    # departure from it), not just have the right shape.
+    rng = np.random.default_rng(5)
+    yy, xx = np.mgrid[:500, :600]
+    sky = 2.0 * np.sin(xx / 90.0) + 1.5 * np.cos(yy / 70.0)
+    res = ThinPlateSmoother(cell_size=4).fit(sky + rng.normal(size=sky.shape))
+    for stiffer in (2.0, 8.0):
+        merged, fine = res.stiffer_grid(stiffer), res.stiffer_grid(stiffer, merge=False)
+        spread = np.std(res.grid - fine)
+        assert np.sqrt(np.mean((merged - fine) ** 2)) < 0.05 * spread
