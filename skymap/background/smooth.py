@@ -78,17 +78,6 @@ log = logging.getLogger(__name__)
 # --------------------------------------------------------------------------- grid maths
 
 
-def _thin_plate(z: np.ndarray, hy: float, hx: float, out: np.ndarray | None = None) -> np.ndarray:
-    """Apply the discrete thin-plate penalty operator (times the cell area) to ``z``.
-
-    Second differences are scaled to pixel units with the cell spacings ``hy``, ``hx``.
-    """
-    area = hy * hx
-    if out is None:
-        out = np.empty_like(z)
-    return _k.thin_plate_apply(z, area / hy**4, area / hx**4, 2.0 * area / (hy * hx) ** 2, out)
-
-
 def _spectrum(shape: tuple[int, int], hy: float, hx: float) -> np.ndarray:
     """Eigenvalues of the squared Neumann Laplacian in the DCT-II basis (times the area):
     the thin-plate operator away from the edges."""
@@ -160,26 +149,18 @@ class _System:
             )
         return self._buffers
 
-    def operator(self, z, lam, buf):
-        """``lam`` times the penalty applied to ``z`` (into ``buf``)."""
-        if self.penalty is None:
-            return lam * _thin_plate(z, self.hy, self.hx, buf)
-        area = self.hy * self.hx
-        cyy, cxx = lam * area / self.hy**4, lam * area / self.hx**4
-        cxy = 2.0 * lam * area / (self.hy * self.hx) ** 2
-        return _k.thin_plate_apply_field(z, cyy, cxx, cxy, *self._fields, buf)
-
     def matvec(self, z, lam, out) -> float:
         """``out = (W + lam K) z``, the system's matrix applied to ``z``; returns
-        ``z . out``."""
-        if self.penalty is not None:
-            out = self.operator(z, lam, out)
-            out += self.w * z
-            return _dot(z, out)
+        ``z . out``. The second differences are scaled to pixel units with the cell
+        spacings (times the cell area)."""
         area = self.hy * self.hx
         cyy, cxx = lam * area / self.hy**4, lam * area / self.hx**4
         cxy = 2.0 * lam * area / (self.hy * self.hx) ** 2
-        return _k.thin_plate_matvec(z, self.w, cyy, cxx, cxy, *self._scratch(), out)
+        if self.penalty is None:
+            return _k.thin_plate_matvec(z, self.w, cyy, cxx, cxy, *self._scratch(), out)
+        out = _k.thin_plate_apply_field(z, cyy, cxx, cxy, *self._fields, out)
+        out += self.w * z
+        return _dot(z, out)
 
     def solve(self, y, lam, z0=None, *, rtol=1e-6, maxiter=1000):
         w = self.w
