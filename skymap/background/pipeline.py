@@ -377,9 +377,15 @@ class IterativeBackground:
         record = functools.partial(_record, norm=norm)
         noise_model = NoiseModel.for_maskers(st.masker for st in self.stages)
         history: list[IterationRecord] = []
+        # The last few recorded masks, in step with the history, for a back-off from a
+        # runaway (a tiled fit's history keeps none).
+        masks = collections.deque(maxlen=_conv.RUNAWAY_RUN + 1)
 
-        def keep(record: IterationRecord) -> IterationRecord:
+        def keep(record: IterationRecord, mask=None) -> IterationRecord:
+            """Append ``record`` (and, on tiles, the ``mask`` it was made with)."""
             history.append(record)
+            if be.tiled and mask is not None:
+                masks.append(mask)
             if callback is not None:
                 callback(record)
             return record
@@ -390,9 +396,8 @@ class IterativeBackground:
             bkg, noise = be.background(model), noise_model.working(model, be)
             change = be.change(bkg, model, previous, noise, NoiseModel)
             flips, count, kept = be.mask_stats(mask)
-            keep(record(be, k, it, model, count, kept, change, flips / be.size, rec, floor=floor))
-            if be.tiled:
-                masks.append(mask)  # the tiled history's masks stay in step with its records
+            keep(record(be, k, it, model, count, kept, change, flips / be.size, rec,
+                        floor=floor), mask)  # fmt: skip
             return bkg, noise
 
         # The sources' sizes are measured before the halo disks hide the largest of
@@ -407,10 +412,7 @@ class IterativeBackground:
         bkg, noise = be.background(model), noise_model.working(model, be)
         current = be.bad
         _, count, kept = be.mask_stats(current)
-        keep(record(be, -1, 0, model, count, kept, None, None, floor=floor))
-        # The last few masks, for a back-off from a runaway (a tiled fit's history
-        # keeps none).
-        masks = collections.deque([current] if be.tiled else [], maxlen=_conv.RUNAWAY_RUN + 1)
+        keep(record(be, -1, 0, model, count, kept, None, None, floor=floor), current)
         converged, note = False, ""
         last = len(self.stages) - 1
         # Whether the fit was found following source light (``source_tracking``), and
@@ -443,13 +445,11 @@ class IterativeBackground:
                 flips, count, kept = be.mask_stats(new)
                 if it > 0 and not raised and self._skips_refit(k == last, flips / be.size):
                     rec = keep(record(be, k, it, model, count, kept, 0.0, flips / be.size,
-                                      history[-1], floor=floor))  # fmt: skip
+                                      history[-1], floor=floor), new)  # fmt: skip
                     noise = noise_model.working(model, be)
                     bkg = be.background(model) if k < last else None
                     current = new
                     del new
-                    if be.tiled:
-                        masks.append(current)
                     converged, note = True, _conv.note_mask_settled(k, it + 1, rec, self)
                     break
                 previous = model
@@ -485,7 +485,8 @@ class IterativeBackground:
                         asymmetry=asymmetry,
                         tracking=tracking,
                         floor=floor,
-                    )  # fmt: skip
+                    ),  # fmt: skip
+                    new,
                 )
                 log.debug(
                     "stage %d iteration %d: change %.4g (error %.4g), mask change %.4g "
@@ -503,8 +504,6 @@ class IterativeBackground:
                 )
                 current = new
                 del new
-                if be.tiled:
-                    masks.append(current)
                 it += 1
                 # A raised floor does not restart the stage's count: the cap bounds the
                 # iterations whatever the floor does.
