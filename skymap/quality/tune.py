@@ -541,9 +541,15 @@ def tune(
         diff = paired(cands[key].scores, cands[default_key].scores)
         return float(np.median(diff)) if diff.size else math.nan
 
-    def fragile(key) -> bool:
+    def unsettled_counts(key) -> tuple[int, int]:
+        """Injected fits that did not settle: the candidate's, and the defaults' on the
+        same trials."""
         c, d = cands[key], cands[default_key]
-        return int(c.unsettled.sum()) > int(d.unsettled[: c.unsettled.size].sum())
+        return int(c.unsettled.sum()), int(d.unsettled[: c.unsettled.size].sum())
+
+    def fragile(key) -> bool:
+        mine, theirs = unsettled_counts(key)
+        return mine > theirs
 
     def record(key, round_name: str, seconds: float, status: str = "ok") -> None:
         c = cands[key]
@@ -551,11 +557,11 @@ def tune(
         row["score"] = math.nan  # until scored
         if c.scores.size:
             diff = paired(c.scores, cands[default_key].scores)
-            n_unsettled = int(c.unsettled.sum())
-            if status == "ok" and key != default_key and fragile(key):
+            n_unsettled, theirs = unsettled_counts(key)
+            if status == "ok" and key != default_key and n_unsettled > theirs:
                 status = (
                     f"fragile: {n_unsettled} of its injected fits did not settle (the "
-                    f"defaults': {int(cands[default_key].unsettled[: c.scores.size].sum())})"
+                    f"defaults': {theirs})"
                 )
             row.update(
                 track=float(np.mean(c.tracks)),
