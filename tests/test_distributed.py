@@ -9,6 +9,8 @@ from scipy import ndimage
 
 da = pytest.importorskip("dask.array")
 
+distributed = pytest.importorskip("distributed")
+
 import skymap  # noqa: E402
 from skymap.backends.base import block_sums  # noqa: E402
 from skymap.backends.dask import (  # noqa: E402
@@ -226,6 +228,30 @@ def test_fit_of_a_dask_array_equals_in_memory_on_a_local_cluster(scene, options,
     assert isinstance(tiled.background, da.Array) and isinstance(tiled.mask, da.Array)
     assert len(tiled.background.chunks[0]) > 1 and len(tiled.background.chunks[1]) > 1
     _assert_same_fit(tiled, ref, threads_client)
+
+
+def test_each_tile_runs_on_its_worker(threads_client):
+    """The tiles are cut into one contiguous run per worker, and the blocks of every
+    array of a tile (a step's output included) are kept on that tile's worker."""
+    img = np.random.default_rng(2).normal(size=(256, 256)).astype(np.float32)
+    be = DaskBackend(da.from_array(img, chunks=100), tile=64, unit=(2, 2), client=threads_client)
+    placement = be.placement
+    workers = sorted(threads_client.scheduler_info()["workers"])
+    assert placement.grid == (4, 4) and placement.workers == (workers[0],) * 8 + (workers[1],) * 8
+    assert placement(("x", 0, 3, 1)) == [workers[1]] and placement("delayed-key") == []
+    assert placement(("x", 5, 0)) == []  # not a tile
+    (maps,) = be.persist(
+        be.map_tiles(lambda a, window, core: a[1:-1, 1:-1] * 2, [be.image], halo=1)
+    )
+    for arr in (be.bad, maps):
+        distributed.wait(arr)
+        where = threads_client.who_has(arr)
+        for (name, i, j), held in where.items():
+            assert list(held) == [placement.worker(i, j)], (name, i, j)
+    # a window reads a neighbouring block whole on its own worker, its border strip
+    # (a cut task) only from the other worker
+    assert be._near(0, 0)(1, 3) and not be._near(1, 0)(2, 0)
+    assert DaskBackend(img, tile=64, client="sync").placement is None
 
 
 def test_fit_runs_an_explicit_pipeline_on_a_memmap(tmp_path):

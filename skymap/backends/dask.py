@@ -16,7 +16,10 @@ a smoother, the binning blocks of a masker), so that every cell and block lies i
 one tile and each tile's sums equal that part of the whole image's, bit for bit.
 
 Parallelism is the cluster's: each tile task runs numba's kernels on one thread, so
-give a LocalCluster one worker (process or thread) per core.
+give a LocalCluster one worker (process or thread) per core. On a ``distributed``
+cluster each tile's tasks run on one worker (:class:`TilePlacement`), so that a tile's
+blocks stay where they were made and only the halos that cross to another worker's
+tiles travel.
 """
 
 from __future__ import annotations
@@ -48,6 +51,7 @@ from skymap.backends.windows import BorderStrips, assemble
 __all__ = [
     "DaskBackend",
     "TileLayout",
+    "TilePlacement",
     "aligned_chunks",
     "is_tiled_input",
     "key_grid",
@@ -117,6 +121,60 @@ class TileLayout:
     tile: tuple[int, int]
     chunks: tuple[tuple[int, ...], tuple[int, ...]]
     halo: int
+
+
+@dataclass(frozen=True, eq=False)
+class TilePlacement:
+    """Which worker of a ``distributed`` cluster runs each tile's tasks: the tiles in
+    row-major order cut into one contiguous run per worker (so that most halos are
+    read on the worker that holds them).
+
+    Called by the scheduler with each task's key (a global ``workers`` annotation):
+    a key ``(name, ..., i, j)`` of tile (i, j) gets that tile's worker, any other key
+    no restriction. Every array of a tiled fit has one block per tile, so its block
+    keys end with the tile's indices. Without it the scheduler places each task by its
+    inputs' bytes, and the blocks of one tile drift between workers, pulling whole
+    blocks across for the windows of the next step. The restriction is loose: a task
+    whose worker has gone runs elsewhere.
+
+    Examples
+    --------
+    >>> p = TilePlacement(workers=("tcp://a:1",) * 2 + ("tcp://b:2",) * 2, grid=(2, 2))
+    >>> p(("maps-1f3a", 0, 1, 0)), p("factor-1f3a")
+    (['tcp://b:2'], [])
+    """
+
+    workers: tuple[str, ...]
+    grid: tuple[int, int]
+
+    @classmethod
+    def of(cls, client, grid) -> TilePlacement | None:
+        """The placement of the tiles ``grid`` on ``client``'s workers (None: not a
+        ``distributed`` client with at least two workers)."""
+        info = getattr(client, "scheduler_info", None)
+        if info is None:
+            return None
+        try:
+            workers = sorted(info().get("workers", {}))
+        except Exception:  # a client without a live scheduler
+            return None
+        if len(workers) < 2:
+            return None
+        n = grid[0] * grid[1]
+        return cls(workers=tuple(workers[t * len(workers) // n] for t in range(n)), grid=grid)
+
+    def worker(self, i: int, j: int) -> str:
+        """The address of the worker of tile (i, j)."""
+        return self.workers[i * self.grid[1] + j]
+
+    def __call__(self, key) -> list[str]:
+        if isinstance(key, tuple) and len(key) >= 3:
+            i, j = key[-2:]
+            if isinstance(i, int) and isinstance(j, int):
+                ny, nx = self.grid
+                if 0 <= i < ny and 0 <= j < nx:
+                    return [self.worker(i, j)]
+        return []
 
 
 @dataclass(frozen=True, eq=False)
@@ -210,6 +268,7 @@ class DaskBackend:
             for n, u, t in zip(shape, self.unit, tile, strict=True)
         )
         self.chunks = tuple(aligned_chunks(n, t) for n, t in zip(shape, self.tile, strict=True))
+        self.placement = TilePlacement.of(client, tuple(len(c) for c in self.chunks))
         self.image = self._source(image).map_blocks(_work_block, dtype=self.dtype)
         given = None
         if mask is not None:
@@ -355,7 +414,19 @@ class DaskBackend:
     def persist(self, *arrays):
         import dask
 
-        return dask.persist(*arrays, scheduler=self.client)
+        with self._placed():
+            return dask.persist(*arrays, scheduler=self.client)
+
+    def _placed(self):
+        """A context in which the graphs sent to a ``distributed`` cluster carry the
+        tiles' placement (:class:`TilePlacement`); a no-op on other schedulers."""
+        import contextlib
+
+        import dask
+
+        if self.placement is None:
+            return contextlib.nullcontext()
+        return dask.annotate(workers=self.placement, allow_other_workers=True)
 
     def compute(self, *things):
         """The computed ``things``: one value for one thing, else a list."""
@@ -365,7 +436,8 @@ class DaskBackend:
     def _compute_list(self, things) -> list:
         import dask
 
-        return list(dask.compute(*things, scheduler=self.client))
+        with self._placed():
+            return list(dask.compute(*things, scheduler=self.client))
 
     def tiles(self):
         """(i, j, (y0, y1), (x0, x1)) of every tile, row by row."""
@@ -432,6 +504,16 @@ class DaskBackend:
         name, graph, keys = self._tasks(func, args_of, dependencies, label=label, **shared)
         return self._compute_list([Delayed(key, graph, layer=name) for key in keys.values()])
 
+    def _near(self, i: int, j: int):
+        """Whether a block (bi, bj) lives on the worker that runs tile (i, j)'s tasks:
+        by the placement on a ``distributed`` cluster of several workers; on any other
+        scheduler every block is in the one process."""
+        placement = self.placement
+        if placement is None:
+            return lambda bi, bj: True
+        here = placement.worker(i, j)
+        return lambda bi, bj: placement.worker(bi, bj) == here
+
     def _windows(self, inputs, halo):
         """``args_of`` for :meth:`_tasks`: per tile the covering blocks and slices of
         each ``(array, binning)`` of ``inputs`` over the tile grown by ``halo``, then
@@ -448,7 +530,7 @@ class DaskBackend:
             out = []
             for halos, b in grids:
                 bwin = tuple((w0 // b, -(-w1 // b)) for w0, w1 in win)
-                out.extend(halos.cover(bwin, ref[CUTS]))
+                out.extend(halos.cover(bwin, ref[CUTS], self._near(i, j)))
             return (*out, win, (ys, xs))
 
         return args
@@ -567,7 +649,7 @@ class DaskBackend:
             )
             out = []
             for h in halos:
-                out.extend(h.cover(win, ref[CUTS]))
+                out.extend(h.cover(win, ref[CUTS], self._near(i, j)))
             return (func, len(halos), *out, win, core, ref["kw"])
 
         return self._tasks(_windowed, args, list(arrays), label=_name(func), kw=kw)
