@@ -292,7 +292,7 @@ def _box_means(sky: _CoarseSky, invalid: np.ndarray, flat: np.ndarray) -> np.nda
     )  # fmt: skip
 
 
-def _touching(above: np.ndarray, invalid: np.ndarray) -> np.ndarray:
+def touching(above: np.ndarray, invalid: np.ndarray) -> np.ndarray:
     """``above`` OR the ``invalid`` pixels that share an edge with it (a binary
     dilation of ``above`` by the cross, cut to ``invalid``), reading the neighbours
     of the invalid pixels only."""
@@ -553,7 +553,7 @@ class HaloMasker:
         if not above.any():
             return None
         # Masked pixels that touch a region join it: a NaN or flagged saturated core.
-        region = _touching(above, invalid)
+        region = touching(above, invalid)
         del above
         # 8-connected, numbered as scipy's label does; visits the (few) region pixels
         # only.
