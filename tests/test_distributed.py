@@ -629,6 +629,21 @@ def test_float_order_keys_round_trip_and_sort(dtype):
     np.testing.assert_array_equal(np.argsort(keys, kind="stable")[[0, -1]], [6, 5])
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("middle", [(1.0, 1.0 + 2**-20), (-3.0, 7.0e5)])
+def test_tiled_median_is_numpys_when_the_middle_values_share_digits_or_not(dtype, middle):
+    """The two middle order statistics share their histogram passes while their high
+    digits agree (the first pair) and take their own when not (the second)."""
+    rng = np.random.default_rng(4)
+    low, high = rng.uniform(-1e6, middle[0], 2046), rng.uniform(middle[1], 1e6, 2046)
+    v = np.concatenate([low, middle, high, [np.nan, np.nan]])  # 4094 values, not NaNs
+    img = rng.permutation(v).astype(dtype).reshape(64, 64)
+    be = DaskBackend(da.from_array(img, chunks=16), tile=32, unit=(2, 2), client="sync")
+    got = be.median(lambda a, window: a[np.isfinite(a)], [be.image])
+    assert got == float(np.median(img[np.isfinite(img)]))
+    assert got == float(np.mean(np.array(middle, dtype)))
+
+
 def test_tiled_fit_is_deprecated_and_keeps_its_errors():
     img = np.random.default_rng(0).normal(size=(64, 64))
     with pytest.warns(DeprecationWarning, match="tiled_fit"):

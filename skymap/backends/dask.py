@@ -626,15 +626,8 @@ class DaskBackend:
         one more task of the graph: a lazy value (``dask.delayed``) that later tasks
         can take (e.g. a keyword of :meth:`label_seeded`) without a round trip through
         the driver."""
-        from dask.delayed import Delayed
-        from dask.highlevelgraph import HighLevelGraph
-
         name, graph, keys = self._forward_tasks(func, arrays, reach, block, kw)
-        # one layer with the tile tasks, so that the combine task's keys are resolved
-        layer = dict(graph.layers[name])
-        layer[name] = (combine, list(keys.values()))
-        graph = HighLevelGraph.from_collections(name, layer, dependencies=list(arrays))
-        return Delayed(name, graph, layer=name)
+        return _combined(name, graph, keys, combine, arrays)
 
     def _forward_tasks(self, func, arrays, reach, block, kw):
         b = block
@@ -656,15 +649,16 @@ class DaskBackend:
 
     def per_tile_sums(self, func, arrays, *, width: int, **kwargs) -> np.ndarray:
         """Sum over the tiles of ``func(blocks..., window=...)``, a vector of ``width``
-        numbers per tile."""
-        import dask.array as da
+        numbers per tile: one task per tile and one that adds them up (row by row)."""
+        grids = [key_grid(a) for a in arrays]
 
-        ny, nx = (len(c) for c in self.chunks)
-        parts = da.map_blocks(
-            _with_window, *arrays, task=func, dtype=np.float64,
-            chunks=((1,) * ny, (1,) * nx, (width,)), new_axis=2, **kwargs,
-        )  # fmt: skip
-        return np.asarray(self.compute(parts.sum(axis=(0, 1))))
+        def args(i, j, ys, xs, ref):
+            return (func, ref["kw"], (ys, xs), *(g[i, j] for g in grids))
+
+        name, graph, keys = self._tasks(
+            _tile_sum, args, list(arrays), label=_name(func), kw=kwargs
+        )
+        return np.asarray(self.compute(_combined(name, graph, keys, _add_up, arrays)))
 
     # -- the loop's operations
 
@@ -831,22 +825,37 @@ class DaskBackend:
         value per valid pixel): the middle order statistic(s) selected 16 bits at a
         time from per-tile histograms of their order keys."""
         n = self.size - self.nbad
-        picked = [self._select(values, arrays, k, kw) for k in sorted({(n - 1) // 2, n // 2})]
+        picked = self._select(values, arrays, sorted({(n - 1) // 2, n // 2}), kw)
         return float(np.median(np.array(picked, dtype=self.dtype)))
 
-    def _select(self, values, arrays, k: int, kw):
+    def _select(self, values, arrays, ks, kw) -> list:
+        """The order statistics ``ks`` (0-based ranks): one histogram pass per 16-bit
+        digit and distinct prefix, so the two middle ones share their passes while
+        their higher digits agree."""
         bits = self.dtype.itemsize * 8
-        prefix = 0
+        state = [[k, 0] for k in ks]  # rank left within the prefix, prefix
         for shift in range(bits - 16, -1, -16):
-            hist = self.per_tile_sums(
-                _tile_digit_histogram, arrays, width=1 << 16, values=values, shift=shift,
-                prefix=prefix, bits=bits, kw=kw,
-            )  # fmt: skip
-            cum = np.cumsum(hist)
-            digit = int(np.searchsorted(cum, k, side="right"))
-            k -= int(cum[digit - 1]) if digit else 0
-            prefix = (prefix << 16) | digit
-        return key_to_float(prefix, self.dtype)
+            cums: dict = {}
+            for st in state:
+                k, prefix = st
+                if prefix not in cums:
+                    cums[prefix] = np.cumsum(
+                        self.per_tile_sums(
+                            _tile_digit_histogram,
+                            arrays,
+                            width=1 << 16,
+                            values=values,
+                            shift=shift,
+                            prefix=prefix,
+                            bits=bits,
+                            kw=kw,
+                        )  # fmt: skip
+                    )
+                cum = cums[prefix]
+                digit = int(np.searchsorted(cum, k, side="right"))
+                st[0] = k - (int(cum[digit - 1]) if digit else 0)
+                st[1] = (prefix << 16) | digit
+        return [key_to_float(prefix, self.dtype) for _, prefix in state]
 
     def label_seeded(self, maps, codes: Callable, *, block: int, **kw):
         """Regions of ``codes(maps_block, which="region", **kw)`` (bool per binned
@@ -993,9 +1002,28 @@ def _bad_block(img, given=None):
     return combine_masks(img, given)
 
 
-def _with_window(*blocks, task, block_info=None, **kwargs):
-    window = _location(block_info)
-    return np.asarray(task(*blocks, window=window, **kwargs), dtype=np.float64)[None, None]
+def _combined(name, graph, keys, combine, arrays):
+    """``combine([results of the tasks keys])`` as one more task of the layer ``name``
+    of ``graph`` (whose tasks read ``arrays``), a lazy value."""
+    from dask.delayed import Delayed
+    from dask.highlevelgraph import HighLevelGraph
+
+    # one layer with the tile tasks, so that the combine task's keys are resolved
+    layer = dict(graph.layers[name])
+    layer[name] = (combine, list(keys.values()))
+    graph = HighLevelGraph.from_collections(name, layer, dependencies=list(arrays))
+    return Delayed(name, graph, layer=name)
+
+
+def _tile_sum(func, kw, window, *blocks):
+    return np.asarray(func(*blocks, window=window, **kw), dtype=np.float64)
+
+
+def _add_up(parts):
+    total = parts[0].copy()
+    for part in parts[1:]:
+        total += part
+    return total
 
 
 @one_thread
