@@ -269,6 +269,9 @@ class DaskBackend:
         )
         self.chunks = tuple(aligned_chunks(n, t) for n, t in zip(shape, self.tile, strict=True))
         self.placement = TilePlacement.of(client, tuple(len(c) for c in self.chunks))
+        # block key -> its task, computed inside the tasks that read the block (cheap
+        # lookups: the kept labels of label_seeded)
+        self._inline: dict = {}
         self.image = self._source(image).map_blocks(_work_block, dtype=self.dtype)
         given = None
         if mask is not None:
@@ -489,6 +492,8 @@ class DaskBackend:
             keys[i, j] = (name, *lead, i, j)
             dsk[keys[i, j]] = (func, *args_of(i, j, ys, xs, ref))
         dsk.update(cuts)
+        if self._inline:
+            dsk = {k: _inlined(v, self._inline) for k, v in dsk.items()}
         return name, HighLevelGraph.from_collections(name, dsk, dependencies=dependencies), keys
 
     def _tile_array(self, func, args_of, dependencies, chunks, dtype, label=None, **shared):
@@ -860,7 +865,8 @@ class DaskBackend:
     def label_seeded(self, maps, codes: Callable, *, block: int, **kw):
         """Regions of ``codes(maps_block, which="region", **kw)`` (bool per binned
         pixel) that hold a pixel of ``codes(..., which="seed", **kw)``, 8-connected
-        across tiles, as a persisted bool array binned by ``block``. Each tile is
+        across tiles, as a bool array binned by ``block``: each block a lookup in the
+        tile's persisted labels, run inside the tasks that read it. Each tile is
         labelled on its own (scipy); the labels that touch across a tile boundary are
         joined by labelling the two-pixel strips along every boundary, and
         ``scipy.sparse.csgraph.connected_components`` merges them."""
@@ -888,7 +894,12 @@ class DaskBackend:
         det = self._tile_array(
             _keep_labels, lambda i, j, *_: (labels_k[i, j], keep[i][j]), [labels], bchunks, bool
         )
-        (det,) = self.persist(det)
+        # Not persisted: the windows that read it compute each block's lookup
+        # themselves (see _tasks), one task layer less per masking scale.
+        dk = key_grid(det)
+        self._inline = {
+            dk[i, j]: (_keep_labels, labels_k[i, j], keep[i][j]) for i, j, _, _ in self.tiles()
+        }
         return det
 
 
@@ -932,6 +943,22 @@ def _label_info(labels, maps, codes, kw, names=(), *values):
     seed = codes(maps, which="seed", **kw, **dict(zip(names, values, strict=True)))
     edges = (labels[0].copy(), labels[-1].copy(), labels[:, 0].copy(), labels[:, -1].copy())
     return int(labels.max(initial=0)), np.unique(labels[seed]), edges
+
+
+def _inlined(task, inline: dict):
+    """``task`` with every key of ``inline`` in it (in nested tuples and lists)
+    replaced by that key's task, run inside it."""
+    if isinstance(task, (str, tuple)):
+        try:
+            if task in inline:
+                return inline[task]
+        except TypeError:  # a tuple holding unhashable things (slices): not a key
+            pass
+    if isinstance(task, tuple):
+        return tuple(_inlined(t, inline) for t in task)
+    if isinstance(task, list):
+        return [_inlined(t, inline) for t in task]
+    return task
 
 
 def _pick(ys, xs, *blocks):
