@@ -490,10 +490,12 @@ class DaskBackend:
         keys = {}
         for i, j, ys, xs in self.tiles():
             keys[i, j] = (name, *lead, i, j)
-            dsk[keys[i, j]] = (func, *args_of(i, j, ys, xs, ref))
-        dsk.update(cuts)
-        if self._inline:
-            dsk = {k: _inlined(v, self._inline) for k, v in dsk.items()}
+            task = (func, *args_of(i, j, ys, xs, ref))
+            # a lookup is run inline only where its block lives (else its own task's
+            # small output travels, not the block it reads)
+            dsk[keys[i, j]] = _inlined(task, self._inline, self._near(i, j))
+        # the strip tasks run where their block lives
+        dsk.update({k: _inlined(v, self._inline, None) for k, v in cuts.items()})
         return name, HighLevelGraph.from_collections(name, dsk, dependencies=dependencies), keys
 
     def _tile_array(self, func, args_of, dependencies, chunks, dtype, label=None, **shared):
@@ -866,7 +868,8 @@ class DaskBackend:
         """Regions of ``codes(maps_block, which="region", **kw)`` (bool per binned
         pixel) that hold a pixel of ``codes(..., which="seed", **kw)``, 8-connected
         across tiles, as a bool array binned by ``block``: each block a lookup in the
-        tile's persisted labels, run inside the tasks that read it. Each tile is
+        tile's persisted labels, run inside the tasks on its worker that read it (a
+        task of its own for the others). Each tile is
         labelled on its own (scipy); the labels that touch across a tile boundary are
         joined by labelling the two-pixel strips along every boundary, and
         ``scipy.sparse.csgraph.connected_components`` merges them."""
@@ -894,11 +897,12 @@ class DaskBackend:
         det = self._tile_array(
             _keep_labels, lambda i, j, *_: (labels_k[i, j], keep[i][j]), [labels], bchunks, bool
         )
-        # Not persisted: the windows that read it compute each block's lookup
-        # themselves (see _tasks), one task layer less per masking scale.
+        # Not persisted: the windows on a block's worker compute its lookup themselves
+        # (see _tasks), most of a task layer less per masking scale.
         dk = key_grid(det)
         self._inline = {
-            dk[i, j]: (_keep_labels, labels_k[i, j], keep[i][j]) for i, j, _, _ in self.tiles()
+            dk[i, j]: ((_keep_labels, labels_k[i, j], keep[i][j]), (i, j))
+            for i, j, _, _ in self.tiles()
         }
         return det
 
@@ -945,19 +949,23 @@ def _label_info(labels, maps, codes, kw, names=(), *values):
     return int(labels.max(initial=0)), np.unique(labels[seed]), edges
 
 
-def _inlined(task, inline: dict):
-    """``task`` with every key of ``inline`` in it (in nested tuples and lists)
-    replaced by that key's task, run inside it."""
+def _inlined(task, inline: dict, near=None):
+    """``task`` with the keys of ``inline`` (key -> (task, block index)) in it, in
+    nested tuples and lists, replaced by their tasks, run inside it: all of them, or
+    (``near`` given) those whose block ``near(i, j)`` says lives where ``task`` runs."""
+    if not inline:
+        return task
     if isinstance(task, (str, tuple)):
         try:
-            if task in inline:
-                return inline[task]
+            found = inline.get(task)
         except TypeError:  # a tuple holding unhashable things (slices): not a key
-            pass
+            found = None
+        if found is not None:
+            return found[0] if near is None or near(*found[1]) else task
     if isinstance(task, tuple):
-        return tuple(_inlined(t, inline) for t in task)
+        return tuple(_inlined(t, inline, near) for t in task)
     if isinstance(task, list):
-        return [_inlined(t, inline) for t in task]
+        return [_inlined(t, inline, near) for t in task]
     return task
 
 
