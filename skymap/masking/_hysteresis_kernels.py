@@ -395,10 +395,20 @@ def _dog_strip(
     # only: kept for the next steady rows of that noise row.
     steady_av = np.empty(nx, np.float32)
     steady_qy = -1
+    # sigma**2 per column of the current noise row, the surround mean per column of
+    # the current local row (each changes every few rows only).
+    s2 = np.empty(nx, np.float32)
+    s2_qy = -1
+    lmean = np.empty(nx, np.float32)
+    lmean_y = -1
+    fdiv = factor if divide else np.float32(1.0)
     for k in range(y1 - y0):
         y = y0 + k
         lo, hi = max(0, y - r), min(ny - 1, y + r)
         qy = min((y * b + b // 2) // q, nqy - 1)
+        if qy != s2_qy:
+            _noise_row(noise, qy, qruns, b, q, s2)
+            s2_qy = qy
         if direct and lo == y - r and hi == y + r:
             # A full window: a clean one's weights (and, per noise row, 1 / noise),
             # except in the columns where a row of the window is dirty.
@@ -412,7 +422,7 @@ def _dog_strip(
                     for x in range(nx):
                         an[x] += w * sn[x]
             if qy != steady_qy:
-                _inverse_noise(vint, noise, qy, qruns, b, q, steady_av)
+                _inverse_noise(vint, s2, steady_av)
                 steady_qy = qy
             if clean[lo : hi + 1].all():
                 wc, wv = cint, steady_av
@@ -439,33 +449,29 @@ def _dog_strip(
                         an[x] += w * sn[x]
                         ac[x] += w * sc[x]
                         av[x] += w2 * sv[x]
-            _inverse_noise(av, noise, qy, qruns, b, q, av)
-        lrow = local[y // bw]
+            _inverse_noise(av, s2, av)
+        if y // bw != lmean_y:
+            lmean_y = y // bw
+            _local_row(local[lmean_y], bw, lruns, lmean)
         if want_codes:
             # The values dog_snr would store, divided and thresholded as
             # HysteresisMasker.scale_mask and hysteresis_codes do (float32 throughout).
             crow_out = codes[y]
-            for k0 in range(lruns.size - 1):
-                x0, x1 = lruns[k0], lruns[k0 + 1]
-                m = lrow[x0 // bw]
-                for x in range(x0, x1):
-                    sv = (an[x] - wc[x] * m) * wv[x]
-                    gv = an[x] * wv[x] if plain else sv
-                    if divide:
-                        sv = sv / factor
-                        gv = gv / factor
-                    crow_out[x] = 2 if sv > high else (1 if gv > low else 0)
+            # Selects, not branches, so that the loop vectorises: a division by 1
+            # is exact, so dividing always changes no value.
+            for x in range(nx):
+                sv = ((an[x] - wc[x] * lmean[x]) * wv[x]) / fdiv
+                pv = (an[x] * wv[x]) / fdiv
+                gv = pv if plain else sv
+                crow_out[x] = 2 if sv > high else (1 if gv > low else 0)
             continue
         if want_grow:
             out = grow[y]
             for x in range(nx):
                 out[x] = an[x] * wv[x]
         out = snr[y]
-        for k0 in range(lruns.size - 1):
-            x0, x1 = lruns[k0], lruns[k0 + 1]
-            m = lrow[x0 // bw]
-            for x in range(x0, x1):
-                out[x] = (an[x] - wc[x] * m) * wv[x]
+        for x in range(nx):
+            out[x] = (an[x] - wc[x] * lmean[x]) * wv[x]
 
 
 @njit(cache=True, nogil=True, inline="always")
@@ -526,18 +532,51 @@ def _dirty_columns(dirty, i0, n, tc, tv, g, g2, noise, qy, b, q, ac, av):
 
 
 @njit(cache=True, nogil=True, inline="always")
-def _inverse_noise(var, noise, qy, qruns, b, q, out):  # pragma: no cover - compiled
-    """``out = 1 / sqrt(var * sigma**2)`` (0 where that is not positive), ``sigma``
-    the noise of row ``qy`` of the grid, constant over each run of ``qruns``;
-    ``out`` may be ``var``."""
+def _noise_row(noise, qy, qruns, b, q, out):  # pragma: no cover - compiled
+    """``out[x]``: sigma**2 of row ``qy`` of the noise grid at column x, constant over
+    each run of ``qruns``: per-pixel lookups without an integer division each, so that
+    :func:`_inverse_noise` vectorises."""
     nqx = noise.shape[1]
     for k0 in range(qruns.size - 1):
         x0, x1 = qruns[k0], qruns[k0 + 1]
         sigma = noise[qy, min((x0 * b + b // 2) // q, nqx - 1)]
         s2 = sigma * sigma
         for x in range(x0, x1):
-            v = var[x] * s2
-            out[x] = 1.0 / np.sqrt(v) if v > 0 else 0.0
+            out[x] = s2
+    return out
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _inverse_noise(var, s2, out):  # pragma: no cover - compiled
+    """``out = 1 / sqrt(var * s2)`` (0 where that is not positive), ``s2`` the noise
+    variance per column (:func:`_noise_row`); ``out`` may be ``var``. The square root
+    takes 1 where the product is not positive (a select, not a branch), so the loop
+    vectorises: the same values."""
+    one = np.float32(1.0)
+    for x in range(var.size):
+        v = var[x] * s2[x]
+        ok = v > 0
+        s = np.sqrt(v if ok else one)
+        out[x] = 1.0 / s if ok else 0.0
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _local_row(lrow, bw, lruns, out):  # pragma: no cover - compiled
+    """``out[x] = lrow[x // bw]``: the surround mean per column, so that the final
+    loops of :func:`_dog_strip` vectorise (an integer division per pixel or per short
+    run cost more than the rest of the loop)."""
+    if bw & (bw - 1) == 0:
+        shift = 0
+        while (1 << shift) < bw:
+            shift += 1
+        for x in range(out.size):
+            out[x] = lrow[x >> shift]
+        return out
+    for k0 in range(lruns.size - 1):
+        m = lrow[lruns[k0] // bw]
+        for x in range(lruns[k0], lruns[k0 + 1]):
+            out[x] = m
+    return out
 
 
 def expand_mask_into(small, b, out):
