@@ -697,28 +697,62 @@ def _flood(codes, flat, words, offsets, into):  # pragma: no cover - compiled
                     stack = grown(stack)
                 stack[n] = i
                 n += 1
+    reach = 0
+    for k in range(offsets.shape[0]):
+        reach = max(reach, abs(offsets[k, 0]), abs(offsets[k, 1]))
+    steps = offsets[:, 0] * nx + offsets[:, 1]
+    painted = into.reshape(into.size) if paint else np.zeros(0, np.bool_)
     while n:
+        n = _flood_stack(flat, nx, ny, stack, n, paint, offsets, steps, reach, painted)
+        if n:
+            stack = grown(stack)
+    if not paint:
+        for i in range(flat.size):
+            flat[i] = 1 if flat[i] == 3 else 0
+
+
+@njit(cache=True, nogil=True)
+def _flood_stack(flat, nx, ny, stack, n, paint, offsets, steps, reach, painted):
+    # pragma: no cover - compiled
+    """Pops the first ``n`` entries of :func:`_flood`'s ``stack`` and pushes the
+    neighbours they reach, until it is empty (returns 0) or could overflow (returns
+    the count left, for the caller to grow it). The stack is never reassigned here,
+    so the loop holds no reference counting (which cost more than the flood)."""
+    one = np.uint8(1)
+    while n:
+        if n + 8 > stack.size:
+            return n
         n -= 1
         i = stack[n]
         y = i // nx
         x = i - y * nx
         if paint:
-            for k in range(offsets.shape[0]):
-                yy, xx = y + offsets[k, 0], x + offsets[k, 1]
-                if 0 <= yy < ny and 0 <= xx < nx:
-                    into[yy, xx] = True
+            if reach <= y < ny - reach and reach <= x < nx - reach:
+                for k in range(steps.size):
+                    painted[i + steps[k]] = True
+            else:
+                for k in range(offsets.shape[0]):
+                    yy, xx = y + offsets[k, 0], x + offsets[k, 1]
+                    if 0 <= yy < ny and 0 <= xx < nx:
+                        painted[yy * nx + xx] = True
+        if 0 < y < ny - 1 and 0 < x < nx - 1:
+            # Inside the image: the 8 neighbours without bounds, codes 1 and 2 (growth,
+            # seed) in one unsigned comparison.
+            for j0 in (i - nx - 1, i - 1, i + nx - 1):
+                for j in range(j0, j0 + 3):
+                    if np.uint8(flat[j] - one) <= one:
+                        flat[j] = 3
+                        stack[n] = j
+                        n += 1
+            continue
         for yy in range(max(0, y - 1), min(ny, y + 2)):
             for xx in range(max(0, x - 1), min(nx, x + 2)):
                 j = yy * nx + xx
                 if flat[j] == 1 or flat[j] == 2:
                     flat[j] = 3
-                    if n == stack.size:
-                        stack = grown(stack)
                     stack[n] = j
                     n += 1
-    if not paint:
-        for i in range(flat.size):
-            flat[i] = 1 if flat[i] == 3 else 0
+    return 0
 
 
 @njit(cache=True, nogil=True)
