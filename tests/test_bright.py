@@ -189,6 +189,15 @@ def test_the_halo_finder_labels_regions_as_scipy_numbers_them():
         want, m = ndi.label(region, structure=np.ones((3, 3), bool))
         assert n == m
         np.testing.assert_array_equal(labels, want)
+    # one region whose labelling holds ~94 000 pixels on its stack at once (it starts
+    # at 65 536 entries and is grown between passes of the labelling loop)
+    region = np.ones((700, 400), bool)
+    region[::7, 3::11] = False
+    region[:, 300] = False
+    labels, n = label8(region)
+    want, m = ndi.label(region, structure=np.ones((3, 3), bool))
+    assert n == m == 2
+    np.testing.assert_array_equal(labels, want)
 
 
 def test_extended_emission_around_the_brightest_peak_is_not_a_halo():

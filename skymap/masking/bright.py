@@ -285,11 +285,7 @@ def box_means(value_at, ys: np.ndarray, xs: np.ndarray, shape) -> np.ndarray:
 def _box_means(sky: _CoarseSky, invalid: np.ndarray, flat: np.ndarray) -> np.ndarray:
     """:func:`box_means` of ``image - sky`` at the flat indices ``flat``: computed at
     those pixels only, not over the whole image."""
-    y, x = np.divmod(flat, invalid.shape[1])
-    return box_means(
-        lambda yy, xx: np.where(invalid[yy, xx], np.float32(0), sky.at(yy, xx)),
-        y, x, invalid.shape,
-    )  # fmt: skip
+    return _kb.box_means_at(sky.img, sky.grid, sky.block, invalid, flat)
 
 
 def _touching(above: np.ndarray, invalid: np.ndarray) -> np.ndarray:
