@@ -217,3 +217,25 @@ def test_extended_emission_around_the_brightest_peak_is_not_a_halo():
     star = 400.0 / (1.0 + r / 3.0) ** 3
     found = HaloMasker().find((100 + star + rng.normal(size=(n, n))).astype(np.float32))
     assert len(found) >= 1 and found.radius.max() > 5
+
+
+def test_box_means_at_region_pixels_equal_the_gathered_ones():
+    # the in-memory finder's compiled 3x3 means (at the region pixels) against
+    # box_means, which the tiled finder reads: the same numbers, float32 and float64,
+    # with invalid pixels and the image's edges in the windows
+    from skymap.masking import bright as B
+
+    rng = np.random.default_rng(7)
+    for dtype, shape in [(np.float32, (70, 90)), (np.float64, (33, 130))]:
+        img = rng.normal(size=shape).astype(dtype)
+        img[rng.random(shape) < 0.01] = np.nan
+        invalid = ~np.isfinite(img) | (rng.random(shape) < 0.05)
+        sky = B._CoarseSky(img, invalid, 16)
+        flat = np.flatnonzero(rng.random(shape) < 0.3)
+        y, x = np.divmod(flat, shape[1])
+
+        def value_at(yy, xx, invalid=invalid, sky=sky):
+            return np.where(invalid[yy, xx], np.float32(0), sky.at(yy, xx))
+
+        want = B.box_means(value_at, y, x, shape)
+        np.testing.assert_array_equal(B._box_means(sky, invalid, flat), want)
