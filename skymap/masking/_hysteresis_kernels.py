@@ -786,6 +786,26 @@ def _snr_of(an, ac, av, s2, m):  # pragma: no cover - compiled
     return (an - ac * m) * a
 
 
+@njit(cache=True, nogil=True, inline="always")
+def _y_sums(tn, tc, tv, i0, t0, n, g, g2, an, ac, av):  # pragma: no cover - compiled
+    """``an[x] = sum_i g[t0 + i] * tn[i0 + i, x]`` over ``i < n``, summed from 0 in
+    that order (``ac`` from ``tc`` alike, ``av`` from ``tv`` with ``g2``): the y pass
+    of :func:`_dog_sampled` for all columns at once (the loop over them vectorises)."""
+    z = np.float32(0.0)
+    for x in range(an.size):
+        an[x] = z
+        ac[x] = z
+        av[x] = z
+    for i in range(n):
+        w = g[t0 + i]
+        w2 = g2[t0 + i]
+        sn, sc, sv = tn[i0 + i], tc[i0 + i], tv[i0 + i]
+        for x in range(an.size):
+            an[x] += w * sn[x]
+            ac[x] += w * sc[x]
+            av[x] += w2 * sv[x]
+
+
 @njit(cache=True, nogil=True)
 def _dog_sampled(
     num, cnt, excluded, g, g2, local, bw, noise, b, q, ys, xs, rows, cols
@@ -803,6 +823,15 @@ def _dog_sampled(
     tv = np.empty((w, nx), np.float32)
     pn = np.zeros(nx + 2 * r, np.float32)
     pc = np.zeros(nx + 2 * r, np.float32)
+    an_r = np.empty(nx, np.float32)
+    ac_r = np.empty(nx, np.float32)
+    av_r = np.empty(nx, np.float32)
+    # Each column's noise and local-mean columns once (no integer division per pixel).
+    qcol = np.empty(nx, np.int64)
+    lcol = np.empty(nx, np.int64)
+    for x in range(nx):
+        qcol[x] = min((x * b + b // 2) // q, nqx - 1)
+        lcol[x] = x // bw
     for k in range(ys.size):
         y = ys[k]
         lo, hi = max(0, y - r), min(ny - 1, y + r)
@@ -821,15 +850,12 @@ def _dog_sampled(
         qy = min((y * b + b // 2) // q, nqy - 1)
         lrow = local[y // bw]
         out = rows[k]
+        # The y pass over whole rows (each column's sums in the same order), then
+        # the snr per column.
+        _y_sums(tn, tc, tv, 0, lo - y + r, hi - lo + 1, g, g2, an_r, ac_r, av_r)
         for x in range(nx):
-            an, ac, av = z, z, z
-            for i in range(lo, hi + 1):
-                t = i - y + r
-                an += g[t] * tn[i - lo, x]
-                ac += g[t] * tc[i - lo, x]
-                av += g2[t] * tv[i - lo, x]
-            sigma = noise[qy, min((x * b + b // 2) // q, nqx - 1)]
-            out[x] = _snr_of(an, ac, av, sigma * sigma, lrow[x // bw])
+            sigma = noise[qy, qcol[x]]
+            out[x] = _snr_of(an_r[x], ac_r[x], av_r[x], sigma * sigma, lrow[lcol[x]])
     # Sampled columns: the x pass of every row at those columns, then the y pass.
     m = xs.size
     xn = np.empty((ny, m), np.float32)
@@ -852,17 +878,15 @@ def _dog_sampled(
                 sc = sc + g[j] * vc
                 sv = sv + g2[j] * vc
             xn[i, k], xc[i, k], xv[i, k] = sn, sc, sv
+    an_c = np.empty(m, np.float32)
+    ac_c = np.empty(m, np.float32)
+    av_c = np.empty(m, np.float32)
     for y in range(ny):
         lo, hi = max(0, y - r), min(ny - 1, y + r)
         qy = min((y * b + b // 2) // q, nqy - 1)
         lrow = local[y // bw]
+        _y_sums(xn, xc, xv, lo, lo - y + r, hi - lo + 1, g, g2, an_c, ac_c, av_c)
         for k in range(m):
             x = xs[k]
-            an, ac, av = z, z, z
-            for i in range(lo, hi + 1):
-                t = i - y + r
-                an += g[t] * xn[i, k]
-                ac += g[t] * xc[i, k]
-                av += g2[t] * xv[i, k]
-            sigma = noise[qy, min((x * b + b // 2) // q, nqx - 1)]
-            cols[y, k] = _snr_of(an, ac, av, sigma * sigma, lrow[x // bw])
+            sigma = noise[qy, qcol[x]]
+            cols[y, k] = _snr_of(an_c[k], ac_c[k], av_c[k], sigma * sigma, lrow[lcol[x]])
