@@ -672,7 +672,12 @@ def flood_seeded_into(codes, offsets, into):
     (``(k, 2)`` int (dy, dx), a symmetric footprint), in place; returns ``into``.
     Each pixel reached paints its footprint as the flood reaches it, so neither the
     detections' map nor a dilated copy is made. ``codes`` is left overwritten."""
-    _flood(codes, *_flat_words(codes), np.ascontiguousarray(offsets, np.int64), into)
+    # The kernel paints through a flat view of ``into``: a strided map goes through a
+    # contiguous copy.
+    target = into if into.flags.c_contiguous else np.ascontiguousarray(into)
+    _flood(codes, *_flat_words(codes), np.ascontiguousarray(offsets, np.int64), target)
+    if target is not into:
+        into[...] = target
     return into
 
 
