@@ -37,6 +37,8 @@ __all__ = [
     "CLIP",
     "NEGATIVE",
     "ImageInput",
+    "blank_fill",
+    "edge_fill_values",
     "Normalisation",
     "noise_sigma",
     "noise_value",
@@ -449,3 +451,138 @@ class Normalisation:
         if offset:
             np.add(out, dtype.type(self.level), out=out)
         return out
+
+
+# --------------------------------------------------------------------------- blank fills
+# Drizzled, reprojected and mosaicked frames fill the part of the output that no input
+# covered with one value, often exact 0 rather than NaN (a rotated frame leaves a wedge
+# at each corner; a mosaic tile leaves a border). Where the sky is far above 0 such a
+# fill is a deep hole that drags the smooth background down around it; where the sky
+# was subtracted it sits at the sky level and the masker cannot tell it from sky. No
+# sky with noise is exactly constant over a hundred connected pixels, so the default fit
+# takes such regions as blank -- conservatively: only a region touching the image's
+# edge (where fills are), at or below the sky level (a saturated plateau is a source,
+# left to the maskers), of at least BLANK_MIN_PIXELS pixels, whose value is rare among
+# the other pixels (at most BLANK_MAX_SHARE of them), solid (holes of other values
+# inside it at most BLANK_MAX_HOLES of its area) and leaving at least BLANK_MIN_REST of
+# the valid pixels. In a low-count image 0 is the common sky value: its clusters can
+# span the frame, but then they are riddled with the counts (holes) or leave almost
+# nothing else (rest), so they stay sky.
+
+BLANK_MIN_PIXELS = 100
+BLANK_RUN = 8
+BLANK_MAX_SHARE = 0.1
+BLANK_MAX_HOLES = 0.01
+BLANK_MIN_REST = 0.1
+
+
+def edge_fill_values(image, bad=None, *, run: int = BLANK_RUN) -> list:
+    """The values that fill a run of at least ``run`` consecutive valid pixels along one
+    of the image's four edges, most frequent first (at most four). Reads only the edges,
+    so a dask array or a memory map costs four strips.
+
+    Examples
+    --------
+    >>> img = np.arange(400.0).reshape(20, 20)
+    >>> img[:, :3] = 0.0
+    >>> edge_fill_values(img)
+    [0.0]
+    """
+    counts: dict = {}
+    edges = (
+        (slice(0, 1), slice(None)),
+        (slice(-1, None), slice(None)),
+        (slice(None), slice(0, 1)),
+        (slice(None), slice(-1, None)),
+    )
+    for sl in edges:
+        v = np.asarray(image[sl], dtype=np.float64).ravel()
+        ok = np.isfinite(v)
+        if bad is not None:
+            ok &= ~np.asarray(bad[sl]).ravel()
+        if v.size < run:
+            continue
+        # runs of equal valid values: a new run starts where the value or validity changes
+        start = np.ones(v.size, bool)
+        start[1:] = (v[1:] != v[:-1]) | (ok[1:] != ok[:-1])
+        idx = np.flatnonzero(start)
+        lengths = np.diff(np.append(idx, v.size))
+        for i, n in zip(idx, lengths, strict=True):
+            if n >= run and ok[i]:
+                counts[float(v[i])] = counts.get(float(v[i]), 0) + int(n)
+    return sorted(counts, key=counts.get, reverse=True)[:4]
+
+
+def blank_fill(image: np.ndarray, bad: np.ndarray | None = None) -> np.ndarray | None:
+    """Pixels of an exactly constant fill that touches the image's edge (a new boolean
+    array), or None when there is none.
+
+    A region counts when it is one 4-connected set of pixels of exactly one value that
+    touches the edge, holds at least ``BLANK_MIN_PIXELS`` (100) pixels, lies at or below
+    the median of the other valid pixels plus three robust sigma (not a saturated
+    plateau), is solid (islands of other values under 100 pixels enclosed in it: at most 1% of
+    its area) and leaves
+    at least 10% of the valid pixels, and that value makes up at most
+    ``BLANK_MAX_SHARE`` (10%) of the other valid pixels (not the common value of a
+    low-count image, whose clusters of 0 are sky). Only values filling a
+    run of ``BLANK_RUN`` (8) pixels along an edge are looked at, so an image without
+    one costs four edge reads.
+
+    Parameters
+    ----------
+    image : ndarray (ny, nx)
+    bad : ndarray of bool, optional
+        Pixels already excluded (True), never part of a fill.
+
+    Examples
+    --------
+    >>> rng = np.random.default_rng(0)
+    >>> img = 100 + rng.normal(size=(64, 64))
+    >>> img[:20, :20] = 0.0          # a fill in one corner
+    >>> blank = blank_fill(img)
+    >>> int(blank.sum()), bool(blank[:20, :20].all())
+    (400, True)
+    >>> blank_fill(100 + rng.normal(size=(64, 64))) is None
+    True
+    """
+    from scipy import ndimage
+
+    image = np.asarray(image)
+    values = edge_fill_values(image, bad)
+    if not values:
+        return None
+    valid = np.isfinite(image)
+    if bad is not None:
+        valid &= ~np.asarray(bad, dtype=bool)
+    out = None
+    for v in values:
+        eq = image == image.dtype.type(v)
+        eq &= valid
+        labels, n = ndimage.label(eq)
+        if n == 0:
+            continue
+        edge = np.concatenate((labels[0], labels[-1], labels[:, 0], labels[:, -1]))
+        sizes = np.bincount(labels.ravel(), minlength=n + 1)
+        keep = np.unique(edge[edge > 0])
+        keep = keep[sizes[keep] >= BLANK_MIN_PIXELS]
+        if keep.size == 0:
+            continue
+        region = np.isin(labels, keep)
+        rest = valid & ~region
+        nrest = int(np.count_nonzero(rest))
+        if nrest < BLANK_MIN_REST * np.count_nonzero(valid):
+            continue  # (nearly) all one value: a constant or a low-count image
+        if np.count_nonzero(eq & rest) > BLANK_MAX_SHARE * nrest:
+            continue
+        # Small islands of other values inside it (a large one is the data a border
+        # frames): a cluster of noise at a common value is riddled with them.
+        holes, _ = ndimage.label(ndimage.binary_fill_holes(region) & ~region)
+        hole_sizes = np.bincount(holes.ravel())[1:]
+        small = int(hole_sizes[hole_sizes < BLANK_MIN_PIXELS].sum())
+        if small > BLANK_MAX_HOLES * np.count_nonzero(region):
+            continue
+        norm = Normalisation.of(image, ~rest)
+        if v > norm.level + 3.0 * norm.spread:
+            continue
+        out = region if out is None else out | region
+    return out
