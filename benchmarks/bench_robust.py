@@ -267,7 +267,8 @@ def _checks(v: Variant, res, cpu, base_masked):
     per = cpu / mpix
     if mpix >= 0.25 and per > MAX_CPU_PER_MPIX:
         fails.append(f"CPU {per:.2f} s/Mpix")
-    masked = float(np.mean(res.source_mask[valid])) if valid.any() else float("nan")
+    counted = valid & ~np.asarray(res.bad_mask)  # blank fills are not sky to mask
+    masked = float(np.mean(res.source_mask[counted])) if counted.any() else float("nan")
     if masked > MAX_MASKED and masked > base_masked + 0.1:
         fails.append(f"masked {masked:.0%}")
     expect = v.expect

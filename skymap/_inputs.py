@@ -45,6 +45,7 @@ __all__ = [
     "read_image",
     "read_noise",
     "strip_unit",
+    "valid_frame",
 ]
 
 
@@ -513,12 +514,43 @@ def edge_fill_values(image, bad=None, *, run: int = BLANK_RUN) -> list:
     return sorted(counts, key=counts.get, reverse=True)[:4]
 
 
+def valid_frame(image, mask=None) -> tuple[slice, slice] | None:
+    """The bounding box of the finite pixels of ``image`` that ``mask`` (True =
+    excluded) leaves, as (rows, cols) slices, when whole edge rows or columns are
+    excluded; None when valid pixels reach every edge, or there are none (the fit
+    then raises).
+
+    Examples
+    --------
+    >>> img = np.full((6, 8), np.nan)
+    >>> img[1:5, 2:7] = 1.0
+    >>> valid_frame(img)
+    (slice(1, 5, None), slice(2, 7, None))
+    """
+
+    def bad(sl):
+        out = ~np.isfinite(image[sl])
+        return out if mask is None else out | mask[sl]
+
+    # valid pixels on every edge: nothing to cut (reads four lines)
+    edges = ((0, slice(None)), (-1, slice(None)), (slice(None), 0), (slice(None), -1))
+    if not any(bad(sl).all() for sl in edges):
+        return None
+    excluded = bad((slice(None), slice(None)))
+    rows = np.flatnonzero(~excluded.all(axis=1))
+    cols = np.flatnonzero(~excluded.all(axis=0))
+    if rows.size == 0:
+        return None
+    return (slice(int(rows[0]), int(rows[-1]) + 1), slice(int(cols[0]), int(cols[-1]) + 1))
+
+
 def blank_fill(image: np.ndarray, bad: np.ndarray | None = None) -> np.ndarray | None:
     """Pixels of an exactly constant fill that touches the image's edge (a new boolean
     array), or None when there is none.
 
     A region counts when it is one 4-connected set of pixels of exactly one value that
-    touches the edge, holds at least ``BLANK_MIN_PIXELS`` (100) pixels, lies at or below
+    touches the edge (of the valid pixels' frame, :func:`valid_frame`: a fill inside a
+    NaN border counts), holds at least ``BLANK_MIN_PIXELS`` (100) pixels, lies at or below
     the median of the other valid pixels plus three robust sigma (not a saturated
     plateau), is solid (islands of other values under 100 pixels enclosed in it: at most 1% of
     its area) and leaves
@@ -545,9 +577,22 @@ def blank_fill(image: np.ndarray, bad: np.ndarray | None = None) -> np.ndarray |
     >>> blank_fill(100 + rng.normal(size=(64, 64))) is None
     True
     """
+    image = np.asarray(image)
+    # The edge is that of the valid pixels' frame: a fill inside a NaN border is one.
+    frame = valid_frame(image, bad)
+    if frame is None:
+        return _blank_fill(image, bad)
+    inner = _blank_fill(image[frame], None if bad is None else np.asarray(bad)[frame])
+    if inner is None:
+        return None
+    out = np.zeros(image.shape, bool)
+    out[frame] = inner
+    return out
+
+
+def _blank_fill(image: np.ndarray, bad: np.ndarray | None) -> np.ndarray | None:
     from scipy import ndimage
 
-    image = np.asarray(image)
     values = edge_fill_values(image, bad)
     if not values:
         return None

@@ -35,7 +35,7 @@ from typing import Any
 
 import numpy as np
 
-from skymap._inputs import blank_fill, edge_fill_values, read_image
+from skymap._inputs import blank_fill, edge_fill_values, read_image, valid_frame
 from skymap._util import check_int
 from skymap._validate import as_image, as_mask, check_positive, check_range
 from skymap.backends.base import (
@@ -260,7 +260,12 @@ class IterativeBackground:
         around it (a rotated frame's corner wedges of 0 on ``M6707HH.fits``: 5.3
         sigma RMS, ``benchmarks/README.md``, fifth wave). A tiled fit of a dask array
         or memory map only warns when its edges hold such runs (pass them as
-        ``mask=``). False: no detection.
+        ``mask=``). Where such fills, NaN or the given mask exclude whole edge rows
+        or columns, the in-memory fit runs on the bounding box of the valid pixels,
+        so that a blank border changes nothing (the cell grid, the measured scales
+        and the normalisation see the data alone;
+        :attr:`BackgroundResult.frame` says where, and the history is in that
+        frame). False: neither.
 
     Examples
     --------
@@ -408,6 +413,13 @@ class IterativeBackground:
             inputs = read_image(image, mask, error=error, weight=weight)
             if self.blank_fills:
                 inputs = _exclude_blank(inputs)
+                frame = (
+                    valid_frame(inputs.data, inputs.mask)
+                    if tile is None and client is None
+                    else None
+                )
+                if frame is not None:
+                    return self._fit_frame(inputs, frame, callback)
             if tile is None and client is None:
                 be = MemoryBackend(inputs.data, inputs.mask, error=inputs.error)
             else:
@@ -647,6 +659,34 @@ class IterativeBackground:
         image = np.asarray(backend.image[win])
         bad = np.asarray(backend.bad[win])
         return source_scale(image, bad, backend.shape).max_source_size
+
+    def _fit_frame(self, inputs, frame, callback) -> BackgroundResult:
+        """The fit of ``inputs`` within ``frame`` (the valid pixels' bounding box),
+        its maps padded back to the full image with their edge values (every pixel
+        outside is excluded)."""
+        sub = replace(self, blank_fills=False).fit(
+            inputs.data[frame],
+            inputs.mask[frame],
+            error=None if inputs.error is None else inputs.error[frame],
+            callback=callback,
+        )
+        shape = inputs.data.shape
+        pads = tuple((sl.start, n - sl.stop) for sl, n in zip(frame, shape, strict=True))
+        return BackgroundResult(
+            background=np.pad(sub.background, pads, mode="edge"),
+            mask=np.pad(sub.mask, pads, constant_values=True),
+            bad_mask=np.pad(sub.bad_mask, pads, constant_values=True),
+            history=sub.history,
+            config=self,
+            noise=sub.noise,
+            converged=sub.converged,
+            lazy_rms=np.pad(sub.rms, pads, mode="edge"),
+            normalisation=sub.normalisation,
+            inputs=replace(inputs, data=None, mask=None, error=None),
+            convergence_note=sub.convergence_note,
+            max_source_size=sub.max_source_size,
+            frame=frame,
+        )
 
     def backend_for(
         self, image, mask=None, *, tile=None, client=None, error=None, weight=None
