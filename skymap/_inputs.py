@@ -39,6 +39,7 @@ __all__ = [
     "ImageInput",
     "blank_fill",
     "edge_fill_values",
+    "run_values",
     "Normalisation",
     "noise_sigma",
     "noise_value",
@@ -514,6 +515,50 @@ def edge_fill_values(image, bad=None, *, run: int = BLANK_RUN) -> list:
     return sorted(counts, key=counts.get, reverse=True)[:4]
 
 
+def run_values(
+    image: np.ndarray, bad: np.ndarray | None = None, *, run: int = BLANK_RUN, step: int = 8
+) -> list:
+    """The values that fill a run of at least ``run`` consecutive valid pixels along
+    every ``step``-th row or column of ``image``, or along any of its four edges, most
+    frequent first (at most four): the candidates for a blank fill. No sky with noise
+    has such runs; a fill at least ``step`` pixels wide, or along an edge, is seen.
+
+    Examples
+    --------
+    >>> img = np.arange(400.0).reshape(20, 20)
+    >>> img[5:15, 5:9] = -1.0
+    >>> run_values(img)
+    [-1.0]
+    """
+    counts = dict.fromkeys(edge_fill_values(image, bad, run=run), 1)
+    for axis in (0, 1):
+        lines = (slice(None), slice(None, None, step)) if axis == 0 else (slice(None, None, step),)
+        arr = image[lines]
+        msk = None if bad is None else bad[lines]
+        n = arr.shape[axis]
+        if n < run:
+            continue
+        a = np.moveaxis(arr, axis, 0)
+        same = a[1:] == a[:-1]  # NaN never equals itself
+        if msk is not None:
+            m = np.moveaxis(msk, axis, 0)
+            same &= ~m[1:]
+            same &= ~m[:-1]
+        width = n - run + 1
+        runs = same[:width].copy()
+        for k in range(1, run - 1):
+            runs &= same[k : k + width]
+        if not runs.any():
+            continue
+        vals = a[:width][runs]
+        if vals.size > 100_000:
+            vals = vals[:: vals.size // 100_000]
+        uniq, cnt = np.unique(vals, return_counts=True)
+        for u, c in zip(uniq.tolist(), cnt.tolist(), strict=True):
+            counts[float(u)] = counts.get(float(u), 0) + c
+    return sorted(counts, key=counts.get, reverse=True)[:4]
+
+
 def valid_frame(image, mask=None) -> tuple[slice, slice] | None:
     """The bounding box of the finite pixels of ``image`` that ``mask`` (True =
     excluded) leaves, as (rows, cols) slices, when whole edge rows or columns are
@@ -549,16 +594,16 @@ def blank_fill(image: np.ndarray, bad: np.ndarray | None = None) -> np.ndarray |
     array), or None when there is none.
 
     A region counts when it is one 4-connected set of pixels of exactly one value that
-    touches the edge (of the valid pixels' frame, :func:`valid_frame`: a fill inside a
-    NaN border counts), holds at least ``BLANK_MIN_PIXELS`` (100) pixels, lies at or below
-    the median of the other valid pixels plus three robust sigma (not a saturated
-    plateau), is solid (islands of other values under 100 pixels enclosed in it: at most 1% of
-    its area) and leaves
-    at least 10% of the valid pixels, and that value makes up at most
+    touches the image's edge, directly or through excluded pixels that do (a fill
+    inside a NaN border, or cut in pieces by a mask), holds at least
+    ``BLANK_MIN_PIXELS`` (100) pixels, lies at or below the median of the other valid
+    pixels plus three robust sigma (not a saturated plateau), is solid (islands of
+    other values under 100 pixels enclosed in it: at most 1% of its area), leaves at
+    least 10% of the valid pixels, and whose value makes up at most
     ``BLANK_MAX_SHARE`` (10%) of the other valid pixels (not the common value of a
-    low-count image, whose clusters of 0 are sky). Only values filling a
-    run of ``BLANK_RUN`` (8) pixels along an edge are looked at, so an image without
-    one costs four edge reads.
+    low-count image, whose clusters of 0 are sky). Only values filling a run of
+    ``BLANK_RUN`` (8) pixels along a row or column are looked at (:func:`run_values`),
+    so an image without one costs a few comparisons.
 
     Parameters
     ----------
@@ -577,23 +622,10 @@ def blank_fill(image: np.ndarray, bad: np.ndarray | None = None) -> np.ndarray |
     >>> blank_fill(100 + rng.normal(size=(64, 64))) is None
     True
     """
-    image = np.asarray(image)
-    # The edge is that of the valid pixels' frame: a fill inside a NaN border is one.
-    frame = valid_frame(image, bad)
-    if frame is None:
-        return _blank_fill(image, bad)
-    inner = _blank_fill(image[frame], None if bad is None else np.asarray(bad)[frame])
-    if inner is None:
-        return None
-    out = np.zeros(image.shape, bool)
-    out[frame] = inner
-    return out
-
-
-def _blank_fill(image: np.ndarray, bad: np.ndarray | None) -> np.ndarray | None:
     from scipy import ndimage
 
-    values = edge_fill_values(image, bad)
+    image = np.asarray(image)
+    values = run_values(image, bad)
     if not values:
         return None
     valid = np.isfinite(image)
@@ -606,9 +638,13 @@ def _blank_fill(image: np.ndarray, bad: np.ndarray | None) -> np.ndarray | None:
         labels, n = ndimage.label(eq)
         if n == 0:
             continue
-        edge = np.concatenate((labels[0], labels[-1], labels[:, 0], labels[:, -1]))
+        # Touching the edge directly or through excluded pixels that reach it (a fill
+        # cut in pieces by a mask or by NaN).
+        joint, _ = ndimage.label(eq | ~valid)
+        edge = np.concatenate((joint[0], joint[-1], joint[:, 0], joint[:, -1]))
+        outside = np.isin(joint, np.unique(edge[edge > 0]))
         sizes = np.bincount(labels.ravel(), minlength=n + 1)
-        keep = np.unique(edge[edge > 0])
+        keep = np.unique(labels[outside & eq])
         keep = keep[sizes[keep] >= BLANK_MIN_PIXELS]
         if keep.size == 0:
             continue
