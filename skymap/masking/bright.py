@@ -36,6 +36,11 @@ __all__ = ["BrightSources", "HaloMasker", "radial_profiles"]
 
 #: Radius ratio over which a measured halo profile must fall faster than 1/r.
 HALO_SPAN = 4.0
+#: From ring to ring, outwards, the halo profile falls at least as ``r**-MIN_FALL``: a
+#: star's aureole falls as r**-2 to r**-3 (King 1971), a saturated star's on a
+#: photographic plate (densities compress the wings) near r**-1; a ring that barely
+#: falls is sky.
+MIN_FALL = 0.3
 
 log = logging.getLogger(__name__)
 
@@ -368,7 +373,9 @@ class HaloMasker:
        their noise, outside a saturated core, falling outwards); each other one is
        scaled onto it by the median ratio over the rings both measured, and fills in
        the rings the brightest lacks (a saturated core inwards, fainter wings
-       outwards) where they continue its fall. A profile that falls slower than 1/r
+       outwards) where they continue its fall; outwards it ends where it falls slower
+       than ``r**-MIN_FALL`` over two rings running (a plateau of sky around the
+       brightest source is not its halo). A profile that falls slower than 1/r
        over a factor of :data:`HALO_SPAN` in radius is extended emission around the
        brightest peaks (a nebula's knot), not a point source's wings (a finite flux
        falls faster than 1/r^2): then no source is given a halo, unless the brightest
@@ -684,6 +691,16 @@ class HaloMasker:
                 break
         for j in range(own[-1] + 1, ref.size):
             if not (np.isfinite(ref[j]) and ref[j] < ref[j - 1]):
+                ref[j:] = np.nan
+                break
+        # Outwards, a plateau (sky structure around the brightest source, a faint
+        # galaxy under it) is not a halo, and would give every source its reach: the
+        # profile ends where it falls slower than r**-MIN_FALL over two rings running
+        # (one such ring is a blip, as a ring median in an undersampled core can be).
+        with np.errstate(invalid="ignore", divide="ignore"):
+            slow = ref[1:] >= ref[:-1] * (radii[1:] / radii[:-1]) ** -MIN_FALL
+        for j in range(own[0] + 1, ref.size - 1):
+            if slow[j - 1] and slow[j]:
                 ref[j:] = np.nan
                 break
         # A point source's wings fall faster than 1/r (a finite flux needs more than
