@@ -210,17 +210,19 @@ def test_extended_emission_around_the_brightest_peak_is_not_a_halo():
     assert len(found) >= 1 and found.radius.max() > 5
 
 
-def test_a_plateau_around_the_brightest_star_is_not_its_halo():
-    # A saturated star on a bright, flat patch of sky (a nebula's knot, or a faint
-    # galaxy under it: the Galactic-centre MIPS frame with an injected disc had 82% of
-    # its pixels masked this way). The patch's rings barely fall, so the old profile
-    # carried them outwards and every bright source got a 100-px halo. The stars'
+@pytest.mark.parametrize("fall", [0.0, 0.2])
+def test_a_plateau_around_the_brightest_star_is_not_its_halo(fall):
+    # A saturated star on a bright patch of sky that falls slowly (as r**-fall: a
+    # nebula's knot, or a faint galaxy under it: the Galactic-centre MIPS frame with
+    # an injected disc had 82% of its pixels masked this way; with its blank border
+    # masked, its flagged sources on the nebula got 80-95 px halos). The patch's rings
+    # were carried outwards and every bright source got a 100-px halo. The stars'
     # wings (r**-3) reach 0.5 sigma at ~36 px.
     rng = np.random.default_rng(1)
     n = 600
     yy, xx = np.mgrid[:n, :n]
     r = np.hypot(yy - 300.0, xx - 300.0)
-    patch = np.interp(r, [0, 60, 75], [30.0, 29.94, 0.0])
+    patch = np.interp(r, [0, 60, 75], [30.0, 29.94, 0.0]) * (np.maximum(r, 5) / 5) ** -fall
     img = np.where(r < 75, 0.0, rng.normal(size=(n, n))) + patch
     img += 200.0 * (5.0 / np.maximum(r, 5.0)) ** 3
     img[r < 5] = np.nan
@@ -228,4 +230,4 @@ def test_a_plateau_around_the_brightest_star_is_not_its_halo():
         img += 3e3 * (1 + ((yy - y) ** 2 + (xx - x) ** 2) / 4.0) ** -1.5
     found = HaloMasker().find(img)
     assert len(found) == 4 and found.saturated.sum() == 1
-    assert np.all((found.radius > 25) & (found.radius < 45)), found.radius
+    assert np.all((found.radius > 25) & (found.radius < 50)), found.radius

@@ -40,7 +40,7 @@ HALO_SPAN = 4.0
 #: star's aureole falls as r**-2 to r**-3 (King 1971), a saturated star's on a
 #: photographic plate (densities compress the wings) near r**-1; a ring that barely
 #: falls is sky.
-MIN_FALL = 0.3
+MIN_FALL = 0.5
 
 log = logging.getLogger(__name__)
 
@@ -693,16 +693,6 @@ class HaloMasker:
             if not (np.isfinite(ref[j]) and ref[j] < ref[j - 1]):
                 ref[j:] = np.nan
                 break
-        # Outwards, a plateau (sky structure around the brightest source, a faint
-        # galaxy under it) is not a halo, and would give every source its reach: the
-        # profile ends where it falls slower than r**-MIN_FALL over two rings running
-        # (one such ring is a blip, as a ring median in an undersampled core can be).
-        with np.errstate(invalid="ignore", divide="ignore"):
-            slow = ref[1:] >= ref[:-1] * (radii[1:] / radii[:-1]) ** -MIN_FALL
-        for j in range(own[0] + 1, ref.size - 1):
-            if slow[j - 1] and slow[j]:
-                ref[j:] = np.nan
-                break
         # A point source's wings fall faster than 1/r (a finite flux needs more than
         # 1/r^2): a "profile" that falls slower over a factor of 4 in radius is
         # extended emission around the brightest peak (a nebula's knot), not a halo.
@@ -715,6 +705,17 @@ class HaloMasker:
             if not fall < -math.log(radii[kept[-1]] / radii[kept[0]]):
                 log.debug("the brightest peaks' profile falls slower than 1/r: no halos")
                 return radii, None
+        # Outwards, a plateau (sky structure around the brightest source, saturated
+        # or not; a faint galaxy under it) is not a halo, and would give every source
+        # its reach: the profile ends where it falls slower than r**-MIN_FALL over two
+        # rings running (one such ring is a blip, as a ring median in an undersampled
+        # core can be).
+        with np.errstate(invalid="ignore", divide="ignore"):
+            slow = ref[1:] >= ref[:-1] * (radii[1:] / radii[:-1]) ** -MIN_FALL
+        for j in range(own[0] + 1, ref.size - 1):
+            if slow[j - 1] and slow[j]:
+                ref[j:] = np.nan
+                break
         return radii, ref
 
     def _amplitudes(self, sample, shape, sigma, y, x, core, limit, profile):
