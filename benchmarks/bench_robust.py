@@ -45,7 +45,7 @@ CPU seconds (``time.process_time``) of each fit, after one warm-up fit per dtype
 with ``NUMBA_NUM_THREADS=1`` on a shared machine.
 
 Run:  NUMBA_NUM_THREADS=1 python benchmarks/bench_robust.py [--images M6707HH ...]
-      [--variants fliplr wedge0 ...]
+      [--variants fliplr wedge0 ...] [--options '{"blank_frame": true}']
 """
 
 from __future__ import annotations
@@ -55,6 +55,7 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import argparse
+import json
 import sys
 import time
 import traceback
@@ -233,13 +234,16 @@ def variants(image, bad, base, which):
     return out
 
 
+OPTIONS: dict = {}
+
+
 def _fit(image, mask):
     import skymap
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         t0 = time.process_time()
-        res = skymap.fit(image, mask=mask)
+        res = skymap.fit(image, mask=mask, **OPTIONS)
         cpu = time.process_time() - t0
     return res, cpu, [str(w.message)[:80] for w in caught]
 
@@ -320,14 +324,17 @@ def main(argv=None) -> int:
     ap.add_argument("--images", nargs="*", help="image names (file stems)")
     ap.add_argument("--variants", nargs="*", help="variant names (default: all)")
     ap.add_argument("--data", type=Path, default=DATA)
+    ap.add_argument("--options", default="{}", help="skymap.fit options as JSON")
     args = ap.parse_args(argv)
+    OPTIONS.update(json.loads(args.options))
     logging_off()
     files = sorted(args.data.glob("*.fits"))
     if args.images:
         files = [f for f in files if f.stem in set(args.images)]
     print(
         f"# bench_robust at commit {_commit()}, NUMBA_NUM_THREADS="
-        f"{os.environ.get('NUMBA_NUM_THREADS', '-')}; deviations in sigma of the untouched fit"
+        f"{os.environ.get('NUMBA_NUM_THREADS', '-')}, options {OPTIONS}; deviations in sigma "
+        "of the untouched fit"
     )
     _warm()
     print(

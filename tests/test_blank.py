@@ -119,15 +119,16 @@ def test_edge_values_and_tiled_warning():
 
 def test_blank_border_changes_nothing(plate):
     # A NaN border, and a zero fill inside it (a reprojected tile of a mosaic whose
-    # outside is NaN): the fit runs on the valid frame and equals the fit without them.
-    ref = skymap.fit(plate)
+    # outside is NaN): with blank_frame, the fit runs on the valid frame and equals the
+    # fit without them.
+    ref = skymap.fit(plate, blank_frame=True)
     padded = np.full((plate.shape[0] + 40, plate.shape[1] + 24), np.nan, np.float32)
     padded[20:-20, 12:-12] = 0.0
     padded[24:-24, 16:-16] = plate[4:-4, 4:-4]
     inner = skymap.fit(plate[4:-4, 4:-4])
-    res = skymap.fit(padded)
+    res = skymap.fit(padded, blank_frame=True)
     assert res.frame == (slice(24, padded.shape[0] - 24), slice(16, padded.shape[1] - 16))
     np.testing.assert_array_equal(res.background[24:-24, 16:-16], inner.background)
     assert res.bad_mask[:24].all() and not res.bad_mask[24:-24, 16:-16].any()
     assert res.rms.shape == padded.shape and np.isfinite(res.background).all()
-    assert ref.frame is None
+    assert ref.frame is None and skymap.fit(padded).frame is None

@@ -260,12 +260,15 @@ class IterativeBackground:
         around it (a rotated frame's corner wedges of 0 on ``M6707HH.fits``: 5.3
         sigma RMS, ``benchmarks/README.md``, fifth wave). A tiled fit of a dask array
         or memory map only warns when its edges hold such runs (pass them as
-        ``mask=``). Where such fills, NaN or the given mask exclude whole edge rows
-        or columns, the in-memory fit runs on the bounding box of the valid pixels,
-        so that a blank border changes nothing (the cell grid, the measured scales
-        and the normalisation see the data alone;
-        :attr:`BackgroundResult.frame` says where, and the history is in that
-        frame). False: neither.
+        ``mask=``). False: no detection.
+    blank_frame : bool
+        Where fills (with ``blank_fills``), NaN or the given mask exclude whole edge
+        rows or columns, fit in memory on the bounding box of the valid pixels, so
+        that a blank border changes nothing: the cell grid, the measured scales and
+        the normalisation see the data alone (:attr:`BackgroundResult.frame` says
+        where; the history is in that frame). Off by default: on the MIPS frame,
+        whose fill is a border, the halo masker's result swings with the grid's
+        offset (``benchmarks/README.md``, fifth wave).
 
     Examples
     --------
@@ -299,6 +302,7 @@ class IterativeBackground:
     halos: Any = None
     refit_settled: bool = False
     blank_fills: bool = False
+    blank_frame: bool = False
 
     def __post_init__(self):
         if not callable(getattr(self.first_guess, "fit", None)):
@@ -341,6 +345,8 @@ class IterativeBackground:
             raise ValueError(f"refit_settled must be True or False, got {self.refit_settled!r}")
         if not isinstance(self.blank_fills, bool):
             raise ValueError(f"blank_fills must be True or False, got {self.blank_fills!r}")
+        if not isinstance(self.blank_frame, bool):
+            raise ValueError(f"blank_frame must be True or False, got {self.blank_frame!r}")
         if self.halos is not None and not callable(self.halos):
             raise ValueError(f"halos must be None or a Masker (callable), got {self.halos!r}")
 
@@ -413,11 +419,8 @@ class IterativeBackground:
             inputs = read_image(image, mask, error=error, weight=weight)
             if self.blank_fills:
                 inputs = _exclude_blank(inputs)
-                frame = (
-                    valid_frame(inputs.data, inputs.mask)
-                    if tile is None and client is None
-                    else None
-                )
+            if self.blank_frame and tile is None and client is None:
+                frame = valid_frame(inputs.data, inputs.mask)
                 if frame is not None:
                     return self._fit_frame(inputs, frame, callback)
             if tile is None and client is None:
@@ -664,7 +667,7 @@ class IterativeBackground:
         """The fit of ``inputs`` within ``frame`` (the valid pixels' bounding box),
         its maps padded back to the full image with their edge values (every pixel
         outside is excluded)."""
-        sub = replace(self, blank_fills=False).fit(
+        sub = replace(self, blank_fills=False, blank_frame=False).fit(
             inputs.data[frame],
             inputs.mask[frame],
             error=None if inputs.error is None else inputs.error[frame],
@@ -934,6 +937,7 @@ def default_pipeline(
     max_source_size: Any = "auto",
     halos: bool = True,
     blank_fills: bool = True,
+    blank_frame: bool = False,
 ) -> IterativeBackground:
     """The default :class:`IterativeBackground`: nothing in it is a pixel number tuned
     to one scene, so it needs no image.
@@ -1029,6 +1033,9 @@ def default_pipeline(
     blank_fills : bool
         Exclude exactly constant fills touching the image's edge, as drizzled or
         reprojected frames leave them (:attr:`IterativeBackground.blank_fills`).
+    blank_frame : bool
+        Fit within the valid pixels' bounding box when blank borders exclude whole
+        edge rows or columns (:attr:`IterativeBackground.blank_frame`).
 
     Examples
     --------
@@ -1072,6 +1079,7 @@ def default_pipeline(
         max_source_size=max_source_size,
         halos=HaloMasker() if halos else None,
         blank_fills=blank_fills,
+        blank_frame=blank_frame,
     )
 
 

@@ -162,7 +162,7 @@ class BackgroundResult:
     frame : (slice, slice) or None
         Where the image's excluded pixels fill whole edge rows or columns (a blank
         border), the (rows, cols) bounding box of the valid pixels that the fit ran on
-        (``IterativeBackground.blank_fills``): ``history``, ``model`` and the records'
+        (``IterativeBackground.blank_frame``): ``history``, ``model`` and the records'
         maps are in that frame, ``background`` and ``rms`` are padded out from its
         edges. None: the whole image.
     """
