@@ -405,9 +405,12 @@ def tune(
     ``race_trials`` more trials.
 
     Every candidate is scored on the same injections as the defaults (``n_trials``
-    trials of ``seed``, all kinds injected into one image per trial: one fit per trial,
-    ``evaluate_method(..., together=True)``) and ranked by its *edge*, the median over
-    trials of its score minus the defaults' on the same injected image. Pairing
+    trials of ``seed``, each kind in its own fit, as the held-back report and
+    :func:`~skymap.quality.injection.injection_recovery` score them: a sky and discs
+    injected together move a fit's choices differently, and on the shared plate the
+    joint protocol chose an option that lost on separate injections) and ranked by
+    its *edge*, the median over trials of its score minus the defaults' on the same
+    injected images. Pairing
     removes what the trials share (how hard this trial's bumps and discs were), and
     the median keeps one runaway injection from deciding. A candidate must improve
     the edge of the best so far by 2% of the defaults' median score (at least 0.005
@@ -589,7 +592,6 @@ def tune(
             seed=trial_seed,
             keep_maps=False,
             name=_label(options),
-            together=True,
             base=base,
         )
         cands.setdefault(key, _Candidate(options=dict(options))).add(res)
@@ -629,7 +631,7 @@ def tune(
     # that first fit also pays for loading the compiled kernels: an upper bound, used
     # for the choosing trials (plus one held-back trial each for defaults and winner)
     n_trials = _fewer_trials(
-        n_trials, lambda n: t_fit * (n + 2 * n_kinds), remaining(), "choosing"
+        n_trials, lambda n: t_fit * n_kinds * (n + 2), remaining(), "choosing"
     )
     run({}, "default", base=default_base)
     if cands[default_key].failed:
@@ -657,7 +659,7 @@ def tune(
 
     def race_cost(keys) -> float:
         """Seconds of the race of ``keys`` (an untouched fit for each not kept)."""
-        fits = sum(race_trials + (k not in bases) for k in keys)
+        fits = sum(race_trials * len(prep.kinds) + (k not in bases) for k in keys)
         return fits * max(cands[k].fit_seconds for k in [default_key, *keys])
 
     def affordable(cost: float | None = None, reserve_race: bool = True) -> bool:
