@@ -153,6 +153,7 @@ def _cell_row(image, bad, y, i, cx, ref, n, s1, s2, sy, sx):  # pragma: no cover
 
 @njit(cache=True, nogil=True, inline="always")
 def _add_row(n, s1, s2, sy, sx, i, j, y, c, a1, a2, ax):  # pragma: no cover - compiled
+    """One row's sums of cell (i, j) added to its totals, as the single-row loop did."""
     n[i, j] += c
     s1[i, j] += a1
     s2[i, j] += a2
