@@ -37,12 +37,16 @@ __all__ = [
     "CLIP",
     "NEGATIVE",
     "ImageInput",
+    "blank_fill",
+    "edge_fill_values",
+    "run_values",
     "Normalisation",
     "noise_sigma",
     "noise_value",
     "read_image",
     "read_noise",
     "strip_unit",
+    "valid_frame",
 ]
 
 
@@ -449,3 +453,217 @@ class Normalisation:
         if offset:
             np.add(out, dtype.type(self.level), out=out)
         return out
+
+
+# --------------------------------------------------------------------------- blank fills
+# Drizzled, reprojected and mosaicked frames fill the part of the output that no input
+# covered with one value, often exact 0 rather than NaN (a rotated frame leaves a wedge
+# at each corner; a mosaic tile leaves a border). Where the sky is far above 0 such a
+# fill is a deep hole that drags the smooth background down around it; where the sky
+# was subtracted it sits at the sky level and the masker cannot tell it from sky. No
+# sky with noise is exactly constant over a hundred connected pixels, so the default fit
+# takes such regions as blank -- conservatively: only a region touching the image's
+# edge (where fills are), at or below the sky level (a saturated plateau is a source,
+# left to the maskers), of at least BLANK_MIN_PIXELS pixels, whose value is rare among
+# the other pixels (at most BLANK_MAX_SHARE of them), solid (holes of other values
+# inside it at most BLANK_MAX_HOLES of its area) and leaving at least BLANK_MIN_REST of
+# the valid pixels. In a low-count image 0 is the common sky value: its clusters can
+# span the frame, but then they are riddled with the counts (holes) or leave almost
+# nothing else (rest), so they stay sky.
+
+BLANK_MIN_PIXELS = 100
+BLANK_RUN = 8
+BLANK_MAX_SHARE = 0.1
+BLANK_MAX_HOLES = 0.01
+BLANK_MIN_REST = 0.1
+
+
+def edge_fill_values(image, bad=None, *, run: int = BLANK_RUN) -> list:
+    """The values that fill a run of at least ``run`` consecutive valid pixels along one
+    of the image's four edges, most frequent first (at most four). Reads only the edges,
+    so a dask array or a memory map costs four strips.
+
+    Examples
+    --------
+    >>> img = np.arange(400.0).reshape(20, 20)
+    >>> img[:, :3] = 0.0
+    >>> edge_fill_values(img)
+    [0.0]
+    """
+    counts: dict = {}
+    edges = (
+        (slice(0, 1), slice(None)),
+        (slice(-1, None), slice(None)),
+        (slice(None), slice(0, 1)),
+        (slice(None), slice(-1, None)),
+    )
+    for sl in edges:
+        v = np.asarray(image[sl], dtype=np.float64).ravel()
+        ok = np.isfinite(v)
+        if bad is not None:
+            ok &= ~np.asarray(bad[sl]).ravel()
+        if v.size < run:
+            continue
+        # runs of equal valid values: a new run starts where the value or validity changes
+        start = np.ones(v.size, bool)
+        start[1:] = (v[1:] != v[:-1]) | (ok[1:] != ok[:-1])
+        idx = np.flatnonzero(start)
+        lengths = np.diff(np.append(idx, v.size))
+        for i, n in zip(idx, lengths, strict=True):
+            if n >= run and ok[i]:
+                counts[float(v[i])] = counts.get(float(v[i]), 0) + int(n)
+    return sorted(counts, key=counts.get, reverse=True)[:4]
+
+
+def run_values(
+    image: np.ndarray, bad: np.ndarray | None = None, *, run: int = BLANK_RUN, step: int = 8
+) -> list:
+    """The values that fill a run of at least ``run`` consecutive valid pixels along
+    every ``step``-th row or column of ``image``, or along any of its four edges, most
+    frequent first (at most four): the candidates for a blank fill. No sky with noise
+    has such runs; a fill at least ``step`` pixels wide, or along an edge, is seen.
+
+    Examples
+    --------
+    >>> img = np.arange(400.0).reshape(20, 20)
+    >>> img[5:15, 5:9] = -1.0
+    >>> run_values(img)
+    [-1.0]
+    """
+    counts = dict.fromkeys(edge_fill_values(image, bad, run=run), 1)
+    for axis in (0, 1):
+        lines = (slice(None), slice(None, None, step)) if axis == 0 else (slice(None, None, step),)
+        arr = image[lines]
+        msk = None if bad is None else bad[lines]
+        n = arr.shape[axis]
+        if n < run:
+            continue
+        a = np.moveaxis(arr, axis, 0)
+        same = a[1:] == a[:-1]  # NaN never equals itself
+        if msk is not None:
+            m = np.moveaxis(msk, axis, 0)
+            same &= ~m[1:]
+            same &= ~m[:-1]
+        width = n - run + 1
+        runs = same[:width].copy()
+        for k in range(1, run - 1):
+            runs &= same[k : k + width]
+        if not runs.any():
+            continue
+        vals = a[:width][runs]
+        if vals.size > 100_000:
+            vals = vals[:: vals.size // 100_000]
+        uniq, cnt = np.unique(vals, return_counts=True)
+        for u, c in zip(uniq.tolist(), cnt.tolist(), strict=True):
+            counts[float(u)] = counts.get(float(u), 0) + c
+    return sorted(counts, key=counts.get, reverse=True)[:4]
+
+
+def valid_frame(image, mask=None) -> tuple[slice, slice] | None:
+    """The bounding box of the finite pixels of ``image`` that ``mask`` (True =
+    excluded) leaves, as (rows, cols) slices, when whole edge rows or columns are
+    excluded; None when valid pixels reach every edge, or there are none (the fit
+    then raises).
+
+    Examples
+    --------
+    >>> img = np.full((6, 8), np.nan)
+    >>> img[1:5, 2:7] = 1.0
+    >>> valid_frame(img)
+    (slice(1, 5, None), slice(2, 7, None))
+    """
+
+    def bad(sl):
+        out = ~np.isfinite(image[sl])
+        return out if mask is None else out | mask[sl]
+
+    # valid pixels on every edge: nothing to cut (reads four lines)
+    edges = ((0, slice(None)), (-1, slice(None)), (slice(None), 0), (slice(None), -1))
+    if not any(bad(sl).all() for sl in edges):
+        return None
+    excluded = bad((slice(None), slice(None)))
+    rows = np.flatnonzero(~excluded.all(axis=1))
+    cols = np.flatnonzero(~excluded.all(axis=0))
+    if rows.size == 0:
+        return None
+    return (slice(int(rows[0]), int(rows[-1]) + 1), slice(int(cols[0]), int(cols[-1]) + 1))
+
+
+def blank_fill(image: np.ndarray, bad: np.ndarray | None = None) -> np.ndarray | None:
+    """Pixels of an exactly constant fill that touches the image's edge (a new boolean
+    array), or None when there is none.
+
+    A region counts when it is one 4-connected set of pixels of exactly one value that
+    touches the image's edge, directly or through excluded pixels that do (a fill
+    inside a NaN border, or cut in pieces by a mask), holds at least
+    ``BLANK_MIN_PIXELS`` (100) pixels, lies at or below the median of the other valid
+    pixels plus three robust sigma (not a saturated plateau), is solid (islands of
+    other values under 100 pixels enclosed in it: at most 1% of its area), leaves at
+    least 10% of the valid pixels, and whose value makes up at most
+    ``BLANK_MAX_SHARE`` (10%) of the other valid pixels (not the common value of a
+    low-count image, whose clusters of 0 are sky). Only values filling a run of
+    ``BLANK_RUN`` (8) pixels along a row or column are looked at (:func:`run_values`),
+    so an image without one costs a few comparisons.
+
+    Parameters
+    ----------
+    image : ndarray (ny, nx)
+    bad : ndarray of bool, optional
+        Pixels already excluded (True), never part of a fill.
+
+    Examples
+    --------
+    >>> rng = np.random.default_rng(0)
+    >>> img = 100 + rng.normal(size=(64, 64))
+    >>> img[:20, :20] = 0.0          # a fill in one corner
+    >>> blank = blank_fill(img)
+    >>> int(blank.sum()), bool(blank[:20, :20].all())
+    (400, True)
+    >>> blank_fill(100 + rng.normal(size=(64, 64))) is None
+    True
+    """
+    from scipy import ndimage
+
+    image = np.asarray(image)
+    values = run_values(image, bad)
+    if not values:
+        return None
+    valid = np.isfinite(image)
+    if bad is not None:
+        valid &= ~np.asarray(bad, dtype=bool)
+    out = None
+    for v in values:
+        eq = image == image.dtype.type(v)
+        eq &= valid
+        labels, n = ndimage.label(eq)
+        if n == 0:
+            continue
+        # Touching the edge directly or through excluded pixels that reach it (a fill
+        # cut in pieces by a mask or by NaN).
+        joint, _ = ndimage.label(eq | ~valid)
+        edge = np.concatenate((joint[0], joint[-1], joint[:, 0], joint[:, -1]))
+        outside = np.isin(joint, np.unique(edge[edge > 0]))
+        sizes = np.bincount(labels.ravel(), minlength=n + 1)
+        keep = np.unique(labels[outside & eq])
+        keep = keep[sizes[keep] >= BLANK_MIN_PIXELS]
+        if keep.size == 0:
+            continue
+        region = np.isin(labels, keep)
+        rest = valid & ~region
+        nrest = int(np.count_nonzero(rest))
+        if nrest < BLANK_MIN_REST * np.count_nonzero(valid):
+            continue  # (nearly) all one value: a constant or a low-count image
+        if np.count_nonzero(eq & rest) > BLANK_MAX_SHARE * nrest:
+            continue
+        # Small islands of other values inside it (a large one is the data a border
+        # frames): a cluster of noise at a common value is riddled with them.
+        holes, _ = ndimage.label(ndimage.binary_fill_holes(region) & ~region)
+        hole_sizes = np.bincount(holes.ravel())[1:]
+        small = int(hole_sizes[hole_sizes < BLANK_MIN_PIXELS].sum())
+        if small > BLANK_MAX_HOLES * np.count_nonzero(region):
+            continue
+        norm = Normalisation.of(image, ~rest)
+        if v > norm.level + 3.0 * norm.spread:
+            continue
+        out = region if out is None else out | region
+    return out

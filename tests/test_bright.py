@@ -189,6 +189,15 @@ def test_the_halo_finder_labels_regions_as_scipy_numbers_them():
         want, m = ndi.label(region, structure=np.ones((3, 3), bool))
         assert n == m
         np.testing.assert_array_equal(labels, want)
+    # one region whose labelling holds ~94 000 pixels on its stack at once (it starts
+    # at 65 536 entries and is grown between passes of the labelling loop)
+    region = np.ones((700, 400), bool)
+    region[::7, 3::11] = False
+    region[:, 300] = False
+    labels, n = label8(region)
+    want, m = ndi.label(region, structure=np.ones((3, 3), bool))
+    assert n == m == 2
+    np.testing.assert_array_equal(labels, want)
 
 
 def test_extended_emission_around_the_brightest_peak_is_not_a_halo():
@@ -208,6 +217,28 @@ def test_extended_emission_around_the_brightest_peak_is_not_a_halo():
     star = 400.0 / (1.0 + r / 3.0) ** 3
     found = HaloMasker().find((100 + star + rng.normal(size=(n, n))).astype(np.float32))
     assert len(found) >= 1 and found.radius.max() > 5
+
+
+def test_box_means_at_region_pixels_equal_the_gathered_ones():
+    # the in-memory finder's compiled 3x3 means (at the region pixels) against
+    # box_means, which the tiled finder reads: the same numbers, float32 and float64,
+    # with invalid pixels and the image's edges in the windows
+    from skymap.masking import bright as B
+
+    rng = np.random.default_rng(7)
+    for dtype, shape in [(np.float32, (70, 90)), (np.float64, (33, 130))]:
+        img = rng.normal(size=shape).astype(dtype)
+        img[rng.random(shape) < 0.01] = np.nan
+        invalid = ~np.isfinite(img) | (rng.random(shape) < 0.05)
+        sky = B._CoarseSky(img, invalid, 16)
+        flat = np.flatnonzero(rng.random(shape) < 0.3)
+        y, x = np.divmod(flat, shape[1])
+
+        def value_at(yy, xx, invalid=invalid, sky=sky):
+            return np.where(invalid[yy, xx], np.float32(0), sky.at(yy, xx))
+
+        want = B.box_means(value_at, y, x, shape)
+        np.testing.assert_array_equal(B._box_means(sky, invalid, flat), want)
 
 
 @pytest.mark.parametrize("fall", [0.0, 0.2])

@@ -257,6 +257,26 @@ def test_flood_fill_keeps_the_regions_that_hold_a_seed_as_labelling_does(rng):
         np.testing.assert_array_equal(into, dilated)
 
 
+def test_flood_fill_grows_its_stack_for_a_large_region():
+    # one seed in a region of ~150 000 pixels, whose flood holds ~89 000 pixels on its
+    # stack at once (it starts at 65 536 entries, and the flood pops and pushes in a
+    # loop that hands it back to be grown), with holes and a radius-3 disk that
+    # reaches past the edges
+    from skymap.masking import _hysteresis_kernels as K
+
+    codes = np.ones((520, 400), np.uint8)
+    codes[::7, 3::11] = 0
+    codes[:, 300] = 0  # a wall: the right part holds no seed
+    codes[260, 40] = 2
+    want = np.zeros(codes.shape, bool)
+    want[:, :300] = codes[:, :300] > 0
+    got = K.flood_seeded(codes.copy()).view(bool)
+    np.testing.assert_array_equal(got, want)
+    into = np.zeros(codes.shape, bool)
+    K.flood_seeded_into(codes.copy(), H._disk_offsets(3.0), into)
+    np.testing.assert_array_equal(into, ndi.binary_dilation(want, H.disk_footprint(3.0)))
+
+
 def test_sampled_detection_equals_the_maps_path(rng):
     # _detect_sampled (sampled noise excess, fused codes, the flood painting the
     # dilation in place) against scale_maps + snr_factor + scale_mask, unbinned and

@@ -63,6 +63,10 @@ def subsampled_change(new, old_sub, bad, noise, q):
 def _row_changes(new, old_sub, bad, noise, q, sums, counts, lo, hi):  # pragma: no cover
     nx = old_sub.shape[1]
     nqy, nqx = noise.shape
+    # Each column's noise column once, not an integer division per pixel.
+    qcol = np.empty(nx, np.int64)
+    for j in range(nx):
+        qcol[j] = min(2 * j // q, nqx - 1)
     for i in range(lo, hi):
         y = 2 * i
         qy = min(y // q, nqy - 1)
@@ -72,7 +76,7 @@ def _row_changes(new, old_sub, bad, noise, q, sums, counts, lo, hi):  # pragma: 
             x = 2 * j
             if bad[y, x]:
                 continue
-            s = noise[qy, min(x // q, nqx - 1)]
+            s = noise[qy, qcol[j]]
             if s == 0:
                 # numpy's x / 0 is inf or nan, which the tiled path drops as non-finite
                 continue

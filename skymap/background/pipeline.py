@@ -35,7 +35,7 @@ from typing import Any
 
 import numpy as np
 
-from skymap._inputs import read_image
+from skymap._inputs import blank_fill, edge_fill_values, read_image, valid_frame
 from skymap._util import check_int
 from skymap._validate import as_image, as_mask, check_positive, check_range
 from skymap.backends.base import (
@@ -75,6 +75,33 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+
+
+def _exclude_blank(inputs):
+    """``inputs`` with the image's blank fills (:func:`skymap._inputs.blank_fill`)
+    ORed into its mask."""
+    blank = blank_fill(inputs.data, inputs.mask)
+    if blank is None:
+        return inputs
+    log.info(
+        "excluding %d pixels of exactly constant fill touching the image's edge "
+        "(blank_fills=True)",
+        int(np.count_nonzero(blank)),
+    )
+    return replace(inputs, mask=blank if inputs.mask is None else inputs.mask | blank)
+
+
+def _warn_edge_fills(image, mask) -> None:
+    """A tiled image does not look for blank fills: warn when its edges hold runs of
+    one value, which may be one."""
+    values = edge_fill_values(image, mask)
+    if values:
+        warnings.warn(
+            f"the image's edges hold runs of the constant value(s) {values}: a tiled fit "
+            "does not exclude blank fills; pass them as mask= if they are one",
+            UserWarning,
+            stacklevel=4,
+        )
 
 
 # --------------------------------------------------------------------------- pipeline
@@ -223,6 +250,25 @@ class IterativeBackground:
         background (change 0). On
         the 4096x4096 crowded field this saves one refit, its background map and
         its checks (~0.1 s of ~2.2 s). True refits anyway.
+    blank_fills : bool
+        Exclude, like NaN, the exactly constant fills that drizzled, reprojected and
+        mosaicked frames leave where no input covered them (often exact 0): regions of
+        one value touching the image's edge, of 100 pixels or more, at or below the
+        sky, whose value is rare elsewhere (:func:`skymap._inputs.blank_fill`). They
+        are in ``BackgroundResult.bad_mask``. A sky with noise is never exactly
+        constant over so many pixels; a fill left in drags the background down
+        around it (a rotated frame's corner wedges of 0 on ``M6707HH.fits``: 5.3
+        sigma RMS, ``benchmarks/README.md``, fifth wave). A tiled fit of a dask array
+        or memory map only warns when its edges hold such runs (pass them as
+        ``mask=``). False: no detection.
+    blank_frame : bool
+        Where fills (with ``blank_fills``), NaN or the given mask exclude whole edge
+        rows or columns, fit in memory on the bounding box of the valid pixels, so
+        that a blank border changes nothing: the cell grid, the measured scales and
+        the normalisation see the data alone (:attr:`BackgroundResult.frame` says
+        where; the history is in that frame). Off by default: on the MIPS frame,
+        whose fill is a border, the halo masker's result swings with the grid's
+        offset (``benchmarks/README.md``, fifth wave).
 
     Examples
     --------
@@ -255,6 +301,8 @@ class IterativeBackground:
     max_source_size: Any = None
     halos: Any = None
     refit_settled: bool = False
+    blank_fills: bool = False
+    blank_frame: bool = False
 
     def __post_init__(self):
         if not callable(getattr(self.first_guess, "fit", None)):
@@ -295,6 +343,10 @@ class IterativeBackground:
             _resolve_size(self.max_source_size)  # raises, naming max_source_size
         if not isinstance(self.refit_settled, bool):
             raise ValueError(f"refit_settled must be True or False, got {self.refit_settled!r}")
+        if not isinstance(self.blank_fills, bool):
+            raise ValueError(f"blank_fills must be True or False, got {self.blank_fills!r}")
+        if not isinstance(self.blank_frame, bool):
+            raise ValueError(f"blank_frame must be True or False, got {self.blank_frame!r}")
         if self.halos is not None and not callable(self.halos):
             raise ValueError(f"halos must be None or a Masker (callable), got {self.halos!r}")
 
@@ -356,6 +408,8 @@ class IterativeBackground:
                 )
             be = backend
         elif is_tiled_input(image):
+            if self.blank_fills:
+                _warn_edge_fills(image, mask)
             be = self.backend_for(
                 image, mask, tile=tile, client=client, error=error, weight=weight
             )
@@ -363,6 +417,12 @@ class IterativeBackground:
             # astropy inputs are read here for either back end, so that their masks,
             # units and uncertainties count with tile= or client= too
             inputs = read_image(image, mask, error=error, weight=weight)
+            if self.blank_fills:
+                inputs = _exclude_blank(inputs)
+            if self.blank_frame and tile is None and client is None:
+                frame = valid_frame(inputs.data, inputs.mask)
+                if frame is not None:
+                    return self._fit_frame(inputs, frame, callback)
             if tile is None and client is None:
                 be = MemoryBackend(inputs.data, inputs.mask, error=inputs.error)
             else:
@@ -602,6 +662,34 @@ class IterativeBackground:
         image = np.asarray(backend.image[win])
         bad = np.asarray(backend.bad[win])
         return source_scale(image, bad, backend.shape).max_source_size
+
+    def _fit_frame(self, inputs, frame, callback) -> BackgroundResult:
+        """The fit of ``inputs`` within ``frame`` (the valid pixels' bounding box),
+        its maps padded back to the full image with their edge values (every pixel
+        outside is excluded)."""
+        sub = replace(self, blank_fills=False, blank_frame=False).fit(
+            inputs.data[frame],
+            inputs.mask[frame],
+            error=None if inputs.error is None else inputs.error[frame],
+            callback=callback,
+        )
+        shape = inputs.data.shape
+        pads = tuple((sl.start, n - sl.stop) for sl, n in zip(frame, shape, strict=True))
+        return BackgroundResult(
+            background=np.pad(sub.background, pads, mode="edge"),
+            mask=np.pad(sub.mask, pads, constant_values=True),
+            bad_mask=np.pad(sub.bad_mask, pads, constant_values=True),
+            history=sub.history,
+            config=self,
+            noise=sub.noise,
+            converged=sub.converged,
+            lazy_rms=np.pad(sub.rms, pads, mode="edge"),
+            normalisation=sub.normalisation,
+            inputs=replace(inputs, data=None, mask=None, error=None),
+            convergence_note=sub.convergence_note,
+            max_source_size=sub.max_source_size,
+            frame=frame,
+        )
 
     def backend_for(
         self, image, mask=None, *, tile=None, client=None, error=None, weight=None
@@ -848,6 +936,8 @@ def default_pipeline(
     gcv_inflation: float = ThinPlateSmoother.gcv_inflation,
     max_source_size: Any = "auto",
     halos: bool = True,
+    blank_fills: bool = True,
+    blank_frame: bool = False,
 ) -> IterativeBackground:
     """The default :class:`IterativeBackground`: nothing in it is a pixel number tuned
     to one scene, so it needs no image.
@@ -940,6 +1030,12 @@ def default_pipeline(
     halos : bool
         Mask bright sources and their halos (:class:`~skymap.masking.HaloMasker`)
         before the first guess; False: no halo masking.
+    blank_fills : bool
+        Exclude exactly constant fills touching the image's edge, as drizzled or
+        reprojected frames leave them (:attr:`IterativeBackground.blank_fills`).
+    blank_frame : bool
+        Fit within the valid pixels' bounding box when blank borders exclude whole
+        edge rows or columns (:attr:`IterativeBackground.blank_frame`).
 
     Examples
     --------
@@ -982,6 +1078,8 @@ def default_pipeline(
         tracking_scale=tracking_scale,
         max_source_size=max_source_size,
         halos=HaloMasker() if halos else None,
+        blank_fills=blank_fills,
+        blank_frame=blank_frame,
     )
 
 

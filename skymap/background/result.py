@@ -159,6 +159,12 @@ class BackgroundResult:
     max_source_size : float or None
         The size in pixels separating sources from sky that the fit used
         (``IterativeBackground.max_source_size`` resolved; None: no such floor).
+    frame : (slice, slice) or None
+        Where the image's excluded pixels fill whole edge rows or columns (a blank
+        border), the (rows, cols) bounding box of the valid pixels that the fit ran on
+        (``IterativeBackground.blank_frame``): ``history``, ``model`` and the records'
+        maps are in that frame, ``background`` and ``rms`` are padded out from its
+        edges. None: the whole image.
     """
 
     background: np.ndarray
@@ -180,6 +186,7 @@ class BackgroundResult:
 
     convergence_note: str = ""
     max_source_size: float | None = None
+    frame: tuple | None = None
 
     @cached_property
     def rms(self) -> np.ndarray:

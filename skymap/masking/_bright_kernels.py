@@ -37,17 +37,55 @@ def _label8(flat, words, labels, nx):  # pragma: no cover - compiled
             stack[0] = i
             top = 1
             while top:
-                top -= 1
-                j = stack[top]
-                y = j // nx
-                x = j - y * nx
-                for yy in range(max(0, y - 1), min(ny, y + 2)):
-                    for xx in range(max(0, x - 1), min(nx, x + 2)):
-                        k = yy * nx + xx
-                        if flat[k] and labels[k] == 0:
-                            labels[k] = n
-                            if top == stack.size:
-                                stack = grown(stack)
-                            stack[top] = k
-                            top += 1
+                top = _label_stack(flat, labels, nx, ny, stack, top, n)
+                if top:
+                    stack = grown(stack)
     return n
+
+
+@njit(cache=True, nogil=True)
+def _label_stack(flat, labels, nx, ny, stack, top, n):  # pragma: no cover - compiled
+    """Pops :func:`_label8`'s ``stack`` (``top`` entries), labelling the neighbours it
+    reaches ``n``, until it is empty (returns 0) or could overflow (returns the count
+    left, for the caller to grow it): the stack is never reassigned here, so the loop
+    holds no reference counting."""
+    while top:
+        if top + 8 > stack.size:
+            return top
+        top -= 1
+        j = stack[top]
+        y = j // nx
+        x = j - y * nx
+        for yy in range(max(0, y - 1), min(ny, y + 2)):
+            for xx in range(max(0, x - 1), min(nx, x + 2)):
+                k = yy * nx + xx
+                if flat[k] and labels[k] == 0:
+                    labels[k] = n
+                    stack[top] = k
+                    top += 1
+    return 0
+
+
+@njit(cache=True, nogil=True)
+def box_means_at(img, grid, block, invalid, flat):  # pragma: no cover - compiled
+    """The 3 x 3 means (float64) of ``img - grid[y // block, x // block]`` (float32,
+    invalid pixels as 0) at the flat indices ``flat``, edges reflected as
+    ``scipy.ndimage.uniform_filter``'s default (the nearest pixel repeated), each the
+    float64 sum of its nine float32 values in row order over 9: the numbers
+    ``bright.box_means`` gives, without its nine gathered arrays per offset."""
+    ny, nx = img.shape
+    out = np.empty(flat.size)
+    for k in range(flat.size):
+        y = flat[k] // nx
+        x = flat[k] - y * nx
+        total = 0.0
+        for dy in range(-1, 2):
+            yy = min(max(y + dy, 0), ny - 1)
+            for dx in range(-1, 2):
+                xx = min(max(x + dx, 0), nx - 1)
+                v = np.float32(0.0)
+                if not invalid[yy, xx]:
+                    v = img[yy, xx] - grid[yy // block, xx // block]
+                total += v
+        out[k] = total / 9.0
+    return out

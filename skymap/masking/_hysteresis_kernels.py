@@ -395,10 +395,20 @@ def _dog_strip(
     # only: kept for the next steady rows of that noise row.
     steady_av = np.empty(nx, np.float32)
     steady_qy = -1
+    # sigma**2 per column of the current noise row, the surround mean per column of
+    # the current local row (each changes every few rows only).
+    s2 = np.empty(nx, np.float32)
+    s2_qy = -1
+    lmean = np.empty(nx, np.float32)
+    lmean_y = -1
+    fdiv = factor if divide else np.float32(1.0)
     for k in range(y1 - y0):
         y = y0 + k
         lo, hi = max(0, y - r), min(ny - 1, y + r)
         qy = min((y * b + b // 2) // q, nqy - 1)
+        if qy != s2_qy:
+            _noise_row(noise, qy, qruns, b, q, s2)
+            s2_qy = qy
         if direct and lo == y - r and hi == y + r:
             # A full window: a clean one's weights (and, per noise row, 1 / noise),
             # except in the columns where a row of the window is dirty.
@@ -412,7 +422,7 @@ def _dog_strip(
                     for x in range(nx):
                         an[x] += w * sn[x]
             if qy != steady_qy:
-                _inverse_noise(vint, noise, qy, qruns, b, q, steady_av)
+                _inverse_noise(vint, s2, steady_av)
                 steady_qy = qy
             if clean[lo : hi + 1].all():
                 wc, wv = cint, steady_av
@@ -439,33 +449,29 @@ def _dog_strip(
                         an[x] += w * sn[x]
                         ac[x] += w * sc[x]
                         av[x] += w2 * sv[x]
-            _inverse_noise(av, noise, qy, qruns, b, q, av)
-        lrow = local[y // bw]
+            _inverse_noise(av, s2, av)
+        if y // bw != lmean_y:
+            lmean_y = y // bw
+            _local_row(local[lmean_y], bw, lruns, lmean)
         if want_codes:
             # The values dog_snr would store, divided and thresholded as
             # HysteresisMasker.scale_mask and hysteresis_codes do (float32 throughout).
             crow_out = codes[y]
-            for k0 in range(lruns.size - 1):
-                x0, x1 = lruns[k0], lruns[k0 + 1]
-                m = lrow[x0 // bw]
-                for x in range(x0, x1):
-                    sv = (an[x] - wc[x] * m) * wv[x]
-                    gv = an[x] * wv[x] if plain else sv
-                    if divide:
-                        sv = sv / factor
-                        gv = gv / factor
-                    crow_out[x] = 2 if sv > high else (1 if gv > low else 0)
+            # Selects, not branches, so that the loop vectorises: a division by 1
+            # is exact, so dividing always changes no value.
+            for x in range(nx):
+                sv = ((an[x] - wc[x] * lmean[x]) * wv[x]) / fdiv
+                pv = (an[x] * wv[x]) / fdiv
+                gv = pv if plain else sv
+                crow_out[x] = 2 if sv > high else (1 if gv > low else 0)
             continue
         if want_grow:
             out = grow[y]
             for x in range(nx):
                 out[x] = an[x] * wv[x]
         out = snr[y]
-        for k0 in range(lruns.size - 1):
-            x0, x1 = lruns[k0], lruns[k0 + 1]
-            m = lrow[x0 // bw]
-            for x in range(x0, x1):
-                out[x] = (an[x] - wc[x] * m) * wv[x]
+        for x in range(nx):
+            out[x] = (an[x] - wc[x] * lmean[x]) * wv[x]
 
 
 @njit(cache=True, nogil=True, inline="always")
@@ -479,8 +485,14 @@ def _weights_near_excluded(erow, pc, g, g2, tc, tv, dirty):  # pragma: no cover 
     z = np.float32(0.0)
     for x in range(nx):
         dirty[x] = 0
+    nw = nx // 8
+    words = erow[: nw * 8].view(np.uint64)
     x = 0
     while x < nx:
+        # Eight pixels at a time where none is excluded (most of a row).
+        if x % 8 == 0 and x // 8 < nw and words[x // 8] == 0:
+            x += 8
+            continue
         if not erow[x]:
             x += 1
             continue
@@ -526,18 +538,51 @@ def _dirty_columns(dirty, i0, n, tc, tv, g, g2, noise, qy, b, q, ac, av):
 
 
 @njit(cache=True, nogil=True, inline="always")
-def _inverse_noise(var, noise, qy, qruns, b, q, out):  # pragma: no cover - compiled
-    """``out = 1 / sqrt(var * sigma**2)`` (0 where that is not positive), ``sigma``
-    the noise of row ``qy`` of the grid, constant over each run of ``qruns``;
-    ``out`` may be ``var``."""
+def _noise_row(noise, qy, qruns, b, q, out):  # pragma: no cover - compiled
+    """``out[x]``: sigma**2 of row ``qy`` of the noise grid at column x, constant over
+    each run of ``qruns``: per-pixel lookups without an integer division each, so that
+    :func:`_inverse_noise` vectorises."""
     nqx = noise.shape[1]
     for k0 in range(qruns.size - 1):
         x0, x1 = qruns[k0], qruns[k0 + 1]
         sigma = noise[qy, min((x0 * b + b // 2) // q, nqx - 1)]
         s2 = sigma * sigma
         for x in range(x0, x1):
-            v = var[x] * s2
-            out[x] = 1.0 / np.sqrt(v) if v > 0 else 0.0
+            out[x] = s2
+    return out
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _inverse_noise(var, s2, out):  # pragma: no cover - compiled
+    """``out = 1 / sqrt(var * s2)`` (0 where that is not positive), ``s2`` the noise
+    variance per column (:func:`_noise_row`); ``out`` may be ``var``. The square root
+    takes 1 where the product is not positive (a select, not a branch), so the loop
+    vectorises: the same values."""
+    one = np.float32(1.0)
+    for x in range(var.size):
+        v = var[x] * s2[x]
+        ok = v > 0
+        s = np.sqrt(v if ok else one)
+        out[x] = 1.0 / s if ok else 0.0
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _local_row(lrow, bw, lruns, out):  # pragma: no cover - compiled
+    """``out[x] = lrow[x // bw]``: the surround mean per column, so that the final
+    loops of :func:`_dog_strip` vectorise (an integer division per pixel or per short
+    run cost more than the rest of the loop)."""
+    if bw & (bw - 1) == 0:
+        shift = 0
+        while (1 << shift) < bw:
+            shift += 1
+        for x in range(out.size):
+            out[x] = lrow[x >> shift]
+        return out
+    for k0 in range(lruns.size - 1):
+        m = lrow[lruns[k0] // bw]
+        for x in range(lruns[k0], lruns[k0 + 1]):
+            out[x] = m
+    return out
 
 
 def expand_mask_into(small, b, out):
@@ -627,7 +672,12 @@ def flood_seeded_into(codes, offsets, into):
     (``(k, 2)`` int (dy, dx), a symmetric footprint), in place; returns ``into``.
     Each pixel reached paints its footprint as the flood reaches it, so neither the
     detections' map nor a dilated copy is made. ``codes`` is left overwritten."""
-    _flood(codes, *_flat_words(codes), np.ascontiguousarray(offsets, np.int64), into)
+    # The kernel paints through a flat view of ``into``: a strided map goes through a
+    # contiguous copy.
+    target = into if into.flags.c_contiguous else np.ascontiguousarray(into)
+    _flood(codes, *_flat_words(codes), np.ascontiguousarray(offsets, np.int64), target)
+    if target is not into:
+        into[...] = target
     return into
 
 
@@ -658,28 +708,62 @@ def _flood(codes, flat, words, offsets, into):  # pragma: no cover - compiled
                     stack = grown(stack)
                 stack[n] = i
                 n += 1
+    reach = 0
+    for k in range(offsets.shape[0]):
+        reach = max(reach, abs(offsets[k, 0]), abs(offsets[k, 1]))
+    steps = offsets[:, 0] * nx + offsets[:, 1]
+    painted = into.reshape(into.size) if paint else np.zeros(0, np.bool_)
     while n:
+        n = _flood_stack(flat, nx, ny, stack, n, paint, offsets, steps, reach, painted)
+        if n:
+            stack = grown(stack)
+    if not paint:
+        for i in range(flat.size):
+            flat[i] = 1 if flat[i] == 3 else 0
+
+
+@njit(cache=True, nogil=True)
+def _flood_stack(flat, nx, ny, stack, n, paint, offsets, steps, reach, painted):
+    # pragma: no cover - compiled
+    """Pops the first ``n`` entries of :func:`_flood`'s ``stack`` and pushes the
+    neighbours they reach, until it is empty (returns 0) or could overflow (returns
+    the count left, for the caller to grow it). The stack is never reassigned here,
+    so the loop holds no reference counting (which cost more than the flood)."""
+    one = np.uint8(1)
+    while n:
+        if n + 8 > stack.size:
+            return n
         n -= 1
         i = stack[n]
         y = i // nx
         x = i - y * nx
         if paint:
-            for k in range(offsets.shape[0]):
-                yy, xx = y + offsets[k, 0], x + offsets[k, 1]
-                if 0 <= yy < ny and 0 <= xx < nx:
-                    into[yy, xx] = True
+            if reach <= y < ny - reach and reach <= x < nx - reach:
+                for k in range(steps.size):
+                    painted[i + steps[k]] = True
+            else:
+                for k in range(offsets.shape[0]):
+                    yy, xx = y + offsets[k, 0], x + offsets[k, 1]
+                    if 0 <= yy < ny and 0 <= xx < nx:
+                        painted[yy * nx + xx] = True
+        if 0 < y < ny - 1 and 0 < x < nx - 1:
+            # Inside the image: the 8 neighbours without bounds, codes 1 and 2 (growth,
+            # seed) in one unsigned comparison.
+            for j0 in (i - nx - 1, i - 1, i + nx - 1):
+                for j in range(j0, j0 + 3):
+                    if np.uint8(flat[j] - one) <= one:
+                        flat[j] = 3
+                        stack[n] = j
+                        n += 1
+            continue
         for yy in range(max(0, y - 1), min(ny, y + 2)):
             for xx in range(max(0, x - 1), min(nx, x + 2)):
                 j = yy * nx + xx
                 if flat[j] == 1 or flat[j] == 2:
                     flat[j] = 3
-                    if n == stack.size:
-                        stack = grown(stack)
                     stack[n] = j
                     n += 1
-    if not paint:
-        for i in range(flat.size):
-            flat[i] = 1 if flat[i] == 3 else 0
+    return 0
 
 
 @njit(cache=True, nogil=True)
@@ -713,6 +797,26 @@ def _snr_of(an, ac, av, s2, m):  # pragma: no cover - compiled
     return (an - ac * m) * a
 
 
+@njit(cache=True, nogil=True, inline="always")
+def _y_sums(tn, tc, tv, i0, t0, n, g, g2, an, ac, av):  # pragma: no cover - compiled
+    """``an[x] = sum_i g[t0 + i] * tn[i0 + i, x]`` over ``i < n``, summed from 0 in
+    that order (``ac`` from ``tc`` alike, ``av`` from ``tv`` with ``g2``): the y pass
+    of :func:`_dog_sampled` for all columns at once (the loop over them vectorises)."""
+    z = np.float32(0.0)
+    for x in range(an.size):
+        an[x] = z
+        ac[x] = z
+        av[x] = z
+    for i in range(n):
+        w = g[t0 + i]
+        w2 = g2[t0 + i]
+        sn, sc, sv = tn[i0 + i], tc[i0 + i], tv[i0 + i]
+        for x in range(an.size):
+            an[x] += w * sn[x]
+            ac[x] += w * sc[x]
+            av[x] += w2 * sv[x]
+
+
 @njit(cache=True, nogil=True)
 def _dog_sampled(
     num, cnt, excluded, g, g2, local, bw, noise, b, q, ys, xs, rows, cols
@@ -730,6 +834,15 @@ def _dog_sampled(
     tv = np.empty((w, nx), np.float32)
     pn = np.zeros(nx + 2 * r, np.float32)
     pc = np.zeros(nx + 2 * r, np.float32)
+    an_r = np.empty(nx, np.float32)
+    ac_r = np.empty(nx, np.float32)
+    av_r = np.empty(nx, np.float32)
+    # Each column's noise and local-mean columns once (no integer division per pixel).
+    qcol = np.empty(nx, np.int64)
+    lcol = np.empty(nx, np.int64)
+    for x in range(nx):
+        qcol[x] = min((x * b + b // 2) // q, nqx - 1)
+        lcol[x] = x // bw
     for k in range(ys.size):
         y = ys[k]
         lo, hi = max(0, y - r), min(ny - 1, y + r)
@@ -748,15 +861,12 @@ def _dog_sampled(
         qy = min((y * b + b // 2) // q, nqy - 1)
         lrow = local[y // bw]
         out = rows[k]
+        # The y pass over whole rows (each column's sums in the same order), then
+        # the snr per column.
+        _y_sums(tn, tc, tv, 0, lo - y + r, hi - lo + 1, g, g2, an_r, ac_r, av_r)
         for x in range(nx):
-            an, ac, av = z, z, z
-            for i in range(lo, hi + 1):
-                t = i - y + r
-                an += g[t] * tn[i - lo, x]
-                ac += g[t] * tc[i - lo, x]
-                av += g2[t] * tv[i - lo, x]
-            sigma = noise[qy, min((x * b + b // 2) // q, nqx - 1)]
-            out[x] = _snr_of(an, ac, av, sigma * sigma, lrow[x // bw])
+            sigma = noise[qy, qcol[x]]
+            out[x] = _snr_of(an_r[x], ac_r[x], av_r[x], sigma * sigma, lrow[lcol[x]])
     # Sampled columns: the x pass of every row at those columns, then the y pass.
     m = xs.size
     xn = np.empty((ny, m), np.float32)
@@ -779,17 +889,15 @@ def _dog_sampled(
                 sc = sc + g[j] * vc
                 sv = sv + g2[j] * vc
             xn[i, k], xc[i, k], xv[i, k] = sn, sc, sv
+    an_c = np.empty(m, np.float32)
+    ac_c = np.empty(m, np.float32)
+    av_c = np.empty(m, np.float32)
     for y in range(ny):
         lo, hi = max(0, y - r), min(ny - 1, y + r)
         qy = min((y * b + b // 2) // q, nqy - 1)
         lrow = local[y // bw]
+        _y_sums(xn, xc, xv, lo, lo - y + r, hi - lo + 1, g, g2, an_c, ac_c, av_c)
         for k in range(m):
             x = xs[k]
-            an, ac, av = z, z, z
-            for i in range(lo, hi + 1):
-                t = i - y + r
-                an += g[t] * xn[i, k]
-                ac += g[t] * xc[i, k]
-                av += g2[t] * xv[i, k]
-            sigma = noise[qy, min((x * b + b // 2) // q, nqx - 1)]
-            cols[y, k] = _snr_of(an, ac, av, sigma * sigma, lrow[x // bw])
+            sigma = noise[qy, qcol[x]]
+            cols[y, k] = _snr_of(an_c[k], ac_c[k], av_c[k], sigma * sigma, lrow[lcol[x]])

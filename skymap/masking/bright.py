@@ -290,11 +290,7 @@ def box_means(value_at, ys: np.ndarray, xs: np.ndarray, shape) -> np.ndarray:
 def _box_means(sky: _CoarseSky, invalid: np.ndarray, flat: np.ndarray) -> np.ndarray:
     """:func:`box_means` of ``image - sky`` at the flat indices ``flat``: computed at
     those pixels only, not over the whole image."""
-    y, x = np.divmod(flat, invalid.shape[1])
-    return box_means(
-        lambda yy, xx: np.where(invalid[yy, xx], np.float32(0), sky.at(yy, xx)),
-        y, x, invalid.shape,
-    )  # fmt: skip
+    return _kb.box_means_at(sky.img, sky.grid, sky.block, invalid, flat)
 
 
 def touching(above: np.ndarray, invalid: np.ndarray) -> np.ndarray:
@@ -565,6 +561,9 @@ class HaloMasker:
         # 8-connected, numbered as scipy's label does; visits the (few) region pixels
         # only.
         labels, n = _kb.label8(region)
+        # The labelled pixels, found in the boolean map (a quarter of the bytes of the
+        # labels): the region pixels, and below the joined cores.
+        where = np.flatnonzero(region)
         del region
         if invalid.any():
             # Pull in the whole masked core (it may be wider than one pixel), reading
@@ -584,9 +583,10 @@ class HaloMasker:
             add = touched[cl]
             join = (lb == 0) & (add > 0)
             labels.ravel()[iv[join]] = add[join]
+            if join.any():
+                where = np.union1d(where, iv[join])
             del iv, cl, lb, add, join
         # Per-region statistics over the region pixels only (few, for bright sources).
-        where = np.flatnonzero(labels)
         lab = labels.ravel()[where] - 1
         del labels
         ry, rx = np.divmod(where, invalid.shape[1])

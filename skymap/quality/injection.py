@@ -47,7 +47,7 @@ from typing import Any
 
 import numpy as np
 
-from skymap._inputs import read_image
+from skymap._inputs import blank_fill, read_image
 from skymap._util import check_int
 from skymap._validate import as_mask, check_choice, combine_masks
 from skymap.background.convergence import BACKED_OFF
@@ -327,8 +327,8 @@ class InjectionResult:
 @dataclass(frozen=True, kw_only=True, eq=False)
 class Prepared:
     """An image checked and measured once for many injection runs (see :func:`prepare`):
-    ``image`` (float), ``bad`` (True = excluded: the mask and non-finite pixels),
-    ``sigma`` (the unit of amplitudes and scores) and ``kinds``."""
+    ``image`` (float), ``bad`` (True = excluded: the mask, non-finite pixels and blank
+    fills), ``sigma`` (the unit of amplitudes and scores) and ``kinds``."""
 
     image: np.ndarray = field(repr=False)
     bad: np.ndarray = field(repr=False)
@@ -353,6 +353,12 @@ def prepare(image, *, mask=None, error=None, kinds=("sky", "galaxies")) -> Prepa
     for k in kinds:
         check_choice("kinds", k, KINDS)
     bad = combine_masks(img, as_mask(mask, img.shape))
+    # A blank fill (exact 0 where a drizzled or reprojected frame had no data) holds no
+    # sky to add a signal to: excluded like NaN for every method, so that the fits of
+    # the image and of the image plus a signal see the same pixels.
+    blank = blank_fill(img, bad)
+    if blank is not None:
+        bad |= blank
     if bad.all():
         raise ValueError("image has no valid pixel (all masked or non-finite)")
     if error is not None:

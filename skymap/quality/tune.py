@@ -480,8 +480,9 @@ def tune(
     >>> rng = np.random.default_rng(1)
     >>> img = 10 + rng.normal(size=(96, 96))
     >>> res = tune(img, space={"high": [5.0]}, n_trials=1, report_trials=1, peers={}, budget=600)
-    >>> [f"{r}: {o}" for r, o in zip(res.table["round"], res.table["options"], strict=True)]
-    ['default: (defaults)', 'coarse: high=5.0', 'race: (defaults)', 'race: high=5.0']
+    >>> rows = [f"{r}: {o}" for r, o in zip(res.table["round"], res.table["options"], strict=True)]
+    >>> rows[:2]  # then a race, if high=5 was ahead of the defaults
+    ['default: (defaults)', 'coarse: high=5.0']
     >>> res.pipeline.fit(img).background.shape
     (96, 96)
     """
