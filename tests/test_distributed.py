@@ -9,6 +9,8 @@ from scipy import ndimage
 
 da = pytest.importorskip("dask.array")
 
+distributed = pytest.importorskip("distributed")
+
 import skymap  # noqa: E402
 from skymap.backends.base import block_sums  # noqa: E402
 from skymap.backends.dask import (  # noqa: E402
@@ -226,6 +228,30 @@ def test_fit_of_a_dask_array_equals_in_memory_on_a_local_cluster(scene, options,
     assert isinstance(tiled.background, da.Array) and isinstance(tiled.mask, da.Array)
     assert len(tiled.background.chunks[0]) > 1 and len(tiled.background.chunks[1]) > 1
     _assert_same_fit(tiled, ref, threads_client)
+
+
+def test_each_tile_runs_on_its_worker(threads_client):
+    """The tiles are cut into one contiguous run per worker, and the blocks of every
+    array of a tile (a step's output included) are kept on that tile's worker."""
+    img = np.random.default_rng(2).normal(size=(256, 256)).astype(np.float32)
+    be = DaskBackend(da.from_array(img, chunks=100), tile=64, unit=(2, 2), client=threads_client)
+    placement = be.placement
+    workers = sorted(threads_client.scheduler_info()["workers"])
+    assert placement.grid == (4, 4) and placement.workers == (workers[0],) * 8 + (workers[1],) * 8
+    assert placement(("x", 0, 3, 1)) == [workers[1]] and placement("delayed-key") == []
+    assert placement(("x", 5, 0)) == []  # not a tile
+    (maps,) = be.persist(
+        be.map_tiles(lambda a, window, core: a[1:-1, 1:-1] * 2, [be.image], halo=1)
+    )
+    for arr in (be.bad, maps):
+        distributed.wait(arr)
+        where = threads_client.who_has(arr)
+        for (name, i, j), held in where.items():
+            assert list(held) == [placement.worker(i, j)], (name, i, j)
+    # a window reads a neighbouring block whole on its own worker, its border strip
+    # (a cut task) only from the other worker
+    assert be._near(0, 0)(1, 3) and not be._near(1, 0)(2, 0)
+    assert DaskBackend(img, tile=64, client="sync").placement is None
 
 
 def test_fit_runs_an_explicit_pipeline_on_a_memmap(tmp_path):
@@ -601,6 +627,21 @@ def test_float_order_keys_round_trip_and_sort(dtype):
     keys = float_keys(v)
     assert [float(key_to_float(int(k), dtype)) for k in keys] == v.tolist()
     np.testing.assert_array_equal(np.argsort(keys, kind="stable")[[0, -1]], [6, 5])
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("middle", [(1.0, 1.0 + 2**-20), (-3.0, 7.0e5)])
+def test_tiled_median_is_numpys_when_the_middle_values_share_digits_or_not(dtype, middle):
+    """The two middle order statistics share their histogram passes while their high
+    digits agree (the first pair) and take their own when not (the second)."""
+    rng = np.random.default_rng(4)
+    low, high = rng.uniform(-1e6, middle[0], 2046), rng.uniform(middle[1], 1e6, 2046)
+    v = np.concatenate([low, middle, high, [np.nan, np.nan]])  # 4094 values, not NaNs
+    img = rng.permutation(v).astype(dtype).reshape(64, 64)
+    be = DaskBackend(da.from_array(img, chunks=16), tile=32, unit=(2, 2), client="sync")
+    got = be.median(lambda a, window: a[np.isfinite(a)], [be.image])
+    assert got == float(np.median(img[np.isfinite(img)]))
+    assert got == float(np.mean(np.array(middle, dtype)))
 
 
 def test_tiled_fit_is_deprecated_and_keeps_its_errors():

@@ -16,7 +16,10 @@ a smoother, the binning blocks of a masker), so that every cell and block lies i
 one tile and each tile's sums equal that part of the whole image's, bit for bit.
 
 Parallelism is the cluster's: each tile task runs numba's kernels on one thread, so
-give a LocalCluster one worker (process or thread) per core.
+give a LocalCluster one worker (process or thread) per core. On a ``distributed``
+cluster each tile's tasks run on one worker (:class:`TilePlacement`), so that a tile's
+blocks stay where they were made and only the halos that cross to another worker's
+tiles travel.
 """
 
 from __future__ import annotations
@@ -48,6 +51,7 @@ from skymap.backends.windows import BorderStrips, assemble
 __all__ = [
     "DaskBackend",
     "TileLayout",
+    "TilePlacement",
     "aligned_chunks",
     "is_tiled_input",
     "key_grid",
@@ -117,6 +121,60 @@ class TileLayout:
     tile: tuple[int, int]
     chunks: tuple[tuple[int, ...], tuple[int, ...]]
     halo: int
+
+
+@dataclass(frozen=True, eq=False)
+class TilePlacement:
+    """Which worker of a ``distributed`` cluster runs each tile's tasks: the tiles in
+    row-major order cut into one contiguous run per worker (so that most halos are
+    read on the worker that holds them).
+
+    Called by the scheduler with each task's key (a global ``workers`` annotation):
+    a key ``(name, ..., i, j)`` of tile (i, j) gets that tile's worker, any other key
+    no restriction. Every array of a tiled fit has one block per tile, so its block
+    keys end with the tile's indices. Without it the scheduler places each task by its
+    inputs' bytes, and the blocks of one tile drift between workers, pulling whole
+    blocks across for the windows of the next step. The restriction is loose: a task
+    whose worker has gone runs elsewhere.
+
+    Examples
+    --------
+    >>> p = TilePlacement(workers=("tcp://a:1",) * 2 + ("tcp://b:2",) * 2, grid=(2, 2))
+    >>> p(("maps-1f3a", 0, 1, 0)), p("factor-1f3a")
+    (['tcp://b:2'], [])
+    """
+
+    workers: tuple[str, ...]
+    grid: tuple[int, int]
+
+    @classmethod
+    def of(cls, client, grid) -> TilePlacement | None:
+        """The placement of the tiles ``grid`` on ``client``'s workers (None: not a
+        ``distributed`` client with at least two workers)."""
+        info = getattr(client, "scheduler_info", None)
+        if info is None:
+            return None
+        try:
+            workers = sorted(info().get("workers", {}))
+        except Exception:  # a client without a live scheduler
+            return None
+        if len(workers) < 2:
+            return None
+        n = grid[0] * grid[1]
+        return cls(workers=tuple(workers[t * len(workers) // n] for t in range(n)), grid=grid)
+
+    def worker(self, i: int, j: int) -> str:
+        """The address of the worker of tile (i, j)."""
+        return self.workers[i * self.grid[1] + j]
+
+    def __call__(self, key) -> list[str]:
+        if isinstance(key, tuple) and len(key) >= 3:
+            i, j = key[-2:]
+            if isinstance(i, int) and isinstance(j, int):
+                ny, nx = self.grid
+                if 0 <= i < ny and 0 <= j < nx:
+                    return [self.worker(i, j)]
+        return []
 
 
 @dataclass(frozen=True, eq=False)
@@ -210,6 +268,10 @@ class DaskBackend:
             for n, u, t in zip(shape, self.unit, tile, strict=True)
         )
         self.chunks = tuple(aligned_chunks(n, t) for n, t in zip(shape, self.tile, strict=True))
+        self.placement = TilePlacement.of(client, tuple(len(c) for c in self.chunks))
+        # block key -> its task, computed inside the tasks that read the block (cheap
+        # lookups: the kept labels of label_seeded)
+        self._inline: dict = {}
         self.image = self._source(image).map_blocks(_work_block, dtype=self.dtype)
         given = None
         if mask is not None:
@@ -355,7 +417,19 @@ class DaskBackend:
     def persist(self, *arrays):
         import dask
 
-        return dask.persist(*arrays, scheduler=self.client)
+        with self._placed():
+            return dask.persist(*arrays, scheduler=self.client)
+
+    def _placed(self):
+        """A context in which the graphs sent to a ``distributed`` cluster carry the
+        tiles' placement (:class:`TilePlacement`); a no-op on other schedulers."""
+        import contextlib
+
+        import dask
+
+        if self.placement is None:
+            return contextlib.nullcontext()
+        return dask.annotate(workers=self.placement, allow_other_workers=True)
 
     def compute(self, *things):
         """The computed ``things``: one value for one thing, else a list."""
@@ -365,7 +439,8 @@ class DaskBackend:
     def _compute_list(self, things) -> list:
         import dask
 
-        return list(dask.compute(*things, scheduler=self.client))
+        with self._placed():
+            return list(dask.compute(*things, scheduler=self.client))
 
     def tiles(self):
         """(i, j, (y0, y1), (x0, x1)) of every tile, row by row."""
@@ -415,8 +490,12 @@ class DaskBackend:
         keys = {}
         for i, j, ys, xs in self.tiles():
             keys[i, j] = (name, *lead, i, j)
-            dsk[keys[i, j]] = (func, *args_of(i, j, ys, xs, ref))
-        dsk.update(cuts)
+            task = (func, *args_of(i, j, ys, xs, ref))
+            # a lookup is run inline only where its block lives (else its own task's
+            # small output travels, not the block it reads)
+            dsk[keys[i, j]] = _inlined(task, self._inline, self._near(i, j))
+        # the strip tasks run where their block lives
+        dsk.update({k: _inlined(v, self._inline, None) for k, v in cuts.items()})
         return name, HighLevelGraph.from_collections(name, dsk, dependencies=dependencies), keys
 
     def _tile_array(self, func, args_of, dependencies, chunks, dtype, label=None, **shared):
@@ -431,6 +510,16 @@ class DaskBackend:
 
         name, graph, keys = self._tasks(func, args_of, dependencies, label=label, **shared)
         return self._compute_list([Delayed(key, graph, layer=name) for key in keys.values()])
+
+    def _near(self, i: int, j: int):
+        """Whether a block (bi, bj) lives on the worker that runs tile (i, j)'s tasks:
+        by the placement on a ``distributed`` cluster of several workers; on any other
+        scheduler every block is in the one process."""
+        placement = self.placement
+        if placement is None:
+            return lambda bi, bj: True
+        here = placement.worker(i, j)
+        return lambda bi, bj: placement.worker(bi, bj) == here
 
     def _windows(self, inputs, halo):
         """``args_of`` for :meth:`_tasks`: per tile the covering blocks and slices of
@@ -448,7 +537,7 @@ class DaskBackend:
             out = []
             for halos, b in grids:
                 bwin = tuple((w0 // b, -(-w1 // b)) for w0, w1 in win)
-                out.extend(halos.cover(bwin, ref[CUTS]))
+                out.extend(halos.cover(bwin, ref[CUTS], self._near(i, j)))
             return (*out, win, (ys, xs))
 
         return args
@@ -544,15 +633,8 @@ class DaskBackend:
         one more task of the graph: a lazy value (``dask.delayed``) that later tasks
         can take (e.g. a keyword of :meth:`label_seeded`) without a round trip through
         the driver."""
-        from dask.delayed import Delayed
-        from dask.highlevelgraph import HighLevelGraph
-
         name, graph, keys = self._forward_tasks(func, arrays, reach, block, kw)
-        # one layer with the tile tasks, so that the combine task's keys are resolved
-        layer = dict(graph.layers[name])
-        layer[name] = (combine, list(keys.values()))
-        graph = HighLevelGraph.from_collections(name, layer, dependencies=list(arrays))
-        return Delayed(name, graph, layer=name)
+        return _combined(name, graph, keys, combine, arrays)
 
     def _forward_tasks(self, func, arrays, reach, block, kw):
         b = block
@@ -567,22 +649,23 @@ class DaskBackend:
             )
             out = []
             for h in halos:
-                out.extend(h.cover(win, ref[CUTS]))
+                out.extend(h.cover(win, ref[CUTS], self._near(i, j)))
             return (func, len(halos), *out, win, core, ref["kw"])
 
         return self._tasks(_windowed, args, list(arrays), label=_name(func), kw=kw)
 
     def per_tile_sums(self, func, arrays, *, width: int, **kwargs) -> np.ndarray:
         """Sum over the tiles of ``func(blocks..., window=...)``, a vector of ``width``
-        numbers per tile."""
-        import dask.array as da
+        numbers per tile: one task per tile and one that adds them up (row by row)."""
+        grids = [key_grid(a) for a in arrays]
 
-        ny, nx = (len(c) for c in self.chunks)
-        parts = da.map_blocks(
-            _with_window, *arrays, task=func, dtype=np.float64,
-            chunks=((1,) * ny, (1,) * nx, (width,)), new_axis=2, **kwargs,
-        )  # fmt: skip
-        return np.asarray(self.compute(parts.sum(axis=(0, 1))))
+        def args(i, j, ys, xs, ref):
+            return (func, ref["kw"], (ys, xs), *(g[i, j] for g in grids))
+
+        name, graph, keys = self._tasks(
+            _tile_sum, args, list(arrays), label=_name(func), kw=kwargs
+        )
+        return np.asarray(self.compute(_combined(name, graph, keys, _add_up, arrays)))
 
     # -- the loop's operations
 
@@ -749,27 +832,44 @@ class DaskBackend:
         value per valid pixel): the middle order statistic(s) selected 16 bits at a
         time from per-tile histograms of their order keys."""
         n = self.size - self.nbad
-        picked = [self._select(values, arrays, k, kw) for k in sorted({(n - 1) // 2, n // 2})]
+        picked = self._select(values, arrays, sorted({(n - 1) // 2, n // 2}), kw)
         return float(np.median(np.array(picked, dtype=self.dtype)))
 
-    def _select(self, values, arrays, k: int, kw):
+    def _select(self, values, arrays, ks, kw) -> list:
+        """The order statistics ``ks`` (0-based ranks): one histogram pass per 16-bit
+        digit and distinct prefix, so the two middle ones share their passes while
+        their higher digits agree."""
         bits = self.dtype.itemsize * 8
-        prefix = 0
+        state = [[k, 0] for k in ks]  # rank left within the prefix, prefix
         for shift in range(bits - 16, -1, -16):
-            hist = self.per_tile_sums(
-                _tile_digit_histogram, arrays, width=1 << 16, values=values, shift=shift,
-                prefix=prefix, bits=bits, kw=kw,
-            )  # fmt: skip
-            cum = np.cumsum(hist)
-            digit = int(np.searchsorted(cum, k, side="right"))
-            k -= int(cum[digit - 1]) if digit else 0
-            prefix = (prefix << 16) | digit
-        return key_to_float(prefix, self.dtype)
+            cums: dict = {}
+            for st in state:
+                k, prefix = st
+                if prefix not in cums:
+                    cums[prefix] = np.cumsum(
+                        self.per_tile_sums(
+                            _tile_digit_histogram,
+                            arrays,
+                            width=1 << 16,
+                            values=values,
+                            shift=shift,
+                            prefix=prefix,
+                            bits=bits,
+                            kw=kw,
+                        )  # fmt: skip
+                    )
+                cum = cums[prefix]
+                digit = int(np.searchsorted(cum, k, side="right"))
+                st[0] = k - (int(cum[digit - 1]) if digit else 0)
+                st[1] = (prefix << 16) | digit
+        return [key_to_float(prefix, self.dtype) for _, prefix in state]
 
     def label_seeded(self, maps, codes: Callable, *, block: int, **kw):
         """Regions of ``codes(maps_block, which="region", **kw)`` (bool per binned
         pixel) that hold a pixel of ``codes(..., which="seed", **kw)``, 8-connected
-        across tiles, as a persisted bool array binned by ``block``. Each tile is
+        across tiles, as a bool array binned by ``block``: each block a lookup in the
+        tile's persisted labels, run inside the tasks on its worker that read it (a
+        task of its own for the others). Each tile is
         labelled on its own (scipy); the labels that touch across a tile boundary are
         joined by labelling the two-pixel strips along every boundary, and
         ``scipy.sparse.csgraph.connected_components`` merges them."""
@@ -797,7 +897,13 @@ class DaskBackend:
         det = self._tile_array(
             _keep_labels, lambda i, j, *_: (labels_k[i, j], keep[i][j]), [labels], bchunks, bool
         )
-        (det,) = self.persist(det)
+        # Not persisted: the windows on a block's worker compute its lookup themselves
+        # (see _tasks), most of a task layer less per masking scale.
+        dk = key_grid(det)
+        self._inline = {
+            dk[i, j]: ((_keep_labels, labels_k[i, j], keep[i][j]), (i, j))
+            for i, j, _, _ in self.tiles()
+        }
         return det
 
 
@@ -841,6 +947,26 @@ def _label_info(labels, maps, codes, kw, names=(), *values):
     seed = codes(maps, which="seed", **kw, **dict(zip(names, values, strict=True)))
     edges = (labels[0].copy(), labels[-1].copy(), labels[:, 0].copy(), labels[:, -1].copy())
     return int(labels.max(initial=0)), np.unique(labels[seed]), edges
+
+
+def _inlined(task, inline: dict, near=None):
+    """``task`` with the keys of ``inline`` (key -> (task, block index)) in it, in
+    nested tuples and lists, replaced by their tasks, run inside it: all of them, or
+    (``near`` given) those whose block ``near(i, j)`` says lives where ``task`` runs."""
+    if not inline:
+        return task
+    if isinstance(task, (str, tuple)):
+        try:
+            found = inline.get(task)
+        except TypeError:  # a tuple holding unhashable things (slices): not a key
+            found = None
+        if found is not None:
+            return found[0] if near is None or near(*found[1]) else task
+    if isinstance(task, tuple):
+        return tuple(_inlined(t, inline, near) for t in task)
+    if isinstance(task, list):
+        return [_inlined(t, inline, near) for t in task]
+    return task
 
 
 def _pick(ys, xs, *blocks):
@@ -911,9 +1037,28 @@ def _bad_block(img, given=None):
     return combine_masks(img, given)
 
 
-def _with_window(*blocks, task, block_info=None, **kwargs):
-    window = _location(block_info)
-    return np.asarray(task(*blocks, window=window, **kwargs), dtype=np.float64)[None, None]
+def _combined(name, graph, keys, combine, arrays):
+    """``combine([results of the tasks keys])`` as one more task of the layer ``name``
+    of ``graph`` (whose tasks read ``arrays``), a lazy value."""
+    from dask.delayed import Delayed
+    from dask.highlevelgraph import HighLevelGraph
+
+    # one layer with the tile tasks, so that the combine task's keys are resolved
+    layer = dict(graph.layers[name])
+    layer[name] = (combine, list(keys.values()))
+    graph = HighLevelGraph.from_collections(name, layer, dependencies=list(arrays))
+    return Delayed(name, graph, layer=name)
+
+
+def _tile_sum(func, kw, window, *blocks):
+    return np.asarray(func(*blocks, window=window, **kw), dtype=np.float64)
+
+
+def _add_up(parts):
+    total = parts[0].copy()
+    for part in parts[1:]:
+        total += part
+    return total
 
 
 @one_thread

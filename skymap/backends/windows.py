@@ -56,11 +56,13 @@ class BorderStrips:
         self.use = h * w * pixel_bytes(array) >= CUT_BYTES and ring <= RING_SHARE * h * w
         self.name = f"ring-{uuid.uuid4().hex}"
 
-    def cover(self, window, extra):
+    def cover(self, window, extra, near=None):
         """As :func:`cover`; with strips, each block partly in the window is a piece of
         the block's strip (or, where the strips do not reach, of the block) taken by
         an inline task, and the pieces make up exactly the window. ``extra`` gathers
-        the strip tasks (once per block)."""
+        the strip tasks (once per block). ``near(i, j)``, if given, tells whether block
+        (i, j) lives where the window is read: such a block is read whole (nothing
+        travels, no strip task)."""
         if not self.use:
             return cover(self.keys, self.edges, window)
         (ey, ex), (hy, hx) = self.edges, self.reach
@@ -75,6 +77,9 @@ class BorderStrips:
                 bw, c0, c1 = ex[j + 1] - ex[j], max(u0, ex[j]) - ex[j], min(u1, ex[j + 1]) - ex[j]
                 if (r0, r1, c0, c1) == (0, bh, 0, bw):
                     row.append(self.keys[i, j])  # wholly inside the window
+                    continue
+                if near is not None and near(i, j):
+                    row.append((piece, self.keys[i, j], None, (slice(r0, r1), slice(c0, c1))))
                     continue
                 side, dy, dx = None, 0, 0
                 if (r0, r1) != (0, bh):

@@ -293,7 +293,7 @@ def _box_means(sky: _CoarseSky, invalid: np.ndarray, flat: np.ndarray) -> np.nda
     return _kb.box_means_at(sky.img, sky.grid, sky.block, invalid, flat)
 
 
-def _touching(above: np.ndarray, invalid: np.ndarray) -> np.ndarray:
+def touching(above: np.ndarray, invalid: np.ndarray) -> np.ndarray:
     """``above`` OR the ``invalid`` pixels that share an edge with it (a binary
     dilation of ``above`` by the cross, cut to ``invalid``), reading the neighbours
     of the invalid pixels only."""
@@ -556,7 +556,7 @@ class HaloMasker:
         if not above.any():
             return None
         # Masked pixels that touch a region join it: a NaN or flagged saturated core.
-        region = _touching(above, invalid)
+        region = touching(above, invalid)
         del above
         # 8-connected, numbered as scipy's label does; visits the (few) region pixels
         # only.

@@ -31,6 +31,7 @@ import numpy as np
 import scipy.ndimage as ndi
 
 from skymap._validate import combine_masks
+from skymap.masking import _bright_kernels as _kb
 from skymap.masking.bright import (
     SKY_BLOCK,
     BrightSources,
@@ -41,6 +42,7 @@ from skymap.masking.bright import (
     mad_step,
     region_stats,
     sky_blocks,
+    touching,
 )
 
 __all__ = ["find_tiled"]
@@ -106,75 +108,115 @@ def _sky_part(img, bad, *, window, core, shape):
     return (by0, bx0), sky_blocks(sub, combine_masks(sub, bad[rows, cols]), b)
 
 
-def _detection(img, bad, window, sky):
-    """(image minus the coarse sky, excluded) over ``window``."""
+def _sky_at(img, window, sky, rows, cols):
+    """``image - sky`` at the window's pixels (``rows``, ``cols``) (arrays that
+    broadcast), the sky read from its grid of ``SKY_BLOCK`` blocks."""
+    (y0, _), (x0, _) = window
+    b = SKY_BLOCK
+    return img[rows, cols] - sky[(rows + y0) // b, (cols + x0) // b]
+
+
+def _above(img, invalid, window, sky, threshold: float) -> np.ndarray:
+    """``image - sky > threshold`` and not ``invalid`` over the window, a band of
+    ``SKY_BLOCK`` rows at a time (no full-size sky or difference map)."""
     (y0, y1), (x0, x1) = window
-    ys = np.arange(y0, y1) // SKY_BLOCK
-    xs = np.arange(x0, x1) // SKY_BLOCK
-    return img - sky[ys][:, xs], combine_masks(img, bad)
+    b = SKY_BLOCK
+    out = np.empty(img.shape, bool)
+    cols = slice(x0 % b, x0 % b + (x1 - x0))
+    for g in range(y0 // b, -(-y1 // b)):
+        rows = slice(max(y0, g * b) - y0, min(y1, (g + 1) * b) - y0)
+        band = np.repeat(sky[g, x0 // b : -(-x1 // b)], b)[cols]
+        with np.errstate(invalid="ignore"):
+            np.greater(img[rows] - band, threshold, out=out[rows])
+    out &= ~invalid
+    return out
 
 
 def _noise_part(img, bad, *, window, core, sky, step):
     """The tile's valid pixels of the ``[::step, ::step]`` subsample of the detection
-    image."""
-    det, invalid = _detection(img, bad, window, sky)
-    (y0, _), (x0, _) = window
-    sl = (slice(-y0 % step, None, step), slice(-x0 % step, None, step))
-    return det[sl][~invalid[sl]]
+    image (read at the subsample only)."""
+    (y0, y1), (x0, x1) = window
+    ys = np.arange(-y0 % step, y1 - y0, step)[:, None]
+    xs = np.arange(-x0 % step, x1 - x0, step)[None, :]
+    det = _sky_at(img, window, sky, ys, xs)
+    return det[~combine_masks(img[ys, xs], bad[ys, xs])]
 
 
 def _region_part(img, bad, *, window, core, sky, sigma, masker, shape, core_limit):
     """A tile's candidate regions: the rows of its whole ones that may be bright (with
     their first pixel), the top counts of the others, and as pixels the regions and
-    masked pieces that reach across an inner tile edge."""
+    masked pieces that reach across an inner tile edge. Full-size maps are only the
+    bool ones and the labels; the values are read at the region and masked pixels."""
     (wy0, _), (wx0, _) = window
     (y0, y1), (x0, x1) = core
     ny, nx = shape
-    det_w, inv_w = _detection(img, bad, window, sky)
-    with np.errstate(invalid="ignore"):
-        above_w = det_w > masker.seed * sigma
-    above_w &= ~inv_w
+    inv_w = combine_masks(img, bad)
+    above_w = _above(img, inv_w, window, sky, masker.seed * sigma)
     cs = (slice(y0 - wy0, y1 - wy0), slice(x0 - wx0, x1 - wx0))
-    region = (above_w | (inv_w & ndi.binary_dilation(above_w)))[cs]
-    det, inv = det_w[cs], inv_w[cs]
+    region = touching(above_w, inv_w)[cs]
+    inv = inv_w[cs]
     out = {"above": bool(above_w[cs].any())}
-    labels, n = ndi.label(region, structure=_EIGHT)
-    pieces, npieces = ndi.label(inv, structure=_EIGHT)
+    del above_w
+    labels, n = _kb.label8(region)
+    width = region.shape[1]
+    iv = np.flatnonzero(inv)
+    if iv.size:
+        pieces, npieces = ndi.label(inv, structure=_EIGHT)
+        pc = pieces.ravel()[iv]
+        del pieces
+    else:
+        npieces, pc = 0, np.zeros(0, np.int32)
+    lab_iv = labels.ravel()[iv]
     # The inner edges: pixels next to another tile.
-    edge = np.zeros(region.shape, bool)
-    edge[0] |= y0 > 0
-    edge[-1] |= y1 < ny
-    edge[:, 0] |= x0 > 0
-    edge[:, -1] |= x1 < nx
+    iy, ix = np.divmod(iv, width)
+    on_edge = (
+        ((iy == 0) & (y0 > 0))
+        | ((iy == region.shape[0] - 1) & (y1 < ny))
+        | ((ix == 0) & (x0 > 0))
+        | ((ix == width - 1) & (x1 < nx))
+    )
     open_piece = np.zeros(npieces + 1, bool)
-    open_piece[pieces[edge]] = True
+    open_piece[pc[on_edge]] = True
     open_piece[0] = False
-    psize = np.bincount(pieces.ravel(), minlength=npieces + 1)
-    hit = (labels > 0) & (pieces > 0)
+    psize = np.bincount(pc, minlength=npieces + 1)
+    hit = lab_iv > 0
     # Regions on an inner edge or touching a piece that is go to the driver.
     open_region = np.zeros(n + 1, bool)
-    open_region[labels[edge]] = True
-    open_region[labels[hit & open_piece[pieces]]] = True
+    for side in (
+        labels[0] if y0 > 0 else None,
+        labels[-1] if y1 < ny else None,
+        labels[:, 0] if x0 > 0 else None,
+        labels[:, -1] if x1 < nx else None,
+    ):
+        if side is not None:
+            open_region[side] = True
+    open_region[lab_iv[hit & open_piece[pc]]] = True
     open_region[0] = False
     # The pieces inside the tile join a region here, as in HaloMasker.find.
     touched = np.zeros(npieces + 1, np.int64)
-    touched[pieces[hit]] = labels[hit]
+    touched[pc[hit]] = lab_iv[hit]
     touched[open_piece | (psize > core_limit)] = 0
     touched[0] = 0
-    add = touched[pieces]
-    ext = np.where((labels == 0) & (add > 0), add, labels)
-    where = np.flatnonzero(ext)
-    ly, lx = np.divmod(where, region.shape[1])
+    add = touched[pc]
+    join = (lab_iv == 0) & (add > 0)
+    reg = np.flatnonzero(labels)
+    where = np.concatenate([reg, iv[join]])
+    order = np.argsort(where, kind="stable")
+    where = where[order]
+    lab = np.concatenate([labels.ravel()[reg], add[join]])[order] - 1
+    orig = np.concatenate([np.ones(reg.size, bool), np.zeros(int(join.sum()), bool)])[order]
+    del labels
+    ly, lx = np.divmod(where, width)
     flat = (ly + y0) * nx + (lx + x0)
-    masked_w = np.where(inv_w, det_w.dtype.type(0), det_w)
+    zero = np.result_type(img, sky).type(0)
 
     def value_at(rows, cols):
-        return masked_w[rows, cols]
+        # image - sky, invalid pixels as 0 (as box_means reads it)
+        return np.where(inv_w[rows, cols], zero, _sky_at(img, window, sky, rows, cols))
 
-    box = box_means(value_at, ly + (y0 - wy0), lx + (x0 - wx0), masked_w.shape)
-    lab = ext.ravel()[where] - 1
-    pbad, pval = inv.ravel()[where], det.ravel()[where]
-    orig = labels.ravel()[where] > 0
+    wy, wx = ly + (y0 - wy0), lx + (x0 - wx0)
+    box = box_means(value_at, wy, wx, inv_w.shape)
+    pbad, pval = inv_w[wy, wx], _sky_at(img, window, sky, wy, wx)
     stats = region_stats(flat, lab, pbad, pval, box, n, nx)
     first = np.full(n, np.iinfo(np.int64).max)
     np.minimum.at(first, lab[orig], flat[orig])
@@ -187,11 +229,11 @@ def _region_part(img, bad, *, window, core, sky, sigma, masker, shape, core_limi
     # Open pieces: every pixel of the small ones (they may join a region), the edge
     # pixels of those already too large (they only pass that on to their neighbours).
     big = psize > core_limit
-    take = open_piece[pieces] & (~big[pieces] | edge)
-    py, px = np.nonzero(take)
+    take = open_piece[pc] & (~big[pc] | on_edge)
+    py, px = iy[take], ix[take]
     pflat = (py + y0) * nx + (px + x0)
-    pbox = box_means(value_at, py + (y0 - wy0), px + (x0 - wx0), masked_w.shape)
-    out["open"] = (pflat, pieces[take] - 1, labels[take] > 0, pbox)
+    pbox = box_means(value_at, py + (y0 - wy0), px + (x0 - wx0), inv_w.shape)
+    out["open"] = (pflat, pc[take] - 1, lab_iv[take] > 0, pbox)
     out["piece_size"] = psize[1:]
     return out
 
