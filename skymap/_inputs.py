@@ -478,10 +478,13 @@ BLANK_MAX_HOLES = 0.01
 BLANK_MIN_REST = 0.1
 
 
-def edge_fill_values(image, bad=None, *, run: int = BLANK_RUN) -> list:
+def edge_fill_values(image, bad=None, *, run: int = BLANK_RUN, step: int = 1) -> list:
     """The values that fill a run of at least ``run`` consecutive valid pixels along one
     of the image's four edges, most frequent first (at most four). Reads only the edges,
-    so a dask array or a memory map costs four strips.
+    so a dask array or a memory map costs four strips; ``step`` > 1 reads every
+    ``step``-th pixel of the left and right edges only (a memory map's column touches a
+    page of the file per row, and those pages stay resident), a run then spanning
+    ``run`` samples.
 
     Examples
     --------
@@ -494,8 +497,8 @@ def edge_fill_values(image, bad=None, *, run: int = BLANK_RUN) -> list:
     edges = (
         (slice(0, 1), slice(None)),
         (slice(-1, None), slice(None)),
-        (slice(None), slice(0, 1)),
-        (slice(None), slice(-1, None)),
+        (slice(None, None, step), slice(0, 1)),
+        (slice(None, None, step), slice(-1, None)),
     )
     for sl in edges:
         v = np.asarray(image[sl], dtype=np.float64).ravel()
