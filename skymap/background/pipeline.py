@@ -94,9 +94,9 @@ def _exclude_blank(inputs):
 def _warn_edge_fills(image, mask) -> None:
     """A tiled image does not look for blank fills: warn when its edges hold runs of
     one value, which may be one."""
-    # At most 64 pixels down each side: a memory map's column would make every page of
-    # the file resident in the driver (its memory would grow with the image).
-    values = edge_fill_values(image, mask, step=max(1, -(-int(image.shape[0]) // 64)))
+    # A memory map's top and bottom rows only: reading down its sides would make the
+    # file resident in the driver, whose memory must not grow with the image.
+    values = edge_fill_values(image, mask, sides=not isinstance(image, np.memmap))
     if values:
         warnings.warn(
             f"the image's edges hold runs of the constant value(s) {values}: a tiled fit "
