@@ -343,12 +343,9 @@ class IterativeBackground:
         _check_factor("tracking_scale", self.tracking_scale)
         if not (isinstance(self.max_source_size, str) and self.max_source_size == "auto"):
             _resolve_size(self.max_source_size)  # raises, naming max_source_size
-        if not isinstance(self.refit_settled, bool):
-            raise ValueError(f"refit_settled must be True or False, got {self.refit_settled!r}")
-        if not isinstance(self.blank_fills, bool):
-            raise ValueError(f"blank_fills must be True or False, got {self.blank_fills!r}")
-        if not isinstance(self.blank_frame, bool):
-            raise ValueError(f"blank_frame must be True or False, got {self.blank_frame!r}")
+        for name in ("refit_settled", "blank_fills", "blank_frame"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
         if self.halos is not None and not callable(self.halos):
             raise ValueError(f"halos must be None or a Masker (callable), got {self.halos!r}")
 

@@ -660,7 +660,7 @@ def tune(
 
     def race_cost(keys) -> float:
         """Seconds of the race of ``keys`` (an untouched fit for each not kept)."""
-        fits = sum(race_trials * len(prep.kinds) + (k not in bases) for k in keys)
+        fits = sum(race_trials * n_kinds + (k not in bases) for k in keys)
         return fits * max(cands[k].fit_seconds for k in [default_key, *keys])
 
     def affordable(cost: float | None = None, reserve_race: bool = True) -> bool:
@@ -673,7 +673,7 @@ def tune(
         if cost is None:
             times = [r["seconds"] for r in rows]
             cost = max(float(np.mean(times)), times[-1])
-        n_fits = report_trials * len(prep.kinds)
+        n_fits = report_trials * n_kinds
         # the final held-back run of a new winner costs about as much as the defaults'
         final = n_fits * max(cands[best_key].fit_seconds, float(held["default"].seconds))
         racers = leaders() if reserve_race and race_trials else []
