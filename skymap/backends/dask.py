@@ -46,7 +46,7 @@ from skymap.backends.base import (
     valid_blocks,
 )
 from skymap.backends.labels import merge_labels
-from skymap.backends.windows import BorderStrips, assemble
+from skymap.backends.windows import BorderStrips, assemble, piece
 
 __all__ = [
     "DaskBackend",
@@ -967,9 +967,17 @@ def _label_info(labels, maps, codes, kw, names=(), *values):
 def _inlined(task, inline: dict, near=None):
     """``task`` with the keys of ``inline`` (key -> (task, block index)) in it, in
     nested tuples and lists, replaced by their tasks, run inside it: all of them, or
-    (``near`` given) those whose block ``near(i, j)`` says lives where ``task`` runs."""
+    (``near`` given) those whose block ``near(i, j)`` says lives where ``task`` runs.
+    The inline tasks ``(func, source, *rest)`` are elementwise (lookups): a window's
+    piece of such a block, ``(piece, key, side, slice)``, becomes ``func`` on the
+    source's piece only."""
     if not inline:
         return task
+    if isinstance(task, tuple) and len(task) == 4 and task[0] is piece:
+        found = inline.get(task[1])
+        if found is not None and (near is None or near(*found[1])):
+            func, source, *rest = found[0]
+            return (func, (piece, source, *task[2:]), *rest)
     if isinstance(task, (str, tuple)):
         try:
             found = inline.get(task)
