@@ -272,6 +272,8 @@ class DaskBackend:
         # block key -> its task, computed inside the tasks that read the block (cheap
         # lookups: the kept labels of label_seeded)
         self._inline: dict = {}
+        # (array name, binning) -> the BorderStrips its windows last read it through
+        self._strip_cache: dict = {}
         self.image = self._source(image).map_blocks(_work_block, dtype=self.dtype)
         given = None
         if mask is not None:
@@ -526,10 +528,7 @@ class DaskBackend:
         each ``(array, binning)`` of ``inputs`` over the tile grown by ``halo``, then
         the window and the core."""
         grown = [_round_up(halo, u) for u in self.unit]
-        grids = [
-            (BorderStrips(key_grid(a), self.edges(b), [-(-g // b) + 1 for g in grown], a), b)
-            for a, b in inputs
-        ]
+        grids = [(self._strips(a, b, [-(-g // b) + 1 for g in grown]), b) for a, b in inputs]
         self.halo = max(self.halo, max(grown, default=0))
 
         def args(i, j, ys, xs, ref):
@@ -541,6 +540,21 @@ class DaskBackend:
             return (*out, win, (ys, xs))
 
         return args
+
+    def _strips(self, array, b: int, reach) -> BorderStrips:
+        """How windows reaching ``reach`` (binned pixels) read ``array`` (binned by
+        ``b``): the :class:`BorderStrips` of an earlier call on the same array whose
+        strips are as deep, so that both calls take their pieces from the same strip
+        tasks (moved between the workers once), else new ones."""
+        key = (array.name, b)
+        old = self._strip_cache.get(key)
+        if old is not None and all(o >= r for o, r in zip(old.reach, reach, strict=True)):
+            return old
+        new = BorderStrips(key_grid(array), self.edges(b), reach, array)
+        self._strip_cache[key] = new
+        if len(self._strip_cache) > 16:  # only the last few arrays are read again
+            del self._strip_cache[next(iter(self._strip_cache))]
+        return new
 
     def map_tiles(
         self,
