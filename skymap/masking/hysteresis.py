@@ -546,14 +546,20 @@ class HysteresisMasker:
         """The last local step of :meth:`scale_mask`: the binned detections ``det`` of
         scale ``s`` dilated, expanded to full resolution and (without ``into``) cut to
         pixels not ``excluded``."""
-        radius = self.dilation(s) / b
-        if radius > 0 and det.any():
-            det = grow_mask(det, radius) if radius > 3 else _dilate_disk(det, radius)
+        det = self.dilated(det, s, b)
         if into is not None:
             return _k.expand_mask_into(det, b, into)
         out = _k.expand_mask_into(det, b, np.zeros(excluded.shape, bool))
         # a > b is a & ~b for booleans, without a temporary.
         return np.greater(out, excluded, out=out)
+
+    def dilated(self, det, s, b) -> np.ndarray:
+        """The binned detections ``det`` of scale ``s`` grown by :meth:`dilation`
+        (binned by ``b``); ``det`` itself when nothing grows."""
+        radius = self.dilation(s) / b
+        if radius > 0 and det.any():
+            return grow_mask(det, radius) if radius > 3 else _dilate_disk(det, radius)
+        return det
 
     def dilation(self, s: float) -> float:
         """Radius in full-resolution pixels by which detections of scale ``s`` grow."""
@@ -705,9 +711,10 @@ def seeded_codes(codes, *, which):
 
 
 def _tile_dilate(det, excl, *, window, core, masker, s, b):
-    """The tile's exclusion OR its (dilated, expanded) detections of scale ``s``:
-    :meth:`HysteresisMasker.grow` on the window of the globally labelled detections
-    ``det`` (the dilation reaches ``halo`` pixels, so the core is exact)."""
-    grown = masker.grow(np.ascontiguousarray(det), s, b, excl)
-    sl = core_of(window, core)
-    return excl[sl] | grown[sl]
+    """The tile's exclusion OR its (dilated, expanded) detections of scale ``s``, as
+    :meth:`HysteresisMasker.grow` gives them: the window of the globally labelled
+    detections ``det`` dilated (the dilation reaches ``halo`` pixels, so the core is
+    exact), then only the core expanded into a copy of the core's exclusion."""
+    grown = masker.dilated(np.ascontiguousarray(det), s, b)
+    out = np.array(excl[core_of(window, core)])
+    return _k.expand_mask_into(np.ascontiguousarray(grown[core_of(window, core, b)]), b, out)
