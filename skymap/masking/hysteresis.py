@@ -2,11 +2,13 @@
 units of the smoothed noise (:class:`HysteresisMasker`), and :class:`CoarseRMS`, the
 slowly varying noise map it reads.
 
-Each scale's work is split into a local step (:meth:`HysteresisMasker.scale_maps`: the
-binned signal-to-noise maps), a global statistic (:meth:`HysteresisMasker.snr_factor`:
-the noise excess) and a global labelling followed by a local dilation
-(:meth:`HysteresisMasker.scale_mask`), so that the dask back end can do the local
-steps tile by tile. It follows the :class:`skymap.masking.Masker` protocol.
+Each scale's work is split into a global statistic (the noise excess, from the
+signal-to-noise map's pair differences), local hysteresis codes, and a global
+labelling followed by a local dilation (:meth:`HysteresisMasker.scale_mask`,
+:meth:`HysteresisMasker._detect_sampled`), so that the dask back end can do the local
+steps tile by tile (:meth:`HysteresisMasker.mask_on`: the pairs from the sampled rows
+and columns of each tile, the codes from the fused pass). It follows the
+:class:`skymap.masking.Masker` protocol.
 """
 
 from __future__ import annotations
