@@ -23,6 +23,9 @@ Categories (``--categories``):
 * ``units``    one of the above rescaled to physical units (x 3e-19 + 1e-18, or MJy/sr
   near 1e-3), as big-endian float64 or float32.
 
+Galaxies are drawn sharp and blurred by the scene's Moffat PSF (stars are drawn with
+it directly).
+
 Truth is the smooth sky only. Scores, per method, over valid pixels (not flagged, not
 saturated): ``rms`` of (background - sky) / sigma (sigma: the true per-pixel noise),
 ``bias``: the mean of the same under source pixels (sources > 1 sigma), ``masked``:
@@ -54,7 +57,7 @@ from pathlib import Path
 
 import numpy as np
 from astropy.modeling.functional_models import Gaussian2D, Moffat2D, Sersic2D
-from scipy import ndimage
+from scipy import ndimage, signal
 
 CATEGORIES = ("halos", "cluster", "bump", "nebula", "deep", "units")
 SEED_BASE = 7919  # scene seeds are (SEED_BASE, category index, seed)
@@ -120,6 +123,16 @@ def add_star(canvas, *, peak, cx, cy, fwhm, beta, floor, taper=None):
         return v
 
     _stamp(canvas, cx, cy, max(reach, 3.0 * fwhm), f)
+
+
+def psf_blur(image, fwhm, beta):
+    """``image`` seen through a Moffat PSF (galaxies are drawn sharp, then blurred: no
+    real image holds structure sharper than its PSF)."""
+    g = moffat_gamma(fwhm, beta)
+    h = int(np.ceil(4 * fwhm))
+    y, x = np.mgrid[-h : h + 1, -h : h + 1].astype(np.float64)
+    k = Moffat2D.evaluate(x, y, 1.0, 0.0, 0.0, g, beta)
+    return signal.fftconvolve(image, k / k.sum(), mode="same")
 
 
 def plane(shape, rng, amplitude):
@@ -299,7 +312,9 @@ def scene_cluster(rng, size):
             theta=rng.uniform(0, np.pi),
         )
     field_galaxies(src, rng, sigma, int(300 * (n / 1024) ** 2), (1.0, 6.0), (0.5, 10.0))
-    field_stars(src, rng, sigma, int(100 * (n / 1024) ** 2), rng.uniform(2.5, 4.5), 3.0)
+    fwhm = rng.uniform(2.5, 4.5)
+    src = psf_blur(src, fwhm, 3.0)
+    field_stars(src, rng, sigma, int(100 * (n / 1024) ** 2), fwhm, 3.0)
     info = {
         "n": n,
         "sigma": round(float(sigma), 2),
@@ -332,7 +347,9 @@ def scene_bump(rng, size):
     nbig = int(rng.integers(20, 50) * (n / 1024) ** 2)
     field_galaxies(src, rng, sigma, nbig, (10.0, 80.0), (0.3, 5.0))
     field_galaxies(src, rng, sigma, int(400 * (n / 1024) ** 2), (1.0, 8.0), (0.5, 20.0))
-    field_stars(src, rng, sigma, int(100 * (n / 1024) ** 2), rng.uniform(2.5, 4.5), 3.0)
+    psf = rng.uniform(2.5, 4.5)
+    src = psf_blur(src, psf, 3.0)
+    field_stars(src, rng, sigma, int(100 * (n / 1024) ** 2), psf, 3.0)
     info = {
         "n": n,
         "sigma": round(float(sigma), 2),
@@ -424,7 +441,9 @@ def scene_deep(rng, size):
     # counts rise steeply to the faint end: most near or under the noise
     field_galaxies(src, rng, sigma, ngal, (0.8, 6.0), (0.1, 3.0))
     field_galaxies(src, rng, sigma, ngal // 20, (3.0, 20.0), (1.0, 30.0))
-    field_stars(src, rng, sigma, int(80 * (n / 1024) ** 2), rng.uniform(2.5, 4.0), 3.5)
+    fwhm = rng.uniform(2.5, 4.0)
+    src = psf_blur(src, fwhm, 3.5)
+    field_stars(src, rng, sigma, int(80 * (n / 1024) ** 2), fwhm, 3.5)
     info = {
         "n": n,
         "sigma": round(float(sigma), 2),
