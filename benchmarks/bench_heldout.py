@@ -50,13 +50,13 @@ import os
 # photutils' OpenMP threads spin-wait after each call and starve numba's.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import resource
-import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 from astropy.modeling.functional_models import Gaussian2D, Moffat2D, Sersic2D
+from bench_real import _commit  # the benchmarks folder is on sys.path when run as a script
 from scipy import ndimage, signal
 
 CATEGORIES = ("halos", "cluster", "bump", "nebula", "deep", "units")
@@ -534,19 +534,6 @@ def run_one(fn, sc):
             note=str(getattr(res, "convergence_note", ""))[:200],
         )
     return row
-
-
-def _commit():
-    try:
-        return subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"],
-            capture_output=True,
-            text=True,
-            cwd=Path(__file__).parent,
-            check=False,
-        ).stdout.strip()
-    except OSError:
-        return "?"
 
 
 def _f(v, spec=".3f"):
