@@ -179,11 +179,11 @@ def paired(candidate, defaults) -> np.ndarray:
     return diff[np.isfinite(diff)]
 
 
-def holds_up(candidate, defaults, *, unsettled=(0, 0)) -> bool:
+def holds_up(candidate, defaults, *, unsettled=(0, 0), fits: int | None = None) -> bool:
     """Whether a candidate's per-trial scores beat the defaults' on the same
     injections clearly enough to leave the defaults.
 
-    All three must hold:
+    All four must hold:
 
     * it wins on a clear majority of the paired trials: a one-sided sign test
       (ties dropped) at the 12.5% level, so 5 of 6 trials, 4 of 4, 3 of 3 (never 2 of
@@ -194,7 +194,10 @@ def holds_up(candidate, defaults, *, unsettled=(0, 0)) -> bool:
     * no more of its injected fits failed to settle (``unsettled``: candidate's,
       defaults' counts, see :attr:`InjectionResult.unsettled`) than the defaults' did
       on the same injections: a fit that changes regime under an injection is fragile,
-      and its scores on unseen injections cannot be read from a few seen ones.
+      and its scores on unseen injections cannot be read from a few seen ones;
+    * at most half of its ``fits`` injected fits failed to settle: where nearly every
+      fit backs off a runaway or stops at its cap, with the defaults or not, a score
+      says where each fit happened to land, not what the options do.
 
     Parameters
     ----------
@@ -202,6 +205,8 @@ def holds_up(candidate, defaults, *, unsettled=(0, 0)) -> bool:
         Scores on the same trials, in the same order (see :func:`paired`).
     unsettled : (int, int)
         Injected fits that did not settle over those trials, candidate's and defaults'.
+    fits : int, optional
+        The candidate's injected fits over those trials (trials times kinds).
 
     Examples
     --------
@@ -214,12 +219,16 @@ def holds_up(candidate, defaults, *, unsettled=(0, 0)) -> bool:
     False
     >>> holds_up([0.25, 0.45], d[:2]), holds_up([0.2, 0.4, 0.3], d[:3], unsettled=(1, 0))
     (False, False)
+    >>> holds_up([0.2, 0.4, 0.3], d[:3], unsettled=(4, 6), fits=6)  # few fits settled
+    False
     """
     from scipy.stats import binomtest
 
     diff = paired(candidate, defaults)
     decided = diff[diff != 0]  # the sign test drops ties
     if unsettled[0] > unsettled[1] or decided.size == 0:
+        return False
+    if fits is not None and 2 * unsettled[0] > fits:
         return False
     wins = int(np.count_nonzero(decided < 0))
     p = binomtest(wins, decided.size, 0.5, alternative="greater").pvalue
@@ -784,7 +793,7 @@ def tune(
             f"(margin {_margin(theirs):.3f}); injected fits that did not settle: "
             f"{unsettled[0]} (defaults {unsettled[1]})"
         )
-        confirmed = holds_up(mine, theirs, unsettled=unsettled)
+        confirmed = holds_up(mine, theirs, unsettled=unsettled, fits=mine.size * n_kinds)
         if not confirmed:
             log.warning("tune: %s; not clear enough: keeping the defaults", verdict)
             tuned = {}
