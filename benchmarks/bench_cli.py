@@ -78,7 +78,7 @@ from astropy.io import fits
 from _memory import reset_peak, status_kb
 from skymap.app import cli
 import skymap.app.report, skymap.app.plot, skymap.quality.evaluate  # noqa: F401
-import skymap.background.pipeline  # noqa: F401
+import skymap.background.defaults  # noqa: F401
 nbytes = fits.getheader({path!r})["NAXIS1"] * fits.getheader({path!r})["NAXIS2"] * 4
 base = reset_peak()
 code = cli.main(["run", {path!r}, "-o", {out!r}, "-q"])

@@ -44,8 +44,8 @@ _SUBMODULES = (
 
 # public name -> submodule that defines it
 _NAMES = {
-    "fit": "background.pipeline",
-    "default_pipeline": "background.pipeline",
+    "fit": "background.defaults",
+    "default_pipeline": "background.defaults",
     "IterativeBackground": "background.pipeline",
     "BackgroundResult": "background.pipeline",
     "ConvergenceWarning": "background.convergence",

@@ -134,7 +134,7 @@ def test_runtime_failure_exits_1(data_dir, tmp_path, monkeypatch, capsys):
 
 
 def test_pipeline_iterations_show_on_the_progress_bar(rng):
-    from skymap.background.pipeline import fit
+    from skymap.background.defaults import fit
 
     class Bar:
         shown = []
@@ -282,7 +282,7 @@ def test_config_written_by_the_command_drives_run(data_dir, tmp_path, capsys):
 
 def test_pipeline_config_needs_no_image(tmp_path):
     from skymap.app.config import load_toml
-    from skymap.background.pipeline import default_pipeline
+    from skymap.background.defaults import default_pipeline
 
     assert cli.main(["config", "-o", str(tmp_path / "p.toml"), "-q"]) == 0
     assert load_toml(tmp_path / "p.toml") == default_pipeline()
@@ -411,7 +411,7 @@ def test_options_file_is_passed_to_the_default_fit(data_dir, tmp_path, monkeypat
         seen.update(options)
         raise ValueError("stop here")
 
-    monkeypatch.setattr("skymap.background.pipeline.fit", fake_fit)
+    monkeypatch.setattr("skymap.background.defaults.fit", fake_fit)
     toml = tmp_path / "opts.toml"
     toml.write_text("high = 5.0\nmax_iter = 3\n")
     argv = ["run", str(data_dir / "spitzer_cutout.fits"), "-o", str(tmp_path / "o"), "-q"]

@@ -339,7 +339,7 @@ def test_config_without_an_image_is_commented_and_world_readable(work):
             assert lines[i - 1].startswith("#"), f"no comment above {line!r}"
     assert skymap("config", "-o", "fit.toml", cwd=work).returncode == cli.EXIT_EXISTS
     from skymap.app.config import load_toml
-    from skymap.background.pipeline import default_pipeline
+    from skymap.background.defaults import default_pipeline
 
     assert load_toml(path) == default_pipeline()
 

@@ -27,13 +27,13 @@ from skymap.backends.distributed import (  # noqa: E402
     tiled_mesh_background,
 )
 from skymap.backends.labels import merge_labels  # noqa: E402
+from skymap.background.defaults import default_pipeline  # noqa: E402
 from skymap.background.interpolate import IDW, SExtractorSpline, ZoomSpline  # noqa: E402
 from skymap.background.mesh import MeshBackground  # noqa: E402
 from skymap.background.pipeline import (  # noqa: E402
     IterativeBackground,
     RingMedianGuess,
     Stage,
-    default_pipeline,
 )
 from skymap.background.smooth import ThinPlateSmoother, reference_level  # noqa: E402
 from skymap.background.tiled import tiled_fit  # noqa: E402

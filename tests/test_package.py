@@ -47,7 +47,10 @@ def test_the_0_1_names_stay_where_they_were():
     from skymap.masking import FlagMasker, HysteresisMasker, ThresholdMasker  # noqa: F401
     from skymap.stats import MMM, SigmaClip, sigma_clipped_stats  # noqa: F401
 
-    assert skymap.fit is skymap.background.pipeline.fit
+    assert skymap.fit is skymap.background.defaults.fit
+    # the default fit's names, moved out of the pipeline module, are still reachable there
+    assert skymap.background.pipeline.fit is skymap.fit
+    assert skymap.background.pipeline.default_pipeline is skymap.default_pipeline
     assert skymap.MeshBackground is skymap.background.mesh.MeshBackground
 
 

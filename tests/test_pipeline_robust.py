@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from scipy.ndimage import gaussian_filter
 
-from skymap.background.pipeline import fit
+from skymap.background.defaults import fit
 from skymap.masking.hysteresis import HysteresisMasker
 
 

@@ -10,7 +10,8 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from skymap.app.cli import EXIT_EXISTS, EXIT_OK, EXIT_USAGE, main
-from skymap.background.pipeline import IterativeBackground, default_pipeline
+from skymap.background.defaults import default_pipeline
+from skymap.background.pipeline import IterativeBackground
 from skymap.quality.tune import TuneResult, default_space, holds_up, paired, tune
 
 

@@ -1,6 +1,7 @@
 """Background estimators and the iterative pipeline.
 
-- :mod:`~skymap.background.pipeline`: ``IterativeBackground``, ``fit``, ``default_pipeline``
+- :mod:`~skymap.background.pipeline`: ``IterativeBackground``, its ``Stage`` s, the one loop
+- :mod:`~skymap.background.defaults`: ``fit`` and ``default_pipeline``, the automatic default
 - :mod:`~skymap.background.smooth`: the default estimator, a noise-weighted thin-plate
   smoother of masked cell means (GCV)
 - :mod:`~skymap.background.mesh`: ``MeshBackground`` (SExtractor / photutils style)

@@ -12,13 +12,8 @@ from __future__ import annotations
 import warnings
 from typing import Any
 
-from skymap.background.pipeline import (
-    BackgroundResult,
-    IterationRecord,
-    IterativeBackground,
-    check_options,
-    default_pipeline,
-)
+from skymap.background.defaults import check_options, default_pipeline
+from skymap.background.pipeline import BackgroundResult, IterationRecord, IterativeBackground
 
 __all__ = ["TiledFitResult", "TiledIteration", "tiled_fit"]
 

@@ -129,7 +129,7 @@ def as_method(method: Any = None) -> tuple[Callable[[np.ndarray, Any], Any], str
         except Exception as err:
             raise ValueError(f"method {name!r}: cannot load this configuration: {err}") from err
     if method is None or isinstance(method, Mapping):
-        from skymap.background.pipeline import fit
+        from skymap.background.defaults import fit
 
         options = dict(method or {})
         return (lambda image, mask: fit(image, mask, **options)), name

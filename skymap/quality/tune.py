@@ -61,7 +61,7 @@ _SIGN_LEVEL = 0.125
 
 
 def _accepts(option: str, value: Any) -> bool:
-    from skymap.background.pipeline import default_pipeline
+    from skymap.background.defaults import default_pipeline
 
     try:
         default_pipeline(np.zeros((64, 64)), **{option: value})
@@ -71,7 +71,7 @@ def _accepts(option: str, value: Any) -> bool:
 
 
 def _option_default(option: str, fallback: Any) -> Any:
-    from skymap.background.pipeline import default_pipeline
+    from skymap.background.defaults import default_pipeline
 
     try:
         param = inspect.signature(default_pipeline).parameters.get(option)
@@ -488,7 +488,7 @@ def tune(
     """
     from astropy.table import Table
 
-    from skymap.background.pipeline import default_pipeline
+    from skymap.background.defaults import default_pipeline
 
     t_start = time.perf_counter()
     budget = _check_budget(budget)

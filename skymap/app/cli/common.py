@@ -259,12 +259,12 @@ def load_config(path: str | os.PathLike | None):
 
 def fit_options(data: Mapping, config_mod) -> dict:
     """Options of the default fit from a TOML table, each checked against the type
-    :func:`skymap.background.pipeline.default_pipeline` declares for it (the string
+    :func:`skymap.background.defaults.default_pipeline` declares for it (the string
     "none" gives None where None is allowed); unknown keys are left for the fit to
     refuse with the list of accepted ones."""
     import typing
 
-    pipeline = module("background.pipeline", "run --config")
+    pipeline = module("background.defaults", "run --config")
     hints = typing.get_type_hints(pipeline.default_pipeline)
     options = {}
     for key, value in data.items():
@@ -428,7 +428,7 @@ def fit_image(
                     )
                 result = config.fit(image, mask=mask, **extra, **noise)
             else:
-                pipeline = module("background.pipeline", "run")
+                pipeline = module("background.defaults", "run")
                 options = dict(config) if isinstance(config, Mapping) else {}
                 extra = {} if callback is None else {"callback": callback}
                 result = pipeline.fit(image, mask=mask, **extra, **noise, **options)

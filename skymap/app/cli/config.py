@@ -51,7 +51,7 @@ def handle(args) -> int:
         if args.input is not None:
             common.read_input(args.input, hdu=args.hdu)  # a bad file is still an error
         # the default pipeline needs no image (its cells follow the image at fit time)
-        obj = common.module("background.pipeline", "config").default_pipeline()
+        obj = common.module("background.defaults", "config").default_pipeline()
     else:
         from skymap.background.mesh import MeshBackground
 

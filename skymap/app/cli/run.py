@@ -131,7 +131,7 @@ def run_file(
         bar.update()
         common.announce_compiling(quiet=quiet)
         # what the fit and the evaluation import, before "fitting" shows
-        common.module("background.pipeline", "run")
+        common.module("background.defaults", "run")
         common.module("quality.evaluate", "run")
         bar.set_postfix_str("fitting")
         t0 = time.perf_counter()
