@@ -38,6 +38,7 @@ from skymap._inputs import blank_fill, edge_fill_values, read_image, valid_frame
 from skymap._util import check_int
 from skymap._validate import check_positive, check_range
 from skymap.backends.base import (
+    CHANGE_STEP,
     ArrayBackend,
     BinnedStepMasker,
     Tileable,
@@ -720,9 +721,10 @@ class IterativeBackground:
 
     def tile_unit(self, shape) -> tuple[int, int]:
         """Alignment unit per axis of the tiles for an image of ``shape``: the least
-        common multiple of 2 (the change's ``[::2, ::2]`` subsample) and every piece's
-        :meth:`~skymap.backends.base.Tileable.tile_unit` (cells, binning blocks)."""
-        units = (2, 2)
+        common multiple of :data:`~skymap.backends.base.CHANGE_STEP` (the change's
+        subsample) and every piece's :meth:`~skymap.backends.base.Tileable.tile_unit`
+        (cells, binning blocks)."""
+        units = (CHANGE_STEP, CHANGE_STEP)
         pieces = [self.first_guess, self.final]
         for st in self.stages:
             pieces += [st.masker, st.estimator]
