@@ -237,3 +237,25 @@ def _bspline_rows(tmp, base, weights, out, lo, hi):  # pragma: no cover - compil
                 + weights[x, 2] * tmp[yy, b + 2]
                 + weights[x, 3] * tmp[yy, b + 3]
             )
+
+
+def count_cells(bad, cy, cx):
+    """Per-cell count of the pixels not ``bad`` (float64): :func:`bin_cells`' first
+    layer, without reading an image."""
+    ny, nx = bad.shape
+    n = np.zeros((-(-ny // cy), -(-nx // cx)))
+    in_bands(_count_cells, n.shape[0], bad, cy, cx, n, grain=-(-32 // cy))
+    return n
+
+
+@njit(cache=True, nogil=True)
+def _count_cells(bad, cy, cx, n, lo, hi):  # pragma: no cover - compiled
+    ny, nx = bad.shape
+    for i in range(lo, hi):
+        for y in range(i * cy, min(ny, (i + 1) * cy)):
+            brow = bad[y]
+            for j in range(n.shape[1]):
+                c = 0
+                for x in range(j * cx, min(nx, (j + 1) * cx)):
+                    c += 0 if brow[x] else 1
+                n[i, j] += c

@@ -16,6 +16,7 @@ __all__ = [
     "cell_stats",
     "cell_sums",
     "merged_sums",
+    "valid_counts",
     "reference_level",
     "reference_step",
     "upsample",
@@ -50,6 +51,20 @@ def cell_sums(image: np.ndarray, bad: np.ndarray, cells, ref: float, origin=(0, 
     if origin[1]:
         sx += n * origin[1]
     return np.stack([n, s1, s2, sy, sx])
+
+
+def valid_counts(bad, cells, origin=(0, 0)) -> np.ndarray:
+    """The count layer of :func:`cell_sums` (the pixels not ``bad`` per cell, a (1,
+    gy, gx) float64 array) without reading the image; ``origin`` as there (unused).
+
+    Examples
+    --------
+    >>> bad = np.zeros((5, 7), bool)
+    >>> bad[0, :3] = True
+    >>> valid_counts(bad, (2, 4))[0].tolist()
+    [[5.0, 6.0], [8.0, 6.0], [4.0, 3.0]]
+    """
+    return _k.count_cells(np.asarray(bad, dtype=bool), int(cells[0]), int(cells[1]))[None]
 
 
 def merged_sums(grid: np.ndarray, factor: int) -> np.ndarray:

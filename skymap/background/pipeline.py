@@ -47,6 +47,7 @@ from skymap.backends.dask import DaskBackend, is_tiled_input
 from skymap.backends.memory import MemoryBackend
 from skymap.background import convergence as _conv
 from skymap.background.cells import merged_sums
+from skymap.background.cells import valid_counts as pixel_counts
 from skymap.background.convergence import ConvergenceWarning
 from skymap.background.model import BackgroundEstimator, BackgroundModel, as_driven
 from skymap.background.noise import NoiseModel, use_error
@@ -54,7 +55,6 @@ from skymap.background.result import BackgroundResult, IterationRecord
 from skymap.background.ring import RingMedianGuess
 from skymap.background.scale import central_window, smoothing_floor, source_scale
 from skymap.background.scale import max_source_size as _resolve_size
-from skymap.background.smooth import cell_sums
 from skymap.background.tracking import source_tracking
 from skymap.masking.bright import HaloMasker
 from skymap.masking.halo_tiles import find_tiled
@@ -801,10 +801,8 @@ class IterativeBackground:
         if cells not in valid_counts:
             # Binned as the fit was (coarser cells are sums of those: tiles align to them)
             binned = tuple(getattr(model, "binned_cells", None) or cells)
-            counts = backend.cell_grid(
-                cell_sums, [backend.image, backend.given_bad], binned, 5, cells=binned, ref=0.0
-            )[0]
-            valid_counts[cells] = merged_sums(counts, cells[0] // binned[0])
+            counts = backend.cell_grid(pixel_counts, [backend.given_bad], binned, 1, cells=binned)
+            valid_counts[cells] = merged_sums(counts, cells[0] // binned[0])[0]
         valid = valid_counts[cells]
         return source_tracking(model, valid, floor=self.source_tracking)
 
