@@ -203,40 +203,24 @@ def _cell_rows4(image, bad, y, i, cx, ref, n, s1, s2, sy, sx):  # pragma: no cov
         _add_row(n, s1, s2, sy, sx, i, j, y + 3, float(c3), p3, q3, float(x3))
 
 
-def bspline_rows(tmp, base, weights, out):
-    """out[y, x] = sum_k weights[x, k] * tmp[y, base[x] - 1 + k], k = 0..3: the cubic
-    B-spline evaluation along x of rows already evaluated along y."""
-    in_bands(_bspline_rows, out.shape[0], tmp, base, weights, out, grain=32)
+def bspline_columns(tmp, base, weights, out):
+    """out[y, x] = sum_k weights[y, k] * tmp[base[y] - 1 + k, x], k = 0..3: the cubic
+    B-spline evaluation along y of rows already evaluated along x (each output row
+    four whole rows of ``tmp`` combined, so the loop over x vectorises)."""
+    in_bands(_bspline_columns, out.shape[0], tmp, base, weights, out, grain=32)
     return out
 
 
 @njit(cache=True, nogil=True)
-def _bspline_rows(tmp, base, weights, out, lo, hi):  # pragma: no cover - compiled
+def _bspline_columns(tmp, base, weights, out, lo, hi):  # pragma: no cover - compiled
     nx = out.shape[1]
-    y = lo
-    # Four rows at a time: each column's base and weights are read once for the four
-    # (reading them per pixel was what limited the loop); each pixel's sum is the
-    # same, in the same order.
-    while y + 4 <= hi:
-        ta, tb, tc, td = tmp[y], tmp[y + 1], tmp[y + 2], tmp[y + 3]
-        oa, ob, oc, od = out[y], out[y + 1], out[y + 2], out[y + 3]
+    for y in range(lo, hi):
+        b = base[y] - 1
+        w0, w1, w2, w3 = weights[y, 0], weights[y, 1], weights[y, 2], weights[y, 3]
+        t0, t1, t2, t3 = tmp[b], tmp[b + 1], tmp[b + 2], tmp[b + 3]
+        row = out[y]
         for x in range(nx):
-            b = base[x] - 1
-            w0, w1, w2, w3 = weights[x, 0], weights[x, 1], weights[x, 2], weights[x, 3]
-            oa[x] = w0 * ta[b] + w1 * ta[b + 1] + w2 * ta[b + 2] + w3 * ta[b + 3]
-            ob[x] = w0 * tb[b] + w1 * tb[b + 1] + w2 * tb[b + 2] + w3 * tb[b + 3]
-            oc[x] = w0 * tc[b] + w1 * tc[b + 1] + w2 * tc[b + 2] + w3 * tc[b + 3]
-            od[x] = w0 * td[b] + w1 * td[b + 1] + w2 * td[b + 2] + w3 * td[b + 3]
-        y += 4
-    for yy in range(y, hi):
-        for x in range(nx):
-            b = base[x] - 1
-            out[yy, x] = (
-                weights[x, 0] * tmp[yy, b]
-                + weights[x, 1] * tmp[yy, b + 1]
-                + weights[x, 2] * tmp[yy, b + 2]
-                + weights[x, 3] * tmp[yy, b + 3]
-            )
+            row[x] = w0 * t0[x] + w1 * t1[x] + w2 * t2[x] + w3 * t3[x]
 
 
 def count_cells(bad, cy, cx):
