@@ -95,7 +95,10 @@ class _SumsChain:
         """(num, cnt) of binning ``b`` from the chain, or None (after a :meth:`flush`:
         the caller sums the image)."""
         if self.num is not None and b >= self.b and b % self.b == 0 and _pow2(b // self.b):
-            return halved_sums(self.num, self.cnt, b // self.b)
+            sums = halved_sums(self.num, self.cnt, b // self.b)
+            # The finer sums go (memory): the scale adds its own.
+            self.num = self.cnt = None
+            return sums
         self.flush()
         return None
 
