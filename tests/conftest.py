@@ -35,3 +35,35 @@ def data_dir() -> Path:
 @pytest.fixture
 def rng() -> np.random.Generator:
     return np.random.default_rng(12345)
+
+
+class _SlowThenFast:
+    """Rows masked from the top: 12 more at the first call, 2 more at the next two
+    (still growing while the background nearly settles), then 12 more at every call."""
+
+    def __init__(self):
+        self.rows = self.calls = 0
+
+    def __call__(self, residual, rms, mask):
+        self.calls += 1
+        self.rows += 2 if self.calls in (2, 3) else 12
+        out = np.zeros(residual.shape, bool)
+        out[: self.rows] = True
+        return out
+
+
+@pytest.fixture
+def slow_then_fast():
+    """(a factory of one-stage pipelines whose masker runs away only after it has grown
+    for a while, a 160^2 float32 image of a curved sky): a runaway caught late."""
+    from skymap.background.pipeline import IterativeBackground, Stage
+    from skymap.background.smooth import ThinPlateSmoother
+
+    def make_pipeline():
+        smoother = ThinPlateSmoother(smoothing=1e6, cell_size=8)
+        stages = (Stage(masker=_SlowThenFast(), estimator=smoother),)
+        return IterativeBackground(first_guess=smoother, stages=stages, max_iter=8)
+
+    rng = np.random.default_rng(3)
+    sky = np.add.outer(0.05 * (np.arange(160.0) - 80) ** 2 / 80.0, np.zeros(160))
+    return make_pipeline, (sky + rng.normal(size=sky.shape)).astype(np.float32)

@@ -211,6 +211,21 @@ def test_runaway_is_backed_off_to_the_state_before_it():
     np.testing.assert_array_equal(res.background, kept.background)
 
 
+def test_a_runaway_backs_off_to_where_the_growth_began_not_where_it_was_caught(
+    slow_then_fast,
+):
+    # The run is caught at the 4th iteration (the first three grew while the change
+    # shrank), but the mask had grown since the stage began: the back-off goes there.
+    # Landing at the state before the last three would keep the first growth, which a
+    # fit of nearly the same image, caught one iteration earlier, would not.
+    make_pipeline, img = slow_then_fast
+    res = make_pipeline().fit(img)
+    assert res.convergence_note.startswith("converged by backing off a runaway")
+    assert "over 4 iterations" in res.convergence_note
+    np.testing.assert_array_equal(res.mask, res.history[0].mask)  # the stage's start
+    assert not res.mask.any()
+
+
 @pytest.mark.parametrize("name", ["spitzer_cutout.fits", "m6707hh_cutout.fits"])
 def test_real_cutouts_converge_with_a_sane_mask(data_dir, name):
     img = fits.getdata(data_dir / name).astype(np.float32)

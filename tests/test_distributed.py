@@ -713,6 +713,17 @@ class _Creep:
         return out
 
 
+def test_a_back_off_past_the_last_iterations_keeps_the_same_mask_on_tiles(slow_then_fast):
+    # The back-off state lies before the last RUNAWAY_RUN records: the tiled fit keeps
+    # its mask (the last state that started a run), not just the last few.
+    make_pipeline, img = slow_then_fast
+    mem = make_pipeline().fit(img)
+    tiled = make_pipeline().fit(da.from_array(img), tile=64)
+    assert "over 4 iterations" in mem.convergence_note
+    np.testing.assert_array_equal(np.asarray(tiled.mask), mem.mask)
+    np.testing.assert_array_equal(np.asarray(tiled.background), mem.background)
+
+
 @pytest.mark.parametrize("refit_settled", [False, True])
 def test_a_back_off_after_a_skipped_refit_keeps_the_same_mask_on_tiles(refit_settled):
     # The tiled history keeps the masks themselves; a skipped refit or a restated

@@ -63,6 +63,33 @@ def test_sky_independent_of_the_masks_is_not_tracking(seed):
     assert not test.tracking, test
 
 
+@pytest.mark.parametrize("seed", [0, 1])
+def test_sources_clustered_on_a_nebula_are_not_taken_for_source_light(seed):
+    # Stars denser where a nebula (5 sigma, 10-px structure) is bright, and its
+    # brightest knots masked, as a masker takes them: masks and sky correlate (0.6),
+    # but the unmasked data depart from the stiffer fit far beyond the noise on both
+    # sides, which source light never does: sky, so no stiffening.
+    rng = np.random.default_rng(seed)
+    field = gaussian_filter(rng.normal(size=(N, N)), 10.0)
+    field = 5.0 * field / field.std()
+    img = field + rng.normal(size=(N, N))
+    p = np.exp(field / 2.0).ravel()
+    stars = np.zeros(N * N, bool)
+    stars[rng.choice(N * N, size=150, p=p / p.sum())] = True
+    mask = gaussian_filter(stars.reshape(N, N).astype(float), 2.0) > 0.01
+    mask |= field > np.percentile(field, 90)
+    model = ThinPlateSmoother().fit(img, mask)
+    test = source_tracking(model, _valid(model))
+    assert abs(test.correlation) > test.limit  # the correlation alone would stiffen
+    assert test.sky and test.structure > 3.0
+    assert not test.tracking
+    # the discs' outskirts (one-sided) stay below the limit
+    disc = _discs(rng)
+    wings = ThinPlateSmoother().fit(rng.normal(size=(N, N)) + disc, disc > 1.0)
+    found = source_tracking(wings, _valid(wings))
+    assert found.tracking and found.structure < found.structure_limit
+
+
 def test_blank_border_is_not_taken_for_sources():
     # A border of blank (given-bad) pixels: the masked share is counted against the
     # valid pixels, so the border adds nothing.

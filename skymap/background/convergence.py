@@ -6,12 +6,11 @@ changed little (:func:`settled`). A *runaway* is a mask that keeps growing while
 background keeps moving: sky structure the fit cannot follow is masked, the fit then
 follows it even less, and more of it is masked. :func:`runaway` detects it after
 :data:`RUNAWAY_RUN` such iterations in a row; the pipeline then backs off to the state
-of the stage in which mask and background agreed best (:func:`agreed_state`) and stops
-there. A stage whose settled mask leaves a background change that no longer shrinks,
-inside the fit's statistical error, has *stalled* (:func:`stalled`) and stops too, as
-does one whose background has settled while its mask still creeps
-(:func:`creeping`). A
-fit that stops at its iteration cap without settling emits a
+before the growth began (:func:`run_start`), the last in which mask and background
+agreed, and stops there. A stage whose settled mask leaves a background change that no
+longer shrinks, inside the fit's statistical error, has *stalled* (:func:`stalled`) and
+stops too, as does one whose background has settled while its mask still creeps
+(:func:`creeping`). A fit that stops at its iteration cap without settling emits a
 :class:`ConvergenceWarning` whose message is ``BackgroundResult.convergence_note``.
 """
 
@@ -40,8 +39,10 @@ __all__ = [
     "note_creeping",
     "note_stopped",
     "note_stalled",
+    "run_start",
     "runaway",
     "settled",
+    "starts_run",
     "stalled",
     "tolerance",
     "wild_cycle",
@@ -146,6 +147,40 @@ def runaway(pipe: Any, records: Sequence[Any]) -> bool:
     return last >= first * RUNAWAY_RATIO ** (len(run) - 1) and last > RUNAWAY_EXCESS * tolerance(
         pipe, run[-1]
     )
+
+
+def starts_run(pipe: Any, rec: Any, previous: Any) -> bool:
+    """Whether a runaway that grew through ``rec`` would back off to ``rec`` rather than
+    further: it did not grow the masked share by more than ``mask_tol``, or its
+    smoothing floor differs from ``previous``'s (a runaway is judged at one floor)."""
+    if not rec.mask_growth > pipe.mask_tol:
+        return True
+    return getattr(rec, "min_scale", None) != getattr(previous, "min_scale", None)
+
+
+def run_start(pipe: Any, records: Sequence[Any]) -> int:
+    """Index in ``records`` (the state a stage started from, then its records) of the
+    state a runaway found by :func:`runaway` backs off to: the last one before the
+    unbroken growth that ended in it (:func:`starts_run`), at most the stage's start.
+
+    Backing off to the state just before the last :data:`RUNAWAY_RUN` iterations
+    would land wherever the run happened to be caught, and two fits of nearly the same
+    image, caught one iteration apart, would keep masks that differ by a whole
+    iteration's growth.
+
+    Examples
+    --------
+    >>> from types import SimpleNamespace as R
+    >>> pipe = R(mask_tol=0.005)
+    >>> recs = [R(mask_growth=g, min_scale=8.0) for g in (0.0, 0.1, 0.08, 0.06, 0.05)]
+    >>> run_start(pipe, recs), run_start(pipe, [recs[0], R(mask_growth=-0.01,
+    ...     min_scale=8.0), *recs[2:]])
+    (0, 1)
+    """
+    j = len(records) - RUNAWAY_RUN - 1
+    while j > 0 and not starts_run(pipe, records[j], records[j - 1]):
+        j -= 1
+    return max(j, 0)
 
 
 def cycling(pipe: Any, records: Sequence[Any]) -> bool:

@@ -96,7 +96,11 @@ def default_pipeline(
       intracluster light and halo wings pass it (0.3-0.5), as do all eight shared real
       images (0.29-0.66, the Galactic-centre MIPS frame at -0.41). Unlike the
       asymmetry test it does not assume that the sky's bumps and dips balance
-      (``benchmarks/README.md`` has the injection and scene figures). Once it has
+      (``benchmarks/README.md`` has the injection and scene figures). Where sources
+      cluster on a nebula (or the masker eats its knots), masks and sky correlate
+      too; the test then sees the unmasked data depart from the stiffer fit by more
+      than the noise both above and below it (source light only adds) and does not
+      stiffen (``TrackingTest.sky``). Once it has
       found the fit higher where the masks are, the last stage's masker also matches
       a scale twice its largest (``tracking_scale=2``: sigma 16 px), which reaches
       the faint wings the fit was following.

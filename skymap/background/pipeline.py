@@ -434,15 +434,20 @@ class IterativeBackground:
         record = functools.partial(_record, norm=norm)
         noise_model = NoiseModel.for_maskers(st.masker for st in self.stages)
         history: list[IterationRecord] = []
-        # The last few recorded masks, in step with the history, for a back-off from a
-        # runaway (a tiled fit's history keeps none).
-        masks = collections.deque(maxlen=_conv.RUNAWAY_RUN + 1)
+        # A tiled fit's history keeps no masks: the last two recorded ones (a limit
+        # cycle keeps what both hold) and that of the state a runaway would back off
+        # to (the last that started a run: _conv.run_start) are kept here.
+        masks = collections.deque(maxlen=2)
+        anchor = {}
 
         def keep(record: IterationRecord, mask=None) -> IterationRecord:
             """Append ``record`` (and, on tiles, the ``mask`` it was made with)."""
+            previous = history[-1] if history else None
             history.append(record)
             if be.tiled and mask is not None:
                 masks.append(mask)
+                if previous is None or _conv.starts_run(self, record, previous):
+                    anchor["mask"] = mask
             if callback is not None:
                 callback(record)
             return record
@@ -484,6 +489,8 @@ class IterativeBackground:
             it = done = 0
             raised = False  # whether the last iteration raised the smoothing floor
             start = len(history)
+            if be.tiled:
+                anchor["mask"] = current  # the state the stage starts from
             while done < cap:
                 # Only the residual is kept through the masking (memory): the previous
                 # background is rebuilt from its model for the change, and the previous
@@ -591,11 +598,13 @@ class IterativeBackground:
                     converged = not _conv.wild_cycle(self, history[-2])
                     break
                 if _conv.runaway(self, history[start:]):
-                    # Back off to the state before the run, the last in which mask and
-                    # background agreed, and stop the stage there.
-                    back = history[-_conv.RUNAWAY_RUN - 1]
-                    note = _conv.note_backed_off(k, history[-_conv.RUNAWAY_RUN :], back)
-                    current = masks[0] if be.tiled else be.result(back.mask)
+                    # Back off to the state before the growth began, the last in which
+                    # mask and background agreed, and stop the stage there.
+                    run = history[start - 1 :]
+                    j = _conv.run_start(self, run)
+                    back = run[j]
+                    note = _conv.note_backed_off(k, run[j + 1 :], back)
+                    current = anchor["mask"] if be.tiled else be.result(back.mask)
                     del bkg
                     previous, model, floor = model, back.model, back.min_scale
                     bkg, noise = restate(model, previous, current, k, it, rec, floor)

@@ -19,6 +19,17 @@ smoothed over the fit's own length. It is near 0 (within about ``1 / sqrt(n_eff)
 for sky that is independent of the sources, whatever its shape; bumps and dips need
 not balance (which the earlier bump-versus-dip asymmetry test assumed, wrongly for a
 scattered-light bump or a halo).
+
+The premise fails where sources cluster on bright sky (stars and knots on a nebula's
+filaments) or where the masker takes the sky's own sharp structure for sources: masks
+and sky then correlate, and a stiffer fit would cut through sky that is there. What
+tells the two apart is the sign of what the stiffer fit leaves in the unmasked data:
+source light only adds to the sky, so it leaves departures on one side (above, near
+the sources, and a shallow skirt below); sky structure that the stiffer fit cannot
+follow leaves extended departures both above and below, far beyond the noise. When
+both tails of the unmasked data about the stiffer fit, smoothed over the fit's length,
+reach past ``structure_limit`` times the pixel noise, the test reports sky
+(``TrackingTest.sky``) and does not ask for stiffening.
 """
 
 from __future__ import annotations
@@ -36,18 +47,36 @@ __all__ = ["TrackingTest", "source_tracking"]
 class TrackingTest:
     """What :func:`source_tracking` measured: the correlation and the limit it is
     compared with; ``tracking`` is True when the correlation's size is above the
-    limit (either sign: source light followed, or masked holes bent into)."""
+    limit (either sign: source light followed, or masked holes bent into), unless
+    ``sky`` says the stiffer fit would cut through sky structure."""
 
     correlation: float
     limit: float
+    #: The smaller of the two tails (5th and 95th percentiles, in pixel noise) of the
+    #: unmasked data about the stiffer fit, smoothed over the fit's length: how far
+    #: beyond the noise the sky departs from the stiffer fit on BOTH sides.
+    structure: float = float("nan")
+    structure_limit: float = float("inf")
+
+    @property
+    def sky(self) -> bool:
+        """Sky structure the stiffer fit cannot follow, above and below it: the
+        correlation may come from sources that cluster on that sky."""
+        return bool(self.structure > self.structure_limit)
 
     @property
     def tracking(self) -> bool:
-        return bool(abs(self.correlation) > self.limit)
+        return bool(abs(self.correlation) > self.limit) and not self.sky
 
 
 def source_tracking(
-    model, valid, *, stiffer: float = 8.0, floor: float = 0.1, significance: float = 3.0
+    model,
+    valid,
+    *,
+    stiffer: float = 8.0,
+    floor: float = 0.1,
+    significance: float = 3.0,
+    structure_limit: float = 1.0,
 ) -> TrackingTest:
     """Correlation between where a thin-plate background departs from a stiffer fit and
     where its masks are.
@@ -68,6 +97,13 @@ def source_tracking(
         ``significance / sqrt(n_eff)``, ``n_eff`` being the number of independent
         patches of the fit's length (the correlation's scatter for sky unrelated to
         the sources is about ``1 / sqrt(n_eff)``).
+    structure_limit : float
+        In units of the pixel noise (the median of the fit's ``rms_grid``): when the
+        unmasked cells' departures from the stiffer fit, smoothed over the fit's
+        length, reach past this both above (95th percentile) and below (5th), the
+        sky has structure the stiffer fit cannot follow and ``.tracking`` is False.
+        Smoothed over the fit's length, noise alone departs by a few hundredths of a
+        sigma; source light left in the unmasked pixels departs on one side.
 
     Returns
     -------
@@ -115,4 +151,25 @@ def source_tracking(
     limit = max(floor, significance / math.sqrt(n_eff))
     if d.std() <= 0 or fs.std() <= 0:
         return TrackingTest(correlation=float("nan"), limit=limit)
-    return TrackingTest(correlation=float(np.corrcoef(d, fs)[0, 1]), limit=limit)
+    return TrackingTest(
+        correlation=float(np.corrcoef(d, fs)[0, 1]),
+        limit=limit,
+        structure=_structure(model, stiff, ok, sigma),
+        structure_limit=structure_limit,
+    )
+
+
+def _structure(model, stiff, ok, sigma) -> float:
+    """The smaller of the two tails of the unmasked cell means about ``stiff``,
+    smoothed over the fit's length (``sigma`` in cells, weighted by pixel counts), in
+    units of the median pixel noise: 0 when either side stays within the noise."""
+    n = np.where(ok, np.asarray(model.cell_pixels, dtype=float), 0.0)
+    has = n > 0
+    r = np.where(has, np.asarray(model.cell_values, dtype=float) - stiff, 0.0)
+    num = ndi.gaussian_filter(r * n, sigma, mode="nearest")
+    den = ndi.gaussian_filter(n, sigma, mode="nearest")
+    noise = float(np.median(np.asarray(model.rms_grid)[has])) if has.any() else 0.0
+    if not noise > 0:
+        return float("nan")
+    low, high = np.percentile((num / np.maximum(den, 1e-12))[has] / noise, [5.0, 95.0])
+    return float(max(0.0, min(-low, high)))

@@ -311,6 +311,32 @@ def touching(above: np.ndarray, invalid: np.ndarray) -> np.ndarray:
     return region
 
 
+def joined_cores(piece, region, refused) -> tuple[np.ndarray, np.ndarray]:
+    """Which masked pixels join a candidate region as part of its core.
+
+    ``piece`` numbers each masked pixel's 8-connected masked piece (1..n), ``region``
+    is the candidate region already at that pixel (0: none); ``refused`` (n + 1
+    booleans) marks pieces that may not join (larger than a halo's core, or not
+    settled here). A piece joins the region one of its pixels lies in (the last such
+    pixel's, in the order given). Returns the region each masked pixel joins (0:
+    none) and which of them are new to it (not in a region already).
+
+    Examples
+    --------
+    >>> add, new = joined_cores(np.array([1, 1, 2]), np.array([0, 3, 0]),
+    ...                         np.zeros(3, bool))
+    >>> add.tolist(), new.tolist()
+    ([3, 3, 0], [True, False, False])
+    """
+    touched = np.zeros(refused.size, np.int64)
+    hit = region > 0
+    touched[piece[hit]] = region[hit]
+    touched[refused] = 0
+    touched[0] = 0
+    add = touched[piece]
+    return add, (region == 0) & (add > 0)
+
+
 def region_stats(where, lab, bad, vals, box, n: int, width: int) -> dict:
     """Per-region statistics of :meth:`HaloMasker.find`'s candidate regions from their
     pixels: flat indices ``where`` (ascending) into an image ``width`` wide, region
@@ -572,16 +598,10 @@ class HaloMasker:
             iv = np.flatnonzero(invalid)
             cl, lb = core_lab.ravel()[iv], labels.ravel()[iv]
             del core_lab
-            touched = np.zeros(ncore + 1, np.int64)
-            hit = lb > 0
-            touched[cl[hit]] = lb[hit]
-            sizes = np.bincount(cl, minlength=ncore + 1)
             # A masked region larger than the largest halo is not a star's core
             # (a border, a chip gap): it does not join.
-            touched[sizes > self.core_limit(limit)] = 0
-            touched[0] = 0
-            add = touched[cl]
-            join = (lb == 0) & (add > 0)
+            big = np.bincount(cl, minlength=ncore + 1) > self.core_limit(limit)
+            add, join = joined_cores(cl, lb, big)
             labels.ravel()[iv[join]] = add[join]
             if join.any():
                 where = np.union1d(where, iv[join])

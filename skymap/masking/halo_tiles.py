@@ -38,6 +38,7 @@ from skymap.masking.bright import (
     HaloMasker,
     box_means,
     filled_sky,
+    joined_cores,
     mad_sigma,
     mad_step,
     region_stats,
@@ -193,12 +194,7 @@ def _region_part(img, bad, *, window, core, sky, sigma, masker, shape, core_limi
     open_region[lab_iv[hit & open_piece[pc]]] = True
     open_region[0] = False
     # The pieces inside the tile join a region here, as in HaloMasker.find.
-    touched = np.zeros(npieces + 1, np.int64)
-    touched[pc[hit]] = lab_iv[hit]
-    touched[open_piece | (psize > core_limit)] = 0
-    touched[0] = 0
-    add = touched[pc]
-    join = (lab_iv == 0) & (add > 0)
+    add, join = joined_cores(pc, lab_iv, open_piece | (psize > core_limit))
     reg = np.flatnonzero(labels)
     where = np.concatenate([reg, iv[join]])
     order = np.argsort(where, kind="stable")
