@@ -7,6 +7,7 @@ import scipy.ndimage as ndi
 from scipy import signal
 
 import skymap.masking.hysteresis as H
+from skymap.backends.base import CHANGE_STEP
 from skymap.backends.memory import MemoryBackend
 from skymap.background.model import MapModel
 from skymap.background.noise import NoiseModel
@@ -151,7 +152,8 @@ def test_change_is_the_rms_of_the_subsampled_difference_in_noise_units(rng, kind
     )
     rms = {"scalar": 2.0, "full": np.asarray(coarse), "coarse": coarse}[kind]
     full = np.broadcast_to(np.asarray(rms, dtype=np.float64), new.shape)
-    d = ((new - old) / full)[::2, ::2][~bad[::2, ::2]]
+    k = CHANGE_STEP
+    d = ((new - old) / full)[::k, ::k][~bad[::k, ::k]]
     want = np.sqrt(np.mean(d.astype(np.float64) ** 2))
     backend = MemoryBackend(new, bad)
     got = backend.change(new, None, MapModel(background=old, rms=old), rms, NoiseModel)
@@ -168,7 +170,7 @@ def test_change_leaves_out_pixels_of_zero_noise(rng):
     rms = np.ones(new.shape, np.float32)
     rms[:20] = 0.0
     with np.errstate(divide="ignore", invalid="ignore"):
-        d = ((new - old) / rms)[::2, ::2]
+        d = ((new - old) / rms)[::CHANGE_STEP, ::CHANGE_STEP]
     want = np.sqrt(np.mean(d[np.isfinite(d)].astype(np.float64) ** 2))
     backend = MemoryBackend(new, bad)
     model = MapModel(background=old, rms=old)
