@@ -23,7 +23,7 @@ import numpy as np
 from scipy.special import ndtri
 
 from skymap._util import MAD_TO_STD, pow2_at_most
-from skymap._validate import as_image, as_mask, check_positive, combine_masks
+from skymap._validate import as_image, as_mask, check_positive
 from skymap.backends.dask import core_of
 from skymap.masking import _hysteresis_kernels as _k
 from skymap.masking.maskers import disk_footprint, grow_mask
@@ -430,9 +430,9 @@ class HysteresisMasker:
         given = as_mask(mask, res.shape)
         # One full-resolution mask only (memory): the detections are what ends up
         # excluded beyond the given mask and the non-finite pixels.
-        excluded = combine_masks(res, given)
-        given_count = 0 if given is None else np.count_nonzero(given)
-        outside = np.count_nonzero(excluded) > given_count
+        excluded = np.empty(res.shape, bool)
+        # given OR non-finite, and how many non-finite pixels are not given: one pass
+        outside = _k.nonfinite_or(res, given, excluded) > 0
         if rms is None:
             v = res[~excluded]
             rms = MAD_TO_STD * float(np.median(np.abs(v - np.median(v)))) if v.size else 1.0
