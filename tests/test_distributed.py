@@ -30,6 +30,7 @@ from skymap.backends.labels import merge_labels  # noqa: E402
 from skymap.background.defaults import default_pipeline  # noqa: E402
 from skymap.background.interpolate import IDW, SExtractorSpline, ZoomSpline  # noqa: E402
 from skymap.background.mesh import MeshBackground  # noqa: E402
+from skymap.background.noise import NoiseModel  # noqa: E402
 from skymap.background.pipeline import (  # noqa: E402
     IterativeBackground,
     RingMedianGuess,
@@ -37,13 +38,15 @@ from skymap.background.pipeline import (  # noqa: E402
 )
 from skymap.background.smooth import ThinPlateSmoother, reference_level  # noqa: E402
 from skymap.background.tiled import tiled_fit  # noqa: E402
+from skymap.masking import _hysteresis_kernels as _hk  # noqa: E402
 from skymap.masking.hysteresis import (  # noqa: E402
+    CoarseRMS,
     HysteresisMasker,
     _factor_of,
     _hysteresis,
     _pair_differences,
-    hysteresis_codes,
-    tile_pairs,
+    seeded_codes,
+    tile_sampled_pairs,
 )
 from skymap.quality.simulate import notebook_scene, scene_by_name  # noqa: E402
 from skymap.stats.filters import ring_footprint, ring_median  # noqa: E402
@@ -583,20 +586,41 @@ def test_tiles_align_to_cells_and_blocks_and_halos_follow_the_kernels():
     assert be.grown((288, 576), (0, 288), 12) == ((256, 608), (0, 320))
 
 
-def test_noise_pairs_gathered_per_tile_are_the_in_memory_pairs():
-    rng = np.random.default_rng(2)
-    snr = rng.normal(size=(90, 70)).astype(np.float32)
-    bad = rng.random(snr.shape) < 0.1
-    lag, step = 7, 3
-    ref = np.sort(np.concatenate(_pair_differences(snr, bad, lag, step)))
-    parts = []
-    for r0, r1 in ((0, 32), (32, 64), (64, 90)):
-        for c0, c1 in ((0, 16), (16, 48), (48, 70)):
-            win = ((r0, min(90, r1 + lag)), (c0, min(70, c1 + lag)))
-            sl = (slice(*win[0]), slice(*win[1]))
-            maps = np.stack([snr[sl], bad[sl]])
-            parts += tile_pairs(maps, window=win, core=((r0, r1), (c0, c1)), lag=lag, step=step)
-    assert np.array_equal(np.sort(np.concatenate(parts)), ref)
+@pytest.mark.parametrize("s", [1.0, 2.0])
+def test_noise_pairs_sampled_per_tile_are_the_in_memory_pairs_and_factor(s):
+    # tile_sampled_pairs on each tile's window (reading the snr of its sampled rows
+    # and columns only) gives the in-memory maps' pairs, bit for bit; reduce_windows
+    # combines them into the in-memory factor in the graph (the noise shared once)
+    rng = np.random.default_rng(3)
+    shape = (200, 176)
+    res = rng.normal(scale=1.7, size=shape).astype(np.float32)
+    res[40:50, 60:70] += 30.0
+    excl = rng.random(shape) < 0.05
+    excl[96:100, :] = True  # a masked strip across a tile edge
+    noise = CoarseRMS(values=np.full((25, 22), 1.1, np.float32), step=8, shape=shape)
+    masker = HysteresisMasker()
+    maps = masker.scale_maps(res, noise, excl, s)
+    b = maps.block
+    lag = masker.noise_lag(s, b)
+    step = 5
+    ref = _pair_differences(maps.snr, maps.invalid, lag, step)
+    unit = np.lcm(masker.tile_unit(shape)[0], 8)
+    be = DaskBackend(da.from_array(res, chunks=64), tile=64, unit=(unit, unit), client="sync")
+    excl_d = da.from_array(excl, chunks=be.chunks)
+    halo = masker.halos(s, shape)[0] + lag * b
+    kw = {"halo": halo, "masker": masker, "s": s, "window_of": NoiseModel.window}
+    kw.update(lag=lag, step=step)
+    assert len(be.chunks[0]) >= 3
+    parts = be.gather_windows(tile_sampled_pairs, [be.image, excl_d], noise=noise, **kw)
+    got = np.sort(np.concatenate([p for ps in parts for p in ps]))
+    assert np.array_equal(got, np.sort(np.concatenate(ref)))
+    lazy = be.reduce_windows(
+        tile_sampled_pairs, [be.image, excl_d], functools.partial(_factor_of, masker, s),
+        noise=be.share(noise), **kw,
+    )  # fmt: skip
+    want = masker.factor_from_differences(ref, s)
+    assert want > 1.0
+    assert lazy.compute(scheduler="sync") == want
 
 
 def test_hysteresis_joined_across_tiles_equals_whole_image_labelling():
@@ -607,13 +631,14 @@ def test_hysteresis_joined_across_tiles_equals_whole_image_labelling():
     ys, xs = (0, 40, 80, 120), (0, 50, 100, 150)
     info = np.empty((3, 3), object)
     labels = np.empty((3, 3), object)
-    kw = {"factor": 1.0, "low": 1.0, "high": 2.5}
+    codes = _hk.hysteresis_codes(
+        snr, snr, np.float32(1.0), np.float32(2.5), np.empty(snr.shape, np.uint8)
+    )
     for i in range(3):
         for j in range(3):
-            block = snr[ys[i] : ys[i + 1], xs[j] : xs[j + 1]]
-            maps = np.stack([block, np.zeros_like(block)])  # snr, invalid
-            labels[i, j] = _tile_label(maps, hysteresis_codes, kw)
-            info[i, j] = _label_info(labels[i, j], maps, hysteresis_codes, kw)
+            block = codes[ys[i] : ys[i + 1], xs[j] : xs[j + 1]]
+            labels[i, j] = _tile_label(block, seeded_codes, {})
+            info[i, j] = _label_info(labels[i, j], block, seeded_codes, {})
     keep = merge_labels(info)
     tiled = np.block(
         [[_keep_labels(labels[i, j], keep[i][j]) for j in range(3)] for i in range(3)]
@@ -664,24 +689,6 @@ def test_tiled_fit_is_deprecated_and_keeps_its_errors():
             tiled_fit(np.zeros((64, 64)), pipeline=pipe, high=3.0)
         with pytest.raises(ValueError, match="tile"):
             tiled_fit(np.zeros((64, 64)), tile=0)
-
-
-def test_noise_factor_reduced_in_the_graph_equals_the_in_memory_factor():
-    # reduce_tiles: the pairs of every tile combined by a task, no driver round trip
-    rng = np.random.default_rng(3)
-    snr = rng.normal(scale=1.7, size=(96, 80)).astype(np.float32)
-    bad = rng.random(snr.shape) < 0.1
-    masker, s, lag = HysteresisMasker(), 2.0, 5
-    step = max(1, snr.size // 125_000)
-    maps = da.from_array(np.stack([snr, bad.astype(np.float32)]), chunks=(2, 32, 32))
-    be = DaskBackend(da.from_array(snr, chunks=32), tile=32, unit=(2, 2))
-    lazy = be.reduce_tiles(
-        tile_pairs, [maps], functools.partial(_factor_of, masker, s), reach=lag, lag=lag,
-        step=step,
-    )  # fmt: skip
-    ref = masker.factor_from_differences(_pair_differences(snr, bad, lag, step), s)
-    assert ref > 1.0
-    assert lazy.compute(scheduler="threads") == ref
 
 
 class _FixedThenFifty:

@@ -359,18 +359,15 @@ def test_sampled_rows_and_columns_and_fused_codes_equal_the_full_maps(rng, b, pl
     )
     s = width * b  # 11 taps (the general loops) or 7 (the unrolled ones)
     maps = masker.scale_maps(res, noise, excluded, s)
-    num, cnt, direct, g, local, bw, sigma, q, bb = masker._dog_inputs(res, noise, excluded, s)
-    assert bb == b
+    inputs = masker._dog_inputs(res, noise, excluded, s)
+    assert inputs[-1] == b
     step = 23
-    rows, cols = H._sampled_snr(num, cnt, direct, g, local, bw, sigma, q, b, step)
+    ny, nx = inputs[0].shape
+    rows, cols = H._sampled_snr(inputs, np.arange(0, ny, step), np.arange(0, nx, step))
     np.testing.assert_array_equal(rows, maps.snr[::step])
     np.testing.assert_array_equal(cols, maps.snr[:, ::step])
     factor = 1.37
-    codes = H._k.dog_codes(
-        num, num if cnt is None else cnt, direct, g, g * g, local, bw, sigma, b, q, factor,
-        masker.low, masker.high, plain, np.empty(num.shape, np.uint8),
-        H._dog_work(num.shape, g.size // 2),
-    )  # fmt: skip
+    codes = H._dog_codes(inputs, factor, masker)
     snr = maps.snr / np.float32(factor)
     grow = (maps.plain if plain else maps.snr) / np.float32(factor)
     seed, grown = snr > np.float32(masker.high), grow > np.float32(masker.low)

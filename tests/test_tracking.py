@@ -247,13 +247,29 @@ def test_a_raised_floor_is_not_a_runaway():
     assert not C.runaway(pipe, raised)
 
 
+def test_a_raised_floor_is_not_a_cycle():
+    # Held-out cluster scene: source tracking doubled the floor each iteration and the
+    # masked share went 12.4%, 16.2%, 15.7%, 19.1%; the "cycle" was the estimator
+    # changing, and resolving it (mask intersection) took the fit from 0.26 to 0.41
+    # sigma. Each mask is made from the previous background, so the floor must have
+    # held over the run, the record before it and the one before that.
+    pipe = SimpleNamespace(change_tol=0.01, error_tol=0.0, mask_tol=0.005)
+    growth = (0.03, 0.038, -0.006, 0.034, -0.01)
+    assert C.cycling(pipe, [_rec(g, floor=208.0) for g in growth])
+    floors = (32.0, 65.0, 130.0, 208.0, 208.0)
+    assert not C.cycling(pipe, [_rec(g, floor=f) for g, f in zip(growth, floors, strict=True)])
+    # nor is a run that starts at a stage's first record (its mask growth is against
+    # the previous stage's mask)
+    assert not C.cycling(pipe, [_rec(g, floor=208.0) for g in growth[1:]])
+
+
 def test_cycle_is_detected_and_explained():
     pipe = SimpleNamespace(change_tol=0.01, error_tol=0.0, mask_tol=0.005)
-    run = [_rec(g) for g in (0.02, -0.01, 0.012)]
+    run = [_rec(g) for g in (0.03, 0.02, 0.02, -0.01, 0.012)]
     assert C.cycling(pipe, run)
-    assert not C.cycling(pipe, [_rec(g) for g in (0.02, 0.01, 0.012)])
+    assert not C.cycling(pipe, [_rec(g) for g in (0.03, 0.02, 0.02, 0.01, 0.012)])
     # Settled changes are not a cycle, however the mask flickers.
-    assert not C.cycling(pipe, [_rec(g, change=0.001) for g in (0.02, -0.01, 0.012)])
+    assert not C.cycling(pipe, [_rec(g, change=0.001) for g in (0.03, 0.02, 0.02, -0.01, 0.012)])
     recs = [SimpleNamespace(mask_fraction=f, change=0.03) for f in (0.2, 0.22, 0.21)]
     note = C.note_cycle(1, recs)
     assert "cycle" in note and "20.0%" in note and "both" in note

@@ -47,7 +47,7 @@ from skymap.backends.base import (
     valid_blocks,
 )
 from skymap.backends.labels import merge_labels
-from skymap.backends.windows import BorderStrips, assemble
+from skymap.backends.windows import BorderStrips, assemble, piece
 
 __all__ = [
     "DaskBackend",
@@ -275,6 +275,8 @@ class DaskBackend:
         # block key -> its task, computed inside the tasks that read the block (cheap
         # lookups: the kept labels of label_seeded)
         self._inline: dict = {}
+        # (array name, binning) -> the BorderStrips its windows last read it through
+        self._strip_cache: dict = {}
         self.image = self._source(image).map_blocks(_work_block, dtype=self.dtype)
         given = None
         if mask is not None:
@@ -529,10 +531,7 @@ class DaskBackend:
         each ``(array, binning)`` of ``inputs`` over the tile grown by ``halo``, then
         the window and the core."""
         grown = [_round_up(halo, u) for u in self.unit]
-        grids = [
-            (BorderStrips(key_grid(a), self.edges(b), [-(-g // b) + 1 for g in grown], a), b)
-            for a, b in inputs
-        ]
+        grids = [(self._strips(a, b, [-(-g // b) + 1 for g in grown]), b) for a, b in inputs]
         self.halo = max(self.halo, max(grown, default=0))
 
         def args(i, j, ys, xs, ref):
@@ -544,6 +543,21 @@ class DaskBackend:
             return (*out, win, (ys, xs))
 
         return args
+
+    def _strips(self, array, b: int, reach) -> BorderStrips:
+        """How windows reaching ``reach`` (binned pixels) read ``array`` (binned by
+        ``b``): the :class:`BorderStrips` of an earlier call on the same array whose
+        strips are as deep, so that both calls take their pieces from the same strip
+        tasks (moved between the workers once), else new ones."""
+        key = (array.name, b)
+        old = self._strip_cache.get(key)
+        if old is not None and all(o >= r for o, r in zip(old.reach, reach, strict=True)):
+            return old
+        new = BorderStrips(key_grid(array), self.edges(b), reach, array)
+        self._strip_cache[key] = new
+        if len(self._strip_cache) > 16:  # only the last few arrays are read again
+            del self._strip_cache[next(iter(self._strip_cache))]
+        return new
 
     def map_tiles(
         self,
@@ -561,17 +575,38 @@ class DaskBackend:
         (default 1), ``block`` the output's, ``layers`` a leading axis of the output.
         The keywords ``kw`` are put in the graph once."""
         bins = list(binning) + [1] * (len(arrays) - len(binning))
-        windows = self._windows(list(zip(arrays, bins, strict=True)), halo)
+        args, dependencies, kw = self._windowed_args(func, arrays, bins, halo, kw)
         chunks = self.binned_chunks(block)
         if layers is not None:
             chunks = ((layers,), *chunks)
+        return self._tile_array(
+            _windowed, args, dependencies, chunks, dtype or self.dtype, _name(func), kw=kw
+        )
+
+    def _windowed_args(self, func, arrays, bins, halo, kw):
+        """(``args_of``, dependencies, plain keywords) of a :func:`_windowed` task per
+        tile: ``func`` on the windows of ``arrays`` (binned by ``bins``) over the tile
+        grown by ``halo``; the keywords go in the graph once, and lazy ones
+        (``dask.delayed``, e.g. :meth:`share`'s or :meth:`reduce_windows`') are taken
+        by key."""
+        windows = self._windows(list(zip(arrays, bins, strict=True)), halo)
+        kw, lazy, names, values = _split_lazy(kw)
 
         def args(i, j, ys, xs, ref):
-            return (func, len(arrays), *windows(i, j, ys, xs, ref), ref["kw"])
+            return (func, len(arrays), *windows(i, j, ys, xs, ref), ref["kw"], names, *values)
 
-        return self._tile_array(
-            _windowed, args, list(arrays), chunks, dtype or self.dtype, _name(func), kw=kw
-        )
+        return args, [*arrays, *lazy.values()], kw
+
+    def share(self, value):
+        """``value`` put on the cluster once, as a lazy value (``dask.delayed``) that
+        the tasks of :meth:`map_tiles`, :meth:`reduce_windows` and :meth:`label_seeded`
+        take as a keyword by its key: the graphs that read it then carry the key, not
+        the value pickled again (a noise grid read by every masking scale)."""
+        import dask
+
+        lazy = dask.delayed(value, name=f"shared-{uuid.uuid4().hex}", traverse=False)
+        (lazy,) = self.persist(lazy)
+        return lazy
 
     def gather_tiles(
         self, func: Callable, arrays: Sequence, *, reach: int = 0, block: int = 1, **kw
@@ -588,12 +623,8 @@ class DaskBackend:
         """``func(*windows, window=, core=, **kw)`` per tile, computed, row by row: the
         arrays read over the tile grown by ``halo`` pixels (rounded up to the unit,
         cut at the image's edges)."""
-        windows = self._windows([(a, 1) for a in arrays], halo)
-
-        def args(i, j, ys, xs, ref):
-            return (func, len(arrays), *windows(i, j, ys, xs, ref), ref["kw"])
-
-        return self._gather(_windowed, args, list(arrays), _name(func), kw=kw)
+        args, dependencies, kw = self._windowed_args(func, arrays, [1] * len(arrays), halo, kw)
+        return self._gather(_windowed, args, dependencies, _name(func), kw=kw)
 
     def values_at(self, arrays: Sequence, ys, xs) -> list[np.ndarray]:
         """The pixels of each of ``arrays`` at the integer indices (``ys``, ``xs``)
@@ -622,22 +653,18 @@ class DaskBackend:
                 o[sel] = g
         return [o.reshape(ys.shape) for o in out]
 
-    def reduce_tiles(
-        self,
-        func: Callable,
-        arrays: Sequence,
-        combine: Callable,
-        *,
-        reach: int = 0,
-        block: int = 1,
-        **kw,
+    def reduce_windows(
+        self, func: Callable, arrays: Sequence, combine: Callable, *, halo: int = 0, **kw
     ):
-        """:meth:`gather_tiles`, then ``combine(per_tile_results)`` (row by row), as
-        one more task of the graph: a lazy value (``dask.delayed``) that later tasks
-        can take (e.g. a keyword of :meth:`label_seeded`) without a round trip through
-        the driver."""
-        name, graph, keys = self._forward_tasks(func, arrays, reach, block, kw)
-        return _combined(name, graph, keys, combine, arrays)
+        """``func(*windows, window=, core=, **kw)`` per tile (the arrays read over the
+        tile grown by ``halo`` pixels, as :meth:`gather_windows`), then
+        ``combine(per_tile_results)`` (row by row) as one more task of the graph: a lazy
+        value (``dask.delayed``) that later tasks take as a keyword (of
+        :meth:`map_tiles`, :meth:`label_seeded`) without a round trip through the
+        driver."""
+        args, dependencies, kw = self._windowed_args(func, arrays, [1] * len(arrays), halo, kw)
+        name, graph, keys = self._tasks(_windowed, args, dependencies, label=_name(func), kw=kw)
+        return _combined(name, graph, keys, combine, dependencies)
 
     def _forward_tasks(self, func, arrays, reach, block, kw):
         b = block
@@ -878,10 +905,8 @@ class DaskBackend:
         ``scipy.sparse.csgraph.connected_components`` merges them."""
         maps_k = key_grid(maps)
         bchunks = self.binned_chunks(block)
-        # lazy keywords (e.g. a factor computed by reduce_tiles) are passed by key
-        lazy = {k: v for k, v in kw.items() if _is_delayed(v)}
-        kw = {k: v for k, v in kw.items() if k not in lazy}
-        names, values = tuple(lazy), [v.key for v in lazy.values()]
+        # lazy keywords (e.g. a factor computed by reduce_windows) are passed by key
+        kw, lazy, names, values = _split_lazy(kw)
         labels = self._tile_array(
             _tile_label, lambda i, j, *_: (maps_k[i, j], codes, kw, names, *values),
             [maps, *lazy.values()], bchunks, np.int32,
@@ -927,10 +952,14 @@ def _native_background(model):
 # --------------------------------------------------------------------------- labels
 
 
-def _is_delayed(value) -> bool:
+def _split_lazy(kw: dict):
+    """(plain keywords, lazy ones (``dask.delayed``), the lazy ones' names, their
+    keys): a task takes a lazy keyword by its key."""
     from dask.delayed import Delayed
 
-    return isinstance(value, Delayed)
+    lazy = {k: v for k, v in kw.items() if isinstance(v, Delayed)}
+    plain = {k: v for k, v in kw.items() if k not in lazy}
+    return plain, lazy, tuple(lazy), [v.key for v in lazy.values()]
 
 
 @one_thread
@@ -955,9 +984,17 @@ def _label_info(labels, maps, codes, kw, names=(), *values):
 def _inlined(task, inline: dict, near=None):
     """``task`` with the keys of ``inline`` (key -> (task, block index)) in it, in
     nested tuples and lists, replaced by their tasks, run inside it: all of them, or
-    (``near`` given) those whose block ``near(i, j)`` says lives where ``task`` runs."""
+    (``near`` given) those whose block ``near(i, j)`` says lives where ``task`` runs.
+    The inline tasks ``(func, source, *rest)`` are elementwise (lookups): a window's
+    piece of such a block, ``(piece, key, side, slice)``, becomes ``func`` on the
+    source's piece only."""
     if not inline:
         return task
+    if isinstance(task, tuple) and len(task) == 4 and task[0] is piece:
+        found = inline.get(task[1])
+        if found is not None and (near is None or near(*found[1])):
+            func, source, *rest = found[0]
+            return (func, (piece, source, *task[2:]), *rest)
     if isinstance(task, (str, tuple)):
         try:
             found = inline.get(task)
@@ -986,9 +1023,13 @@ def _name(func) -> str:
 
 @one_thread
 def _windowed(func, n, *args):
-    """``func(*windows, window=, core=, **kw)`` from ``n`` (blocks, slice) pairs."""
+    """``func(*windows, window=, core=, **kw)`` from ``n`` (blocks, slice) pairs, then
+    the window, the core, the keywords and (optionally) the names of more keywords and
+    their values."""
     arrays = [assemble(args[2 * k], args[2 * k + 1]) for k in range(n)]
-    window, core, kw = args[2 * n :]
+    window, core, kw, *more = args[2 * n :]
+    if more and more[0]:
+        kw = {**kw, **dict(zip(more[0], more[1:], strict=True))}
     return func(*arrays, window=window, core=core, **kw)
 
 

@@ -62,9 +62,13 @@ class BorderStrips:
         an inline task, and the pieces make up exactly the window. ``extra`` gathers
         the strip tasks (once per block). ``near(i, j)``, if given, tells whether block
         (i, j) lives where the window is read: such a block is read whole (nothing
-        travels, no strip task)."""
+        travels, no strip task). Without strips every block is read whole. A block
+        partly in the window is ``(piece, key, side, slice)``, so that a step run
+        inside the task on the block (:func:`skymap.backends.dask.DaskBackend`'s
+        inline lookups) can run on the piece only."""
         if not self.use:
-            return cover(self.keys, self.edges, window)
+            # every block is read whole, a piece of it taken inside the task
+            near = _everywhere
         (ey, ex), (hy, hx) = self.edges, self.reach
         (w0, w1), (u0, u1) = window
         rows = range(int(np.searchsorted(ey, w0, "right")) - 1, int(np.searchsorted(ey, w1)))
@@ -101,6 +105,10 @@ class BorderStrips:
                 row.append((piece, key, side, sl))
             parts.append(row)
         return parts, (slice(0, int(w1 - w0)), slice(0, int(u1 - u0)))
+
+
+def _everywhere(i: int, j: int) -> bool:
+    return True
 
 
 def pixel_bytes(arr) -> int:

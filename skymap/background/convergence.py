@@ -186,22 +186,33 @@ def run_start(pipe: Any, records: Sequence[Any]) -> int:
 def cycling(pipe: Any, records: Sequence[Any]) -> bool:
     """Whether the last :data:`CYCLE_RUN` of a stage's ``records`` grew and shrank the
     masked share by turns, each by more than ``mask_tol``, while the background moved
-    by more than its tolerance: a limit cycle between two masks, which more iterations
-    do not resolve.
+    by more than its tolerance, with masks made from backgrounds fitted at one
+    smoothing floor: a limit cycle between two masks, which more iterations do not
+    resolve. A mask that grows and shrinks while the floor is being raised (source
+    tracking) follows a changing estimator, as in :func:`runaway`.
 
     Examples
     --------
     >>> from types import SimpleNamespace as R
     >>> pipe = R(change_tol=0.01, error_tol=0.0, mask_tol=0.005)
-    >>> flip = [R(mask_growth=g, change=0.03, error=0.0) for g in (0.02, -0.01, 0.01)]
-    >>> creep = [R(mask_growth=g, change=0.03, error=0.0) for g in (0.02, 0.01, 0.01)]
-    >>> cycling(pipe, flip), cycling(pipe, creep), cycling(pipe, flip[:2])
-    (True, False, False)
+    >>> rec = lambda g, floor=16.0: R(mask_growth=g, change=0.03, error=0.0, min_scale=floor)
+    >>> flip = [rec(g) for g in (0.03, 0.02, 0.02, -0.01, 0.01)]
+    >>> creep = [rec(g) for g in (0.03, 0.02, 0.02, 0.01, 0.01)]
+    >>> raised = [rec(g, f) for g, f in zip((0.03, 0.02, 0.02, -0.01, 0.01), (16, 32, 64, 64, 64))]
+    >>> cycling(pipe, flip), cycling(pipe, creep), cycling(pipe, raised), cycling(pipe, flip[1:])
+    (True, False, False, False)
     """
     if len(records) < CYCLE_RUN:
         return False
     run = records[-CYCLE_RUN:]
     if not all(abs(r.mask_growth) > pipe.mask_tol and r.change > tolerance(pipe, r) for r in run):
+        return False
+    # Each mask is made from the previous iteration's background, and a record's
+    # floor is the one its successor is fitted at: the masks whose growth alternates,
+    # and the masks they are compared with, come from backgrounds at one floor only if
+    # the floor held over the CYCLE_RUN + 2 last records.
+    floors = records[-CYCLE_RUN - 2 :]
+    if len(floors) < CYCLE_RUN + 2 or len({getattr(r, "min_scale", None) for r in floors}) > 1:
         return False
     return all(a.mask_growth * b.mask_growth < 0 for a, b in zip(run, run[1:], strict=False))
 

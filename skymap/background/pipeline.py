@@ -202,9 +202,12 @@ class IterativeBackground:
         the shorter side), after every refit that finds it, and that iteration does not
         count as settled; with ``tracking_inflation``, GCV also counts the fit's
         degrees of freedom that many times from then on. Each record carries the
-        correlation (``IterationRecord.tracking``). None: never measured. A mask
-        eating a broad sky bump can read as tracking too (the fit under it stays
-        above the stiffer one); the runaway back-off still applies then.
+        correlation (``IterationRecord.tracking``). None: never measured. Nothing
+        is raised when the unmasked data depart from the stiffer fit by more than
+        the pixel noise both above and below it (``TrackingTest.sky``): sky
+        structure, on which sources may cluster, not source light, which only adds.
+        A mask eating a broad sky bump can read as tracking too (the fit under it
+        stays above the stiffer one); the runaway back-off still applies then.
     tracking_stiffen, tracking_inflation : float or None
         See ``source_tracking``; None leaves the floor, or GCV's inflation, as it
         is.

@@ -2,11 +2,13 @@
 units of the smoothed noise (:class:`HysteresisMasker`), and :class:`CoarseRMS`, the
 slowly varying noise map it reads.
 
-Each scale's work is split into a local step (:meth:`HysteresisMasker.scale_maps`: the
-binned signal-to-noise maps), a global statistic (:meth:`HysteresisMasker.snr_factor`:
-the noise excess) and a global labelling followed by a local dilation
-(:meth:`HysteresisMasker.scale_mask`), so that the dask back end can do the local
-steps tile by tile. It follows the :class:`skymap.masking.Masker` protocol.
+Each scale's work is split into a global statistic (the noise excess, from the
+signal-to-noise map's pair differences), local hysteresis codes, and a global
+labelling followed by a local dilation (:meth:`HysteresisMasker.scale_mask`,
+:meth:`HysteresisMasker._detect_sampled`), so that the dask back end can do the local
+steps tile by tile (:meth:`HysteresisMasker.mask_on`: the pairs from the sampled rows
+and columns of each tile, the codes from the fused pass). It follows the
+:class:`skymap.masking.Masker` protocol.
 """
 
 from __future__ import annotations
@@ -195,15 +197,25 @@ def _samples_pay(shape, b: int) -> bool:
     return -(-shape[0] // b) * -(-shape[1] // b) >= 1 << 22
 
 
-def _sampled_snr(num, cnt, direct, g, local, bw, sigma, q, b, step):
-    """``(snr[::step], snr[:, ::step])`` of :func:`_k.dog_snr`'s maps (``num``, ``cnt``
-    and ``direct`` as it takes them: ``cnt`` None and ``direct`` the mask unbinned),
-    computed at those pixels only (:func:`_k.dog_sampled`): the same float32 values
-    as the full maps there."""
-    ny, nx = num.shape
+def _sampled_snr(inputs, ys, xs):
+    """``(snr[ys], snr[:, xs])`` of :func:`_k.dog_snr`'s maps, from their ``inputs``
+    (:meth:`HysteresisMasker._dog_inputs`), computed at those pixels only
+    (:func:`_k.dog_sampled`): the same float32 values as the full maps there."""
+    num, cnt, direct, g, local, bw, sigma, q, b = inputs
     return _k.dog_sampled(
+        num, num if cnt is None else cnt, direct, g, g * g, local, bw, sigma, b, q, ys, xs
+    )
+
+
+def _dog_codes(inputs, factor, masker):
+    """The hysteresis codes (uint8: 2 seed, 1 growth, 0 neither) of :func:`_k.dog_snr`'s
+    maps divided by ``factor``, from their ``inputs`` in the same fused pass
+    (:func:`_k.dog_codes`), without the float maps."""
+    num, cnt, direct, g, local, bw, sigma, q, b = inputs
+    return _k.dog_codes(
         num, num if cnt is None else cnt, direct, g, g * g, local, bw, sigma, b, q,
-        np.arange(0, ny, step), np.arange(0, nx, step),
+        factor, masker.low, masker.high, masker.grow_plain, np.empty(num.shape, np.uint8),
+        _dog_work(num.shape, g.size // 2),
     )  # fmt: skip
 
 
@@ -555,22 +567,19 @@ class HysteresisMasker:
         (:func:`_sampled_snr`), then the hysteresis codes straight from the fused pass
         (:func:`_k.dog_codes`) and a flood fill from the seeds. The same detections
         bit for bit (the same float32 values, divided and thresholded alike)."""
-        num, cnt, direct, g, local, bw, sigma, q, b = inputs
+        num, cnt, b = inputs[0], inputs[1], inputs[-1]
         step = _noise_step(num.shape)
-        rows, cols = _sampled_snr(num, cnt, direct, g, local, bw, sigma, q, b, step)
+        ys, xs = np.arange(0, num.shape[0], step), np.arange(0, num.shape[1], step)
+        rows, cols = _sampled_snr(inputs, ys, xs)
         invalid = excluded if cnt is None else cnt <= 0
         parts = _pairs_of(rows, invalid[::step], cols, invalid[:, ::step], self.noise_lag(s, b))
         del rows, cols, invalid
         factor = self.factor_from_differences(parts, s)
-        codes = _k.dog_codes(
-            num, num if cnt is None else cnt, direct, g, g * g, local, bw, sigma, b, q,
-            factor, self.low, self.high, self.grow_plain, np.empty(num.shape, np.uint8),
-            _dog_work(num.shape, g.size // 2),
-        )  # fmt: skip
+        codes = _dog_codes(inputs, factor, self)
         if chain is not None:
             chain.add(b, num, cnt, self.dilated(_k.flood_seeded(codes).view(bool), s, b))
             return into
-        del num, cnt
+        del inputs, num, cnt
         radius = self.dilation(s) / b
         if b == 1 and into is not None and radius <= 3:
             # Unbinned, a small disk: each pixel the flood reaches paints its disk into
@@ -633,11 +642,11 @@ class HysteresisMasker:
         return np.greater(out, excluded, out=out)
 
     def dilated(self, det, s, b) -> np.ndarray:
-        """The binned detections ``det`` of scale ``s`` (binning ``b``) dilated by
-        :meth:`dilation` (``det`` itself when nothing grows)."""
+        """The binned detections ``det`` of scale ``s`` grown by :meth:`dilation`
+        (binned by ``b``); ``det`` itself when nothing grows."""
         radius = self.dilation(s) / b
         if radius > 0 and det.any():
-            det = grow_mask(det, radius) if radius > 3 else _dilate_disk(det, radius)
+            return grow_mask(det, radius) if radius > 3 else _dilate_disk(det, radius)
         return det
 
     def dilation(self, s: float) -> float:
@@ -680,11 +689,14 @@ class HysteresisMasker:
 
     def mask_on(self, backend, residual, noise, excluded, window_of):
         """:meth:`__call__` through a tiled back end
-        (:class:`~skymap.backends.base.SplitMasker`): per scale, the maps per tile
-        (a halo of the kernels' reach), the noise excess from the very same pixel
-        pairs gathered from the tiles, the hysteresis labelled per tile and joined
-        across tiles, and the dilation per tile. Returns ``excluded`` OR the
-        detections, equal to the in-memory masking bit for bit."""
+        (:class:`~skymap.backends.base.SplitMasker`): per scale, the noise excess from
+        the very same pixel pairs, read per tile from the snr of its sampled rows and
+        columns only; the hysteresis codes per tile from the fused pass (no float
+        maps), labelled per tile and joined across tiles; and the dilation per tile.
+        The noise is put on the cluster once (``backend.share``), not into every
+        scale's graph. Returns ``excluded`` OR the detections, equal to the in-memory
+        masking bit for bit."""
+        noise = backend.share(noise)
         for s in self.scales:
             excluded = self._scale_on(backend, s, residual, noise, excluded, window_of)
         return excluded
@@ -693,24 +705,23 @@ class HysteresisMasker:
         shape = backend.shape
         b = self.binning(s, shape)
         maps_halo, dilate_halo = self.halos(s, shape)
-        # snr, (plain,) invalid stacked in one float32 block per tile
-        maps = backend.map_tiles(
-            _tile_scale_maps, [residual, excluded], halo=maps_halo, dtype=np.float32,
-            block=b, layers=3 if self.grow_plain else 2, masker=self, s=s, noise=noise,
-            window_of=window_of,
-        )  # fmt: skip
-        (maps,) = backend.persist(maps)
         lag = self.noise_lag(s, b)
-        step = _noise_step(maps.shape[1:])
-        # the noise excess is a task of the graph: one driver round trip per scale
-        factor = backend.reduce_tiles(
-            tile_pairs, [maps], functools.partial(_factor_of, self, s), reach=lag, block=b,
-            lag=lag, step=step,
+        step = _noise_step((-(-shape[0] // b), -(-shape[1] // b)))
+        maps_kw = {"masker": self, "s": s, "noise": noise, "window_of": window_of}
+        # The noise excess is a task of the graph (one driver round trip per scale):
+        # the windows reach lag binned pixels past the tile, for the pairs that start
+        # in it, plus the kernels' reach there.
+        factor = backend.reduce_windows(
+            tile_sampled_pairs, [residual, excluded], functools.partial(_factor_of, self, s),
+            halo=maps_halo + lag * b, lag=lag, step=step, **maps_kw,
         )  # fmt: skip
-        det = backend.label_seeded(
-            maps, hysteresis_codes, block=b, factor=factor, low=self.low, high=self.high
-        )
-        del maps
+        codes = backend.map_tiles(
+            _tile_codes, [residual, excluded], halo=maps_halo, dtype=np.uint8, block=b,
+            factor=factor, **maps_kw,
+        )  # fmt: skip
+        (codes,) = backend.persist(codes)
+        det = backend.label_seeded(codes, seeded_codes, block=b)
+        del codes
         # Dilation and expansion to full resolution: scale_mask on each tile's window
         # of the (already global) detections.
         grown = backend.map_tiles(
@@ -742,63 +753,56 @@ def _kernel_radius(sigma: float) -> int:
     return _gaussian_kernel(sigma).size // 2
 
 
-def _tile_scale_maps(res, excl, *, window, core, masker, s, noise, window_of):
-    """``masker.scale_maps`` on a tile's window, cut to the tile (binned): snr,
-    (plain,) and invalid (as 0/1) stacked in one float32 array."""
+def _window_inputs(res, excl, window, masker, s, noise, window_of):
+    """:meth:`HysteresisMasker._dog_inputs` of scale ``s`` on a tile's window."""
     rms = window_of(noise, window)
     if not isinstance(rms, CoarseRMS):
         rms = np.asarray(rms, dtype=np.float32)  # as HysteresisMasker.__call__ does
-    maps = masker.scale_maps(res, rms, excl, s)
-    sl = core_of(window, core, maps.block)
-    layers = [maps.snr] + ([] if maps.plain is None else [maps.plain]) + [maps.invalid]
-    return np.stack([m[sl] for m in layers]).astype(np.float32, copy=False)
+    return masker._dog_inputs(res, rms, excl, s)
 
 
-def tile_pairs(maps, *, window, core, lag, step):
-    """The pairs of :func:`_pair_differences` that start in the tile ``core`` (binned
-    coordinates) of the stacked maps (snr first, invalid last) read over ``window``:
-    along x on the rows ``y % step == 0``, along y on the columns ``x % step == 0``,
-    ``lag`` apart, both ends valid; ``window`` reaches ``lag`` beyond the core (cut at
-    the map's edge)."""
-    v, bad = maps[0], maps[-1] > 0
-    (w0, _), (u0, _) = window
-    (r0, r1), (c0, c1) = core
-    ny, nx = v.shape
-    parts = []
-    # along x: rows of the core on the global stride, pairs starting in the core
-    rows = slice((-r0) % step + r0 - w0, r1 - w0, step)
-    n = min(c1 - u0, nx - lag)
-    if n > c0 - u0:
-        a, b_ = v[rows, c0 - u0 : n], v[rows, c0 - u0 + lag : n + lag]
-        ok = ~(bad[rows, c0 - u0 : n] | bad[rows, c0 - u0 + lag : n + lag])
-        parts.append((b_ - a)[ok])
-    cols = slice((-c0) % step + c0 - u0, c1 - u0, step)
-    n = min(r1 - w0, ny - lag)
-    if n > r0 - w0:
-        a, b_ = v[r0 - w0 : n, cols], v[r0 - w0 + lag : n + lag, cols]
-        ok = ~(bad[r0 - w0 : n, cols] | bad[r0 - w0 + lag : n + lag, cols])
-        parts.append((b_ - a)[ok])
-    return parts
+def tile_sampled_pairs(res, excl, *, window, core, masker, s, noise, window_of, lag, step):
+    """The pairs of :func:`_pair_differences` (binned grid of scale ``s``) that start in
+    the tile ``core``: along x on the rows ``y % step == 0``, along y on the columns
+    ``x % step == 0``, ``lag`` apart, both ends valid, from the snr of those rows and
+    columns only (:func:`_sampled_snr`, as :meth:`HysteresisMasker._detect_sampled`
+    reads them). ``window`` (full resolution) must reach ``lag`` binned pixels past
+    the core plus the kernels' reach (cut at the image's edge)."""
+    inputs = _window_inputs(res, excl, window, masker, s, noise, window_of)
+    num, cnt, b = inputs[0], inputs[1], inputs[-1]
+    ny, nx = num.shape
+    w0, u0 = window[0][0] // b, window[1][0] // b
+    (r0, r1), (c0, c1) = ((a // b, -(-e // b)) for a, e in core)
+    ys = np.arange(r0 + (-r0) % step, r1, step) - w0
+    xs = np.arange(c0 + (-c0) % step, c1, step) - u0
+    rows, cols = _sampled_snr(inputs, ys, xs)
+    invalid = excl if cnt is None else cnt <= 0
+    # the pairs that start in the core: its columns (rows) and lag more
+    xa, xb = c0 - u0, min(c1 - u0 + lag, nx)
+    ya, yb = r0 - w0, min(r1 - w0 + lag, ny)
+    return _pairs_of(rows[:, xa:xb], invalid[ys, xa:xb], cols[ya:yb], invalid[ya:yb][:, xs], lag)
 
 
-def hysteresis_codes(maps, *, factor, low, high, which):
-    """Seeds (``snr > high``) or regions (seeds, or growth ``> low``) of
-    :meth:`HysteresisMasker.scale_mask`'s hysteresis, after its division by the noise
-    factor, from the stacked maps (snr, (plain,) invalid)."""
-    snr, plain = maps[0], (maps[1] if len(maps) == 3 else None)
-    if factor > 1.0:
-        snr = snr / np.float32(factor)
-        plain = None if plain is None else plain / np.float32(factor)
-    seed = snr > np.float32(high)
-    if which == "seed":
-        return seed
-    return seed | ((snr if plain is None else plain) > np.float32(low))
+def _tile_codes(res, excl, *, window, core, masker, s, noise, window_of, factor):
+    """The tile's hysteresis codes of scale ``s`` (uint8 on its binned grid: 2 seed, 1
+    growth, 0 neither) after the division by the noise ``factor``, from the fused
+    pass over its window (:func:`_dog_codes`)."""
+    inputs = _window_inputs(res, excl, window, masker, s, noise, window_of)
+    codes = _dog_codes(inputs, factor, masker)
+    return np.ascontiguousarray(codes[core_of(window, core, inputs[-1])])
+
+
+def seeded_codes(codes, *, which):
+    """Seeds (code 2) or regions (codes 1 and 2) of the hysteresis ``codes``, the
+    labelling's input (:meth:`~skymap.backends.dask.DaskBackend.label_seeded`)."""
+    return codes == 2 if which == "seed" else codes != 0
 
 
 def _tile_dilate(det, excl, *, window, core, masker, s, b):
-    """The tile's exclusion OR its (dilated, expanded) detections of scale ``s``:
-    :meth:`HysteresisMasker.grow` on the window of the globally labelled detections
-    ``det`` (the dilation reaches ``halo`` pixels, so the core is exact)."""
-    grown = masker.grow(np.ascontiguousarray(det), s, b, excl)
-    sl = core_of(window, core)
-    return excl[sl] | grown[sl]
+    """The tile's exclusion OR its (dilated, expanded) detections of scale ``s``, as
+    :meth:`HysteresisMasker.grow` gives them: the window of the globally labelled
+    detections ``det`` dilated (the dilation reaches ``halo`` pixels, so the core is
+    exact), then only the core expanded into a copy of the core's exclusion."""
+    grown = masker.dilated(np.ascontiguousarray(det), s, b)
+    out = np.array(excl[core_of(window, core)])
+    return _k.expand_mask_into(np.ascontiguousarray(grown[core_of(window, core, b)]), b, out)
