@@ -607,12 +607,6 @@ def mesh_sextractor_stats(
             x1 = min(nx, x0 + bx)
             # the valid pixels, gathered once: the next two passes run over them alone
             nv = _gather(image, mask, use_mask, y0, y1, x0, x1, vals)
-            s1 = 0.0
-            s2 = 0.0
-            for t in range(nv):
-                v = np.float64(vals[t])
-                s1 += v
-                s2 += v * v
             n = nv
             nvalid_out[j, i] = n
             if n == 0:
@@ -620,8 +614,21 @@ def mesh_sextractor_stats(
                 scale_out[j, i] = np.nan
                 ngood_out[j, i] = 0
                 continue
+            # One-pass sums as SExtractor's, but about the mesh's first pixel: the
+            # same mean and sigma in exact arithmetic, without the cancellation of
+            # mean-of-squares minus squared mean when the level is far above the
+            # noise (a sky of 1e3 with a noise of 0.06 lost 8 digits: its 2-sigma
+            # cut moved with the image's offset).
+            ref = np.float64(vals[0])
+            s1 = 0.0
+            s2 = 0.0
+            for t in range(nv):
+                v = np.float64(vals[t]) - ref
+                s1 += v
+                s2 += v * v
             mean = s1 / n
             var = s2 / n - mean * mean
+            mean += ref
             sigma = math.sqrt(var) if var > 0.0 else 0.0
             cast[0] = mean - 2.0 * sigma
             cast[1] = mean + 2.0 * sigma
@@ -633,6 +640,7 @@ def mesh_sextractor_stats(
             for t in range(nv):
                 v = np.float64(vals[t])
                 if v >= lcut and v <= hcut:
+                    v -= ref
                     s1 += v
                     s2 += v * v
                     n += 1
@@ -640,6 +648,7 @@ def mesh_sextractor_stats(
                 # (a float64 image can leave no pixel inside its float32-rounded cuts)
                 mean = s1 / n
                 var = s2 / n - mean * mean
+                mean += ref
                 sigma = math.sqrt(var) if var > 0.0 else 0.0
             nbins = min(int(_HIST_STEP * n + 1), _HIST_MAXBINS)
             cast[0] = 2.0 * _HIST_NSIGMA * sigma / nbins if sigma > 0.0 else 1.0
