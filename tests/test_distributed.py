@@ -363,13 +363,14 @@ def test_tiles_align_to_the_error_blocks_of_any_pipeline(synchronous):
         ),
         max_iter=2,
     )
-    assert pipe.tile_unit(img.shape) == (6, 10)  # not a multiple of the 4-px blocks
+    # the cells and the change's subsample (4 px): lcm(6, 4) = 12, lcm(10, 4) = 20
+    assert pipe.tile_unit(img.shape) == (12, 20)
     ref = pipe.fit(img, error=noise)
     tiled = pipe.fit(img, error=noise, tile=40)
-    assert tiled.tiles.tile == (36, 40)  # lcm(6, 4) = 12, lcm(10, 4) = 20
+    assert tiled.tiles.tile == (36, 40)
     _assert_same_fit(tiled, ref)
     # a back end built by hand aligns its tiles to the error blocks by itself
-    be = DaskBackend(img, tile=40, unit=pipe.tile_unit(img.shape), error=noise)
+    be = DaskBackend(img, tile=40, unit=(6, 10), error=noise)
     assert be.unit == (12, 20)
     _assert_same_fit(pipe.fit(None, backend=be), ref)
 

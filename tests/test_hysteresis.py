@@ -7,6 +7,7 @@ import scipy.ndimage as ndi
 from scipy import signal
 
 import skymap.masking.hysteresis as H
+from skymap.backends.base import CHANGE_STEP
 from skymap.backends.memory import MemoryBackend
 from skymap.background.model import MapModel
 from skymap.background.noise import NoiseModel
@@ -151,7 +152,8 @@ def test_change_is_the_rms_of_the_subsampled_difference_in_noise_units(rng, kind
     )
     rms = {"scalar": 2.0, "full": np.asarray(coarse), "coarse": coarse}[kind]
     full = np.broadcast_to(np.asarray(rms, dtype=np.float64), new.shape)
-    d = ((new - old) / full)[::2, ::2][~bad[::2, ::2]]
+    k = CHANGE_STEP
+    d = ((new - old) / full)[::k, ::k][~bad[::k, ::k]]
     want = np.sqrt(np.mean(d.astype(np.float64) ** 2))
     backend = MemoryBackend(new, bad)
     got = backend.change(new, None, MapModel(background=old, rms=old), rms, NoiseModel)
@@ -168,7 +170,7 @@ def test_change_leaves_out_pixels_of_zero_noise(rng):
     rms = np.ones(new.shape, np.float32)
     rms[:20] = 0.0
     with np.errstate(divide="ignore", invalid="ignore"):
-        d = ((new - old) / rms)[::2, ::2]
+        d = ((new - old) / rms)[::CHANGE_STEP, ::CHANGE_STEP]
     want = np.sqrt(np.mean(d[np.isfinite(d)].astype(np.float64) ** 2))
     backend = MemoryBackend(new, bad)
     model = MapModel(background=old, rms=old)
@@ -292,7 +294,49 @@ def test_sampled_detection_equals_the_maps_path(rng):
             maps = masker.scale_maps(res, np.float32(1.0), excluded, s)
             factor = masker.snr_factor(maps.snr, maps.invalid, s, maps.block)
             want = masker.scale_mask(maps, factor, s, excluded, into=excluded.copy())
-            got = masker._detect_sampled(res, np.float32(1.0), excluded, s, into=excluded.copy())
+            inputs = masker._dog_inputs(res, np.float32(1.0), excluded, s)
+            got = masker._detect_sampled(inputs, s, excluded, into=excluded.copy())
+            np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("sampled", [False, True])
+def test_binned_scales_chained_equal_each_scale_from_the_image(rng, monkeypatch, sampled):
+    # _SumsChain: a binned scale's sums from the previous binned scale's with its
+    # detected blocks zeroed, and the detections OR-ed in once at the end, against
+    # each scale summing the image with the earlier scales' detections excluded; odd
+    # shapes (partial blocks), a repeated binning, an unbinned scale after binned ones;
+    # the maps path and the sampled one (which large maps take)
+    monkeypatch.setattr(H, "_samples_pay", lambda shape, b: sampled)
+    res = rng.normal(size=(203, 181)).astype(np.float32)
+    yy, xx = np.mgrid[:203, :181]
+    for y, x, r in ((50, 60, 6.0), (150, 120, 12.0), (100, 30, 3.0)):
+        res += 6.0 * np.exp(-((yy - y) ** 2 + (xx - x) ** 2) / (2 * r * r))
+    given = np.zeros(res.shape, bool)
+    given[120:140, :30] = True
+    for scales in ((2.0, 4.0), (1.0, 2.0, 4.0, 8.0, 16.0), (2.0, 3.0, 8.0, 1.0)):
+        masker = H.HysteresisMasker(scales=scales, grow_plain=True)
+        got = masker.mask_with(res, np.float32(1.0), given)
+        want = given.copy()
+        for s in scales:
+            masker._detect(res, np.float32(1.0), want, s, into=want)
+        np.testing.assert_array_equal(got, want)
+        assert got.sum() > given.sum() + 200
+
+
+def test_masked_block_sums_of_powers_of_two_are_halved_pair_sums(rng):
+    values = rng.normal(size=(37, 45)).astype(np.float32)
+    excluded = rng.random(values.shape) < 0.2
+    for b in (4, 8, 16):
+        num, cnt = H.masked_block_sums(values, excluded, b)
+        v = np.where(excluded, 0.0, values).astype(np.float64)
+        ny, nx = -(-37 // b), -(-45 // b)
+        pad = np.zeros((ny * b, nx * b))
+        pad[:37, :45] = v
+        np.testing.assert_allclose(num, pad.reshape(ny, b, nx, b).sum(axis=(1, 3)), atol=1e-4)
+        pad[:37, :45] = ~excluded
+        np.testing.assert_array_equal(cnt, pad.reshape(ny, b, nx, b).sum(axis=(1, 3)))
+        two = H.masked_block_sums(values, excluded, 2)
+        for got, want in zip((num, cnt), H.halved_sums(*two, b // 2), strict=True):
             np.testing.assert_array_equal(got, want)
 
 

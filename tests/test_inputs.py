@@ -254,3 +254,21 @@ def test_attributes_skymap_cannot_use_are_named_in_a_warning(scene):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         read_image(NDData(img, meta={"a": 1}))  # meta is carried, not warned about
+
+
+def test_normalisation_in_one_pass_equals_numpys_passes(rng):
+    # the compiled apply against subtract, multiply and clip where finite, float32
+    # and float64, with NaN, infinities and values that overflow when scaled
+    from skymap._inputs import CLIP, Normalisation
+
+    for dtype in (np.float32, np.float64):
+        img = (rng.normal(size=(37, 41)) * 1e3 + 5e3).astype(dtype)
+        img[1, 1], img[2, 2], img[3, 3] = np.nan, np.inf, -np.inf
+        img[4, 4], img[5, 5] = np.finfo(dtype).max, -np.finfo(dtype).max
+        norm = Normalisation(level=4321.5, scale=0.25, spread=1.0)
+        with np.errstate(over="ignore", invalid="ignore"):
+            want = (img - dtype(norm.level)) * dtype(1.0 / norm.scale)
+        np.clip(want, -CLIP, CLIP, out=want, where=np.isfinite(img))
+        got = norm.apply(img)
+        assert got.dtype == dtype
+        np.testing.assert_array_equal(got, want)

@@ -7,7 +7,7 @@ import pytest
 from scipy import linalg, sparse
 from scipy.sparse.linalg import spsolve
 
-from skymap.background.cells import merged_sums
+from skymap.background.cells import merged_sums, valid_counts
 from skymap.background.smooth import ThinPlateSmoother, _System, cell_sums, depth_grid, smooth_grid
 
 
@@ -328,3 +328,13 @@ def test_the_merged_stiffer_fit_stays_close_to_the_fine_one():
         merged, fine = res.stiffer_grid(stiffer), res.stiffer_grid(stiffer, merge=False)
         spread = np.std(res.grid - fine)
         assert np.sqrt(np.mean((merged - fine) ** 2)) < 0.05 * spread
+
+
+def test_valid_counts_are_the_count_layer_of_the_cell_sums(rng):
+    # ragged last cells, a mask along edges and scattered
+    img = rng.normal(size=(45, 70)).astype(np.float32)
+    bad = rng.random(img.shape) < 0.3
+    bad[:, :5] = True
+    for cells in ((8, 8), (5, 16), (45, 3)):
+        want = cell_sums(img, bad, cells, 0.0)[0]
+        np.testing.assert_array_equal(valid_counts(bad, cells)[0], want)

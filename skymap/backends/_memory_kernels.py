@@ -46,8 +46,8 @@ def _floor_in_place(flat, floor, lo, hi):  # pragma: no cover - compiled
             flat[i] = floor
 
 
-def subsampled_change(new, old_sub, bad, noise, q):
-    """RMS of ``(new[::2, ::2] - old_sub) / sigma`` over the pixels not ``bad`` and
+def subsampled_change(new, old_sub, bad, noise, q, step):
+    """RMS of ``(new[::step, ::step] - old_sub) / sigma`` over the pixels not ``bad`` and
     finite, ``sigma`` read from the noise grid ``noise`` at ``[y // q, x // q]``
     (edge-clamped, as in :func:`dog_snr`); pixels of zero noise are left out (their
     ratio is not finite), and the result is 0 when no pixel is left. Rows are summed in
@@ -55,25 +55,25 @@ def subsampled_change(new, old_sub, bad, noise, q):
     ny = old_sub.shape[0]
     sums = np.zeros(ny)
     counts = np.zeros(ny, np.int64)
-    in_bands(_row_changes, ny, new, old_sub, bad, noise, q, sums, counts, grain=16)
+    in_bands(_row_changes, ny, new, old_sub, bad, noise, q, step, sums, counts, grain=16)
     return _rms_of_rows(sums, counts)
 
 
 @njit(cache=True, nogil=True)
-def _row_changes(new, old_sub, bad, noise, q, sums, counts, lo, hi):  # pragma: no cover
+def _row_changes(new, old_sub, bad, noise, q, step, sums, counts, lo, hi):  # pragma: no cover
     nx = old_sub.shape[1]
     nqy, nqx = noise.shape
     # Each column's noise column once, not an integer division per pixel.
     qcol = np.empty(nx, np.int64)
     for j in range(nx):
-        qcol[j] = min(2 * j // q, nqx - 1)
+        qcol[j] = min(step * j // q, nqx - 1)
     for i in range(lo, hi):
-        y = 2 * i
+        y = step * i
         qy = min(y // q, nqy - 1)
         total = 0.0
         count = 0
         for j in range(nx):
-            x = 2 * j
+            x = step * j
             if bad[y, x]:
                 continue
             s = noise[qy, qcol[j]]

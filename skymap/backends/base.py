@@ -53,6 +53,12 @@ Window = tuple[tuple[int, int], tuple[int, int]]
 ERROR_BLOCK = 4
 
 
+#: Stride of the subsample on which :meth:`ArrayBackend.change` compares two
+#: backgrounds: they are smooth over tens of pixels, so every 4th pixel along each axis
+#: (1/16 of them) measures the RMS of their difference as well as all of them.
+CHANGE_STEP = 4
+
+
 @runtime_checkable
 class ArrayBackend(Protocol):
     """Where the pixels of one fit live, and the operations on them.
@@ -122,8 +128,9 @@ class ArrayBackend(Protocol):
     def change(
         self, background: Any, model: Any, previous: Any, noise: Any, noise_model: Any
     ) -> float:
-        """RMS over the valid pixels of ``[::2, ::2]`` of ``(model's background -
-        previous's background) / noise`` (``background`` is the model's native map).
+        """RMS over the valid pixels of ``[::CHANGE_STEP, ::CHANGE_STEP]`` of
+        ``(model's background - previous's background) / noise`` (``background`` is
+        the model's native map).
         ``noise_model`` reads the working ``noise``: ``grid(noise)`` -> (float32
         values, block) for the compiled kernel, ``window(noise, window, step)``."""
 

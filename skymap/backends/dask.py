@@ -37,6 +37,7 @@ import numpy as np
 from skymap._inputs import Normalisation, noise_sigma, noise_value
 from skymap._validate import as_image, as_mask, as_pair, combine_masks, work_dtype
 from skymap.backends.base import (
+    CHANGE_STEP,
     ERROR_BLOCK,
     BinnedStepMasker,
     NativeMaps,
@@ -212,7 +213,8 @@ class DaskBackend:
         ``unit``; an axis shorter than the unit is one tile.
     unit : (int, int)
         Alignment unit per axis: every tile but the last starts and ends on a multiple
-        (with an error map, also of :data:`~skymap.backends.base.ERROR_BLOCK`).
+        (also of :data:`~skymap.backends.base.CHANGE_STEP`, and with an error map of
+        :data:`~skymap.backends.base.ERROR_BLOCK`).
     client : optional
         A ``distributed.Client`` (or any dask scheduler); default dask's current one.
     error, weight : optional
@@ -259,7 +261,8 @@ class DaskBackend:
         tile = as_pair("tile", tile)
         self.shape, self.dtype, self.client = shape, np.dtype(work_dtype(image.dtype)), client
         self.size = shape[0] * shape[1]
-        self.unit = tuple(int(u) for u in unit)
+        # tiles start on the change's subsample (CHANGE_STEP)
+        self.unit = tuple(math.lcm(int(u), CHANGE_STEP) for u in unit)
         if error is not None or weight is not None:
             # the maskers' noise from an error map is summed in blocks of ERROR_BLOCK
             self.unit = tuple(math.lcm(u, ERROR_BLOCK) for u in self.unit)
@@ -1132,14 +1135,16 @@ def _tile_first_valid(mask, nx, block_info=None):
 @one_thread
 def _tile_change(bad, old_map=None, *, window, new, old, noise, window_of):
     """Sum of squares and count of the finite (new - old) / noise on the tile's
-    [::2, ::2] subsample of valid pixels (the tile starts on an even pixel); the old
-    background is a model, or (``old`` None) the block ``old_map``."""
-    a = new.background_map(2, window=window)
-    b = old_map[::2, ::2] if old is None else old.background_map(2, window=window)
+    [::CHANGE_STEP, ::CHANGE_STEP] subsample of valid pixels (the tile starts on a
+    multiple of it); the old background is a model, or (``old`` None) the block
+    ``old_map``."""
+    k = CHANGE_STEP
+    a = new.background_map(k, window=window)
+    b = old_map[::k, ::k] if old is None else old.background_map(k, window=window)
     # the noise as the in-memory change reads it (float32)
-    sigma = np.asarray(window_of(noise, window, 2), dtype=np.float32)
+    sigma = np.asarray(window_of(noise, window, k), dtype=np.float32)
     with np.errstate(invalid="ignore", divide="ignore"):
-        d = ((a - b) / sigma)[~bad[::2, ::2]]
+        d = ((a - b) / sigma)[~bad[::k, ::k]]
     d = d[np.isfinite(d)]
     return [np.sum(d * d, dtype=np.float64), d.size]
 

@@ -17,7 +17,7 @@ import numpy as np
 from skymap._inputs import Normalisation
 from skymap._validate import as_image, as_mask, combine_masks
 from skymap.backends import _memory_kernels as _k
-from skymap.backends.base import valid_blocks
+from skymap.backends.base import CHANGE_STEP, valid_blocks
 
 __all__ = ["MemoryBackend", "floor_at_half_median"]
 
@@ -141,7 +141,8 @@ class MemoryBackend:
 
     def change(self, background, model, previous, noise, noise_model):
         sigma, q = noise_model.grid(noise)
-        return _k.subsampled_change(background, previous.background_map(2), self.bad, sigma, q)
+        old = previous.background_map(CHANGE_STEP)
+        return _k.subsampled_change(background, old, self.bad, sigma, q, CHANGE_STEP)
 
     def mask_stats(self, new):
         packed = np.packbits(new.ravel())

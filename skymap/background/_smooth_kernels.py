@@ -116,124 +116,84 @@ def bin_cells(image, bad, cy, cx, ref):
 @njit(cache=True, nogil=True)
 def _bin_cells(image, bad, cy, cx, ref, n, s1, s2, sy, sx, lo, hi):  # pragma: no cover - compiled
     ny, nx = image.shape
+    # Per cell row, each column's sums over the row's pixel rows first (independent
+    # chains side by side: the loop over x vectorises), then the columns of each cell
+    # in x order. The counts and coordinate sums are integers (exact).
+    col1 = np.empty(nx)
+    col2 = np.empty(nx)
+    coln = np.empty(nx, np.int64)
+    coly = np.empty(nx, np.int64)
     for i in range(lo, hi):
-        y = i * cy
-        y1 = min(ny, (i + 1) * cy)
-        # Four rows at a time: their sums are independent chains, each added to the
-        # cell's totals in row order as before (the same sums, bit for bit).
-        while y + 4 <= y1:
-            _cell_rows4(image, bad, y, i, cx, ref, n, s1, s2, sy, sx)
-            y += 4
-        for yy in range(y, y1):
-            _cell_row(image, bad, yy, i, cx, ref, n, s1, s2, sy, sx)
+        col1[:] = 0.0
+        col2[:] = 0.0
+        coln[:] = 0
+        coly[:] = 0
+        for y in range(i * cy, min(ny, (i + 1) * cy)):
+            vrow, brow = image[y], bad[y]
+            # Selects, not branches (bad values may be NaN).
+            for x in range(nx):
+                ok = not brow[x]
+                v = (vrow[x] - ref) if ok else 0.0
+                col1[x] += v
+                col2[x] += v * v
+                coln[x] += 1 if ok else 0
+                coly[x] += y if ok else 0
+        for j in range(n.shape[1]):
+            a1 = 0.0
+            a2 = 0.0
+            c = 0
+            ay = 0
+            ax = 0
+            for x in range(j * cx, min(nx, (j + 1) * cx)):
+                a1 += col1[x]
+                a2 += col2[x]
+                c += coln[x]
+                ay += coly[x]
+                ax += coln[x] * x
+            n[i, j] = c
+            s1[i, j] = a1
+            s2[i, j] = a2
+            sy[i, j] = ay
+            sx[i, j] = ax
 
 
-@njit(cache=True, nogil=True, inline="always")
-def _cell_row(image, bad, y, i, cx, ref, n, s1, s2, sy, sx):  # pragma: no cover - compiled
-    """Row ``y``'s count, sum, sum of squares, x sum of the good pixels per cell of
-    cell row ``i``, added to the totals (the counts and x sums as integers: exact, so
-    the same as float64 sums of ones and of x)."""
-    nx = image.shape[1]
-    vrow, brow = image[y], bad[y]
-    for j in range(n.shape[1]):
-        c = 0
-        a1 = 0.0
-        a2 = 0.0
-        ax = 0
-        # Selects, not branches (bad values may be NaN).
-        for x in range(j * cx, min(nx, (j + 1) * cx)):
-            ok = not brow[x]
-            v = (vrow[x] - ref) if ok else 0.0
-            c += 1 if ok else 0
-            a1 += v
-            a2 += v * v
-            ax += x if ok else 0
-        _add_row(n, s1, s2, sy, sx, i, j, y, float(c), a1, a2, float(ax))
-
-
-@njit(cache=True, nogil=True, inline="always")
-def _add_row(n, s1, s2, sy, sx, i, j, y, c, a1, a2, ax):  # pragma: no cover - compiled
-    """One row's sums of cell (i, j) added to its totals, as the single-row loop did."""
-    n[i, j] += c
-    s1[i, j] += a1
-    s2[i, j] += a2
-    sy[i, j] += c * y
-    sx[i, j] += ax
-
-
-@njit(cache=True, nogil=True, inline="always")
-def _cell_rows4(image, bad, y, i, cx, ref, n, s1, s2, sy, sx):  # pragma: no cover - compiled
-    """:func:`_cell_row` for rows ``y`` .. ``y + 3`` at once."""
-    nx = image.shape[1]
-    v0, v1, v2, v3 = image[y], image[y + 1], image[y + 2], image[y + 3]
-    b0, b1, b2, b3 = bad[y], bad[y + 1], bad[y + 2], bad[y + 3]
-    for j in range(n.shape[1]):
-        c0 = c1 = c2 = c3 = 0
-        p0 = p1 = p2 = p3 = 0.0
-        q0 = q1 = q2 = q3 = 0.0
-        x0 = x1 = x2 = x3 = 0
-        for x in range(j * cx, min(nx, (j + 1) * cx)):
-            ok = not b0[x]
-            v = (v0[x] - ref) if ok else 0.0
-            c0 += 1 if ok else 0
-            p0 += v
-            q0 += v * v
-            x0 += x if ok else 0
-            ok = not b1[x]
-            v = (v1[x] - ref) if ok else 0.0
-            c1 += 1 if ok else 0
-            p1 += v
-            q1 += v * v
-            x1 += x if ok else 0
-            ok = not b2[x]
-            v = (v2[x] - ref) if ok else 0.0
-            c2 += 1 if ok else 0
-            p2 += v
-            q2 += v * v
-            x2 += x if ok else 0
-            ok = not b3[x]
-            v = (v3[x] - ref) if ok else 0.0
-            c3 += 1 if ok else 0
-            p3 += v
-            q3 += v * v
-            x3 += x if ok else 0
-        _add_row(n, s1, s2, sy, sx, i, j, y, float(c0), p0, q0, float(x0))
-        _add_row(n, s1, s2, sy, sx, i, j, y + 1, float(c1), p1, q1, float(x1))
-        _add_row(n, s1, s2, sy, sx, i, j, y + 2, float(c2), p2, q2, float(x2))
-        _add_row(n, s1, s2, sy, sx, i, j, y + 3, float(c3), p3, q3, float(x3))
-
-
-def bspline_rows(tmp, base, weights, out):
-    """out[y, x] = sum_k weights[x, k] * tmp[y, base[x] - 1 + k], k = 0..3: the cubic
-    B-spline evaluation along x of rows already evaluated along y."""
-    in_bands(_bspline_rows, out.shape[0], tmp, base, weights, out, grain=32)
+def bspline_columns(tmp, base, weights, out):
+    """out[y, x] = sum_k weights[y, k] * tmp[base[y] - 1 + k, x], k = 0..3: the cubic
+    B-spline evaluation along y of rows already evaluated along x (each output row
+    four whole rows of ``tmp`` combined, so the loop over x vectorises)."""
+    in_bands(_bspline_columns, out.shape[0], tmp, base, weights, out, grain=32)
     return out
 
 
 @njit(cache=True, nogil=True)
-def _bspline_rows(tmp, base, weights, out, lo, hi):  # pragma: no cover - compiled
+def _bspline_columns(tmp, base, weights, out, lo, hi):  # pragma: no cover - compiled
     nx = out.shape[1]
-    y = lo
-    # Four rows at a time: each column's base and weights are read once for the four
-    # (reading them per pixel was what limited the loop); each pixel's sum is the
-    # same, in the same order.
-    while y + 4 <= hi:
-        ta, tb, tc, td = tmp[y], tmp[y + 1], tmp[y + 2], tmp[y + 3]
-        oa, ob, oc, od = out[y], out[y + 1], out[y + 2], out[y + 3]
+    for y in range(lo, hi):
+        b = base[y] - 1
+        w0, w1, w2, w3 = weights[y, 0], weights[y, 1], weights[y, 2], weights[y, 3]
+        t0, t1, t2, t3 = tmp[b], tmp[b + 1], tmp[b + 2], tmp[b + 3]
+        row = out[y]
         for x in range(nx):
-            b = base[x] - 1
-            w0, w1, w2, w3 = weights[x, 0], weights[x, 1], weights[x, 2], weights[x, 3]
-            oa[x] = w0 * ta[b] + w1 * ta[b + 1] + w2 * ta[b + 2] + w3 * ta[b + 3]
-            ob[x] = w0 * tb[b] + w1 * tb[b + 1] + w2 * tb[b + 2] + w3 * tb[b + 3]
-            oc[x] = w0 * tc[b] + w1 * tc[b + 1] + w2 * tc[b + 2] + w3 * tc[b + 3]
-            od[x] = w0 * td[b] + w1 * td[b + 1] + w2 * td[b + 2] + w3 * td[b + 3]
-        y += 4
-    for yy in range(y, hi):
-        for x in range(nx):
-            b = base[x] - 1
-            out[yy, x] = (
-                weights[x, 0] * tmp[yy, b]
-                + weights[x, 1] * tmp[yy, b + 1]
-                + weights[x, 2] * tmp[yy, b + 2]
-                + weights[x, 3] * tmp[yy, b + 3]
-            )
+            row[x] = w0 * t0[x] + w1 * t1[x] + w2 * t2[x] + w3 * t3[x]
+
+
+def count_cells(bad, cy, cx):
+    """Per-cell count of the pixels not ``bad`` (float64): :func:`bin_cells`' first
+    layer, without reading an image."""
+    ny, nx = bad.shape
+    n = np.zeros((-(-ny // cy), -(-nx // cx)))
+    in_bands(_count_cells, n.shape[0], bad, cy, cx, n, grain=-(-32 // cy))
+    return n
+
+
+@njit(cache=True, nogil=True)
+def _count_cells(bad, cy, cx, n, lo, hi):  # pragma: no cover - compiled
+    ny, nx = bad.shape
+    for i in range(lo, hi):
+        for y in range(i * cy, min(ny, (i + 1) * cy)):
+            brow = bad[y]
+            for j in range(n.shape[1]):
+                c = 0
+                for x in range(j * cx, min(nx, (j + 1) * cx)):
+                    c += 0 if brow[x] else 1
+                n[i, j] += c

@@ -16,6 +16,7 @@ __all__ = [
     "cell_stats",
     "cell_sums",
     "merged_sums",
+    "valid_counts",
     "reference_level",
     "reference_step",
     "upsample",
@@ -50,6 +51,20 @@ def cell_sums(image: np.ndarray, bad: np.ndarray, cells, ref: float, origin=(0, 
     if origin[1]:
         sx += n * origin[1]
     return np.stack([n, s1, s2, sy, sx])
+
+
+def valid_counts(bad, cells, origin=(0, 0)) -> np.ndarray:
+    """The count layer of :func:`cell_sums` (the pixels not ``bad`` per cell, a (1,
+    gy, gx) float64 array) without reading the image; ``origin`` as there (unused).
+
+    Examples
+    --------
+    >>> bad = np.zeros((5, 7), bool)
+    >>> bad[0, :3] = True
+    >>> valid_counts(bad, (2, 4))[0].tolist()
+    [[5.0, 6.0], [8.0, 6.0], [4.0, 3.0]]
+    """
+    return _k.count_cells(np.asarray(bad, dtype=bool), int(cells[0]), int(cells[1]))[None]
 
 
 def merged_sums(grid: np.ndarray, factor: int) -> np.ndarray:
@@ -167,15 +182,17 @@ def upsample(
     (y0, y1), (x0, x1) = ((0, shape[0]), (0, shape[1])) if window is None else window
     uy = (np.arange(y0, y1, step) + offset - (cy - 1) / 2.0) / cy + pad
     ux = (np.arange(x0, x1, step) + offset - (cx - 1) / 2.0) / cx + pad
-    # Along y on the small grid (sparse, cheap), then along x pixel by pixel.
-    by, wy = _bspline_weights(uy)
-    rows = np.repeat(np.arange(uy.size), 4)
-    cols = (by[:, None] + np.arange(-1, 3)[None, :]).ravel()
-    ymat = sparse.csr_matrix((wy.ravel(), (rows, cols)), shape=(uy.size, coef.shape[0]))
-    tmp = np.ascontiguousarray(ymat @ coef)
+    # Along x on the small grid (sparse, cheap), then along y row by row: each output
+    # row combines four whole rows of that (contiguous, so it vectorises; along x
+    # pixel by pixel it read each column's weights and gathered its nodes).
     bx, wx = _bspline_weights(ux)
+    rows = np.repeat(np.arange(ux.size), 4)
+    cols = (bx[:, None] + np.arange(-1, 3)[None, :]).ravel()
+    xmat = sparse.csr_matrix((wx.ravel(), (rows, cols)), shape=(ux.size, coef.shape[1]))
+    tmp = np.ascontiguousarray((xmat @ coef.T).T)
+    by, wy = _bspline_weights(uy)
     out = np.empty((uy.size, ux.size), dtype=dtype)
-    return _k.bspline_rows(tmp, bx, wx, out)
+    return _k.bspline_columns(tmp, by, wy, out)
 
 
 def _extend_linear(z: np.ndarray, pad: int, axis: int) -> np.ndarray:

@@ -38,6 +38,7 @@ from skymap._inputs import blank_fill, edge_fill_values, read_image, valid_frame
 from skymap._util import check_int
 from skymap._validate import check_positive, check_range
 from skymap.backends.base import (
+    CHANGE_STEP,
     ArrayBackend,
     BinnedStepMasker,
     Tileable,
@@ -46,6 +47,7 @@ from skymap.backends.dask import DaskBackend, is_tiled_input
 from skymap.backends.memory import MemoryBackend
 from skymap.background import convergence as _conv
 from skymap.background.cells import merged_sums
+from skymap.background.cells import valid_counts as pixel_counts
 from skymap.background.convergence import ConvergenceWarning
 from skymap.background.model import BackgroundEstimator, BackgroundModel, as_driven
 from skymap.background.noise import NoiseModel, use_error
@@ -53,7 +55,6 @@ from skymap.background.result import BackgroundResult, IterationRecord
 from skymap.background.ring import RingMedianGuess
 from skymap.background.scale import central_window, smoothing_floor, source_scale
 from skymap.background.scale import max_source_size as _resolve_size
-from skymap.background.smooth import cell_sums
 from skymap.background.tracking import source_tracking
 from skymap.masking.bright import HaloMasker
 from skymap.masking.halo_tiles import find_tiled
@@ -732,9 +733,10 @@ class IterativeBackground:
 
     def tile_unit(self, shape) -> tuple[int, int]:
         """Alignment unit per axis of the tiles for an image of ``shape``: the least
-        common multiple of 2 (the change's ``[::2, ::2]`` subsample) and every piece's
-        :meth:`~skymap.backends.base.Tileable.tile_unit` (cells, binning blocks)."""
-        units = (2, 2)
+        common multiple of :data:`~skymap.backends.base.CHANGE_STEP` (the change's
+        subsample) and every piece's :meth:`~skymap.backends.base.Tileable.tile_unit`
+        (cells, binning blocks)."""
+        units = (CHANGE_STEP, CHANGE_STEP)
         pieces = [self.first_guess, self.final]
         for st in self.stages:
             pieces += [st.masker, st.estimator]
@@ -811,10 +813,8 @@ class IterativeBackground:
         if cells not in valid_counts:
             # Binned as the fit was (coarser cells are sums of those: tiles align to them)
             binned = tuple(getattr(model, "binned_cells", None) or cells)
-            counts = backend.cell_grid(
-                cell_sums, [backend.image, backend.given_bad], binned, 5, cells=binned, ref=0.0
-            )[0]
-            valid_counts[cells] = merged_sums(counts, cells[0] // binned[0])
+            counts = backend.cell_grid(pixel_counts, [backend.given_bad], binned, 1, cells=binned)
+            valid_counts[cells] = merged_sums(counts, cells[0] // binned[0])[0]
         valid = valid_counts[cells]
         return source_tracking(model, valid, floor=self.source_tracking)
 

@@ -157,10 +157,20 @@ def _coarse_median(data, ok):
     grid = nanmedian_rows(blocks, overwrite=True).reshape(gy, gx)
     fill = np.nanmedian(grid) if np.isfinite(grid).any() else 0.0
     grid = np.where(np.isfinite(grid), grid, fill)
-    y = (np.arange(ny) + 0.5) / b - 0.5
-    x = (np.arange(nx) + 0.5) / b - 0.5
-    yy, xx = np.meshgrid(np.clip(y, 0, gy - 1), np.clip(x, 0, gx - 1), indexing="ij")
-    return ndimage.map_coordinates(grid, [yy, xx], order=1, mode="nearest")
+    # Bilinear, along y on the grid's columns, then along x: separable, so two small
+    # passes instead of ndimage.map_coordinates' general one (the same values to
+    # rounding).
+    (y0, y1, fy), (x0, x1, fx) = (_linear_weights(n, b, g) for n, g in ((ny, gy), (nx, gx)))
+    rows = grid[y0] * (1.0 - fy)[:, None] + grid[y1] * fy[:, None]
+    return rows[:, x0] * (1.0 - fx) + rows[:, x1] * fx
+
+
+def _linear_weights(n: int, b: int, g: int):
+    """Pixel ``i``'s two nodes of a grid of ``g`` nodes at the centres of ``b``-px
+    blocks, and its weight on the second (clamped at the outer nodes)."""
+    pos = np.clip((np.arange(n) + 0.5) / b - 0.5, 0, g - 1)
+    lo = np.floor(pos).astype(np.int64)
+    return lo, np.minimum(lo + 1, g - 1), pos - lo
 
 
 def _peak_fwhm(resid, ok, sigma) -> tuple[float, int]:

@@ -89,3 +89,31 @@ def box_means_at(img, grid, block, invalid, flat):  # pragma: no cover - compile
                 total += v
         out[k] = total / 9.0
     return out
+
+
+def block_rows(img, invalid, block, out):
+    """``out[by * gx + bx]``: the pixels ``img[y, x]`` of block (by, bx) at even ``y``
+    and ``x``, in raster order, as float32; NaN where ``invalid`` or beyond the image
+    (``out`` is (gy * gx, (block // 2) ** 2))."""
+    _block_rows(img, invalid, block, out)
+    return out
+
+
+@njit(cache=True, nogil=True)
+def _block_rows(img, invalid, block, out):  # pragma: no cover - compiled
+    ny, nx = img.shape
+    h = block // 2
+    gx = -(-nx // block)
+    nan = np.float32(np.nan)
+    for r in range(out.shape[0] // gx * h):
+        by, i = r // h, r % h
+        y = by * block + 2 * i
+        for bx in range(gx):
+            row = out[by * gx + bx]
+            x0 = bx * block
+            for j in range(h):
+                x = x0 + 2 * j
+                if y < ny and x < nx and not invalid[y, x]:
+                    row[i * h + j] = np.float32(img[y, x])
+                else:
+                    row[i * h + j] = nan

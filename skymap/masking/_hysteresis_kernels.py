@@ -585,6 +585,36 @@ def _local_row(lrow, bw, lruns, out):  # pragma: no cover - compiled
     return out
 
 
+def nonfinite_or(values, given, out):
+    """``out = given | ~isfinite(values)`` (``given`` None: no mask); returns the number
+    of non-finite values outside ``given``."""
+    ny = values.shape[0]
+    masked = given is not None
+    counts = np.zeros(ny, np.int64)
+    given = given if masked else np.zeros((1, 1), bool)
+    in_bands(_nonfinite_or, ny, values, given, masked, out, counts, grain=_ROWS)
+    return int(counts.sum())
+
+
+@njit(cache=True, nogil=True)
+def _nonfinite_or(values, given, masked, out, counts, lo, hi):  # pragma: no cover - compiled
+    for y in range(lo, hi):
+        vrow, orow = values[y], out[y]
+        n = 0
+        if masked:
+            grow = given[y]
+            for x in range(vrow.size):
+                bad = not np.isfinite(vrow[x])
+                n += 1 if bad and not grow[x] else 0
+                orow[x] = bad or grow[x]
+        else:
+            for x in range(vrow.size):
+                bad = not np.isfinite(vrow[x])
+                n += 1 if bad else 0
+                orow[x] = bad
+        counts[y] = n
+
+
 def expand_mask_into(small, b, out):
     """``out |= small[y // b, x // b]`` in place, at full resolution; returns ``out``.
     Reads the small map only, and writes only where it is set."""

@@ -201,11 +201,9 @@ def sky_blocks(img: np.ndarray, invalid: np.ndarray, block: int) -> np.ndarray:
     that starts on a block edge gives its part of the grid."""
     ny, nx = img.shape
     gy, gx, h = -(-ny // block), -(-nx // block), block // 2
-    # Every other pixel, padded with NaN to whole blocks.
-    sub = np.full((gy * h, gx * h), np.nan, np.float32)
-    part = img[::2, ::2]
-    sub[: part.shape[0], : part.shape[1]] = np.where(invalid[::2, ::2], np.nan, part)
-    blocks = sub.reshape(gy, h, gx, h).transpose(0, 2, 1, 3).reshape(gy * gx, h * h)
+    # Every other pixel of each block as one row (NaN where invalid or beyond the
+    # image), gathered in one pass.
+    blocks = _kb.block_rows(img, invalid, block, np.empty((gy * gx, h * h), np.float32))
     return nanmedian_rows(blocks, overwrite=True).reshape(gy, gx)
 
 

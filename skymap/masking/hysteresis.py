@@ -25,7 +25,7 @@ import numpy as np
 from scipy.special import ndtri
 
 from skymap._util import MAD_TO_STD, pow2_at_most
-from skymap._validate import as_image, as_mask, check_positive, combine_masks
+from skymap._validate import as_image, as_mask, check_positive
 from skymap.backends.dask import core_of
 from skymap.masking import _hysteresis_kernels as _k
 from skymap.masking.maskers import disk_footprint, grow_mask
@@ -53,10 +53,76 @@ def _dog_work(shape, r, strip=64):
 
 def masked_block_sums(values, excluded, b):
     """Sums and counts of the values not ``excluded`` in ``b`` x ``b`` blocks (float32
-    maps of the binned shape; partial blocks at the far edges sum what they hold)."""
+    maps of the binned shape; partial blocks at the far edges sum what they hold).
+    A power of two above 2 sums the 2 x 2 sums, halved in turn (:func:`halved_sums`),
+    so that a coarser scale's sums can come from a finer scale's without reading the
+    image again (:class:`_SumsChain`), equal bit for bit."""
+    if b > 2 and b & (b - 1) == 0:
+        return halved_sums(*masked_block_sums(values, excluded, 2), b // 2)
     shape = (-(-values.shape[0] // b), -(-values.shape[1] // b))
     num, cnt = np.empty(shape, np.float32), np.empty(shape, np.float32)
     return _k.masked_block_sums(values, excluded, b, num, cnt)
+
+
+def halved_sums(num, cnt, f: int):
+    """The block sums ``num``, ``cnt`` summed over 2 x 2 blocks until they are ``f``
+    (a power of two) times coarser."""
+    while f > 1:
+        num, cnt, f = _k.block_sum(num, 2), _k.block_sum(cnt, 2), f // 2
+    return num, cnt
+
+
+def _pow2(n: int) -> bool:
+    return n >= 1 and n & (n - 1) == 0
+
+
+class _SumsChain:
+    """The binned scales of one masking call, from a finer to a coarser one, without
+    re-reading the full-resolution image and mask at each (:meth:`HysteresisMasker._excluded`).
+
+    A binned scale's (dilated) detections cover whole blocks of its grid, so the next
+    scale's masked block sums are this scale's with the detected blocks set to zero,
+    summed 2 x 2 (what :func:`masked_block_sums` computes from the image once the
+    detections are excluded, bit for bit); and no later binned scale reads the
+    full-resolution mask, so the detections are gathered on the first binned grid and
+    OR-ed into it once (:meth:`flush`), before a scale that reads it (unbinned, or
+    whose blocks the chain cannot make) or at the end."""
+
+    def __init__(self, into: np.ndarray):
+        self.into = into
+        self.b = self.num = self.cnt = None
+        self.b0 = self.found = None
+
+    def sums(self, b: int):
+        """(num, cnt) of binning ``b`` from the chain, or None (after a :meth:`flush`:
+        the caller sums the image)."""
+        if self.num is not None and b >= self.b and b % self.b == 0 and _pow2(b // self.b):
+            sums = halved_sums(self.num, self.cnt, b // self.b)
+            # The finer sums go (memory): the scale adds its own.
+            self.num = self.cnt = None
+            return sums
+        self.flush()
+        return None
+
+    def add(self, b: int, num, cnt, det) -> None:
+        """Scale of binning ``b`` done: its sums ``num``, ``cnt`` (zeroed in place where
+        its dilated binned detections ``det`` are) go on, ``det`` is kept."""
+        if self.found is not None and not (b % self.b0 == 0 and _pow2(b // self.b0)):
+            self.flush()
+        num[det] = 0
+        cnt[det] = 0
+        if self.found is None:
+            self.b0, self.found = b, det.copy()
+        else:
+            _k.expand_mask_into(det, b // self.b0, self.found)
+        self.b, self.num, self.cnt = b, num, cnt
+
+    def flush(self) -> None:
+        """OR the gathered detections into the full-resolution mask; the chain restarts."""
+        if self.found is not None:
+            _k.expand_mask_into(self.found, self.b0, self.into)
+        self.b = self.num = self.cnt = None
+        self.b0 = self.found = None
 
 
 def _disk_offsets(radius: float) -> np.ndarray:
@@ -376,9 +442,9 @@ class HysteresisMasker:
         given = as_mask(mask, res.shape)
         # One full-resolution mask only (memory): the detections are what ends up
         # excluded beyond the given mask and the non-finite pixels.
-        excluded = combine_masks(res, given)
-        given_count = 0 if given is None else np.count_nonzero(given)
-        outside = np.count_nonzero(excluded) > given_count
+        excluded = np.empty(res.shape, bool)
+        # given OR non-finite, and how many non-finite pixels are not given: one pass
+        outside = _k.nonfinite_or(res, given, excluded) > 0
         if rms is None:
             v = res[~excluded]
             rms = MAD_TO_STD * float(np.median(np.abs(v - np.median(v)))) if v.size else 1.0
@@ -394,21 +460,32 @@ class HysteresisMasker:
                 raise ValueError(
                     f"rms must be a scalar or a map of shape {res.shape}, got {noise.shape}"
                 )
+        chain = _SumsChain(excluded)
         for s in self.scales:
-            self._detect(res, noise, excluded, s, into=excluded)
+            self._detect(res, noise, excluded, s, into=excluded, chain=chain)
+        chain.flush()
         return res, given, excluded, outside
 
-    def _detect(self, res, noise, excluded, s, into=None):
+    def _detect(self, res, noise, excluded, s, into=None, chain=None):
         """Detections at one scale, dilated, at full resolution. Three steps, so that a
         tiled run (:meth:`mask_on`) can do the local ones tile by tile and
-        the global ones (the noise excess, the labelling) once."""
+        the global ones (the noise excess, the labelling) once. With ``chain`` (a
+        :class:`_SumsChain` OR-ing into ``into``), a binned scale's sums may come from
+        the previous binned scale's and its detections go to the chain."""
+        b = self.binning(s, res.shape)
+        sums = None if chain is None else chain.sums(b)
+        chain = chain if b > 1 else None
+        inputs = self._dog_inputs(res, noise, excluded, s, sums)
         # Where the scale's maps are large, the sampled rows and columns of the noise
         # excess are few: the maps themselves are not needed (memory).
-        if _samples_pay(res.shape, self.binning(s, res.shape)):
-            return self._detect_sampled(res, noise, excluded, s, into=into)
-        maps = self.scale_maps(res, noise, excluded, s)
+        if _samples_pay(res.shape, b):
+            return self._detect_sampled(inputs, s, excluded, into=into, chain=chain)
+        maps = self._maps_of(*inputs)
         factor = self.snr_factor(maps.snr, maps.invalid, s, maps.block)
-        return self.scale_mask(maps, factor, s, excluded, into=into)
+        if chain is None:
+            return self.scale_mask(maps, factor, s, excluded, into=into)
+        chain.add(b, inputs[0], inputs[1], self.dilated(self._regions(maps, factor), s, b))
+        return into
 
     def binning(self, s: float, shape: tuple[int, int]) -> int:
         """Bin factor of scale ``s``: the largest power of two <= s (the kernel keeps a
@@ -418,7 +495,10 @@ class HysteresisMasker:
     def scale_maps(self, res, noise, excluded, s) -> _ScaleMaps:
         """Signal-to-noise maps of scale ``s`` on the binned grid (local: each binned
         pixel depends on the residual within the kernels' reach only)."""
-        num, cnt, direct, g, local, bw, sigma, q, b = self._dog_inputs(res, noise, excluded, s)
+        return self._maps_of(*self._dog_inputs(res, noise, excluded, s))
+
+    def _maps_of(self, num, cnt, direct, g, local, bw, sigma, q, b) -> _ScaleMaps:
+        """:meth:`scale_maps` from :meth:`_dog_inputs`."""
         snr = np.empty(num.shape, np.float32)
         plain = np.empty(num.shape if self.grow_plain else (1, 1), np.float32)
         _k.dog_snr(
@@ -426,18 +506,21 @@ class HysteresisMasker:
             snr, plain, _dog_work(num.shape, g.size // 2),
         )  # fmt: skip
         # No copy at full resolution: the excluded mask is the invalid map there.
-        invalid = excluded if cnt is None else cnt <= 0
+        invalid = direct if cnt is None else cnt <= 0
         return _ScaleMaps(
             snr=snr, plain=plain if self.grow_plain else None, invalid=invalid, block=b
         )
 
-    def _dog_inputs(self, res, noise, excluded, s):
+    def _dog_inputs(self, res, noise, excluded, s, sums=None):
         """What :func:`_k.dog_snr` reads at scale ``s``: (values, counts or None when
         unbinned, the mask it reads directly, kernel, surround mean, its block, noise
-        grid, its step, binning)."""
+        grid, its step, binning). ``sums``: the binned scale's masked block sums, when
+        the caller has them."""
         b = self.binning(s, res.shape)
         sigma, q = noise_grid(noise)
-        if b == 1:
+        if sums is not None:
+            num, cnt = sums
+        elif b == 1:
             # Unbinned: the fused pass reads the residual and the mask directly, and
             # only the wide surround needs the masked sums (computed binned below).
             # In float32 (the kernel's row buffers round to float32 anyway, so the
@@ -478,13 +561,12 @@ class HysteresisMasker:
         direct = excluded if cnt is None else np.zeros((1, 1), bool)
         return num, cnt, direct, g, local, bw, sigma, q, b
 
-    def _detect_sampled(self, res, noise, excluded, s, into=None):
+    def _detect_sampled(self, inputs, s, excluded, into=None, chain=None):
         """:meth:`_detect` without the scale's float maps (two images of memory
         unbinned): the noise excess from the snr of the sampled rows and columns only
         (:func:`_sampled_snr`), then the hysteresis codes straight from the fused pass
         (:func:`_k.dog_codes`) and a flood fill from the seeds. The same detections
         bit for bit (the same float32 values, divided and thresholded alike)."""
-        inputs = self._dog_inputs(res, noise, excluded, s)
         num, cnt, b = inputs[0], inputs[1], inputs[-1]
         step = _noise_step(num.shape)
         ys, xs = np.arange(0, num.shape[0], step), np.arange(0, num.shape[1], step)
@@ -494,6 +576,9 @@ class HysteresisMasker:
         del rows, cols, invalid
         factor = self.factor_from_differences(parts, s)
         codes = _dog_codes(inputs, factor, self)
+        if chain is not None:
+            chain.add(b, num, cnt, self.dilated(_k.flood_seeded(codes).view(bool), s, b))
+            return into
         del inputs, num, cnt
         radius = self.dilation(s) / b
         if b == 1 and into is not None and radius <= 3:
@@ -533,16 +618,17 @@ class HysteresisMasker:
         Consumes ``maps``. With ``into`` (a bool map of the full shape, which may be
         ``excluded`` itself), the detections are OR-ed into it in place and it is
         returned, without a full-size temporary."""
-        snr, plain, b = maps.snr, maps.plain, maps.block
+        return self.grow(self._regions(maps, factor), s, maps.block, excluded, into=into)
+
+    def _regions(self, maps, factor) -> np.ndarray:
+        """The binned hysteresis regions of :meth:`scale_mask` (consumes ``maps``)."""
+        snr, plain = maps.snr, maps.plain
         maps.snr = maps.plain = maps.invalid = None  # the labels reuse snr's memory
         if factor > 1.0:
             snr /= np.float32(factor)
             if plain is not None:
                 plain /= np.float32(factor)
-        det = _hysteresis(snr, self.low, self.high, plain)
-        # The labels in snr's memory and the growth map are done with (memory).
-        del snr, plain
-        return self.grow(det, s, b, excluded, into=into)
+        return _hysteresis(snr, self.low, self.high, plain)
 
     def grow(self, det, s, b, excluded, into=None) -> np.ndarray:
         """The last local step of :meth:`scale_mask`: the binned detections ``det`` of
