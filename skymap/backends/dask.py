@@ -15,6 +15,9 @@ Tiles are aligned to a unit per axis that the pipeline's pieces ask for (the cel
 a smoother, the binning blocks of a masker), so that every cell and block lies inside
 one tile and each tile's sums equal that part of the whole image's, bit for bit.
 
+The functions the graphs run on each tile, window or strip live in
+:mod:`skymap.backends._tile_tasks`; this module builds the graphs.
+
 Parallelism is the cluster's: each tile task runs numba's kernels on one thread, so
 give a LocalCluster one worker (process or thread) per core. On a ``distributed``
 cluster each tile's tasks run on one worker (:class:`TilePlacement`), so that a tile's
@@ -24,7 +27,6 @@ tiles travel.
 
 from __future__ import annotations
 
-import functools
 import math
 import mmap
 import uuid
@@ -35,27 +37,68 @@ from typing import Any
 import numpy as np
 
 from skymap._inputs import Normalisation, noise_sigma, noise_value
-from skymap._validate import as_image, as_mask, as_pair, combine_masks, work_dtype
+from skymap._validate import as_pair, work_dtype
+from skymap.backends._tile_tasks import (  # the graphs' tile tasks
+    _add_up,
+    _bad_block,
+    _combined,
+    _final_mask,
+    _initial_exclusion,
+    _inlined,
+    _item,
+    _keep_labels,
+    _label_info,
+    _mask_block,
+    _name,
+    _native_background,
+    _no_noise_block,
+    _noise_values,
+    _pick,
+    _read_memmap,
+    _split_lazy,
+    _strip_positive,
+    _subtract,
+    _tile_binned_step,
+    _tile_change,
+    _tile_counts,
+    _tile_digit_histogram,
+    _tile_first_valid,
+    _tile_grid,
+    _tile_label,
+    _tile_masker,
+    _tile_model_map,
+    _tile_normalise,
+    _tile_residual,
+    _tile_sum,
+    _windowed,
+    _work_block,
+    core_of,
+    float_keys,
+    key_to_float,
+    one_thread,
+)
 from skymap.backends.base import (
     CHANGE_STEP,
     ERROR_BLOCK,
     BinnedStepMasker,
-    NativeMaps,
     SplitMasker,
     TileMasker,
     block_sums,
     valid_blocks,
 )
 from skymap.backends.labels import merge_labels
-from skymap.backends.windows import BorderStrips, assemble, piece
+from skymap.backends.windows import BorderStrips
 
 __all__ = [
     "DaskBackend",
     "TileLayout",
     "TilePlacement",
     "aligned_chunks",
+    "core_of",
+    "float_keys",
     "is_tiled_input",
     "key_grid",
+    "key_to_float",
     "one_thread",
 ]
 
@@ -69,25 +112,6 @@ def is_tiled_input(data: Any) -> bool:
     if type(data).__module__.startswith("dask."):
         return True
     return isinstance(data, np.memmap)
-
-
-def one_thread(func):
-    """Run a tile task's numba kernels on one thread: the parallelism of a tiled run is
-    the cluster's (workers x threads); kernels that also spread over every core
-    oversubscribe it (measured: 1.7x slower on 2 cores with 2 worker processes)."""
-
-    @functools.wraps(func)
-    def task(*args, **kwargs):
-        import numba
-
-        threads = numba.get_num_threads()
-        numba.set_num_threads(1)
-        try:
-            return func(*args, **kwargs)
-        finally:
-            numba.set_num_threads(threads)
-
-    return task
 
 
 def aligned_chunks(n: int, step: int) -> tuple[int, ...]:
@@ -933,284 +957,3 @@ class DaskBackend:
             for i, j, _, _ in self.tiles()
         }
         return det
-
-
-def _native_background(model):
-    """The model's background when it is already a dask array (a map made tile by
-    tile, e.g. a ring median), else None (a model on a grid: evaluated per tile). Read
-    through :class:`~skymap.backends.base.NativeMaps` only, so that a model's
-    full-resolution property is never computed in the driver."""
-    import dask.array as da
-
-    if isinstance(model, NativeMaps):
-        native = model.native_background()
-        if isinstance(native, da.Array):
-            return native
-    return None
-
-
-# --------------------------------------------------------------------------- labels
-
-
-def _split_lazy(kw: dict):
-    """(plain keywords, lazy ones (``dask.delayed``), the lazy ones' names, their
-    keys): a task takes a lazy keyword by its key."""
-    from dask.delayed import Delayed
-
-    lazy = {k: v for k, v in kw.items() if isinstance(v, Delayed)}
-    plain = {k: v for k, v in kw.items() if k not in lazy}
-    return plain, lazy, tuple(lazy), [v.key for v in lazy.values()]
-
-
-@one_thread
-def _tile_label(maps, codes, kw, names=(), *values):
-    """A tile's regions labelled on their own (int32, 0 = none)."""
-    from scipy import ndimage
-
-    region = codes(maps, which="region", **kw, **dict(zip(names, values, strict=True)))
-    labels = np.zeros(region.shape, np.int32)
-    ndimage.label(region, structure=np.ones((3, 3), bool), output=labels)
-    return labels
-
-
-def _label_info(labels, maps, codes, kw, names=(), *values):
-    """What the driver needs to join a tile's labels across tiles: their count, those
-    holding a seed, and the tile's four edges (top, bottom rows; left, right columns)."""
-    seed = codes(maps, which="seed", **kw, **dict(zip(names, values, strict=True)))
-    edges = (labels[0].copy(), labels[-1].copy(), labels[:, 0].copy(), labels[:, -1].copy())
-    return int(labels.max(initial=0)), np.unique(labels[seed]), edges
-
-
-def _inlined(task, inline: dict, near=None):
-    """``task`` with the keys of ``inline`` (key -> (task, block index)) in it, in
-    nested tuples and lists, replaced by their tasks, run inside it: all of them, or
-    (``near`` given) those whose block ``near(i, j)`` says lives where ``task`` runs.
-    The inline tasks ``(func, source, *rest)`` are elementwise (lookups): a window's
-    piece of such a block, ``(piece, key, side, slice)``, becomes ``func`` on the
-    source's piece only."""
-    if not inline:
-        return task
-    if isinstance(task, tuple) and len(task) == 4 and task[0] is piece:
-        found = inline.get(task[1])
-        if found is not None and (near is None or near(*found[1])):
-            func, source, *rest = found[0]
-            return (func, (piece, source, *task[2:]), *rest)
-    if isinstance(task, (str, tuple)):
-        try:
-            found = inline.get(task)
-        except TypeError:  # a tuple holding unhashable things (slices): not a key
-            found = None
-        if found is not None:
-            return found[0] if near is None or near(*found[1]) else task
-    if isinstance(task, tuple):
-        return tuple(_inlined(t, inline, near) for t in task)
-    if isinstance(task, list):
-        return [_inlined(t, inline, near) for t in task]
-    return task
-
-
-def _pick(ys, xs, *blocks):
-    return [b[ys, xs] for b in blocks]
-
-
-def _keep_labels(labels, keep):
-    return keep[labels]
-
-
-def _name(func) -> str:
-    return getattr(func, "__name__", "task")
-
-
-@one_thread
-def _windowed(func, n, *args):
-    """``func(*windows, window=, core=, **kw)`` from ``n`` (blocks, slice) pairs, then
-    the window, the core, the keywords and (optionally) the names of more keywords and
-    their values."""
-    arrays = [assemble(args[2 * k], args[2 * k + 1]) for k in range(n)]
-    window, core, kw, *more = args[2 * n :]
-    if more and more[0]:
-        kw = {**kw, **dict(zip(more[0], more[1:], strict=True))}
-    return func(*arrays, window=window, core=core, **kw)
-
-
-def core_of(window, core, b: int = 1) -> tuple[slice, slice]:
-    """The slices of a window's (binned by ``b``) array that hold its core tile."""
-    return tuple(
-        slice((c0 - w0) // b, -(-(c1 - w0) // b))
-        for (w0, _), (c0, c1) in zip(window, core, strict=True)
-    )
-
-
-def _tile_binned_step(res, bad, *, window, core, masker, noise, window_of, state):
-    det = np.asarray(masker.local_step(res, window_of(noise, window), bad, state), dtype=bool)
-    return np.ascontiguousarray(det[core_of(window, core)])
-
-
-def _tile_masker(res, bad, *, window, core, masker, noise, window_of):
-    det = np.asarray(masker(res, window_of(noise, window), bad), dtype=bool)
-    return np.ascontiguousarray(det[core_of(window, core)])
-
-
-# --------------------------------------------------------------------------- tile tasks
-
-
-def _location(block_info) -> tuple[tuple[int, int], tuple[int, int]]:
-    (y0, y1), (x0, x1) = block_info[0]["array-location"][-2:]
-    return (y0, y1), (x0, x1)
-
-
-def _read_memmap(layout, rows, cols):
-    filename, dtype, offset, shape, order = layout
-    m = np.memmap(filename, dtype=dtype, mode="r", offset=offset, shape=shape, order=order)
-    return np.array(m[rows[0] : rows[1], cols[0] : cols[1]])
-
-
-def _work_block(block):
-    return as_image(block)
-
-
-def _mask_block(block):
-    return as_mask(block, block.shape)
-
-
-def _no_noise_block(sigma):
-    return ~np.isfinite(sigma)
-
-
-def _bad_block(img, given=None):
-    return combine_masks(img, given)
-
-
-def _combined(name, graph, keys, combine, arrays):
-    """``combine([results of the tasks keys])`` as one more task of the layer ``name``
-    of ``graph`` (whose tasks read ``arrays``), a lazy value."""
-    from dask.delayed import Delayed
-    from dask.highlevelgraph import HighLevelGraph
-
-    # one layer with the tile tasks, so that the combine task's keys are resolved
-    layer = dict(graph.layers[name])
-    layer[name] = (combine, list(keys.values()))
-    graph = HighLevelGraph.from_collections(name, layer, dependencies=list(arrays))
-    return Delayed(name, graph, layer=name)
-
-
-def _tile_sum(func, kw, window, *blocks):
-    return np.asarray(func(*blocks, window=window, **kw), dtype=np.float64)
-
-
-def _add_up(parts):
-    total = parts[0].copy()
-    for part in parts[1:]:
-        total += part
-    return total
-
-
-@one_thread
-def _tile_model_map(model, which: str, block_info=None):
-    window = tuple(tuple(w) for w in block_info[None]["array-location"])
-    if which == "background":
-        return model.background_map(window=window)
-    return model.rms_map(window=window)
-
-
-@one_thread
-def _tile_grid(*blocks, task, kw, block_info=None):
-    (y0, _), (x0, _) = _location(block_info)
-    return task(*blocks, origin=(y0, x0), **kw)
-
-
-def _tile_counts(new, last=None):
-    """(masked pixels, pixels that changed from ``last``) of a tile."""
-    flips = 0 if last is None else np.count_nonzero(new ^ last)
-    return np.count_nonzero(new), flips
-
-
-def _tile_first_valid(mask, nx, block_info=None):
-    (y0, _), (x0, _) = _location(block_info)
-    ys, xs = np.nonzero(~mask)
-    first = (ys[0] + y0) * nx + xs[0] + x0 if ys.size else np.iinfo(np.int64).max
-    return np.array([[first]], dtype=np.int64)
-
-
-@one_thread
-def _tile_change(bad, old_map=None, *, window, new, old, noise, window_of):
-    """Sum of squares and count of the finite (new - old) / noise on the tile's
-    [::CHANGE_STEP, ::CHANGE_STEP] subsample of valid pixels (the tile starts on a
-    multiple of it); the old background is a model, or (``old`` None) the block
-    ``old_map``."""
-    k = CHANGE_STEP
-    a = new.background_map(k, window=window)
-    b = old_map[::k, ::k] if old is None else old.background_map(k, window=window)
-    # the noise as the in-memory change reads it (float32)
-    sigma = np.asarray(window_of(noise, window, k), dtype=np.float32)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        d = ((a - b) / sigma)[~bad[::k, ::k]]
-    d = d[np.isfinite(d)]
-    return [np.sum(d * d, dtype=np.float64), d.size]
-
-
-def float_keys(v: np.ndarray) -> np.ndarray:
-    """Unsigned integers in the order of the floats ``v``."""
-    u = v.view(np.dtype(f"u{v.dtype.itemsize}"))
-    top = u.dtype.type(1 << (8 * v.dtype.itemsize - 1))
-    return np.where(u & top, ~u, u | top)
-
-
-def key_to_float(key: int, dtype) -> float:
-    """The float of ``dtype`` whose :func:`float_keys` key is ``key``."""
-    bits = 8 * np.dtype(dtype).itemsize
-    top = 1 << (bits - 1)
-    u = key ^ top if key & top else ~key & ((1 << bits) - 1)
-    return np.array([u], dtype=f"u{bits // 8}").view(dtype)[0]
-
-
-@one_thread
-def _tile_digit_histogram(*blocks, window, values, shift, prefix, bits, kw):
-    """Histogram of the 16-bit digit at ``shift`` of the order keys of the tile's
-    ``values(*blocks, window=window, **kw)`` whose higher bits are ``prefix``."""
-    keys = float_keys(np.ascontiguousarray(values(*blocks, window=window, **kw)))
-    if shift + 16 < bits:
-        keys = keys[(keys >> (shift + 16)) == prefix]
-    return np.bincount(((keys >> shift) & 0xFFFF).astype(np.int64), minlength=1 << 16)
-
-
-def _noise_values(bad, window, noise):
-    return np.asarray(noise.window(window))[~bad]
-
-
-@one_thread
-def _strip_positive(model, rows, start: int | None = None, step: int = 1):
-    """The count (``start`` None) or the ``[start::step]`` sample of the finite
-    positive values of the unfloored RMS map's rows ``rows``, in C order."""
-    rms = model.rms_map(window=(rows, (0, model.shape[1])))
-    v = rms[np.isfinite(rms) & (rms > 0)]
-    return v.size if start is None else v[start::step]
-
-
-@one_thread
-def _tile_residual(img, model, block_info=None):
-    window = tuple(tuple(w) for w in block_info[None]["array-location"])
-    return _subtract(img, model.background_map(window=window))
-
-
-def _tile_normalise(raw, given, norm):
-    """A tile's normalised image and its bad pixels (given or outliers)."""
-    image = norm.apply(raw)
-    return image, given | norm.outliers(image)
-
-
-def _item(pair, k):
-    return pair[k]
-
-
-def _subtract(img, bkg):
-    return np.subtract(img, bkg, dtype=img.dtype)
-
-
-def _initial_exclusion(res, bad):
-    return combine_masks(res, bad)
-
-
-def _final_mask(excl, res, bad):
-    # A masker returns (excluded & finite) & ~given; the pipeline ORs in `bad`.
-    return bad | (excl & np.isfinite(res))
