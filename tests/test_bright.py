@@ -219,10 +219,13 @@ def test_extended_emission_around_the_brightest_peak_is_not_a_halo():
     assert len(found) >= 1 and found.radius.max() > 5
 
 
-def test_box_means_at_region_pixels_equal_the_gathered_ones():
-    # the in-memory finder's compiled 3x3 means (at the region pixels) against
-    # box_means, which the tiled finder reads: the same numbers, float32 and float64,
-    # with invalid pixels and the image's edges in the windows
+def test_box_means_are_scipys_3x3_means_of_image_minus_sky_in_any_window():
+    # The halo finder's 3x3 means (in memory at the region pixels, on tiles in each
+    # window) against scipy's uniform filter of the whole (image - sky) map, invalid
+    # pixels as 0; a window cut at an offset gives the whole image's numbers at its
+    # inner pixels (float32 and float64, with invalid pixels and the image's edges)
+    from scipy.ndimage import uniform_filter
+
     from skymap.masking import bright as B
 
     rng = np.random.default_rng(7)
@@ -231,14 +234,20 @@ def test_box_means_at_region_pixels_equal_the_gathered_ones():
         img[rng.random(shape) < 0.01] = np.nan
         invalid = ~np.isfinite(img) | (rng.random(shape) < 0.05)
         sky = B._CoarseSky(img, invalid, 16)
+        full = np.repeat(np.repeat(sky.grid, 16, 0), 16, 1)[: shape[0], : shape[1]]
+        values = np.where(invalid, 0.0, img.astype(np.float64) - full)
+        want = uniform_filter(values, 3, mode="nearest")
         flat = np.flatnonzero(rng.random(shape) < 0.3)
-        y, x = np.divmod(flat, shape[1])
-
-        def value_at(yy, xx, invalid=invalid, sky=sky):
-            return np.where(invalid[yy, xx], np.float32(0), sky.at(yy, xx))
-
-        want = B.box_means(value_at, y, x, shape)
-        np.testing.assert_array_equal(B._box_means(sky, invalid, flat), want)
+        got = B.box_means(img, sky.grid, 16, invalid, flat)
+        np.testing.assert_allclose(got, want.ravel()[flat], rtol=0, atol=1e-6)
+        # a window starting at (5, 21): its inner pixels
+        win = (slice(5, 30), slice(21, 80))
+        sub = img[win]
+        wy, wx = np.mgrid[1:24, 1:58]
+        inner = (wy * sub.shape[1] + wx).ravel()
+        at = B.box_means(sub, sky.grid, 16, invalid[win], inner, (5, 21))
+        whole = ((wy + 5) * shape[1] + wx + 21).ravel()
+        np.testing.assert_array_equal(at, B.box_means(img, sky.grid, 16, invalid, whole))
 
 
 @pytest.mark.parametrize("fall", [0.0, 0.2])

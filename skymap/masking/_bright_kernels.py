@@ -67,12 +67,11 @@ def _label_stack(flat, labels, nx, ny, stack, top, n):  # pragma: no cover - com
 
 
 @njit(cache=True, nogil=True)
-def box_means_at(img, grid, block, invalid, flat):  # pragma: no cover - compiled
-    """The 3 x 3 means (float64) of ``img - grid[y // block, x // block]`` (float32,
-    invalid pixels as 0) at the flat indices ``flat``, edges reflected as
+def box_means_at(img, grid, block, invalid, flat, oy, ox):  # pragma: no cover - compiled
+    """The 3 x 3 means (float64) of ``img - grid[(y + oy) // block, (x + ox) // block]``
+    (invalid pixels as 0) at the flat indices ``flat`` of ``img``, edges reflected as
     ``scipy.ndimage.uniform_filter``'s default (the nearest pixel repeated), each the
-    float64 sum of its nine float32 values in row order over 9: the numbers
-    ``bright.box_means`` gives, without its nine gathered arrays per offset."""
+    float64 sum of its nine values in row order over 9."""
     ny, nx = img.shape
     out = np.empty(flat.size)
     for k in range(flat.size):
@@ -85,7 +84,7 @@ def box_means_at(img, grid, block, invalid, flat):  # pragma: no cover - compile
                 xx = min(max(x + dx, 0), nx - 1)
                 v = np.float32(0.0)
                 if not invalid[yy, xx]:
-                    v = img[yy, xx] - grid[yy // block, xx // block]
+                    v = img[yy, xx] - grid[(yy + oy) // block, (xx + ox) // block]
                 total += v
         out[k] = total / 9.0
     return out

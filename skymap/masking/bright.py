@@ -271,24 +271,21 @@ def mad_step(shape) -> int:
     return max(1, int(math.sqrt(shape[0] * shape[1] / 250_000)))
 
 
-def box_means(value_at, ys: np.ndarray, xs: np.ndarray, shape) -> np.ndarray:
-    """The 3 x 3 means (float64) at the pixels (``ys``, ``xs``) of an image of
-    ``shape`` read through ``value_at(rows, cols)`` (float32, invalid pixels as 0),
-    edges reflected as ``scipy.ndimage.uniform_filter``'s default: each from its own
-    nine pixels, so a window one pixel larger than the pixels gives the same numbers."""
-    ny, nx = shape
-    total = np.zeros(ys.size)
-    for dy in (-1, 0, 1):
-        yy = np.clip(ys + dy, 0, ny - 1)
-        for dx in (-1, 0, 1):
-            total += value_at(yy, np.clip(xs + dx, 0, nx - 1))
-    return total / 9.0
+def box_means(img, grid, block: int, invalid, flat, origin=(0, 0)) -> np.ndarray:
+    """The 3 x 3 means (float64) of ``image - sky`` at the flat indices ``flat`` of
+    ``img`` (invalid pixels as 0), computed at those pixels only: the sky is ``grid``,
+    one value per ``block`` x ``block`` block of the image, and ``img`` is the part of
+    the image that starts at ``origin`` (a tile's window). Edges are reflected as
+    ``scipy.ndimage.uniform_filter``'s default at ``img``'s edges, so a window one
+    pixel larger than the pixels asked for gives the whole image's numbers.
 
-
-def _box_means(sky: _CoarseSky, invalid: np.ndarray, flat: np.ndarray) -> np.ndarray:
-    """:func:`box_means` of ``image - sky`` at the flat indices ``flat``: computed at
-    those pixels only, not over the whole image."""
-    return _kb.box_means_at(sky.img, sky.grid, sky.block, invalid, flat)
+    Examples
+    --------
+    >>> img = np.arange(16.0).reshape(4, 4)
+    >>> box_means(img, np.zeros((1, 1)), 4, np.zeros((4, 4), bool), np.array([5]))
+    array([5.])
+    """
+    return _kb.box_means_at(img, grid, block, invalid, flat, int(origin[0]), int(origin[1]))
 
 
 def touching(above: np.ndarray, invalid: np.ndarray) -> np.ndarray:
@@ -608,7 +605,7 @@ class HaloMasker:
         lab = labels.ravel()[where] - 1
         del labels
         ry, rx = np.divmod(where, invalid.shape[1])
-        box = _box_means(sky, invalid, where)
+        box = box_means(sky.img, sky.grid, sky.block, invalid, where)
         return region_stats(
             where, lab, invalid.ravel()[where], sky.at(ry, rx), box, n, invalid.shape[1]
         )

@@ -194,7 +194,8 @@ def _region_part(img, bad, *, window, core, sky, sigma, masker, shape, core_limi
     open_region[lab_iv[hit & open_piece[pc]]] = True
     open_region[0] = False
     # The pieces inside the tile join a region here, as in HaloMasker.find.
-    add, join = joined_cores(pc, lab_iv, open_piece | (psize > core_limit))
+    big = psize > core_limit
+    add, join = joined_cores(pc, lab_iv, open_piece | big)
     reg = np.flatnonzero(labels)
     where = np.concatenate([reg, iv[join]])
     order = np.argsort(where, kind="stable")
@@ -204,14 +205,9 @@ def _region_part(img, bad, *, window, core, sky, sigma, masker, shape, core_limi
     del labels
     ly, lx = np.divmod(where, width)
     flat = (ly + y0) * nx + (lx + x0)
-    zero = np.result_type(img, sky).type(0)
-
-    def value_at(rows, cols):
-        # image - sky, invalid pixels as 0 (as box_means reads it)
-        return np.where(inv_w[rows, cols], zero, _sky_at(img, window, sky, rows, cols))
-
     wy, wx = ly + (y0 - wy0), lx + (x0 - wx0)
-    box = box_means(value_at, wy, wx, inv_w.shape)
+    wwidth = inv_w.shape[1]
+    box = box_means(img, sky, SKY_BLOCK, inv_w, wy * wwidth + wx, (wy0, wx0))
     pbad, pval = inv_w[wy, wx], _sky_at(img, window, sky, wy, wx)
     stats = region_stats(flat, lab, pbad, pval, box, n, nx)
     first = np.full(n, np.iinfo(np.int64).max)
@@ -224,11 +220,12 @@ def _region_part(img, bad, *, window, core, sky, sigma, masker, shape, core_limi
     out["pixels"] = (flat[inc], lab[inc], pbad[inc], pval[inc], box[inc], orig[inc])
     # Open pieces: every pixel of the small ones (they may join a region), the edge
     # pixels of those already too large (they only pass that on to their neighbours).
-    big = psize > core_limit
     take = open_piece[pc] & (~big[pc] | on_edge)
     py, px = iy[take], ix[take]
     pflat = (py + y0) * nx + (px + x0)
-    pbox = box_means(value_at, py + (y0 - wy0), px + (x0 - wx0), inv_w.shape)
+    pbox = box_means(
+        img, sky, SKY_BLOCK, inv_w, (py + y0 - wy0) * wwidth + px + x0 - wx0, (wy0, wx0)
+    )
     out["open"] = (pflat, pc[take] - 1, lab_iv[take] > 0, pbox)
     out["piece_size"] = psize[1:]
     return out
