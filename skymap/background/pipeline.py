@@ -441,16 +441,17 @@ class IterativeBackground:
         # cycle keeps what both hold) and that of the state a runaway would back off
         # to (the last that started a run: _conv.run_start) are kept here.
         masks = collections.deque(maxlen=2)
-        anchor = {}
+        anchor = None
 
         def keep(record: IterationRecord, mask=None) -> IterationRecord:
             """Append ``record`` (and, on tiles, the ``mask`` it was made with)."""
+            nonlocal anchor
             previous = history[-1] if history else None
             history.append(record)
             if be.tiled and mask is not None:
                 masks.append(mask)
                 if previous is None or _conv.starts_run(self, record, previous):
-                    anchor["mask"] = mask
+                    anchor = mask
             if callback is not None:
                 callback(record)
             return record
@@ -493,7 +494,7 @@ class IterativeBackground:
             raised = False  # whether the last iteration raised the smoothing floor
             start = len(history)
             if be.tiled:
-                anchor["mask"] = current  # the state the stage starts from
+                anchor = current  # the state the stage starts from
             while done < cap:
                 # Only the residual is kept through the masking (memory): the previous
                 # background is rebuilt from its model for the change, and the previous
@@ -607,7 +608,7 @@ class IterativeBackground:
                     j = _conv.run_start(self, run)
                     back = run[j]
                     note = _conv.note_backed_off(k, run[j + 1 :], back)
-                    current = anchor["mask"] if be.tiled else be.result(back.mask)
+                    current = anchor if be.tiled else be.result(back.mask)
                     del bkg
                     previous, model, floor = model, back.model, back.min_scale
                     bkg, noise = restate(model, previous, current, k, it, rec, floor)
