@@ -22,6 +22,7 @@ import numpy as np
 from scipy import ndimage
 
 from skymap._util import MAD_TO_STD, nanmedian_rows
+from skymap.stats.filters import upsample_linear
 
 __all__ = [
     "SourceScale",
@@ -157,20 +158,8 @@ def _coarse_median(data, ok):
     grid = nanmedian_rows(blocks, overwrite=True).reshape(gy, gx)
     fill = np.nanmedian(grid) if np.isfinite(grid).any() else 0.0
     grid = np.where(np.isfinite(grid), grid, fill)
-    # Bilinear, along y on the grid's columns, then along x: separable, so two small
-    # passes instead of ndimage.map_coordinates' general one (the same values to
-    # rounding).
-    (y0, y1, fy), (x0, x1, fx) = (_linear_weights(n, b, g) for n, g in ((ny, gy), (nx, gx)))
-    rows = grid[y0] * (1.0 - fy)[:, None] + grid[y1] * fy[:, None]
-    return rows[:, x0] * (1.0 - fx) + rows[:, x1] * fx
-
-
-def _linear_weights(n: int, b: int, g: int):
-    """Pixel ``i``'s two nodes of a grid of ``g`` nodes at the centres of ``b``-px
-    blocks, and its weight on the second (clamped at the outer nodes)."""
-    pos = np.clip((np.arange(n) + 0.5) / b - 0.5, 0, g - 1)
-    lo = np.floor(pos).astype(np.int64)
-    return lo, np.minimum(lo + 1, g - 1), pos - lo
+    # Bilinear, separable: along y, then along x (two small passes).
+    return upsample_linear(upsample_linear(grid, ny, b, axis=0), nx, b, axis=1)
 
 
 def _peak_fwhm(resid, ok, sigma) -> tuple[float, int]:

@@ -20,7 +20,13 @@ import scipy.ndimage as ndi
 from skymap._validate import as_image, as_mask, check_positive, check_range, combine_masks
 from skymap.stats import _filters_kernels as _k
 
-__all__ = ["approximate_ring_median", "ring_footprint", "ring_median", "ring_percentile"]
+__all__ = [
+    "approximate_ring_median",
+    "ring_footprint",
+    "ring_median",
+    "ring_percentile",
+    "upsample_linear",
+]
 
 _PARALLEL_MIN_PIXELS = 1 << 17
 
@@ -194,11 +200,17 @@ def ring_median(image, radius: float, width: float, *, mask=None, ceiling=None) 
     return ring_percentile(image, radius, width, 50.0, mask=mask, ceiling=ceiling)
 
 
-def _upsample_linear(small: np.ndarray, n: int, factor: int, axis: int) -> np.ndarray:
-    """Linear interpolation of bin values back to ``n`` pixels along ``axis``.
+def upsample_linear(small: np.ndarray, n: int, factor: int, axis: int) -> np.ndarray:
+    """Linear interpolation of a 2-D grid of bin values back to ``n`` pixels along
+    ``axis``.
 
     Bin ``i`` is centred on full-resolution pixel ``(i + 0.5) * factor - 0.5``; beyond
     the first and last centres the end values are held.
+
+    Examples
+    --------
+    >>> upsample_linear(np.array([[0.0, 4.0]]), 8, 4, axis=1).tolist()
+    [[0.0, 0.0, 0.5, 1.5, 2.5, 3.5, 4.0, 4.0]]
     """
     pos = (np.arange(n) + 0.5) / factor - 0.5
     i0 = np.clip(np.floor(pos).astype(int), 0, small.shape[axis] - 1)
@@ -277,5 +289,5 @@ def approximate_ring_median(
     if holes.any():
         nearest = ndi.distance_transform_edt(holes, return_distances=False, return_indices=True)
         small = small[tuple(nearest)]
-    full = _upsample_linear(_upsample_linear(small, ny, factor, axis=0), nx, factor, axis=1)
+    full = upsample_linear(upsample_linear(small, ny, factor, axis=0), nx, factor, axis=1)
     return full.astype(img.dtype, copy=False)
