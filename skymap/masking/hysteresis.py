@@ -57,7 +57,7 @@ def masked_block_sums(values, excluded, b):
     A power of two above 2 sums the 2 x 2 sums, halved in turn (:func:`halved_sums`),
     so that a coarser scale's sums can come from a finer scale's without reading the
     image again (:class:`_SumsChain`), equal bit for bit."""
-    if b > 2 and b & (b - 1) == 0:
+    if b > 2 and _pow2(b):
         return halved_sums(*masked_block_sums(values, excluded, 2), b // 2)
     shape = (-(-values.shape[0] // b), -(-values.shape[1] // b))
     num, cnt = np.empty(shape, np.float32), np.empty(shape, np.float32)
