@@ -18,6 +18,7 @@ from skymap.background.pipeline import BackgroundResult, IterativeBackground, St
 from skymap.background.smooth import ThinPlateSmoother
 from skymap.masking.bright import HaloMasker
 from skymap.masking.hysteresis import HysteresisMasker
+from skymap.masking.wings import WingMasker
 
 __all__ = ["check_options", "default_pipeline", "fit", "pipeline_options"]
 
@@ -167,7 +168,7 @@ def default_pipeline(
             max_iter=2,
         ),
         Stage(
-            masker=HysteresisMasker(scales=scales, high=high, low=low, grow_plain=True),
+            masker=WingMasker(scales=scales, high=high, low=low, grow_plain=True),
             estimator=smoother,
         ),
     )
