@@ -168,7 +168,9 @@ def default_pipeline(
             max_iter=2,
         ),
         Stage(
-            masker=WingMasker(scales=scales, high=high, low=low, grow_plain=True),
+            masker=WingMasker(
+                scales=scales, high=high, low=low, grow_plain=True, wings=False
+            ),
             estimator=smoother,
         ),
     )

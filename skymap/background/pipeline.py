@@ -781,10 +781,17 @@ class IterativeBackground:
 
     def _masker(self, masker, coarser: bool):
         """``masker``, with a scale ``tracking_scale`` times its largest added when
-        ``coarser`` (the fit was found following source light); maskers that are not
-        dataclasses with ``scales``: as they are."""
+        ``coarser`` (the fit was found following source light), and its ``deepened()``
+        form where it has one (:class:`~skymap.masking.wings.WingMasker`: the growth
+        into faint wings); maskers that are not dataclasses with ``scales``: as they
+        are."""
+        if not coarser:
+            return masker
+        # A masker that can reach deeper into faint light (WingMasker) does so too.
+        deeper = getattr(masker, "deepened", None)
+        masker = deeper() if callable(deeper) else masker
         scales = getattr(masker, "scales", None)
-        if not coarser or self.tracking_scale is None or not scales or not is_dataclass(masker):
+        if self.tracking_scale is None or not scales or not is_dataclass(masker):
             return masker
         return replace(masker, scales=(*scales, self.tracking_scale * max(scales)))
 

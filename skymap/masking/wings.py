@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -49,6 +49,8 @@ log = logging.getLogger(__name__)
 #: Significance (in standard errors) by which a ring's mean must exceed the mean of all
 #: the rings beyond it for the profile to count as still falling there.
 FALL_SIGMA = 3.0
+#: Normal-distribution share one sigma below the mean (the lower tail read for the level).
+LOWER_TAIL = 0.15865525393145707
 #: Fewest unmasked blocks beyond a ring for the comparison to be made.
 MIN_OUTER = 32
 
@@ -182,7 +184,23 @@ def wing_step(sums, noise, shape, *, b: int, scale: float, threshold: float) -> 
     log.debug("wings: smoothed-noise excess %.3f, profile falls out to %g px", excess, reach)
     if reach <= 0:
         return np.zeros(num.shape, bool)
-    grow = free & (dist <= reach) & (np.nan_to_num(snr) > threshold * excess)
+    near = free & (dist <= reach)
+    # Noise is symmetric and light only adds: the lower part of the free blocks' snr
+    # is noise about the true sky. Its 16th percentile lies one noise sigma (times the
+    # excess) below the sky; when that is below the current level (faint light the
+    # background still sits on), the threshold starts from there, never above 0.
+    lower = float(np.percentile(snr[free], 100.0 * LOWER_TAIL)) + excess
+    unit = sigma * np.sqrt(var)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        shift = min(0.0, lower) * float(np.median((unit / _smooth(cnt, g))[free]))
+        above = (smooth_num - shift * _smooth(cnt, g)) / unit > threshold * excess
+    grown = _connected(near & above, seeds)
+    log.debug("wings: level %.4g, %d blocks grown", shift, int(grown.sum()))
+    return grown
+
+
+def _connected(grow: np.ndarray, seeds: np.ndarray) -> np.ndarray:
+    """The pixels of ``grow`` 8-connected to ``seeds`` (through ``grow``)."""
     lab, _ = ndi.label(grow | seeds, structure=np.ones((3, 3), bool))
     keep = np.zeros(lab.max() + 1, bool)
     keep[lab[seeds]] = True
@@ -238,11 +256,17 @@ class WingMasker(HysteresisMasker):
 
     wing_scale: float = 4.0
     wing_threshold: float = 1.0
+    wings: bool = True
 
     def __post_init__(self):
         super().__post_init__()
         check_positive("wing_scale", self.wing_scale)
         check_positive("wing_threshold", self.wing_threshold)
+
+    def deepened(self) -> WingMasker:
+        """This masker with the wing step on (the pipeline switches it on once its
+        source-tracking test finds the fit following unmasked source light)."""
+        return replace(self, wings=True)
 
     def wing_block(self, shape) -> int:
         """The block (pixels) the wing step bins the residual by."""
@@ -267,6 +291,8 @@ class WingMasker(HysteresisMasker):
         res = as_image(residual, "residual")
         given = as_mask(mask, res.shape)
         excluded = super().mask_with(res, rms, given)
+        if not self.wings:
+            return excluded
         bad = ~np.isfinite(res) if given is None else given | ~np.isfinite(res)
         b = self.wing_block(res.shape)
         sums = wing_sums(res, excluded, bad, b)
@@ -280,6 +306,8 @@ class WingMasker(HysteresisMasker):
         """:meth:`HysteresisMasker.mask_on`, then the wing step on the block sums the
         tiles give (the same as in memory, bit for bit), painted per tile."""
         excluded = super().mask_on(backend, residual, noise, excluded, window_of)
+        if not self.wings:
+            return excluded
         shape = backend.shape
         b = self.wing_block(shape)
         sums = backend.cell_grid(wing_sums, [residual, excluded, backend.bad], (b, b), 3, b=b)
