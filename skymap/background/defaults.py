@@ -168,10 +168,13 @@ def default_pipeline(
             max_iter=2,
         ),
         Stage(
-            masker=WingMasker(
-                scales=scales, high=high, low=low, grow_plain=True, wings=False
-            ),
+            masker=HysteresisMasker(scales=scales, high=high, low=low, grow_plain=True),
             estimator=smoother,
+        ),
+        Stage(
+            masker=WingMasker(scales=scales, high=high, low=low, grow_plain=True),
+            estimator=smoother,
+            only_tracked=True,
         ),
     )
     final = ThinPlateSmoother(**smoother_options, protect_scale=2.0 * max(scales))

@@ -121,14 +121,23 @@ class Stage:
         :class:`~skymap.background.model.BackgroundModel`).
     max_iter : int or None
         Iteration cap of this stage; None: the pipeline's ``max_iter``.
+    only_tracked : bool
+        Run this stage only once the source-tracking test has found the fit following
+        unmasked source light (``IterativeBackground.source_tracking``); otherwise it is
+        skipped and the fit goes on from the previous stage. A stage that masks deeper
+        (:class:`~skymap.masking.wings.WingMasker`) thus starts from a converged state,
+        which a runaway in it backs off to.
     """
 
     masker: Masker
     estimator: BackgroundEstimator
     max_iter: int | None = None
+    only_tracked: bool = False
 
     def __post_init__(self):
         check_int("max_iter", self.max_iter, allow_none=True)
+        if not isinstance(self.only_tracked, bool):
+            raise ValueError(f"only_tracked must be True or False, got {self.only_tracked!r}")
         if not callable(self.masker):
             raise ValueError(f"masker must be a Masker (callable), got {self.masker!r}")
         if not callable(getattr(self.estimator, "fit", None)):
@@ -488,6 +497,8 @@ class IterativeBackground:
         # stage's masker then reaches further: ``tracking_scale``).
         tracked = False
         for k, stage in enumerate(self.stages):
+            if stage.only_tracked and not tracked:
+                continue
             converged = False
             cap = self.max_iter if stage.max_iter is None else stage.max_iter
             it = done = 0
@@ -504,7 +515,7 @@ class IterativeBackground:
                 resid = be.residual(bkg)
                 del bkg
                 new = be.mask(
-                    self._masker(stage.masker, tracked and k == last),
+                    self._masker(stage.masker, tracked and (k == last or k > 0)),
                     resid,
                     noise if masker_noise is None else masker_noise,
                     NoiseModel.window,
@@ -741,8 +752,8 @@ class IterativeBackground:
         pieces = [self.first_guess, self.final]
         for st in self.stages:
             pieces += [st.masker, st.estimator]
-        # the last stage's masker as the tracking test may extend it
-        pieces.append(self._masker(self.stages[-1].masker, True))
+        # the maskers as the tracking test may extend them
+        pieces += [self._masker(st.masker, True) for st in self.stages]
         for piece in pieces:
             if isinstance(piece, Tileable):
                 units = tuple(map(math.lcm, units, piece.tile_unit(shape)))
@@ -781,17 +792,10 @@ class IterativeBackground:
 
     def _masker(self, masker, coarser: bool):
         """``masker``, with a scale ``tracking_scale`` times its largest added when
-        ``coarser`` (the fit was found following source light), and its ``deepened()``
-        form where it has one (:class:`~skymap.masking.wings.WingMasker`: the growth
-        into faint wings); maskers that are not dataclasses with ``scales``: as they
-        are."""
-        if not coarser:
-            return masker
-        # A masker that can reach deeper into faint light (WingMasker) does so too.
-        deeper = getattr(masker, "deepened", None)
-        masker = deeper() if callable(deeper) else masker
+        ``coarser`` (the fit was found following source light); maskers that are not
+        dataclasses with ``scales``: as they are."""
         scales = getattr(masker, "scales", None)
-        if self.tracking_scale is None or not scales or not is_dataclass(masker):
+        if not coarser or self.tracking_scale is None or not scales or not is_dataclass(masker):
             return masker
         return replace(masker, scales=(*scales, self.tracking_scale * max(scales)))
 

@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -49,8 +49,6 @@ log = logging.getLogger(__name__)
 #: Significance (in standard errors) by which a ring's mean must exceed the mean of all
 #: the rings beyond it for the profile to count as still falling there.
 FALL_SIGMA = 3.0
-#: Normal-distribution share one sigma below the mean (the lower tail read for the level).
-LOWER_TAIL = 0.15865525393145707
 #: Fewest unmasked blocks beyond a ring for the comparison to be made.
 MIN_OUTER = 32
 
@@ -185,17 +183,10 @@ def wing_step(sums, noise, shape, *, b: int, scale: float, threshold: float) -> 
     if reach <= 0:
         return np.zeros(num.shape, bool)
     near = free & (dist <= reach)
-    # Noise is symmetric and light only adds: the lower part of the free blocks' snr
-    # is noise about the true sky. Its 16th percentile lies one noise sigma (times the
-    # excess) below the sky; when that is below the current level (faint light the
-    # background still sits on), the threshold starts from there, never above 0.
-    lower = float(np.percentile(snr[free], 100.0 * LOWER_TAIL)) + excess
-    unit = sigma * np.sqrt(var)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        shift = min(0.0, lower) * float(np.median((unit / _smooth(cnt, g))[free]))
-        above = (smooth_num - shift * _smooth(cnt, g)) / unit > threshold * excess
+    with np.errstate(invalid="ignore"):
+        above = snr > threshold * excess
     grown = _connected(near & above, seeds)
-    log.debug("wings: level %.4g, %d blocks grown", shift, int(grown.sum()))
+    log.debug("wings: %d blocks grown", int(grown.sum()))
     return grown
 
 
@@ -256,17 +247,11 @@ class WingMasker(HysteresisMasker):
 
     wing_scale: float = 4.0
     wing_threshold: float = 1.0
-    wings: bool = True
 
     def __post_init__(self):
         super().__post_init__()
         check_positive("wing_scale", self.wing_scale)
         check_positive("wing_threshold", self.wing_threshold)
-
-    def deepened(self) -> WingMasker:
-        """This masker with the wing step on (the pipeline switches it on once its
-        source-tracking test finds the fit following unmasked source light)."""
-        return replace(self, wings=True)
 
     def wing_block(self, shape) -> int:
         """The block (pixels) the wing step bins the residual by."""
@@ -291,8 +276,6 @@ class WingMasker(HysteresisMasker):
         res = as_image(residual, "residual")
         given = as_mask(mask, res.shape)
         excluded = super().mask_with(res, rms, given)
-        if not self.wings:
-            return excluded
         bad = ~np.isfinite(res) if given is None else given | ~np.isfinite(res)
         b = self.wing_block(res.shape)
         sums = wing_sums(res, excluded, bad, b)
@@ -306,8 +289,6 @@ class WingMasker(HysteresisMasker):
         """:meth:`HysteresisMasker.mask_on`, then the wing step on the block sums the
         tiles give (the same as in memory, bit for bit), painted per tile."""
         excluded = super().mask_on(backend, residual, noise, excluded, window_of)
-        if not self.wings:
-            return excluded
         shape = backend.shape
         b = self.wing_block(shape)
         sums = backend.cell_grid(wing_sums, [residual, excluded, backend.bad], (b, b), 3, b=b)
