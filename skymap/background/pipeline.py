@@ -123,9 +123,11 @@ class Stage:
         Iteration cap of this stage; None: the pipeline's ``max_iter``.
     only_tracked : bool
         Run this stage only once the source-tracking test has found the fit following
-        unmasked source light (``IterativeBackground.source_tracking``); otherwise it is
-        skipped and the fit goes on from the previous stage. A stage that masks deeper
-        (:class:`~skymap.masking.wings.WingMasker`) thus starts from a converged state,
+        unmasked source light (``IterativeBackground.source_tracking``), and the stage
+        before it did not back off a runaway mask (masks that kept growing while the fit
+        kept moving: masking deeper would run further); otherwise it is skipped and the
+        fit goes on from the previous stage. A stage that masks deeper
+        (:class:`~skymap.masking.wings.WingMasker`) thus starts from a settled state,
         which a runaway in it backs off to.
     """
 
@@ -496,8 +498,9 @@ class IterativeBackground:
         # Whether the test has found the fit higher where the masks are (the last
         # stage's masker then reaches further: ``tracking_scale``).
         tracked = False
+        backed_off = False  # whether the last stage run backed off a runaway mask
         for k, stage in enumerate(self.stages):
-            if stage.only_tracked and not tracked:
+            if stage.only_tracked and (backed_off or not tracked):
                 continue
             converged = False
             cap = self.max_iter if stage.max_iter is None else stage.max_iter
@@ -515,7 +518,7 @@ class IterativeBackground:
                 resid = be.residual(bkg)
                 del bkg
                 new = be.mask(
-                    self._masker(stage.masker, tracked and (k == last or k > 0)),
+                    self._masker(stage.masker, tracked and (k > 0 or k == last)),
                     resid,
                     noise if masker_noise is None else masker_noise,
                     NoiseModel.window,
@@ -619,6 +622,7 @@ class IterativeBackground:
                     j = _conv.run_start(self, run)
                     back = run[j]
                     note = _conv.note_backed_off(k, run[j + 1 :], back)
+                    backed_off = True
                     current = anchor if be.tiled else be.result(back.mask)
                     del bkg
                     previous, model, floor = model, back.model, back.min_scale
@@ -753,7 +757,10 @@ class IterativeBackground:
         for st in self.stages:
             pieces += [st.masker, st.estimator]
         # the maskers as the tracking test may extend them
-        pieces += [self._masker(st.masker, True) for st in self.stages]
+        last = len(self.stages) - 1
+        pieces += [
+            self._masker(st.masker, True) for k, st in enumerate(self.stages) if k > 0 or k == last
+        ]
         for piece in pieces:
             if isinstance(piece, Tileable):
                 units = tuple(map(math.lcm, units, piece.tile_unit(shape)))
