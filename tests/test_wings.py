@@ -1,0 +1,135 @@
+"""WingMasker (skymap.masking.wings): the growth of the detections into the faint light
+around and between them, and the pipeline stage that runs it (Stage.only_tracked)."""
+
+import dask
+import dask.array as da
+import numpy as np
+import pytest
+
+import skymap
+from skymap.background.pipeline import Stage
+from skymap.background.smooth import ThinPlateSmoother
+from skymap.masking.hysteresis import HysteresisMasker
+from skymap.masking.wings import FALL_SIGMA, MIN_OUTER, WingMasker, wing_reach, wing_sums
+
+N = 256
+YY, XX = np.mgrid[:N, :N].astype(float)
+
+
+def _reach_by_rings(mean, dist, edges):
+    """wing_reach written out ring by ring with boolean selections (equal weights)."""
+    reach = 0.0
+    for i in range(len(edges) - 1):
+        inner = (dist >= edges[i]) & (dist < edges[i + 1])
+        outer = dist >= edges[i + 1]
+        if outer.sum() < MIN_OUTER:
+            break
+        if inner.sum() < 2:
+            continue
+        a, b = mean[inner], mean[outer]
+        se = np.sqrt(a.var() / a.size + b.var() / b.size)
+        if a.mean() - b.mean() <= FALL_SIGMA * se:
+            break
+        reach = edges[i + 1]
+    return reach
+
+
+@pytest.mark.parametrize(
+    ("amplitude", "scale", "seed"), [(2.0, 5.0, 0), (0.5, 8.0, 1), (0.0, 5.0, 2)]
+)
+def test_wing_reach_is_where_an_exponential_profile_stops_falling(amplitude, scale, seed):
+    rng = np.random.default_rng(seed)
+    dist = rng.uniform(0.0, 90.0, 30_000)
+    mean = amplitude * np.exp(-dist / scale) + rng.normal(0.0, 0.4, dist.size)
+    edges = [0.0, 2.0, 4.0, 6.0, 8.0]
+    while edges[-1] <= dist.max():
+        edges.append(edges[-1] * 1.5)
+    reach = wing_reach(mean, np.ones(dist.size), dist, 2.0)
+    assert reach == _reach_by_rings(mean, dist, np.array(edges))
+    if amplitude == 0.0:
+        assert reach == 0.0
+    else:
+        # the profile is still well above the noise of a ring's mean inside the reach,
+        # and has fallen to about it beyond
+        se = 0.4 / np.sqrt(dist.size * 10.0 / 90.0)
+        assert amplitude * np.exp(-reach / scale) < 30 * se
+        assert amplitude * np.exp(-reach / (1.5 * scale)) > se
+
+
+def test_wing_sums_of_aligned_tiles_are_the_whole_images():
+    rng = np.random.default_rng(3)
+    v = rng.normal(size=(64, 48))
+    ex, bad = rng.uniform(size=v.shape) < 0.3, rng.uniform(size=v.shape) < 0.1
+    whole = wing_sums(v, ex, bad, 8)
+    part = wing_sums(v[16:48, 8:40], ex[16:48, 8:40], bad[16:48, 8:40], 8)
+    assert np.array_equal(part, whole[:, 2:6, 1:5])
+    assert np.array_equal(whole[1], np.add.reduceat(np.add.reduceat(~ex, np.arange(0, 64, 8), 0),
+                                                    np.arange(0, 48, 8), 1))  # fmt: skip
+
+
+def test_wings_reach_further_than_the_plain_masker_and_not_into_empty_sky():
+    rng = np.random.default_rng(2)
+    r = np.hypot(YY - 128, XX - 128)
+    img = 6.0 * np.exp(-r / 6.0) + rng.normal(size=r.shape)
+    plain = HysteresisMasker()(img, 1.0)
+    deep = WingMasker()(img, 1.0)
+    assert not (plain & ~deep).any()  # it only adds
+    # it reaches where the exponential is below a per-pixel threshold's reach
+    assert r[deep].max() > r[plain].max() + 4
+    assert deep[r > 60].mean() < 0.01
+
+
+def test_on_pure_noise_the_wings_add_nothing():
+    img = np.random.default_rng(5).normal(size=(N, N))
+    assert np.array_equal(WingMasker()(img, 1.0), HysteresisMasker()(img, 1.0))
+
+
+def test_wing_masker_checks_its_options():
+    with pytest.raises(ValueError, match="wing_threshold"):
+        WingMasker(wing_threshold=0.0)
+    with pytest.raises(ValueError, match="wing_scale"):
+        WingMasker(wing_scale=-1.0)
+    with pytest.raises(ValueError, match="only_tracked"):
+        Stage(masker=WingMasker(), estimator=ThinPlateSmoother(), only_tracked="yes")
+
+
+def _deep_field(seed=1, count=400):
+    """Hundreds of faint exponential galaxies on a flat sky of 0: most of their light is
+    in wings under the noise."""
+    rng = np.random.default_rng(seed)
+    src = np.zeros((N, N))
+    for _ in range(count):
+        y, x = rng.uniform(0, N, 2)
+        h, a = rng.uniform(1.5, 5.0), 0.8 * rng.pareto(1.5) + 0.3
+        src += a * np.exp(-np.hypot(YY - y, XX - x) / h)
+    return src + rng.normal(size=(N, N))
+
+
+def test_a_deep_field_fits_lower_with_wings():
+    img = _deep_field()
+    plain, deep = skymap.fit(img), skymap.fit(img, wings=True)
+    assert max(h.stage for h in deep.history[:-1]) == 2  # the wing stage ran
+    # the true sky is 0: the fit absorbs less of the unmasked wing light
+    assert deep.converged and "stage 2" in deep.convergence_note
+    assert np.mean(deep.background) < 0.9 * np.mean(plain.background)
+    assert deep.mask.mean() > plain.mask.mean() + 0.01
+
+
+def test_the_wing_stage_is_skipped_until_the_fit_is_found_tracking():
+    img = np.random.default_rng(6).normal(size=(N, N))
+    img[100:110, 100:110] += 10
+    plain, deep = skymap.fit(img), skymap.fit(img, wings=True)
+    assert all(h.tracking < 0.25 or h.tracking != h.tracking for h in plain.history)
+    assert {h.stage for h in deep.history} == {-1, 0, 1, 3}
+    assert np.array_equal(deep.background, plain.background)
+
+
+def test_a_tiled_fit_with_wings_equals_the_in_memory_one():
+    img = _deep_field().astype(np.float32)
+    ref = skymap.fit(img, wings=True)
+    with dask.config.set(scheduler="sync"):
+        tiled = skymap.fit(da.from_array(img, chunks=128), tile=128, wings=True)
+        bkg, mask = dask.compute(tiled.background, tiled.mask)
+    assert max(h.stage for h in ref.history[:-1]) == 2
+    assert np.array_equal(mask, ref.mask)
+    np.testing.assert_allclose(bkg, ref.background, rtol=0, atol=1e-6 * float(ref.noise))
