@@ -164,6 +164,19 @@ def test_tracking_raises_the_floor_up_to_an_eighth_of_the_image():
     assert pipe._estimator(smoother, False) is smoother
 
 
+def test_a_stated_max_source_size_bounds_the_tracking_raise():
+    # Discs whose outskirts the fit follows: the test fires, and with a measured
+    # ("auto") size it raises the floor past that size's; a size given in pixels is
+    # the caller's definition of sky, which the raise does not override.
+    rng = np.random.default_rng(0)
+    img = rng.normal(size=(N, N)) + _discs(rng)
+    auto = skymap.fit(img)
+    assert max(r.min_scale for r in auto.history) > auto.max_source_size / 2
+    stated = skymap.fit(img, max_source_size=24)
+    assert max(r.tracking for r in stated.history if np.isfinite(r.tracking)) > 0.25
+    assert {r.min_scale for r in stated.history} == {12.0}
+
+
 def test_a_fit_found_tracking_masks_at_a_coarser_scale_too():
     # Intracluster light too faint per pixel for sigma 8 px: once the tracking test
     # fires, the last stage also matches sigma 16 px, masks more of it and the sky
