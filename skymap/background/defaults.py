@@ -79,7 +79,8 @@ def default_pipeline(
       held: the tracking test below raises the floor past a measured size only.
     * A stage stops when its mask has settled and the background moved by less than
       0.01 of its RMS or half its own statistical error (``error_tol=0.5``), or after
-      8 iterations; or when its mask runs away (grows for 3 iterations while the
+      8 iterations (in stage 1, not counting those that raised the smoothing floor:
+      the tracking test below); or when its mask runs away (grows for 3 iterations while the
       background keeps moving, not slowing by 0.7 per iteration): it then goes back
       to the state before the run (:mod:`skymap.background.convergence`).
       ``BackgroundResult.convergence_note`` says which, in words; a fit that stops

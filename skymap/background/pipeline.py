@@ -155,7 +155,10 @@ class IterativeBackground:
         would let the masks creep into sky it does not follow).
     max_iter : int
         Iteration cap per stage (a raised smoothing floor, see ``source_asymmetry``,
-        does not restart the count).
+        does not restart the count). In the last stage, an iteration that raised the
+        floor (``source_tracking``) does not count: the estimator changed and the mask
+        gets its iterations at the new floor; each raise at least doubles the floor up
+        to its cap, so raises are few (at most 4-5 on a 1-4 Mpix frame).
     change_tol : float
         A stage has converged when the background moved by less than this RMS (in
         units of the background RMS), or by less than ``error_tol`` times its own
@@ -578,9 +581,12 @@ class IterativeBackground:
                 current = new
                 del new
                 it += 1
-                # A raised floor does not restart the stage's count: the cap bounds the
-                # iterations whatever the floor does.
-                done += 1
+                # In the last stage, an iteration that raised the floor does not count
+                # towards the cap: the estimator changed, and the mask needs its
+                # iterations at the new floor. Raises are few (each at least doubles the
+                # floor, up to its cap). An earlier stage is a first pass whose mask the
+                # next one remakes: its cap stands.
+                done += 0 if raised and k == last else 1
                 if not raised and self.settled(rec):
                     converged = True
                     note = _conv.note_converged(k, it, rec, self)
@@ -621,7 +627,7 @@ class IterativeBackground:
                     converged = True
                     break
             else:
-                note = _conv.note_stopped(k, cap, history[-1], self)
+                note = _conv.note_stopped(k, cap, history[-1], self, it)
         typical = NoiseModel.typical(noise, be)
         del noise
         if self.final is not None:
