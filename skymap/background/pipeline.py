@@ -166,8 +166,8 @@ class IterativeBackground:
         would let the masks creep into sky it does not follow).
     max_iter : int
         Iteration cap per stage (a raised smoothing floor, see ``source_asymmetry``,
-        does not restart the count). In the last stage, an iteration that raised the
-        floor (``source_tracking``) does not count: the estimator changed and the mask
+        does not restart the count). In the last stage (and every stage after the first),
+        an iteration that raised the floor (``source_tracking``) does not count: the estimator changed and the mask
         gets its iterations at the new floor; each raise at least doubles the floor up
         to its cap, so raises are few (at most 4-5 on a 1-4 Mpix frame).
     change_tol : float
@@ -509,6 +509,9 @@ class IterativeBackground:
             if stage.only_tracked and (backed_off or not tracked):
                 continue
             converged = False
+            # A full masking stage: the last, or any after the first pass (with an
+            # ``only_tracked`` stage after it, the stage before is full too).
+            full = k > 0 or k == last
             cap = self.max_iter if stage.max_iter is None else stage.max_iter
             it = done = 0
             raised = False  # whether the last iteration raised the smoothing floor
@@ -524,7 +527,7 @@ class IterativeBackground:
                 resid = be.residual(bkg)
                 del bkg
                 new = be.mask(
-                    self._masker(stage.masker, tracked and (k > 0 or k == last)),
+                    self._masker(stage.masker, tracked and full),
                     resid,
                     noise if masker_noise is None else masker_noise,
                     NoiseModel.window,
@@ -595,12 +598,12 @@ class IterativeBackground:
                 current = new
                 del new
                 it += 1
-                # In the last stage, an iteration that raised the floor does not count
+                # In a full stage, an iteration that raised the floor does not count
                 # towards the cap: the estimator changed, and the mask needs its
                 # iterations at the new floor. Raises are few (each at least doubles the
                 # floor, up to its cap). An earlier stage is a first pass whose mask the
                 # next one remakes: its cap stands.
-                done += 0 if raised and k == last else 1
+                done += 0 if raised and full else 1
                 if not raised and self.settled(rec):
                     converged = True
                     note = _conv.note_converged(k, it, rec, self)
