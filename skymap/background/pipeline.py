@@ -166,10 +166,11 @@ class IterativeBackground:
         would let the masks creep into sky it does not follow).
     max_iter : int
         Iteration cap per stage (a raised smoothing floor, see ``source_asymmetry``,
-        does not restart the count). In the last stage (and every stage after the first),
-        an iteration that raised the floor (``source_tracking``) does not count: the estimator changed and the mask
-        gets its iterations at the new floor; each raise at least doubles the floor up
-        to its cap, so raises are few (at most 4-5 on a 1-4 Mpix frame).
+        does not restart the count). In every stage after the first (and in a single
+        one), an iteration that raised the floor (``source_tracking``) does not count:
+        the estimator changed and the mask gets its iterations at the new floor; each
+        raise at least doubles the floor up to its cap, so raises are few (at most 4-5
+        on a 1-4 Mpix frame).
     change_tol : float
         A stage has converged when the background moved by less than this RMS (in
         units of the background RMS), or by less than ``error_tol`` times its own
