@@ -156,7 +156,7 @@ def default_pipeline(
         fit following unmasked source light, and not after a stage that backed off a
         runaway (``Stage.only_tracked``). For deep, confusion-limited fields: on the
         held-out deep scenes 0.30 / 0.21 / 0.30 -> 0.10 / 0.09 / 0.11 sigma and the
-        cluster scenes 0.11 / 0.25 / 0.17 -> 0.08 / 0.18 / 0.07, but on a star cluster
+        cluster scenes 0.11 / 0.22 / 0.11 -> 0.08 / 0.18 / 0.07, but on a star cluster
         with diffuse light (M6707HH) the injection score worsens (0.42 -> 0.65 over 3
         trials), so it is off by default (``benchmarks/README.md``, seventh wave).
     blank_fills : bool
