@@ -12,6 +12,7 @@ da = pytest.importorskip("dask.array")
 distributed = pytest.importorskip("distributed")
 
 import skymap  # noqa: E402
+import skymap.backends.dask as dask_backend  # noqa: E402
 from skymap.backends.base import block_sums  # noqa: E402
 from skymap.backends.dask import (  # noqa: E402
     DaskBackend,
@@ -233,10 +234,15 @@ def test_fit_of_a_dask_array_equals_in_memory_on_a_local_cluster(scene, options,
     _assert_same_fit(tiled, ref, threads_client)
 
 
-def test_each_tile_runs_on_its_worker(threads_client):
+def test_each_tile_runs_on_its_worker(threads_client, monkeypatch):
     """The tiles are cut into one contiguous run per worker, and the blocks of every
     array of a tile (a step's output included) are kept on that tile's worker."""
     img = np.random.default_rng(2).normal(size=(256, 256)).astype(np.float32)
+    shared = DaskBackend(img, tile=64, unit=(2, 2), client=threads_client)
+    # threads of one process read every block in place
+    assert shared.placement.shared and shared._near(1, 0)(2, 0)
+    # as worker processes would: a border strip from the other worker's blocks
+    monkeypatch.setattr(dask_backend, "one_process", lambda workers: False)
     be = DaskBackend(da.from_array(img, chunks=100), tile=64, unit=(2, 2), client=threads_client)
     placement = be.placement
     workers = sorted(threads_client.scheduler_info()["workers"])

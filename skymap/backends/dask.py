@@ -99,6 +99,7 @@ __all__ = [
     "is_tiled_input",
     "key_grid",
     "key_to_float",
+    "one_process",
     "one_thread",
 ]
 
@@ -162,15 +163,20 @@ class TilePlacement:
     blocks across for the windows of the next step. The restriction is loose: a task
     whose worker has gone runs elsewhere.
 
+    ``shared``: the workers are threads of one process (an in-process LocalCluster,
+    ``inproc://`` addresses), so a block passes between them by reference: a window
+    then reads every neighbouring block whole, with no border-strip task.
+
     Examples
     --------
     >>> p = TilePlacement(workers=("tcp://a:1",) * 2 + ("tcp://b:2",) * 2, grid=(2, 2))
-    >>> p(("maps-1f3a", 0, 1, 0)), p("factor-1f3a")
-    (['tcp://b:2'], [])
+    >>> p(("maps-1f3a", 0, 1, 0)), p("factor-1f3a"), p.shared
+    (['tcp://b:2'], [], False)
     """
 
     workers: tuple[str, ...]
     grid: tuple[int, int]
+    shared: bool = False
 
     @classmethod
     def of(cls, client, grid) -> TilePlacement | None:
@@ -186,7 +192,11 @@ class TilePlacement:
         if len(workers) < 2:
             return None
         n = grid[0] * grid[1]
-        return cls(workers=tuple(workers[t * len(workers) // n] for t in range(n)), grid=grid)
+        return cls(
+            workers=tuple(workers[t * len(workers) // n] for t in range(n)),
+            grid=grid,
+            shared=one_process(workers),
+        )
 
     def worker(self, i: int, j: int) -> str:
         """The address of the worker of tile (i, j)."""
@@ -200,6 +210,12 @@ class TilePlacement:
                 if 0 <= i < ny and 0 <= j < nx:
                     return [self.worker(i, j)]
         return []
+
+
+def one_process(workers: Sequence[str]) -> bool:
+    """Whether the workers at these addresses are threads of this process (dask's
+    ``inproc://`` transport: what they exchange is passed by reference, not copied)."""
+    return all(str(w).startswith("inproc://") for w in workers)
 
 
 @dataclass(frozen=True, eq=False)
@@ -542,10 +558,11 @@ class DaskBackend:
 
     def _near(self, i: int, j: int):
         """Whether a block (bi, bj) lives on the worker that runs tile (i, j)'s tasks:
-        by the placement on a ``distributed`` cluster of several workers; on any other
-        scheduler every block is in the one process."""
+        by the placement on a ``distributed`` cluster of several worker processes; on
+        threads of one process (an in-process cluster, any other scheduler) every block
+        is read in place."""
         placement = self.placement
-        if placement is None:
+        if placement is None or placement.shared:
             return lambda bi, bj: True
         here = placement.worker(i, j)
         return lambda bi, bj: placement.worker(bi, bj) == here
