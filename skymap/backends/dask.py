@@ -476,6 +476,23 @@ class DaskBackend:
             return contextlib.nullcontext()
         return dask.annotate(workers=self.placement, allow_other_workers=True)
 
+    def _persist_gather(self, arrays: Sequence, lazies: Sequence) -> tuple[list, list]:
+        """(``arrays`` persisted, ``lazies`` computed) from one submission to the
+        cluster: each graph sent costs ~10 ms of the scheduler's and the driver's CPU
+        whatever its size, as much as several tasks."""
+        import dask
+
+        with self._placed():
+            out = dask.persist(*arrays, *lazies, scheduler=self.client)
+        arrays, lazies = list(out[: len(arrays)]), out[len(arrays) :]
+        gather = getattr(self.client, "gather", None)
+        if gather is not None and hasattr(self.client, "scheduler_info"):
+            from distributed import futures_of
+
+            # the persisted values fetched, no graph sent again
+            return arrays, list(gather([futures_of(d)[0] for d in lazies]))
+        return arrays, list(dask.compute(*lazies, scheduler=self.client))
+
     def compute(self, *things):
         """The computed ``things``: one value for one thing, else a list."""
         out = self._compute_list(things)
@@ -935,7 +952,7 @@ class DaskBackend:
                 st[1] = (prefix << 16) | digit
         return [key_to_float(prefix, self.dtype) for _, prefix in state]
 
-    def label_seeded(self, maps, codes: Callable, *, block: int, **kw):
+    def label_seeded(self, maps, codes: Callable, *, block: int, keep: Sequence = (), **kw):
         """Regions of ``codes(maps_block, which="region", **kw)`` (bool per binned
         pixel) that hold a pixel of ``codes(..., which="seed", **kw)``, 8-connected
         across tiles, as a bool array binned by ``block``: each block a lookup in the
@@ -943,7 +960,14 @@ class DaskBackend:
         task of its own for the others). Each tile is
         labelled on its own (scipy); the labels that touch across a tile boundary are
         joined by labelling the two-pixel strips along every boundary, and
-        ``scipy.sparse.csgraph.connected_components`` merges them."""
+        ``scipy.sparse.csgraph.connected_components`` merges them.
+
+        ``maps`` may be lazy: it is persisted with the labels, and so are the arrays
+        of ``keep`` (e.g. a lazy input of the maps that later steps read again), in
+        one submission to the cluster with the computation of the labels' join
+        information. Returns the regions and the persisted ``keep``, as a list."""
+        from dask.delayed import Delayed
+
         maps_k = key_grid(maps)
         bchunks = self.binned_chunks(block)
         # lazy keywords (e.g. a factor computed by reduce_windows) are passed by key
@@ -952,13 +976,15 @@ class DaskBackend:
             _tile_label, lambda i, j, *_: (maps_k[i, j], codes, kw, names, *values),
             [maps, *lazy.values()], bchunks, np.int32,
         )  # fmt: skip
-        (labels,) = self.persist(labels)
         labels_k = key_grid(labels)
-        gathered = self._gather(
+        name, graph, keys = self._tasks(
             _label_info,
             lambda i, j, *_: (labels_k[i, j], maps_k[i, j], codes, kw, names, *values),
             [labels, maps, *lazy.values()],
         )  # fmt: skip
+        (_, labels, *kept), gathered = self._persist_gather(
+            [maps, labels, *keep], [Delayed(key, graph, layer=name) for key in keys.values()]
+        )
         info = np.empty(labels_k.shape, object)
         for n, item in enumerate(gathered):
             info.flat[n] = item
@@ -973,4 +999,4 @@ class DaskBackend:
             dk[i, j]: ((_keep_labels, labels_k[i, j], keep[i][j]), (i, j))
             for i, j, _, _ in self.tiles()
         }
-        return det
+        return det, kept

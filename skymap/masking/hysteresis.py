@@ -719,17 +719,18 @@ class HysteresisMasker:
             _tile_codes, [residual, excluded], halo=maps_halo, dtype=np.uint8, block=b,
             factor=factor, **maps_kw,
         )  # fmt: skip
-        (codes,) = backend.persist(codes)
-        det = backend.label_seeded(codes, seeded_codes, block=b)
+        # One submission to the cluster: the (lazy) exclusion of the last scale, the
+        # pairs, the codes and their labels (each graph sent costs as much as several
+        # tasks).
+        det, (excluded,) = backend.label_seeded(codes, seeded_codes, block=b, keep=[excluded])
         del codes
         # Dilation and expansion to full resolution: scale_mask on each tile's window
-        # of the (already global) detections.
-        grown = backend.map_tiles(
+        # of the (already global) detections. Lazy: persisted with the next scale's
+        # labels, or by the caller.
+        return backend.map_tiles(
             _tile_dilate, [det, excluded], binning=(b, 1), halo=dilate_halo, dtype=bool,
             masker=self, s=s, b=b,
         )  # fmt: skip
-        (grown,) = backend.persist(grown)
-        return grown
 
 
 @dataclass(kw_only=True, eq=False)
