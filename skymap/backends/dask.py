@@ -27,6 +27,7 @@ tiles travel.
 
 from __future__ import annotations
 
+import functools
 import math
 import mmap
 import uuid
@@ -64,6 +65,7 @@ from skymap.backends._tile_tasks import (  # the graphs' tile tasks
     _tile_digit_histogram,
     _tile_first_valid,
     _tile_grid,
+    _tile_kept,
     _tile_label,
     _tile_masker,
     _tile_model_map,
@@ -712,17 +714,45 @@ class DaskBackend:
         return [o.reshape(ys.shape) for o in out]
 
     def reduce_windows(
-        self, func: Callable, arrays: Sequence, combine: Callable, *, halo: int = 0, **kw
+        self,
+        func: Callable,
+        arrays: Sequence,
+        combine: Callable,
+        *,
+        halo: int = 0,
+        keep: bool = False,
+        **kw,
     ):
         """``func(*windows, window=, core=, **kw)`` per tile (the arrays read over the
         tile grown by ``halo`` pixels, as :meth:`gather_windows`), then
         ``combine(per_tile_results)`` (row by row) as one more task of the graph: a lazy
         value (``dask.delayed``) that later tasks take as a keyword (of
         :meth:`map_tiles`, :meth:`label_seeded`) without a round trip through the
-        driver."""
+        driver.
+
+        With ``keep``, ``func`` returns a pair: ``combine`` reads the first items, and
+        the second ones stay on the tiles' workers for :meth:`map_kept` (what a later
+        step would compute again from the same windows); returns (the lazy value, the
+        kept values)."""
         args, dependencies, kw = self._windowed_args(func, arrays, [1] * len(arrays), halo, kw)
         name, graph, keys = self._tasks(_windowed, args, dependencies, label=_name(func), kw=kw)
-        return _combined(name, graph, keys, combine, dependencies)
+        combined = _combined(name, graph, keys, combine, dependencies, first=keep)
+        return (combined, (combined, keys)) if keep else combined
+
+    def map_kept(self, func: Callable, kept, *, dtype, block: int = 1, **kw):
+        """``func(value, core=, **kw)`` per tile on the values kept by
+        :meth:`reduce_windows` (``keep=True``), run where they are: a dask array of
+        the tiles binned by ``block``; lazy keywords are taken by key."""
+        source, keys = kept  # the combined value's graph holds the tile tasks
+        kw, lazy, names, values = _split_lazy(kw)
+
+        def args(i, j, ys, xs, ref):
+            return ((_item, keys[i, j], 1), (ys, xs), ref["kw"], names, *values)
+
+        return self._tile_array(
+            functools.partial(_tile_kept, func), args, [source, *lazy.values()],
+            self.binned_chunks(block), dtype, _name(func), kw=kw,
+        )  # fmt: skip
 
     def _forward_tasks(self, func, arrays, reach, block, kw):
         b = block

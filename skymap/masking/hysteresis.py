@@ -711,14 +711,15 @@ class HysteresisMasker:
         # The noise excess is a task of the graph (one driver round trip per scale):
         # the windows reach lag binned pixels past the tile, for the pairs that start
         # in it, plus the kernels' reach there.
-        factor = backend.reduce_windows(
-            tile_sampled_pairs, [residual, excluded], functools.partial(_factor_of, self, s),
-            halo=maps_halo + lag * b, lag=lag, step=step, **maps_kw,
+        # The pairs' tasks keep the scale's inputs over their windows, from which the
+        # codes are made where they are (not computed again from the same pixels).
+        factor, inputs = backend.reduce_windows(
+            _tile_pairs_kept, [residual, excluded], functools.partial(_factor_of, self, s),
+            halo=maps_halo + lag * b, keep=True, lag=lag, step=step, **maps_kw,
         )  # fmt: skip
-        codes = backend.map_tiles(
-            _tile_codes, [residual, excluded], halo=maps_halo, dtype=np.uint8, block=b,
-            factor=factor, **maps_kw,
-        )  # fmt: skip
+        codes = backend.map_kept(
+            _kept_codes, inputs, dtype=np.uint8, block=b, masker=self, factor=factor
+        )
         # One submission to the cluster: the (lazy) exclusion of the last scale, the
         # pairs, the codes and their labels (each graph sent costs as much as several
         # tasks).
@@ -770,6 +771,17 @@ def tile_sampled_pairs(res, excl, *, window, core, masker, s, noise, window_of, 
     reads them). ``window`` (full resolution) must reach ``lag`` binned pixels past
     the core plus the kernels' reach (cut at the image's edge)."""
     inputs = _window_inputs(res, excl, window, masker, s, noise, window_of)
+    return _sampled_pairs(inputs, excl, window, core, lag, step)
+
+
+def _tile_pairs_kept(res, excl, *, window, core, masker, s, noise, window_of, lag, step):
+    """:func:`tile_sampled_pairs` and the scale's inputs over the window (for
+    :func:`_kept_codes`)."""
+    inputs = _window_inputs(res, excl, window, masker, s, noise, window_of)
+    return _sampled_pairs(inputs, excl, window, core, lag, step), (inputs, window)
+
+
+def _sampled_pairs(inputs, excl, window, core, lag, step):
     num, cnt, b = inputs[0], inputs[1], inputs[-1]
     ny, nx = num.shape
     w0, u0 = window[0][0] // b, window[1][0] // b
@@ -789,6 +801,14 @@ def _tile_codes(res, excl, *, window, core, masker, s, noise, window_of, factor)
     growth, 0 neither) after the division by the noise ``factor``, from the fused
     pass over its window (:func:`_dog_codes`)."""
     inputs = _window_inputs(res, excl, window, masker, s, noise, window_of)
+    codes = _dog_codes(inputs, factor, masker)
+    return np.ascontiguousarray(codes[core_of(window, core, inputs[-1])])
+
+
+def _kept_codes(kept, *, core, masker, factor):
+    """:func:`_tile_codes` from the inputs kept by :func:`_tile_pairs_kept` (over a
+    wider window: the core's codes are the same)."""
+    inputs, window = kept
     codes = _dog_codes(inputs, factor, masker)
     return np.ascontiguousarray(codes[core_of(window, core, inputs[-1])])
 
