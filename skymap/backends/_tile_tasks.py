@@ -183,18 +183,21 @@ def _bad_block(img, given=None):
     return combine_masks(img, given)
 
 
-def _combined(name, graph, keys, combine, arrays, first=False):
+def _combined(name, graph, keys, combine, arrays, first=False, apart=False):
     """``combine([results of the tasks keys])`` as one more task of the layer ``name``
     of ``graph`` (whose tasks read ``arrays``), a lazy value. With ``first``, each
-    task's result is a pair and ``combine`` reads the first items only, taken out by
-    a task per tile where it ran (the second items stay there)."""
+    task's result is a pair and ``combine`` reads the first items only: taken out
+    inside the combine task, or (``apart``: workers in other processes) by a task per
+    tile where it ran, so that the second items stay there."""
     from dask.delayed import Delayed
     from dask.highlevelgraph import HighLevelGraph
 
     # one layer with the tile tasks, so that the combine task's keys are resolved
     layer = dict(graph.layers[name])
     parts = list(keys.values())
-    if first:
+    if first and not apart:
+        parts = [(_item, key, 0) for key in parts]
+    elif first:
         parts = []
         for key in keys.values():
             parts.append((f"first-{name}", *key[1:]))

@@ -736,7 +736,8 @@ class DaskBackend:
         kept values)."""
         args, dependencies, kw = self._windowed_args(func, arrays, [1] * len(arrays), halo, kw)
         name, graph, keys = self._tasks(_windowed, args, dependencies, label=_name(func), kw=kw)
-        combined = _combined(name, graph, keys, combine, dependencies, first=keep)
+        apart = self.placement is not None and not self.placement.shared
+        combined = _combined(name, graph, keys, combine, dependencies, keep, apart)
         return (combined, (combined, keys)) if keep else combined
 
     def map_kept(self, func: Callable, kept, *, dtype, block: int = 1, **kw):
