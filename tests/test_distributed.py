@@ -19,6 +19,7 @@ from skymap.backends.dask import (  # noqa: E402
     _keep_labels,
     _label_info,
     _tile_label,
+    core_of,
     float_keys,
     key_to_float,
 )
@@ -261,6 +262,36 @@ def test_each_tile_runs_on_its_worker(threads_client, monkeypatch):
     # (a cut task) only from the other worker
     assert be._near(0, 0)(1, 3) and not be._near(1, 0)(2, 0)
     assert DaskBackend(img, tile=64, client="sync").placement is None
+
+
+def _sum_and_window(a, *, window, core):
+    return float(a.sum()), (a.copy(), window)
+
+
+def _core_of_kept(kept, *, core, scale):
+    a, window = kept
+    return a[core_of(window, core)] * scale
+
+
+@pytest.mark.parametrize("apart", [False, True])
+def test_kept_values_of_reduce_windows_are_mapped_where_they_are(
+    threads_client, monkeypatch, apart
+):
+    """reduce_windows(keep=True): the combine sees the first items only, map_kept the
+    second ones, on threads of one process and (a task per tile) between processes."""
+    if apart:
+        monkeypatch.setattr(dask_backend, "one_process", lambda workers: False)
+    img = np.random.default_rng(4).normal(size=(96, 128)).astype(np.float32)
+    be = DaskBackend(da.from_array(img, chunks=40), tile=32, unit=(2, 2), client=threads_client)
+    assert be.placement.shared is not apart
+    total, kept = be.reduce_windows(_sum_and_window, [be.image], sum, halo=4, keep=True)
+    out = be.map_kept(_core_of_kept, kept, dtype=np.float32, scale=total)
+    got = be.compute(out)
+    windows = sum(float(img[slice(*r), slice(*c)].sum()) for r, c in (
+        be.grown(ys, xs, 4) for _, _, ys, xs in be.tiles()
+    ))  # fmt: skip
+    np.testing.assert_allclose(float(be.compute(total)), windows, rtol=1e-6)
+    np.testing.assert_allclose(got, img * np.float32(be.compute(total)), rtol=1e-6)
 
 
 def test_fit_runs_an_explicit_pipeline_on_a_memmap(tmp_path):
