@@ -171,6 +171,10 @@ def _order_stats(a, n, r0, r1, scratch, lo, hi):
         return _finish_small(buf, m, r0, r1)
 
 
+#: :func:`_order_stats` for the other packages' kernels (exact order statistics).
+order_stats = _order_stats
+
+
 @njit(cache=True, nogil=True)
 def _median(a, n, scratch, lo, hi):
     """Median of ``a[:n]`` (n > 0; mean of the two middle values when n is even);
