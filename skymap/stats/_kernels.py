@@ -439,3 +439,42 @@ def biweight_rows(data, c, scale, modify_sample_size, out):
     """
     kernel = _biweight_rows_parallel if _worth_threads(data) else _biweight_rows_serial
     kernel(data, float(c), scale, modify_sample_size, out)
+
+
+def median_rows(a, out):
+    """``np.median(a, axis=1)`` (2-D float ``a``) into ``out`` for the rows without a
+    NaN, bit for bit (the middle values found exactly by :func:`_order_stats`, their
+    mean in ``a``'s dtype); returns which rows hold no NaN (the others' ``out`` is
+    left as it was)."""
+    full = np.empty(a.shape[0], np.bool_)
+    _median_rows(np.ascontiguousarray(a), out, full)
+    return full
+
+
+@njit(cache=True, nogil=True)
+def _median_rows(a, out, full):  # pragma: no cover - compiled
+    n = a.shape[1]
+    buf = np.empty(n, np.float64)
+    scratch = np.empty((2, n), np.float64)
+    mid = np.empty(2, a.dtype)
+    k = n // 2
+    for i in range(a.shape[0]):
+        row = a[i]
+        ok = n > 0
+        for j in range(n):
+            v = row[j]
+            if np.isnan(v):
+                ok = False
+                break
+            buf[j] = v
+        full[i] = ok
+        if not ok:
+            continue
+        if n % 2 == 1:
+            out[i] = _order_stats(buf, n, k, k, scratch, np.nan, np.nan)[1]
+        else:
+            lower, upper = _order_stats(buf, n, k - 1, k, scratch, np.nan, np.nan)
+            mid[0] = lower
+            mid[1] = upper
+            # the sum in a's dtype, as numpy's mean takes it; halving is exact
+            out[i] = (mid[0] + mid[1]) / 2
