@@ -478,3 +478,17 @@ def _median_rows(a, out, full):  # pragma: no cover - compiled
             mid[1] = upper
             # the sum in a's dtype, as numpy's mean takes it; halving is exact
             out[i] = (mid[0] + mid[1]) / 2
+
+
+def exact_median(values) -> float:
+    """``float(np.median(values))`` of a 1-D float array bit for bit, by exact
+    selection (:func:`_order_stats`) when it is float32 or float64, finite and not
+    empty: a pass or two over the values instead of numpy's partition."""
+    v = np.asarray(values)
+    if v.ndim != 1 or v.size == 0 or v.dtype not in (np.float32, np.float64):
+        return float(np.median(v))
+    if not np.isfinite(v).all():
+        return float(np.median(v))
+    out = np.empty(1, v.dtype)
+    median_rows(v.reshape(1, -1), out)
+    return float(out[0])
