@@ -22,6 +22,14 @@ Categories (``--categories``):
   tiny gradient.
 * ``units``    one of the above rescaled to physical units (x 3e-19 + 1e-18, or MJy/sr
   near 1e-3), as big-endian float64 or float32.
+* ``crowded``  a confusion-limited star field (a bulge or globular-cluster outskirt):
+  5,000-40,000 stars per Mpix from a steep power-law luminosity function reaching well
+  under the noise, Moffat PSF, a sky plane.
+* ``counts``   a low-count photon image (X-ray, UV, narrow band): Poisson counts of a sky
+  of 0.1-30 counts per pixel with a gradient, stars and galaxies; as integers, or divided
+  by an exposure time (counts/s). sigma is the square root of the mean sky counts.
+* ``vignette`` a frame whose sky falls off by 3-30 sigma towards the corners (vignetting
+  or a flat field gone wrong: the sky, not a source), with stars and galaxies.
 
 Galaxies are drawn sharp and blurred by the scene's Moffat PSF (stars are drawn with
 it directly).
@@ -59,7 +67,18 @@ from astropy.modeling.functional_models import Gaussian2D, Moffat2D, Sersic2D
 from bench_real import _commit  # the benchmarks folder is on sys.path when run as a script
 from scipy import ndimage, signal
 
-CATEGORIES = ("halos", "cluster", "bump", "nebula", "deep", "units")
+# new categories go at the end: a category's scenes are seeded by its index
+CATEGORIES = (
+    "halos",
+    "cluster",
+    "bump",
+    "nebula",
+    "deep",
+    "units",
+    "crowded",
+    "counts",
+    "vignette",
+)
 SEED_BASE = 7919  # scene seeds are (SEED_BASE, category index, seed)
 
 
@@ -470,6 +489,101 @@ def scene_units(rng, size):
     )
 
 
+def _moffat_kernel(fwhm, beta, reach):
+    g = moffat_gamma(fwhm, beta)
+    h = int(np.ceil(reach))
+    y, x = np.mgrid[-h : h + 1, -h : h + 1].astype(np.float64)
+    k = Moffat2D.evaluate(x, y, 1.0, 0.0, 0.0, g, beta)
+    return k / k.sum()
+
+
+def point_sources(shape, rng, fluxes, fwhm, beta, reach):
+    """Stars of total ``fluxes`` at random sub-pixel positions: each flux shared
+    bilinearly between four pixels, then convolved with the Moffat PSF (FFT)."""
+    ny, nx = shape
+    x, y = rng.uniform(0, nx - 1, fluxes.size), rng.uniform(0, ny - 1, fluxes.size)
+    ix, iy = np.floor(x).astype(int), np.floor(y).astype(int)
+    fx, fy = x - ix, y - iy
+    pts = np.zeros(shape)
+    for dy, wy in ((0, 1 - fy), (1, fy)):
+        for dx, wx in ((0, 1 - fx), (1, fx)):
+            np.add.at(pts, (iy + dy, ix + dx), fluxes * wy * wx)
+    return signal.fftconvolve(pts, _moffat_kernel(fwhm, beta, reach), mode="same")
+
+
+def scene_crowded(rng, size):
+    n = _side(rng, size)
+    sigma = loguniform(rng, 1.0, 30.0)
+    level = rng.uniform(10.0, 3000.0)
+    sky = level + plane((n, n), rng, rng.uniform(0.2, 2.0) * sigma)
+    fwhm, beta = rng.uniform(2.0, 4.5), rng.uniform(2.5, 4.5)
+    density = loguniform(rng, 5000.0, 40000.0)
+    count = int(density * n * n / 1e6)
+    # N(>peak) ~ peak^-alpha from 0.2 to 3000 sigma: most stars are under the noise
+    alpha = rng.uniform(0.5, 0.9)
+    lo, hi = 0.2, 3000.0
+    u = rng.uniform(0, 1, count)
+    peaks = lo * (1 - u * (1 - (lo / hi) ** alpha)) ** (-1 / alpha)
+    k = _moffat_kernel(fwhm, beta, 6 * fwhm)
+    src = point_sources((n, n), rng, sigma * peaks / k.max(), fwhm, beta, 6 * fwhm)
+    info = {
+        "n": n,
+        "sigma": round(float(sigma), 2),
+        "stars_per_mpix": round(density),
+        "alpha": round(float(alpha), 2),
+        "fwhm": round(float(fwhm), 2),
+        "mean_star_light_sigma": round(float(src.mean() / sigma), 3),
+    }
+    return _finish(sky, src, sigma, rng, info=info)
+
+
+def scene_counts(rng, size):
+    n = _side(rng, size)
+    lam = loguniform(rng, 0.1, 30.0)
+    sky = lam * (1.0 + plane((n, n), rng, rng.uniform(0.1, 0.5)))
+    sigma = float(np.sqrt(lam))
+    src = np.zeros((n, n))
+    field_galaxies(src, rng, sigma, int(150 * (n / 1024) ** 2), (1.5, 25.0), (0.5, 20.0))
+    fwhm = rng.uniform(2.0, 5.0)
+    src = psf_blur(src, fwhm, 3.0)
+    field_stars(src, rng, sigma, int(300 * (n / 1024) ** 2), fwhm, 3.0)
+    counts = rng.poisson(sky + src)
+    exptime = None
+    if rng.uniform() < 0.5:
+        image = counts.astype(str(rng.choice(["int32", "uint16"])))
+    else:
+        exptime = float(rng.uniform(100.0, 5000.0))
+        image = (counts / exptime).astype(np.float32)
+        sky, src, sigma = sky / exptime, src / exptime, sigma / exptime
+    info = {
+        "n": n,
+        "sky_counts": round(float(lam), 3),
+        "dtype": str(image.dtype),
+        "exptime": None if exptime is None else round(exptime, 1),
+    }
+    valid = np.ones((n, n), bool)
+    return Scene(image, sky, sigma, src > sigma, valid, None, info)
+
+
+def scene_vignette(rng, size):
+    n = _side(rng, size)
+    sigma = loguniform(rng, 1.0, 30.0)
+    level = rng.uniform(100.0, 5000.0)
+    drop = rng.uniform(3.0, 30.0) * sigma  # sky fall-off from the optical axis to a corner
+    cx, cy = rng.uniform(0.35 * n, 0.65 * n, 2)
+    y, x = np.mgrid[:n, :n].astype(np.float64)
+    r2 = ((x - cx) ** 2 + (y - cy) ** 2) / (0.5 * n * np.sqrt(2.0)) ** 2
+    shape = r2 if rng.uniform() < 0.5 else r2**2  # cos^4-like or steeper
+    sky = level + plane((n, n), rng, rng.uniform(0.0, 2.0) * sigma) - drop * shape
+    src = np.zeros((n, n))
+    field_galaxies(src, rng, sigma, int(200 * (n / 1024) ** 2), (1.5, 30.0), (0.5, 20.0))
+    fwhm = rng.uniform(2.0, 5.0)
+    src = psf_blur(src, fwhm, 3.0)
+    field_stars(src, rng, sigma, int(400 * (n / 1024) ** 2), fwhm, 3.0)
+    info = {"n": n, "sigma": round(float(sigma), 2), "drop_sigma": round(float(drop / sigma), 1)}
+    return _finish(sky, src, sigma, rng, info=info)
+
+
 SCENES = {
     "halos": scene_halos,
     "cluster": scene_cluster,
@@ -477,6 +591,9 @@ SCENES = {
     "nebula": scene_nebula,
     "deep": scene_deep,
     "units": scene_units,
+    "crowded": scene_crowded,
+    "counts": scene_counts,
+    "vignette": scene_vignette,
 }
 
 

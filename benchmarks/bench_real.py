@@ -18,6 +18,12 @@ NoiseChisel's SKY with its defaults and with the structured configuration; the b
 the two counts, failures are shown). The summary gives skymap's score over the best
 peer's (below 1: skymap wins).
 
+``--kinds`` picks the injections (default ``sky,galaxies``); ``deep`` adds a deep
+field's galaxy population (bright cores, wings under the noise, 0.25 sigma of light on
+the mean pixel) and scores ``deep``, the mean rise of the background over the frame:
+how much of the outskirts' light the background absorbs, which the difference scores
+cannot see (:mod:`skymap.quality.signals`).
+
 ``--tune BUDGET`` adds ``skymap_tuned``: ``skymap.tune`` run on the image first (its
 choosing and reporting seeds, 1000 and 1001, are not the table's), then scored on the
 table's injections like the others.
@@ -26,7 +32,7 @@ Times are wall-clock and CPU seconds per fit (CPU includes NoiseChisel's process
 machine is shared, so read the CPU column.
 
 Run:  python benchmarks/bench_real.py [--images M6707HH sdss_r_reprojected] [--trials 3]
-      [--methods skymap,photutils_1pass,...] [--json out.json]
+      [--methods skymap,photutils_1pass,...] [--kinds sky,galaxies,deep] [--json out.json]
 """
 
 from __future__ import annotations
@@ -114,6 +120,12 @@ def _fmt(v, spec=".3f"):
     return "-" if not np.isfinite(v) else format(v, spec)
 
 
+def _col(row, name):
+    """A table row's value in column ``name``; NaN where the table has no such column
+    (a score of a kind not injected)."""
+    return row[name] if name in row.colnames else float("nan")
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--images", nargs="*", help="image names (file stems) in the data folder")
@@ -123,6 +135,11 @@ def main(argv=None) -> int:
     ap.add_argument("--data", type=Path, default=DATA, help=f"folder of FITS images ({DATA})")
     ap.add_argument("--json", type=Path, help="also write every row to this JSON file")
     ap.add_argument(
+        "--kinds",
+        default="sky,galaxies",
+        help="injections: sky,galaxies,stars,deep (sky,galaxies)",
+    )
+    ap.add_argument(
         "--tune",
         type=float,
         metavar="BUDGET",
@@ -131,7 +148,11 @@ def main(argv=None) -> int:
     )
     args = ap.parse_args(argv)
 
-    from skymap.quality.injection import compare
+    from skymap.quality.injection import KINDS, compare
+
+    kinds = tuple(k.strip() for k in args.kinds.split(",") if k.strip())
+    if not kinds or any(k not in KINDS for k in kinds):
+        ap.error(f"--kinds: choose from {', '.join(KINDS)}; got {args.kinds!r}")
 
     files = sorted(args.data.glob("*.fits"))
     if args.images:
@@ -143,7 +164,7 @@ def main(argv=None) -> int:
     methods = method_table([m.strip() for m in args.methods.split(",") if m.strip()])
     print(
         f"# bench_real at commit {_commit()}: {len(files)} images, {args.trials} trials, "
-        f"seed {args.seed}, kinds sky + galaxies; scores in pixel-noise sigma"
+        f"seed {args.seed}, kinds {' + '.join(kinds)}; scores in pixel-noise sigma"
     )
     rows, summary = [], []
     t_all = time.perf_counter()
@@ -164,20 +185,24 @@ def main(argv=None) -> int:
                     f"edge {_fmt(r['edge'], '+.3f')} wins {r['wins']}/{r['pairs']} "
                     f"unsettled {r['unsettled']} {r['seconds']:.0f} s {r['status'][:60]}"
                 )
-        table = compare(image, run, mask=mask, n_trials=args.trials, seed=args.seed)
+        table = compare(image, run, mask=mask, kinds=kinds, n_trials=args.trials, seed=args.seed)
         print(
             f"\n## {path.name} (HDU {hdu}, {image.shape[0]}x{image.shape[1]}, "
             f"sigma {table.meta['noise_sigma']:.4g}, {time.perf_counter() - t0:.0f} s)"
         )
+        deep = "deep" in table.colnames
         print(
-            "| method | track | leak | leak p95 | score (+- spread) | s/fit wall | s/fit CPU "
-            "| status |"
+            "| method | track | leak | leak p95 |"
+            + (" deep |" if deep else "")
+            + " score (+- spread) | s/fit wall | s/fit CPU | status |"
         )
-        print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+        print("| --- " * (9 if deep else 8) + "|")
         for r in table:
             print(
-                f"| {r['method']} | {_fmt(r['track'])} | {_fmt(r['leak'], '+.3f')} | "
-                f"{_fmt(r['leak_p95'], '+.3f')} | {_fmt(r['score'])} +- {_fmt(r['score_std'])} | "
+                f"| {r['method']} | {_fmt(_col(r, 'track'))} | {_fmt(_col(r, 'leak'), '+.3f')} | "
+                f"{_fmt(_col(r, 'leak_p95'), '+.3f')} | "
+                + (f"{_fmt(r['deep'], '+.3f')} | " if deep else "")
+                + f"{_fmt(r['score'])} +- {_fmt(r['score_std'])} | "
                 f"{_fmt(r['seconds'], '.2f')} | {_fmt(r['cpu_seconds'], '.2f')} | "
                 f"{_status(r['status'])} |"
             )
@@ -197,7 +222,8 @@ def main(argv=None) -> int:
         summary.append((path.stem, sk, tuned_score, best, bs))
         sys.stdout.flush()
 
-    print("\n## summary: score = track + |leak| (lower is better)")
+    terms = {"sky": "track", "galaxies": "|leak|", "stars": "|halo|", "deep": "|deep|"}
+    print(f"\n## summary: score = {' + '.join(terms[k] for k in kinds)} (lower is better)")
     tuned_cols = " tuned | tuned / best peer |" if args.tune else ""
     print(f"| image | skymap | best peer | its score | skymap / best peer |{tuned_cols}")
     print("| --- " * (7 if args.tune else 5) + "|")

@@ -160,6 +160,39 @@ def test_a_stall_is_a_settled_mask_whose_change_no_longer_shrinks_inside_its_err
     assert note.startswith("converged: stage 1 stalled after 6") and "0.0145" in note
 
 
+def _floor_rec(change, fraction, mask_change=0.008, floor=16.0):
+    return SimpleNamespace(
+        change=change,
+        error=0.006,
+        mask_change=mask_change,
+        mask_fraction=fraction,
+        min_scale=floor,
+    )
+
+
+def test_a_flicker_floor_is_a_small_change_that_no_longer_shrinks_on_a_mask_plateau():
+    # The held-out vignetted frame's stage 1 (seed 0): changes 2-3 statistical errors
+    # that do not shrink, 0.5-0.9% of the pixels flipping, the share on a plateau.
+    pipe = SimpleNamespace(change_tol=0.01, error_tol=0.5, mask_tol=0.005)
+    run = [_floor_rec(0.0138, 0.4557), _floor_rec(0.0167, 0.4566), _floor_rec(0.0149, 0.4579)]
+    assert C.flickering(pipe, run)
+    assert not C.stalled(pipe, run)  # outside the statistical error: not a stall
+    # still shrinking geometrically (0.8 a step): the next iterations may settle
+    assert not C.flickering(pipe, [_floor_rec(c, 0.456) for c in (0.025, 0.020, 0.016)])
+    # the mask still grows over the run: a slow creep or a runaway in the making
+    assert not C.flickering(pipe, [_floor_rec(0.015, f) for f in (0.446, 0.452, 0.458)])
+    # the background moves by more than a few tolerances: not a floor
+    assert not C.flickering(pipe, [_floor_rec(0.035, 0.456) for _ in range(3)])
+    # more than flicker: a tenth of the pixels change mask every time
+    assert not C.flickering(pipe, [_floor_rec(0.015, 0.456, 0.1) for _ in range(3)])
+    # a raised floor inside the run; too few records
+    assert not C.flickering(pipe, run[:2] + [_floor_rec(0.0149, 0.4579, floor=32.0)])
+    assert not C.flickering(pipe, run[1:])
+    note = C.note_flicker(1, 7, run)
+    assert note.startswith("converged: stage 1 reached its flicker floor after 7")
+    assert "0.0138, 0.0167, 0.0149" in note and "0.22%" in note
+
+
 def test_a_creep_is_a_settled_background_whose_mask_still_moves():
     pipe = SimpleNamespace(change_tol=0.01, error_tol=0.5, mask_tol=0.005)
     creep = [_flicker(0.0048, 0.0028, 0.039, 0.006), _flicker(0.0075, 0.0028, 0.031, 0.015)]

@@ -92,6 +92,62 @@ def test_injections_follow_the_stated_ranges():
     assert star.signal.max() > 100 * sigma and star.footprint.any()
 
 
+def test_sersic_kernels_carry_the_analytic_flux():
+    from scipy import integrate
+    from scipy.special import gammaincinv
+
+    from skymap.quality.signals import _sersic_kernel
+
+    # the closed-form flux per unit surface brightness at r_e, against a numerical
+    # integral of the profile (n = 1: I_e e^b1 exp(-b1 r / r_e)), and the drawn
+    # kernel's own sum (unit sum after scaling; before, within the 8 r_e it reaches)
+    for n, re in ((1.0, 3.0), (4.0, 6.0)):
+        kern, flux = _sersic_kernel(n, re)
+        assert kern.sum() == pytest.approx(1.0)
+        b = gammaincinv(2 * n, 0.5)
+        ref, _ = integrate.quad(
+            lambda r, b=b, n=n, re=re: 2 * np.pi * r * np.exp(-b * ((r / re) ** (1 / n) - 1)),
+            0,
+            np.inf,
+            limit=200,
+        )
+        assert flux == pytest.approx(ref, rel=1e-6)
+
+
+def test_deep_population_adds_its_stated_light_with_detectable_cores():
+    from skymap.quality.signals import DEEP_LIGHT
+
+    shape, sigma = (400, 500), 2.0
+    deep = make_injections(shape, sigma, kinds=("deep",), seed=3)["deep"]
+    assert deep.footprint is None  # scored over the whole frame
+    # the mean light is DEEP_LIGHT sigma (Poisson count of galaxies: a few per cent)
+    assert deep.signal.mean() / sigma == pytest.approx(DEEP_LIGHT, rel=0.15)
+    # most pixels hold less than the noise, the brightest cores far more
+    assert np.median(deep.signal) < 0.5 * sigma and deep.signal.max() > 20 * sigma
+    # adding it does not move the other kinds' draws
+    a = make_injections(shape, sigma, kinds=("sky", "galaxies"), seed=3)
+    b = make_injections(shape, sigma, kinds=("sky", "galaxies", "deep"), seed=3)
+    np.testing.assert_array_equal(a["sky"].signal, b["sky"].signal)
+    np.testing.assert_array_equal(a["galaxies"].signal, b["galaxies"].signal)
+
+
+def test_deep_score_is_the_mean_rise_a_method_absorbs(m6707):
+    # A method that returns the image absorbs all of the deep population's light, a
+    # constant one none of it, a flat median a part (the median rises with it).
+    prep = prepare(m6707)
+    inj = make_injections(m6707.shape, prep.sigma, kinds=("deep",), seed=1)["deep"]
+    everything = injection_recovery(m6707, lambda i, m: i, kinds=("deep",), n_trials=1, seed=1)
+    expect = float(np.mean(inj.signal) / prep.sigma)
+    assert everything.mean("deep") == pytest.approx(expect, rel=1e-3)
+    assert everything.score == pytest.approx(expect, rel=1e-3)
+    const = injection_recovery(
+        m6707, lambda i, m: np.zeros(i.shape), kinds=("deep",), n_trials=1, seed=1
+    )
+    assert const.mean("deep") == 0.0
+    flat = injection_recovery(m6707, flat_median, kinds=("deep",), n_trials=1, seed=1)
+    assert 0.0 < flat.mean("deep") < expect
+
+
 def test_injections_are_deterministic_per_seed_and_independent_of_other_kinds():
     a = make_injections((100, 120), 1.0, kinds=("sky", "galaxies"), seed=3, trial=1)
     b = make_injections((100, 120), 1.0, kinds=("galaxies",), seed=3, trial=1)

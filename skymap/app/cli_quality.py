@@ -333,7 +333,9 @@ def register(subparsers) -> None:
         "sep_2pass, noisechisel, noisechisel_structured)",
     )
     p.add_argument("--config", metavar="FILE.toml", help="configuration for skymap's fit")
-    p.add_argument("--kinds", default="sky,galaxies", help="what to inject (sky,galaxies)")
+    p.add_argument(
+        "--kinds", default="sky,galaxies", help="what to inject: sky, galaxies, stars, deep"
+    )
     p.add_argument("--trials", type=int, default=3, help="injection trials (3)")
     p.add_argument("--seed", type=int, default=0, help="injection seed (0)")
     _input_options(p)

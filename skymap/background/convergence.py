@@ -27,13 +27,17 @@ __all__ = [
     "RUNAWAY_RUN",
     "CREEP_RUN",
     "CYCLE_RUN",
+    "FLICKER_RATIO",
+    "FLICKER_RUN",
     "STALL_ERRORS",
     "STALL_RATIO",
     "ConvergenceWarning",
     "creeping",
     "cycling",
+    "flickering",
     "note_backed_off",
     "note_cycle",
+    "note_flicker",
     "note_converged",
     "note_mask_settled",
     "note_creeping",
@@ -70,6 +74,13 @@ CYCLE_RUN = 3
 #: Iterations in a row whose background moved by less than its tolerance, at one floor,
 #: while the mask still changed, that make a creep (:func:`creeping`).
 CREEP_RUN = 2
+
+#: Iterations in a row, at one floor, whose small background change no longer shrinks
+#: while the masked share stays on a plateau, that make a flicker floor (:func:`flickering`).
+FLICKER_RUN = 3
+#: ... when the last change of the run is at least this fraction of its first: a stage
+#: converging geometrically by 0.85 per iteration or faster loses more over the run.
+FLICKER_RATIO = 0.8
 
 #: A settled mask's background whose change shrank by less than this factor in the last
 #: iteration has stalled: the change is the flicker of pixels at the thresholds.
@@ -257,6 +268,62 @@ def note_stalled(stage: int, iterations: int, run: Sequence[Any]) -> str:
         f"{b.change:.3g} of its RMS (statistical error {b.error:.3g}) with "
         f"{b.mask_change:.2%} of the pixels changing mask: pixels at the thresholds "
         "flicker, and more iterations would not move it less"
+    )
+
+
+def flickering(pipe: Any, records: Sequence[Any]) -> bool:
+    """Whether the last :data:`FLICKER_RUN` of a stage's ``records``, at one smoothing
+    floor, moved the background by little and no longer less and less, while the mask
+    only flickered: each change within :data:`RUNAWAY_EXCESS` times its
+    :func:`tolerance`, the last at least :data:`FLICKER_RATIO` of the first; the
+    masked share moved by less than ``mask_tol`` over the run, and no iteration changed
+    more than twice ``mask_tol`` of the pixels.
+
+    That is :func:`stalled`'s state when the flicker of pixels at the thresholds moves
+    the fit by more than its statistical error (many faint outskirts on the
+    thresholds, a flexible fit): the stage has reached the floor that flicker sets,
+    and more iterations would only repeat it. A mask that still grows or shrinks, or
+    a change that still shrinks, is not a flicker floor.
+
+    Examples
+    --------
+    >>> from types import SimpleNamespace as R
+    >>> pipe = R(change_tol=0.01, error_tol=0.5, mask_tol=0.005)
+    >>> rec = lambda c, f: R(change=c, error=0.006, mask_change=0.008, mask_fraction=f)
+    >>> flickering(pipe, [rec(0.014, 0.456), rec(0.017, 0.457), rec(0.015, 0.458)])
+    True
+    >>> flickering(pipe, [rec(0.014, 0.446), rec(0.017, 0.452), rec(0.015, 0.458)])
+    False
+    >>> flickering(pipe, [rec(0.020, 0.456), rec(0.016, 0.457), rec(0.013, 0.458)])
+    False
+    """
+    if len(records) < FLICKER_RUN:
+        return False
+    run = records[-FLICKER_RUN:]
+    if len({getattr(r, "min_scale", None) for r in run}) > 1:
+        return False
+    for r in run:
+        if not (
+            math.isfinite(r.change)
+            and r.change <= RUNAWAY_EXCESS * tolerance(pipe, r)
+            and r.mask_change <= 2.0 * pipe.mask_tol
+        ):
+            return False
+    plateau = abs(run[-1].mask_fraction - run[0].mask_fraction) <= pipe.mask_tol
+    return plateau and run[-1].change >= FLICKER_RATIO * run[0].change
+
+
+def note_flicker(stage: int, iterations: int, run: Sequence[Any]) -> str:
+    """The note of a fit whose last stage reached its flicker floor (:func:`flickering`;
+    ``run``: the stage's records)."""
+    last = run[-FLICKER_RUN:]
+    changes = ", ".join(f"{r.change:.3g}" for r in last)
+    spread = max(r.mask_fraction for r in last) - min(r.mask_fraction for r in last)
+    return (
+        f"converged: stage {stage} reached its flicker floor after {iterations} "
+        f"iteration(s); the background moved by {changes} of its RMS, no longer "
+        f"less and less, while the masked share stayed within {spread:.2%} and pixels "
+        "at the thresholds flickered: more iterations would only repeat it"
     )
 
 

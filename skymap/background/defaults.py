@@ -110,7 +110,10 @@ def default_pipeline(
       inside its statistical error (pixels at the thresholds flicker) stops as
       converged too (:func:`skymap.background.convergence.stalled`), as does one
       whose background moved by less than its tolerance twice in a row while its
-      mask still crept into faint outskirts (:func:`~skymap.background.convergence.creeping`).
+      mask still crept into faint outskirts (:func:`~skymap.background.convergence.creeping`),
+      and one whose small change (within 3 tolerances) stopped shrinking over three
+      iterations while its masked share stayed on a plateau, the flicker floor
+      (:func:`~skymap.background.convergence.flickering`).
       A stage whose new mask changed in under ``mask_tol`` of the pixels stops
       without refitting: the next stage or the final refit uses that mask
       (``IterativeBackground.refit_settled``).

@@ -588,6 +588,10 @@ class IterativeBackground:
                     converged = True
                     note = _conv.note_creeping(k, it, history[start:], self)
                     break
+                if not raised and _conv.flickering(self, history[start:]):
+                    converged = True
+                    note = _conv.note_flicker(k, it, history[start:])
+                    break
                 if _conv.cycling(self, history[start:]):
                     # A limit cycle: the mask flips between two states. Keep what
                     # both masked (what they agree is source) and refit once.

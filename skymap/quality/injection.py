@@ -14,11 +14,17 @@ and NoiseChisel):
   (within two effective radii), ``leak_p95`` its 95th percentile.
 * ``stars`` (optional): a bright star with a power-law halo, whose light must stay out
   of the background. ``halo`` is the mean rise of the background within the halo.
+* ``deep`` (optional): a deep field's galaxy population (bright cores, wings under
+  the noise), 0.25 sigma of light on the mean pixel, whose light the background must
+  not absorb. ``deep`` is the mean rise of the background over the frame. The other
+  scores are differences of two fits and cannot see a bias that both share; this one
+  measures how much of the outskirts' light that every real image holds goes into its
+  background.
 
 Every amplitude and every score is in units of the image's pixel noise, measured
 robustly from differences of neighbouring pixels (:func:`skymap.quality.evaluate.pixel_sigma`;
 the sources and the sky structure cancel in the differences), so scores compare across
-images. ``score`` is ``track + |leak| (+ |halo|)``.
+images. ``score`` is ``track + |leak| (+ |halo|) (+ |deep|)``.
 
 :func:`injection_recovery` scores one method; :func:`compare` scores several on the same
 injections and times them. The signals are made by :mod:`skymap.quality.signals`;
@@ -179,7 +185,7 @@ def _background(fn, name: str, image: np.ndarray, mask: np.ndarray) -> tuple[np.
 # --------------------------------------------------------------------------- result
 
 
-_SCORES = ("track", "leak", "leak_p95", "halo", "halo_p95", "score")
+_SCORES = ("track", "leak", "leak_p95", "halo", "halo_p95", "deep", "score")
 
 
 @dataclass(frozen=True, kw_only=True, eq=False)
@@ -198,7 +204,8 @@ class InjectionResult:
         Trial ``i`` used the injections of ``make_injections(..., seed=seed, trial=i)``.
     trials : dict
         ``{score name: array over trials}`` for ``track``, ``leak``, ``leak_p95``,
-        ``halo``, ``halo_p95`` and ``score`` (NaN where the kind was not injected).
+        ``halo``, ``halo_p95``, ``deep`` and ``score`` (NaN where the kind was not
+        injected).
     seconds, cpu_seconds : float
         Mean wall-clock and CPU time (this process and its children) of one fit.
     unsettled : ndarray of int
@@ -456,9 +463,13 @@ def evaluate_method(
             for inj in group:
                 if inj.kind == "sky":
                     # in a joint fit the sky is scored away from the injected sources
+                    # (the deep population is everywhere: its absorbed light enters
+                    # track there too)
                     sel = good & ~np.logical_or.reduce(sources) if sources else good
                     err = (delta - inj.signal)[sel] / sigma
                     trials["track"][t] = float(np.sqrt(np.mean(err**2)))
+                elif inj.kind == "deep":
+                    trials["deep"][t] = float(np.mean((delta - sky)[good]) / sigma)
                 else:
                     key = "leak" if inj.kind == "galaxies" else "halo"
                     trials[key][t], trials[f"{key}_p95"][t] = _leak(
@@ -468,7 +479,7 @@ def evaluate_method(
                     inj_map = np.where(good, inj.signal / sigma, np.nan).astype(np.float32)
                     rec_map = np.where(good, delta / sigma, np.nan).astype(np.float32)
                     maps[inj.kind] = (inj_map, rec_map)
-        parts = [trials["track"][t], abs(trials["leak"][t]), abs(trials["halo"][t])]
+        parts = [trials["track"][t]] + [abs(trials[k][t]) for k in ("leak", "halo", "deep")]
         trials["score"][t] = float(np.nansum(parts))
     result = InjectionResult(
         method=name,
@@ -517,7 +528,7 @@ def injection_recovery(
     error : array_like, optional
         Per-pixel noise sigma; its median over valid pixels is then the unit of the
         amplitudes and scores instead of the measured pixel noise.
-    kinds : sequence of {"sky", "galaxies", "stars"}
+    kinds : sequence of {"sky", "galaxies", "stars", "deep"}
         What to inject (each kind in its own fit).
     n_trials : int
         Independent placements; the spread across them is reported.
@@ -692,7 +703,7 @@ def plot_comparison(table, *, figsize=(7, 3.5)):
     ax = fig.subplots()
     names = list(table["method"])
     x = np.arange(len(names))
-    parts = [("track", "track"), ("leak", "|leak|"), ("halo", "|halo|")]
+    parts = [("track", "track"), ("leak", "|leak|"), ("halo", "|halo|"), ("deep", "|deep|")]
     parts = [(k, lab) for k, lab in parts if k in table.colnames]
     width = 0.8 / max(1, len(parts))
     for i, (k, label) in enumerate(parts):

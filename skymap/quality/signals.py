@@ -12,7 +12,15 @@ fractions of the frame's shorter side, so that scores compare across images:
   2 r_e;
 * ``stars``: one bright star (Moffat core, FWHM 3 px, beta 2.5, peak 300-1000 sigma)
   with a power-law aureole (r^-2.5, 3% of the flux, out to 12% of the shorter side),
-  the footprint being the aureole's disc.
+  the footprint being the aureole's disc;
+* ``deep``: a deep field's galaxy population all over the frame: Sersic profiles of
+  index 1 (discs) and 4 (spheroids), effective radius 1.5-6 px, surface brightness at
+  the effective radius 0.1-1 sigma (log-uniform), at random positions, as many as add
+  0.25 sigma of light to the mean pixel. Their cores are bright enough to detect (a
+  spheroid's centre is ~2000 times its effective surface brightness); much of their
+  light is in wings under the noise. No footprint: their light is everywhere, and
+  ``deep`` is the mean rise of the background over the whole frame (0.25 would be all
+  of it).
 
 :func:`make_injections` is deterministic for ``(shape, sigma, seed, trial)``, and each
 kind draws from its own stream, so asking for more kinds does not move the others.
@@ -26,7 +34,7 @@ import numpy as np
 
 __all__ = ["KINDS", "MIN_SIZE", "Injection", "make_injections"]
 
-KINDS = ("sky", "galaxies", "stars")
+KINDS = ("sky", "galaxies", "stars", "deep")
 #: Smallest image side (pixels): below it the smallest disc (3% of the frame) would be
 #: under 2 px and the narrowest bump (5%) about 3 px, no longer "extended" or "broad".
 MIN_SIZE = 64
@@ -47,6 +55,12 @@ _STAR_FWHM = 3.0
 _STAR_BETA = 2.5
 _HALO_FRACTION = 0.03  # share of the star's flux in its power-law aureole
 _HALO_RADIUS = 0.12
+#: The deep population's mean light per pixel (sigma); its Sersic indices, effective
+#: radii (px) and surface brightnesses at the effective radius (sigma, log-uniform).
+DEEP_LIGHT = 0.25
+_DEEP_INDEX = (1.0, 4.0)
+_DEEP_RE = (1.5, 3.0, 6.0)
+_DEEP_SB = (0.1, 1.0)
 
 
 @dataclass(frozen=True, kw_only=True, eq=False)
@@ -151,6 +165,48 @@ def _star(rng, shape, sigma) -> tuple[np.ndarray, np.ndarray]:
     return signal, footprint
 
 
+def _sersic_kernel(n: float, re: float) -> tuple[np.ndarray, float]:
+    """A Sersic profile of index ``n`` and effective radius ``re`` (px) out to 8 ``re``,
+    scaled to unit sum, and its analytic flux per unit surface brightness at ``re``."""
+    from scipy.special import gamma, gammaincinv
+
+    b = float(gammaincinv(2.0 * n, 0.5))
+    half = int(np.ceil(8 * re))
+    yy, xx = np.mgrid[-half : half + 1, -half : half + 1]
+    k = np.exp(-b * ((np.hypot(yy, xx) / re) ** (1.0 / n) - 1.0))
+    flux = 2.0 * np.pi * n * np.exp(b) * gamma(2.0 * n) / b ** (2.0 * n) * re * re
+    return k / k.sum(), float(flux)
+
+
+def _deep(rng, shape, sigma) -> np.ndarray:
+    from scipy.signal import fftconvolve
+
+    ny, nx = shape
+    kinds = [(n, re) for n in _DEEP_INDEX for re in _DEEP_RE]
+    kernels = [_sersic_kernel(n, re) for n, re in kinds]
+    lo, hi = np.log(_DEEP_SB[0]), np.log(_DEEP_SB[1])
+    # as many galaxies as make DEEP_LIGHT per pixel on average
+    mean_sb = (_DEEP_SB[1] - _DEEP_SB[0]) / (hi - lo)
+    mean_flux = mean_sb * np.mean([f for _, f in kernels])
+    count = rng.poisson(DEEP_LIGHT * ny * nx / mean_flux)
+    sb = np.exp(rng.uniform(lo, hi, count)) * sigma
+    which = rng.integers(0, len(kinds), count)
+    y, x = rng.uniform(0, ny - 1, count), rng.uniform(0, nx - 1, count)
+    iy, ix = np.floor(y).astype(int), np.floor(x).astype(int)
+    fy, fx = y - iy, x - ix
+    signal = np.zeros(shape)
+    for j, (kernel, flux) in enumerate(kernels):
+        sel = which == j
+        # each galaxy's flux shared bilinearly between its four nearest pixels, then
+        # one convolution per profile
+        points = np.zeros((ny + 1, nx + 1))
+        for dy, wy in ((0, 1 - fy[sel]), (1, fy[sel])):
+            for dx, wx in ((0, 1 - fx[sel]), (1, fx[sel])):
+                np.add.at(points, (iy[sel] + dy, ix[sel] + dx), flux * sb[sel] * wy * wx)
+        signal += fftconvolve(points[:ny, :nx], kernel, mode="same")
+    return signal
+
+
 def make_injections(
     shape, sigma: float, *, kinds=("sky", "galaxies"), seed: int = 0, trial: int = 0
 ):
@@ -177,6 +233,8 @@ def make_injections(
         elif kind == "galaxies":
             s, fp = _galaxies(sub, shape, sigma)
             out[kind] = Injection(kind=kind, signal=s, footprint=fp)
+        elif kind == "deep":
+            out[kind] = Injection(kind=kind, signal=_deep(sub, shape, sigma))
         else:
             s, fp = _star(sub, shape, sigma)
             out[kind] = Injection(kind=kind, signal=s, footprint=fp)
