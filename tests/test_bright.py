@@ -275,7 +275,7 @@ def test_a_plateau_around_the_brightest_star_is_not_its_halo(fall):
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_median_rows_are_numpys_medians_bit_for_bit(dtype):
-    from skymap.stats._kernels import median_rows
+    from skymap._select_kernels import median_rows
 
     rng = np.random.default_rng(3)
     for n in (1, 2, 65, 1024):

@@ -447,7 +447,7 @@ def test_shared_selection_helpers_match_numpy(values, frac):
 
 
 def test_exact_median_is_numpys_bit_for_bit():
-    from skymap.stats._kernels import exact_median
+    from skymap._select_kernels import exact_median
 
     rng = np.random.default_rng(5)
     for dtype in (np.float32, np.float64):

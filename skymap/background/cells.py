@@ -8,10 +8,10 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage, sparse
 
+from skymap._select_kernels import exact_median
 from skymap._validate import as_pair
 from skymap.backends.base import block_sums
 from skymap.background import _smooth_kernels as _k
-from skymap.stats._kernels import exact_median
 
 __all__ = [
     "cell_stats",

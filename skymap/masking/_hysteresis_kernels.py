@@ -12,8 +12,8 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
+from skymap._select_kernels import order_stats
 from skymap._util import in_bands
-from skymap.stats._kernels import order_stats
 
 # Image rows per band below which a band is not worth a thread.
 _ROWS = 32
@@ -938,7 +938,7 @@ def median_mad32(d):
     """``(np.median(d), np.median(np.abs(d - np.median(d))))`` of a finite float32 1-D
     array with at least one value, as numpy computes them bit for bit (the middle
     values found exactly, their mean in float32), through histogram-narrowed
-    selection (:func:`skymap.stats._kernels.order_stats`): a pass or two over the
+    selection (:func:`skymap._select_kernels.order_stats`): a pass or two over the
     values where numpy's partition costs several."""
     return _median_mad32(np.ascontiguousarray(d, dtype=np.float32))
 

@@ -32,7 +32,6 @@ from skymap._util import MAD_TO_STD, nanmedian_rows
 from skymap._validate import as_image, as_mask, check_positive, combine_masks
 from skymap.masking import _bright_kernels as _kb
 from skymap.masking._hysteresis_kernels import median_mad32
-from skymap.stats._kernels import median_rows
 
 __all__ = ["BrightSources", "HaloMasker", "radial_profiles"]
 
@@ -206,13 +205,7 @@ def sky_blocks(img: np.ndarray, invalid: np.ndarray, block: int) -> np.ndarray:
     # Every other pixel of each block as one row (NaN where invalid or beyond the
     # image), gathered in one pass.
     blocks = _kb.block_rows(img, invalid, block, np.empty((gy * gx, h * h), np.float32))
-    # The blocks without an invalid pixel by exact selection (numpy's medians bit for
-    # bit, a third of the time), the others by numpy's nanmedian.
-    out = np.empty(gy * gx, np.float32)
-    full = median_rows(blocks, out)
-    if not full.all():
-        out[~full] = nanmedian_rows(blocks[~full], overwrite=True)
-    return out.reshape(gy, gx)
+    return nanmedian_rows(blocks, overwrite=True).reshape(gy, gx)
 
 
 def filled_sky(grid: np.ndarray) -> np.ndarray:
