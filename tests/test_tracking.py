@@ -164,6 +164,33 @@ def test_tracking_raises_the_floor_up_to_an_eighth_of_the_image():
     assert pipe._estimator(smoother, False) is smoother
 
 
+def test_a_stated_max_source_size_bounds_the_tracking_raise():
+    # Discs whose outskirts the fit follows: the test fires, and with a measured
+    # ("auto") size it raises the floor past that size's; a size given in pixels is
+    # the caller's definition of sky, which the raise does not override.
+    rng = np.random.default_rng(0)
+    img = rng.normal(size=(N, N)) + _discs(rng)
+    auto = skymap.fit(img)
+    assert max(r.min_scale for r in auto.history) > auto.max_source_size / 2
+    stated = skymap.fit(img, max_source_size=24)
+    assert max(r.tracking for r in stated.history if np.isfinite(r.tracking)) > 0.25
+    assert {r.min_scale for r in stated.history} == {12.0}
+
+
+def test_iterations_that_raise_the_floor_do_not_count_towards_the_last_stage_cap():
+    # Intracluster light: the tracking test raises the floor during the last stage;
+    # those iterations change the estimator, and the mask still gets max_iter of its own
+    # (a held-out cluster spent 4 of its 8 on raises and stopped still improving).
+    scene = scene_by_name("cluster_icl", shape=(256, 256), seed=1)
+    res = skymap.fit(scene.image, scene.mask, tracking_cap=0.5, max_iter=3)
+    last = [r for r in res.history if r.stage == 1]
+    before = [r for r in res.history if r.stage == 0][-1]
+    raises = sum(b.min_scale > a.min_scale for a, b in zip([before, *last], last, strict=False))
+    assert raises >= 1
+    assert len(last) == 3 + raises
+    assert "do not count" in res.convergence_note
+
+
 def test_a_fit_found_tracking_masks_at_a_coarser_scale_too():
     # Intracluster light too faint per pixel for sigma 8 px: once the tracking test
     # fires, the last stage also matches sigma 16 px, masks more of it and the sky

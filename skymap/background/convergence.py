@@ -424,8 +424,10 @@ def note_backed_off(stage: int, run: Sequence[Any], kept: Any) -> str:
     )
 
 
-def note_stopped(stage: int, cap: int, rec: Any, pipe: Any) -> str:
-    """The note of a fit that hit its iteration cap without settling."""
+def note_stopped(stage: int, cap: int, rec: Any, pipe: Any, iterations: int | None = None) -> str:
+    """The note of a fit that hit its iteration cap without settling; ``iterations``:
+    how many it made in all, when iterations that raised the smoothing floor did not
+    count towards the cap."""
     why = []
     tol = tolerance(pipe, rec)
     if not rec.change <= tol:
@@ -437,8 +439,14 @@ def note_stopped(stage: int, cap: int, rec: Any, pipe: Any) -> str:
             f"{rec.mask_change:.2%} of the pixels still changed mask and the masked share "
             f"moved by {rec.mask_growth:+.2%} (tolerance {pipe.mask_tol:.2%})"
         )
+    extra = ""
+    if iterations is not None and iterations > cap:
+        extra = (
+            f" ({iterations} in all; the {iterations - cap} that raised the smoothing "
+            "floor do not count)"
+        )
     return (
-        f"not converged: stage {stage} stopped at its cap of {cap} iteration(s); "
+        f"not converged: stage {stage} stopped at its cap of {cap} iteration(s){extra}; "
         + " and ".join(why or ["the last iteration did not meet the tolerances"])
         + "; raise max_iter, or loosen change_tol / mask_tol"
     )

@@ -75,10 +75,12 @@ def default_pipeline(
       diameter of the sources above 5 sigma, and 16 px, at most an eighth of the
       longer side. The value used is ``BackgroundResult.max_source_size``; pass a
       smaller one to follow finer sky structure (a nebula), a larger one to keep
-      larger galaxies out, None for GCV's choice alone.
+      larger galaxies out, None for GCV's choice alone. A size given in pixels is
+      held: the tracking test below raises the floor past a measured size only.
     * A stage stops when its mask has settled and the background moved by less than
       0.01 of its RMS or half its own statistical error (``error_tol=0.5``), or after
-      8 iterations; or when its mask runs away (grows for 3 iterations while the
+      8 iterations (in stage 1, not counting those that raised the smoothing floor:
+      the tracking test below); or when its mask runs away (grows for 3 iterations while the
       background keeps moving, not slowing by 0.7 per iteration): it then goes back
       to the state before the run (:mod:`skymap.background.convergence`).
       ``BackgroundResult.convergence_note`` says which, in words; a fit that stops
@@ -91,11 +93,12 @@ def default_pipeline(
       reach ``max_source_size`` underestimated; lower, it bends into holes it should
       bridge. Either way, above 0.25 in size (and above its noise), the smoothing floor
       is doubled, refit after refit while that lasts, up to an eighth of the shorter
-      side (``tracking_cap``). The notebook's, a nebula's, a crowded field's and a
-      detector's skies stay below it (-0.02 to 0.17 on the scenes); galaxy outskirts,
-      intracluster light and halo wings pass it (0.3-0.5), as do all eight shared real
-      images (0.29-0.66, the Galactic-centre MIPS frame at -0.41). Unlike the
-      asymmetry test it does not assume that the sky's bumps and dips balance
+      side (``tracking_cap``), or up to half a ``max_source_size`` given in
+      pixels. The notebook's, a nebula's, a crowded field's and a detector's skies
+      stay below it (-0.02 to 0.17 on the scenes); galaxy outskirts, intracluster
+      light and halo wings pass it (0.3-0.5), as do all eight shared real images
+      (0.29-0.66, the Galactic-centre MIPS frame at -0.41). Unlike the asymmetry
+      test it does not assume that the sky's bumps and dips balance
       (``benchmarks/README.md`` has the injection and scene figures). Where sources
       cluster on a nebula (or the masker eats its knots), masks and sky correlate
       too; the test then sees the unmasked data depart from the stiffer fit by more

@@ -155,7 +155,10 @@ class IterativeBackground:
         would let the masks creep into sky it does not follow).
     max_iter : int
         Iteration cap per stage (a raised smoothing floor, see ``source_asymmetry``,
-        does not restart the count).
+        does not restart the count). In the last stage, an iteration that raised the
+        floor (``source_tracking``) does not count: the estimator changed and the mask
+        gets its iterations at the new floor; each raise at least doubles the floor up
+        to its cap, so raises are few (at most 4-5 on a 1-4 Mpix frame).
     change_tol : float
         A stage has converged when the background moved by less than this RMS (in
         units of the background RMS), or by less than ``error_tol`` times its own
@@ -199,7 +202,8 @@ class IterativeBackground:
         is above this value (and above 3 over the square root of the number of
         independent patches), the smoothing floor is raised to
         ``tracking_stiffen`` times the fit's length (at most ``tracking_cap`` of
-        the shorter side), after every refit that finds it, and that iteration does not
+        the shorter side, and never past the floor of a ``max_source_size`` given in
+        pixels), after every refit that finds it, and that iteration does not
         count as settled; with ``tracking_inflation``, GCV also counts the fit's
         degrees of freedom that many times from then on. Each record carries the
         correlation (``IterationRecord.tracking``). None: never measured. Nothing
@@ -235,7 +239,9 @@ class IterativeBackground:
         size are bridged, never bent round. ``"auto"`` measures it from the image
         (:func:`skymap.background.scale.source_scale`: 8 PSF FWHM, twice the
         90th-percentile size of the sources above 5 sigma, at least 16 px and at most
-        an eighth of the longer side); None sets no floor.
+        an eighth of the longer side), an estimate that ``source_tracking`` may find
+        too small and raise; a size given in pixels is the caller's definition of sky
+        and no test raises the floor past its half; None sets no floor.
     halos : Masker or None
         Applied once, to the image itself (``halos(image, None, mask)``) before the
         first guess, such as :class:`~skymap.masking.HaloMasker`: its detections
@@ -538,7 +544,9 @@ class IterativeBackground:
                             # Higher where the masks are: unmasked source light, which
                             # a coarser scale can mask (lower: it bends into holes).
                             tracked = tracked or test.correlation > 0
-                            floor, raised, stiff = self._stiffen(model, floor, be.shape, stiff)
+                            floor, raised, stiff = self._stiffen(
+                                model, floor, be.shape, stiff, self._ceiling(size)
+                            )
                 rec = keep(
                     record(
                         be,
@@ -573,9 +581,12 @@ class IterativeBackground:
                 current = new
                 del new
                 it += 1
-                # A raised floor does not restart the stage's count: the cap bounds the
-                # iterations whatever the floor does.
-                done += 1
+                # In the last stage, an iteration that raised the floor does not count
+                # towards the cap: the estimator changed, and the mask needs its
+                # iterations at the new floor. Raises are few (each at least doubles the
+                # floor, up to its cap). An earlier stage is a first pass whose mask the
+                # next one remakes: its cap stands.
+                done += 0 if raised and k == last else 1
                 if not raised and self.settled(rec):
                     converged = True
                     note = _conv.note_converged(k, it, rec, self)
@@ -620,7 +631,7 @@ class IterativeBackground:
                     converged = True
                     break
             else:
-                note = _conv.note_stopped(k, cap, history[-1], self)
+                note = _conv.note_stopped(k, cap, history[-1], self, it)
         typical = NoiseModel.typical(noise, be)
         del noise
         if self.final is not None:
@@ -792,17 +803,30 @@ class IterativeBackground:
             return masker
         return replace(masker, scales=(*scales, self.tracking_scale * max(scales)))
 
-    def _stiffen(self, model, floor, shape, stiff):
+    def _ceiling(self, size) -> float | None:
+        """The longest floor the tracking test may raise to, in pixels, beyond
+        ``tracking_cap``: the floor of a ``max_source_size`` given in pixels
+        (:func:`~skymap.background.scale.smoothing_floor`), None for ``"auto"`` or None.
+        A measured size is an estimate that the test may find too small; a stated one
+        is the caller's definition of what is sky."""
+        value = self.max_source_size
+        if size is None or value is None or isinstance(value, str):
+            return None
+        return smoothing_floor(size)
+
+    def _stiffen(self, model, floor, shape, stiff, ceiling=None):
         """(floor, raised, stiff) after a refit found following source light: the
         smoothing floor raised to ``tracking_stiffen`` times the fit's length (at most
-        ``tracking_cap`` of the shorter side), and GCV's inflation switched to
-        ``tracking_inflation`` for the rest of the fit."""
+        ``tracking_cap`` of the shorter side, and at most ``ceiling`` pixels), and
+        GCV's inflation switched to ``tracking_inflation`` for the rest of the fit."""
         raised = False
         if self.tracking_inflation is not None and not stiff:
             stiff = raised = True
         if self.tracking_stiffen is not None:
             # The sources' light reaches further than their measured size.
             longer = min(self.tracking_stiffen * model.scale, min(shape) * self.tracking_cap)
+            if ceiling is not None:
+                longer = min(longer, ceiling)
             if floor is None or longer > floor * 1.01:
                 floor, raised = longer, True
         return floor, raised, stiff
