@@ -233,13 +233,19 @@ class InjectionResult:
     def n_trials(self) -> int:
         return len(self.trials["score"])
 
+    def values(self, name: str) -> np.ndarray:
+        """A score per trial; NaN for a score ``trials`` does not hold (its kind was not
+        injected, or the result was made before that score existed)."""
+        v = self.trials.get(name)
+        return np.full(self.n_trials, np.nan) if v is None else np.asarray(v, dtype=float)
+
     def mean(self, name: str) -> float:
         """Mean of a score over trials."""
-        return float(np.mean(self.trials[name]))
+        return float(np.mean(self.values(name)))
 
     def spread(self, name: str) -> float:
         """Standard deviation of a score across trials (0 for one trial)."""
-        v = self.trials[name]
+        v = self.values(name)
         return float(np.std(v, ddof=1)) if len(v) > 1 else 0.0
 
     @property
@@ -260,10 +266,10 @@ class InjectionResult:
             name: {
                 "mean": self.mean(name),
                 "std": self.spread(name),
-                "trials": [float(v) for v in self.trials[name]],
+                "trials": [float(v) for v in self.values(name)],
             }
             for name in _SCORES
-            if np.isfinite(self.trials[name]).any()
+            if np.isfinite(self.values(name)).any()
         }
         return {
             "method": self.method,
