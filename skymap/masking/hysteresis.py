@@ -226,7 +226,11 @@ def _excess_of(parts, white: float) -> float:
     d = np.concatenate(parts) if parts else np.zeros(0, np.float32)
     if d.size < 200:
         return 1.0
-    mad = float(np.median(np.abs(d - np.median(d))))
+    if d.dtype == np.float32 and np.isfinite(d).all():
+        # numpy's medians bit for bit, at a quarter of the cost (12 a fit)
+        mad = float(_k.median_mad32(d)[1])
+    else:
+        mad = float(np.median(np.abs(d - np.median(d))))
     return MAD_TO_STD * mad / math.sqrt(2.0) / white
 
 
