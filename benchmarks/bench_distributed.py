@@ -5,11 +5,14 @@ read back as a memory map, so the tiled driver never loads it), each run in a fr
 subprocess:
 
 * ``memory``: ``skymap.fit(image)`` on the loaded image;
-* ``tiled``: ``skymap.fit(memmap, tile=--tile, client=...)`` on a LocalCluster of ``--workers``
-  single-threaded worker processes.
+* ``tiled``: ``skymap.fit(memmap, tile=--tile, client=...)`` on ``cluster_client(workers=
+  --workers)``: a LocalCluster of single-threaded workers, threads of the run's process
+  (``cluster_client``'s default), or worker processes with ``--processes`` or
+  ``--memory-limit``.
 
 Reported: wall time, the driver's peak extra memory (peak RSS above the RSS with the
-image loaded or mapped, Linux ``/proc/self/clear_refs``), the workers' peak RSS, and how
+image loaded or mapped, Linux ``/proc/self/clear_refs``; with threads the workers' data
+is in it too), the workers' peak RSS (worker processes only), and how
 far the tiled background is from the in-memory one (max |difference| over the noise) and
 whether the final masks are identical.
 
@@ -18,6 +21,7 @@ when other jobs load the machine, and the time per pixel.
 
 Run:  python benchmarks/bench_distributed.py --size 2048 --tile 1024
       python benchmarks/bench_distributed.py --size 4096 --tile 2048 1024
+      python benchmarks/bench_distributed.py --size 4096 --tile 2048 1024 --processes
       python benchmarks/bench_distributed.py --path big.npy --tile 2048 \\
           --memory-limit 4GiB --skip-memory       # an existing float32 .npy, tiled only
 """
@@ -53,11 +57,11 @@ def _cpu_seconds():
     return r.ru_utime + r.ru_stime
 
 
-def _cluster(workers, memory_limit):
+def _cluster(workers, memory_limit, processes=False):
     if memory_limit is None:
         from skymap.backends.distributed import cluster_client
 
-        return cluster_client(workers=workers)
+        return cluster_client(workers=workers, processes=processes)
     import contextlib
     import logging
 
@@ -74,7 +78,7 @@ def _cluster(workers, memory_limit):
     return limited()
 
 
-def run(which, path, tile, workers, memory_limit=None, save=True):
+def run(which, path, tile, workers, memory_limit=None, save=True, processes=False):
     """One timed run in this process; prints a JSON line and saves the products."""
     import skymap
 
@@ -89,20 +93,23 @@ def run(which, path, tile, workers, memory_limit=None, save=True):
         background, mask, noise, workers_kb = res.background, res.mask, res.noise, []
     else:
         image = np.load(path, mmap_mode="r")
-        with _cluster(workers, memory_limit) as client:
+        with _cluster(workers, memory_limit, processes) as client:
             warm = np.asarray(image[:256, :256])
             skymap.fit(warm, tile=128, client=client)  # workers load the kernels
+            # threads of this process: their CPU and memory are this process's
+            own = all(a.startswith("inproc://") for a in client.scheduler_info()["workers"])
             base = reset_peak()
-            w0 = sum(client.run(_cpu_seconds).values())
+            w0 = 0.0 if own else sum(client.run(_cpu_seconds).values())
             t0, c0 = time.perf_counter(), _cpu_seconds()
             res = skymap.fit(image, tile=tile, client=client)
             # a lazy result: its background and mask are computed (and kept) on the cluster
             lazy = client.persist([res.background, res.mask])
             distributed_wait(lazy)
             seconds, cpu = time.perf_counter() - t0, _cpu_seconds() - c0
-            cpu += sum(client.run(_cpu_seconds).values()) - w0
+            if not own:
+                cpu += sum(client.run(_cpu_seconds).values()) - w0
             peak = status_kb("VmHWM")
-            workers_kb = list(client.run(_worker_peak_kb).values())
+            workers_kb = [] if own else list(client.run(_worker_peak_kb).values())
             # Only now, for the comparison: the products in this process.
             noise = res.noise
             if not save:
@@ -143,7 +150,8 @@ def main():
     p.add_argument("--tile", type=int, nargs="+", default=[1024])
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--path", help="an existing float32 .npy instead of a generated scene")
-    p.add_argument("--memory-limit", help="per worker, e.g. 4GiB (default: dask's)")
+    p.add_argument("--memory-limit", help="per worker process, e.g. 4GiB (default: dask's)")
+    p.add_argument("--processes", action="store_true", help="worker processes (default: threads)")
     p.add_argument("--skip-memory", action="store_true", help="no in-memory run")
     p.add_argument("--run", choices=("memory", "tiled"), help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -155,6 +163,7 @@ def main():
             args.workers,
             args.memory_limit,
             not args.skip_memory,
+            args.processes or args.memory_limit is not None,
         )
         return
     with tempfile.TemporaryDirectory() as tmp:
@@ -177,6 +186,7 @@ def main():
         for which, tile in runs:
             extra = ["--memory-limit", args.memory_limit] if args.memory_limit else []
             extra += ["--skip-memory"] if args.skip_memory else []
+            extra += ["--processes"] if args.processes else []
             out = subprocess.run(
                 [sys.executable, __file__, "--run", which, "--path", path, "--tile", str(tile)]
                 + ["--workers", str(args.workers), *extra],
@@ -197,10 +207,12 @@ def main():
                 f"CPU, peak extra {m['driver_extra_x_image'] * mb:.0f} MB "
                 f"({m['driver_extra_x_image']:.2f} x image)"
             )
+        processes = args.processes or args.memory_limit is not None
+        kind = "worker processes" if processes else "worker threads of the driver"
         for tile in args.tile:
             t = rows["tiled", tile]
             print(
-                f"  tiled skymap.fit, tile {tile}, {args.workers} worker processes: "
+                f"  tiled skymap.fit, tile {tile}, {args.workers} {kind}: "
                 f"{t['seconds']:.1f} s wall, {t['cpu_seconds']:.1f} s CPU (driver + workers)"
                 + (
                     f" = {t['cpu_seconds'] / m['cpu_seconds']:.2f} x in memory"
@@ -209,9 +221,14 @@ def main():
                 )
                 + f", {t['seconds'] / (ny * nx) * 1e9:.0f} ns/px wall, driver peak extra "
                 f"{t['driver_extra_x_image'] * mb:.0f} MB "
-                f"({t['driver_extra_x_image']:.3f} x image), worker peak RSS "
-                + ", ".join(f"{w:.0f}" for w in t["worker_peak_mb"])
-                + " MB"
+                f"({t['driver_extra_x_image']:.3f} x image)"
+                + (
+                    ", worker peak RSS "
+                    + ", ".join(f"{w:.0f}" for w in t["worker_peak_mb"])
+                    + " MB"
+                    if t["worker_peak_mb"]
+                    else " (workers included)"
+                )
             )
             if m is not None:
                 bt, mt = (np.load(path[:-4] + f"_{tile}_{k}.npy") for k in ("background", "mask"))

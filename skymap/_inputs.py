@@ -546,22 +546,15 @@ def run_values(
     for axis in (0, 1):
         lines = (slice(None), slice(None, None, step)) if axis == 0 else (slice(None, None, step),)
         arr = image[lines]
-        msk = None if bad is None else bad[lines]
         n = arr.shape[axis]
         if n < run:
             continue
         a = np.moveaxis(arr, axis, 0)
-        same = a[1:] == a[:-1]  # NaN never equals itself
-        if msk is not None:
-            m = np.moveaxis(msk, axis, 0)
-            same &= ~m[1:]
-            same &= ~m[:-1]
-        width = n - run + 1
-        runs = same[:width].copy()
-        for k in range(1, run - 1):
-            runs &= same[k : k + width]
+        # True where a run of `run` equal valid pixels starts (NaN never equals itself)
+        runs = _k.sampled_runs(image, bad, run, step, axis)
         if not runs.any():
             continue
+        width = runs.shape[0]
         vals = a[:width][runs]
         if vals.size > 100_000:
             vals = vals[:: vals.size // 100_000]

@@ -28,3 +28,59 @@ def _normalised(image, level, inv, clip, out, lo, hi):  # pragma: no cover - com
             if np.isfinite(v):
                 w = min(max(w, -clip), clip)
             dst[x] = w
+
+
+def sampled_runs(image, bad, run, step, axis):
+    """The ``runs`` map of :func:`skymap._inputs.run_values` along ``axis`` (0: down
+    every ``step``-th column, 1: along every ``step``-th row): True at the first pixel
+    of ``run`` consecutive pixels of one value, all valid (finite comparisons, not
+    ``bad``), laid out as ``np.moveaxis(image[lines], axis, 0)[:n - run + 1]`` (n: the
+    line length). One pass over the image rows, counting each line's current run of
+    equal neighbours, instead of ``run - 1`` comparisons of whole sampled maps.
+    ``run`` >= 2 and no longer than the lines."""
+    image = np.asarray(image)
+    ny, nx = image.shape
+    flag = np.zeros((1, 1), np.bool_) if bad is None else np.asarray(bad, dtype=np.bool_)
+    if axis == 0:
+        out = np.empty((ny - run + 1, -(-nx // step)), np.bool_)
+        _column_runs(image, flag, bad is not None, run, step, out)
+    else:
+        out = np.empty((nx - run + 1, -(-ny // step)), np.bool_)
+        _row_runs(image, flag, bad is not None, run, step, out)
+    return out
+
+
+@njit(cache=True, nogil=True)
+def _column_runs(image, bad, masked, run, step, out):  # pragma: no cover - compiled
+    ny, nx = image.shape
+    cols = out.shape[1]
+    count = np.zeros(cols, np.int64)
+    for y in range(1, ny):
+        above, here = image[y - 1], image[y]
+        for j in range(cols):
+            x = j * step
+            same = here[x] == above[x]
+            if masked:
+                same = same and not bad[y, x] and not bad[y - 1, x]
+            count[j] = count[j] + 1 if same else 0
+        start = y - run + 1  # the first row of the run of pairs ending at row y
+        if start >= 0:
+            for j in range(cols):
+                out[start, j] = count[j] >= run - 1
+
+
+@njit(cache=True, nogil=True)
+def _row_runs(image, bad, masked, run, step, out):  # pragma: no cover - compiled
+    nx = image.shape[1]
+    for j in range(out.shape[1]):
+        y = j * step
+        row = image[y]
+        count = 0
+        for x in range(1, nx):
+            same = row[x] == row[x - 1]
+            if masked:
+                same = same and not bad[y, x] and not bad[y, x - 1]
+            count = count + 1 if same else 0
+            start = x - run + 1
+            if start >= 0:
+                out[start, j] = count >= run - 1

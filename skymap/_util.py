@@ -62,9 +62,10 @@ def pow2_at_most(value: float, *limits: int) -> int:
 
 def nanmedian_rows(a, overwrite: bool = False):
     """``np.nanmedian(a, axis=1)`` of a 2-D array, NaN for an all-NaN row, without its
-    warning: the rows without a NaN at once by ``np.median`` (numpy's nanmedian takes
-    long rows one by one in Python), the same partition and mean, so the same values.
-    ``overwrite``: ``a`` may be reordered (no copy when no row holds a NaN).
+    warning: the float rows without a NaN by exact selection
+    (:func:`skymap._select_kernels.median_rows`: numpy's values bit for bit), the
+    others by ``np.nanmedian`` (which takes long rows one by one in Python).
+    ``overwrite``: ``a`` may be reordered.
 
     Examples
     --------
@@ -77,10 +78,17 @@ def nanmedian_rows(a, overwrite: bool = False):
     import numpy as np
 
     out = np.empty(a.shape[0], a.dtype)
-    full = ~np.isnan(a).any(axis=1)
-    if full.all():
-        return np.median(a, axis=1, overwrite_input=overwrite).astype(a.dtype, copy=False)
-    out[full] = np.median(a[full], axis=1, overwrite_input=True)
+    if a.dtype in (np.float32, np.float64) and a.shape[1] > 0:
+        # The rows without a NaN by exact selection: numpy's medians bit for bit, in
+        # a third of the time of its partition.
+        from skymap._select_kernels import median_rows
+
+        full = median_rows(a, out)
+    else:
+        full = ~np.isnan(a).any(axis=1)
+        if full.all():
+            return np.median(a, axis=1, overwrite_input=overwrite).astype(a.dtype, copy=False)
+        out[full] = np.median(a[full], axis=1, overwrite_input=True)
     if not full.all():
         with np.errstate(all="ignore"), warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)

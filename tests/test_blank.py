@@ -139,3 +139,38 @@ def test_blank_border_changes_nothing(plate):
     assert res.bad_mask[:24].all() and not res.bad_mask[24:-24, 16:-16].any()
     assert res.rms.shape == padded.shape and np.isfinite(res.background).all()
     assert ref.frame is None and skymap.fit(padded).frame is None
+
+
+def _runs_by_shifted_ands(image, bad, run, step, axis):
+    """run_values' run map as whole-array comparisons (the reference)."""
+    lines = (slice(None), slice(None, None, step)) if axis == 0 else (slice(None, None, step),)
+    a = np.moveaxis(image[lines], axis, 0)
+    same = a[1:] == a[:-1]
+    if bad is not None:
+        m = np.moveaxis(bad[lines], axis, 0)
+        same &= ~m[1:] & ~m[:-1]
+    width = a.shape[0] - run + 1
+    runs = same[:width].copy()
+    for k in range(1, run - 1):
+        runs &= same[k : k + width]
+    return runs
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_sampled_runs_equal_shifted_comparisons(seed):
+    from skymap._inputs_kernels import sampled_runs
+
+    rng = np.random.default_rng(seed)
+    ny, nx = rng.integers(9, 70, size=2)
+    # few distinct values, so that runs of every length occur, plus NaN and a mask
+    img = rng.integers(0, 2, size=(ny, nx)).astype(np.float32)
+    img[rng.random((ny, nx)) < 0.02] = np.nan
+    img[: ny // 3, : nx // 2] = 0.0
+    bad = rng.random((ny, nx)) < 0.05
+    for b in (None, bad):
+        for run in (2, 3, 8):
+            for step in (1, 3, 8):
+                for axis in (0, 1):
+                    got = sampled_runs(img, b, run, step, axis)
+                    want = _runs_by_shifted_ands(img, b, run, step, axis)
+                    assert np.array_equal(got, want), (b is None, run, step, axis)

@@ -271,3 +271,19 @@ def test_a_plateau_around_the_brightest_star_is_not_its_halo(fall):
     found = HaloMasker().find(img)
     assert len(found) == 4 and found.saturated.sum() == 1
     assert np.all((found.radius > 25) & (found.radius < 50)), found.radius
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_median_rows_are_numpys_medians_bit_for_bit(dtype):
+    from skymap._select_kernels import median_rows
+
+    rng = np.random.default_rng(3)
+    for n in (1, 2, 65, 1024):
+        a = rng.normal(size=(12, n)).astype(dtype)
+        a[2:5] = rng.integers(-2, 3, size=(3, n))  # ties at the middle ranks
+        a[6] = 1.5
+        a[8, n // 2] = np.nan  # left to the caller
+        out = np.zeros(12, dtype)
+        full = median_rows(a, out)
+        assert full.tolist() == [i != 8 for i in range(12)]
+        assert out[full].tobytes() == np.median(a[full], axis=1).tobytes()

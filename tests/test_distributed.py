@@ -12,12 +12,14 @@ da = pytest.importorskip("dask.array")
 distributed = pytest.importorskip("distributed")
 
 import skymap  # noqa: E402
+import skymap.backends.dask as dask_backend  # noqa: E402
 from skymap.backends.base import block_sums  # noqa: E402
 from skymap.backends.dask import (  # noqa: E402
     DaskBackend,
     _keep_labels,
     _label_info,
     _tile_label,
+    core_of,
     float_keys,
     key_to_float,
 )
@@ -233,10 +235,15 @@ def test_fit_of_a_dask_array_equals_in_memory_on_a_local_cluster(scene, options,
     _assert_same_fit(tiled, ref, threads_client)
 
 
-def test_each_tile_runs_on_its_worker(threads_client):
+def test_each_tile_runs_on_its_worker(threads_client, monkeypatch):
     """The tiles are cut into one contiguous run per worker, and the blocks of every
     array of a tile (a step's output included) are kept on that tile's worker."""
     img = np.random.default_rng(2).normal(size=(256, 256)).astype(np.float32)
+    shared = DaskBackend(img, tile=64, unit=(2, 2), client=threads_client)
+    # threads of one process read every block in place
+    assert shared.placement.shared and shared._near(1, 0)(2, 0)
+    # as worker processes would: a border strip from the other worker's blocks
+    monkeypatch.setattr(dask_backend, "one_process", lambda workers: False)
     be = DaskBackend(da.from_array(img, chunks=100), tile=64, unit=(2, 2), client=threads_client)
     placement = be.placement
     workers = sorted(threads_client.scheduler_info()["workers"])
@@ -255,6 +262,36 @@ def test_each_tile_runs_on_its_worker(threads_client):
     # (a cut task) only from the other worker
     assert be._near(0, 0)(1, 3) and not be._near(1, 0)(2, 0)
     assert DaskBackend(img, tile=64, client="sync").placement is None
+
+
+def _sum_and_window(a, *, window, core):
+    return float(a.sum()), (a.copy(), window)
+
+
+def _core_of_kept(kept, *, core, scale):
+    a, window = kept
+    return a[core_of(window, core)] * scale
+
+
+@pytest.mark.parametrize("apart", [False, True])
+def test_kept_values_of_reduce_windows_are_mapped_where_they_are(
+    threads_client, monkeypatch, apart
+):
+    """reduce_windows(keep=True): the combine sees the first items only, map_kept the
+    second ones, on threads of one process and (a task per tile) between processes."""
+    if apart:
+        monkeypatch.setattr(dask_backend, "one_process", lambda workers: False)
+    img = np.random.default_rng(4).normal(size=(96, 128)).astype(np.float32)
+    be = DaskBackend(da.from_array(img, chunks=40), tile=32, unit=(2, 2), client=threads_client)
+    assert be.placement.shared is not apart
+    total, kept = be.reduce_windows(_sum_and_window, [be.image], sum, halo=4, keep=True)
+    out = be.map_kept(_core_of_kept, kept, dtype=np.float32, scale=total)
+    got = be.compute(out)
+    windows = sum(float(img[slice(*r), slice(*c)].sum()) for r, c in (
+        be.grown(ys, xs, 4) for _, _, ys, xs in be.tiles()
+    ))  # fmt: skip
+    np.testing.assert_allclose(float(be.compute(total)), windows, rtol=1e-6)
+    np.testing.assert_allclose(got, img * np.float32(be.compute(total)), rtol=1e-6)
 
 
 def test_fit_runs_an_explicit_pipeline_on_a_memmap(tmp_path):

@@ -435,3 +435,21 @@ def test_mask_with_is_the_given_mask_or_the_detections(rng, nan_outside):
     np.testing.assert_array_equal(got, want)
     assert got[42, 52] and not (nan_outside and got[100, 100])
     assert np.array_equal(masker.mask_with(res, 1.0, None), masker(res, 1.0, None))
+
+
+@pytest.mark.parametrize("n", [1, 2, 65, 200, 4097])
+def test_median_mad32_is_numpys_bit_for_bit(n):
+    from skymap.masking._hysteresis_kernels import median_mad32
+
+    rng = np.random.default_rng(n)
+    cases = (
+        rng.normal(size=n),
+        rng.integers(-3, 4, size=n),  # ties at the middle ranks
+        rng.standard_cauchy(size=n) * 1e3,  # a wide range: several histogram levels
+        np.full(n, 2.5),
+    )
+    for d in (np.asarray(c, np.float32) for c in cases):
+        med = np.median(d)
+        got = median_mad32(d)
+        assert got[0] == med
+        assert np.float32(got[1]).tobytes() == np.median(np.abs(d - med)).tobytes()

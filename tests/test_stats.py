@@ -444,3 +444,16 @@ def test_shared_selection_helpers_match_numpy(values, frac):
     assert K.median_inplace(b, n) == np.median(values)
     mean, std = K.mean_std(values.copy(), n)
     np.testing.assert_allclose([mean, std], [values.mean(), values.std()], rtol=1e-9, atol=1e-6)
+
+
+def test_exact_median_is_numpys_bit_for_bit():
+    from skymap._select_kernels import exact_median
+
+    rng = np.random.default_rng(5)
+    for dtype in (np.float32, np.float64):
+        for n in (1, 2, 201, 4096):
+            for v in (rng.normal(size=n), rng.integers(-2, 3, size=n), np.full(n, 0.1)):
+                v = v.astype(dtype)
+                assert np.float64(exact_median(v)).tobytes() == np.float64(np.median(v)).tobytes()
+    with_nan = np.array([1.0, np.nan, 3.0])
+    assert np.isnan(exact_median(with_nan))  # numpy's answer, by numpy

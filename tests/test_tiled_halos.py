@@ -8,6 +8,7 @@ import pytest
 da = pytest.importorskip("dask.array")
 
 import skymap  # noqa: E402
+import skymap.backends.dask as dask_backend  # noqa: E402
 import skymap.backends.windows as windows  # noqa: E402
 from skymap.backends.dask import DaskBackend  # noqa: E402
 from skymap.backends.distributed import cluster_client  # noqa: E402
@@ -70,7 +71,9 @@ def test_a_tiled_fit_never_gathers_the_image(monkeypatch):
 
 @pytest.mark.filterwarnings("ignore::skymap.background.pipeline.ConvergenceWarning")
 def test_windows_from_border_strips_give_the_in_memory_fit(monkeypatch):
-    # Every block partly in a window sends its border strips (however deep).
+    # Every block partly in a window sends its border strips (however deep), as
+    # between worker processes.
+    monkeypatch.setattr(dask_backend, "one_process", lambda workers: False)
     monkeypatch.setattr(windows, "CUT_BYTES", 0)
     monkeypatch.setattr(windows, "RING_SHARE", 100.0)
     img = scene_by_name("crowded_stellar", shape=(128, 192), seed=4).image.astype(np.float32)

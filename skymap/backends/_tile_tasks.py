@@ -183,17 +183,37 @@ def _bad_block(img, given=None):
     return combine_masks(img, given)
 
 
-def _combined(name, graph, keys, combine, arrays):
+def _combined(name, graph, keys, combine, arrays, first=False, apart=False):
     """``combine([results of the tasks keys])`` as one more task of the layer ``name``
-    of ``graph`` (whose tasks read ``arrays``), a lazy value."""
+    of ``graph`` (whose tasks read ``arrays``), a lazy value. With ``first``, each
+    task's result is a pair and ``combine`` reads the first items only: taken out
+    inside the combine task, or (``apart``: workers in other processes) by a task per
+    tile where it ran, so that the second items stay there."""
     from dask.delayed import Delayed
     from dask.highlevelgraph import HighLevelGraph
 
     # one layer with the tile tasks, so that the combine task's keys are resolved
     layer = dict(graph.layers[name])
-    layer[name] = (combine, list(keys.values()))
+    parts = list(keys.values())
+    if first and not apart:
+        parts = [(_item, key, 0) for key in parts]
+    elif first:
+        parts = []
+        for key in keys.values():
+            parts.append((f"first-{name}", *key[1:]))
+            layer[parts[-1]] = (_item, key, 0)
+    layer[name] = (combine, parts)
     graph = HighLevelGraph.from_collections(name, layer, dependencies=list(arrays))
     return Delayed(name, graph, layer=name)
+
+
+@one_thread
+def _tile_kept(func, kept, core, kw, names=(), *values):
+    """``func(kept, core=, **kw)`` on a value a tile task kept (its lazy keywords
+    given by key)."""
+    if names:
+        kw = {**kw, **dict(zip(names, values, strict=True))}
+    return func(kept, core=core, **kw)
 
 
 def _tile_sum(func, kw, window, *blocks):

@@ -27,6 +27,7 @@ tiles travel.
 
 from __future__ import annotations
 
+import functools
 import math
 import mmap
 import uuid
@@ -64,6 +65,7 @@ from skymap.backends._tile_tasks import (  # the graphs' tile tasks
     _tile_digit_histogram,
     _tile_first_valid,
     _tile_grid,
+    _tile_kept,
     _tile_label,
     _tile_masker,
     _tile_model_map,
@@ -99,6 +101,7 @@ __all__ = [
     "is_tiled_input",
     "key_grid",
     "key_to_float",
+    "one_process",
     "one_thread",
 ]
 
@@ -162,15 +165,20 @@ class TilePlacement:
     blocks across for the windows of the next step. The restriction is loose: a task
     whose worker has gone runs elsewhere.
 
+    ``shared``: the workers are threads of one process (an in-process LocalCluster,
+    ``inproc://`` addresses), so a block passes between them by reference: a window
+    then reads every neighbouring block whole, with no border-strip task.
+
     Examples
     --------
     >>> p = TilePlacement(workers=("tcp://a:1",) * 2 + ("tcp://b:2",) * 2, grid=(2, 2))
-    >>> p(("maps-1f3a", 0, 1, 0)), p("factor-1f3a")
-    (['tcp://b:2'], [])
+    >>> p(("maps-1f3a", 0, 1, 0)), p("factor-1f3a"), p.shared
+    (['tcp://b:2'], [], False)
     """
 
     workers: tuple[str, ...]
     grid: tuple[int, int]
+    shared: bool = False
 
     @classmethod
     def of(cls, client, grid) -> TilePlacement | None:
@@ -186,7 +194,11 @@ class TilePlacement:
         if len(workers) < 2:
             return None
         n = grid[0] * grid[1]
-        return cls(workers=tuple(workers[t * len(workers) // n] for t in range(n)), grid=grid)
+        return cls(
+            workers=tuple(workers[t * len(workers) // n] for t in range(n)),
+            grid=grid,
+            shared=one_process(workers),
+        )
 
     def worker(self, i: int, j: int) -> str:
         """The address of the worker of tile (i, j)."""
@@ -200,6 +212,12 @@ class TilePlacement:
                 if 0 <= i < ny and 0 <= j < nx:
                     return [self.worker(i, j)]
         return []
+
+
+def one_process(workers: Sequence[str]) -> bool:
+    """Whether the workers at these addresses are threads of this process (dask's
+    ``inproc://`` transport: what they exchange is passed by reference, not copied)."""
+    return all(str(w).startswith("inproc://") for w in workers)
 
 
 @dataclass(frozen=True, eq=False)
@@ -460,6 +478,23 @@ class DaskBackend:
             return contextlib.nullcontext()
         return dask.annotate(workers=self.placement, allow_other_workers=True)
 
+    def _persist_gather(self, arrays: Sequence, lazies: Sequence) -> tuple[list, list]:
+        """(``arrays`` persisted, ``lazies`` computed) from one submission to the
+        cluster: each graph sent costs ~10 ms of the scheduler's and the driver's CPU
+        whatever its size, as much as several tasks."""
+        import dask
+
+        with self._placed():
+            out = dask.persist(*arrays, *lazies, scheduler=self.client)
+        arrays, lazies = list(out[: len(arrays)]), out[len(arrays) :]
+        gather = getattr(self.client, "gather", None)
+        if gather is not None and hasattr(self.client, "scheduler_info"):
+            from distributed import futures_of
+
+            # the persisted values fetched, no graph sent again
+            return arrays, list(gather([futures_of(d)[0] for d in lazies]))
+        return arrays, list(dask.compute(*lazies, scheduler=self.client))
+
     def compute(self, *things):
         """The computed ``things``: one value for one thing, else a list."""
         out = self._compute_list(things)
@@ -542,10 +577,11 @@ class DaskBackend:
 
     def _near(self, i: int, j: int):
         """Whether a block (bi, bj) lives on the worker that runs tile (i, j)'s tasks:
-        by the placement on a ``distributed`` cluster of several workers; on any other
-        scheduler every block is in the one process."""
+        by the placement on a ``distributed`` cluster of several worker processes; on
+        threads of one process (an in-process cluster, any other scheduler) every block
+        is read in place."""
         placement = self.placement
-        if placement is None:
+        if placement is None or placement.shared:
             return lambda bi, bj: True
         here = placement.worker(i, j)
         return lambda bi, bj: placement.worker(bi, bj) == here
@@ -678,17 +714,46 @@ class DaskBackend:
         return [o.reshape(ys.shape) for o in out]
 
     def reduce_windows(
-        self, func: Callable, arrays: Sequence, combine: Callable, *, halo: int = 0, **kw
+        self,
+        func: Callable,
+        arrays: Sequence,
+        combine: Callable,
+        *,
+        halo: int = 0,
+        keep: bool = False,
+        **kw,
     ):
         """``func(*windows, window=, core=, **kw)`` per tile (the arrays read over the
         tile grown by ``halo`` pixels, as :meth:`gather_windows`), then
         ``combine(per_tile_results)`` (row by row) as one more task of the graph: a lazy
         value (``dask.delayed``) that later tasks take as a keyword (of
         :meth:`map_tiles`, :meth:`label_seeded`) without a round trip through the
-        driver."""
+        driver.
+
+        With ``keep``, ``func`` returns a pair: ``combine`` reads the first items, and
+        the second ones stay on the tiles' workers for :meth:`map_kept` (what a later
+        step would compute again from the same windows); returns (the lazy value, the
+        kept values)."""
         args, dependencies, kw = self._windowed_args(func, arrays, [1] * len(arrays), halo, kw)
         name, graph, keys = self._tasks(_windowed, args, dependencies, label=_name(func), kw=kw)
-        return _combined(name, graph, keys, combine, dependencies)
+        apart = self.placement is not None and not self.placement.shared
+        combined = _combined(name, graph, keys, combine, dependencies, keep, apart)
+        return (combined, (combined, keys)) if keep else combined
+
+    def map_kept(self, func: Callable, kept, *, dtype, block: int = 1, **kw):
+        """``func(value, core=, **kw)`` per tile on the values kept by
+        :meth:`reduce_windows` (``keep=True``), run where they are: a dask array of
+        the tiles binned by ``block``; lazy keywords are taken by key."""
+        source, keys = kept  # the combined value's graph holds the tile tasks
+        kw, lazy, names, values = _split_lazy(kw)
+
+        def args(i, j, ys, xs, ref):
+            return ((_item, keys[i, j], 1), (ys, xs), ref["kw"], names, *values)
+
+        return self._tile_array(
+            functools.partial(_tile_kept, func), args, [source, *lazy.values()],
+            self.binned_chunks(block), dtype, _name(func), kw=kw,
+        )  # fmt: skip
 
     def _forward_tasks(self, func, arrays, reach, block, kw):
         b = block
@@ -918,7 +983,7 @@ class DaskBackend:
                 st[1] = (prefix << 16) | digit
         return [key_to_float(prefix, self.dtype) for _, prefix in state]
 
-    def label_seeded(self, maps, codes: Callable, *, block: int, **kw):
+    def label_seeded(self, maps, codes: Callable, *, block: int, keep: Sequence = (), **kw):
         """Regions of ``codes(maps_block, which="region", **kw)`` (bool per binned
         pixel) that hold a pixel of ``codes(..., which="seed", **kw)``, 8-connected
         across tiles, as a bool array binned by ``block``: each block a lookup in the
@@ -926,7 +991,14 @@ class DaskBackend:
         task of its own for the others). Each tile is
         labelled on its own (scipy); the labels that touch across a tile boundary are
         joined by labelling the two-pixel strips along every boundary, and
-        ``scipy.sparse.csgraph.connected_components`` merges them."""
+        ``scipy.sparse.csgraph.connected_components`` merges them.
+
+        ``maps`` may be lazy: it is persisted with the labels, and so are the arrays
+        of ``keep`` (e.g. a lazy input of the maps that later steps read again), in
+        one submission to the cluster with the computation of the labels' join
+        information. Returns the regions and the persisted ``keep``, as a list."""
+        from dask.delayed import Delayed
+
         maps_k = key_grid(maps)
         bchunks = self.binned_chunks(block)
         # lazy keywords (e.g. a factor computed by reduce_windows) are passed by key
@@ -935,13 +1007,15 @@ class DaskBackend:
             _tile_label, lambda i, j, *_: (maps_k[i, j], codes, kw, names, *values),
             [maps, *lazy.values()], bchunks, np.int32,
         )  # fmt: skip
-        (labels,) = self.persist(labels)
         labels_k = key_grid(labels)
-        gathered = self._gather(
+        name, graph, keys = self._tasks(
             _label_info,
             lambda i, j, *_: (labels_k[i, j], maps_k[i, j], codes, kw, names, *values),
             [labels, maps, *lazy.values()],
         )  # fmt: skip
+        (_, labels, *kept), gathered = self._persist_gather(
+            [maps, labels, *keep], [Delayed(key, graph, layer=name) for key in keys.values()]
+        )
         info = np.empty(labels_k.shape, object)
         for n, item in enumerate(gathered):
             info.flat[n] = item
@@ -956,4 +1030,4 @@ class DaskBackend:
             dk[i, j]: ((_keep_labels, labels_k[i, j], keep[i][j]), (i, j))
             for i, j, _, _ in self.tiles()
         }
-        return det
+        return det, kept

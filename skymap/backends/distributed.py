@@ -61,7 +61,7 @@ def cluster_client(
     *,
     workers: int | None = None,
     scheduler: str | None = None,
-    processes: bool = True,
+    processes: bool = False,
     quiet: bool = True,
 ) -> Iterator[Any]:
     """A ``dask.distributed`` client: on a running scheduler, or on a new LocalCluster.
@@ -69,12 +69,18 @@ def cluster_client(
     Parameters
     ----------
     workers : int, optional
-        Worker processes of the LocalCluster (one thread each); default: the CPU count.
+        Workers of the LocalCluster (one thread each); default: the CPU count.
         Ignored when ``scheduler`` is given.
     scheduler : str, optional
         Address of a running scheduler, e.g. ``"tcp://10.0.0.1:8786"``.
     processes : bool
-        LocalCluster workers as processes (default) or as threads of this process.
+        LocalCluster workers as threads of this process (default) or as processes.
+        Threads suit a tiled fit on one machine: its kernels release the GIL and the
+        tiles pass between workers by reference, not pickled (about half the CPU of
+        worker processes, ``benchmarks/README.md``). Processes suit Python-heavy work
+        per item (:func:`map_files` makes its own cluster of them) and a memory limit
+        per worker: threads of one process each measure the whole process's memory
+        against their limit.
     quiet : bool
         Silence the cluster's own logging below ERROR.
 
@@ -160,7 +166,8 @@ def map_files(
     [(-1, 1, None), (2, 2, None)]
     """
     if client is None:
-        with cluster_client(workers=workers, scheduler=scheduler) as own:
+        # whole files per task, much of it Python: worker processes
+        with cluster_client(workers=workers, scheduler=scheduler, processes=True) as own:
             return map_files(function, items, client=own, progress=progress, **kwargs)
     from distributed import as_completed
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage, sparse
 
+from skymap._select_kernels import exact_median
 from skymap._validate import as_pair
 from skymap.backends.base import block_sums
 from skymap.background import _smooth_kernels as _k
@@ -93,7 +94,7 @@ def reference_level(sub: np.ndarray, subbad: np.ndarray) -> float | None:
     the good pixels of a subsample (``image[::s, ::s]`` with ``s`` from
     :func:`reference_step`); None when the subsample has no good pixel (the caller then
     takes the first good pixel of the image)."""
-    return float(np.median(sub[~subbad])) if not subbad.all() else None
+    return exact_median(sub[~subbad]) if not subbad.all() else None
 
 
 def reference_step(shape) -> int:

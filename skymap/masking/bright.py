@@ -31,6 +31,7 @@ import scipy.ndimage as ndi
 from skymap._util import MAD_TO_STD, nanmedian_rows
 from skymap._validate import as_image, as_mask, check_positive, combine_masks
 from skymap.masking import _bright_kernels as _kb
+from skymap.masking._hysteresis_kernels import median_mad32
 
 __all__ = ["BrightSources", "HaloMasker", "radial_profiles"]
 
@@ -262,7 +263,10 @@ def mad_sigma(a: np.ndarray) -> float:
     v = a[np.isfinite(a)]
     if v.size == 0:
         return 1.0
-    mad = MAD_TO_STD * float(np.median(np.abs(v - np.median(v))))
+    if v.dtype == np.float32:
+        mad = MAD_TO_STD * float(median_mad32(v)[1])  # numpy's medians, bit for bit
+    else:
+        mad = MAD_TO_STD * float(np.median(np.abs(v - np.median(v))))
     return mad if mad > 0 else 1.0
 
 
