@@ -40,6 +40,7 @@ import scipy.ndimage as ndi
 
 from skymap._util import MAD_TO_STD
 from skymap._validate import as_image, as_mask, check_positive
+from skymap.backends.base import block_sums
 from skymap.masking.hysteresis import CoarseRMS, HysteresisMasker, noise_grid
 
 __all__ = ["WingMasker", "wing_reach", "wing_step", "wing_sums"]
@@ -65,15 +66,12 @@ def wing_sums(values, excluded, bad, b: int, origin=(0, 0)) -> np.ndarray:
     >>> wing_sums(v, ex, ex, 2)[:, 0, 0]
     array([2., 2., 2.])
     """
-    ny, nx = values.shape
-    gy, gx = -(-ny // b), -(-nx // b)
-    out = np.zeros((3, gy * b, gx * b))
-    ok = ~np.asarray(excluded, bool)
-    out[0, :ny, :nx] = np.where(ok, values, 0.0)
-    out[1, :ny, :nx] = ok
-    out[2, :ny, :nx] = np.asarray(bad, bool)
-    rows = out.reshape(3, gy * b, gx, b).sum(axis=3)
-    return rows.reshape(3, gy, b, gx).sum(axis=2)
+    sums = block_sums(values, excluded, b)
+    # the bad pixels' count: the sums of a 0/1 map with nothing excluded, in the same
+    # order as the others
+    flags = np.asarray(bad, bool).astype(np.float64)
+    bad_count = block_sums(flags, np.zeros(flags.shape, bool), b)[:1]
+    return np.concatenate([sums, bad_count])
 
 
 def _areas(shape, b: int) -> np.ndarray:
