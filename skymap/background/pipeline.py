@@ -509,6 +509,7 @@ class IterativeBackground:
         for k, stage in enumerate(self.stages):
             if stage.only_tracked and (backed_off or not tracked):
                 continue
+            backed_off = False
             converged = False
             # A full masking stage: the last, or any after the first pass (with an
             # ``only_tracked`` stage after it, the stage before is full too).
