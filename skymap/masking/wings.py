@@ -41,6 +41,7 @@ import scipy.ndimage as ndi
 from skymap._util import MAD_TO_STD
 from skymap._validate import as_image, as_mask, check_positive
 from skymap.backends.base import block_sums
+from skymap.masking import _hysteresis_kernels as _hk
 from skymap.masking.hysteresis import CoarseRMS, HysteresisMasker, noise_grid
 
 __all__ = ["WingMasker", "wing_reach", "wing_step", "wing_sums"]
@@ -281,7 +282,7 @@ class WingMasker(HysteresisMasker):
             v = res[~excluded]
             rms = MAD_TO_STD * float(np.median(np.abs(v - np.median(v)))) if v.size else 1.0
         det = self._step(sums, rms, res.shape)
-        return _expand(det, b, excluded)
+        return _hk.expand_mask_into(det, b, excluded)
 
     def mask_on(self, backend, residual, noise, excluded, window_of):
         """:meth:`HysteresisMasker.mask_on`, then the wing step on the block sums the
@@ -303,18 +304,10 @@ class WingMasker(HysteresisMasker):
         )  # fmt: skip
 
 
-def _expand(det: np.ndarray, b: int, into: np.ndarray) -> np.ndarray:
-    """``into`` OR the blocks ``det`` at full resolution, in place."""
-    full = np.repeat(np.repeat(det, b, axis=0), b, axis=1)[: into.shape[0], : into.shape[1]]
-    into |= full
-    return into
-
-
 def _tile_expand(excluded, *, window, core, det, b):
     """A tile's exclusion OR the wing blocks over it (tiles align to ``b``)."""
     (r0, r1), (c0, c1) = core
     sub = det[r0 // b : -(-r1 // b), c0 // b : -(-c1 // b)]
     out = np.array(excluded[r0 - window[0][0] : r1 - window[0][0],
                             c0 - window[1][0] : c1 - window[1][0]])  # fmt: skip
-    full = np.repeat(np.repeat(sub, b, axis=0), b, axis=1)[: out.shape[0], : out.shape[1]]
-    return out | full
+    return _hk.expand_mask_into(sub, b, out)
