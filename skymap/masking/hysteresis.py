@@ -234,6 +234,21 @@ def _excess_of(parts, white: float) -> float:
     return MAD_TO_STD * mad / math.sqrt(2.0) / white
 
 
+def noise_excess(snr, excluded, lag: int, step: int = 1, white: float = 1.0) -> float:
+    """Scatter of the signal-to-noise map ``snr`` over ``white`` (its scatter for white
+    noise of the stated rms), from the MAD of the differences of pixels not
+    ``excluded``, ``lag`` apart along x on every ``step``-th row and along y on every
+    ``step``-th column (:func:`_pair_differences`); 1.0 with fewer than 200 pairs.
+
+    Examples
+    --------
+    >>> snr = np.random.default_rng(0).normal(size=(200, 200))
+    >>> round(noise_excess(snr, np.zeros(snr.shape, bool), 5), 1)
+    1.0
+    """
+    return _excess_of(_pair_differences(snr, excluded, lag, step), white)
+
+
 def _hysteresis(snr: np.ndarray, low: float, high: float, grow=None) -> np.ndarray:
     """Connected regions (8-connected) of ``grow`` (default ``snr``) above ``low`` that
     hold a pixel of ``snr`` above ``high``."""

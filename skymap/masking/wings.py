@@ -42,7 +42,7 @@ from skymap._util import MAD_TO_STD
 from skymap._validate import as_image, as_mask, check_positive
 from skymap.backends.base import block_sums
 from skymap.masking import _hysteresis_kernels as _hk
-from skymap.masking.hysteresis import CoarseRMS, HysteresisMasker, noise_grid
+from skymap.masking.hysteresis import CoarseRMS, HysteresisMasker, noise_excess, noise_grid
 
 __all__ = ["WingMasker", "wing_reach", "wing_step", "wing_sums"]
 
@@ -173,7 +173,8 @@ def wing_step(sums, noise, shape, *, b: int, scale: float, threshold: float) -> 
     with np.errstate(invalid="ignore", divide="ignore"):
         snr = smooth_num / (sigma * np.sqrt(var))
     snr[~free] = np.nan
-    excess = _excess(snr, math.ceil(3.0 * scale / b))
+    # the scatter of the block snr over white noise's, at least 1
+    excess = max(1.0, noise_excess(snr, ~np.isfinite(snr), math.ceil(3.0 * scale / b)))
     dist = b * ndi.distance_transform_edt(~seeds)
     with np.errstate(invalid="ignore", divide="ignore"):
         mean = num / cnt
@@ -196,17 +197,6 @@ def _connected(grow: np.ndarray, seeds: np.ndarray) -> np.ndarray:
     keep[lab[seeds]] = True
     keep[0] = False
     return keep[lab] & grow
-
-
-def _excess(snr: np.ndarray, lag: int) -> float:
-    """Scatter of ``snr`` (NaN where not valid) over the unit scatter of white noise,
-    from the MAD of differences ``lag`` apart along both axes; at least 1."""
-    parts = [snr[:, lag:] - snr[:, :-lag], snr[lag:] - snr[:-lag]]
-    d = np.concatenate([p[np.isfinite(p)] for p in parts])
-    if d.size < 200:
-        return 1.0
-    mad = float(np.median(np.abs(d - np.median(d))))
-    return max(1.0, MAD_TO_STD * mad / math.sqrt(2.0))
 
 
 @dataclass(frozen=True, kw_only=True)
