@@ -192,3 +192,12 @@ def exact_median(values) -> float:
     out = np.empty(1, v.dtype)
     median_rows(v.reshape(1, -1), out)
     return float(out[0])
+
+
+def median_mad32(d) -> tuple[np.float32, np.float32]:
+    """``(np.median(d), np.median(np.abs(d - np.median(d))))`` of a finite float32 1-D
+    array with at least one value, as numpy computes them bit for bit: two
+    :func:`exact_median` s, the deviations taken in float32 as numpy takes them."""
+    d = np.ascontiguousarray(d, dtype=np.float32)
+    med = np.float32(exact_median(d))
+    return med, np.float32(exact_median(np.abs(d - med)))

@@ -439,7 +439,7 @@ def test_mask_with_is_the_given_mask_or_the_detections(rng, nan_outside):
 
 @pytest.mark.parametrize("n", [1, 2, 65, 200, 4097])
 def test_median_mad32_is_numpys_bit_for_bit(n):
-    from skymap.masking._hysteresis_kernels import median_mad32
+    from skymap._select_kernels import median_mad32
 
     rng = np.random.default_rng(n)
     cases = (

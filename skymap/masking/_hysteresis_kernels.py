@@ -12,7 +12,6 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-from skymap._select_kernels import order_stats
 from skymap._util import in_bands
 
 # Image rows per band below which a band is not worth a thread.
@@ -932,35 +931,3 @@ def _dog_sampled(
             x = xs[k]
             sigma = noise[qy, qcol[x]]
             cols[y, k] = _snr_of(an_c[k], ac_c[k], av_c[k], sigma * sigma, lrow[lcol[x]])
-
-
-def median_mad32(d):
-    """``(np.median(d), np.median(np.abs(d - np.median(d))))`` of a finite float32 1-D
-    array with at least one value, as numpy computes them bit for bit (the middle
-    values found exactly, their mean in float32), through histogram-narrowed
-    selection (:func:`skymap._select_kernels.order_stats`): a pass or two over the
-    values where numpy's partition costs several."""
-    return _median_mad32(np.ascontiguousarray(d, dtype=np.float32))
-
-
-@njit(cache=True, nogil=True)
-def _median_mad32(d):  # pragma: no cover - compiled
-    n = d.size
-    scratch = np.empty((2, n), np.float64)
-    a = np.empty(n, np.float64)
-    for i in range(n):
-        a[i] = d[i]
-    med = _median32(a, n, scratch)
-    for i in range(n):
-        a[i] = abs(d[i] - med)
-    return med, _median32(a, n, scratch)
-
-
-@njit(cache=True, nogil=True)
-def _median32(a, n, scratch):  # pragma: no cover - compiled
-    """np.median of float32 values held exactly in the float64 ``a[:n]`` (read only)."""
-    k = n // 2
-    if n % 2 == 1:
-        return np.float32(order_stats(a, n, k, k, scratch, np.nan, np.nan)[1])
-    lower, upper = order_stats(a, n, k - 1, k, scratch, np.nan, np.nan)
-    return (np.float32(lower) + np.float32(upper)) / np.float32(2.0)

@@ -28,10 +28,10 @@ from typing import Any
 import numpy as np
 import scipy.ndimage as ndi
 
+from skymap._select_kernels import median_mad32
 from skymap._util import MAD_TO_STD, nanmedian_rows
 from skymap._validate import as_image, as_mask, check_positive, combine_masks
 from skymap.masking import _bright_kernels as _kb
-from skymap.masking._hysteresis_kernels import median_mad32
 
 __all__ = ["BrightSources", "HaloMasker", "radial_profiles"]
 
