@@ -118,6 +118,13 @@ def _mask_settled(pipe: Any, rec: Any) -> bool:
     return rec.mask_change <= pipe.mask_tol or abs(rec.mask_growth) <= pipe.mask_tol
 
 
+def _one_floor(records: Sequence[Any]) -> bool:
+    """Whether ``records`` were all fitted at one smoothing floor (``min_scale``): a
+    background that moved because the floor was raised (source tracking) is the
+    estimator changing, which none of the tests here may read as the mask's doing."""
+    return len({getattr(r, "min_scale", None) for r in records}) <= 1
+
+
 def settled(pipe: Any, rec: Any) -> bool:
     """Whether the iteration ``rec`` meets the tolerances of ``pipe``: the background
     moved by less than :func:`tolerance` and fewer than ``mask_tol`` of the pixels
@@ -151,8 +158,7 @@ def runaway(pipe: Any, records: Sequence[Any]) -> bool:
     # A background that moved because its smoothing floor was raised (source tracking)
     # is the estimator changing, not the mask running away: the run must have been
     # fitted at one floor.
-    floors = {getattr(r, "min_scale", None) for r in records[-RUNAWAY_RUN - 1 :]}
-    if len(floors) > 1:
+    if not _one_floor(records[-RUNAWAY_RUN - 1 :]):
         return False
     first, last = run[0].change, run[-1].change
     return last >= first * RUNAWAY_RATIO ** (len(run) - 1) and last > RUNAWAY_EXCESS * tolerance(
@@ -166,7 +172,7 @@ def starts_run(pipe: Any, rec: Any, previous: Any) -> bool:
     smoothing floor differs from ``previous``'s (a runaway is judged at one floor)."""
     if not rec.mask_growth > pipe.mask_tol:
         return True
-    return getattr(rec, "min_scale", None) != getattr(previous, "min_scale", None)
+    return not _one_floor((previous, rec))
 
 
 def run_start(pipe: Any, records: Sequence[Any]) -> int:
@@ -223,7 +229,7 @@ def cycling(pipe: Any, records: Sequence[Any]) -> bool:
     # and the masks they are compared with, come from backgrounds at one floor only if
     # the floor held over the CYCLE_RUN + 2 last records.
     floors = records[-CYCLE_RUN - 2 :]
-    if len(floors) < CYCLE_RUN + 2 or len({getattr(r, "min_scale", None) for r in floors}) > 1:
+    if len(floors) < CYCLE_RUN + 2 or not _one_floor(floors):
         return False
     return all(a.mask_growth * b.mask_growth < 0 for a, b in zip(run, run[1:], strict=False))
 
@@ -249,7 +255,7 @@ def stalled(pipe: Any, records: Sequence[Any]) -> bool:
     if len(records) < 2 or not pipe.error_tol:
         return False
     a, b = records[-2:]
-    if getattr(a, "min_scale", None) != getattr(b, "min_scale", None):
+    if not _one_floor((a, b)):
         return False
     for r in (a, b):
         inside = math.isfinite(r.error) and r.change <= STALL_ERRORS * r.error
@@ -300,7 +306,7 @@ def flickering(pipe: Any, records: Sequence[Any]) -> bool:
     if len(records) < FLICKER_RUN:
         return False
     run = records[-FLICKER_RUN:]
-    if len({getattr(r, "min_scale", None) for r in run}) > 1:
+    if not _one_floor(run):
         return False
     for r in run:
         if not (
@@ -346,7 +352,7 @@ def creeping(pipe: Any, records: Sequence[Any]) -> bool:
     if len(records) < CREEP_RUN:
         return False
     run = records[-CREEP_RUN:]
-    if len({getattr(r, "min_scale", None) for r in run}) > 1:
+    if not _one_floor(run):
         return False
     return all(r.change <= tolerance(pipe, r) and not _mask_settled(pipe, r) for r in run)
 
