@@ -735,6 +735,16 @@ class HaloMasker:
             if slow[j - 1] and slow[j]:
                 ref[j:] = np.nan
                 break
+        # What is left must be a measured fall: rings over less than a factor of
+        # HALO_SPAN in radius (a knot's flat top, a few rings of a star sunk in a
+        # nebula) cannot be told from extended emission, and every radius drawn from
+        # them would be the extrapolation's (twice the last ring), not the image's;
+        # which knot leads, and so how many rings survive, swings with the noise.
+        kept = np.flatnonzero(np.isfinite(ref) & (ref > 0))
+        if not (kept.size >= 2 and radii[kept[-1]] >= HALO_SPAN * radii[kept[0]]):
+            log.debug("the halo profile spans less than a factor %g in radius: no halos",
+                      HALO_SPAN)  # fmt: skip
+            return radii, None
         return radii, ref
 
     def _amplitudes(self, sample, shape, sigma, y, x, core, limit, profile):
