@@ -54,6 +54,10 @@ _EDGES = np.array(
     + [160.0, 226.0, 320.0, 452.0, 640.0, 905.0, 1280.0]
 )
 
+#: Fewest rings of a halo profile (three steps of sqrt(2) in radius): a shorter one
+#: has not been seen to fall (see :meth:`HaloMasker._stacked_profile`).
+MIN_RINGS = 4
+
 #: Side in pixels of the blocks of the coarse sky that bright sources are found against.
 SKY_BLOCK = 64
 
@@ -735,15 +739,15 @@ class HaloMasker:
             if slow[j - 1] and slow[j]:
                 ref[j:] = np.nan
                 break
-        # What is left must be a measured fall: rings over less than a factor of
-        # HALO_SPAN in radius (a knot's flat top, a few rings of a star sunk in a
-        # nebula) cannot be told from extended emission, and every radius drawn from
-        # them would be the extrapolation's (twice the last ring), not the image's;
-        # which knot leads, and so how many rings survive, swings with the noise.
-        kept = np.flatnonzero(np.isfinite(ref) & (ref > 0))
-        if not (kept.size >= 2 and radii[kept[-1]] >= HALO_SPAN * radii[kept[0]]):
-            log.debug("the halo profile spans less than a factor %g in radius: no halos",
-                      HALO_SPAN)  # fmt: skip
+        # What is left must have been seen to fall: the plateau test ends a profile
+        # at two slow rings running and lets one pass, so fewer than MIN_RINGS rings
+        # (a knot's flat top on a nebula, taken as saturated; a few rings of a star
+        # sunk in the nebula's light) are no measured halo, and every radius drawn
+        # from them would be the extrapolation's (twice the last ring), not the
+        # image's. Which knot led, and how many of its rings survived, swung with
+        # the noise (the Galactic-centre MIPS frame: 1 to 3 rings).
+        if np.count_nonzero(np.isfinite(ref) & (ref > 0)) < MIN_RINGS:
+            log.debug("the halo profile has fewer than %d rings: no halos", MIN_RINGS)
             return radii, None
         return radii, ref
 
