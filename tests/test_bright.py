@@ -287,3 +287,49 @@ def test_median_rows_are_numpys_medians_bit_for_bit(dtype):
         full = median_rows(a, out)
         assert full.tolist() == [i != 8 for i in range(12)]
         assert out[full].tobytes() == np.median(a[full], axis=1).tobytes()
+
+
+def _knots(levels, seed, n=400):
+    # Flat-topped blobs a few sigma above the sky (a nebula's knots; or, when their
+    # tops share one level, a plate's saturated stars) and 12 bright point sources,
+    # whose 1-pixel tops set the typical top.
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:n, :n]
+    img = rng.normal(size=(n, n))
+    spots = [(y, x) for y in range(50, n - 40, 75) for x in range(50, n - 40, 75)]
+    for (y, x), a in zip(rng.permutation(spots), levels, strict=False):
+        img += np.minimum(1.6 * a * np.exp(-(((yy - y) ** 2 + (xx - x) ** 2) / 81.0)), a)
+    for y, x in rng.uniform(20, n - 20, (12, 2)):
+        img += 80.0 * (1 + ((yy - y) ** 2 + (xx - x) ** 2) / 3.0) ** -2.5
+    return img
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_faint_flat_tops_at_their_own_levels_are_not_saturated(seed):
+    # Knots of emission flat at 6-15 sigma, each at its own level, are not clipped
+    # cores: which of them came out flat swung with the noise, and the "saturated"
+    # ones led the halo profile (the Galactic-centre MIPS frame: 31 such tops spread
+    # over 36 sigma; 72 to 161 sources masked as the frame was flipped). The 12 point
+    # sources make the catalogue, whatever the noise. Flat tops at one level (a
+    # clipped scale, an emulsion's density limit) are saturated cores.
+    found = HaloMasker().find(_knots(np.linspace(6.0, 15.0, 10), seed))
+    assert len(found) == 12 and not found.saturated.any()
+    assert HaloMasker().find(_knots(np.full(10, 9.0), seed)).saturated.sum() >= 3
+
+
+def test_saturated_stars_sunk_in_emission_plateaus_give_no_halo_profile():
+    # Every star of the stack has a flagged core in a knot of emission flat out to
+    # ~40 px: outside the cores the rings are a plateau, and the stacked profile was
+    # 1-2 rings long, every radius then its extrapolation (the MIPS frame's NaN-core
+    # stars on the nebula). Fewer than MIN_RINGS rings: no halos.
+    rng = np.random.default_rng(0)
+    n = 512
+    yy, xx = np.mgrid[:n, :n]
+    img = rng.normal(size=(n, n))
+    for y in (90, 250, 420):
+        for x in (90, 250, 420):
+            r = np.hypot(yy - y, xx - x)
+            img += rng.uniform(20, 40) * np.exp(-((r / 45.0) ** 4))
+            img += 300.0 * (1 + r**2 / 4.0) ** -1.5
+            img[r < 3] = np.nan
+    assert len(HaloMasker().find(img)) == 0
