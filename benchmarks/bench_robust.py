@@ -32,7 +32,8 @@ predicts for it (``sigma`` = the untouched fit's ``noise``, in the variant's uni
 * ``Quantity``, ``CCDData``: the image with a unit: the background must come back in
   that unit with the same values (1e-3 sigma);
 * ``saturated``: a star (Moffat, alpha 3 px, beta 2.5, peak 1e4 sigma) added at the
-  centre and the image clipped at 300 sigma above the median (a flat saturated core);
+  centre (not on a blank fill: its far wings would turn the fill's exact zeros into
+  data) and the image clipped at 300 sigma above the median (a flat saturated core);
   ``badcolumn``: one hot column (+1000 sigma) and one dead column (exact 0): the
   background must not rise by more than 1 sigma anywhere (``max``), RMS 0.1 sigma.
 
@@ -222,6 +223,10 @@ def variants(image, bad, base, which):
         cy, cx = ny // 2, nx // 2
         r2 = (yy - cy) ** 2 + (xx - cx) ** 2
         star = 1e4 * sig * (1 + r2 / 9.0) ** -2.5
+        # On the data only: a blank fill (in the untouched fit's bad_mask) lies outside
+        # the footprint, and its exact zeros plus the star's far wings (~1e-6 sigma)
+        # would no longer be a fill, but a 25% border of data at 0 (MIPS).
+        star = np.where(np.asarray(base.bad_mask), 0.0, star)
         sat = med + 300 * sig
         v = np.minimum(image + star.astype(image.dtype), image.dtype.type(sat))
         v[bad] = image[bad]

@@ -390,7 +390,9 @@ class HaloMasker:
        a core of masked pixels, or a flat top: its maximum repeated in 3 pixels or
        more, or an area above 90% of its peak of at least 5 pixels and 3 times the
        median over the bright regions (a density-saturated photographic plate is
-       flat but not constant).
+       flat but not constant). Such an area on a region that is not bright counts
+       only at a level most of them share (:func:`shared_level`): a knot of emission
+       a few sigma up is flat at its own level.
     2. Halo profile: azimuthal medians (:func:`radial_profiles`) around the ``stack``
        brightest sources, out to ``max_radius``, each against its local sky (the median
        of its outer rings). The brightest one's profile defines the
@@ -404,7 +406,8 @@ class HaloMasker:
        over a factor of :data:`HALO_SPAN` in radius is extended emission around the
        brightest peaks (a nebula's knot), not a point source's wings (a finite flux
        falls faster than 1/r^2): then no source is given a halo, unless the brightest
-       is saturated (a star by its core).
+       is saturated (a star by its core); nor when fewer than :data:`MIN_RINGS` rings
+       are left.
     3. Amplitudes: every bright source's own profile (within 16 px, or 3 times its
        saturated core) is scaled onto the stacked one in the same way.
     4. Radius: for an unsaturated source, where its own rings are seen to fall below
