@@ -81,14 +81,16 @@ def test_the_race_reranks_the_leaders_and_the_defaults_on_more_trials(cutout):
     rows = list(zip(t["round"], t["options"], t["edge"], strict=True))
     first = {o: e for r, o, e in rows if r != "race"}
     raced = {o: e for r, o, e in rows if r == "race"}
-    # on this cutout high=3 leads the defaults on its first trial, high=5 trails them
-    assert first["high=3.0"] < 0 < first["high=5.0"]
+    # on this cutout one of the two leads the defaults on its first trial and the other
+    # trails them (which one is the data's business: the premise is one of each)
+    ahead = [o for o in ("high=3.0", "high=5.0") if first[o] < 0]
+    assert len(ahead) == 1 and first[ahead[0]] < 0 < max(first.values())
     # the defaults race, and only candidates that were ahead of them
-    assert set(raced) == {"(defaults)", "high=3.0"} and raced["(defaults)"] == 0
+    assert set(raced) == {"(defaults)", ahead[0]} and raced["(defaults)"] == 0
     assert set(t["pairs"][t["round"] == "race"]) == {3}  # one choosing + two race trials
     # the race's winner, or the defaults when its median edge is within the margin
     margin = max(0.005, 0.02 * np.median(t["score"][0]))
-    expect = "high=3.0" if raced["high=3.0"] < -margin else "(defaults)"
+    expect = ahead[0] if raced[ahead[0]] < -margin else "(defaults)"
     assert t.meta["choosing_winner"] == expect and t.meta["race_trials"] == 2
     with pytest.raises(ValueError, match="race_trials"):
         tune(cutout, space={"high": [5.0]}, race_trials=-1, peers={})
