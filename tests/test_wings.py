@@ -1,5 +1,5 @@
 """WingMasker (skymap.masking.wings): the growth of the detections into the faint light
-around and between them, and the pipeline stage that runs it (Stage.only_tracked)."""
+around and between them, and the pipeline stage that runs it (default_pipeline(wings=True))."""
 
 import dask
 import dask.array as da
@@ -7,8 +7,6 @@ import numpy as np
 import pytest
 
 import skymap
-from skymap.background.pipeline import Stage
-from skymap.background.smooth import ThinPlateSmoother
 from skymap.masking.hysteresis import HysteresisMasker
 from skymap.masking.wings import FALL_SIGMA, MIN_OUTER, WingMasker, wing_reach, wing_sums
 
@@ -89,8 +87,9 @@ def test_wing_masker_checks_its_options():
         WingMasker(wing_threshold=0.0)
     with pytest.raises(ValueError, match="wing_scale"):
         WingMasker(wing_scale=-1.0)
-    with pytest.raises(ValueError, match="only_tracked"):
-        Stage(masker=WingMasker(), estimator=ThinPlateSmoother(), only_tracked="yes")
+    for name in ("wings", "halos"):
+        with pytest.raises(ValueError, match=f"{name} must be True or False"):
+            skymap.fit(np.zeros((64, 64)), **{name: "yes"})
 
 
 def _deep_field(seed=1, count=400):
@@ -115,13 +114,16 @@ def test_a_deep_field_fits_lower_with_wings():
     assert deep.mask.mean() > plain.mask.mean() + 0.01
 
 
-def test_the_wing_stage_is_skipped_until_the_fit_is_found_tracking():
+def test_the_wing_stage_adds_nothing_where_no_profile_falls():
+    # one compact source on white noise: the fit is not found tracking, the wing stage
+    # runs, finds no falling profile and leaves stage 1's mask and background alone
     img = np.random.default_rng(6).normal(size=(N, N))
     img[100:110, 100:110] += 10
     plain, deep = skymap.fit(img), skymap.fit(img, wings=True)
     assert all(h.tracking < 0.25 or h.tracking != h.tracking for h in plain.history)
-    assert {h.stage for h in deep.history} == {-1, 0, 1, 3}
-    assert np.array_equal(deep.background, plain.background)
+    assert {h.stage for h in deep.history} == {-1, 0, 1, 2, 3}
+    assert np.array_equal(deep.mask, plain.mask)
+    np.testing.assert_allclose(deep.background, plain.background, rtol=0, atol=1e-6)
 
 
 def test_a_tiled_fit_with_wings_equals_the_in_memory_one():

@@ -121,25 +121,14 @@ class Stage:
         :class:`~skymap.background.model.BackgroundModel`).
     max_iter : int or None
         Iteration cap of this stage; None: the pipeline's ``max_iter``.
-    only_tracked : bool
-        Run this stage only once the source-tracking test has found the fit following
-        unmasked source light (``IterativeBackground.source_tracking``), and the stage
-        before it did not back off a runaway mask (masks that kept growing while the fit
-        kept moving: masking deeper would run further); otherwise it is skipped and the
-        fit goes on from the previous stage. A stage that masks deeper
-        (:class:`~skymap.masking.wings.WingMasker`) thus starts from a settled state,
-        which a runaway in it backs off to.
     """
 
     masker: Masker
     estimator: BackgroundEstimator
     max_iter: int | None = None
-    only_tracked: bool = False
 
     def __post_init__(self):
         check_int("max_iter", self.max_iter, allow_none=True)
-        if not isinstance(self.only_tracked, bool):
-            raise ValueError(f"only_tracked must be True or False, got {self.only_tracked!r}")
         if not callable(self.masker):
             raise ValueError(f"masker must be a Masker (callable), got {self.masker!r}")
         if not callable(getattr(self.estimator, "fit", None)):
@@ -505,14 +494,9 @@ class IterativeBackground:
         # Whether the test has found the fit higher where the masks are (the last
         # stage's masker then reaches further: ``tracking_scale``).
         tracked = False
-        backed_off = False  # whether the last stage run backed off a runaway mask
         for k, stage in enumerate(self.stages):
-            if stage.only_tracked and (backed_off or not tracked):
-                continue
-            backed_off = False
             converged = False
-            # A full masking stage: the last, or any after the first pass (with an
-            # ``only_tracked`` stage after it, the stage before is full too).
+            # A full masking stage: any after the first pass, or the only one.
             full = k > 0 or k == last
             cap = self.max_iter if stage.max_iter is None else stage.max_iter
             it = done = 0
@@ -642,7 +626,6 @@ class IterativeBackground:
                     j = _conv.run_start(self, run)
                     back = run[j]
                     note = _conv.note_backed_off(k, run[j + 1 :], back)
-                    backed_off = True
                     current = anchor if be.tiled else be.result(back.mask)
                     del bkg
                     previous, model, floor = model, back.model, back.min_scale
