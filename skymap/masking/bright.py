@@ -54,6 +54,10 @@ _EDGES = np.array(
     + [160.0, 226.0, 320.0, 452.0, 640.0, 905.0, 1280.0]
 )
 
+#: Flat tops whose levels (the image's value at the peak) differ by less than this many
+#: sigma sit at one level (see :func:`shared_level`).
+LEVEL_WIDTH = 3.0
+
 #: Fewest rings of a halo profile (three steps of sqrt(2) in radius): a shorter one
 #: has not been seen to fall (see :meth:`HaloMasker._stacked_profile`).
 MIN_RINGS = 4
@@ -660,7 +664,11 @@ class HaloMasker:
         flat = top >= max(5.0, 3.0 * typical)
         clipped = (masked > 0) | (stats["repeats"] >= 3)
         if level is not None:
-            flat &= shared_level(level, flat & ~bright & ~clipped, sigma) | bright | clipped
+            flat &= (
+                shared_level(level, flat & ~bright & ~clipped, LEVEL_WIDTH * sigma)
+                | bright
+                | clipped
+            )
         sat = clipped | flat
         bright |= sat
         if not bright.any():
@@ -852,9 +860,9 @@ class HaloMasker:
         return out
 
 
-def shared_level(level: np.ndarray, candidate: np.ndarray, sigma: float) -> np.ndarray:
+def shared_level(level: np.ndarray, candidate: np.ndarray, width: float) -> np.ndarray:
     """Which ``candidate`` flat tops sit at a level most of them share: within
-    ``sigma`` of their own ``level`` lie the levels of more than half of the
+    ``width`` of their own ``level`` lie the levels of more than half of the
     candidates (each counts itself).
 
     A detector's full well or an emulsion's density limit clips every saturated core
@@ -862,7 +870,9 @@ def shared_level(level: np.ndarray, candidate: np.ndarray, sigma: float) -> np.n
     value); the flat tops of a nebula's knots, galaxy cores or blends at a few sigma
     lie at their own levels (the Galactic-centre MIPS frame's 31 spread over 36
     sigma), and which of them came out flat swung with the noise and the orientation.
-    A lone candidate shares its own level.
+    :class:`HaloMasker` takes levels within 3 sigma as one (no significant
+    difference; a smooth sky of a few sigma added after the clipping, as an
+    injection test does, stays within it). A lone candidate shares its own level.
 
     Examples
     --------
@@ -873,8 +883,8 @@ def shared_level(level: np.ndarray, candidate: np.ndarray, sigma: float) -> np.n
     idx = np.flatnonzero(candidate)
     if idx.size:
         v = np.sort(level[idx])
-        near = np.searchsorted(v, level[idx] + sigma, "right") - np.searchsorted(
-            v, level[idx] - sigma, "left"
+        near = np.searchsorted(v, level[idx] + width, "right") - np.searchsorted(
+            v, level[idx] - width, "left"
         )
         out[idx] = near > idx.size / 2.0
     return out
