@@ -56,7 +56,7 @@ _EDGES = np.array(
 
 #: Flat tops whose levels (the image's value at the peak) differ by less than this many
 #: sigma sit at one level (see :func:`shared_level`).
-LEVEL_WIDTH = 3.0
+LEVEL_WIDTH = 2.0
 
 #: Fewest rings of a halo profile (three steps of sqrt(2) in radius): a shorter one
 #: has not been seen to fall (see :meth:`HaloMasker._stacked_profile`).
@@ -870,9 +870,10 @@ def shared_level(level: np.ndarray, candidate: np.ndarray, width: float) -> np.n
     value); the flat tops of a nebula's knots, galaxy cores or blends at a few sigma
     lie at their own levels (the Galactic-centre MIPS frame's 31 spread over 36
     sigma), and which of them came out flat swung with the noise and the orientation.
-    :class:`HaloMasker` takes levels within 3 sigma as one (no significant
-    difference; a smooth sky of a few sigma added after the clipping, as an
-    injection test does, stays within it). A lone candidate shares its own level.
+    :class:`HaloMasker` takes levels within 2 sigma (:data:`LEVEL_WIDTH`) as one:
+    at 1 sigma the smooth sky of 1-3 sigma that an injection test adds after the
+    clipping split the plate's; at 3 sigma a scene's faint galaxies of one
+    brightness passed as clipped. A lone candidate shares its own level.
 
     Examples
     --------
