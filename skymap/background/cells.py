@@ -119,6 +119,10 @@ def cell_stats(sums: np.ndarray, cy: int, cx: int, ref: float):
     (the weight is the count, or the summed pixel weights of :func:`weighted_sums`,
     and the mean then the weighted mean)."""
     n, s1, s2, sy, sx = sums[:5]
+    # its own memory: a model keeps the count (and the weight), and a view would keep
+    # all the layers of ``sums`` with it (a refit's whole cell grid in every record of
+    # a fit's history)
+    n = n.copy()
     iy = np.arange(n.shape[0]) * cy
     ix = np.arange(n.shape[1]) * cx
     with np.errstate(invalid="ignore", divide="ignore"):
