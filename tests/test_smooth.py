@@ -338,3 +338,16 @@ def test_valid_counts_are_the_count_layer_of_the_cell_sums(rng):
     for cells in ((8, 8), (5, 16), (45, 3)):
         want = cell_sums(img, bad, cells, 0.0)[0]
         np.testing.assert_array_equal(valid_counts(bad, cells)[0], want)
+
+
+def test_a_fit_keeps_no_view_of_its_cell_sums(rng):
+    # The model's counts and weights are kept (in every record of a fit's history):
+    # a view of the sums would keep all their layers alive with it.
+    img = rng.normal(size=(96, 128)).astype(np.float32)
+    res = ThinPlateSmoother().fit(img)
+    for name in ("cell_pixels", "cell_weights", "cell_values", "grid"):
+        value = getattr(res, name)
+        if value is not None:
+            assert value.base is None or value.base.size == value.size, name
+    counts = cell_sums(img, np.zeros(img.shape, bool), res.cell_size, 0.0)[0]
+    np.testing.assert_array_equal(res.cell_pixels, counts)
