@@ -136,6 +136,14 @@ def key_grid(arr) -> np.ndarray:
     return out
 
 
+def _for_maps(model):
+    """``model`` as the tiles' map tasks read it (``maps_only``: without the per-cell data
+    of a thin-plate model, most of its bytes, which would ride in every graph that maps
+    it and stay in the scheduler with the tasks)."""
+    slim = getattr(model, "maps_only", None)
+    return model if slim is None else slim()
+
+
 def _round_up(value: int, unit: int) -> int:
     return -(-value // unit) * unit
 
@@ -794,6 +802,7 @@ class DaskBackend:
         native = _native_background(model)
         if native is not None:
             return native
+        model = _for_maps(model)
         bkg = da.map_blocks(
             _tile_model_map, dtype=self.dtype, chunks=self.chunks, model=model, which="background"
         )
@@ -846,8 +855,9 @@ class DaskBackend:
     def noise_map(self, model):
         import dask
 
+        slim = _for_maps(model)
         counts = self._compute_list(
-            [dask.delayed(_strip_positive)(model, rows) for rows in self.strips]
+            [dask.delayed(_strip_positive)(slim, rows) for rows in self.strips]
         )
         total = int(sum(counts))
         if total == 0:
@@ -856,7 +866,7 @@ class DaskBackend:
         first = np.concatenate([[0], np.cumsum(counts)[:-1]])
         samples = self._compute_list(
             [
-                dask.delayed(_strip_positive)(model, rows, int(-f % step), step)
+                dask.delayed(_strip_positive)(slim, rows, int(-f % step), step)
                 for rows, f in zip(self.strips, first, strict=True)
             ]
         )
@@ -871,7 +881,8 @@ class DaskBackend:
             arrays.append(old)
             previous = None
         total, n = self.per_tile_sums(
-            _tile_change, arrays, width=2, new=model, old=previous, noise=noise,
+            _tile_change, arrays, width=2, new=_for_maps(model),
+            old=None if previous is None else _for_maps(previous), noise=noise,
             window_of=noise_model.window,
         )  # fmt: skip
         return float(np.sqrt(total / n)) if n else 0.0
@@ -906,7 +917,11 @@ class DaskBackend:
         import dask.array as da
 
         return da.map_blocks(
-            _tile_model_map, dtype=self.dtype, chunks=self.chunks, model=model, which="rms"
+            _tile_model_map,
+            dtype=self.dtype,
+            chunks=self.chunks,
+            model=_for_maps(model),
+            which="rms",
         )
 
     # -- primitives
