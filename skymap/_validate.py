@@ -147,6 +147,20 @@ def check_positive(name: str, value: Any, *, allow_zero: bool = False, allow_non
     return value
 
 
+def check_bool(name: str, value: Any):
+    """Raise ValueError naming ``name`` unless ``value`` is True or False (a truthy
+    string or number would otherwise pass silently as a switch).
+
+    Examples
+    --------
+    >>> check_bool("halos", True)
+    True
+    """
+    if not isinstance(value, bool):
+        raise ValueError(f"{name} must be True or False, got {value!r}")
+    return value
+
+
 def check_range(name: str, value: Any, lo: float, hi: float):
     """Raise ValueError naming ``name`` unless ``lo <= value <= hi``."""
     try:

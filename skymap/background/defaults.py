@@ -13,7 +13,7 @@ from __future__ import annotations
 import inspect
 from typing import Any
 
-from skymap._validate import as_image, as_mask
+from skymap._validate import as_image, as_mask, check_bool
 from skymap.background.pipeline import BackgroundResult, IterativeBackground, Stage
 from skymap.background.smooth import ThinPlateSmoother
 from skymap.masking.bright import HaloMasker
@@ -180,10 +180,9 @@ def default_pipeline(
         img = as_image(image)
         as_mask(mask, img.shape)
     # the pipeline checks its own switches (blank_fills, blank_frame); these two only
-    # choose its parts here, where a truthy string would pass silently
-    for name, value in (("halos", halos), ("wings", wings)):
-        if not isinstance(value, bool):
-            raise ValueError(f"{name} must be True or False, got {value!r}")
+    # choose its parts here
+    check_bool("halos", halos)
+    check_bool("wings", wings)
     high, low = float(high), float(low)
     scales = (1.0, 2.0, 4.0, 8.0)
     smoother_options = {"cell_size": cell_size, "gcv_inflation": gcv_inflation}

@@ -36,7 +36,7 @@ import numpy as np
 
 from skymap._inputs import blank_fill, edge_fill_values, read_image, valid_frame
 from skymap._util import check_int
-from skymap._validate import check_positive, check_range
+from skymap._validate import check_bool, check_positive, check_range
 from skymap.backends.base import (
     CHANGE_STEP,
     ArrayBackend,
@@ -352,8 +352,7 @@ class IterativeBackground:
         if not (isinstance(self.max_source_size, str) and self.max_source_size == "auto"):
             _resolve_size(self.max_source_size)  # raises, naming max_source_size
         for name in ("refit_settled", "blank_fills", "blank_frame"):
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
+            check_bool(name, getattr(self, name))
         if self.halos is not None and not callable(self.halos):
             raise ValueError(f"halos must be None or a Masker (callable), got {self.halos!r}")
 
@@ -496,8 +495,7 @@ class IterativeBackground:
         tracked = False
         for k, stage in enumerate(self.stages):
             converged = False
-            # A full masking stage: any after the first pass, or the only one.
-            full = k > 0 or k == last
+            full = self._full(k)
             cap = self.max_iter if stage.max_iter is None else stage.max_iter
             it = done = 0
             raised = False  # whether the last iteration raised the smoothing floor
@@ -760,9 +758,8 @@ class IterativeBackground:
         for st in self.stages:
             pieces += [st.masker, st.estimator]
         # the maskers as the tracking test may extend them
-        last = len(self.stages) - 1
         pieces += [
-            self._masker(st.masker, True) for k, st in enumerate(self.stages) if k > 0 or k == last
+            self._masker(st.masker, True) for k, st in enumerate(self.stages) if self._full(k)
         ]
         for piece in pieces:
             if isinstance(piece, Tileable):
@@ -799,6 +796,12 @@ class IterativeBackground:
         if not stiff or inflation is None or target is None or inflation >= target:
             return estimator
         return replace(estimator, gcv_inflation=target)
+
+    def _full(self, k: int) -> bool:
+        """Whether stage ``k`` is a full masking stage: any after the first pass, or
+        the only one. Its floor raises do not count towards its cap, and its masker
+        gets ``tracking_scale`` once the fit is found following source light."""
+        return k > 0 or k == len(self.stages) - 1
 
     def _masker(self, masker, coarser: bool):
         """``masker``, with a scale ``tracking_scale`` times its largest added when

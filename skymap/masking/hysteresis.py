@@ -235,6 +235,20 @@ def _excess_of(parts, white: float) -> float:
     return MAD_TO_STD * mad / math.sqrt(2.0) / white
 
 
+def residual_rms(residual: np.ndarray, excluded: np.ndarray) -> float:
+    """The rms a masker assumes when it is given none: the MAD-based sigma of the
+    ``residual`` pixels not ``excluded`` (1.0 when there are none).
+
+    Examples
+    --------
+    >>> r = np.random.default_rng(0).normal(0, 2, (100, 100))
+    >>> round(residual_rms(r, np.zeros(r.shape, bool)), 1)
+    2.0
+    """
+    v = residual[~excluded]
+    return MAD_TO_STD * float(np.median(np.abs(v - np.median(v)))) if v.size else 1.0
+
+
 def noise_excess(snr, excluded, lag: int, step: int = 1, white: float = 1.0) -> float:
     """Scatter of the signal-to-noise map ``snr`` over ``white`` (its scatter for white
     noise of the stated rms), from the MAD of the differences of pixels not
@@ -466,8 +480,7 @@ class HysteresisMasker:
         # given OR non-finite, and how many non-finite pixels are not given: one pass
         outside = _k.nonfinite_or(res, given, excluded) > 0
         if rms is None:
-            v = res[~excluded]
-            rms = MAD_TO_STD * float(np.median(np.abs(v - np.median(v)))) if v.size else 1.0
+            rms = residual_rms(res, excluded)
         if isinstance(rms, CoarseRMS):
             if rms.shape != res.shape:
                 raise ValueError(

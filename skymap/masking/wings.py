@@ -38,11 +38,16 @@ from typing import Any
 import numpy as np
 import scipy.ndimage as ndi
 
-from skymap._util import MAD_TO_STD
 from skymap._validate import as_image, as_mask, check_positive
 from skymap.backends.base import block_sums
 from skymap.masking import _hysteresis_kernels as _hk
-from skymap.masking.hysteresis import CoarseRMS, HysteresisMasker, noise_excess, noise_grid
+from skymap.masking.hysteresis import (
+    CoarseRMS,
+    HysteresisMasker,
+    noise_excess,
+    noise_grid,
+    residual_rms,
+)
 
 __all__ = ["WingMasker", "wing_reach", "wing_step", "wing_sums"]
 
@@ -269,8 +274,7 @@ class WingMasker(HysteresisMasker):
         b = self.wing_block(res.shape)
         sums = wing_sums(res, excluded, bad, b)
         if rms is None:
-            v = res[~excluded]
-            rms = MAD_TO_STD * float(np.median(np.abs(v - np.median(v)))) if v.size else 1.0
+            rms = residual_rms(res, excluded)
         det = self._step(sums, rms, res.shape)
         return _hk.expand_mask_into(det, b, excluded)
 
