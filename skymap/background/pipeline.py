@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 
 from skymap._inputs import blank_fill, edge_fill_values, read_image, valid_frame
-from skymap._util import check_int
+from skymap._util import check_int, pow2_at_most
 from skymap._validate import check_bool, check_positive, check_range
 from skymap.backends.base import (
     CHANGE_STEP,
@@ -59,6 +59,7 @@ from skymap.background.tracking import source_tracking
 from skymap.masking.bright import HaloMasker
 from skymap.masking.halo_tiles import find_tiled
 from skymap.masking.maskers import Masker
+from skymap.masking.wings import PEDESTAL_BLOCK, residual_sums, wing_pedestal
 
 __all__ = [
     "BackgroundEstimator",
@@ -278,6 +279,17 @@ class IterativeBackground:
         where; the history is in that frame). Off by default: on the MIPS frame,
         whose fill is a border, the halo masker's result swings with the grid's
         offset (``benchmarks/README.md``, fifth wave).
+    wing_pedestal : bool
+        Lower the final background by the pedestal of source light it took in: the
+        level below it of the free pixels beyond the distance out to which the stacked
+        profile of the residual around the detections still falls
+        (:func:`~skymap.masking.wings.wing_pedestal`; one number for the frame, 0
+        where no profile falls; :attr:`BackgroundResult.pedestal`). Source light
+        falls off with distance from its source, sky does not know where the sources
+        are: the free pixels near the detections hold the wings of detected sources
+        and the light of undetected ones, which a fit through all the free pixels
+        follows. On deep and crowded fields this is most of the error that masking
+        leaves (``benchmarks/README.md``, ninth wave).
 
     Examples
     --------
@@ -313,6 +325,7 @@ class IterativeBackground:
     refit_settled: bool = False
     blank_fills: bool = False
     blank_frame: bool = False
+    wing_pedestal: bool = False
 
     def __post_init__(self):
         if not callable(getattr(self.first_guess, "fit", None)):
@@ -351,7 +364,7 @@ class IterativeBackground:
         _check_factor("tracking_scale", self.tracking_scale)
         if not (isinstance(self.max_source_size, str) and self.max_source_size == "auto"):
             _resolve_size(self.max_source_size)  # raises, naming max_source_size
-        for name in ("refit_settled", "blank_fills", "blank_frame"):
+        for name in ("refit_settled", "blank_fills", "blank_frame", "wing_pedestal"):
             check_bool(name, getattr(self, name))
         if self.halos is not None and not callable(self.halos):
             raise ValueError(f"halos must be None or a Masker (callable), got {self.halos!r}")
@@ -657,12 +670,17 @@ class IterativeBackground:
                     floor=floor,
                 )  # fmt: skip
             )
+        reuse = getattr(model, "new_maps", False)
+        pedestal = self._pedestal(be, bkg, current) if self.wing_pedestal else 0.0
+        if pedestal > 0:
+            bkg = bkg - np.asarray(pedestal, dtype=bkg.dtype)
+            reuse = True
         lazy_rms = be.result_rms(model)
         if not converged:
             warnings.warn(note, ConvergenceWarning, stacklevel=2)
         return BackgroundResult(
             # A map made for this call alone becomes the result (memory).
-            background=be.result(norm.undo(bkg, reuse=getattr(model, "new_maps", False))),
+            background=be.result(norm.undo(bkg, reuse=reuse)),
             mask=be.result(current),
             bad_mask=be.result(be.given_bad),
             history=tuple(history),
@@ -675,6 +693,7 @@ class IterativeBackground:
             inputs=None if inputs is None else replace(inputs, data=None, mask=None),
             convergence_note=note,
             max_source_size=size,
+            pedestal=pedestal * norm.scale,
         )
 
     def source_size(self, backend: ArrayBackend) -> float | None:
@@ -715,6 +734,7 @@ class IterativeBackground:
             convergence_note=sub.convergence_note,
             max_source_size=sub.max_source_size,
             frame=frame,
+            pedestal=sub.pedestal,
         )
 
     def backend_for(
@@ -761,6 +781,9 @@ class IterativeBackground:
         pieces += [
             self._masker(st.masker, True) for k, st in enumerate(self.stages) if self._full(k)
         ]
+        if self.wing_pedestal:
+            b = pow2_at_most(PEDESTAL_BLOCK, *shape)
+            units = (math.lcm(units[0], b), math.lcm(units[1], b))
         for piece in pieces:
             if isinstance(piece, Tileable):
                 units = tuple(map(math.lcm, units, piece.tile_unit(shape)))
@@ -796,6 +819,19 @@ class IterativeBackground:
         if not stiff or inflation is None or target is None or inflation >= target:
             return estimator
         return replace(estimator, gcv_inflation=target)
+
+    def _pedestal(self, be: ArrayBackend, bkg: Any, current: Any) -> float:
+        """The final background's :func:`~skymap.masking.wings.wing_pedestal` (in the
+        normalised units), from the block sums of its residual with the final mask
+        ``current`` excluded (per tile on a tiled back end: the tiles align to the
+        block, :meth:`tile_unit`)."""
+        b = pow2_at_most(PEDESTAL_BLOCK, *be.shape)
+        # the halo masker's sources are in ``bad`` for the loop, but are detections here
+        arrays = [be.image, bkg, current, be.given_bad]
+        sums = be.cell_grid(residual_sums, arrays, (b, b), 3, b=b)
+        pedestal = wing_pedestal(np.asarray(sums), be.shape, b=b)
+        log.debug("wing pedestal %.4g (normalised units)", pedestal)
+        return pedestal
 
     def _full(self, k: int) -> bool:
         """Whether stage ``k`` is a full masking stage: any after the first pass, or

@@ -165,6 +165,10 @@ class BackgroundResult:
         (``IterativeBackground.blank_frame``): ``history``, ``model`` and the records'
         maps are in that frame, ``background`` and ``rms`` are padded out from its
         edges. None: the whole image.
+    pedestal : float
+        In the image's units, what ``background`` was lowered by below the final
+        model's map (``IterativeBackground.wing_pedestal``; 0 when off or when no
+        profile fell): ``model`` and the records' maps do not include it.
     """
 
     background: np.ndarray
@@ -187,6 +191,7 @@ class BackgroundResult:
     convergence_note: str = ""
     max_source_size: float | None = None
     frame: tuple | None = None
+    pedestal: float = 0.0
 
     @cached_property
     def rms(self) -> np.ndarray:

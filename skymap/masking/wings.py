@@ -49,7 +49,15 @@ from skymap.masking.hysteresis import (
     residual_rms,
 )
 
-__all__ = ["WingMasker", "wing_reach", "wing_step", "wing_sums"]
+__all__ = [
+    "PEDESTAL_BLOCK",
+    "WingMasker",
+    "residual_sums",
+    "wing_pedestal",
+    "wing_reach",
+    "wing_step",
+    "wing_sums",
+]
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +66,9 @@ log = logging.getLogger(__name__)
 FALL_SIGMA = 3.0
 #: Fewest unmasked blocks beyond a ring for the comparison to be made.
 MIN_OUTER = 32
+#: Block (pixels) by which :func:`wing_pedestal`'s caller bins the residual: that of
+#: :class:`WingMasker`'s default ``wing_scale``.
+PEDESTAL_BLOCK = 4
 
 
 def wing_sums(values, excluded, bad, b: int, origin=(0, 0)) -> np.ndarray:
@@ -78,6 +89,21 @@ def wing_sums(values, excluded, bad, b: int, origin=(0, 0)) -> np.ndarray:
     flags = np.asarray(bad, bool).astype(np.float64)
     bad_count = block_sums(flags, np.zeros(flags.shape, bool), b)[:1]
     return np.concatenate([sums, bad_count])
+
+
+def residual_sums(image, background, excluded, bad, b: int, origin=(0, 0)) -> np.ndarray:
+    """:func:`wing_sums` of ``image - background`` (per tile, the signature of a back
+    end's ``cell_grid`` functions).
+
+    Examples
+    --------
+    >>> img = np.full((4, 4), 3.0); ex = np.zeros((4, 4), bool)
+    >>> residual_sums(img, np.ones((4, 4)), ex, ex, 4)[:, 0, 0]
+    array([32., 16.,  0.])
+    """
+    with np.errstate(invalid="ignore"):  # bad pixels (excluded) may be non-finite
+        res = np.subtract(image, background, dtype=np.float64)
+    return wing_sums(res, excluded, bad, b, origin)
 
 
 def _areas(shape, b: int) -> np.ndarray:
@@ -164,10 +190,8 @@ def wing_step(sums, noise, shape, *, b: int, scale: float, threshold: float) -> 
     far apart to correlate), within the :func:`wing_reach` of the detections, and
     connected to one.
     """
-    num, cnt, nbad = sums
-    area = _areas(shape, b)
-    seeds = (cnt <= 0.5 * area) & (nbad < 0.5 * area)
-    free = (cnt > 0) & ~seeds
+    num, cnt, _ = sums
+    seeds, free = _seeds_free(sums, shape, b)
     if not seeds.any() or not free.any():
         return np.zeros(num.shape, bool)
     sigma = _block_noise(noise, shape, b)
@@ -180,10 +204,7 @@ def wing_step(sums, noise, shape, *, b: int, scale: float, threshold: float) -> 
     snr[~free] = np.nan
     # the scatter of the block snr over white noise's, at least 1
     excess = max(1.0, noise_excess(snr, ~np.isfinite(snr), math.ceil(3.0 * scale / b)))
-    dist = b * ndi.distance_transform_edt(~seeds)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        mean = num / cnt
-    reach = wing_reach(mean[free], cnt[free], dist[free], float(b))
+    dist, mean, reach = _profile(sums, seeds, free, b)
     log.debug("wings: smoothed-noise excess %.3f, profile falls out to %g px", excess, reach)
     if reach <= 0:
         return np.zeros(num.shape, bool)
@@ -193,6 +214,72 @@ def wing_step(sums, noise, shape, *, b: int, scale: float, threshold: float) -> 
     grown = _connected(near & above, seeds)
     log.debug("wings: %d blocks grown", int(grown.sum()))
     return grown
+
+
+def _seeds_free(sums, shape, b: int):
+    """The detections (blocks mostly excluded, not by bad pixels) and the free blocks
+    (some pixel not excluded, not a detection) of :func:`wing_sums`."""
+    _, cnt, nbad = sums
+    area = _areas(shape, b)
+    seeds = (cnt <= 0.5 * area) & (nbad < 0.5 * area)
+    return seeds, (cnt > 0) & ~seeds
+
+
+def _profile(sums, seeds, free, b: int):
+    """The blocks' distance (pixels) from the nearest detection, their mean, and the
+    :func:`wing_reach` of the free blocks' stacked profile."""
+    num, cnt, _ = sums
+    dist = b * ndi.distance_transform_edt(~seeds)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean = num / cnt
+    return dist, mean, wing_reach(mean[free], cnt[free], dist[free], float(b))
+
+
+def wing_pedestal(sums, shape, *, b: int) -> float:
+    """How far a background sits above the sky that the free pixels beyond the wings'
+    reach show, from the :func:`wing_sums` of its residual with the final mask
+    excluded (0 when the profile does not fall, or that sky is not below it).
+
+    Source light falls off with distance from its source and sky does not know where
+    the sources are, so beyond the distance out to which the stacked ring profile of
+    the free blocks still falls (:func:`wing_reach`), the free pixels hold sky alone.
+    A fit through all the free pixels takes in the wings nearer the detections (and
+    the sources too faint to detect, that crowd around them): its residual beyond the
+    reach is negative by that pedestal. The profile is the whole frame's, so the
+    pedestal is one number for the frame, and sky structure that no profile ties to
+    the detections (a broad bump, a gradient) moves it no more than it moves the
+    free pixels' mean level beyond the reach. It only ever lowers the fit: source
+    light left unmasked only ever raises it.
+
+    Examples
+    --------
+    Exponential wings around point sources on a flat sky of 0, the residual of a fit
+    that took in 0.2 of their light: the pedestal brings it back.
+
+    >>> rng = np.random.default_rng(1)
+    >>> yy, xx = np.mgrid[:512, :512]
+    >>> light = np.zeros((512, 512)); mask = np.zeros((512, 512), bool)
+    >>> for y, x in rng.uniform(20, 492, (40, 2)):
+    ...     r = np.hypot(yy - y, xx - x)
+    ...     light += 3.0 * np.exp(-r / 5.0); mask |= r < 6
+    >>> res = light - 0.2 + rng.normal(0, 0.3, light.shape)
+    >>> ped = wing_pedestal(wing_sums(res, mask, np.zeros_like(mask), 4), res.shape, b=4)
+    >>> bool(0.15 < ped < 0.25)
+    True
+    """
+    seeds, free = _seeds_free(sums, shape, b)
+    if not seeds.any() or not free.any():
+        return 0.0
+    dist, _, reach = _profile(sums, seeds, free, b)
+    if reach <= 0:
+        return 0.0
+    # the rings wing_reach compared the last falling one with: at least MIN_OUTER
+    # blocks lie there
+    sky = free & (dist >= reach)
+    num, cnt, _ = sums
+    level = float(num[sky].sum() / cnt[sky].sum())
+    log.debug("wing pedestal: profile falls out to %g px, sky beyond it at %.4g", reach, level)
+    return max(0.0, -level)
 
 
 def _connected(grow: np.ndarray, seeds: np.ndarray) -> np.ndarray:
