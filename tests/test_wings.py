@@ -5,10 +5,18 @@ import dask
 import dask.array as da
 import numpy as np
 import pytest
+import scipy.ndimage as ndi
 
 import skymap
 from skymap.masking.hysteresis import HysteresisMasker
-from skymap.masking.wings import FALL_SIGMA, MIN_OUTER, WingMasker, wing_reach, wing_sums
+from skymap.masking.wings import (
+    FALL_SIGMA,
+    MIN_OUTER,
+    WingMasker,
+    wing_pedestal,
+    wing_reach,
+    wing_sums,
+)
 
 N = 256
 YY, XX = np.mgrid[:N, :N].astype(float)
@@ -87,7 +95,7 @@ def test_wing_masker_checks_its_options():
         WingMasker(wing_threshold=0.0)
     with pytest.raises(ValueError, match="wing_scale"):
         WingMasker(wing_scale=-1.0)
-    for name in ("wings", "halos"):
+    for name in ("wings", "halos", "wing_pedestal"):
         with pytest.raises(ValueError, match=f"{name} must be True or False"):
             skymap.fit(np.zeros((64, 64)), **{name: "yes"})
 
@@ -135,3 +143,39 @@ def test_a_tiled_fit_with_wings_equals_the_in_memory_one():
     assert max(h.stage for h in ref.history[:-1]) == 2
     assert np.array_equal(mask, ref.mask)
     np.testing.assert_allclose(bkg, ref.background, rtol=0, atol=1e-6 * float(ref.noise))
+
+
+def test_the_wing_pedestal_brings_a_deep_fields_fit_down_towards_its_sky():
+    # the true sky is 0; without the pedestal the fit takes in the unmasked wings
+    img = _deep_field()
+    fit, plain = skymap.fit(img), skymap.fit(img, wing_pedestal=False)
+    assert fit.pedestal > 0.01 * float(fit.noise)
+    np.testing.assert_allclose(fit.background, plain.background - fit.pedestal, atol=1e-6)
+    assert 0 < np.mean(fit.background) < np.mean(plain.background)
+
+
+def test_the_wing_pedestal_is_the_sky_level_beyond_the_reach():
+    # a residual whose sky beyond the wings sits at -0.3: exponential wings around
+    # detections (the mask), white noise; against the mean taken directly
+    rng = np.random.default_rng(7)
+    light, mask = np.zeros((N, N)), np.zeros((N, N), bool)
+    for y, x in rng.uniform(10, N - 10, (30, 2)):
+        r = np.hypot(YY - y, XX - x)
+        light += 4.0 * np.exp(-r / 4.0)
+        mask |= r < 5
+    res = light - 0.3 + rng.normal(0, 0.5, light.shape)
+    sums = wing_sums(res, mask, np.zeros_like(mask), 4)
+    num, cnt, _ = sums
+    seeds = cnt <= 8
+    dist = 4 * ndi.distance_transform_edt(~seeds)
+    free = (cnt > 0) & ~seeds
+    reach = wing_reach(num[free] / cnt[free], cnt[free], dist[free], 4.0)
+    assert reach > 0
+    beyond = free & (dist >= reach)
+    assert wing_pedestal(sums, res.shape, b=4) == pytest.approx(-num[beyond].sum() / cnt[beyond].sum())
+    assert wing_pedestal(sums, res.shape, b=4) == pytest.approx(0.3, abs=0.05)
+    # a sky above the fit is not lowered, and flat noise has no profile
+    up = wing_sums(res + 1.0, mask, np.zeros_like(mask), 4)
+    assert wing_pedestal(up, res.shape, b=4) == 0.0
+    flat = wing_sums(rng.normal(size=(N, N)), mask, np.zeros_like(mask), 4)
+    assert wing_pedestal(flat, res.shape, b=4) == 0.0
