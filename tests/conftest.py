@@ -37,33 +37,47 @@ def rng() -> np.random.Generator:
     return np.random.default_rng(12345)
 
 
-class _SlowThenFast:
-    """Rows masked from the top: 12 more at the first call, 2 more at the next two
-    (still growing while the background nearly settles), then 12 more at every call."""
+class _RowSteps:
+    """Rows masked from the top, ``steps[i]`` more at the i-th call (the last step
+    repeats): a mask that grows by a set schedule whatever the residual."""
 
-    def __init__(self):
-        self.rows = self.calls = 0
+    def __init__(self, steps):
+        self.steps, self.rows, self.calls = tuple(steps), 0, 0
 
     def __call__(self, residual, rms, mask):
+        self.rows += self.steps[min(self.calls, len(self.steps) - 1)]
         self.calls += 1
-        self.rows += 2 if self.calls in (2, 3) else 12
         out = np.zeros(residual.shape, bool)
         out[: self.rows] = True
         return out
 
 
-@pytest.fixture
-def slow_then_fast():
-    """(a factory of one-stage pipelines whose masker runs away only after it has grown
-    for a while, a 160^2 float32 image of a curved sky): a runaway caught late."""
+def _row_steps_case(steps):
+    """(a factory of one-stage pipelines whose masker grows by ``steps`` rows, a 160^2
+    float32 image of a curved sky)."""
     from skymap.background.pipeline import IterativeBackground, Stage
     from skymap.background.smooth import ThinPlateSmoother
 
     def make_pipeline():
         smoother = ThinPlateSmoother(smoothing=1e6, cell_size=8)
-        stages = (Stage(masker=_SlowThenFast(), estimator=smoother),)
+        stages = (Stage(masker=_RowSteps(steps), estimator=smoother),)
         return IterativeBackground(first_guess=smoother, stages=stages, max_iter=8)
 
     rng = np.random.default_rng(3)
     sky = np.add.outer(0.05 * (np.arange(160.0) - 80) ** 2 / 80.0, np.zeros(160))
     return make_pipeline, (sky + rng.normal(size=sky.shape)).astype(np.float32)
+
+
+@pytest.fixture
+def slow_then_fast():
+    """A masker that runs away only after it has grown for a while (12 rows, then 2
+    and 2 while the background nearly settles, then 12 at every call): a runaway caught
+    late."""
+    return _row_steps_case((12, 2, 2, 12))
+
+
+@pytest.fixture
+def converging_then_runaway():
+    """A masker whose growth shrinks (12, 6, 2, 1 rows) before it runs away (10, 8,
+    then 12 at every call): the back-off stops where the stage was still converging."""
+    return _row_steps_case((12, 6, 2, 1, 10, 8, 12))

@@ -259,6 +259,20 @@ def test_a_runaway_backs_off_to_where_the_growth_began_not_where_it_was_caught(
     assert not res.mask.any()
 
 
+def test_a_back_off_stops_where_the_stage_was_still_converging(converging_then_runaway):
+    # Growth 12, 6, 2, 1 rows, then 10: the run is caught at the 5th iteration (2, 1,
+    # 10 rows with the background moving), and the walk back from before it stops at
+    # the 2nd, whose growth (6) was below the 1st's (12): the stage was converging
+    # there. The stage's start would throw its deepening away with the run.
+    make_pipeline, img = converging_then_runaway
+    res = make_pipeline().fit(img)
+    assert res.convergence_note.startswith("converged by backing off a runaway")
+    kept = [r for r in res.history if r.stage == 0][1]
+    assert kept.iteration == 1
+    np.testing.assert_array_equal(res.mask, kept.mask)
+    assert res.mask[:18].all() and not res.mask[18:].any()
+
+
 @pytest.mark.parametrize("name", ["spitzer_cutout.fits", "m6707hh_cutout.fits"])
 def test_real_cutouts_converge_with_a_sane_mask(data_dir, name):
     img = fits.getdata(data_dir / name).astype(np.float32)

@@ -6,12 +6,13 @@ changed little (:func:`settled`). A *runaway* is a mask that keeps growing while
 background keeps moving: sky structure the fit cannot follow is masked, the fit then
 follows it even less, and more of it is masked. :func:`runaway` detects it after
 :data:`RUNAWAY_RUN` such iterations in a row; the pipeline then backs off to the state
-before the growth began (:func:`run_start`), the last in which mask and background
-agreed, and stops there. A stage whose settled mask leaves a background change that no
-longer shrinks, inside the fit's statistical error, has *stalled* (:func:`stalled`) and
-stops too, as does one whose background has settled while its mask still creeps
-(:func:`creeping`). A fit that stops at its iteration cap without settling emits a
-:class:`ConvergenceWarning` whose message is ``BackgroundResult.convergence_note``.
+before the growth began, or where the stage was still converging (:func:`run_start`),
+the last in which mask and background agreed, and stops there. A stage whose settled
+mask leaves a background change that no longer shrinks, inside the fit's statistical
+error, has *stalled* (:func:`stalled`) and stops too, as does one whose background has
+settled while its mask still creeps (:func:`creeping`). A fit that stops at its
+iteration cap without settling emits a :class:`ConvergenceWarning` whose message is
+``BackgroundResult.convergence_note``.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ __all__ = [
     "note_creeping",
     "note_stopped",
     "note_stalled",
+    "lands",
     "run_start",
     "runaway",
     "settled",
@@ -175,10 +177,37 @@ def starts_run(pipe: Any, rec: Any, previous: Any) -> bool:
     return not _one_floor((previous, rec))
 
 
+def lands(pipe: Any, rec: Any, previous: Any) -> bool:
+    """Whether a back-off that walks back through ``rec`` stops there: ``rec`` started
+    no run (:func:`starts_run`), or it and ``previous`` are iterations of one stage and
+    ``rec`` grew the mask by less than ``previous`` did.
+
+    A runaway feeds itself: its growth keeps pace or quickens. A stage that grew the mask
+    by less than the iteration before was converging into ``rec``, where its own masks and
+    background last agreed; backing off past it would throw the stage's deepening away
+    with the run, which a fit of a nearly equal image that did not run away keeps. The
+    comparison is within the stage: its first iteration's growth is over the previous
+    stage's mask, made by another masker.
+
+    Examples
+    --------
+    >>> from types import SimpleNamespace as R
+    >>> pipe = R(mask_tol=0.005)
+    >>> a, b, c = (R(mask_growth=g, min_scale=8.0, stage=1) for g in (0.09, 0.04, 0.05))
+    >>> lands(pipe, b, a), lands(pipe, c, b), lands(pipe, b, R(stage=0, mask_growth=0.2,
+    ...     min_scale=8.0))
+    (True, False, False)
+    """
+    if starts_run(pipe, rec, previous):
+        return True
+    return rec.stage == previous.stage and rec.mask_growth < previous.mask_growth
+
+
 def run_start(pipe: Any, records: Sequence[Any]) -> int:
     """Index in ``records`` (the state a stage started from, then its records) of the
     state a runaway found by :func:`runaway` backs off to: the last one before the
-    unbroken growth that ended in it (:func:`starts_run`), at most the stage's start.
+    last :data:`RUNAWAY_RUN` iterations at which a walk back through the growth stops
+    (:func:`lands`), at most the stage's start.
 
     Backing off to the state just before the last :data:`RUNAWAY_RUN` iterations
     would land wherever the run happened to be caught, and two fits of nearly the same
@@ -189,13 +218,18 @@ def run_start(pipe: Any, records: Sequence[Any]) -> int:
     --------
     >>> from types import SimpleNamespace as R
     >>> pipe = R(mask_tol=0.005)
-    >>> recs = [R(mask_growth=g, min_scale=8.0) for g in (0.0, 0.1, 0.08, 0.06, 0.05)]
-    >>> run_start(pipe, recs), run_start(pipe, [recs[0], R(mask_growth=-0.01,
-    ...     min_scale=8.0), *recs[2:]])
-    (0, 1)
+    >>> def recs(*growths):
+    ...     return [R(mask_growth=g, min_scale=8.0, stage=0 if i else -1)
+    ...             for i, g in enumerate(growths)]
+    >>> run_start(pipe, recs(0.0, 0.1, 0.1, 0.1, 0.1))  # unbroken growth: the start
+    0
+    >>> run_start(pipe, recs(0.0, -0.01, 0.08, 0.06, 0.05))  # the mask shrank at 1
+    1
+    >>> run_start(pipe, recs(0.0, 0.09, 0.04, 0.012, 0.008, 0.019))  # converging into 2
+    2
     """
     j = len(records) - RUNAWAY_RUN - 1
-    while j > 0 and not starts_run(pipe, records[j], records[j - 1]):
+    while j > 0 and not lands(pipe, records[j], records[j - 1]):
         j -= 1
     return max(j, 0)
 

@@ -457,20 +457,23 @@ class IterativeBackground:
         noise_model = NoiseModel.for_maskers(st.masker for st in self.stages)
         history: list[IterationRecord] = []
         # A tiled fit's history keeps no masks: the last two recorded ones (a limit
-        # cycle keeps what both hold) and that of the state a runaway would back off
-        # to (the last that started a run: _conv.run_start) are kept here.
+        # cycle keeps what both hold) and those of the states a runaway could back off
+        # to (by history index: the last before the final RUNAWAY_RUN records at which
+        # _conv.run_start's walk stops, and any within them) are kept here.
         masks = collections.deque(maxlen=2)
-        anchor = None
+        landings: dict[int, Any] = {}
 
         def keep(record: IterationRecord, mask=None) -> IterationRecord:
             """Append ``record`` (and, on tiles, the ``mask`` it was made with)."""
-            nonlocal anchor
             previous = history[-1] if history else None
             history.append(record)
             if be.tiled and mask is not None:
                 masks.append(mask)
-                if previous is None or _conv.starts_run(self, record, previous):
-                    anchor = mask
+                if previous is None or _conv.lands(self, record, previous):
+                    landings[len(history) - 1] = mask
+                before = [i for i in landings if i < len(history) - _conv.RUNAWAY_RUN]
+                for i in before[:-1]:  # a later landing before the run supersedes it
+                    del landings[i]
             if callback is not None:
                 callback(record)
             return record
@@ -513,8 +516,9 @@ class IterativeBackground:
             it = done = 0
             raised = False  # whether the last iteration raised the smoothing floor
             start = len(history)
-            if be.tiled:
-                anchor = current  # the state the stage starts from
+            if be.tiled:  # a back-off goes no further than the state the stage starts from
+                landings.clear()
+                landings[start - 1] = current
             while done < cap:
                 # Only the residual is kept through the masking (memory): the previous
                 # background is rebuilt from its model for the change, and the previous
@@ -637,7 +641,7 @@ class IterativeBackground:
                     j = _conv.run_start(self, run)
                     back = run[j]
                     note = _conv.note_backed_off(k, run[j + 1 :], back)
-                    current = anchor if be.tiled else be.result(back.mask)
+                    current = landings[start - 1 + j] if be.tiled else be.result(back.mask)
                     del bkg
                     previous, model, floor = model, back.model, back.min_scale
                     bkg, noise = restate(model, previous, current, k, it, rec, floor)
