@@ -172,7 +172,9 @@ def test_the_wing_pedestal_is_the_sky_level_beyond_the_reach():
     reach = wing_reach(num[free] / cnt[free], cnt[free], dist[free], 4.0)
     assert reach > 0
     beyond = free & (dist >= reach)
-    assert wing_pedestal(sums, res.shape, b=4) == pytest.approx(-num[beyond].sum() / cnt[beyond].sum())
+    assert wing_pedestal(sums, res.shape, b=4) == pytest.approx(
+        -num[beyond].sum() / cnt[beyond].sum()
+    )
     assert wing_pedestal(sums, res.shape, b=4) == pytest.approx(0.3, abs=0.05)
     # a sky above the fit is not lowered, and flat noise has no profile
     up = wing_sums(res + 1.0, mask, np.zeros_like(mask), 4)
