@@ -6,8 +6,8 @@ changed little (:func:`settled`). A *runaway* is a mask that keeps growing while
 background keeps moving: sky structure the fit cannot follow is masked, the fit then
 follows it even less, and more of it is masked. :func:`runaway` detects it after
 :data:`RUNAWAY_RUN` such iterations in a row; the pipeline then backs off to the state
-before the growth began, or where the stage was still converging (:func:`run_start`),
-the last in which mask and background agreed, and stops there. A stage whose settled
+before the growth began, or where the stage's growth turned (:func:`run_start`), the
+last in which mask and background agreed, and stops there. A stage whose settled
 mask leaves a background change that no longer shrinks, inside the fit's statistical
 error, has *stalled* (:func:`stalled`) and stops too, as does one whose background has
 settled while its mask still creeps (:func:`creeping`). A fit that stops at its
@@ -44,13 +44,13 @@ __all__ = [
     "note_creeping",
     "note_stopped",
     "note_stalled",
-    "lands",
     "run_start",
     "runaway",
     "settled",
     "starts_run",
     "stalled",
     "tolerance",
+    "turns",
     "wild_cycle",
 ]
 
@@ -177,42 +177,47 @@ def starts_run(pipe: Any, rec: Any, previous: Any) -> bool:
     return not _one_floor((previous, rec))
 
 
-def lands(pipe: Any, rec: Any, previous: Any) -> bool:
-    """Whether a back-off that walks back through ``rec`` stops there: ``rec`` started
-    no run (:func:`starts_run`), or it and ``previous`` are iterations of one stage and
-    ``rec`` grew the mask by less than ``previous`` did.
+def turns(pipe: Any, before: Any, rec: Any, after: Any) -> bool:
+    """Whether a stage's growth turned at ``rec``: ``before``, ``rec`` and ``after``
+    are iterations of one stage at one smoothing floor, ``rec`` grew the mask by less
+    than ``before`` did, and ``after`` by more than ``mask_tol`` more than ``rec``.
 
-    A runaway feeds itself: its growth keeps pace or quickens. A stage that grew the mask
-    by less than the iteration before was converging into ``rec``, where its own masks and
-    background last agreed; backing off past it would throw the stage's deepening away
-    with the run, which a fit of a nearly equal image that did not run away keeps. The
-    comparison is within the stage: its first iteration's growth is over the previous
-    stage's mask, made by another masker.
+    The stage was converging into ``rec`` and the growth quickened after it: a run
+    that feeds itself began there. A growth that shrinks iteration after iteration
+    while the background keeps moving has no such turn, and neither has a flat one.
 
     Examples
     --------
     >>> from types import SimpleNamespace as R
     >>> pipe = R(mask_tol=0.005)
-    >>> a, b, c = (R(mask_growth=g, min_scale=8.0, stage=1) for g in (0.09, 0.04, 0.05))
-    >>> lands(pipe, b, a), lands(pipe, c, b), lands(pipe, b, R(stage=0, mask_growth=0.2,
-    ...     min_scale=8.0))
-    (True, False, False)
+    >>> def recs(*growths):
+    ...     return [R(mask_growth=g, min_scale=8.0, stage=1) for g in growths]
+    >>> turns(pipe, *recs(0.012, 0.008, 0.019)), turns(pipe, *recs(0.09, 0.05, 0.03))
+    (True, False)
+    >>> turns(pipe, *recs(0.012, 0.008, 0.011))  # quickened by less than mask_tol
+    False
     """
-    if starts_run(pipe, rec, previous):
-        return True
-    return rec.stage == previous.stage and rec.mask_growth < previous.mask_growth
+    one = before.stage == rec.stage == after.stage and _one_floor((before, rec, after))
+    return bool(
+        one
+        and rec.mask_growth < before.mask_growth
+        and after.mask_growth > rec.mask_growth + pipe.mask_tol
+    )
 
 
 def run_start(pipe: Any, records: Sequence[Any]) -> int:
     """Index in ``records`` (the state a stage started from, then its records) of the
     state a runaway found by :func:`runaway` backs off to: the last one before the
-    last :data:`RUNAWAY_RUN` iterations at which a walk back through the growth stops
-    (:func:`lands`), at most the stage's start.
+    unbroken growth that ended in it (:func:`starts_run`), at most the stage's start;
+    or, if the stage's growth turned after that (:func:`turns`), the last turn.
 
     Backing off to the state just before the last :data:`RUNAWAY_RUN` iterations
     would land wherever the run happened to be caught, and two fits of nearly the same
     image, caught one iteration apart, would keep masks that differ by a whole
-    iteration's growth.
+    iteration's growth. A turn is where the growth stopped shrinking and quickened,
+    whenever the run is caught: the stage had been converging into it, and a fit of
+    a nearly equal image that did not run away keeps that deepening, which backing off
+    to the stage's start would throw away with the run.
 
     Examples
     --------
@@ -225,13 +230,19 @@ def run_start(pipe: Any, records: Sequence[Any]) -> int:
     0
     >>> run_start(pipe, recs(0.0, -0.01, 0.08, 0.06, 0.05))  # the mask shrank at 1
     1
-    >>> run_start(pipe, recs(0.0, 0.09, 0.04, 0.012, 0.008, 0.019))  # converging into 2
-    2
+    >>> run_start(pipe, recs(0.0, 0.09, 0.04, 0.012, 0.008, 0.019))  # turned at 4
+    4
+    >>> run_start(pipe, recs(0.0, 0.16, 0.09, 0.05, 0.03, 0.02))  # no turn: the start
+    0
     """
     j = len(records) - RUNAWAY_RUN - 1
-    while j > 0 and not lands(pipe, records[j], records[j - 1]):
+    while j > 0 and not starts_run(pipe, records[j], records[j - 1]):
         j -= 1
-    return max(j, 0)
+    j = max(j, 0)
+    for m in range(len(records) - 2, j, -1):
+        if turns(pipe, *records[m - 1 : m + 2]):
+            return m
+    return j
 
 
 def cycling(pipe: Any, records: Sequence[Any]) -> bool:

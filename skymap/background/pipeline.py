@@ -445,22 +445,21 @@ class IterativeBackground:
         history: list[IterationRecord] = []
         # A tiled fit's history keeps no masks: the last two recorded ones (a limit
         # cycle keeps what both hold) and those of the states a runaway could back off
-        # to (by history index: the last before the final RUNAWAY_RUN records at which
-        # _conv.run_start's walk stops, and any within them) are kept here.
-        masks = collections.deque(maxlen=2)
-        landings: dict[int, Any] = {}
+        # to (_conv.run_start: the last that started a run, the last turn), each with
+        # its index in the history, are kept here.
+        masks: collections.deque = collections.deque(maxlen=2)
+        landings: dict[str, tuple[int, Any]] = {}
 
         def keep(record: IterationRecord, mask=None) -> IterationRecord:
             """Append ``record`` (and, on tiles, the ``mask`` it was made with)."""
             previous = history[-1] if history else None
             history.append(record)
             if be.tiled and mask is not None:
-                masks.append(mask)
-                if previous is None or _conv.lands(self, record, previous):
-                    landings[len(history) - 1] = mask
-                before = [i for i in landings if i < len(history) - _conv.RUNAWAY_RUN]
-                for i in before[:-1]:  # a later landing before the run supersedes it
-                    del landings[i]
+                masks.append((len(history) - 1, mask))
+                if previous is None or _conv.starts_run(self, record, previous):
+                    landings["start"] = masks[-1]
+                if masks[0][0] == len(history) - 2 > 0 and _conv.turns(self, *history[-3:]):
+                    landings["turn"] = masks[0]  # the growth turned at the record before
             if callback is not None:
                 callback(record)
             return record
@@ -505,7 +504,7 @@ class IterativeBackground:
             start = len(history)
             if be.tiled:  # a back-off goes no further than the state the stage starts from
                 landings.clear()
-                landings[start - 1] = current
+                landings["start"] = (start - 1, current)
             while done < cap:
                 # Only the residual is kept through the masking (memory): the previous
                 # background is rebuilt from its model for the change, and the previous
@@ -611,7 +610,7 @@ class IterativeBackground:
                 if _conv.cycling(self, history[start:]):
                     # A limit cycle: the mask flips between two states. Keep what
                     # both masked (what they agree is source) and refit once.
-                    other = masks[-2] if be.tiled else be.result(history[-2].mask)
+                    other = masks[-2][1] if be.tiled else be.result(history[-2].mask)
                     current = current & other
                     del bkg
                     est = self._estimator(stage.estimator, stiff)
@@ -628,7 +627,10 @@ class IterativeBackground:
                     j = _conv.run_start(self, run)
                     back = run[j]
                     note = _conv.note_backed_off(k, run[j + 1 :], back)
-                    current = landings[start - 1 + j] if be.tiled else be.result(back.mask)
+                    if be.tiled:
+                        current = dict(landings.values())[start - 1 + j]
+                    else:
+                        current = be.result(back.mask)
                     del bkg
                     previous, model, floor = model, back.model, back.min_scale
                     bkg, noise = restate(model, previous, current, k, it, rec, floor)
