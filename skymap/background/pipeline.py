@@ -445,21 +445,16 @@ class IterativeBackground:
         history: list[IterationRecord] = []
         # A tiled fit's history keeps no masks: the last two recorded ones (a limit
         # cycle keeps what both hold) and those of the states a runaway could back off
-        # to (_conv.run_start: the last that started a run, the last turn), each with
-        # its index in the history, are kept here.
-        masks: collections.deque = collections.deque(maxlen=2)
-        landings: dict[str, tuple[int, Any]] = {}
+        # to (_conv.Landings) are kept here.
+        masks = collections.deque(maxlen=2)
+        landings = _conv.Landings(self)
 
         def keep(record: IterationRecord, mask=None) -> IterationRecord:
             """Append ``record`` (and, on tiles, the ``mask`` it was made with)."""
-            previous = history[-1] if history else None
             history.append(record)
             if be.tiled and mask is not None:
-                masks.append((len(history) - 1, mask))
-                if previous is None or _conv.starts_run(self, record, previous):
-                    landings["start"] = masks[-1]
-                if masks[0][0] == len(history) - 2 > 0 and _conv.turns(self, *history[-3:]):
-                    landings["turn"] = masks[0]  # the growth turned at the record before
+                masks.append(mask)
+                landings.add(history, mask)
             if callback is not None:
                 callback(record)
             return record
@@ -503,8 +498,7 @@ class IterativeBackground:
             raised = False  # whether the last iteration raised the smoothing floor
             start = len(history)
             if be.tiled:  # a back-off goes no further than the state the stage starts from
-                landings.clear()
-                landings["start"] = (start - 1, current)
+                landings.start(start - 1, current)
             while done < cap:
                 # Only the residual is kept through the masking (memory): the previous
                 # background is rebuilt from its model for the change, and the previous
@@ -610,7 +604,7 @@ class IterativeBackground:
                 if _conv.cycling(self, history[start:]):
                     # A limit cycle: the mask flips between two states. Keep what
                     # both masked (what they agree is source) and refit once.
-                    other = masks[-2][1] if be.tiled else be.result(history[-2].mask)
+                    other = masks[-2] if be.tiled else be.result(history[-2].mask)
                     current = current & other
                     del bkg
                     est = self._estimator(stage.estimator, stiff)
@@ -627,10 +621,7 @@ class IterativeBackground:
                     j = _conv.run_start(self, run)
                     back = run[j]
                     note = _conv.note_backed_off(k, run[j + 1 :], back)
-                    if be.tiled:
-                        current = dict(landings.values())[start - 1 + j]
-                    else:
-                        current = be.result(back.mask)
+                    current = landings[start - 1 + j] if be.tiled else be.result(back.mask)
                     del bkg
                     previous, model, floor = model, back.model, back.min_scale
                     bkg, noise = restate(model, previous, current, k, it, rec, floor)
