@@ -78,6 +78,7 @@ def slow_then_fast():
 
 @pytest.fixture
 def converging_then_runaway():
-    """A masker whose growth shrinks (12, 6, 2, 1 rows) before it runs away (10, 8,
-    then 12 at every call): the back-off stops where the stage was still converging."""
+    """A masker whose growth shrinks (12, 6, 2, 1 rows) before it quickens and runs
+    away (10, 8, then 12 at every call): the stage was converging, then its growth
+    turned."""
     return _row_steps_case((12, 6, 2, 1, 10, 8, 12))

@@ -7,6 +7,8 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 from astropy.io import fits
+from hypothesis import given
+from hypothesis import strategies as st
 
 import skymap
 from skymap.background import convergence as C
@@ -259,11 +261,14 @@ def test_a_runaway_backs_off_to_where_the_growth_began_not_where_it_was_caught(
     assert not res.mask.any()
 
 
-def test_a_back_off_stops_where_the_stage_was_still_converging(converging_then_runaway):
+def test_a_back_off_stops_where_the_stage_was_converging_before_its_growth_turned(
+    converging_then_runaway,
+):
     # Growth 12, 6, 2, 1 rows, then 10: the run is caught at the 5th iteration (2, 1,
-    # 10 rows with the background moving), and the walk back from before it stops at
-    # the 2nd, whose growth (6) was below the 1st's (12): the stage was converging
-    # there. The stage's start would throw its deepening away with the run.
+    # 10 rows with the background moving). The growth turned at the 4th (1 row, then
+    # 10): the stage had two regimes. The walk back from before the caught iterations
+    # stops at the 2nd, whose growth (6) was below the 1st's (12): the stage was
+    # converging there. The stage's start would throw that deepening away with the run.
     make_pipeline, img = converging_then_runaway
     res = make_pipeline().fit(img)
     assert res.convergence_note.startswith("converged by backing off a runaway")
@@ -271,6 +276,36 @@ def test_a_back_off_stops_where_the_stage_was_still_converging(converging_then_r
     assert kept.iteration == 1
     np.testing.assert_array_equal(res.mask, kept.mask)
     assert res.mask[:18].all() and not res.mask[18:].any()
+
+
+@given(
+    growths=st.lists(
+        st.sampled_from([-0.01, 0.0, 0.003, 0.006, 0.01, 0.02, 0.03, 0.05, 0.08, 0.12]),
+        min_size=1,
+        max_size=12,
+    ),
+    floors=st.lists(st.sampled_from([8.0, 16.0]), min_size=12, max_size=12),
+)
+def test_the_kept_masks_hold_every_state_a_run_can_back_off_to(growths, floors):
+    # A tiled fit backs off to a mask it kept as the records were made: whatever the
+    # growth and floors, whenever the last RUNAWAY_RUN records could make a runaway
+    # (each grew, at one floor), run_start's state is among the kept ones.
+    pipe = SimpleNamespace(mask_tol=0.005)
+    first = SimpleNamespace(mask_growth=float("nan"), min_scale=8.0, stage=-1)
+    records = [first] + [
+        SimpleNamespace(mask_growth=g, min_scale=f, stage=0)
+        for g, f in zip(growths, floors, strict=False)
+    ]
+    kept = C.Landings(pipe)
+    kept.start(0, 0)
+    for n in range(2, len(records) + 1):
+        kept.add(records[:n], n - 1)
+        run = records[max(0, n - C.RUNAWAY_RUN - 1) : n]
+        if n > C.RUNAWAY_RUN and all(
+            r.mask_growth > pipe.mask_tol and r.min_scale == run[0].min_scale for r in run
+        ):
+            assert kept[C.run_start(pipe, records[:n])] == C.run_start(pipe, records[:n])
+        assert len(kept.masks) <= C.RUNAWAY_RUN + 3  # the run, the turn, the latest before
 
 
 @pytest.mark.parametrize("name", ["spitzer_cutout.fits", "m6707hh_cutout.fits"])

@@ -768,11 +768,11 @@ def test_a_back_off_past_the_last_iterations_keeps_the_same_mask_on_tiles(slow_t
     np.testing.assert_array_equal(np.asarray(tiled.background), mem.background)
 
 
-def test_a_back_off_that_stops_where_the_stage_converged_is_the_same_on_tiles(
+def test_a_back_off_to_where_the_stage_converged_is_the_same_on_tiles(
     converging_then_runaway,
 ):
-    # The tiled fit keeps the masks of the states a back-off can land in, including
-    # those inside the run (growth 2 then 1 row) that a later run could land in.
+    # The tiled fit keeps the masks of the states a back-off can land in, those inside
+    # the caught run (growth 2, then 1 row) among them.
     make_pipeline, img = converging_then_runaway
     mem = make_pipeline().fit(img)
     tiled = make_pipeline().fit(da.from_array(img), tile=64)

@@ -6,8 +6,9 @@ changed little (:func:`settled`). A *runaway* is a mask that keeps growing while
 background keeps moving: sky structure the fit cannot follow is masked, the fit then
 follows it even less, and more of it is masked. :func:`runaway` detects it after
 :data:`RUNAWAY_RUN` such iterations in a row; the pipeline then backs off to the state
-before the growth began, or where the stage was still converging (:func:`run_start`),
-the last in which mask and background agreed, and stops there. A stage whose settled
+before the growth began, or to where the stage was last converging if its growth
+then turned and quickened (:func:`run_start`), the last in which mask and background
+agreed, and stops there. A stage whose settled
 mask leaves a background change that no longer shrinks, inside the fit's statistical
 error, has *stalled* (:func:`stalled`) and stops too, as does one whose background has
 settled while its mask still creeps (:func:`creeping`). A fit that stops at its
@@ -33,6 +34,7 @@ __all__ = [
     "STALL_ERRORS",
     "STALL_RATIO",
     "ConvergenceWarning",
+    "Landings",
     "creeping",
     "cycling",
     "flickering",
@@ -51,6 +53,7 @@ __all__ = [
     "starts_run",
     "stalled",
     "tolerance",
+    "turns",
     "wild_cycle",
 ]
 
@@ -177,17 +180,40 @@ def starts_run(pipe: Any, rec: Any, previous: Any) -> bool:
     return not _one_floor((previous, rec))
 
 
+def turns(pipe: Any, before: Any, rec: Any, after: Any) -> bool:
+    """Whether a stage's growth turned at ``rec``: ``before``, ``rec`` and ``after``
+    are iterations of one stage at one smoothing floor, ``rec`` grew the mask by less
+    than ``before`` did, and ``after`` by more than ``mask_tol`` more than ``rec``.
+
+    The stage was converging into ``rec`` and the growth quickened after it: a run
+    that feeds itself began there. A growth that shrinks iteration after iteration
+    while the background keeps moving has no such turn, and neither has a flat one.
+
+    Examples
+    --------
+    >>> from types import SimpleNamespace as R
+    >>> pipe = R(mask_tol=0.005)
+    >>> def recs(*growths):
+    ...     return [R(mask_growth=g, min_scale=8.0, stage=1) for g in growths]
+    >>> turns(pipe, *recs(0.012, 0.008, 0.019)), turns(pipe, *recs(0.09, 0.05, 0.03))
+    (True, False)
+    >>> turns(pipe, *recs(0.012, 0.008, 0.011))  # quickened by less than mask_tol
+    False
+    """
+    one = before.stage == rec.stage == after.stage and _one_floor((before, rec, after))
+    return bool(
+        one
+        and rec.mask_growth < before.mask_growth
+        and after.mask_growth > rec.mask_growth + pipe.mask_tol
+    )
+
+
 def lands(pipe: Any, rec: Any, previous: Any) -> bool:
     """Whether a back-off that walks back through ``rec`` stops there: ``rec`` started
     no run (:func:`starts_run`), or it and ``previous`` are iterations of one stage and
-    ``rec`` grew the mask by less than ``previous`` did.
-
-    A runaway feeds itself: its growth keeps pace or quickens. A stage that grew the mask
-    by less than the iteration before was converging into ``rec``, where its own masks and
-    background last agreed; backing off past it would throw the stage's deepening away
-    with the run, which a fit of a nearly equal image that did not run away keeps. The
-    comparison is within the stage: its first iteration's growth is over the previous
-    stage's mask, made by another masker.
+    ``rec`` grew the mask by less than ``previous`` did (the stage was converging into
+    it). The comparison is within the stage: its first iteration's growth is over the
+    previous stage's mask, made by another masker.
 
     Examples
     --------
@@ -205,14 +231,23 @@ def lands(pipe: Any, rec: Any, previous: Any) -> bool:
 
 def run_start(pipe: Any, records: Sequence[Any]) -> int:
     """Index in ``records`` (the state a stage started from, then its records) of the
-    state a runaway found by :func:`runaway` backs off to: the last one before the
-    last :data:`RUNAWAY_RUN` iterations at which a walk back through the growth stops
-    (:func:`lands`), at most the stage's start.
+    state a runaway found by :func:`runaway` backs off to.
+
+    Without a turn in the stage's growth (:func:`turns`) after the growth began, that
+    is the last record before the unbroken growth that ended in the run
+    (:func:`starts_run`), at most the stage's start. With one, the stage had two
+    regimes: it was converging, then the growth quickened and fed itself. The back-off
+    then walks back from the last turn, or from before the last :data:`RUNAWAY_RUN`
+    iterations if that is earlier, to the last record the stage was still converging
+    into (:func:`lands`): a fit of a nearly equal image that did not run away keeps
+    that deepening, which going back to the stage's start would throw away with the
+    run. A growth that shrinks iteration after iteration while the background keeps
+    moving has no turn: the whole stage is the run, wherever it was caught.
 
     Backing off to the state just before the last :data:`RUNAWAY_RUN` iterations
-    would land wherever the run happened to be caught, and two fits of nearly the same
-    image, caught one iteration apart, would keep masks that differ by a whole
-    iteration's growth.
+    regardless would land wherever the run happened to be caught, and two fits of
+    nearly the same image, caught one iteration apart, would keep masks that differ by
+    a whole iteration's growth.
 
     Examples
     --------
@@ -225,13 +260,75 @@ def run_start(pipe: Any, records: Sequence[Any]) -> int:
     0
     >>> run_start(pipe, recs(0.0, -0.01, 0.08, 0.06, 0.05))  # the mask shrank at 1
     1
-    >>> run_start(pipe, recs(0.0, 0.09, 0.04, 0.012, 0.008, 0.019))  # converging into 2
+    >>> run_start(pipe, recs(0.0, 0.09, 0.04, 0.012, 0.008, 0.019))  # turned at 4
     2
+    >>> run_start(pipe, recs(0.0, 0.16, 0.09, 0.05, 0.03, 0.02))  # no turn: the start
+    0
     """
     j = len(records) - RUNAWAY_RUN - 1
-    while j > 0 and not lands(pipe, records[j], records[j - 1]):
+    while j > 0 and not starts_run(pipe, records[j], records[j - 1]):
         j -= 1
-    return max(j, 0)
+    start = max(j, 0)
+    turned = [
+        m for m in range(start + 1, len(records) - 1) if turns(pipe, *records[m - 1 : m + 2])
+    ]
+    if not turned:
+        return start
+    j = min(len(records) - RUNAWAY_RUN - 1, turned[-1])
+    while j > start and not lands(pipe, records[j], records[j - 1]):
+        j -= 1
+    return j
+
+
+class Landings:
+    """The masks of the states a runaway can back off to, kept as a fit's records are
+    made, for a fit whose history keeps no masks (tiles): :func:`run_start` picks the
+    state, and the mask must still be at hand then.
+
+    Kept, by index in the history: the last record that started a run
+    (:func:`starts_run`, or the state the stage started from), the stage's last turn
+    of growth (:func:`turns`), the last record before the final :data:`RUNAWAY_RUN` at
+    which :func:`run_start`'s walk back can stop (:func:`lands`), and any within them
+    (a later run can land there).
+
+    Examples
+    --------
+    >>> from types import SimpleNamespace as R
+    >>> pipe = R(mask_tol=0.005)
+    >>> growths = (0.0, 0.09, 0.04, 0.012, 0.008, 0.019)
+    >>> history = [R(mask_growth=g, min_scale=8.0, stage=0 if i else -1)
+    ...            for i, g in enumerate(growths)]
+    >>> kept = Landings(pipe)
+    >>> kept.start(0, "mask 0")
+    >>> for i in range(1, len(history)):
+    ...     kept.add(history[: i + 1], f"mask {i}")
+    >>> kept[run_start(pipe, history)]
+    'mask 2'
+    """
+
+    def __init__(self, pipe: Any):
+        self.pipe, self.masks, self.run, self.turn = pipe, {}, None, None
+
+    def start(self, index: int, mask: Any) -> None:
+        """A stage starts from the state ``index`` whose mask is ``mask``."""
+        self.masks, self.run, self.turn = {index: mask}, index, None
+
+    def add(self, history: Sequence[Any], mask: Any) -> None:
+        """``history[-1]`` was just recorded, made with ``mask``."""
+        i = len(history) - 1
+        if i == 0 or starts_run(self.pipe, history[-1], history[-2]):
+            self.run = i
+        if i == self.run or lands(self.pipe, history[-1], history[-2]):
+            self.masks[i] = mask
+        if i > 1 and i - 1 in self.masks and turns(self.pipe, *history[-3:]):
+            self.turn = i - 1
+        before = [k for k in self.masks if k < len(history) - RUNAWAY_RUN]
+        for k in before[:-1]:  # a later landing before the final run supersedes it
+            if k not in (self.run, self.turn):
+                del self.masks[k]
+
+    def __getitem__(self, index: int) -> Any:
+        return self.masks[index]
 
 
 def cycling(pipe: Any, records: Sequence[Any]) -> bool:

@@ -458,22 +458,16 @@ class IterativeBackground:
         history: list[IterationRecord] = []
         # A tiled fit's history keeps no masks: the last two recorded ones (a limit
         # cycle keeps what both hold) and those of the states a runaway could back off
-        # to (by history index: the last before the final RUNAWAY_RUN records at which
-        # _conv.run_start's walk stops, and any within them) are kept here.
+        # to (_conv.Landings) are kept here.
         masks = collections.deque(maxlen=2)
-        landings: dict[int, Any] = {}
+        landings = _conv.Landings(self)
 
         def keep(record: IterationRecord, mask=None) -> IterationRecord:
             """Append ``record`` (and, on tiles, the ``mask`` it was made with)."""
-            previous = history[-1] if history else None
             history.append(record)
             if be.tiled and mask is not None:
                 masks.append(mask)
-                if previous is None or _conv.lands(self, record, previous):
-                    landings[len(history) - 1] = mask
-                before = [i for i in landings if i < len(history) - _conv.RUNAWAY_RUN]
-                for i in before[:-1]:  # a later landing before the run supersedes it
-                    del landings[i]
+                landings.add(history, mask)
             if callback is not None:
                 callback(record)
             return record
@@ -517,8 +511,7 @@ class IterativeBackground:
             raised = False  # whether the last iteration raised the smoothing floor
             start = len(history)
             if be.tiled:  # a back-off goes no further than the state the stage starts from
-                landings.clear()
-                landings[start - 1] = current
+                landings.start(start - 1, current)
             while done < cap:
                 # Only the residual is kept through the masking (memory): the previous
                 # background is rebuilt from its model for the change, and the previous
