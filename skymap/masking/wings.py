@@ -84,10 +84,12 @@ def wing_sums(values, excluded, bad, b: int, origin=(0, 0)) -> np.ndarray:
     array([2., 2., 2.])
     """
     sums = block_sums(values, excluded, b)
+    flags = np.asarray(bad, bool)
+    if not flags.any():  # most images and tiles: no pass for a count of zeros
+        return np.concatenate([sums, np.zeros((1, *sums.shape[1:]))])
     # the bad pixels' count: the sums of a 0/1 map with nothing excluded, in the same
     # order as the others
-    flags = np.asarray(bad, bool).astype(np.float64)
-    bad_count = block_sums(flags, np.zeros(flags.shape, bool), b)[:1]
+    bad_count = block_sums(flags.astype(np.float64), np.zeros(flags.shape, bool), b)[:1]
     return np.concatenate([sums, bad_count])
 
 
@@ -101,8 +103,10 @@ def residual_sums(image, background, excluded, bad, b: int, origin=(0, 0)) -> np
     >>> residual_sums(img, np.ones((4, 4)), ex, ex, 4)[:, 0, 0]
     array([32., 16.,  0.])
     """
-    with np.errstate(invalid="ignore"):  # bad pixels (excluded) may be non-finite
-        res = np.subtract(image, background, dtype=np.float64)
+    # in the image's dtype, as the loop's residuals (the sums are float64); bad pixels
+    # (excluded) may be non-finite
+    with np.errstate(invalid="ignore", over="ignore"):
+        res = np.subtract(image, background)
     return wing_sums(res, excluded, bad, b, origin)
 
 
