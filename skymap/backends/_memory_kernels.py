@@ -96,3 +96,33 @@ def _rms_of_rows(sums, counts):  # pragma: no cover - compiled
         total += sums[i]
         count += counts[i]
     return np.sqrt(total / count) if count else 0.0
+
+
+@njit(cache=True, nogil=True)
+def block_sums_small(values, minus, excluded, b, out, lo, hi):  # pragma: no cover - compiled
+    """Block rows ``lo:hi`` of :func:`skymap.backends.base.block_sums` for ``b`` < 8
+    (``minus`` subtracted from ``values`` first, in their dtypes, if it has their
+    shape): each row's values from 0 in order, then the rows from the first: the order
+    of numpy's sums of the reshaped copy, whose sums over fewer than 8 contiguous
+    values are sequential."""
+    ny, nx = values.shape
+    sub = minus.shape == values.shape
+    for by in range(lo, hi):
+        for bx in range(out.shape[2]):
+            tot = 0.0
+            cnt = 0.0
+            for y in range(by * b, min(ny, (by + 1) * b)):
+                rs = 0.0
+                rc = 0.0
+                for x in range(bx * b, min(nx, (bx + 1) * b)):
+                    if not excluded[y, x]:
+                        v = values[y, x] - minus[y, x] if sub else values[y, x]
+                        rs += np.float64(v)
+                        rc += 1.0
+                if y == by * b:
+                    tot, cnt = rs, rc
+                else:
+                    tot += rs
+                    cnt += rc
+            out[0, by, bx] = tot
+            out[1, by, bx] = cnt

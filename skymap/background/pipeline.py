@@ -670,8 +670,11 @@ class IterativeBackground:
         reuse = getattr(model, "new_maps", False)
         pedestal = self._pedestal(be, bkg, current) if self.wing_pedestal else 0.0
         if pedestal > 0:
-            bkg = bkg - np.asarray(pedestal, dtype=bkg.dtype)
-            reuse = True
+            lowered = np.asarray(pedestal, dtype=bkg.dtype)
+            if reuse and isinstance(bkg, np.ndarray):
+                bkg -= lowered  # a map made for this call alone (memory)
+            else:
+                bkg, reuse = bkg - lowered, True
         lazy_rms = be.result_rms(model)
         if not converged:
             warnings.warn(note, ConvergenceWarning, stacklevel=2)

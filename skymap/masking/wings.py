@@ -71,11 +71,12 @@ MIN_OUTER = 32
 PEDESTAL_BLOCK = 4
 
 
-def wing_sums(values, excluded, bad, b: int, origin=(0, 0)) -> np.ndarray:
+def wing_sums(values, excluded, bad, b: int, origin=(0, 0), minus=None) -> np.ndarray:
     """Per ``b`` x ``b`` block: the sum and count of the ``values`` not ``excluded``,
     and the count of ``bad`` pixels, stacked as (3, gy, gx) float64. Each block is
     summed in one order wherever it lies, so tiles aligned to ``b`` give the whole
     image's sums bit for bit (the signature of a back end's ``cell_grid`` functions).
+    ``minus``, if given, is subtracted from ``values`` first (:func:`block_sums`).
 
     Examples
     --------
@@ -83,7 +84,7 @@ def wing_sums(values, excluded, bad, b: int, origin=(0, 0)) -> np.ndarray:
     >>> wing_sums(v, ex, ex, 2)[:, 0, 0]
     array([2., 2., 2.])
     """
-    sums = block_sums(values, excluded, b)
+    sums = block_sums(values, excluded, b, minus=minus)
     flags = np.asarray(bad, bool)
     if not flags.any():  # most images and tiles: no pass for a count of zeros
         return np.concatenate([sums, np.zeros((1, *sums.shape[1:]))])
@@ -106,8 +107,7 @@ def residual_sums(image, background, excluded, bad, b: int, origin=(0, 0)) -> np
     # in the image's dtype, as the loop's residuals (the sums are float64); bad pixels
     # (excluded) may be non-finite
     with np.errstate(invalid="ignore", over="ignore"):
-        res = np.subtract(image, background)
-    return wing_sums(res, excluded, bad, b, origin)
+        return wing_sums(image, excluded, bad, b, origin, minus=background)
 
 
 def _areas(shape, b: int) -> np.ndarray:
