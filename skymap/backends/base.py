@@ -250,14 +250,17 @@ class SplitMasker(Protocol):
     def tile_unit(self, shape: tuple[int, int]) -> tuple[int, int]: ...
 
 
-def block_sums(values: np.ndarray, excluded: np.ndarray, b: int, origin=(0, 0), minus=None):
+def block_sums(
+    values: np.ndarray, excluded: np.ndarray, b: int, origin=(0, 0), minus=None, out=None
+):
     """Sums (float64) and counts of the ``values`` not ``excluded`` in ``b`` x ``b``
     blocks, stacked as a (2, gy, gx) array; partial blocks at the far edges sum what
     they hold. Each block is summed in the same order wherever it lies, so the block
     sums of tiles aligned to ``b`` are those of the whole image, bit for bit
     (``origin``, the tile's place, is not needed: the signature of
     :meth:`ArrayBackend.cell_grid`'s functions). ``minus``, if given, is subtracted
-    from ``values`` first (in their dtypes: ``values - minus``, without the copy).
+    from ``values`` first (in their dtypes: ``values - minus``, without the copy);
+    ``out``, if given, a float64 array of the result's shape, receives it.
 
     Examples
     --------
@@ -278,19 +281,19 @@ def block_sums(values: np.ndarray, excluded: np.ndarray, b: int, origin=(0, 0), 
         from skymap._util import in_bands
         from skymap.backends._memory_kernels import block_sums_small
 
-        sums = np.empty((2, gy, gx))
+        sums = np.empty((2, gy, gx)) if out is None else out
         other = np.zeros((1, 1), values.dtype) if minus is None else np.asarray(minus)
         in_bands(block_sums_small, gy, values, other, excluded, b, sums, grain=64)
         return sums
     if minus is not None:
         values = np.subtract(values, minus)
-    out = np.zeros((2, gy * b, gx * b))
+    pad = np.zeros((2, gy * b, gx * b))
     ok = ~excluded
-    out[0, :ny, :nx] = np.where(ok, values, 0.0)
-    out[1, :ny, :nx] = ok
+    pad[0, :ny, :nx] = np.where(ok, values, 0.0)
+    pad[1, :ny, :nx] = ok
     # along x within each row (contiguous), then along y: one order for every block
-    rows = out.reshape(2, gy * b, gx, b).sum(axis=3)
-    return rows.reshape(2, gy, b, gx).sum(axis=2)
+    rows = pad.reshape(2, gy * b, gx, b).sum(axis=3)
+    return rows.reshape(2, gy, b, gx).sum(axis=2, out=out)
 
 
 def valid_blocks(bad: np.ndarray, q: int) -> np.ndarray:

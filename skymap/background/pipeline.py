@@ -23,6 +23,7 @@ The automatic default, :func:`~skymap.background.defaults.fit` and
 from __future__ import annotations
 
 import collections
+import contextlib
 import functools
 import logging
 import math
@@ -824,12 +825,18 @@ class IterativeBackground:
         """The final background's :func:`~skymap.masking.wings.wing_pedestal` (in the
         normalised units), from the block sums of its residual with the final mask
         ``current`` excluded (per tile on a tiled back end: the tiles align to the
-        block, :meth:`tile_unit`)."""
+        block, :meth:`tile_unit`). The last reader of the back end's image, which it
+        lets go."""
         b = pow2_at_most(PEDESTAL_BLOCK, *be.shape)
         # the halo masker's sources are in ``bad`` for the loop, but are detections here
         arrays = [be.image, bkg, current, be.given_bad]
-        sums = be.cell_grid(residual_sums, arrays, (b, b), 3, b=b)
-        pedestal = wing_pedestal(np.asarray(sums), be.shape, b=b)
+        sums = np.asarray(be.cell_grid(residual_sums, arrays, (b, b), 3, b=b))
+        del arrays
+        # The normalised image goes before the profile's block grids are made: with it
+        # they would set the fit's memory peak (4096^2: 3.7 -> 4.4 x the image).
+        with contextlib.suppress(AttributeError):
+            be.image = None
+        pedestal = wing_pedestal(sums, be.shape, b=b)
         log.debug("wing pedestal %.4g (normalised units)", pedestal)
         return pedestal
 

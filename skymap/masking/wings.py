@@ -84,14 +84,14 @@ def wing_sums(values, excluded, bad, b: int, origin=(0, 0), minus=None) -> np.nd
     >>> wing_sums(v, ex, ex, 2)[:, 0, 0]
     array([2., 2., 2.])
     """
-    sums = block_sums(values, excluded, b, minus=minus)
+    ny, nx = np.shape(values)
+    out = np.zeros((3, -(-ny // b), -(-nx // b)))  # one allocation (memory)
+    block_sums(values, excluded, b, minus=minus, out=out[:2])
     flags = np.asarray(bad, bool)
-    if not flags.any():  # most images and tiles: no pass for a count of zeros
-        return np.concatenate([sums, np.zeros((1, *sums.shape[1:]))])
-    # the bad pixels' count: the sums of a 0/1 map with nothing excluded, in the same
-    # order as the others
-    bad_count = block_sums(flags.astype(np.float64), np.zeros(flags.shape, bool), b)[:1]
-    return np.concatenate([sums, bad_count])
+    if flags.any():  # most images and tiles have none: no pass for a count of zeros
+        # the bad pixels' count: the count of what a mask of all but them leaves
+        out[2] = block_sums(values, ~flags, b)[1]
+    return out
 
 
 def residual_sums(image, background, excluded, bad, b: int, origin=(0, 0)) -> np.ndarray:
@@ -161,11 +161,15 @@ def wing_reach(mean, weight, dist, unit: float) -> float:
     top = float(np.max(dist)) if dist.size else 0.0
     while edges[-1] <= top:
         edges.append(edges[-1] * 1.5)
-    ring = np.digitize(dist, edges) - 1
+    ring = np.digitize(dist, edges)
+    ring -= 1  # in place, as the products below (memory: a block grid can be 1e6)
     n = len(edges)
     w = np.bincount(ring, weights=weight, minlength=n)
     s = np.bincount(ring, weights=weight * mean, minlength=n)
-    s2 = np.bincount(ring, weights=weight * mean**2, minlength=n)
+    sq = np.square(mean)
+    sq *= weight
+    s2 = np.bincount(ring, weights=sq, minlength=n)
+    del sq
     k = np.bincount(ring, minlength=n).astype(np.float64)
     reach = 0.0
     for i in range(n - 1):
