@@ -8,12 +8,11 @@ follows it even less, and more of it is masked. :func:`runaway` detects it after
 :data:`RUNAWAY_RUN` such iterations in a row; the pipeline then backs off to the state
 before the growth began, or to where the stage was last converging if its growth
 then turned and quickened (:func:`run_start`), the last in which mask and background
-agreed, and stops there. A stage whose settled
-mask leaves a background change that no longer shrinks, inside the fit's statistical
-error, has *stalled* (:func:`stalled`) and stops too, as does one whose background has
-settled while its mask still creeps (:func:`creeping`). A fit that stops at its
-iteration cap without settling emits a :class:`ConvergenceWarning` whose message is
-``BackgroundResult.convergence_note``.
+agreed, and stops there. A stage whose settled mask leaves a background change that
+no longer shrinks, inside the fit's statistical error, has *stalled* (:func:`stalled`)
+and stops too, as does one whose background has settled while its mask still creeps
+(:func:`creeping`). A fit that stops at its iteration cap without settling emits a
+:class:`ConvergenceWarning` whose message is ``BackgroundResult.convergence_note``.
 """
 
 from __future__ import annotations
