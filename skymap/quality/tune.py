@@ -112,12 +112,15 @@ def default_space(image=None, mask=None) -> list[list[dict]]:
       or with the floor it raises capped at a sixteenth of the shorter side, not an
       eighth (``tracking_cap=0.0625``), for sky structure narrower than that among
       the masks; or without the coarser masking scale it adds
-      (``tracking_scale=None``), for sky bumps a 16-px matched filter would mask.
+      (``tracking_scale=None``), for sky bumps a 16-px matched filter would mask;
+    * the wing pedestal off (``wing_pedestal=False``), for a sky that is brighter where
+      the sources are (a nebula whose stars sit on its knots), which the pedestal would
+      read as their wings and take away.
 
     Examples
     --------
     >>> [len(axis) for axis in default_space()]
-    [2, 2, 4]
+    [2, 2, 4, 1]
     """
     axes = [
         [{"gcv_inflation": 4.0}, {"gcv_inflation": 12.0}],
@@ -128,6 +131,7 @@ def default_space(image=None, mask=None) -> list[list[dict]]:
             {"tracking_cap": 0.0625},
             {"tracking_scale": None},
         ],
+        [{"wing_pedestal": False}],
     ]
     size = _source_size(image, mask)
     if size is not None:
