@@ -152,6 +152,11 @@ def test_the_wing_pedestal_brings_a_deep_fields_fit_down_towards_its_sky():
     assert fit.pedestal > 0.01 * float(fit.noise)
     np.testing.assert_allclose(fit.background, plain.background - fit.pedestal, atol=1e-6)
     assert 0 < np.mean(fit.background) < np.mean(plain.background)
+    # the command line's metrics and report say by how much it was lowered
+    from skymap.app.cli.common import sky_scale
+
+    assert sky_scale(fit)["wing_pedestal"] == fit.pedestal
+    assert sky_scale(plain)["wing_pedestal"] == 0.0
 
 
 def test_the_wing_pedestal_is_the_sky_level_beyond_the_reach():

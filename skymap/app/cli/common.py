@@ -479,7 +479,8 @@ def convergence(result: Any) -> dict:
 def sky_scale(result: Any) -> dict:
     """The sky/source scale of a fit: ``max_source_size`` (px), the smoothing floor
     it ended with (px) and the largest source-tracking correlation seen, with whether
-    that check raised the floor. None values for fits without them (a mesh pass)."""
+    that check raised the floor, and the wing pedestal the background was lowered by
+    (image units). None values for fits without them (a mesh pass)."""
     history = getattr(result, "history", None) or ()
     size = getattr(result, "max_source_size", None)
     floors = [r.min_scale for r in history if getattr(r, "min_scale", None) is not None]
@@ -487,11 +488,13 @@ def sky_scale(result: Any) -> dict:
     strongest = max(seen, key=abs) if seen else None
     floor = floors[-1] if floors else None
     raised = bool(floors) and floor > floors[0] * 1.01
+    pedestal = getattr(result, "pedestal", None)
     return {
         "max_source_size": None if size is None else float(size),
         "smoothing_floor": None if floor is None else float(floor),
         "source_tracking": None if strongest is None else float(strongest),
         "floor_raised_by_tracking": raised,
+        "wing_pedestal": None if pedestal is None else float(pedestal),
     }
 
 
@@ -576,6 +579,15 @@ def headline(result: Any, evaluation: Any) -> dict:
                 "the sources are, so it was following source light or bending into holes)"
             )
         lines["sky/source scale"] = text
+    noise = getattr(result, "noise", None)
+    if scale["wing_pedestal"] and noise:
+        lines["wing pedestal"] = (
+            f"the background was lowered by {scale['wing_pedestal']:.4g} "
+            f"({scale['wing_pedestal'] / noise:.2f} sigma): the level below the fit of the "
+            "unmasked pixels beyond the reach of the sources' stacked wings, the light of "
+            "wings and undetected sources that a fit through all unmasked pixels takes in "
+            "(wing_pedestal=False skips it)"
+        )
     if ev.truth_metrics is not None:
         err = ev.truth_metrics["rms_error_sigma"]
         lines["background error RMS"] = (
