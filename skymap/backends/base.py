@@ -31,6 +31,9 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
+from skymap._util import in_bands
+from skymap.backends._memory_kernels import block_sums_small
+
 __all__ = [
     "ERROR_BLOCK",
     "ArrayBackend",
@@ -278,9 +281,6 @@ def block_sums(
     native = (np.dtype(np.float32), np.dtype(np.float64))
     if b < 8 and values.dtype in native and (minus is None or np.asarray(minus).dtype in native):
         # compiled, in numpy's order, without the float64 copies (16 bytes a pixel)
-        from skymap._util import in_bands
-        from skymap.backends._memory_kernels import block_sums_small
-
         sums = np.empty((2, gy, gx)) if out is None else out
         other = np.zeros((1, 1), values.dtype) if minus is None else np.asarray(minus)
         in_bands(block_sums_small, gy, values, other, excluded, b, sums, grain=64)
