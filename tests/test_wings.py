@@ -12,6 +12,7 @@ from skymap.masking.hysteresis import HysteresisMasker
 from skymap.masking.wings import (
     FALL_SIGMA,
     MIN_OUTER,
+    MIN_OUTER_SHARE,
     WingMasker,
     wing_pedestal,
     wing_reach,
@@ -28,7 +29,7 @@ def _reach_by_rings(mean, dist, edges):
     for i in range(len(edges) - 1):
         inner = (dist >= edges[i]) & (dist < edges[i + 1])
         outer = dist >= edges[i + 1]
-        if outer.sum() < MIN_OUTER:
+        if outer.sum() < max(MIN_OUTER, MIN_OUTER_SHARE * dist.size):
             break
         if inner.sum() < 2:
             continue
@@ -60,6 +61,23 @@ def test_wing_reach_is_where_an_exponential_profile_stops_falling(amplitude, sca
         se = 0.4 / np.sqrt(dist.size * 10.0 / 90.0)
         assert amplitude * np.exp(-reach / scale) < 30 * se
         assert amplitude * np.exp(-reach / (1.5 * scale)) > se
+
+
+def test_the_reach_stops_before_the_few_blocks_of_the_frames_emptiest_corner():
+    # a profile that falls on and on (a sky fainter away from the sources), with 60 of
+    # 20060 blocks (0.3%) far out at a level of its own: the reach does not go out to
+    # them, as it did when 32 blocks beyond were enough
+    rng = np.random.default_rng(3)
+    near = rng.uniform(1, 60, 20000)
+    far = rng.uniform(100, 150, 60)
+    dist = np.concatenate([near, far])
+    mean = -0.01 * dist + rng.normal(0, 0.05, dist.size)
+    mean[near.size :] -= 1.0
+    weight = np.ones(dist.size)
+    assert MIN_OUTER <= far.size < 0.005 * dist.size
+    reach = wing_reach(mean, weight, dist, 4.0)
+    assert 0 < reach <= 100
+    assert (dist >= reach).sum() >= MIN_OUTER_SHARE * dist.size
 
 
 def test_wing_sums_of_aligned_tiles_are_the_whole_images():

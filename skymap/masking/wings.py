@@ -64,8 +64,15 @@ log = logging.getLogger(__name__)
 #: Significance (in standard errors) by which a ring's mean must exceed the mean of all
 #: the rings beyond it for the profile to count as still falling there.
 FALL_SIGMA = 3.0
-#: Fewest unmasked blocks beyond a ring for the comparison to be made.
+#: Fewest unmasked blocks beyond a ring for the comparison to be made: this many, and
+#: this share of all the free blocks. The blocks beyond the reach stand for the frame's
+#: sky (:func:`wing_pedestal` reads its level there), so they must be more than the few
+#: in its emptiest corner: on a nebula whose sky is fainter away from its sources the
+#: profile falls on and on, and one bright star added to the Galactic-centre MIPS frame
+#: took the reach a ring further, onto 0.4% of its free blocks, and doubled its
+#: pedestal (0.72 -> 1.45 sigma).
 MIN_OUTER = 32
+MIN_OUTER_SHARE = 0.005
 #: Block (pixels) by which :func:`wing_pedestal`'s caller bins the residual: that of
 #: :class:`WingMasker`'s default ``wing_scale``.
 PEDESTAL_BLOCK = 4
@@ -144,8 +151,9 @@ def wing_reach(mean, weight, dist, unit: float) -> float:
     4 units, then grow by a factor 1.5. Going outwards, a ring counts as still falling
     while its weighted mean exceeds that of all the blocks beyond it by more than
     ``FALL_SIGMA`` standard errors (from the scatter of the block means, so correlated
-    noise and crowding are in it); the reach is the outer edge of the last such ring,
-    0 when the first does not.
+    noise and crowding are in it), and while at least ``MIN_OUTER`` blocks and
+    ``MIN_OUTER_SHARE`` of all lie beyond it; the reach is the outer edge of the last
+    such ring, 0 when the first does not.
 
     Examples
     --------
@@ -172,9 +180,10 @@ def wing_reach(mean, weight, dist, unit: float) -> float:
     del sq
     k = np.bincount(ring, minlength=n).astype(np.float64)
     reach = 0.0
+    fewest = max(MIN_OUTER, MIN_OUTER_SHARE * dist.size)
     for i in range(n - 1):
         wo, ko = w[i + 1 :].sum(), k[i + 1 :].sum()
-        if ko < MIN_OUTER:
+        if ko < fewest:
             break
         if k[i] < 2:  # an empty ring (distances come in steps of a block)
             continue
