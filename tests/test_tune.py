@@ -110,8 +110,12 @@ def test_a_winner_must_win_a_clear_majority_of_paired_trials():
     assert not holds_up(d - 0.004, d) and not holds_up(d, d)
     # two paired trials cannot tell, whatever the gain
     assert not holds_up(d[:2] - 0.2, d[:2])
-    # more injected fits than the defaults' that did not settle: fragile
-    assert not holds_up(d - 0.05, d, unsettled=(2, 1)) and holds_up(d - 0.05, d, unsettled=(1, 1))
+    # injected fits that did not settle where the defaults' did, in 5 of 6 trials:
+    # fragile; in 1 of 6 (or as often as the defaults'), the scatter of where fits land
+    more = ([1, 1, 1, 1, 1, 0], [0] * 6)
+    assert not holds_up(d - 0.05, d, unsettled=more)
+    assert holds_up(d - 0.05, d, unsettled=([1, 0, 0, 0, 0, 0], [0] * 6))
+    assert holds_up(d - 0.05, d, unsettled=([1] * 6, [1] * 6))
 
 
 @settings(max_examples=40, deadline=None)
