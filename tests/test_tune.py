@@ -87,11 +87,14 @@ def test_the_race_reranks_the_leaders_and_the_defaults_on_more_trials(cutout):
     assert len(ahead) == 1 and first[ahead[0]] < 0 < max(first.values())
     # the defaults race, and only candidates that were ahead of them
     assert set(raced) == {"(defaults)", ahead[0]} and raced["(defaults)"] == 0
-    assert set(t["pairs"][t["round"] == "race"]) == {3}  # one choosing + two race trials
+    # one choosing trial and the race's: two, or up to six as the budget left pays for
+    raced_trials = t.meta["race_trials"]
+    assert 2 <= raced_trials <= 6
+    assert set(t["pairs"][t["round"] == "race"]) == {1 + raced_trials}
     # the race's winner, or the defaults when its median edge is within the margin
     margin = max(0.005, 0.02 * np.median(t["score"][0]))
     expect = ahead[0] if raced[ahead[0]] < -margin else "(defaults)"
-    assert t.meta["choosing_winner"] == expect and t.meta["race_trials"] == 2
+    assert t.meta["choosing_winner"] == expect
     with pytest.raises(ValueError, match="race_trials"):
         tune(cutout, space={"high": [5.0]}, race_trials=-1, peers={})
 
