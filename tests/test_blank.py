@@ -141,6 +141,16 @@ def test_blank_border_changes_nothing(plate):
     assert ref.frame is None and skymap.fit(padded).frame is None
 
 
+def test_a_nan_border_alone_is_cut_without_a_mask(plate):
+    # only NaN outside (no zero fill, no mask given): the fit on the valid frame (it
+    # raised a TypeError: no mask to cut)
+    padded = np.full((plate.shape[0] + 16, plate.shape[1] + 8), np.nan, np.float32)
+    padded[8:-8, 4:-4] = plate
+    res = skymap.fit(padded, blank_frame=True)
+    assert res.frame == (slice(8, padded.shape[0] - 8), slice(4, padded.shape[1] - 4))
+    np.testing.assert_array_equal(res.background[8:-8, 4:-4], skymap.fit(plate).background)
+
+
 def _runs_by_shifted_ands(image, bad, run, step, axis):
     """run_values' run map as whole-array comparisons (the reference)."""
     lines = (slice(None), slice(None, None, step)) if axis == 0 else (slice(None, None, step),)

@@ -715,7 +715,7 @@ class IterativeBackground:
         outside is excluded)."""
         sub = replace(self, blank_fills=False, blank_frame=False).fit(
             inputs.data[frame],
-            inputs.mask[frame],
+            None if inputs.mask is None else inputs.mask[frame],
             error=None if inputs.error is None else inputs.error[frame],
             callback=callback,
         )
