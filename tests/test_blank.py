@@ -12,6 +12,8 @@ from astropy.io import fits
 
 import skymap
 from skymap._inputs import blank_fill, edge_fill_values
+from skymap.backends.dask import DaskBackend
+from skymap.backends.memory import MemoryBackend
 
 DATA = Path(__file__).parent / "data"
 
@@ -149,6 +151,19 @@ def test_a_nan_border_alone_is_cut_without_a_mask(plate):
     res = skymap.fit(padded, blank_frame=True)
     assert res.frame == (slice(8, padded.shape[0] - 8), slice(4, padded.shape[1] - 4))
     np.testing.assert_array_equal(res.background[8:-8, 4:-4], skymap.fit(plate).background)
+
+
+def test_the_tracking_cap_is_a_share_of_the_valid_frame(plate):
+    # A NaN border three times the plate's side: the floor the tracking test raises is
+    # still capped at an eighth of the plate (32 px), not of the array (it reached 61),
+    # and the tiled back end reads the same frame.
+    padded = np.pad(plate, 256, constant_values=np.nan)
+    assert MemoryBackend(padded).valid_extent() == plate.shape
+    da = pytest.importorskip("dask.array")
+    tiled = DaskBackend(da.from_array(padded, chunks=256), tile=256, client="sync")
+    assert tiled.valid_extent() == plate.shape
+    res = skymap.fit(padded)
+    assert max(h.min_scale for h in res.history) == pytest.approx(plate.shape[0] / 8)
 
 
 def _runs_by_shifted_ands(image, bad, run, step, axis):

@@ -44,6 +44,7 @@ __all__ = [
     "Tileable",
     "Window",
     "block_sums",
+    "extent_of",
     "valid_blocks",
 ]
 
@@ -60,6 +61,22 @@ ERROR_BLOCK = 4
 #: backgrounds: they are smooth over tens of pixels, so every 4th pixel along each axis
 #: (1/16 of them) measures the RMS of their difference as well as all of them.
 CHANGE_STEP = 4
+
+
+def extent_of(rows_bad, cols_bad) -> tuple[int, int]:
+    """Height and width of the bounding box of the valid pixels, from which rows and
+    which columns are wholly bad (1-D bool); the whole shape when none is valid.
+
+    Examples
+    --------
+    >>> extent_of(np.array([True, False, False, True]), np.array([False, True, False]))
+    (2, 3)
+    """
+    out = []
+    for bad in (np.asarray(rows_bad), np.asarray(cols_bad)):
+        lines = np.flatnonzero(~bad)
+        out.append(int(lines[-1] - lines[0] + 1) if lines.size else int(bad.size))
+    return out[0], out[1]
 
 
 @runtime_checkable
@@ -147,6 +164,10 @@ class ArrayBackend(Protocol):
 
     def any_nonfinite(self, array: Any) -> bool:
         """Whether the native ``array`` holds a NaN or an infinity."""
+
+    def valid_extent(self) -> tuple[int, int]:
+        """Height and width of the bounding box of the pixels not ``given_bad``
+        (:func:`extent_of`)."""
 
     def valid_blocks(self, q: int) -> np.ndarray:
         """Which ``q`` x ``q`` blocks hold a pixel that is not bad (see

@@ -86,6 +86,7 @@ from skymap.backends.base import (
     SplitMasker,
     TileMasker,
     block_sums,
+    extent_of,
     valid_blocks,
 )
 from skymap.backends.labels import merge_labels
@@ -905,6 +906,10 @@ class DaskBackend:
         import dask.array as da
 
         return bool(self.compute((~da.isfinite(array)).any()))
+
+    def valid_extent(self) -> tuple[int, int]:
+        # two small reductions in one graph
+        return extent_of(*self.compute(self.given_bad.all(axis=1), self.given_bad.all(axis=0)))
 
     def valid_blocks(self, q: int) -> np.ndarray:
         chunks = tuple(tuple(-(-c // q) for c in ch) for ch in self.chunks)

@@ -17,7 +17,7 @@ import numpy as np
 from skymap._inputs import Normalisation
 from skymap._validate import as_image, as_mask, combine_masks
 from skymap.backends import _memory_kernels as _k
-from skymap.backends.base import CHANGE_STEP, valid_blocks
+from skymap.backends.base import CHANGE_STEP, extent_of, valid_blocks
 
 __all__ = ["MemoryBackend", "floor_at_half_median"]
 
@@ -161,6 +161,9 @@ class MemoryBackend:
 
     def valid_blocks(self, q: int) -> np.ndarray:
         return valid_blocks(self.bad, q)
+
+    def valid_extent(self) -> tuple[int, int]:
+        return extent_of(self.given_bad.all(axis=1), self.given_bad.all(axis=0))
 
     def result(self, array):
         return array
