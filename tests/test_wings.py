@@ -8,6 +8,7 @@ import pytest
 import scipy.ndimage as ndi
 
 import skymap
+from skymap.masking import _wings_kernels
 from skymap.masking.hysteresis import HysteresisMasker
 from skymap.masking.wings import (
     FALL_SIGMA,
@@ -60,6 +61,42 @@ def test_wing_reach_is_where_an_exponential_profile_stops_falling(amplitude, sca
         se = 0.4 / np.sqrt(dist.size * 10.0 / 90.0)
         assert amplitude * np.exp(-reach / scale) < 30 * se
         assert amplitude * np.exp(-reach / (1.5 * scale)) > se
+
+
+def test_block_distances_are_scipys_exact_transform_bit_for_bit():
+    rng = np.random.default_rng(4)
+    shapes = [(1, 1), (1, 37), (41, 1), (57, 33), (200, 300)]
+    for i, (ny, nx) in enumerate(shapes * 3):
+        density, unit = [0.001, 0.02, 0.3, 0.9, 0.05][i % 5], [1, 4, 2.5][i % 3]
+        seeds = rng.uniform(size=(ny, nx)) < density
+        seeds.flat[rng.integers(seeds.size)] = True
+        want = unit * ndi.distance_transform_edt(~seeds)
+        assert np.array_equal(_wings_kernels.distances(seeds, unit), want)
+    # one seed in a corner: the envelope of a single parabola, and the far corner
+    corner = np.zeros((300, 200), bool)
+    corner[0, -1] = True
+    want = 4 * ndi.distance_transform_edt(~corner)
+    assert np.array_equal(_wings_kernels.distances(corner, 4), want)
+
+
+def test_ring_sums_are_numpys_digitized_bincounts_bit_for_bit():
+    rng = np.random.default_rng(5)
+    for n in (1, 7, 20_000):
+        # block distances (values on the edges) and arbitrary ones
+        for dist in (4.0 * np.floor(rng.uniform(0, 60, n)), rng.uniform(0, 300, n)):
+            mean, weight = rng.normal(size=n), rng.integers(1, 17, n).astype(float)
+            edges = [0.0, 4.0, 8.0, 12.0, 16.0]
+            while edges[-1] <= dist.max():
+                edges.append(edges[-1] * 1.5)
+            ring, m = np.digitize(dist, edges) - 1, len(edges)
+            square = np.square(mean)
+            square *= weight
+            want = [np.bincount(ring, weights=weight, minlength=m),
+                    np.bincount(ring, weights=weight * mean, minlength=m),
+                    np.bincount(ring, weights=square, minlength=m),
+                    np.bincount(ring, minlength=m).astype(np.float64)]  # fmt: skip
+            got = _wings_kernels.ring_sums(mean, weight, dist, np.asarray(edges))
+            assert np.array_equal(got, want)
 
 
 def test_wing_sums_of_aligned_tiles_are_the_whole_images():

@@ -41,6 +41,7 @@ import scipy.ndimage as ndi
 from skymap._validate import as_image, as_mask, check_positive
 from skymap.backends.base import block_sums
 from skymap.masking import _hysteresis_kernels as _hk
+from skymap.masking import _wings_kernels as _wk
 from skymap.masking.hysteresis import (
     CoarseRMS,
     HysteresisMasker,
@@ -161,16 +162,8 @@ def wing_reach(mean, weight, dist, unit: float) -> float:
     top = float(np.max(dist)) if dist.size else 0.0
     while edges[-1] <= top:
         edges.append(edges[-1] * 1.5)
-    ring = np.digitize(dist, edges)
-    ring -= 1  # in place, as the products below (memory: a block grid can be 1e6)
     n = len(edges)
-    w = np.bincount(ring, weights=weight, minlength=n)
-    s = np.bincount(ring, weights=weight * mean, minlength=n)
-    sq = np.square(mean)
-    sq *= weight
-    s2 = np.bincount(ring, weights=sq, minlength=n)
-    del sq
-    k = np.bincount(ring, minlength=n).astype(np.float64)
+    w, s, s2, k = _wk.ring_sums(mean, weight, dist, np.asarray(edges))
     reach = 0.0
     for i in range(n - 1):
         wo, ko = w[i + 1 :].sum(), k[i + 1 :].sum()
@@ -237,7 +230,7 @@ def _profile(sums, seeds, free, b: int):
     """The blocks' distance (pixels) from the nearest detection, their mean, and the
     :func:`wing_reach` of the free blocks' stacked profile."""
     num, cnt, _ = sums
-    dist = b * ndi.distance_transform_edt(~seeds)
+    dist = _wk.distances(seeds, b)  # scipy's exact transform, without its indices
     with np.errstate(invalid="ignore", divide="ignore"):
         mean = num / cnt
     return dist, mean, wing_reach(mean[free], cnt[free], dist[free], float(b))
