@@ -31,12 +31,31 @@ def masked_block_sums(values, excluded, b, num, cnt):
     what they hold. (Outputs come from the caller:
     numpy's allocations of large arrays use huge pages, numba's do not, and the page
     faults of fresh memory cost as much as the arithmetic here.)"""
-    in_bands(_masked_block_sums, num.shape[0], values, excluded, b, num, cnt, grain=-(-_ROWS // b))
+    none = np.zeros((1, 1), bool)
+    counts = np.zeros(1, np.int64)
+    in_bands(_masked_block_sums, num.shape[0], values, excluded, b, num, cnt, False, none,
+             False, counts, grain=-(-_ROWS // b))  # fmt: skip
     return num, cnt
 
 
+def nonfinite_or_sums(values, given, out, num, cnt):
+    """:func:`nonfinite_or` and :func:`masked_block_sums` of ``values`` with that
+    ``out`` excluded, at blocks of 2 (``num``, ``cnt``), in one pass over the image:
+    the same map, count and sums bit for bit."""
+    masked = given is not None
+    counts = np.zeros(num.shape[0], np.int64)
+    given = given if masked else np.zeros((1, 1), bool)
+    in_bands(_masked_block_sums, num.shape[0], values, out, 2, num, cnt, True, given, masked,
+             counts, grain=_ROWS // 2)  # fmt: skip
+    return int(counts.sum())
+
+
 @njit(cache=True, nogil=True)
-def _masked_block_sums(values, excluded, b, num, cnt, lo, hi):  # pragma: no cover - compiled
+def _masked_block_sums(
+    values, excluded, b, num, cnt, fill, given, masked, counts, lo, hi
+):  # pragma: no cover - compiled
+    """With ``fill``, each row of ``excluded`` is first made :func:`nonfinite_or`'s row
+    (the row is still in cache when it is summed), its count added to ``counts``."""
     ny, nx = values.shape
     bv = np.empty(nx, np.float32)
     bc = np.empty(nx, np.float32)
@@ -46,12 +65,19 @@ def _masked_block_sums(values, excluded, b, num, cnt, lo, hi):  # pragma: no cov
         bv[:] = 0.0
         bc[:] = 0.0
         for y in range(by * b, min(ny, (by + 1) * b)):
-            vrow, erow = values[y], excluded[y]
-            for x in range(nx):
-                e = erow[x]
-                bv[x] += np.float32(0.0) if e else vrow[x]
-                bc[x] += np.float32(0.0) if e else np.float32(1.0)
+            if fill:
+                counts[by] += _nonfinite_or_row(values[y], given, masked, y, excluded[y])
+            _add_masked_row(values[y], excluded[y], bv, bc)
         _sum_pairs(bv, bc, b, num[by], cnt[by])
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _add_masked_row(vrow, erow, bv, bc):  # pragma: no cover - compiled
+    """``bv += vrow``, ``bc += 1`` where ``erow`` is not set."""
+    for x in range(vrow.size):
+        e = erow[x]
+        bv[x] += np.float32(0.0) if e else vrow[x]
+        bc[x] += np.float32(0.0) if e else np.float32(1.0)
 
 
 @njit(cache=True, nogil=True, inline="always")
@@ -599,20 +625,25 @@ def nonfinite_or(values, given, out):
 @njit(cache=True, nogil=True)
 def _nonfinite_or(values, given, masked, out, counts, lo, hi):  # pragma: no cover - compiled
     for y in range(lo, hi):
-        vrow, orow = values[y], out[y]
-        n = 0
-        if masked:
-            grow = given[y]
-            for x in range(vrow.size):
-                bad = not np.isfinite(vrow[x])
-                n += 1 if bad and not grow[x] else 0
-                orow[x] = bad or grow[x]
-        else:
-            for x in range(vrow.size):
-                bad = not np.isfinite(vrow[x])
-                n += 1 if bad else 0
-                orow[x] = bad
-        counts[y] = n
+        counts[y] = _nonfinite_or_row(values[y], given, masked, y, out[y])
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _nonfinite_or_row(vrow, given, masked, y, orow):  # pragma: no cover - compiled
+    """Row ``y`` of :func:`nonfinite_or`; returns its count."""
+    n = 0
+    if masked:
+        grow = given[y]
+        for x in range(vrow.size):
+            bad = not np.isfinite(vrow[x])
+            n += 1 if bad and not grow[x] else 0
+            orow[x] = bad or grow[x]
+    else:
+        for x in range(vrow.size):
+            bad = not np.isfinite(vrow[x])
+            n += 1 if bad else 0
+            orow[x] = bad
+    return n
 
 
 def expand_mask_into(small, b, out):
