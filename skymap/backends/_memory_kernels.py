@@ -98,31 +98,70 @@ def _rms_of_rows(sums, counts):  # pragma: no cover - compiled
     return np.sqrt(total / count) if count else 0.0
 
 
+@njit(cache=True, nogil=True, inline="always")
+def _run_sums(cv, cc, b, rs, rc):  # pragma: no cover - compiled
+    """``rs[bx]``, ``rc[bx]``: the sums of ``cv``, ``cc`` over each run of ``b`` (the
+    last may be short), from 0 in order; whole runs of 2 or 4 written out, so that
+    the loop over the blocks vectorises (the same sums)."""
+    nx = cv.size
+    start = 0
+    if b == 4:
+        start = nx // 4
+        for bx in range(start):
+            x = 4 * bx
+            rs[bx] = (((0.0 + cv[x]) + cv[x + 1]) + cv[x + 2]) + cv[x + 3]
+            rc[bx] = (((0.0 + cc[x]) + cc[x + 1]) + cc[x + 2]) + cc[x + 3]
+    elif b == 2:
+        start = nx // 2
+        for bx in range(start):
+            rs[bx] = (0.0 + cv[2 * bx]) + cv[2 * bx + 1]
+            rc[bx] = (0.0 + cc[2 * bx]) + cc[2 * bx + 1]
+    for bx in range(start, rs.size):
+        sv = 0.0
+        sc = 0.0
+        for x in range(bx * b, min(nx, (bx + 1) * b)):
+            sv += cv[x]
+            sc += cc[x]
+        rs[bx] = sv
+        rc[bx] = sc
+
+
 @njit(cache=True, nogil=True)
 def block_sums_small(values, minus, excluded, b, out, lo, hi):  # pragma: no cover - compiled
     """Block rows ``lo:hi`` of :func:`skymap.backends.base.block_sums` for ``b`` < 8
     (``minus`` subtracted from ``values`` first, in their dtypes, if it has their
     shape): each row's values from 0 in order, then the rows from the first: the order
     of numpy's sums of the reshaped copy, whose sums over fewer than 8 contiguous
-    values are sequential."""
+    values are sequential. A row's float64 values (0 where excluded: adding +0.0 to
+    a sum that starts at +0.0 changes nothing) are made along it first, so that pass
+    vectorises, then summed per block."""
     ny, nx = values.shape
+    gx = out.shape[2]
     sub = minus.shape == values.shape
+    cv = np.empty(nx)
+    cc = np.empty(nx)
+    rs = np.empty(gx)
+    rc = np.empty(gx)
     for by in range(lo, hi):
-        for bx in range(out.shape[2]):
-            tot = 0.0
-            cnt = 0.0
-            for y in range(by * b, min(ny, (by + 1) * b)):
-                rs = 0.0
-                rc = 0.0
-                for x in range(bx * b, min(nx, (bx + 1) * b)):
-                    if not excluded[y, x]:
-                        v = values[y, x] - minus[y, x] if sub else values[y, x]
-                        rs += np.float64(v)
-                        rc += 1.0
-                if y == by * b:
-                    tot, cnt = rs, rc
-                else:
-                    tot += rs
-                    cnt += rc
-            out[0, by, bx] = tot
-            out[1, by, bx] = cnt
+        for y in range(by * b, min(ny, (by + 1) * b)):
+            vrow, erow = values[y], excluded[y]
+            if sub:
+                mrow = minus[y]
+                for x in range(nx):
+                    e = erow[x]
+                    cv[x] = 0.0 if e else np.float64(vrow[x] - mrow[x])
+                    cc[x] = 0.0 if e else 1.0
+            else:
+                for x in range(nx):
+                    e = erow[x]
+                    cv[x] = 0.0 if e else np.float64(vrow[x])
+                    cc[x] = 0.0 if e else 1.0
+            _run_sums(cv, cc, b, rs, rc)
+            if y == by * b:
+                for bx in range(gx):
+                    out[0, by, bx] = rs[bx]
+                    out[1, by, bx] = rc[bx]
+            else:
+                for bx in range(gx):
+                    out[0, by, bx] += rs[bx]
+                    out[1, by, bx] += rc[bx]
