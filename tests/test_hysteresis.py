@@ -366,6 +366,21 @@ def test_masks_from_the_first_pass_sums_equal_those_from_the_image(rng, monkeypa
         assert got.sum() > given.sum() + 30
 
 
+def test_expand_mask_into_ors_the_small_map_repeated(rng):
+    # blocks of 2 and 4 (16- and 32-bit products), others byte by byte; odd shapes,
+    # a strided small map (a tile's part of the grid)
+    from skymap.masking import _hysteresis_kernels as K
+
+    for b in (1, 2, 3, 4, 5, 8):
+        for shape in ((7, 9), (33, 31), (64, 64)):
+            gy, gx = -(-shape[0] // b), -(-shape[1] // b)
+            small = (rng.random((gy + 2, gx + 3)) < 0.2)[1:-1, 2:-1]
+            out = rng.random(shape) < 0.1
+            big = np.repeat(np.repeat(small, b, axis=0), b, axis=1)[: shape[0], : shape[1]]
+            want = out | big
+            np.testing.assert_array_equal(K.expand_mask_into(small, b, out), want)
+
+
 def test_masked_block_sums_of_powers_of_two_are_halved_pair_sums(rng):
     values = rng.normal(size=(37, 45)).astype(np.float32)
     excluded = rng.random(values.shape) < 0.2
