@@ -209,11 +209,17 @@ def count_cells(bad, cy, cx):
 @njit(cache=True, nogil=True)
 def _count_cells(bad, cy, cx, n, lo, hi):  # pragma: no cover - compiled
     ny, nx = bad.shape
+    # Per cell row, each column's count over its pixel rows (along memory: the loop
+    # vectorises), then the cells' columns; integers, so exact.
+    col = np.empty(nx, np.int64)
     for i in range(lo, hi):
+        col[:] = 0
         for y in range(i * cy, min(ny, (i + 1) * cy)):
             brow = bad[y]
-            for j in range(n.shape[1]):
-                c = 0
-                for x in range(j * cx, min(nx, (j + 1) * cx)):
-                    c += 0 if brow[x] else 1
-                n[i, j] += c
+            for x in range(nx):
+                col[x] += 0 if brow[x] else 1
+        for j in range(n.shape[1]):
+            c = 0
+            for x in range(j * cx, min(nx, (j + 1) * cx)):
+                c += col[x]
+            n[i, j] += c
