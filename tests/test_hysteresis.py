@@ -381,6 +381,26 @@ def test_expand_mask_into_ors_the_small_map_repeated(rng):
             np.testing.assert_array_equal(K.expand_mask_into(small, b, out), want)
 
 
+def test_the_surround_filters_y_pass_adds_its_rows_in_order(rng):
+    # gaussian_separable's y pass: each output row the kernel's rows summed from 0 in
+    # the order of the taps, in float32 (the kernel takes four rows a pass)
+    from skymap.masking import _hysteresis_kernels as K
+
+    for size, sigma in (((40, 33), 2.0), ((9, 17), 1.0), ((5, 3), 3.0)):
+        a = rng.normal(size=size).astype(np.float32)
+        k = H._gaussian_kernel(sigma)
+        r = k.size // 2
+        tmp = np.empty_like(a)
+        got = K.gaussian_separable(a, k, tmp, np.empty_like(a))
+        want = np.empty_like(a)
+        for y in range(size[0]):
+            acc = np.zeros(size[1], np.float32)
+            for i in range(max(0, y - r), min(size[0] - 1, y + r) + 1):
+                acc = acc + k[i - y + r] * tmp[i]
+            want[y] = acc
+        np.testing.assert_array_equal(got, want)
+
+
 def test_masked_block_sums_of_powers_of_two_are_halved_pair_sums(rng):
     values = rng.normal(size=(37, 45)).astype(np.float32)
     excluded = rng.random(values.shape) < 0.2

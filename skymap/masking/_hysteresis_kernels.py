@@ -207,9 +207,19 @@ def _correlate_y(tmp, kernel, out, lo, hi):  # pragma: no cover - compiled
     for y in range(lo, hi):
         acc = out[y]
         acc[:] = 0.0
-        for i in range(max(0, y - r), min(ny - 1, y + r) + 1):
-            w = kernel[i - y + r]
-            src = tmp[i]
+        i, i1 = max(0, y - r), min(ny - 1, y + r) + 1
+        # Four rows a pass (still added one after the other, in order): a quarter of
+        # the loads and stores of the output row.
+        while i + 4 <= i1:
+            w0, w1 = kernel[i - y + r], kernel[i + 1 - y + r]
+            w2, w3 = kernel[i + 2 - y + r], kernel[i + 3 - y + r]
+            s0, s1, s2, s3 = tmp[i], tmp[i + 1], tmp[i + 2], tmp[i + 3]
+            for x in range(nx):
+                acc[x] = (((acc[x] + w0 * s0[x]) + w1 * s1[x]) + w2 * s2[x]) + w3 * s3[x]
+            i += 4
+        for k in range(i, i1):
+            w = kernel[k - y + r]
+            src = tmp[k]
             for x in range(nx):
                 acc[x] += w * src[x]
 
