@@ -165,3 +165,46 @@ def block_sums_small(values, minus, excluded, b, out, lo, hi):  # pragma: no cov
                 for bx in range(gx):
                     out[0, by, bx] += rs[bx]
                     out[1, by, bx] += rc[bx]
+
+
+#: Set bits per byte value.
+_POPCOUNT = np.array([bin(i).count("1") for i in range(256)], np.int64)
+
+
+def pack_stats(mask, last):
+    """``(flips, count, packed)``: ``packed = np.packbits(mask.ravel())``, the number
+    of set pixels, and the number of bits in which ``packed`` differs from ``last``
+    (a previous ``packed`` of the same shape; 0 when ``last`` is None), in one pass:
+    eight pixels a byte as one 64-bit product (the bits in numpy's big-endian order),
+    counted through a table."""
+    flat = np.ascontiguousarray(mask, dtype=bool).reshape(-1).view(np.uint8)
+    whole = flat.size // 8 * 8
+    packed = np.empty(-(-flat.size // 8), np.uint8)
+    previous = np.zeros(0, np.uint8) if last is None else last
+    flips, count = _pack_stats(flat, flat[:whole].view(np.uint64), previous, packed, _POPCOUNT)
+    return int(flips), int(count), packed
+
+
+@njit(cache=True, nogil=True)
+def _pack_stats(flat, words, last, packed, pop):  # pragma: no cover - compiled
+    compare = last.size == packed.size
+    count = 0
+    flips = 0
+    for i in range(words.size):
+        # byte k of the word (pixel 8 i + k, 0 or 1) lands on bit 7 - k of the top byte
+        byte = np.uint8((words[i] * np.uint64(0x8040201008040201)) >> np.uint64(56))
+        packed[i] = byte
+        count += pop[byte]
+        if compare:
+            flips += pop[byte ^ last[i]]
+    for i in range(words.size, packed.size):
+        byte = np.uint8(0)
+        for k in range(8):
+            j = 8 * i + k
+            if j < flat.size and flat[j]:
+                byte |= np.uint8(1 << (7 - k))
+        packed[i] = byte
+        count += pop[byte]
+        if compare:
+            flips += pop[byte ^ last[i]]
+    return flips, count
