@@ -351,34 +351,29 @@ def region_stats(where, lab, bad, vals, box, n: int, width: int) -> dict:
     mean ``box``. Each region's numbers depend on its own pixels only (exact sums
     and extremes), so regions may be measured apart (tile by tile)."""
     vals = np.where(bad, -np.inf, vals)
-    # grouped by label, brightest pixel last (ties: the last in C order)
-    order = np.lexsort((vals, lab))
-    where, lab, bad, vals, box = where[order], lab[order], bad[order], vals[order], box[order]
-    size = np.bincount(lab, minlength=n)
-    last = np.cumsum(size) - 1
-    peak = vals[last]
-    boxmax = np.full(n, -np.inf)
-    np.maximum.at(boxmax, lab, box)
-    # A flat top: the area above 90% of the peak is several times the typical
-    # bright source's (which the PSF sets, whatever the seeing), as a clipped core
-    # makes it. Quantised data repeat values near any peak, so counting repeats of
-    # the maximum would not do.
-    near = vals >= 0.9 * peak[lab]
-    # The middle of the flat top and masked core (a saturated source's centre).
-    core = near | bad
-    ry, rx = np.divmod(where, width)
-    py, px = np.divmod(where[last], width)
+    # A region's peak is its brightest pixel (ties: the last in C order). A flat top:
+    # the area above 90% of the peak is several times the typical bright source's
+    # (which the PSF sets, whatever the seeing), as a clipped core makes it. Quantised
+    # data repeat values near any peak, so counting repeats of the maximum would not
+    # do; the maximum repeated (a core clipped at one level) is counted too. The area
+    # is the flat top and masked core, its centre a saturated source's.
+    t = vals.dtype.type
+    py, px, boxmax, ints = _kb.region_sums(
+        np.ascontiguousarray(where, np.int64), np.ascontiguousarray(lab, np.int64),
+        np.ascontiguousarray(bad, bool), vals, np.ascontiguousarray(box, np.float64),
+        int(n), int(width), t(0.9), t(1e-6),
+    )  # fmt: skip
+    masked, top, repeats, area, sum_y, sum_x = ints.astype(np.float64)
     return {
         "peak_y": py,
         "peak_x": px,
-        "masked": np.bincount(lab, bad, minlength=n),
+        "masked": masked,
         "boxmax": boxmax,
-        "top": np.bincount(lab, near, minlength=n),
-        # Or the maximum repeated: a core clipped at one level.
-        "repeats": np.bincount(lab, vals >= peak[lab] - 1e-6 * np.abs(peak[lab]), minlength=n),
-        "area": np.bincount(lab, core, minlength=n),
-        "sum_y": np.bincount(lab, core * ry, minlength=n),
-        "sum_x": np.bincount(lab, core * rx, minlength=n),
+        "top": top,
+        "repeats": repeats,
+        "area": area,
+        "sum_y": sum_y,
+        "sum_x": sum_x,
     }
 
 
