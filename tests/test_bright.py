@@ -382,3 +382,24 @@ def test_region_stats_equal_those_of_sorting_the_pixels(dtype):
     for key in want:
         np.testing.assert_array_equal(got[key], want[key], err_msg=key)
         assert got[key].dtype == want[key].dtype, key
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_above_sky_is_numpys_difference_against_the_threshold(dtype):
+    # one pass against numpy's image - expanded sky > threshold (the threshold in the
+    # difference's dtype: 0.1 is not a float32), NaN pixels, a window off the origin
+    from skymap.masking.bright import above_sky
+
+    rng = np.random.default_rng(10)
+    img = rng.normal(size=(70, 90)).astype(dtype)
+    img[3, 4] = np.nan
+    grid = rng.normal(size=(5, 6)).astype(np.float32) * 0.1
+    invalid = rng.random(img.shape) < 0.1
+    sky = np.repeat(np.repeat(grid, 16, axis=0), 16, axis=1)
+    for (y0, x0), thr in (((0, 0), 0.1), ((7, 21), 0.3)):
+        win = img[: 70 - y0, : 90 - x0]
+        with np.errstate(invalid="ignore"):
+            want = win - sky[y0 : y0 + win.shape[0], x0 : x0 + win.shape[1]] > thr
+        want &= ~invalid[: win.shape[0], : win.shape[1]]
+        got = above_sky(win, grid, 16, thr, invalid[: win.shape[0], : win.shape[1]], (y0, x0))
+        np.testing.assert_array_equal(got, want)

@@ -159,3 +159,23 @@ def region_sums(where, lab, bad, vals, box, n, width, c09, c1e6):  # pragma: no 
         py[r] = where[last[r]] // width
         px[r] = where[last[r]] - py[r] * width
     return py, px, boxmax, ints
+
+
+@njit(cache=True, nogil=True)
+def above_sky(img, grid, block, oy, ox, threshold, invalid, out):  # pragma: no cover
+    """``out = (img - grid[(y + oy) // block, (x + ox) // block] > threshold) & ~invalid``
+    in one pass: each band's sky row expanded once (the loop over the pixels then
+    vectorises), the difference in numpy's dtype of the two, ``threshold`` in it."""
+    ny, nx = img.shape
+    sky = np.empty(nx, grid.dtype)
+    band = -1
+    for y in range(ny):
+        g = (y + oy) // block
+        if g != band:
+            for x in range(nx):
+                sky[x] = grid[g, (x + ox) // block]
+            band = g
+        irow, vrow, orow = img[y], invalid[y], out[y]
+        for x in range(nx):
+            orow[x] = (irow[x] - sky[x] > threshold) & (not vrow[x])
+    return out

@@ -251,18 +251,30 @@ class _CoarseSky:
         return self.at(np.arange(0, ny, step)[:, None], np.arange(0, nx, step)[None, :])
 
     def above(self, threshold: float, invalid: np.ndarray) -> np.ndarray:
-        """Full-resolution ``image - sky > threshold`` and not ``invalid``, a band of
-        ``block`` rows at a time."""
-        ny, nx = self.img.shape
-        b = self.block
-        out = np.empty((ny, nx), bool)
-        for i in range(self.grid.shape[0]):
-            rows = slice(i * b, min(ny, (i + 1) * b))
-            sky = np.repeat(self.grid[i], b)[:nx]
-            with np.errstate(invalid="ignore"):
-                np.greater(self.img[rows] - sky, threshold, out=out[rows])
-        out &= ~invalid
-        return out
+        """Full-resolution ``image - sky > threshold`` and not ``invalid``
+        (:func:`above_sky`)."""
+        return above_sky(self.img, self.grid, self.block, threshold, invalid)
+
+
+def above_sky(img, grid, block: int, threshold: float, invalid, origin=(0, 0)) -> np.ndarray:
+    """``img - sky > threshold`` and not ``invalid``, the sky ``grid`` one value per
+    ``block`` x ``block`` block of the image, ``img`` the part of it that starts at
+    ``origin`` (a tile's window); in one pass, without a full-size sky or difference
+    map. The values of numpy's ``img - sky > threshold`` (the difference in their
+    common dtype, ``threshold`` taken in it).
+
+    Examples
+    --------
+    >>> img = np.arange(8.0).reshape(2, 4)
+    >>> above_sky(img, np.array([[0.0, 4.0]]), 2, 0.5, np.zeros((2, 4), bool)).astype(int)
+    array([[0, 1, 0, 0],
+           [1, 1, 1, 1]])
+    """
+    img = np.asarray(img)
+    dtype = np.result_type(img.dtype, grid.dtype)
+    out = np.empty(img.shape, bool)
+    return _kb.above_sky(img, grid, int(block), int(origin[0]), int(origin[1]),
+                         dtype.type(threshold), np.asarray(invalid, bool), out)  # fmt: skip
 
 
 def mad_sigma(a: np.ndarray) -> float:
