@@ -403,3 +403,20 @@ def test_above_sky_is_numpys_difference_against_the_threshold(dtype):
         want &= ~invalid[: win.shape[0], : win.shape[1]]
         got = above_sky(win, grid, 16, thr, invalid[: win.shape[0], : win.shape[1]], (y0, x0))
         np.testing.assert_array_equal(got, want)
+
+
+def test_profile_match_is_numpys_median_ratio():
+    # HaloMasker's scale of one profile on another: the median ratio over the rings
+    # both measured, as np.median gives it (odd and even counts, ties, none)
+    from skymap.masking.bright import _match
+
+    rng = np.random.default_rng(11)
+    for _ in range(2000):
+        p = np.round(rng.normal(size=rng.integers(1, 25)) * 10.0 ** rng.uniform(-3, 3), 2)
+        ref = np.round(rng.normal(size=rng.integers(1, 25)), 1)
+        p[rng.random(p.size) < 0.2] = np.nan
+        m = min(p.size, ref.size)
+        ok = np.isfinite(p[:m]) & (ref[:m] > 0)
+        want = float(np.median(p[:m][ok] / ref[:m][ok])) if ok.any() else float("nan")
+        got = _match(p, ref)
+        assert got == want or (np.isnan(got) and np.isnan(want))
