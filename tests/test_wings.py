@@ -80,23 +80,38 @@ def test_block_distances_are_scipys_exact_transform_bit_for_bit():
 
 
 def test_ring_sums_are_numpys_digitized_bincounts_bit_for_bit():
+    # every value with a given mean, and the blocks a mask selects with their mean
+    # num / cnt (the pedestal's grids), against the gathered arrays' digitize + bincount
     rng = np.random.default_rng(5)
     for n in (1, 7, 20_000):
         # block distances (values on the edges) and arbitrary ones
         for dist in (4.0 * np.floor(rng.uniform(0, 60, n)), rng.uniform(0, 300, n)):
-            mean, weight = rng.normal(size=n), rng.integers(1, 17, n).astype(float)
+            num, cnt = rng.normal(size=n) * 16, rng.integers(0, 17, n).astype(float)
+            keep = cnt > 0
+            keep[0] = True  # one value at least
+            cnt[0] = max(cnt[0], 1.0)
             edges = [0.0, 4.0, 8.0, 12.0, 16.0]
             while edges[-1] <= dist.max():
                 edges.append(edges[-1] * 1.5)
-            ring, m = np.digitize(dist, edges) - 1, len(edges)
-            square = np.square(mean)
-            square *= weight
-            want = [np.bincount(ring, weights=weight, minlength=m),
-                    np.bincount(ring, weights=weight * mean, minlength=m),
-                    np.bincount(ring, weights=square, minlength=m),
-                    np.bincount(ring, minlength=m).astype(np.float64)]  # fmt: skip
-            got = _wings_kernels.ring_sums(mean, weight, dist, np.asarray(edges))
-            assert np.array_equal(got, want)
+            edges = np.asarray(edges)
+            for sel in (np.zeros(0, bool), keep):
+                if sel.size == 0:  # all the values: all with pixels
+                    cnt = np.maximum(cnt, 1.0)
+                take = slice(None) if sel.size == 0 else sel
+                mean = num[take] / cnt[take]
+                weight, d = cnt[take], dist[take]
+                ring, m = np.digitize(d, edges) - 1, edges.size
+                square = np.square(mean)
+                square *= weight
+                want = [np.bincount(ring, weights=weight, minlength=m),
+                        np.bincount(ring, weights=weight * mean, minlength=m),
+                        np.bincount(ring, weights=square, minlength=m),
+                        np.bincount(ring, minlength=m).astype(np.float64)]  # fmt: skip
+                got = _wings_kernels.ring_sums(num, cnt, cnt, dist, sel, edges)
+                assert np.array_equal(got, want)
+                every = np.zeros(0, bool)
+                given = _wings_kernels.ring_sums(mean, np.ones(1), weight, d, every, edges)
+                assert np.array_equal(given, want)
 
 
 def test_wing_sums_of_aligned_tiles_are_the_whole_images():

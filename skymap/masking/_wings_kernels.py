@@ -83,21 +83,28 @@ def _distances(seeds, unit, out):  # pragma: no cover - compiled
 
 
 @njit(cache=True, nogil=True)
-def ring_sums(mean, weight, dist, edges):  # pragma: no cover - compiled
-    """Per ring ``r`` (``edges[r] <= dist < edges[r + 1]``, the last open-ended): the
-    sums of ``weight``, ``weight * mean``, ``mean**2 * weight`` and the count, as a
-    (4, edges.size) float64 array; those of ``np.bincount(np.digitize(dist, edges) -
-    1, weights=...)`` bit for bit (the same products, added in the same order) for
-    ``dist >= edges[0]``, without digitize's binary search per value (edges are few,
-    and most values lie in the first rings)."""
+def ring_sums(num, den, weight, dist, keep, edges):  # pragma: no cover - compiled
+    """Per ring ``r`` (``edges[r] <= dist < edges[r + 1]``, the last open-ended), over
+    the values ``keep`` selects (all when it is empty), with ``mean = num / den``
+    (``den`` of one value: that value for all): the sums of ``weight``,
+    ``weight * mean``, ``mean**2 * weight`` and the count, as a (4, edges.size)
+    float64 array. Those of ``np.bincount(np.digitize(dist, edges) - 1, weights=...)``
+    over the selected values bit for bit (the same products, added in the same
+    order) for ``dist >= edges[0]``, without the selections' copies or digitize's
+    binary search per value (edges are few, most values lie in the first rings)."""
     n = edges.size
     out = np.zeros((4, n))
+    every = keep.size == 0
+    one = den.size == 1
     for i in range(dist.size):
+        if not every and not keep[i]:
+            continue
         r = 0
         while r + 1 < n and edges[r + 1] <= dist[i]:
             r += 1
+        mean = num[i] / (den[0] if one else den[i])
         out[0, r] += weight[i]
-        out[1, r] += weight[i] * mean[i]
-        out[2, r] += mean[i] * mean[i] * weight[i]
+        out[1, r] += weight[i] * mean
+        out[2, r] += mean * mean * weight[i]
         out[3, r] += 1.0
     return out
