@@ -175,16 +175,16 @@ def _peak_fwhm(resid, ok, sigma) -> tuple[float, int]:
         return float("nan"), 0
     # Per-label maxima over the labelled pixels only (ndimage.maximum sorts the image).
     sel = lab > 0
-    lv = lab[sel]
+    lv, rv = lab[sel], resid[sel]
     peak = np.full(n + 1, -np.inf)
-    np.maximum.at(peak, lv, resid[sel])
-    peak[0] = np.inf
-    half = resid >= 0.5 * peak[lab]
-    area = np.bincount(lab[half], minlength=n + 1)[1:]
+    np.maximum.at(peak, lv, rv)
+    # The areas over the labelled pixels only (the others belong to no peak).
+    pv = peak[lv]
+    area = np.bincount(lv[rv >= 0.5 * pv], minlength=n + 1)[1:]
     # A saturated core is flat: more than two pixels within 0.5% of its maximum (a
     # Gaussian core that flat would be over 20 px wide), and far wider at half its
     # clipped height than the PSF.
-    flat = np.bincount(lab[resid >= 0.995 * peak[lab]], minlength=n + 1)[1:] > 2
+    flat = np.bincount(lv[rv >= 0.995 * pv], minlength=n + 1)[1:] > 2
     peak = peak[1:]
     use = (peak > 20.0 * sigma) & ~flat
     if not use.any():
