@@ -45,8 +45,11 @@ def sampled_runs(image, bad, run, step, axis):
         out = np.empty((ny - run + 1, -(-nx // step)), np.bool_)
         _column_runs(image, flag, bad is not None, run, step, out)
     else:
-        out = np.empty((nx - run + 1, -(-ny // step)), np.bool_)
-        _row_runs(image, flag, bad is not None, run, step, out)
+        # written line by line (along memory), handed back transposed: the same layout
+        # of values, without a strided write per pixel
+        lines = np.empty((-(-ny // step), nx - run + 1), np.bool_)
+        _row_runs(image, flag, bad is not None, run, step, lines)
+        out = lines.T
     return out
 
 
@@ -72,9 +75,9 @@ def _column_runs(image, bad, masked, run, step, out):  # pragma: no cover - comp
 @njit(cache=True, nogil=True)
 def _row_runs(image, bad, masked, run, step, out):  # pragma: no cover - compiled
     nx = image.shape[1]
-    for j in range(out.shape[1]):
+    for j in range(out.shape[0]):
         y = j * step
-        row = image[y]
+        row, line = image[y], out[j]
         count = 0
         for x in range(1, nx):
             same = row[x] == row[x - 1]
@@ -83,4 +86,4 @@ def _row_runs(image, bad, masked, run, step, out):  # pragma: no cover - compile
             count = count + 1 if same else 0
             start = x - run + 1
             if start >= 0:
-                out[start, j] = count >= run - 1
+                line[start] = count >= run - 1

@@ -333,3 +333,90 @@ def test_saturated_stars_sunk_in_emission_plateaus_give_no_halo_profile():
             img += 300.0 * (1 + r**2 / 4.0) ** -1.5
             img[r < 3] = np.nan
     assert len(HaloMasker().find(img)) == 0
+
+
+def _region_stats_by_sorting(where, lab, bad, vals, box, n, width):
+    """region_stats as it was written with numpy: sorted by label, then value."""
+    vals = np.where(bad, -np.inf, vals)
+    order = np.lexsort((vals, lab))
+    where, lab, bad, vals, box = where[order], lab[order], bad[order], vals[order], box[order]
+    last = np.cumsum(np.bincount(lab, minlength=n)) - 1
+    peak = vals[last]
+    boxmax = np.full(n, -np.inf)
+    np.maximum.at(boxmax, lab, box)
+    near = vals >= 0.9 * peak[lab]
+    core = near | bad
+    ry, rx = np.divmod(where, width)
+    py, px = np.divmod(where[last], width)
+    return {
+        "peak_y": py,
+        "peak_x": px,
+        "masked": np.bincount(lab, bad, minlength=n),
+        "boxmax": boxmax,
+        "top": np.bincount(lab, near, minlength=n),
+        "repeats": np.bincount(lab, vals >= peak[lab] - 1e-6 * np.abs(peak[lab]), minlength=n),
+        "area": np.bincount(lab, core, minlength=n),
+        "sum_y": np.bincount(lab, core * ry, minlength=n),
+        "sum_x": np.bincount(lab, core * rx, minlength=n),
+    }
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_region_stats_equal_those_of_sorting_the_pixels(dtype):
+    # peaks with ties (the last in C order wins), clipped cores (repeats), regions
+    # wholly excluded (a peak of -inf), values near 90% of the peak
+    from skymap.masking.bright import region_stats
+
+    rng = np.random.default_rng(9)
+    n, width = 300, 97
+    where = np.sort(rng.choice(97 * 80, 5000, replace=False)).astype(np.int64)
+    lab = rng.integers(0, n, where.size)
+    lab[:n] = np.arange(n)  # every region holds a pixel
+    vals = np.round(rng.exponential(3.0, where.size), 1).astype(dtype)
+    bad = rng.random(where.size) < 0.1
+    bad[lab == 7] = True
+    box = rng.normal(size=where.size)
+    got = region_stats(where, lab, bad, vals, box, n, width)
+    want = _region_stats_by_sorting(where, lab, bad, vals, box, n, width)
+    assert got.keys() == want.keys()
+    for key in want:
+        np.testing.assert_array_equal(got[key], want[key], err_msg=key)
+        assert got[key].dtype == want[key].dtype, key
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_above_sky_is_numpys_difference_against_the_threshold(dtype):
+    # one pass against numpy's image - expanded sky > threshold (the threshold in the
+    # difference's dtype: 0.1 is not a float32), NaN pixels, a window off the origin
+    from skymap.masking.bright import above_sky
+
+    rng = np.random.default_rng(10)
+    img = rng.normal(size=(70, 90)).astype(dtype)
+    img[3, 4] = np.nan
+    grid = rng.normal(size=(5, 6)).astype(np.float32) * 0.1
+    invalid = rng.random(img.shape) < 0.1
+    sky = np.repeat(np.repeat(grid, 16, axis=0), 16, axis=1)
+    for (y0, x0), thr in (((0, 0), 0.1), ((7, 21), 0.3)):
+        win = img[: 70 - y0, : 90 - x0]
+        with np.errstate(invalid="ignore"):
+            want = win - sky[y0 : y0 + win.shape[0], x0 : x0 + win.shape[1]] > thr
+        want &= ~invalid[: win.shape[0], : win.shape[1]]
+        got = above_sky(win, grid, 16, thr, invalid[: win.shape[0], : win.shape[1]], (y0, x0))
+        np.testing.assert_array_equal(got, want)
+
+
+def test_profile_match_is_numpys_median_ratio():
+    # HaloMasker's scale of one profile on another: the median ratio over the rings
+    # both measured, as np.median gives it (odd and even counts, ties, none)
+    from skymap.masking.bright import _match
+
+    rng = np.random.default_rng(11)
+    for _ in range(2000):
+        p = np.round(rng.normal(size=rng.integers(1, 25)) * 10.0 ** rng.uniform(-3, 3), 2)
+        ref = np.round(rng.normal(size=rng.integers(1, 25)), 1)
+        p[rng.random(p.size) < 0.2] = np.nan
+        m = min(p.size, ref.size)
+        ok = np.isfinite(p[:m]) & (ref[:m] > 0)
+        want = float(np.median(p[:m][ok] / ref[:m][ok])) if ok.any() else float("nan")
+        got = _match(p, ref)
+        assert got == want or (np.isnan(got) and np.isnan(want))

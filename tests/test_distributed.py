@@ -601,6 +601,23 @@ def test_block_sums_are_numpys_sums_of_the_padded_copy_bit_for_bit(b, dtype):
         assert np.array_equal(block_sums(v, ex, b, minus=minus), ref)
 
 
+def test_mask_stats_pack_and_count_as_numpy():
+    # the in-memory back end's packed mask, count and flips in one pass, against
+    # np.packbits, count_nonzero and the popcount of the XOR; ragged sizes (a last
+    # partial byte)
+    from skymap.backends._memory_kernels import pack_stats
+
+    rng = np.random.default_rng(12)
+    for shape in ((1, 1), (3, 5), (7, 9), (64, 64), (33, 17)):
+        a, b = rng.random(shape) < 0.3, rng.random(shape) < 0.3
+        last = np.packbits(a.ravel())
+        want = np.packbits(b.ravel())
+        flips, count, packed = pack_stats(b, last)
+        assert np.array_equal(packed, want) and count == np.count_nonzero(b)
+        assert flips == np.bitwise_count(want ^ last).sum()
+        assert pack_stats(b, None)[0] == 0
+
+
 @pytest.mark.parametrize("tiled", [False, True])
 def test_a_users_own_masker_and_estimator_run_in_every_back_end(tiled):
     rng = np.random.default_rng(11)

@@ -323,6 +323,84 @@ def test_binned_scales_chained_equal_each_scale_from_the_image(rng, monkeypatch,
         assert got.sum() > given.sum() + 200
 
 
+def test_the_nonfinite_map_and_the_first_pair_sums_in_one_pass(rng):
+    # _k.nonfinite_or_sums against nonfinite_or then masked_block_sums of blocks of 2:
+    # odd shapes, non-finite pixels inside and outside the given mask, no mask
+    from skymap.masking import _hysteresis_kernels as K
+
+    for shape in ((1, 1), (7, 5), (36, 41), (203, 181)):
+        values = rng.normal(size=shape).astype(np.float32)
+        values.flat[rng.integers(values.size, size=4)] = [np.nan, np.inf, -np.inf, np.nan]
+        for given in (None, rng.random(shape) < 0.3):
+            want = np.empty(shape, bool)
+            outside = K.nonfinite_or(values, given, want)
+            half = (-(-shape[0] // 2), -(-shape[1] // 2))
+            got, num, cnt = (
+                np.empty(shape, bool),
+                np.empty(half, np.float32),
+                np.empty(half, np.float32),
+            )
+            assert K.nonfinite_or_sums(values, given, got, num, cnt) == outside
+            np.testing.assert_array_equal(got, want)
+            for a, b in zip((num, cnt), H.masked_block_sums(values, want, 2), strict=True):
+                np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("surround", [4.0, 0.0])
+def test_masks_from_the_first_pass_sums_equal_those_from_the_image(rng, monkeypatch, surround):
+    # the first scale's sums (binned, or an unbinned scale's surround) made with the
+    # non-finite map, against summing the image after it (_first_sums_block 1)
+    res = rng.normal(size=(203, 181)).astype(np.float32)
+    res[50:56, 60:70] += 8.0
+    res[150:170, 100:130] += 3.0
+    res[5, 5] = res[100, 100] = np.nan
+    given = np.zeros(res.shape, bool)
+    given[:10] = True
+    for scales in ((1.0, 2.0, 4.0, 8.0), (2.0, 4.0), (4.0, 8.0), (1.0,), (3.0, 1.0)):
+        masker = H.HysteresisMasker(scales=scales, surround=surround)
+        got = masker.mask_with(res, np.float32(1.0), given)
+        with monkeypatch.context() as m:
+            m.setattr(H.HysteresisMasker, "_first_sums_block", lambda self, shape: 1)
+            want = masker.mask_with(res, np.float32(1.0), given)
+        np.testing.assert_array_equal(got, want)
+        assert got.sum() > given.sum() + 30
+
+
+def test_expand_mask_into_ors_the_small_map_repeated(rng):
+    # blocks of 2 and 4 (16- and 32-bit products), others byte by byte; odd shapes,
+    # a strided small map (a tile's part of the grid)
+    from skymap.masking import _hysteresis_kernels as K
+
+    for b in (1, 2, 3, 4, 5, 8):
+        for shape in ((7, 9), (33, 31), (64, 64)):
+            gy, gx = -(-shape[0] // b), -(-shape[1] // b)
+            small = (rng.random((gy + 2, gx + 3)) < 0.2)[1:-1, 2:-1]
+            out = rng.random(shape) < 0.1
+            big = np.repeat(np.repeat(small, b, axis=0), b, axis=1)[: shape[0], : shape[1]]
+            want = out | big
+            np.testing.assert_array_equal(K.expand_mask_into(small, b, out), want)
+
+
+def test_the_surround_filters_y_pass_adds_its_rows_in_order(rng):
+    # gaussian_separable's y pass: each output row the kernel's rows summed from 0 in
+    # the order of the taps, in float32 (the kernel takes four rows a pass)
+    from skymap.masking import _hysteresis_kernels as K
+
+    for size, sigma in (((40, 33), 2.0), ((9, 17), 1.0), ((5, 3), 3.0)):
+        a = rng.normal(size=size).astype(np.float32)
+        k = H._gaussian_kernel(sigma)
+        r = k.size // 2
+        tmp = np.empty_like(a)
+        got = K.gaussian_separable(a, k, tmp, np.empty_like(a))
+        want = np.empty_like(a)
+        for y in range(size[0]):
+            acc = np.zeros(size[1], np.float32)
+            for i in range(max(0, y - r), min(size[0] - 1, y + r) + 1):
+                acc = acc + k[i - y + r] * tmp[i]
+            want[y] = acc
+        np.testing.assert_array_equal(got, want)
+
+
 def test_masked_block_sums_of_powers_of_two_are_halved_pair_sums(rng):
     values = rng.normal(size=(37, 45)).astype(np.float32)
     excluded = rng.random(values.shape) < 0.2

@@ -125,6 +125,29 @@ def test_cell_sums_equal_numpy_block_sums_with_a_mask_and_ragged_edges():
             np.testing.assert_allclose(sums[:, i, j], expect, rtol=1e-12, atol=1e-9)
 
 
+def test_cell_sums_add_each_column_row_by_row_then_the_columns_bit_for_bit():
+    # the order the tiles share: each column over a cell row's pixel rows in row order
+    # (four at a time in the kernel), then each cell's columns in x order; bad pixels
+    # may be NaN
+    rng = np.random.default_rng(6)
+    img = rng.normal(10.0, 2.0, size=(39, 30)) * 10.0 ** rng.uniform(-3, 3, (39, 30))
+    bad = rng.random(img.shape) < 0.2
+    img[bad & (rng.random(img.shape) < 0.5)] = np.nan
+    for cy, cx in ((4, 7), (3, 5), (5, 4), (9, 2), (1, 1)):
+        got = cell_sums(img, bad, (cy, cx), 10.0)
+        gy, gx = got.shape[1:]
+        want = np.zeros((2, gy, gx))
+        for i in range(gy):
+            cols = np.zeros((2, img.shape[1]))
+            for y in range(i * cy, min(img.shape[0], (i + 1) * cy)):
+                v = np.where(bad[y], 0.0, img[y] - 10.0)
+                cols[0] = cols[0] + v
+                cols[1] = cols[1] + v * v
+            for x in range(img.shape[1]):
+                want[:, i, x // cx] = want[:, i, x // cx] + cols[:, x]
+        np.testing.assert_array_equal(got[1:3], want)
+
+
 @pytest.mark.parametrize("shape", [(1, 9), (2, 7), (3, 3), (5, 4), (9, 13)])
 def test_the_gathered_operator_equals_the_sparse_definition(shape):
     # The CG's matrix (W + lam K) z, its curvature z . (W + lam K) z, on grids down to

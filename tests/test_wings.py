@@ -8,6 +8,7 @@ import pytest
 import scipy.ndimage as ndi
 
 import skymap
+from skymap.masking import _wings_kernels
 from skymap.masking.hysteresis import HysteresisMasker
 from skymap.masking.wings import (
     FALL_SIGMA,
@@ -78,6 +79,57 @@ def test_the_reach_stops_before_the_few_blocks_of_the_frames_emptiest_corner():
     reach = wing_reach(mean, weight, dist, 4.0)
     assert 0 < reach <= 100
     assert (dist >= reach).sum() >= MIN_OUTER_SHARE * dist.size
+
+
+def test_block_distances_are_scipys_exact_transform_bit_for_bit():
+    rng = np.random.default_rng(4)
+    shapes = [(1, 1), (1, 37), (41, 1), (57, 33), (200, 300)]
+    for i, (ny, nx) in enumerate(shapes * 3):
+        density, unit = [0.001, 0.02, 0.3, 0.9, 0.05][i % 5], [1, 4, 2.5][i % 3]
+        seeds = rng.uniform(size=(ny, nx)) < density
+        seeds.flat[rng.integers(seeds.size)] = True
+        want = unit * ndi.distance_transform_edt(~seeds)
+        assert np.array_equal(_wings_kernels.distances(seeds, unit), want)
+    # one seed in a corner: the envelope of a single parabola, and the far corner
+    corner = np.zeros((300, 200), bool)
+    corner[0, -1] = True
+    want = 4 * ndi.distance_transform_edt(~corner)
+    assert np.array_equal(_wings_kernels.distances(corner, 4), want)
+
+
+def test_ring_sums_are_numpys_digitized_bincounts_bit_for_bit():
+    # every value with a given mean, and the blocks a mask selects with their mean
+    # num / cnt (the pedestal's grids), against the gathered arrays' digitize + bincount
+    rng = np.random.default_rng(5)
+    for n in (1, 7, 20_000):
+        # block distances (values on the edges) and arbitrary ones
+        for dist in (4.0 * np.floor(rng.uniform(0, 60, n)), rng.uniform(0, 300, n)):
+            num, cnt = rng.normal(size=n) * 16, rng.integers(0, 17, n).astype(float)
+            keep = cnt > 0
+            keep[0] = True  # one value at least
+            cnt[0] = max(cnt[0], 1.0)
+            edges = [0.0, 4.0, 8.0, 12.0, 16.0]
+            while edges[-1] <= dist.max():
+                edges.append(edges[-1] * 1.5)
+            edges = np.asarray(edges)
+            for sel in (np.zeros(0, bool), keep):
+                if sel.size == 0:  # all the values: all with pixels
+                    cnt = np.maximum(cnt, 1.0)
+                take = slice(None) if sel.size == 0 else sel
+                mean = num[take] / cnt[take]
+                weight, d = cnt[take], dist[take]
+                ring, m = np.digitize(d, edges) - 1, edges.size
+                square = np.square(mean)
+                square *= weight
+                want = [np.bincount(ring, weights=weight, minlength=m),
+                        np.bincount(ring, weights=weight * mean, minlength=m),
+                        np.bincount(ring, weights=square, minlength=m),
+                        np.bincount(ring, minlength=m).astype(np.float64)]  # fmt: skip
+                got = _wings_kernels.ring_sums(num, cnt, cnt, dist, sel, edges)
+                assert np.array_equal(got, want)
+                every = np.zeros(0, bool)
+                given = _wings_kernels.ring_sums(mean, np.ones(1), weight, d, every, edges)
+                assert np.array_equal(given, want)
 
 
 def test_wing_sums_of_aligned_tiles_are_the_whole_images():

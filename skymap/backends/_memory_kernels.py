@@ -98,31 +98,113 @@ def _rms_of_rows(sums, counts):  # pragma: no cover - compiled
     return np.sqrt(total / count) if count else 0.0
 
 
+@njit(cache=True, nogil=True, inline="always")
+def _run_sums(cv, cc, b, rs, rc):  # pragma: no cover - compiled
+    """``rs[bx]``, ``rc[bx]``: the sums of ``cv``, ``cc`` over each run of ``b`` (the
+    last may be short), from 0 in order; whole runs of 2 or 4 written out, so that
+    the loop over the blocks vectorises (the same sums)."""
+    nx = cv.size
+    start = 0
+    if b == 4:
+        start = nx // 4
+        for bx in range(start):
+            x = 4 * bx
+            rs[bx] = (((0.0 + cv[x]) + cv[x + 1]) + cv[x + 2]) + cv[x + 3]
+            rc[bx] = (((0.0 + cc[x]) + cc[x + 1]) + cc[x + 2]) + cc[x + 3]
+    elif b == 2:
+        start = nx // 2
+        for bx in range(start):
+            rs[bx] = (0.0 + cv[2 * bx]) + cv[2 * bx + 1]
+            rc[bx] = (0.0 + cc[2 * bx]) + cc[2 * bx + 1]
+    for bx in range(start, rs.size):
+        sv = 0.0
+        sc = 0.0
+        for x in range(bx * b, min(nx, (bx + 1) * b)):
+            sv += cv[x]
+            sc += cc[x]
+        rs[bx] = sv
+        rc[bx] = sc
+
+
 @njit(cache=True, nogil=True)
 def block_sums_small(values, minus, excluded, b, out, lo, hi):  # pragma: no cover - compiled
     """Block rows ``lo:hi`` of :func:`skymap.backends.base.block_sums` for ``b`` < 8
     (``minus`` subtracted from ``values`` first, in their dtypes, if it has their
     shape): each row's values from 0 in order, then the rows from the first: the order
     of numpy's sums of the reshaped copy, whose sums over fewer than 8 contiguous
-    values are sequential."""
+    values are sequential. A row's float64 values (0 where excluded: adding +0.0 to
+    a sum that starts at +0.0 changes nothing) are made along it first, so that pass
+    vectorises, then summed per block."""
     ny, nx = values.shape
+    gx = out.shape[2]
     sub = minus.shape == values.shape
+    cv = np.empty(nx)
+    cc = np.empty(nx)
+    rs = np.empty(gx)
+    rc = np.empty(gx)
     for by in range(lo, hi):
-        for bx in range(out.shape[2]):
-            tot = 0.0
-            cnt = 0.0
-            for y in range(by * b, min(ny, (by + 1) * b)):
-                rs = 0.0
-                rc = 0.0
-                for x in range(bx * b, min(nx, (bx + 1) * b)):
-                    if not excluded[y, x]:
-                        v = values[y, x] - minus[y, x] if sub else values[y, x]
-                        rs += np.float64(v)
-                        rc += 1.0
-                if y == by * b:
-                    tot, cnt = rs, rc
-                else:
-                    tot += rs
-                    cnt += rc
-            out[0, by, bx] = tot
-            out[1, by, bx] = cnt
+        for y in range(by * b, min(ny, (by + 1) * b)):
+            vrow, erow = values[y], excluded[y]
+            if sub:
+                mrow = minus[y]
+                for x in range(nx):
+                    e = erow[x]
+                    cv[x] = 0.0 if e else np.float64(vrow[x] - mrow[x])
+                    cc[x] = 0.0 if e else 1.0
+            else:
+                for x in range(nx):
+                    e = erow[x]
+                    cv[x] = 0.0 if e else np.float64(vrow[x])
+                    cc[x] = 0.0 if e else 1.0
+            _run_sums(cv, cc, b, rs, rc)
+            if y == by * b:
+                for bx in range(gx):
+                    out[0, by, bx] = rs[bx]
+                    out[1, by, bx] = rc[bx]
+            else:
+                for bx in range(gx):
+                    out[0, by, bx] += rs[bx]
+                    out[1, by, bx] += rc[bx]
+
+
+#: Set bits per byte value.
+_POPCOUNT = np.array([bin(i).count("1") for i in range(256)], np.int64)
+
+
+def pack_stats(mask, last):
+    """``(flips, count, packed)``: ``packed = np.packbits(mask.ravel())``, the number
+    of set pixels, and the number of bits in which ``packed`` differs from ``last``
+    (a previous ``packed`` of the same shape; 0 when ``last`` is None), in one pass:
+    eight pixels a byte as one 64-bit product (the bits in numpy's big-endian order),
+    counted through a table."""
+    flat = np.ascontiguousarray(mask, dtype=bool).reshape(-1).view(np.uint8)
+    whole = flat.size // 8 * 8
+    packed = np.empty(-(-flat.size // 8), np.uint8)
+    previous = np.zeros(0, np.uint8) if last is None else last
+    flips, count = _pack_stats(flat, flat[:whole].view(np.uint64), previous, packed, _POPCOUNT)
+    return int(flips), int(count), packed
+
+
+@njit(cache=True, nogil=True)
+def _pack_stats(flat, words, last, packed, pop):  # pragma: no cover - compiled
+    compare = last.size == packed.size
+    count = 0
+    flips = 0
+    for i in range(words.size):
+        # byte k of the word (pixel 8 i + k, 0 or 1) lands on bit 7 - k of the top byte
+        byte = np.uint8((words[i] * np.uint64(0x8040201008040201)) >> np.uint64(56))
+        packed[i] = byte
+        count += pop[byte]
+        if compare:
+            flips += pop[byte ^ last[i]]
+    for i in range(words.size, packed.size):
+        byte = np.uint8(0)
+        for k in range(8):
+            j = 8 * i + k
+            if j < flat.size and flat[j]:
+                byte |= np.uint8(1 << (7 - k))
+        packed[i] = byte
+        count += pop[byte]
+        if compare:
+            flips += pop[byte ^ last[i]]
+    return flips, count

@@ -145,12 +145,10 @@ class MemoryBackend:
         return _k.subsampled_change(background, old, self.bad, sigma, q, CHANGE_STEP)
 
     def mask_stats(self, new):
-        packed = np.packbits(new.ravel())
-        flips = (
-            0 if self._last is None else np.bitwise_count(packed ^ self._last).sum(dtype=np.int64)
-        )
+        # the packed mask, its count and its flips from the last, in one pass
+        flips, count, packed = _k.pack_stats(new, self._last)
         self._last = packed
-        return int(flips), int(np.count_nonzero(new)), packed
+        return flips, count, packed
 
     def median_where(self, values, excluded):
         # The selection is a fresh copy: the median may partition it in place.

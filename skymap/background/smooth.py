@@ -166,16 +166,22 @@ class _System:
         w = self.w
         inv = 1.0 / (self.wbar + lam * self.fbar * self.pspec)
         gy, gx = w.shape
+        # The spectrum is scaled in place and transformed back over itself (the same
+        # values: ~5% of a call, which the CG makes ~10 times a solve).
         if self.padded == w.shape:
 
             def precondition(r):
-                return fft.idctn(inv * fft.dctn(r, norm="ortho"), norm="ortho")
+                spec = fft.dctn(r, norm="ortho")
+                spec *= inv
+                return fft.idctn(spec, norm="ortho", overwrite_x=True)
         else:
             pad = np.zeros(self.padded)
 
             def precondition(r):
                 pad[:gy, :gx] = r
-                out = fft.idctn(inv * fft.dctn(pad, norm="ortho"), norm="ortho")
+                spec = fft.dctn(pad, norm="ortho")
+                spec *= inv
+                out = fft.idctn(spec, norm="ortho", overwrite_x=True)
                 return np.ascontiguousarray(out[:gy, :gx])
 
         ap = np.empty_like(y)

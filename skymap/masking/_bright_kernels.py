@@ -116,3 +116,66 @@ def _block_rows(img, invalid, block, out):  # pragma: no cover - compiled
                     row[i * h + j] = np.float32(img[y, x])
                 else:
                     row[i * h + j] = nan
+
+
+@njit(cache=True, nogil=True)
+def region_sums(where, lab, bad, vals, box, n, width, c09, c1e6):  # pragma: no cover
+    """The per-region numbers of :func:`skymap.masking.bright.region_stats` in two
+    passes over the pixels, without its sort: a region's peak is its largest value, the
+    last pixel holding it (or its last NaN) as the sort orders ties; the counts and
+    coordinate sums are integers (exact in any order). ``vals`` has ``-inf`` at the
+    ``bad`` pixels; ``c09``, ``c1e6`` are 0.9 and 1e-6 in its dtype (numpy's scalar
+    arithmetic on it). Every region holds a pixel."""
+    peak = np.full(n, -np.inf, vals.dtype)
+    last = np.full(n, -1, np.int64)
+    boxmax = np.full(n, -np.inf)
+    ints = np.zeros((6, n), np.int64)  # masked, top, repeats, area, sum_y, sum_x
+    for i in range(where.size):
+        r = lab[i]
+        v = vals[i]
+        # the sort's order: values ascending, NaN last, ties in the given order
+        if last[r] < 0 or np.isnan(v) or (not np.isnan(peak[r]) and v >= peak[r]):
+            peak[r] = v
+            last[r] = i
+        b = box[i]
+        if not np.isnan(boxmax[r]) and (np.isnan(b) or b > boxmax[r]):
+            boxmax[r] = b
+        ints[0, r] += 1 if bad[i] else 0
+    for i in range(where.size):
+        r = lab[i]
+        v = vals[i]
+        p = peak[r]
+        near = v >= c09 * p
+        ints[1, r] += 1 if near else 0
+        ints[2, r] += 1 if v >= p - c1e6 * abs(p) else 0
+        if near or bad[i]:
+            y = where[i] // width
+            ints[3, r] += 1
+            ints[4, r] += y
+            ints[5, r] += where[i] - y * width
+    py = np.empty(n, np.int64)
+    px = np.empty(n, np.int64)
+    for r in range(n):
+        py[r] = where[last[r]] // width
+        px[r] = where[last[r]] - py[r] * width
+    return py, px, boxmax, ints
+
+
+@njit(cache=True, nogil=True)
+def above_sky(img, grid, block, oy, ox, threshold, invalid, out):  # pragma: no cover
+    """``out = (img - grid[(y + oy) // block, (x + ox) // block] > threshold) & ~invalid``
+    in one pass: each band's sky row expanded once (the loop over the pixels then
+    vectorises), the difference in numpy's dtype of the two, ``threshold`` in it."""
+    ny, nx = img.shape
+    sky = np.empty(nx, grid.dtype)
+    band = -1
+    for y in range(ny):
+        g = (y + oy) // block
+        if g != band:
+            for x in range(nx):
+                sky[x] = grid[g, (x + ox) // block]
+            band = g
+        irow, vrow, orow = img[y], invalid[y], out[y]
+        for x in range(nx):
+            orow[x] = (irow[x] - sky[x] > threshold) & (not vrow[x])
+    return out

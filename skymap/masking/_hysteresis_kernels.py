@@ -31,27 +31,70 @@ def masked_block_sums(values, excluded, b, num, cnt):
     what they hold. (Outputs come from the caller:
     numpy's allocations of large arrays use huge pages, numba's do not, and the page
     faults of fresh memory cost as much as the arithmetic here.)"""
-    in_bands(_masked_block_sums, num.shape[0], values, excluded, b, num, cnt, grain=-(-_ROWS // b))
+    none = np.zeros((1, 1), bool)
+    counts = np.zeros(1, np.int64)
+    in_bands(_masked_block_sums, num.shape[0], values, excluded, b, num, cnt, False, none,
+             False, counts, grain=-(-_ROWS // b))  # fmt: skip
     return num, cnt
 
 
+def nonfinite_or_sums(values, given, out, num, cnt):
+    """:func:`nonfinite_or` and :func:`masked_block_sums` of ``values`` with that
+    ``out`` excluded, at blocks of 2 (``num``, ``cnt``), in one pass over the image:
+    the same map, count and sums bit for bit."""
+    masked = given is not None
+    counts = np.zeros(num.shape[0], np.int64)
+    given = given if masked else np.zeros((1, 1), bool)
+    in_bands(_masked_block_sums, num.shape[0], values, out, 2, num, cnt, True, given, masked,
+             counts, grain=_ROWS // 2)  # fmt: skip
+    return int(counts.sum())
+
+
 @njit(cache=True, nogil=True)
-def _masked_block_sums(values, excluded, b, num, cnt, lo, hi):  # pragma: no cover - compiled
+def _masked_block_sums(
+    values, excluded, b, num, cnt, fill, given, masked, counts, lo, hi
+):  # pragma: no cover - compiled
+    """With ``fill``, each row of ``excluded`` is first made :func:`nonfinite_or`'s row
+    (the row is still in cache when it is summed), its count added to ``counts``."""
     ny, nx = values.shape
     bv = np.empty(nx, np.float32)
     bc = np.empty(nx, np.float32)
     for by in range(lo, hi):
+        y0, y1 = by * b, min(ny, (by + 1) * b)
+        if fill:
+            for y in range(y0, y1):
+                counts[by] += _nonfinite_or_row(values[y], given, masked, y, excluded[y])
         # Column sums over the block's rows first (selects, not branches: excluded
         # values may be NaN; the loops vectorise), then the sums along x.
-        bv[:] = 0.0
-        bc[:] = 0.0
-        for y in range(by * b, min(ny, (by + 1) * b)):
-            vrow, erow = values[y], excluded[y]
-            for x in range(nx):
-                e = erow[x]
-                bv[x] += np.float32(0.0) if e else vrow[x]
-                bc[x] += np.float32(0.0) if e else np.float32(1.0)
+        if y1 - y0 == 2:
+            _pair_rows(values[y0], values[y0 + 1], excluded[y0], excluded[y0 + 1], bv, bc)
+        else:
+            bv[:] = 0.0
+            bc[:] = 0.0
+            for y in range(y0, y1):
+                _add_masked_row(values[y], excluded[y], bv, bc)
         _sum_pairs(bv, bc, b, num[by], cnt[by])
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _pair_rows(v0, v1, e0, e1, bv, bc):  # pragma: no cover - compiled
+    """``bv``, ``bc``: :func:`_add_masked_row` of two rows from zero, in one pass (the
+    same sums: half the loads and stores of the column sums)."""
+    z = np.float32(0.0)
+    one = np.float32(1.0)
+    for x in range(v0.size):
+        a, b = e0[x], e1[x]
+        bv[x] = (z + (z if a else v0[x])) + (z if b else v1[x])
+        bc[x] = (z + (z if a else one)) + (z if b else one)
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _add_masked_row(vrow, erow, bv, bc):  # pragma: no cover - compiled
+    """``bv += vrow``, ``bc += 1`` where ``erow`` is not set."""
+    for x in range(vrow.size):
+        e = erow[x]
+        bv[x] += np.float32(0.0) if e else vrow[x]
+        bc[x] += np.float32(0.0) if e else np.float32(1.0)
 
 
 @njit(cache=True, nogil=True, inline="always")
@@ -164,9 +207,19 @@ def _correlate_y(tmp, kernel, out, lo, hi):  # pragma: no cover - compiled
     for y in range(lo, hi):
         acc = out[y]
         acc[:] = 0.0
-        for i in range(max(0, y - r), min(ny - 1, y + r) + 1):
-            w = kernel[i - y + r]
-            src = tmp[i]
+        i, i1 = max(0, y - r), min(ny - 1, y + r) + 1
+        # Four rows a pass (still added one after the other, in order): a quarter of
+        # the loads and stores of the output row.
+        while i + 4 <= i1:
+            w0, w1 = kernel[i - y + r], kernel[i + 1 - y + r]
+            w2, w3 = kernel[i + 2 - y + r], kernel[i + 3 - y + r]
+            s0, s1, s2, s3 = tmp[i], tmp[i + 1], tmp[i + 2], tmp[i + 3]
+            for x in range(nx):
+                acc[x] = (((acc[x] + w0 * s0[x]) + w1 * s1[x]) + w2 * s2[x]) + w3 * s3[x]
+            i += 4
+        for k in range(i, i1):
+            w = kernel[k - y + r]
+            src = tmp[k]
             for x in range(nx):
                 acc[x] += w * src[x]
 
@@ -274,8 +327,15 @@ def _dog_run(num, cnt, excluded, g, g2, local, bw, noise, b, q, snr, grow, work,
 @njit(cache=True, nogil=True)
 def _clean_rows(excluded, clean, lo, hi):  # pragma: no cover - compiled
     """``clean[y]``: row y of ``excluded`` holds no excluded pixel."""
+    nx = excluded.shape[1]
     for y in range(lo, hi):
-        clean[y] = not excluded[y].any()
+        # the count of the row's excluded pixels (vectorises; any() stops early, but
+        # reads a byte at a time)
+        row = excluded[y]
+        acc = 0
+        for x in range(nx):
+            acc += np.int32(row[x])
+        clean[y] = acc == 0
 
 
 @njit(cache=True, nogil=True)
@@ -599,25 +659,29 @@ def nonfinite_or(values, given, out):
 @njit(cache=True, nogil=True)
 def _nonfinite_or(values, given, masked, out, counts, lo, hi):  # pragma: no cover - compiled
     for y in range(lo, hi):
-        vrow, orow = values[y], out[y]
-        n = 0
-        if masked:
-            grow = given[y]
-            for x in range(vrow.size):
-                bad = not np.isfinite(vrow[x])
-                n += 1 if bad and not grow[x] else 0
-                orow[x] = bad or grow[x]
-        else:
-            for x in range(vrow.size):
-                bad = not np.isfinite(vrow[x])
-                n += 1 if bad else 0
-                orow[x] = bad
-        counts[y] = n
+        counts[y] = _nonfinite_or_row(values[y], given, masked, y, out[y])
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _nonfinite_or_row(vrow, given, masked, y, orow):  # pragma: no cover - compiled
+    """Row ``y`` of :func:`nonfinite_or`; returns its count."""
+    n = 0
+    if masked:
+        grow = given[y]
+        for x in range(vrow.size):
+            bad = not np.isfinite(vrow[x])
+            n += 1 if bad and not grow[x] else 0
+            orow[x] = bad or grow[x]
+    else:
+        for x in range(vrow.size):
+            bad = not np.isfinite(vrow[x])
+            n += 1 if bad else 0
+            orow[x] = bad
+    return n
 
 
 def expand_mask_into(small, b, out):
-    """``out |= small[y // b, x // b]`` in place, at full resolution; returns ``out``.
-    Reads the small map only, and writes only where it is set."""
+    """``out |= small[y // b, x // b]`` in place, at full resolution; returns ``out``."""
     if b == 1:
         return np.logical_or(out, small, out=out)
     in_bands(_expand_mask_into, out.shape[0], small, b, out, grain=_ROWS)
@@ -628,12 +692,32 @@ def expand_mask_into(small, b, out):
 def _expand_mask_into(small, b, out, lo, hi):  # pragma: no cover - compiled
     nx = out.shape[1]
     gx = small.shape[1]
+    # A small row expanded once into a row of bytes (2 or 4 at a time, as one 16- or
+    # 32-bit product), then OR-ed into each of its b rows: both loops vectorise (a
+    # branch per small pixel, per row, did not: ~10x slower).
+    wide = np.zeros(gx * max(b, 4) + 8, np.uint8)
+    w16 = wide[: gx * 2].view(np.uint16)
+    w32 = wide[: gx * 4].view(np.uint32)
+    flags = wide.view(np.bool_)
+    sy = -1
     for y in range(lo, hi):
-        row, dst = small[y // b], out[y]
-        for bx in range(gx):
-            if row[bx]:
-                for x in range(bx * b, min(nx, (bx + 1) * b)):
-                    dst[x] = True
+        if y // b != sy:
+            sy = y // b
+            row = small[sy]
+            if b == 2:
+                for bx in range(gx):
+                    w16[bx] = np.uint16(row[bx]) * np.uint16(0x0101)
+            elif b == 4:
+                for bx in range(gx):
+                    w32[bx] = np.uint32(row[bx]) * np.uint32(0x01010101)
+            else:
+                for bx in range(gx):
+                    v = np.uint8(row[bx])
+                    for j in range(b):
+                        wide[bx * b + j] = v
+        dst = out[y]
+        for x in range(nx):
+            dst[x] = dst[x] | flags[x]
 
 
 def hysteresis_codes(snr, grow, low, high, out):

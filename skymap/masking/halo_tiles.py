@@ -36,6 +36,7 @@ from skymap.masking.bright import (
     SKY_BLOCK,
     BrightSources,
     HaloMasker,
+    above_sky,
     box_means,
     filled_sky,
     joined_cores,
@@ -118,19 +119,10 @@ def _sky_at(img, window, sky, rows, cols):
 
 
 def _above(img, invalid, window, sky, threshold: float) -> np.ndarray:
-    """``image - sky > threshold`` and not ``invalid`` over the window, a band of
-    ``SKY_BLOCK`` rows at a time (no full-size sky or difference map)."""
-    (y0, y1), (x0, x1) = window
-    b = SKY_BLOCK
-    out = np.empty(img.shape, bool)
-    cols = slice(x0 % b, x0 % b + (x1 - x0))
-    for g in range(y0 // b, -(-y1 // b)):
-        rows = slice(max(y0, g * b) - y0, min(y1, (g + 1) * b) - y0)
-        band = np.repeat(sky[g, x0 // b : -(-x1 // b)], b)[cols]
-        with np.errstate(invalid="ignore"):
-            np.greater(img[rows] - band, threshold, out=out[rows])
-    out &= ~invalid
-    return out
+    """``image - sky > threshold`` and not ``invalid`` over the window
+    (:func:`~skymap.masking.bright.above_sky`)."""
+    (y0, _), (x0, _) = window
+    return above_sky(img, sky, SKY_BLOCK, threshold, invalid, origin=(y0, x0))
 
 
 def _noise_part(img, bad, *, window, core, sky, step):

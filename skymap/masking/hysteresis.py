@@ -94,6 +94,11 @@ class _SumsChain:
         self.b = self.num = self.cnt = None
         self.b0 = self.found = None
 
+    def start(self, b: int, num, cnt) -> None:
+        """Start from ``num``, ``cnt``: the masked sums of blocks ``b`` of the image
+        with the mask as it is."""
+        self.b, self.num, self.cnt = b, num, cnt
+
     def sums(self, b: int):
         """(num, cnt) of binning ``b`` from the chain, or None (after a :meth:`flush`:
         the caller sums the image)."""
@@ -117,6 +122,12 @@ class _SumsChain:
         else:
             _k.expand_mask_into(det, b // self.b0, self.found)
         self.b, self.num, self.cnt = b, num, cnt
+
+    def paint(self) -> None:
+        """OR the gathered detections, if any, into the full-resolution mask (a
+        :meth:`flush`); without any, the sums the chain holds stay."""
+        if self.found is not None:
+            self.flush()
 
     def flush(self) -> None:
         """OR the gathered detections into the full-resolution mask; the chain restarts."""
@@ -477,8 +488,18 @@ class HysteresisMasker:
         # One full-resolution mask only (memory): the detections are what ends up
         # excluded beyond the given mask and the non-finite pixels.
         excluded = np.empty(res.shape, bool)
-        # given OR non-finite, and how many non-finite pixels are not given: one pass
-        outside = _k.nonfinite_or(res, given, excluded) > 0
+        chain = _SumsChain(excluded)
+        # given OR non-finite, and how many non-finite pixels are not given: one pass,
+        # which also sums 2 x 2 blocks of the pixels left when the first scale reads
+        # sums built on them (its binned values, or the surround of an unbinned one)
+        if self._first_sums_block(res.shape) >= 2:
+            half = (-(-res.shape[0] // 2), -(-res.shape[1] // 2))
+            num, cnt = np.empty(half, np.float32), np.empty(half, np.float32)
+            outside = _k.nonfinite_or_sums(res, given, excluded, num, cnt) > 0
+            chain.start(2, num, cnt)
+            del num, cnt
+        else:
+            outside = _k.nonfinite_or(res, given, excluded) > 0
         if rms is None:
             rms = residual_rms(res, excluded)
         if isinstance(rms, CoarseRMS):
@@ -493,7 +514,6 @@ class HysteresisMasker:
                 raise ValueError(
                     f"rms must be a scalar or a map of shape {res.shape}, got {noise.shape}"
                 )
-        chain = _SumsChain(excluded)
         for s in self.scales:
             self._detect(res, noise, excluded, s, into=excluded, chain=chain)
         chain.flush()
@@ -506,9 +526,17 @@ class HysteresisMasker:
         :class:`_SumsChain` OR-ing into ``into``), a binned scale's sums may come from
         the previous binned scale's and its detections go to the chain."""
         b = self.binning(s, res.shape)
-        sums = None if chain is None else chain.sums(b)
-        chain = chain if b > 1 else None
-        inputs = self._dog_inputs(res, noise, excluded, s, sums)
+        if chain is not None and b == 1:
+            # An unbinned scale reads the mask itself: the chain's detections go in
+            # first; sums the chain holds of the mask as it is serve the surround, and
+            # go stale once this scale paints its detections.
+            chain.paint()
+            inputs = self._dog_inputs(res, noise, excluded, s, chain=chain)
+            chain.flush()
+            chain = None
+        else:
+            sums = None if chain is None else chain.sums(b)
+            inputs = self._dog_inputs(res, noise, excluded, s, sums)
         # Where the scale's maps are large, the sampled rows and columns of the noise
         # excess are few: the maps themselves are not needed (memory).
         if _samples_pay(res.shape, b):
@@ -519,6 +547,13 @@ class HysteresisMasker:
             return self.scale_mask(maps, factor, s, excluded, into=into)
         chain.add(b, inputs[0], inputs[1], self.dilated(self._regions(maps, factor), s, b))
         return into
+
+    def _first_sums_block(self, shape) -> int:
+        """The block of the masked sums the first scale reads first: its binning, or
+        an unbinned scale's surround block (1: none)."""
+        s = self.scales[0]
+        b = self.binning(s, shape)
+        return b if b > 1 or not self.surround else self.surround_block(s, shape)
 
     def binning(self, s: float, shape: tuple[int, int]) -> int:
         """Bin factor of scale ``s``: the largest power of two <= s (the kernel keeps a
@@ -544,11 +579,12 @@ class HysteresisMasker:
             snr=snr, plain=plain if self.grow_plain else None, invalid=invalid, block=b
         )
 
-    def _dog_inputs(self, res, noise, excluded, s, sums=None):
+    def _dog_inputs(self, res, noise, excluded, s, sums=None, chain=None):
         """What :func:`_k.dog_snr` reads at scale ``s``: (values, counts or None when
         unbinned, the mask it reads directly, kernel, surround mean, its block, noise
         grid, its step, binning). ``sums``: the binned scale's masked block sums, when
-        the caller has them."""
+        the caller has them; ``chain``: a :class:`_SumsChain` that may hold an unbinned
+        scale's surround sums."""
         b = self.binning(s, res.shape)
         sigma, q = noise_grid(noise)
         if sums is not None:
@@ -571,7 +607,8 @@ class HysteresisMasker:
             wide = self.surround * s
             bw = pow2_at_most(wide / (2.0 * b), *num.shape)
             if cnt is None:
-                numw, cntw = masked_block_sums(res, excluded, bw)
+                held = None if chain is None else chain.sums(bw)
+                numw, cntw = masked_block_sums(res, excluded, bw) if held is None else held
             else:
                 numw, cntw = _block_sum(num, bw), _block_sum(cnt, bw)
             k = _gaussian_kernel(wide / (b * bw))

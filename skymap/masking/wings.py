@@ -41,6 +41,7 @@ import scipy.ndimage as ndi
 from skymap._validate import as_image, as_mask, check_positive
 from skymap.backends.base import block_sums
 from skymap.masking import _hysteresis_kernels as _hk
+from skymap.masking import _wings_kernels as _wk
 from skymap.masking.hysteresis import (
     CoarseRMS,
     HysteresisMasker,
@@ -165,22 +166,27 @@ def wing_reach(mean, weight, dist, unit: float) -> float:
     >>> wing_reach(rng.normal(0, 0.3, d.size), np.ones(d.size), d, 2.0)
     0.0
     """
+    mean, weight, dist = (np.ravel(np.asarray(a, np.float64)) for a in (mean, weight, dist))
+    edges = _ring_edges(float(np.max(dist)) if dist.size else 0.0, unit)
+    every = np.zeros(0, bool)
+    return _reach(edges, _wk.ring_sums(mean, np.ones(1), weight, dist, every, edges))
+
+
+def _ring_edges(top: float, unit: float) -> np.ndarray:
+    """:func:`wing_reach`'s ring edges: ``unit`` wide out to 4 units, then growing by
+    1.5, past ``top``."""
     edges = [0.0, unit, 2 * unit, 3 * unit, 4 * unit]
-    top = float(np.max(dist)) if dist.size else 0.0
     while edges[-1] <= top:
         edges.append(edges[-1] * 1.5)
-    ring = np.digitize(dist, edges)
-    ring -= 1  # in place, as the products below (memory: a block grid can be 1e6)
-    n = len(edges)
-    w = np.bincount(ring, weights=weight, minlength=n)
-    s = np.bincount(ring, weights=weight * mean, minlength=n)
-    sq = np.square(mean)
-    sq *= weight
-    s2 = np.bincount(ring, weights=sq, minlength=n)
-    del sq
-    k = np.bincount(ring, minlength=n).astype(np.float64)
+    return np.asarray(edges)
+
+
+def _reach(edges, stats) -> float:
+    """:func:`wing_reach` from the rings' sums (:func:`_wk.ring_sums`)."""
+    w, s, s2, k = stats
+    n = edges.size
     reach = 0.0
-    fewest = max(MIN_OUTER, MIN_OUTER_SHARE * dist.size)
+    fewest = max(MIN_OUTER, MIN_OUTER_SHARE * k.sum())  # k.sum(): all the free blocks
     for i in range(n - 1):
         wo, ko = w[i + 1 :].sum(), k[i + 1 :].sum()
         if ko < fewest:
@@ -192,7 +198,7 @@ def wing_reach(mean, weight, dist, unit: float) -> float:
         vo = max(s2[i + 1 :].sum() / wo - mo**2, 0.0) / ko
         if mi - mo <= FALL_SIGMA * math.sqrt(vi + vo):
             break
-        reach = edges[i + 1]
+        reach = float(edges[i + 1])
     return reach
 
 
@@ -221,7 +227,7 @@ def wing_step(sums, noise, shape, *, b: int, scale: float, threshold: float) -> 
     snr[~free] = np.nan
     # the scatter of the block snr over white noise's, at least 1
     excess = max(1.0, noise_excess(snr, ~np.isfinite(snr), math.ceil(3.0 * scale / b)))
-    dist, mean, reach = _profile(sums, seeds, free, b)
+    dist, reach = _profile(sums, seeds, free, b)
     log.debug("wings: smoothed-noise excess %.3f, profile falls out to %g px", excess, reach)
     if reach <= 0:
         return np.zeros(num.shape, bool)
@@ -243,13 +249,14 @@ def _seeds_free(sums, shape, b: int):
 
 
 def _profile(sums, seeds, free, b: int):
-    """The blocks' distance (pixels) from the nearest detection, their mean, and the
-    :func:`wing_reach` of the free blocks' stacked profile."""
+    """The blocks' distance (pixels) from the nearest detection, and the
+    :func:`wing_reach` of the free blocks' stacked profile (their mean residual,
+    weighted by their pixel counts), read from the grids in one pass."""
     num, cnt, _ = sums
-    dist = b * ndi.distance_transform_edt(~seeds)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        mean = num / cnt
-    return dist, mean, wing_reach(mean[free], cnt[free], dist[free], float(b))
+    dist = _wk.distances(seeds, b)  # scipy's exact transform, without its indices
+    edges = _ring_edges(float(np.max(dist, where=free, initial=0.0)), float(b))
+    stats = _wk.ring_sums(num.ravel(), cnt.ravel(), cnt.ravel(), dist.ravel(), free.ravel(), edges)
+    return dist, _reach(edges, stats)
 
 
 def wing_pedestal(sums, shape, *, b: int) -> float:
@@ -287,7 +294,7 @@ def wing_pedestal(sums, shape, *, b: int) -> float:
     seeds, free = _seeds_free(sums, shape, b)
     if not seeds.any() or not free.any():
         return 0.0
-    dist, _, reach = _profile(sums, seeds, free, b)
+    dist, reach = _profile(sums, seeds, free, b)
     if reach <= 0:
         return 0.0
     # the rings wing_reach compared the last falling one with: at least MIN_OUTER

@@ -1,0 +1,47 @@
+"""Compiled kernels for :mod:`skymap.background.scale`. Not public: call through scale.py."""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit
+
+
+def box3_mean(a: np.ndarray) -> np.ndarray:
+    """``scipy.ndimage.uniform_filter(a, 3)`` of a 2-D float64 array, bit for bit: the
+    same running sums (per line, the first three values in order, then each step
+    adds the entering value minus the leaving one, divided by 3 at the output) along
+    y, then along x, edges reflected; along memory, so the passes vectorise (scipy's
+    line buffers do not: ~5x slower on the 1024^2 window of :func:`source_scale`)."""
+    a = np.ascontiguousarray(a, dtype=np.float64)
+    out = np.empty(a.shape, np.float64)
+    if a.size:
+        _box3(a, out)
+    return out
+
+
+@njit(cache=True, nogil=True)
+def _box3(a, out):  # pragma: no cover - compiled
+    ny, nx = a.shape
+    # along y, all columns at once: the running sum of each column in ``run``
+    run = np.empty(nx)
+    for x in range(nx):
+        run[x] = (a[0, x] + a[0, x]) + a[min(1, ny - 1), x]
+        out[0, x] = run[x] / 3.0
+    for y in range(1, ny):
+        enter, leave = a[min(y + 1, ny - 1)], a[max(y - 2, 0)]
+        for x in range(nx):
+            run[x] += enter[x] - leave[x]
+            out[y, x] = run[x] / 3.0
+    # along x, row by row, through a copy of the row with its reflected edges
+    ext = np.empty(nx + 2)
+    for y in range(ny):
+        row = out[y]
+        ext[0] = row[0]
+        for x in range(nx):
+            ext[x + 1] = row[x]
+        ext[nx + 1] = row[nx - 1]
+        s = (ext[0] + ext[1]) + ext[2]
+        row[0] = s / 3.0
+        for x in range(1, nx):
+            s += ext[x + 2] - ext[x - 1]
+            row[x] = s / 3.0

@@ -1,0 +1,110 @@
+"""Compiled kernels for :mod:`skymap.masking.wings`. Not public: call through wings.py."""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit
+
+
+def distances(seeds: np.ndarray, unit: float) -> np.ndarray:
+    """``unit`` times the Euclidean distance (float64) of every pixel of the boolean
+    map ``seeds`` from its nearest True pixel, equal to
+    ``unit * scipy.ndimage.distance_transform_edt(~seeds)`` bit for bit: both are the
+    square root of the exact integer squared distance. ``seeds`` must hold a True
+    pixel.
+
+    The transform is the separable one of Felzenszwalb & Huttenlocher (each column's
+    distance to its nearest seed, then per row the lower envelope of the parabolas
+    those distances make), in integers, without scipy's (2, ny, nx) int32 feature
+    indices: ~10x faster on the wing step's 1024^2 block grids.
+
+    References
+    ----------
+    Felzenszwalb, P. F. & Huttenlocher, D. P. 2012, Theory of Computing 8, 415
+    (distance transforms of sampled functions), https://doi.org/10.4086/toc.2012.v008a019.
+    """
+    seeds = np.ascontiguousarray(seeds, dtype=bool)
+    out = np.empty(seeds.shape, np.float64)
+    _distances(seeds, float(unit), out)
+    return out
+
+
+@njit(cache=True, nogil=True)
+def _distances(seeds, unit, out):  # pragma: no cover - compiled
+    ny, nx = seeds.shape
+    far = ny + nx  # further than any seed: its square exceeds every true squared distance
+    col = np.empty((ny, nx), np.int32)
+    # each column's distance (in rows) to its nearest seed: down, then up, all columns
+    # of a row at once (along memory)
+    for x in range(nx):
+        col[0, x] = 0 if seeds[0, x] else far
+    for y in range(1, ny):
+        for x in range(nx):
+            col[y, x] = 0 if seeds[y, x] else min(col[y - 1, x] + 1, far)
+    for y in range(ny - 2, -1, -1):
+        for x in range(nx):
+            col[y, x] = min(col[y, x], col[y + 1, x] + 1)
+    f = np.empty(nx, np.int64)  # each column's squared distance plus x^2
+    v = np.empty(nx, np.int64)  # the columns of the envelope's parabolas
+    # the envelope's breakpoints as exact ratios zn / zd (zd > 0): parabola k is
+    # lowest from zn[k] / zd[k] to zn[k + 1] / zd[k + 1]
+    zn = np.empty(nx, np.int64)
+    zd = np.empty(nx, np.int64)
+    for y in range(ny):
+        for x in range(nx):
+            f[x] = np.int64(col[y, x]) * col[y, x] + x * x
+        # the lower envelope of the parabolas (x - q)^2 + col[y, q]^2 of the columns
+        # that have a seed
+        k = -1
+        for q in range(nx):
+            if col[y, q] >= far:
+                continue
+            while k >= 0:
+                # where q's parabola meets v[k]'s: sn / sd
+                sn, sd = f[q] - f[v[k]], 2 * (q - v[k])
+                if k == 0 or sn * zd[k] > zn[k] * sd:
+                    break
+                k -= 1  # v[k]'s parabola is nowhere lowest
+            k += 1
+            v[k] = q
+            if k > 0:
+                zn[k] = sn
+                zd[k] = sd
+        if k < 0:  # no seed in any column: an image without seeds
+            for x in range(nx):
+                out[y, x] = np.inf
+            continue
+        j = 0
+        for x in range(nx):
+            while j < k and zn[j + 1] < x * zd[j + 1]:
+                j += 1
+            d = x - v[j]
+            out[y, x] = unit * np.sqrt(np.float64(d * d + f[v[j]] - v[j] * v[j]))
+
+
+@njit(cache=True, nogil=True)
+def ring_sums(num, den, weight, dist, keep, edges):  # pragma: no cover - compiled
+    """Per ring ``r`` (``edges[r] <= dist < edges[r + 1]``, the last open-ended), over
+    the values ``keep`` selects (all when it is empty), with ``mean = num / den``
+    (``den`` of one value: that value for all): the sums of ``weight``,
+    ``weight * mean``, ``mean**2 * weight`` and the count, as a (4, edges.size)
+    float64 array. Those of ``np.bincount(np.digitize(dist, edges) - 1, weights=...)``
+    over the selected values bit for bit (the same products, added in the same
+    order) for ``dist >= edges[0]``, without the selections' copies or digitize's
+    binary search per value (edges are few, most values lie in the first rings)."""
+    n = edges.size
+    out = np.zeros((4, n))
+    every = keep.size == 0
+    one = den.size == 1
+    for i in range(dist.size):
+        if not every and not keep[i]:
+            continue
+        r = 0
+        while r + 1 < n and edges[r + 1] <= dist[i]:
+            r += 1
+        mean = num[i] / (den[0] if one else den[i])
+        out[0, r] += weight[i]
+        out[1, r] += weight[i] * mean
+        out[2, r] += mean * mean * weight[i]
+        out[3, r] += 1.0
+    return out
