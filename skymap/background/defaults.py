@@ -80,9 +80,10 @@ def default_pipeline(
       (:func:`skymap.background.scale.source_scale`): the larger of 8 PSF FWHM (from
       the half-maximum areas of isolated bright peaks), twice the 90th-percentile
       diameter of the sources above 5 sigma, and 16 px, at most an eighth of the
-      longer side. The value used is ``BackgroundResult.max_source_size``; pass a
-      smaller one to follow finer sky structure (a nebula), a larger one to keep
-      larger galaxies out, None for GCV's choice alone. A size given in pixels is
+      longer side of the valid pixels' bounding box. The value used is
+      ``BackgroundResult.max_source_size``; pass a smaller one to follow finer sky
+      structure (a nebula), a larger one to keep larger galaxies out, None for GCV's
+      choice alone. A size given in pixels is
       held: the tracking test below raises the floor past a measured size only.
     * A stage stops when its mask has settled and the background moved by less than
       0.01 of its RMS or half its own statistical error (``error_tol=0.5``), or after
@@ -100,7 +101,8 @@ def default_pipeline(
       reach ``max_source_size`` underestimated; lower, it bends into holes it should
       bridge. Either way, above 0.25 in size (and above its noise), the smoothing floor
       is doubled, refit after refit while that lasts, up to an eighth of the shorter
-      side (``tracking_cap``), or up to half a ``max_source_size`` given in
+      side of the valid pixels' bounding box (``tracking_cap``; a blank border does
+      not count), or up to half a ``max_source_size`` given in
       pixels. The notebook's, a nebula's, a crowded field's and a detector's skies
       stay below it (-0.02 to 0.17 on the scenes); galaxy outskirts, intracluster
       light and halo wings pass it (0.3-0.5), as do all eight shared real images

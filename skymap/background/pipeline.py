@@ -244,9 +244,10 @@ class IterativeBackground:
         size are bridged, never bent round. ``"auto"`` measures it from the image
         (:func:`skymap.background.scale.source_scale`: 8 PSF FWHM, twice the
         90th-percentile size of the sources above 5 sigma, at least 16 px and at most
-        an eighth of the valid pixels' longer side), an estimate that ``source_tracking`` may find
-        too small and raise; a size given in pixels is the caller's definition of sky
-        and no test raises the floor past its half; None sets no floor.
+        an eighth of the valid pixels' longer side), an estimate that
+        ``source_tracking`` may find too small and raise; a size given in pixels is the
+        caller's definition of sky and no test raises the floor past its half; None
+        sets no floor.
     halos : Masker or None
         Applied once, to the image itself (``halos(image, None, mask)``) before the
         first guess, such as :class:`~skymap.masking.HaloMasker`: its detections

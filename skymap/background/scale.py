@@ -57,7 +57,8 @@ class SourceScale:
         detected above 5 sigma of the pixel noise (NaN when none was).
     max_source_size : float
         The default ``max_source_size`` (pixels): ``max(8 fwhm, 2 source_size, 16)``,
-        at most an eighth of the image's longer side (and at least 16 px).
+        at most an eighth of the longer side of ``shape`` (the pipeline passes its
+        valid pixels' bounding box) and at least 16 px.
     n_peaks, n_sources : int
         How many peaks and sources the two numbers come from.
     """
