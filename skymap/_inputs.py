@@ -47,6 +47,7 @@ __all__ = [
     "read_image",
     "read_noise",
     "strip_unit",
+    "valid_bounds",
     "valid_frame",
 ]
 
@@ -587,8 +588,20 @@ def valid_frame(image, mask=None) -> tuple[slice, slice] | None:
     if not any(bad(sl).all() for sl in edges):
         return None
     excluded = bad((slice(None), slice(None)))
-    rows = np.flatnonzero(~excluded.all(axis=1))
-    cols = np.flatnonzero(~excluded.all(axis=0))
+    return valid_bounds(excluded.all(axis=1), excluded.all(axis=0))
+
+
+def valid_bounds(rows_bad, cols_bad) -> tuple[slice, slice] | None:
+    """The bounding box of the valid pixels as (rows, cols) slices, from which rows
+    and which columns are wholly bad (1-D bool); None when none is valid.
+
+    Examples
+    --------
+    >>> valid_bounds(np.array([True, False, False, True]), np.array([False, True, False]))
+    (slice(1, 3, None), slice(0, 3, None))
+    """
+    rows = np.flatnonzero(~np.asarray(rows_bad))
+    cols = np.flatnonzero(~np.asarray(cols_bad))
     if rows.size == 0:
         return None
     return (slice(int(rows[0]), int(rows[-1]) + 1), slice(int(cols[0]), int(cols[-1]) + 1))

@@ -31,6 +31,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
+from skymap._inputs import valid_bounds
 from skymap._util import in_bands
 from skymap.backends._memory_kernels import block_sums_small
 
@@ -72,11 +73,10 @@ def extent_of(rows_bad, cols_bad) -> tuple[int, int]:
     >>> extent_of(np.array([True, False, False, True]), np.array([False, True, False]))
     (2, 3)
     """
-    out = []
-    for bad in (np.asarray(rows_bad), np.asarray(cols_bad)):
-        lines = np.flatnonzero(~bad)
-        out.append(int(lines[-1] - lines[0] + 1) if lines.size else int(bad.size))
-    return out[0], out[1]
+    box = valid_bounds(rows_bad, cols_bad)
+    if box is None:
+        return len(rows_bad), len(cols_bad)
+    return box[0].stop - box[0].start, box[1].stop - box[1].start
 
 
 @runtime_checkable
