@@ -298,7 +298,7 @@ def wing_pedestal(sums, shape, *, b: int) -> float:
     if reach <= 0:
         return 0.0
     # the rings wing_reach compared the last falling one with: at least MIN_OUTER
-    # blocks lie there
+    # blocks, and MIN_OUTER_SHARE of the free ones, lie there
     sky = free & (dist >= reach)
     num, cnt, _ = sums
     level = float(num[sky].sum() / cnt[sky].sum())

@@ -205,15 +205,20 @@ def more_unsettled(candidate, defaults) -> bool:
     >>> more_unsettled([2, 2, 0], [1, 1, 1])  # 2 against 1
     False
     """
-    from scipy.stats import binomtest
-
     c, d = np.atleast_1d(candidate), np.atleast_1d(defaults)
     n = min(c.size, d.size)
     diff = c[:n].astype(int) - d[:n].astype(int)
     lost, won = int(diff[diff > 0].sum()), int(-diff[diff < 0].sum())
-    if lost <= won:
-        return False
-    p = binomtest(lost, lost + won, 0.5, alternative="greater").pvalue
+    return lost > won and _clear_majority(lost, lost + won)
+
+
+def _clear_majority(k: int, n: int) -> bool:
+    """Whether ``k`` of ``n`` is a clear majority: a one-sided sign test at
+    ``_SIGN_LEVEL`` (3 of 3 gives p = 0.125 exactly: compared with room for
+    rounding)."""
+    from scipy.stats import binomtest
+
+    p = binomtest(k, n, 0.5, alternative="greater").pvalue
     return bool(p <= _SIGN_LEVEL * (1 + 1e-9))
 
 
@@ -269,8 +274,6 @@ def holds_up(candidate, defaults, *, unsettled=(0, 0), fits: int | None = None) 
     >>> holds_up([0.2, 0.4, 0.3], d[:3], unsettled=([2, 1, 1], [2, 2, 2]), fits=6)
     False
     """
-    from scipy.stats import binomtest
-
     diff = paired(candidate, defaults)
     decided = diff[diff != 0]  # the sign test drops ties
     if decided.size == 0 or more_unsettled(*unsettled):
@@ -278,10 +281,8 @@ def holds_up(candidate, defaults, *, unsettled=(0, 0), fits: int | None = None) 
     if fits is not None and 2 * np.sum(unsettled[0]) > fits:
         return False
     wins = int(np.count_nonzero(decided < 0))
-    p = binomtest(wins, decided.size, 0.5, alternative="greater").pvalue
     margin = _margin(np.asarray(defaults, dtype=float)[: len(candidate)])
-    # 3 of 3 gives p = 0.125 exactly: compare with room for rounding
-    return bool(p <= _SIGN_LEVEL * (1 + 1e-9) and np.median(diff) < -margin)
+    return _clear_majority(wins, decided.size) and bool(np.median(diff) < -margin)
 
 
 def _key(options: Mapping) -> tuple:
