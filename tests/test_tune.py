@@ -143,11 +143,26 @@ def test_the_verdict_ignores_what_the_trials_share(defaults, gains, hardness):
     assert holds_up(c + h, d + h) == holds_up(c, d)
 
 
+def _made_up(prep, name, seed, scores, unsettled=None, base=None):
+    """What a mocked ``evaluate_method`` returns: an InjectionResult of the given
+    per-trial scores (as track, no leak), and the untouched fit."""
+    from skymap.quality.injection import InjectionResult
+
+    n = len(scores)
+    trials = {k: np.full(n, np.nan) for k in ("leak_p95", "halo", "halo_p95")}
+    trials.update(score=np.array(scores), track=np.array(scores), leak=np.zeros(n))
+    res = InjectionResult(
+        method=name or "x", noise_sigma=prep.sigma, kinds=prep.kinds, seed=seed,
+        trials=trials, seconds=0.01, cpu_seconds=0.01,
+        unsettled=np.zeros(n, int) if unsettled is None else np.array(unsettled),
+    )  # fmt: skip
+    return res, np.zeros(prep.image.shape) if base is None else base
+
+
 def test_tune_chooses_on_paired_majorities_not_lucky_trials_or_fragile_fits(cutout, monkeypatch):
     # Scores made up per candidate and seed (the search's logic, not the fits, is
     # tested): tune(seed=0) chooses on seed 0, races on seed 2, holds back seed 1.
     from skymap.quality import tune as tune_mod
-    from skymap.quality.injection import InjectionResult
 
     made_up = {  # options -> {seed: (per-trial scores, injected fits unsettled)}
         "": {0: ([0.5, 0.3], [0, 0]), 2: ([0.4, 0.6], [0, 0]), 1: ([0.45, 0.35], [0, 0])},
@@ -163,20 +178,10 @@ def test_tune_chooses_on_paired_majorities_not_lucky_trials_or_fragile_fits(cuto
 
     def evaluate(prep, method, *, n_trials, seed, base=None, name=None, **_):
         scores, unsettled = made_up[tune_mod._label(method).replace("(defaults)", "")][seed]
-        trials = {k: np.full(n_trials, np.nan) for k in ("leak_p95", "halo", "halo_p95")}
-        trials.update(
-            score=np.array(scores[:n_trials]), track=np.array(scores[:n_trials]),
-            leak=np.zeros(n_trials),
-        )  # fmt: skip
-        res = InjectionResult(
-            method=name or "x", noise_sigma=prep.sigma, kinds=prep.kinds, seed=seed,
-            trials=trials, seconds=0.01, cpu_seconds=0.01,
-            unsettled=np.array(unsettled[:n_trials]),
-        )  # fmt: skip
-        return res, np.zeros(prep.image.shape) if base is None else base
+        return _made_up(prep, name, seed, scores[:n_trials], unsettled[:n_trials], base)
 
     monkeypatch.setattr(tune_mod, "evaluate_method", evaluate)
-    res = tune(cutout, space={"high": [5.0, 6.0, 7.0, 8.0]}, peers={}, budget=600)
+    res = tune(cutout, space={"high": [5.0, 6.0, 7.0, 8.0]}, n_trials=2, peers={}, budget=600)
     t = res.table
     coarse = t[t["round"] == "coarse"]
     status = dict(zip(coarse["options"], coarse["status"], strict=True))
@@ -193,7 +198,6 @@ def test_defaults_failing_in_the_race_leave_the_search_s_best(cutout, monkeypatc
     # race trials, so the race stops (it raised a broadcast error before) and the
     # search's best goes on to the held-back trials.
     from skymap.quality import tune as tune_mod
-    from skymap.quality.injection import InjectionResult
 
     made_up = {"": {0: [0.5, 0.3], 1: [0.45, 0.35]},
                "high=5.0": {0: [0.4, 0.2], 2: [0.3, 0.2], 1: [0.4, 0.3]}}  # fmt: skip
@@ -202,21 +206,38 @@ def test_defaults_failing_in_the_race_leave_the_search_s_best(cutout, monkeypatc
         runs = made_up[tune_mod._label(method).replace("(defaults)", "")]
         if seed not in runs:
             raise ValueError("method returned a non-finite background on valid pixels")
-        trials = {k: np.full(n_trials, np.nan) for k in ("leak_p95", "halo", "halo_p95")}
-        scores = np.array(runs[seed][:n_trials])
-        trials.update(score=scores, track=scores, leak=np.zeros(n_trials))
-        res = InjectionResult(
-            method=name or "x", noise_sigma=prep.sigma, kinds=prep.kinds, seed=seed,
-            trials=trials, seconds=0.01, cpu_seconds=0.01, unsettled=np.zeros(n_trials, int),
-        )  # fmt: skip
-        return res, np.zeros(prep.image.shape) if base is None else base
+        return _made_up(prep, name, seed, runs[seed][:n_trials], base=base)
 
     monkeypatch.setattr(tune_mod, "evaluate_method", evaluate)
-    res = tune(cutout, space={"high": [5.0]}, peers={}, budget=600)
+    res = tune(cutout, space={"high": [5.0]}, n_trials=2, peers={}, budget=600)
     race = res.table[res.table["round"] == "race"]
     assert list(race["options"]) == ["(defaults)"] and "non-finite" in race["status"][0]
     assert res.config == {"high": 5.0}
     assert list(tune_mod.paired([0.2, 0.4, 0.1], [0.3, 0.3])) == pytest.approx([-0.1, 0.1])
+
+
+def test_cheap_fits_buy_more_choosing_trials(cutout, monkeypatch):
+    # n_trials=None: two choosing trials, or up to six where half the budget left pays
+    # for the whole search at that many; an explicit number is kept.
+    from skymap.quality import tune as tune_mod
+
+    asked = []
+
+    def evaluate(prep, method, *, n_trials, seed, base=None, name=None, **_):
+        if seed == 0:
+            asked.append(n_trials)
+        return _made_up(prep, name, seed, np.linspace(0.3, 0.4, n_trials), base=base)
+
+    monkeypatch.setattr(tune_mod, "evaluate_method", evaluate)
+    res = tune(cutout, space={"high": [5.0]}, peers={}, budget=600)
+    assert res.table.meta["n_trials"] == 6 and asked == [6, 6]
+    asked.clear()
+    res = tune(cutout, space={"high": [5.0]}, n_trials=2, peers={}, budget=600)
+    assert res.table.meta["n_trials"] == 2 and asked == [2, 2]
+    asked.clear()
+    # a budget that pays for little more than the defaults' fits: no more than two
+    res = tune(cutout, space={"high": [5.0]}, peers={}, budget=0.5)
+    assert res.table.meta["n_trials"] <= 2
 
 
 @pytest.mark.parametrize("budget", [0, -5, float("nan"), "soon"])

@@ -66,6 +66,14 @@ _RACE_LEADERS = 3
 # One-sided sign-test level at which a candidate's paired wins over the defaults count as
 # a clear majority: 5 of 6 paired trials (p = 0.11), 4 of 4 (0.06), never 1 of 1 or 2 of 2.
 _SIGN_LEVEL = 0.125
+# Choosing trials when ``n_trials`` is None: this many, and up to three times as many
+# where the budget pays for the whole search with half of what is left (the race and
+# the held-back report take the rest).
+_CHOOSE_TRIALS = 2
+_SEARCH_SHARE = 0.5
+# Candidates the fine rounds may add to the space's (the axes' winners together, two
+# geometric steps for each of the two numeric knobs that moved most often).
+_FINE_CANDIDATES = 5
 
 
 def _accepts(option: str, value: Any) -> bool:
@@ -446,7 +454,7 @@ def tune(
     space=None,
     budget: float = DEFAULT_BUDGET,
     kinds: Sequence[str] = ("sky", "galaxies"),
-    n_trials: int = 2,
+    n_trials: int | None = None,
     report_trials: int = 2,
     race_trials: int = 2,
     seed: int = 0,
@@ -503,8 +511,14 @@ def tune(
         The defaults' own evaluation always runs; when one fit is so slow that it alone
         would overrun the budget, ``report_trials`` and then ``n_trials`` are lowered
         (to one each at least; the table's ``meta`` says what was used).
-    n_trials, report_trials : int
-        Trials per candidate while choosing, and for the held-back report.
+    n_trials : int or None
+        Trials per candidate while choosing. None: two, or up to six where half of the
+        budget left after the defaults' first fit pays for the whole search at that
+        many (on a small image, where fits are cheap: the scatter of two trials
+        decides more than the options do). An explicit number is used as it is,
+        unless the budget cannot pay for it.
+    report_trials : int
+        Trials for the held-back report.
     race_trials : int
         Trials of the race (0: none): once the search is over, the three best
         candidates ahead of the defaults, and the defaults, are scored on this many
@@ -551,7 +565,8 @@ def tune(
 
     t_start = time.perf_counter()
     budget = _check_budget(budget)
-    n_trials = int(check_int("n_trials", n_trials))
+    more_trials = n_trials is None
+    n_trials = int(check_int("n_trials", _CHOOSE_TRIALS if more_trials else n_trials))
     report_trials = int(check_int("report_trials", report_trials))
     race_trials = int(check_int("race_trials", race_trials, minimum=0))
     prep = prepare(image, mask=mask, error=error, kinds=kinds)
@@ -693,6 +708,11 @@ def tune(
     n_trials = _fewer_trials(
         n_trials, lambda n: t_fit * n_kinds * (n + 2), remaining(), "choosing"
     )
+    if more_trials:
+        planned = 1 + sum(len(axis) for axis in axes) + _FINE_CANDIDATES
+        share = _SEARCH_SHARE * remaining()
+        while n_trials < 3 * _CHOOSE_TRIALS and t_fit * n_kinds * (n_trials + 1) * planned < share:
+            n_trials += 1
     run({}, "default", base=default_base)
     if cands[default_key].failed:
         raise ValueError(f"the default fit cannot be scored on this image: {rows[0]['status']}")
