@@ -6,6 +6,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+from astropy.io import fits
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy.ndimage import gaussian_filter
@@ -211,6 +212,11 @@ def test_a_fit_found_tracking_masks_at_a_coarser_scale_too():
     for bad in (1.0, 0.5, -2, "2", [2], float("inf"), True):
         with pytest.raises(ValueError, match="tracking_scale"):
             skymap.default_pipeline(tracking_scale=bad)
+    # the longest floor a frame allows decides whether the coarse scale is used
+    assert pipe._masker(masker, True, 2.5 * 16.0).scales[-1] == 16.0
+    assert pipe._masker(masker, True, 2.5 * 16.0 - 1) is masker
+    assert pipe._longest_floor(None, (256, 1024), None) == 256 / 8
+    assert pipe._longest_floor(50.0, (256, 1024), None) == 50.0
     # a masker with scales that is not a dataclass cannot be rebuilt: it is kept
     plain = SimpleNamespace(scales=(1.0, 2.0))
     assert pipe._masker(plain, True) is plain
@@ -233,7 +239,7 @@ def test_a_fit_lower_where_the_masks_are_keeps_its_scales(monkeypatch):
         monkeypatch.setattr(
             P.IterativeBackground,
             "_masker",
-            lambda self, m, coarser, _a=asked: _a.append(coarser) or m,
+            lambda self, m, coarser, longest=None, _a=asked: _a.append(coarser) or m,
         )
         pipe.fit(img)
         assert any(asked) is expect
@@ -313,3 +319,17 @@ def test_a_cycle_between_skies_far_apart_is_not_called_converged():
     assert C.note_cycle(1, mild, pipe).startswith("converged by resolving a cycle")
     note = C.note_cycle(1, wild, pipe)
     assert note.startswith("not converged") and "94.0%" in note and "do not trust" in note
+
+
+def test_a_small_crowded_frame_masks_without_the_coarse_scale(data_dir):
+    # A 256-px corner of the Spitzer GLIMPSE field, stars everywhere: the tracking test
+    # flags the fit, and with the 16-px scale (holes some 80 px across on a frame whose
+    # fit may reach 32 px) the last stage's mask ran away (0.30 -> 0.92 of the frame)
+    # and backed off to 0.69. Its longest floor is under 2.5 times that scale, so the
+    # stage masks at its own scales, settles, and keeps more of the frame as sky.
+    image = fits.getdata(data_dir / "spitzer_crowded_256.fits")
+    res = skymap.fit(image)
+    assert max(r.tracking for r in res.history if np.isfinite(r.tracking)) > 0.25
+    assert res.converged and "runaway" not in res.convergence_note
+    assert "settled" in res.convergence_note
+    assert res.source_mask.mean() < 0.6

@@ -115,7 +115,9 @@ def default_pipeline(
       stiffen (``TrackingTest.sky``). Once it has
       found the fit higher where the masks are, the last stage's masker also matches
       a scale twice its largest (``tracking_scale=2``: sigma 16 px), which reaches
-      the faint wings the fit was following.
+      the faint wings the fit was following; not on a frame whose shorter side is
+      under 320 px (2.5 times that scale over ``tracking_cap``), where the holes it
+      cuts are more than the fit can bridge.
     * A stage whose masked share grows and shrinks by turns (a limit cycle, three
       iterations in a row) keeps what the last two masks both hold and stops there.
       One whose mask has settled but whose background change stopped shrinking

@@ -75,6 +75,16 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
+#: The coarser matched scale that ``tracking_scale`` adds is used only where the
+#: longest smoothing the fit may reach (``tracking_cap`` of the valid frame's shorter
+#: side) is at least this many times that scale (sigma). A detection at that scale,
+#: grown to the low threshold, spans about five sigma, and a thin-plate fit bridges a
+#: hole up to twice its length (``max_source_size`` and its floor of half of it). On a
+#: smaller frame the coarse scale's holes are more than the fit can bridge: they leave
+#: too little sky between them, and on 200-256 px cutouts of the shared images the
+#: masks ran away in most injected fits.
+COARSE_FLOOR = 2.5
+
 
 def _exclude_blank(inputs):
     """``inputs`` with the image's blank fills (:func:`skymap._inputs.blank_fill`)
@@ -234,7 +244,10 @@ class IterativeBackground:
         lies in wings too faint per pixel for the finer scales; a coarser matched
         filter reaches it, as the noise it leaves falls with the area it averages. A
         fit the test never flags, or finds only lower where the masks are (bending
-        into holes), is masked exactly as before. None: the scales stay as given.
+        into holes), is masked exactly as before, and so is one whose longest floor
+        (``tracking_cap`` of the valid frame's shorter side) is under
+        :data:`COARSE_FLOOR` times the coarse scale: the holes that scale cuts would
+        be more than the fit can bridge. None: the scales stay as given.
     max_source_size : float, "auto" or None
         How large (in pixels) an object may be and still count as a source rather than
         sky. The thin-plate smoothers' smoothing length is held at or above half of it
@@ -499,6 +512,7 @@ class IterativeBackground:
         # Smoothing floor in pixels: half the largest source size, raised (never
         # lowered) when the last stage's fit is found following source light.
         floor = None if size is None else smoothing_floor(size)
+        longest = self._longest_floor(floor, extent, size)
         model = _fit(be, self.first_guess, be.bad, None, floor)
         bkg, noise = be.background(model), noise_model.working(model, be)
         current = be.bad
@@ -530,7 +544,7 @@ class IterativeBackground:
                 resid = be.residual(bkg)
                 del bkg
                 new = be.mask(
-                    self._masker(stage.masker, tracked and full),
+                    self._masker(stage.masker, tracked and full, longest),
                     resid,
                     noise if masker_noise is None else masker_noise,
                     NoiseModel.window,
@@ -856,14 +870,32 @@ class IterativeBackground:
         gets ``tracking_scale`` once the fit is found following source light."""
         return k > 0 or k == len(self.stages) - 1
 
-    def _masker(self, masker, coarser: bool):
+    def _masker(self, masker, coarser: bool, longest: float | None = None):
         """``masker``, with a scale ``tracking_scale`` times its largest added when
-        ``coarser`` (the fit was found following source light); maskers that are not
-        dataclasses with ``scales``: as they are."""
+        ``coarser`` (the fit was found following source light) and the ``longest``
+        smoothing the fit may reach (pixels; None: no limit) is at least
+        :data:`COARSE_FLOOR` times that scale; maskers that are not dataclasses with
+        ``scales``: as they are."""
         scales = getattr(masker, "scales", None)
         if not coarser or self.tracking_scale is None or not scales or not is_dataclass(masker):
             return masker
-        return replace(masker, scales=(*scales, self.tracking_scale * max(scales)))
+        coarse = self.tracking_scale * max(scales)
+        if longest is not None and longest < COARSE_FLOOR * coarse:
+            return masker
+        return replace(masker, scales=(*scales, coarse))
+
+    def _longest_floor(self, floor, extent, size) -> float | None:
+        """The longest smoothing floor the fit may reach, in pixels: the tracking
+        test's cap (``tracking_cap`` of the shorter side of ``extent``, at most the
+        ceiling of a ``max_source_size`` given in pixels), or the starting ``floor`` if
+        longer; the starting ``floor`` when the test raises none."""
+        if self.source_tracking is None or self.tracking_stiffen is None:
+            return floor
+        cap = min(extent) * self.tracking_cap
+        ceiling = self._ceiling(size)
+        if ceiling is not None:
+            cap = min(cap, ceiling)
+        return cap if floor is None else max(floor, cap)
 
     def _ceiling(self, size) -> float | None:
         """The longest floor the tracking test may raise to, in pixels, beyond
