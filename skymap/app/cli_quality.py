@@ -70,7 +70,7 @@ def _json(obj) -> bytes:
 
 
 def _check_trials(args) -> None:
-    if args.trials < 1:
+    if args.trials is not None and args.trials < 1:
         raise _usage_error(f"--trials must be at least 1, got {args.trials}")
 
 
@@ -308,7 +308,12 @@ def register(subparsers) -> None:
         metavar="SECONDS",
         help=f"time budget in seconds ({DEFAULT_BUDGET:.0f})",
     )
-    p.add_argument("--trials", type=int, default=2, help="injection trials per candidate (2)")
+    p.add_argument(
+        "--trials",
+        type=int,
+        default=None,
+        help="injection trials per candidate (default: 2, up to 6 where the budget pays)",
+    )
     p.add_argument("--seed", type=int, default=0, help="injection seed (0; seed+1 reports)")
     p.add_argument("--no-peers", action="store_true", help="do not score photutils / SEP")
     _input_options(p)
