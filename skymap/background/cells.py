@@ -161,6 +161,7 @@ def upsample(
     step: int = 1,
     offset: float = 0.0,
     window=None,
+    out=None,
 ) -> np.ndarray:
     """Cubic-spline interpolation of a cell grid (node i at pixel ``i*c + (c-1)/2``) to
     the full ``shape``; beyond the outer nodes the grid is extended linearly, so a
@@ -169,7 +170,9 @@ def upsample(
     positions shifted by ``offset`` pixels (``(step - 1) / 2``: the blocks' centres).
     ``window`` = ((y0, y1), (x0, x1)) evaluates only those rows and columns, exactly
     ``upsample(...)[y0:y1:step, x0:x1:step]`` (each pixel is computed on its own from
-    the whole grid), which is how a tiled caller evaluates one tile.
+    the whole grid), which is how a tiled caller evaluates one tile. ``out``, an array
+    of the result's shape and ``dtype``, is written into and returned (fresh memory
+    costs the kernel's zeroing of its pages: ~9 ms for a 4096^2 float32 map).
 
     Examples
     --------
@@ -196,7 +199,13 @@ def upsample(
     xmat = sparse.csr_matrix((wx.ravel(), (rows, cols)), shape=(ux.size, coef.shape[1]))
     tmp = np.ascontiguousarray((xmat @ coef.T).T)
     by, wy = _bspline_weights(uy)
-    out = np.empty((uy.size, ux.size), dtype=dtype)
+    if out is None:
+        out = np.empty((uy.size, ux.size), dtype=dtype)
+    elif out.shape != (uy.size, ux.size) or out.dtype != np.dtype(dtype):
+        raise ValueError(
+            f"out must be a {np.dtype(dtype)} array of shape {(uy.size, ux.size)}, got "
+            f"{out.dtype} {out.shape}"
+        )
     return _k.bspline_columns(tmp, by, wy, out)
 
 

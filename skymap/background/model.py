@@ -49,7 +49,9 @@ class BackgroundModel(Protocol):
     A model may also say ``new_maps = True`` (not required): its
     :meth:`background_map` makes a new array at every call, which the caller may then
     overwrite (the in-memory back end writes the residual into it, one image of memory
-    less).
+    less), or writes into the array ``out=`` of the map's shape and dtype when given
+    (the in-memory back end passes the last residual's: no fresh image of memory,
+    whose pages the system would zero first).
     """
 
     shape: tuple[int, int]

@@ -1144,11 +1144,13 @@ class SmoothResult:
             penalty=None, gcv={},
         )  # fmt: skip
 
-    def background_map(self, step: int = 1, window=None) -> np.ndarray:
-        """Interpolate the background to full resolution (a new array, not cached), or
-        to every ``step``-th pixel along each axis, over ``window`` = ((y0, y1), (x0,
-        x1)) if given (see :func:`upsample`)."""
-        return upsample(self.grid, self.cell_size, self.shape, self.dtype, step, window=window)
+    def background_map(self, step: int = 1, window=None, out=None) -> np.ndarray:
+        """Interpolate the background to full resolution (a new array, not cached, or
+        ``out``), or to every ``step``-th pixel along each axis, over ``window`` =
+        ((y0, y1), (x0, x1)) if given (see :func:`upsample`)."""
+        return upsample(
+            self.grid, self.cell_size, self.shape, self.dtype, step, window=window, out=out
+        )
 
     def rms_map(self, window=None) -> np.ndarray:
         """Interpolate the RMS to full resolution (a new array, not cached), over
