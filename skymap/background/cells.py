@@ -6,7 +6,7 @@ binning, and the cubic-spline upsampling of a cell grid back to pixels."""
 from __future__ import annotations
 
 import numpy as np
-from scipy import ndimage, sparse
+from scipy import ndimage
 
 from skymap._select_kernels import exact_median
 from skymap._validate import as_pair
@@ -190,14 +190,12 @@ def upsample(
     (y0, y1), (x0, x1) = ((0, shape[0]), (0, shape[1])) if window is None else window
     uy = (np.arange(y0, y1, step) + offset - (cy - 1) / 2.0) / cy + pad
     ux = (np.arange(x0, x1, step) + offset - (cx - 1) / 2.0) / cx + pad
-    # Along x on the small grid (sparse, cheap), then along y row by row: each output
-    # row combines four whole rows of that (contiguous, so it vectorises; along x
-    # pixel by pixel it read each column's weights and gathered its nodes).
+    # Along x on the small grid (cheap; written row by row, no transposed copy), then
+    # along y row by row: each output row combines four whole rows of that
+    # (contiguous, so it vectorises; along x pixel by pixel it read each column's
+    # weights and gathered its nodes).
     bx, wx = _bspline_weights(ux)
-    rows = np.repeat(np.arange(ux.size), 4)
-    cols = (bx[:, None] + np.arange(-1, 3)[None, :]).ravel()
-    xmat = sparse.csr_matrix((wx.ravel(), (rows, cols)), shape=(ux.size, coef.shape[1]))
-    tmp = np.ascontiguousarray((xmat @ coef.T).T)
+    tmp = _k.bspline_rows(coef, bx, wx)
     by, wy = _bspline_weights(uy)
     if out is None:
         out = np.empty((uy.size, ux.size), dtype=dtype)
