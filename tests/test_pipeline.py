@@ -165,6 +165,18 @@ def test_the_next_background_map_is_written_into_the_last_residual():
     # a residual that was not written in place is not taken
     assert be.background(first) is not bkg
 
+    class NewMaps:  # new maps, but no out= (the protocol before): a new map each time
+        new_maps = True
+        shape, dtype = img.shape, img.dtype
+
+        def background_map(self, step=1, window=None):
+            return first.background_map()
+
+    resid = be.residual(be.background(first))
+    bkg = be.background(NewMaps())
+    assert bkg is not resid
+    np.testing.assert_array_equal(bkg, first.background_map())
+
 
 def test_smoother_recovers_smooth_sky_under_mask(rng):
     img, sky = _scene(rng, shape=(128, 160), nsrc=0)

@@ -8,6 +8,7 @@ in place.
 
 from __future__ import annotations
 
+import inspect
 import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -110,6 +111,7 @@ class MemoryBackend:
             and getattr(model, "new_maps", False)
             and getattr(model, "dtype", None) == buffer.dtype
             and tuple(model.shape) == buffer.shape
+            and "out" in inspect.signature(model.background_map).parameters
         ):
             bkg = model.background_map(out=buffer)
         else:
