@@ -5,10 +5,12 @@ import pytest
 import scipy.sparse as sp
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from scipy import ndimage
 from scipy.sparse.linalg import spsolve
 
 from skymap.backends.memory import MemoryBackend
 from skymap.background import pipeline as P
+from skymap.background.cells import _bspline_weights, _extend_linear
 from skymap.background.model import as_model
 from skymap.background.noise import NoiseModel
 from skymap.background.smooth import ThinPlateSmoother, smooth_grid, upsample
@@ -108,6 +110,72 @@ def test_upsample_step_is_the_exact_subsample(step, ny, nx):
     np.testing.assert_array_equal(
         upsample(g, (3, 4), (ny, nx), np.float32, step), full[::step, ::step]
     )
+
+
+def test_upsample_is_scipys_spline_products_bit_for_bit():
+    # Along x: each coefficient row's four weighted nodes summed from 0 in order, as
+    # scipy's CSR product does; along y: four rows combined in order, in float64.
+    rng = np.random.default_rng(12)
+    for gshape, cells, shape in (((6, 5), (3, 4), (17, 19)), ((9, 12), (32, 32), (300, 389))):
+        g = rng.normal(size=gshape) * 10.0 ** rng.integers(-3, 4)
+        pad = 12
+        z = _extend_linear(_extend_linear(g, pad, 0), pad, 1)
+        coef = ndimage.spline_filter(z, order=3, mode="mirror")
+        uy, ux = (
+            (np.arange(n) - (c - 1) / 2.0) / c + pad for n, c in zip(shape, cells, strict=True)
+        )
+        bx, wx = _bspline_weights(ux)
+        cols = (bx[:, None] + np.arange(-1, 3)[None, :]).ravel()
+        xmat = sp.csr_matrix((wx.ravel(), (np.repeat(np.arange(ux.size), 4), cols)),
+                             shape=(ux.size, coef.shape[1]))  # fmt: skip
+        tmp = (xmat @ coef.T).T
+        by, wy = _bspline_weights(uy)
+        want = np.empty(shape, np.float32)
+        for y in range(shape[0]):
+            b, w = by[y] - 1, wy[y]
+            want[y] = w[0] * tmp[b] + w[1] * tmp[b + 1] + w[2] * tmp[b + 2] + w[3] * tmp[b + 3]
+        got = upsample(g, cells, shape, np.float32)
+        assert got.tobytes() == want.tobytes()
+
+
+def test_upsample_writes_into_out_the_same_values():
+    g = np.random.default_rng(5).normal(size=(6, 5))
+    out = np.full((17, 19), np.nan, np.float32)
+    got = upsample(g, (3, 4), (17, 19), np.float32, out=out)
+    assert got is out
+    np.testing.assert_array_equal(out, upsample(g, (3, 4), (17, 19), np.float32))
+    with pytest.raises(ValueError, match="out must be"):
+        upsample(g, (3, 4), (17, 19), np.float64, out=out)
+
+
+def test_the_next_background_map_is_written_into_the_last_residual():
+    # The loop reads a residual no more once it asks for the next map: the in-memory
+    # back end writes that map into the residual's memory (no fresh image), the same
+    # values as a new map.
+    rng = np.random.default_rng(8)
+    img = rng.normal(size=(64, 80)).astype(np.float32)
+    be = MemoryBackend(img)
+    first = ThinPlateSmoother(cell_size=8).fit(img)
+    second = ThinPlateSmoother(cell_size=8, smoothing=20.0**4).fit(img)
+    resid = be.residual(be.background(first))
+    np.testing.assert_array_equal(resid, img - first.background_map())
+    bkg = be.background(second)
+    assert bkg is resid
+    np.testing.assert_array_equal(bkg, second.background_map())
+    # a residual that was not written in place is not taken
+    assert be.background(first) is not bkg
+
+    class NewMaps:  # new maps, but no out= (the protocol before): a new map each time
+        new_maps = True
+        shape, dtype = img.shape, img.dtype
+
+        def background_map(self, step=1, window=None):
+            return first.background_map()
+
+    resid = be.residual(be.background(first))
+    bkg = be.background(NewMaps())
+    assert bkg is not resid
+    np.testing.assert_array_equal(bkg, first.background_map())
 
 
 def test_smoother_recovers_smooth_sky_under_mask(rng):

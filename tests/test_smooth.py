@@ -222,6 +222,24 @@ def test_the_cold_gcv_scan_stops_two_decades_above_a_rough_minimum():
     assert lam < 1e3
 
 
+def test_the_cold_gcv_scan_stops_after_two_decades_of_steady_rise():
+    # Faint structure under noise: past its minimum GCV climbs by under 5% to a flat
+    # plateau. The scan stops two decades past the best, as GCV rose at each, and the
+    # stiffer decades it skipped all score worse than its choice.
+    rng = np.random.default_rng(3)
+    yy, xx = np.mgrid[:64, :64]
+    y = 0.2 * np.sin(xx / 9.0) + rng.normal(0, 1.0, (64, 64))
+    w = np.ones_like(y)
+    _, lam, scores = smooth_grid(y, w, smoothing_range=(1.0, 1e12))
+    assert max(scores) <= 1e5 * (1 + 1e-9)
+    assert scores[lam] == min(scores.values())
+    system = _System(w, 1.0, 1.0)
+    yc = y - y.mean()
+    for k in range(6, 13):
+        z, _ = system.solve(yc, 10.0**k, rtol=1e-4)
+        assert system.gcv(yc, z, 10.0**k) > scores[lam]
+
+
 def test_the_stated_statistical_error_matches_the_scatter_over_noise_draws():
     """``SmoothResult.error`` (RMS error from the pixel noise, in pixel-sigma) is honest:
     over independent noise draws the fitted flat sky scatters by that much."""

@@ -132,7 +132,9 @@ class ArrayBackend(Protocol):
     def residual(self, background: Any) -> Any:
         """``image - background`` in the image's dtype, native. The loop reads
         ``background`` no more: a back end may write the residual into it (the
-        in-memory one does, for a map it made from a model with ``new_maps``)."""
+        in-memory one does, for a map it made from a model with ``new_maps``). The loop
+        reads the residual no more once the next :meth:`background` is asked for: a
+        back end may write that map into the residual (the in-memory one does)."""
 
     def fit(self, estimator: Any, mask: Any, **hints: Any) -> Any:
         """``estimator`` fitted to the image with ``mask`` (True = excluded)."""

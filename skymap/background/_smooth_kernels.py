@@ -177,6 +177,32 @@ def _bin_cells(image, bad, cy, cx, ref, n, s1, s2, sy, sx, lo, hi):  # pragma: n
             sx[i, j] = ax
 
 
+def bspline_rows(coef, base, weights):
+    """tmp[i, x] = sum_k weights[x, k] * coef[i, base[x] - 1 + k], k = 0..3, summed
+    from 0 in k order (the order of scipy's CSR product ``(xmat @ coef.T).T`` with the
+    four weights of each row of ``xmat``): the B-spline evaluation along x of every
+    row of coefficients, written row by row (contiguous, no transposed copy)."""
+    tmp = np.empty((coef.shape[0], base.size))
+    in_bands(_bspline_rows, tmp.shape[0], np.ascontiguousarray(coef), base, weights, tmp)
+    return tmp
+
+
+@njit(cache=True, nogil=True)
+def _bspline_rows(coef, base, weights, tmp, lo, hi):  # pragma: no cover - compiled
+    nx = tmp.shape[1]
+    for i in range(lo, hi):
+        c = coef[i]
+        row = tmp[i]
+        for x in range(nx):
+            b = base[x] - 1
+            acc = 0.0
+            acc += weights[x, 0] * c[b]
+            acc += weights[x, 1] * c[b + 1]
+            acc += weights[x, 2] * c[b + 2]
+            acc += weights[x, 3] * c[b + 3]
+            row[x] = acc
+
+
 def bspline_columns(tmp, base, weights, out):
     """out[y, x] = sum_k weights[y, k] * tmp[base[y] - 1 + k, x], k = 0..3: the cubic
     B-spline evaluation along y of rows already evaluated along x (each output row

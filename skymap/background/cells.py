@@ -6,7 +6,7 @@ binning, and the cubic-spline upsampling of a cell grid back to pixels."""
 from __future__ import annotations
 
 import numpy as np
-from scipy import ndimage, sparse
+from scipy import ndimage
 
 from skymap._select_kernels import exact_median
 from skymap._validate import as_pair
@@ -161,6 +161,7 @@ def upsample(
     step: int = 1,
     offset: float = 0.0,
     window=None,
+    out=None,
 ) -> np.ndarray:
     """Cubic-spline interpolation of a cell grid (node i at pixel ``i*c + (c-1)/2``) to
     the full ``shape``; beyond the outer nodes the grid is extended linearly, so a
@@ -169,7 +170,9 @@ def upsample(
     positions shifted by ``offset`` pixels (``(step - 1) / 2``: the blocks' centres).
     ``window`` = ((y0, y1), (x0, x1)) evaluates only those rows and columns, exactly
     ``upsample(...)[y0:y1:step, x0:x1:step]`` (each pixel is computed on its own from
-    the whole grid), which is how a tiled caller evaluates one tile.
+    the whole grid), which is how a tiled caller evaluates one tile. ``out``, an array
+    of the result's shape and ``dtype``, is written into and returned (fresh memory
+    costs the kernel's zeroing of its pages: ~9 ms for a 4096^2 float32 map).
 
     Examples
     --------
@@ -187,16 +190,20 @@ def upsample(
     (y0, y1), (x0, x1) = ((0, shape[0]), (0, shape[1])) if window is None else window
     uy = (np.arange(y0, y1, step) + offset - (cy - 1) / 2.0) / cy + pad
     ux = (np.arange(x0, x1, step) + offset - (cx - 1) / 2.0) / cx + pad
-    # Along x on the small grid (sparse, cheap), then along y row by row: each output
-    # row combines four whole rows of that (contiguous, so it vectorises; along x
-    # pixel by pixel it read each column's weights and gathered its nodes).
+    # Along x on the small grid (cheap; written row by row, no transposed copy), then
+    # along y row by row: each output row combines four whole rows of that
+    # (contiguous, so it vectorises; along x pixel by pixel it read each column's
+    # weights and gathered its nodes).
     bx, wx = _bspline_weights(ux)
-    rows = np.repeat(np.arange(ux.size), 4)
-    cols = (bx[:, None] + np.arange(-1, 3)[None, :]).ravel()
-    xmat = sparse.csr_matrix((wx.ravel(), (rows, cols)), shape=(ux.size, coef.shape[1]))
-    tmp = np.ascontiguousarray((xmat @ coef.T).T)
+    tmp = _k.bspline_rows(coef, bx, wx)
     by, wy = _bspline_weights(uy)
-    out = np.empty((uy.size, ux.size), dtype=dtype)
+    if out is None:
+        out = np.empty((uy.size, ux.size), dtype=dtype)
+    elif out.shape != (uy.size, ux.size) or out.dtype != np.dtype(dtype):
+        raise ValueError(
+            f"out must be a {np.dtype(dtype)} array of shape {(uy.size, ux.size)}, got "
+            f"{out.dtype} {out.shape}"
+        )
     return _k.bspline_columns(tmp, by, wy, out)
 
 

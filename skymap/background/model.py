@@ -49,7 +49,10 @@ class BackgroundModel(Protocol):
     A model may also say ``new_maps = True`` (not required): its
     :meth:`background_map` makes a new array at every call, which the caller may then
     overwrite (the in-memory back end writes the residual into it, one image of memory
-    less).
+    less); if its :meth:`background_map` also takes ``out=`` (an array of the map's
+    shape and ``dtype``, which the model then has as an attribute), the in-memory back
+    end passes the last residual's memory there: no fresh image, whose pages the system
+    would zero first.
     """
 
     shape: tuple[int, int]

@@ -363,21 +363,29 @@ def _gcv_search(system: _System, y, smoothing_range, start, step, inflation, sco
         # Cold start: scan the decades below the stiff end (``hi - k step``, and the
         # rough end ``lo``) from rough to smooth. GCV is flat over the over-smoothed
         # plateau, so a downhill walk from a too-stiff start can stall there; the scan
-        # stops once GCV has clearly risen two decades past the best. From the rough end
-        # it meets the minimum before the plateau, and skips the stiff solves, the
-        # slowest to converge (the same decades as a scan from the stiff end: the same
-        # choice unless GCV has two minima over 5% apart).
+        # stops two decades past the best once GCV has clearly risen (5%), or has risen
+        # at every decade since the best: past its minimum, over-smoothing adds bias
+        # that grows with the smoothing, and GCV climbs steadily towards the plateau
+        # (noise on a flat plateau goes up and down). From the rough end it meets the
+        # minimum before the plateau, and skips the stiff solves, the slowest to
+        # converge (the same decades as a scan from the stiff end: the same choice
+        # unless GCV, after rising two decades in a row or by 5%, falls below its
+        # best again).
         grid, v = [hi], hi
         while v > lo:
             v -= step
             grid.append(max(v, lo))
         centre, best = None, np.inf
+        last, rising = np.inf, False
         for v in dict.fromkeys(reversed(grid)):
             s, v = score(v)
             if s <= best:
-                best, centre = s, v
-            elif v >= centre + 2.0 and s > 1.05 * best:
-                break
+                best, centre, rising = s, v, True
+            else:
+                rising = rising and s > last
+                if v >= centre + 2.0 and (s > 1.05 * best or rising):
+                    break
+            last = s
     else:
         centre = float(np.clip(np.log10(start), lo, hi))
         best, centre = score(centre)
@@ -1136,11 +1144,13 @@ class SmoothResult:
             penalty=None, gcv={},
         )  # fmt: skip
 
-    def background_map(self, step: int = 1, window=None) -> np.ndarray:
-        """Interpolate the background to full resolution (a new array, not cached), or
-        to every ``step``-th pixel along each axis, over ``window`` = ((y0, y1), (x0,
-        x1)) if given (see :func:`upsample`)."""
-        return upsample(self.grid, self.cell_size, self.shape, self.dtype, step, window=window)
+    def background_map(self, step: int = 1, window=None, out=None) -> np.ndarray:
+        """Interpolate the background to full resolution (a new array, not cached, or
+        ``out``), or to every ``step``-th pixel along each axis, over ``window`` =
+        ((y0, y1), (x0, x1)) if given (see :func:`upsample`)."""
+        return upsample(
+            self.grid, self.cell_size, self.shape, self.dtype, step, window=window, out=out
+        )
 
     def rms_map(self, window=None) -> np.ndarray:
         """Interpolate the RMS to full resolution (a new array, not cached), over
