@@ -578,9 +578,7 @@ class IterativeBackground:
                             # Higher where the masks are: unmasked source light, which
                             # a coarser scale can mask (lower: it bends into holes).
                             tracked = tracked or test.correlation > 0
-                            floor, raised, stiff = self._stiffen(
-                                model, floor, extent, stiff, self._ceiling(size)
-                            )
+                            floor, raised, stiff = self._stiffen(model, floor, stiff, longest)
                 rec = keep(
                     record(
                         be,
@@ -908,19 +906,17 @@ class IterativeBackground:
             return None
         return smoothing_floor(size)
 
-    def _stiffen(self, model, floor, shape, stiff, ceiling=None):
+    def _stiffen(self, model, floor, stiff, longest):
         """(floor, raised, stiff) after a refit found following source light: the
-        smoothing floor raised to ``tracking_stiffen`` times the fit's length (at most
-        ``tracking_cap`` of the shorter side, and at most ``ceiling`` pixels), and
-        GCV's inflation switched to ``tracking_inflation`` for the rest of the fit."""
+        smoothing floor raised to ``tracking_stiffen`` times the fit's length, at most
+        to ``longest`` (:meth:`_longest_floor`), and GCV's inflation switched to
+        ``tracking_inflation`` for the rest of the fit."""
         raised = False
         if self.tracking_inflation is not None and not stiff:
             stiff = raised = True
         if self.tracking_stiffen is not None:
             # The sources' light reaches further than their measured size.
-            longer = min(self.tracking_stiffen * model.scale, min(shape) * self.tracking_cap)
-            if ceiling is not None:
-                longer = min(longer, ceiling)
+            longer = min(self.tracking_stiffen * model.scale, longest)
             if floor is None or longer > floor * 1.01:
                 floor, raised = longer, True
         return floor, raised, stiff
