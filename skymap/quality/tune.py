@@ -435,6 +435,15 @@ def _check_budget(budget) -> float:
     return b
 
 
+def _more_trials(n: int, fits) -> int:
+    """The most trials from ``n`` up to three times ``n`` for which ``fits(trials)`` holds
+    (``n`` itself is not checked)."""
+    most = 3 * n
+    while n < most and fits(n + 1):
+        n += 1
+    return n
+
+
 def _fewer_trials(wanted: int, cost_of, remaining: float, what: str) -> int:
     """The most trials (at most ``wanted``, at least 1) whose ``cost_of(n)`` seconds
     fit in ``remaining``."""
@@ -711,8 +720,7 @@ def tune(
     if more_trials:
         planned = 1 + sum(len(axis) for axis in axes) + _FINE_CANDIDATES
         share = _SEARCH_SHARE * remaining()
-        while n_trials < 3 * _CHOOSE_TRIALS and t_fit * n_kinds * (n_trials + 1) * planned < share:
-            n_trials += 1
+        n_trials = _more_trials(n_trials, lambda n: t_fit * n_kinds * n * planned < share)
     run({}, "default", base=default_base)
     if cands[default_key].failed:
         raise ValueError(f"the default fit cannot be scored on this image: {rows[0]['status']}")
@@ -838,14 +846,13 @@ def tune(
         # What the search left of the budget buys more race trials, up to three times
         # as many: a verdict on 4 of 6 paired trials is no verdict, on 7 of 10 it may
         # be. (Not affording more is not the budget cutting the search short.)
-        trials, cut = race_trials, exhausted
-        while trials < 3 * race_trials and affordable(
-            race_cost([default_key, *leaders()], trials + 1), reserve_race=False
-        ):
-            trials += 1
+        cut = exhausted
+        race_trials = _more_trials(
+            race_trials,
+            lambda n: affordable(race_cost([default_key, *leaders()], n), reserve_race=False),
+        )
         exhausted = cut
-        race_trials = trials
-        race(trials)
+        race(race_trials)
     choice = cands[best_key]
     tuned = dict(choice.options)
     confirmed, verdict = True, "the defaults: no candidate beat them by the margin"
