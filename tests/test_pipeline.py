@@ -11,7 +11,7 @@ from scipy.sparse.linalg import spsolve
 from skymap.backends.memory import MemoryBackend
 from skymap.background import pipeline as P
 from skymap.background.cells import _bspline_weights, _extend_linear
-from skymap.background.model import as_model
+from skymap.background.model import MapModel, as_model
 from skymap.background.noise import NoiseModel
 from skymap.background.smooth import ThinPlateSmoother, smooth_grid, upsample
 from skymap.masking import hysteresis as H
@@ -176,6 +176,44 @@ def test_the_next_background_map_is_written_into_the_last_residual():
     bkg = be.background(NewMaps())
     assert bkg is not resid
     np.testing.assert_array_equal(bkg, first.background_map())
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_upsample_subtracted_from_an_image_is_numpys_difference_bit_for_bit(dtype):
+    rng = np.random.default_rng(6)
+    g = rng.normal(size=(6, 5))
+    img = rng.normal(size=(17, 19)).astype(dtype)
+    want = img - upsample(g, (3, 4), (17, 19), dtype)
+    np.testing.assert_array_equal(upsample(g, (3, 4), (17, 19), dtype, subtract_from=img), want)
+    out = np.full((17, 19), np.nan, dtype)
+    assert upsample(g, (3, 4), (17, 19), dtype, out=out, subtract_from=img) is out
+    np.testing.assert_array_equal(out, want)
+    with pytest.raises(ValueError, match="subtract_from must"):
+        upsample(g, (3, 4), (17, 19), dtype, subtract_from=img[1:])
+
+
+def test_a_deferred_background_gives_the_same_residual_and_change():
+    # A map the loop reads only through the residual and the change is not made: the
+    # residual comes from the model in one pass (into the last residual's memory), the
+    # change from the model's subsample; both equal those of the map bit for bit.
+    rng = np.random.default_rng(9)
+    img = rng.normal(size=(64, 80)).astype(np.float32)
+    be, ref = MemoryBackend(img), MemoryBackend(img)
+    first = ThinPlateSmoother(cell_size=8).fit(img)
+    second = ThinPlateSmoother(cell_size=8, smoothing=20.0**4).fit(img)
+    resid = be.residual(be.background(first, deferred=True))
+    np.testing.assert_array_equal(resid, img - first.background_map())
+    pending = be.background(second, deferred=True)
+    noise = NoiseModel.for_maskers([H.HysteresisMasker()]).working(second, be)
+    assert be.change(pending, second, first, noise, NoiseModel) == ref.change(
+        ref.background(second), second, first, noise, NoiseModel
+    )
+    again = be.residual(pending)
+    assert again is resid
+    np.testing.assert_array_equal(again, img - second.background_map())
+    # a model without residual_map gets its map
+    plain = MapModel(background=first.background, rms=first.rms)
+    assert isinstance(be.background(plain, deferred=True), np.ndarray)
 
 
 def test_smoother_recovers_smooth_sky_under_mask(rng):

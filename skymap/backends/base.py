@@ -126,8 +126,11 @@ class ArrayBackend(Protocol):
 
     # -- the loop's operations
 
-    def background(self, model: Any) -> Any:
-        """``model``'s full background map, native (lazy for a tiled back end)."""
+    def background(self, model: Any, deferred: bool = False) -> Any:
+        """``model``'s full background map, native (lazy for a tiled back end).
+        ``deferred``: the loop reads the map only through :meth:`residual` and
+        :meth:`change`, so a back end may return a stand-in that they read (the
+        in-memory one makes the residual from the model in one pass)."""
 
     def residual(self, background: Any) -> Any:
         """``image - background`` in the image's dtype, native. The loop reads

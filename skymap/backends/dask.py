@@ -797,7 +797,8 @@ class DaskBackend:
 
     # -- the loop's operations
 
-    def background(self, model):
+    def background(self, model, deferred=False):
+        # lazy either way: the residual's tasks make the map where the image is
         import dask.array as da
 
         native = _native_background(model)

@@ -203,11 +203,17 @@ def _bspline_rows(coef, base, weights, tmp, lo, hi):  # pragma: no cover - compi
             row[x] = acc
 
 
-def bspline_columns(tmp, base, weights, out):
+def bspline_columns(tmp, base, weights, out, subtract_from=None):
     """out[y, x] = sum_k weights[y, k] * tmp[base[y] - 1 + k, x], k = 0..3: the cubic
     B-spline evaluation along y of rows already evaluated along x (each output row
-    four whole rows of ``tmp`` combined, so the loop over x vectorises)."""
-    in_bands(_bspline_columns, out.shape[0], tmp, base, weights, out, grain=32)
+    four whole rows of ``tmp`` combined, so the loop over x vectorises). With
+    ``subtract_from`` (an array of ``out``'s shape), ``out`` is ``subtract_from`` minus
+    that map rounded to ``out``'s dtype first: ``subtract_from - map`` bit for bit where
+    both have ``out``'s dtype, without the map's pass."""
+    if subtract_from is None:
+        in_bands(_bspline_columns, out.shape[0], tmp, base, weights, out, grain=32)
+    else:
+        in_bands(_bspline_minus, out.shape[0], tmp, base, weights, subtract_from, out, grain=32)
     return out
 
 
@@ -221,6 +227,20 @@ def _bspline_columns(tmp, base, weights, out, lo, hi):  # pragma: no cover - com
         row = out[y]
         for x in range(nx):
             row[x] = w0 * t0[x] + w1 * t1[x] + w2 * t2[x] + w3 * t3[x]
+
+
+@njit(cache=True, nogil=True)
+def _bspline_minus(tmp, base, weights, image, out, lo, hi):  # pragma: no cover - compiled
+    nx = out.shape[1]
+    for y in range(lo, hi):
+        b = base[y] - 1
+        w0, w1, w2, w3 = weights[y, 0], weights[y, 1], weights[y, 2], weights[y, 3]
+        t0, t1, t2, t3 = tmp[b], tmp[b + 1], tmp[b + 2], tmp[b + 3]
+        row, irow = out[y], image[y]
+        for x in range(nx):
+            # the map's value is rounded to out's dtype by the store, as in a map
+            row[x] = w0 * t0[x] + w1 * t1[x] + w2 * t2[x] + w3 * t3[x]
+            row[x] = irow[x] - row[x]
 
 
 def count_cells(bad, cy, cx):

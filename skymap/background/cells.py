@@ -162,6 +162,7 @@ def upsample(
     offset: float = 0.0,
     window=None,
     out=None,
+    subtract_from=None,
 ) -> np.ndarray:
     """Cubic-spline interpolation of a cell grid (node i at pixel ``i*c + (c-1)/2``) to
     the full ``shape``; beyond the outer nodes the grid is extended linearly, so a
@@ -173,6 +174,9 @@ def upsample(
     the whole grid), which is how a tiled caller evaluates one tile. ``out``, an array
     of the result's shape and ``dtype``, is written into and returned (fresh memory
     costs the kernel's zeroing of its pages: ~9 ms for a 4096^2 float32 map).
+    ``subtract_from``, an array of the result's shape, gives ``subtract_from - map``
+    instead, the map rounded to ``dtype`` first (a residual: with both in ``dtype``,
+    ``subtract_from - upsample(...)`` bit for bit, in one pass).
 
     Examples
     --------
@@ -204,7 +208,11 @@ def upsample(
             f"out must be a {np.dtype(dtype)} array of shape {(uy.size, ux.size)}, got "
             f"{out.dtype} {out.shape}"
         )
-    return _k.bspline_columns(tmp, by, wy, out)
+    if subtract_from is not None and np.shape(subtract_from) != out.shape:
+        raise ValueError(
+            f"subtract_from must have the shape {out.shape}, got {np.shape(subtract_from)}"
+        )
+    return _k.bspline_columns(tmp, by, wy, out, subtract_from)
 
 
 def _extend_linear(z: np.ndarray, pad: int, axis: int) -> np.ndarray:

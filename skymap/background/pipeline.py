@@ -492,7 +492,8 @@ class IterativeBackground:
         def restate(model, previous, mask, k, it, rec, floor):
             """Record a state the stage stops in (a back-off, a resolved cycle): its
             background and working noise, its change from ``previous``."""
-            bkg, noise = be.background(model), noise_model.working(model, be)
+            bkg = be.background(model, deferred=k < last or self.final is not None)
+            noise = noise_model.working(model, be)
             change = be.change(bkg, model, previous, noise, NoiseModel)
             flips, count, kept = be.mask_stats(mask)
             keep(record(be, k, it, model, count, kept, change, flips / be.size, rec,
@@ -514,7 +515,10 @@ class IterativeBackground:
         floor = None if size is None else smoothing_floor(size)
         longest = self._longest_floor(floor, extent, size)
         model = _fit(be, self.first_guess, be.bad, None, floor)
-        bkg, noise = be.background(model), noise_model.working(model, be)
+        # Maps the loop reads only through the next residual and the change are
+        # deferred: all but one that may become the result.
+        bkg = be.background(model, deferred=True)
+        noise = noise_model.working(model, be)
         current = be.bad
         _, count, kept = be.mask_stats(current)
         keep(record(be, -1, 0, model, count, kept, None, None, floor=floor), current)
@@ -555,7 +559,7 @@ class IterativeBackground:
                     rec = keep(record(be, k, it, model, count, kept, 0.0, flips / be.size,
                                       history[-1], floor=floor), new)  # fmt: skip
                     noise = noise_model.working(model, be)
-                    bkg = be.background(model) if k < last else None
+                    bkg = be.background(model, deferred=True) if k < last else None
                     current = new
                     del new
                     converged, note = True, _conv.note_mask_settled(k, it + 1, rec, self)
@@ -564,7 +568,8 @@ class IterativeBackground:
                 model = _fit(
                     be, self._estimator(stage.estimator, stiff), new, history[-1].scale, floor
                 )
-                bkg, noise = be.background(model), noise_model.working(model, be)
+                bkg = be.background(model, deferred=k < last or self.final is not None)
+                noise = noise_model.working(model, be)
                 change = be.change(bkg, model, previous, noise, NoiseModel)
                 del previous
                 asymmetry, raised, tracking = float("nan"), False, float("nan")
