@@ -323,6 +323,23 @@ def test_binned_scales_chained_equal_each_scale_from_the_image(rng, monkeypatch,
         assert got.sum() > given.sum() + 200
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_the_nonfinite_map_is_numpys(rng, dtype):
+    # _k.nonfinite_or against numpy: the map and the non-finite pixels outside `given`
+    from skymap.masking import _hysteresis_kernels as K
+
+    values = rng.normal(size=(37, 45)).astype(dtype)
+    values.flat[rng.integers(values.size, size=40)] = rng.choice([np.nan, np.inf, -np.inf], 40)
+    values[0, :3] = [np.finfo(dtype).max, -np.finfo(dtype).max, np.finfo(dtype).tiny]
+    bad = ~np.isfinite(values)
+    for given in (None, rng.random(values.shape) < 0.3):
+        got = np.empty(values.shape, bool)
+        outside = K.nonfinite_or(values, given, got)
+        want = bad if given is None else bad | given
+        np.testing.assert_array_equal(got, want)
+        assert outside == int((bad if given is None else bad & ~given).sum())
+
+
 def test_the_nonfinite_map_and_the_first_pair_sums_in_one_pass(rng):
     # _k.nonfinite_or_sums against nonfinite_or then masked_block_sums of blocks of 2:
     # odd shapes, non-finite pixels inside and outside the given mask, no mask

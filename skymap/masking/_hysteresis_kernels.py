@@ -665,18 +665,23 @@ def _nonfinite_or(values, given, masked, out, counts, lo, hi):  # pragma: no cov
 @njit(cache=True, nogil=True, inline="always")
 def _nonfinite_or_row(vrow, given, masked, y, orow):  # pragma: no cover - compiled
     """Row ``y`` of :func:`nonfinite_or`; returns its count."""
+    # On bytes, not booleans, and without a branch per pixel, so that the loops
+    # vectorise; |v| < inf is False for NaN and infinities only.
     n = 0
+    inf = np.inf
+    out = orow.view(np.uint8)
     if masked:
-        grow = given[y]
+        grow = given[y].view(np.uint8)
         for x in range(vrow.size):
-            bad = not np.isfinite(vrow[x])
-            n += 1 if bad and not grow[x] else 0
-            orow[x] = bad or grow[x]
+            bad = np.uint8(not (abs(vrow[x]) < inf))
+            g = grow[x]
+            n += bad & (g ^ np.uint8(1))
+            out[x] = bad | g
     else:
         for x in range(vrow.size):
-            bad = not np.isfinite(vrow[x])
-            n += 1 if bad else 0
-            orow[x] = bad
+            bad = np.uint8(not (abs(vrow[x]) < inf))
+            n += bad
+            out[x] = bad
     return n
 
 
