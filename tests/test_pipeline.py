@@ -188,6 +188,13 @@ def test_upsample_subtracted_from_an_image_is_numpys_difference_bit_for_bit(dtyp
     out = np.full((17, 19), np.nan, dtype)
     assert upsample(g, (3, 4), (17, 19), dtype, out=out, subtract_from=img) is out
     np.testing.assert_array_equal(out, want)
+    # in place, and at a step
+    inplace = img.copy()
+    assert upsample(g, (3, 4), (17, 19), dtype, out=inplace, subtract_from=inplace) is inplace
+    np.testing.assert_array_equal(inplace, want)
+    sub = img[::2, ::2].copy()
+    upsample(g, (3, 4), (17, 19), dtype, 2, out=sub, subtract_from=sub)
+    np.testing.assert_array_equal(sub, want[::2, ::2])
     with pytest.raises(ValueError, match="subtract_from must"):
         upsample(g, (3, 4), (17, 19), dtype, subtract_from=img[1:])
 
@@ -208,11 +215,17 @@ def test_a_deferred_background_gives_the_same_residual_and_change():
     assert be.change(pending, second, first, noise, NoiseModel) == ref.change(
         ref.background(second), second, first, noise, NoiseModel
     )
+    # the change from the same map (not deferred), and between models of either kind
+    plain = MapModel(background=first.background, rms=first.rms)
+    want = ref.change(ref.background(second), second, plain, noise, NoiseModel)
+    assert be.change(pending, second, plain, noise, NoiseModel) == want
     again = be.residual(pending)
     assert again is resid
     np.testing.assert_array_equal(again, img - second.background_map())
+    assert ref.change(ref.background(plain), plain, second, noise, NoiseModel) == be.change(
+        be.background(plain, deferred=True), plain, second, noise, NoiseModel
+    )
     # a model without residual_map gets its map
-    plain = MapModel(background=first.background, rms=first.rms)
     assert isinstance(be.background(plain, deferred=True), np.ndarray)
 
 

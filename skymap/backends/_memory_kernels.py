@@ -46,23 +46,23 @@ def _floor_in_place(flat, floor, lo, hi):  # pragma: no cover - compiled
             flat[i] = floor
 
 
-def subsampled_change(new_sub, old_sub, bad, noise, q, step):
-    """RMS of ``(new_sub - old_sub) / sigma`` (both maps at every ``step``-th pixel
-    along each axis) over the pixels not ``bad`` and finite, ``sigma`` read from the
+def subsampled_change(diff, bad, noise, q, step):
+    """RMS of ``diff / sigma`` (a difference of maps at every ``step``-th pixel along
+    each axis) over the pixels not ``bad`` and finite, ``sigma`` read from the
     noise grid ``noise`` at ``[y // q, x // q]`` (edge-clamped, as in :func:`dog_snr`);
     pixels of zero noise are left out (their ratio is not finite), and the result is 0
     when no pixel is left. Rows are summed in parallel, then in order, so the result
     does not depend on the thread count."""
-    ny = old_sub.shape[0]
+    ny = diff.shape[0]
     sums = np.zeros(ny)
     counts = np.zeros(ny, np.int64)
-    in_bands(_row_changes, ny, new_sub, old_sub, bad, noise, q, step, sums, counts, grain=16)
+    in_bands(_row_changes, ny, diff, bad, noise, q, step, sums, counts, grain=16)
     return _rms_of_rows(sums, counts)
 
 
 @njit(cache=True, nogil=True)
-def _row_changes(new_sub, old_sub, bad, noise, q, step, sums, counts, lo, hi):  # pragma: no cover
-    nx = old_sub.shape[1]
+def _row_changes(diff, bad, noise, q, step, sums, counts, lo, hi):  # pragma: no cover
+    nx = diff.shape[1]
     nqy, nqx = noise.shape
     # Each column's noise column once, not an integer division per pixel.
     qcol = np.empty(nx, np.int64)
@@ -81,7 +81,7 @@ def _row_changes(new_sub, old_sub, bad, noise, q, step, sums, counts, lo, hi):  
             if s == 0:
                 # numpy's x / 0 is inf or nan, which the tiled path drops as non-finite
                 continue
-            d = (new_sub[i, j] - old_sub[i, j]) / s
+            d = diff[i, j] / s
             if np.isfinite(d):
                 total += d * d
                 count += 1

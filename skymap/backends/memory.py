@@ -173,12 +173,22 @@ class MemoryBackend:
 
     def change(self, background, model, previous, noise, noise_model):
         sigma, q = noise_model.grid(noise)
-        old = previous.background_map(CHANGE_STEP)
+        # new - old at the subsample, in the memory of a subsample made for this call
+        # (not in a second fresh one)
+        step = CHANGE_STEP
         if isinstance(background, _Deferred):
-            new = model.background_map(CHANGE_STEP)
+            new = model.background_map(step)
+            if not (getattr(model, "new_maps", False) and new.flags.writeable):
+                diff = np.subtract(new, previous.background_map(step))
+            elif self._makes_residual(previous):
+                diff = previous.residual_map(new, step, out=new)
+            else:
+                diff = np.subtract(new, previous.background_map(step), out=new)
         else:
-            new = background[::CHANGE_STEP, ::CHANGE_STEP]
-        return _k.subsampled_change(new, old, self.bad, sigma, q, CHANGE_STEP)
+            old = previous.background_map(step)
+            own = getattr(previous, "new_maps", False) and old.flags.writeable
+            diff = np.subtract(background[::step, ::step], old, out=old if own else None)
+        return _k.subsampled_change(diff, self.bad, sigma, q, step)
 
     def mask_stats(self, new):
         # the packed mask, its count and its flips from the last, in one pass

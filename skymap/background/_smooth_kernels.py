@@ -207,9 +207,10 @@ def bspline_columns(tmp, base, weights, out, subtract_from=None):
     """out[y, x] = sum_k weights[y, k] * tmp[base[y] - 1 + k, x], k = 0..3: the cubic
     B-spline evaluation along y of rows already evaluated along x (each output row
     four whole rows of ``tmp`` combined, so the loop over x vectorises). With
-    ``subtract_from`` (an array of ``out``'s shape), ``out`` is ``subtract_from`` minus
-    that map rounded to ``out``'s dtype first: ``subtract_from - map`` bit for bit where
-    both have ``out``'s dtype, without the map's pass."""
+    ``subtract_from`` (an array of ``out``'s shape, which may be ``out`` itself),
+    ``out`` is ``subtract_from`` minus that map rounded to ``out``'s dtype first:
+    ``subtract_from - map`` bit for bit where both have ``out``'s dtype, without the
+    map's pass."""
     if subtract_from is None:
         in_bands(_bspline_columns, out.shape[0], tmp, base, weights, out, grain=32)
     else:
@@ -238,9 +239,11 @@ def _bspline_minus(tmp, base, weights, image, out, lo, hi):  # pragma: no cover 
         t0, t1, t2, t3 = tmp[b], tmp[b + 1], tmp[b + 2], tmp[b + 3]
         row, irow = out[y], image[y]
         for x in range(nx):
-            # the map's value is rounded to out's dtype by the store, as in a map
+            # image may be out itself (read first); the map's value is rounded to out's
+            # dtype by the store, as in a map
+            v = irow[x]
             row[x] = w0 * t0[x] + w1 * t1[x] + w2 * t2[x] + w3 * t3[x]
-            row[x] = irow[x] - row[x]
+            row[x] = v - row[x]
 
 
 def count_cells(bad, cy, cx):

@@ -174,9 +174,10 @@ def upsample(
     the whole grid), which is how a tiled caller evaluates one tile. ``out``, an array
     of the result's shape and ``dtype``, is written into and returned (fresh memory
     costs the kernel's zeroing of its pages: ~9 ms for a 4096^2 float32 map).
-    ``subtract_from``, an array of the result's shape, gives ``subtract_from - map``
-    instead, the map rounded to ``dtype`` first (a residual: with both in ``dtype``,
-    ``subtract_from - upsample(...)`` bit for bit, in one pass).
+    ``subtract_from``, an array of the result's shape (``out`` itself too), gives
+    ``subtract_from - map`` instead, the map rounded to ``dtype`` first (a residual:
+    with both in ``dtype``, ``subtract_from - upsample(...)`` bit for bit, in one
+    pass).
 
     Examples
     --------

@@ -52,10 +52,11 @@ class BackgroundModel(Protocol):
     less); if its :meth:`background_map` also takes ``out=`` (an array of the map's
     shape and ``dtype``, which the model then has as an attribute), the in-memory back
     end passes the last residual's memory there: no fresh image, whose pages the system
-    would zero first. A model with ``residual_map(image, out=None)`` (``image -
-    background_map()`` made in one pass, the map rounded to the model's ``dtype``
-    first) gives the in-memory back end the residuals of the maps the loop reads only
-    through a residual and the change, without the maps.
+    would zero first. A model with ``residual_map(image, step=1, out=None)`` (``image
+    - background_map(step)`` made in one pass, the map rounded to the model's
+    ``dtype`` first; ``out`` may be ``image``) gives the in-memory back end the
+    residuals of the maps the loop reads only through a residual and the change,
+    without the maps, and the change's differences in one subsample's memory.
     """
 
     shape: tuple[int, int]

@@ -1152,14 +1152,15 @@ class SmoothResult:
             self.grid, self.cell_size, self.shape, self.dtype, step, window=window, out=out
         )
 
-    def residual_map(self, image: np.ndarray, out=None) -> np.ndarray:
-        """``image - background_map()`` in one pass, into ``out`` if given (an array
-        of the model's shape and dtype): the map's values are rounded to the model's
-        dtype first, so the result is numpy's difference bit for bit where ``image``
-        has that dtype."""
+    def residual_map(self, image: np.ndarray, step: int = 1, out=None) -> np.ndarray:
+        """``image - background_map(step)`` in one pass, into ``out`` if given (an
+        array of that map's shape and the model's dtype; it may be ``image`` itself):
+        the map's values are rounded to the model's dtype first, so the result is
+        numpy's difference bit for bit where ``image`` has that dtype."""
         return upsample(
-            self.grid, self.cell_size, self.shape, self.dtype, out=out, subtract_from=image
-        )
+            self.grid, self.cell_size, self.shape, self.dtype, step, out=out,
+            subtract_from=image,
+        )  # fmt: skip
 
     def rms_map(self, window=None) -> np.ndarray:
         """Interpolate the RMS to full resolution (a new array, not cached), over
