@@ -47,6 +47,7 @@ __all__ = [
     "holds_up",
     "more_unsettled",
     "paired",
+    "planned_candidates",
     "tune",
 ]
 
@@ -74,6 +75,20 @@ _SEARCH_SHARE = 0.5
 # Candidates the fine rounds may add to the space's (the axes' winners together, two
 # geometric steps for each of the two numeric knobs that moved most often).
 _FINE_CANDIDATES = 5
+
+
+def planned_candidates(space) -> int:
+    """How many candidates a search of ``space`` (a list of axes, as
+    :func:`default_space` gives) plans to score: the defaults, each axis's options, and
+    the fine rounds' at most ``_FINE_CANDIDATES``. A progress bar's total; the budget may
+    stop the search sooner.
+
+    Examples
+    --------
+    >>> planned_candidates([[{"high": 3.0}, {"high": 6.0}], [{"low": 1.5}]])
+    9
+    """
+    return 1 + sum(len(axis) for axis in space) + _FINE_CANDIDATES
 
 
 def _accepts(option: str, value: Any) -> bool:
@@ -718,7 +733,7 @@ def tune(
         n_trials, lambda n: t_fit * n_kinds * (n + 2), remaining(), "choosing"
     )
     if more_trials:
-        planned = 1 + sum(len(axis) for axis in axes) + _FINE_CANDIDATES
+        planned = planned_candidates(axes)
         share = _SEARCH_SHARE * remaining()
         n_trials = _more_trials(n_trials, lambda n: t_fit * n_kinds * n * planned < share)
     run({}, "default", base=default_base)
