@@ -133,9 +133,11 @@ def default_space(image=None, mask=None) -> list[list[dict]]:
     """The built-in search space: a list of axes, each a list of alternatives to the
     defaults (option dicts for :func:`skymap.fit`) tried one axis at a time.
 
-    * ``max_source_size`` half and twice the one the default pipeline measures on
-      ``image`` (when the pipeline has that option and an image is given): the scale
-      that separates sources (kept out) from sky (followed);
+    * ``max_source_size`` half, twice and four times the one the default pipeline
+      measures on ``image`` (when the pipeline has that option and an image is given):
+      the scale that separates sources (kept out) from sky (followed). The measurement
+      sees sources above a 32-px median, so on a frame filled by a nebula, a galaxy or
+      dust lanes it can fall short by more than twice;
     * ``gcv_inflation`` 4 and 12 (default 1.4): a stiffer background, for images whose
       GCV smoothing follows stars and galaxy wings;
     * thresholds ``high``/``low`` 3/1.5 and 6/3 (default 4/2): deeper masks, or masks
@@ -170,7 +172,7 @@ def default_space(image=None, mask=None) -> list[list[dict]]:
     ]
     size = _source_size(image, mask)
     if size is not None:
-        axes.insert(0, [{"max_source_size": round(size * f, 1)} for f in (0.5, 2.0)])
+        axes.insert(0, [{"max_source_size": round(size * f, 1)} for f in (0.5, 2.0, 4.0)])
     return axes
 
 
@@ -884,7 +886,7 @@ def tune(
     defaults = {k: _option_default(k, v) for k, v in _DEFAULTS.items()}
     size = next((o["max_source_size"] for a in axes for o in a if "max_source_size" in o), None)
     if size is not None:
-        defaults["max_source_size"] = 2 * size  # the axis is (measured / 2, measured x 2)
+        defaults["max_source_size"] = 2 * size  # the axis opens at measured / 2
     for opt, d in defaults.items() if space is None else ():
         v = cands[best_key].options.get(opt)
         if not isinstance(v, float | int) or v == d or v <= 0:
