@@ -194,9 +194,9 @@ def main(argv=None) -> int:
         print(
             "| method | track | leak | leak p95 |"
             + (" deep |" if deep else "")
-            + " score (+- spread) | s/fit wall | s/fit CPU | status |"
+            + " score (+- spread) | s/fit wall | s/fit CPU | unsettled | status |"
         )
-        print("| --- " * (9 if deep else 8) + "|")
+        print("| --- " * (10 if deep else 9) + "|")
         for r in table:
             print(
                 f"| {r['method']} | {_fmt(_col(r, 'track'))} | {_fmt(_col(r, 'leak'), '+.3f')} | "
@@ -204,7 +204,7 @@ def main(argv=None) -> int:
                 + (f"{_fmt(r['deep'], '+.3f')} | " if deep else "")
                 + f"{_fmt(r['score'])} +- {_fmt(r['score_std'])} | "
                 f"{_fmt(r['seconds'], '.2f')} | {_fmt(r['cpu_seconds'], '.2f')} | "
-                f"{_status(r['status'])} |"
+                f"{r['unsettled']}/{r['fits']} | {_status(r['status'])} |"
             )
             rows.append({"image": path.stem, **{k: r[k] for k in table.colnames}})
         scores = {r["method"]: float(r["score"]) for r in table}
@@ -232,11 +232,13 @@ def main(argv=None) -> int:
         if args.tune:
             line += f" {_fmt(ts)} | {_fmt(ts / bs, '.2f')} |"
         print(line)
-    wins = sum(1 for _, sk, _, _, bs in summary if sk < bs)
-    print(f"\nskymap lowest on {wins}/{len(summary)} images", end="")
+    # only images where a peer scored can be won or lost
+    judged = [row for row in summary if np.isfinite(row[4])]
+    wins = sum(1 for _, sk, _, _, bs in judged if sk < bs)
+    print(f"\nskymap lowest on {wins}/{len(judged)} images with a peer's score", end="")
     if args.tune:
-        tuned_wins = sum(1 for _, _, ts, _, bs in summary if ts < bs)
-        print(f"; tuned lowest on {tuned_wins}/{len(summary)}", end="")
+        tuned_wins = sum(1 for _, _, ts, _, bs in judged if ts < bs)
+        print(f"; tuned lowest on {tuned_wins}/{len(judged)}", end="")
     print(f"; total {time.perf_counter() - t_all:.0f} s")
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1, default=float))

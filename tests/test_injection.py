@@ -209,6 +209,20 @@ def test_compare_marks_a_failing_method_and_keeps_going(m6707):
     assert table.meta["noise_sigma"] > 0
 
 
+def test_compare_counts_the_fits_that_did_not_settle(m6707):
+    # a result that says it did not converge (stopped at its cap) is unsettled; a bare
+    # array says nothing, and counts as settled
+    from types import SimpleNamespace
+
+    def capped(image, mask):
+        return SimpleNamespace(background=flat_median(image, mask), converged=False)
+
+    table = compare(m6707, {"flat": flat_median, "capped": capped}, n_trials=2)
+    assert list(table["fits"]) == [4, 4]  # 2 trials x (sky, galaxies)
+    assert list(table["unsettled"]) == [0, 4]
+    assert table["score"][0] == pytest.approx(table["score"][1])
+
+
 @pytest.mark.parametrize(
     ("method", "match"),
     [

@@ -105,7 +105,7 @@ def handle_tune(args) -> int:
     }
     skyio.check_outputs(files.values(), overwrite=args.overwrite)
     img = _read(args)
-    n_planned = 1 + sum(len(axis) for axis in tune_mod.default_space()) + 3
+    n_planned = tune_mod.planned_candidates(tune_mod.default_space())
     t0 = time.perf_counter()
     # common.progress: tqdm's notebook widget only where ipywidgets is installed
     bar = progress(total=n_planned, desc=f"tune {stem}", quiet=args.quiet, unit="candidate")

@@ -605,17 +605,22 @@ def results_table(results: Mapping[str, InjectionResult | str], prep: Prepared, 
             for k in (*scores, "score"):
                 row[k], row[f"{k}_std"] = res.mean(k), res.spread(k)
             row["seconds"], row["cpu_seconds"] = res.seconds, res.cpu_seconds
+            # fits that backed off a runaway or stopped at their cap: a score over
+            # such fits says where each landed (InjectionResult.unsettled)
+            row["unsettled"] = int(np.sum(res.unsettled))
+            row["fits"] = res.n_trials * len(res.kinds)
         else:
             row["status"] = str(res).splitlines()[0][:200] if str(res) else "failed"
             for k in (*scores, "score"):
                 row[k] = row[f"{k}_std"] = float("nan")
             row["seconds"] = row["cpu_seconds"] = float("nan")
+            row["unsettled"] = row["fits"] = 0
         rows.append(row)
     keep = ["method", "status"]
     for k in (*scores, "score"):
         if k == "score" or any(np.isfinite(r[k]) for r in rows):
             keep += [k, f"{k}_std"]
-    keep += ["seconds", "cpu_seconds"]
+    keep += ["seconds", "cpu_seconds", "unsettled", "fits"]
     table = Table(rows=[[r[k] for k in keep] for r in rows], names=keep)
     n = [r.n_trials for r in results.values() if isinstance(r, InjectionResult)]
     table.meta.update(
@@ -658,8 +663,10 @@ def compare(
     astropy.table.Table
         One row per method: ``method``, ``status`` ("ok", or why it failed), the mean
         and spread over trials of ``track``, ``leak``, ``leak_p95`` (and ``halo``),
-        ``score``, and ``seconds`` / ``cpu_seconds`` per fit. A method that fails gets
-        NaN scores and its error in ``status``. ``meta`` holds the noise sigma and
+        ``score``, ``seconds`` / ``cpu_seconds`` per fit, and ``unsettled`` of its
+        ``fits`` injected fits (backed off a runaway mask or stopped at their cap:
+        :attr:`InjectionResult.unsettled`). A method that fails gets NaN scores and
+        its error in ``status``. ``meta`` holds the noise sigma and
         the seed.
 
     Examples

@@ -14,8 +14,10 @@ runaway injection does not decide), on the injections of ``seed`` (the leaders a
 those of ``seed + 2``); the winner, the defaults and the peers are then scored on those
 of ``seed + 1``, which the search never saw. The defaults are left only on clear
 evidence: the winner must beat them on a significant majority of all its paired trials
-(a one-sided sign test), by a median margin, and without its injected fits failing
-to settle significantly more often than theirs (:func:`holds_up`).
+(a one-sided sign test), by a median margin, on the mean (a one-sided paired t-test:
+a choice that wins small often and loses big sometimes is no gain), and without its
+injected fits failing to settle significantly more often than theirs
+(:func:`holds_up`; :func:`refusal` says which test failed).
 """
 
 from __future__ import annotations
@@ -47,6 +49,8 @@ __all__ = [
     "holds_up",
     "more_unsettled",
     "paired",
+    "planned_candidates",
+    "refusal",
     "tune",
 ]
 
@@ -64,7 +68,8 @@ _DEFAULTS = {"gcv_inflation": 1.4, "high": 4.0, "low": 2.0}
 # How many of the best candidates race the defaults on fresh choosing injections.
 _RACE_LEADERS = 3
 # One-sided sign-test level at which a candidate's paired wins over the defaults count as
-# a clear majority: 5 of 6 paired trials (p = 0.11), 4 of 4 (0.06), never 1 of 1 or 2 of 2.
+# a clear majority: 5 of 6 paired trials (p = 0.11), 4 of 4 (0.06), never 1 of 1 or 2 of 2;
+# and the paired t-test's level for its mean gain.
 _SIGN_LEVEL = 0.125
 # Choosing trials when ``n_trials`` is None: this many, and up to three times as many
 # where the budget pays for the whole search with half of what is left (the race and
@@ -74,6 +79,20 @@ _SEARCH_SHARE = 0.5
 # Candidates the fine rounds may add to the space's (the axes' winners together, two
 # geometric steps for each of the two numeric knobs that moved most often).
 _FINE_CANDIDATES = 5
+
+
+def planned_candidates(space) -> int:
+    """How many candidates a search of ``space`` (a list of axes, as
+    :func:`default_space` gives) plans to score: the defaults, each axis's options, and
+    the fine rounds' at most ``_FINE_CANDIDATES``. A progress bar's total; the budget may
+    stop the search sooner.
+
+    Examples
+    --------
+    >>> planned_candidates([[{"high": 3.0}, {"high": 6.0}], [{"low": 1.5}]])
+    9
+    """
+    return 1 + sum(len(axis) for axis in space) + _FINE_CANDIDATES
 
 
 def _accepts(option: str, value: Any) -> bool:
@@ -114,9 +133,11 @@ def default_space(image=None, mask=None) -> list[list[dict]]:
     """The built-in search space: a list of axes, each a list of alternatives to the
     defaults (option dicts for :func:`skymap.fit`) tried one axis at a time.
 
-    * ``max_source_size`` half and twice the one the default pipeline measures on
-      ``image`` (when the pipeline has that option and an image is given): the scale
-      that separates sources (kept out) from sky (followed);
+    * ``max_source_size`` half, twice and four times the one the default pipeline
+      measures on ``image`` (when the pipeline has that option and an image is given):
+      the scale that separates sources (kept out) from sky (followed). The measurement
+      sees sources above a 32-px median, so on a frame filled by a nebula, a galaxy or
+      dust lanes it can fall short by more than twice;
     * ``gcv_inflation`` 4 and 12 (default 1.4): a stiffer background, for images whose
       GCV smoothing follows stars and galaxy wings;
     * thresholds ``high``/``low`` 3/1.5 and 6/3 (default 4/2): deeper masks, or masks
@@ -151,7 +172,7 @@ def default_space(image=None, mask=None) -> list[list[dict]]:
     ]
     size = _source_size(image, mask)
     if size is not None:
-        axes.insert(0, [{"max_source_size": round(size * f, 1)} for f in (0.5, 2.0)])
+        axes.insert(0, [{"max_source_size": round(size * f, 1)} for f in (0.5, 2.0, 4.0)])
     return axes
 
 
@@ -230,9 +251,9 @@ def _clear_majority(k: int, n: int) -> bool:
     return bool(p <= _SIGN_LEVEL * (1 + 1e-9))
 
 
-def holds_up(candidate, defaults, *, unsettled=(0, 0), fits: int | None = None) -> bool:
+def holds_up(candidate, defaults, *, unsettled=(0, 0)) -> bool:
     """Whether a candidate's per-trial scores beat the defaults' on the same
-    injections clearly enough to leave the defaults.
+    injections clearly enough to leave the defaults (:func:`refusal` says why not).
 
     All four must hold:
 
@@ -240,18 +261,22 @@ def holds_up(candidate, defaults, *, unsettled=(0, 0), fits: int | None = None) 
       (ties dropped) at the 12.5% level, so 5 of 6 trials, 4 of 4, 3 of 3 (never 2 of
       2: two trials cannot tell);
     * the median paired difference beats the defaults by the margin (2% of their
-      median score, at least 0.005 sigma), so one runaway injection neither makes nor
-      breaks a winner;
+      median score, at least 0.005 sigma), so a runaway of the defaults' does not make
+      a winner;
+    * the mean paired difference is below zero by a one-sided paired t-test at the
+      same level: the score a user meets is the mean over the injections their image
+      may hold, so a choice that wins small often and loses big sometimes (one
+      runaway of its own in six trials) is not a gain. A runaway of the defaults'
+      widens the scatter too: such a gain needs more trials to show;
     * its injected fits did not fail to settle more often than the defaults' on the
       same injections (``unsettled``, per trial; see
       :attr:`InjectionResult.unsettled`), by the same sign test over the trials where
       the two differ (:func:`more_unsettled`): a fit that changes regime under an
       injection is fragile, and its scores on unseen injections cannot be read from a
       few seen ones; but one such fit more in a dozen is the scatter of where fits
-      land, not a regime;
-    * at most half of its ``fits`` injected fits failed to settle: where nearly every
-      fit backs off a runaway or stops at its cap, with the defaults or not, a score
-      says where each fit happened to land, not what the options do.
+      land, not a regime. Where the defaults' fits fail to settle as often (every fit
+      backs off the same runaway), the paired scores still compare like with like,
+      and the t-test sees whether the landings scatter them.
 
     Parameters
     ----------
@@ -260,16 +285,14 @@ def holds_up(candidate, defaults, *, unsettled=(0, 0), fits: int | None = None) 
     unsettled : (sequence of int, sequence of int)
         Injected fits that did not settle in each of those trials, candidate's and
         defaults' (a number alone counts as one trial).
-    fits : int, optional
-        The candidate's injected fits over those trials (trials times kinds).
 
     Examples
     --------
     >>> d = [0.30, 0.50, 0.40, 0.35, 0.60, 0.45]
     >>> holds_up([0.25, 0.45, 0.30, 0.30, 0.50, 0.40], d)  # 6 of 6, by 0.05
     True
-    >>> holds_up([0.25, 0.45, 0.30, 0.30, 0.50, 9.0], d)  # 5 of 6: one runaway
-    True
+    >>> holds_up([0.25, 0.45, 0.30, 0.30, 0.50, 9.0], d)  # 5 of 6, one runaway of its own
+    False
     >>> holds_up([0.25, 0.45, 0.30, 0.40, 0.70, 0.40], d)  # 4 of 6
     False
     >>> holds_up([0.25, 0.45], d[:2])  # two trials cannot tell
@@ -279,18 +302,53 @@ def holds_up(candidate, defaults, *, unsettled=(0, 0), fits: int | None = None) 
     True
     >>> holds_up([0.2, 0.4, 0.3], d[:3], unsettled=three)  # in every trial: fragile
     False
-    >>> holds_up([0.2, 0.4, 0.3], d[:3], unsettled=([2, 1, 1], [2, 2, 2]), fits=6)
-    False
+    """
+    return not refusal(candidate, defaults, unsettled=unsettled)
+
+
+def refusal(candidate, defaults, *, unsettled=(0, 0)) -> str:
+    """Why a candidate does not beat the defaults by :func:`holds_up`'s tests, in
+    words; "" when it does. Arguments as there.
+
+    Examples
+    --------
+    >>> d = [0.30, 0.50, 0.40, 0.35, 0.60, 0.45]
+    >>> print(refusal([0.25, 0.45, 0.30, 0.30, 0.50, 9.0], d))  # doctest: +NORMALIZE_WHITESPACE
+    its mean paired difference, +1.367 sigma, is not clearly below zero
+    (one-sided paired t-test p = 0.81)
+    >>> refusal([0.25, 0.45, 0.30, 0.30, 0.50, 0.40], d)
+    ''
     """
     diff = paired(candidate, defaults)
     decided = diff[diff != 0]  # the sign test drops ties
-    if decided.size == 0 or more_unsettled(*unsettled):
-        return False
-    if fits is not None and 2 * np.sum(unsettled[0]) > fits:
-        return False
+    if decided.size == 0:
+        return "no paired trial told them apart"
+    if more_unsettled(*unsettled):
+        return "its injected fits failed to settle more often than the defaults'"
     wins = int(np.count_nonzero(decided < 0))
+    if not _clear_majority(wins, decided.size):
+        return f"it won {wins} of {decided.size} paired trials: not a clear majority"
     margin = _margin(np.asarray(defaults, dtype=float)[: len(candidate)])
-    return _clear_majority(wins, decided.size) and bool(np.median(diff) < -margin)
+    if not np.median(diff) < -margin:
+        return f"its median gain, {-np.median(diff):.3f} sigma, is under the margin {margin:.3f}"
+    p = _mean_gain_p(diff)
+    if not p <= _SIGN_LEVEL * (1 + 1e-9):
+        return (
+            f"its mean paired difference, {diff.mean():+.3f} sigma, is not clearly below "
+            f"zero (one-sided paired t-test p = {p:.2f})"
+        )
+    return ""
+
+
+def _mean_gain_p(diff: np.ndarray) -> float:
+    """One-sided p-value that the mean of the paired differences ``diff`` is not below
+    zero (a t-test; differences all alike give 0 or 1)."""
+    from scipy.stats import ttest_1samp
+
+    # differences alike to rounding have no scatter to test against
+    if diff.size < 2 or np.ptp(diff) <= 1e-9 * np.abs(diff).max():
+        return 0.0 if diff.size and diff.mean() < 0 else 1.0
+    return float(ttest_1samp(diff, 0.0, alternative="less").pvalue)
 
 
 def _key(options: Mapping) -> tuple:
@@ -500,8 +558,9 @@ def tune(
     its own fit, as :func:`~skymap.quality.injection.injection_recovery` does, with
     the defaults and the peers. It is returned only if it holds up over all its paired
     trials, choosing, race and held-back (:func:`holds_up`: a clear majority by a
-    sign test, a median gain over the margin, not fragile); else the defaults are
-    (``table.meta["winner_confirmed"]`` and ``["verdict"]`` say why). The defaults
+    sign test, a median gain over the margin, a mean gain by a paired t-test, not
+    fragile); else the defaults are (``table.meta["winner_confirmed"]`` and
+    ``["verdict"]`` say why: :func:`refusal`). The defaults
     are the null hypothesis: departing from them on the scatter of a few trials does
     not generalise to injections, or images, the search never saw.
 
@@ -718,7 +777,7 @@ def tune(
         n_trials, lambda n: t_fit * n_kinds * (n + 2), remaining(), "choosing"
     )
     if more_trials:
-        planned = 1 + sum(len(axis) for axis in axes) + _FINE_CANDIDATES
+        planned = planned_candidates(axes)
         share = _SEARCH_SHARE * remaining()
         n_trials = _more_trials(n_trials, lambda n: t_fit * n_kinds * n * planned < share)
     run({}, "default", base=default_base)
@@ -827,7 +886,7 @@ def tune(
     defaults = {k: _option_default(k, v) for k, v in _DEFAULTS.items()}
     size = next((o["max_source_size"] for a in axes for o in a if "max_source_size" in o), None)
     if size is not None:
-        defaults["max_source_size"] = 2 * size  # the axis is (measured / 2, measured x 2)
+        defaults["max_source_size"] = 2 * size  # the axis opens at measured / 2
     for opt, d in defaults.items() if space is None else ():
         v = cands[best_key].options.get(opt)
         if not isinstance(v, float | int) or v == d or v <= 0:
@@ -882,9 +941,11 @@ def tune(
             f"(margin {_margin(theirs):.3f}); injected fits that did not settle: "
             f"{int(unsettled[0].sum())} (defaults {int(unsettled[1].sum())})"
         )
-        confirmed = holds_up(mine, theirs, unsettled=unsettled, fits=mine.size * n_kinds)
+        why = refusal(mine, theirs, unsettled=unsettled)
+        confirmed = not why
         if not confirmed:
-            log.warning("tune: %s; not clear enough: keeping the defaults", verdict)
+            verdict += f"; kept the defaults: {why}"
+            log.warning("tune: %s", verdict)
             tuned = {}
             held["tuned"] = held["default"]
     else:
