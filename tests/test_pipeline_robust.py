@@ -1,11 +1,15 @@
 """The default fit on correlated noise and crowded fields: the mask must not run away."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 from scipy.ndimage import gaussian_filter
 
 from skymap.background.defaults import fit
 from skymap.masking.hysteresis import HysteresisMasker
+
+DATA = Path(__file__).parent / "data"
 
 
 def _crowded_correlated(rng, n=256, stars=400, corr=1.0):
@@ -65,3 +69,36 @@ def test_white_noise_not_rescaled(seed):
 def test_false_rate_validated(bad):
     with pytest.raises(ValueError, match="false_rate"):
         HysteresisMasker(false_rate=bad)
+
+
+def test_a_frame_of_galactic_emission_in_physical_units_says_when_it_did_not_settle():
+    # MSX band E of the Galactic centre (tests/data/README.md): 149 x 149 in W/m^2/sr
+    # near 4e-6, the plane's emission across the whole frame, so no mask leaves a sky
+    # the fit can trust. Whatever the fit does there, it must say so (converged, or a
+    # ConvergenceWarning and a note), and scaling the units must change nothing else.
+    import warnings
+
+    import astropy.units as u
+    from astropy.io import fits
+
+    from skymap.background.convergence import ConvergenceWarning
+
+    data = fits.getdata(DATA / "msx_galactic_centre.fits").astype(np.float64)
+    keep = data.copy()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        res = fit(data)
+    warned = [w for w in caught if issubclass(w.category, ConvergenceWarning)]
+    assert res.converged or (warned and "not converged" in res.convergence_note)
+    np.testing.assert_array_equal(data, keep)
+    bkg = np.asarray(res.background)
+    assert np.isfinite(bkg).all() and 1e-7 < np.median(bkg) < 1e-4
+    # the same fit in other units: to 1e-6 of the noise, and the same masks
+    for factor in (1e6, 1e-3):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ConvergenceWarning)
+            other = fit(data * factor * u.W / u.m**2 / u.sr)
+        assert other.background.unit == u.W / u.m**2 / u.sr
+        diff = other.background.value / factor - bkg
+        assert np.abs(diff).max() < 1e-6 * res.noise
+        np.testing.assert_array_equal(np.asarray(other.mask), np.asarray(res.mask))
