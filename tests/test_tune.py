@@ -1,6 +1,7 @@
 """skymap.quality.tune and the `skymap tune` / `skymap compare` / `skymap run --inject`
 commands, on a committed real cutout (tests/data/m6707hh_cutout.fits, 64 x 64)."""
 
+import html
 import json
 
 import numpy as np
@@ -304,6 +305,10 @@ def test_cli_tune_writes_a_config_that_run_accepts(cutout_path, tmp_path):
     toml = out / "m6707hh_cutout_tuned.toml"
     for name in ("_tune.ecsv", "_tune_heldback.ecsv", "_tune.json", "_tune.html"):
         assert (out / f"m6707hh_cutout{name}").is_file()
+    # the summary says why the defaults were kept or left, and in the report
+    summary = json.loads((out / "m6707hh_cutout_tune.json").read_text())
+    page = html.unescape((out / "m6707hh_cutout_tune.html").read_text())
+    assert summary["verdict"] and summary["verdict"] in page
     assert main([*argv, "--budget", "8"]) == EXIT_EXISTS
     assert main([*argv, "--budget", "0", "--overwrite"]) == EXIT_USAGE
     # the tuned configuration round-trips through `skymap run --config`, with --inject

@@ -151,6 +151,7 @@ def handle_tune(args) -> int:
         "input": str(args.input),
         "tuned options": ", ".join(f"{k}={v}" for k, v in result.config.items())
         or "(the defaults won)",
+        "verdict": result.table.meta.get("verdict", ""),
         "held-back score, tuned": f"{tuned:.4f} sigma",
         "held-back score, default": f"{default:.4f} sigma",
         "candidates": len(result.table),

@@ -409,11 +409,14 @@ class TuneResult:
         raise KeyError(f"no method {name!r} in the report; have {list(self.report['method'])}")
 
     def to_dict(self) -> dict:
-        """JSON-ready summary: the winning options, every candidate, the held-back
-        scores."""
+        """JSON-ready summary: the winning options, the verdict (why the defaults were
+        left or kept), every candidate, the held-back scores."""
 
         return {
             "config": dict(self.config),
+            "verdict": self.table.meta.get("verdict"),
+            "winner_confirmed": self.table.meta.get("winner_confirmed"),
+            "choosing_winner": self.table.meta.get("choosing_winner"),
             "seed": self.seed,
             "report_seed": self.report_seed,
             "seconds": self.seconds,
