@@ -105,7 +105,8 @@ def handle_tune(args) -> int:
     }
     skyio.check_outputs(files.values(), overwrite=args.overwrite)
     img = _read(args)
-    n_planned = tune_mod.planned_candidates(tune_mod.default_space())
+    # the axes tune will search on this image (the max_source_size axis needs it)
+    n_planned = tune_mod.planned_candidates(tune_mod.default_space(img.data, img.mask))
     t0 = time.perf_counter()
     # common.progress: tqdm's notebook widget only where ipywidgets is installed
     bar = progress(total=n_planned, desc=f"tune {stem}", quiet=args.quiet, unit="candidate")
