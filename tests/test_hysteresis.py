@@ -398,24 +398,46 @@ def test_expand_mask_into_ors_the_small_map_repeated(rng):
             np.testing.assert_array_equal(K.expand_mask_into(small, b, out), want)
 
 
-def test_the_surround_filters_y_pass_adds_its_rows_in_order(rng):
-    # gaussian_separable's y pass: each output row the kernel's rows summed from 0 in
-    # the order of the taps, in float32 (the kernel takes four rows a pass)
+@pytest.mark.parametrize("threads", [1, 2])
+def test_the_surround_filters_y_pass_adds_its_rows_in_order(rng, threads):
+    # gaussian_separable: the x pass each pixel's padded row times the taps summed
+    # from 0 in their order (correlate1d, mode constant) in float32; each output row
+    # the kernel's x-passed rows summed from 0 in the order of the taps (four rows a
+    # pass, from a ring per band of rows); into a new array or in place, in one band
+    # or two (the rows near the band edge made before either band writes)
+    import numba
+
     from skymap.masking import _hysteresis_kernels as K
 
-    for size, sigma in (((40, 33), 2.0), ((9, 17), 1.0), ((5, 3), 3.0)):
-        a = rng.normal(size=size).astype(np.float32)
-        k = H._gaussian_kernel(sigma)
-        r = k.size // 2
-        tmp = np.empty_like(a)
-        got = K.gaussian_separable(a, k, tmp, np.empty_like(a))
-        want = np.empty_like(a)
-        for y in range(size[0]):
-            acc = np.zeros(size[1], np.float32)
-            for i in range(max(0, y - r), min(size[0] - 1, y + r) + 1):
-                acc = acc + k[i - y + r] * tmp[i]
-            want[y] = acc
-        np.testing.assert_array_equal(got, want)
+    cases = (
+        ((40, 33), 2.0),
+        ((9, 17), 1.0),
+        ((5, 3), 3.0),
+        ((130, 21), 4.0),
+        ((70, 8), 1.0),
+        ((70, 9), 12.0),
+    )
+    previous = numba.get_num_threads()
+    numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
+    try:
+        for size, sigma in cases:
+            a = rng.normal(size=size).astype(np.float32)
+            k = H._gaussian_kernel(sigma)
+            r = k.size // 2
+            pad = np.pad(a, ((0, 0), (r, r)))
+            xpass = np.zeros_like(a)
+            for j in range(k.size):
+                xpass = xpass + k[j] * pad[:, j : j + size[1]]
+            want = np.empty_like(a)
+            for y in range(size[0]):
+                acc = np.zeros(size[1], np.float32)
+                for i in range(max(0, y - r), min(size[0] - 1, y + r) + 1):
+                    acc = acc + k[i - y + r] * xpass[i]
+                want[y] = acc
+            np.testing.assert_array_equal(K.gaussian_separable(a, k, np.empty_like(a)), want)
+            np.testing.assert_array_equal(K.gaussian_separable(a, k, a), want)
+    finally:
+        numba.set_num_threads(previous)
 
 
 def test_masked_block_sums_of_powers_of_two_are_halved_pair_sums(rng):

@@ -9,6 +9,7 @@ formatting (~2 s on a first run).
 
 from __future__ import annotations
 
+import numba
 import numpy as np
 from numba import njit
 
@@ -181,47 +182,92 @@ def _sum_rows7(rows, i0, w, out):  # pragma: no cover - compiled
                     + w4 * r4[x]) + w5 * r5[x]) + w6 * r6[x])  # fmt: skip
 
 
-def gaussian_separable(a, kernel, tmp, out):
+def gaussian_separable(a, kernel, out):
     """Correlate ``a`` with ``kernel`` along x then y, zero outside the array
-    (scipy.ndimage.correlate1d with mode="constant", twice), in float32, into ``out``
-    (``tmp``: workspace of the same shape)."""
-    in_bands(_correlate_x, a.shape[0], a, kernel, tmp, grain=_ROWS)
-    in_bands(_correlate_y, a.shape[0], tmp, kernel, out, grain=_ROWS)
+    (scipy.ndimage.correlate1d with mode="constant", twice), in float32, into ``out``,
+    which may be ``a`` itself.
+
+    Without a workspace of ``a``'s shape (its fresh pages cost as much as the pass):
+    each band of rows keeps the x pass of the ``2 r + 1`` rows its next output row
+    reads in a ring, and the x passes of the rows within ``r`` of an inner band edge
+    are made before any band writes, so that ``out`` may overwrite ``a``."""
+    ny, nx = a.shape
+    r = kernel.size // 2
+    bands = max(1, min(numba.get_num_threads(), ny // _ROWS))
+    edges = np.array([ny * i // bands for i in range(bands + 1)], np.int64)
+    edge_rows = np.empty((bands, 2 * r, nx if bands > 1 else 0), np.float32)
+    in_bands(_edge_rows, bands, a, kernel, edges, edge_rows, grain=1)
+    in_bands(_separable_bands, bands, a, kernel, edges, edge_rows, out, grain=1)
     return out
 
 
 @njit(cache=True, nogil=True)
-def _correlate_x(a, kernel, tmp, lo, hi):  # pragma: no cover - compiled
-    nx = a.shape[1]
+def _edge_rows(a, kernel, edges, edge_rows, lo, hi):  # pragma: no cover - compiled
+    """``edge_rows[k, t]``: the x pass of row ``edges[k] - r + t`` (``t < 2 r``) for
+    the inner band edges ``k`` in ``[lo, hi)``."""
+    ny, nx = a.shape
     r = kernel.size // 2
     row = np.zeros(nx + 2 * r, np.float32)
-    for y in range(lo, hi):
-        _copy_into(row, r, a[y])
-        _correlate_row(row, kernel, tmp[y])
+    for k in range(max(lo, 1), hi):
+        for t in range(2 * r):
+            y = edges[k] - r + t
+            if 0 <= y < ny:
+                _copy_into(row, r, a[y])
+                _correlate_row(row, kernel, edge_rows[k, t])
 
 
 @njit(cache=True, nogil=True)
-def _correlate_y(tmp, kernel, out, lo, hi):  # pragma: no cover - compiled
-    ny, nx = tmp.shape
+def _separable_bands(a, kernel, edges, edge_rows, out, lo, hi):  # pragma: no cover
+    ny, nx = a.shape
     r = kernel.size // 2
-    for y in range(lo, hi):
-        acc = out[y]
-        acc[:] = 0.0
-        i, i1 = max(0, y - r), min(ny - 1, y + r) + 1
-        # Four rows a pass (still added one after the other, in order): a quarter of
-        # the loads and stores of the output row.
-        while i + 4 <= i1:
-            w0, w1 = kernel[i - y + r], kernel[i + 1 - y + r]
-            w2, w3 = kernel[i + 2 - y + r], kernel[i + 3 - y + r]
-            s0, s1, s2, s3 = tmp[i], tmp[i + 1], tmp[i + 2], tmp[i + 3]
-            for x in range(nx):
-                acc[x] = (((acc[x] + w0 * s0[x]) + w1 * s1[x]) + w2 * s2[x]) + w3 * s3[x]
-            i += 4
-        for k in range(i, i1):
-            w = kernel[k - y + r]
-            src = tmp[k]
-            for x in range(nx):
-                acc[x] += w * src[x]
+    m = 2 * r + 1
+    row = np.zeros(nx + 2 * r, np.float32)
+    ring = np.empty((m, nx), np.float32)
+    for k in range(lo, hi):
+        y0, y1 = edges[k], edges[k + 1]
+        for y in range(max(0, y0 - r), min(ny, y0 + r)):
+            _ring_row(a, kernel, edges, edge_rows, k, y, row, ring)
+        for y in range(y0, y1):
+            if y + r < ny:
+                # row y + r is not written yet (rows below y only are)
+                _ring_row(a, kernel, edges, edge_rows, k, y + r, row, ring)
+            acc = out[y]
+            acc[:] = 0.0
+            i, i1 = max(0, y - r), min(ny - 1, y + r) + 1
+            # Four rows a pass (still added one after the other, in order): a quarter
+            # of the loads and stores of the output row.
+            while i + 4 <= i1:
+                w0, w1 = kernel[i - y + r], kernel[i + 1 - y + r]
+                w2, w3 = kernel[i + 2 - y + r], kernel[i + 3 - y + r]
+                s0, s1, s2, s3 = (
+                    ring[i % m],
+                    ring[(i + 1) % m],
+                    ring[(i + 2) % m],
+                    ring[(i + 3) % m],
+                )
+                for x in range(nx):
+                    acc[x] = (((acc[x] + w0 * s0[x]) + w1 * s1[x]) + w2 * s2[x]) + w3 * s3[x]
+                i += 4
+            for j in range(i, i1):
+                w = kernel[j - y + r]
+                src = ring[j % m]
+                for x in range(nx):
+                    acc[x] += w * src[x]
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _ring_row(a, kernel, edges, edge_rows, k, y, row, ring):  # pragma: no cover - compiled
+    """The x pass of row ``y`` into ``ring[y % (2 r + 1)]``: from ``a`` inside band
+    ``k``, from the edges' rows outside it."""
+    r = kernel.size // 2
+    dst = ring[y % (2 * r + 1)]
+    if y < edges[k]:
+        dst[:] = edge_rows[k, y - edges[k] + r]
+    elif y >= edges[k + 1]:
+        dst[:] = edge_rows[k + 1, y - edges[k + 1] + r]
+    else:
+        _copy_into(row, r, a[y])
+        _correlate_row(row, kernel, dst)
 
 
 def block_sum(a, b):

@@ -164,13 +164,11 @@ def _gaussian_kernel(sigma: float) -> np.ndarray:
     return (g / g.sum()).astype(np.float32)
 
 
-def _separable(a: np.ndarray, kernel: np.ndarray, tmp=None, out=None) -> np.ndarray:
+def _separable(a: np.ndarray, kernel: np.ndarray, out=None) -> np.ndarray:
     """``a`` correlated with ``kernel`` along x then y into ``out`` (which may be ``a``
-    itself: the y pass starts after the x pass has read all of it), through ``tmp``
-    (workspace of ``a``'s shape)."""
-    tmp = np.empty(a.shape, np.float32) if tmp is None else tmp
+    itself)."""
     out = np.empty(a.shape, np.float32) if out is None else out
-    return _k.gaussian_separable(a, kernel, tmp, out)
+    return _k.gaussian_separable(a, kernel, out)
 
 
 def _noise_step(shape) -> int:
@@ -612,14 +610,12 @@ class HysteresisMasker:
             else:
                 numw, cntw = _block_sum(num, bw), _block_sum(cnt, bw)
             k = _gaussian_kernel(wide / (b * bw))
-            # In place where the sums are our own (not num and cnt themselves, bw 1),
-            # through one workspace (memory).
+            # In place where the sums are our own (not num and cnt themselves, bw 1).
             own = cnt is None or bw > 1
-            tmp = np.empty(numw.shape, np.float32)
-            local = _separable(numw, k, tmp, numw if own else None)
+            local = _separable(numw, k, numw if own else None)
             del numw
-            weight = _separable(cntw, k, tmp, cntw if own else None)
-            del cntw, tmp
+            weight = _separable(cntw, k, cntw if own else None)
+            del cntw
             with np.errstate(invalid="ignore", divide="ignore"):
                 np.divide(local, weight, out=local)
             del weight
