@@ -241,14 +241,18 @@ def more_unsettled(candidate, defaults) -> bool:
     return lost > won and _clear_majority(lost, lost + won)
 
 
+def _significant(p: float) -> bool:
+    """Whether a one-sided p-value is within ``_SIGN_LEVEL`` (3 of 3 gives p = 0.125
+    exactly: compared with room for rounding)."""
+    return bool(p <= _SIGN_LEVEL * (1 + 1e-9))
+
+
 def _clear_majority(k: int, n: int) -> bool:
     """Whether ``k`` of ``n`` is a clear majority: a one-sided sign test at
-    ``_SIGN_LEVEL`` (3 of 3 gives p = 0.125 exactly: compared with room for
-    rounding)."""
+    ``_SIGN_LEVEL``."""
     from scipy.stats import binomtest
 
-    p = binomtest(k, n, 0.5, alternative="greater").pvalue
-    return bool(p <= _SIGN_LEVEL * (1 + 1e-9))
+    return _significant(binomtest(k, n, 0.5, alternative="greater").pvalue)
 
 
 def holds_up(candidate, defaults, *, unsettled=(0, 0)) -> bool:
@@ -332,7 +336,7 @@ def refusal(candidate, defaults, *, unsettled=(0, 0)) -> str:
     if not np.median(diff) < -margin:
         return f"its median gain, {-np.median(diff):.3f} sigma, is under the margin {margin:.3f}"
     p = _mean_gain_p(diff)
-    if not p <= _SIGN_LEVEL * (1 + 1e-9):
+    if not _significant(p):
         return (
             f"its mean paired difference, {diff.mean():+.3f} sigma, is not clearly below "
             f"zero (one-sided paired t-test p = {p:.2f})"
