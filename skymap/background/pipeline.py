@@ -492,7 +492,7 @@ class IterativeBackground:
         def restate(model, previous, mask, k, it, rec, floor):
             """Record a state the stage stops in (a back-off, a resolved cycle): its
             background and working noise, its change from ``previous``."""
-            bkg = be.background(model, deferred=k < last or self.final is not None)
+            bkg = be.background(model, deferred=deferrable(k))
             noise = noise_model.working(model, be)
             change = be.change(bkg, model, previous, noise, NoiseModel)
             flips, count, kept = be.mask_stats(mask)
@@ -524,6 +524,12 @@ class IterativeBackground:
         keep(record(be, -1, 0, model, count, kept, None, None, floor=floor), current)
         converged, note = False, ""
         last = len(self.stages) - 1
+
+        def deferrable(k):
+            # stage k's map may become the result only in the last stage, with no
+            # final refit after it
+            return k < last or self.final is not None
+
         # Whether the fit was found following source light (``source_tracking``), and
         # the valid pixels per cell that the check reads, per cell size.
         stiff, valid_counts = False, {}
@@ -568,7 +574,7 @@ class IterativeBackground:
                 model = _fit(
                     be, self._estimator(stage.estimator, stiff), new, history[-1].scale, floor
                 )
-                bkg = be.background(model, deferred=k < last or self.final is not None)
+                bkg = be.background(model, deferred=deferrable(k))
                 noise = noise_model.working(model, be)
                 change = be.change(bkg, model, previous, noise, NoiseModel)
                 del previous
