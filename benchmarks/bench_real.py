@@ -24,6 +24,12 @@ the mean pixel) and scores ``deep``, the mean rise of the background over the fr
 how much of the outskirts' light the background absorbs, which the difference scores
 cannot see (:mod:`skymap.quality.signals`).
 
+``structure`` is what the scores cannot see, as they cancel each method's fit of the
+image itself: the sky structure that fit leaves in its residual (RMS of 16-px block means
+over pixels no source reaches, above the noise, in sigma;
+:mod:`skymap.quality.structure`). A method may win ``leak`` by not following the sky
+(a fixed 64-px mesh on a frame filled by a nebula); it then shows here.
+
 ``--tune BUDGET`` adds ``skymap_tuned``: ``skymap.tune`` run on the image first (its
 choosing and reporting seeds, 1000 and 1001, are not the table's), then scored on the
 table's injections like the others.
@@ -194,15 +200,15 @@ def main(argv=None) -> int:
         print(
             "| method | track | leak | leak p95 |"
             + (" deep |" if deep else "")
-            + " score (+- spread) | s/fit wall | s/fit CPU | unsettled | status |"
+            + " score (+- spread) | structure | s/fit wall | s/fit CPU | unsettled | status |"
         )
-        print("| --- " * (10 if deep else 9) + "|")
+        print("| --- " * (11 if deep else 10) + "|")
         for r in table:
             print(
                 f"| {r['method']} | {_fmt(_col(r, 'track'))} | {_fmt(_col(r, 'leak'), '+.3f')} | "
                 f"{_fmt(_col(r, 'leak_p95'), '+.3f')} | "
                 + (f"{_fmt(r['deep'], '+.3f')} | " if deep else "")
-                + f"{_fmt(r['score'])} +- {_fmt(r['score_std'])} | "
+                + f"{_fmt(r['score'])} +- {_fmt(r['score_std'])} | {_fmt(r['structure'])} | "
                 f"{_fmt(r['seconds'], '.2f')} | {_fmt(r['cpu_seconds'], '.2f')} | "
                 f"{r['unsettled']}/{r['fits']} | {_status(r['status'])} |"
             )

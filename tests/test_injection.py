@@ -11,6 +11,7 @@ from matplotlib.figure import Figure
 from skymap.quality import peers
 from skymap.quality.injection import as_method, compare, injection_recovery, prepare
 from skymap.quality.signals import MIN_SIZE, make_injections
+from skymap.quality.structure import free_pixels, structure_left
 
 
 @pytest.fixture(scope="module")
@@ -205,7 +206,7 @@ def test_compare_marks_a_failing_method_and_keeps_going(m6707):
     table = compare(m6707, {"flat": flat_median, "broken": broken}, kinds="sky", n_trials=1)
     assert table["status"][0] == "ok"
     assert "broken" in table["status"][1] and "no sky today" in table["status"][1]
-    assert np.isnan(table["score"][1])
+    assert np.isnan(table["score"][1]) and np.isnan(table["structure"][1])
     assert table.meta["noise_sigma"] > 0
 
 
@@ -336,3 +337,43 @@ def test_injected_fits_that_did_not_settle_are_counted_per_trial(m6707):
     # a plain array says nothing about how it stopped: settled
     assert injection_recovery(m6707, flat_median, n_trials=1).unsettled.tolist() == [0]
     assert res.to_dict()["unsettled"] == [1, 1]
+
+
+def _waved_sky(scale=1.0):
+    """A 256^2 image: a 3-sigma product of sines (periods 128 and 160 px), white noise,
+    and 30 bright stars; and its true sky."""
+    rng = np.random.default_rng(3)
+    yy, xx = np.mgrid[:256, :256]
+    sky = 100.0 + 3.0 * np.sin(2 * np.pi * yy / 128) * np.cos(2 * np.pi * xx / 160)
+    img = sky + rng.normal(size=sky.shape)
+    for y, x in rng.uniform(8, 248, (30, 2)):
+        img += 200.0 * np.exp(-((yy - y) ** 2 + (xx - x) ** 2) / 4.0)
+    return img * scale, sky * scale
+
+
+def test_structure_sees_the_sky_a_method_does_not_follow():
+    # The injection scores cancel a method's fit of the image itself; `structure` is the
+    # sky that fit leaves: for a flat background the RMS of the sines' product (3 / 2,
+    # a little less after 16-px block means), for the true sky nothing.
+    img, sky = _waved_sky()
+    truth = lambda image, mask: sky  # noqa: E731
+    table = compare(img, {"flat": flat_median, "truth": truth}, kinds="sky", n_trials=1)
+    flat, exact = (float(v) for v in table["structure"])
+    assert 1.3 < flat < 1.55
+    assert exact < 0.05
+    # and the stars are not what it measures: they are outside the free pixels, the
+    # sky's crests are not
+    free = free_pixels(img, np.zeros(img.shape, bool), 1.0)
+    assert not free[img - sky > 8.0].any()  # star light only reaches 8 sigma
+    assert 0.85 < free.mean() < 1.0
+
+
+def test_structure_is_in_units_of_the_noise_whatever_the_image_units():
+    img, sky = _waved_sky()
+    big, _ = _waved_sky(scale=1e6)
+    a = injection_recovery(img, flat_median, kinds=("sky",), n_trials=1).structure
+    b = injection_recovery(big, flat_median, kinds=("sky",), n_trials=1).structure
+    assert a == pytest.approx(b, rel=1e-9)
+    # white noise alone leaves none, a block mean's noise is not structure
+    noise = np.random.default_rng(0).normal(size=(256, 256))
+    assert structure_left(noise, np.ones(noise.shape, bool), 1.0) < 0.02

@@ -59,6 +59,7 @@ from skymap._validate import as_mask, check_choice, combine_masks
 from skymap.background.convergence import BACKED_OFF
 from skymap.quality.evaluate import pixel_sigma
 from skymap.quality.signals import KINDS, MIN_SIZE, Injection, make_injections
+from skymap.quality.structure import free_pixels, structure_left
 
 __all__ = [
     "KINDS",
@@ -217,6 +218,11 @@ class InjectionResult:
     maps : dict
         First trial's maps for :meth:`plot`, ``{kind: (injected, recovered)}`` with
         ``recovered = fit(image + injected) - fit(image)``, in sigma.
+    structure : float
+        What the scores cannot see (they cancel the fit of the image itself): the sky
+        structure the method's fit of the image leaves in its residual, over pixels no
+        source reaches (:func:`skymap.quality.structure.structure_left`), in sigma. A
+        method can win ``leak`` by not following the sky, and then leaves it here.
     """
 
     method: str
@@ -228,6 +234,7 @@ class InjectionResult:
     cpu_seconds: float
     unsettled: np.ndarray = field(repr=False, default_factory=lambda: np.zeros(0, int))
     maps: dict = field(repr=False, default_factory=dict)
+    structure: float = float("nan")
 
     @property
     def n_trials(self) -> int:
@@ -280,6 +287,7 @@ class InjectionResult:
             "seconds_per_fit": self.seconds,
             "cpu_seconds_per_fit": self.cpu_seconds,
             "unsettled": [int(v) for v in self.unsettled],
+            "structure": self.structure,
             "scores": scores,
         }
 
@@ -341,12 +349,21 @@ class InjectionResult:
 class Prepared:
     """An image checked and measured once for many injection runs (see :func:`prepare`):
     ``image`` (float), ``bad`` (True = excluded: the mask, non-finite pixels and blank
-    fills), ``sigma`` (the unit of amplitudes and scores) and ``kinds``."""
+    fills), ``sigma`` (the unit of amplitudes and scores) and ``kinds``; ``free``, the
+    pixels no source reaches (:func:`~skymap.quality.structure.free_pixels`, None: made
+    when first needed)."""
 
     image: np.ndarray = field(repr=False)
     bad: np.ndarray = field(repr=False)
     sigma: float
     kinds: tuple[str, ...]
+    free: np.ndarray | None = field(default=None, repr=False)
+
+    def free_pixels(self) -> np.ndarray:
+        """:attr:`free`, made once."""
+        if self.free is None:
+            object.__setattr__(self, "free", free_pixels(self.image, self.bad, self.sigma))
+        return self.free
 
 
 def prepare(image, *, mask=None, error=None, kinds=("sky", "galaxies")) -> Prepared:
@@ -450,6 +467,7 @@ def evaluate_method(
     clock: list[tuple[float, float, bool]] = []
     if base is None:
         base = _timed(fn, name, img, bad, clock)
+    structure = structure_left(img - base, prep.free_pixels(), sigma)
     good = ~bad
     trials = {k: np.full(n_trials, np.nan) for k in _SCORES}
     unsettled = np.zeros(n_trials, dtype=int)
@@ -497,6 +515,7 @@ def evaluate_method(
         cpu_seconds=float(np.mean([c[1] for c in clock])),
         unsettled=unsettled,
         maps=maps,
+        structure=structure,
     )
     return result, base
 
@@ -609,18 +628,20 @@ def results_table(results: Mapping[str, InjectionResult | str], prep: Prepared, 
             # such fits says where each landed (InjectionResult.unsettled)
             row["unsettled"] = int(np.sum(res.unsettled))
             row["fits"] = res.n_trials * len(res.kinds)
+            row["structure"] = res.structure
         else:
             row["status"] = str(res).splitlines()[0][:200] if str(res) else "failed"
             for k in (*scores, "score"):
                 row[k] = row[f"{k}_std"] = float("nan")
             row["seconds"] = row["cpu_seconds"] = float("nan")
             row["unsettled"] = row["fits"] = 0
+            row["structure"] = float("nan")
         rows.append(row)
     keep = ["method", "status"]
     for k in (*scores, "score"):
         if k == "score" or any(np.isfinite(r[k]) for r in rows):
             keep += [k, f"{k}_std"]
-    keep += ["seconds", "cpu_seconds", "unsettled", "fits"]
+    keep += ["seconds", "cpu_seconds", "unsettled", "fits", "structure"]
     table = Table(rows=[[r[k] for k in keep] for r in rows], names=keep)
     n = [r.n_trials for r in results.values() if isinstance(r, InjectionResult)]
     table.meta.update(
@@ -665,7 +686,9 @@ def compare(
         and spread over trials of ``track``, ``leak``, ``leak_p95`` (and ``halo``),
         ``score``, ``seconds`` / ``cpu_seconds`` per fit, and ``unsettled`` of its
         ``fits`` injected fits (backed off a runaway mask or stopped at their cap:
-        :attr:`InjectionResult.unsettled`). A method that fails gets NaN scores and
+        :attr:`InjectionResult.unsettled`), and the ``structure`` its fit of the image
+        leaves in the residual, which the scores cannot see
+        (:attr:`InjectionResult.structure`). A method that fails gets NaN scores and
         its error in ``status``. ``meta`` holds the noise sigma and
         the seed.
 

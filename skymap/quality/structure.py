@@ -1,0 +1,115 @@
+"""What an injection score cannot see: the sky a fit leaves in its residual.
+
+Injection-recovery (:mod:`skymap.quality.injection`) scores what a fit does to signal
+*added* to a real image: the fit of the image itself cancels from every score. So a
+method that does not follow the image's own sky (a nebula, dust lanes, a galaxy
+filling the frame) loses nothing there, and a stiff one wins ``leak``: the fixed 64-px
+meshes of photutils and SEP beat skymap's injection scores on such frames while their
+residual keeps 1-5 sigma of structure in 16-px blocks that skymap's does not
+(``benchmarks/README.md``, thirteenth wave).
+
+:func:`structure_left` measures that: the RMS, above the noise, of the 16-px block
+means of ``image - background`` over pixels no source reaches (:func:`free_pixels`, by
+a rule of no fitting method's: the pixels more than 5 sigma above a coarse median sky,
+grown by 3 px, are out). A background that follows the sky and stays out of the
+sources leaves ~0; one that misses sky structure, or bends into the sources around
+those pixels, leaves more. Correlated noise adds the same floor to every method.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+from scipy import ndimage as ndi
+
+__all__ = ["BLOCK", "free_pixels", "structure_left"]
+
+#: Block width (pixels) of :func:`structure_left`: twice the default masker's largest
+#: scale, and under the smallest injected sky bump of a 256-px frame (5% = 13 px
+#: sigma).
+BLOCK = 16
+
+#: The coarse sky of :func:`free_pixels`: medians of blocks this wide (half
+#: SExtractor's default mesh, unfiltered, so that a sky bump's crest does not pass for
+#: a source), interpolated bilinearly.
+SKY_BLOCK = 32
+
+#: A source pixel of :func:`free_pixels` is this many sigma above the coarse sky: well
+#: above the noise's tail (which 3 sigma, grown by 3 px, turned into 5% of a frame).
+SOURCE_SIGMA = 5.0
+
+
+def free_pixels(image, bad, sigma: float) -> np.ndarray:
+    """Pixels that no source reaches, by a rule of no fitting method's: valid, and not
+    within 3 px of a pixel more than 5 ``sigma`` above the coarse sky (the medians of
+    32-px blocks, interpolated bilinearly).
+
+    Examples
+    --------
+    >>> img = np.zeros((128, 128)); img[60:64, 60:64] = 10.0
+    >>> free = free_pixels(img, np.zeros(img.shape, bool), 1.0)
+    >>> bool(free[0, 0]), bool(free[62, 62]), bool(free[62, 66]), bool(free[62, 68])
+    (True, False, False, True)
+    """
+    img = np.asarray(image, dtype=np.float64)
+    bad = np.asarray(bad, dtype=bool) | ~np.isfinite(img)
+    ny, nx = img.shape
+    b = SKY_BLOCK
+    gy, gx = -(-ny // b), -(-nx // b)
+    padded = np.full((gy * b, gx * b), np.nan)
+    padded[:ny, :nx] = np.where(bad, np.nan, img)
+    blocks = padded.reshape(gy, b, gx, b).transpose(0, 2, 1, 3).reshape(gy, gx, b * b)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN blocks: empty
+        grid = np.nanmedian(blocks, axis=2)
+    hole = ~np.isfinite(grid)
+    if hole.all():
+        return ~bad
+    if hole.any():
+        idx = ndi.distance_transform_edt(hole, return_distances=False, return_indices=True)
+        grid = grid[tuple(idx)]
+    # bilinear between block centres (the edges held), so that a broad sky
+    # bump's crest is not cut off as a source
+    yc = np.clip((np.arange(ny) + 0.5) / b - 0.5, 0, gy - 1)
+    xc = np.clip((np.arange(nx) + 0.5) / b - 0.5, 0, gx - 1)
+    sky = ndi.map_coordinates(grid, np.meshgrid(yc, xc, indexing="ij"), order=1)
+    with np.errstate(invalid="ignore"):
+        source = ~bad & (img - sky > SOURCE_SIGMA * sigma)
+    source = ndi.binary_dilation(source, iterations=3)
+    return ~bad & ~source
+
+
+def structure_left(residual, free, sigma: float, block: int = BLOCK) -> float:
+    """The RMS of the ``block`` x ``block`` means of ``residual`` over the ``free``
+    pixels, above what white noise of pixel ``sigma`` gives them, in units of
+    ``sigma`` (blocks with at least half their pixels free; NaN with fewer than 4).
+
+    Examples
+    --------
+    >>> rng = np.random.default_rng(1)
+    >>> noise = rng.normal(size=(256, 256))
+    >>> free = np.ones(noise.shape, bool)
+    >>> round(structure_left(noise, free, 1.0), 2)
+    0.0
+    >>> yy = np.mgrid[:256, :256][0]
+    >>> round(structure_left(noise + np.sin(yy / 20.0), free, 1.0), 1)  # RMS of a sine
+    0.7
+    """
+    res = np.asarray(residual, dtype=np.float64)
+    ok_px = np.asarray(free, dtype=bool) & np.isfinite(res)
+    ny, nx = (res.shape[0] // block) * block, (res.shape[1] // block) * block
+    if ny == 0 or nx == 0:
+        return float("nan")
+
+    def sums(a):
+        return a[:ny, :nx].reshape(ny // block, block, nx // block, block).sum(axis=(1, 3))
+
+    total = sums(np.where(ok_px, res, 0.0))
+    count = sums(ok_px.astype(np.float64))
+    keep = count >= block * block / 2.0
+    if np.count_nonzero(keep) < 4:
+        return float("nan")
+    means = total[keep] / count[keep]
+    spread = np.mean((means - np.median(means)) ** 2) - np.mean(sigma**2 / count[keep])
+    return float(np.sqrt(max(spread, 0.0)) / sigma)
