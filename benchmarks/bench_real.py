@@ -25,10 +25,12 @@ how much of the outskirts' light the background absorbs, which the difference sc
 cannot see (:mod:`skymap.quality.signals`).
 
 ``structure`` is what the scores cannot see, as they cancel each method's fit of the
-image itself: the sky structure that fit leaves in its residual (RMS of 16-px block means
-over pixels no source reaches, above the noise, in sigma;
+image itself: the structure that fit leaves in its residual (RMS of 16-px block means
+over pixels no bright source reaches, above the noise, in sigma;
 :mod:`skymap.quality.structure`). A method may win ``leak`` by not following the sky
-(a fixed 64-px mesh on a frame filled by a nebula); it then shows here.
+(a fixed 64-px mesh on a frame filled by a nebula); it then shows here. Faint source
+light under the cut counts too (a background that takes it in leaves less): read it
+with ``leak``.
 
 ``--tune BUDGET`` adds ``skymap_tuned``: ``skymap.tune`` run on the image first (its
 choosing and reporting seeds, 1000 and 1001, are not the table's), then scored on the

@@ -219,10 +219,11 @@ class InjectionResult:
         First trial's maps for :meth:`plot`, ``{kind: (injected, recovered)}`` with
         ``recovered = fit(image + injected) - fit(image)``, in sigma.
     structure : float
-        What the scores cannot see (they cancel the fit of the image itself): the sky
-        structure the method's fit of the image leaves in its residual, over pixels no
-        source reaches (:func:`skymap.quality.structure.structure_left`), in sigma. A
-        method can win ``leak`` by not following the sky, and then leaves it here.
+        What the scores cannot see (they cancel the fit of the image itself): the
+        structure the method's fit of the image leaves in its residual over pixels no
+        bright source reaches (:func:`skymap.quality.structure.structure_left`), in
+        sigma. A method can win ``leak`` by not following the sky, and then leaves it
+        here; faint source light under the cut counts too, so read it with ``leak``.
     """
 
     method: str

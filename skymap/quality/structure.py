@@ -9,11 +9,16 @@ residual keeps 1-5 sigma of structure in 16-px blocks that skymap's does not
 (``benchmarks/README.md``, thirteenth wave).
 
 :func:`structure_left` measures that: the RMS, above the noise, of the 16-px block
-means of ``image - background`` over pixels no source reaches (:func:`free_pixels`, by
-a rule of no fitting method's: the pixels more than 5 sigma above a coarse median sky,
-grown by 3 px, are out). A background that follows the sky and stays out of the
-sources leaves ~0; one that misses sky structure, or bends into the sources around
-those pixels, leaves more. Correlated noise adds the same floor to every method.
+means of ``image - background`` over pixels no bright source reaches
+(:func:`free_pixels`, by a rule of no fitting method's: the pixels more than 5 sigma
+above a coarse median sky, grown by 3 px, are out). A background that misses sky
+structure leaves it there. It is not a score to minimise: the faint light of sources
+below that cut (a crowded field's wings, a galaxy's outskirts) is in those pixels too,
+so a background that stays out of it leaves it there and one that takes it in (a worse
+``leak``) leaves less: on the shared crowded frames skymap's fit leaves more than the
+peers' (M6707HH 1.25 against 0.76-0.92 sigma), on frames filled by emission far less
+(HorseHead 1.06 against 2.3-2.6). Read it with ``leak``. Correlated noise adds the same
+floor to every method.
 """
 
 from __future__ import annotations
