@@ -140,6 +140,7 @@ def test_blank_border_changes_nothing(plate):
     res = skymap.fit(padded, blank_frame=True)
     assert res.frame == (slice(24, padded.shape[0] - 24), slice(16, padded.shape[1] - 16))
     np.testing.assert_array_equal(res.background[24:-24, 16:-16], inner.background)
+    assert (res.stop, res.convergence_note) == (inner.stop, inner.convergence_note)
     assert res.bad_mask[:24].all() and not res.bad_mask[24:-24, 16:-16].any()
     assert res.rms.shape == padded.shape and np.isfinite(res.background).all()
     assert ref.frame is None and skymap.fit(padded).frame is None

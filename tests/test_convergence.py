@@ -115,6 +115,7 @@ def test_converged_scene_says_so_without_warning():
         res = skymap.fit(scene.image)
     assert res.converged
     assert res.convergence_note.startswith("converged")
+    assert res.stop in C.STOPS and res.stop not in ("backed_off", "cap")
     assert res.max_source_size is not None and 16 <= res.max_source_size <= 32
 
 
@@ -122,7 +123,7 @@ def test_forced_low_cap_warns_and_says_why():
     scene = scene_by_name("galaxies_lsb", shape=(128, 128), seed=1)
     with pytest.warns(skymap.ConvergenceWarning, match="not converged") as caught:
         res = skymap.fit(scene.image, max_iter=1)
-    assert not res.converged
+    assert not res.converged and res.stop == "cap"
     assert res.convergence_note.startswith("not converged")
     assert "max_iter" in res.convergence_note
     assert str(caught[0].message) == res.convergence_note
@@ -248,7 +249,7 @@ def test_runaway_is_backed_off_to_the_state_before_it():
         max_iter=8,
     )
     res = pipe.fit(img)
-    assert res.converged
+    assert res.converged and res.stop == "backed_off"
     assert res.convergence_note.startswith("converged by backing off a runaway")
     stage = [r for r in res.history if r.stage == 0]
     # three growing iterations, then the back-off record

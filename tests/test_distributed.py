@@ -204,7 +204,7 @@ def _assert_same_fit(tiled, ref, client=None, change_rtol=1e-9):
         [h.change for h in tiled.history], [h.change for h in ref.history], rtol=change_rtol
     )
     assert tiled.noise == ref.noise
-    assert tiled.converged == ref.converged
+    assert tiled.converged == ref.converged and tiled.stop == ref.stop
 
 
 @pytest.mark.parametrize(

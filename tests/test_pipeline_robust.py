@@ -90,6 +90,13 @@ def test_a_frame_of_galactic_emission_in_physical_units_says_when_it_did_not_set
         res = fit(data)
     warned = [w for w in caught if issubclass(w.category, ConvergenceWarning)]
     assert res.converged or (warned and "not converged" in res.convergence_note)
+    # how it stopped, in one word a program can read
+    assert res.stop in ("settled", "stalled", "creeping", "flicker", "mask_settled",
+                        "cycle", "backed_off", "cap")  # fmt: skip
+    if res.stop == "cap":
+        assert not res.converged
+    elif res.stop != "cycle":  # a cycle is converged unless it jumped
+        assert res.converged
     np.testing.assert_array_equal(data, keep)
     bkg = np.asarray(res.background)
     assert np.isfinite(bkg).all() and 1e-7 < np.median(bkg) < 1e-4

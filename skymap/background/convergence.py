@@ -32,6 +32,7 @@ __all__ = [
     "FLICKER_RUN",
     "STALL_ERRORS",
     "STALL_RATIO",
+    "STOPS",
     "ConvergenceWarning",
     "Landings",
     "creeping",
@@ -56,9 +57,26 @@ __all__ = [
     "wild_cycle",
 ]
 
-#: The words of a note whose fit backed off a runaway (:func:`note_backed_off`), which
-#: :mod:`skymap.quality.injection` reads to count unsettled fits.
+#: The words of a note whose fit backed off a runaway (:func:`note_backed_off`).
 BACKED_OFF = "backing off a runaway"
+
+#: How a fit's last stage stopped (``BackgroundResult.stop``), the note's first words
+#: as one: ``settled`` (:func:`settled`), ``mask_settled`` (the new mask changed too
+#: little to refit), ``stalled``, ``creeping``, ``flicker`` (:func:`stalled`,
+#: :func:`creeping`, :func:`flickering`: converged), ``cycle`` (a limit cycle resolved;
+#: not converged when it jumped, :func:`wild_cycle`), ``backed_off`` (a runaway, gone
+#: back to the state before it: converged, but the stage did not settle on its own) and
+#: ``cap`` (the iteration cap: not converged).
+STOPS = (
+    "settled",
+    "mask_settled",
+    "stalled",
+    "creeping",
+    "flicker",
+    "cycle",
+    "backed_off",
+    "cap",
+)
 
 #: Iterations in a row of mask growth with a moving background that make a runaway.
 RUNAWAY_RUN = 3

@@ -522,7 +522,7 @@ class IterativeBackground:
         current = be.bad
         _, count, kept = be.mask_stats(current)
         keep(record(be, -1, 0, model, count, kept, None, None, floor=floor), current)
-        converged, note = False, ""
+        converged, note, stop = False, "", ""
         last = len(self.stages) - 1
 
         def deferrable(k):
@@ -569,6 +569,7 @@ class IterativeBackground:
                     current = new
                     del new
                     converged, note = True, _conv.note_mask_settled(k, it + 1, rec, self)
+                    stop = "mask_settled"
                     break
                 previous = model
                 model = _fit(
@@ -632,19 +633,19 @@ class IterativeBackground:
                 done += 0 if raised and full else 1
                 if not raised and self.settled(rec):
                     converged = True
-                    note = _conv.note_converged(k, it, rec, self)
+                    note, stop = _conv.note_converged(k, it, rec, self), "settled"
                     break
                 if not raised and _conv.stalled(self, history[start:]):
                     converged = True
-                    note = _conv.note_stalled(k, it, history[start:])
+                    note, stop = _conv.note_stalled(k, it, history[start:]), "stalled"
                     break
                 if not raised and _conv.creeping(self, history[start:]):
                     converged = True
-                    note = _conv.note_creeping(k, it, history[start:], self)
+                    note, stop = _conv.note_creeping(k, it, history[start:], self), "creeping"
                     break
                 if not raised and _conv.flickering(self, history[start:]):
                     converged = True
-                    note = _conv.note_flicker(k, it, history[start:])
+                    note, stop = _conv.note_flicker(k, it, history[start:]), "flicker"
                     break
                 if _conv.cycling(self, history[start:]):
                     # A limit cycle: the mask flips between two states. Keep what
@@ -657,6 +658,7 @@ class IterativeBackground:
                     bkg, noise = restate(model, previous, current, k, it, rec, floor)
                     del previous
                     note = _conv.note_cycle(k, history[-_conv.CYCLE_RUN - 2 : -1], self)
+                    stop = "cycle"
                     converged = not _conv.wild_cycle(self, history[-2])
                     break
                 if _conv.runaway(self, history[start:]):
@@ -665,7 +667,7 @@ class IterativeBackground:
                     run = history[start - 1 :]
                     j = _conv.run_start(self, run)
                     back = run[j]
-                    note = _conv.note_backed_off(k, run[j + 1 :], back)
+                    note, stop = _conv.note_backed_off(k, run[j + 1 :], back), "backed_off"
                     current = landings[start - 1 + j] if be.tiled else be.result(back.mask)
                     del bkg
                     previous, model, floor = model, back.model, back.min_scale
@@ -674,7 +676,7 @@ class IterativeBackground:
                     converged = True
                     break
             else:
-                note = _conv.note_stopped(k, cap, history[-1], self, it)
+                note, stop = _conv.note_stopped(k, cap, history[-1], self, it), "cap"
         typical = NoiseModel.typical(noise, be)
         del noise
         if self.final is not None:
@@ -724,6 +726,7 @@ class IterativeBackground:
             normalisation=norm,
             inputs=None if inputs is None else replace(inputs, data=None, mask=None),
             convergence_note=note,
+            stop=stop,
             max_source_size=size,
             pedestal=pedestal * norm.scale,
         )
@@ -766,6 +769,7 @@ class IterativeBackground:
             normalisation=sub.normalisation,
             inputs=replace(inputs, data=None, mask=None, error=None),
             convergence_note=sub.convergence_note,
+            stop=sub.stop,
             max_source_size=sub.max_source_size,
             frame=frame,
             pedestal=sub.pedestal,

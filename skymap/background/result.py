@@ -156,6 +156,11 @@ class BackgroundResult:
         Why the fit stopped, in words: settled (after how many iterations, by how
         much the background still moved), backed off a runaway mask (which state it
         went back to), or stopped at the iteration cap (what still moved).
+    stop : str
+        How the last stage stopped, in one word of
+        :data:`skymap.background.convergence.STOPS` ("" for a result made otherwise):
+        ``backed_off`` is converged, but the stage did not settle on its own, so a
+        program need not read the note to tell.
     max_source_size : float or None
         The size in pixels separating sources from sky that the fit used
         (``IterativeBackground.max_source_size`` resolved; None: no such floor).
@@ -189,6 +194,7 @@ class BackgroundResult:
             object.__setattr__(self, "background", self.inputs.wrap(self.background))
 
     convergence_note: str = ""
+    stop: str = ""
     max_source_size: float | None = None
     frame: tuple | None = None
     pedestal: float = 0.0

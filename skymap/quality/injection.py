@@ -153,9 +153,13 @@ def as_method(method: Any = None) -> tuple[Callable[[np.ndarray, Any], Any], str
 def _settled(out: Any) -> bool:
     """Whether a fit stopped in a regular state, where its result says how it stopped
     (:class:`~skymap.background.result.BackgroundResult`): converged, and not by backing
-    off a runaway mask. A result that does not say counts as settled."""
+    off a runaway mask (its ``stop``, or for results without one, its note). A result
+    that does not say counts as settled."""
     if not getattr(out, "converged", True):
         return False
+    stop = getattr(out, "stop", "")
+    if stop:
+        return stop != "backed_off"
     return BACKED_OFF not in str(getattr(out, "convergence_note", ""))
 
 

@@ -462,7 +462,8 @@ def convergence(result: Any) -> dict:
     """Whether the fit converged, after how many iterations, and why it stopped.
 
     A single mesh pass has nothing to converge: ``converged`` is None. The reason is the
-    result's ``convergence_note`` when it gives one.
+    result's ``convergence_note`` when it gives one; ``stop`` its one word
+    (``BackgroundResult.stop``; None for a mesh pass).
     """
     history = getattr(result, "history", None) or ()
     converged = getattr(result, "converged", None)
@@ -471,6 +472,7 @@ def convergence(result: Any) -> dict:
         note = "the iteration cap was reached before the background and mask settled"
     return {
         "converged": None if converged is None else bool(converged),
+        "stop": getattr(result, "stop", "") or None,
         "iterations": len(history),
         "reason": note,
     }
