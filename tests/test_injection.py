@@ -9,7 +9,13 @@ from hypothesis import strategies as st
 from matplotlib.figure import Figure
 
 from skymap.quality import peers
-from skymap.quality.injection import as_method, compare, injection_recovery, prepare
+from skymap.quality.injection import (
+    as_method,
+    compare,
+    injection_recovery,
+    plot_comparison,
+    prepare,
+)
 from skymap.quality.signals import MIN_SIZE, make_injections
 from skymap.quality.structure import free_pixels, structure_left
 
@@ -377,3 +383,12 @@ def test_structure_is_in_units_of_the_noise_whatever_the_image_units():
     # white noise alone leaves none, a block mean's noise is not structure
     noise = np.random.default_rng(0).normal(size=(256, 256))
     assert structure_left(noise, np.ones(noise.shape, bool), 1.0) < 0.02
+
+
+def test_the_comparison_figure_marks_the_structure_left():
+    img, sky = _waved_sky()
+    table = compare(img, {"flat": flat_median}, kinds="sky", n_trials=1)
+    fig = plot_comparison(table)
+    (ax,) = fig.axes
+    (line,) = [ln for ln in ax.get_lines() if ln.get_label().startswith("structure")]
+    assert np.allclose(line.get_ydata(), table["structure"])

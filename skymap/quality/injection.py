@@ -736,7 +736,8 @@ def table_rows(table) -> list[dict]:
 
 def plot_comparison(table, *, figsize=(7, 3.5)):
     """Bar chart of a :func:`compare` table: ``track`` and ``|leak|`` per method with
-    their spreads across trials; failed methods are marked. Returns a matplotlib
+    their spreads across trials, and each method's ``structure`` as a marker (what the
+    scores cannot see; not a score); failed methods are marked. Returns a matplotlib
     Figure."""
     from matplotlib.figure import Figure
 
@@ -756,6 +757,9 @@ def plot_comparison(table, *, figsize=(7, 3.5)):
             yerr=np.nan_to_num(np.asarray(table[f"{k}_std"], dtype=float)),
             label=label,
         )
+    if "structure" in table.colnames:
+        left = np.asarray(table["structure"], dtype=float)
+        ax.plot(x, left, "kD", ms=5, label="structure left (not a score)")
     for xi, status in zip(x, table["status"], strict=True):
         if status != "ok":
             ax.text(xi, 0, "failed", rotation=90, ha="center", va="bottom", fontsize=8)
