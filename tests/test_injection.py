@@ -392,3 +392,23 @@ def test_the_comparison_figure_marks_the_structure_left():
     (ax,) = fig.axes
     (line,) = [ln for ln in ax.get_lines() if ln.get_label().startswith("structure")]
     assert np.allclose(line.get_ydata(), table["structure"])
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    scale=st.floats(1e-6, 1e6),
+    offset=st.floats(-1e6, 1e6),
+    junk=st.floats(-1e30, 1e30),
+    seed=st.integers(0, 2**16),
+)
+def test_structure_is_equivariant_and_blind_to_pixels_it_does_not_read(scale, offset, junk, seed):
+    rng = np.random.default_rng(seed)
+    yy = np.mgrid[:96, :96][0]
+    residual = rng.normal(size=(96, 96)) + np.sin(yy / 9.0)
+    free = rng.uniform(size=residual.shape) > 0.2
+    ref = structure_left(residual, free, 1.0)
+    moved = structure_left(residual * scale + offset, free, scale)
+    assert moved == pytest.approx(ref, rel=1e-6, abs=1e-9)
+    spoiled = np.where(free, residual, junk)
+    spoiled[~free & (rng.uniform(size=free.shape) > 0.5)] = np.nan
+    assert structure_left(spoiled, free, 1.0) == ref
