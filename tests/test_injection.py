@@ -407,7 +407,9 @@ def test_structure_is_equivariant_and_blind_to_pixels_it_does_not_read(scale, of
     residual = rng.normal(size=(96, 96)) + np.sin(yy / 9.0)
     free = rng.uniform(size=residual.shape) > 0.2
     ref = structure_left(residual, free, 1.0)
-    moved = structure_left(residual * scale + offset, free, scale)
+    # an offset of up to 1e6 times the noise (beyond that float64 keeps too few of the
+    # noise's digits for any method)
+    moved = structure_left(residual * scale + offset * scale, free, scale)
     assert moved == pytest.approx(ref, rel=1e-6, abs=1e-9)
     spoiled = np.where(free, residual, junk)
     spoiled[~free & (rng.uniform(size=free.shape) > 0.5)] = np.nan

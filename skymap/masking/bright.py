@@ -219,13 +219,19 @@ def sky_blocks(img: np.ndarray, invalid: np.ndarray, block: int) -> np.ndarray:
 def filled_sky(grid: np.ndarray) -> np.ndarray:
     """:func:`sky_blocks`' grid with its empty blocks filled from the nearest ones and
     median-filtered over 3 x 3 blocks (all empty: zeros)."""
+    return ndi.median_filter(filled_blocks(grid), size=3, mode="nearest")
+
+
+def filled_blocks(grid: np.ndarray) -> np.ndarray:
+    """``grid`` with its empty (NaN) blocks filled from the nearest ones (all empty:
+    zeros)."""
     hole = ~np.isfinite(grid)
     if hole.all():
-        grid = np.zeros(grid.shape, np.float32)
-    elif hole.any():
+        return np.zeros(grid.shape, np.float32)
+    if hole.any():
         idx = ndi.distance_transform_edt(hole, return_distances=False, return_indices=True)
-        grid = grid[tuple(idx)]
-    return ndi.median_filter(grid, size=3, mode="nearest")
+        return grid[tuple(idx)]
+    return grid
 
 
 class _CoarseSky:

@@ -23,10 +23,11 @@ floor to every method.
 
 from __future__ import annotations
 
-import warnings
-
 import numpy as np
+from astropy.nddata import block_reduce
 from scipy import ndimage as ndi
+
+from skymap.masking.bright import filled_blocks, sky_blocks
 
 __all__ = ["BLOCK", "free_pixels", "structure_left"]
 
@@ -48,7 +49,7 @@ SOURCE_SIGMA = 5.0
 def free_pixels(image, bad, sigma: float) -> np.ndarray:
     """Pixels that no source reaches, by a rule of no fitting method's: valid, and not
     within 3 px of a pixel more than 5 ``sigma`` above the coarse sky (the medians of
-    32-px blocks, interpolated bilinearly).
+    32-px blocks, as the halo masker's coarse sky takes them, interpolated bilinearly).
 
     Examples
     --------
@@ -59,21 +60,15 @@ def free_pixels(image, bad, sigma: float) -> np.ndarray:
     """
     img = np.asarray(image, dtype=np.float64)
     bad = np.asarray(bad, dtype=bool) | ~np.isfinite(img)
+    if bad.all():
+        return ~bad
+    # about zero before the block medians (taken in float32): a large offset must not
+    # round away the noise
+    img = img - np.median(img[~bad][:: max(1, int(np.count_nonzero(~bad)) // 100_000)])
     ny, nx = img.shape
     b = SKY_BLOCK
-    gy, gx = -(-ny // b), -(-nx // b)
-    padded = np.full((gy * b, gx * b), np.nan)
-    padded[:ny, :nx] = np.where(bad, np.nan, img)
-    blocks = padded.reshape(gy, b, gx, b).transpose(0, 2, 1, 3).reshape(gy, gx, b * b)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN blocks: empty
-        grid = np.nanmedian(blocks, axis=2)
-    hole = ~np.isfinite(grid)
-    if hole.all():
-        return ~bad
-    if hole.any():
-        idx = ndi.distance_transform_edt(hole, return_distances=False, return_indices=True)
-        grid = grid[tuple(idx)]
+    grid = filled_blocks(sky_blocks(img, bad, b))
+    gy, gx = grid.shape
     # bilinear between block centres (the edges held), so that a broad sky
     # bump's crest is not cut off as a source
     yc = np.clip((np.arange(ny) + 0.5) / b - 0.5, 0, gy - 1)
@@ -103,15 +98,11 @@ def structure_left(residual, free, sigma: float, block: int = BLOCK) -> float:
     """
     res = np.asarray(residual, dtype=np.float64)
     ok_px = np.asarray(free, dtype=bool) & np.isfinite(res)
-    ny, nx = (res.shape[0] // block) * block, (res.shape[1] // block) * block
-    if ny == 0 or nx == 0:
+    if min(res.shape) < block:
         return float("nan")
-
-    def sums(a):
-        return a[:ny, :nx].reshape(ny // block, block, nx // block, block).sum(axis=(1, 3))
-
-    total = sums(np.where(ok_px, res, 0.0))
-    count = sums(ok_px.astype(np.float64))
+    # block sums (the trailing rows and columns that fill no block are dropped)
+    total = block_reduce(np.where(ok_px, res, 0.0), block)
+    count = block_reduce(ok_px.astype(np.float64), block)
     keep = count >= block * block / 2.0
     if np.count_nonzero(keep) < 4:
         return float("nan")
