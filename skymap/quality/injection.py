@@ -354,21 +354,14 @@ class InjectionResult:
 class Prepared:
     """An image checked and measured once for many injection runs (see :func:`prepare`):
     ``image`` (float), ``bad`` (True = excluded: the mask, non-finite pixels and blank
-    fills), ``sigma`` (the unit of amplitudes and scores) and ``kinds``; ``free``, the
-    pixels no source reaches (:func:`~skymap.quality.structure.free_pixels`, None: made
-    when first needed)."""
+    fills), ``sigma`` (the unit of amplitudes and scores), ``kinds`` and ``free``, the
+    pixels no bright source reaches (:func:`~skymap.quality.structure.free_pixels`)."""
 
     image: np.ndarray = field(repr=False)
     bad: np.ndarray = field(repr=False)
     sigma: float
     kinds: tuple[str, ...]
-    free: np.ndarray | None = field(default=None, repr=False)
-
-    def free_pixels(self) -> np.ndarray:
-        """:attr:`free`, made once."""
-        if self.free is None:
-            object.__setattr__(self, "free", free_pixels(self.image, self.bad, self.sigma))
-        return self.free
+    free: np.ndarray = field(repr=False)
 
 
 def prepare(image, *, mask=None, error=None, kinds=("sky", "galaxies")) -> Prepared:
@@ -408,7 +401,8 @@ def prepare(image, *, mask=None, error=None, kinds=("sky", "galaxies")) -> Prepa
         sigma = pixel_sigma(img, bad)
     if not (np.isfinite(sigma) and sigma > 0):
         raise ValueError(f"cannot measure the image's noise (pixel sigma {sigma!r})")
-    return Prepared(image=img, bad=bad, sigma=sigma, kinds=kinds)
+    free = free_pixels(img, bad, sigma)
+    return Prepared(image=img, bad=bad, sigma=sigma, kinds=kinds, free=free)
 
 
 def _check_trials(n_trials) -> int:
@@ -472,7 +466,7 @@ def evaluate_method(
     clock: list[tuple[float, float, bool]] = []
     if base is None:
         base = _timed(fn, name, img, bad, clock)
-    structure = structure_left(img - base, prep.free_pixels(), sigma)
+    structure = structure_left(img - base, prep.free, sigma)
     good = ~bad
     trials = {k: np.full(n_trials, np.nan) for k in _SCORES}
     unsettled = np.zeros(n_trials, dtype=int)
