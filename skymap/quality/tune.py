@@ -154,9 +154,8 @@ def default_space(image=None, mask=None) -> list[list[dict]]:
       the sources are (a nebula whose stars sit on its knots), which the pedestal would
       read as their wings and take away; or no halo masks (``halos=False``), for a
       frame whose brightest peaks are a galaxy's or a nebula's knots rather than stars
-      with wings: their disks then hide sky the fit should follow, and which knot
-      leads the halo profile swings with the noise (M51 filling a 512-px frame: 5.3 ->
-      0.82 sigma, where every peer scores 0.85 or more).
+      with wings: their disks then hide sky the fit should follow (M51 filling a
+      512-px frame: 1.8 -> 0.82 sigma, where every peer scores 0.85 or more).
 
     Examples
     --------
