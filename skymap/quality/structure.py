@@ -16,8 +16,8 @@ structure leaves it there. It is not a score to minimise: the faint light of sou
 below that cut (a crowded field's wings, a galaxy's outskirts) is in those pixels too,
 so a background that stays out of it leaves it there and one that takes it in (a worse
 ``leak``) leaves less: on the shared crowded frames skymap's fit leaves more than the
-peers' (M6707HH 1.25 against 0.76-0.92 sigma), on frames filled by emission far less
-(HorseHead 1.06 against 2.3-2.6). Read it with ``leak``. Correlated noise adds the same
+peers' (M6707HH 1.27 against 0.78-0.97 sigma), on frames filled by emission far less
+(HorseHead 1.05 against 2.3-2.6). Read it with ``leak``. Correlated noise adds the same
 floor to every method.
 """
 
