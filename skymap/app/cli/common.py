@@ -561,6 +561,12 @@ def headline(result: Any, evaluation: Any) -> dict:
     lines = {"mask fraction": f"{float(np.mean(result.mask)):.1%} of the pixels excluded"}
     if info["converged"] is None:
         lines["convergence"] = "one pass (nothing to iterate)"
+    elif info["stop"] == "backed_off":
+        # converged, but not by settling: say where the fit went back to
+        lines["convergence"] = (
+            f"converged by backing off a runaway mask, after {info['iterations']} "
+            f"iterations: {info['reason']}"
+        )
     elif info["converged"]:
         lines["convergence"] = f"converged after {info['iterations']} iterations"
     else:
