@@ -27,6 +27,7 @@ import numpy as np
 from astropy.nddata import block_reduce
 from scipy import ndimage as ndi
 
+from skymap.background.cells import reference_level, reference_step
 from skymap.masking.bright import filled_blocks, sky_blocks
 
 __all__ = ["BLOCK", "free_pixels", "structure_left"]
@@ -64,7 +65,9 @@ def free_pixels(image, bad, sigma: float) -> np.ndarray:
         return ~bad
     # about zero before the block medians (taken in float32): a large offset must not
     # round away the noise
-    img = img - np.median(img[~bad][:: max(1, int(np.count_nonzero(~bad)) // 100_000)])
+    step = reference_step(img.shape)
+    ref = reference_level(img[::step, ::step], bad[::step, ::step])
+    img = img - (img[~bad][0] if ref is None else ref)
     ny, nx = img.shape
     b = SKY_BLOCK
     grid = filled_blocks(sky_blocks(img, bad, b))
