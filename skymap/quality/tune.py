@@ -14,7 +14,8 @@ runaway injection does not decide), on the injections of ``seed`` (the leaders a
 those of ``seed + 2``); the winner, the defaults and the peers are then scored on those
 of ``seed + 1``, which the search never saw. The defaults are left only on clear
 evidence: the winner must beat them on a significant majority of all its paired trials
-(a one-sided sign test), by a median margin, on the mean (a one-sided paired t-test:
+(a one-sided sign test), by a median margin larger than the best of that many
+candidates gains by chance (the winner's curse), on the mean (a one-sided paired t-test:
 a choice that wins small often and loses big sometimes is no gain), and without its
 injected fits failing to settle significantly more often than theirs
 (:func:`holds_up`; :func:`refusal` says which test failed).
@@ -32,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from skymap._util import check_int
+from skymap._util import MAD_TO_STD, check_int
 from skymap.quality.injection import (
     InjectionResult,
     evaluate_method,
@@ -45,6 +46,7 @@ from skymap.quality.injection import (
 __all__ = [
     "DEFAULT_BUDGET",
     "TuneResult",
+    "chance_gain",
     "default_space",
     "holds_up",
     "more_unsettled",
@@ -258,7 +260,7 @@ def _clear_majority(k: int, n: int) -> bool:
     return _significant(binomtest(k, n, 0.5, alternative="greater").pvalue)
 
 
-def holds_up(candidate, defaults, *, unsettled=(0, 0)) -> bool:
+def holds_up(candidate, defaults, *, unsettled=(0, 0), searched: int = 1) -> bool:
     """Whether a candidate's per-trial scores beat the defaults' on the same
     injections clearly enough to leave the defaults (:func:`refusal` says why not).
 
@@ -269,7 +271,10 @@ def holds_up(candidate, defaults, *, unsettled=(0, 0)) -> bool:
       2: two trials cannot tell);
     * the median paired difference beats the defaults by the margin (2% of their
       median score, at least 0.005 sigma), so a runaway of the defaults' does not make
-      a winner;
+      a winner; and by more than the best of ``searched`` candidates would gain by
+      chance were none better than the defaults (:func:`chance_gain`): a winner
+      picked for its gain on these trials carries that luck, which unseen injections
+      do not repeat;
     * the mean paired difference is below zero by a one-sided paired t-test at the
       same level: the score a user meets is the mean over the injections their image
       may hold, so a choice that wins small often and loses big sometimes (one
@@ -292,12 +297,18 @@ def holds_up(candidate, defaults, *, unsettled=(0, 0)) -> bool:
     unsettled : (sequence of int, sequence of int)
         Injected fits that did not settle in each of those trials, candidate's and
         defaults' (a number alone counts as one trial).
+    searched : int
+        How many candidates the candidate was chosen from (1: it was not chosen on
+        these trials).
 
     Examples
     --------
     >>> d = [0.30, 0.50, 0.40, 0.35, 0.60, 0.45]
     >>> holds_up([0.25, 0.45, 0.30, 0.30, 0.50, 0.40], d)  # 6 of 6, by 0.05
     True
+    >>> small = [0.295, 0.49, 0.385, 0.32, 0.55, 0.38]  # 6 of 6, by 0.005 to 0.07
+    >>> holds_up(small, d), holds_up(small, d, searched=20)  # the best of 20 by luck
+    (True, False)
     >>> holds_up([0.25, 0.45, 0.30, 0.30, 0.50, 9.0], d)  # 5 of 6, one runaway of its own
     False
     >>> holds_up([0.25, 0.45, 0.30, 0.40, 0.70, 0.40], d)  # 4 of 6
@@ -310,10 +321,36 @@ def holds_up(candidate, defaults, *, unsettled=(0, 0)) -> bool:
     >>> holds_up([0.2, 0.4, 0.3], d[:3], unsettled=three)  # in every trial: fragile
     False
     """
-    return not refusal(candidate, defaults, unsettled=unsettled)
+    return not refusal(candidate, defaults, unsettled=unsettled, searched=searched)
 
 
-def refusal(candidate, defaults, *, unsettled=(0, 0)) -> str:
+def chance_gain(diff, searched: int) -> float:
+    """The median gain (sigma) the best of ``searched`` candidates shows over the
+    defaults by chance alone, on paired differences scattered as ``diff``.
+
+    Were no candidate better than the defaults, each one's median paired difference
+    would scatter about zero with the median's standard error, ``sqrt(pi / 2) s /
+    sqrt(n)`` (``s`` from the median absolute deviation, so one runaway trial does not
+    inflate it), and the largest of ``searched`` such gains would reach about
+    ``sqrt(2 ln searched)`` standard errors, the expected maximum of that many
+    normal variables (Cramér 1946; candidates share the defaults' trials and
+    correlate, so this errs on the side of keeping the defaults). 0 for one candidate.
+
+    Examples
+    --------
+    >>> chance_gain([0.1, -0.1, 0.1, -0.1], 1)
+    0.0
+    >>> round(chance_gain([0.1, -0.1, 0.1, -0.1], 20), 3)
+    0.227
+    """
+    d = np.asarray(diff, dtype=float)
+    if searched <= 1 or d.size == 0:
+        return 0.0
+    s = MAD_TO_STD * float(np.median(np.abs(d - np.median(d))))
+    return math.sqrt(2 * math.log(searched)) * math.sqrt(math.pi / 2) * s / math.sqrt(d.size)
+
+
+def refusal(candidate, defaults, *, unsettled=(0, 0), searched: int = 1) -> str:
     """Why a candidate does not beat the defaults by :func:`holds_up`'s tests, in
     words; "" when it does. Arguments as there.
 
@@ -338,6 +375,12 @@ def refusal(candidate, defaults, *, unsettled=(0, 0)) -> str:
     margin = _margin(np.asarray(defaults, dtype=float)[: len(candidate)])
     if not np.median(diff) < -margin:
         return f"its median gain, {-np.median(diff):.3f} sigma, is under the margin {margin:.3f}"
+    luck = chance_gain(diff, searched)
+    if not np.median(diff) < -luck:
+        return (
+            f"its median gain, {-np.median(diff):.3f} sigma, is within what the best of "
+            f"{searched} candidates gains by chance ({luck:.3f})"
+        )
     p = _mean_gain_p(diff)
     if not _significant(p):
         return (
@@ -951,7 +994,9 @@ def tune(
             f"(margin {_margin(theirs):.3f}); injected fits that did not settle: "
             f"{int(unsettled[0].sum())} (defaults {int(unsettled[1].sum())})"
         )
-        why = refusal(mine, theirs, unsettled=unsettled)
+        # the winner was picked from every candidate scored: its gain carries their luck
+        searched = sum(1 for k, c in cands.items() if k != default_key and not c.failed)
+        why = refusal(mine, theirs, unsettled=unsettled, searched=searched)
         confirmed = not why
         if not confirmed:
             verdict += f"; kept the defaults: {why}"
