@@ -252,12 +252,17 @@ def _significant(p: float) -> bool:
     return bool(p <= _SIGN_LEVEL * (1 + 1e-9))
 
 
+def _sign_p(k: int, n: int) -> float:
+    """One-sided sign-test p-value of ``k`` wins in ``n`` decided trials."""
+    from scipy.stats import binomtest
+
+    return float(binomtest(k, n, 0.5, alternative="greater").pvalue)
+
+
 def _clear_majority(k: int, n: int) -> bool:
     """Whether ``k`` of ``n`` is a clear majority: a one-sided sign test at
     ``_SIGN_LEVEL``."""
-    from scipy.stats import binomtest
-
-    return _significant(binomtest(k, n, 0.5, alternative="greater").pvalue)
+    return _significant(_sign_p(k, n))
 
 
 def holds_up(candidate, defaults, *, unsettled=(0, 0), searched: int = 1) -> bool:
@@ -272,9 +277,11 @@ def holds_up(candidate, defaults, *, unsettled=(0, 0), searched: int = 1) -> boo
     * the median paired difference beats the defaults by the margin (2% of their
       median score, at least 0.005 sigma), so a runaway of the defaults' does not make
       a winner; and by more than the best of ``searched`` candidates would gain by
-      chance were none better than the defaults (:func:`chance_gain`): a winner
-      picked for its gain on these trials carries that luck, which unseen injections
-      do not repeat;
+      chance were none better than the defaults (:func:`chance_gain`), unless it won
+      so many trials that the sign test holds at its level divided among the
+      ``searched`` (Bonferroni): a winner picked for its gain on these trials carries
+      that luck, which unseen injections do not repeat, and must beat it by the size
+      or by the consistency of its gain;
     * the mean paired difference is below zero by a one-sided paired t-test at the
       same level: the score a user meets is the mean over the injections their image
       may hold, so a choice that wins small often and loses big sometimes (one
@@ -375,11 +382,16 @@ def refusal(candidate, defaults, *, unsettled=(0, 0), searched: int = 1) -> str:
     margin = _margin(np.asarray(defaults, dtype=float)[: len(candidate)])
     if not np.median(diff) < -margin:
         return f"its median gain, {-np.median(diff):.3f} sigma, is under the margin {margin:.3f}"
+    # The winner's curse: its gain must beat the best of the candidates' luck, by its
+    # size or by its consistency (the sign test at the level shared among them all).
     luck = chance_gain(diff, searched)
-    if not np.median(diff) < -luck:
+    p_all = min(1.0, searched * _sign_p(wins, decided.size))
+    if not np.median(diff) < -luck and not _significant(p_all):
         return (
             f"its median gain, {-np.median(diff):.3f} sigma, is within what the best of "
-            f"{searched} candidates gains by chance ({luck:.3f})"
+            f"{searched} candidates gains by chance ({luck:.3f}), and {wins} wins of "
+            f"{decided.size} are no clear majority among them (sign test p x {searched} = "
+            f"{p_all:.2f})"
         )
     p = _mean_gain_p(diff)
     if not _significant(p):
