@@ -339,8 +339,8 @@ def chance_gain(diff, searched: int) -> float:
     would scatter about zero with the median's standard error, ``sqrt(pi / 2) s /
     sqrt(n)`` (``s`` from the median absolute deviation, so one runaway trial does not
     inflate it), and the largest of ``searched`` such gains would reach about
-    ``sqrt(2 ln searched)`` standard errors, the expected maximum of that many
-    normal variables (Cramér 1946; candidates share the defaults' trials and
+    ``sqrt(2 ln searched)`` standard errors, the standard bound on the expected
+    maximum of that many normal variables (candidates share the defaults' trials and
     correlate, so this errs on the side of keeping the defaults). 0 for one candidate.
 
     Examples
