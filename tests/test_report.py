@@ -12,6 +12,7 @@ import pytest
 from matplotlib.image import imread
 
 from skymap.app import io, plot, report
+from skymap.background.convergence import SETTLED_STOPS, STOPS
 from skymap.quality.evaluate import evaluate
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -54,6 +55,24 @@ def data_dir_module():
     return Path(__file__).parent / "data"
 
 
+@pytest.mark.parametrize("stop", STOPS)
+def test_the_headline_points_to_a_tune_where_the_masks_did_not_settle(stop):
+    from types import SimpleNamespace
+
+    from skymap.app.cli.common import headline
+
+    result = SimpleNamespace(
+        mask=np.zeros((4, 4), bool), history=[], converged=stop != "cap", stop=stop,
+        convergence_note=f"stopped: {stop}",
+    )  # fmt: skip
+    ev = SimpleNamespace(truth_metrics=None, reference="white", ratio_verdict="ok",
+                         masked_vs_unmasked=None)  # fmt: skip
+    lines = headline(result, ev)
+    assert ("next step" in lines) == (stop not in SETTLED_STOPS)
+    if stop not in SETTLED_STOPS:
+        assert f"stop: {stop}" in lines["next step"] and "skymap tune" in lines["next step"]
+
+
 def test_real_image_report_states_unit_convergence_and_no_false_verdict(real_report):
     info, html_path = real_report
     page = html_path.read_text()
@@ -63,6 +82,8 @@ def test_real_image_report_states_unit_convergence_and_no_false_verdict(real_rep
         assert "converged by backing off a runaway mask" in page
     else:
         assert ("converged after" in page) if fit["converged"] else ("NOT CONVERGED" in page)
+    # a fit whose masks did not settle on their own points the reader to a tune
+    assert ("skymap tune IMAGE" in page) == (fit["stop"] not in SETTLED_STOPS)
     # 64 x 64 with most pixels masked: too few clean blocks for any ratio
     assert "n/a (too few clean blocks)" in page and "OVERFIT" not in page
     # the default fit shows its cell grid, not a mesh figure; every figure has a caption

@@ -32,6 +32,7 @@ __all__ = [
     "FLICKER_RUN",
     "STALL_ERRORS",
     "STALL_RATIO",
+    "SETTLED_STOPS",
     "STOPS",
     "ConvergenceWarning",
     "Landings",
@@ -77,6 +78,13 @@ STOPS = (
     "backed_off",
     "cap",
 )
+
+#: The stops where the last stage's mask and background agreed on their own. After any
+#: other (a stall, a creep, a flicker, a cycle, a back-off, the cap) the default options
+#: are least sure of the frame: on 20 real images a tune (:func:`skymap.tune`) beat
+#: them on unseen injections on 7 of the 11 whose fits stopped otherwise, and on 1 of
+#: the 9 that settled (``benchmarks/README.md``, fourteenth wave).
+SETTLED_STOPS = ("settled", "mask_settled")
 
 #: Iterations in a row of mask growth with a moving background that make a runaway.
 RUNAWAY_RUN = 3

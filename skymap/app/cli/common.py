@@ -26,6 +26,7 @@ import numpy as np
 
 from skymap._validate import combine_masks
 from skymap.app import io as skyio
+from skymap.background.convergence import SETTLED_STOPS
 
 log = logging.getLogger("skymap.cli")
 
@@ -572,6 +573,14 @@ def headline(result: Any, evaluation: Any) -> dict:
     else:
         lines["convergence"] = (
             f"NOT CONVERGED after {info['iterations']} iterations: {info['reason']}"
+        )
+    if info["stop"] and info["stop"] not in SETTLED_STOPS:
+        lines["next step"] = (
+            f"the masks did not settle on their own (stop: {info['stop']}), as on frames "
+            "filled by extended emission or by a galaxy, where the default options are "
+            "least sure: `skymap tune IMAGE -o DIR` scores alternatives by injecting known "
+            "sky and discs into this image, and leaves the defaults only for one that "
+            "clearly beats them"
         )
     scale = sky_scale(result)
     if scale["max_source_size"] is not None:
