@@ -15,7 +15,7 @@ from skymap.backends.base import (
     CHANGE_STEP,
     NativeMaps,
 )
-from skymap.backends.windows import assemble, piece
+from skymap.backends.windows import Pieces, assemble, piece
 
 
 def one_thread(func):
@@ -128,7 +128,17 @@ def _windowed(func, n, *args):
     """``func(*windows, window=, core=, **kw)`` from ``n`` (blocks, slice) pairs, then
     the window, the core, the keywords and (optionally) the names of more keywords and
     their values."""
-    arrays = [assemble(args[2 * k], args[2 * k + 1]) for k in range(n)]
+    return _on_windows(func, n, args, assemble)
+
+
+@one_thread
+def _pieced(func, n, *args):
+    """:func:`_windowed` with each window given as :class:`Pieces` (read in place)."""
+    return _on_windows(func, n, args, Pieces)
+
+
+def _on_windows(func, n, args, window_of):
+    arrays = [window_of(args[2 * k], args[2 * k + 1]) for k in range(n)]
     window, core, kw, *more = args[2 * n :]
     if more and more[0]:
         kw = {**kw, **dict(zip(more[0], more[1:], strict=True))}

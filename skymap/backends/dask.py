@@ -55,6 +55,7 @@ from skymap.backends._tile_tasks import (  # the graphs' tile tasks
     _no_noise_block,
     _noise_values,
     _pick,
+    _pieced,
     _read_memmap,
     _split_lazy,
     _strip_positive,
@@ -638,19 +639,23 @@ class DaskBackend:
         block: int = 1,
         layers: int | None = None,
         binning: Sequence = (),
+        pieces: bool = False,
         **kw,
     ):
         """See :meth:`ArrayBackend.map_tiles`; ``binning`` gives each array's bin factor
         (default 1), ``block`` the output's, ``layers`` a leading axis of the output.
-        The keywords ``kw`` are put in the graph once."""
+        The keywords ``kw`` are put in the graph once. With ``pieces``, ``func`` reads
+        each window as :class:`~skymap.backends.windows.Pieces` (in place: a task that
+        needs only a part of a window, or works part by part, copies nothing)."""
         bins = list(binning) + [1] * (len(arrays) - len(binning))
         args, dependencies, kw = self._windowed_args(func, arrays, bins, halo, kw)
         chunks = self.binned_chunks(block)
         if layers is not None:
             chunks = ((layers,), *chunks)
         return self._tile_array(
-            _windowed, args, dependencies, chunks, dtype or self.dtype, _name(func), kw=kw
-        )
+            _pieced if pieces else _windowed, args, dependencies, chunks, dtype or self.dtype,
+            _name(func), kw=kw,
+        )  # fmt: skip
 
     def _windowed_args(self, func, arrays, bins, halo, kw):
         """(``args_of``, dependencies, plain keywords) of a :func:`_windowed` task per
@@ -730,6 +735,7 @@ class DaskBackend:
         *,
         halo: int = 0,
         keep: bool = False,
+        pieces: bool = False,
         **kw,
     ):
         """``func(*windows, window=, core=, **kw)`` per tile (the arrays read over the
@@ -742,9 +748,11 @@ class DaskBackend:
         With ``keep``, ``func`` returns a pair: ``combine`` reads the first items, and
         the second ones stay on the tiles' workers for :meth:`map_kept` (what a later
         step would compute again from the same windows); returns (the lazy value, the
-        kept values)."""
+        kept values). With ``pieces``, ``func`` reads each window as
+        :class:`~skymap.backends.windows.Pieces` (in place), not copied out."""
         args, dependencies, kw = self._windowed_args(func, arrays, [1] * len(arrays), halo, kw)
-        name, graph, keys = self._tasks(_windowed, args, dependencies, label=_name(func), kw=kw)
+        task = _pieced if pieces else _windowed
+        name, graph, keys = self._tasks(task, args, dependencies, label=_name(func), kw=kw)
         apart = self.placement is not None and not self.placement.shared
         combined = _combined(name, graph, keys, combine, dependencies, keep, apart)
         return (combined, (combined, keys)) if keep else combined
