@@ -17,8 +17,7 @@ from skymap.backends.base import block_sums  # noqa: E402
 from skymap.backends.dask import (  # noqa: E402
     DaskBackend,
     _keep_labels,
-    _label_info,
-    _tile_label,
+    _tile_label_info,
     core_of,
     float_keys,
     key_to_float,
@@ -711,8 +710,7 @@ def test_hysteresis_joined_across_tiles_equals_whole_image_labelling():
     for i in range(3):
         for j in range(3):
             block = codes[ys[i] : ys[i + 1], xs[j] : xs[j + 1]]
-            labels[i, j] = _tile_label(block, seeded_codes, {})
-            info[i, j] = _label_info(labels[i, j], block, seeded_codes, {})
+            labels[i, j], info[i, j] = _tile_label_info(block, seeded_codes, {})
     keep = merge_labels(info)
     tiled = np.block(
         [[_keep_labels(labels[i, j], keep[i][j]) for j in range(3)] for i in range(3)]

@@ -83,6 +83,24 @@ def _label_info(labels, maps, codes, kw, names=(), *values):
     return int(labels.max(initial=0)), np.unique(labels[seed]), edges
 
 
+@one_thread
+def _tile_label_info(maps, codes, kw, names=(), *values):
+    """A tile's labels (:func:`_tile_label`) and their join information
+    (:func:`_label_info`) from one task."""
+    labels = _tile_label(maps, codes, kw, names, *values)
+    return labels, _label_info(labels, maps, codes, kw, names, *values)
+
+
+def _own_task(graph, key):
+    """The task of ``key`` in ``graph`` when it is one to run inside another task (a
+    tuple task of ours), else the key itself (e.g. a persisted block)."""
+    try:
+        task = graph[key]
+    except KeyError:
+        return key
+    return task if isinstance(task, tuple) and task and callable(task[0]) else key
+
+
 def _inlined(task, inline: dict, near=None):
     """``task`` with the keys of ``inline`` (key -> (task, block index)) in it, in
     nested tuples and lists, replaced by their tasks, run inside it: all of them, or

@@ -48,12 +48,12 @@ from skymap.backends._tile_tasks import (  # the graphs' tile tasks
     _inlined,
     _item,
     _keep_labels,
-    _label_info,
     _mask_block,
     _name,
     _native_background,
     _no_noise_block,
     _noise_values,
+    _own_task,
     _pick,
     _pieced,
     _read_memmap,
@@ -67,7 +67,7 @@ from skymap.backends._tile_tasks import (  # the graphs' tile tasks
     _tile_first_valid,
     _tile_grid,
     _tile_kept,
-    _tile_label,
+    _tile_label_info,
     _tile_masker,
     _tile_model_map,
     _tile_normalise,
@@ -489,21 +489,22 @@ class DaskBackend:
         return dask.annotate(workers=self.placement, allow_other_workers=True)
 
     def _persist_gather(self, arrays: Sequence, lazies: Sequence) -> tuple[list, list]:
-        """(``arrays`` persisted, ``lazies`` computed) from one submission to the
-        cluster: each graph sent costs ~10 ms of the scheduler's and the driver's CPU
-        whatever its size, as much as several tasks."""
+        """(``arrays`` and ``lazies`` persisted, ``lazies`` computed) from one submission
+        to the cluster: each graph sent costs ~10 ms of the scheduler's and the
+        driver's CPU whatever its size, as much as several tasks."""
         import dask
 
         with self._placed():
             out = dask.persist(*arrays, *lazies, scheduler=self.client)
-        arrays, lazies = list(out[: len(arrays)]), out[len(arrays) :]
+        arrays, lazies = list(out[: len(arrays)]), list(out[len(arrays) :])
         gather = getattr(self.client, "gather", None)
         if gather is not None and hasattr(self.client, "scheduler_info"):
             from distributed import futures_of
 
-            # the persisted values fetched, no graph sent again
-            return arrays, list(gather([futures_of(d)[0] for d in lazies]))
-        return arrays, list(dask.compute(*lazies, scheduler=self.client))
+            # the persisted values fetched, no graph sent again (on threads of this
+            # process, by reference)
+            return arrays + lazies, list(gather([futures_of(d)[0] for d in lazies]))
+        return arrays + lazies, list(dask.compute(*lazies, scheduler=self.client))
 
     def compute(self, *things):
         """The computed ``things``: one value for one thing, else a list."""
@@ -1022,36 +1023,53 @@ class DaskBackend:
         joined by labelling the two-pixel strips along every boundary, and
         ``scipy.sparse.csgraph.connected_components`` merges them.
 
-        ``maps`` may be lazy: it is persisted with the labels, and so are the arrays
-        of ``keep`` (e.g. a lazy input of the maps that later steps read again), in
-        one submission to the cluster with the computation of the labels' join
-        information. Returns the regions and the persisted ``keep``, as a list."""
+        One task per tile labels it and finds the labels' join information; a lazy
+        ``maps`` is computed inside it (its tasks are not run on their own: nothing
+        else may read it). The labels are persisted with the arrays of ``keep`` (e.g.
+        a lazy input of the maps that later steps read again) in one submission to
+        the cluster with the computation of the join information. Returns the regions
+        and the persisted ``keep``, as a list."""
         from dask.delayed import Delayed
 
         maps_k = key_grid(maps)
-        bchunks = self.binned_chunks(block)
+        maps_graph = maps.__dask_graph__()
         # lazy keywords (e.g. a factor computed by reduce_windows) are passed by key
         kw, lazy, names, values = _split_lazy(kw)
-        labels = self._tile_array(
-            _tile_label, lambda i, j, *_: (maps_k[i, j], codes, kw, names, *values),
-            [maps, *lazy.values()], bchunks, np.int32,
-        )  # fmt: skip
-        labels_k = key_grid(labels)
+        # One task per tile labels it and finds its join information; the maps' own
+        # task runs inside it (nothing else reads them): one task where there were
+        # three (the maps, the labels, the information).
         name, graph, keys = self._tasks(
-            _label_info,
-            lambda i, j, *_: (labels_k[i, j], maps_k[i, j], codes, kw, names, *values),
-            [labels, maps, *lazy.values()],
+            _tile_label_info,
+            lambda i, j, *_: (_own_task(maps_graph, maps_k[i, j]), codes, kw, names, *values),
+            [maps, *lazy.values()], label="tile_label",
         )  # fmt: skip
-        (_, labels, *kept), gathered = self._persist_gather(
-            [maps, labels, *keep], [Delayed(key, graph, layer=name) for key in keys.values()]
-        )
-        info = np.empty(labels_k.shape, object)
+        parts = [Delayed(key, graph, layer=name) for key in keys.values()]
+        if self.placement is None or self.placement.shared:
+            # the labels and their information fetched by reference (or computed here)
+            persisted, got = self._persist_gather([*keep, *parts], parts)
+            gathered = [g[1] for g in got]
+        else:
+            # the information alone travels to the driver: a small task per tile
+            from dask.highlevelgraph import HighLevelGraph
+
+            info = {("info-" + name, *key[1:]): (_item, key, 1) for key in keys.values()}
+            graph = HighLevelGraph.from_collections("info-" + name, info, dependencies=parts)
+            persisted, gathered = self._persist_gather(
+                [*keep, *parts], [Delayed(key, graph, layer="info-" + name) for key in info]
+            )
+        kept, labels = persisted[: len(keep)], persisted[len(keep) : len(keep) + len(parts)]
+        info = np.empty(maps_k.shape, object)
         for n, item in enumerate(gathered):
             info.flat[n] = item
         keep = merge_labels(info)
+        # each tile's labels: the first item of its task's result, taken where read
+        labels_k = np.empty(maps_k.shape, object)
+        for (i, j), key in keys.items():
+            labels_k[i, j] = (_item, key, 0)
         det = self._tile_array(
-            _keep_labels, lambda i, j, *_: (labels_k[i, j], keep[i][j]), [labels], bchunks, bool
-        )
+            _keep_labels, lambda i, j, *_: (labels_k[i, j], keep[i][j]), labels,
+            self.binned_chunks(block), bool,
+        )  # fmt: skip
         # Not persisted: the windows on a block's worker compute its lookup themselves
         # (see _tasks), most of a task layer less per masking scale.
         dk = key_grid(det)
