@@ -617,6 +617,49 @@ def test_mask_stats_pack_and_count_as_numpy():
         assert pack_stats(b, None)[0] == 0
 
 
+def test_tiled_mask_stats_come_with_the_mask_and_keep_its_subsamples(synchronous, monkeypatch):
+    """DaskBackend.mask computes the counts mask_stats returns in the submission that
+    makes the mask, and with them the mask's subsamples at the steps the image was
+    read at, which the refit's subsample then reads without a graph of its own: all
+    equal to numpy's on the gathered masks (tiles that do not start on the step)."""
+    rng = np.random.default_rng(5)
+    img = rng.normal(size=(90, 110)).astype(np.float32)
+    img[10:20, 30:45] += 50.0
+    img[60:62, 80:83] += 50.0
+    be = DaskBackend(da.from_array(img, chunks=40), tile=32, unit=(2, 2))
+    assert np.array_equal(be.subsample(be.image, 7), img[::7, ::7])  # the step read
+
+    def window(noise, window, step=1):
+        return noise
+
+    first = be.mask(_PeakMasker(), be.image, 1.0, window)
+    want_first = np.asarray(first.compute())
+    img2 = img.copy()
+    img2[60:62, 80:83] = 0.0
+    second = be.mask(_PeakMasker(), da.from_array(img2, chunks=32), 1.0, window)
+    want_second = np.asarray(second.compute())
+    assert np.count_nonzero(want_first ^ want_second) > 0
+    # mask_stats of the first mask: not the one mask() last counted, so computed
+    flips, count, _ = be.mask_stats(first)
+    assert (flips, count) == (0, np.count_nonzero(want_first))
+
+    def no_graph(things):
+        raise AssertionError("a graph was computed")
+
+    third = be.mask(_PeakMasker(), be.image, 1.0, window)
+    monkeypatch.setattr(be, "_compute_list", no_graph)
+    flips, count, _ = be.mask_stats(third)
+    assert (flips, count) == (0, np.count_nonzero(want_first))
+    assert np.array_equal(be.subsample(third, 7), want_first[::7, ::7])
+    monkeypatch.undo()
+    # after a mask() whose stats were not asked for, those of another mask are its own
+    be.mask(_PeakMasker(), be.image, 1.0, window)
+    flips, count, _ = be.mask_stats(second)
+    assert flips == np.count_nonzero(want_first ^ want_second)
+    assert count == np.count_nonzero(want_second)
+    assert np.array_equal(be.subsample(second, 7), want_second[::7, ::7])
+
+
 @pytest.mark.parametrize("tiled", [False, True])
 def test_a_users_own_masker_and_estimator_run_in_every_back_end(tiled):
     rng = np.random.default_rng(11)

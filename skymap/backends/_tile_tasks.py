@@ -269,10 +269,13 @@ def _tile_grid(*blocks, task, kw, block_info=None):
     return task(*blocks, origin=(y0, x0), **kw)
 
 
-def _tile_counts(new, last=None):
-    """(masked pixels, pixels that changed from ``last``) of a tile."""
+def _tile_counts(starts, new, last=None):
+    """(masked pixels, pixels that changed from ``last``, the tile's part of each
+    whole-image subsample ``new[::step, ::step]``: ``new[y0::step, x0::step]`` for
+    each (y0, x0, step) of ``starts``) of a tile."""
     flips = 0 if last is None else np.count_nonzero(new ^ last)
-    return np.count_nonzero(new), flips
+    subs = [new[y0::step, x0::step] for y0, x0, step in starts]
+    return np.count_nonzero(new), flips, subs
 
 
 def _tile_first_valid(mask, nx, block_info=None):

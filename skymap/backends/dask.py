@@ -363,6 +363,10 @@ class DaskBackend:
         self._last = None
         self._background_model = (None, None)  # the last background map made from a model
         self._image_subsamples: dict = {}
+        # (name, step) -> the last mask_stats' mask subsampled (read by the next refit)
+        self._mask_subsamples: dict = {}
+        # ((mask, last mask) names, mask_stats' result) computed by mask() with its mask
+        self._stats = None
         self.halo = 0  # the largest halo read so far (pixels)
         # Full-width strips of about a tile's area, for the C-order noise sample.
         h = max(1, self.tile[0] * self.tile[1] // shape[1])
@@ -834,6 +838,7 @@ class DaskBackend:
 
     def mask(self, masker, residual, noise, window_of):
         import dask.array as da
+        from dask.delayed import Delayed
 
         excl = da.map_blocks(_initial_exclusion, residual, self.bad, dtype=bool)
         residual, excl = self.persist(residual, excl)
@@ -860,7 +865,12 @@ class DaskBackend:
                 masker(self.gather(residual), noise, self.gather(self.bad)), dtype=bool
             )
             excl = excl | da.from_array(det, chunks=self.chunks)
-        (new,) = self.persist(da.map_blocks(_final_mask, excl, residual, self.bad, dtype=bool))
+        new = da.map_blocks(_final_mask, excl, residual, self.bad, dtype=bool)
+        # persisted with mask_stats' tasks in one submission (they are its next call)
+        name, graph, keys = self._tasks(*self._stats_tasks(new))
+        lazies = [Delayed(key, graph, layer=name) for key in keys.values()]
+        (new, *_), parts = self._persist_gather([new], lazies)
+        self._stats = self._stats_of(new, parts)
         return new
 
     def noise_map(self, model):
@@ -899,15 +909,41 @@ class DaskBackend:
         return float(np.sqrt(total / n)) if n else 0.0
 
     def mask_stats(self, new):
-        # one task per tile counts both, its results summed here (no reduction tree)
+        last = None if self._last is None else self._last.name
+        stats = self._stats
+        if stats is None or stats[0] != (new.name, last):
+            stats = self._stats_of(new, self._gather(*self._stats_tasks(new)))
+        self._last, self._stats = new, None
+        return stats[1]
+
+    def _stats_tasks(self, new):
+        """The tasks of :meth:`mask_stats` (``_gather``'s arguments): one per tile
+        counts both, its results summed in the driver (no reduction tree). The same
+        task takes the mask's subsamples at the steps the image was read at (a refit
+        reads its mask there, :meth:`subsample`): no graph of their own."""
         arrays = [new] if self._last is None else [new, self._last]
         grids = [key_grid(a) for a in arrays]
-        counts = self._gather(
-            _tile_counts, lambda i, j, *_: tuple(g[i, j] for g in grids), arrays
-        )  # fmt: skip
-        count, flips = np.sum(counts, axis=0)
-        self._last = new
-        return int(flips), int(count), None
+        steps = sorted(self._image_subsamples)
+
+        def args(i, j, ys, xs, ref):
+            starts = tuple((-ys[0] % step, -xs[0] % step, step) for step in steps)
+            return (starts, *(g[i, j] for g in grids))
+
+        return _tile_counts, args, arrays
+
+    def _stats_of(self, new, parts):
+        """((new's name, the last mask's name), mask_stats' result) from the tasks'
+        ``parts``; the subsamples are kept for :meth:`subsample`."""
+        count, flips = np.sum([p[:2] for p in parts], axis=0)
+        ny, nx = (len(c) for c in self.chunks)
+        self._mask_subsamples = {
+            (new.name, step): np.block(
+                [[parts[i * nx + j][2][k] for j in range(nx)] for i in range(ny)]
+            )
+            for k, step in enumerate(sorted(self._image_subsamples))
+        }
+        last = None if self._last is None else self._last.name
+        return (new.name, last), (int(flips), int(count), None)
 
     def median_where(self, values, excluded) -> float:
         return self.median(_noise_values, [excluded], noise=values)
@@ -948,6 +984,9 @@ class DaskBackend:
         # the image's subsamples are read once (every refit asks for its reference level)
         if array is self.image and step in self._image_subsamples:
             return self._image_subsamples[step]
+        sub = self._mask_subsamples.get((getattr(array, "name", None), step))
+        if sub is not None:
+            return sub
         sub = np.asarray(self.compute(array[::step, ::step]))
         if array is self.image:
             self._image_subsamples[step] = sub
