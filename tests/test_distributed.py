@@ -660,6 +660,34 @@ def test_tiled_mask_stats_come_with_the_mask_and_keep_its_subsamples(synchronous
     assert np.array_equal(be.subsample(second, 7), want_second[::7, ::7])
 
 
+def test_a_lazy_blocks_own_task_runs_inside_its_reader(synchronous):
+    """_own_task: a block of ours still to compute is its task (run inside the one
+    task that reads it: the fused labelling, the final mask), a computed block or
+    one of a dask layer of another kind its key; the fused task gives the same."""
+    from skymap.backends._tile_tasks import _own_task
+
+    img = np.arange(48.0, dtype=np.float32).reshape(6, 8)
+    be = DaskBackend(da.from_array(img, chunks=4), tile=4, unit=(2, 2))
+    doubled = be.map_tiles(lambda a, *, window, core: 2 * a, [be.image], dtype=np.float32)
+    key = doubled.__dask_keys__()[1][0]
+    task = _own_task(doubled.__dask_graph__(), key)
+    assert isinstance(task, tuple) and callable(task[0])
+    (persisted,) = be.persist(doubled)
+    assert _own_task(persisted.__dask_graph__(), key) == key
+    summed = be.image + 1
+    assert (
+        _own_task(summed.__dask_graph__(), summed.__dask_keys__()[0][0])
+        == (summed.__dask_keys__()[0][0])
+    )
+    assert _own_task({}, key) == key
+    graph, keys = doubled.__dask_graph__(), dask_backend.key_grid(doubled)
+    fused = be._tile_array(
+        np.negative, lambda i, j, *_: (_own_task(graph, keys[i, j]),), [doubled], be.chunks,
+        np.float32,
+    )  # fmt: skip
+    assert np.array_equal(np.asarray(fused.compute()), -2 * img)
+
+
 @pytest.mark.parametrize("tiled", [False, True])
 def test_a_users_own_masker_and_estimator_run_in_every_back_end(tiled):
     rng = np.random.default_rng(11)

@@ -865,7 +865,14 @@ class DaskBackend:
                 masker(self.gather(residual), noise, self.gather(self.bad)), dtype=bool
             )
             excl = excl | da.from_array(det, chunks=self.chunks)
-        new = da.map_blocks(_final_mask, excl, residual, self.bad, dtype=bool)
+        # The masker's last lazy step (a scale's dilation) runs inside the final mask's
+        # task: a task a tile less.
+        excl_graph = excl.__dask_graph__()
+        ek, rk, bk = (key_grid(a) for a in (excl, residual, self.bad))
+        new = self._tile_array(
+            _final_mask, lambda i, j, *_: (_own_task(excl_graph, ek[i, j]), rk[i, j], bk[i, j]),
+            [excl, residual, self.bad], self.chunks, bool,
+        )  # fmt: skip
         # persisted with mask_stats' tasks in one submission (they are its next call)
         name, graph, keys = self._tasks(*self._stats_tasks(new))
         lazies = [Delayed(key, graph, layer=name) for key in keys.values()]
