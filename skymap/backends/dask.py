@@ -1092,7 +1092,7 @@ class DaskBackend:
         parts = [Delayed(key, graph, layer=name) for key in keys.values()]
         if self.placement is None or self.placement.shared:
             # the labels and their information fetched by reference (or computed here)
-            persisted, got = self._persist_gather([*keep, *parts], parts)
+            persisted, got = self._persist_gather(keep, parts)
             gathered = [g[1] for g in got]
         else:
             # the information alone travels to the driver: a small task per tile
