@@ -17,8 +17,7 @@ from skymap.backends.base import block_sums  # noqa: E402
 from skymap.backends.dask import (  # noqa: E402
     DaskBackend,
     _keep_labels,
-    _label_info,
-    _tile_label,
+    _tile_label_info,
     core_of,
     float_keys,
     key_to_float,
@@ -618,6 +617,77 @@ def test_mask_stats_pack_and_count_as_numpy():
         assert pack_stats(b, None)[0] == 0
 
 
+def test_tiled_mask_stats_come_with_the_mask_and_keep_its_subsamples(synchronous, monkeypatch):
+    """DaskBackend.mask computes the counts mask_stats returns in the submission that
+    makes the mask, and with them the mask's subsamples at the steps the image was
+    read at, which the refit's subsample then reads without a graph of its own: all
+    equal to numpy's on the gathered masks (tiles that do not start on the step)."""
+    rng = np.random.default_rng(5)
+    img = rng.normal(size=(90, 110)).astype(np.float32)
+    img[10:20, 30:45] += 50.0
+    img[60:62, 80:83] += 50.0
+    be = DaskBackend(da.from_array(img, chunks=40), tile=32, unit=(2, 2))
+    assert np.array_equal(be.subsample(be.image, 7), img[::7, ::7])  # the step read
+
+    def window(noise, window, step=1):
+        return noise
+
+    first = be.mask(_PeakMasker(), be.image, 1.0, window)
+    want_first = np.asarray(first.compute())
+    img2 = img.copy()
+    img2[60:62, 80:83] = 0.0
+    second = be.mask(_PeakMasker(), da.from_array(img2, chunks=32), 1.0, window)
+    want_second = np.asarray(second.compute())
+    assert np.count_nonzero(want_first ^ want_second) > 0
+    # mask_stats of the first mask: not the one mask() last counted, so computed
+    flips, count, _ = be.mask_stats(first)
+    assert (flips, count) == (0, np.count_nonzero(want_first))
+
+    def no_graph(things):
+        raise AssertionError("a graph was computed")
+
+    third = be.mask(_PeakMasker(), be.image, 1.0, window)
+    monkeypatch.setattr(be, "_compute_list", no_graph)
+    flips, count, _ = be.mask_stats(third)
+    assert (flips, count) == (0, np.count_nonzero(want_first))
+    assert np.array_equal(be.subsample(third, 7), want_first[::7, ::7])
+    monkeypatch.undo()
+    # after a mask() whose stats were not asked for, those of another mask are its own
+    be.mask(_PeakMasker(), be.image, 1.0, window)
+    flips, count, _ = be.mask_stats(second)
+    assert flips == np.count_nonzero(want_first ^ want_second)
+    assert count == np.count_nonzero(want_second)
+    assert np.array_equal(be.subsample(second, 7), want_second[::7, ::7])
+
+
+def test_a_lazy_blocks_own_task_runs_inside_its_reader(synchronous):
+    """_own_task: a block of ours still to compute is its task (run inside the one
+    task that reads it: the fused labelling, the final mask), a computed block or
+    one of a dask layer of another kind its key; the fused task gives the same."""
+    from skymap.backends._tile_tasks import _own_task
+
+    img = np.arange(48.0, dtype=np.float32).reshape(6, 8)
+    be = DaskBackend(da.from_array(img, chunks=4), tile=4, unit=(2, 2))
+    doubled = be.map_tiles(lambda a, *, window, core: 2 * a, [be.image], dtype=np.float32)
+    key = doubled.__dask_keys__()[1][0]
+    task = _own_task(doubled.__dask_graph__(), key)
+    assert isinstance(task, tuple) and callable(task[0])
+    (persisted,) = be.persist(doubled)
+    assert _own_task(persisted.__dask_graph__(), key) == key
+    summed = be.image + 1
+    assert (
+        _own_task(summed.__dask_graph__(), summed.__dask_keys__()[0][0])
+        == (summed.__dask_keys__()[0][0])
+    )
+    assert _own_task({}, key) == key
+    graph, keys = doubled.__dask_graph__(), dask_backend.key_grid(doubled)
+    fused = be._tile_array(
+        np.negative, lambda i, j, *_: (_own_task(graph, keys[i, j]),), [doubled], be.chunks,
+        np.float32,
+    )  # fmt: skip
+    assert np.array_equal(np.asarray(fused.compute()), -2 * img)
+
+
 @pytest.mark.parametrize("tiled", [False, True])
 def test_a_users_own_masker_and_estimator_run_in_every_back_end(tiled):
     rng = np.random.default_rng(11)
@@ -711,8 +781,7 @@ def test_hysteresis_joined_across_tiles_equals_whole_image_labelling():
     for i in range(3):
         for j in range(3):
             block = codes[ys[i] : ys[i + 1], xs[j] : xs[j + 1]]
-            labels[i, j] = _tile_label(block, seeded_codes, {})
-            info[i, j] = _label_info(labels[i, j], block, seeded_codes, {})
+            labels[i, j], info[i, j] = _tile_label_info(block, seeded_codes, {})
     keep = merge_labels(info)
     tiled = np.block(
         [[_keep_labels(labels[i, j], keep[i][j]) for j in range(3)] for i in range(3)]

@@ -12,9 +12,10 @@ import skymap.backends.dask as dask_backend  # noqa: E402
 import skymap.backends.windows as windows  # noqa: E402
 from skymap.backends.dask import DaskBackend  # noqa: E402
 from skymap.backends.distributed import cluster_client  # noqa: E402
-from skymap.backends.windows import assemble  # noqa: E402
+from skymap.backends.windows import Pieces, assemble  # noqa: E402
 from skymap.masking.bright import HaloMasker  # noqa: E402
 from skymap.masking.halo_tiles import find_tiled  # noqa: E402
+from skymap.masking.hysteresis import masked_block_sums  # noqa: E402
 from skymap.quality.simulate import scene_by_name  # noqa: E402
 
 FIELDS = ("x", "y", "amplitude", "saturated", "radius", "profile_radius", "profile")
@@ -108,3 +109,56 @@ def test_assemble_copies_the_window_of_nested_blocks():
         x0, x1 = rng.integers(0, ws[0]), rng.integers(xs[2] + 1, xs[3] + 1)
         got = assemble(blocks, (slice(y0, y1), slice(x0, x1)))
         assert np.array_equal(got, whole[..., y0:y1, x0:x1])
+
+
+def _nested(whole, hs, ws):
+    ys, xs = np.cumsum([0, *hs]), np.cumsum([0, *ws])
+    return [
+        [whole[..., ys[i] : ys[i + 1], xs[j] : xs[j + 1]] for j in range(len(ws))]
+        for i in range(len(hs))
+    ]
+
+
+def test_pieces_read_a_window_in_place_and_copy_it_out_equal():
+    """Pieces: the window copied out equals assemble's; a region inside one part is a
+    view of that block (nothing copied), one across parts an equal copy."""
+    rng = np.random.default_rng(3)
+    for t in range(50):
+        hs, ws = rng.integers(1, 7, 3), rng.integers(1, 7, 3)
+        whole = rng.normal(size=(() if t % 2 else (2,)) + (hs.sum(), ws.sum()))
+        blocks = _nested(whole, hs, ws)
+        y0, y1 = int(rng.integers(0, hs[0])), int(rng.integers(hs[:2].sum() + 1, hs.sum() + 1))
+        x0, x1 = int(rng.integers(0, ws[0])), int(rng.integers(ws[:2].sum() + 1, ws.sum() + 1))
+        w = Pieces(blocks, (slice(y0, y1), slice(x0, x1)))
+        assert w.shape == whole[..., y0:y1, x0:x1].shape
+        assert np.array_equal(w.whole(), assemble(blocks, (slice(y0, y1), slice(x0, x1))))
+        # the middle block lies wholly inside the window: a view of it
+        r0, c0 = hs[0] - y0, ws[0] - x0
+        mid = w.region((slice(r0, r0 + hs[1]), slice(c0, c0 + ws[1])))
+        assert np.shares_memory(mid, blocks[1][1]) and np.array_equal(mid, blocks[1][1])
+        across = w.region((slice(0, r0 + 1), slice(0, c0 + 1)))
+        assert np.array_equal(across, whole[..., y0 : hs[0] + 1, x0 : ws[0] + 1])
+
+
+@pytest.mark.parametrize("b", [2, 4, 8])
+def test_pieces_block_sums_part_by_part_equal_the_whole_windows(b):
+    """Masked block sums run on each part of a window and joined equal those of the
+    copied window bit for bit when the parts start on block edges (as the tiles of a
+    tiled fit do: the pairs' tasks of a binned masking scale read them so), with
+    partial blocks at the far edges; a part off the blocks' edges gives None."""
+    rng = np.random.default_rng(b)
+    for _ in range(10):
+        hs = b * rng.integers(1, 9, 3) + np.array([0, 0, rng.integers(0, b)])
+        ws = b * rng.integers(1, 9, 3) + np.array([0, 0, rng.integers(0, b)])
+        img = rng.normal(100.0, 30.0, (hs.sum(), ws.sum())).astype(np.float32)
+        img[rng.random(img.shape) < 0.01] = np.nan
+        excl = ~np.isfinite(img) | (rng.random(img.shape) < 0.2)
+        y0, x0 = b * int(rng.integers(0, hs[0] // b)), b * int(rng.integers(0, ws[0] // b))
+        sl = (slice(y0, int(hs.sum())), slice(x0, int(ws.sum())))
+        w = Pieces(_nested(img, hs, ws), sl)
+        e = Pieces(_nested(excl, hs, ws), sl)
+        got = w.binned(lambda v, m: masked_block_sums(v, m, b), b, e)
+        want = masked_block_sums(img[sl], excl[sl], b)
+        assert all(np.array_equal(g, x, equal_nan=True) for g, x in zip(got, want, strict=True))
+        off = (slice(y0 + 1, int(hs.sum())), slice(x0, int(ws.sum())))
+        assert Pieces(_nested(img, hs, ws), off).binned(masked_block_sums, b) is None

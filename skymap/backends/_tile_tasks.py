@@ -15,7 +15,7 @@ from skymap.backends.base import (
     CHANGE_STEP,
     NativeMaps,
 )
-from skymap.backends.windows import assemble, piece
+from skymap.backends.windows import Pieces, assemble, piece
 
 
 def one_thread(func):
@@ -83,6 +83,24 @@ def _label_info(labels, maps, codes, kw, names=(), *values):
     return int(labels.max(initial=0)), np.unique(labels[seed]), edges
 
 
+@one_thread
+def _tile_label_info(maps, codes, kw, names=(), *values):
+    """A tile's labels (:func:`_tile_label`) and their join information
+    (:func:`_label_info`) from one task."""
+    labels = _tile_label(maps, codes, kw, names, *values)
+    return labels, _label_info(labels, maps, codes, kw, names, *values)
+
+
+def _own_task(graph, key):
+    """The task of ``key`` in ``graph`` when it is one to run inside another task (a
+    tuple task of ours), else the key itself (e.g. a persisted block)."""
+    try:
+        task = graph[key]
+    except KeyError:
+        return key
+    return task if isinstance(task, tuple) and task and callable(task[0]) else key
+
+
 def _inlined(task, inline: dict, near=None):
     """``task`` with the keys of ``inline`` (key -> (task, block index)) in it, in
     nested tuples and lists, replaced by their tasks, run inside it: all of them, or
@@ -128,7 +146,17 @@ def _windowed(func, n, *args):
     """``func(*windows, window=, core=, **kw)`` from ``n`` (blocks, slice) pairs, then
     the window, the core, the keywords and (optionally) the names of more keywords and
     their values."""
-    arrays = [assemble(args[2 * k], args[2 * k + 1]) for k in range(n)]
+    return _on_windows(func, n, args, assemble)
+
+
+@one_thread
+def _pieced(func, n, *args):
+    """:func:`_windowed` with each window given as :class:`Pieces` (read in place)."""
+    return _on_windows(func, n, args, Pieces)
+
+
+def _on_windows(func, n, args, window_of):
+    arrays = [window_of(args[2 * k], args[2 * k + 1]) for k in range(n)]
     window, core, kw, *more = args[2 * n :]
     if more and more[0]:
         kw = {**kw, **dict(zip(more[0], more[1:], strict=True))}
@@ -241,10 +269,13 @@ def _tile_grid(*blocks, task, kw, block_info=None):
     return task(*blocks, origin=(y0, x0), **kw)
 
 
-def _tile_counts(new, last=None):
-    """(masked pixels, pixels that changed from ``last``) of a tile."""
+def _tile_counts(starts, new, last=None):
+    """(masked pixels, pixels that changed from ``last``, the tile's part of each
+    whole-image subsample ``new[::step, ::step]``: ``new[y0::step, x0::step]`` for
+    each (y0, x0, step) of ``starts``) of a tile."""
     flips = 0 if last is None else np.count_nonzero(new ^ last)
-    return np.count_nonzero(new), flips
+    subs = [new[y0::step, x0::step] for y0, x0, step in starts]
+    return np.count_nonzero(new), flips, subs
 
 
 def _tile_first_valid(mask, nx, block_info=None):

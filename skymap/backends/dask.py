@@ -48,13 +48,14 @@ from skymap.backends._tile_tasks import (  # the graphs' tile tasks
     _inlined,
     _item,
     _keep_labels,
-    _label_info,
     _mask_block,
     _name,
     _native_background,
     _no_noise_block,
     _noise_values,
+    _own_task,
     _pick,
+    _pieced,
     _read_memmap,
     _split_lazy,
     _strip_positive,
@@ -66,7 +67,7 @@ from skymap.backends._tile_tasks import (  # the graphs' tile tasks
     _tile_first_valid,
     _tile_grid,
     _tile_kept,
-    _tile_label,
+    _tile_label_info,
     _tile_masker,
     _tile_model_map,
     _tile_normalise,
@@ -362,6 +363,10 @@ class DaskBackend:
         self._last = None
         self._background_model = (None, None)  # the last background map made from a model
         self._image_subsamples: dict = {}
+        # (name, step) -> the last mask_stats' mask subsampled (read by the next refit)
+        self._mask_subsamples: dict = {}
+        # ((mask, last mask) names, mask_stats' result) computed by mask() with its mask
+        self._stats = None
         self.halo = 0  # the largest halo read so far (pixels)
         # Full-width strips of about a tile's area, for the C-order noise sample.
         h = max(1, self.tile[0] * self.tile[1] // shape[1])
@@ -488,21 +493,22 @@ class DaskBackend:
         return dask.annotate(workers=self.placement, allow_other_workers=True)
 
     def _persist_gather(self, arrays: Sequence, lazies: Sequence) -> tuple[list, list]:
-        """(``arrays`` persisted, ``lazies`` computed) from one submission to the
-        cluster: each graph sent costs ~10 ms of the scheduler's and the driver's CPU
-        whatever its size, as much as several tasks."""
+        """(``arrays`` and ``lazies`` persisted, ``lazies`` computed) from one submission
+        to the cluster: each graph sent costs ~10 ms of the scheduler's and the
+        driver's CPU whatever its size, as much as several tasks."""
         import dask
 
         with self._placed():
             out = dask.persist(*arrays, *lazies, scheduler=self.client)
-        arrays, lazies = list(out[: len(arrays)]), out[len(arrays) :]
+        arrays, lazies = list(out[: len(arrays)]), list(out[len(arrays) :])
         gather = getattr(self.client, "gather", None)
         if gather is not None and hasattr(self.client, "scheduler_info"):
             from distributed import futures_of
 
-            # the persisted values fetched, no graph sent again
-            return arrays, list(gather([futures_of(d)[0] for d in lazies]))
-        return arrays, list(dask.compute(*lazies, scheduler=self.client))
+            # the persisted values fetched, no graph sent again (on threads of this
+            # process, by reference)
+            return arrays + lazies, list(gather([futures_of(d)[0] for d in lazies]))
+        return arrays + lazies, list(dask.compute(*lazies, scheduler=self.client))
 
     def compute(self, *things):
         """The computed ``things``: one value for one thing, else a list."""
@@ -638,19 +644,23 @@ class DaskBackend:
         block: int = 1,
         layers: int | None = None,
         binning: Sequence = (),
+        pieces: bool = False,
         **kw,
     ):
         """See :meth:`ArrayBackend.map_tiles`; ``binning`` gives each array's bin factor
         (default 1), ``block`` the output's, ``layers`` a leading axis of the output.
-        The keywords ``kw`` are put in the graph once."""
+        The keywords ``kw`` are put in the graph once. With ``pieces``, ``func`` reads
+        each window as :class:`~skymap.backends.windows.Pieces` (in place: a task that
+        needs only a part of a window, or works part by part, copies nothing)."""
         bins = list(binning) + [1] * (len(arrays) - len(binning))
         args, dependencies, kw = self._windowed_args(func, arrays, bins, halo, kw)
         chunks = self.binned_chunks(block)
         if layers is not None:
             chunks = ((layers,), *chunks)
         return self._tile_array(
-            _windowed, args, dependencies, chunks, dtype or self.dtype, _name(func), kw=kw
-        )
+            _pieced if pieces else _windowed, args, dependencies, chunks, dtype or self.dtype,
+            _name(func), kw=kw,
+        )  # fmt: skip
 
     def _windowed_args(self, func, arrays, bins, halo, kw):
         """(``args_of``, dependencies, plain keywords) of a :func:`_windowed` task per
@@ -730,6 +740,7 @@ class DaskBackend:
         *,
         halo: int = 0,
         keep: bool = False,
+        pieces: bool = False,
         **kw,
     ):
         """``func(*windows, window=, core=, **kw)`` per tile (the arrays read over the
@@ -742,9 +753,11 @@ class DaskBackend:
         With ``keep``, ``func`` returns a pair: ``combine`` reads the first items, and
         the second ones stay on the tiles' workers for :meth:`map_kept` (what a later
         step would compute again from the same windows); returns (the lazy value, the
-        kept values)."""
+        kept values). With ``pieces``, ``func`` reads each window as
+        :class:`~skymap.backends.windows.Pieces` (in place), not copied out."""
         args, dependencies, kw = self._windowed_args(func, arrays, [1] * len(arrays), halo, kw)
-        name, graph, keys = self._tasks(_windowed, args, dependencies, label=_name(func), kw=kw)
+        task = _pieced if pieces else _windowed
+        name, graph, keys = self._tasks(task, args, dependencies, label=_name(func), kw=kw)
         apart = self.placement is not None and not self.placement.shared
         combined = _combined(name, graph, keys, combine, dependencies, keep, apart)
         return (combined, (combined, keys)) if keep else combined
@@ -825,6 +838,7 @@ class DaskBackend:
 
     def mask(self, masker, residual, noise, window_of):
         import dask.array as da
+        from dask.delayed import Delayed
 
         excl = da.map_blocks(_initial_exclusion, residual, self.bad, dtype=bool)
         residual, excl = self.persist(residual, excl)
@@ -851,7 +865,19 @@ class DaskBackend:
                 masker(self.gather(residual), noise, self.gather(self.bad)), dtype=bool
             )
             excl = excl | da.from_array(det, chunks=self.chunks)
-        (new,) = self.persist(da.map_blocks(_final_mask, excl, residual, self.bad, dtype=bool))
+        # The masker's last lazy step (a scale's dilation) runs inside the final mask's
+        # task: a task a tile less.
+        excl_graph = excl.__dask_graph__()
+        ek, rk, bk = (key_grid(a) for a in (excl, residual, self.bad))
+        new = self._tile_array(
+            _final_mask, lambda i, j, *_: (_own_task(excl_graph, ek[i, j]), rk[i, j], bk[i, j]),
+            [excl, residual, self.bad], self.chunks, bool,
+        )  # fmt: skip
+        # persisted with mask_stats' tasks in one submission (they are its next call)
+        name, graph, keys = self._tasks(*self._stats_tasks(new))
+        lazies = [Delayed(key, graph, layer=name) for key in keys.values()]
+        (new, *_), parts = self._persist_gather([new], lazies)
+        self._stats = self._stats_of(new, parts)
         return new
 
     def noise_map(self, model):
@@ -890,15 +916,41 @@ class DaskBackend:
         return float(np.sqrt(total / n)) if n else 0.0
 
     def mask_stats(self, new):
-        # one task per tile counts both, its results summed here (no reduction tree)
+        last = None if self._last is None else self._last.name
+        stats = self._stats
+        if stats is None or stats[0] != (new.name, last):
+            stats = self._stats_of(new, self._gather(*self._stats_tasks(new)))
+        self._last, self._stats = new, None
+        return stats[1]
+
+    def _stats_tasks(self, new):
+        """The tasks of :meth:`mask_stats` (``_gather``'s arguments): one per tile
+        counts both, its results summed in the driver (no reduction tree). The same
+        task takes the mask's subsamples at the steps the image was read at (a refit
+        reads its mask there, :meth:`subsample`): no graph of their own."""
         arrays = [new] if self._last is None else [new, self._last]
         grids = [key_grid(a) for a in arrays]
-        counts = self._gather(
-            _tile_counts, lambda i, j, *_: tuple(g[i, j] for g in grids), arrays
-        )  # fmt: skip
-        count, flips = np.sum(counts, axis=0)
-        self._last = new
-        return int(flips), int(count), None
+        steps = sorted(self._image_subsamples)
+
+        def args(i, j, ys, xs, ref):
+            starts = tuple((-ys[0] % step, -xs[0] % step, step) for step in steps)
+            return (starts, *(g[i, j] for g in grids))
+
+        return _tile_counts, args, arrays
+
+    def _stats_of(self, new, parts):
+        """((new's name, the last mask's name), mask_stats' result) from the tasks'
+        ``parts``; the subsamples are kept for :meth:`subsample`."""
+        count, flips = np.sum([p[:2] for p in parts], axis=0)
+        ny, nx = (len(c) for c in self.chunks)
+        self._mask_subsamples = {
+            (new.name, step): np.block(
+                [[parts[i * nx + j][2][k] for j in range(nx)] for i in range(ny)]
+            )
+            for k, step in enumerate(sorted(self._image_subsamples))
+        }
+        last = None if self._last is None else self._last.name
+        return (new.name, last), (int(flips), int(count), None)
 
     def median_where(self, values, excluded) -> float:
         return self.median(_noise_values, [excluded], noise=values)
@@ -939,6 +991,9 @@ class DaskBackend:
         # the image's subsamples are read once (every refit asks for its reference level)
         if array is self.image and step in self._image_subsamples:
             return self._image_subsamples[step]
+        sub = self._mask_subsamples.get((getattr(array, "name", None), step))
+        if sub is not None:
+            return sub
         sub = np.asarray(self.compute(array[::step, ::step]))
         if array is self.image:
             self._image_subsamples[step] = sub
@@ -1014,36 +1069,53 @@ class DaskBackend:
         joined by labelling the two-pixel strips along every boundary, and
         ``scipy.sparse.csgraph.connected_components`` merges them.
 
-        ``maps`` may be lazy: it is persisted with the labels, and so are the arrays
-        of ``keep`` (e.g. a lazy input of the maps that later steps read again), in
-        one submission to the cluster with the computation of the labels' join
-        information. Returns the regions and the persisted ``keep``, as a list."""
+        One task per tile labels it and finds the labels' join information; a lazy
+        ``maps`` is computed inside it (its tasks are not run on their own: nothing
+        else may read it). The labels are persisted with the arrays of ``keep`` (e.g.
+        a lazy input of the maps that later steps read again) in one submission to
+        the cluster with the computation of the join information. Returns the regions
+        and the persisted ``keep``, as a list."""
         from dask.delayed import Delayed
 
         maps_k = key_grid(maps)
-        bchunks = self.binned_chunks(block)
+        maps_graph = maps.__dask_graph__()
         # lazy keywords (e.g. a factor computed by reduce_windows) are passed by key
         kw, lazy, names, values = _split_lazy(kw)
-        labels = self._tile_array(
-            _tile_label, lambda i, j, *_: (maps_k[i, j], codes, kw, names, *values),
-            [maps, *lazy.values()], bchunks, np.int32,
-        )  # fmt: skip
-        labels_k = key_grid(labels)
+        # One task per tile labels it and finds its join information; the maps' own
+        # task runs inside it (nothing else reads them): one task where there were
+        # three (the maps, the labels, the information).
         name, graph, keys = self._tasks(
-            _label_info,
-            lambda i, j, *_: (labels_k[i, j], maps_k[i, j], codes, kw, names, *values),
-            [labels, maps, *lazy.values()],
+            _tile_label_info,
+            lambda i, j, *_: (_own_task(maps_graph, maps_k[i, j]), codes, kw, names, *values),
+            [maps, *lazy.values()], label="tile_label",
         )  # fmt: skip
-        (_, labels, *kept), gathered = self._persist_gather(
-            [maps, labels, *keep], [Delayed(key, graph, layer=name) for key in keys.values()]
-        )
-        info = np.empty(labels_k.shape, object)
+        parts = [Delayed(key, graph, layer=name) for key in keys.values()]
+        if self.placement is None or self.placement.shared:
+            # the labels and their information fetched by reference (or computed here)
+            persisted, got = self._persist_gather(keep, parts)
+            gathered = [g[1] for g in got]
+        else:
+            # the information alone travels to the driver: a small task per tile
+            from dask.highlevelgraph import HighLevelGraph
+
+            info = {("info-" + name, *key[1:]): (_item, key, 1) for key in keys.values()}
+            graph = HighLevelGraph.from_collections("info-" + name, info, dependencies=parts)
+            persisted, gathered = self._persist_gather(
+                [*keep, *parts], [Delayed(key, graph, layer="info-" + name) for key in info]
+            )
+        kept, labels = persisted[: len(keep)], persisted[len(keep) : len(keep) + len(parts)]
+        info = np.empty(maps_k.shape, object)
         for n, item in enumerate(gathered):
             info.flat[n] = item
         keep = merge_labels(info)
+        # each tile's labels: the first item of its task's result, taken where read
+        labels_k = np.empty(maps_k.shape, object)
+        for (i, j), key in keys.items():
+            labels_k[i, j] = (_item, key, 0)
         det = self._tile_array(
-            _keep_labels, lambda i, j, *_: (labels_k[i, j], keep[i][j]), [labels], bchunks, bool
-        )
+            _keep_labels, lambda i, j, *_: (labels_k[i, j], keep[i][j]), labels,
+            self.binned_chunks(block), bool,
+        )  # fmt: skip
         # Not persisted: the windows on a block's worker compute its lookup themselves
         # (see _tasks), most of a task layer less per masking scale.
         dk = key_grid(det)

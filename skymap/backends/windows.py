@@ -1,5 +1,6 @@
 """Windows of a tiled array: which blocks cover a tile's window grown by its halo,
-and the window copied out of them (:func:`assemble`). Large blocks send their
+and the window copied out of them (:func:`assemble`) or read in place, part by part
+(:class:`Pieces`). Large blocks send their
 neighbours only their border strips (:class:`BorderStrips`), through one task per
 block run where the block lives, so that a window does not pull whole neighbouring
 blocks between workers."""
@@ -14,6 +15,7 @@ __all__ = [
     "CUT_BYTES",
     "RING_SHARE",
     "BorderStrips",
+    "Pieces",
     "assemble",
     "border_strips",
     "cover",
@@ -159,3 +161,100 @@ def assemble(blocks, sl) -> np.ndarray:
                     ..., a - ys[i] : b - ys[i], c - xs[j] : d - xs[j]
                 ]
     return out
+
+
+class Pieces:
+    """A window of a tiled array held as the parts of its blocks that tile it (views,
+    nothing copied), for a tile task that can work part by part or on a part alone:
+    :meth:`whole` copies the window out (:func:`assemble`), :meth:`region` is a view
+    where one part holds the region, and :meth:`binned` runs a block-wise reduction
+    on each part and joins the (smaller) results.
+
+    Parameters
+    ----------
+    blocks : nested list of arrays
+        The blocks covering the window, row by row (:func:`assemble`'s input).
+    sl : (slice, slice)
+        The window in the blocks' concatenation (over the last two axes).
+
+    Examples
+    --------
+    >>> a = np.arange(36.0).reshape(6, 6)
+    >>> w = Pieces([[a[:4, :4], a[:4, 4:]], [a[4:, :4], a[4:, 4:]]], (slice(1, 6), slice(2, 6)))
+    >>> w.shape, bool(np.array_equal(w.whole(), a[1:, 2:]))
+    ((5, 4), True)
+    >>> np.shares_memory(w.region((slice(0, 3), slice(0, 2))), a)
+    True
+    """
+
+    def __init__(self, blocks, sl):
+        ys = np.cumsum([0] + [row[0].shape[-2] for row in blocks])
+        xs = np.cumsum([0] + [b.shape[-1] for b in blocks[0]])
+        (y0, y1), (x0, x1) = ((s.start, s.stop) for s in sl)
+        rows = [i for i in range(len(blocks)) if max(y0, ys[i]) < min(y1, ys[i + 1])]
+        cols = [j for j in range(len(blocks[0])) if max(x0, xs[j]) < min(x1, xs[j + 1])]
+        #: The parts, row by row, and their edges along each axis in the window.
+        self.parts = [
+            [
+                blocks[i][j][
+                    ...,
+                    max(y0, ys[i]) - ys[i] : min(y1, ys[i + 1]) - ys[i],
+                    max(x0, xs[j]) - xs[j] : min(x1, xs[j + 1]) - xs[j],
+                ]
+                for j in cols
+            ]
+            for i in rows
+        ]
+        self.edges = tuple(
+            np.array([0] + [min(e1, e[k + 1]) - e0 for k in idx], dtype=np.int64)
+            for e, idx, e0, e1 in ((ys, rows, y0, y1), (xs, cols, x0, x1))
+        )
+        self.shape = (*blocks[0][0].shape[:-2], y1 - y0, x1 - x0)
+
+    def whole(self) -> np.ndarray:
+        """The window as one array: a copy, or a view when one part is all of it."""
+        return assemble(self.parts, self._full())
+
+    def _full(self) -> tuple[slice, slice]:
+        return slice(0, self.shape[-2]), slice(0, self.shape[-1])
+
+    def region(self, sl) -> np.ndarray:
+        """``sl`` (slices with starts and stops, over the last two axes) of the window:
+        a view where one part holds it, else a copy."""
+        (y0, y1), (x0, x1) = ((s.start, s.stop) for s in sl)
+        (ey, ex) = self.edges
+        i0 = int(np.searchsorted(ey, y0, side="right")) - 1
+        j0 = int(np.searchsorted(ex, x0, side="right")) - 1
+        if y1 <= ey[i0 + 1] and x1 <= ex[j0 + 1]:
+            part = self.parts[i0][j0]
+            return part[..., y0 - ey[i0] : y1 - ey[i0], x0 - ex[j0] : x1 - ex[j0]]
+        return assemble(self.parts, sl)
+
+    def binned(self, func, b: int, *others: Pieces):
+        """``func(part, *others' parts)`` (arrays reduced ``b`` x ``b`` block by block, a
+        partial block only at the far edges) run on each part and joined: the tuple of
+        ``func``'s outputs over the whole window, equal to ``func`` on the whole window
+        wherever each part starts on a block's edge. None where one does not (the
+        caller then reads :meth:`whole`). ``others`` are windows of arrays of the same
+        blocks; a part not C-contiguous (a column strip) is copied first."""
+        inner = [e[1:-1] for e in self.edges]
+        if any(np.any(e % b) for e in inner) or any(
+            not np.array_equal(o.edges[k], self.edges[k]) for o in others for k in (0, 1)
+        ):
+            return None
+        out = [
+            [
+                func(*(np.ascontiguousarray(w.parts[i][j]) for w in (self, *others)))
+                for j in range(len(row))
+            ]
+            for i, row in enumerate(self.parts)
+        ]
+        if len(out) * len(out[0]) == 1:
+            return tuple(out[0][0])
+        outs = []
+        for k in range(len(out[0][0])):
+            parts = [[cell[k] for cell in row] for row in out]
+            h = sum(row[0].shape[-2] for row in parts)
+            w = sum(p.shape[-1] for p in parts[0])
+            outs.append(assemble(parts, (slice(0, h), slice(0, w))))
+        return tuple(outs)

@@ -28,6 +28,7 @@ from skymap._select_kernels import median_mad32
 from skymap._util import MAD_TO_STD, pow2_at_most
 from skymap._validate import as_image, as_mask, check_positive
 from skymap.backends.dask import core_of
+from skymap.backends.windows import Pieces
 from skymap.masking import _hysteresis_kernels as _k
 from skymap.masking.maskers import disk_footprint, grow_mask
 
@@ -781,7 +782,7 @@ class HysteresisMasker:
         # codes are made where they are (not computed again from the same pixels).
         factor, inputs = backend.reduce_windows(
             _tile_pairs_kept, [residual, excluded], functools.partial(_factor_of, self, s),
-            halo=maps_halo + lag * b, keep=True, lag=lag, step=step, **maps_kw,
+            halo=maps_halo + lag * b, keep=True, pieces=True, lag=lag, step=step, **maps_kw,
         )  # fmt: skip
         codes = backend.map_kept(
             _kept_codes, inputs, dtype=np.uint8, block=b, masker=self, factor=factor
@@ -796,7 +797,7 @@ class HysteresisMasker:
         # labels, or by the caller.
         return backend.map_tiles(
             _tile_dilate, [det, excluded], binning=(b, 1), halo=dilate_halo, dtype=bool,
-            masker=self, s=s, b=b,
+            pieces=True, masker=self, s=s, b=b,
         )  # fmt: skip
 
 
@@ -822,11 +823,25 @@ def _kernel_radius(sigma: float) -> int:
 
 
 def _window_inputs(res, excl, window, masker, s, noise, window_of):
-    """:meth:`HysteresisMasker._dog_inputs` of scale ``s`` on a tile's window."""
+    """:meth:`HysteresisMasker._dog_inputs` of scale ``s`` on a tile's window (arrays,
+    or :class:`~skymap.backends.windows.Pieces`: a binned scale's masked block sums
+    are then summed part by part, and the full-resolution window is never copied
+    out; the tiles align to the blocks, so the sums are the same bit for bit)."""
     rms = window_of(noise, window)
     if not isinstance(rms, CoarseRMS):
         rms = np.asarray(rms, dtype=np.float32)  # as HysteresisMasker.__call__ does
+    if isinstance(res, Pieces):
+        b = masker.binning(s, res.shape)
+        sums = None if b == 1 else res.binned(functools.partial(_block_sums_of, b=b), b, excl)
+        if sums is not None:
+            # only the window's shape is read from res, and excl not at all
+            return masker._dog_inputs(res, rms, None, s, sums)
+        res, excl = res.whole(), excl.whole()
     return masker._dog_inputs(res, rms, excl, s)
+
+
+def _block_sums_of(values, excluded, *, b):
+    return masked_block_sums(values, excluded, b)
 
 
 def tile_sampled_pairs(res, excl, *, window, core, masker, s, noise, window_of, lag, step):
@@ -837,17 +852,17 @@ def tile_sampled_pairs(res, excl, *, window, core, masker, s, noise, window_of, 
     reads them). ``window`` (full resolution) must reach ``lag`` binned pixels past
     the core plus the kernels' reach (cut at the image's edge)."""
     inputs = _window_inputs(res, excl, window, masker, s, noise, window_of)
-    return _sampled_pairs(inputs, excl, window, core, lag, step)
+    return _sampled_pairs(inputs, window, core, lag, step)
 
 
 def _tile_pairs_kept(res, excl, *, window, core, masker, s, noise, window_of, lag, step):
     """:func:`tile_sampled_pairs` and the scale's inputs over the window (for
     :func:`_kept_codes`)."""
     inputs = _window_inputs(res, excl, window, masker, s, noise, window_of)
-    return _sampled_pairs(inputs, excl, window, core, lag, step), (inputs, window)
+    return _sampled_pairs(inputs, window, core, lag, step), (inputs, window)
 
 
-def _sampled_pairs(inputs, excl, window, core, lag, step):
+def _sampled_pairs(inputs, window, core, lag, step):
     num, cnt, b = inputs[0], inputs[1], inputs[-1]
     ny, nx = num.shape
     w0, u0 = window[0][0] // b, window[1][0] // b
@@ -855,7 +870,8 @@ def _sampled_pairs(inputs, excl, window, core, lag, step):
     ys = np.arange(r0 + (-r0) % step, r1, step) - w0
     xs = np.arange(c0 + (-c0) % step, c1, step) - u0
     rows, cols = _sampled_snr(inputs, ys, xs)
-    invalid = excl if cnt is None else cnt <= 0
+    # unbinned, the mask the fused pass reads directly is the window's exclusion
+    invalid = inputs[2] if cnt is None else cnt <= 0
     # the pairs that start in the core: its columns (rows) and lag more
     xa, xb = c0 - u0, min(c1 - u0 + lag, nx)
     ya, yb = r0 - w0, min(r1 - w0 + lag, ny)
@@ -889,7 +905,9 @@ def _tile_dilate(det, excl, *, window, core, masker, s, b):
     """The tile's exclusion OR its (dilated, expanded) detections of scale ``s``, as
     :meth:`HysteresisMasker.grow` gives them: the window of the globally labelled
     detections ``det`` dilated (the dilation reaches ``halo`` pixels, so the core is
-    exact), then only the core expanded into a copy of the core's exclusion."""
-    grown = masker.dilated(np.ascontiguousarray(det), s, b)
-    out = np.array(excl[core_of(window, core)])
+    exact), then only the core expanded into a copy of the core's exclusion (both
+    windows :class:`~skymap.backends.windows.Pieces`)."""
+    grown = masker.dilated(np.ascontiguousarray(det.whole()), s, b)
+    # the core's exclusion read in place (its own block), not from a copied window
+    out = np.array(excl.region(core_of(window, core)))
     return _k.expand_mask_into(np.ascontiguousarray(grown[core_of(window, core, b)]), b, out)
