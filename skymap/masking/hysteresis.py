@@ -832,16 +832,12 @@ def _window_inputs(res, excl, window, masker, s, noise, window_of):
         rms = np.asarray(rms, dtype=np.float32)  # as HysteresisMasker.__call__ does
     if isinstance(res, Pieces):
         b = masker.binning(s, res.shape)
-        sums = None if b == 1 else res.binned(functools.partial(_block_sums_of, b=b), b, excl)
+        sums = None if b == 1 else res.binned(functools.partial(masked_block_sums, b=b), b, excl)
         if sums is not None:
             # only the window's shape is read from res, and excl not at all
             return masker._dog_inputs(res, rms, None, s, sums)
         res, excl = res.whole(), excl.whole()
     return masker._dog_inputs(res, rms, excl, s)
-
-
-def _block_sums_of(values, excluded, *, b):
-    return masked_block_sums(values, excluded, b)
 
 
 def tile_sampled_pairs(res, excl, *, window, core, masker, s, noise, window_of, lag, step):
