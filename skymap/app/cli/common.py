@@ -554,6 +554,20 @@ def image_unit(header) -> str:
     return unit or "not given (no BUNIT in the header)"
 
 
+def tune_hint(stop: str | None) -> str | None:
+    """The next step after a fit whose masks did not settle on their own (``stop``
+    outside :data:`~skymap.background.convergence.SETTLED_STOPS`): a tune; None after
+    any other stop."""
+    if not stop or stop in SETTLED_STOPS:
+        return None
+    return (
+        f"the masks did not settle on their own (stop: {stop}), as on frames filled by "
+        "extended emission or by a galaxy, where the default options are least sure: "
+        "`skymap tune IMAGE -o DIR` scores alternatives by injecting known sky and discs "
+        "into this image, and leaves the defaults only for one that clearly beats them"
+    )
+
+
 def headline(result: Any, evaluation: Any) -> dict:
     """The few numbers a reader wants first, for the top of the report, each with a
     plain-language verdict."""
@@ -574,14 +588,9 @@ def headline(result: Any, evaluation: Any) -> dict:
         lines["convergence"] = (
             f"NOT CONVERGED after {info['iterations']} iterations: {info['reason']}"
         )
-    if info["stop"] and info["stop"] not in SETTLED_STOPS:
-        lines["next step"] = (
-            f"the masks did not settle on their own (stop: {info['stop']}), as on frames "
-            "filled by extended emission or by a galaxy, where the default options are "
-            "least sure: `skymap tune IMAGE -o DIR` scores alternatives by injecting known "
-            "sky and discs into this image, and leaves the defaults only for one that "
-            "clearly beats them"
-        )
+    hint = tune_hint(info["stop"])
+    if hint:
+        lines["next step"] = hint
     scale = sky_scale(result)
     if scale["max_source_size"] is not None:
         text = (

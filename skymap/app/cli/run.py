@@ -218,4 +218,7 @@ def handle(args) -> int:
     common.tell(args, f"wrote {len(info['outputs'])} files to {args.output}/")
     for p in info["outputs"].values():
         common.tell(args, f"  {p}")
+    hint = common.tune_hint(info["metrics"]["fit"].get("stop"))
+    if hint:
+        common.tell(args, f"next step: {hint}")
     return common.EXIT_OK
