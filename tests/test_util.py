@@ -68,3 +68,51 @@ def test_a_compiled_kernel_fills_every_row():
     out = np.full_like(a, np.nan)
     in_bands(square_rows, a.shape[0], a, out)
     np.testing.assert_array_equal(out, a * a)
+
+
+def _two_threads():
+    before = numba.get_num_threads()
+    numba.set_num_threads(min(2, numba.config.NUMBA_NUM_THREADS))
+    return before
+
+
+@pytest.mark.skipif(numba.config.NUMBA_NUM_THREADS < 2, reason="needs two numba threads")
+def test_helper_bands_run_on_kept_threads():
+    # the pool's threads are reused from call to call, not started anew each time
+    before = _two_threads()
+    try:
+        idents = set()
+        for _ in range(50):
+            in_bands(lambda lo, hi: idents.add(threading.get_ident()), 1000, grain=1)
+    finally:
+        numba.set_num_threads(before)
+    assert threading.get_ident() in idents
+    assert len(idents) <= 1 + (__import__("os").cpu_count() or 2)
+
+
+@pytest.mark.skipif(numba.config.NUMBA_NUM_THREADS < 2, reason="needs two numba threads")
+def test_bands_that_call_in_bands_and_concurrent_callers_finish():
+    # A band running in_bands itself, from many threads at once, with more bands than
+    # the pool has threads: bands no pool thread takes run on their caller, so nothing
+    # waits on a busy pool forever, and every row is filled exactly once.
+    before = _two_threads()
+    out = np.zeros((3, 8, 400), np.int64)  # one plane per caller
+
+    def inner(k, row, lo, hi):
+        out[k, row, lo:hi] += 1
+
+    def outer(k, lo, hi):
+        for row in range(lo, hi):
+            in_bands(inner, out.shape[2], k, row, grain=1)
+
+    try:
+        threads = [threading.Thread(target=in_bands, args=(outer, 8, k), kwargs={"grain": 1})
+                   for k in range(3)]  # fmt: skip
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=60)
+        assert not any(t.is_alive() for t in threads)
+    finally:
+        numba.set_num_threads(before)
+    np.testing.assert_array_equal(out, 1)

@@ -946,12 +946,31 @@ def dog_sampled(num, cnt, excluded, g, g2, local, bw, noise, b, q, ys, xs):
     the sampled columns only, then the y pass at the sampled pixels. The same float32
     operations in the same order as :func:`dog_snr` (every row as a row with excluded
     pixels is computed: a clean row's constant weights are those same sums), so the
-    same values bit for bit; a few per cent of the full pass's work."""
+    same values bit for bit; a few per cent of the full pass's work. The sampled rows,
+    the columns' x pass and their y pass each run in bands of rows (each output's sums
+    are its own, so the bands change nothing)."""
     ny, nx = num.shape
     rows = np.empty((ys.size, nx), np.float32)
     cols = np.empty((ny, xs.size), np.float32)
-    _dog_sampled(num, cnt, excluded, g, g2, local, bw, noise, b, q, ys, xs, rows, cols)
+    direct = excluded.shape == num.shape
+    in_bands(_dog_sampled_rows, ys.size, num, cnt, excluded, direct, g, g2, local, bw, noise,
+             b, q, ys, rows, grain=1)  # fmt: skip
+    xn, xc, xv = (np.empty((ny, xs.size), np.float32) for _ in range(3))
+    in_bands(_dog_columns_x, ny, num, cnt, excluded, direct, g, g2, xs, xn, xc, xv, grain=_ROWS)
+    in_bands(_dog_columns_y, ny, xn, xc, xv, g, g2, local, bw, noise, b, q, xs, cols,
+             grain=_ROWS)  # fmt: skip
     return rows, cols
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _columns_of(nx, b, q, nqx, bw):  # pragma: no cover - compiled
+    """Each column's noise and local-mean columns (no integer division per pixel)."""
+    qcol = np.empty(nx, np.int64)
+    lcol = np.empty(nx, np.int64)
+    for x in range(nx):
+        qcol[x] = min((x * b + b // 2) // q, nqx - 1)
+        lcol[x] = x // bw
+    return qcol, lcol
 
 
 @njit(cache=True, nogil=True, inline="always")
@@ -966,7 +985,8 @@ def _snr_of(an, ac, av, s2, m):  # pragma: no cover - compiled
 def _y_sums(tn, tc, tv, i0, t0, n, g, g2, an, ac, av):  # pragma: no cover - compiled
     """``an[x] = sum_i g[t0 + i] * tn[i0 + i, x]`` over ``i < n``, summed from 0 in
     that order (``ac`` from ``tc`` alike, ``av`` from ``tv`` with ``g2``): the y pass
-    of :func:`_dog_sampled` for all columns at once (the loop over them vectorises)."""
+    of :func:`_dog_sampled_rows` and :func:`_dog_columns_y` for all columns at once
+    (the loop over them vectorises)."""
     z = np.float32(0.0)
     for x in range(an.size):
         an[x] = z
@@ -983,17 +1003,17 @@ def _y_sums(tn, tc, tv, i0, t0, n, g, g2, an, ac, av):  # pragma: no cover - com
 
 
 @njit(cache=True, nogil=True)
-def _dog_sampled(
-    num, cnt, excluded, g, g2, local, bw, noise, b, q, ys, xs, rows, cols
+def _dog_sampled_rows(
+    num, cnt, excluded, direct, g, g2, local, bw, noise, b, q, ys, rows, klo, khi
 ):  # pragma: no cover - compiled
+    """Sampled rows ``ys[klo:khi]``: the x pass of the rows of each one's window,
+    whole rows, then the y pass and the snr."""
     ny, nx = num.shape
-    direct = excluded.shape[0] == ny and excluded.shape[1] == nx
     r = g.size // 2
     w = 2 * r + 1
     nqy, nqx = noise.shape
     z = np.float32(0.0)
     one = np.float32(1.0)
-    # Sampled rows: the x pass of the rows of each one's window, whole rows.
     tn = np.empty((w, nx), np.float32)
     tc = np.empty((w, nx), np.float32)
     tv = np.empty((w, nx), np.float32)
@@ -1002,13 +1022,8 @@ def _dog_sampled(
     an_r = np.empty(nx, np.float32)
     ac_r = np.empty(nx, np.float32)
     av_r = np.empty(nx, np.float32)
-    # Each column's noise and local-mean columns once (no integer division per pixel).
-    qcol = np.empty(nx, np.int64)
-    lcol = np.empty(nx, np.int64)
-    for x in range(nx):
-        qcol[x] = min((x * b + b // 2) // q, nqx - 1)
-        lcol[x] = x // bw
-    for k in range(ys.size):
+    qcol, lcol = _columns_of(nx, b, q, nqx, bw)
+    for k in range(klo, khi):
         y = ys[k]
         lo, hi = max(0, y - r), min(ny - 1, y + r)
         for i in range(lo, hi + 1):
@@ -1032,12 +1047,20 @@ def _dog_sampled(
         for x in range(nx):
             sigma = noise[qy, qcol[x]]
             out[x] = _snr_of(an_r[x], ac_r[x], av_r[x], sigma * sigma, lrow[lcol[x]])
-    # Sampled columns: the x pass of every row at those columns, then the y pass.
+
+
+@njit(cache=True, nogil=True)
+def _dog_columns_x(
+    num, cnt, excluded, direct, g, g2, xs, xn, xc, xv, ilo, ihi
+):  # pragma: no cover - compiled
+    """Sampled columns: the x pass of rows ``ilo:ihi`` at those columns."""
+    nx = num.shape[1]
+    r = g.size // 2
+    w = 2 * r + 1
+    z = np.float32(0.0)
+    one = np.float32(1.0)
     m = xs.size
-    xn = np.empty((ny, m), np.float32)
-    xc = np.empty((ny, m), np.float32)
-    xv = np.empty((ny, m), np.float32)
-    for i in range(ny):
+    for i in range(ilo, ihi):
         for k in range(m):
             x = xs[k]
             sn, sc, sv = z, z, z
@@ -1054,15 +1077,30 @@ def _dog_sampled(
                 sc = sc + g[j] * vc
                 sv = sv + g2[j] * vc
             xn[i, k], xc[i, k], xv[i, k] = sn, sc, sv
+
+
+@njit(cache=True, nogil=True)
+def _dog_columns_y(
+    xn, xc, xv, g, g2, local, bw, noise, b, q, xs, cols, ylo, yhi
+):  # pragma: no cover - compiled
+    """Sampled columns: the y pass of rows ``ylo:yhi`` from the whole x pass, and the
+    snr."""
+    ny, m = xn.shape
+    r = g.size // 2
+    nqy, nqx = noise.shape
     an_c = np.empty(m, np.float32)
     ac_c = np.empty(m, np.float32)
     av_c = np.empty(m, np.float32)
-    for y in range(ny):
+    qcol = np.empty(m, np.int64)
+    lcol = np.empty(m, np.int64)
+    for k in range(m):
+        qcol[k] = min((xs[k] * b + b // 2) // q, nqx - 1)
+        lcol[k] = xs[k] // bw
+    for y in range(ylo, yhi):
         lo, hi = max(0, y - r), min(ny - 1, y + r)
         qy = min((y * b + b // 2) // q, nqy - 1)
         lrow = local[y // bw]
         _y_sums(xn, xc, xv, lo, lo - y + r, hi - lo + 1, g, g2, an_c, ac_c, av_c)
         for k in range(m):
-            x = xs[k]
-            sigma = noise[qy, qcol[x]]
-            cols[y, k] = _snr_of(an_c[k], ac_c[k], av_c[k], sigma * sigma, lrow[lcol[x]])
+            sigma = noise[qy, qcol[k]]
+            cols[y, k] = _snr_of(an_c[k], ac_c[k], av_c[k], sigma * sigma, lrow[lcol[k]])
