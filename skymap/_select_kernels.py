@@ -1,6 +1,7 @@
 """Exact selection kernels: order statistics and medians equal to numpy's bit for bit,
 without numpy's partition. Not public: :mod:`skymap._util`, :mod:`skymap.stats` and the
-maskers' kernels call them. Nothing here imports from skymap, so every layer may.
+maskers' kernels call them. Nothing here imports from skymap at import time (only
+:func:`skymap._util.in_bands`, within calls), so every layer may.
 
 numba's on-disk cache of a caller is keyed on the caller's source file only: after
 editing a kernel here, clear the ``__pycache__`` of ``skymap`` before testing.
@@ -145,39 +146,106 @@ def median_rows(a, out):
     """``np.median(a, axis=1)`` (2-D float ``a``) into ``out`` for the rows without a
     NaN, bit for bit (the middle values found exactly by :func:`order_stats`, their
     mean in ``a``'s dtype); returns which rows hold no NaN (the others' ``out`` is
-    left as it was)."""
+    left as it was). Many rows run in bands of rows (:func:`skymap._util.in_bands`;
+    each median is exact, so the bands change no value)."""
+    from skymap._util import in_bands
+
+    a = np.ascontiguousarray(a)
     full = np.empty(a.shape[0], np.bool_)
-    _median_rows(np.ascontiguousarray(a), out, full)
+    # Bands of at least ~64k values: below that a band costs more than it saves.
+    in_bands(_median_rows, a.shape[0], a, out, full, grain=max(1, (1 << 16) // max(1, a.shape[1])))
     return full
 
 
+#: Rows at least this long take their middle ranks by :func:`sampled_pair` first.
+SAMPLED_ROW = 1 << 14
+
+
 @njit(cache=True, nogil=True)
-def _median_rows(a, out, full):  # pragma: no cover - compiled
+def _median_rows(a, out, full, lo, hi):  # pragma: no cover - compiled
     n = a.shape[1]
     buf = np.empty(n, np.float64)
     scratch = np.empty((2, n), np.float64)
     mid = np.empty(2, a.dtype)
     k = n // 2
-    for i in range(a.shape[0]):
+    r0 = k if n % 2 == 1 else k - 1
+    for i in range(lo, hi):
         row = a[i]
-        ok = n > 0
-        for j in range(n):
-            v = row[j]
-            if np.isnan(v):
-                ok = False
-                break
-            buf[j] = v
-        full[i] = ok
-        if not ok:
+        state, lower, upper = -1, np.nan, np.nan
+        if n >= SAMPLED_ROW:
+            state, lower, upper = sampled_pair(row, r0, k, buf, scratch)
+        if state < 0:
+            ok = n > 0
+            for j in range(n):
+                v = row[j]
+                if np.isnan(v):
+                    ok = False
+                    break
+                buf[j] = v
+            state = 1 if ok else 0
+            if ok:
+                lower, upper = order_stats(buf, n, r0, k, scratch, np.nan, np.nan)
+        full[i] = state == 1
+        if state != 1:
             continue
-        if n % 2 == 1:
-            out[i] = order_stats(buf, n, k, k, scratch, np.nan, np.nan)[1]
+        if r0 == k:
+            out[i] = upper
         else:
-            lower, upper = order_stats(buf, n, k - 1, k, scratch, np.nan, np.nan)
             mid[0] = lower
             mid[1] = upper
             # the sum in a's dtype, as numpy's mean takes it; halving is exact
             out[i] = (mid[0] + mid[1]) / 2
+
+
+@njit(cache=True, nogil=True)
+def sampled_pair(row, r0, r1, buf, scratch):  # pragma: no cover - compiled
+    """``(state, v0, v1)``: the values of ranks ``r0`` and ``r1 = r0`` or ``r0 + 1``
+    of ``row`` in one pass over it, or ``state`` 0 if it holds a NaN, -1 if the
+    sample missed (the caller then takes the ranks another way).
+
+    Floyd & Rivest's selection: bounds on the wanted values from the order
+    statistics of a sample (``4 sqrt(s)`` sample ranks either side: a miss about
+    once in 10^4), then one branch-free pass counts the values below the lower bound
+    and keeps those between the bounds (``buf``, float64, at least the row's length),
+    whose ranks :func:`order_stats` (with ``scratch``) finds. The values are float64,
+    and exact, as every other way here: they do not depend on the sample.
+
+    References
+    ----------
+    Floyd, R. W. & Rivest, R. L. 1975, Commun. ACM 18, 165,
+    https://doi.org/10.1145/360680.360691.
+    """
+    n = row.size
+    s = min(n, 8192, max(1024, n >> 6))
+    sample = np.empty(s, np.float64)
+    for i in range(s):
+        # spread over the row by a multiplicative hash, not a stride that rows of an
+        # image flattened into it could alias
+        v = np.float64(row[(i * 2654435761) % n])
+        if np.isnan(v):
+            return 0, np.nan, np.nan
+        sample[i] = v
+    margin = 4.0 * np.sqrt(s)
+    klo = int(np.floor(r0 * s / n - margin))
+    khi = int(np.ceil(r1 * s / n + margin))
+    lo = -np.inf if klo < 0 else kth_smallest(sample, s, klo)
+    hi = np.inf if khi >= s else kth_smallest(sample, s, khi)
+    below = 0
+    finite = 0
+    m = 0
+    for i in range(n):
+        v = np.float64(row[i])
+        below += v < lo
+        finite += v == v
+        # branch-free keep (noise-like rows would mispredict a branch half the time)
+        buf[m] = v
+        m += (v >= lo) & (v <= hi)
+    if finite < n:
+        return 0, np.nan, np.nan
+    if below > r0 or below + m <= r1:
+        return -1, np.nan, np.nan
+    v0, v1 = order_stats(buf, m, r0 - below, r1 - below, scratch, np.nan, np.nan)
+    return 1, v0, v1
 
 
 def exact_median(values) -> float:
@@ -187,10 +255,9 @@ def exact_median(values) -> float:
     v = np.asarray(values)
     if v.ndim != 1 or v.size == 0 or v.dtype not in (np.float32, np.float64):
         return float(np.median(v))
-    if not np.isfinite(v).all():
-        return float(np.median(v))
     out = np.empty(1, v.dtype)
-    median_rows(v.reshape(1, -1), out)
+    if not median_rows(v.reshape(1, -1), out)[0] or not np.isfinite(out[0]):
+        return float(np.median(v))
     return float(out[0])
 
 

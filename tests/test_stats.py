@@ -457,3 +457,48 @@ def test_exact_median_is_numpys_bit_for_bit():
                 assert np.float64(exact_median(v)).tobytes() == np.float64(np.median(v)).tobytes()
     with_nan = np.array([1.0, np.nan, 3.0])
     assert np.isnan(exact_median(with_nan))  # numpy's answer, by numpy
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_medians_of_long_rows_are_numpys_bit_for_bit(threads):
+    # Rows of SAMPLED_ROW values and more take their middle ranks in one pass between
+    # bounds from a sample (sampled_pair): heavy tails, ties at the middle, a
+    # constant, even and odd lengths, infinities, a NaN, float32 and float64, rows in
+    # bands, and a row whose sampled pixels all lie far above the rest (the sample
+    # misses: the ranks are taken the other way).
+    import numba
+
+    from skymap._select_kernels import SAMPLED_ROW, exact_median, median_rows, sampled_pair
+
+    rng = np.random.default_rng(11)
+    before = numba.get_num_threads()
+    numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
+    try:
+        for dtype in (np.float32, np.float64):
+            for n in (SAMPLED_ROW, SAMPLED_ROW + 1, 3 * SAMPLED_ROW + 7, 70_001):
+                missed = rng.normal(size=n)
+                s = min(n, 8192, max(1024, n >> 6))
+                missed[(np.arange(s, dtype=np.int64) * 2654435761) % n] = 1e6
+                buf, scratch = np.empty(n), np.empty((2, n))
+                assert sampled_pair(missed, n // 2, n // 2, buf, scratch)[0] == -1
+                cases = [
+                    rng.standard_cauchy(n),
+                    rng.integers(-2, 3, size=n),
+                    np.full(n, 0.1),
+                    np.concatenate([rng.normal(size=n - 2), [np.inf, -np.inf]]),
+                    np.concatenate([rng.normal(size=n - 1), [1e30]]),
+                    missed,
+                ]
+                for v in cases:
+                    v = v.astype(dtype)
+                    want = np.float64(np.median(v)).tobytes()
+                    assert np.float64(exact_median(v)).tobytes() == want
+                rows = rng.normal(size=(5, n)).astype(dtype)
+                rows[3, n // 3] = np.nan
+                out = np.full(5, 7, dtype)
+                full = median_rows(rows, out)
+                assert full.tolist() == [True, True, True, False, True] and out[3] == 7
+                assert out[full].tobytes() == np.median(rows[full], axis=1).tobytes()
+                assert np.isnan(exact_median(rows[3]))
+    finally:
+        numba.set_num_threads(before)
