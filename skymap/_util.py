@@ -14,6 +14,7 @@ from typing import Any
 __all__ = [
     "MAD_TO_STD",
     "check_int",
+    "concurrently",
     "cut_window",
     "in_bands",
     "nanmedian_rows",
@@ -195,3 +196,31 @@ def in_bands(kernel, n: int, *args, grain: int = 32) -> None:
             errors.append(err)
     if errors:
         raise errors[0]
+
+
+def concurrently(first, second):
+    """``(first(), second())``, ``first`` on a thread of :func:`in_bands`' pool while
+    ``second`` runs on the calling thread, when numba has more than one thread
+    (``numba.get_num_threads()``); one after the other otherwise, or when no pool
+    thread has taken ``first`` by the time ``second`` is done. For two independent
+    steps that each run mostly outside the GIL (numba kernels, large numpy calls);
+    neither may change what the other reads. An error of either is raised (the
+    other's first if both fail, after both are done).
+
+    Examples
+    --------
+    >>> concurrently(lambda: 1 + 1, lambda: "b")
+    (2, 'b')
+    """
+    import numba
+
+    if numba.get_num_threads() < 2:
+        return first(), second()
+    future = _band_pool().submit(first)
+    try:
+        other = second()
+    except BaseException as err:
+        if not future.cancel() and isinstance(err, Exception):
+            futures_wait([future])
+        raise
+    return (first() if future.cancel() else future.result()), other

@@ -116,3 +116,28 @@ def test_bands_that_call_in_bands_and_concurrent_callers_finish():
     finally:
         numba.set_num_threads(before)
     np.testing.assert_array_equal(out, 1)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_concurrently_returns_both_and_raises_either(threads):
+    from skymap._util import concurrently
+
+    before = numba.get_num_threads()
+    numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
+    try:
+        where = []
+        got = concurrently(lambda: where.append(threading.get_ident()) or "a",
+                           lambda: where.append(threading.get_ident()) or "b")  # fmt: skip
+        assert got == ("a", "b") and len(where) == 2
+        if numba.get_num_threads() == 1:
+            assert set(where) == {threading.get_ident()}  # one thread: in order, here
+
+        def boom():
+            raise KeyError("first")
+
+        with pytest.raises(KeyError, match="first"):
+            concurrently(boom, lambda: 1)
+        with pytest.raises(ValueError, match="second"):
+            concurrently(lambda: 1, lambda: (_ for _ in ()).throw(ValueError("second")))
+    finally:
+        numba.set_num_threads(before)

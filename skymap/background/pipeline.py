@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 
 from skymap._inputs import blank_fill, edge_fill_values, read_image, valid_frame
-from skymap._util import check_int, pow2_at_most
+from skymap._util import check_int, concurrently, pow2_at_most
 from skymap._validate import check_bool, check_positive, check_range
 from skymap.backends.base import (
     CHANGE_STEP,
@@ -507,9 +507,17 @@ class IterativeBackground:
         # round M6707HH raised the cap from 132 to 148 px and moved the fit by 0.13
         # sigma RMS.
         extent = be.valid_extent()
-        size = self.source_size(be, extent)
-        if self.halos is not None:
+        measure = self._source_size(be, extent)
+        if self.halos is None:
+            size = measure()
+        elif be.tiled:
+            size = measure()
             _exclude_halos(be, self.halos)
+        else:
+            # In memory the two run side by side: the measurement has taken its pixels,
+            # and the halo step replaces the bad-pixel mask, never writes into it.
+            size, _ = concurrently(measure, functools.partial(_exclude_halos, be, self.halos))
+        del measure  # it holds the old bad-pixel mask (memory)
         # Smoothing floor in pixels: half the largest source size, raised (never
         # lowered) when the last stage's fit is found following source light.
         floor = None if size is None else smoothing_floor(size)
@@ -736,14 +744,20 @@ class IterativeBackground:
         measured on its central window (:func:`~skymap.background.scale.source_scale`),
         the same pixels whatever the back end, and bounded by the frame ``extent``
         (default: the image's shape; the fit passes its valid pixels' bounding box)."""
+        return self._source_size(backend, extent)()
+
+    def _source_size(self, backend: ArrayBackend, extent=None) -> Callable[[], float | None]:
+        """:meth:`source_size` as a call that reads nothing more of ``backend``: the
+        pixels it measures are taken now."""
         value = self.max_source_size
         if not (isinstance(value, str) and value == "auto"):
-            return _resolve_size(value)
+            size = _resolve_size(value)
+            return lambda: size
         win = central_window(backend.shape)
         image = np.asarray(backend.image[win])
         bad = np.asarray(backend.bad[win])
         frame = backend.shape if extent is None else extent
-        return source_scale(image, bad, frame).max_source_size
+        return lambda: source_scale(image, bad, frame).max_source_size
 
     def _fit_frame(self, inputs, frame, callback) -> BackgroundResult:
         """The fit of ``inputs`` within ``frame`` (the valid pixels' bounding box),
