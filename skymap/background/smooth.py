@@ -39,16 +39,19 @@ local weight, Silverman 1984).
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
+import threading
 from dataclasses import dataclass, field, replace
 from functools import cached_property
 from typing import Any, ClassVar
 
+import numba
 import numpy as np
 from scipy import fft, ndimage
 
-from skymap._util import pow2_at_most
+from skymap._util import concurrently, pow2_at_most
 from skymap._validate import as_image, as_mask, as_pair, check_positive, check_range, combine_masks
 from skymap.background import _smooth_kernels as _k
 from skymap.background.cells import (
@@ -139,15 +142,18 @@ class _System:
 
     def _scratch(self):
         # Zero-bordered second differences for the gathered operator (see
-        # _smooth_kernels.thin_plate_matvec), allocated once per system.
-        if not hasattr(self, "_buffers"):
+        # _smooth_kernels.thin_plate_matvec), allocated once per system and thread
+        # (the GCV search may solve two smoothings at once).
+        buffers = self.__dict__.setdefault("_buffers", {})
+        key = threading.get_ident()
+        if key not in buffers:
             ny, nx = self.w.shape
-            self._buffers = (
+            buffers[key] = (
                 np.zeros((ny + 2, nx)),
                 np.zeros((ny, nx + 2)),
                 np.zeros((ny + 1, nx + 1)),
             )
-        return self._buffers
+        return buffers[key]
 
     def matvec(self, z, lam, out) -> float:
         """``out = (W + lam K) z``, the system's matrix applied to ``z``; returns
@@ -346,18 +352,50 @@ def _gcv_search(system: _System, y, smoothing_range, start, step, inflation, sco
     neighbour."""
     lo, hi = (np.log10(float(v)) for v in smoothing_range)
     solutions: dict[float, np.ndarray] = {}
+    # Solves made ahead of their turn (prefetch), with the start each was made from.
+    ahead: dict[float, tuple] = {}
+
+    def nearest(loglam):
+        return min(solutions, key=lambda k: abs(np.log10(k) - loglam)) if solutions else None
+
+    def solve(lam, near):
+        # GCV compares fits that differ by far more than 1e-4: the search solves
+        # loosely, and only the chosen fit is polished below.
+        z, _ = system.solve(y, lam, solutions.get(near), rtol=1e-4)
+        return z, system.gcv(y, z, lam, inflation)
 
     def score(loglam):
         loglam = float(np.clip(loglam, lo, hi))
         lam = 10.0**loglam
         if lam not in scores:
-            near = min(solutions, key=lambda k: abs(np.log10(k) - loglam)) if solutions else None
-            # GCV compares fits that differ by far more than 1e-4: the search solves
-            # loosely, and only the chosen fit is polished below.
-            z, _ = system.solve(y, lam, solutions.get(near), rtol=1e-4)
+            near = nearest(loglam)
+            made = ahead.pop(lam, None)
+            # A solve made ahead is the one made now if it started from the same
+            # solution (a solve depends on nothing else).
+            z, gcv = made[1:] if made is not None and made[0] == near else solve(lam, near)
             solutions[lam] = z
-            scores[lam] = system.gcv(y, z, lam, inflation)
+            scores[lam] = gcv
         return scores[lam], loglam
+
+    def prefetch(first, second):
+        """Solve two smoothings that the search may score next side by side (numba
+        threads > 1), each from the solution :func:`score` would start it from: the
+        nearest solved, when the other is farther from it than that (otherwise the
+        second waits for its turn)."""
+        if numba.get_num_threads() < 2:
+            return
+        todo = []
+        for v in (first, second):
+            v = float(np.clip(v, lo, hi))
+            lam = 10.0**v
+            if lam in scores or lam in ahead or any(lam == t[0] for t in todo):
+                return
+            todo.append((lam, v, nearest(v)))
+        (la, va, na), (lb, vb, nb) = todo
+        if na is None or nb is None or abs(np.log10(la) - vb) <= abs(np.log10(nb) - vb):
+            return
+        a, b = concurrently(functools.partial(solve, la, na), functools.partial(solve, lb, nb))
+        ahead[la], ahead[lb] = (na, *a), (nb, *b)
 
     if step >= 1.0:
         # Cold start: scan the decades below the stiff end (``hi - k step``, and the
@@ -389,6 +427,9 @@ def _gcv_search(system: _System, y, smoothing_range, start, step, inflation, sco
     else:
         centre = float(np.clip(np.log10(start), lo, hi))
         best, centre = score(centre)
+        # The first step either way, side by side: the walk takes the second unless
+        # the first goes downhill (then it is dropped unused).
+        prefetch(centre + step, centre - step)
         for direction in (step, -step):
             while True:
                 s, v = score(centre + direction)
@@ -397,6 +438,7 @@ def _gcv_search(system: _System, y, smoothing_range, start, step, inflation, sco
                 best, centre = s, v
     fine = step / 2.0
     while fine >= 0.125 - 1e-12:
+        prefetch(centre - fine, centre + fine)
         for v in (centre - fine, centre + fine):
             s, v = score(v)
             if s < best:
