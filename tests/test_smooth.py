@@ -418,3 +418,25 @@ def test_the_search_is_the_same_on_one_thread_or_two(start):
     (z1, lam1, s1), (z2, lam2, s2) = runs
     assert z1.tobytes() == z2.tobytes() and lam1 == lam2
     assert list(s1.items()) == list(s2.items()) and len(s1) >= 5
+
+
+def test_a_fit_is_the_same_on_one_thread_or_two():
+    # With two threads the noise map's variance grid is smoothed beside the
+    # background's last solves: the same maps, smoothing and scores, bit for bit.
+    import numba
+
+    rng = np.random.default_rng(8)
+    yy, xx = np.mgrid[:240, :320]
+    image = 3 + np.cos(xx / 60.0) + (1 + yy / 240.0) * rng.normal(0, 1, yy.shape)
+    mask = rng.random(yy.shape) < 0.05
+    before = numba.get_num_threads()
+    fits = []
+    try:
+        for threads in (1, min(2, numba.config.NUMBA_NUM_THREADS)):
+            numba.set_num_threads(threads)
+            fits.append(ThinPlateSmoother().fit(image, mask, smoothing_start=2e6))
+    finally:
+        numba.set_num_threads(before)
+    a, b = fits
+    assert a.grid.tobytes() == b.grid.tobytes() and a.rms_grid.tobytes() == b.rms_grid.tobytes()
+    assert a.smoothing == b.smoothing and list(a.gcv.items()) == list(b.gcv.items())

@@ -308,6 +308,30 @@ def smooth_grid(
     >>> bool(np.allclose(z, g))
     True
     """
+    z, lam, scores, _ = _smooth(
+        values,
+        weights,
+        spacing=spacing,
+        smoothing=smoothing,
+        smoothing_range=smoothing_range,
+        smoothing_start=smoothing_start,
+        smoothing_step=smoothing_step,
+        gcv_inflation=gcv_inflation,
+        offsets=offsets,
+        rtol=rtol,
+        penalty=penalty,
+        local_weights=local_weights,
+    )
+    return z, lam, scores
+
+
+def _smooth(values, weights, *, spacing, smoothing, smoothing_range, smoothing_start,
+            smoothing_step, gcv_inflation, offsets, rtol, penalty, local_weights,
+            alongside=None):  # fmt: skip
+    """:func:`smooth_grid`, and ``alongside(lam)`` (None: not called, None returned)
+    once GCV has chosen ``lam``: it runs beside the chosen fit's last solves
+    (:func:`skymap._util.concurrently`), for a caller with a solve of its own that
+    needs only ``lam``."""
     y = np.asarray(values, dtype=np.float64)
     w = np.asarray(weights, dtype=np.float64)
     if y.ndim != 2 or y.shape != w.shape:
@@ -332,24 +356,36 @@ def smooth_grid(
     system = _System(w, hy, hx, penalty, local_weights)
     scores: dict[float, float] = {}
     if smoothing is None:
-        z, lam = _gcv_search(
+        lam, chosen = _gcv_search(
             system, y, smoothing_range, smoothing_start, smoothing_step, gcv_inflation, scores
         )
     else:
-        lam = float(smoothing)
-        z, _ = system.solve(y, lam, rtol=rtol)
-    if offsets is not None:
-        gy_, gx_ = np.gradient(z, hy, hx) if min(z.shape) > 1 else (np.zeros_like(z),) * 2
-        dy, dx = (np.where(bad, 0.0, np.asarray(o, dtype=np.float64)) for o in offsets)
-        z, _ = system.solve(y - gy_ * dy - gx_ * dx, lam, z, rtol=rtol)
-    return z + ref, lam, scores
+        lam, chosen = float(smoothing), None
+
+    def finish():
+        # The chosen smoothing's search solve, polished (it was solved loosely).
+        if chosen is not None:
+            z, _ = system.solve(y, lam, chosen)
+        else:
+            z, _ = system.solve(y, lam, rtol=rtol)
+        if offsets is not None:
+            gy_, gx_ = np.gradient(z, hy, hx) if min(z.shape) > 1 else (np.zeros_like(z),) * 2
+            dy, dx = (np.where(bad, 0.0, np.asarray(o, dtype=np.float64)) for o in offsets)
+            z, _ = system.solve(y - gy_ * dy - gx_ * dx, lam, z, rtol=rtol)
+        return z
+
+    if alongside is None:
+        z, extra = finish(), None
+    else:
+        extra, z = concurrently(functools.partial(alongside, lam), finish)
+    return z + ref, lam, scores, extra
 
 
 def _gcv_search(system: _System, y, smoothing_range, start, step, inflation, scores):
     """Minimise GCV over log10(lam): with ``step >= 1`` scan the range by decades from
     the stiff end, otherwise walk downhill from ``start`` by ``step``; then refine by
     halving the step down to an eighth of a decade. Each solve warm-starts from its
-    neighbour."""
+    neighbour. Returns the chosen ``lam`` and its (loose) search solution."""
     lo, hi = (np.log10(float(v)) for v in smoothing_range)
     solutions: dict[float, np.ndarray] = {}
     # Solves made ahead of their turn (prefetch), with the start each was made from.
@@ -445,8 +481,7 @@ def _gcv_search(system: _System, y, smoothing_range, start, step, inflation, sco
                 best, centre = s, v
         fine /= 2.0
     lam = 10.0**centre
-    z, _ = system.solve(y, lam, solutions[lam])
-    return z, lam
+    return lam, solutions[lam]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -722,15 +757,11 @@ class ThinPlateSmoother:
             if not fitted[-1]:
                 break
             smoothing_start = fitted[1]
-        z, lam, scores, n, mean, var, offsets, w, penalty, _ = fitted
+        z, lam, scores, n, mean, var, offsets, w, penalty, zvar, _ = fitted
         cy, cx = cells
         vw = np.where((n >= 2) & np.isfinite(var), n - 1.0, 0.0)
-        if np.any(vw > 0):
-            zvar, _, _ = smooth_grid(
-                var, vw, spacing=(cy, cx), smoothing=lam * self.rms_smoothing_factor
-            )
-        else:
-            zvar = np.full_like(z, float(np.nanmean(var)) if np.isfinite(var).any() else 0.0)
+        if zvar is None:
+            zvar = self._variance(n, var, cells, lam)
         zrms = np.sqrt(np.maximum(zvar, 0.0))
         # The smoothed variance can undershoot towards zero where few pixels are left
         # (masked crowds, the rims of blank regions); a near-zero noise there would make
@@ -835,9 +866,23 @@ class ThinPlateSmoother:
             )
         return z, lam, (field, local, power)
 
+    def _variance(self, n, var, cells, lam):
+        """The cells' pixel variance ``var`` smoothed for the noise map: weighted by
+        their degrees of freedom, ``rms_smoothing_factor`` times stiffer than the
+        background's ``lam``."""
+        vw = np.where((n >= 2) & np.isfinite(var), n - 1.0, 0.0)
+        if np.any(vw > 0):
+            zvar, _, _ = smooth_grid(
+                var, vw, spacing=cells, smoothing=lam * self.rms_smoothing_factor
+            )
+            return zvar
+        return np.full(var.shape, float(np.nanmean(var)) if np.isfinite(var).any() else 0.0)
+
     def _fit_grid(self, sums, shape, cells, ref, smoothing_start, min_smoothing=None):
         """Smooth the cell grid of ``sums``; also says whether GCV hit the cell-size
-        floor."""
+        floor. When GCV's choice is the smoothing used (no depth-following penalty,
+        no ``protect_scale``), the noise map's variance grid is smoothed beside the
+        fit's last solves (:meth:`_variance`; None otherwise)."""
         cy, cx = cells
         lo, hi = self.smoothing_range
         n, mean, var, dy, dx, w = cell_stats(sums, cy, cx, ref)
@@ -862,18 +907,32 @@ class ThinPlateSmoother:
             "gcv_inflation": self.gcv_inflation,
         }
         depth = None if self.smoothing is not None or w is n else depth_grid(n, w, weights)
+        zvar = None
         if depth is None:
-            z, lam, scores = smooth_grid(mean, weights, smoothing=self.smoothing, **search, **grid)
+            alongside = None
+            if (
+                self.smoothing is None
+                and self.protect_scale is None
+                and numba.get_num_threads() > 1
+            ):
+
+                def alongside(lam):
+                    # not for a fit that GCV sends on to finer cells
+                    return None if lam <= floor * 10.0**0.2 else self._variance(n, var, cells, lam)
+
+            z, lam, scores, zvar = _smooth(mean, weights, smoothing=self.smoothing, **search,
+                                           **grid, rtol=1e-6, penalty=None, local_weights=None,
+                                           alongside=alongside)  # fmt: skip
             penalty = None
         else:
             z, lam, scores, penalty, power = _depth_search(mean, weights, depth, search, grid)
             penalty = (*penalty, power)
-        at_floor = self.smoothing is None and lam <= floor * 10.0**0.2
+        at_floor = self.smoothing is None and lam <= floor * 10.0**0.2  # as alongside's
         if self.smoothing is None and self.protect_scale is not None:
             # Stiffen until the residual is white at the protected scale.
             fit = (z, lam, penalty)
             z, lam, penalty = self._protect(mean, weights, fit, hi, n, var, depth, grid)
-        return z, lam, scores, n, mean, var, (dy, dx), w, penalty, at_floor
+        return z, lam, scores, n, mean, var, (dy, dx), w, penalty, zvar, at_floor
 
 
 #: Cells per smoothing length below which :meth:`ThinPlateSmoother.coarsening` does
