@@ -76,8 +76,6 @@ def nanmedian_rows(a, overwrite: bool = False):
     >>> nanmedian_rows(np.array([[1.0, 3.0, 2.0], [np.nan, 4.0, 5.0], [np.nan] * 3]))
     array([2. , 4.5, nan])
     """
-    import warnings
-
     import numpy as np
 
     out = np.empty(a.shape[0], a.dtype)
@@ -93,9 +91,16 @@ def nanmedian_rows(a, overwrite: bool = False):
             return np.median(a, axis=1, overwrite_input=overwrite).astype(a.dtype, copy=False)
         out[full] = np.median(a[full], axis=1, overwrite_input=True)
     if not full.all():
-        with np.errstate(all="ignore"), warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)
-            out[~full] = np.nanmedian(a[~full], axis=1)
+        # All-NaN rows are NaN here, not numpy's (warned) NaN: no warnings filter is
+        # touched, which is not safe while another thread runs (the fit measures the
+        # source sizes beside the halo masker, both reading medians of rows).
+        rows = a[~full]
+        some = ~np.isnan(rows).all(axis=1)
+        part = np.full(rows.shape[0], np.nan, a.dtype)
+        if some.any():
+            with np.errstate(all="ignore"):
+                part[some] = np.nanmedian(rows[some], axis=1)
+        out[~full] = part
     return out
 
 

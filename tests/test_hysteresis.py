@@ -259,6 +259,32 @@ def test_flood_fill_keeps_the_regions_that_hold_a_seed_as_labelling_does(rng):
         np.testing.assert_array_equal(into, dilated)
 
 
+@pytest.mark.parametrize("bands", [1, 2, 7])
+def test_flood_fill_in_bands_is_one_flood(rng, monkeypatch, bands):
+    # The flood runs in bands of rows (each from its own seeds, within its rows), then
+    # across the seams: the same pixels as scipy's labels holding a seed, and the same
+    # painted disks, for regions that wind across many seams (growth near the
+    # percolation threshold, few seeds) and disks up to radius 3 crossing them.
+    import types
+
+    from skymap.masking import _hysteresis_kernels as K
+
+    monkeypatch.setattr(K, "_FLOOD_ROWS", 8)
+    monkeypatch.setattr(K, "numba", types.SimpleNamespace(get_num_threads=lambda: bands))
+    for p_seed in (0.0005, 0.01):
+        codes = rng.choice(np.array([0, 1, 2], np.uint8), p=[0.4, 0.6 - p_seed, p_seed],
+                           size=(203, 157))  # fmt: skip
+        labels, _ = ndi.label(codes > 0, structure=np.ones((3, 3), bool))
+        seeded = np.unique(labels[codes == 2])
+        want = np.isin(labels, seeded[seeded > 0])
+        np.testing.assert_array_equal(K.flood_seeded(codes.copy()).view(bool), want)
+        for radius in (0.0, 1.5, 3.0):
+            into = rng.random(codes.shape) < 0.01
+            dilated = ndi.binary_dilation(want, H.disk_footprint(radius)) | into
+            K.flood_seeded_into(codes.copy(), H._disk_offsets(radius), into)
+            np.testing.assert_array_equal(into, dilated)
+
+
 def test_flood_fill_grows_its_stack_for_a_large_region():
     # one seed in a region of ~150 000 pixels, whose flood holds ~89 000 pixels on its
     # stack at once (it starts at 65 536 entries, and the flood pops and pushes in a

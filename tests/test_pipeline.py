@@ -698,3 +698,45 @@ def test_a_settled_mask_is_not_refitted_when_a_later_fit_uses_it():
     assert d < 0.01
     with pytest.raises(ValueError, match="refit_settled"):
         replace(P.default_pipeline(), refit_settled=1)
+
+
+def test_a_fit_on_two_threads_is_the_one_thread_fit_and_leaves_the_warnings_filters(
+    monkeypatch,
+):
+    # With two numba threads, steps run side by side (the source sizes beside the halo
+    # masker, pairs of GCV solves, the noise map's solve beside the polish): the same
+    # background and mask as on one thread, bit for bit, on a frame with bright stars
+    # and a blank corner (all-NaN block medians); and the fit never changes the
+    # warnings filters (warnings.catch_warnings), which is not safe while another
+    # thread runs: an exit can restore another thread's filters for good.
+    import warnings
+
+    import numba
+
+    def refused(*args, **kwargs):
+        raise AssertionError("the fit entered warnings.catch_warnings")
+
+    import skymap
+    from skymap.quality.simulate import scene_by_name
+
+    image = scene_by_name("saturated_halos", shape=(768, 768), seed=3).image.astype(np.float32)
+    image[:150, :200] = np.nan
+    skymap.fit(image[:256, :256])  # the imports (astropy's use catch_warnings) done
+    before = numba.get_num_threads()
+    fits = []
+    try:
+        for threads in (1, min(2, numba.config.NUMBA_NUM_THREADS)):
+            numba.set_num_threads(threads)
+            filters = list(warnings.filters)
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always", RuntimeWarning)
+                with monkeypatch.context() as m:
+                    m.setattr(warnings, "catch_warnings", refused)
+                    fits.append(skymap.fit(image))
+            assert not [w for w in caught if issubclass(w.category, RuntimeWarning)]
+            assert list(warnings.filters) == filters
+    finally:
+        numba.set_num_threads(before)
+    a, b = fits
+    assert a.background.tobytes() == b.background.tobytes()
+    assert a.mask.tobytes() == b.mask.tobytes() and a.history[-1].scale == b.history[-1].scale

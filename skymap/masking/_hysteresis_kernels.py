@@ -827,8 +827,7 @@ def flood_seeded(codes):
     pixels as labelling the regions and keeping those that hold a seed
     (:func:`keep_seeded`), without a label map (an image of int32)."""
     none = np.zeros((0, 0), np.bool_)
-    offsets = np.zeros((0, 2), np.int64)
-    _flood(codes, *_flat_words(codes), offsets, none)
+    _flood_banded(codes, np.zeros((0, 2), np.int64), none)
     return codes
 
 
@@ -840,10 +839,118 @@ def flood_seeded_into(codes, offsets, into):
     # The kernel paints through a flat view of ``into``: a strided map goes through a
     # contiguous copy.
     target = into if into.flags.c_contiguous else np.ascontiguousarray(into)
-    _flood(codes, *_flat_words(codes), np.ascontiguousarray(offsets, np.int64), target)
+    _flood_banded(codes, np.ascontiguousarray(offsets, np.int64), target)
     if target is not into:
         into[...] = target
     return into
+
+
+def _flood_banded(codes, offsets, into):
+    """The flood of :func:`flood_seeded` (``into`` of shape (0, 0)) or
+    :func:`flood_seeded_into`, in bands of rows on numba's threads
+    (:func:`skymap._util.in_bands`): each band floods from its own seeds without
+    leaving its rows (and paints its rows only), then one thread carries the flood
+    across the seams between bands (reached pixels next to growth pixels of the next
+    band) and paints the footprints that cross them. A pixel is reached when it
+    connects to a seed, whichever band finds it, and ``into`` is the OR of the
+    reached pixels' footprints: the same result as one flood."""
+    ny, nx = codes.shape
+    flat, words = _flat_words(codes)
+    bands = max(1, min(numba.get_num_threads(), ny // _FLOOD_ROWS))
+    edges = np.array([ny * i // bands for i in range(bands + 1)], np.int64)
+    in_bands(_flood_rows, bands, codes, flat, words, offsets, into, edges, grain=1)
+    if bands > 1:
+        _flood_seams(codes, flat, offsets, into, edges)
+    if into.shape[0] != ny or into.shape[1] != nx:
+        # reached (3) -> 1, else 0: numpy's comparison into the same bytes (a tenth of
+        # the time of the compiled loop, which does not vectorise)
+        np.equal(flat, 3, out=flat.view(np.bool_))
+
+
+#: Rows a band of :func:`_flood_banded` holds at least.
+_FLOOD_ROWS = 256
+
+
+@njit(cache=True, nogil=True)
+def _flood_setup(offsets, nx):  # pragma: no cover - compiled
+    reach = 0
+    for k in range(offsets.shape[0]):
+        reach = max(reach, abs(offsets[k, 0]), abs(offsets[k, 1]))
+    return reach, offsets[:, 0] * nx + offsets[:, 1]
+
+
+@njit(cache=True, nogil=True)
+def _flood_rows(codes, flat, words, offsets, into, edges, jlo, jhi):  # pragma: no cover
+    """Bands ``jlo:jhi`` of :func:`_flood_banded` (rows ``edges[j]:edges[j + 1]``):
+    the seeds, then the flood and the painting, within the band's rows."""
+    ny, nx = codes.shape
+    paint = into.shape[0] == ny and into.shape[1] == nx
+    reach, steps = _flood_setup(offsets, nx)
+    painted = into.reshape(into.size) if paint else np.zeros(0, np.bool_)
+    # Code 3 marks a pixel reached (and pushed once). Codes are 0-2 here: a seed is a
+    # byte with bit 1 set.
+    seed_bits = np.uint64(0x0202020202020202)
+    for j in range(jlo, jhi):
+        y0, y1 = edges[j], edges[j + 1]
+        stack = np.empty(1 << 16, np.int64)
+        n = 0
+        first, last = y0 * nx, y1 * nx
+        for start in range(first // 8 * 8, last, 8):
+            if start // 8 < words.size and not words[start // 8] & seed_bits:
+                continue
+            for i in range(max(start, first), min(start + 8, last)):
+                if flat[i] == 2:
+                    flat[i] = 3
+                    if n == stack.size:
+                        stack = grown(stack)
+                    stack[n] = i
+                    n += 1
+        while n:
+            n = _flood_stack(flat, nx, y0, y1, stack, n, paint, offsets, steps, reach, painted)
+            if n:
+                stack = grown(stack)
+
+
+@njit(cache=True, nogil=True)
+def _flood_seams(codes, flat, offsets, into, edges):  # pragma: no cover - compiled
+    """The flood across the seams between :func:`_flood_rows`' bands, on the whole
+    image, then the footprints of the reached pixels within ``reach`` rows of a seam
+    (each band painted only its own rows of them)."""
+    ny, nx = codes.shape
+    paint = into.shape[0] == ny and into.shape[1] == nx
+    reach, steps = _flood_setup(offsets, nx)
+    painted = into.reshape(into.size) if paint else np.zeros(0, np.bool_)
+    stack = np.empty(1 << 16, np.int64)
+    n = 0
+    for j in range(1, edges.size - 1):
+        b = edges[j]
+        for y, other in ((b - 1, b), (b, b - 1)):
+            for x in range(nx):
+                if flat[y * nx + x] != 3:
+                    continue
+                for xx in range(max(0, x - 1), min(nx, x + 2)):
+                    k = other * nx + xx
+                    if flat[k] == 1 or flat[k] == 2:
+                        flat[k] = 3
+                        if n + 1 > stack.size:
+                            stack = grown(stack)
+                        stack[n] = k
+                        n += 1
+    while n:
+        n = _flood_stack(flat, nx, 0, ny, stack, n, paint, offsets, steps, reach, painted)
+        if n:
+            stack = grown(stack)
+    if not paint:
+        return
+    for j in range(1, edges.size - 1):
+        b = edges[j]
+        for y in range(max(0, b - reach), min(ny, b + reach)):
+            for x in range(nx):
+                if flat[y * nx + x] == 3:
+                    for k in range(offsets.shape[0]):
+                        yy, xx = y + offsets[k, 0], x + offsets[k, 1]
+                        if 0 <= yy < ny and 0 <= xx < nx:
+                            painted[yy * nx + xx] = True
 
 
 def _flat_words(codes):
@@ -854,46 +961,13 @@ def _flat_words(codes):
 
 
 @njit(cache=True, nogil=True)
-def _flood(codes, flat, words, offsets, into):  # pragma: no cover - compiled
-    nx = codes.shape[1]
-    ny = codes.shape[0]
-    paint = into.shape[0] == ny and into.shape[1] == nx
-    stack = np.empty(1 << 16, np.int64)
-    n = 0
-    # Code 3 marks a pixel reached (and pushed once). Codes are 0-2 here: a seed is a
-    # byte with bit 1 set.
-    seed_bits = np.uint64(0x0202020202020202)
-    for start in range(0, flat.size, 8):
-        if start // 8 < words.size and not words[start // 8] & seed_bits:
-            continue
-        for i in range(start, min(start + 8, flat.size)):
-            if flat[i] == 2:
-                flat[i] = 3
-                if n == stack.size:
-                    stack = grown(stack)
-                stack[n] = i
-                n += 1
-    reach = 0
-    for k in range(offsets.shape[0]):
-        reach = max(reach, abs(offsets[k, 0]), abs(offsets[k, 1]))
-    steps = offsets[:, 0] * nx + offsets[:, 1]
-    painted = into.reshape(into.size) if paint else np.zeros(0, np.bool_)
-    while n:
-        n = _flood_stack(flat, nx, ny, stack, n, paint, offsets, steps, reach, painted)
-        if n:
-            stack = grown(stack)
-    if not paint:
-        for i in range(flat.size):
-            flat[i] = 1 if flat[i] == 3 else 0
-
-
-@njit(cache=True, nogil=True)
-def _flood_stack(flat, nx, ny, stack, n, paint, offsets, steps, reach, painted):
+def _flood_stack(flat, nx, y0, y1, stack, n, paint, offsets, steps, reach, painted):
     # pragma: no cover - compiled
-    """Pops the first ``n`` entries of :func:`_flood`'s ``stack`` and pushes the
-    neighbours they reach, until it is empty (returns 0) or could overflow (returns
-    the count left, for the caller to grow it). The stack is never reassigned here,
-    so the loop holds no reference counting (which cost more than the flood)."""
+    """Pops the first ``n`` entries of a flood's ``stack`` and pushes the neighbours
+    they reach within rows ``y0:y1``, painting their footprints within those rows,
+    until it is empty (returns 0) or could overflow (returns the count left, for the
+    caller to grow it). The stack is never reassigned here, so the loop holds no
+    reference counting (which cost more than the flood)."""
     one = np.uint8(1)
     while n:
         if n + 8 > stack.size:
@@ -903,16 +977,16 @@ def _flood_stack(flat, nx, ny, stack, n, paint, offsets, steps, reach, painted):
         y = i // nx
         x = i - y * nx
         if paint:
-            if reach <= y < ny - reach and reach <= x < nx - reach:
+            if y0 + reach <= y < y1 - reach and reach <= x < nx - reach:
                 for k in range(steps.size):
                     painted[i + steps[k]] = True
             else:
                 for k in range(offsets.shape[0]):
                     yy, xx = y + offsets[k, 0], x + offsets[k, 1]
-                    if 0 <= yy < ny and 0 <= xx < nx:
+                    if y0 <= yy < y1 and 0 <= xx < nx:
                         painted[yy * nx + xx] = True
-        if 0 < y < ny - 1 and 0 < x < nx - 1:
-            # Inside the image: the 8 neighbours without bounds, codes 1 and 2 (growth,
+        if y0 < y < y1 - 1 and 0 < x < nx - 1:
+            # Inside the rows: the 8 neighbours without bounds, codes 1 and 2 (growth,
             # seed) in one unsigned comparison.
             for j0 in (i - nx - 1, i - 1, i + nx - 1):
                 for j in range(j0, j0 + 3):
@@ -921,7 +995,7 @@ def _flood_stack(flat, nx, ny, stack, n, paint, offsets, steps, reach, painted):
                         stack[n] = j
                         n += 1
             continue
-        for yy in range(max(0, y - 1), min(ny, y + 2)):
+        for yy in range(max(y0, y - 1), min(y1, y + 2)):
             for xx in range(max(0, x - 1), min(nx, x + 2)):
                 j = yy * nx + xx
                 if flat[j] == 1 or flat[j] == 2:

@@ -21,7 +21,6 @@ from __future__ import annotations
 import functools
 import logging
 import math
-import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -707,9 +706,8 @@ class HaloMasker:
         first that does not (further out: a neighbour's light, or the noise)."""
         r, med, n = ring_profiles(sample, shape, y, x, rmax)
         outer = np.isfinite(med) & (r >= rmax / 2.0)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)
-            sky = np.nanmedian(np.where(outer, med, np.nan), axis=1)
+        # (no warnings filter: the halo masker may run beside another step)
+        sky = nanmedian_rows(np.where(outer, med, np.nan))
         med = med - sky[:, None]
         with np.errstate(invalid="ignore", divide="ignore"):
             good = (med > 3.0 * _MEDIAN_ERROR * sigma / np.sqrt(n)) & (r > core[:, None] + 1.0)
@@ -729,9 +727,7 @@ class HaloMasker:
         """(ring radii, profile per unit amplitude) from the ``stack`` brightest."""
         k = min(self.stack, y.size)
         r, p, _ = self._profiles(sample, shape, sigma, y[:k], x[:k], limit, core[:k])
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)
-            radii = np.nanmedian(r, axis=0)
+        radii = nanmedian_rows(r.T)
         # The brightest source with measured rings leads. Where its rings are no halo,
         # the frame still has one if most of the stack, each leading, give one (the
         # brightest of those then leads): which of a few flat-topped peaks of about
