@@ -1,6 +1,7 @@
 """The shared helpers of skymap._util: running a kernel over bands of rows."""
 
 import threading
+import time
 
 import numba
 import numpy as np
@@ -82,12 +83,20 @@ def test_helper_bands_run_on_kept_threads():
     before = _two_threads()
     try:
         idents = set()
+
+        def band(lo, hi):
+            idents.add(threading.get_ident())
+            time.sleep(0.002)  # long enough for a pool thread to take its band
+
         for _ in range(50):
-            in_bands(lambda lo, hi: idents.add(threading.get_ident()), 1000, grain=1)
+            in_bands(band, 1000, grain=1)
     finally:
         numba.set_num_threads(before)
     assert threading.get_ident() in idents
     assert len(idents) <= 1 + (__import__("os").cpu_count() or 2)
+    # daemon threads: nothing a band waits on can hold up the interpreter's exit
+    pool = [t for t in threading.enumerate() if t.ident in idents - {threading.get_ident()}]
+    assert pool and all(t.daemon for t in pool)
 
 
 @pytest.mark.skipif(numba.config.NUMBA_NUM_THREADS < 2, reason="needs two numba threads")
