@@ -585,20 +585,29 @@ class IterativeBackground:
                 )
                 bkg = be.background(model, deferred=deferrable(k))
                 noise = noise_model.working(model, be)
-                change = be.change(bkg, model, previous, noise, NoiseModel)
-                del previous
+                measure = functools.partial(be.change, bkg, model, previous, noise, NoiseModel)
+                test = None
+                if self.source_tracking is None:
+                    change = measure()
+                elif be.tiled:
+                    change = measure()
+                    test = self._check_tracking(be, model, valid_counts)
+                else:
+                    # independent reads of the refit: side by side in memory
+                    change, test = concurrently(
+                        measure, functools.partial(self._check_tracking, be, model, valid_counts)
+                    )
+                del previous, measure
                 asymmetry, raised, tracking = float("nan"), False, float("nan")
                 if k == last and self.source_asymmetry is not None:
                     asymmetry, floor, raised = self._check_asymmetry(model, floor)
-                if self.source_tracking is not None:
-                    test = self._check_tracking(be, model, valid_counts)
-                    if test is not None:
-                        tracking = test.correlation
-                        if test.tracking:
-                            # Higher where the masks are: unmasked source light, which
-                            # a coarser scale can mask (lower: it bends into holes).
-                            tracked = tracked or test.correlation > 0
-                            floor, raised, stiff = self._stiffen(model, floor, stiff, longest)
+                if test is not None:
+                    tracking = test.correlation
+                    if test.tracking:
+                        # Higher where the masks are: unmasked source light, which
+                        # a coarser scale can mask (lower: it bends into holes).
+                        tracked = tracked or test.correlation > 0
+                        floor, raised, stiff = self._stiffen(model, floor, stiff, longest)
                 rec = keep(
                     record(
                         be,
