@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
+from skymap._util import in_bands
 from skymap.masking._hysteresis_kernels import grown
 
 
@@ -93,18 +94,19 @@ def box_means_at(img, grid, block, invalid, flat, oy, ox):  # pragma: no cover -
 def block_rows(img, invalid, block, out):
     """``out[by * gx + bx]``: the pixels ``img[y, x]`` of block (by, bx) at even ``y``
     and ``x``, in raster order, as float32; NaN where ``invalid`` or beyond the image
-    (``out`` is (gy * gx, (block // 2) ** 2))."""
-    _block_rows(img, invalid, block, out)
+    (``out`` is (gy * gx, (block // 2) ** 2)); in bands of rows."""
+    gx = -(-img.shape[1] // block)
+    in_bands(_block_rows, out.shape[0] // gx * (block // 2), img, invalid, block, out, grain=64)
     return out
 
 
 @njit(cache=True, nogil=True)
-def _block_rows(img, invalid, block, out):  # pragma: no cover - compiled
+def _block_rows(img, invalid, block, out, lo, hi):  # pragma: no cover - compiled
     ny, nx = img.shape
     h = block // 2
     gx = -(-nx // block)
     nan = np.float32(np.nan)
-    for r in range(out.shape[0] // gx * h):
+    for r in range(lo, hi):
         by, i = r // h, r % h
         y = by * block + 2 * i
         for bx in range(gx):
@@ -161,15 +163,21 @@ def region_sums(where, lab, bad, vals, box, n, width, c09, c1e6):  # pragma: no 
     return py, px, boxmax, ints
 
 
-@njit(cache=True, nogil=True)
-def above_sky(img, grid, block, oy, ox, threshold, invalid, out):  # pragma: no cover
+def above_sky(img, grid, block, oy, ox, threshold, invalid, out):
     """``out = (img - grid[(y + oy) // block, (x + ox) // block] > threshold) & ~invalid``
-    in one pass: each band's sky row expanded once (the loop over the pixels then
-    vectorises), the difference in numpy's dtype of the two, ``threshold`` in it."""
+    in one pass (in bands of rows): each band's sky row expanded once (the loop over
+    the pixels then vectorises), the difference in numpy's dtype of the two,
+    ``threshold`` in it."""
+    in_bands(_above_sky, img.shape[0], img, grid, block, oy, ox, threshold, invalid, out)
+    return out
+
+
+@njit(cache=True, nogil=True)
+def _above_sky(img, grid, block, oy, ox, threshold, invalid, out, lo, hi):  # pragma: no cover
     ny, nx = img.shape
     sky = np.empty(nx, grid.dtype)
     band = -1
-    for y in range(ny):
+    for y in range(lo, hi):
         g = (y + oy) // block
         if g != band:
             for x in range(nx):
@@ -178,4 +186,3 @@ def above_sky(img, grid, block, oy, ox, threshold, invalid, out):  # pragma: no 
         irow, vrow, orow = img[y], invalid[y], out[y]
         for x in range(nx):
             orow[x] = (irow[x] - sky[x] > threshold) & (not vrow[x])
-    return out
