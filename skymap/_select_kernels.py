@@ -165,7 +165,7 @@ SAMPLED_ROW = 1 << 14
 def _median_rows(a, out, full, lo, hi):  # pragma: no cover - compiled
     n = a.shape[1]
     buf = np.empty(n, np.float64)
-    scratch = np.empty((2, n), np.float64)
+    scratch = np.empty((2, 0), np.float64)  # made when needed (memory: 2 rows' worth)
     mid = np.empty(2, a.dtype)
     k = n // 2
     r0 = k if n % 2 == 1 else k - 1
@@ -173,8 +173,10 @@ def _median_rows(a, out, full, lo, hi):  # pragma: no cover - compiled
         row = a[i]
         state, lower, upper = -1, np.nan, np.nan
         if n >= SAMPLED_ROW:
-            state, lower, upper = sampled_pair(row, r0, k, buf, scratch)
+            state, lower, upper = sampled_pair(row, r0, k, buf)
         if state < 0:
+            if scratch.shape[1] < n:
+                scratch = np.empty((2, n), np.float64)
             ok = n > 0
             for j in range(n):
                 v = row[j]
@@ -198,7 +200,7 @@ def _median_rows(a, out, full, lo, hi):  # pragma: no cover - compiled
 
 
 @njit(cache=True, nogil=True)
-def sampled_pair(row, r0, r1, buf, scratch):  # pragma: no cover - compiled
+def sampled_pair(row, r0, r1, buf):  # pragma: no cover - compiled
     """``(state, v0, v1)``: the values of ranks ``r0`` and ``r1 = r0`` or ``r0 + 1``
     of ``row`` in one pass over it, or ``state`` 0 if it holds a NaN, -1 if the
     sample missed (the caller then takes the ranks another way).
@@ -207,7 +209,7 @@ def sampled_pair(row, r0, r1, buf, scratch):  # pragma: no cover - compiled
     statistics of a sample (``4 sqrt(s)`` sample ranks either side: a miss about
     once in 10^4), then one branch-free pass counts the values below the lower bound
     and keeps those between the bounds (``buf``, float64, at least the row's length),
-    whose ranks :func:`order_stats` (with ``scratch``) finds. The values are float64,
+    whose ranks :func:`order_stats` finds. The values are float64,
     and exact, as every other way here: they do not depend on the sample.
 
     References
@@ -244,6 +246,7 @@ def sampled_pair(row, r0, r1, buf, scratch):  # pragma: no cover - compiled
         return 0, np.nan, np.nan
     if below > r0 or below + m <= r1:
         return -1, np.nan, np.nan
+    scratch = np.empty((2, m), np.float64)
     v0, v1 = order_stats(buf, m, r0 - below, r1 - below, scratch, np.nan, np.nan)
     return 1, v0, v1
 

@@ -93,8 +93,8 @@ def nanmedian_rows(a, overwrite: bool = False):
         out[full] = np.median(a[full], axis=1, overwrite_input=True)
     if not full.all():
         # All-NaN rows are NaN here, not numpy's (warned) NaN: no warnings filter is
-        # touched, which is not safe while another thread runs (the fit measures the
-        # source sizes beside the halo masker, both reading medians of rows).
+        # touched, which is not safe while another thread runs (a fit runs some of
+        # its steps side by side: skymap._util.concurrently).
         rows = a[~full]
         some = ~np.isnan(rows).all(axis=1)
         part = np.full(rows.shape[0], np.nan, a.dtype)

@@ -703,8 +703,9 @@ def test_a_settled_mask_is_not_refitted_when_a_later_fit_uses_it():
 def test_a_fit_on_two_threads_is_the_one_thread_fit_and_leaves_the_warnings_filters(
     monkeypatch,
 ):
-    # With two numba threads, steps run side by side (the source sizes beside the halo
-    # masker, pairs of GCV solves, the noise map's solve beside the polish): the same
+    # With two numba threads, steps run side by side (a refit's change beside its
+    # tracking test, pairs of GCV solves, the noise map's solve beside the polish,
+    # kernels in bands of rows): the same
     # background and mask as on one thread, bit for bit, on a frame with bright stars
     # and a blank corner (all-NaN block medians); and the fit never changes the
     # warnings filters (warnings.catch_warnings), which is not safe while another

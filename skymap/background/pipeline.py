@@ -507,17 +507,12 @@ class IterativeBackground:
         # round M6707HH raised the cap from 132 to 148 px and moved the fit by 0.13
         # sigma RMS.
         extent = be.valid_extent()
-        measure = self._source_size(be, extent)
-        if self.halos is None:
-            size = measure()
-        elif be.tiled:
-            size = measure()
+        size = self.source_size(be, extent)
+        if self.halos is not None:
+            # Not beside the size measurement: each holds several maps at once, and
+            # side by side they raised the 4096^2 fit's peak memory from 3.8 to 4.1
+            # times the image (benchmarks/README.md, fifteenth wave).
             _exclude_halos(be, self.halos)
-        else:
-            # In memory the two run side by side: the measurement has taken its pixels,
-            # and the halo step replaces the bad-pixel mask, never writes into it.
-            size, _ = concurrently(measure, functools.partial(_exclude_halos, be, self.halos))
-        del measure  # it holds the old bad-pixel mask (memory)
         # Smoothing floor in pixels: half the largest source size, raised (never
         # lowered) when the last stage's fit is found following source light.
         floor = None if size is None else smoothing_floor(size)
@@ -593,9 +588,11 @@ class IterativeBackground:
                     change = measure()
                     test = self._check_tracking(be, model, valid_counts)
                 else:
-                    # independent reads of the refit: side by side in memory
-                    change, test = concurrently(
-                        measure, functools.partial(self._check_tracking, be, model, valid_counts)
+                    # Independent reads of the refit: side by side in memory, the change
+                    # (its subsampled maps) on this thread: memory a pool thread frees
+                    # stays with that thread's heap, out of this one's reach.
+                    test, change = concurrently(
+                        functools.partial(self._check_tracking, be, model, valid_counts), measure
                     )
                 del previous, measure
                 asymmetry, raised, tracking = float("nan"), False, float("nan")
@@ -753,20 +750,14 @@ class IterativeBackground:
         measured on its central window (:func:`~skymap.background.scale.source_scale`),
         the same pixels whatever the back end, and bounded by the frame ``extent``
         (default: the image's shape; the fit passes its valid pixels' bounding box)."""
-        return self._source_size(backend, extent)()
-
-    def _source_size(self, backend: ArrayBackend, extent=None) -> Callable[[], float | None]:
-        """:meth:`source_size` as a call that reads nothing more of ``backend``: the
-        pixels it measures are taken now."""
         value = self.max_source_size
         if not (isinstance(value, str) and value == "auto"):
-            size = _resolve_size(value)
-            return lambda: size
+            return _resolve_size(value)
         win = central_window(backend.shape)
         image = np.asarray(backend.image[win])
         bad = np.asarray(backend.bad[win])
         frame = backend.shape if extent is None else extent
-        return lambda: source_scale(image, bad, frame).max_source_size
+        return source_scale(image, bad, frame).max_source_size
 
     def _fit_frame(self, inputs, frame, callback) -> BackgroundResult:
         """The fit of ``inputs`` within ``frame`` (the valid pixels' bounding box),

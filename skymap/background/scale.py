@@ -116,7 +116,9 @@ def source_scale(image, bad=None, shape=None) -> SourceScale:
     img = np.asarray(image)
     shape = img.shape if shape is None else tuple(shape)
     win = central_window(img.shape)
-    data = np.asarray(img[win], dtype=np.float64)
+    # a copy of our own (the residual is made in it: the measurement may run beside
+    # other steps of a fit, so its memory is kept low)
+    data = np.array(img[win], dtype=np.float64)
     ok = np.isfinite(data)
     if bad is not None:
         ok &= ~np.asarray(bad)[win]
@@ -130,11 +132,15 @@ def source_scale(image, bad=None, shape=None) -> SourceScale:
             n_peaks=0,
             n_sources=0,
         )
-    resid = np.where(ok, data - _coarse_median(data, ok), 0.0)
+    # np.where(ok, data - coarse, 0.0), in place
+    resid = np.subtract(data, _coarse_median(data, ok), out=data)
+    resid[~ok] = 0.0
     # Pixel noise from neighbour differences: blind to sky structure and sources.
     d = np.diff(resid, axis=1)[ok[:, 1:] & ok[:, :-1]]
     # numpy's medians bit for bit, by selection (~1e6 values)
-    sigma = MAD_TO_STD * exact_median(np.abs(d - exact_median(d))) / math.sqrt(2.0)
+    d -= exact_median(d)
+    sigma = MAD_TO_STD * exact_median(np.abs(d, out=d)) / math.sqrt(2.0)
+    del d
     fwhm, n_peaks = _peak_fwhm(resid, ok, sigma)
     size, n_sources = _source_size(resid, ok, sigma)
     wanted = max(
@@ -157,9 +163,12 @@ def _coarse_median(data, ok):
     ny, nx = data.shape
     gy, gx = max(1, -(-ny // b)), max(1, -(-nx // b))
     padded = np.full((gy * b, gx * b), np.nan)
-    padded[:ny, :nx] = np.where(ok, data, np.nan)
+    padded[:ny, :nx] = data
+    padded[:ny, :nx][~ok] = np.nan
     blocks = padded.reshape(gy, b, gx, b).transpose(0, 2, 1, 3).reshape(gy * gx, b * b)
+    del padded
     grid = nanmedian_rows(blocks, overwrite=True).reshape(gy, gx)
+    del blocks
     fill = np.nanmedian(grid) if np.isfinite(grid).any() else 0.0
     grid = np.where(np.isfinite(grid), grid, fill)
     # Bilinear, separable: along y, then along x (two small passes).

@@ -706,7 +706,7 @@ class HaloMasker:
         first that does not (further out: a neighbour's light, or the noise)."""
         r, med, n = ring_profiles(sample, shape, y, x, rmax)
         outer = np.isfinite(med) & (r >= rmax / 2.0)
-        # (no warnings filter: the halo masker may run beside another step)
+        # (no warnings filter: not safe while another thread runs)
         sky = nanmedian_rows(np.where(outer, med, np.nan))
         med = med - sky[:, None]
         with np.errstate(invalid="ignore", divide="ignore"):
