@@ -5,6 +5,8 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
+from skymap._util import in_bands
+
 
 def distances(seeds: np.ndarray, unit: float) -> np.ndarray:
     """``unit`` times the Euclidean distance (float64) of every pixel of the boolean
@@ -25,32 +27,42 @@ def distances(seeds: np.ndarray, unit: float) -> np.ndarray:
     """
     seeds = np.ascontiguousarray(seeds, dtype=bool)
     out = np.empty(seeds.shape, np.float64)
-    _distances(seeds, float(unit), out)
+    col = np.empty(seeds.shape, np.int32)
+    # both passes in bands (of columns, then of rows): each value is its own exact
+    # integer minimum, whatever the bands
+    in_bands(_column_distances, seeds.shape[1], seeds, col, grain=64)
+    in_bands(_distances, seeds.shape[0], col, float(unit), out)
     return out
 
 
 @njit(cache=True, nogil=True)
-def _distances(seeds, unit, out):  # pragma: no cover - compiled
+def _column_distances(seeds, col, lo, hi):  # pragma: no cover - compiled
+    """Columns ``lo:hi``: each pixel's distance (in rows) to the nearest seed of its
+    column, down, then up, the band's columns of a row at once (along memory)."""
     ny, nx = seeds.shape
     far = ny + nx  # further than any seed: its square exceeds every true squared distance
-    col = np.empty((ny, nx), np.int32)
-    # each column's distance (in rows) to its nearest seed: down, then up, all columns
-    # of a row at once (along memory)
-    for x in range(nx):
+    for x in range(lo, hi):
         col[0, x] = 0 if seeds[0, x] else far
     for y in range(1, ny):
-        for x in range(nx):
+        for x in range(lo, hi):
             col[y, x] = 0 if seeds[y, x] else min(col[y - 1, x] + 1, far)
     for y in range(ny - 2, -1, -1):
-        for x in range(nx):
+        for x in range(lo, hi):
             col[y, x] = min(col[y, x], col[y + 1, x] + 1)
+
+
+@njit(cache=True, nogil=True)
+def _distances(col, unit, out, ylo, yhi):  # pragma: no cover - compiled
+    """Rows ``ylo:yhi``: the lower envelope of the parabolas of ``col``'s distances."""
+    ny, nx = col.shape
+    far = ny + nx
     f = np.empty(nx, np.int64)  # each column's squared distance plus x^2
     v = np.empty(nx, np.int64)  # the columns of the envelope's parabolas
     # the envelope's breakpoints as exact ratios zn / zd (zd > 0): parabola k is
     # lowest from zn[k] / zd[k] to zn[k + 1] / zd[k + 1]
     zn = np.empty(nx, np.int64)
     zd = np.empty(nx, np.int64)
-    for y in range(ny):
+    for y in range(ylo, yhi):
         for x in range(nx):
             f[x] = np.int64(col[y, x]) * col[y, x] + x * x
         # the lower envelope of the parabolas (x - q)^2 + col[y, q]^2 of the columns
