@@ -596,3 +596,18 @@ def test_median_mad32_is_numpys_bit_for_bit(n):
         got = median_mad32(d)
         assert got[0] == med
         assert np.float32(got[1]).tobytes() == np.median(np.abs(d - med)).tobytes()
+
+
+def test_zero_where_is_numpys_masked_assignment(rng):
+    # the chain zeroes a scale's sums under its detections in bands of rows
+    from skymap.masking import _hysteresis_kernels as K
+
+    for dtype in (np.float32, np.float64):
+        num = rng.normal(size=(301, 77)).astype(dtype)
+        cnt = rng.integers(0, 5, size=(301, 77)).astype(dtype)
+        det = rng.random((301, 77)) < 0.3
+        want_num, want_cnt = num.copy(), cnt.copy()
+        want_num[det] = 0
+        want_cnt[det] = 0
+        K.zero_where(num, cnt, det)
+        assert num.tobytes() == want_num.tobytes() and cnt.tobytes() == want_cnt.tobytes()

@@ -731,6 +731,23 @@ def _nonfinite_or_row(vrow, given, masked, y, orow):  # pragma: no cover - compi
     return n
 
 
+def zero_where(num, cnt, det) -> None:
+    """``num[det] = 0; cnt[det] = 0`` in place, in bands of rows (2-D arrays of one
+    shape)."""
+    in_bands(_zero_where, det.shape[0], num, cnt, det, grain=_ROWS)
+
+
+@njit(cache=True, nogil=True)
+def _zero_where(num, cnt, det, lo, hi):  # pragma: no cover - compiled
+    zn, zc = num.dtype.type(0), cnt.dtype.type(0)
+    for y in range(lo, hi):
+        d, n, c = det[y], num[y], cnt[y]
+        for x in range(d.size):
+            if d[x]:
+                n[x] = zn
+                c[x] = zc
+
+
 def expand_mask_into(small, b, out):
     """``out |= small[y // b, x // b]`` in place, at full resolution; returns ``out``."""
     if b == 1:

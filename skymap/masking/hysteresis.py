@@ -116,8 +116,7 @@ class _SumsChain:
         its dilated binned detections ``det`` are) go on, ``det`` is kept."""
         if self.found is not None and not (b % self.b0 == 0 and _pow2(b // self.b0)):
             self.flush()
-        num[det] = 0
-        cnt[det] = 0
+        _k.zero_where(num, cnt, det)
         if self.found is None:
             self.b0, self.found = b, det.copy()
         else:
