@@ -688,6 +688,44 @@ def test_a_lazy_blocks_own_task_runs_inside_its_reader(synchronous):
     assert np.array_equal(np.asarray(fused.compute()), -2 * img)
 
 
+class _NoWindowResidual:
+    """A model whose ``residual_map`` takes no window (a user's): its tiles' residuals
+    are the map subtracted."""
+
+    def __init__(self, model):
+        self.model, self.dtype, self.shape = model, model.dtype, model.shape
+
+    def background_map(self, step=1, window=None):
+        return self.model.background_map(step, window=window)
+
+    def residual_map(self, image, step=1, out=None):
+        raise AssertionError("a tile's residual read residual_map without a window")
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_a_tiles_residual_is_made_in_one_pass_and_equals_the_subtracted_map(synchronous, dtype):
+    """A thin-plate model's tiles' residuals come from ``residual_map(tile,
+    window=...)`` (no map of the tile made first) when the model works in the image's
+    dtype, else from its map subtracted; equal bit for bit either way."""
+    from skymap.backends._tile_tasks import residual_in_one_pass
+
+    rng = np.random.default_rng(0)
+    img = (rng.normal(size=(96, 136)) + np.linspace(0, 5, 136)).astype(np.float32)
+    model = ThinPlateSmoother(cell_size=8).fit(img.astype(dtype), np.zeros(img.shape, bool))
+    assert model.dtype == dtype
+    be = DaskBackend(da.from_array(img, chunks=40), tile=32, unit=(8, 8))
+    one_pass = residual_in_one_pass(model, be.dtype)
+    assert one_pass == (dtype == np.float32)
+    res = be.residual(be.background(model))
+    assert res.name.startswith("_tile_residual_map" if one_pass else "_tile_residual-")
+    want = np.subtract(np.asarray(be.image), model.background_map(), dtype=be.dtype)
+    assert np.array_equal(np.asarray(res.compute()), want)
+    # a residual_map without a window: the map subtracted
+    slim = _NoWindowResidual(model)
+    assert not residual_in_one_pass(slim, model.dtype)
+    assert np.array_equal(np.asarray(be.residual(be.background(slim)).compute()), want)
+
+
 @pytest.mark.parametrize("tiled", [False, True])
 def test_a_users_own_masker_and_estimator_run_in_every_back_end(tiled):
     rng = np.random.default_rng(11)

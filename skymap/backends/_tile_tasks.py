@@ -346,6 +346,30 @@ def _tile_residual(img, model, block_info=None):
     return _subtract(img, model.background_map(window=window))
 
 
+@one_thread
+def _tile_residual_map(img, model, block_info=None):
+    """:func:`_tile_residual` in one pass (:func:`residual_in_one_pass`): no map of
+    the tile made, then read again, in fresh memory."""
+    window = tuple(tuple(w) for w in block_info[None]["array-location"])
+    return model.residual_map(img, window=window)
+
+
+def residual_in_one_pass(model, dtype) -> bool:
+    """Whether a tile's residual is ``model.residual_map(tile, window=window)``: the
+    model makes residuals of windows (``residual_map`` takes ``window``) in the
+    image's working ``dtype``, where that is ``image - background_map(window)`` bit
+    for bit."""
+    import inspect
+
+    fused = getattr(model, "residual_map", None)
+    if not callable(fused) or getattr(model, "dtype", None) != dtype:
+        return False
+    try:
+        return "window" in inspect.signature(fused).parameters
+    except (TypeError, ValueError):  # no signature to read
+        return False
+
+
 def _tile_normalise(raw, given, norm):
     """A tile's normalised image and its bad pixels (given or outliers)."""
     image = norm.apply(raw)

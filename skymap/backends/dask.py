@@ -72,6 +72,7 @@ from skymap.backends._tile_tasks import (  # the graphs' tile tasks
     _tile_model_map,
     _tile_normalise,
     _tile_residual,
+    _tile_residual_map,
     _tile_sum,
     _windowed,
     _work_block,
@@ -79,6 +80,7 @@ from skymap.backends._tile_tasks import (  # the graphs' tile tasks
     float_keys,
     key_to_float,
     one_thread,
+    residual_in_one_pass,
 )
 from skymap.backends.base import (
     CHANGE_STEP,
@@ -830,7 +832,10 @@ class DaskBackend:
         name, model = self._background_model
         if getattr(background, "name", None) == name:
             # the model's map made by the task that subtracts it, where the image is
-            return da.map_blocks(_tile_residual, self.image, model=model, dtype=self.dtype)
+            # (in one pass where the model can: no map of the tile in fresh memory)
+            fused = residual_in_one_pass(model, self.dtype)
+            task = _tile_residual_map if fused else _tile_residual
+            return da.map_blocks(task, self.image, model=model, dtype=self.dtype)
         return da.map_blocks(_subtract, self.image, background, dtype=self.dtype)
 
     def fit(self, estimator, mask, **hints):
