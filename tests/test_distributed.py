@@ -828,6 +828,23 @@ def test_hysteresis_joined_across_tiles_equals_whole_image_labelling():
     assert np.array_equal(tiled, ref)
 
 
+def test_kept_labels_is_numpys_lookup_on_blocks_and_strided_pieces():
+    """The compiled lookup of the labelling's kept labels equals ``keep[labels]`` on a
+    block and on the strided pieces of it that windows read in place."""
+    from skymap.backends._tile_kernels import kept_labels
+
+    rng = np.random.default_rng(5)
+    labels = rng.integers(0, 40, (64, 80)).astype(np.int32)
+    labels[rng.random(labels.shape) < 0.6] = 0
+    keep = rng.random(40) < 0.5
+    keep[0] = False
+    for view in (labels, labels[3:50, 7:61], labels[:, ::3], labels[::2, 5:6]):
+        got = kept_labels(view, keep)
+        assert got.dtype == bool and got.flags.c_contiguous
+        assert np.array_equal(got, keep[view])
+    assert np.array_equal(_keep_labels(labels, keep), keep[labels])
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_float_order_keys_round_trip_and_sort(dtype):
     v = np.array([-3.5, -0.0, 0.0, 1e-30, 2.0, 7.25, -1e30], dtype=dtype)

@@ -11,6 +11,7 @@ import functools
 import numpy as np
 
 from skymap._validate import as_image, as_mask, combine_masks
+from skymap.backends._tile_kernels import kept_labels
 from skymap.backends.base import (
     CHANGE_STEP,
     NativeMaps,
@@ -134,6 +135,8 @@ def _pick(ys, xs, *blocks):
 
 
 def _keep_labels(labels, keep):
+    if labels.ndim == 2 and labels.dtype.kind in "iu":
+        return kept_labels(labels, keep)
     return keep[labels]
 
 
