@@ -828,6 +828,41 @@ def test_hysteresis_joined_across_tiles_equals_whole_image_labelling():
     assert np.array_equal(tiled, ref)
 
 
+@pytest.mark.parametrize("shape", [(90, 120), (1, 50), (40, 1), (300, 300)])
+def test_seeded_labels_mark_seeded_regions_and_the_edges_others_as_scipy_finds_them(shape):
+    """A tile's labels for the join: 1 on every region (8-connected) holding a seed, a
+    label of its own for each other region on the tile's edge, 0 on the rest; the
+    count and the seeded flag with them. (300 x 300: one region of ~55% of the
+    pixels, whose fill grows the stack.)"""
+    from skymap.backends._tile_kernels import seeded_labels
+
+    rng = np.random.default_rng(sum(shape))
+    smooth = ndimage.gaussian_filter(rng.normal(size=shape), 2.0 if min(shape) > 1 else 0)
+    region = smooth > (-0.02 if shape == (300, 300) else 0.3 * smooth.std())
+    for seed in (smooth > 1.5 * smooth.std(), np.zeros(shape, bool)):
+        labels, count, seeded = seeded_labels(region, seed)
+        ref, n = ndimage.label(region, structure=np.ones((3, 3), bool))
+        has_seed = np.zeros(n + 1, bool)
+        has_seed[ref[seed & region]] = True
+        has_seed[0] = False
+        edge = np.zeros(shape, bool)
+        edge[[0, -1]] = edge[:, [0, -1]] = True
+        on_edge = np.zeros(n + 1, bool)
+        on_edge[ref[edge]] = True
+        on_edge[0] = False
+        assert seeded == bool(has_seed.any())
+        assert np.array_equal(labels == 1, has_seed[ref])
+        others = on_edge & ~has_seed
+        assert np.array_equal(labels > 1, others[ref])
+        assert count == 1 + int(others.sum())
+        # one label per region: the same pixels as scipy's
+        for k in np.flatnonzero(others):
+            assert np.unique(labels[ref == k]).size == 1
+        assert np.unique(labels[labels > 1]).size == count - 1
+        if shape == (300, 300) and seed.any():
+            assert (labels == 1).sum() > 1 << 14
+
+
 def test_kept_labels_is_numpys_lookup_on_blocks_and_strided_pieces():
     """The compiled lookup of the labelling's kept labels equals ``keep[labels]`` on a
     block and on the strided pieces of it that windows read in place."""

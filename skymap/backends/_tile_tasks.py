@@ -11,7 +11,7 @@ import functools
 import numpy as np
 
 from skymap._validate import as_image, as_mask, combine_masks
-from skymap.backends._tile_kernels import kept_labels
+from skymap.backends._tile_kernels import kept_labels, seeded_labels
 from skymap.backends.base import (
     CHANGE_STEP,
     NativeMaps,
@@ -66,30 +66,18 @@ def _split_lazy(kw: dict):
 
 
 @one_thread
-def _tile_label(maps, codes, kw, names=(), *values):
-    """A tile's regions labelled on their own (int32, 0 = none)."""
-    from scipy import ndimage
-
-    region = codes(maps, which="region", **kw, **dict(zip(names, values, strict=True)))
-    labels = np.zeros(region.shape, np.int32)
-    ndimage.label(region, structure=np.ones((3, 3), bool), output=labels)
-    return labels
-
-
-def _label_info(labels, maps, codes, kw, names=(), *values):
-    """What the driver needs to join a tile's labels across tiles: their count, those
-    holding a seed, and the tile's four edges (top, bottom rows; left, right columns)."""
-    seed = codes(maps, which="seed", **kw, **dict(zip(names, values, strict=True)))
-    edges = (labels[0].copy(), labels[-1].copy(), labels[:, 0].copy(), labels[:, -1].copy())
-    return int(labels.max(initial=0)), np.unique(labels[seed]), edges
-
-
-@one_thread
 def _tile_label_info(maps, codes, kw, names=(), *values):
-    """A tile's labels (:func:`_tile_label`) and their join information
-    (:func:`_label_info`) from one task."""
-    labels = _tile_label(maps, codes, kw, names, *values)
-    return labels, _label_info(labels, maps, codes, kw, names, *values)
+    """A tile's labels and what the driver needs to join them across tiles
+    (:func:`~skymap.backends.labels.merge_labels`), from one task: the labels of
+    :func:`~skymap.backends._tile_kernels.seeded_labels` (1 the regions holding a seed,
+    2, 3, ... the others that touch the tile's edge, 0 the rest), their count, the
+    seeded labels, and the tile's four edges (top, bottom rows; left, right columns)."""
+    kw = {**kw, **dict(zip(names, values, strict=True))}
+    region = codes(maps, which="region", **kw)
+    seed = codes(maps, which="seed", **kw)
+    labels, count, seeded = seeded_labels(region, seed)
+    edges = (labels[0].copy(), labels[-1].copy(), labels[:, 0].copy(), labels[:, -1].copy())
+    return labels, (count, np.array([1] if seeded else [], np.int32), edges)
 
 
 def _own_task(graph, key):

@@ -1069,10 +1069,13 @@ class DaskBackend:
         pixel) that hold a pixel of ``codes(..., which="seed", **kw)``, 8-connected
         across tiles, as a bool array binned by ``block``: each block a lookup in the
         tile's persisted labels, run inside the tasks on its worker that read it (a
-        task of its own for the others). Each tile is
-        labelled on its own (scipy); the labels that touch across a tile boundary are
-        joined by labelling the two-pixel strips along every boundary, and
-        ``scipy.sparse.csgraph.connected_components`` merges them.
+        task of its own for the others). Each tile is labelled on its own by flood
+        fills (:func:`~skymap.backends._tile_kernels.seeded_labels`: one label for
+        the regions that hold a seed there, one for each other region on the tile's
+        edge, none for the rest, which no other tile can reach); the labels that
+        touch across a tile boundary are joined by labelling the two-pixel strips
+        along every boundary, and ``scipy.sparse.csgraph.connected_components``
+        merges them.
 
         One task per tile labels it and finds the labels' join information; a lazy
         ``maps`` is computed inside it (its tasks are not run on their own: nothing
