@@ -263,6 +263,56 @@ def test_each_tile_runs_on_its_worker(threads_client, monkeypatch):
     assert DaskBackend(img, tile=64, client="sync").placement is None
 
 
+def _task_functions(task) -> set:
+    """The functions of the nested tasks inside one task of a hand-built graph."""
+    if isinstance(task, (tuple, list)):
+        found = {task[0]} if isinstance(task, tuple) and task and callable(task[0]) else set()
+        for t in task[1:] if found else task:
+            found |= _task_functions(t)
+        return found
+    return set()
+
+
+def test_windows_read_in_place_name_whole_blocks_and_cut_only_the_lookups(synchronous):
+    """Where every block is read in place (no cluster, or threads of one process), a
+    window names its blocks whole with the slice of their concatenation (no nested
+    task per block); the inline lookups of a labelling are still cut to the window's
+    part of their block. The windows are the same either way."""
+    from skymap.backends.windows import piece
+
+    rng = np.random.default_rng(4)
+    img = rng.normal(size=(96, 128)).astype(np.float32)
+    be = DaskBackend(da.from_array(img, chunks=32), tile=32, unit=(8, 8))
+    assert be.placement is None
+
+    def shifted(a, *, window, core):
+        return np.ascontiguousarray(a[core_of(window, core)]) + a.mean()
+
+    out = be.map_tiles(shifted, [be.image], halo=8, dtype=np.float32)
+    graph = dict(out.__dask_graph__())
+    tasks = [graph[k] for k in dask_backend.key_grid(out).ravel()]
+    assert not any(piece in _task_functions(t) for t in tasks)
+    want = np.empty_like(img)
+    for _, _, (y0, y1), (x0, x1) in be.tiles():
+        (w0, w1), (u0, u1) = be.grown((y0, y1), (x0, x1), 8)
+        want[y0:y1, x0:x1] = img[y0:y1, x0:x1] + img[w0:w1, u0:u1].mean()
+    assert np.array_equal(np.asarray(out.compute()), want)
+    # the lookups of label_seeded: each window computes them on its part only
+    codes = be.map_tiles(
+        lambda a, *, window, core: np.where(a > 2, 2, np.where(a > 0.5, 1, 0)).astype(np.uint8),
+        [be.image], dtype=np.uint8,
+    )  # fmt: skip
+    det, _ = be.label_seeded(codes, seeded_codes, block=1)
+    grown = be.map_tiles(
+        lambda d, *, window, core: np.ascontiguousarray(d[core_of(window, core)]),
+        [det], halo=8, dtype=bool,
+    )  # fmt: skip
+    graph = dict(grown.__dask_graph__())
+    inner = [graph[k] for k in dask_backend.key_grid(grown).ravel()]
+    assert all({piece, _keep_labels} <= _task_functions(t) for t in inner[4:5])
+    assert np.array_equal(np.asarray(grown.compute()), np.asarray(det.compute()))
+
+
 def _sum_and_window(a, *, window, core):
     return float(a.sum()), (a.copy(), window)
 
