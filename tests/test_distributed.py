@@ -263,6 +263,56 @@ def test_each_tile_runs_on_its_worker(threads_client, monkeypatch):
     assert DaskBackend(img, tile=64, client="sync").placement is None
 
 
+def _task_functions(task) -> set:
+    """The functions of the nested tasks inside one task of a hand-built graph."""
+    if isinstance(task, (tuple, list)):
+        found = {task[0]} if isinstance(task, tuple) and task and callable(task[0]) else set()
+        for t in task[1:] if found else task:
+            found |= _task_functions(t)
+        return found
+    return set()
+
+
+def test_windows_read_in_place_name_whole_blocks_and_cut_only_the_lookups(synchronous):
+    """Where every block is read in place (no cluster, or threads of one process), a
+    window names its blocks whole with the slice of their concatenation (no nested
+    task per block); the inline lookups of a labelling are still cut to the window's
+    part of their block. The windows are the same either way."""
+    from skymap.backends.windows import piece
+
+    rng = np.random.default_rng(4)
+    img = rng.normal(size=(96, 128)).astype(np.float32)
+    be = DaskBackend(da.from_array(img, chunks=32), tile=32, unit=(8, 8))
+    assert be.placement is None
+
+    def shifted(a, *, window, core):
+        return np.ascontiguousarray(a[core_of(window, core)]) + a.mean()
+
+    out = be.map_tiles(shifted, [be.image], halo=8, dtype=np.float32)
+    graph = dict(out.__dask_graph__())
+    tasks = [graph[k] for k in dask_backend.key_grid(out).ravel()]
+    assert not any(piece in _task_functions(t) for t in tasks)
+    want = np.empty_like(img)
+    for _, _, (y0, y1), (x0, x1) in be.tiles():
+        (w0, w1), (u0, u1) = be.grown((y0, y1), (x0, x1), 8)
+        want[y0:y1, x0:x1] = img[y0:y1, x0:x1] + img[w0:w1, u0:u1].mean()
+    assert np.array_equal(np.asarray(out.compute()), want)
+    # the lookups of label_seeded: each window computes them on its part only
+    codes = be.map_tiles(
+        lambda a, *, window, core: np.where(a > 2, 2, np.where(a > 0.5, 1, 0)).astype(np.uint8),
+        [be.image], dtype=np.uint8,
+    )  # fmt: skip
+    det, _ = be.label_seeded(codes, seeded_codes, block=1)
+    grown = be.map_tiles(
+        lambda d, *, window, core: np.ascontiguousarray(d[core_of(window, core)]),
+        [det], halo=8, dtype=bool,
+    )  # fmt: skip
+    graph = dict(grown.__dask_graph__())
+    inner = [graph[k] for k in dask_backend.key_grid(grown).ravel()]
+    assert all({piece, _keep_labels} <= _task_functions(t) for t in inner[4:5])
+    assert np.array_equal(np.asarray(grown.compute()), np.asarray(det.compute()))
+
+
 def _sum_and_window(a, *, window, core):
     return float(a.sum()), (a.copy(), window)
 
@@ -688,6 +738,44 @@ def test_a_lazy_blocks_own_task_runs_inside_its_reader(synchronous):
     assert np.array_equal(np.asarray(fused.compute()), -2 * img)
 
 
+class _NoWindowResidual:
+    """A model whose ``residual_map`` takes no window (a user's): its tiles' residuals
+    are the map subtracted."""
+
+    def __init__(self, model):
+        self.model, self.dtype, self.shape = model, model.dtype, model.shape
+
+    def background_map(self, step=1, window=None):
+        return self.model.background_map(step, window=window)
+
+    def residual_map(self, image, step=1, out=None):
+        raise AssertionError("a tile's residual read residual_map without a window")
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_a_tiles_residual_is_made_in_one_pass_and_equals_the_subtracted_map(synchronous, dtype):
+    """A thin-plate model's tiles' residuals come from ``residual_map(tile,
+    window=...)`` (no map of the tile made first) when the model works in the image's
+    dtype, else from its map subtracted; equal bit for bit either way."""
+    from skymap.backends._tile_tasks import residual_in_one_pass
+
+    rng = np.random.default_rng(0)
+    img = (rng.normal(size=(96, 136)) + np.linspace(0, 5, 136)).astype(np.float32)
+    model = ThinPlateSmoother(cell_size=8).fit(img.astype(dtype), np.zeros(img.shape, bool))
+    assert model.dtype == dtype
+    be = DaskBackend(da.from_array(img, chunks=40), tile=32, unit=(8, 8))
+    one_pass = residual_in_one_pass(model, be.dtype)
+    assert one_pass == (dtype == np.float32)
+    res = be.residual(be.background(model))
+    assert res.name.startswith("_tile_residual_map" if one_pass else "_tile_residual-")
+    want = np.subtract(np.asarray(be.image), model.background_map(), dtype=be.dtype)
+    assert np.array_equal(np.asarray(res.compute()), want)
+    # a residual_map without a window: the map subtracted
+    slim = _NoWindowResidual(model)
+    assert not residual_in_one_pass(slim, model.dtype)
+    assert np.array_equal(np.asarray(be.residual(be.background(slim)).compute()), want)
+
+
 @pytest.mark.parametrize("tiled", [False, True])
 def test_a_users_own_masker_and_estimator_run_in_every_back_end(tiled):
     rng = np.random.default_rng(11)
@@ -788,6 +876,58 @@ def test_hysteresis_joined_across_tiles_equals_whole_image_labelling():
     )
     assert ndimage.label(ref)[1] < 0.5 * ndimage.label(snr > 1.0)[1]  # some regions dropped
     assert np.array_equal(tiled, ref)
+
+
+@pytest.mark.parametrize("shape", [(90, 120), (1, 50), (40, 1), (300, 300)])
+def test_seeded_labels_mark_seeded_regions_and_the_edges_others_as_scipy_finds_them(shape):
+    """A tile's labels for the join: 1 on every region (8-connected) holding a seed, a
+    label of its own for each other region on the tile's edge, 0 on the rest; the
+    count and the seeded flag with them. (300 x 300: one region of ~55% of the
+    pixels, whose fill grows the stack.)"""
+    from skymap.backends._tile_kernels import seeded_labels
+
+    rng = np.random.default_rng(sum(shape))
+    smooth = ndimage.gaussian_filter(rng.normal(size=shape), 2.0 if min(shape) > 1 else 0)
+    region = smooth > (-0.02 if shape == (300, 300) else 0.3 * smooth.std())
+    for seed in (smooth > 1.5 * smooth.std(), np.zeros(shape, bool)):
+        labels, count, seeded = seeded_labels(region, seed)
+        ref, n = ndimage.label(region, structure=np.ones((3, 3), bool))
+        has_seed = np.zeros(n + 1, bool)
+        has_seed[ref[seed & region]] = True
+        has_seed[0] = False
+        edge = np.zeros(shape, bool)
+        edge[[0, -1]] = edge[:, [0, -1]] = True
+        on_edge = np.zeros(n + 1, bool)
+        on_edge[ref[edge]] = True
+        on_edge[0] = False
+        assert seeded == bool(has_seed.any())
+        assert np.array_equal(labels == 1, has_seed[ref])
+        others = on_edge & ~has_seed
+        assert np.array_equal(labels > 1, others[ref])
+        assert count == 1 + int(others.sum())
+        # one label per region: the same pixels as scipy's
+        for k in np.flatnonzero(others):
+            assert np.unique(labels[ref == k]).size == 1
+        assert np.unique(labels[labels > 1]).size == count - 1
+        if shape == (300, 300) and seed.any():
+            assert (labels == 1).sum() > 1 << 14
+
+
+def test_kept_labels_is_numpys_lookup_on_blocks_and_strided_pieces():
+    """The compiled lookup of the labelling's kept labels equals ``keep[labels]`` on a
+    block and on the strided pieces of it that windows read in place."""
+    from skymap.backends._tile_kernels import kept_labels
+
+    rng = np.random.default_rng(5)
+    labels = rng.integers(0, 40, (64, 80)).astype(np.int32)
+    labels[rng.random(labels.shape) < 0.6] = 0
+    keep = rng.random(40) < 0.5
+    keep[0] = False
+    for view in (labels, labels[3:50, 7:61], labels[:, ::3], labels[::2, 5:6]):
+        got = kept_labels(view, keep)
+        assert got.dtype == bool and got.flags.c_contiguous
+        assert np.array_equal(got, keep[view])
+    assert np.array_equal(_keep_labels(labels, keep), keep[labels])
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])

@@ -2,6 +2,8 @@
 by tile (skymap.masking.halo_tiles) equals the in-memory one, and the back end's
 window plumbing (cut halo strips, point reads) gives the same pixels."""
 
+import functools
+
 import numpy as np
 import pytest
 
@@ -15,7 +17,7 @@ from skymap.backends.distributed import cluster_client  # noqa: E402
 from skymap.backends.windows import Pieces, assemble  # noqa: E402
 from skymap.masking.bright import HaloMasker  # noqa: E402
 from skymap.masking.halo_tiles import find_tiled  # noqa: E402
-from skymap.masking.hysteresis import masked_block_sums  # noqa: E402
+from skymap.masking.hysteresis import _sums_into, masked_block_sums  # noqa: E402
 from skymap.quality.simulate import scene_by_name  # noqa: E402
 
 FIELDS = ("x", "y", "amplitude", "saturated", "radius", "profile_radius", "profile")
@@ -157,8 +159,8 @@ def test_pieces_block_sums_part_by_part_equal_the_whole_windows(b):
         sl = (slice(y0, int(hs.sum())), slice(x0, int(ws.sum())))
         w = Pieces(_nested(img, hs, ws), sl)
         e = Pieces(_nested(excl, hs, ws), sl)
-        got = w.binned(lambda v, m: masked_block_sums(v, m, b), b, e)
+        got = w.binned_into(functools.partial(_sums_into, b=b), b, 2, e)
         want = masked_block_sums(img[sl], excl[sl], b)
         assert all(np.array_equal(g, x, equal_nan=True) for g, x in zip(got, want, strict=True))
         off = (slice(y0 + 1, int(hs.sum())), slice(x0, int(ws.sum())))
-        assert Pieces(_nested(img, hs, ws), off).binned(masked_block_sums, b) is None
+        assert Pieces(_nested(img, hs, ws), off).binned_into(_sums_into, b, 2) is None

@@ -11,6 +11,7 @@ import functools
 import numpy as np
 
 from skymap._validate import as_image, as_mask, combine_masks
+from skymap.backends._tile_kernels import kept_labels, seeded_labels
 from skymap.backends.base import (
     CHANGE_STEP,
     NativeMaps,
@@ -65,30 +66,18 @@ def _split_lazy(kw: dict):
 
 
 @one_thread
-def _tile_label(maps, codes, kw, names=(), *values):
-    """A tile's regions labelled on their own (int32, 0 = none)."""
-    from scipy import ndimage
-
-    region = codes(maps, which="region", **kw, **dict(zip(names, values, strict=True)))
-    labels = np.zeros(region.shape, np.int32)
-    ndimage.label(region, structure=np.ones((3, 3), bool), output=labels)
-    return labels
-
-
-def _label_info(labels, maps, codes, kw, names=(), *values):
-    """What the driver needs to join a tile's labels across tiles: their count, those
-    holding a seed, and the tile's four edges (top, bottom rows; left, right columns)."""
-    seed = codes(maps, which="seed", **kw, **dict(zip(names, values, strict=True)))
-    edges = (labels[0].copy(), labels[-1].copy(), labels[:, 0].copy(), labels[:, -1].copy())
-    return int(labels.max(initial=0)), np.unique(labels[seed]), edges
-
-
-@one_thread
 def _tile_label_info(maps, codes, kw, names=(), *values):
-    """A tile's labels (:func:`_tile_label`) and their join information
-    (:func:`_label_info`) from one task."""
-    labels = _tile_label(maps, codes, kw, names, *values)
-    return labels, _label_info(labels, maps, codes, kw, names, *values)
+    """A tile's labels and what the driver needs to join them across tiles
+    (:func:`~skymap.backends.labels.merge_labels`), from one task: the labels of
+    :func:`~skymap.backends._tile_kernels.seeded_labels` (1 the regions holding a seed,
+    2, 3, ... the others that touch the tile's edge, 0 the rest), their count, the
+    seeded labels, and the tile's four edges (top, bottom rows; left, right columns)."""
+    kw = {**kw, **dict(zip(names, values, strict=True))}
+    region = codes(maps, which="region", **kw)
+    seed = codes(maps, which="seed", **kw)
+    labels, count, seeded = seeded_labels(region, seed)
+    edges = (labels[0].copy(), labels[-1].copy(), labels[:, 0].copy(), labels[:, -1].copy())
+    return labels, (count, np.array([1] if seeded else [], np.int32), edges)
 
 
 def _own_task(graph, key):
@@ -134,6 +123,8 @@ def _pick(ys, xs, *blocks):
 
 
 def _keep_labels(labels, keep):
+    if labels.ndim == 2 and labels.dtype.kind in "iu":
+        return kept_labels(labels, keep)
     return keep[labels]
 
 
@@ -344,6 +335,30 @@ def _strip_positive(model, rows, start: int | None = None, step: int = 1):
 def _tile_residual(img, model, block_info=None):
     window = tuple(tuple(w) for w in block_info[None]["array-location"])
     return _subtract(img, model.background_map(window=window))
+
+
+@one_thread
+def _tile_residual_map(img, model, block_info=None):
+    """:func:`_tile_residual` in one pass (:func:`residual_in_one_pass`): no map of
+    the tile made, then read again, in fresh memory."""
+    window = tuple(tuple(w) for w in block_info[None]["array-location"])
+    return model.residual_map(img, window=window)
+
+
+def residual_in_one_pass(model, dtype) -> bool:
+    """Whether a tile's residual is ``model.residual_map(tile, window=window)``: the
+    model makes residuals of windows (``residual_map`` takes ``window``) in the
+    image's working ``dtype``, where that is ``image - background_map(window)`` bit
+    for bit."""
+    import inspect
+
+    fused = getattr(model, "residual_map", None)
+    if not callable(fused) or getattr(model, "dtype", None) != dtype:
+        return False
+    try:
+        return "window" in inspect.signature(fused).parameters
+    except (TypeError, ValueError):  # no signature to read
+        return False
 
 
 def _tile_normalise(raw, given, norm):

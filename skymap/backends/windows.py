@@ -167,8 +167,8 @@ class Pieces:
     """A window of a tiled array held as the parts of its blocks that tile it (views,
     nothing copied), for a tile task that can work part by part or on a part alone:
     :meth:`whole` copies the window out (:func:`assemble`), :meth:`region` is a view
-    where one part holds the region, and :meth:`binned` runs a block-wise reduction
-    on each part and joins the (smaller) results.
+    where one part holds the region, and :meth:`binned_into` runs a block-wise reduction
+    on each part, writing into the (smaller) joined results.
 
     Parameters
     ----------
@@ -230,31 +230,32 @@ class Pieces:
             return part[..., y0 - ey[i0] : y1 - ey[i0], x0 - ex[j0] : x1 - ex[j0]]
         return assemble(self.parts, sl)
 
-    def binned(self, func, b: int, *others: Pieces):
-        """``func(part, *others' parts)`` (arrays reduced ``b`` x ``b`` block by block, a
-        partial block only at the far edges) run on each part and joined: the tuple of
-        ``func``'s outputs over the whole window, equal to ``func`` on the whole window
-        wherever each part starts on a block's edge. None where one does not (the
-        caller then reads :meth:`whole`). ``others`` are windows of arrays of the same
-        blocks; a part not C-contiguous (a column strip) is copied first."""
-        inner = [e[1:-1] for e in self.edges]
-        if any(np.any(e % b) for e in inner) or any(
-            not np.array_equal(o.edges[k], self.edges[k]) for o in others for k in (0, 1)
-        ):
+    def binned_into(self, func, b: int, n: int, *others: Pieces):
+        """A block-wise reduction run part by part: ``n`` float32 maps of the window
+        binned by ``b`` (zeros first), each part's share of them written by
+        ``func(part, *others' parts, out=views)`` (arrays reduced ``b`` x ``b`` block by
+        block, a partial block only at the far edges), where it goes (nothing joined
+        afterwards). Equal to the reduction of the whole window wherever each part
+        starts on a block's edge; None where one does not (the caller then reads
+        :meth:`whole`). ``others`` are windows of arrays of the same blocks; a part
+        not C-contiguous (a column strip) is copied first."""
+        if not self._on_blocks(b, others):
             return None
-        out = [
-            [
-                func(*(np.ascontiguousarray(w.parts[i][j]) for w in (self, *others)))
-                for j in range(len(row))
-            ]
-            for i, row in enumerate(self.parts)
-        ]
-        if len(out) * len(out[0]) == 1:
-            return tuple(out[0][0])
-        outs = []
-        for k in range(len(out[0][0])):
-            parts = [[cell[k] for cell in row] for row in out]
-            h = sum(row[0].shape[-2] for row in parts)
-            w = sum(p.shape[-1] for p in parts[0])
-            outs.append(assemble(parts, (slice(0, h), slice(0, w))))
-        return tuple(outs)
+        shape = tuple(-(-m // b) for m in self.shape[-2:])
+        outs = tuple(np.zeros(shape, np.float32) for _ in range(n))
+        (ey, ex) = (e // b for e in self.edges)
+        for i, row in enumerate(self.parts):
+            for j, part in enumerate(row):
+                sl = (slice(ey[i], ey[i] + -(-part.shape[-2] // b)),
+                      slice(ex[j], ex[j] + -(-part.shape[-1] // b)))  # fmt: skip
+                parts = (np.ascontiguousarray(w.parts[i][j]) for w in (self, *others))
+                func(*parts, out=tuple(o[sl] for o in outs))
+        return outs
+
+    def _on_blocks(self, b: int, others) -> bool:
+        """Whether every part starts on an edge of the ``b`` x ``b`` blocks, and the
+        ``others`` are cut alike."""
+        inner = [e[1:-1] for e in self.edges]
+        return not any(np.any(e % b) for e in inner) and all(
+            np.array_equal(o.edges[k], self.edges[k]) for o in others for k in (0, 1)
+        )

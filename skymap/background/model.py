@@ -56,7 +56,9 @@ class BackgroundModel(Protocol):
     - background_map(step)`` made in one pass, the map rounded to the model's
     ``dtype`` first; ``out`` may be ``image``) gives the in-memory back end the
     residuals of the maps the loop reads only through a residual and the change,
-    without the maps, and the change's differences in one subsample's memory.
+    without the maps, and the change's differences in one subsample's memory; if its
+    ``residual_map`` also takes ``window=`` (the image's pixels of that window), the
+    dask back end makes each tile's residual in one pass too.
     """
 
     shape: tuple[int, int]

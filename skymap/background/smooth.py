@@ -1253,13 +1253,14 @@ class SmoothResult:
             self.grid, self.cell_size, self.shape, self.dtype, step, window=window, out=out
         )
 
-    def residual_map(self, image: np.ndarray, step: int = 1, out=None) -> np.ndarray:
-        """``image - background_map(step)`` in one pass, into ``out`` if given (an
-        array of that map's shape and the model's dtype; it may be ``image`` itself):
-        the map's values are rounded to the model's dtype first, so the result is
-        numpy's difference bit for bit where ``image`` has that dtype."""
+    def residual_map(self, image: np.ndarray, step: int = 1, out=None, window=None) -> np.ndarray:
+        """``image - background_map(step, window)`` in one pass, into ``out`` if given
+        (an array of that map's shape and the model's dtype; it may be ``image``
+        itself): the map's values are rounded to the model's dtype first, so the result
+        is numpy's difference bit for bit where ``image`` has that dtype. ``image`` is
+        the window's pixels when ``window`` = ((y0, y1), (x0, x1)) is given (a tile)."""
         return upsample(
-            self.grid, self.cell_size, self.shape, self.dtype, step, out=out,
+            self.grid, self.cell_size, self.shape, self.dtype, step, window=window, out=out,
             subtract_from=image,
         )  # fmt: skip
 

@@ -275,7 +275,12 @@ def _ring_row(a, kernel, edges, edge_rows, k, y, row, ring):  # pragma: no cover
 def block_sum(a, b):
     """Sums over b x b blocks (partial blocks at the far edges sum what they hold)."""
     ny, nx = a.shape
-    out = np.zeros((-(-ny // b), -(-nx // b)), np.float32)
+    return block_sum_into(a, b, np.zeros((-(-ny // b), -(-nx // b)), np.float32))
+
+
+def block_sum_into(a, b, out):
+    """:func:`block_sum` of ``a`` added into ``out`` (zeros: the sums themselves), which
+    may be a strided view (a part of a larger map)."""
     in_bands(_block_sum, out.shape[0], a, b, out, grain=-(-_ROWS // b))
     return out
 

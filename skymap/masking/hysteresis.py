@@ -831,12 +831,25 @@ def _window_inputs(res, excl, window, masker, s, noise, window_of):
         rms = np.asarray(rms, dtype=np.float32)  # as HysteresisMasker.__call__ does
     if isinstance(res, Pieces):
         b = masker.binning(s, res.shape)
-        sums = None if b == 1 else res.binned(functools.partial(masked_block_sums, b=b), b, excl)
+        sums = None if b == 1 else res.binned_into(functools.partial(_sums_into, b=b), b, 2, excl)
         if sums is not None:
             # only the window's shape is read from res, and excl not at all
             return masker._dog_inputs(res, rms, None, s, sums)
         res, excl = res.whole(), excl.whole()
     return masker._dog_inputs(res, rms, excl, s)
+
+
+def _sums_into(values, excluded, *, b, out):
+    """:func:`masked_block_sums` of ``values`` written into ``out`` = (num, cnt) (zeros,
+    views of the joined maps of a window: :meth:`~skymap.backends.windows.Pieces.binned_into`),
+    the last 2 x 2 summing step writing there: the same sums bit for bit."""
+    num, cnt = out
+    if b == 2:
+        _k.masked_block_sums(values, excluded, 2, num, cnt)
+        return
+    half = halved_sums(*masked_block_sums(values, excluded, 2), b // 4)
+    for a, into in zip(half, out, strict=True):
+        _k.block_sum_into(a, 2, into)
 
 
 def tile_sampled_pairs(res, excl, *, window, core, masker, s, noise, window_of, lag, step):
