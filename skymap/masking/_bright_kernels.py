@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
+from skymap._fill_kernels import fill_stack
 from skymap._util import in_bands
 from skymap.masking._hysteresis_kernels import grown
 
@@ -38,33 +39,10 @@ def _label8(flat, words, labels, nx):  # pragma: no cover - compiled
             stack[0] = i
             top = 1
             while top:
-                top = _label_stack(flat, labels, nx, ny, stack, top, n)
+                top = fill_stack(flat, labels, ny, nx, n, stack, top)
                 if top:
                     stack = grown(stack)
     return n
-
-
-@njit(cache=True, nogil=True)
-def _label_stack(flat, labels, nx, ny, stack, top, n):  # pragma: no cover - compiled
-    """Pops :func:`_label8`'s ``stack`` (``top`` entries), labelling the neighbours it
-    reaches ``n``, until it is empty (returns 0) or could overflow (returns the count
-    left, for the caller to grow it): the stack is never reassigned here, so the loop
-    holds no reference counting."""
-    while top:
-        if top + 8 > stack.size:
-            return top
-        top -= 1
-        j = stack[top]
-        y = j // nx
-        x = j - y * nx
-        for yy in range(max(0, y - 1), min(ny, y + 2)):
-            for xx in range(max(0, x - 1), min(nx, x + 2)):
-                k = yy * nx + xx
-                if flat[k] and labels[k] == 0:
-                    labels[k] = n
-                    stack[top] = k
-                    top += 1
-    return 0
 
 
 @njit(cache=True, nogil=True)
