@@ -45,3 +45,17 @@ def fill_stack(region, labels, ny, nx, label, stack, n):  # pragma: no cover - c
                     stack[n] = j
                     n += 1
     return 0
+
+
+@njit(cache=True, nogil=True)
+def fill(region, labels, ny, nx, i, label, stack):  # pragma: no cover - compiled
+    """Label ``label`` on pixel ``i`` and the pixels 8-connected to it through
+    ``region`` that have none yet; returns the stack (grown if it had to be)."""
+    labels[i] = label
+    stack[0] = i
+    n = 1
+    while n:
+        n = fill_stack(region, labels, ny, nx, label, stack, n)
+        if n:
+            stack = grown_to(stack, n)
+    return stack

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-from skymap._fill_kernels import fill_stack, grown_to
+from skymap._fill_kernels import fill, fill_stack, grown_to
 
 
 def kept_labels(labels, keep) -> np.ndarray:
@@ -78,19 +78,5 @@ def _seeded_labels(region, seed, words, labels, ny, nx):  # pragma: no cover - c
             i = y * nx + x
             if region[i] and labels[i] == 0:
                 count += 1
-                stack = _fill(region, labels, ny, nx, i, count, stack)
+                stack = fill(region, labels, ny, nx, i, count, stack)
     return count, seeds > 0
-
-
-@njit(cache=True, nogil=True)
-def _fill(region, labels, ny, nx, i, label, stack):  # pragma: no cover - compiled
-    """Label ``label`` on pixel ``i`` and the pixels 8-connected to it through
-    ``region`` that have none yet; returns the stack (grown if it had to be)."""
-    labels[i] = label
-    stack[0] = i
-    n = 1
-    while n:
-        n = fill_stack(region, labels, ny, nx, label, stack, n)
-        if n:
-            stack = grown_to(stack, n)
-    return stack

@@ -5,9 +5,8 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-from skymap._fill_kernels import fill_stack
+from skymap._fill_kernels import fill
 from skymap._util import in_bands
-from skymap.masking._hysteresis_kernels import grown
 
 
 def label8(region):
@@ -35,13 +34,7 @@ def _label8(flat, words, labels, nx):  # pragma: no cover - compiled
             if not flat[i] or labels[i] != 0:
                 continue
             n += 1
-            labels[i] = n
-            stack[0] = i
-            top = 1
-            while top:
-                top = fill_stack(flat, labels, ny, nx, n, stack, top)
-                if top:
-                    stack = grown(stack)
+            stack = fill(flat, labels, ny, nx, i, n, stack)
     return n
 
 
