@@ -274,8 +274,9 @@ def concurrently(first, second):
     (``numba.get_num_threads()``); one after the other otherwise, or when no pool
     thread has taken ``first`` by the time ``second`` is done. For two independent
     steps that each run mostly outside the GIL (numba kernels, large numpy calls);
-    neither may change what the other reads. An error of either is raised (the
-    other's first if both fail, after both are done).
+    neither may change what the other reads. If ``second`` fails, ``first`` is dropped
+    when no thread has taken it (else waited for) and ``second``'s error is raised;
+    otherwise ``first``'s error, if any.
 
     Examples
     --------

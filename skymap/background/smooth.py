@@ -759,7 +759,7 @@ class ThinPlateSmoother:
             smoothing_start = fitted[1]
         z, lam, scores, n, mean, var, offsets, w, penalty, zvar, _ = fitted
         cy, cx = cells
-        vw = np.where((n >= 2) & np.isfinite(var), n - 1.0, 0.0)
+        vw = _variance_weights(n, var)
         if zvar is None:
             zvar = self._variance(n, var, cells, lam)
         zrms = np.sqrt(np.maximum(zvar, 0.0))
@@ -870,7 +870,7 @@ class ThinPlateSmoother:
         """The cells' pixel variance ``var`` smoothed for the noise map: weighted by
         their degrees of freedom, ``rms_smoothing_factor`` times stiffer than the
         background's ``lam``."""
-        vw = np.where((n >= 2) & np.isfinite(var), n - 1.0, 0.0)
+        vw = _variance_weights(n, var)
         if np.any(vw > 0):
             zvar, _, _ = smooth_grid(
                 var, vw, spacing=cells, smoothing=lam * self.rms_smoothing_factor
@@ -907,6 +907,11 @@ class ThinPlateSmoother:
             "gcv_inflation": self.gcv_inflation,
         }
         depth = None if self.smoothing is not None or w is n else depth_grid(n, w, weights)
+
+        def at_floor(lam):
+            # GCV wants a smoothing below the cells: the caller refits on finer ones
+            return self.smoothing is None and lam <= floor * 10.0**0.2
+
         zvar = None
         if depth is None:
             alongside = None
@@ -917,8 +922,7 @@ class ThinPlateSmoother:
             ):
 
                 def alongside(lam):
-                    # not for a fit that GCV sends on to finer cells
-                    return None if lam <= floor * 10.0**0.2 else self._variance(n, var, cells, lam)
+                    return None if at_floor(lam) else self._variance(n, var, cells, lam)
 
             z, lam, scores, zvar = _smooth(mean, weights, smoothing=self.smoothing, **search,
                                            **grid, rtol=1e-6, penalty=None, local_weights=None,
@@ -927,12 +931,12 @@ class ThinPlateSmoother:
         else:
             z, lam, scores, penalty, power = _depth_search(mean, weights, depth, search, grid)
             penalty = (*penalty, power)
-        at_floor = self.smoothing is None and lam <= floor * 10.0**0.2  # as alongside's
+        floored = at_floor(lam)
         if self.smoothing is None and self.protect_scale is not None:
             # Stiffen until the residual is white at the protected scale.
             fit = (z, lam, penalty)
             z, lam, penalty = self._protect(mean, weights, fit, hi, n, var, depth, grid)
-        return z, lam, scores, n, mean, var, (dy, dx), w, penalty, zvar, at_floor
+        return z, lam, scores, n, mean, var, (dy, dx), w, penalty, zvar, floored
 
 
 #: Cells per smoothing length below which :meth:`ThinPlateSmoother.coarsening` does
@@ -948,6 +952,12 @@ COST_CELL = 8
 DEPTH_SPREAD = 1.2
 #: Powers of the depth that the penalty field may follow (0: one penalty).
 DEPTH_POWERS = (0.0, 0.25, 0.5, 0.75, 1.0)
+
+
+def _variance_weights(n, var) -> np.ndarray:
+    """The cells' weights in the noise map's variance fit: their degrees of freedom
+    (0 for cells with fewer than two pixels or no finite variance)."""
+    return np.where((n >= 2) & np.isfinite(var), n - 1.0, 0.0)
 
 
 def depth_grid(n, w, weights) -> np.ndarray | None:
