@@ -116,8 +116,7 @@ def source_scale(image, bad=None, shape=None) -> SourceScale:
     img = np.asarray(image)
     shape = img.shape if shape is None else tuple(shape)
     win = central_window(img.shape)
-    # a copy of our own (the residual is made in it: the measurement may run beside
-    # other steps of a fit, so its memory is kept low)
+    # a copy of our own: the residual is made in it (one map fewer at the peak)
     data = np.array(img[win], dtype=np.float64)
     ok = np.isfinite(data)
     if bad is not None:

@@ -1061,13 +1061,14 @@ def dog_sampled(num, cnt, excluded, g, g2, local, bw, noise, b, q, ys, xs):
 
 
 @njit(cache=True, nogil=True, inline="always")
-def _columns_of(nx, b, q, nqx, bw):  # pragma: no cover - compiled
-    """Each column's noise and local-mean columns (no integer division per pixel)."""
-    qcol = np.empty(nx, np.int64)
-    lcol = np.empty(nx, np.int64)
-    for x in range(nx):
-        qcol[x] = min((x * b + b // 2) // q, nqx - 1)
-        lcol[x] = x // bw
+def _columns_of(xs, b, q, nqx, bw):  # pragma: no cover - compiled
+    """The noise and local-mean columns of the columns ``xs`` (once each, not an
+    integer division per pixel)."""
+    qcol = np.empty(xs.size, np.int64)
+    lcol = np.empty(xs.size, np.int64)
+    for k in range(xs.size):
+        qcol[k] = min((xs[k] * b + b // 2) // q, nqx - 1)
+        lcol[k] = xs[k] // bw
     return qcol, lcol
 
 
@@ -1120,7 +1121,7 @@ def _dog_sampled_rows(
     an_r = np.empty(nx, np.float32)
     ac_r = np.empty(nx, np.float32)
     av_r = np.empty(nx, np.float32)
-    qcol, lcol = _columns_of(nx, b, q, nqx, bw)
+    qcol, lcol = _columns_of(np.arange(nx), b, q, nqx, bw)
     for k in range(klo, khi):
         y = ys[k]
         lo, hi = max(0, y - r), min(ny - 1, y + r)
@@ -1189,11 +1190,7 @@ def _dog_columns_y(
     an_c = np.empty(m, np.float32)
     ac_c = np.empty(m, np.float32)
     av_c = np.empty(m, np.float32)
-    qcol = np.empty(m, np.int64)
-    lcol = np.empty(m, np.int64)
-    for k in range(m):
-        qcol[k] = min((xs[k] * b + b // 2) // q, nqx - 1)
-        lcol[k] = xs[k] // bw
+    qcol, lcol = _columns_of(xs, b, q, nqx, bw)
     for y in range(ylo, yhi):
         lo, hi = max(0, y - r), min(ny - 1, y + r)
         qy = min((y * b + b // 2) // q, nqy - 1)
