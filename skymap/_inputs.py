@@ -450,16 +450,33 @@ class Normalisation:
         the level (a new boolean array)."""
         return work < work.dtype.type(-NEGATIVE * self.spread / self.scale)
 
-    def undo(self, work, *, offset: bool = True, reuse: bool = False):
+    def undo(self, work, *, offset: bool = True, reuse: bool = False, minus: float = 0.0):
         """``work * scale + level`` in ``work``'s dtype (a new array; a lazy one for a
         dask array); ``offset=False`` for spreads (rms, errors), which only scale.
         ``reuse``: a float ``work`` ndarray that the caller no longer needs is
-        overwritten with the result (the same values; no second image of memory)."""
+        overwritten with the result (the same values; no second image of memory).
+        ``minus``, if not 0, is subtracted from ``work`` first (in its dtype: the
+        values of ``work - minus`` undone)."""
         if hasattr(work, "map_blocks"):
+            if minus:
+                work = work - np.asarray(minus, dtype=work.dtype)
             return work.map_blocks(self.undo, offset=offset, dtype=work.dtype)
         work = np.asarray(work)
         dtype = work.dtype if work.dtype.kind == "f" else np.dtype(np.float64)
         into = work if reuse and work.dtype == dtype and work.flags.writeable else None
+        if (
+            offset
+            and work.ndim == 2
+            and work.dtype == dtype
+            and dtype in (np.float32, np.float64)
+            and work.flags.c_contiguous
+        ):
+            # The passes below (and the subtraction) in one, in bands of rows.
+            out = np.empty(work.shape, dtype) if into is None else into
+            t = dtype.type
+            return _k.undone_into(work, t(minus), t(self.scale), t(self.level), out)
+        if minus:
+            work = into = np.subtract(work, dtype.type(minus), dtype=dtype, out=into)
         out = np.multiply(work, dtype.type(self.scale), dtype=dtype, out=into)
         if offset:
             np.add(out, dtype.type(self.level), out=out)

@@ -87,3 +87,44 @@ def _row_runs(image, bad, masked, run, step, out):  # pragma: no cover - compile
             start = x - run + 1
             if start >= 0:
                 line[start] = count >= run - 1
+
+
+def invalid_into(image, mask, out):
+    """``out = ~np.isfinite(image) | mask`` (``mask`` None: no mask) in one pass, in
+    bands of rows: :func:`skymap._validate.combine_masks` for a 2-D float image and
+    one boolean mask of its shape."""
+    flag = np.zeros((1, 1), np.bool_) if mask is None else mask
+    in_bands(_invalid_rows, image.shape[0], image, flag, mask is not None, out, grain=64)
+    return out
+
+
+@njit(cache=True, nogil=True)
+def _invalid_rows(image, mask, masked, out, lo, hi):  # pragma: no cover - compiled
+    # v - v is 0 for a finite v and NaN otherwise: a test without a branch, which
+    # vectorises
+    for y in range(lo, hi):
+        src, dst = image[y], out[y]
+        if masked:
+            m = mask[y]
+            for x in range(src.size):
+                dst[x] = (src[x] - src[x] != 0) | m[x]
+        else:
+            for x in range(src.size):
+                dst[x] = src[x] - src[x] != 0
+
+
+def undone_into(work, minus, scale, level, out):
+    """``out = (work - minus) * scale + level`` in ``out``'s dtype (``work``'s: float32
+    or float64, C-contiguous, 2-D; ``out`` may be ``work``), each operation rounded as
+    numpy's: :meth:`~skymap._inputs.Normalisation.undo`'s passes in one, in bands of
+    rows."""
+    in_bands(_undone, work.shape[0], work, minus, scale, level, out, grain=32)
+    return out
+
+
+@njit(cache=True, nogil=True)
+def _undone(work, minus, scale, level, out, lo, hi):  # pragma: no cover - compiled
+    for y in range(lo, hi):
+        src, dst = work[y], out[y]
+        for x in range(src.size):
+            dst[x] = (src[x] - minus) * scale + level

@@ -90,6 +90,23 @@ def as_mask(mask: Any, shape: tuple[int, ...], name: str = "mask") -> np.ndarray
 
 def combine_masks(image: np.ndarray, *masks: np.ndarray | None) -> np.ndarray:
     """OR the given masks with the non-finite pixels of ``image`` (a new array)."""
+    given = [m for m in masks if m is not None]
+    if (
+        isinstance(image, np.ndarray)
+        and image.ndim == 2
+        and image.dtype in (np.float32, np.float64)
+        and image.size >= 1 << 18
+        and all(
+            isinstance(m, np.ndarray) and m.dtype == bool and m.shape == image.shape for m in given
+        )  # fmt: skip
+    ):
+        # Large images: one compiled pass in bands of rows (numba's threads).
+        from skymap._inputs_kernels import invalid_into
+
+        out = invalid_into(image, given[0] if given else None, np.empty(image.shape, bool))
+        for m in given[1:]:
+            out |= m
+        return out
     out = np.isfinite(image)
     np.logical_not(out, out=out)  # in place: no second full-size temporary
     for m in masks:

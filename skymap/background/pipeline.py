@@ -717,18 +717,13 @@ class IterativeBackground:
             )
         reuse = getattr(model, "new_maps", False)
         pedestal = self._pedestal(be, bkg, current) if self.wing_pedestal else 0.0
-        if pedestal > 0:
-            lowered = np.asarray(pedestal, dtype=bkg.dtype)
-            if reuse and isinstance(bkg, np.ndarray):
-                bkg -= lowered  # a map made for this call alone (memory)
-            else:
-                bkg, reuse = bkg - lowered, True
         lazy_rms = be.result_rms(model)
         if not converged:
             warnings.warn(note, ConvergenceWarning, stacklevel=2)
         return BackgroundResult(
             # A map made for this call alone becomes the result (memory).
-            background=be.result(norm.undo(bkg, reuse=reuse)),
+            # The pedestal comes off in the same pass (in the map's dtype).
+            background=be.result(norm.undo(bkg, reuse=reuse, minus=max(pedestal, 0.0))),
             mask=be.result(current),
             bad_mask=be.result(be.given_bad),
             history=tuple(history),
