@@ -23,6 +23,7 @@ operators; :meth:`ImageInput.as_nddata` gives an NDData/CCDData with the WCS and
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 from dataclasses import dataclass, field
@@ -31,7 +32,7 @@ from typing import Any
 import numpy as np
 
 from skymap import _inputs_kernels as _k
-from skymap._util import MAD_TO_STD
+from skymap._util import MAD_TO_STD, concurrently
 from skymap._validate import as_image, as_mask
 
 __all__ = [
@@ -445,10 +446,35 @@ class Normalisation:
         np.clip(out, -CLIP, CLIP, out=out, where=finite)
         return out
 
+    def apply_excluding(self, image: np.ndarray, given: np.ndarray):
+        """``(apply(image), given | outliers(apply(image)))``: the normalised image and
+        ``given`` (a boolean mask of its shape) with its extreme negative pixels, in
+        one pass where :meth:`apply` makes one (two new arrays)."""
+        if (
+            isinstance(image, np.ndarray)
+            and image.ndim == 2
+            and image.dtype in (np.float32, np.float64)
+            and image.flags.c_contiguous
+            and isinstance(given, np.ndarray)
+            and given.dtype == bool
+            and given.shape == image.shape
+        ):
+            t = image.dtype.type
+            out, bad = np.empty(image.shape, image.dtype), np.empty(image.shape, bool)
+            _k.normalised_into(
+                image, self.level, 1.0 / self.scale, CLIP, out, t(self._cut()), given, bad
+            )
+            return out, bad
+        work = self.apply(image)
+        return work, given | self.outliers(work)
+
+    def _cut(self) -> float:
+        return -NEGATIVE * self.spread / self.scale
+
     def outliers(self, work: np.ndarray) -> np.ndarray:
         """Pixels of the normalised ``work`` more than ``NEGATIVE`` robust sigmas below
         the level (a new boolean array)."""
-        return work < work.dtype.type(-NEGATIVE * self.spread / self.scale)
+        return work < work.dtype.type(self._cut())
 
     def undo(self, work, *, offset: bool = True, reuse: bool = False, minus: float = 0.0):
         """``work * scale + level`` in ``work``'s dtype (a new array; a lazy one for a
@@ -561,16 +587,19 @@ def run_values(
     [-1.0]
     """
     counts = dict.fromkeys(edge_fill_values(image, bad, run=run), 1)
-    for axis in (0, 1):
-        lines = (slice(None), slice(None, None, step)) if axis == 0 else (slice(None, None, step),)
-        arr = image[lines]
-        n = arr.shape[axis]
-        if n < run:
-            continue
-        a = np.moveaxis(arr, axis, 0)
+
+    def runs_along(axis):
         # True where a run of `run` equal valid pixels starts (NaN never equals itself)
-        runs = _k.sampled_runs(image, bad, run, step, axis)
-        if not runs.any():
+        if image.shape[axis] < run:
+            return None
+        return _k.sampled_runs(image, bad, run, step, axis)
+
+    # the two passes side by side (numba's threads)
+    both = concurrently(functools.partial(runs_along, 0), functools.partial(runs_along, 1))
+    for axis, runs in enumerate(both):
+        lines = (slice(None), slice(None, None, step)) if axis == 0 else (slice(None, None, step),)
+        a = np.moveaxis(image[lines], axis, 0)
+        if runs is None or not runs.any():
             continue
         width = runs.shape[0]
         vals = a[:width][runs]

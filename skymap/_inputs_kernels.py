@@ -8,18 +8,27 @@ from numba import njit
 from skymap._util import in_bands
 
 
-def normalised_into(image, level, inv, clip, out):
+def normalised_into(image, level, inv, clip, out, cut=None, given=None, bad=None):
     """``out = (image - level) * inv``, clipped at +/- ``clip`` where ``image`` is
     finite, in ``out``'s dtype (``image``'s: float32 or float64, C-contiguous, 2-D),
     with numpy's operations in numpy's order: the values of
-    :meth:`~skymap._inputs.Normalisation.apply`'s passes in one."""
+    :meth:`~skymap._inputs.Normalisation.apply`'s passes in one. With ``cut`` (in
+    ``out``'s dtype), also ``bad = given | (out < cut)`` in the same pass (boolean
+    maps of the image's shape)."""
     t = out.dtype.type
-    in_bands(_normalised, image.shape[0], image, t(level), t(inv), t(clip), out, grain=32)
+    excluding = cut is not None
+    if not excluding:
+        cut, given = t(0), np.zeros((1, 1), np.bool_)
+        bad = given
+    in_bands(_normalised, image.shape[0], image, t(level), t(inv), t(clip), out, cut, given,
+             bad, excluding, grain=32)  # fmt: skip
     return out
 
 
 @njit(cache=True, nogil=True)
-def _normalised(image, level, inv, clip, out, lo, hi):  # pragma: no cover - compiled
+def _normalised(  # pragma: no cover - compiled
+    image, level, inv, clip, out, cut, given, bad, excluding, lo, hi
+):
     for y in range(lo, hi):
         src, dst = image[y], out[y]
         for x in range(src.size):
@@ -28,6 +37,10 @@ def _normalised(image, level, inv, clip, out, lo, hi):  # pragma: no cover - com
             if np.isfinite(v):
                 w = min(max(w, -clip), clip)
             dst[x] = w
+        if excluding:
+            g, b = given[y], bad[y]
+            for x in range(src.size):
+                b[x] = g[x] | (dst[x] < cut)
 
 
 def sampled_runs(image, bad, run, step, axis):
@@ -89,28 +102,44 @@ def _row_runs(image, bad, masked, run, step, out):  # pragma: no cover - compile
                 line[start] = count >= run - 1
 
 
-def invalid_into(image, mask, out):
-    """``out = ~np.isfinite(image) | mask`` (``mask`` None: no mask) in one pass, in
-    bands of rows: :func:`skymap._validate.combine_masks` for a 2-D float image and
-    one boolean mask of its shape."""
-    flag = np.zeros((1, 1), np.bool_) if mask is None else mask
-    in_bands(_invalid_rows, image.shape[0], image, flag, mask is not None, out, grain=64)
-    return out
+def nonfinite_or(values, given, out):
+    """``out = given | ~isfinite(values)`` (``given`` None: no mask); returns the number
+    of non-finite values outside ``given``."""
+    ny = values.shape[0]
+    masked = given is not None
+    counts = np.zeros(ny, np.int64)
+    given = given if masked else np.zeros((1, 1), bool)
+    in_bands(_nonfinite_or, ny, values, given, masked, out, counts, grain=32)
+    return int(counts.sum())
 
 
 @njit(cache=True, nogil=True)
-def _invalid_rows(image, mask, masked, out, lo, hi):  # pragma: no cover - compiled
-    # v - v is 0 for a finite v and NaN otherwise: a test without a branch, which
-    # vectorises
+def _nonfinite_or(values, given, masked, out, counts, lo, hi):  # pragma: no cover - compiled
     for y in range(lo, hi):
-        src, dst = image[y], out[y]
-        if masked:
-            m = mask[y]
-            for x in range(src.size):
-                dst[x] = (src[x] - src[x] != 0) | m[x]
-        else:
-            for x in range(src.size):
-                dst[x] = src[x] - src[x] != 0
+        counts[y] = _nonfinite_or_row(values[y], given, masked, y, out[y])
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _nonfinite_or_row(vrow, given, masked, y, orow):  # pragma: no cover - compiled
+    """Row ``y`` of :func:`nonfinite_or`; returns its count."""
+    # On bytes, not booleans, and without a branch per pixel, so that the loops
+    # vectorise; |v| < inf is False for NaN and infinities only.
+    n = 0
+    inf = np.inf
+    out = orow.view(np.uint8)
+    if masked:
+        grow = given[y].view(np.uint8)
+        for x in range(vrow.size):
+            bad = np.uint8(not (abs(vrow[x]) < inf))
+            g = grow[x]
+            n += bad & (g ^ np.uint8(1))
+            out[x] = bad | g
+    else:
+        for x in range(vrow.size):
+            bad = np.uint8(not (abs(vrow[x]) < inf))
+            n += bad
+            out[x] = bad
+    return n
 
 
 def undone_into(work, minus, scale, level, out):

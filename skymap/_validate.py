@@ -88,6 +88,12 @@ def as_mask(mask: Any, shape: tuple[int, ...], name: str = "mask") -> np.ndarray
     return m
 
 
+def _plain_mask(m, shape) -> bool:
+    return (
+        isinstance(m, np.ndarray) and m.dtype == bool and m.shape == shape and m.flags.c_contiguous
+    )
+
+
 def combine_masks(image: np.ndarray, *masks: np.ndarray | None) -> np.ndarray:
     """OR the given masks with the non-finite pixels of ``image`` (a new array)."""
     given = [m for m in masks if m is not None]
@@ -96,14 +102,13 @@ def combine_masks(image: np.ndarray, *masks: np.ndarray | None) -> np.ndarray:
         and image.ndim == 2
         and image.dtype in (np.float32, np.float64)
         and image.size >= 1 << 18
-        and all(
-            isinstance(m, np.ndarray) and m.dtype == bool and m.shape == image.shape for m in given
-        )  # fmt: skip
+        and all(_plain_mask(m, image.shape) for m in given)
     ):
         # Large images: one compiled pass in bands of rows (numba's threads).
-        from skymap._inputs_kernels import invalid_into
+        from skymap._inputs_kernels import nonfinite_or
 
-        out = invalid_into(image, given[0] if given else None, np.empty(image.shape, bool))
+        out = np.empty(image.shape, bool)
+        nonfinite_or(image, given[0] if given else None, out)
         for m in given[1:]:
             out |= m
         return out

@@ -94,8 +94,7 @@ class MemoryBackend:
         pixels; ``given_bad`` keeps the given mask OR non-finite pixels. Returns the
         normalisation, which maps the fit's results back."""
         norm = Normalisation.of(self.image, self.bad)
-        self.image = norm.apply(self.image)
-        self.bad = self.given_bad | norm.outliers(self.image)
+        self.image, self.bad = norm.apply_excluding(self.image, self.given_bad)
         self.nbad = int(np.count_nonzero(self.bad))
         return norm
 

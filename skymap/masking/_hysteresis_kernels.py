@@ -13,6 +13,7 @@ import numba
 import numpy as np
 from numba import njit
 
+from skymap._inputs_kernels import _nonfinite_or_row, nonfinite_or  # noqa: F401 (kept here)
 from skymap._util import in_bands
 
 # Image rows per band below which a band is not worth a thread.
@@ -696,46 +697,6 @@ def _local_row(lrow, bw, lruns, out):  # pragma: no cover - compiled
         for x in range(lruns[k0], lruns[k0 + 1]):
             out[x] = m
     return out
-
-
-def nonfinite_or(values, given, out):
-    """``out = given | ~isfinite(values)`` (``given`` None: no mask); returns the number
-    of non-finite values outside ``given``."""
-    ny = values.shape[0]
-    masked = given is not None
-    counts = np.zeros(ny, np.int64)
-    given = given if masked else np.zeros((1, 1), bool)
-    in_bands(_nonfinite_or, ny, values, given, masked, out, counts, grain=_ROWS)
-    return int(counts.sum())
-
-
-@njit(cache=True, nogil=True)
-def _nonfinite_or(values, given, masked, out, counts, lo, hi):  # pragma: no cover - compiled
-    for y in range(lo, hi):
-        counts[y] = _nonfinite_or_row(values[y], given, masked, y, out[y])
-
-
-@njit(cache=True, nogil=True, inline="always")
-def _nonfinite_or_row(vrow, given, masked, y, orow):  # pragma: no cover - compiled
-    """Row ``y`` of :func:`nonfinite_or`; returns its count."""
-    # On bytes, not booleans, and without a branch per pixel, so that the loops
-    # vectorise; |v| < inf is False for NaN and infinities only.
-    n = 0
-    inf = np.inf
-    out = orow.view(np.uint8)
-    if masked:
-        grow = given[y].view(np.uint8)
-        for x in range(vrow.size):
-            bad = np.uint8(not (abs(vrow[x]) < inf))
-            g = grow[x]
-            n += bad & (g ^ np.uint8(1))
-            out[x] = bad | g
-    else:
-        for x in range(vrow.size):
-            bad = np.uint8(not (abs(vrow[x]) < inf))
-            n += bad
-            out[x] = bad
-    return n
 
 
 def zero_where(num, cnt, det) -> None:
