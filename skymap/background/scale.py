@@ -14,7 +14,6 @@ of the sources detected above 5 sigma, bounded by the image size.
 
 from __future__ import annotations
 
-import functools
 import logging
 import math
 from dataclasses import dataclass
@@ -23,7 +22,7 @@ import numpy as np
 from scipy import ndimage
 
 from skymap._select_kernels import exact_median
-from skymap._util import MAD_TO_STD, concurrently, nanmedian_rows
+from skymap._util import MAD_TO_STD, nanmedian_rows
 from skymap.background._scale_kernels import box3_mean
 from skymap.stats.filters import upsample_linear
 
@@ -141,11 +140,8 @@ def source_scale(image, bad=None, shape=None) -> SourceScale:
     d -= exact_median(d)
     sigma = MAD_TO_STD * exact_median(np.abs(d, out=d)) / math.sqrt(2.0)
     del d
-    # Two independent reads of the residual, side by side (numba's threads).
-    (fwhm, n_peaks), (size, n_sources) = concurrently(
-        functools.partial(_peak_fwhm, resid, ok, sigma),
-        functools.partial(_source_size, resid, ok, sigma),
-    )
+    fwhm, n_peaks = _peak_fwhm(resid, ok, sigma)
+    size, n_sources = _source_size(resid, ok, sigma)
     wanted = max(
         16.0,
         8.0 * fwhm if math.isfinite(fwhm) else 0.0,

@@ -157,31 +157,3 @@ def _above_sky(img, grid, block, oy, ox, threshold, invalid, out, lo, hi):  # pr
         irow, vrow, orow = img[y], invalid[y], out[y]
         for x in range(nx):
             orow[x] = (irow[x] - sky[x] > threshold) & (not vrow[x])
-
-
-@njit(cache=True, nogil=True)
-def ring_medians(labels, key, v, out):  # pragma: no cover - compiled
-    """``out[l]``: the median of the values ``v`` of label ``l`` (0 .. out.size - 1),
-    read as :func:`skymap.masking.bright.ring_profiles` reads them from
-    ``v[np.argsort(key, kind="stable")]`` (``key`` orders the labels apart, the
-    lower label first): the middle of each label's values in a stable sort of their
-    keys; labels without values are left alone. Each label's few values are sorted on
-    their own (merge sort, stable) instead of all of them at once."""
-    nlab = out.size
-    start = np.zeros(nlab + 1, np.int64)
-    for i in range(labels.size):
-        start[labels[i] + 1] += 1
-    for j in range(nlab):
-        start[j + 1] += start[j]
-    pos = start[:-1].copy()
-    idx = np.empty(labels.size, np.int64)
-    for i in range(labels.size):
-        idx[pos[labels[i]]] = i
-        pos[labels[i]] += 1
-    for j in range(nlab):
-        c = start[j + 1] - start[j]
-        if c == 0:
-            continue
-        seg = idx[start[j] : start[j + 1]]
-        order = np.argsort(key[seg], kind="mergesort")
-        out[j] = 0.5 * (v[seg[order[(c - 1) // 2]]] + v[seg[order[c // 2]]])

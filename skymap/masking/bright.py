@@ -28,7 +28,7 @@ import numpy as np
 import scipy.ndimage as ndi
 
 from skymap._select_kernels import median_mad32
-from skymap._util import MAD_TO_STD, concurrently, in_bands, nanmedian_rows
+from skymap._util import MAD_TO_STD, concurrently, nanmedian_rows
 from skymap._validate import as_image, as_mask, check_positive, combine_masks
 from skymap.masking import _bright_kernels as _kb
 
@@ -142,50 +142,29 @@ def ring_profiles(sample, shape, y, x, rmax: float):
     dy, dx = _sample_offsets(float(rmax))
     yy = np.rint(y).astype(np.int64)[:, None] + dy
     xx = np.rint(x).astype(np.int64)[:, None] + dx
-    values, bad = sample(np.clip(yy, 0, ny - 1), np.clip(xx, 0, nx - 1))
-    # The sources in bands (numba's threads): each band's rings are its own, and
-    # its sorted values a block of the whole sort's (the keys below put every
-    # source's rings after the previous source's), so only the value range is shared.
-    count = np.empty(k * nb, np.int64)
-    radius = np.empty(k * nb)
+    cy, cx = np.clip(yy, 0, ny - 1), np.clip(xx, 0, nx - 1)
+    values, bad = sample(cy, cx)
+    bad = bad | (yy < 0) | (yy >= ny) | (xx < 0) | (xx >= nx)
+    r = np.hypot(yy - y[:, None], xx - x[:, None])
+    ring = np.searchsorted(edges, r, side="right")  # 1 .. nb inside rmax
+    inside = ~bad & (r < rmax)
+    labels = (ring + nb * np.arange(k)[:, None])[inside] - 1
+    v = values[inside].astype(np.float64)
+    count = np.bincount(labels, minlength=k * nb)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        radius = np.bincount(labels, r[inside], minlength=k * nb) / count
+    # Medians of all rings at once: sort by ring, then by value (the value scaled into
+    # [0, 0.5) is added to the ring number), and read the middle of each ring.
+    if v.size:
+        lo_v, span = v.min(), np.ptp(v)
+        key = labels + (0.5 * (v - lo_v) / span if span > 0 else 0.0)
+        v = v[np.argsort(key, kind="stable")]
+    start = np.concatenate([[0], np.cumsum(count)[:-1]])
+    have = count > 0
+    lo = start + (count - 1) // 2
+    hi = start + count // 2
     median = np.full(k * nb, np.nan)
-    parts: dict[int, tuple] = {}
-
-    def rings(lo, hi):
-        if lo == hi:
-            return
-        sy, sx = yy[lo:hi], xx[lo:hi]
-        off = bad[lo:hi] | (sy < 0) | (sy >= ny) | (sx < 0) | (sx >= nx)
-        r = np.hypot(sy - y[lo:hi, None], sx - x[lo:hi, None])
-        ring = np.searchsorted(edges, r, side="right")  # 1 .. nb inside rmax
-        inside = ~off & (r < rmax)
-        labels = (ring + nb * np.arange(lo, hi)[:, None])[inside] - 1
-        v = values[lo:hi][inside].astype(np.float64)
-        n = np.bincount(labels - nb * lo, minlength=(hi - lo) * nb)
-        count[lo * nb : hi * nb] = n
-        with np.errstate(invalid="ignore", divide="ignore"):
-            radius[lo * nb : hi * nb] = (
-                np.bincount(labels - nb * lo, r[inside], minlength=(hi - lo) * nb) / n
-            )
-        parts[lo] = (labels, v, n)
-
-    in_bands(rings, k, grain=2)
-    vs = [p[1] for p in parts.values() if p[1].size]
-    lo_v = min(float(v.min()) for v in vs) if vs else 0.0
-    span = max(float(v.max()) for v in vs) - lo_v if vs else 0.0
-
-    def medians(lo, hi):
-        if lo == hi or lo not in parts:
-            return
-        labels, v, _ = parts[lo]
-        # The median of each ring: its values sorted by ring, then by value (the value
-        # scaled into [0, 0.5) of the whole range is added to the ring number; ties
-        # in that key keep their order), and its middle read.
-        if v.size:
-            key = labels + (0.5 * (v - lo_v) / span if span > 0 else 0.0)
-            _kb.ring_medians(labels - nb * lo, key, v, median[lo * nb : hi * nb])
-
-    in_bands(medians, k, grain=2)
+    median[have] = 0.5 * (v[lo[have]] + v[hi[have]])
     return radius.reshape(k, nb), median.reshape(k, nb), count.reshape(k, nb)
 
 
