@@ -172,40 +172,52 @@ def block_sums_small(values, minus, excluded, b, out, lo, hi):  # pragma: no cov
 _POPCOUNT = np.array([bin(i).count("1") for i in range(256)], np.int64)
 
 
+#: Words (of eight pixels) per chunk of :func:`pack_stats`' bands.
+_PACK_CHUNK = 1 << 15
+
+
 def pack_stats(mask, last):
     """``(flips, count, packed)``: ``packed = np.packbits(mask.ravel())``, the number
     of set pixels, and the number of bits in which ``packed`` differs from ``last``
     (a previous ``packed`` of the same shape; 0 when ``last`` is None), in one pass:
     eight pixels a byte as one 64-bit product (the bits in numpy's big-endian order),
-    counted through a table."""
+    counted through a table; in bands of chunks (integer counts: any order)."""
     flat = np.ascontiguousarray(mask, dtype=bool).reshape(-1).view(np.uint8)
     whole = flat.size // 8 * 8
     packed = np.empty(-(-flat.size // 8), np.uint8)
     previous = np.zeros(0, np.uint8) if last is None else last
-    flips, count = _pack_stats(flat, flat[:whole].view(np.uint64), previous, packed, _POPCOUNT)
+    words = flat[:whole].view(np.uint64)
+    chunks = -(-packed.size // _PACK_CHUNK)
+    tally = np.zeros((chunks, 2), np.int64)
+    in_bands(_pack_stats, chunks, flat, words, previous, packed, _POPCOUNT, tally, grain=4)
+    flips, count = tally.sum(axis=0)
     return int(flips), int(count), packed
 
 
 @njit(cache=True, nogil=True)
-def _pack_stats(flat, words, last, packed, pop):  # pragma: no cover - compiled
+def _pack_stats(flat, words, last, packed, pop, tally, lo, hi):  # pragma: no cover - compiled
     compare = last.size == packed.size
-    count = 0
-    flips = 0
-    for i in range(words.size):
-        # byte k of the word (pixel 8 i + k, 0 or 1) lands on bit 7 - k of the top byte
-        byte = np.uint8((words[i] * np.uint64(0x8040201008040201)) >> np.uint64(56))
-        packed[i] = byte
-        count += pop[byte]
-        if compare:
-            flips += pop[byte ^ last[i]]
-    for i in range(words.size, packed.size):
-        byte = np.uint8(0)
-        for k in range(8):
-            j = 8 * i + k
-            if j < flat.size and flat[j]:
-                byte |= np.uint8(1 << (7 - k))
-        packed[i] = byte
-        count += pop[byte]
-        if compare:
-            flips += pop[byte ^ last[i]]
-    return flips, count
+    for c in range(lo, hi):
+        count = 0
+        flips = 0
+        start, stop = c * _PACK_CHUNK, min(packed.size, (c + 1) * _PACK_CHUNK)
+        for i in range(start, min(stop, words.size)):
+            # byte k of the word (pixel 8 i + k, 0 or 1) lands on bit 7 - k of the top
+            # byte
+            byte = np.uint8((words[i] * np.uint64(0x8040201008040201)) >> np.uint64(56))
+            packed[i] = byte
+            count += pop[byte]
+            if compare:
+                flips += pop[byte ^ last[i]]
+        for i in range(max(start, words.size), stop):
+            byte = np.uint8(0)
+            for k in range(8):
+                j = 8 * i + k
+                if j < flat.size and flat[j]:
+                    byte |= np.uint8(1 << (7 - k))
+            packed[i] = byte
+            count += pop[byte]
+            if compare:
+                flips += pop[byte ^ last[i]]
+        tally[c, 0] = flips
+        tally[c, 1] = count

@@ -886,10 +886,13 @@ class HaloMasker:
         shape: tuple[int, int],
         rows: tuple[int, int] | None = None,
         cols: tuple[int, int] | None = None,
+        *,
+        into: np.ndarray | None = None,
     ) -> np.ndarray:
         """Disks of the sources' radii (True = masked) over the window ``rows`` x
         ``cols`` (half-open pixel ranges, default the whole ``shape``): local, each
-        window needs only the sources within :meth:`reach` of it.
+        window needs only the sources within :meth:`reach` of it. ``into``, a boolean
+        array of the window's shape, has the disks ORed into it and is returned.
 
         Examples
         --------
@@ -903,7 +906,7 @@ class HaloMasker:
         """
         y0, y1 = rows if rows is not None else (0, shape[0])
         x0, x1 = cols if cols is not None else (0, shape[1])
-        out = np.zeros((y1 - y0, x1 - x0), bool)
+        out = np.zeros((y1 - y0, x1 - x0), bool) if into is None else into
         for y, x, r in zip(sources.y, sources.x, sources.radius, strict=True):
             ya, yb = max(y0, int(math.ceil(y - r))), min(y1, int(math.floor(y + r)) + 1)
             xa, xb = max(x0, int(math.ceil(x - r))), min(x1, int(math.floor(x + r)) + 1)
