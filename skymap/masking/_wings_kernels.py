@@ -120,3 +120,23 @@ def ring_sums(num, den, weight, dist, keep, edges):  # pragma: no cover - compil
         out[2, r] += mean * mean * weight[i]
         out[3, r] += 1.0
     return out
+
+
+def seeds_free(cnt, nbad, hy, hx):
+    """``(cnt <= 0.5 * area) & (nbad < 0.5 * area)`` and ``(cnt > 0) & ~seeds`` with
+    ``area = np.outer(hy, hx)`` (float64 pixels per block), in one pass in bands of
+    rows, without the area map: :func:`skymap.masking.wings._seeds_free`'s maps."""
+    seeds = np.empty(cnt.shape, np.bool_)
+    free = np.empty(cnt.shape, np.bool_)
+    in_bands(_seeds_free, cnt.shape[0], cnt, nbad, hy, hx, seeds, free, grain=64)
+    return seeds, free
+
+
+@njit(cache=True, nogil=True)
+def _seeds_free(cnt, nbad, hy, hx, seeds, free, lo, hi):  # pragma: no cover - compiled
+    for y in range(lo, hi):
+        for x in range(cnt.shape[1]):
+            half = 0.5 * (hy[y] * hx[x])
+            s = (cnt[y, x] <= half) & (nbad[y, x] < half)
+            seeds[y, x] = s
+            free[y, x] = (cnt[y, x] > 0) & (not s)

@@ -118,14 +118,6 @@ def residual_sums(image, background, excluded, bad, b: int, origin=(0, 0)) -> np
         return wing_sums(image, excluded, bad, b, origin, minus=background)
 
 
-def _areas(shape, b: int) -> np.ndarray:
-    """Pixels per block of an image of ``shape`` (partial blocks at the far edges)."""
-    ny, nx = shape
-    hy = np.minimum(b, ny - b * np.arange(-(-ny // b)))
-    hx = np.minimum(b, nx - b * np.arange(-(-nx // b)))
-    return np.outer(hy, hx).astype(np.float64)
-
-
 def _block_noise(noise: Any, shape, b: int) -> np.ndarray | float:
     """The pixel noise at the centre of each block (a scalar stays a scalar)."""
     if np.ndim(noise) == 0 and not isinstance(noise, CoarseRMS):
@@ -243,9 +235,11 @@ def _seeds_free(sums, shape, b: int):
     """The detections (blocks mostly excluded, not by bad pixels) and the free blocks
     (some pixel not excluded, not a detection) of :func:`wing_sums`."""
     _, cnt, nbad = sums
-    area = _areas(shape, b)
-    seeds = (cnt <= 0.5 * area) & (nbad < 0.5 * area)
-    return seeds, (cnt > 0) & ~seeds
+    ny, nx = shape
+    # pixels per block along each axis (partial blocks at the far edges), as float64
+    hy = np.minimum(b, ny - b * np.arange(-(-ny // b))).astype(np.float64)
+    hx = np.minimum(b, nx - b * np.arange(-(-nx // b))).astype(np.float64)
+    return _wk.seeds_free(cnt, nbad, hy, hx)
 
 
 def _profile(sums, seeds, free, b: int):
