@@ -467,3 +467,59 @@ def test_profile_match_is_numpys_median_ratio():
         want = float(np.median(p[:m][ok] / ref[:m][ok])) if ok.any() else float("nan")
         got = _match(p, ref)
         assert got == want or (np.isnan(got) and np.isnan(want))
+
+
+def test_nan_cores_join_their_regions_with_their_pixels_values_and_box_means():
+    # The candidates' labelling runs beside their per-pixel values; NaN cores that
+    # join a region afterwards get theirs merged in place: the statistics equal those
+    # of the joined pixels measured directly (region_stats of the same pixels).
+    from skymap.masking import bright as B
+
+    rng = np.random.default_rng(6)
+    shape = (400, 400)
+    img = rng.normal(size=shape).astype(np.float32)
+    for y, x in ((100, 120), (300, 260), (200, 50)):
+        star, _ = _star(shape, y, x, 4e5)
+        img += star.astype(np.float32)
+        img[y - 2 : y + 3, x - 2 : x + 3] = np.nan
+    masker = HaloMasker()
+    invalid = ~np.isfinite(img)
+    sky = B._CoarseSky(img, invalid, B.SKY_BLOCK)
+    step = B.mad_step(shape)
+    det = sky.subsample(step)
+    det[invalid[::step, ::step]] = np.nan
+    sigma = B.mad_sigma(det)
+    stats = masker._candidates(sky, invalid, sigma, masker.limit(shape))
+    # the reference: scipy's 8-connected labels of the region with its touching NaN
+    # cores, every statistic from those pixels
+    region = B.touching(sky.above(masker.seed * sigma, invalid), invalid)
+    pieces, _ = ndi.label(invalid, structure=np.ones((3, 3), bool))
+    cores = np.isin(pieces, np.unique(pieces[region & invalid])) & (pieces > 0)
+    labels, n = ndi.label(region | cores, structure=np.ones((3, 3), bool))
+    where = np.flatnonzero(labels)
+    ry, rx = np.divmod(where, shape[1])
+    box = B.box_means(img, sky.grid, sky.block, invalid, where)
+    want = B.region_stats(where, labels.ravel()[where] - 1, invalid.ravel()[where],
+                          sky.at(ry, rx), box, n, shape[1])  # fmt: skip
+    assert (cores & ~region).sum() == 27  # the inner 3 x 3 of each core joins afterwards
+    assert (stats["masked"] == 25).sum() == 3
+    for key in want:
+        assert np.array_equal(stats[key], want[key]), key
+
+
+def test_paint_into_ors_the_disks_into_the_given_map_in_place():
+    rng = np.random.default_rng(7)
+    shape = (120, 150)
+    src = BrightSources(x=np.array([20.0, 140.5, 75.2]), y=np.array([30.0, 5.0, 119.0]),
+                        amplitude=np.ones(3), saturated=np.zeros(3, bool),
+                        radius=np.array([6.0, 12.5, 30.0]), profile_radius=np.zeros(0),
+                        profile=np.zeros(0), noise=1.0)  # fmt: skip
+    masker = HaloMasker()
+    bad = rng.random(shape) < 0.2
+    into = bad.copy()
+    out = masker.paint(src, shape, into=into)
+    assert out is into
+    assert np.array_equal(out, bad | masker.paint(src, shape))
+    window = bad[10:90, 40:150].copy()
+    got = masker.paint(src, shape, (10, 90), (40, 150), into=window)
+    assert np.array_equal(got, bad[10:90, 40:150] | masker.paint(src, shape)[10:90, 40:150])

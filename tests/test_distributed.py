@@ -667,6 +667,30 @@ def test_mask_stats_pack_and_count_as_numpy():
         assert pack_stats(b, None)[0] == 0
 
 
+def test_mask_stats_in_bands_of_chunks_count_as_numpy():
+    # pack_stats' bands: masks spanning several chunks of _PACK_CHUNK words (the last
+    # partial, the last byte ragged), on 1, 2 and 3 threads, against numpy
+    import numba
+
+    from skymap.backends import _memory_kernels as mk
+
+    rng = np.random.default_rng(13)
+    words = mk._PACK_CHUNK
+    before = numba.get_num_threads()
+    try:
+        for shape in ((8 * words * 3 // 512 + 1, 512 - 3), (2 * words // 64, 64 * 8 + 5)):
+            a, b = rng.random(shape) < 0.3, rng.random(shape) < 0.7
+            last, want = np.packbits(a.ravel()), np.packbits(b.ravel())
+            assert want.size > 2 * words
+            for threads in (1, 2, 3):
+                numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
+                flips, count, packed = mk.pack_stats(b, last)
+                assert np.array_equal(packed, want) and count == np.count_nonzero(b)
+                assert flips == np.bitwise_count(want ^ last).sum()
+    finally:
+        numba.set_num_threads(before)
+
+
 def test_tiled_mask_stats_come_with_the_mask_and_keep_its_subsamples(synchronous, monkeypatch):
     """DaskBackend.mask computes the counts mask_stats returns in the submission that
     makes the mask, and with them the mask's subsamples at the steps the image was

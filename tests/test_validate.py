@@ -46,3 +46,27 @@ def test_checks_name_parameter():
         check_choice("method", "c", ["a", "b"])
     with pytest.raises(ValueError, match="sigma"):
         check_positive("sigma", -1)
+
+
+def test_combine_masks_of_large_images_in_one_pass_equal_numpy():
+    # the compiled, banded pass (float32 and float64 images of 2^18 pixels or more)
+    # against numpy's ~isfinite | masks; strided masks and small images take numpy's
+    from skymap._validate import combine_masks
+
+    rng = np.random.default_rng(5)
+    for dtype in (np.float32, np.float64):
+        img = rng.normal(size=(600, 515)).astype(dtype)
+        img[rng.random(img.shape) < 0.01] = np.nan
+        img[3, 4], img[5, 6], img[7, 8] = np.inf, -np.inf, np.finfo(dtype).max
+        m1, m2 = rng.random(img.shape) < 0.1, rng.random(img.shape) < 0.1
+        bad = ~np.isfinite(img)
+        assert np.array_equal(combine_masks(img), bad)
+        assert np.array_equal(combine_masks(img, None, m1), bad | m1)
+        assert np.array_equal(combine_masks(img, m1, m2), bad | m1 | m2)
+        wide = np.zeros((600, 1030), bool)
+        wide[:, ::2] = m1
+        assert np.array_equal(combine_masks(img, wide[:, ::2]), bad | m1)
+        assert np.array_equal(combine_masks(img[:, ::2], m1[:, ::2]), bad[:, ::2] | m1[:, ::2])
+        before = m1.copy()
+        combine_masks(img, m1)
+        assert np.array_equal(m1, before)  # the caller's mask is not written

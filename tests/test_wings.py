@@ -256,3 +256,22 @@ def test_the_wing_pedestal_is_the_sky_level_beyond_the_reach():
     assert wing_pedestal(up, res.shape, b=4) == 0.0
     flat = wing_sums(rng.normal(size=(N, N)), mask, np.zeros_like(mask), 4)
     assert wing_pedestal(flat, res.shape, b=4) == 0.0
+
+
+def test_seed_and_free_blocks_in_one_pass_equal_the_area_formula():
+    # _seeds_free's compiled pass against the block areas' formula (partial blocks at
+    # the far edges), counts drawn up to each block's area
+    from skymap.masking.wings import _seeds_free
+
+    rng = np.random.default_rng(4)
+    for shape, b in (((1001, 999), 4), ((37, 50), 8), ((64, 64), 4)):
+        gy, gx = -(-shape[0] // b), -(-shape[1] // b)
+        hy = np.minimum(b, shape[0] - b * np.arange(gy))
+        hx = np.minimum(b, shape[1] - b * np.arange(gx))
+        area = np.outer(hy, hx).astype(np.float64)
+        cnt = np.floor(rng.random((gy, gx)) * (area + 1))
+        nbad = np.floor(rng.random((gy, gx)) * (area - cnt + 1))
+        seeds, free = _seeds_free(np.stack([np.zeros((gy, gx)), cnt, nbad]), shape, b)
+        want = (cnt <= 0.5 * area) & (nbad < 0.5 * area)
+        assert np.array_equal(seeds, want) and want.any() and (~want).any()
+        assert np.array_equal(free, (cnt > 0) & ~want)
