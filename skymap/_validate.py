@@ -99,6 +99,7 @@ def combine_masks(image: np.ndarray, *masks: np.ndarray | None) -> np.ndarray:
     given = [m for m in masks if m is not None]
     if (
         isinstance(image, np.ndarray)
+        and not isinstance(image, np.ma.MaskedArray)
         and image.ndim == 2
         and image.dtype in (np.float32, np.float64)
         and image.size >= 1 << 18

@@ -67,6 +67,8 @@ def test_combine_masks_of_large_images_in_one_pass_equal_numpy():
         wide[:, ::2] = m1
         assert np.array_equal(combine_masks(img, wide[:, ::2]), bad | m1)
         assert np.array_equal(combine_masks(img[:, ::2], m1[:, ::2]), bad[:, ::2] | m1[:, ::2])
+        masked = np.ma.array(img, mask=m2)  # numpy's path: a masked array's own result
+        assert np.array_equal(np.asarray(combine_masks(masked, m1)), bad | m1)
         before = m1.copy()
         combine_masks(img, m1)
         assert np.array_equal(m1, before)  # the caller's mask is not written
