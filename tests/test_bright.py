@@ -523,3 +523,29 @@ def test_paint_into_ors_the_disks_into_the_given_map_in_place():
     window = bad[10:90, 40:150].copy()
     got = masker.paint(src, shape, (10, 90), (40, 150), into=window)
     assert np.array_equal(got, bad[10:90, 40:150] | masker.paint(src, shape)[10:90, 40:150])
+
+
+@pytest.mark.parametrize("quantum", [1.0, 3.0, 1e6])
+def test_ring_medians_select_the_elements_of_numpys_stable_sort(quantum):
+    # ring_profiles' medians by selection against v[np.argsort(key, kind="stable")]:
+    # labels in any order, empty labels, and values quantised so that keys tie (the
+    # stable order then decides which value is in the middle)
+    from skymap.masking._bright_kernels import ring_medians
+
+    rng = np.random.default_rng(int(quantum))
+    for _ in range(60):
+        nlab, n = int(rng.integers(1, 40)), int(rng.integers(1, 2000))
+        labels = rng.integers(0, nlab, n)
+        v = np.round(rng.normal(size=n) * quantum) / 7
+        span = np.ptp(v)
+        key = labels + (0.5 * (v - v.min()) / span if span > 0 else 0.0)
+        ordered = v[np.argsort(key, kind="stable")]
+        count = np.bincount(labels, minlength=nlab)
+        start = np.concatenate([[0], np.cumsum(count)[:-1]])
+        want = np.full(nlab, np.nan)
+        have = count > 0
+        want[have] = 0.5 * (ordered[(start + (count - 1) // 2)[have]]
+                            + ordered[(start + count // 2)[have]])  # fmt: skip
+        got = np.full(nlab, np.nan)
+        ring_medians(labels, key, v, got)
+        assert np.array_equal(got, want, equal_nan=True)

@@ -157,3 +157,88 @@ def _above_sky(img, grid, block, oy, ox, threshold, invalid, out, lo, hi):  # pr
         irow, vrow, orow = img[y], invalid[y], out[y]
         for x in range(nx):
             orow[x] = (irow[x] - sky[x] > threshold) & (not vrow[x])
+
+
+@njit(cache=True, nogil=True)
+def ring_medians(labels, key, v, out):  # pragma: no cover - compiled
+    """``out[l]``: the median of the values ``v`` of label ``l`` (0 .. out.size - 1),
+    as :func:`skymap.masking.bright.ring_profiles` reads it from
+    ``v[np.argsort(key, kind="stable")]`` (``key`` orders the labels apart, the
+    lower label first): the mean of the two middle values of each label's stable order
+    by key. The elements at those ranks are selected (by key, then by position: the
+    stable order) instead of sorted, in time linear in the values; labels without
+    values are left alone."""
+    nlab = out.size
+    start = np.zeros(nlab + 1, np.int64)
+    for i in range(labels.size):
+        start[labels[i] + 1] += 1
+    for j in range(nlab):
+        start[j + 1] += start[j]
+    pos = start[:-1].copy()
+    idx = np.empty(labels.size, np.int64)
+    for i in range(labels.size):
+        idx[pos[labels[i]]] = i
+        pos[labels[i]] += 1
+    bk = np.empty(labels.size)
+    for j in range(nlab):
+        s, e = start[j], start[j + 1]
+        c = e - s
+        if c == 0:
+            continue
+        for t in range(s, e):
+            bk[t] = key[idx[t]]
+        m = (c - 1) // 2
+        _select(bk, idx, s, e, s + m)
+        lo = idx[s + m]
+        hi = lo
+        if c % 2 == 0:
+            # the next in order: the least of those after the selected one
+            best = s + m + 1
+            for t in range(s + m + 2, e):
+                if _before(bk[t], idx[t], bk[best], idx[best]):
+                    best = t
+            hi = idx[best]
+        out[j] = 0.5 * (v[lo] + v[hi])
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _before(ka, ia, kb, ib):  # pragma: no cover - compiled
+    return ka < kb or (ka == kb and ia < ib)
+
+
+@njit(cache=True, nogil=True)
+def _select(k, i, lo, hi, m):  # pragma: no cover - compiled
+    """Reorder ``k[lo:hi]``, ``i[lo:hi]`` (together) so that position ``m`` holds the
+    pair that a sort by (key, index) puts there, the smaller ones before it and the
+    larger after (Hoare's selection, the median of three as pivot)."""
+    hi -= 1
+    while hi > lo:
+        mid = (lo + hi) // 2
+        # median of three into lo
+        if _before(k[mid], i[mid], k[lo], i[lo]):
+            k[mid], k[lo] = k[lo], k[mid]
+            i[mid], i[lo] = i[lo], i[mid]
+        if _before(k[hi], i[hi], k[lo], i[lo]):
+            k[hi], k[lo] = k[lo], k[hi]
+            i[hi], i[lo] = i[lo], i[hi]
+        if _before(k[hi], i[hi], k[mid], i[mid]):
+            k[hi], k[mid] = k[mid], k[hi]
+            i[hi], i[mid] = i[mid], i[hi]
+        pk, pi = k[mid], i[mid]
+        a, b = lo, hi
+        while a <= b:
+            while _before(k[a], i[a], pk, pi):
+                a += 1
+            while _before(pk, pi, k[b], i[b]):
+                b -= 1
+            if a <= b:
+                k[a], k[b] = k[b], k[a]
+                i[a], i[b] = i[b], i[a]
+                a += 1
+                b -= 1
+        if m <= b:
+            hi = b
+        elif m >= a:
+            lo = a
+        else:
+            return

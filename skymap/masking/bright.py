@@ -153,18 +153,14 @@ def ring_profiles(sample, shape, y, x, rmax: float):
     count = np.bincount(labels, minlength=k * nb)
     with np.errstate(invalid="ignore", divide="ignore"):
         radius = np.bincount(labels, r[inside], minlength=k * nb) / count
-    # Medians of all rings at once: sort by ring, then by value (the value scaled into
-    # [0, 0.5) is added to the ring number), and read the middle of each ring.
+    # The medians of all rings: by ring, then by value (the value scaled into [0, 0.5)
+    # is added to the ring number; ties in that key keep their order), the middle of
+    # each ring, selected rather than sorted (the same elements as numpy's stable sort).
+    median = np.full(k * nb, np.nan)
     if v.size:
         lo_v, span = v.min(), np.ptp(v)
         key = labels + (0.5 * (v - lo_v) / span if span > 0 else 0.0)
-        v = v[np.argsort(key, kind="stable")]
-    start = np.concatenate([[0], np.cumsum(count)[:-1]])
-    have = count > 0
-    lo = start + (count - 1) // 2
-    hi = start + count // 2
-    median = np.full(k * nb, np.nan)
-    median[have] = 0.5 * (v[lo[have]] + v[hi[have]])
+        _kb.ring_medians(labels, key, v, median)
     return radius.reshape(k, nb), median.reshape(k, nb), count.reshape(k, nb)
 
 
