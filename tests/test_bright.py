@@ -549,3 +549,34 @@ def test_ring_medians_select_the_elements_of_numpys_stable_sort(quantum):
         got = np.full(nlab, np.nan)
         ring_medians(labels, key, v, got)
         assert np.array_equal(got, want, equal_nan=True)
+
+
+def test_radial_profiles_equal_each_rings_median_taken_directly():
+    # ring_profiles' compiled sampling and selection against a direct reading: per
+    # source and ring, np.median of the sampled pixels that are finite, unmasked, on
+    # the image and inside rmax (sources off the edge too); mean radii and counts alike
+    from skymap.masking.bright import _EDGES, _sample_offsets
+
+    rng = np.random.default_rng(11)
+    img = rng.normal(size=(300, 260)).astype(np.float32)
+    img[rng.random(img.shape) < 0.02] = np.nan
+    mask = rng.random(img.shape) < 0.05
+    y, x, rmax = np.array([150.2, 3.0, 290.7, -5.0]), np.array([130.0, 250.4, 10.1, 20.0]), 40.0
+    r, med, n = radial_profiles(img, y, x, rmax, mask)
+    edges = np.append(_EDGES[rmax > _EDGES], rmax)
+    dy, dx = _sample_offsets(rmax)
+    for s in range(y.size):
+        yy, xx = np.rint(y[s]).astype(int) + dy, np.rint(x[s]).astype(int) + dx
+        on = (yy >= 0) & (yy < img.shape[0]) & (xx >= 0) & (xx < img.shape[1])
+        yy, xx = yy[on], xx[on]
+        rr = np.hypot(yy - y[s], xx - x[s])
+        ok = np.isfinite(img[yy, xx]) & ~mask[yy, xx] & (rr < rmax)
+        ring = np.searchsorted(edges, rr, side="right") - 1
+        for j in range(edges.size - 1):
+            sel = ok & (ring == j)
+            assert n[s, j] == sel.sum()
+            if sel.any():
+                assert med[s, j] == np.median(img[yy[sel], xx[sel]].astype(np.float64))
+                assert r[s, j] == pytest.approx(rr[sel].mean(), rel=1e-12)
+            else:
+                assert np.isnan(med[s, j])

@@ -242,3 +242,34 @@ def _select(k, i, lo, hi, m):  # pragma: no cover - compiled
             lo = a
         else:
             return
+
+
+@njit(cache=True, nogil=True)
+def ring_samples(yy, xx, y, x, bad, values, edges, rmax, ny, nx):  # pragma: no cover
+    """The samples of :func:`skymap.masking.bright.ring_profiles` inside ``rmax`` and
+    on the image, in its order (source by source, offset by offset): each one's ring
+    label (``ring + nb * source - 1``, the ring counted as ``np.searchsorted(edges, r,
+    side="right")``), value (float64) and radius ``np.hypot(yy - y, xx - x)``; numpy's
+    masks, hypot and compaction in one pass."""
+    k, m = yy.shape
+    nb = edges.size - 1
+    labels = np.empty(k * m, np.int64)
+    v = np.empty(k * m)
+    rs = np.empty(k * m)
+    n = 0
+    for s in range(k):
+        for o in range(m):
+            sy, sx = yy[s, o], xx[s, o]
+            if bad[s, o] or sy < 0 or sy >= ny or sx < 0 or sx >= nx:
+                continue
+            r = np.hypot(sy - y[s], sx - x[s])
+            if not r < rmax:
+                continue
+            ring = 0
+            while ring < edges.size and edges[ring] <= r:
+                ring += 1
+            labels[n] = ring + nb * s - 1
+            v[n] = np.float64(values[s, o])
+            rs[n] = r
+            n += 1
+    return labels[:n], v[:n], rs[:n]

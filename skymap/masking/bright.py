@@ -144,15 +144,12 @@ def ring_profiles(sample, shape, y, x, rmax: float):
     xx = np.rint(x).astype(np.int64)[:, None] + dx
     cy, cx = np.clip(yy, 0, ny - 1), np.clip(xx, 0, nx - 1)
     values, bad = sample(cy, cx)
-    bad = bad | (yy < 0) | (yy >= ny) | (xx < 0) | (xx >= nx)
-    r = np.hypot(yy - y[:, None], xx - x[:, None])
-    ring = np.searchsorted(edges, r, side="right")  # 1 .. nb inside rmax
-    inside = ~bad & (r < rmax)
-    labels = (ring + nb * np.arange(k)[:, None])[inside] - 1
-    v = values[inside].astype(np.float64)
+    # the samples on the image and inside rmax: ring label, value and radius
+    labels, v, r = _kb.ring_samples(yy, xx, y, x, np.asarray(bad, bool), np.asarray(values),
+                                    edges, float(rmax), int(ny), int(nx))  # fmt: skip
     count = np.bincount(labels, minlength=k * nb)
     with np.errstate(invalid="ignore", divide="ignore"):
-        radius = np.bincount(labels, r[inside], minlength=k * nb) / count
+        radius = np.bincount(labels, r, minlength=k * nb) / count
     # The medians of all rings: by ring, then by value (the value scaled into [0, 0.5)
     # is added to the ring number; ties in that key keep their order), the middle of
     # each ring, selected rather than sorted (the same elements as numpy's stable sort).
