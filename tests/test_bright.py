@@ -580,3 +580,21 @@ def test_radial_profiles_equal_each_rings_median_taken_directly():
                 assert r[s, j] == pytest.approx(rr[sel].mean(), rel=1e-12)
             else:
                 assert np.isnan(med[s, j])
+
+
+def test_paint_draws_every_pixel_within_each_radius():
+    # the compiled disks against the formula over the whole frame, windows included
+    rng = np.random.default_rng(12)
+    shape = (170, 230)
+    k = 25
+    src = BrightSources(x=rng.uniform(-30, 260, k), y=rng.uniform(-30, 200, k),
+                        amplitude=np.ones(k), saturated=np.zeros(k, bool),
+                        radius=rng.uniform(0, 35, k), profile_radius=np.zeros(0),
+                        profile=np.zeros(0), noise=1.0)  # fmt: skip
+    yy, xx = np.mgrid[: shape[0], : shape[1]]
+    want = np.zeros(shape, bool)
+    for y, x, r in zip(src.y, src.x, src.radius, strict=True):
+        want |= (yy - y) ** 2 + (xx - x) ** 2 <= r * r
+    masker = HaloMasker()
+    assert np.array_equal(masker.paint(src, shape), want) and want.any()
+    assert np.array_equal(masker.paint(src, shape, (40, 170), (7, 99)), want[40:, 7:99])

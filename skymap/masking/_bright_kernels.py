@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 from numba import njit
 
@@ -273,3 +275,25 @@ def ring_samples(yy, xx, y, x, bad, values, edges, rmax, ny, nx):  # pragma: no 
             rs[n] = r
             n += 1
     return labels[:n], v[:n], rs[:n]
+
+
+@njit(cache=True, nogil=True)
+def paint_disks(out, ys, xs, rs, y0, y1, x0, x1):  # pragma: no cover - compiled
+    """OR into ``out`` (the window rows ``y0:y1``, columns ``x0:x1``) the disks
+    ``(yy - y)**2 + (xx - x)**2 <= r * r`` of the sources, each over its bounding rows
+    and columns ``ceil(c - r) .. floor(c + r)``, in float64 as numpy's arrays make it."""
+    for k in range(ys.size):
+        y, x, r = ys[k], xs[k], rs[k]
+        ya, yb = max(y0, int(math.ceil(y - r))), min(y1, int(math.floor(y + r)) + 1)
+        xa, xb = max(x0, int(math.ceil(x - r))), min(x1, int(math.floor(x + r)) + 1)
+        if ya >= yb or xa >= xb:
+            continue
+        rr = r * r
+        for yy in range(ya, yb):
+            dy = np.float64(yy) - y
+            dy2 = dy * dy
+            row = out[yy - y0]
+            for xx in range(xa, xb):
+                dx = np.float64(xx) - x
+                if dy2 + dx * dx <= rr:
+                    row[xx - x0] = True

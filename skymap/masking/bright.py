@@ -310,11 +310,11 @@ def box_means(img, grid, block: int, invalid, flat, origin=(0, 0)) -> np.ndarray
     return _kb.box_means_at(img, grid, block, invalid, flat, int(origin[0]), int(origin[1]))
 
 
-def touching(above: np.ndarray, invalid: np.ndarray) -> np.ndarray:
+def touching(above: np.ndarray, invalid: np.ndarray, *, inplace: bool = False) -> np.ndarray:
     """``above`` OR the ``invalid`` pixels that share an edge with it (a binary
     dilation of ``above`` by the cross, cut to ``invalid``), reading the neighbours
-    of the invalid pixels only."""
-    region = above.copy()
+    of the invalid pixels only; ``inplace``: in ``above`` itself (returned)."""
+    region = above if inplace else above.copy()
     iv = np.flatnonzero(invalid)
     if iv.size:
         ny, nx = above.shape
@@ -606,7 +606,7 @@ class HaloMasker:
         if not above.any():
             return None
         # Masked pixels that touch a region join it: a NaN or flagged saturated core.
-        region = touching(above, invalid)
+        region = touching(above, invalid, inplace=True)
         del above
         nx = invalid.shape[1]
 
@@ -900,13 +900,9 @@ class HaloMasker:
         y0, y1 = rows if rows is not None else (0, shape[0])
         x0, x1 = cols if cols is not None else (0, shape[1])
         out = np.zeros((y1 - y0, x1 - x0), bool) if into is None else into
-        for y, x, r in zip(sources.y, sources.x, sources.radius, strict=True):
-            ya, yb = max(y0, int(math.ceil(y - r))), min(y1, int(math.floor(y + r)) + 1)
-            xa, xb = max(x0, int(math.ceil(x - r))), min(x1, int(math.floor(x + r)) + 1)
-            if ya >= yb or xa >= xb:
-                continue
-            yy, xx = np.ogrid[ya:yb, xa:xb]
-            out[ya - y0 : yb - y0, xa - x0 : xb - x0] |= (yy - y) ** 2 + (xx - x) ** 2 <= r * r
+        as64 = functools.partial(np.ascontiguousarray, dtype=np.float64)
+        _kb.paint_disks(out, as64(sources.y), as64(sources.x), as64(sources.radius),
+                        int(y0), int(y1), int(x0), int(x1))  # fmt: skip
         return out
 
 
