@@ -331,3 +331,19 @@ def test_real_cutouts_converge_with_a_sane_mask(data_dir, name):
     # a 64-px cutout next to bright stars: their halo masks (HaloMasker) cover about half
     assert 0.01 < res.source_mask.mean() < 0.75
     assert res.max_source_size == 16.0  # a 64-px cutout: the lower bound
+
+
+def test_source_scale_blocks_gathered_as_numpys_padded_reshape():
+    # block_gather: the coarse median's blocks as rows (NaN where not ok or beyond the
+    # image) against numpy's padded, masked, reshaped and transposed copy
+    from skymap.background._scale_kernels import block_gather
+
+    rng = np.random.default_rng(3)
+    for shape in ((130, 77), (31, 33), (64, 64), (1, 5)):
+        data, ok = rng.normal(size=shape), rng.random(shape) > 0.1
+        b = 32
+        gy, gx = -(-shape[0] // b), -(-shape[1] // b)
+        padded = np.full((gy * b, gx * b), np.nan)
+        padded[: shape[0], : shape[1]] = np.where(ok, data, np.nan)
+        want = padded.reshape(gy, b, gx, b).transpose(0, 2, 1, 3).reshape(gy * gx, b * b)
+        assert np.array_equal(block_gather(data, ok, b), want, equal_nan=True)

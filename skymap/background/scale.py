@@ -23,7 +23,7 @@ from scipy import ndimage
 
 from skymap._select_kernels import exact_median
 from skymap._util import MAD_TO_STD, nanmedian_rows
-from skymap.background._scale_kernels import box3_mean
+from skymap.background._scale_kernels import block_gather, box3_mean
 from skymap.stats.filters import upsample_linear
 
 __all__ = [
@@ -161,11 +161,8 @@ def _coarse_median(data, ok):
     b = _BLOCK
     ny, nx = data.shape
     gy, gx = max(1, -(-ny // b)), max(1, -(-nx // b))
-    padded = np.full((gy * b, gx * b), np.nan)
-    padded[:ny, :nx] = data
-    padded[:ny, :nx][~ok] = np.nan
-    blocks = padded.reshape(gy, b, gx, b).transpose(0, 2, 1, 3).reshape(gy * gx, b * b)
-    del padded
+    # each block's pixels as one row, NaN where not ok or beyond the image
+    blocks = block_gather(data, ok, b)
     grid = nanmedian_rows(blocks, overwrite=True).reshape(gy, gx)
     del blocks
     fill = np.nanmedian(grid) if np.isfinite(grid).any() else 0.0
