@@ -70,7 +70,6 @@ from skymap.backends._tile_tasks import (  # the graphs' tile tasks
     _tile_label_info,
     _tile_masker,
     _tile_model_map,
-    _tile_normalise,
     _tile_residual,
     _tile_residual_map,
     _tile_sum,
@@ -332,14 +331,14 @@ class DaskBackend:
         self._inline_name = None
         # (array name, binning) -> the BorderStrips its windows last read it through
         self._strip_cache: dict = {}
-        self.image = self._source(image).map_blocks(_work_block, dtype=self.dtype)
+        self.image = self._source(image, _work_block, self.dtype)
         given = None
         if mask is not None:
             if not hasattr(mask, "shape") or not hasattr(mask, "dtype"):
                 mask = np.asarray(mask)
             if tuple(mask.shape) != shape:
                 raise ValueError(f"mask must have the image's shape {shape}, got {mask.shape}")
-            given = self._source(mask).map_blocks(_mask_block, dtype=bool)
+            given = self._source(mask, _mask_block, bool)
         import dask.array as da
 
         self.error, lowest, pname = None, None, None
@@ -381,31 +380,17 @@ class DaskBackend:
         """As :meth:`MemoryBackend.normalise <skymap.backends.memory.MemoryBackend.normalise>`,
         tile by tile: the constants come from the same strided subsample."""
         step = Normalisation.sample_step(self.shape)
-        sub, subbad = self.compute(self.image[::step, ::step], self.bad[::step, ::step])
+        sub, subbad = self._subsamples([self.image, self.bad], step)
         norm = Normalisation.from_sample(sub, subbad, self.dtype)
         image = self.image.map_blocks(norm.apply, dtype=self.dtype)
-        outliers = image.map_blocks(norm.outliers, dtype=bool)
+        bad = self.given_bad | image.map_blocks(norm.outliers, dtype=bool)
         if self._room_for_image():
             # Kept on the workers: every step reads it, and each tile's tasks then run
-            # where its pixels are, without reading the file again. One task per tile
-            # makes both its image and its mask, so the two live on one worker.
-            raw, given = key_grid(self.image), key_grid(self.given_bad)
-            name, graph, keys = self._tasks(
-                _tile_normalise, lambda i, j, _, __, ref: (raw[i, j], given[i, j], ref["norm"]),
-                [self.image, self.given_bad], norm=norm,
-            )  # fmt: skip
-            from dask.delayed import Delayed
-
-            pairs = Delayed(keys[0, 0], graph, layer=name)
-            image, bad = (
-                self._tile_array(
-                    _item, lambda i, j, *_, k=k: (keys[i, j], k), [pairs], self.chunks, dtype
-                )
-                for k, dtype in ((0, self.dtype), (1, bool))
-            )
+            # where its pixels are, without reading the file again (the tiles' tasks
+            # of both arrays run on the tile's worker: TilePlacement).
             arrays = [image, bad]
         else:
-            self.image, arrays = image, [self.given_bad | outliers]
+            self.image, arrays = image, [bad]
         persisted, nbad, _ = self._persist_counted(arrays)
         if len(arrays) == 2:
             self.image = persisted[0]
@@ -454,15 +439,19 @@ class DaskBackend:
 
     # -- dask plumbing
 
-    def _source(self, data):
-        """``data`` (image or mask) as a dask array of the tiles, never read here. A
-        memory map is read by each task from its file (pickling the memmap would ship
-        the whole array with every graph); an in-memory array is sent to the cluster
+    def _source(self, data, convert=None, dtype=None):
+        """``data`` (image or mask) as a dask array of the tiles, never read here, each
+        block ``convert``-ed (to ``dtype``) if given. A memory map is read by each task
+        from its file (pickling the memmap would ship the whole array with every
+        graph), converted by the same task; an in-memory array is sent to the cluster
         once (persisted); a dask array is rechunked to the tiles."""
         import dask.array as da
 
+        def converted(arr):
+            return arr if convert is None else arr.map_blocks(convert, dtype=dtype)
+
         if isinstance(data, da.Array):
-            return data.rechunk(self.chunks)
+            return converted(data.rechunk(self.chunks))
         if (
             isinstance(data, np.memmap)
             and isinstance(data.base, mmap.mmap)
@@ -476,11 +465,11 @@ class DaskBackend:
                 "C" if data.flags.c_contiguous else "F",
             )
             return self._tile_array(
-                _read_memmap, lambda i, j, ys, xs, ref: (layout, ys, xs), [], self.chunks,
-                data.dtype,
+                _read_memmap, lambda i, j, ys, xs, ref: (layout, ys, xs, convert), [],
+                self.chunks, data.dtype if convert is None else dtype,
             )  # fmt: skip
         (arr,) = self.persist(da.from_array(np.asarray(data), chunks=self.chunks, name=False))
-        return arr
+        return converted(arr)
 
     def persist(self, *arrays):
         import dask
@@ -1110,17 +1099,24 @@ class DaskBackend:
         sub = self._mask_subsamples.get((getattr(array, "name", None), step))
         if sub is not None:
             return sub
-        here = self._here(array)
-        if here is None:
-            sub = np.asarray(self.compute(array[::step, ::step]))
-        else:
-            rows = [[None] * here[0].shape[1] for _ in range(here[0].shape[0])]
-            for i, j, ys, xs in self.tiles():
-                rows[i][j] = here[0][i, j][-ys[0] % step :: step, -xs[0] % step :: step]
-            sub = np.block(rows)
+        (sub,) = self._subsamples([array], step)
         if array is self.image:
             self._image_subsamples[step] = sub
         return sub
+
+    def _subsamples(self, arrays, step: int) -> list[np.ndarray]:
+        """``array[::step, ::step]`` of each of ``arrays``: from the blocks fetched by
+        reference (:meth:`_here`) where it can, else in one graph."""
+        here = self._here(*arrays)
+        if here is None:
+            return [np.asarray(a) for a in self._compute_list([a[::step, ::step] for a in arrays])]
+        out = []
+        for blocks in here:
+            rows = [[None] * blocks.shape[1] for _ in range(blocks.shape[0])]
+            for i, j, ys, xs in self.tiles():
+                rows[i][j] = blocks[i, j][-ys[0] % step :: step, -xs[0] % step :: step]
+            out.append(np.block(rows))
+        return out
 
     def first_valid(self, mask) -> float:
         import dask.array as da
