@@ -263,6 +263,53 @@ def test_each_tile_runs_on_its_worker(threads_client, monkeypatch):
     assert DaskBackend(img, tile=64, client="sync").placement is None
 
 
+def test_small_reductions_of_persisted_blocks_run_in_the_driver_on_threads(
+    threads_client, monkeypatch
+):
+    """Where the workers are threads of this process, the counts, subsamples, extents,
+    valid blocks, first valid pixel and values at points of persisted arrays are made
+    in the driver from the blocks fetched by reference: no graph is computed, and the
+    values are numpy's on the whole arrays (as on a local scheduler, which computes
+    them through graphs)."""
+    rng = np.random.default_rng(4)
+    img = rng.normal(size=(150, 170)).astype(np.float32)
+    img[:9, :] = np.nan  # the first valid pixel in a later row of tiles
+    img[100:130, 20:90] = np.nan
+    mask = np.zeros(img.shape, bool)
+    mask[:, 160:] = True
+    bad = ~np.isfinite(img) | mask
+    ys, xs = rng.integers(0, 150, 40), rng.integers(0, 170, 40)
+    local = DaskBackend(img, mask, tile=64, unit=(2, 2), client="sync")
+
+    def no_graph(*args):
+        raise AssertionError("a graph was computed")
+
+    monkeypatch.setattr(DaskBackend, "_compute_list", no_graph)
+    monkeypatch.setattr(DaskBackend, "_persist_gather", no_graph)
+    be = DaskBackend(img, mask, tile=64, unit=(2, 2), client=threads_client)
+    assert be.placement.shared and be.nbad == np.count_nonzero(bad)
+    _, count, _ = be.mask_stats(be.bad)
+    assert count == np.count_nonzero(bad)
+    assert np.array_equal(be.subsample(be.bad, 7), bad[::7, ::7])
+    assert np.array_equal(be.subsample(be.image, 5), img[::5, ::5], equal_nan=True)
+    from skymap.backends.base import extent_of, valid_blocks
+
+    extent = extent_of(bad.all(axis=1), bad.all(axis=0))
+    assert extent == (141, 160) and be.valid_extent() == extent
+
+    assert np.array_equal(be.valid_blocks(8), valid_blocks(bad, 8))
+    assert be.first_valid(be.bad) == img[9, 0]
+    got = be.values_at([be.image, be.bad], ys, xs)
+    assert np.array_equal(got[0], img[ys, xs], equal_nan=True)
+    assert np.array_equal(got[1], bad[ys, xs])
+    monkeypatch.undo()
+    # the graphs' answers on a local scheduler are the same
+    assert local.valid_extent() == extent
+    assert np.array_equal(local.valid_blocks(8), valid_blocks(bad, 8))
+    assert local.first_valid(local.bad) == img[9, 0]
+    assert np.array_equal(local.subsample(local.bad, 7), bad[::7, ::7])
+
+
 def _task_functions(task) -> set:
     """The functions of the nested tasks inside one task of a hand-built graph."""
     if isinstance(task, (tuple, list)):

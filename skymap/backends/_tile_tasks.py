@@ -180,10 +180,13 @@ def _location(block_info) -> tuple[tuple[int, int], tuple[int, int]]:
     return (y0, y1), (x0, x1)
 
 
-def _read_memmap(layout, rows, cols):
+def _read_memmap(layout, rows, cols, convert=None):
+    """The block ``rows`` x ``cols`` of a memory-mapped file, ``convert``-ed if given
+    (in the same task: no task of its own per block)."""
     filename, dtype, offset, shape, order = layout
     m = np.memmap(filename, dtype=dtype, mode="r", offset=offset, shape=shape, order=order)
-    return np.array(m[rows[0] : rows[1], cols[0] : cols[1]])
+    block = np.array(m[rows[0] : rows[1], cols[0] : cols[1]])
+    return block if convert is None else convert(block)
 
 
 def _work_block(block):
@@ -359,12 +362,6 @@ def residual_in_one_pass(model, dtype) -> bool:
         return "window" in inspect.signature(fused).parameters
     except (TypeError, ValueError):  # no signature to read
         return False
-
-
-def _tile_normalise(raw, given, norm):
-    """A tile's normalised image and its bad pixels (given or outliers)."""
-    image = norm.apply(raw)
-    return image, given | norm.outliers(image)
 
 
 def _item(pair, k):

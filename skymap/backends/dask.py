@@ -70,7 +70,6 @@ from skymap.backends._tile_tasks import (  # the graphs' tile tasks
     _tile_label_info,
     _tile_masker,
     _tile_model_map,
-    _tile_normalise,
     _tile_residual,
     _tile_residual_map,
     _tile_sum,
@@ -332,14 +331,14 @@ class DaskBackend:
         self._inline_name = None
         # (array name, binning) -> the BorderStrips its windows last read it through
         self._strip_cache: dict = {}
-        self.image = self._source(image).map_blocks(_work_block, dtype=self.dtype)
+        self.image = self._source(image, _work_block, self.dtype)
         given = None
         if mask is not None:
             if not hasattr(mask, "shape") or not hasattr(mask, "dtype"):
                 mask = np.asarray(mask)
             if tuple(mask.shape) != shape:
                 raise ValueError(f"mask must have the image's shape {shape}, got {mask.shape}")
-            given = self._source(mask).map_blocks(_mask_block, dtype=bool)
+            given = self._source(mask, _mask_block, bool)
         import dask.array as da
 
         self.error, lowest, pname = None, None, None
@@ -350,17 +349,19 @@ class DaskBackend:
         bad = da.map_blocks(
             _bad_block, self.image, *([] if given is None else [given]), dtype=bool
         )
-        (self.bad,) = self.persist(bad)
-        self.given_bad = self.bad
-        if lowest is None:
-            self.nbad = int(self.compute(self.bad.sum()))
-        else:
-            nbad, low = self.compute(self.bad.sum(), lowest)
-            if low < 0:
-                raise ValueError(
-                    f"{pname} must be >= 0 everywhere, got a minimum of {float(low)!r}"
-                )
-            self.nbad = int(nbad)
+        # Where the cluster has room, the working image is kept from here on:
+        # normalise reads it (its subsample, then its tiles) rather than the file
+        # twice more. The counts come with the persisted arrays (one submission).
+        keep = [self.image, bad] if self._room_for_image() else [bad]
+        persisted, nbad, low = self._persist_counted(keep, [] if lowest is None else [lowest])
+        if len(keep) == 2:
+            self.image = persisted[0]
+        self.bad = self.given_bad = persisted[-1]
+        if low and low[0] < 0:
+            raise ValueError(
+                f"{pname} must be >= 0 everywhere, got a minimum of {float(low[0])!r}"
+            )
+        self.nbad = int(nbad)
         if self.nbad == self.size:
             raise ValueError("image has no valid pixel: everything is masked or non-finite")
         self._last = None
@@ -379,33 +380,21 @@ class DaskBackend:
         """As :meth:`MemoryBackend.normalise <skymap.backends.memory.MemoryBackend.normalise>`,
         tile by tile: the constants come from the same strided subsample."""
         step = Normalisation.sample_step(self.shape)
-        sub, subbad = self.compute(self.image[::step, ::step], self.bad[::step, ::step])
+        sub, subbad = self._subsamples([self.image, self.bad], step)
         norm = Normalisation.from_sample(sub, subbad, self.dtype)
         image = self.image.map_blocks(norm.apply, dtype=self.dtype)
-        outliers = image.map_blocks(norm.outliers, dtype=bool)
+        bad = self.given_bad | image.map_blocks(norm.outliers, dtype=bool)
         if self._room_for_image():
             # Kept on the workers: every step reads it, and each tile's tasks then run
-            # where its pixels are, without reading the file again. One task per tile
-            # makes both its image and its mask, so the two live on one worker.
-            raw, given = key_grid(self.image), key_grid(self.given_bad)
-            name, graph, keys = self._tasks(
-                _tile_normalise, lambda i, j, _, __, ref: (raw[i, j], given[i, j], ref["norm"]),
-                [self.image, self.given_bad], norm=norm,
-            )  # fmt: skip
-            from dask.delayed import Delayed
-
-            pairs = Delayed(keys[0, 0], graph, layer=name)
-            image, bad = (
-                self._tile_array(
-                    _item, lambda i, j, *_, k=k: (keys[i, j], k), [pairs], self.chunks, dtype
-                )
-                for k, dtype in ((0, self.dtype), (1, bool))
-            )
-            self.image, self.bad = self.persist(image, bad)
+            # where its pixels are, without reading the file again (the tiles' tasks
+            # of both arrays run on the tile's worker: TilePlacement).
+            arrays = [image, bad]
         else:
-            self.image = image
-            (self.bad,) = self.persist(self.given_bad | outliers)
-        self.nbad = int(self.compute(self.bad.sum()))
+            self.image, arrays = image, [bad]
+        persisted, nbad, _ = self._persist_counted(arrays)
+        if len(arrays) == 2:
+            self.image = persisted[0]
+        self.bad, self.nbad = persisted[-1], nbad
         return norm
 
     def _room_for_image(self) -> bool:
@@ -450,15 +439,19 @@ class DaskBackend:
 
     # -- dask plumbing
 
-    def _source(self, data):
-        """``data`` (image or mask) as a dask array of the tiles, never read here. A
-        memory map is read by each task from its file (pickling the memmap would ship
-        the whole array with every graph); an in-memory array is sent to the cluster
+    def _source(self, data, convert=None, dtype=None):
+        """``data`` (image or mask) as a dask array of the tiles, never read here, each
+        block ``convert``-ed (to ``dtype``) if given. A memory map is read by each task
+        from its file (pickling the memmap would ship the whole array with every
+        graph), converted by the same task; an in-memory array is sent to the cluster
         once (persisted); a dask array is rechunked to the tiles."""
         import dask.array as da
 
+        def converted(arr):
+            return arr if convert is None else arr.map_blocks(convert, dtype=dtype)
+
         if isinstance(data, da.Array):
-            return data.rechunk(self.chunks)
+            return converted(data.rechunk(self.chunks))
         if (
             isinstance(data, np.memmap)
             and isinstance(data.base, mmap.mmap)
@@ -472,11 +465,11 @@ class DaskBackend:
                 "C" if data.flags.c_contiguous else "F",
             )
             return self._tile_array(
-                _read_memmap, lambda i, j, ys, xs, ref: (layout, ys, xs), [], self.chunks,
-                data.dtype,
+                _read_memmap, lambda i, j, ys, xs, ref: (layout, ys, xs, convert), [],
+                self.chunks, data.dtype if convert is None else dtype,
             )  # fmt: skip
         (arr,) = self.persist(da.from_array(np.asarray(data), chunks=self.chunks, name=False))
-        return arr
+        return converted(arr)
 
     def persist(self, *arrays):
         import dask
@@ -523,6 +516,48 @@ class DaskBackend:
 
         with self._placed():
             return list(dask.compute(*things, scheduler=self.client))
+
+    def _persist_counted(self, arrays: Sequence, lazies: Sequence = ()) -> tuple[list, int, list]:
+        """(``arrays`` persisted, the count of True in the last one, ``lazies``
+        computed): counted here from the blocks (:meth:`_here`) where it can, else
+        with the arrays in one submission."""
+        if not lazies and self._shared():
+            persisted = list(self.persist(*arrays))
+            here = self._here(persisted[-1])
+            if here is not None:
+                return persisted, sum(int(np.count_nonzero(b)) for b in here[0].flat), []
+            arrays = persisted
+        out, got = self._persist_gather(arrays, [arrays[-1].sum(), *lazies])
+        return out[: len(arrays)], int(got[0]), got[1:]
+
+    def _shared(self) -> bool:
+        """Whether the workers are threads of this process (blocks pass by reference)."""
+        return self.placement is not None and self.placement.shared
+
+    def _here(self, *arrays) -> list | None:
+        """The blocks of persisted ``arrays``, each as a 2-D object array of ndarrays,
+        when the cluster's workers are threads of this process (fetched by reference:
+        nothing copied), else None (an array not persisted, worker processes, no
+        ``distributed`` cluster). A small reduction of such blocks runs here: one
+        fetch (~2 ms) costs far less than a graph (~10 ms) and its tasks (~1 ms
+        each), and the driver holds nothing new but the reduction's result."""
+        if not self._shared():
+            return None
+        from distributed import futures_of
+
+        grids = [key_grid(a) for a in arrays]
+        held = {f.key: f for a in arrays for f in futures_of(a)}
+        keys = [k for g in grids for k in g.flat]
+        if not all(k in held for k in keys):
+            return None
+        got = iter(self.client.gather([held[k] for k in keys]))
+        out = []
+        for g in grids:
+            blocks = np.empty(g.shape, object)
+            for idx in np.ndindex(g.shape):
+                blocks[idx] = next(got)
+            out.append(blocks)
+        return out
 
     def tiles(self):
         """(i, j, (y0, y1), (x0, x1)) of every tile, row by row."""
@@ -752,7 +787,14 @@ class DaskBackend:
             sel = order[bounds[i * ntx + j] : bounds[i * ntx + j + 1]]
             return (fy[sel] - rows[0], fx[sel] - cols[0], *(g[i, j] for g in grids))
 
-        blocks = self._gather(_pick, args, list(arrays))
+        here = self._here(*arrays)
+        if here is None:
+            blocks = self._gather(_pick, args, list(arrays))
+        else:
+            blocks = [
+                _pick(*args(i, j, ys, xs, None)[:2], *(h[i, j] for h in here))
+                for i, j, ys, xs in self.tiles()
+            ]
         out = [np.empty(fy.size, a.dtype) for a in arrays]
         for (i, j, _, _), got in zip(self.tiles(), blocks, strict=True):
             sel = order[bounds[i * ntx + j] : bounds[i * ntx + j + 1]]
@@ -904,10 +946,16 @@ class DaskBackend:
             _final_mask, lambda i, j, *_: (_own_task(excl_graph, ek[i, j]), rk[i, j], bk[i, j]),
             [excl, residual, self.bad], self.chunks, bool,
         )  # fmt: skip
-        # persisted with mask_stats' tasks in one submission (they are its next call)
-        name, graph, keys = self._tasks(*self._stats_tasks(new))
-        lazies = [Delayed(key, graph, layer=name) for key in keys.values()]
-        (new, *_), parts = self._persist_gather([new], lazies)
+        # mask_stats' counts (its next call) made here from the persisted blocks, or
+        # persisted with their tasks in one submission
+        parts = None
+        if self._shared():
+            (new,) = self.persist(new)
+            parts = self._stats_here(new)
+        if parts is None:
+            name, graph, keys = self._tasks(*self._stats_tasks(new))
+            lazies = [Delayed(key, graph, layer=name) for key in keys.values()]
+            (new, *_), parts = self._persist_gather([new], lazies)
         self._stats = self._stats_of(new, parts)
         return new
 
@@ -950,7 +998,10 @@ class DaskBackend:
         last = None if self._last is None else self._last.name
         stats = self._stats
         if stats is None or stats[0] != (new.name, last):
-            stats = self._stats_of(new, self._gather(*self._stats_tasks(new)))
+            parts = self._stats_here(new)
+            if parts is None:
+                parts = self._gather(*self._stats_tasks(new))
+            stats = self._stats_of(new, parts)
         self._last, self._stats = new, None
         return stats[1]
 
@@ -968,6 +1019,18 @@ class DaskBackend:
             return (starts, *(g[i, j] for g in grids))
 
         return _tile_counts, args, arrays
+
+    def _stats_here(self, new) -> list | None:
+        """:meth:`_stats_tasks`' results made here from the blocks fetched by
+        reference (:meth:`_here`), or None."""
+        func, args_of, arrays = self._stats_tasks(new)
+        here = self._here(*arrays)
+        if here is None:
+            return None
+        return [
+            func(args_of(i, j, ys, xs, None)[0], *(h[i, j] for h in here))
+            for i, j, ys, xs in self.tiles()
+        ]
 
     def _stats_of(self, new, parts):
         """((new's name, the last mask's name), mask_stats' result) from the tasks'
@@ -992,10 +1055,21 @@ class DaskBackend:
         return bool(self.compute((~da.isfinite(array)).any()))
 
     def valid_extent(self) -> tuple[int, int]:
-        # two small reductions in one graph
-        return extent_of(*self.compute(self.given_bad.all(axis=1), self.given_bad.all(axis=0)))
+        here = self._here(self.given_bad)
+        if here is None:
+            # two small reductions in one graph
+            return extent_of(*self.compute(self.given_bad.all(axis=1), self.given_bad.all(axis=0)))
+        rows, cols = np.ones(self.shape[0], bool), np.ones(self.shape[1], bool)
+        for i, j, (y0, y1), (x0, x1) in self.tiles():
+            block = here[0][i, j]
+            rows[y0:y1] &= block.all(axis=1)
+            cols[x0:x1] &= block.all(axis=0)
+        return extent_of(rows, cols)
 
     def valid_blocks(self, q: int) -> np.ndarray:
+        here = self._here(self.bad)
+        if here is not None:
+            return np.block([[valid_blocks(b, q) for b in row] for row in here[0]])
         chunks = tuple(tuple(-(-c // q) for c in ch) for ch in self.chunks)
         return self.compute(self.bad.map_blocks(valid_blocks, q=q, dtype=bool, chunks=chunks))
 
@@ -1025,14 +1099,39 @@ class DaskBackend:
         sub = self._mask_subsamples.get((getattr(array, "name", None), step))
         if sub is not None:
             return sub
-        sub = np.asarray(self.compute(array[::step, ::step]))
+        (sub,) = self._subsamples([array], step)
         if array is self.image:
             self._image_subsamples[step] = sub
         return sub
 
+    def _subsamples(self, arrays, step: int) -> list[np.ndarray]:
+        """``array[::step, ::step]`` of each of ``arrays``: from the blocks fetched by
+        reference (:meth:`_here`) where it can, else in one graph."""
+        here = self._here(*arrays)
+        if here is None:
+            return [np.asarray(a) for a in self._compute_list([a[::step, ::step] for a in arrays])]
+        out = []
+        for blocks in here:
+            rows = [[None] * blocks.shape[1] for _ in range(blocks.shape[0])]
+            for i, j, ys, xs in self.tiles():
+                rows[i][j] = blocks[i, j][-ys[0] % step :: step, -xs[0] % step :: step]
+            out.append(np.block(rows))
+        return out
+
     def first_valid(self, mask) -> float:
         import dask.array as da
 
+        width = self.shape[1]
+        here = self._here(mask, self.image)
+        if here is not None:
+            firsts = []
+            for i, j, ys, xs in self.tiles():
+                at = {0: {"array-location": (ys, xs)}}
+                firsts.append((int(_tile_first_valid(here[0][i, j], width, at)[0, 0]), i, j))
+            first, i, j = min(firsts)
+            y0, x0 = (int(e[k]) for e, k in zip(self.edges(), (i, j), strict=True))
+            y, x = divmod(first, width)
+            return float(here[1][i, j][y - y0, x - x0])
         ny, nx = (len(c) for c in self.chunks)
         flat = da.map_blocks(
             _tile_first_valid, mask, nx=self.shape[1], dtype=np.int64,
