@@ -586,7 +586,6 @@ def run_values(
     >>> run_values(img)
     [-1.0]
     """
-    counts = dict.fromkeys(edge_fill_values(image, bad, run=run), 1)
 
     def runs_along(axis):
         # True where a run of `run` equal valid pixels starts (NaN never equals itself)
@@ -594,9 +593,13 @@ def run_values(
             return None
         return _k.sampled_runs(image, bad, run, step, axis)
 
-    # the two passes side by side (numba's threads)
-    both = concurrently(functools.partial(runs_along, 0), functools.partial(runs_along, 1))
-    for axis, runs in enumerate(both):
+    def rows_and_edges():
+        return runs_along(1), edge_fill_values(image, bad, run=run)
+
+    # the column pass beside the row pass and the edges (numba's threads)
+    down, (along, edges) = concurrently(functools.partial(runs_along, 0), rows_and_edges)
+    counts = dict.fromkeys(edges, 1)
+    for axis, runs in enumerate((down, along)):
         lines = (slice(None), slice(None, None, step)) if axis == 0 else (slice(None, None, step),)
         a = np.moveaxis(image[lines], axis, 0)
         if runs is None or not runs.any():
