@@ -347,3 +347,18 @@ def test_source_scale_blocks_gathered_as_numpys_padded_reshape():
         padded[: shape[0], : shape[1]] = np.where(ok, data, np.nan)
         want = padded.reshape(gy, b, gx, b).transpose(0, 2, 1, 3).reshape(gy * gx, b * b)
         assert np.array_equal(block_gather(data, ok, b), want, equal_nan=True)
+
+
+def test_source_sizes_component_areas_equal_scipys_label_counts():
+    # component_areas: the 4-connected regions' pixel counts in scipy's label order,
+    # on sparse and dense maps, single rows and columns, empty and full maps
+    from scipy import ndimage
+
+    from skymap.background._scale_kernels import component_areas
+
+    rng = np.random.default_rng(4)
+    for shape, p in (((200, 300), 0.3), ((200, 300), 0.6), ((1, 40), 0.5), ((40, 1), 0.5),
+                     ((5, 5), 0.0), ((6, 6), 1.0)):  # fmt: skip
+        m = rng.random(shape) < p
+        lab, n = ndimage.label(m)
+        assert np.array_equal(component_areas(m), np.bincount(lab.ravel(), minlength=n + 1)[1:])

@@ -77,3 +77,50 @@ def _block_gather(data, ok, b, out, lo, hi):  # pragma: no cover - compiled
                         row[i * b + j] = data[y, x]
                     else:
                         row[i * b + j] = nan
+
+
+def component_areas(mask: np.ndarray) -> np.ndarray:
+    """The pixel counts (int64) of the 4-connected regions of the boolean map ``mask``
+    in the raster order of their first pixels: ``np.bincount(scipy.ndimage.label(mask)
+    [0].ravel())[1:]``, without the labels (each region filled from its first pixel
+    through a stack as long as the map's set pixels)."""
+    m = np.ascontiguousarray(mask, dtype=np.bool_)
+    return _component_areas(m, np.zeros(m.shape, np.bool_), np.empty(int(m.sum()), np.int64))
+
+
+@njit(cache=True, nogil=True)
+def _component_areas(m, seen, stack):  # pragma: no cover - compiled
+    ny, nx = m.shape
+    areas = np.empty(stack.size, np.int64)
+    n = 0
+    for y0 in range(ny):
+        for x0 in range(nx):
+            if not m[y0, x0] or seen[y0, x0]:
+                continue
+            seen[y0, x0] = True
+            stack[0] = y0 * nx + x0
+            top, area = 1, 0
+            while top:
+                top -= 1
+                i = stack[top]
+                area += 1
+                y, x = i // nx, i % nx
+                if y > 0 and m[y - 1, x] and not seen[y - 1, x]:
+                    seen[y - 1, x] = True
+                    stack[top] = i - nx
+                    top += 1
+                if y < ny - 1 and m[y + 1, x] and not seen[y + 1, x]:
+                    seen[y + 1, x] = True
+                    stack[top] = i + nx
+                    top += 1
+                if x > 0 and m[y, x - 1] and not seen[y, x - 1]:
+                    seen[y, x - 1] = True
+                    stack[top] = i - 1
+                    top += 1
+                if x < nx - 1 and m[y, x + 1] and not seen[y, x + 1]:
+                    seen[y, x + 1] = True
+                    stack[top] = i + 1
+                    top += 1
+            areas[n] = area
+            n += 1
+    return areas[:n]
