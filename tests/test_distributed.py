@@ -299,6 +299,11 @@ def test_small_reductions_of_persisted_blocks_run_in_the_driver_on_threads(
 
     assert np.array_equal(be.valid_blocks(8), valid_blocks(bad, 8))
     assert be.first_valid(be.bad) == img[9, 0]
+    # the halo exclusion's new bad pixels, persisted and counted without a graph
+    more = be.bad | (be.image > 1.5)
+    kept, count = be.persist_counted(more)
+    assert count == np.count_nonzero(bad | (np.nan_to_num(img) > 1.5)) > be.nbad
+    assert np.array_equal(np.asarray(kept), bad | (np.nan_to_num(img) > 1.5))
     got = be.values_at([be.image, be.bad], ys, xs)
     assert np.array_equal(got[0], img[ys, xs], equal_nan=True)
     assert np.array_equal(got[1], bad[ys, xs])
@@ -308,6 +313,7 @@ def test_small_reductions_of_persisted_blocks_run_in_the_driver_on_threads(
     assert np.array_equal(local.valid_blocks(8), valid_blocks(bad, 8))
     assert local.first_valid(local.bad) == img[9, 0]
     assert np.array_equal(local.subsample(local.bad, 7), bad[::7, ::7])
+    assert local.persist_counted(local.bad | (local.image > 1.5))[1] == count
 
 
 def _task_functions(task) -> set:

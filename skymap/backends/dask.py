@@ -517,6 +517,13 @@ class DaskBackend:
         with self._placed():
             return list(dask.compute(*things, scheduler=self.client))
 
+    def persist_counted(self, mask) -> tuple[Any, int]:
+        """(``mask`` persisted, its count of True): one submission, or none beyond the
+        persist where the workers are threads of this process (the count made here
+        from the blocks)."""
+        persisted, count, _ = self._persist_counted([mask])
+        return persisted[0], count
+
     def _persist_counted(self, arrays: Sequence, lazies: Sequence = ()) -> tuple[list, int, list]:
         """(``arrays`` persisted, the count of True in the last one, ``lazies``
         computed): counted here from the blocks (:meth:`_here`) where it can, else

@@ -1014,8 +1014,11 @@ def _exclude_halos(backend, halos) -> None:
     if sources is not None:
         new = backend.map_tiles(_paint_tile, [backend.bad], halo=0, dtype=bool, halos=halos,
                                 sources=sources, shape=backend.shape)  # fmt: skip
-    (backend.bad,) = backend.persist(new)
-    backend.nbad = int(backend.compute(backend.bad.sum()))
+    if hasattr(backend, "persist_counted"):
+        backend.bad, backend.nbad = backend.persist_counted(new)
+    else:
+        (backend.bad,) = backend.persist(new)
+        backend.nbad = int(backend.compute(backend.bad.sum()))
 
 
 def _paint_tile(bad, *, window, core, halos, sources, shape):
