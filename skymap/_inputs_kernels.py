@@ -116,11 +116,11 @@ def nonfinite_or(values, given, out):
 @njit(cache=True, nogil=True)
 def _nonfinite_or(values, given, masked, out, counts, lo, hi):  # pragma: no cover - compiled
     for y in range(lo, hi):
-        counts[y] = _nonfinite_or_row(values[y], given, masked, y, out[y])
+        counts[y] = nonfinite_or_row(values[y], given, masked, y, out[y])
 
 
 @njit(cache=True, nogil=True, inline="always")
-def _nonfinite_or_row(vrow, given, masked, y, orow):  # pragma: no cover - compiled
+def nonfinite_or_row(vrow, given, masked, y, orow):  # pragma: no cover - compiled
     """Row ``y`` of :func:`nonfinite_or`; returns its count."""
     # On bytes, not booleans, and without a branch per pixel, so that the loops
     # vectorise; |v| < inf is False for NaN and infinities only.

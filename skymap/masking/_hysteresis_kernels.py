@@ -13,7 +13,7 @@ import numba
 import numpy as np
 from numba import njit
 
-from skymap._inputs_kernels import _nonfinite_or_row, nonfinite_or  # noqa: F401 (kept here)
+from skymap._inputs_kernels import nonfinite_or, nonfinite_or_row  # noqa: F401 (kept here)
 from skymap._util import in_bands
 
 # Image rows per band below which a band is not worth a thread.
@@ -65,7 +65,7 @@ def _masked_block_sums(
         y0, y1 = by * b, min(ny, (by + 1) * b)
         if fill:
             for y in range(y0, y1):
-                counts[by] += _nonfinite_or_row(values[y], given, masked, y, excluded[y])
+                counts[by] += nonfinite_or_row(values[y], given, masked, y, excluded[y])
         # Column sums over the block's rows first (selects, not branches: excluded
         # values may be NaN; the loops vectorise), then the sums along x.
         if y1 - y0 == 2:
