@@ -371,6 +371,18 @@ def _step(shape) -> int:
     return max(1, int(np.sqrt(shape[0] * shape[1] / 250_000)))
 
 
+def _compiled_pass(a, dtype) -> bool:
+    """Whether :class:`Normalisation`'s compiled passes take ``a``: a 2-D C-contiguous
+    float32 or float64 ndarray of ``dtype`` (the others take numpy's passes)."""
+    return (
+        isinstance(a, np.ndarray)
+        and a.ndim == 2
+        and a.dtype == dtype
+        and a.dtype in (np.float32, np.float64)
+        and a.flags.c_contiguous
+    )
+
+
 @dataclass(frozen=True)
 class Normalisation:
     """``work = (image - level) / scale``; ``scale`` is a power of two.
@@ -429,13 +441,7 @@ class Normalisation:
         +/- ``CLIP``; non-finite values stay non-finite."""
         dtype = np.dtype(dtype or image.dtype)
         out = np.empty(image.shape, dtype)
-        if (
-            isinstance(image, np.ndarray)
-            and image.ndim == 2
-            and image.dtype == dtype
-            and dtype in (np.float32, np.float64)
-            and image.flags.c_contiguous
-        ):
+        if _compiled_pass(image, dtype):
             # The passes below in one (the same values).
             return _k.normalised_into(image, self.level, 1.0 / self.scale, CLIP, out)
         with np.errstate(over="ignore", invalid="ignore"):
@@ -451,10 +457,7 @@ class Normalisation:
         ``given`` (a boolean mask of its shape) with its extreme negative pixels, in
         one pass where :meth:`apply` makes one (two new arrays)."""
         if (
-            isinstance(image, np.ndarray)
-            and image.ndim == 2
-            and image.dtype in (np.float32, np.float64)
-            and image.flags.c_contiguous
+            _compiled_pass(image, getattr(image, "dtype", None))
             and isinstance(given, np.ndarray)
             and given.dtype == bool
             and given.shape == image.shape
@@ -490,13 +493,7 @@ class Normalisation:
         work = np.asarray(work)
         dtype = work.dtype if work.dtype.kind == "f" else np.dtype(np.float64)
         into = work if reuse and work.dtype == dtype and work.flags.writeable else None
-        if (
-            offset
-            and work.ndim == 2
-            and work.dtype == dtype
-            and dtype in (np.float32, np.float64)
-            and work.flags.c_contiguous
-        ):
+        if offset and _compiled_pass(work, dtype):
             # The passes below (and the subtraction) in one, in bands of rows.
             out = np.empty(work.shape, dtype) if into is None else into
             t = dtype.type

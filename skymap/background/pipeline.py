@@ -717,13 +717,14 @@ class IterativeBackground:
             )
         reuse = getattr(model, "new_maps", False)
         pedestal = self._pedestal(be, bkg, current) if self.wing_pedestal else 0.0
+        lowered = pedestal if pedestal > 0 else 0.0
         lazy_rms = be.result_rms(model)
         if not converged:
             warnings.warn(note, ConvergenceWarning, stacklevel=2)
         return BackgroundResult(
             # A map made for this call alone becomes the result (memory).
             # The pedestal comes off in the same pass (in the map's dtype).
-            background=be.result(norm.undo(bkg, reuse=reuse, minus=max(pedestal, 0.0))),
+            background=be.result(norm.undo(bkg, reuse=reuse, minus=lowered)),
             mask=be.result(current),
             bad_mask=be.result(be.given_bad),
             history=tuple(history),
