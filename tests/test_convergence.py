@@ -334,9 +334,9 @@ def test_real_cutouts_converge_with_a_sane_mask(data_dir, name):
 
 
 def test_source_scale_blocks_gathered_as_numpys_padded_reshape():
-    # block_gather: the coarse median's blocks as rows (NaN where not ok or beyond the
-    # image) against numpy's padded, masked, reshaped and transposed copy
-    from skymap.background._scale_kernels import block_gather
+    # block_rows at step 1: the coarse median's blocks as rows (NaN where not ok or
+    # beyond the image) against numpy's padded, masked, reshaped and transposed copy
+    from skymap.masking._bright_kernels import block_rows
 
     rng = np.random.default_rng(3)
     for shape in ((130, 77), (31, 33), (64, 64), (1, 5)):
@@ -346,7 +346,8 @@ def test_source_scale_blocks_gathered_as_numpys_padded_reshape():
         padded = np.full((gy * b, gx * b), np.nan)
         padded[: shape[0], : shape[1]] = np.where(ok, data, np.nan)
         want = padded.reshape(gy, b, gx, b).transpose(0, 2, 1, 3).reshape(gy * gx, b * b)
-        assert np.array_equal(block_gather(data, ok, b), want, equal_nan=True)
+        got = block_rows(data, ~ok, b, np.empty((gy * gx, b * b)), step=1)
+        assert np.array_equal(got, want, equal_nan=True)
 
 
 def test_source_sizes_component_areas_equal_scipys_label_counts():

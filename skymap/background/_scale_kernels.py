@@ -47,38 +47,6 @@ def _box3(a, out):  # pragma: no cover - compiled
             row[x] = s / 3.0
 
 
-def block_gather(data: np.ndarray, ok: np.ndarray, b: int) -> np.ndarray:
-    """``(gy * gx, b * b)``: row ``by * gx + bx`` holds block (by, bx) of ``data``
-    (2-D float64) in raster order, NaN where not ``ok`` or beyond the image: the
-    padded, masked, reshaped and transposed copy of :func:`source_scale`'s coarse
-    median in one pass, in bands of block rows."""
-    from skymap._util import in_bands
-
-    ny, nx = data.shape
-    gy, gx = max(1, -(-ny // b)), max(1, -(-nx // b))
-    out = np.empty((gy * gx, b * b))
-    in_bands(_block_gather, gy, data, ok, b, out, grain=4)
-    return out
-
-
-@njit(cache=True, nogil=True)
-def _block_gather(data, ok, b, out, lo, hi):  # pragma: no cover - compiled
-    ny, nx = data.shape
-    gx = out.shape[0] // max(1, -(-ny // b))
-    nan = np.nan
-    for by in range(lo, hi):
-        for i in range(b):
-            y = by * b + i
-            for bx in range(gx):
-                row = out[by * gx + bx]
-                for j in range(b):
-                    x = bx * b + j
-                    if y < ny and x < nx and ok[y, x]:
-                        row[i * b + j] = data[y, x]
-                    else:
-                        row[i * b + j] = nan
-
-
 def component_areas(mask: np.ndarray) -> np.ndarray:
     """The pixel counts (int64) of the 4-connected regions of the boolean map ``mask``
     in the raster order of their first pixels: ``np.bincount(scipy.ndimage.label(mask)

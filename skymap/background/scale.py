@@ -23,7 +23,8 @@ from scipy import ndimage
 
 from skymap._select_kernels import exact_median
 from skymap._util import MAD_TO_STD, nanmedian_rows
-from skymap.background._scale_kernels import block_gather, box3_mean, component_areas
+from skymap.background._scale_kernels import box3_mean, component_areas
+from skymap.masking._bright_kernels import block_rows
 from skymap.stats.filters import upsample_linear
 
 __all__ = [
@@ -162,7 +163,7 @@ def _coarse_median(data, ok):
     ny, nx = data.shape
     gy, gx = max(1, -(-ny // b)), max(1, -(-nx // b))
     # each block's pixels as one row, NaN where not ok or beyond the image
-    blocks = block_gather(data, ok, b)
+    blocks = block_rows(data, ~ok, b, np.empty((gy * gx, b * b)), step=1)
     grid = nanmedian_rows(blocks, overwrite=True).reshape(gy, gx)
     del blocks
     fill = np.nanmedian(grid) if np.isfinite(grid).any() else 0.0

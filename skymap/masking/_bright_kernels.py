@@ -64,33 +64,34 @@ def box_means_at(img, grid, block, invalid, flat, oy, ox):  # pragma: no cover -
     return out
 
 
-def block_rows(img, invalid, block, out):
-    """``out[by * gx + bx]``: the pixels ``img[y, x]`` of block (by, bx) at even ``y``
-    and ``x``, in raster order, as float32; NaN where ``invalid`` or beyond the image
-    (``out`` is (gy * gx, (block // 2) ** 2)); in bands of rows."""
+def block_rows(img, invalid, block, out, step=2):
+    """``out[by * gx + bx]``: the pixels ``img[y, x]`` of block (by, bx) at every
+    ``step``-th ``y`` and ``x`` (from the block's corner), in raster order, in ``out``'s
+    dtype; NaN where ``invalid`` or beyond the image (``out`` is
+    (gy * gx, (block // step) ** 2)); in bands of rows."""
     gx = -(-img.shape[1] // block)
-    in_bands(_block_rows, out.shape[0] // gx * (block // 2), img, invalid, block, out, grain=64)
+    rows = out.shape[0] // gx * (block // step)
+    in_bands(_block_rows, rows, img, invalid, block, step, out, grain=64)
     return out
 
 
 @njit(cache=True, nogil=True)
-def _block_rows(img, invalid, block, out, lo, hi):  # pragma: no cover - compiled
+def _block_rows(img, invalid, block, step, out, lo, hi):  # pragma: no cover - compiled
     ny, nx = img.shape
-    h = block // 2
+    h = block // step
     gx = -(-nx // block)
-    nan = np.float32(np.nan)
     for r in range(lo, hi):
         by, i = r // h, r % h
-        y = by * block + 2 * i
+        y = by * block + step * i
         for bx in range(gx):
             row = out[by * gx + bx]
             x0 = bx * block
             for j in range(h):
-                x = x0 + 2 * j
+                x = x0 + step * j
                 if y < ny and x < nx and not invalid[y, x]:
-                    row[i * h + j] = np.float32(img[y, x])
+                    row[i * h + j] = img[y, x]
                 else:
-                    row[i * h + j] = nan
+                    row[i * h + j] = np.nan
 
 
 @njit(cache=True, nogil=True)
