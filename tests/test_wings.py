@@ -15,6 +15,8 @@ from skymap.masking.wings import (
     MIN_OUTER,
     MIN_OUTER_SHARE,
     WingMasker,
+    pedestal_codes,
+    pedestal_of,
     wing_pedestal,
     wing_reach,
     wing_sums,
@@ -95,6 +97,25 @@ def test_block_distances_are_scipys_exact_transform_bit_for_bit():
     corner[0, -1] = True
     want = 4 * ndi.distance_transform_edt(~corner)
     assert np.array_equal(_wings_kernels.distances(corner, 4), want)
+
+
+def test_block_distances_of_a_band_of_rows_are_those_of_the_whole_map():
+    # rows=(y0, y1) searches the rows outside for the nearest seeds above and below:
+    # bands of any heights give the whole map's distances bit for bit (scipy's)
+    rng = np.random.default_rng(11)
+    for ny, nx, density in ((1, 30, 0.1), (90, 70, 0.002), (120, 50, 0.05), (64, 64, 0.6)):
+        seeds = rng.uniform(size=(ny, nx)) < density
+        seeds.flat[rng.integers(seeds.size)] = True
+        want = 4 * ndi.distance_transform_edt(~seeds)
+        cuts = sorted({0, ny, *rng.integers(0, ny, 4).tolist()})
+        rows = zip(cuts[:-1], cuts[1:], strict=True)
+        got = [_wings_kernels.distances(seeds, 4, rows=r) for r in rows]
+        assert np.array_equal(np.concatenate(got), want)
+    # a seedless column and a lone seed far below the band
+    seeds = np.zeros((200, 5), bool)
+    seeds[190, 2] = True
+    want = 4 * ndi.distance_transform_edt(~seeds)
+    assert np.array_equal(_wings_kernels.distances(seeds, 4, rows=(10, 20)), want[10:20])
 
 
 def test_ring_sums_are_numpys_digitized_bincounts_bit_for_bit():
@@ -229,16 +250,23 @@ def test_the_wing_pedestal_brings_a_deep_fields_fit_down_towards_its_sky():
     assert sky_scale(plain)["wing_pedestal"] == 0.0
 
 
+def _wings_on(rng, shape, count, sky):
+    """A residual of exponential wings (scale 4 px) around ``count`` detections (the
+    mask: within 5 px) on a sky at ``sky``, white noise of 0.5; and the mask."""
+    yy, xx = np.mgrid[: shape[0], : shape[1]].astype(float)
+    light, mask = np.zeros(shape), np.zeros(shape, bool)
+    for y, x in rng.uniform(10, N - 10, (count, 2)):
+        r = np.hypot(yy - y, xx - x)
+        light += 4.0 * np.exp(-r / 4.0)
+        mask |= r < 5
+    return light + sky + rng.normal(0, 0.5, light.shape), mask
+
+
 def test_the_wing_pedestal_is_the_sky_level_beyond_the_reach():
     # a residual whose sky beyond the wings sits at -0.3: exponential wings around
     # detections (the mask), white noise; against the mean taken directly
     rng = np.random.default_rng(7)
-    light, mask = np.zeros((N, N)), np.zeros((N, N), bool)
-    for y, x in rng.uniform(10, N - 10, (30, 2)):
-        r = np.hypot(YY - y, XX - x)
-        light += 4.0 * np.exp(-r / 4.0)
-        mask |= r < 5
-    res = light - 0.3 + rng.normal(0, 0.5, light.shape)
+    res, mask = _wings_on(rng, (N, N), 30, -0.3)
     sums = wing_sums(res, mask, np.zeros_like(mask), 4)
     num, cnt, _ = sums
     seeds = cnt <= 8
@@ -256,6 +284,91 @@ def test_the_wing_pedestal_is_the_sky_level_beyond_the_reach():
     assert wing_pedestal(up, res.shape, b=4) == 0.0
     flat = wing_sums(rng.normal(size=(N, N)), mask, np.zeros_like(mask), 4)
     assert wing_pedestal(flat, res.shape, b=4) == 0.0
+
+
+def test_the_wing_pedestal_read_in_bands_is_the_whole_grids_bit_for_bit():
+    # what the tiled back end does: codes per tile (their origin), the sums a band of
+    # rows at a time; the same pedestal as the whole grid's, and the level is the
+    # free blocks' mean beyond the reach (sums taken directly)
+    res, mask = _wings_on(np.random.default_rng(3), (N, N + 64), 40, -0.2)
+    sums = wing_sums(res, mask, np.zeros_like(mask), 4)
+    whole = wing_pedestal(sums, res.shape, b=4)
+    codes = pedestal_codes(sums, res.shape, b=4)
+    tiles = [
+        [pedestal_codes(sums[:, i : i + 16, j : j + 24], res.shape, b=4, origin=(4 * i, 4 * j))
+         for j in range(0, sums.shape[2], 24)]
+        for i in range(0, sums.shape[1], 16)
+    ]  # fmt: skip
+    assert np.array_equal(np.block(tiles), codes)
+    for cuts in ([0, 64], [0, 16, 32, 48, 64], [0, 1, 63, 64], [0, 40, 64]):
+        rows = list(zip(cuts[:-1], cuts[1:], strict=True))
+        read = []
+
+        def band(k, rows=rows, read=read):
+            read.append(k)
+            return sums[:, slice(*rows[k])]
+
+        got = pedestal_of(codes, band, rows, b=4)
+        assert got == whole
+        assert read == list(range(len(rows)))  # each band once, in order
+    num, cnt, _ = sums
+    seeds, free = (codes & 1) > 0, (codes & 2) > 0
+    dist = 4 * ndi.distance_transform_edt(~seeds)
+    reach = wing_reach(num[free] / cnt[free], cnt[free], dist[free], 4.0)
+    beyond = free & (dist >= reach)
+    assert whole == pytest.approx(-num[beyond].sum() / cnt[beyond].sum(), rel=1e-12)
+    assert whole == pytest.approx(0.2, abs=0.05)
+
+
+def test_a_tiled_pedestal_never_gathers_the_whole_grid():
+    # the driver holds the codes and one row of tiles' sums at a time (flat memory),
+    # and the tiled fit equals the in-memory one bit for bit
+    from skymap.backends.dask import DaskBackend
+
+    img = _deep_field()
+    bands, gathered = [], []
+    original_bands, original_grid = DaskBackend.cell_grid_bands, DaskBackend.cell_grid
+
+    def bands_of(self, *args, **kw):
+        codes, read, rows = original_bands(self, *args, **kw)
+
+        def reading(k):
+            band = read(k)
+            bands.append(band.shape)
+            return band
+
+        return codes, reading, rows
+
+    def grid_of(self, func, *args, **kw):
+        gathered.append(func.__name__)
+        return original_grid(self, func, *args, **kw)
+
+    ref = skymap.fit(img)
+    DaskBackend.cell_grid_bands, DaskBackend.cell_grid = bands_of, grid_of
+    try:
+        with dask.config.set(scheduler="sync"):
+            tiled = skymap.fit(da.from_array(img, chunks=128), tile=128)
+            bkg, mask = dask.compute(tiled.background, tiled.mask)
+    finally:
+        DaskBackend.cell_grid_bands, DaskBackend.cell_grid = original_bands, original_grid
+    assert ref.pedestal > 0 and tiled.pedestal == ref.pedestal
+    assert np.array_equal(bkg, ref.background) and np.array_equal(mask, ref.mask)
+    assert "residual_sums" not in gathered
+    gy = -(-img.shape[0] // 4)
+    assert bands == [(2, 32, -(-img.shape[1] // 4))] * (gy // 32)  # rows of tiles
+    # bands cut to BAND_BYTES: the same fit
+    import skymap.backends.dask as dask_backend
+
+    budget, bands[:] = dask_backend.BAND_BYTES, []
+    dask_backend.BAND_BYTES = 8 * 2 * 64 * 5  # 5 rows of the 64-block-wide grid
+    DaskBackend.cell_grid_bands = bands_of
+    try:
+        with dask.config.set(scheduler="sync"):
+            cut = skymap.fit(da.from_array(img, chunks=128), tile=128)
+    finally:
+        DaskBackend.cell_grid_bands, dask_backend.BAND_BYTES = original_bands, budget
+    assert cut.pedestal == ref.pedestal
+    assert [b[1] for b in bands] == [5] * 6 + [2] + [5] * 6 + [2]
 
 
 def test_seed_and_free_blocks_in_one_pass_equal_the_area_formula():

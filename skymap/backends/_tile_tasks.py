@@ -263,6 +263,13 @@ def _tile_grid(*blocks, task, kw, block_info=None):
     return task(*blocks, origin=(y0, x0), **kw)
 
 
+def _tile_digest(grid, *, task, block, block_info=None):
+    """``task(grid, origin=)`` of a tile's :meth:`DaskBackend.cell_grid` block, its
+    origin in pixels (the grid's blocks are ``block`` pixels)."""
+    (y0, _), (x0, _) = _location(block_info)
+    return task(grid, origin=(y0 * block[0], x0 * block[1]))
+
+
 def _tile_counts(starts, new, last=None):
     """(masked pixels, pixels that changed from ``last``, the tile's part of each
     whole-image subsample ``new[::step, ::step]``: ``new[y0::step, x0::step]`` for

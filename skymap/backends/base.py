@@ -203,6 +203,17 @@ class ArrayBackend(Protocol):
         tiles are aligned to ``block`` and ``func`` returns a float64 (layers, gy, gx)
         array per tile."""
 
+    def cell_grid_bands(
+        self, func: Callable, arrays: Sequence, block: tuple[int, int], layers: int,
+        digest: Callable, band_layers: int | None = None, **kw,
+    ) -> tuple[np.ndarray, Callable, list]:  # fmt: skip
+        """:meth:`cell_grid` kept where it is made, for a reader that needs the whole
+        grid only in bands: ``(digest(grid, origin=(y0, x0)) of the tiles side by side,
+        read(k), rows)``, where ``read(k)`` gives the grid's band ``k`` (its first
+        ``band_layers`` layers, None: all), its block rows ``rows[k]`` = (r0, r1) (the
+        bands in order, covering the grid). On tiles a band is at most a row of tiles:
+        the driver holds the small digest and one band at a time, never the grid."""
+
     def map_tiles(self, func: Callable, arrays: Sequence, *, halo: int, dtype, **kw) -> Any:
         """``func(*windows, window=, core=, **kw)`` per tile, native: each array read
         over the tile grown by ``halo`` pixels (cut at the image's edges); ``func``

@@ -63,6 +63,7 @@ from skymap.backends._tile_tasks import (  # the graphs' tile tasks
     _tile_binned_step,
     _tile_change,
     _tile_counts,
+    _tile_digest,
     _tile_digit_histogram,
     _tile_first_valid,
     _tile_grid,
@@ -124,6 +125,11 @@ def aligned_chunks(n: int, step: int) -> tuple[int, ...]:
     """Chunks of ``step`` along an axis of ``n``, the last one shorter if need be."""
     full, rest = divmod(n, step)
     return (step,) * full + ((rest,) if rest else ())
+
+
+#: Largest band of a cell grid that :meth:`DaskBackend.cell_grid_bands` reads into the
+#: driver at once (bytes).
+BAND_BYTES = 16 << 20
 
 
 def key_grid(arr) -> np.ndarray:
@@ -1158,6 +1164,46 @@ class DaskBackend:
             _tile_grid, *arrays, task=func, kw=kw, dtype=np.float64, chunks=chunks, new_axis=0
         )
         return np.asarray(self.compute(blocks))
+
+    def cell_grid_bands(self, func, arrays, block, layers, digest, band_layers=None, **kw):
+        import dask.array as da
+
+        chunks = (
+            (layers,),
+            *(tuple(-(-c // s) for c in ch) for ch, s in zip(self.chunks, block, strict=True)),
+        )
+        grid = da.map_blocks(
+            _tile_grid, *arrays, task=func, kw=kw, dtype=np.float64, chunks=chunks, new_axis=0
+        )
+        codes = grid.map_blocks(
+            _tile_digest, task=digest, block=block, dtype=np.uint8, drop_axis=0
+        )
+        # the grid stays on the workers; its digest comes here with it
+        grid, codes = self._persist_gather([grid, codes], [])[0]
+        here = self._here(codes, grid)
+        if here is not None:
+            codes = np.block([[np.asarray(c) for c in row] for row in here[0]])
+        else:
+            codes = np.asarray(self.compute(codes))
+        keep = layers if band_layers is None else band_layers
+        # Bands of whole rows of tiles, cut to at most BAND_BYTES each: the driver's
+        # memory stays flat with the image's height and grows slowly with its width.
+        step = max(1, BAND_BYTES // (8 * keep * codes.shape[1]))
+        bounds = np.cumsum((0, *chunks[1]))
+        rows = [
+            (int(r), int(min(r + step, b)), i)
+            for i, (a, b) in enumerate(zip(bounds[:-1], bounds[1:], strict=True))
+            for r in range(a, b, step)
+        ]
+
+        def read(k):
+            r0, r1, i = rows[k]
+            y0 = int(bounds[i])
+            if here is not None:  # by reference on threads of this process
+                return np.concatenate([t[:keep, r0 - y0 : r1 - y0] for t in here[1][i]], axis=2)
+            return np.asarray(self.compute(grid[:keep, r0:r1]))
+
+        return codes, read, [r[:2] for r in rows]
 
     def median(self, values, arrays, **kw) -> float:
         """Exact ``np.median`` of ``values(*blocks, window=, **kw)`` over the tiles (one

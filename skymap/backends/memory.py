@@ -228,6 +228,13 @@ class MemoryBackend:
     def cell_grid(self, func: Callable, arrays: Sequence, block, layers, **kw):
         return func(*arrays, origin=(0, 0), **kw)
 
+    def cell_grid_bands(
+        self, func: Callable, arrays: Sequence, block, layers, digest, band_layers=None, **kw
+    ):
+        grid = func(*arrays, origin=(0, 0), **kw)
+        band = grid if band_layers is None else grid[:band_layers]
+        return digest(grid, origin=(0, 0)), lambda k: band, [(0, grid.shape[1])]
+
     def map_tiles(self, func: Callable, arrays: Sequence, *, halo: int = 0, dtype=None, **kw):
         whole = ((0, self.shape[0]), (0, self.shape[1]))
         return func(*arrays, window=whole, core=whole, **kw)

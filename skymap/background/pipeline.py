@@ -60,7 +60,7 @@ from skymap.background.tracking import source_tracking
 from skymap.masking.bright import HaloMasker
 from skymap.masking.halo_tiles import find_tiled
 from skymap.masking.maskers import Masker
-from skymap.masking.wings import PEDESTAL_BLOCK, residual_sums, wing_pedestal
+from skymap.masking.wings import PEDESTAL_BLOCK, pedestal_codes, pedestal_of, residual_sums
 
 __all__ = [
     "BackgroundEstimator",
@@ -870,20 +870,26 @@ class IterativeBackground:
 
     def _pedestal(self, be: ArrayBackend, bkg: Any, current: Any) -> float:
         """The final background's :func:`~skymap.masking.wings.wing_pedestal` (in the
-        normalised units), from the block sums of its residual with the final mask
-        ``current`` excluded (per tile on a tiled back end: the tiles align to the
-        block, :meth:`tile_unit`). The last reader of the back end's image, which it
-        lets go."""
+        normalised units; :func:`~skymap.masking.wings.pedestal_of`), from the block
+        sums of its residual with the final mask ``current`` excluded (per tile on a
+        tiled back end: the tiles align to the block, :meth:`tile_unit`). The last
+        reader of the back end's image, which it lets go."""
         b = pow2_at_most(PEDESTAL_BLOCK, *be.shape)
         # the halo masker's sources are in ``bad`` for the loop, but are detections here
         arrays = [be.image, bkg, current, be.given_bad]
-        sums = np.asarray(be.cell_grid(residual_sums, arrays, (b, b), 3, b=b))
+        # The sums stay where they are made, read a band at a time: on tiles the
+        # driver holds the blocks' codes (a byte per 16 pixels), not the sums (1.5
+        # bytes a pixel, 1 x a 16384^2 image with the profile's maps).
+        digest = functools.partial(pedestal_codes, shape=be.shape, b=b)
+        codes, read, rows = be.cell_grid_bands(
+            residual_sums, arrays, (b, b), 3, digest, band_layers=2, b=b
+        )
         del arrays
-        # The normalised image goes before the profile's block grids are made: with it
-        # they would set the fit's memory peak (4096^2: 3.7 -> 4.4 x the image).
+        # The normalised image goes before the profile's maps are made: with it they
+        # would set the fit's memory peak (4096^2: 3.7 -> 4.4 x the image).
         with contextlib.suppress(AttributeError):
             be.image = None
-        pedestal = wing_pedestal(sums, be.shape, b=b)
+        pedestal = pedestal_of(codes, read, rows, b=b)
         log.debug("wing pedestal %.4g (normalised units)", pedestal)
         return pedestal
 

@@ -8,12 +8,14 @@ from numba import njit
 from skymap._util import in_bands
 
 
-def distances(seeds: np.ndarray, unit: float) -> np.ndarray:
+def distances(seeds: np.ndarray, unit: float, rows=None) -> np.ndarray:
     """``unit`` times the Euclidean distance (float64) of every pixel of the boolean
     map ``seeds`` from its nearest True pixel, equal to
     ``unit * scipy.ndimage.distance_transform_edt(~seeds)`` bit for bit: both are the
     square root of the exact integer squared distance. ``seeds`` must hold a True
-    pixel.
+    pixel. ``rows`` = (y0, y1): those rows only (the same values as the whole map's
+    rows y0:y1), with memory for those rows only, so that a band at a time can be read
+    from a large map.
 
     The transform is the separable one of Felzenszwalb & Huttenlocher (each column's
     distance to its nearest seed, then per row the lower envelope of the parabolas
@@ -26,35 +28,51 @@ def distances(seeds: np.ndarray, unit: float) -> np.ndarray:
     (distance transforms of sampled functions), https://doi.org/10.4086/toc.2012.v008a019.
     """
     seeds = np.ascontiguousarray(seeds, dtype=bool)
-    out = np.empty(seeds.shape, np.float64)
-    col = np.empty(seeds.shape, np.int32)
+    y0, y1 = (0, seeds.shape[0]) if rows is None else (int(rows[0]), int(rows[1]))
+    out = np.empty((y1 - y0, seeds.shape[1]), np.float64)
+    col = np.empty(out.shape, np.int32)
     # both passes in bands (of columns, then of rows): each value is its own exact
     # integer minimum, whatever the bands
-    in_bands(_column_distances, seeds.shape[1], seeds, col, grain=64)
-    in_bands(_distances, seeds.shape[0], col, float(unit), out)
+    in_bands(_column_distances, seeds.shape[1], seeds, col, y0, y1, grain=64)
+    in_bands(_distances, out.shape[0], col, float(unit), out, seeds.shape[0])
     return out
 
 
 @njit(cache=True, nogil=True)
-def _column_distances(seeds, col, lo, hi):  # pragma: no cover - compiled
-    """Columns ``lo:hi``: each pixel's distance (in rows) to the nearest seed of its
-    column, down, then up, the band's columns of a row at once (along memory)."""
+def _column_distances(seeds, col, y0, y1, lo, hi):  # pragma: no cover - compiled
+    """Columns ``lo:hi`` of rows ``y0:y1``: each pixel's distance (in rows) to the
+    nearest seed of its column, down, then up, the band's columns of a row at once
+    (along memory). Rows outside ``y0:y1`` are searched for the nearest seed above
+    and below the rows only."""
     ny, nx = seeds.shape
     far = ny + nx  # further than any seed: its square exceeds every true squared distance
     for x in range(lo, hi):
-        col[0, x] = 0 if seeds[0, x] else far
-    for y in range(1, ny):
+        d = far
+        for y in range(y0, -1, -1):  # the nearest seed at or above row y0
+            if seeds[y, x]:
+                d = min(y0 - y, far)
+                break
+        col[0, x] = d
+    for y in range(y0 + 1, y1):
+        k = y - y0
         for x in range(lo, hi):
-            col[y, x] = 0 if seeds[y, x] else min(col[y - 1, x] + 1, far)
-    for y in range(ny - 2, -1, -1):
+            col[k, x] = 0 if seeds[y, x] else min(col[k - 1, x] + 1, far)
+    last = y1 - y0 - 1
+    for x in range(lo, hi):
+        for y in range(y1, ny):  # the nearest seed below the rows
+            if seeds[y, x]:
+                col[last, x] = min(col[last, x], y - (y1 - 1))
+                break
+    for k in range(last - 1, -1, -1):
         for x in range(lo, hi):
-            col[y, x] = min(col[y, x], col[y + 1, x] + 1)
+            col[k, x] = min(col[k, x], col[k + 1, x] + 1)
 
 
 @njit(cache=True, nogil=True)
-def _distances(col, unit, out, ylo, yhi):  # pragma: no cover - compiled
-    """Rows ``ylo:yhi``: the lower envelope of the parabolas of ``col``'s distances."""
-    ny, nx = col.shape
+def _distances(col, unit, out, ny, ylo, yhi):  # pragma: no cover - compiled
+    """Rows ``ylo:yhi``: the lower envelope of the parabolas of ``col``'s distances
+    (``ny``: the whole map's height)."""
+    nx = col.shape[1]
     far = ny + nx
     f = np.empty(nx, np.int64)  # each column's squared distance plus x^2
     v = np.empty(nx, np.int64)  # the columns of the envelope's parabolas
@@ -94,8 +112,7 @@ def _distances(col, unit, out, ylo, yhi):  # pragma: no cover - compiled
             out[y, x] = unit * np.sqrt(np.float64(d * d + f[v[j]] - v[j] * v[j]))
 
 
-@njit(cache=True, nogil=True)
-def ring_sums(num, den, weight, dist, keep, edges):  # pragma: no cover - compiled
+def ring_sums(num, den, weight, dist, keep, edges, out=None):
     """Per ring ``r`` (``edges[r] <= dist < edges[r + 1]``, the last open-ended), over
     the values ``keep`` selects (all when it is empty), with ``mean = num / den``
     (``den`` of one value: that value for all): the sums of ``weight``,
@@ -103,11 +120,23 @@ def ring_sums(num, den, weight, dist, keep, edges):  # pragma: no cover - compil
     float64 array. Those of ``np.bincount(np.digitize(dist, edges) - 1, weights=...)``
     over the selected values bit for bit (the same products, added in the same
     order) for ``dist >= edges[0]``, without the selections' copies or digitize's
-    binary search per value (edges are few, most values lie in the first rings)."""
+    binary search per value (edges are few, most values lie in the first rings).
+
+    ``out``, a (4, edges.size) or (5, edges.size) float64 array, is added to and
+    returned: values read in parts (bands of rows) give the sums of the whole bit for
+    bit when their parts are added in order. A fifth row gets the sums of ``num``."""
+    if out is None:
+        out = np.zeros((4, np.size(edges)))
+    _ring_sums(num, den, weight, dist, keep, edges, out)
+    return out
+
+
+@njit(cache=True, nogil=True)
+def _ring_sums(num, den, weight, dist, keep, edges, out):  # pragma: no cover - compiled
     n = edges.size
-    out = np.zeros((4, n))
     every = keep.size == 0
     one = den.size == 1
+    nums = out.shape[0] > 4
     for i in range(dist.size):
         if not every and not keep[i]:
             continue
@@ -119,7 +148,8 @@ def ring_sums(num, den, weight, dist, keep, edges):  # pragma: no cover - compil
         out[1, r] += weight[i] * mean
         out[2, r] += mean * mean * weight[i]
         out[3, r] += 1.0
-    return out
+        if nums:
+            out[4, r] += num[i]
 
 
 def seeds_free(cnt, nbad, hy, hx):

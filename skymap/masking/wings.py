@@ -51,8 +51,12 @@ from skymap.masking.hysteresis import (
 )
 
 __all__ = [
+    "FREE",
     "PEDESTAL_BLOCK",
+    "SEED",
     "WingMasker",
+    "pedestal_codes",
+    "pedestal_of",
     "residual_sums",
     "wing_pedestal",
     "wing_reach",
@@ -231,15 +235,89 @@ def wing_step(sums, noise, shape, *, b: int, scale: float, threshold: float) -> 
     return grown
 
 
-def _seeds_free(sums, shape, b: int):
+def _seeds_free(sums, shape, b: int, origin=(0, 0)):
     """The detections (blocks mostly excluded, not by bad pixels) and the free blocks
-    (some pixel not excluded, not a detection) of :func:`wing_sums`."""
+    (some pixel not excluded, not a detection) of :func:`wing_sums` (of the part of an
+    image of ``shape`` whose first pixel is at ``origin``, on the blocks' grid)."""
     _, cnt, nbad = sums
     ny, nx = shape
+    by, bx = (int(o) // b for o in origin)
     # pixels per block along each axis (partial blocks at the far edges), as float64
-    hy = np.minimum(b, ny - b * np.arange(-(-ny // b))).astype(np.float64)
-    hx = np.minimum(b, nx - b * np.arange(-(-nx // b))).astype(np.float64)
+    hy = np.minimum(b, ny - b * np.arange(by, by + cnt.shape[0])).astype(np.float64)
+    hx = np.minimum(b, nx - b * np.arange(bx, bx + cnt.shape[1])).astype(np.float64)
     return _wk.seeds_free(cnt, nbad, hy, hx)
+
+
+#: :func:`pedestal_codes`' bits: a detection, a free block.
+SEED, FREE = np.uint8(1), np.uint8(2)
+
+
+def pedestal_codes(sums, shape, *, b: int, origin=(0, 0)) -> np.ndarray:
+    """The blocks of :func:`wing_sums` as :data:`SEED` (a detection), :data:`FREE`
+    (a free block) or 0, one byte each (uint8), for :func:`pedestal_of`: of the part of
+    an image of ``shape`` whose first pixel is at ``origin`` (per tile, the tiles
+    aligned to ``b``).
+
+    Examples
+    --------
+    >>> sums = np.array([[[0.0, 5.0]], [[0.0, 16.0]], [[0.0, 0.0]]])
+    >>> pedestal_codes(sums, (4, 8), b=4)
+    array([[1, 2]], dtype=uint8)
+    """
+    seeds, free = _seeds_free(sums, shape, b, origin)
+    return seeds.view(np.uint8) * SEED | free.view(np.uint8) * FREE
+
+
+def pedestal_of(codes, read, rows, *, b: int) -> float:
+    """:func:`wing_pedestal` from the blocks' :func:`pedestal_codes` (the whole grid)
+    and their :func:`wing_sums` read in bands: ``read(k)`` gives band ``k``, the
+    sums' block rows ``rows[k]`` = (r0, r1) (the bands in order, covering the grid;
+    the sums and counts first). Only the codes and a band at a time are held: the
+    tiled back end reads a band (a row of tiles) from the workers, and the sums of the
+    whole grid never come to one place (:meth:`ArrayBackend.cell_grid_bands
+    <skymap.backends.base.ArrayBackend.cell_grid_bands>`). Bit for bit the same
+    whatever the bands.
+
+    Examples
+    --------
+    >>> rng = np.random.default_rng(0)
+    >>> sums = np.stack([rng.normal(0, 4, (64, 64)), np.full((64, 64), 16.0),
+    ...                  np.zeros((64, 64))])
+    >>> sums[1, ::8, ::8] = 0  # detections
+    >>> codes = pedestal_codes(sums, (256, 256), b=4)
+    >>> halves = [(0, 32), (32, 64)]
+    >>> pedestal_of(codes, lambda k: sums[:, slice(*halves[k])], halves, b=4) == (
+    ...     wing_pedestal(sums, (256, 256), b=4))
+    True
+    """
+    codes = np.asarray(codes)
+    seeds = (codes & SEED) != 0
+    if not seeds.any() or not np.any(codes & FREE):
+        return 0.0
+
+    def band(r0, r1):
+        """The free blocks of rows r0:r1 and their distances."""
+        return (codes[r0:r1] & FREE) != 0, _wk.distances(seeds, b, rows=(r0, r1))
+
+    # the rings reach past the farthest free block (a first pass; the distances of a
+    # band are made again in the second, which costs less than keeping them)
+    top = max(float(np.max(d, where=f, initial=0.0)) for f, d in (band(*r) for r in rows))
+    edges = _ring_edges(top, float(b))
+    stats = np.zeros((5, edges.size))
+    for k, r in enumerate(rows):
+        free, dist = band(*r)
+        sums = read(k)
+        num, cnt = sums[0], sums[1]
+        _wk.ring_sums(num.ravel(), cnt.ravel(), cnt.ravel(), dist.ravel(), free.ravel(),
+                      edges, stats)  # fmt: skip
+    reach = _reach(edges, stats[:4])
+    if reach <= 0:
+        return 0.0
+    # the free blocks beyond the reach (rings start at its edge): the sky alone
+    beyond = edges >= reach
+    level = float(stats[4, beyond].sum() / stats[0, beyond].sum())
+    log.debug("wing pedestal: profile falls out to %g px, sky beyond it at %.4g", reach, level)
+    return max(0.0, -level)
 
 
 def _profile(sums, seeds, free, b: int):
@@ -285,19 +363,9 @@ def wing_pedestal(sums, shape, *, b: int) -> float:
     >>> bool(0.15 < ped < 0.25)
     True
     """
-    seeds, free = _seeds_free(sums, shape, b)
-    if not seeds.any() or not free.any():
-        return 0.0
-    dist, reach = _profile(sums, seeds, free, b)
-    if reach <= 0:
-        return 0.0
-    # the rings wing_reach compared the last falling one with: at least MIN_OUTER
-    # blocks, and MIN_OUTER_SHARE of the free ones, lie there
-    sky = free & (dist >= reach)
-    num, cnt, _ = sums
-    level = float(num[sky].sum() / cnt[sky].sum())
-    log.debug("wing pedestal: profile falls out to %g px, sky beyond it at %.4g", reach, level)
-    return max(0.0, -level)
+    sums = np.asarray(sums)
+    codes = pedestal_codes(sums, shape, b=b)
+    return pedestal_of(codes, lambda k: sums, [(0, codes.shape[0])], b=b)
 
 
 def _connected(grow: np.ndarray, seeds: np.ndarray) -> np.ndarray:
