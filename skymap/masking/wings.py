@@ -300,12 +300,17 @@ def pedestal_of(codes, read, rows, *, b: int) -> float:
         return (codes[r0:r1] & FREE) != 0, _wk.distances(seeds, b, rows=(r0, r1))
 
     # the rings reach past the farthest free block (a first pass; the distances of a
-    # band are made again in the second, which costs less than keeping them)
-    top = max(float(np.max(d, where=f, initial=0.0)) for f, d in (band(*r) for r in rows))
+    # band are made again in the second, which costs less than keeping them, but for
+    # one band)
+    kept = band(*rows[0]) if len(rows) == 1 else None
+    top = max(
+        float(np.max(d, where=f, initial=0.0))
+        for f, d in ([kept] if kept is not None else (band(*r) for r in rows))
+    )
     edges = _ring_edges(top, float(b))
     stats = np.zeros((5, edges.size))
     for k, r in enumerate(rows):
-        free, dist = band(*r)
+        free, dist = kept if kept is not None else band(*r)
         sums = read(k)
         num, cnt = sums[0], sums[1]
         _wk.ring_sums(num.ravel(), cnt.ravel(), cnt.ravel(), dist.ravel(), free.ravel(),
