@@ -129,7 +129,7 @@ def aligned_chunks(n: int, step: int) -> tuple[int, ...]:
 
 #: Largest band of a cell grid that :meth:`DaskBackend.cell_grid_bands` reads into the
 #: driver at once (bytes).
-BAND_BYTES = 16 << 20
+BAND_BYTES = 4 << 20
 
 
 def key_grid(arr) -> np.ndarray:
