@@ -316,6 +316,61 @@ def test_small_reductions_of_persisted_blocks_run_in_the_driver_on_threads(
     assert local.persist_counted(local.bad | (local.image > 1.5))[1] == count
 
 
+def test_cell_and_tile_sums_of_persisted_blocks_run_in_the_driver_on_threads(
+    threads_client, monkeypatch
+):
+    """Where the workers are threads of this process, the cell grids and the per-tile
+    sums of persisted arrays are made in the driver from the blocks fetched by
+    reference (no graph, no task per tile), equal bit for bit to a local scheduler's
+    graphs and to the whole image's block sums; an array not persisted (lazy) still
+    goes through a graph."""
+    from skymap.backends._tile_tasks import _tile_change
+    from skymap.backends.base import CHANGE_STEP as k
+    from skymap.backends.base import block_sums
+
+    rng = np.random.default_rng(7)
+    img = rng.normal(size=(150, 170)).astype(np.float32)
+    img[100:130, 20:90] = np.nan
+    local = DaskBackend(img, tile=64, unit=(8, 8), client="sync")
+    be = DaskBackend(img, tile=64, unit=(8, 8), client=threads_client)
+    assert be.placement.shared and len(be.chunks[0]) > 1 and len(be.chunks[1]) > 1
+    lazy = be.bad | (be.image > 1.0)
+
+    class Flat:
+        """A model whose maps are constants (what _tile_change reads)."""
+
+        def __init__(self, level):
+            self.level = level
+
+        def background_map(self, step=1, *, window):
+            (y0, y1), (x0, x1) = window
+            return np.full((-(-(y1 - y0) // step), -(-(x1 - x0) // step)), self.level)
+
+    class Noise:
+        def window(self, window, step=1):
+            return Flat(np.float32(0.5)).background_map(step, window=window)
+
+    change = {"new": Flat(np.float32(1.25)), "old": Flat(np.float32(0.5)), "noise": None,
+              "window_of": lambda noise, window, step: Noise().window(window, step)}  # fmt: skip
+    want = local.per_tile_sums(_tile_change, [local.bad], width=2, **change)
+    want_grid = local.cell_grid(block_sums, [local.image, local.bad], (8, 8), 2, b=8)
+    assert np.array_equal(want_grid, block_sums(img, ~np.isfinite(img), 8), equal_nan=True)
+    computed = []
+
+    def no_graph(self, things):
+        computed.append(len(things))
+        raise AssertionError("a graph was computed")
+
+    monkeypatch.setattr(DaskBackend, "_compute_list", no_graph)
+    got = be.cell_grid(block_sums, [be.image, be.bad], (8, 8), 2, b=8)
+    assert got.dtype == np.float64 and np.array_equal(got, want_grid, equal_nan=True)
+    got = be.per_tile_sums(_tile_change, [be.bad], width=2, **change)
+    assert np.array_equal(got, want) and got[1] == np.count_nonzero(np.isfinite(img[::k, ::k]))
+    with pytest.raises(AssertionError, match="a graph was computed"):
+        be.cell_grid(block_sums, [be.image, lazy], (8, 8), 2, b=8)
+    assert computed == [1]
+
+
 def _task_functions(task) -> set:
     """The functions of the nested tasks inside one task of a hand-built graph."""
     if isinstance(task, (tuple, list)):

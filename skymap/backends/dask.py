@@ -874,7 +874,18 @@ class DaskBackend:
 
     def per_tile_sums(self, func, arrays, *, width: int, **kwargs) -> np.ndarray:
         """Sum over the tiles of ``func(blocks..., window=...)``, a vector of ``width``
-        numbers per tile: one task per tile and one that adds them up (row by row)."""
+        numbers per tile: one task per tile and one that adds them up (row by row), or
+        (persisted ``arrays`` on threads of this process, :meth:`_here`) made here."""
+        here = self._here(*arrays)
+        if here is not None:
+            # made here from the blocks fetched by reference (no graph, no tasks), added
+            # up in the same order as the graph's combine task
+            return _add_up(
+                [
+                    _tile_sum(func, kwargs, (ys, xs), *(h[i, j] for h in here))
+                    for i, j, ys, xs in self.tiles()
+                ]
+            )
         grids = [key_grid(a) for a in arrays]
 
         def args(i, j, ys, xs, ref):
@@ -1148,8 +1159,21 @@ class DaskBackend:
         return float(self.compute(self.image[y, x]))
 
     def cell_grid(self, func, arrays, block, layers, **kw):
+        """See :meth:`ArrayBackend.cell_grid`: a task per tile, or (persisted ``arrays``
+        on threads of this process, :meth:`_here`) made here from the blocks."""
         import dask.array as da
 
+        here = self._here(*arrays)
+        if here is not None:
+            # the tiles' grids made here from the blocks fetched by reference: no graph
+            # and no task per tile (each costs the scheduler more than its sums)
+            grids = []
+            for i, j, ys, xs in self.tiles():
+                at = {0: {"array-location": [ys, xs]}}
+                grids.append(_tile_grid(*(h[i, j] for h in here), task=func, kw=kw, block_info=at))
+            nx = len(self.chunks[1])
+            rows = [grids[k : k + nx] for k in range(0, len(grids), nx)]
+            return np.concatenate([np.concatenate(row, axis=2) for row in rows], axis=1)
         chunks = (
             (layers,),
             *(tuple(-(-c // s) for c in ch) for ch, s in zip(self.chunks, block, strict=True)),
