@@ -381,6 +381,42 @@ def _task_functions(task) -> set:
     return set()
 
 
+@pytest.mark.parametrize("where", ["local", "threads"])
+def test_arrays_read_on_the_tile_alone_take_only_its_block(where, request):
+    """``map_tiles(..., own=(k,))``: the array ``k`` is given to the tile's function as
+    the tile's block itself (its core), and its neighbouring blocks are not inputs of
+    the task; the other arrays are read over the grown window as before, and the
+    result equals reading every array over the window and cutting the core."""
+    from dask.core import keys_in_tasks
+
+    client = "sync" if where == "local" else request.getfixturevalue("threads_client")
+    rng = np.random.default_rng(9)
+    img = rng.normal(size=(96, 128)).astype(np.float32)
+    flags = rng.random(img.shape) < 0.3
+    be = DaskBackend(img, flags, tile=32, unit=(8, 8), client=client)
+    flags_da = be.bad
+
+    def windowed(a, f, *, window, core):
+        sl = core_of(window, core)
+        return np.ascontiguousarray(a[sl]) + a.mean() + f[sl]
+
+    def owned(a, f, *, window, core):
+        assert isinstance(f, np.ndarray) and f.shape == tuple(e - s for s, e in core)
+        return np.ascontiguousarray(a[core_of(window, core)]) + a.mean() + f
+
+    want = be.map_tiles(windowed, [be.image, flags_da], halo=8, dtype=np.float32)
+    got = be.map_tiles(owned, [be.image, flags_da], halo=8, dtype=np.float32, own=(1,))
+    graph = dict(got.__dask_graph__())
+    image_keys, flag_keys = (set(dask_backend.key_grid(a).ravel()) for a in (be.image, flags_da))
+    fk = dask_backend.key_grid(flags_da)
+    for (i, j), key in np.ndenumerate(dask_backend.key_grid(got)):
+        deps = keys_in_tasks(set(graph), [graph[key]])
+        assert deps & flag_keys == {fk[i, j]}
+        assert len(deps & image_keys) > 1  # the window still reads the neighbours
+    a, b = be.compute(want, got)
+    assert np.array_equal(a, b)
+
+
 def test_windows_read_in_place_name_whole_blocks_and_cut_only_the_lookups(synchronous):
     """Where every block is read in place (no cluster, or threads of one process), a
     window names its blocks whole with the slice of their concatenation (no nested
