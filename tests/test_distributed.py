@@ -316,6 +316,61 @@ def test_small_reductions_of_persisted_blocks_run_in_the_driver_on_threads(
     assert local.persist_counted(local.bad | (local.image > 1.5))[1] == count
 
 
+def test_cell_and_tile_sums_of_persisted_blocks_run_in_the_driver_on_threads(
+    threads_client, monkeypatch
+):
+    """Where the workers are threads of this process, the cell grids and the per-tile
+    sums of persisted arrays are made in the driver from the blocks fetched by
+    reference (no graph, no task per tile), equal bit for bit to a local scheduler's
+    graphs and to the whole image's block sums; an array not persisted (lazy) still
+    goes through a graph."""
+    from skymap.backends._tile_tasks import _tile_change
+    from skymap.backends.base import CHANGE_STEP as k
+    from skymap.backends.base import block_sums
+
+    rng = np.random.default_rng(7)
+    img = rng.normal(size=(150, 170)).astype(np.float32)
+    img[100:130, 20:90] = np.nan
+    local = DaskBackend(img, tile=64, unit=(8, 8), client="sync")
+    be = DaskBackend(img, tile=64, unit=(8, 8), client=threads_client)
+    assert be.placement.shared and len(be.chunks[0]) > 1 and len(be.chunks[1]) > 1
+    lazy = be.bad | (be.image > 1.0)
+
+    class Flat:
+        """A model whose maps are constants (what _tile_change reads)."""
+
+        def __init__(self, level):
+            self.level = level
+
+        def background_map(self, step=1, *, window):
+            (y0, y1), (x0, x1) = window
+            return np.full((-(-(y1 - y0) // step), -(-(x1 - x0) // step)), self.level)
+
+    class Noise:
+        def window(self, window, step=1):
+            return Flat(np.float32(0.5)).background_map(step, window=window)
+
+    change = {"new": Flat(np.float32(1.25)), "old": Flat(np.float32(0.5)), "noise": None,
+              "window_of": lambda noise, window, step: Noise().window(window, step)}  # fmt: skip
+    want = local.per_tile_sums(_tile_change, [local.bad], width=2, **change)
+    want_grid = local.cell_grid(block_sums, [local.image, local.bad], (8, 8), 2, b=8)
+    assert np.array_equal(want_grid, block_sums(img, ~np.isfinite(img), 8), equal_nan=True)
+    computed = []
+
+    def no_graph(self, things):
+        computed.append(len(things))
+        raise AssertionError("a graph was computed")
+
+    monkeypatch.setattr(DaskBackend, "_compute_list", no_graph)
+    got = be.cell_grid(block_sums, [be.image, be.bad], (8, 8), 2, b=8)
+    assert got.dtype == np.float64 and np.array_equal(got, want_grid, equal_nan=True)
+    got = be.per_tile_sums(_tile_change, [be.bad], width=2, **change)
+    assert np.array_equal(got, want) and got[1] == np.count_nonzero(np.isfinite(img[::k, ::k]))
+    with pytest.raises(AssertionError, match="a graph was computed"):
+        be.cell_grid(block_sums, [be.image, lazy], (8, 8), 2, b=8)
+    assert computed == [1]
+
+
 def _task_functions(task) -> set:
     """The functions of the nested tasks inside one task of a hand-built graph."""
     if isinstance(task, (tuple, list)):
@@ -324,6 +379,42 @@ def _task_functions(task) -> set:
             found |= _task_functions(t)
         return found
     return set()
+
+
+@pytest.mark.parametrize("where", ["local", "threads"])
+def test_arrays_read_on_the_tile_alone_take_only_its_block(where, request):
+    """``map_tiles(..., own=(k,))``: the array ``k`` is given to the tile's function as
+    the tile's block itself (its core), and its neighbouring blocks are not inputs of
+    the task; the other arrays are read over the grown window as before, and the
+    result equals reading every array over the window and cutting the core."""
+    from dask.core import keys_in_tasks
+
+    client = "sync" if where == "local" else request.getfixturevalue("threads_client")
+    rng = np.random.default_rng(9)
+    img = rng.normal(size=(96, 128)).astype(np.float32)
+    flags = rng.random(img.shape) < 0.3
+    be = DaskBackend(img, flags, tile=32, unit=(8, 8), client=client)
+    flags_da = be.bad
+
+    def windowed(a, f, *, window, core):
+        sl = core_of(window, core)
+        return np.ascontiguousarray(a[sl]) + a.mean() + f[sl]
+
+    def owned(a, f, *, window, core):
+        assert isinstance(f, np.ndarray) and f.shape == tuple(e - s for s, e in core)
+        return np.ascontiguousarray(a[core_of(window, core)]) + a.mean() + f
+
+    want = be.map_tiles(windowed, [be.image, flags_da], halo=8, dtype=np.float32)
+    got = be.map_tiles(owned, [be.image, flags_da], halo=8, dtype=np.float32, own=(1,))
+    graph = dict(got.__dask_graph__())
+    image_keys, flag_keys = (set(dask_backend.key_grid(a).ravel()) for a in (be.image, flags_da))
+    fk = dask_backend.key_grid(flags_da)
+    for (i, j), key in np.ndenumerate(dask_backend.key_grid(got)):
+        deps = keys_in_tasks(set(graph), [graph[key]])
+        assert deps & flag_keys == {fk[i, j]}
+        assert len(deps & image_keys) > 1  # the window still reads the neighbours
+    a, b = be.compute(want, got)
+    assert np.array_equal(a, b)
 
 
 def test_windows_read_in_place_name_whole_blocks_and_cut_only_the_lookups(synchronous):

@@ -134,9 +134,9 @@ def _name(func) -> str:
 
 @one_thread
 def _windowed(func, n, *args):
-    """``func(*windows, window=, core=, **kw)`` from ``n`` (blocks, slice) pairs, then
-    the window, the core, the keywords and (optionally) the names of more keywords and
-    their values."""
+    """``func(*windows, window=, core=, **kw)`` from ``n`` (blocks, slice) pairs (or
+    (block, None): the tile's own block), then the window, the core, the keywords and
+    (optionally) the names of more keywords and their values."""
     return _on_windows(func, n, args, assemble)
 
 
@@ -147,7 +147,11 @@ def _pieced(func, n, *args):
 
 
 def _on_windows(func, n, args, window_of):
-    arrays = [window_of(args[2 * k], args[2 * k + 1]) for k in range(n)]
+    # a block given with no slice is the tile's own block, read as it is
+    arrays = [
+        args[2 * k] if args[2 * k + 1] is None else window_of(args[2 * k], args[2 * k + 1])
+        for k in range(n)
+    ]
     window, core, kw, *more = args[2 * n :]
     if more and more[0]:
         kw = {**kw, **dict(zip(more[0], more[1:], strict=True))}

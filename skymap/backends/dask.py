@@ -661,10 +661,11 @@ class DaskBackend:
         here = placement.worker(i, j)
         return lambda bi, bj: placement.worker(bi, bj) == here
 
-    def _windows(self, inputs, halo):
+    def _windows(self, inputs, halo, own=()):
         """``args_of`` for :meth:`_tasks`: per tile the covering blocks and slices of
-        each ``(array, binning)`` of ``inputs`` over the tile grown by ``halo``, then
-        the window and the core."""
+        each ``(array, binning)`` of ``inputs`` over the tile grown by ``halo`` (for
+        the indices ``own``, the tile's block and None), then the window and the
+        core."""
         grown = [_round_up(halo, u) for u in self.unit]
         # Where every block is read in place (threads of one process, or no cluster),
         # a window names its blocks whole and the slice of their concatenation: no
@@ -673,12 +674,14 @@ class DaskBackend:
         # window's part of their block only.
         here = self.placement is None or self.placement.shared
         grids = [
-            (
+            (key_grid(a), b, None)
+            if k in own
+            else (
                 self._strips(a, b, [-(-g // b) + 1 for g in grown]),
                 b,
                 here and a.name != self._inline_name,
             )
-            for a, b in inputs
+            for k, (a, b) in enumerate(inputs)
         ]
         self.halo = max(self.halo, max(grown, default=0))
 
@@ -687,7 +690,9 @@ class DaskBackend:
             out = []
             for halos, b, whole in grids:
                 bwin = tuple((w0 // b, -(-w1 // b)) for w0, w1 in win)
-                if whole:
+                if whole is None:
+                    out.extend((halos[i, j], None))  # the tile's block alone
+                elif whole:
                     out.extend(cover(halos.keys, halos.edges, bwin))
                 else:
                     out.extend(halos.cover(bwin, ref[CUTS], self._near(i, j)))
@@ -721,15 +726,20 @@ class DaskBackend:
         layers: int | None = None,
         binning: Sequence = (),
         pieces: bool = False,
+        own: Sequence[int] = (),
         **kw,
     ):
         """See :meth:`ArrayBackend.map_tiles`; ``binning`` gives each array's bin factor
         (default 1), ``block`` the output's, ``layers`` a leading axis of the output.
         The keywords ``kw`` are put in the graph once. With ``pieces``, ``func`` reads
         each window as :class:`~skymap.backends.windows.Pieces` (in place: a task that
-        needs only a part of a window, or works part by part, copies nothing)."""
+        needs only a part of a window, or works part by part, copies nothing). The
+        arrays of index in ``own`` are read on the tile only: ``func`` gets the tile's
+        block itself (its core), and the neighbouring blocks are not inputs of the
+        task (each input costs the scheduler and the workers' bookkeeping, and a
+        transfer from another worker)."""
         bins = list(binning) + [1] * (len(arrays) - len(binning))
-        args, dependencies, kw = self._windowed_args(func, arrays, bins, halo, kw)
+        args, dependencies, kw = self._windowed_args(func, arrays, bins, halo, kw, own)
         chunks = self.binned_chunks(block)
         if layers is not None:
             chunks = ((layers,), *chunks)
@@ -738,13 +748,13 @@ class DaskBackend:
             _name(func), kw=kw,
         )  # fmt: skip
 
-    def _windowed_args(self, func, arrays, bins, halo, kw):
+    def _windowed_args(self, func, arrays, bins, halo, kw, own=()):
         """(``args_of``, dependencies, plain keywords) of a :func:`_windowed` task per
         tile: ``func`` on the windows of ``arrays`` (binned by ``bins``) over the tile
-        grown by ``halo``; the keywords go in the graph once, and lazy ones
-        (``dask.delayed``, e.g. :meth:`share`'s or :meth:`reduce_windows`') are taken
-        by key."""
-        windows = self._windows(list(zip(arrays, bins, strict=True)), halo)
+        grown by ``halo`` (the tile's block of those of index in ``own``); the keywords
+        go in the graph once, and lazy ones (``dask.delayed``, e.g. :meth:`share`'s or
+        :meth:`reduce_windows`') are taken by key."""
+        windows = self._windows(list(zip(arrays, bins, strict=True)), halo, own)
         kw, lazy, names, values = _split_lazy(kw)
 
         def args(i, j, ys, xs, ref):
@@ -880,7 +890,18 @@ class DaskBackend:
 
     def per_tile_sums(self, func, arrays, *, width: int, **kwargs) -> np.ndarray:
         """Sum over the tiles of ``func(blocks..., window=...)``, a vector of ``width``
-        numbers per tile: one task per tile and one that adds them up (row by row)."""
+        numbers per tile: one task per tile and one that adds them up (row by row), or
+        (persisted ``arrays`` on threads of this process, :meth:`_here`) made here."""
+        here = self._here(*arrays)
+        if here is not None:
+            # made here from the blocks fetched by reference (no graph, no tasks), added
+            # up in the same order as the graph's combine task
+            return _add_up(
+                [
+                    _tile_sum(func, kwargs, (ys, xs), *(h[i, j] for h in here))
+                    for i, j, ys, xs in self.tiles()
+                ]
+            )
         grids = [key_grid(a) for a in arrays]
 
         def args(i, j, ys, xs, ref):
@@ -1154,8 +1175,21 @@ class DaskBackend:
         return float(self.compute(self.image[y, x]))
 
     def cell_grid(self, func, arrays, block, layers, **kw):
+        """See :meth:`ArrayBackend.cell_grid`: a task per tile, or (persisted ``arrays``
+        on threads of this process, :meth:`_here`) made here from the blocks."""
         import dask.array as da
 
+        here = self._here(*arrays)
+        if here is not None:
+            # the tiles' grids made here from the blocks fetched by reference: no graph
+            # and no task per tile (each costs the scheduler more than its sums)
+            grids = []
+            for i, j, ys, xs in self.tiles():
+                at = {0: {"array-location": [ys, xs]}}
+                grids.append(_tile_grid(*(h[i, j] for h in here), task=func, kw=kw, block_info=at))
+            nx = len(self.chunks[1])
+            rows = [grids[k : k + nx] for k in range(0, len(grids), nx)]
+            return np.concatenate([np.concatenate(row, axis=2) for row in rows], axis=1)
         chunks = (
             (layers,),
             *(tuple(-(-c // s) for c in ch) for ch, s in zip(self.chunks, block, strict=True)),

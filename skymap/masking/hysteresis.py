@@ -796,7 +796,7 @@ class HysteresisMasker:
         # labels, or by the caller.
         return backend.map_tiles(
             _tile_dilate, [det, excluded], binning=(b, 1), halo=dilate_halo, dtype=bool,
-            pieces=True, masker=self, s=s, b=b,
+            pieces=True, own=(1,), masker=self, s=s, b=b,
         )  # fmt: skip
 
 
@@ -913,9 +913,8 @@ def _tile_dilate(det, excl, *, window, core, masker, s, b):
     """The tile's exclusion OR its (dilated, expanded) detections of scale ``s``, as
     :meth:`HysteresisMasker.grow` gives them: the window of the globally labelled
     detections ``det`` dilated (the dilation reaches ``halo`` pixels, so the core is
-    exact), then only the core expanded into a copy of the core's exclusion (both
-    windows :class:`~skymap.backends.windows.Pieces`)."""
+    exact), then only the core expanded into a copy of the core's exclusion (``det``
+    a :class:`~skymap.backends.windows.Pieces`, ``excl`` the tile's block)."""
     grown = masker.dilated(np.ascontiguousarray(det.whole()), s, b)
-    # the core's exclusion read in place (its own block), not from a copied window
-    out = np.array(excl.region(core_of(window, core)))
+    out = np.array(excl)
     return _k.expand_mask_into(np.ascontiguousarray(grown[core_of(window, core, b)]), b, out)
