@@ -1177,7 +1177,6 @@ class DaskBackend:
     def cell_grid(self, func, arrays, block, layers, **kw):
         """See :meth:`ArrayBackend.cell_grid`: a task per tile, or (persisted ``arrays``
         on threads of this process, :meth:`_here`) made here from the blocks."""
-        import dask.array as da
 
         here = self._here(*arrays)
         if here is not None:
@@ -1190,25 +1189,22 @@ class DaskBackend:
             nx = len(self.chunks[1])
             rows = [grids[k : k + nx] for k in range(0, len(grids), nx)]
             return np.concatenate([np.concatenate(row, axis=2) for row in rows], axis=1)
-        chunks = (
-            (layers,),
-            *(tuple(-(-c // s) for c in ch) for ch, s in zip(self.chunks, block, strict=True)),
-        )
-        blocks = da.map_blocks(
-            _tile_grid, *arrays, task=func, kw=kw, dtype=np.float64, chunks=chunks, new_axis=0
-        )
-        return np.asarray(self.compute(blocks))
+        return np.asarray(self.compute(self._lazy_grid(func, arrays, block, layers, kw)))
 
-    def cell_grid_bands(self, func, arrays, block, layers, digest, band_layers=None, **kw):
+    def _lazy_grid(self, func, arrays, block, layers, kw):
+        """The cell grid of :meth:`cell_grid` as a lazy dask array: a task per tile."""
         import dask.array as da
 
         chunks = (
             (layers,),
             *(tuple(-(-c // s) for c in ch) for ch, s in zip(self.chunks, block, strict=True)),
         )
-        grid = da.map_blocks(
+        return da.map_blocks(
             _tile_grid, *arrays, task=func, kw=kw, dtype=np.float64, chunks=chunks, new_axis=0
         )
+
+    def cell_grid_bands(self, func, arrays, block, layers, digest, band_layers=None, **kw):
+        grid = self._lazy_grid(func, arrays, block, layers, kw)
         codes = grid.map_blocks(
             _tile_digest, task=digest, block=block, dtype=np.uint8, drop_axis=0
         )
@@ -1223,7 +1219,7 @@ class DaskBackend:
         # Bands of whole rows of tiles, cut to at most BAND_BYTES each: the driver's
         # memory stays flat with the image's height and grows slowly with its width.
         step = max(1, BAND_BYTES // (8 * keep * codes.shape[1]))
-        bounds = np.cumsum((0, *chunks[1]))
+        bounds = np.cumsum((0, *grid.chunks[1]))
         rows = [
             (int(r), int(min(r + step, b)), i)
             for i, (a, b) in enumerate(zip(bounds[:-1], bounds[1:], strict=True))
