@@ -1182,13 +1182,12 @@ class DaskBackend:
         if here is not None:
             # the tiles' grids made here from the blocks fetched by reference: no graph
             # and no task per tile (each costs the scheduler more than its sums)
-            grids = []
+            grids = [[] for _ in self.chunks[0]]
             for i, j, ys, xs in self.tiles():
                 at = {0: {"array-location": [ys, xs]}}
-                grids.append(_tile_grid(*(h[i, j] for h in here), task=func, kw=kw, block_info=at))
-            nx = len(self.chunks[1])
-            rows = [grids[k : k + nx] for k in range(0, len(grids), nx)]
-            return np.concatenate([np.concatenate(row, axis=2) for row in rows], axis=1)
+                blocks = (h[i, j] for h in here)
+                grids[i].append(_tile_grid(*blocks, task=func, kw=kw, block_info=at))
+            return np.block(grids)  # the tiles' grids side by side (their last two axes)
         return np.asarray(self.compute(self._lazy_grid(func, arrays, block, layers, kw)))
 
     def _lazy_grid(self, func, arrays, block, layers, kw):
