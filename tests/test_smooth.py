@@ -8,7 +8,14 @@ from scipy import linalg, sparse
 from scipy.sparse.linalg import spsolve
 
 from skymap.background.cells import merged_sums, valid_counts
-from skymap.background.smooth import ThinPlateSmoother, _System, cell_sums, depth_grid, smooth_grid
+from skymap.background.smooth import (
+    ThinPlateSmoother,
+    _gcv_search,
+    _System,
+    cell_sums,
+    depth_grid,
+    smooth_grid,
+)
 
 
 def _penalty(gy, gx, hy, hx, field=None):
@@ -238,6 +245,59 @@ def test_the_cold_gcv_scan_stops_after_two_decades_of_steady_rise():
     for k in range(6, 13):
         z, _ = system.solve(yc, 10.0**k, rtol=1e-4)
         assert system.gcv(yc, z, 10.0**k) > scores[lam]
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_the_gcv_search_forgets_solutions_no_later_solve_starts_from(threads, monkeypatch):
+    # Cold scans and warm walks from either side of the minimum, on grids with holes:
+    # the search that drops far solutions solves from the same starts (so the same
+    # scores, choice and solution, bit for bit) as one that keeps them all, and holds
+    # fewer at once (the solutions still alive when each solve starts).
+    import hashlib
+    import weakref
+    from collections import Counter
+
+    import numba
+
+    rng = np.random.default_rng(21)
+    yy, xx = np.mgrid[:48, :56]
+    starts, made = [], []
+    real = _System.solve
+
+    def solve(self, y, lam, z0=None, **kw):
+        starts.append(None if z0 is None else hashlib.sha1(z0).hexdigest())
+        held.append(sum(r() is not None for r in made))
+        z, it = real(self, y, lam, z0, **kw)
+        made.append(weakref.ref(z))
+        return z, it
+
+    monkeypatch.setattr(_System, "solve", solve)
+    old = numba.get_num_threads()
+    numba.set_num_threads(threads)
+    saved = 0
+    try:
+        for k, (start, step) in enumerate([(1e6, 1.0), (1e1, 0.25), (1e8, 0.25), (1e4, 0.5)]):
+            scale = 4.0 + k if k % 2 else 19.0  # a rough minimum, or a smooth one
+            y = np.sin(xx / scale) + np.cos(yy / 6.0) + rng.normal(0, 0.5 + k % 2, xx.shape)
+            w = np.where(rng.random(y.shape) < 0.15, 0.0, 1.0)
+            system = _System(w, 2.0, 2.0)
+            runs = []
+            for keep_all in (True, False):
+                starts.clear()
+                made.clear()
+                held, scores = [], {}
+                lam, z = _gcv_search(system, y, (1e-1, 1e12), start, step, 1.4, scores,
+                                     keep_all=keep_all)  # fmt: skip
+                runs.append((lam, z.tobytes(), scores, Counter(starts), max(held)))
+            # (two solves may run side by side: their starts in either order)
+            assert runs[0][:4] == runs[1][:4]
+            assert len(scores) >= 7
+            assert runs[0][4] >= len(scores) - 2  # every solution kept (two may be ahead)
+            assert runs[1][4] <= min(runs[0][4], 9), (runs[0][4], runs[1][4])
+            saved += runs[0][4] - runs[1][4]
+    finally:
+        numba.set_num_threads(old)
+    assert saved >= 20  # the long walk's far solutions above all
 
 
 def test_the_stated_statistical_error_matches_the_scatter_over_noise_draws():

@@ -388,11 +388,15 @@ def _smooth(values, weights, *, spacing, smoothing, smoothing_range, smoothing_s
     return z + ref, lam, scores, extra
 
 
-def _gcv_search(system: _System, y, smoothing_range, start, step, inflation, scores):
+def _gcv_search(
+    system: _System, y, smoothing_range, start, step, inflation, scores, *, keep_all=False
+):
     """Minimise GCV over log10(lam): with ``step >= 1`` scan the range by decades from
     the stiff end, otherwise walk downhill from ``start`` by ``step``; then refine by
     halving the step down to an eighth of a decade. Each solve warm-starts from its
-    neighbour. Returns the chosen ``lam`` and its (loose) search solution."""
+    neighbour. Returns the chosen ``lam`` and its (loose) search solution.
+    ``keep_all`` keeps every solution, not only those a later solve may start from
+    (the same result: for tests)."""
     lo, hi = (np.log10(float(v)) for v in smoothing_range)
     solutions: dict[float, np.ndarray] = {}
     # Solves made ahead of their turn (prefetch), with the start each was made from.
@@ -419,6 +423,22 @@ def _gcv_search(system: _System, y, smoothing_range, start, step, inflation, sco
             solutions[lam] = z
             scores[lam] = gcv
         return scores[lam], loglam
+
+    def forget(centre, last=np.inf):
+        """Drop the solutions no later solve can start from. Every later query lies
+        within a step of a centre the search can still reach: this one, or, scanning
+        from rough to smooth, one past ``last``, the latest query (a walk's centre
+        moves on from this one, and a refinement's stays within a step of it). It
+        starts from the nearest solution, no farther than a step (its centre). So a
+        solution more than two steps from all of them is never that nearest: the
+        starts, and so the scores, are those of keeping every solution (on a 16384^2
+        tiled fit's 512^2 cells, 2 MB each, up to ~30 a search)."""
+        if keep_all:
+            return
+        for k in [k for k in solutions if k != 10.0**centre]:
+            v = np.log10(k)
+            if abs(v - centre) > 2.0 * step and v < last - 2.0 * step:
+                del solutions[k]
 
     def prefetch(first, second):
         """Solve two smoothings that the search may score next side by side (numba
@@ -467,6 +487,7 @@ def _gcv_search(system: _System, y, smoothing_range, start, step, inflation, sco
                 if v >= centre + 2.0 and (s > 1.05 * best or rising):
                     break
             last = s
+            forget(centre, v)
     else:
         centre = float(np.clip(np.log10(start), lo, hi))
         best, centre = score(centre)
@@ -479,6 +500,7 @@ def _gcv_search(system: _System, y, smoothing_range, start, step, inflation, sco
                 if s >= best or v == centre:
                     break
                 best, centre = s, v
+                forget(centre)
     fine = step / 2.0
     while fine >= 0.125 - 1e-12:
         prefetch(centre - fine, centre + fine)
@@ -486,6 +508,7 @@ def _gcv_search(system: _System, y, smoothing_range, start, step, inflation, sco
             s, v = score(v)
             if s < best:
                 best, centre = s, v
+        forget(centre)
         fine /= 2.0
     lam = 10.0**centre
     return lam, solutions[lam]
