@@ -1193,6 +1193,32 @@ def test_a_back_off_to_where_the_stage_converged_is_the_same_on_tiles(
     assert mem.mask[:18].all() and not mem.mask[18:].any()
     np.testing.assert_array_equal(np.asarray(tiled.mask), mem.mask)
     np.testing.assert_array_equal(np.asarray(tiled.background), mem.background)
+    # the landing's model is the result's: kept whole, per-cell data and all
+    assert tiled.stop == mem.stop == "backed_off"
+    np.testing.assert_array_equal(
+        tiled.history[-1].model.cell_values, mem.history[-1].model.cell_values
+    )
+
+
+def test_a_tiled_history_keeps_only_the_maps_of_models_it_no_longer_reads():
+    # A thin-plate model's per-cell data grow with the image (~30 MB a record at
+    # 16384^2): the tiled history keeps them for the last record alone (and states a
+    # back-off can land in), and every record's maps stay those of the in-memory fit.
+    img = _crowded(np.float32)
+    pipe = default_pipeline()
+    mem = pipe.fit(img)
+    tiled = pipe.fit(da.from_array(img), tile=64)
+    assert len(tiled.history) == len(mem.history) >= 4
+    slim = [h.model.cell_values is None for h in tiled.history]
+    assert not slim[-1] and any(slim)
+    assert not any(h.model.cell_values is None for h in mem.history)
+    np.testing.assert_array_equal(
+        tiled.history[-1].model.cell_pixels, mem.history[-1].model.cell_pixels
+    )
+    for t, m in zip(tiled.history, mem.history, strict=True):
+        np.testing.assert_array_equal(t.background, m.background)
+        np.testing.assert_array_equal(t.rms, m.rms)
+    _assert_same_fit(tiled, mem)
 
 
 @pytest.mark.parametrize("refit_settled", [False, True])

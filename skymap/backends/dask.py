@@ -146,11 +146,12 @@ def key_grid(arr) -> np.ndarray:
 
 
 def _for_maps(model):
-    """``model`` as the tiles' map tasks read it (``maps_only``: without the per-cell data
-    of a thin-plate model, most of its bytes, which would ride in every graph that maps
-    it and stay in the scheduler with the tasks)."""
-    slim = getattr(model, "maps_only", None)
-    return model if slim is None else slim()
+    """``model`` as the tiles' map tasks read it (:func:`~skymap.background.model.maps_only`:
+    without the per-cell data of a thin-plate model, most of its bytes, which would ride
+    in every graph that maps it and stay in the scheduler with the tasks)."""
+    from skymap.background.model import maps_only  # the back ends sit below background
+
+    return maps_only(model)
 
 
 def _round_up(value: int, unit: int) -> int:

@@ -26,6 +26,7 @@ __all__ = [
     "MapModel",
     "as_driven",
     "as_model",
+    "maps_only",
 ]
 
 
@@ -58,7 +59,10 @@ class BackgroundModel(Protocol):
     residuals of the maps the loop reads only through a residual and the change,
     without the maps, and the change's differences in one subsample's memory; if its
     ``residual_map`` also takes ``window=`` (the image's pixels of that window), the
-    dask back end makes each tile's residual in one pass too.
+    dask back end makes each tile's residual in one pass too. A model with
+    ``maps_only()`` (a copy without the data it was fitted from, that still makes the
+    same maps) is sent to tiles and kept in a tiled fit's history that way
+    (:func:`maps_only`).
     """
 
     shape: tuple[int, int]
@@ -187,6 +191,21 @@ class _Gathered:
     def fit_on(self, backend, mask, *, start_scale=None, min_scale=None):
         image, mask = backend.gather(backend.image), backend.gather(mask)
         return as_model(self.estimator.fit(image, mask))
+
+
+def maps_only(model: Any) -> Any:
+    """``model`` with only what its maps read: its ``maps_only()`` if it has one (a
+    thin-plate model without its per-cell data, most of its bytes), else ``model``.
+
+    Examples
+    --------
+    >>> from skymap.background.smooth import ThinPlateSmoother
+    >>> res = ThinPlateSmoother().fit(np.random.default_rng(0).normal(size=(64, 64)))
+    >>> maps_only(res).cell_values is None, maps_only(res.background) is res.background
+    (True, True)
+    """
+    slim = getattr(model, "maps_only", None)
+    return model if slim is None else slim()
 
 
 def as_driven(estimator: Any) -> DrivenEstimator:

@@ -50,7 +50,12 @@ from skymap.background import convergence as _conv
 from skymap.background.cells import merged_sums
 from skymap.background.cells import valid_counts as pixel_counts
 from skymap.background.convergence import ConvergenceWarning
-from skymap.background.model import BackgroundEstimator, BackgroundModel, as_driven
+from skymap.background.model import (
+    BackgroundEstimator,
+    BackgroundModel,
+    as_driven,
+    maps_only,
+)
 from skymap.background.noise import NoiseModel, use_error
 from skymap.background.result import BackgroundResult, IterationRecord
 from skymap.background.ring import RingMedianGuess
@@ -478,6 +483,10 @@ class IterativeBackground:
         # to (_conv.Landings) are kept here.
         masks = collections.deque(maxlen=2)
         landings = _conv.Landings(self)
+        # ... nor, but where the fit may still read it, a model's per-cell data: on a
+        # large image most of its bytes (a 16384^2 fit's thin-plate model of 512^2
+        # cells, ~30 MB a record, grew the driver by that at every refit).
+        whole: set[int] = set()
 
         def keep(record: IterationRecord, mask=None) -> IterationRecord:
             """Append ``record`` (and, on tiles, the ``mask`` it was made with)."""
@@ -485,6 +494,13 @@ class IterativeBackground:
             if be.tiled and mask is not None:
                 masks.append(mask)
                 landings.add(history, mask)
+            if be.tiled:
+                # The last record's model is the one the next steps read (tracking,
+                # asymmetry, a refit's start); a back-off's landing becomes that again.
+                whole.add(len(history) - 1)
+                for i in whole - set(landings.masks) - {len(history) - 1}:
+                    history[i] = replace(history[i], model=maps_only(history[i].model))
+                    whole.discard(i)
             if callback is not None:
                 callback(record)
             return record

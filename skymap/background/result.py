@@ -61,7 +61,10 @@ class IterationRecord:
     min_scale : float or None
         Smoothing floor in pixels this fit was held to (None: GCV's choice alone).
     model : BackgroundModel
-        The estimator's result for this iteration.
+        The estimator's result for this iteration. A tiled fit keeps, of the models
+        it will no longer read, only what their maps need
+        (:func:`~skymap.background.model.maps_only`: a thin-plate model without its
+        per-cell data).
     packed_mask : ndarray of uint8 or None
         The mask, bit-packed (None for a tiled fit, which keeps only the last mask).
     shape : (int, int)
