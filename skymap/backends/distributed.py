@@ -80,7 +80,8 @@ def cluster_client(
         worker processes, ``benchmarks/README.md``). Processes suit Python-heavy work
         per item (:func:`map_files` makes its own cluster of them) and a memory limit
         per worker: threads of one process each measure the whole process's memory
-        against their limit.
+        against their limit, so thread workers keep their results in memory and
+        never spill them to disk (they still pause near the limit).
     quiet : bool
         Silence the cluster's own logging below ERROR.
 
@@ -107,7 +108,16 @@ def cluster_client(
 
         # The workers' statistical profiler samples every thread 100 times a second;
         # with no dashboard nothing reads it (~1% of a core per worker).
-        with dask.config.set({"distributed.worker.profile.enabled": False}):
+        config = {"distributed.worker.profile.enabled": False}
+        if not processes:
+            # Threads keep their results in a plain dict, not a SpillBuffer: its
+            # bookkeeping (a sizeof per result, a read per task input) took up to
+            # ~0.5 s of the event loop's CPU in a tiled fit with 1024-px tiles, and
+            # spilling is no guard here: each thread weighs the whole process against
+            # its share of the limit. A limit per worker is what processes are for.
+            config["distributed.worker.memory.target"] = False
+            config["distributed.worker.memory.spill"] = False
+        with dask.config.set(config):
             cluster = LocalCluster(
                 n_workers=workers,
                 threads_per_worker=1,
