@@ -1091,6 +1091,25 @@ def test_seeded_labels_mark_seeded_regions_and_the_edges_others_as_scipy_finds_t
             assert (labels == 1).sum() > 1 << 14
 
 
+def test_seeded_labels_are_uint16_where_the_edge_bounds_their_count():
+    """A tile's labels take the smallest integer type that holds one label per edge
+    pixel and the seeded one (uint16 up to ~16 000 px a side), and their lookup and
+    join give the same regions as int32 labels would."""
+    from skymap.backends._tile_kernels import kept_labels, label_dtype, seeded_labels
+
+    assert label_dtype((2048, 2048)) == np.uint16 and label_dtype((1, 60000)) == np.uint16
+    assert label_dtype((16383, 16383)) == np.uint16  # 1 + 2 * 32766 labels at most
+    assert label_dtype((16384, 16384)) == np.int32 and label_dtype((8, 40000)) == np.int32
+    rng = np.random.default_rng(8)
+    smooth = ndimage.gaussian_filter(rng.normal(size=(200, 260)), 1.5)
+    region, seed = smooth > 0.2 * smooth.std(), smooth > 2.0 * smooth.std()
+    labels, count, _ = seeded_labels(region, seed)
+    assert labels.dtype == np.uint16 and count > 2
+    keep = rng.random(count + 1) < 0.5
+    assert np.array_equal(kept_labels(labels, keep), keep[labels.astype(np.int32)])
+    assert np.array_equal(kept_labels(labels[1::2, ::3], keep), keep[labels[1::2, ::3]])
+
+
 def test_kept_labels_is_numpys_lookup_on_blocks_and_strided_pieces():
     """The compiled lookup of the labelling's kept labels equals ``keep[labels]`` on a
     block and on the strided pieces of it that windows read in place."""
