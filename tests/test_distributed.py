@@ -265,12 +265,16 @@ def test_each_tile_runs_on_its_worker(threads_client, monkeypatch):
 
 def test_thread_workers_keep_their_results_in_a_plain_dict(threads_client):
     """Workers that are threads of this process hold their results in a dict, not a
-    spilling buffer (each thread would weigh the whole process against its limit);
-    they keep a memory limit (they pause near it)."""
-    kinds = threads_client.run(lambda dask_worker: type(dask_worker.data).__name__)
-    assert sorted(kinds.values()) == ["dict", "dict"]
-    limits = threads_client.run(lambda dask_worker: dask_worker.memory_manager.memory_limit)
-    assert all(limit > 0 for limit in limits.values())
+    spilling buffer (each thread would weigh the whole process against its limit),
+    and no memory monitor pauses them."""
+
+    def memory(dask_worker):
+        manager = dask_worker.memory_manager
+        return type(dask_worker.data).__name__, manager.memory_pause_fraction
+
+    assert list(threads_client.run(memory).values()) == [("dict", False)] * 2
+    monitors = threads_client.run(lambda dask_worker: list(dask_worker.periodic_callbacks))
+    assert not any("memory_monitor" in names for names in monitors.values())
 
 
 def test_small_reductions_of_persisted_blocks_run_in_the_driver_on_threads(

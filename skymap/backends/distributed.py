@@ -80,8 +80,8 @@ def cluster_client(
         worker processes, ``benchmarks/README.md``). Processes suit Python-heavy work
         per item (:func:`map_files` makes its own cluster of them) and a memory limit
         per worker: threads of one process each measure the whole process's memory
-        against their limit, so thread workers keep their results in memory and
-        never spill them to disk (they still pause near the limit).
+        against their limit, so thread workers hold their results in memory as the
+        in-memory fit does: they neither spill them to disk nor pause.
     quiet : bool
         Silence the cluster's own logging below ERROR.
 
@@ -114,9 +114,11 @@ def cluster_client(
             # bookkeeping (a sizeof per result, a read per task input) took up to
             # ~0.5 s of the event loop's CPU in a tiled fit with 1024-px tiles, and
             # spilling is no guard here: each thread weighs the whole process against
-            # its share of the limit. A limit per worker is what processes are for.
-            config["distributed.worker.memory.target"] = False
-            config["distributed.worker.memory.spill"] = False
+            # its share of the limit. Nor pausing: with nothing to spill, a worker
+            # paused by the driver's own memory would wait for good. A limit per
+            # worker is what processes are for.
+            for step in ("target", "spill", "pause"):
+                config[f"distributed.worker.memory.{step}"] = False
         with dask.config.set(config):
             cluster = LocalCluster(
                 n_workers=workers,
