@@ -263,6 +263,20 @@ def test_each_tile_runs_on_its_worker(threads_client, monkeypatch):
     assert DaskBackend(img, tile=64, client="sync").placement is None
 
 
+def test_thread_workers_keep_their_results_in_a_plain_dict(threads_client):
+    """Workers that are threads of this process hold their results in a dict, not a
+    spilling buffer (each thread would weigh the whole process against its limit),
+    and no memory monitor pauses them."""
+
+    def memory(dask_worker):
+        manager = dask_worker.memory_manager
+        return type(dask_worker.data).__name__, manager.memory_pause_fraction
+
+    assert list(threads_client.run(memory).values()) == [("dict", False)] * 2
+    monitors = threads_client.run(lambda dask_worker: list(dask_worker.periodic_callbacks))
+    assert not any("memory_monitor" in names for names in monitors.values())
+
+
 def test_small_reductions_of_persisted_blocks_run_in_the_driver_on_threads(
     threads_client, monkeypatch
 ):
@@ -1079,6 +1093,25 @@ def test_seeded_labels_mark_seeded_regions_and_the_edges_others_as_scipy_finds_t
         assert np.unique(labels[labels > 1]).size == count - 1
         if shape == (300, 300) and seed.any():
             assert (labels == 1).sum() > 1 << 14
+
+
+def test_seeded_labels_are_uint16_where_the_edge_bounds_their_count():
+    """A tile's labels take the smallest integer type that holds one label per edge
+    pixel and the seeded one (uint16 up to ~16 000 px a side), and their lookup and
+    join give the same regions as int32 labels would."""
+    from skymap.backends._tile_kernels import kept_labels, label_dtype, seeded_labels
+
+    assert label_dtype((2048, 2048)) == np.uint16 and label_dtype((1, 60000)) == np.uint16
+    assert label_dtype((16383, 16383)) == np.uint16  # 1 + 2 * 32766 labels at most
+    assert label_dtype((16384, 16384)) == np.int32 and label_dtype((8, 40000)) == np.int32
+    rng = np.random.default_rng(8)
+    smooth = ndimage.gaussian_filter(rng.normal(size=(200, 260)), 1.5)
+    region, seed = smooth > 0.2 * smooth.std(), smooth > 2.0 * smooth.std()
+    labels, count, _ = seeded_labels(region, seed)
+    assert labels.dtype == np.uint16 and count > 2
+    keep = rng.random(count + 1) < 0.5
+    assert np.array_equal(kept_labels(labels, keep), keep[labels.astype(np.int32)])
+    assert np.array_equal(kept_labels(labels[1::2, ::3], keep), keep[labels[1::2, ::3]])
 
 
 def test_kept_labels_is_numpys_lookup_on_blocks_and_strided_pieces():

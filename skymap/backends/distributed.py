@@ -80,7 +80,8 @@ def cluster_client(
         worker processes, ``benchmarks/README.md``). Processes suit Python-heavy work
         per item (:func:`map_files` makes its own cluster of them) and a memory limit
         per worker: threads of one process each measure the whole process's memory
-        against their limit.
+        against their limit, so thread workers hold their results in memory as the
+        in-memory fit does: they neither spill them to disk nor pause.
     quiet : bool
         Silence the cluster's own logging below ERROR.
 
@@ -107,7 +108,18 @@ def cluster_client(
 
         # The workers' statistical profiler samples every thread 100 times a second;
         # with no dashboard nothing reads it (~1% of a core per worker).
-        with dask.config.set({"distributed.worker.profile.enabled": False}):
+        config = {"distributed.worker.profile.enabled": False}
+        if not processes:
+            # Threads keep their results in a plain dict, not a SpillBuffer: its
+            # bookkeeping (a sizeof per result, a read per task input) took up to
+            # ~0.5 s of the event loop's CPU in a tiled fit with 1024-px tiles, and
+            # spilling is no guard here: each thread weighs the whole process against
+            # its share of the limit. Nor pausing: with nothing to spill, a worker
+            # paused by the driver's own memory would wait for good. A limit per
+            # worker is what processes are for.
+            for step in ("target", "spill", "pause"):
+                config[f"distributed.worker.memory.{step}"] = False
+        with dask.config.set(config):
             cluster = LocalCluster(
                 n_workers=workers,
                 threads_per_worker=1,
