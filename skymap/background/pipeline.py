@@ -483,9 +483,9 @@ class IterativeBackground:
         # to (_conv.Landings) are kept here.
         masks = collections.deque(maxlen=2)
         landings = _conv.Landings(self)
-        # ... nor, but where the fit may still read it, a model's per-cell data: on a
-        # large image most of its bytes (a 16384^2 fit's thin-plate model of 512^2
-        # cells, ~30 MB a record, grew the driver by that at every refit).
+        # Nor, on tiles, the per-cell data of the models the fit will not read again:
+        # they grow with the image (a 16384^2 fit's thin-plate model of 512^2 cells
+        # holds 12 MB, 4 MB of them its maps' grids) and stayed in the driver.
         whole: set[int] = set()
 
         def keep(record: IterationRecord, mask=None) -> IterationRecord:
