@@ -58,24 +58,11 @@ def _cpu_seconds():
 
 
 def _cluster(workers, memory_limit, processes=False):
+    from skymap.backends.distributed import cluster_client
+
     if memory_limit is None:
-        from skymap.backends.distributed import cluster_client
-
         return cluster_client(workers=workers, processes=processes)
-    import contextlib
-    import logging
-
-    from distributed import Client, LocalCluster
-
-    @contextlib.contextmanager
-    def limited():
-        with LocalCluster(
-            n_workers=workers, threads_per_worker=1, memory_limit=memory_limit,
-            dashboard_address=None, silence_logs=logging.ERROR,
-        ) as cluster, Client(cluster) as client:  # fmt: skip
-            yield client
-
-    return limited()
+    return cluster_client(workers=workers, processes=True, memory_limit=memory_limit)
 
 
 def run(which, path, tile, workers, memory_limit=None, save=True, processes=False):

@@ -277,6 +277,25 @@ def test_thread_workers_keep_their_results_in_a_plain_dict(threads_client):
     assert not any("memory_monitor" in names for names in monitors.values())
 
 
+def test_our_clusters_keep_no_log_of_the_task_specs_sent(threads_client):
+    """The scheduler in the driver keeps no log of its messages to the workers: it held
+    every task spec of a tiled fit (50-130 MB after it, growing with the image)."""
+    from distributed.batched import BatchedSend
+
+    s = threads_client.cluster.scheduler
+    streams = [v for v in s.stream_comms.values() if isinstance(v, BatchedSend)]
+    assert len(streams) == 2
+    assert all(b.recent_message_log.maxlen == 0 for b in streams)
+    threads_client.submit(sum, [1, 2]).result()
+    assert all(len(b.recent_message_log) == 0 for b in streams)
+
+
+def test_a_memory_limit_is_for_worker_processes():
+    with pytest.raises(ValueError, match="memory_limit is per worker process"):
+        with cluster_client(workers=1, memory_limit="1GiB"):
+            pass
+
+
 def test_small_reductions_of_persisted_blocks_run_in_the_driver_on_threads(
     threads_client, monkeypatch
 ):
