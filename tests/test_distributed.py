@@ -291,9 +291,11 @@ def test_our_clusters_keep_no_log_of_the_task_specs_sent(threads_client):
 
 
 def test_a_memory_limit_is_for_worker_processes():
-    with pytest.raises(ValueError, match="memory_limit is per worker process"):
-        with cluster_client(workers=1, memory_limit="1GiB"):
-            pass
+    with (
+        pytest.raises(ValueError, match="memory_limit is per worker process"),
+        cluster_client(workers=1, memory_limit="1GiB"),
+    ):
+        pass
 
 
 def test_small_reductions_of_persisted_blocks_run_in_the_driver_on_threads(
