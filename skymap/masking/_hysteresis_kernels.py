@@ -472,31 +472,36 @@ def _dog_strip(
     nqy = noise.shape[0]
     # Row buffers once per strip (their padding stays zero), not per row.
     pn = np.zeros(nx + 2 * r, np.float32)
-    pc = np.zeros(nx + 2 * r, np.float32)
+    pc = np.zeros(nx + 2 * r if not direct else 0, np.float32)
     # dirty[k, x]: the weights of x-pass row k at x are not a clean row's.
     dirty = np.zeros((max(0, a1 - a0), nx if direct else 0), np.uint8)
     for k in range(a1 - a0):
         y = a0 + k
+        # Unbinned, only the windows of the first and last r output rows read whole
+        # weight rows; the others read a row's weights at its dirty columns only
+        # (:func:`_dirty_columns` takes a clean row's elsewhere), so the rest of the
+        # row is not written.
+        whole = y < 2 * r or y >= ny - 2 * r
         # Padded rows of the masked values and weights, then the taps.
         if clean[y]:
             _copy_into(pn, r, num[y])
             _correlate_row(pn, g, tn[k])
-            _copy_into(tc[k], 0, crow)
-            _copy_into(tv[k], 0, vrow1)
+            if whole or not direct:
+                _copy_into(tc[k], 0, crow)
+                _copy_into(tv[k], 0, vrow1)
             continue
         if direct:
             erow, vrow = excluded[y], num[y]
             for x in range(nx):
-                e = erow[x]
-                pn[x + r] = np.float32(0.0) if e else vrow[x]
-                pc[x + r] = np.float32(0.0) if e else np.float32(1.0)
+                pn[x + r] = np.float32(0.0) if erow[x] else vrow[x]
             _correlate_row(pn, g, tn[k])
             # The weights differ from a clean row's only within r of an excluded
             # pixel: those columns are summed (the same taps in the same order) and
-            # marked, the rest copied.
-            _copy_into(tc[k], 0, crow)
-            _copy_into(tv[k], 0, vrow1)
-            _weights_near_excluded(erow, pc, g, g2, tc[k], tv[k], dirty[k])
+            # marked.
+            if whole:
+                _copy_into(tc[k], 0, crow)
+                _copy_into(tv[k], 0, vrow1)
+            _weights_near_excluded(erow, g, g2, tc[k], tv[k], dirty[k])
             continue
         _copy_into(pn, r, num[y])
         _copy_into(pc, r, cnt[y])
@@ -505,6 +510,12 @@ def _dog_strip(
     an = np.empty(nx, np.float32)
     ac = np.empty(nx, np.float32)
     av = np.empty(nx, np.float32)
+    # A full window's dirty columns and their weights (unbinned).
+    nd = nx if direct else 0
+    anyd = np.empty(nd, np.uint8)
+    cols = np.empty(nd, np.int64)
+    dc = np.empty(nd, np.float32)
+    dv = np.empty(nd, np.float32)
     # 1 / noise of a steady row (weights of a clean window) depends on its noise row
     # only: kept for the next steady rows of that noise row.
     steady_av = np.empty(nx, np.float32)
@@ -538,15 +549,19 @@ def _dog_strip(
             if qy != steady_qy:
                 _inverse_noise(vint, s2, steady_av)
                 steady_qy = qy
-            if clean[lo : hi + 1].all():
-                wc, wv = cint, steady_av
-            else:
-                _copy_into(ac, 0, cint)
-                _copy_into(av, 0, steady_av)
-                _dirty_columns(dirty, lo - a0, 2 * r + 1, tc, tv, g, g2, noise, qy, b, q, ac, av)
-                wc, wv = ac, av
+            # The outputs are made with a clean window's weights throughout, then
+            # remade at the dirty columns (few) with theirs: the same values as
+            # weights rows patched first, without copying them.
+            wc, wv = cint, steady_av
+            m = 0
+            if not clean[lo : hi + 1].all():
+                m = _dirty_columns(
+                    dirty, lo - a0, 2 * r + 1, tc, tv, crow, vrow1, g, g2, noise, qy, b, q,
+                    anyd, cols, dc, dv,
+                )  # fmt: skip
         else:
             wc, wv = ac, av
+            m = 0
             if g.size == 7 and lo == y - r and hi == y + r:
                 _sum_rows7(tn, lo - a0, g, an)
                 _sum_rows7(tc, lo - a0, g, ac)
@@ -578,25 +593,38 @@ def _dog_strip(
                 pv = (an[x] * wv[x]) / fdiv
                 gv = pv if plain else sv
                 crow_out[x] = 2 if sv > high else (1 if gv > low else 0)
+            for j in range(m):
+                x = cols[j]
+                sv = ((an[x] - dc[j] * lmean[x]) * dv[j]) / fdiv
+                pv = (an[x] * dv[j]) / fdiv
+                gv = pv if plain else sv
+                crow_out[x] = 2 if sv > high else (1 if gv > low else 0)
             continue
         if want_grow:
             out = grow[y]
             for x in range(nx):
                 out[x] = an[x] * wv[x]
+            for j in range(m):
+                out[cols[j]] = an[cols[j]] * dv[j]
         out = snr[y]
         for x in range(nx):
             out[x] = (an[x] - wc[x] * lmean[x]) * wv[x]
+        for j in range(m):
+            x = cols[j]
+            out[x] = (an[x] - dc[j] * lmean[x]) * dv[j]
 
 
 @njit(cache=True, nogil=True, inline="always")
-def _weights_near_excluded(erow, pc, g, g2, tc, tv, dirty):  # pragma: no cover - compiled
-    """The x pass of the padded weight row ``pc`` into ``tc``, ``tv`` at the columns
-    within r of an excluded pixel of ``erow`` (marked in ``dirty``, which is zeroed
-    first); the other columns are left as they are."""
+def _weights_near_excluded(erow, g, g2, tc, tv, dirty):  # pragma: no cover - compiled
+    """The x pass of the weight row of ``erow`` (0 where excluded, else 1, and 0 past
+    the row's ends) into ``tc``, ``tv`` at the columns within r of an excluded pixel
+    (marked in ``dirty``, which is zeroed first); the other columns are left as they
+    are."""
     nx = erow.size
     r = g.size // 2
     w = 2 * r + 1
     z = np.float32(0.0)
+    one = np.float32(1.0)
     for x in range(nx):
         dirty[x] = 0
     nw = nx // 8
@@ -618,7 +646,8 @@ def _weights_near_excluded(erow, pc, g, g2, tc, tv, dirty):  # pragma: no cover 
                 continue
             sc, sv = z, z
             for j in range(w):
-                v = pc[c + j]
+                i = c + j - r
+                v = one if 0 <= i < nx and not erow[i] else z
                 sc = sc + g[j] * v
                 sv = sv + g2[j] * v
             tc[c], tv[c] = sc, sv
@@ -626,29 +655,45 @@ def _weights_near_excluded(erow, pc, g, g2, tc, tv, dirty):  # pragma: no cover 
 
 
 @njit(cache=True, nogil=True, inline="always")
-def _dirty_columns(dirty, i0, n, tc, tv, g, g2, noise, qy, b, q, ac, av):
-    # pragma: no cover - compiled
-    """``ac``, ``av`` (the 1 / noise) at the columns where one of the ``n`` x-pass rows
-    from ``i0`` is dirty: the y pass's sums in order, as in :func:`_dog_strip`."""
-    nx = ac.size
+def _dirty_columns(dirty, i0, n, tc, tv, crow, vrow1, g, g2, noise, qy, b, q, anyd, cols,
+                   dc, dv):  # fmt: skip  # pragma: no cover - compiled
+    """The columns where one of the ``n`` x-pass rows from ``i0`` is dirty, into
+    ``cols`` (ascending), and their weights ``dc`` and 1 / noise ``dv`` (the y pass's
+    sums in order, as in :func:`_dog_strip`; a row not dirty at a column holds a
+    clean row's weights there, ``crow`` and ``vrow1``, and was not written). Returns
+    how many. ``anyd`` is a work row."""
+    nx = anyd.size
     nqx = noise.shape[1]
     z = np.float32(0.0)
-    any_dirty = dirty[i0].copy()
+    for x in range(nx):
+        anyd[x] = dirty[i0, x]
     for t in range(1, n):
         row = dirty[i0 + t]
         for x in range(nx):
-            any_dirty[x] |= row[x]
-    for x in range(nx):
-        if not any_dirty[x]:
+            anyd[x] |= row[x]
+    nw = nx // 8
+    words = anyd[: nw * 8].view(np.uint64)
+    m = 0
+    x = 0
+    while x < nx:
+        # Eight columns at a time where none is dirty (most of a row).
+        if x % 8 == 0 and x // 8 < nw and words[x // 8] == 0:
+            x += 8
             continue
-        sc, sv = z, z
-        for t in range(n):
-            sc = sc + g[t] * tc[i0 + t, x]
-            sv = sv + g2[t] * tv[i0 + t, x]
-        ac[x] = sc
-        sigma = noise[qy, min((x * b + b // 2) // q, nqx - 1)]
-        v = sv * (sigma * sigma)
-        av[x] = 1.0 / np.sqrt(v) if v > 0 else 0.0
+        if anyd[x]:
+            sc, sv = z, z
+            for t in range(n):
+                d = dirty[i0 + t, x]
+                sc = sc + g[t] * (tc[i0 + t, x] if d else crow[x])
+                sv = sv + g2[t] * (tv[i0 + t, x] if d else vrow1[x])
+            sigma = noise[qy, min((x * b + b // 2) // q, nqx - 1)]
+            v = sv * (sigma * sigma)
+            cols[m] = x
+            dc[m] = sc
+            dv[m] = 1.0 / np.sqrt(v) if v > 0 else 0.0
+            m += 1
+        x += 1
+    return m
 
 
 @njit(cache=True, nogil=True, inline="always")
