@@ -614,3 +614,24 @@ def test_zero_where_is_numpys_masked_assignment(rng):
         want_cnt[det] = 0
         K.zero_where(num, cnt, det)
         assert num.tobytes() == want_num.tobytes() and cnt.tobytes() == want_cnt.tobytes()
+
+
+def test_divide_finite_is_numpys_division_with_non_finite_quotients_zeroed(rng):
+    # the surround mean's division (_dog_inputs) bit for bit: zeros, infinities and NaN
+    # in either map, signed zeros kept
+    from skymap.masking import _hysteresis_kernels as K
+
+    for shape in [(203, 190), (1, 1), (3, 70)]:
+        num = rng.normal(size=shape).astype(np.float32)
+        den = rng.uniform(-1, 1, size=shape).astype(np.float32)
+        num.flat[::10] = 0.0
+        num.flat[1::10] = -0.0
+        den.flat[::7] = 0.0
+        num.flat[3::11] = np.inf
+        den.flat[5::13] = np.nan
+        with np.errstate(all="ignore"):
+            want = num / den
+        want[~np.isfinite(want)] = 0
+        got = num.copy()
+        K.divide_finite(got, den)
+        np.testing.assert_array_equal(got.view(np.uint32), want.view(np.uint32))

@@ -744,6 +744,22 @@ def _local_row(lrow, bw, lruns, out):  # pragma: no cover - compiled
     return out
 
 
+def divide_finite(num, den) -> None:
+    """``num /= den`` in place, then 0 wherever the quotient is not finite (float32
+    maps of one shape; numpy's division, without its temporaries and serial passes)."""
+    in_bands(_divide_finite, num.shape[0], num, den, grain=_ROWS)
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
+def _divide_finite(num, den, lo, hi):  # pragma: no cover - compiled
+    z = num.dtype.type(0)
+    for y in range(lo, hi):
+        n, d = num[y], den[y]
+        for x in range(n.size):
+            v = n[x] / d[x]
+            n[x] = v if np.isfinite(v) else z
+
+
 def zero_where(num, cnt, det) -> None:
     """``num[det] = 0; cnt[det] = 0`` in place, in bands of rows (2-D arrays of one
     shape)."""

@@ -616,10 +616,8 @@ class HysteresisMasker:
             del numw
             weight = _separable(cntw, k, cntw if own else None)
             del cntw
-            with np.errstate(invalid="ignore", divide="ignore"):
-                np.divide(local, weight, out=local)
+            _k.divide_finite(local, weight)
             del weight
-            local[~np.isfinite(local)] = 0
         else:
             local, bw = np.zeros((1, 1), np.float32), max(num.shape)
         # snr of the normalised convolution: the weight sum cancels between the
