@@ -113,12 +113,13 @@ class _SumsChain:
 
     def add(self, b: int, num, cnt, det) -> None:
         """Scale of binning ``b`` done: its sums ``num``, ``cnt`` (zeroed in place where
-        its dilated binned detections ``det`` are) go on, ``det`` is kept."""
+        its dilated binned detections ``det`` are) go on, ``det`` is kept (the chain
+        takes it over and may OR into it: the caller hands a map of its own)."""
         if self.found is not None and not (b % self.b0 == 0 and _pow2(b // self.b0)):
             self.flush()
         _k.zero_where(num, cnt, det)
         if self.found is None:
-            self.b0, self.found = b, det.copy()
+            self.b0, self.found = b, det
         else:
             _k.expand_mask_into(det, b // self.b0, self.found)
         self.b, self.num, self.cnt = b, num, cnt
