@@ -1022,6 +1022,33 @@ def test_tiles_align_to_cells_and_blocks_and_halos_follow_the_kernels():
     assert be.grown((288, 576), (0, 288), 12) == ((256, 608), (0, 320))
 
 
+def test_binned_masking_scales_on_tiles_sum_the_previous_scales_sums(synchronous, monkeypatch):
+    # The tiled masking sums only its first binned scale from full resolution; the
+    # later ones sum the previous scale's sums of the tiles (as the in-memory
+    # _SumsChain does), and the fit is the in-memory fit bit for bit.
+    import skymap.masking.hysteresis as hy
+
+    img, mask = _bad_pixels()
+    ref = skymap.fit(img, mask, max_iter=2)
+    summed, chained = [], []
+    sums_into, chained_sums = hy._sums_into, hy._chained_sums
+
+    def spy_sums(values, excluded, *, b, out):
+        summed.append(b)
+        return sums_into(values, excluded, b=b, out=out)
+
+    def spy_chained(prev, excl, b0, b):
+        chained.append((b0, b))
+        return chained_sums(prev, excl, b0, b)
+
+    monkeypatch.setattr(hy, "_sums_into", spy_sums)
+    monkeypatch.setattr(hy, "_chained_sums", spy_chained)
+    tiled = skymap.fit(da.from_array(img, chunks=100), mask, tile=64, max_iter=2)
+    assert set(summed) == {2}
+    assert set(chained) == {(2, 4), (4, 8)}
+    _assert_same_fit(tiled, ref)
+
+
 @pytest.mark.parametrize("s", [1.0, 2.0])
 def test_noise_pairs_sampled_per_tile_are_the_in_memory_pairs_and_factor(s):
     # tile_sampled_pairs on each tile's window (reading the snr of its sampled rows

@@ -835,6 +835,7 @@ class DaskBackend:
         halo: int = 0,
         keep: bool = False,
         pieces: bool = False,
+        binning: Sequence = (),
         **kw,
     ):
         """``func(*windows, window=, core=, **kw)`` per tile (the arrays read over the
@@ -848,27 +849,35 @@ class DaskBackend:
         the second ones stay on the tiles' workers for :meth:`map_kept` (what a later
         step would compute again from the same windows); returns (the lazy value, the
         kept values). With ``pieces``, ``func`` reads each window as
-        :class:`~skymap.backends.windows.Pieces` (in place), not copied out."""
-        args, dependencies, kw = self._windowed_args(func, arrays, [1] * len(arrays), halo, kw)
+        :class:`~skymap.backends.windows.Pieces` (in place), not copied out.
+        ``binning`` gives each array's bin factor (default 1), as in :meth:`map_tiles`."""
+        bins = list(binning) + [1] * (len(arrays) - len(binning))
+        args, dependencies, kw = self._windowed_args(func, arrays, bins, halo, kw)
         task = _pieced if pieces else _windowed
         name, graph, keys = self._tasks(task, args, dependencies, label=_name(func), kw=kw)
         apart = self.placement is not None and not self.placement.shared
         combined = _combined(name, graph, keys, combine, dependencies, keep, apart)
         return (combined, (combined, keys)) if keep else combined
 
-    def map_kept(self, func: Callable, kept, *, dtype, block: int = 1, **kw):
+    def map_kept(
+        self, func: Callable, kept, *, dtype, block: int = 1, layers: int | None = None, **kw
+    ):
         """``func(value, core=, **kw)`` per tile on the values kept by
         :meth:`reduce_windows` (``keep=True``), run where they are: a dask array of
-        the tiles binned by ``block``; lazy keywords are taken by key."""
+        the tiles binned by ``block`` (``layers``: with a leading axis of that length);
+        lazy keywords are taken by key."""
         source, keys = kept  # the combined value's graph holds the tile tasks
         kw, lazy, names, values = _split_lazy(kw)
 
         def args(i, j, ys, xs, ref):
             return ((_item, keys[i, j], 1), (ys, xs), ref["kw"], names, *values)
 
+        chunks = self.binned_chunks(block)
+        if layers is not None:
+            chunks = ((layers,), *chunks)
         return self._tile_array(
             functools.partial(_tile_kept, func), args, [source, *lazy.values()],
-            self.binned_chunks(block), dtype, _name(func), kw=kw,
+            chunks, dtype, _name(func), kw=kw,
         )  # fmt: skip
 
     def _forward_tasks(self, func, arrays, reach, block, kw):

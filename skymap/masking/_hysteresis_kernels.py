@@ -716,6 +716,44 @@ def _zero_where(num, cnt, det, lo, hi):  # pragma: no cover - compiled
                 c[x] = zc
 
 
+def covered_block_sum_into(num, cnt, excluded, b, out_num, out_cnt) -> None:
+    """:func:`block_sum_into` ``(num, 2, out_num)`` and ``(cnt, 2, out_cnt)`` (the same
+    sums in the same order) with ``num``, ``cnt`` (a map binned by ``b``) read as 0 at
+    each block whose ``b`` x ``b`` pixels of ``excluded`` (what the image holds of it
+    at the far edges) are all excluded: where the masked block sums of the image with
+    ``excluded`` are 0 (:class:`~skymap.masking.hysteresis._SumsChain` zeroes them)."""
+    in_bands(_covered_block_sum, out_num.shape[0], num, cnt, excluded, b, out_num, out_cnt,
+             grain=-(-_ROWS // (2 * b)))  # fmt: skip
+
+
+@njit(cache=True, nogil=True)
+def _covered_block_sum(num, cnt, excluded, b, on, oc, lo, hi):  # pragma: no cover
+    ny = excluded.shape[0]
+    zn, zc = num.dtype.type(0), cnt.dtype.type(0)
+    for by in range(lo, hi):
+        for y in range(2 * by, min(num.shape[0], 2 * by + 2)):
+            y0, y1 = y * b, min(ny, (y + 1) * b)
+            first = excluded[y0]
+            for x in range(num.shape[1]):
+                vn, vc = num[y, x], cnt[y, x]
+                # most blocks hold a pixel not excluded, the first read; and a block
+                # with no pixel counted holds zeros already
+                if first[x * b] and vc != zc and _all_of(excluded, y0, y1, x * b, (x + 1) * b):
+                    vn, vc = zn, zc
+                on[by, x // 2] += vn
+                oc[by, x // 2] += vc
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _all_of(a, y0, y1, x0, x1) -> bool:  # pragma: no cover - compiled
+    x1 = min(a.shape[1], x1)
+    for y in range(y0, y1):
+        for x in range(x0, x1):
+            if not a[y, x]:
+                return False
+    return True
+
+
 def expand_mask_into(small, b, out):
     """``out |= small[y // b, x // b]`` in place, at full resolution; returns ``out``."""
     if b == 1:
