@@ -805,13 +805,16 @@ class HysteresisMasker:
         codes = backend.map_kept(
             _kept_codes, inputs, dtype=np.uint8, block=b, masker=self, factor=factor
         )
-        keep = [excluded]
+        # The sums the next scale reads: made by the label tasks, kept with the labels.
+        carry = None
         if chains:
-            keep.append(backend.map_kept(_kept_sums, inputs, dtype=np.float32, block=b, layers=2))
+            carry = backend.map_kept(_kept_sums, inputs, dtype=np.float32, block=b, layers=2)
         # One submission to the cluster: the (lazy) exclusion of the last scale, the
-        # pairs, the codes and their labels, and the sums the next scale reads (each
-        # graph sent costs as much as several tasks).
-        det, (excluded, *sums) = backend.label_seeded(codes, seeded_codes, block=b, keep=keep)
+        # pairs, the codes and their labels, and the sums (each graph sent costs as
+        # much as several tasks).
+        det, (excluded, *sums) = backend.label_seeded(
+            codes, seeded_codes, block=b, keep=[excluded], carry=carry
+        )
         del codes
         # Dilation and expansion to full resolution: scale_mask on each tile's window
         # of the (already global) detections. Lazy: persisted with the next scale's
