@@ -893,8 +893,8 @@ def _chained_sums(prev, excl, b0: int, b: int):
         for pe, e in zip(prev.edges, excl.edges, strict=True)
     ):
         prev, excl = _one_part(prev.whole()), _one_part(excl.whole())
-    shape = tuple(-(-n // 2) for n in prev.shape[-2:])
-    num, cnt = np.zeros(shape, np.float32), np.zeros(shape, np.float32)
+    # one array (see _kept_sums)
+    num, cnt = np.zeros((2, *(-(-n // 2) for n in prev.shape[-2:])), np.float32)
     (ey, ex) = (e // 2 for e in prev.edges)
     for i, row in enumerate(prev.parts):
         for j, part in enumerate(row):
@@ -981,8 +981,24 @@ def _kept_sums(kept, *, core):
     from the inputs kept by :func:`_tile_pairs_kept`, for the next scale's
     :func:`_chained_sums`."""
     inputs, window = kept
+    num, cnt = inputs[0], inputs[1]
     sl = core_of(window, core, inputs[-1])
-    return np.stack((inputs[0][sl], inputs[1][sl]))
+    both = num.base
+    if (
+        both is not None
+        and both.shape == (2, *num.shape)
+        and _is_layer(num, both, 0)
+        and (_is_layer(cnt, both, 1))
+    ):
+        # the layers of one array (Pieces.binned_into's, _chained_sums'): a view, no
+        # copy (the label task keeps it until the next scale)
+        return both[(slice(None), *sl)]
+    return np.stack((num[sl], cnt[sl]))
+
+
+def _is_layer(a, both, k: int) -> bool:
+    """Whether ``a`` is the whole layer ``k`` of ``both``."""
+    return a.base is both and a.ctypes.data == both[k].ctypes.data and a.strides == both[k].strides
 
 
 def seeded_codes(codes, *, which):
