@@ -900,7 +900,12 @@ def _chained_sums(prev, excl, b0: int, b: int):
         for j, part in enumerate(row):
             sl = (slice(ey[i], ey[i] + -(-part.shape[-2] // 2)),
                   slice(ex[j], ex[j] + -(-part.shape[-1] // 2)))  # fmt: skip
-            _k.covered_block_sum_into(part[0], part[1], excl.parts[i][j], b0, num[sl], cnt[sl])
+            # a part not C-contiguous (a strip of a block) is copied first: the
+            # kernel's loops vectorise on contiguous rows only
+            c = np.ascontiguousarray
+            _k.covered_block_sum_into(
+                c(part[0]), c(part[1]), c(excl.parts[i][j]), b0, num[sl], cnt[sl]
+            )
     return halved_sums(num, cnt, b // (2 * b0))
 
 
