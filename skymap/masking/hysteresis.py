@@ -792,13 +792,14 @@ class HysteresisMasker:
         # codes are made where they are (not computed again from the same pixels).
         # A binned scale after another whose blocks tile its own sums the previous
         # scale's sums (not the full-resolution window) 2 x 2 (_chained_sums).
-        arrays, bins = [residual, excluded], [1, 1]
+        # Such a task does not read the residual (the inputs of a task cost the
+        # scheduler's bookkeeping).
+        func, arrays, bins = _tile_pairs_kept, [residual, excluded], [1, 1]
         if prev is not None and _chains(prev[0], b):
-            arrays.append(prev[1])
-            bins.append(prev[0])
+            func, arrays, bins = _tile_pairs_chained, [excluded, prev[1]], [1, prev[0]]
             maps_kw["prev_b"] = prev[0]
         factor, inputs = backend.reduce_windows(
-            _tile_pairs_kept, arrays, functools.partial(_factor_of, self, s),
+            func, arrays, functools.partial(_factor_of, self, s),
             halo=maps_halo + lag * b, keep=True, pieces=True, binning=bins, lag=lag,
             step=step, **maps_kw,
         )  # fmt: skip
@@ -938,12 +939,20 @@ def tile_sampled_pairs(res, excl, *, window, core, masker, s, noise, window_of, 
     return _sampled_pairs(inputs, window, core, lag, step)
 
 
-def _tile_pairs_kept(
-    res, excl, prev=None, *, window, core, masker, s, noise, window_of, lag, step, prev_b=None
-):
+def _tile_pairs_kept(res, excl, *, window, core, masker, s, noise, window_of, lag, step):
     """:func:`tile_sampled_pairs` and the scale's inputs over the window (for
-    :func:`_kept_codes`, :func:`_kept_sums`); ``prev``, ``prev_b``: the previous
-    scale's sums, as :func:`_window_inputs` reads them."""
+    :func:`_kept_codes`, :func:`_kept_sums`)."""
+    inputs = _window_inputs(res, excl, window, masker, s, noise, window_of)
+    return _sampled_pairs(inputs, window, core, lag, step), (inputs, window)
+
+
+def _tile_pairs_chained(
+    excl, prev, *, window, core, masker, s, noise, window_of, lag, step, prev_b
+):
+    """:func:`_tile_pairs_kept` of a scale whose sums come from the previous scale's
+    ``prev`` (binned by ``prev_b``, :func:`_chained_sums`): the residual is not read
+    (only the window's shape, given by a stub)."""
+    res = np.broadcast_to(np.float32(0), tuple(e - a for a, e in window))
     inputs = _window_inputs(res, excl, window, masker, s, noise, window_of, prev, prev_b)
     return _sampled_pairs(inputs, window, core, lag, step), (inputs, window)
 
