@@ -523,6 +523,50 @@ def test_kept_values_of_reduce_windows_are_mapped_where_they_are(
     np.testing.assert_allclose(got, img * np.float32(be.compute(total)), rtol=1e-6)
 
 
+def _stacked_core(kept, *, core):
+    a, window = kept
+    return np.stack((a[core_of(window, core)], -a[core_of(window, core)]))
+
+
+@pytest.mark.parametrize("apart", [False, True])
+def test_blocks_carried_with_the_labels_are_read_inline_on_threads(
+    threads_client, monkeypatch, apart
+):
+    """label_seeded(carry=): each label task makes its tile's block of the lazy array
+    too and keeps it with the labels; the returned array (the last kept item) holds
+    those blocks, and windows over it on threads of one process take them out of the
+    labels' results inline (none of its keys is an input of their tasks), between
+    processes through a getter task per block. The windows read the same values."""
+    from dask.core import keys_in_tasks
+
+    if apart:
+        monkeypatch.setattr(dask_backend, "one_process", lambda workers: False)
+    img = np.random.default_rng(6).normal(size=(96, 128)).astype(np.float32)
+    be = DaskBackend(da.from_array(img, chunks=32), tile=32, unit=(2, 2), client=threads_client)
+    _, kept = be.reduce_windows(_sum_and_window, [be.image], sum, halo=4, keep=True)
+    carry = be.map_kept(_stacked_core, kept, dtype=np.float32, layers=2)
+    codes = be.map_tiles(
+        lambda a, *, window, core: np.where(a > 2, 2, np.where(a > 0.5, 1, 0)).astype(np.uint8),
+        [be.image], dtype=np.uint8,
+    )  # fmt: skip
+    det, (carried,) = be.label_seeded(codes, seeded_codes, block=1, carry=carry)
+    assert carried.shape == (2, *img.shape)
+    out = be.map_tiles(
+        lambda c, *, window, core: c[0][core_of(window, core)] + c[1].sum(),
+        [carried], halo=4, dtype=np.float32,
+    )  # fmt: skip
+    graph = dict(out.__dask_graph__())
+    carried_keys = {k for row in carried.__dask_keys__()[0] for k in row}
+    deps = keys_in_tasks(set(graph), [graph[k] for k in dask_backend.key_grid(out).ravel()])
+    assert bool(deps & carried_keys) is apart
+    want = np.empty_like(img)
+    for _, _, (y0, y1), (x0, x1) in be.tiles():
+        (w0, w1), (u0, u1) = be.grown((y0, y1), (x0, x1), 4)
+        want[y0:y1, x0:x1] = img[y0:y1, x0:x1] - img[w0:w1, u0:u1].sum(dtype=np.float32)
+    np.testing.assert_allclose(be.compute(out), want, rtol=1e-5, atol=1e-3)
+    assert np.array_equal(be.compute(carried), np.stack((img, -img)))
+
+
 def test_fit_runs_an_explicit_pipeline_on_a_memmap(tmp_path):
     rng = np.random.default_rng(5)
     y, x = np.mgrid[:200, :260]
@@ -1020,6 +1064,33 @@ def test_tiles_align_to_cells_and_blocks_and_halos_follow_the_kernels():
     # scale 1: the surround's 6 blocks of 2 px, rounded up to the unit in the windows
     assert masker.halos(1.0, shape)[0] == 12
     assert be.grown((288, 576), (0, 288), 12) == ((256, 608), (0, 320))
+
+
+def test_binned_masking_scales_on_tiles_sum_the_previous_scales_sums(synchronous, monkeypatch):
+    # The tiled masking sums only its first binned scale from full resolution; the
+    # later ones sum the previous scale's sums of the tiles (as the in-memory
+    # _SumsChain does), and the fit is the in-memory fit bit for bit.
+    import skymap.masking.hysteresis as hy
+
+    img, mask = _bad_pixels()
+    ref = skymap.fit(img, mask, max_iter=2)
+    summed, chained = [], []
+    sums_into, chained_sums = hy._sums_into, hy._chained_sums
+
+    def spy_sums(values, excluded, *, b, out):
+        summed.append(b)
+        return sums_into(values, excluded, b=b, out=out)
+
+    def spy_chained(prev, excl, b0, b):
+        chained.append((b0, b))
+        return chained_sums(prev, excl, b0, b)
+
+    monkeypatch.setattr(hy, "_sums_into", spy_sums)
+    monkeypatch.setattr(hy, "_chained_sums", spy_chained)
+    tiled = skymap.fit(da.from_array(img, chunks=100), mask, tile=64, max_iter=2)
+    assert set(summed) == {2}
+    assert set(chained) == {(2, 4), (4, 8)}
+    _assert_same_fit(tiled, ref)
 
 
 @pytest.mark.parametrize("s", [1.0, 2.0])

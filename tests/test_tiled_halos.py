@@ -15,9 +15,14 @@ import skymap.backends.windows as windows  # noqa: E402
 from skymap.backends.dask import DaskBackend  # noqa: E402
 from skymap.backends.distributed import cluster_client  # noqa: E402
 from skymap.backends.windows import Pieces, assemble  # noqa: E402
+from skymap.masking import _hysteresis_kernels as _hk  # noqa: E402
 from skymap.masking.bright import HaloMasker  # noqa: E402
 from skymap.masking.halo_tiles import find_tiled  # noqa: E402
-from skymap.masking.hysteresis import _sums_into, masked_block_sums  # noqa: E402
+from skymap.masking.hysteresis import (  # noqa: E402
+    _chained_sums,
+    _sums_into,
+    masked_block_sums,
+)
 from skymap.quality.simulate import scene_by_name  # noqa: E402
 
 FIELDS = ("x", "y", "amplitude", "saturated", "radius", "profile_radius", "profile")
@@ -164,3 +169,45 @@ def test_pieces_block_sums_part_by_part_equal_the_whole_windows(b):
         assert all(np.array_equal(g, x, equal_nan=True) for g, x in zip(got, want, strict=True))
         off = (slice(y0 + 1, int(hs.sum())), slice(x0, int(ws.sum())))
         assert Pieces(_nested(img, hs, ws), off).binned_into(_sums_into, b, 2) is None
+
+
+def _bits(a):
+    return np.ascontiguousarray(a).view(np.uint32)
+
+
+@pytest.mark.parametrize(("b0", "b"), [(2, 4), (2, 8), (4, 8), (4, 16)])
+def test_chained_sums_equal_the_sums_of_the_full_resolution_window_bit_for_bit(b0, b):
+    """A binned masking scale's masked block sums from the previous scale's (binned by
+    ``b0``, read as a window of their tiles, zeroed where the exclusion after that
+    scale covers whole blocks, summed 2 x 2) equal masked_block_sums of the image
+    with that exclusion, bit for bit (signed zeros too), on windows cut at the far
+    edges mid-block, one block alone (a view: the previous sums are not written),
+    with NaN pixels, excluded pixels and detections of whole ``b0`` blocks; the
+    previous scale's sums are left as they were."""
+    rng = np.random.default_rng(b0 * 100 + b)
+    for k in range(12):
+        n = 1 if k == 0 else 3
+        hs = b * rng.integers(2, 7, n) + np.array([0] * (n - 1) + [rng.integers(0, b)])
+        ws = b * rng.integers(2, 7, n) + np.array([0] * (n - 1) + [rng.integers(0, b)])
+        img = rng.normal(0.0, 30.0, (hs.sum(), ws.sum())).astype(np.float32)
+        img[rng.random(img.shape) < 0.01] = np.nan
+        excl = ~np.isfinite(img) | (rng.random(img.shape) < 0.2)
+        excl[:b0, :b0] = True  # a block excluded before the previous scale too
+        prev = np.stack(masked_block_sums(img, excl, b0))
+        before = prev.copy()
+        det = rng.random(prev.shape[1:]) < 0.15
+        det[-1, -1] = True  # a block at the far corner, partial where the image ends
+        new = _hk.expand_mask_into(det, b0, excl.copy())
+        y0 = b * int(rng.integers(0, hs[0] // b)) if n > 1 else 0
+        x0 = b * int(rng.integers(0, ws[0] // b)) if n > 1 else 0
+        sl = (slice(y0, int(hs.sum())), slice(x0, int(ws.sum())))
+        bsl = (slice(y0 // b0, prev.shape[1]), slice(x0 // b0, prev.shape[2]))
+        ph, pw = (np.diff(-(-np.cumsum([0, *e]) // b0)) for e in (hs, ws))
+        got = _chained_sums(
+            Pieces(_nested(prev, ph, pw), bsl), Pieces(_nested(new, hs, ws), sl), b0, b
+        )
+        want = masked_block_sums(img[sl], new[sl], b)
+        for g, w in zip(got, want, strict=True):
+            assert g.shape == w.shape
+            assert np.array_equal(_bits(g), _bits(w))
+        assert np.array_equal(_bits(prev), _bits(before))

@@ -80,6 +80,12 @@ def _tile_label_info(maps, codes, kw, names=(), *values):
     return labels, (count, np.array([1] if seeded else [], np.int32), edges)
 
 
+def _tile_label_carry(carried, *args):
+    """:func:`_tile_label_info` ``(*args)`` and ``carried`` (a block made in the same
+    task, kept with the tile's labels)."""
+    return (*_tile_label_info(*args), carried)
+
+
 def _own_task(graph, key):
     """The task of ``key`` in ``graph`` when it is one to run inside another task (a
     tuple task of ours), else the key itself (e.g. a persisted block)."""
@@ -91,17 +97,19 @@ def _own_task(graph, key):
 
 
 def _inlined(task, inline: dict, near=None):
-    """``task`` with the keys of ``inline`` (key -> (task, block index)) in it, in
+    """``task`` with the keys of ``inline`` (key -> (task, block index[, False])) in it, in
     nested tuples and lists, replaced by their tasks, run inside it: all of them, or
     (``near`` given) those whose block ``near(i, j)`` says lives where ``task`` runs.
     The inline tasks ``(func, source, *rest)`` are elementwise (lookups): a window's
     piece of such a block, ``(piece, key, side, slice)``, becomes ``func`` on the
-    source's piece only."""
+    source's piece only (not those marked False: a piece of them is cut from the
+    whole block)."""
     if not inline:
         return task
     if isinstance(task, tuple) and len(task) == 4 and task[0] is piece:
         found = inline.get(task[1])
-        if found is not None and (near is None or near(*found[1])):
+        # (a block carried with the labels, found[2] False, is taken out whole below)
+        if found is not None and len(found) == 2 and (near is None or near(*found[1])):
             func, source, *rest = found[0]
             return (func, (piece, source, *task[2:]), *rest)
     if isinstance(task, (str, tuple)):

@@ -68,6 +68,7 @@ from skymap.backends._tile_tasks import (  # the graphs' tile tasks
     _tile_first_valid,
     _tile_grid,
     _tile_kept,
+    _tile_label_carry,
     _tile_label_info,
     _tile_masker,
     _tile_model_map,
@@ -336,6 +337,9 @@ class DaskBackend:
         # lookups: the kept labels of label_seeded), and the name of their array
         self._inline: dict = {}
         self._inline_name = None
+        # label_seeded's carried blocks, taken out of the labels' results inline
+        self._carried: dict = {}
+        self._carried_name = None
         # (array name, binning) -> the BorderStrips its windows last read it through
         self._strip_cache: dict = {}
         self.image = self._source(image, _work_block, self.dtype)
@@ -621,7 +625,7 @@ class DaskBackend:
         keys = {}
         # Only a graph that reads the lookups' array holds their keys: the others are
         # not walked for them (~70 000 calls a fit with 1024-px tiles).
-        inline = self._inline if self._reads_lookups(dependencies) else {}
+        inline = self._lookups(dependencies)
         for i, j, ys, xs in self.tiles():
             keys[i, j] = (name, *lead, i, j)
             task = (func, *args_of(i, j, ys, xs, ref))
@@ -632,11 +636,17 @@ class DaskBackend:
         dsk.update({k: _inlined(v, inline, None) for k, v in cuts.items()})
         return name, HighLevelGraph.from_collections(name, dsk, dependencies=dependencies), keys
 
-    def _reads_lookups(self, dependencies) -> bool:
-        """Whether one of ``dependencies`` is the array of the inline lookups."""
+    def _lookups(self, dependencies) -> dict:
+        """The inline tasks of the arrays of ``dependencies`` (the lookups', the
+        carried blocks'), by block key."""
         import dask.array as da
 
-        return any(isinstance(d, da.Array) and d.name == self._inline_name for d in dependencies)
+        names = {d.name for d in dependencies if isinstance(d, da.Array)}
+        if self._carried_name in names:
+            return (
+                {**self._inline, **self._carried} if self._inline_name in names else self._carried
+            )
+        return self._inline if self._inline_name in names else {}
 
     def _tile_array(self, func, args_of, dependencies, chunks, dtype, label=None, **shared):
         import dask.array as da
@@ -835,6 +845,7 @@ class DaskBackend:
         halo: int = 0,
         keep: bool = False,
         pieces: bool = False,
+        binning: Sequence = (),
         **kw,
     ):
         """``func(*windows, window=, core=, **kw)`` per tile (the arrays read over the
@@ -848,27 +859,35 @@ class DaskBackend:
         the second ones stay on the tiles' workers for :meth:`map_kept` (what a later
         step would compute again from the same windows); returns (the lazy value, the
         kept values). With ``pieces``, ``func`` reads each window as
-        :class:`~skymap.backends.windows.Pieces` (in place), not copied out."""
-        args, dependencies, kw = self._windowed_args(func, arrays, [1] * len(arrays), halo, kw)
+        :class:`~skymap.backends.windows.Pieces` (in place), not copied out.
+        ``binning`` gives each array's bin factor (default 1), as in :meth:`map_tiles`."""
+        bins = list(binning) + [1] * (len(arrays) - len(binning))
+        args, dependencies, kw = self._windowed_args(func, arrays, bins, halo, kw)
         task = _pieced if pieces else _windowed
         name, graph, keys = self._tasks(task, args, dependencies, label=_name(func), kw=kw)
         apart = self.placement is not None and not self.placement.shared
         combined = _combined(name, graph, keys, combine, dependencies, keep, apart)
         return (combined, (combined, keys)) if keep else combined
 
-    def map_kept(self, func: Callable, kept, *, dtype, block: int = 1, **kw):
+    def map_kept(
+        self, func: Callable, kept, *, dtype, block: int = 1, layers: int | None = None, **kw
+    ):
         """``func(value, core=, **kw)`` per tile on the values kept by
         :meth:`reduce_windows` (``keep=True``), run where they are: a dask array of
-        the tiles binned by ``block``; lazy keywords are taken by key."""
+        the tiles binned by ``block`` (``layers``: with a leading axis of that length);
+        lazy keywords are taken by key."""
         source, keys = kept  # the combined value's graph holds the tile tasks
         kw, lazy, names, values = _split_lazy(kw)
 
         def args(i, j, ys, xs, ref):
             return ((_item, keys[i, j], 1), (ys, xs), ref["kw"], names, *values)
 
+        chunks = self.binned_chunks(block)
+        if layers is not None:
+            chunks = ((layers,), *chunks)
         return self._tile_array(
             functools.partial(_tile_kept, func), args, [source, *lazy.values()],
-            self.binned_chunks(block), dtype, _name(func), kw=kw,
+            chunks, dtype, _name(func), kw=kw,
         )  # fmt: skip
 
     def _forward_tasks(self, func, arrays, reach, block, kw):
@@ -1272,7 +1291,9 @@ class DaskBackend:
                 st[1] = (prefix << 16) | digit
         return [key_to_float(prefix, self.dtype) for _, prefix in state]
 
-    def label_seeded(self, maps, codes: Callable, *, block: int, keep: Sequence = (), **kw):
+    def label_seeded(
+        self, maps, codes: Callable, *, block: int, keep: Sequence = (), carry=None, **kw
+    ):
         """Regions of ``codes(maps_block, which="region", **kw)`` (bool per binned
         pixel) that hold a pixel of ``codes(..., which="seed", **kw)``, 8-connected
         across tiles, as a bool array binned by ``block``: each block a lookup in the
@@ -1290,7 +1311,12 @@ class DaskBackend:
         else may read it). The labels are persisted with the arrays of ``keep`` (e.g.
         a lazy input of the maps that later steps read again) in one submission to
         the cluster with the computation of the join information. Returns the regions
-        and the persisted ``keep``, as a list."""
+        and the persisted ``keep``, as a list.
+
+        ``carry``: a lazy array of the tiles (e.g. :meth:`map_kept`'s) whose block
+        each label task makes too and keeps with the labels; appended to the list, as
+        an array of getters of those blocks, which the windows of later tasks take out
+        inline on threads of this process (no task of their own)."""
         from dask.delayed import Delayed
 
         maps_k = key_grid(maps)
@@ -1300,10 +1326,22 @@ class DaskBackend:
         # One task per tile labels it and finds its join information; the maps' own
         # task runs inside it (nothing else reads them): one task where there were
         # three (the maps, the labels, the information).
+        args = [maps, *lazy.values()]
+        if carry is None:
+            func, carried_of = _tile_label_info, lambda i, j: ()
+        else:
+            carry_k, carry_graph = key_grid(carry), carry.__dask_graph__()
+            func, carried_of = (
+                _tile_label_carry,
+                lambda i, j: (_own_task(carry_graph, carry_k[i, j]),),
+            )
+            args.append(carry)
         name, graph, keys = self._tasks(
-            _tile_label_info,
-            lambda i, j, *_: (_own_task(maps_graph, maps_k[i, j]), codes, kw, names, *values),
-            [maps, *lazy.values()], label="tile_label",
+            func,
+            lambda i, j, *_: (
+                *carried_of(i, j), _own_task(maps_graph, maps_k[i, j]), codes, kw, names, *values
+            ),
+            args, label="tile_label",
         )  # fmt: skip
         parts = [Delayed(key, graph, layer=name) for key in keys.values()]
         if self.placement is None or self.placement.shared:
@@ -1340,4 +1378,17 @@ class DaskBackend:
             dk[i, j]: ((_keep_labels, labels_k[i, j], keep[i][j]), (i, j))
             for i, j, _, _ in self.tiles()
         }
+        if carry is not None:
+            carried = self._tile_array(
+                _item, lambda i, j, *_: (keys[i, j], 2), labels, carry.chunks, carry.dtype,
+                "carried",
+            )  # fmt: skip
+            kept.append(carried)
+            if self.placement is None or self.placement.shared:
+                ck = key_grid(carried)
+                self._carried_name = carried.name
+                self._carried = {
+                    ck[i, j]: ((_item, keys[i, j], 2), (i, j), False)
+                    for i, j, _, _ in self.tiles()
+                }
         return det, kept

@@ -238,11 +238,12 @@ class Pieces:
         afterwards). Equal to the reduction of the whole window wherever each part
         starts on a block's edge; None where one does not (the caller then reads
         :meth:`whole`). ``others`` are windows of arrays of the same blocks; a part
-        not C-contiguous (a column strip) is copied first."""
+        not C-contiguous (a column strip) is copied first. The maps are the layers of
+        one array (their ``base``), so that a core of all of them is one view."""
         if not self._on_blocks(b, others):
             return None
         shape = tuple(-(-m // b) for m in self.shape[-2:])
-        outs = tuple(np.zeros(shape, np.float32) for _ in range(n))
+        outs = tuple(np.zeros((n, *shape), np.float32))
         (ey, ex) = (e // b for e in self.edges)
         for i, row in enumerate(self.parts):
             for j, part in enumerate(row):

@@ -777,6 +777,67 @@ def _zero_where(num, cnt, det, lo, hi):  # pragma: no cover - compiled
                 c[x] = zc
 
 
+def covered_block_sum_into(num, cnt, excluded, b, out_num, out_cnt) -> None:
+    """:func:`block_sum_into` ``(num, 2, out_num)`` and ``(cnt, 2, out_cnt)`` (the same
+    sums in the same order) with ``num``, ``cnt`` (a map binned by ``b``) read as 0 at
+    each block whose ``b`` x ``b`` pixels of ``excluded`` (what the image holds of it
+    at the far edges) are all excluded: where the masked block sums of the image with
+    ``excluded`` are 0 (:class:`~skymap.masking.hysteresis._SumsChain` zeroes them)."""
+    in_bands(_covered_block_sum, out_num.shape[0], num, cnt, excluded.view(np.uint8), b,
+             out_num, out_cnt, grain=-(-_ROWS // (2 * b)))  # fmt: skip
+
+
+@njit(cache=True, nogil=True)
+def _covered_block_sum(num, cnt, excluded, b, on, oc, lo, hi):  # pragma: no cover
+    ny, nx = excluded.shape
+    w = num.shape[1]
+    vn, vc = np.empty(w, num.dtype), np.empty(w, cnt.dtype)
+    zn, zc = num.dtype.type(0), cnt.dtype.type(0)
+    cols, cov = np.empty(nx, np.uint8), np.empty(w, np.uint8)
+    full = nx // b
+    for by in range(lo, hi):
+        orn, orc = on[by], oc[by]
+        for y in range(2 * by, min(num.shape[0], 2 * by + 2)):
+            # whether each column of the block row is all excluded, then each block
+            # (no branches: the loops vectorise)
+            first = excluded[y * b]
+            for xx in range(nx):
+                cols[xx] = first[xx]
+            for yy in range(y * b + 1, min(ny, (y + 1) * b)):
+                row = excluded[yy]
+                for xx in range(nx):
+                    cols[xx] &= row[xx]
+            if b == 2:
+                for x in range(full):
+                    cov[x] = cols[2 * x] & cols[2 * x + 1]
+            elif b == 4:
+                for x in range(full):
+                    cov[x] = (cols[4 * x] & cols[4 * x + 1]) & (cols[4 * x + 2] & cols[4 * x + 3])
+            else:
+                for x in range(full):
+                    c = cols[x * b]
+                    for xx in range(x * b + 1, (x + 1) * b):
+                        c &= cols[xx]
+                    cov[x] = c
+            if full < w:  # the partial block at the far edge
+                c = cols[full * b]
+                for xx in range(full * b + 1, nx):
+                    c &= cols[xx]
+                cov[full] = c
+            nrow, crow = num[y], cnt[y]
+            for x in range(w):
+                vn[x] = zn if cov[x] else nrow[x]
+                vc[x] = zc if cov[x] else crow[x]
+            # block_sum's order (b == 2)
+            h = w // 2
+            for bx in range(h):
+                orn[bx] = (orn[bx] + vn[2 * bx]) + vn[2 * bx + 1]
+                orc[bx] = (orc[bx] + vc[2 * bx]) + vc[2 * bx + 1]
+            if w % 2:
+                orn[h] += vn[w - 1]
+                orc[h] += vc[w - 1]
+
+
 def expand_mask_into(small, b, out):
     """``out |= small[y // b, x // b]`` in place, at full resolution; returns ``out``."""
     if b == 1:

@@ -762,11 +762,22 @@ class HysteresisMasker:
         scale's graph. Returns ``excluded`` OR the detections, equal to the in-memory
         masking bit for bit."""
         noise = backend.share(noise)
-        for s in self.scales:
-            excluded = self._scale_on(backend, s, residual, noise, excluded, window_of)
+        bins = [self.binning(s, backend.shape) for s in self.scales]
+        sums = None
+        for k, s in enumerate(self.scales):
+            # a binned scale's sums go on to the next scale when it can sum them 2 x 2
+            # (as _SumsChain does in memory)
+            chains = k + 1 < len(bins) and _chains(bins[k], bins[k + 1])
+            excluded, sums = self._scale_on(
+                backend, s, residual, noise, excluded, window_of, sums, chains
+            )
         return excluded
 
-    def _scale_on(self, backend, s, residual, noise, excluded, window_of):
+    def _scale_on(self, backend, s, residual, noise, excluded, window_of, prev, chains):
+        """One scale of :meth:`mask_on`: (the lazy exclusion after it, and with
+        ``chains`` the persisted masked block sums of its tiles' cores for the next
+        scale, binned by this scale's binning, with it). ``prev``: the previous
+        scale's such sums, or None."""
         shape = backend.shape
         b = self.binning(s, shape)
         maps_halo, dilate_halo = self.halos(s, shape)
@@ -778,25 +789,41 @@ class HysteresisMasker:
         # in it, plus the kernels' reach there.
         # The pairs' tasks keep the scale's inputs over their windows, from which the
         # codes are made where they are (not computed again from the same pixels).
+        # A binned scale after another whose blocks tile its own sums the previous
+        # scale's sums (not the full-resolution window) 2 x 2 (_chained_sums).
+        # Such a task does not read the residual (the inputs of a task cost the
+        # scheduler's bookkeeping).
+        func, arrays, bins = _tile_pairs_kept, [residual, excluded], [1, 1]
+        if prev is not None and _chains(prev[0], b):
+            func, arrays, bins = _tile_pairs_chained, [excluded, prev[1]], [1, prev[0]]
+            maps_kw["prev_b"] = prev[0]
         factor, inputs = backend.reduce_windows(
-            _tile_pairs_kept, [residual, excluded], functools.partial(_factor_of, self, s),
-            halo=maps_halo + lag * b, keep=True, pieces=True, lag=lag, step=step, **maps_kw,
+            func, arrays, functools.partial(_factor_of, self, s),
+            halo=maps_halo + lag * b, keep=True, pieces=True, binning=bins, lag=lag,
+            step=step, **maps_kw,
         )  # fmt: skip
         codes = backend.map_kept(
             _kept_codes, inputs, dtype=np.uint8, block=b, masker=self, factor=factor
         )
+        # The sums the next scale reads: made by the label tasks, kept with the labels.
+        carry = None
+        if chains:
+            carry = backend.map_kept(_kept_sums, inputs, dtype=np.float32, block=b, layers=2)
         # One submission to the cluster: the (lazy) exclusion of the last scale, the
-        # pairs, the codes and their labels (each graph sent costs as much as several
-        # tasks).
-        det, (excluded,) = backend.label_seeded(codes, seeded_codes, block=b, keep=[excluded])
+        # pairs, the codes and their labels, and the sums (each graph sent costs as
+        # much as several tasks).
+        det, (excluded, *sums) = backend.label_seeded(
+            codes, seeded_codes, block=b, keep=[excluded], carry=carry
+        )
         del codes
         # Dilation and expansion to full resolution: scale_mask on each tile's window
         # of the (already global) detections. Lazy: persisted with the next scale's
         # labels, or by the caller.
-        return backend.map_tiles(
+        excluded = backend.map_tiles(
             _tile_dilate, [det, excluded], binning=(b, 1), halo=dilate_halo, dtype=bool,
             pieces=True, own=(1,), masker=self, s=s, b=b,
         )  # fmt: skip
+        return excluded, (b, sums[0]) if sums else None
 
 
 @dataclass(kw_only=True, eq=False)
@@ -820,14 +847,19 @@ def _kernel_radius(sigma: float) -> int:
     return _gaussian_kernel(sigma).size // 2
 
 
-def _window_inputs(res, excl, window, masker, s, noise, window_of):
+def _window_inputs(res, excl, window, masker, s, noise, window_of, prev=None, prev_b=None):
     """:meth:`HysteresisMasker._dog_inputs` of scale ``s`` on a tile's window (arrays,
     or :class:`~skymap.backends.windows.Pieces`: a binned scale's masked block sums
     are then summed part by part, and the full-resolution window is never copied
-    out; the tiles align to the blocks, so the sums are the same bit for bit)."""
+    out; the tiles align to the blocks, so the sums are the same bit for bit). With
+    ``prev`` (the window of the previous scale's sums, binned by ``prev_b``) they are
+    summed from those (:func:`_chained_sums`)."""
     rms = window_of(noise, window)
     if not isinstance(rms, CoarseRMS):
         rms = np.asarray(rms, dtype=np.float32)  # as HysteresisMasker.__call__ does
+    if prev is not None:
+        b = masker.binning(s, res.shape)
+        return masker._dog_inputs(res, rms, None, s, _chained_sums(prev, excl, prev_b, b))
     if isinstance(res, Pieces):
         b = masker.binning(s, res.shape)
         sums = None if b == 1 else res.binned_into(functools.partial(_sums_into, b=b), b, 2, excl)
@@ -836,6 +868,50 @@ def _window_inputs(res, excl, window, masker, s, noise, window_of):
             return masker._dog_inputs(res, rms, None, s, sums)
         res, excl = res.whole(), excl.whole()
     return masker._dog_inputs(res, rms, excl, s)
+
+
+def _chains(b0: int, b: int) -> bool:
+    """Whether binning ``b``'s masked block sums are ``b0``'s summed 2 x 2 (``b0`` > 1,
+    ``b`` ``b0`` times a power of two above 1): :func:`_chained_sums`."""
+    return 1 < b0 < b and b % b0 == 0 and _pow2(b // b0)
+
+
+def _chained_sums(prev, excl, b0: int, b: int):
+    """:func:`masked_block_sums` (binning ``b``) of a window from the previous scale's
+    over it, ``prev`` ((num, cnt) binned by ``b0``, :func:`_kept_sums`; ``excl`` the
+    window's exclusion after that scale). The previous scale's detections cover whole
+    blocks of ``b0`` and exclude nothing else, so its sums read as 0 at the blocks now
+    wholly excluded (as :class:`_SumsChain` zeroes the detected ones) are the masked
+    sums with the new exclusion; summed 2 x 2 (:func:`halved_sums`) they are binning
+    ``b``'s, bit for bit (masked_block_sums sums 2 x 2 blocks alike). Part by part
+    (views of the tiles' blocks, nothing copied) where the parts of both windows
+    start on the edges of the ``2 b0`` blocks."""
+    if not (isinstance(prev, Pieces) and isinstance(excl, Pieces)):
+        prev, excl = _one_part(prev), _one_part(excl)
+    elif not all(
+        np.array_equal(pe[1:-1] * b0, e[1:-1]) and not np.any(e[1:-1] % (2 * b0))
+        for pe, e in zip(prev.edges, excl.edges, strict=True)
+    ):
+        prev, excl = _one_part(prev.whole()), _one_part(excl.whole())
+    # one array (see _kept_sums)
+    num, cnt = np.zeros((2, *(-(-n // 2) for n in prev.shape[-2:])), np.float32)
+    (ey, ex) = (e // 2 for e in prev.edges)
+    for i, row in enumerate(prev.parts):
+        for j, part in enumerate(row):
+            sl = (slice(ey[i], ey[i] + -(-part.shape[-2] // 2)),
+                  slice(ex[j], ex[j] + -(-part.shape[-1] // 2)))  # fmt: skip
+            # a part not C-contiguous (a strip of a block) is copied first: the
+            # kernel's loops vectorise on contiguous rows only
+            c = np.ascontiguousarray
+            _k.covered_block_sum_into(
+                c(part[0]), c(part[1]), c(excl.parts[i][j]), b0, num[sl], cnt[sl]
+            )
+    return halved_sums(num, cnt, b // (2 * b0))
+
+
+def _one_part(a) -> Pieces:
+    """An array as a :class:`~skymap.backends.windows.Pieces` of one part."""
+    return Pieces([[a]], (slice(0, a.shape[-2]), slice(0, a.shape[-1])))
 
 
 def _sums_into(values, excluded, *, b, out):
@@ -864,8 +940,19 @@ def tile_sampled_pairs(res, excl, *, window, core, masker, s, noise, window_of, 
 
 def _tile_pairs_kept(res, excl, *, window, core, masker, s, noise, window_of, lag, step):
     """:func:`tile_sampled_pairs` and the scale's inputs over the window (for
-    :func:`_kept_codes`)."""
+    :func:`_kept_codes`, :func:`_kept_sums`)."""
     inputs = _window_inputs(res, excl, window, masker, s, noise, window_of)
+    return _sampled_pairs(inputs, window, core, lag, step), (inputs, window)
+
+
+def _tile_pairs_chained(
+    excl, prev, *, window, core, masker, s, noise, window_of, lag, step, prev_b
+):
+    """:func:`_tile_pairs_kept` of a scale whose sums come from the previous scale's
+    ``prev`` (binned by ``prev_b``, :func:`_chained_sums`): the residual is not read
+    (only the window's shape, given by a stub)."""
+    res = np.broadcast_to(np.float32(0), tuple(e - a for a, e in window))
+    inputs = _window_inputs(res, excl, window, masker, s, noise, window_of, prev, prev_b)
     return _sampled_pairs(inputs, window, core, lag, step), (inputs, window)
 
 
@@ -900,6 +987,31 @@ def _kept_codes(kept, *, core, masker, factor):
     inputs, window = kept
     codes = _dog_codes(inputs, factor, masker)
     return np.ascontiguousarray(codes[core_of(window, core, inputs[-1])])
+
+
+def _kept_sums(kept, *, core):
+    """The masked block sums of the tile's core (num, cnt stacked: float32, binned)
+    from the inputs kept by :func:`_tile_pairs_kept`, for the next scale's
+    :func:`_chained_sums`."""
+    inputs, window = kept
+    num, cnt = inputs[0], inputs[1]
+    sl = core_of(window, core, inputs[-1])
+    both = num.base
+    if (
+        both is not None
+        and both.shape == (2, *num.shape)
+        and _is_layer(num, both, 0)
+        and (_is_layer(cnt, both, 1))
+    ):
+        # the layers of one array (Pieces.binned_into's, _chained_sums'): a view, no
+        # copy (the label task keeps it until the next scale)
+        return both[(slice(None), *sl)]
+    return np.stack((num[sl], cnt[sl]))
+
+
+def _is_layer(a, both, k: int) -> bool:
+    """Whether ``a`` is the whole layer ``k`` of ``both``."""
+    return a.base is both and a.ctypes.data == both[k].ctypes.data and a.strides == both[k].strides
 
 
 def seeded_codes(codes, *, which):
