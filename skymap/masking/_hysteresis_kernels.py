@@ -486,7 +486,7 @@ def _dog_strip(
         if clean[y]:
             _copy_into(pn, r, num[y])
             _correlate_row(pn, g, tn[k])
-            if whole or not direct:
+            if whole:
                 _copy_into(tc[k], 0, crow)
                 _copy_into(tv[k], 0, vrow1)
             continue
@@ -615,6 +615,23 @@ def _dog_strip(
 
 
 @njit(cache=True, nogil=True, inline="always")
+def _next_set(flags, words, x):  # pragma: no cover - compiled
+    """The first index from ``x`` where the bytes ``flags`` are set, or their size:
+    eight at a time where none is (``words``: the flags' whole 8-byte words; most
+    of a row is clear)."""
+    n = flags.size
+    nw = words.size
+    while x < n:
+        if x % 8 == 0 and x // 8 < nw and words[x // 8] == 0:
+            x += 8
+        elif flags[x]:
+            return x
+        else:
+            x += 1
+    return n
+
+
+@njit(cache=True, nogil=True, inline="always")
 def _weights_near_excluded(erow, g, g2, tc, tv, dirty):  # pragma: no cover - compiled
     """The x pass of the weight row of ``erow`` (0 where excluded, else 1, and 0 past
     the row's ends) into ``tc``, ``tv`` at the columns within r of an excluded pixel
@@ -627,17 +644,9 @@ def _weights_near_excluded(erow, g, g2, tc, tv, dirty):  # pragma: no cover - co
     one = np.float32(1.0)
     for x in range(nx):
         dirty[x] = 0
-    nw = nx // 8
-    words = erow[: nw * 8].view(np.uint64)
-    x = 0
+    words = erow[: nx // 8 * 8].view(np.uint64)
+    x = _next_set(erow, words, 0)
     while x < nx:
-        # Eight pixels at a time where none is excluded (most of a row).
-        if x % 8 == 0 and x // 8 < nw and words[x // 8] == 0:
-            x += 8
-            continue
-        if not erow[x]:
-            x += 1
-            continue
         e0 = x
         while x < nx and erow[x]:
             x += 1
@@ -652,6 +661,7 @@ def _weights_near_excluded(erow, g, g2, tc, tv, dirty):  # pragma: no cover - co
                 sv = sv + g2[j] * v
             tc[c], tv[c] = sc, sv
             dirty[c] = 1
+        x = _next_set(erow, words, x)
 
 
 @njit(cache=True, nogil=True, inline="always")
@@ -671,28 +681,22 @@ def _dirty_columns(dirty, i0, n, tc, tv, crow, vrow1, g, g2, noise, qy, b, q, an
         row = dirty[i0 + t]
         for x in range(nx):
             anyd[x] |= row[x]
-    nw = nx // 8
-    words = anyd[: nw * 8].view(np.uint64)
+    words = anyd[: nx // 8 * 8].view(np.uint64)
     m = 0
-    x = 0
+    x = _next_set(anyd, words, 0)
     while x < nx:
-        # Eight columns at a time where none is dirty (most of a row).
-        if x % 8 == 0 and x // 8 < nw and words[x // 8] == 0:
-            x += 8
-            continue
-        if anyd[x]:
-            sc, sv = z, z
-            for t in range(n):
-                d = dirty[i0 + t, x]
-                sc = sc + g[t] * (tc[i0 + t, x] if d else crow[x])
-                sv = sv + g2[t] * (tv[i0 + t, x] if d else vrow1[x])
-            sigma = noise[qy, min((x * b + b // 2) // q, nqx - 1)]
-            v = sv * (sigma * sigma)
-            cols[m] = x
-            dc[m] = sc
-            dv[m] = 1.0 / np.sqrt(v) if v > 0 else 0.0
-            m += 1
-        x += 1
+        sc, sv = z, z
+        for t in range(n):
+            d = dirty[i0 + t, x]
+            sc = sc + g[t] * (tc[i0 + t, x] if d else crow[x])
+            sv = sv + g2[t] * (tv[i0 + t, x] if d else vrow1[x])
+        sigma = noise[qy, min((x * b + b // 2) // q, nqx - 1)]
+        v = sv * (sigma * sigma)
+        cols[m] = x
+        dc[m] = sc
+        dv[m] = 1.0 / np.sqrt(v) if v > 0 else 0.0
+        m += 1
+        x = _next_set(anyd, words, x + 1)
     return m
 
 
