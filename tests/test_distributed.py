@@ -16,6 +16,7 @@ import skymap.backends.dask as dask_backend  # noqa: E402
 from skymap.backends.base import block_sums  # noqa: E402
 from skymap.backends.dask import (  # noqa: E402
     DaskBackend,
+    _final_mask,
     _keep_labels,
     _tile_label_info,
     core_of,
@@ -1222,6 +1223,43 @@ def test_kept_labels_is_numpys_lookup_on_blocks_and_strided_pieces():
         assert got.dtype == bool and got.flags.c_contiguous
         assert np.array_equal(got, keep[view])
     assert np.array_equal(_keep_labels(labels, keep), keep[labels])
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_final_mask_is_the_formula_and_the_exclusion_itself_only_where_they_agree(dtype):
+    """The tiled final mask is ``bad | (excl & isfinite(res))`` bit for bit; it hands
+    back the exclusion's own block only where that formula changes nothing (a NaN or
+    inf outside ``bad`` in any row, or a ``bad`` pixel outside ``excl``, makes it
+    compute). The test reads strided blocks too and writes nothing."""
+    from skymap.backends._tile_kernels import exclusion_is_final
+
+    rng = np.random.default_rng(11)
+    shape = (37, 53)
+    for case in range(40):
+        res = rng.normal(size=shape).astype(dtype)
+        bad = rng.random(shape) < 0.1
+        excl = bad | (rng.random(shape) < 0.3)
+        kind = case % 5
+        y, x = rng.integers(0, shape[0]), rng.integers(0, shape[1])
+        if kind == 1:  # a non-finite pixel inside bad: still the exclusion
+            bad[y, x] = excl[y, x] = True
+            res[y, x] = (np.nan, np.inf, -np.inf)[case % 3]
+        elif kind == 2:  # a non-finite pixel outside bad, excluded: taken out
+            bad[y, x], excl[y, x] = False, True
+            res[y, x] = (np.nan, np.inf, -np.inf)[case % 3]
+        elif kind == 3:  # a bad pixel the exclusion lacks: put in
+            bad[y, x], excl[y, x] = True, False
+        elif kind == 4:  # strided views of larger blocks
+            big = [np.repeat(np.repeat(a, 2, axis=0), 3, axis=1) for a in (res, bad, excl)]
+            res, bad, excl = (a[::2, ::3] for a in big)
+        before = [a.copy() for a in (excl, res, bad)]
+        expected = bad | (excl & np.isfinite(res))
+        got = _final_mask(excl, res, bad)
+        assert got.dtype == bool and np.array_equal(got, expected)
+        assert (got is excl) == (kind in (0, 1, 4))
+        assert exclusion_is_final(excl, res, bad) == (kind in (0, 1, 4))
+        for a, b in zip((excl, res, bad), before, strict=True):
+            assert np.array_equal(a, b, equal_nan=a.dtype.kind == "f")
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])

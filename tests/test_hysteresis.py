@@ -635,3 +635,27 @@ def test_divide_finite_is_numpys_division_with_non_finite_quotients_zeroed(rng):
         got = num.copy()
         K.divide_finite(got, den)
         np.testing.assert_array_equal(got.view(np.uint32), want.view(np.uint32))
+
+
+@pytest.mark.parametrize("b", [1, 2, 3, 4, 8])
+def test_expand_mask_into_a_new_block_is_the_source_or_the_expanded_detections(b):
+    """``expand_mask_into(small, b, out, src=excl)`` writes ``excl | small`` expanded
+    b x b (cut at the far edges) into ``out`` in one pass, leaving ``excl`` as it was;
+    without ``src`` it ORs into ``out`` in place, as before. Strided ``small`` (the
+    core of a dilated window) and a block whose size is no multiple of ``b``."""
+    from skymap.masking import _hysteresis_kernels as K
+
+    rng = np.random.default_rng(b)
+    shape = (4 * b + 3, 5 * b + 1)
+    gy, gx = -(-shape[0] // b), -(-shape[1] // b)
+    window = rng.random((gy + 4, gx + 6)) < 0.3
+    small = window[2 : 2 + gy, 3 : 3 + gx]  # a view, as _tile_dilate passes it
+    excl = rng.random(shape) < 0.2
+    expected = excl | np.repeat(np.repeat(small, b, 0), b, 1)[: shape[0], : shape[1]]
+    before = excl.copy()
+    out = np.empty(shape, bool)
+    assert K.expand_mask_into(small, b, out, src=excl) is out
+    assert np.array_equal(out, expected) and np.array_equal(excl, before)
+    inplace = excl.copy()
+    K.expand_mask_into(np.ascontiguousarray(small), b, inplace)
+    assert np.array_equal(inplace, expected)

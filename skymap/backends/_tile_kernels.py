@@ -27,6 +27,44 @@ def _kept_labels(labels, keep, out):  # pragma: no cover - compiled
     return out
 
 
+def exclusion_is_final(excl, res, bad) -> bool:
+    """Whether ``bad | (excl & isfinite(res))`` (the pipeline's mask after a masker)
+    is ``excl`` itself: no ``bad`` pixel outside ``excl``, and no non-finite pixel of
+    ``res`` outside ``bad``. One pass that reads the three maps and writes nothing
+    (where the formula's three passes write three fresh maps); rows are tested whole,
+    so the loop vectorises, and the first failing row ends it.
+
+    Examples
+    --------
+    >>> res = np.ones((2, 3), np.float32)
+    >>> bad = np.zeros((2, 3), bool)
+    >>> excl = bad.copy()
+    >>> exclusion_is_final(excl, res, bad)
+    True
+    >>> res[0, 0] = np.nan
+    >>> exclusion_is_final(excl, res, bad)
+    False
+    """
+    u8 = np.uint8
+    return bool(_exclusion_is_final(excl.view(u8), res, bad.view(u8)))
+
+
+@njit(cache=True, nogil=True)
+def _exclusion_is_final(excl, res, bad):  # pragma: no cover - compiled
+    ny, nx = res.shape
+    for y in range(ny):
+        e, r, g = excl[y], res[y], bad[y]
+        odd = np.uint8(0)
+        for x in range(nx):
+            v = r[x]
+            # v - v is 0 for a finite v, NaN for an infinite or NaN one
+            finite = np.uint8((v - v) == 0)
+            odd |= (g[x] & (e[x] ^ 1)) | ((finite ^ 1) & (g[x] ^ 1))
+        if odd:
+            return False
+    return True
+
+
 def seeded_labels(region, seed) -> tuple[np.ndarray, int, bool]:
     """What the labelling joined across tiles needs of a tile's ``region`` map (bool,
     2-D): (labels, count, whether a seed lies in a region). Label 1 marks every pixel

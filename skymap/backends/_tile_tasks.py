@@ -11,7 +11,7 @@ import functools
 import numpy as np
 
 from skymap._validate import as_image, as_mask, combine_masks
-from skymap.backends._tile_kernels import kept_labels, seeded_labels
+from skymap.backends._tile_kernels import exclusion_is_final, kept_labels, seeded_labels
 from skymap.backends.base import (
     CHANGE_STEP,
     NativeMaps,
@@ -396,5 +396,10 @@ def _initial_exclusion(res, bad):
 
 
 def _final_mask(excl, res, bad):
-    # A masker returns (excluded & finite) & ~given; the pipeline ORs in `bad`.
+    # A masker returns (excluded & finite) & ~given; the pipeline ORs in `bad`. Where
+    # that changes nothing (every non-finite pixel is bad, as the pipeline makes them,
+    # and excl holds bad), the exclusion's block is the mask: only the test's one
+    # reading pass, as the in-memory HysteresisMasker.mask_with skips the same passes.
+    if exclusion_is_final(excl, res, bad):
+        return excl
     return bad | (excl & np.isfinite(res))

@@ -900,12 +900,10 @@ def _chained_sums(prev, excl, b0: int, b: int):
         for j, part in enumerate(row):
             sl = (slice(ey[i], ey[i] + -(-part.shape[-2] // 2)),
                   slice(ex[j], ex[j] + -(-part.shape[-1] // 2)))  # fmt: skip
-            # a part not C-contiguous (a strip of a block) is copied first: the
-            # kernel's loops vectorise on contiguous rows only
-            c = np.ascontiguousarray
-            _k.covered_block_sum_into(
-                c(part[0]), c(part[1]), c(excl.parts[i][j]), b0, num[sl], cnt[sl]
-            )
+            # the parts as they are (views: a core of the kept sums, a strip of a
+            # block): the kernel's row loops vectorise on rows of unit stride, so a
+            # copy first only costs its pass and its fresh pages
+            _k.covered_block_sum_into(part[0], part[1], excl.parts[i][j], b0, num[sl], cnt[sl])
     return halved_sums(num, cnt, b // (2 * b0))
 
 
@@ -986,7 +984,8 @@ def _kept_codes(kept, *, core, masker, factor):
     wider window: the core's codes are the same)."""
     inputs, window = kept
     codes = _dog_codes(inputs, factor, masker)
-    return np.ascontiguousarray(codes[core_of(window, core, inputs[-1])])
+    # a view: only the labelling reads it, through seeded_codes' fresh maps
+    return codes[core_of(window, core, inputs[-1])]
 
 
 def _kept_sums(kept, *, core):
@@ -1027,5 +1026,7 @@ def _tile_dilate(det, excl, *, window, core, masker, s, b):
     exact), then only the core expanded into a copy of the core's exclusion (``det``
     a :class:`~skymap.backends.windows.Pieces`, ``excl`` the tile's block)."""
     grown = masker.dilated(np.ascontiguousarray(det.whole()), s, b)
-    out = np.array(excl)
-    return _k.expand_mask_into(np.ascontiguousarray(grown[core_of(window, core, b)]), b, out)
+    # the core's exclusion OR its detections written in one pass into a new block
+    # (the exclusion's block is persisted: never written)
+    out = np.empty(excl.shape, bool)
+    return _k.expand_mask_into(grown[core_of(window, core, b)], b, out, src=excl)
