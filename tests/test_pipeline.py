@@ -148,6 +148,32 @@ def test_upsample_writes_into_out_the_same_values():
         upsample(g, (3, 4), (17, 19), np.float64, out=out)
 
 
+def test_upsample_reuses_a_grids_coefficients_only_while_its_bits_are_the_same():
+    """A tile's map is one window of the whole map bit for bit whether or not the
+    grid's prefiltered coefficients come from the cache; a grid written in place is
+    filtered again, and a grid's entry goes with the grid."""
+    import gc
+
+    from skymap.background import cells
+
+    rng = np.random.default_rng(9)
+    g = rng.normal(size=(9, 11))
+    whole = upsample(g, (8, 8), (72, 88), np.float32, 2)
+    tile = ((16, 48), (24, 72))
+    for _ in range(2):  # the second call takes the cached coefficients
+        part = upsample(g, (8, 8), (72, 88), np.float32, 2, window=tile)
+        assert part.tobytes() == whole[8:24, 12:36].tobytes()
+    assert id(g) in cells._COEFFICIENTS
+    g[4, 5] += 1.0  # in place: the cache must not answer
+    fresh = upsample(g.copy(), (8, 8), (72, 88), np.float32, 2, window=tile)
+    assert upsample(g, (8, 8), (72, 88), np.float32, 2, window=tile).tobytes() == fresh.tobytes()
+    assert fresh.tobytes() != part.tobytes()
+    key = id(g)
+    del g
+    gc.collect()
+    assert key not in cells._COEFFICIENTS
+
+
 def test_the_next_background_map_is_written_into_the_last_residual():
     # The loop reads a residual no more once it asks for the next map: the in-memory
     # back end writes that map into the residual's memory (no fresh image), the same
