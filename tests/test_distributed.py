@@ -1225,6 +1225,41 @@ def test_kept_labels_is_numpys_lookup_on_blocks_and_strided_pieces():
     assert np.array_equal(_keep_labels(labels, keep), keep[labels])
 
 
+@pytest.mark.parametrize("noise_kind", ["coarse", "scalar", "map"])
+def test_tiled_change_is_the_in_memory_change(noise_kind, threads_client):
+    """The change statistic summed per tile (a compiled kernel on the tile's blocks of
+    a coarse noise, numpy on a scalar or a map) equals the in-memory one: bad and
+    non-finite pixels dropped, a block of zero noise left out, tiles of the driver
+    (threads) and of the synchronous scheduler, the far tiles cut by the edge."""
+    from skymap.backends.memory import MemoryBackend
+    from skymap.background.noise import NoiseModel
+    from skymap.background.smooth import ThinPlateSmoother
+    from skymap.masking.hysteresis import CoarseRMS
+
+    rng = np.random.default_rng(21)
+    img = rng.normal(100.0, 5.0, size=(200, 232)).astype(np.float32)
+    img[:, :] += np.linspace(0, 40, 232, dtype=np.float32)
+    mask = np.zeros(img.shape, bool)
+    mask[40:60, 100:180] = True
+    img[150:154, 10:14] = np.nan
+    old = ThinPlateSmoother(cell_size=8, smoothing=30.0**4).fit(img, mask | ~np.isfinite(img))
+    new = ThinPlateSmoother(cell_size=8, smoothing=12.0**4).fit(img, mask | ~np.isfinite(img))
+    if noise_kind == "coarse":
+        values = rng.uniform(3.0, 7.0, size=(50, 58)).astype(np.float32)
+        values[10, 20] = 0.0  # no noise there: its ratios are left out
+        noise = CoarseRMS(values=values, step=4, shape=img.shape)
+    elif noise_kind == "scalar":
+        noise = 5.0
+    else:
+        noise = rng.uniform(3.0, 7.0, size=img.shape).astype(np.float32)
+    memory = MemoryBackend(img, mask)
+    want = memory.change(memory.background(new), new, old, noise, NoiseModel())
+    for client in (threads_client, "sync"):
+        tiled = DaskBackend(img, mask, tile=64, unit=(4, 4), client=client)
+        got = tiled.change(tiled.background(new), new, old, noise, NoiseModel())
+        assert want > 0 and got == pytest.approx(want, rel=1e-12)
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_final_mask_is_the_formula_and_the_exclusion_itself_only_where_they_agree(dtype):
     """The tiled final mask is ``bad | (excl & isfinite(res))`` bit for bit; it hands

@@ -53,11 +53,17 @@ def subsampled_change(diff, bad, noise, q, step):
     pixels of zero noise are left out (their ratio is not finite), and the result is 0
     when no pixel is left. Rows are summed in parallel, then in order, so the result
     does not depend on the thread count."""
+    return _rms_of_rows(*subsampled_change_rows(diff, bad, noise, q, step))
+
+
+def subsampled_change_rows(diff, bad, noise, q, step):
+    """(sum of squares, count) of each row of :func:`subsampled_change`'s ratios: what
+    a tile adds to the image's (its window's noise grid starting on a block)."""
     ny = diff.shape[0]
     sums = np.zeros(ny)
     counts = np.zeros(ny, np.int64)
     in_bands(_row_changes, ny, diff, bad, noise, q, step, sums, counts, grain=16)
-    return _rms_of_rows(sums, counts)
+    return sums, counts
 
 
 @njit(cache=True, nogil=True)
