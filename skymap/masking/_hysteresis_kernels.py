@@ -846,15 +846,18 @@ def expand_mask_into(small, b, out, src=None):
     """``out = src | small[y // b, x // b]`` at full resolution (``src`` default
     ``out``: in place); returns ``out``. With ``src`` the copy of ``src`` is made in
     the same pass (a fresh ``out`` is written once, not copied into and then OR-ed)."""
-    src = out if src is None else src
     if b == 1:
-        return np.logical_or(src, small, out=out)
-    in_bands(_expand_mask_into, out.shape[0], small, b, src, out, grain=_ROWS)
+        return np.logical_or(out if src is None else src, small, out=out)
+    # in place, the loop reads and writes one row (two views of one row would not
+    # vectorise: the compiler's overlap check fails and it runs the scalar loop)
+    inplace = src is None or src is out
+    src = out if inplace else src
+    in_bands(_expand_mask_into, out.shape[0], small, b, src, inplace, out, grain=_ROWS)
     return out
 
 
 @njit(cache=True, nogil=True)
-def _expand_mask_into(small, b, src, out, lo, hi):  # pragma: no cover - compiled
+def _expand_mask_into(small, b, src, inplace, out, lo, hi):  # pragma: no cover - compiled
     nx = out.shape[1]
     gx = small.shape[1]
     # A small row expanded once into a row of bytes (2 or 4 at a time, as one 16- or
@@ -880,9 +883,14 @@ def _expand_mask_into(small, b, src, out, lo, hi):  # pragma: no cover - compile
                     v = np.uint8(row[bx])
                     for j in range(b):
                         wide[bx * b + j] = v
-        dst, row0 = out[y], src[y]
-        for x in range(nx):
-            dst[x] = row0[x] | flags[x]
+        dst = out[y]
+        if inplace:
+            for x in range(nx):
+                dst[x] = dst[x] | flags[x]
+        else:
+            row0 = src[y]
+            for x in range(nx):
+                dst[x] = row0[x] | flags[x]
 
 
 def hysteresis_codes(snr, grow, low, high, out):
