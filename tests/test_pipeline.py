@@ -151,7 +151,8 @@ def test_upsample_writes_into_out_the_same_values():
 def test_upsample_reuses_a_grids_coefficients_only_while_its_bits_are_the_same():
     """A tile's map is one window of the whole map bit for bit whether or not the
     grid's prefiltered coefficients come from the cache; a grid written in place is
-    filtered again, and a grid's entry goes with the grid."""
+    filtered again, a grid's entry goes with the grid, and only the last few grids'
+    are kept."""
     import gc
 
     from skymap.background import cells
@@ -172,6 +173,10 @@ def test_upsample_reuses_a_grids_coefficients_only_while_its_bits_are_the_same()
     del g
     gc.collect()
     assert key not in cells._COEFFICIENTS
+    grids = [rng.normal(size=(5, 6)) for _ in range(cells._KEEP + 3)]  # all alive
+    for grid in grids:
+        upsample(grid, 4, (20, 24), np.float32)
+    assert len(cells._COEFFICIENTS) <= cells._KEEP and id(grids[-1]) in cells._COEFFICIENTS
 
 
 def test_the_next_background_map_is_written_into_the_last_residual():

@@ -5,6 +5,7 @@ binning, and the cubic-spline upsampling of a cell grid back to pixels."""
 
 from __future__ import annotations
 
+import threading
 import weakref
 
 import numpy as np
@@ -223,11 +224,14 @@ def upsample(
 # the mirror boundary invisible (< 1e-6) at the outer pixels.
 _PAD = 12
 
-# The coefficients of the grids alive (upsample's prefilter), by the grid's identity,
-# each dropped with its grid: a tiled fit evaluates one model on every tile (twice a
-# tile for the change), and the prefilter of the whole grid cost ~0.3 ms a call, as
-# much as a 1024-px tile's subsample itself.
+# The coefficients of the last grids evaluated (upsample's prefilter), by the grid's
+# identity: a tiled fit evaluates one model on every tile (twice a tile for the
+# change), and the prefilter of the whole grid cost ~0.3 ms a call on a 128^2 grid
+# (~4 ms on the 512^2 grid of a 16384^2 image), as much as a tile's subsample itself.
+# At most _KEEP entries (each ~2 grids of memory), each dropped with its grid too.
 _COEFFICIENTS: dict[int, tuple] = {}
+_KEEP = 4
+_LOCK = threading.Lock()
 
 
 def _coefficients(grid) -> np.ndarray:
@@ -250,9 +254,21 @@ def _coefficients(grid) -> np.ndarray:
         ref = weakref.ref(grid)
     except TypeError:  # an object without weak references (a list): not kept
         return coef
-    _COEFFICIENTS[key] = (ref, z.view(np.uint64).copy(), coef)
-    weakref.finalize(grid, _COEFFICIENTS.pop, key, None)
+    with _LOCK:
+        _COEFFICIENTS.pop(key, None)
+        while len(_COEFFICIENTS) >= _KEEP:  # the oldest first (dicts keep their order)
+            del _COEFFICIENTS[next(iter(_COEFFICIENTS))]
+        _COEFFICIENTS[key] = (ref, z.view(np.uint64).copy(), coef)
+    weakref.finalize(grid, _forget, key, ref)
     return coef
+
+
+def _forget(key: int, ref) -> None:
+    """Drop ``key``'s entry if it is still the one of the grid that died."""
+    with _LOCK:
+        found = _COEFFICIENTS.get(key)
+        if found is not None and found[0] is ref:
+            del _COEFFICIENTS[key]
 
 
 def _extend_linear(z: np.ndarray, pad: int, axis: int) -> np.ndarray:

@@ -1023,8 +1023,9 @@ def _tile_dilate(det, excl, *, window, core, masker, s, b):
     """The tile's exclusion OR its (dilated, expanded) detections of scale ``s``, as
     :meth:`HysteresisMasker.grow` gives them: the window of the globally labelled
     detections ``det`` dilated (the dilation reaches ``halo`` pixels, so the core is
-    exact), then only the core expanded into a copy of the core's exclusion (``det``
-    a :class:`~skymap.backends.windows.Pieces`, ``excl`` the tile's block)."""
+    exact), then only the core expanded and OR-ed with the core's exclusion into a new
+    block (``det`` a :class:`~skymap.backends.windows.Pieces`, ``excl`` the tile's
+    block, never written)."""
     grown = masker.dilated(np.ascontiguousarray(det.whole()), s, b)
     # the core's exclusion OR its detections written in one pass into a new block
     # (the exclusion's block is persisted: never written)
