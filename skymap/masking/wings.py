@@ -480,6 +480,7 @@ def _tile_expand(excluded, *, window, core, det, b):
     """A tile's exclusion OR the wing blocks over it (tiles align to ``b``)."""
     (r0, r1), (c0, c1) = core
     sub = det[r0 // b : -(-r1 // b), c0 // b : -(-c1 // b)]
-    out = np.array(excluded[r0 - window[0][0] : r1 - window[0][0],
-                            c0 - window[1][0] : c1 - window[1][0]])  # fmt: skip
-    return _hk.expand_mask_into(sub, b, out)
+    core_excl = excluded[r0 - window[0][0] : r1 - window[0][0],
+                         c0 - window[1][0] : c1 - window[1][0]]  # fmt: skip
+    # written in one pass into a new block (the exclusion's is persisted: never written)
+    return _hk.expand_mask_into(sub, b, np.empty(core_excl.shape, bool), src=core_excl)
