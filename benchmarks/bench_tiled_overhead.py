@@ -2,10 +2,10 @@
 the scheduler, and the scheduler's floor for the graphs the fit sends.
 
 On the ``bench_distributed.py`` scene (``crowded_stellar``, float32, ``--size`` px a
-side, tiled from a memory map), all in this process, with ``NUMBA_NUM_THREADS=1`` (set
-here) so that CPU time is the work done, each figure the median of ``--repeat``
-warm fits (the first full-size fit of each kind is left out: it also pays the
-heap's growth):
+side, tiled from a memory map), each kind in a fresh process, with
+``NUMBA_NUM_THREADS=1`` (set here) so that CPU time is the work done, each figure the
+median of ``--repeat`` warm fits (the first full-size fit of each kind is left out: it
+also pays the heap's growth):
 
 * ``memory``: ``skymap.fit(image)``;
 * ``synchronous``: ``skymap.fit(memmap, tile=)`` on dask's synchronous scheduler: the
