@@ -309,16 +309,16 @@ def _tile_change(bad, old_map=None, *, window, new, old, noise, window_of):
     a = new.background_map(k, window=window)
     b = old_map[::k, ::k] if old is None else old.background_map(k, window=window)
     (y0, _), (x0, _) = window
-    values, q = getattr(noise, "values", None), getattr(noise, "step", None)
-    if values is not None and isinstance(q, int | np.integer) and q > 0 and y0 % q == x0 % q == 0:
-        q = int(q)
+    q = getattr(noise, "step", None)
+    blocks = hasattr(noise, "values") and isinstance(q, int | np.integer) and q > 0
+    if blocks and y0 % q == x0 % q == 0:
         # A noise of one value per q x q block (CoarseRMS), read as the in-memory
-        # change reads it (MemoryBackend.change, its kernel): the grid from the tile's
-        # first block (clamped to the last, as the kernel clamps) to the image's last,
-        # no noise expanded per pixel, no masked copies.
-        gy, gx = np.shape(values)
-        grid = np.asarray(values[min(y0 // q, gy - 1) :, min(x0 // q, gx - 1) :], np.float32)
-        sums, counts = subsampled_change_rows(np.subtract(a, b), bad, grid, q, k)
+        # change reads it (MemoryBackend.change, its kernel) from the tile's own blocks
+        # (window_of's; the tile's last block is the image's at its far edge, so the
+        # kernel clamps where the image's does): no noise expanded per pixel, no
+        # masked copies.
+        grid = np.asarray(window_of(noise, window).values, np.float32)
+        sums, counts = subsampled_change_rows(np.subtract(a, b), bad, grid, int(q), k)
         return [np.sum(sums), int(np.sum(counts))]
     # the noise as the in-memory change reads it (float32)
     sigma = np.asarray(window_of(noise, window, k), dtype=np.float32)
